@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Creates .venv (once) and installs qwenstack with what the given extras need.
+# Torch: a CPU build where no NVIDIA GPU is present (torch==2.13.0 is the CPU wheel this machine keeps),
+# otherwise the default CUDA build from the index.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+extras="${1:-}"
+if [ ! -x .venv/bin/python ]; then
+  python3 -m venv .venv
+fi
+. .venv/bin/activate
+python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
+if ! python -c "import torch" >/dev/null 2>&1; then
+  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+    python -m pip install -q torch
+  else
+    python -m pip install -q "torch==2.13.0"
+  fi
+fi
+if [ -n "$extras" ]; then
+  python -m pip install -q -e ".[$extras]"
+else
+  python -m pip install -q -e .
+fi
