@@ -1,0 +1,82 @@
+"""Chat templates rendered with jinja2 under Hugging Face semantics.
+
+transformers renders templates in an immutable sandbox with trim_blocks and lstrip_blocks, the
+loopcontrols extension, a `tojson` that does not escape HTML, `raise_exception` and `strftime_now`, and
+passes the tokenizer's special tokens as variables. Reasoning given as `reasoning` or `thinking` is also
+exposed as `reasoning_content`. We do the same so a checkpoint's own template renders byte-identically.
+"""
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from functools import lru_cache
+from typing import Any
+
+import jinja2
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
+
+
+class ChatTemplateError(ValueError):
+    """The template refused the conversation (raise_exception) or failed to render."""
+
+
+def _raise_exception(message: str) -> None:
+    raise jinja2.exceptions.TemplateError(message)
+
+
+def _tojson(x: Any, ensure_ascii: bool = False, indent: int | None = None, separators: Any = None,
+            sort_keys: bool = False) -> str:
+    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+def _strftime_now(fmt: str) -> str:
+    return datetime.now().strftime(fmt)
+
+
+@lru_cache(maxsize=16)
+def compile_template(source: str) -> jinja2.Template:
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = _strftime_now
+    return env.from_string(source)
+
+
+def _alias_reasoning(message: dict[str, Any]) -> dict[str, Any]:
+    reasoning = next((message[k] for k in REASONING_FIELDS if message.get(k) is not None), None)
+    if reasoning is None:
+        return dict(message)
+    return {"thinking": reasoning, **message, "reasoning_content": reasoning}
+
+
+def _normalise_tool(tool: dict[str, Any]) -> dict[str, Any]:
+    # transformers accepts bare function schemas too and wraps them.
+    if "type" not in tool and "name" in tool:
+        return {"type": "function", "function": tool}
+    return tool
+
+
+def render_chat(
+    template: str,
+    messages: list[dict[str, Any]],
+    *,
+    tools: list[dict[str, Any]] | None = None,
+    add_generation_prompt: bool = True,
+    special_tokens: dict[str, str] | None = None,
+    **kwargs: Any,
+) -> str:
+    """Renders a conversation; extra keyword arguments (enable_thinking, ...) are template variables."""
+    context = dict(special_tokens or {})
+    context.update(kwargs)
+    try:
+        return compile_template(template).render(
+            messages=[_alias_reasoning(m) for m in messages],
+            tools=None if tools is None else [_normalise_tool(t) for t in tools],
+            documents=None,
+            add_generation_prompt=add_generation_prompt,
+            **context,
+        )
+    except jinja2.exceptions.TemplateError as exc:
+        raise ChatTemplateError(f"the chat template could not render this conversation: {exc}") from None

@@ -1,0 +1,131 @@
+"""Attention over a packed batch of sequences whose keys and values live in a paged KV cache.
+
+Decisions:
+- One forward pass takes the new tokens of several sequences packed into one [T, ...] tensor; an
+  AttentionBatch says where each sequence starts, how long its context is, and where its KV lives. It is an
+  explicit argument (no global forward context), so two engines can share a process.
+- The KV cache of one layer is one tensor [2, num_blocks, block_size, kv_heads, head_dim] owned by the
+  engine. New keys and values are written at `slot_mapping` (block * block_size + offset).
+- The reference path is torch's scaled_dot_product_attention: one batched call when every sequence is a
+  fresh prompt of the same length (training, equal prefills), one batched call over gathered blocks when
+  every sequence decodes one token, and a per-sequence call otherwise (mixed prefill, chunked prefill,
+  prefix-cache hits).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class AttentionBatch:
+    query_lens: list[int]  # new tokens per sequence in this pass
+    context_lens: list[int]  # tokens per sequence once this pass is done (cached + new)
+    slot_mapping: torch.Tensor | None = None  # [T] long: KV slot of each new token; None = no cache
+    block_tables: torch.Tensor | None = None  # [B, max_blocks] long, padded with 0
+    block_size: int = 0
+
+    def __post_init__(self) -> None:
+        if len(self.query_lens) != len(self.context_lens):
+            raise ValueError("query_lens and context_lens must have one entry per sequence")
+        self.num_seqs = len(self.query_lens)
+        self.num_tokens = sum(self.query_lens)
+        self.max_context_len = max(self.context_lens, default=0)
+        starts = [0]
+        for n in self.query_lens:
+            starts.append(starts[-1] + n)
+        self.query_starts = starts
+        self.is_decode = all(q == 1 for q in self.query_lens) and self.block_tables is not None
+        self.is_fresh_prefill = all(q == c for q, c in zip(self.query_lens, self.context_lens))
+        self.is_uniform_fresh_prefill = self.is_fresh_prefill and len(set(self.query_lens)) == 1
+
+    @classmethod
+    def for_prompts(cls, lengths: list[int]) -> "AttentionBatch":
+        """A batch of fresh prompts with no KV cache (training, scoring, the no-cache reference)."""
+        return cls(query_lens=list(lengths), context_lens=list(lengths))
+
+    def last_token_indices(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        """Row of the last new token of each sequence: where next-token logits come from."""
+        return torch.tensor([s - 1 for s in self.query_starts[1:]], dtype=torch.long, device=device)
+
+
+def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """Stores new keys/values [T, kv_heads, head_dim] at their slots in the paged cache."""
+    _, num_blocks, block_size, kv_heads, head_dim = kv_cache.shape
+    flat = kv_cache.view(2, num_blocks * block_size, kv_heads, head_dim)
+    flat[0].index_copy_(0, slot_mapping, k.to(kv_cache.dtype))
+    flat[1].index_copy_(0, slot_mapping, v.to(kv_cache.dtype))
+
+
+def gather_kv(kv_cache: torch.Tensor, block_table: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values [length, kv_heads, head_dim] of one sequence, read through its block table."""
+    block_size = kv_cache.shape[2]
+    num_blocks = (length + block_size - 1) // block_size
+    blocks = block_table[:num_blocks]
+    k = kv_cache[0].index_select(0, blocks).flatten(0, 1)[:length]
+    v = kv_cache[1].index_select(0, blocks).flatten(0, 1)[:length]
+    return k, v
+
+
+def paged_attention(
+    q: torch.Tensor,  # [T, q_heads, head_dim]
+    k: torch.Tensor,  # [T, kv_heads, head_dim]
+    v: torch.Tensor,  # [T, kv_heads, head_dim]
+    kv_cache: torch.Tensor | None,
+    batch: AttentionBatch,
+    scale: float,
+) -> torch.Tensor:  # [T, q_heads, head_dim]
+    if kv_cache is not None and batch.slot_mapping is not None:
+        write_kv(kv_cache, k, v, batch.slot_mapping)
+    gqa = q.shape[1] != k.shape[1]
+    if batch.is_uniform_fresh_prefill:
+        b, s = batch.num_seqs, batch.query_lens[0]
+        qb = q.view(b, s, *q.shape[1:]).transpose(1, 2)
+        kb = k.view(b, s, *k.shape[1:]).transpose(1, 2)
+        vb = v.view(b, s, *v.shape[1:]).transpose(1, 2)
+        out = F.scaled_dot_product_attention(qb, kb, vb, is_causal=True, scale=scale, enable_gqa=gqa)
+        return out.transpose(1, 2).reshape(q.shape)
+    if batch.is_decode and kv_cache is not None:
+        return _decode_attention(q, kv_cache, batch, scale, gqa)
+    out = torch.empty_like(q)
+    for i, (q_len, ctx_len) in enumerate(zip(batch.query_lens, batch.context_lens)):
+        start, end = batch.query_starts[i], batch.query_starts[i + 1]
+        qi = q[start:end].transpose(0, 1)  # [heads, q_len, head_dim]
+        if q_len == ctx_len:
+            ki, vi = k[start:end], v[start:end]
+            mask, causal = None, True
+        else:
+            if kv_cache is None or batch.block_tables is None:
+                raise ValueError("a sequence with cached context needs a KV cache and a block table")
+            ki, vi = gather_kv(kv_cache, batch.block_tables[i], ctx_len)
+            # Query j sits at position ctx_len - q_len + j and sees keys up to that position.
+            rows = torch.arange(ctx_len - q_len, ctx_len, device=q.device)[:, None]
+            mask = torch.arange(ctx_len, device=q.device)[None, :] <= rows
+            causal = False
+        oi = F.scaled_dot_product_attention(
+            qi, ki.transpose(0, 1).to(q.dtype), vi.transpose(0, 1).to(q.dtype),
+            attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=gqa,
+        )
+        out[start:end] = oi.transpose(0, 1)
+    return out
+
+
+def _decode_attention(
+    q: torch.Tensor, kv_cache: torch.Tensor, batch: AttentionBatch, scale: float, gqa: bool
+) -> torch.Tensor:
+    """One new token per sequence: gather every sequence's blocks into one padded batch, mask the padding."""
+    assert batch.block_tables is not None
+    block_size = kv_cache.shape[2]
+    max_blocks = (batch.max_context_len + block_size - 1) // block_size
+    tables = batch.block_tables[:, :max_blocks]
+    b = batch.num_seqs
+    k = kv_cache[0][tables].view(b, max_blocks * block_size, *kv_cache.shape[3:]).transpose(1, 2)
+    v = kv_cache[1][tables].view(b, max_blocks * block_size, *kv_cache.shape[3:]).transpose(1, 2)
+    lens = torch.tensor(batch.context_lens, device=q.device)
+    mask = (torch.arange(max_blocks * block_size, device=q.device)[None, :] < lens[:, None])[:, None, None, :]
+    out = F.scaled_dot_product_attention(
+        q.unsqueeze(2), k.to(q.dtype), v.to(q.dtype), attn_mask=mask, scale=scale, enable_gqa=gqa
+    )
+    return out.squeeze(2)

@@ -1,0 +1,55 @@
+"""What every causal language model in qwenstack offers the loader and the engine.
+
+Decisions:
+- A model takes the new tokens of a packed batch ([T] ids and positions), an AttentionBatch and one KV
+  cache tensor per attention layer, and returns hidden states [T, H]; `compute_logits` maps chosen rows
+  to vocabulary logits. Computing logits only for the rows that need them saves a [T, V] product in prefill.
+- The model describes its KV needs (KVCacheSpec) and the engine allocates the memory: the engine is the
+  only owner of KV memory.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import torch
+
+from qwenstack.config import ModelArgs
+from qwenstack.models.attention import AttentionBatch
+
+
+@dataclass(frozen=True)
+class KVCacheSpec:
+    num_layers: int  # layers that keep keys and values (attention layers)
+    num_kv_heads: int
+    head_dim: int
+
+    def bytes_per_token(self, dtype: torch.dtype) -> int:
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * torch.empty((), dtype=dtype).element_size()
+
+
+@runtime_checkable
+class CausalLM(Protocol):
+    args: ModelArgs
+    # Checkpoint tensors that are expected but not used (regular expressions), e.g. a tied lm_head.
+    ignored_checkpoint_patterns: tuple[str, ...]
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        batch: AttentionBatch,
+        kv_caches: list[torch.Tensor] | None,
+    ) -> torch.Tensor: ...
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor: ...
+
+    def kv_cache_spec(self) -> KVCacheSpec: ...
+
+
+def prompt_logits(model: CausalLM, input_ids: torch.Tensor) -> torch.Tensor:
+    """Logits [B, S, V] for a batch of equal-length prompts [B, S], no cache (training, scoring, tests)."""
+    b, s = input_ids.shape
+    positions = torch.arange(s, device=input_ids.device).repeat(b)
+    hidden = model.forward(input_ids.flatten(), positions, AttentionBatch.for_prompts([s] * b), None)
+    return model.compute_logits(hidden).view(b, s, -1)

@@ -1,0 +1,103 @@
+"""Sparse mixture-of-experts: a softmax router over all experts, top-k, SwiGLU experts.
+
+Decisions:
+- Experts are stored fused as transformers holds them in memory: gate_up_proj [E, 2I, H] (gate rows first)
+  and down_proj [E, H, I]. Checkpoints store them per expert (Qwen3-MoE, Qwen3-Next) or fused and
+  transposed (Qwen3-VL-MoE); `checkpoint_sources` declares both layouts and the loader picks the one on disk.
+- Tokens are grouped by expert (one sort), and only the experts that received tokens run: no Python loop
+  over every expert for every token.
+- Routing follows transformers exactly: softmax in float32, top-k, optional renormalisation, weights cast to
+  the activation dtype before mixing.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+if TYPE_CHECKING:
+    from qwenstack.weights import Source
+
+
+class Experts(nn.Module):
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int) -> None:
+        super().__init__()
+        self.num_experts, self.hidden_size, self.intermediate_size = num_experts, hidden_size, intermediate_size
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+
+    def forward(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """x [T, H]; expert_ids, weights [T, k] -> [T, H]."""
+        top_k = expert_ids.shape[1]
+        flat_ids = expert_ids.flatten()
+        order = torch.argsort(flat_ids, stable=True)
+        token_of = order // top_k  # which token each sorted (token, slot) pair belongs to
+        counts = torch.bincount(flat_ids, minlength=self.num_experts).tolist()
+        sorted_weights = weights.flatten()[order]
+        out = torch.zeros_like(x)
+        start = 0
+        for expert, count in enumerate(counts):
+            if count == 0:
+                continue
+            rows = token_of[start : start + count]
+            h = F.linear(x[rows], self.gate_up_proj[expert])
+            gate, up = h.split(self.intermediate_size, dim=-1)
+            h = F.linear(F.silu(gate) * up, self.down_proj[expert])
+            h = h * sorted_weights[start : start + count, None]
+            out.index_add_(0, rows, h.to(out.dtype))
+            start += count
+        return out
+
+    def checkpoint_sources(self, prefix: str) -> dict[str, list[list["Source"]]]:
+        from qwenstack.weights import Source
+
+        i = self.intermediate_size
+        per_expert_gate_up, per_expert_down = [], []
+        for e in range(self.num_experts):
+            per_expert_gate_up.append(Source(f"{prefix}{e}.gate_proj.weight", (e, slice(0, i))))
+            per_expert_gate_up.append(Source(f"{prefix}{e}.up_proj.weight", (e, slice(i, 2 * i))))
+            per_expert_down.append(Source(f"{prefix}{e}.down_proj.weight", (e,)))
+        return {
+            f"{prefix}gate_up_proj": [
+                per_expert_gate_up,
+                [Source(f"{prefix}gate_up_proj", (), transpose=True)],  # Qwen3-VL-MoE: [E, H, 2I]
+                [Source(f"{prefix}gate_up_proj")],  # transformers' in-memory layout [E, 2I, H]
+            ],
+            f"{prefix}down_proj": [
+                per_expert_down,
+                [Source(f"{prefix}down_proj", (), transpose=True)],  # Qwen3-VL-MoE: [E, I, H]
+                [Source(f"{prefix}down_proj")],
+            ],
+        }
+
+
+class Router(nn.Module):
+    def __init__(self, num_experts: int, hidden_size: int, top_k: int, norm_topk_prob: bool) -> None:
+        super().__init__()
+        self.top_k, self.norm_topk_prob = top_k, norm_topk_prob
+        self.weight = nn.Parameter(torch.empty(num_experts, hidden_size))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = F.linear(x, self.weight)
+        probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+        weights, expert_ids = torch.topk(probs, self.top_k, dim=-1)
+        if self.norm_topk_prob:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return expert_ids, weights.to(logits.dtype)
+
+
+class SparseMoE(nn.Module):
+    """Names match the checkpoint: mlp.gate.weight (router), mlp.experts.*."""
+
+    def __init__(
+        self, hidden_size: int, moe_intermediate_size: int, num_experts: int, top_k: int, norm_topk_prob: bool
+    ) -> None:
+        super().__init__()
+        self.gate = Router(num_experts, hidden_size, top_k, norm_topk_prob)
+        self.experts = Experts(num_experts, hidden_size, moe_intermediate_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        expert_ids, weights = self.gate(x)
+        return self.experts(x, expert_ids, weights)

@@ -1,0 +1,125 @@
+"""Qwen3 dense decoder (model_type "qwen3"): GQA with per-head QK-RMSNorm, SwiGLU, RoPE, no biases.
+
+Checkpoint keys are the transformers ones (model.layers.{i}.self_attn.q_proj.weight, ...); q/k/v and
+gate/up are fused on load. With tie_word_embeddings the lm_head reuses the embedding matrix and no
+lm_head.weight is expected on disk.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qwenstack.config import ModelArgs, RopeConfig
+from qwenstack.errors import ConfigError, UnsupportedModelError
+from qwenstack.models.attention import AttentionBatch
+from qwenstack.models.base import KVCacheSpec
+from qwenstack.models.layers import Attention, RMSNorm, SwiGLU
+
+
+@dataclass(kw_only=True)
+class Qwen3Args(ModelArgs):
+    model_type: ClassVar[str] = "qwen3"
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int | None
+    rms_norm_eps: float
+    max_position_embeddings: int
+    head_dim: int | None = None  # absent in some configs: hidden_size // num_attention_heads
+    hidden_act: str = "silu"
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    use_sliding_window: bool = False
+    rope: RopeConfig = field(init=False)
+
+    def validate(self, config: dict[str, Any]) -> None:
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.hidden_act != "silu":
+            raise ConfigError(f"hidden_act '{self.hidden_act}' is not supported (Qwen3 uses silu)")
+        if self.use_sliding_window:
+            raise UnsupportedModelError("use_sliding_window=true is not supported (no released Qwen3 enables it)")
+        self.rope = RopeConfig.from_config(config, self.model_type)
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x)). The MLP is dense or sparse."""
+
+    def __init__(self, args: Qwen3Args, mlp: nn.Module) -> None:
+        super().__init__()
+        assert args.num_key_value_heads is not None and args.head_dim is not None
+        self.self_attn = Attention(
+            args.hidden_size, args.num_attention_heads, args.num_key_value_heads, args.head_dim,
+            args.rms_norm_eps, args.rope, bias=args.attention_bias,
+        )
+        self.mlp = mlp
+        self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+
+    def forward(
+        self, x: torch.Tensor, positions: torch.Tensor, batch: AttentionBatch, kv_cache: torch.Tensor | None
+    ) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), positions, batch, kv_cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Qwen3Model(nn.Module):
+    def __init__(self, args: Qwen3Args, make_mlp: Any) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = nn.ModuleList([DecoderLayer(args, make_mlp(i)) for i in range(args.num_hidden_layers)])
+        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        batch: AttentionBatch,
+        kv_caches: list[torch.Tensor] | None,
+        inputs_embeds: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        for i, layer in enumerate(self.layers):
+            x = layer(x, positions, batch, None if kv_caches is None else kv_caches[i])
+        return self.norm(x)
+
+
+class Qwen3ForCausalLM(nn.Module):
+    args_class: ClassVar[type[Qwen3Args]] = Qwen3Args
+
+    def __init__(self, args: Qwen3Args) -> None:
+        super().__init__()
+        self.args = args
+        self.model = Qwen3Model(args, self.make_mlp)
+        self.lm_head = None if args.tie_word_embeddings else nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        # Some tied checkpoints still carry a copy of the embedding as lm_head.weight.
+        self.ignored_checkpoint_patterns: tuple[str, ...] = (r"lm_head\.weight",) if args.tie_word_embeddings else ()
+
+    def make_mlp(self, layer_idx: int) -> nn.Module:
+        return SwiGLU(self.args.hidden_size, self.args.intermediate_size)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        batch: AttentionBatch,
+        kv_caches: list[torch.Tensor] | None,
+    ) -> torch.Tensor:
+        return self.model(input_ids, positions, batch, kv_caches)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.lm_head is None:
+            return F.linear(hidden, self.model.embed_tokens.weight)
+        return self.lm_head(hidden)
+
+    def kv_cache_spec(self) -> KVCacheSpec:
+        assert self.args.num_key_value_heads is not None and self.args.head_dim is not None
+        return KVCacheSpec(self.args.num_hidden_layers, self.args.num_key_value_heads, self.args.head_dim)

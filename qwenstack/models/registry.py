@@ -1,0 +1,66 @@
+"""model_type -> model class. One explicit table; aliases listed beside it."""
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from qwenstack.config import read_config
+from qwenstack.errors import UnsupportedModelError
+from qwenstack.weights import load_weights
+
+# model_type: (module, class)
+ARCHITECTURES: dict[str, tuple[str, str]] = {
+    "qwen3": ("qwenstack.models.qwen3", "Qwen3ForCausalLM"),
+    "qwen3_moe": ("qwenstack.models.qwen3_moe", "Qwen3MoeForCausalLM"),
+}
+
+
+def model_class(config: dict[str, Any]) -> Any:
+    model_type = config.get("model_type")
+    if model_type not in ARCHITECTURES:
+        supported = ", ".join(sorted(ARCHITECTURES))
+        raise UnsupportedModelError(f"model_type '{model_type}' is not supported (supported: {supported})")
+    module, name = ARCHITECTURES[model_type]
+    return getattr(importlib.import_module(module), name)
+
+
+def build_model(config: dict[str, Any], device: str | torch.device = "meta") -> nn.Module:
+    """The model for a config, with parameters on `device` (meta: shapes only, to be filled by the loader)."""
+    cls = model_class(config)
+    args = cls.args_class.from_dict(config)
+    with torch.device(device):
+        model = cls(args)
+    return model.eval()
+
+
+def load_model(
+    model_dir: str | Path, dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu"
+) -> nn.Module:
+    """Reads config.json, builds the architecture on the meta device and fills it strictly from the weights."""
+    config = read_config(model_dir)
+    dtype = parse_dtype(dtype) if dtype is not None else default_dtype(config)
+    model = build_model(config, "meta")
+    load_weights(model, model_dir, dtype, device)
+    return model
+
+
+def default_dtype(config: dict[str, Any]) -> torch.dtype:
+    """The checkpoint's own dtype (dtype/torch_dtype in config.json), float32 when it names none."""
+    name = config.get("dtype") or config.get("torch_dtype") or "float32"
+    return parse_dtype(name)
+
+
+def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    table = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+             "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
+    key = str(name).replace("torch.", "").lower()
+    if key not in table:
+        raise ValueError(f"unsupported dtype '{name}' (use float32, bfloat16 or float16)")
+    return table[key]

@@ -1,0 +1,1 @@
+"""Multimodal input handling: decoding and preprocessing images for the vision towers."""

@@ -1,0 +1,262 @@
+"""Strict loading of Hugging Face safetensors checkpoints into qwenstack models.
+
+Decisions:
+- The model is built on the meta device, so no memory is spent on random initialisation. Each parameter is
+  allocated once in the target dtype and filled straight from the files with plain reads: no memory map
+  stays resident and no second copy of a shard is held, so peak memory stays near the model's size.
+- What fills each parameter is declared by the model (`checkpoint_sources` on a module; identity
+  otherwise), possibly in several layouts (per-expert or fused experts). The loader picks the layout the
+  checkpoint has, then checks everything before reading a byte: every parameter fully covered, no tensor
+  on disk left unused (except declared ignores), every shape right. Errors name the tensor.
+- The safetensors header is read directly (8-byte length + JSON, the documented format) because we need
+  each tensor's byte offsets to read it into preallocated memory; writing uses the safetensors library.
+"""
+from __future__ import annotations
+
+import json
+import re
+import struct
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from qwenstack.errors import CheckpointError
+
+SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+
+
+@dataclass(frozen=True)
+class Source:
+    name: str  # tensor name in the checkpoint
+    index: tuple[Any, ...] = ()  # where in the parameter it lands (ints and slices)
+    transpose: bool = False  # stored with the last two dimensions swapped
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    file: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int  # absolute byte offset in the file
+    end: int
+
+
+def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) != 8:
+                raise CheckpointError(f"{path} is not a safetensors file (too short)")
+            (header_len,) = struct.unpack("<Q", raw)
+            if header_len > 100_000_000:
+                raise CheckpointError(f"{path} is not a safetensors file (header length {header_len})")
+            header = json.loads(f.read(header_len))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"cannot read the safetensors header of {path}: {exc}") from None
+    tensors = {}
+    data_start = 8 + header_len
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        if meta.get("dtype") not in SAFETENSORS_DTYPES:
+            raise CheckpointError(f"tensor '{name}' in {path} has unsupported dtype {meta.get('dtype')}")
+        begin, end = meta["data_offsets"]
+        tensors[name] = TensorInfo(
+            name, path, SAFETENSORS_DTYPES[meta["dtype"]], tuple(meta["shape"]), data_start + begin, data_start + end
+        )
+    return tensors
+
+
+def checkpoint_tensors(model_dir: str | Path) -> dict[str, TensorInfo]:
+    """Every tensor of a checkpoint: single model.safetensors, an index of shards, or all *.safetensors."""
+    model_dir = Path(model_dir)
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as exc:
+            raise CheckpointError(f"{index} is not a valid safetensors index: {exc}") from None
+        files = sorted(set(weight_map.values()))
+        missing = [f for f in files if not (model_dir / f).is_file()]
+        if missing:
+            raise CheckpointError(f"{index} lists shard files that are missing: {', '.join(missing)}")
+    else:
+        files = sorted(p.name for p in model_dir.glob("*.safetensors"))
+        weight_map = {}
+    if not files:
+        raise CheckpointError(f"no safetensors weights in {model_dir} (expected model.safetensors or shards)")
+    tensors: dict[str, TensorInfo] = {}
+    for file in files:
+        for name, info in read_safetensors_header(model_dir / file).items():
+            if name in tensors:
+                raise CheckpointError(f"tensor '{name}' appears in two shards: {tensors[name].file.name} and {file}")
+            tensors[name] = info
+    for name, file in weight_map.items():
+        if name not in tensors:
+            raise CheckpointError(f"the index maps tensor '{name}' to {file}, but that shard does not contain it")
+    return tensors
+
+
+def parameter_sources(model: nn.Module) -> dict[str, list[list[Source]]]:
+    """For every parameter, the layouts (lists of sources) that can fill it. Identity unless declared."""
+    declared: dict[str, list[list[Source]]] = {}
+    for prefix, module in model.named_modules():
+        fn = getattr(module, "checkpoint_sources", None)
+        if fn is not None:
+            declared.update(fn(f"{prefix}." if prefix else ""))
+    result = {}
+    for name, _ in model.named_parameters():
+        result[name] = declared.get(name, [[Source(name)]])
+    return result
+
+
+def _target_shape(param_shape: torch.Size, source: Source) -> tuple[int, ...]:
+    shape = tuple(torch.empty(param_shape, device="meta")[source.index].shape)
+    if source.transpose:
+        shape = (*shape[:-2], shape[-1], shape[-2])
+    return shape
+
+
+def plan_load(model: nn.Module, tensors: dict[str, TensorInfo]) -> dict[str, list[Source]]:
+    """Chooses a layout per parameter and checks coverage, leftovers and shapes. Raises CheckpointError."""
+    params = dict(model.named_parameters())
+    plan: dict[str, list[Source]] = {}
+    missing: list[str] = []
+    for name, layouts in parameter_sources(model).items():
+        present = [sum(s.name in tensors for s in layout) for layout in layouts]
+        best = max(range(len(layouts)), key=lambda i: (present[i] == len(layouts[i]), present[i]))
+        layout = layouts[best]
+        lacking = [s.name for s in layout if s.name not in tensors]
+        if lacking:
+            missing.extend(lacking)
+        plan[name] = layout
+    if missing:
+        shown = ", ".join(f"'{m}'" for m in missing[:5])
+        more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
+        raise CheckpointError(f"the checkpoint is missing tensor {shown}{more}")
+    used = {s.name for layout in plan.values() for s in layout}
+    ignored = [re.compile(p) for p in getattr(model, "ignored_checkpoint_patterns", ())]
+    unexpected = [n for n in tensors if n not in used and not any(p.fullmatch(n) for p in ignored)]
+    if unexpected:
+        shown = ", ".join(f"'{u}'" for u in sorted(unexpected)[:5])
+        more = f" (and {len(unexpected) - 5} more)" if len(unexpected) > 5 else ""
+        raise CheckpointError(f"the checkpoint has unexpected tensor {shown}{more}, which this architecture does not use")
+    for name, layout in plan.items():
+        for source in layout:
+            want = _target_shape(params[name].shape, source)
+            got = tensors[source.name].shape
+            if tuple(got) != want:
+                raise CheckpointError(
+                    f"tensor '{source.name}' has shape {list(got)}, but the model expects {list(want)} "
+                    f"(check config.json against the weights)"
+                )
+    return plan
+
+
+def _read_tensor(f: Any, info: TensorInfo, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Reads one tensor's bytes, into `out` when it is a contiguous CPU tensor of the stored dtype."""
+    if out is None:
+        out = torch.empty(info.shape, dtype=info.dtype)
+    f.seek(info.start)
+    view = memoryview(out.view(torch.uint8).numpy()) if out.numel() else memoryview(b"")
+    if f.readinto(view) != info.end - info.start:
+        raise CheckpointError(f"tensor '{info.name}' is truncated in {info.file.name}")
+    return out
+
+
+def load_weights(
+    model: nn.Module, model_dir: str | Path, dtype: torch.dtype, device: torch.device | str = "cpu"
+) -> None:
+    """Fills a meta-device model with the checkpoint's tensors, converting floats to `dtype`."""
+    tensors = checkpoint_tensors(model_dir)
+    plan = plan_load(model, tensors)
+    params = dict(model.named_parameters())
+    device = torch.device(device)
+    storage = {name: torch.empty(p.shape, dtype=dtype if p.dtype.is_floating_point else p.dtype, device=device)
+               for name, p in params.items()}
+    by_file: dict[Path, list[tuple[str, Source]]] = defaultdict(list)
+    for name, layout in plan.items():
+        for source in layout:
+            by_file[tensors[source.name].file].append((name, source))
+    for file, items in by_file.items():
+        items.sort(key=lambda item: tensors[item[1].name].start)  # sequential reads
+        with open(file, "rb") as f:
+            for name, source in items:
+                info = tensors[source.name]
+                target = storage[name][source.index]
+                direct = (device.type == "cpu" and not source.transpose and info.dtype == target.dtype
+                          and target.is_contiguous())
+                if direct:
+                    _read_tensor(f, info, target)
+                    continue
+                data = _read_tensor(f, info)
+                if source.transpose:
+                    data = data.transpose(-1, -2)
+                target.copy_(data)
+    for name, tensor in storage.items():
+        _set_parameter(model, name, tensor)
+    _check_materialised(model)
+
+
+def _set_parameter(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    module_name, _, attr = name.rpartition(".")
+    module = model.get_submodule(module_name) if module_name else model
+    module._parameters[attr] = nn.Parameter(tensor, requires_grad=False)
+
+
+def _check_materialised(model: nn.Module) -> None:
+    for name, buf in model.named_buffers():
+        if buf.is_meta:
+            raise CheckpointError(f"buffer '{name}' was never initialised (a bug in the model definition)")
+
+
+def checkpoint_state_dict(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """The model's weights under checkpoint names, in the first (canonical) layout of each parameter."""
+    params = dict(model.named_parameters())
+    for name, layouts in parameter_sources(model).items():
+        for source in layouts[0]:
+            t = params[name].detach()[source.index]
+            if source.transpose:
+                t = t.transpose(-1, -2)
+            yield source.name, t.contiguous()
+
+
+def save_checkpoint(model: nn.Module, out_dir: str | Path, config: dict[str, Any], dtype: torch.dtype | None = None,
+                    max_shard_bytes: int | None = None) -> None:
+    """Writes config.json and safetensors weights in the Hugging Face layout (sharded when asked)."""
+    from safetensors.torch import save_file
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    state = {n: (t.to(dtype) if dtype is not None and t.is_floating_point() else t).clone()
+             for n, t in checkpoint_state_dict(model)}
+    if max_shard_bytes is None:
+        save_file(state, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+        return
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in state.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += nbytes
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(out_dir / fname), metadata={"format": "pt"})
+        weight_map.update({n: fname for n in shard})
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
