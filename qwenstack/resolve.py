@@ -16,6 +16,15 @@ def is_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").lower() in _TRUE or os.environ.get("QWENSTACK_OFFLINE", "").lower() in _TRUE
 
 
+def hub_cache_dir() -> str | None:
+    """Read at call time (huggingface_hub reads its environment once, at import)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return os.environ["HF_HUB_CACHE"]
+    if os.environ.get("HF_HOME"):
+        return os.path.join(os.environ["HF_HOME"], "hub")
+    return None
+
+
 def resolve_model(name_or_path: str | os.PathLike, allow_download: bool = True) -> Path:
     path = Path(name_or_path).expanduser()
     if path.is_dir():
@@ -27,7 +36,7 @@ def resolve_model(name_or_path: str | os.PathLike, allow_download: bool = True) 
     from huggingface_hub.errors import LocalEntryNotFoundError
 
     try:
-        return Path(snapshot_download(name, local_files_only=True, allow_patterns=ALLOW_PATTERNS))
+        return Path(snapshot_download(name, local_files_only=True, allow_patterns=ALLOW_PATTERNS, cache_dir=hub_cache_dir()))
     except (LocalEntryNotFoundError, OSError, ValueError):
         pass
     except Exception as exc:  # a broken cache entry must not look like a crash
@@ -41,6 +50,6 @@ def resolve_model(name_or_path: str | os.PathLike, allow_download: bool = True) 
             f"or pass a local directory that holds config.json and the safetensors weights."
         )
     try:
-        return Path(snapshot_download(name, allow_patterns=ALLOW_PATTERNS))
+        return Path(snapshot_download(name, allow_patterns=ALLOW_PATTERNS, cache_dir=hub_cache_dir()))
     except Exception as exc:
         raise ModelNotFoundError(f"could not download '{name}': {exc}. Pass a local directory instead.") from None
