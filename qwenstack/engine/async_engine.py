@@ -1,0 +1,151 @@
+"""The engine for servers: one background thread owns the model and steps it; coroutines submit requests
+and read their outputs from their own queues.
+
+Decisions:
+- A single owner thread (mlx-lm's server pattern): the model, the KV pool and the scheduler are touched
+  only there, so there are no locks around tensors. Requests and aborts reach it through a command queue
+  and are applied between steps.
+- A request is validated in the caller's task before it is queued, so a bad request fails alone with a
+  RequestError and never reaches the engine thread.
+- A consumer that stops reading (client disconnected, task cancelled) aborts its request, which frees its
+  KV blocks at the next step boundary.
+- If a forward pass raises, the requests of that step receive the error and the loop keeps serving.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import queue
+import threading
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Callable
+
+from qwenstack.engine.engine import LLMEngine
+from qwenstack.engine.outputs import RequestOutput
+from qwenstack.engine.params import SamplingParams
+
+log = logging.getLogger("qwenstack.engine")
+
+
+@dataclass
+class _Add:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    prompt: str | None
+    sink: Callable[[RequestOutput | BaseException], None]
+
+
+@dataclass
+class _Abort:
+    request_id: str
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine, name: str = "engine") -> None:
+        self.engine = engine
+        self._commands: queue.Queue[Any] = queue.Queue()
+        self._sinks: dict[str, Callable[[RequestOutput | BaseException], None]] = {}
+        self._ids = itertools.count()
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name=f"qwenstack-{name}", daemon=True)
+        self._thread.start()
+        self.on_step: Callable[[list[RequestOutput]], None] | None = None  # metrics hook (engine thread)
+
+    # --- caller side (any thread, usually the event loop) --------------------------------------------
+
+    def new_request_id(self, prefix: str = "req") -> str:
+        return f"{prefix}-{next(self._ids)}"
+
+    async def generate(
+        self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None,
+        prompt: str | None = None,
+    ) -> AsyncIterator[RequestOutput]:
+        """Yields RequestOutputs (with deltas) until the request finishes. Raises RequestError up front."""
+        self.engine.validate(prompt_token_ids, params)
+        request_id = request_id or self.new_request_id()
+        loop = asyncio.get_running_loop()
+        outputs: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
+
+        def sink(item: RequestOutput | BaseException) -> None:
+            loop.call_soon_threadsafe(outputs.put_nowait, item)
+
+        self._commands.put(_Add(request_id, list(prompt_token_ids), params, prompt, sink))
+        finished = False
+        try:
+            while True:
+                item = await outputs.get()
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise item
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            if not finished:
+                self.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        self._commands.put(_Abort(request_id))
+
+    def shutdown(self) -> None:
+        self._stopped.set()
+        self._commands.put(None)
+        self._thread.join(timeout=10)
+
+    # --- engine thread ------------------------------------------------------------------------------
+
+    def _apply(self, command: Any) -> None:
+        if isinstance(command, _Add):
+            try:
+                self.engine.add_request(command.request_id, command.prompt_token_ids, command.params, command.prompt)
+                self._sinks[command.request_id] = command.sink
+            except Exception as exc:  # queue full, duplicate id: refuse this request only
+                command.sink(exc)
+        elif isinstance(command, _Abort):
+            self.engine.abort(command.request_id)
+            self._sinks.pop(command.request_id, None)
+
+    def _loop(self) -> None:
+        while not self._stopped.is_set():
+            block = not self.engine.has_unfinished_requests()
+            try:
+                command = self._commands.get(block=block)
+                if command is None:
+                    continue
+                self._apply(command)
+                while True:  # drain whatever else arrived
+                    command = self._commands.get_nowait()
+                    if command is not None:
+                        self._apply(command)
+            except queue.Empty:
+                pass
+            if not self.engine.has_unfinished_requests():
+                continue
+            try:
+                outputs = self.engine.step()
+            except Exception as exc:  # a failed forward ends the requests it carried, not the server
+                log.exception("engine step failed")
+                self._fail_running(exc)
+                continue
+            if self.on_step is not None:
+                try:
+                    self.on_step(outputs)
+                except Exception:
+                    log.exception("on_step hook failed")
+            for out in outputs:
+                sink = self._sinks.get(out.request_id)
+                if sink is not None:
+                    sink(out)
+                if out.finished:
+                    self._sinks.pop(out.request_id, None)
+
+    def _fail_running(self, exc: Exception) -> None:
+        running = {s.request_id for s in self.engine.scheduler.running}
+        for request_id in running:
+            self.engine.abort(request_id)
+            sink = self._sinks.pop(request_id, None)
+            if sink is not None:
+                sink(RuntimeError(f"the engine failed while running this request: {exc}"))

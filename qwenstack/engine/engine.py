@@ -1,0 +1,261 @@
+"""The synchronous engine: requests in, one scheduling step at a time, outputs with deltas out.
+
+    add_request -> step() = schedule -> runner.execute -> postprocess -> [RequestOutput]
+
+The engine knows token ids; text appears only through the incremental detokenizer (for stop strings and
+streaming). It validates requests against the context and the KV pool before they enter the queue, so one
+bad request is refused alone and the others keep running.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from qwenstack.engine.block_manager import BlockManager
+from qwenstack.engine.detokenizer import Decoder, IncrementalDetokenizer
+from qwenstack.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from qwenstack.engine.params import SamplingParams
+from qwenstack.engine.runner import ModelRunner, kv_pool_blocks
+from qwenstack.engine.scheduler import Scheduler, SchedulerConfig
+from qwenstack.engine.sequence import PositionLogprobs, Sequence, SequenceStatus
+from qwenstack.errors import RequestError
+from qwenstack.models.base import CausalLM
+
+DEFAULT_KV_CACHE_MEMORY = 2 * 1024**3
+
+
+@dataclass
+class EngineConfig:
+    block_size: int = 16
+    kv_cache_memory: int = DEFAULT_KV_CACHE_MEMORY  # bytes for the KV pool
+    max_model_len: int | None = None  # defaults to the model's context, capped by the pool
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    max_waiting: int = 1024
+    enable_prefix_caching: bool = True
+    enable_chunked_prefill: bool = True
+    seed: int = 0
+
+
+@dataclass
+class EngineCounters:
+    prompt_tokens: int = 0
+    generation_tokens: int = 0
+    preemptions: int = 0
+    finished_requests: int = 0
+
+
+@dataclass
+class _Request:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    seqs: list[Sequence]
+    detokenizers: list[IncrementalDetokenizer]
+    pending: list[Sequence] = field(default_factory=list)  # siblings admitted once the prompt is cached
+    prompt_logprobs: list[PositionLogprobs | None] | None = None
+    emitted_logprobs: list[int] = field(default_factory=list)
+    prompt: str | None = None
+
+
+class LLMEngine:
+    def __init__(self, model: CausalLM, decoder: Decoder, eos_token_ids: list[int], config: EngineConfig | None = None,
+                 context_len: int | None = None) -> None:
+        self.config = config or EngineConfig()
+        self.model = model
+        self.decoder = decoder
+        self.eos_token_ids = tuple(eos_token_ids)
+        param = next(model.parameters())  # type: ignore[attr-defined]
+        num_blocks = kv_pool_blocks(model, self.config.kv_cache_memory, self.config.block_size, param.dtype)
+        if num_blocks < 2:
+            raise ValueError(f"kv_cache_memory={self.config.kv_cache_memory} bytes holds fewer than 2 KV blocks")
+        self.runner = ModelRunner(model, num_blocks, self.config.block_size, seed=self.config.seed)
+        self.block_manager = BlockManager(num_blocks, self.config.block_size, self.config.enable_prefix_caching)
+        sched = SchedulerConfig(self.config.max_num_seqs, self.config.max_num_batched_tokens, self.config.max_waiting,
+                                self.config.enable_chunked_prefill)
+        self.scheduler = Scheduler(sched, self.block_manager)
+        pool_tokens = num_blocks * self.config.block_size
+        model_len = context_len or getattr(model.args, "max_position_embeddings", pool_tokens)
+        self.max_model_len = min(self.config.max_model_len or model_len, model_len, pool_tokens)
+        self.vocab_size = model.args.vocab_size  # type: ignore[attr-defined]
+        self.requests: dict[str, _Request] = {}
+        self.counters = EngineCounters()
+        self._next_seq_id = 0
+
+    # --- requests -----------------------------------------------------------------------------------
+
+    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> int:
+        """Checks a request against the limits; returns its resolved max_tokens. Raises RequestError."""
+        params.validate()
+        n = len(prompt_token_ids)
+        if n == 0:
+            raise RequestError("the prompt is empty")
+        if n >= self.max_model_len:
+            raise RequestError(
+                f"the prompt has {n} tokens, but this model's maximum context length is {self.max_model_len} tokens "
+                f"(prompt plus at least one generated token)"
+            )
+        bad = [t for t in prompt_token_ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise RequestError(f"token id {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1})")
+        room = self.max_model_len - n
+        if params.max_tokens is None:
+            return room
+        if params.max_tokens > room:
+            raise RequestError(
+                f"max_tokens={params.max_tokens} is too large: the prompt has {n} tokens and the maximum context "
+                f"length is {self.max_model_len}, so at most {room} tokens can be generated"
+            )
+        return params.max_tokens
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                    prompt: str | None = None) -> None:
+        if request_id in self.requests:
+            raise RequestError(f"request id '{request_id}' is already in use")
+        max_tokens = self.validate(prompt_token_ids, params)
+        seqs, detoks = [], []
+        for i in range(params.n):
+            p = params if params.n == 1 else params.clone_for_sample(i)
+            seq = Sequence(self._next_seq_id, request_id, i, list(prompt_token_ids), p, max_tokens,
+                           () if p.ignore_eos else self.eos_token_ids)
+            self._next_seq_id += 1
+            seqs.append(seq)
+            detoks.append(IncrementalDetokenizer(self.decoder, seq.prompt_token_ids, p.skip_special_tokens, p.stop,
+                                                 p.include_stop_str_in_output))
+        request = _Request(request_id, list(prompt_token_ids), params, seqs, detoks, pending=seqs[1:], prompt=prompt,
+                           emitted_logprobs=[0] * params.n)
+        if params.prompt_logprobs is not None:
+            request.prompt_logprobs = [None]
+        self.scheduler.add(seqs[:1])
+        self.requests[request_id] = request
+        self.counters.prompt_tokens += len(prompt_token_ids)
+
+    def abort(self, request_id: str) -> bool:
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            return False
+        for seq in request.seqs:
+            self.scheduler.finish(seq, "abort")
+        return True
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    # --- stepping -----------------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        step = self.scheduler.schedule()
+        self.counters.preemptions += len(step.preempted)
+        if not step:
+            return []
+        result = self.runner.execute(step)
+        touched: dict[str, _Request] = {}
+        now = time.monotonic()
+        for seq, n in zip(step.seqs, step.num_new_tokens):
+            request = self.requests.get(seq.request_id)
+            if request is None:
+                continue
+            seq.num_computed_tokens += n
+            seq.num_registered_blocks = self.block_manager.register_full_blocks(
+                seq.block_table, seq.all_token_ids, seq.num_registered_blocks, seq.num_computed_tokens)
+            if seq.index == 0 and seq.seq_id in result.prompt_logprobs and request.prompt_logprobs is not None:
+                request.prompt_logprobs.extend(result.prompt_logprobs[seq.seq_id])
+            if seq.seq_id in result.sampled:
+                token, logprobs = result.sampled[seq.seq_id]
+                self._append_token(request, seq, token, logprobs, now)
+                touched[request.request_id] = request
+            if request.pending and (seq.index == 0 and seq.num_computed_tokens >= seq.num_prompt_tokens):
+                self.scheduler.add(request.pending)
+                request.pending = []
+        return [self._make_output(r) for r in touched.values()]
+
+    def _append_token(self, request: _Request, seq: Sequence, token: int, logprobs: PositionLogprobs | None,
+                      now: float) -> None:
+        seq.output_token_ids.append(token)
+        self.counters.generation_tokens += 1
+        if seq.metrics.first_token_time is None:
+            seq.metrics.first_token_time = now
+        seq.metrics.last_token_time = now
+        if logprobs is not None:
+            seq.logprobs.append(logprobs)
+            seq.cumulative_logprob += logprobs[token].logprob
+        detok = request.detokenizers[seq.index]
+        detok.add_token(token)
+        reason, stop_reason = None, None
+        if token in seq.eos_token_ids and len(seq.output_token_ids) > seq.params.min_tokens - 1:
+            reason = "stop"
+        elif token in seq.params.stop_token_ids and len(seq.output_token_ids) >= seq.params.min_tokens:
+            reason, stop_reason = "stop", token
+        elif detok.stopped_on is not None:
+            reason, stop_reason = "stop", detok.stopped_on
+        elif len(seq.output_token_ids) >= seq.max_tokens or seq.num_tokens >= self.max_model_len:
+            reason = "length"
+        if reason is not None:
+            if detok.stopped_on is None:
+                detok.flush()
+            seq.stop_reason = stop_reason
+            seq.metrics.finished_time = now
+            self.scheduler.finish(seq, reason)
+
+    def _make_output(self, request: _Request) -> RequestOutput:
+        outputs = []
+        for seq, detok in zip(request.seqs, request.detokenizers):
+            done = seq.is_finished
+            delta_text = detok.take_delta(final=done)
+            start = request.emitted_logprobs[seq.index]
+            delta_ids = seq.output_token_ids[start:]
+            request.emitted_logprobs[seq.index] = len(seq.output_token_ids)
+            want_lp = seq.params.logprobs is not None
+            outputs.append(CompletionOutput(
+                index=seq.index, text=detok.text, token_ids=list(seq.output_token_ids),
+                finish_reason=seq.finish_reason, stop_reason=seq.stop_reason,
+                logprobs=seq.logprobs if want_lp else None,
+                cumulative_logprob=seq.cumulative_logprob if want_lp else None,
+                delta_text=delta_text, delta_token_ids=delta_ids,
+                delta_logprobs=seq.logprobs[start:] if want_lp else None,
+            ))
+        finished = all(s.is_finished for s in request.seqs)
+        first = request.seqs[0].metrics
+        metrics = RequestMetrics(
+            arrival_time=first.arrival_time, first_scheduled_time=first.first_scheduled_time,
+            first_token_time=min((s.metrics.first_token_time for s in request.seqs if s.metrics.first_token_time), default=None),
+            last_token_time=max((s.metrics.last_token_time for s in request.seqs if s.metrics.last_token_time), default=None),
+            finished_time=time.monotonic() if finished else None,
+            num_cached_tokens=first.num_cached_prompt_tokens,
+        )
+        if finished:
+            self.requests.pop(request.request_id, None)
+            self.counters.finished_requests += 1
+        return RequestOutput(request.request_id, request.prompt_token_ids, outputs, finished, metrics,
+                             request.prompt_logprobs, request.prompt)
+
+    # --- introspection ------------------------------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        bm = self.block_manager
+        return {
+            "num_running": sum(1 for s in self.scheduler.running if s.status == SequenceStatus.RUNNING),
+            "num_waiting": len(self.scheduler.waiting),
+            "kv_usage": bm.usage(),
+            "prefix_cache_queries": bm.stats.queries,
+            "prefix_cache_hits": bm.stats.hits,
+            "prompt_tokens": self.counters.prompt_tokens,
+            "generation_tokens": self.counters.generation_tokens,
+            "preemptions": self.counters.preemptions,
+        }
+
+    def generate_all(self, prompts: list[list[int]], params: list[SamplingParams]) -> list[RequestOutput]:
+        """Runs a batch to completion (the offline path). Outputs in input order."""
+        ids = [f"batch-{self._next_seq_id}-{i}" for i in range(len(prompts))]
+        for rid, prompt, p in zip(ids, prompts, params):
+            self.add_request(rid, prompt, p)
+        final: dict[str, RequestOutput] = {}
+        while self.has_unfinished_requests():
+            for out in self.step():
+                if out.finished:
+                    final[out.request_id] = out
+        return [final[rid] for rid in ids]
+

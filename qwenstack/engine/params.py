@@ -1,0 +1,97 @@
+"""Sampling parameters of one request, validated where they enter (a bad value is a RequestError that
+names the field and the allowed range, never an assert deep in the engine)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+import torch
+
+from qwenstack.errors import RequestError
+
+
+class LogitsProcessor(Protocol):
+    """Per-sequence hook run before sampling (structured output, thinking budget).
+
+    Receives the tokens generated so far and the logits row [V] (float32), returns the logits to sample from.
+    """
+
+    def __call__(self, output_token_ids: list[int], logits: torch.Tensor) -> torch.Tensor: ...
+
+
+@dataclass
+class SamplingParams:
+    n: int = 1
+    temperature: float = 1.0  # 0 means greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 or -1: off
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    max_tokens: int | None = 16  # None: as many as the context allows
+    min_tokens: int = 0
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    include_stop_str_in_output: bool = False
+    logprobs: int | None = None  # top logprobs per generated token (0: only the chosen token's)
+    prompt_logprobs: int | None = None  # the same for every prompt token after the first
+    skip_special_tokens: bool = True
+    logits_processors: list[LogitsProcessor] = field(default_factory=list)
+
+    MAX_LOGPROBS = 20
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop = [s for s in (self.stop or []) if s]
+        self.stop_token_ids = list(self.stop_token_ids or [])
+        if self.top_k == -1:
+            self.top_k = 0
+        self.validate()
+
+    def validate(self) -> None:
+        def bad(name: str, rule: str) -> RequestError:
+            return RequestError(f"{name} must be {rule}, got {getattr(self, name)!r}")
+
+        if not isinstance(self.n, int) or self.n < 1:
+            raise bad("n", "an integer >= 1")
+        if self.temperature < 0:
+            raise bad("temperature", ">= 0")
+        if not 0 < self.top_p <= 1:
+            raise bad("top_p", "in (0, 1]")
+        if self.top_k < 0:
+            raise bad("top_k", ">= 0 (0 or -1 turn it off)")
+        if not 0 <= self.min_p <= 1:
+            raise bad("min_p", "in [0, 1]")
+        if self.repetition_penalty <= 0:
+            raise bad("repetition_penalty", "> 0")
+        if not -2 <= self.presence_penalty <= 2:
+            raise bad("presence_penalty", "in [-2, 2]")
+        if not -2 <= self.frequency_penalty <= 2:
+            raise bad("frequency_penalty", "in [-2, 2]")
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise bad("max_tokens", ">= 1")
+        if self.min_tokens < 0 or (self.max_tokens is not None and self.min_tokens > self.max_tokens):
+            raise bad("min_tokens", ">= 0 and <= max_tokens")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value <= self.MAX_LOGPROBS:
+                raise bad(name, f"in [0, {self.MAX_LOGPROBS}]")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    @property
+    def needs_penalties(self) -> bool:
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
+    def clone_for_sample(self, index: int) -> "SamplingParams":
+        """Parameters of the index-th of n samples: distinct seeds so seeded n>1 gives n different samples."""
+        import dataclasses
+
+        seed = None if self.seed is None else self.seed + index
+        return dataclasses.replace(self, n=1, seed=seed, logits_processors=list(self.logits_processors))

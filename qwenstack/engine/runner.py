@@ -1,0 +1,115 @@
+"""Everything with tensors: the KV pool, the batch tensors of one step, the forward pass, and the rows of
+logits that sampling and prompt logprobs need. Device-agnostic (CPU or CUDA).
+
+Decisions:
+- The KV pool is allocated once from a byte budget: one [2, blocks, block_size, kv_heads, head_dim]
+  tensor per attention layer. The engine (through this runner) is the only owner of KV memory.
+- Logits are computed only for rows that need them: the last token of each sequence that completes its
+  known tokens this step, plus prompt positions whose logprobs were asked for.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from qwenstack.engine.sampler import SampleRequest, sample, token_logprobs
+from qwenstack.engine.scheduler import ScheduledBatch
+from qwenstack.engine.sequence import PositionLogprobs, Sequence
+from qwenstack.models.attention import AttentionBatch
+from qwenstack.models.base import CausalLM
+
+
+@dataclass
+class StepResult:
+    sampled: dict[int, tuple[int, PositionLogprobs | None]]  # seq_id -> (token, logprobs)
+    prompt_logprobs: dict[int, list[PositionLogprobs]]  # seq_id -> logprobs of prompt tokens computed this step
+
+
+def kv_pool_blocks(model: CausalLM, memory_bytes: int, block_size: int, dtype: torch.dtype) -> int:
+    per_block = model.kv_cache_spec().bytes_per_token(dtype) * block_size
+    return max(0, memory_bytes // max(per_block, 1))
+
+
+class ModelRunner:
+    def __init__(self, model: CausalLM, num_blocks: int, block_size: int, seed: int = 0) -> None:
+        self.model = model
+        param = next(model.parameters())  # type: ignore[attr-defined]
+        self.device, self.dtype = param.device, param.dtype
+        self.block_size = block_size
+        spec = model.kv_cache_spec()
+        shape = (2, num_blocks, block_size, spec.num_kv_heads, spec.head_dim)
+        self.kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(spec.num_layers)]
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def kv_cache_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.kv_caches)
+
+    def _slots(self, seq: Sequence, start: int, end: int) -> list[int]:
+        bs, table = self.block_size, seq.block_table
+        return [table[p // bs] * bs + p % bs for p in range(start, end)]
+
+    @torch.inference_mode()
+    def execute(self, step: ScheduledBatch) -> StepResult:
+        ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        query_lens, context_lens = [], []
+        logit_rows: list[int] = []
+        sample_seqs: list[Sequence] = []
+        prompt_rows: list[tuple[Sequence, int, int]] = []  # (seq, row, token the row predicts)
+        row = 0
+        for seq, n in zip(step.seqs, step.num_new_tokens):
+            start = seq.num_computed_tokens
+            end = start + n
+            tokens = seq.all_token_ids
+            ids.extend(tokens[start:end])
+            positions.extend(range(start, end))
+            slots.extend(self._slots(seq, start, end))
+            query_lens.append(n)
+            context_lens.append(end)
+            if seq.params.prompt_logprobs is not None:
+                for p in range(start, min(end, seq.num_prompt_tokens - 1)):
+                    prompt_rows.append((seq, row + p - start, tokens[p + 1]))
+            if end == seq.num_tokens:
+                sample_seqs.append(seq)
+            row += n
+        width = max(len(s.block_table) for s in step.seqs)
+        tables = [s.block_table + [0] * (width - len(s.block_table)) for s in step.seqs]
+        dev = self.device
+        batch = AttentionBatch(
+            query_lens, context_lens,
+            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
+            block_tables=torch.tensor(tables, dtype=torch.long, device=dev),
+            block_size=self.block_size,
+        )
+        hidden = self.model.forward(
+            torch.tensor(ids, dtype=torch.long, device=dev), torch.tensor(positions, dtype=torch.long, device=dev),
+            batch, self.kv_caches,
+        )
+        # Sampling rows: the last token of each sequence that reached its end this step.
+        starts = batch.query_starts
+        index = {id(s): i for i, s in enumerate(step.seqs)}
+        logit_rows = [starts[index[id(s)] + 1] - 1 for s in sample_seqs] + [r for _, r, _ in prompt_rows]
+        result = StepResult({}, {})
+        if not logit_rows:
+            return result
+        logits = self.model.compute_logits(hidden[torch.tensor(logit_rows, device=dev)]).float()
+        sample_logits = logits[: len(sample_seqs)]
+        requests = [
+            SampleRequest(
+                s.params, s.prompt_token_ids, s.output_token_ids, s.generator,
+                list(s.eos_token_ids) + s.params.stop_token_ids if len(s.output_token_ids) < s.params.min_tokens else [],
+            )
+            for s in sample_seqs
+        ]
+        if sample_seqs:
+            tokens, logprobs = sample(sample_logits, requests, self.generator)
+            for s, t, lp in zip(sample_seqs, tokens, logprobs):
+                result.sampled[s.seq_id] = (t, lp)
+        if prompt_rows:
+            log_probs = torch.log_softmax(logits[len(sample_seqs):], dim=-1)
+            for (s, _, target), lp in zip(prompt_rows, log_probs):
+                top = s.params.prompt_logprobs or 0
+                result.prompt_logprobs.setdefault(s.seq_id, []).append(token_logprobs(lp, target, top))
+        return result

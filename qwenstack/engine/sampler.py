@@ -1,0 +1,102 @@
+"""Turns a batch of logits rows into next tokens, one row per sequence, each with its own parameters.
+
+Decisions:
+- Penalties, temperature, top-k, top-p and min-p are applied row by row in float32 (a row is one
+  sequence's distribution); greedy rows skip all of it.
+- A seeded sequence draws from its own torch.Generator, so the same seed gives the same tokens whatever
+  else is in the batch. Unseeded rows draw from the engine's generator.
+- Logprobs are those of the model's distribution (log-softmax of the raw logits), as vLLM reports by
+  default; the rank of the chosen token is included for OpenAI's format.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from qwenstack.engine.params import SamplingParams
+from qwenstack.engine.sequence import Logprob, PositionLogprobs
+
+
+@dataclass
+class SampleRequest:
+    params: SamplingParams
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+    generator: torch.Generator | None
+    block_eos: list[int]  # eos ids to mask while fewer than min_tokens are generated
+
+
+def apply_penalties(logits: torch.Tensor, params: SamplingParams, prompt: list[int], output: list[int]) -> torch.Tensor:
+    if params.repetition_penalty != 1.0:
+        seen = torch.tensor(sorted(set(prompt) | set(output)), dtype=torch.long, device=logits.device)
+        if seen.numel():
+            values = logits[seen]
+            logits[seen] = torch.where(values > 0, values / params.repetition_penalty, values * params.repetition_penalty)
+    if output and (params.presence_penalty != 0.0 or params.frequency_penalty != 0.0):
+        ids, counts = torch.tensor(output, dtype=torch.long, device=logits.device).unique(return_counts=True)
+        logits[ids] -= params.frequency_penalty * counts.to(logits.dtype) + params.presence_penalty
+    return logits
+
+
+def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """Temperature, then top-k, top-p and min-p masks (-inf outside)."""
+    logits = logits / params.temperature
+    if params.top_k > 0 and params.top_k < logits.numel():
+        kth = torch.topk(logits, params.top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if params.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        probs = sorted_logits.softmax(-1)
+        # Drop a token when the mass before it already reaches top_p (the first token always stays).
+        drop = (probs.cumsum(-1) - probs) >= params.top_p
+        logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
+    if params.min_p > 0.0:
+        probs = logits.softmax(-1)
+        logits = logits.masked_fill(probs < params.min_p * probs.max(), float("-inf"))
+    return logits
+
+
+def sample_row(logits: torch.Tensor, request: SampleRequest, default_generator: torch.Generator) -> int:
+    params = request.params
+    for processor in params.logits_processors:
+        logits = processor(request.output_token_ids, logits)
+    if request.block_eos:
+        logits[request.block_eos] = float("-inf")
+    if params.needs_penalties:
+        logits = apply_penalties(logits, params, request.prompt_token_ids, request.output_token_ids)
+    if params.greedy:
+        return int(logits.argmax())
+    probs = filter_logits(logits, params).softmax(-1)
+    generator = request.generator or default_generator
+    # Exponential race (Gumbel-max): argmax(p / E) with E ~ Exp(1) samples from p.
+    noise = torch.empty_like(probs).exponential_(1.0, generator=generator)
+    return int((probs / noise).argmax())
+
+
+def token_logprobs(log_probs: torch.Tensor, token: int, top: int) -> PositionLogprobs:
+    """The chosen token's logprob and rank, plus the `top` most likely tokens, for one position."""
+    chosen = float(log_probs[token])
+    rank = int((log_probs > log_probs[token]).sum()) + 1
+    out: PositionLogprobs = {token: Logprob(chosen, rank)}
+    if top > 0:
+        values, ids = torch.topk(log_probs, top)
+        for r, (v, i) in enumerate(zip(values.tolist(), ids.tolist()), start=1):
+            out.setdefault(i, Logprob(v, r))
+    return out
+
+
+def sample(
+    logits: torch.Tensor, requests: list[SampleRequest], default_generator: torch.Generator
+) -> tuple[list[int], list[PositionLogprobs | None]]:
+    """logits [B, V] -> one token per row, and its logprobs where asked."""
+    logits = logits.float()
+    tokens, logprobs = [], []
+    for row, request in zip(logits, requests):
+        token = sample_row(row.clone(), request, default_generator)
+        tokens.append(token)
+        if request.params.logprobs is not None:
+            logprobs.append(token_logprobs(torch.log_softmax(row, -1), token, request.params.logprobs))
+        else:
+            logprobs.append(None)
+    return tokens, logprobs

@@ -1,0 +1,154 @@
+"""Which sequences run in the next step, and how many of their tokens. Policy only: no torch.
+
+Decisions:
+- Continuous batching: sequences join and leave between steps. Each step has a token budget; running
+  sequences are served first in arrival order (a decode costs one token), so a long new prompt never
+  stalls running decodes; what is left of the budget admits waiting sequences, first come first served.
+- Chunked prefill: a prompt longer than the remaining budget is computed in pieces over several steps.
+- Preemption by recompute: when the KV pool cannot hold the next tokens, the most recently arrived
+  running sequence gives its blocks back and returns to the front of the queue; its full blocks stay in
+  the prefix cache, so recomputing it is often cheap.
+- The waiting queue is bounded; `add` refuses beyond it (the server answers 429).
+"""
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+from qwenstack.engine.block_manager import BlockManager
+from qwenstack.engine.sequence import Sequence, SequenceStatus
+
+
+class QueueFullError(RuntimeError):
+    """The waiting queue is at its bound."""
+
+
+@dataclass
+class SchedulerConfig:
+    max_num_seqs: int = 64  # sequences in one step
+    max_num_batched_tokens: int = 2048  # token budget of one step
+    max_waiting: int = 1024  # queue bound
+    enable_chunked_prefill: bool = True
+
+
+@dataclass
+class ScheduledBatch:
+    seqs: list[Sequence] = field(default_factory=list)
+    num_new_tokens: list[int] = field(default_factory=list)
+    preempted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.num_new_tokens)
+
+    def __bool__(self) -> bool:
+        return bool(self.seqs)
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager,
+                 extra_keys: Callable[[Sequence], list | None] | None = None,
+                 may_admit: Callable[[Sequence], bool] | None = None) -> None:
+        self.config = config
+        self.blocks = block_manager
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        # Hooks for architectures with extra needs: per-block cache keys (images) and admission limits
+        # beyond KV blocks (recurrent-state slots).
+        self.extra_keys = extra_keys or (lambda seq: None)
+        self.may_admit = may_admit or (lambda seq: True)
+        self.on_release: Callable[[Sequence], None] = lambda seq: None
+
+    def add(self, seqs: list[Sequence]) -> None:
+        if len(self.waiting) + len(seqs) > self.config.max_waiting:
+            raise QueueFullError(f"the waiting queue is full ({self.config.max_waiting} sequences)")
+        self.waiting.extend(seqs)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> ScheduledBatch:
+        batch = ScheduledBatch()
+        budget = self.config.max_num_batched_tokens
+        preempted_now = False
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            if num_new <= 0:  # waiting for a sibling or nothing to do
+                i += 1
+                continue
+            if not self.config.enable_chunked_prefill and num_new < seq.num_tokens - seq.num_computed_tokens:
+                break
+            while not self.blocks.can_grow(seq.block_table, seq.num_computed_tokens + num_new):
+                victim = self.running[-1]
+                self._preempt(victim)
+                batch.preempted.append(victim)
+                preempted_now = True
+                if victim is seq:
+                    break
+            if seq.status != SequenceStatus.RUNNING:
+                break
+            self.blocks.grow(seq.block_table, seq.num_computed_tokens + num_new)
+            batch.seqs.append(seq)
+            batch.num_new_tokens.append(num_new)
+            budget -= num_new
+            i += 1
+        if preempted_now:
+            return batch
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            seq = self.waiting[0]
+            if not self.may_admit(seq):
+                break
+            tokens = seq.all_token_ids
+            cached = self.blocks.lookup_prefix(tokens, self.extra_keys(seq))
+            num_cached = len(cached) * self.blocks.block_size
+            num_new = min(seq.num_tokens - num_cached, budget)
+            if not self.config.enable_chunked_prefill and num_new < seq.num_tokens - num_cached:
+                break
+            if not self.blocks.can_grow([], num_cached + num_new, cached):
+                break
+            self.waiting.popleft()
+            self.blocks.share(seq.block_table, cached)
+            self.blocks.grow(seq.block_table, num_cached + num_new)
+            seq.num_computed_tokens = num_cached
+            seq.num_registered_blocks = len(cached)
+            if seq.metrics.first_scheduled_time is None:
+                seq.metrics.first_scheduled_time = time.monotonic()
+                seq.metrics.num_cached_prompt_tokens = min(num_cached, seq.num_prompt_tokens)
+            self.blocks.stats.queries += seq.num_prompt_tokens if not seq.output_token_ids else 0
+            self.blocks.stats.hits += min(num_cached, seq.num_prompt_tokens) if not seq.output_token_ids else 0
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            batch.seqs.append(seq)
+            batch.num_new_tokens.append(num_new)
+            budget -= num_new
+        return batch
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self._release(seq)
+        seq.status = SequenceStatus.WAITING
+        seq.num_computed_tokens = 0
+        seq.num_registered_blocks = 0
+        seq.num_preemptions += 1
+        self.waiting.appendleft(seq)
+
+    def _release(self, seq: Sequence) -> None:
+        self.blocks.release(seq.block_table)
+        self.on_release(seq)
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """Ends a sequence (stop, length, abort) wherever it is, returning its blocks."""
+        if seq.status == SequenceStatus.FINISHED:
+            return
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self._release(seq)
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = seq.finish_reason or reason
