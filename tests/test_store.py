@@ -318,6 +318,17 @@ def test_malformed_requests_get_a_4xx_and_change_nothing(client, db, method, pat
     assert snapshot(db) == before
 
 
+def test_an_oversized_body_is_refused_before_it_is_read(client, db, monkeypatch):
+    import qwenstack.serving.store_api as store_api
+
+    monkeypatch.setattr(store_api, "MAX_BODY_BYTES", 1000)
+    before = snapshot(db)
+    r = client.post("/api/conversations", json={"title": "x" * 50, "settings": {"system_prompt": "y" * 2000}})
+    assert r.status_code == 413
+    assert r.json()["error"]["code"] == "body_too_large"
+    assert snapshot(db) == before
+
+
 @pytest.mark.parametrize("method,path,body", [
     ("get", "/api/conversations/nope", None),
     ("patch", "/api/conversations/nope", {"title": "x"}),

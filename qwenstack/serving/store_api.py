@@ -35,6 +35,7 @@ MAX_ATTACHMENTS = 16
 MAX_TOOL_CALLS = 64
 MAX_MESSAGES = 5_000
 MAX_LIST = 500
+MAX_BODY_BYTES = 64 * 1024 * 1024  # refused from Content-Length, before the body is read
 
 mimetypes.add_type("font/woff2", ".woff2")
 mimetypes.add_type("text/javascript", ".js")
@@ -173,6 +174,10 @@ class _OpenAIErrorRoute(APIRoute):
         handler = super().get_route_handler()
 
         async def route(request: Request) -> Response:
+            length = request.headers.get("content-length", "")
+            if length.isdigit() and int(length) > MAX_BODY_BYTES:
+                return ApiError(413, f"the request body has {int(length)} bytes; the limit is {MAX_BODY_BYTES}",
+                                code="body_too_large").response()
             try:
                 return await handler(request)
             except RequestValidationError as exc:
