@@ -104,6 +104,17 @@ def make_fake_server(store: ChatStore) -> FastAPI:
                     yield chunk({}, "content_filter", qwenstack_guard={
                         "direction": "answer", "safety": "Unsafe", "categories": ["Violent", "Jailbreak"],
                         "action": "block"})
+                elif "STREAM ERROR" in prompt:
+                    yield chunk({"content": "Partial answer"})
+                    err = {"error": {"message": "the engine ran out of KV cache blocks", "type": "server_error",
+                                     "param": None, "code": None}}
+                    yield f"data: {json.dumps(err)}\n\n"
+                    yield "data: [DONE]\n\n"
+                    completed = True
+                    return
+                elif body["messages"][-1]["role"] == "tool":
+                    yield chunk({"content": f"The tool answered {body['messages'][-1]['content']}."})
+                    yield chunk({}, "stop")
                 elif "TOOL" in prompt:
                     yield chunk({"tool_calls": [{"index": 0, "id": "call_1", "type": "function",
                                                  "function": {"name": "get_weather", "arguments": ""}}]})
@@ -156,6 +167,7 @@ def browser():
 @pytest.fixture
 def page(browser, server):
     context = browser.new_context(viewport={"width": 1280, "height": 820}, color_scheme="light")
+    context.grant_permissions(["clipboard-read", "clipboard-write"], origin=server.url)
     page = context.new_page()
     errors: list[str] = []
     outside: list[str] = []
@@ -216,7 +228,9 @@ def test_message_streams_with_thinking_that_folds(page, server):
     expect(answer).to_have_attribute("data-streaming", "false", timeout=15_000)
     expect(answer.get_by_test_id("message-content")).to_contain_text(f"Hello from {THINK_MODEL}!")
     expect(answer.locator("strong")).to_have_text(THINK_MODEL)
-    expect(answer.get_by_test_id("copy-code")).to_be_visible()
+    answer.get_by_test_id("copy-code").click()
+    expect(answer.get_by_test_id("copy-code")).to_have_text("Copied")
+    assert page.evaluate("navigator.clipboard.readText()") == 'print("hi")\n'
     expect(answer.locator(".code-block pre")).to_contain_text('print("hi")')
     expect(answer.locator(".katex")).to_have_count(1)
     expect(answer.get_by_test_id("message-metrics")).to_contain_text(re.compile(r"TTFT \d+\.\d\d s · [\d.]+ tok/s · \d+ tokens"))
@@ -377,6 +391,13 @@ def test_server_error_is_shown_readably(page, server):
     assert sent == ["Short one"]
     expect(assistants(page).last.get_by_test_id("message-error")).to_have_count(0)
 
+    # An error frame in the middle of a stream (HTTP 200 already sent) keeps the partial text and says why.
+    send(page, "Cause a STREAM ERROR")
+    answer = assistants(page).last
+    expect(answer.get_by_test_id("message-content")).to_have_text("Partial answer")
+    expect(answer.get_by_test_id("message-error")).to_contain_text("ran out of KV cache blocks")
+    screenshot(page, "chat-errors")
+
 
 def test_thinking_switch_and_settings_are_sent(page, server):
     new_chat(page)
@@ -420,21 +441,28 @@ def test_regenerate_and_edit_and_resend(page, server):
     new_chat(page)
     send(page, "Tell me something")
     n = len(server.app.state.requests)
+
+    def replaced(old_id: str):
+        """The saved answer that took the place of `old_id`."""
+        return page.locator(f'[data-role="assistant"][data-streaming="false"]:not([data-id="{old_id}"])')
+
+    first = assistants(page).last.get_attribute("data-id")
     assistants(page).last.get_by_test_id("regenerate-button").click()
-    expect(page.locator('[data-role="assistant"][data-streaming="false"]')).to_have_count(1, timeout=15_000)
-    expect(page.locator('[data-testid="app"][data-streaming="false"]')).to_be_attached(timeout=15_000)
+    expect(replaced(first)).to_have_count(1, timeout=15_000)
     expect(assistants(page)).to_have_count(1)
     assert len(server.app.state.requests) == n + 1
+    assert server.app.state.requests[-1]["messages"] == [{"role": "user", "content": "Tell me something"}]
 
+    second = assistants(page).last.get_attribute("data-id")
     page.locator('[data-role="user"]').last.get_by_test_id("edit-button").click()
     box = page.get_by_test_id("edit-input")
     box.fill("Tell me something else")
     page.get_by_test_id("edit-save").click()
+    expect(replaced(second)).to_have_count(1, timeout=15_000)
+    expect(assistants(page)).to_have_count(1)
     expect(page.locator('[data-role="user"]').last.get_by_test_id("message-content")).to_have_text(
-        "Tell me something else", timeout=10_000)
-    expect(page.locator('[data-testid="app"][data-streaming="false"]')).to_be_attached(timeout=15_000)
-    expect(page.locator('[data-role="assistant"][data-streaming="false"]')).to_have_count(1, timeout=15_000)
-    assert server.app.state.requests[-1]["messages"][-1]["content"] == "Tell me something else"
+        "Tell me something else")
+    assert server.app.state.requests[-1]["messages"] == [{"role": "user", "content": "Tell me something else"}]
     cid = re.search(r"#c=(\w+)", page.url).group(1)
     stored = server.store.get_conversation(cid)["messages"]
     assert [(m["role"], m["content"][:22]) for m in stored][:1] == [("user", "Tell me something else")]
@@ -462,9 +490,28 @@ def test_guard_verdict_and_tool_call_cards(page, server):
     sent = server.app.state.requests[-1]["messages"]
     assert sent[-2]["tool_calls"][0]["function"] == {"name": "get_weather", "arguments": '{"city": "Paris"}'}
     assert sent[-1] == {"role": "tool", "tool_call_id": "call_1", "content": '{"temp_c": 21}'}
+    expect(assistants(page).last.get_by_test_id("message-content")).to_have_text('The tool answered {"temp_c": 21}.')
+    screenshot(page, "chat-guard-and-tools")
 
 
-def test_screenshots_in_light_and_dark_and_on_a_phone(browser, server):
+@pytest.fixture
+def showcase(tmp_path):
+    """A server of its own, so the screenshots show a tidy sidebar rather than the other tests' chats."""
+    store = ChatStore(tmp_path / "chats.db")
+    for title, question, answer in [
+        ("Plan a weekend in Lisbon", "Plan a weekend in Lisbon", "Day 1: Alfama and the castle; day 2: Belém."),
+        ("Explain paged attention", "Explain paged attention", "The KV cache is split into fixed-size blocks."),
+    ]:
+        cid = store.create_conversation(title, THINK_MODEL)["id"]
+        store.append_messages(cid, [{"role": "user", "content": question},
+                                    {"role": "assistant", "content": answer, "model": THINK_MODEL}])
+    with ServerThread(make_fake_server(store)) as running:
+        yield running
+    store.close()
+
+
+def test_screenshots_in_light_and_dark_and_on_a_phone(browser, showcase):
+    server = showcase
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     shots = {}
     for scheme in ("light", "dark"):
@@ -475,6 +522,7 @@ def test_screenshots_in_light_and_dark_and_on_a_phone(browser, server):
         if scheme == "light":
             page.get_by_test_id("model-select").select_option(THINK_MODEL)
             send(page, "Hello! Show me a code sample and a formula.")
+            assistants(page).last.get_by_test_id("thinking-toggle").click()  # show the thinking too
             cid = re.search(r"#c=(\w+)", page.url).group(1)
         else:
             page.goto(f"{server.url}/#c={cid}")
