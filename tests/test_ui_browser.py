@@ -219,7 +219,7 @@ def test_message_streams_with_thinking_that_folds(page, server):
     # While the model thinks, the section is open and its text grows.
     expect(thinking).to_have_attribute("open", "", timeout=10_000)
     expect(thinking.get_by_test_id("thinking-content")).to_contain_text("The user greets me")
-    expect(live.get_by_test_id("thinking-toggle")).to_have_text("Thinking…")
+    expect(live.get_by_test_id("thinking-toggle")).to_have_text(re.compile(r"Thinking… \d+\.\d s"))
     # Answer text appears while the stream is still going, and the thinking section folds.
     expect(live.get_by_test_id("message-content")).to_contain_text("Hello from", timeout=10_000)
     expect(live.get_by_test_id("thinking")).not_to_have_attribute("open", "")
@@ -259,6 +259,46 @@ def test_message_streams_with_thinking_that_folds(page, server):
     assert [m["role"] for m in stored] == ["user", "assistant"]
     assert stored[1]["reasoning"].startswith("The user greets me")
     assert stored[1]["metrics"]["completion_tokens"] > 0 and stored[1]["metrics"]["ttft_s"] >= 0
+
+
+SSE_CASES = r"""
+async () => {
+  const { readSSE, AnswerAccumulator } = await import("./ui/sse.js");
+  const enc = new TextEncoder();
+  const stream = (pieces) => new ReadableStream({
+    start(c) { for (const p of pieces) c.enqueue(enc.encode(p)); c.close(); } });
+  const frames = [];
+  // CRLF line ends split between reads, a comment ping, a multi-line data field, and [DONE] ending the read.
+  await readSSE(stream([": ping\r\n\r\ndata: {\"a\":", "1}\r", "\n\r\ndata: {\"b\":\ndata: 2}\n\n",
+                        "data: [DONE]\n\ndata: {\"after\": 1}\n\n"]), (o) => frames.push(o));
+  const acc = new AnswerAccumulator(0);
+  const chunks = [
+    {choices: [{index: 0, delta: {role: "assistant", content: ""}}]},
+    {choices: [{index: 0, delta: {reasoning: "hmm "}}]},
+    {choices: [{index: 0, delta: {reasoning_content: "ok"}}]},
+    {choices: [{index: 0, delta: {content: "Hi"}}]},
+    {choices: [{index: 0, delta: {tool_calls: [{index: 0, id: "c1", type: "function",
+                                                function: {name: "f", arguments: "{\"x\""}}]}}]},
+    {choices: [{index: 0, delta: {tool_calls: [{index: 0, function: {arguments: ": 1}"}}]}}]},
+    {choices: [{index: 1, delta: {content: "other choice, ignored"}}]},
+    {choices: [{index: 0, delta: {}, finish_reason: "tool_calls"}]},
+    {choices: [], usage: {prompt_tokens: 3, completion_tokens: 5}},
+  ];
+  chunks.forEach((c, i) => acc.apply(c, 1000 + 100 * i));
+  return {frames, content: acc.content, reasoning: acc.reasoning, tools: acc.toolCalls,
+          finish: acc.finishReason, metrics: acc.metrics(2000)};
+}
+"""
+
+
+def test_stream_parsing_in_the_browser(page):
+    out = page.evaluate(SSE_CASES)
+    assert out["frames"] == [{"a": 1}, {"b": 2}]
+    assert (out["content"], out["reasoning"], out["finish"]) == ("Hi", "hmm ok", "tool_calls")
+    assert out["tools"] == [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": '{"x": 1}'}}]
+    # First token at 1100 ms after a start at 0; the 4 tokens after it arrive by the last delta, at 1500 ms.
+    assert out["metrics"] == {"ttft_s": 1.1, "elapsed_s": 2.0, "completion_tokens": 5, "prompt_tokens": 3,
+                              "tokens_per_s": 10.0}
 
 
 def test_stop_aborts_the_request_on_the_server(page, server):

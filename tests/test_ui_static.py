@@ -13,7 +13,7 @@ from fastapi.testclient import TestClient
 from qwenstack.serving.store import ChatStore
 from qwenstack.serving.store_api import UI_DIR, mount_ui
 
-OWN_FILES = ["index.html", "app.js", "sse.js", "markdown.js", "theme.js", "style.css"]
+OWN_FILES = ["index.html", "app.js", "views.js", "request.js", "sse.js", "markdown.js", "theme.js", "style.css"]
 VENDOR = UI_DIR / "vendor"
 # URLs that vendored code contains as data, never fetches: XML namespaces, project links in messages/comments.
 VENDOR_URL_HOSTS = {"www.w3.org", "github.com", ""}

@@ -1,12 +1,10 @@
 // The qwenstack chat page: conversations from /api/, answers streamed from /v1/chat/completions.
 // Plain ES modules, no build step; every URL is relative so the page also works under a path prefix.
 import { AnswerAccumulator, errorText, readSSE } from "./sse.js";
-import { copyButton, setMarkdown } from "./markdown.js";
+import { DEFAULT_SETTINGS, requestBody } from "./request.js";
+import { assistantView, h, toolResultView, userView } from "./views.js";
 
 const MAX_FILE_BYTES = 16 * 1024 * 1024;
-const DEFAULT_SETTINGS = Object.freeze({
-  system_prompt: "", temperature: null, top_p: null, max_tokens: null, thinking_budget: null, enable_thinking: true,
-});
 const THEMES = ["system", "light", "dark"];
 
 const $ = (testid, root = document) => root.querySelector(`[data-testid="${testid}"]`);
@@ -30,23 +28,6 @@ const state = {
 };
 
 // ---------------------------------------------------------------------------------------------- helpers
-
-function h(tag, attrs = {}, ...children) {
-  const el = document.createElement(tag);
-  for (const [key, value] of Object.entries(attrs)) {
-    if (value === null || value === undefined || value === false) continue;
-    if (key === "class") el.className = value;
-    else if (key === "testid") el.dataset.testid = value;
-    else if (key.startsWith("on")) el.addEventListener(key.slice(2), value);
-    else if (value === true) el.setAttribute(key, "");
-    else el.setAttribute(key, value);
-  }
-  for (const child of children.flat()) {
-    if (child === null || child === undefined || child === false) continue;
-    el.append(child instanceof Node ? child : String(child));
-  }
-  return el;
-}
 
 async function api(method, path, body) {
   const init = { method, headers: {} };
@@ -307,6 +288,14 @@ function scrollToBottom(force = false) {
   if (force || nearBottom()) ui.messages.scrollTop = ui.messages.scrollHeight;
 }
 
+// What the message views may do: the page's actions, and whether a stream is running.
+function viewContext() {
+  return {
+    streaming: Boolean(state.streaming), editing: state.editing, regenerate, editAndResend, submitToolResult,
+    setEditing: (id) => { state.editing = id; renderMessages(); },
+  };
+}
+
 function renderMessages() {
   const conv = state.conv;
   if (!conv || !conv.messages.length) {
@@ -318,236 +307,18 @@ function renderMessages() {
   }
   const answered = new Set(conv.messages.filter((m) => m.role === "tool").map((m) => m.tool_call_id));
   const lastAssistant = conv.messages.map((m) => m.role).lastIndexOf("assistant");
+  const ctx = viewContext();
   const views = conv.messages.map((m, i) => {
-    if (m.role === "user") return userView(m, i);
+    if (m.role === "user") return userView(m, i, ctx);
     if (m.role === "tool") return toolResultView(m);
     if (m.role === "system") return h("div", { class: "msg muted", testid: "message", "data-role": "system" }, m.content);
     const tail = conv.messages.slice(i + 1).every((n) => n.role === "tool");
-    return assistantView(m, { index: i, last: i === lastAssistant, tail, answered }).root;
+    return assistantView(m, { index: i, last: i === lastAssistant, tail, answered }, ctx).root;
   });
   ui.messages.replaceChildren(...views);
 }
 
-function attachmentList(attachments) {
-  if (!attachments || !attachments.length) return null;
-  return h("div", { class: "attach-list" }, attachments.map((a) => (a.kind === "image"
-    ? h("img", { src: a.data_url, alt: a.name || "image", testid: "message-attachment" })
-    : h("audio", { src: a.data_url, controls: true, testid: "message-attachment" }))));
-}
-
-function userView(m, index) {
-  const root = h("article", { class: "msg msg-user", testid: "message", "data-role": "user", "data-id": m.id });
-  if (state.editing === m.id) {
-    const area = h("textarea", { testid: "edit-input", "aria-label": "Edit message" });
-    area.value = m.content;
-    const save = () => editAndResend(index, area.value);
-    const cancel = () => { state.editing = null; renderMessages(); };
-    area.addEventListener("keydown", (e) => {
-      if (e.key === "Enter" && !e.shiftKey && !e.isComposing) { e.preventDefault(); save(); }
-      if (e.key === "Escape") { e.preventDefault(); e.stopPropagation(); cancel(); }
-    });
-    root.append(h("div", { class: "msg-body edit-box" }, attachmentList(m.attachments), area,
-      h("div", { class: "edit-actions" },
-        h("button", { type: "button", class: "btn", testid: "edit-cancel", onclick: cancel }, "Cancel"),
-        h("button", { type: "button", class: "btn btn-primary", testid: "edit-save", onclick: save }, "Send"))));
-    requestAnimationFrame(() => area.focus());
-    return root;
-  }
-  const content = h("div", { class: "md", testid: "message-content" });
-  setMarkdown(content, m.content);
-  root.append(h("div", { class: "msg-body" }, attachmentList(m.attachments), content));
-  root.append(h("footer", { class: "msg-meta" },
-    copyButton(() => m.content, "copy-message"),
-    h("button", { type: "button", class: "btn btn-small", testid: "edit-button", disabled: Boolean(state.streaming),
-      onclick: () => { state.editing = m.id; renderMessages(); } }, "Edit")));
-  return root;
-}
-
-function toolResultView(m) {
-  return h("article", { class: "msg msg-tool", testid: "message", "data-role": "tool", "data-id": m.id },
-    h("div", { class: "msg-body" },
-      h("details", { class: "card", testid: "tool-result", open: true },
-        h("summary", {}, h("span", { class: "tag" }, "Tool result"), h("code", {}, m.name || m.tool_call_id || "")),
-        h("pre", {}, m.content))));
-}
-
-function prettyArguments(text) {
-  try { return JSON.stringify(JSON.parse(text), null, 2); } catch (e) { return text; }
-}
-
-function guardNotice(guard, finishReason) {
-  if (!guard && finishReason !== "content_filter") return null;
-  if (!guard) {
-    return h("div", { class: "notice notice-guard", testid: "guard-verdict", role: "status" },
-      h("strong", {}, "Withheld by the content filter"), "The server stopped this answer (finish_reason content_filter).");
-  }
-  const blocked = (guard.action ?? "block") === "block";
-  const what = guard.direction === "prompt" ? "Your message" : "The answer";
-  const verdict = `${what} was judged ${guard.safety || "unsafe"} by the safety guard`;
-  const categories = Array.isArray(guard.categories) ? guard.categories : [];
-  return h("div", { class: "notice notice-guard", testid: "guard-verdict", role: "status",
-    "data-direction": guard.direction || "" },
-    h("strong", {}, blocked ? "Blocked by the safety guard" : "Flagged by the safety guard"),
-    h("span", {}, blocked ? `${verdict}${guard.direction === "prompt" ? " and was not answered." : " and withheld."}`
-      : `${verdict}.`),
-    categories.length ? h("div", { testid: "guard-categories" }, "Categories: ",
-      categories.map((c) => h("span", { class: "category" }, c))) : null);
-}
-
-function metricsText(metrics, finishReason) {
-  const parts = [];
-  if (metrics) {
-    if (metrics.ttft_s != null) parts.push(`TTFT ${metrics.ttft_s.toFixed(2)} s`);
-    if (metrics.tokens_per_s != null) parts.push(`${metrics.estimated ? "~" : ""}${metrics.tokens_per_s.toFixed(1)} tok/s`);
-    if (metrics.completion_tokens != null) {
-      parts.push(`${metrics.estimated ? "~" : ""}${metrics.completion_tokens} tokens`);
-    }
-  }
-  if (finishReason === "length") parts.push("cut at max tokens");
-  return parts.join(" · ");
-}
-
-// Builds an assistant message; returns {root, update(m, live)} so a streaming answer can be redrawn in place.
-function assistantView(m, { index = -1, last = false, tail = false, answered = new Set(), live = false } = {}) {
-  const root = h("article", { class: "msg msg-assistant", testid: "message", "data-role": "assistant" });
-  const thinking = h("details", { class: "thinking", testid: "thinking", hidden: true });
-  const summary = h("summary", { testid: "thinking-toggle" });
-  const thinkingBody = h("div", { class: "thinking-body md", testid: "thinking-content" });
-  thinking.append(summary, thinkingBody);
-  const tools = h("div", { class: "tool-calls" });
-  const content = h("div", { class: "md content", testid: "message-content" });
-  const notices = h("div", { class: "notices" });
-  const meta = h("footer", { class: "msg-meta" });
-  root.append(h("div", { class: "msg-role" }, m.model || "assistant"),
-    h("div", { class: "msg-body" }, thinking, tools, content, notices), meta);
-
-  const view = { root, userToggled: false, folded: false, shown: { reasoning: null, content: null, tools: null } };
-  summary.addEventListener("click", () => { view.userToggled = true; });
-
-  view.update = (msg, isLive, thinkingSeconds) => {
-    root.dataset.id = msg.id || "";
-    root.dataset.finish = msg.finish_reason || "";
-    root.dataset.streaming = isLive ? "true" : "false";
-    const reasoning = msg.reasoning || "";
-    thinking.hidden = !reasoning;
-    thinking.classList.toggle("live", isLive && !msg.content && !(msg.tool_calls || []).length);
-    if (reasoning !== view.shown.reasoning) { setMarkdown(thinkingBody, reasoning); view.shown.reasoning = reasoning; }
-    const seconds = thinkingSeconds ?? msg.metrics?.thinking_s;
-    summary.textContent = thinking.classList.contains("live") ? "Thinking…"
-      : seconds != null ? `Thought for ${seconds.toFixed(1)} s` : "Thoughts";
-    if (isLive && reasoning && !view.userToggled) {
-      // Open while the model thinks; fold once, when the answer starts.
-      const answering = Boolean(msg.content || (msg.tool_calls || []).length);
-      if (!answering && !view.folded) thinking.open = true;
-      if (answering && !view.folded) { thinking.open = false; view.folded = true; }
-    }
-    const calls = msg.tool_calls || [];
-    const toolsKey = JSON.stringify(calls) + (isLive ? "live" : "") + [...answered].join();
-    if (toolsKey !== view.shown.tools) {
-      view.shown.tools = toolsKey;
-      tools.replaceChildren(...calls.map((call) => toolCallCard(call, { canAnswer: !isLive && tail && last, answered })));
-    }
-    const text = msg.content || "";
-    if (text !== view.shown.content) { setMarkdown(content, text); view.shown.content = text; }
-    content.classList.toggle("cursor", isLive);
-    const empty = !isLive && !text && !reasoning && !calls.length && !msg.error && !msg.guard
-      && msg.finish_reason !== "content_filter";
-    if (empty) content.replaceChildren(h("span", { class: "muted" }, msg.finish_reason === "abort" ? "" : "(empty answer)"));
-    notices.replaceChildren(...[
-      guardNotice(msg.guard, msg.finish_reason),
-      msg.error ? h("div", { class: "notice notice-error", testid: "message-error", role: "alert" },
-        h("strong", {}, "The server returned an error"), h("span", {}, msg.error)) : null,
-    ].filter(Boolean));
-    meta.replaceChildren();
-    if (isLive) return;
-    const metrics = metricsText(msg.metrics, msg.finish_reason);
-    if (metrics) meta.append(h("span", { class: "metrics", testid: "message-metrics" }, metrics));
-    if (msg.finish_reason === "abort") meta.append(h("span", { class: "stopped", testid: "message-stopped" }, "Stopped"));
-    if (text) meta.append(copyButton(() => msg.content, "copy-message"));
-    if (last && index >= 0) {
-      meta.append(h("button", { type: "button", class: "btn btn-small", testid: "regenerate-button",
-        disabled: Boolean(state.streaming), onclick: () => regenerate(index) }, "Regenerate"));
-    }
-  };
-  view.update(m, live);
-  return view;
-}
-
-function toolCallCard(call, { canAnswer, answered }) {
-  const fn = call.function || {};
-  const card = h("details", { class: "card", testid: "tool-call", open: true, "data-id": call.id || "" },
-    h("summary", {}, h("span", { class: "tag" }, "Tool call"), h("code", {}, fn.name || "…")),
-    h("pre", {}, prettyArguments(fn.arguments || "")));
-  if (canAnswer && call.id && !answered.has(call.id)) {
-    const area = h("textarea", { testid: "tool-result-input", placeholder: `Result of ${fn.name || "the call"}`,
-      "aria-label": "Tool result" });
-    card.append(h("div", { class: "tool-result-form" }, area,
-      h("button", { type: "button", class: "btn btn-small", testid: "tool-result-submit",
-        onclick: () => submitToolResult(call, area.value) }, "Send result")));
-  }
-  return card;
-}
-
 // ---------------------------------------------------------------------------------------------- generation
-
-function userContent(m) {
-  const attachments = m.attachments || [];
-  if (!attachments.length) return m.content;
-  const parts = m.content ? [{ type: "text", text: m.content }] : [];
-  for (const a of attachments) {
-    if (a.kind === "image") parts.push({ type: "image_url", image_url: { url: a.data_url } });
-    else {
-      const sub = a.mime.split("/")[1] || "wav";
-      const format = { mpeg: "mp3", "x-wav": "wav", wave: "wav" }[sub] || sub;
-      parts.push({ type: "input_audio", input_audio: { data: a.data_url.split(",")[1], format } });
-    }
-  }
-  return parts;
-}
-
-// The history as OpenAI messages. Failed turns (an error, a blocked prompt) are left out: resending a prompt
-// that was too long or blocked would fail the same way again.
-function openaiMessages(conv) {
-  const settings = { ...DEFAULT_SETTINGS, ...conv.settings };
-  const out = settings.system_prompt.trim() ? [{ role: "system", content: settings.system_prompt }] : [];
-  const msgs = conv.messages;
-  const skip = new Set();
-  msgs.forEach((m, i) => {
-    if (m.role !== "assistant") return;
-    const blocked = (m.guard && (m.guard.action ?? "block") === "block") || m.finish_reason === "content_filter";
-    const failed = Boolean(m.error) && !m.content && !(m.tool_calls || []).length;
-    const empty = !m.content && !(m.tool_calls || []).length;
-    if (blocked || failed || empty) skip.add(i);
-    if (failed || (blocked && m.guard?.direction === "prompt")) {
-      for (let j = i - 1; j >= 0; j -= 1) if (msgs[j].role === "user") { skip.add(j); break; }
-    }
-  });
-  msgs.forEach((m, i) => {
-    if (skip.has(i)) return;
-    if (m.role === "user") out.push({ role: "user", content: userContent(m) });
-    else if (m.role === "system") out.push({ role: "system", content: m.content });
-    else if (m.role === "tool") out.push({ role: "tool", tool_call_id: m.tool_call_id, content: m.content });
-    else {
-      const msg = { role: "assistant", content: m.content || "" };
-      if (m.tool_calls && m.tool_calls.length) msg.tool_calls = m.tool_calls;
-      out.push(msg);
-    }
-  });
-  return out;
-}
-
-function requestBody(conv, model) {
-  const s = { ...DEFAULT_SETTINGS, ...conv.settings };
-  const body = {
-    model, messages: openaiMessages(conv), stream: true, stream_options: { include_usage: true },
-    chat_template_kwargs: { enable_thinking: s.enable_thinking !== false },
-  };
-  if (s.temperature != null) body.temperature = s.temperature;
-  if (s.top_p != null) body.top_p = s.top_p;
-  if (s.max_tokens != null) body.max_tokens = s.max_tokens;
-  if (s.enable_thinking !== false && s.thinking_budget != null) body.thinking_budget = s.thinking_budget;
-  return body;
-}
 
 function setStreaming(on) {
   ui.app.dataset.streaming = on ? "true" : "false";
@@ -570,7 +341,7 @@ async function generate() {
   renderMessages();  // disables edit/regenerate while streaming
   const started = performance.now();
   const acc = new AnswerAccumulator(started);
-  const view = assistantView({ role: "assistant", model, content: "" }, { live: true });
+  const view = assistantView({ role: "assistant", model, content: "" }, { live: true }, viewContext());
   ui.messages.querySelector(".empty-state")?.remove();
   ui.messages.append(view.root);
   scrollToBottom(true);
