@@ -2,7 +2,7 @@
 
 Playwright's own browser downloads are never used (`playwright install` needs the internet); the system
 Chromium is launched by path. Screenshots go to artifacts/ at the repository root (QWENSTACK_ARTIFACTS
-overrides), which CI keeps and git ignores.
+overrides), which git ignores.
 """
 
 from __future__ import annotations

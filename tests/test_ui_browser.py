@@ -34,8 +34,11 @@ pytestmark = [
                        "(apt-get install chromium)"),
 ]
 
-playwright_api = pytest.importorskip("playwright.sync_api")
-expect = playwright_api.expect
+if chromium_available():
+    # With Chromium present, a missing playwright package is an install error to see, not a reason to skip.
+    from playwright.sync_api import expect
+
+    expect.set_options(timeout=15_000)  # two shared cores: give a slow render room before calling it a failure
 
 THINK_MODEL = "fake-qwen3-think"
 VISION_MODEL = "fake-qwen3-vl"
