@@ -99,12 +99,20 @@ class RotaryEmbedding(nn.Module):
         self.head_dim = head_dim
         # Kept out of the state dict and the meta-device build: a plain attribute moved with the inputs.
         self._inv_freq = inv_freq
+        self._last: tuple[torch.Tensor, torch.dtype, torch.Tensor, torch.Tensor] | None = None
 
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        # One instance is shared by all layers of a model: the tables of the last positions tensor are
+        # kept (with a reference to it, so the identity check cannot be fooled by a reused id).
+        last = self._last
+        if last is not None and last[0] is positions and last[1] == dtype:
+            return last[2], last[3]
         inv_freq = self._inv_freq.to(positions.device)
         freqs = positions[:, None].float() * inv_freq[None, :]  # [T, rotary_dim / 2]
         emb = torch.cat((freqs, freqs), dim=-1)
-        return (emb.cos() * self.scale).to(dtype), (emb.sin() * self.scale).to(dtype)
+        cos, sin = (emb.cos() * self.scale).to(dtype), (emb.sin() * self.scale).to(dtype)
+        self._last = (positions, dtype, cos, sin)
+        return cos, sin
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         cos, sin = self.cos_sin(positions, q.dtype)
@@ -167,6 +175,7 @@ class Attention(nn.Module):
         rms_norm_eps: float,
         rope: RopeConfig,
         bias: bool = False,
+        rotary: RotaryEmbedding | None = None,
     ) -> None:
         super().__init__()
         if num_heads % num_kv_heads:
@@ -178,7 +187,8 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.q_size, hidden_size, bias=bias)
         self.q_norm = RMSNorm(head_dim, rms_norm_eps)
         self.k_norm = RMSNorm(head_dim, rms_norm_eps)
-        self.rotary = RotaryEmbedding(rope, head_dim)
+        # Pass the model's shared RotaryEmbedding so cos/sin are computed once per forward, not per layer.
+        self.rotary = rotary if rotary is not None else RotaryEmbedding(rope, head_dim)
         self.scale = head_dim**-0.5
 
     def forward(

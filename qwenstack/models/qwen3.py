@@ -17,7 +17,7 @@ from qwenstack.config import ModelArgs, RopeConfig
 from qwenstack.errors import ConfigError, UnsupportedModelError
 from qwenstack.models.attention import AttentionBatch
 from qwenstack.models.base import KVCacheSpec
-from qwenstack.models.layers import Attention, RMSNorm, SwiGLU
+from qwenstack.models.layers import Attention, RMSNorm, RotaryEmbedding, SwiGLU
 
 
 @dataclass(kw_only=True)
@@ -53,12 +53,12 @@ class Qwen3Args(ModelArgs):
 class DecoderLayer(nn.Module):
     """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x)). The MLP is dense or sparse."""
 
-    def __init__(self, args: Qwen3Args, mlp: nn.Module) -> None:
+    def __init__(self, args: Qwen3Args, mlp: nn.Module, rotary: RotaryEmbedding | None = None) -> None:
         super().__init__()
         assert args.num_key_value_heads is not None and args.head_dim is not None
         self.self_attn = Attention(
             args.hidden_size, args.num_attention_heads, args.num_key_value_heads, args.head_dim,
-            args.rms_norm_eps, args.rope, bias=args.attention_bias,
+            args.rms_norm_eps, args.rope, bias=args.attention_bias, rotary=rotary,
         )
         self.mlp = mlp
         self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
@@ -75,7 +75,9 @@ class Qwen3Model(nn.Module):
     def __init__(self, args: Qwen3Args, make_mlp: Any) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
-        self.layers = nn.ModuleList([DecoderLayer(args, make_mlp(i)) for i in range(args.num_hidden_layers)])
+        assert args.head_dim is not None
+        rotary = RotaryEmbedding(args.rope, args.head_dim)
+        self.layers = nn.ModuleList([DecoderLayer(args, make_mlp(i), rotary) for i in range(args.num_hidden_layers)])
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
 
     def forward(

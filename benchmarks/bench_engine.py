@@ -1,0 +1,195 @@
+"""Engine against transformers on the same checkpoint and machine, in one run.
+
+    python benchmarks/make_checkpoint.py qwen3-0.6b /tmp/bench/qwen3-0.6b
+    python benchmarks/bench_engine.py /tmp/bench/qwen3-0.6b --name qwen3-0.6b
+
+Measures, each as a ratio against transformers 5.x generate on the same weights:
+- single-stream decode tokens/s (and the fraction of the memory-bandwidth bound: weight bytes read per
+  token against the read bandwidth measured in the same run);
+- prefill tokens/s for a 256-token prompt;
+- offline throughput: 64 requests, prompts 32-512 tokens, outputs 32-256 (fixed seed), against
+  transformers generate in padded batches of 16;
+- shared prefix: 16 requests sharing a 1,024-token system prompt, time to first token of the later
+  requests against the first's (ours only: it is a property of the prefix cache).
+"""
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import read_bandwidth, save, threads, timed  # noqa: E402
+
+from qwenstack.engine.engine import EngineConfig, LLMEngine  # noqa: E402
+from qwenstack.engine.params import SamplingParams  # noqa: E402
+from qwenstack.models.registry import load_model  # noqa: E402
+
+
+class IdDecoder:
+    """Benchmarks work on token ids; text is not needed."""
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+        return ""
+
+
+def weight_bytes_per_token(model: torch.nn.Module) -> int:
+    """Bytes of weights one decode step reads: every matrix except the embedding table (a row lookup),
+    counting a tied embedding once, as the lm_head; MoE experts count only the top-k active ones."""
+    total = 0
+    args = model.args
+    for name, p in model.named_parameters():
+        if name.endswith("embed_tokens.weight") and not getattr(args, "tie_word_embeddings", False):
+            continue
+        if ".experts." in name:
+            total += p.numel() * p.element_size() * args.num_experts_per_tok // args.num_experts
+            continue
+        total += p.numel() * p.element_size()
+    return total
+
+
+def make_engine(model: torch.nn.Module, **options: Any) -> LLMEngine:
+    config = EngineConfig(kv_cache_memory=options.pop("kv_cache_memory", 3 * 2**30), **options)
+    return LLMEngine(model, IdDecoder(), [], config)
+
+
+def random_prompt(rng: random.Random, n: int, vocab: int) -> list[int]:
+    return [rng.randrange(1000, min(vocab, 100000)) for _ in range(n)]
+
+
+# --- ours ---------------------------------------------------------------------------------------------
+
+def ours_decode(model: torch.nn.Module, prompt: list[int], new_tokens: int) -> float:
+    engine = make_engine(model)
+    engine.add_request("d", prompt, SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True))
+    times = []
+    while engine.has_unfinished_requests():
+        engine.step()
+        times.append(time.perf_counter())
+    return (len(times) - 1) / (times[-1] - times[0])  # tokens/s after the first
+
+
+def ours_prefill(model: torch.nn.Module, prompt: list[int]) -> float:
+    engine = make_engine(model, enable_prefix_caching=False)
+    _, seconds = timed(lambda: engine.generate_all([prompt], [SamplingParams(temperature=0, max_tokens=1)]))
+    return len(prompt) / seconds
+
+
+def ours_throughput(model: torch.nn.Module, prompts: list[list[int]], outputs: list[int]) -> float:
+    engine = make_engine(model, max_num_seqs=64)
+    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in outputs]
+    results, seconds = timed(lambda: engine.generate_all(prompts, params))
+    return sum(len(r.outputs[0].token_ids) for r in results) / seconds
+
+
+def ours_shared_prefix(model: torch.nn.Module, system: list[int], questions: list[list[int]]) -> dict[str, float]:
+    engine = make_engine(model)
+    ttft = []
+    for q in questions:  # one after another, as users arriving over time
+        t = time.perf_counter()
+        engine.generate_all([system + q], [SamplingParams(temperature=0, max_tokens=1)])
+        ttft.append(time.perf_counter() - t)
+    later = statistics.median(ttft[1:])
+    return {"first_ttft_s": ttft[0], "later_ttft_median_s": later, "later_over_first": later / ttft[0]}
+
+
+# --- transformers ---------------------------------------------------------------------------------
+
+def hf_generate(hf: Any, batch: list[list[int]], new_tokens: int) -> Any:
+    width = max(len(p) for p in batch)
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in batch])  # left padding, as for generation
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch])
+    with torch.inference_mode():
+        return hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                           do_sample=False, pad_token_id=0, eos_token_id=None)
+
+
+def hf_decode(hf: Any, prompt: list[int], new_tokens: int) -> float:
+    _, one = timed(lambda: hf_generate(hf, [prompt], 1))
+    _, full = timed(lambda: hf_generate(hf, [prompt], new_tokens))
+    return (new_tokens - 1) / (full - one)
+
+
+def hf_prefill(hf: Any, prompt: list[int]) -> float:
+    _, seconds = timed(lambda: hf_generate(hf, [prompt], 1))
+    return len(prompt) / seconds
+
+
+def hf_throughput(hf: Any, prompts: list[list[int]], outputs: list[int], batch_size: int = 16) -> float:
+    start = time.perf_counter()
+    useful = 0
+    for i in range(0, len(prompts), batch_size):
+        chunk, wanted = prompts[i:i + batch_size], outputs[i:i + batch_size]
+        hf_generate(hf, chunk, max(wanted))  # a static batch runs until its longest request is done
+        useful += sum(wanted)
+    return useful / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="engine vs transformers")
+    parser.add_argument("model_dir", type=Path)
+    parser.add_argument("--name", required=True)
+    parser.add_argument("--only", default="decode,prefill,throughput,prefix")
+    parser.add_argument("--requests", type=int, default=64)
+    parser.add_argument("--decode-tokens", type=int, default=48)
+    parser.add_argument("--no-transformers", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(threads())
+    only = set(args.only.split(","))
+    model = load_model(args.model_dir, dtype=torch.bfloat16)
+    hf = None
+    if not args.no_transformers:
+        import transformers
+
+        hf = transformers.AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.bfloat16).eval()
+    vocab = model.args.vocab_size
+    rng = random.Random(0)
+    results: dict[str, Any] = {"model": args.name, "weight_bytes_per_token": weight_bytes_per_token(model)}
+    if "decode" in only:
+        bandwidth = read_bandwidth()
+        prompt = random_prompt(rng, 16, vocab)
+        ours_decode(model, prompt, 4)  # warm up
+        ours = ours_decode(model, prompt, args.decode_tokens)
+        bound = bandwidth / results["weight_bytes_per_token"]
+        results["decode"] = {"ours_tok_s": ours, "read_bandwidth_gb_s": bandwidth / 1e9, "bound_tok_s": bound,
+                             "fraction_of_bound": ours / bound}
+        if hf is not None:
+            hf_decode(hf, prompt, 4)
+            theirs = hf_decode(hf, prompt, args.decode_tokens)
+            results["decode"].update(transformers_tok_s=theirs, ratio=ours / theirs)
+        print("decode", results["decode"], flush=True)
+    if "prefill" in only:
+        prompt = random_prompt(rng, 256, vocab)
+        ours_prefill(model, prompt[:32])
+        results["prefill"] = {"ours_tok_s": ours_prefill(model, prompt)}
+        if hf is not None:
+            hf_prefill(hf, prompt[:32])
+            theirs = hf_prefill(hf, prompt)
+            results["prefill"].update(transformers_tok_s=theirs, ratio=results["prefill"]["ours_tok_s"] / theirs)
+        print("prefill", results["prefill"], flush=True)
+    if "throughput" in only:
+        n = args.requests
+        prompts = [random_prompt(rng, rng.randint(32, 512), vocab) for _ in range(n)]
+        outputs = [rng.randint(32, 256) for _ in range(n)]
+        results["throughput"] = {"requests": n, "output_tokens": sum(outputs),
+                                 "ours_tok_s": ours_throughput(model, prompts, outputs)}
+        if hf is not None:
+            theirs = hf_throughput(hf, prompts, outputs)
+            results["throughput"].update(transformers_tok_s=theirs, ratio=results["throughput"]["ours_tok_s"] / theirs)
+        print("throughput", results["throughput"], flush=True)
+    if "prefix" in only:
+        system = random_prompt(rng, 1024, vocab)
+        questions = [random_prompt(rng, rng.randint(8, 32), vocab) for _ in range(16)]
+        results["shared_prefix"] = ours_shared_prefix(model, system, questions)
+        print("shared_prefix", results["shared_prefix"], flush=True)
+    print(save(f"engine-{args.name}", results))
+
+
+if __name__ == "__main__":
+    main()

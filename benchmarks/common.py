@@ -1,0 +1,48 @@
+"""Shared pieces of the benchmarks: timing, the machine's read bandwidth, and writing results as JSON and
+Markdown (benchmarks/out/*.json; RESULTS.md is assembled from them)."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+OUT_DIR = Path(__file__).resolve().parent / "out"
+
+
+def threads() -> int:
+    return int(os.environ.get("QWENSTACK_BENCH_THREADS", min(os.cpu_count() or 1, 2)))
+
+
+def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
+    t = time.perf_counter()
+    result = fn()
+    return result, time.perf_counter() - t
+
+
+def read_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
+    """Bytes per second for streaming reads of a buffer far larger than the caches (best of `repeats`)."""
+    buf = torch.ones(int(gib * 2**30) // 4, dtype=torch.float32)
+    buf.sum()
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        buf.sum()
+        best = min(best, time.perf_counter() - t)
+    return buf.numel() * 4 / best
+
+
+def machine() -> dict[str, Any]:
+    return {"cpu": platform.processor() or platform.machine(), "threads": threads(), "torch": torch.__version__,
+            "cores": os.cpu_count()}
+
+
+def save(name: str, results: dict[str, Any]) -> Path:
+    OUT_DIR.mkdir(parents=True, exist_ok=True)
+    path = OUT_DIR / f"{name}.json"
+    path.write_text(json.dumps({"machine": machine(), **results}, indent=2, default=str))
+    return path

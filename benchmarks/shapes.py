@@ -1,0 +1,30 @@
+"""Published Qwen3 configurations (values from shared/reference/qwen3-family.md), and cut-down variants
+that fit the benchmark machine. Only shapes: the weights the benchmarks use are random."""
+from __future__ import annotations
+
+from typing import Any
+
+QWEN3_COMMON = dict(vocab_size=151936, rms_norm_eps=1e-6, max_position_embeddings=40960, hidden_act="silu",
+                    rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}, bos_token_id=151643,
+                    eos_token_id=151645, attention_bias=False, head_dim=128)
+
+SHAPES: dict[str, dict[str, Any]] = {
+    "qwen3-0.6b": dict(QWEN3_COMMON, model_type="qwen3", hidden_size=1024, intermediate_size=3072,
+                       num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8, tie_word_embeddings=True),
+    # Qwen3-30B-A3B with 4 of its 48 layers: per-layer cost and expert routing as released.
+    "qwen3-30b-a3b-4l": dict(QWEN3_COMMON, model_type="qwen3_moe", hidden_size=2048, intermediate_size=6144,
+                             num_hidden_layers=4, num_attention_heads=32, num_key_value_heads=4,
+                             tie_word_embeddings=False, moe_intermediate_size=768, num_experts=128,
+                             num_experts_per_tok=8, norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[]),
+    # Qwen3-Next-80B-A3B with 4 of its 48 layers (3 linear attention + 1 full attention).
+    "qwen3-next-80b-a3b-4l": dict(QWEN3_COMMON, model_type="qwen3_next", hidden_size=2048, intermediate_size=5120,
+                                  num_hidden_layers=4, num_attention_heads=16, num_key_value_heads=2, head_dim=256,
+                                  tie_word_embeddings=False, moe_intermediate_size=512, shared_expert_intermediate_size=512,
+                                  num_experts=512, num_experts_per_tok=10, norm_topk_prob=True, decoder_sparse_step=1,
+                                  mlp_only_layers=[], linear_conv_kernel_dim=4, linear_key_head_dim=128,
+                                  linear_value_head_dim=128, linear_num_key_heads=16, linear_num_value_heads=32,
+                                  full_attention_interval=4, max_position_embeddings=262144,
+                                  rope_parameters={"rope_type": "default", "rope_theta": 10000000.0,
+                                                   "partial_rotary_factor": 0.25},
+                                  layer_types=["linear_attention"] * 3 + ["full_attention"]),
+}
