@@ -1,0 +1,1 @@
+"""Measurement tools behind `qwenstack bench ...` (importable, no global state)."""
