@@ -1,0 +1,137 @@
+"""`qwenstack serve [MODEL ...]`: the OpenAI-compatible server (qwenstack.serving.app) and the chat page.
+
+The arguments become a `qwenstack.serving.config.ServerConfig` (one `ModelSpec` per MODEL, one `RemoteSpec`
+per --remote) and `run_server` runs it. `serve_config_from_args` gives the same configuration as plain
+values, so it can be tested and printed without importing torch's side of the server.
+"""
+from __future__ import annotations
+
+import argparse
+from typing import TYPE_CHECKING, Any
+
+from qwenstack.commands import Command
+from qwenstack.commands._common import add_model_options, positive_int
+
+if TYPE_CHECKING:
+    from qwenstack.serving.config import ServerConfig
+
+EPILOG = """examples:
+  qwenstack serve                                   # the bundled demo model on http://127.0.0.1:8000
+  qwenstack serve Qwen/Qwen3-0.6B Qwen/Qwen3-1.7B --kv-cache-memory 4GiB
+  qwenstack serve Qwen/Qwen3-8B --host 0.0.0.0 --api-key "$KEY" --remote qwen-max=https://example.com/v1
+
+Several models are served at once, each with its own engine and an equal share of --kv-cache-memory; a
+request picks one by its `model` field. With no MODEL and no --remote, the bundled demo model is served.
+The API key may also come from QWENSTACK_API_KEY; a remote's key from QWENSTACK_REMOTE_<NAME>_API_KEY or
+QWENSTACK_REMOTE_API_KEY."""
+
+
+def port_number(text: str) -> int:
+    port = positive_int(text)
+    if port > 65535:
+        raise argparse.ArgumentTypeError(f"port {port} is above 65535")
+    return port
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = EPILOG
+    parser.add_argument("models", nargs="*", metavar="MODEL",
+                        help="model ids or directories to serve (default: the bundled demo model)")
+    parser.add_argument("--served-model-name", action="append", default=[], metavar="NAME",
+                        help="the name clients use for the i-th MODEL (repeatable; default: its id or directory name)")
+    net = parser.add_argument_group("network")
+    net.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1; 0.0.0.0 for all)")
+    net.add_argument("--port", type=port_number, default=8000, help="port (default: 8000)")
+    net.add_argument("--api-key", default=None,
+                     help="require this bearer key on API requests (default: $QWENSTACK_API_KEY, else none)")
+    net.add_argument("--remote", action="append", default=[], metavar="NAME=BASE_URL[#UPSTREAM_MODEL]",
+                     help="route requests for model NAME to another OpenAI-compatible API (repeatable)")
+    net.add_argument("--remote-timeout", type=float, default=None, metavar="SECONDS",
+                     help="timeout of requests to remotes (default: 600)")
+    add_model_options(parser)
+    eng = parser.add_argument_group("engine")
+    eng.add_argument("--max-num-seqs", type=positive_int, default=None, help="most requests running at once, per model")
+    eng.add_argument("--max-num-batched-tokens", type=positive_int, default=None, help="most tokens in one step")
+    eng.add_argument("--max-waiting", type=positive_int, default=None,
+                     help="most requests waiting per model; beyond it requests are refused with Retry-After")
+    eng.add_argument("--no-prefix-caching", action="store_true", help="turn the prefix cache off")
+    eng.add_argument("--seed", type=int, default=None, help="seed of the engines' samplers")
+    eng.add_argument("--speculative-tokens", type=positive_int, default=None, metavar="K",
+                     help="draft K tokens per step (speculative decoding, where the model supports it)")
+    app = parser.add_argument_group("behaviour")
+    app.add_argument("--no-think", action="store_true",
+                     help="thinking off unless a request turns it on (default: on, as Qwen3 does)")
+    app.add_argument("--guard", default=None, metavar="GUARD_MODEL",
+                     help="moderate requests and replies with this Qwen3Guard model")
+    app.add_argument("--no-ui", action="store_true", help="serve the API only, without the chat page at /")
+    app.add_argument("--ui-db", default=None, metavar="PATH", help="SQLite file where the chat page keeps chats")
+    app.add_argument("--allow-local-image-paths", action="store_true",
+                     help="let requests name images by file:// path on this machine")
+    app.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+
+
+def serve_config_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """ServerConfig's keyword arguments as plain values: `models` and `remote` are lists of dicts of
+    ModelSpec's and RemoteSpec's fields. Options left unset are left out, so the server's defaults apply."""
+    from qwenstack.serving.config import parse_remote  # the server's own NAME=URL#MODEL syntax
+
+    names = list(args.served_model_name)
+    if len(names) > max(len(args.models), 1):
+        raise ValueError(f"{len(names)} --served-model-name for {len(args.models) or 'no'} MODEL arguments")
+    remotes = [vars(parse_remote(text)) for text in args.remote]
+    per_model: dict[str, Any] = {
+        "dtype": None if args.dtype == "auto" else args.dtype,
+        "device": args.device,
+        "quantization": args.quantization,
+        "max_model_len": args.max_model_len,
+    }
+    optional = {"max_num_seqs": args.max_num_seqs, "max_num_batched_tokens": args.max_num_batched_tokens,
+                "max_waiting": args.max_waiting, "seed": args.seed, "speculative_tokens": args.speculative_tokens}
+    per_model.update({k: v for k, v in optional.items() if v is not None})
+    if args.no_prefix_caching:
+        per_model["enable_prefix_caching"] = False
+    # No MODEL: the demo model (model=None; qwenstack.llm.load announces it), unless only remotes are served.
+    models: list[str | None] = list(args.models) or ([] if remotes else [None])
+    specs = [{"model": m, "name": names[i] if i < len(names) else None, **per_model} for i, m in enumerate(models)]
+    clash = sorted({s["name"] or s["model"] for s in specs} & {r["name"] for r in remotes})
+    if clash:
+        raise ValueError(f"'{clash[0]}' is both a local model and a --remote")
+    config: dict[str, Any] = {"host": args.host, "port": args.port, "models": specs, "remote": remotes,
+                              "enable_ui": not args.no_ui, "allow_local_image_paths": args.allow_local_image_paths,
+                              "log_level": args.log_level}
+    optional = {"api_key": args.api_key, "kv_cache_memory": args.kv_cache_memory, "ui_db_path": args.ui_db,
+                "remote_timeout_s": args.remote_timeout, "guard_model": args.guard}
+    config.update({k: v for k, v in optional.items() if v is not None})
+    if args.no_think:
+        config["default_chat_template_kwargs"] = {"enable_thinking": False}
+    return config
+
+
+def server_config(values: dict[str, Any]) -> "ServerConfig":
+    """Builds the ServerConfig; an option this server does not implement yet is a clear error."""
+    from qwenstack.errors import QwenstackError
+    from qwenstack.serving.config import ModelSpec, RemoteSpec, ServerConfig
+
+    values = dict(values)
+    flags = {"speculative_tokens": "--speculative-tokens", "guard_model": "--guard"}
+    try:
+        models = [ModelSpec(**m) for m in values.pop("models")]
+        remote = [RemoteSpec(**r) for r in values.pop("remote")]
+        return ServerConfig(models=models, remote=remote, **values)
+    except TypeError as exc:
+        missing = [flag for key, flag in flags.items() if f"'{key}'" in str(exc)]
+        if missing:
+            raise QwenstackError(f"{missing[0]} is not supported by this version of the server yet") from None
+        raise
+
+
+def run(args: argparse.Namespace) -> int:
+    config = server_config(serve_config_from_args(args))
+    from qwenstack.serving.app import run_server
+
+    run_server(config)
+    return 0
+
+
+COMMANDS = [Command("serve", "Serve models over an OpenAI-compatible API, with the chat page at /", add_arguments,
+                    run, order=10)]
