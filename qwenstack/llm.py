@@ -46,7 +46,6 @@ class LoadedModel:
 def load(model: str | Path | None = None, *, dtype: str | torch.dtype | None = None, device: str | None = None,
          quantization: str | None = None) -> LoadedModel:
     if model is None:
-        log.warning(DEMO_NOTICE)
         print(DEMO_NOTICE, flush=True)
         model = DEMO_MODEL_DIR
     path = resolve_model(model)

@@ -1,0 +1,3 @@
+from qwenstack.cli import main
+
+main()
