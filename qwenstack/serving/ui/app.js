@@ -25,6 +25,7 @@ const state = {
   pending: [],           // attachments for the next message: {kind, name, mime, data_url}
   streaming: null,       // {controller, convId}
   editing: null,         // id of the user message being edited
+  sending: false,        // a message is being saved; generation has not started yet
 };
 
 // ---------------------------------------------------------------------------------------------- helpers
@@ -405,7 +406,12 @@ async function generate() {
 }
 
 async function send() {
-  if (state.streaming) return;
+  if (state.streaming || state.sending) return;  // a second Enter while the message is being saved
+  state.sending = true;
+  try { await sendNow(); } finally { state.sending = false; }
+}
+
+async function sendNow() {
   const text = ui.input.value;
   const attachments = state.pending.slice();
   if (!text.trim() && !attachments.length) return;
@@ -433,7 +439,9 @@ async function send() {
   }
   renderMessages();
   refreshConversations();
-  await generate();
+  const started = generate();
+  state.sending = false;
+  await started;
 }
 
 async function truncateTo(keep) {
