@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# The test command: installs what the tests need (once), then runs the default suite.
+# Extra arguments go to pytest, e.g. `bash scripts/test.sh -m slow` for the slow parity tests.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/install.sh dev
+. .venv/bin/activate
+# Debian's Chromium drives the chat page's browser tests (no browser download at test time).
+if [ ! -x /usr/bin/chromium ] && [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+    || echo "warning: could not install chromium; the browser tests will be skipped"
+fi
+export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+python -m pytest "$@"
