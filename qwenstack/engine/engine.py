@@ -162,7 +162,10 @@ class LLMEngine:
             seq.num_registered_blocks = self.block_manager.register_full_blocks(
                 seq.block_table, seq.all_token_ids, seq.num_registered_blocks, seq.num_computed_tokens)
             if seq.index == 0 and seq.seq_id in result.prompt_logprobs and request.prompt_logprobs is not None:
-                request.prompt_logprobs.extend(result.prompt_logprobs[seq.seq_id])
+                # Written by position: a recompute after preemption rewrites entries instead of repeating them.
+                entries = result.prompt_logprobs[seq.seq_id]
+                first = seq.num_computed_tokens - n + 1
+                request.prompt_logprobs[first:first + len(entries)] = entries
             if seq.seq_id in result.sampled:
                 token, logprobs = result.sampled[seq.seq_id]
                 self._append_token(request, seq, token, logprobs, now)

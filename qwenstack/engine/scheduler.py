@@ -104,7 +104,9 @@ class Scheduler:
             if not self.may_admit(seq):
                 break
             tokens = seq.all_token_ids
-            cached = self.blocks.lookup_prefix(tokens, self.extra_keys(seq))
+            # Prompt logprobs need every prompt position computed, so such a request skips the prefix cache.
+            wants_prompt_logprobs = seq.params.prompt_logprobs is not None
+            cached = [] if wants_prompt_logprobs else self.blocks.lookup_prefix(tokens, self.extra_keys(seq))
             num_cached = len(cached) * self.blocks.block_size
             num_new = min(seq.num_tokens - num_cached, budget)
             if not self.config.enable_chunked_prefill and num_new < seq.num_tokens - num_cached:
