@@ -1,0 +1,200 @@
+"""The OpenAI-compatible HTTP server: `create_app` builds the FastAPI app, `run_server` runs it with uvicorn.
+
+    app = create_app([served_model], ServerConfig(api_key="..."))      # models already loaded (tests)
+    run_server(ServerConfig(models=[ModelSpec("Qwen/Qwen3-0.6B")]))    # models loaded after the port opens
+
+Decisions:
+- Everything a request needs hangs off the app (`app.state.qwenstack`): two apps in one process share
+  nothing, which is how the tests run an upstream and a proxy side by side.
+- The API key guards the API and the chat store; /health, /metrics, /version and the chat page's static
+  files stay open so probes, scrapers and the page itself load without a key.
+- The chat page (ui/, store_api.py) is mounted when present; the API does not depend on it.
+"""
+from __future__ import annotations
+
+import hmac
+import logging
+from contextlib import asynccontextmanager
+from typing import Any, AsyncIterator, Callable
+
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from qwenstack import __version__
+from qwenstack.serving import chat, completions
+from qwenstack.serving.chat import template_kwargs, template_messages
+from qwenstack.serving.config import ModelSpec, ServerConfig
+from qwenstack.serving.errors import APIError, bad_request, install_handlers
+from qwenstack.serving.metrics import ServerMetrics
+from qwenstack.serving.protocol import (
+    ChatCompletionRequest, DetokenizeRequest, ModelCard, ModelList, TokenizeRequest,
+)
+from qwenstack.serving.remote import RemoteRouter
+from qwenstack.serving.served import Loader, ModelRegistry, ServedModel, load_served_model
+from qwenstack.serving.state import ServerState, get_state
+
+log = logging.getLogger("qwenstack.server")
+
+OPEN_PATHS = {"/", "/health", "/metrics", "/version", "/favicon.ico"}
+OPEN_PREFIXES = ("/ui/",)
+
+
+class APIKeyMiddleware:
+    """Bearer-token check in OpenAI's error shape (a pure ASGI middleware: streaming passes untouched)."""
+
+    def __init__(self, app: ASGIApp, api_key: str) -> None:
+        self.app = app
+        self.expected = f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope.get("path", "")
+        if scope["type"] != "http" or scope.get("method") == "OPTIONS" or path in OPEN_PATHS \
+                or path.startswith(OPEN_PREFIXES):
+            await self.app(scope, receive, send)
+            return
+        given = Headers(scope=scope).get("authorization", "").encode()
+        if not hmac.compare_digest(given, self.expected):
+            error = APIError(401, "invalid or missing API key (send Authorization: Bearer <key>)",
+                             code="invalid_api_key")
+            await error.response()(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
+def _info_router() -> APIRouter:
+    router = APIRouter()
+
+    @router.get("/health")
+    def health(request: Request) -> Response:
+        registry = get_state(request).registry
+        if registry.failed:
+            return APIError(503, registry.failed, code="load_failed").response()
+        if not registry.ready:
+            return APIError(503, f"loading model(s): {', '.join(registry.loading)}", code="loading",
+                            headers={"Retry-After": str(registry.retry_after_s)}).response()
+        return JSONResponse({"status": "ok"})
+
+    @router.get("/version")
+    def version() -> dict[str, str]:
+        return {"version": __version__}
+
+    @router.get("/metrics")
+    def metrics(request: Request) -> Response:
+        return Response(get_state(request).metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @router.get("/v1/models")
+    def list_models(request: Request) -> ModelList:
+        state = get_state(request)
+        cards = [ModelCard(id=m.name, created=m.created, owned_by=m.owned_by, max_model_len=m.max_model_len,
+                           capabilities=m.capabilities) for m in list(state.registry.models.values())]
+        cards += [ModelCard(id=r.name, created=0, owned_by=f"remote:{r.base_url}", capabilities=["chat", "completion"])
+                  for r in state.remote.routes.values()]
+        return ModelList(data=cards)
+
+    @router.post("/tokenize")
+    def tokenize(request: Request, body: TokenizeRequest) -> dict[str, Any]:
+        state = get_state(request)
+        served = state.registry.get(body.model)
+        tok = served.tokenizer
+        if body.messages is not None:
+            chat_like = ChatCompletionRequest(model=body.model, messages=body.messages,
+                                              chat_template_kwargs=body.chat_template_kwargs)
+            kwargs = template_kwargs(chat_like, state.config.default_chat_template_kwargs)
+            text = tok.apply_chat_template(template_messages(body.messages, served),
+                                           add_generation_prompt=body.add_generation_prompt, **kwargs)
+        else:
+            text = body.prompt or ""
+        ids = tok.encode(text, add_special_tokens=body.add_special_tokens)
+        return {"count": len(ids), "max_model_len": served.max_model_len, "tokens": ids}
+
+    @router.post("/detokenize")
+    def detokenize(request: Request, body: DetokenizeRequest) -> dict[str, Any]:
+        served = get_state(request).registry.get(body.model)
+        vocab = served.engine.engine.vocab_size
+        bad = [t for t in body.tokens if not 0 <= t < vocab]
+        if bad:
+            raise bad_request(f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1})", param="tokens")
+        return {"prompt": served.tokenizer.decode(body.tokens)}
+
+    return router
+
+
+def _mount_ui(app: FastAPI, config: ServerConfig) -> None:
+    try:
+        from qwenstack.serving.store import ChatStore
+        from qwenstack.serving.store_api import mount_ui
+    except ImportError as exc:  # the page is optional: the API works without it
+        log.warning("chat page not available (%s); serving the API only", exc)
+        return
+    mount_ui(app, ChatStore(config.ui_db_path) if config.ui_db_path else None)
+
+
+def create_app(
+    models: list[ServedModel] | None = None,
+    config: ServerConfig | None = None,
+    *,
+    loader: Loader = load_served_model,
+    on_load_error: Callable[[BaseException], None] | None = None,
+) -> FastAPI:
+    """The app serving `models` (already loaded) plus `config.models` (loaded in the background once the
+    app starts; /health answers 503 until they are). The app shuts the engines down when it stops."""
+    config = config or ServerConfig()
+    registry = ModelRegistry(list(models or []), config.retry_after_s)
+    metrics = ServerMetrics(lambda: {name: m.engine.engine for name, m in list(registry.models.items())})
+    remote = RemoteRouter(config.remote, config.remote_timeout_s)
+    for spec in config.remote:
+        if spec.name in registry.models:
+            raise ValueError(f"'{spec.name}' is both a local model and a remote route")
+    state = ServerState(config, registry, metrics, remote)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await remote.start()
+        registry.start_loading(config, loader, on_load_error)
+        try:
+            yield
+        finally:
+            await remote.close()
+            registry.shutdown()
+
+    app = FastAPI(title="qwenstack", version=__version__, lifespan=lifespan)
+    app.state.qwenstack = state
+    install_handlers(app, config.retry_after_s)
+    if config.api_key:
+        app.add_middleware(APIKeyMiddleware, api_key=config.api_key)
+    app.include_router(_info_router())
+    app.include_router(chat.router)
+    app.include_router(completions.router)
+    if config.enable_ui:
+        _mount_ui(app, config)
+    return app
+
+
+def run_server(config: ServerConfig, models: list[ServedModel] | None = None) -> None:
+    """Serves until interrupted. With no model and no remote route, serves the bundled demo model. Exits
+    with an error if a model fails to load (rather than answering 503 forever)."""
+    import uvicorn
+
+    if not config.models and not config.remote and not models:
+        config.models = [ModelSpec(model=None)]
+    failure: list[BaseException] = []
+    holder: dict[str, uvicorn.Server] = {}
+
+    def on_load_error(exc: BaseException) -> None:
+        failure.append(exc)
+        server = holder.get("server")
+        if server is not None:
+            server.should_exit = True
+
+    app = create_app(models, config, on_load_error=on_load_error)
+    server = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port, log_level=config.log_level,
+                                           timeout_graceful_shutdown=5))
+    holder["server"] = server
+    url = f"http://{config.host}:{config.port}"
+    log.info("serving the OpenAI-compatible API at %s/v1%s", url,
+             " (API key required)" if config.api_key else "")
+    server.run()
+    if failure:
+        raise SystemExit(f"qwenstack serve: {failure[0]}")

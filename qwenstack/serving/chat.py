@@ -1,0 +1,333 @@
+"""POST /v1/chat/completions: messages -> chat template -> prompt tokens -> engine -> parsed output.
+
+Decisions:
+- Thinking is on by default, as in Qwen3; `chat_template_kwargs.enable_thinking=false` or
+  `reasoning_effort: "none"` turns it off. `/think` and `/no_think` are just text for the template.
+- The output goes through the same incremental parser streamed or not, so the streamed deltas always
+  reassemble to the non-streamed message. The thinking text is sent as `reasoning_content` and, with the
+  same value, as `reasoning` (vLLM's and Ollama's name); never in `content`.
+- tool_choice "none" renders no tools and parses no calls; "auto" renders and parses; "required" and
+  a named function also force a call with a grammar (see constraints.py): a system hint alone is not
+  reliable with small models.
+- usage counts tokens, not text: the rendered prompt's tokens, and the generated tokens (reasoning tokens
+  are those of the think block).
+"""
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, AsyncIterator
+
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+
+from qwenstack.engine.outputs import CompletionOutput, RequestOutput
+from qwenstack.engine.params import SamplingParams
+from qwenstack.serving.constraints import THINK_END, THINK_START, ThinkingPhase, build_processors
+from qwenstack.serving.errors import APIError, bad_request, error_frame, from_exception
+from qwenstack.serving.logprobs import TokenTexts, chat_logprobs
+from qwenstack.serving.metrics import RequestTracker
+from qwenstack.serving.parsers import ChatOutputParser, ParsedDelta, finish_reason_for, parse_chat_output
+from qwenstack.serving.protocol import (
+    AssistantMessage, ChatChoice, ChatCompletionRequest, ChatCompletionResponse, ChatLogprobs, ChatMessage,
+    CompletionTokensDetails, FunctionCallOut, PromptTokensDetails, TextPart, ToolCallOut, Usage,
+)
+from qwenstack.serving.sampling import sampling_params
+from qwenstack.serving.served import ServedModel
+from qwenstack.serving.state import ServerState, get_state, parse, read_json
+from qwenstack.serving.streaming import (
+    DONE, ClientDisconnected, ClosingStreamingResponse, first_output, OutputStream, sse, unless_disconnected,
+)
+
+router = APIRouter()
+
+# Template variables a client may not set through chat_template_kwargs (they are arguments of the render).
+RESERVED_TEMPLATE_KWARGS = {"messages", "tools", "add_generation_prompt", "documents"}
+MEDIA_KINDS = {"image_url": "vision", "input_audio": "audio", "audio_url": "audio", "video_url": "vision"}
+
+
+@dataclass
+class ChatPlan:
+    request_id: str
+    created: int
+    served: ServedModel
+    request: ChatCompletionRequest
+    prompt: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    phase: ThinkingPhase
+    tools_enabled: bool
+    tool_schemas: list[dict[str, Any]] | None
+
+    @property
+    def starts_in_reasoning(self) -> bool:
+        return self.phase is ThinkingPhase.THINKING
+
+    def parser(self) -> ChatOutputParser:
+        return ChatOutputParser(starts_in_reasoning=self.starts_in_reasoning, tools_enabled=self.tools_enabled,
+                                tool_schemas=self.tool_schemas)
+
+    @property
+    def max_calls(self) -> int | None:
+        return 1 if self.request.parallel_tool_calls is False else None
+
+
+# --- request -> prompt and parameters -------------------------------------------------------------------
+
+
+def _content_text(message: ChatMessage, index: int, capabilities: list[str], model: str) -> str | None:
+    content = message.content
+    if content is None or isinstance(content, str):
+        return content
+    texts = []
+    for part in content:
+        if isinstance(part, TextPart):
+            texts.append(part.text)
+            continue
+        kind = MEDIA_KINDS[part.type]
+        if kind not in capabilities:
+            raise bad_request(f"messages[{index}]: the model '{model}' does not accept {part.type} input "
+                              f"(it is text-only)", param=f"messages.{index}.content", code="unsupported_content")
+        raise APIError(501, f"messages[{index}]: {part.type} input is not supported by this server yet",
+                       param=f"messages.{index}.content")
+    return "\n".join(texts)
+
+
+def template_messages(messages: list[ChatMessage], served: ServedModel) -> list[dict[str, Any]]:
+    out = []
+    for i, m in enumerate(messages):
+        msg: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role,
+                               "content": _content_text(m, i, served.capabilities, served.name)}
+        if m.name is not None:
+            msg["name"] = m.name
+        if m.tool_call_id is not None:
+            msg["tool_call_id"] = m.tool_call_id
+        reasoning = m.reasoning_content if m.reasoning_content is not None else m.reasoning
+        if reasoning is not None:
+            msg["reasoning_content"] = reasoning
+        if m.tool_calls:
+            # Templates differ: some print a string, some iterate a mapping; a JSON object is given as one.
+            msg["tool_calls"] = [{"id": c.id, "type": "function",
+                                  "function": {"name": c.function.name, "arguments": _arguments(c.function.arguments)}}
+                                 for c in m.tool_calls]
+        out.append(msg)
+    return out
+
+
+def _arguments(arguments: str | dict[str, Any]) -> str | dict[str, Any]:
+    if isinstance(arguments, dict):
+        return arguments
+    try:
+        parsed = json.loads(arguments)
+    except ValueError:
+        return arguments
+    return parsed if isinstance(parsed, dict) else arguments
+
+
+def template_kwargs(request: ChatCompletionRequest, defaults: dict[str, Any]) -> dict[str, Any]:
+    kwargs = {**defaults, **(request.chat_template_kwargs or {})}
+    for key in RESERVED_TEMPLATE_KWARGS & kwargs.keys():
+        raise bad_request(f"chat_template_kwargs may not set '{key}'", param="chat_template_kwargs")
+    if request.reasoning_effort is not None and request.reasoning_effort.lower() == "none":
+        kwargs["enable_thinking"] = False
+    kwargs.setdefault("enable_thinking", True)
+    return kwargs
+
+
+def thinking_phase(prompt: str, enable_thinking: Any) -> ThinkingPhase:
+    tail = prompt.rstrip(" ")
+    if tail.endswith(THINK_START + "\n") or tail.endswith(THINK_START):
+        return ThinkingPhase.THINKING  # the template opened the block (Qwen3.5-style)
+    if enable_thinking is False or tail.rstrip("\n").endswith(THINK_END):
+        return ThinkingPhase.ANSWER
+    return ThinkingPhase.MAY_THINK
+
+
+def plan_chat(served: ServedModel, request: ChatCompletionRequest, state: ServerState) -> ChatPlan:
+    tok = served.tokenizer
+    kwargs = template_kwargs(request, state.config.default_chat_template_kwargs)
+    tools_enabled = bool(request.tools) and request.tool_choice != "none"
+    tool_dicts = [t.model_dump(exclude_none=True) for t in request.tools] if tools_enabled and request.tools else None
+    if request.tool_choice not in (None, "none", "auto") and not request.tools:
+        raise bad_request("tool_choice requires tools", param="tool_choice")
+    prompt = tok.apply_chat_template(template_messages(request.messages, served), tools=tool_dicts,
+                                     add_generation_prompt=True, **kwargs)
+    prompt_ids = tok.encode(prompt)
+    phase = thinking_phase(prompt, kwargs.get("enable_thinking"))
+    processors = build_processors(tok, request, phase, tools_enabled)
+    top = request.top_logprobs if request.top_logprobs is not None else 0
+    params = sampling_params(request, served, max_tokens=request.max_new_tokens,
+                             logprobs=top if request.logprobs else None, processors=processors)
+    return ChatPlan(f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), served, request, prompt, prompt_ids, params,
+                    phase, tools_enabled, tool_dicts)
+
+
+# --- engine output -> API objects -----------------------------------------------------------------------
+
+
+def reasoning_token_count(plan: ChatPlan, token_ids: list[int]) -> int:
+    if plan.phase is ThinkingPhase.ANSWER:
+        return 0
+    tok = plan.served.tokenizer
+    start_id, end_id = tok.token_to_id(THINK_START), tok.token_to_id(THINK_END)
+    start = 0
+    if plan.phase is ThinkingPhase.MAY_THINK:
+        if start_id not in token_ids:
+            return 0
+        start = token_ids.index(start_id)
+    end = token_ids.index(end_id, start) + 1 if end_id in token_ids[start:] else len(token_ids)
+    return end - start
+
+
+def usage(plan: ChatPlan, final: RequestOutput) -> Usage:
+    completion = sum(len(c.token_ids) for c in final.outputs)
+    return Usage(
+        prompt_tokens=len(plan.prompt_ids), completion_tokens=completion,
+        total_tokens=len(plan.prompt_ids) + completion,
+        prompt_tokens_details=PromptTokensDetails(cached_tokens=final.metrics.num_cached_tokens),
+        completion_tokens_details=CompletionTokensDetails(
+            reasoning_tokens=sum(reasoning_token_count(plan, c.token_ids) for c in final.outputs)),
+    )
+
+
+def _logprobs(plan: ChatPlan, texts: TokenTexts, token_ids: list[int], entries: list | None) -> list[dict] | None:
+    if not plan.request.logprobs or entries is None:
+        return None
+    return chat_logprobs(texts, token_ids, entries, plan.request.top_logprobs or 0)
+
+
+def _choice(plan: ChatPlan, texts: TokenTexts, comp: CompletionOutput) -> ChatChoice:
+    parsed = parse_chat_output(comp.text, starts_in_reasoning=plan.starts_in_reasoning,
+                               tools_enabled=plan.tools_enabled, tool_schemas=plan.tool_schemas)
+    if plan.max_calls is not None:
+        parsed.tool_calls = parsed.tool_calls[: plan.max_calls]
+    calls = [ToolCallOut(id=c.id, function=FunctionCallOut(name=c.name, arguments=c.arguments))
+             for c in parsed.tool_calls]
+    content = parsed.content if parsed.content is not None or calls else ""
+    message = AssistantMessage(content=content, reasoning_content=parsed.reasoning, reasoning=parsed.reasoning,
+                               tool_calls=calls or None)
+    lp = _logprobs(plan, texts, comp.token_ids, comp.logprobs)
+    return ChatChoice(index=comp.index, message=message, logprobs=ChatLogprobs(content=lp) if lp is not None else None,
+                      finish_reason=finish_reason_for(parsed, comp.finish_reason or "abort"),
+                      stop_reason=comp.stop_reason)
+
+
+async def complete_chat(plan: ChatPlan, outputs: AsyncIterator[RequestOutput], tracker: RequestTracker) -> Response:
+    try:
+        final = None
+        async for out in outputs:
+            tracker.on_output(out)
+            final = out
+        assert final is not None and final.finished
+        tracker.on_finished(final)
+        texts = TokenTexts(plan.served.tokenizer)
+        body = ChatCompletionResponse(id=plan.request_id, created=plan.created, model=plan.served.name,
+                                      choices=[_choice(plan, texts, c) for c in final.outputs], usage=usage(plan, final))
+        return Response(body.model_dump_json(), media_type="application/json")
+    finally:
+        tracker.done()
+
+
+def _delta(parsed: ParsedDelta, call_filter: int | None) -> dict[str, Any]:
+    delta: dict[str, Any] = {}
+    if parsed.reasoning:
+        delta["reasoning_content"] = parsed.reasoning
+        delta["reasoning"] = parsed.reasoning
+    if parsed.content:
+        delta["content"] = parsed.content
+    calls = []
+    for c in parsed.tool_calls:
+        if call_filter is not None and c.index >= call_filter:
+            continue
+        entry: dict[str, Any] = {"index": c.index}
+        if c.id is not None:
+            entry["id"] = c.id
+            entry["type"] = c.type or "function"
+        function: dict[str, Any] = {"arguments": c.arguments}
+        if c.name is not None:
+            function["name"] = c.name
+        entry["function"] = function
+        calls.append(entry)
+    if calls:
+        delta["tool_calls"] = calls
+    return delta
+
+
+async def stream_chat(plan: ChatPlan, outputs: AsyncIterator[RequestOutput], tracker: RequestTracker,
+                      retry_after_s: int) -> AsyncIterator[str]:
+    include_usage = bool(plan.request.stream_options and plan.request.stream_options.include_usage)
+    base = {"id": plan.request_id, "object": "chat.completion.chunk", "created": plan.created,
+            "model": plan.served.name}
+    if include_usage:
+        base["usage"] = None  # every chunk but the last carries usage: null (OpenAI's rule)
+
+    def chunk(index: int, delta: dict[str, Any], logprobs: Any = None, finish: str | None = None) -> str:
+        lp = {"content": logprobs} if logprobs is not None else None
+        return sse({**base, "choices": [{"index": index, "delta": delta, "logprobs": lp, "finish_reason": finish}]})
+
+    texts = TokenTexts(plan.served.tokenizer)
+    n = plan.params.n
+    parsers = [plan.parser() for _ in range(n)]
+    made_calls = [False] * n
+    done: set[int] = set()
+    try:
+        for i in range(n):
+            yield chunk(i, {"role": "assistant", "content": ""})
+        final = None
+        async for out in outputs:
+            tracker.on_output(out)
+            final = out
+            for comp in out.outputs:
+                i = comp.index
+                if i in done:
+                    continue
+                parsed = parsers[i].feed(comp.delta_text) if comp.delta_text else ParsedDelta()
+                if comp.finished:
+                    rest = parsers[i].finish()
+                    parsed = ParsedDelta(parsed.reasoning + rest.reasoning, parsed.content + rest.content,
+                                         parsed.tool_calls + rest.tool_calls)
+                delta = _delta(parsed, plan.max_calls)
+                made_calls[i] = made_calls[i] or "tool_calls" in delta
+                lp = _logprobs(plan, texts, comp.delta_token_ids, comp.delta_logprobs) if comp.delta_token_ids else None
+                finish = None
+                if comp.finished:
+                    done.add(i)
+                    finish = comp.finish_reason or "abort"
+                    finish = "tool_calls" if made_calls[i] and finish == "stop" else finish
+                if delta or lp or finish:
+                    yield chunk(i, delta, lp, finish)
+            if out.finished:
+                tracker.on_finished(out)
+        if include_usage and final is not None:
+            yield sse({**base, "choices": [], "usage": usage(plan, final).model_dump()})
+    except Exception as exc:  # after the 200: tell the client in-band, then end the stream
+        yield error_frame(from_exception(exc, retry_after_s))
+    finally:
+        tracker.done()
+    yield DONE
+
+
+@router.post("/v1/chat/completions")
+async def create_chat_completion(request: Request) -> Response:
+    arrival = time.monotonic()
+    state = get_state(request)
+    body = await read_json(request)
+    remote = state.remote.get(body.get("model"))
+    if remote is not None:
+        return await state.remote.forward(remote, "/chat/completions", body)
+    chat_request = parse(ChatCompletionRequest, body)
+    served = state.registry.get(chat_request.model)
+    plan = plan_chat(served, chat_request, state)
+    retry = state.config.retry_after_s
+    stream = served.engine.generate(plan.prompt_ids, plan.params, request_id=plan.request_id, prompt=plan.prompt)
+    first = await first_output(stream, retry)
+    tracker = state.metrics.track(served.name, arrival)
+    outputs = OutputStream(first, stream)
+    if chat_request.stream:
+        return ClosingStreamingResponse(stream_chat(plan, outputs, tracker, retry), sources=[outputs])
+    try:
+        return await unless_disconnected(request, complete_chat(plan, outputs, tracker))
+    except ClientDisconnected:
+        return Response(status_code=499)

@@ -1,0 +1,226 @@
+"""POST /v1/completions: raw prompts in, raw text out (no template, no parsing: `<think>` and `<tool_call>`
+markup is returned as generated, which is what BFCL's Qwen handler and evaluation harnesses expect).
+
+Decisions:
+- `prompt` may be a string, a list of strings, a list of token ids or a list of such lists; each prompt is
+  its own engine request, run concurrently; choice i*n+j is sample j of prompt i, as OpenAI orders them.
+- `echo` with `logprobs` returns the prompt's tokens with their logprobs (the first is null: nothing
+  predicts it) followed by the completion's, in the legacy shape lm-evaluation-harness reads. With
+  `max_tokens: 0` (scoring only) one token is generated and dropped, since the engine always samples.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, AsyncIterator
+
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+
+from qwenstack.engine.outputs import CompletionOutput, RequestOutput
+from qwenstack.engine.params import SamplingParams
+from qwenstack.serving.errors import bad_request, error_frame, from_exception
+from qwenstack.serving.logprobs import LegacyLogprobsBuilder, TokenTexts
+from qwenstack.serving.metrics import RequestTracker
+from qwenstack.serving.protocol import (
+    CompletionChoice, CompletionRequest, CompletionResponse, LegacyLogprobs, PromptTokensDetails, Usage,
+)
+from qwenstack.serving.sampling import sampling_params
+from qwenstack.serving.served import ServedModel
+from qwenstack.serving.state import get_state, parse, read_json
+from qwenstack.serving.streaming import (
+    DONE, ClientDisconnected, ClosingStreamingResponse, first_output, merge, OutputStream, sse, unless_disconnected,
+)
+
+router = APIRouter()
+
+
+@dataclass
+class Prompt:
+    text: str
+    ids: list[int]
+
+
+@dataclass
+class CompletionPlan:
+    request_id: str
+    created: int
+    served: ServedModel
+    request: CompletionRequest
+    prompts: list[Prompt]
+    params: SamplingParams
+    drop_output: bool  # max_tokens 0: the one generated token only served to score the prompt
+
+    @property
+    def n(self) -> int:
+        return self.params.n
+
+    def builder(self, texts: TokenTexts) -> LegacyLogprobsBuilder | None:
+        if self.request.logprobs is None:
+            return None
+        return LegacyLogprobsBuilder(texts, self.request.logprobs)
+
+
+def prompts_of(request: CompletionRequest, served: ServedModel) -> list[Prompt]:
+    tok = served.tokenizer
+    raw = request.prompt
+    if isinstance(raw, str):
+        return [Prompt(raw, tok.encode(raw))]
+    if not raw:
+        raise bad_request("prompt is empty", param="prompt")
+    if isinstance(raw[0], str):
+        return [Prompt(p, tok.encode(p)) for p in raw]  # type: ignore[arg-type]
+    if isinstance(raw[0], int):
+        return [Prompt(tok.decode(raw), list(raw))]  # type: ignore[arg-type]
+    return [Prompt(tok.decode(ids), list(ids)) for ids in raw]  # type: ignore[union-attr]
+
+
+def plan_completion(served: ServedModel, request: CompletionRequest) -> CompletionPlan:
+    if request.suffix:
+        raise bad_request("suffix is not supported", param="suffix")
+    if request.best_of is not None and request.best_of != request.n:
+        raise bad_request("best_of is not supported (leave it out or set it equal to n)", param="best_of")
+    drop_output = request.max_tokens == 0
+    if drop_output and not request.echo:
+        raise bad_request("max_tokens must be at least 1 (0 is only meaningful with echo)", param="max_tokens")
+    want_prompt_lp = request.echo and request.logprobs is not None
+    params = sampling_params(request, served, max_tokens=1 if drop_output else request.max_tokens,
+                             logprobs=request.logprobs, prompt_logprobs=request.logprobs if want_prompt_lp else None)
+    return CompletionPlan(f"cmpl-{uuid.uuid4().hex}", int(time.time()), served, request,
+                          prompts_of(request, served), params, drop_output)
+
+
+def _prompt_part(plan: CompletionPlan, prompt: Prompt, out: RequestOutput,
+                 builder: LegacyLogprobsBuilder | None) -> tuple[str, dict | None]:
+    """What echo puts before the completion: the prompt text and its tokens' logprobs."""
+    if not plan.request.echo:
+        return "", None
+    if builder is None:
+        return prompt.text, None
+    entries = list(out.prompt_logprobs or [None])
+    entries += [None] * (len(prompt.ids) - len(entries))  # never shorter than the prompt, whatever the engine sent
+    return prompt.text, builder.add(prompt.ids, entries[: len(prompt.ids)])
+
+
+def _generated_part(plan: CompletionPlan, comp: CompletionOutput, token_ids: list[int], entries: list | None,
+                    builder: LegacyLogprobsBuilder | None) -> dict | None:
+    if builder is None or plan.drop_output:
+        return None
+    return builder.add(token_ids, entries or [None] * len(token_ids))
+
+
+def _join(a: dict | None, b: dict | None) -> dict | None:
+    if a is None or b is None:
+        return a or b
+    return {k: a[k] + b[k] for k in a}
+
+
+def usage(plan: CompletionPlan, finals: list[RequestOutput]) -> Usage:
+    prompt_tokens = sum(len(p.ids) for p in plan.prompts)
+    completion = 0 if plan.drop_output else sum(len(c.token_ids) for f in finals for c in f.outputs)
+    return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion, total_tokens=prompt_tokens + completion,
+                 prompt_tokens_details=PromptTokensDetails(cached_tokens=sum(f.metrics.num_cached_tokens for f in finals)))
+
+
+async def complete(plan: CompletionPlan, streams: list[AsyncIterator[RequestOutput]],
+                   tracker: RequestTracker) -> Response:
+    try:
+        finals: list[RequestOutput | None] = [None] * len(streams)
+        async for i, out in merge(streams):
+            tracker.on_output(out)
+            if out.finished:
+                tracker.on_finished(out)
+                finals[i] = out
+        texts = TokenTexts(plan.served.tokenizer)
+        choices = []
+        for i, (prompt, final) in enumerate(zip(plan.prompts, finals)):
+            assert final is not None
+            for comp in final.outputs:
+                builder = plan.builder(texts)
+                head, head_lp = _prompt_part(plan, prompt, final, builder)
+                text = head + ("" if plan.drop_output else comp.text)
+                lp = _join(head_lp, _generated_part(plan, comp, comp.token_ids, comp.logprobs, builder))
+                choices.append(CompletionChoice(index=i * plan.n + comp.index, text=text,
+                                                logprobs=LegacyLogprobs(**lp) if lp is not None else None,
+                                                finish_reason=comp.finish_reason, stop_reason=comp.stop_reason))
+        body = CompletionResponse(id=plan.request_id, created=plan.created, model=plan.served.name,
+                                  choices=choices, usage=usage(plan, [f for f in finals if f is not None]))
+        return Response(body.model_dump_json(), media_type="application/json")
+    finally:
+        tracker.done(len(streams))
+
+
+async def stream_completion(plan: CompletionPlan, streams: list[AsyncIterator[RequestOutput]],
+                            tracker: RequestTracker, retry_after_s: int) -> AsyncIterator[str]:
+    include_usage = bool(plan.request.stream_options and plan.request.stream_options.include_usage)
+    base: dict[str, Any] = {"id": plan.request_id, "object": "text_completion", "created": plan.created,
+                            "model": plan.served.name}
+    if include_usage:
+        base["usage"] = None
+    texts = TokenTexts(plan.served.tokenizer)
+    builders: dict[int, LegacyLogprobsBuilder | None] = {}
+    finished: set[int] = set()
+    finals: list[RequestOutput] = []
+    try:
+        async for i, out in merge(streams):
+            tracker.on_output(out)
+            for comp in out.outputs:
+                index = i * plan.n + comp.index
+                if index in finished:
+                    continue
+                text, lp = "", None
+                if index not in builders:  # this choice's first chunk carries the echoed prompt
+                    builders[index] = plan.builder(texts)
+                    text, lp = _prompt_part(plan, plan.prompts[i], out, builders[index])
+                if not plan.drop_output:
+                    text += comp.delta_text
+                    lp = _join(lp, _generated_part(plan, comp, comp.delta_token_ids, comp.delta_logprobs,
+                                                   builders[index]))
+                if comp.finished:
+                    finished.add(index)
+                if text or lp or comp.finished:
+                    choice = {"index": index, "text": text, "logprobs": lp, "finish_reason": comp.finish_reason}
+                    yield sse({**base, "choices": [choice]})
+            if out.finished:
+                tracker.on_finished(out)
+                finals.append(out)
+        if include_usage:
+            yield sse({**base, "choices": [], "usage": usage(plan, finals).model_dump()})
+    except Exception as exc:  # after the 200: an error frame, then the end of the stream
+        yield error_frame(from_exception(exc, retry_after_s))
+    finally:
+        tracker.done(len(streams))
+    yield DONE
+
+
+@router.post("/v1/completions")
+async def create_completion(request: Request) -> Response:
+    arrival = time.monotonic()
+    state = get_state(request)
+    body = await read_json(request)
+    remote = state.remote.get(body.get("model"))
+    if remote is not None:
+        return await state.remote.forward(remote, "/completions", body)
+    completion_request = parse(CompletionRequest, body)
+    served = state.registry.get(completion_request.model)
+    plan = plan_completion(served, completion_request)
+    retry = state.config.retry_after_s
+    engine_streams = [served.engine.generate(p.ids, plan.params, request_id=f"{plan.request_id}-{i}", prompt=p.text)
+                      for i, p in enumerate(plan.prompts)]
+    # All prompts are submitted together (one batch), then each one's first output is awaited.
+    firsts = await asyncio.gather(*(first_output(s, retry) for s in engine_streams), return_exceptions=True)
+    streams = [OutputStream(f, s) for f, s in zip(firsts, engine_streams) if isinstance(f, RequestOutput)]
+    refused = next((f for f in firsts if isinstance(f, BaseException)), None)
+    if refused is not None:
+        for stream in streams:  # one prompt refused: abort the ones already admitted
+            await stream.aclose()
+        raise refused
+    tracker = state.metrics.track(served.name, arrival)
+    if completion_request.stream:
+        return ClosingStreamingResponse(stream_completion(plan, streams, tracker, retry), sources=streams)
+    try:
+        return await unless_disconnected(request, complete(plan, streams, tracker))
+    except ClientDisconnected:
+        return Response(status_code=499)

@@ -1,0 +1,91 @@
+"""What a server runs: its address and key, the local models it loads (each with its own engine and a share
+of the KV memory) and the remote routes it forwards. Plain data; `run_server` and `create_app` read it."""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from qwenstack.engine.engine import DEFAULT_KV_CACHE_MEMORY
+
+API_KEY_ENV = "QWENSTACK_API_KEY"
+REMOTE_KEY_ENV = "QWENSTACK_REMOTE_API_KEY"
+
+
+def _env_api_key() -> str | None:
+    return os.environ.get(API_KEY_ENV) or None
+
+
+@dataclass
+class ModelSpec:
+    """One local model to load. `model` is a local directory or a Hugging Face id; None means the demo model."""
+
+    model: str | None = None
+    name: str | None = None  # the id clients send as `model`; defaults to the directory name or the hub id
+    dtype: str | None = None
+    device: str | None = None
+    quantization: str | None = None
+    max_model_len: int | None = None
+    kv_cache_memory: int | None = None  # bytes; None: this model's equal share of ServerConfig.kv_cache_memory
+    block_size: int = 16
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    max_waiting: int = 1024  # beyond this, requests get 429 with Retry-After
+    enable_prefix_caching: bool = True
+    seed: int = 0
+
+
+@dataclass
+class RemoteSpec:
+    """A model name served by another OpenAI-compatible API (the seed's hybrid of open and proprietary)."""
+
+    name: str
+    base_url: str  # e.g. https://api.example.com/v1
+    model: str | None = None  # the upstream's model id, when it differs from `name`
+    api_key_env: str | None = None  # None: QWENSTACK_REMOTE_<NAME>_API_KEY, then QWENSTACK_REMOTE_API_KEY
+
+    @property
+    def upstream_model(self) -> str:
+        return self.model or self.name
+
+    def api_key(self) -> str | None:
+        if self.api_key_env:
+            return os.environ.get(self.api_key_env) or None
+        specific = "QWENSTACK_REMOTE_" + re.sub(r"[^A-Za-z0-9]", "_", self.name).upper() + "_API_KEY"
+        return os.environ.get(specific) or os.environ.get(REMOTE_KEY_ENV) or None
+
+
+def parse_remote(text: str) -> RemoteSpec:
+    """`NAME=BASE_URL` or `NAME=BASE_URL#UPSTREAM_MODEL` (a fragment is never part of an API base URL)."""
+    name, sep, rest = text.partition("=")
+    if not sep or not name.strip() or not rest.strip():
+        raise ValueError(f"--remote expects NAME=BASE_URL (optionally #UPSTREAM_MODEL), got {text!r}")
+    url, _, upstream = rest.strip().partition("#")
+    if not url.startswith(("http://", "https://")):
+        raise ValueError(f"--remote {name}: the base URL must start with http:// or https://, got {url!r}")
+    return RemoteSpec(name.strip(), url.rstrip("/"), upstream.strip() or None)
+
+
+@dataclass
+class ServerConfig:
+    host: str = "127.0.0.1"  # loopback unless asked: the API runs models on the owner's hardware
+    port: int = 8000
+    api_key: str | None = field(default_factory=_env_api_key)
+    models: list[ModelSpec] = field(default_factory=list)
+    remote: list[RemoteSpec] = field(default_factory=list)
+    kv_cache_memory: int = DEFAULT_KV_CACHE_MEMORY  # bytes for all local models together, split equally
+    default_chat_template_kwargs: dict[str, Any] = field(default_factory=dict)  # e.g. {"enable_thinking": False}
+    allow_local_image_paths: bool = False  # file:// image URLs read from the server's disk only when set
+    enable_ui: bool = True  # the chat page at / and its store under /api/
+    ui_db_path: str | None = None  # SQLite file of the chat page; None: the store's default
+    retry_after_s: int = 1  # what 429/503 answers tell clients to wait
+    remote_timeout_s: float = 600.0
+    log_level: str = "info"
+
+    def kv_memory_for(self, spec: ModelSpec) -> int:
+        if spec.kv_cache_memory is not None:
+            return spec.kv_cache_memory
+        explicit = sum(s.kv_cache_memory or 0 for s in self.models)
+        shared = [s for s in self.models if s.kv_cache_memory is None]
+        return max(0, self.kv_cache_memory - explicit) // max(1, len(shared))

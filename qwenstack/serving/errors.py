@@ -1,0 +1,113 @@
+"""Every failure answered in OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`, with the
+status the official SDK maps to the right exception: 400 bad input, 401 key, 404 unknown model, 429 queue
+full (with Retry-After, which the SDK honours), 503 loading, 500 for our own bugs (which the SDK retries,
+so never for bad input)."""
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from qwenstack.chat_template import ChatTemplateError
+from qwenstack.engine.scheduler import QueueFullError
+from qwenstack.errors import RequestError
+
+log = logging.getLogger("qwenstack.server")
+
+_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    404: "not_found_error",
+    413: "invalid_request_error",
+    429: "rate_limit_error",
+    501: "not_supported_error",
+    502: "upstream_error",
+    503: "unavailable_error",
+}
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
+                 type_: str | None = None, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+        self.type = type_ or _TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
+    return APIError(400, message, param=param, code=code)
+
+
+def validation_error(errors: list[Any]) -> APIError:
+    """pydantic's error list -> one readable 400 naming the field (FastAPI would answer 422)."""
+    first = errors[0] if errors else {}
+    if first.get("type") == "json_invalid":
+        return bad_request("the request body is not valid JSON", code="invalid_json")
+    # Drop FastAPI's location prefix and pydantic's union-branch tags ("str", "list[int]", "function-after").
+    loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path")]
+    loc = [p for p in loc if not any(c in p for c in "[]-") and p not in ("str", "int", "float", "bool", "list", "dict")]
+    param = ".".join(loc) or None
+    message = first.get("msg", "invalid request")
+    if param:
+        message = f"{param}: {message}"
+    if len(errors) > 1:
+        message += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
+    return bad_request(message, param=param, code=first.get("type"))
+
+
+def queue_full(retry_after_s: int, detail: str) -> APIError:
+    return APIError(429, f"the server is busy: {detail}; retry shortly", code="queue_full",
+                    headers={"Retry-After": str(retry_after_s)})
+
+
+def from_exception(exc: BaseException, retry_after_s: int = 1) -> APIError:
+    """Our exceptions -> API errors; anything unexpected is a 500 (and is logged with its traceback)."""
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, (RequestError, ChatTemplateError)):
+        return bad_request(str(exc))
+    if isinstance(exc, QueueFullError):
+        return queue_full(retry_after_s, str(exc))
+    log.error("request failed", exc_info=exc)
+    return APIError(500, f"internal error: {type(exc).__name__}: {exc}", code="internal_error")
+
+
+def error_frame(error: APIError) -> str:
+    """A failure after the stream started: the SDK raises APIError on any frame with an `error` key."""
+    return f"data: {json.dumps(error.body())}\n\n"
+
+
+def install_handlers(app: FastAPI, retry_after_s: int) -> None:
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return validation_error(list(exc.errors())).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        message = exc.detail if isinstance(exc.detail, str) else "request failed"
+        if exc.status_code == 404:
+            message = f"no route {request.method} {request.url.path}"
+        return APIError(exc.status_code, message, headers=dict(exc.headers or {})).response()
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        return from_exception(exc, retry_after_s).response()

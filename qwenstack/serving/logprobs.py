@@ -1,0 +1,124 @@
+"""Logprobs in the two OpenAI shapes: chat (`content: [{token, logprob, bytes, top_logprobs}]`) and the
+legacy completions one (`tokens, token_logprobs, top_logprobs: [{token: logprob}], text_offset`) that
+lm-evaluation-harness reads to score prompts.
+
+A token's text is its exact bytes (byte-level BPE maps each byte to one printable character; added tokens
+are their literal text), decoded leniently: a token holding half of a UTF-8 character shows U+FFFD, but
+its `bytes` are exact, so a client can join them.
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Iterable
+
+from qwenstack.engine.sequence import PositionLogprobs
+from qwenstack.tokenizer import Tokenizer
+
+
+@lru_cache(maxsize=1)
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's byte <-> printable-character table, inverted."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    chars = list(printable)
+    n = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(printable, chars)}
+
+
+class TokenTexts:
+    """Token id -> (text, bytes), cached per tokenizer."""
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self._added = {i: t.content for i, t in tokenizer.backend.get_added_tokens_decoder().items()}
+        self._cache: dict[int, tuple[str, bytes]] = {}
+
+    def get(self, token_id: int) -> tuple[str, bytes]:
+        hit = self._cache.get(token_id)
+        if hit is not None:
+            return hit
+        raw = self._bytes(token_id)
+        entry = (raw.decode("utf-8", errors="replace"), raw)
+        self._cache[token_id] = entry
+        return entry
+
+    def _bytes(self, token_id: int) -> bytes:
+        if token_id in self._added:
+            return self._added[token_id].encode("utf-8")
+        piece = self.tokenizer.id_to_token(token_id)
+        if piece is None:
+            return b""
+        table = _byte_decoder()
+        if all(c in table for c in piece):
+            return bytes(table[c] for c in piece)
+        return self.tokenizer.decode([token_id]).encode("utf-8")  # not byte-level BPE
+
+    def text(self, token_id: int) -> str:
+        return self.get(token_id)[0]
+
+
+def _ranked(entry: PositionLogprobs, top: int) -> list[tuple[int, float]]:
+    items = sorted(entry.items(), key=lambda kv: kv[1].rank)
+    return [(tid, lp.logprob) for tid, lp in items if lp.rank <= top][:top]
+
+
+def chat_logprobs(texts: TokenTexts, token_ids: Iterable[int], entries: Iterable[PositionLogprobs],
+                  top: int) -> list[dict]:
+    out = []
+    for token, entry in zip(token_ids, entries):
+        text, raw = texts.get(token)
+        tops = []
+        for tid, lp in _ranked(entry, top):
+            t_text, t_raw = texts.get(tid)
+            tops.append({"token": t_text, "logprob": lp, "bytes": list(t_raw)})
+        out.append({"token": text, "logprob": entry[token].logprob, "bytes": list(raw), "top_logprobs": tops})
+    return out
+
+
+class LegacyLogprobsBuilder:
+    """Accumulates the legacy shape for one choice; text_offset counts characters of the returned text."""
+
+    def __init__(self, texts: TokenTexts, top: int, start_offset: int = 0) -> None:
+        self.texts = texts
+        self.top = top
+        self._bytes = b""
+        self._start = start_offset
+
+    def add(self, token_ids: Iterable[int], entries: Iterable[PositionLogprobs | None]) -> dict:
+        """The logprobs of these tokens (appended to what came before), as a legacy logprobs dict."""
+        tokens: list[str] = []
+        token_logprobs: list[float | None] = []
+        top_logprobs: list[dict[str, float] | None] = []
+        offsets: list[int] = []
+        for token, entry in zip(token_ids, entries):
+            text, raw = self.texts.get(token)
+            # Offsets in characters of the text so far: decode the bytes before this token (a split
+            # character counts once it is complete).
+            offsets.append(self._start + len(self._bytes.decode("utf-8", errors="ignore")))
+            self._bytes += raw
+            tokens.append(text)
+            if entry is None:  # the first prompt token has nothing before it to be predicted from
+                token_logprobs.append(None)
+                top_logprobs.append(None)
+                continue
+            token_logprobs.append(entry[token].logprob)
+            tops: dict[str, float] = {}
+            # The chosen token is listed too (as vLLM does), so a harness can test greediness.
+            for tid, lp in _ranked(entry, self.top) + [(token, entry[token].logprob)]:
+                key = self.texts.text(tid)
+                tops[key] = max(lp, tops.get(key, float("-inf")))
+            top_logprobs.append(tops)
+        return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs,
+                "text_offset": offsets}
+
+
+def merge_legacy(parts: list[dict]) -> dict:
+    merged: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    for part in parts:
+        for key in merged:
+            merged[key].extend(part[key])
+    return merged

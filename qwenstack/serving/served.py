@@ -1,0 +1,161 @@
+"""The local models a server answers for: each a tokenizer plus its own AsyncEngine, and the registry that
+loads them in the background so /health can say 503 while they load.
+
+Decisions:
+- One engine (and one KV pool) per model: a request for one model never waits behind another's batch.
+- Loading runs in a thread started when the app starts, not before: the HTTP port answers at once
+  (503 + Retry-After on /health and on requests for a model still loading), as llama.cpp does.
+- Sampling defaults come from the checkpoint's generation_config.json, as vLLM applies them: an omitted
+  temperature means Qwen's recommended value, not OpenAI's 1.0.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from qwenstack.engine.async_engine import AsyncEngine
+from qwenstack.engine.engine import EngineConfig, LLMEngine
+from qwenstack.serving.config import ModelSpec, ServerConfig
+from qwenstack.serving.errors import APIError
+from qwenstack.tokenizer import Tokenizer
+
+log = logging.getLogger("qwenstack.server")
+
+GENERATION_DEFAULT_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty",
+                           "presence_penalty", "frequency_penalty")
+
+
+@dataclass
+class ServedModel:
+    name: str
+    engine: AsyncEngine
+    tokenizer: Tokenizer
+    max_model_len: int
+    hf_config: dict[str, Any] = field(default_factory=dict)
+    generation_defaults: dict[str, Any] = field(default_factory=dict)
+    created: int = field(default_factory=lambda: int(time.time()))
+    owned_by: str = "qwenstack"
+
+    @property
+    def capabilities(self) -> list[str]:
+        caps = ["chat", "completion"]
+        thinker = self.hf_config.get("thinker_config") or {}
+        if "vision_config" in self.hf_config or "vision_config" in thinker:
+            caps.append("vision")
+        if "audio_config" in self.hf_config or "audio_config" in thinker:
+            caps.append("audio")
+        return caps
+
+
+def generation_defaults(model_dir: Path | None) -> dict[str, Any]:
+    if model_dir is None or not (model_dir / "generation_config.json").is_file():
+        return {}
+    try:
+        data = json.loads((model_dir / "generation_config.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return {k: data[k] for k in GENERATION_DEFAULT_KEYS if isinstance(data.get(k), (int, float))}
+
+
+def build_served_model(name: str, model: Any, tokenizer: Tokenizer, engine_config: EngineConfig,
+                       hf_config: dict[str, Any] | None = None, model_dir: Path | None = None) -> ServedModel:
+    """An engine around already-loaded weights (tests use this directly with tiny checkpoints)."""
+    engine = LLMEngine(model, tokenizer, tokenizer.eos_token_ids, engine_config)
+    return ServedModel(name, AsyncEngine(engine, name=name), tokenizer, engine.max_model_len, dict(hf_config or {}),
+                       generation_defaults(model_dir))
+
+
+def load_served_model(spec: ModelSpec, kv_cache_memory: int) -> ServedModel:
+    from qwenstack.llm import load
+
+    loaded = load(spec.model, dtype=spec.dtype, device=spec.device, quantization=spec.quantization)
+    config = EngineConfig(
+        block_size=spec.block_size, kv_cache_memory=kv_cache_memory, max_model_len=spec.max_model_len,
+        max_num_seqs=spec.max_num_seqs, max_num_batched_tokens=spec.max_num_batched_tokens,
+        max_waiting=spec.max_waiting, enable_prefix_caching=spec.enable_prefix_caching, seed=spec.seed,
+    )
+    return build_served_model(expected_name(spec), loaded.model, loaded.tokenizer, config, loaded.config,
+                              loaded.path)
+
+
+Loader = Callable[[ModelSpec, int], ServedModel]
+
+
+def expected_name(spec: ModelSpec) -> str:
+    """The name a spec will be served under, known before loading (what `llm.load` will call it)."""
+    if spec.name:
+        return spec.name
+    if spec.model is None:
+        from qwenstack.llm import DEMO_MODEL_DIR
+
+        return DEMO_MODEL_DIR.name
+    path = Path(spec.model).expanduser()
+    return path.resolve().name if path.is_dir() else spec.model
+
+
+class ModelRegistry:
+    """Served models by name, and the state of the background load."""
+
+    def __init__(self, models: list[ServedModel], retry_after_s: int = 1) -> None:
+        self.models: dict[str, ServedModel] = {}
+        self.loading: list[str] = []  # names (or model ids) still being loaded
+        self.failed: str | None = None
+        self.retry_after_s = retry_after_s
+        self._lock = threading.Lock()
+        for m in models:
+            self._add(m)
+
+    def _add(self, model: ServedModel) -> None:
+        if model.name in self.models:
+            raise ValueError(f"two models are served under the same name '{model.name}'")
+        self.models[model.name] = model
+
+    @property
+    def ready(self) -> bool:
+        return not self.loading and self.failed is None
+
+    def get(self, name: str) -> ServedModel:
+        model = self.models.get(name)
+        if model is not None:
+            return model
+        if name in self.loading:
+            raise APIError(503, f"model '{name}' is still loading", code="model_loading",
+                           headers={"Retry-After": str(self.retry_after_s)})
+        known = ", ".join(sorted(self.models)) or "none loaded yet"
+        raise APIError(404, f"the model '{name}' does not exist (served here: {known})", param="model",
+                       code="model_not_found")
+
+    def start_loading(self, config: ServerConfig, loader: Loader,
+                      on_error: Callable[[BaseException], None] | None = None) -> threading.Thread | None:
+        specs = list(config.models)
+        if not specs:
+            return None
+        self.loading = [expected_name(s) for s in specs]
+
+        def run() -> None:
+            for spec, label in zip(specs, list(self.loading)):
+                try:
+                    model = loader(spec, config.kv_memory_for(spec))
+                    with self._lock:
+                        self._add(model)
+                        self.loading.remove(label)
+                    log.info("model '%s' ready (max_model_len=%d)", model.name, model.max_model_len)
+                except BaseException as exc:  # report it on /health and to the runner; never kill the app
+                    log.exception("loading model %s failed", label)
+                    self.failed = f"loading model {label} failed: {exc}"
+                    if on_error is not None:
+                        on_error(exc)
+                    return
+
+        thread = threading.Thread(target=run, name="qwenstack-model-loader", daemon=True)
+        thread.start()
+        return thread
+
+    def shutdown(self) -> None:
+        for model in self.models.values():
+            model.engine.shutdown()

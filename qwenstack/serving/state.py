@@ -1,0 +1,48 @@
+"""What the handlers share, hung off the app instance (`app.state.qwenstack`), never off a module."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from fastapi import Request
+from pydantic import BaseModel, ValidationError
+
+from qwenstack.serving.config import ServerConfig
+from qwenstack.serving.errors import bad_request, validation_error
+from qwenstack.serving.metrics import ServerMetrics
+from qwenstack.serving.remote import RemoteRouter
+from qwenstack.serving.served import ModelRegistry
+
+M = TypeVar("M", bound=BaseModel)
+
+
+@dataclass
+class ServerState:
+    config: ServerConfig
+    registry: ModelRegistry
+    metrics: ServerMetrics
+    remote: RemoteRouter
+
+
+def get_state(request: Request) -> ServerState:
+    return request.app.state.qwenstack
+
+
+async def read_json(request: Request) -> dict[str, Any]:
+    """The body as a JSON object. Parsed by hand (not by FastAPI) so remote routes can forward it verbatim."""
+    raw = await request.body()
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise bad_request("the request body is not valid JSON", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise bad_request("the request body must be a JSON object")
+    return body
+
+
+def parse(model: type[M], body: dict[str, Any]) -> M:
+    try:
+        return model.model_validate(body)
+    except ValidationError as exc:
+        raise validation_error(exc.errors()) from None

@@ -1,0 +1,141 @@
+"""Server-sent events and the lifetime of an engine stream inside an HTTP request.
+
+Decisions:
+- The first engine output is awaited before the response starts, so a request the engine refuses (too
+  long, queue full) still gets a proper status code (400, 429) instead of a 200 with an error frame.
+- Once streaming, a failure becomes a `data: {"error": ...}` frame followed by `data: [DONE]`.
+- A client that goes away must abort its request: Starlette cancels the streaming task on disconnect but
+  leaves the body iterator suspended, so `ClosingStreamingResponse` closes it, which closes the engine
+  stream, which aborts the request and frees its KV blocks. Non-streaming requests poll for disconnect.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any, AsyncIterator, Awaitable, TypeVar
+
+from fastapi import Request
+from fastapi.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from qwenstack.engine.outputs import RequestOutput
+from qwenstack.serving.errors import APIError, from_exception
+
+T = TypeVar("T")
+
+DONE = "data: [DONE]\n\n"
+DISCONNECT_POLL_S = 0.5
+
+
+def sse(obj: Any) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+class ClosingStreamingResponse(StreamingResponse):
+    def __init__(self, content: AsyncIterator[Any], *, sources: list[Any] = (), **kwargs: Any) -> None:
+        headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **(kwargs.pop("headers", None) or {})}
+        super().__init__(content, media_type="text/event-stream", headers=headers, **kwargs)
+        self.sources = list(sources)  # what feeds `content`: closed too, even if `content` never started
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            for item in [self.body_iterator, *self.sources]:
+                await _close(item)
+
+
+async def first_output(stream: AsyncIterator[RequestOutput], retry_after_s: int) -> RequestOutput:
+    """The first output, or the refusal as an APIError (validation 400, queue full 429)."""
+    try:
+        return await stream.__anext__()
+    except StopAsyncIteration:
+        raise APIError(500, "the engine ended the request without output") from None
+    except Exception as exc:
+        await _close(stream)
+        raise from_exception(exc, retry_after_s) from None
+
+
+async def _close(stream: AsyncIterator[Any]) -> None:
+    close = getattr(stream, "aclose", None)
+    if close is not None:
+        await close()
+
+
+class OutputStream:
+    """`first` then the rest of an engine stream. Closing it (even before iterating) closes the engine
+    stream, which aborts the request if it is still running."""
+
+    def __init__(self, first: RequestOutput, stream: AsyncIterator[RequestOutput]) -> None:
+        self._first: RequestOutput | None = first
+        self._stream = stream
+        self._done = False
+
+    def __aiter__(self) -> "OutputStream":
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self._first is not None:
+            first, self._first = self._first, None
+            self._done = first.finished
+            return first
+        if self._done:
+            raise StopAsyncIteration
+        return await self._stream.__anext__()
+
+    async def aclose(self) -> None:
+        self._done = True
+        await _close(self._stream)
+
+
+async def merge(streams: list[AsyncIterator[T]]) -> AsyncIterator[tuple[int, T]]:
+    """Items of several streams as they come, tagged with the stream's index. Closing stops them all."""
+    queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
+    end = object()
+
+    async def pump(i: int, stream: AsyncIterator[T]) -> None:
+        try:
+            async for item in stream:
+                await queue.put((i, item))
+        except Exception as exc:  # handed to the consumer, which decides what the client sees
+            await queue.put((i, exc))
+        finally:
+            await queue.put((i, end))
+
+    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            i, item = await queue.get()
+            if item is end:
+                remaining -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for stream in streams:
+            await _close(stream)
+
+
+class ClientDisconnected(Exception):
+    pass
+
+
+async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """Runs `work`; cancels it (aborting its engine requests) if the client disconnects first."""
+    task = asyncio.ensure_future(work)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                raise ClientDisconnected()
+    finally:
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)

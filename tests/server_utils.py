@@ -1,0 +1,54 @@
+"""Running a real qwenstack app under uvicorn on a free loopback port, in a background thread."""
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import uvicorn
+
+from qwenstack.engine.engine import EngineConfig
+from qwenstack.models.registry import load_model
+from qwenstack.serving.served import ServedModel, build_served_model
+from qwenstack.tokenizer import Tokenizer
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class BackgroundServer:
+    def __init__(self, app: Any, port: int | None = None) -> None:
+        self.port = port or free_port()
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
+                                                    timeout_graceful_shutdown=2))
+        self.thread = threading.Thread(target=self.server.run, name="test-uvicorn", daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> "BackgroundServer":
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the test server did not start")
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=15)
+
+
+def tiny_served_model(path: Path, name: str = "tiny", **engine_options: Any) -> ServedModel:
+    model = load_model(path, dtype=torch.float32)
+    tok = Tokenizer.from_dir(path)
+    config = EngineConfig(**{"block_size": 4, "kv_cache_memory": 2**22, **engine_options})
+    return build_served_model(name, model, tok, config, hf_config={"model_type": "qwen3"}, model_dir=path)
