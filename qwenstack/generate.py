@@ -2,9 +2,12 @@
 
 It is deliberately simple (every sequence gets its own contiguous run of blocks, all prompts are
 prefilled in one packed pass, then all sequences decode together) and serves as the oracle the engine is
-tested against, next to transformers.
+tested against, next to transformers. Models with linear-attention layers (Qwen3-Next) also get one
+recurrent-state slot per prompt (`make_state_cache`, `AttentionBatch.state_slots`).
 """
 from __future__ import annotations
+
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 
@@ -18,6 +21,24 @@ def allocate_kv_caches(
     spec = model.kv_cache_spec()
     shape = (2, num_blocks, block_size, spec.num_kv_heads, spec.head_dim)
     return [torch.zeros(shape, dtype=dtype, device=device) for _ in range(spec.num_layers)]
+
+
+@runtime_checkable
+class RecurrentStateModel(Protocol):
+    """A model whose linear-attention layers keep a fixed-size state per sequence instead of paged KV."""
+
+    def make_state_cache(self, num_slots: int, dtype: torch.dtype, device: torch.device | str) -> list[Any | None]:
+        """Per layer: that layer's state for `num_slots` slots, or None where the layer uses paged KV."""
+        ...
+
+
+def layer_caches(kv_caches: list[torch.Tensor], states: list[Any | None]) -> list[Any]:
+    """The forward's per-layer cache list: each layer's state where it has one, else the next paged KV tensor."""
+    attention_layers = sum(state is None for state in states)
+    if attention_layers != len(kv_caches):
+        raise ValueError(f"{len(kv_caches)} paged KV tensors for {attention_layers} attention layers")
+    paged = iter(kv_caches)
+    return [next(paged) if state is None else state for state in states]
 
 
 @torch.inference_mode()
@@ -39,7 +60,11 @@ def greedy_generate(
         start += n
     width = max(blocks_per_seq)
     block_tables = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.long, device=device)
-    kv_caches = allocate_kv_caches(model, start, block_size, dtype, device)
+    kv_caches: list[Any] = allocate_kv_caches(model, start, block_size, dtype, device)
+    state_slots = None
+    if isinstance(model, RecurrentStateModel):  # slot i holds prompt i's recurrent state
+        kv_caches = layer_caches(kv_caches, model.make_state_cache(len(prompts), dtype, device))
+        state_slots = torch.arange(len(prompts), device=device)
 
     def slot(seq: int, pos: int) -> int:
         return tables[seq][pos // block_size] * block_size + pos % block_size
@@ -49,7 +74,8 @@ def greedy_generate(
     ids = torch.tensor([t for p in prompts for t in p], dtype=torch.long, device=device)
     positions = torch.tensor([i for p in prompts for i in range(len(p))], dtype=torch.long, device=device)
     slots = [slot(s, i) for s, p in enumerate(prompts) for i in range(len(p))]
-    batch = AttentionBatch(lengths, lengths, torch.tensor(slots, device=device), block_tables, block_size)
+    batch = AttentionBatch(lengths, lengths, torch.tensor(slots, device=device), block_tables, block_size,
+                           state_slots=state_slots)
     active = list(range(len(prompts)))
     for _ in range(max_new_tokens):
         hidden = model.forward(ids, positions, batch, kv_caches)
@@ -67,5 +93,6 @@ def greedy_generate(
         positions = torch.tensor([lengths[s] + len(outputs[s]) - 1 for s in active], dtype=torch.long, device=device)
         slots = [slot(s, lengths[s] + len(outputs[s]) - 1) for s in active]
         ctx = [lengths[s] + len(outputs[s]) for s in active]
-        batch = AttentionBatch([1] * len(active), ctx, torch.tensor(slots, device=device), block_tables[active], block_size)
+        batch = AttentionBatch([1] * len(active), ctx, torch.tensor(slots, device=device), block_tables[active], block_size,
+                               state_slots=None if state_slots is None else state_slots[active])
     return outputs

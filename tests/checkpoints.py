@@ -48,6 +48,17 @@ def moe_config(**overrides: Any) -> dict[str, Any]:
     return config
 
 
+def next_config(**overrides: Any) -> dict[str, Any]:
+    """Qwen3-Next: linear|full layers alternating, 2 key heads serving 4 value heads, Dk != Dv, MoE with a
+    shared expert, partial rotary (4 of 16 dims)."""
+    config = moe_config(full_attention_interval=2, num_hidden_layers=4, shared_expert_intermediate_size=48,
+                        linear_conv_kernel_dim=4, linear_key_head_dim=8, linear_value_head_dim=12,
+                        linear_num_key_heads=2, linear_num_value_heads=4,
+                        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25})
+    config.update(overrides)
+    return config
+
+
 def _randomise_norms(model: torch.nn.Module, seed: int) -> None:
     # transformers initialises norms to ones; random scales make the parity test see their weights.
     g = torch.Generator().manual_seed(seed)
@@ -55,6 +66,15 @@ def _randomise_norms(model: torch.nn.Module, seed: int) -> None:
         if "norm" in name:
             with torch.no_grad():
                 p.copy_(0.5 + torch.rand(p.shape, generator=g))
+
+
+def _recentre_zero_centred_norms(model: torch.nn.Module) -> None:
+    # Qwen3-Next scales by (1 + w): shift w so the scales span 0.5..1.5 like the other models' norms.
+    # (1.5..2.5 on every norm makes the tiny model ill-conditioned: fp32 itself drifts 1e-4 from fp64.)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name and "linear_attn.norm" not in name:  # the gated DeltaNet norm is plain w
+                p.sub_(1.0)
 
 
 def build_hf_checkpoint(out_dir: Path, model_type: str, config: dict[str, Any], seed: int = 0,
@@ -65,10 +85,13 @@ def build_hf_checkpoint(out_dir: Path, model_type: str, config: dict[str, Any], 
     cfg_cls, model_cls = {
         "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
         "qwen3_moe": (transformers.Qwen3MoeConfig, transformers.Qwen3MoeForCausalLM),
+        "qwen3_next": (transformers.Qwen3NextConfig, transformers.Qwen3NextForCausalLM),
     }[model_type]
     torch.manual_seed(seed)
     model = model_cls(cfg_cls(**config)).to(dtype)
     _randomise_norms(model, seed)
+    if model_type == "qwen3_next":
+        _recentre_zero_centred_norms(model)
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(out_dir, **kwargs)
     if with_tokenizer:

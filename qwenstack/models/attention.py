@@ -26,6 +26,10 @@ class AttentionBatch:
     slot_mapping: torch.Tensor | None = None  # [T] long: KV slot of each new token; None = no cache
     block_tables: torch.Tensor | None = None  # [B, max_blocks] long, padded with 0
     block_size: int = 0
+    # [B] long: the recurrent-state slot of each sequence, for models with linear-attention layers
+    # (Qwen3-Next). A sequence with context_len == query_len starts from a zero state; otherwise its slot
+    # must hold the state after its first context_len - query_len tokens. None = no state cache.
+    state_slots: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if len(self.query_lens) != len(self.context_lens):

@@ -16,6 +16,7 @@ from qwenstack.weights import load_weights
 ARCHITECTURES: dict[str, tuple[str, str]] = {
     "qwen3": ("qwenstack.models.qwen3", "Qwen3ForCausalLM"),
     "qwen3_moe": ("qwenstack.models.qwen3_moe", "Qwen3MoeForCausalLM"),
+    "qwen3_next": ("qwenstack.models.qwen3_next", "Qwen3NextForCausalLM"),
 }
 
 
