@@ -4,6 +4,7 @@ stop strings, seeds, usage counts, echo with logprobs, tokenize, metrics."""
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -11,9 +12,10 @@ import httpx
 import openai
 import pytest
 
+from scripted import build_case
 from server_utils import BackgroundServer, tiny_served_model
 from qwenstack.serving.app import create_app
-from qwenstack.serving.config import ServerConfig
+from qwenstack.serving.config import ModelSpec, ServerConfig
 from qwenstack.tokenizer import Tokenizer
 
 MESSAGES = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Say hello to Paris."}]
@@ -21,8 +23,11 @@ GREEDY: dict[str, Any] = {"temperature": 0, "max_tokens": 12}
 
 
 @pytest.fixture(scope="module")
-def server(tiny_qwen3: Path) -> Iterator[BackgroundServer]:
-    app = create_app([tiny_served_model(tiny_qwen3)], ServerConfig(ui_db_path=":memory:"))
+def server(tiny_qwen3: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[BackgroundServer]:
+    # "scripted" says a fixed thinking-then-answer text (tests/scripted.py): room for grammars to finish.
+    scripted = build_case(tmp_path_factory.mktemp("scripted"), "think_answer")
+    models = [tiny_served_model(tiny_qwen3), tiny_served_model(scripted.path, "scripted")]
+    app = create_app(models, ServerConfig(ui_db_path=":memory:"))
     with BackgroundServer(app) as srv:
         srv.app = app  # type: ignore[attr-defined]
         yield srv
@@ -45,12 +50,21 @@ def prompt_len(tok: Tokenizer, messages: list[dict], **kwargs: Any) -> int:
 
 def test_models_health_version(server: BackgroundServer, client: openai.OpenAI) -> None:
     models = client.models.list().data
-    assert [m.id for m in models] == ["tiny"]
+    assert [m.id for m in models] == ["tiny", "scripted"]
     card = models[0].model_dump()
     assert card["capabilities"] == ["chat", "completion"] and card["max_model_len"] == 512
     assert httpx.get(server.url + "/health").json() == {"status": "ok"}
     assert httpx.get(server.url + "/version").json()["version"]
     assert httpx.get(server.url + "/").status_code == 200  # the chat page
+    assert client.models.retrieve("scripted").id == "scripted"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("nope")
+
+
+def test_kv_memory_is_shared_between_models() -> None:
+    config = ServerConfig(kv_cache_memory=900, models=[ModelSpec("a"), ModelSpec("b", kv_cache_memory=300),
+                                                       ModelSpec("c")])
+    assert [config.kv_memory_for(m) for m in config.models] == [300, 300, 300]
 
 
 def test_chat_usage_equals_tokenizer_counts(client: openai.OpenAI, tok: Tokenizer) -> None:
@@ -237,3 +251,47 @@ def test_metrics_by_model(server: BackgroundServer, client: openai.OpenAI) -> No
         assert f'qwenstack:{name}{{model_name="tiny"}}' in text, name
     assert 'qwenstack:request_success_total{finished_reason="length",model_name="tiny"}' in text \
         or 'qwenstack:request_success_total{finished_reason="stop",model_name="tiny"}' in text
+
+
+TRIP = {"type": "object", "additionalProperties": False, "required": ["city", "days"],
+        "properties": {"city": {"type": "string", "enum": ["Paris", "Berlin"]},
+                       "days": {"type": "integer", "minimum": 1, "maximum": 9}}}
+
+
+def valid_trip(text: str | None) -> bool:
+    value = json.loads(text or "")
+    return set(value) == {"city", "days"} and value["city"] in ("Paris", "Berlin") and 1 <= value["days"] <= 9
+
+
+@pytest.mark.parametrize("thinking", [True, False])
+def test_response_format_json_schema(client: openai.OpenAI, thinking: bool) -> None:
+    args = dict(model="scripted", messages=MESSAGES, temperature=0, max_tokens=120, n=2,
+                response_format={"type": "json_schema", "json_schema": {"name": "trip", "schema": TRIP}},
+                extra_body={"chat_template_kwargs": {"enable_thinking": thinking}})
+    r = client.chat.completions.create(**args)
+    for choice in r.choices:
+        assert choice.finish_reason == "stop" and valid_trip(choice.message.content)
+        # The grammar applies after the thinking, which stays in its own field.
+        assert bool(getattr(choice.message, "reasoning_content", None)) == thinking
+    streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(stream=True, **args)
+                       if c.choices and c.choices[0].index == 0)
+    assert streamed == r.choices[0].message.content
+    # json_object: any object (this model fills a free-form key until max_tokens, so only its start is checked).
+    obj = client.chat.completions.create(model="scripted", messages=MESSAGES, temperature=0, max_tokens=8,
+                                         response_format={"type": "json_object"}, reasoning_effort="none")
+    assert obj.choices[0].message.content.startswith("{")
+
+
+@pytest.mark.parametrize("tool_choice", ["required", {"type": "function", "function": {"name": "plan_trip"}}])
+def test_forced_tool_call(client: openai.OpenAI, tool_choice: Any) -> None:
+    tools = [{"type": "function", "function": {"name": "plan_trip", "parameters": TRIP}}]
+    args = dict(model="scripted", messages=MESSAGES, temperature=0, max_tokens=120, tools=tools,
+                tool_choice=tool_choice, reasoning_effort="none")
+    r = client.chat.completions.create(**args)
+    calls = r.choices[0].message.tool_calls
+    assert r.choices[0].finish_reason == "tool_calls" and r.choices[0].message.content is None
+    assert [c.function.name for c in calls] == ["plan_trip"] and valid_trip(calls[0].function.arguments)
+    fragments = [tc for c in client.chat.completions.create(stream=True, **args) if c.choices
+                 for tc in c.choices[0].delta.tool_calls or []]
+    assert fragments[0].id and fragments[0].function.name == "plan_trip"
+    assert "".join(f.function.arguments or "" for f in fragments) == calls[0].function.arguments

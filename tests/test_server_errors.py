@@ -264,3 +264,13 @@ def test_failed_load_is_reported(tiny_qwen3: Path) -> None:
             time.sleep(0.05)
         r = httpx.get(srv.url + "/health")
         assert failures and r.status_code == 503 and "broken" in r.json()["error"]["message"]
+
+
+def test_run_server_exits_when_a_model_cannot_load(tmp_path: Path) -> None:
+    from qwenstack.serving.app import run_server
+    from server_utils import free_port
+
+    config = ServerConfig(port=free_port(), models=[ModelSpec(model=str(tmp_path / "missing"))], enable_ui=False,
+                          log_level="warning")
+    with pytest.raises(SystemExit, match="missing"):
+        run_server(config)

@@ -28,6 +28,7 @@ from qwenstack.serving.chat import template_kwargs, template_messages
 from qwenstack.serving.config import ModelSpec, ServerConfig
 from qwenstack.serving.errors import APIError, bad_request, install_handlers
 from qwenstack.serving.metrics import ServerMetrics
+from qwenstack.serving.moderation import install_guardrails
 from qwenstack.serving.protocol import (
     ChatCompletionRequest, DetokenizeRequest, ModelCard, ModelList, TokenizeRequest,
 )
@@ -92,6 +93,13 @@ def _info_router() -> APIRouter:
         cards += [ModelCard(id=r.name, created=0, owned_by=f"remote:{r.base_url}", capabilities=["chat", "completion"])
                   for r in state.remote.routes.values()]
         return ModelList(data=cards)
+
+    @router.get("/v1/models/{model_id:path}")
+    def get_model(request: Request, model_id: str) -> ModelCard:
+        cards = {card.id: card for card in list_models(request).data}
+        if model_id not in cards:
+            get_state(request).registry.get(model_id)  # 503 while loading, else 404 naming what is served
+        return cards[model_id]
 
     @router.post("/tokenize")
     def tokenize(request: Request, body: TokenizeRequest) -> dict[str, Any]:
@@ -167,6 +175,7 @@ def create_app(
     app.include_router(_info_router())
     app.include_router(chat.router)
     app.include_router(completions.router)
+    install_guardrails(app, config)  # /v1/moderations; loads config.guard_model when the app starts
     if config.enable_ui:
         _mount_ui(app, config)
     return app

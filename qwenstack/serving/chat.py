@@ -7,8 +7,8 @@ Decisions:
   reassemble to the non-streamed message. The thinking text is sent as `reasoning_content` and, with the
   same value, as `reasoning` (vLLM's and Ollama's name); never in `content`.
 - tool_choice "none" renders no tools and parses no calls; "auto" renders and parses; "required" and
-  a named function also force a call with a grammar (see constraints.py): a system hint alone is not
-  reliable with small models.
+  a named function also force the call with a grammar (constraints.py), since a system hint alone is not
+  reliable with small models. parallel_tool_calls=false keeps at most one call.
 - usage counts tokens, not text: the rendered prompt's tokens, and the generated tokens (reasoning tokens
   are those of the think block).
 """
@@ -25,6 +25,7 @@ from fastapi.responses import Response
 
 from qwenstack.engine.outputs import CompletionOutput, RequestOutput
 from qwenstack.engine.params import SamplingParams
+from qwenstack.serving import moderation
 from qwenstack.serving.constraints import THINK_END, THINK_START, ThinkingPhase, build_processors
 from qwenstack.serving.errors import APIError, bad_request, error_frame, from_exception
 from qwenstack.serving.logprobs import TokenTexts, chat_logprobs
@@ -60,6 +61,7 @@ class ChatPlan:
     phase: ThinkingPhase
     tools_enabled: bool
     tool_schemas: list[dict[str, Any]] | None
+    guard: Any = None  # moderation.GuardContext while a guard watches this request
 
     @property
     def starts_in_reasoning(self) -> bool:
@@ -156,7 +158,7 @@ def plan_chat(served: ServedModel, request: ChatCompletionRequest, state: Server
                                      add_generation_prompt=True, **kwargs)
     prompt_ids = tok.encode(prompt)
     phase = thinking_phase(prompt, kwargs.get("enable_thinking"))
-    processors = build_processors(tok, request, phase, tools_enabled)
+    processors = build_processors(tok, request, phase, tool_dicts)
     top = request.top_logprobs if request.top_logprobs is not None else 0
     params = sampling_params(request, served, max_tokens=request.max_new_tokens,
                              logprobs=top if request.logprobs else None, processors=processors)
@@ -192,13 +194,18 @@ def usage(plan: ChatPlan, final: RequestOutput) -> Usage:
     )
 
 
-def _logprobs(plan: ChatPlan, texts: TokenTexts, token_ids: list[int], entries: list | None) -> list[dict] | None:
-    if not plan.request.logprobs or entries is None:
+def _logprobs(texts: TokenTexts | None, plan: ChatPlan, token_ids: list[int],
+              entries: list | None) -> list[dict] | None:
+    if texts is None or entries is None:
         return None
     return chat_logprobs(texts, token_ids, entries, plan.request.top_logprobs or 0)
 
 
-def _choice(plan: ChatPlan, texts: TokenTexts, comp: CompletionOutput) -> ChatChoice:
+def _token_texts(plan: ChatPlan) -> TokenTexts | None:
+    return TokenTexts(plan.served.tokenizer) if plan.request.logprobs else None
+
+
+def _choice(plan: ChatPlan, texts: TokenTexts | None, comp: CompletionOutput) -> ChatChoice:
     parsed = parse_chat_output(comp.text, starts_in_reasoning=plan.starts_in_reasoning,
                                tools_enabled=plan.tools_enabled, tool_schemas=plan.tool_schemas)
     if plan.max_calls is not None:
@@ -208,8 +215,9 @@ def _choice(plan: ChatPlan, texts: TokenTexts, comp: CompletionOutput) -> ChatCh
     content = parsed.content if parsed.content is not None or calls else ""
     message = AssistantMessage(content=content, reasoning_content=parsed.reasoning, reasoning=parsed.reasoning,
                                tool_calls=calls or None)
-    lp = _logprobs(plan, texts, comp.token_ids, comp.logprobs)
-    return ChatChoice(index=comp.index, message=message, logprobs=ChatLogprobs(content=lp) if lp is not None else None,
+    lp = _logprobs(texts, plan, comp.token_ids, comp.logprobs)
+    return ChatChoice(index=comp.index, message=message,
+                      logprobs=ChatLogprobs(content=lp) if lp is not None else None,
                       finish_reason=finish_reason_for(parsed, comp.finish_reason or "abort"),
                       stop_reason=comp.stop_reason)
 
@@ -222,9 +230,11 @@ async def complete_chat(plan: ChatPlan, outputs: AsyncIterator[RequestOutput], t
             final = out
         assert final is not None and final.finished
         tracker.on_finished(final)
-        texts = TokenTexts(plan.served.tokenizer)
+        texts = _token_texts(plan)
         body = ChatCompletionResponse(id=plan.request_id, created=plan.created, model=plan.served.name,
-                                      choices=[_choice(plan, texts, c) for c in final.outputs], usage=usage(plan, final))
+                                      choices=[_choice(plan, texts, c) for c in final.outputs],
+                                      usage=usage(plan, final))
+        body = await moderation.review_answer(plan, body)
         return Response(body.model_dump_json(), media_type="application/json")
     finally:
         tracker.done()
@@ -267,7 +277,7 @@ async def stream_chat(plan: ChatPlan, outputs: AsyncIterator[RequestOutput], tra
         lp = {"content": logprobs} if logprobs is not None else None
         return sse({**base, "choices": [{"index": index, "delta": delta, "logprobs": lp, "finish_reason": finish}]})
 
-    texts = TokenTexts(plan.served.tokenizer)
+    texts = _token_texts(plan)
     n = plan.params.n
     parsers = [plan.parser() for _ in range(n)]
     made_calls = [False] * n
@@ -290,7 +300,7 @@ async def stream_chat(plan: ChatPlan, outputs: AsyncIterator[RequestOutput], tra
                                          parsed.tool_calls + rest.tool_calls)
                 delta = _delta(parsed, plan.max_calls)
                 made_calls[i] = made_calls[i] or "tool_calls" in delta
-                lp = _logprobs(plan, texts, comp.delta_token_ids, comp.delta_logprobs) if comp.delta_token_ids else None
+                lp = _logprobs(texts, plan, comp.delta_token_ids, comp.delta_logprobs) if comp.delta_token_ids else None
                 finish = None
                 if comp.finished:
                     done.add(i)
@@ -300,6 +310,8 @@ async def stream_chat(plan: ChatPlan, outputs: AsyncIterator[RequestOutput], tra
                     yield chunk(i, delta, lp, finish)
             if out.finished:
                 tracker.on_finished(out)
+        if (verdict := moderation.guard_chunk(plan, base)) is not None:
+            yield verdict
         if include_usage and final is not None:
             yield sse({**base, "choices": [], "usage": usage(plan, final).model_dump()})
     except Exception as exc:  # after the 200: tell the client in-band, then end the stream
@@ -320,13 +332,17 @@ async def create_chat_completion(request: Request) -> Response:
     chat_request = parse(ChatCompletionRequest, body)
     served = state.registry.get(chat_request.model)
     plan = plan_chat(served, chat_request, state)
+    blocked = await moderation.screen_prompt(request, plan)  # a blocked prompt never reaches the engine
+    if blocked is not None:
+        return blocked
     retry = state.config.retry_after_s
     stream = served.engine.generate(plan.prompt_ids, plan.params, request_id=plan.request_id, prompt=plan.prompt)
     first = await first_output(stream, retry)
     tracker = state.metrics.track(served.name, arrival)
     outputs = OutputStream(first, stream)
     if chat_request.stream:
-        return ClosingStreamingResponse(stream_chat(plan, outputs, tracker, retry), sources=[outputs])
+        moderated = moderation.moderate_outputs(plan, outputs)
+        return ClosingStreamingResponse(stream_chat(plan, moderated, tracker, retry), sources=[moderated, outputs])
     try:
         return await unless_disconnected(request, complete_chat(plan, outputs, tracker))
     except ClientDisconnected:

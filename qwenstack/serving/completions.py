@@ -57,8 +57,11 @@ class CompletionPlan:
     def n(self) -> int:
         return self.params.n
 
-    def builder(self, texts: TokenTexts) -> LegacyLogprobsBuilder | None:
-        if self.request.logprobs is None:
+    def token_texts(self) -> TokenTexts | None:
+        return TokenTexts(self.served.tokenizer) if self.request.logprobs is not None else None
+
+    def builder(self, texts: TokenTexts | None) -> LegacyLogprobsBuilder | None:
+        if texts is None or self.request.logprobs is None:
             return None
         return LegacyLogprobsBuilder(texts, self.request.logprobs)
 
@@ -120,8 +123,9 @@ def _join(a: dict | None, b: dict | None) -> dict | None:
 def usage(plan: CompletionPlan, finals: list[RequestOutput]) -> Usage:
     prompt_tokens = sum(len(p.ids) for p in plan.prompts)
     completion = 0 if plan.drop_output else sum(len(c.token_ids) for f in finals for c in f.outputs)
+    cached = sum(f.metrics.num_cached_tokens for f in finals)
     return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion, total_tokens=prompt_tokens + completion,
-                 prompt_tokens_details=PromptTokensDetails(cached_tokens=sum(f.metrics.num_cached_tokens for f in finals)))
+                 prompt_tokens_details=PromptTokensDetails(cached_tokens=cached))
 
 
 async def complete(plan: CompletionPlan, streams: list[AsyncIterator[RequestOutput]],
@@ -133,7 +137,7 @@ async def complete(plan: CompletionPlan, streams: list[AsyncIterator[RequestOutp
             if out.finished:
                 tracker.on_finished(out)
                 finals[i] = out
-        texts = TokenTexts(plan.served.tokenizer)
+        texts = plan.token_texts()
         choices = []
         for i, (prompt, final) in enumerate(zip(plan.prompts, finals)):
             assert final is not None
@@ -159,7 +163,7 @@ async def stream_completion(plan: CompletionPlan, streams: list[AsyncIterator[Re
                             "model": plan.served.name}
     if include_usage:
         base["usage"] = None
-    texts = TokenTexts(plan.served.tokenizer)
+    texts = plan.token_texts()
     builders: dict[int, LegacyLogprobsBuilder | None] = {}
     finished: set[int] = set()
     finals: list[RequestOutput] = []

@@ -15,7 +15,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from qwenstack.chat_template import ChatTemplateError
 from qwenstack.engine.scheduler import QueueFullError
-from qwenstack.errors import RequestError
+from qwenstack.errors import ConfigError, QwenstackError, RequestError
 
 log = logging.getLogger("qwenstack.server")
 
@@ -60,7 +60,8 @@ def validation_error(errors: list[Any]) -> APIError:
         return bad_request("the request body is not valid JSON", code="invalid_json")
     # Drop FastAPI's location prefix and pydantic's union-branch tags ("str", "list[int]", "function-after").
     loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path")]
-    loc = [p for p in loc if not any(c in p for c in "[]-") and p not in ("str", "int", "float", "bool", "list", "dict")]
+    scalar_tags = ("str", "int", "float", "bool", "list", "dict")
+    loc = [p for p in loc if not any(c in p for c in "[]-") and p not in scalar_tags]
     param = ".".join(loc) or None
     message = first.get("msg", "invalid request")
     if param:
@@ -79,7 +80,7 @@ def from_exception(exc: BaseException, retry_after_s: int = 1) -> APIError:
     """Our exceptions -> API errors; anything unexpected is a 500 (and is logged with its traceback)."""
     if isinstance(exc, APIError):
         return exc
-    if isinstance(exc, (RequestError, ChatTemplateError)):
+    if isinstance(exc, (RequestError, ChatTemplateError, ConfigError)):  # ConfigError: e.g. no chat template
         return bad_request(str(exc))
     if isinstance(exc, QueueFullError):
         return queue_full(retry_after_s, str(exc))
@@ -93,9 +94,13 @@ def error_frame(error: APIError) -> str:
 
 
 def install_handlers(app: FastAPI, retry_after_s: int) -> None:
-    @app.exception_handler(APIError)
-    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
-        return exc.response()
+    # Known errors are answered here, inside the app; only true bugs reach the catch-all below, which
+    # Starlette also logs and which makes uvicorn close the connection.
+    async def _known(request: Request, exc: Exception) -> JSONResponse:
+        return from_exception(exc, retry_after_s).response()
+
+    for known in (APIError, QwenstackError, ChatTemplateError, QueueFullError):
+        app.add_exception_handler(known, _known)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
