@@ -1,0 +1,215 @@
+"""Structured output (qwenstack.serving.structured): which token paths the processors allow, and sampling from a
+tiny random Qwen3 at temperature 1.0 that still always yields valid JSON and well-formed tool calls."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from checkpoints import write_tokenizer
+from qwenstack.engine.params import SamplingParams
+from qwenstack.errors import RequestError
+from qwenstack.llm import LLM
+from qwenstack.serving import structured
+from qwenstack.serving.parsers import parse_chat_output
+from qwenstack.serving.structured import StructuredOutputError, make_json_processor, make_tool_call_processor
+from qwenstack.tokenizer import Tokenizer
+
+PERSON = {"type": "object", "additionalProperties": False, "required": ["name", "age", "color"], "properties": {
+    "name": {"type": "string", "maxLength": 12},
+    "age": {"type": "integer"},
+    "color": {"enum": ["red", "green", "blue"]}}}
+PERSON_FORMAT = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}}
+TOOLS = [
+    {"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string", "maxLength": 10}}, "required": ["city"]}}},
+    {"type": "function", "function": {"name": "get_time"}},  # no parameters: any object
+]
+MODEL_VOCAB = 512  # the tiny checkpoints' lm_head rows; the tokenizer has fewer entries
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Tokenizer:
+    path = tmp_path_factory.mktemp("tok")
+    write_tokenizer(path)
+    (path / "generation_config.json").write_text(json.dumps({"eos_token_id": 2}))
+    return Tokenizer.from_dir(path)
+
+
+def follow(processor: Any, tokenizer: Tokenizer, text: str) -> tuple[str, list[bool]]:
+    """Feeds text's tokens as if sampled: the longest allowed prefix, and whether eos was allowed before each
+    token and after the last."""
+    out: list[int] = []
+    eos = tokenizer.eos_token_ids[0]
+    eos_allowed = []
+    for token in tokenizer.encode(text):
+        row = processor(out, torch.zeros(MODEL_VOCAB))
+        eos_allowed.append(not torch.isinf(row[eos]).item())
+        if torch.isinf(row[token]):
+            return tokenizer.decode(out), eos_allowed
+        out.append(token)
+    eos_allowed.append(not torch.isinf(processor(out, torch.zeros(MODEL_VOCAB))[eos]).item())
+    return tokenizer.decode(out), eos_allowed
+
+
+def accepts(processor: Any, tokenizer: Tokenizer, text: str) -> bool:
+    prefix, eos_allowed = follow(processor, tokenizer, text)
+    return prefix == text and eos_allowed[-1]
+
+
+def test_json_schema_paths(tokenizer: Tokenizer) -> None:
+    good = '{"name": "Ada", "age": 36, "color": "green"}'
+    assert accepts(make_json_processor(tokenizer, PERSON_FORMAT), tokenizer, good)
+    for bad in ('{"name": "Ada", "age": 36}', '{"name": "Ada", "age": "36", "color": "green"}',
+                '{"name": "Ada", "age": 36, "color": "pink"}',
+                '{"name": "Ada Lovelace Byron", "age": 1, "color": "red"}',
+                '{"name": "Ada", "age": 36, "color": "red", "x": 1}', '[1]'):
+        assert not accepts(make_json_processor(tokenizer, PERSON_FORMAT), tokenizer, bad), bad
+    _, eos_allowed = follow(make_json_processor(tokenizer, PERSON_FORMAT), tokenizer, good)
+    assert eos_allowed[-1] and not any(eos_allowed[:-1])  # eos only once the object is complete
+    bare = {"type": "json_schema", "schema": PERSON}  # llama.cpp's shorthand
+    assert accepts(make_json_processor(tokenizer, bare), tokenizer, good)
+
+
+def test_json_object_paths(tokenizer: Tokenizer) -> None:
+    for text in ('{"a": [1, 2.5, null], "b": {"c": "x\\ny"}}', "{}"):
+        assert accepts(make_json_processor(tokenizer, {"type": "json_object"}), tokenizer, text)
+    for text in ("[1, 2]", '"s"', "42", ' {"a": 1}', '{"a": 1} {'):
+        assert not accepts(make_json_processor(tokenizer, {"type": "json_object"}), tokenizer, text)
+
+
+def test_special_tokens_and_padding_are_masked(tokenizer: Tokenizer) -> None:
+    proc = make_json_processor(tokenizer, {"type": "json_object"})
+    out = tokenizer.encode('{"a": "')
+    for i in range(len(out) + 1):
+        row = proc(out[:i], torch.zeros(MODEL_VOCAB))
+    im_start = tokenizer.token_to_id("<|im_start|>")
+    assert torch.isinf(row[im_start]) and torch.isinf(row[tokenizer.vocab_size:]).all()
+    assert not torch.isinf(row[tokenizer.encode("hello")[0]])  # any text inside a string
+
+
+def test_thinking_block_before_json(tokenizer: Tokenizer) -> None:
+    text = '<think>\nLet me see.\n</think>\n\n{"a": 1}'
+    assert not accepts(make_json_processor(tokenizer, {"type": "json_object"}), tokenizer, text)
+    assert accepts(make_json_processor(tokenizer, {"type": "json_object"}, thinking=True), tokenizer, text)
+    assert accepts(make_json_processor(tokenizer, {"type": "json_object"}, thinking=True), tokenizer, '{"a": 1}')
+    prefilled = make_json_processor(tokenizer, {"type": "json_object"}, starts_in_reasoning=True)
+    assert accepts(prefilled, tokenizer, 'Let me see.\n</think>\n\n{"a": 1}')
+
+
+def test_tool_call_paths(tokenizer: Tokenizer) -> None:
+    weather = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+    time_call = '<tool_call>\n{"name": "get_time", "arguments": {"tz": "UTC"}}\n</tool_call>'
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    assert accepts(make_tool_call_processor(tokenizer, TOOLS, "required"), tokenizer, weather)
+    assert accepts(make_tool_call_processor(tokenizer, TOOLS, "required"), tokenizer, time_call)
+    assert accepts(make_tool_call_processor(tokenizer, TOOLS, named), tokenizer, weather)
+    assert not accepts(make_tool_call_processor(tokenizer, TOOLS, named), tokenizer, time_call)
+    assert not accepts(make_tool_call_processor(tokenizer, TOOLS, "required"), tokenizer,
+                       weather.replace('"Paris"', "3"))
+    both = weather + "\n" + time_call
+    assert not accepts(make_tool_call_processor(tokenizer, TOOLS, "required"), tokenizer, both)
+    assert accepts(make_tool_call_processor(tokenizer, TOOLS, "required", parallel_tool_calls=True), tokenizer, both)
+    assert accepts(make_tool_call_processor(tokenizer, TOOLS, named, thinking=True), tokenizer,
+                   "<think>\nweather\n</think>\n\n" + weather)
+
+
+def test_processor_replays_a_list_that_is_not_its_continuation(tokenizer: Tokenizer) -> None:
+    proc = make_json_processor(tokenizer, {"type": "json_object"})
+    first = tokenizer.encode('{"a": 1}')
+    proc(first, torch.zeros(MODEL_VOCAB))
+    row = proc(tokenizer.encode("{"), torch.zeros(MODEL_VOCAB))  # shorter: another sequence, replayed
+    assert not torch.isinf(row[tokenizer.encode('"')[0]])
+
+
+def test_compiled_grammars_are_cached(tokenizer: Tokenizer) -> None:
+    a = make_json_processor(tokenizer, PERSON_FORMAT)
+    size = len(structured._cache_for(tokenizer).compiled)
+    b = make_json_processor(tokenizer, {"type": "json_schema", "json_schema": {"name": "other", "schema": PERSON}})
+    c = make_json_processor(tokenizer, PERSON_FORMAT, thinking=True)
+    assert a is not b and a.compiled is b.compiled and c.compiled is not a.compiled  # type: ignore[attr-defined]
+    assert len(structured._cache_for(tokenizer).compiled) == size + 1
+
+
+@pytest.mark.parametrize("response_format, message", [
+    ({"type": "json_schema"}, "needs json_schema.schema"),
+    ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "bogus"}}}, "bogus"),
+    ({"type": "json_schema", "json_schema": {"name": "x", "schema": "{not json"}}, "not valid JSON"),
+    ({"type": "json_schema", "json_schema": {"name": "x", "schema": 3}}, "JSON Schema object"),
+    ({"type": "text"}, "needs none"),
+    ({"type": "yaml"}, "cannot be enforced"),
+])
+def test_invalid_response_formats_are_request_errors(tokenizer: Tokenizer, response_format: dict, message: str) -> None:
+    with pytest.raises(StructuredOutputError, match=message) as info:
+        make_json_processor(tokenizer, response_format)
+    assert isinstance(info.value, RequestError) and isinstance(info.value, ValueError)
+    assert "/project/cpp" not in str(info.value)
+
+
+@pytest.mark.parametrize("tools, tool_choice, message", [
+    (TOOLS, "auto", "needs no grammar"),
+    (TOOLS, {"type": "function", "function": {"name": "nope"}}, "not in tools"),
+    ([], "required", "non-empty tools"),
+    ([{"type": "function"}], "required", r"tools\[0\]"),
+    ([{"type": "function", "function": {"name": "f", "parameters": {"type": "bogus"}}}], "required", "bogus"),
+])
+def test_invalid_tool_choices_are_request_errors(tokenizer: Tokenizer, tools: list, tool_choice: Any,
+                                                 message: str) -> None:
+    with pytest.raises(StructuredOutputError, match=message):
+        make_tool_call_processor(tokenizer, tools, tool_choice)
+
+
+def valid_person(value: Any) -> bool:
+    return (isinstance(value, dict) and set(value) == {"name", "age", "color"}
+            and isinstance(value["name"], str) and len(value["name"]) <= 12
+            and isinstance(value["age"], int) and value["color"] in ("red", "green", "blue"))
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_qwen3: Path) -> LLM:
+    return LLM(tiny_qwen3, dtype="float32", device="cpu", kv_cache_memory=2**22)
+
+
+def sample(llm: LLM, make_processors: Any, seeds: range, max_tokens: int = 160) -> list[Any]:
+    tok = llm.tokenizer
+    prompt = tok.encode(tok.apply_chat_template([{"role": "user", "content": "JSON, please."}], enable_thinking=False))
+    params = [SamplingParams(temperature=1.0, seed=s, max_tokens=max_tokens, logits_processors=make_processors())
+              for s in seeds]
+    outs = [o.outputs[0] for o in llm.generate([prompt] * len(params), params)]
+    assert all(o.finish_reason == "stop" for o in outs), [o.text for o in outs]
+    return outs
+
+
+def test_random_model_always_matches_the_schema(llm: LLM) -> None:
+    outs = sample(llm, lambda: [make_json_processor(llm.tokenizer, PERSON_FORMAT)], range(4))
+    for out in outs:
+        assert valid_person(json.loads(out.text)), out.text
+    assert len({o.text for o in outs}) == len(outs)  # really sampled
+
+
+def test_random_model_json_object(llm: LLM) -> None:
+    # A random model rarely closes a string or an object; a bias towards tokens with '"', '}' or ']' (applied
+    # before the grammar processor) keeps outputs short. The grammar alone decides what is allowed.
+    closers = torch.tensor([3.0 if any(c in llm.tokenizer.decode([i]) for c in '"}]') else 0.0
+                            for i in range(MODEL_VOCAB)])
+    outs = sample(llm, lambda: [lambda out, logits: logits + closers,
+                                make_json_processor(llm.tokenizer, {"type": "json_object"})], range(3))
+    for out in outs:
+        assert isinstance(json.loads(out.text), dict), out.text
+
+
+def test_random_model_tool_calls(llm: LLM) -> None:
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    for choice, names in (("required", {"get_weather", "get_time"}), (named, {"get_weather"})):
+        outs = sample(llm, lambda: [make_tool_call_processor(llm.tokenizer, TOOLS, choice)], range(3))
+        for out in outs:
+            message = parse_chat_output(out.text, tools_enabled=True)
+            assert len(message.tool_calls) == 1 and message.content is None, out.text
+            call = message.tool_calls[0]
+            arguments = json.loads(call.arguments)
+            assert call.name in names and isinstance(arguments, dict)
+            if call.name == "get_weather":
+                assert isinstance(arguments["city"], str) and len(arguments["city"]) <= 10
