@@ -181,10 +181,12 @@ def _entry_keys(tokenizer: Tokenizer) -> tuple[tuple[int, int], list[tuple[int, 
     on = tokenizer.encode(tokenizer.apply_chat_template(messages, enable_thinking=True))
     off = tokenizer.encode(tokenizer.apply_chat_template(messages, enable_thinking=False))
     forced = tokenizer.encode("x" + FORCED_CLOSE)
-    closed = [(off[-2], off[-1])]
-    if (forced[-2], forced[-1]) not in closed:
-        closed.append((forced[-2], forced[-1]))
-    return (on[-2], on[-1]), closed
+    on_key = (on[-2], on[-1])
+    closed: list[tuple[int, int]] = []
+    for key in ((off[-2], off[-1]), (forced[-2], forced[-1])):
+        if key != on_key and key not in closed:  # a template without a thinking-off form renders both alike
+            closed.append(key)
+    return on_key, closed
 
 
 def _transitions(sequences: list[list[int]]) -> dict[tuple[int, int], int]:
@@ -213,15 +215,17 @@ def _rope_peak(head_dim: int, max_positions: int) -> tuple[torch.Tensor, torch.T
     return q.float(), k.float()
 
 
-def build_scripted_checkpoint(out_dir: str | Path, script: str, *, max_position_embeddings: int = 4096,
+def build_scripted_checkpoint(out_dir: str | Path, script: str, *, chat_template: str | None = None,
+                              max_position_embeddings: int = 4096,
                               dtype: torch.dtype = torch.float32) -> ScriptedCheckpoint:
-    """Writes config.json, model.safetensors, generation_config.json and the tokenizer files to out_dir."""
+    """Writes config.json, model.safetensors, generation_config.json and the tokenizer files to out_dir.
+    The entries are the last two tokens of prompts rendered with `chat_template` (qwenstack's by default)."""
     from safetensors.torch import save_file
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rust_tokenizer, script_ids, answer_ids = _build_tokenizer(script)
-    save_tokenizer(rust_tokenizer, out_dir)
+    save_tokenizer(rust_tokenizer, out_dir, chat_template)
     tokenizer = Tokenizer.from_dir(out_dir)
     eos = tokenizer.token_to_id("<|im_end|>")
     assert eos is not None

@@ -95,6 +95,15 @@ def test_pieces_never_appear_when_encoding_prompts(cases: dict[str, ScriptedChec
     assert len(new) >= 5 and not new & set(tokenizer.encode(ckpt.script))
 
 
+def test_own_chat_template(tmp_path: Path) -> None:
+    # The entry is the end of the generation prompt as the checkpoint's own template renders it.
+    template = "{% for m in messages %}{{ m.content }}\n{% endfor %}Verdict:"
+    ckpt = build_scripted_checkpoint(tmp_path, "Safe, no categories.", chat_template=template)
+    llm = LLM(ckpt.path, device="cpu", kv_cache_memory=2**22)
+    out = llm.chat([{"role": "user", "content": "Is this fine?"}], GREEDY)[0].outputs[0]
+    assert out.text == "Safe, no categories." and out.token_ids == ckpt.script_token_ids
+
+
 @pytest.mark.parametrize("script, message", [
     ("<think>\nnever closed", "never closes"),
     ("a<|im_end|>b", "cannot contain"),
