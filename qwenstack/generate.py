@@ -7,12 +7,12 @@ recurrent-state slot per prompt (`make_state_cache`, `AttentionBatch.state_slots
 """
 from __future__ import annotations
 
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 import torch
 
 from qwenstack.models.attention import AttentionBatch
-from qwenstack.models.base import CausalLM
+from qwenstack.models.base import CausalLM, RecurrentStateModel, layer_caches
 
 
 def allocate_kv_caches(
@@ -21,24 +21,6 @@ def allocate_kv_caches(
     spec = model.kv_cache_spec()
     shape = (2, num_blocks, block_size, spec.num_kv_heads, spec.head_dim)
     return [torch.zeros(shape, dtype=dtype, device=device) for _ in range(spec.num_layers)]
-
-
-@runtime_checkable
-class RecurrentStateModel(Protocol):
-    """A model whose linear-attention layers keep a fixed-size state per sequence instead of paged KV."""
-
-    def make_state_cache(self, num_slots: int, dtype: torch.dtype, device: torch.device | str) -> list[Any | None]:
-        """Per layer: that layer's state for `num_slots` slots, or None where the layer uses paged KV."""
-        ...
-
-
-def layer_caches(kv_caches: list[torch.Tensor], states: list[Any | None]) -> list[Any]:
-    """The forward's per-layer cache list: each layer's state where it has one, else the next paged KV tensor."""
-    attention_layers = sum(state is None for state in states)
-    if attention_layers != len(kv_caches):
-        raise ValueError(f"{len(kv_caches)} paged KV tensors for {attention_layers} attention layers")
-    paged = iter(kv_caches)
-    return [next(paged) if state is None else state for state in states]
 
 
 @torch.inference_mode()

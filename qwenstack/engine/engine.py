@@ -8,6 +8,7 @@ bad request is refused alone and the others keep running.
 """
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,6 +24,8 @@ from qwenstack.engine.scheduler import Scheduler, SchedulerConfig
 from qwenstack.engine.sequence import PositionLogprobs, Sequence, SequenceStatus
 from qwenstack.errors import RequestError
 from qwenstack.models.base import CausalLM
+
+log = logging.getLogger("qwenstack.engine")
 
 DEFAULT_KV_CACHE_MEMORY = 2 * 1024**3
 
@@ -72,11 +75,18 @@ class LLMEngine:
         num_blocks = kv_pool_blocks(model, self.config.kv_cache_memory, self.config.block_size, param.dtype)
         if num_blocks < 2:
             raise ValueError(f"kv_cache_memory={self.config.kv_cache_memory} bytes holds fewer than 2 KV blocks")
-        self.runner = ModelRunner(model, num_blocks, self.config.block_size, seed=self.config.seed)
-        self.block_manager = BlockManager(num_blocks, self.config.block_size, self.config.enable_prefix_caching)
+        self.runner = ModelRunner(model, num_blocks, self.config.block_size, seed=self.config.seed,
+                                  num_state_slots=self.config.max_num_seqs)
+        prefix_caching = self.config.enable_prefix_caching
+        if self.runner.has_state and prefix_caching:
+            # A prefix-cache hit would resume a sequence whose recurrent state never saw the prefix.
+            log.info("prefix caching is off for this model: its linear-attention layers keep recurrent state")
+            prefix_caching = False
+        self.block_manager = BlockManager(num_blocks, self.config.block_size, prefix_caching)
         sched = SchedulerConfig(self.config.max_num_seqs, self.config.max_num_batched_tokens, self.config.max_waiting,
                                 self.config.enable_chunked_prefill)
         self.scheduler = Scheduler(sched, self.block_manager)
+        self.scheduler.on_release = self.runner.release_state_slot
         pool_tokens = num_blocks * self.config.block_size
         model_len = context_len or getattr(model.args, "max_position_embeddings", pool_tokens)
         self.max_model_len = min(self.config.max_model_len or model_len, model_len, pool_tokens)

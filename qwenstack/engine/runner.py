@@ -4,6 +4,9 @@ logits that sampling and prompt logprobs need. Device-agnostic (CPU or CUDA).
 Decisions:
 - The KV pool is allocated once from a byte budget: one [2, blocks, block_size, kv_heads, head_dim]
   tensor per attention layer. The engine (through this runner) is the only owner of KV memory.
+- Models with linear-attention layers (Qwen3-Next) also get one fixed-size recurrent-state slot per
+  running sequence, taken on its first step and returned when it finishes or is preempted (recompute
+  rebuilds the state from a fresh slot).
 - Logits are computed only for rows that need them: the last token of each sequence that completes its
   known tokens this step, plus prompt positions whose logprobs were asked for.
 """
@@ -17,7 +20,7 @@ from qwenstack.engine.sampler import SampleRequest, sample, token_logprobs
 from qwenstack.engine.scheduler import ScheduledBatch
 from qwenstack.engine.sequence import PositionLogprobs, Sequence
 from qwenstack.models.attention import AttentionBatch
-from qwenstack.models.base import CausalLM
+from qwenstack.models.base import CausalLM, RecurrentStateModel, layer_caches
 
 
 @dataclass
@@ -32,7 +35,7 @@ def kv_pool_blocks(model: CausalLM, memory_bytes: int, block_size: int, dtype: t
 
 
 class ModelRunner:
-    def __init__(self, model: CausalLM, num_blocks: int, block_size: int, seed: int = 0) -> None:
+    def __init__(self, model: CausalLM, num_blocks: int, block_size: int, seed: int = 0, num_state_slots: int = 0) -> None:
         self.model = model
         param = next(model.parameters())  # type: ignore[attr-defined]
         self.device, self.dtype = param.device, param.dtype
@@ -40,10 +43,29 @@ class ModelRunner:
         spec = model.kv_cache_spec()
         shape = (2, num_blocks, block_size, spec.num_kv_heads, spec.head_dim)
         self.kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(spec.num_layers)]
+        self.layer_caches: list = list(self.kv_caches)
+        self.has_state = isinstance(model, RecurrentStateModel)
+        self.free_slots: list[int] = []
+        if self.has_state:
+            states = model.make_state_cache(num_state_slots, self.dtype, self.device)  # type: ignore[attr-defined]
+            self.layer_caches = layer_caches(self.kv_caches, states)
+            self.free_slots = list(range(num_state_slots))
         self.generator = torch.Generator().manual_seed(seed)
 
     def kv_cache_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.kv_caches)
+
+    def release_state_slot(self, seq: Sequence) -> None:
+        slot = seq.extras.pop("state_slot", None)
+        if slot is not None:
+            self.free_slots.append(slot)
+
+    def _state_slot(self, seq: Sequence) -> int:
+        if "state_slot" not in seq.extras:
+            if not self.free_slots:
+                raise RuntimeError("no free recurrent-state slot: max_num_seqs exceeds the slot pool")
+            seq.extras["state_slot"] = self.free_slots.pop()
+        return seq.extras["state_slot"]
 
     def _slots(self, seq: Sequence, start: int, end: int) -> list[int]:
         bs, table = self.block_size, seq.block_table
@@ -82,10 +104,12 @@ class ModelRunner:
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
             block_tables=torch.tensor(tables, dtype=torch.long, device=dev),
             block_size=self.block_size,
+            state_slots=torch.tensor([self._state_slot(s) for s in step.seqs], dtype=torch.long, device=dev)
+            if self.has_state else None,
         )
         hidden = self.model.forward(
             torch.tensor(ids, dtype=torch.long, device=dev), torch.tensor(positions, dtype=torch.long, device=dev),
-            batch, self.kv_caches,
+            batch, self.layer_caches,
         )
         # Sampling rows: the last token of each sequence that reached its end this step.
         starts = batch.query_starts

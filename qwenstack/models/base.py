@@ -10,7 +10,7 @@ Decisions:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 
@@ -45,6 +45,24 @@ class CausalLM(Protocol):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor: ...
 
     def kv_cache_spec(self) -> KVCacheSpec: ...
+
+
+@runtime_checkable
+class RecurrentStateModel(Protocol):
+    """A model whose linear-attention layers keep a fixed-size state per sequence instead of paged KV."""
+
+    def make_state_cache(self, num_slots: int, dtype: torch.dtype, device: torch.device | str) -> list[Any | None]:
+        """Per layer: that layer's state for `num_slots` slots, or None where the layer uses paged KV."""
+        ...
+
+
+def layer_caches(kv_caches: list[torch.Tensor], states: list[Any | None]) -> list[Any]:
+    """The forward's per-layer cache list: each layer's state where it has one, else the next paged KV tensor."""
+    attention_layers = sum(state is None for state in states)
+    if attention_layers != len(kv_caches):
+        raise ValueError(f"{len(kv_caches)} paged KV tensors for {attention_layers} attention layers")
+    paged = iter(kv_caches)
+    return [next(paged) if state is None else state for state in states]
 
 
 def prompt_logits(model: CausalLM, input_ids: torch.Tensor) -> torch.Tensor:

@@ -23,7 +23,7 @@ Recurrent state (the interface the engine programs against):
   recurrent_state [num_slots, Hv, Dk, Dv] for every state slot.
 - `make_state_cache(num_slots, dtype, device)` returns that per-layer list with a LinearAttentionState at
   each linear layer and None at each full-attention layer; `kv_cache_spec()` counts only the attention
-  layers. `layer_caches(kv_tensors, states)` (qwenstack.generate) zips the two into the forward's list.
+  layers. `layer_caches(kv_tensors, states)` (qwenstack.models.base) zips the two into the forward's list.
 - `batch.state_slots` [B] long names each sequence's slot (distinct within a pass). A sequence with
   context_len == query_len is fresh: its state starts at zero, whatever the slot holds (slots need no
   clearing). Otherwise (decode, chunked prefill) the slot must hold the state after exactly the first
