@@ -42,13 +42,18 @@ class Experts(nn.Module):
             if count == 0:
                 continue
             rows = token_of[start : start + count]
-            h = F.linear(x[rows], self.gate_up_proj[expert])
+            h = self.expert_linear("gate_up_proj", expert, x[rows])
             gate, up = h.split(self.intermediate_size, dim=-1)
-            h = F.linear(F.silu(gate) * up, self.down_proj[expert])
+            h = self.expert_linear("down_proj", expert, F.silu(gate) * up)
             h = h * sorted_weights[start : start + count, None]
             out.index_add_(0, rows, h.to(out.dtype))
             start += count
         return out
+
+    def expert_linear(self, name: str, expert: int, x: torch.Tensor) -> torch.Tensor:
+        """x [T, in] @ W[expert].T for W = gate_up_proj or down_proj. Quantized experts
+        (qwenstack.quantization.QuantExperts) override this one method and keep forward."""
+        return F.linear(x, getattr(self, name)[expert])
 
     def checkpoint_sources(self, prefix: str) -> dict[str, list[list["Source"]]]:
         from qwenstack.weights import Source

@@ -1,0 +1,226 @@
+"""Weight-only quantized matrices: int8 per output channel, int4 in groups along the input, fp8 (CUDA).
+
+Each format holds a stack of matrices [*stack, N, K] (one nn.Linear: no stack; MoE experts: [E]) and
+multiplies activations x [M, K] by one of them: `matmul(x, index) -> [M, N]`. Weights are stored as
+buffers, never parameters: nothing here trains, and `model.parameters()` keeps listing the full-precision
+tensors (the first of which, the embedding, tells the engine the activation dtype and device).
+
+Decisions:
+- Every format has a fast path (a fused kernel) and a reference path (dequantize, then F.linear) that runs
+  on any device; the fast path is chosen once, at quantization time, only where the kernel takes the
+  shape, and tests check the two agree.
+- int8 is symmetric per output channel: w ~ q * s, q in [-128, 127]. The fast path is torch's
+  `_weight_int8pack_mm` (CPU): activations and scales must share one dtype (bf16, fp16 or fp32), and in
+  bfloat16 K must be a multiple of 16 (torch 2.13 on AVX-512 reads past the row otherwise: we saw
+  infinities and segmentation faults at K = 24 and K = 1032).
+- int4 is asymmetric per group of `group_size` input channels, in the layout of torch's tinygemm kernels:
+  w ~ (q - 8) * scale + zero, q in [0, 15], scale and zero [K / G, N, 2] in the activation dtype. The fast
+  path is `_weight_int4pack_mm_for_cpu` (N a multiple of 16, G in 32/64/128/256); its packed layout is
+  the kernel's own (permuted for AVX-512), so the reference path packs two nibbles per byte itself.
+- Scales are rounded to the activation dtype *before* the weights are rounded against them, so the
+  stored scale is exactly the one the codes were computed with.
+- fp8 (e4m3) is per output channel with float32 scales; on GPUs with fp8 tensor cores (compute capability
+  8.9+) the fast path is `torch._scaled_mm` with activations quantized per token on the fly (as vLLM's
+  dynamic fp8), elsewhere on CUDA the weight is dequantized per call. It is refused on CPU.
+"""
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+INT4_KERNEL_GROUPS = (32, 64, 128, 256)
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+
+
+def _index(t: torch.Tensor, index: int | None) -> torch.Tensor:
+    return t if index is None else t[index]
+
+
+class QuantizedWeight(nn.Module):
+    """A stack of [N, K] matrices in a compressed format."""
+
+    method: ClassVar[str] = ""
+
+    def __init__(self, out_features: int, in_features: int, use_kernel: bool) -> None:
+        super().__init__()
+        self.out_features, self.in_features = out_features, in_features
+        self.use_kernel = use_kernel
+
+    def matmul(self, x: torch.Tensor, index: int | None = None) -> torch.Tensor:
+        """x [M, K] -> x @ W[index].T [M, N], in x's dtype."""
+        raise NotImplementedError
+
+    def dequantize(self, index: int | None = None) -> torch.Tensor:
+        """The matrix W[index] [N, K] these codes stand for (float32)."""
+        raise NotImplementedError
+
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self.buffers())
+
+    def extra_repr(self) -> str:
+        return f"{self.method}, out={self.out_features}, in={self.in_features}, kernel={self.use_kernel}"
+
+
+class Int8Weight(QuantizedWeight):
+    method = "int8"
+
+    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, use_kernel: bool) -> None:
+        super().__init__(qweight.shape[-2], qweight.shape[-1], use_kernel)
+        self.register_buffer("qweight", qweight)  # int8 [*, N, K]
+        self.register_buffer("scales", scales)  # [*, N], activation dtype
+
+    @classmethod
+    def quantize(cls, weight: torch.Tensor, dtype: torch.dtype | None = None,
+                 use_kernel: bool | None = None) -> "Int8Weight":
+        """weight [*, N, K] (any float dtype) -> codes; scales kept in `dtype` (default: weight's)."""
+        dtype = dtype or weight.dtype
+        qweight = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
+        scales = torch.empty(weight.shape[:-1], dtype=dtype, device=weight.device)
+        stack = weight.reshape(-1, *weight.shape[-2:])
+        # One matrix at a time: the float32 working copy stays one expert's size.
+        for w, q, s in zip(stack, qweight.view(-1, *weight.shape[-2:]), scales.view(-1, weight.shape[-2])):
+            w = w.float()
+            scale = (w.abs().amax(dim=-1) / 127.0).clamp(min=1e-10).to(dtype)
+            s.copy_(scale)
+            q.copy_(torch.round(w / scale.float()[:, None]).clamp(-128, 127).to(torch.int8))
+        if use_kernel is None:
+            use_kernel = int8_kernel_applies(weight.shape[-1], dtype, weight.device)
+        return cls(qweight, scales, use_kernel)
+
+    def matmul(self, x: torch.Tensor, index: int | None = None) -> torch.Tensor:
+        qweight, scales = _index(self.qweight, index), _index(self.scales, index)
+        if self.use_kernel:
+            out_dtype = x.dtype
+            y = torch._weight_int8pack_mm(x.to(scales.dtype).contiguous(), qweight, scales)
+            return y.to(out_dtype)
+        # Per-output-channel scales commute with the product: scale the [M, N] result, not the weight.
+        return F.linear(x, qweight.to(x.dtype)) * scales.to(x.dtype)
+
+    def dequantize(self, index: int | None = None) -> torch.Tensor:
+        return _index(self.qweight, index).float() * _index(self.scales, index).float()[..., None]
+
+
+def int8_kernel_applies(in_features: int, dtype: torch.dtype, device: torch.device) -> bool:
+    if device.type != "cpu" or dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return False
+    return dtype != torch.bfloat16 or in_features % 16 == 0
+
+
+class Int4Weight(QuantizedWeight):
+    method = "int4"
+
+    def __init__(self, packed: torch.Tensor, scale_zeros: torch.Tensor, group_size: int, in_features: int,
+                 use_kernel: bool) -> None:
+        super().__init__(packed.shape[-2], in_features, use_kernel)
+        self.group_size = group_size
+        # kernel: the CPU kernel's packing; reference: uint8 [*, N, K/2], even k in the low nibble.
+        self.register_buffer("packed", packed)
+        self.register_buffer("scale_zeros", scale_zeros)  # [*, K/G, N, 2]: scale, zero; activation dtype
+
+    @classmethod
+    def quantize(cls, weight: torch.Tensor, group_size: int, dtype: torch.dtype | None = None,
+                 use_kernel: bool | None = None) -> "Int4Weight":
+        dtype = dtype or weight.dtype
+        *stack_shape, n, k = weight.shape
+        if k % group_size or k % 2:
+            raise ValueError(f"int4 needs in_features ({k}) divisible by the group size ({group_size}) and by 2")
+        if use_kernel is None:
+            use_kernel = int4_kernel_applies(n, k, group_size, dtype, weight.device)
+        stack = weight.reshape(-1, n, k)
+        packed_list, sz_list = [], []
+        for w in stack:
+            q, sz = _int4_codes(w.float(), group_size, dtype)
+            if use_kernel:
+                packed_list.append(torch._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), 2))
+            else:
+                packed_list.append((q[:, 0::2] | (q[:, 1::2] << 4)).to(torch.uint8))
+            sz_list.append(sz)
+        packed = torch.stack(packed_list).reshape(*stack_shape, *packed_list[0].shape)
+        scale_zeros = torch.stack(sz_list).reshape(*stack_shape, *sz_list[0].shape)
+        return cls(packed, scale_zeros, group_size, k, use_kernel)
+
+    def matmul(self, x: torch.Tensor, index: int | None = None) -> torch.Tensor:
+        packed, sz = _index(self.packed, index), _index(self.scale_zeros, index)
+        if self.use_kernel:
+            out_dtype = x.dtype
+            y = torch._weight_int4pack_mm_for_cpu(x.to(sz.dtype).contiguous(), packed, self.group_size, sz)
+            return y.to(out_dtype)
+        return F.linear(x, self._unpack(packed, sz).to(x.dtype))
+
+    def _unpack(self, packed: torch.Tensor, sz: torch.Tensor) -> torch.Tensor:
+        n, k, g = self.out_features, self.in_features, self.group_size
+        q = torch.stack([packed & 0xF, packed >> 4], dim=-1).reshape(n, k // g, g).to(sz.dtype)
+        scale, zero = sz[..., 0].t()[..., None], sz[..., 1].t()[..., None]  # [N, K/G, 1]
+        return ((q - 8) * scale + zero).reshape(n, k)
+
+    def dequantize(self, index: int | None = None) -> torch.Tensor:
+        packed, sz = _index(self.packed, index), _index(self.scale_zeros, index)
+        if not self.use_kernel:
+            return self._unpack(packed, sz).float()
+        # The kernel's packing is opaque; multiplying the identity reads every column back out.
+        eye = torch.eye(self.in_features, dtype=sz.dtype, device=packed.device)
+        return torch._weight_int4pack_mm_for_cpu(eye, packed, self.group_size, sz).t().float()
+
+
+def int4_kernel_applies(out_features: int, in_features: int, group_size: int, dtype: torch.dtype,
+                        device: torch.device) -> bool:
+    return (device.type == "cpu" and dtype in (torch.float32, torch.bfloat16, torch.float16)
+            and out_features % 16 == 0 and group_size in INT4_KERNEL_GROUPS and in_features % group_size == 0)
+
+
+def _int4_codes(w: torch.Tensor, group_size: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [N, K] float32 -> codes [N, K] uint8 in 0..15 and scale_zeros [K/G, N, 2] in `dtype`."""
+    n, k = w.shape
+    groups = w.view(n, k // group_size, group_size)
+    lo, hi = groups.amin(dim=-1), groups.amax(dim=-1)
+    scale = ((hi - lo) / 15.0).clamp(min=1e-10).to(dtype)
+    zero = (lo + 8.0 * scale.float()).to(dtype)
+    q = torch.round((groups - zero.float()[..., None]) / scale.float()[..., None] + 8.0).clamp(0, 15)
+    scale_zeros = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous()  # [K/G, N, 2]
+    return q.to(torch.uint8).view(n, k), scale_zeros
+
+
+class Fp8Weight(QuantizedWeight):
+    method = "fp8"
+
+    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, use_kernel: bool) -> None:
+        super().__init__(qweight.shape[-2], qweight.shape[-1], use_kernel)
+        self.register_buffer("qweight", qweight)  # float8_e4m3fn [*, N, K]
+        self.register_buffer("scales", scales)  # float32 [*, N]
+
+    @classmethod
+    def quantize(cls, weight: torch.Tensor, dtype: torch.dtype | None = None,
+                 use_kernel: bool | None = None) -> "Fp8Weight":
+        qweight = torch.empty(weight.shape, dtype=torch.float8_e4m3fn, device=weight.device)
+        scales = torch.empty(weight.shape[:-1], dtype=torch.float32, device=weight.device)
+        stack = weight.reshape(-1, *weight.shape[-2:])
+        for w, q, s in zip(stack, qweight.view(-1, *weight.shape[-2:]), scales.view(-1, weight.shape[-2])):
+            w = w.float()
+            scale = (w.abs().amax(dim=-1) / FP8_MAX).clamp(min=1e-12)
+            s.copy_(scale)
+            q.copy_((w / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn))
+        if use_kernel is None:
+            use_kernel = fp8_kernel_applies(weight.shape[-2], weight.shape[-1], weight.device)
+        return cls(qweight, scales, use_kernel)
+
+    def matmul(self, x: torch.Tensor, index: int | None = None) -> torch.Tensor:
+        qweight, scales = _index(self.qweight, index), _index(self.scales, index)
+        if self.use_kernel and x.dtype == torch.bfloat16:
+            # Dynamic per-token activation scales; rowwise-scaled fp8 GEMM with a bf16 result.
+            x_scale = (x.abs().amax(dim=-1, keepdim=True).float() / FP8_MAX).clamp(min=1e-12)  # [M, 1]
+            x_q = (x.float() / x_scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+            return torch._scaled_mm(x_q, qweight.t(), scale_a=x_scale, scale_b=scales[None, :],
+                                    out_dtype=torch.bfloat16)
+        return F.linear(x, qweight.to(x.dtype)) * scales.to(x.dtype)
+
+    def dequantize(self, index: int | None = None) -> torch.Tensor:
+        return _index(self.qweight, index).float() * _index(self.scales, index)[..., None]
+
+
+def fp8_kernel_applies(out_features: int, in_features: int, device: torch.device) -> bool:
+    if device.type != "cuda" or not hasattr(torch, "_scaled_mm"):
+        return False
+    return torch.cuda.get_device_capability(device) >= (8, 9) and out_features % 16 == 0 and in_features % 16 == 0
