@@ -19,6 +19,8 @@ EPILOG = """examples:
   qwenstack serve                                   # the bundled demo model on http://127.0.0.1:8000
   qwenstack serve Qwen/Qwen3-0.6B Qwen/Qwen3-1.7B --kv-cache-memory 4GiB
   qwenstack serve Qwen/Qwen3-8B --host 0.0.0.0 --api-key "$KEY" --remote qwen-max=https://example.com/v1
+  qwenstack serve Qwen/Qwen3-8B --guard Qwen/Qwen3Guard-Gen-0.6B --guard-stream Qwen/Qwen3Guard-Stream-0.6B \
+      --guard-policy controversial=block --guard-stream-window 4
 
 Several models are served at once, each with its own engine and an equal share of --kv-cache-memory; a
 request picks one by its `model` field. With no MODEL and no --remote, the bundled demo model is served.
@@ -62,7 +64,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     app.add_argument("--no-think", action="store_true",
                      help="thinking off unless a request turns it on (default: on, as Qwen3 does)")
     app.add_argument("--guard", default=None, metavar="GUARD_MODEL",
-                     help="moderate requests and replies with this Qwen3Guard model")
+                     help="moderate requests and replies with this Qwen3Guard model (Gen or Stream)")
+    app.add_argument("--guard-stream", default=None, metavar="GUARD_STREAM_MODEL",
+                     help="also moderate streamed answers token by token with this Qwen3Guard-Stream model")
+    app.add_argument("--guard-policy", default=None, metavar="SPEC",
+                     help="[prompt.|answer.]LEVEL=ACTION,... over the defaults: Safe allow, Controversial flag, "
+                          "Unsafe block, unknown block (ACTION: allow, flag or block)")
+    app.add_argument("--guard-fail-open", action="store_true",
+                     help="flag answers and prompts the guard could not judge instead of blocking them")
+    app.add_argument("--guard-stream-window", type=int, default=None, metavar="TOKENS",
+                     help="answer tokens that may still be streamed from the first blocked token on (default: 0)")
     app.add_argument("--no-ui", action="store_true", help="serve the API only, without the chat page at /")
     app.add_argument("--ui-db", default=None, metavar="PATH", help="SQLite file where the chat page keeps chats")
     app.add_argument("--allow-local-image-paths", action="store_true",
@@ -100,10 +111,23 @@ def serve_config_from_args(args: argparse.Namespace) -> dict[str, Any]:
                               "enable_ui": not args.no_ui, "allow_local_image_paths": args.allow_local_image_paths,
                               "log_level": args.log_level}
     optional = {"api_key": args.api_key, "kv_cache_memory": args.kv_cache_memory, "ui_db_path": args.ui_db,
-                "remote_timeout_s": args.remote_timeout, "guard_model": args.guard}
+                "remote_timeout_s": args.remote_timeout, "guard_model": args.guard,
+                "guard_stream_model": args.guard_stream, "guard_policy": args.guard_policy,
+                "guard_stream_window": args.guard_stream_window}
     config.update({k: v for k, v in optional.items() if v is not None})
     if args.no_think:
         config["default_chat_template_kwargs"] = {"enable_thinking": False}
+    if args.guard_fail_open:
+        config["guard_fail_open"] = True
+    if (args.guard_policy or args.guard_fail_open or args.guard_stream_window is not None) \
+            and not (args.guard or args.guard_stream):
+        raise ValueError("--guard-policy, --guard-fail-open and --guard-stream-window need --guard or --guard-stream")
+    if args.guard_stream_window is not None and args.guard_stream_window < 0:
+        raise ValueError("--guard-stream-window must be >= 0")
+    if args.guard_policy:
+        from qwenstack.guard.verdict import GuardPolicy  # torch-free: a bad policy is reported before loading
+
+        GuardPolicy.parse(args.guard_policy)
     return config
 
 

@@ -82,6 +82,13 @@ class ServerConfig:
     retry_after_s: int = 1  # what 429/503 answers tell clients to wait
     remote_timeout_s: float = 600.0
     log_level: str = "info"
+    # Qwen3Guard (qwenstack.serving.moderation): a Gen or a Stream checkpoint (told apart by config.json),
+    # optionally a Stream one beside a Gen one; the policy as "[prompt.|answer.]LEVEL=ACTION,...".
+    guard_model: str | None = None
+    guard_stream_model: str | None = None
+    guard_policy: str | None = None
+    guard_fail_open: bool = False  # unknown verdicts flagged instead of blocked
+    guard_stream_window: int = 0  # answer tokens that may reach the client from the first blocked token on
 
     def kv_memory_for(self, spec: ModelSpec) -> int:
         if spec.kv_cache_memory is not None:

@@ -1,0 +1,424 @@
+"""Qwen3Guard in the server: POST /v1/moderations, and the guardrails the chat handler calls.
+
+    install_guardrails(app, config)           # create_app does this: the route, metrics, background loading
+    set_guardrails(app, Guardrails(...))      # tests: guards already loaded
+
+Chat handler hooks (qwenstack.serving.chat), each a no-op when no guard is configured:
+- `screen_prompt(request, plan)` before the main engine runs: a blocked prompt returns a complete answer
+  (the refusal, finish_reason "content_filter", `qwenstack_guard`) and the main model never sees it.
+- `review_answer(plan, body)` after a non-streamed generation: a blocked choice is replaced by the refusal
+  with finish_reason "content_filter".
+- `moderate_outputs(plan, outputs)` around a streamed generation, and `guard_chunk(plan, base)` for the
+  chunk that carries the verdict at the end of the stream (choices: [], like the usage chunk).
+
+Decisions:
+- `qwenstack_guard` is one object {direction, safety, categories, refusal, action}: the most severe
+  decision of the request (blocked over flagged over allowed; the prompt's first among equals). A
+  non-streamed answer also carries it per choice.
+- /v1/moderations answers in OpenAI's shape: per input `flagged` (the policy's action is not allow),
+  `categories` and `category_scores` keyed by Qwen3Guard's published category names; plus `safety`,
+  `category_names`, `refusal`, `action`, `direction`. A Gen guard gives no probabilities, so a score is
+  1.0 for a named category and 0.0 otherwise; a Stream guard's score is its probability.
+- A string (or a list of strings) is moderated as a user prompt; a conversation (`messages`, or `input` as
+  a list of chat messages) is judged in the direction of its last turn (assistant: response moderation).
+- Guard latency is the histogram `qwenstack:guard_latency_seconds` in the app's metrics registry.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+import uuid
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, AsyncIterator
+
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.responses import Response
+from prometheus_client import Counter, Histogram
+from pydantic import BaseModel, ConfigDict
+
+from qwenstack.guard.rails import CONTENT_FILTER, SEVERITY, Guardrails, StreamReport
+from qwenstack.guard.verdict import CATEGORIES, Action, Decision, Direction, GuardPolicy, Safety
+from qwenstack.serving.errors import APIError, bad_request
+from qwenstack.serving.state import get_state, parse, read_json
+from qwenstack.serving.streaming import DONE, sse
+
+if TYPE_CHECKING:
+    from qwenstack.engine.outputs import RequestOutput
+    from qwenstack.serving.chat import ChatPlan
+    from qwenstack.serving.config import ServerConfig
+    from qwenstack.serving.protocol import ChatCompletionResponse
+
+log = logging.getLogger("qwenstack.server")
+
+REFUSAL_MESSAGE = "I can't help with that: the content guard stopped this conversation."
+MAX_INPUTS = 64  # inputs per /v1/moderations request
+GUARD_KV_CACHE_MEMORY = 512 * 1024**2  # the Gen guard's own KV pool
+GUARD_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+router = APIRouter()
+
+
+# --- the guard of an app --------------------------------------------------------------------------------
+
+
+class GuardState:
+    """The guardrails of one app, and their loading state (hung off `app.state.qwenstack_guard`)."""
+
+    def __init__(self, config: "ServerConfig | None", metrics_registry: Any = None) -> None:
+        self.config = config
+        self.models = [m for m in (getattr(config, "guard_model", None), getattr(config, "guard_stream_model", None))
+                       if m]
+        # Parsed now: a bad policy is a startup error, not a failure on the first request.
+        self.policy = GuardPolicy.parse(getattr(config, "guard_policy", None),
+                                        fail_open=bool(getattr(config, "guard_fail_open", False)))
+        self.rails: Guardrails | None = None
+        self.loading = bool(self.models)
+        self.failed: str | None = None
+        self.latency = self.decisions = None
+        if metrics_registry is not None:
+            labels = ["model_name", "direction", "guard"]
+            self.latency = Histogram("qwenstack:guard_latency_seconds",
+                                     "Time of one guard call: a whole prompt or answer, or one streamed chunk.",
+                                     labels, registry=metrics_registry, buckets=GUARD_BUCKETS)
+            self.decisions = Counter("qwenstack:guard_decisions", "Guard decisions by direction, level and action.",
+                                     ["model_name", "direction", "safety", "action"], registry=metrics_registry)
+
+    @property
+    def configured(self) -> bool:
+        return self.rails is not None or bool(self.models)
+
+    def attach(self, rails: Guardrails) -> None:
+        if self.latency is not None:
+            rails.on_latency.append(lambda kind, direction, s: self.latency.labels(  # type: ignore[union-attr]
+                rails.name, direction.value, kind).observe(s))
+        if self.decisions is not None:
+            rails.on_decision.append(lambda kind, d: self.decisions.labels(  # type: ignore[union-attr]
+                rails.name, d.direction.value, d.verdict.safety.value, d.action.value).inc())
+        self.rails, self.loading, self.failed = rails, False, None
+
+    def load(self) -> Guardrails:
+        """Loads the configured guard checkpoints (blocking); a Stream checkpoint is told by its config.json."""
+        from qwenstack.config import read_config
+        from qwenstack.guard.gen import GenGuard
+        from qwenstack.llm import default_device
+        from qwenstack.models.qwen3_guard_stream import GuardStream, is_stream_guard_config
+        from qwenstack.resolve import resolve_model
+
+        config = self.config
+        gen, stream = None, None
+        for model in self.models:
+            path = resolve_model(model)
+            if is_stream_guard_config(read_config(path)):
+                stream = GuardStream.load(path, dtype="bfloat16", device=default_device())
+            else:
+                gen = GenGuard.load(path, asynchronous=True, kv_cache_memory=GUARD_KV_CACHE_MEMORY)
+        return Guardrails(self.policy, gen=gen, stream=stream, stream_window=getattr(config, "guard_stream_window", 0),
+                          name=self.models[0])
+
+    def start_loading(self, registry: Any) -> threading.Thread | None:
+        """Loads in a thread; until it is done /health says the guard is loading (through the model
+        registry's loading list) and guarded requests get 503."""
+        if not self.models or self.rails is not None:
+            return None
+        label = f"guard {self.models[0]}"
+        registry.loading.append(label)
+
+        def run() -> None:
+            try:
+                self.attach(self.load())
+                log.info("guard ready: %s (%s)", ", ".join(self.models), self.policy.describe())
+            except BaseException as exc:  # reported on /health and to guarded requests
+                log.exception("loading the guard failed")
+                self.failed = registry.failed = f"loading the guard {self.models[0]} failed: {exc}"
+                self.loading = False
+            finally:
+                if label in registry.loading:
+                    registry.loading.remove(label)
+
+        thread = threading.Thread(target=run, name="qwenstack-guard-loader", daemon=True)
+        thread.start()
+        return thread
+
+    def get(self, retry_after_s: int = 1) -> Guardrails | None:
+        """The guardrails, None when none are configured; 503 while loading or after a failed load."""
+        if self.rails is not None:
+            return self.rails
+        if self.failed:
+            raise APIError(503, self.failed, code="guard_unavailable")
+        if self.loading:
+            raise APIError(503, "the guard model is still loading", code="guard_loading",
+                           headers={"Retry-After": str(retry_after_s)})
+        return None
+
+    def shutdown(self) -> None:
+        if self.rails is not None:
+            self.rails.shutdown()
+
+
+def install_guardrails(app: FastAPI, config: "ServerConfig") -> GuardState:
+    """Adds /v1/moderations and the guard's metrics to an app built by create_app, and loads the guard
+    models named in `config` in the background when the app starts."""
+    state = get_state_of(app)
+    guard = GuardState(config, state.metrics.registry if state is not None else None)
+    app.state.qwenstack_guard = guard
+    app.include_router(router)
+    inner = app.router.lifespan_context
+
+    @asynccontextmanager
+    async def lifespan(app_: Any) -> AsyncIterator[Any]:
+        async with inner(app_) as value:
+            if state is not None:
+                guard.start_loading(state.registry)  # after the models' loader set its loading list
+            try:
+                yield value
+            finally:
+                guard.shutdown()
+
+    app.router.lifespan_context = lifespan
+    return guard
+
+
+def set_guardrails(app: FastAPI, rails: Guardrails | None) -> None:
+    """Uses already-loaded guardrails (tests, embedding); None turns guarding off."""
+    guard: GuardState | None = getattr(app.state, "qwenstack_guard", None)
+    if guard is None:
+        guard = install_guardrails(app, None)  # type: ignore[arg-type]
+    if rails is None:
+        guard.rails, guard.models, guard.loading = None, [], False
+    else:
+        guard.attach(rails)
+
+
+def get_state_of(app: FastAPI) -> Any:
+    return getattr(app.state, "qwenstack", None)
+
+
+def guardrails_of(request: Request) -> Guardrails | None:
+    guard: GuardState | None = getattr(request.app.state, "qwenstack_guard", None)
+    if guard is None:
+        return None
+    return guard.get(get_state(request).config.retry_after_s)
+
+
+# --- chat hooks -----------------------------------------------------------------------------------------
+
+
+@dataclass
+class GuardContext:
+    """The guard's part of one chat request."""
+
+    rails: Guardrails
+    messages: list[dict[str, Any]]
+    prompt: Decision | None = None
+    answers: dict[int, Decision] = field(default_factory=dict)
+    report: StreamReport = field(default_factory=StreamReport)
+
+    def decisive(self) -> Decision | None:
+        candidates = [d for d in [self.prompt, *self.answers.values(), *self.report.decisions.values()] if d]
+        if not candidates:
+            return None
+        rank = {Action.BLOCK: 2, Action.FLAG: 1, Action.ALLOW: 0}
+        return max(candidates, key=lambda d: (rank[d.action], SEVERITY[d.verdict.safety]))
+
+    def annotation(self) -> dict[str, Any] | None:
+        decision = self.decisive()
+        return None if decision is None else decision.to_dict()
+
+
+def chat_messages(plan: "ChatPlan") -> list[dict[str, Any]]:
+    """The request's user and assistant turns as text, for the guard."""
+    out = []
+    for m in plan.request.messages:
+        if m.role not in ("user", "assistant"):
+            continue
+        content = m.content
+        if isinstance(content, list):
+            content = "\n".join(p.text for p in content if getattr(p, "type", None) == "text")
+        out.append({"role": m.role, "content": content or ""})
+    return out
+
+
+async def screen_prompt(request: Request, plan: "ChatPlan") -> Response | None:
+    """Runs the prompt past the guard (if any). Returns the response to send instead of running the main
+    model when the prompt is blocked; otherwise None, with the guard's context on `plan.guard`."""
+    rails = guardrails_of(request)
+    if rails is None:
+        return None
+    context = GuardContext(rails, chat_messages(plan))
+    plan.guard = context
+    context.prompt = await rails.check_prompt(context.messages)
+    if not context.prompt.blocked:
+        return None
+    return blocked_response(plan, context)
+
+
+def blocked_response(plan: "ChatPlan", context: GuardContext) -> Response:
+    from qwenstack.serving.protocol import AssistantMessage, ChatChoice, ChatCompletionResponse, Usage
+
+    n = plan.params.n
+    annotation = context.annotation()
+    if plan.request.stream:
+        return _blocked_stream(plan, annotation)
+    body = ChatCompletionResponse(
+        id=plan.request_id, created=plan.created, model=plan.served.name,
+        choices=[ChatChoice(index=i, message=AssistantMessage(content=REFUSAL_MESSAGE), finish_reason=CONTENT_FILTER)
+                 for i in range(n)],
+        usage=Usage(prompt_tokens=len(plan.prompt_ids), completion_tokens=0, total_tokens=len(plan.prompt_ids)),
+        qwenstack_guard=annotation,
+    )
+    return Response(body.model_dump_json(), media_type="application/json")
+
+
+def _blocked_stream(plan: "ChatPlan", annotation: dict[str, Any] | None) -> Response:
+    from qwenstack.serving.streaming import ClosingStreamingResponse
+
+    base = {"id": plan.request_id, "object": "chat.completion.chunk", "created": plan.created,
+            "model": plan.served.name}
+    include_usage = bool(plan.request.stream_options and plan.request.stream_options.include_usage)
+
+    async def frames() -> AsyncIterator[str]:
+        extra = {"usage": None} if include_usage else {}
+        for i in range(plan.params.n):
+            for delta, finish in (({"role": "assistant", "content": ""}, None), ({"content": REFUSAL_MESSAGE}, None),
+                                  ({}, CONTENT_FILTER)):
+                yield sse({**base, **extra, "choices": [{"index": i, "delta": delta, "logprobs": None,
+                                                         "finish_reason": finish}]})
+        yield sse({**base, **extra, "choices": [], "qwenstack_guard": annotation})
+        if include_usage:
+            n = len(plan.prompt_ids)
+            yield sse({**base, "choices": [], "usage": {"prompt_tokens": n, "completion_tokens": 0, "total_tokens": n}})
+        yield DONE
+
+    return ClosingStreamingResponse(frames())
+
+
+def answer_text(choice: Any) -> str:
+    """What the guard reads of a non-streamed choice: its reasoning, content and tool calls, as text."""
+    message = choice.message
+    parts = [message.reasoning_content or "", message.content or ""]
+    for call in message.tool_calls or []:
+        parts.append(f"{call.function.name}({call.function.arguments})")
+    return "\n\n".join(p for p in parts if p)
+
+
+async def review_answer(plan: "ChatPlan", body: "ChatCompletionResponse") -> "ChatCompletionResponse":
+    """Judges each choice of a finished, non-streamed answer; blocked choices become the refusal."""
+    from qwenstack.serving.protocol import AssistantMessage
+
+    context: GuardContext | None = getattr(plan, "guard", None)
+    if context is None:
+        return body
+    decisions = await asyncio.gather(*(context.rails.check_answer(context.messages, answer_text(c))
+                                       for c in body.choices))
+    for choice, decision in zip(body.choices, decisions):
+        context.answers[choice.index] = decision
+        if decision.blocked:
+            choice.message = AssistantMessage(content=REFUSAL_MESSAGE)
+            choice.finish_reason = CONTENT_FILTER
+            choice.logprobs = None
+        setattr(choice, "qwenstack_guard", decision.to_dict())
+    body.qwenstack_guard = context.annotation()  # type: ignore[attr-defined]
+    return body
+
+
+def moderate_outputs(plan: "ChatPlan", outputs: Any) -> Any:
+    """The engine outputs of a streamed answer under stream moderation (unchanged without a guard).
+    A cut closes `outputs`, which aborts the engine request."""
+    context: GuardContext | None = getattr(plan, "guard", None)
+    if context is None:
+        return outputs
+
+    async def abort() -> None:
+        close = getattr(outputs, "aclose", None)
+        if close is not None:
+            await close()
+
+    return context.rails.moderate_stream(outputs, context.messages, plan.params.n, context.report, on_cut=abort)
+
+
+def guard_chunk(plan: "ChatPlan", base: dict[str, Any]) -> str | None:
+    """The SSE chunk that carries the verdict after the choices finish (None without a guard)."""
+    context: GuardContext | None = getattr(plan, "guard", None)
+    if context is None:
+        return None
+    return sse({**base, "choices": [], "qwenstack_guard": context.annotation()})
+
+
+# --- POST /v1/moderations -------------------------------------------------------------------------------
+
+
+class ModerationRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    input: str | list[Any] | None = None
+    messages: list[dict[str, Any]] | None = None
+    model: str | None = None
+
+
+def _conversation_direction(messages: list[dict[str, Any]]) -> Direction:
+    roles = [m.get("role") for m in messages if m.get("role") in ("user", "assistant")]
+    if not roles:
+        raise bad_request("a conversation to moderate needs a user or assistant message", param="messages")
+    return Direction.ANSWER if roles[-1] == "assistant" else Direction.PROMPT
+
+
+def moderation_items(body: ModerationRequest) -> list[tuple[list[dict[str, Any]], Direction]]:
+    """(conversation, direction) per result, from the request's input or messages."""
+    if body.messages is not None:
+        if not all(isinstance(m, dict) for m in body.messages):
+            raise bad_request("messages must be a list of chat messages", param="messages")
+        return [(body.messages, _conversation_direction(body.messages))]
+    value = body.input
+    if value is None:
+        raise bad_request("give `input` (a string or a list of strings) or `messages`", param="input")
+    if isinstance(value, str):
+        return [([{"role": "user", "content": value}], Direction.PROMPT)]
+    if not value:
+        raise bad_request("input is an empty list", param="input")
+    if all(isinstance(v, str) for v in value):
+        if len(value) > MAX_INPUTS:
+            raise bad_request(f"at most {MAX_INPUTS} inputs per request, got {len(value)}", param="input")
+        return [([{"role": "user", "content": v}], Direction.PROMPT) for v in value]
+    if all(isinstance(v, dict) and "role" in v for v in value):  # a chat conversation
+        return [(value, _conversation_direction(value))]
+    if all(isinstance(v, dict) and "type" in v for v in value):  # OpenAI's multimodal input: one input
+        if any(v.get("type") != "text" for v in value):
+            raise bad_request("only text inputs can be moderated here", param="input", code="unsupported_content")
+        text = "\n".join(str(v.get("text", "")) for v in value)
+        return [([{"role": "user", "content": text}], Direction.PROMPT)]
+    raise bad_request("input must be a string, a list of strings, a list of {type: text} parts or a list of chat "
+                      "messages", param="input")
+
+
+def moderation_result(decision: Decision) -> dict[str, Any]:
+    verdict = decision.verdict
+    named = set(verdict.categories) if verdict.safety is not Safety.SAFE else set()
+    score = verdict.score if verdict.score is not None else 1.0
+    names = list(CATEGORIES) + [c for c in verdict.categories if c not in CATEGORIES]
+    return {
+        "flagged": decision.flagged,
+        "categories": {c: c in named for c in names},
+        "category_scores": {c: (score if c in named else 0.0) for c in names},
+        "safety": verdict.safety.value,
+        "category_names": list(verdict.categories),
+        "refusal": None if verdict.refusal is None else verdict.refusal.value,
+        "action": decision.action.value,
+        "direction": decision.direction.value,
+    }
+
+
+@router.post("/v1/moderations")
+async def create_moderation(request: Request) -> dict[str, Any]:
+    rails = guardrails_of(request)
+    if rails is None:
+        raise APIError(404, "this server has no guard model (start it with --guard GUARD_MODEL)",
+                       code="guard_not_configured")
+    body = parse(ModerationRequest, await read_json(request))
+    items = moderation_items(body)
+    start = time.monotonic()
+    decisions = await asyncio.gather(*(rails.check(messages, direction) for messages, direction in items))
+    log.debug("moderated %d input(s) in %.3f s", len(items), time.monotonic() - start)
+    return {"id": f"modr-{uuid.uuid4().hex}", "model": rails.name,
+            "results": [moderation_result(d) for d in decisions]}
