@@ -64,7 +64,9 @@ def stream_guard(tmp_path_factory: pytest.TempPathFactory) -> GuardStream:
     flagged = set(tok.encode(MARKER).ids) - set(tok.encode(ANSWER.replace(MARKER, "")).ids)
     assert flagged
     path = build_flagging_stream(tmp_path_factory.mktemp("stream"), sorted(flagged))
-    return GuardStream.load(path, dtype=torch.float32)
+    guard = GuardStream.load(path, dtype=torch.float32)
+    guard.source = path  # type: ignore[attr-defined]
+    return guard
 
 
 @pytest.fixture(scope="module")
@@ -262,10 +264,14 @@ def test_guard_metrics(server: BackgroundServer, gens: dict[str, GenGuard]) -> N
     assert 'guard="stream"' in text  # from the streamed test above (per checked chunk)
 
 
-def test_guard_model_from_server_config(main_model: ScriptedCheckpoint, tmp_path: Path) -> None:
-    """`qwenstack serve MODEL --guard GUARD` path: the guard named in ServerConfig loads when the app starts."""
+def test_guard_models_from_server_config(main_model: ScriptedCheckpoint, stream_guard: GuardStream,
+                                        tmp_path: Path) -> None:
+    """`qwenstack serve MODEL --guard GEN --guard-stream STREAM`: the guards named in ServerConfig load (in
+    bfloat16, as served) when the app starts; /health waits for them."""
     guard = build_gen_guard(tmp_path / "guard", UNSAFE_VIOLENT)
-    config = ServerConfig(enable_ui=False, guard_model=str(guard.path), guard_policy="prompt.unsafe=flag")
+    config = ServerConfig(enable_ui=False, guard_model=str(guard.path),
+                          guard_stream_model=str(stream_guard.source),  # type: ignore[attr-defined]
+                          guard_policy="prompt.unsafe=flag")
     app = create_app([tiny_served_model(main_model.path, "main")], config)
     with BackgroundServer(app) as srv:
         deadline = time.monotonic() + 60
@@ -277,6 +283,9 @@ def test_guard_model_from_server_config(main_model: ScriptedCheckpoint, tmp_path
         body = chat(srv)  # the prompt is only flagged; the answer (Unsafe too) is blocked
         assert body["choices"][0]["finish_reason"] == "content_filter"
         assert body["qwenstack_guard"]["direction"] == "answer"
+        chunks = chat_stream(srv)  # streamed: the Stream guard cuts it at the marker
+        assert finish_reasons(chunks) == ["content_filter"] and MARKER not in streamed_content(chunks)
+        assert streamed_content(chunks) and ANSWER.startswith(streamed_content(chunks))
 
 
 def test_bad_policy_fails_at_startup() -> None:
