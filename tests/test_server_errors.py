@@ -184,6 +184,24 @@ def test_disconnect_aborts_and_frees_blocks(server: BackgroundServer) -> None:
     assert 'request_success_total{finished_reason="abort",model_name="tiny"}' in metrics
 
 
+def test_disconnect_while_queued_withdraws_the_request(server: BackgroundServer,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    engine = engine_of(server, "busy")
+    assert wait_idle(engine)
+    gate = threading.Event()
+    real_step = engine.step
+    monkeypatch.setattr(engine, "step", lambda: (gate.wait(30), real_step())[1])
+    before = engine.counters.generation_tokens
+    for path, body in (("/v1/chat/completions", {"messages": MESSAGES, "stream": True}),
+                       ("/v1/completions", {"prompt": "Hi"})):
+        with pytest.raises(httpx.ReadTimeout):  # the engine is held: no first token, so no headers yet
+            httpx.post(server.url + path, json={"model": "busy", **body, **LONG}, timeout=0.3)
+    time.sleep(1.0)  # the server polls for disconnects every 0.5 s
+    gate.set()
+    assert wait_idle(engine)
+    assert engine.counters.generation_tokens - before <= 2  # at most the step that was already under way
+
+
 def test_32_concurrent_streams_one_invalid(server: BackgroundServer) -> None:
     async def one(aclient: openai.AsyncOpenAI, i: int) -> Any:
         content = "word " * 600 if i == 13 else f"Request number {i}"

@@ -337,7 +337,10 @@ async def create_chat_completion(request: Request) -> Response:
         return blocked
     retry = state.config.retry_after_s
     stream = served.engine.generate(plan.prompt_ids, plan.params, request_id=plan.request_id, prompt=plan.prompt)
-    first = await first_output(stream, retry)
+    try:  # a client that leaves while its request waits in the queue withdraws it
+        first = await unless_disconnected(request, first_output(stream, retry))
+    except ClientDisconnected:
+        return Response(status_code=499)
     tracker = state.metrics.track(served.name, arrival)
     outputs = OutputStream(first, stream)
     if chat_request.stream:

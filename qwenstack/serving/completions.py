@@ -214,7 +214,13 @@ async def create_completion(request: Request) -> Response:
     engine_streams = [served.engine.generate(p.ids, plan.params, request_id=f"{plan.request_id}-{i}", prompt=p.text)
                       for i, p in enumerate(plan.prompts)]
     # All prompts are submitted together (one batch), then each one's first output is awaited.
-    firsts = await asyncio.gather(*(first_output(s, retry) for s in engine_streams), return_exceptions=True)
+    try:  # a client that leaves while its prompts wait in the queue withdraws them
+        firsts = await unless_disconnected(request, asyncio.gather(
+            *(first_output(s, retry) for s in engine_streams), return_exceptions=True))
+    except ClientDisconnected:
+        for stream in engine_streams:
+            await stream.aclose()  # type: ignore[attr-defined]
+        return Response(status_code=499)
     streams = [OutputStream(f, s) for f, s in zip(firsts, engine_streams) if isinstance(f, RequestOutput)]
     refused = next((f for f in firsts if isinstance(f, BaseException)), None)
     if refused is not None:
