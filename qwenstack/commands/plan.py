@@ -1,0 +1,69 @@
+"""`qwenstack plan MODEL`: parameters, memory, KV cache and expected decode speed from config.json alone."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from qwenstack.commands import Command
+from qwenstack.commands._common import positive_int
+
+EPILOG = """examples:
+  qwenstack plan Qwen/Qwen3-235B-A22B --context 262144 --quantization int4
+  qwenstack plan qwen3-1t-hypothetical --context 262144          # a documented hypothetical 1T MoE
+  qwenstack plan ./Qwen3-0.6B --quantization int8                # measures a short decode too
+  qwenstack plan path/to/config.json --context 32768 --concurrency 8 --json plan.json
+
+MODEL is a config.json file, a model folder, a model id in the local Hugging Face cache, or a published
+Qwen3 name from qwenstack's table (no download, no weights needed). The memory bandwidth is measured once
+(a few seconds) and cached in ~/.cache/qwenstack/bandwidth.json ($QWENSTACK_CACHE_DIR moves it;
+$QWENSTACK_BANDWIDTH_GBS sets it)."""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = EPILOG
+    parser.add_argument("model", help="config file, model folder, cached model id or published name")
+    parser.add_argument("--context", type=positive_int, default=None,
+                        help="tokens of context per sequence (default: the config's max_position_embeddings)")
+    parser.add_argument("--concurrency", type=positive_int, default=1, help="sequences held at once (default: 1)")
+    parser.add_argument("--quantization", default=None, metavar="FORMAT",
+                        help="weight format to plan for: int8, int4, int4-g32, fp8, float32 (default: bfloat16)")
+    parser.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16",
+                        help="activation and KV cache dtype (default: bfloat16)")
+    parser.add_argument("--no-measure", action="store_true",
+                        help="do not run a short decode even when the weights are present")
+    parser.add_argument("--no-bandwidth", action="store_true", help="skip the bandwidth figures and speed estimates")
+    parser.add_argument("--refresh-bandwidth", action="store_true", help="measure the bandwidth again")
+    parser.add_argument("--json", type=Path, default=None, metavar="OUT", help="also write the plan as JSON")
+
+
+def run(args: argparse.Namespace) -> int:
+    from qwenstack.bandwidth import cpu_bandwidth, gpu_bandwidth
+    from qwenstack.planner import find_config, make_plan, measure_decode
+
+    source = find_config(args.model)
+    bandwidth = gpu = None
+    if not args.no_bandwidth:
+        bandwidth = cpu_bandwidth(refresh=args.refresh_bandwidth)
+        gpu = gpu_bandwidth(refresh=args.refresh_bandwidth)
+    plan = make_plan(source, args.context, args.concurrency, args.quantization, args.dtype, bandwidth, gpu)
+    measurable = source.has_weights and plan.weights[plan.quantization].memory * 1.3 < plan.memory.ram_available
+    if measurable and not args.no_measure:
+        assert source.model_dir is not None
+        quantization = None if plan.quantization == args.dtype else plan.quantization
+        print(f"measuring a short decode of {source.model_dir} ...", file=sys.stderr, flush=True)
+        plan.measured_tok_s, plan.measured_context = measure_decode(source.model_dir, quantization, args.dtype)
+        if bandwidth is not None:  # an estimate at the context the measurement ran at, to set beside it
+            at_measured = make_plan(source, plan.measured_context, 1, args.quantization, args.dtype, bandwidth,
+                                    memory=plan.memory, short_context=plan.measured_context).speeds
+            plan.speeds = sorted({s.context: s for s in plan.speeds + at_measured}.values(), key=lambda s: s.context)
+    print(plan.format())
+    if args.json is not None:
+        args.json.write_text(json.dumps(plan.to_dict(), indent=2, default=str) + "\n", encoding="utf-8")
+        print(f"wrote {args.json}", file=sys.stderr)
+    return 0
+
+
+COMMANDS = [Command("plan", "Estimate what a model needs (memory, KV cache) and how fast it decodes here",
+                    add_arguments, run, order=65)]
