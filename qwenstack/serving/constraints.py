@@ -2,9 +2,9 @@
 or a forced tool call (tool_choice "required" or a named function).
 
 Decisions:
-- The grammars come from `qwenstack.serving.structured` (xgrammar) and the budget from
+- The grammars come from `qwenstack.serving.structured` (llguidance) and the budget from
   `qwenstack.serving.thinking`; both are imported only when a request asks for them, so the server starts
-  without paying for xgrammar. Invalid schemas or tool choices raise RequestError there (a 400 here).
+  without paying for llguidance. Invalid schemas or tool choices raise RequestError there (a 400 here).
 - The grammar applies to the answer, not to the thinking: the processors are told whether the model may
   open a think block (thinking on, Qwen3 templates up to 2507) or starts inside one (the prompt ends with
   `<think>\\n`), as vLLM applies grammars after the reasoning.

@@ -1,15 +1,28 @@
-"""Structured output: OpenAI `response_format` and forced tool calls, enforced token by token with xgrammar.
+"""Structured output: OpenAI `response_format` and forced tool calls, enforced token by token with llguidance.
 
     processor = make_json_processor(tokenizer, {"type": "json_schema", "json_schema": {"name": "x", "schema": {...}}})
     SamplingParams(..., logits_processors=[processor])        # one processor per generated sequence
 
 Decisions:
+- llguidance (a Rust core with no Python dependencies) rather than xgrammar, which needs transformers and triton
+  at runtime. Its `llguidance.torch` helpers are not used: importing them costs seconds (torch.compile), and
+  the mask is a few shifts here.
 - The grammar's vocabulary comes from the tokenizer itself (`tokenizers` vocabulary, byte-level for Qwen3), not
-  from transformers. Special tokens (<|im_start|>, <|endoftext|>, ...) are given no text, so the grammar never
-  allows them; the eos ids are the grammar's stop tokens, allowed only once the grammar is complete. Logits rows
-  longer than the vocabulary (lm_head padding) have the extra ids masked.
-- Compiled grammars are cached per tokenizer and per (kind, schema, options); a processor holds only its matcher,
-  so creating one per request is cheap after the first.
+  from transformers: each token's bytes go to llguidance through its TokenizerWrapper protocol. (Its own
+  tokenizer.json loader marks every added token special; Qwen3's `<think>` and `<tool_call>` are added but not
+  special, and must stay text the grammar can match.) Special tokens (<|im_start|>, <|endoftext|>, ...) are
+  never named by a grammar, so never allowed; the eos ids are the grammar's stop tokens, allowed only once the
+  grammar is complete. Logits rows longer than the vocabulary (lm_head padding) have the extra ids masked.
+- Schemas are enforced with xgrammar's "strict mode", which this module always had: an object schema that
+  declares properties (or required keys) admits no other keys, and prefixItems without items no more items,
+  unless the schema says otherwise; a bare {"type": "object"} stays any object. Whitespace is free inside the
+  JSON and not allowed around it; properties come in schema order; oneOf is read as anyOf and keywords
+  llguidance cannot enforce are ignored (lenient), as xgrammar ignored them.
+- A grammar is a Lark grammar (the think block, the tool-call frame) that references each JSON schema as a named
+  sub-grammar (`@answer`, `@arguments_0`, ...); each schema is first checked on its own so that an invalid one
+  is reported without Lark positions. Compiled grammars (a matcher in its start state) are cached per
+  tokenizer and per (kind, schema, options); a processor holds a deep copy of one, so creating one per request
+  is cheap after the first.
 - A processor is per sequence. It receives the full output each call and feeds the matcher only the tokens added
   since its last call; if the list is not a continuation of what it saw (a reused processor, a recomputed
   sequence), it replays from the start. A token the grammar rejects (another processor forced it) turns the
@@ -24,11 +37,10 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import threading
 import weakref
 from collections import OrderedDict
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
@@ -42,74 +54,133 @@ TOOL_CALL_PREFIX = '<tool_call>\n{"name": '
 TOOL_CALL_ARGUMENTS = ', "arguments": '
 TOOL_CALL_SUFFIX = "}\n</tool_call>"
 THINK_START, THINK_END = "<think>", "</think>"
-AFTER_THINK_WHITESPACE = r"[ \t\r\n]{0,8}"
 MAX_CACHED_GRAMMARS = 128
+# llguidance's JSON options: any whitespace inside the value (none around it), "," and ":" as separators,
+# oneOf read as anyOf, keywords it cannot enforce ignored rather than refused.
+JSON_OPTIONS = {"whitespace_flexible": True, "coerce_one_of": True, "lenient": True,
+                "json_allow_general_unicode_escapes": True}
 
 
 class StructuredOutputError(RequestError):
     """A response_format, tool list or tool_choice that cannot be turned into a grammar."""
 
 
-def _xgr() -> Any:
-    import xgrammar  # imported on first use: the server starts without paying for it
+def _llg() -> Any:
+    import llguidance  # imported on first use: the server starts without paying for it
 
-    return xgrammar
+    return llguidance
 
 
-def _clean_xgrammar_message(exc: Exception) -> str:
-    # xgrammar's C++ errors start with "[time] /path/file.cc:line: " and sometimes "Check failed: (...) is false: ".
-    text = re.sub(r"^\[[\d:]+\]\s+\S+:\d+:\s*", "", str(exc).strip())
-    text = re.sub(r"^Check failed: \(.*?\) is false:\s*", "", text)
-    return text.splitlines()[0] if text else type(exc).__name__
+def _clean_message(text: Any) -> str:
+    # llguidance's messages can span lines (a regex error draws a caret under the pattern): one line.
+    lines = [line.strip() for line in str(text).strip().splitlines() if line.strip()]
+    return " ".join(lines) if lines else "unknown error"
+
+
+def _byte_level_chars() -> dict[str, int]:
+    """GPT-2's byte-level alphabet: the character each byte is written as in a byte-level BPE vocabulary."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1),
+                 *range(ord("\xae"), ord("\xff") + 1)]
+    chars = {b: chr(b) for b in printable}
+    for n, b in enumerate(b for b in range(256) if b not in chars):
+        chars[b] = chr(256 + n)
+    return {c: b for b, c in chars.items()}
+
+
+def _piece_decoder(backend: Any) -> Callable[[str], bytes]:
+    """Vocabulary entry -> the bytes it stands for, by the tokenizer's decoder (byte-level, byte-fallback, raw)."""
+    from tokenizers import decoders
+
+    spec: Any = None
+    if not isinstance(backend.decoder, decoders.ByteLevel):
+        spec = json.loads(backend.to_str()).get("decoder") or {}
+    text = json.dumps(spec)
+    if spec is None or '"ByteLevel"' in text:
+        chars = _byte_level_chars()
+
+        def byte_level(piece: str) -> bytes:
+            try:
+                return bytes(chars[c] for c in piece)
+            except KeyError:
+                return piece.encode()
+
+        return byte_level
+    if '"ByteFallback"' in text or '"Metaspace"' in text:
+        def sentencepiece(piece: str) -> bytes:
+            if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+                return bytes([int(piece[3:5], 16)])
+            return piece.replace("\u2581", " ").encode()
+
+        return sentencepiece
+    return str.encode
+
+
+class _Vocabulary:
+    """The tokenizer as llguidance's TokenizerWrapper protocol describes it: each id's bytes, the special ids
+    (never matched as text), eos, and a tokenize function."""
+
+    is_tokenizer_wrapper = True
+    bos_token_id = None
+
+    def __init__(self, tokenizer: Tokenizer, stop: list[int]) -> None:
+        backend = tokenizer.backend
+        size = tokenizer.vocab_size
+        to_bytes = _piece_decoder(backend)
+        tokens: list[bytes | None] = [None] * size
+        for piece, i in backend.get_vocab(with_added_tokens=False).items():
+            if i < size:
+                tokens[i] = to_bytes(piece)
+        special = set(stop)
+        for i, added in backend.get_added_tokens_decoder().items():
+            if i < size:
+                tokens[i] = added.content.encode()  # added tokens are stored as their text
+                if added.special:
+                    special.add(i)
+        for i, token in enumerate(tokens):
+            if token is None:  # a hole in the ids: a special token no grammar names
+                tokens[i] = f"<|unused_{i}|>".encode()
+                special.add(i)
+        self.tokens: list[bytes] = tokens  # type: ignore[assignment]
+        self.special_token_ids = sorted(special)
+        self.eos_token_id = stop[0]
+        self._backend = backend
+
+    def __call__(self, text: str | bytes) -> list[int]:
+        if isinstance(text, bytes):
+            text = text.decode("utf-8", errors="replace")
+        return self._backend.encode(text, add_special_tokens=False).ids
 
 
 class _GrammarCache:
-    """The tokenizer as xgrammar sees it, its compiler, and an LRU of compiled grammars."""
+    """The tokenizer as llguidance sees it, and an LRU of compiled grammars (matchers in their start state)."""
 
     def __init__(self, tokenizer: Tokenizer) -> None:
-        xgr = _xgr()
-        backend = tokenizer.backend
+        llg = _llg()
         self.vocab_size = tokenizer.vocab_size
-        encoded = [""] * self.vocab_size
-        for text, i in backend.get_vocab(with_added_tokens=True).items():
-            if i < self.vocab_size:
-                encoded[i] = text
-        for i, added in backend.get_added_tokens_decoder().items():
-            if added.special and i < self.vocab_size:
-                encoded[i] = ""  # no text: the grammar never allows it (stop tokens are handled apart)
         stop = [i for i in tokenizer.eos_token_ids if i < self.vocab_size]
         if not stop:
             raise StructuredOutputError("structured output needs an end-of-sequence token, and this tokenizer has none")
-        self.info = xgr.TokenizerInfo(encoded, _vocab_type(backend), vocab_size=self.vocab_size, stop_token_ids=stop)
-        self.compiler = xgr.GrammarCompiler(self.info, max_threads=1)
+        self.eos_ids = frozenset(stop)
+        self.tokenizer = llg.LLTokenizer(_Vocabulary(tokenizer, stop), eos_token=stop)
         self.compiled: OrderedDict[str, Any] = OrderedDict()
         self.lock = threading.Lock()
 
-    def get(self, key: str, compile_fn: Any) -> Any:
+    def get(self, key: str, grammar_fn: Callable[[], str]) -> Any:
         with self.lock:
             if key in self.compiled:
                 self.compiled.move_to_end(key)
                 return self.compiled[key]
-        try:
-            grammar = compile_fn(self.compiler)
-        except (RuntimeError, ValueError, TypeError) as exc:
-            raise StructuredOutputError(f"invalid schema: {_clean_xgrammar_message(exc)}") from None
+        llg = _llg()
+        matcher = llg.LLMatcher(self.tokenizer, grammar_fn(), log_level=0)
+        if matcher.is_error():
+            raise StructuredOutputError(f"invalid schema: {_clean_message(matcher.get_error())}")
+        for warning in matcher.get_grammar_warnings():
+            log.info("structured output grammar: %s", warning)
         with self.lock:
-            self.compiled[key] = grammar
+            self.compiled[key] = matcher
             while len(self.compiled) > MAX_CACHED_GRAMMARS:
                 self.compiled.popitem(last=False)
-        return grammar
-
-
-def _vocab_type(backend: Any) -> Any:
-    from tokenizers import decoders
-
-    xgr = _xgr()
-    if isinstance(backend.decoder, decoders.ByteLevel):
-        return xgr.VocabType.BYTE_LEVEL
-    if "ByteFallback" in json.dumps(json.loads(backend.to_str()).get("decoder")):
-        return xgr.VocabType.BYTE_FALLBACK
-    return xgr.VocabType.RAW
+        return matcher
 
 
 _CACHES: dict[int, _GrammarCache] = {}
@@ -134,38 +205,45 @@ class GrammarLogitsProcessor:
     """Masks every token the grammar does not allow next (eos only once the grammar is complete)."""
 
     def __init__(self, compiled: Any, cache: _GrammarCache, description: str) -> None:
-        xgr = _xgr()
-        self._xgr = xgr
-        self.compiled = compiled
-        self.matcher = xgr.GrammarMatcher(compiled)
+        self.compiled = compiled  # the cached matcher in its start state; never advanced itself
+        self.matcher = compiled.deep_copy()
         self.description = description
-        self._bitmask = xgr.allocate_token_bitmask(1, cache.vocab_size)
         self._vocab_size = cache.vocab_size
+        self._eos = cache.eos_ids
+        self._bitmask = torch.zeros((cache.vocab_size + 31) // 32, dtype=torch.int32)
         self._seen = 0  # output tokens fed to the matcher
         self._last: int | None = None
+        self._terminated = False  # the matcher took an eos
         self.disabled = False
 
     def _advance(self, output_token_ids: Sequence[int]) -> None:
         n = len(output_token_ids)
         if n < self._seen or (self._seen and output_token_ids[self._seen - 1] != self._last):
-            self.matcher.reset()  # not the continuation of what we saw: replay
-            self._seen, self.disabled = 0, False
+            self.matcher = self.compiled.deep_copy()  # not the continuation of what we saw: replay
+            self._seen, self.disabled, self._terminated = 0, False, False
         for token in output_token_ids[self._seen :]:
-            if self.disabled or self.matcher.is_terminated():
+            if self.disabled or self._terminated:
                 break  # after eos (ignore_eos) nothing is constrained any more
-            if not self.matcher.accept_token(token):
+            if not 0 <= token < self._vocab_size or not self.matcher.consume_token(token):
                 log.warning("token %d breaks the %s grammar (forced by another processor?); no longer constraining",
                             token, self.description)
                 self.disabled = True
+            elif token in self._eos:
+                self._terminated = True
         self._seen = n
         self._last = output_token_ids[-1] if n else None
 
     def __call__(self, output_token_ids: list[int], logits: torch.Tensor) -> torch.Tensor:
         self._advance(output_token_ids)
-        if self.disabled or self.matcher.is_terminated():
+        if self.disabled or self._terminated:
             return logits
-        self.matcher.fill_next_token_bitmask(self._bitmask)
-        allowed = _unpack(self._bitmask[0], self._vocab_size).to(logits.device)
+        self.matcher.unsafe_compute_mask_ptr(self._bitmask.data_ptr(), self._bitmask.numel() * 4)
+        if self.matcher.is_error():  # a parser limit hit while computing the mask
+            log.warning("the %s grammar failed (%s); no longer constraining", self.description,
+                        _clean_message(self.matcher.get_error()))
+            self.disabled = True
+            return logits
+        allowed = _unpack(self._bitmask, self._vocab_size).to(logits.device)
         n = min(self._vocab_size, logits.shape[-1])
         logits[:n].masked_fill_(~allowed[:n], float("-inf"))
         logits[n:] = float("-inf")  # lm_head padding past the tokenizer's vocabulary
@@ -173,7 +251,7 @@ class GrammarLogitsProcessor:
 
     @property
     def is_completed(self) -> bool:
-        return bool(self.matcher.is_completed())
+        return self._terminated or bool(self.matcher.is_accepting())
 
 
 _SHIFTS = torch.arange(32, dtype=torch.int32)
@@ -184,38 +262,94 @@ def _unpack(bitmask_row: torch.Tensor, vocab_size: int) -> torch.Tensor:
     return ((bitmask_row.unsqueeze(-1) >> _SHIFTS) & 1).flatten()[:vocab_size].bool()
 
 
-def _think_prefix(thinking: bool, starts_in_reasoning: bool) -> list[Any]:
-    """Structural-tag elements for an optional (or, when pre-filled, mandatory) leading think block."""
-    if not thinking and not starts_in_reasoning:
-        return []
-    from xgrammar.structural_tag import AnyTextFormat, OptionalFormat, RegexFormat, SequenceFormat, TagFormat
+# ---- grammars: a Lark top level, with each JSON schema a named sub-grammar it references as @name
 
-    block = TagFormat(begin="" if starts_in_reasoning else THINK_START,
-                      content=AnyTextFormat(excludes=[THINK_START]), end=THINK_END)
-    element = SequenceFormat(elements=[block, RegexFormat(pattern=AFTER_THINK_WHITESPACE)])
-    return [element] if starts_in_reasoning else [OptionalFormat(content=element)]
+def _lark_string(text: str) -> str:
+    return json.dumps(text)  # a Lark string literal: JSON's escapes are Lark's
+
+
+def _think_rules(thinking: bool, starts_in_reasoning: bool) -> tuple[str, str]:
+    """(what `start` opens with, the rules it needs) for an optional (or, when pre-filled, mandatory) leading
+    think block: `<think>` (unless pre-filled), text without `<think>`/`</think>`, `</think>`, then up to 8
+    whitespace characters."""
+    if not thinking and not starts_in_reasoning:
+        return "", ""
+    opening = "" if starts_in_reasoning else _lark_string(THINK_START) + " "
+    rules = (f"THINK: {opening}THINK_TEXT {_lark_string(THINK_END)}\n"
+             "THINK_TEXT: /(?s:.*)/ & ~/(?s:.*<\\/?think>.*)/\n"
+             "AFTER_THINK: /[ \\t\\r\\n]{1,8}/\n")
+    return ("THINK AFTER_THINK? " if starts_in_reasoning else "(THINK AFTER_THINK?)? "), rules
+
+
+def _top_level(lark: str, schemas: Mapping[str, Any]) -> str:
+    """llguidance's grammar JSON: the Lark grammar first, then the schemas it references by name."""
+    grammars: list[dict[str, Any]] = [{"lark_grammar": lark}]
+    grammars += [{"name": name, "json_schema": schema} for name, schema in schemas.items()]
+    return json.dumps({"grammars": grammars})
+
+
+def _checked_schema(schema: Any) -> dict[str, Any]:
+    """The schema with llguidance's JSON options, checked on its own (so its errors carry no Lark positions)."""
+    if schema is True:
+        schema = {}
+    elif schema is False:
+        raise StructuredOutputError("invalid schema: the schema `false` admits no value")
+    body = {**schema, "x-guidance": JSON_OPTIONS}
+    llg = _llg()
+    try:
+        error = llg.LLMatcher.validate_grammar(llg.LLMatcher.grammar_from_json_schema(json.dumps(body)))
+    except (ValueError, TypeError) as exc:
+        error = str(exc)
+    if error:
+        raise StructuredOutputError(f"invalid schema: {_clean_message(error)}")
+    return body
 
 
 _NOT_SCHEMAS = frozenset({"const", "enum", "default", "examples"})  # values, not subschemas
+_SCHEMA_MAPS = frozenset({"properties", "patternProperties", "$defs", "definitions", "dependentSchemas"})
+_SCHEMA_LISTS = frozenset({"anyOf", "oneOf", "allOf", "prefixItems"})
+_OBJECT_KEYWORDS = ("properties", "patternProperties", "required")
 
 
-def _json_safe_schema(node: Any, string_context: bool = False) -> Any:
-    """xgrammar 0.2's grammar for strings with minLength/maxLength admits raw control characters, which JSON
-    forbids; an equivalent pattern (applied to the decoded string) does not. Rewrites those strings."""
-    if isinstance(node, list):
-        return [_json_safe_schema(x) for x in node]
+def _strict_schema(node: Any, in_all_of: bool = False) -> Any:
+    """xgrammar's strict mode, which this module enforced before llguidance: an object schema with properties,
+    patternProperties or required keys admits no undeclared key unless additionalProperties or
+    unevaluatedProperties says so (required keys not in properties become declared, any value); prefixItems
+    without items admit no more items; object keywords without a type mean an object. A bare
+    {"type": "object"} stays any object. Members of allOf are left open (they are intersected)."""
     if not isinstance(node, Mapping):
         return node
-    out = {k: (v if k in _NOT_SCHEMAS else _json_safe_schema(v, k == "propertyNames")) for k, v in node.items()}
-    lengths = [out.get("minLength"), out.get("maxLength")]
-    is_string = out.get("type") == "string" or (string_context and "type" not in out)
-    if (is_string and any(isinstance(n, int) and not isinstance(n, bool) for n in lengths)
-            and not {"pattern", "format", "enum", "const"} & out.keys()):
-        low = lengths[0] if isinstance(lengths[0], int) else 0
-        high = lengths[1] if isinstance(lengths[1], int) else ""
-        out.pop("minLength", None)
-        out.pop("maxLength", None)
-        out["pattern"] = "^[^\\x00-\\x1f]{%d,%s}$" % (low, high)
+    out: dict[str, Any] = {}
+    for key, value in node.items():
+        if key in _NOT_SCHEMAS:
+            out[key] = value
+        elif key in _SCHEMA_MAPS and isinstance(value, Mapping):
+            out[key] = {name: _strict_schema(sub) for name, sub in value.items()}
+        elif key in _SCHEMA_LISTS and isinstance(value, list):
+            out[key] = [_strict_schema(sub, key == "allOf") for sub in value]
+        elif isinstance(value, Mapping):
+            out[key] = _strict_schema(value)
+        elif key == "items" and isinstance(value, list):  # draft 4 tuple form
+            out[key] = [_strict_schema(sub) for sub in value]
+        else:
+            out[key] = value
+    if any(k in out for k in _OBJECT_KEYWORDS):
+        types = out.get("type")
+        if types is None and not {"anyOf", "oneOf", "allOf", "$ref", "enum", "const"} & out.keys():
+            out["type"] = types = "object"
+        is_object = types == "object" or (isinstance(types, list) and "object" in types)
+        if is_object and not in_all_of and not {"additionalProperties", "unevaluatedProperties"} & out.keys():
+            out["additionalProperties"] = False
+            required = out.get("required")
+            properties = out.get("properties")
+            if isinstance(required, list) and (properties is None or isinstance(properties, Mapping)):
+                missing = [k for k in required if isinstance(k, str) and k not in (properties or {})
+                           and not out.get("patternProperties")]
+                if missing:
+                    out["properties"] = {**(properties or {}), **{k: {} for k in missing}}
+    if isinstance(out.get("prefixItems"), list) and "items" not in out and "unevaluatedItems" not in out \
+            and not in_all_of:
+        out["items"] = False
     return out
 
 
@@ -246,7 +380,7 @@ def _schema_of(response_format: Mapping[str, Any]) -> tuple[str, Any]:
             raise StructuredOutputError(f"json_schema.schema is not valid JSON: {exc}") from None
     if not isinstance(schema, (Mapping, bool)):
         raise StructuredOutputError("json_schema.schema must be a JSON Schema object")
-    return "schema", _json_safe_schema(schema)
+    return "schema", schema
 
 
 def make_json_processor(tokenizer: Tokenizer, response_format: Mapping[str, Any], *, thinking: bool = False,
@@ -256,22 +390,16 @@ def make_json_processor(tokenizer: Tokenizer, response_format: Mapping[str, Any]
     With thinking, a leading think block is allowed first (see the module notes)."""
     kind, schema = _schema_of(response_format)
     cache = _cache_for(tokenizer)
-    body = {"type": "object"} if kind == "object" else schema
-    # json_object: any object, extra keys allowed; a schema: xgrammar's strict mode (no undeclared keys).
-    strict = kind != "object"
-    key = json.dumps(["json", body, strict, thinking, starts_in_reasoning], sort_keys=True)
-    prefix = _think_prefix(thinking, starts_in_reasoning)
+    # json_object: any object, extra keys allowed; a schema: strict (no undeclared keys, see _strict_schema).
+    body = {"type": "object"} if kind == "object" else _strict_schema(schema)
+    key = json.dumps(["json", body, thinking, starts_in_reasoning], sort_keys=True)
 
-    def compile_fn(compiler: Any) -> Any:
-        if not prefix:
-            return compiler.compile_json_schema(body, strict_mode=strict)
-        from xgrammar.structural_tag import GrammarFormat, SequenceFormat, StructuralTag
+    def grammar_fn() -> str:
+        checked = _checked_schema(body)
+        opening, rules = _think_rules(thinking, starts_in_reasoning)
+        return _top_level(f"start: {opening}@answer\n{rules}", {"answer": checked})
 
-        grammar = _xgr().Grammar.from_json_schema(body, strict_mode=strict)
-        tag = StructuralTag(format=SequenceFormat(elements=[*prefix, GrammarFormat(grammar=str(grammar))]))
-        return compiler.compile_structural_tag(tag)
-
-    return GrammarLogitsProcessor(cache.get(key, compile_fn), cache, "response_format")
+    return GrammarLogitsProcessor(cache.get(key, grammar_fn), cache, "response_format")
 
 
 def _tool_functions(tools: Sequence[Mapping[str, Any]] | None) -> dict[str, Any]:
@@ -288,7 +416,7 @@ def _tool_functions(tools: Sequence[Mapping[str, Any]] | None) -> dict[str, Any]
             params = {"type": "object"}
         if not isinstance(params, (Mapping, bool)):
             raise StructuredOutputError(f"tools[{i}].function.parameters must be a JSON Schema object")
-        functions[fn["name"]] = _json_safe_schema(params)
+        functions[fn["name"]] = params
     return functions
 
 
@@ -320,17 +448,15 @@ def make_tool_call_processor(tokenizer: Tokenizer, tools: Sequence[Mapping[str, 
     cache = _cache_for(tokenizer)
     key = json.dumps(["tools", [[n, functions[n]] for n in names], parallel_tool_calls, thinking,
                       starts_in_reasoning], sort_keys=True)
-    prefix = _think_prefix(thinking, starts_in_reasoning)
 
-    def compile_fn(compiler: Any) -> Any:
-        from xgrammar.structural_tag import (JSONSchemaFormat, SequenceFormat, StructuralTag, TagFormat,
-                                             TagsWithSeparatorFormat)
+    def grammar_fn() -> str:
+        schemas = {f"arguments_{i}": _checked_schema(_strict_schema(functions[name])) for i, name in enumerate(names)}
+        opening, rules = _think_rules(thinking, starts_in_reasoning)
+        calls = "call (\"\\n\" call)*" if parallel_tool_calls else "call"
+        lark = [f"start: {opening}{calls}", "call: " + " | ".join(f"call_{i}" for i in range(len(names)))]
+        for i, name in enumerate(names):
+            begin = TOOL_CALL_PREFIX + json.dumps(name, ensure_ascii=False) + TOOL_CALL_ARGUMENTS
+            lark.append(f"call_{i}: {_lark_string(begin)} @arguments_{i} {_lark_string(TOOL_CALL_SUFFIX)}")
+        return _top_level("\n".join(lark) + "\n" + rules, schemas)
 
-        tags = [TagFormat(begin=TOOL_CALL_PREFIX + json.dumps(name, ensure_ascii=False) + TOOL_CALL_ARGUMENTS,
-                          content=JSONSchemaFormat(json_schema=functions[name]), end=TOOL_CALL_SUFFIX)
-                for name in names]
-        calls = TagsWithSeparatorFormat(tags=tags, separator="\n", at_least_one=True,
-                                        stop_after_first=not parallel_tool_calls)
-        return compiler.compile_structural_tag(StructuralTag(format=SequenceFormat(elements=[*prefix, calls])))
-
-    return GrammarLogitsProcessor(cache.get(key, compile_fn), cache, "tool call")
+    return GrammarLogitsProcessor(cache.get(key, grammar_fn), cache, "tool call")
