@@ -16,11 +16,14 @@ SHAPES: dict[str, dict[str, Any]] = {
                              num_hidden_layers=4, num_attention_heads=32, num_key_value_heads=4,
                              tie_word_embeddings=False, moe_intermediate_size=768, num_experts=128,
                              num_experts_per_tok=8, norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[]),
-    # Qwen3-Next-80B-A3B with 4 of its 48 layers (3 linear attention + 1 full attention).
+    # Qwen3-Next-80B-A3B with 4 of its 48 layers (3 linear attention + 1 full attention), and 128 of its 512
+    # experts so that transformers and qwenstack fit in 24 GiB side by side. Each token still activates 10
+    # experts of the released size plus the shared expert, so the bytes read per decoded token are the
+    # released model's per-layer figure.
     "qwen3-next-80b-a3b-4l": dict(QWEN3_COMMON, model_type="qwen3_next", hidden_size=2048, intermediate_size=5120,
                                   num_hidden_layers=4, num_attention_heads=16, num_key_value_heads=2, head_dim=256,
                                   tie_word_embeddings=False, moe_intermediate_size=512, shared_expert_intermediate_size=512,
-                                  num_experts=512, num_experts_per_tok=10, norm_topk_prob=True, decoder_sparse_step=1,
+                                  num_experts=128, num_experts_per_tok=10, norm_topk_prob=True, decoder_sparse_step=1,
                                   mlp_only_layers=[], linear_conv_kernel_dim=4, linear_key_head_dim=128,
                                   linear_value_head_dim=128, linear_num_key_heads=16, linear_num_value_heads=32,
                                   full_attention_interval=4, max_position_embeddings=262144,

@@ -1,0 +1,101 @@
+"""Qwen3-Next against transformers on the same checkpoint and machine, and what a sequence holds in memory.
+
+    python benchmarks/make_checkpoint.py qwen3-next-80b-a3b-4l /tmp/bench/qwen3-next-80b-a3b-4l
+    python benchmarks/bench_next.py /tmp/bench/qwen3-next-80b-a3b-4l
+
+- decode tokens/s, single stream and 32 concurrent requests (transformers: one batch of 32);
+- memory held per sequence at 4K and 32K tokens of context: paged KV of the full-attention layers plus
+  the fixed recurrent state of the linear layers, against a Qwen3-MoE of the same width whose layers are
+  all full attention (Qwen3-30B-A3B's attention shape, same layer count). Computed from the sizes the
+  engine allocates (blocks of KV and state slots), which are exact.
+"""
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_engine import hf_generate, make_engine, random_prompt  # noqa: E402
+from common import save, threads  # noqa: E402
+from shapes import SHAPES  # noqa: E402
+
+from qwenstack.engine.params import SamplingParams  # noqa: E402
+from qwenstack.models.registry import build_model, load_model  # noqa: E402
+
+
+def ours_decode_rate(model: Any, prompts: list[list[int]], new_tokens: int) -> float:
+    """Output tokens/s of the decode phase (after every request has its first token)."""
+    engine = make_engine(model, max_num_seqs=len(prompts))
+    for i, p in enumerate(prompts):
+        engine.add_request(str(i), p, SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True))
+    while any(not s.output_token_ids for s in engine.scheduler.running) or engine.scheduler.waiting:
+        engine.step()
+    start, produced = time.perf_counter(), 0
+    while engine.has_unfinished_requests():
+        produced += sum(len(o.outputs[0].delta_token_ids) for o in engine.step())
+    return produced / (time.perf_counter() - start)
+
+
+def hf_decode_rate(hf: Any, prompts: list[list[int]], new_tokens: int) -> float:
+    t = time.perf_counter()
+    hf_generate(hf, prompts, 1)
+    first = time.perf_counter() - t
+    t = time.perf_counter()
+    hf_generate(hf, prompts, new_tokens)
+    total = time.perf_counter() - t
+    return len(prompts) * (new_tokens - 1) / (total - first)
+
+
+def memory_per_sequence(config: dict, dtype: torch.dtype, context: int) -> dict[str, int]:
+    model = build_model(config, "meta")
+    kv = model.kv_cache_spec().bytes_per_token(dtype) * context
+    state = model.state_bytes_per_slot(dtype) if hasattr(model, "state_bytes_per_slot") else 0
+    return {"kv_bytes": kv, "state_bytes": state, "total_bytes": kv + state}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Qwen3-Next vs transformers")
+    parser.add_argument("model_dir", type=Path)
+    parser.add_argument("--new-tokens", type=int, default=24)
+    parser.add_argument("--no-transformers", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(threads())
+    rng = random.Random(0)
+    next_cfg = SHAPES["qwen3-next-80b-a3b-4l"]
+    moe_cfg = dict(SHAPES["qwen3-30b-a3b-4l"], hidden_size=next_cfg["hidden_size"], num_hidden_layers=next_cfg["num_hidden_layers"])
+    results: dict[str, Any] = {"model": "qwen3-next-80b-a3b-4l", "memory_per_sequence": {}}
+    for ctx in (4096, 32768):
+        results["memory_per_sequence"][ctx] = {
+            "qwen3_next": memory_per_sequence(next_cfg, torch.bfloat16, ctx),
+            "qwen3_moe_same_width": memory_per_sequence(moe_cfg, torch.bfloat16, ctx),
+        }
+    print("memory", results["memory_per_sequence"], flush=True)
+    model = load_model(args.model_dir, dtype=torch.bfloat16)
+    vocab = model.args.vocab_size
+    single = [random_prompt(rng, 32, vocab)]
+    batch = [random_prompt(rng, 32, vocab) for _ in range(32)]
+    ours_decode_rate(model, single, 3)  # warm-up
+    results["single_stream"] = {"ours_tok_s": ours_decode_rate(model, single, args.new_tokens)}
+    results["concurrent_32"] = {"ours_tok_s": ours_decode_rate(model, batch, args.new_tokens)}
+    print("ours", results, flush=True)
+    del model
+    if not args.no_transformers:
+        import transformers
+
+        hf = transformers.AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.bfloat16).eval()
+        hf_generate(hf, single, 2)
+        for key, prompts in (("single_stream", single), ("concurrent_32", batch)):
+            theirs = hf_decode_rate(hf, prompts, args.new_tokens)
+            results[key].update(transformers_tok_s=theirs, ratio=results[key]["ours_tok_s"] / theirs)
+    print(results, flush=True)
+    print(save("next-qwen3-next-80b-a3b-4l", results))
+
+
+if __name__ == "__main__":
+    main()

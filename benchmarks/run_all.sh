@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Every benchmark behind benchmarks/RESULTS.md, in one go, on a quiet machine (each writes benchmarks/out/*.json).
+# Checkpoints are random weights of published shapes, written to $BENCH_DIR (about 12 GB).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. .venv/bin/activate
+B=${BENCH_DIR:-/tmp/bench}
+mk() { [ -f "$B/$1/config.json" ] || python benchmarks/make_checkpoint.py "$1" "$B/$1" --tokenizer-from qwenstack/assets/demo-model; }
+mk qwen3-0.6b; mk qwen3-30b-a3b-4l; mk qwen3-next-80b-a3b-4l
+python benchmarks/bench_load_memory.py "$B/qwen3-0.6b" --json benchmarks/out/load-memory-qwen3-0.6b.json
+python benchmarks/bench_engine.py "$B/qwen3-0.6b" --name qwen3-0.6b
+python benchmarks/bench_engine.py "$B/qwen3-30b-a3b-4l" --name qwen3-30b-a3b-4l
+python benchmarks/bench_next.py "$B/qwen3-next-80b-a3b-4l"
+python benchmarks/bench_server.py "$B/qwen3-0.6b"
