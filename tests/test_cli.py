@@ -57,13 +57,14 @@ def test_no_command_prints_help(capsys: pytest.CaptureFixture[str]) -> None:
 def test_registry_builds_groups_from_commands() -> None:
     from qwenstack.commands import Command
 
-    extra = [Command("report", "summarise runs", lambda p: p.add_argument("--x"), lambda a: 7, group="bench"),
-             Command("plan", "plan memory", lambda p: None, lambda a: None)]
+    # Names no real command uses (bench report and plan exist now).
+    extra = [Command("fake-summary", "summarise runs", lambda p: p.add_argument("--x"), lambda a: 7, group="bench"),
+             Command("fake-estimate", "plan memory", lambda p: None, lambda a: None)]
     commands, _ = discover_commands()
     parser = build_parser(commands + extra)
-    args = parser.parse_args(["bench", "report", "--x", "1"])
-    assert args._command.name == "report" and args.x == "1" and args._command.run(args) == 7
-    assert parser.parse_args(["plan"])._command.name == "plan"
+    args = parser.parse_args(["bench", "fake-summary", "--x", "1"])
+    assert args._command.name == "fake-summary" and args.x == "1" and args._command.run(args) == 7
+    assert parser.parse_args(["fake-estimate"])._command.name == "fake-estimate"
     assert parser.parse_args(["bench", "serve"])._command.group == "bench"
 
 
