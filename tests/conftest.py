@@ -2,8 +2,12 @@ import os
 import sys
 from pathlib import Path
 
-import pytest
-import torch
+# Idle OpenMP workers sleep instead of spinning: on 2 shared cores, spinning threads starve the test's
+# own work (measured 3x slower under load); results are unchanged. Must be set before torch loads.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no test may reach a hub
