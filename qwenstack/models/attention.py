@@ -10,6 +10,9 @@ Decisions:
   fresh prompt of the same length (training, equal prefills), one batched call over gathered blocks when
   every sequence decodes one token, and a per-sequence call otherwise (mixed prefill, chunked prefill,
   prefix-cache hits).
+- On CPU the decode step runs the native kernel of qwenstack.kernels, which reads the blocks in place instead
+  of gathering them (the gather copies more bytes per step than the weights); the gather path is its
+  reference and its fallback (kernel build failed, QWENSTACK_DISABLE_KERNELS=1, autograd, other devices).
 """
 from __future__ import annotations
 
@@ -17,6 +20,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from qwenstack import kernels
 
 
 @dataclass
@@ -121,6 +126,8 @@ def _decode_attention(
 ) -> torch.Tensor:
     """One new token per sequence: gather every sequence's blocks into one padded batch, mask the padding."""
     assert batch.block_tables is not None
+    if kernels.use_paged_decode(q, kv_cache):
+        return kernels.paged_decode_attention(q, kv_cache, batch.block_tables, batch.context_lens, scale)
     block_size = kv_cache.shape[2]
     max_blocks = (batch.max_context_len + block_size - 1) // block_size
     tables = batch.block_tables[:, :max_blocks]

@@ -1,0 +1,167 @@
+"""The native CPU paged decode-attention kernel against the torch reference (gather blocks + SDPA): GQA
+ratios, head sizes, block sizes, lengths around block boundaries, shuffled block tables, every cache dtype,
+thread counts, bad tables, the QWENSTACK_DISABLE_KERNELS switch, and greedy decoding of a tiny model with
+the kernel on and off.
+
+The first test in a fresh environment compiles the kernel (a few seconds; cached in torch's extension
+directory afterwards). On Linux x86-64 a kernel that fails to build fails these tests rather than
+skipping them, so CI notices; elsewhere they skip."""
+from __future__ import annotations
+
+import platform
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from qwenstack import kernels
+from qwenstack.generate import greedy_generate
+from qwenstack.models.attention import AttentionBatch, _decode_attention, gather_kv
+from qwenstack.models.registry import load_model
+
+LENGTHS = [1, 15, 16, 17, 300]
+TOLERANCE = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def kernel_built() -> None:
+    if kernels.kernels_disabled():
+        pytest.skip("QWENSTACK_DISABLE_KERNELS is set")
+    if not kernels.paged_decode_available():
+        if sys.platform.startswith("linux") and platform.machine() == "x86_64":
+            pytest.fail("the native CPU attention kernel did not build (see the warning logged above)")
+        pytest.skip("the native CPU attention kernel is not available on this platform")
+
+
+def make_pool(lengths: list[int], kv_heads: int, head_dim: int, block_size: int, dtype: torch.dtype, seed: int = 0,
+              spare_blocks: int = 7) -> tuple[torch.Tensor, torch.Tensor]:
+    """A pool with each sequence's blocks at random places (tables padded with 0, as the engine pads)."""
+    g = torch.Generator().manual_seed(seed)
+    needed = [(n + block_size - 1) // block_size for n in lengths]
+    num_blocks = sum(needed) + spare_blocks
+    pool = torch.randn(2, num_blocks, block_size, kv_heads, head_dim, generator=g).to(dtype)
+    order = torch.randperm(num_blocks, generator=g)
+    tables = torch.zeros(len(lengths), max(needed) + 2, dtype=torch.long)
+    used = 0
+    for i, n in enumerate(needed):
+        tables[i, :n] = order[used:used + n]
+        used += n
+    return pool, tables
+
+
+def reference(
+    q: torch.Tensor, pool: torch.Tensor, tables: torch.Tensor, lengths: list[int], scale: float
+) -> torch.Tensor:
+    """Per sequence: gather its blocks, SDPA in float64 on the same (already rounded) values."""
+    out = []
+    for i, n in enumerate(lengths):
+        k, v = gather_kv(pool, tables[i], n)
+        o = F.scaled_dot_product_attention(
+            q[i, :, None].double(), k.transpose(0, 1).double(), v.transpose(0, 1).double(), scale=scale, enable_gqa=True
+        )
+        out.append(o[:, 0])
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("group", [1, 2, 8])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_matches_reference(dtype: torch.dtype, group: int, head_dim: int) -> None:
+    kv_heads = 2
+    pool, tables = make_pool(LENGTHS, kv_heads, head_dim, 16, dtype)
+    q = torch.randn(len(LENGTHS), kv_heads * group, head_dim).to(dtype)
+    scale = head_dim**-0.5
+    out = kernels.paged_decode_attention(q, pool, tables, LENGTHS, scale)
+    assert out.dtype == dtype and out.shape == q.shape
+    torch.testing.assert_close(out.double(), reference(q, pool, tables, LENGTHS, scale), atol=TOLERANCE[dtype], rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("head_dim", [16, 48, 256])
+def test_other_head_dims(dtype: torch.dtype, head_dim: int) -> None:
+    """Odd multiples of 16 end with a 16-wide tail chunk (the tiny test models use 16; Qwen3-Next 256)."""
+    pool, tables = make_pool(LENGTHS, 2, head_dim, 16, dtype, seed=head_dim)
+    q = torch.randn(len(LENGTHS), 6, head_dim).to(dtype)
+    out = kernels.paged_decode_attention(q, pool, tables, LENGTHS, head_dim**-0.5)
+    expected = reference(q, pool, tables, LENGTHS, head_dim**-0.5)
+    torch.testing.assert_close(out.double(), expected, atol=TOLERANCE[dtype], rtol=0)
+
+
+@pytest.mark.parametrize("block_size", [1, 4, 7, 32, 33])
+def test_block_sizes(block_size: int) -> None:
+    lengths = [1, block_size - 1 or 1, block_size, block_size + 1, 3 * block_size + 5]
+    pool, tables = make_pool(lengths, 4, 128, block_size, torch.float32, seed=block_size)
+    q = torch.randn(len(lengths), 8, 128)
+    out = kernels.paged_decode_attention(q, pool, tables, lengths, 0.1)
+    torch.testing.assert_close(out.double(), reference(q, pool, tables, lengths, 0.1), atol=2e-5, rtol=0)
+
+
+def test_engine_path_matches_padded_reference(monkeypatch: pytest.MonkeyPatch) -> None:
+    """_decode_attention with the kernel (int32 tables, bf16 cache, float32 queries, Qwen3-0.6B's head
+    shape) against the same call forced onto the gather path."""
+    pool, tables = make_pool(LENGTHS, 8, 128, 16, torch.bfloat16, seed=3)
+    q = torch.randn(len(LENGTHS), 16, 128)
+    batch = AttentionBatch([1] * len(LENGTHS), LENGTHS, block_tables=tables.int(), block_size=16)
+    assert kernels.use_paged_decode(q, pool)
+    out = _decode_attention(q, pool, batch, 128**-0.5, True)
+    monkeypatch.setenv("QWENSTACK_DISABLE_KERNELS", "1")
+    assert not kernels.use_paged_decode(q, pool)
+    batch.block_tables = tables  # the gather path indexes with long tables
+    expected = _decode_attention(q, pool, batch, 128**-0.5, True)
+    torch.testing.assert_close(out, expected, atol=2e-5, rtol=1e-5)
+    with pytest.raises(RuntimeError, match="not available"):
+        kernels.paged_decode_attention(q, pool, tables, LENGTHS, 1.0)
+
+
+def test_strided_pool_int32_and_threads() -> None:
+    """A pool that is a view (every other kv head of a larger one), int32 tables and lengths, and the same
+    result with one thread and with several."""
+    lengths = [300, 5, 64, 1]
+    full, tables = make_pool(lengths, 8, 64, 16, torch.bfloat16, seed=5)
+    pool = full[:, :, :, ::2]
+    assert not pool.is_contiguous()
+    q = torch.randn(len(lengths), 8, 64, dtype=torch.bfloat16)
+    expected = reference(q, pool, tables, lengths, 0.125)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        single = kernels.paged_decode_attention(q, pool, tables.int(), torch.tensor(lengths, dtype=torch.int32), 0.125)
+    finally:
+        torch.set_num_threads(threads)
+    multi = kernels.paged_decode_attention(q, pool, tables, lengths, 0.125)
+    torch.testing.assert_close(single.double(), expected, atol=2e-2, rtol=0)
+    assert torch.equal(single, multi)
+
+
+def test_empty_context_and_bad_tables() -> None:
+    pool, tables = make_pool([20, 20], 2, 32, 16, torch.float32)
+    q = torch.randn(2, 4, 32)
+    out = kernels.paged_decode_attention(q, pool, tables, [0, 20], 1.0)
+    assert torch.equal(out[0], torch.zeros_like(out[0]))
+    bad = tables.clone()
+    bad[1, 1] = pool.shape[1]
+    with pytest.raises(RuntimeError, match="is not a block of the pool"):
+        kernels.paged_decode_attention(q, pool, bad, [20, 20], 1.0)
+    with pytest.raises(RuntimeError, match="does not fit its block table"):
+        kernels.paged_decode_attention(q, pool, tables, [20, 16 * tables.shape[1] + 1], 1.0)
+    with pytest.raises(RuntimeError, match="multiple of kv_heads"):
+        kernels.paged_decode_attention(torch.randn(2, 3, 32), pool, tables, [20, 20], 1.0)
+
+
+def test_greedy_decoding_same_with_and_without_kernel(tiny_qwen3: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    model = load_model(tiny_qwen3, dtype=torch.float32)
+    prompts = [[5, 9, 13], list(range(3, 40)), [7] * 17]
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return kernel(*args, **kwargs)
+
+    kernel = kernels.paged_decode_attention
+    monkeypatch.setattr(kernels, "paged_decode_attention", counted)
+    with_kernel = greedy_generate(model, prompts, 12, block_size=4)
+    assert calls, "the decode steps did not reach the kernel"
+    monkeypatch.setenv("QWENSTACK_DISABLE_KERNELS", "1")
+    assert greedy_generate(model, prompts, 12, block_size=4) == with_kernel
