@@ -247,42 +247,31 @@ def heldout_loss(model: Qwen3ForCausalLM, windows: torch.Tensor) -> float:
 # ---------------------------------------------------------------------------------------------- samples
 
 SAMPLE_PROMPTS = [
-    "Good morrow, friend. What news from the court?",
-    "I love thee, and I would have thee love me too.",
-    "Will you fight for the crown, my lord?",
-    "What is the meaning of life?",
-    "Tell me, where hast thou been all this night?",
+    "Good morrow, what news from the court?",
+    "Where is the king tonight?",
+    "I love thee more than words can tell.",
+    "Shall we fight or fly, my lord?",
+    "Farewell, and think of me.",
 ]
+CHAT_COMMAND = "qwenstack chat {out} --seed 0 --no-think"
 
 
-@torch.inference_mode()
-def sample_reply(model, tokenizer: Tokenizer, message: str, seed: int, max_new_tokens: int = 96,
-                 temperature: float = 0.8, top_p: float = 0.95) -> str:
-    """Seeded temperature/top-p sampling, no KV cache (recomputes the prompt each step: small model)."""
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": message}], add_generation_prompt=True,
-                                           enable_thinking=False)
-    ids = tokenizer.encode(prompt)
-    gen = torch.Generator().manual_seed(seed)
-    eos = set(tokenizer.eos_token_ids)
-    out: list[int] = []
-    for _ in range(max_new_tokens):
-        logits = prompt_logits(model, torch.tensor([ids + out]))[0, -1].float() / temperature
-        probs = torch.softmax(logits, -1)
-        sorted_p, sorted_i = probs.sort(descending=True)
-        keep = sorted_p.cumsum(0) - sorted_p < top_p
-        sorted_p = sorted_p * keep
-        token = sorted_i[torch.multinomial(sorted_p / sorted_p.sum(), 1, generator=gen)].item()
-        if token in eos:
-            break
-        out.append(token)
-    return tokenizer.decode(out, skip_special_tokens=True).strip()
+def chat_transcript(out: Path) -> str:
+    """Five exchanges of one conversation, produced by `qwenstack chat` itself (piped input, fixed seed)."""
+    import subprocess
+    import sys
+
+    script = "\n".join(SAMPLE_PROMPTS) + "\n/exit\n"
+    command = [sys.executable, "-m", "qwenstack", "chat", str(out), "--seed", "0", "--no-think"]
+    result = subprocess.run(command, input=script, capture_output=True, text=True, check=True)
+    return result.stdout.strip()
 
 
 # ---------------------------------------------------------------------------------------------- card
 
-def write_card(out: Path, cfg: TrainConfig, stats: dict, samples: list[tuple[str, str]]) -> None:
-    sample_text = "\n\n".join(f"> **user:** {q}\n>\n> **assistant:**\n" +
-                              "\n".join(f"> {ln}" if ln else ">" for ln in a.splitlines()) for q, a in samples)
+def write_card(out: Path, cfg: TrainConfig, stats: dict, transcript: str) -> None:
+    typed = "\\n".join(SAMPLE_PROMPTS + ["/exit"])  # literal \n separators for printf
+    chat_command = f"printf '{typed}\\n' | " + CHAT_COMMAND.format(out="qwenstack/assets/demo-model")
     card = f"""# qwenstack demo model (Shakespeare chat, {stats['params_m']:.1f}M parameters)
 
 **This is a demo, not a useful assistant.** It is a tiny Qwen3-architecture model that qwenstack ships so
@@ -355,12 +344,16 @@ held-out loss as it trains. Figures from another machine or torch version may di
 
 ## Sample chat exchanges
 
-Produced by `scripts/train_demo_model.py` right after training: each a single user message, rendered
-with the chat template (`enable_thinking=False`), answered by seeded sampling (temperature 0.8, top-p
-0.95, seeds 0 to 4, at most 96 new tokens) through qwenstack's own model code. To be regenerated with
-`qwenstack chat` once that command exists.
+One conversation of five exchanges, produced by `qwenstack chat` with a fixed seed (sampling with the
+model's generation_config.json: temperature 0.8, top-p 0.95; thinking off, as the model was trained):
 
-{sample_text}
+```
+{chat_command}
+```
+
+```
+{transcript}
+```
 """
     (out / "README.md").write_text(card, encoding="utf-8")
 
@@ -460,9 +453,8 @@ def main(argv: list[str] | None = None) -> None:
                                cfg.context_len)
     print(f"held-out (saved bf16 weights, float32 compute): loss {heldout.mean_nll:.4f}, "
           f"perplexity {heldout.perplexity:.3f} over {heldout.num_tokens} predictions", flush=True)
-    samples = [(q, sample_reply(saved, tokenizer, q, seed=i)) for i, q in enumerate(SAMPLE_PROMPTS)]
-    for q, a in samples:
-        print(f"\nuser: {q}\nassistant: {a}", flush=True)
+    transcript = chat_transcript(out)
+    print(transcript, flush=True)
     stats = {
         "params": params, "params_m": params / 1e6, "vocab_size": tokenizer.vocab_size,
         "num_train_plays": len(train_names), "train_conversations": len(train_convs), "train_tokens": train_tokens,
@@ -472,7 +464,7 @@ def main(argv: list[str] | None = None) -> None:
         "tok_s": cfg.steps * cfg.batch_size * cfg.context_len / (train_minutes * 60),
         "heldout_ppl": heldout.perplexity, "heldout_nll": heldout.mean_nll,
     }
-    write_card(out, cfg, stats, samples)
+    write_card(out, cfg, stats, transcript)
     (out / "training_args.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
     print(f"\nwrote {out} in {(time.time() - t_start) / 60:.1f} min", flush=True)
 
