@@ -133,7 +133,12 @@ def plan_load(model: nn.Module, tensors: dict[str, TensorInfo]) -> dict[str, lis
     missing: list[str] = []
     for name, layouts in parameter_sources(model).items():
         present = [sum(s.name in tensors for s in layout) for layout in layouts]
-        best = max(range(len(layouts)), key=lambda i: (present[i] == len(layouts[i]), present[i]))
+        # Layouts may share tensor names and differ only in orientation (fused experts stored transposed or
+        # not): among complete ones, the first whose shapes fit wins.
+        fits = [present[i] == len(layouts[i]) and all(
+                    tuple(tensors[s.name].shape) == _target_shape(params[name].shape, s) for s in layouts[i])
+                for i in range(len(layouts))]
+        best = max(range(len(layouts)), key=lambda i: (present[i] == len(layouts[i]), fits[i], present[i], -i))
         layout = layouts[best]
         lacking = [s.name for s in layout if s.name not in tensors]
         if lacking:

@@ -35,6 +35,7 @@ class _Add:
     params: SamplingParams
     prompt: str | None
     sink: Callable[[RequestOutput | BaseException], None]
+    multimodal: Any = None  # MultimodalInputs: images of a request to a vision-language model
 
 
 @dataclass
@@ -60,10 +61,11 @@ class AsyncEngine:
 
     async def generate(
         self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None,
-        prompt: str | None = None,
+        prompt: str | None = None, multimodal: Any = None,
     ) -> AsyncIterator[RequestOutput]:
         """Yields RequestOutputs (with deltas) until the request finishes. Raises RequestError up front."""
         self.engine.validate(prompt_token_ids, params)
+        self.engine.plan_multimodal(prompt_token_ids, multimodal)
         request_id = request_id or self.new_request_id()
         loop = asyncio.get_running_loop()
         outputs: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
@@ -71,7 +73,7 @@ class AsyncEngine:
         def sink(item: RequestOutput | BaseException) -> None:
             loop.call_soon_threadsafe(outputs.put_nowait, item)
 
-        self._commands.put(_Add(request_id, list(prompt_token_ids), params, prompt, sink))
+        self._commands.put(_Add(request_id, list(prompt_token_ids), params, prompt, sink, multimodal))
         finished = False
         try:
             while True:
@@ -100,7 +102,8 @@ class AsyncEngine:
     def _apply(self, command: Any) -> None:
         if isinstance(command, _Add):
             try:
-                self.engine.add_request(command.request_id, command.prompt_token_ids, command.params, command.prompt)
+                self.engine.add_request(command.request_id, command.prompt_token_ids, command.params, command.prompt,
+                                        multimodal=command.multimodal)
                 self._sinks[command.request_id] = command.sink
             except Exception as exc:  # queue full, duplicate id: refuse this request only
                 command.sink(exc)

@@ -5,6 +5,10 @@
 The engine knows token ids; text appears only through the incremental detokenizer (for stop strings and
 streaming). It validates requests against the context and the KV pool before they enter the queue, so one
 bad request is refused alone and the others keep running.
+
+Requests may carry images (MultimodalInputs) for models that take them: the model plans them once per
+request (placeholders, 3-D positions), the plan rides in each sequence's extras, and blocks holding image
+placeholders are keyed in the prefix cache by the images' content hashes.
 """
 from __future__ import annotations
 
@@ -17,13 +21,15 @@ import torch
 
 from qwenstack.engine.block_manager import BlockManager
 from qwenstack.engine.detokenizer import Decoder, IncrementalDetokenizer
+from qwenstack.engine.multimodal import DEFAULT_ENCODER_CACHE_MEMORY, PLAN_KEY, sequence_plan
 from qwenstack.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from qwenstack.engine.params import SamplingParams
 from qwenstack.engine.runner import ModelRunner, kv_pool_blocks
 from qwenstack.engine.scheduler import Scheduler, SchedulerConfig
 from qwenstack.engine.sequence import PositionLogprobs, Sequence, SequenceStatus
 from qwenstack.errors import RequestError
-from qwenstack.models.base import CausalLM
+from qwenstack.models.base import CausalLM, MultimodalModel
+from qwenstack.multimodal.inputs import MultimodalInputs, MultimodalPlan
 
 log = logging.getLogger("qwenstack.engine")
 
@@ -41,6 +47,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
     seed: int = 0
+    encoder_cache_memory: int = DEFAULT_ENCODER_CACHE_MEMORY  # bytes of cached image encodings (vision models)
 
 
 @dataclass
@@ -76,7 +83,8 @@ class LLMEngine:
         if num_blocks < 2:
             raise ValueError(f"kv_cache_memory={self.config.kv_cache_memory} bytes holds fewer than 2 KV blocks")
         self.runner = ModelRunner(model, num_blocks, self.config.block_size, seed=self.config.seed,
-                                  num_state_slots=self.config.max_num_seqs)
+                                  num_state_slots=self.config.max_num_seqs,
+                                  encoder_cache_memory=self.config.encoder_cache_memory)
         prefix_caching = self.config.enable_prefix_caching
         if self.runner.has_state and prefix_caching:
             # A prefix-cache hit would resume a sequence whose recurrent state never saw the prefix.
@@ -85,7 +93,7 @@ class LLMEngine:
         self.block_manager = BlockManager(num_blocks, self.config.block_size, prefix_caching)
         sched = SchedulerConfig(self.config.max_num_seqs, self.config.max_num_batched_tokens, self.config.max_waiting,
                                 self.config.enable_chunked_prefill)
-        self.scheduler = Scheduler(sched, self.block_manager)
+        self.scheduler = Scheduler(sched, self.block_manager, extra_keys=self._block_extra_keys)
         self.scheduler.on_release = self.runner.release_state_slot
         pool_tokens = num_blocks * self.config.block_size
         model_len = context_len or getattr(model.args, "max_position_embeddings", pool_tokens)
@@ -121,16 +129,33 @@ class LLMEngine:
             )
         return params.max_tokens
 
+    def plan_multimodal(self, prompt_token_ids: list[int], multimodal: MultimodalInputs | None) -> MultimodalPlan | None:
+        """The model's plan for a request's images (None for a text-only request). Raises RequestError."""
+        if not isinstance(self.model, MultimodalModel):
+            if multimodal:
+                raise RequestError("this model does not accept images (it is text-only)")
+            return None
+        images = list(multimodal.images) if multimodal else []
+        plan = self.model.plan_multimodal(prompt_token_ids, images)
+        return plan if plan.placements else None
+
+    def _block_extra_keys(self, seq: Sequence) -> Any:
+        plan = sequence_plan(seq)
+        return None if plan is None else plan.block_keys(self.config.block_size)
+
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                    prompt: str | None = None) -> None:
+                    prompt: str | None = None, multimodal: MultimodalInputs | None = None) -> None:
         if request_id in self.requests:
             raise RequestError(f"request id '{request_id}' is already in use")
         max_tokens = self.validate(prompt_token_ids, params)
+        plan = self.plan_multimodal(prompt_token_ids, multimodal)
         seqs, detoks = [], []
         for i in range(params.n):
             p = params if params.n == 1 else params.clone_for_sample(i)
             seq = Sequence(self._next_seq_id, request_id, i, list(prompt_token_ids), p, max_tokens,
                            () if p.ignore_eos else self.eos_token_ids)
+            if plan is not None:
+                seq.extras[PLAN_KEY] = plan
             self._next_seq_id += 1
             seqs.append(seq)
             detoks.append(IncrementalDetokenizer(self.decoder, seq.prompt_token_ids, p.skip_special_tokens, p.stop,
@@ -170,7 +195,8 @@ class LLMEngine:
                 continue
             seq.num_computed_tokens += n
             seq.num_registered_blocks = self.block_manager.register_full_blocks(
-                seq.block_table, seq.all_token_ids, seq.num_registered_blocks, seq.num_computed_tokens)
+                seq.block_table, seq.all_token_ids, seq.num_registered_blocks, seq.num_computed_tokens,
+                self._block_extra_keys(seq))
             if seq.index == 0 and seq.seq_id in result.prompt_logprobs and request.prompt_logprobs is not None:
                 # Written by position: a recompute after preemption rewrites entries instead of repeating them.
                 entries = result.prompt_logprobs[seq.seq_id]
@@ -260,11 +286,13 @@ class LLMEngine:
             "preemptions": self.counters.preemptions,
         }
 
-    def generate_all(self, prompts: list[list[int]], params: list[SamplingParams]) -> list[RequestOutput]:
+    def generate_all(self, prompts: list[list[int]], params: list[SamplingParams],
+                     multimodal: list[MultimodalInputs | None] | None = None) -> list[RequestOutput]:
         """Runs a batch to completion (the offline path). Outputs in input order."""
         ids = [f"batch-{self._next_seq_id}-{i}" for i in range(len(prompts))]
-        for rid, prompt, p in zip(ids, prompts, params):
-            self.add_request(rid, prompt, p)
+        inputs = multimodal or [None] * len(prompts)
+        for rid, prompt, p, mm in zip(ids, prompts, params, inputs):
+            self.add_request(rid, prompt, p, multimodal=mm)
         final: dict[str, RequestOutput] = {}
         while self.has_unfinished_requests():
             for out in self.step():

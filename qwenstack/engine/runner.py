@@ -9,6 +9,8 @@ Decisions:
   rebuilds the state from a fresh slot).
 - Logits are computed only for rows that need them: the last token of each sequence that completes its
   known tokens this step, plus prompt positions whose logprobs were asked for.
+- Models that take images (MultimodalModel) get 3-D positions and the image rows of the step from
+  engine/multimodal.py, which also owns the encoder-output cache; other models never touch it.
 """
 from __future__ import annotations
 
@@ -16,11 +18,12 @@ from dataclasses import dataclass
 
 import torch
 
+from qwenstack.engine.multimodal import DEFAULT_ENCODER_CACHE_MEMORY, MultimodalStep
 from qwenstack.engine.sampler import SampleRequest, sample, token_logprobs
 from qwenstack.engine.scheduler import ScheduledBatch
 from qwenstack.engine.sequence import PositionLogprobs, Sequence
 from qwenstack.models.attention import AttentionBatch
-from qwenstack.models.base import CausalLM, RecurrentStateModel, layer_caches
+from qwenstack.models.base import CausalLM, MultimodalModel, RecurrentStateModel, layer_caches
 
 
 @dataclass
@@ -35,7 +38,8 @@ def kv_pool_blocks(model: CausalLM, memory_bytes: int, block_size: int, dtype: t
 
 
 class ModelRunner:
-    def __init__(self, model: CausalLM, num_blocks: int, block_size: int, seed: int = 0, num_state_slots: int = 0) -> None:
+    def __init__(self, model: CausalLM, num_blocks: int, block_size: int, seed: int = 0, num_state_slots: int = 0,
+                 encoder_cache_memory: int = DEFAULT_ENCODER_CACHE_MEMORY) -> None:
         self.model = model
         param = next(model.parameters())  # type: ignore[attr-defined]
         self.device, self.dtype = param.device, param.dtype
@@ -51,6 +55,7 @@ class ModelRunner:
             self.layer_caches = layer_caches(self.kv_caches, states)
             self.free_slots = list(range(num_state_slots))
         self.generator = torch.Generator().manual_seed(seed)
+        self.multimodal = MultimodalStep(model, encoder_cache_memory) if isinstance(model, MultimodalModel) else None
 
     def kv_cache_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.kv_caches)
@@ -107,10 +112,15 @@ class ModelRunner:
             state_slots=torch.tensor([self._state_slot(s) for s in step.seqs], dtype=torch.long, device=dev)
             if self.has_state else None,
         )
-        hidden = self.model.forward(
-            torch.tensor(ids, dtype=torch.long, device=dev), torch.tensor(positions, dtype=torch.long, device=dev),
-            batch, self.layer_caches,
-        )
+        input_ids = torch.tensor(ids, dtype=torch.long, device=dev)
+        mm_positions, mm_batch = (None, None) if self.multimodal is None else \
+            self.multimodal.prepare(step.seqs, step.num_new_tokens, dev)
+        if mm_positions is None:
+            hidden = self.model.forward(input_ids, torch.tensor(positions, dtype=torch.long, device=dev), batch,
+                                        self.layer_caches)
+        else:
+            hidden = self.model.forward(input_ids, mm_positions, batch, self.layer_caches,  # type: ignore[call-arg]
+                                        multimodal=mm_batch)
         # Sampling rows: the last token of each sequence that reached its end this step.
         starts = batch.query_starts
         index = {id(s): i for i, s in enumerate(step.seqs)}

@@ -71,3 +71,18 @@ def prompt_logits(model: CausalLM, input_ids: torch.Tensor) -> torch.Tensor:
     positions = torch.arange(s, device=input_ids.device).repeat(b)
     hidden = model.forward(input_ids.flatten(), positions, AttentionBatch.for_prompts([s] * b), None)
     return model.compute_logits(hidden).view(b, s, -1)
+
+
+@runtime_checkable
+class MultimodalModel(Protocol):
+    """A model that takes images (or later audio) besides tokens. The engine calls these hooks and stays generic:
+
+    - `plan_multimodal` once per request: places each input on its placeholder tokens and gives the prompt's
+      positions (MultimodalPlan), raising RequestError when prompt and inputs disagree;
+    - `encode_images` for the images a step needs that the encoder cache lacks;
+    - `forward(..., multimodal=MultimodalBatch)` with positions [3, T] when a batch holds images.
+    """
+
+    def plan_multimodal(self, prompt_token_ids: Any, images: Any) -> Any: ...
+
+    def encode_images(self, images: Any) -> list[Any]: ...

@@ -17,6 +17,8 @@ ARCHITECTURES: dict[str, tuple[str, str]] = {
     "qwen3": ("qwenstack.models.qwen3", "Qwen3ForCausalLM"),
     "qwen3_moe": ("qwenstack.models.qwen3_moe", "Qwen3MoeForCausalLM"),
     "qwen3_next": ("qwenstack.models.qwen3_next", "Qwen3NextForCausalLM"),
+    "qwen3_vl": ("qwenstack.models.qwen3_vl", "Qwen3VLForConditionalGeneration"),
+    "qwen3_vl_moe": ("qwenstack.models.qwen3_vl", "Qwen3VLMoeForConditionalGeneration"),
 }
 
 
