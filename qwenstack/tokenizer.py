@@ -56,6 +56,8 @@ class Tokenizer:
         jinja_file = model_dir / "chat_template.jinja"
         if template is None and jinja_file.is_file():
             template = jinja_file.read_text(encoding="utf-8")
+        if template is None:  # vision-language checkpoints (Qwen3-VL) keep it in the processor's file
+            template = _read_json(model_dir / "chat_template.json").get("chat_template")
         special = {k: t for k in SPECIAL_TOKEN_KEYS if (t := _token_text(config.get(k))) is not None}
         eos_ids: list[int] = []
 

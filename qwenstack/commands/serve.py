@@ -78,6 +78,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     app.add_argument("--ui-db", default=None, metavar="PATH", help="SQLite file where the chat page keeps chats")
     app.add_argument("--allow-local-image-paths", action="store_true",
                      help="let requests name images by file:// path on this machine")
+    app.add_argument("--allow-remote-image-urls", action="store_true",
+                     help="let requests name images by http(s) URL, which this server then fetches")
     app.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
 
 
@@ -109,6 +111,7 @@ def serve_config_from_args(args: argparse.Namespace) -> dict[str, Any]:
         raise ValueError(f"'{clash[0]}' is both a local model and a --remote")
     config: dict[str, Any] = {"host": args.host, "port": args.port, "models": specs, "remote": remotes,
                               "enable_ui": not args.no_ui, "allow_local_image_paths": args.allow_local_image_paths,
+                              "allow_remote_image_urls": args.allow_remote_image_urls,
                               "log_level": args.log_level}
     optional = {"api_key": args.api_key, "kv_cache_memory": args.kv_cache_memory, "ui_db_path": args.ui_db,
                 "remote_timeout_s": args.remote_timeout, "guard_model": args.guard,

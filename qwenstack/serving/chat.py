@@ -11,13 +11,16 @@ Decisions:
   reliable with small models. parallel_tool_calls=false keeps at most one call.
 - usage counts tokens, not text: the rendered prompt's tokens, and the generated tokens (reasoning tokens
   are those of the think block).
+- Images (vision models only) are rendered as Qwen3-VL's template renders an image part, one
+  `<|vision_start|><|image_pad|><|vision_end|>` each, with a message's parts joined as that template joins
+  them; serving/images.py loads them and expands each placeholder to the image's token count.
 """
 from __future__ import annotations
 
 import json
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
 from fastapi import APIRouter, Request
@@ -25,6 +28,7 @@ from fastapi.responses import Response
 
 from qwenstack.engine.outputs import CompletionOutput, RequestOutput
 from qwenstack.engine.params import SamplingParams
+from qwenstack.serving import images as image_inputs
 from qwenstack.serving import moderation
 from qwenstack.serving.constraints import THINK_END, THINK_START, ThinkingPhase, build_processors
 from qwenstack.serving.errors import APIError, bad_request, error_frame, from_exception
@@ -33,7 +37,7 @@ from qwenstack.serving.metrics import RequestTracker
 from qwenstack.serving.parsers import ChatOutputParser, ParsedDelta, finish_reason_for, parse_chat_output
 from qwenstack.serving.protocol import (
     AssistantMessage, ChatChoice, ChatCompletionRequest, ChatCompletionResponse, ChatLogprobs, ChatMessage,
-    CompletionTokensDetails, FunctionCallOut, PromptTokensDetails, TextPart, ToolCallOut, Usage,
+    CompletionTokensDetails, FunctionCallOut, ImagePart, PromptTokensDetails, TextPart, ToolCallOut, Usage,
 )
 from qwenstack.serving.sampling import sampling_params
 from qwenstack.serving.served import ServedModel
@@ -62,6 +66,8 @@ class ChatPlan:
     tools_enabled: bool
     tool_schemas: list[dict[str, Any]] | None
     guard: Any = None  # moderation.GuardContext while a guard watches this request
+    image_refs: list[image_inputs.ImageRef] = field(default_factory=list)  # image parts, in prompt order
+    multimodal: Any = None  # MultimodalInputs once the images are loaded (attach_images)
 
     @property
     def starts_in_reasoning(self) -> bool:
@@ -79,12 +85,14 @@ class ChatPlan:
 # --- request -> prompt and parameters -------------------------------------------------------------------
 
 
-def _content_text(message: ChatMessage, index: int, capabilities: list[str], model: str) -> str | None:
+def _content_text(message: ChatMessage, index: int, capabilities: list[str], model: str,
+                  images: list[image_inputs.ImageRef] | None = None, image_placeholder: str | None = None) -> str | None:
     content = message.content
     if content is None or isinstance(content, str):
         return content
     texts = []
-    for part in content:
+    has_image = False
+    for j, part in enumerate(content):
         if isinstance(part, TextPart):
             texts.append(part.text)
             continue
@@ -92,16 +100,30 @@ def _content_text(message: ChatMessage, index: int, capabilities: list[str], mod
         if kind not in capabilities:
             raise bad_request(f"messages[{index}]: the model '{model}' does not accept {part.type} input "
                               f"(it is text-only)", param=f"messages.{index}.content", code="unsupported_content")
+        if isinstance(part, ImagePart) and image_placeholder is not None:
+            texts.append(image_placeholder)
+            has_image = True
+            if images is not None:
+                images.append(image_inputs.ImageRef(index, j, part.image_url.url))
+            continue
+        if part.type == "video_url":
+            raise bad_request(f"messages[{index}].content[{j}]: video input is not supported yet; send frames "
+                              "as image_url parts", param=f"messages.{index}.content.{j}", code="unsupported_content")
         raise APIError(501, f"messages[{index}]: {part.type} input is not supported by this server yet",
                        param=f"messages.{index}.content")
-    return "\n".join(texts)
+    # Qwen3-VL's template concatenates a message's parts as they are; text-only lists keep one per line.
+    return ("" if has_image else "\n").join(texts)
 
 
-def template_messages(messages: list[ChatMessage], served: ServedModel) -> list[dict[str, Any]]:
+def template_messages(messages: list[ChatMessage], served: ServedModel,
+                      images: list[image_inputs.ImageRef] | None = None) -> list[dict[str, Any]]:
+    placeholder = None
+    if served.image_processor is not None:
+        placeholder = image_inputs.placeholder_text(served.tokenizer, served.hf_config)
     out = []
     for i, m in enumerate(messages):
         msg: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role,
-                               "content": _content_text(m, i, served.capabilities, served.name)}
+                               "content": _content_text(m, i, served.capabilities, served.name, images, placeholder)}
         if m.name is not None:
             msg["name"] = m.name
         if m.tool_call_id is not None:
@@ -154,7 +176,8 @@ def plan_chat(served: ServedModel, request: ChatCompletionRequest, state: Server
     tool_dicts = [t.model_dump(exclude_none=True) for t in request.tools] if tools_enabled and request.tools else None
     if request.tool_choice not in (None, "none", "auto") and not request.tools:
         raise bad_request("tool_choice requires tools", param="tool_choice")
-    prompt = tok.apply_chat_template(template_messages(request.messages, served), tools=tool_dicts,
+    image_refs: list[image_inputs.ImageRef] = []
+    prompt = tok.apply_chat_template(template_messages(request.messages, served, image_refs), tools=tool_dicts,
                                      add_generation_prompt=True, **kwargs)
     prompt_ids = tok.encode(prompt)
     phase = thinking_phase(prompt, kwargs.get("enable_thinking"))
@@ -163,7 +186,18 @@ def plan_chat(served: ServedModel, request: ChatCompletionRequest, state: Server
     params = sampling_params(request, served, max_tokens=request.max_new_tokens,
                              logprobs=top if request.logprobs else None, processors=processors)
     return ChatPlan(f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), served, request, prompt, prompt_ids, params,
-                    phase, tools_enabled, tool_dicts)
+                    phase, tools_enabled, tool_dicts, image_refs=image_refs)
+
+
+async def attach_images(plan: ChatPlan, state: ServerState) -> None:
+    """Loads the plan's images and expands their placeholders in prompt_ids (usage counts image tokens)."""
+    if not plan.image_refs:
+        return
+    served = plan.served
+    plan.multimodal = await image_inputs.load_images(plan.image_refs, served.image_processor, state.config)
+    plan.prompt_ids = image_inputs.expand_placeholders(plan.prompt_ids, served.hf_config["image_token_id"],
+                                                       plan.multimodal.images,
+                                                       served.image_processor.config.merge_size)
 
 
 # --- engine output -> API objects -----------------------------------------------------------------------
@@ -332,11 +366,13 @@ async def create_chat_completion(request: Request) -> Response:
     chat_request = parse(ChatCompletionRequest, body)
     served = state.registry.get(chat_request.model)
     plan = plan_chat(served, chat_request, state)
+    await attach_images(plan, state)
     blocked = await moderation.screen_prompt(request, plan)  # a blocked prompt never reaches the engine
     if blocked is not None:
         return blocked
     retry = state.config.retry_after_s
-    stream = served.engine.generate(plan.prompt_ids, plan.params, request_id=plan.request_id, prompt=plan.prompt)
+    stream = served.engine.generate(plan.prompt_ids, plan.params, request_id=plan.request_id, prompt=plan.prompt,
+                                    **({"multimodal": plan.multimodal} if plan.multimodal else {}))
     try:  # a client that leaves while its request waits in the queue withdraws it
         first = await unless_disconnected(request, first_output(stream, retry))
     except ClientDisconnected:

@@ -77,6 +77,10 @@ class ServerConfig:
     kv_cache_memory: int = DEFAULT_KV_CACHE_MEMORY  # bytes for all local models together, split equally
     default_chat_template_kwargs: dict[str, Any] = field(default_factory=dict)  # e.g. {"enable_thinking": False}
     allow_local_image_paths: bool = False  # file:// image URLs read from the server's disk only when set
+    allow_remote_image_urls: bool = False  # http(s) image URLs fetched by the server only when set
+    max_images_per_request: int = 8
+    max_image_bytes: int = 20 * 1024 * 1024  # encoded size of one image
+    max_image_pixels: int = 50_000_000  # width * height of one decoded image, before resizing
     enable_ui: bool = True  # the chat page at / and its store under /api/
     ui_db_path: str | None = None  # SQLite file of the chat page; None: the store's default
     retry_after_s: int = 1  # what 429/503 answers tell clients to wait

@@ -1,0 +1,175 @@
+"""OpenAI `image_url` content parts -> preprocessed images for a vision-language model's engine.
+
+Decisions:
+- Where an image may come from is the server owner's choice: `data:` URLs (base64) always; `file://` paths
+  on the server's disk only with `allow_local_image_paths`; http(s) URLs are fetched by the server only with
+  `allow_remote_image_urls` (off by default: a request must not make the server reach other hosts). Every
+  refusal is a 400 naming the message and part, so a client can tell which image was at fault.
+- Limits (images per request, encoded bytes, decoded pixels) are checked before the expensive work: the
+  count first, the byte size before decoding (from the base64 length, the file size, the HTTP
+  Content-Length or the bytes read so far), the pixel count from the image header before any pixel is
+  decoded.
+- The chat template sees one `<|vision_start|><|image_pad|><|vision_end|>` per image (what Qwen3-VL's own
+  template renders for an image part); after tokenizing, each `<|image_pad|>` is expanded to the image's
+  token count. Text that itself spells an image placeholder is refused rather than misread as an image.
+- Decoding and preprocessing run in a worker thread, not on the event loop. The content hash that keys the
+  encoder and prefix caches is taken over the encoded bytes plus the preprocessing settings, which determine
+  the pixels exactly and are far cheaper to hash than the pixels.
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlparse
+
+from qwenstack.errors import ConfigError
+from qwenstack.multimodal.image_processing import (
+    ImageError, ImageLimits, ImageProcessor, ImageProcessorConfig, decode_data_url,
+)
+from qwenstack.multimodal.inputs import ImageInput, MultimodalInputs
+from qwenstack.serving.errors import bad_request
+
+REMOTE_TIMEOUT_S = 10.0
+
+
+@dataclass
+class ImageRef:
+    """An image part of a request, with where it was (for error messages)."""
+
+    message: int
+    part: int
+    url: str
+
+    @property
+    def param(self) -> str:
+        return f"messages.{self.message}.content.{self.part}.image_url"
+
+    @property
+    def where(self) -> str:
+        return f"messages[{self.message}].content[{self.part}]"
+
+
+def image_processor_for(hf_config: dict[str, Any], model_dir: Path | None) -> ImageProcessor | None:
+    """The checkpoint's image preprocessing, for a model with a vision tower (None for text models)."""
+    if "vision_config" not in hf_config:
+        return None
+    if model_dir is None:
+        raise ConfigError("a vision-language model needs its checkpoint directory for preprocessor_config.json")
+    return ImageProcessor(ImageProcessorConfig.from_pretrained(model_dir))
+
+
+def placeholder_text(tokenizer: Any, hf_config: dict[str, Any]) -> str:
+    """`<|vision_start|><|image_pad|><|vision_end|>` as the tokenizer spells the config's token ids."""
+    names = []
+    for key in ("vision_start_token_id", "image_token_id", "vision_end_token_id"):
+        token = tokenizer.id_to_token(hf_config[key])
+        if token is None:
+            raise ConfigError(f"the tokenizer has no token for {key}={hf_config[key]} of config.json")
+        names.append(token)
+    return "".join(names)
+
+
+async def read_image_bytes(ref: ImageRef, config: Any) -> bytes:
+    """The encoded image a part points to, within the server's rules and its byte limit."""
+    url = ref.url.strip()
+    max_bytes = config.max_image_bytes
+    scheme = urlparse(url).scheme.lower() if ":" in url else ""
+    if scheme == "data":
+        return decode_data_url(url, max_bytes)
+    if scheme == "file":
+        if not config.allow_local_image_paths:
+            raise ImageError("file:// image URLs are not allowed on this server (start it with "
+                             "--allow-local-image-paths to read images from its disk)")
+        return _read_local(Path(unquote(urlparse(url).path)), max_bytes)
+    if scheme in ("http", "https"):
+        if not config.allow_remote_image_urls:
+            raise ImageError("this server does not fetch remote image URLs; send the image inline as a "
+                             "data:image/...;base64 URL (or start the server with --allow-remote-image-urls)")
+        return await _fetch(url, max_bytes)
+    raise ImageError("image_url.url must be a data:image/...;base64 URL"
+                     + (" or a file:// path" if config.allow_local_image_paths else "")
+                     + (" or an http(s) URL" if config.allow_remote_image_urls else ""))
+
+
+def _read_local(path: Path, max_bytes: int) -> bytes:
+    if not path.is_absolute():
+        raise ImageError("file:// image URLs must name an absolute path")
+    try:
+        size = path.stat().st_size
+        if not path.is_file():
+            raise ImageError(f"{path} is not a file")
+        if size > max_bytes:
+            raise ImageError(f"image is {size} bytes, over the {max_bytes}-byte limit")
+        return path.read_bytes()
+    except OSError as exc:
+        raise ImageError(f"cannot read {path}: {exc.strerror or exc}") from None
+
+
+async def _fetch(url: str, max_bytes: int) -> bytes:
+    import httpx
+
+    try:
+        async with httpx.AsyncClient(timeout=REMOTE_TIMEOUT_S, follow_redirects=True) as client:
+            async with client.stream("GET", url) as response:
+                if response.status_code != 200:
+                    raise ImageError(f"fetching the image failed: HTTP {response.status_code}")
+                declared = response.headers.get("content-length")
+                if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+                    raise ImageError(f"image is {declared} bytes, over the {max_bytes}-byte limit")
+                data = bytearray()
+                async for chunk in response.aiter_bytes():
+                    data += chunk
+                    if len(data) > max_bytes:
+                        raise ImageError(f"image is larger than the {max_bytes}-byte limit")
+                return bytes(data)
+    except httpx.HTTPError as exc:
+        raise ImageError(f"fetching the image failed: {exc}") from None
+
+
+def preprocess_image(processor: ImageProcessor, data: bytes) -> ImageInput:
+    """Encoded bytes -> an ImageInput whose hash covers the bytes and the preprocessing settings."""
+    pixels, grid = processor.to_patches(data)
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(repr(processor.config).encode())
+    digest.update(data)
+    return ImageInput(pixels, grid, digest.hexdigest())
+
+
+async def load_images(refs: list[ImageRef], processor: ImageProcessor, config: Any) -> MultimodalInputs:
+    """Reads, decodes and preprocesses a request's images in order. Raises APIError 400 naming the part."""
+    if len(refs) > config.max_images_per_request:
+        raise bad_request(f"the request has {len(refs)} images, more than this server's limit of "
+                          f"{config.max_images_per_request} per request", param="messages", code="too_many_images")
+    limits = ImageLimits(max_bytes=config.max_image_bytes, max_pixels=config.max_image_pixels)
+    bounded = ImageProcessor(processor.config, limits)
+    images = []
+    for ref in refs:
+        try:
+            data = await read_image_bytes(ref, config)
+            images.append(await asyncio.to_thread(preprocess_image, bounded, data))
+        except ImageError as exc:
+            raise bad_request(f"{ref.where}: {exc}", param=ref.param, code="invalid_image") from None
+    return MultimodalInputs(images)
+
+
+def expand_placeholders(prompt_ids: list[int], image_token_id: int, images: list[ImageInput],
+                        merge_size: int) -> list[int]:
+    """Each single `<|image_pad|>` of the rendered prompt -> as many as its image has tokens."""
+    positions = [i for i, t in enumerate(prompt_ids) if t == image_token_id]
+    if len(positions) != len(images):
+        raise bad_request("the message text contains image placeholder tokens; send images as image_url parts",
+                          param="messages", code="invalid_image")
+    out: list[int] = []
+    start = 0
+    for position, image in zip(positions, images):
+        out += prompt_ids[start:position]
+        out += [image_token_id] * image.num_tokens(merge_size)
+        start = position + 1
+    return out + prompt_ids[start:]
+
+
+__all__ = ["ImageRef", "expand_placeholders", "image_processor_for", "load_images", "placeholder_text",
+           "preprocess_image", "read_image_bytes"]
