@@ -30,4 +30,17 @@ SHAPES: dict[str, dict[str, Any]] = {
                                   rope_parameters={"rope_type": "default", "rope_theta": 10000000.0,
                                                    "partial_rotary_factor": 0.25},
                                   layer_types=["linear_attention"] * 3 + ["full_attention"]),
+    # Qwen3-VL-2B: the Qwen3 text decoder with interleaved M-RoPE, a 24-block ViT, DeepStack after layers 0-2.
+    "qwen3-vl-2b": dict(
+        model_type="qwen3_vl", image_token_id=151655, video_token_id=151656, vision_start_token_id=151652,
+        vision_end_token_id=151653, tie_word_embeddings=True,
+        text_config=dict(QWEN3_COMMON, hidden_size=2048, intermediate_size=6144, num_hidden_layers=28,
+                         num_attention_heads=16, num_key_value_heads=8, max_position_embeddings=262144,
+                         tie_word_embeddings=True,
+                         rope_parameters={"rope_type": "default", "rope_theta": 5000000.0,
+                                          "mrope_section": [24, 20, 20], "mrope_interleaved": True}),
+        vision_config=dict(depth=24, hidden_size=1024, intermediate_size=4096, num_heads=16, out_hidden_size=2048,
+                           patch_size=16, temporal_patch_size=2, spatial_merge_size=2, num_position_embeddings=2304,
+                           deepstack_visual_indexes=[5, 11, 17], in_channels=3, hidden_act="gelu_pytorch_tanh"),
+    ),
 }

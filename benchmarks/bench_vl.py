@@ -1,0 +1,216 @@
+"""Time to first token for one image on a Qwen3-VL checkpoint: our engine against transformers on the same
+machine, and with the image cache warm.
+
+    python benchmarks/make_checkpoint.py qwen3-vl-2b /tmp/bench/qwen3-vl-2b
+    python benchmarks/bench_vl.py /tmp/bench/qwen3-vl-2b --name qwen3-vl-2b            # 1024x1024 image
+
+Each TTFT runs from the encoded image (PNG bytes) and the question to the first generated token, so it
+includes decoding and preprocessing the image, the vision tower and the prefill:
+- ours, cold: a fresh engine (no encoder cache, no prefix cache);
+- ours, encoder cache warm: the same image in a new conversation (another system prompt, so the prefix cache
+  cannot help): the vision tower is skipped, the prefill is not;
+- ours, next turn: the same conversation continued (the prefix cache holds the image's KV too);
+- transformers: its Pillow image processor plus `generate(max_new_tokens=1)` on the same weights.
+Each figure is the median of --repeats runs after one warm-up; ours also reports the cold run's parts.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import save, threads  # noqa: E402
+
+from qwenstack.engine.engine import EngineConfig, LLMEngine  # noqa: E402
+from qwenstack.engine.params import SamplingParams  # noqa: E402
+from qwenstack.models.registry import load_model, parse_dtype  # noqa: E402
+from qwenstack.multimodal.image_processing import ImageProcessor, ImageProcessorConfig  # noqa: E402
+from qwenstack.multimodal.inputs import ImageInput, MultimodalInputs  # noqa: E402
+from qwenstack.serving.images import preprocess_image  # noqa: E402
+
+# Qwen3-VL's published preprocessor_config.json (pixel budget 256^2 .. 4096^2, patch 16, merge 2),
+# written beside a random checkpoint that has none.
+QWEN3_VL_PREPROCESSOR = {
+    "size": {"shortest_edge": 65536, "longest_edge": 16777216}, "patch_size": 16, "temporal_patch_size": 2,
+    "merge_size": 2, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5],
+    "processor_class": "Qwen3VLProcessor", "image_processor_type": "Qwen2VLImageProcessorFast",
+}
+GREEDY_ONE = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+
+
+class IdDecoder:
+    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+        return ""
+
+
+def test_image_png(size: int, seed: int = 0) -> bytes:
+    """A photo-like image (smooth gradients plus noise), PNG-encoded as a client would send it."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:size, 0:size] / size
+    base = np.stack([np.sin(6 * x + 2 * y), np.cos(5 * y - 3 * x), np.sin(4 * (x + y))], axis=-1) * 80 + 128
+    pixels = np.clip(base + rng.normal(0, 12, base.shape), 0, 255).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels, "RGB").save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def prompt_ids(config: dict[str, Any], system: list[int], num_image_tokens: int, question: list[int]) -> list[int]:
+    # <|im_start|>system ... <|im_end|> <|im_start|>user <vision_start> <image_pad>*n <vision_end> question
+    # <|im_end|> <|im_start|>assistant, with the Qwen token ids but stand-in text tokens.
+    im_start, im_end = 151644, 151645
+    return ([im_start, 8948, 198] + system + [im_end, 198, im_start, 872, 198, config["vision_start_token_id"]]
+            + [config["image_token_id"]] * num_image_tokens + [config["vision_end_token_id"]] + question
+            + [im_end, 198, im_start, 77091, 198])
+
+
+def next_turn(i: int) -> list[int]:
+    """An answer of 24 tokens, then a new user question: what a follow-up appends to the conversation."""
+    return [3000 + 31 * i + j for j in range(24)] + [151645, 198, 151644, 872, 198] + \
+        [4000 + 17 * i + j for j in range(8)] + [151645, 198, 151644, 77091, 198]
+
+
+def median_of(fn: Callable[[], float], repeats: int) -> float:
+    fn()  # warm-up
+    return statistics.median(fn() for _ in range(repeats))
+
+
+# --- ours ---------------------------------------------------------------------------------------------
+
+
+class Ours:
+    def __init__(self, model: torch.nn.Module, processor: ImageProcessor, config: dict[str, Any]) -> None:
+        self.model, self.processor, self.config = model, processor, config
+
+    def engine(self) -> LLMEngine:
+        return LLMEngine(self.model, IdDecoder(), [], EngineConfig(kv_cache_memory=2 * 2**30))
+
+    def ttft(self, engine: LLMEngine, png: bytes, system: list[int], question: list[int],
+             follow_up: list[int] = ()) -> tuple[float, dict]:
+        """Seconds from the PNG bytes to the first token, and the parts (preprocess, the first-token step)."""
+        start = time.perf_counter()
+        image = preprocess_image(self.processor, png)
+        preprocessed = time.perf_counter()
+        ids = prompt_ids(self.config, system, image.num_tokens(self.processor.config.merge_size), question)
+        ids += list(follow_up)  # a later turn: the answer so far and the next question
+        engine.add_request(f"r{time.monotonic_ns()}", ids, GREEDY_ONE, multimodal=MultimodalInputs([image]))
+        cached = 0
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                cached = out.metrics.num_cached_tokens
+        end = time.perf_counter()
+        return end - start, {"preprocess_s": preprocessed - start, "engine_s": end - preprocessed,
+                             "prompt_tokens": len(ids), "cached_tokens": cached}
+
+    def encode_only(self, png: bytes) -> float:
+        image: ImageInput = preprocess_image(self.processor, png)
+        start = time.perf_counter()
+        self.model.encode_images([image])
+        return time.perf_counter() - start
+
+
+# --- transformers ---------------------------------------------------------------------------------
+
+
+def hf_ttft(hf: Any, processor: Any, config: dict[str, Any], png: bytes, system: list[int], question: list[int]) -> float:
+    from PIL import Image
+
+    start = time.perf_counter()
+    image = Image.open(io.BytesIO(png))
+    inputs = processor(images=[image], return_tensors="pt")
+    merge = config["vision_config"]["spatial_merge_size"]
+    n = int(inputs["image_grid_thw"].prod()) // merge**2
+    ids = torch.tensor([prompt_ids(config, system, n, question)])
+    with torch.inference_mode():
+        hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=inputs["pixel_values"],
+                    image_grid_thw=inputs["image_grid_thw"], mm_token_type_ids=(ids == config["image_token_id"]).int(),
+                    max_new_tokens=1, do_sample=False, pad_token_id=0, eos_token_id=None)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("model_dir", type=Path)
+    parser.add_argument("--name", required=True)
+    parser.add_argument("--image-size", type=int, default=1024, help="side of the square test image, pixels")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--no-transformers", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(threads())
+    dtype = parse_dtype(args.dtype)
+    config = json.loads((args.model_dir / "config.json").read_text())
+    pre_path = args.model_dir / "preprocessor_config.json"
+    if not pre_path.is_file():
+        pre_path.write_text(json.dumps(QWEN3_VL_PREPROCESSOR, indent=2))
+    processor = ImageProcessor(ImageProcessorConfig.from_pretrained(args.model_dir))
+    model = load_model(args.model_dir, dtype=dtype)
+    ours = Ours(model, processor, config)
+    png = test_image_png(args.image_size)
+    systems = [[1000 + 7 * i + j for j in range(12)] for i in range(2 * args.repeats + 4)]
+    question = [2000 + j for j in range(10)]
+    results: dict[str, Any] = {"model": args.name, "image_size": args.image_size, "png_bytes": len(png),
+                               "dtype": str(dtype).replace("torch.", ""), "repeats": args.repeats}
+
+    parts: list[dict] = []
+
+    def cold() -> float:
+        seconds, detail = ours.ttft(ours.engine(), png, systems[0], question)
+        parts.append(detail)
+        return seconds
+
+    results["ours_cold_ttft_s"] = median_of(cold, args.repeats)
+    results["ours_cold_parts"] = parts[-1]
+    results["ours_vision_encode_s"] = median_of(lambda: ours.encode_only(png), args.repeats)
+    print("ours cold", results["ours_cold_ttft_s"], parts[-1], flush=True)
+
+    engine = ours.engine()
+    ours.ttft(engine, png, systems[1], question)  # encodes the image once
+    fresh = iter(systems[2:])
+    results["ours_encoder_cache_warm_ttft_s"] = median_of(
+        lambda: ours.ttft(engine, png, next(fresh), question)[0], args.repeats)
+    stats = engine.runner.multimodal.cache.stats
+    results["encoder_cache"] = {"hits": stats.hits, "misses": stats.misses}
+    print("ours encoder cache warm", results["ours_encoder_cache_warm_ttft_s"], results["encoder_cache"], flush=True)
+    turns = iter(range(args.repeats + 1))
+    details: list[dict] = []
+
+    def next_turn_ttft() -> float:
+        seconds, detail = ours.ttft(engine, png, systems[1], question, next_turn(next(turns)))
+        details.append(detail)
+        return seconds
+
+    results["ours_next_turn_ttft_s"] = median_of(next_turn_ttft, args.repeats)
+    results["ours_next_turn_parts"] = details[-1]
+    print("ours next turn (prefix cache)", results["ours_next_turn_ttft_s"], details[-1], flush=True)
+
+    if not args.no_transformers:
+        import transformers
+
+        del model, ours, engine
+        settings = json.loads(pre_path.read_text())
+        hf_processor = transformers.Qwen2VLImageProcessorPil(
+            **{k: v for k, v in settings.items() if k not in ("processor_class", "image_processor_type")})
+        cls = (transformers.Qwen3VLForConditionalGeneration if config["model_type"] == "qwen3_vl"
+               else transformers.Qwen3VLMoeForConditionalGeneration)
+        hf = cls.from_pretrained(args.model_dir, dtype=dtype).eval()
+        results["transformers_ttft_s"] = median_of(
+            lambda: hf_ttft(hf, hf_processor, config, png, systems[0], question), args.repeats)
+        results["cold_speedup"] = results["transformers_ttft_s"] / results["ours_cold_ttft_s"]
+        results["encoder_cache_warm_speedup"] = results["transformers_ttft_s"] / results["ours_encoder_cache_warm_ttft_s"]
+        print("transformers", results["transformers_ttft_s"], flush=True)
+    print(save(f"vl-{args.name}", results))
+
+
+if __name__ == "__main__":
+    main()
