@@ -11,7 +11,8 @@ Architecture (transformers 5.24 `modeling_qwen3_next.py` is the spec):
   delta rule; weight * rmsnorm(o) * silu(z) (NOT zero-centred); out_proj.
 - Every other norm is zero-centred, (1 + w). MLPs: sparse MoE plus a sigmoid-gated shared expert, or a
   dense SwiGLU on `mlp_only_layers` / off the `decoder_sparse_step`.
-- `mtp.*` tensors (the multi-token-prediction head) are accepted and ignored, as transformers does.
+- `mtp.*` tensors (the multi-token-prediction head) are accepted and ignored, as transformers does, unless
+  speculative decoding loads them (qwenstack.models.qwen3_next_mtp).
 - Projections stay in the checkpoint's grouped-per-key-head layout and are split with views each step
   (cheap), so the loader needs no row permutation.
 
@@ -32,6 +33,13 @@ Recurrent state (the interface the engine programs against):
   query_len on a sequence whose slot never saw that prefix) would silently read a wrong state.
 - A pass where every sequence has one new token runs the recurrent (decode) form batched over sequences;
   any other pass runs the chunked form per sequence (chunks of 64, varlen), starting from the slot state.
+- Speculative verification (`forward(..., state_journal=StateJournal(deferred))`): the deferred sequences'
+  slots are left untouched and each linear layer records their per-token delta-rule inputs instead;
+  `journal.commit(keep)` later advances each deferred slot by exactly its first `keep` tokens (the accepted
+  ones), replaying the recurrent form from the untouched state. Rejected drafts never reach a slot. Such a
+  pass, when no sequence brings more than SHORT_PASS_TOKENS tokens, runs the recurrent form on all sequences
+  padded to one width (padding after each end, inert) instead of the per-sequence chunked form, which would
+  pad every 1 + k tokens to a 64-token chunk.
 """
 from __future__ import annotations
 
@@ -157,6 +165,84 @@ class GatedRMSNorm(nn.Module):
         return (h * F.silu(gate.float())).to(dtype)
 
 
+SHORT_PASS_TOKENS = 16  # verification passes this short run the recurrent form, padded, batched over sequences
+
+
+def _padded_rows(batch: AttentionBatch, seqs: list[int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows [S, W] of the chosen sequences, padded by repeating each one's last row, and live [S, W]."""
+    lens = [batch.query_lens[i] for i in seqs]
+    width = max(lens)
+    rows = [[batch.query_starts[i] + min(t, n - 1) for t in range(width)] for i, n in zip(seqs, lens)]
+    rows_t = torch.tensor(rows, dtype=torch.long, device=device)
+    live = torch.arange(width, device=device)[None, :] < torch.tensor(lens, device=device)[:, None]
+    return rows_t, live
+
+
+def _conv_tail(conv_in: torch.Tensor, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """The conv state after counts[i] of x's columns: the last K-1 of cat(conv_in, x[..., :counts[i]])."""
+    window = torch.cat([conv_in, x.to(conv_in.dtype)], dim=-1)  # [S, C, K-1+W]
+    span = conv_in.shape[-1]
+    cols = (counts[:, None] + torch.arange(span, device=counts.device)[None, :])[:, None, :]
+    return window.gather(-1, cols.expand(-1, window.shape[1], -1))
+
+
+def _inert_after(live: torch.Tensor, k: torch.Tensor, g: torch.Tensor, beta: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Padded [S, W, ...] delta-rule inputs with every non-live token made inert: k = 0, beta = 0 and g = 0
+    write and decay nothing, so the final state is the state after the live tokens, exactly."""
+    return k * live[..., None, None], g * live[..., None], beta * live[..., None]
+
+
+class StateJournal:
+    """Deferred state updates for speculative verification (see the module docstring).
+
+    `deferred` lists the batch positions of the sequences whose slots must not move during the pass; each
+    linear layer then records their raw per-token inputs (pre-conv q|k|v, k, v, g, beta: a few KB per token,
+    not a copy of the state). `commit(keep)` advances deferred sequence i by its first keep[i] tokens: the
+    conv state is the last K-1 inputs of that prefix, the recurrent state is the recurrent form replayed from
+    the slot with the remaining tokens made inert (k = 0, beta = 0, g = 0 writes and decays nothing).
+    """
+
+    def __init__(self, deferred: list[int]) -> None:
+        self.deferred = deferred
+        self._entries: list[tuple[LinearAttentionState, tuple[torch.Tensor, ...]]] = []
+        self._slots: torch.Tensor | None = None
+        self._rows: torch.Tensor | None = None  # [D, Tmax] token rows of the deferred sequences (padded)
+        self._lens: list[int] = []
+
+    def _index(self, batch: AttentionBatch, slots: torch.Tensor) -> torch.Tensor:
+        if self._rows is None:
+            self._lens = [batch.query_lens[i] for i in self.deferred]
+            self._rows, _ = _padded_rows(batch, self.deferred, slots.device)
+            self._slots = slots[torch.tensor(self.deferred, dtype=torch.long, device=slots.device)]
+        return self._rows
+
+    def record(self, state: LinearAttentionState, batch: AttentionBatch, slots: torch.Tensor,
+               *inputs: torch.Tensor) -> None:
+        """inputs: mixed [T, C], k [T, Hk, Dk], v [T, Hv, Dv], g and beta [T, Hv] of the whole pass."""
+        rows = self._index(batch, slots)
+        self._entries.append((state, tuple(x[rows] for x in inputs)))  # each [D, Tmax, ...]
+
+    def commit(self, keep: list[int]) -> None:
+        """Advances deferred sequence i by its first keep[i] (1..query_len) tokens; call once, after the pass."""
+        if len(keep) != len(self.deferred) or any(not 1 <= n <= q for n, q in zip(keep, self._lens or keep)):
+            raise ValueError(f"keep must give 1..query_len tokens per deferred sequence, got {keep}")
+        if not self._entries:
+            return
+        assert self._rows is not None and self._slots is not None
+        slots, device = self._slots, self._rows.device
+        keep_t = torch.tensor(keep, device=device)
+        live = torch.arange(self._rows.shape[1], device=device)[None, :] < keep_t[:, None]  # [D, Tmax]
+        for state, (mixed, k, v, g, beta) in self._entries:
+            conv = state.conv_state.index_select(0, slots)  # [D, C, K-1]
+            state.conv_state.index_copy_(0, slots, _conv_tail(conv, mixed.transpose(1, 2), keep_t))
+            k, g, beta = _inert_after(live, k, g, beta)
+            rec = state.recurrent_state.index_select(0, slots)
+            _, rec = recurrent_gated_delta_rule(k, k, v, g, beta, rec)
+            state.recurrent_state.index_copy_(0, slots, rec.to(state.recurrent_state.dtype))
+        self._entries.clear()
+
+
 @dataclass
 class _StateIndex:
     """Per-pass view of batch.state_slots, computed once and shared by every linear layer."""
@@ -165,21 +251,38 @@ class _StateIndex:
     fresh: torch.Tensor | None  # [B] bool: start from zero; None when no sequence is fresh
     all_fresh: bool
     decode: bool  # one new token per sequence: the recurrent form
+    journal: StateJournal | None = None
+    write_rows: torch.Tensor | None = None  # [B'] batch positions that write their state now; None = all
+    # Short verification passes: (rows [B, W], live [B, W]) to run every sequence padded and batched
+    padded: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @classmethod
-    def from_batch(cls, batch: AttentionBatch, has_cache: bool) -> "_StateIndex":
+    def from_batch(cls, batch: AttentionBatch, has_cache: bool,
+                   journal: StateJournal | None = None) -> "_StateIndex":
         fresh = [q == c for q, c in zip(batch.query_lens, batch.context_lens)]
         all_fresh = all(fresh)
         if not has_cache:
             if not all_fresh:
                 raise ValueError("a sequence continuing from earlier tokens needs its state: pass kv_caches "
                                  "(see make_state_cache) and batch.state_slots")
+            if journal is not None:
+                raise ValueError("a state journal needs the state cache (kv_caches and batch.state_slots)")
             return cls(None, None, True, False)
         if batch.state_slots is None or batch.state_slots.shape != (batch.num_seqs,):
             raise ValueError(f"batch.state_slots must name one state slot per sequence ({batch.num_seqs})")
         slots = batch.state_slots
         mask = torch.tensor(fresh, device=slots.device) if any(fresh) and not all_fresh else None
-        return cls(slots, mask, all_fresh, all(q == 1 for q in batch.query_lens))
+        index = cls(slots, mask, all_fresh, all(q == 1 for q in batch.query_lens))
+        if journal is not None and journal.deferred:
+            if any(fresh[i] for i in journal.deferred):
+                raise ValueError("a deferred (speculative) sequence must continue from its slot, not start fresh")
+            deferred = set(journal.deferred)
+            index.journal = journal
+            index.write_rows = torch.tensor([i for i in range(batch.num_seqs) if i not in deferred],
+                                            dtype=torch.long, device=slots.device)
+            if not index.decode and max(batch.query_lens) <= SHORT_PASS_TOKENS:
+                index.padded = _padded_rows(batch, list(range(batch.num_seqs)), slots.device)
+        return index
 
 
 class GatedDeltaNet(nn.Module):
@@ -233,6 +336,14 @@ class GatedDeltaNet(nn.Module):
         if index.decode:
             y, conv_out = causal_conv1d(mixed.unsqueeze(-1), weight, conv_in)  # [B, C, 1]
             y = y.squeeze(-1)
+        elif index.padded is not None:  # [B, C, W], padding after each sequence's end: no window reaches it
+            rows, live = index.padded
+            x = mixed[rows].transpose(1, 2)
+            if conv_in is None:
+                conv_in = x.new_zeros(x.shape[0], x.shape[1], self.kernel_size - 1)
+            y, _ = causal_conv1d(x, weight, conv_in)
+            conv_out = _conv_tail(conv_in, x, live.sum(-1))
+            y = y.transpose(1, 2)[live]
         else:
             y, conv_out = causal_conv1d_varlen(mixed, weight, batch.query_starts, conv_in)
         q, k, v = y.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
@@ -246,12 +357,22 @@ class GatedDeltaNet(nn.Module):
                 q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1), g.unsqueeze(1), beta.unsqueeze(1), rec_in
             )
             out = out.squeeze(1)
+        elif index.padded is not None:
+            rows, live = index.padded
+            kp, gp, bp = _inert_after(live, k[rows], g[rows], beta[rows])
+            out, rec_out = recurrent_gated_delta_rule(q[rows], kp, v[rows], gp, bp, rec_in)
+            out = out[live]
         else:
             out, rec_out = chunk_gated_delta_rule_varlen(q, k, v, g, beta, batch.query_starts, rec_in)
         if state is not None:
             assert index.slots is not None
-            state.conv_state.index_copy_(0, index.slots, conv_out.to(state.conv_state.dtype))
-            state.recurrent_state.index_copy_(0, index.slots, rec_out.to(state.recurrent_state.dtype))
+            slots, rows = index.slots, index.write_rows
+            if index.journal is not None:  # deferred sequences keep their slot until journal.commit
+                assert rows is not None
+                index.journal.record(state, batch, slots, mixed, k, v, g, beta)
+                slots, conv_out, rec_out = slots[rows], conv_out[rows], rec_out[rows]
+            state.conv_state.index_copy_(0, slots, conv_out.to(state.conv_state.dtype))
+            state.recurrent_state.index_copy_(0, slots, rec_out.to(state.recurrent_state.dtype))
         out = self.norm(out, z)  # [T, Hv, Dv]
         return self.out_proj(out.reshape(t, self.value_dim))
 
@@ -337,11 +458,12 @@ class Qwen3NextModel(nn.Module):
         batch: AttentionBatch,
         kv_caches: list[LayerCache] | None,
         inputs_embeds: torch.Tensor | None = None,
+        state_journal: StateJournal | None = None,
     ) -> torch.Tensor:
         if kv_caches is not None and len(kv_caches) != len(self.layers):
             raise ValueError(f"kv_caches must have one entry per layer ({len(self.layers)}: paged KV tensors at "
                              f"full-attention layers, LinearAttentionState at linear ones), got {len(kv_caches)}")
-        index = _StateIndex.from_batch(batch, kv_caches is not None)
+        index = _StateIndex.from_batch(batch, kv_caches is not None, state_journal)
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         for i, layer in enumerate(self.layers):
             x = layer(x, positions, batch, None if kv_caches is None else kv_caches[i], index)
@@ -356,7 +478,9 @@ class Qwen3NextForCausalLM(nn.Module):
         self.args = args
         self.model = Qwen3NextModel(args)
         self.lm_head = None if args.tie_word_embeddings else nn.Linear(args.hidden_size, args.vocab_size, bias=False)
-        ignored = [r"mtp\..*"]  # multi-token-prediction head: used for speculation later, not by forward
+        # The multi-token-prediction head is not part of forward: qwen3_next_mtp.load_mtp_head attaches it as
+        # `self.mtp` when speculative decoding asks for it.
+        ignored = [r"mtp\..*"]
         if args.tie_word_embeddings:
             ignored.append(r"lm_head\.weight")
         self.ignored_checkpoint_patterns: tuple[str, ...] = tuple(ignored)
@@ -367,8 +491,9 @@ class Qwen3NextForCausalLM(nn.Module):
         positions: torch.Tensor,
         batch: AttentionBatch,
         kv_caches: list[LayerCache] | None,
+        state_journal: StateJournal | None = None,
     ) -> torch.Tensor:
-        return self.model(input_ids, positions, batch, kv_caches)
+        return self.model(input_ids, positions, batch, kv_caches, state_journal=state_journal)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.lm_head is None:
@@ -400,4 +525,4 @@ class Qwen3NextForCausalLM(nn.Module):
         return a.layer_types.count("linear_attention") * (conv + rec)
 
 
-__all__ = ["Qwen3NextArgs", "Qwen3NextForCausalLM", "LinearAttentionState"]
+__all__ = ["Qwen3NextArgs", "Qwen3NextForCausalLM", "LinearAttentionState", "StateJournal"]
