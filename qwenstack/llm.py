@@ -44,14 +44,21 @@ class LoadedModel:
 
 
 def load(model: str | Path | None = None, *, dtype: str | torch.dtype | None = None, device: str | None = None,
-         quantization: str | None = None) -> LoadedModel:
+         quantization: str | None = None, speculative: bool = False) -> LoadedModel:
+    """speculative: also load the multi-token-prediction head (Qwen3-Next's mtp.*) that drafts for
+    EngineConfig.speculative_tokens; a checkpoint without one is then an error."""
     if model is None:
         print(DEMO_NOTICE, flush=True)
         model = DEMO_MODEL_DIR
     path = resolve_model(model)
     device = device or default_device()
     config = read_config(path)
-    weights = load_model(path, dtype=parse_dtype(dtype) if dtype is not None else torch.bfloat16, device=device)
+    torch_dtype = parse_dtype(dtype) if dtype is not None else torch.bfloat16
+    weights = load_model(path, dtype=torch_dtype, device=device)
+    if speculative:
+        from qwenstack.models.qwen3_next_mtp import load_mtp_head
+
+        load_mtp_head(weights, path, torch_dtype, device)
     if quantization:
         from qwenstack.quantization import quantize_model
 
@@ -73,7 +80,8 @@ class LLM:
         quantization: str | None = None,
         **engine_options: Any,
     ) -> None:
-        self.loaded = load(model, dtype=dtype, device=device, quantization=quantization)
+        self.loaded = load(model, dtype=dtype, device=device, quantization=quantization,
+                           speculative=engine_options.get("speculative_tokens", 0) > 0)
         config = EngineConfig(max_model_len=max_model_len, enable_prefix_caching=enable_prefix_caching, **engine_options)
         if kv_cache_memory is not None:
             config.kv_cache_memory = kv_cache_memory

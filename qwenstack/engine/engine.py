@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
@@ -26,6 +27,7 @@ from qwenstack.engine.outputs import CompletionOutput, RequestMetrics, RequestOu
 from qwenstack.engine.params import SamplingParams
 from qwenstack.engine.runner import ModelRunner, kv_pool_blocks
 from qwenstack.engine.scheduler import Scheduler, SchedulerConfig
+from qwenstack.engine.speculative import SpeculativeRunner, speculative_pool_blocks
 from qwenstack.engine.sequence import PositionLogprobs, Sequence, SequenceStatus
 from qwenstack.errors import RequestError
 from qwenstack.models.base import CausalLM, MultimodalModel
@@ -47,6 +49,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
     seed: int = 0
+    speculative_tokens: int = 0  # k > 0: draft k tokens per step with the model's MTP head (engine/speculative.py)
     encoder_cache_memory: int = DEFAULT_ENCODER_CACHE_MEMORY  # bytes of cached image encodings (vision models)
 
 
@@ -79,10 +82,15 @@ class LLMEngine:
         self.decoder = decoder
         self.eos_token_ids = tuple(eos_token_ids)
         param = next(model.parameters())  # type: ignore[attr-defined]
-        num_blocks = kv_pool_blocks(model, self.config.kv_cache_memory, self.config.block_size, param.dtype)
+        spec_k = self.config.speculative_tokens
+        if spec_k < 0:
+            raise ValueError(f"speculative_tokens must be >= 0, got {spec_k}")
+        pool_blocks = speculative_pool_blocks if spec_k else kv_pool_blocks  # the MTP layer's KV shares each block
+        num_blocks = pool_blocks(model, self.config.kv_cache_memory, self.config.block_size, param.dtype)
         if num_blocks < 2:
             raise ValueError(f"kv_cache_memory={self.config.kv_cache_memory} bytes holds fewer than 2 KV blocks")
-        self.runner = ModelRunner(model, num_blocks, self.config.block_size, seed=self.config.seed,
+        runner_cls: Any = partial(SpeculativeRunner, speculative_tokens=spec_k) if spec_k else ModelRunner
+        self.runner = runner_cls(model, num_blocks, self.config.block_size, seed=self.config.seed,
                                   num_state_slots=self.config.max_num_seqs,
                                   encoder_cache_memory=self.config.encoder_cache_memory)
         prefix_caching = self.config.enable_prefix_caching
@@ -95,6 +103,8 @@ class LLMEngine:
                                 self.config.enable_chunked_prefill)
         self.scheduler = Scheduler(sched, self.block_manager, extra_keys=self._block_extra_keys)
         self.scheduler.on_release = self.runner.release_state_slot
+        if isinstance(self.runner, SpeculativeRunner):
+            self.runner.bind(self.block_manager, self.config.max_num_batched_tokens)
         pool_tokens = num_blocks * self.config.block_size
         model_len = context_len or getattr(model.args, "max_position_embeddings", pool_tokens)
         self.max_model_len = min(self.config.max_model_len or model_len, model_len, pool_tokens)
@@ -202,7 +212,13 @@ class LLMEngine:
                 entries = result.prompt_logprobs[seq.seq_id]
                 first = seq.num_computed_tokens - n + 1
                 request.prompt_logprobs[first:first + len(entries)] = entries
-            if seq.seq_id in result.sampled:
+            for token, logprobs in result.accepted.get(seq.seq_id, ()):  # speculative decoding: accepted drafts
+                if seq.is_finished:
+                    break
+                self._append_token(request, seq, token, logprobs, now)
+                seq.num_computed_tokens += 1  # the draft's KV and recurrent state were kept
+                touched[request.request_id] = request
+            if seq.seq_id in result.sampled and not seq.is_finished:
                 token, logprobs = result.sampled[seq.seq_id]
                 self._append_token(request, seq, token, logprobs, now)
                 touched[request.request_id] = request
@@ -275,7 +291,7 @@ class LLMEngine:
 
     def stats(self) -> dict[str, Any]:
         bm = self.block_manager
-        return {
+        stats = {
             "num_running": sum(1 for s in self.scheduler.running if s.status == SequenceStatus.RUNNING),
             "num_waiting": len(self.scheduler.waiting),
             "kv_usage": bm.usage(),
@@ -285,6 +301,10 @@ class LLMEngine:
             "generation_tokens": self.counters.generation_tokens,
             "preemptions": self.counters.preemptions,
         }
+        if isinstance(self.runner, SpeculativeRunner):  # acceptance rate = accepted / draft tokens
+            stats["spec_draft_tokens"] = self.runner.stats.drafted
+            stats["spec_accepted_tokens"] = self.runner.stats.accepted
+        return stats
 
     def generate_all(self, prompts: list[list[int]], params: list[SamplingParams],
                      multimodal: list[MultimodalInputs | None] | None = None) -> list[RequestOutput]:

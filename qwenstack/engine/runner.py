@@ -14,7 +14,7 @@ Decisions:
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -30,6 +30,8 @@ from qwenstack.models.base import CausalLM, MultimodalModel, RecurrentStateModel
 class StepResult:
     sampled: dict[int, tuple[int, PositionLogprobs | None]]  # seq_id -> (token, logprobs)
     prompt_logprobs: dict[int, list[PositionLogprobs]]  # seq_id -> logprobs of prompt tokens computed this step
+    # Speculative decoding (engine/speculative.py): seq_id -> accepted draft tokens, emitted before `sampled`.
+    accepted: dict[int, list[tuple[int, PositionLogprobs | None]]] = field(default_factory=dict)
 
 
 def kv_pool_blocks(model: CausalLM, memory_bytes: int, block_size: int, dtype: torch.dtype) -> int:

@@ -34,6 +34,7 @@ class ModelSpec:
     max_waiting: int = 1024  # beyond this, requests get 429 with Retry-After
     enable_prefix_caching: bool = True
     seed: int = 0
+    speculative_tokens: int = 0  # --speculative-tokens K: MTP drafts per step (Qwen3-Next checkpoints with mtp.*)
 
 
 @dataclass

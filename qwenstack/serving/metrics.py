@@ -50,6 +50,9 @@ class _EngineCollector(Collector):
             "prompt_tokens": ("Prompt tokens admitted.", "prompt_tokens"),
             "generation_tokens": ("Tokens generated.", "generation_tokens"),
             "num_preemptions": ("Sequences preempted for lack of KV blocks.", "preemptions"),
+            # speculative decoding (acceptance rate = accepted / draft tokens); 0 when it is off
+            "spec_decode_num_draft_tokens": ("Draft tokens verified.", "spec_draft_tokens"),
+            "spec_decode_num_accepted_tokens": ("Draft tokens accepted.", "spec_accepted_tokens"),
         }
         families: dict[str, Metric] = {}
         for name, (doc, _) in gauges.items():

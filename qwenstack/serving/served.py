@@ -77,11 +77,13 @@ def build_served_model(name: str, model: Any, tokenizer: Tokenizer, engine_confi
 def load_served_model(spec: ModelSpec, kv_cache_memory: int) -> ServedModel:
     from qwenstack.llm import load
 
-    loaded = load(spec.model, dtype=spec.dtype, device=spec.device, quantization=spec.quantization)
+    loaded = load(spec.model, dtype=spec.dtype, device=spec.device, quantization=spec.quantization,
+                  speculative=spec.speculative_tokens > 0)
     config = EngineConfig(
         block_size=spec.block_size, kv_cache_memory=kv_cache_memory, max_model_len=spec.max_model_len,
         max_num_seqs=spec.max_num_seqs, max_num_batched_tokens=spec.max_num_batched_tokens,
         max_waiting=spec.max_waiting, enable_prefix_caching=spec.enable_prefix_caching, seed=spec.seed,
+        speculative_tokens=spec.speculative_tokens,
     )
     return build_served_model(expected_name(spec), loaded.model, loaded.tokenizer, config, loaded.config,
                               loaded.path)

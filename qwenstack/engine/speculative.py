@@ -1,0 +1,399 @@
+"""Speculative decoding with Qwen3-Next's multi-token-prediction head (EngineConfig.speculative_tokens = k > 0).
+
+One engine step for a decoding sequence whose last token t_L is not yet in the cache, with drafts d_1..d_k
+from the previous step:
+
+  verify   the main model runs [t_L, d_1..d_k] in ONE pass (query length k+1; the drafts' KV lands in the
+           sequence's blocks like any token). Row j's logits are the target distribution p_j of the token
+           after d_j (after t_L for j = 0).
+  accept   greedy: while d_{j+1} == argmax p_j, then p_a's argmax. Sampling: the standard rule (Leviathan et
+           al. 2023; Chen et al. 2023): accept d_{j+1} with probability min(1, p_j(d)/q_j(d)); on rejection
+           draw from normalize(max(0, p_j - q_j)) and stop; when all k are accepted draw a bonus token from
+           p_k. Every emitted token is then distributed exactly as without speculation. p and q are the
+           sampler's own distributions (penalties, min_tokens, temperature, top-k/top-p/min-p applied with
+           the drafts so far counted as output).
+  roll back the KV of rejected positions needs nothing: num_computed_tokens advances by 1 + accepted, and
+           those slots are overwritten later. The linear-attention state must end exactly at the accepted
+           length, so the verify pass runs with a StateJournal (qwenstack.models.qwen3_next): the drafting
+           sequences' slots stay untouched during the pass, each linear layer records the per-token inputs
+           of the delta rule, and commit(1 + accepted) replays the recurrent form from the untouched state
+           over the kept tokens only. Chosen over keeping every per-token state (k+1 copies of a 2 MB-per-
+           layer state for the 80B) and over snapshot-and-rerun-the-model (a second main pass).
+  draft    the MTP head catches up on the positions the main model just kept: at position j it reads
+           (h_j, t_{j+1}) and writes its own KV there (prefill chunks too, so its cache covers the prompt).
+           Its output at the last kept position gives d'_1 (argmax for greedy sequences, sampled from q
+           otherwise); d'_2..d'_k come from feeding its own hidden state and draft back, one token per pass.
+           The drafts wait in seq.extras until the next step verifies them; the blocks they will need are
+           taken now, only from free blocks beyond a small reserve, so speculation never preempts anyone.
+
+Sequences with logits processors (structured output, thinking budgets) keep their processors' state in
+step with the emitted tokens, so they decode without drafts. Drafts are capped by the step's token budget
+(max_num_batched_tokens) and by max_tokens. With a seed, a run is reproducible, but its tokens differ from
+a run without speculation (the same distribution, another draw).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from qwenstack.engine.block_manager import BlockManager
+from qwenstack.engine.runner import ModelRunner, StepResult
+from qwenstack.engine.sampler import SampleRequest, apply_penalties, filter_logits, sample, token_logprobs
+from qwenstack.engine.scheduler import ScheduledBatch
+from qwenstack.engine.sequence import PositionLogprobs, Sequence
+from qwenstack.models.attention import AttentionBatch
+from qwenstack.models.base import CausalLM
+
+DRAFT_KEY = "spec_draft"  # seq.extras entry holding the pending drafts
+
+
+@dataclass
+class Draft:
+    at: int  # seq.num_tokens the drafts continue from: they are tokens at, at + 1, ...
+    tokens: list[int]
+    probs: list[torch.Tensor] | None  # q rows [V] each token was sampled from; None for greedy sequences
+
+
+@dataclass
+class _Drafting:
+    """A sequence drafting at the end of this step."""
+
+    seq: Sequence
+    new: list[int]  # its tokens emitted this step (not yet appended by the engine)
+    want: int  # drafts to make
+    position: int  # where the first chained pass runs: the position after the last kept one
+    row: int  # the head's output row at the last kept position
+    tokens: list[int] = field(default_factory=list)
+    probs: list[torch.Tensor] = field(default_factory=list)
+
+
+@dataclass
+class SpeculativeStats:
+    drafted: int = 0  # draft tokens verified by the main model
+    accepted: int = 0  # of which accepted
+    verify_passes: int = 0  # sequence-steps that verified at least one draft
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+
+def mtp_head(model: CausalLM) -> "torch.nn.Module":
+    head = getattr(model, "mtp", None)
+    if head is None:
+        raise ValueError("speculative_tokens > 0 needs the model's multi-token-prediction head: load the model "
+                         "with speculation on (qwenstack.llm.load(..., speculative=True) or "
+                         "qwenstack.models.qwen3_next_mtp.load_mtp_head)")
+    return head
+
+
+def speculative_pool_blocks(model: CausalLM, memory_bytes: int, block_size: int, dtype: torch.dtype) -> int:
+    """KV blocks in the budget when every block also holds the MTP layer's keys and values."""
+    per_token = model.kv_cache_spec().bytes_per_token(dtype) + mtp_head(model).kv_cache_spec().bytes_per_token(dtype)
+    return max(0, memory_bytes // max(per_token * block_size, 1))
+
+
+def _uniform(generator: torch.Generator) -> float:
+    return float(torch.rand((), generator=generator))
+
+
+def _draw(probs: torch.Tensor, generator: torch.Generator) -> int:
+    # Exponential race, as the sampler does; noise drawn on the generator's device.
+    noise = torch.empty(probs.shape, device=generator.device).exponential_(1.0, generator=generator)
+    return int((probs / noise.to(probs.device)).argmax())
+
+
+class SpeculativeRunner(ModelRunner):
+    """ModelRunner.execute plus drafts: verify, accept, roll the state back, draft the next ones."""
+
+    def __init__(self, model: CausalLM, num_blocks: int, block_size: int, *, speculative_tokens: int,
+                 **options: Any) -> None:
+        if speculative_tokens < 1:
+            raise ValueError(f"speculative_tokens must be >= 1 for a SpeculativeRunner, got {speculative_tokens}")
+        self.head = mtp_head(model)
+        super().__init__(model, num_blocks, block_size, **options)  # seed, num_state_slots, ...
+        if not self.has_state:
+            raise ValueError("MTP speculation is implemented for Qwen3-Next (a model with recurrent state)")
+        spec = self.head.kv_cache_spec()
+        shape = (2, num_blocks, block_size, spec.num_kv_heads, spec.head_dim)
+        self.mtp_kv = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.k = speculative_tokens
+        self.stats = SpeculativeStats()
+        self.block_manager: BlockManager | None = None
+        self.max_num_batched_tokens: int | None = None
+
+    def bind(self, block_manager: BlockManager, max_num_batched_tokens: int) -> None:
+        """The engine's block pool (drafts take blocks ahead) and its step budget (drafts count against it)."""
+        self.block_manager = block_manager
+        self.max_num_batched_tokens = max_num_batched_tokens
+
+    def kv_cache_bytes(self) -> int:
+        return super().kv_cache_bytes() + self.mtp_kv.numel() * self.mtp_kv.element_size()
+
+    # --- one step -----------------------------------------------------------------------------------
+
+    def _drafts_to_verify(self, step: ScheduledBatch) -> list[list[int]]:
+        budget = (self.max_num_batched_tokens or step.num_tokens) - step.num_tokens
+        out = []
+        for seq, n in zip(step.seqs, step.num_new_tokens):
+            draft = seq.extras.pop(DRAFT_KEY, None)
+            take = 0
+            if draft is not None and draft.at == seq.num_tokens and seq.num_computed_tokens + n == seq.num_tokens \
+                    and n == 1:
+                room = len(seq.block_table) * self.block_size - seq.num_tokens  # blocks taken when drafting
+                take = max(0, min(len(draft.tokens), budget, room, seq.max_tokens - len(seq.output_token_ids) - 1))
+                budget -= take
+                if take:
+                    seq.extras[DRAFT_KEY] = Draft(draft.at, draft.tokens[:take],
+                                                  None if draft.probs is None else draft.probs[:take])
+            out.append(draft.tokens[:take] if take else [])
+        return out
+
+    @torch.inference_mode()
+    def execute(self, step: ScheduledBatch) -> StepResult:
+        drafts = self._drafts_to_verify(step)
+        ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        query_lens, context_lens, row_starts = [], [], []
+        prompt_rows: list[tuple[Sequence, int, int]] = []
+        row = 0
+        for seq, n, d in zip(step.seqs, step.num_new_tokens, drafts):
+            start = seq.num_computed_tokens
+            end = start + n
+            tokens = seq.all_token_ids
+            m = n + len(d)
+            ids.extend(tokens[start:end] + d)
+            positions.extend(range(start, start + m))
+            slots.extend(self._slots(seq, start, start + m))
+            query_lens.append(m)
+            context_lens.append(start + m)
+            row_starts.append(row)
+            if seq.params.prompt_logprobs is not None:
+                for p in range(start, min(end, seq.num_prompt_tokens - 1)):
+                    prompt_rows.append((seq, row + p - start, tokens[p + 1]))
+            row += m
+        dev = self.device
+        batch = self._batch(step.seqs, query_lens, context_lens, slots)
+        batch.state_slots = torch.tensor([self._state_slot(s) for s in step.seqs], dtype=torch.long, device=dev)
+        deferred = [i for i, d in enumerate(drafts) if d]
+        journal = None
+        kwargs = {}
+        if deferred:
+            from qwenstack.models.qwen3_next import StateJournal
+
+            journal = StateJournal(deferred)
+            kwargs["state_journal"] = journal
+        hidden = self.model.forward(torch.tensor(ids, dtype=torch.long, device=dev),
+                                    torch.tensor(positions, dtype=torch.long, device=dev),
+                                    batch, self.layer_caches, **kwargs)
+
+        # Logit rows: every verified row of a drafting sequence, the last row of others that reach their end.
+        sample_idx = [i for i, (s, n) in enumerate(zip(step.seqs, step.num_new_tokens))
+                      if s.num_computed_tokens + n == s.num_tokens]
+        logit_rows: list[int] = []
+        for i in sample_idx:
+            logit_rows.extend(range(row_starts[i] + query_lens[i] - 1 - len(drafts[i]), row_starts[i] + query_lens[i]))
+        logit_rows += [r for _, r, _ in prompt_rows]
+        result = StepResult({}, {})
+        logits = None
+        if logit_rows:
+            logits = self.model.compute_logits(hidden[torch.tensor(logit_rows, device=dev)]).float()
+        new_tokens: dict[int, list[int]] = {}
+        argmax = logits.argmax(-1).tolist() if logits is not None else []  # one sync for every greedy row
+        at = 0
+        plain = []  # (batch index, logits row) of sequences sampled the ordinary way
+        for i in sample_idx:
+            seq, d = step.seqs[i], drafts[i]
+            assert logits is not None
+            if d:
+                emitted = self._verify(seq, d, logits[at : at + len(d) + 1], argmax[at : at + len(d) + 1])
+                *accepted, last = emitted
+                result.accepted[seq.seq_id] = accepted
+                result.sampled[seq.seq_id] = last
+                new_tokens[i] = [t for t, _ in emitted]
+                self.stats.drafted += len(d)
+                self.stats.accepted += len(accepted)
+                self.stats.verify_passes += 1
+            else:
+                plain.append((i, at))
+            at += len(d) + 1
+        if plain:
+            seqs = [step.seqs[i] for i, _ in plain]
+            tokens, lps = sample(logits[[r for _, r in plain]], [self._request(s, []) for s in seqs],  # type: ignore[index]
+                                 self.generator)
+            for (i, _), s, t, lp in zip(plain, seqs, tokens, lps):
+                result.sampled[s.seq_id] = (t, lp)
+                new_tokens[i] = [t]
+        if prompt_rows:
+            assert logits is not None
+            log_probs = torch.log_softmax(logits[at:], dim=-1)
+            for (s, _, target), lp in zip(prompt_rows, log_probs):
+                top = s.params.prompt_logprobs or 0
+                result.prompt_logprobs.setdefault(s.seq_id, []).append(token_logprobs(lp, target, top))
+        kept = [n + (len(new_tokens.get(i, [])) - 1 if drafts[i] else 0)
+                for i, n in enumerate(step.num_new_tokens)]
+        if journal is not None:
+            journal.commit([kept[i] for i in deferred])
+        self._propose(step, hidden, row_starts, kept, new_tokens)
+        return result
+
+    def _batch(self, seqs: list[Sequence], query_lens: list[int], context_lens: list[int],
+               slots: list[int]) -> AttentionBatch:
+        width = max(len(s.block_table) for s in seqs)
+        tables = [s.block_table + [0] * (width - len(s.block_table)) for s in seqs]
+        dev = self.device
+        return AttentionBatch(query_lens, context_lens, slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
+                              block_tables=torch.tensor(tables, dtype=torch.long, device=dev),
+                              block_size=self.block_size)
+
+    # --- acceptance ---------------------------------------------------------------------------------
+
+    @staticmethod
+    def _request(seq: Sequence, extra: list[int]) -> SampleRequest:
+        """The sampler's view of seq with `extra` (drafts) counted as already generated."""
+        output = seq.output_token_ids + extra
+        block = list(seq.eos_token_ids) + seq.params.stop_token_ids if len(output) < seq.params.min_tokens else []
+        return SampleRequest(seq.params, seq.prompt_token_ids, output, seq.generator, block)
+
+    @staticmethod
+    def _is_plain(request: SampleRequest) -> bool:
+        """Nothing to apply before the choice: a greedy row's token is its raw argmax."""
+        return not request.block_eos and not request.params.needs_penalties
+
+    def _greedy(self, row: torch.Tensor, request: SampleRequest, argmax: int) -> int:
+        return argmax if self._is_plain(request) else int(self._processed(row, request).argmax())
+
+    @staticmethod
+    def _processed(row: torch.Tensor, request: SampleRequest) -> torch.Tensor:
+        """sample_row's pipeline up to the choice (no logits processors: such sequences never draft)."""
+        logits = row.clone()
+        if request.block_eos:
+            logits[request.block_eos] = float("-inf")
+        if request.params.needs_penalties:
+            logits = apply_penalties(logits, request.params, request.prompt_token_ids, request.output_token_ids)
+        return logits
+
+    def _distribution(self, row: torch.Tensor, request: SampleRequest) -> torch.Tensor:
+        return filter_logits(self._processed(row, request), request.params).softmax(-1)
+
+    def _verify(self, seq: Sequence, drafts: list[int], logits: torch.Tensor,
+                argmax: list[int]) -> list[tuple[int, PositionLogprobs | None]]:
+        """logits [k+1, V]: row j is the target after drafts[:j] (argmax[j] its raw argmax). Returns the
+        emitted tokens (at least one)."""
+        draft: Draft = seq.extras.pop(DRAFT_KEY)
+        greedy = seq.params.greedy
+        generator = seq.generator or self.generator
+        chosen: list[int] = []
+        for j in range(len(drafts) + 1):
+            request = self._request(seq, drafts[:j])
+            if greedy:
+                target = self._greedy(logits[j], request, argmax[j])
+                if j < len(drafts) and drafts[j] == target:
+                    chosen.append(target)
+                    continue
+                chosen.append(target)
+                break
+            p = self._distribution(logits[j], request)
+            if j == len(drafts):  # every draft accepted: the bonus token
+                chosen.append(_draw(p, generator))
+                break
+            assert draft.probs is not None
+            q, d = draft.probs[j].to(p.device), drafts[j]
+            if _uniform(generator) * float(q[d]) < float(p[d]):
+                chosen.append(d)
+                continue
+            residual = (p - q).clamp_min(0)
+            chosen.append(_draw(residual if float(residual.sum()) > 0 else p, generator))
+            break
+        top = seq.params.logprobs
+        return [(t, None if top is None else token_logprobs(torch.log_softmax(logits[j], -1), t, top))
+                for j, t in enumerate(chosen)]
+
+    # --- drafting -----------------------------------------------------------------------------------
+
+    def _propose(self, step: ScheduledBatch, hidden: torch.Tensor, row_starts: list[int], kept: list[int],
+                 new_tokens: dict[int, list[int]]) -> None:
+        """MTP catch-up over the kept positions of every sequence, then drafts for those that sampled."""
+        members = [i for i, s in enumerate(step.seqs) if not s.params.logits_processors]
+        if not members:
+            return
+        dev = self.device
+        ids, positions, slots, rows, qlens, clens = [], [], [], [], [], []
+        for i in members:
+            seq, start = step.seqs[i], step.seqs[i].num_computed_tokens
+            future = seq.all_token_ids + new_tokens.get(i, [])
+            ids.extend(future[start + 1 : start + kept[i] + 1])
+            positions.extend(range(start, start + kept[i]))
+            slots.extend(self._slots(seq, start, start + kept[i]))
+            rows.extend(range(row_starts[i], row_starts[i] + kept[i]))
+            qlens.append(kept[i])
+            clens.append(start + kept[i])
+        seqs = [step.seqs[i] for i in members]
+        batch = self._batch(seqs, qlens, clens, slots)
+        out = self.head(self.model.model.embed_tokens(torch.tensor(ids, dtype=torch.long, device=dev)),  # type: ignore[attr-defined]
+                        hidden[torch.tensor(rows, device=dev)], torch.tensor(positions, dtype=torch.long, device=dev),
+                        batch, self.mtp_kv)
+        # Sequences that sampled draft; each takes the blocks its next verify needs (num_tokens + drafts).
+        drafting: list[_Drafting] = []
+        reserve = len(step.seqs)
+        last_row = 0
+        for j, i in enumerate(members):
+            last_row += qlens[j]
+            seq = step.seqs[i]
+            if i not in new_tokens:
+                continue
+            new = new_tokens[i]
+            want = min(self.k, seq.max_tokens - len(seq.output_token_ids) - len(new) - 1)
+            want = self._reserve_blocks(seq, seq.num_tokens + len(new), want, reserve)
+            if want > 0:
+                drafting.append(_Drafting(seq, new, want, clens[j], last_row - 1))
+        if not drafting:
+            return
+        h = out[torch.tensor([d.row for d in drafting], device=dev)]  # [D, H]: row r of h is active[r]
+        active = list(range(len(drafting)))
+        for r in range(max(d.want for d in drafting)):
+            if r > 0:  # chained: the head's own hidden state and last draft, one position further
+                keep = [n for n, a in enumerate(active) if drafting[a].want > r]
+                active = [active[n] for n in keep]
+                seqs = [drafting[a].seq for a in active]
+                pos = [drafting[a].position + r - 1 for a in active]
+                batch = self._batch(seqs, [1] * len(active), [p + 1 for p in pos],
+                                    [self._slots(s, p, p + 1)[0] for s, p in zip(seqs, pos)])
+                prev = torch.tensor([drafting[a].tokens[-1] for a in active], dtype=torch.long, device=dev)
+                h = self.head(self.model.model.embed_tokens(prev), h[keep],  # type: ignore[attr-defined]
+                              torch.tensor(pos, dtype=torch.long, device=dev), batch, self.mtp_kv)
+            logits = self.model.compute_logits(h).float()
+            for row_logits, a, top in zip(logits, active, logits.argmax(-1).tolist()):
+                d = drafting[a]
+                request = self._request(d.seq, d.new + d.tokens)
+                if d.seq.params.greedy:
+                    d.tokens.append(self._greedy(row_logits, request, top))
+                else:
+                    q = self._distribution(row_logits, request)
+                    d.tokens.append(_draw(q, d.seq.generator or self.generator))
+                    d.probs.append(q)
+        for d in drafting:
+            d.seq.extras[DRAFT_KEY] = Draft(d.seq.num_tokens + len(d.new), d.tokens,
+                                            None if d.seq.params.greedy else d.probs)
+
+    def _reserve_blocks(self, seq: Sequence, num_tokens: int, want: int, reserve: int) -> int:
+        """Takes blocks for the next verify (num_tokens + want tokens) from free blocks beyond `reserve`;
+        returns how many drafts fit."""
+        bm = self.block_manager
+        if bm is None:
+            return 0
+        while want > 0:
+            need = bm.blocks_needed(num_tokens + want) - len(seq.block_table)
+            if need <= 0:
+                return want
+            if bm.num_free_blocks - need >= reserve:
+                bm.grow(seq.block_table, num_tokens + want)
+                return want
+            want -= 1
+        return 0
+
+
+__all__ = ["SpeculativeRunner", "SpeculativeStats", "speculative_pool_blocks", "Draft"]
