@@ -381,3 +381,19 @@ def test_logprobs_and_metrics_with_speculation(copy_mtp: Path) -> None:
     drafted = families["qwenstack:spec_decode_num_draft_tokens"].samples[0].value
     accepted = families["qwenstack:spec_decode_num_accepted_tokens"].samples[0].value
     assert drafted == engine.runner.stats.drafted > accepted == engine.runner.stats.accepted > 0
+
+
+def test_sequences_with_logits_processors_decode_without_drafts(copy_mtp: Path) -> None:
+    """A processor (structured output, thinking budget) sees every emitted token in order: no drafts for it."""
+    seen: list[int] = []
+
+    def processor(output: list[int], logits: torch.Tensor) -> torch.Tensor:
+        seen.append(len(output))
+        return logits
+
+    engine = make_engine(copy_mtp, 2)
+    params = [dataclasses.replace(GREEDY, logits_processors=[processor]), GREEDY]
+    outs = engine.generate_all(PROMPTS[1:3], params)
+    assert [o.outputs[0].token_ids for o in outs] == reference(copy_mtp)[1:3]
+    assert seen == list(range(GREEDY.max_tokens or 0))  # called once per token, in order
+    assert engine.stats()["spec_draft_tokens"] > 0  # the other sequence still speculated
