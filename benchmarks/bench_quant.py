@@ -1,0 +1,161 @@
+"""Single-stream decode per weight format (bfloat16, int8, int4) against transformers bfloat16 and against
+the memory-bandwidth bound of each format's bytes; the planner's estimate beside each; and the quality
+table (perplexity, KL, greedy agreement) of the demo model.
+
+    python benchmarks/make_checkpoint.py qwen3-0.6b /tmp/bench/qwen3-0.6b
+    QWENSTACK_BENCH_THREADS=16 python benchmarks/bench_quant.py /tmp/bench/qwen3-0.6b --name qwen3-0.6b
+    python benchmarks/make_checkpoint.py qwen3-30b-a3b-4l /tmp/bench/qwen3-30b-a3b-4l
+    QWENSTACK_BENCH_THREADS=16 python benchmarks/bench_quant.py /tmp/bench/qwen3-30b-a3b-4l --name qwen3-30b-a3b-4l --no-quality
+    qwenstack bench report benchmarks/out
+
+Writes benchmarks/out/quant-NAME.json and quant-NAME.md. Definitions:
+- decode tok/s: greedy tokens after the first, per second of engine steps, one sequence, 16-token prompt;
+- bound: the stream read bandwidth measured in this run / weight bytes one decode step reads in that
+  format (qwenstack.quantization.decode_weight_bytes: every tensor but the embedding lookup, experts at
+  top_k/num_experts); "fraction of bound" = decode / bound;
+- planner expected: `qwenstack plan`'s estimate for the same config, format and context (bytes at the
+  decode-kernel rates measured once per thread count and cached in ~/.cache/qwenstack/bandwidth.json;
+  `qwenstack plan MODEL --refresh-bandwidth` measures again);
+- quality: qwenstack.quality.evaluate_quality on the demo model (or --quality-model), bfloat16 baseline.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_engine import hf_decode, make_engine, random_prompt  # noqa: E402
+from common import OUT_DIR, read_bandwidth, save, threads  # noqa: E402
+
+from qwenstack.engine.params import SamplingParams  # noqa: E402
+from qwenstack.models.registry import load_model  # noqa: E402
+from qwenstack.quantization import decode_weight_bytes, quantize_model  # noqa: E402
+
+DEMO = Path(__file__).resolve().parents[1] / "qwenstack" / "assets" / "demo-model"
+
+
+def decode_tok_s(model: torch.nn.Module, prompt: list[int], new_tokens: int) -> float:
+    """Single-sequence greedy decode speed through the engine (tokens after the first, per second)."""
+    engine = make_engine(model, kv_cache_memory=256 * 2**20)
+    engine.add_request("d", prompt, SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True))
+    stamps = []
+    while engine.has_unfinished_requests():
+        engine.step()
+        stamps.append(time.perf_counter())
+    return (len(stamps) - 1) / (stamps[-1] - stamps[0])
+
+
+def planner_expected(model_dir: Path, level: str, context: int) -> float | None:
+    from qwenstack.bandwidth import cpu_bandwidth
+    from qwenstack.planner import find_config, make_plan
+
+    plan = make_plan(find_config(str(model_dir)), context, 1, None if level == "bfloat16" else level, "bfloat16",
+                     cpu_bandwidth(), short_context=context)
+    return plan.speeds[-1].expected_tok_s if plan.speeds else None
+
+
+def markdown(results: dict[str, Any]) -> str:
+    lines = [f"## Single-stream decode per weight format: {results['model']}", "",
+             f"{results['machine']['threads']} threads, read bandwidth {results['read_bandwidth_gb_s']:.1f} GB/s, "
+             f"{results['decode_tokens']} greedy tokens after a {results['prompt_tokens']}-token prompt.", "",
+             "| level | decode tok/s | weights read MiB/token | bound tok/s | fraction of bound | planner expected tok/s "
+             "| x transformers bf16 |", "|---|---|---|---|---|---|---|"]
+    for d in results["decode"]:
+        def cell(key: str, fmt: str) -> str:
+            return format(d[key], fmt) if d.get(key) is not None else "-"
+        lines.append(f"| {d['level']} | {cell('tok_s', '.2f')} | {cell('weight_mib_per_token', '.1f')} | "
+                     f"{cell('bound_tok_s', '.2f')} | {cell('fraction_of_bound', '.0%')} | "
+                     f"{cell('planner_expected_tok_s', '.2f')} | {cell('vs_transformers', '.2f')} |")
+    if "quality" in results:
+        from qwenstack.quality import LevelQuality, QualityReport
+
+        q = dict(results["quality"])
+        q.pop("kind", None)
+        report = QualityReport(**{**q, "levels": [LevelQuality(**row) for row in q["levels"]]})
+        lines += ["", f"### Quality: {report.describe()}", "", report.table()]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="decode per weight format + quality table")
+    parser.add_argument("model_dir", type=Path)
+    parser.add_argument("--name", required=True)
+    parser.add_argument("--levels", default="bfloat16,int8,int4", help="bfloat16 and quantization methods")
+    parser.add_argument("--decode-tokens", type=int, default=48)
+    parser.add_argument("--no-transformers", action="store_true")
+    parser.add_argument("--no-quality", action="store_true")
+    parser.add_argument("--quality-model", type=Path, default=DEMO)
+    parser.add_argument("--quality-prompts", type=int, default=16)
+    parser.add_argument("--quality-tokens", type=int, default=64)
+    parser.add_argument("--quality-text-tokens", type=int, default=None, help="cap the held-out text (default: all)")
+    args = parser.parse_args()
+    torch.set_num_threads(threads())
+    levels = [level.strip() for level in args.levels.split(",") if level.strip()]
+    prompt = random_prompt(random.Random(0), 16, 100000)
+    bandwidth = read_bandwidth()
+    results: dict[str, Any] = {"kind": "quant", "model": args.name, "read_bandwidth_gb_s": bandwidth / 1e9,
+                               "decode_tokens": args.decode_tokens, "prompt_tokens": len(prompt), "decode": []}
+    for level in levels:
+        model = load_model(args.model_dir, dtype=torch.bfloat16)
+        prompt = [t % model.args.vocab_size for t in prompt]
+        summary = "baseline"
+        if level != "bfloat16":
+            summary = quantize_model(model, level).summary()
+        weight_bytes = decode_weight_bytes(model)
+        decode_tok_s(model, prompt, 4)  # warm up
+        tok_s = decode_tok_s(model, prompt, args.decode_tokens)
+        bound = bandwidth / weight_bytes
+        row = {"level": level, "tok_s": tok_s, "weight_bytes_per_token": weight_bytes,
+               "weight_mib_per_token": weight_bytes / 2**20, "bound_tok_s": bound, "fraction_of_bound": tok_s / bound,
+               "planner_expected_tok_s": planner_expected(args.model_dir, level, len(prompt) + args.decode_tokens),
+               "quantization": summary}
+        if row["planner_expected_tok_s"]:
+            row["planner_over_measured"] = row["planner_expected_tok_s"] / tok_s
+        results["decode"].append(row)
+        print("decode", {k: v for k, v in row.items() if k != "quantization"}, flush=True)
+        del model
+        gc.collect()
+    if not args.no_transformers:
+        import transformers
+
+        hf = transformers.AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.bfloat16).eval()
+        hf_decode(hf, prompt, 4)
+        theirs = hf_decode(hf, prompt, args.decode_tokens)
+        del hf
+        gc.collect()
+        results["decode"].append({"level": "transformers-bf16", "tok_s": theirs})
+        for row in results["decode"][:-1]:
+            row["vs_transformers"] = row["tok_s"] / theirs
+        print("transformers bf16 decode", theirs, flush=True)
+    if not args.no_quality and (args.quality_model / "model.safetensors").is_file():
+        from qwenstack.quality import evaluate_quality
+        from qwenstack.tokenizer import Tokenizer
+
+        reference = load_model(args.quality_model, dtype=torch.bfloat16)
+        tokenizer = Tokenizer.from_dir(args.quality_model)
+        ids = tokenizer.encode((args.quality_model / "heldout.txt").read_text(encoding="utf-8"))
+        if args.quality_text_tokens:
+            ids = ids[:args.quality_text_tokens]
+        context = min(int(getattr(reference.args, "max_position_embeddings", 512)), 512)
+        report = evaluate_quality(reference, ids, [lv for lv in levels if lv != "bfloat16"],
+                                  model_name=args.quality_model.name, context_len=context,
+                                  num_prompts=args.quality_prompts, new_tokens=args.quality_tokens,
+                                  progress=lambda m: print(" ", m, flush=True))
+        results["quality"] = report.to_dict()
+        print(report.table(), flush=True)
+    elif not args.no_quality:
+        print(f"no quality table: {args.quality_model} has no model.safetensors", flush=True)
+    path = save(f"quant-{args.name}", results)
+    (OUT_DIR / f"quant-{args.name}.md").write_text(markdown({**results, "machine": {"threads": threads()}}))
+    print(path)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,96 @@
+"""`qwenstack eval-quality [MODEL] --quantization int8,int4`: what quantization costs in quality
+(perplexity, KL divergence, token agreement against the unquantized model; see qwenstack.quality)."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from qwenstack.commands import Command
+from qwenstack.commands._common import positive_int
+
+ASSISTANT_HEADER = "<|im_start|>assistant\n"
+EPILOG = """examples:
+  qwenstack eval-quality                                   # the demo model on its held-out text
+  qwenstack eval-quality Qwen/Qwen3-0.6B --text wiki.txt --quantization int8,int4,int4-g32 --json q.json
+  qwenstack eval-quality ./my-model --keep lm_head --prompts 32 --tokens 128
+
+Measures, per level, against the same model unquantized in --dtype:
+  perplexity         on the held-out text (windows of --context tokens)
+  mean KL            KL(unquantized || quantized) of the next-token distribution, nats per position
+  top-1 match        positions where both models' most likely next token agree (teacher-forced)
+  greedy agreement   fraction of the --prompts x --tokens greedy tokens equal to the unquantized model's,
+                     each model decoding on its own; plus the mean position of the first divergence"""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = EPILOG
+    parser.add_argument("model", nargs="?", default=None, help="model id or directory (default: the demo model)")
+    parser.add_argument("--quantization", default="int8,int4", metavar="LEVELS",
+                        help="comma-separated levels: int8, int4, int4-g32, ... (default: int8,int4)")
+    parser.add_argument("--text", type=Path, default=None,
+                        help="held-out text file (default: the model folder's heldout.txt, e.g. the demo model's)")
+    parser.add_argument("--prompts", type=positive_int, default=16, help="greedy prompts (default: 16)")
+    parser.add_argument("--tokens", type=positive_int, default=64, help="greedy tokens per prompt (default: 64)")
+    parser.add_argument("--prompt-len", type=positive_int, default=32, help="tokens per prompt (default: 32)")
+    parser.add_argument("--context", type=positive_int, default=None,
+                        help="perplexity window (default: the model's context, at most 512)")
+    parser.add_argument("--max-text-tokens", type=positive_int, default=None,
+                        help="score only the first N tokens of the text (default: all)")
+    parser.add_argument("--prompt-end", default=None, metavar="TEXT",
+                        help="end each prompt on this text (default: the chat assistant header when the text "
+                             "has one, so prompts ask for a reply; 'none': anywhere)")
+    parser.add_argument("--keep", action="append", default=[], metavar="PATTERN",
+                        help="keep matching layers in full precision, e.g. lm_head (repeatable; glob)")
+    parser.add_argument("--dtype", choices=("bfloat16", "float32", "float16"), default="bfloat16",
+                        help="dtype of the baseline and of the activations (default: bfloat16)")
+    parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    parser.add_argument("--json", type=Path, default=None, metavar="OUT", help="also write the results as JSON")
+
+
+def default_text(model_dir: Path) -> Path:
+    path = model_dir / "heldout.txt"
+    if not path.is_file():
+        raise ValueError(f"{model_dir} has no heldout.txt: give a held-out text with --text FILE")
+    return path
+
+
+def run(args: argparse.Namespace) -> int:
+    from qwenstack.llm import load
+    from qwenstack.quality import evaluate_quality
+    from qwenstack.quantization import parse_method
+
+    levels = [level.strip() for level in args.quantization.split(",") if level.strip()]
+    for level in levels:
+        parse_method(level)  # a typo fails before the model loads
+    loaded = load(args.model, dtype=args.dtype, device=args.device)
+    text_path = args.text or default_text(loaded.path)
+    text = text_path.read_text(encoding="utf-8")
+    token_ids = loaded.tokenizer.encode(text)  # special tokens written in the text become their ids
+    if args.max_text_tokens:
+        token_ids = token_ids[:args.max_text_tokens]
+    prompt_end = args.prompt_end
+    if prompt_end is None:
+        prompt_end = ASSISTANT_HEADER if ASSISTANT_HEADER in text else "none"
+    end_ids = None if prompt_end == "none" else loaded.tokenizer.encode(prompt_end.replace("\\n", "\n"))
+    context = args.context or min(int(loaded.config.get("max_position_embeddings") or 512), 512)
+    print(f"Evaluating {loaded.name}: {len(token_ids):,} tokens of {text_path.name}, levels {', '.join(levels)}",
+          file=sys.stderr)
+    report = evaluate_quality(loaded.model, token_ids, levels, model_name=loaded.name, context_len=context,
+                              num_prompts=args.prompts, prompt_len=args.prompt_len, new_tokens=args.tokens,
+                              keep=args.keep, prompt_end=end_ids, prompt_end_text=prompt_end,
+                              progress=lambda m: print(f"  {m}", file=sys.stderr, flush=True))
+    print(report.describe())
+    print()
+    print(report.table())
+    for level in report.levels[1:]:
+        print(f"\n{level.summary}")
+    if args.json is not None:
+        args.json.write_text(json.dumps({**report.to_dict(), "text": str(text_path)}, indent=2) + "\n", encoding="utf-8")
+        print(f"wrote {args.json}", file=sys.stderr)
+    return 0
+
+
+COMMANDS = [Command("eval-quality", "Measure what quantization costs: perplexity, KL and token agreement",
+                    add_arguments, run, order=60)]
