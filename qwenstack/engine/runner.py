@@ -22,7 +22,9 @@ from qwenstack.engine.multimodal import DEFAULT_ENCODER_CACHE_MEMORY, Multimodal
 from qwenstack.engine.sampler import SampleRequest, sample, token_logprobs
 from qwenstack.engine.scheduler import ScheduledBatch
 from qwenstack.engine.sequence import PositionLogprobs, Sequence
+from qwenstack.kernels import paged_decode_available
 from qwenstack.models.attention import AttentionBatch
+from qwenstack.models.cpu_linear import pack_for_cpu
 from qwenstack.models.base import CausalLM, MultimodalModel, RecurrentStateModel, layer_caches
 
 
@@ -58,6 +60,11 @@ class ModelRunner:
             self.free_slots = list(range(num_state_slots))
         self.generator = torch.Generator().manual_seed(seed)
         self.multimodal = MultimodalStep(model, encoder_cache_memory) if isinstance(model, MultimodalModel) else None
+        if self.device.type == "cpu":
+            # Pick the fastest CPU linears (prepacked oneDNN weights when they win here), and build the native
+            # decode kernel now rather than stalling the first request on it.
+            pack_for_cpu(model)  # type: ignore[arg-type]
+            paged_decode_available()
 
     def kv_cache_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.kv_caches)

@@ -11,7 +11,7 @@ Decisions:
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +27,7 @@ class Experts(nn.Module):
         self.num_experts, self.hidden_size, self.intermediate_size = num_experts, hidden_size, intermediate_size
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+        self.packed: dict[str, list[torch.Tensor]] | None = None  # per-expert prepacked CPU weights
 
     def forward(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x [T, H]; expert_ids, weights [T, k] -> [T, H]."""
@@ -53,7 +54,18 @@ class Experts(nn.Module):
     def expert_linear(self, name: str, expert: int, x: torch.Tensor) -> torch.Tensor:
         """x [T, in] @ W[expert].T for W = gate_up_proj or down_proj. Quantized experts
         (qwenstack.quantization.QuantExperts) override this one method and keep forward."""
+        if self.packed is not None:
+            from qwenstack.models.cpu_linear import packed_linear
+
+            return packed_linear(x, self.packed[name][expert])
         return F.linear(x, getattr(self, name)[expert])
+
+    def pack_for_cpu(self, pack: Callable[[torch.Tensor], torch.Tensor]) -> int:
+        """Replaces each expert's matrices by prepacked copies (models/cpu_linear.py) and frees the originals."""
+        self.packed = {name: [pack(w) for w in getattr(self, name)] for name in ("gate_up_proj", "down_proj")}
+        for name in ("gate_up_proj", "down_proj"):
+            setattr(self, name, nn.Parameter(torch.empty(0, dtype=getattr(self, name).dtype), requires_grad=False))
+        return 2 * self.num_experts
 
     def checkpoint_sources(self, prefix: str) -> dict[str, list[list["Source"]]]:
         from qwenstack.weights import Source

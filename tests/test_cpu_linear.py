@@ -1,0 +1,49 @@
+"""Prepacked CPU linears give bit-identical bfloat16 outputs, dense and MoE, tied lm_head included."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from qwenstack.engine.engine import EngineConfig, LLMEngine
+from qwenstack.engine.params import SamplingParams
+from qwenstack.models.base import prompt_logits
+from qwenstack.models.cpu_linear import PackedLinear, pack_for_cpu, packing_supported
+from qwenstack.models.registry import load_model
+from qwenstack.tokenizer import Tokenizer
+
+pytestmark = pytest.mark.skipif(not packing_supported(), reason="this torch build has no oneDNN linear packing")
+
+
+@pytest.mark.parametrize("fixture", ["tiny_qwen3", "tiny_qwen3_moe"])
+def test_packed_logits_are_identical(fixture: str, request: pytest.FixtureRequest) -> None:
+    path: Path = request.getfixturevalue(fixture)
+    model = load_model(path, dtype=torch.bfloat16)
+    ids = torch.tensor([[5, 17, 33, 2, 101, 7, 8, 9]])
+    with torch.inference_mode():
+        before = prompt_logits(model, ids)
+        assert pack_for_cpu(model, force=True) > 0
+        after = prompt_logits(model, ids)
+    assert any(isinstance(m, PackedLinear) for m in model.modules())
+    assert model.lm_head is not None  # a tied model gets its own packed copy of the embedding
+    assert torch.equal(before, after)
+
+
+def test_float32_models_are_left_alone(tiny_qwen3: Path) -> None:
+    model = load_model(tiny_qwen3, dtype=torch.float32)
+    assert pack_for_cpu(model, force=True) == 0
+
+
+def test_engine_output_unchanged_by_packing(tiny_qwen3: Path) -> None:
+    tok = Tokenizer.from_dir(tiny_qwen3)
+    prompts = [[5, 6, 7, 8], [100, 200, 300]]
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    reference = load_model(tiny_qwen3, dtype=torch.bfloat16)
+    from qwenstack.generate import greedy_generate
+
+    want = greedy_generate(reference, prompts, 12)
+    model = load_model(tiny_qwen3, dtype=torch.bfloat16)
+    pack_for_cpu(model, force=True)
+    engine = LLMEngine(model, tok, tok.eos_token_ids, EngineConfig(block_size=4, kv_cache_memory=2**20))
+    assert [o.outputs[0].token_ids for o in engine.generate_all(prompts, [params] * 2)] == want
