@@ -6,7 +6,6 @@ import json
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 from qwenstack.commands import Command
 from qwenstack.commands._common import human_size

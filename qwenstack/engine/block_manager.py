@@ -12,7 +12,7 @@ Decisions:
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Hashable, Sequence as Seq
 
 

@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
-import torch
 
 from qwenstack.engine.block_manager import BlockManager
 from qwenstack.engine.detokenizer import Decoder, IncrementalDetokenizer

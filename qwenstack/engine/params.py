@@ -3,7 +3,7 @@ names the field and the allowed range, never an assert deep in the engine)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from typing import Protocol
 
 import torch
 

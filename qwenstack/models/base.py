@@ -65,6 +65,15 @@ def layer_caches(kv_caches: list[torch.Tensor], states: list[Any | None]) -> lis
     return [next(paged) if state is None else state for state in states]
 
 
+
+def lm_logits(hidden: torch.Tensor, lm_head: Any, embed_tokens: torch.nn.Embedding) -> torch.Tensor:
+    """Vocabulary logits through the lm_head, or through the embedding matrix when the two are tied
+    (lm_head is None)."""
+    if lm_head is None:
+        return torch.nn.functional.linear(hidden, embed_tokens.weight)
+    return lm_head(hidden)
+
+
 def prompt_logits(model: CausalLM, input_ids: torch.Tensor) -> torch.Tensor:
     """Logits [B, S, V] for a batch of equal-length prompts [B, S], no cache (training, scoring, tests)."""
     b, s = input_ids.shape

@@ -10,13 +10,12 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from qwenstack.config import ModelArgs, RopeConfig
 from qwenstack.errors import ConfigError, UnsupportedModelError
 from qwenstack.models.attention import AttentionBatch
-from qwenstack.models.base import KVCacheSpec
+from qwenstack.models.base import KVCacheSpec, lm_logits
 from qwenstack.models.layers import Attention, RMSNorm, RotaryEmbedding, SwiGLU
 
 
@@ -118,9 +117,7 @@ class Qwen3ForCausalLM(nn.Module):
         return self.model(input_ids, positions, batch, kv_caches)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        if self.lm_head is None:
-            return F.linear(hidden, self.model.embed_tokens.weight)
-        return self.lm_head(hidden)
+        return lm_logits(hidden, self.lm_head, self.model.embed_tokens)
 
     def kv_cache_spec(self) -> KVCacheSpec:
         assert self.args.num_key_value_heads is not None and self.args.head_dim is not None

@@ -52,7 +52,7 @@ from torch import nn
 
 from qwenstack.errors import ConfigError
 from qwenstack.models.attention import AttentionBatch, paged_attention
-from qwenstack.models.base import KVCacheSpec
+from qwenstack.models.base import KVCacheSpec, lm_logits
 from qwenstack.models.layers import Attention, RMSNorm, SwiGLU, fused_rows
 from qwenstack.models.linear_attention import (
     causal_conv1d,
@@ -496,9 +496,7 @@ class Qwen3NextForCausalLM(nn.Module):
         return self.model(input_ids, positions, batch, kv_caches, state_journal=state_journal)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        if self.lm_head is None:
-            return F.linear(hidden, self.model.embed_tokens.weight)
-        return self.lm_head(hidden)
+        return lm_logits(hidden, self.lm_head, self.model.embed_tokens)
 
     def kv_cache_spec(self) -> KVCacheSpec:
         """Paged KV for the full-attention layers only; linear layers use make_state_cache."""

@@ -27,13 +27,12 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from qwenstack.config import ModelArgs
 from qwenstack.errors import ConfigError, RequestError
 from qwenstack.models.attention import AttentionBatch
-from qwenstack.models.base import KVCacheSpec
+from qwenstack.models.base import KVCacheSpec, lm_logits
 from qwenstack.models.layers import RotaryEmbedding, SwiGLU
 from qwenstack.models.moe import Experts, SparseMoE
 from qwenstack.models.qwen3 import Qwen3Args, Qwen3Model
@@ -246,9 +245,7 @@ class Qwen3VLForConditionalGeneration(nn.Module):
         return self.model.language_model(input_ids, positions, batch, kv_caches, multimodal=multimodal)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        if self.lm_head is None:
-            return F.linear(hidden, self.model.language_model.embed_tokens.weight)
-        return self.lm_head(hidden)
+        return lm_logits(hidden, self.lm_head, self.model.language_model.embed_tokens)
 
     def kv_cache_spec(self) -> KVCacheSpec:
         text = self.args.text

@@ -46,7 +46,6 @@ from qwenstack.serving.state import get_state, parse, read_json
 from qwenstack.serving.streaming import DONE, sse
 
 if TYPE_CHECKING:
-    from qwenstack.engine.outputs import RequestOutput
     from qwenstack.serving.chat import ChatPlan
     from qwenstack.serving.config import ServerConfig
     from qwenstack.serving.protocol import ChatCompletionResponse
