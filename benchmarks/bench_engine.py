@@ -54,8 +54,11 @@ def weight_bytes_per_token(model: torch.nn.Module) -> int:
     return total
 
 
+KV_CACHE_MEMORY = 3 * 2**30  # bytes; --kv-cache-gib
+
+
 def make_engine(model: torch.nn.Module, **options: Any) -> LLMEngine:
-    config = EngineConfig(kv_cache_memory=options.pop("kv_cache_memory", 3 * 2**30), **options)
+    config = EngineConfig(kv_cache_memory=options.pop("kv_cache_memory", KV_CACHE_MEMORY), **options)
     return LLMEngine(model, IdDecoder(), [], config)
 
 
@@ -139,10 +142,13 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--decode-tokens", type=int, default=48)
     parser.add_argument("--no-transformers", action="store_true")
+    parser.add_argument("--kv-cache-gib", type=float, default=3.0)
     args = parser.parse_args()
     torch.set_num_threads(threads())
     only = set(args.only.split(","))
     model = load_model(args.model_dir, dtype=torch.bfloat16)
+    global KV_CACHE_MEMORY
+    KV_CACHE_MEMORY = int(args.kv_cache_gib * 2**30)
     hf = None
     if not args.no_transformers:
         import transformers
