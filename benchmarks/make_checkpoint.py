@@ -32,7 +32,15 @@ def checkpoint_layout(config: dict) -> list[tuple[str, tuple[int, ...]]]:
 
 def write_random_checkpoint(config: dict, out_dir: Path, dtype: torch.dtype, shard_bytes: int, seed: int = 0,
                             tokenizer_from: Path | None = None) -> Path:
+    """With tokenizer_from, the output rows of ids the tokenizer does not have are zeroed, so the random model
+    only generates decodable tokens (a server benchmark measures text) while keeping the published shape."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    known_vocab = None
+    if tokenizer_from is not None and (tokenizer_from / "tokenizer.json").is_file():
+        from tokenizers import Tokenizer
+
+        known_vocab = Tokenizer.from_file(str(tokenizer_from / "tokenizer.json")).get_vocab_size(with_added_tokens=True)
+    output_rows = "lm_head.weight" if not config.get("tie_word_embeddings") else "model.embed_tokens.weight"
     gen = torch.Generator().manual_seed(seed)
     layout = checkpoint_layout(config)
     shards: list[list[tuple[str, tuple[int, ...]]]] = [[]]
@@ -55,6 +63,8 @@ def write_random_checkpoint(config: dict, out_dir: Path, dtype: torch.dtype, sha
                 t = torch.rand(shape, generator=gen).to(dtype)
             else:
                 t = (torch.randn(shape, generator=gen) * 0.02).to(dtype)
+            if known_vocab is not None and name == output_rows:
+                t[known_vocab:] = 0
             tensors[name] = t
             weight_map[name] = fname
             total += t.numel() * t.element_size()
