@@ -173,7 +173,9 @@ async def send_request(client: Any, spec: BenchSpec, request: BenchRequest) -> R
         return result
     result.latency = time.perf_counter() - result.start
     result.output_tokens = result.output_tokens or chunks
-    result.ok = result.ttft is not None
+    # Tokens that decode to no text (special tokens, an incomplete byte sequence) are still generated work:
+    # a stream whose usage counts them succeeded, it just has no time to first text.
+    result.ok = result.ttft is not None or result.output_tokens > 0
     if not result.ok:
         result.error = "the stream ended without any generated text"
     return result
