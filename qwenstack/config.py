@@ -128,16 +128,23 @@ class ModelArgs:
         """Checks and derived values; subclasses extend it."""
 
 
-def read_config(model_dir: str | Path) -> dict[str, Any]:
-    path = Path(model_dir) / "config.json"
+def read_json_config(model_dir: str | Path, name: str) -> dict[str, Any]:
+    """A JSON object file of a checkpoint (config.json, preprocessor_config.json), or a ConfigError naming it."""
+    path = Path(model_dir) / name
     if not path.is_file():
-        raise ConfigError(f"no config.json in {model_dir}")
+        raise ConfigError(f"no {name} in {model_dir}")
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path} is not valid JSON: {exc}") from None
     if not isinstance(config, dict):
         raise ConfigError(f"{path} must hold a JSON object, found {type(config).__name__}")
+    return config
+
+
+def read_config(model_dir: str | Path) -> dict[str, Any]:
+    config = read_json_config(model_dir, "config.json")
+    path = Path(model_dir) / "config.json"
     if "model_type" not in config:
         raise ConfigError(f"{path} has no 'model_type' field, so the architecture is unknown")
     return config

@@ -19,7 +19,6 @@ from __future__ import annotations
 import base64
 import binascii
 import io
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -103,14 +102,9 @@ class ImageProcessorConfig:
 
     @classmethod
     def from_pretrained(cls, model_dir: str | Path) -> "ImageProcessorConfig":
-        path = Path(model_dir) / "preprocessor_config.json"
-        if not path.is_file():
-            raise ConfigError(f"no preprocessor_config.json in {model_dir}")
-        try:
-            config = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"{path} is not valid JSON: {exc}") from None
-        return cls.from_dict(config)
+        from qwenstack.config import read_json_config
+
+        return cls.from_dict(read_json_config(model_dir, "preprocessor_config.json"))
 
     def validate(self) -> None:
         for name in ("patch_size", "temporal_patch_size", "merge_size", "min_pixels", "max_pixels"):
