@@ -9,7 +9,7 @@ import torch
 from qwenstack.engine.engine import EngineConfig, LLMEngine
 from qwenstack.engine.params import SamplingParams
 from qwenstack.models.base import prompt_logits
-from qwenstack.models.cpu_linear import PackedLinear, pack_for_cpu, packing_supported
+from qwenstack.models.cpu_linear import PackedLinear, prepare_cpu_linears, packing_supported
 from qwenstack.models.registry import load_model
 from qwenstack.tokenizer import Tokenizer
 
@@ -23,7 +23,7 @@ def test_packed_logits_are_identical(fixture: str, request: pytest.FixtureReques
     ids = torch.tensor([[5, 17, 33, 2, 101, 7, 8, 9]])
     with torch.inference_mode():
         before = prompt_logits(model, ids)
-        assert pack_for_cpu(model, force=True) > 0
+        assert prepare_cpu_linears(model, form="packed") > 0
         after = prompt_logits(model, ids)
     assert any(isinstance(m, PackedLinear) for m in model.modules())
     assert model.lm_head is not None  # a tied model gets its own packed copy of the embedding
@@ -32,7 +32,7 @@ def test_packed_logits_are_identical(fixture: str, request: pytest.FixtureReques
 
 def test_float32_models_are_left_alone(tiny_qwen3: Path) -> None:
     model = load_model(tiny_qwen3, dtype=torch.float32)
-    assert pack_for_cpu(model, force=True) == 0
+    assert prepare_cpu_linears(model, form="packed") == 0
 
 
 def test_engine_output_unchanged_by_packing(tiny_qwen3: Path) -> None:
@@ -44,6 +44,6 @@ def test_engine_output_unchanged_by_packing(tiny_qwen3: Path) -> None:
 
     want = greedy_generate(reference, prompts, 12)
     model = load_model(tiny_qwen3, dtype=torch.bfloat16)
-    pack_for_cpu(model, force=True)
+    prepare_cpu_linears(model, form="packed")
     engine = LLMEngine(model, tok, tok.eos_token_ids, EngineConfig(block_size=4, kv_cache_memory=2**20))
     assert [o.outputs[0].token_ids for o in engine.generate_all(prompts, [params] * 2)] == want

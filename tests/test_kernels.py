@@ -1,6 +1,6 @@
 """The native CPU paged decode-attention kernel against the torch reference (gather blocks + SDPA): GQA
 ratios, head sizes, block sizes, lengths around block boundaries, shuffled block tables, every cache dtype,
-thread counts, bad tables, the QWENSTACK_DISABLE_KERNELS switch, and greedy decoding of a tiny model with
+thread counts, bad tables, the switch off (QWENSTACK_DISABLE_KERNELS), and greedy decoding of a tiny model with
 the kernel on and off.
 
 The first test in a fresh environment compiles the kernel (a few seconds; cached in torch's extension
@@ -106,7 +106,7 @@ def test_engine_path_matches_padded_reference(monkeypatch: pytest.MonkeyPatch) -
     batch = AttentionBatch([1] * len(LENGTHS), LENGTHS, block_tables=tables.int(), block_size=16)
     assert kernels.use_paged_decode(q, pool)
     out = _decode_attention(q, pool, batch, 128**-0.5, True)
-    monkeypatch.setenv("QWENSTACK_DISABLE_KERNELS", "1")
+    monkeypatch.setattr(kernels, "kernels_disabled", lambda: True)
     assert not kernels.use_paged_decode(q, pool)
     batch.block_tables = tables  # the gather path indexes with long tables
     expected = _decode_attention(q, pool, batch, 128**-0.5, True)
@@ -163,5 +163,5 @@ def test_greedy_decoding_same_with_and_without_kernel(tiny_qwen3: Path, monkeypa
     monkeypatch.setattr(kernels, "paged_decode_attention", counted)
     with_kernel = greedy_generate(model, prompts, 12, block_size=4)
     assert calls, "the decode steps did not reach the kernel"
-    monkeypatch.setenv("QWENSTACK_DISABLE_KERNELS", "1")
+    monkeypatch.setattr(kernels, "kernels_disabled", lambda: True)
     assert greedy_generate(model, prompts, 12, block_size=4) == with_kernel

@@ -24,7 +24,7 @@ from qwenstack.engine.scheduler import ScheduledBatch
 from qwenstack.engine.sequence import PositionLogprobs, Sequence
 from qwenstack.kernels import paged_decode_available
 from qwenstack.models.attention import AttentionBatch
-from qwenstack.models.cpu_linear import pack_for_cpu
+from qwenstack.models.cpu_linear import prepare_cpu_linears
 from qwenstack.models.base import CausalLM, MultimodalModel, RecurrentStateModel, layer_caches
 
 
@@ -63,7 +63,7 @@ class ModelRunner:
         if self.device.type == "cpu":
             # Pick the fastest CPU linears (prepacked oneDNN weights when they win here), and build the native
             # decode kernel now rather than stalling the first request on it.
-            pack_for_cpu(model)  # type: ignore[arg-type]
+            prepare_cpu_linears(model)  # type: ignore[arg-type]
             paged_decode_available()
 
     def kv_cache_bytes(self) -> int:

@@ -1,4 +1,6 @@
-"""Native CPU kernels, compiled from the C++ next to this file the first time they are needed.
+"""Native CPU kernels, compiled from the C++ next to this file the first time they are needed: paged decode
+attention (paged_attention_cpu.cpp), linear layers for a few activation rows (linear_cpu.cpp) and RMSNorm
+(rms_norm_cpu.cpp).
 
 Decisions:
 - Built with torch.utils.cpp_extension.load (needs a C++ compiler and ninja) into torch's extension cache
@@ -9,11 +11,14 @@ Decisions:
 - SIMD is written with GCC/Clang generic vectors, so the flags pick the instructions. They follow torch's
   own dispatch level (torch.backends.cpu.get_cpu_capability()): AVX512 builds with the AVX-512 F/BW/VL/DQ
   set torch's AVX512 kernels use, AVX2 with AVX2/FMA/F16C, anything else (other x86, ARM) with plain -O3.
+  An AVX512 CPU that also has AVX512-BF16 and AVX512-VNNI (Cooper Lake, Sapphire Rapids and later, Zen 4)
+  builds at its own level, which adds the bfloat16 and int8 dot-product loops of the linear kernel.
   Not -march=native: the level is part of the library name, so a cache shared between machines (NFS home,
   a copied image) never hands one CPU a binary built for another.
 - Availability is decided once per process. A failed build (no compiler, no ninja, no source file) logs
   one line and the callers keep using the pure-torch reference path. QWENSTACK_DISABLE_KERNELS=1 forces
-  that path; it is read at each call, so tests can flip it.
+  that path; it is read once per process (a decode step asks hundreds of times), and tests that flip it
+  patch `kernels_disabled` itself.
 """
 from __future__ import annotations
 
@@ -32,26 +37,60 @@ import torch
 
 log = logging.getLogger(__name__)
 
-_SOURCE = Path(__file__).with_name("paged_attention_cpu.cpp")
+_SOURCES = [Path(__file__).with_name(name) for name in ("paged_attention_cpu.cpp", "linear_cpu.cpp", "rms_norm_cpu.cpp")]
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _ISA_FLAGS = {
     "avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mf16c"],
+    "avx512_bf16": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mf16c",
+                    "-mavx512bf16", "-mavx512vnni"],
+    "avx512_amx": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mf16c",
+                   "-mavx512bf16", "-mavx512vnni", "-mamx-tile", "-mamx-bf16", "-mamx-int8"],
     "avx2": ["-mavx2", "-mfma", "-mf16c"],
 }
 
 
+@functools.cache
 def kernels_disabled() -> bool:
     return os.environ.get("QWENSTACK_DISABLE_KERNELS", "").strip() not in ("", "0")
 
 
+ISA_LEVELS = ("generic", "avx2", "avx512", "avx512_bf16", "avx512_amx")
+
+
 def _isa() -> str:
+    """The build level for this CPU; QWENSTACK_KERNEL_ISA picks a lower one (tests build every level the
+    machine can run, so the loops of each are exercised)."""
+    forced = os.environ.get("QWENSTACK_KERNEL_ISA", "").strip()
+    if forced:
+        if forced not in ISA_LEVELS:
+            raise ValueError(f"QWENSTACK_KERNEL_ISA={forced!r}: expected one of {', '.join(ISA_LEVELS)}")
+        return forced
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return "generic"
     capability = torch.backends.cpu.get_cpu_capability()  # "AVX512", "AVX2", "DEFAULT", ...
+    if capability == "AVX512" and _has_cpu_features("avx512_bf16", "avx512_vnni"):
+        # AMX also needs the kernel's permission to use the tile registers (asked once per process).
+        if _has_cpu_features("amx_tile", "amx_bf16", "amx_int8") and _amx_permitted():
+            return "avx512_amx"
+        return "avx512_bf16"
     return {"AVX512": "avx512", "AVX2": "avx2"}.get(capability, "generic")
 
 
-def _build() -> Callable[..., torch.Tensor]:
+@functools.cache
+def _amx_permitted() -> bool:
+    init_amx = getattr(torch._C._cpu, "_init_amx", None)
+    return bool(init_amx and init_amx())
+
+
+def _has_cpu_features(*names: str) -> bool:
+    get_capabilities = getattr(torch.cpu, "get_capabilities", None)  # torch >= 2.8
+    if get_capabilities is None:
+        return False
+    capabilities = get_capabilities()
+    return all(bool(capabilities.get(name)) for name in names)
+
+
+def _build() -> None:
     from torch.utils import cpp_extension
 
     if shutil.which("ninja") is None:
@@ -65,30 +104,44 @@ def _build() -> Callable[..., torch.Tensor]:
     name = re.sub(r"\W", "_", f"qwenstack_cpu_kernels_{isa}_torch{torch.__version__}")
     cpp_extension.load(
         name=name,
-        sources=[str(_SOURCE)],
+        sources=[str(source) for source in _SOURCES],
         extra_cflags=["-O3", *_ISA_FLAGS.get(isa, [])],
         is_python_module=False,
         verbose=False,
     )
-    return torch.ops.qwenstack.paged_decode_attention
 
 
 @functools.cache
-def _paged_decode_op() -> Callable[..., torch.Tensor] | None:
+def _library_loaded() -> bool:
     start = time.perf_counter()
     try:
-        op = _build()
+        _build()
     except Exception as exc:  # any build or load failure means: use the reference path
         first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        log.warning("native CPU attention kernel unavailable, using the torch path: %s", first_line[:300])
+        log.warning("native CPU kernels unavailable, using the torch path: %s", first_line[:300])
+        return False
+    log.info("native CPU kernels ready (%s, %.1f s)", _isa(), time.perf_counter() - start)
+    return True
+
+
+def _op(name: str) -> Callable[..., torch.Tensor] | None:
+    if kernels_disabled() or not _library_loaded():
         return None
-    log.info("native CPU attention kernel ready (%s, %.1f s)", _isa(), time.perf_counter() - start)
-    return op
+    return _resolved(name)
+
+
+@functools.cache
+def _resolved(name: str) -> Callable[..., torch.Tensor]:
+    return getattr(torch.ops.qwenstack, name).default  # the overload itself: skips a dispatch on each call
+
+
+def _paged_decode_op() -> Callable[..., torch.Tensor] | None:
+    return _op("paged_decode_attention")
 
 
 def paged_decode_available() -> bool:
     """Whether the native decode kernel can be used (builds it on first call unless disabled)."""
-    return not kernels_disabled() and _paged_decode_op() is not None
+    return _paged_decode_op() is not None
 
 
 def use_paged_decode(q: torch.Tensor, kv_cache: torch.Tensor) -> bool:
@@ -115,7 +168,7 @@ def paged_decode_attention(
 ) -> torch.Tensor:  # [B, q_heads, head_dim], q's dtype
     """softmax(q k^T * scale) v for one query token per sequence, reading keys and values from the paged pool
     in place. Query head h uses kv head h // (q_heads // kv_heads); sums are float32."""
-    op = None if kernels_disabled() else _paged_decode_op()
+    op = _paged_decode_op()
     if op is None:
         raise RuntimeError(
             "the native paged attention kernel is not available (see the log and QWENSTACK_DISABLE_KERNELS)"
@@ -123,3 +176,43 @@ def paged_decode_attention(
     if not isinstance(context_lens, torch.Tensor):
         context_lens = torch.tensor(context_lens, dtype=torch.long)
     return op(q, kv_cache, block_tables, context_lens, float(scale))
+
+
+LINEAR_WEIGHT_DTYPES = (torch.bfloat16, torch.float16, torch.int8)
+
+
+def linear_rows_available() -> bool:
+    """Whether the native linear kernel can be used (builds it on first call unless disabled)."""
+    return _op("linear_rows") is not None
+
+
+def linear_rows(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M, K] @ weight[N, K].T, times scales [N] per output column when given (int8 weights), in x's dtype;
+    sums in float32. Reads the weights once whatever M: for a few rows (decoding), not for prefill."""
+    op = _op("linear_rows")
+    if op is None:
+        raise RuntimeError("the native linear kernel is not available (see the log and QWENSTACK_DISABLE_KERNELS)")
+    return op(x, weight, _NO_SCALES if scales is None else scales)
+
+
+_NO_SCALES = torch.empty(0)
+_NORM_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, zero_centered: bool) -> torch.Tensor | None:
+    """RMSNorm over the last dimension as models/layers.RMSNorm computes it, in one native call; None where
+    the kernel does not apply (not CPU, autograd, mixed dtypes, float32, kernels unavailable): use the torch
+    path. float32 stays on torch: its sum of squares in another order moves float32 logits by ~1e-7 per
+    layer, which the parity tests against transformers would see; in 16-bit dtypes the rounding hides it."""
+    if x.device.type != "cpu" or x.dtype != weight.dtype or x.dtype not in _NORM_DTYPES or x.dim() < 1:
+        return None
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        return None
+    op = _op("rms_norm")
+    if op is None:
+        return None
+    shape = x.shape
+    if x.dim() == 3:
+        return op(x, weight, float(eps), zero_centered)
+    rows = x.reshape(1, -1, shape[-1])
+    return op(rows, weight, float(eps), zero_centered).view(shape)

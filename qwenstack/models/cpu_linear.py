@@ -1,30 +1,62 @@
-"""Linears for CPU decode: weights prepacked once in oneDNN's blocked layout.
+"""Linears for CPU decode: the native kernel for a few rows, or weights prepacked in oneDNN's layout.
 
-On CPU, a matrix-vector product through `F.linear` on bfloat16 reads weights well below the memory
-bandwidth; the same product on a weight reordered once by oneDNN (`mkldnn._reorder_linear_weight`, what
-torch.compile's CPU freezing does) runs about three times faster here, with bit-identical bfloat16
-results. Decoding is bound by those reads, so the runner packs a model's linears once when it runs on CPU
-in bfloat16 or float16, after checking on the model's own largest matrix that packing is faster on this
-machine (measure, then pick).
-
-Packing replaces each plain nn.Linear by a PackedLinear (the unpacked weight is freed, so memory does not
-double), gives a tied lm_head its own packed copy of the embedding matrix (the embedding still serves
-lookups), and packs every MoE expert's matrices. Quantized modules are left alone. Packing is the last step
-of preparing a model: the packed weights are opaque, so nothing reads them back.
+Decoding is bound by reading the weights once per step, and on CPU `F.linear` on bfloat16 reads them well
+below the memory bandwidth for a matrix-vector product. Two faster forms, and the runner picks, on the
+model's own largest matrix and this machine, whichever multiplies one row fastest (measure, then pick):
+- native (qwenstack/kernels/linear_cpu.cpp): plain weights; up to NATIVE_MAX_ROWS rows go to our kernel
+  (AVX512-BF16 dot products for one or two rows, AMX tiles above, weight rows prefetched: 19 to 21 GB/s
+  here on the 0.6B shape, the bandwidth a streaming sum reaches), more rows (prefill, large batches) to
+  F.linear's GEMM. Nothing is copied: a tied lm_head multiplies by the embedding matrix itself.
+- packed: each matrix reordered once by oneDNN (`mkldnn._reorder_linear_weight`, what torch.compile's CPU
+  freezing does), bit-identical to F.linear; about 12 GB/s here at one row, and oneDNN's fastest GEMM for
+  many rows. The unpacked weight is freed (memory does not double); a tied lm_head gets its own packed copy
+  of the embedding (the embedding still serves lookups). The packed weights are opaque, so packing is the
+  last step of preparing a model.
+Quantized modules are left alone either way (they have their own kernels).
 """
 from __future__ import annotations
 
 import logging
 import time
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qwenstack import kernels
 from qwenstack.models.moe import Experts
 
 log = logging.getLogger("qwenstack.models")
 PACKABLE_DTYPES = (torch.bfloat16, torch.float16)
+# Above this many rows, F.linear's GEMM beats the native kernel here (bfloat16, 0.6B shape: the kernel is
+# 25% faster than prepacked oneDNN at 1 row, equal at 16, slower from 24).
+NATIVE_MAX_ROWS = 16
+
+
+def native_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear(x, weight, bias), through the native kernel when x has at most NATIVE_MAX_ROWS rows."""
+    rows = x.numel() // max(x.shape[-1], 1)
+    if rows > NATIVE_MAX_ROWS or rows == 0:
+        return F.linear(x, weight, bias)
+    y = kernels.linear_rows(x.reshape(rows, x.shape[-1]), weight).view(*x.shape[:-1], weight.shape[0])
+    return y if bias is None else y + bias
+
+
+class NativeLinear(nn.Module):
+    """An nn.Linear whose few-row products go to the native kernel; shares the weight it is given."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.weight = weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight, requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return native_linear(x, self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, native"
 
 
 def packing_supported() -> bool:
@@ -58,49 +90,58 @@ def _largest_linear(model: nn.Module) -> nn.Linear | None:
     return max(linears, key=lambda m: m.weight.numel(), default=None)
 
 
-def packing_is_faster(weight: torch.Tensor, repeats: int = 5) -> bool:
-    """Times one matrix-vector product both ways on this machine (best of `repeats`)."""
-    x = torch.randn(1, weight.shape[1], dtype=weight.dtype)
-    packed = pack_weight(weight)
-
-    def best(fn) -> float:
+def _best_time(fn: Callable[[], object], repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
         fn()
-        times = []
-        for _ in range(repeats):
-            t = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t)
-        return min(times)
+        times.append(time.perf_counter() - t)
+    return min(times)
 
+
+def fastest_form(weight: torch.Tensor, repeats: int = 5) -> str:
+    """Times one matrix-vector product in each available form on this machine (best of `repeats`):
+    "plain" (F.linear), "packed" (oneDNN) or "native"."""
+    x = torch.randn(1, weight.shape[1], dtype=weight.dtype)
+    candidates: dict[str, Callable[[], object]] = {"plain": lambda: F.linear(x, weight)}
+    if packing_supported():
+        packed = pack_weight(weight)
+        candidates["packed"] = lambda: packed_linear(x, packed)
+    if weight.dtype in kernels.LINEAR_WEIGHT_DTYPES and kernels.linear_rows_available():
+        candidates["native"] = lambda: kernels.linear_rows(x, weight)
     with torch.inference_mode():
-        plain = best(lambda: F.linear(x, weight))
-        prepacked = best(lambda: packed_linear(x, packed))
-    return prepacked < plain
+        times = {form: _best_time(fn, repeats) for form, fn in candidates.items()}
+    return min(times, key=times.__getitem__)
 
 
-def pack_for_cpu(model: nn.Module, force: bool = False) -> int:
-    """Packs the model's linears in place when that is faster here (or always, with force); returns how many
-    matrices were packed."""
+def prepare_cpu_linears(model: nn.Module, form: str | None = None) -> int:
+    """Puts the model's linears in the fastest CPU form here ("native", "packed" or "plain"; `form` forces
+    one); returns how many matrices changed form."""
     params = list(model.parameters())
     if not params or params[0].device.type != "cpu" or params[0].dtype not in PACKABLE_DTYPES:
         return 0
-    if not packing_supported():
-        return 0
     probe = _largest_linear(model)
-    if probe is None or not (force or packing_is_faster(probe.weight)):
-        log.info("prepacked CPU linears are not faster on this machine; keeping F.linear")
+    if probe is None:
         return 0
+    form = form or fastest_form(probe.weight)
+    if form == "packed" and not packing_supported() or form == "native" and not kernels.linear_rows_available():
+        form = "plain"
+    if form == "plain":
+        log.info("F.linear is the fastest CPU linear on this machine; keeping it")
+        return 0
+    wrap = PackedLinear if form == "packed" else NativeLinear
     count = 0
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             if type(child) is nn.Linear:
-                setattr(module, child_name, PackedLinear(child.weight, child.bias))
+                setattr(module, child_name, wrap(child.weight, child.bias))
                 count += 1
             elif type(child) is Experts:
-                count += child.pack_for_cpu(pack_weight)
+                count += child.prepare_for_cpu(form)
     embed = getattr(getattr(model, "model", None), "embed_tokens", None)
     if getattr(model, "lm_head", 0) is None and isinstance(embed, nn.Embedding):
-        model.lm_head = PackedLinear(embed.weight)  # type: ignore[assignment]
+        model.lm_head = wrap(embed.weight)  # type: ignore[assignment]
         count += 1
-    log.info("packed %d CPU linears in oneDNN's blocked layout", count)
+    log.info("%d CPU linears in the %s form", count, form)
     return count

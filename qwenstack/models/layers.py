@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qwenstack import kernels
 from qwenstack.config import RopeConfig
 from qwenstack.models.attention import AttentionBatch, paged_attention
 
@@ -34,6 +35,9 @@ class RMSNorm(nn.Module):
         self.zero_centered = zero_centered
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        native = kernels.rms_norm(x, self.weight, self.eps, self.zero_centered)
+        if native is not None:
+            return native
         dtype = x.dtype
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)

@@ -11,7 +11,7 @@ Decisions:
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +28,7 @@ class Experts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
         self.packed: dict[str, list[torch.Tensor]] | None = None  # per-expert prepacked CPU weights
+        self.native = False  # few-row products through the native CPU kernel (models/cpu_linear.py)
 
     def forward(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x [T, H]; expert_ids, weights [T, k] -> [T, H]."""
@@ -58,11 +59,21 @@ class Experts(nn.Module):
             from qwenstack.models.cpu_linear import packed_linear
 
             return packed_linear(x, self.packed[name][expert])
+        if self.native:
+            from qwenstack.models.cpu_linear import native_linear
+
+            return native_linear(x, getattr(self, name)[expert])
         return F.linear(x, getattr(self, name)[expert])
 
-    def pack_for_cpu(self, pack: Callable[[torch.Tensor], torch.Tensor]) -> int:
-        """Replaces each expert's matrices by prepacked copies (models/cpu_linear.py) and frees the originals."""
-        self.packed = {name: [pack(w) for w in getattr(self, name)] for name in ("gate_up_proj", "down_proj")}
+    def prepare_for_cpu(self, form: str) -> int:
+        """Switches the experts to a CPU linear form of models/cpu_linear.py: "native" (same weights) or
+        "packed" (prepacked copies; the originals are freed). Returns how many matrices changed form."""
+        if form == "native":
+            self.native = True
+            return 2 * self.num_experts
+        from qwenstack.models.cpu_linear import pack_weight
+
+        self.packed = {name: [pack_weight(w) for w in getattr(self, name)] for name in ("gate_up_proj", "down_proj")}
         for name in ("gate_up_proj", "down_proj"):
             setattr(self, name, nn.Parameter(torch.empty(0, dtype=getattr(self, name).dtype), requires_grad=False))
         return 2 * self.num_experts

@@ -1,0 +1,179 @@
+"""The native CPU linear kernel (qwenstack/kernels/linear_cpu.cpp) against float64 references: every weight
+dtype, row counts on both sides of each loop's boundaries (1-2 vector rows, 3+ AMX tiles, 16/32-row tile
+edges), shapes off the 4-row, 16-column and 32-column grids, strided weight slices, thread counts, every
+build level this CPU can run; and models in the native CPU linear form against the plain form."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from qwenstack import kernels
+from qwenstack.models.base import prompt_logits
+from qwenstack.models.cpu_linear import NATIVE_MAX_ROWS, NativeLinear, prepare_cpu_linears
+from qwenstack.models.registry import load_model
+from qwenstack.quantization import quantize_model
+
+ROWS = [1, 2, 3, 5, 16, 17, 33, 70]
+SHAPES = [(64, 96), (100, 128), (33, 64), (48, 40), (256, 1024)]  # (N, K)
+# Relative to the largest |output| of the case: the output is rounded to the activation dtype once.
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def kernel_built() -> None:
+    if kernels.kernels_disabled():
+        pytest.skip("QWENSTACK_DISABLE_KERNELS is set")
+    if not kernels.linear_rows_available():
+        if sys.platform.startswith("linux") and platform.machine() == "x86_64":
+            pytest.fail("the native CPU linear kernel did not build (see the warning logged above)")
+        pytest.skip("the native CPU linear kernel is not available on this platform")
+
+
+def reference(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor | None) -> torch.Tensor:
+    y = x.double() @ w.double().T
+    return y if scales is None else y * scales.double()
+
+
+def check(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor | None = None) -> None:
+    got = kernels.linear_rows(x, w, scales)
+    assert got.dtype == x.dtype and got.shape == (x.shape[0], w.shape[0])
+    want = reference(x, w, scales)
+    # int8: the activations are rounded to int16 (2^-16 of each row's largest), far inside bf16's rounding
+    # but not float32's.
+    rel = max(TOLERANCE[x.dtype], 2e-4) if w.dtype == torch.int8 else TOLERANCE[x.dtype]
+    tol = rel * max(want.abs().max().item(), 1e-6)
+    assert (got.double() - want).abs().max().item() <= tol
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("rows", ROWS)
+def test_float_weights(dtype: torch.dtype, rows: int) -> None:
+    gen = torch.Generator().manual_seed(rows)
+    for n, k in SHAPES:
+        w = torch.randn(n, k, generator=gen).to(dtype)
+        x = torch.randn(rows, k, generator=gen).to(dtype)
+        check(x, w)
+
+
+@pytest.mark.parametrize("x_dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("rows", ROWS)
+def test_int8_weights_with_scales(x_dtype: torch.dtype, rows: int) -> None:
+    gen = torch.Generator().manual_seed(100 + rows)
+    for n, k in SHAPES:
+        w = torch.randint(-128, 128, (n, k), generator=gen, dtype=torch.int8)
+        scales = (torch.rand(n, generator=gen) * 0.01).to(x_dtype)
+        x = (torch.randn(rows, k, generator=gen) * 3).to(x_dtype)
+        check(x, w, scales)
+
+
+def test_zero_rows_and_extreme_rows() -> None:
+    w = torch.randint(-128, 128, (40, 64), dtype=torch.int8)
+    x = torch.zeros(2, 64, dtype=torch.bfloat16)
+    assert torch.equal(kernels.linear_rows(x, w, torch.ones(40)), torch.zeros(2, 40, dtype=torch.bfloat16))
+    x[1, 3] = 1e30  # one huge activation: the row's int16 scale follows it
+    check(x.float(), w, torch.ones(40))
+    assert kernels.linear_rows(torch.zeros(0, 64), w.float()).shape == (0, 40)
+
+
+def test_strided_expert_slice_and_threads() -> None:
+    stack = torch.randn(3, 48, 96).to(torch.bfloat16)
+    x = torch.randn(5, 96).to(torch.bfloat16)
+    check(x, stack[1])
+    rows_view = stack[1][::2]  # every other row: a row stride of two rows
+    check(x, rows_view)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = kernels.linear_rows(x, stack[2])
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, kernels.linear_rows(x, stack[2]))  # the sums' order does not follow the threads
+
+
+def test_bad_arguments_are_errors_not_crashes() -> None:
+    with pytest.raises(RuntimeError, match="columns"):
+        kernels.linear_rows(torch.randn(2, 64), torch.randn(8, 32))
+    with pytest.raises(RuntimeError, match="scales"):
+        kernels.linear_rows(torch.randn(2, 64), torch.randint(-1, 1, (8, 64), dtype=torch.int8), torch.ones(7))
+    with pytest.raises(RuntimeError, match="contiguous"):
+        kernels.linear_rows(torch.randn(2, 64), torch.randn(64, 8).T)
+
+
+LEVEL_CHECK = """
+import json, sys, torch
+from qwenstack import kernels
+ok = kernels.linear_rows_available()
+worst = 0.0
+if ok:
+    gen = torch.Generator().manual_seed(0)
+    for rows in (1, 2, 3, 17):
+        for n, k in ((64, 96), (33, 64), (48, 40)):
+            x = torch.randn(rows, k, generator=gen).to(torch.bfloat16)
+            for w, s in ((torch.randn(n, k, generator=gen).to(torch.bfloat16), None),
+                         (torch.randn(n, k, generator=gen).to(torch.float16), None),
+                         (torch.randint(-128, 128, (n, k), generator=gen, dtype=torch.int8), torch.rand(n) * 0.01)):
+                want = x.double() @ w.double().T * (1 if s is None else s.double())
+                got = kernels.linear_rows(x, w, s).double()
+                worst = max(worst, ((got - want).abs().max() / want.abs().max()).item())
+print(json.dumps({"isa": kernels._isa(), "ok": ok, "worst": worst}))
+"""
+
+
+def test_every_build_level_this_cpu_runs() -> None:
+    """The loops each level compiles (generic vectors, AVX512-BF16/VNNI, AMX) all give the same products."""
+    native = kernels._isa()
+    if native not in kernels.ISA_LEVELS[1:]:
+        pytest.skip("only the generic level exists on this CPU")
+    levels = ["generic", *kernels.ISA_LEVELS[1:kernels.ISA_LEVELS.index(native)]]
+    for level in levels:
+        env = {**os.environ, "QWENSTACK_KERNEL_ISA": level}
+        out = subprocess.run([sys.executable, "-c", LEVEL_CHECK], env=env, capture_output=True, text=True,
+                             timeout=600, check=True)
+        result = json.loads(out.stdout.strip().splitlines()[-1])
+        assert result["isa"] == level and result["ok"], out.stderr[-2000:]
+        assert result["worst"] < 1e-2, (level, result)
+
+
+@pytest.mark.parametrize("fixture", ["tiny_qwen3", "tiny_qwen3_moe"])
+def test_native_form_logits_match_plain(fixture: str, request: pytest.FixtureRequest) -> None:
+    path: Path = request.getfixturevalue(fixture)
+    model = load_model(path, dtype=torch.bfloat16)
+    one_token = torch.tensor([[17]])
+    few = torch.tensor([[5, 17, 33, 2, 101, 7, 8, 9]])  # 8 rows: the AMX loop where the CPU has it
+    with torch.inference_mode():
+        before = [prompt_logits(model, ids).float() for ids in (one_token, few)]
+        assert prepare_cpu_linears(model, form="native") > 0
+        after = [prompt_logits(model, ids).float() for ids in (one_token, few)]
+    assert any(isinstance(m, NativeLinear) for m in model.modules())
+    assert isinstance(model.lm_head, NativeLinear)
+    if model.args.tie_word_embeddings:  # the tied lm_head multiplies by the embedding itself, no copy
+        assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    for b, a in zip(before, after):
+        assert (a - b).abs().max().item() <= 0.05 * b.abs().max().item()
+        assert (a.argmax(-1) == b.argmax(-1)).float().mean().item() >= 0.75
+
+
+def test_native_linear_takes_f_linear_above_the_row_limit() -> None:
+    w = torch.randn(40, 64).to(torch.bfloat16)
+    layer = NativeLinear(w)
+    x = torch.randn(NATIVE_MAX_ROWS + 1, 64).to(torch.bfloat16)
+    assert torch.equal(layer(x), F.linear(x, w))  # bit-identical: the GEMM path
+    assert layer(x[:3]).shape == (3, 40)
+
+
+def test_int8_model_uses_native_kernel_and_stays_close(tiny_qwen3: Path) -> None:
+    base = load_model(tiny_qwen3, dtype=torch.bfloat16)
+    quantized = load_model(tiny_qwen3, dtype=torch.bfloat16)
+    quantize_model(quantized, "int8")
+    ids = torch.tensor([[5, 17, 33, 2]])
+    with torch.inference_mode():
+        a, b = prompt_logits(base, ids).float(), prompt_logits(quantized, ids).float()
+    assert (a - b).abs().max().item() <= 0.1 * a.abs().max().item()
