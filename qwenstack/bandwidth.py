@@ -5,14 +5,22 @@ by bytes per token. Two figures per device:
 - stream: the plain read bandwidth (a sum over a buffer far larger than the caches); divided into the
   bytes per token it gives the bound no implementation can beat;
 - kernels: the rate at which the decode matrix-vector product of each weight format actually consumes
-  weight bytes (bf16 F.linear, torch's int8 and int4 CPU kernels, float32), over matrices cycled so
-  they never stay in cache. A kernel that computes more per byte (int4 unpacking) or uses the cores less
-  well reads slower than the stream; these rates make the planner's "expected" figure.
+  weight bytes, in the form the runtime uses (bfloat16: the faster of F.linear and qwenstack's native
+  kernel, the usual pick of models/cpu_linear.py; int8: the native kernel where it builds, else
+  torch's; int4: torch's; float32: F.linear), over matrices cycled so they never stay in cache. A kernel
+  that computes more per byte (int4 unpacking) or uses the cores less well reads slower than the stream.
+  The rate also depends on the row length (a matrix-vector product over short rows pays more per row):
+  bfloat16 and int8 are measured at 1024 and 4096 columns and `rate(fmt, columns)` interpolates (in
+  log2 of the columns) between them, so a 0.6B model (1024-wide) is not planned at a 4096-wide rate;
+- overhead (CPU): what a decode step costs beyond reading weights (Python, small ops, attention on a
+  short context), measured by decoding with tiny models built in memory: a fixed part per step, a part
+  per layer, and for MoE layers a part per layer and per active expert (qwenstack/step_overhead.py).
+The kernel rates and the overhead make the planner's "expected" figure.
 
 Environment:
 - QWENSTACK_CACHE_DIR: where the cache lives (default ~/.cache/qwenstack).
-- QWENSTACK_BANDWIDTH_GBS: skip measuring; either one number (GB/s for everything) or
-  "stream=20,bfloat16=14,int8=16,int4=12".
+- QWENSTACK_BANDWIDTH_GBS: skip measuring; either one number (GB/s for everything, no overhead) or
+  "stream=20,bfloat16=14,int8=16,int4=12,step_ms=2,layer_ms=0.7,moe_layer_ms=1,expert_ms=0.1".
 The cache is keyed by device, CPU model, torch thread count and torch version: a different thread count
 is a different machine as far as decode speed goes.
 """
@@ -20,6 +28,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 import os
 import platform
 import time
@@ -33,6 +42,12 @@ import torch.nn.functional as F
 CACHE_ENV = "QWENSTACK_CACHE_DIR"
 OVERRIDE_ENV = "QWENSTACK_BANDWIDTH_GBS"
 KERNEL_FORMATS = ("bfloat16", "float32", "int8", "int4")
+OVERHEAD_KEYS = ("step", "layer", "moe_layer", "expert")
+# Part of the cache key: a change in what is measured (or in the kernels measured) invalidates old records.
+MEASUREMENT_VERSION = 3
+# Row lengths the main formats are also measured at ("bfloat16@1024"); the plain key is the default shape's.
+SHORT_ROWS = 1024
+ROW_DEPENDENT_FORMATS = ("bfloat16", "int8")
 
 
 @dataclass
@@ -43,17 +58,36 @@ class Bandwidth:
     threads: int = 0
     measured_at: str = ""
     source: str = "measured"  # measured | cache | environment
+    overhead: dict[str, float] = field(default_factory=dict)  # OVERHEAD_KEYS -> seconds (CPU; empty: none)
 
-    def rate(self, fmt: str) -> float:
-        """Weight bytes per second for a format (int4-g32 reads like int4); the stream rate if unmeasured."""
+    def rate(self, fmt: str, columns: int | None = None) -> float:
+        """Weight bytes per second for a format (int4-g32 reads like int4), for matrices of `columns` input
+        features when the format was measured at two row lengths; the stream rate if unmeasured."""
         base = "int4" if fmt.startswith("int4") else fmt
-        return self.kernels.get(base, self.stream)
+        long_rate = self.kernels.get(base, self.stream)
+        short_rate = self.kernels.get(f"{base}@{SHORT_ROWS}")
+        long_cols = int(self.kernels.get(f"{base}@columns", 0))
+        if columns is None or short_rate is None or long_cols <= SHORT_ROWS:
+            return long_rate
+        t = (math.log2(columns) - math.log2(SHORT_ROWS)) / (math.log2(long_cols) - math.log2(SHORT_ROWS))
+        t = min(max(t, 0.0), 1.0)
+        return short_rate + t * (long_rate - short_rate)
+
+    def step_overhead(self, layers: int, moe_layers: int = 0, experts_per_token: int = 0) -> float:
+        """Seconds a decode step spends beyond reading weights, for a model of this many layers (of which
+        moe_layers are sparse, each running experts_per_token experts, a shared expert counted as one)."""
+        o = self.overhead
+        return (o.get("step", 0.0) + layers * o.get("layer", 0.0)
+                + moe_layers * (o.get("moe_layer", 0.0) + experts_per_token * o.get("expert", 0.0)))
 
     def describe(self) -> str:
-        kernels = ", ".join(f"{k} {v / 1e9:.1f}" for k, v in self.kernels.items())
+        kernels = ", ".join(f"{k} {v / 1e9:.1f}" for k, v in self.kernels.items() if not k.endswith("@columns"))
         origin = {"measured": "measured now", "cache": f"measured {self.measured_at}",
                   "environment": f"from ${OVERRIDE_ENV}"}[self.source]
-        return f"{self.device}: stream read {self.stream / 1e9:.1f} GB/s; decode kernels (GB/s) {kernels} ({origin})"
+        text = f"{self.device}: stream read {self.stream / 1e9:.1f} GB/s; decode kernels (GB/s) {kernels}"
+        if self.overhead:
+            text += "; step overhead (ms) " + ", ".join(f"{k} {v * 1e3:.2f}" for k, v in self.overhead.items())
+        return f"{text} ({origin})"
 
 
 def cache_path() -> Path:
@@ -79,11 +113,15 @@ def _from_environment(device: str) -> Bandwidth | None:
         if "=" not in text:
             value = float(text) * 1e9
             return Bandwidth(device, value, {k: value for k in KERNEL_FORMATS}, torch.get_num_threads(), "", "environment")
-        rates = {k.strip(): float(v) * 1e9 for k, v in (part.split("=") for part in text.split(","))}
+        values = {k.strip(): float(v) for k, v in (part.split("=") for part in text.split(","))}
     except ValueError:
         raise ValueError(f"${OVERRIDE_ENV} must be a number of GB/s or 'stream=20,int8=16,...', got {text!r}") from None
-    stream = rates.pop("stream", None) or max(rates.values())
-    return Bandwidth(device, stream, rates, torch.get_num_threads(), "", "environment")
+    overhead = {k[:-3]: values.pop(k) / 1e3 for k in list(values) if k.endswith("_ms") and k[:-3] in OVERHEAD_KEYS}
+    rates = {k: v * 1e9 for k, v in values.items()}
+    stream = rates.pop("stream", None) or max(rates.values(), default=0.0)
+    if not stream:
+        raise ValueError(f"${OVERRIDE_ENV} names no bandwidth, got {text!r}")
+    return Bandwidth(device, stream, rates, torch.get_num_threads(), "", "environment", overhead)
 
 
 def _best_time(fn: Callable[[], Any], repeats: int) -> float:
@@ -96,48 +134,66 @@ def _best_time(fn: Callable[[], Any], repeats: int) -> float:
     return best
 
 
-def measure_cpu(buffer_mib: int = 512, repeats: int = 3, shape: tuple[int, int] = (4096, 4096)) -> Bandwidth:
-    """Measures now (a few seconds): the stream rate and each format's decode GEMV read rate."""
-    buf = torch.ones(buffer_mib * 2**20 // 4, dtype=torch.float32)
+def measure_cpu(buffer_mib: int = 512, repeats: int = 3, shape: tuple[int, int] = (4096, 4096),
+                overhead: bool = True) -> Bandwidth:
+    """Measures now (a few seconds): the stream rate, each format's decode GEMV read rate and (unless
+    overhead=False) the per-step overhead."""
+    buf = torch.empty(buffer_mib * 2**20 // 4, dtype=torch.float32).uniform_()  # distinct pages (see _distinct)
     stream = buf.numel() * 4 / _best_time(buf.sum, repeats)
     del buf
     n, k = shape
     kernels: dict[str, float] = {}
-    for fmt in KERNEL_FORMATS:
-        weights, matmul = _kernel_weights(fmt, n, k, buffer_mib)
+    shapes = [(fmt, n, k, fmt) for fmt in KERNEL_FORMATS]
+    if k > SHORT_ROWS:
+        shapes += [(fmt, n, SHORT_ROWS, f"{fmt}@{SHORT_ROWS}") for fmt in ROW_DEPENDENT_FORMATS]
+        kernels.update({f"{fmt}@columns": float(k) for fmt in ROW_DEPENDENT_FORMATS})
+    for fmt, rows, columns, key in shapes:
+        weights, matmuls = _kernel_weights(fmt, rows, columns, buffer_mib)
         total = sum(w.numel() * w.element_size() for w in weights)
-
-        def run() -> None:
-            for w in weights:
-                matmul(w)
-
-        kernels[fmt] = total / _best_time(run, repeats)
+        kernels[key] = max(total / _best_time(lambda: [matmul(w) for w in weights], repeats)
+                           for matmul in matmuls)
         del weights
+    step_overhead = {}
+    if overhead:
+        from qwenstack.step_overhead import measure_step_overhead
+
+        step_overhead = measure_step_overhead()
     return Bandwidth("cpu", stream, kernels, torch.get_num_threads(),
-                     datetime.datetime.now().isoformat(timespec="seconds"), "measured")
+                     datetime.datetime.now().isoformat(timespec="seconds"), "measured", step_overhead)
 
 
-def _kernel_weights(fmt: str, n: int, k: int, buffer_mib: int) -> tuple[list[torch.Tensor], Callable[[torch.Tensor], Any]]:
-    """Distinct weight matrices of one format totalling buffer_mib, and the decode product on one of them."""
+def _kernel_weights(fmt: str, n: int, k: int, buffer_mib: int) -> tuple[list[torch.Tensor], list[Callable[[torch.Tensor], Any]]]:
+    """Distinct weight matrices of one format totalling buffer_mib, and the decode products the runtime
+    may use on them (the fastest one counts). Every matrix has its own random contents: copies of one
+    matrix can share physical pages (a hypervisor merging identical pages) and then read from cache."""
+    from qwenstack import kernels
+
+    native = kernels.linear_rows_available()
     if fmt in ("bfloat16", "float32"):
         dtype = getattr(torch, fmt)
-        one = torch.randn(n, k).to(dtype)
         x = torch.randn(1, k, dtype=dtype)
-        return _copies(one, buffer_mib), lambda w: F.linear(x, w)
+        products: list[Callable[[torch.Tensor], Any]] = [lambda w: F.linear(x, w)]
+        if fmt == "bfloat16" and native:
+            products.append(lambda w: kernels.linear_rows(x, w))
+        return _distinct(lambda: torch.empty(n, k, dtype=dtype).uniform_(-1, 1), buffer_mib), products
     x = torch.randn(1, k, dtype=torch.bfloat16)
     if fmt == "int8":
-        one = torch.randint(-128, 128, (n, k), dtype=torch.int8)
         scales = torch.rand(n, dtype=torch.bfloat16)
-        return _copies(one, buffer_mib), lambda w: torch._weight_int8pack_mm(x, w, scales)
+        weights = _distinct(lambda: torch.randint(-128, 128, (n, k), dtype=torch.int8), buffer_mib)
+        if native:  # what quantization/formats.py runs for a few rows
+            return weights, [lambda w: kernels.linear_rows(x, w, scales)]
+        return weights, [lambda w: torch._weight_int8pack_mm(x, w, scales)]
     group = 128
-    one = torch._convert_weight_to_int4pack_for_cpu(torch.randint(0, 16, (n, k), dtype=torch.int32), 2)
     sz = torch.rand(k // group, n, 2, dtype=torch.bfloat16)
-    return _copies(one, buffer_mib), lambda w: torch._weight_int4pack_mm_for_cpu(x, w, group, sz)
+    packed = _distinct(lambda: torch._convert_weight_to_int4pack_for_cpu(
+        torch.randint(0, 16, (n, k), dtype=torch.int32), 2), buffer_mib)
+    return packed, [lambda w: torch._weight_int4pack_mm_for_cpu(x, w, group, sz)]
 
 
-def _copies(one: torch.Tensor, buffer_mib: int) -> list[torch.Tensor]:
-    count = max(2, buffer_mib * 2**20 // (one.numel() * one.element_size()))
-    return [one.clone() for _ in range(count)]
+def _distinct(make: Callable[[], torch.Tensor], buffer_mib: int) -> list[torch.Tensor]:
+    first = make()
+    count = max(2, buffer_mib * 2**20 // (first.numel() * first.element_size()))
+    return [first] + [make() for _ in range(count - 1)]
 
 
 def measure_gpu(index: int = 0, buffer_mib: int = 2048, repeats: int = 5) -> Bandwidth:
@@ -155,7 +211,8 @@ def measure_gpu(index: int = 0, buffer_mib: int = 2048, repeats: int = 5) -> Ban
 
 
 def _cache_key(device: str) -> str:
-    return f"{device}|{cpu_name()}|threads={torch.get_num_threads()}|torch={torch.__version__}"
+    return (f"{device}|{cpu_name()}|threads={torch.get_num_threads()}|torch={torch.__version__}"
+            f"|v{MEASUREMENT_VERSION}")
 
 
 def _cached(key: str, measure: Callable[[], Bandwidth], refresh: bool) -> Bandwidth:

@@ -18,8 +18,9 @@ Decisions:
   KV cache of the sequence at the given context (full-attention layers only), plus for Qwen3-Next the
   fixed linear-attention state (conv state + recurrent state [Hv, Dk, Dv] in float32 per linear layer).
 - Speed: bound = stream read bandwidth / bytes per token; expected = the same bytes at each format's
-  measured decode-kernel rate (qwenstack.bandwidth). Both ignore compute and per-layer overheads, so
-  they overestimate small models whose step is launch- or Python-bound.
+  measured decode-kernel rate (qwenstack.bandwidth), plus the step overhead measured on this CPU for the
+  model's depth, MoE layers and active experts (qwenstack.step_overhead; Qwen3-Next's linear-attention
+  layers counted as dense ones). On a GPU the expected figure is the bound (no overhead is measured).
 """
 from __future__ import annotations
 
@@ -299,13 +300,15 @@ class Plan:
 
 
 def _speeds(weights: WeightBytes, fmt: str, act_dtype: str, kv_per_token: int, state: int, contexts: list[int],
-            bandwidth: Bandwidth) -> list[SpeedEstimate]:
+            bandwidth: Bandwidth, overhead_s: float = 0.0, columns: int | None = None) -> list[SpeedEstimate]:
     out = []
     for ctx in contexts:
         cache_bytes = kv_per_token * ctx + state
         total = weights.read_per_token + cache_bytes
-        # Expected: weights at the format's kernel rate; KV, state and full-precision extras at the stream rate.
-        seconds = weights.read_per_token / bandwidth.rate(fmt) + cache_bytes / bandwidth.stream
+        # Expected: weights at the format's kernel rate; KV, state and full-precision extras at the stream
+        # rate; plus the step's fixed overhead (measured on this machine, CPU only).
+        rate = bandwidth.rate(fmt, columns)
+        seconds = weights.read_per_token / rate + cache_bytes / bandwidth.stream + overhead_s
         out.append(SpeedEstimate(ctx, total, bandwidth.stream / total, 1.0 / seconds))
     return out
 
@@ -330,7 +333,14 @@ def make_plan(source: ConfigSource, context: int | None = None, concurrency: int
     plan = Plan(source.name, config["model_type"], source.origin, source.note, count_parameters(config), act_dtype, fmt,
                 weights, kv_per_token, state, context, concurrency, max_pos, memory or machine_memory(), bandwidth, gpu)
     if bandwidth is not None:
-        plan.speeds = _speeds(weights[fmt], fmt, act_dtype, kv_per_token, state, contexts, bandwidth)
+        layers = int(config.get("num_hidden_layers") or 0)
+        sparse = [m for m in model.modules() if isinstance(m, Experts)]
+        experts = int(config.get("num_experts_per_tok") or 0) + (1 if config.get("shared_expert_intermediate_size") else 0)
+        overhead = bandwidth.step_overhead(layers, len(sparse), experts if sparse else 0)
+        # Most weight bytes sit in matrices whose rows are hidden_size long (q/k/v, gate/up, lm_head).
+        columns = int(config.get("hidden_size") or 0) or None
+        plan.speeds = _speeds(weights[fmt], fmt, act_dtype, kv_per_token, state, contexts, bandwidth, overhead,
+                              columns)
     if gpu is not None:
         plan.gpu_speeds = _speeds(weights[fmt], "stream", act_dtype, kv_per_token, state, contexts, gpu)
     return plan

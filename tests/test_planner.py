@@ -170,12 +170,44 @@ def test_bandwidth_is_measured_once_and_cached(tmp_path: Path, monkeypatch: pyte
     assert (env.source, env.stream, env.rate("int8"), env.rate("bfloat16")) == ("environment", 30e9, 25e9, 30e9)
     monkeypatch.setenv(bw.OVERRIDE_ENV, "12")
     assert bw.cpu_bandwidth().rate("int4") == 12e9
+    monkeypatch.setenv(bw.OVERRIDE_ENV, "stream=20,int8=16,step_ms=2,layer_ms=0.5")
+    env = bw.cpu_bandwidth()
+    assert env.overhead == {"step": 0.002, "layer": 0.0005} and env.rate("int8") == 16e9
 
 
 def test_measure_cpu_runs_every_kernel_small() -> None:
-    result = bw.measure_cpu(buffer_mib=4, repeats=1, shape=(256, 256))
+    result = bw.measure_cpu(buffer_mib=4, repeats=1, shape=(256, 256), overhead=False)
     assert result.stream > 0 and set(result.kernels) == set(bw.KERNEL_FORMATS)
     assert all(v > 0 for v in result.kernels.values())
+    assert result.overhead == {}
+
+
+def test_step_overhead_is_measured_with_tiny_models() -> None:
+    from qwenstack.step_overhead import measure_step_overhead
+
+    o = measure_step_overhead(steps=4)
+    assert set(o) == set(bw.OVERHEAD_KEYS)
+    assert o["step"] >= 0 and o["layer"] > 0 and o["expert"] >= 0
+    # A sparse layer with its top-2 experts costs something, whatever the split between the terms.
+    assert o["layer"] + o["moe_layer"] + 2 * o["expert"] > 0
+
+
+def test_step_overhead_enters_the_expected_speed() -> None:
+    rates = {"bfloat16": 15e9, "int8": 16e9, "int4": 12e9}
+    overhead = {"step": 0.002, "layer": 0.0005, "moe_layer": 0.001, "expert": 0.0001}
+    plain = plan_of(QWEN3_0_6B, context=16, bandwidth=bw.Bandwidth("cpu", 20e9, rates))
+    slowed = plan_of(QWEN3_0_6B, context=16, bandwidth=bw.Bandwidth("cpu", 20e9, rates, overhead=overhead))
+    extra = 1 / slowed.speeds[0].expected_tok_s - 1 / plain.speeds[0].expected_tok_s
+    assert extra == pytest.approx(0.002 + 28 * 0.0005)  # dense: the step and 28 layers
+    assert slowed.speeds[0].bound_tok_s == plain.speeds[0].bound_tok_s  # the bound stays the hardware's
+    moe_plain = plan_of(QWEN3_30B_A3B, context=16, bandwidth=bw.Bandwidth("cpu", 20e9, rates))
+    moe = plan_of(QWEN3_30B_A3B, context=16, bandwidth=bw.Bandwidth("cpu", 20e9, rates, overhead=overhead))
+    extra = 1 / moe.speeds[0].expected_tok_s - 1 / moe_plain.speeds[0].expected_tok_s
+    assert extra == pytest.approx(0.002 + 48 * 0.0005 + 48 * (0.001 + 8 * 0.0001))  # 48 sparse layers, top-8
+    next_plain = plan_of(QWEN3_NEXT_80B, context=16, bandwidth=bw.Bandwidth("cpu", 20e9, rates))
+    nxt = plan_of(QWEN3_NEXT_80B, context=16, bandwidth=bw.Bandwidth("cpu", 20e9, rates, overhead=overhead))
+    extra = 1 / nxt.speeds[0].expected_tok_s - 1 / next_plain.speeds[0].expected_tok_s
+    assert extra == pytest.approx(0.002 + 48 * 0.0005 + 48 * (0.001 + 11 * 0.0001))  # top-10 + the shared expert
 
 
 @pytest.fixture()
