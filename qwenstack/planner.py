@@ -359,29 +359,14 @@ def _format_name(quantization: str | None, act_dtype: str) -> str:
 def measure_decode(model_dir: Path, quantization: str | None, act_dtype: str = "bfloat16",
                    new_tokens: int = 16, prompt_len: int = 8) -> tuple[float, int]:
     """(tokens/s, context at the end) of a short single-stream greedy decode with the engine."""
-    import time
-
-    from qwenstack.engine.engine import EngineConfig, LLMEngine
-    from qwenstack.engine.params import SamplingParams
     from qwenstack.models.registry import load_model
+    from qwenstack.step_overhead import decode_step_times
 
     model = load_model(model_dir, dtype=getattr(torch, act_dtype))
     if quantization and quantization not in _FLOAT_BYTES:
         from qwenstack.quantization import quantize_model
 
         quantize_model(model, quantization)
-
-    class _NoText:
-        def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
-            return ""
-
-    engine = LLMEngine(model, _NoText(), [], EngineConfig(kv_cache_memory=64 * 2**20, max_num_seqs=1))
     prompt = [(7 * i + 3) % model.args.vocab_size for i in range(prompt_len)]
-    params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
-    engine.generate_all([prompt], [SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)])  # warm up
-    engine.add_request("plan", prompt, params)
-    stamps = []
-    while engine.has_unfinished_requests():
-        engine.step()
-        stamps.append(time.perf_counter())
-    return (len(stamps) - 1) / (stamps[-1] - stamps[0]), prompt_len + new_tokens
+    steps = decode_step_times(model, prompt, new_tokens)
+    return len(steps) / sum(steps), prompt_len + new_tokens

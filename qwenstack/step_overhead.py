@@ -40,10 +40,29 @@ def _tiny_config(layers: int, **moe: Any) -> dict[str, Any]:
     return config
 
 
-def _step_seconds(config: dict[str, Any], steps: int, dtype: torch.dtype) -> float:
-    """Median seconds of a one-sequence decode step through the engine."""
+def decode_step_times(model: torch.nn.Module, prompt: list[int], new_tokens: int,
+                      kv_cache_memory: int = 64 * 2**20) -> list[float]:
+    """Seconds of each decode step after the first token of one greedy sequence through the engine (after a
+    short warm-up request), for a model already loaded."""
     from qwenstack.engine.engine import EngineConfig, LLMEngine
     from qwenstack.engine.params import SamplingParams
+
+    class _NoText:
+        def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+            return ""
+
+    engine = LLMEngine(model, _NoText(), [], EngineConfig(kv_cache_memory=kv_cache_memory, max_num_seqs=1))
+    engine.generate_all([prompt], [SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)])  # warm up
+    engine.add_request("timed", prompt, SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True))
+    stamps = []
+    while engine.has_unfinished_requests():
+        engine.step()
+        stamps.append(time.perf_counter())
+    return [b - a for a, b in zip(stamps, stamps[1:])]
+
+
+def _step_seconds(config: dict[str, Any], steps: int, dtype: torch.dtype) -> float:
+    """Median seconds of a one-sequence decode step of a tiny random model built from `config`."""
     from qwenstack.models.registry import build_model
 
     torch.manual_seed(0)
@@ -52,21 +71,7 @@ def _step_seconds(config: dict[str, Any], steps: int, dtype: torch.dtype) -> flo
         for p in model.parameters():
             p.normal_(0.0, 0.02)
     model = model.to(dtype)
-
-    class _NoText:
-        def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
-            return ""
-
-    engine = LLMEngine(model, _NoText(), [], EngineConfig(kv_cache_memory=16 * 2**20, max_num_seqs=1))
-    params = SamplingParams(temperature=0, max_tokens=steps + 1, ignore_eos=True)
-    prompt = list(range(3, 19))
-    engine.generate_all([prompt], [SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)])  # warm up
-    engine.add_request("overhead", prompt, params)
-    stamps = []
-    while engine.has_unfinished_requests():
-        engine.step()
-        stamps.append(time.perf_counter())
-    return statistics.median(b - a for a, b in zip(stamps[1:], stamps[2:]))
+    return statistics.median(decode_step_times(model, list(range(3, 19)), steps + 1, 16 * 2**20))
 
 
 def measure_step_overhead(steps: int = 24, dtype: torch.dtype = torch.bfloat16) -> dict[str, float]:

@@ -89,6 +89,47 @@ def test_other_head_dims(dtype: torch.dtype, head_dim: int) -> None:
     torch.testing.assert_close(out.double(), expected, atol=TOLERANCE[dtype], rtol=0)
 
 
+def prefix_reference(q: torch.Tensor, pool: torch.Tensor, tables: torch.Tensor, lengths: list[int],
+                     query_lens: list[int], scale: float) -> torch.Tensor:
+    """Per sequence: gather its blocks, causal SDPA of its new tokens (the last ones) in float64."""
+    out, start = [], 0
+    for i, (n, m) in enumerate(zip(lengths, query_lens)):
+        k, v = gather_kv(pool, tables[i], n)
+        mask = torch.arange(n)[None, :] <= torch.arange(n - m, n)[:, None]
+        o = F.scaled_dot_product_attention(
+            q[start:start + m].transpose(0, 1).double(), k.transpose(0, 1).double(), v.transpose(0, 1).double(),
+            attn_mask=mask, scale=scale, enable_gqa=True)
+        out.append(o.transpose(0, 1))
+        start += m
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("group", [1, 2, 8])
+@pytest.mark.parametrize("block_size", [4, 16])
+def test_prefix_attention_matches_causal_reference(dtype: torch.dtype, group: int, block_size: int) -> None:
+    """Several new tokens per sequence over a cached prefix (chunks, prefix-cache hits), with decodes (one
+    token) and whole fresh prompts in the same call; contexts on and off block boundaries."""
+    lengths = [1, 5, 16, 17, 40, 300]
+    query_lens = [1, 5, 3, 17, 1, 37]
+    kv_heads, head_dim = 2, 64
+    pool, tables = make_pool(lengths, kv_heads, head_dim, block_size, dtype, seed=group)
+    q = torch.randn(sum(query_lens), kv_heads * group, head_dim).to(dtype)
+    out = kernels.paged_prefix_attention(q, pool, tables, lengths, query_lens, head_dim**-0.5)
+    assert out.dtype == dtype and out.shape == q.shape
+    expected = prefix_reference(q, pool, tables, lengths, query_lens, head_dim**-0.5)
+    torch.testing.assert_close(out.double(), expected, atol=TOLERANCE[dtype], rtol=0)
+
+
+def test_prefix_attention_rejects_inconsistent_lengths() -> None:
+    pool, tables = make_pool([8, 8], 2, 64, 4, torch.float32)
+    q = torch.randn(5, 2, 64)
+    with pytest.raises(RuntimeError, match="add up"):
+        kernels.paged_prefix_attention(q, pool, tables, [8, 8], [2, 2], 1.0)
+    with pytest.raises(RuntimeError, match="query_lens"):
+        kernels.paged_prefix_attention(q, pool, tables, [8, 3], [1, 4], 1.0)
+
+
 @pytest.mark.parametrize("block_size", [1, 4, 7, 32, 33])
 def test_block_sizes(block_size: int) -> None:
     lengths = [1, block_size - 1 or 1, block_size, block_size + 1, 3 * block_size + 5]

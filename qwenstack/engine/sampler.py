@@ -2,7 +2,8 @@
 
 Decisions:
 - Penalties, temperature, top-k, top-p and min-p are applied row by row in float32 (a row is one
-  sequence's distribution); greedy rows skip all of it.
+  sequence's distribution); greedy rows skip all of it, and greedy rows with nothing to apply (no
+  penalty, processor or min_tokens mask) share one batched argmax.
 - A seeded sequence draws from its own torch.Generator, so the same seed gives the same tokens whatever
   else is in the batch. Unseeded rows draw from the engine's generator.
 - Logprobs are those of the model's distribution (log-softmax of the raw logits), as vLLM reports by
@@ -74,6 +75,11 @@ def sample_row(logits: torch.Tensor, request: SampleRequest, default_generator: 
     return int((probs / noise).argmax())
 
 
+def is_plain_greedy(request: SampleRequest) -> bool:
+    params = request.params
+    return params.greedy and not request.block_eos and not params.needs_penalties and not params.logits_processors
+
+
 def token_logprobs(log_probs: torch.Tensor, token: int, top: int) -> PositionLogprobs:
     """The chosen token's logprob and rank, plus the `top` most likely tokens, for one position."""
     chosen = float(log_probs[token])
@@ -91,9 +97,16 @@ def sample(
 ) -> tuple[list[int], list[PositionLogprobs | None]]:
     """logits [B, V] -> one token per row, and its logprobs where asked."""
     logits = logits.float()
+    # Plain greedy rows (nothing rewrites their logits) take one batched argmax; the others are sampled
+    # row by row on a copy, since masks and penalties write into it.
+    plain = [i for i, r in enumerate(requests) if is_plain_greedy(r)]
+    chosen: dict[int, int] = {}
+    if plain:
+        rows = logits if len(plain) == len(requests) else logits[plain]
+        chosen = dict(zip(plain, rows.argmax(-1).tolist()))
     tokens, logprobs = [], []
-    for row, request in zip(logits, requests):
-        token = sample_row(row.clone(), request, default_generator)
+    for i, (row, request) in enumerate(zip(logits, requests)):
+        token = chosen[i] if i in chosen else sample_row(row.clone(), request, default_generator)
         tokens.append(token)
         if request.params.logprobs is not None:
             logprobs.append(token_logprobs(torch.log_softmax(row, -1), token, request.params.logprobs))

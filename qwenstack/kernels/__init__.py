@@ -178,6 +178,29 @@ def paged_decode_attention(
     return op(q, kv_cache, block_tables, context_lens, float(scale))
 
 
+def paged_prefix_attention(
+    q: torch.Tensor,  # [T, q_heads, head_dim]: the new tokens of every sequence, in order
+    kv_cache: torch.Tensor,  # [2, num_blocks, block_size, kv_heads, head_dim]
+    block_tables: torch.Tensor,  # [B, max_blocks]
+    context_lens: list[int],  # [B], the new tokens included
+    query_lens: list[int],  # [B], new tokens per sequence (sum = T)
+    scale: float,
+) -> torch.Tensor:  # [T, q_heads, head_dim], q's dtype
+    """Causal attention of each sequence's new tokens over its whole cached context, read in place: token
+    j of sequence b sees keys [0, context_lens[b] - query_lens[b] + j]."""
+    op = _paged_prefix_op()
+    if op is None:
+        raise RuntimeError(
+            "the native paged attention kernel is not available (see the log and QWENSTACK_DISABLE_KERNELS)"
+        )
+    return op(q, kv_cache, block_tables, torch.tensor(context_lens, dtype=torch.long),
+              torch.tensor(query_lens, dtype=torch.long), float(scale))
+
+
+def _paged_prefix_op() -> Callable[..., torch.Tensor] | None:
+    return _op("paged_prefix_attention")
+
+
 LINEAR_WEIGHT_DTYPES = (torch.bfloat16, torch.float16, torch.int8)
 
 

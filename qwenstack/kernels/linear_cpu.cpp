@@ -24,14 +24,16 @@
 // - int8 with AVX512-VNNI: vpdpwssd on the weights widened to int16 and the activations quantized to int16
 //   per row (symmetric, the row's largest magnitude at 32767: an error of at most 2^-16 of it, far below
 //   bfloat16's own rounding). The generic loop (float32 FMAs) did the same work at two-thirds the speed.
-// - everything else: weights converted to float32 and multiplied with float32 activations, in GCC/Clang
-//   generic vectors as wide as the build flags allow (as paged_attention_cpu.cpp), float16 through F16C.
+// - everything else: weights converted to float32 and multiplied with float32 activations, in the generic
+//   vectors of cpu_vec.h, float16 through F16C.
 // Weight rows are also prefetched in software: the hardware prefetcher alone left about a fifth of the
 // read bandwidth unused here. Threads come from torch's parallel_for.
 #include <torch/csrc/stable/library.h>
 #include <torch/csrc/stable/ops.h>
 #include <torch/csrc/stable/tensor.h>
 #include <torch/headeronly/util/Half.h>
+
+#include "cpu_vec.h"
 
 #include <algorithm>
 #include <cstdint>
@@ -40,7 +42,7 @@
 #include <type_traits>
 #include <vector>
 
-#if defined(__F16C__) || defined(__AVX512F__) || defined(__AMX_TILE__)
+#if defined(__AMX_TILE__)
 #include <immintrin.h>
 #endif
 
@@ -49,16 +51,6 @@ namespace {
 using torch::headeronly::ScalarType;
 using torch::stable::Tensor;
 
-#if defined(__AVX512F__)
-constexpr int64_t W = 16;  // floats per vector
-#elif defined(__AVX2__)
-constexpr int64_t W = 8;
-#else
-constexpr int64_t W = 4;
-#endif
-typedef float vf __attribute__((vector_size(W * sizeof(float))));
-typedef uint32_t vu __attribute__((vector_size(W * sizeof(uint32_t))));
-typedef uint16_t vh __attribute__((vector_size(W * sizeof(uint16_t))));
 typedef int8_t vb __attribute__((vector_size(W * sizeof(int8_t))));
 
 constexpr int64_t ROWS = 4;  // weight rows streamed together
@@ -74,31 +66,7 @@ inline void prefetch_rows(const T* w, int64_t ldw, int64_t R, int64_t k) {
   for (int64_t r = 0; r < R; ++r) __builtin_prefetch(w + r * ldw + k + PREFETCH_BYTES / int64_t(sizeof(T)));
 }
 
-struct Bf16 { uint16_t bits; };
-struct Fp16 { uint16_t bits; };
-
-inline float to_float(float v) { return v; }
-inline float to_float(Bf16 v) {
-  uint32_t u = uint32_t(v.bits) << 16;
-  float f;
-  std::memcpy(&f, &u, sizeof f);
-  return f;
-}
-inline float to_float(Fp16 v) { return c10::detail::fp16_ieee_to_fp32_value(v.bits); }
 inline float to_float(int8_t v) { return float(v); }
-
-// W consecutive weights as float32, in memory order.
-inline vf load_vec(const float* p) {
-  vf v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-
-inline vf load_vec(const Bf16* p) {
-  vh h;
-  std::memcpy(&h, p, sizeof h);
-  return (vf)(__builtin_convertvector(h, vu) << 16);
-}
 
 inline vf load_vec(const int8_t* p) {
   vf v;
@@ -116,37 +84,12 @@ inline vf load_vec(const int8_t* p) {
   return v;
 }
 
-inline vf load_vec(const Fp16* p) {
-  vf v;
-#if defined(__AVX512F__)
-  __m512 x = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-  std::memcpy(&v, &x, sizeof v);
-#elif defined(__AVX2__) && defined(__F16C__)
-  __m256 x = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  std::memcpy(&v, &x, sizeof v);
-#else
-  for (int64_t i = 0; i < W; ++i) v[i] = c10::detail::fp16_ieee_to_fp32_value(p[i].bits);
-#endif
-  return v;
-}
-
 inline float hsum(vf v) {
   float s = 0.f;
   for (int64_t i = 0; i < W; ++i) s += v[i];
   return s;
 }
 
-inline void store(float v, float* p) { *p = v; }
-inline void store(float v, Bf16* p) {  // round to nearest even; NaN stays NaN
-  uint32_t u;
-  std::memcpy(&u, &v, sizeof u);
-  if ((u & 0x7FFFFFFFu) > 0x7F800000u) {
-    p->bits = uint16_t((u >> 16) | 0x40);
-    return;
-  }
-  p->bits = uint16_t((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
-}
-inline void store(float v, Fp16* p) { p->bits = c10::detail::fp16_ieee_from_fp32_value(v); }
 
 // The activation rows in the forms the loops read: float32 always; bfloat16 for the bfloat16 dot-product
 // instruction; int16 with one scale per row for the int8 one.

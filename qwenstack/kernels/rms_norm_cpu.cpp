@@ -12,6 +12,8 @@
 #include <torch/csrc/stable/tensor.h>
 #include <torch/headeronly/util/Half.h>
 
+#include "cpu_vec.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -22,30 +24,6 @@ namespace {
 
 using torch::headeronly::ScalarType;
 using torch::stable::Tensor;
-
-struct Bf16 { uint16_t bits; };
-struct Fp16 { uint16_t bits; };
-
-inline float to_float(float v) { return v; }
-inline float to_float(Bf16 v) {
-  uint32_t u = uint32_t(v.bits) << 16;
-  float f;
-  std::memcpy(&f, &u, sizeof f);
-  return f;
-}
-inline float to_float(Fp16 v) { return c10::detail::fp16_ieee_to_fp32_value(v.bits); }
-
-inline void store(float v, float* p) { *p = v; }
-inline void store(float v, Bf16* p) {  // round to nearest even; NaN stays NaN
-  uint32_t u;
-  std::memcpy(&u, &v, sizeof u);
-  if ((u & 0x7FFFFFFFu) > 0x7F800000u) {
-    p->bits = uint16_t((u >> 16) | 0x40);
-    return;
-  }
-  p->bits = uint16_t((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
-}
-inline void store(float v, Fp16* p) { p->bits = c10::detail::fp16_ieee_from_fp32_value(v); }
 
 template <typename T>
 inline float round_trip(float v) {  // v rounded to T, back in float32

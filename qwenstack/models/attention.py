@@ -13,6 +13,8 @@ Decisions:
 - On CPU the decode step runs the native kernel of qwenstack.kernels, which reads the blocks in place instead
   of gathering them (the gather copies more bytes per step than the weights); the gather path is its
   reference and its fallback (kernel build failed, QWENSTACK_DISABLE_KERNELS=1, autograd, other devices).
+  In mixed batches the same kernel takes every sequence with few new tokens (the decodes beside a
+  prefill chunk, a prompt whose prefix came from the cache), one query row per new token.
 """
 from __future__ import annotations
 
@@ -99,7 +101,10 @@ def paged_attention(
     if batch.is_decode and kv_cache is not None:
         return _decode_attention(q, kv_cache, batch, scale, gqa)
     out = torch.empty_like(q)
+    done = _short_queries_in_place(q, kv_cache, batch, scale, out)
     for i, (q_len, ctx_len) in enumerate(zip(batch.query_lens, batch.context_lens)):
+        if i in done:
+            continue
         start, end = batch.query_starts[i], batch.query_starts[i + 1]
         qi = q[start:end].transpose(0, 1)  # [heads, q_len, head_dim]
         if q_len == ctx_len:
@@ -119,6 +124,34 @@ def paged_attention(
         )
         out[start:end] = oi.transpose(0, 1)
     return out
+
+
+def _short_queries_in_place(
+    q: torch.Tensor, kv_cache: torch.Tensor | None, batch: AttentionBatch, scale: float, out: torch.Tensor
+) -> set[int]:
+    """In a mixed batch, the sequences with at most KERNEL_MAX_QUERY new tokens (decodes beside a prefill
+    chunk, a prompt whose prefix came from the cache, short chunks) go to the native kernel in one call,
+    reading their keys and values in place: no gather per sequence. Writes their rows of `out` and returns
+    their indices (empty when the kernel does not apply)."""
+    if kv_cache is None or batch.block_tables is None or not kernels.use_paged_decode(q, kv_cache):
+        return set()
+    if kv_cache.shape[2] > KERNEL_MAX_BLOCK:
+        return set()
+    seqs = [i for i, n in enumerate(batch.query_lens) if n <= KERNEL_MAX_QUERY]
+    if not seqs:
+        return set()
+    starts = batch.query_starts
+    rows = torch.cat([torch.arange(starts[i], starts[i + 1]) for i in seqs]).to(q.device)
+    tables = batch.block_tables[torch.tensor(seqs, dtype=torch.long, device=q.device)]
+    out[rows] = kernels.paged_prefix_attention(q[rows], kv_cache, tables, [batch.context_lens[i] for i in seqs],
+                                               [batch.query_lens[i] for i in seqs], scale)
+    return set(seqs)
+
+
+# Up to this many new tokens, a sequence's attention runs in the native kernel (every key row loaded once
+# for all its tokens, no gather); longer prompts and chunks go to SDPA's blocked products.
+KERNEL_MAX_QUERY = 64
+KERNEL_MAX_BLOCK = 16  # the multi-token kernel holds one block of scores in registers (the engine's default)
 
 
 def _decode_attention(

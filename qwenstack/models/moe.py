@@ -37,20 +37,21 @@ class Experts(nn.Module):
         order = torch.argsort(flat_ids, stable=True)
         token_of = order // top_k  # which token each sorted (token, slot) pair belongs to
         counts = torch.bincount(flat_ids, minlength=self.num_experts).tolist()
-        sorted_weights = weights.flatten()[order]
-        out = torch.zeros_like(x)
+        # One gather of the inputs in expert order and one weighted scatter-add at the end; the loop over
+        # the experts that received tokens only slices, multiplies and writes its rows.
+        inputs = x[token_of]
+        results = torch.empty_like(inputs)
         start = 0
         for expert, count in enumerate(counts):
             if count == 0:
                 continue
-            rows = token_of[start : start + count]
-            h = self.expert_linear("gate_up_proj", expert, x[rows])
+            end = start + count
+            h = self.expert_linear("gate_up_proj", expert, inputs[start:end])
             gate, up = h.split(self.intermediate_size, dim=-1)
-            h = self.expert_linear("down_proj", expert, F.silu(gate) * up)
-            h = h * sorted_weights[start : start + count, None]
-            out.index_add_(0, rows, h.to(out.dtype))
-            start += count
-        return out
+            results[start:end] = self.expert_linear("down_proj", expert, F.silu(gate) * up)
+            start = end
+        results *= weights.flatten()[order, None].to(results.dtype)
+        return torch.zeros_like(x).index_add_(0, token_of, results)
 
     def expert_linear(self, name: str, expert: int, x: torch.Tensor) -> torch.Tensor:
         """x [T, in] @ W[expert].T for W = gate_up_proj or down_proj. Quantized experts

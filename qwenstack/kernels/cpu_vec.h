@@ -1,0 +1,82 @@
+// What the CPU kernels share: the element types as they sit in memory, conversions to and from float32, and
+// GCC/Clang generic vectors as wide as the build flags allow (16 floats with AVX-512, 8 with AVX2, 4
+// otherwise: SSE2, NEON; see qwenstack/kernels/__init__.py). Wider-than-native vectors are not used: GCC
+// lowers some of their operations (a scalar times a vector) through the stack. Each kernel file includes
+// this once, inside nothing: the definitions live in an unnamed namespace, one copy per file.
+#pragma once
+
+#include <torch/headeronly/util/Half.h>
+
+#include <cstdint>
+#include <cstring>
+
+#if defined(__F16C__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+#if defined(__AVX512F__)
+constexpr int64_t W = 16;  // floats per vector
+#elif defined(__AVX2__)
+constexpr int64_t W = 8;
+#else
+constexpr int64_t W = 4;
+#endif
+typedef float vf __attribute__((vector_size(W * sizeof(float))));
+typedef int32_t vi __attribute__((vector_size(W * sizeof(int32_t))));
+typedef uint32_t vu __attribute__((vector_size(W * sizeof(uint32_t))));
+typedef uint16_t vh __attribute__((vector_size(W * sizeof(uint16_t))));
+
+struct Bf16 { uint16_t bits; };
+struct Fp16 { uint16_t bits; };
+
+inline float to_float(float v) { return v; }
+inline float to_float(Bf16 v) {
+  uint32_t u = uint32_t(v.bits) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+inline float to_float(Fp16 v) { return c10::detail::fp16_ieee_to_fp32_value(v.bits); }
+
+inline void store(float v, float* p) { *p = v; }
+inline void store(float v, Bf16* p) {  // round to nearest even; NaN stays NaN
+  uint32_t u;
+  std::memcpy(&u, &v, sizeof u);
+  if ((u & 0x7FFFFFFFu) > 0x7F800000u) {
+    p->bits = uint16_t((u >> 16) | 0x40);
+    return;
+  }
+  p->bits = uint16_t((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+inline void store(float v, Fp16* p) { p->bits = c10::detail::fp16_ieee_from_fp32_value(v); }
+
+// W consecutive elements as float32, in memory order.
+inline vf load_vec(const float* p) {
+  vf v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+inline vf load_vec(const Bf16* p) {
+  vh h;
+  std::memcpy(&h, p, sizeof h);
+  return (vf)(__builtin_convertvector(h, vu) << 16);
+}
+
+inline vf load_vec(const Fp16* p) {
+  vf v;
+#if defined(__AVX512F__)
+  __m512 x = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  std::memcpy(&v, &x, sizeof v);
+#elif defined(__AVX2__) && defined(__F16C__)
+  __m256 x = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  std::memcpy(&v, &x, sizeof v);
+#else
+  for (int64_t i = 0; i < W; ++i) v[i] = c10::detail::fp16_ieee_to_fp32_value(p[i].bits);
+#endif
+  return v;
+}
+
+}  // namespace
