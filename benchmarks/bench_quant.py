@@ -10,6 +10,7 @@ table (perplexity, KL, greedy agreement) of the demo model.
 
 Writes benchmarks/out/quant-NAME.json and quant-NAME.md. Definitions:
 - decode tok/s: greedy tokens after the first, per second of engine steps, one sequence, 16-token prompt;
+  the median of --repeats runs, the formats (and transformers) timed in turn in each round;
 - bound: the stream read bandwidth measured in this run / weight bytes one decode step reads in that
   format (qwenstack.quantization.decode_weight_bytes: every tensor but the embedding lookup, experts at
   top_k/num_experts); "fraction of bound" = decode / bound;
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 import gc
 import random
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -89,6 +91,7 @@ def main() -> None:
     parser.add_argument("--name", required=True)
     parser.add_argument("--levels", default="bfloat16,int8,int4", help="bfloat16 and quantization methods")
     parser.add_argument("--decode-tokens", type=int, default=48)
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per format, interleaved; medians reported")
     parser.add_argument("--no-transformers", action="store_true")
     parser.add_argument("--no-quality", action="store_true")
     parser.add_argument("--quality-model", type=Path, default=DEMO)
@@ -102,38 +105,54 @@ def main() -> None:
     bandwidth = read_bandwidth()
     results: dict[str, Any] = {"kind": "quant", "model": args.name, "read_bandwidth_gb_s": bandwidth / 1e9,
                                "decode_tokens": args.decode_tokens, "prompt_tokens": len(prompt), "decode": []}
+    # Every format is loaded first, then each is timed `--repeats` times in turn (transformers too), and the
+    # medians are reported: the shared VM's bandwidth drifts by 20-30% within minutes, and interleaving
+    # spreads that drift over every format instead of charging it to whichever ran at a bad moment.
+    models: dict[str, Any] = {}
+    summaries: dict[str, Any] = {}
+    weight_bytes: dict[str, int] = {}
     for level in levels:
         model = load_model(args.model_dir, dtype=torch.bfloat16)
-        prompt = [t % model.args.vocab_size for t in prompt]
-        summary = "baseline"
-        if level != "bfloat16":
-            summary = quantize_model(model, level).summary()
-        weight_bytes = decode_weight_bytes(model)
-        decode_tok_s(model, prompt, 4)  # warm up
-        tok_s = decode_tok_s(model, prompt, args.decode_tokens)
-        bound = bandwidth / weight_bytes
-        row = {"level": level, "tok_s": tok_s, "weight_bytes_per_token": weight_bytes,
-               "weight_mib_per_token": weight_bytes / 2**20, "bound_tok_s": bound, "fraction_of_bound": tok_s / bound,
-               "planner_expected_tok_s": planner_expected(args.model_dir, level, len(prompt) + args.decode_tokens),
-               "quantization": summary}
-        if row["planner_expected_tok_s"]:
-            row["planner_over_measured"] = row["planner_expected_tok_s"] / tok_s
-        results["decode"].append(row)
-        print("decode", {k: v for k, v in row.items() if k != "quantization"}, flush=True)
-        del model
-        gc.collect()
+        summaries[level] = "baseline" if level == "bfloat16" else quantize_model(model, level).summary()
+        weight_bytes[level] = decode_weight_bytes(model)  # before the engine puts the linears in CPU form
+        models[level] = model
+    prompt = [t % next(iter(models.values())).args.vocab_size for t in prompt]
+    hf = None
     if not args.no_transformers:
         import transformers
 
         hf = transformers.AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.bfloat16).eval()
         hf_decode(hf, prompt, 4)
-        theirs = hf_decode(hf, prompt, args.decode_tokens)
+    for model in models.values():
+        decode_tok_s(model, prompt, 4)  # warm up
+    runs: dict[str, list[float]] = {level: [] for level in [*levels, "transformers-bf16"]}
+    for _ in range(args.repeats):
+        for level, model in models.items():
+            runs[level].append(decode_tok_s(model, prompt, args.decode_tokens))
+        if hf is not None:
+            runs["transformers-bf16"].append(hf_decode(hf, prompt, args.decode_tokens))
+    for level in models:
+        tok_s = statistics.median(runs[level])
+        bound = bandwidth / weight_bytes[level]
+        row = {"level": level, "tok_s": tok_s, "runs_tok_s": runs[level], "weight_bytes_per_token": weight_bytes[level],
+               "weight_mib_per_token": weight_bytes[level] / 2**20, "bound_tok_s": bound,
+               "fraction_of_bound": tok_s / bound,
+               "planner_expected_tok_s": planner_expected(args.model_dir, level, len(prompt) + args.decode_tokens),
+               "quantization": summaries[level]}
+        if row["planner_expected_tok_s"]:
+            row["planner_over_measured"] = row["planner_expected_tok_s"] / tok_s
+        results["decode"].append(row)
+        print("decode", {k: v for k, v in row.items() if k != "quantization"}, flush=True)
+    del models
+    gc.collect()
+    if hf is not None:
+        theirs = statistics.median(runs["transformers-bf16"])
         del hf
         gc.collect()
-        results["decode"].append({"level": "transformers-bf16", "tok_s": theirs})
+        results["decode"].append({"level": "transformers-bf16", "tok_s": theirs, "runs_tok_s": runs["transformers-bf16"]})
         for row in results["decode"][:-1]:
             row["vs_transformers"] = row["tok_s"] / theirs
-        print("transformers bf16 decode", theirs, flush=True)
+        print("transformers bf16 decode", theirs, runs["transformers-bf16"], flush=True)
     if not args.no_quality and (args.quality_model / "model.safetensors").is_file():
         from qwenstack.quality import evaluate_quality
         from qwenstack.tokenizer import Tokenizer
