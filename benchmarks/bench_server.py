@@ -77,7 +77,9 @@ def main() -> None:
                              "--dtype", "bfloat16", "--max-num-seqs", str(args.concurrency), "--no-ui"], env=env)
     try:
         wait_healthy(base, proc)
-        spec = BenchSpec(base, str(args.model_dir.resolve().name), args.concurrency, endpoint="completions")
+        # Greedy, as the offline run below: the same workload on both sides (the server default samples).
+        spec = BenchSpec(base, str(args.model_dir.resolve().name), args.concurrency, endpoint="completions",
+                         temperature=0.0)
         results, duration = asyncio.run(run_benchmark(spec, requests))
         metrics = compute_metrics(results, duration)
         print(format_table(metrics), flush=True)

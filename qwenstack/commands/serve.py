@@ -7,7 +7,6 @@ values, so it can be tested and printed without importing torch's side of the se
 from __future__ import annotations
 
 import argparse
-import os
 from typing import TYPE_CHECKING, Any
 
 from qwenstack.commands import Command
@@ -154,9 +153,6 @@ def server_config(values: dict[str, Any]) -> "ServerConfig":
 
 
 def run(args: argparse.Namespace) -> int:
-    # Before torch loads OpenMP: its idle worker threads sleep instead of spinning, which would take the
-    # cores from the event loop that streams the tokens (an explicit OMP_WAIT_POLICY is kept).
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     config = server_config(serve_config_from_args(args))
     from qwenstack.serving.app import run_server
 
