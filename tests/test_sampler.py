@@ -1,0 +1,42 @@
+"""The sampler on synthetic logits: batched greedy rows equal per-row argmax beside sampled and penalised
+rows, and top-k sampling (drawn among the k candidates only) follows the filtered distribution."""
+from __future__ import annotations
+
+import torch
+
+from qwenstack.engine.params import SamplingParams
+from qwenstack.engine.sampler import SampleRequest, filter_logits, sample
+
+
+def request(params: SamplingParams, generator: torch.Generator | None = None) -> SampleRequest:
+    return SampleRequest(params, [1, 2, 3], [4, 4], generator, [])
+
+
+def test_greedy_rows_batched_beside_other_rows() -> None:
+    logits = torch.randn(5, 300, generator=torch.Generator().manual_seed(0))
+    greedy = SamplingParams(temperature=0)
+    penalised = SamplingParams(temperature=0, repetition_penalty=1.5)
+    sampled = SamplingParams(temperature=0.8, seed=3)
+    rows = [request(greedy), request(sampled, torch.Generator().manual_seed(3)), request(greedy),
+            request(penalised), request(greedy)]
+    tokens, _ = sample(logits, rows, torch.Generator().manual_seed(1))
+    expected = logits.argmax(-1).tolist()
+    assert [tokens[i] for i in (0, 2, 4)] == [expected[i] for i in (0, 2, 4)]
+    assert 0 <= tokens[1] < 300 and 0 <= tokens[3] < 300
+
+
+def test_top_k_draws_follow_the_filtered_distribution() -> None:
+    logits = torch.randn(1000, generator=torch.Generator().manual_seed(1)) * 2
+    params = SamplingParams(temperature=0.7, top_k=5, top_p=0.9, seed=11)
+    want = filter_logits(logits.clone(), params).softmax(-1)  # the full-vocabulary reference
+    generator = torch.Generator().manual_seed(11)
+    draws = 6000
+    counts = torch.zeros(1000)
+    for _ in range(draws):
+        token, _ = sample(logits[None], [request(params, generator)], torch.Generator())
+        counts[token[0]] += 1
+    assert set(counts.nonzero().flatten().tolist()) <= set(want.nonzero().flatten().tolist())
+    # Each candidate's frequency within 4 standard deviations of its probability.
+    p = want[want > 0]
+    freq = counts[want > 0] / draws
+    assert ((freq - p).abs() <= 4 * (p * (1 - p) / draws).sqrt() + 1e-3).all()
