@@ -64,6 +64,8 @@ def _isa() -> str:
     if forced:
         if forced not in ISA_LEVELS:
             raise ValueError(f"QWENSTACK_KERNEL_ISA={forced!r}: expected one of {', '.join(ISA_LEVELS)}")
+        if forced == "avx512_amx" and not _amx_permitted():
+            raise ValueError("QWENSTACK_KERNEL_ISA=avx512_amx: the kernel refused this process the AMX tile registers")
         return forced
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return "generic"
