@@ -8,14 +8,13 @@ directory afterwards). On Linux x86-64 a kernel that fails to build fails these 
 skipping them, so CI notices; elsewhere they skip."""
 from __future__ import annotations
 
-import platform
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from kernel_utils import require_native_kernels
 from qwenstack import kernels
 from qwenstack.generate import greedy_generate
 from qwenstack.models.attention import AttentionBatch, _decode_attention, gather_kv
@@ -27,12 +26,7 @@ TOLERANCE = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
 
 @pytest.fixture(scope="module", autouse=True)
 def kernel_built() -> None:
-    if kernels.kernels_disabled():
-        pytest.skip("QWENSTACK_DISABLE_KERNELS is set")
-    if not kernels.paged_decode_available():
-        if sys.platform.startswith("linux") and platform.machine() == "x86_64":
-            pytest.fail("the native CPU attention kernel did not build (see the warning logged above)")
-        pytest.skip("the native CPU attention kernel is not available on this platform")
+    require_native_kernels()
 
 
 def make_pool(lengths: list[int], kv_heads: int, head_dim: int, block_size: int, dtype: torch.dtype, seed: int = 0,

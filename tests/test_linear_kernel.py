@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from kernel_utils import require_native_kernels
 from qwenstack import kernels
 from qwenstack.models.base import prompt_logits
 from qwenstack.models.cpu_linear import NATIVE_MAX_ROWS, NativeLinear, prepare_cpu_linears
@@ -29,12 +29,7 @@ TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 
 @pytest.fixture(scope="module", autouse=True)
 def kernel_built() -> None:
-    if kernels.kernels_disabled():
-        pytest.skip("QWENSTACK_DISABLE_KERNELS is set")
-    if not kernels.linear_rows_available():
-        if sys.platform.startswith("linux") and platform.machine() == "x86_64":
-            pytest.fail("the native CPU linear kernel did not build (see the warning logged above)")
-        pytest.skip("the native CPU linear kernel is not available on this platform")
+    require_native_kernels()
 
 
 def reference(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor | None) -> torch.Tensor:

@@ -4,24 +4,17 @@ stays on the torch path); plain and zero-centered weights, 2-D to 4-D inputs, st
 and the cases that must stay on the torch path (autograd, mixed dtypes)."""
 from __future__ import annotations
 
-import platform
-import sys
-
 import pytest
 import torch
 
+from kernel_utils import require_native_kernels
 from qwenstack import kernels
 from qwenstack.models.layers import RMSNorm
 
 
 @pytest.fixture(scope="module", autouse=True)
 def kernel_built() -> None:
-    if kernels.kernels_disabled():
-        pytest.skip("QWENSTACK_DISABLE_KERNELS is set")
-    if kernels._op("rms_norm") is None:
-        if sys.platform.startswith("linux") and platform.machine() == "x86_64":
-            pytest.fail("the native CPU kernels did not build (see the warning logged above)")
-        pytest.skip("the native CPU kernels are not available on this platform")
+    require_native_kernels()
 
 
 def reference(norm: RMSNorm, x: torch.Tensor, monkeypatch: pytest.MonkeyPatch) -> torch.Tensor:
