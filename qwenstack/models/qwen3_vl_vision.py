@@ -174,8 +174,10 @@ class VisionAttention(nn.Module):
         k = apply_vision_rotary(k, cos, sin)
         outputs = []
         for qs, ks, vs in zip(q.split(segment_lengths), k.split(segment_lengths), v.split(segment_lengths)):
-            # SDPA wants [H, L, hd]; no mask: every patch of a frame sees every other patch of it.
-            out = F.scaled_dot_product_attention(qs.transpose(0, 1), ks.transpose(0, 1), vs.transpose(0, 1))
+            # SDPA wants [1, H, L, hd] (3-D inputs take CPU SDPA's unfused math path); no mask: every patch of
+            # a frame sees every other patch of it.
+            out = F.scaled_dot_product_attention(qs.transpose(0, 1)[None], ks.transpose(0, 1)[None],
+                                                 vs.transpose(0, 1)[None])[0]
             outputs.append(out.transpose(0, 1).reshape(-1, self.num_heads * self.head_dim))  # [L, D]
         return self.proj(torch.cat(outputs, dim=0))
 
