@@ -68,3 +68,73 @@ def test_torch_path_where_the_kernel_does_not_apply() -> None:
     with torch.inference_mode():
         assert kernels.rms_norm(torch.randn(3, 32).to(torch.bfloat16), norm.weight, 1e-6, False) is None
         assert kernels.rms_norm(torch.randn(3, 32), norm.weight, 1e-6, False) is None  # float32: torch's sums
+
+
+# --- QK-norm and rotary embedding in one call (qk_norm_rope) ---------------------------------------------
+
+def rotary_tables(positions: int, rotary_dim: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    freqs = torch.arange(positions)[:, None].float() * (10000.0 ** (-torch.arange(0, rotary_dim, 2) / rotary_dim))
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("zero_centered", [False, True])
+@pytest.mark.parametrize("rotary_dim", [64, 32])  # full, and partial rotary (channels past it pass through)
+@pytest.mark.parametrize("gated", [False, True])  # Qwen3-Next: q heads interleaved with gate heads
+def test_qk_norm_rope_is_the_norm_then_the_rotation(dtype: torch.dtype, zero_centered: bool, rotary_dim: int,
+                                                     gated: bool) -> None:
+    """Bit for bit the norm kernel's output rotated by the torch rotary code (same arithmetic, one call)."""
+    from qwenstack.models.layers import apply_rotary
+
+    torch.manual_seed(rotary_dim + 7 * gated)
+    tokens, heads, kv_heads, dim = 6, 4, 2, 64
+    q_width = (2 if gated else 1) * heads * dim
+    qkv = (torch.randn(tokens, q_width + 2 * kv_heads * dim) * 2).to(dtype)
+    if gated:
+        q = qkv[:, :q_width].view(tokens, heads, 2 * dim)[..., :dim]
+    else:
+        q = qkv[:, :q_width].view(tokens, heads, dim)
+    k = qkv[:, q_width:q_width + kv_heads * dim].view(tokens, kv_heads, dim)
+    q_norm, k_norm = make_norm(dim, dtype, zero_centered), make_norm(dim, dtype, zero_centered)
+    cos, sin = rotary_tables(tokens, rotary_dim, dtype)
+    with torch.inference_mode():
+        fused = kernels.qk_norm_rope(q, k, q_norm.weight, k_norm.weight, cos, sin, 1e-6, zero_centered)
+        q_want = apply_rotary(kernels.rms_norm(q, q_norm.weight, 1e-6, zero_centered), cos, sin)
+        k_want = apply_rotary(kernels.rms_norm(k, k_norm.weight, 1e-6, zero_centered), cos, sin)
+    assert fused is not None
+    assert fused[0].shape == (tokens, heads, dim) and fused[1].shape == (tokens, kv_heads, dim)
+    assert torch.equal(fused[0], q_want) and torch.equal(fused[1], k_want)
+
+
+def test_attention_layer_fused_path_matches_its_torch_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The attention layer's norm_and_rotate, native against QWENSTACK_DISABLE_KERNELS (the float32 norm sums
+    differ only in order)."""
+    from qwenstack.config import RopeConfig
+    from qwenstack.models.layers import Attention
+
+    torch.manual_seed(3)
+    attn = Attention(256, 4, 2, 64, 1e-6, RopeConfig.from_config({"rope_theta": 10000.0}, "qwen3")).to(torch.bfloat16)
+    for norm in (attn.q_norm, attn.k_norm):
+        with torch.no_grad():
+            norm.weight.copy_(torch.randn(64) * 0.1 + 1.0)
+    q = (torch.randn(9, 4, 64) * 2).to(torch.bfloat16)
+    k = (torch.randn(9, 2, 64) * 2).to(torch.bfloat16)
+    positions = torch.arange(100, 109)
+    with torch.inference_mode():
+        got = attn.norm_and_rotate(q, k, positions)
+        with monkeypatch.context() as m:
+            m.setattr(kernels, "kernels_disabled", lambda: True)
+            want = attn.norm_and_rotate(q, k, positions)
+    for g, w in zip(got, want):
+        assert (g != w).float().mean().item() <= 0.02
+        torch.testing.assert_close(g.float(), w.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_qk_norm_rope_leaves_float32_and_autograd_to_torch() -> None:
+    cos, sin = rotary_tables(3, 32, torch.float32)
+    q, k, w = torch.randn(3, 2, 32), torch.randn(3, 1, 32), torch.ones(32)
+    assert kernels.qk_norm_rope(q, k, w, w, cos, sin, 1e-6, False) is None
+    q16, k16, w16 = q.to(torch.bfloat16), k.to(torch.bfloat16), w.to(torch.bfloat16).requires_grad_()
+    c16, s16 = cos.to(torch.bfloat16), sin.to(torch.bfloat16)
+    assert kernels.qk_norm_rope(q16, k16, w16, w16, c16, s16, 1e-6, False) is None

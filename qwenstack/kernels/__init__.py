@@ -241,3 +241,30 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, zero_centered: b
         return op(x, weight, float(eps), zero_centered)
     rows = x.reshape(1, -1, shape[-1])
     return op(rows, weight, float(eps), zero_centered).view(shape)
+
+
+def qk_norm_rope(
+    q: torch.Tensor,  # [S, heads, D], D contiguous (a view of the fused projection)
+    k: torch.Tensor,  # [S, kv_heads, D]
+    q_weight: torch.Tensor,
+    k_weight: torch.Tensor,
+    cos: torch.Tensor,  # [S, R]
+    sin: torch.Tensor,
+    eps: float,
+    zero_centered: bool,
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """An attention layer's QK-RMSNorm then rotate-half rotary embedding in one native call, rounded as the
+    torch path rounds (bit-identical in bfloat16/float16); None where it does not apply (the rules of
+    rms_norm above): use the torch path."""
+    tensors = (q, k, q_weight, k_weight, cos, sin)
+    if q.device.type != "cpu" or q.dtype not in _NORM_DTYPES or any(t.dtype != q.dtype for t in tensors):
+        return None
+    if q.dim() != 3 or k.dim() != 3 or q.stride(-1) != 1 or k.stride(-1) != 1:
+        return None
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return None
+    op = _op("qk_norm_rope")
+    if op is None:
+        return None
+    out = op(q, k, q_weight, k_weight, cos, sin, float(eps), zero_centered)
+    return out[:, :q.shape[1]], out[:, q.shape[1]:]

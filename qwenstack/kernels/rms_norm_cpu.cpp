@@ -32,6 +32,35 @@ inline float round_trip(float v) {  // v rounded to T, back in float32
   return to_float(t);
 }
 
+// One row of D elements: normalised and weighted into dst (D floats, each already rounded to T), with the
+// reference's rounding. h is scratch of D floats.
+template <typename T>
+inline void norm_row(const T* row, const float* weight, int64_t D, double eps, bool zero_centered, float* h,
+                     float* dst) {
+  // Eight partial sums let the compiler vectorise the reduction.
+  float partial[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t d = 0;
+  for (; d + 8 <= D; d += 8)
+    for (int j = 0; j < 8; ++j) {
+      const float v = to_float(row[d + j]);
+      h[d + j] = v;
+      partial[j] += v * v;
+    }
+  float sum = 0.f;
+  for (; d < D; ++d) {
+    const float v = to_float(row[d]);
+    h[d] = v;
+    sum += v * v;
+  }
+  for (int j = 0; j < 8; ++j) sum += partial[j];
+  const float inv = 1.f / std::sqrt(sum / float(D) + float(eps));
+  if (zero_centered) {
+    for (int64_t i = 0; i < D; ++i) dst[i] = round_trip<T>(h[i] * inv * (1.f + weight[i]));
+  } else {
+    for (int64_t i = 0; i < D; ++i) dst[i] = round_trip<T>(weight[i] * round_trip<T>(h[i] * inv));
+  }
+}
+
 template <typename T>
 void run(const Tensor& x, const float* weight, double eps, bool zero_centered, Tensor& out) {
   const int64_t A = x.size(0), B = x.size(1), D = x.size(2);
@@ -41,32 +70,11 @@ void run(const Tensor& x, const float* weight, double eps, bool zero_centered, T
   const int64_t rows = A * B;
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(D, 1));
   torch::stable::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
-    std::vector<float> h(D);
+    std::vector<float> h(D), y(D);
     for (int64_t r = begin; r < end; ++r) {
-      const T* row = xp + (r / B) * sa + (r % B) * sb;
+      norm_row(xp + (r / B) * sa + (r % B) * sb, weight, D, eps, zero_centered, h.data(), y.data());
       T* dst = op + r * D;
-      // Eight partial sums let the compiler vectorise the reduction.
-      float partial[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-      int64_t d = 0;
-      for (; d + 8 <= D; d += 8)
-        for (int j = 0; j < 8; ++j) {
-          const float v = to_float(row[d + j]);
-          h[d + j] = v;
-          partial[j] += v * v;
-        }
-      float sum = 0.f;
-      for (; d < D; ++d) {
-        const float v = to_float(row[d]);
-        h[d] = v;
-        sum += v * v;
-      }
-      for (int j = 0; j < 8; ++j) sum += partial[j];
-      const float inv = 1.f / std::sqrt(sum / float(D) + float(eps));
-      if (zero_centered) {
-        for (int64_t i = 0; i < D; ++i) store(h[i] * inv * (1.f + weight[i]), dst + i);
-      } else {
-        for (int64_t i = 0; i < D; ++i) store(weight[i] * round_trip<T>(h[i] * inv), dst + i);
-      }
+      for (int64_t i = 0; i < D; ++i) store(y[i], dst + i);
     }
   });
 }
@@ -77,20 +85,25 @@ void weight_to_float(const Tensor& w, std::vector<float>& out) {
   for (size_t i = 0; i < out.size(); ++i) out[i] = to_float(p[i]);
 }
 
-Tensor rms_norm(Tensor x, Tensor weight_in, double eps, bool zero_centered) {
-  STD_TORCH_CHECK(x.is_cpu() && weight_in.is_cpu(), "rms_norm: CPU tensors only");
-  STD_TORCH_CHECK(x.dim() == 3, "rms_norm: x must be [A, B, D]");
-  const int64_t D = x.size(2);
-  STD_TORCH_CHECK(x.stride(2) == 1 || D <= 1, "rms_norm: x must be contiguous along its last dimension");
-  STD_TORCH_CHECK(weight_in.dim() == 1 && weight_in.size(0) == D, "rms_norm: weight must be [D]");
+std::vector<float> weight_floats(const Tensor& weight_in, int64_t D, const char* what) {
+  STD_TORCH_CHECK(weight_in.dim() == 1 && weight_in.size(0) == D, what, " must be [D]");
   Tensor weight = torch::stable::contiguous(weight_in);
   std::vector<float> w(D);
   switch (weight.scalar_type()) {
     case ScalarType::Float: weight_to_float<float>(weight, w); break;
     case ScalarType::BFloat16: weight_to_float<Bf16>(weight, w); break;
     case ScalarType::Half: weight_to_float<Fp16>(weight, w); break;
-    default: STD_TORCH_CHECK(false, "rms_norm: weight must be float32, bfloat16 or float16");
+    default: STD_TORCH_CHECK(false, what, " must be float32, bfloat16 or float16");
   }
+  return w;
+}
+
+Tensor rms_norm(Tensor x, Tensor weight_in, double eps, bool zero_centered) {
+  STD_TORCH_CHECK(x.is_cpu() && weight_in.is_cpu(), "rms_norm: CPU tensors only");
+  STD_TORCH_CHECK(x.dim() == 3, "rms_norm: x must be [A, B, D]");
+  const int64_t D = x.size(2);
+  STD_TORCH_CHECK(x.stride(2) == 1 || D <= 1, "rms_norm: x must be contiguous along its last dimension");
+  const std::vector<float> w = weight_floats(weight_in, D, "rms_norm: weight");
   Tensor out = torch::stable::empty({x.size(0), x.size(1), D}, x.scalar_type(), std::nullopt, x.device());
   if (x.numel() == 0) return out;
   switch (x.scalar_type()) {
@@ -102,10 +115,79 @@ Tensor rms_norm(Tensor x, Tensor weight_in, double eps, bool zero_centered) {
   return out;
 }
 
+// QK-norm then rotary embedding of one attention layer, in one call (models/layers.py Attention): each q
+// head is normalised with q_weight and each k head with k_weight (norm_row above), then rotated over its
+// first R channels (rotate-half) with the reference's rounding after every operation,
+//   y = T(T(n * cos) + T(rotate_half(n) * sin)),
+// and channels from R on pass through. A decode step otherwise spends about fourteen small torch ops per
+// layer here (two norms, two rotations of six ops each).
+// Layout: q [S, H, D] and k [S, KV, D] with D contiguous and any other strides (views of the fused
+// projection), cos and sin [S, R] in q's dtype; out is a new [S, H + KV, D]: the q heads, then the k heads.
+template <typename T>
+void run_qk(const Tensor& q, const Tensor& k, const float* qw, const float* kw, const Tensor& cos,
+            const Tensor& sin, double eps, bool zero_centered, Tensor& out) {
+  const int64_t S = q.size(0), H = q.size(1), KV = k.size(1), D = q.size(2), R = cos.size(1), half = R / 2;
+  const T* qp = static_cast<const T*>(q.const_data_ptr());
+  const T* kp = static_cast<const T*>(k.const_data_ptr());
+  const T* cp = static_cast<const T*>(cos.const_data_ptr());
+  const T* sp = static_cast<const T*>(sin.const_data_ptr());
+  T* op = static_cast<T*>(out.mutable_data_ptr());
+  const int64_t heads = H + KV;
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(D, 1));
+  torch::stable::parallel_for(0, S * heads, grain, [&](int64_t begin, int64_t end) {
+    std::vector<float> h(D), n(D);
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t t = r / heads, head = r % heads;
+      const T* src = head < H ? qp + t * q.stride(0) + head * q.stride(1) : kp + t * k.stride(0) + (head - H) * k.stride(1);
+      norm_row(src, head < H ? qw : kw, D, eps, zero_centered, h.data(), n.data());
+      const T* c = cp + t * cos.stride(0);
+      const T* s = sp + t * sin.stride(0);
+      T* dst = op + r * D;
+      for (int64_t i = 0; i < half; ++i)
+        store(round_trip<T>(n[i] * to_float(c[i])) + round_trip<T>(-n[i + half] * to_float(s[i])), dst + i);
+      for (int64_t i = half; i < R; ++i)
+        store(round_trip<T>(n[i] * to_float(c[i])) + round_trip<T>(n[i - half] * to_float(s[i])), dst + i);
+      for (int64_t i = R; i < D; ++i) store(n[i], dst + i);
+    }
+  });
+}
+
+Tensor qk_norm_rope(Tensor q, Tensor k, Tensor q_weight, Tensor k_weight, Tensor cos_in, Tensor sin_in, double eps,
+                    bool zero_centered) {
+  STD_TORCH_CHECK(q.is_cpu() && k.is_cpu() && cos_in.is_cpu() && sin_in.is_cpu(), "qk_norm_rope: CPU tensors only");
+  STD_TORCH_CHECK(q.dim() == 3 && k.dim() == 3, "qk_norm_rope: q and k must be [S, heads, D]");
+  const int64_t S = q.size(0), D = q.size(2);
+  STD_TORCH_CHECK(k.size(0) == S && k.size(2) == D, "qk_norm_rope: k must be [S, kv_heads, D] like q");
+  STD_TORCH_CHECK((q.stride(2) == 1 || D <= 1) && (k.stride(2) == 1 || D <= 1),
+                  "qk_norm_rope: q and k must be contiguous along their last dimension");
+  STD_TORCH_CHECK(k.scalar_type() == q.scalar_type() && cos_in.scalar_type() == q.scalar_type() &&
+                      sin_in.scalar_type() == q.scalar_type(), "qk_norm_rope: q, k, cos and sin must share a dtype");
+  Tensor cos = torch::stable::contiguous(cos_in), sin = torch::stable::contiguous(sin_in);
+  STD_TORCH_CHECK(cos.dim() == 2 && cos.size(0) == S && sin.dim() == 2 && sin.size(0) == S &&
+                      sin.size(1) == cos.size(1) && cos.size(1) % 2 == 0 && cos.size(1) <= D,
+                  "qk_norm_rope: cos and sin must be [S, R] with R even and at most D");
+  const std::vector<float> qw = weight_floats(q_weight, D, "qk_norm_rope: q_weight");
+  const std::vector<float> kw = weight_floats(k_weight, D, "qk_norm_rope: k_weight");
+  Tensor out = torch::stable::empty({S, q.size(1) + k.size(1), D}, q.scalar_type(), std::nullopt, q.device());
+  if (out.numel() == 0) return out;
+  switch (q.scalar_type()) {
+    case ScalarType::Float: run_qk<float>(q, k, qw.data(), kw.data(), cos, sin, eps, zero_centered, out); break;
+    case ScalarType::BFloat16: run_qk<Bf16>(q, k, qw.data(), kw.data(), cos, sin, eps, zero_centered, out); break;
+    case ScalarType::Half: run_qk<Fp16>(q, k, qw.data(), kw.data(), cos, sin, eps, zero_centered, out); break;
+    default: STD_TORCH_CHECK(false, "qk_norm_rope: q must be float32, bfloat16 or float16");
+  }
+  return out;
+}
+
 }  // namespace
 
 STABLE_TORCH_LIBRARY_FRAGMENT(qwenstack, m) {
   m.def("rms_norm(Tensor x, Tensor weight, float eps, bool zero_centered) -> Tensor");
+  m.def("qk_norm_rope(Tensor q, Tensor k, Tensor q_weight, Tensor k_weight, Tensor cos, Tensor sin, float eps, "
+        "bool zero_centered) -> Tensor");
 }
 
-STABLE_TORCH_LIBRARY_IMPL(qwenstack, CPU, m) { m.impl("rms_norm", TORCH_BOX(&rms_norm)); }
+STABLE_TORCH_LIBRARY_IMPL(qwenstack, CPU, m) {
+  m.impl("rms_norm", TORCH_BOX(&rms_norm));
+  m.impl("qk_norm_rope", TORCH_BOX(&qk_norm_rope));
+}

@@ -199,12 +199,24 @@ class Attention(nn.Module):
         self, x: torch.Tensor, positions: torch.Tensor, batch: AttentionBatch, kv_cache: torch.Tensor | None
     ) -> torch.Tensor:
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = self.q_norm(q.view(-1, self.num_heads, self.head_dim))
-        k = self.k_norm(k.view(-1, self.num_kv_heads, self.head_dim))
+        q, k = self.norm_and_rotate(q.view(-1, self.num_heads, self.head_dim),
+                                    k.view(-1, self.num_kv_heads, self.head_dim), positions)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        q, k = self.rotary(positions, q, k)
         out = paged_attention(q, k, v, kv_cache, batch, self.scale)
         return self.o_proj(out.reshape(-1, self.q_size))
+
+    def norm_and_rotate(
+        self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """QK-RMSNorm then the rotary embedding of q [T, heads, D] and k [T, kv_heads, D]: one native call on
+        CPU in 16-bit dtypes (the same bits as the torch path), the torch modules elsewhere."""
+        cos, sin = self.rotary.cos_sin(positions, q.dtype)
+        qn, kn = self.q_norm, self.k_norm
+        if qn.eps == kn.eps and qn.zero_centered == kn.zero_centered:
+            fused = kernels.qk_norm_rope(q, k, qn.weight, kn.weight, cos, sin, qn.eps, qn.zero_centered)
+            if fused is not None:
+                return fused
+        return apply_rotary(qn(q), cos, sin), apply_rotary(kn(k), cos, sin)
 
     def checkpoint_sources(self, prefix: str) -> dict[str, list[list["Source"]]]:
         parts = [("q_proj", self.q_size), ("k_proj", self.kv_size), ("v_proj", self.kv_size)]

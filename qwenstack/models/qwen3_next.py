@@ -135,10 +135,8 @@ class GatedAttention(Attention):
     ) -> torch.Tensor:
         q_gate, k, v = self.qkv_proj(x).split([2 * self.q_size, self.kv_size, self.kv_size], dim=-1)
         q, gate = q_gate.view(-1, self.num_heads, 2 * self.head_dim).chunk(2, dim=-1)
-        q = self.q_norm(q)
-        k = self.k_norm(k.view(-1, self.num_kv_heads, self.head_dim))
+        q, k = self.norm_and_rotate(q, k.view(-1, self.num_kv_heads, self.head_dim), positions)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        q, k = self.rotary(positions, q, k)
         out = paged_attention(q, k, v, kv_cache, batch, self.scale).reshape(-1, self.q_size)
         return self.o_proj(out * torch.sigmoid(gate.reshape(-1, self.q_size)))
 
