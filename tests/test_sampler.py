@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from qwenstack.engine.params import SamplingParams
-from qwenstack.engine.sampler import SampleRequest, filter_logits, sample
+from qwenstack.engine.sampler import ARGMAX_CHUNK, SampleRequest, argmax_rows, filter_logits, sample
 
 
 def request(params: SamplingParams, generator: torch.Generator | None = None) -> SampleRequest:
@@ -23,6 +23,29 @@ def test_greedy_rows_batched_beside_other_rows() -> None:
     expected = logits.argmax(-1).tolist()
     assert [tokens[i] for i in (0, 2, 4)] == [expected[i] for i in (0, 2, 4)]
     assert 0 <= tokens[1] < 300 and 0 <= tokens[3] < 300
+
+
+def test_two_stage_argmax_is_torch_argmax() -> None:
+    """Chunked argmax: vocabularies with and without a partial last chunk, ties across and inside chunks
+    (the first index wins, as in torch), bfloat16 rows (as the runner now passes them) and NaN rows."""
+    gen = torch.Generator().manual_seed(0)
+    for vocab in (151936, 5 * ARGMAX_CHUNK, 3 * ARGMAX_CHUNK + 17):
+        logits = torch.randn(6, vocab, generator=gen)
+        logits[1, 5] = logits[1, vocab - 3] = 50.0  # a tie between the first and the last chunk
+        logits[2, ARGMAX_CHUNK + 1] = logits[2, ARGMAX_CHUNK + 7] = 50.0  # a tie inside one chunk
+        logits[3, vocab - 1] = 50.0  # the maximum in the (partial) last chunk
+        logits[4, 100] = float("nan")
+        for rows in (logits, logits.to(torch.bfloat16)):
+            assert argmax_rows(rows) == rows.argmax(-1).tolist()
+
+
+def test_greedy_over_bfloat16_logits_equals_float32() -> None:
+    logits = (torch.randn(4, 3 * ARGMAX_CHUNK, generator=torch.Generator().manual_seed(2)) * 4).to(torch.bfloat16)
+    rows = [request(SamplingParams(temperature=0, logprobs=2)) for _ in range(4)]
+    tokens, logprobs = sample(logits, rows, torch.Generator().manual_seed(1))
+    tokens32, logprobs32 = sample(logits.float(), rows, torch.Generator().manual_seed(1))
+    assert tokens == tokens32 == logits.float().argmax(-1).tolist()
+    assert logprobs == logprobs32
 
 
 def test_top_k_draws_follow_the_filtered_distribution() -> None:
