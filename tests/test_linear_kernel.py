@@ -1,7 +1,8 @@
-"""The native CPU linear kernel (qwenstack/kernels/linear_cpu.cpp) against float64 references: every weight
-dtype, row counts on both sides of each loop's boundaries (1-2 vector rows, 3+ AMX tiles, 16/32-row tile
-edges), shapes off the 4-row, 16-column and 32-column grids, strided weight slices, thread counts, every
-build level this CPU can run; and models in the native CPU linear form against the plain form."""
+"""The native CPU linear kernels against float64 references: the row-major one (linear_cpu.cpp) for every
+weight dtype, row counts on both sides of each loop's boundaries (1-2 vector rows, 3+ AMX tiles, 16/32-row
+tile edges), shapes off the 4-row, 16-column and 32-column grids, strided weight slices, thread counts; the
+tile-packed one (linear_tiled_cpu.cpp) on both sides of its boundaries; every build level this CPU can run;
+and models in the native CPU linear form against the plain form."""
 from __future__ import annotations
 
 import json
@@ -17,7 +18,8 @@ import torch.nn.functional as F
 from kernel_utils import require_native_kernels
 from qwenstack import kernels
 from qwenstack.models.base import prompt_logits
-from qwenstack.models.cpu_linear import NATIVE_MAX_ROWS, NativeLinear, prepare_cpu_linears
+from qwenstack.models.cpu_linear import (NATIVE_MAX_ROWS, TILED_MAX_ROWS, NativeLinear, TiledLinear,
+                                         prepare_cpu_linears)
 from qwenstack.models.registry import load_model
 from qwenstack.quantization import quantize_model
 
@@ -93,6 +95,38 @@ def test_strided_expert_slice_and_threads() -> None:
     assert torch.equal(one, kernels.linear_rows(x, stack[2]))  # the sums' order does not follow the threads
 
 
+TILED_ROWS = [1, 2, 3, 4, 5, 16, 17, 31, 33, 64, 70, 129, 300]  # vector rows, AMX 16/32-row edges, row chunks
+TILED_SHAPES = [(16, 32), (48, 64), (64, 96), (80, 1024), (256, 4096)]  # odd and even 16-row block counts
+
+
+@pytest.mark.parametrize("rows", TILED_ROWS)
+@pytest.mark.parametrize("x_dtype", [torch.bfloat16, torch.float32, torch.float16])
+def test_tiled_kernel(rows: int, x_dtype: torch.dtype) -> None:
+    gen = torch.Generator().manual_seed(rows)
+    for n, k in TILED_SHAPES:
+        w = torch.randn(n, k, generator=gen).to(torch.bfloat16)
+        packed = kernels.pack_tiles(w)
+        assert torch.equal(kernels.unpack_tiles(packed), w)
+        x = torch.randn(rows, k, generator=gen).to(x_dtype)
+        got = kernels.linear_tiled(x, packed)
+        assert got.dtype == x_dtype and got.shape == (rows, n)
+        want = x.to(torch.bfloat16).double() @ w.double().T  # activations are rounded to bfloat16 first
+        tol = TOLERANCE[torch.bfloat16] * want.abs().max().item()
+        assert (got.double() - want).abs().max().item() <= tol
+
+
+def test_tiled_linear_module() -> None:
+    """Up to TILED_MAX_ROWS rows the kernel; above, F.linear on the unpacked weight, bit for bit."""
+    w, bias = torch.randn(48, 64).to(torch.bfloat16), torch.randn(48).to(torch.bfloat16)
+    layer = TiledLinear(w, bias)
+    assert kernels.can_tile(w) and not kernels.can_tile(w[:, :40]) and not kernels.can_tile(w.float())
+    x = torch.randn(2, TILED_MAX_ROWS + 1, 64).to(torch.bfloat16)
+    assert torch.equal(layer(x), F.linear(x, w, bias))
+    few = x[0, :5]
+    assert torch.equal(layer(few), kernels.linear_tiled(few, layer.packed) + bias)
+    assert sum(p.numel() for p in layer.parameters()) == w.numel() + bias.numel()  # no second copy
+
+
 def test_bad_arguments_are_errors_not_crashes() -> None:
     with pytest.raises(RuntimeError, match="columns"):
         kernels.linear_rows(torch.randn(2, 64), torch.randn(8, 32))
@@ -100,6 +134,11 @@ def test_bad_arguments_are_errors_not_crashes() -> None:
         kernels.linear_rows(torch.randn(2, 64), torch.randint(-1, 1, (8, 64), dtype=torch.int8), torch.ones(7))
     with pytest.raises(RuntimeError, match="contiguous"):
         kernels.linear_rows(torch.randn(2, 64), torch.randn(64, 8).T)
+    packed = kernels.pack_tiles(torch.randn(16, 64).to(torch.bfloat16))
+    with pytest.raises(RuntimeError, match="columns"):
+        kernels.linear_tiled(torch.randn(2, 32), packed)
+    with pytest.raises(RuntimeError, match="packed"):
+        kernels.linear_tiled(torch.randn(2, 64), torch.randn(16, 64).to(torch.bfloat16))
 
 
 LEVEL_CHECK = """
@@ -118,6 +157,13 @@ if ok:
                 want = x.double() @ w.double().T * (1 if s is None else s.double())
                 got = kernels.linear_rows(x, w, s).double()
                 worst = max(worst, ((got - want).abs().max() / want.abs().max()).item())
+    for rows in (1, 2, 3, 5, 40):  # the tile-packed kernel: vector loop, then AMX where built
+        for n, k in ((64, 96), (48, 64)):
+            x = torch.randn(rows, k, generator=gen).to(torch.bfloat16)
+            w = torch.randn(n, k, generator=gen).to(torch.bfloat16)
+            want = x.double() @ w.double().T
+            got = kernels.linear_tiled(x, kernels.pack_tiles(w)).double()
+            worst = max(worst, ((got - want).abs().max() / want.abs().max()).item())
 print(json.dumps({"isa": kernels._isa(), "ok": ok, "worst": worst}))
 """
 
@@ -147,9 +193,10 @@ def test_native_form_logits_match_plain(fixture: str, request: pytest.FixtureReq
         before = [prompt_logits(model, ids).float() for ids in (one_token, few)]
         assert prepare_cpu_linears(model, form="native") > 0
         after = [prompt_logits(model, ids).float() for ids in (one_token, few)]
-    assert any(isinstance(m, NativeLinear) for m in model.modules())
-    assert isinstance(model.lm_head, NativeLinear)
+    assert any(isinstance(m, TiledLinear) for m in model.modules())
+    assert not any(type(m) is torch.nn.Linear for m in model.modules())
     if model.args.tie_word_embeddings:  # the tied lm_head multiplies by the embedding itself, no copy
+        assert isinstance(model.lm_head, NativeLinear)
         assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
     for b, a in zip(before, after):
         assert (a - b).abs().max().item() <= 0.05 * b.abs().max().item()

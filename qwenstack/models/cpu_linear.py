@@ -3,10 +3,13 @@
 Decoding is bound by reading the weights once per step, and on CPU `F.linear` on bfloat16 reads them well
 below the memory bandwidth for a matrix-vector product. Two faster forms, and the runner picks, on the
 model's own largest matrix and this machine, whichever multiplies one row fastest (measure, then pick):
-- native (qwenstack/kernels/linear_cpu.cpp): plain weights; up to NATIVE_MAX_ROWS rows go to our kernel
-  (AVX512-BF16 dot products for one or two rows, AMX tiles above, weight rows prefetched: 19 to 21 GB/s
-  here on the 0.6B shape, the bandwidth a streaming sum reaches), more rows (prefill, large batches) to
-  F.linear's GEMM. Nothing is copied: a tied lm_head multiplies by the embedding matrix itself.
+- native: bfloat16 matrices whose sizes are tile multiples (16 rows, 32 columns: every Qwen3 linear) are
+  stored tile-packed and multiplied by qwenstack/kernels/linear_tiled_cpu.cpp up to TILED_MAX_ROWS rows
+  (decode and batched decode), by F.linear on the unpacked matrix above (prefill). Other matrices keep
+  their plain weights (qwenstack/kernels/linear_cpu.cpp up to NATIVE_MAX_ROWS rows: AVX512-BF16 dot
+  products for one or two rows, AMX tiles above, weight rows prefetched: 19 to 21 GB/s here on the 0.6B
+  shape, the bandwidth a streaming sum reaches; F.linear's GEMM above). Nothing is copied: a tied lm_head
+  multiplies by the embedding matrix itself, row-major.
 - packed: each matrix reordered once by oneDNN (`mkldnn._reorder_linear_weight`, what torch.compile's CPU
   freezing does), bit-identical to F.linear; about 12 GB/s here at one row, and oneDNN's fastest GEMM for
   many rows. The unpacked weight is freed (memory does not double); a tied lm_head gets its own packed copy
@@ -57,6 +60,36 @@ class NativeLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, native"
+
+
+# Up to this many rows the tile-packed kernel runs; above (prefill chunks), F.linear on the matrix unpacked
+# for the call: oneDNN's GEMM is faster there (2,048 rows: 427 ms against 559 for four 0.6B layers), and the
+# unpacking costs it 4% (int32 moves at ~7 GB/s). At 64 rows the kernel takes 63 ms where F.linear takes
+# 84 (all 28 layers' matrices, 2 threads).
+TILED_MAX_ROWS = 128
+
+
+class TiledLinear(nn.Module):
+    """An nn.Linear whose bfloat16 weight is stored once, in the tile-packed layout of the native kernel
+    (kernels.pack_tiles): one kernel for 1 to TILED_MAX_ROWS rows (vector dot products for one or two, AMX
+    tiles above), where the row-major weight ran our kernel up to 16 rows and F.linear's slower GEMM from 17
+    (batched decode). The `packed` parameter holds the same elements as the weight it replaces."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.packed = nn.Parameter(kernels.pack_tiles(weight), requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // max(x.shape[-1], 1)
+        if rows > TILED_MAX_ROWS or rows == 0:
+            return F.linear(x, kernels.unpack_tiles(self.packed), self.bias)
+        y = kernels.linear_tiled(x.reshape(rows, x.shape[-1]), self.packed).view(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, tile-packed"
 
 
 def packing_supported() -> bool:
@@ -135,7 +168,10 @@ def prepare_cpu_linears(model: nn.Module, form: str | None = None) -> int:
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             if type(child) is nn.Linear:
-                setattr(module, child_name, wrap(child.weight, child.bias))
+                # Native form: a bfloat16 matrix of tile multiples is stored tile-packed (freeing the
+                # row-major one); others keep their weight for the row-major kernel.
+                tiled = form == "native" and kernels.can_tile(child.weight)
+                setattr(module, child_name, (TiledLinear if tiled else wrap)(child.weight, child.bias))
                 count += 1
             elif type(child) is Experts:
                 count += child.prepare_for_cpu(form)
