@@ -69,6 +69,17 @@ class NativeLinear(nn.Module):
 TILED_MAX_ROWS = 128
 
 
+def tiled_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear(x, W, bias) for W tile-packed (kernels.pack_tiles): the kernel up to TILED_MAX_ROWS rows,
+    F.linear on W unpacked for the call above."""
+    rows = x.numel() // max(x.shape[-1], 1)
+    if rows > TILED_MAX_ROWS or rows == 0:
+        return F.linear(x, kernels.unpack_tiles(packed), bias)
+    out_features = packed.shape[0] * kernels.TILE_N
+    y = kernels.linear_tiled(x.reshape(rows, x.shape[-1]), packed).view(*x.shape[:-1], out_features)
+    return y if bias is None else y + bias
+
+
 class TiledLinear(nn.Module):
     """An nn.Linear whose bfloat16 weight is stored once, in the tile-packed layout of the native kernel
     (kernels.pack_tiles): one kernel for 1 to TILED_MAX_ROWS rows (vector dot products for one or two, AMX
@@ -82,11 +93,7 @@ class TiledLinear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.numel() // max(x.shape[-1], 1)
-        if rows > TILED_MAX_ROWS or rows == 0:
-            return F.linear(x, kernels.unpack_tiles(self.packed), self.bias)
-        y = kernels.linear_tiled(x.reshape(rows, x.shape[-1]), self.packed).view(*x.shape[:-1], self.out_features)
-        return y if self.bias is None else y + self.bias
+        return tiled_linear(x, self.packed, self.bias)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, tile-packed"
