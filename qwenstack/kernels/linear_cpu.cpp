@@ -43,7 +43,7 @@
 #include <vector>
 
 #if defined(__AMX_TILE__)
-#include <immintrin.h>
+#include "cpu_amx.h"
 #endif
 
 namespace {
@@ -266,25 +266,8 @@ inline void prefetch_block(const T* next_block, int64_t ldw) {
   for (int64_t r = 0; r < AMX_ROWS; ++r) _mm_prefetch(reinterpret_cast<const char*>(next_block + r * ldw), _MM_HINT_T1);
 }
 
-struct TileConfig {
-  uint8_t palette_id = 1;
-  uint8_t start_row = 0;
-  uint8_t reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-};
-
 // Tiles 0-3: accumulators C[i][j] (weight rows block i, activation rows block j) = tile 2 * i + j;
-// 4, 5: weight rows; 6, 7: activation rows. Every tile is a full 16 x 64 bytes: the activations are padded
-// with zero rows to a multiple of 16, so one configuration serves every block.
-inline void configure_tiles() {
-  TileConfig cfg;
-  for (int t = 0; t < 8; ++t) {
-    cfg.rows[t] = 16;
-    cfg.colsb[t] = 64;
-  }
-  _tile_loadconfig(&cfg);
-}
+// 4, 5: weight rows; 6, 7: activation rows (configure_tiles of cpu_amx.h).
 
 template <typename O>
 void run_amx_bf16(const Activations& a, const Bf16* w, int64_t ldw, O* out, int64_t N) {

@@ -11,9 +11,9 @@
 // operand of one vdpbf16ps against that pair of x broadcast to every lane: sixteen outputs accumulate in the
 // sixteen lanes, with no horizontal sums. A thread's weights are one forward stream.
 // - 1-2 rows (or no AMX): the vector loop, four accumulators per row (two per k pair parity) in flight.
-// - 3 or more rows with AMX: activations are the A tiles (16 rows of 32 bfloat16, straight from x), two
-//   weight blocks the B tiles, four accumulators: 32 rows x 32 outputs per pass. The caller sends large
-//   row counts (prefill) to F.linear on the unpacked matrix.
+// - 3 or more rows with AMX: activations are the A tiles (x copied once per call into the same 1 KiB tile
+//   blocks), two weight blocks the B tiles, four accumulators: 32 rows x 32 outputs per pass, in chunks of
+//   up to 128 rows. The caller sends long prefill chunks to F.linear on the unpacked matrix.
 // - Builds without AVX512-BF16: the same layout through generic float32 vectors.
 //
 // Layout: x [M, K] float32 / bfloat16 / float16 (rounded to bfloat16 first, as the row-major kernel does),
@@ -30,8 +30,11 @@
 #include <cstring>
 #include <vector>
 
-#if defined(__AVX512BF16__) || defined(__AMX_TILE__)
+#if defined(__AVX512BF16__)
 #include <immintrin.h>
+#endif
+#if defined(__AMX_TILE__)
+#include "cpu_amx.h"
 #endif
 
 namespace {
@@ -144,32 +147,24 @@ void run_vec(const Rows& a, const uint16_t* packed, O* out, int64_t N) {
 constexpr int64_t AMX_MIN_ROWS = 3;
 constexpr int64_t AMX_CHUNK_ROWS = 128, AMX_CHUNK_BYTES = 512 * 1024;
 
-struct TileConfig {
-  uint8_t palette_id = 1;
-  uint8_t start_row = 0;
-  uint8_t reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-};
-
 // Tiles 0-3: accumulators C[i][j] (activation rows block i, outputs block j) = tile 2 * i + j; 4, 5:
-// activation rows; 6, 7: weight blocks. All full 16 x 64 bytes: activations are padded to 16 rows.
-inline void configure_tiles() {
-  TileConfig cfg;
-  for (int t = 0; t < 8; ++t) {
-    cfg.rows[t] = 16;
-    cfg.colsb[t] = 64;
-  }
-  _tile_loadconfig(&cfg);
-}
+// activation rows; 6, 7: weight blocks (configure_tiles of cpu_amx.h).
+
+// Offset of activation tile (16-row block mt, 32-column block kb) in the tile-contiguous copy of x.
+inline int64_t a_tile(int64_t mt, int64_t kb, int64_t kblocks) { return (mt * kblocks + kb) * 16 * TILE_K; }
 
 // Rows [m_begin, m_begin + M) of x and of out.
 template <typename O>
 void run_amx(const Rows& a, int64_t m_begin, int64_t M, const uint16_t* packed, O* out_all, int64_t N) {
   const int64_t K = a.K, Mp = (M + 15) / 16 * 16, kblocks = K / TILE_K;
   O* out = out_all + m_begin * N;
-  std::vector<uint16_t> xp(Mp * K, 0);  // A operand: x rows padded with zero rows to a multiple of 16
-  std::memcpy(xp.data(), a.bf16.data() + m_begin * K, M * K * sizeof(uint16_t));
+  // A operands, tile-contiguous like the weights: xp[m / 16][k / 32][m % 16][k % 32], rows past M zero. Tiles
+  // loaded from x itself take 16 rows a row apart, as slow here as the row-major weights were.
+  std::vector<uint16_t> xp(Mp * K, 0);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t kb = 0; kb < kblocks; ++kb)
+      std::memcpy(xp.data() + a_tile(m / 16, kb, kblocks) + (m % 16) * TILE_K,
+                  a.bf16.data() + (m_begin + m) * K + kb * TILE_K, TILE_K * sizeof(uint16_t));
   const int64_t cols = N / TILE_N, pairs = (cols + 1) / 2, col_size = kblocks * BLOCK;
   const int64_t grain = std::max<int64_t>(1, std::min<int64_t>(8, pairs / 8));
   torch::stable::parallel_for(0, pairs, grain, [&](int64_t begin, int64_t end) {
@@ -189,14 +184,14 @@ void run_amx(const Rows& a, int64_t m_begin, int64_t M, const uint16_t* packed, 
         if (two && both) _tile_zero(3);
         for (int64_t kb = 0; kb < kblocks; ++kb) {
           _tile_loadd(6, w0 + kb * BLOCK, 64);
-          _tile_loadd(4, xp.data() + mb * K + kb * TILE_K, K * 2);
+          _tile_loadd(4, xp.data() + a_tile(mb / 16, kb, kblocks), 64);
           _tile_dpbf16ps(0, 4, 6);
           if (both) {
             _tile_loadd(7, w1 + kb * BLOCK, 64);
             _tile_dpbf16ps(1, 4, 7);
           }
           if (two) {
-            _tile_loadd(5, xp.data() + (mb + 16) * K + kb * TILE_K, K * 2);
+            _tile_loadd(5, xp.data() + a_tile(mb / 16 + 1, kb, kblocks), 64);
             _tile_dpbf16ps(2, 5, 6);
             if (both) _tile_dpbf16ps(3, 5, 7);
           }

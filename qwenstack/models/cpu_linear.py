@@ -62,11 +62,12 @@ class NativeLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, native"
 
 
-# Up to this many rows the tile-packed kernel runs; above (prefill chunks), F.linear on the matrix unpacked
-# for the call: oneDNN's GEMM is faster there (2,048 rows: 427 ms against 559 for four 0.6B layers), and the
-# unpacking costs it 4% (int32 moves at ~7 GB/s). At 64 rows the kernel takes 63 ms where F.linear takes
-# 84 (all 28 layers' matrices, 2 threads).
-TILED_MAX_ROWS = 128
+# Up to this many rows the tile-packed kernel runs; above (long prefill chunks), F.linear on the matrix
+# unpacked for the call. Four 0.6B layers' matrices, 2 threads, medians: the kernel takes 0.75-0.8 of
+# F.linear's time at 32-64 rows, 0.85-0.95 at 128, about the same at 256, 1.1-1.2 from 512 (oneDNN's GEMM
+# is better tuned for large products), where unpacking (int32 moves at ~7 GB/s) costs F.linear as much.
+# Unpacking is no option for short prompts: it reads and writes every matrix once per forward.
+TILED_MAX_ROWS = 512
 
 
 def tiled_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -84,7 +85,8 @@ class TiledLinear(nn.Module):
     """An nn.Linear whose bfloat16 weight is stored once, in the tile-packed layout of the native kernel
     (kernels.pack_tiles): one kernel for 1 to TILED_MAX_ROWS rows (vector dot products for one or two, AMX
     tiles above), where the row-major weight ran our kernel up to 16 rows and F.linear's slower GEMM from 17
-    (batched decode). The `packed` parameter holds the same elements as the weight it replaces."""
+    (batched decode: 63 ms against 84 for all 28 0.6B layers at 64 rows). The `packed` parameter holds the
+    same elements as the weight it replaces."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
         super().__init__()
