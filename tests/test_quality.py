@@ -98,10 +98,12 @@ def test_demo_model_int8_next_token_distribution_barely_moves(demo_int8_report) 
 
 @pytest.mark.skipif(not HAS_DEMO, reason="the bundled demo model is not built yet")
 @pytest.mark.xfail(strict=False, reason=(
-    "issue 10's target, not met: 91.0% with the native int8 kernel on these 16 prompts. Over 64 prompts the "
-    "native kernel agrees on 88.7% of greedy tokens and torch's _weight_int8pack_mm on 87.5%, with the same KL "
-    "(6.27e-5) and top-1 match (99.3%): free-running agreement on this model is decided by a few near-ties, and "
-    "the 95.3% measured earlier with torch's kernel was the luck of 16 prompts"))
+    "issue 10's target, not met: 91.0% with the native int8 kernel on these 16 prompts (88.7% over 64; torch's "
+    "_weight_int8pack_mm 87.5%, same KL 6.27e-5 and top-1 match 99.3%). The metric sits at this model's noise "
+    "floor: the same weights run in float32 agree with the bfloat16 baseline on only 83.9% (16 prompts) and 83.8% "
+    "(64), and every first divergence, for float32, int8, group-wise int8 (32-128) or int8 with the lm_head kept, "
+    "falls where the baseline's two best logits are 0-2 bfloat16 steps apart; the four 16-prompt quarters of "
+    "the 64 give int8 81.7% to 100%"))
 def test_demo_model_int8_agrees_on_95_percent_of_greedy_tokens(demo_int8_report) -> None:  # type: ignore[no-untyped-def]
     int8 = demo_int8_report.levels[1]
     assert int8.token_agreement >= 0.95, demo_int8_report.table()
