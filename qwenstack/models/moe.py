@@ -29,8 +29,6 @@ class Experts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
         self.packed: dict[str, list[torch.Tensor]] | None = None  # per-expert prepacked CPU weights
         self.native = False  # few-row products through the native CPU kernel (models/cpu_linear.py)
-        # Both stacks hold each expert in the tile-packed layout, in place: [E, N / 16, K / 32, 16, 16, 2].
-        self.tiled = False
 
     def forward(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x [T, H]; expert_ids, weights [T, k] -> [T, H]."""
@@ -58,10 +56,6 @@ class Experts(nn.Module):
     def expert_linear(self, name: str, expert: int, x: torch.Tensor) -> torch.Tensor:
         """x [T, in] @ W[expert].T for W = gate_up_proj or down_proj. Quantized experts
         (qwenstack.quantization.QuantExperts) override this one method and keep forward."""
-        if self.tiled:
-            from qwenstack.models.cpu_linear import tiled_linear
-
-            return tiled_linear(x, getattr(self, name)[expert])
         if self.packed is not None:
             from qwenstack.models.cpu_linear import packed_linear
 
@@ -76,22 +70,7 @@ class Experts(nn.Module):
         """Switches the experts to a CPU linear form of models/cpu_linear.py: "native" (same weights) or
         "packed" (prepacked copies; the originals are freed). Returns how many matrices changed form."""
         if form == "native":
-            from qwenstack import kernels
-
-            stacks = [getattr(self, name) for name in ("gate_up_proj", "down_proj")]
-            if all(kernels.can_tile(stack[0]) for stack in stacks):
-                # Expert by expert into its own storage: one expert's matrix of scratch, not a stack's.
-                for name, stack in zip(("gate_up_proj", "down_proj"), stacks):
-                    e, n, k = stack.shape
-                    with torch.no_grad():
-                        for expert in range(e):
-                            stack[expert].copy_(kernels.pack_tiles(stack[expert]).view(n, k))
-                    packed = stack.data.view(e, n // kernels.TILE_N, k // kernels.TILE_K, kernels.TILE_K // 2,
-                                             kernels.TILE_N, 2)
-                    setattr(self, name, nn.Parameter(packed, requires_grad=False))
-                self.tiled = True
-            else:
-                self.native = True
+            self.native = True
             return 2 * self.num_experts
         from qwenstack.models.cpu_linear import pack_weight
 
