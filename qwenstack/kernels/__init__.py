@@ -254,6 +254,8 @@ def linear_tiled(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
     if op is None:
         raise RuntimeError("the native linear kernel is not available (see the log and QWENSTACK_DISABLE_KERNELS)")
     return op(x, packed)
+
+
 _NORM_DTYPES = (torch.bfloat16, torch.float16)
 
 

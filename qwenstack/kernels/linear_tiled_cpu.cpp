@@ -28,6 +28,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX512BF16__)
@@ -232,7 +233,11 @@ void read_rows(const void* src, Rows& a) {
   const T* p = static_cast<const T*>(src);
   const int64_t count = a.M * a.K;
   a.bf16.resize(count);
-  for (int64_t i = 0; i < count; ++i) store(to_float(p[i]), reinterpret_cast<Bf16*>(&a.bf16[i]));
+  if constexpr (std::is_same_v<T, Bf16>) {
+    std::memcpy(a.bf16.data(), p, count * sizeof(uint16_t));  // already what the loops read
+  } else {
+    for (int64_t i = 0; i < count; ++i) store(to_float(p[i]), reinterpret_cast<Bf16*>(&a.bf16[i]));
+  }
 #if !defined(__AVX512BF16__)
   a.f32.resize(count);
   for (int64_t i = 0; i < count; ++i) a.f32[i] = to_float(reinterpret_cast<const Bf16*>(a.bf16.data())[i]);

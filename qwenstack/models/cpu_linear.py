@@ -37,13 +37,20 @@ PACKABLE_DTYPES = (torch.bfloat16, torch.float16)
 NATIVE_MAX_ROWS = 16
 
 
+def _rows_through(kernel: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, out_features: int,
+                  bias: torch.Tensor | None, max_rows: int) -> torch.Tensor | None:
+    """kernel(x as [rows, in]) shaped back like x, plus bias; None when x has no rows or more than max_rows."""
+    rows = x.numel() // max(x.shape[-1], 1)
+    if rows > max_rows or rows == 0:
+        return None
+    y = kernel(x.reshape(rows, x.shape[-1])).view(*x.shape[:-1], out_features)
+    return y if bias is None else y + bias
+
+
 def native_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear(x, weight, bias), through the native kernel when x has at most NATIVE_MAX_ROWS rows."""
-    rows = x.numel() // max(x.shape[-1], 1)
-    if rows > NATIVE_MAX_ROWS or rows == 0:
-        return F.linear(x, weight, bias)
-    y = kernels.linear_rows(x.reshape(rows, x.shape[-1]), weight).view(*x.shape[:-1], weight.shape[0])
-    return y if bias is None else y + bias
+    y = _rows_through(lambda rows: kernels.linear_rows(rows, weight), x, weight.shape[0], bias, NATIVE_MAX_ROWS)
+    return F.linear(x, weight, bias) if y is None else y
 
 
 class NativeLinear(nn.Module):
@@ -70,17 +77,6 @@ class NativeLinear(nn.Module):
 TILED_MAX_ROWS = 512
 
 
-def tiled_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear(x, W, bias) for W tile-packed (kernels.pack_tiles): the kernel up to TILED_MAX_ROWS rows,
-    F.linear on W unpacked for the call above."""
-    rows = x.numel() // max(x.shape[-1], 1)
-    if rows > TILED_MAX_ROWS or rows == 0:
-        return F.linear(x, kernels.unpack_tiles(packed), bias)
-    out_features = packed.shape[0] * kernels.TILE_N
-    y = kernels.linear_tiled(x.reshape(rows, x.shape[-1]), packed).view(*x.shape[:-1], out_features)
-    return y if bias is None else y + bias
-
-
 class TiledLinear(nn.Module):
     """An nn.Linear whose bfloat16 weight is stored once, in the tile-packed layout of the native kernel
     (kernels.pack_tiles): one kernel for 1 to TILED_MAX_ROWS rows (vector dot products for one or two, AMX
@@ -95,7 +91,9 @@ class TiledLinear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return tiled_linear(x, self.packed, self.bias)
+        y = _rows_through(lambda rows: kernels.linear_tiled(rows, self.packed), x, self.out_features, self.bias,
+                          TILED_MAX_ROWS)
+        return F.linear(x, kernels.unpack_tiles(self.packed), self.bias) if y is None else y
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, tile-packed"
