@@ -1,11 +1,12 @@
-"""How much free-running greedy agreement on the demo model is noise: the bfloat16 baseline against the same
-weights in float32 and against int8, over the 16 prompts of the quality test and over 64.
+"""How much greedy agreement on the demo model is noise: the bfloat16 baseline against the same weights in
+float32 and against int8, over the 16 prompts of the quality test and over 64, both ways qwenstack.quality
+measures it (step by step on the baseline's continuations, and free-running).
 
     python benchmarks/bench_agreement.py            # writes benchmarks/out/agreement-demo.json
 
 Both comparisons use qwenstack.quality's prompts and definition (prompts of 32 tokens cut from the demo
-model's held-out split, 64 greedy tokens, fraction of positions equal to the baseline's). A float32 run of
-the very same weights is the noise floor: it changes nothing but the rounding of the arithmetic.
+model's held-out split, 64 greedy tokens). A float32 run of the very same weights is the noise floor: it
+changes nothing but the rounding of the arithmetic.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from common import save  # noqa: E402
 import qwenstack  # noqa: E402
 from qwenstack.generate import greedy_generate  # noqa: E402
 from qwenstack.models.registry import load_model  # noqa: E402
-from qwenstack.quality import greedy_agreement, prompts_from_stream  # noqa: E402
+from qwenstack.quality import greedy_agreement, prompts_from_stream, step_agreement  # noqa: E402
 from qwenstack.quantization import quantize_model  # noqa: E402
 from qwenstack.tokenizer import Tokenizer  # noqa: E402
 
@@ -38,10 +39,12 @@ def main() -> None:
         prompts = prompts_from_stream(ids, num_prompts, 32)
         base = greedy_generate(baseline, prompts, 64)
         for name, model in others.items():
+            steps = step_agreement(baseline, model, prompts, base)
             agreement, identical, first = greedy_agreement(base, greedy_generate(model, prompts, 64))
-            results.setdefault(name, {})[f"agreement_{num_prompts}"] = agreement
+            results.setdefault(name, {})[f"step_agreement_{num_prompts}"] = steps
+            results[name][f"agreement_{num_prompts}"] = agreement
             results[name][f"identical_{num_prompts}"] = identical
-            print(f"{name} vs bfloat16, {num_prompts} prompts: agreement {agreement:.2%}, "
+            print(f"{name} vs bfloat16, {num_prompts} prompts: step by step {steps:.2%}, free-running {agreement:.2%}, "
                   f"identical runs {identical:.0%}, mean first divergence {first:.1f}", flush=True)
     print(save("agreement-demo", {"model": "demo", "baseline": "bfloat16", "new_tokens": 64, "results": results}))
 

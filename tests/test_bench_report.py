@@ -29,11 +29,11 @@ def serve_run(concurrency: int) -> dict:
 
 QUALITY = {"kind": "quality", "model": "demo-model", "dtype": "bfloat16", "context_len": 512, "text_tokens": 40000,
            "num_prompts": 16, "prompt_len": 32, "new_tokens": 64, "levels": [
-               {"level": "bfloat16", "perplexity": 8.1, "mean_kl": 0.0, "top1_match": 1.0, "token_agreement": 1.0,
+               {"level": "bfloat16", "perplexity": 8.1, "mean_kl": 0.0, "top1_match": 1.0, "step_agreement": 1.0, "token_agreement": 1.0,
                 "prompts_identical": 1.0, "mean_first_divergence": 64.0, "weight_bytes_per_token": 4_000_000},
-               {"level": "int8", "perplexity": 8.12, "mean_kl": 2e-4, "top1_match": 0.99, "token_agreement": 0.97,
+               {"level": "int8", "perplexity": 8.12, "mean_kl": 2e-4, "top1_match": 0.99, "step_agreement": 0.995, "token_agreement": 0.97,
                 "prompts_identical": 0.8, "mean_first_divergence": 58.0, "weight_bytes_per_token": 2_100_000},
-               {"level": "int4", "perplexity": 8.6, "mean_kl": 3e-2, "top1_match": 0.9, "token_agreement": 0.6,
+               {"level": "int4", "perplexity": 8.6, "mean_kl": 3e-2, "top1_match": 0.9, "step_agreement": 0.9, "token_agreement": 0.6,
                 "prompts_identical": 0.1, "mean_first_divergence": 20.0, "weight_bytes_per_token": 1_200_000}]}
 QUANT = {"kind": "quant", "model": "qwen3-0.6b", "machine": {"threads": 16}, "read_bandwidth_gb_s": 40.0,
          "decode_tokens": 48, "prompt_tokens": 16, "quality": QUALITY, "decode": [
@@ -82,7 +82,7 @@ def test_report_has_tables_and_plots(results_dir: Path, tmp_path: Path) -> None:
         assert heading in text, heading
     assert "| Qwen/Qwen3-0.6B chat in 64 out 32 | 16 |" in text
     assert "| int8 | 38.00 | 569.40 | 67.00 | 57% | 41.00 | 2.70 |" in text
-    assert "| int8 | 8.12 | 2.00e-04 | 99.00% | 97.00% |" in text
+    assert "| int8 | 8.12 | 2.00e-04 | 99.00% | 99.50% | 97.00% |" in text
     assert "| Qwen/Qwen3-235B-A22B | int4 | 235.09 B | 22.19 B |" in text
     assert "`broken.json`: not a JSON object" in text and "score 1.50" in text
     for name in ("throughput.png", "latency.png", "quality_speed.png"):

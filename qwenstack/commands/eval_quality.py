@@ -20,7 +20,11 @@ Measures, per level, against the same model unquantized in --dtype:
   perplexity         on the held-out text (windows of --context tokens)
   mean KL            KL(unquantized || quantized) of the next-token distribution, nats per position
   top-1 match        positions where both models' most likely next token agree (teacher-forced)
-  greedy agreement   fraction of the --prompts x --tokens greedy tokens equal to the unquantized model's,
+  greedy agreement, step by step
+                     the unquantized model decodes --tokens greedy tokens from each of --prompts prompts; the
+                     fraction of those steps where the quantized model, reading the same text, picks the same
+  free-running agreement
+                     fraction of the --prompts x --tokens greedy tokens equal to the unquantized model's,
                      each model decoding on its own; plus the mean position of the first divergence"""
 
 
