@@ -44,7 +44,7 @@ OVERRIDE_ENV = "QWENSTACK_BANDWIDTH_GBS"
 KERNEL_FORMATS = ("bfloat16", "float32", "int8", "int4")
 OVERHEAD_KEYS = ("step", "layer", "moe_layer", "expert")
 # Part of the cache key: a change in what is measured (or in the kernels measured) invalidates old records.
-MEASUREMENT_VERSION = 3
+MEASUREMENT_VERSION = 4
 # Row lengths the main formats are also measured at ("bfloat16@1024"); the plain key is the default shape's.
 SHORT_ROWS = 1024
 ROW_DEPENDENT_FORMATS = ("bfloat16", "int8")
@@ -179,8 +179,12 @@ def _kernel_weights(fmt: str, n: int, k: int, buffer_mib: int) -> tuple[list[tor
     x = torch.randn(1, k, dtype=torch.bfloat16)
     if fmt == "int8":
         scales = torch.rand(n, dtype=torch.bfloat16)
+        if native and kernels.can_tile_int8((n, k)):  # what quantization/formats.py runs on such shapes
+            packed = _distinct(lambda: kernels.pack_tiles_int8(torch.randint(-128, 128, (n, k), dtype=torch.int8)),
+                               buffer_mib)
+            return packed, [lambda w: kernels.linear_tiled_int8(x, w, scales)]
         weights = _distinct(lambda: torch.randint(-128, 128, (n, k), dtype=torch.int8), buffer_mib)
-        if native:  # what quantization/formats.py runs for a few rows
+        if native:
             return weights, [lambda w: kernels.linear_rows(x, w, scales)]
         return weights, [lambda w: torch._weight_int8pack_mm(x, w, scales)]
     group = 128

@@ -1,7 +1,8 @@
 """The native CPU linear kernels against float64 references: the row-major one (linear_cpu.cpp) for every
 weight dtype, row counts on both sides of each loop's boundaries (1-2 vector rows, 3+ AMX tiles, 16/32-row
 tile edges), shapes off the 4-row, 16-column and 32-column grids, strided weight slices, thread counts; the
-tile-packed one (linear_tiled_cpu.cpp) on both sides of its boundaries; every build level this CPU can run;
+tile-packed ones (linear_tiled_cpu.cpp, bfloat16 and int8) on both sides of their boundaries; every build
+level this CPU can run;
 and models in the native CPU linear form against the plain form."""
 from __future__ import annotations
 
@@ -115,6 +116,51 @@ def test_tiled_kernel(rows: int, x_dtype: torch.dtype) -> None:
         assert (got.double() - want).abs().max().item() <= tol
 
 
+INT8_TILED_SHAPES = [(16, 64), (48, 128), (80, 1024), (256, 3072)]
+
+
+@pytest.mark.parametrize("rows", TILED_ROWS)
+@pytest.mark.parametrize("x_dtype", [torch.bfloat16, torch.float32, torch.float16])
+def test_tiled_int8_kernel(rows: int, x_dtype: torch.dtype) -> None:
+    gen = torch.Generator().manual_seed(rows)
+    for n, k in INT8_TILED_SHAPES:
+        w = torch.randint(-128, 128, (n, k), generator=gen, dtype=torch.int8)
+        w[0], w[-1] = -128, 127  # the extremes of the offset bytes
+        packed = kernels.pack_tiles_int8(w)
+        assert packed.dtype == torch.uint8 and packed.shape == (n // 16, k // 64, 16, 16, 4)
+        assert torch.equal(kernels.unpack_tiles_int8(packed), w)
+        scales = (torch.rand(n, generator=gen) * 0.01).to(x_dtype)
+        x = torch.randn(rows, k, generator=gen).to(x_dtype)
+        x[0, : k // 2] = x[0, : k // 2].abs() * 4  # a row whose int16 form sits at the limit on one side
+        got = kernels.linear_tiled_int8(x, packed, scales)
+        assert got.dtype == x_dtype and got.shape == (rows, n)
+        want = reference(x, w, scales)
+        # Activations as int16 per row (2^-15 of the row's largest); the output rounded to x's dtype once.
+        tol = max(TOLERANCE[x_dtype], 2e-4) * want.abs().max().item()
+        assert (got.double() - want).abs().max().item() <= tol
+
+
+def test_tiled_int8_stacks_and_threads() -> None:
+    """A stack of expert matrices packs per matrix; the sums' order does not follow the thread count."""
+    gen = torch.Generator().manual_seed(3)
+    stack = torch.randint(-128, 128, (3, 32, 128), generator=gen, dtype=torch.int8)
+    packed = kernels.pack_tiles_int8(stack)
+    assert packed.shape == (3, 2, 2, 16, 16, 4) and torch.equal(packed[1], kernels.pack_tiles_int8(stack[1]))
+    assert torch.equal(kernels.unpack_tiles_int8(packed), stack)
+    assert kernels.can_tile_int8(stack.shape) and not kernels.can_tile_int8((32, 96)) \
+        and not kernels.can_tile_int8((40, 128)) and not kernels.can_tile_int8((16, 2 * kernels.INT8_TILE_MAX_K))
+    scales = torch.rand(32)
+    for rows in (1, 40):
+        x = torch.randn(rows, 128, generator=gen)
+        threads = torch.get_num_threads()
+        try:
+            torch.set_num_threads(1)
+            one = kernels.linear_tiled_int8(x, packed[2], scales)
+        finally:
+            torch.set_num_threads(threads)
+        assert torch.equal(one, kernels.linear_tiled_int8(x, packed[2], scales))
+
+
 def test_tiled_linear_module() -> None:
     """Up to TILED_MAX_ROWS rows the kernel; above, F.linear on the unpacked weight, bit for bit."""
     w, bias = torch.randn(48, 64).to(torch.bfloat16), torch.randn(48).to(torch.bfloat16)
@@ -139,6 +185,13 @@ def test_bad_arguments_are_errors_not_crashes() -> None:
         kernels.linear_tiled(torch.randn(2, 32), packed)
     with pytest.raises(RuntimeError, match="packed"):
         kernels.linear_tiled(torch.randn(2, 64), torch.randn(16, 64).to(torch.bfloat16))
+    packed8 = kernels.pack_tiles_int8(torch.zeros(16, 128, dtype=torch.int8))
+    with pytest.raises(RuntimeError, match="columns"):
+        kernels.linear_tiled_int8(torch.randn(2, 64), packed8, torch.ones(16))
+    with pytest.raises(RuntimeError, match="scales"):
+        kernels.linear_tiled_int8(torch.randn(2, 128), packed8, torch.ones(15))
+    with pytest.raises(RuntimeError, match="uint8"):
+        kernels.linear_tiled_int8(torch.randn(2, 128), packed8.view(torch.int8), torch.ones(16))
 
 
 LEVEL_CHECK = """
@@ -163,6 +216,11 @@ if ok:
             w = torch.randn(n, k, generator=gen).to(torch.bfloat16)
             want = x.double() @ w.double().T
             got = kernels.linear_tiled(x, kernels.pack_tiles(w)).double()
+            worst = max(worst, ((got - want).abs().max() / want.abs().max()).item())
+            q = torch.randint(-128, 128, (n, 2 * k), generator=gen, dtype=torch.int8)  # int8: K % 64 == 0
+            xq, s = torch.randn(rows, 2 * k, generator=gen).to(torch.bfloat16), torch.rand(n) * 0.01
+            want = xq.double() @ q.double().T * s.double()
+            got = kernels.linear_tiled_int8(xq, kernels.pack_tiles_int8(q), s).double()
             worst = max(worst, ((got - want).abs().max() / want.abs().max()).item())
 print(json.dumps({"isa": kernels._isa(), "ok": ok, "worst": worst}))
 """

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from checkpoints import build_hf_checkpoint, next_config
+from qwenstack import kernels
 from qwenstack.engine.engine import EngineConfig, LLMEngine
 from qwenstack.engine.params import SamplingParams
 from qwenstack.errors import UnsupportedModelError
@@ -111,11 +112,17 @@ def test_tied_lm_head_gets_a_quantized_copy_unless_kept(tiny_qwen3: Path) -> Non
 def test_fused_kernels_agree_with_the_reference_path(dtype: torch.dtype) -> None:
     g = torch.Generator().manual_seed(0)
     weight = (torch.randn(3, 48, 128, generator=g) * 0.05).to(dtype)  # a stack of 3 experts
-    x = torch.randn(5, 128, generator=g).to(dtype)
     tol = 1e-4 if dtype == torch.float32 else 3e-2
-    for make in (lambda w, k: Int8Weight.quantize(w, use_kernel=k), lambda w, k: Int4Weight.quantize(w, 32, use_kernel=k)):
-        fast, slow = make(weight, True), make(weight, False)
+    row_major = (torch.randn(3, 40, 96, generator=g) * 0.05).to(dtype)  # off the int8 tile grid (16 x 64)
+    for make, w in ((lambda w, k: Int8Weight.quantize(w, use_kernel=k), weight),
+                    (lambda w, k: Int8Weight.quantize(w, use_kernel=k), row_major),
+                    (lambda w, k: Int4Weight.quantize(w, 32, use_kernel=k), weight)):
+        fast, slow = make(w, True), make(w, False)
         assert fast.use_kernel and not slow.use_kernel
+        if isinstance(fast, Int8Weight):
+            assert fast.tiled == (w is weight and kernels.linear_rows_available()) and not slow.tiled
+            assert (fast.out_features, fast.in_features) == w.shape[1:]
+        x = torch.randn(5, w.shape[-1], generator=g).to(dtype)
         for e in range(3):
             torch.testing.assert_close(fast.dequantize(e), slow.dequantize(e), atol=tol * 0.1, rtol=0)
             expected = x.float() @ slow.dequantize(e).t()

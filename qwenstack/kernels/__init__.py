@@ -256,6 +256,48 @@ def linear_tiled(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
     return op(x, packed)
 
 
+INT8_TILE_MAX_K = 65536
+INT8_TILE_K = 64  # the int8 layout's block: 16 output rows x 64 columns (linear_tiled_cpu.cpp)
+
+
+def can_tile_int8(shape: torch.Size | tuple[int, ...]) -> bool:
+    """Whether int8 matrices of shape [*, N, K] have a tile-packed form: N a multiple of 16, K of 64 and at
+    most INT8_TILE_MAX_K (the kernel's int32 sums)."""
+    return len(shape) >= 2 and shape[-2] % TILE_N == 0 and shape[-1] % INT8_TILE_K == 0 \
+        and shape[-1] <= INT8_TILE_MAX_K
+
+
+def pack_tiles_int8(qweight: torch.Tensor) -> torch.Tensor:
+    """int8 [*, N, K] -> uint8 [*, N / 16, K / 64, 16, 16, 4]: packed[n / 16][k / 64][(k % 64) / 4][n % 16][k % 4]
+    = w[n][k] + 128, the order and offset linear_tiled_int8 reads (one 1 KiB block per 16 rows x 64 columns,
+    a B operand of AMX-INT8; the offset makes the weights the unsigned operand of the byte products)."""
+    *stack, n, k = qweight.shape
+    offset = qweight.detach().contiguous().view(torch.uint8) ^ 0x80  # two's complement w + 128
+    quads = offset.view(torch.int32).view(*stack, n // TILE_N, TILE_N, k // INT8_TILE_K, 16)
+    dims = len(stack)
+    order = (*range(dims), dims, dims + 2, dims + 3, dims + 1)
+    return quads.permute(order).contiguous().view(torch.uint8).view(*stack, n // TILE_N, k // INT8_TILE_K, 16, TILE_N, 4)
+
+
+def unpack_tiles_int8(packed: torch.Tensor) -> torch.Tensor:
+    """The inverse of pack_tiles_int8: a new [*, N, K] matrix (groups of 4 columns move as one int32)."""
+    *stack, nb, kb = packed.shape[:-3]
+    dims = len(stack)
+    quads = packed.contiguous().view(torch.int32).view(*stack, nb, kb, 16, TILE_N)
+    order = (*range(dims), dims, dims + 3, dims + 1, dims + 2)
+    rows = quads.permute(order).reshape(*stack, nb * TILE_N, kb * INT8_TILE_K // 4).contiguous().view(torch.uint8)
+    return (rows ^ 0x80).view(torch.int8)
+
+
+def linear_tiled_int8(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """x [M, K] @ (W * scales[:, None]).T for int8 W in pack_tiles_int8's layout, in x's dtype (activations as
+    int16 per row, exact int32 sums). Any number of rows: AMX-INT8 tiles from 3 rows where the CPU has them."""
+    op = _op("linear_tiled_int8")
+    if op is None:
+        raise RuntimeError("the native linear kernel is not available (see the log and QWENSTACK_DISABLE_KERNELS)")
+    return op(x, packed, scales)
+
+
 _NORM_DTYPES = (torch.bfloat16, torch.float16)
 
 

@@ -416,12 +416,6 @@ void dispatch_out(const Activations& a, const Tensor& w, const float* scales, Te
   }
 }
 
-template <typename T>
-void to_float_rows(const void* src, int64_t count, float* dst) {
-  const T* p = static_cast<const T*>(src);
-  for (int64_t i = 0; i < count; ++i) dst[i] = to_float(p[i]);
-}
-
 // Fills the forms of the activations that the loop for this weight dtype reads.
 void prepare_activations(Activations& a, ScalarType w_dtype, ScalarType x_dtype, const void* x) {
 #if defined(__AVX512BF16__)
@@ -436,18 +430,9 @@ void prepare_activations(Activations& a, ScalarType w_dtype, ScalarType x_dtype,
 #endif
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
   if (w_dtype == ScalarType::Char) {
-    // Symmetric per row: the largest magnitude maps to 32767, so the rounding error of each element is at
-    // most 2^-16 of the row's largest (bfloat16 itself keeps 8 bits).
     a.i16.resize(a.M * a.K);
     a.i16_scale.resize(a.M);
-    for (int64_t m = 0; m < a.M; ++m) {
-      const float* row = a.f32.data() + m * a.K;
-      float amax = 0.f;
-      for (int64_t k = 0; k < a.K; ++k) amax = std::max(amax, std::fabs(row[k]));
-      const float scale = amax > 0.f ? amax / 32767.f : 1.f, inv = 1.f / scale;
-      a.i16_scale[m] = scale;
-      for (int64_t k = 0; k < a.K; ++k) a.i16[m * a.K + k] = int16_t(std::lrintf(row[k] * inv));
-    }
+    quantize_rows_int16(a.f32.data(), a.M, a.K, a.i16.data(), a.i16_scale.data());
   }
 #endif
   (void)w_dtype; (void)x_dtype; (void)x;
@@ -465,12 +450,8 @@ Tensor linear_rows(Tensor x_in, Tensor w, Tensor scales_in) {
   a.M = M;
   a.K = K;
   a.f32.resize(M * K);
-  switch (x_dtype) {
-    case ScalarType::Float: to_float_rows<float>(x.const_data_ptr(), M * K, a.f32.data()); break;
-    case ScalarType::BFloat16: to_float_rows<Bf16>(x.const_data_ptr(), M * K, a.f32.data()); break;
-    case ScalarType::Half: to_float_rows<Fp16>(x.const_data_ptr(), M * K, a.f32.data()); break;
-    default: STD_TORCH_CHECK(false, "linear_rows: x must be float32, bfloat16 or float16");
-  }
+  STD_TORCH_CHECK(read_floats(x_dtype, x.const_data_ptr(), M * K, a.f32.data()),
+                  "linear_rows: x must be float32, bfloat16 or float16");
   prepare_activations(a, w.scalar_type(), x_dtype, x.const_data_ptr());
   // Scales as float32, read in whatever float dtype they are stored (no dispatcher call for a conversion).
   std::vector<float> scale_values;
@@ -478,12 +459,8 @@ Tensor linear_rows(Tensor x_in, Tensor w, Tensor scales_in) {
     STD_TORCH_CHECK(scales_in.dim() == 1 && scales_in.size(0) == N, "linear_rows: scales must be [N]");
     Tensor sc = torch::stable::contiguous(scales_in);
     scale_values.resize(N);
-    switch (sc.scalar_type()) {
-      case ScalarType::Float: to_float_rows<float>(sc.const_data_ptr(), N, scale_values.data()); break;
-      case ScalarType::BFloat16: to_float_rows<Bf16>(sc.const_data_ptr(), N, scale_values.data()); break;
-      case ScalarType::Half: to_float_rows<Fp16>(sc.const_data_ptr(), N, scale_values.data()); break;
-      default: STD_TORCH_CHECK(false, "linear_rows: scales must be float32, bfloat16 or float16");
-    }
+    STD_TORCH_CHECK(read_floats(sc.scalar_type(), sc.const_data_ptr(), N, scale_values.data()),
+                    "linear_rows: scales must be float32, bfloat16 or float16");
   }
   const float* scales = scale_values.empty() ? nullptr : scale_values.data();
   Tensor out = torch::stable::empty({M, N}, x_dtype, std::nullopt, x.device());

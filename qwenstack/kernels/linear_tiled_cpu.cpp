@@ -28,6 +28,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <type_traits>
 #include <vector>
 
@@ -47,6 +48,9 @@ constexpr int64_t TILE_N = 16, TILE_K = 32, BLOCK = TILE_N * TILE_K;  // a block
 constexpr int64_t PAIRS = TILE_K / 2;                                  // k pairs per block
 constexpr int64_t VEC_ROWS = 4;  // activation rows per pass of the vector loop over one column of blocks
 constexpr int64_t PREFETCH_BLOCKS = 2;  // how far ahead the vector loop prefetches its weight stream
+// AMX from this many rows on; rows in chunks of at most AMX_CHUNK_ROWS and AMX_CHUNK_BYTES of activations.
+constexpr int64_t AMX_MIN_ROWS = 3;
+constexpr int64_t AMX_CHUNK_ROWS = 128, AMX_CHUNK_BYTES = 512 * 1024;
 
 // Activation rows as bfloat16 bits (what the loops read) and, for the generic loop, float32.
 struct Rows {
@@ -145,8 +149,6 @@ void run_vec(const Rows& a, const uint16_t* packed, O* out, int64_t N) {
 }
 
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__)
-constexpr int64_t AMX_MIN_ROWS = 3;
-constexpr int64_t AMX_CHUNK_ROWS = 128, AMX_CHUNK_BYTES = 512 * 1024;
 
 // Tiles 0-3: accumulators C[i][j] (activation rows block i, outputs block j) = tile 2 * i + j; 4, 5:
 // activation rows; 6, 7: weight blocks (configure_tiles of cpu_amx.h).
@@ -275,8 +277,304 @@ Tensor linear_tiled(Tensor x_in, Tensor packed_in) {
   return out;
 }
 
+
+// ---------------------------------------------------------------------------------------------------------
+// int8 weights (weight-only, one scale per output), tile-packed for AMX-INT8 and stored offset by 128:
+//   packed[n / 16][k / 64][(k % 64) / 4][n % 16][k % 4] = w[n][k] + 128 (uint8)  (N % 16 == 0, K % 64 == 0)
+// Each 16 outputs x 64 columns is one 1 KiB block, exactly a B operand of the tile unit (16 rows of 4
+// consecutive k for each of the 16 n), and each 64-byte row of it is a vpdpbusd operand: 16 outputs x 4 k,
+// one output per 32-bit lane, against 4 activation bytes broadcast.
+// Activations are int16 per row (cpu_vec.h's quantize_rows_int16, at most I8_X_LIMIT in magnitude), split
+// into two signed bytes x = 256 * hi + lo, so every product is a byte product with exact int32 sums:
+//   sum_k w x = 256 * sum_k (w + 128) hi + sum_k (w + 128) lo - 128 * sum_k x.
+// Why the offset: the byte dot-product instructions take one unsigned operand (vpdpbusd: unsigned x signed;
+// TDPBSUD: signed x unsigned). Unsigned weights let both activation bytes be signed, and the correction is
+// one sum per activation row. Widening the weights to int16 for vpdpwssd instead cost three shuffles per
+// 64 bytes and ran at two thirds of this speed with the weights in cache.
+// - 1-2 rows (or no AMX): the vector loop, one forward weight stream per thread.
+// - 3 or more rows with AMX: hi and lo copied into tile blocks, two tile products per weight block.
+// - Builds without AVX512-VNNI: the same arithmetic in scalar loops.
+// Layout: x [M, K] float32 / bfloat16 / float16, packed [N / 16, K / 64, 16, 16, 4] uint8, scales [N] float,
+// out [M, N] in x's dtype.
+constexpr int64_t I8_TILE_K = 64, I8_GROUPS = I8_TILE_K / 4;  // a block: 16 x 64 bytes, 16 groups of 4 k
+constexpr int64_t I8_BLOCK_BYTES = TILE_N * I8_TILE_K;
+// |hi| <= 127 and |lo| <= 128 for |x| <= 32639 (32640 would need hi = 128).
+constexpr float I8_X_LIMIT = 32639.f;
+// Sums of hi (or lo) times (w + 128) stay in int32 up to this many columns: 255 * 128 * K < 2^31.
+constexpr int64_t I8_MAX_K = 65536;
+
+// Buffers the loops overwrite in full: no zero fill (std::vector's cost a tenth of a 256-row call).
+template <typename T>
+std::unique_ptr<T[]> uninitialized(int64_t count) { return std::unique_ptr<T[]>(new T[count]); }
+
+struct ByteRows {
+  int64_t M = 0, K = 0;
+  std::unique_ptr<int8_t[]> hi, lo;  // [M, K]: q = 256 * hi + lo, x[m, k] ~ q[m, k] * scale[m]
+  std::vector<float> scale;
+  std::vector<int64_t> sum;  // sum_k q[m, k]
+};
+
+// Fills a's hi, lo and sum from the int16 rows q [M, K].
+inline void split_bytes(const int16_t* q, ByteRows& a) {
+  const int64_t M = a.M, K = a.K;
+  a.hi = uninitialized<int8_t>(M * K);
+  a.lo = uninitialized<int8_t>(M * K);
+  a.sum.assign(M, 0);
+  for (int64_t m = 0; m < M; ++m) {
+    const int16_t* row = q + m * K;
+    int8_t* hi = a.hi.get() + m * K;
+    int8_t* lo = a.lo.get() + m * K;
+    int64_t k = 0, sum = 0;
+#if defined(__AVX512BW__)
+    // The scalar loop below was not vectorized (the compiler could not rule out aliasing) and took most
+    // of a call's time from 64 rows on.
+    __m512i sums = _mm512_setzero_si512();
+    for (; k + 32 <= K; k += 32) {
+      const __m512i v = _mm512_loadu_si512(row + k);
+      const __m256i low = _mm512_cvtepi16_epi8(v);  // v mod 256
+      const __m512i high = _mm512_srai_epi16(_mm512_sub_epi16(v, _mm512_cvtepi8_epi16(low)), 8);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(lo + k), low);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(hi + k), _mm512_cvtepi16_epi8(high));
+      sums = _mm512_add_epi32(sums, _mm512_madd_epi16(v, _mm512_set1_epi16(1)));
+    }
+    sum = _mm512_reduce_add_epi32(sums);  // |q| <= 32639, K <= 65536: fits in int32
+#endif
+    for (; k < K; ++k) {
+      const int8_t l = int8_t(row[k]);  // v mod 256, as a signed byte
+      lo[k] = l;
+      hi[k] = int8_t((row[k] - l) >> 8);  // exact: v - l is a multiple of 256
+      sum += row[k];
+    }
+    a.sum[m] = sum;
+  }
+}
+
+// Outputs n0 .. n0 + 16 of one activation row from the two int32 sums of each output.
+template <typename O>
+inline void i8_finish(const int32_t* hi, const int32_t* lo, int64_t x_sum, float x_scale, const float* w_scales,
+                      O* out) {
+  alignas(64) float s[TILE_N];
+  for (int64_t i = 0; i < TILE_N; ++i) {  // exact in double (|values| < 2^53), then one rounding
+    const double exact = 256.0 * double(hi[i]) + double(lo[i]) - 128.0 * double(x_sum);
+    s[i] = float(exact) * x_scale * w_scales[i];
+  }
+#if defined(__AVX512BF16__)
+  store16(s, out);
+#else
+  for (int64_t i = 0; i < TILE_N; ++i) store(s[i], out + i);
+#endif
+}
+
+#if defined(__AVX512VNNI__)
+// One 64-byte row of a block (16 outputs x 4 k) times MT rows' 4 hi and 4 lo bytes, into chain p.
+template <int64_t MT>
+inline __attribute__((always_inline)) void i8_group(const uint8_t* row, const ByteRows& a, int64_t m0, int64_t k,
+                                                    __m512i (&acc)[MT][2][2], int p) {
+  const __m512i w = _mm512_loadu_si512(row);
+  for (int64_t m = 0; m < MT; ++m) {
+    int32_t hi, lo;
+    std::memcpy(&hi, a.hi.get() + (m0 + m) * a.K + k, sizeof hi);
+    std::memcpy(&lo, a.lo.get() + (m0 + m) * a.K + k, sizeof lo);
+    acc[m][p][0] = _mm512_dpbusd_epi32(acc[m][p][0], w, _mm512_set1_epi32(hi));
+    acc[m][p][1] = _mm512_dpbusd_epi32(acc[m][p][1], w, _mm512_set1_epi32(lo));
+  }
+}
+
+template <int64_t MT, typename O>
+inline void i8_vec_block(const ByteRows& a, int64_t m0, const uint8_t* col, int64_t nb, const float* scales, O* out,
+                         int64_t N) {
+  const int64_t kblocks = a.K / I8_TILE_K;
+  __m512i acc[MT][2][2];  // [row][group parity][hi, lo]: two chains per sum keep the adds in flight
+  for (int64_t m = 0; m < MT; ++m)
+    for (int64_t p = 0; p < 2; ++p) acc[m][p][0] = acc[m][p][1] = _mm512_setzero_si512();
+  for (int64_t kb = 0; kb < kblocks; ++kb) {
+    const uint8_t* blk = col + kb * I8_BLOCK_BYTES;
+    // Groups in pairs, so each accumulator is named at compile time (an index computed at run time kept
+    // them in memory).
+    for (int64_t g = 0; g < I8_GROUPS; g += 2) {
+      __builtin_prefetch(blk + PREFETCH_BLOCKS * I8_BLOCK_BYTES + g * 64);
+      __builtin_prefetch(blk + PREFETCH_BLOCKS * I8_BLOCK_BYTES + g * 64 + 64);
+      i8_group<MT>(blk + g * 64, a, m0, kb * I8_TILE_K + 4 * g, acc, 0);
+      i8_group<MT>(blk + g * 64 + 64, a, m0, kb * I8_TILE_K + 4 * g + 4, acc, 1);
+    }
+  }
+  for (int64_t m = 0; m < MT; ++m) {
+    alignas(64) int32_t hi[TILE_N], lo[TILE_N];
+    _mm512_store_si512(hi, _mm512_add_epi32(acc[m][0][0], acc[m][1][0]));
+    _mm512_store_si512(lo, _mm512_add_epi32(acc[m][0][1], acc[m][1][1]));
+    i8_finish(hi, lo, a.sum[m0 + m], a.scale[m0 + m], scales + nb * TILE_N, out + (m0 + m) * N + nb * TILE_N);
+  }
+}
+#else
+template <int64_t MT, typename O>
+inline void i8_vec_block(const ByteRows& a, int64_t m0, const uint8_t* col, int64_t nb, const float* scales, O* out,
+                         int64_t N) {
+  const int64_t K = a.K, kblocks = K / I8_TILE_K;
+  int32_t hi[MT][TILE_N] = {}, lo[MT][TILE_N] = {};
+  for (int64_t kb = 0; kb < kblocks; ++kb) {
+    for (int64_t g = 0; g < I8_GROUPS; ++g) {
+      const uint8_t* row = col + kb * I8_BLOCK_BYTES + g * 64;
+      const int64_t k = kb * I8_TILE_K + 4 * g;
+      for (int64_t m = 0; m < MT; ++m) {
+        const int8_t* xh = a.hi.get() + (m0 + m) * K + k;
+        const int8_t* xl = a.lo.get() + (m0 + m) * K + k;
+        for (int64_t n = 0; n < TILE_N; ++n) {
+          for (int64_t j = 0; j < 4; ++j) {
+            hi[m][n] += int32_t(row[4 * n + j]) * xh[j];
+            lo[m][n] += int32_t(row[4 * n + j]) * xl[j];
+          }
+        }
+      }
+    }
+  }
+  for (int64_t m = 0; m < MT; ++m)
+    i8_finish(hi[m], lo[m], a.sum[m0 + m], a.scale[m0 + m], scales + nb * TILE_N, out + (m0 + m) * N + nb * TILE_N);
+}
+#endif
+
+template <typename O>
+void i8_run_vec(const ByteRows& a, const uint8_t* packed, const float* scales, O* out, int64_t N) {
+  const int64_t M = a.M, cols = N / TILE_N, col_size = a.K / I8_TILE_K * I8_BLOCK_BYTES;
+  const int64_t grain = std::max<int64_t>(1, std::min<int64_t>(16, cols / 8));
+  torch::stable::parallel_for(0, cols, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t nb = begin; nb < end; ++nb) {
+      const uint8_t* col = packed + nb * col_size;
+      int64_t m = 0;
+      for (; m + VEC_ROWS <= M; m += VEC_ROWS) i8_vec_block<VEC_ROWS>(a, m, col, nb, scales, out, N);
+      switch (M - m) {
+        case 1: i8_vec_block<1>(a, m, col, nb, scales, out, N); break;
+        case 2: i8_vec_block<2>(a, m, col, nb, scales, out, N); break;
+        case 3: i8_vec_block<3>(a, m, col, nb, scales, out, N); break;
+        default: break;
+      }
+    }
+  });
+}
+
+#if defined(__AMX_TILE__) && defined(__AMX_INT8__)
+// Tiles 0, 1: hi and lo sums of outputs block 0; 2, 3: of outputs block 1; 4, 5: the hi and lo activation
+// tiles; 6, 7: the two weight blocks. Rows [m_begin, m_begin + M) of x and of out.
+template <typename O>
+void i8_run_amx(const ByteRows& a, int64_t m_begin, int64_t M, const uint8_t* packed, const float* scales,
+                O* out_all, int64_t N) {
+  const int64_t K = a.K, Mp = (M + 15) / 16 * 16, kblocks = K / I8_TILE_K;
+  O* out = out_all + m_begin * N;
+  // A operands, tile-contiguous: hi / lo [m / 16][k / 64][m % 16][k % 64], rows past M zero.
+  std::unique_ptr<int8_t[]> xhi = uninitialized<int8_t>(Mp * K), xlo = uninitialized<int8_t>(Mp * K);
+  for (int64_t m = 0; m < Mp; ++m) {
+    for (int64_t kb = 0; kb < kblocks; ++kb) {
+      const int64_t at = ((m / 16 * kblocks + kb) * 16 + m % 16) * I8_TILE_K, from = (m_begin + m) * K + kb * I8_TILE_K;
+      if (m < M) {
+        std::memcpy(xhi.get() + at, a.hi.get() + from, I8_TILE_K);
+        std::memcpy(xlo.get() + at, a.lo.get() + from, I8_TILE_K);
+      } else {
+        std::memset(xhi.get() + at, 0, I8_TILE_K);
+        std::memset(xlo.get() + at, 0, I8_TILE_K);
+      }
+    }
+  }
+  const int64_t cols = N / TILE_N, pairs = (cols + 1) / 2, col_size = kblocks * I8_BLOCK_BYTES;
+  const int64_t grain = std::max<int64_t>(1, std::min<int64_t>(8, pairs / 8));
+  torch::stable::parallel_for(0, pairs, grain, [&](int64_t begin, int64_t end) {
+    alignas(64) int32_t c[4][16][16];
+    configure_tiles();
+    for (int64_t pr = begin; pr < end; ++pr) {
+      const int64_t nb = 2 * pr;
+      const bool both = nb + 1 < cols;
+      const uint8_t* w0 = packed + nb * col_size;
+      const uint8_t* w1 = w0 + col_size;
+      for (int64_t mb = 0; mb < Mp; mb += 16) {
+        _tile_zero(0); _tile_zero(1);
+        if (both) { _tile_zero(2); _tile_zero(3); }
+        const int64_t a0 = mb / 16 * kblocks * I8_BLOCK_BYTES;
+        for (int64_t kb = 0; kb < kblocks; ++kb) {
+          _tile_loadd(4, xhi.get() + a0 + kb * I8_BLOCK_BYTES, 64);
+          _tile_loadd(5, xlo.get() + a0 + kb * I8_BLOCK_BYTES, 64);
+          _tile_loadd(6, w0 + kb * I8_BLOCK_BYTES, 64);
+          _tile_dpbsud(0, 4, 6);
+          _tile_dpbsud(1, 5, 6);
+          if (both) {
+            _tile_loadd(7, w1 + kb * I8_BLOCK_BYTES, 64);
+            _tile_dpbsud(2, 4, 7);
+            _tile_dpbsud(3, 5, 7);
+          }
+        }
+        _tile_stored(0, c[0], 64); _tile_stored(1, c[1], 64);
+        if (both) { _tile_stored(2, c[2], 64); _tile_stored(3, c[3], 64); }
+        const int64_t rows = std::min<int64_t>(16, M - mb);
+        for (int64_t j = 0; j < (both ? 2 : 1); ++j) {
+          for (int64_t r = 0; r < rows; ++r) {
+            const int64_t m = m_begin + mb + r;
+            i8_finish(c[2 * j][r], c[2 * j + 1][r], a.sum[m], a.scale[m], scales + (nb + j) * TILE_N,
+                      out + (mb + r) * N + (nb + j) * TILE_N);
+          }
+        }
+      }
+    }
+    _tile_release();
+  });
+}
+#endif
+
+template <typename O>
+void i8_run(const ByteRows& a, const uint8_t* packed, const float* scales, O* out, int64_t N) {
+#if defined(__AMX_TILE__) && defined(__AMX_INT8__)
+  if (a.M >= AMX_MIN_ROWS) {
+    // Row chunks whose two activation copies stay in L2 while every weight block passes over them.
+    const int64_t chunk = std::max<int64_t>(16, std::min<int64_t>(AMX_CHUNK_ROWS, AMX_CHUNK_BYTES / (2 * a.K)) / 16 * 16);
+    for (int64_t m = 0; m < a.M; m += chunk) i8_run_amx(a, m, std::min(chunk, a.M - m), packed, scales, out, N);
+    return;
+  }
+#endif
+  i8_run_vec(a, packed, scales, out, N);
+}
+
+Tensor linear_tiled_int8(Tensor x_in, Tensor packed_in, Tensor scales_in) {
+  STD_TORCH_CHECK(x_in.is_cpu() && packed_in.is_cpu() && scales_in.is_cpu(), "linear_tiled_int8: CPU tensors only");
+  STD_TORCH_CHECK(x_in.dim() == 2, "linear_tiled_int8: x must be [M, K]");
+  STD_TORCH_CHECK(packed_in.dim() == 5 && packed_in.size(2) == I8_GROUPS && packed_in.size(3) == TILE_N &&
+                      packed_in.size(4) == 4, "linear_tiled_int8: packed must be [N / 16, K / 64, 16, 16, 4]");
+  STD_TORCH_CHECK(packed_in.scalar_type() == ScalarType::Byte, "linear_tiled_int8: packed weights must be uint8");
+  const int64_t M = x_in.size(0), K = x_in.size(1), N = packed_in.size(0) * TILE_N;
+  STD_TORCH_CHECK(packed_in.size(1) * I8_TILE_K == K, "linear_tiled_int8: x has ", K, " columns but the weights ",
+                  packed_in.size(1) * I8_TILE_K);
+  STD_TORCH_CHECK(K <= I8_MAX_K, "linear_tiled_int8: at most ", I8_MAX_K, " columns");
+  STD_TORCH_CHECK(scales_in.dim() == 1 && scales_in.size(0) == N, "linear_tiled_int8: scales must be [N]");
+  Tensor x = torch::stable::contiguous(x_in);
+  Tensor packed = torch::stable::contiguous(packed_in);
+  Tensor sc = torch::stable::contiguous(scales_in);
+  std::unique_ptr<float[]> xf = uninitialized<float>(M * K);
+  std::vector<float> scales(N);
+  STD_TORCH_CHECK(read_floats(x.scalar_type(), x.const_data_ptr(), M * K, xf.get()),
+                  "linear_tiled_int8: x must be float32, bfloat16 or float16");
+  STD_TORCH_CHECK(read_floats(sc.scalar_type(), sc.const_data_ptr(), N, scales.data()),
+                  "linear_tiled_int8: scales must be float32, bfloat16 or float16");
+  ByteRows a;
+  a.M = M;
+  a.K = K;
+  std::unique_ptr<int16_t[]> q = uninitialized<int16_t>(M * K);
+  a.scale.resize(M);
+  quantize_rows_int16(xf.get(), M, K, q.get(), a.scale.data(), I8_X_LIMIT);
+  split_bytes(q.get(), a);
+  Tensor out = torch::stable::empty({M, N}, x.scalar_type(), std::nullopt, x.device());
+  if (M == 0 || N == 0) return out;
+  const uint8_t* w = static_cast<const uint8_t*>(packed.const_data_ptr());
+  switch (x.scalar_type()) {
+    case ScalarType::Float: i8_run(a, w, scales.data(), static_cast<float*>(out.mutable_data_ptr()), N); break;
+    case ScalarType::BFloat16: i8_run(a, w, scales.data(), static_cast<Bf16*>(out.mutable_data_ptr()), N); break;
+    default: i8_run(a, w, scales.data(), static_cast<Fp16*>(out.mutable_data_ptr()), N); break;
+  }
+  return out;
+}
+
 }  // namespace
 
-STABLE_TORCH_LIBRARY_FRAGMENT(qwenstack, m) { m.def("linear_tiled(Tensor x, Tensor packed) -> Tensor"); }
+STABLE_TORCH_LIBRARY_FRAGMENT(qwenstack, m) {
+  m.def("linear_tiled(Tensor x, Tensor packed) -> Tensor");
+  m.def("linear_tiled_int8(Tensor x, Tensor packed, Tensor scales) -> Tensor");
+}
 
-STABLE_TORCH_LIBRARY_IMPL(qwenstack, CPU, m) { m.impl("linear_tiled", TORCH_BOX(&linear_tiled)); }
+STABLE_TORCH_LIBRARY_IMPL(qwenstack, CPU, m) {
+  m.impl("linear_tiled", TORCH_BOX(&linear_tiled));
+  m.impl("linear_tiled_int8", TORCH_BOX(&linear_tiled_int8));
+}
