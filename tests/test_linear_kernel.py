@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from kernel_utils import require_native_kernels
 from qwenstack import kernels
 from qwenstack.models.base import prompt_logits
-from qwenstack.models.cpu_linear import (NATIVE_MAX_ROWS, TILED_MAX_ROWS, NativeLinear, TiledLinear,
-                                         prepare_cpu_linears)
+from qwenstack.models.cpu_linear import (NATIVE_MAX_ROWS, TILED_MAX_ROWS, NativeLinear, TiledEmbedding,
+                                         TiledLinear, prepare_cpu_linears)
 from qwenstack.models.registry import load_model
 from qwenstack.quantization import quantize_model
 
@@ -171,6 +171,10 @@ def test_tiled_linear_module() -> None:
     few = x[0, :5]
     assert torch.equal(layer(few), kernels.linear_tiled(few, layer.packed) + bias)
     assert sum(p.numel() for p in layer.parameters()) == w.numel() + bias.numel()  # no second copy
+    ids = torch.tensor([[0, 47, 16], [15, 31, 0]])
+    assert torch.equal(kernels.tiled_rows(layer.packed, ids), w[ids])  # embedding lookups on the packed table
+    table = TiledEmbedding(w)
+    assert torch.equal(table(ids), w[ids]) and TiledLinear(w, packed=table.packed).packed is table.packed
 
 
 def test_bad_arguments_are_errors_not_crashes() -> None:
@@ -245,6 +249,7 @@ def test_every_build_level_this_cpu_runs() -> None:
 def test_native_form_logits_match_plain(fixture: str, request: pytest.FixtureRequest) -> None:
     path: Path = request.getfixturevalue(fixture)
     model = load_model(path, dtype=torch.bfloat16)
+    embed_weight = model.model.embed_tokens.weight.detach().clone()
     one_token = torch.tensor([[17]])
     few = torch.tensor([[5, 17, 33, 2, 101, 7, 8, 9]])  # 8 rows: the AMX loop where the CPU has it
     with torch.inference_mode():
@@ -253,9 +258,15 @@ def test_native_form_logits_match_plain(fixture: str, request: pytest.FixtureReq
         after = [prompt_logits(model, ids).float() for ids in (one_token, few)]
     assert any(isinstance(m, TiledLinear) for m in model.modules())
     assert not any(type(m) is torch.nn.Linear for m in model.modules())
-    if model.args.tie_word_embeddings:  # the tied lm_head multiplies by the embedding itself, no copy
-        assert isinstance(model.lm_head, NativeLinear)
-        assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    if model.args.tie_word_embeddings:  # the tied lm_head multiplies by the embedding's own table, no copy
+        table = model.model.embed_tokens
+        if kernels.can_tile(embed_weight):
+            assert isinstance(table, TiledEmbedding) and isinstance(model.lm_head, TiledLinear)
+            assert model.lm_head.packed is table.packed
+            with torch.inference_mode():
+                assert torch.equal(table(few), embed_weight[few])  # lookups gather the same rows
+        else:
+            assert isinstance(model.lm_head, NativeLinear) and model.lm_head.weight is table.weight
     for b, a in zip(before, after):
         assert (a - b).abs().max().item() <= 0.05 * b.abs().max().item()
         assert (a.argmax(-1) == b.argmax(-1)).float().mean().item() >= 0.75

@@ -247,6 +247,16 @@ def unpack_tiles(packed: torch.Tensor) -> torch.Tensor:
     return pairs.permute(0, 3, 1, 2).reshape(nb * TILE_N, kb * TILE_K // 2).contiguous().view(packed.dtype)
 
 
+def tiled_rows(packed: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Rows `ids` of the matrix in pack_tiles' layout, [*ids.shape, K]: an embedding lookup on a tile-packed
+    table (each row's column pairs are one int32 every 16 int32 of its blocks, gathered in one indexing)."""
+    nb, kb = packed.shape[:2]
+    pairs = packed.view(torch.int32).view(nb, kb, TILE_K // 2, TILE_N)
+    flat = ids.reshape(-1)
+    rows = pairs[flat // TILE_N, :, :, flat % TILE_N]  # [T, K / 32, 16]
+    return rows.reshape(flat.numel(), kb * TILE_K // 2).view(packed.dtype).view(*ids.shape, kb * TILE_K)
+
+
 def linear_tiled(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
     """x [M, K] @ W.T for W in pack_tiles' layout, in x's dtype; sums in float32. Reads the weights once per
     32 rows of x: for decode batches, not for prefill."""
