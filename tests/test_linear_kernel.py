@@ -21,6 +21,7 @@ from qwenstack import kernels
 from qwenstack.models.base import prompt_logits
 from qwenstack.models.cpu_linear import (NATIVE_MAX_ROWS, TILED_MAX_ROWS, NativeLinear, TiledEmbedding,
                                          TiledLinear, prepare_cpu_linears)
+from qwenstack.models.moe import Experts
 from qwenstack.models.registry import load_model
 from qwenstack.quantization import quantize_model
 
@@ -258,6 +259,7 @@ def test_native_form_logits_match_plain(fixture: str, request: pytest.FixtureReq
         after = [prompt_logits(model, ids).float() for ids in (one_token, few)]
     assert any(isinstance(m, TiledLinear) for m in model.modules())
     assert not any(type(m) is torch.nn.Linear for m in model.modules())
+    assert all(m.tiled for m in model.modules() if isinstance(m, Experts))  # experts tile-packed in place
     if model.args.tie_word_embeddings:  # the tied lm_head multiplies by the embedding's own table, no copy
         table = model.model.embed_tokens
         if kernels.can_tile(embed_weight):

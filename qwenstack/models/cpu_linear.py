@@ -78,6 +78,14 @@ class NativeLinear(nn.Module):
 TILED_MAX_ROWS = 512
 
 
+def tiled_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear(x, W, bias) for W in the tile-packed layout: the tiled kernel up to TILED_MAX_ROWS rows,
+    F.linear on the matrix unpacked for the call above."""
+    out_features = packed.shape[0] * kernels.TILE_N
+    y = _rows_through(lambda rows: kernels.linear_tiled(rows, packed), x, out_features, bias, TILED_MAX_ROWS)
+    return F.linear(x, kernels.unpack_tiles(packed), bias) if y is None else y
+
+
 class TiledLinear(nn.Module):
     """An nn.Linear whose bfloat16 weight is stored once, in the tile-packed layout of the native kernel
     (kernels.pack_tiles): one kernel for 1 to TILED_MAX_ROWS rows (vector dot products for one or two, AMX
@@ -95,9 +103,7 @@ class TiledLinear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = _rows_through(lambda rows: kernels.linear_tiled(rows, self.packed), x, self.out_features, self.bias,
-                          TILED_MAX_ROWS)
-        return F.linear(x, kernels.unpack_tiles(self.packed), self.bias) if y is None else y
+        return tiled_linear(x, self.packed, self.bias)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, tile-packed"

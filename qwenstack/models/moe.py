@@ -29,6 +29,8 @@ class Experts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
         self.packed: dict[str, list[torch.Tensor]] | None = None  # per-expert prepacked CPU weights
         self.native = False  # few-row products through the native CPU kernel (models/cpu_linear.py)
+        # Both stacks hold each expert tile-packed, in place: [E, N / 16, K / 32, 16, 16, 2] (cpu_linear.py).
+        self.tiled = False
 
     def forward(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x [T, H]; expert_ids, weights [T, k] -> [T, H]."""
@@ -56,6 +58,10 @@ class Experts(nn.Module):
     def expert_linear(self, name: str, expert: int, x: torch.Tensor) -> torch.Tensor:
         """x [T, in] @ W[expert].T for W = gate_up_proj or down_proj. Quantized experts
         (qwenstack.quantization.QuantExperts) override this one method and keep forward."""
+        if self.tiled:
+            from qwenstack.models.cpu_linear import tiled_linear
+
+            return tiled_linear(x, getattr(self, name)[expert])
         if self.packed is not None:
             from qwenstack.models.cpu_linear import packed_linear
 
@@ -67,10 +73,24 @@ class Experts(nn.Module):
         return F.linear(x, getattr(self, name)[expert])
 
     def prepare_for_cpu(self, form: str) -> int:
-        """Switches the experts to a CPU linear form of models/cpu_linear.py: "native" (same weights) or
-        "packed" (prepacked copies; the originals are freed). Returns how many matrices changed form."""
+        """Switches the experts to a CPU linear form of models/cpu_linear.py: "native" (the same weights,
+        tile-packed in place where their sizes allow) or "packed" (prepacked copies; the originals are freed).
+        Returns how many matrices changed form."""
         if form == "native":
-            self.native = True
+            from qwenstack import kernels
+
+            stacks = {name: getattr(self, name) for name in ("gate_up_proj", "down_proj")}
+            if not all(kernels.can_tile(stack[0]) for stack in stacks.values()):
+                self.native = True
+                return 2 * self.num_experts
+            for name, stack in stacks.items():
+                e, n, k = stack.shape
+                with torch.no_grad():  # expert by expert into its own storage: one expert of scratch
+                    for expert in range(e):
+                        stack[expert].copy_(kernels.pack_tiles(stack[expert]).view(n, k))
+                packed = stack.data.view(e, n // kernels.TILE_N, k // kernels.TILE_K, kernels.TILE_K // 2, kernels.TILE_N, 2)
+                setattr(self, name, nn.Parameter(packed, requires_grad=False))
+            self.tiled = True
             return 2 * self.num_experts
         from qwenstack.models.cpu_linear import pack_weight
 
