@@ -3,7 +3,9 @@ chunked prefill, sampling, stop conditions, logprobs, aborts and validation."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import random
+import weakref
 from pathlib import Path
 
 import pytest
@@ -192,6 +194,22 @@ def test_abort_frees_blocks(tiny_qwen3: Path) -> None:
     engine.abort("a")
     engine.abort("b")
     assert engine.block_manager.num_free_blocks == idle and not engine.has_unfinished_requests()
+
+
+def test_a_dropped_engine_frees_its_kv_pool_at_once(tiny_qwen3: Path) -> None:
+    """No reference cycle keeps an engine (and its KV pool, gigabytes on a real model) alive until the cyclic
+    garbage collector happens to run: a benchmark making one engine per measurement ran out of memory."""
+    engine = make_engine(tiny_qwen3)
+    engine.generate_all([list(range(5, 15))], [GREEDY])
+    kv = weakref.ref(engine.runner.kv_caches[0])
+    dropped = weakref.ref(engine)
+    gc.collect()
+    gc.disable()
+    try:
+        del engine
+        assert dropped() is None and kv() is None
+    finally:
+        gc.enable()
 
 
 def test_async_engine_streams_and_aborts(tiny_qwen3: Path) -> None:

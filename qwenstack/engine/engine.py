@@ -34,6 +34,12 @@ from qwenstack.multimodal.inputs import MultimodalInputs, MultimodalPlan
 
 log = logging.getLogger("qwenstack.engine")
 
+
+def block_extra_keys(seq: Sequence, block_size: int) -> Any:
+    """What besides its tokens identifies each of seq's KV blocks for the prefix cache (its images' keys)."""
+    plan = sequence_plan(seq)
+    return None if plan is None else plan.block_keys(block_size)
+
 DEFAULT_KV_CACHE_MEMORY = 2 * 1024**3
 
 
@@ -100,6 +106,9 @@ class LLMEngine:
         self.block_manager = BlockManager(num_blocks, self.config.block_size, prefix_caching)
         sched = SchedulerConfig(self.config.max_num_seqs, self.config.max_num_batched_tokens, self.config.max_waiting,
                                 self.config.enable_chunked_prefill)
+        # A function of the block size, not a bound method: the engine's own method in its scheduler made a
+        # reference cycle, and a dropped engine's KV pool (gigabytes) waited for the cyclic garbage collector.
+        self._block_extra_keys = partial(block_extra_keys, block_size=self.config.block_size)
         self.scheduler = Scheduler(sched, self.block_manager, extra_keys=self._block_extra_keys)
         self.scheduler.on_release = self.runner.release_state_slot
         if isinstance(self.runner, SpeculativeRunner):
@@ -147,10 +156,6 @@ class LLMEngine:
         images = list(multimodal.images) if multimodal else []
         plan = self.model.plan_multimodal(prompt_token_ids, images)
         return plan if plan.placements else None
-
-    def _block_extra_keys(self, seq: Sequence) -> Any:
-        plan = sequence_plan(seq)
-        return None if plan is None else plan.block_keys(self.config.block_size)
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                     prompt: str | None = None, multimodal: MultimodalInputs | None = None) -> None:
