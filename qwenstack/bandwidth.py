@@ -179,7 +179,7 @@ def _kernel_weights(fmt: str, n: int, k: int, buffer_mib: int) -> tuple[list[tor
     x = torch.randn(1, k, dtype=torch.bfloat16)
     if fmt == "int8":
         scales = torch.rand(n, dtype=torch.bfloat16)
-        if native and kernels.can_tile_int8((n, k)):  # what quantization/formats.py runs on such shapes
+        if kernels.int8_tiles_preferred() and kernels.can_tile_int8((n, k)):  # what formats.py runs here
             packed = _distinct(lambda: kernels.pack_tiles_int8(torch.randint(-128, 128, (n, k), dtype=torch.int8)),
                                buffer_mib)
             return packed, [lambda w: kernels.linear_tiled_int8(x, w, scales)]

@@ -120,7 +120,7 @@ def test_fused_kernels_agree_with_the_reference_path(dtype: torch.dtype) -> None
         fast, slow = make(w, True), make(w, False)
         assert fast.use_kernel and not slow.use_kernel
         if isinstance(fast, Int8Weight):
-            assert fast.tiled == (w is weight and kernels.linear_rows_available()) and not slow.tiled
+            assert fast.tiled == (w is weight and kernels.int8_tiles_preferred()) and not slow.tiled
             assert (fast.out_features, fast.in_features) == w.shape[1:]
         x = torch.randn(5, w.shape[-1], generator=g).to(dtype)
         for e in range(3):

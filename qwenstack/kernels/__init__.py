@@ -277,6 +277,13 @@ def can_tile_int8(shape: torch.Size | tuple[int, ...]) -> bool:
         and shape[-1] <= INT8_TILE_MAX_K
 
 
+def int8_tiles_preferred() -> bool:
+    """Whether int8 weights are best tile-packed on this machine: the kernels are built with AVX512-VNNI, whose
+    byte dot products the tiled int8 loop is written for. Lower levels run that layout in scalar loops, 2.5 to
+    4.5 times slower at one row than the row-major kernel's vectors (AVX2 and plain AVX-512, 3072 x 1024)."""
+    return linear_rows_available() and _isa() in ("avx512_bf16", "avx512_amx")
+
+
 def pack_tiles_int8(qweight: torch.Tensor) -> torch.Tensor:
     """int8 [*, N, K] -> uint8 [*, N / 16, K / 64, 16, 16, 4]: packed[n / 16][k / 64][(k % 64) / 4][n % 16][k % 4]
     = w[n][k] + 128, the order and offset linear_tiled_int8 reads (one 1 KiB block per 16 rows x 64 columns,

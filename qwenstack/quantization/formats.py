@@ -10,7 +10,7 @@ Decisions:
   on any device; the fast path is chosen once, at quantization time, only where the kernel takes the
   shape, and tests check the two agree.
 - int8 is symmetric per output channel: w ~ q * s, q in [-128, 127]. The fast path, where qwenstack's
-  native kernels are built, stores matrices of 16-row x 64-column multiples (every Qwen3 linear and
+  native kernels are built with AVX512-VNNI (kernels.int8_tiles_preferred), stores matrices of 16-row x 64-column multiples (every Qwen3 linear and
   expert) tile-packed (kernels.pack_tiles_int8) and multiplies any number of rows with
   kernels.linear_tiled_int8 (int16 activations, exact int32 sums; AMX-INT8 tiles from 3 rows). It read
   the 0.6B shape's weights at one row in 0.75 of the row-major kernel's time, and from 16 rows took a fifth
@@ -101,7 +101,7 @@ class Int8Weight(QuantizedWeight):
             s.copy_(scale)
             q.copy_(torch.round(w / scale.float()[:, None]).clamp(-128, 127).to(torch.int8))
         tiled = weight.device.type == "cpu" and use_kernel is not False and kernels.can_tile_int8(weight.shape) \
-            and kernels.linear_rows_available()
+            and kernels.int8_tiles_preferred()
         if tiled:
             return cls(kernels.pack_tiles_int8(qweight), scales, True, tiled=True)
         if use_kernel is None:
