@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from kernel_utils import require_native_kernels
 from qwenstack import kernels
 from qwenstack.models.base import prompt_logits
-from qwenstack.models.cpu_linear import (NATIVE_MAX_ROWS, TILED_MAX_ROWS, NativeLinear, TiledEmbedding,
-                                         TiledLinear, prepare_cpu_linears)
+from qwenstack.models.cpu_linear import (NATIVE_MAX_ROWS, NativeLinear, TiledEmbedding, TiledLinear,
+                                         prepare_cpu_linears, tiled_max_rows)
 from qwenstack.models.moe import Experts
 from qwenstack.models.registry import load_model
 from qwenstack.quantization import quantize_model
@@ -163,11 +163,11 @@ def test_tiled_int8_stacks_and_threads() -> None:
 
 
 def test_tiled_linear_module() -> None:
-    """Up to TILED_MAX_ROWS rows the kernel; above, F.linear on the unpacked weight, bit for bit."""
+    """Up to tiled_max_rows() rows the kernel; above, F.linear on the unpacked weight, bit for bit."""
     w, bias = torch.randn(48, 64).to(torch.bfloat16), torch.randn(48).to(torch.bfloat16)
     layer = TiledLinear(w, bias)
     assert kernels.can_tile(w) and not kernels.can_tile(w[:, :40]) and not kernels.can_tile(w.float())
-    x = torch.randn(2, TILED_MAX_ROWS + 1, 64).to(torch.bfloat16)
+    x = torch.randn(2, tiled_max_rows() + 1, 64).to(torch.bfloat16)
     assert torch.equal(layer(x), F.linear(x, w, bias))
     few = x[0, :5]
     assert torch.equal(layer(few), kernels.linear_tiled(few, layer.packed) + bias)
@@ -227,7 +227,9 @@ if ok:
             want = xq.double() @ q.double().T * s.double()
             got = kernels.linear_tiled_int8(xq, kernels.pack_tiles_int8(q), s).double()
             worst = max(worst, ((got - want).abs().max() / want.abs().max()).item())
-print(json.dumps({"isa": kernels._isa(), "ok": ok, "worst": worst, "int8_tiles": kernels.int8_tiles_preferred()}))
+from qwenstack.models.cpu_linear import tiled_max_rows
+print(json.dumps({"isa": kernels._isa(), "ok": ok, "worst": worst, "int8_tiles": kernels.int8_tiles_preferred(),
+                  "tiled_max_rows": tiled_max_rows()}))
 """
 
 
@@ -246,6 +248,8 @@ def test_every_build_level_this_cpu_runs() -> None:
         assert result["worst"] < 1e-2, (level, result)
         # Below AVX512-VNNI the tiled int8 layout only has scalar loops: int8 weights stay row-major there.
         assert result["int8_tiles"] == (level in ("avx512_bf16", "avx512_amx")), (level, result)
+        # Without AMX the vector loop pays per row: batches above 16 rows go to F.linear.
+        assert result["tiled_max_rows"] == (512 if level == "avx512_amx" else 16), (level, result)
 
 
 @pytest.mark.parametrize("fixture", ["tiny_qwen3", "tiny_qwen3_moe"])

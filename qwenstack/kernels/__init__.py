@@ -277,6 +277,11 @@ def can_tile_int8(shape: torch.Size | tuple[int, ...]) -> bool:
         and shape[-1] <= INT8_TILE_MAX_K
 
 
+def has_amx() -> bool:
+    """Whether the kernels are built with AMX tiles (the linear kernels' batched loops use them)."""
+    return linear_rows_available() and _isa() == "avx512_amx"
+
+
 def int8_tiles_preferred() -> bool:
     """Whether int8 weights are best tile-packed on this machine: the kernels are built with AVX512-VNNI, whose
     byte dot products the tiled int8 loop is written for. Lower levels run that layout in scalar loops, 2.5 to

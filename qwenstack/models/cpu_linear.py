@@ -4,8 +4,8 @@ Decoding is bound by reading the weights once per step, and on CPU `F.linear` on
 below the memory bandwidth for a matrix-vector product. Two faster forms, and the runner picks, on the
 model's own largest matrix and this machine, whichever multiplies one row fastest (measure, then pick):
 - native: bfloat16 matrices whose sizes are tile multiples (16 rows, 32 columns: every Qwen3 linear) are
-  stored tile-packed and multiplied by qwenstack/kernels/linear_tiled_cpu.cpp up to TILED_MAX_ROWS rows
-  (decode and batched decode), by F.linear on the unpacked matrix above (prefill). Other matrices keep
+  stored tile-packed and multiplied by qwenstack/kernels/linear_tiled_cpu.cpp up to tiled_max_rows() rows
+  (decode and batched decode: 512 with AMX, 16 without), by F.linear on the unpacked matrix above. Other matrices keep
   their plain weights (qwenstack/kernels/linear_cpu.cpp up to NATIVE_MAX_ROWS rows: AVX512-BF16 dot
   products for one or two rows, AMX tiles above, weight rows prefetched: 19 to 21 GB/s here on the 0.6B
   shape, the bandwidth a streaming sum reaches; F.linear's GEMM above). Nothing is copied: a tied lm_head
@@ -76,13 +76,23 @@ class NativeLinear(nn.Module):
 # is better tuned for large products), where unpacking (int32 moves at ~7 GB/s) costs F.linear as much.
 # Unpacking is no option for short prompts: it reads and writes every matrix once per forward.
 TILED_MAX_ROWS = 512
+# The same limit for builds without AMX, whose vector loop pays for every activation row: on 3072 x 1024
+# it beat F.linear up to 3 rows and took 2x its time at 8 and 7x at 64 (AVX2 build). Measured on this AMX
+# machine, where oneDNN's F.linear still used AMX, so on a CPU without it F.linear is slower and the true
+# crossover higher; from 16 rows unpacking for F.linear costs about what the kernel loses.
+TILED_MAX_ROWS_WITHOUT_AMX = 16
+
+
+def tiled_max_rows() -> int:
+    """Up to how many rows TiledLinear runs the tiled kernel in this build (AMX or vector loops only)."""
+    return TILED_MAX_ROWS if kernels.has_amx() else TILED_MAX_ROWS_WITHOUT_AMX
 
 
 def tiled_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear(x, W, bias) for W in the tile-packed layout: the tiled kernel up to TILED_MAX_ROWS rows,
+    """F.linear(x, W, bias) for W in the tile-packed layout: the tiled kernel up to tiled_max_rows() rows,
     F.linear on the matrix unpacked for the call above."""
     out_features = packed.shape[0] * kernels.TILE_N
-    y = _rows_through(lambda rows: kernels.linear_tiled(rows, packed), x, out_features, bias, TILED_MAX_ROWS)
+    y = _rows_through(lambda rows: kernels.linear_tiled(rows, packed), x, out_features, bias, tiled_max_rows())
     return F.linear(x, kernels.unpack_tiles(packed), bias) if y is None else y
 
 
