@@ -11,6 +11,7 @@ python benchmarks/bench_load_memory.py "$B/qwen3-0.6b" --json benchmarks/out/loa
 python benchmarks/bench_engine.py "$B/qwen3-0.6b" --name qwen3-0.6b
 python benchmarks/bench_engine.py "$B/qwen3-30b-a3b-4l" --name qwen3-30b-a3b-4l --decode-tokens 24 --kv-cache-gib 0.5
 python benchmarks/bench_quant.py "$B/qwen3-0.6b" --name qwen3-0.6b --levels bfloat16,int8,int4 --decode-tokens 32 --repeats 3
+python benchmarks/bench_quant.py "$B/qwen3-30b-a3b-4l" --name qwen3-30b-a3b-4l --levels bfloat16,int8 --decode-tokens 24 --repeats 3
 python benchmarks/bench_agreement.py
 python benchmarks/bench_next.py "$B/qwen3-next-80b-a3b-4l"
 python benchmarks/bench_server.py "$B/qwen3-0.6b"
