@@ -176,6 +176,9 @@ def test_tiled_linear_module() -> None:
     assert torch.equal(kernels.tiled_rows(layer.packed, ids), w[ids])  # embedding lookups on the packed table
     table = TiledEmbedding(w)
     assert torch.equal(table(ids), w[ids]) and TiledLinear(w, packed=table.packed).packed is table.packed
+    for bad in (torch.tensor([0, -1]), torch.tensor([48])):
+        with pytest.raises(IndexError, match="outside the embedding table"):
+            table(bad)
 
 
 def test_bad_arguments_are_errors_not_crashes() -> None:

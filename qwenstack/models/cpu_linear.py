@@ -132,6 +132,9 @@ class TiledEmbedding(nn.Module):
         self.packed = nn.Parameter(kernels.pack_tiles(weight), requires_grad=False)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        # As nn.Embedding: an id outside the table is an error (a negative one would index from the end).
+        if ids.numel() and not (0 <= int(ids.min()) and int(ids.max()) < self.num_embeddings):
+            raise IndexError(f"token id outside the embedding table (0..{self.num_embeddings - 1})")
         return kernels.tiled_rows(self.packed, ids)
 
     def extra_repr(self) -> str:
