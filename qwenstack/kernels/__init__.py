@@ -58,9 +58,11 @@ def kernels_disabled() -> bool:
 ISA_LEVELS = ("generic", "avx2", "avx512", "avx512_bf16", "avx512_amx")
 
 
+@functools.cache
 def _isa() -> str:
     """The build level for this CPU; QWENSTACK_KERNEL_ISA picks a lower one (tests build every level the
-    machine can run, so the loops of each are exercised)."""
+    machine can run, so the loops of each are exercised). Fixed for the process, and cached: layers ask per
+    call (kernels.has_amx), and reading the CPU's capabilities took microseconds each time."""
     forced = os.environ.get("QWENSTACK_KERNEL_ISA", "").strip()
     if forced:
         if forced not in ISA_LEVELS:

@@ -20,6 +20,7 @@ Quantized modules are left alone either way (they have their own kernels).
 """
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from typing import Callable
@@ -83,6 +84,7 @@ TILED_MAX_ROWS = 512
 TILED_MAX_ROWS_WITHOUT_AMX = 16
 
 
+@functools.cache
 def tiled_max_rows() -> int:
     """Up to how many rows TiledLinear runs the tiled kernel in this build (AMX or vector loops only)."""
     return TILED_MAX_ROWS if kernels.has_amx() else TILED_MAX_ROWS_WITHOUT_AMX
@@ -91,6 +93,9 @@ def tiled_max_rows() -> int:
 def tiled_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear(x, W, bias) for W in the tile-packed layout: the tiled kernel up to tiled_max_rows() rows,
     F.linear on the matrix unpacked for the call above."""
+    if x.dim() == 2 and 0 < x.shape[0] <= tiled_max_rows():  # what the model's layers pass: no reshapes
+        y = kernels.linear_tiled(x, packed)
+        return y if bias is None else y + bias
     out_features = packed.shape[0] * kernels.TILE_N
     y = _rows_through(lambda rows: kernels.linear_tiled(rows, packed), x, out_features, bias, tiled_max_rows())
     return F.linear(x, kernels.unpack_tiles(packed), bias) if y is None else y
