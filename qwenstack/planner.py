@@ -307,9 +307,12 @@ def _speeds(weights: WeightBytes, fmt: str, act_dtype: str, kv_per_token: int, s
         total = weights.read_per_token + cache_bytes
         # Expected: weights at the format's kernel rate; KV, state and full-precision extras at the stream
         # rate; plus the step's fixed overhead (measured on this machine, CPU only).
-        rate = bandwidth.rate(fmt, columns)
+        # No kernel reads faster than the machine streams memory: a kernel rate above the stream rate means
+        # the stream figure was taken in a slower moment, and must not lift "expected" above the bound.
+        rate = min(bandwidth.rate(fmt, columns), bandwidth.stream)
         seconds = weights.read_per_token / rate + cache_bytes / bandwidth.stream + overhead_s
-        out.append(SpeedEstimate(ctx, total, bandwidth.stream / total, 1.0 / seconds))
+        bound = bandwidth.stream / total
+        out.append(SpeedEstimate(ctx, total, bound, min(1.0 / seconds, bound)))
     return out
 
 
