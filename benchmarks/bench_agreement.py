@@ -1,10 +1,10 @@
 """How much greedy agreement on the demo model is noise: the bfloat16 baseline against the same weights in
-float32 and against int8, over the 16 prompts of the quality test and over 64, both ways qwenstack.quality
+float32 and against int8, over the 16 prompts of the quality test and over 64, both ways qwenstack.evaluation.quality
 measures it (step by step on the baseline's continuations, and free-running).
 
     python benchmarks/bench_agreement.py            # writes benchmarks/out/agreement-demo.json
 
-Both comparisons use qwenstack.quality's prompts and definition (prompts of 32 tokens cut from the demo
+Both comparisons use qwenstack.evaluation.quality's prompts and definition (prompts of 32 tokens cut from the demo
 model's held-out split, 64 greedy tokens). A float32 run of the very same weights is the noise floor: it
 changes nothing but the rounding of the arithmetic.
 """
@@ -19,9 +19,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import save  # noqa: E402
 
 import qwenstack  # noqa: E402
-from qwenstack.generate import greedy_generate  # noqa: E402
+from qwenstack.engine.reference import greedy_generate  # noqa: E402
 from qwenstack.models.registry import load_model  # noqa: E402
-from qwenstack.quality import greedy_agreement, prompts_from_stream, step_agreement  # noqa: E402
+from qwenstack.evaluation.quality import greedy_agreement, prompts_from_stream, step_agreement  # noqa: E402
 from qwenstack.quantization import quantize_model  # noqa: E402
 from qwenstack.tokenizer import Tokenizer  # noqa: E402
 

@@ -17,7 +17,7 @@ Writes benchmarks/out/quant-NAME.json and quant-NAME.md. Definitions:
 - planner expected: `qwenstack plan`'s estimate for the same config, format and context (bytes at the
   decode-kernel rates measured once per thread count and cached in ~/.cache/qwenstack/bandwidth.json;
   `qwenstack plan MODEL --refresh-bandwidth` measures again);
-- quality: qwenstack.quality.evaluate_quality on the demo model (or --quality-model), bfloat16 baseline.
+- quality: qwenstack.evaluation.quality.evaluate_quality on the demo model (or --quality-model), bfloat16 baseline.
 """
 from __future__ import annotations
 
@@ -55,8 +55,8 @@ def decode_tok_s(model: torch.nn.Module, prompt: list[int], new_tokens: int) -> 
 
 
 def planner_expected(model_dir: Path, level: str, context: int) -> float | None:
-    from qwenstack.bandwidth import cpu_bandwidth
-    from qwenstack.planner import find_config, make_plan
+    from qwenstack.cost.bandwidth import cpu_bandwidth
+    from qwenstack.cost.planner import find_config, make_plan
 
     plan = make_plan(find_config(str(model_dir)), context, 1, None if level == "bfloat16" else level, "bfloat16",
                      cpu_bandwidth(), short_context=context)
@@ -76,7 +76,7 @@ def markdown(results: dict[str, Any]) -> str:
                      f"{cell('bound_tok_s', '.2f')} | {cell('fraction_of_bound', '.0%')} | "
                      f"{cell('planner_expected_tok_s', '.2f')} | {cell('vs_transformers', '.2f')} |")
     if "quality" in results:
-        from qwenstack.quality import LevelQuality, QualityReport
+        from qwenstack.evaluation.quality import LevelQuality, QualityReport
 
         q = dict(results["quality"])
         q.pop("kind", None)
@@ -154,7 +154,7 @@ def main() -> None:
             row["vs_transformers"] = row["tok_s"] / theirs
         print("transformers bf16 decode", theirs, runs["transformers-bf16"], flush=True)
     if not args.no_quality and (args.quality_model / "model.safetensors").is_file():
-        from qwenstack.quality import evaluate_quality
+        from qwenstack.evaluation.quality import evaluate_quality
         from qwenstack.tokenizer import Tokenizer
 
         reference = load_model(args.quality_model, dtype=torch.bfloat16)

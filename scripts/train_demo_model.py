@@ -15,7 +15,7 @@ Decisions:
   names are dropped: a message gets a reply, not a cast list. Every token is trained on.
 - Held out: one whole play (none of its speeches is seen in training, nor by the tokenizer). Its
   conversations are written to `heldout.txt` next to the checkpoint; the model card's perplexity is
-  measured on that file by `qwenstack.evaluation` from the saved weights.
+  measured on that file by `qwenstack.evaluation.perplexity` from the saved weights.
 - The model is built and trained with qwenstack's own Qwen3 code (`prompt_logits`, SDPA causal, no KV
   cache) under bfloat16 autocast with float32 master weights, and saved in bfloat16 in the Hugging Face
   layout. Everything is seeded and the data order is fixed; the step count is fixed, not a time budget.
@@ -45,11 +45,11 @@ import torch.nn.functional as F  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from qwenstack.evaluation import token_perplexity  # noqa: E402
+from qwenstack.evaluation.perplexity import token_perplexity  # noqa: E402
 from qwenstack.models.base import prompt_logits  # noqa: E402
 from qwenstack.models.qwen3 import Qwen3Args, Qwen3ForCausalLM  # noqa: E402
 from qwenstack.tokenizer import Tokenizer  # noqa: E402
-from qwenstack.tokenizer_training import save_tokenizer, train_bpe  # noqa: E402
+from tokenizer_training import save_tokenizer, train_bpe  # noqa: E402
 from qwenstack.weights import save_checkpoint  # noqa: E402
 
 DEFAULT_OUT = REPO / "qwenstack" / "assets" / "demo-model"
@@ -327,7 +327,7 @@ master weights, seed {cfg.seed}, on 2 CPU threads of a shared machine: {stats['t
 ## Held-out perplexity
 
 **Held-out perplexity: {stats['heldout_ppl']:.3f}** (mean loss {stats['heldout_nll']:.4f} nats per token)
-on `heldout.txt`, computed by `qwenstack.evaluation.heldout_perplexity` on the saved weights in float32
+on `heldout.txt`, computed by `qwenstack.evaluation.perplexity.heldout_perplexity` on the saved weights in float32
 with context {cfg.context_len}: token level, windows of {cfg.context_len} tokens each starting on the last
 token of the previous one, so every token but the first is predicted once
 ({stats['heldout_tokens'] - 1:,} predictions).

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from qwenstack.tokenizer_training import save_tokenizer, train_bpe
+from tokenizer_training import save_tokenizer, train_bpe
 
 CORPUS = [
     "The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor jugs.",

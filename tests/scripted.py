@@ -33,7 +33,7 @@ import torch
 
 from checkpoints import tiny_tokenizer
 from qwenstack.tokenizer import Tokenizer
-from qwenstack.tokenizer_training import ADDED_TOKENS, save_tokenizer
+from tokenizer_training import ADDED_TOKENS, save_tokenizer
 
 MARKERS = tuple(ADDED_TOKENS)  # <think>, </think>, <tool_call>, </tool_call>, <tool_response>, </tool_response>
 THINK_END = "</think>"

@@ -7,13 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from qwenstack.bandwidth import Bandwidth
+from qwenstack.cost.bandwidth import Bandwidth
 from qwenstack.bench.report import build_report, classify, load_results
 from qwenstack.bench.serve import RequestResult, compute_metrics
 from qwenstack.cli import main
-from qwenstack.planner import find_config, make_plan
+from qwenstack.cost.planner import find_config, make_plan
 
-pytest.importorskip("matplotlib")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 

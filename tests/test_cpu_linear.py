@@ -40,7 +40,7 @@ def test_engine_output_unchanged_by_packing(tiny_qwen3: Path) -> None:
     prompts = [[5, 6, 7, 8], [100, 200, 300]]
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
     reference = load_model(tiny_qwen3, dtype=torch.bfloat16)
-    from qwenstack.generate import greedy_generate
+    from qwenstack.engine.reference import greedy_generate
 
     want = greedy_generate(reference, prompts, 12)
     model = load_model(tiny_qwen3, dtype=torch.bfloat16)

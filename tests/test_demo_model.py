@@ -11,11 +11,11 @@ import pytest
 import torch
 
 import qwenstack
-from qwenstack.evaluation import heldout_perplexity
-from qwenstack.generate import greedy_generate
+from qwenstack.evaluation.perplexity import heldout_perplexity
+from qwenstack.engine.reference import greedy_generate
 from qwenstack.models.registry import load_model
 from qwenstack.tokenizer import Tokenizer
-from qwenstack.tokenizer_training import ADDED_TOKENS, SPECIAL_TOKENS
+from tokenizer_training import ADDED_TOKENS, SPECIAL_TOKENS
 
 DEMO = Path(qwenstack.__file__).parent / "assets" / "demo-model"
 CHAT_PROMPTS = [
@@ -109,7 +109,7 @@ def test_heldout_perplexity_matches_model_card(model: torch.nn.Module, tokenizer
 
 
 def test_perplexity_windows_score_every_token_once(tiny_qwen3: Path) -> None:
-    from qwenstack.evaluation import token_perplexity, window_starts
+    from qwenstack.evaluation.perplexity import token_perplexity, window_starts
     from qwenstack.models.base import prompt_logits
 
     tiny = load_model(tiny_qwen3, dtype=torch.float32)

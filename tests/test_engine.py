@@ -15,7 +15,7 @@ from checkpoints import load_hf
 from qwenstack.engine.engine import EngineConfig, LLMEngine
 from qwenstack.engine.params import SamplingParams
 from qwenstack.errors import RequestError
-from qwenstack.generate import greedy_generate
+from qwenstack.engine.reference import greedy_generate
 from qwenstack.models.registry import load_model
 from qwenstack.tokenizer import Tokenizer
 

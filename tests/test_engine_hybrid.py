@@ -13,7 +13,7 @@ import torch
 from checkpoints import build_hf_checkpoint, load_hf, next_config
 from qwenstack.engine.engine import EngineConfig, LLMEngine
 from qwenstack.engine.params import SamplingParams
-from qwenstack.generate import greedy_generate
+from qwenstack.engine.reference import greedy_generate
 from qwenstack.models.registry import load_model
 from qwenstack.tokenizer import Tokenizer
 

@@ -16,7 +16,6 @@ from qwenstack.errors import RequestError
 from qwenstack.models.registry import load_model
 from qwenstack.multimodal.inputs import ImageInput, MultimodalInputs
 
-pytest.importorskip("transformers")
 
 GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
 PATCH_DIM = 3 * 2 * 16 * 16

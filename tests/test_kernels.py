@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from kernel_utils import require_native_kernels
 from qwenstack import kernels
-from qwenstack.generate import greedy_generate
+from qwenstack.engine.reference import greedy_generate
 from qwenstack.models.attention import AttentionBatch, _decode_attention, gather_kv
 from qwenstack.models.registry import load_model
 

@@ -37,7 +37,7 @@ def random_state(B: int, Hv: int, Dk: int, Dv: int, seed: int = 1) -> torch.Tens
 
 # --- parity with transformers -------------------------------------------------------------------
 
-hf = pytest.importorskip("transformers.models.qwen3_next.modeling_qwen3_next")
+import transformers.models.qwen3_next.modeling_qwen3_next as hf  # noqa: E402
 
 
 @pytest.mark.parametrize("T,Hk,Hv,with_state", [(37, 2, 2, False), (100, 2, 4, True), (64, 4, 4, True)])

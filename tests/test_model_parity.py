@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from checkpoints import build_hf_checkpoint, dense_config, load_hf, moe_config
-from qwenstack.generate import greedy_generate
+from qwenstack.engine.reference import greedy_generate
 from qwenstack.models.attention import AttentionBatch
 from qwenstack.models.registry import load_model
 

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from qwenstack import bandwidth as bw
+from qwenstack.cost import bandwidth as bw
 from qwenstack.cli import main
-from qwenstack.planner import ConfigSource, count_parameters, find_config, make_plan
+from qwenstack.cost.planner import ConfigSource, count_parameters, find_config, make_plan
 
 V = 151936  # Qwen3 vocabulary
 QWEN3 = dict(vocab_size=V, rms_norm_eps=1e-6, max_position_embeddings=40960, hidden_act="silu", head_dim=128,
@@ -231,7 +231,7 @@ def test_measure_cpu_runs_every_kernel_small() -> None:
 
 
 def test_step_overhead_is_measured_with_tiny_models() -> None:
-    from qwenstack.step_overhead import measure_step_overhead
+    from qwenstack.cost.step_overhead import measure_step_overhead
 
     o = measure_step_overhead(steps=4)
     assert set(o) == set(bw.OVERHEAD_KEYS)

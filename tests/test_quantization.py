@@ -14,7 +14,7 @@ from qwenstack import kernels
 from qwenstack.engine.engine import EngineConfig, LLMEngine
 from qwenstack.engine.params import SamplingParams
 from qwenstack.errors import UnsupportedModelError
-from qwenstack.generate import greedy_generate
+from qwenstack.engine.reference import greedy_generate
 from qwenstack.models.base import prompt_logits
 from qwenstack.models.registry import load_model
 from qwenstack.quantization import QuantExperts, QuantLinear, decode_weight_bytes, parse_method, quantize_model

@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from checkpoints import build_hf_checkpoint, load_hf, next_config
 from qwenstack.errors import CheckpointError, ConfigError
-from qwenstack.generate import allocate_kv_caches, greedy_generate, layer_caches
+from qwenstack.engine.reference import allocate_kv_caches, greedy_generate, layer_caches
 from qwenstack.models.attention import AttentionBatch
 from qwenstack.models.base import prompt_logits
 from qwenstack.models.qwen3_next import LinearAttentionState, Qwen3NextArgs

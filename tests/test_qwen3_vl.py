@@ -19,7 +19,6 @@ from qwenstack.models.qwen3_vl import Qwen3VLArgs, Qwen3VLForConditionalGenerati
 from qwenstack.models.registry import load_model
 from qwenstack.multimodal.inputs import ImageInput, MultimodalBatch, MultimodalInputs
 
-pytest.importorskip("transformers")
 
 PATCH_DIM = 3 * 2 * 16 * 16
 CASES = {"dense-tied": ("dense", True), "dense-untied": ("dense", False), "moe": ("moe", False)}

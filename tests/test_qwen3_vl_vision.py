@@ -22,7 +22,7 @@ from qwenstack.multimodal.image_processing import (
     smart_resize,
 )
 
-transformers = pytest.importorskip("transformers")
+import transformers  # noqa: E402  (a required test dependency: missing, the parity tests fail)
 
 VISION_CONFIG = {
     "model_type": "qwen3_vl",  # released checkpoints carry this (wrong) type; it must be ignored

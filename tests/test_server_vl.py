@@ -30,7 +30,6 @@ from qwenstack.serving.images import ImageRef, read_image_bytes
 from qwenstack.serving.served import build_served_model
 from qwenstack.tokenizer import Tokenizer
 
-pytest.importorskip("transformers")
 
 MAX_IMAGES, MAX_BYTES, MAX_PIXELS = 2, 150_000, 600 * 600
 NO_THINK = {"chat_template_kwargs": {"enable_thinking": False}}

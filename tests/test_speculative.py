@@ -37,7 +37,7 @@ from qwenstack.engine.params import SamplingParams
 from qwenstack.engine.sampler import filter_logits
 from qwenstack.engine.speculative import SpeculativeRunner
 from qwenstack.errors import CheckpointError
-from qwenstack.generate import allocate_kv_caches, greedy_generate
+from qwenstack.engine.reference import allocate_kv_caches, greedy_generate
 from qwenstack.models.attention import AttentionBatch
 from qwenstack.models.base import layer_caches, prompt_logits
 from qwenstack.models.qwen3_next import Qwen3NextArgs, StateJournal

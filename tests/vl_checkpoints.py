@@ -140,7 +140,7 @@ def vl_tokenizer_json() -> str:
 
 
 def write_vl_tokenizer(out_dir: Path) -> None:
-    from qwenstack.tokenizer_training import default_chat_template
+    from tokenizer_training import default_chat_template
 
     (out_dir / "tokenizer.json").write_text(vl_tokenizer_json())
     config = {"tokenizer_class": "Qwen2TokenizerFast", "bos_token": None, "eos_token": "<|im_end|>",

@@ -1,5 +1,5 @@
 """`qwenstack eval-quality [MODEL] --quantization int8,int4`: what quantization costs in quality
-(perplexity, KL divergence, token agreement against the unquantized model; see qwenstack.quality)."""
+(perplexity, KL divergence, token agreement against the unquantized model; see qwenstack.evaluation.quality)."""
 from __future__ import annotations
 
 import argparse
@@ -62,7 +62,7 @@ def default_text(model_dir: Path) -> Path:
 
 def run(args: argparse.Namespace) -> int:
     from qwenstack.llm import load
-    from qwenstack.quality import evaluate_quality
+    from qwenstack.evaluation.quality import evaluate_quality
     from qwenstack.quantization import parse_method
 
     levels = [level.strip() for level in args.quantization.split(",") if level.strip()]

@@ -39,8 +39,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from qwenstack.bandwidth import cpu_bandwidth, gpu_bandwidth
-    from qwenstack.planner import find_config, make_plan, measure_decode
+    from qwenstack.cost.bandwidth import cpu_bandwidth, gpu_bandwidth
+    from qwenstack.cost.report import format_plan
+    from qwenstack.cost.planner import find_config, make_plan, measure_decode
 
     source = find_config(args.model)
     bandwidth = gpu = None
@@ -58,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
             at_measured = make_plan(source, plan.measured_context, 1, args.quantization, args.dtype, bandwidth,
                                     memory=plan.memory, short_context=plan.measured_context).speeds
             plan.speeds = sorted({s.context: s for s in plan.speeds + at_measured}.values(), key=lambda s: s.context)
-    print(plan.format())
+    print(format_plan(plan))
     if args.json is not None:
         args.json.write_text(json.dumps(plan.to_dict(), indent=2, default=str) + "\n", encoding="utf-8")
         print(f"wrote {args.json}", file=sys.stderr)

@@ -3,11 +3,12 @@ names the field and the allowed range, never an assert deep in the engine)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
-
-import torch
+from typing import TYPE_CHECKING, Protocol
 
 from qwenstack.errors import RequestError
+
+if TYPE_CHECKING:  # the scheduling layer (params, sequence, scheduler, block manager) imports no torch
+    import torch
 
 
 class LogitsProcessor(Protocol):
@@ -16,7 +17,7 @@ class LogitsProcessor(Protocol):
     Receives the tokens generated so far and the logits row [V] (float32), returns the logits to sample from.
     """
 
-    def __call__(self, output_token_ids: list[int], logits: torch.Tensor) -> torch.Tensor: ...
+    def __call__(self, output_token_ids: list[int], logits: "torch.Tensor") -> "torch.Tensor": ...
 
 
 @dataclass

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from qwenstack.engine.multimodal import DEFAULT_ENCODER_CACHE_MEMORY, MultimodalStep
-from qwenstack.engine.sampler import SampleRequest, sample, token_logprobs
+from qwenstack.engine.sampler import SampleRequest, sample, sequence_generator, token_logprobs
 from qwenstack.engine.scheduler import ScheduledBatch
 from qwenstack.engine.sequence import PositionLogprobs, Sequence
 from qwenstack.kernels import paged_decode_available
@@ -143,7 +143,7 @@ class ModelRunner:
         sample_logits = logits[: len(sample_seqs)]
         requests = [
             SampleRequest(
-                s.params, s.prompt_token_ids, s.output_token_ids, s.generator,
+                s.params, s.prompt_token_ids, s.output_token_ids, sequence_generator(s),
                 list(s.eos_token_ids) + s.params.stop_token_ids if len(s.output_token_ids) < s.params.min_tokens else [],
             )
             for s in sample_seqs

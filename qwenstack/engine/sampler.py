@@ -16,7 +16,15 @@ from dataclasses import dataclass
 import torch
 
 from qwenstack.engine.params import SamplingParams
-from qwenstack.engine.sequence import Logprob, PositionLogprobs
+from qwenstack.engine.sequence import Logprob, PositionLogprobs, Sequence
+
+
+def sequence_generator(seq: Sequence) -> torch.Generator | None:
+    """A seeded sequence's own generator, made at its first sample and kept on the sequence for its lifetime
+    (preemption included), so its draws do not depend on what else is in the batch; None when unseeded."""
+    if seq.generator is None and seq.params.seed is not None:
+        seq.generator = torch.Generator().manual_seed(seq.params.seed)
+    return seq.generator
 
 
 @dataclass

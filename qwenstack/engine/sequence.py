@@ -1,7 +1,8 @@
 """Per-sequence state: tokens, where their KV lives, how much of it is computed, and why it finished.
 
 A request with n > 1 becomes n sequences that share the request id; each samples on its own.
-Torch-free apart from the sampling generator it carries.
+Torch-free: a seeded request's generator is made by the runner at its first sample (engine/sampler.py,
+`sequence_generator`) and only carried here, so the scheduling layer imports without torch.
 """
 from __future__ import annotations
 
@@ -9,8 +10,6 @@ import enum
 import time
 from dataclasses import dataclass, field
 from typing import Any
-
-import torch
 
 from qwenstack.engine.params import SamplingParams
 
@@ -57,7 +56,7 @@ class Sequence:
     num_registered_blocks: int = 0  # full blocks already entered in the prefix cache
     finish_reason: str | None = None  # "stop", "length", "abort"
     stop_reason: int | str | None = None  # the stop token or string that ended it
-    generator: torch.Generator | None = None
+    generator: Any = None  # the runner's torch.Generator for a seeded request (sampler.sequence_generator)
     logprobs: list[PositionLogprobs] = field(default_factory=list)
     prompt_logprobs: list[PositionLogprobs | None] = field(default_factory=list)
     cumulative_logprob: float = 0.0
@@ -65,10 +64,6 @@ class Sequence:
     num_preemptions: int = 0
     # Per-request extras for architectures that need them (multimodal inputs, state slots).
     extras: dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if self.params.seed is not None:
-            self.generator = torch.Generator().manual_seed(self.params.seed)
 
     @property
     def num_tokens(self) -> int:

@@ -40,7 +40,9 @@ import torch
 
 from qwenstack.engine.block_manager import BlockManager
 from qwenstack.engine.runner import ModelRunner, StepResult
-from qwenstack.engine.sampler import SampleRequest, apply_penalties, filter_logits, sample, token_logprobs
+from qwenstack.engine.sampler import (
+    SampleRequest, apply_penalties, filter_logits, sample, sequence_generator, token_logprobs,
+)
 from qwenstack.engine.scheduler import ScheduledBatch
 from qwenstack.engine.sequence import PositionLogprobs, Sequence
 from qwenstack.models.attention import AttentionBatch
@@ -256,7 +258,7 @@ class SpeculativeRunner(ModelRunner):
         """The sampler's view of seq with `extra` (drafts) counted as already generated."""
         output = seq.output_token_ids + extra
         block = list(seq.eos_token_ids) + seq.params.stop_token_ids if len(output) < seq.params.min_tokens else []
-        return SampleRequest(seq.params, seq.prompt_token_ids, output, seq.generator, block)
+        return SampleRequest(seq.params, seq.prompt_token_ids, output, sequence_generator(seq), block)
 
     @staticmethod
     def _is_plain(request: SampleRequest) -> bool:
@@ -285,7 +287,7 @@ class SpeculativeRunner(ModelRunner):
         emitted tokens (at least one)."""
         draft: Draft = seq.extras.pop(DRAFT_KEY)
         greedy = seq.params.greedy
-        generator = seq.generator or self.generator
+        generator = sequence_generator(seq) or self.generator
         chosen: list[int] = []
         for j in range(len(drafts) + 1):
             request = self._request(seq, drafts[:j])
@@ -373,7 +375,7 @@ class SpeculativeRunner(ModelRunner):
                     d.tokens.append(self._greedy(row_logits, request, top))
                 else:
                     q = self._distribution(row_logits, request)
-                    d.tokens.append(_draw(q, d.seq.generator or self.generator))
+                    d.tokens.append(_draw(q, sequence_generator(d.seq) or self.generator))
                     d.probs.append(q)
         for d in drafting:
             d.seq.extras[DRAFT_KEY] = Draft(d.seq.num_tokens + len(d.new), d.tokens,

@@ -30,7 +30,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from qwenstack import kernels
-from qwenstack.models.moe import Experts
 
 log = logging.getLogger("qwenstack.models")
 PACKABLE_DTYPES = (torch.bfloat16, torch.float16)
@@ -227,7 +226,7 @@ def prepare_cpu_linears(model: nn.Module, form: str | None = None) -> int:
                 tiled = form == "native" and kernels.can_tile(child.weight)
                 setattr(module, child_name, (TiledLinear if tiled else wrap)(child.weight, child.bias))
                 count += 1
-            elif type(child) is Experts:
+            elif hasattr(child, "prepare_for_cpu"):  # stacked MoE experts (models/moe.py) pick their own layout
                 count += child.prepare_for_cpu(form)
     inner = getattr(model, "model", None)
     embed = getattr(inner, "embed_tokens", None)

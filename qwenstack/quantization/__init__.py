@@ -39,7 +39,7 @@ from qwenstack.quantization.modules import QuantExperts, QuantLinear
 
 METHODS = ("int8", "int4", "fp8")
 DEFAULT_INT4_GROUP = 128
-# Approximate bytes per weight of each method, scales included (for planning; see qwenstack.planner).
+# Approximate bytes per weight of each method, scales included (for planning; see qwenstack.cost.planner).
 BYTES_PER_WEIGHT = {"int8": 1.0, "int4": 0.5, "fp8": 1.0}
 
 

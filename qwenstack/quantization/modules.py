@@ -46,6 +46,10 @@ class QuantExperts(Experts):
         self.gate_up_proj = make_gate_up(experts.gate_up_proj.detach())
         self.down_proj = make_down(experts.down_proj.detach())
 
+    def prepare_for_cpu(self, form: str) -> int:
+        """Quantized experts already run their own kernels: no CPU layout change (models/cpu_linear.py)."""
+        return 0
+
     def expert_linear(self, name: str, expert: int, x: torch.Tensor) -> torch.Tensor:
         weight: QuantizedWeight = getattr(self, name)
         return weight.matmul(x, expert)

@@ -32,7 +32,7 @@ import time
 import uuid
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, AsyncIterator
+from typing import TYPE_CHECKING, Any, AsyncIterator, Protocol
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import Response
@@ -46,7 +46,6 @@ from qwenstack.serving.state import get_state, parse, read_json
 from qwenstack.serving.streaming import DONE, sse
 
 if TYPE_CHECKING:
-    from qwenstack.serving.chat import ChatPlan
     from qwenstack.serving.config import ServerConfig
     from qwenstack.serving.protocol import ChatCompletionResponse
 
@@ -227,7 +226,19 @@ class GuardContext:
         return None if decision is None else decision.to_dict()
 
 
-def chat_messages(plan: "ChatPlan") -> list[dict[str, Any]]:
+class GuardedChat(Protocol):
+    """What the chat hooks below read of a chat request (serving/chat.py's ChatPlan): a protocol, so that
+    moderation does not import the chat handler that calls it."""
+    request_id: str
+    created: int
+    served: Any
+    request: Any  # ChatCompletionRequest
+    prompt_ids: list[int]
+    params: Any  # SamplingParams
+    guard: Any
+
+
+def chat_messages(plan: "GuardedChat") -> list[dict[str, Any]]:
     """The request's user and assistant turns as text, for the guard."""
     out = []
     for m in plan.request.messages:
@@ -240,7 +251,7 @@ def chat_messages(plan: "ChatPlan") -> list[dict[str, Any]]:
     return out
 
 
-async def screen_prompt(request: Request, plan: "ChatPlan") -> Response | None:
+async def screen_prompt(request: Request, plan: "GuardedChat") -> Response | None:
     """Runs the prompt past the guard (if any). Returns the response to send instead of running the main
     model when the prompt is blocked; otherwise None, with the guard's context on `plan.guard`."""
     rails = guardrails_of(request)
@@ -254,7 +265,7 @@ async def screen_prompt(request: Request, plan: "ChatPlan") -> Response | None:
     return blocked_response(plan, context)
 
 
-def blocked_response(plan: "ChatPlan", context: GuardContext) -> Response:
+def blocked_response(plan: "GuardedChat", context: GuardContext) -> Response:
     from qwenstack.serving.protocol import AssistantMessage, ChatChoice, ChatCompletionResponse, Usage
 
     n = plan.params.n
@@ -271,7 +282,7 @@ def blocked_response(plan: "ChatPlan", context: GuardContext) -> Response:
     return Response(body.model_dump_json(), media_type="application/json")
 
 
-def _blocked_stream(plan: "ChatPlan", annotation: dict[str, Any] | None) -> Response:
+def _blocked_stream(plan: "GuardedChat", annotation: dict[str, Any] | None) -> Response:
     from qwenstack.serving.streaming import ClosingStreamingResponse
 
     base = {"id": plan.request_id, "object": "chat.completion.chunk", "created": plan.created,
@@ -303,7 +314,7 @@ def answer_text(choice: Any) -> str:
     return "\n\n".join(p for p in parts if p)
 
 
-async def review_answer(plan: "ChatPlan", body: "ChatCompletionResponse") -> "ChatCompletionResponse":
+async def review_answer(plan: "GuardedChat", body: "ChatCompletionResponse") -> "ChatCompletionResponse":
     """Judges each choice of a finished, non-streamed answer; blocked choices become the refusal."""
     from qwenstack.serving.protocol import AssistantMessage
 
@@ -323,7 +334,7 @@ async def review_answer(plan: "ChatPlan", body: "ChatCompletionResponse") -> "Ch
     return body
 
 
-def moderate_outputs(plan: "ChatPlan", outputs: Any) -> Any:
+def moderate_outputs(plan: "GuardedChat", outputs: Any) -> Any:
     """The engine outputs of a streamed answer under stream moderation (unchanged without a guard).
     A cut closes `outputs`, which aborts the engine request."""
     context: GuardContext | None = getattr(plan, "guard", None)
@@ -338,7 +349,7 @@ def moderate_outputs(plan: "ChatPlan", outputs: Any) -> Any:
     return context.rails.moderate_stream(outputs, context.messages, plan.params.n, context.report, on_cut=abort)
 
 
-def guard_chunk(plan: "ChatPlan", base: dict[str, Any]) -> str | None:
+def guard_chunk(plan: "GuardedChat", base: dict[str, Any]) -> str | None:
     """The SSE chunk that carries the verdict after the choices finish (None without a guard)."""
     context: GuardContext | None = getattr(plan, "guard", None)
     if context is None:

@@ -1,7 +1,7 @@
 """What quantization costs in quality, measured against the same model unquantized.
 
 For each quantization level, on a held-out text and N prompts cut from it:
-- perplexity: qwenstack.evaluation's definition (token level, windows of context_len sharing one token,
+- perplexity: qwenstack.evaluation.perplexity's definition (token level, windows of context_len sharing one token,
   every token but the first predicted once), for the baseline and each level;
 - mean KL divergence KL(baseline || quantized) of the next-token distribution, in nats, averaged over
   the same predicted positions (teacher-forced: both models see the text, not their own outputs);
@@ -39,8 +39,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from qwenstack.evaluation import window_starts
-from qwenstack.generate import greedy_generate
+from qwenstack.evaluation.perplexity import window_starts
+from qwenstack.engine.reference import greedy_generate
 from qwenstack.models.base import CausalLM, prompt_logits
 from qwenstack.quantization import decode_weight_bytes, quantize_model
 

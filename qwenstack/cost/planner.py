@@ -2,7 +2,7 @@
 
     source = find_config("Qwen/Qwen3-235B-A22B")          # a dir, a config file, the HF cache, or the table
     plan = make_plan(source, context=262144, concurrency=1, quantization="int8", bandwidth=cpu_bandwidth())
-    print(plan.format())
+    print(format_plan(plan))  # format_plan: qwenstack.cost.report
 
 Decisions:
 - Counts come from the model qwenstack would load, built on the meta device (no memory, no weights): the
@@ -18,8 +18,8 @@ Decisions:
   KV cache of the sequence at the given context (full-attention layers only), plus for Qwen3-Next the
   fixed linear-attention state (conv state + recurrent state [Hv, Dk, Dv] in float32 per linear layer).
 - Speed: bound = stream read bandwidth / bytes per token; expected = the same bytes at each format's
-  measured decode-kernel rate (qwenstack.bandwidth), plus the step overhead measured on this CPU for the
-  model's depth, MoE layers and active experts (qwenstack.step_overhead; Qwen3-Next's linear-attention
+  measured decode-kernel rate (qwenstack.cost.bandwidth), plus the step overhead measured on this CPU for the
+  model's depth, MoE layers and active experts (qwenstack.cost.step_overhead; Qwen3-Next's linear-attention
   layers counted as dense ones). On a GPU the expected figure is the bound (no overhead is measured).
 """
 from __future__ import annotations
@@ -33,9 +33,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from qwenstack.bandwidth import Bandwidth
+from qwenstack.cost.bandwidth import Bandwidth
 from qwenstack.errors import ConfigError, ModelNotFoundError
-from qwenstack.known_configs import HYPOTHETICAL, known_config
+from qwenstack.cost.known_configs import HYPOTHETICAL, known_config
 from qwenstack.models.moe import Experts
 
 FORMATS = ("bfloat16", "float32", "fp8", "int8", "int4")
@@ -71,7 +71,7 @@ def find_config(model: str) -> ConfigSource:
     known = known_config(model)
     if known is not None:
         key, config = known
-        return ConfigSource(config, model, "qwenstack's table of published configs (qwenstack/known_configs.py)",
+        return ConfigSource(config, model, "qwenstack's table of published configs (qwenstack/cost/known_configs.py)",
                             note=HYPOTHETICAL.get(key))
     raise ModelNotFoundError(
         f"'{model}' is not a config file, a model folder, a model id in the local Hugging Face cache, or a "
@@ -293,10 +293,6 @@ class Plan:
         record.update(kind="plan", kv_bytes=self.kv_bytes, needed_bytes=self.needed_bytes, fits_ram=self.fits_ram())
         return record
 
-    def format(self) -> str:
-        from qwenstack.planner_format import format_plan
-
-        return format_plan(self)
 
 
 def _speeds(weights: WeightBytes, fmt: str, act_dtype: str, kv_per_token: int, state: int, contexts: list[int],
@@ -363,7 +359,7 @@ def measure_decode(model_dir: Path, quantization: str | None, act_dtype: str = "
                    new_tokens: int = 16, prompt_len: int = 8) -> tuple[float, int]:
     """(tokens/s, context at the end) of a short single-stream greedy decode with the engine."""
     from qwenstack.models.registry import load_model
-    from qwenstack.step_overhead import decode_step_times
+    from qwenstack.cost.step_overhead import decode_step_times
 
     model = load_model(model_dir, dtype=getattr(torch, act_dtype))
     if quantization and quantization not in _FLOAT_BYTES:

@@ -69,7 +69,7 @@ HYPOTHETICAL = {
     "qwen3-1t-hypothetical": (
         "HYPOTHETICAL: Qwen3-Max's architecture is unpublished. This is a 1-trillion-parameter Qwen3-MoE "
         "scaled from Qwen3-235B-A22B (94 layers, top-8 of 224 experts, hidden 6144, 96/8 heads; see "
-        "qwenstack/known_configs.py); its figures describe that shape, not Qwen3-Max."),
+        "qwenstack/cost/known_configs.py); its figures describe that shape, not Qwen3-Max."),
 }
 
 

@@ -14,7 +14,7 @@ by bytes per token. Two figures per device:
   log2 of the columns) between them, so a 0.6B model (1024-wide) is not planned at a 4096-wide rate;
 - overhead (CPU): what a decode step costs beyond reading weights (Python, small ops, attention on a
   short context), measured by decoding with tiny models built in memory: a fixed part per step, a part
-  per layer, and for MoE layers a part per layer and per active expert (qwenstack/step_overhead.py).
+  per layer, and for MoE layers a part per layer and per active expert (qwenstack/cost/step_overhead.py).
 The kernel rates and the overhead make the planner's "expected" figure.
 
 Environment:
@@ -187,7 +187,7 @@ def measure_cpu(buffer_mib: int = 512, repeats: int = 3, shape: tuple[int, int] 
         kernels.update({f"{fmt}@columns": float(k) for fmt in ROW_DEPENDENT_FORMATS})
     step_overhead = {}
     if overhead:
-        from qwenstack.step_overhead import measure_step_overhead
+        from qwenstack.cost.step_overhead import measure_step_overhead
 
         step_overhead = measure_step_overhead()
     return Bandwidth("cpu", stream, kernels, torch.get_num_threads(),

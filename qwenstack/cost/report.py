@@ -1,10 +1,10 @@
-"""The text `qwenstack plan` prints for a Plan (kept apart from the arithmetic in qwenstack.planner)."""
+"""The text `qwenstack plan` prints for a Plan (kept apart from the arithmetic in qwenstack.cost.planner)."""
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from qwenstack.planner import Plan, SpeedEstimate
+    from qwenstack.cost.planner import Plan, SpeedEstimate
 
 PARTS = ("embedding", "lm_head", "attention", "linear_attention", "mlp", "experts", "shared_expert", "router",
          "norms", "other")

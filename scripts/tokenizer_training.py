@@ -16,7 +16,7 @@ ADDED_TOKENS = ["<think>", "</think>", "<tool_call>", "</tool_call>", "<tool_res
 
 
 def default_chat_template() -> str:
-    return (Path(__file__).parent / "assets" / "chat_template.jinja").read_text(encoding="utf-8")
+    return (Path(__file__).resolve().parents[1] / "qwenstack" / "assets" / "chat_template.jinja").read_text(encoding="utf-8")
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int) -> Tokenizer:

@@ -1,0 +1,1 @@
+"""Quality measurement: perplexity on held-out text and what quantization costs against a baseline."""
