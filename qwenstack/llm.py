@@ -17,6 +17,7 @@ from qwenstack.config import read_config
 from qwenstack.engine.engine import EngineConfig, LLMEngine
 from qwenstack.engine.outputs import RequestOutput
 from qwenstack.engine.params import SamplingParams
+from qwenstack.generation_config import generation_defaults
 from qwenstack.models.registry import load_model, parse_dtype
 from qwenstack.resolve import resolve_model
 from qwenstack.tokenizer import Tokenizer
@@ -86,6 +87,9 @@ class LLM:
         if kv_cache_memory is not None:
             config.kv_cache_memory = kv_cache_memory
         self.tokenizer = self.loaded.tokenizer
+        # What generate() and chat() use without SamplingParams: the checkpoint's generation_config.json
+        # (do_sample false is greedy, as in transformers), as vLLM's get_default_sampling_params.
+        self.default_sampling_params = SamplingParams(**generation_defaults(self.loaded.path))
         self.engine = LLMEngine(self.loaded.model, self.tokenizer, self.tokenizer.eos_token_ids, config)
 
     def generate(
@@ -98,7 +102,7 @@ class LLM:
             prompts = [prompts]  # type: ignore[list-item]
         token_prompts = [self.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
         if sampling_params is None:
-            params: list[SamplingParams] = [SamplingParams() for _ in token_prompts]
+            params: list[SamplingParams] = [self.default_sampling_params for _ in token_prompts]
         elif isinstance(sampling_params, SamplingParams):
             params = [sampling_params] * len(token_prompts)
         else:

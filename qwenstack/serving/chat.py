@@ -185,6 +185,7 @@ def plan_chat(served: ServedModel, request: ChatCompletionRequest, state: Server
     top = request.top_logprobs if request.top_logprobs is not None else 0
     params = sampling_params(request, served, max_tokens=request.max_new_tokens,
                              logprobs=top if request.logprobs else None, processors=processors)
+    params.reasoning = phase.markers()  # stop strings act on the answer, not the thinking
     return ChatPlan(f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), served, request, prompt, prompt_ids, params,
                     phase, tools_enabled, tool_dicts, image_refs=image_refs)
 

@@ -5,12 +5,10 @@ Decisions:
 - One engine (and one KV pool) per model: a request for one model never waits behind another's batch.
 - Loading runs in a thread started when the app starts, not before: the HTTP port answers at once
   (503 + Retry-After on /health and on requests for a model still loading), as llama.cpp does.
-- Sampling defaults come from the checkpoint's generation_config.json, as vLLM applies them: an omitted
-  temperature means Qwen's recommended value, not OpenAI's 1.0.
+- Sampling defaults come from the checkpoint's generation_config.json (qwenstack/generation_config.py).
 """
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -20,14 +18,13 @@ from typing import Any, Callable
 
 from qwenstack.engine.async_engine import AsyncEngine
 from qwenstack.engine.engine import EngineConfig, LLMEngine
+from qwenstack.generation_config import generation_defaults
 from qwenstack.serving.config import ModelSpec, ServerConfig
 from qwenstack.serving.errors import APIError
 from qwenstack.tokenizer import Tokenizer
 
 log = logging.getLogger("qwenstack.server")
 
-GENERATION_DEFAULT_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty",
-                           "presence_penalty", "frequency_penalty")
 
 
 @dataclass
@@ -51,16 +48,6 @@ class ServedModel:
         if "audio_config" in self.hf_config or "audio_config" in thinker:
             caps.append("audio")
         return caps
-
-
-def generation_defaults(model_dir: Path | None) -> dict[str, Any]:
-    if model_dir is None or not (model_dir / "generation_config.json").is_file():
-        return {}
-    try:
-        data = json.loads((model_dir / "generation_config.json").read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return {}
-    return {k: data[k] for k in GENERATION_DEFAULT_KEYS if isinstance(data.get(k), (int, float))}
 
 
 def build_served_model(name: str, model: Any, tokenizer: Tokenizer, engine_config: EngineConfig,
@@ -120,6 +107,15 @@ class ModelRegistry:
         if model.name in self.models:
             raise ValueError(f"two models are served under the same name '{model.name}'")
         self.models[model.name] = model
+
+    def resolve(self, name: str | None) -> ServedModel:
+        """`get`, where a request may leave out the model when exactly one is served (vLLM's /tokenize)."""
+        if name is None:
+            if len(self.models) != 1:
+                raise APIError(400, f"name the model ('model' field): {len(self.models)} are served here",
+                               param="model", code="model_required")
+            return next(iter(self.models.values()))
+        return self.get(name)
 
     @property
     def ready(self) -> bool:
