@@ -6,6 +6,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -123,10 +124,30 @@ class LLM:
         enable_thinking: bool = True,
         **template_kwargs: Any,
     ) -> list[RequestOutput]:
+        """Messages as the server takes them: content a string or a list of parts, including images
+        ({"type": "image_url", "image_url": {"url": "data:image/png;base64,..." or a local path}}) for a
+        vision-language model. Stop strings act on the answer, not on the think block."""
+        from qwenstack.chat_inputs import ChatModelView, has_media, render_media_chat
+        from qwenstack.serving.chat import thinking_phase
+
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
-        prompts = [
-            self.tokenizer.apply_chat_template(c, tools=tools, add_generation_prompt=True,  # type: ignore[arg-type]
-                                               enable_thinking=enable_thinking, **template_kwargs)
-            for c in conversations
-        ]
-        return self.generate(prompts, sampling_params)
+        prompts, token_prompts, inputs = [], [], []
+        view = ChatModelView(self.loaded.name, self.tokenizer, self.loaded.config, self.loaded.path)
+        for c in conversations:
+            kwargs = {"enable_thinking": enable_thinking, **template_kwargs}
+            if has_media(c):  # type: ignore[arg-type]
+                prompt, ids, mm = render_media_chat(view, c, tools=tools, **kwargs)  # type: ignore[arg-type]
+            else:
+                prompt = self.tokenizer.apply_chat_template(c, tools=tools, add_generation_prompt=True,  # type: ignore[arg-type]
+                                                            **kwargs)
+                ids, mm = self.tokenizer.encode(prompt), None
+            prompts.append(prompt)
+            token_prompts.append(ids)
+            inputs.append(mm)
+        base = sampling_params or self.default_sampling_params
+        params = [dataclasses.replace(base, logits_processors=list(base.logits_processors),
+                                      reasoning=thinking_phase(p, enable_thinking).markers()) for p in prompts]
+        outputs = self.engine.generate_all(token_prompts, params, inputs)
+        for out, p in zip(outputs, prompts):
+            out.prompt = p
+        return outputs
