@@ -4,7 +4,7 @@
 
 Decisions:
 - The same content-part shapes as the server's chat endpoint (`{"type": "image_url", "image_url": {"url":
-  ...}}` with a data: URL, or a file:// URL / plain local path), validated by the server's pydantic models and
+  ...}}` with a data: URL, or a file:// URL / plain local path; `video_url` parts alike), validated by the server's pydantic models and
   rendered by its `template_messages`, then loaded by its image loader: one behaviour, not two copies.
 - Local files are allowed (the caller owns the process); remote URLs are not fetched. The server's size and
   count limits apply, so a mistake fails with the same message the server would give, as a RequestError.
@@ -50,16 +50,17 @@ def has_media(conversation: list[dict[str, Any]]) -> bool:
 
 
 def _local_urls(conversation: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Plain paths in image_url parts -> file:// URLs (what the server's loader reads)."""
+    """Plain paths in image_url and video_url parts -> file:// URLs (what the server's loader reads)."""
     out = []
     for message in conversation:
         content = message.get("content")
         if isinstance(content, list):
             parts = []
             for part in content:
-                url = part.get("image_url", {}).get("url") if isinstance(part, dict) else None
+                key = part.get("type") if isinstance(part, dict) else None
+                url = part.get(key, {}).get("url") if key in ("image_url", "video_url") else None
                 if isinstance(url, str) and ":" not in url.split("/", 1)[0] and Path(url).expanduser().is_file():
-                    part = {**part, "image_url": {**part["image_url"], "url": Path(url).expanduser().resolve().as_uri()}}
+                    part = {**part, key: {**part[key], "url": Path(url).expanduser().resolve().as_uri()}}
                 parts.append(part)
             message = {**message, "content": parts}
         out.append(message)
@@ -78,10 +79,11 @@ def render_media_chat(view: ChatModelView, conversation: list[dict[str, Any]], *
     from qwenstack.serving.errors import APIError
     from qwenstack.serving.protocol import ChatMessage
     from qwenstack.serving.served import ServedModel
+    from qwenstack.serving.videos import expand_video_placeholders, video_processor_for
 
     processor = image_inputs.image_processor_for(view.hf_config, view.model_dir)
     served = ServedModel(view.name, None, view.tokenizer, 0, view.hf_config,  # type: ignore[arg-type]
-                         image_processor=processor)
+                         image_processor=processor, video_processor=video_processor_for(view.hf_config, view.model_dir))
     config = ServerConfig(allow_local_image_paths=True)
     try:
         messages = [ChatMessage.model_validate(m) for m in _local_urls(conversation)]
@@ -91,7 +93,9 @@ def render_media_chat(view: ChatModelView, conversation: list[dict[str, Any]], *
         prompt_ids = view.tokenizer.encode(prompt)
         if not refs:
             return prompt, prompt_ids, None
-        multimodal = _run(image_inputs.load_images(refs, processor, config))
+        multimodal = _run(image_inputs.load_images(refs, processor, config, served.video_processor))
+        prompt_ids = expand_video_placeholders(prompt_ids, view.tokenizer, view.hf_config, multimodal.images,
+                                               processor.config.merge_size)
         prompt_ids = image_inputs.expand_placeholders(prompt_ids, view.hf_config["image_token_id"],
                                                       multimodal.images, processor.config.merge_size)
     except APIError as exc:
