@@ -1,6 +1,8 @@
 """Qwen3-VL video: decoding (PyAV), frame sampling, resizing, patching and the timestamped prompt against
 transformers' own functions; the model against transformers' Qwen3-VL given the same pixel_values_videos;
-`video_url` parts through the server (openai SDK) and LLM.chat; limits and bad input as 400s.
+`video_url` parts through the server (openai SDK) and LLM.chat; limits and bad input as 400s. Also LLM.chat
+with image parts (the server's parts and loader): the same tokens as the engine given the hand-built prompt.
+One tiny checkpoint, loaded once, serves every test here (the LLM and the server share its weights).
 
 transformers' Qwen3VLVideoProcessor needs torchvision to run, which does not import beside our torch build
 (reference notes), so the processor is compared step by step with the functions it is made of:
@@ -25,9 +27,13 @@ import pytest
 import torch
 
 from server_utils import BackgroundServer, tiny_served_model
-from vl_checkpoints import VIDEO_TOKEN_ID, build_vl_checkpoint, load_hf_vl
+from vl_checkpoints import (
+    IMAGE_TOKEN_ID, VIDEO_TOKEN_ID, build_vl_checkpoint, data_url, load_hf_vl, noise_image, png_bytes,
+)
 from qwenstack.engine.params import SamplingParams
-from qwenstack.multimodal.inputs import MultimodalInputs
+from qwenstack.errors import RequestError
+from qwenstack.llm import LLM
+from qwenstack.multimodal.inputs import MultimodalInputs, images_from_processed
 from qwenstack.multimodal.video_processing import (
     VideoError, VideoLimits, VideoProcessor, VideoProcessorConfig, decode_video, sample_indices, video_smart_resize,
 )
@@ -77,15 +83,17 @@ def vl_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def served(vl_path: Path) -> ServedModel:
-    from qwenstack.engine.engine import EngineConfig
-    from qwenstack.models.registry import load_model
-    from qwenstack.serving.served import build_served_model
-    from qwenstack.tokenizer import Tokenizer
+def llm(vl_path: Path) -> LLM:
+    return LLM(vl_path, dtype=torch.float32, device="cpu", kv_cache_memory=2**23, block_size=4)
 
-    return build_served_model("vl", load_model(vl_path, dtype=torch.float32), Tokenizer.from_dir(vl_path),
-                              EngineConfig(block_size=4, kv_cache_memory=2**23),
-                              hf_config=json.loads((vl_path / "config.json").read_text()), model_dir=vl_path)
+
+@pytest.fixture(scope="module")
+def served(llm: LLM, vl_path: Path) -> ServedModel:
+    from qwenstack.engine.engine import EngineConfig
+    from qwenstack.serving.served import build_served_model
+
+    return build_served_model("vl", llm.loaded.model, llm.tokenizer, EngineConfig(block_size=4, kv_cache_memory=2**23),
+                              hf_config=llm.loaded.config, model_dir=vl_path)
 
 
 @pytest.fixture(scope="module")
@@ -236,3 +244,58 @@ def test_decoder_limits_directly(processor: VideoProcessor) -> None:
         decode_video(CLIP, processor.config, VideoLimits(max_bytes=100))
     with pytest.raises(VideoError, match="no video stream|could not be decoded"):
         decode_video(b"\x00" * 64, processor.config)
+
+
+def test_llm_chat_takes_video_as_the_server_does(llm: LLM, served: ServedModel, processor: VideoProcessor,
+                                                 tmp_path: Path) -> None:
+    from qwenstack.serving.videos import expand_video_placeholders
+
+    path = tmp_path / "clip.mp4"
+    path.write_bytes(CLIP)
+    content = [{"type": "text", "text": "What happens?"}, video_part(str(path))]  # a local path is fine here
+    out = llm.chat([{"role": "user", "content": content}], GREEDY, enable_thinking=False)[0]
+    tok = llm.tokenizer
+    prompt = tok.apply_chat_template([{"role": "user", "content": "What happens?<|vision_start|><|video_pad|>"
+                                                                  "<|vision_end|>"}], enable_thinking=False)
+    processed = processor(CLIP)
+    ids = expand_video_placeholders(tok.encode(prompt), tok, served.hf_config, processed.groups, 2)
+    want = llm.engine.generate_all([ids], [GREEDY], [MultimodalInputs(processed.groups)])[0]
+    assert out.prompt_token_ids == ids and out.outputs[0].token_ids == want.outputs[0].token_ids
+
+
+IMAGE_A, IMAGE_B = noise_image(70, 50, seed=1), noise_image(90, 120, seed=2)
+
+
+def test_llm_chat_with_images_matches_the_engine(llm: LLM, tmp_path: Path) -> None:
+    file_b = tmp_path / "b.png"
+    file_b.write_bytes(png_bytes(IMAGE_B))
+    content = [{"type": "text", "text": "Compare "}, {"type": "image_url", "image_url": {"url": data_url(IMAGE_A)}},
+               {"type": "image_url", "image_url": {"url": str(file_b)}}, {"type": "text", "text": " please."}]
+    out = llm.chat([{"role": "user", "content": content}], GREEDY, enable_thinking=False)[0]
+
+    tok = llm.tokenizer
+    placeholder = "<|vision_start|><|image_pad|><|vision_end|>"
+    prompt = tok.apply_chat_template([{"role": "user", "content": f"Compare {placeholder * 2} please."}],
+                                     enable_thinking=False)
+    from qwenstack.serving.images import image_processor_for
+
+    processed = image_processor_for(llm.loaded.config, llm.loaded.path)([png_bytes(IMAGE_A), png_bytes(IMAGE_B)])
+    counts = iter(processed.num_image_tokens)
+    expanded: list[int] = []
+    for t in tok.encode(prompt):
+        expanded += [IMAGE_TOKEN_ID] * next(counts) if t == IMAGE_TOKEN_ID else [t]
+    want = llm.engine.generate_all([expanded], [GREEDY], [MultimodalInputs(images_from_processed(processed))])[0]
+    assert out.prompt_token_ids == expanded and len(expanded) > 16
+    assert out.outputs[0].token_ids == want.outputs[0].token_ids
+    assert llm.chat([{"role": "user", "content": "Hi"}], GREEDY, enable_thinking=False)[0].outputs[0].token_ids
+
+
+def test_llm_chat_bad_media_are_request_errors(llm: LLM) -> None:
+    bad = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}]
+    with pytest.raises(RequestError, match=r"messages\[0\]\.content\[0\]"):
+        llm.chat(bad, GREEDY)
+    remote = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}]}]
+    with pytest.raises(RequestError, match="remote"):
+        llm.chat(remote, GREEDY)
+    with pytest.raises(RequestError, match="could not be decoded"):
+        llm.chat([{"role": "user", "content": [video_part("data:video/mp4;base64,AAAA")]}], GREEDY)

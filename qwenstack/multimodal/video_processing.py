@@ -177,7 +177,7 @@ def decode_video(data: bytes, config: VideoProcessorConfig, limits: VideoLimits 
     except VideoError:
         raise
     except Exception as exc:  # PyAV's errors (InvalidDataError, ...) for a corrupt or unsupported file
-        raise VideoError(f"video could not be decoded: {exc}") from None
+        raise VideoError(f"video could not be decoded: {getattr(exc, 'strerror', None) or exc}") from None
     if len(frames) < len(wanted):  # the header promised more frames than the stream holds
         if not frames:
             raise VideoError("the video stream holds no decodable frames")
