@@ -6,6 +6,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,7 @@ from qwenstack.config import read_config
 from qwenstack.engine.engine import EngineConfig, LLMEngine
 from qwenstack.engine.outputs import RequestOutput
 from qwenstack.engine.params import SamplingParams
+from qwenstack.generation_config import generation_defaults
 from qwenstack.models.registry import load_model, parse_dtype
 from qwenstack.resolve import resolve_model
 from qwenstack.tokenizer import Tokenizer
@@ -86,6 +88,9 @@ class LLM:
         if kv_cache_memory is not None:
             config.kv_cache_memory = kv_cache_memory
         self.tokenizer = self.loaded.tokenizer
+        # What generate() and chat() use without SamplingParams: the checkpoint's generation_config.json
+        # (do_sample false is greedy, as in transformers), as vLLM's get_default_sampling_params.
+        self.default_sampling_params = SamplingParams(**generation_defaults(self.loaded.path))
         self.engine = LLMEngine(self.loaded.model, self.tokenizer, self.tokenizer.eos_token_ids, config)
 
     def generate(
@@ -98,7 +103,7 @@ class LLM:
             prompts = [prompts]  # type: ignore[list-item]
         token_prompts = [self.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
         if sampling_params is None:
-            params: list[SamplingParams] = [SamplingParams() for _ in token_prompts]
+            params: list[SamplingParams] = [self.default_sampling_params for _ in token_prompts]
         elif isinstance(sampling_params, SamplingParams):
             params = [sampling_params] * len(token_prompts)
         else:
@@ -119,10 +124,30 @@ class LLM:
         enable_thinking: bool = True,
         **template_kwargs: Any,
     ) -> list[RequestOutput]:
+        """Messages as the server takes them: content a string or a list of parts, including images
+        ({"type": "image_url", "image_url": {"url": "data:image/png;base64,..." or a local path}}) for a
+        vision-language model. Stop strings act on the answer, not on the think block."""
+        from qwenstack.chat_inputs import ChatModelView, has_media, render_media_chat
+        from qwenstack.serving.chat import thinking_phase
+
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
-        prompts = [
-            self.tokenizer.apply_chat_template(c, tools=tools, add_generation_prompt=True,  # type: ignore[arg-type]
-                                               enable_thinking=enable_thinking, **template_kwargs)
-            for c in conversations
-        ]
-        return self.generate(prompts, sampling_params)
+        prompts, token_prompts, inputs = [], [], []
+        view = ChatModelView(self.loaded.name, self.tokenizer, self.loaded.config, self.loaded.path)
+        for c in conversations:
+            kwargs = {"enable_thinking": enable_thinking, **template_kwargs}
+            if has_media(c):  # type: ignore[arg-type]
+                prompt, ids, mm = render_media_chat(view, c, tools=tools, **kwargs)  # type: ignore[arg-type]
+            else:
+                prompt = self.tokenizer.apply_chat_template(c, tools=tools, add_generation_prompt=True,  # type: ignore[arg-type]
+                                                            **kwargs)
+                ids, mm = self.tokenizer.encode(prompt), None
+            prompts.append(prompt)
+            token_prompts.append(ids)
+            inputs.append(mm)
+        base = sampling_params or self.default_sampling_params
+        params = [dataclasses.replace(base, logits_processors=list(base.logits_processors),
+                                      reasoning=thinking_phase(p, enable_thinking).markers()) for p in prompts]
+        outputs = self.engine.generate_all(token_prompts, params, inputs)
+        for out, p in zip(outputs, prompts):
+            out.prompt = p
+        return outputs

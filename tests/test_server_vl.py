@@ -2,7 +2,7 @@
 Qwen3-VL: base64 images in chat (streamed or not) give exactly what the engine gives for the same
 preprocessed image, image tokens are counted in usage, the prefix cache and the encoder cache serve a
 repeated image, and every refusal is a 400 naming the part (corrupt, oversized, too many, unsupported
-format, remote or local URLs not allowed, video, an image for a text-only model)."""
+format, remote or local URLs not allowed, a corrupt video, an image for a text-only model)."""
 from __future__ import annotations
 
 import asyncio
@@ -163,7 +163,7 @@ def test_error_cases(client: openai.OpenAI, tmp_path: Path) -> None:
     expect_400(client, [image_part(local.as_uri())], "file:// image URLs are not allowed")
     expect_400(client, [image_part(str(local))], "must be a data:image")
     video = {"type": "video_url", "video_url": {"url": "data:video/mp4;base64,AAAA"}}
-    expect_400(client, [text, video], "video input is not supported")
+    expect_400(client, [text, video], "video could not be decoded")  # video itself: test_qwen3_vl_video.py
     expect_400(client, [{"type": "text", "text": "<|image_pad|>"}, image_part(data_url(IMAGE_A))],
                "text contains image placeholder")
     expect_400(client, [text, image_part(data_url(IMAGE_A))], "does not accept image_url input", model="tiny")

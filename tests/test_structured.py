@@ -235,3 +235,20 @@ def test_random_model_tool_calls(llm: LLM) -> None:
             assert call.name in names and isinstance(arguments, dict)
             if call.name == "get_weather":
                 assert isinstance(arguments["city"], str) and len(arguments["city"]) <= 10
+
+
+def test_whitespace_is_compact_unless_a_pattern_relaxes_it(tokenizer: Tokenizer) -> None:
+    compact = '{"name": "Ann", "age": 3, "color": "red"}'
+    pretty = '{\n  "name": "Ann",\n  "age": 3,\n  "color": "red"\n}'
+    assert accepts(make_json_processor(tokenizer, PERSON_FORMAT), tokenizer, compact)
+    assert not accepts(make_json_processor(tokenizer, PERSON_FORMAT), tokenizer, pretty)
+    assert not accepts(make_json_processor(tokenizer, PERSON_FORMAT), tokenizer, compact.replace(", ", ",\n"))
+    relaxed = make_json_processor(tokenizer, PERSON_FORMAT, whitespace_pattern="[ \\n]*")
+    assert accepts(relaxed, tokenizer, pretty)
+    # An integer without bounds is bounded to I-JSON's range: no endless digits.
+    assert accepts(make_json_processor(tokenizer, PERSON_FORMAT), tokenizer, compact.replace("3", "9007199254740991"))
+    assert not accepts(make_json_processor(tokenizer, PERSON_FORMAT), tokenizer, compact.replace("3", "9" * 17))
+    tool = make_tool_call_processor(tokenizer, TOOLS[:1], "required")
+    assert accepts(tool, tokenizer, '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>')
+    tool = make_tool_call_processor(tokenizer, TOOLS[:1], "required")
+    assert not accepts(tool, tokenizer, '<tool_call>\n{"name": "get_weather", "arguments": {\n"city": "Paris"}}\n</tool_call>')

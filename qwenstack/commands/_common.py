@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -75,21 +74,11 @@ def add_sampling_options(parser: argparse.ArgumentParser, max_tokens: int | None
     group.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string (repeatable)")
 
 
-def generation_defaults(model_dir: Path) -> dict[str, Any]:
-    """Sampling fields the checkpoint's generation_config.json sets (temperature, top_p, top_k, ...)."""
-    path = Path(model_dir) / "generation_config.json"
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return {}
-    keys = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
-    return {k: config[k] for k in keys if isinstance(config.get(k), (int, float)) and not isinstance(config[k], bool)}
-
-
 def sampling_params(args: argparse.Namespace, model_dir: Path, *, thinking: bool = True,
                     seed: int | None = None) -> "SamplingParams":
     """Command-line values over generation_config.json over Qwen3's recommendation for the mode."""
     from qwenstack.engine.params import SamplingParams
+    from qwenstack.generation_config import generation_defaults
 
     values: dict[str, Any] = dict(QWEN3_SAMPLING[thinking])
     values.update(generation_defaults(model_dir))

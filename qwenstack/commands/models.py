@@ -1,4 +1,5 @@
-"""`qwenstack models`: what can be run offline: the bundled demo model and the local Hugging Face cache."""
+"""`qwenstack models`: what can be run offline: the bundled demo model and the local Hugging Face cache
+(where `qwenstack pull` puts models), with sizes and how the weights are stored (dtype or quantization)."""
 from __future__ import annotations
 
 import argparse
@@ -21,20 +22,37 @@ class LocalModel:
     model_type: str | None  # config.json model_type; None when unreadable
     qwen3: bool  # a Qwen3-family architecture (qwen3, qwen3_moe, qwen3_next, qwen3_vl, ...)
     bundled: bool = False
+    quantization: str | None = None  # "fp8", "awq 4-bit", "gptq 8-bit", ... or the weights' dtype
 
 
-def read_model_type(model_dir: Path) -> str | None:
+def _read_config(model_dir: Path) -> dict:
     try:
         config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return None
-    model_type = config.get("model_type") if isinstance(config, dict) else None
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
+def read_model_type(model_dir: Path) -> str | None:
+    model_type = _read_config(model_dir).get("model_type")
     return model_type if isinstance(model_type, str) else None
 
 
+def quantization_of(config: dict) -> str | None:
+    """How the checkpoint's weights are stored: its quantization_config, else its dtype."""
+    quant = config.get("quantization_config") or (config.get("text_config") or {}).get("quantization_config")
+    if isinstance(quant, dict) and quant.get("quant_method"):
+        bits = quant.get("bits") or quant.get("w_bit")
+        return f"{quant['quant_method']}" + (f" {bits}-bit" if bits else "")
+    dtype = config.get("torch_dtype") or config.get("dtype") or (config.get("text_config") or {}).get("dtype")
+    return dtype if isinstance(dtype, str) else None
+
+
 def _local_model(name: str, path: Path, size: int, bundled: bool = False) -> LocalModel:
-    model_type = read_model_type(path)
-    return LocalModel(name, str(path), size, model_type, bool(model_type and model_type.startswith("qwen3")), bundled)
+    config = _read_config(path)
+    model_type = config.get("model_type") if isinstance(config.get("model_type"), str) else None
+    return LocalModel(name, str(path), size, model_type, bool(model_type and model_type.startswith("qwen3")), bundled,
+                      quantization_of(config))
 
 
 def demo_model() -> LocalModel:
@@ -91,14 +109,14 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"cache_dir": str(directory), "models": [asdict(m) for m in models]}, indent=2))
         return 0
-    rows = [("NAME", "SIZE", "TYPE", "QWEN3", "PATH")]
+    rows = [("NAME", "SIZE", "TYPE", "QUANTIZATION", "QWEN3", "PATH")]
     for m in models:
         name = m.name if not m.bundled else f"{m.name} (bundled{'' if m.size_bytes else ', missing'})"
         size = human_size(m.size_bytes) if m.size_bytes else "-"
-        rows.append((name, size, m.model_type or "?", "yes" if m.qwen3 else "no", m.path))
-    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+        rows.append((name, size, m.model_type or "?", m.quantization or "?", "yes" if m.qwen3 else "no", m.path))
+    widths = [max(len(row[i]) for row in rows) for i in range(5)]
     for row in rows:
-        print("  ".join(cell.ljust(w) for cell, w in zip(row[:4], widths)) + "  " + row[4])
+        print("  ".join(cell.ljust(w) for cell, w in zip(row[:5], widths)) + "  " + row[5])
     where = f"{len(cached)} cached" if directory.is_dir() else "no cache yet"
     print(f"\nHugging Face cache: {directory} ({where}). Run one with `qwenstack chat NAME`.")
     return 0

@@ -7,11 +7,18 @@ Decisions:
 - Stop strings: the output is cut before the first stop string (kept when include_stop_str_in_output);
   text that could still become a stop string is held back from the stream until it is ruled out, so a
   partial stop string never leaks.
+- Stop strings act on the answer, not the reasoning (SamplingParams.reasoning): a `\n` stop must not end a
+  thinking model inside its `<think>` block (lm-eval sends exactly that). The search starts where the
+  answer starts (after the block and the whitespace that follows it); text that may still turn out to be
+  answer (only whitespace or part of the opening tag so far, or whitespace after the block) is held back
+  from the stream meanwhile, so the stream and the final text agree.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Protocol
+
+from qwenstack.engine.params import ReasoningMarkers
 
 
 class Decoder(Protocol):
@@ -34,8 +41,12 @@ class IncrementalDetokenizer:
     _tokens: list[int] = field(default_factory=list)
     _prefix_offset: int = 0
     _read_offset: int = 0
+    reasoning: ReasoningMarkers | None = None
     stopped_on: str | None = None
     _stop_at: int = 0
+    _answer_at: int | None = None  # where the answer (the text stop strings apply to) begins, once known
+    _searched: int = 0  # the text before this was searched for stop strings
+    _hold_from: int | None = None  # while the answer's start is unknown: text from here may still be answer
 
     def __post_init__(self) -> None:
         tail = self.prompt_token_ids[-CONTEXT_TOKENS:]
@@ -61,11 +72,36 @@ class IncrementalDetokenizer:
             self._append(full[len(prefix) :])
         self._prefix_offset = self._read_offset = len(self._tokens)
 
+    def _locate_answer(self) -> int | None:
+        """Where the answer begins (None while unknown); sets _hold_from while the text is undecided."""
+        if self._answer_at is not None:
+            return self._answer_at
+        m, text = self.reasoning, self.text
+        self._hold_from = None
+        if m is None:
+            self._answer_at = 0
+        elif not m.opened and m.start.startswith(text.lstrip()):
+            self._hold_from = 0  # nothing yet, or part of the opening tag: the block may still open
+        elif not m.opened and not text.lstrip().startswith(m.start):
+            self._answer_at = 0  # no reasoning block: all of it is answer
+        elif (at := text.find(m.end)) != -1:
+            after = at + len(m.end)
+            rest = text[after:]
+            if rest.strip():  # the whitespace after the block (the parser drops it) is not answer either
+                self._answer_at = after + len(rest) - len(rest.lstrip())
+            else:
+                self._hold_from = after
+        return self._answer_at
+
     def _append(self, new_text: str) -> None:
         if self.stopped_on is not None:
             return
-        start = max(0, len(self.text) - max((len(s) for s in self.stop), default=0) + 1)
         self.text += new_text
+        begin = self._locate_answer() if self.stop else None
+        if begin is None:
+            return
+        start = max(begin, self._searched - max(len(s) for s in self.stop) + 1)
+        self._searched = len(self.text)
         for stop in self.stop:
             at = self.text.find(stop, start)
             if at != -1 and (self.stopped_on is None or at < self._stop_at):
@@ -78,9 +114,12 @@ class IncrementalDetokenizer:
         """Characters at the end of the text that may be the start of a stop string."""
         if self.stopped_on is not None or not self.stop:
             return 0
+        begin = self._locate_answer()
+        if begin is None:
+            return len(self.text) - self._hold_from if self._hold_from is not None else 0
         longest = 0
         for stop in self.stop:
-            for k in range(min(len(stop) - 1, len(self.text)), 0, -1):
+            for k in range(min(len(stop) - 1, len(self.text) - begin), 0, -1):
                 if self.text.endswith(stop[:k]):
                     longest = max(longest, k)
                     break

@@ -173,7 +173,7 @@ class LLMEngine:
             self._next_seq_id += 1
             seqs.append(seq)
             detoks.append(IncrementalDetokenizer(self.decoder, seq.prompt_token_ids, p.skip_special_tokens, p.stop,
-                                                 p.include_stop_str_in_output))
+                                                 p.include_stop_str_in_output, reasoning=p.reasoning))
         request = _Request(request_id, list(prompt_token_ids), params, seqs, detoks, pending=seqs[1:], prompt=prompt,
                            emitted_logprobs=[0] * params.n)
         if params.prompt_logprobs is not None:

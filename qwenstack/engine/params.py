@@ -11,6 +11,19 @@ if TYPE_CHECKING:  # the scheduling layer (params, sequence, scheduler, block ma
     import torch
 
 
+@dataclass(frozen=True)
+class ReasoningMarkers:
+    """Where a reasoning block opens and closes in the output text; stop strings act only after it closed.
+
+    `opened`: the prompt already opened the block (the output starts inside it). Otherwise the block is
+    optional: an output that does not begin with `start` (after whitespace) is all answer.
+    """
+
+    start: str
+    end: str
+    opened: bool = False
+
+
 class LogitsProcessor(Protocol):
     """Per-sequence hook run before sampling (structured output, thinking budget).
 
@@ -41,6 +54,7 @@ class SamplingParams:
     prompt_logprobs: int | None = None  # the same for every prompt token after the first
     skip_special_tokens: bool = True
     logits_processors: list[LogitsProcessor] = field(default_factory=list)
+    reasoning: ReasoningMarkers | None = None  # stop strings are not looked for inside the reasoning
 
     MAX_LOGPROBS = 20
 

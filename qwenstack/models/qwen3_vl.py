@@ -261,18 +261,25 @@ class Qwen3VLForConditionalGeneration(nn.Module):
     def plan_multimodal(self, prompt_token_ids: Sequence[int], images: Sequence[ImageInput]) -> MultimodalPlan:
         """Places each image on its run of image placeholders and computes the prompt's 3-D positions.
 
-        Raises RequestError when placeholders and images disagree (count or length), or for video tokens.
+        A video comes as one ImageInput per temporal group (video_frame set), each on its own run of video
+        placeholders (the prompt's timestamps separate them), positioned as an image (get_rope_index splits the
+        video grid into T=1 groups). Raises RequestError when placeholders and inputs disagree.
         """
         a = self.args
-        if a.video_token_id is not None and a.video_token_id in prompt_token_ids:
-            raise RequestError("video input is not supported yet (the prompt holds video placeholder tokens)")
-        runs = _token_runs(prompt_token_ids, a.image_token_id)
+        # Images and video frame groups, in prompt order, each on its own run of placeholder tokens.
+        runs = sorted([(o, n, False) for o, n in _token_runs(prompt_token_ids, a.image_token_id)]
+                      + ([(o, n, True) for o, n in _token_runs(prompt_token_ids, a.video_token_id)]
+                         if a.video_token_id is not None else []))
         if len(runs) != len(images):
             raise RequestError(
-                f"the prompt has {len(runs)} image placeholder run(s) but {len(images)} image(s) were given"
+                f"the prompt has {len(runs)} image placeholder run(s) (video frame groups included) but "
+                f"{len(images)} image(s) or video frame group(s) were given"
             )
         placements = []
-        for i, ((offset, length), image) in enumerate(zip(runs, images)):
+        for i, ((offset, length, is_video), image) in enumerate(zip(runs, images)):
+            if is_video != (image.video_frame is not None):
+                kind = "a video frame group" if is_video else "an image"
+                raise RequestError(f"placeholder run {i} is for {kind}, but input {i} is not")
             t, h, w = image.grid_thw
             if h % self.merge_size or w % self.merge_size:
                 raise RequestError(f"image {i}: grid {image.grid_thw} is not a multiple of the merge size {self.merge_size}")

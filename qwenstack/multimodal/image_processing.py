@@ -158,22 +158,22 @@ def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixe
     return h_bar, w_bar
 
 
-def decode_data_url(url: str, max_bytes: int | None = None) -> bytes:
-    """The bytes of a `data:image/<type>;base64,<payload>` URL."""
+def decode_data_url(url: str, max_bytes: int | None = None, kind: str = "image") -> bytes:
+    """The bytes of a `data:image/<type>;base64,<payload>` URL (`kind="video"`: data:video/...)."""
     if not url.startswith("data:"):
         raise ImageError("expected a data: URL")
     header, comma, payload = url[len("data:") :].partition(",")
     if not comma:
         raise ImageError("data URL has no ',' before its payload")
     media_type, *params = (part.strip().lower() for part in header.split(";"))
-    if not media_type.startswith("image/"):
-        raise ImageError(f"data URL media type is '{media_type or 'text/plain'}', expected image/*")
+    if not media_type.startswith(f"{kind}/"):
+        raise ImageError(f"data URL media type is '{media_type or 'text/plain'}', expected {kind}/*")
     if "base64" not in params:
-        raise ImageError("only base64 data URLs are supported for images")
+        raise ImageError(f"only base64 data URLs are supported for {kind}s")
     payload = "".join(payload.split())  # clients sometimes wrap long base64 lines
     # Reject oversized payloads before allocating the decoded copy.
     if max_bytes is not None and len(payload) // 4 * 3 - 2 > max_bytes:
-        raise ImageError(f"image is larger than the {max_bytes}-byte limit")
+        raise ImageError(f"{kind} is larger than the {max_bytes}-byte limit")
     payload += "=" * (-len(payload) % 4)  # tolerate stripped padding
     try:
         return base64.b64decode(payload, validate=True)

@@ -31,13 +31,26 @@ def pixel_hash(pixel_values: torch.Tensor, grid_thw: tuple[int, int, int]) -> st
     return digest.hexdigest()
 
 
+@dataclass(frozen=True)
+class VideoFrame:
+    """Where a temporal group of a video sits: its index in the video and its time (the prompt's timestamp)."""
+
+    index: int
+    seconds: float
+
+
 @dataclass(frozen=True, eq=False)
 class ImageInput:
-    """One preprocessed image: patches [t*h*w, C*T*P*P] in merge-block order and its (t, h, w) grid."""
+    """One preprocessed image: patches [t*h*w, C*T*P*P] in merge-block order and its (t, h, w) grid.
+
+    A video enters as one ImageInput per temporal group (grid (1, h, w)) with `video_frame` set: it sits on a
+    run of video placeholder tokens instead of image ones, and is otherwise encoded and placed as an image.
+    """
 
     pixel_values: torch.Tensor
     grid_thw: tuple[int, int, int]
     content_hash: str
+    video_frame: VideoFrame | None = None
 
     @classmethod
     def from_pixels(cls, pixel_values: torch.Tensor, grid_thw: tuple[int, int, int] | list[int] | torch.Tensor,

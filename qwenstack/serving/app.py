@@ -23,7 +23,7 @@ from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from qwenstack import __version__
-from qwenstack.serving import chat, completions
+from qwenstack.serving import chat, completions, introspect
 from qwenstack.serving.chat import template_kwargs, template_messages
 from qwenstack.serving.config import ModelSpec, ServerConfig
 from qwenstack.serving.errors import APIError, bad_request, install_handlers
@@ -104,10 +104,10 @@ def _info_router() -> APIRouter:
     @router.post("/tokenize")
     def tokenize(request: Request, body: TokenizeRequest) -> dict[str, Any]:
         state = get_state(request)
-        served = state.registry.get(body.model)
+        served = state.registry.resolve(body.model)
         tok = served.tokenizer
         if body.messages is not None:
-            chat_like = ChatCompletionRequest(model=body.model, messages=body.messages,
+            chat_like = ChatCompletionRequest(model=served.name, messages=body.messages,
                                               chat_template_kwargs=body.chat_template_kwargs)
             kwargs = template_kwargs(chat_like, state.config.default_chat_template_kwargs)
             text = tok.apply_chat_template(template_messages(body.messages, served),
@@ -119,7 +119,7 @@ def _info_router() -> APIRouter:
 
     @router.post("/detokenize")
     def detokenize(request: Request, body: DetokenizeRequest) -> dict[str, Any]:
-        served = get_state(request).registry.get(body.model)
+        served = get_state(request).registry.resolve(body.model)
         vocab = served.engine.engine.vocab_size
         bad = [t for t in body.tokens if not 0 <= t < vocab]
         if bad:
@@ -173,6 +173,7 @@ def create_app(
     if config.api_key:
         app.add_middleware(APIKeyMiddleware, api_key=config.api_key)
     app.include_router(_info_router())
+    app.include_router(introspect.router())
     app.include_router(chat.router)
     app.include_router(completions.router)
     install_guardrails(app, config)  # /v1/moderations; loads config.guard_model when the app starts

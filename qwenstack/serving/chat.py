@@ -29,7 +29,7 @@ from fastapi.responses import Response
 from qwenstack.engine.outputs import CompletionOutput, RequestOutput
 from qwenstack.engine.params import SamplingParams
 from qwenstack.serving import images as image_inputs
-from qwenstack.serving import moderation
+from qwenstack.serving import moderation, videos
 from qwenstack.serving.constraints import THINK_END, THINK_START, ThinkingPhase, build_processors
 from qwenstack.serving.errors import APIError, bad_request, error_frame, from_exception
 from qwenstack.serving.logprobs import TokenTexts, chat_logprobs
@@ -86,7 +86,8 @@ class ChatPlan:
 
 
 def _content_text(message: ChatMessage, index: int, capabilities: list[str], model: str,
-                  images: list[image_inputs.ImageRef] | None = None, image_placeholder: str | None = None) -> str | None:
+                  images: list[image_inputs.ImageRef] | None = None, image_placeholder: str | None = None,
+                  video_placeholder: str | None = None) -> str | None:
     content = message.content
     if content is None or isinstance(content, str):
         return content
@@ -106,6 +107,12 @@ def _content_text(message: ChatMessage, index: int, capabilities: list[str], mod
             if images is not None:
                 images.append(image_inputs.ImageRef(index, j, part.image_url.url))
             continue
+        if part.type == "video_url" and video_placeholder is not None:
+            texts.append(video_placeholder)
+            has_image = True
+            if images is not None:
+                images.append(image_inputs.ImageRef(index, j, part.video_url.url, kind="video"))
+            continue
         if part.type == "video_url":
             raise bad_request(f"messages[{index}].content[{j}]: video input is not supported yet; send frames "
                               "as image_url parts", param=f"messages.{index}.content.{j}", code="unsupported_content")
@@ -117,13 +124,16 @@ def _content_text(message: ChatMessage, index: int, capabilities: list[str], mod
 
 def template_messages(messages: list[ChatMessage], served: ServedModel,
                       images: list[image_inputs.ImageRef] | None = None) -> list[dict[str, Any]]:
-    placeholder = None
+    placeholder = video = None
     if served.image_processor is not None:
         placeholder = image_inputs.placeholder_text(served.tokenizer, served.hf_config)
+    if served.video_processor is not None:
+        video = videos.placeholder_text(served.tokenizer, served.hf_config)
     out = []
     for i, m in enumerate(messages):
         msg: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role,
-                               "content": _content_text(m, i, served.capabilities, served.name, images, placeholder)}
+                               "content": _content_text(m, i, served.capabilities, served.name, images, placeholder,
+                                                        video)}
         if m.name is not None:
             msg["name"] = m.name
         if m.tool_call_id is not None:
@@ -185,6 +195,7 @@ def plan_chat(served: ServedModel, request: ChatCompletionRequest, state: Server
     top = request.top_logprobs if request.top_logprobs is not None else 0
     params = sampling_params(request, served, max_tokens=request.max_new_tokens,
                              logprobs=top if request.logprobs else None, processors=processors)
+    params.reasoning = phase.markers()  # stop strings act on the answer, not the thinking
     return ChatPlan(f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), served, request, prompt, prompt_ids, params,
                     phase, tools_enabled, tool_dicts, image_refs=image_refs)
 
@@ -194,7 +205,10 @@ async def attach_images(plan: ChatPlan, state: ServerState) -> None:
     if not plan.image_refs:
         return
     served = plan.served
-    plan.multimodal = await image_inputs.load_images(plan.image_refs, served.image_processor, state.config)
+    plan.multimodal = await image_inputs.load_images(plan.image_refs, served.image_processor, state.config,
+                                                     served.video_processor)
+    plan.prompt_ids = videos.expand_video_placeholders(plan.prompt_ids, served.tokenizer, served.hf_config,
+                                                       plan.multimodal.images, served.image_processor.config.merge_size)
     plan.prompt_ids = image_inputs.expand_placeholders(plan.prompt_ids, served.hf_config["image_token_id"],
                                                        plan.multimodal.images,
                                                        served.image_processor.config.merge_size)

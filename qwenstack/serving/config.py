@@ -82,6 +82,10 @@ class ServerConfig:
     max_images_per_request: int = 8
     max_image_bytes: int = 20 * 1024 * 1024  # encoded size of one image
     max_image_pixels: int = 50_000_000  # width * height of one decoded image, before resizing
+    max_videos_per_request: int = 2
+    max_video_bytes: int = 64 * 1024 * 1024  # encoded size of one video
+    max_video_seconds: float = 600.0  # duration of one video
+    max_video_frames: int = 64  # frames sampled from one video (at the model's fps)
     enable_ui: bool = True  # the chat page at / and its store under /api/
     ui_db_path: str | None = None  # SQLite file of the chat page; None: the store's default
     retry_after_s: int = 1  # what 429/503 answers tell clients to wait

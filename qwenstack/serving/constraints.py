@@ -21,7 +21,7 @@ from typing import Any, Callable
 
 import torch
 
-from qwenstack.engine.params import LogitsProcessor
+from qwenstack.engine.params import LogitsProcessor, ReasoningMarkers
 from qwenstack.serving.errors import APIError
 from qwenstack.serving.protocol import ChatCompletionRequest, NamedToolChoice
 from qwenstack.tokenizer import Tokenizer
@@ -42,6 +42,10 @@ class ThinkingPhase(enum.Enum):
     @property
     def starts_in_reasoning(self) -> bool:
         return self is ThinkingPhase.THINKING
+
+    def markers(self) -> ReasoningMarkers | None:
+        """What the engine needs to keep stop strings out of the think block (None: no block)."""
+        return ReasoningMarkers(THINK_START, THINK_END, opened=self.starts_in_reasoning) if self.thinking else None
 
 
 class PerSequence:
@@ -90,7 +94,8 @@ def build_processors(tokenizer: Tokenizer, request: ChatCompletionRequest, phase
         thinking = _thinking()
         processors.append(PerSequence(lambda: thinking.make_thinking_budget_processor(
             tokenizer, budget, phase.starts_in_reasoning)))
-    grammar_options = {"thinking": phase.thinking, "starts_in_reasoning": phase.starts_in_reasoning}
+    grammar_options = {"thinking": phase.thinking, "starts_in_reasoning": phase.starts_in_reasoning,
+                       "whitespace_pattern": request.guided_whitespace_pattern}
     if tools and forces_tool_call(request):
         structured = _structured()
         choice = request.tool_choice

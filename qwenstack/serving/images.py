@@ -42,10 +42,11 @@ class ImageRef:
     message: int
     part: int
     url: str
+    kind: str = "image"  # or "video" (serving/videos.py)
 
     @property
     def param(self) -> str:
-        return f"messages.{self.message}.content.{self.part}.image_url"
+        return f"messages.{self.message}.content.{self.part}.{self.kind}_url"
 
     @property
     def where(self) -> str:
@@ -138,15 +139,27 @@ def preprocess_image(processor: ImageProcessor, data: bytes) -> ImageInput:
     return ImageInput(pixels, grid, digest.hexdigest())
 
 
-async def load_images(refs: list[ImageRef], processor: ImageProcessor, config: Any) -> MultimodalInputs:
-    """Reads, decodes and preprocesses a request's images in order. Raises APIError 400 naming the part."""
-    if len(refs) > config.max_images_per_request:
-        raise bad_request(f"the request has {len(refs)} images, more than this server's limit of "
+async def load_images(refs: list[ImageRef], processor: ImageProcessor, config: Any,
+                      video_processor: Any = None) -> MultimodalInputs:
+    """Reads, decodes and preprocesses a request's images (and videos' frame groups) in prompt order.
+    Raises APIError 400 naming the part."""
+    videos = [r for r in refs if r.kind == "video"]
+    if len(videos) > config.max_videos_per_request:
+        raise bad_request(f"the request has {len(videos)} videos, more than this server's limit of "
+                          f"{config.max_videos_per_request} per request", param="messages", code="too_many_videos")
+    refs_images = [r for r in refs if r.kind != "video"]
+    if len(refs_images) > config.max_images_per_request:
+        raise bad_request(f"the request has {len(refs_images)} images, more than this server's limit of "
                           f"{config.max_images_per_request} per request", param="messages", code="too_many_images")
     limits = ImageLimits(max_bytes=config.max_image_bytes, max_pixels=config.max_image_pixels)
     bounded = ImageProcessor(processor.config, limits)
     images = []
     for ref in refs:
+        if ref.kind == "video":
+            from qwenstack.serving.videos import load_video
+
+            images += await load_video(ref, video_processor, config)
+            continue
         try:
             data = await read_image_bytes(ref, config)
             images.append(await asyncio.to_thread(preprocess_image, bounded, data))
@@ -157,7 +170,9 @@ async def load_images(refs: list[ImageRef], processor: ImageProcessor, config: A
 
 def expand_placeholders(prompt_ids: list[int], image_token_id: int, images: list[ImageInput],
                         merge_size: int) -> list[int]:
-    """Each single `<|image_pad|>` of the rendered prompt -> as many as its image has tokens."""
+    """Each single `<|image_pad|>` of the rendered prompt -> as many as its image has tokens (video frame
+    groups among `images` are skipped: serving/videos.py expands those)."""
+    images = [im for im in images if im.video_frame is None]
     positions = [i for i, t in enumerate(prompt_ids) if t == image_token_id]
     if len(positions) != len(images):
         raise bad_request("the message text contains image placeholder tokens; send images as image_url parts",

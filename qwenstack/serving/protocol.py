@@ -183,6 +183,9 @@ class ChatCompletionRequest(_SamplingFields):
     max_thinking_tokens: int | None = Field(None, ge=0)
     thinking_budget: int | None = Field(None, ge=0)
     thinking_token_budget: int | None = Field(None, ge=0)
+    # Whitespace a structured answer may have around its JSON tokens, as a regex (vLLM's name). Omitted: none
+    # beyond json.dumps' ", " and ": " (a small model cannot loop on newlines); "[ \t\n]*" relaxes it.
+    guided_whitespace_pattern: str | None = None
 
     @property
     def thinking_budget_tokens(self) -> int | None:
@@ -206,7 +209,7 @@ class CompletionRequest(_SamplingFields):
 
 
 class TokenizeRequest(_Request):
-    model: str
+    model: str | None = None  # may be left out when one model is served
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
     add_special_tokens: bool = False
@@ -221,7 +224,7 @@ class TokenizeRequest(_Request):
 
 
 class DetokenizeRequest(_Request):
-    model: str
+    model: str | None = None
     tokens: list[int]
 
 

@@ -5,12 +5,10 @@ Decisions:
 - One engine (and one KV pool) per model: a request for one model never waits behind another's batch.
 - Loading runs in a thread started when the app starts, not before: the HTTP port answers at once
   (503 + Retry-After on /health and on requests for a model still loading), as llama.cpp does.
-- Sampling defaults come from the checkpoint's generation_config.json, as vLLM applies them: an omitted
-  temperature means Qwen's recommended value, not OpenAI's 1.0.
+- Sampling defaults come from the checkpoint's generation_config.json (qwenstack/generation_config.py).
 """
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -20,14 +18,13 @@ from typing import Any, Callable
 
 from qwenstack.engine.async_engine import AsyncEngine
 from qwenstack.engine.engine import EngineConfig, LLMEngine
+from qwenstack.generation_config import generation_defaults
 from qwenstack.serving.config import ModelSpec, ServerConfig
 from qwenstack.serving.errors import APIError
 from qwenstack.tokenizer import Tokenizer
 
 log = logging.getLogger("qwenstack.server")
 
-GENERATION_DEFAULT_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty",
-                           "presence_penalty", "frequency_penalty")
 
 
 @dataclass
@@ -41,6 +38,7 @@ class ServedModel:
     created: int = field(default_factory=lambda: int(time.time()))
     owned_by: str = "qwenstack"
     image_processor: Any = None  # ImageProcessor of a vision-language model (preprocessor_config.json)
+    video_processor: Any = None  # VideoProcessor of a model that takes video (serving/videos.py)
 
     @property
     def capabilities(self) -> list[str]:
@@ -53,25 +51,18 @@ class ServedModel:
         return caps
 
 
-def generation_defaults(model_dir: Path | None) -> dict[str, Any]:
-    if model_dir is None or not (model_dir / "generation_config.json").is_file():
-        return {}
-    try:
-        data = json.loads((model_dir / "generation_config.json").read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return {}
-    return {k: data[k] for k in GENERATION_DEFAULT_KEYS if isinstance(data.get(k), (int, float))}
-
-
 def build_served_model(name: str, model: Any, tokenizer: Tokenizer, engine_config: EngineConfig,
                        hf_config: dict[str, Any] | None = None, model_dir: Path | None = None) -> ServedModel:
     """An engine around already-loaded weights (tests use this directly with tiny checkpoints)."""
     from qwenstack.serving.images import image_processor_for
 
+    from qwenstack.serving.videos import video_processor_for
+
     processor = image_processor_for(hf_config or {}, model_dir)  # before the engine thread starts
+    video = video_processor_for(hf_config or {}, model_dir)
     engine = LLMEngine(model, tokenizer, tokenizer.eos_token_ids, engine_config)
     return ServedModel(name, AsyncEngine(engine, name=name), tokenizer, engine.max_model_len, dict(hf_config or {}),
-                       generation_defaults(model_dir), image_processor=processor)
+                       generation_defaults(model_dir), image_processor=processor, video_processor=video)
 
 
 def load_served_model(spec: ModelSpec, kv_cache_memory: int) -> ServedModel:
@@ -120,6 +111,15 @@ class ModelRegistry:
         if model.name in self.models:
             raise ValueError(f"two models are served under the same name '{model.name}'")
         self.models[model.name] = model
+
+    def resolve(self, name: str | None) -> ServedModel:
+        """`get`, where a request may leave out the model when exactly one is served (vLLM's /tokenize)."""
+        if name is None:
+            if len(self.models) != 1:
+                raise APIError(400, f"name the model ('model' field): {len(self.models)} are served here",
+                               param="model", code="model_required")
+            return next(iter(self.models.values()))
+        return self.get(name)
 
     @property
     def ready(self) -> bool:

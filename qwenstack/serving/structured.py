@@ -15,8 +15,10 @@ Decisions:
   grammar is complete. Logits rows longer than the vocabulary (lm_head padding) have the extra ids masked.
 - Schemas are enforced with xgrammar's "strict mode", which this module always had: an object schema that
   declares properties (or required keys) admits no other keys, and prefixItems without items no more items,
-  unless the schema says otherwise; a bare {"type": "object"} stays any object. Whitespace is free inside the
-  JSON and not allowed around it; properties come in schema order; oneOf is read as anyOf and keywords
+  unless the schema says otherwise; a bare {"type": "object"} stays any object. Whitespace is compact by
+  default: exactly json.dumps' separators (", " and ": ") and none elsewhere, so a small model cannot write
+  newlines until max_tokens (the demo model did); `whitespace_pattern` (a regex, vLLM's
+  guided_whitespace_pattern) allows that whitespace between tokens instead. None around the JSON; properties come in schema order; oneOf is read as anyOf and keywords
   llguidance cannot enforce are ignored (lenient), as xgrammar ignored them.
 - A grammar is a Lark grammar (the think block, the tool-call frame) that references each JSON schema as a named
   sub-grammar (`@answer`, `@arguments_0`, ...); each schema is first checked on its own so that an invalid one
@@ -55,10 +57,14 @@ TOOL_CALL_ARGUMENTS = ', "arguments": '
 TOOL_CALL_SUFFIX = "}\n</tool_call>"
 THINK_START, THINK_END = "<think>", "</think>"
 MAX_CACHED_GRAMMARS = 128
-# llguidance's JSON options: any whitespace inside the value (none around it), "," and ":" as separators,
-# oneOf read as anyOf, keywords it cannot enforce ignored rather than refused.
-JSON_OPTIONS = {"whitespace_flexible": True, "coerce_one_of": True, "lenient": True,
-                "json_allow_general_unicode_escapes": True}
+# llguidance's JSON options: oneOf read as anyOf, keywords it cannot enforce ignored rather than refused.
+JSON_OPTIONS = {"coerce_one_of": True, "lenient": True, "json_allow_general_unicode_escapes": True}
+# The default whitespace: json.dumps' separators and nothing else (bounded: a model cannot loop on it).
+COMPACT_WHITESPACE = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+
+
+def _whitespace_options(pattern: str | None) -> dict[str, Any]:
+    return dict(COMPACT_WHITESPACE) if pattern is None else {"whitespace_flexible": True, "whitespace_pattern": pattern}
 
 
 class StructuredOutputError(RequestError):
@@ -288,13 +294,13 @@ def _top_level(lark: str, schemas: Mapping[str, Any]) -> str:
     return json.dumps({"grammars": grammars})
 
 
-def _checked_schema(schema: Any) -> dict[str, Any]:
+def _checked_schema(schema: Any, whitespace_pattern: str | None = None) -> dict[str, Any]:
     """The schema with llguidance's JSON options, checked on its own (so its errors carry no Lark positions)."""
     if schema is True:
         schema = {}
     elif schema is False:
         raise StructuredOutputError("invalid schema: the schema `false` admits no value")
-    body = {**schema, "x-guidance": JSON_OPTIONS}
+    body = {**schema, "x-guidance": {**JSON_OPTIONS, **_whitespace_options(whitespace_pattern)}}
     llg = _llg()
     try:
         error = llg.LLMatcher.validate_grammar(llg.LLMatcher.grammar_from_json_schema(json.dumps(body)))
@@ -309,6 +315,8 @@ _NOT_SCHEMAS = frozenset({"const", "enum", "default", "examples"})  # values, no
 _SCHEMA_MAPS = frozenset({"properties", "patternProperties", "$defs", "definitions", "dependentSchemas"})
 _SCHEMA_LISTS = frozenset({"anyOf", "oneOf", "allOf", "prefixItems"})
 _OBJECT_KEYWORDS = ("properties", "patternProperties", "required")
+_BOUND_KEYWORDS = frozenset({"minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "enum", "const"})
+MAX_SAFE_INTEGER = 2**53 - 1  # I-JSON's (RFC 7493) interoperable integers; also bounds a digit loop
 
 
 def _strict_schema(node: Any, in_all_of: bool = False) -> Any:
@@ -316,7 +324,8 @@ def _strict_schema(node: Any, in_all_of: bool = False) -> Any:
     patternProperties or required keys admits no undeclared key unless additionalProperties or
     unevaluatedProperties says so (required keys not in properties become declared, any value); prefixItems
     without items admit no more items; object keywords without a type mean an object. A bare
-    {"type": "object"} stays any object. Members of allOf are left open (they are intersected)."""
+    {"type": "object"} stays any object. Members of allOf are left open (they are intersected).
+    An unbounded integer is bounded to +-(2**53 - 1), so a small model cannot write digits until max_tokens."""
     if not isinstance(node, Mapping):
         return node
     out: dict[str, Any] = {}
@@ -347,6 +356,8 @@ def _strict_schema(node: Any, in_all_of: bool = False) -> Any:
                            and not out.get("patternProperties")]
                 if missing:
                     out["properties"] = {**(properties or {}), **{k: {} for k in missing}}
+    if out.get("type") == "integer" and not _BOUND_KEYWORDS & out.keys():
+        out["minimum"], out["maximum"] = -MAX_SAFE_INTEGER, MAX_SAFE_INTEGER
     if isinstance(out.get("prefixItems"), list) and "items" not in out and "unevaluatedItems" not in out \
             and not in_all_of:
         out["items"] = False
@@ -384,7 +395,7 @@ def _schema_of(response_format: Mapping[str, Any]) -> tuple[str, Any]:
 
 
 def make_json_processor(tokenizer: Tokenizer, response_format: Mapping[str, Any], *, thinking: bool = False,
-                        starts_in_reasoning: bool = False) -> LogitsProcessor:
+                        starts_in_reasoning: bool = False, whitespace_pattern: str | None = None) -> LogitsProcessor:
     """A per-sequence processor that makes the output a JSON object ({"type": "json_object"}) or an instance of
     a schema ({"type": "json_schema", "json_schema": {"name", "schema", "strict"}}, or a bare "schema" key).
     With thinking, a leading think block is allowed first (see the module notes)."""
@@ -392,10 +403,10 @@ def make_json_processor(tokenizer: Tokenizer, response_format: Mapping[str, Any]
     cache = _cache_for(tokenizer)
     # json_object: any object, extra keys allowed; a schema: strict (no undeclared keys, see _strict_schema).
     body = {"type": "object"} if kind == "object" else _strict_schema(schema)
-    key = json.dumps(["json", body, thinking, starts_in_reasoning], sort_keys=True)
+    key = json.dumps(["json", body, thinking, starts_in_reasoning, whitespace_pattern], sort_keys=True)
 
     def grammar_fn() -> str:
-        checked = _checked_schema(body)
+        checked = _checked_schema(body, whitespace_pattern)
         opening, rules = _think_rules(thinking, starts_in_reasoning)
         return _top_level(f"start: {opening}@answer\n{rules}", {"answer": checked})
 
@@ -438,7 +449,7 @@ def _chosen_names(functions: Mapping[str, Any], tool_choice: Any) -> list[str]:
 
 def make_tool_call_processor(tokenizer: Tokenizer, tools: Sequence[Mapping[str, Any]], tool_choice: Any, *,
                              parallel_tool_calls: bool = False, thinking: bool = False,
-                             starts_in_reasoning: bool = False) -> LogitsProcessor:
+                             starts_in_reasoning: bool = False, whitespace_pattern: str | None = None) -> LogitsProcessor:
     """A per-sequence processor that makes the output Qwen3 tool calls, then eos:
     `<tool_call>\\n{"name": NAME, "arguments": ARGS}\\n</tool_call>` with NAME one of the tools ("required") or the
     named one, and ARGS an instance of that tool's parameters schema. With parallel_tool_calls, one or more
@@ -447,10 +458,11 @@ def make_tool_call_processor(tokenizer: Tokenizer, tools: Sequence[Mapping[str, 
     names = _chosen_names(functions, tool_choice)
     cache = _cache_for(tokenizer)
     key = json.dumps(["tools", [[n, functions[n]] for n in names], parallel_tool_calls, thinking,
-                      starts_in_reasoning], sort_keys=True)
+                      starts_in_reasoning, whitespace_pattern], sort_keys=True)
 
     def grammar_fn() -> str:
-        schemas = {f"arguments_{i}": _checked_schema(_strict_schema(functions[name])) for i, name in enumerate(names)}
+        schemas = {f"arguments_{i}": _checked_schema(_strict_schema(functions[name]), whitespace_pattern)
+                   for i, name in enumerate(names)}
         opening, rules = _think_rules(thinking, starts_in_reasoning)
         calls = "call (\"\\n\" call)*" if parallel_tool_calls else "call"
         lark = [f"start: {opening}{calls}", "call: " + " | ".join(f"call_{i}" for i in range(len(names)))]

@@ -1,0 +1,31 @@
+"""A checkpoint's generation_config.json -> the sampling defaults a request that omits them gets.
+
+Decisions:
+- As vLLM applies them: an omitted temperature means Qwen's recommended value, not OpenAI's 1.0.
+- `do_sample: false` means greedy decoding, as in `transformers` (whatever temperature the file also
+  names): the default temperature becomes 0.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+GENERATION_DEFAULT_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty",
+                           "presence_penalty", "frequency_penalty")
+
+
+def generation_defaults(model_dir: Path | None) -> dict[str, Any]:
+    if model_dir is None or not (Path(model_dir) / "generation_config.json").is_file():
+        return {}
+    try:
+        data = json.loads((Path(model_dir) / "generation_config.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return {}
+    if not isinstance(data, dict):
+        return {}
+    defaults = {k: data[k] for k in GENERATION_DEFAULT_KEYS
+                if isinstance(data.get(k), (int, float)) and not isinstance(data.get(k), bool)}
+    if data.get("do_sample") is False:
+        defaults["temperature"] = 0.0
+    return defaults
