@@ -7,66 +7,16 @@
 from __future__ import annotations
 
 import dataclasses
-import logging
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
-from qwenstack.config import read_config
 from qwenstack.engine.engine import EngineConfig, LLMEngine
 from qwenstack.engine.outputs import RequestOutput
 from qwenstack.engine.params import SamplingParams
 from qwenstack.generation_config import generation_defaults
-from qwenstack.models.registry import load_model, parse_dtype
-from qwenstack.resolve import resolve_model
-from qwenstack.tokenizer import Tokenizer
-
-log = logging.getLogger("qwenstack")
-
-DEMO_MODEL_DIR = Path(__file__).parent / "assets" / "demo-model"
-DEMO_NOTICE = ("Using the bundled demo model (a tiny Shakespeare-trained Qwen3, not a useful assistant). "
-               "To run a real Qwen3, name one, e.g. `qwenstack serve Qwen/Qwen3-0.6B`.")
-
-
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-@dataclass
-class LoadedModel:
-    """A model ready to serve: weights, tokenizer, and where they came from."""
-
-    name: str
-    path: Path
-    config: dict[str, Any]
-    model: torch.nn.Module
-    tokenizer: Tokenizer
-
-
-def load(model: str | Path | None = None, *, dtype: str | torch.dtype | None = None, device: str | None = None,
-         quantization: str | None = None, speculative: bool = False) -> LoadedModel:
-    """speculative: also load the multi-token-prediction head (Qwen3-Next's mtp.*) that drafts for
-    EngineConfig.speculative_tokens; a checkpoint without one is then an error."""
-    if model is None:
-        print(DEMO_NOTICE, flush=True)
-        model = DEMO_MODEL_DIR
-    path = resolve_model(model)
-    device = device or default_device()
-    config = read_config(path)
-    torch_dtype = parse_dtype(dtype) if dtype is not None else torch.bfloat16
-    weights = load_model(path, dtype=torch_dtype, device=device)
-    if speculative:
-        from qwenstack.models.qwen3_next_mtp import load_mtp_head
-
-        load_mtp_head(weights, path, torch_dtype, device)
-    if quantization:
-        from qwenstack.quantization import quantize_model
-
-        quantize_model(weights, quantization)
-    name = str(model) if not Path(str(model)).is_dir() else Path(str(model)).resolve().name
-    return LoadedModel(name, path, config, weights, Tokenizer.from_dir(path))
+from qwenstack.loading import DEMO_MODEL_DIR, DEMO_NOTICE, LoadedModel, default_device, load  # noqa: F401 (re-exported)
 
 
 class LLM:

@@ -61,7 +61,7 @@ def default_text(model_dir: Path) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
-    from qwenstack.llm import load
+    from qwenstack.loading import load
     from qwenstack.evaluation.quality import evaluate_quality
     from qwenstack.quantization import parse_method
 

@@ -108,7 +108,7 @@ def judge(args: argparse.Namespace, items: list[list[dict[str, Any]]]) -> tuple[
     path = resolve_model(args.model)
     dtype = None if args.dtype == "auto" else args.dtype
     if is_stream_guard_config(read_config(path)):
-        from qwenstack.llm import default_device
+        from qwenstack.loading import default_device
 
         rails = Guardrails(policy, stream=GuardStream.load(path, dtype=dtype or "bfloat16",
                                                            device=args.device or default_device()))

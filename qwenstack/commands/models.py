@@ -56,7 +56,7 @@ def _local_model(name: str, path: Path, size: int, bundled: bool = False) -> Loc
 
 
 def demo_model() -> LocalModel:
-    from qwenstack.llm import DEMO_MODEL_DIR
+    from qwenstack.loading import DEMO_MODEL_DIR
 
     size = sum(f.stat().st_size for f in DEMO_MODEL_DIR.rglob("*") if f.is_file()) if DEMO_MODEL_DIR.is_dir() else 0
     return _local_model(DEMO_NAME, DEMO_MODEL_DIR, size, bundled=True)

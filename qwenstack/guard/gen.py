@@ -116,7 +116,7 @@ class GenGuard:
              kv_cache_memory: int = 256 * 1024**2, max_model_len: int | None = None,
              asynchronous: bool = False, **options: Any) -> "GenGuard":
         """Loads a Gen checkpoint (directory or hub id) onto its own engine."""
-        from qwenstack.llm import load
+        from qwenstack.loading import load
 
         loaded = load(model, dtype=dtype, device=device)
         config = EngineConfig(kv_cache_memory=kv_cache_memory, max_model_len=max_model_len)

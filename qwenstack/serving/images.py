@@ -158,7 +158,7 @@ async def load_images(refs: list[ImageRef], processor: ImageProcessor, config: A
         if ref.kind == "video":
             from qwenstack.serving.videos import load_video
 
-            images += await load_video(ref, video_processor, config)
+            images += await load_video(ref, video_processor, config, read_image_bytes)
             continue
         try:
             data = await read_image_bytes(ref, config)

@@ -101,7 +101,7 @@ class GuardState:
         """Loads the configured guard checkpoints (blocking); a Stream checkpoint is told by its config.json."""
         from qwenstack.config import read_config
         from qwenstack.guard.gen import GenGuard
-        from qwenstack.llm import default_device
+        from qwenstack.loading import default_device
         from qwenstack.models.qwen3_guard_stream import GuardStream, is_stream_guard_config
         from qwenstack.resolve import resolve_model
 

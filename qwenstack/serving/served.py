@@ -66,7 +66,7 @@ def build_served_model(name: str, model: Any, tokenizer: Tokenizer, engine_confi
 
 
 def load_served_model(spec: ModelSpec, kv_cache_memory: int) -> ServedModel:
-    from qwenstack.llm import load
+    from qwenstack.loading import load
 
     loaded = load(spec.model, dtype=spec.dtype, device=spec.device, quantization=spec.quantization,
                   speculative=spec.speculative_tokens > 0)
@@ -88,7 +88,7 @@ def expected_name(spec: ModelSpec) -> str:
     if spec.name:
         return spec.name
     if spec.model is None:
-        from qwenstack.llm import DEMO_MODEL_DIR
+        from qwenstack.loading import DEMO_MODEL_DIR
 
         return DEMO_MODEL_DIR.name
     path = Path(spec.model).expanduser()

@@ -14,7 +14,7 @@ Decisions:
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import Any, Awaitable, Callable
 
 from qwenstack.multimodal.image_processing import ImageError, decode_data_url
 from qwenstack.multimodal.inputs import ImageInput
@@ -33,10 +33,10 @@ def placeholder_text(tokenizer: Any, hf_config: dict[str, Any]) -> str:
                                                                   "vision_end_token_id"))
 
 
-async def load_video(ref: Any, processor: VideoProcessor, config: Any) -> list[ImageInput]:
-    """A video part -> its temporal groups. Raises APIError 400 naming the part."""
-    from qwenstack.serving.images import read_image_bytes
-
+async def load_video(ref: Any, processor: VideoProcessor, config: Any,
+                     read_file: Callable[[Any, Any], Awaitable[bytes]]) -> list[ImageInput]:
+    """A video part -> its temporal groups. Raises APIError 400 naming the part. `read_file` reads a file://
+    part under the server's path rules (serving/images.py's read_image_bytes, passed in by its caller)."""
     limits = VideoLimits(max_bytes=config.max_video_bytes, max_seconds=config.max_video_seconds,
                          max_frames=config.max_video_frames)
     try:
@@ -44,7 +44,7 @@ async def load_video(ref: Any, processor: VideoProcessor, config: Any) -> list[I
         if url.lower().startswith("data:"):
             data = decode_data_url(url, limits.max_bytes, kind="video")
         elif url.lower().startswith("file:"):
-            data = await read_image_bytes(ref, _VideoSource(config))
+            data = await read_file(ref, _VideoSource(config))
         else:
             raise VideoError("video_url.url must be a data:video/...;base64 URL"
                              + (" or a file:// path" if config.allow_local_image_paths else ""))
