@@ -44,3 +44,106 @@ def test_plain_response_has_reasoning_and_message_items(client: openai.OpenAI) -
     assert r.output_text == _answer(THINK_ANSWER)
     assert r.usage.output_tokens_details.reasoning_tokens > 0
     assert r.usage.total_tokens == r.usage.input_tokens + r.usage.output_tokens
+
+
+def test_stream_events_in_order_with_sequence_numbers(client: openai.OpenAI) -> None:
+    with client.responses.stream(model="think", input="Hello there") as stream:
+        events = list(stream)
+        final = stream.get_final_response()
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    kinds = [e.type for e in events]
+    assert kinds[:2] == ["response.created", "response.in_progress"] and kinds[-1] == "response.completed"
+
+    def block(item_type: str, delta: str, done: str) -> list[str]:
+        start = kinds.index("response.output_item.added",
+                            next(i for i, e in enumerate(events) if getattr(getattr(e, "item", None), "type", None) == item_type) - 0)
+        end = kinds.index("response.output_item.done", start)
+        inner = kinds[start + 1:end]
+        assert inner[0] == "response.content_part.added" and inner[-2:] == [done, "response.content_part.done"]
+        assert set(inner[1:-2]) == {delta}
+        return inner
+
+    block("reasoning", "response.reasoning_text.delta", "response.reasoning_text.done")
+    block("message", "response.output_text.delta", "response.output_text.done")
+    assert kinds.index("response.reasoning_text.done") < kinds.index("response.output_text.delta")
+    text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert text == final.output_text == _answer(THINK_ANSWER)
+    assert final.status == "completed" and [i.type for i in final.output] == ["reasoning", "message"]
+
+
+def test_function_tools_over_two_turns(client: openai.OpenAI) -> None:
+    first = client.responses.create(model="agent", input="Weather and time in Paris?", tools=[WEATHER, TIME])
+    calls = [i for i in first.output if i.type == "function_call"]
+    assert [c.name for c in calls] == ["get_weather", "get_time"]
+    assert json.loads(calls[0].arguments) == {"city": "Paris"} and calls[0].call_id != calls[1].call_id
+    assert first.output[0].type == "reasoning"
+    outputs = [{"type": "function_call_output", "call_id": c.call_id, "output": f"result of {c.name}"} for c in calls]
+    # The client resends the whole conversation (no previous_response_id): its own items plus the outputs.
+    history = [{"role": "user", "content": "Weather and time in Paris?"}] + [i.model_dump() for i in first.output]
+    second = client.responses.create(model="agent", input=history + outputs, tools=[WEATHER, TIME])
+    assert second.output_text == AGENT_ANSWER and [i.type for i in second.output] == ["message"]
+
+
+def test_previous_response_id_continues_and_reuses_the_prefix_cache(client: openai.OpenAI) -> None:
+    first = client.responses.create(model="agent", input="Weather and time in Paris? " * 8, tools=[WEATHER, TIME])
+    outputs = [{"type": "function_call_output", "call_id": c.call_id, "output": "sunny"}
+               for c in first.output if c.type == "function_call"]
+    second = client.responses.create(model="agent", previous_response_id=first.id, input=outputs,
+                                     tools=[WEATHER, TIME])
+    assert second.previous_response_id == first.id and second.output_text == AGENT_ANSWER
+    # The first turn's prompt is a prefix of the second's: its blocks come from the prefix cache.
+    assert second.usage.input_tokens_details.cached_tokens >= first.usage.input_tokens - 4
+    items = client.responses.input_items.list(second.id, order="asc")
+    assert [i.type for i in items.data] == ["function_call_output", "function_call_output"]
+
+
+def test_json_schema_text_format(client: openai.OpenAI) -> None:
+    schema = {"type": "object", "properties": {"mood": {"enum": ["happy", "sad"]}}, "required": ["mood"],
+              "additionalProperties": False}
+    r = client.responses.create(model="think", input="How are you?", max_output_tokens=200,
+                                reasoning={"effort": "none"},
+                                text={"format": {"type": "json_schema", "name": "mood", "schema": schema, "strict": True}})
+    assert json.loads(r.output_text)["mood"] in ("happy", "sad")
+    assert [i.type for i in r.output] == ["message"] and r.usage.output_tokens_details.reasoning_tokens == 0
+    assert r.text.format.type == "json_schema"
+
+
+def test_retrieve_and_delete(client: openai.OpenAI) -> None:
+    r = client.responses.create(model="think", input="Hello there", instructions="Be brief.")
+    got = client.responses.retrieve(r.id)
+    assert got.id == r.id and got.output_text == r.output_text and got.instructions == "Be brief."
+    client.responses.delete(r.id)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(r.id)
+    unstored = client.responses.create(model="think", input="Hello there", store=False)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(unstored.id)
+
+
+def test_errors_are_openai_shaped(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.NotFoundError) as err:
+        client.responses.create(model="think", input="Hi", previous_response_id="resp_nope")
+    assert "resp_nope" in err.value.message
+    for bad in ([{"type": "bogus"}], [{"type": "function_call_output", "output": "no call id"}],
+                [{"role": "user"}], [{"role": "wizard", "content": "hi"}]):
+        with pytest.raises(openai.BadRequestError):
+            client.responses.create(model="think", input=bad)
+    with pytest.raises(openai.BadRequestError):
+        client.responses.create(model="think", input="Hi", tool_choice="required")
+    with pytest.raises(openai.BadRequestError):
+        client.responses.create(model="think", input=[{"type": "mcp_approval_response", "approval_request_id": "x",
+                                                      "approve": True}])
+
+
+def test_background_response(client: openai.OpenAI) -> None:
+    import time
+
+    r = client.responses.create(model="think", input="Hello there", background=True)
+    assert r.status in ("queued", "in_progress") and r.background
+    deadline = time.monotonic() + 60
+    while (got := client.responses.retrieve(r.id)).status in ("queued", "in_progress"):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert got.status == "completed" and got.output_text == _answer(THINK_ANSWER)
+    with pytest.raises(openai.BadRequestError):
+        client.responses.cancel(client.responses.create(model="think", input="Hi").id)  # not background

@@ -165,7 +165,7 @@ async def create_response(request: Request, body: ResponsesRequest) -> Response:
         svc.running[run.id] = (run, asyncio.ensure_future(_background(run, svc)))
         return JSONResponse(run.body())
     if body.stream:
-        return ClosingStreamingResponse(_stream(run, svc), media_type="text/event-stream")
+        return ClosingStreamingResponse(_stream(run, svc))
     try:
         return JSONResponse(await unless_disconnected(request, _drain(run, svc)))
     except ClientDisconnected:
