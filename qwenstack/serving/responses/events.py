@@ -131,7 +131,7 @@ class OutputBuilder:
         events.append({"type": "response.mcp_call.in_progress", **base})
         return index, events
 
-    def mcp_call_finished(self, index: int, output: str | None, error: str | None) -> list[Event]:
+    def mcp_call_finished(self, index: int, output: str | None, error: dict[str, Any] | None) -> list[Event]:
         item = self.output[index]
         item.update(output=output, error=error, status="completed" if error is None else "failed")
         kind = "response.mcp_call.completed" if error is None else "response.mcp_call.failed"

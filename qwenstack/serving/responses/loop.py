@@ -122,9 +122,11 @@ async def execute(run: ResponseRun) -> AsyncIterator[Event]:
         for event in events:
             yield event
         if not item["approve"]:
-            output, error = None, DENIED + (f": {item['reason']}" if item.get("reason") else "")
+            output, error = None, mcp_tools.execution_error(
+                DENIED + (f": {item['reason']}" if item.get("reason") else ""))
         elif target is None:
-            output, error = None, f"the MCP server '{asked['server_label']}' is not among this request's tools"
+            output, error = None, mcp_tools.protocol_error(
+                f"the MCP server '{asked['server_label']}' is not among this request's tools")
         else:
             output, error = await _call(run, target, asked["name"], asked["arguments"])
         for event in b.mcp_call_finished(index, output, error):
@@ -195,12 +197,13 @@ async def execute(run: ResponseRun) -> AsyncIterator[Event]:
     run.status = "incomplete" if run.incomplete_reason else "completed"
 
 
-async def _call(run: ResponseRun, target: mcp_tools.McpTarget, name: str, arguments: str) -> tuple[str | None, str | None]:
+async def _call(run: ResponseRun, target: mcp_tools.McpTarget, name: str,
+                arguments: str) -> tuple[str | None, dict[str, Any] | None]:
     run.tool_calls_made += 1
     try:
         args = arguments_object(arguments)
     except ValueError as exc:
-        return None, str(exc)
+        return None, mcp_tools.protocol_error(str(exc))
     return await mcp_tools.call_tool(target, name, args, run.mcp_timeout_s)
 
 

@@ -21,6 +21,7 @@ from qwenstack.serving.errors import bad_request
 from qwenstack.serving.responses.protocol import McpTool
 
 STDIO_SCHEME = "stdio:"
+STDIO_START_S = 30.0  # added to a stdio server's timeouts: starting a process (Python imports) is not a hang
 
 
 @dataclass
@@ -29,6 +30,9 @@ class McpTarget:
     url: str  # http(s)://... or stdio:COMMAND ARGS
     headers: dict[str, str] = field(default_factory=dict)
     spec: McpTool | None = None  # the request's tool entry (allowed_tools, require_approval)
+
+    def timeout(self, base_s: float) -> float:
+        return base_s + STDIO_START_S if self.url.startswith(STDIO_SCHEME) else base_s
 
     def client(self) -> Any:
         from mcp import Client, StdioServerParameters
@@ -95,6 +99,7 @@ async def list_tools(target: McpTarget, timeout_s: float) -> list[dict[str, Any]
                  "annotations": t.annotations.model_dump(exclude_none=True) if t.annotations else None}
                 for t in result.tools]
 
+    timeout_s = target.timeout(timeout_s)
     try:
         tools = await asyncio.wait_for(work(), timeout_s)
     except Exception as exc:  # noqa: BLE001 - every failure becomes the item's error
@@ -102,22 +107,46 @@ async def list_tools(target: McpTarget, timeout_s: float) -> list[dict[str, Any]
     return [t for t in tools if target.spec is None or target.spec.allows(t["name"])]
 
 
-async def call_tool(target: McpTarget, name: str, arguments: dict[str, Any], timeout_s: float) -> tuple[str | None, str | None]:
+def execution_error(text: str) -> dict[str, Any]:
+    """An `mcp_call` error the tool itself reported (OpenAI's McpToolExecutionError shape)."""
+    return {"type": "mcp_tool_execution_error", "content": [{"type": "text", "text": text}]}
+
+
+def protocol_error(text: str) -> dict[str, Any]:
+    """An `mcp_call` error on the way to the tool: unreachable, timed out, bad arguments."""
+    return {"type": "mcp_protocol_error", "code": -32000, "message": text}
+
+
+def error_text(error: str | dict[str, Any]) -> str:
+    """What the model reads for a failed call."""
+    if isinstance(error, str):
+        return error
+    if error.get("message"):
+        return str(error["message"])
+    content = error.get("content")
+    if isinstance(content, list):
+        return "\n".join(str(c.get("text", "")) for c in content if isinstance(c, dict))
+    return str(content)
+
+
+async def call_tool(target: McpTarget, name: str, arguments: dict[str, Any],
+                    timeout_s: float) -> tuple[str | None, dict[str, Any] | None]:
     """(output, error): exactly one is set. The output is the tool's text (structured content as JSON)."""
     async def work() -> Any:
         async with target.client() as client:
             return await client.call_tool(name, arguments)
 
+    timeout_s = target.timeout(timeout_s)
     try:
         result = await asyncio.wait_for(work(), timeout_s)
     except Exception as exc:  # noqa: BLE001 - the model reads the error as the tool's result
-        return None, _error_text(exc, timeout_s)
+        return None, protocol_error(_error_text(exc, timeout_s))
     texts = [getattr(part, "text", None) for part in result.content]
     text = "\n".join(t for t in texts if t is not None)
     if not text and result.structured_content is not None:
         text = json.dumps(result.structured_content)
     if result.is_error:
-        return None, text or "the tool failed"
+        return None, execution_error(text or "the tool failed")
     return text, None
 
 

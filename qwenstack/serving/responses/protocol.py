@@ -108,7 +108,7 @@ class McpCallItem(_In):
     name: str
     arguments: str
     output: str | None = None
-    error: str | None = None
+    error: str | dict[str, Any] | None = None  # a string in older clients, an object in newer ones
     status: str | None = None
     approval_request_id: str | None = None
 

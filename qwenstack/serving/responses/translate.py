@@ -16,6 +16,7 @@ import json
 from typing import Any
 
 from qwenstack.serving.errors import bad_request
+from qwenstack.serving.responses.mcp_tools import error_text
 from qwenstack.serving.protocol import ChatCompletionRequest
 from qwenstack.serving.responses.protocol import (
     FunctionCallItem, FunctionCallOutputItem, InputAudio, InputImage, InputText, McpCallItem, MessageItem,
@@ -98,7 +99,7 @@ def items_to_messages(items: list[Any], instructions: str | None) -> list[dict[s
             call_id = item.id or f"{item.server_label}.{item.name}"
             call = {"id": call_id, "type": "function", "function": {"name": item.name, "arguments": item.arguments}}
             assistant_turn().setdefault("tool_calls", []).append(call)
-            result = item.output if item.error is None else f"Error: {item.error}"
+            result = item.output if item.error is None else f"Error: {error_text(item.error)}"
             messages.append({"role": "tool", "tool_call_id": call_id, "content": result or ""})
     if pending_reasoning is not None:
         messages.append({"role": "assistant", "content": "", "reasoning_content": pending_reasoning})
