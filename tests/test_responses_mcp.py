@@ -163,3 +163,21 @@ def test_openai_agents_sdk_runs_a_two_tool_task(server: BackgroundServer) -> Non
     result = Runner.run_sync(agent, "Weather and time in Paris?")
     assert called == [("get_weather", "Paris"), ("get_time", "Paris, France")]
     assert result.final_output == AGENT_ANSWER
+
+
+def test_serve_mcp_flags() -> None:
+    from qwenstack.cli import build_parser, discover_commands
+    from qwenstack.commands.serve import serve_config_from_args, server_config
+
+    def args(*argv: str):  # noqa: ANN202
+        return build_parser(discover_commands()[0]).parse_args(["serve", *argv])
+
+    values = serve_config_from_args(args("--mcp", "docs=http://127.0.0.1:9000/mcp", "--mcp", "fs=stdio:mcp-fs /srv",
+                                         "--mcp-allow-stdio"))
+    config = server_config(values)
+    assert config.mcp_servers == {"docs": "http://127.0.0.1:9000/mcp", "fs": "stdio:mcp-fs /srv"}
+    assert config.mcp_allow_stdio
+    with pytest.raises(ValueError, match="--mcp-allow-stdio"):
+        serve_config_from_args(args("--mcp", "fs=stdio:mcp-fs /srv"))
+    with pytest.raises(ValueError, match="NAME=URL"):
+        serve_config_from_args(args("--mcp", "nothing"))

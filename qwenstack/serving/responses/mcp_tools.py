@@ -47,6 +47,14 @@ class McpTarget:
         return Client(self.url)
 
 
+def parse_mcp(text: str) -> tuple[str, str]:
+    """`--mcp NAME=URL` -> (NAME, URL)."""
+    name, sep, url = text.partition("=")
+    if not sep or not name.strip() or not url.strip():
+        raise ValueError(f"--mcp expects NAME=URL (or NAME=stdio:COMMAND), got {text!r}")
+    return name.strip(), url.strip()
+
+
 def check_registered(servers: dict[str, str], allow_stdio: bool) -> None:
     """Operator config: every URL is http(s) or, with allow_stdio, a stdio command."""
     for name, url in servers.items():
