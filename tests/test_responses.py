@@ -130,6 +130,10 @@ def test_errors_are_openai_shaped(client: openai.OpenAI) -> None:
             client.responses.create(model="think", input=bad)
     with pytest.raises(openai.BadRequestError):
         client.responses.create(model="think", input="Hi", tool_choice="required")
+    image = [{"role": "user", "content": [{"type": "input_text", "text": "What is this?"},
+                                          {"type": "input_image", "image_url": "data:image/png;base64,AAAA"}]}]
+    with pytest.raises(openai.BadRequestError, match="does not accept image_url input"):  # a text-only model
+        client.responses.create(model="think", input=image)
     with pytest.raises(openai.BadRequestError):
         client.responses.create(model="think", input=[{"type": "mcp_approval_response", "approval_request_id": "x",
                                                       "approve": True}])
@@ -147,3 +151,34 @@ def test_background_response(client: openai.OpenAI) -> None:
     assert got.status == "completed" and got.output_text == _answer(THINK_ANSWER)
     with pytest.raises(openai.BadRequestError):
         client.responses.cancel(client.responses.create(model="think", input="Hi").id)  # not background
+
+
+def test_streamed_function_calls_and_openapi(client: openai.OpenAI, server: BackgroundServer) -> None:
+    import httpx
+
+    with client.responses.stream(model="agent", input="Weather and time in Paris?", tools=[WEATHER, TIME],
+                                 parallel_tool_calls=False) as stream:
+        events = list(stream)
+        final = stream.get_final_response()
+    kinds = [e.type for e in events]
+    start = kinds.index("response.function_call_arguments.delta")
+    assert kinds[start - 1:start + 3] == ["response.output_item.added", "response.function_call_arguments.delta",
+                                          "response.function_call_arguments.done", "response.output_item.done"]
+    assert kinds.count("response.output_item.added") == 2  # reasoning, then one call (parallel_tool_calls=false)
+    call = final.output[-1]
+    assert call.type == "function_call" and call.name == "get_weather" and call.arguments == events[start].delta
+    spec = httpx.get(server.url + "/openapi.json").json()
+    body = spec["paths"]["/v1/responses"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert body["$ref"].endswith("/ResponsesRequest")
+    assert {"/v1/responses/{response_id}", "/v1/responses/{response_id}/cancel",
+            "/v1/responses/{response_id}/input_items"} <= set(spec["paths"])
+
+
+def test_reasoning_effort_maps_onto_thinking(client: openai.OpenAI) -> None:
+    off = client.responses.create(model="think", input="Hello there", reasoning={"effort": "minimal"})
+    assert [i.type for i in off.output] == ["message"] and off.output_text == _answer(THINK_ANSWER)
+    on = client.responses.create(model="think", input="Hello there", reasoning={"effort": "high", "summary": "auto"})
+    assert [i.type for i in on.output] == ["reasoning", "message"] and on.reasoning.effort == "high"
+    cut = client.responses.create(model="think", input="Hello there", max_output_tokens=3)
+    assert cut.status == "incomplete" and cut.incomplete_details.reason == "max_output_tokens"
+    assert cut.usage.output_tokens == 3
