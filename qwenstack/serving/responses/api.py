@@ -160,6 +160,9 @@ async def create_response(request: Request, body: ResponsesRequest) -> Response:
     svc = service(request)
     run = _prepare(request, body)
     if body.background:
+        if body.stream:
+            raise APIError(400, "streaming a background response is not supported here: create it with "
+                           "stream=false and poll GET /v1/responses/{id}", param="stream")
         run.status = "queued"
         svc.store.save(run.body(), run.inputs)
         svc.running[run.id] = (run, asyncio.ensure_future(_background(run, svc)))
@@ -227,3 +230,13 @@ async def list_input_items(request: Request, response_id: str, limit: int = Quer
     page = items[:limit]
     return JSONResponse({"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
                          "last_id": page[-1]["id"] if page else None, "has_more": len(items) > limit})
+
+
+@router.get("/v1/mcp/servers")
+async def list_mcp_servers(request: Request) -> JSONResponse:
+    """The operator-registered MCP servers (by name; a request's mcp tool names one by server_label). URLs are
+    left out: they may carry tokens, and stdio ones are commands."""
+    servers = service(request).config.mcp_servers
+    data = [{"name": name, "transport": "stdio" if url.startswith(mcp_tools.STDIO_SCHEME) else "streamable_http"}
+            for name, url in servers.items()]
+    return JSONResponse({"object": "list", "data": data})

@@ -71,7 +71,8 @@ class ResponseRun:
 
     def body(self) -> dict[str, Any]:
         r = self.request
-        tools = [t.model_dump(exclude_none=True, by_alias=True) for t in r.tools or []]
+        # MCP headers often carry credentials: never echoed or stored (as OpenAI does).
+        tools = [t.model_dump(exclude_none=True, by_alias=True, exclude={"headers"}) for t in r.tools or []]
         choice = r.tool_choice
         fmt = r.text.format.model_dump(exclude_none=True, by_alias=True) if r.text and r.text.format else {"type": "text"}
         return {
