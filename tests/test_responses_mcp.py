@@ -72,6 +72,14 @@ def test_one_request_runs_the_whole_tool_loop(client: openai.OpenAI, mcp_url: st
     assert r.usage.input_tokens > 0 and r.usage.output_tokens > len(AGENT_ANSWER.split())
 
 
+def test_max_tool_calls(client: openai.OpenAI) -> None:
+    r = client.responses.create(model="agent", input="Weather and time in Paris?", tools=[mcp()], max_tool_calls=1)
+    weather, clock = [i for i in r.output if i.type == "mcp_call"]
+    assert weather.output == "Paris: sunny, 21 C"
+    assert clock.output is None and "max_tool_calls (1)" in clock.error.message
+    assert r.output_text == AGENT_ANSWER and r.max_tool_calls == 1
+
+
 def test_streamed_mcp_events(client: openai.OpenAI) -> None:
     with client.responses.stream(model="agent", input="Weather and time in Paris?", tools=[mcp()]) as stream:
         kinds = [e.type for e in stream]

@@ -96,11 +96,12 @@ def _prepare(request: Request, body: ResponsesRequest) -> ResponseRun:
     labels = [t.label for t in targets]
     if len(set(labels)) != len(labels):
         raise APIError(400, "two mcp tools share a server_label", param="tools")
-    run = ResponseRun(state, served, body, history, inputs, targets, config.mcp_timeout_s,
-                      body.max_tool_calls if body.max_tool_calls is not None else config.mcp_max_steps)
-    # The first turn's prompt, planned now so that template and tool errors are a 400 before the 200.
+    run = ResponseRun(state, served, body, history, inputs, targets, config.mcp_timeout_s, config.mcp_max_steps)
+    # The first turn's prompt, planned now so that template and tool errors are a 400 before the 200 (MCP tools
+    # are listed later: with them, a forced tool_choice is checked then).
     messages = items_to_messages(ITEMS.validate_python(history + inputs), body.instructions)
-    plan_chat(served, chat_request(body, messages, function_tools(body), body.max_output_tokens), state)
+    check = body.model_copy(update={"tool_choice": None}) if targets else body
+    plan_chat(served, chat_request(check, messages, function_tools(body), body.max_output_tokens), state)
     return run
 
 

@@ -8,8 +8,10 @@ Decisions:
 - Each model turn is a chat turn: the conversation's items -> chat messages -> serving/chat.py's plan_chat
   (template, thinking switch and budget, tool grammars, json_schema) -> the engine -> the chat parser.
 - A turn that calls MCP tools runs them (unless they need approval) and loops; one that calls a client
-  function ends the response with the `function_call` items. After `mcp_max_steps` tool turns the next turn
-  gets no tools, so the model has to answer.
+  function ends the response with the `function_call` items. After `mcp_max_steps` tool turns (or once
+  `max_tool_calls` MCP calls ran) the next turn gets no tools, so the model has to answer; a call past
+  `max_tool_calls` in the same turn gets an error result instead of running.
+- `tool_choice` required or named forces the first model turn only (later turns answer the tools' results).
 - Usage adds up every turn: input tokens are each turn's prompt (cached ones counted apart), reasoning tokens
   those of the think blocks.
 """
@@ -161,11 +163,12 @@ async def execute(run: ResponseRun) -> AsyncIterator[Event]:
     client_names = {t["function"]["name"] for t in client_tools}
     mcp_map = {name: v for name, v in mcp_map.items() if name not in client_names}
     steps = 0
+    limit = run.request.max_tool_calls
     while True:
-        last_turn = steps >= run.max_steps
+        last_turn = steps >= run.max_steps or (limit is not None and run.tool_calls_made >= limit)
         tools = [] if last_turn else client_tools + [mcp_tools.chat_tool(t) for _, t in mcp_map.values()]
         calls = []
-        async for event in _model_turn(run, tools, calls):
+        async for event in _model_turn(run, tools, calls, first=steps == 0):
             yield event
         if run.incomplete_reason is not None or not calls:
             break
@@ -188,7 +191,11 @@ async def execute(run: ResponseRun) -> AsyncIterator[Event]:
             index, events = b.mcp_call_started(target.label, name, arguments)
             for event in events:
                 yield event
-            output, error = await _call(run, target, name, arguments)
+            if limit is not None and run.tool_calls_made >= limit:
+                output, error = None, mcp_tools.protocol_error(f"not run: this response's max_tool_calls ({limit}) "
+                                                               "is reached")
+            else:
+                output, error = await _call(run, target, name, arguments)
             for event in b.mcp_call_finished(index, output, error):
                 yield event
             ran_mcp = True
@@ -208,7 +215,8 @@ async def _call(run: ResponseRun, target: mcp_tools.McpTarget, name: str,
     return await mcp_tools.call_tool(target, name, args, run.mcp_timeout_s)
 
 
-async def _model_turn(run: ResponseRun, tools: list[dict[str, Any]], calls: list[dict[str, Any]]) -> AsyncIterator[Event]:
+async def _model_turn(run: ResponseRun, tools: list[dict[str, Any]], calls: list[dict[str, Any]],
+                      first: bool) -> AsyncIterator[Event]:
     """One generation: streams reasoning and text events; fills `calls` with the parsed tool calls."""
     state, served, b = run.state, run.served, run.builder
     limit = run.request.max_output_tokens
@@ -218,7 +226,10 @@ async def _model_turn(run: ResponseRun, tools: list[dict[str, Any]], calls: list
         return
     conversation = ITEMS.validate_python(run.history + run.inputs + b.output)
     messages = items_to_messages(conversation, run.request.instructions)
-    plan = plan_chat(served, chat_request(run.request, messages, tools, remaining), state)
+    request = run.request
+    if not tools or (not first and request.tool_choice not in (None, "none", "auto")):
+        request = request.model_copy(update={"tool_choice": None})  # the forced call was the first turn's
+    plan = plan_chat(served, chat_request(request, messages, tools, remaining), state)
     plan.params.n = 1
     await attach_images(plan, state)
     stream = served.engine.generate(plan.prompt_ids, plan.params, request_id=new_id(run.id), prompt=plan.prompt,
