@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any
 
 from scripted import CASES, ScriptedCheckpoint, build_scripted_checkpoint
-from server_utils import BackgroundServer
 
 # Calls two tools at once; once a tool result is in the prompt, answers.
 AGENT_SCRIPT = ("<think>\nWeather and time in Paris: two calls.\n</think>\n\n"
@@ -69,7 +68,3 @@ class HangingServer:
         for c in self.conns:
             c.close()
         self.sock.close()
-
-
-def start_mcp_server() -> BackgroundServer:
-    return BackgroundServer(mcp_test_app()).__enter__()

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Iterator
 
 import openai
@@ -54,14 +53,15 @@ def test_stream_events_in_order_with_sequence_numbers(client: openai.OpenAI) -> 
     kinds = [e.type for e in events]
     assert kinds[:2] == ["response.created", "response.in_progress"] and kinds[-1] == "response.completed"
 
-    def block(item_type: str, delta: str, done: str) -> list[str]:
-        start = kinds.index("response.output_item.added",
-                            next(i for i, e in enumerate(events) if getattr(getattr(e, "item", None), "type", None) == item_type) - 0)
+    def block(item_type: str, delta: str, done: str) -> None:
+        """The events of one text item: added, part added, deltas, text done, part done, item done."""
+        start = next(i for i, e in enumerate(events)
+                     if e.type == "response.output_item.added" and e.item.type == item_type)
         end = kinds.index("response.output_item.done", start)
         inner = kinds[start + 1:end]
         assert inner[0] == "response.content_part.added" and inner[-2:] == [done, "response.content_part.done"]
         assert set(inner[1:-2]) == {delta}
-        return inner
+        assert all(getattr(e, "item_id", None) == events[start].item.id for e in events[start + 1:end])
 
     block("reasoning", "response.reasoning_text.delta", "response.reasoning_text.done")
     block("message", "response.output_text.delta", "response.output_text.done")
