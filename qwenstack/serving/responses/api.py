@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, AsyncIterator, Literal
 
@@ -57,6 +58,20 @@ def install_responses(app: FastAPI, config: Any) -> ResponsesService:
     svc = ResponsesService(ResponseStore(path), config)
     app.state.qwenstack_responses = svc
     app.include_router(router)
+    inner = app.router.lifespan_context
+
+    @asynccontextmanager
+    async def lifespan(app_: Any) -> AsyncIterator[Any]:
+        async with inner(app_) as value:
+            try:
+                yield value
+            finally:  # background responses end as cancelled (and are saved so) before the engines stop
+                tasks = [task for _, task in svc.running.values()]
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+
+    app.router.lifespan_context = lifespan
     return svc
 
 
