@@ -44,7 +44,9 @@ def server(tmp_path_factory: pytest.TempPathFactory, mcp_url: str) -> Iterator[B
     config = ServerConfig(responses_db_path=str(root / "responses.db"), enable_ui=False, mcp_timeout_s=TIMEOUT_S,
                           mcp_servers={"station": mcp_url, "local": f"stdio:{sys.executable} {script}"},
                           mcp_allow_stdio=True)
-    with BackgroundServer(create_app([tiny_served_model(agent.path, "agent")], config)) as srv:
+    served = tiny_served_model(agent.path, "agent")
+    with BackgroundServer(create_app([served], config)) as srv:
+        srv.served = served
         yield srv
 
 
@@ -107,6 +109,32 @@ def test_approval_pauses_and_resumes(client: openai.OpenAI) -> None:
     assert done.output[0].approval_request_id == weather.id and done.output[0].output == "Paris: sunny, 21 C"
     assert "denied" in done.output[1].error.content[0]["text"]
     assert done.output_text == AGENT_ANSWER
+
+
+def test_failure_after_the_stream_started_is_an_error_event(client: openai.OpenAI, server: BackgroundServer,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    from qwenstack.errors import RequestError
+
+    engine = server.served.engine
+    generate = engine.generate
+    turns: list[int] = []
+
+    def second_turn_fails(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        turns.append(1)
+        if len(turns) == 2:
+            raise RequestError("the prompt is longer than the model's context (a stand-in)")
+        return generate(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "generate", second_turn_fails)
+    with client.responses.stream(model="agent", input="Weather and time in Paris?", tools=[mcp()]) as stream:
+        events = list(stream)
+    kinds = [e.type for e in events]
+    assert kinds[-2:] == ["error", "response.failed"] and "response.mcp_call.completed" in kinds
+    assert "longer than the model's context" in events[-2].message
+    failed = events[-1].response
+    assert failed.status == "failed" and "longer than the model's context" in failed.error.message
+    assert failed.error.code == "invalid_prompt"
+    assert client.responses.retrieve(failed.id).status == "failed"  # stored as it ended
 
 
 @pytest.mark.parametrize("kind", ["down", "hangs"])

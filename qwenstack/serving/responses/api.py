@@ -130,7 +130,8 @@ def _finish(run: ResponseRun, svc: ResponsesService) -> dict[str, Any]:
 def _fail(run: ResponseRun, exc: BaseException) -> dict[str, Any]:
     error = from_exception(exc) if not isinstance(exc, APIError) else exc
     run.status = "failed"
-    run.error = {"code": error.code or "server_error", "message": error.message}
+    code = {400: "invalid_prompt", 429: "rate_limit_exceeded"}.get(error.status, "server_error")  # OpenAI's codes
+    run.error = {"code": code, "message": error.message}
     return {"type": "error", "code": run.error["code"], "message": error.message, "param": error.param}
 
 
