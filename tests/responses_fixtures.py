@@ -20,8 +20,9 @@ def build_agent(path: Path) -> ScriptedCheckpoint:
     return build_scripted_checkpoint(path, AGENT_SCRIPT, after_tool=AGENT_ANSWER)
 
 
-def mcp_test_app() -> Any:
-    """An MCP server (the `mcp` package's MCPServer) with two tools, get_time always failing."""
+def mcp_test_app(token: str | None = None) -> Any:
+    """An MCP server (the `mcp` package's MCPServer) with two tools, get_time always failing; with `token`, HTTP
+    requests without `Authorization: Bearer <token>` get a 401."""
     from mcp.server.mcpserver import MCPServer
 
     server = MCPServer("weather-station")
@@ -36,7 +37,20 @@ def mcp_test_app() -> Any:
         """Local time in a city."""
         raise RuntimeError(f"the clock of {city} is broken")
 
-    return server.streamable_http_app()
+    app = server.streamable_http_app()
+    return app if token is None else _BearerOnly(app, token)
+
+
+class _BearerOnly:
+    def __init__(self, app: Any, token: str) -> None:
+        self.app, self.expected = app, f"Bearer {token}".encode()
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and dict(scope["headers"]).get(b"authorization") != self.expected:
+            await send({"type": "http.response.start", "status": 401, "headers": [(b"content-length", b"0")]})
+            await send({"type": "http.response.body", "body": b""})
+            return
+        await self.app(scope, receive, send)
 
 
 class HangingServer:

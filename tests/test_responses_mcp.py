@@ -137,6 +137,18 @@ def test_failure_after_the_stream_started_is_an_error_event(client: openai.OpenA
     assert client.responses.retrieve(failed.id).status == "failed"  # stored as it ended
 
 
+def test_headers_reach_the_mcp_server_and_are_never_echoed(client: openai.OpenAI) -> None:
+    with BackgroundServer(mcp_test_app(token="s3cret")) as secured:
+        url = secured.url + "/mcp"
+        refused = client.responses.create(model="agent", input="Weather?", tools=[mcp(url, label="secured")])
+        assert refused.output[0].type == "mcp_list_tools" and refused.output[0].error  # no token: refused
+        tool = mcp(url, label="secured") | {"headers": {"Authorization": "Bearer s3cret"}}
+        r = client.responses.create(model="agent", input="Weather and time in Paris?", tools=[tool])
+    assert r.output[0].error is None and r.output_text == AGENT_ANSWER
+    assert r.tools[0].headers is None and "s3cret" not in r.model_dump_json()
+    assert "s3cret" not in client.responses.retrieve(r.id).model_dump_json()
+
+
 @pytest.mark.parametrize("kind", ["down", "hangs"])
 def test_unreachable_server_is_a_failed_listing(client: openai.OpenAI, kind: str) -> None:
     with HangingServer() as hanging:
