@@ -19,6 +19,10 @@ How the weights work (one decoder layer, 1 attention head, MLP output zero):
 - Entries: the last two tokens of a thinking-on prompt ("assistant\\n") lead to the script; those of a
   thinking-off prompt ("</think>\\n\\n") and of a forced close "\\n</think>\\n\\n" lead to the answer (what follows
   the think block). Anything unexpected leads to <|im_end|>. One checkpoint holds one script.
+- `after_tool=TEXT` (an agent's second turn): a second head attends to any </tool_response> in the context
+  (a content key on RoPE dimensions that barely turn, so distance does not matter), giving a "tool result seen"
+  feature; the MLP ANDs it with the entry pair, and that AND picks TEXT instead of the script. Then a prompt
+  ending in a tool result is answered with TEXT, any other with the script (e.g. tool calls).
 """
 from __future__ import annotations
 
@@ -61,6 +65,8 @@ _CHUNK = re.compile(r"\s*\S+|\s+")
 MARGIN = 40.0  # logits between the scripted token and the runner-up, at least
 ROPE_THETA = 10.0  # fast-turning RoPE frequencies: a sharp peak at distance 1
 ATTENTION_GAP = 40.0  # score of the previous position over any other, at least (softmax leak < e^-40)
+TOOL_ROPE_THETA = 1e6  # with an after-tool script: slow pairs exist for the distance-blind tool head
+TOOL_GAP = 60.0  # the tool head's score on </tool_response> over any other token
 
 
 @dataclass(frozen=True)
@@ -70,6 +76,8 @@ class ScriptedCheckpoint:
     answer: str  # greedy output after a closed think block: thinking disabled, or after a forced close
     script_token_ids: list[int]  # the script's tokens, ending with <|im_end|>
     answer_token_ids: list[int]
+    after_tool: str | None = None  # greedy output after a thinking-on prompt that contains a tool result
+    after_tool_token_ids: list[int] | None = None
 
 
 @lru_cache(maxsize=1)
@@ -128,8 +136,9 @@ def _pieces(text: str, used: set[str]) -> list[str]:
     return pieces
 
 
-def _build_tokenizer(script: str) -> tuple[object, list[int], list[int]]:
-    """The tiny tokenizer plus the script's pieces as vocabulary entries; the script's and the answer's ids."""
+def _build_tokenizer(script: str, after_tool: str | None = None) -> tuple[object, list[int], list[int], list[int]]:
+    """The tiny tokenizer plus the scripts' pieces as vocabulary entries; the script's, the answer's and the
+    after-tool script's ids (empty without one)."""
     from tokenizers import Tokenizer as RustTokenizer
 
     base = tiny_tokenizer()
@@ -140,19 +149,12 @@ def _build_tokenizer(script: str) -> tuple[object, list[int], list[int]]:
         # token pair that a newline between two tool calls ("</tool_call>\n<tool_call>") does not repeat.
         vocab["ĊĊ"] = len(vocab)
         data["model"]["merges"].append(["Ċ", "Ċ"])
-    segments = _segments(script)
-    if "<think>" in segments and THINK_END not in segments:
-        raise ValueError("the script opens a think block it never closes")
     used: set[str] = set()
-    tokens: list[str] = []  # marker contents and byte-level vocabulary strings
-    answer_start = 0  # where the answer starts: after </think> and the whitespace that follows it
-    for k, seg in enumerate(segments):
-        tokens += [seg] if seg in MARKERS else [_byte_level(p) for p in _pieces(seg, used)]
-        if seg == THINK_END or (k > 0 and segments[k - 1] == THINK_END and not seg.strip()):
-            answer_start = len(tokens)
+    tokens, answer_start = _script_tokens(script, used)
+    after_tokens = _script_tokens(after_tool, used)[0] if after_tool is not None else []
     # New entries extend the BPE vocabulary (no merge produces them, so prompts never encode to them); the
     # added tokens, which tokenizers numbers after the model vocabulary, move up behind them.
-    for t in tokens:
+    for t in tokens + after_tokens:
         if t not in MARKERS and t not in vocab:
             vocab[t] = len(vocab)
     for i, added in enumerate(a for a in data["added_tokens"] if a["content"] not in vocab):
@@ -161,11 +163,28 @@ def _build_tokenizer(script: str) -> tuple[object, list[int], list[int]]:
     ids = [tokenizer.token_to_id(t) for t in tokens]
     eos = tokenizer.token_to_id("<|im_end|>")
     script_ids, answer_ids = ids + [eos], ids[answer_start:] + [eos]
-    for got_ids, want in ((script_ids, script), (answer_ids, _answer(script))):
+    after_ids = [tokenizer.token_to_id(t) for t in after_tokens] + [eos] if after_tool is not None else []
+    checks = [(script_ids, script), (answer_ids, _answer(script))] + ([(after_ids, after_tool)] if after_tool else [])
+    for got_ids, want in checks:
         got = tokenizer.decode(got_ids, skip_special_tokens=True)
         if got != want:
             raise ValueError(f"scripted tokens decode to {got!r}, not {want!r}")
-    return tokenizer, script_ids, answer_ids
+    return tokenizer, script_ids, answer_ids, after_ids
+
+
+def _script_tokens(script: str, used: set[str]) -> tuple[list[str], int]:
+    """Marker contents and byte-level vocabulary strings for a script; where its answer starts (after </think>
+    and the whitespace that follows it)."""
+    segments = _segments(script)
+    if "<think>" in segments and THINK_END not in segments:
+        raise ValueError("the script opens a think block it never closes")
+    tokens: list[str] = []
+    answer_start = 0
+    for k, seg in enumerate(segments):
+        tokens += [seg] if seg in MARKERS else [_byte_level(p) for p in _pieces(seg, used)]
+        if seg == THINK_END or (k > 0 and segments[k - 1] == THINK_END and not seg.strip()):
+            answer_start = len(tokens)
+    return tokens, answer_start
 
 
 def _answer(script: str) -> str:
@@ -199,32 +218,54 @@ def _transitions(sequences: list[list[int]]) -> dict[tuple[int, int], int]:
     return table
 
 
-def _rope_peak(head_dim: int, max_positions: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """q_norm and k_norm weights that make the (constant) query score highest on the previous position."""
-    freqs = ROPE_THETA ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+def _rope_peak(head_dim: int, max_positions: int, theta: float = ROPE_THETA,
+               pairs: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """q_norm and k_norm weights that make the (constant) query score highest on the previous position, using
+    the first `pairs` RoPE pairs (all by default; the others are left zero)."""
+    half = head_dim // 2
+    pairs = half if pairs is None else pairs
+    freqs = (theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))[:pairs]
     d = torch.arange(0, max_positions + 1, dtype=torch.float64)
     d = d[d != 1]
     gap = (1 - torch.cos(torch.outer(d - 1, freqs))).sum(1).min().item()  # in units of a^2 / sqrt(head_dim)
     a = math.sqrt(ATTENTION_GAP * math.sqrt(head_dim) / gap)
-    half = head_dim // 2
     q = torch.zeros(head_dim, dtype=torch.float64)
     k = torch.zeros(head_dim, dtype=torch.float64)
-    q[:half] = a  # q pair f = a; k pair f = a e^{i theta_f}: q . R(i - j) k = a^2 cos(theta_f (i - j - 1))
-    k[:half] = a * torch.cos(freqs)
-    k[half:] = a * torch.sin(freqs)
+    q[:pairs] = a  # q pair f = a; k pair f = a e^{i theta_f}: q . R(i - j) k = a^2 cos(theta_f (i - j - 1))
+    k[:pairs] = a * torch.cos(freqs)
+    k[half:half + pairs] = a * torch.sin(freqs)
     return q.float(), k.float()
 
 
-def build_scripted_checkpoint(out_dir: str | Path, script: str, *, chat_template: str | None = None,
-                              max_position_embeddings: int = 4096,
+@dataclass
+class _ToolHead:
+    """The after-tool machinery: head 2 (RoPE pairs that barely turn) writes a "tool result seen" feature; an
+    MLP unit ANDs it with the entry pair and writes an entry feature that picks the after-tool script."""
+    theta: float = TOOL_ROPE_THETA
+    head_dim: int = 128
+    prev_pairs: int = 32  # head 1: the fast pairs
+    seen_pairs: tuple[int, int] = (56, 64)  # head 2: the slow pairs (angle < 0.03 over 4096 positions)
+
+    def dims(self) -> list[int]:
+        half = self.head_dim // 2
+        return [d for f in range(*self.seen_pairs) for d in (f, half + f)]
+
+    def prev_dims(self) -> list[int]:
+        half = self.head_dim // 2
+        return [d for f in range(self.prev_pairs) for d in (f, half + f)]
+
+
+def build_scripted_checkpoint(out_dir: str | Path, script: str, *, after_tool: str | None = None,
+                              chat_template: str | None = None, max_position_embeddings: int = 4096,
                               dtype: torch.dtype = torch.float32) -> ScriptedCheckpoint:
     """Writes config.json, model.safetensors, generation_config.json and the tokenizer files to out_dir.
-    The entries are the last two tokens of prompts rendered with `chat_template` (qwenstack's by default)."""
+    The entries are the last two tokens of prompts rendered with `chat_template` (qwenstack's by default).
+    With `after_tool`, a thinking-on prompt holding a tool result (</tool_response>) leads to that text instead."""
     from safetensors.torch import save_file
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    rust_tokenizer, script_ids, answer_ids = _build_tokenizer(script)
+    rust_tokenizer, script_ids, answer_ids, after_ids = _build_tokenizer(script, after_tool)
     save_tokenizer(rust_tokenizer, out_dir, chat_template)
     tokenizer = Tokenizer.from_dir(out_dir)
     eos = tokenizer.token_to_id("<|im_end|>")
@@ -232,23 +273,38 @@ def build_scripted_checkpoint(out_dir: str | Path, script: str, *, chat_template
     on_key, closed_keys = _entry_keys(tokenizer)
     sequences = [[*on_key, *script_ids]] + [[*key, *answer_ids] for key in closed_keys]
     table = _transitions(sequences)
+    tool = _ToolHead() if after_tool is not None else None
+    tool_end = tokenizer.token_to_id("</tool_response>")
+    after_seq = [*on_key, *after_ids]
+    if tool is not None:
+        after_table = _transitions([after_seq])
+        del after_table[on_key]  # the entry: told apart by the tool feature
+        for key, nxt in after_table.items():
+            if table.setdefault(key, nxt) != nxt:
+                raise ValueError(f"the after-tool script needs token {key[1]} after {key[0]} to lead elsewhere")
 
     # Successors by current token: unique -> a rule on the current token; several -> rules on the previous one.
     by_cur: dict[int, set[int]] = {}
     for (_, cur), nxt in table.items():
         by_cur.setdefault(cur, set()).add(nxt)
     pair_rules = {key: nxt for key, nxt in table.items() if len(by_cur[key[1]]) > 1}
-    prevs = sorted({p for p, _ in pair_rules})
-    slotted = sorted(set(by_cur) | set(prevs))
+    prevs = sorted({p for p, _ in pair_rules} | ({on_key[0]} if tool else set()))
+    slotted = sorted(set(by_cur) | set(prevs) | ({tool_end, on_key[1]} if tool else set()))
     cur_slot = {t: 2 + i for i, t in enumerate(slotted)}  # 0: constant, 1: every other token
     prev_slot = {t: 2 + len(slotted) + i for i, t in enumerate(prevs)}
     hidden = 2 + len(slotted) + len(prevs)
+    seen_slot, entry_slot = hidden, hidden + 1  # only with a tool head
+    hidden += 2 if tool else 0
     head_dim = max(64, 64 * math.ceil(len(prevs) / 64))
+    if tool:
+        head_dim = max(tool.head_dim, head_dim)
+        tool = _ToolHead(head_dim=head_dim, seen_pairs=(head_dim // 2 - 8, head_dim // 2))
     vocab_size = tokenizer.vocab_size
 
     # Residual stream after the layer: e_0 + e_cur_slot (+ e_prev_slot); the final norm scales it to
-    # sqrt(hidden / 3) per entry (sqrt(hidden / 2) without a previous-token feature).
-    unit = MARGIN / math.sqrt(hidden / 3)
+    # sqrt(hidden / 3) per entry (sqrt(hidden / 2) without a previous-token feature; with a tool head, up to
+    # five features: + seen + entry).
+    unit = MARGIN / math.sqrt(hidden / (5 if tool else 3))
     lm_head = torch.zeros(vocab_size, hidden)
     lm_head[eos, 1] = 4 * unit  # unknown token: end
     for t in set(slotted) - set(by_cur):
@@ -261,19 +317,44 @@ def build_scripted_checkpoint(out_dir: str | Path, script: str, *, chat_template
     for (prev, cur), nxt in pair_rules.items():
         lm_head[nxt, prev_slot[prev]] = 2 * unit
         lm_head[nxt, cur_slot[cur]] = 1 * unit
+    if tool:
+        lm_head[after_seq[2], entry_slot] = 6 * unit
+        lm_head[table[on_key], entry_slot] = -4 * unit
 
-    def features(prev: int | None, cur: int) -> torch.Tensor:
+    # The MLP (zero without a tool head): one unit fires on seen AND current == entry[1] AND previous == entry[0]
+    # (features all equal in the normalized input, so the threshold 2.65 of them holds at any count).
+    inter = 8
+    gate_proj = torch.zeros(inter, hidden)
+    up_proj = torch.zeros(inter, hidden)
+    down_proj = torch.zeros(hidden, inter)
+    if tool:
+        r4 = math.sqrt(hidden / 4)  # the normalized feature value when the unit fires (4 features on)
+        alpha = 20 / (0.35 * r4)
+        for slot in (seen_slot, cur_slot[on_key[1]], prev_slot[on_key[0]]):
+            gate_proj[0, slot] = alpha
+        gate_proj[0, 0] = -2.65 * alpha
+        up_proj[0, 0] = 1 / r4
+        down_proj[entry_slot, 0] = 1 / (20 * torch.sigmoid(torch.tensor(20.0)).item())
+
+    def rms(h: torch.Tensor) -> torch.Tensor:
+        return h / h.pow(2).mean().sqrt()
+
+    def logits_after(prev: int | None, cur: int, seen: bool) -> torch.Tensor:
         h = torch.zeros(hidden)
         h[0] = 1
         h[cur_slot.get(cur, 1)] = 1
         if prev in prev_slot:
             h[prev_slot[prev]] = 1
-        return h / h.pow(2).mean().sqrt()
+        if seen:
+            h[seen_slot] = 1
+        x = rms(h)
+        h = h + down_proj @ (torch.nn.functional.silu(gate_proj @ x) * (up_proj @ x))
+        return lm_head @ rms(h)
 
-    for seq in sequences:  # the ideal forward pass must follow every sequence with the full margin
+    checked = [(seq, False) for seq in sequences] + ([(after_seq, True)] if tool else [])
+    for seq, seen in checked:  # the ideal forward pass must follow every sequence with the full margin
         for i in range(1, len(seq) - 1):
-            logits = lm_head @ features(seq[i - 1], seq[i])
-            top2 = torch.topk(logits, 2)
+            top2 = torch.topk(logits_after(seq[i - 1], seq[i], seen), 2)
             if top2.indices[0] != seq[i + 1] or top2.values[0] - top2.values[1] < 0.99 * MARGIN:
                 raise ValueError(f"the script is ambiguous for this construction at token {seq[i]} after {seq[i - 1]}")
 
@@ -284,17 +365,32 @@ def build_scripted_checkpoint(out_dir: str | Path, script: str, *, chat_template
         embed[t, 1] = 0
         embed[t, slot] = 1
     norm_in = math.sqrt(hidden / 2)  # every embedding has two ones: RMSNorm scales entries to this
-    q_proj = torch.zeros(head_dim, hidden)
-    k_proj = torch.zeros(head_dim, hidden)
-    q_proj[:, 0] = 1 / norm_in  # constant all-ones query and key; q_norm / k_norm weights shape them
-    k_proj[:, 0] = 1 / norm_in
-    v_proj = torch.zeros(head_dim, hidden)
-    o_proj = torch.zeros(hidden, head_dim)
+    heads = 2 if tool else 1
+    q_proj = torch.zeros(heads * head_dim, hidden)
+    k_proj = torch.zeros(heads * head_dim, hidden)
+    v_proj = torch.zeros(heads * head_dim, hidden)
+    o_proj = torch.zeros(hidden, heads * head_dim)
     for j, p in enumerate(prevs):
         v_proj[j, cur_slot[p]] = 1 / norm_in
         o_proj[prev_slot[p], j] = 1
-    q_norm, k_norm = _rope_peak(head_dim, max_position_embeddings)
-    inter = 8
+    if tool is None:
+        q_proj[:, 0] = 1 / norm_in  # constant all-ones query and key; q_norm / k_norm weights shape them
+        k_proj[:, 0] = 1 / norm_in
+        q_norm, k_norm = _rope_peak(head_dim, max_position_embeddings)
+    else:
+        prev_dims, seen_dims = tool.prev_dims(), tool.dims()
+        q_proj[prev_dims, 0] = 1 / norm_in  # head 1: constant query and key on the fast pairs
+        k_proj[prev_dims, 0] = 1 / norm_in
+        q_norm, k_norm = _rope_peak(head_dim, max_position_embeddings, tool.theta, tool.prev_pairs)
+        q_norm, k_norm = q_norm / math.sqrt(head_dim / len(prev_dims)), k_norm / math.sqrt(head_dim / len(prev_dims))
+        # head 2: constant query, a key only on </tool_response>; score TOOL_GAP there, 0 elsewhere
+        q_proj[[head_dim + d for d in seen_dims], 0] = 1 / norm_in
+        k_proj[[head_dim + d for d in seen_dims], cur_slot[tool_end]] = 1 / norm_in
+        w = math.sqrt(TOOL_GAP * math.sqrt(head_dim) / head_dim)  # len(seen_dims) * (head_dim/len) * w^2 / sqrt(hd)
+        q_norm[seen_dims] = w
+        k_norm[seen_dims] = w
+        v_proj[head_dim, cur_slot[tool_end]] = 1 / norm_in
+        o_proj[seen_slot, head_dim] = 1
     layer = "model.layers.0."
     state = {
         "model.embed_tokens.weight": embed,
@@ -306,26 +402,28 @@ def build_scripted_checkpoint(out_dir: str | Path, script: str, *, chat_template
         layer + "self_attn.o_proj.weight": o_proj,
         layer + "self_attn.q_norm.weight": q_norm,
         layer + "self_attn.k_norm.weight": k_norm,
-        layer + "mlp.gate_proj.weight": torch.zeros(inter, hidden),
-        layer + "mlp.up_proj.weight": torch.zeros(inter, hidden),
-        layer + "mlp.down_proj.weight": torch.zeros(hidden, inter),  # MLP output zero
+        layer + "mlp.gate_proj.weight": gate_proj,
+        layer + "mlp.up_proj.weight": up_proj,
+        layer + "mlp.down_proj.weight": down_proj,  # MLP output zero without a tool head
         "model.norm.weight": torch.ones(hidden),
         "lm_head.weight": lm_head,
     }
     save_file({k: v.to(dtype).contiguous() for k, v in state.items()}, str(out_dir / "model.safetensors"),
               metadata={"format": "pt"})
+    theta = tool.theta if tool else ROPE_THETA
     config = {
         "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "vocab_size": vocab_size,
-        "hidden_size": hidden, "intermediate_size": inter, "num_hidden_layers": 1, "num_attention_heads": 1,
-        "num_key_value_heads": 1, "head_dim": head_dim, "hidden_act": "silu",
+        "hidden_size": hidden, "intermediate_size": inter, "num_hidden_layers": 1, "num_attention_heads": heads,
+        "num_key_value_heads": heads, "head_dim": head_dim, "hidden_act": "silu",
         "max_position_embeddings": max_position_embeddings, "rms_norm_eps": 1e-6, "tie_word_embeddings": False,
-        "rope_parameters": {"rope_type": "default", "rope_theta": ROPE_THETA}, "rope_theta": ROPE_THETA,
+        "rope_parameters": {"rope_type": "default", "rope_theta": theta}, "rope_theta": theta,
         "attention_bias": False, "use_sliding_window": False, "bos_token_id": None, "eos_token_id": eos,
         "pad_token_id": tokenizer.token_to_id("<|endoftext|>"), "dtype": str(dtype).removeprefix("torch."),
     }
     (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     (out_dir / "generation_config.json").write_text(json.dumps({"eos_token_id": eos}) + "\n")
-    return ScriptedCheckpoint(out_dir, script, _answer(script), script_ids, answer_ids)
+    return ScriptedCheckpoint(out_dir, script, _answer(script), script_ids, answer_ids,
+                              after_tool, after_ids or None)
 
 
 def build_case(out_dir: str | Path, name: str, **options: object) -> ScriptedCheckpoint:

@@ -112,3 +112,23 @@ def test_own_chat_template(tmp_path: Path) -> None:
 def test_scripts_it_cannot_build_raise(tmp_path: Path, script: str, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         build_scripted_checkpoint(tmp_path, script)
+
+
+def test_after_tool_script_answers_a_tool_result(tmp_path: Path) -> None:
+    """A prompt holding a tool result (anywhere, however far back) gets the after-tool text; any other prompt the
+    script; both in bfloat16 through the engine."""
+    after = "Paris is sunny and Berlin is rainy."
+    ckpt = build_scripted_checkpoint(tmp_path, CASES["parallel_tool_calls"], after_tool=after)
+    llm = LLM(ckpt.path, device="cpu", kv_cache_memory=2**22)
+    tok = llm.tokenizer
+    first = [{"role": "user", "content": "Weather in Paris and Berlin?"}]
+    call = {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}
+    with_result = first + [{"role": "assistant", "content": "", "tool_calls": [call]},
+                           {"role": "tool", "tool_call_id": "c1", "content": "sunny"}]
+    later = with_result + [{"role": "assistant", "content": "ok"}, {"role": "user", "content": "again " * 300}]
+    prompts = [tok.apply_chat_template(m, tools=TOOLS, enable_thinking=True) for m in (first, with_result, later)]
+    outs = [o.outputs[0] for o in llm.generate(prompts, GREEDY)]
+    assert [o.text for o in outs] == [ckpt.script, after, after]
+    assert outs[1].token_ids == ckpt.after_tool_token_ids
+    with pytest.raises(ValueError, match="after-tool"):  # both start with <think>\n: the entry cannot tell them apart
+        build_scripted_checkpoint(tmp_path / "bad", CASES["tool_call"], after_tool=CASES["think_answer"])

@@ -80,6 +80,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="let requests name images by file:// path on this machine")
     app.add_argument("--allow-remote-image-urls", action="store_true",
                      help="let requests name images by http(s) URL, which this server then fetches")
+    app.add_argument("--mcp", action="append", default=[], metavar="NAME=URL",
+                     help="pre-register an MCP server for /v1/responses (repeatable): an http(s) URL, or "
+                          "stdio:COMMAND with --mcp-allow-stdio; requests name it by server_label")
+    app.add_argument("--mcp-allow-stdio", action="store_true",
+                     help="allow --mcp stdio:COMMAND servers (the server starts those commands)")
     app.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
 
 
@@ -120,6 +125,12 @@ def serve_config_from_args(args: argparse.Namespace) -> dict[str, Any]:
     config.update({k: v for k, v in optional.items() if v is not None})
     if args.no_think:
         config["default_chat_template_kwargs"] = {"enable_thinking": False}
+    if args.mcp or args.mcp_allow_stdio:
+        from qwenstack.serving.responses.mcp_tools import check_registered, parse_mcp
+
+        config["mcp_servers"] = dict(parse_mcp(text) for text in args.mcp)
+        config["mcp_allow_stdio"] = args.mcp_allow_stdio
+        check_registered(config["mcp_servers"], args.mcp_allow_stdio)
     if args.guard_fail_open:
         config["guard_fail_open"] = True
     if (args.guard_policy or args.guard_fail_open or args.guard_stream_window is not None) \

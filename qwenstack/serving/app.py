@@ -33,6 +33,7 @@ from qwenstack.serving.protocol import (
     ChatCompletionRequest, DetokenizeRequest, ModelCard, ModelList, TokenizeRequest,
 )
 from qwenstack.serving.remote import RemoteRouter
+from qwenstack.serving.responses.api import install_responses
 from qwenstack.serving.served import Loader, ModelRegistry, ServedModel, load_served_model
 from qwenstack.serving.state import ServerState, get_state
 
@@ -177,6 +178,7 @@ def create_app(
     app.include_router(chat.router)
     app.include_router(completions.router)
     install_guardrails(app, config)  # /v1/moderations; loads config.guard_model when the app starts
+    install_responses(app, config)  # /v1/responses, its store and MCP tools
     if config.enable_ui:
         _mount_ui(app, config)
     return app

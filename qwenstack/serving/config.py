@@ -98,6 +98,13 @@ class ServerConfig:
     guard_policy: str | None = None
     guard_fail_open: bool = False  # unknown verdicts flagged instead of blocked
     guard_stream_window: int = 0  # answer tokens that may reach the client from the first blocked token on
+    # /v1/responses: stored responses (None: responses.db beside the chat store), MCP servers by name
+    # (http(s) URLs, or stdio:COMMAND only with mcp_allow_stdio), and the MCP timeouts and tool-loop limit.
+    responses_db_path: str | None = None
+    mcp_servers: dict[str, str] = field(default_factory=dict)
+    mcp_allow_stdio: bool = False
+    mcp_timeout_s: float = 30.0
+    mcp_max_steps: int = 8
 
     def kv_memory_for(self, spec: ModelSpec) -> int:
         if spec.kv_cache_memory is not None:

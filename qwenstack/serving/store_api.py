@@ -14,7 +14,7 @@ from __future__ import annotations
 import mimetypes
 import sqlite3
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Annotated, Any, Callable, Literal
 
 from fastapi import APIRouter, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
@@ -54,6 +54,9 @@ class Settings(_Strict):
     max_tokens: int | None = Field(None, ge=1, le=1_048_576, strict=True)
     thinking_budget: int | None = Field(None, ge=0, le=1_048_576, strict=True)
     enable_thinking: bool = Field(True, strict=True)
+    # MCP servers (names registered with serve --mcp) whose tools this conversation uses; stored only when set.
+    mcp_servers: list[Annotated[str, Field(max_length=256)]] = Field(default_factory=list, max_length=64,
+                                                                    exclude_if=lambda v: not v)
 
 
 class ToolFunction(_Strict):

@@ -2,6 +2,7 @@
 // Plain ES modules, no build step; every URL is relative so the page also works under a path prefix.
 import { AnswerAccumulator, errorText, readSSE } from "./sse.js";
 import { DEFAULT_SETTINGS, requestBody } from "./request.js";
+import { ResponseEventAccumulator, responsesBody } from "./responses.js";
 import { assistantView, h, toolResultView, userView } from "./views.js";
 
 const MAX_FILE_BYTES = 16 * 1024 * 1024;
@@ -24,6 +25,7 @@ const state = {
   draftSettings: { ...DEFAULT_SETTINGS },
   pending: [],           // attachments for the next message: {kind, name, mime, data_url}
   streaming: null,       // {controller, convId}
+  mcpServers: [],        // MCP servers the operator registered (GET /v1/mcp/servers)
   editing: null,         // id of the user message being edited
   sending: false,        // a message is being saved; generation has not started yet
 };
@@ -397,7 +399,8 @@ async function generate() {
   setStreaming(true);
   renderMessages();  // disables edit/regenerate while streaming
   const started = performance.now();
-  const acc = new AnswerAccumulator(started);
+  const mcp = (settingsOf().mcp_servers || []).filter((n) => state.mcpServers.some((m) => m.name === n));
+  const acc = mcp.length ? new ResponseEventAccumulator(started) : new AnswerAccumulator(started);
   const view = assistantView({ role: "assistant", model, content: "" }, { live: true }, viewContext());
   ui.messages.querySelector(".empty-state")?.remove();
   ui.messages.append(view.root);
@@ -419,9 +422,10 @@ async function generate() {
   };
   let aborted = false;
   try {
-    const res = await apiFetch("v1/chat/completions", {
+    const res = await apiFetch(mcp.length ? "v1/responses" : "v1/chat/completions", {
       method: "POST", headers: { "Content-Type": "application/json", Accept: "text/event-stream" },
-      body: JSON.stringify(requestBody(conv, model)), signal: controller.signal,
+      body: JSON.stringify(mcp.length ? responsesBody(conv, model, mcp) : requestBody(conv, model)),
+      signal: controller.signal,
     });
     const type = res.headers.get("content-type") || "";
     if (!res.ok) {
@@ -446,12 +450,14 @@ async function generate() {
   if (seconds != null) message.metrics.thinking_s = Math.round(seconds * 100) / 100;
   state.streaming = null;
   setStreaming(false);
-  try {
-    const saved = await api("POST", `api/conversations/${conv.id}/messages`, message);
-    conv.messages.push(saved);
-  } catch (e) {
-    conv.messages.push(message);
-    showBanner(`The answer could not be saved: ${e.message}`);
+  const toSave = acc instanceof ResponseEventAccumulator ? acc.messages(message) : [message];
+  for (const m of toSave) {
+    try {
+      conv.messages.push(await api("POST", `api/conversations/${conv.id}/messages`, m));
+    } catch (e) {
+      conv.messages.push(m);
+      showBanner(`The answer could not be saved: ${e.message}`);
+    }
   }
   if (state.conv === conv) {
     const stick = nearBottom();
@@ -594,8 +600,26 @@ function openSettings() {
   field("settings-top-p").value = s.top_p ?? "";
   field("settings-max-tokens").value = s.max_tokens ?? "";
   field("settings-thinking-budget").value = s.thinking_budget ?? "";
+  renderMcpChoices(s.mcp_servers || []);
   field("settings-error").hidden = true;
   ui.dialog.showModal();
+}
+
+// One checkbox per MCP server the operator registered (serve --mcp NAME=URL): the model may call its tools in
+// this conversation, through /v1/responses.
+function renderMcpChoices(enabled) {
+  const box = field("settings-mcp");
+  box.hidden = !state.mcpServers.length;
+  field("settings-mcp-list").replaceChildren(...state.mcpServers.map((m) => h("label", { class: "mcp-choice" },
+    h("input", { type: "checkbox", testid: "settings-mcp-server", value: m.name,
+      checked: enabled.includes(m.name) }), ` ${m.name}`)));
+}
+
+async function loadMcpServers() {
+  try {
+    const data = await api("GET", "v1/mcp/servers");
+    state.mcpServers = Array.isArray(data?.data) ? data.data : [];
+  } catch (e) { state.mcpServers = []; }  // an older server: no MCP choices
 }
 
 function readNumber(id, label, integer) {
@@ -618,6 +642,7 @@ async function saveSettingsDialog() {
       top_p: readNumber("settings-top-p", "Top p", false),
       max_tokens: readNumber("settings-max-tokens", "Max tokens", true),
       thinking_budget: readNumber("settings-thinking-budget", "Thinking budget", true),
+      mcp_servers: [...ui.dialog.querySelectorAll('[data-testid="settings-mcp-server"]:checked')].map((c) => c.value),
     };
     await saveSettings(settings);
     ui.dialog.close();
@@ -697,7 +722,7 @@ async function init() {
   wire();
   setStreaming(false);
   renderMessages();
-  await Promise.all([loadModels(), refreshConversations()]);
+  await Promise.all([loadModels(), refreshConversations(), loadMcpServers()]);
   const id = new URLSearchParams(location.hash.slice(1)).get("c");
   if (id) await openConversation(id);
   else renderMessages();

@@ -1,0 +1,259 @@
+"""The /v1/responses routes: create (plain, streamed, background), retrieve, delete, input items, cancel.
+
+    install_responses(app, config)   # create_app does this
+
+Decisions:
+- Everything a request can get wrong is checked before the 200 (unknown previous response 404, malformed items
+  and unknown approvals 400, tools the server cannot reach by policy 400, the first turn's template and
+  tools): after it, failures are a `response.failed` event (streamed) or a failed stored response.
+- Stored responses (store=true, the default) live in SQLite (store.py); a background response is saved when
+  queued and when it ends, and is readable while it runs from the in-memory run.
+- Streams are Server-Sent Events with an `event:` line naming the type, as OpenAI sends them.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any, AsyncIterator, Literal
+
+from fastapi import APIRouter, FastAPI, Query, Request
+from fastapi.responses import JSONResponse, Response
+
+from qwenstack.serving.chat import plan_chat
+from qwenstack.serving.errors import APIError, from_exception
+from qwenstack.serving.responses import mcp_tools
+from qwenstack.serving.responses.events import EventLog, new_id
+from qwenstack.serving.responses.loop import ITEMS, ResponseRun, check_approvals, execute
+from qwenstack.serving.responses.protocol import McpTool, ResponsesRequest
+from qwenstack.serving.responses.store import ResponseStore
+from qwenstack.serving.responses.translate import chat_request, function_tools, items_to_messages
+from qwenstack.serving.state import get_state
+from qwenstack.serving.streaming import ClientDisconnected, ClosingStreamingResponse, unless_disconnected
+
+log = logging.getLogger("qwenstack.responses")
+router = APIRouter()
+
+
+class ResponsesService:
+    """The store and the background runs of one app."""
+
+    def __init__(self, store: ResponseStore, config: Any) -> None:
+        self.store = store
+        self.config = config
+        self.running: dict[str, tuple[ResponseRun, asyncio.Task[None]]] = {}
+
+
+def service(request: Request) -> ResponsesService:
+    return request.app.state.qwenstack_responses
+
+
+def install_responses(app: FastAPI, config: Any) -> ResponsesService:
+    mcp_tools.check_registered(config.mcp_servers, config.mcp_allow_stdio)
+    path = config.responses_db_path
+    if path is None and config.ui_db_path:  # beside the chat page's store (in memory when it is)
+        path = ":memory:" if config.ui_db_path == ":memory:" else str(Path(config.ui_db_path).with_name("responses.db"))
+    svc = ResponsesService(ResponseStore(path), config)
+    app.state.qwenstack_responses = svc
+    app.include_router(router)
+    inner = app.router.lifespan_context
+
+    @asynccontextmanager
+    async def lifespan(app_: Any) -> AsyncIterator[Any]:
+        async with inner(app_) as value:
+            try:
+                yield value
+            finally:  # background responses end as cancelled (and are saved so) before the engines stop
+                tasks = [task for _, task in svc.running.values()]
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+
+    app.router.lifespan_context = lifespan
+    return svc
+
+
+def _not_found(response_id: str) -> APIError:
+    return APIError(404, f"no response with id '{response_id}' is stored here", param="response_id",
+                    code="not_found")
+
+
+def _input_items(request: ResponsesRequest) -> list[dict[str, Any]]:
+    if isinstance(request.input, str):
+        items = [{"type": "message", "role": "user", "content": [{"type": "input_text", "text": request.input}]}]
+    else:
+        items = [item.model_dump(exclude_none=True, by_alias=True) for item in request.input]
+    prefixes = {"message": "msg", "function_call": "fc", "function_call_output": "fco", "reasoning": "rs",
+                "mcp_approval_response": "mcpa", "mcp_call": "mcp", "mcp_list_tools": "mcpl"}
+    for item in items:
+        item.setdefault("type", "message")
+        if not item.get("id"):
+            item["id"] = new_id(prefixes.get(item["type"], "item"))
+    return items
+
+
+def _prepare(request: Request, body: ResponsesRequest) -> ResponseRun:
+    state, svc = get_state(request), service(request)
+    served = state.registry.get(body.model)
+    history: list[dict[str, Any]] = []
+    if body.previous_response_id is not None:
+        found = svc.store.conversation(body.previous_response_id)
+        if found is None:
+            raise _not_found(body.previous_response_id)
+        history = found
+    inputs = _input_items(body)
+    check_approvals(inputs, history)
+    config = svc.config
+    targets = [mcp_tools.resolve(t, config.mcp_servers, config.mcp_allow_stdio, i)
+               for i, t in enumerate(body.tools or []) if isinstance(t, McpTool)]
+    labels = [t.label for t in targets]
+    if len(set(labels)) != len(labels):
+        raise APIError(400, "two mcp tools share a server_label", param="tools")
+    run = ResponseRun(state, served, body, history, inputs, targets, config.mcp_timeout_s, config.mcp_max_steps)
+    # The first turn's prompt, planned now so that template and tool errors are a 400 before the 200 (MCP tools
+    # are listed later: with them, a forced tool_choice is checked then).
+    messages = items_to_messages(ITEMS.validate_python(history + inputs), body.instructions)
+    check = body.model_copy(update={"tool_choice": None}) if targets else body
+    plan_chat(served, chat_request(check, messages, function_tools(body), body.max_output_tokens), state)
+    return run
+
+
+def _finish(run: ResponseRun, svc: ResponsesService) -> dict[str, Any]:
+    body = run.body()
+    if run.request.store:
+        svc.store.save(body, run.inputs)
+    return body
+
+
+def _fail(run: ResponseRun, exc: BaseException) -> dict[str, Any]:
+    error = from_exception(exc) if not isinstance(exc, APIError) else exc
+    run.status = "failed"
+    code = {400: "invalid_prompt", 429: "rate_limit_exceeded"}.get(error.status, "server_error")  # OpenAI's codes
+    run.error = {"code": code, "message": error.message}
+    return {"type": "error", "code": run.error["code"], "message": error.message, "param": error.param}
+
+
+def _sse(event: dict[str, Any]) -> str:
+    return f"event: {event['type']}\ndata: {json.dumps(event, ensure_ascii=False)}\n\n"
+
+
+async def _stream(run: ResponseRun, svc: ResponsesService) -> AsyncIterator[str]:
+    log_ = EventLog()
+    try:
+        async for event in execute(run):
+            yield _sse(log_.number(event))
+    except Exception as exc:  # after the 200: tell the client in-band
+        yield _sse(log_.number(_fail(run, exc)))
+        yield _sse(log_.number({"type": "response.failed", "response": _finish(run, svc)}))
+        return
+    kind = "response.completed" if run.status == "completed" else "response.incomplete"
+    yield _sse(log_.number({"type": kind, "response": _finish(run, svc)}))
+
+
+async def _drain(run: ResponseRun, svc: ResponsesService) -> dict[str, Any]:
+    async for _ in execute(run):
+        pass
+    return _finish(run, svc)
+
+
+async def _background(run: ResponseRun, svc: ResponsesService) -> None:
+    try:
+        async for _ in execute(run):
+            pass
+    except asyncio.CancelledError:
+        run.status = "cancelled"
+    except Exception as exc:  # noqa: BLE001 - stored as the response's error
+        _fail(run, exc)
+        log.warning("background response %s failed: %s", run.id, exc)
+    finally:
+        _finish(run, svc)
+        svc.running.pop(run.id, None)
+
+
+@router.post("/v1/responses")
+async def create_response(request: Request, body: ResponsesRequest) -> Response:
+    svc = service(request)
+    run = _prepare(request, body)
+    if body.background:
+        if body.stream:
+            raise APIError(400, "streaming a background response is not supported here: create it with "
+                           "stream=false and poll GET /v1/responses/{id}", param="stream")
+        run.status = "queued"
+        svc.store.save(run.body(), run.inputs)
+        svc.running[run.id] = (run, asyncio.ensure_future(_background(run, svc)))
+        return JSONResponse(run.body())
+    if body.stream:
+        return ClosingStreamingResponse(_stream(run, svc))
+    try:
+        return JSONResponse(await unless_disconnected(request, _drain(run, svc)))
+    except ClientDisconnected:
+        return Response(status_code=499)
+
+
+def _stored(svc: ResponsesService, response_id: str) -> dict[str, Any]:
+    running = svc.running.get(response_id)
+    if running is not None:
+        return running[0].body()
+    body = svc.store.get(response_id)
+    if body is None:
+        raise _not_found(response_id)
+    return body
+
+
+@router.get("/v1/responses/{response_id}")
+async def retrieve_response(request: Request, response_id: str) -> JSONResponse:
+    return JSONResponse(_stored(service(request), response_id))
+
+
+@router.delete("/v1/responses/{response_id}")
+async def delete_response(request: Request, response_id: str) -> JSONResponse:
+    svc = service(request)
+    running = svc.running.get(response_id)
+    if running is not None:
+        running[1].cancel()
+        await asyncio.gather(running[1], return_exceptions=True)
+    if not svc.store.delete(response_id):
+        raise _not_found(response_id)
+    return JSONResponse({"id": response_id, "object": "response.deleted", "deleted": True})
+
+
+@router.post("/v1/responses/{response_id}/cancel")
+async def cancel_response(request: Request, response_id: str) -> JSONResponse:
+    svc = service(request)
+    body = _stored(svc, response_id)
+    if not body.get("background"):
+        raise APIError(400, "only background responses can be cancelled", param="response_id")
+    running = svc.running.get(response_id)
+    if running is not None:
+        running[1].cancel()
+        await asyncio.gather(running[1], return_exceptions=True)
+        body = svc.store.get(response_id) or running[0].body()
+    return JSONResponse(body)
+
+
+@router.get("/v1/responses/{response_id}/input_items")
+async def list_input_items(request: Request, response_id: str, limit: int = Query(20, ge=1, le=100),
+                           order: Literal["asc", "desc"] = "desc", after: str | None = None) -> JSONResponse:
+    items = service(request).store.input_items(response_id)
+    if items is None:
+        raise _not_found(response_id)
+    if order == "desc":
+        items = items[::-1]
+    if after is not None:
+        ids = [i["id"] for i in items]
+        items = items[ids.index(after) + 1:] if after in ids else []
+    page = items[:limit]
+    return JSONResponse({"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
+                         "last_id": page[-1]["id"] if page else None, "has_more": len(items) > limit})
+
+
+@router.get("/v1/mcp/servers")
+async def list_mcp_servers(request: Request) -> JSONResponse:
+    """The operator-registered MCP servers (by name; a request's mcp tool names one by server_label). URLs are
+    left out: they may carry tokens, and stdio ones are commands."""
+    servers = service(request).config.mcp_servers
+    data = [{"name": name, "transport": "stdio" if url.startswith(mcp_tools.STDIO_SCHEME) else "streamable_http"}
+            for name, url in servers.items()]
+    return JSONResponse({"object": "list", "data": data})

@@ -1,0 +1,146 @@
+"""The Responses event state machine: output items built from parsed model deltas, each change an event.
+
+    builder = OutputBuilder()
+    builder.reasoning("Let me think")   -> [output_item.added, content_part.added, reasoning_text.delta]
+    builder.text("Hello")               -> [reasoning_text.done, content_part.done, output_item.done, ...added]
+    builder.close_text()                -> the open item's done events
+
+Every event is a dict with `type`; `EventLog` numbers them (`sequence_number`) in the order the client gets
+them. Items get their final shape at `output_item.done` and are what the response's `output` holds, so the
+streamed events always reassemble to the non-streamed response.
+"""
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+Event = dict[str, Any]
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}_{uuid.uuid4().hex}"
+
+
+class EventLog:
+    def __init__(self) -> None:
+        self.sequence = 0
+
+    def number(self, event: Event) -> Event:
+        event["sequence_number"] = self.sequence
+        self.sequence += 1
+        return event
+
+
+class OutputBuilder:
+    """Output items of one response, across all its model turns."""
+
+    def __init__(self, output: list[dict[str, Any]] | None = None) -> None:
+        self.output: list[dict[str, Any]] = output if output is not None else []
+        self._open: dict[str, Any] | None = None  # the reasoning or message item receiving text
+
+    # --- items with text -------------------------------------------------------------------------------
+
+    def _start_text_item(self, kind: str) -> list[Event]:
+        events = self.close_text()
+        if kind == "reasoning":
+            item: dict[str, Any] = {"id": new_id("rs"), "type": "reasoning", "summary": [], "content": [],
+                                    "status": "in_progress"}
+            part: dict[str, Any] = {"type": "reasoning_text", "text": ""}
+        else:
+            item = {"id": new_id("msg"), "type": "message", "role": "assistant", "status": "in_progress",
+                    "content": []}
+            part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
+        index = len(self.output)
+        self.output.append(item)
+        self._open = {"item": item, "index": index, "part": part}
+        events.append({"type": "response.output_item.added", "output_index": index, "item": _copy(item)})
+        events.append({"type": "response.content_part.added", "item_id": item["id"], "output_index": index,
+                       "content_index": 0, "part": dict(part)})
+        item["content"].append(part)
+        return events
+
+    def _append(self, kind: str, delta: str) -> list[Event]:
+        events: list[Event] = []
+        if self._open is None or self._open["item"]["type"] != kind:
+            events += self._start_text_item(kind)
+        assert self._open is not None
+        self._open["part"]["text"] += delta
+        event = {"type": "response.reasoning_text.delta" if kind == "reasoning" else "response.output_text.delta",
+                 "item_id": self._open["item"]["id"], "output_index": self._open["index"], "content_index": 0,
+                 "delta": delta}
+        if kind == "message":
+            event["logprobs"] = []
+        events.append(event)
+        return events
+
+    def reasoning(self, delta: str) -> list[Event]:
+        return self._append("reasoning", delta) if delta else []
+
+    def text(self, delta: str) -> list[Event]:
+        return self._append("message", delta) if delta else []
+
+    def close_text(self) -> list[Event]:
+        if self._open is None:
+            return []
+        item, index, part = self._open["item"], self._open["index"], self._open["part"]
+        self._open = None
+        item["status"] = "completed"
+        base = {"item_id": item["id"], "output_index": index, "content_index": 0}
+        if item["type"] == "reasoning":
+            done: Event = {"type": "response.reasoning_text.done", **base, "text": part["text"]}
+        else:
+            done = {"type": "response.output_text.done", **base, "text": part["text"], "logprobs": []}
+        return [done, {"type": "response.content_part.done", **base, "part": dict(part)},
+                {"type": "response.output_item.done", "output_index": index, "item": _copy(item)}]
+
+    # --- tool calls --------------------------------------------------------------------------------------
+
+    def add_item(self, item: dict[str, Any]) -> tuple[int, list[Event]]:
+        """A whole item (a tool listing, an approval request...) or the start of a call: its added event."""
+        events = self.close_text()
+        index = len(self.output)
+        self.output.append(item)
+        events.append({"type": "response.output_item.added", "output_index": index, "item": _copy(item)})
+        return index, events
+
+    def done_item(self, index: int) -> list[Event]:
+        return [{"type": "response.output_item.done", "output_index": index, "item": _copy(self.output[index])}]
+
+    def function_call(self, call_id: str, name: str, arguments: str) -> list[Event]:
+        item = {"id": new_id("fc"), "type": "function_call", "call_id": call_id, "name": name, "arguments": "",
+                "status": "in_progress"}
+        index, events = self.add_item(item)
+        base = {"item_id": item["id"], "output_index": index}
+        item["arguments"] = arguments
+        item["status"] = "completed"
+        events.append({"type": "response.function_call_arguments.delta", **base, "delta": arguments})
+        events.append({"type": "response.function_call_arguments.done", **base, "name": name, "arguments": arguments})
+        return events + self.done_item(index)
+
+    def mcp_call_started(self, label: str, name: str, arguments: str,
+                         approval_request_id: str | None = None) -> tuple[int, list[Event]]:
+        item = {"id": new_id("mcp"), "type": "mcp_call", "server_label": label, "name": name, "arguments": "",
+                "output": None, "error": None, "status": "in_progress"}
+        if approval_request_id is not None:
+            item["approval_request_id"] = approval_request_id
+        index, events = self.add_item(item)
+        base = {"item_id": item["id"], "output_index": index}
+        item["arguments"] = arguments
+        events.append({"type": "response.mcp_call_arguments.delta", **base, "delta": arguments})
+        events.append({"type": "response.mcp_call_arguments.done", **base, "arguments": arguments})
+        events.append({"type": "response.mcp_call.in_progress", **base})
+        return index, events
+
+    def mcp_call_finished(self, index: int, output: str | None, error: dict[str, Any] | None) -> list[Event]:
+        item = self.output[index]
+        item.update(output=output, error=error, status="completed" if error is None else "failed")
+        kind = "response.mcp_call.completed" if error is None else "response.mcp_call.failed"
+        return [{"type": kind, "item_id": item["id"], "output_index": index}] + self.done_item(index)
+
+
+def _copy(item: dict[str, Any]) -> dict[str, Any]:
+    """A snapshot of an item as it is now (later changes must not alter an event already made)."""
+    out = dict(item)
+    if isinstance(out.get("content"), list):
+        out["content"] = [dict(p) for p in out["content"]]
+    return out

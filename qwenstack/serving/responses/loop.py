@@ -1,0 +1,283 @@
+"""One response from start to end: MCP approvals and tool listings, then model turns and server-side tool calls
+until the model answers, a client function call is due, an approval is needed, or a limit is reached.
+
+`execute(run)` yields the events (unnumbered) and leaves the final state on `run`; the routes decide whether
+the events are streamed, drained into one JSON body, or drained by a background task.
+
+Decisions:
+- Each model turn is a chat turn: the conversation's items -> chat messages -> serving/chat.py's plan_chat
+  (template, thinking switch and budget, tool grammars, json_schema) -> the engine -> the chat parser.
+- A turn that calls MCP tools runs them (unless they need approval) and loops; one that calls a client
+  function ends the response with the `function_call` items. After `mcp_max_steps` tool turns (or once
+  `max_tool_calls` MCP calls ran) the next turn gets no tools, so the model has to answer; a call past
+  `max_tool_calls` in the same turn gets an error result instead of running.
+- `tool_choice` required or named forces the first model turn only (later turns answer the tools' results).
+- Usage adds up every turn: input tokens are each turn's prompt (cached ones counted apart), reasoning tokens
+  those of the think blocks.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator
+
+from pydantic import TypeAdapter
+
+from qwenstack.serving.chat import attach_images, plan_chat, reasoning_token_count
+from qwenstack.serving.errors import APIError
+from qwenstack.serving.parsers import ParsedDelta
+from qwenstack.serving.responses import mcp_tools
+from qwenstack.serving.responses.events import Event, OutputBuilder, new_id
+from qwenstack.serving.responses.protocol import InputItem, ResponsesRequest
+from qwenstack.serving.responses.translate import arguments_object, chat_request, function_tools, items_to_messages
+from qwenstack.serving.served import ServedModel
+from qwenstack.serving.state import ServerState
+from qwenstack.serving.streaming import OutputStream, first_output
+
+ITEMS = TypeAdapter(list[InputItem])
+DENIED = "the user denied this tool call"
+
+
+@dataclass
+class Usage:
+    input_tokens: int = 0
+    cached_tokens: int = 0
+    output_tokens: int = 0
+    reasoning_tokens: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"input_tokens": self.input_tokens, "input_tokens_details": {"cached_tokens": self.cached_tokens},
+                "output_tokens": self.output_tokens,
+                "output_tokens_details": {"reasoning_tokens": self.reasoning_tokens},
+                "total_tokens": self.input_tokens + self.output_tokens}
+
+
+@dataclass
+class ResponseRun:
+    state: ServerState
+    served: ServedModel
+    request: ResponsesRequest
+    history: list[dict[str, Any]]  # the stored conversation before this request
+    inputs: list[dict[str, Any]]  # this request's input items, with ids
+    targets: list[mcp_tools.McpTarget]
+    mcp_timeout_s: float
+    max_steps: int
+    id: str = field(default_factory=lambda: new_id("resp"))
+    created_at: int = field(default_factory=lambda: int(time.time()))
+    builder: OutputBuilder = field(default_factory=OutputBuilder)
+    status: str = "queued"
+    usage: Usage = field(default_factory=Usage)
+    error: dict[str, Any] | None = None
+    incomplete_reason: str | None = None
+    tool_calls_made: int = 0
+
+    def body(self) -> dict[str, Any]:
+        r = self.request
+        # MCP headers often carry credentials: never echoed or stored (as OpenAI does).
+        tools = [t.model_dump(exclude_none=True, by_alias=True, exclude={"headers"}) for t in r.tools or []]
+        choice = r.tool_choice
+        fmt = r.text.format.model_dump(exclude_none=True, by_alias=True) if r.text and r.text.format else {"type": "text"}
+        return {
+            "id": self.id, "object": "response", "created_at": self.created_at, "status": self.status,
+            "background": r.background, "error": self.error,
+            "incomplete_details": {"reason": self.incomplete_reason} if self.incomplete_reason else None,
+            "instructions": r.instructions, "max_output_tokens": r.max_output_tokens,
+            "max_tool_calls": r.max_tool_calls, "model": self.served.name, "output": list(self.builder.output),
+            "parallel_tool_calls": r.parallel_tool_calls is not False,
+            "previous_response_id": r.previous_response_id,
+            "reasoning": {"effort": r.reasoning.effort if r.reasoning else None,
+                          "summary": r.reasoning.summary if r.reasoning else None},
+            "store": r.store, "temperature": r.temperature, "top_p": r.top_p, "text": {"format": fmt},
+            "tool_choice": "auto" if choice is None else choice if isinstance(choice, str) else choice.model_dump(),
+            "tools": tools, "truncation": "disabled",
+            "usage": self.usage.as_dict() if self.status != "queued" else None,
+            "user": r.user, "metadata": r.metadata or {},
+        }
+
+
+def _mcp_listing(items: list[dict[str, Any]], label: str) -> list[dict[str, Any]] | None:
+    """The tools a successful earlier listing of this server gave, if the conversation has one."""
+    for item in reversed(items):
+        if item.get("type") == "mcp_list_tools" and item.get("server_label") == label and not item.get("error"):
+            return item.get("tools") or []
+    return None
+
+
+def approval_requests(items: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {i["id"]: i for i in items if i.get("type") == "mcp_approval_request"}
+
+
+async def execute(run: ResponseRun) -> AsyncIterator[Event]:
+    run.status = "in_progress"
+    yield {"type": "response.created", "response": run.body()}
+    yield {"type": "response.in_progress", "response": run.body()}
+    b = run.builder
+    by_label = {t.label: t for t in run.targets}
+
+    # Approvals answered in this request: run (or refuse) the calls they approved.
+    pending = approval_requests(run.history)
+    for item in run.inputs:
+        if item.get("type") != "mcp_approval_response":
+            continue
+        asked = pending[item["approval_request_id"]]
+        target = by_label.get(asked["server_label"])
+        index, events = b.mcp_call_started(asked["server_label"], asked["name"], asked["arguments"], asked["id"])
+        for event in events:
+            yield event
+        if not item["approve"]:
+            output, error = None, mcp_tools.execution_error(
+                DENIED + (f": {item['reason']}" if item.get("reason") else ""))
+        elif target is None:
+            output, error = None, mcp_tools.protocol_error(
+                f"the MCP server '{asked['server_label']}' is not among this request's tools")
+        else:
+            output, error = await _call(run, target, asked["name"], asked["arguments"])
+        for event in b.mcp_call_finished(index, output, error):
+            yield event
+
+    # Tool listings: once per conversation and server (a failed one is retried next time).
+    mcp_map: dict[str, tuple[mcp_tools.McpTarget, dict[str, Any]]] = {}
+    for target in run.targets:
+        tools = _mcp_listing(run.history, target.label)
+        if tools is None:
+            item = {"id": new_id("mcpl"), "type": "mcp_list_tools", "server_label": target.label, "tools": [],
+                    "error": None}
+            index, events = b.add_item(item)
+            for event in events:
+                yield event
+            yield {"type": "response.mcp_list_tools.in_progress", "item_id": item["id"], "output_index": index}
+            try:
+                tools = await mcp_tools.list_tools(target, run.mcp_timeout_s)
+                item["tools"] = tools
+                yield {"type": "response.mcp_list_tools.completed", "item_id": item["id"], "output_index": index}
+            except mcp_tools.McpFailure as exc:
+                item["error"] = f"could not list the tools of '{target.label}' at {target.url}: {exc}"
+                tools = []
+                yield {"type": "response.mcp_list_tools.failed", "item_id": item["id"], "output_index": index}
+            for event in b.done_item(index):
+                yield event
+        for tool in tools:
+            mcp_map.setdefault(tool["name"], (target, tool))
+
+    client_tools = function_tools(run.request)
+    client_names = {t["function"]["name"] for t in client_tools}
+    mcp_map = {name: v for name, v in mcp_map.items() if name not in client_names}
+    steps = 0
+    limit = run.request.max_tool_calls
+    while True:
+        last_turn = steps >= run.max_steps or (limit is not None and run.tool_calls_made >= limit)
+        tools = [] if last_turn else client_tools + [mcp_tools.chat_tool(t) for _, t in mcp_map.values()]
+        calls = []
+        async for event in _model_turn(run, tools, calls, first=steps == 0):
+            yield event
+        if run.incomplete_reason is not None or not calls:
+            break
+        ran_mcp = asked = client_call = False
+        for call in calls:
+            name, arguments = call["name"], call["arguments"]
+            if name not in mcp_map:
+                client_call = True
+                for event in b.function_call(call["id"], name, arguments):
+                    yield event
+                continue
+            target, _ = mcp_map[name]
+            if target.spec is not None and target.spec.needs_approval(name):
+                asked = True
+                index, events = b.add_item({"id": new_id("mcpr"), "type": "mcp_approval_request",
+                                            "server_label": target.label, "name": name, "arguments": arguments})
+                for event in events + b.done_item(index):
+                    yield event
+                continue
+            index, events = b.mcp_call_started(target.label, name, arguments)
+            for event in events:
+                yield event
+            if limit is not None and run.tool_calls_made >= limit:
+                output, error = None, mcp_tools.protocol_error(f"not run: this response's max_tool_calls ({limit}) "
+                                                               "is reached")
+            else:
+                output, error = await _call(run, target, name, arguments)
+            for event in b.mcp_call_finished(index, output, error):
+                yield event
+            ran_mcp = True
+        if client_call or asked or not ran_mcp:
+            break
+        steps += 1
+    run.status = "incomplete" if run.incomplete_reason else "completed"
+
+
+async def _call(run: ResponseRun, target: mcp_tools.McpTarget, name: str,
+                arguments: str) -> tuple[str | None, dict[str, Any] | None]:
+    run.tool_calls_made += 1
+    try:
+        args = arguments_object(arguments)
+    except ValueError as exc:
+        return None, mcp_tools.protocol_error(str(exc))
+    return await mcp_tools.call_tool(target, name, args, run.mcp_timeout_s)
+
+
+async def _model_turn(run: ResponseRun, tools: list[dict[str, Any]], calls: list[dict[str, Any]],
+                      first: bool) -> AsyncIterator[Event]:
+    """One generation: streams reasoning and text events; fills `calls` with the parsed tool calls."""
+    state, served, b = run.state, run.served, run.builder
+    limit = run.request.max_output_tokens
+    remaining = None if limit is None else limit - run.usage.output_tokens
+    if remaining is not None and remaining <= 0:
+        run.incomplete_reason = "max_output_tokens"
+        return
+    conversation = ITEMS.validate_python(run.history + run.inputs + b.output)
+    messages = items_to_messages(conversation, run.request.instructions)
+    request = run.request
+    if not tools or (not first and request.tool_choice not in (None, "none", "auto")):
+        request = request.model_copy(update={"tool_choice": None})  # the forced call was the first turn's
+    plan = plan_chat(served, chat_request(request, messages, tools, remaining), state)
+    plan.params.n = 1
+    await attach_images(plan, state)
+    stream = served.engine.generate(plan.prompt_ids, plan.params, request_id=new_id(run.id), prompt=plan.prompt,
+                                    **({"multimodal": plan.multimodal} if plan.multimodal else {}))
+    tracker = state.metrics.track(served.name, time.monotonic())
+    outputs = OutputStream(await first_output(stream, state.config.retry_after_s), stream)
+    parser = plan.parser()
+    found: dict[int, dict[str, Any]] = {}
+    final = None
+    try:
+        async for out in outputs:
+            tracker.on_output(out)
+            comp = out.outputs[0]
+            parsed = parser.feed(comp.delta_text) if comp.delta_text else ParsedDelta()
+            if comp.finished:
+                rest = parser.finish()
+                parsed = ParsedDelta(parsed.reasoning + rest.reasoning, parsed.content + rest.content,
+                                     parsed.tool_calls + rest.tool_calls)
+            for event in b.reasoning(parsed.reasoning) + b.text(parsed.content):
+                yield event
+            for delta in parsed.tool_calls:
+                call = found.setdefault(delta.index, {"id": delta.id, "name": delta.name, "arguments": ""})
+                call["arguments"] += delta.arguments
+            if out.finished:
+                tracker.on_finished(out)
+                final = out
+    finally:
+        await outputs.aclose()
+        tracker.done()
+    for event in b.close_text():
+        yield event
+    assert final is not None
+    comp = final.outputs[0]
+    run.usage.input_tokens += len(plan.prompt_ids)
+    run.usage.cached_tokens += final.metrics.num_cached_tokens
+    run.usage.output_tokens += len(comp.token_ids)
+    run.usage.reasoning_tokens += reasoning_token_count(plan, comp.token_ids)
+    ordered = [found[i] for i in sorted(found)]
+    calls += ordered[: plan.max_calls] if plan.max_calls is not None else ordered
+    if comp.finish_reason == "length":
+        run.incomplete_reason = "max_output_tokens"
+
+
+def check_approvals(inputs: list[dict[str, Any]], history: list[dict[str, Any]]) -> None:
+    """Every approval response answers an approval request of the conversation (a 400 otherwise)."""
+    asked = approval_requests(history)
+    for i, item in enumerate(inputs):
+        if item.get("type") == "mcp_approval_response" and item["approval_request_id"] not in asked:
+            raise APIError(400, f"input[{i}]: no mcp_approval_request with id '{item['approval_request_id']}' in "
+                           "this conversation (send previous_response_id of the response that asked)",
+                           param=f"input.{i}.approval_request_id")

@@ -1,0 +1,184 @@
+"""/v1/responses through the official openai SDK, against scripted checkpoints served by the real engine."""
+from __future__ import annotations
+
+import json
+from typing import Iterator
+
+import openai
+import pytest
+
+from responses_fixtures import AGENT_ANSWER, THINK_ANSWER, build_agent
+from scripted import _answer, build_scripted_checkpoint
+from server_utils import BackgroundServer, tiny_served_model
+from qwenstack.serving.app import create_app
+from qwenstack.serving.config import ServerConfig
+
+WEATHER = {"type": "function", "name": "get_weather", "description": "Current weather in a city",
+           "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
+TIME = {"type": "function", "name": "get_time", "description": "Local time in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BackgroundServer]:
+    root = tmp_path_factory.mktemp("responses")
+    think = build_scripted_checkpoint(root / "think", THINK_ANSWER)
+    agent = build_agent(root / "agent")
+    models = [tiny_served_model(think.path, "think"), tiny_served_model(agent.path, "agent")]
+    app = create_app(models, ServerConfig(ui_db_path=str(root / "chats.db"), enable_ui=False))
+    with BackgroundServer(app) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def client(server: BackgroundServer) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+
+
+def test_plain_response_has_reasoning_and_message_items(client: openai.OpenAI) -> None:
+    r = client.responses.create(model="think", input="Hello there")
+    assert r.status == "completed" and r.object == "response"
+    assert [i.type for i in r.output] == ["reasoning", "message"]
+    assert r.output[0].content[0].text == "The user says hello. A short, friendly greeting fits."
+    assert r.output_text == _answer(THINK_ANSWER)
+    assert r.usage.output_tokens_details.reasoning_tokens > 0
+    assert r.usage.total_tokens == r.usage.input_tokens + r.usage.output_tokens
+
+
+def test_stream_events_in_order_with_sequence_numbers(client: openai.OpenAI) -> None:
+    with client.responses.stream(model="think", input="Hello there") as stream:
+        events = list(stream)
+        final = stream.get_final_response()
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    kinds = [e.type for e in events]
+    assert kinds[:2] == ["response.created", "response.in_progress"] and kinds[-1] == "response.completed"
+
+    def block(item_type: str, delta: str, done: str) -> None:
+        """The events of one text item: added, part added, deltas, text done, part done, item done."""
+        start = next(i for i, e in enumerate(events)
+                     if e.type == "response.output_item.added" and e.item.type == item_type)
+        end = kinds.index("response.output_item.done", start)
+        inner = kinds[start + 1:end]
+        assert inner[0] == "response.content_part.added" and inner[-2:] == [done, "response.content_part.done"]
+        assert set(inner[1:-2]) == {delta}
+        assert all(getattr(e, "item_id", None) == events[start].item.id for e in events[start + 1:end])
+
+    block("reasoning", "response.reasoning_text.delta", "response.reasoning_text.done")
+    block("message", "response.output_text.delta", "response.output_text.done")
+    assert kinds.index("response.reasoning_text.done") < kinds.index("response.output_text.delta")
+    text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert text == final.output_text == _answer(THINK_ANSWER)
+    assert final.status == "completed" and [i.type for i in final.output] == ["reasoning", "message"]
+
+
+def test_function_tools_over_two_turns(client: openai.OpenAI) -> None:
+    first = client.responses.create(model="agent", input="Weather and time in Paris?", tools=[WEATHER, TIME])
+    calls = [i for i in first.output if i.type == "function_call"]
+    assert [c.name for c in calls] == ["get_weather", "get_time"]
+    assert json.loads(calls[0].arguments) == {"city": "Paris"} and calls[0].call_id != calls[1].call_id
+    assert first.output[0].type == "reasoning"
+    outputs = [{"type": "function_call_output", "call_id": c.call_id, "output": f"result of {c.name}"} for c in calls]
+    # The client resends the whole conversation (no previous_response_id): its own items plus the outputs.
+    history = [{"role": "user", "content": "Weather and time in Paris?"}] + [i.model_dump() for i in first.output]
+    second = client.responses.create(model="agent", input=history + outputs, tools=[WEATHER, TIME])
+    assert second.output_text == AGENT_ANSWER and [i.type for i in second.output] == ["message"]
+
+
+def test_previous_response_id_continues_and_reuses_the_prefix_cache(client: openai.OpenAI) -> None:
+    first = client.responses.create(model="agent", input="Weather and time in Paris? " * 8, tools=[WEATHER, TIME])
+    outputs = [{"type": "function_call_output", "call_id": c.call_id, "output": "sunny"}
+               for c in first.output if c.type == "function_call"]
+    second = client.responses.create(model="agent", previous_response_id=first.id, input=outputs,
+                                     tools=[WEATHER, TIME])
+    assert second.previous_response_id == first.id and second.output_text == AGENT_ANSWER
+    # The first turn's prompt is a prefix of the second's: its blocks come from the prefix cache.
+    assert second.usage.input_tokens_details.cached_tokens >= first.usage.input_tokens - 4
+    items = client.responses.input_items.list(second.id, order="asc")
+    assert [i.type for i in items.data] == ["function_call_output", "function_call_output"]
+
+
+def test_json_schema_text_format(client: openai.OpenAI) -> None:
+    schema = {"type": "object", "properties": {"mood": {"enum": ["happy", "sad"]}}, "required": ["mood"],
+              "additionalProperties": False}
+    r = client.responses.create(model="think", input="How are you?", max_output_tokens=200,
+                                reasoning={"effort": "none"},
+                                text={"format": {"type": "json_schema", "name": "mood", "schema": schema, "strict": True}})
+    assert json.loads(r.output_text)["mood"] in ("happy", "sad")
+    assert [i.type for i in r.output] == ["message"] and r.usage.output_tokens_details.reasoning_tokens == 0
+    assert r.text.format.type == "json_schema"
+
+
+def test_retrieve_and_delete(client: openai.OpenAI) -> None:
+    r = client.responses.create(model="think", input="Hello there", instructions="Be brief.")
+    got = client.responses.retrieve(r.id)
+    assert got.id == r.id and got.output_text == r.output_text and got.instructions == "Be brief."
+    client.responses.delete(r.id)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(r.id)
+    unstored = client.responses.create(model="think", input="Hello there", store=False)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(unstored.id)
+
+
+def test_errors_are_openai_shaped(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.NotFoundError) as err:
+        client.responses.create(model="think", input="Hi", previous_response_id="resp_nope")
+    assert "resp_nope" in err.value.message
+    for bad in ([{"type": "bogus"}], [{"type": "function_call_output", "output": "no call id"}],
+                [{"role": "user"}], [{"role": "wizard", "content": "hi"}]):
+        with pytest.raises(openai.BadRequestError):
+            client.responses.create(model="think", input=bad)
+    with pytest.raises(openai.BadRequestError):
+        client.responses.create(model="think", input="Hi", tool_choice="required")
+    image = [{"role": "user", "content": [{"type": "input_text", "text": "What is this?"},
+                                          {"type": "input_image", "image_url": "data:image/png;base64,AAAA"}]}]
+    with pytest.raises(openai.BadRequestError, match="does not accept image_url input"):  # a text-only model
+        client.responses.create(model="think", input=image)
+    with pytest.raises(openai.BadRequestError):
+        client.responses.create(model="think", input=[{"type": "mcp_approval_response", "approval_request_id": "x",
+                                                      "approve": True}])
+
+
+def test_background_response(client: openai.OpenAI) -> None:
+    import time
+
+    r = client.responses.create(model="think", input="Hello there", background=True)
+    assert r.status in ("queued", "in_progress") and r.background
+    deadline = time.monotonic() + 60
+    while (got := client.responses.retrieve(r.id)).status in ("queued", "in_progress"):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert got.status == "completed" and got.output_text == _answer(THINK_ANSWER)
+    with pytest.raises(openai.BadRequestError):
+        client.responses.cancel(client.responses.create(model="think", input="Hi").id)  # not background
+
+
+def test_streamed_function_calls_and_openapi(client: openai.OpenAI, server: BackgroundServer) -> None:
+    import httpx
+
+    with client.responses.stream(model="agent", input="Weather and time in Paris?", tools=[WEATHER, TIME],
+                                 parallel_tool_calls=False) as stream:
+        events = list(stream)
+        final = stream.get_final_response()
+    kinds = [e.type for e in events]
+    start = kinds.index("response.function_call_arguments.delta")
+    assert kinds[start - 1:start + 3] == ["response.output_item.added", "response.function_call_arguments.delta",
+                                          "response.function_call_arguments.done", "response.output_item.done"]
+    assert kinds.count("response.output_item.added") == 2  # reasoning, then one call (parallel_tool_calls=false)
+    call = final.output[-1]
+    assert call.type == "function_call" and call.name == "get_weather" and call.arguments == events[start].delta
+    spec = httpx.get(server.url + "/openapi.json").json()
+    body = spec["paths"]["/v1/responses"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert body["$ref"].endswith("/ResponsesRequest")
+    assert {"/v1/responses/{response_id}", "/v1/responses/{response_id}/cancel",
+            "/v1/responses/{response_id}/input_items"} <= set(spec["paths"])
+
+
+def test_reasoning_effort_maps_onto_thinking(client: openai.OpenAI) -> None:
+    off = client.responses.create(model="think", input="Hello there", reasoning={"effort": "minimal"})
+    assert [i.type for i in off.output] == ["message"] and off.output_text == _answer(THINK_ANSWER)
+    on = client.responses.create(model="think", input="Hello there", reasoning={"effort": "high", "summary": "auto"})
+    assert [i.type for i in on.output] == ["reasoning", "message"] and on.reasoning.effort == "high"
+    cut = client.responses.create(model="think", input="Hello there", max_output_tokens=3)
+    assert cut.status == "incomplete" and cut.incomplete_details.reason == "max_output_tokens"
+    assert cut.usage.output_tokens == 3
