@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
-import re
 import secrets
 import threading
 import time
@@ -35,7 +34,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from qwenstack.imagegen.jobs import FinishedImage, ImageJob, JobCancelled, PartialImage, Progress
-from qwenstack.imagegen.limits import ImageRequestLimits
+from qwenstack.imagegen.limits import ImageRequestLimits, parse_size
 from qwenstack.imagegen.pipelines import ImagePipeline
 from qwenstack.imagegen.queue import ImageJobQueue, JobHandle, QueueFull
 from qwenstack.multimodal.image_processing import ImageError, ImageLimits, _to_rgb, load_image
@@ -45,7 +44,6 @@ from qwenstack.serving.streaming import DONE, ClientDisconnected, ClosingStreami
 
 log = logging.getLogger("qwenstack.server")
 
-SIZE_RE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
 MAX_SEED = 2**63 - 1
 OutputFormat = Literal["png", "webp", "jpeg"]
 
@@ -149,21 +147,10 @@ def get_service(request: Request) -> ImageService:
 def _parse_size(size: str, pipeline: ImagePipeline, images: list[Any], limits: ImageRequestLimits) -> tuple[int, int]:
     if size == "auto":
         return pipeline.auto_size(images)
-    match = SIZE_RE.match(size)
-    if not match:
-        raise bad_request(f"size must be 'auto' or WIDTHxHEIGHT (e.g. 1024x1024), got {size!r}", param="size")
-    width, height = int(match[1]), int(match[2])
-    m = pipeline.size_multiple
-    if width % m or height % m:
-        raise bad_request(f"size {size}: this model makes images whose sides are multiples of {m} pixels",
-                          param="size", code="invalid_size")
-    if min(width, height) < limits.min_side:
-        raise bad_request(f"size {size}: each side must be at least {limits.min_side} pixels", param="size",
-                          code="invalid_size")
-    if width * height > limits.max_output_pixels:
-        raise bad_request(f"size {size} is {width * height} pixels, over this server's limit of "
-                          f"{limits.max_output_pixels} pixels per image", param="size", code="invalid_size")
-    return width, height
+    try:
+        return parse_size(size, pipeline.size_multiple, limits)
+    except ValueError as exc:
+        raise bad_request(str(exc), param="size", code="invalid_size") from None
 
 
 def build_job(options: ImageOptions, pipeline: ImagePipeline, images: list[Any], mask: Any,
