@@ -63,11 +63,15 @@ def direct(pipeline: ImagePipeline, images: list[Image.Image], seed: int, **kwar
 
 
 @pytest.fixture(scope="module")
-def pipelines(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, ImagePipeline]]:
+def dirs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Path]]:
     with pytest.MonkeyPatch.context() as mp:
         small_condition_sizes(mp)
-        dirs = build_image_pipelines(tmp_path_factory.mktemp("qwen-image"))
-        yield {kind: load_image_pipeline(str(path), name=f"tiny-{kind}") for kind, path in dirs.items()}
+        yield build_image_pipelines(tmp_path_factory.mktemp("qwen-image"))
+
+
+@pytest.fixture(scope="module")
+def pipelines(dirs: dict[str, Path]) -> dict[str, ImagePipeline]:
+    return {kind: load_image_pipeline(str(path), name=f"tiny-{kind}") for kind, path in dirs.items()}
 
 
 def serve(pipeline: ImagePipeline, **config: Any) -> BackgroundServer:
@@ -267,6 +271,26 @@ def test_full_queue_is_a_429_with_retry_after(pipelines: dict[str, ImagePipeline
     assert refused.status_code == 429
     assert int(refused.headers["retry-after"]) >= 1
     assert refused.json()["error"]["code"] == "queue_full"
+
+
+def test_image_model_loads_in_the_background_when_the_app_starts(dirs: dict[str, Path]) -> None:
+    config = ServerConfig(enable_ui=False, image_model=str(dirs["generate"]), image_model_name="painter")
+    with BackgroundServer(create_app([], config)) as server:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            response = httpx.post(f"{server.url}/v1/images/generations", json={"prompt": PROMPT, **FAST, "seed": 1})
+            if response.status_code != 503:
+                break
+            assert response.json()["error"]["code"] == "loading" and "retry-after" in response.headers
+            time.sleep(0.1)
+        assert response.status_code == 200, response.text
+        ids = [m["id"] for m in httpx.get(f"{server.url}/v1/models").json()["data"]]
+        wrong = httpx.post(f"{server.url}/v1/images/generations", json={"prompt": PROMPT, "model": "other"})
+    assert ids == ["painter"]
+    assert wrong.status_code == 404 and "'painter'" in wrong.json()["error"]["message"]
+    with BackgroundServer(create_app([], ServerConfig(enable_ui=False))) as server:
+        none = httpx.post(f"{server.url}/v1/images/generations", json={"prompt": PROMPT})
+    assert none.status_code == 404 and "--image-model" in none.json()["error"]["message"]
 
 
 def test_serve_flags_build_the_image_config() -> None:
