@@ -293,6 +293,30 @@ def test_image_model_loads_in_the_background_when_the_app_starts(dirs: dict[str,
     assert none.status_code == 404 and "--image-model" in none.json()["error"]["message"]
 
 
+def test_image_jobs_wait_between_steps_while_chat_is_busy(pipelines: dict[str, ImagePipeline]) -> None:
+    from qwenstack.imagegen.jobs import ImageJob, run_job
+    from qwenstack.imagegen.queue import ImageJobQueue
+
+    calls = []
+    run_job(pipelines["generate"], ImageJob(prompt=PROMPT, width=32, height=32, num_inference_steps=3),
+            lambda event: None, between_steps=lambda: calls.append(1))
+    assert len(calls) == 3  # the queue's hook runs after every denoising step
+
+    answers = iter([True, True, True])
+    queue = ImageJobQueue(pipelines["generate"], chat_busy=lambda: next(answers, False), yield_s=5.0)
+    try:
+        t = time.monotonic()
+        queue._yield_to_chat()  # waits while chat is busy, and no longer
+        released = time.monotonic() - t
+        queue.chat_busy, queue.yield_s = (lambda: True), 0.2
+        t = time.monotonic()
+        queue._yield_to_chat()  # at most yield_s per step, however long chat stays busy
+        capped = time.monotonic() - t
+    finally:
+        queue.close()
+    assert released < 1.0 and 0.2 <= capped < 1.0
+
+
 def test_serve_flags_build_the_image_config() -> None:
     from qwenstack.cli import build_parser, discover_commands
     from qwenstack.commands.serve import serve_config_from_args, server_config

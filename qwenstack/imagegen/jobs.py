@@ -136,9 +136,10 @@ def encode_image(image: Image.Image, output_format: str, compression: int | None
 
 
 def run_job(pipeline: ImagePipeline, job: ImageJob, emit: Callable[[JobEvent], None],
-            cancelled: Callable[[], bool] = lambda: False) -> None:
+            cancelled: Callable[[], bool] = lambda: False, between_steps: Callable[[], None] = lambda: None) -> None:
     """Runs every pipeline call of `job`, emitting Progress after each step, PartialImage previews and a
-    FinishedImage per image. Raises JobCancelled between steps once `cancelled()` is true."""
+    FinishedImage per image. Raises JobCancelled between steps once `cancelled()` is true; calls
+    `between_steps` after each step (the queue uses it to let chat requests go first)."""
     previews = preview_steps(job.num_inference_steps, job.partial_images)
     partial_count = 0
     for index in range(job.n):
@@ -155,6 +156,7 @@ def run_job(pipeline: ImagePipeline, job: ImageJob, emit: Callable[[JobEvent], N
                                                                      job.output_compression)))
                 partial_count += 1
             emit(Progress(index, step + 1, index * job.num_inference_steps + step + 1, job.total_steps))
+            between_steps()
             return {}
 
         image = pipeline.pipe(**pipeline_kwargs(pipeline, job, index), callback_on_step_end=on_step_end).images[0]

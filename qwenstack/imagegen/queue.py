@@ -4,9 +4,12 @@ Decisions:
 - One job at a time on one worker thread (the pipeline is not thread-safe, and one 20B model fills a GPU);
   at most `max_queued` more wait. Beyond that `submit` raises `QueueFull` with a Retry-After estimated from
   the mean job time so far, so the client does not spin.
-- The worker runs at a lower OS priority (`nice`, Linux: per thread, inherited by the OpenMP threads it
-  starts). On a CPU machine an image job would otherwise take the cores the chat engines need;
-  `torch.set_num_threads` cannot do it, since it sets one process-wide pool size for every thread.
+- Chat comes first. The worker runs at a lower OS priority (`nice`, Linux: per thread, inherited by the
+  OpenMP threads it starts), so on a CPU machine an image job does not take the cores the chat engines
+  need (`torch.set_num_threads` cannot do it: it sets one process-wide pool size for every thread). And
+  between two denoising steps, while `chat_busy()` says a chat engine has requests, the worker waits (up
+  to `yield_s` per step) without holding the GIL, which the Python between diffusers' kernels would
+  otherwise share with the engines' threads.
 - Events cross from the worker thread to the request's event loop with `call_soon_threadsafe`; a job whose
   client went away is cancelled (`JobHandle.cancel`) and stops between two denoising steps, or is skipped
   if it had not started.
@@ -32,6 +35,8 @@ log = logging.getLogger("qwenstack.imagegen")
 
 HISTORY = 64
 DEFAULT_NICE = 10
+DEFAULT_YIELD_S = 0.25
+YIELD_POLL_S = 0.002
 
 
 class QueueFull(Exception):
@@ -94,10 +99,13 @@ class JobHandle:
 
 class ImageJobQueue:
     def __init__(self, pipeline: ImagePipeline, max_queued: int = 4, nice: int = DEFAULT_NICE,
-                 runner: Callable[..., None] = run_job) -> None:
+                 runner: Callable[..., None] = run_job, chat_busy: Callable[[], bool] | None = None,
+                 yield_s: float = DEFAULT_YIELD_S) -> None:
         self.pipeline = pipeline
         self.max_queued = max_queued
         self.nice = nice
+        self.chat_busy = chat_busy
+        self.yield_s = yield_s
         self._runner = runner
         self._waiting: deque[JobHandle] = deque()
         self._cond = threading.Condition()
@@ -146,6 +154,13 @@ class ImageJobQueue:
         except OSError as exc:
             log.warning("could not lower the image worker's priority: %s", exc)
 
+    def _yield_to_chat(self) -> None:
+        if self.chat_busy is None or self.yield_s <= 0:
+            return
+        deadline = time.monotonic() + self.yield_s
+        while self.chat_busy() and time.monotonic() < deadline:
+            time.sleep(YIELD_POLL_S)
+
     def _next(self) -> JobHandle | None:
         with self._cond:
             while not self._waiting and not self._closed:
@@ -172,7 +187,7 @@ class ImageJobQueue:
 
             error: BaseException | None = None
             try:
-                self._runner(self.pipeline, handle.job, emit, lambda h=handle: h.cancelled)
+                self._runner(self.pipeline, handle.job, emit, lambda h=handle: h.cancelled, self._yield_to_chat)
                 record.status = "done"
             except JobCancelled as exc:
                 record.status, error = "cancelled", exc

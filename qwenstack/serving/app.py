@@ -180,7 +180,9 @@ def create_app(
     app.include_router(_info_router())
     app.include_router(chat.router)
     app.include_router(completions.router)
-    images = install_image_api(app, config, image_pipeline)  # /v1/images/*
+    images = install_image_api(app, config, image_pipeline,  # /v1/images/*; image jobs yield to chat
+                               chat_busy=lambda: any(m.engine.engine.has_unfinished_requests()
+                                                     for m in list(registry.models.values())))
     install_guardrails(app, config)  # /v1/moderations; loads config.guard_model when the app starts
     if config.enable_ui:
         _mount_ui(app, config)

@@ -102,6 +102,7 @@ class ServerConfig:
     image_offload: str = "auto"  # auto, none, model, sequential (diffusers' CPU offloading on CUDA)
     image_max_queued: int = 4  # image jobs waiting behind the running one; beyond: 429 with Retry-After
     image_nice: int = 10  # the image worker's OS priority offset (chat requests come first)
+    image_yield_s: float = 0.25  # most an image job waits per denoising step while chat requests run
     image_limits: ImageRequestLimits = field(default_factory=ImageRequestLimits)
 
     def kv_memory_for(self, spec: ModelSpec) -> int:

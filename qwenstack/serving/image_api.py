@@ -40,6 +40,7 @@ from qwenstack.imagegen.queue import ImageJobQueue, JobHandle, QueueFull
 from qwenstack.multimodal.image_processing import ImageError, ImageLimits, _to_rgb, load_image
 from qwenstack.serving.config import ServerConfig
 from qwenstack.serving.errors import APIError, bad_request, error_frame, from_exception, queue_full
+from qwenstack.serving.state import parse
 from qwenstack.serving.streaming import DONE, ClientDisconnected, ClosingStreamingResponse, sse, unless_disconnected
 
 log = logging.getLogger("qwenstack.server")
@@ -73,6 +74,7 @@ class ImageService:
 
     config: ServerConfig
     limits: ImageRequestLimits
+    chat_busy: Callable[[], bool] | None = None  # whether a chat engine has requests (image jobs yield)
     queue: ImageJobQueue | None = None
     loading: bool = False
     failed: str | None = None
@@ -82,7 +84,8 @@ class ImageService:
         return self.queue.pipeline if self.queue else None
 
     def serve(self, pipeline: ImagePipeline) -> None:
-        self.queue = ImageJobQueue(pipeline, max_queued=self.config.image_max_queued, nice=self.config.image_nice)
+        self.queue = ImageJobQueue(pipeline, max_queued=self.config.image_max_queued, nice=self.config.image_nice,
+                                   chat_busy=self.chat_busy, yield_s=self.config.image_yield_s)
 
     def start(self, on_load_error: Callable[[BaseException], None] | None = None) -> None:
         """Loads `config.image_model` in a thread (requests get 503 until it is ready)."""
@@ -309,8 +312,6 @@ def _router() -> APIRouter:
         input_fidelity: str | None = Form(None),
         user: str | None = Form(None),
     ) -> Any:
-        from qwenstack.serving.state import parse
-
         fields = dict(prompt=prompt, model=model, n=n, size=size, response_format=response_format,
                       output_format=output_format, output_compression=output_compression, stream=stream,
                       partial_images=partial_images, negative_prompt=negative_prompt,
@@ -332,9 +333,10 @@ def _router() -> APIRouter:
     return router
 
 
-def install_image_api(app: FastAPI, config: ServerConfig, pipeline: ImagePipeline | None = None) -> ImageService:
+def install_image_api(app: FastAPI, config: ServerConfig, pipeline: ImagePipeline | None = None,
+                      chat_busy: Callable[[], bool] | None = None) -> ImageService:
     """Adds the image routes; `pipeline` is served at once, else `config.image_model` loads on `start`."""
-    service = ImageService(config, config.image_limits)
+    service = ImageService(config, config.image_limits, chat_busy)
     if pipeline is not None:
         service.serve(pipeline)
     app.state.qwenstack_images = service
