@@ -14,6 +14,7 @@ EPILOG = """examples:
   qwenstack plan qwen3-1t-hypothetical --context 262144          # a documented hypothetical 1T MoE
   qwenstack plan ./Qwen3-0.6B --quantization int8                # measures a short decode too
   qwenstack plan path/to/config.json --context 32768 --concurrency 8 --json plan.json
+  qwenstack plan Qwen/Qwen-Image-Edit-2509 --gpu H100 --size 1024x1024 --images 2   # an image model
 
 MODEL is a config.json file, a model folder, a model id in the local Hugging Face cache, or a published
 Qwen3 name from qwenstack's table (no download, no weights needed). The memory bandwidth is measured once
@@ -36,12 +37,41 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-bandwidth", action="store_true", help="skip the bandwidth figures and speed estimates")
     parser.add_argument("--refresh-bandwidth", action="store_true", help="measure the bandwidth again")
     parser.add_argument("--json", type=Path, default=None, metavar="OUT", help="also write the plan as JSON")
+    image = parser.add_argument_group("image models (Qwen-Image, Qwen-Image-Edit, Qwen-Image-Edit-2509)")
+    image.add_argument("--gpu", default=None, help="plan for this GPU: H200, H100, A100-80GB, A100-40GB, L40S, "
+                                                    "RTX-4090, RTX-3090, L4 (default: this machine's)")
+    image.add_argument("--size", default="1024x1024", help="output WIDTHxHEIGHT (default: 1024x1024)")
+    image.add_argument("--images", type=positive_int, default=None, help="input images of an edit (default: 1)")
+    image.add_argument("--steps", type=positive_int, default=None, help="denoising steps (default: the model card's)")
+    image.add_argument("--no-cfg", action="store_true", help="without true CFG (one transformer pass per step)")
+
+
+def run_image_plan(args: argparse.Namespace, model: object) -> int:
+    from qwenstack.cost.image_planner import find_gpu, local_gpu, plan_image
+
+    gpu = find_gpu(args.gpu) if args.gpu else local_gpu()
+    if gpu is None:
+        raise ValueError("no known GPU here: name one with --gpu (H200, H100, A100-80GB, A100-40GB, L40S, RTX-4090, "
+                         "RTX-3090, L4)")
+    width, _, height = args.size.partition("x")
+    if not (width.isdigit() and height.isdigit()):
+        raise ValueError(f"--size must be WIDTHxHEIGHT, got {args.size!r}")
+    plan = plan_image(model, gpu, int(width), int(height), args.images, args.steps, not args.no_cfg)
+    print(plan.format())
+    if args.json is not None:
+        args.json.write_text(json.dumps(plan.to_dict(), indent=2) + "\n", encoding="utf-8")
+    return 0
 
 
 def run(args: argparse.Namespace) -> int:
+    from qwenstack.cost.image_planner import image_model_for
+
+    image_model = image_model_for(args.model)
+    if image_model is not None:
+        return run_image_plan(args, image_model)
     from qwenstack.cost.bandwidth import cpu_bandwidth, gpu_bandwidth
-    from qwenstack.cost.report import format_plan
     from qwenstack.cost.planner import find_config, make_plan, measure_decode
+    from qwenstack.cost.report import format_plan
 
     source = find_config(args.model)
     bandwidth = gpu = None

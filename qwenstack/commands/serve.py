@@ -21,6 +21,7 @@ EPILOG = """examples:
   qwenstack serve Qwen/Qwen3-8B --host 0.0.0.0 --api-key "$KEY" --remote qwen-max=https://example.com/v1
   qwenstack serve Qwen/Qwen3-8B --guard Qwen/Qwen3Guard-Gen-0.6B --guard-stream Qwen/Qwen3Guard-Stream-0.6B \
       --guard-policy controversial=block --guard-stream-window 4
+  qwenstack serve Qwen/Qwen3-8B --image-model Qwen/Qwen-Image-Edit-2509   # + /v1/images/edits
 
 Several models are served at once, each with its own engine and an equal share of --kv-cache-memory; a
 request picks one by its `model` field. With no MODEL and no --remote, the bundled demo model is served.
@@ -86,6 +87,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     app.add_argument("--mcp-allow-stdio", action="store_true",
                      help="allow --mcp stdio:COMMAND servers (the server starts those commands)")
     app.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    img = parser.add_argument_group("images (needs diffusers: pip install 'qwenstack[image]')")
+    img.add_argument("--image-model", default=None, metavar="PATH_OR_ID",
+                     help="also serve /v1/images/edits or /v1/images/generations with this Qwen-Image pipeline "
+                          "(Qwen-Image-Edit-2509, Qwen-Image-Edit or Qwen-Image; chosen from its model_index.json)")
+    img.add_argument("--image-model-name", default=None, metavar="NAME", help="the name clients use for it")
+    img.add_argument("--image-offload", default=None, choices=("auto", "none", "model", "sequential"),
+                     help="diffusers' CPU offloading on CUDA (default: auto, when the weights do not fit)")
+    img.add_argument("--image-max-queued", type=positive_int, default=None,
+                     help="image jobs that may wait behind the running one (default: 4; beyond: 429)")
 
 
 def serve_config_from_args(args: argparse.Namespace) -> dict[str, Any]:
@@ -121,7 +131,9 @@ def serve_config_from_args(args: argparse.Namespace) -> dict[str, Any]:
     optional = {"api_key": args.api_key, "kv_cache_memory": args.kv_cache_memory, "ui_db_path": args.ui_db,
                 "remote_timeout_s": args.remote_timeout, "guard_model": args.guard,
                 "guard_stream_model": args.guard_stream, "guard_policy": args.guard_policy,
-                "guard_stream_window": args.guard_stream_window}
+                "guard_stream_window": args.guard_stream_window, "image_model": args.image_model,
+                "image_model_name": args.image_model_name, "image_offload": args.image_offload,
+                "image_max_queued": args.image_max_queued}
     config.update({k: v for k, v in optional.items() if v is not None})
     if args.no_think:
         config["default_chat_template_kwargs"] = {"enable_thinking": False}
@@ -138,6 +150,8 @@ def serve_config_from_args(args: argparse.Namespace) -> dict[str, Any]:
         raise ValueError("--guard-policy, --guard-fail-open and --guard-stream-window need --guard or --guard-stream")
     if args.guard_stream_window is not None and args.guard_stream_window < 0:
         raise ValueError("--guard-stream-window must be >= 0")
+    if (args.image_model_name or args.image_offload or args.image_max_queued) and not args.image_model:
+        raise ValueError("--image-model-name, --image-offload and --image-max-queued need --image-model")
     if args.guard_policy:
         from qwenstack.guard.verdict import GuardPolicy  # torch-free: a bad policy is reported before loading
 

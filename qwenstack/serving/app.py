@@ -27,6 +27,7 @@ from qwenstack.serving import chat, completions, introspect
 from qwenstack.serving.chat import template_kwargs, template_messages
 from qwenstack.serving.config import ModelSpec, ServerConfig
 from qwenstack.serving.errors import APIError, bad_request, install_handlers
+from qwenstack.serving.image_api import install_image_api
 from qwenstack.serving.metrics import ServerMetrics
 from qwenstack.serving.moderation import install_guardrails
 from qwenstack.serving.protocol import (
@@ -93,6 +94,7 @@ def _info_router() -> APIRouter:
                            capabilities=m.capabilities) for m in list(state.registry.models.values())]
         cards += [ModelCard(id=r.name, created=0, owned_by=f"remote:{r.base_url}", capabilities=["chat", "completion"])
                   for r in state.remote.routes.values()]
+        cards += [ModelCard(**card) for card in request.app.state.qwenstack_images.model_cards()]
         return ModelList(data=cards)
 
     @router.get("/v1/models/{model_id:path}")
@@ -146,6 +148,7 @@ def create_app(
     *,
     loader: Loader = load_served_model,
     on_load_error: Callable[[BaseException], None] | None = None,
+    image_pipeline: Any = None,
 ) -> FastAPI:
     """The app serving `models` (already loaded) plus `config.models` (loaded in the background once the
     app starts; /health answers 503 until they are). The app shuts the engines down when it stops."""
@@ -162,11 +165,13 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await remote.start()
         registry.start_loading(config, loader, on_load_error)
+        images.start(on_load_error)
         try:
             yield
         finally:
             await remote.close()
             registry.shutdown()
+            images.close()
 
     app = FastAPI(title="qwenstack", version=__version__, lifespan=lifespan)
     app.state.qwenstack = state
@@ -177,6 +182,9 @@ def create_app(
     app.include_router(introspect.router())
     app.include_router(chat.router)
     app.include_router(completions.router)
+    images = install_image_api(app, config, image_pipeline,  # /v1/images/*; image jobs yield to chat
+                               chat_busy=lambda: any(m.engine.engine.has_unfinished_requests()
+                                                     for m in list(registry.models.values())))
     install_guardrails(app, config)  # /v1/moderations; loads config.guard_model when the app starts
     install_responses(app, config)  # /v1/responses, its store and MCP tools
     if config.enable_ui:

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from qwenstack.engine.engine import DEFAULT_KV_CACHE_MEMORY
+from qwenstack.imagegen.limits import ImageRequestLimits
 
 API_KEY_ENV = "QWENSTACK_API_KEY"
 REMOTE_KEY_ENV = "QWENSTACK_REMOTE_API_KEY"
@@ -105,6 +106,15 @@ class ServerConfig:
     mcp_allow_stdio: bool = False
     mcp_timeout_s: float = 30.0
     mcp_max_steps: int = 8
+    # Image generation (qwenstack.serving.image_api): a Qwen-Image diffusers pipeline beside the chat models.
+    image_model: str | None = None  # a directory or hub id with model_index.json
+    image_model_name: str | None = None
+    image_device: str | None = None  # None: cuda when present, else cpu
+    image_offload: str = "auto"  # auto, none, model, sequential (diffusers' CPU offloading on CUDA)
+    image_max_queued: int = 4  # image jobs waiting behind the running one; beyond: 429 with Retry-After
+    image_nice: int = 10  # the image worker's OS priority offset (chat requests come first)
+    image_yield_s: float = 0.25  # most an image job waits per denoising step while chat requests run
+    image_limits: ImageRequestLimits = field(default_factory=ImageRequestLimits)
 
     def kv_memory_for(self, spec: ModelSpec) -> int:
         if spec.kv_cache_memory is not None:

@@ -4,6 +4,7 @@ import { AnswerAccumulator, errorText, readSSE } from "./sse.js";
 import { DEFAULT_SETTINGS, requestBody } from "./request.js";
 import { ResponseEventAccumulator, responsesBody } from "./responses.js";
 import { assistantView, h, toolResultView, userView } from "./views.js";
+import { imageTask, runImageJob } from "./imagegen.js";
 
 const MAX_FILE_BYTES = 16 * 1024 * 1024;
 const THEMES = ["system", "light", "dark"];
@@ -152,7 +153,8 @@ function capabilities(modelId) {
 }
 
 function accepts(modelId, kind) {
-  return capabilities(modelId).has(kind === "image" ? "vision" : "audio");
+  const caps = capabilities(modelId);
+  return kind === "image" ? caps.has("vision") || caps.has("image_edit") : caps.has("audio");
 }
 
 function selectedModel() { return ui.models.value || null; }
@@ -394,6 +396,8 @@ async function generate() {
   const conv = state.conv;
   const model = selectedModel();
   if (!conv || state.streaming) return;
+  const task = imageTask(capabilities(model));
+  if (task) { await generateImage(conv, model, task); return; }
   const controller = new AbortController();
   state.streaming = { controller, convId: conv.id };
   setStreaming(true);
@@ -464,6 +468,50 @@ async function generate() {
     renderMessages();
     if (stick) scrollToBottom(true);
   }
+  refreshConversations();
+}
+
+// An image model's answer: the last user message is the prompt; an edit uses that message's images, or else
+// the latest images of the conversation (so a made image can be edited again with a follow-up message).
+async function generateImage(conv, model, task) {
+  const lastUser = [...conv.messages].reverse().find((m) => m.role === "user");
+  const images = [...conv.messages].reverse().find((m) => (m.attachments || []).some((a) => a.kind === "image"));
+  const controller = new AbortController();
+  state.streaming = { controller, convId: conv.id };
+  setStreaming(true);
+  renderMessages();
+  const started = performance.now();
+  const live = { role: "assistant", model, content: "", image_progress: 0, image_preview: null };
+  const view = assistantView(live, { live: true }, viewContext());
+  ui.messages.querySelector(".empty-state")?.remove();
+  ui.messages.append(view.root);
+  scrollToBottom(true);
+  const message = { role: "assistant", model, content: "" };
+  try {
+    const result = await runImageJob({ apiFetch, httpErrorText, task, model, prompt: lastUser?.content || "",
+      attachments: task === "edit" ? (images?.attachments || []) : [], signal: controller.signal,
+      onUpdate: ({ progress, preview }) => {
+        if (progress !== undefined) live.image_progress = progress;
+        if (preview !== undefined) live.image_preview = preview;
+        view.update(live, true);
+        scrollToBottom();
+      } });
+    if (result.attachments.length) message.attachments = result.attachments;
+    if (result.error) message.error = result.error;
+  } catch (e) {
+    if (e.name === "AbortError") message.finish_reason = "abort";
+    else message.error = `Could not reach the server: ${e.message}`;
+  }
+  message.metrics = { elapsed_s: Math.round((performance.now() - started) / 10) / 100 };
+  state.streaming = null;
+  setStreaming(false);
+  try {
+    conv.messages.push(await api("POST", `api/conversations/${conv.id}/messages`, message));
+  } catch (e) {
+    conv.messages.push(message);
+    showBanner(`The image could not be saved: ${e.message}`);
+  }
+  if (state.conv === conv) { renderMessages(); scrollToBottom(true); }
   refreshConversations();
 }
 

@@ -26,6 +26,23 @@ function attachmentList(attachments) {
     : h("audio", { src: a.data_url, controls: true, testid: "message-attachment" }))));
 }
 
+// An image the assistant made (an image model's answer), with a download link.
+function imageResult(a) {
+  return h("figure", { class: "image-result" },
+    h("img", { src: a.data_url, alt: a.name || "image", testid: "image-result" }),
+    h("figcaption", {}, h("a", { href: a.data_url, download: a.name || "image.png", class: "btn btn-small",
+      testid: "image-download" }, "Download")));
+}
+
+// A running image job: a progress bar over the denoising steps and the latest preview.
+function imageProgress(fraction, preview) {
+  const percent = Math.round((fraction || 0) * 100);
+  return h("div", { class: "image-progress", testid: "image-progress", "data-progress": String(fraction || 0) },
+    h("progress", { max: "100", value: String(percent), "aria-label": "Image progress" }),
+    h("span", { class: "muted" }, `Making the image… ${percent}%`),
+    preview ? h("img", { src: preview, alt: "preview", class: "image-preview", testid: "image-preview" }) : null);
+}
+
 export function userView(m, index, ctx) {
   const root = h("article", { class: "msg msg-user", testid: "message", "data-role": "user", "data-id": m.id });
   if (ctx.editing === m.id) {
@@ -109,11 +126,13 @@ export function assistantView(m, { index = -1, last = false, tail = false, answe
   const tools = h("div", { class: "tool-calls" });
   const content = h("div", { class: "md content", testid: "message-content" });
   const notices = h("div", { class: "notices" });
+  const media = h("div", { class: "image-results" });
   const meta = h("footer", { class: "msg-meta" });
   root.append(h("div", { class: "msg-role" }, m.model || "assistant"),
-    h("div", { class: "msg-body" }, thinking, tools, content, notices), meta);
+    h("div", { class: "msg-body" }, thinking, tools, content, media, notices), meta);
 
-  const view = { root, userToggled: false, folded: false, shown: { reasoning: null, content: null, tools: null } };
+  const view = { root, userToggled: false, folded: false,
+    shown: { reasoning: null, content: null, tools: null, media: null } };
   summary.addEventListener("click", () => { view.userToggled = true; });
 
   view.update = (msg, isLive, thinkingSeconds) => {
@@ -142,8 +161,16 @@ export function assistantView(m, { index = -1, last = false, tail = false, answe
     }
     const text = msg.content || "";
     if (text !== view.shown.content) { setMarkdown(content, text); view.shown.content = text; }
-    content.classList.toggle("cursor", isLive);
-    const empty = !isLive && !text && !reasoning && !calls.length && !msg.error && !msg.guard
+    const images = (msg.attachments || []).filter((a) => a.kind === "image");
+    const working = isLive && msg.image_progress != null;
+    const mediaKey = `${working ? msg.image_progress : ""}|${msg.image_preview || ""}|${images.length}`;
+    if (mediaKey !== view.shown.media) {
+      view.shown.media = mediaKey;
+      media.replaceChildren(...[working ? imageProgress(msg.image_progress, msg.image_preview) : null,
+        ...images.map(imageResult)].filter(Boolean));
+    }
+    content.classList.toggle("cursor", isLive && !working);
+    const empty = !isLive && !text && !reasoning && !calls.length && !msg.error && !msg.guard && !images.length
       && msg.finish_reason !== "content_filter";
     if (empty) content.replaceChildren(h("span", { class: "muted" }, msg.finish_reason === "abort" ? "" : "(empty answer)"));
     notices.replaceChildren(...[
