@@ -54,7 +54,13 @@ def load(model: str | Path | None = None, *, dtype: str | torch.dtype | None = N
     device = device or default_device()
     config = read_config(path)
     torch_dtype = parse_dtype(dtype) if dtype is not None else torch.bfloat16
-    weights = load_model(path, dtype=torch_dtype, device=device)
+    prequantized = bool(config.get("quantization_config"))
+    if quantization == "dequantize" and not prequantized:
+        raise ValueError("quantization 'dequantize' applies to pre-quantized (FP8, AWQ, GPTQ) checkpoints only")
+    # A pre-quantized checkpoint runs in its own format unless another is asked for (then from exact weights).
+    weights = load_model(path, dtype=torch_dtype, device=device, dequantize=prequantized and bool(quantization))
+    if quantization == "dequantize":
+        quantization = None
     if speculative:
         from qwenstack.models.qwen3_next_mtp import load_mtp_head
 

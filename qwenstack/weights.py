@@ -179,17 +179,23 @@ def _read_tensor(f: Any, info: TensorInfo, out: torch.Tensor | None = None) -> t
 
 
 def load_weights(
-    model: nn.Module, model_dir: str | Path, dtype: torch.dtype, device: torch.device | str = "cpu"
-) -> None:
-    """Fills a meta-device model with the checkpoint's tensors, converting floats to `dtype`."""
-    tensors = checkpoint_tensors(model_dir)
+    model: nn.Module, model_dir: str | Path, dtype: torch.dtype, device: torch.device | str = "cpu",
+    tensors: dict[str, TensorInfo] | None = None, skip: frozenset[str] = frozenset(),
+) -> dict[str, list[Source]]:
+    """Fills a meta-device model with the checkpoint's tensors, converting floats to `dtype`.
+
+    tensors: the checkpoint's tensors when the caller has already read (and edited) them; skip: parameters
+    planned and checked like the others but left on the meta device for the caller to fill (pre-quantized
+    weights, see qwenstack.quantization.prequantized). Returns the plan (parameter -> its sources)."""
+    tensors = checkpoint_tensors(model_dir) if tensors is None else tensors
     plan = plan_load(model, tensors)
-    params = dict(model.named_parameters())
+    params = {name: p for name, p in model.named_parameters() if name not in skip}
+    plan_to_read = {name: layout for name, layout in plan.items() if name not in skip}
     device = torch.device(device)
     storage = {name: torch.empty(p.shape, dtype=dtype if p.dtype.is_floating_point else p.dtype, device=device)
                for name, p in params.items()}
     by_file: dict[Path, list[tuple[str, Source]]] = defaultdict(list)
-    for name, layout in plan.items():
+    for name, layout in plan_to_read.items():
         for source in layout:
             by_file[tensors[source.name].file].append((name, source))
     for file, items in by_file.items():
@@ -210,6 +216,7 @@ def load_weights(
     for name, tensor in storage.items():
         _set_parameter(model, name, tensor)
     _check_materialised(model)
+    return plan
 
 
 def _set_parameter(model: nn.Module, name: str, tensor: torch.Tensor) -> None:

@@ -46,6 +46,11 @@ class QuantExperts(Experts):
         self.gate_up_proj = make_gate_up(experts.gate_up_proj.detach())
         self.down_proj = make_down(experts.down_proj.detach())
 
+    @classmethod
+    def from_weights(cls, experts: Experts, gate_up_proj: QuantizedWeight, down_proj: QuantizedWeight) -> "QuantExperts":
+        """Experts whose stacks were quantized elsewhere (a pre-quantized checkpoint)."""
+        return cls(experts, lambda _: gate_up_proj, lambda _: down_proj)
+
     def expert_linear(self, name: str, expert: int, x: torch.Tensor) -> torch.Tensor:
         weight: QuantizedWeight = getattr(self, name)
         return weight.matmul(x, expert)
