@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -50,6 +51,11 @@ def load(model: str | Path | None = None, *, dtype: str | torch.dtype | None = N
     if model is None:
         print(DEMO_NOTICE, flush=True)
         model = DEMO_MODEL_DIR
+    from qwenstack.from_gguf import gguf_source
+
+    gguf_file = gguf_source(model)
+    if gguf_file is not None:
+        return _load_gguf(model, gguf_file, dtype=dtype, device=device or default_device(), quantization=quantization)
     path = resolve_model(model)
     device = device or default_device()
     config = read_config(path)
@@ -71,6 +77,22 @@ def load(model: str | Path | None = None, *, dtype: str | torch.dtype | None = N
         quantize_model(weights, quantization)
     name = str(model) if not Path(str(model)).is_dir() else Path(str(model)).resolve().name
     return LoadedModel(name, path, config, weights, Tokenizer.from_dir(path))
+
+
+def _load_gguf(model: str | Path, gguf_file: Path, *, dtype: str | torch.dtype | None, device: str,
+               quantization: str | None) -> LoadedModel:
+    """A GGUF file (or Ollama model): its own quantization mapped to ours unless another is asked for."""
+    from qwenstack.from_gguf import served_name
+    from qwenstack.from_gguf.model import load_gguf
+
+    torch_dtype = parse_dtype(dtype) if dtype is not None else torch.bfloat16
+    weights, tokenizer, config, said = load_gguf(gguf_file, torch_dtype, device, quantize=not quantization)
+    print(said, file=sys.stderr, flush=True)
+    if quantization and quantization != "dequantize":
+        from qwenstack.quantization import quantize_model
+
+        quantize_model(weights, quantization)
+    return LoadedModel(served_name(model, gguf_file), gguf_file.parent, config, weights, tokenizer)
 
 
 class LLM:

@@ -219,6 +219,21 @@ def load_weights(
     return plan
 
 
+def load_tensors(model: nn.Module, state: dict[str, torch.Tensor], dtype: torch.dtype,
+                 device: torch.device | str = "cpu") -> None:
+    """Fills a meta-device model from in-memory tensors under checkpoint names (a GGUF file's, renamed), with
+    the same checks as load_weights: every parameter covered, nothing left over, every shape right."""
+    infos = {name: TensorInfo(name, Path(), t.dtype, tuple(t.shape), 0, 0) for name, t in state.items()}
+    plan = plan_load(model, infos)
+    for name, p in list(model.named_parameters()):
+        storage = torch.empty(p.shape, dtype=dtype if p.dtype.is_floating_point else p.dtype, device=device)
+        for source in plan[name]:
+            data = state[source.name]
+            storage[source.index].copy_(data.transpose(-1, -2) if source.transpose else data)
+        _set_parameter(model, name, storage)
+    _check_materialised(model)
+
+
 def _set_parameter(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
     module_name, _, attr = name.rpartition(".")
     module = model.get_submodule(module_name) if module_name else model
