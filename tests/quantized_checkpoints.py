@@ -103,14 +103,11 @@ def quantize_fp8(w: torch.Tensor, block: int = 128) -> tuple[dict[str, torch.Ten
     """w [N, K] -> e4m3 weight and float32 weight_scale_inv [ceil(N/b), ceil(K/b)], and the exact dequantized weight."""
     n, k = w.shape
     rows, cols = -(-n // block), -(-k // block)
-    scale = torch.empty(rows, cols)
-    q = torch.empty(n, k, dtype=torch.float8_e4m3fn)
-    for i in range(rows):
-        for j in range(cols):
-            tile = w[i * block:(i + 1) * block, j * block:(j + 1) * block].float()
-            s = (tile.abs().amax() / FP8_MAX).clamp(min=1e-12)
-            scale[i, j] = s
-            q[i * block:(i + 1) * block, j * block:(j + 1) * block] = (tile / s).to(torch.float8_e4m3fn)
+    padded = torch.zeros(rows * block, cols * block)
+    padded[:n, :k] = w.float()
+    tiles = padded.view(rows, block, cols, block)
+    scale = (tiles.abs().amax(dim=(1, 3)) / FP8_MAX).clamp(min=1e-12)  # [rows, cols]
+    q = (tiles / scale[:, None, :, None]).view(rows * block, cols * block)[:n, :k].to(torch.float8_e4m3fn)
     deq = q.float() * scale.repeat_interleave(block, 0)[:n].repeat_interleave(block, 1)[:, :k]
     return {"weight": q, "weight_scale_inv": scale}, deq
 
@@ -128,10 +125,12 @@ def quantization_config(method: str, bits: int = 4, group: int = 128, act_order:
 
 def write_quantized(src: Path, out: Path, method: str, *, bits: int = 4, group: int = 128, act_order: bool = False,
                     sym: bool = False, reference_dir: Path | None = None, dtype: torch.dtype = torch.float16) -> Path:
-    """Writes `src` (a full-precision checkpoint with one model.safetensors) quantized by `method` to `out`;
+    """Writes `src` (a full-precision checkpoint, one file or shards) quantized by `method` to `out`;
     non-quantized tensors in `dtype`, lm_head/embeddings/norms/the MoE router left unquantized as the
     published checkpoints do. With reference_dir, also the exactly dequantized model in float32."""
-    state = load_file(str(src / "model.safetensors"))
+    state: dict[str, torch.Tensor] = {}
+    for shard in sorted(src.glob("*.safetensors")):
+        state.update(load_file(str(shard)))
     quantized: dict[str, torch.Tensor] = {}
     reference: dict[str, torch.Tensor] = {}
     for name, t in state.items():
@@ -160,7 +159,8 @@ def write_quantized(src: Path, out: Path, method: str, *, bits: int = 4, group: 
     for directory in [out] + ([reference_dir] if reference_dir else []):
         directory.mkdir(parents=True, exist_ok=True)
         for f in src.iterdir():
-            if f.name not in ("model.safetensors", "config.json") and f.is_file():
+            if f.is_file() and f.name != "config.json" and not f.name.startswith("model.safetensors") \
+                    and f.suffix != ".safetensors":
                 shutil.copy(f, directory / f.name)
     (out / "config.json").write_text(json.dumps(
         config | {"quantization_config": quantization_config(method, bits, group, act_order, sym)}, indent=2))

@@ -14,7 +14,7 @@ from tokenizers import Regex, decoders, normalizers, pre_tokenizers, trainers
 from tokenizers import AddedToken
 from tokenizers import Tokenizer as RustTokenizer
 
-from checkpoints import CORPUS, build_hf_checkpoint, dense_config, load_hf, moe_config
+from checkpoints import CORPUS, build_hf_checkpoint, dense_config, hf_greedy, load_hf, moe_config
 from gguf_checkpoints import write_gguf
 from server_utils import BackgroundServer
 from qwenstack.errors import ModelNotFoundError, UnsupportedModelError
@@ -49,15 +49,6 @@ def sources(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
             "qwen3_moe": build_hf_checkpoint(root / "moe", "qwen3_moe", moe_config(), seed=1, dtype=torch.bfloat16)}
 
 
-def hf_greedy(model: torch.nn.Module, prompts: list[list[int]], new_tokens: int = NEW_TOKENS) -> list[list[int]]:
-    outs = []
-    for prompt in prompts:
-        out = model.generate(torch.tensor([prompt]), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                             do_sample=False, eos_token_id=None, pad_token_id=0)
-        outs.append(out[0, len(prompt):].tolist())
-    return outs
-
-
 @torch.inference_mode()
 @pytest.mark.parametrize("arch", ["qwen3", "qwen3_moe"])
 @pytest.mark.parametrize("file_type", ["F32", "BF16"])
@@ -67,7 +58,7 @@ def test_greedy_tokens_match_the_original(arch: str, file_type: str, sources: di
     model, tokenizer, config, said = load_gguf(path, dtype=torch.float32)
     assert file_type in said and "requantized" not in said
     assert config["tie_word_embeddings"] == (arch == "qwen3")
-    assert greedy_generate(model, PROMPTS, NEW_TOKENS) == hf_greedy(load_hf(src), PROMPTS)
+    assert greedy_generate(model, PROMPTS, NEW_TOKENS) == hf_greedy(load_hf(src), PROMPTS, NEW_TOKENS)
     ids = torch.tensor([PROMPTS[0]])  # the same weights: the same logits as our loader reading the safetensors
     assert torch.equal(prompt_logits(model, ids), prompt_logits(load_model(src, torch.float32), ids))
 

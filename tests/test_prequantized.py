@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from checkpoints import build_hf_checkpoint, dense_config, load_hf, moe_config
+from checkpoints import build_hf_checkpoint, dense_config, hf_greedy, load_hf, moe_config
 from quantized_checkpoints import write_quantized
 from qwenstack.engine.engine import EngineConfig, LLMEngine
 from qwenstack.engine.params import SamplingParams
@@ -65,15 +65,6 @@ def written(sources: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) 
     return out
 
 
-def hf_greedy(model: torch.nn.Module) -> list[list[int]]:
-    outs = []
-    for prompt in PROMPTS:
-        out = model.generate(torch.tensor([prompt]), max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
-                             do_sample=False, eos_token_id=None, pad_token_id=0)
-        outs.append(out[0, len(prompt):].tolist())
-    return outs
-
-
 def mean_kl(ref: torch.nn.Module, other: torch.nn.Module) -> float:
     ids = torch.randint(0, 512, (2, 20), generator=torch.Generator().manual_seed(0))
     p = torch.log_softmax(prompt_logits(ref, ids).float(), dim=-1)
@@ -89,7 +80,7 @@ def test_greedy_tokens_match_transformers(name: str, written: dict[str, tuple[Pa
     arch, method, _, codes_kept = CASES[name]
     # transformers reads FP8 itself (dequantizing on CPU); AWQ/GPTQ need gptqmodel: their exact weights.
     ref = load_hf(quantized if method == "fp8" else dequantized)
-    want = hf_greedy(ref)
+    want = hf_greedy(ref, PROMPTS, NEW_TOKENS)
     ours = load_model(quantized, dtype=torch.float32)
     said = capsys.readouterr().err
     assert said.count("checkpoint:") == 1, said  # what was done, said once
@@ -139,7 +130,7 @@ def test_engine_serves_an_act_order_moe_checkpoint(tmp_path: Path, sources: dict
     engine = LLMEngine(model, Tokenizer.from_dir(out), [], EngineConfig(max_model_len=64, kv_cache_memory=2**22))
     got = [o.outputs[0].token_ids for o in engine.generate_all(PROMPTS, [SamplingParams(temperature=0, max_tokens=8,
                                                                              ignore_eos=True)] * len(PROMPTS))]
-    assert got == [t[:8] for t in hf_greedy(load_hf(tmp_path / "ref"))]
+    assert got == hf_greedy(load_hf(tmp_path / "ref"), PROMPTS, 8)
 
 
 @pytest.mark.parametrize("change, option", [

@@ -206,17 +206,19 @@ class PrequantReport:
     repacked: list[str] = field(default_factory=list)  # int4 codes kept
     requantized: list[str] = field(default_factory=list)  # dequantized exactly, then our int8 / fp8
     dequantized: list[str] = field(default_factory=list)  # kept as exact float weights
-    target: str = ""
+    target: str = ""  # our format for requantized layers: int8 (CPU) or fp8 (CUDA)
+    dtype: str = ""  # the activation dtype, in which int4 group scales are stored
 
     def summary(self) -> str:
         parts = []
         if self.repacked:
-            parts.append(f"{len(self.repacked)} repacked into our int4 as they are (codes kept)")
+            exact = "exact" if self.dtype == "float32" else f"scales rounded to {self.dtype}"
+            parts.append(f"{len(self.repacked)} layers repacked into our int4 as they are (codes kept, {exact})")
         if self.requantized:
-            parts.append(f"{len(self.requantized)} dequantized exactly and requantized to our {self.target} "
+            parts.append(f"{len(self.requantized)} layers dequantized exactly and requantized to our {self.target} "
                          f"per output channel (not exact)")
         if self.dequantized:
-            parts.append(f"{len(self.dequantized)} dequantized exactly to full precision")
+            parts.append(f"{len(self.dequantized)} layers dequantized exactly to {self.dtype}")
         return f"{self.scheme.name} checkpoint: " + ", ".join(parts)
 
 
@@ -357,7 +359,8 @@ def load_prequantized(model: nn.Module, model_dir: str | Path, scheme: PrequantS
         if any(s.transpose for s in plan[name]):
             raise CheckpointError(f"'{name}' would need its quantized tensors transposed, which is not supported")
     load_weights(model, model_dir, dtype, device, tensors=tensors, skip=frozenset(quantized))
-    report = PrequantReport(scheme, target="fp8" if device.type == "cuda" else "int8")
+    report = PrequantReport(scheme, target="fp8" if device.type == "cuda" else "int8",
+                            dtype=str(dtype).replace("torch.", ""))
     read = _Reader(stored)
     experts: dict[str, dict[str, QuantizedWeight]] = defaultdict(dict)
     try:
