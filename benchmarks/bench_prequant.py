@@ -8,11 +8,13 @@ The random 0.6B checkpoint is written in AWQ (4-bit, group 128) and FP8 (e4m3, 1
 tests/quantized_checkpoints.py (the formats' writers), then loaded as a user's download would be:
 AWQ's codes are repacked into our int4-g128 (same kernel as our own int4), FP8 is dequantized and
 requantized to our int8. Peers: the original weights quantized by us to int4-g128 and int8. Like the
-published AWQ/FP8 releases, every variant keeps the (tied) lm_head in bfloat16, so all four read the same
-bytes per token in the same layout. decode tok/s: greedy tokens after the first per second of engine steps,
-one sequence, 16-token prompt; the median (and the best) of --repeats rounds, the variants timed in turn in
-each round. On a machine shared with other work, run it with one thread (QWENSTACK_BENCH_THREADS=1): two
-OpenMP threads that are not scheduled together wait on each other at every barrier.
+published AWQ/FP8 releases, every variant keeps the (tied) lm_head in bfloat16, so each pair reads the same
+bytes per token in the same layout (AWQ's pair: 4-bit codes and bfloat16 group scales; FP8's: int8 per
+output channel). Figures: greedy tokens after the first, one sequence, 16-token prompt, per second of wall
+time and per second of this process's CPU time; medians of --repeats rounds, each variant timed once per
+round, in an order that rotates from round to round. On a machine shared with other work run it with one
+thread (QWENSTACK_BENCH_THREADS=1): two OpenMP threads not scheduled together wait on each other at every
+barrier, and with one thread the CPU-time rate is what time slicing by others cannot inflate.
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ import random
 import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -30,25 +33,38 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "tests"))  # the format writers
-from bench_engine import random_prompt  # noqa: E402
-from bench_quant import decode_tok_s  # noqa: E402
+from bench_engine import make_engine, random_prompt  # noqa: E402
 from common import OUT_DIR, save, threads  # noqa: E402
 from quantized_checkpoints import write_quantized  # noqa: E402
 
+from qwenstack.engine.params import SamplingParams  # noqa: E402
 from qwenstack.models.registry import load_model  # noqa: E402
 from qwenstack.quantization import decode_weight_bytes, quantize_model  # noqa: E402
+
+
+def decode_rates(model: torch.nn.Module, prompt: list[int], new_tokens: int) -> tuple[float, float]:
+    """Single-sequence greedy decode: tokens after the first per second of wall time and per second of this
+    process's CPU time (with one thread, the CPU figure is what time slicing by other work cannot inflate)."""
+    engine = make_engine(model, kv_cache_memory=256 * 2**20)
+    engine.add_request("d", prompt, SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True))
+    wall, cpu = [], []
+    while engine.has_unfinished_requests():
+        engine.step()
+        wall.append(time.perf_counter())
+        cpu.append(time.process_time())
+    return (len(wall) - 1) / (wall[-1] - wall[0]), (len(cpu) - 1) / (cpu[-1] - cpu[0])
 
 
 def markdown(results: dict[str, Any]) -> str:
     lines = [f"## Pre-quantized checkpoints: {results['model']}", "",
              f"{results['threads']} threads, {results['decode_tokens']} greedy tokens after a "
              f"{results['prompt_tokens']}-token prompt, median of {results['repeats']} interleaved rounds.", "",
-             "| variant | loaded as | decode tok/s (median) | best round | weights read MiB/token | x our own (median) "
-             "| x our own (best) |", "|---|---|---|---|---|---|---|"]
+             "| variant | loaded as | decode tok/s | x our own | tok per CPU-second | x our own (CPU) "
+             "| weights read MiB/token |", "|---|---|---|---|---|---|---|"]
     for row in results["decode"]:
-        ratios = [f"{row[k]:.2f}" if k in row else "-" for k in ("vs_own", "best_vs_own")]
-        lines.append(f"| {row['variant']} | {row['loaded_as']} | {row['tok_s']:.2f} | {max(row['runs_tok_s']):.2f} | "
-                     f"{row['weight_mib_per_token']:.1f} | {ratios[0]} | {ratios[1]} |")
+        ratios = [f"{row[k]:.2f}" if k in row else "-" for k in ("vs_own", "cpu_vs_own")]
+        lines.append(f"| {row['variant']} | {row['loaded_as']} | {row['tok_s']:.2f} | {ratios[0]} | "
+                     f"{row['tok_per_cpu_s']:.2f} | {ratios[1]} | {row['weight_mib_per_token']:.1f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -82,21 +98,28 @@ def main() -> None:
     vocab = next(iter(models.values())).args.vocab_size  # type: ignore[union-attr]
     prompt = [t % vocab for t in random_prompt(random.Random(0), 16, 100000)]
     for model in models.values():
-        decode_tok_s(model, prompt, 4)  # warm up
+        decode_rates(model, prompt, 4)  # warm up
     runs: dict[str, list[float]] = {v: [] for v in models}
-    for _ in range(args.repeats):
-        for variant, model in models.items():
-            runs[variant].append(decode_tok_s(model, prompt, args.decode_tokens))
+    cpu_runs: dict[str, list[float]] = {v: [] for v in models}
+    names = list(models)
+    for r in range(args.repeats):
+        # The order rotates every round, so no variant always runs right after the same one.
+        for variant in names[r % len(names):] + names[:r % len(names)]:
+            wall, cpu = decode_rates(models[variant], prompt, args.decode_tokens)
+            runs[variant].append(wall)
+            cpu_runs[variant].append(cpu)
     peers = {"AWQ checkpoint": "own int4-g128", "FP8 checkpoint": "own int8"}
     results: dict[str, Any] = {"kind": "prequant", "model": args.name, "threads": threads(), "repeats": args.repeats,
                                "decode_tokens": args.decode_tokens, "prompt_tokens": len(prompt), "decode": []}
     medians = {v: statistics.median(r) for v, r in runs.items()}
+    cpu_medians = {v: statistics.median(r) for v, r in cpu_runs.items()}
     for variant in models:
         row = {"variant": variant, "loaded_as": loaded_as[variant], "tok_s": medians[variant],
-               "runs_tok_s": runs[variant], "weight_mib_per_token": weight_bytes[variant] / 2**20}
-        if variant in peers:  # the best round too: on a shared machine it is the least disturbed one
+               "runs_tok_s": runs[variant], "tok_per_cpu_s": cpu_medians[variant], "runs_tok_per_cpu_s": cpu_runs[variant],
+               "weight_mib_per_token": weight_bytes[variant] / 2**20}
+        if variant in peers:
             row["vs_own"] = medians[variant] / medians[peers[variant]]
-            row["best_vs_own"] = max(runs[variant]) / max(runs[peers[variant]])
+            row["cpu_vs_own"] = cpu_medians[variant] / cpu_medians[peers[variant]]
         results["decode"].append(row)
         print(row, flush=True)
     del models
