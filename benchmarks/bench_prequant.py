@@ -24,7 +24,6 @@ import random
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -33,26 +32,13 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "tests"))  # the format writers
-from bench_engine import make_engine, random_prompt  # noqa: E402
+from bench_engine import random_prompt  # noqa: E402
+from bench_quant import decode_rates  # noqa: E402
 from common import OUT_DIR, save, threads  # noqa: E402
 from quantized_checkpoints import write_quantized  # noqa: E402
 
-from qwenstack.engine.params import SamplingParams  # noqa: E402
 from qwenstack.models.registry import load_model  # noqa: E402
 from qwenstack.quantization import decode_weight_bytes, quantize_model  # noqa: E402
-
-
-def decode_rates(model: torch.nn.Module, prompt: list[int], new_tokens: int) -> tuple[float, float]:
-    """Single-sequence greedy decode: tokens after the first per second of wall time and per second of this
-    process's CPU time (with one thread, the CPU figure is what time slicing by other work cannot inflate)."""
-    engine = make_engine(model, kv_cache_memory=256 * 2**20)
-    engine.add_request("d", prompt, SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True))
-    wall, cpu = [], []
-    while engine.has_unfinished_requests():
-        engine.step()
-        wall.append(time.perf_counter())
-        cpu.append(time.process_time())
-    return (len(wall) - 1) / (wall[-1] - wall[0]), (len(cpu) - 1) / (cpu[-1] - cpu[0])
 
 
 def markdown(results: dict[str, Any]) -> str:
