@@ -157,3 +157,18 @@ def test_refusal_happens_at_load(tmp_path: Path, sources: dict[str, Path]) -> No
     with pytest.raises(UnsupportedModelError, match="bits=2"):
         load_model(out)
     shutil.rmtree(out)
+
+
+def test_eval_quality_measures_the_stored_format_against_the_dequantized_weights(
+        written: dict[str, tuple[Path, Path]], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from checkpoints import CORPUS
+    from qwenstack.cli import main
+
+    text = tmp_path / "heldout.txt"
+    text.write_text(" ".join(CORPUS * 3))
+    out = tmp_path / "q.json"
+    assert main(["eval-quality", str(written["dense-fp8"][0]), "--quantization", "as-stored", "--text", str(text),
+                 "--prompts", "2", "--tokens", "4", "--prompt-len", "8", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["levels"]
+    assert [r["level"] for r in rows] == ["bfloat16", "as-stored"]
+    assert 0 < rows[1]["mean_kl"] < REQUANT_KL_BOUND and "requantized to our int8" in rows[1]["summary"]
