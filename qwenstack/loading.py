@@ -2,6 +2,7 @@
 device, optionally quantized. The server, the guard, the CLI and the offline `LLM` all load through here."""
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,11 +41,22 @@ def load(model: str | Path | None = None, *, dtype: str | torch.dtype | None = N
     if model is None:
         print(DEMO_NOTICE, flush=True)
         model = DEMO_MODEL_DIR
+    from qwenstack.from_gguf import gguf_source
+
+    gguf_file = gguf_source(model)
+    if gguf_file is not None:
+        return _load_gguf(model, gguf_file, dtype=dtype, device=device or default_device(), quantization=quantization)
     path = resolve_model(model)
     device = device or default_device()
     config = read_config(path)
     torch_dtype = parse_dtype(dtype) if dtype is not None else torch.bfloat16
-    weights = load_model(path, dtype=torch_dtype, device=device)
+    prequantized = bool(config.get("quantization_config"))
+    if quantization == "dequantize" and not prequantized:
+        raise ValueError("quantization 'dequantize' applies to pre-quantized (FP8, AWQ, GPTQ) checkpoints only")
+    # A pre-quantized checkpoint runs in its own format unless another is asked for (then from exact weights).
+    weights = load_model(path, dtype=torch_dtype, device=device, dequantize=prequantized and bool(quantization))
+    if quantization == "dequantize":
+        quantization = None
     if speculative:
         from qwenstack.models.qwen3_next_mtp import load_mtp_head
 
@@ -55,3 +67,19 @@ def load(model: str | Path | None = None, *, dtype: str | torch.dtype | None = N
         quantize_model(weights, quantization)
     name = str(model) if not Path(str(model)).is_dir() else Path(str(model)).resolve().name
     return LoadedModel(name, path, config, weights, Tokenizer.from_dir(path))
+
+
+def _load_gguf(model: str | Path, gguf_file: Path, *, dtype: str | torch.dtype | None, device: str,
+               quantization: str | None) -> LoadedModel:
+    """A GGUF file (or Ollama model): its own quantization mapped to ours unless another is asked for."""
+    from qwenstack.from_gguf import served_name
+    from qwenstack.from_gguf.model import load_gguf
+
+    torch_dtype = parse_dtype(dtype) if dtype is not None else torch.bfloat16
+    weights, tokenizer, config, said = load_gguf(gguf_file, torch_dtype, device, quantize=not quantization)
+    print(said, file=sys.stderr, flush=True)
+    if quantization and quantization != "dequantize":
+        from qwenstack.quantization import quantize_model
+
+        quantize_model(weights, quantization)
+    return LoadedModel(served_name(model, gguf_file), gguf_file.parent, config, weights, tokenizer)

@@ -179,17 +179,23 @@ def _read_tensor(f: Any, info: TensorInfo, out: torch.Tensor | None = None) -> t
 
 
 def load_weights(
-    model: nn.Module, model_dir: str | Path, dtype: torch.dtype, device: torch.device | str = "cpu"
-) -> None:
-    """Fills a meta-device model with the checkpoint's tensors, converting floats to `dtype`."""
-    tensors = checkpoint_tensors(model_dir)
+    model: nn.Module, model_dir: str | Path, dtype: torch.dtype, device: torch.device | str = "cpu",
+    tensors: dict[str, TensorInfo] | None = None, skip: frozenset[str] = frozenset(),
+) -> dict[str, list[Source]]:
+    """Fills a meta-device model with the checkpoint's tensors, converting floats to `dtype`.
+
+    tensors: the checkpoint's tensors when the caller has already read (and edited) them; skip: parameters
+    planned and checked like the others but left on the meta device for the caller to fill (pre-quantized
+    weights, see qwenstack.quantization.prequantized). Returns the plan (parameter -> its sources)."""
+    tensors = checkpoint_tensors(model_dir) if tensors is None else tensors
     plan = plan_load(model, tensors)
-    params = dict(model.named_parameters())
+    params = {name: p for name, p in model.named_parameters() if name not in skip}
+    plan_to_read = {name: layout for name, layout in plan.items() if name not in skip}
     device = torch.device(device)
     storage = {name: torch.empty(p.shape, dtype=dtype if p.dtype.is_floating_point else p.dtype, device=device)
                for name, p in params.items()}
     by_file: dict[Path, list[tuple[str, Source]]] = defaultdict(list)
-    for name, layout in plan.items():
+    for name, layout in plan_to_read.items():
         for source in layout:
             by_file[tensors[source.name].file].append((name, source))
     for file, items in by_file.items():
@@ -209,6 +215,22 @@ def load_weights(
                 target.copy_(data)
     for name, tensor in storage.items():
         _set_parameter(model, name, tensor)
+    _check_materialised(model)
+    return plan
+
+
+def load_tensors(model: nn.Module, state: dict[str, torch.Tensor], dtype: torch.dtype,
+                 device: torch.device | str = "cpu") -> None:
+    """Fills a meta-device model from in-memory tensors under checkpoint names (a GGUF file's, renamed), with
+    the same checks as load_weights: every parameter covered, nothing left over, every shape right."""
+    infos = {name: TensorInfo(name, Path(), t.dtype, tuple(t.shape), 0, 0) for name, t in state.items()}
+    plan = plan_load(model, infos)
+    for name, p in list(model.named_parameters()):
+        storage = torch.empty(p.shape, dtype=dtype if p.dtype.is_floating_point else p.dtype, device=device)
+        for source in plan[name]:
+            data = state[source.name]
+            storage[source.index].copy_(data.transpose(-1, -2) if source.transpose else data)
+        _set_parameter(model, name, storage)
     _check_materialised(model)
 
 

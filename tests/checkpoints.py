@@ -105,3 +105,13 @@ def load_hf(model_dir: Path, dtype: torch.dtype = torch.float32) -> Any:
 
     model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
     return model.eval()
+
+
+def hf_greedy(model: Any, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
+    """transformers' greedy continuation of each prompt, exactly `new_tokens` long (no stop at eos)."""
+    outs = []
+    for prompt in prompts:
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                             do_sample=False, eos_token_id=None, pad_token_id=0)
+        outs.append(out[0, len(prompt):].tolist())
+    return outs

@@ -11,10 +11,12 @@ from qwenstack.commands import Command
 from qwenstack.commands._common import positive_int
 
 ASSISTANT_HEADER = "<|im_start|>assistant\n"
+AS_STORED = "as-stored"  # a pre-quantized checkpoint in its own format, against its dequantized weights
 EPILOG = """examples:
   qwenstack eval-quality                                   # the demo model on its held-out text
   qwenstack eval-quality Qwen/Qwen3-0.6B --text wiki.txt --quantization int8,int4,int4-g32 --json q.json
   qwenstack eval-quality ./my-model --keep lm_head --prompts 32 --tokens 128
+  qwenstack eval-quality ./Qwen3-8B-AWQ --quantization as-stored   # vs its exactly dequantized weights
 
 Measures, per level, against the same model unquantized in --dtype:
   perplexity         on the held-out text (windows of --context tokens)
@@ -32,7 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = EPILOG
     parser.add_argument("model", nargs="?", default=None, help="model id or directory (default: the demo model)")
     parser.add_argument("--quantization", default="int8,int4", metavar="LEVELS",
-                        help="comma-separated levels: int8, int4, int4-g32, ... (default: int8,int4)")
+                        help="comma-separated levels: int8, int4, int4-g32, ..., or as-stored (a pre-quantized "
+                             "checkpoint in its own format) (default: int8,int4)")
     parser.add_argument("--text", type=Path, default=None,
                         help="held-out text file (default: the model folder's heldout.txt, e.g. the demo model's)")
     parser.add_argument("--prompts", type=positive_int, default=16, help="greedy prompts (default: 16)")
@@ -67,8 +70,20 @@ def run(args: argparse.Namespace) -> int:
 
     levels = [level.strip() for level in args.quantization.split(",") if level.strip()]
     for level in levels:
-        parse_method(level)  # a typo fails before the model loads
-    loaded = load(args.model, dtype=args.dtype, device=args.device)
+        if level != AS_STORED:
+            parse_method(level)  # a typo fails before the model loads
+    # A pre-quantized checkpoint (FP8, AWQ, GPTQ): the baseline is its exactly dequantized weights, and the
+    # AS_STORED level is the checkpoint run in its own format (what `serve` runs).
+    loaded = load(args.model, dtype=args.dtype, device=args.device, quantization="dequantize") \
+        if _prequantized(args.model) else load(args.model, dtype=args.dtype, device=args.device)
+    prepared = {}
+    if AS_STORED in levels:
+        if not loaded.config.get("quantization_config"):
+            raise ValueError(f"level '{AS_STORED}' needs a pre-quantized (FP8, AWQ, GPTQ) checkpoint")
+        from qwenstack.models.registry import load_model
+
+        native = load_model(loaded.path, dtype=args.dtype, device=args.device)
+        prepared[AS_STORED] = (native, native.prequantized.summary())
     text_path = args.text or default_text(loaded.path)
     text = text_path.read_text(encoding="utf-8")
     token_ids = loaded.tokenizer.encode(text)  # special tokens written in the text become their ids
@@ -84,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
     report = evaluate_quality(loaded.model, token_ids, levels, model_name=loaded.name, context_len=context,
                               num_prompts=args.prompts, prompt_len=args.prompt_len, new_tokens=args.tokens,
                               keep=args.keep, prompt_end=end_ids, prompt_end_text=prompt_end,
-                              progress=lambda m: print(f"  {m}", file=sys.stderr, flush=True))
+                              progress=lambda m: print(f"  {m}", file=sys.stderr, flush=True), prepared=prepared)
     print(report.describe())
     print()
     print(report.table())
@@ -94,6 +109,18 @@ def run(args: argparse.Namespace) -> int:
         args.json.write_text(json.dumps({**report.to_dict(), "text": str(text_path)}, indent=2) + "\n", encoding="utf-8")
         print(f"wrote {args.json}", file=sys.stderr)
     return 0
+
+
+def _prequantized(model: str | None) -> bool:
+    from qwenstack.config import read_config
+    from qwenstack.resolve import resolve_model
+
+    if model is None:
+        return False
+    try:
+        return bool(read_config(resolve_model(model, allow_download=False)).get("quantization_config"))
+    except Exception:  # not resolvable here: `load` reports it
+        return False
 
 
 COMMANDS = [Command("eval-quality", "Measure what quantization costs: perplexity, KL and token agreement",

@@ -39,7 +39,8 @@ def port_number(text: str) -> int:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = EPILOG
     parser.add_argument("models", nargs="*", metavar="MODEL",
-                        help="model ids or directories to serve (default: the bundled demo model)")
+                        help="model ids, directories, .gguf files or Ollama names (qwen3:0.6b) to serve "
+                             "(default: the bundled demo model)")
     parser.add_argument("--served-model-name", action="append", default=[], metavar="NAME",
                         help="the name clients use for the i-th MODEL (repeatable; default: its id or directory name)")
     net = parser.add_argument_group("network")

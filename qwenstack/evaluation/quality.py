@@ -212,10 +212,14 @@ def evaluate_quality(
     prompt_end_text: str | None = None,
     batch_size: int = 8,
     progress: Callable[[str], None] | None = None,
+    prepared: dict[str, tuple[CausalLM, str]] | None = None,
 ) -> QualityReport:
     """The quality table: the baseline row, then one row per quantization level (see the module doc).
 
-    prompt_end: token ids each prompt ends on (prompt_end_text names them in the report)."""
+    prompt_end: token ids each prompt ends on (prompt_end_text names them in the report). prepared: levels
+    whose model is already loaded (level -> (model, summary)), e.g. a pre-quantized checkpoint in its own
+    format against its exactly dequantized weights as the baseline."""
+    prepared = prepared or {}
     say = progress or (lambda _: None)
     param = next(reference.parameters())  # type: ignore[attr-defined]
     dtype = str(param.dtype).replace("torch.", "")
@@ -228,9 +232,12 @@ def evaluate_quality(
     report.levels.append(LevelQuality(dtype, base_ppl, 0.0, 1.0, 1.0, 1.0, 1.0, float(new_tokens),
                                       decode_weight_bytes(reference), "baseline"))  # type: ignore[arg-type]
     for level in levels:
-        say(f"{level}: quantizing a copy")
-        quantized = copy.deepcopy(reference)
-        summary = quantize_model(quantized, level, keep=keep).summary()  # type: ignore[arg-type]
+        if level in prepared:
+            quantized, summary = prepared[level]
+        else:
+            say(f"{level}: quantizing a copy")
+            quantized = copy.deepcopy(reference)
+            summary = quantize_model(quantized, level, keep=keep).summary()  # type: ignore[arg-type]
         say(f"{level}: scoring")
         _, ppl, kl, top1 = teacher_forced_scores(reference, quantized, token_ids, context_len, batch_size)
         steps = step_agreement(reference, quantized, prompts, base_tokens, batch_size)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -41,13 +42,27 @@ def build_model(config: dict[str, Any], device: str | torch.device = "meta") -> 
 
 
 def load_model(
-    model_dir: str | Path, dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu"
+    model_dir: str | Path, dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu",
+    dequantize: bool = False,
 ) -> nn.Module:
-    """Reads config.json, builds the architecture on the meta device and fills it strictly from the weights."""
+    """Reads config.json, builds the architecture on the meta device and fills it strictly from the weights.
+
+    A pre-quantized checkpoint (FP8, AWQ, GPTQ: config.json's quantization_config) is mapped to our own
+    quantized formats, and what was done is said once on stderr (qwenstack.quantization.prequantized);
+    dequantize=True keeps its exactly dequantized weights in `dtype` instead."""
     config = read_config(model_dir)
     dtype = parse_dtype(dtype) if dtype is not None else default_dtype(config)
     model = build_model(config, "meta")
-    load_weights(model, model_dir, dtype, device)
+    if not config.get("quantization_config"):
+        load_weights(model, model_dir, dtype, device)
+        return model
+    from qwenstack.quantization.prequantized import load_prequantized, parse_scheme
+
+    scheme = parse_scheme(config)
+    assert scheme is not None
+    report = load_prequantized(model, model_dir, scheme, dtype, device, dequantize=dequantize)
+    print(report.summary(), file=sys.stderr, flush=True)
+    model.prequantized = report  # what the loader did, for callers and tests
     return model
 
 

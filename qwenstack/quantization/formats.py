@@ -161,11 +161,30 @@ class Int4Weight(QuantizedWeight):
         packed_list, sz_list = [], []
         for w in stack:
             q, sz = _int4_codes(w.float(), group_size, dtype)
-            if use_kernel:
-                packed_list.append(torch._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), 2))
-            else:
-                packed_list.append((q[:, 0::2] | (q[:, 1::2] << 4)).to(torch.uint8))
+            packed_list.append(_pack_int4(q, use_kernel))
             sz_list.append(sz)
+        packed = torch.stack(packed_list).reshape(*stack_shape, *packed_list[0].shape)
+        scale_zeros = torch.stack(sz_list).reshape(*stack_shape, *sz_list[0].shape)
+        return cls(packed, scale_zeros, group_size, k, use_kernel)
+
+    @classmethod
+    def from_codes(cls, codes: torch.Tensor, scales: torch.Tensor, zero_points: torch.Tensor, group_size: int,
+                   dtype: torch.dtype, use_kernel: bool | None = None) -> "Int4Weight":
+        """Codes already quantized elsewhere (AWQ, GPTQ): w = (q - z) * s per group, q in 0..15.
+
+        codes [*, N, K] (any integer dtype); scales, zero_points [*, N, K / G] (z in code units, possibly
+        fractional). Our layout stores w = (q - 8) * s + zero, so zero = (8 - z) * s: the codes are kept
+        as they are, and the weights are exact up to the rounding of s and zero to `dtype`."""
+        *stack_shape, n, k = codes.shape
+        if use_kernel is None:
+            use_kernel = int4_kernel_applies(n, k, group_size, dtype, codes.device)
+        packed_list, sz_list = [], []
+        for q, s, z in zip(codes.reshape(-1, n, k), scales.reshape(-1, n, k // group_size),
+                           zero_points.reshape(-1, n, k // group_size)):
+            s = s.float()
+            zero = (8.0 - z.float()) * s
+            sz_list.append(torch.stack([s.to(dtype), zero.to(dtype)], dim=-1).transpose(0, 1).contiguous())
+            packed_list.append(_pack_int4(q.to(torch.uint8), use_kernel))
         packed = torch.stack(packed_list).reshape(*stack_shape, *packed_list[0].shape)
         scale_zeros = torch.stack(sz_list).reshape(*stack_shape, *sz_list[0].shape)
         return cls(packed, scale_zeros, group_size, k, use_kernel)
@@ -197,6 +216,38 @@ def int4_kernel_applies(out_features: int, in_features: int, group_size: int, dt
                         device: torch.device) -> bool:
     return (device.type == "cpu" and dtype in (torch.float32, torch.bfloat16, torch.float16)
             and out_features % 16 == 0 and group_size in INT4_KERNEL_GROUPS and in_features % group_size == 0)
+
+
+def _pack_int4(q: torch.Tensor, use_kernel: bool) -> torch.Tensor:
+    """codes [N, K] uint8 in 0..15 -> the kernel's packing, or two nibbles per byte (even k low)."""
+    if use_kernel:
+        return torch._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), 2)
+    return (q[:, 0::2] | (q[:, 1::2] << 4)).to(torch.uint8)
+
+
+class PermutedInput(QuantizedWeight):
+    """A quantized stack whose input channels are stored in another order: W[:, k] = inner[:, rank[k]].
+
+    GPTQ's act-order (desc_act) quantizes the input channels in a chosen order, so a group's channels are
+    scattered; stored in that order the groups are contiguous again, and each product gathers x's columns
+    in the same order first (x[:, order], one index_select of the activations per call)."""
+
+    def __init__(self, inner: QuantizedWeight, order: torch.Tensor) -> None:
+        super().__init__(inner.out_features, inner.in_features, inner.use_kernel)
+        self.method = inner.method
+        self.inner = inner
+        self.register_buffer("order", order)  # int64 [*, K]: column j of inner is column order[j] of W
+
+    def matmul(self, x: torch.Tensor, index: int | None = None) -> torch.Tensor:
+        return self.inner.matmul(x.index_select(-1, _index(self.order, index)), index)
+
+    def dequantize(self, index: int | None = None) -> torch.Tensor:
+        inner = self.inner.dequantize(index)
+        order = _index(self.order, index).unsqueeze(-2).expand_as(inner)
+        return torch.empty_like(inner).scatter_(-1, order, inner)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + ", input channels reordered"
 
 
 def _int4_codes(w: torch.Tensor, group_size: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

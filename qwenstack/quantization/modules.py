@@ -50,6 +50,11 @@ class QuantExperts(Experts):
         """Quantized experts already run their own kernels: no CPU layout change (models/cpu_linear.py)."""
         return 0
 
+    @classmethod
+    def from_weights(cls, experts: Experts, gate_up_proj: QuantizedWeight, down_proj: QuantizedWeight) -> "QuantExperts":
+        """Experts whose stacks were quantized elsewhere (a pre-quantized checkpoint)."""
+        return cls(experts, lambda _: gate_up_proj, lambda _: down_proj)
+
     def expert_linear(self, name: str, expert: int, x: torch.Tensor) -> torch.Tensor:
         weight: QuantizedWeight = getattr(self, name)
         return weight.matmul(x, expert)

@@ -92,6 +92,8 @@ def expected_name(spec: ModelSpec) -> str:
 
         return DEMO_MODEL_DIR.name
     path = Path(spec.model).expanduser()
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        return path.stem  # as qwenstack.from_gguf.served_name
     return path.resolve().name if path.is_dir() else spec.model
 
 
