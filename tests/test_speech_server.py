@@ -97,3 +97,17 @@ def test_register_a_voice_and_speak_with_it(server: BackgroundServer) -> None:
                                                response_format="wav")
     data, rate = soundfile.read(io.BytesIO(audio.content))
     assert rate == 24000 and len(data) == FRAMES * 1920
+
+
+def test_serve_tts_option_loads_the_model(tmp_path: Path) -> None:
+    from qwenstack.cli import build_parser, discover_commands
+    from qwenstack.commands.serve import serve_config_from_args, server_config
+
+    path = tmp_path / "tiny-voice-design"
+    recipe.build_checkpoint("voice_design", path)
+    commands, _ = discover_commands()
+    args = build_parser(commands).parse_args(["serve", "--tts", str(path), "--voices-dir", str(tmp_path / "v")])
+    config = server_config(serve_config_from_args(args))
+    assert config.speech_models == [str(path)]
+    app = create_app([], config)
+    assert list(app.state.qwenstack_speech.models) == ["tiny-voice-design"]

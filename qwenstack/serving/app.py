@@ -175,7 +175,8 @@ def create_app(
     app.include_router(_info_router())
     app.include_router(chat.router)
     app.include_router(completions.router)
-    app.include_router(speech.router)  # /v1/audio/speech and voices (models added by add_speech_model)
+    app.include_router(speech.router)  # /v1/audio/speech and voices
+    speech.load_speech_models(app, config)
     install_guardrails(app, config)  # /v1/moderations; loads config.guard_model when the app starts
     if config.enable_ui:
         _mount_ui(app, config)

@@ -94,6 +94,9 @@ class ServerConfig:
     guard_policy: str | None = None
     guard_fail_open: bool = False  # unknown verdicts flagged instead of blocked
     guard_stream_window: int = 0  # answer tokens that may reach the client from the first blocked token on
+    # Qwen3-TTS checkpoints served on /v1/audio/speech (qwenstack.serving.speech), and where cloned voices live.
+    speech_models: list[str] = field(default_factory=list)
+    voices_dir: str | None = None  # None: ~/.cache/qwenstack/voices
 
     def kv_memory_for(self, spec: ModelSpec) -> int:
         if spec.kv_cache_memory is not None:

@@ -83,6 +83,17 @@ def add_speech_model(app: Any, tts: TTSModel, voices_dir: Path, max_frames: int 
     return served
 
 
+def load_speech_models(app: Any, config: Any) -> None:
+    """Loads the config's Qwen3-TTS checkpoints (`qwenstack serve --tts DIR`)."""
+    if not config.speech_models:
+        return
+    from qwenstack.tts.loader import load_tts
+
+    voices = Path(config.voices_dir) if config.voices_dir else Path.home() / ".cache" / "qwenstack" / "voices"
+    for path in config.speech_models:
+        add_speech_model(app, load_tts(path), voices)
+
+
 def _registry(request: Request) -> SpeechRegistry:
     return getattr(request.app.state, "qwenstack_speech", None) or SpeechRegistry()
 
