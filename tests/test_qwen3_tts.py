@@ -140,3 +140,9 @@ def test_seeded_sampling_is_reproducible_in_any_batch(checkpoints: dict[str, Pat
     together = run([("y", 8), ("x", 7), ("z", 9)])
     assert torch.equal(alone["x"], together["x"])
     assert not torch.equal(together["x"], together["y"])
+
+
+def test_codec_encode_matches_qwen_tts(checkpoints: dict[str, Path]) -> None:
+    tts = load_tts(checkpoints["base"])
+    codes = tts.codec.encode(torch.from_numpy(recipe.reference_clip()))
+    assert torch.equal(codes, torch.from_numpy(fixture("base")["encode_codes"]))

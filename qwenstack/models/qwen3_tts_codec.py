@@ -14,9 +14,8 @@ Decisions:
   float reassociation. This is exact for any utterance length, unlike re-decoding a fixed left context of
   72 frames (vLLM-Omni), which is exact only while the utterance fits in the context.
 - Module names follow the checkpoint (decoder.quantizer..., decoder.pre_transformer..., decoder.upsample...,
-  decoder.decoder...). The encoder half of the checkpoint (`encoder.*`, a Mimi model) is read by
-  qwen3_tts_codec_encoder.py when present; this decoder-only model ignores it, and the quantizer's input
-  projections, which only encoding uses.
+  decoder.decoder...). The encoder half of the checkpoint (`encoder.*`, a Mimi encoder) is
+  qwen3_tts_codec_encoder.py; the decoder quantizer's input projections, unused at inference, are ignored.
 """
 from __future__ import annotations
 
@@ -29,7 +28,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from qwenstack.config import ModelArgs, RopeConfig
+from qwenstack.errors import RequestError
 from qwenstack.models.layers import RMSNorm, RotaryEmbedding, SwiGLU, apply_rotary
+from qwenstack.models.qwen3_tts_codec_encoder import MimiEncoderArgs, MimiEncoderModel
 
 
 @dataclass(kw_only=True)
@@ -394,9 +395,16 @@ class Codec12Hz(nn.Module):
         super().__init__()
         self.args = args
         self.decoder = CodecDecoder(args.decoder)
-        # Encoding reference audio for cloning reads the encoder half separately (qwen3_tts_codec_encoder.py).
-        self.ignored_checkpoint_patterns: tuple[str, ...] = (
-            r"encoder\..*", r"decoder\.quantizer\.rvq_(first|rest)\.input_proj\.weight")
+        # The encoder (reference clips -> codes, for ICL cloning); a checkpoint without it only decodes.
+        self.encoder = MimiEncoderModel(MimiEncoderArgs.from_dict(args.encoder_config)) if args.encoder_config else None
+        # The decoder's quantizer input projections serve encoding in training only.
+        self.ignored_checkpoint_patterns: tuple[str, ...] = (r"decoder\.quantizer\.rvq_(first|rest)\.input_proj\.weight",)
+
+    def encode(self, wave: torch.Tensor) -> torch.Tensor:
+        """Mono samples at the input rate -> codes [frames, num_quantizers] (ceil(samples / 1920) frames)."""
+        if self.encoder is None:
+            raise RequestError("this speech tokenizer has no encoder, so it cannot read reference audio")
+        return self.encoder.encode(wave, self.args.encoder_valid_num_quantizers, self.args.encode_downsample_rate)
 
     @property
     def sample_rate(self) -> int:
