@@ -89,14 +89,19 @@ def test_register_a_voice_and_speak_with_it(server: BackgroundServer) -> None:
     bad = httpx.post(f"{server.url}/v1/audio/voices", data={"model": "tiny-base", "name": "bob"},
                      files={"file": ("ref.wav", b"not audio at all", "audio/wav")}, timeout=60)
     assert bad.status_code == 400 and "decoded" in bad.json()["error"]["message"]
+    with_text = httpx.post(f"{server.url}/v1/audio/voices",
+                           data={"model": "tiny-base", "name": "carol", "transcript": "A chirp for the test."},
+                           files={"file": ("ref.wav", clip, "audio/wav")}, timeout=60)
+    assert with_text.status_code == 200 and with_text.json()["mode"] == "icl"
     voices = httpx.get(f"{server.url}/v1/audio/voices", params={"model": "tiny-base"}).json()["data"]
-    assert [v["id"] for v in voices] == ["alice"]
+    assert [(v["id"], v["mode"]) for v in voices] == [("alice", "x_vector"), ("carol", "icl")]
     builtin = httpx.get(f"{server.url}/v1/audio/voices", params={"model": "tiny-custom_voice"}).json()["data"]
     assert {v["id"] for v in builtin} == {"vivian", "eric"}
-    audio = client(server).audio.speech.create(model="tiny-base", voice="alice", input="Cloned.",
-                                               response_format="wav")
-    data, rate = soundfile.read(io.BytesIO(audio.content))
-    assert rate == 24000 and len(data) == FRAMES * 1920
+    for voice in ("alice", "carol"):
+        audio = client(server).audio.speech.create(model="tiny-base", voice=voice, input="Cloned.",
+                                                   response_format="wav")
+        data, rate = soundfile.read(io.BytesIO(audio.content))
+        assert rate == 24000 and len(data) == FRAMES * 1920
 
 
 def test_serve_tts_option_loads_the_model(tmp_path: Path) -> None:

@@ -9,8 +9,9 @@ Decisions:
 - Raw responses use chunked transfer: wav and pcm bytes leave as each audio chunk is decoded; flac, mp3 and
   opus are encoded once the audio is complete. `stream_format: "sse"` sends `speech.audio.delta` events
   (base64 pcm16) and a final `speech.audio.done` with usage, as vLLM-Omni does.
-- voice: a named speaker of a CustomVoice model, a voice registered on a Base model (x-vector clone),
-  or "default" for a VoiceDesign model, whose voice is described by `instructions`.
+- voice: a named speaker of a CustomVoice model, a voice registered on a Base model (ICL clone when the
+  clip came with its transcript, else x-vector), or "default" for a VoiceDesign model, whose voice is
+  described by `instructions`.
 """
 from __future__ import annotations
 
@@ -114,15 +115,18 @@ def build_request(served: SpeechModel, body: SpeechBody, request_id: str) -> Spe
     if body.stream_format == "sse" and body.response_format not in STREAMING_FORMATS:
         raise bad_request("stream_format 'sse' sends pcm or wav audio", param="response_format")
     voice = _voice_name(body.voice)
-    speaker, embedding = None, None
+    speaker, embedding, ref_ids, ref_codes = None, None, None, None
     if tts.kind == "custom_voice":
         if not voice or voice.lower() not in model.args.talker.spk_id:
             raise bad_request(f"unknown voice '{voice}' (voices: {', '.join(tts.speakers)})", param="voice")
         speaker = voice
     elif tts.kind == "base":
-        embedding = served.voices.load(voice or "", tts.name)
-        if embedding is None:
+        cloned = served.voices.load(voice or "", tts.name)
+        if cloned is None:
             raise bad_request(f"unknown voice '{voice}': register one with POST /v1/audio/voices", param="voice")
+        embedding = cloned.embedding
+        if cloned.codes is not None and cloned.transcript:
+            ref_ids, ref_codes = tts.ref_ids(cloned.transcript), cloned.codes
     elif voice not in (None, "default"):
         raise bad_request(f"unknown voice '{voice}': a VoiceDesign model takes 'default' and a description "
                           "of the voice in instructions", param="voice")
@@ -133,13 +137,14 @@ def build_request(served: SpeechModel, body: SpeechBody, request_id: str) -> Spe
     instruct = tts.instruct_ids(body.instructions) if body.instructions else None
     try:
         prompt = model.build_prompt(tts.text_ids(body.input), language, speaker, embedding, instruct,
-                                    non_streaming_text=False)
+                                    ref_ids=ref_ids, ref_codes=ref_codes, non_streaming_text=False)
     except RequestError as exc:
         raise bad_request(str(exc)) from None
     params = SpeechParams(seed=body.seed, max_frames=min(served.max_frames, (body.max_new_tokens or 10**9) - 1))
     if body.temperature is not None:
         params.temperature = params.subtalker_temperature = body.temperature
-    return SpeechRequest(request_id, prompt, params)
+    # ICL: the reference's codes are the codec's left context, so the new audio continues the clip's.
+    return SpeechRequest(request_id, prompt, params, context_codes=ref_codes)
 
 
 async def _chunks(served: SpeechModel, request: SpeechRequest, usage: dict[str, int]) -> AsyncIterator[torch.Tensor]:
@@ -239,11 +244,17 @@ async def register_voice(request: Request) -> dict[str, Any]:
     data = await upload.read()
     transcript = form.get("transcript")
 
-    def embed() -> torch.Tensor:
-        return encoder.embed(decode_clip(data, encoder.args.sample_rate))
+    text = transcript.strip() if isinstance(transcript, str) and transcript.strip() else None
+    codec = served.tts.codec
+
+    def embed() -> tuple[torch.Tensor, torch.Tensor | None]:
+        wave = decode_clip(data, encoder.args.sample_rate)
+        # With a transcript the clip's codes are kept too (ICL cloning), if the tokenizer has its encoder.
+        codes = codec.encode(wave) if text and codec.encoder is not None else None
+        return encoder.embed(wave), codes
 
     try:
-        embedding = await asyncio.to_thread(embed)
-        return served.voices.save(name, model, embedding, transcript if isinstance(transcript, str) else None)
+        embedding, codes = await asyncio.to_thread(embed)
+        return served.voices.save(name, model, embedding, text, codes)
     except RequestError as exc:
         raise bad_request(str(exc), param="file") from None

@@ -1,8 +1,10 @@
 """Cloned voices on disk: a reference clip -> its speaker embedding, stored under a name.
 
 Decisions:
-- A voice is `<dir>/<name>.json` (model, transcript, sample rate) plus `<name>.pt` (the embedding); only the
-  embedding is needed to speak (x-vector cloning), so the clip itself is not kept.
+- A voice is `<dir>/<name>.json` (model, transcript) plus `<name>.pt` (the speaker embedding and, when a
+  transcript came with the clip, the clip's codec codes). With a transcript the voice speaks in ICL mode
+  (the talker continues the reference's codes after its text), without one from the embedding alone
+  (x-vector mode). The clip itself is not kept.
 - Names are short slugs, so a name can never escape the directory.
 - The clip is decoded by libsndfile (soundfile): anything it cannot read is a RequestError (a 400).
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 import io
 import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +44,14 @@ def decode_clip(data: bytes, sample_rate: int) -> torch.Tensor:
     return mono.clamp(-1, 1)
 
 
+@dataclass
+class Voice:
+    name: str
+    embedding: torch.Tensor
+    codes: torch.Tensor | None  # the reference clip's codec codes (ICL mode), with its transcript
+    transcript: str | None
+
+
 class VoiceStore:
     def __init__(self, directory: Path) -> None:
         self.directory = directory
@@ -50,21 +61,30 @@ class VoiceStore:
             raise RequestError("a voice name is 1-64 letters, digits, '-' or '_', starting with a letter or digit")
         return self.directory / f"{name}.json", self.directory / f"{name}.pt"
 
-    def save(self, name: str, model: str, embedding: torch.Tensor, transcript: str | None) -> dict:
+    def save(self, name: str, model: str, embedding: torch.Tensor, transcript: str | None,
+             codes: torch.Tensor | None = None) -> dict:
         meta_path, tensor_path = self._paths(name)
         self.directory.mkdir(parents=True, exist_ok=True)
-        torch.save(embedding.detach().float().cpu(), tensor_path)
-        meta = {"id": name, "model": model, "transcript": transcript, "type": "cloned"}
+        tensors = {"embedding": embedding.detach().float().cpu()}
+        if codes is not None:
+            tensors["codes"] = codes.detach().cpu()
+        torch.save(tensors, tensor_path)
+        mode = "icl" if codes is not None and transcript else "x_vector"
+        meta = {"id": name, "model": model, "transcript": transcript, "type": "cloned", "mode": mode}
         meta_path.write_text(json.dumps(meta))
         return meta
 
-    def load(self, name: str, model: str) -> torch.Tensor | None:
+    def load(self, name: str, model: str) -> Voice | None:
         if not NAME.match(name):
             return None
         meta_path, tensor_path = self._paths(name)
-        if not meta_path.is_file() or json.loads(meta_path.read_text()).get("model") != model:
+        if not meta_path.is_file():
             return None
-        return torch.load(tensor_path, weights_only=True)
+        meta = json.loads(meta_path.read_text())
+        if meta.get("model") != model:
+            return None
+        tensors = torch.load(tensor_path, weights_only=True)
+        return Voice(name, tensors["embedding"], tensors.get("codes"), meta.get("transcript"))
 
     def list(self, model: str) -> list[dict]:
         if not self.directory.is_dir():
