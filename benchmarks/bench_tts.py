@@ -3,7 +3,7 @@ qwen-tts package in the same run, and audio seconds per wall second with 8 concu
 
 The checkpoint is random, shaped like Qwen3-TTS-12Hz-0.6B-CustomVoice (talker 28 layers x 1024, code
 predictor 5 layers, 16 code groups, 12 Hz codec decoder of 8 layers with window 72), float32, built once
-under benchmarks/out/ from the recipe of tests/tts_checkpoints.py. A random talker never says EOS, so every
+under ~/.cache/qwenstack/ from the recipe of tests/tts_checkpoints.py. A random talker never says EOS, so every
 request makes exactly --frames frames (80 ms each) in both implementations, with seeded sampling.
 
 The reference runs in its own environment (scripts/tts_reference/README.md) as a subprocess: its
@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import tts_checkpoints as recipe  # noqa: E402
-from common import OUT_DIR, machine, save  # noqa: E402
+from common import machine, save  # noqa: E402
 
 SPEAKERS = {"vivian": 3065, "ryan": 3061}
 LANGUAGES = {"english": 2050, "chinese": 2055}
@@ -166,7 +166,8 @@ def main() -> None:
     parser.add_argument("--concurrent", type=int, default=8)
     parser.add_argument("--ref-python", default="/work/ttsref-venv/bin/python")
     parser.add_argument("--ref-path", default="/work/ttsref-venv/stubs")
-    parser.add_argument("--checkpoint", default=str(OUT_DIR / "tts-0.6b-shaped"))
+    # Outside the repository: the random checkpoint is 4.4 GB, rebuilt from the recipe when absent.
+    parser.add_argument("--checkpoint", default=str(Path.home() / ".cache" / "qwenstack" / "bench-tts-0.6b-shaped"))
     args = parser.parse_args()
     ckpt = Path(args.checkpoint)
     if not (ckpt / "speech_tokenizer" / "model.safetensors").is_file():
