@@ -3,6 +3,7 @@
 import { AnswerAccumulator, errorText, readSSE } from "./sse.js";
 import { DEFAULT_SETTINGS, requestBody } from "./request.js";
 import { assistantView, h, toolResultView, userView } from "./views.js";
+import { loadVoices, speakButton, voicePicker } from "./speak.js";
 
 const MAX_FILE_BYTES = 16 * 1024 * 1024;
 const THEMES = ["system", "light", "dark"];
@@ -349,6 +350,7 @@ function scrollToBottom(force = false) {
 function viewContext() {
   return {
     streaming: Boolean(state.streaming), editing: state.editing, regenerate, editAndResend, submitToolResult,
+    speakButton,
     setEditing: (id) => { state.editing = id; renderMessages(); },
   };
 }
@@ -698,6 +700,8 @@ async function init() {
   setStreaming(false);
   renderMessages();
   await Promise.all([loadModels(), refreshConversations()]);
+  // Speech models add a voice picker and a speaker button on each answer (speak.js).
+  loadVoices().then(() => { const picker = voicePicker(); if (picker) { ui.models.after(picker); renderMessages(); } });
   const id = new URLSearchParams(location.hash.slice(1)).get("c");
   if (id) await openConversation(id);
   else renderMessages();
