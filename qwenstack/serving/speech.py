@@ -144,7 +144,12 @@ def build_request(served: SpeechModel, body: SpeechBody, request_id: str) -> Spe
     if body.temperature is not None:
         params.temperature = params.subtalker_temperature = body.temperature
     # ICL: the reference's codes are the codec's left context, so the new audio continues the clip's.
-    return SpeechRequest(request_id, prompt, params, context_codes=ref_codes)
+    speech = SpeechRequest(request_id, prompt, params, context_codes=ref_codes)
+    try:
+        served.service.engine.check(speech)
+    except RequestError as exc:
+        raise bad_request(str(exc), param="input") from None
+    return speech
 
 
 async def _chunks(served: SpeechModel, request: SpeechRequest, usage: dict[str, int]) -> AsyncIterator[torch.Tensor]:

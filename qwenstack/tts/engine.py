@@ -117,10 +117,16 @@ class SpeechEngine:
         self.suppress = model.suppressed_codes()
         self.eos = model.args.talker.codec_eos_token_id
 
-    def add(self, request: SpeechRequest) -> None:
+    def check(self, request: SpeechRequest) -> None:
+        """Raises RequestError if the request could never fit the KV pool (safe from any thread)."""
         need = self.blocks.blocks_needed(request.prompt.prefill.shape[0] + request.params.max_frames + 1)
         if need > self.blocks.num_blocks:
-            raise RequestError(f"the request needs {need} KV blocks; the pool has {self.blocks.num_blocks}")
+            raise RequestError(f"the request needs {need} KV blocks of {self.block_size} positions (prompt "
+                               f"{request.prompt.prefill.shape[0]} + {request.params.max_frames} frames); the pool "
+                               f"has {self.blocks.num_blocks}: shorten the input or lower max_new_tokens")
+
+    def add(self, request: SpeechRequest) -> None:
+        self.check(request)
         if request.params.seed is not None:
             request.generator = torch.Generator().manual_seed(request.params.seed)
         request.stream = self.codec.stream()
