@@ -146,3 +146,16 @@ def test_codec_encode_matches_qwen_tts(checkpoints: dict[str, Path]) -> None:
     tts = load_tts(checkpoints["base"])
     codes = tts.codec.encode(torch.from_numpy(recipe.reference_clip()))
     assert torch.equal(codes, torch.from_numpy(fixture("base")["encode_codes"]))
+
+
+@pytest.mark.parametrize("chunk", [1, 4, 25])
+def test_streamed_request_equals_its_full_decode(checkpoints: dict[str, Path], chunk: int) -> None:
+    tts = load_tts(checkpoints["custom_voice"], dtype=torch.float64)
+    ids = fixture("custom_voice")["text_ids"].tolist()
+    engine = SpeechEngine(tts.model, tts.codec.decoder, kv_blocks=32, block_size=4)
+    params = SpeechParams(seed=5, max_frames=30, first_chunk_frames=chunk, chunk_frames=chunk)
+    out = engine.generate([SpeechRequest("r", tts.model.build_prompt(ids, "english", "vivian"), params)])["r"]
+    frames = torch.cat([c.frames for c in out if c.frames.numel()])
+    streamed = torch.cat([c.samples for c in out])
+    assert len([c for c in out if c.samples.numel()]) == -(-frames.shape[0] // chunk)
+    assert (streamed - tts.codec.decoder.decode(frames)).abs().max() < 1e-5
