@@ -27,7 +27,7 @@ from qwenstack.models.registry import load_model
 from qwenstack.quantization import QuantLinear
 from qwenstack.quantization.formats import Int8Weight
 from qwenstack.tokenizer import Tokenizer
-from qwenstack.tokenizer_training import ADDED_TOKENS, SPECIAL_TOKENS, save_tokenizer
+from tokenizer_training import ADDED_TOKENS, SPECIAL_TOKENS, save_tokenizer
 
 PROMPTS = [[5, 17, 33, 2, 101, 7, 8], [300, 4], [42]]
 NEW_TOKENS = 24

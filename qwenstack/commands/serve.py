@@ -76,6 +76,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="flag answers and prompts the guard could not judge instead of blocking them")
     app.add_argument("--guard-stream-window", type=int, default=None, metavar="TOKENS",
                      help="answer tokens that may still be streamed from the first blocked token on (default: 0)")
+    app.add_argument("--tts", action="append", default=[], metavar="TTS_MODEL_DIR",
+                     help="also serve this Qwen3-TTS checkpoint on /v1/audio/speech (repeatable)")
+    app.add_argument("--voices-dir", default=None, metavar="DIR",
+                     help="where voices cloned through /v1/audio/voices are kept (default: ~/.cache/qwenstack/voices)")
     app.add_argument("--no-ui", action="store_true", help="serve the API only, without the chat page at /")
     app.add_argument("--ui-db", default=None, metavar="PATH", help="SQLite file where the chat page keeps chats")
     app.add_argument("--allow-local-image-paths", action="store_true",
@@ -134,7 +138,8 @@ def serve_config_from_args(args: argparse.Namespace) -> dict[str, Any]:
                 "guard_stream_model": args.guard_stream, "guard_policy": args.guard_policy,
                 "guard_stream_window": args.guard_stream_window, "image_model": args.image_model,
                 "image_model_name": args.image_model_name, "image_offload": args.image_offload,
-                "image_max_queued": args.image_max_queued}
+                "image_max_queued": args.image_max_queued,
+                "speech_models": args.tts or None, "voices_dir": args.voices_dir}
     config.update({k: v for k, v in optional.items() if v is not None})
     if args.no_think:
         config["default_chat_template_kwargs"] = {"enable_thinking": False}

@@ -23,7 +23,7 @@ from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from qwenstack import __version__
-from qwenstack.serving import chat, completions, introspect
+from qwenstack.serving import chat, completions, introspect, speech
 from qwenstack.serving.chat import template_kwargs, template_messages
 from qwenstack.serving.config import ModelSpec, ServerConfig
 from qwenstack.serving.errors import APIError, bad_request, install_handlers
@@ -185,6 +185,8 @@ def create_app(
     images = install_image_api(app, config, image_pipeline,  # /v1/images/*; image jobs yield to chat
                                chat_busy=lambda: any(m.engine.engine.has_unfinished_requests()
                                                      for m in list(registry.models.values())))
+    app.include_router(speech.router)  # /v1/audio/speech and voices
+    speech.load_speech_models(app, config)
     install_guardrails(app, config)  # /v1/moderations; loads config.guard_model when the app starts
     install_responses(app, config)  # /v1/responses, its store and MCP tools
     if config.enable_ui:

@@ -115,6 +115,9 @@ class ServerConfig:
     image_nice: int = 10  # the image worker's OS priority offset (chat requests come first)
     image_yield_s: float = 0.25  # most an image job waits per denoising step while chat requests run
     image_limits: ImageRequestLimits = field(default_factory=ImageRequestLimits)
+    # Qwen3-TTS checkpoints served on /v1/audio/speech (qwenstack.serving.speech), and where cloned voices live.
+    speech_models: list[str] = field(default_factory=list)
+    voices_dir: str | None = None  # None: ~/.cache/qwenstack/voices
 
     def kv_memory_for(self, spec: ModelSpec) -> int:
         if spec.kv_cache_memory is not None:

@@ -5,6 +5,7 @@ import { DEFAULT_SETTINGS, requestBody } from "./request.js";
 import { ResponseEventAccumulator, responsesBody } from "./responses.js";
 import { assistantView, h, toolResultView, userView } from "./views.js";
 import { imageTask, runImageJob } from "./imagegen.js";
+import { loadVoices, speakButton, voicePicker } from "./speak.js";
 
 const MAX_FILE_BYTES = 16 * 1024 * 1024;
 const THEMES = ["system", "light", "dark"];
@@ -353,6 +354,7 @@ function scrollToBottom(force = false) {
 function viewContext() {
   return {
     streaming: Boolean(state.streaming), editing: state.editing, regenerate, editAndResend, submitToolResult,
+    speakButton,
     setEditing: (id) => { state.editing = id; renderMessages(); },
   };
 }
@@ -771,6 +773,8 @@ async function init() {
   setStreaming(false);
   renderMessages();
   await Promise.all([loadModels(), refreshConversations(), loadMcpServers()]);
+  // Speech models add a voice picker and a speaker button on each answer (speak.js).
+  loadVoices().then(() => { const picker = voicePicker(); if (picker) { ui.models.after(picker); renderMessages(); } });
   const id = new URLSearchParams(location.hash.slice(1)).get("c");
   if (id) await openConversation(id);
   else renderMessages();

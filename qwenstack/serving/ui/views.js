@@ -184,6 +184,9 @@ export function assistantView(m, { index = -1, last = false, tail = false, answe
     if (metrics) meta.append(h("span", { class: "metrics", testid: "message-metrics" }, metrics));
     if (msg.finish_reason === "abort") meta.append(h("span", { class: "stopped", testid: "message-stopped" }, "Stopped"));
     if (text) meta.append(copyButton(() => msg.content, "copy-message"));
+    // The rendered text, not the Markdown source: no asterisks or fences read aloud.
+    const speaker = text && ctx.speakButton ? ctx.speakButton(() => content.innerText || msg.content) : null;
+    if (speaker) meta.append(speaker);
     if (last && index >= 0) {
       meta.append(h("button", { type: "button", class: "btn btn-small", testid: "regenerate-button",
         disabled: ctx.streaming, onclick: () => ctx.regenerate(index) }, "Regenerate"));

@@ -1,0 +1,161 @@
+"""Qwen3-TTS parity with the official qwen-tts 0.1.1 package (fixtures from scripts/tts_reference/), the
+exact streaming codec, and the batched speech engine."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import tts_checkpoints as recipe
+from qwenstack.models.attention import AttentionBatch
+from qwenstack.tts.engine import SpeechEngine, SpeechParams, SpeechRequest
+from qwenstack.tts.loader import TTSModel, load_tts
+
+GREEDY = dict(temperature=0, subtalker_temperature=0, max_frames=23)  # the fixtures ran max_new_tokens=24
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    out = {}
+    for kind in recipe.KINDS:
+        path = tmp_path_factory.mktemp(kind)
+        hashes = recipe.build_checkpoint(kind, path)
+        rec = recipe.load_recipe(kind)
+        # The rebuilt weights are the ones the reference outputs came from.
+        assert hashes == {"model": rec["model"]["sha256"], "speech_tokenizer": rec["speech_tokenizer"]["sha256"]}
+        out[kind] = path
+    return out
+
+
+def fixture(kind: str) -> dict[str, np.ndarray]:
+    return dict(np.load(recipe.FIXTURES / f"{kind}.npz"))
+
+
+def prompt_cases(tts: TTSModel, kind: str, f: dict[str, np.ndarray]) -> dict[str, dict]:
+    ids = f["text_ids"].tolist()
+    m = tts.model
+    if kind == "custom_voice":
+        return {"stream_english_vivian": dict(text_ids=ids, language="english", speaker="vivian"),
+                "full_auto_eric": dict(text_ids=ids, language="auto", speaker="eric", non_streaming_text=True),
+                "full_chinese_vivian": dict(text_ids=ids, language="chinese", speaker="vivian",
+                                            non_streaming_text=True)}
+    if kind == "voice_design":
+        instruct = f["instruct_ids"].tolist()
+        return {"design_english": dict(text_ids=ids, language="english", instruct_ids=instruct,
+                                       non_streaming_text=True),
+                "design_auto_stream": dict(text_ids=ids, language="auto", instruct_ids=instruct)}
+    embedding = torch.from_numpy(f["speaker_embedding"])
+    assert m.speaker_encoder is not None
+    codes = torch.from_numpy(f["encode_codes"])
+    ref = f["ref_ids"].tolist()
+    return {"xvector_english": dict(text_ids=ids, language="english", speaker_embedding=embedding),
+            "icl_english": dict(text_ids=ids, language="english", speaker_embedding=embedding, ref_ids=ref,
+                                ref_codes=codes),
+            "icl_auto_full": dict(text_ids=ids, language="auto", speaker_embedding=embedding, ref_ids=ref,
+                                  ref_codes=codes, non_streaming_text=True)}
+
+
+@pytest.mark.parametrize("kind", recipe.KINDS)
+def test_prefill_logits_and_greedy_codes_match_qwen_tts(checkpoints: dict[str, Path], kind: str) -> None:
+    tts = load_tts(checkpoints[kind])
+    f = fixture(kind)
+    cases = prompt_cases(tts, kind, f)
+    requests = []
+    for tag, case in cases.items():
+        prompt = tts.model.build_prompt(**case)
+        n = prompt.prefill.shape[0]
+        with torch.inference_mode():
+            hidden = tts.model.talker(prompt.prefill, torch.arange(n), AttentionBatch.for_prompts([n]), None)
+            logits = tts.model.talker.compute_logits(hidden)[-4:]
+        torch.testing.assert_close(logits, torch.from_numpy(f[f"{tag}_logits"]), atol=1e-4, rtol=0)
+        requests.append(SpeechRequest(tag, prompt, SpeechParams(**GREEDY)))
+    # All cases of a kind in one batch: continuous batching over paged KV gives each its own greedy codes.
+    engine = SpeechEngine(tts.model, tts.codec.decoder, kv_blocks=32, block_size=4)
+    out = engine.generate(requests)
+    for tag in cases:
+        frames = torch.cat([c.frames for c in out[tag] if c.frames.numel()])
+        assert torch.equal(frames, torch.from_numpy(f[f"{tag}_codes"])), tag
+        assert out[tag][-1].finished
+
+
+def test_speaker_embedding_matches_qwen_tts(checkpoints: dict[str, Path]) -> None:
+    tts = load_tts(checkpoints["base"])
+    assert tts.model.speaker_encoder is not None
+    embedding = tts.model.speaker_encoder.embed(torch.from_numpy(recipe.reference_clip()))
+    torch.testing.assert_close(embedding, torch.from_numpy(fixture("base")["speaker_embedding"]), atol=1e-4, rtol=1e-4)
+
+
+def test_codec_decode_matches_qwen_tts(checkpoints: dict[str, Path]) -> None:
+    tts = load_tts(checkpoints["base"])
+    f = fixture("base")
+    wave = tts.codec.decoder.decode(torch.from_numpy(f["decode_codes"]))
+    assert wave.shape == (8 * 1920,)
+    torch.testing.assert_close(wave, torch.from_numpy(f["decode_wave"]), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("chunk", [1, 4, 25])
+def test_streamed_decode_equals_full_decode(checkpoints: dict[str, Path], chunk: int) -> None:
+    # float64: the streamed and the full decode do the same arithmetic on the same context, so they agree to
+    # rounding; a missing frame of context would show as a difference far above 1e-5.
+    tts = load_tts(checkpoints["base"], dtype=torch.float64)
+    codes = torch.randint(0, recipe.CODEBOOK, (60, recipe.GROUPS), generator=torch.Generator().manual_seed(chunk))
+    decoder = tts.codec.decoder
+    full = decoder.decode(codes)
+    stream = decoder.stream()
+    streamed = torch.cat([stream.push(codes[i:i + chunk]) for i in range(0, len(codes), chunk)])
+    assert streamed.shape == full.shape == (60 * 1920,)
+    assert (streamed - full).abs().max() < 1e-5
+    # In float32 the two differ only by rounding (amplified by the tiny codec's random gains).
+    tts32 = load_tts(checkpoints["base"])
+    full32 = tts32.codec.decoder.decode(codes)
+    stream32 = tts32.codec.decoder.stream()
+    streamed32 = torch.cat([stream32.push(codes[i:i + chunk]) for i in range(0, len(codes), chunk)])
+    assert (streamed32 - full32).abs().max() < 1e-4
+
+
+def test_streaming_needs_its_conv_context(checkpoints: dict[str, Path]) -> None:
+    tts = load_tts(checkpoints["base"], dtype=torch.float64)
+    decoder = tts.codec.decoder
+    codes = torch.randint(0, recipe.CODEBOOK, (30, recipe.GROUPS), generator=torch.Generator().manual_seed(0))
+    stream = decoder.stream()
+    stream.conv_context = 1  # fewer frames than the conv stack's receptive field
+    streamed = torch.cat([stream.push(codes[i:i + 4]) for i in range(0, 30, 4)])
+    assert (streamed - decoder.decode(codes)).abs().max() > 1e-3
+
+
+def test_seeded_sampling_is_reproducible_in_any_batch(checkpoints: dict[str, Path]) -> None:
+    tts = load_tts(checkpoints["custom_voice"])
+    ids = fixture("custom_voice")["text_ids"].tolist()
+
+    def run(batch: list[tuple[str, int]]) -> dict[str, torch.Tensor]:
+        engine = SpeechEngine(tts.model, tts.codec.decoder, kv_blocks=64, block_size=4)
+        reqs = [SpeechRequest(rid, tts.model.build_prompt(ids, "english", "vivian"),
+                              SpeechParams(seed=seed, max_frames=12)) for rid, seed in batch]
+        out = engine.generate(reqs)
+        return {rid: torch.cat([c.samples for c in chunks]) for rid, chunks in out.items()}
+
+    alone = run([("x", 7)])
+    together = run([("y", 8), ("x", 7), ("z", 9)])
+    assert torch.equal(alone["x"], together["x"])
+    assert not torch.equal(together["x"], together["y"])
+
+
+def test_codec_encode_matches_qwen_tts(checkpoints: dict[str, Path]) -> None:
+    tts = load_tts(checkpoints["base"])
+    codes = tts.codec.encode(torch.from_numpy(recipe.reference_clip()))
+    assert torch.equal(codes, torch.from_numpy(fixture("base")["encode_codes"]))
+
+
+@pytest.mark.parametrize("chunk", [1, 4, 25])
+def test_streamed_request_equals_its_full_decode(checkpoints: dict[str, Path], chunk: int) -> None:
+    tts = load_tts(checkpoints["custom_voice"], dtype=torch.float64)
+    ids = fixture("custom_voice")["text_ids"].tolist()
+    engine = SpeechEngine(tts.model, tts.codec.decoder, kv_blocks=32, block_size=4)
+    params = SpeechParams(seed=5, max_frames=30, first_chunk_frames=chunk, chunk_frames=chunk)
+    out = engine.generate([SpeechRequest("r", tts.model.build_prompt(ids, "english", "vivian"), params)])["r"]
+    frames = torch.cat([c.frames for c in out if c.frames.numel()])
+    streamed = torch.cat([c.samples for c in out])
+    assert len([c for c in out if c.samples.numel()]) == -(-frames.shape[0] // chunk)
+    assert (streamed - tts.codec.decoder.decode(frames)).abs().max() < 1e-5
