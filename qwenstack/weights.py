@@ -167,6 +167,21 @@ def plan_load(model: nn.Module, tensors: dict[str, TensorInfo]) -> dict[str, lis
     return plan
 
 
+def sanitize_names(model: nn.Module, tensors: dict[str, TensorInfo]) -> dict[str, TensorInfo]:
+    """Checkpoint names under the model's own names, through its `sanitize(name)` step when it has one
+    (for checkpoints published in more than one layout). Two tensors landing on one name is an error."""
+    sanitize = getattr(model, "sanitize", None)
+    if sanitize is None:
+        return tensors
+    renamed: dict[str, TensorInfo] = {}
+    for name, info in tensors.items():
+        new = sanitize(name)
+        if new in renamed:
+            raise CheckpointError(f"tensors '{renamed[new].name}' and '{name}' both map to '{new}'")
+        renamed[new] = info
+    return renamed
+
+
 def _read_tensor(f: Any, info: TensorInfo, out: torch.Tensor | None = None) -> torch.Tensor:
     """Reads one tensor's bytes, into `out` when it is a contiguous CPU tensor of the stored dtype."""
     if out is None:
@@ -182,7 +197,7 @@ def load_weights(
     model: nn.Module, model_dir: str | Path, dtype: torch.dtype, device: torch.device | str = "cpu"
 ) -> None:
     """Fills a meta-device model with the checkpoint's tensors, converting floats to `dtype`."""
-    tensors = checkpoint_tensors(model_dir)
+    tensors = sanitize_names(model, checkpoint_tensors(model_dir))
     plan = plan_load(model, tensors)
     params = dict(model.named_parameters())
     device = torch.device(device)
