@@ -171,3 +171,50 @@ def espeak_wav(text: str, out: Path) -> Path | None:
         return None
     subprocess.run([exe, "-w", str(out), text], check=True, capture_output=True)
     return out
+
+
+# --- a scripted Qwen3-ASR: whatever the audio, greedy decoding writes a chosen answer ------------------------
+
+
+def build_scripted_asr(out_dir: Path, answer: str = "language English<asr_text>hello there, this is a test.",
+                       seed: int = 0) -> Path:
+    """tests/scripted.py's Qwen3 decoder (greedy output fixed by the last two tokens) under a random audio
+    encoder, with Qwen3-ASR's three audio tokens added to its tokenizer. The prompt's audio rows sit far from
+    its end, so every clip gets `answer`, and a prefix cut from the answer's own tokens continues it."""
+    from safetensors.torch import load_file, save_file
+    from tokenizers import AddedToken, Tokenizer as RustTokenizer
+
+    from qwenstack.models.qwen3_asr_audio import AudioEncoder, AudioEncoderArgs, AudioProjector
+    from scripted import build_scripted_checkpoint
+
+    out_dir = Path(out_dir)
+    lm = build_scripted_checkpoint(out_dir, answer)
+    tok = RustTokenizer.from_file(str(out_dir / "tokenizer.json"))
+    first = tok.get_vocab_size()
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                            for t in ("<|audio_start|>", "<|audio_pad|>", "<|audio_end|>")])
+    tok.save(str(out_dir / "tokenizer.json"))
+    text = json.loads((out_dir / "config.json").read_text())
+    hidden, vocab = text["hidden_size"], first + 3
+    state = {}
+    for name, tensor in load_file(str(out_dir / "model.safetensors")).items():
+        if name in ("model.embed_tokens.weight", "lm_head.weight"):
+            extra = torch.zeros(3, tensor.shape[1])
+            if name == "model.embed_tokens.weight":
+                extra[:, :2] = 1  # the constant and the "any other token" features, like unscripted tokens
+            tensor = torch.cat([tensor, extra])
+        state[name if name == "lm_head.weight" else "model.language_model." + name[len("model."):]] = tensor
+    audio = {**AUDIO_CONFIG, "output_dim": hidden}
+    torch.manual_seed(seed)
+    args = AudioEncoderArgs.from_dict(audio)
+    for prefix, module in (("model.audio_tower.", AudioEncoder(args)), ("model.multi_modal_projector.",
+                                                                        AudioProjector(args))):
+        state.update({prefix + k: v.detach().clone() for k, v in module.state_dict().items()})
+    save_file(state, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    config = {"model_type": "qwen3_asr", "architectures": ["Qwen3ASRForConditionalGeneration"],
+              "audio_config": audio, "text_config": {**text, "vocab_size": vocab}, "audio_token_id": first + 1,
+              "tie_word_embeddings": False, "eos_token_id": text["eos_token_id"]}
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2))
+    (out_dir / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR_CONFIG, indent=2))
+    assert lm.script == answer
+    return out_dir

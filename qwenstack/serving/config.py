@@ -82,6 +82,8 @@ class ServerConfig:
     max_images_per_request: int = 8
     max_image_bytes: int = 20 * 1024 * 1024  # encoded size of one image
     max_image_pixels: int = 50_000_000  # width * height of one decoded image, before resizing
+    max_audio_bytes: int = 25 * 1024 * 1024  # one encoded audio file or part (OpenAI's upload limit)
+    max_audio_seconds: float = 20 * 60.0  # one decoded audio file or part
     enable_ui: bool = True  # the chat page at / and its store under /api/
     ui_db_path: str | None = None  # SQLite file of the chat page; None: the store's default
     retry_after_s: int = 1  # what 429/503 answers tell clients to wait

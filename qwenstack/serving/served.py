@@ -41,6 +41,7 @@ class ServedModel:
     created: int = field(default_factory=lambda: int(time.time()))
     owned_by: str = "qwenstack"
     image_processor: Any = None  # ImageProcessor of a vision-language model (preprocessor_config.json)
+    asr: Any = None  # AsrPrompter of a model with an audio encoder (serving/audio.py)
 
     @property
     def capabilities(self) -> list[str]:
@@ -66,12 +67,14 @@ def generation_defaults(model_dir: Path | None) -> dict[str, Any]:
 def build_served_model(name: str, model: Any, tokenizer: Tokenizer, engine_config: EngineConfig,
                        hf_config: dict[str, Any] | None = None, model_dir: Path | None = None) -> ServedModel:
     """An engine around already-loaded weights (tests use this directly with tiny checkpoints)."""
+    from qwenstack.serving.audio import asr_prompter_for
     from qwenstack.serving.images import image_processor_for
 
     processor = image_processor_for(hf_config or {}, model_dir)  # before the engine thread starts
+    asr = asr_prompter_for(model, tokenizer, model_dir)
     engine = LLMEngine(model, tokenizer, tokenizer.eos_token_ids, engine_config)
     return ServedModel(name, AsyncEngine(engine, name=name), tokenizer, engine.max_model_len, dict(hf_config or {}),
-                       generation_defaults(model_dir), image_processor=processor)
+                       generation_defaults(model_dir), image_processor=processor, asr=asr)
 
 
 def load_served_model(spec: ModelSpec, kv_cache_memory: int) -> ServedModel:
