@@ -14,7 +14,9 @@ Decisions:
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -119,6 +121,18 @@ class AsrPrompter:
             raise ConfigError(f"the tokenizer lacks Qwen3-ASR's audio tokens ({AUDIO_START}, the token of "
                               f"audio_token_id={self.audio_token_id}, {AUDIO_END})")
         self.placeholder = AUDIO_START + pad + AUDIO_END
+
+    @classmethod
+    def for_model(cls, model: Any, tokenizer: Any, model_dir: Any = None) -> "AsrPrompter | None":
+        """The prompter of a model with an audio encoder (None for others); mel settings from the checkpoint's
+        preprocessor_config.json when it has one."""
+        if not hasattr(model, "encode_audio"):
+            return None
+        mel = MelSettings()
+        path = None if model_dir is None else Path(model_dir) / "preprocessor_config.json"
+        if path is not None and path.is_file():
+            mel = MelSettings.from_config(json.loads(path.read_text()))
+        return cls(tokenizer, model, mel)
 
     def clip(self, samples: np.ndarray, content_hash: str | None = None) -> AudioInput:
         """16 kHz mono samples -> the clip the engine carries (features and hash)."""

@@ -23,7 +23,7 @@ from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from qwenstack import __version__
-from qwenstack.serving import chat, completions, transcriptions
+from qwenstack.serving import chat, completions, realtime, transcriptions
 from qwenstack.serving.chat import template_kwargs, template_messages
 from qwenstack.serving.config import ModelSpec, ServerConfig
 from qwenstack.serving.errors import APIError, bad_request, install_handlers
@@ -176,6 +176,7 @@ def create_app(
     app.include_router(chat.router)
     app.include_router(completions.router)
     app.include_router(transcriptions.router)
+    app.include_router(realtime.router)
     install_guardrails(app, config)  # /v1/moderations; loads config.guard_model when the app starts
     if config.enable_ui:
         _mount_ui(app, config)

@@ -16,26 +16,19 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from qwenstack.audio.asr import AsrPrompter
 from qwenstack.audio.decode import AudioError, AudioLimits, DecodedAudio, decode_audio
-from qwenstack.audio.features import MelSettings
 from qwenstack.multimodal.inputs import AudioInput, MultimodalInputs
 from qwenstack.serving.errors import bad_request
 
 
 def asr_prompter_for(model: Any, tokenizer: Any, model_dir: Path | None) -> AsrPrompter | None:
     """The prompter of a model with an audio encoder (None for others)."""
-    if not hasattr(model, "encode_audio"):
-        return None
-    mel = MelSettings()
-    if model_dir is not None and (model_dir / "preprocessor_config.json").is_file():
-        mel = MelSettings.from_config(json.loads((model_dir / "preprocessor_config.json").read_text()))
-    return AsrPrompter(tokenizer, model, mel)
+    return AsrPrompter.for_model(model, tokenizer, model_dir)
 
 
 def audio_limits(config: Any) -> AudioLimits:
