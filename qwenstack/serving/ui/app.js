@@ -3,6 +3,8 @@
 import { AnswerAccumulator, errorText, readSSE } from "./sse.js";
 import { DEFAULT_SETTINGS, requestBody } from "./request.js";
 import { assistantView, h, toolResultView, userView } from "./views.js";
+import { blobDataURL, startRecording } from "./recorder.js";
+import { setupTranscription } from "./transcribe.js";
 
 const MAX_FILE_BYTES = 16 * 1024 * 1024;
 const THEMES = ["system", "light", "dark"];
@@ -14,8 +16,10 @@ const ui = {
   title: $("chat-title"), thinking: $("thinking-switch"), settingsButton: $("settings-button"), banner: $("banner"),
   messages: $("messages"), composer: $("composer"), input: $("composer-input"), send: $("send-button"),
   stop: $("stop-button"), attach: $("attach-button"), attachWrap: $("attach-wrap"), file: $("attach-input"),
-  pending: $("attachments"), dialog: $("settings-panel"),
+  pending: $("attachments"), dialog: $("settings-panel"), record: $("record-button"),
 };
+let transcription = null;  // the transcription view (transcribe.js), set up in wire()
+let recording = null;  // the microphone recording in progress for the composer
 
 const state = {
   models: [],            // /v1/models entries
@@ -184,6 +188,31 @@ function updateAttachButton() {
   ui.attach.title = tip;
   ui.attachWrap.title = tip;
   ui.attach.setAttribute("aria-label", tip);
+  ui.record.hidden = !accepts(model, "audio");
+  ui.record.disabled = Boolean(state.streaming);
+  transcription?.refresh();
+}
+
+// The composer's microphone: the first click starts recording, the second attaches it as a WAV file.
+async function toggleRecording() {
+  if (recording) {
+    const { blob } = await recording.stop();
+    recording = null;
+    ui.record.setAttribute("aria-pressed", "false");
+    ui.record.classList.remove("recording");
+    const name = `recording-${new Date().toTimeString().slice(0, 8).replaceAll(":", "")}.wav`;
+    state.pending.push({ kind: "audio", name, mime: "audio/wav", data_url: await blobDataURL(blob) });
+    renderPending();
+    return;
+  }
+  try {
+    recording = await startRecording();
+  } catch (e) {
+    showBanner(`Cannot record from the microphone: ${e.message}`);
+    return;
+  }
+  ui.record.setAttribute("aria-pressed", "true");
+  ui.record.classList.add("recording");
 }
 
 // ---------------------------------------------------------------------------------------------- sidebar
@@ -650,6 +679,11 @@ function wire() {
     if (e.key === "Escape" && state.streaming && !ui.dialog.open) { e.preventDefault(); stop(); }
   });
   ui.attach.addEventListener("click", () => ui.file.click());
+  ui.record.addEventListener("click", toggleRecording);
+  transcription = setupTranscription({
+    audioModels: () => state.models.map((m) => m.id).filter((id) => accepts(id, "audio")),
+    selectedModel, authHeaders,
+  });
   ui.file.addEventListener("change", async () => { await addFiles([...ui.file.files]); ui.file.value = ""; });
   ui.newChat.addEventListener("click", newChat);
   let searchTimer = null;
