@@ -111,6 +111,18 @@ class Qwen3ASRModel(nn.Module):
         self.multi_modal_projector = AudioProjector(args.audio)
         self.language_model = Qwen3Model(args.text, make_mlp)
 
+    # The token embedding under the name the CPU linear preparation looks for (model.model.embed_tokens), so
+    # a tied lm_head gets the fast packed form as in the text models; it is not a parameter of its own.
+    @property
+    def embed_tokens(self) -> nn.Module:
+        return self.language_model.embed_tokens
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "embed_tokens":  # nn.Module would register it here, beside the decoder's own
+            self.language_model.embed_tokens = value
+            return
+        super().__setattr__(name, value)
+
 
 class Qwen3ASRForConditionalGeneration(nn.Module):
     args_class: ClassVar[type[Qwen3ASRArgs]] = Qwen3ASRArgs

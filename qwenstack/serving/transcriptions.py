@@ -75,8 +75,8 @@ def _flag(value: str | None, name: str) -> bool:
     raise bad_request(f"'{name}' must be true or false, got '{value}'", param=name)
 
 
-async def _read_request(request: Request) -> TranscriptionRequest:
-    state = get_state(request)
+async def _form_and_model(request: Request) -> tuple[Any, ServedModel]:
+    """The multipart form and the audio model it names (400 for anything else)."""
     content_type = request.headers.get("content-type", "")
     if "multipart/form-data" not in content_type:
         raise bad_request("send the audio as multipart/form-data with a 'file' field", code="invalid_content_type")
@@ -87,8 +87,15 @@ async def _read_request(request: Request) -> TranscriptionRequest:
     model = _field(form, "model")
     if not model:
         raise bad_request("'model' is required", param="model")
-    served = state.registry.get(model)
-    prompter = require_audio_model(served)
+    served = get_state(request).registry.get(model)
+    require_audio_model(served)
+    return form, served
+
+
+async def _read_request(request: Request) -> TranscriptionRequest:
+    state = get_state(request)
+    form, served = await _form_and_model(request)
+    prompter = served.asr
     upload = form.get("file")
     if not isinstance(upload, UploadFile):
         raise bad_request("'file' is required: the audio file to transcribe", param="file")
@@ -234,13 +241,7 @@ async def create_transcription(request: Request) -> Response:
 
 @router.post("/v1/audio/translations")
 async def create_translation(request: Request) -> Response:
-    state = get_state(request)
-    form = await request.form(max_files=1, max_fields=50)
-    model = _field(form, "model")
-    if not model:
-        raise bad_request("'model' is required", param="model")
-    served = state.registry.get(model)
-    require_audio_model(served)
+    _, served = await _form_and_model(request)
     raise APIError(400, f"the model '{served.name}' transcribes speech but cannot translate it; use "
                         "/v1/audio/transcriptions (or a chat request asking for a translation of the transcript)",
                    param="model", code="unsupported_task")
