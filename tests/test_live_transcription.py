@@ -67,6 +67,7 @@ def test_transcriber_python_api(scripted: Path) -> None:
     assert t.state.decodes == 5  # every 2 s of audio, then the final pass
 
 
+@pytest.mark.slow
 def test_transcriber_rollback_on_random_model(tmp_path: Path) -> None:
     """Random weights: whatever the text, what is committed is forced into every later decode, stays, and
     the final transcript extends it."""
