@@ -167,7 +167,9 @@ def main() -> None:
     long = speech_like(60.0, seed=1)
     short = [speech_like(4.0, seed=10 + i) for i in range(16)]
     results: dict[str, Any] = {"model": "qwen3-asr-0.6b-shaped (random)", "dtype": args.dtype,
-                               "tokens_60s": args.tokens, "tokens_each_16": args.tokens_each}
+                               "tokens_60s": args.tokens, "tokens_each_16": args.tokens_each,
+                               # the CPU linear form the runner timed as fastest at load (it varies with load)
+                               "decoder_linear_form": type(llm.loaded.model.lm_head).__name__}
     hf = extractor = None
     if not args.no_transformers:
         import transformers
