@@ -167,6 +167,21 @@ def plan_load(model: nn.Module, tensors: dict[str, TensorInfo]) -> dict[str, lis
     return plan
 
 
+def sanitize_names(model: nn.Module, tensors: dict[str, TensorInfo]) -> dict[str, TensorInfo]:
+    """Checkpoint names under the model's own names, through its `sanitize(name)` step when it has one
+    (for checkpoints published in more than one layout). Two tensors landing on one name is an error."""
+    sanitize = getattr(model, "sanitize", None)
+    if sanitize is None:
+        return tensors
+    renamed: dict[str, TensorInfo] = {}
+    for name, info in tensors.items():
+        new = sanitize(name)
+        if new in renamed:
+            raise CheckpointError(f"tensors '{renamed[new].name}' and '{name}' both map to '{new}'")
+        renamed[new] = info
+    return renamed
+
+
 def _read_tensor(f: Any, info: TensorInfo, out: torch.Tensor | None = None) -> torch.Tensor:
     """Reads one tensor's bytes, into `out` when it is a contiguous CPU tensor of the stored dtype."""
     if out is None:
@@ -187,7 +202,7 @@ def load_weights(
     tensors: the checkpoint's tensors when the caller has already read (and edited) them; skip: parameters
     planned and checked like the others but left on the meta device for the caller to fill (pre-quantized
     weights, see qwenstack.quantization.prequantized). Returns the plan (parameter -> its sources)."""
-    tensors = checkpoint_tensors(model_dir) if tensors is None else tensors
+    tensors = sanitize_names(model, checkpoint_tensors(model_dir) if tensors is None else tensors)
     plan = plan_load(model, tensors)
     params = {name: p for name, p in model.named_parameters() if name not in skip}
     plan_to_read = {name: layout for name, layout in plan.items() if name not in skip}

@@ -10,5 +10,10 @@ if [ ! -x /usr/bin/chromium ] && [ "$(id -u)" = "0" ] && command -v apt-get >/de
   (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
     || echo "warning: could not install chromium; the browser tests will be skipped"
 fi
+# Speech tests make their audio at test time: espeak-ng (speech), sox (tones, files), ffmpeg, libsndfile.
+if ! command -v espeak-ng >/dev/null 2>&1 && [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq espeak-ng sox libsndfile1 ffmpeg \
+    >/dev/null) || echo "warning: could not install espeak-ng/sox; the tests that need them will be skipped"
+fi
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 python -m pytest "$@"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import threading
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -254,20 +255,30 @@ def test_disconnect_cancels_the_job_and_the_worker_moves_on(pipelines: dict[str,
 
 
 def test_full_queue_is_a_429_with_retry_after(pipelines: dict[str, ImagePipeline]) -> None:
-    with serve(pipelines["generate"], image_max_queued=1, image_limits=LONG_JOBS) as server:
+    with serve(pipelines["generate"], image_max_queued=1) as server:
         queue = server.server.config.app.state.qwenstack_images.queue
-        running = _start_long_stream(server, LONG_STEPS)  # on the worker
-        waiting = httpx.Client(timeout=60)
-        queued = waiting.send(waiting.build_request("POST", f"{server.url}/v1/images/generations", json={
-            "prompt": PROMPT, "size": "32x32", "num_inference_steps": LONG_STEPS, "stream": True}), stream=True)
-        deadline = time.monotonic() + 10
-        while len(queue._waiting) < 1 and time.monotonic() < deadline:
-            time.sleep(0.02)
-        refused = httpx.post(f"{server.url}/v1/images/generations", timeout=30,
-                             json={"prompt": PROMPT, "size": "32x32", "num_inference_steps": 2})
-        for response, client in ((queued, waiting), (running[1], running[0])):
-            response.close()
-            client.close()
+        # The worker's first job holds it until the test lets go, so the queue's state does not depend on how
+        # fast this machine denoises.
+        release = threading.Event()
+        run_job = queue._runner
+        queue._runner = lambda *args: (release.wait(60), run_job(*args))
+        clients = [httpx.Client(timeout=60) for _ in range(2)]
+        streams: list[httpx.Response] = []
+        try:
+            for client, wanted in zip(clients, (lambda: queue.running is not None, lambda: len(queue._waiting) == 1)):
+                streams.append(client.send(client.build_request("POST", f"{server.url}/v1/images/generations",
+                                                                json={**FAST, "prompt": PROMPT, "stream": True}),
+                                           stream=True))
+                deadline = time.monotonic() + 30
+                while not wanted() and time.monotonic() < deadline:
+                    time.sleep(0.02)
+                assert wanted()
+            refused = httpx.post(f"{server.url}/v1/images/generations", timeout=30, json={**FAST, "prompt": PROMPT})
+        finally:
+            release.set()
+            for stream, client in zip(streams, clients):
+                stream.close()
+                client.close()
     assert refused.status_code == 429
     assert int(refused.headers["retry-after"]) >= 1
     assert refused.json()["error"]["code"] == "queue_full"

@@ -151,10 +151,15 @@ class LLMEngine:
         """The model's plan for a request's images (None for a text-only request). Raises RequestError."""
         if not isinstance(self.model, MultimodalModel):
             if multimodal:
-                raise RequestError("this model does not accept images (it is text-only)")
+                kind = "images" if multimodal.images else "audio"
+                raise RequestError(f"this model does not accept {kind} (it is text-only)")
             return None
         images = list(multimodal.images) if multimodal else []
-        plan = self.model.plan_multimodal(prompt_token_ids, images)
+        audios = list(multimodal.audios) if multimodal else []
+        if audios and not hasattr(self.model, "encode_audio"):
+            raise RequestError("this model does not accept audio (it has no audio encoder)")
+        plan = (self.model.plan_multimodal(prompt_token_ids, images, audios) if audios
+                else self.model.plan_multimodal(prompt_token_ids, images))
         return plan if plan.placements else None
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,

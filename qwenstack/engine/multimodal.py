@@ -15,7 +15,9 @@ from __future__ import annotations
 import torch
 
 from qwenstack.engine.sequence import Sequence
-from qwenstack.multimodal.inputs import EncodedImage, EncoderCache, MultimodalBatch, MultimodalPlan
+from qwenstack.multimodal.inputs import (
+    AudioInput, EncodedImage, EncoderCache, MultimodalBatch, MultimodalPlan, placed_input,
+)
 
 DEFAULT_ENCODER_CACHE_MEMORY = 256 * 1024**2
 PLAN_KEY = "multimodal"  # where a sequence's MultimodalPlan lives in Sequence.extras
@@ -53,10 +55,10 @@ class MultimodalStep:
         pos = torch.cat(positions, dim=1).to(device)
         if not wanted:
             return pos, None
-        encoded = self._encode([w[3].image for w in wanted])  # type: ignore[attr-defined]
+        encoded = self._encode([placed_input(w[3]) for w in wanted])  # type: ignore[arg-type]
         rows, embeds, deepstack = [], [], []
         for batch_row, first, count, placement in wanted:
-            out = encoded[placement.image.content_hash]  # type: ignore[attr-defined]
+            out = encoded[placed_input(placement).content_hash]  # type: ignore[arg-type]
             rows.append(torch.arange(batch_row, batch_row + count))
             embeds.append(out.embeds[first:first + count])
             deepstack.append(out.deepstack[:, first:first + count])
@@ -78,7 +80,11 @@ class MultimodalStep:
                 missing[key] = image
         if missing:
             self.cache.stats.misses += len(missing)
-            for key, out in zip(missing, self.model.encode_images(list(missing.values()))):  # type: ignore[attr-defined]
-                found[key] = out
-                self.cache.put(key, out)
+            audios = {k: v for k, v in missing.items() if isinstance(v, AudioInput)}
+            images = {k: v for k, v in missing.items() if k not in audios}
+            for batch, encode in ((images, "encode_images"), (audios, "encode_audio")):
+                if batch:
+                    for key, out in zip(batch, getattr(self.model, encode)(list(batch.values()))):
+                        found[key] = out
+                        self.cache.put(key, out)
         return found

@@ -84,14 +84,13 @@ def prompt_logits(model: CausalLM, input_ids: torch.Tensor) -> torch.Tensor:
 
 @runtime_checkable
 class MultimodalModel(Protocol):
-    """A model that takes images (or later audio) besides tokens. The engine calls these hooks and stays generic:
+    """A model that takes images or audio besides tokens. The engine calls these hooks and stays generic:
 
-    - `plan_multimodal` once per request: places each input on its placeholder tokens and gives the prompt's
-      positions (MultimodalPlan), raising RequestError when prompt and inputs disagree;
-    - `encode_images` for the images a step needs that the encoder cache lacks;
-    - `forward(..., multimodal=MultimodalBatch)` with positions [3, T] when a batch holds images.
+    - `plan_multimodal(prompt_token_ids, images[, audios])` once per request: places each input on its
+      placeholder tokens and gives the prompt's positions (MultimodalPlan), raising RequestError when prompt
+      and inputs disagree (audios are passed only to models that have `encode_audio`);
+    - `encode_images` / `encode_audio` for the inputs a step needs that the encoder cache lacks;
+    - `forward(..., multimodal=MultimodalBatch)` with positions [3, T] when a batch holds such inputs.
     """
 
     def plan_multimodal(self, prompt_token_ids: Any, images: Any) -> Any: ...
-
-    def encode_images(self, images: Any) -> list[Any]: ...

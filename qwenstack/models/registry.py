@@ -20,6 +20,7 @@ ARCHITECTURES: dict[str, tuple[str, str]] = {
     "qwen3_next": ("qwenstack.models.qwen3_next", "Qwen3NextForCausalLM"),
     "qwen3_vl": ("qwenstack.models.qwen3_vl", "Qwen3VLForConditionalGeneration"),
     "qwen3_vl_moe": ("qwenstack.models.qwen3_vl", "Qwen3VLMoeForConditionalGeneration"),
+    "qwen3_asr": ("qwenstack.models.qwen3_asr", "Qwen3ASRForConditionalGeneration"),
 }
 
 

@@ -11,6 +11,9 @@ Decisions:
   slices them per step, so chunked prefill may split an image anywhere and a decode step costs nothing extra.
 - Encoder outputs (the image embeddings and the DeepStack features) are cached by content hash under a byte
   budget, least recently used first out, so an image repeated in a conversation is encoded once.
+- Audio clips (Qwen3-ASR, the audio half of Omni) travel the same way: log-mel features with a content
+  hash, an AudioPlacement on their run of audio placeholders, encoder output cached as an EncodedImage with
+  no DeepStack features. A model with 1-D rotary gives its plan equal rows for the three position streams.
 """
 from __future__ import annotations
 
@@ -78,14 +81,43 @@ def images_from_processed(processed: object, hashes: list[str] | None = None) ->
     return [ImageInput.from_pixels(p, g, hashes[i] if hashes else None) for i, (p, g) in enumerate(zip(chunks, grids))]
 
 
+def features_hash(features: torch.Tensor) -> str:
+    """Content hash of an audio clip's log-mel features: what the audio encoder sees."""
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(b"audio" + repr(tuple(features.shape)).encode() + str(features.dtype).encode())
+    digest.update(features.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True, eq=False)
+class AudioInput:
+    """One preprocessed audio clip: log-mel features [mel bins, frames] (every frame valid) and its duration."""
+
+    features: torch.Tensor
+    seconds: float
+    content_hash: str
+
+    @classmethod
+    def from_features(cls, features: torch.Tensor, seconds: float, content_hash: str | None = None) -> "AudioInput":
+        if features.dim() != 2 or features.shape[1] == 0:
+            raise ValueError(f"audio features must be [mel bins, frames], got {list(features.shape)}")
+        return cls(features, float(seconds), content_hash or features_hash(features))
+
+    @property
+    def num_frames(self) -> int:
+        return self.features.shape[1]
+
+
 @dataclass
 class MultimodalInputs:
-    """What a request brings besides its tokens. Images appear in the order of their placeholders."""
+    """What a request brings besides its tokens. Images and audio clips each appear in the order of their
+    placeholders."""
 
     images: list[ImageInput] = field(default_factory=list)
+    audios: list[AudioInput] = field(default_factory=list)
 
     def __bool__(self) -> bool:
-        return bool(self.images)
+        return bool(self.images) or bool(self.audios)
 
 
 @dataclass(frozen=True)
@@ -99,6 +131,22 @@ class ImagePlacement:
         return self.offset + self.length
 
 
+@dataclass(frozen=True)
+class AudioPlacement:
+    offset: int  # prompt index of the clip's first placeholder token
+    length: int  # placeholder tokens, which equals the clip's encoder output rows
+    audio: AudioInput
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.length
+
+
+def placed_input(placement: ImagePlacement | AudioPlacement) -> ImageInput | AudioInput:
+    """The image or audio clip a placement puts in the prompt (both carry a content_hash)."""
+    return placement.audio if isinstance(placement, AudioPlacement) else placement.image
+
+
 class BlockExtraKeys:
     """Per KV block, the hashes of the images whose placeholders it holds (None for text-only blocks).
 
@@ -106,11 +154,11 @@ class BlockExtraKeys:
     are identical but whose images differ never share KV.
     """
 
-    def __init__(self, placements: list[ImagePlacement], block_size: int) -> None:
+    def __init__(self, placements: list[ImagePlacement | AudioPlacement], block_size: int) -> None:
         keys: dict[int, tuple[str, ...]] = {}
         for p in placements:
             for b in range(p.offset // block_size, (p.end - 1) // block_size + 1):
-                keys[b] = keys.get(b, ()) + (p.image.content_hash,)
+                keys[b] = keys.get(b, ()) + (placed_input(p).content_hash,)
         self._keys = keys
 
     def __getitem__(self, block: int) -> Hashable:
@@ -128,7 +176,7 @@ class MultimodalPlan:
     prompt_len + i) sits at prompt_len + i + rope_delta on all three axes, as transformers' rope_deltas.
     """
 
-    placements: list[ImagePlacement]
+    placements: list[ImagePlacement | AudioPlacement]
     positions: torch.Tensor
     rope_delta: int
     _block_keys: dict[int, BlockExtraKeys] = field(default_factory=dict, repr=False)
@@ -225,6 +273,6 @@ class EncoderCache:
 
 
 __all__ = [
-    "BlockExtraKeys", "EncodedImage", "EncoderCache", "ImageInput", "ImagePlacement", "MultimodalBatch",
+    "AudioInput", "AudioPlacement", "features_hash", "placed_input", "BlockExtraKeys", "EncodedImage", "EncoderCache", "ImageInput", "ImagePlacement", "MultimodalBatch",
     "MultimodalInputs", "MultimodalPlan", "images_from_processed", "pixel_hash",
 ]

@@ -23,7 +23,7 @@ from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from qwenstack import __version__
-from qwenstack.serving import chat, completions, introspect, speech
+from qwenstack.serving import chat, completions, introspect, realtime, speech, transcriptions
 from qwenstack.serving.chat import template_kwargs, template_messages
 from qwenstack.serving.config import ModelSpec, ServerConfig
 from qwenstack.serving.errors import APIError, bad_request, install_handlers
@@ -187,6 +187,8 @@ def create_app(
                                                      for m in list(registry.models.values())))
     app.include_router(speech.router)  # /v1/audio/speech and voices
     speech.load_speech_models(app, config)
+    app.include_router(transcriptions.router)
+    app.include_router(realtime.router)
     install_guardrails(app, config)  # /v1/moderations; loads config.guard_model when the app starts
     install_responses(app, config)  # /v1/responses, its store and MCP tools
     if config.enable_ui:

@@ -13,7 +13,8 @@ Decisions:
   are those of the think block).
 - Images (vision models only) are rendered as Qwen3-VL's template renders an image part, one
   `<|vision_start|><|image_pad|><|vision_end|>` each, with a message's parts joined as that template joins
-  them; serving/images.py loads them and expands each placeholder to the image's token count.
+  them; serving/images.py loads them and expands each placeholder to the image's token count. Audio parts
+  (models with an audio encoder) go the same way through serving/audio.py.
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from fastapi.responses import Response
 
 from qwenstack.engine.outputs import CompletionOutput, RequestOutput
 from qwenstack.engine.params import SamplingParams
+from qwenstack.serving import audio as audio_inputs
 from qwenstack.serving import images as image_inputs
 from qwenstack.serving import moderation, videos
 from qwenstack.serving.constraints import THINK_END, THINK_START, ThinkingPhase, build_processors
@@ -68,6 +70,7 @@ class ChatPlan:
     guard: Any = None  # moderation.GuardContext while a guard watches this request
     image_refs: list[image_inputs.ImageRef] = field(default_factory=list)  # image parts, in prompt order
     multimodal: Any = None  # MultimodalInputs once the images are loaded (attach_images)
+    audio_refs: list[audio_inputs.AudioRef] = field(default_factory=list)  # audio parts, in prompt order
 
     @property
     def starts_in_reasoning(self) -> bool:
@@ -87,12 +90,13 @@ class ChatPlan:
 
 def _content_text(message: ChatMessage, index: int, capabilities: list[str], model: str,
                   images: list[image_inputs.ImageRef] | None = None, image_placeholder: str | None = None,
-                  video_placeholder: str | None = None) -> str | None:
+                  video_placeholder: str | None = None, audios: list[audio_inputs.AudioRef] | None = None,
+                  audio_placeholder: str | None = None) -> str | None:
     content = message.content
     if content is None or isinstance(content, str):
         return content
     texts = []
-    has_image = False
+    has_media = False  # media parts join without separators, as Qwen's templates render them
     for j, part in enumerate(content):
         if isinstance(part, TextPart):
             texts.append(part.text)
@@ -103,15 +107,21 @@ def _content_text(message: ChatMessage, index: int, capabilities: list[str], mod
                               f"(it is text-only)", param=f"messages.{index}.content", code="unsupported_content")
         if isinstance(part, ImagePart) and image_placeholder is not None:
             texts.append(image_placeholder)
-            has_image = True
+            has_media = True
             if images is not None:
                 images.append(image_inputs.ImageRef(index, j, part.image_url.url))
             continue
         if part.type == "video_url" and video_placeholder is not None:
             texts.append(video_placeholder)
-            has_image = True
+            has_media = True
             if images is not None:
                 images.append(image_inputs.ImageRef(index, j, part.video_url.url, kind="video"))
+            continue
+        if part.type in ("input_audio", "audio_url") and audio_placeholder is not None:
+            texts.append(audio_placeholder)
+            has_media = True
+            if audios is not None:
+                audios.append(audio_inputs.audio_ref(index, j, part))
             continue
         if part.type == "video_url":
             raise bad_request(f"messages[{index}].content[{j}]: video input is not supported yet; send frames "
@@ -119,21 +129,23 @@ def _content_text(message: ChatMessage, index: int, capabilities: list[str], mod
         raise APIError(501, f"messages[{index}]: {part.type} input is not supported by this server yet",
                        param=f"messages.{index}.content")
     # Qwen3-VL's template concatenates a message's parts as they are; text-only lists keep one per line.
-    return ("" if has_image else "\n").join(texts)
+    return ("" if has_media else "\n").join(texts)
 
 
 def template_messages(messages: list[ChatMessage], served: ServedModel,
-                      images: list[image_inputs.ImageRef] | None = None) -> list[dict[str, Any]]:
+                      images: list[image_inputs.ImageRef] | None = None,
+                      audios: list[audio_inputs.AudioRef] | None = None) -> list[dict[str, Any]]:
     placeholder = video = None
     if served.image_processor is not None:
         placeholder = image_inputs.placeholder_text(served.tokenizer, served.hf_config)
     if served.video_processor is not None:
         video = videos.placeholder_text(served.tokenizer, served.hf_config)
+    audio_placeholder = served.asr.placeholder if served.asr is not None else None
     out = []
     for i, m in enumerate(messages):
         msg: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role,
                                "content": _content_text(m, i, served.capabilities, served.name, images, placeholder,
-                                                        video)}
+                                                        video, audios, audio_placeholder)}
         if m.name is not None:
             msg["name"] = m.name
         if m.tool_call_id is not None:
@@ -187,7 +199,8 @@ def plan_chat(served: ServedModel, request: ChatCompletionRequest, state: Server
     if request.tool_choice not in (None, "none", "auto") and not request.tools:
         raise bad_request("tool_choice requires tools", param="tool_choice")
     image_refs: list[image_inputs.ImageRef] = []
-    prompt = tok.apply_chat_template(template_messages(request.messages, served, image_refs), tools=tool_dicts,
+    audio_refs: list[audio_inputs.AudioRef] = []
+    prompt = tok.apply_chat_template(template_messages(request.messages, served, image_refs, audio_refs), tools=tool_dicts,
                                      add_generation_prompt=True, **kwargs)
     prompt_ids = tok.encode(prompt)
     phase = thinking_phase(prompt, kwargs.get("enable_thinking"))
@@ -197,7 +210,7 @@ def plan_chat(served: ServedModel, request: ChatCompletionRequest, state: Server
                              logprobs=top if request.logprobs else None, processors=processors)
     params.reasoning = phase.markers()  # stop strings act on the answer, not the thinking
     return ChatPlan(f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), served, request, prompt, prompt_ids, params,
-                    phase, tools_enabled, tool_dicts, image_refs=image_refs)
+                    phase, tools_enabled, tool_dicts, image_refs=image_refs, audio_refs=audio_refs)
 
 
 async def attach_images(plan: ChatPlan, state: ServerState) -> None:
@@ -381,6 +394,7 @@ async def create_chat_completion(request: Request) -> Response:
     served = state.registry.get(chat_request.model)
     plan = plan_chat(served, chat_request, state)
     await attach_images(plan, state)
+    await audio_inputs.attach_audio(plan, state)
     blocked = await moderation.screen_prompt(request, plan)  # a blocked prompt never reaches the engine
     if blocked is not None:
         return blocked

@@ -87,6 +87,8 @@ class ServerConfig:
     max_video_bytes: int = 64 * 1024 * 1024  # encoded size of one video
     max_video_seconds: float = 600.0  # duration of one video
     max_video_frames: int = 64  # frames sampled from one video (at the model's fps)
+    max_audio_bytes: int = 25 * 1024 * 1024  # one encoded audio file or part (OpenAI's upload limit)
+    max_audio_seconds: float = 20 * 60.0  # one decoded audio file or part
     enable_ui: bool = True  # the chat page at / and its store under /api/
     ui_db_path: str | None = None  # SQLite file of the chat page; None: the store's default
     retry_after_s: int = 1  # what 429/503 answers tell clients to wait

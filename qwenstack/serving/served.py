@@ -39,6 +39,7 @@ class ServedModel:
     owned_by: str = "qwenstack"
     image_processor: Any = None  # ImageProcessor of a vision-language model (preprocessor_config.json)
     video_processor: Any = None  # VideoProcessor of a model that takes video (serving/videos.py)
+    asr: Any = None  # AsrPrompter of a model with an audio encoder (serving/audio.py)
 
     @property
     def capabilities(self) -> list[str]:
@@ -54,15 +55,16 @@ class ServedModel:
 def build_served_model(name: str, model: Any, tokenizer: Tokenizer, engine_config: EngineConfig,
                        hf_config: dict[str, Any] | None = None, model_dir: Path | None = None) -> ServedModel:
     """An engine around already-loaded weights (tests use this directly with tiny checkpoints)."""
+    from qwenstack.serving.audio import asr_prompter_for
     from qwenstack.serving.images import image_processor_for
-
     from qwenstack.serving.videos import video_processor_for
 
     processor = image_processor_for(hf_config or {}, model_dir)  # before the engine thread starts
     video = video_processor_for(hf_config or {}, model_dir)
+    asr = asr_prompter_for(model, tokenizer, model_dir)
     engine = LLMEngine(model, tokenizer, tokenizer.eos_token_ids, engine_config)
     return ServedModel(name, AsyncEngine(engine, name=name), tokenizer, engine.max_model_len, dict(hf_config or {}),
-                       generation_defaults(model_dir), image_processor=processor, video_processor=video)
+                       generation_defaults(model_dir), image_processor=processor, video_processor=video, asr=asr)
 
 
 def load_served_model(spec: ModelSpec, kv_cache_memory: int) -> ServedModel:

@@ -1,11 +1,14 @@
 // The qwenstack chat page: conversations from /api/, answers streamed from /v1/chat/completions.
 // Plain ES modules, no build step; every URL is relative so the page also works under a path prefix.
+import { api, apiFetch, httpErrorText } from "./api.js";
 import { AnswerAccumulator, errorText, readSSE } from "./sse.js";
 import { DEFAULT_SETTINGS, requestBody } from "./request.js";
 import { ResponseEventAccumulator, responsesBody } from "./responses.js";
 import { assistantView, h, toolResultView, userView } from "./views.js";
 import { imageTask, runImageJob } from "./imagegen.js";
 import { loadVoices, speakButton, voicePicker } from "./speak.js";
+import { blobDataURL, startRecording } from "./recorder.js";
+import { setupTranscription } from "./transcribe.js";
 
 const MAX_FILE_BYTES = 16 * 1024 * 1024;
 const THEMES = ["system", "light", "dark"];
@@ -17,8 +20,10 @@ const ui = {
   title: $("chat-title"), thinking: $("thinking-switch"), settingsButton: $("settings-button"), banner: $("banner"),
   messages: $("messages"), composer: $("composer"), input: $("composer-input"), send: $("send-button"),
   stop: $("stop-button"), attach: $("attach-button"), attachWrap: $("attach-wrap"), file: $("attach-input"),
-  pending: $("attachments"), dialog: $("settings-panel"),
+  pending: $("attachments"), dialog: $("settings-panel"), record: $("record-button"),
 };
+let transcription = null;  // the transcription view (transcribe.js), set up in wire()
+let recording = null;  // the microphone recording in progress for the composer
 
 const state = {
   models: [],            // /v1/models entries
@@ -33,81 +38,6 @@ const state = {
 };
 
 // ---------------------------------------------------------------------------------------------- helpers
-
-// A server started with --api-key wants `Authorization: Bearer <key>` on /v1/ and /api/. The page asks for the
-// key on the first 401, keeps it in localStorage and sends it on every API call; a wrong key asks again.
-const API_KEY_ITEM = "qwenstack.apiKey";
-let keyPrompt = null;  // one prompt shared by the calls that got a 401 together
-
-function authHeaders(headers = {}) {
-  const key = localStorage.getItem(API_KEY_ITEM);
-  return key ? { ...headers, Authorization: `Bearer ${key}` } : headers;
-}
-
-function askForApiKey(message) {
-  if (keyPrompt) return keyPrompt;
-  const dialog = $("api-key-dialog");
-  const input = $("api-key-input");
-  const error = $("api-key-error");
-  error.textContent = message;
-  error.hidden = !message;
-  input.value = "";
-  const form = $("api-key-form");
-  keyPrompt = new Promise((resolve, reject) => {
-    let saved = false;
-    const submit = (e) => {
-      e.preventDefault();
-      const key = input.value.trim();
-      if (!key) { input.focus(); return; }
-      localStorage.setItem(API_KEY_ITEM, key);
-      saved = true;
-      dialog.close();
-    };
-    const closed = () => {  // saved, or dismissed with Escape: the calls waiting on the key fail readably
-      form.removeEventListener("submit", submit);
-      dialog.removeEventListener("close", closed);
-      keyPrompt = null;
-      if (saved) resolve();
-      else reject(new Error("this server needs an API key (Authorization: Bearer <key>)"));
-    };
-    form.addEventListener("submit", submit);
-    dialog.addEventListener("close", closed);
-  });
-  if (!dialog.open) dialog.showModal();
-  input.focus();
-  return keyPrompt;
-}
-
-// fetch with the key; on a 401 asks for a key and tries again (until the server takes it).
-async function apiFetch(path, init = {}) {
-  for (;;) {
-    const res = await fetch(path, { ...init, headers: authHeaders(init.headers) });
-    if (res.status !== 401) return res;
-    const data = await res.json().catch(() => null);
-    const had = localStorage.getItem(API_KEY_ITEM);
-    await askForApiKey(had ? `The server refused the key: ${httpErrorText(res, data)}` : "");
-    if (init.signal?.aborted) throw new DOMException("aborted", "AbortError");
-  }
-}
-
-async function api(method, path, body) {
-  const init = { method, headers: {} };
-  if (body !== undefined) {
-    init.headers["Content-Type"] = "application/json";
-    init.body = JSON.stringify(body);
-  }
-  const res = await apiFetch(path, init);
-  const data = await res.json().catch(() => null);
-  if (!res.ok) throw new Error(httpErrorText(res, data));
-  return data;
-}
-
-// OpenAI error JSON first; FastAPI's {"detail": ...} and bare statuses as a fallback.
-function httpErrorText(res, data) {
-  if (data && data.error) return errorText(data.error);
-  if (data && data.detail) return typeof data.detail === "string" ? data.detail : JSON.stringify(data.detail);
-  return `${res.status} ${res.statusText}`;
-}
 
 let bannerTimer = null;
 function showBanner(text, { sticky = false } = {}) {
@@ -189,6 +119,31 @@ function updateAttachButton() {
   ui.attach.title = tip;
   ui.attachWrap.title = tip;
   ui.attach.setAttribute("aria-label", tip);
+  ui.record.hidden = !accepts(model, "audio");
+  ui.record.disabled = Boolean(state.streaming);
+  transcription?.refresh();
+}
+
+// The composer's microphone: the first click starts recording, the second attaches it as a WAV file.
+async function toggleRecording() {
+  if (recording) {
+    const { blob } = await recording.stop();
+    recording = null;
+    ui.record.setAttribute("aria-pressed", "false");
+    ui.record.classList.remove("recording");
+    const name = `recording-${new Date().toTimeString().slice(0, 8).replaceAll(":", "")}.wav`;
+    state.pending.push({ kind: "audio", name, mime: "audio/wav", data_url: await blobDataURL(blob) });
+    renderPending();
+    return;
+  }
+  try {
+    recording = await startRecording();
+  } catch (e) {
+    showBanner(`Cannot record from the microphone: ${e.message}`);
+    return;
+  }
+  ui.record.setAttribute("aria-pressed", "true");
+  ui.record.classList.add("recording");
 }
 
 // ---------------------------------------------------------------------------------------------- sidebar
@@ -490,7 +445,7 @@ async function generateImage(conv, model, task) {
   scrollToBottom(true);
   const message = { role: "assistant", model, content: "" };
   try {
-    const result = await runImageJob({ apiFetch, httpErrorText, task, model, prompt: lastUser?.content || "",
+    const result = await runImageJob({ task, model, prompt: lastUser?.content || "",
       attachments: task === "edit" ? (images?.attachments || []) : [], signal: controller.signal,
       onUpdate: ({ progress, preview }) => {
         if (progress !== undefined) live.image_progress = progress;
@@ -725,6 +680,11 @@ function wire() {
     if (e.key === "Escape" && state.streaming && !ui.dialog.open) { e.preventDefault(); stop(); }
   });
   ui.attach.addEventListener("click", () => ui.file.click());
+  ui.record.addEventListener("click", toggleRecording);
+  transcription = setupTranscription({
+    audioModels: () => state.models.map((m) => m.id).filter((id) => accepts(id, "audio")),
+    selectedModel,
+  });
   ui.file.addEventListener("change", async () => { await addFiles([...ui.file.files]); ui.file.value = ""; });
   ui.newChat.addEventListener("click", newChat);
   let searchTimer = null;

@@ -2,6 +2,7 @@
 // attached to the last user message (POST /v1/images/edits, multipart), one with "image_generation" makes an
 // image from the text (POST /v1/images/generations). Both stream: progress after every denoising step, a
 // preview now and then, the finished image last.
+import { apiFetch, httpErrorText } from "./api.js";
 import { errorText, readSSE } from "./sse.js";
 
 export const IMAGE_CAPABILITIES = { image_edit: "edit", image_generation: "generate" };
@@ -32,7 +33,7 @@ async function requestFor(task, model, prompt, attachments) {
 }
 
 // Runs one job. onUpdate({progress, preview}) after each event; returns {attachments, error}.
-export async function runImageJob({ apiFetch, httpErrorText, task, model, prompt, attachments, signal, onUpdate }) {
+export async function runImageJob({ task, model, prompt, attachments, signal, onUpdate }) {
   const { path, init } = await requestFor(task, model, prompt, attachments);
   const res = await apiFetch(path, { method: "POST", ...init, signal });
   if (!res.ok) {

@@ -2,6 +2,7 @@
 // answer gets a speaker button. It posts the answer to /v1/audio/speech as raw pcm (16-bit, 24 kHz) and
 // plays every chunk as it arrives, scheduled back to back in one AudioContext, so speech starts after the
 // first 80 ms frame rather than after the whole answer. One answer speaks at a time; clicking again stops.
+import { apiFetch } from "./api.js";
 import { h } from "./views.js";
 
 const RATE = 24000;
@@ -9,7 +10,7 @@ const voiceState = { voices: [], playing: null };  // playing: { button, abort, 
 
 export async function loadVoices() {
   try {
-    const response = await fetch("v1/audio/voices");
+    const response = await apiFetch("v1/audio/voices");
     const data = response.ok ? await response.json() : { data: [] };
     voiceState.voices = Array.isArray(data?.data) ? data.data : [];
   } catch (e) {
@@ -72,7 +73,7 @@ async function speak(button, text) {
   const { model, voice } = chosenVoice();
   let at = 0;
   try {
-    const response = await fetch("v1/audio/speech", {
+    const response = await apiFetch("v1/audio/speech", {
       method: "POST", headers: { "Content-Type": "application/json" }, signal: abort.signal,
       body: JSON.stringify({ model, voice, input: text, response_format: "pcm" }),
     });

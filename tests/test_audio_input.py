@@ -1,0 +1,84 @@
+"""Audio decoding (WAV, FLAC, OGG/Vorbis, OGG/Opus, MP3), mono downmix, resampling to 16 kHz, and log-mel
+features equal to transformers' Qwen3ASRFeatureExtractor; corrupt input gives a clear AudioError."""
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from asr_checkpoints import hf_features, speechlike, tone, wav_bytes
+from qwenstack.audio.decode import AudioError, AudioLimits, decode_audio, from_samples, pcm16_to_float
+from qwenstack.audio.features import log_mel, num_frames
+
+pytest.importorskip("transformers")
+
+
+def _features_match(samples: np.ndarray) -> None:
+    want, mask = hf_features(samples)
+    got = log_mel(samples)
+    frames = got.shape[1]
+    assert frames == num_frames(len(samples)) == int(mask.sum())
+    assert mask[0, :frames].all() and not mask[0, frames:].any()  # the extractor's mask: valid frames first
+    torch.testing.assert_close(got, want[0, :, :frames], atol=1e-4, rtol=0)
+    assert not want[0, :, frames:].any()  # its chunk padding is zeros, which is what our encoder pads with
+
+
+@pytest.mark.parametrize("n", [1, 159, 7999, 8000, 8001, 16161, 48007, 160 * 333 + 17])
+def test_log_mel_equals_transformers_odd_lengths(n: int) -> None:
+    _features_match(speechlike(n / 16000, seed=n)[:n] if n > 16 else np.full(n, 0.1, np.float32))
+
+
+def test_log_mel_silence_clipping_and_loud() -> None:
+    _features_match(np.zeros(12345, np.float32))
+    clipped = np.clip(tone(1.3, 300.0, amplitude=3.0), -1.0, 1.0)
+    _features_match(clipped)
+    _features_match(speechlike(2.0) * 40.0)
+
+
+@pytest.mark.parametrize("fmt,subtype", [("WAV", "PCM_16"), ("WAV", "FLOAT"), ("FLAC", None), ("OGG", "VORBIS"),
+                                         ("OGG", "OPUS"), ("MP3", "MPEG_LAYER_III")])
+def test_decode_formats_resample_and_downmix(fmt: str, subtype: str | None) -> None:
+    rate = 48000 if subtype == "OPUS" else 44100
+    t = np.arange(int(1.5 * rate)) / rate
+    left = 0.5 * np.sin(2 * np.pi * 440 * t)
+    stereo = np.stack([left, left * 0.5], axis=1).astype(np.float32)
+    audio = decode_audio(wav_bytes(stereo, rate, fmt, subtype))
+    assert audio.sample_rate == 16000 and audio.source_rate == rate and audio.source_channels == 2
+    assert abs(audio.seconds - 1.5) < 0.1  # lossy codecs add a little priming/padding
+    want = 0.75 * 0.5 * np.sin(2 * np.pi * 440 * np.arange(len(audio.samples)) / 16000)
+    # the 440 Hz tone survives: its spectrum peak, and its amplitude (the mean of both channels)
+    spectrum = np.abs(np.fft.rfft(audio.samples))
+    assert abs(np.argmax(spectrum) * 16000 / len(audio.samples) - 440) < 3
+    assert abs(np.sqrt(np.mean(audio.samples[4000:-4000] ** 2)) - np.sqrt(np.mean(want ** 2))) < 0.02
+
+
+@pytest.mark.skipif(shutil.which("sox") is None, reason="sox is installed by scripts/test.sh")
+def test_decode_sox_made_file(tmp_path: Path) -> None:
+    out = tmp_path / "tone.flac"
+    subprocess.run(["sox", "-n", "-r", "22050", "-c", "1", str(out), "synth", "0.8", "sine", "1000"], check=True)
+    audio = decode_audio(out.read_bytes())
+    assert audio.source_rate == 22050 and abs(audio.seconds - 0.8) < 1e-3
+
+
+def test_corrupt_and_limits() -> None:
+    with pytest.raises(AudioError, match="not audio"):
+        decode_audio(b"this is plain text, not a sound file" * 10)
+    with pytest.raises(AudioError, match="not audio"):
+        decode_audio(wav_bytes(tone(0.5))[:30])  # a truncated header
+    with pytest.raises(AudioError, match="empty"):
+        decode_audio(b"")
+    with pytest.raises(AudioError, match="over the limit of 100"):
+        decode_audio(wav_bytes(tone(0.5)), AudioLimits(max_bytes=100))
+    with pytest.raises(AudioError, match="over the limit of 1 s"):
+        decode_audio(wav_bytes(tone(1.5)), AudioLimits(max_seconds=1.0))
+    with pytest.raises(AudioError, match="no samples"):
+        from_samples(np.zeros(0, np.float32), 16000)
+    with pytest.raises(AudioError, match="not finite"):
+        from_samples(np.array([0.0, np.nan], np.float32), 16000)
+    with pytest.raises(AudioError, match="even number"):
+        pcm16_to_float(b"\x00\x01\x02")
+    assert np.allclose(pcm16_to_float(np.array([16384, -32768], "<i2").tobytes()), [0.5, -1.0])

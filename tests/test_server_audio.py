@@ -1,0 +1,178 @@
+"""Speech through the OpenAI-compatible server, driven by the official `openai` SDK: transcriptions in every
+response_format and streamed, a long file cut into timed segments, a random Qwen3-ASR whose transcript
+equals transformers' greedy tokens, audio parts in chat, and every refusal a 400 (corrupt, too large, too
+long, bad fields, a text-only model, translation)."""
+from __future__ import annotations
+
+import base64
+import json
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import openai
+import pytest
+import torch
+
+from asr_checkpoints import build_asr_checkpoint, build_scripted_asr, load_hf_asr, speechlike, tone, wav_bytes
+from server_utils import BackgroundServer, tiny_served_model
+from qwenstack.audio.asr import max_transcript_tokens, parse_asr_output
+from qwenstack.engine.engine import EngineConfig
+from qwenstack.models.registry import load_model
+from qwenstack.serving.app import create_app
+from qwenstack.serving.config import ServerConfig
+from qwenstack.serving.served import build_served_model
+from qwenstack.tokenizer import Tokenizer
+
+pytest.importorskip("transformers")
+
+ANSWER = "hello there, this is a test."
+MAX_BYTES, MAX_SECONDS = 4_000_000, 100.0
+CLIP = wav_bytes(speechlike(2.0, seed=1))
+
+
+def _served(name: str, path: Path):
+    return build_served_model(name, load_model(path, dtype=torch.float32), Tokenizer.from_dir(path),
+                              EngineConfig(block_size=8, kv_cache_memory=2**24),
+                              hf_config=json.loads((path / "config.json").read_text()), model_dir=path)
+
+
+@pytest.fixture(scope="module")
+def paths(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return {"scripted": build_scripted_asr(tmp_path_factory.mktemp("asr-scripted"), "language English<asr_text>"
+                                           + ANSWER),
+            "random": build_asr_checkpoint(tmp_path_factory.mktemp("asr-random"), tie=True, seed=7)}
+
+
+@pytest.fixture(scope="module")
+def server(paths: dict[str, Path], tiny_qwen3: Path) -> Iterator[BackgroundServer]:
+    config = ServerConfig(enable_ui=False, max_audio_bytes=MAX_BYTES, max_audio_seconds=MAX_SECONDS)
+    served = [_served("asr", paths["scripted"]), _served("asr-random", paths["random"]), tiny_served_model(tiny_qwen3)]
+    with BackgroundServer(create_app(served, config)) as srv:
+        srv.served = {s.name: s for s in served}  # type: ignore[attr-defined]
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def client(server: BackgroundServer) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
+
+
+def test_transcription_json_and_text(client: openai.OpenAI) -> None:
+    out = client.audio.transcriptions.create(file=("clip.wav", CLIP), model="asr")
+    assert out.text == ANSWER
+    usage = out.usage.model_dump()
+    assert usage["type"] == "tokens" and usage["seconds"] == 2.0
+    assert usage["input_token_details"]["audio_tokens"] == 26 and usage["output_tokens"] > 0
+    text = client.audio.transcriptions.create(file=("clip.wav", CLIP), model="asr", response_format="text")
+    assert text.strip() == ANSWER
+
+
+def test_transcription_verbose_srt_vtt(client: openai.OpenAI) -> None:
+    verbose = client.audio.transcriptions.create(file=("clip.flac", wav_bytes(speechlike(2.0), fmt="FLAC")),
+                                                 model="asr", response_format="verbose_json")
+    assert (verbose.text, verbose.language, verbose.duration) == (ANSWER, "english", 2.0)
+    assert [(s.start, s.end, s.text) for s in verbose.segments] == [(0.0, 2.0, ANSWER)]
+    srt = client.audio.transcriptions.create(file=("clip.wav", CLIP), model="asr", response_format="srt")
+    assert srt == f"1\n00:00:00,000 --> 00:00:02,000\n{ANSWER}\n"
+    vtt = client.audio.transcriptions.create(file=("clip.wav", CLIP), model="asr", response_format="vtt")
+    assert vtt == f"WEBVTT\n\n00:00:00.000 --> 00:00:02.000\n{ANSWER}\n"
+
+
+def test_long_file_is_cut_at_silences_into_timed_segments(client: openai.OpenAI) -> None:
+    # 70 s of steady sound with a silent gap at 25-26 s and 53-54 s, where the cuts must go
+    samples = tone(70.0, 300.0, amplitude=0.3) + 0.05 * np.random.default_rng(3).standard_normal(70 * 16000)
+    for gap in (25.0, 53.0):
+        samples[int(gap * 16000):int((gap + 1.0) * 16000)] = 0
+    verbose = client.audio.transcriptions.create(file=("long.wav", wav_bytes(samples)), model="asr",
+                                                 response_format="verbose_json")
+    bounds = [(s.start, s.end) for s in verbose.segments]
+    assert len(bounds) == 3 and bounds[0][0] == 0.0 and bounds[-1][1] == 70.0
+    assert 25.0 <= bounds[0][1] <= 26.0 and 53.0 <= bounds[1][1] <= 54.0
+    assert verbose.text == " ".join([ANSWER] * 3)
+
+
+def test_transcription_stream(client: openai.OpenAI) -> None:
+    events = list(client.audio.transcriptions.create(file=("clip.wav", CLIP), model="asr", stream=True))
+    deltas = [e.delta for e in events if e.type == "transcript.text.delta"]
+    done = [e for e in events if e.type == "transcript.text.done"]
+    assert len(deltas) > 1 and "".join(deltas) == ANSWER  # the language header never reaches the client
+    assert len(done) == 1 and done[0].text == ANSWER and done[0].usage.output_tokens > 0
+    assert events[-1].type == "transcript.text.done"
+
+
+def test_random_model_transcript_equals_transformers(client: openai.OpenAI, server, paths) -> None:
+    """No script: the forced-language prompt with context, generated greedily, equals transformers."""
+    samples = speechlike(3.1, seed=9)
+    prompter = server.served["asr-random"].asr
+    clip = prompter.clip(samples)
+    ids = prompter.prompt_ids(clip, "names: Qwen", "English")
+    hf = load_hf_asr(paths["random"])
+    from asr_checkpoints import hf_features
+
+    features, mask = hf_features(samples)
+    want = hf.generate(input_ids=torch.tensor([ids]), input_features=features, input_features_mask=mask,
+                       max_new_tokens=max_transcript_tokens(3.1), do_sample=False, eos_token_id=[151645, 151643],
+                       pad_token_id=0)[0, len(ids):].tolist()
+    text = prompter.tokenizer.decode([t for t in want if t not in (151645, 151643)], skip_special_tokens=True)
+    expected = parse_asr_output(text, "English").text
+    for stream in (False, True):
+        out = client.audio.transcriptions.create(file=("x.wav", wav_bytes(samples)), model="asr-random",
+                                                 language="en", prompt="names: Qwen", temperature=0.0, stream=stream)
+        got = out.text if not stream else [e for e in out if e.type == "transcript.text.done"][0].text
+        assert got == expected
+
+
+def test_chat_with_input_audio_and_audio_url(client: openai.OpenAI) -> None:
+    b64 = base64.b64encode(CLIP).decode()
+    for part in ({"type": "input_audio", "input_audio": {"data": b64, "format": "wav"}},
+                 {"type": "audio_url", "audio_url": {"url": "data:audio/wav;base64," + b64}}):
+        out = client.chat.completions.create(model="asr", messages=[{"role": "user", "content": [part]}],
+                                             temperature=0)
+        assert out.choices[0].message.content == "language English<asr_text>" + ANSWER
+        assert out.usage.prompt_tokens > 26  # the clip's 26 audio tokens are counted
+    stream = client.chat.completions.create(model="asr", stream=True, temperature=0,
+                                            messages=[{"role": "user", "content": [part]}])
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == \
+        "language English<asr_text>" + ANSWER
+
+
+def _bad(call, code: str | None, match: str) -> None:
+    with pytest.raises(openai.BadRequestError) as info:
+        call()
+    assert info.value.status_code == 400 and match in info.value.message
+    if code is not None:
+        assert info.value.code == code
+
+
+def test_refusals_are_400(client: openai.OpenAI) -> None:
+    t = client.audio.transcriptions.create
+    _bad(lambda: t(file=("x.wav", b"RIFF....not really a wav file at all" * 4), model="asr"), "invalid_audio",
+         "not audio")
+    _bad(lambda: t(file=("x.txt", b"hello"), model="asr"), "invalid_audio", "not audio")
+    _bad(lambda: t(file=("x.wav", b""), model="asr"), "invalid_audio", "empty")
+    _bad(lambda: t(file=("x.wav", b"\0" * (MAX_BYTES + 1)), model="asr"), "invalid_audio", "over the limit")
+    _bad(lambda: t(file=("x.wav", wav_bytes(np.zeros(int(101 * 8000), np.float32), 8000)), model="asr"),
+         "invalid_audio", "over the limit of 100 s")
+    _bad(lambda: t(file=("x.wav", CLIP), model="tiny"), "unsupported_content", "does not accept audio")
+    _bad(lambda: t(file=("x.wav", CLIP), model="asr", response_format="xml"), None, "response_format")  # type: ignore[arg-type]
+    _bad(lambda: t(file=("x.wav", CLIP), model="asr", language="klingon"), None, "klingon")
+    _bad(lambda: t(file=("x.wav", CLIP), model="asr", response_format="srt", stream=True), None, "stream")
+    _bad(lambda: client.audio.translations.create(file=("x.wav", CLIP), model="asr"), "unsupported_task",
+         "cannot translate")
+    part = {"type": "input_audio", "input_audio": {"data": "%%%not base64%%%", "format": "wav"}}
+    _bad(lambda: client.chat.completions.create(model="asr", messages=[{"role": "user", "content": [part]}]),
+         "invalid_audio", "base64")
+    ok = {"type": "input_audio", "input_audio": {"data": base64.b64encode(CLIP).decode(), "format": "wav"}}
+    _bad(lambda: client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": [ok]}]),
+         "unsupported_content", "does not accept input_audio")
+    url = {"type": "audio_url", "audio_url": {"url": "https://example.com/a.wav"}}
+    _bad(lambda: client.chat.completions.create(model="asr", messages=[{"role": "user", "content": [url]}]),
+         "invalid_audio", "data: URL")
+    # the server still answers after all of that
+    assert client.audio.transcriptions.create(file=("clip.wav", CLIP), model="asr").text == ANSWER
+
+
+def test_tone_and_silence_transcribe(client: openai.OpenAI) -> None:
+    for samples in (tone(0.3), np.zeros(16000, np.float32)):  # under 0.5 s (padded) and silence
+        assert client.audio.transcriptions.create(file=("t.wav", wav_bytes(samples)), model="asr").text == ANSWER
