@@ -180,7 +180,8 @@ class _Quiet(http.server.SimpleHTTPRequestHandler):
 def test_local_and_remote_urls_when_the_server_allows_them(tmp_path: Path) -> None:
     data = png_bytes(IMAGE_A)
     (tmp_path / "a.png").write_bytes(data)
-    allow = ServerConfig(allow_local_image_paths=True, allow_remote_image_urls=True, max_image_bytes=MAX_BYTES)
+    allow = ServerConfig(allow_local_image_paths=True, allow_remote_image_urls=True, allow_private_image_urls=True,
+                         max_image_bytes=MAX_BYTES)
     ref = ImageRef(0, 0, (tmp_path / "a.png").as_uri())
     assert asyncio.run(read_image_bytes(ref, allow)) == data
     handler = lambda *a, **k: _Quiet(*a, directory=str(tmp_path), **k)  # noqa: E731
@@ -190,9 +191,9 @@ def test_local_and_remote_urls_when_the_server_allows_them(tmp_path: Path) -> No
     try:
         url = f"http://127.0.0.1:{httpd.server_address[1]}/a.png"
         assert asyncio.run(read_image_bytes(ImageRef(0, 0, url), allow)) == data
-        with pytest.raises(ImageError, match="HTTP 404"):
+        with pytest.raises(ImageError, match="not allowed or could not be fetched"):
             asyncio.run(read_image_bytes(ImageRef(0, 0, url + "x"), allow))
-        small = ServerConfig(allow_remote_image_urls=True, max_image_bytes=100)
+        small = ServerConfig(allow_remote_image_urls=True, allow_private_image_urls=True, max_image_bytes=100)
         with pytest.raises(ImageError, match="byte limit"):
             asyncio.run(read_image_bytes(ImageRef(0, 0, url), small))
     finally:

@@ -10,7 +10,7 @@ import argparse
 from typing import TYPE_CHECKING, Any
 
 from qwenstack.commands import Command
-from qwenstack.commands._common import add_model_options, positive_int
+from qwenstack.commands._common import add_model_options, parse_bytes, positive_int
 
 if TYPE_CHECKING:
     from qwenstack.serving.config import ServerConfig
@@ -80,6 +80,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="let requests name images by file:// path on this machine")
     app.add_argument("--allow-remote-image-urls", action="store_true",
                      help="let requests name images by http(s) URL, which this server then fetches")
+    app.add_argument("--allow-private-image-urls", action="store_true",
+                     help="with --allow-remote-image-urls, also fetch from loopback, private and link-local addresses")
+    app.add_argument("--max-request-body", type=parse_bytes, default=None, metavar="SIZE",
+                     help="largest request body accepted, e.g. 16MiB (default: 64MiB); larger ones get 413")
+    app.add_argument("--special-tokens-in-content", action="store_true",
+                     help="let special tokens typed in message content (<|im_start|>, ...) act as control tokens "
+                          "(default: they stay plain text, so a user cannot forge a system turn)")
     app.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
 
 
@@ -112,11 +119,13 @@ def serve_config_from_args(args: argparse.Namespace) -> dict[str, Any]:
     config: dict[str, Any] = {"host": args.host, "port": args.port, "models": specs, "remote": remotes,
                               "enable_ui": not args.no_ui, "allow_local_image_paths": args.allow_local_image_paths,
                               "allow_remote_image_urls": args.allow_remote_image_urls,
+                              "allow_private_image_urls": args.allow_private_image_urls,
+                              "special_tokens_in_content": args.special_tokens_in_content,
                               "log_level": args.log_level}
     optional = {"api_key": args.api_key, "kv_cache_memory": args.kv_cache_memory, "ui_db_path": args.ui_db,
                 "remote_timeout_s": args.remote_timeout, "guard_model": args.guard,
                 "guard_stream_model": args.guard_stream, "guard_policy": args.guard_policy,
-                "guard_stream_window": args.guard_stream_window}
+                "guard_stream_window": args.guard_stream_window, "max_request_body_bytes": args.max_request_body}
     config.update({k: v for k, v in optional.items() if v is not None})
     if args.no_think:
         config["default_chat_template_kwargs"] = {"enable_thinking": False}

@@ -15,6 +15,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable
 
@@ -22,6 +23,7 @@ from qwenstack.engine.async_engine import AsyncEngine
 from qwenstack.engine.engine import EngineConfig, LLMEngine
 from qwenstack.serving.config import ModelSpec, ServerConfig
 from qwenstack.serving.errors import APIError
+from qwenstack.serving.markers import SpecialTokenText
 from qwenstack.tokenizer import Tokenizer
 
 log = logging.getLogger("qwenstack.server")
@@ -41,6 +43,17 @@ class ServedModel:
     created: int = field(default_factory=lambda: int(time.time()))
     owned_by: str = "qwenstack"
     image_processor: Any = None  # ImageProcessor of a vision-language model (preprocessor_config.json)
+
+    @cached_property
+    def special_token_text(self) -> SpecialTokenText:
+        return SpecialTokenText(self.tokenizer)
+
+    def check_token_ids(self, ids: list[int], param: str) -> None:
+        """400 unless every id is in the vocabulary (before anything decodes them)."""
+        vocab = self.engine.engine.vocab_size
+        bad = next((t for t in ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise APIError(400, f"token id {bad} is outside the vocabulary (0..{vocab - 1})", param=param)
 
     @property
     def capabilities(self) -> list[str]:

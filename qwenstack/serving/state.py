@@ -1,6 +1,7 @@
 """What the handlers share, hung off the app instance (`app.state.qwenstack`), never off a module."""
 from __future__ import annotations
 
+import asyncio
 import json
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -29,16 +30,25 @@ def get_state(request: Request) -> ServerState:
     return request.app.state.qwenstack
 
 
+LARGE_BODY = 1 << 20  # bytes; larger bodies are parsed and validated in a worker thread
+
+
 async def read_json(request: Request) -> dict[str, Any]:
     """The body as a JSON object. Parsed by hand (not by FastAPI) so remote routes can forward it verbatim."""
     raw = await request.body()
-    try:
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
-        raise bad_request("the request body is not valid JSON", code="invalid_json") from None
+    body = await asyncio.to_thread(_loads, raw) if len(raw) > LARGE_BODY else _loads(raw)
     if not isinstance(body, dict):
         raise bad_request("the request body must be a JSON object")
     return body
+
+
+def _loads(raw: bytes) -> Any:
+    try:
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise bad_request("the request body is not valid JSON", code="invalid_json") from None
+    except RecursionError:
+        raise bad_request("the request body is nested too deeply", code="invalid_json") from None
 
 
 def parse(model: type[M], body: dict[str, Any]) -> M:
@@ -46,3 +56,11 @@ def parse(model: type[M], body: dict[str, Any]) -> M:
         return model.model_validate(body)
     except ValidationError as exc:
         raise validation_error(exc.errors()) from None
+
+
+async def parse_off_loop(model: type[M], body: dict[str, Any], request: Request) -> M:
+    """`parse`, in a worker thread when the request's body was large."""
+    length = request.headers.get("content-length", "")
+    if not length.isdigit() or int(length) > LARGE_BODY:
+        return await asyncio.to_thread(parse, model, body)
+    return parse(model, body)
