@@ -184,6 +184,7 @@ def render_prompt(served: ServedModel, messages: list[ChatMessage], state: Serve
         where = f"messages[{index}]: " if index is not None else ""
         raise bad_request(f"{where}the chat template could not render this conversation: {type(exc).__name__}: "
                           f"{exc}", param=f"messages.{index}" if index is not None else "messages") from None
+    served.check_text_fits(rendered, "messages")
     if escaper is None:
         return rendered, tok.encode(rendered)
     return escaper.finish(rendered)

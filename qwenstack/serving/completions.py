@@ -70,17 +70,21 @@ class CompletionPlan:
 def prompts_of(request: CompletionRequest, served: ServedModel) -> list[Prompt]:
     tok = served.tokenizer
     raw = request.prompt
-    if isinstance(raw, str):
-        return [Prompt(raw, tok.encode(raw))]
-    if not raw:
+    texts = [raw] if isinstance(raw, str) else raw
+    if not texts:
         raise bad_request("prompt is empty", param="prompt")
-    if isinstance(raw[0], str):
-        return [Prompt(p, tok.encode(p)) for p in raw]  # type: ignore[arg-type]
+    if isinstance(texts[0], str):
+        for text in texts:
+            served.check_text_fits(text, "prompt")  # type: ignore[arg-type]
+        return [Prompt(p, tok.encode(p)) for p in texts]  # type: ignore[arg-type]
     lists = [raw] if isinstance(raw[0], int) else raw
     for ids in lists:  # checked before decoding: the tokenizer cannot decode what is not in the vocabulary
         if not ids:
             raise bad_request("prompt has an empty list of token ids", param="prompt")
         served.check_token_ids(ids, "prompt")  # type: ignore[arg-type]
+        if len(ids) >= served.max_model_len:  # the engine says so too, but only after decoding
+            raise bad_request(f"the prompt has {len(ids)} tokens, but this model's maximum context length is "
+                              f"{served.max_model_len} tokens", param="prompt", code="context_length_exceeded")
     return [Prompt(tok.decode(ids), list(ids)) for ids in lists]  # type: ignore[arg-type]
 
 

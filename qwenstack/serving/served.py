@@ -48,6 +48,21 @@ class ServedModel:
     def special_token_text(self) -> SpecialTokenText:
         return SpecialTokenText(self.tokenizer)
 
+    @cached_property
+    def max_token_chars(self) -> int:
+        """The most characters one token stands for (a byte-level vocabulary entry spells one byte per
+        character, so this bounds the decoded text too)."""
+        return max((len(t) for t in self.tokenizer.backend.get_vocab(with_added_tokens=True)), default=1)
+
+    def check_text_fits(self, text: str, param: str) -> None:
+        """400 for a text that cannot fit the context whatever its tokens, without tokenizing it: a megabyte
+        prompt is refused at the cost of len(), not of seconds of tokenizer time. (The factor 4 leaves room
+        for normalizers that compose characters before tokenizing.)"""
+        if len(text) > self.max_model_len * self.max_token_chars * 4:
+            least = len(text) // (self.max_token_chars * 4)
+            raise APIError(400, f"the prompt has at least {least} tokens, but this model's maximum context length "
+                                f"is {self.max_model_len} tokens", param=param, code="context_length_exceeded")
+
     def check_token_ids(self, ids: list[int], param: str) -> None:
         """400 unless every id is in the vocabulary (before anything decodes them)."""
         vocab = self.engine.engine.vocab_size
