@@ -232,6 +232,21 @@ def start_server(args: argparse.Namespace, port: int, tmp: Path) -> subprocess.P
     return subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
 
 
+def wait_healthy_sync(base: str, proc: subprocess.Popen, tmp: Path, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise SystemExit(f"the server exited: {(tmp / 'server.log').read_text()[-2000:]}")
+        try:
+            if httpx.get(base + "/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            raise SystemExit("the server did not become healthy")
+        time.sleep(0.5)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--duration", type=float, default=1800, help="seconds of traffic (default: 1800)")
@@ -251,18 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         proc = start_server(args, port, Path(tmp))
         try:
-            deadline = time.monotonic() + 300
-            while True:
-                if proc.poll() is not None:
-                    raise SystemExit(f"the server exited: {(Path(tmp) / 'server.log').read_text()[-2000:]}")
-                try:
-                    if httpx.get(base + "/health", timeout=2).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise SystemExit("the server did not become healthy")
-                time.sleep(0.5)
+            wait_healthy_sync(base, proc, Path(tmp))
             model = httpx.get(base + "/v1/models").json()["data"][0]["id"]
             stats = asyncio.run(drive(base, model, proc.pid, args))
         finally:

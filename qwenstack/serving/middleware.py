@@ -18,7 +18,6 @@ Decisions:
 """
 from __future__ import annotations
 
-import asyncio
 import logging
 import re
 from typing import Any, Callable, Iterable
@@ -51,7 +50,9 @@ def json_hazard(body: bytes) -> str | None:
         return f"the request body is not valid UTF-8 (byte {exc.start})"
     if b"\\u" in body and lone_surrogate(body):
         return "the request body contains a lone UTF-16 surrogate escape (\\ud800-\\udfff without its pair)"
-    if body.count(b"[") + body.count(b"{") > MAX_JSON_DEPTH and json_depth(body) > MAX_JSON_DEPTH:
+    # Bodies over a megabyte skip this scan (it holds the GIL); their parsers' RecursionError is answered 400.
+    if len(body) <= 1 << 20 and body.count(b"[") + body.count(b"{") > MAX_JSON_DEPTH \
+            and json_depth(body) > MAX_JSON_DEPTH:
         return f"the request body is nested deeper than {MAX_JSON_DEPTH} levels"
     return None
 
@@ -141,7 +142,7 @@ class BodyRulesMiddleware:
             await _refuse(_too_large(limit), scope, receive, send)
             return
         if is_json:
-            hazard = await asyncio.to_thread(json_hazard, body) if len(body) > 1 << 20 else json_hazard(body)
+            hazard = json_hazard(body)  # C-speed scans: ~10 ms for 10 MB
             if hazard is not None:
                 await APIError(400, hazard, code="invalid_json").response()(scope, receive, send)
                 return
