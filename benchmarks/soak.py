@@ -12,7 +12,8 @@ memory (/proc/PID/status VmRSS), KV-cache use and running requests (/metrics), a
 valid requests finished since the last sample. After `--duration` it stops sending, waits for the answers
 in flight, checks that the KV pool is back to idle, prints first-window vs last-window figures and exits
 non-zero if any request went unanswered, got a 5xx, or an invalid one was accepted. The peer of the
-comparison is the server itself, earlier in the same run. Stops by itself: at most duration + 120 s.
+comparison is the server itself, earlier in the same run (after --warmup seconds of the same traffic).
+Stops by itself: at most warmup + duration + 120 s.
 """
 from __future__ import annotations
 
@@ -130,7 +131,7 @@ async def one(client: httpx.AsyncClient, model: str, rng: random.Random, stats: 
     try:
         await kind(client, model, rng, stats)
     except Exception as exc:  # an unanswered request: the soak fails
-        stats.problems.append(f"{kind.__name__}: {type(exc).__name__}: {exc}")
+        stats.problems.append(f"{kind.__name__} at {time.monotonic() - stats.started:.1f} s: {exc!r}")
 
 
 async def sampler(base: str, pid: int, stats: Stats, every: float, stop: asyncio.Event) -> None:
@@ -162,12 +163,14 @@ async def drive(base: str, model: str, pid: int, args: argparse.Namespace) -> St
     rng = random.Random(args.seed)
     stats = Stats(started=time.monotonic())
     stop = asyncio.Event()
-    limits = httpx.Limits(max_connections=64, max_keepalive_connections=16)
+    # Idle connections are dropped by the client after 2 s, before the server's 5 s keep-alive timeout: a
+    # request sent on a connection the server is closing at that moment would fail through no fault of either.
+    limits = httpx.Limits(max_connections=64, max_keepalive_connections=16, keepalive_expiry=2)
     async with httpx.AsyncClient(base_url=base, timeout=120, limits=limits) as client:
         sampling = asyncio.ensure_future(sampler(base, pid, stats, args.sample, stop))
         tasks: set[asyncio.Task] = set()
         next_at = time.monotonic()
-        end = stats.started + args.duration
+        end = stats.started + args.warmup + args.duration
         while time.monotonic() < end:
             task = asyncio.ensure_future(one(client, model, rng, stats))
             tasks.add(task)
@@ -204,11 +207,11 @@ def window(stats: Stats, start: float, end: float) -> dict[str, float]:
 
 
 def report(stats: Stats, args: argparse.Namespace) -> dict[str, Any]:
-    first = window(stats, 0, args.window)
-    last = window(stats, args.duration - args.window, args.duration)
+    first = window(stats, args.warmup, args.warmup + args.window)
+    last = window(stats, args.warmup + args.duration - args.window, args.warmup + args.duration)
     ratios = {k: round(last[k] / first[k], 3) for k in ("rss_mib", "p95_s") if first[k]}
     flat = all(abs(r - 1) <= args.tolerance for r in ratios.values())
-    result = {"duration_s": args.duration, "window_s": args.window, "rate_per_s": args.rate, "counts": stats.counts,
+    result = {"duration_s": args.duration, "warmup_s": args.warmup, "window_s": args.window, "rate_per_s": args.rate, "counts": stats.counts,
               "first": first, "last": last, "last_over_first": ratios, "flat_within_tolerance": flat,
               "problems": stats.problems[:50], "num_problems": len(stats.problems), "samples": stats.samples}
     print(f"\n{'':<14}{'first window':>14}{'last window':>14}{'last/first':>12}")
@@ -251,6 +254,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--duration", type=float, default=1800, help="seconds of traffic (default: 1800)")
     parser.add_argument("--window", type=float, default=300, help="seconds compared at start and end (default: 300)")
+    parser.add_argument("--warmup", type=float, default=60,
+                        help="seconds of the same traffic before the measured duration (default: 60)")
     parser.add_argument("--rate", type=float, default=4, help="requests started per second (default: 4)")
     parser.add_argument("--sample", type=float, default=10, help="seconds between samples (default: 10)")
     parser.add_argument("--tolerance", type=float, default=0.10, help="allowed last/first change (default: 0.10)")
@@ -265,6 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     base = f"http://127.0.0.1:{port}"
     with tempfile.TemporaryDirectory() as tmp:
         proc = start_server(args, port, Path(tmp))
+        server_log = Path(tmp) / "server.log"
         try:
             wait_healthy_sync(base, proc, Path(tmp))
             model = httpx.get(base + "/v1/models").json()["data"][0]["id"]
@@ -275,7 +281,11 @@ def main(argv: list[str] | None = None) -> int:
                 proc.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 proc.kill()
+            log_tail = server_log.read_text(errors="replace")[-20000:]
     result = report(stats, args)
+    result["server_log_tail"] = log_tail
+    if log_tail.strip():
+        print("server log (tail):\n" + log_tail[-3000:])
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=1))
