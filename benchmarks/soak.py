@@ -211,7 +211,8 @@ def report(stats: Stats, args: argparse.Namespace) -> dict[str, Any]:
     last = window(stats, args.warmup + args.duration - args.window, args.warmup + args.duration)
     ratios = {k: round(last[k] / first[k], 3) for k in ("rss_mib", "p95_s") if first[k]}
     flat = all(abs(r - 1) <= args.tolerance for r in ratios.values())
-    result = {"duration_s": args.duration, "warmup_s": args.warmup, "window_s": args.window, "rate_per_s": args.rate, "counts": stats.counts,
+    result = {"duration_s": args.duration, "warmup_s": args.warmup, "window_s": args.window, "rate_per_s": args.rate,
+              "counts": stats.counts,
               "first": first, "last": last, "last_over_first": ratios, "flat_within_tolerance": flat,
               "problems": stats.problems[:50], "num_problems": len(stats.problems), "samples": stats.samples}
     print(f"\n{'':<14}{'first window':>14}{'last window':>14}{'last/first':>12}")

@@ -264,7 +264,8 @@ def test_role_markers_old_behaviour_by_option(tiny_qwen3: Path) -> None:
         assert r.json()["tokens"].count(model.tokenizer.token_to_id("<|im_start|>")) == 3
 
 
-@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data; b=x"])
+@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded",
+                                          "multipart/form-data; b=x"])
 def test_non_json_posts_are_415(server: BackgroundServer, content_type: str) -> None:
     raw = json.dumps({"model": "tiny", "messages": MESSAGES, "max_tokens": 1})
     for path in ("/v1/chat/completions", "/v1/completions", "/tokenize", "/api/conversations"):
