@@ -22,7 +22,7 @@ import openai
 import pytest
 
 from scripted import build_case
-from server_utils import BackgroundServer, free_port, tiny_served_model
+from server_utils import BackgroundServer, free_port, tiny_served_model, wait_idle
 from qwenstack.serving import chat as chat_module
 from qwenstack.serving.app import create_app
 from qwenstack.serving.config import ServerConfig
@@ -44,16 +44,6 @@ def server(tiny_qwen3: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
 
 def engine_of(server: BackgroundServer, name: str) -> Any:
     return server.models[name].engine.engine  # type: ignore[attr-defined]
-
-
-def wait_idle(engine: Any, timeout: float = 20.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if engine.block_manager.num_free_blocks == engine.block_manager.num_blocks \
-                and not engine.has_unfinished_requests():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def _raw_post(port: int, path: str, body: str) -> socket.socket:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -167,3 +169,12 @@ def tiny_qwen3_tokenizer(tiny_qwen3: Path) -> Any:
     from qwenstack.tokenizer import Tokenizer
 
     return Tokenizer.from_dir(tiny_qwen3)
+
+
+@pytest.mark.slow
+def test_property_tests_with_many_examples() -> None:
+    """tests/test_properties.py again with 1,000 examples per property instead of 150."""
+    run = subprocess.run([sys.executable, "-m", "pytest", str(Path(__file__).parent / "test_properties.py"), "-q",
+                          "-p", "no:cacheprovider"], capture_output=True, text=True, timeout=3000,
+                         env={**os.environ, "QWENSTACK_THOROUGH": "1"})
+    assert run.returncode == 0, run.stdout[-5000:]

@@ -81,10 +81,10 @@ def prompts_of(request: CompletionRequest, served: ServedModel) -> list[Prompt]:
     for ids in lists:  # checked before decoding: the tokenizer cannot decode what is not in the vocabulary
         if not ids:
             raise bad_request("prompt has an empty list of token ids", param="prompt")
-        served.check_token_ids(ids, "prompt")  # type: ignore[arg-type]
         if len(ids) >= served.max_model_len:  # the engine says so too, but only after decoding
             raise bad_request(f"the prompt has {len(ids)} tokens, but this model's maximum context length is "
                               f"{served.max_model_len} tokens", param="prompt", code="context_length_exceeded")
+        served.check_token_ids(ids, "prompt")  # type: ignore[arg-type]
     return [Prompt(tok.decode(ids), list(ids)) for ids in lists]  # type: ignore[arg-type]
 
 
