@@ -165,8 +165,11 @@ def test_error_cases(client: openai.OpenAI, tmp_path: Path) -> None:
     expect_400(client, [image_part(str(local))], "must be a data:image")
     video = {"type": "video_url", "video_url": {"url": "data:video/mp4;base64,AAAA"}}
     expect_400(client, [text, video], "video input is not supported")
-    expect_400(client, [{"type": "text", "text": "<|image_pad|>"}, image_part(data_url(IMAGE_A))],
-               "text contains image placeholder")
+    # A placeholder typed in the text stays text (special tokens in content are plain text by default), so
+    # it cannot pose as an image; with --special-tokens-in-content, expand_placeholders refuses it instead.
+    typed = ask(client, [{"type": "text", "text": "<|image_pad|>"}, image_part(data_url(IMAGE_A))])
+    plain = ask(client, [{"type": "text", "text": "x"}, image_part(data_url(IMAGE_A))])
+    assert typed.usage.prompt_tokens > plain.usage.prompt_tokens
     expect_400(client, [text, image_part(data_url(IMAGE_A))], "does not accept image_url input", model="tiny")
     r = ask(client, [{"type": "text", "text": "still fine"}])  # the server keeps serving
     assert r.choices[0].finish_reason in ("stop", "length")
