@@ -13,6 +13,7 @@ from qwenstack.chat_template import render_chat
 from qwenstack.errors import ConfigError
 
 SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "pad_token", "unk_token")
+LONG_TEXT = 20_000  # characters; longer texts are tokenized without holding the GIL
 
 
 def _token_text(value: Any) -> str | None:
@@ -77,9 +78,13 @@ class Tokenizer:
         return self.backend.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        if len(text) > LONG_TEXT:  # the batch call releases the GIL: other threads run while it works
+            return self.backend.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
         return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+        if len(ids) > LONG_TEXT // 4:
+            return self.backend.decode_batch([ids], skip_special_tokens=skip_special_tokens)[0]
         return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
 
     def token_to_id(self, token: str) -> int | None:

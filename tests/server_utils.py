@@ -52,3 +52,14 @@ def tiny_served_model(path: Path, name: str = "tiny", **engine_options: Any) -> 
     tok = Tokenizer.from_dir(path)
     config = EngineConfig(**{"block_size": 4, "kv_cache_memory": 2**22, **engine_options})
     return build_served_model(name, model, tok, config, hf_config={"model_type": "qwen3"}, model_dir=path)
+
+
+def wait_idle(engine: Any, timeout: float = 20.0) -> bool:
+    """Whether the engine gets back to no requests and every KV block free within `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if engine.block_manager.num_free_blocks == engine.block_manager.num_blocks \
+                and not engine.has_unfinished_requests():
+            return True
+        time.sleep(0.05)
+    return False

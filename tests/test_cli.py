@@ -114,14 +114,18 @@ def test_serve_maps_every_option(monkeypatch: pytest.MonkeyPatch) -> None:
                       "--kv-cache-memory", "3GiB", "--quantization", "int8", "--max-num-seqs", "4",
                       "--max-num-batched-tokens", "512", "--max-waiting", "9", "--no-prefix-caching", "--seed", "5",
                       "--no-think", "--no-ui", "--ui-db", "/tmp/ui.db", "--allow-local-image-paths",
-                      "--allow-remote-image-urls",
-                      "--log-level", "debug")
+                      "--allow-remote-image-urls", "--allow-private-image-urls", "--max-request-body", "16MiB",
+                      "--special-tokens-in-content", "--log-level", "debug")
     values = serve_config_from_args(args)
     config = server_config(values)
     assert (config.host, config.port, config.api_key, config.kv_cache_memory) == ("0.0.0.0", 9001, "sk-x", 3 * 1024**3)
     assert config.default_chat_template_kwargs == {"enable_thinking": False}
     assert (config.enable_ui, config.ui_db_path, config.allow_local_image_paths) == (False, "/tmp/ui.db", True)
     assert config.allow_remote_image_urls and not server_config(serve_config_from_args(serve_args())).allow_remote_image_urls
+    assert config.allow_private_image_urls and config.special_tokens_in_content
+    assert config.max_request_body_bytes == 16 * 1024**2
+    default = server_config(serve_config_from_args(serve_args()))
+    assert not default.allow_private_image_urls and not default.special_tokens_in_content
     assert (config.remote_timeout_s, config.log_level) == (30.0, "debug")
     [remote] = config.remote
     assert (remote.name, remote.base_url, remote.upstream_model) == ("max", "https://api.example.com/v1", "qwen-max")

@@ -14,7 +14,7 @@ import httpx
 import openai
 import pytest
 
-from server_utils import BackgroundServer, tiny_served_model
+from server_utils import BackgroundServer, tiny_served_model, wait_idle
 from qwenstack.serving import chat as chat_module
 from qwenstack.serving.app import create_app
 from qwenstack.serving.config import ModelSpec, ServerConfig
@@ -41,16 +41,6 @@ def client(server: BackgroundServer) -> openai.OpenAI:
 
 def engine_of(server: BackgroundServer, name: str = "tiny") -> Any:
     return server.models[name].engine.engine  # type: ignore[attr-defined]
-
-
-def wait_idle(engine: Any, timeout: float = 20.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if engine.block_manager.num_free_blocks == engine.block_manager.num_blocks \
-                and not engine.has_unfinished_requests():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def assert_openai_shape(body: dict) -> dict:

@@ -164,8 +164,11 @@ def test_error_cases(client: openai.OpenAI, tmp_path: Path) -> None:
     expect_400(client, [image_part(str(local))], "must be a data:image")
     video = {"type": "video_url", "video_url": {"url": "data:video/mp4;base64,AAAA"}}
     expect_400(client, [text, video], "video could not be decoded")  # video itself: test_qwen3_vl_video.py
-    expect_400(client, [{"type": "text", "text": "<|image_pad|>"}, image_part(data_url(IMAGE_A))],
-               "text contains image placeholder")
+    # A placeholder typed in the text stays text (special tokens in content are plain text by default), so
+    # it cannot pose as an image; with --special-tokens-in-content, expand_placeholders refuses it instead.
+    typed = ask(client, [{"type": "text", "text": "<|image_pad|>"}, image_part(data_url(IMAGE_A))])
+    plain = ask(client, [{"type": "text", "text": "x"}, image_part(data_url(IMAGE_A))])
+    assert typed.usage.prompt_tokens > plain.usage.prompt_tokens
     expect_400(client, [text, image_part(data_url(IMAGE_A))], "does not accept image_url input", model="tiny")
     r = ask(client, [{"type": "text", "text": "still fine"}])  # the server keeps serving
     assert r.choices[0].finish_reason in ("stop", "length")
@@ -179,7 +182,8 @@ class _Quiet(http.server.SimpleHTTPRequestHandler):
 def test_local_and_remote_urls_when_the_server_allows_them(tmp_path: Path) -> None:
     data = png_bytes(IMAGE_A)
     (tmp_path / "a.png").write_bytes(data)
-    allow = ServerConfig(allow_local_image_paths=True, allow_remote_image_urls=True, max_image_bytes=MAX_BYTES)
+    allow = ServerConfig(allow_local_image_paths=True, allow_remote_image_urls=True, allow_private_image_urls=True,
+                         max_image_bytes=MAX_BYTES)
     ref = ImageRef(0, 0, (tmp_path / "a.png").as_uri())
     assert asyncio.run(read_image_bytes(ref, allow)) == data
     handler = lambda *a, **k: _Quiet(*a, directory=str(tmp_path), **k)  # noqa: E731
@@ -189,9 +193,9 @@ def test_local_and_remote_urls_when_the_server_allows_them(tmp_path: Path) -> No
     try:
         url = f"http://127.0.0.1:{httpd.server_address[1]}/a.png"
         assert asyncio.run(read_image_bytes(ImageRef(0, 0, url), allow)) == data
-        with pytest.raises(ImageError, match="HTTP 404"):
+        with pytest.raises(ImageError, match="not allowed or could not be fetched"):
             asyncio.run(read_image_bytes(ImageRef(0, 0, url + "x"), allow))
-        small = ServerConfig(allow_remote_image_urls=True, max_image_bytes=100)
+        small = ServerConfig(allow_remote_image_urls=True, allow_private_image_urls=True, max_image_bytes=100)
         with pytest.raises(ImageError, match="byte limit"):
             asyncio.run(read_image_bytes(ImageRef(0, 0, url), small))
     finally:

@@ -10,7 +10,7 @@ import argparse
 from typing import TYPE_CHECKING, Any
 
 from qwenstack.commands import Command
-from qwenstack.commands._common import add_model_options, positive_int
+from qwenstack.commands._common import add_model_options, parse_bytes, positive_int
 
 if TYPE_CHECKING:
     from qwenstack.serving.config import ServerConfig
@@ -91,6 +91,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                           "stdio:COMMAND with --mcp-allow-stdio; requests name it by server_label")
     app.add_argument("--mcp-allow-stdio", action="store_true",
                      help="allow --mcp stdio:COMMAND servers (the server starts those commands)")
+    app.add_argument("--allow-private-image-urls", action="store_true",
+                     help="with --allow-remote-image-urls, also fetch from loopback, private and link-local addresses")
+    app.add_argument("--max-request-body", type=parse_bytes, default=None, metavar="SIZE",
+                     help="largest request body accepted, e.g. 16MiB (default: 64MiB); larger ones get 413")
+    app.add_argument("--special-tokens-in-content", action="store_true",
+                     help="let special tokens typed in message content (<|im_start|>, ...) act as control tokens "
+                          "(default: they stay plain text, so a user cannot forge a system turn)")
     app.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     img = parser.add_argument_group("images (needs diffusers: pip install 'qwenstack[image]')")
     img.add_argument("--image-model", default=None, metavar="PATH_OR_ID",
@@ -132,6 +139,8 @@ def serve_config_from_args(args: argparse.Namespace) -> dict[str, Any]:
     config: dict[str, Any] = {"host": args.host, "port": args.port, "models": specs, "remote": remotes,
                               "enable_ui": not args.no_ui, "allow_local_image_paths": args.allow_local_image_paths,
                               "allow_remote_image_urls": args.allow_remote_image_urls,
+                              "allow_private_image_urls": args.allow_private_image_urls,
+                              "special_tokens_in_content": args.special_tokens_in_content,
                               "log_level": args.log_level}
     optional = {"api_key": args.api_key, "kv_cache_memory": args.kv_cache_memory, "ui_db_path": args.ui_db,
                 "remote_timeout_s": args.remote_timeout, "guard_model": args.guard,
@@ -139,7 +148,8 @@ def serve_config_from_args(args: argparse.Namespace) -> dict[str, Any]:
                 "guard_stream_window": args.guard_stream_window, "image_model": args.image_model,
                 "image_model_name": args.image_model_name, "image_offload": args.image_offload,
                 "image_max_queued": args.image_max_queued,
-                "speech_models": args.tts or None, "voices_dir": args.voices_dir}
+                "speech_models": args.tts or None, "voices_dir": args.voices_dir,
+                "max_request_body_bytes": args.max_request_body}
     config.update({k: v for k, v in optional.items() if v is not None})
     if args.no_think:
         config["default_chat_template_kwargs"] = {"enable_thinking": False}

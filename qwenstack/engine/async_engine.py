@@ -24,6 +24,7 @@ from typing import Any, AsyncIterator, Callable
 from qwenstack.engine.engine import LLMEngine
 from qwenstack.engine.outputs import RequestOutput
 from qwenstack.engine.params import SamplingParams
+from qwenstack.engine.sampler import RequestFailed
 
 log = logging.getLogger("qwenstack.engine")
 
@@ -129,6 +130,10 @@ class AsyncEngine:
                 continue
             try:
                 outputs = self.engine.step()
+            except RequestFailed as exc:  # one request's logits processor: end it, step again for the others
+                log.warning("request %s failed: %s", exc.request_id, exc.cause)
+                self._fail_request(exc.request_id, exc.cause)
+                continue
             except Exception as exc:  # a failed forward ends the requests it carried, not the server
                 log.exception("engine step failed")
                 self._fail_running(exc)
@@ -144,6 +149,12 @@ class AsyncEngine:
                     sink(out)
                 if out.finished:
                     self._sinks.pop(out.request_id, None)
+
+    def _fail_request(self, request_id: str, exc: Exception) -> None:
+        self.engine.abort(request_id)
+        sink = self._sinks.pop(request_id, None)
+        if sink is not None:
+            sink(RuntimeError(f"the engine failed while running this request: {exc}"))
 
     def _fail_running(self, exc: Exception) -> None:
         running = {s.request_id for s in self.engine.scheduler.running}

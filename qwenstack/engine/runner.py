@@ -19,7 +19,9 @@ from dataclasses import dataclass, field
 import torch
 
 from qwenstack.engine.multimodal import DEFAULT_ENCODER_CACHE_MEMORY, MultimodalStep
-from qwenstack.engine.sampler import SampleRequest, sample, sequence_generator, token_logprobs
+from qwenstack.engine.sampler import (
+    RequestFailed, SampleError, SampleRequest, sample, sequence_generator, token_logprobs,
+)
 from qwenstack.engine.scheduler import ScheduledBatch
 from qwenstack.engine.sequence import PositionLogprobs, Sequence
 from qwenstack.kernels import paged_decode_available
@@ -149,7 +151,10 @@ class ModelRunner:
             for s in sample_seqs
         ]
         if sample_seqs:
-            tokens, logprobs = sample(sample_logits, requests, self.generator)
+            try:
+                tokens, logprobs = sample(sample_logits, requests, self.generator)
+            except SampleError as exc:
+                raise RequestFailed(sample_seqs[exc.row].request_id, exc.cause) from exc.cause
             for s, t, lp in zip(sample_seqs, tokens, logprobs):
                 result.sampled[s.seq_id] = (t, lp)
         if prompt_rows:

@@ -36,6 +36,25 @@ class SampleRequest:
     block_eos: list[int]  # eos ids to mask while fewer than min_tokens are generated
 
 
+class SampleError(Exception):
+    """Sampling row `row` failed (its logits processor raised); the other rows are not at fault."""
+
+    def __init__(self, row: int, cause: Exception) -> None:
+        super().__init__(f"sampling row {row} failed: {cause}")
+        self.row = row
+        self.cause = cause
+
+
+class RequestFailed(Exception):
+    """One request's sampling failed: the engine step is abandoned (no state was advanced) so it can be run
+    again without that request; the others lose nothing but the time of the step."""
+
+    def __init__(self, request_id: str, cause: Exception) -> None:
+        super().__init__(f"request {request_id} failed: {cause}")
+        self.request_id = request_id
+        self.cause = cause
+
+
 def apply_penalties(logits: torch.Tensor, params: SamplingParams, prompt: list[int], output: list[int]) -> torch.Tensor:
     if params.repetition_penalty != 1.0:
         seen = torch.tensor(sorted(set(prompt) | set(output)), dtype=torch.long, device=logits.device)
@@ -145,7 +164,10 @@ def sample(
         if i in chosen:
             token = chosen[i]
         else:
-            token = sample_row(row.to(torch.float32, copy=True), request, default_generator)
+            try:
+                token = sample_row(row.to(torch.float32, copy=True), request, default_generator)
+            except Exception as exc:  # a request's own logits processor failed: name the row, not the batch
+                raise SampleError(i, exc) from exc
         tokens.append(token)
         if request.params.logprobs is not None:
             logprobs.append(token_logprobs(torch.log_softmax(row.float(), -1), token, request.params.logprobs))

@@ -41,7 +41,8 @@ import torch
 from qwenstack.engine.block_manager import BlockManager
 from qwenstack.engine.runner import ModelRunner, StepResult
 from qwenstack.engine.sampler import (
-    SampleRequest, apply_penalties, filter_logits, sample, sequence_generator, token_logprobs,
+    RequestFailed, SampleError, SampleRequest, apply_penalties, filter_logits, sample, sequence_generator,
+    token_logprobs,
 )
 from qwenstack.engine.scheduler import ScheduledBatch
 from qwenstack.engine.sequence import PositionLogprobs, Sequence
@@ -224,8 +225,11 @@ class SpeculativeRunner(ModelRunner):
             at += len(d) + 1
         if plain:
             seqs = [step.seqs[i] for i, _ in plain]
-            tokens, lps = sample(logits[[r for _, r in plain]], [self._request(s, []) for s in seqs],  # type: ignore[index]
-                                 self.generator)
+            try:
+                tokens, lps = sample(logits[[r for _, r in plain]], [self._request(s, []) for s in seqs],  # type: ignore[index]
+                                     self.generator)
+            except SampleError as exc:
+                raise RequestFailed(seqs[exc.row].request_id, exc.cause) from exc.cause
             for (i, _), s, t, lp in zip(plain, seqs, tokens, lps):
                 result.sampled[s.seq_id] = (t, lp)
                 new_tokens[i] = [t]

@@ -15,23 +15,26 @@ from __future__ import annotations
 import hmac
 import logging
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator, Callable
+from typing import AsyncIterator, Callable
 
 from fastapi import APIRouter, FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from qwenstack import __version__
 from qwenstack.serving import chat, completions, introspect, realtime, speech, transcriptions
-from qwenstack.serving.chat import template_kwargs, template_messages
+from qwenstack.serving.chat import render_prompt, template_kwargs
 from qwenstack.serving.config import ModelSpec, ServerConfig
-from qwenstack.serving.errors import APIError, bad_request, install_handlers
+from qwenstack.serving.errors import APIError, install_handlers
 from qwenstack.serving.image_api import install_image_api
 from qwenstack.serving.metrics import ServerMetrics
+from qwenstack.serving.middleware import BodyRulesMiddleware, UnexpectedErrorMiddleware
 from qwenstack.serving.moderation import install_guardrails
+from qwenstack.serving.openapi import install_openapi
 from qwenstack.serving.protocol import (
-    ChatCompletionRequest, DetokenizeRequest, ModelCard, ModelList, TokenizeRequest,
+    ChatCompletionRequest, DetokenizeRequest, DetokenizeResponse, HealthResponse, ModelCard, ModelList,
+    TokenizeRequest, TokenizeResponse, VersionResponse,
 )
 from qwenstack.serving.remote import RemoteRouter
 from qwenstack.serving.responses.api import install_responses
@@ -69,7 +72,7 @@ class APIKeyMiddleware:
 def _info_router() -> APIRouter:
     router = APIRouter()
 
-    @router.get("/health")
+    @router.get("/health", responses={200: {"model": HealthResponse}})
     def health(request: Request) -> Response:
         registry = get_state(request).registry
         if registry.failed:
@@ -80,10 +83,10 @@ def _info_router() -> APIRouter:
         return JSONResponse({"status": "ok"})
 
     @router.get("/version")
-    def version() -> dict[str, str]:
-        return {"version": __version__}
+    def version() -> VersionResponse:
+        return VersionResponse(version=__version__)
 
-    @router.get("/metrics")
+    @router.get("/metrics", response_class=PlainTextResponse)
     def metrics(request: Request) -> Response:
         return Response(get_state(request).metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
@@ -105,41 +108,37 @@ def _info_router() -> APIRouter:
         return cards[model_id]
 
     @router.post("/tokenize")
-    def tokenize(request: Request, body: TokenizeRequest) -> dict[str, Any]:
+    def tokenize(request: Request, body: TokenizeRequest) -> TokenizeResponse:
         state = get_state(request)
         served = state.registry.resolve(body.model)
-        tok = served.tokenizer
-        if body.messages is not None:
+        if body.messages is not None:  # exactly the tokens a chat request with these messages would get
             chat_like = ChatCompletionRequest(model=served.name, messages=body.messages,
                                               chat_template_kwargs=body.chat_template_kwargs)
             kwargs = template_kwargs(chat_like, state.config.default_chat_template_kwargs)
-            text = tok.apply_chat_template(template_messages(body.messages, served),
-                                           add_generation_prompt=body.add_generation_prompt, **kwargs)
+            _, ids = render_prompt(served, body.messages, state, add_generation_prompt=body.add_generation_prompt,
+                                   **kwargs)
         else:
-            text = body.prompt or ""
-        ids = tok.encode(text, add_special_tokens=body.add_special_tokens)
-        return {"count": len(ids), "max_model_len": served.max_model_len, "tokens": ids}
+            ids = served.tokenizer.encode(body.prompt or "", add_special_tokens=body.add_special_tokens)
+        return TokenizeResponse(count=len(ids), max_model_len=served.max_model_len, tokens=ids)
 
     @router.post("/detokenize")
-    def detokenize(request: Request, body: DetokenizeRequest) -> dict[str, Any]:
+    def detokenize(request: Request, body: DetokenizeRequest) -> DetokenizeResponse:
         served = get_state(request).registry.resolve(body.model)
-        vocab = served.engine.engine.vocab_size
-        bad = [t for t in body.tokens if not 0 <= t < vocab]
-        if bad:
-            raise bad_request(f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1})", param="tokens")
-        return {"prompt": served.tokenizer.decode(body.tokens)}
+        served.check_token_ids(body.tokens, "tokens")
+        return DetokenizeResponse(prompt=served.tokenizer.decode(body.tokens))
 
     return router
 
 
-def _mount_ui(app: FastAPI, config: ServerConfig) -> None:
+def _mount_ui(app: FastAPI, config: ServerConfig, body_limits: dict[str, int]) -> None:
     try:
         from qwenstack.serving.store import ChatStore
-        from qwenstack.serving.store_api import mount_ui
+        from qwenstack.serving.store_api import MAX_BODY_BYTES, mount_ui
     except ImportError as exc:  # the page is optional: the API works without it
         log.warning("chat page not available (%s); serving the API only", exc)
         return
     mount_ui(app, ChatStore(config.ui_db_path) if config.ui_db_path else None)
+    body_limits["/api/"] = MAX_BODY_BYTES
 
 
 def create_app(
@@ -176,8 +175,13 @@ def create_app(
     app = FastAPI(title="qwenstack", version=__version__, lifespan=lifespan)
     app.state.qwenstack = state
     install_handlers(app, config.retry_after_s)
+    # Outermost last: unexpected errors -> 500 on the same connection; the key; then the body rules.
+    body_limits: dict[str, int] = {}
+    app.add_middleware(BodyRulesMiddleware, routes=lambda: app.routes, default_limit=config.max_request_body_bytes,
+                       limits=body_limits)
     if config.api_key:
         app.add_middleware(APIKeyMiddleware, api_key=config.api_key)
+    app.add_middleware(UnexpectedErrorMiddleware)
     app.include_router(_info_router())
     app.include_router(introspect.router())
     app.include_router(chat.router)
@@ -192,7 +196,8 @@ def create_app(
     install_guardrails(app, config)  # /v1/moderations; loads config.guard_model when the app starts
     install_responses(app, config)  # /v1/responses, its store and MCP tools
     if config.enable_ui:
-        _mount_ui(app, config)
+        _mount_ui(app, config, body_limits)
+    install_openapi(app, api_key=bool(config.api_key))
     return app
 
 

@@ -18,24 +18,28 @@ Decisions:
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
+from qwenstack.chat_template import ChatTemplateError
 from qwenstack.engine.outputs import CompletionOutput, RequestOutput
 from qwenstack.engine.params import SamplingParams
 from qwenstack.serving import audio as audio_inputs
+from qwenstack.errors import ConfigError
 from qwenstack.serving import images as image_inputs
 from qwenstack.serving import moderation, videos
 from qwenstack.serving.constraints import THINK_END, THINK_START, ThinkingPhase, build_processors
 from qwenstack.serving.errors import APIError, bad_request, error_frame, from_exception
 from qwenstack.serving.logprobs import TokenTexts, chat_logprobs
 from qwenstack.serving.metrics import RequestTracker
+from qwenstack.serving.openapi import chat_responses, request_body
 from qwenstack.serving.parsers import ChatOutputParser, ParsedDelta, finish_reason_for, parse_chat_output
 from qwenstack.serving.protocol import (
     AssistantMessage, ChatChoice, ChatCompletionRequest, ChatCompletionResponse, ChatLogprobs, ChatMessage,
@@ -43,7 +47,7 @@ from qwenstack.serving.protocol import (
 )
 from qwenstack.serving.sampling import sampling_params
 from qwenstack.serving.served import ServedModel
-from qwenstack.serving.state import ServerState, get_state, parse, read_json
+from qwenstack.serving.state import ServerState, get_state, parse_off_loop, read_json
 from qwenstack.serving.streaming import (
     DONE, ClientDisconnected, ClosingStreamingResponse, first_output, OutputStream, sse, unless_disconnected,
 )
@@ -52,6 +56,8 @@ router = APIRouter()
 
 # Template variables a client may not set through chat_template_kwargs (they are arguments of the render).
 RESERVED_TEMPLATE_KWARGS = {"messages", "tools", "add_generation_prompt", "documents"}
+CONTENT_REQUIRED = {"system", "developer", "user", "tool"}  # only an assistant turn may have null content
+CLIENT_TEXT_FIELDS = {"content", "name", "tool_calls", "tool_call_id", "reasoning_content", "reasoning"}
 MEDIA_KINDS = {"image_url": "vision", "input_audio": "audio", "audio_url": "audio", "video_url": "vision"}
 
 
@@ -88,18 +94,22 @@ class ChatPlan:
 # --- request -> prompt and parameters -------------------------------------------------------------------
 
 
+def _same(value: Any) -> Any:
+    return value
+
+
 def _content_text(message: ChatMessage, index: int, capabilities: list[str], model: str,
                   images: list[image_inputs.ImageRef] | None = None, image_placeholder: str | None = None,
                   video_placeholder: str | None = None, audios: list[audio_inputs.AudioRef] | None = None,
-                  audio_placeholder: str | None = None) -> str | None:
+                  audio_placeholder: str | None = None, escape: Callable[[Any], Any] = _same) -> str | None:
     content = message.content
     if content is None or isinstance(content, str):
-        return content
+        return escape(content)
     texts = []
     has_media = False  # media parts join without separators, as Qwen's templates render them
     for j, part in enumerate(content):
         if isinstance(part, TextPart):
-            texts.append(part.text)
+            texts.append(escape(part.text))
             continue
         kind = MEDIA_KINDS[part.type]
         if kind not in capabilities:
@@ -134,7 +144,10 @@ def _content_text(message: ChatMessage, index: int, capabilities: list[str], mod
 
 def template_messages(messages: list[ChatMessage], served: ServedModel,
                       images: list[image_inputs.ImageRef] | None = None,
-                      audios: list[audio_inputs.AudioRef] | None = None) -> list[dict[str, Any]]:
+                      audios: list[audio_inputs.AudioRef] | None = None,
+                      escape: Callable[[Any], Any] = _same) -> list[dict[str, Any]]:
+    """The messages as the chat template reads them; `escape` is applied to every string the client wrote
+    (markers.MarkerEscaper), never to what the server adds (image placeholders)."""
     placeholder = video = None
     if served.image_processor is not None:
         placeholder = image_inputs.placeholder_text(served.tokenizer, served.hf_config)
@@ -143,23 +156,72 @@ def template_messages(messages: list[ChatMessage], served: ServedModel,
     audio_placeholder = served.asr.placeholder if served.asr is not None else None
     out = []
     for i, m in enumerate(messages):
+        if m.content is None and m.role in CONTENT_REQUIRED:
+            raise bad_request(f"messages[{i}]: a {m.role} message needs content (got null)",
+                              param=f"messages.{i}.content")
         msg: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role,
                                "content": _content_text(m, i, served.capabilities, served.name, images, placeholder,
-                                                        video, audios, audio_placeholder)}
+                                                        video, audios, audio_placeholder, escape)}
         if m.name is not None:
-            msg["name"] = m.name
+            msg["name"] = escape(m.name)
         if m.tool_call_id is not None:
-            msg["tool_call_id"] = m.tool_call_id
+            msg["tool_call_id"] = escape(m.tool_call_id)
         reasoning = m.reasoning_content if m.reasoning_content is not None else m.reasoning
         if reasoning is not None:
-            msg["reasoning_content"] = reasoning
+            msg["reasoning_content"] = escape(reasoning)
         if m.tool_calls:
             # Templates differ: some print a string, some iterate a mapping; a JSON object is given as one.
-            msg["tool_calls"] = [{"id": c.id, "type": "function",
-                                  "function": {"name": c.function.name, "arguments": _arguments(c.function.arguments)}}
+            msg["tool_calls"] = [{"id": escape(c.id), "type": "function",
+                                  "function": {"name": escape(c.function.name),
+                                               "arguments": escape(_arguments(c.function.arguments))}}
                                  for c in m.tool_calls]
         out.append(msg)
     return out
+
+
+def render_prompt(served: ServedModel, messages: list[ChatMessage], state: ServerState, *,
+                  tools: list[dict[str, Any]] | None = None, add_generation_prompt: bool = True,
+                  images: list[image_inputs.ImageRef] | None = None, audios: list[audio_inputs.AudioRef] | None = None,
+                  **kwargs: Any) -> tuple[str, list[int]]:
+    """(prompt text, prompt token ids) of a conversation. Special tokens the client typed stay text unless
+    the server allows them (ServerConfig.special_tokens_in_content). Any failure to render is a 400 naming
+    the message that caused it. Blocking work: run it in a worker thread."""
+    tok = served.tokenizer
+    if state.config.special_tokens_in_content:
+        escaper = None
+    else:
+        escaper = served.special_token_text.escaper(
+            [m.model_dump(include=CLIENT_TEXT_FIELDS) for m in messages] + [tools or []])
+    escape = escaper.escape if escaper is not None else _same
+    dicts = template_messages(messages, served, images, audios, escape)
+    tool_dicts = escape(tools) if tools is not None else None
+    try:
+        rendered = tok.apply_chat_template(dicts, tools=tool_dicts, add_generation_prompt=add_generation_prompt,
+                                           **kwargs)
+    except (ChatTemplateError, ConfigError, RecursionError, MemoryError):
+        raise
+    except Exception as exc:  # the template met a value it cannot handle (a null, a number, ...)
+        index = _failing_message(tok, dicts, tool_dicts, kwargs, type(exc))
+        where = f"messages[{index}]: " if index is not None else ""
+        raise bad_request(f"{where}the chat template could not render this conversation: {type(exc).__name__}: "
+                          f"{exc}", param=f"messages.{index}" if index is not None else "messages") from None
+    served.check_text_fits(rendered, "messages")
+    if escaper is None:
+        return rendered, tok.encode(rendered)
+    return escaper.finish(rendered)
+
+
+def _failing_message(tok: Any, dicts: list[dict[str, Any]], tools: Any, kwargs: dict[str, Any],
+                     kind: type[BaseException]) -> int | None:
+    """The first message whose prefix of the conversation fails to render the same way (the first 64 only)."""
+    for i in range(min(len(dicts), 64)):
+        try:
+            tok.apply_chat_template(dicts[: i + 1], tools=tools, add_generation_prompt=False, **kwargs)
+        except kind:
+            return i
+        except Exception:
+            continue
+    return None
 
 
 def _arguments(arguments: str | dict[str, Any]) -> str | dict[str, Any]:
@@ -192,6 +254,7 @@ def thinking_phase(prompt: str, enable_thinking: Any) -> ThinkingPhase:
 
 
 def plan_chat(served: ServedModel, request: ChatCompletionRequest, state: ServerState) -> ChatPlan:
+    """Renders and tokenizes the prompt and builds the sampling parameters: blocking, run in a thread."""
     tok = served.tokenizer
     kwargs = template_kwargs(request, state.config.default_chat_template_kwargs)
     tools_enabled = bool(request.tools) and request.tool_choice != "none"
@@ -200,9 +263,8 @@ def plan_chat(served: ServedModel, request: ChatCompletionRequest, state: Server
         raise bad_request("tool_choice requires tools", param="tool_choice")
     image_refs: list[image_inputs.ImageRef] = []
     audio_refs: list[audio_inputs.AudioRef] = []
-    prompt = tok.apply_chat_template(template_messages(request.messages, served, image_refs, audio_refs), tools=tool_dicts,
-                                     add_generation_prompt=True, **kwargs)
-    prompt_ids = tok.encode(prompt)
+    prompt, prompt_ids = render_prompt(served, request.messages, state, tools=tool_dicts, images=image_refs,
+                                       audios=audio_refs, **kwargs)
     phase = thinking_phase(prompt, kwargs.get("enable_thinking"))
     processors = build_processors(tok, request, phase, tool_dicts)
     top = request.top_logprobs if request.top_logprobs is not None else 0
@@ -382,7 +444,8 @@ async def stream_chat(plan: ChatPlan, outputs: AsyncIterator[RequestOutput], tra
     yield DONE
 
 
-@router.post("/v1/chat/completions")
+@router.post("/v1/chat/completions", responses=chat_responses(ChatCompletionResponse))
+@request_body(ChatCompletionRequest)
 async def create_chat_completion(request: Request) -> Response:
     arrival = time.monotonic()
     state = get_state(request)
@@ -390,9 +453,10 @@ async def create_chat_completion(request: Request) -> Response:
     remote = state.remote.get(body.get("model"))
     if remote is not None:
         return await state.remote.forward(remote, "/chat/completions", body)
-    chat_request = parse(ChatCompletionRequest, body)
+    chat_request = await parse_off_loop(ChatCompletionRequest, body, request)
     served = state.registry.get(chat_request.model)
-    plan = plan_chat(served, chat_request, state)
+    # Rendering and tokenizing a long conversation takes a while: off the event loop, other requests go on.
+    plan = await asyncio.to_thread(plan_chat, served, chat_request, state)
     await attach_images(plan, state)
     await audio_inputs.attach_audio(plan, state)
     blocked = await moderation.screen_prompt(request, plan)  # a blocked prompt never reaches the engine

@@ -24,12 +24,13 @@ from qwenstack.engine.params import SamplingParams
 from qwenstack.serving.errors import bad_request, error_frame, from_exception
 from qwenstack.serving.logprobs import LegacyLogprobsBuilder, TokenTexts
 from qwenstack.serving.metrics import RequestTracker
+from qwenstack.serving.openapi import chat_responses, request_body
 from qwenstack.serving.protocol import (
     CompletionChoice, CompletionRequest, CompletionResponse, LegacyLogprobs, PromptTokensDetails, Usage,
 )
 from qwenstack.serving.sampling import sampling_params
 from qwenstack.serving.served import ServedModel
-from qwenstack.serving.state import get_state, parse, read_json
+from qwenstack.serving.state import get_state, parse_off_loop, read_json
 from qwenstack.serving.streaming import (
     DONE, ClientDisconnected, ClosingStreamingResponse, first_output, merge, OutputStream, sse, unless_disconnected,
 )
@@ -69,18 +70,26 @@ class CompletionPlan:
 def prompts_of(request: CompletionRequest, served: ServedModel) -> list[Prompt]:
     tok = served.tokenizer
     raw = request.prompt
-    if isinstance(raw, str):
-        return [Prompt(raw, tok.encode(raw))]
-    if not raw:
+    texts = [raw] if isinstance(raw, str) else raw
+    if not texts:
         raise bad_request("prompt is empty", param="prompt")
-    if isinstance(raw[0], str):
-        return [Prompt(p, tok.encode(p)) for p in raw]  # type: ignore[arg-type]
-    if isinstance(raw[0], int):
-        return [Prompt(tok.decode(raw), list(raw))]  # type: ignore[arg-type]
-    return [Prompt(tok.decode(ids), list(ids)) for ids in raw]  # type: ignore[union-attr]
+    if isinstance(texts[0], str):
+        for text in texts:
+            served.check_text_fits(text, "prompt")  # type: ignore[arg-type]
+        return [Prompt(p, tok.encode(p)) for p in texts]  # type: ignore[arg-type]
+    lists = [raw] if isinstance(raw[0], int) else raw
+    for ids in lists:  # checked before decoding: the tokenizer cannot decode what is not in the vocabulary
+        if not ids:
+            raise bad_request("prompt has an empty list of token ids", param="prompt")
+        if len(ids) >= served.max_model_len:  # the engine says so too, but only after decoding
+            raise bad_request(f"the prompt has {len(ids)} tokens, but this model's maximum context length is "
+                              f"{served.max_model_len} tokens", param="prompt", code="context_length_exceeded")
+        served.check_token_ids(ids, "prompt")  # type: ignore[arg-type]
+    return [Prompt(tok.decode(ids), list(ids)) for ids in lists]  # type: ignore[arg-type]
 
 
 def plan_completion(served: ServedModel, request: CompletionRequest) -> CompletionPlan:
+    """Tokenizes (or decodes) the prompts and builds the sampling parameters: blocking, run in a thread."""
     if request.suffix:
         raise bad_request("suffix is not supported", param="suffix")
     if request.best_of is not None and request.best_of != request.n:
@@ -199,7 +208,8 @@ async def stream_completion(plan: CompletionPlan, streams: list[AsyncIterator[Re
     yield DONE
 
 
-@router.post("/v1/completions")
+@router.post("/v1/completions", responses=chat_responses(CompletionResponse))
+@request_body(CompletionRequest)
 async def create_completion(request: Request) -> Response:
     arrival = time.monotonic()
     state = get_state(request)
@@ -207,9 +217,9 @@ async def create_completion(request: Request) -> Response:
     remote = state.remote.get(body.get("model"))
     if remote is not None:
         return await state.remote.forward(remote, "/completions", body)
-    completion_request = parse(CompletionRequest, body)
+    completion_request = await parse_off_loop(CompletionRequest, body, request)
     served = state.registry.get(completion_request.model)
-    plan = plan_completion(served, completion_request)
+    plan = await asyncio.to_thread(plan_completion, served, completion_request)
     retry = state.config.retry_after_s
     engine_streams = [served.engine.generate(p.ids, plan.params, request_id=f"{plan.request_id}-{i}", prompt=p.text)
                       for i, p in enumerate(plan.prompts)]

@@ -80,6 +80,7 @@ class ServerConfig:
     default_chat_template_kwargs: dict[str, Any] = field(default_factory=dict)  # e.g. {"enable_thinking": False}
     allow_local_image_paths: bool = False  # file:// image URLs read from the server's disk only when set
     allow_remote_image_urls: bool = False  # http(s) image URLs fetched by the server only when set
+    allow_private_image_urls: bool = False  # ... and then from loopback/private/link-local addresses too
     max_images_per_request: int = 8
     max_image_bytes: int = 20 * 1024 * 1024  # encoded size of one image
     max_image_pixels: int = 50_000_000  # width * height of one decoded image, before resizing
@@ -92,6 +93,10 @@ class ServerConfig:
     enable_ui: bool = True  # the chat page at / and its store under /api/
     ui_db_path: str | None = None  # SQLite file of the chat page; None: the store's default
     retry_after_s: int = 1  # what 429/503 answers tell clients to wait
+    max_request_body_bytes: int = 64 * 1024 * 1024  # larger bodies get 413 (the chat store has its own limit)
+    # False: special tokens a client types inside message content (<|im_start|>, ...) stay plain text, so a
+    # user cannot forge a system turn; True: they become control tokens (transformers' and vLLM's behaviour).
+    special_tokens_in_content: bool = False
     remote_timeout_s: float = 600.0
     log_level: str = "info"
     # Qwen3Guard (qwenstack.serving.moderation): a Gen or a Stream checkpoint (told apart by config.json),

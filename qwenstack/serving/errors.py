@@ -23,7 +23,9 @@ _TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
     404: "not_found_error",
+    405: "invalid_request_error",
     413: "invalid_request_error",
+    415: "invalid_request_error",
     429: "rate_limit_error",
     501: "not_supported_error",
     502: "upstream_error",
@@ -84,6 +86,8 @@ def from_exception(exc: BaseException, retry_after_s: int = 1) -> APIError:
         return bad_request(str(exc))
     if isinstance(exc, QueueFullError):
         return queue_full(retry_after_s, str(exc))
+    if isinstance(exc, RecursionError):  # a parser or validator met input nested past any real request
+        return bad_request("the request is nested too deeply to process", code="nested_too_deeply")
     log.error("request failed", exc_info=exc)
     return APIError(500, f"internal error: {type(exc).__name__}: {exc}", code="internal_error")
 
@@ -94,12 +98,12 @@ def error_frame(error: APIError) -> str:
 
 
 def install_handlers(app: FastAPI, retry_after_s: int) -> None:
-    # Known errors are answered here, inside the app; only true bugs reach the catch-all below, which
-    # Starlette also logs and which makes uvicorn close the connection.
+    # Known errors are answered here, inside the app; true bugs reach middleware.UnexpectedErrorMiddleware,
+    # which answers 500 on the same connection.
     async def _known(request: Request, exc: Exception) -> JSONResponse:
         return from_exception(exc, retry_after_s).response()
 
-    for known in (APIError, QwenstackError, ChatTemplateError, QueueFullError):
+    for known in (APIError, QwenstackError, ChatTemplateError, QueueFullError, RecursionError):
         app.add_exception_handler(known, _known)
 
     @app.exception_handler(RequestValidationError)
@@ -109,10 +113,12 @@ def install_handlers(app: FastAPI, retry_after_s: int) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         message = exc.detail if isinstance(exc.detail, str) else "request failed"
+        headers = dict(exc.headers or {})
         if exc.status_code == 404:
             message = f"no route {request.method} {request.url.path}"
-        return APIError(exc.status_code, message, headers=dict(exc.headers or {})).response()
+        if exc.status_code == 405:  # Starlette names only the first route of the path; name them all
+            from qwenstack.serving.routes import allowed_methods
 
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        return from_exception(exc, retry_after_s).response()
+            headers["Allow"] = ", ".join(allowed_methods(request.app.routes, request.scope))
+            message = f"{request.method} is not allowed on {request.url.path} (allowed: {headers['Allow']})"
+        return APIError(exc.status_code, message, headers=headers).response()

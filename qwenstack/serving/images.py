@@ -3,8 +3,10 @@
 Decisions:
 - Where an image may come from is the server owner's choice: `data:` URLs (base64) always; `file://` paths
   on the server's disk only with `allow_local_image_paths`; http(s) URLs are fetched by the server only with
-  `allow_remote_image_urls` (off by default: a request must not make the server reach other hosts). Every
-  refusal is a 400 naming the message and part, so a client can tell which image was at fault.
+  `allow_remote_image_urls` (off by default: a request must not make the server reach other hosts), and
+  then from public addresses only (each redirect hop checked, at most 3) unless `allow_private_image_urls`.
+  Every refusal is a 400 naming the message and part, so a client can tell which image was at fault; a
+  remote fetch that is refused or fails says only that, whatever the reason, so it cannot map a network.
 - Limits (images per request, encoded bytes, decoded pixels) are checked before the expensive work: the
   count first, the byte size before decoding (from the base64 length, the file size, the HTTP
   Content-Length or the bytes read so far), the pixel count from the image header before any pixel is
@@ -20,6 +22,8 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import ipaddress
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +37,7 @@ from qwenstack.multimodal.inputs import ImageInput, MultimodalInputs
 from qwenstack.serving.errors import bad_request
 
 REMOTE_TIMEOUT_S = 10.0
+MAX_REDIRECTS = 3
 
 
 @dataclass
@@ -89,7 +94,7 @@ async def read_image_bytes(ref: ImageRef, config: Any) -> bytes:
         if not config.allow_remote_image_urls:
             raise ImageError("this server does not fetch remote image URLs; send the image inline as a "
                              "data:image/...;base64 URL (or start the server with --allow-remote-image-urls)")
-        return await _fetch(url, max_bytes)
+        return await fetch_image(url, max_bytes, allow_private=config.allow_private_image_urls)
     raise ImageError("image_url.url must be a data:image/...;base64 URL"
                      + (" or a file:// path" if config.allow_local_image_paths else "")
                      + (" or an http(s) URL" if config.allow_remote_image_urls else ""))
@@ -109,25 +114,65 @@ def _read_local(path: Path, max_bytes: int) -> bytes:
         raise ImageError(f"cannot read {path}: {exc.strerror or exc}") from None
 
 
-async def _fetch(url: str, max_bytes: int) -> bytes:
+REFUSED = "the image URL is not allowed or could not be fetched"  # one answer for every refusal: no probing
+
+
+async def fetch_image(url: str, max_bytes: int, *, allow_private: bool = False,
+                      max_redirects: int = MAX_REDIRECTS) -> bytes:
+    """An image over http(s). Unless `allow_private`, every hop's host must resolve to public addresses only
+    (no loopback, private, link-local, ...), so a request cannot make the server reach its own network;
+    redirects are followed by hand, each one checked, at most `max_redirects`. Every refusal and failure
+    raises the same ImageError, so the answers reveal nothing about what is behind the server."""
     import httpx
 
     try:
-        async with httpx.AsyncClient(timeout=REMOTE_TIMEOUT_S, follow_redirects=True) as client:
-            async with client.stream("GET", url) as response:
-                if response.status_code != 200:
-                    raise ImageError(f"fetching the image failed: HTTP {response.status_code}")
-                declared = response.headers.get("content-length")
-                if declared is not None and declared.isdigit() and int(declared) > max_bytes:
-                    raise ImageError(f"image is {declared} bytes, over the {max_bytes}-byte limit")
-                data = bytearray()
-                async for chunk in response.aiter_bytes():
-                    data += chunk
-                    if len(data) > max_bytes:
-                        raise ImageError(f"image is larger than the {max_bytes}-byte limit")
-                return bytes(data)
-    except httpx.HTTPError as exc:
-        raise ImageError(f"fetching the image failed: {exc}") from None
+        async with httpx.AsyncClient(timeout=REMOTE_TIMEOUT_S, follow_redirects=False, trust_env=False) as client:
+            for _ in range(max_redirects + 1):
+                if not allow_private and not await _public_host(url):
+                    raise ImageError(REFUSED)
+                async with client.stream("GET", url) as response:
+                    if response.is_redirect and "location" in response.headers:
+                        url = str(response.url.join(response.headers["location"]))
+                        if urlparse(url).scheme not in ("http", "https"):
+                            raise ImageError(REFUSED)
+                        continue
+                    if response.status_code != 200:
+                        raise ImageError(REFUSED)
+                    return await _read_limited(response, max_bytes)
+            raise ImageError(REFUSED)  # too many redirects
+    except httpx.HTTPError:
+        raise ImageError(REFUSED) from None
+
+
+async def _read_limited(response: Any, max_bytes: int) -> bytes:
+    declared = response.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+        raise ImageError(f"image is {declared} bytes, over the {max_bytes}-byte limit")
+    data = bytearray()
+    async for chunk in response.aiter_bytes():
+        data += chunk
+        if len(data) > max_bytes:
+            raise ImageError(f"image is larger than the {max_bytes}-byte limit")
+    return bytes(data)
+
+
+async def _public_host(url: str) -> bool:
+    """Whether every address the URL's host resolves to is a public (globally routable) one."""
+    host = urlparse(url).hostname
+    if not host:
+        return False
+    try:
+        infos = await asyncio.get_running_loop().getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError):
+        return False
+    addresses = {ipaddress.ip_address(info[4][0].split("%", 1)[0]) for info in infos}
+    return bool(addresses) and all(_is_public(a) for a in addresses)
+
+
+def _is_public(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return address.is_global and not address.is_multicast
 
 
 def preprocess_image(processor: ImageProcessor, data: bytes) -> ImageInput:
@@ -186,5 +231,5 @@ def expand_placeholders(prompt_ids: list[int], image_token_id: int, images: list
     return out + prompt_ids[start:]
 
 
-__all__ = ["ImageRef", "expand_placeholders", "image_processor_for", "load_images", "placeholder_text",
-           "preprocess_image", "read_image_bytes"]
+__all__ = ["ImageRef", "expand_placeholders", "fetch_image", "image_processor_for", "load_images",
+           "placeholder_text", "preprocess_image", "read_image_bytes"]

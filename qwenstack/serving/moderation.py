@@ -42,6 +42,7 @@ from pydantic import BaseModel, ConfigDict
 from qwenstack.guard.rails import CONTENT_FILTER, SEVERITY, Guardrails, StreamReport
 from qwenstack.guard.verdict import CATEGORIES, Action, Decision, Direction, GuardPolicy, Safety
 from qwenstack.serving.errors import APIError, bad_request
+from qwenstack.serving.openapi import request_body
 from qwenstack.serving.state import get_state, parse, read_json
 from qwenstack.serving.streaming import DONE, sse
 
@@ -420,6 +421,7 @@ def moderation_result(decision: Decision) -> dict[str, Any]:
 
 
 @router.post("/v1/moderations")
+@request_body(ModerationRequest)
 async def create_moderation(request: Request) -> dict[str, Any]:
     rails = guardrails_of(request)
     if rails is None:

@@ -12,10 +12,12 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 MAX_N = 64
 MAX_TOP_LOGPROBS = 20
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1  # a seed is a signed 64-bit integer (each extra sample adds 1)
+MAX_COUNT = 2**31 - 1  # token counts and budgets: far beyond any context, still a machine integer
 
 
 class _Request(BaseModel):
@@ -151,26 +153,34 @@ class _SamplingFields(_Request):
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=INT64_MIN, le=INT64_MAX)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
-    top_k: int | None = Field(None, ge=-1)
+    top_k: int | None = Field(None, ge=-1, le=MAX_COUNT)
     min_p: float | None = Field(None, ge=0, le=1)
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     repetition_penalty: float | None = Field(None, gt=0)
     logit_bias: dict[str, float] | None = None
-    min_tokens: int = Field(0, ge=0)
+    min_tokens: int = Field(0, ge=0, le=MAX_COUNT)
     ignore_eos: bool = False
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     user: str | None = None
 
+    @field_validator("seed")
+    @classmethod
+    def _seeds_fit(cls, seed: int | None, info: ValidationInfo) -> int | None:
+        n = info.data.get("n", 1)
+        if seed is not None and seed + n - 1 > INT64_MAX:  # sample i is drawn with seed + i
+            raise ValueError(f"with n={n} the seed may be at most {INT64_MAX - n + 1} (each sample adds 1)")
+        return seed
+
 
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)  # wins over max_tokens, as in OpenAI
+    max_tokens: int | None = Field(None, ge=1, le=MAX_COUNT)
+    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_COUNT)  # wins over max_tokens, as in OpenAI
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     response_format: ResponseFormat | None = None
@@ -180,9 +190,9 @@ class ChatCompletionRequest(_SamplingFields):
     chat_template_kwargs: dict[str, Any] | None = None
     reasoning_effort: str | None = None  # "none" turns thinking off; other values think
     # A thinking budget: three spellings in use (ours, Qwen docs, vLLM).
-    max_thinking_tokens: int | None = Field(None, ge=0)
-    thinking_budget: int | None = Field(None, ge=0)
-    thinking_token_budget: int | None = Field(None, ge=0)
+    max_thinking_tokens: int | None = Field(None, ge=0, le=MAX_COUNT)
+    thinking_budget: int | None = Field(None, ge=0, le=MAX_COUNT)
+    thinking_token_budget: int | None = Field(None, ge=0, le=MAX_COUNT)
     # Whitespace a structured answer may have around its JSON tokens, as a regex (vLLM's name). Omitted: none
     # beyond json.dumps' ", " and ": " (a small model cannot loop on newlines); "[ \t\n]*" relaxes it.
     guided_whitespace_pattern: str | None = None
@@ -200,11 +210,13 @@ class ChatCompletionRequest(_SamplingFields):
 
 
 class CompletionRequest(_SamplingFields):
-    prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(16, ge=0)  # OpenAI's default; 0 only with echo (scoring a prompt)
+    # Token-id lists first: a union member that fails reports every element, so list[str] tried first on a
+    # million ids costs a second where list[int] costs 50 ms.
+    prompt: str | list[int] | list[list[int]] | list[str]
+    max_tokens: int | None = Field(16, ge=0, le=MAX_COUNT)  # OpenAI's default; 0 only with echo (scoring)
     logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     echo: bool = False
-    best_of: int | None = Field(None, ge=1)
+    best_of: int | None = Field(None, ge=1, le=MAX_COUNT)
     suffix: str | None = None
 
 
@@ -335,3 +347,21 @@ class ModelCard(_Response):
 class ModelList(_Response):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+class TokenizeResponse(_Response):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+
+
+class DetokenizeResponse(_Response):
+    prompt: str
+
+
+class HealthResponse(_Response):
+    status: Literal["ok"]
+
+
+class VersionResponse(_Response):
+    version: str

@@ -13,6 +13,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable
 
@@ -21,6 +22,7 @@ from qwenstack.engine.engine import EngineConfig, LLMEngine
 from qwenstack.generation_config import generation_defaults
 from qwenstack.serving.config import ModelSpec, ServerConfig
 from qwenstack.serving.errors import APIError
+from qwenstack.serving.markers import SpecialTokenText
 from qwenstack.tokenizer import Tokenizer
 
 log = logging.getLogger("qwenstack.server")
@@ -40,6 +42,34 @@ class ServedModel:
     image_processor: Any = None  # ImageProcessor of a vision-language model (preprocessor_config.json)
     video_processor: Any = None  # VideoProcessor of a model that takes video (serving/videos.py)
     asr: Any = None  # AsrPrompter of a model with an audio encoder (serving/audio.py)
+
+    @cached_property
+    def special_token_text(self) -> SpecialTokenText:
+        return SpecialTokenText(self.tokenizer)
+
+    @cached_property
+    def max_token_chars(self) -> int:
+        """The most characters one token stands for (a byte-level vocabulary entry spells one byte per
+        character, so this bounds the decoded text too)."""
+        return max((len(t) for t in self.tokenizer.backend.get_vocab(with_added_tokens=True)), default=1)
+
+    def check_text_fits(self, text: str, param: str) -> None:
+        """400 for a text that cannot fit the context whatever its tokens, without tokenizing it: a megabyte
+        prompt is refused at the cost of len(), not of seconds of tokenizer time. (The factor 4 leaves room
+        for normalizers that compose characters before tokenizing.)"""
+        if len(text) > self.max_model_len * self.max_token_chars * 4:
+            least = len(text) // (self.max_token_chars * 4)
+            raise APIError(400, f"the prompt has at least {least} tokens, but this model's maximum context length "
+                                f"is {self.max_model_len} tokens", param=param, code="context_length_exceeded")
+
+    def check_token_ids(self, ids: list[int], param: str) -> None:
+        """400 unless every id is in the vocabulary (before anything decodes them)."""
+        vocab = self.engine.engine.vocab_size
+        if not ids or (min(ids) >= 0 and max(ids) < vocab):  # C-speed scans; the culprit is looked for only if any
+            return
+        bad = next((t for t in ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise APIError(400, f"token id {bad} is outside the vocabulary (0..{vocab - 1})", param=param)
 
     @property
     def capabilities(self) -> list[str]:

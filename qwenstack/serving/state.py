@@ -1,12 +1,14 @@
 """What the handlers share, hung off the app instance (`app.state.qwenstack`), never off a module."""
 from __future__ import annotations
 
+import asyncio
 import json
+from functools import lru_cache
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from fastapi import Request
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
 
 from qwenstack.serving.config import ServerConfig
 from qwenstack.serving.errors import bad_request, validation_error
@@ -29,20 +31,99 @@ def get_state(request: Request) -> ServerState:
     return request.app.state.qwenstack
 
 
+LARGE_BODY = 1 << 20  # bytes; larger bodies are parsed and validated in a worker thread
+CHUNK = 1024  # items of a long list validated per call
+
+
 async def read_json(request: Request) -> dict[str, Any]:
     """The body as a JSON object. Parsed by hand (not by FastAPI) so remote routes can forward it verbatim."""
     raw = await request.body()
-    try:
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
-        raise bad_request("the request body is not valid JSON", code="invalid_json") from None
+    body = await asyncio.to_thread(_loads, raw) if len(raw) > LARGE_BODY else _loads(raw)
     if not isinstance(body, dict):
         raise bad_request("the request body must be a JSON object")
     return body
 
 
-def parse(model: type[M], body: dict[str, Any]) -> M:
+def _pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    return dict(pairs)
+
+
+def _int(text: str) -> int:
+    return int(text)
+
+
+def _float(text: str) -> float:
+    return float(text)
+
+
+def _loads(raw: bytes) -> Any:
     try:
-        return model.model_validate(body)
+        if len(raw) > LARGE_BODY:
+            # Python hooks make the parser run bytecode now and then, where the thread hands the GIL back:
+            # a large body parsed in a worker thread then never freezes the event loop (a plain json.loads
+            # of a million numbers holds the GIL for a quarter of a second).
+            return json.loads(raw, object_pairs_hook=_pairs, parse_int=_int, parse_float=_float)
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise bad_request("the request body is not valid JSON", code="invalid_json") from None
+    except RecursionError:
+        raise bad_request("the request body is nested too deeply", code="invalid_json") from None
+
+
+def parse(model: type[M], body: dict[str, Any]) -> M:
+    long_lists = _prevalidated_lists(model, body)
+    # The model sees a short stand-in of each long list (its constraints and validators still run), then
+    # gets the whole list, already validated: no single call holds the GIL for the whole list.
+    stand_ins = {name: items[:CHUNK] for name, items in long_lists.items()}
+    try:
+        parsed = model.model_validate({**body, **stand_ins})
     except ValidationError as exc:
         raise validation_error(exc.errors()) from None
+    for name, items in long_lists.items():
+        setattr(parsed, name, items)
+    return parsed
+
+
+def _prevalidated_lists(model: type[M], body: dict[str, Any]) -> dict[str, list[Any]]:
+    """Long top-level lists (a million token ids, 300,000 messages) validated a chunk at a time, so the
+    thread doing it hands the GIL back between chunks. Errors keep their index in the whole list."""
+    out: dict[str, list[Any]] = {}
+    for name, value in body.items():
+        field = model.model_fields.get(name)
+        if field is None or not isinstance(value, list) or len(value) <= CHUNK:
+            continue
+        adapter = _adapter(model, name)
+        items: list[Any] = []
+        for start in range(0, len(value), CHUNK):
+            try:
+                part = adapter.validate_python(value[start:start + CHUNK])
+            except ValidationError as exc:
+                errors = [dict(e, loc=_shift(e["loc"], start)) for e in exc.errors()]
+                raise validation_error([dict(e, loc=(name, *e["loc"])) for e in errors]) from None
+            if not isinstance(part, list):  # a union member other than a list took it: validate it whole
+                break
+            items += part
+        else:
+            out[name] = items
+    return out
+
+
+def _shift(loc: tuple[Any, ...], start: int) -> tuple[Any, ...]:
+    return tuple(p + start if isinstance(p, int) and i == _first_int(loc) else p for i, p in enumerate(loc))
+
+
+def _first_int(loc: tuple[Any, ...]) -> int:
+    return next((i for i, p in enumerate(loc) if isinstance(p, int)), -1)
+
+
+@lru_cache(maxsize=64)
+def _adapter(model: type[BaseModel], name: str) -> TypeAdapter[Any]:
+    return TypeAdapter(model.model_fields[name].annotation, config=ConfigDict(strict=True))
+
+
+async def parse_off_loop(model: type[M], body: dict[str, Any], request: Request) -> M:
+    """`parse`, in a worker thread when the request's body was large."""
+    length = request.headers.get("content-length", "")
+    if not length.isdigit() or int(length) > LARGE_BODY:
+        return await asyncio.to_thread(parse, model, body)
+    return parse(model, body)

@@ -100,7 +100,9 @@ class ChatStore:
     def __init__(self, path: str | os.PathLike[str] | None = None):
         self.path = Path(path) if path is not None else default_db_path()
         if str(self.path) != ":memory:":
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            # Chats are private: the file (and the -wal/-shm files SQLite gives the same mode) is 0600.
+            os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))
         self._lock = threading.RLock()
         # isolation_level=None: we issue BEGIN/COMMIT ourselves, so a transaction spans exactly one write call.
         self._conn = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None, timeout=10.0)

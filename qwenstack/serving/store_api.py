@@ -35,7 +35,8 @@ MAX_ATTACHMENTS = 16
 MAX_TOOL_CALLS = 64
 MAX_MESSAGES = 5_000
 MAX_LIST = 500
-MAX_BODY_BYTES = 64 * 1024 * 1024  # refused from Content-Length, before the body is read
+MAX_BODY_BYTES = 64 * 1024 * 1024  # refused from Content-Length here; the server's body rules count the bytes
+MAX_INT64 = 2**63 - 1  # SQLite's integers
 
 mimetypes.add_type("font/woff2", ".woff2")
 mimetypes.add_type("text/javascript", ".js")
@@ -141,7 +142,7 @@ class MessageList(_Strict):
 
 
 class Truncate(_Strict):
-    keep: int = Field(ge=0, strict=True, description="how many leading messages to keep")
+    keep: int = Field(ge=0, le=MAX_INT64, strict=True, description="how many leading messages to keep")
 
 
 class ApiError(Exception):
@@ -209,7 +210,7 @@ def make_router(store: ChatStore) -> APIRouter:
 
     @router.get("/conversations")
     def list_conversations(q: str | None = Query(None, max_length=500), limit: int = Query(100, ge=1, le=MAX_LIST),
-                           offset: int = Query(0, ge=0)) -> dict[str, Any]:
+                           offset: int = Query(0, ge=0, le=MAX_INT64)) -> dict[str, Any]:
         return {"object": "list", "data": store.list_conversations(q, limit, offset)}
 
     @router.post("/conversations", status_code=201)
