@@ -227,7 +227,7 @@ def test_openapi_describes_the_api(server: BackgroundServer) -> None:
 
 
 def test_validation_error_is_the_documented_400(server: BackgroundServer) -> None:
-    r = httpx.post(server.url + "/tokenize", json={"prompt": "no model"})
+    r = httpx.post(server.url + "/tokenize", json={"model": ["not", "a", "name"], "prompt": "hi"})
     assert assert_error(r, 400)["param"] == "model"
 
 

@@ -53,6 +53,16 @@ def request_body(model: type[BaseModel]) -> Callable[[F], F]:
     return mark
 
 
+def form_body(fields: dict[str, str], required: tuple[str, ...] = (), files: tuple[str, ...] = ("file",)
+              ) -> dict[str, Any]:
+    """`openapi_extra` of a route that reads a multipart form by hand: declares the form (field -> description;
+    `files` are uploads), which also tells the body rules (middleware.py) that this route takes forms."""
+    properties = {name: {"type": "string", "description": text} | ({"format": "binary"} if name in files else {})
+                  for name, text in fields.items()}
+    schema = {"type": "object", "properties": properties, "required": list(required)}
+    return {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": schema}}}}
+
+
 def chat_responses(model: type[BaseModel]) -> dict[int | str, dict[str, Any]]:
     """The 200 of a route that answers JSON, or server-sent events when the request says `stream`."""
     return {200: {"model": model, "description": "The answer as JSON, or as server-sent events with stream=true",

@@ -29,6 +29,7 @@ from pydantic import BaseModel, Field
 
 from qwenstack.errors import RequestError
 from qwenstack.serving.errors import APIError, bad_request
+from qwenstack.serving.openapi import form_body, request_body
 from qwenstack.serving.state import parse, read_json
 from qwenstack.tts.audio_format import FORMATS, MEDIA_TYPES, STREAMING_FORMATS, stream_bytes
 from qwenstack.tts.engine import SpeechEngine, SpeechParams, SpeechRequest, SpeechService
@@ -178,6 +179,7 @@ async def _sync_to_async(gen: Iterator[bytes]) -> AsyncIterator[bytes]:
 
 
 @router.post("/v1/audio/speech", response_model=None)
+@request_body(SpeechBody)
 async def create_speech(request: Request) -> StreamingResponse:
     body = parse(SpeechBody, await read_json(request))
     served = _registry(request).get(body.model)
@@ -233,7 +235,9 @@ def list_voices(request: Request, model: str | None = None) -> dict[str, Any]:
     return {"object": "list", "data": data}
 
 
-@router.post("/v1/audio/voices")
+@router.post("/v1/audio/voices", openapi_extra=form_body({
+    "model": "a Base speech model served here", "name": "the new voice's name", "file": "the reference clip",
+    "transcript": "what the clip says (enables in-context cloning)"}, required=("model", "name", "file")))
 async def register_voice(request: Request) -> dict[str, Any]:
     try:
         form = await request.form()

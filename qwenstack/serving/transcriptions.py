@@ -37,6 +37,7 @@ from qwenstack.engine.params import SamplingParams
 from qwenstack.multimodal.inputs import MultimodalInputs
 from qwenstack.serving.audio import decode_upload, require_audio_model
 from qwenstack.serving.errors import APIError, bad_request, error_frame, from_exception
+from qwenstack.serving.openapi import form_body
 from qwenstack.serving.served import ServedModel
 from qwenstack.serving.state import get_state
 from qwenstack.serving.streaming import ClosingStreamingResponse, OutputStream, first_output, sse
@@ -234,12 +235,19 @@ async def _handle(request: Request, task: str) -> Response:
     return _respond(req, finals, task)
 
 
-@router.post("/v1/audio/transcriptions")
+TRANSCRIPTION_FORM = form_body({
+    "file": "the audio file (WAV, FLAC, OGG/Vorbis, OGG/Opus, MP3)", "model": "an audio model served here",
+    "language": "the spoken language (name or ISO code); omitted: detected", "prompt": "context text",
+    "temperature": "0 (greedy) to 2", "response_format": "json, text, verbose_json, srt or vtt",
+    "stream": "true: transcript.text.delta events"}, required=("file", "model"))
+
+
+@router.post("/v1/audio/transcriptions", openapi_extra=TRANSCRIPTION_FORM)
 async def create_transcription(request: Request) -> Response:
     return await _handle(request, "transcribe")
 
 
-@router.post("/v1/audio/translations")
+@router.post("/v1/audio/translations", openapi_extra=TRANSCRIPTION_FORM)
 async def create_translation(request: Request) -> Response:
     _, served = await _form_and_model(request)
     raise APIError(400, f"the model '{served.name}' transcribes speech but cannot translate it; use "
