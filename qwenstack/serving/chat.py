@@ -47,7 +47,7 @@ from qwenstack.serving.protocol import (
 )
 from qwenstack.serving.sampling import sampling_params
 from qwenstack.serving.served import ServedModel
-from qwenstack.serving.state import ServerState, get_state, parse_off_loop, read_json
+from qwenstack.serving.state import ServerState, local_or_forwarded
 from qwenstack.serving.streaming import (
     DONE, ClientDisconnected, ClosingStreamingResponse, first_output, OutputStream, sse, unless_disconnected,
 )
@@ -448,13 +448,10 @@ async def stream_chat(plan: ChatPlan, outputs: AsyncIterator[RequestOutput], tra
 @request_body(ChatCompletionRequest)
 async def create_chat_completion(request: Request) -> Response:
     arrival = time.monotonic()
-    state = get_state(request)
-    body = await read_json(request)
-    remote = state.remote.get(body.get("model"))
-    if remote is not None:
-        return await state.remote.forward(remote, "/chat/completions", body)
-    chat_request = await parse_off_loop(ChatCompletionRequest, body, request)
-    served = state.registry.get(chat_request.model)
+    local = await local_or_forwarded(request, ChatCompletionRequest, "/chat/completions")
+    if isinstance(local, Response):
+        return local
+    state, chat_request, served = local.state, local.body, local.served
     # Rendering and tokenizing a long conversation takes a while: off the event loop, other requests go on.
     plan = await asyncio.to_thread(plan_chat, served, chat_request, state)
     await attach_images(plan, state)

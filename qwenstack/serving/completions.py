@@ -30,7 +30,7 @@ from qwenstack.serving.protocol import (
 )
 from qwenstack.serving.sampling import sampling_params
 from qwenstack.serving.served import ServedModel
-from qwenstack.serving.state import get_state, parse_off_loop, read_json
+from qwenstack.serving.state import local_or_forwarded
 from qwenstack.serving.streaming import (
     DONE, ClientDisconnected, ClosingStreamingResponse, first_output, merge, OutputStream, sse, unless_disconnected,
 )
@@ -212,13 +212,10 @@ async def stream_completion(plan: CompletionPlan, streams: list[AsyncIterator[Re
 @request_body(CompletionRequest)
 async def create_completion(request: Request) -> Response:
     arrival = time.monotonic()
-    state = get_state(request)
-    body = await read_json(request)
-    remote = state.remote.get(body.get("model"))
-    if remote is not None:
-        return await state.remote.forward(remote, "/completions", body)
-    completion_request = await parse_off_loop(CompletionRequest, body, request)
-    served = state.registry.get(completion_request.model)
+    local = await local_or_forwarded(request, CompletionRequest, "/completions")
+    if isinstance(local, Response):
+        return local
+    state, completion_request, served = local.state, local.body, local.served
     plan = await asyncio.to_thread(plan_completion, served, completion_request)
     retry = state.config.retry_after_s
     engine_streams = [served.engine.generate(p.ids, plan.params, request_id=f"{plan.request_id}-{i}", prompt=p.text)

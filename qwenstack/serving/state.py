@@ -5,16 +5,17 @@ import asyncio
 import json
 from functools import lru_cache
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 from fastapi import Request
+from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
 
 from qwenstack.serving.config import ServerConfig
 from qwenstack.serving.errors import bad_request, validation_error
 from qwenstack.serving.metrics import ServerMetrics
 from qwenstack.serving.remote import RemoteRouter
-from qwenstack.serving.served import ModelRegistry
+from qwenstack.serving.served import ModelRegistry, ServedModel
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -127,3 +128,24 @@ async def parse_off_loop(model: type[M], body: dict[str, Any], request: Request)
     if not length.isdigit() or int(length) > LARGE_BODY:
         return await asyncio.to_thread(parse, model, body)
     return parse(model, body)
+
+
+@dataclass
+class LocalRequest(Generic[M]):
+    """A request for a model served here: the server's state, the parsed body and the model."""
+
+    state: ServerState
+    body: M
+    served: ServedModel
+
+
+async def local_or_forwarded(request: Request, model: type[M], remote_path: str) -> LocalRequest[M] | Response:
+    """The start every OpenAI-shaped generation route shares: read the JSON body, forward it verbatim when it
+    names a remote model (the remote's answer is returned), else parse it and look the model up here."""
+    state = get_state(request)
+    raw = await read_json(request)
+    remote = state.remote.get(raw.get("model"))
+    if remote is not None:
+        return await state.remote.forward(remote, remote_path, raw)
+    body = await parse_off_loop(model, raw, request)
+    return LocalRequest(state, body, state.registry.get(body.model))  # type: ignore[attr-defined]
