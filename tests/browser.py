@@ -13,7 +13,9 @@ import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
+
+import pytest
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -28,6 +30,23 @@ def chromium_available() -> bool:
     return CHROMIUM.is_file() and os.access(CHROMIUM, os.X_OK)
 
 
+# A page test module's `pytestmark`: skipped only where scripts/test.sh could not install Chromium (not root).
+BROWSER_TESTS = [
+    pytest.mark.browser,
+    pytest.mark.skipif(not chromium_available(), reason="Debian's Chromium is not installed at /usr/bin/chromium "
+                       "(apt-get install chromium)"),
+]
+
+
+def page_expect() -> Any:
+    """Playwright's `expect`, waiting up to 30 s: two shared cores run the model beside the browser. (Its
+    timeout is process-wide, so it is set here once for every page test.)"""
+    from playwright.sync_api import expect
+
+    expect.set_options(timeout=30_000)
+    return expect
+
+
 @contextmanager
 def launch_chromium() -> Iterator["object"]:
     """Yields a Playwright Browser running Debian's Chromium headless."""
@@ -39,6 +58,23 @@ def launch_chromium() -> Iterator["object"]:
             yield browser
         finally:
             browser.close()
+
+
+def assistants(page: Any) -> Any:
+    return page.locator('[data-testid="message"][data-role="assistant"]')
+
+
+def send(page: Any, text: str, *, wait: bool = True, timeout: float = 30_000) -> None:
+    """Types a message and presses Enter; with wait, returns once the answer is finished and saved."""
+    expect = page_expect()
+    done_before = page.locator('[data-role="assistant"][data-streaming="false"]').count()
+    box = page.get_by_test_id("composer-input")
+    box.fill(text)
+    box.press("Enter")
+    if wait:
+        expect(page.locator('[data-role="assistant"][data-streaming="false"]')).to_have_count(
+            done_before + 1, timeout=timeout)
+        expect(page.locator('[data-testid="app"][data-streaming="false"]')).to_be_attached()
 
 
 def screenshot(page: "object", name: str, full_page: bool = False) -> Path:

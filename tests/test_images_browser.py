@@ -14,21 +14,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from browser import chromium_available, launch_chromium, screenshot
+from browser import BROWSER_TESTS, launch_chromium, page_expect, screenshot
 from server_utils import BackgroundServer
 
 pytest.importorskip("diffusers")
 
-pytestmark = [
-    pytest.mark.browser,
-    pytest.mark.skipif(not chromium_available(), reason="Debian's Chromium is not installed at /usr/bin/chromium "
-                       "(apt-get install chromium)"),
-]
+pytestmark = BROWSER_TESTS
 
-if chromium_available():
-    from playwright.sync_api import expect
+expect = page_expect()
 
-    expect.set_options(timeout=30_000)
 
 STEP_DELAY_S = 0.03  # per transformer call: 40 steps x 2 (true CFG) ~ 2.4 s, long enough to see progress
 

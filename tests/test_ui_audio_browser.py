@@ -9,22 +9,18 @@ from pathlib import Path
 import pytest
 
 from asr_checkpoints import build_scripted_asr, speechlike, wav_bytes
-from browser import CHROMIUM, CHROMIUM_ARGS, chromium_available
+from playwright.sync_api import sync_playwright
+
+from browser import BROWSER_TESTS, CHROMIUM, CHROMIUM_ARGS, page_expect
 from server_utils import BackgroundServer, tiny_served_model
 from test_server_audio import _served
 from qwenstack.serving.app import create_app
 from qwenstack.serving.config import ServerConfig
 
-pytestmark = [
-    pytest.mark.browser,
-    pytest.mark.skipif(not chromium_available(), reason="Debian's Chromium is not installed at /usr/bin/chromium "
-                       "(apt-get install chromium)"),
-]
+pytestmark = BROWSER_TESTS
 
-if chromium_available():
-    from playwright.sync_api import expect, sync_playwright
+expect = page_expect()
 
-    expect.set_options(timeout=30_000)
 
 ANSWER = "hello there, this is a test."
 

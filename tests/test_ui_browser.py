@@ -24,21 +24,16 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from PIL import Image
 
-from browser import ARTIFACTS, REPO, ServerThread, chromium_available, launch_chromium, screenshot
+from browser import (
+    ARTIFACTS, BROWSER_TESTS, REPO, ServerThread, assistants, launch_chromium, page_expect, screenshot, send,
+)
 from qwenstack.serving.store import ChatStore
 from qwenstack.serving.store_api import mount_ui
 
-pytestmark = [
-    pytest.mark.browser,
-    pytest.mark.skipif(not chromium_available(), reason="Debian's Chromium is not installed at /usr/bin/chromium "
-                       "(apt-get install chromium)"),
-]
+pytestmark = BROWSER_TESTS
 
-if chromium_available():
-    # With Chromium present, a missing playwright package is an install error to see, not a reason to skip.
-    from playwright.sync_api import expect
+expect = page_expect()
 
-    expect.set_options(timeout=15_000)  # two shared cores: give a slow render room before calling it a failure
 
 THINK_MODEL = "fake-qwen3-think"
 VISION_MODEL = "fake-qwen3-vl"
@@ -182,22 +177,6 @@ def page(browser, server):
     context.close()
     assert not errors, f"JavaScript errors on the page: {errors}"
     assert not outside, f"the page asked for something outside qwenstack: {outside}"
-
-
-def assistants(page):
-    return page.locator('[data-testid="message"][data-role="assistant"]')
-
-
-def send(page, text: str, *, wait: bool = True, timeout: float = 20_000) -> None:
-    """Types a message and presses Enter; with wait, returns once the answer is finished and saved."""
-    done_before = page.locator('[data-role="assistant"][data-streaming="false"]').count()
-    box = page.get_by_test_id("composer-input")
-    box.fill(text)
-    box.press("Enter")
-    if wait:
-        expect(page.locator('[data-role="assistant"][data-streaming="false"]')).to_have_count(
-            done_before + 1, timeout=timeout)
-        expect(page.locator('[data-testid="app"][data-streaming="false"]')).to_be_attached()
 
 
 def new_chat(page) -> None:

@@ -7,22 +7,15 @@ from typing import Iterator
 
 import pytest
 
-from browser import chromium_available, launch_chromium, screenshot
+from browser import BROWSER_TESTS, launch_chromium, page_expect, screenshot
 from responses_fixtures import AGENT_ANSWER, build_agent, mcp_test_app
 from server_utils import BackgroundServer, tiny_served_model
 from qwenstack.serving.app import create_app
 from qwenstack.serving.config import ServerConfig
 
-pytestmark = [
-    pytest.mark.browser,
-    pytest.mark.skipif(not chromium_available(), reason="Debian's Chromium is not installed at /usr/bin/chromium "
-                       "(apt-get install chromium)"),
-]
+pytestmark = BROWSER_TESTS
 
-if chromium_available():
-    from playwright.sync_api import expect
-
-    expect.set_options(timeout=30_000)
+expect = page_expect()
 
 
 @pytest.fixture(scope="module")

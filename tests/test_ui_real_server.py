@@ -16,22 +16,16 @@ from pathlib import Path
 
 import pytest
 
-from browser import chromium_available, launch_chromium, screenshot
+from browser import BROWSER_TESTS, assistants, launch_chromium, page_expect, screenshot, send
 from scripted import CASES, build_case
 from server_utils import BackgroundServer, tiny_served_model
 from qwenstack.serving.app import create_app
 from qwenstack.serving.config import ServerConfig
 
-pytestmark = [
-    pytest.mark.browser,
-    pytest.mark.skipif(not chromium_available(), reason="Debian's Chromium is not installed at /usr/bin/chromium "
-                       "(apt-get install chromium)"),
-]
+pytestmark = BROWSER_TESTS
 
-if chromium_available():
-    from playwright.sync_api import expect
+expect = page_expect()
 
-    expect.set_options(timeout=20_000)  # two shared cores: give a slow render room before calling it a failure
 
 CHAT_MODEL = "scripted"  # think_answer, with a short context for the too-long-prompt error
 LONG_MODEL = "scripted-long"  # long_think, its engine slowed so Stop lands mid-stream
@@ -107,21 +101,6 @@ def page(browser, server):
     context, page = _open(browser, server.url)
     yield page
     _close(context, page)
-
-
-def assistants(page):
-    return page.locator('[data-testid="message"][data-role="assistant"]')
-
-
-def send(page, text: str, *, wait: bool = True, timeout: float = 30_000) -> None:
-    done_before = page.locator('[data-role="assistant"][data-streaming="false"]').count()
-    box = page.get_by_test_id("composer-input")
-    box.fill(text)
-    box.press("Enter")
-    if wait:
-        expect(page.locator('[data-role="assistant"][data-streaming="false"]')).to_have_count(
-            done_before + 1, timeout=timeout)
-        expect(page.locator('[data-testid="app"][data-streaming="false"]')).to_be_attached()
 
 
 def new_chat(page, model: str) -> None:

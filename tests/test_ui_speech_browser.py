@@ -9,19 +9,13 @@ import pytest
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
-from browser import ServerThread, chromium_available, launch_chromium
+from browser import BROWSER_TESTS, ServerThread, assistants, launch_chromium, page_expect, send
+from test_ui_browser import make_fake_server
 from qwenstack.serving.store import ChatStore
 
-pytestmark = [
-    pytest.mark.skipif(not chromium_available(), reason="Debian's Chromium is not installed at /usr/bin/chromium "
-                       "(apt-get install chromium)"),
-    pytest.mark.timeout(180),
-]
+pytestmark = [*BROWSER_TESTS, pytest.mark.timeout(180)]
 
-if chromium_available():
-    from playwright.sync_api import expect
-
-from test_ui_browser import assistants, make_fake_server, send  # noqa: E402
+expect = page_expect()
 
 CHUNKS = 6
 
