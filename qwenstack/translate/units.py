@@ -48,6 +48,9 @@ def cut_units(text: str, policy: UnitPolicy, final: bool = False) -> tuple[list[
     units: list[str] = []
     start = pos = words = 0
     while pos < len(text):
+        if text[pos].isspace():  # whitespace after a CJK mark that a shorter prefix ended on
+            pos += 1
+            continue
         match = _PIECE.match(text, pos)
         if match is None or match.end() == pos:
             break  # the incomplete tail: a word that whitespace has not ended yet
