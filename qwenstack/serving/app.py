@@ -98,6 +98,7 @@ def _info_router() -> APIRouter:
         cards += [ModelCard(id=r.name, created=0, owned_by=f"remote:{r.base_url}", capabilities=["chat", "completion"])
                   for r in state.remote.routes.values()]
         cards += [ModelCard(**card) for card in request.app.state.qwenstack_images.model_cards()]
+        cards += [ModelCard(**card) for card in translations.registry_of(request.app).model_cards()]
         return ModelList(data=cards)
 
     @router.get("/v1/models/{model_id:path}")

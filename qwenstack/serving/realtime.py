@@ -213,6 +213,11 @@ async def websocket_authorized(ws: WebSocket, key: str | None) -> bool:
     """The bearer-key check of a socket (the HTTP middleware does not see WebSockets); closes it if wrong."""
     if key:
         given = ws.headers.get("authorization", "").encode()
+        # browsers cannot set headers on a socket: OpenAI's browser subprotocol carries the key instead
+        offered = [p.strip() for p in ws.headers.get("sec-websocket-protocol", "").split(",")]
+        for protocol in offered:
+            if protocol.startswith("openai-insecure-api-key."):
+                given = f"Bearer {protocol[len('openai-insecure-api-key.'):]}".encode()
         if not hmac.compare_digest(given, f"Bearer {key}".encode()):
             await ws.close(code=1008, reason="invalid or missing API key")
             return False

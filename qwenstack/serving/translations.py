@@ -56,6 +56,10 @@ class TranslationRegistry:
     pipelines: dict[str, TranslationPipeline] = field(default_factory=dict)
     sessions: dict[str, TranslationSession] = field(default_factory=dict)
 
+    def model_cards(self) -> list[dict[str, Any]]:
+        return [{"id": name, "created": 0, "owned_by": "qwenstack", "capabilities": ["translation"]}
+                for name in sorted(self.pipelines)]
+
     def add(self, pipeline: TranslationPipeline) -> None:
         if pipeline.name in self.pipelines:
             raise ValueError(f"two translation pipelines are named '{pipeline.name}'")
@@ -238,7 +242,8 @@ async def translations(ws: WebSocket) -> None:
     config: ServerConfig = state.config
     if not await websocket_authorized(ws, config.api_key):
         return
-    await ws.accept()
+    offered = [p.strip() for p in ws.headers.get("sec-websocket-protocol", "").split(",")]
+    await ws.accept(subprotocol="realtime" if "realtime" in offered else None)  # the page's apiSocket offers it
     registry = registry_of(ws.app)
     name = ws.query_params.get("model")
     pipeline = registry.pipelines.get(name or "")
