@@ -141,3 +141,17 @@ def test_target_codes() -> None:
     assert target_code("DE") == "de" and target_code("German") == "de"
     with pytest.raises(ValueError, match="not supported"):
         target_code("klingon")
+
+
+def test_serve_translate_flag() -> None:
+    from qwenstack.cli import build_parser, discover_commands
+    from qwenstack.commands.serve import server_config, serve_config_from_args
+
+    parser = build_parser(discover_commands()[0])
+    args = parser.parse_args(["serve", "--translate", "asr=/m/asr,llm=/m/llm,tts=/m/tts,name=de-live,voice=eric"])
+    config = server_config(serve_config_from_args(args))
+    spec = config.translations[0]
+    assert (spec.asr, spec.llm, spec.tts, spec.name, spec.voice) == ("/m/asr", "/m/llm", "/m/tts", "de-live", "eric")
+    for bad in ("asr=/a,llm=/b", "asr=/a,llm=/b,tts=/c,colour=red", "asr=/a,asr=/b,llm=/b,tts=/c"):
+        with pytest.raises(ValueError, match="--translate"):
+            serve_config_from_args(parser.parse_args(["serve", "--translate", bad]))
