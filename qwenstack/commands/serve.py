@@ -80,6 +80,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="also serve this Qwen3-TTS checkpoint on /v1/audio/speech (repeatable)")
     app.add_argument("--voices-dir", default=None, metavar="DIR",
                      help="where voices cloned through /v1/audio/voices are kept (default: ~/.cache/qwenstack/voices)")
+    app.add_argument("--translate", action="append", default=[], metavar="asr=DIR,llm=DIR,tts=DIR[,name=ID][,voice=V]",
+                     help="serve a live-translation pipeline on /v1/realtime/translations?model=ID "
+                          "(default ID: live-translate; repeatable)")
     app.add_argument("--no-ui", action="store_true", help="serve the API only, without the chat page at /")
     app.add_argument("--ui-db", default=None, metavar="PATH", help="SQLite file where the chat page keeps chats")
     app.add_argument("--allow-local-image-paths", action="store_true",
@@ -151,6 +154,10 @@ def serve_config_from_args(args: argparse.Namespace) -> dict[str, Any]:
                 "speech_models": args.tts or None, "voices_dir": args.voices_dir,
                 "max_request_body_bytes": args.max_request_body}
     config.update({k: v for k, v in optional.items() if v is not None})
+    if args.translate:
+        from qwenstack.serving.config import parse_translate
+
+        config["translations"] = [vars(parse_translate(text)) for text in args.translate]
     if args.no_think:
         config["default_chat_template_kwargs"] = {"enable_thinking": False}
     if args.mcp or args.mcp_allow_stdio:
@@ -178,14 +185,15 @@ def serve_config_from_args(args: argparse.Namespace) -> dict[str, Any]:
 def server_config(values: dict[str, Any]) -> "ServerConfig":
     """Builds the ServerConfig; an option this server does not implement yet is a clear error."""
     from qwenstack.errors import QwenstackError
-    from qwenstack.serving.config import ModelSpec, RemoteSpec, ServerConfig
+    from qwenstack.serving.config import ModelSpec, RemoteSpec, ServerConfig, TranslationSpec
 
     values = dict(values)
     flags = {"speculative_tokens": "--speculative-tokens", "guard_model": "--guard"}
     try:
         models = [ModelSpec(**m) for m in values.pop("models")]
         remote = [RemoteSpec(**r) for r in values.pop("remote")]
-        return ServerConfig(models=models, remote=remote, **values)
+        translations = [TranslationSpec(**t) for t in values.pop("translations", [])]
+        return ServerConfig(models=models, remote=remote, translations=translations, **values)
     except TypeError as exc:
         missing = [flag for key, flag in flags.items() if f"'{key}'" in str(exc)]
         if missing:

@@ -72,7 +72,10 @@ class AsyncEngine:
         outputs: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
 
         def sink(item: RequestOutput | BaseException) -> None:
-            loop.call_soon_threadsafe(outputs.put_nowait, item)
+            try:
+                loop.call_soon_threadsafe(outputs.put_nowait, item)
+            except RuntimeError:  # the caller's event loop has closed: nobody reads this request any more
+                self.abort(request_id)
 
         self._commands.put(_Add(request_id, list(prompt_token_ids), params, prompt, sink, multimodal))
         finished = False

@@ -23,7 +23,7 @@ from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from qwenstack import __version__
-from qwenstack.serving import chat, completions, introspect, realtime, speech, transcriptions
+from qwenstack.serving import chat, completions, introspect, realtime, speech, transcriptions, translations
 from qwenstack.serving.chat import render_prompt, template_kwargs
 from qwenstack.serving.config import ModelSpec, ServerConfig
 from qwenstack.serving.errors import APIError, install_handlers
@@ -98,6 +98,7 @@ def _info_router() -> APIRouter:
         cards += [ModelCard(id=r.name, created=0, owned_by=f"remote:{r.base_url}", capabilities=["chat", "completion"])
                   for r in state.remote.routes.values()]
         cards += [ModelCard(**card) for card in request.app.state.qwenstack_images.model_cards()]
+        cards += [ModelCard(**card) for card in translations.registry_of(request.app).model_cards()]
         return ModelList(data=cards)
 
     @router.get("/v1/models/{model_id:path}")
@@ -170,6 +171,8 @@ def create_app(
         finally:
             await remote.close()
             registry.shutdown()
+            for engine in translation_engines:
+                engine.shutdown()
             images.close()
 
     app = FastAPI(title="qwenstack", version=__version__, lifespan=lifespan)
@@ -193,6 +196,7 @@ def create_app(
     speech.load_speech_models(app, config)
     app.include_router(transcriptions.router)
     app.include_router(realtime.router)
+    translation_engines = translations.install_translations(app, config)  # /v1/realtime/translations
     install_guardrails(app, config)  # /v1/moderations; loads config.guard_model when the app starts
     install_responses(app, config)  # /v1/responses, its store and MCP tools
     if config.enable_ui:

@@ -70,6 +70,35 @@ def parse_remote(text: str) -> RemoteSpec:
 
 
 @dataclass
+class TranslationSpec:
+    """A live-translation pipeline (`--translate asr=DIR,llm=DIR,tts=DIR[,name=ID][,voice=V]`): the model id
+    clients name on /v1/realtime/translations and the three checkpoints it runs."""
+
+    asr: str
+    llm: str
+    tts: str
+    name: str = "live-translate"
+    voice: str | None = None  # the default voice; None: the TTS model's first speaker
+    kv_cache_memory: int = 256 * 1024 * 1024  # bytes of KV for each of the ASR and the LLM
+
+
+def parse_translate(text: str) -> TranslationSpec:
+    fields: dict[str, str] = {}
+    for part in text.split(","):
+        key, sep, value = part.partition("=")
+        key = key.strip()
+        if not sep or not value.strip() or key not in ("asr", "llm", "tts", "name", "voice"):
+            raise ValueError(f"--translate expects asr=DIR,llm=DIR,tts=DIR[,name=ID][,voice=V], got {part!r}")
+        if key in fields:
+            raise ValueError(f"--translate names {key}= twice")
+        fields[key] = value.strip()
+    missing = [k for k in ("asr", "llm", "tts") if k not in fields]
+    if missing:
+        raise ValueError(f"--translate needs {', '.join(k + '=' for k in missing)} (got {text!r})")
+    return TranslationSpec(**fields)
+
+
+@dataclass
 class ServerConfig:
     host: str = "127.0.0.1"  # loopback unless asked: the API runs models on the owner's hardware
     port: int = 8000
@@ -125,6 +154,11 @@ class ServerConfig:
     # Qwen3-TTS checkpoints served on /v1/audio/speech (qwenstack.serving.speech), and where cloned voices live.
     speech_models: list[str] = field(default_factory=list)
     voices_dir: str | None = None  # None: ~/.cache/qwenstack/voices
+    # Live translation (qwenstack.serving.translations): pipelines by model id, and each session's bounds.
+    translations: list[TranslationSpec] = field(default_factory=list)
+    translation_max_sessions: int = 16  # beyond: the socket answers an error event and closes
+    translation_idle_timeout_s: float = 30.0  # a session whose client sends nothing this long is closed
+    translation_send_timeout_s: float = 10.0  # a client that takes longer to accept one event is dropped
 
     def kv_memory_for(self, spec: ModelSpec) -> int:
         if spec.kv_cache_memory is not None:

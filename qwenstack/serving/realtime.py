@@ -209,15 +209,26 @@ def _item_id() -> str:
     return f"item_{uuid.uuid4().hex[:20]}"
 
 
+async def websocket_authorized(ws: WebSocket, key: str | None) -> bool:
+    """The bearer-key check of a socket (the HTTP middleware does not see WebSockets); closes it if wrong."""
+    if key:
+        given = ws.headers.get("authorization", "").encode()
+        # browsers cannot set headers on a socket: OpenAI's browser subprotocol carries the key instead
+        offered = [p.strip() for p in ws.headers.get("sec-websocket-protocol", "").split(",")]
+        for protocol in offered:
+            if protocol.startswith("openai-insecure-api-key."):
+                given = f"Bearer {protocol[len('openai-insecure-api-key.'):]}".encode()
+        if not hmac.compare_digest(given, f"Bearer {key}".encode()):
+            await ws.close(code=1008, reason="invalid or missing API key")
+            return False
+    return True
+
+
 @router.websocket("/v1/realtime")
 async def realtime(ws: WebSocket) -> None:
     state: ServerState = ws.app.state.qwenstack
-    key = state.config.api_key
-    if key:
-        given = ws.headers.get("authorization", "").encode()
-        if not hmac.compare_digest(given, f"Bearer {key}".encode()):
-            await ws.close(code=1008, reason="invalid or missing API key")
-            return
+    if not await websocket_authorized(ws, state.config.api_key):
+        return
     await ws.accept()
     intent = ws.query_params.get("intent", "transcription")
     try:
@@ -253,4 +264,4 @@ async def realtime(ws: WebSocket) -> None:
             await asyncio.gather(session.decoding, return_exceptions=True)
 
 
-__all__ = ["router"]
+__all__ = ["router", "websocket_authorized"]

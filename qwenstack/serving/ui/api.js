@@ -76,3 +76,12 @@ export function httpErrorText(res, data) {
   if (data && data.detail) return typeof data.detail === "string" ? data.detail : JSON.stringify(data.detail);
   return `${res.status} ${res.statusText}`;
 }
+
+// A WebSocket to one of the API's realtime routes. Browsers cannot set headers on a socket, so the key
+// travels as OpenAI's browser subprotocol ("openai-insecure-api-key.<key>") beside "realtime".
+export function apiSocket(path) {
+  const url = new URL(path, window.location.href);
+  url.protocol = url.protocol === "https:" ? "wss:" : "ws:";
+  const key = localStorage.getItem(API_KEY_ITEM);
+  return new WebSocket(url, key ? ["realtime", `openai-insecure-api-key.${key}`] : ["realtime"]);
+}

@@ -9,6 +9,7 @@ import { imageTask, runImageJob } from "./imagegen.js";
 import { loadVoices, speakButton, voicePicker } from "./speak.js";
 import { blobDataURL, startRecording } from "./recorder.js";
 import { setupTranscription } from "./transcribe.js";
+import { setupTranslation } from "./translate.js";
 
 const MAX_FILE_BYTES = 16 * 1024 * 1024;
 const THEMES = ["system", "light", "dark"];
@@ -23,6 +24,7 @@ const ui = {
   pending: $("attachments"), dialog: $("settings-panel"), record: $("record-button"),
 };
 let transcription = null;  // the transcription view (transcribe.js), set up in wire()
+let translation = null;  // the live translation view (translate.js), set up in wire()
 let recording = null;  // the microphone recording in progress for the composer
 
 const state = {
@@ -99,7 +101,9 @@ async function loadModels() {
     showBanner(`Could not list the models (GET /v1/models): ${e.message}`, { sticky: true });
   }
   const wanted = state.conv?.model || localStorage.getItem("qwenstack.model");
-  ui.models.replaceChildren(...state.models.map((m) => h("option", { value: m.id }, m.id)));
+  // translation pipelines are not chat models: they have their own view
+  const chatModels = state.models.filter((m) => !capabilities(m.id).has("translation"));
+  ui.models.replaceChildren(...chatModels.map((m) => h("option", { value: m.id }, m.id)));
   if (!state.models.length) ui.models.append(h("option", { value: "" }, "no models"));
   if (wanted && state.models.some((m) => m.id === wanted)) ui.models.value = wanted;
   updateAttachButton();
@@ -122,6 +126,7 @@ function updateAttachButton() {
   ui.record.hidden = !accepts(model, "audio");
   ui.record.disabled = Boolean(state.streaming);
   transcription?.refresh();
+  translation?.refresh();
 }
 
 // The composer's microphone: the first click starts recording, the second attaches it as a WAV file.
@@ -684,6 +689,9 @@ function wire() {
   transcription = setupTranscription({
     audioModels: () => state.models.map((m) => m.id).filter((id) => accepts(id, "audio")),
     selectedModel,
+  });
+  translation = setupTranslation({
+    pipelines: () => state.models.map((m) => m.id).filter((id) => capabilities(id).has("translation")),
   });
   ui.file.addEventListener("change", async () => { await addFiles([...ui.file.files]); ui.file.value = ""; });
   ui.newChat.addEventListener("click", newChat);

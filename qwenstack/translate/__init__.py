@@ -1,0 +1,1 @@
+"""Live speech translation: committed source text -> append-only translation -> streamed speech."""
