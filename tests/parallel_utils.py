@@ -41,7 +41,7 @@ def make_engine(path: Path, parallel: ParallelConfig, config: EngineConfig, quan
 
 def greedy_run(path: Path, parallel: ParallelConfig, prompts: list[list[int]], max_tokens: int = 12,
                kv_cache_memory: int = 1 << 20, quantization: str | None = None, max_num_seqs: int = 64,
-               block_size: int = 16) -> RunResult:
+               block_size: int = 16, multimodal: list | None = None) -> RunResult:
     """Greedy tokens, ignoring EOS so every prompt decodes max_tokens. Prompts go in two waves: the second
     wave finds the first's prefix in the cache."""
     config = EngineConfig(kv_cache_memory=kv_cache_memory, max_num_seqs=max_num_seqs, block_size=block_size,
@@ -50,8 +50,9 @@ def greedy_run(path: Path, parallel: ParallelConfig, prompts: list[list[int]], m
     try:
         params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
         half = max(1, len(prompts) // 3)
-        first = engine.generate_all(prompts[:half], [params] * half)
-        rest = engine.generate_all(prompts[half:], [params] * (len(prompts) - half))
+        mm = multimodal or [None] * len(prompts)
+        first = engine.generate_all(prompts[:half], [params] * half, mm[:half])
+        rest = engine.generate_all(prompts[half:], [params] * (len(prompts) - half), mm[half:])
         group = getattr(getattr(engine.runner, "executor", None), "group", None)
         return RunResult([o.outputs[0].token_ids for o in first + rest], engine.counters.preemptions,
                          engine.block_manager.stats.hits, engine.runner.kv_cache_bytes(),
