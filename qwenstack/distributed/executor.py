@@ -23,13 +23,12 @@ from typing import Any, Protocol
 import torch
 
 from qwenstack.distributed.config import ParallelConfig
-from qwenstack.distributed.group import ParallelGroup
+from qwenstack.distributed.group import CollectiveError, ParallelGroup
 from qwenstack.distributed.shard import ShardReport, shard_model
 from qwenstack.distributed.worker import (
     Execute, InitRunner, ModelSource, Rendezvous, Shutdown, WorkerSpec, run_worker, worker_view,
 )
 from qwenstack.engine.runner import ModelRunner, StepResult
-from qwenstack.engine.sampler import RequestFailed
 from qwenstack.engine.scheduler import ScheduledBatch
 from qwenstack.errors import EngineUnavailableError
 
@@ -41,6 +40,10 @@ class WorkerHandles(Protocol):
 
     def dead(self) -> list[int]:
         """Ranks whose worker has exited."""
+        ...
+
+    def kill(self, rank: int) -> None:
+        """Ends one rank at once."""
         ...
 
     def stop(self, timeout_s: float) -> None:
@@ -60,6 +63,10 @@ class ProcessWorkers:
 
     def dead(self) -> list[int]:
         return [rank for rank, p in enumerate(self.processes, start=1) if p.exitcode is not None]
+
+    def kill(self, rank: int) -> None:
+        """Ends one rank at once (SIGKILL): how the tests make a worker die mid-request."""
+        self.processes[rank - 1].kill()
 
     def stop(self, timeout_s: float) -> None:
         for p in self.processes:
@@ -140,12 +147,8 @@ class DistributedRunner(ModelRunner):
         self.executor.send(Execute(worker_view(step)))
         try:
             return super().execute(step)
-        except RequestFailed:
-            raise
-        except RuntimeError as exc:
-            if isinstance(exc, torch.distributed.DistError) or self.executor.workers.dead():
-                raise self.executor.fail(exc) from exc
-            raise
+        except (CollectiveError, torch.distributed.DistError) as exc:  # a rank is gone: nothing can run
+            raise self.executor.fail(exc) from exc
 
     def close(self) -> None:
         self.executor.shutdown()

@@ -23,6 +23,10 @@ import torch.distributed as dist
 DEFAULT_TIMEOUT_S = 60.0
 
 
+class CollectiveError(RuntimeError):
+    """A collective failed: a peer closed its connection (its process died) or did not answer in time."""
+
+
 @dataclass
 class CommStats:
     seconds: float = 0.0  # wall time inside collectives, this rank
@@ -64,7 +68,10 @@ class ParallelGroup:
     # --- collectives --------------------------------------------------------------------------------
 
     def _timed(self, work: dist.Work, nbytes: int, start: float) -> None:
-        work.wait()
+        try:
+            work.wait()
+        except RuntimeError as exc:
+            raise CollectiveError(str(exc).splitlines()[0]) from exc
         self.stats.seconds += time.perf_counter() - start
         self.stats.calls += 1
         self.stats.bytes += nbytes
@@ -74,7 +81,7 @@ class ParallelGroup:
         if self.process_group is None:
             return x
         start = time.perf_counter()
-        self._timed(self.process_group.allreduce([x]), x.numel() * x.element_size(), start)
+        self._timed(self._start(self.process_group.allreduce, [x]), x.numel() * x.element_size(), start)
         return x
 
     def all_gather_last(self, x: torch.Tensor) -> torch.Tensor:
@@ -84,7 +91,8 @@ class ParallelGroup:
         start = time.perf_counter()
         x = x.contiguous()
         parts = [torch.empty_like(x) for _ in range(self.world_size)]
-        self._timed(self.process_group.allgather([parts], [x]), x.numel() * x.element_size() * self.world_size, start)
+        self._timed(self._start(self.process_group.allgather, [parts], [x]), x.numel() * x.element_size() * self.world_size,
+                    start)
         return torch.cat(parts, dim=-1)
 
     def broadcast_object(self, obj: object, src: int = 0) -> object:
@@ -97,11 +105,18 @@ class ParallelGroup:
             size = torch.tensor([payload.numel()], dtype=torch.long)
         else:
             size = torch.zeros(1, dtype=torch.long)
-        self.process_group.broadcast(size, src).wait()
+        self._timed(self._start(self.process_group.broadcast, size, src), 0, start)
         if self.rank != src:
             payload = torch.empty(int(size.item()), dtype=torch.uint8)
-        self._timed(self.process_group.broadcast(payload, src), payload.numel(), start)
+        self._timed(self._start(self.process_group.broadcast, payload, src), payload.numel(), start)
         return obj if self.rank == src else pickle.loads(payload.numpy().tobytes())
+
+    @staticmethod
+    def _start(collective: object, *args: object) -> dist.Work:
+        try:
+            return collective(*args)  # type: ignore[operator]
+        except RuntimeError as exc:
+            raise CollectiveError(str(exc).splitlines()[0]) from exc
 
     def barrier(self) -> None:
         if self.process_group is not None:
