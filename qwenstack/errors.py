@@ -23,3 +23,7 @@ class UnsupportedModelError(QwenstackError):
 
 class RequestError(QwenstackError, ValueError):
     """A request that cannot be served as asked (too long, bad sampling values); the engine keeps running."""
+
+
+class EngineUnavailableError(QwenstackError):
+    """The engine cannot run requests any more (a tensor-parallel worker process died): answered as 503."""

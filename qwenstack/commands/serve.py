@@ -62,6 +62,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     eng.add_argument("--seed", type=int, default=None, help="seed of the engines' samplers")
     eng.add_argument("--speculative-tokens", type=positive_int, default=None, metavar="K",
                      help="draft K tokens per step (speculative decoding, where the model supports it)")
+    par = parser.add_argument_group("parallelism")
+    par.add_argument("--tensor-parallel-size", "-tp", type=positive_int, default=None, metavar="N",
+                     help="split each model over N worker processes (attention heads, MLP, vocabulary)")
+    par.add_argument("--expert-parallel", action="store_true",
+                     help="spread MoE experts over the tensor-parallel ranks instead of splitting each expert")
+    par.add_argument("--data-parallel-size", "-dp", type=positive_int, default=None, metavar="N",
+                     help="serve N replicas of each model behind one name, routed by prompt prefix")
+    par.add_argument("--distributed-executor-backend", choices=("mp", "ray"), default=None,
+                     help="start tensor-parallel workers on this machine (mp, default) or in a Ray cluster (ray)")
     app = parser.add_argument_group("behaviour")
     app.add_argument("--no-think", action="store_true",
                      help="thinking off unless a request turns it on (default: on, as Qwen3 does)")
@@ -129,10 +138,14 @@ def serve_config_from_args(args: argparse.Namespace) -> dict[str, Any]:
         "max_model_len": args.max_model_len,
     }
     optional = {"max_num_seqs": args.max_num_seqs, "max_num_batched_tokens": args.max_num_batched_tokens,
-                "max_waiting": args.max_waiting, "seed": args.seed, "speculative_tokens": args.speculative_tokens}
+                "max_waiting": args.max_waiting, "seed": args.seed, "speculative_tokens": args.speculative_tokens,
+                "tensor_parallel_size": args.tensor_parallel_size, "data_parallel_size": args.data_parallel_size,
+                "distributed_executor_backend": args.distributed_executor_backend}
     per_model.update({k: v for k, v in optional.items() if v is not None})
     if args.no_prefix_caching:
         per_model["enable_prefix_caching"] = False
+    if args.expert_parallel:
+        per_model["expert_parallel"] = True
     # No MODEL: the demo model (model=None; qwenstack.llm.load announces it), unless only remotes are served.
     models: list[str | None] = list(args.models) or ([] if remotes else [None])
     specs = [{"model": m, "name": names[i] if i < len(names) else None, **per_model} for i, m in enumerate(models)]

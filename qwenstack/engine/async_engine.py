@@ -25,6 +25,7 @@ from qwenstack.engine.engine import LLMEngine
 from qwenstack.engine.outputs import RequestOutput
 from qwenstack.engine.params import SamplingParams
 from qwenstack.engine.sampler import RequestFailed
+from qwenstack.errors import EngineUnavailableError
 
 log = logging.getLogger("qwenstack.engine")
 
@@ -100,6 +101,7 @@ class AsyncEngine:
         self._stopped.set()
         self._commands.put(None)
         self._thread.join(timeout=10)
+        self.engine.close()
 
     # --- engine thread ------------------------------------------------------------------------------
 
@@ -160,6 +162,13 @@ class AsyncEngine:
             sink(RuntimeError(f"the engine failed while running this request: {exc}"))
 
     def _fail_running(self, exc: Exception) -> None:
+        if isinstance(exc, EngineUnavailableError):
+            # Nothing can run any more (a tensor-parallel worker died): end every request, queued ones too,
+            # with the error as it is (the server answers 503), rather than leave them waiting.
+            for request_id in list(self._sinks):
+                self.engine.abort(request_id)
+                self._sinks.pop(request_id)(exc)
+            return
         running = {s.request_id for s in self.engine.scheduler.running}
         for request_id in running:
             self.engine.abort(request_id)

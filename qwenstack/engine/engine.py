@@ -16,7 +16,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any
+from typing import Any, Callable
 
 
 from qwenstack.engine.block_manager import BlockManager
@@ -81,7 +81,9 @@ class _Request:
 
 class LLMEngine:
     def __init__(self, model: CausalLM, decoder: Decoder, eos_token_ids: list[int], config: EngineConfig | None = None,
-                 context_len: int | None = None) -> None:
+                 context_len: int | None = None, runner_factory: Callable[..., ModelRunner] | None = None) -> None:
+        """runner_factory: builds the runner in place of ModelRunner (same arguments); tensor parallelism
+        passes its executor's, whose runner broadcasts each step to the worker ranks."""
         self.config = config or EngineConfig()
         self.model = model
         self.decoder = decoder
@@ -94,7 +96,9 @@ class LLMEngine:
         num_blocks = pool_blocks(model, self.config.kv_cache_memory, self.config.block_size, param.dtype)
         if num_blocks < 2:
             raise ValueError(f"kv_cache_memory={self.config.kv_cache_memory} bytes holds fewer than 2 KV blocks")
-        runner_cls: Any = partial(SpeculativeRunner, speculative_tokens=spec_k) if spec_k else ModelRunner
+        if spec_k and runner_factory is not None:
+            raise ValueError("speculative decoding is not supported with tensor parallelism yet")
+        runner_cls: Any = partial(SpeculativeRunner, speculative_tokens=spec_k) if spec_k else (runner_factory or ModelRunner)
         self.runner = runner_cls(model, num_blocks, self.config.block_size, seed=self.config.seed,
                                   num_state_slots=self.config.max_num_seqs,
                                   encoder_cache_memory=self.config.encoder_cache_memory)
@@ -295,6 +299,10 @@ class LLMEngine:
             self.counters.finished_requests += 1
         return RequestOutput(request.request_id, request.prompt_token_ids, outputs, finished, metrics,
                              request.prompt_logprobs, request.prompt)
+
+    def close(self) -> None:
+        """Stops what the engine started outside this process (tensor-parallel workers); idempotent."""
+        self.runner.close()
 
     # --- introspection ------------------------------------------------------------------------------
 

@@ -68,6 +68,9 @@ class ModelRunner:
             prepare_cpu_linears(model)  # type: ignore[arg-type]
             paged_decode_available()
 
+    def close(self) -> None:
+        """Releases what the runner holds outside this process (worker ranks: distributed.executor)."""
+
     def kv_cache_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.kv_caches)
 
@@ -76,7 +79,8 @@ class ModelRunner:
         if slot is not None:
             self.free_slots.append(slot)
 
-    def _state_slot(self, seq: Sequence) -> int:
+    def state_slot(self, seq: Sequence) -> int:
+        """The sequence's recurrent-state slot, taken from the free pool at its first step."""
         if "state_slot" not in seq.extras:
             if not self.free_slots:
                 raise RuntimeError("no free recurrent-state slot: max_num_seqs exceeds the slot pool")
@@ -120,7 +124,7 @@ class ModelRunner:
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
             block_tables=torch.tensor(tables, dtype=torch.long, device=dev),
             block_size=self.block_size,
-            state_slots=torch.tensor([self._state_slot(s) for s in step.seqs], dtype=torch.long, device=dev)
+            state_slots=torch.tensor([self.state_slot(s) for s in step.seqs], dtype=torch.long, device=dev)
             if self.has_state else None,
         )
         input_ids = torch.tensor(ids, dtype=torch.long, device=dev)

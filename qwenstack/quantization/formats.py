@@ -100,13 +100,23 @@ class Int8Weight(QuantizedWeight):
             scale = (w.abs().amax(dim=-1) / 127.0).clamp(min=1e-10).to(dtype)
             s.copy_(scale)
             q.copy_(torch.round(w / scale.float()[:, None]).clamp(-128, 127).to(torch.int8))
-        tiled = weight.device.type == "cpu" and use_kernel is not False and kernels.can_tile_int8(weight.shape) \
+        return cls.from_codes(qweight, scales, use_kernel)
+
+    @classmethod
+    def from_codes(cls, qweight: torch.Tensor, scales: torch.Tensor, use_kernel: bool | None = None) -> "Int8Weight":
+        """Codes int8 [*, N, K] and their scales [*, N], stored in the fastest form for this shape (also how a
+        tensor-parallel shard is rebuilt from a slice of the codes: qwenstack.distributed.slicing)."""
+        tiled = qweight.device.type == "cpu" and use_kernel is not False and kernels.can_tile_int8(qweight.shape) \
             and kernels.int8_tiles_preferred()
         if tiled:
-            return cls(kernels.pack_tiles_int8(qweight), scales, True, tiled=True)
+            return cls(kernels.pack_tiles_int8(qweight.contiguous()), scales.contiguous(), True, tiled=True)
         if use_kernel is None:
-            use_kernel = int8_kernel_applies(weight.shape[-1], dtype, weight.device)
-        return cls(qweight, scales, use_kernel)
+            use_kernel = int8_kernel_applies(qweight.shape[-1], scales.dtype, qweight.device)
+        return cls(qweight.contiguous(), scales.contiguous(), use_kernel)
+
+    def codes(self) -> torch.Tensor:
+        """The int8 codes [*, N, K], row-major whatever the stored form."""
+        return kernels.unpack_tiles_int8(self.qweight) if self.tiled else self.qweight
 
     def matmul(self, x: torch.Tensor, index: int | None = None) -> torch.Tensor:
         qweight, scales = _index(self.qweight, index), _index(self.scales, index)
@@ -188,6 +198,37 @@ class Int4Weight(QuantizedWeight):
         packed = torch.stack(packed_list).reshape(*stack_shape, *packed_list[0].shape)
         scale_zeros = torch.stack(sz_list).reshape(*stack_shape, *sz_list[0].shape)
         return cls(packed, scale_zeros, group_size, k, use_kernel)
+
+    @classmethod
+    def from_scale_zeros(cls, codes: torch.Tensor, scale_zeros: torch.Tensor, group_size: int,
+                         use_kernel: bool | None = None) -> "Int4Weight":
+        """Codes uint8 [*, N, K] in 0..15 with our own scale_zeros [*, K/G, N, 2], packed for this shape (how a
+        tensor-parallel shard is rebuilt from a slice: the scales stay the ones computed on the full matrix)."""
+        *stack_shape, n, k = codes.shape
+        if use_kernel is None:
+            use_kernel = int4_kernel_applies(n, k, group_size, scale_zeros.dtype, codes.device)
+        packed = [_pack_int4(q.contiguous(), use_kernel) for q in codes.reshape(-1, n, k)]
+        packed_stack = torch.stack(packed).reshape(*stack_shape, *packed[0].shape)
+        return cls(packed_stack, scale_zeros.contiguous(), group_size, k, use_kernel)
+
+    def codes(self) -> torch.Tensor:
+        """The codes uint8 [*, N, K] in 0..15. From the kernel's opaque packing they are read back through
+        the dequantized matrix: q = (w - zero) / scale + 8, exact after rounding."""
+        stack = tuple(self.scale_zeros.shape[:-3])
+        n, k, g = self.out_features, self.in_features, self.group_size
+        packed_all = self.packed.reshape(-1, *self.packed.shape[len(stack):])
+        sz_all = self.scale_zeros.reshape(-1, *self.scale_zeros.shape[len(stack):])
+        out = []
+        for packed, sz in zip(packed_all, sz_all):
+            if not self.use_kernel:
+                q = torch.stack([packed & 0xF, packed >> 4], dim=-1).reshape(n, k)
+            else:
+                eye = torch.eye(k, dtype=sz.dtype, device=packed.device)
+                w = torch._weight_int4pack_mm_for_cpu(eye, packed, g, sz).t().float().reshape(n, k // g, g)
+                scale, zero = sz[..., 0].t().float()[..., None], sz[..., 1].t().float()[..., None]
+                q = torch.round((w - zero) / scale + 8).clamp(0, 15).reshape(n, k)
+            out.append(q.to(torch.uint8))
+        return torch.stack(out).reshape(*stack, n, k)
 
     def matmul(self, x: torch.Tensor, index: int | None = None) -> torch.Tensor:
         packed, sz = _index(self.packed, index), _index(self.scale_zeros, index)

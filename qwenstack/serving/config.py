@@ -36,6 +36,10 @@ class ModelSpec:
     enable_prefix_caching: bool = True
     seed: int = 0
     speculative_tokens: int = 0  # --speculative-tokens K: MTP drafts per step (Qwen3-Next checkpoints with mtp.*)
+    tensor_parallel_size: int = 1  # ranks one engine's model is split over (qwenstack.distributed)
+    expert_parallel: bool = False  # MoE experts spread over those ranks
+    data_parallel_size: int = 1  # replicas behind the one name, routed by prefix (serving/replicas.py)
+    distributed_executor_backend: str = "mp"  # mp (this machine) or ray (a Ray cluster)
 
 
 @dataclass

@@ -15,7 +15,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from qwenstack.chat_template import ChatTemplateError
 from qwenstack.engine.scheduler import QueueFullError
-from qwenstack.errors import ConfigError, QwenstackError, RequestError
+from qwenstack.errors import ConfigError, EngineUnavailableError, QwenstackError, RequestError
 
 log = logging.getLogger("qwenstack.server")
 
@@ -86,6 +86,8 @@ def from_exception(exc: BaseException, retry_after_s: int = 1) -> APIError:
         return bad_request(str(exc))
     if isinstance(exc, QueueFullError):
         return queue_full(retry_after_s, str(exc))
+    if isinstance(exc, EngineUnavailableError):  # a dead tensor-parallel worker: the model cannot serve
+        return APIError(503, str(exc), code="engine_unavailable")
     if isinstance(exc, RecursionError):  # a parser or validator met input nested past any real request
         return bad_request("the request is nested too deeply to process", code="nested_too_deeply")
     log.error("request failed", exc_info=exc)

@@ -67,7 +67,27 @@ class _EngineCollector(Collector):
                 continue
             for name, (_, key) in {**gauges, **counters}.items():
                 families[name].add_metric([model_name], float(stats.get(key, 0)))
+            replica_stats = getattr(engine, "replica_stats", None)  # data-parallel replicas (serving/replicas.py)
+            if replica_stats is not None:
+                yield from _replica_families(model_name, replica_stats())
         yield from families.values()
+
+
+def _replica_families(model_name: str, per_replica: list[dict[str, float]]) -> Iterable[Metric]:
+    """Per-replica counts of a data-parallel model: where requests were routed and where the cache hit."""
+    keys = {
+        "replica_routed_requests": ("Requests the router sent to this replica.", "routed_requests"),
+        "replica_prefix_routed_requests": ("Requests sent here because this replica held their prefix.",
+                                           "prefix_routed_requests"),
+        "replica_prefix_cache_hits": ("Prompt tokens this replica served from its prefix cache.", "prefix_cache_hits"),
+        "replica_num_requests_running": ("Requests in this replica's running batch.", "num_running"),
+        "replica_generation_tokens": ("Tokens this replica generated.", "generation_tokens"),
+    }
+    for name, (doc, key) in keys.items():
+        family = GaugeMetricFamily(PREFIX + name, doc, labels=["model_name", "replica"])
+        for i, stats in enumerate(per_replica):
+            family.add_metric([model_name, str(i)], float(stats.get(key, 0)))
+        yield family
 
 
 class ServerMetrics:

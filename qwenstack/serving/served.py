@@ -83,8 +83,10 @@ class ServedModel:
 
 
 def build_served_model(name: str, model: Any, tokenizer: Tokenizer, engine_config: EngineConfig,
-                       hf_config: dict[str, Any] | None = None, model_dir: Path | None = None) -> ServedModel:
-    """An engine around already-loaded weights (tests use this directly with tiny checkpoints)."""
+                       hf_config: dict[str, Any] | None = None, model_dir: Path | None = None,
+                       replicas: list[LLMEngine] | None = None) -> ServedModel:
+    """An engine around already-loaded weights (tests use this directly with tiny checkpoints). replicas:
+    engines already built (data-parallel replicas, or one tensor-parallel engine) in place of one made here."""
     from qwenstack.serving.audio import asr_prompter_for
     from qwenstack.serving.images import image_processor_for
     from qwenstack.serving.videos import video_processor_for
@@ -92,24 +94,65 @@ def build_served_model(name: str, model: Any, tokenizer: Tokenizer, engine_confi
     processor = image_processor_for(hf_config or {}, model_dir)  # before the engine thread starts
     video = video_processor_for(hf_config or {}, model_dir)
     asr = asr_prompter_for(model, tokenizer, model_dir)
-    engine = LLMEngine(model, tokenizer, tokenizer.eos_token_ids, engine_config)
-    return ServedModel(name, AsyncEngine(engine, name=name), tokenizer, engine.max_model_len, dict(hf_config or {}),
+    engines = replicas or [LLMEngine(model, tokenizer, tokenizer.eos_token_ids, engine_config)]
+    engine = engines[0]
+    served_engine: Any = AsyncEngine(engine, name=name)
+    if len(engines) > 1:
+        from qwenstack.serving.replicas import ReplicatedEngine
+
+        served_engine = ReplicatedEngine([served_engine] + [AsyncEngine(e, name=f"{name}-dp{i}")
+                                                            for i, e in enumerate(engines[1:], start=1)],
+                                         engine.config.block_size)
+    return ServedModel(name, served_engine, tokenizer, engine.max_model_len, dict(hf_config or {}),
                        generation_defaults(model_dir), image_processor=processor, video_processor=video, asr=asr)
 
 
 def load_served_model(spec: ModelSpec, kv_cache_memory: int) -> ServedModel:
+    from qwenstack.distributed.config import ParallelConfig
     from qwenstack.loading import load
 
-    loaded = load(spec.model, dtype=spec.dtype, device=spec.device, quantization=spec.quantization,
-                  speculative=spec.speculative_tokens > 0)
+    parallel = ParallelConfig(spec.tensor_parallel_size, spec.expert_parallel, spec.data_parallel_size,
+                              spec.distributed_executor_backend)
     config = EngineConfig(
         block_size=spec.block_size, kv_cache_memory=kv_cache_memory, max_model_len=spec.max_model_len,
         max_num_seqs=spec.max_num_seqs, max_num_batched_tokens=spec.max_num_batched_tokens,
         max_waiting=spec.max_waiting, enable_prefix_caching=spec.enable_prefix_caching, seed=spec.seed,
         speculative_tokens=spec.speculative_tokens,
     )
+    if not parallel.is_distributed and parallel.data_parallel_size == 1:
+        loaded = load(spec.model, dtype=spec.dtype, device=spec.device, quantization=spec.quantization,
+                      speculative=spec.speculative_tokens > 0)
+        return build_served_model(expected_name(spec), loaded.model, loaded.tokenizer, config, loaded.config,
+                                  loaded.path)
+    engines, loaded = [], None
+    for _ in range(parallel.data_parallel_size):  # each replica: its own weights, KV pool and (TP) workers
+        loaded, engine = _parallel_engine(spec, parallel, config)
+        engines.append(engine)
+    assert loaded is not None
     return build_served_model(expected_name(spec), loaded.model, loaded.tokenizer, config, loaded.config,
-                              loaded.path)
+                              loaded.path, replicas=engines)
+
+
+def _parallel_engine(spec: ModelSpec, parallel: Any, config: EngineConfig) -> tuple[Any, LLMEngine]:
+    """One replica: on this process alone, or as the driver of its tensor-parallel ranks."""
+    from qwenstack.loading import default_device, load
+    from qwenstack.resolve import resolve_model
+
+    if not parallel.is_distributed:
+        loaded = load(spec.model, dtype=spec.dtype, device=spec.device, quantization=spec.quantization)
+        return loaded, LLMEngine(loaded.model, loaded.tokenizer, loaded.tokenizer.eos_token_ids, config)
+    from qwenstack.distributed.executor import start_parallel
+    from qwenstack.distributed.worker import ModelSource
+
+    path = str(resolve_model(spec.model)) if spec.model is not None else None
+    if path is None:
+        from qwenstack.loading import DEMO_MODEL_DIR
+
+        path = str(DEMO_MODEL_DIR)
+    source = ModelSource(path, spec.dtype, spec.quantization, spec.device or default_device())
+    loaded, executor = start_parallel(source, parallel)
+    return loaded, LLMEngine(loaded.model, loaded.tokenizer, loaded.tokenizer.eos_token_ids, config,
+                             runner_factory=executor.make_runner)
 
 
 Loader = Callable[[ModelSpec, int], ServedModel]

@@ -1,0 +1,106 @@
+"""Tensor and expert parallelism over gloo on CPU, in float32: the same greedy tokens as one rank.
+
+Each run sends prompts sharing a 40-token prefix in two waves (the second wave hits the prefix cache), in
+one batch per wave, with a KV pool small enough that sequences are preempted and recomputed. The KV budget
+is per rank: a TP=2 rank holds half the KV heads, so it gets half the bytes for the same number of blocks
+(and the same preemptions). One dense TP=2 run stays in the default suite; the other architectures are slow.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from checkpoints import build_hf_checkpoint, moe_config, next_config
+from parallel_utils import greedy_run, shared_prefix_prompts
+
+from qwenstack.distributed.config import ParallelConfig
+from qwenstack.distributed.group import ParallelGroup
+from qwenstack.distributed.shard import shard_model
+from qwenstack.errors import UnsupportedModelError
+from qwenstack.models.registry import load_model
+
+TP1 = ParallelConfig()
+TP2 = ParallelConfig(tensor_parallel_size=2)
+EP2 = ParallelConfig(tensor_parallel_size=2, expert_parallel=True)
+PROMPTS = shared_prefix_prompts()
+
+
+def check_identical(path: Path, parallel: ParallelConfig, kv_bytes_tp1: int, kv_bytes_tp2: int,
+                    quantization: str | None = None, prompts: list[list[int]] = PROMPTS, **kw) -> None:
+    one = greedy_run(path, TP1, prompts, kv_cache_memory=kv_bytes_tp1, quantization=quantization, **kw)
+    two = greedy_run(path, parallel, prompts, kv_cache_memory=kv_bytes_tp2, quantization=quantization, **kw)
+    assert one.preemptions > 0 and two.preemptions > 0, "the pool should be small enough to preempt"
+    assert one.prefix_hits > 0 and two.prefix_hits > 0, "the second wave should hit the prefix cache"
+    assert two.comm_seconds > 0
+    assert two.tokens == one.tokens
+
+
+# dense: 2 layers x 2 KV heads x 16 dims x fp32 = 512 B/token on one rank, 8 KiB per 16-token block
+DENSE_KV = 7 * 8192
+
+
+def test_dense_tp2_matches_one_rank(tiny_qwen3: Path) -> None:
+    # Fewer prompts and tokens than the slow tests: this one runs in the default suite.
+    check_identical(tiny_qwen3, TP2, 5 * 8192, 5 * 4096, prompts=shared_prefix_prompts(4), max_tokens=8)
+
+
+@pytest.mark.slow
+def test_moe_tp2_matches_one_rank(tiny_qwen3_moe: Path) -> None:
+    check_identical(tiny_qwen3_moe, TP2, DENSE_KV, DENSE_KV // 2)
+
+
+@pytest.mark.slow
+def test_moe_ep2_matches_one_rank(tiny_qwen3_moe: Path) -> None:
+    check_identical(tiny_qwen3_moe, EP2, DENSE_KV, DENSE_KV // 2)
+
+
+@pytest.mark.slow
+def test_dense_tp2_int8_matches_one_rank_int8(tiny_qwen3: Path) -> None:
+    # The shards hold the single-rank codes and scales (split after quantization), so int8 under TP=2 gives
+    # int8's own tokens, not merely tokens within int8's tolerance of float.
+    check_identical(tiny_qwen3, TP2, DENSE_KV, DENSE_KV // 2, quantization="int8")
+
+
+@pytest.mark.slow
+def test_moe_ep2_int8_matches_one_rank_int8(tiny_qwen3_moe: Path) -> None:
+    check_identical(tiny_qwen3_moe, EP2, DENSE_KV, DENSE_KV // 2, quantization="int8")
+
+
+@pytest.mark.slow
+def test_next_tp2_matches_one_rank(tmp_path_factory: pytest.TempPathFactory) -> None:
+    # Qwen3-Next keeps recurrent state: no prefix cache (the engine turns it off), so only preemption is checked.
+    path = build_hf_checkpoint(tmp_path_factory.mktemp("next-tp"), "qwen3_next", next_config())
+    one = greedy_run(path, TP1, PROMPTS, kv_cache_memory=6 * 8192)
+    two = greedy_run(path, TP2, PROMPTS, kv_cache_memory=6 * 4096)
+    assert one.preemptions > 0 and two.preemptions > 0
+    assert two.tokens == one.tokens
+
+
+@pytest.mark.slow
+def test_vl_tp2_matches_one_rank_with_images(tmp_path_factory: pytest.TempPathFactory) -> None:
+    from vl_checkpoints import build_vl_checkpoint, image_prompt
+
+    from qwenstack.multimodal.inputs import ImageInput, MultimodalInputs
+
+    path = build_vl_checkpoint(tmp_path_factory.mktemp("vl-tp"), "dense", tie=False, seed=4, with_tokenizer=True)
+    pixels = torch.randn(24, 3 * 2 * 16 * 16, generator=torch.Generator().manual_seed(1))
+    image = ImageInput.from_pixels(pixels, (1, 4, 6))  # 6 placeholder tokens
+    prompts = [image_prompt([[5, 6, 7], [8, 9]], [6]), [40, 41, 42, 43, 44], image_prompt([[10, 11], [12]], [6])]
+    mm = [MultimodalInputs([image]), None, MultimodalInputs([image])]
+    one = greedy_run(path, TP1, prompts, block_size=4, multimodal=mm)
+    two = greedy_run(path, TP2, prompts, block_size=4, multimodal=mm)
+    assert two.tokens == one.tokens
+
+
+def test_shard_refuses_a_split_that_does_not_divide(tmp_path: Path) -> None:
+    """Three ranks cannot share 4 query heads: a clear error, not a wrong model (no processes needed)."""
+    path = build_hf_checkpoint(tmp_path, "qwen3_moe", moe_config(), with_tokenizer=False)
+    model = load_model(path, dtype=torch.float32)
+    with pytest.raises(UnsupportedModelError, match="num_attention_heads"):
+        shard_model(model, ParallelGroup(rank=1, world_size=3))
+
+
+def test_expert_parallel_needs_tensor_parallel_ranks() -> None:
+    with pytest.raises(ValueError, match="tensor_parallel_size > 1"):
+        ParallelConfig(expert_parallel=True)
