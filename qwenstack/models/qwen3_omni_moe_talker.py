@@ -211,7 +211,7 @@ class TalkerSampling:
     top_k: int = 50
     top_p: float = 1.0
     repetition_penalty: float = 1.05
-    max_frames: int = 4096
+    max_frames: int = 4095  # transformers' talker_max_new_tokens 4096: its last sampled code is never decoded
     seed: int | None = None
 
 
@@ -282,9 +282,10 @@ class TalkerStream:
         if code == self.talker.args.codec_eos_token_id:
             self.finished, self.finish_reason = True, "stop"
             return
-        self.codes0.append(code)
-        if len(self.codes0) > self.sampling.max_frames:
+        if len(self.frames) >= self.sampling.max_frames:  # this code would start a frame past the limit
             self.finished, self.finish_reason = True, "length"
+            return
+        self.codes0.append(code)
 
     @torch.inference_mode()
     def step(self, text_row: torch.Tensor) -> torch.Tensor:
