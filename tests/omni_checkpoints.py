@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from asr_checkpoints import AUDIO_CONFIG, AUDIO_START_ID, AUDIO_TOKEN_ID, PREPROCESSOR_CONFIG as AUDIO_PRE
-from asr_checkpoints import write_asr_tokenizer
+from asr_checkpoints import asr_tokenizer_json, write_asr_tokenizer
 from vl_checkpoints import IMAGE_TOKEN_ID, PREPROCESSOR_CONFIG as IMAGE_PRE, VIDEO_TOKEN_ID, VISION_CONFIG, VOCAB
 from vl_checkpoints import VISION_START_ID, _randomise
 
@@ -69,7 +69,23 @@ def hf_config(audio_output: bool = True, accept_hidden_layer: int = 2) -> Any:
               "vision_start_token_id": VISION_START_ID, "audio_start_token_id": AUDIO_START_ID,
               "spatial_merge_size": 2, **CODEC}
     return transformers.Qwen3OmniMoeConfig(thinker_config=thinker, talker_config=talker,
-                                           code2wav_config=dict(CODE2WAV), enable_audio_output=audio_output)
+                                           code2wav_config=dict(CODE2WAV), enable_audio_output=audio_output,
+                                           **ROLE_IDS)
+
+
+# The tiny BPE spells "user" and "assistant" in several tokens; the Talker finds turns by single role-token
+# ids (872 and 77091 in Qwen's vocabulary), so the test tokenizer adds them as whole tokens.
+ROLE_IDS = {"system_token_id": 151677, "user_token_id": 151678, "assistant_token_id": 151679}
+
+
+def omni_tokenizer_json() -> str:
+    from tokenizers import AddedToken, Tokenizer
+
+    tok = Tokenizer.from_str(asr_tokenizer_json())
+    for name, key in (("system", "system_token_id"), ("user", "user_token_id"), ("assistant", "assistant_token_id")):
+        tok.add_tokens([AddedToken(name, normalized=False, special=False)])
+        assert tok.token_to_id(name) == ROLE_IDS[key]
+    return tok.to_str()
 
 
 def build_omni_checkpoint(out_dir: Path, audio_output: bool = True, seed: int = 0,
@@ -97,6 +113,7 @@ def build_omni_checkpoint(out_dir: Path, audio_output: bool = True, seed: int = 
     (out_dir / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR_CONFIG, indent=2))
     if with_tokenizer:
         write_asr_tokenizer(out_dir)
+        (out_dir / "tokenizer.json").write_text(omni_tokenizer_json())
         (out_dir / "generation_config.json").write_text(json.dumps({"eos_token_id": [151645, 151643]}))
     return out_dir
 

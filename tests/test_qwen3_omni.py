@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from asr_checkpoints import AUDIO_END_ID, AUDIO_START_ID, AUDIO_TOKEN_ID, hf_features, speechlike
-from omni_checkpoints import NUM_CODE_GROUPS, CODEBOOK, build_omni_checkpoint, load_hf_omni
+from omni_checkpoints import NUM_CODE_GROUPS, CODEBOOK, ROLE_IDS, build_omni_checkpoint, load_hf_omni
 from vl_checkpoints import IMAGE_TOKEN_ID, VISION_END_ID, VISION_START_ID
 from qwenstack.audio.features import log_mel
 from qwenstack.audio.omni_speech import AnswerSpeech, SpeechChunking
@@ -23,7 +23,8 @@ from qwenstack.multimodal.inputs import AudioInput, ImageInput, MultimodalBatch
 
 pytest.importorskip("transformers")
 
-IM_START, IM_END, USER, ASSISTANT, NL = 151644, 151645, 872, 77091, 198
+IM_START, IM_END, NL = 151644, 151645, 198
+USER, ASSISTANT = ROLE_IDS["user_token_id"], ROLE_IDS["assistant_token_id"]
 PATCH_DIM = 3 * 2 * 16 * 16
 
 
@@ -45,7 +46,7 @@ def image(grid: tuple[int, int, int], seed: int = 0) -> ImageInput:
 
 
 def chat_prompt(user: list[int]) -> list[int]:
-    return [IM_START, 8948, NL, 50, 51, IM_END, NL, IM_START, USER, NL, *user, IM_END, NL, IM_START, ASSISTANT, NL]
+    return [IM_START, ROLE_IDS["system_token_id"], NL, 50, 51, IM_END, NL, IM_START, USER, NL, *user, IM_END, NL, IM_START, ASSISTANT, NL]
 
 
 def omni_inputs(ours: Qwen3OmniMoeForConditionalGeneration, audio: tuple[np.ndarray, AudioInput] | None,

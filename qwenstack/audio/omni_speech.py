@@ -63,7 +63,12 @@ class AnswerSpeech:
         self.eos = set(eos_token_ids)
         self.sampling = sampling or TalkerSampling()
         self.chunking = chunking or SpeechChunking()
-        self.tokens: list[int] = []
+        # Everything after the last assistant head is spoken: prompt tokens there (an empty think block a
+        # template adds) come first, as transformers' assistant part starts at that head.
+        args = model.args
+        ids = self.prompt_ids
+        heads = [i for i in range(len(ids) - 1) if ids[i] == args.im_start_token_id and ids[i + 1] == args.assistant_token_id]
+        self.tokens: list[int] = list(ids[heads[-1] + 3:]) if heads else []
         self.thinker_done = False
         self.talker: TalkerStream | None = None
         self.prompt: TalkerPrompt | None = None

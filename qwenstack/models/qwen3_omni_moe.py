@@ -135,7 +135,11 @@ class Qwen3OmniMoeArgs(ModelArgs):
             if not 0 <= self.talker.accept_hidden_layer <= self.thinker.text.num_hidden_layers:
                 raise ConfigError("talker_config.accept_hidden_layer is outside the Thinker's layers")
 
-    # What the engine reads from any model's args.
+    # What the engine (and the audio prompter) reads from any model's args.
+    @property
+    def audio_token_id(self) -> int:
+        return self.thinker.audio_token_id
+
     @property
     def vocab_size(self) -> int:
         return self.thinker.text.vocab_size

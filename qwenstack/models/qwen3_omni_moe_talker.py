@@ -146,7 +146,8 @@ class TalkerPrompt:
 def build_talker_prompt(model: Any, prompt_ids: Sequence[int], first_token: int, speaker: str,
                         thinker_embeds: torch.Tensor, thinker_hidden: torch.Tensor,
                         placements: Sequence[Any] = ()) -> TalkerPrompt:
-    """The Talker prompt of one request. model: Qwen3OmniMoeForConditionalGeneration; thinker_embeds and
+    """The Talker prompt of one request; first_token is the first token after the assistant head (of the prompt,
+    e.g. an empty think block, or of the answer). model: Qwen3OmniMoeForConditionalGeneration; thinker_embeds and
     thinker_hidden [S, Hthinker] cover the prompt (the latter is read at multimodal positions only);
     placements: the Thinker plan's image/audio placements (for the Talker's own M-RoPE positions)."""
     from qwenstack.multimodal.inputs import AudioPlacement, ImagePlacement
@@ -167,8 +168,8 @@ def build_talker_prompt(model: Any, prompt_ids: Sequence[int], first_token: int,
         if ids[min(latest + 1, len(ids) - 1)] == a.user_token_id:
             user_rows.append(i)
     heads = [i for i in range(len(ids) - 1) if ids[i] == a.im_start_token_id and ids[i + 1] == a.assistant_token_id]
-    if not heads or heads[-1] + 3 != len(ids):
-        raise RequestError("the prompt must end with the assistant head '<|im_start|>assistant\\n' to be spoken")
+    if not heads or heads[-1] + 3 > len(ids):
+        raise RequestError("the prompt has no assistant head '<|im_start|>assistant\\n' to speak after")
     mm = torch.tensor([t in (th.audio_token_id, th.image_token_id, th.video_token_id) for t in ids], device=device)
     rows = torch.tensor(user_rows, dtype=torch.long, device=device)
     user_mm = mm[rows]
@@ -180,7 +181,7 @@ def build_talker_prompt(model: Any, prompt_ids: Sequence[int], first_token: int,
     embed = model.thinker.model.embed_tokens
     special = torch.tensor([a.tts_bos_token_id, a.tts_eos_token_id, a.tts_pad_token_id], device=device)
     tts_bos, tts_eos, tts_pad = talker.text_projection(embed(special))
-    head_ids = torch.tensor(ids[heads[-1]:] + [first_token], device=device)
+    head_ids = torch.tensor(ids[heads[-1]:heads[-1] + 3] + [first_token], device=device)
     head = talker.text_projection(embed(head_ids))  # [4, H]: <|im_start|> assistant \n first
     text_rows = torch.cat([head[:3], tts_pad.expand(4, -1), tts_bos[None], head[3:4]])
     codec_ids = torch.tensor([ta.codec_nothink_id, ta.codec_think_bos_id, ta.codec_think_eos_id,
