@@ -75,7 +75,7 @@ def hf_config(audio_output: bool = True, accept_hidden_layer: int = 2) -> Any:
 
 # The tiny BPE spells "user" and "assistant" in several tokens; the Talker finds turns by single role-token
 # ids (872 and 77091 in Qwen's vocabulary), so the test tokenizer adds them as whole tokens.
-ROLE_IDS = {"system_token_id": 151677, "user_token_id": 151678, "assistant_token_id": 151679}
+ROLE_IDS = {"system_token_id": 151678, "user_token_id": 151679, "assistant_token_id": 151680}
 
 
 def omni_tokenizer_json() -> str:
