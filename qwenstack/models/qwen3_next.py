@@ -393,10 +393,11 @@ class GatedDeltaNet(nn.Module):
 class SharedExpertMoE(SparseMoE):
     """Sparse MoE plus an always-on expert scaled by sigmoid(shared_expert_gate(x))."""
 
-    def __init__(self, args: Qwen3NextArgs) -> None:
+    def __init__(self, args: Qwen3MoeArgs, shared_expert_intermediate_size: int) -> None:
+        # Sizes from any Qwen3-MoE args plus the shared expert's width (Qwen3-Next, Qwen3-Omni's Talker).
         super().__init__(args.hidden_size, args.moe_intermediate_size, args.num_experts, args.num_experts_per_tok,
                          args.norm_topk_prob)
-        self.shared_expert = SwiGLU(args.hidden_size, args.shared_expert_intermediate_size)
+        self.shared_expert = SwiGLU(args.hidden_size, shared_expert_intermediate_size)
         self.shared_expert_gate = nn.Linear(args.hidden_size, 1, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -419,7 +420,7 @@ class HybridDecoderLayer(nn.Module):
         else:
             self.self_attn = GatedAttention(args)
         if args.is_sparse_layer(layer_idx):
-            self.mlp: nn.Module = SharedExpertMoE(args)
+            self.mlp: nn.Module = SharedExpertMoE(args, args.shared_expert_intermediate_size)
         else:
             self.mlp = SwiGLU(args.hidden_size, args.intermediate_size)
         self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps, zero_centered=True)

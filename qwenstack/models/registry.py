@@ -21,6 +21,7 @@ ARCHITECTURES: dict[str, tuple[str, str]] = {
     "qwen3_vl": ("qwenstack.models.qwen3_vl", "Qwen3VLForConditionalGeneration"),
     "qwen3_vl_moe": ("qwenstack.models.qwen3_vl", "Qwen3VLMoeForConditionalGeneration"),
     "qwen3_asr": ("qwenstack.models.qwen3_asr", "Qwen3ASRForConditionalGeneration"),
+    "qwen3_omni_moe": ("qwenstack.models.qwen3_omni_moe", "Qwen3OmniMoeForConditionalGeneration"),
 }
 
 

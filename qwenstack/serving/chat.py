@@ -32,6 +32,7 @@ from qwenstack.chat_template import ChatTemplateError
 from qwenstack.engine.outputs import CompletionOutput, RequestOutput
 from qwenstack.engine.params import SamplingParams
 from qwenstack.serving import audio as audio_inputs
+from qwenstack.serving import chat_audio
 from qwenstack.errors import ConfigError
 from qwenstack.serving import images as image_inputs
 from qwenstack.serving import moderation, videos
@@ -77,6 +78,7 @@ class ChatPlan:
     image_refs: list[image_inputs.ImageRef] = field(default_factory=list)  # image parts, in prompt order
     multimodal: Any = None  # MultimodalInputs once the images are loaded (attach_images)
     audio_refs: list[audio_inputs.AudioRef] = field(default_factory=list)  # audio parts, in prompt order
+    audio_answer: Any = None  # chat_audio.AudioAnswer when the answer is also spoken
 
     @property
     def starts_in_reasoning(self) -> bool:
@@ -354,13 +356,33 @@ async def complete_chat(plan: ChatPlan, outputs: AsyncIterator[RequestOutput], t
         assert final is not None and final.finished
         tracker.on_finished(final)
         texts = _token_texts(plan)
+        choices = [_choice(plan, texts, c) for c in final.outputs]
+        if plan.audio_answer is not None:  # speak the whole answer, then attach it (content moves to the transcript)
+            answer = plan.audio_answer
+            for samples in await asyncio.to_thread(_speak_all, answer, final.outputs[0].token_ids):
+                answer.samples.append(samples)
+            message = choices[0].message
+            message.audio = chat_audio.message_audio(answer, message.content or "")
+            message.content = None
         body = ChatCompletionResponse(id=plan.request_id, created=plan.created, model=plan.served.name,
-                                      choices=[_choice(plan, texts, c) for c in final.outputs],
-                                      usage=usage(plan, final))
+                                      choices=choices, usage=usage(plan, final))
         body = await moderation.review_answer(plan, body)
         return Response(body.model_dump_json(), media_type="application/json")
     finally:
         tracker.done()
+
+
+def _speak_all(answer: Any, token_ids: list[int]) -> list[Any]:
+    return [answer.speech.feed(token_ids), answer.speech.finish()]
+
+
+def _speak(answer: Any, token_ids: list[int], finished: bool) -> Any:
+    import torch
+
+    parts = [answer.speech.feed(token_ids)] if token_ids else []
+    if finished:
+        parts.append(answer.speech.finish())
+    return torch.cat(parts) if parts else torch.zeros(0)
 
 
 def _delta(parsed: ParsedDelta, call_filter: int | None) -> dict[str, Any]:
@@ -422,6 +444,18 @@ async def stream_chat(plan: ChatPlan, outputs: AsyncIterator[RequestOutput], tra
                     parsed = ParsedDelta(parsed.reasoning + rest.reasoning, parsed.content + rest.content,
                                          parsed.tool_calls + rest.tool_calls)
                 delta = _delta(parsed, plan.max_calls)
+                answer = plan.audio_answer
+                if answer is not None and (comp.delta_token_ids or comp.finished):
+                    # The Talker trails the text by a couple of tokens: audio for earlier tokens rides along.
+                    samples = await asyncio.to_thread(_speak, answer, list(comp.delta_token_ids), comp.finished)
+                    audio: dict[str, Any] = {"id": answer.id}
+                    if samples.numel():
+                        answer.samples.append(samples)
+                        audio["data"] = chat_audio.pcm16_b64(samples)
+                    if parsed.content:
+                        audio["transcript"] = parsed.content
+                    if len(audio) > 1:
+                        delta["audio"] = audio
                 made_calls[i] = made_calls[i] or "tool_calls" in delta
                 lp = _logprobs(texts, plan, comp.delta_token_ids, comp.delta_logprobs) if comp.delta_token_ids else None
                 finish = None
@@ -429,6 +463,9 @@ async def stream_chat(plan: ChatPlan, outputs: AsyncIterator[RequestOutput], tra
                     done.add(i)
                     finish = comp.finish_reason or "abort"
                     finish = "tool_calls" if made_calls[i] and finish == "stop" else finish
+                if finish and answer is not None:  # the last audio delta carries only its expiry
+                    yield chunk(i, delta, lp, None)
+                    delta, lp = {"audio": {"id": answer.id, "expires_at": answer.expires_at}}, None
                 if delta or lp or finish:
                     yield chunk(i, delta, lp, finish)
             if out.finished:
@@ -456,6 +493,8 @@ async def create_chat_completion(request: Request) -> Response:
     plan = await asyncio.to_thread(plan_chat, served, chat_request, state)
     await attach_images(plan, state)
     await audio_inputs.attach_audio(plan, state)
+    plan.audio_answer = await asyncio.to_thread(chat_audio.start_audio, served, chat_request, plan.prompt_ids,
+                                                plan.multimodal)
     blocked = await moderation.screen_prompt(request, plan)  # a blocked prompt never reaches the engine
     if blocked is not None:
         return blocked

@@ -177,8 +177,17 @@ class _SamplingFields(_Request):
         return seed
 
 
+class ChatAudioParams(_Request):
+    """OpenAI's `audio` request parameter: both fields required."""
+
+    voice: str = Field(min_length=1, max_length=64)
+    format: str = Field(min_length=1, max_length=16)
+
+
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
+    modalities: list[Literal["text", "audio"]] | None = None
+    audio: ChatAudioParams | None = None
     max_tokens: int | None = Field(None, ge=1, le=MAX_COUNT)
     max_completion_tokens: int | None = Field(None, ge=1, le=MAX_COUNT)  # wins over max_tokens, as in OpenAI
     logprobs: bool = False
@@ -290,6 +299,7 @@ class AssistantMessage(_Response):
     reasoning_content: str | None = None
     reasoning: str | None = None  # the same text: vLLM's and Ollama's name for it
     tool_calls: list[ToolCallOut] | None = None
+    audio: dict[str, Any] | None = None  # {id, data, expires_at, transcript} when audio was asked for
 
 
 class ChatChoice(_Response):

@@ -82,6 +82,19 @@ class ServedModel:
         return caps
 
 
+def serving_config(hf_config: dict[str, Any], tokenizer: Any) -> dict[str, Any]:
+    """Qwen3-Omni nests its multimodal fields under thinker_config; the serving layer reads them at the top
+    (images, audio). Video is left out: the Omni runtime does not plan video yet."""
+    thinker = hf_config.get("thinker_config")
+    if hf_config.get("model_type") != "qwen3_omni_moe" or not isinstance(thinker, dict):
+        return hf_config
+    keys = ("vision_config", "audio_config", "image_token_id", "audio_token_id", "vision_start_token_id")
+    flat = {**hf_config, **{k: thinker[k] for k in keys if k in thinker}}
+    if "vision_end_token_id" not in flat:  # absent from transformers' Thinker config: the tokenizer knows it
+        flat["vision_end_token_id"] = thinker.get("vision_end_token_id", tokenizer.token_to_id("<|vision_end|>"))
+    return flat
+
+
 def build_served_model(name: str, model: Any, tokenizer: Tokenizer, engine_config: EngineConfig,
                        hf_config: dict[str, Any] | None = None, model_dir: Path | None = None,
                        replicas: list[LLMEngine] | None = None) -> ServedModel:
@@ -91,6 +104,7 @@ def build_served_model(name: str, model: Any, tokenizer: Tokenizer, engine_confi
     from qwenstack.serving.images import image_processor_for
     from qwenstack.serving.videos import video_processor_for
 
+    hf_config = serving_config(hf_config or {}, tokenizer)
     processor = image_processor_for(hf_config or {}, model_dir)  # before the engine thread starts
     video = video_processor_for(hf_config or {}, model_dir)
     asr = asr_prompter_for(model, tokenizer, model_dir)

@@ -1,0 +1,148 @@
+"""Speech for a Qwen3-Omni answer while it is being written: Thinker tokens in, 24 kHz audio chunks out.
+
+Decisions:
+- The Thinker runs in the engine as for any chat; this object follows its tokens. The Talker's prompt needs
+  the answer's first token, and its step j needs answer token j + 1 or the knowledge that the answer ended
+  (then tts_eos, and tts_pad after it), exactly as transformers builds `trailing_text_hidden`; so the Talker
+  trails the text by about two tokens and the first audio comes long before the text ends.
+- Multimodal user turns need the Thinker's hidden states of layer accept_hidden_layer at those positions:
+  one uncached pass over the prompt up to that layer (`thinker_states`), run once when the session starts.
+- Frames go to Code2Wav's exact stream in chunks (`first_chunk_frames` for a fast first packet, then
+  `chunk_frames`); the samples streamed equal the one-shot decode of all frames.
+- Not thread-safe: one caller feeds it (the server runs it in a worker thread, off the event loop).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+
+from qwenstack.models.qwen3_omni_moe_talker import (
+    TalkerPrompt, TalkerSampling, TalkerStream, build_talker_prompt, talker_text_row,
+)
+from qwenstack.multimodal.inputs import AudioPlacement, MultimodalBatch, MultimodalPlan
+
+
+@dataclass
+class SpeechChunking:
+    first_chunk_frames: int = 1
+    chunk_frames: int = 4
+
+
+def prompt_states(model: Any, prompt_ids: Sequence[int], plan: MultimodalPlan | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The prompt's Thinker input embeddings and the hidden states the Talker reads (layer accept_hidden_layer)."""
+    weight = model.thinker.model.embed_tokens.weight
+    ids = torch.tensor(list(prompt_ids), dtype=torch.long, device=weight.device)
+    layer = model.args.talker.accept_hidden_layer
+    if plan is None or not plan.placements:
+        return model.thinker_states(ids, torch.arange(len(ids), device=weight.device), None, layer)
+    images = [p.image for p in plan.placements if not isinstance(p, AudioPlacement)]
+    audios = [p.audio for p in plan.placements if isinstance(p, AudioPlacement)]
+    encoded_images = iter(model.encode_images(images) if images else [])
+    encoded_audio = iter(model.encode_audio(audios) if audios else [])
+    rows, embeds, deepstack = [], [], []
+    for p in plan.placements:
+        out = next(encoded_audio) if isinstance(p, AudioPlacement) else next(encoded_images)
+        rows.append(torch.arange(p.offset, p.end))
+        embeds.append(out.embeds)
+        deepstack.append(out.deepstack)
+    batch = MultimodalBatch(torch.cat(rows).to(weight.device), torch.cat(embeds), torch.cat(deepstack, dim=1))
+    return model.thinker_states(ids, plan.positions.to(weight.device), batch, layer)
+
+
+class AnswerSpeech:
+    """Feed it the answer's tokens as they come (`feed`), then `finish`; both return new audio samples."""
+
+    def __init__(self, model: Any, prompt_ids: Sequence[int], plan: MultimodalPlan | None, voice: str,
+                 eos_token_ids: Sequence[int], sampling: TalkerSampling | None = None,
+                 chunking: SpeechChunking | None = None) -> None:
+        if not getattr(model, "has_talker", False):
+            raise ValueError("this model has no Talker (enable_audio_output is false)")
+        self.model, self.prompt_ids, self.plan, self.voice = model, list(prompt_ids), plan, voice
+        self.eos = set(eos_token_ids)
+        self.sampling = sampling or TalkerSampling()
+        self.chunking = chunking or SpeechChunking()
+        # Everything after the last assistant head is spoken: prompt tokens there (an empty think block a
+        # template adds) come first, as transformers' assistant part starts at that head.
+        args = model.args
+        ids = self.prompt_ids
+        heads = [i for i in range(len(ids) - 1) if ids[i] == args.im_start_token_id and ids[i + 1] == args.assistant_token_id]
+        self.tokens: list[int] = list(ids[heads[-1] + 3:]) if heads else []
+        self.thinker_done = False
+        self.talker: TalkerStream | None = None
+        self.prompt: TalkerPrompt | None = None
+        self.states = None
+        self.codec = model.code2wav.stream()
+        self.pending: list[torch.Tensor] = []  # frames not yet decoded
+        self.frames: list[torch.Tensor] = []
+        self.emitted_frames = 0
+
+    @torch.inference_mode()
+    def _check_prompt(self) -> None:
+        if self.states is None:
+            self.states = prompt_states(self.model, self.prompt_ids, self.plan)
+
+    def _row(self, step: int) -> torch.Tensor | None:
+        """The text row of Talker step `step`, or None while it is not yet known."""
+        assert self.prompt is not None
+        nxt, n = step + 1, len(self.tokens)  # the answer token this step speaks
+        if nxt < n and self.tokens[nxt] in self.eos:
+            return self.prompt.tts_eos  # an end token is always the last one
+        if nxt < n - 1:
+            return talker_text_row(self.model, self.tokens[nxt])  # another token follows: not the last
+        if not self.thinker_done:
+            return None
+        # The answer ended: its last token is never fed to the Thinker, tts_eos takes its place, then tts_pad.
+        return self.prompt.tts_eos if nxt == n - 1 else self.prompt.tts_pad
+
+    @torch.inference_mode()
+    def _advance(self) -> torch.Tensor:
+        if self.talker is None:
+            # The prompt differs for a one-token answer, so wait for the second token (or the end).
+            if len(self.tokens) < 2:
+                return torch.zeros(0)
+            self._check_prompt()
+            assert self.states is not None
+            embeds, hidden = self.states
+            placements = self.plan.placements if self.plan is not None else ()
+            self.prompt = build_talker_prompt(self.model, self.prompt_ids, self.tokens[0], self.voice, embeds,
+                                              hidden, placements)
+            self.talker = TalkerStream(self.model.talker, self.prompt, self.sampling)
+            self.talker.start()
+        while not self.talker.finished:
+            row = self._row(len(self.talker.frames))
+            if row is None:
+                break
+            frame = self.talker.step(row)
+            self.pending.append(frame)
+            self.frames.append(frame)
+        return self._decode(final=self.talker.finished)
+
+    def _decode(self, final: bool) -> torch.Tensor:
+        want = self.chunking.first_chunk_frames if self.emitted_frames == 0 else self.chunking.chunk_frames
+        if not self.pending or (len(self.pending) < want and not final):
+            return torch.zeros(0)
+        frames = torch.stack(self.pending)
+        self.pending = []
+        self.emitted_frames += frames.shape[0]
+        return self.codec.push(frames)
+
+    def feed(self, token_ids: Sequence[int]) -> torch.Tensor:
+        self.tokens.extend(token_ids)
+        return self._advance()
+
+    def finish(self) -> torch.Tensor:
+        """The answer is complete: speak the rest. Returns the remaining samples."""
+        self.thinker_done = True
+        return self._advance()
+
+    @property
+    def codes(self) -> torch.Tensor:
+        """All frames so far [T, G]."""
+        if not self.frames:
+            return torch.zeros(0, self.model.args.talker.num_code_groups, dtype=torch.long)
+        return torch.stack(self.frames)
+
+
+__all__ = ["AnswerSpeech", "SpeechChunking", "prompt_states"]

@@ -1,0 +1,315 @@
+"""Qwen3-Omni's Talker: an MoE decoder that reads the Thinker's embeddings and states and writes speech codes,
+one frame (num_code_groups codes) per step, with the code predictor filling codes 1..G-1 of each frame.
+
+Decisions:
+- The decoder is the shared Qwen3 DecoderLayer (GQA, QK-RMSNorm) with interleaved M-RoPE and, in every layer,
+  a sparse MoE plus a sigmoid-gated shared expert (Qwen3-Next's SharedExpertMoE). Its inputs are always
+  embeddings: `codec_embedding` rows plus projected Thinker rows. The code predictor is Qwen3-TTS's (same
+  module names, run as a per-frame sub-decoder); it needs the Talker's width, which the released configs have.
+- The prompt mirrors transformers 5.24 `Qwen3OmniMoeForConditionalGeneration.generate`: the user turns only
+  (text positions get text_projection(Thinker embedding), audio/image/video positions get
+  hidden_projection(Thinker hidden state of layer accept_hidden_layer)), then the assistant head
+  `<|im_start|>assistant\\n` + tts_pad x4 + tts_bos + the first answer token, each summed with the codec
+  prefix (zeros x3, nothink, think_bos, think_eos, speaker, pad, bos).
+- Step j adds the projected embedding of answer token j + 1 to the summed codes of the previous frame; the
+  token after the last fed answer token is replaced by tts_eos, and past it tts_pad is added. So step j can
+  run as soon as the Thinker has produced token j + 2 or finished: this is what lets speech start while
+  the text is still being written (`TalkerStream`).
+- Sampling follows transformers: the top 1024 ids suppressed except codec EOS, repetition penalty over the
+  codes generated so far; codes 1..G-1 drawn greedily when the first code is, else with top-k 50 / top-p 0.8.
+- Each stream keeps its own KV in a scratch tensor of one block, paged through the shared attention code.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, Sequence
+
+import torch
+from torch import nn
+
+from qwenstack.config import ModelArgs
+from qwenstack.engine.params import SamplingParams
+from qwenstack.engine.sampler import SampleRequest, sample_row
+from qwenstack.errors import ConfigError, RequestError
+from qwenstack.models.attention import AttentionBatch
+from qwenstack.models.layers import RMSNorm
+from qwenstack.models.qwen3 import DecoderLayer
+from qwenstack.models.qwen3_moe import Qwen3MoeArgs
+from qwenstack.models.qwen3_next import SharedExpertMoE
+from qwenstack.models.qwen3_tts import CodePredictor, CodePredictorArgs, ResizeMLP
+from qwenstack.models.qwen3_vl import MRotaryEmbedding, _MropeValidation
+
+
+@dataclass(kw_only=True)
+class TalkerTextArgs(_MropeValidation, Qwen3MoeArgs):
+    model_type: ClassVar[str] = "qwen3_omni_moe_talker"
+    aliases: ClassVar[dict[str, str]] = {"num_local_experts": "num_experts"}
+    shared_expert_intermediate_size: int
+    norm_topk_prob: bool = False  # transformers' Talker default, and what the released config says
+
+    def validate(self, config: dict[str, Any]) -> None:
+        super().validate(config)
+        self.check_mrope(config)
+
+
+@dataclass(kw_only=True)
+class TalkerArgs(ModelArgs):
+    """`talker_config` of a Qwen3-Omni config.json."""
+
+    model_type: ClassVar[str] = "qwen3_omni_moe_talker"
+    derived_fields: ClassVar[tuple[str, ...]] = ("text", "code_predictor")
+    text_config: dict[str, Any]
+    code_predictor_config: dict[str, Any]
+    num_code_groups: int
+    thinker_hidden_size: int
+    accept_hidden_layer: int
+    codec_eos_token_id: int
+    codec_nothink_id: int
+    codec_think_bos_id: int
+    codec_think_eos_id: int
+    codec_pad_id: int
+    codec_bos_id: int
+    speaker_id: dict[str, int] = field(default_factory=dict)
+    text: TalkerTextArgs = field(init=False)
+    code_predictor: CodePredictorArgs = field(init=False)
+
+    def validate(self, config: dict[str, Any]) -> None:
+        self.text = TalkerTextArgs.from_dict(self.text_config)
+        self.code_predictor = CodePredictorArgs.from_dict(
+            {**self.code_predictor_config, "num_code_groups": self.num_code_groups})
+        if self.code_predictor.hidden_size != self.text.hidden_size:
+            raise ConfigError("the code predictor's hidden_size must equal the Talker's: its code embeddings are "
+                              "summed into the Talker's next input")
+        if not self.speaker_id:
+            raise ConfigError("talker_config.speaker_id is empty: the checkpoint names no voice")
+
+    @property
+    def voices(self) -> list[str]:
+        return sorted(self.speaker_id)
+
+
+class TalkerModel(nn.Module):
+    def __init__(self, args: TalkerTextArgs) -> None:
+        super().__init__()
+        assert args.head_dim is not None
+        rotary = MRotaryEmbedding(args.rope, args.head_dim)
+        self.layers = nn.ModuleList([
+            DecoderLayer(args, SharedExpertMoE(args, args.shared_expert_intermediate_size), rotary)
+            for _ in range(args.num_hidden_layers)])
+        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.codec_embedding = nn.Embedding(args.vocab_size, args.hidden_size)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, batch: AttentionBatch,
+                kv_caches: list[torch.Tensor] | None) -> torch.Tensor:
+        for i, layer in enumerate(self.layers):
+            x = layer(x, positions, batch, None if kv_caches is None else kv_caches[i])
+        return self.norm(x)
+
+
+class Talker(nn.Module):
+    """Names equal the checkpoint's under `talker.`."""
+
+    def __init__(self, args: TalkerArgs) -> None:
+        super().__init__()
+        self.args = args
+        text = args.text
+        self.model = TalkerModel(text)
+        self.text_projection = ResizeMLP(args.thinker_hidden_size, text.intermediate_size, text.hidden_size)
+        self.hidden_projection = ResizeMLP(args.thinker_hidden_size, text.intermediate_size, text.hidden_size)
+        self.codec_head = nn.Linear(text.hidden_size, text.vocab_size, bias=False)
+        self.code_predictor = CodePredictor(args.code_predictor, text.hidden_size)
+
+    def suppressed_codes(self) -> list[int]:
+        """The top 1024 ids are control codes: never sampled, except EOS."""
+        v, eos = self.args.text.vocab_size, self.args.codec_eos_token_id
+        return [i for i in range(max(0, v - 1024), v) if i != eos]
+
+    def frame_embeds(self, codes: torch.Tensor) -> torch.Tensor:
+        """Sum of the G code embeddings of frames [N, G] -> [N, H]."""
+        out = self.model.codec_embedding(codes[:, 0])
+        for g in range(1, codes.shape[1]):
+            out = out + self.code_predictor.model.codec_embedding[g - 1](codes[:, g])
+        return out
+
+
+@dataclass
+class TalkerPrompt:
+    """What one request's Talker starts from."""
+
+    prefill: torch.Tensor  # [L, H] input embeddings of the prompt (user turns + assistant head)
+    positions: torch.Tensor  # [3, L]
+    rope_delta: int  # decode step j sits at position L + j + rope_delta
+    tts_eos: torch.Tensor  # [H]
+    tts_pad: torch.Tensor  # [H]
+
+
+def build_talker_prompt(model: Any, prompt_ids: Sequence[int], first_token: int, speaker: str,
+                        thinker_embeds: torch.Tensor, thinker_hidden: torch.Tensor,
+                        placements: Sequence[Any] = ()) -> TalkerPrompt:
+    """The Talker prompt of one request; first_token is the first token after the assistant head (of the prompt,
+    e.g. an empty think block, or of the answer). model: Qwen3OmniMoeForConditionalGeneration; thinker_embeds and
+    thinker_hidden [S, Hthinker] cover the prompt (the latter is read at multimodal positions only);
+    placements: the Thinker plan's image/audio placements (for the Talker's own M-RoPE positions)."""
+    from qwenstack.multimodal.inputs import AudioPlacement, ImagePlacement
+
+    a, talker = model.args, model.talker
+    ta = talker.args
+    voice = speaker.lower()
+    if voice not in ta.speaker_id:
+        raise RequestError(f"voice '{speaker}' is not one of this model's voices: {', '.join(ta.voices)}")
+    ids = list(prompt_ids)
+    th = a.thinker
+    device = thinker_embeds.device
+    # Which prompt positions belong to a user turn: the role token after the latest <|im_start|>.
+    user_rows, latest = [], 0
+    for i, t in enumerate(ids):
+        if t == a.im_start_token_id:
+            latest = i
+        if ids[min(latest + 1, len(ids) - 1)] == a.user_token_id:
+            user_rows.append(i)
+    heads = [i for i in range(len(ids) - 1) if ids[i] == a.im_start_token_id and ids[i + 1] == a.assistant_token_id]
+    if not heads or heads[-1] + 3 > len(ids):
+        raise RequestError("the prompt has no assistant head '<|im_start|>assistant\\n' to speak after")
+    mm = torch.tensor([t in (th.audio_token_id, th.image_token_id, th.video_token_id) for t in ids], device=device)
+    rows = torch.tensor(user_rows, dtype=torch.long, device=device)
+    user_mm = mm[rows]
+    user_part = torch.empty(len(user_rows), ta.text.hidden_size, dtype=thinker_embeds.dtype, device=device)
+    if bool(user_mm.any()):
+        user_part[user_mm] = talker.hidden_projection(thinker_hidden[rows[user_mm]])
+    user_part[~user_mm] = talker.text_projection(thinker_embeds[rows[~user_mm]])
+
+    embed = model.thinker.model.embed_tokens
+    special = torch.tensor([a.tts_bos_token_id, a.tts_eos_token_id, a.tts_pad_token_id], device=device)
+    tts_bos, tts_eos, tts_pad = talker.text_projection(embed(special))
+    head_ids = torch.tensor(ids[heads[-1]:heads[-1] + 3] + [first_token], device=device)
+    head = talker.text_projection(embed(head_ids))  # [4, H]: <|im_start|> assistant \n first
+    text_rows = torch.cat([head[:3], tts_pad.expand(4, -1), tts_bos[None], head[3:4]])
+    codec_ids = torch.tensor([ta.codec_nothink_id, ta.codec_think_bos_id, ta.codec_think_eos_id,
+                              ta.speaker_id[voice], ta.codec_pad_id, ta.codec_bos_id], device=device)
+    codec_rows = torch.cat([text_rows.new_zeros(3, text_rows.shape[1]), talker.model.codec_embedding(codec_ids)])
+    prefill = torch.cat([user_part, text_rows + codec_rows])
+
+    # M-RoPE over the Talker's own sequence: the user tokens' placements, shifted to their new indices.
+    where = {p: i for i, p in enumerate(user_rows)}
+    moved = []
+    for p in placements:
+        if p.offset in where:
+            kind = AudioPlacement if isinstance(p, AudioPlacement) else ImagePlacement
+            moved.append(kind(where[p.offset], p.length, p.audio if isinstance(p, AudioPlacement) else p.image))
+    positions, delta = model.rope_positions(prefill.shape[0], moved)
+    return TalkerPrompt(prefill, positions.to(device), delta, tts_eos, tts_pad)
+
+
+# Chooses the first code of a frame from the codec head's logits [V], given the codes chosen so far.
+FirstCodeChooser = Callable[[torch.Tensor, list[int]], int]
+
+
+@dataclass
+class TalkerSampling:
+    """transformers' Talker defaults (temperature 0 is greedy for the whole frame)."""
+
+    temperature: float = 0.9
+    top_k: int = 50
+    top_p: float = 1.0
+    repetition_penalty: float = 1.05
+    max_frames: int = 4095  # transformers' talker_max_new_tokens 4096: its last sampled code is never decoded
+    seed: int | None = None
+
+
+class TalkerStream:
+    """One request's Talker, stepped by the caller as answer tokens arrive. `step(text_row)` returns the
+    frame [G] the step completed (None for the prefill) and whether the codec EOS ended the stream."""
+
+    def __init__(self, talker: Talker, prompt: TalkerPrompt, sampling: TalkerSampling) -> None:
+        self.talker, self.prompt, self.sampling = talker, prompt, sampling
+        args = talker.args.text
+        assert args.num_key_value_heads is not None and args.head_dim is not None
+        self.capacity = prompt.prefill.shape[0] + sampling.max_frames + 1
+        shape = (2, 1, self.capacity, args.num_key_value_heads, args.head_dim)
+        p = prompt.prefill
+        self.kv = [torch.zeros(shape, dtype=p.dtype, device=p.device) for _ in talker.model.layers]
+        self.table = torch.zeros(1, 1, dtype=torch.long, device=p.device)
+        self.length = 0
+        self.codes0: list[int] = []
+        self.frames: list[torch.Tensor] = []
+        self.last_hidden: torch.Tensor | None = None
+        self.finished = False
+        self.finish_reason: str | None = None
+        suppress = talker.suppressed_codes()
+
+        def mask(_: list[int], logits: torch.Tensor) -> torch.Tensor:
+            logits[suppress] = float("-inf")
+            return logits
+
+        s = sampling
+        self.params = SamplingParams(temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
+                                     repetition_penalty=s.repetition_penalty, max_tokens=None,
+                                     logits_processors=[mask])
+        self.sub_params = SamplingParams(temperature=0.0 if s.temperature == 0 else 0.9, top_k=50, top_p=0.8,
+                                         max_tokens=None)
+        self.generator = torch.Generator(device="cpu").manual_seed(s.seed if s.seed is not None else 0)
+
+    def _run(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        n = x.shape[0]
+        slots = torch.arange(self.length, self.length + n, device=x.device)
+        batch = AttentionBatch([n], [self.length + n], slot_mapping=slots, block_tables=self.table,
+                               block_size=self.capacity)
+        hidden = self.talker.model(x, positions, batch, self.kv)
+        self.length += n
+        return hidden[-1]
+
+    def _choose_first(self, hidden: torch.Tensor) -> int:
+        logits = self.talker.codec_head(hidden).float()
+        request = SampleRequest(self.params, [], self.codes0, self.generator, [])
+        return sample_row(logits, request, self.generator)
+
+    def _choose_rest(self, group: int, logits: torch.Tensor) -> list[int]:
+        out = []
+        for row in logits.float():
+            request = SampleRequest(self.sub_params, [], [], self.generator, [])
+            out.append(sample_row(row, request, self.generator))
+        return out
+
+    @torch.inference_mode()
+    def start(self) -> None:
+        """The prefill: samples the first code of frame 0."""
+        p = self.prompt
+        hidden = self._run(p.prefill, p.positions)
+        self._accept(hidden)
+
+    def _accept(self, hidden: torch.Tensor) -> None:
+        self.last_hidden = hidden
+        code = self._choose_first(hidden)
+        if code == self.talker.args.codec_eos_token_id:
+            self.finished, self.finish_reason = True, "stop"
+            return
+        if len(self.frames) >= self.sampling.max_frames:  # this code would start a frame past the limit
+            self.finished, self.finish_reason = True, "length"
+            return
+        self.codes0.append(code)
+
+    @torch.inference_mode()
+    def step(self, text_row: torch.Tensor) -> torch.Tensor:
+        """Completes the pending frame (code predictor), feeds it with `text_row` ([H]: the next answer
+        token's projection, tts_eos or tts_pad) and samples the next first code. Returns the frame [G]."""
+        assert not self.finished and self.last_hidden is not None
+        talker = self.talker
+        code0 = torch.tensor([self.codes0[-1]], device=text_row.device)
+        code0_embed = talker.model.codec_embedding(code0)
+        rest = talker.code_predictor.predict(self.last_hidden[None], code0_embed, self._choose_rest)
+        frame = torch.cat([code0, rest[0]])
+        self.frames.append(frame)
+        x = talker.frame_embeds(frame[None]) + text_row
+        position = self.prompt.prefill.shape[0] + len(self.frames) - 1 + self.prompt.rope_delta
+        hidden = self._run(x, torch.full((3, 1), position, dtype=torch.long, device=x.device))
+        self._accept(hidden)
+        return frame
+
+
+def talker_text_row(model: Any, token: int) -> torch.Tensor:
+    """text_projection of one answer token's Thinker embedding [H]."""
+    weight = model.thinker.model.embed_tokens.weight
+    return model.talker.text_projection(model.thinker.model.embed_tokens(torch.tensor([token], device=weight.device)))[0]
+
+
+__all__ = ["Talker", "TalkerArgs", "TalkerPrompt", "TalkerSampling", "TalkerStream", "build_talker_prompt"]
