@@ -24,6 +24,12 @@ class KVCacheSpec:
     num_kv_heads: int
     head_dim: int
 
+    @classmethod
+    def of_decoder(cls, args: Any) -> "KVCacheSpec":
+        """The spec of a decoder whose every layer is attention (Qwen3Args and the text configs built on it)."""
+        assert args.num_key_value_heads is not None and args.head_dim is not None
+        return cls(args.num_hidden_layers, args.num_key_value_heads, args.head_dim)
+
     def bytes_per_token(self, dtype: torch.dtype) -> int:
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * torch.empty((), dtype=dtype).element_size()
 
@@ -64,6 +70,14 @@ def layer_caches(kv_caches: list[torch.Tensor], states: list[Any | None]) -> lis
     paged = iter(kv_caches)
     return [next(paged) if state is None else state for state in states]
 
+
+
+def output_head(hidden_size: int, vocab_size: int, tied: bool) -> tuple[torch.nn.Linear | None, tuple[str, ...]]:
+    """A decoder's lm_head (None when tied to the embedding) and the checkpoint tensors that leaves unused:
+    some tied checkpoints still carry a copy of the embedding as lm_head.weight."""
+    if tied:
+        return None, (r"lm_head\.weight",)
+    return torch.nn.Linear(hidden_size, vocab_size, bias=False), ()
 
 
 def lm_logits(hidden: torch.Tensor, lm_head: Any, embed_tokens: torch.nn.Embedding) -> torch.Tensor:

@@ -15,7 +15,7 @@ from torch import nn
 from qwenstack.config import ModelArgs, RopeConfig
 from qwenstack.errors import ConfigError, UnsupportedModelError
 from qwenstack.models.attention import AttentionBatch
-from qwenstack.models.base import KVCacheSpec, lm_logits
+from qwenstack.models.base import KVCacheSpec, lm_logits, output_head
 from qwenstack.models.layers import Attention, RMSNorm, RotaryEmbedding, SwiGLU
 
 
@@ -100,9 +100,8 @@ class Qwen3ForCausalLM(nn.Module):
         super().__init__()
         self.args = args
         self.model = Qwen3Model(args, self.make_mlp)
-        self.lm_head = None if args.tie_word_embeddings else nn.Linear(args.hidden_size, args.vocab_size, bias=False)
-        # Some tied checkpoints still carry a copy of the embedding as lm_head.weight.
-        self.ignored_checkpoint_patterns: tuple[str, ...] = (r"lm_head\.weight",) if args.tie_word_embeddings else ()
+        self.lm_head, self.ignored_checkpoint_patterns = output_head(args.hidden_size, args.vocab_size,
+                                                                    args.tie_word_embeddings)
 
     def make_mlp(self, layer_idx: int) -> nn.Module:
         return SwiGLU(self.args.hidden_size, self.args.intermediate_size)
@@ -120,5 +119,4 @@ class Qwen3ForCausalLM(nn.Module):
         return lm_logits(hidden, self.lm_head, self.model.embed_tokens)
 
     def kv_cache_spec(self) -> KVCacheSpec:
-        assert self.args.num_key_value_heads is not None and self.args.head_dim is not None
-        return KVCacheSpec(self.args.num_hidden_layers, self.args.num_key_value_heads, self.args.head_dim)
+        return KVCacheSpec.of_decoder(self.args)

@@ -27,7 +27,7 @@ from torch import nn
 from qwenstack.config import ModelArgs
 from qwenstack.errors import ConfigError, RequestError
 from qwenstack.models.attention import AttentionBatch
-from qwenstack.models.base import KVCacheSpec, lm_logits
+from qwenstack.models.base import KVCacheSpec, lm_logits, output_head
 from qwenstack.models.layers import SwiGLU
 from qwenstack.models.qwen3 import Qwen3Args, Qwen3Model
 from qwenstack.models.qwen3_asr_audio import AudioEncoder, AudioEncoderArgs, AudioProjector, audio_token_count
@@ -131,9 +131,8 @@ class Qwen3ASRForConditionalGeneration(nn.Module):
         super().__init__()
         self.args = args
         self.model = Qwen3ASRModel(args, self.make_mlp)
-        text = args.text
-        self.lm_head = None if args.tie_word_embeddings else nn.Linear(text.hidden_size, text.vocab_size, bias=False)
-        self.ignored_checkpoint_patterns: tuple[str, ...] = (r"lm_head\.weight",) if args.tie_word_embeddings else ()
+        self.lm_head, self.ignored_checkpoint_patterns = output_head(args.text.hidden_size, args.text.vocab_size,
+                                                                    args.tie_word_embeddings)
 
     def make_mlp(self, layer_idx: int) -> nn.Module:
         return SwiGLU(self.args.text.hidden_size, self.args.text.intermediate_size)
@@ -168,9 +167,7 @@ class Qwen3ASRForConditionalGeneration(nn.Module):
         return lm_logits(hidden, self.lm_head, self.model.language_model.embed_tokens)
 
     def kv_cache_spec(self) -> KVCacheSpec:
-        text = self.args.text
-        assert text.num_key_value_heads is not None and text.head_dim is not None
-        return KVCacheSpec(text.num_hidden_layers, text.num_key_value_heads, text.head_dim)
+        return KVCacheSpec.of_decoder(self.args.text)
 
     # --- multimodal hooks (the engine's MultimodalModel protocol) ---------------------------------------
 
