@@ -14,8 +14,6 @@ from asr_checkpoints import hf_features, speechlike, tone, wav_bytes
 from qwenstack.audio.decode import AudioError, AudioLimits, decode_audio, from_samples, pcm16_to_float
 from qwenstack.audio.features import log_mel, num_frames
 
-pytest.importorskip("transformers")
-
 
 def _features_match(samples: np.ndarray) -> None:
     want, mask = hf_features(samples)

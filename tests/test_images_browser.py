@@ -17,7 +17,6 @@ from PIL import Image
 from browser import BROWSER_TESTS, launch_chromium, page_expect, screenshot
 from server_utils import BackgroundServer
 
-pytest.importorskip("diffusers")
 
 pytestmark = BROWSER_TESTS
 

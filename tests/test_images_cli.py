@@ -11,10 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
-pytest.importorskip("diffusers")
 
-from image_pipelines import build_image_pipelines, small_condition_sizes  # noqa: E402
-from qwenstack.cli import main  # noqa: E402
+from image_pipelines import build_image_pipelines, small_condition_sizes
+from qwenstack.cli import main
 
 
 @pytest.fixture(scope="module")

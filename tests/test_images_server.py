@@ -21,14 +21,13 @@ import pytest
 import torch
 from PIL import Image
 
-pytest.importorskip("diffusers")
 
-from image_pipelines import build_image_pipelines, small_condition_sizes  # noqa: E402
-from server_utils import BackgroundServer  # noqa: E402
-from qwenstack.imagegen.limits import ImageRequestLimits  # noqa: E402
-from qwenstack.imagegen.pipelines import ImagePipeline, load_image_pipeline  # noqa: E402
-from qwenstack.serving.app import create_app  # noqa: E402
-from qwenstack.serving.config import ServerConfig  # noqa: E402
+from image_pipelines import build_image_pipelines, small_condition_sizes
+from server_utils import BackgroundServer
+from qwenstack.imagegen.limits import ImageRequestLimits
+from qwenstack.imagegen.pipelines import ImagePipeline, load_image_pipeline
+from qwenstack.serving.app import create_app
+from qwenstack.serving.config import ServerConfig
 
 PROMPT = "dance monkey"
 FAST = {"size": "32x32", "num_inference_steps": 2}

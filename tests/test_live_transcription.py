@@ -14,6 +14,7 @@ from typing import Iterator
 import numpy as np
 import openai
 import pytest
+import websockets
 import torch
 
 from asr_checkpoints import build_asr_checkpoint, build_scripted_asr, speechlike, wav_bytes
@@ -29,7 +30,6 @@ from qwenstack.serving.config import ServerConfig
 from qwenstack.serving.served import build_served_model
 from qwenstack.tokenizer import Tokenizer
 
-websockets = pytest.importorskip("websockets")
 
 WORDS = ("the quick brown fox jumps over the lazy dog while seven small birds sing above a quiet river "
          "and children laugh near an old stone bridge under the warm evening sun as boats drift slowly home")

@@ -24,7 +24,6 @@ from qwenstack.models.qwen3_asr_audio import audio_token_count
 from qwenstack.models.registry import load_model
 from qwenstack.multimodal.inputs import AudioInput, MultimodalBatch, MultimodalInputs
 
-pytest.importorskip("transformers")
 
 CLIPS = {"0.5s": 0.5, "0.3s-padded": 0.3, "2.37s": 2.37, "6.1s-3-windows": 6.1}
 LAYOUTS = {"hf-tied": ("hf", True), "thinker-untied": ("thinker", False)}

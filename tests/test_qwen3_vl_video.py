@@ -41,8 +41,6 @@ from qwenstack.serving.app import create_app
 from qwenstack.serving.config import ServerConfig
 from qwenstack.serving.served import ServedModel
 
-pytest.importorskip("transformers")
-pytest.importorskip("av")
 
 VIDEO_CONFIG = {"size": {"shortest_edge": 32 * 32 * 2, "longest_edge": 32 * 32 * 24}, "fps": 2, "min_frames": 4,
                 "max_frames": 16, "patch_size": 16, "temporal_patch_size": 2, "merge_size": 2,

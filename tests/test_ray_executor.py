@@ -11,6 +11,7 @@ from pathlib import Path
 
 import openai
 import pytest
+import ray
 from parallel_utils import greedy_run, make_engine, shared_prefix_prompts
 from server_utils import BackgroundServer
 
@@ -19,8 +20,6 @@ from qwenstack.engine.engine import EngineConfig
 from qwenstack.serving.app import create_app
 from qwenstack.serving.config import ServerConfig
 from qwenstack.serving.served import build_served_model
-
-ray = pytest.importorskip("ray")  # the [ray] extra; installed with the dev extra
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,6 @@ from qwenstack.serving.config import ServerConfig
 from qwenstack.serving.served import build_served_model
 from qwenstack.tokenizer import Tokenizer
 
-pytest.importorskip("transformers")
 
 ANSWER = "hello there, this is a test."
 MAX_BYTES, MAX_SECONDS = 4_000_000, 100.0

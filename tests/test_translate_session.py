@@ -17,6 +17,7 @@ from typing import Any, Iterator
 import numpy as np
 import openai
 import pytest
+import websockets
 
 from server_utils import BackgroundServer, wait_idle
 from translate_fixtures import (TRANSCRIPT, build_parts, build_pipeline, pcm16_bytes, speech_idle, spoken_clip)
@@ -28,7 +29,6 @@ from qwenstack.translate.events import OutputAudio, SessionFailed
 from qwenstack.translate.offline import translate_offline
 from qwenstack.translate.session import SessionSettings, TranslationSession
 
-websockets = pytest.importorskip("websockets")
 CHUNK_S = 0.2
 
 
