@@ -236,6 +236,9 @@ print(json.dumps({"isa": kernels._isa(), "ok": ok, "worst": worst, "int8_tiles":
 """
 
 
+# Builds the kernels once per ISA level in fresh processes: about 100 s on 2 cores, so it runs with -m slow;
+# the default run covers this CPU's own level through every kernel test above.
+@pytest.mark.slow
 def test_every_build_level_this_cpu_runs() -> None:
     """The loops each level compiles (generic vectors, AVX512-BF16/VNNI, AMX) all give the same products."""
     native = kernels._isa()
