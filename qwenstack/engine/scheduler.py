@@ -9,6 +9,9 @@ Decisions:
   running sequence gives its blocks back and returns to the front of the queue; its full blocks stay in
   the prefix cache, so recomputing it is often cheap.
 - The waiting queue is bounded; `add` refuses beyond it (the server answers 429).
+- The scheduler decides every allocation: KV blocks (BlockManager) and, for models with linear-attention
+  layers, one recurrent-state slot per running sequence (SlotPool), taken at admission and returned with the
+  blocks on finish or preemption. A sequence is admitted only when both are free.
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ from typing import Callable
 
 from qwenstack.engine.block_manager import BlockManager
 from qwenstack.engine.sequence import Sequence, SequenceStatus
+from qwenstack.engine.slot_pool import SlotPool
 
 
 class QueueFullError(RuntimeError):
@@ -50,16 +54,15 @@ class ScheduledBatch:
 class Scheduler:
     def __init__(self, config: SchedulerConfig, block_manager: BlockManager,
                  extra_keys: Callable[[Sequence], list | None] | None = None,
-                 may_admit: Callable[[Sequence], bool] | None = None) -> None:
+                 state_slots: SlotPool | None = None) -> None:
+        """state_slots: the recurrent-state slot pool, for models that keep such state (None otherwise)."""
         self.config = config
         self.blocks = block_manager
+        self.state_slots = state_slots
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
-        # Hooks for architectures with extra needs: per-block cache keys (images) and admission limits
-        # beyond KV blocks (recurrent-state slots).
+        # Per-block prefix-cache keys beyond the tokens (images), for architectures that need them.
         self.extra_keys = extra_keys or (lambda seq: None)
-        self.may_admit = may_admit or (lambda seq: True)
-        self.on_release: Callable[[Sequence], None] = lambda seq: None
 
     def add(self, seqs: list[Sequence]) -> None:
         if len(self.waiting) + len(seqs) > self.config.max_waiting:
@@ -101,7 +104,7 @@ class Scheduler:
             return batch
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
-            if not self.may_admit(seq):
+            if self.state_slots is not None and not self.state_slots.num_free:
                 break
             tokens = seq.all_token_ids
             # Prompt logprobs need every prompt position computed, so such a request skips the prefix cache.
@@ -116,6 +119,8 @@ class Scheduler:
             self.waiting.popleft()
             self.blocks.share(seq.block_table, cached)
             self.blocks.grow(seq.block_table, num_cached + num_new)
+            if self.state_slots is not None:
+                seq.state_slot = self.state_slots.allocate()
             seq.num_computed_tokens = num_cached
             seq.num_registered_blocks = len(cached)
             if seq.metrics.first_scheduled_time is None:
@@ -141,10 +146,13 @@ class Scheduler:
 
     def _release(self, seq: Sequence) -> None:
         self.blocks.release(seq.block_table)
-        self.on_release(seq)
+        if seq.state_slot is not None:
+            assert self.state_slots is not None
+            self.state_slots.release(seq.state_slot)
+            seq.state_slot = None
 
     def finish(self, seq: Sequence, reason: str) -> None:
-        """Ends a sequence (stop, length, abort) wherever it is, returning its blocks."""
+        """Ends a sequence (stop, length, abort) wherever it is, returning its blocks and state slot."""
         if seq.status == SequenceStatus.FINISHED:
             return
         if seq in self.running:

@@ -180,7 +180,7 @@ class SpeculativeRunner(ModelRunner):
             row += m
         dev = self.device
         batch = self._batch(step.seqs, query_lens, context_lens, slots)
-        batch.state_slots = torch.tensor([self.state_slot(s) for s in step.seqs], dtype=torch.long, device=dev)
+        batch.state_slots = self.state_slots(step.seqs)
         deferred = [i for i, d in enumerate(drafts) if d]
         journal = None
         kwargs = {}
