@@ -101,3 +101,73 @@ def test_scheduler_without_a_slot_pool_assigns_none() -> None:
     seq = make_seq(0, 5)
     scheduler.add([seq])
     assert run_step(scheduler) == [seq] and seq.state_slot is None
+
+
+# --- lookahead for speculative decoding ---------------------------------------------------------------------------
+
+
+def lookahead_scheduler(num_blocks: int, k: int = 2, **options) -> Scheduler:
+    return Scheduler(SchedulerConfig(num_lookahead_tokens=k, **options), BlockManager(num_blocks, 4))
+
+
+def test_sampling_sequences_get_blocks_for_their_drafts_and_decodes_a_grant() -> None:
+    scheduler = lookahead_scheduler(16, k=3)
+    seq = make_seq(0, 6, max_tokens=20)
+    scheduler.add([seq])
+    batch = scheduler.schedule()
+    assert batch.num_lookahead_tokens == [0]  # a prefill has no drafts to verify yet
+    assert len(seq.block_table) == 3  # 6 prompt tokens + 3 drafts written after the sample: 9 tokens
+    seq.num_computed_tokens += 6
+    seq.output_token_ids.append(7)
+    batch = scheduler.schedule()
+    assert batch.num_new_tokens == [1] and batch.num_lookahead_tokens == [3]
+    assert len(seq.block_table) * 4 >= seq.num_tokens + 3 + 3  # verify 3, then draft 3 beyond them
+
+
+def test_lookahead_is_capped_by_max_tokens_and_the_step_budget() -> None:
+    scheduler = lookahead_scheduler(64, k=3, max_num_batched_tokens=4)
+    short = make_seq(0, 3, max_tokens=2)  # one token after the first: at most one draft
+    seqs = [short] + [make_seq(i, 3, max_tokens=20) for i in (1, 2)]
+    for seq in seqs:
+        seq.output_token_ids.append(7)
+        seq.num_computed_tokens = seq.num_tokens - 1
+    scheduler.running.extend(seqs)
+    for seq in seqs:
+        scheduler.blocks.grow(seq.block_table, seq.num_tokens)
+        seq.status = SequenceStatus.RUNNING
+    batch = scheduler.schedule()
+    # 3 decode tokens leave 1 of the 4-token budget: the short sequence can use no draft, the next takes it.
+    assert batch.num_new_tokens == [1, 1, 1] and batch.num_lookahead_tokens == [0, 1, 0]
+
+
+def test_admission_refused_until_the_drafts_fit() -> None:
+    scheduler = lookahead_scheduler(4, k=3)  # 16 tokens
+    first, second = make_seq(0, 7, max_tokens=4), make_seq(1, 4, max_tokens=8)
+    scheduler.add([first, second])
+    assert run_step(scheduler) == [first]  # 7 + 3 drafts take 3 blocks; 4 + 3 need 2 more, 1 is free
+    assert second.status == SequenceStatus.WAITING and len(first.block_table) == 3
+    scheduler.finish(first, "stop")
+    assert run_step(scheduler) == [second] and len(second.block_table) == 2
+    scheduler.finish(second, "stop")
+    assert scheduler.blocks.num_free_blocks == 4  # lookahead blocks return with the sequence
+
+
+def test_running_lookahead_never_preempts_and_preemption_returns_it() -> None:
+    scheduler = lookahead_scheduler(6, k=3)  # 24 tokens
+    a, b = make_seq(0, 8, max_tokens=16), make_seq(1, 8, max_tokens=16)
+    scheduler.add([a, b])
+    run_step(scheduler)  # each: 8 prompt tokens + 3 drafts = 3 blocks: the pool is full
+    assert scheduler.blocks.num_free_blocks == 0
+    batch = scheduler.schedule()  # decodes fit in their blocks; no spare block for more lookahead
+    assert batch.seqs == [a, b] and not batch.preempted
+    assert batch.num_lookahead_tokens == [3, 3]  # the drafts verified now are covered by the blocks they hold
+    for seq in batch.seqs:  # as the engine does when all three drafts are accepted, plus the bonus token
+        seq.num_computed_tokens += 1 + 3
+        seq.output_token_ids.extend([7, 7, 7, 7])
+    batch = scheduler.schedule()  # a needs a fourth block: b (the latest) is preempted, not for lookahead's sake
+    assert batch.preempted == [b] and b.block_table == [] and b.status == SequenceStatus.WAITING
+    # a: 13 tokens + 3 to verify + 3 to draft want 5 blocks; one of the 2 free stays free for a's growth.
+    assert batch.seqs == [a] and batch.num_lookahead_tokens == [3] and len(a.block_table) == 5
+    assert scheduler.blocks.num_free_blocks == 1
+    scheduler.finish(a, "stop")
+    assert scheduler.blocks.num_free_blocks == 6
