@@ -14,11 +14,12 @@ from the previous step:
            the drafts so far counted as output).
   roll back the KV of rejected positions needs nothing: num_computed_tokens advances by 1 + accepted, and
            those slots are overwritten later. The linear-attention state must end exactly at the accepted
-           length, so the verify pass runs with a StateJournal (qwenstack.models.qwen3_next): the drafting
-           sequences' slots stay untouched during the pass, each linear layer records the per-token inputs
-           of the delta rule, and commit(1 + accepted) replays the recurrent form from the untouched state
-           over the kept tokens only. Chosen over keeping every per-token state (k+1 copies of a 2 MB-per-
-           layer state for the 80B) and over snapshot-and-rerun-the-model (a second main pass).
+           length, so the verify pass runs with the model's state journal (RecurrentStateModel.
+           make_state_journal; qwenstack.models.state_journal): the drafting sequences' slots stay untouched
+           during the pass, each linear layer records the per-token inputs of the delta rule, and
+           commit(1 + accepted) replays the recurrent form from the untouched state over the kept tokens
+           only. Chosen over keeping every per-token state (k+1 copies of a 2 MB-per-layer state for the
+           80B) and over snapshot-and-rerun-the-model (a second main pass).
   draft    the MTP head catches up on the positions the main model just kept: at position j it reads
            (h_j, t_{j+1}) and writes its own KV there (prefill chunks too, so its cache covers the prompt).
            Its output at the last kept position gives d'_1 (argmax for greedy sequences, sampled from q
@@ -31,8 +32,8 @@ from the previous step:
 
 Sequences with logits processors (structured output, thinking budgets) keep their processors' state in
 step with the emitted tokens, so they decode without drafts. Drafts are capped by the step's token budget
-(max_num_batched_tokens, through the scheduler's grant) and by max_tokens. With a seed, a run is reproducible, but its tokens differ from
-a run without speculation (the same distribution, another draw).
+(max_num_batched_tokens, through the scheduler's grant) and by max_tokens. With a seed, a run is
+reproducible, but its tokens differ from a run without speculation (the same distribution, another draw).
 """
 from __future__ import annotations
 
@@ -49,7 +50,7 @@ from qwenstack.engine.sampler import (
 from qwenstack.engine.scheduler import ScheduledBatch
 from qwenstack.engine.sequence import PositionLogprobs, Sequence
 from qwenstack.models.attention import AttentionBatch
-from qwenstack.models.base import CausalLM
+from qwenstack.models.base import CausalLM, RecurrentStateJournal
 
 DRAFT_KEY = "spec_draft"  # seq.extras entry holding the pending drafts
 
@@ -176,12 +177,10 @@ class SpeculativeRunner(ModelRunner):
         batch = self._batch(step.seqs, query_lens, context_lens, slots)
         batch.state_slots = self.state_slots(step.seqs)
         deferred = [i for i, d in enumerate(drafts) if d]
-        journal = None
+        journal: RecurrentStateJournal | None = None
         kwargs = {}
         if deferred:
-            from qwenstack.models.qwen3_next import StateJournal
-
-            journal = StateJournal(deferred)
+            journal = self.model.make_state_journal(deferred)  # type: ignore[attr-defined]  # has_state: checked
             kwargs["state_journal"] = journal
         hidden = self.model.forward(torch.tensor(ids, dtype=torch.long, device=dev),
                                     torch.tensor(positions, dtype=torch.long, device=dev),
