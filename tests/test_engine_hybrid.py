@@ -50,7 +50,7 @@ def test_batched_greedy_matches_reference(tiny_next: Path, prompts_and_reference
     engine = make_engine(tiny_next, **options)
     outs = engine.generate_all(prompts, [GREEDY] * len(prompts))
     assert [o.outputs[0].token_ids for o in outs] == reference
-    assert sorted(engine.runner.free_slots) == list(range(engine.config.max_num_seqs))  # every slot returned
+    assert sorted(engine.state_slots.free) == list(range(engine.config.max_num_seqs))  # every slot returned
     if "kv_cache_memory" in options:
         assert engine.counters.preemptions > 0
 
@@ -73,7 +73,7 @@ def test_abort_returns_the_state_slot(tiny_next: Path) -> None:
     engine = make_engine(tiny_next)
     engine.add_request("a", list(range(5, 40)), SamplingParams(temperature=0, max_tokens=30, ignore_eos=True))
     engine.step()
-    assert len(engine.runner.free_slots) == engine.config.max_num_seqs - 1
+    assert len(engine.state_slots.free) == engine.config.max_num_seqs - 1
     engine.abort("a")
-    assert len(engine.runner.free_slots) == engine.config.max_num_seqs
+    assert len(engine.state_slots.free) == engine.config.max_num_seqs
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks

@@ -1,5 +1,5 @@
 """The package's shape: no import cycles between qwenstack modules, and the scheduling layer (sampling
-parameters, sequences, block manager, scheduler) imports without torch."""
+parameters, sequences, block manager, state-slot pool, scheduler) imports and schedules without torch."""
 from __future__ import annotations
 
 import ast
@@ -9,7 +9,7 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "qwenstack"
 SCHEDULING_LAYER = ["qwenstack.engine.params", "qwenstack.engine.sequence", "qwenstack.engine.block_manager",
-                    "qwenstack.engine.scheduler"]
+                    "qwenstack.engine.slot_pool", "qwenstack.engine.scheduler"]
 
 
 def module_imports() -> dict[str, set[str]]:
@@ -101,6 +101,14 @@ def test_scheduling_layer_imports_without_torch() -> None:
                "scheduler.add([seq])\n"
                "batch = scheduler.schedule()\n"
                "assert batch.seqs == [seq] and seq.block_table and seq.generator is None\n"
+               "from qwenstack.engine.slot_pool import SlotPool\n"
+               "slots = SlotPool(1)\n"
+               "hybrid = Scheduler(SchedulerConfig(), BlockManager(num_blocks=8, block_size=4), state_slots=slots)\n"
+               "a, b = (Sequence(i, 'r', 0, [1, 2, 3], SamplingParams(), max_tokens=4) for i in (1, 2))\n"
+               "hybrid.add([a, b])\n"
+               "assert hybrid.schedule().seqs == [a] and a.state_slot == 0 and not slots.free  # b waits for a slot\n"
+               "hybrid.finish(a, 'stop')\n"
+               "assert hybrid.schedule().seqs == [b] and b.state_slot == 0\n"
                "assert 'torch' not in sys.modules\n"
                "print('ok')\n")
     done = subprocess.run([sys.executable, "-c", blocker], capture_output=True, text=True,

@@ -132,7 +132,7 @@ def acceptance(engine: LLMEngine) -> tuple[int, int, float]:
 
 
 def assert_clean(engine: LLMEngine) -> None:
-    assert sorted(engine.runner.free_slots) == list(range(engine.config.max_num_seqs))
+    assert sorted(engine.state_slots.free) == list(range(engine.config.max_num_seqs))
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks  # draft blocks returned too
 
 

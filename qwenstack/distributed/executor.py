@@ -141,9 +141,7 @@ class DistributedRunner(ModelRunner):
         self.executor = executor
 
     def execute(self, step: ScheduledBatch) -> StepResult:
-        if self.has_state:
-            for seq in step.seqs:  # before the broadcast, so every rank reads and writes the same slot
-                self.state_slot(seq)
+        # Each sequence carries its state slot (the scheduler's), so every rank reads and writes the same one.
         self.executor.send(Execute(worker_view(step)))
         try:
             return super().execute(step)

@@ -75,7 +75,7 @@ class Shutdown:
 def worker_view(step: ScheduledBatch) -> ScheduledBatch:
     """The step as a worker needs it: sequences without their generators and logprob history."""
     seqs = [dataclasses.replace(s, generator=None, logprobs=[], prompt_logprobs=[]) for s in step.seqs]
-    return ScheduledBatch(seqs, list(step.num_new_tokens))
+    return ScheduledBatch(seqs, list(step.num_new_tokens), num_lookahead_tokens=list(step.num_lookahead_tokens))
 
 
 def load_shard(spec: WorkerSpec, group: ParallelGroup) -> tuple[torch.nn.Module, ShardReport]:

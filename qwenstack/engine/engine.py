@@ -28,6 +28,7 @@ from qwenstack.engine.runner import ModelRunner, kv_pool_blocks
 from qwenstack.engine.scheduler import Scheduler, SchedulerConfig
 from qwenstack.engine.speculative import SpeculativeRunner, speculative_pool_blocks
 from qwenstack.engine.sequence import PositionLogprobs, Sequence, SequenceStatus
+from qwenstack.engine.slot_pool import SlotPool
 from qwenstack.errors import RequestError
 from qwenstack.models.base import CausalLM, MultimodalModel
 from qwenstack.multimodal.inputs import MultimodalInputs, MultimodalPlan
@@ -108,15 +109,15 @@ class LLMEngine:
             log.info("prefix caching is off for this model: its linear-attention layers keep recurrent state")
             prefix_caching = False
         self.block_manager = BlockManager(num_blocks, self.config.block_size, prefix_caching)
+        # One slot per sequence that may run: the runner sized its state tensors for max_num_seqs slots.
+        self.state_slots = SlotPool(self.config.max_num_seqs) if self.runner.has_state else None
         sched = SchedulerConfig(self.config.max_num_seqs, self.config.max_num_batched_tokens, self.config.max_waiting,
-                                self.config.enable_chunked_prefill)
+                                self.config.enable_chunked_prefill, num_lookahead_tokens=spec_k)
         # A function of the block size, not a bound method: the engine's own method in its scheduler made a
         # reference cycle, and a dropped engine's KV pool (gigabytes) waited for the cyclic garbage collector.
         self._block_extra_keys = partial(block_extra_keys, block_size=self.config.block_size)
-        self.scheduler = Scheduler(sched, self.block_manager, extra_keys=self._block_extra_keys)
-        self.scheduler.on_release = self.runner.release_state_slot
-        if isinstance(self.runner, SpeculativeRunner):
-            self.runner.bind(self.block_manager, self.config.max_num_batched_tokens)
+        self.scheduler = Scheduler(sched, self.block_manager, extra_keys=self._block_extra_keys,
+                                   state_slots=self.state_slots)
         pool_tokens = num_blocks * self.config.block_size
         model_len = context_len or getattr(model.args, "max_position_embeddings", pool_tokens)
         self.max_model_len = min(self.config.max_model_len or model_len, model_len, pool_tokens)

@@ -4,9 +4,9 @@ logits that sampling and prompt logprobs need. Device-agnostic (CPU or CUDA).
 Decisions:
 - The KV pool is allocated once from a byte budget: one [2, blocks, block_size, kv_heads, head_dim]
   tensor per attention layer. The engine (through this runner) is the only owner of KV memory.
-- Models with linear-attention layers (Qwen3-Next) also get one fixed-size recurrent-state slot per
-  running sequence, taken on its first step and returned when it finishes or is preempted (recompute
-  rebuilds the state from a fresh slot).
+- Models with linear-attention layers (Qwen3-Next) also get a fixed-size recurrent state per slot, for
+  num_state_slots slots. Which sequence holds which slot is the scheduler's decision (engine/slot_pool.py):
+  the runner only reads `seq.state_slot`.
 - Logits are computed only for rows that need them: the last token of each sequence that completes its
   known tokens this step, plus prompt positions whose logprobs were asked for.
 - Models that take images (MultimodalModel) get 3-D positions and the image rows of the step from
@@ -55,11 +55,9 @@ class ModelRunner:
         self.kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(spec.num_layers)]
         self.layer_caches: list = list(self.kv_caches)
         self.has_state = isinstance(model, RecurrentStateModel)
-        self.free_slots: list[int] = []
         if self.has_state:
             states = model.make_state_cache(num_state_slots, self.dtype, self.device)  # type: ignore[attr-defined]
             self.layer_caches = layer_caches(self.kv_caches, states)
-            self.free_slots = list(range(num_state_slots))
         self.generator = torch.Generator().manual_seed(seed)
         self.multimodal = MultimodalStep(model, encoder_cache_memory) if isinstance(model, MultimodalModel) else None
         if self.device.type == "cpu":
@@ -74,18 +72,12 @@ class ModelRunner:
     def kv_cache_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.kv_caches)
 
-    def release_state_slot(self, seq: Sequence) -> None:
-        slot = seq.extras.pop("state_slot", None)
-        if slot is not None:
-            self.free_slots.append(slot)
-
-    def state_slot(self, seq: Sequence) -> int:
-        """The sequence's recurrent-state slot, taken from the free pool at its first step."""
-        if "state_slot" not in seq.extras:
-            if not self.free_slots:
-                raise RuntimeError("no free recurrent-state slot: max_num_seqs exceeds the slot pool")
-            seq.extras["state_slot"] = self.free_slots.pop()
-        return seq.extras["state_slot"]
+    def state_slots(self, seqs: list[Sequence]) -> torch.Tensor:
+        """[B] long: each sequence's recurrent-state slot, as the scheduler assigned it at admission."""
+        missing = [s.seq_id for s in seqs if s.state_slot is None]
+        if missing:
+            raise RuntimeError(f"sequences {missing} were scheduled without a recurrent-state slot")
+        return torch.tensor([s.state_slot for s in seqs], dtype=torch.long, device=self.device)
 
     def _slots(self, seq: Sequence, start: int, end: int) -> list[int]:
         bs, table = self.block_size, seq.block_table
@@ -124,8 +116,7 @@ class ModelRunner:
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
             block_tables=torch.tensor(tables, dtype=torch.long, device=dev),
             block_size=self.block_size,
-            state_slots=torch.tensor([self.state_slot(s) for s in step.seqs], dtype=torch.long, device=dev)
-            if self.has_state else None,
+            state_slots=self.state_slots(step.seqs) if self.has_state else None,
         )
         input_ids = torch.tensor(ids, dtype=torch.long, device=dev)
         mm_positions, mm_batch = (None, None) if self.multimodal is None else \

@@ -54,6 +54,7 @@ class Sequence:
     block_table: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0  # tokens whose KV is in the cache
     num_registered_blocks: int = 0  # full blocks already entered in the prefix cache
+    state_slot: int | None = None  # recurrent-state slot while running (models with linear attention); scheduler-owned
     finish_reason: str | None = None  # "stop", "length", "abort"
     stop_reason: int | str | None = None  # the stop token or string that ended it
     generator: Any = None  # the runner's torch.Generator for a seeded request (sampler.sequence_generator)
@@ -62,7 +63,7 @@ class Sequence:
     cumulative_logprob: float = 0.0
     metrics: SequenceMetrics = field(default_factory=SequenceMetrics)
     num_preemptions: int = 0
-    # Per-request extras for architectures that need them (multimodal inputs, state slots).
+    # Per-request extras for architectures that need them (multimodal plans, speculative drafts).
     extras: dict[str, Any] = field(default_factory=dict)
 
     @property

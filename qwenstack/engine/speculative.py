@@ -14,22 +14,26 @@ from the previous step:
            the drafts so far counted as output).
   roll back the KV of rejected positions needs nothing: num_computed_tokens advances by 1 + accepted, and
            those slots are overwritten later. The linear-attention state must end exactly at the accepted
-           length, so the verify pass runs with a StateJournal (qwenstack.models.qwen3_next): the drafting
-           sequences' slots stay untouched during the pass, each linear layer records the per-token inputs
-           of the delta rule, and commit(1 + accepted) replays the recurrent form from the untouched state
-           over the kept tokens only. Chosen over keeping every per-token state (k+1 copies of a 2 MB-per-
-           layer state for the 80B) and over snapshot-and-rerun-the-model (a second main pass).
+           length, so the verify pass runs with the model's state journal (RecurrentStateModel.
+           make_state_journal; qwenstack.models.state_journal): the drafting sequences' slots stay untouched
+           during the pass, each linear layer records the per-token inputs of the delta rule, and
+           commit(1 + accepted) replays the recurrent form from the untouched state over the kept tokens
+           only. Chosen over keeping every per-token state (k+1 copies of a 2 MB-per-layer state for the
+           80B) and over snapshot-and-rerun-the-model (a second main pass).
   draft    the MTP head catches up on the positions the main model just kept: at position j it reads
            (h_j, t_{j+1}) and writes its own KV there (prefill chunks too, so its cache covers the prompt).
            Its output at the last kept position gives d'_1 (argmax for greedy sequences, sampled from q
            otherwise); d'_2..d'_k come from feeding its own hidden state and draft back, one token per pass.
-           The drafts wait in seq.extras until the next step verifies them; the blocks they will need are
-           taken now, only from free blocks beyond a small reserve, so speculation never preempts anyone.
+           The drafts wait in seq.extras until the next step verifies them.
+  blocks   are the scheduler's: its lookahead (SchedulerConfig.num_lookahead_tokens = k) gives each sampling
+           sequence blocks for the drafts it verifies and the ones drafted after them, and grants each decode
+           how many drafts it may verify (ScheduledBatch.num_lookahead_tokens). This runner never allocates;
+           it drafts only as far as the sequence's blocks reach.
 
 Sequences with logits processors (structured output, thinking budgets) keep their processors' state in
 step with the emitted tokens, so they decode without drafts. Drafts are capped by the step's token budget
-(max_num_batched_tokens) and by max_tokens. With a seed, a run is reproducible, but its tokens differ from
-a run without speculation (the same distribution, another draw).
+(max_num_batched_tokens, through the scheduler's grant) and by max_tokens. With a seed, a run is
+reproducible, but its tokens differ from a run without speculation (the same distribution, another draw).
 """
 from __future__ import annotations
 
@@ -38,7 +42,6 @@ from typing import Any
 
 import torch
 
-from qwenstack.engine.block_manager import BlockManager
 from qwenstack.engine.runner import ModelRunner, StepResult
 from qwenstack.engine.sampler import (
     RequestFailed, SampleError, SampleRequest, apply_penalties, filter_logits, sample, sequence_generator,
@@ -47,7 +50,7 @@ from qwenstack.engine.sampler import (
 from qwenstack.engine.scheduler import ScheduledBatch
 from qwenstack.engine.sequence import PositionLogprobs, Sequence
 from qwenstack.models.attention import AttentionBatch
-from qwenstack.models.base import CausalLM
+from qwenstack.models.base import CausalLM, RecurrentStateJournal
 
 DRAFT_KEY = "spec_draft"  # seq.extras entry holding the pending drafts
 
@@ -124,13 +127,6 @@ class SpeculativeRunner(ModelRunner):
         self.mtp_kv = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.k = speculative_tokens
         self.stats = SpeculativeStats()
-        self.block_manager: BlockManager | None = None
-        self.max_num_batched_tokens: int | None = None
-
-    def bind(self, block_manager: BlockManager, max_num_batched_tokens: int) -> None:
-        """The engine's block pool (drafts take blocks ahead) and its step budget (drafts count against it)."""
-        self.block_manager = block_manager
-        self.max_num_batched_tokens = max_num_batched_tokens
 
     def kv_cache_bytes(self) -> int:
         return super().kv_cache_bytes() + self.mtp_kv.numel() * self.mtp_kv.element_size()
@@ -138,16 +134,15 @@ class SpeculativeRunner(ModelRunner):
     # --- one step -----------------------------------------------------------------------------------
 
     def _drafts_to_verify(self, step: ScheduledBatch) -> list[list[int]]:
-        budget = (self.max_num_batched_tokens or step.num_tokens) - step.num_tokens
+        """Each sequence's pending drafts, cut to what the scheduler granted (its blocks and budget cover them)."""
+        grants = step.num_lookahead_tokens or [0] * len(step.seqs)
         out = []
-        for seq, n in zip(step.seqs, step.num_new_tokens):
+        for seq, n, granted in zip(step.seqs, step.num_new_tokens, grants):
             draft = seq.extras.pop(DRAFT_KEY, None)
             take = 0
             if draft is not None and draft.at == seq.num_tokens and seq.num_computed_tokens + n == seq.num_tokens \
                     and n == 1:
-                room = len(seq.block_table) * self.block_size - seq.num_tokens  # blocks taken when drafting
-                take = max(0, min(len(draft.tokens), budget, room, seq.max_tokens - len(seq.output_token_ids) - 1))
-                budget -= take
+                take = max(0, min(len(draft.tokens), granted, seq.max_tokens - len(seq.output_token_ids) - 1))
                 if take:
                     seq.extras[DRAFT_KEY] = Draft(draft.at, draft.tokens[:take],
                                                   None if draft.probs is None else draft.probs[:take])
@@ -180,14 +175,12 @@ class SpeculativeRunner(ModelRunner):
             row += m
         dev = self.device
         batch = self._batch(step.seqs, query_lens, context_lens, slots)
-        batch.state_slots = torch.tensor([self.state_slot(s) for s in step.seqs], dtype=torch.long, device=dev)
+        batch.state_slots = self.state_slots(step.seqs)
         deferred = [i for i, d in enumerate(drafts) if d]
-        journal = None
+        journal: RecurrentStateJournal | None = None
         kwargs = {}
         if deferred:
-            from qwenstack.models.qwen3_next import StateJournal
-
-            journal = StateJournal(deferred)
+            journal = self.model.make_state_journal(deferred)  # type: ignore[attr-defined]  # has_state: checked
             kwargs["state_journal"] = journal
         hidden = self.model.forward(torch.tensor(ids, dtype=torch.long, device=dev),
                                     torch.tensor(positions, dtype=torch.long, device=dev),
@@ -342,9 +335,9 @@ class SpeculativeRunner(ModelRunner):
         out = self.head(self.model.model.embed_tokens(torch.tensor(ids, dtype=torch.long, device=dev)),  # type: ignore[attr-defined]
                         hidden[torch.tensor(rows, device=dev)], torch.tensor(positions, dtype=torch.long, device=dev),
                         batch, self.mtp_kv)
-        # Sequences that sampled draft; each takes the blocks its next verify needs (num_tokens + drafts).
+        # Sequences that sampled draft, as far as the blocks the scheduler gave them reach: chained pass r
+        # writes the head's KV at position num_tokens + r - 2, for r = 1 .. want - 1.
         drafting: list[_Drafting] = []
-        reserve = len(step.seqs)
         last_row = 0
         for j, i in enumerate(members):
             last_row += qlens[j]
@@ -352,8 +345,8 @@ class SpeculativeRunner(ModelRunner):
             if i not in new_tokens:
                 continue
             new = new_tokens[i]
-            want = min(self.k, seq.max_tokens - len(seq.output_token_ids) - len(new) - 1)
-            want = self._reserve_blocks(seq, seq.num_tokens + len(new), want, reserve)
+            room = len(seq.block_table) * self.block_size - (seq.num_tokens + len(new)) + 2
+            want = min(self.k, seq.max_tokens - len(seq.output_token_ids) - len(new) - 1, room)
             if want > 0:
                 drafting.append(_Drafting(seq, new, want, clens[j], last_row - 1))
         if not drafting:
@@ -384,22 +377,6 @@ class SpeculativeRunner(ModelRunner):
         for d in drafting:
             d.seq.extras[DRAFT_KEY] = Draft(d.seq.num_tokens + len(d.new), d.tokens,
                                             None if d.seq.params.greedy else d.probs)
-
-    def _reserve_blocks(self, seq: Sequence, num_tokens: int, want: int, reserve: int) -> int:
-        """Takes blocks for the next verify (num_tokens + want tokens) from free blocks beyond `reserve`;
-        returns how many drafts fit."""
-        bm = self.block_manager
-        if bm is None:
-            return 0
-        while want > 0:
-            need = bm.blocks_needed(num_tokens + want) - len(seq.block_table)
-            if need <= 0:
-                return want
-            if bm.num_free_blocks - need >= reserve:
-                bm.grow(seq.block_table, num_tokens + want)
-                return want
-            want -= 1
-        return 0
 
 
 __all__ = ["SpeculativeRunner", "SpeculativeStats", "speculative_pool_blocks", "Draft"]

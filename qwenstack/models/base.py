@@ -53,12 +53,27 @@ class CausalLM(Protocol):
     def kv_cache_spec(self) -> KVCacheSpec: ...
 
 
+class RecurrentStateJournal(Protocol):
+    """Deferred state updates of one verification pass: the deferred sequences' slots stay untouched during
+    the pass, and commit(keep) advances each by exactly its first keep[i] tokens (the accepted ones)."""
+
+    def commit(self, keep: list[int]) -> None: ...
+
+
 @runtime_checkable
 class RecurrentStateModel(Protocol):
-    """A model whose linear-attention layers keep a fixed-size state per sequence instead of paged KV."""
+    """A model whose linear-attention layers keep a fixed-size state per sequence instead of paged KV.
+
+    Such a state cannot be trimmed like paged KV, so speculative verification passes a journal from
+    `make_state_journal` to `forward(..., state_journal=journal)` and commits the accepted length after.
+    """
 
     def make_state_cache(self, num_slots: int, dtype: torch.dtype, device: torch.device | str) -> list[Any | None]:
         """Per layer: that layer's state for `num_slots` slots, or None where the layer uses paged KV."""
+        ...
+
+    def make_state_journal(self, deferred: list[int]) -> RecurrentStateJournal:
+        """A journal for one pass; `deferred` are the batch positions whose state updates wait for commit."""
         ...
 
 

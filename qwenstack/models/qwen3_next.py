@@ -33,10 +33,10 @@ Recurrent state (the interface the engine programs against):
   query_len on a sequence whose slot never saw that prefix) would silently read a wrong state.
 - A pass where every sequence has one new token runs the recurrent (decode) form batched over sequences;
   any other pass runs the chunked form per sequence (chunks of 64, varlen), starting from the slot state.
-- Speculative verification (`forward(..., state_journal=StateJournal(deferred))`): the deferred sequences'
-  slots are left untouched and each linear layer records their per-token delta-rule inputs instead;
-  `journal.commit(keep)` later advances each deferred slot by exactly its first `keep` tokens (the accepted
-  ones), replaying the recurrent form from the untouched state. Rejected drafts never reach a slot. Such a
+- Speculative verification (`forward(..., state_journal=make_state_journal(deferred))`, the journal itself in
+  models/state_journal.py): the deferred sequences' slots are left untouched and each linear layer records
+  their per-token delta-rule inputs instead; `journal.commit(keep)` later advances each deferred slot by
+  exactly its first `keep` tokens (the accepted ones). Rejected drafts never reach a slot. Such a
   pass, when no sequence brings more than SHORT_PASS_TOKENS tokens, runs the recurrent form on all sequences
   padded to one width (padding after each end, inert) instead of the per-sequence chunked form, which would
   pad every 1 + k tokens to a 64-token chunk.
@@ -61,6 +61,9 @@ from qwenstack.models.linear_attention import (
     recurrent_gated_delta_rule,
 )
 from qwenstack.models.moe import SparseMoE
+from qwenstack.models.state_journal import (
+    LinearAttentionState, StateJournal, conv_tail, inert_after, padded_rows,
+)
 from qwenstack.models.qwen3_moe import Qwen3MoeArgs
 
 if TYPE_CHECKING:
@@ -105,14 +108,6 @@ class Qwen3NextArgs(Qwen3MoeArgs):
     def is_linear_layer(self, layer_idx: int) -> bool:
         assert self.layer_types is not None
         return self.layer_types[layer_idx] == "linear_attention"
-
-
-@dataclass
-class LinearAttentionState:
-    """One linear-attention layer's memory for every state slot (engine-owned, updated in place)."""
-
-    conv_state: torch.Tensor  # [num_slots, conv_dim, K-1], activation dtype: the last K-1 conv inputs
-    recurrent_state: torch.Tensor  # [num_slots, Hv, Dk, Dv], float32 by default: the delta-rule memory S
 
 
 class GatedAttention(Attention):
@@ -166,81 +161,6 @@ class GatedRMSNorm(nn.Module):
 SHORT_PASS_TOKENS = 16  # verification passes this short run the recurrent form, padded, batched over sequences
 
 
-def _padded_rows(batch: AttentionBatch, seqs: list[int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token rows [S, W] of the chosen sequences, padded by repeating each one's last row, and live [S, W]."""
-    lens = [batch.query_lens[i] for i in seqs]
-    width = max(lens)
-    rows = [[batch.query_starts[i] + min(t, n - 1) for t in range(width)] for i, n in zip(seqs, lens)]
-    rows_t = torch.tensor(rows, dtype=torch.long, device=device)
-    live = torch.arange(width, device=device)[None, :] < torch.tensor(lens, device=device)[:, None]
-    return rows_t, live
-
-
-def _conv_tail(conv_in: torch.Tensor, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """The conv state after counts[i] of x's columns: the last K-1 of cat(conv_in, x[..., :counts[i]])."""
-    window = torch.cat([conv_in, x.to(conv_in.dtype)], dim=-1)  # [S, C, K-1+W]
-    span = conv_in.shape[-1]
-    cols = (counts[:, None] + torch.arange(span, device=counts.device)[None, :])[:, None, :]
-    return window.gather(-1, cols.expand(-1, window.shape[1], -1))
-
-
-def _inert_after(live: torch.Tensor, k: torch.Tensor, g: torch.Tensor, beta: torch.Tensor
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Padded [S, W, ...] delta-rule inputs with every non-live token made inert: k = 0, beta = 0 and g = 0
-    write and decay nothing, so the final state is the state after the live tokens, exactly."""
-    return k * live[..., None, None], g * live[..., None], beta * live[..., None]
-
-
-class StateJournal:
-    """Deferred state updates for speculative verification (see the module docstring).
-
-    `deferred` lists the batch positions of the sequences whose slots must not move during the pass; each
-    linear layer then records their raw per-token inputs (pre-conv q|k|v, k, v, g, beta: a few KB per token,
-    not a copy of the state). `commit(keep)` advances deferred sequence i by its first keep[i] tokens: the
-    conv state is the last K-1 inputs of that prefix, the recurrent state is the recurrent form replayed from
-    the slot with the remaining tokens made inert (k = 0, beta = 0, g = 0 writes and decays nothing).
-    """
-
-    def __init__(self, deferred: list[int]) -> None:
-        self.deferred = deferred
-        self._entries: list[tuple[LinearAttentionState, tuple[torch.Tensor, ...]]] = []
-        self._slots: torch.Tensor | None = None
-        self._rows: torch.Tensor | None = None  # [D, Tmax] token rows of the deferred sequences (padded)
-        self._lens: list[int] = []
-
-    def _index(self, batch: AttentionBatch, slots: torch.Tensor) -> torch.Tensor:
-        if self._rows is None:
-            self._lens = [batch.query_lens[i] for i in self.deferred]
-            self._rows, _ = _padded_rows(batch, self.deferred, slots.device)
-            self._slots = slots[torch.tensor(self.deferred, dtype=torch.long, device=slots.device)]
-        return self._rows
-
-    def record(self, state: LinearAttentionState, batch: AttentionBatch, slots: torch.Tensor,
-               *inputs: torch.Tensor) -> None:
-        """inputs: mixed [T, C], k [T, Hk, Dk], v [T, Hv, Dv], g and beta [T, Hv] of the whole pass."""
-        rows = self._index(batch, slots)
-        self._entries.append((state, tuple(x[rows] for x in inputs)))  # each [D, Tmax, ...]
-
-    def commit(self, keep: list[int]) -> None:
-        """Advances deferred sequence i by its first keep[i] (1..query_len) tokens; call once, after the pass."""
-        if len(keep) != len(self.deferred) or any(not 1 <= n <= q for n, q in zip(keep, self._lens or keep)):
-            raise ValueError(f"keep must give 1..query_len tokens per deferred sequence, got {keep}")
-        if not self._entries:
-            return
-        assert self._rows is not None and self._slots is not None
-        slots, device = self._slots, self._rows.device
-        keep_t = torch.tensor(keep, device=device)
-        live = torch.arange(self._rows.shape[1], device=device)[None, :] < keep_t[:, None]  # [D, Tmax]
-        for state, (mixed, k, v, g, beta) in self._entries:
-            conv = state.conv_state.index_select(0, slots)  # [D, C, K-1]
-            state.conv_state.index_copy_(0, slots, _conv_tail(conv, mixed.transpose(1, 2), keep_t))
-            k, g, beta = _inert_after(live, k, g, beta)
-            rec = state.recurrent_state.index_select(0, slots)
-            _, rec = recurrent_gated_delta_rule(k, k, v, g, beta, rec)
-            state.recurrent_state.index_copy_(0, slots, rec.to(state.recurrent_state.dtype))
-        self._entries.clear()
-
-
 @dataclass
 class _StateIndex:
     """Per-pass view of batch.state_slots, computed once and shared by every linear layer."""
@@ -279,7 +199,7 @@ class _StateIndex:
             index.write_rows = torch.tensor([i for i in range(batch.num_seqs) if i not in deferred],
                                             dtype=torch.long, device=slots.device)
             if not index.decode and max(batch.query_lens) <= SHORT_PASS_TOKENS:
-                index.padded = _padded_rows(batch, list(range(batch.num_seqs)), slots.device)
+                index.padded = padded_rows(batch, list(range(batch.num_seqs)), slots.device)
         return index
 
 
@@ -340,7 +260,7 @@ class GatedDeltaNet(nn.Module):
             if conv_in is None:
                 conv_in = x.new_zeros(x.shape[0], x.shape[1], self.kernel_size - 1)
             y, _ = causal_conv1d(x, weight, conv_in)
-            conv_out = _conv_tail(conv_in, x, live.sum(-1))
+            conv_out = conv_tail(conv_in, x, live.sum(-1))
             y = y.transpose(1, 2)[live]
         else:
             y, conv_out = causal_conv1d_varlen(mixed, weight, batch.query_starts, conv_in)
@@ -357,7 +277,7 @@ class GatedDeltaNet(nn.Module):
             out = out.squeeze(1)
         elif index.padded is not None:
             rows, live = index.padded
-            kp, gp, bp = _inert_after(live, k[rows], g[rows], beta[rows])
+            kp, gp, bp = inert_after(live, k[rows], g[rows], beta[rows])
             out, rec_out = recurrent_gated_delta_rule(q[rows], kp, v[rows], gp, bp, rec_in)
             out = out[live]
         else:
@@ -510,6 +430,10 @@ class Qwen3NextForCausalLM(nn.Module):
         """Per layer: a LinearAttentionState with `num_slots` zeroed slots, or None at full-attention layers."""
         return [layer.linear_attn.make_state(num_slots, dtype, device, recurrent_dtype) if layer.is_linear else None
                 for layer in self.model.layers]
+
+    def make_state_journal(self, deferred: list[int]) -> StateJournal:
+        """Speculative verification: the slots of the sequences at batch positions `deferred` wait for commit."""
+        return StateJournal(deferred)
 
     def state_bytes_per_slot(self, dtype: torch.dtype, recurrent_dtype: torch.dtype = torch.float32) -> int:
         """Memory one state slot takes across all linear layers (for sizing the slot pool)."""
