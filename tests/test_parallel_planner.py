@@ -118,6 +118,25 @@ def test_layout_rules_follow_shard_py() -> None:
     nxt = Shape.of(QWEN3_NEXT_80B, build_model(QWEN3_NEXT_80B, "meta"))
     assert nxt.linear_key_heads == 16 and layout_problem(nxt, 4, False) is None
 
+    # Qwen3-VL: the decoder's heads set the rules; the vision tower is held whole by every rank.
+    vl = dict(model_type="qwen3_vl", image_token_id=151655, video_token_id=151656, vision_start_token_id=151652,
+              vision_end_token_id=151653, tie_word_embeddings=True, text_config=dict(QWEN3_0_6B),
+              vision_config=dict(depth=2, hidden_size=256, intermediate_size=512, num_heads=4, out_hidden_size=1024,
+                                 patch_size=16, temporal_patch_size=2, spatial_merge_size=2,
+                                 num_position_embeddings=2304, deepstack_visual_indexes=[0], in_channels=3,
+                                 hidden_act="gelu_pytorch_tanh"))
+    vl["text_config"]["rope_parameters"] = {"rope_type": "default", "rope_theta": 5e6, "mrope_section": [24, 20, 20],
+                                            "mrope_interleaved": True}
+    from qwenstack.cost.planner import model_matrices
+    from qwenstack.cost.parallel import rank_matrices
+
+    vl_matrices = model_matrices(vl)
+    vl_shape = Shape.of(vl, build_model(vl, "meta"))
+    assert (vl_shape.heads, vl_shape.kv_heads) == (16, 8)
+    halves = {m.name: m for m in rank_matrices(vl_matrices, vl_shape, 2, False)}
+    visual = [m for m in vl_matrices if ".visual." in f".{m.name}"]
+    assert visual and all(halves[m.name] == m for m in visual)
+
     # More ranks than KV heads: the KV cache per rank stops shrinking (each rank keeps one head).
     plan = plan_parallel(source(QWEN3_0_6B), gpu_cluster("16xL4"), context=1024)
     kv = {o.tensor_parallel: o.kv_bytes for o in plan.options if not o.problem}

@@ -123,11 +123,12 @@ class Shape:
 
         mlp_sizes = {m.intermediate_size for m in model.modules() if isinstance(m, SwiGLU)}
         expert_sizes = {m.intermediate_size for m in model.modules() if isinstance(m, Experts)}
-        heads = int(config["num_attention_heads"])
-        linear = int(config.get("linear_num_key_heads") or 0) if config.get("model_type") == "qwen3_next" else 0
-        return cls(heads, int(config.get("num_key_value_heads") or heads), int(config["hidden_size"]),
-                   int(config["num_hidden_layers"]), int(config["vocab_size"]), int(config.get("num_experts") or 0),
-                   int(config.get("num_experts_per_tok") or 0), linear, tuple(sorted(mlp_sizes)),
+        text = config.get("text_config") or config  # Qwen3-VL: the decoder's counts (its vision tower is replicated)
+        heads = int(text["num_attention_heads"])
+        linear = int(text.get("linear_num_key_heads") or 0) if config.get("model_type") == "qwen3_next" else 0
+        return cls(heads, int(text.get("num_key_value_heads") or heads), int(text["hidden_size"]),
+                   int(text["num_hidden_layers"]), int(text["vocab_size"]), int(text.get("num_experts") or 0),
+                   int(text.get("num_experts_per_tok") or 0), linear, tuple(sorted(mlp_sizes)),
                    max(expert_sizes, default=0))
 
 
@@ -168,7 +169,9 @@ def rank_matrices(matrices: list[Matrix], shape: Shape, ranks: int, expert_paral
     out = []
     for m in matrices:
         name = m.name
-        if m.lookup_only or name.startswith("lm_head"):
+        if ".visual." in f".{name}":
+            out.append(m)  # Qwen3-VL's vision tower runs whole on every rank (shard.py leaves it alone)
+        elif m.lookup_only or name.startswith("lm_head"):
             out.append(replace(m, rows=vocab_rows))
         elif name.endswith("self_attn.qkv_proj.weight"):
             # rows: q (or q + gate) of every head, then k and v of every KV head, head_dim each.
@@ -342,10 +345,3 @@ def plan_parallel(source: ConfigSource, cluster: Cluster, context: int | None = 
             option.speeds = _speeds(option.weights, rate_fmt, act_dtype, int(kv_rank), int(state_rank), contexts,
                                     cluster.bandwidth, overhead + option.comm.seconds, shape.hidden)
     return ParallelPlan(source.name, cluster, fmt, act_dtype, context, concurrency, options, source.note)
-
-
-def comm_share(option: LayoutOption) -> float:
-    """The share of the expected step time spent communicating (full context)."""
-    if option.comm is None or not option.speeds:
-        return 0.0
-    return option.comm.seconds * option.speeds[-1].expected_tok_s
