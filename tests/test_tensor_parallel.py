@@ -141,3 +141,35 @@ def test_serve_flags_drive_a_tensor_parallel_model(tiny_qwen3: Path) -> None:
     config.models[0] = replace(config.models[0], tensor_parallel_size=1)
     one = completion(config)
     assert two == one and one[1] == 6
+
+
+def test_workers_are_sent_only_the_new_tokens() -> None:
+    """The driver's step messages carry each held sequence's prompt once and then only its new output tokens;
+    the worker rebuilds the full sequences, and forgets (and is sent whole again) a released one."""
+    import pickle
+
+    from qwenstack.distributed.worker import TokenCache, TokenSender
+    from qwenstack.engine.params import SamplingParams
+    from qwenstack.engine.scheduler import ScheduledBatch
+    from qwenstack.engine.sequence import Sequence
+
+    params = SamplingParams(temperature=0.0, max_tokens=64)
+    long = Sequence(1, "a", 0, list(range(500)), params, 64)
+    short = Sequence(2, "b", 0, [7, 8, 9], params, 64)
+    sender, cache = TokenSender(), TokenCache()
+    sizes = []
+    for step in range(4):
+        seqs = [long, short] if step != 2 else [long]  # a step may leave a held sequence out
+        message = pickle.loads(pickle.dumps(sender.message(ScheduledBatch(seqs, [1] * len(seqs)))))
+        sizes.append(len(pickle.dumps(message)))
+        rebuilt = cache.apply(message)
+        assert [(s.prompt_token_ids, s.output_token_ids) for s in rebuilt.seqs] == \
+            [(s.prompt_token_ids, s.output_token_ids) for s in seqs]
+        for s in seqs:
+            s.output_token_ids.append(1000 + step)
+    assert sizes[1] < sizes[0] - 500  # the 500-token prompt went once
+    sender.forget(long.seq_id)  # preempted: its blocks and the workers' copy go
+    message = sender.message(ScheduledBatch([long], [1]))
+    assert message.released == (1,) and message.deltas == frozenset()
+    rebuilt = cache.apply(message)
+    assert rebuilt.seqs[0].all_token_ids == long.all_token_ids and rebuilt.seqs[0].num_tokens == 504

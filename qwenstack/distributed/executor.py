@@ -26,10 +26,11 @@ from qwenstack.distributed.config import ParallelConfig
 from qwenstack.distributed.group import CollectiveError, ParallelGroup
 from qwenstack.distributed.shard import ShardReport, shard_model
 from qwenstack.distributed.worker import (
-    Execute, InitRunner, ModelSource, Rendezvous, Shutdown, WorkerSpec, run_worker, worker_view,
+    InitRunner, ModelSource, Rendezvous, Shutdown, TokenSender, WorkerSpec, run_worker,
 )
 from qwenstack.engine.runner import ModelRunner, StepResult
 from qwenstack.engine.scheduler import ScheduledBatch
+from qwenstack.engine.sequence import Sequence
 from qwenstack.errors import EngineUnavailableError
 
 log = logging.getLogger("qwenstack.distributed")
@@ -139,12 +140,18 @@ class DistributedRunner(ModelRunner):
                                  kwargs.get("encoder_cache_memory", DEFAULT_ENCODER_CACHE_MEMORY)))
         super().__init__(model, num_blocks, block_size, seed=seed, num_state_slots=num_state_slots, **kwargs)
         self.executor = executor
+        self.sender = TokenSender()
+
+    def release_state_slot(self, seq: Sequence) -> None:
+        """The scheduler's on_release (a finished or preempted sequence): the workers drop their copy too."""
+        super().release_state_slot(seq)
+        self.sender.forget(seq.seq_id)
 
     def execute(self, step: ScheduledBatch) -> StepResult:
         if self.has_state:
             for seq in step.seqs:  # before the broadcast, so every rank reads and writes the same slot
                 self.state_slot(seq)
-        self.executor.send(Execute(worker_view(step)))
+        self.executor.send(self.sender.message(step))
         try:
             return super().execute(step)
         except (CollectiveError, torch.distributed.DistError) as exc:  # a rank is gone: nothing can run
