@@ -7,6 +7,8 @@ is per rank: a TP=2 rank holds half the KV heads, so it gets half the bytes for 
 """
 from __future__ import annotations
 
+import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -104,3 +106,70 @@ def test_shard_refuses_a_split_that_does_not_divide(tmp_path: Path) -> None:
 def test_expert_parallel_needs_tensor_parallel_ranks() -> None:
     with pytest.raises(ValueError, match="tensor_parallel_size > 1"):
         ParallelConfig(expert_parallel=True)
+
+
+def test_serve_flags_drive_a_tensor_parallel_model(tiny_qwen3: Path) -> None:
+    """`serve MODEL --tensor-parallel-size 2` end to end: the flags become a ModelSpec, load_served_model
+    (create_app's loader) starts a worker rank, and the API answers with the tokens one rank gives."""
+    import httpx
+    from server_utils import BackgroundServer
+
+    from qwenstack.cli import build_parser, discover_commands
+    from qwenstack.commands.serve import serve_config_from_args, server_config
+    from qwenstack.serving.app import create_app
+
+    commands, _ = discover_commands()
+    args = build_parser(commands).parse_args(["serve", str(tiny_qwen3), "--served-model-name", "tiny", "--dtype",
+                                              "float32", "--tensor-parallel-size", "2", "--no-ui"])
+    config = server_config(serve_config_from_args(args))
+    assert config.models[0].tensor_parallel_size == 2
+    config.kv_cache_memory = 2**22
+    body = {"model": "tiny", "prompt": [5, 17, 33, 8, 90, 41], "max_tokens": 6, "temperature": 0}
+
+    def completion(app_config: object) -> list[str]:
+        app = create_app(config=app_config)  # type: ignore[arg-type]
+        with BackgroundServer(app) as server:
+            for _ in range(600):  # the model loads in the background; /health says when it is ready
+                if httpx.get(server.url + "/health").status_code == 200:
+                    break
+                time.sleep(0.1)
+            response = httpx.post(server.url + "/v1/completions", json=body, timeout=60)
+            assert response.status_code == 200, response.text
+            return [response.json()["choices"][0]["text"], response.json()["usage"]["completion_tokens"]]
+
+    two = completion(config)
+    config.models[0] = replace(config.models[0], tensor_parallel_size=1)
+    one = completion(config)
+    assert two == one and one[1] == 6
+
+
+def test_workers_are_sent_only_the_new_tokens() -> None:
+    """The driver's step messages carry each held sequence's prompt once and then only its new output tokens;
+    the worker rebuilds the full sequences, and forgets (and is sent whole again) a released one."""
+    import pickle
+
+    from qwenstack.distributed.worker import TokenCache, TokenSender
+    from qwenstack.engine.params import SamplingParams
+    from qwenstack.engine.scheduler import ScheduledBatch
+    from qwenstack.engine.sequence import Sequence
+
+    params = SamplingParams(temperature=0.0, max_tokens=64)
+    long = Sequence(1, "a", 0, list(range(500)), params, 64)
+    short = Sequence(2, "b", 0, [7, 8, 9], params, 64)
+    sender, cache = TokenSender(), TokenCache()
+    sizes = []
+    for step in range(4):
+        seqs = [long, short] if step != 2 else [long]  # a step may leave a held sequence out
+        message = pickle.loads(pickle.dumps(sender.message(ScheduledBatch(seqs, [1] * len(seqs)))))
+        sizes.append(len(pickle.dumps(message)))
+        rebuilt = cache.apply(message)
+        assert [(s.prompt_token_ids, s.output_token_ids) for s in rebuilt.seqs] == \
+            [(s.prompt_token_ids, s.output_token_ids) for s in seqs]
+        for s in seqs:
+            s.output_token_ids.append(1000 + step)
+    assert sizes[1] < sizes[0] - 500  # the 500-token prompt went once
+    sender.forget(long.seq_id)  # preempted: its blocks and the workers' copy go
+    message = sender.message(ScheduledBatch([long], [1]))
+    assert message.released == (1,) and message.deltas == frozenset()
+    rebuilt = cache.apply(message)
+    assert rebuilt.seqs[0].all_token_ids == long.all_token_ids and rebuilt.seqs[0].num_tokens == 504

@@ -14,6 +14,8 @@ EPILOG = """examples:
   qwenstack plan qwen3-1t-hypothetical --context 262144          # a documented hypothetical 1T MoE
   qwenstack plan ./Qwen3-0.6B --quantization int8                # measures a short decode too
   qwenstack plan path/to/config.json --context 32768 --concurrency 8 --json plan.json
+  qwenstack plan Qwen/Qwen3-235B-A22B --gpus 8xH200               # smallest TP (and EP) that fits, speed
+  qwenstack plan Qwen/Qwen3-235B-A22B --cpus 4x512G --network 100gbe --quantization int8   # CPU nodes
   qwenstack plan Qwen/Qwen-Image-Edit-2509 --gpu H100 --size 1024x1024 --images 2   # an image model
 
 MODEL is a config.json file, a model folder, a model id in the local Hugging Face cache, or a published
@@ -36,6 +38,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="do not run a short decode even when the weights are present")
     parser.add_argument("--no-bandwidth", action="store_true", help="skip the bandwidth figures and speed estimates")
     parser.add_argument("--refresh-bandwidth", action="store_true", help="measure the bandwidth again")
+    parallel = parser.add_argument_group("parallel layouts (tensor, expert and data parallelism)")
+    where = parallel.add_mutually_exclusive_group()
+    where.add_argument("--gpus", default=None, metavar="NxGPU",
+                       help="plan over N GPUs of a kind: 8xH200, 4xH100, 2xA100-80GB, 2xL40S, 4xRTX-4090, 2xL4")
+    where.add_argument("--cpus", default=None, metavar="N[xRAM]",
+                       help="plan over N CPU nodes like this one (its RAM and measured bandwidth), or of RAM each: "
+                            "4, 4x512G")
+    parallel.add_argument("--network", default="25gbe", choices=("10gbe", "25gbe", "100gbe"),
+                          help="the network between CPU nodes (default: 25gbe)")
     parser.add_argument("--json", type=Path, default=None, metavar="OUT", help="also write the plan as JSON")
     image = parser.add_argument_group("image models (Qwen-Image, Qwen-Image-Edit, Qwen-Image-Edit-2509)")
     image.add_argument("--gpu", default=None, help="plan for this GPU: H200, H100, A100-80GB, A100-40GB, L40S, "
@@ -63,6 +74,28 @@ def run_image_plan(args: argparse.Namespace, model: object) -> int:
     return 0
 
 
+def run_parallel_plan(args: argparse.Namespace, source: object) -> int:
+    from dataclasses import asdict
+
+    from qwenstack.cost.bandwidth import cpu_bandwidth
+    from qwenstack.cost.parallel import cpu_cluster, gpu_cluster, plan_parallel
+    from qwenstack.cost.report import format_parallel
+
+    if args.gpus:
+        cluster = gpu_cluster(args.gpus)
+    else:
+        cluster = cpu_cluster(args.cpus, cpu_bandwidth(refresh=args.refresh_bandwidth), args.network)
+    plan = plan_parallel(source, cluster, args.context, args.concurrency, args.quantization, args.dtype)
+    print(format_parallel(plan))
+    if args.json is not None:
+        record = asdict(plan)
+        best = plan.smallest
+        record.update(kind="parallel_plan", smallest=best.label if best else None, replicas=plan.replicas)
+        args.json.write_text(json.dumps(record, indent=2, default=str) + "\n", encoding="utf-8")
+        print(f"wrote {args.json}", file=sys.stderr)
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     from qwenstack.cost.image_planner import image_model_for
 
@@ -74,6 +107,8 @@ def run(args: argparse.Namespace) -> int:
     from qwenstack.cost.report import format_plan
 
     source = find_config(args.model)
+    if args.gpus or args.cpus:
+        return run_parallel_plan(args, source)
     bandwidth = gpu = None
     if not args.no_bandwidth:
         bandwidth = cpu_bandwidth(refresh=args.refresh_bandwidth)

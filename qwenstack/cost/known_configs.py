@@ -14,6 +14,7 @@ a model of that shape, not for Qwen3-Max.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 _QWEN3 = dict(vocab_size=151936, rms_norm_eps=1e-6, max_position_embeddings=40960, hidden_act="silu",
@@ -81,3 +82,78 @@ def known_config(name: str) -> tuple[str, dict[str, Any]] | None:
     if key not in KNOWN_CONFIGS:
         return None
     return key, dict(KNOWN_CONFIGS[key])
+
+
+# --- hardware for parallel plans (`qwenstack plan MODEL --gpus 8xH200`, `--cpus 4`) --------------------
+#
+# Assumptions, each with its source; none was measured by qwenstack (no such machine was at hand).
+# - Memory sizes and HBM read bandwidths are the vendors' datasheet figures (decimal GB, TB/s): H200 SXM
+#   141 GB at 4.8 TB/s; H100 SXM 80 GB at 3.35 TB/s; A100 80GB SXM 2.039 TB/s, 40GB 1.555 TB/s; L40S 48 GB
+#   at 864 GB/s; RTX 4090 24 GB at 1,008 GB/s; RTX 3090 24 GB at 936 GB/s; L4 24 GB at 300 GB/s. The peak
+#   is the planner's bound: no decode kernel reads HBM faster.
+# - NVLink 4 (H100/H200 SXM, "900 GB/s" both directions together) is 450 GB/s per direction on the line;
+#   NCCL's protocol overhead (~20%) leaves ~370 GB/s of effective bus bandwidth (S. Jeaugey, NCCL
+#   maintainer, NVIDIA/nccl-tests#212). NVLink 3 (A100 SXM, "600 GB/s") scaled the same way: 240 GB/s.
+# - PCIe Gen4 x16 is 32 GB/s per direction on the line, ~25 GB/s in practice (the figure the image planner
+#   uses for host transfers); GPUs without NVLink (L40S, RTX 4090, L4; the 3090's 2-way bridge is ignored)
+#   all-reduce through it.
+# - Latency: a small NCCL all-reduce costs ~6 us on 2 H100s over NVLink (NVIDIA/nccl#1259, nccl-tests with
+#   CUDA graphs) and NCCL's low-latency protocol adds ~1 us per ring hop (Hu et al., "Demystifying NCCL",
+#   arXiv 2507.04786). Modelled as 4 us per collective + 1 us per hop, so 2 ranks give 4 + 2 x 1 = 6 us.
+#   PCIe is given the same latency (no measurement found): at decode sizes (kilobytes) it is the latency
+#   that counts, the bandwidth term is a few percent.
+# - CPU nodes talk over TCP (gloo). Ethernet line rates are exact (10/25/100 Gbit/s), taken at 90% for
+#   TCP; the latency, ~25 us per message hop plus ~30 us per collective for gloo's bookkeeping, is an
+#   UNVERIFIED estimate of kernel-TCP round trips in one data-centre rack. "loopback" is several ranks on one
+#   machine (what benchmarks/bench_tp.py measures): its figures come from that benchmark's gloo timings.
+
+@dataclass(frozen=True)
+class Interconnect:
+    name: str
+    bandwidth: float  # bytes per second per direction, effective
+    hop_latency_s: float  # per ring step of a collective
+    call_latency_s: float  # fixed cost of one collective (launch, synchronisation)
+    source: str
+
+
+@dataclass(frozen=True)
+class GpuSpec:
+    name: str
+    memory: float  # bytes
+    hbm: float  # bytes per second, read
+    link: str  # key of INTERCONNECTS
+
+
+_NCCL_LATENCY = dict(hop_latency_s=1e-6, call_latency_s=4e-6)
+INTERCONNECTS: dict[str, Interconnect] = {i.name: i for i in (
+    Interconnect("nvlink4", 370e9, source="NVLink 4, 450 GB/s line, ~370 GB/s NCCL busBw (NVIDIA/nccl-tests#212)",
+                 **_NCCL_LATENCY),
+    Interconnect("nvlink3", 240e9, source="NVLink 3, 300 GB/s line per direction, ~80% effective (as NVLink 4)",
+                 **_NCCL_LATENCY),
+    Interconnect("pcie4", 25e9, source="PCIe Gen4 x16, 32 GB/s line per direction, ~25 GB/s in practice",
+                 **_NCCL_LATENCY),
+    Interconnect("10gbe", 10e9 / 8 * 0.9, 25e-6, 30e-6, "10 Gbit/s Ethernet, TCP at 90%; latency UNVERIFIED"),
+    Interconnect("25gbe", 25e9 / 8 * 0.9, 25e-6, 30e-6, "25 Gbit/s Ethernet, TCP at 90%; latency UNVERIFIED"),
+    Interconnect("100gbe", 100e9 / 8 * 0.9, 25e-6, 30e-6, "100 Gbit/s Ethernet, TCP at 90%; latency UNVERIFIED"),
+)}
+GPU_SPECS: dict[str, GpuSpec] = {g.name.lower(): g for g in (
+    GpuSpec("H200", 141e9, 4.8e12, "nvlink4"), GpuSpec("H100", 80e9, 3.35e12, "nvlink4"),
+    GpuSpec("A100-80GB", 80e9, 2.039e12, "nvlink3"), GpuSpec("A100-40GB", 40e9, 1.555e12, "nvlink3"),
+    GpuSpec("L40S", 48e9, 864e9, "pcie4"), GpuSpec("RTX-4090", 24e9, 1008e9, "pcie4"),
+    GpuSpec("RTX-3090", 24e9, 936e9, "pcie4"), GpuSpec("L4", 24e9, 300e9, "pcie4"),
+)}
+# Of each GPU's memory, the share planned for weights and KV cache; the rest is the CUDA context,
+# activations and the allocator's slack (vLLM's default gpu_memory_utilization is the same 0.9).
+GPU_MEMORY_UTILIZATION = 0.9
+# Of a CPU node's RAM, the same share (the OS and the Python process take the rest).
+CPU_MEMORY_UTILIZATION = 0.9
+
+
+def parse_gpus(spec: str) -> tuple[int, GpuSpec]:
+    """'8xH200' -> (8, H200); 'H100' -> (1, H100)."""
+    count, sep, name = spec.strip().partition("x") if spec[:1].isdigit() else ("1", "x", spec.strip())
+    gpu = GPU_SPECS.get(name.lower())
+    if not sep or not count.isdigit() or int(count) < 1 or gpu is None:
+        raise ValueError(f"--gpus wants COUNTxNAME such as 8xH200, with NAME one of "
+                         f"{', '.join(g.name for g in GPU_SPECS.values())}; got {spec!r}")
+    return int(count), gpu

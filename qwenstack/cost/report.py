@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from qwenstack.cost.parallel import ParallelPlan
     from qwenstack.cost.planner import Plan, SpeedEstimate
 
 PARTS = ("embedding", "lm_head", "attention", "linear_attention", "mlp", "experts", "shared_expert", "router",
@@ -89,4 +90,74 @@ def format_plan(plan: "Plan") -> str:
     if plan.measured_tok_s is not None:
         lines.append(f"Measured here: {plan.measured_tok_s:.2f} tokens/s at {plan.measured_context} tokens of context "
                      f"(the engine, greedy, {plan.quantization} weights)")
+    return "\n".join(lines)
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1e3:.2f} ms" if seconds >= 1e-3 else f"{seconds * 1e6:.0f} us"
+
+
+def format_parallel(plan: "ParallelPlan") -> str:
+    """The layout table `qwenstack plan MODEL --gpus 8xH200` (or --cpus N) prints."""
+    c = plan.cluster
+    link = c.link
+    lines = [f"{plan.name} on {c.describe()}: {plan.quantization} weights, {plan.act_dtype} KV, "
+             f"{plan.context:,} tokens x {plan.concurrency} sequence{'s' if plan.concurrency > 1 else ''}"]
+    if plan.note:
+        lines.append(f"NOTE: {plan.note}")
+    rate = (f"memory read {c.bandwidth.stream / 1e9:,.0f} GB/s ({c.bandwidth.source})" if c.kind == "gpu" else
+            f"this CPU's measured rates: {c.bandwidth.describe()}")
+    lines.append(f"  per device: {size(c.memory)}, {c.usable:.0%} planned for weights + KV = "
+                 f"{size(c.usable_bytes)}; {rate}")
+    lines.append(f"  link: {link.name} ({link.source}): a collective costs {_ms(link.call_latency_s)} + "
+                 f"{_ms(link.hop_latency_s)} per hop + bytes / {link.bandwidth / 1e9:,.1f} GB/s "
+                 f"(assumptions: qwenstack/cost/known_configs.py)")
+    lines.append("")
+    ctx = f"at {plan.context:,}"
+    lines.append(f"  {'layout':<10}{'weights/rank':>14}{'KV/rank':>12}{'total/rank':>13}  {'fits':<5}"
+                 f"{'comm/token':>12}{'bound ' + ctx:>22}{'expected':>14}")
+    refused: set[tuple[int, str]] = set()
+    for o in plan.options:
+        if o.problem:
+            if (o.tensor_parallel, o.problem) not in refused:  # one line per reason, not one per EP variant
+                lines.append(f"  {o.label:<10}  cannot be built: {o.problem}")
+            refused.add((o.tensor_parallel, o.problem))
+            continue
+        assert o.weights is not None and o.comm is not None
+        full = o.speeds[-1]
+        lines.append(f"  {o.label:<10}{size(o.weights.memory):>14}{size(o.kv_bytes + o.state_bytes):>12}"
+                     f"{size(o.needed_bytes):>13}  {'yes' if o.fits else 'NO':<5}{_ms(o.comm.seconds):>12}"
+                     f"{full.bound_tok_s:>18.2f} t/s{full.expected_tok_s:>10.2f} t/s")
+    lines.append("")
+    best = plan.smallest
+    if best is None:
+        built = [o for o in plan.options if not o.problem]
+        least = min(built, key=lambda o: o.needed_bytes) if built else None
+        need = f": the smallest per-rank need is {size(least.needed_bytes)} ({least.label})" if least else ""
+        lines.append(f"Does NOT fit on {c.describe()} at any layout{need}, over the {size(c.usable_bytes)} usable "
+                     f"per device. More devices, a smaller format (--quantization) or less context would.")
+        return "\n".join(lines)
+    assert best.comm is not None
+    flags = f"--tensor-parallel-size {best.tensor_parallel}" + (" --expert-parallel" if best.expert_parallel else "")
+    if plan.replicas > 1:
+        flags += f" --data-parallel-size {plan.replicas}"
+    lines.append(f"Smallest layout that fits: {best.label}, {size(best.needed_bytes)} per rank of "
+                 f"{size(c.usable_bytes)} usable; {plan.replicas} replica{'s' if plan.replicas > 1 else ''} "
+                 f"on {c.count} device{'s' if c.count > 1 else ''}")
+    lines.append(f"  qwenstack serve MODEL {flags}")
+    comm = best.comm
+    if best.tensor_parallel > 1:
+        share = comm.seconds * best.speeds[-1].expected_tok_s
+        lines.append(f"  communication per token: {comm.all_reduces} all-reduces of {size(comm.all_reduce_bytes)} "
+                     f"({_ms(comm.all_reduce_seconds)}), the logits all-gather of {size(comm.gather_bytes)} per rank "
+                     f"({_ms(comm.gather_seconds)}), the step broadcast ({_ms(comm.broadcast_seconds)}): "
+                     f"{_ms(comm.seconds)}, {share:.0%} of the expected step")
+        if comm.all_to_all_bytes:
+            lines.append(f"  (a dispatch-based EP would send {size(comm.all_to_all_bytes)} per token in all-to-alls "
+                         f"instead of the MoE all-reduces; qwenstack's EP keeps the router on every rank and "
+                         f"all-reduces)")
+    lines.append(f"Single-stream decode per replica (bound: memory read of the slowest rank, no communication; "
+                 f"expected: {'kernel rates + step overhead' if c.kind == 'cpu' else 'the same read'} + "
+                 f"communication)")
+    lines.extend(_speed_rows(best.speeds))
     return "\n".join(lines)

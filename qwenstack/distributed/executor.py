@@ -26,7 +26,7 @@ from qwenstack.distributed.config import ParallelConfig
 from qwenstack.distributed.group import CollectiveError, ParallelGroup
 from qwenstack.distributed.shard import ShardReport, shard_model
 from qwenstack.distributed.worker import (
-    Execute, InitRunner, ModelSource, Rendezvous, Shutdown, WorkerSpec, run_worker, worker_view,
+    InitRunner, ModelSource, Rendezvous, Shutdown, TokenSender, WorkerSpec, run_worker,
 )
 from qwenstack.engine.runner import ModelRunner, StepResult
 from qwenstack.engine.scheduler import ScheduledBatch
@@ -139,10 +139,16 @@ class DistributedRunner(ModelRunner):
                                  kwargs.get("encoder_cache_memory", DEFAULT_ENCODER_CACHE_MEMORY)))
         super().__init__(model, num_blocks, block_size, seed=seed, num_state_slots=num_state_slots, **kwargs)
         self.executor = executor
+        self.sender = TokenSender()
 
     def execute(self, step: ScheduledBatch) -> StepResult:
         # Each sequence carries its state slot (the scheduler's), so every rank reads and writes the same one.
-        self.executor.send(Execute(worker_view(step)))
+        # A sequence missing from this step (finished, preempted, or waiting out a step) is forgotten on every
+        # rank: the scheduler keeps no release hook, and a forgotten sequence is simply sent whole next time.
+        scheduled = {seq.seq_id for seq in step.seqs}
+        for seq_id in [i for i in self.sender.sent_outputs if i not in scheduled]:
+            self.sender.forget(seq_id)
+        self.executor.send(self.sender.message(step))
         try:
             return super().execute(step)
         except (CollectiveError, torch.distributed.DistError) as exc:  # a rank is gone: nothing can run

@@ -65,6 +65,10 @@ class InitRunner:
 @dataclass(frozen=True)
 class Execute:
     step: ScheduledBatch
+    # Sequences sent before: their prompt is left out and only the output tokens since the last send are
+    # listed (nano-vllm sends only the last token for the same reason: a long context re-pickled every step).
+    deltas: frozenset[int] = frozenset()
+    released: tuple[int, ...] = ()  # sequences the driver let go of (finished or preempted): forget them
 
 
 @dataclass(frozen=True)
@@ -76,6 +80,51 @@ def worker_view(step: ScheduledBatch) -> ScheduledBatch:
     """The step as a worker needs it: sequences without their generators and logprob history."""
     seqs = [dataclasses.replace(s, generator=None, logprobs=[], prompt_logprobs=[]) for s in step.seqs]
     return ScheduledBatch(seqs, list(step.num_new_tokens), num_lookahead_tokens=list(step.num_lookahead_tokens))
+
+
+@dataclass
+class TokenSender:
+    """The driver's record of the tokens each worker holds per sequence, so a step sends only what changed.
+    A sequence's tokens only grow while it is held (preemption releases it, and it is then sent whole again)."""
+
+    sent_outputs: dict[int, int] = dataclasses.field(default_factory=dict)  # seq_id -> output tokens sent
+    released: list[int] = dataclasses.field(default_factory=list)
+
+    def forget(self, seq_id: int) -> None:
+        if self.sent_outputs.pop(seq_id, None) is not None:
+            self.released.append(seq_id)
+
+    def message(self, step: ScheduledBatch) -> Execute:
+        view = worker_view(step)
+        deltas = set()
+        for seq in view.seqs:
+            sent = self.sent_outputs.get(seq.seq_id)
+            self.sent_outputs[seq.seq_id] = len(seq.output_token_ids)
+            if sent is not None:
+                seq.prompt_token_ids, seq.output_token_ids = [], seq.output_token_ids[sent:]
+                deltas.add(seq.seq_id)
+        released, self.released = tuple(self.released), []
+        return Execute(view, frozenset(deltas), released)
+
+
+@dataclass
+class TokenCache:
+    """A worker's copy of each held sequence's tokens, rebuilt into full sequences from the driver's deltas."""
+
+    tokens: dict[int, tuple[list[int], list[int]]] = dataclasses.field(default_factory=dict)  # prompt, outputs
+
+    def apply(self, message: Execute) -> ScheduledBatch:
+        for seq_id in message.released:
+            self.tokens.pop(seq_id, None)
+        for seq in message.step.seqs:
+            if seq.seq_id in message.deltas:
+                prompt, outputs = self.tokens[seq.seq_id]
+                outputs.extend(seq.output_token_ids)
+            else:
+                prompt, outputs = seq.prompt_token_ids, list(seq.output_token_ids)
+                self.tokens[seq.seq_id] = (prompt, outputs)
+            seq.prompt_token_ids, seq.output_token_ids = prompt, list(outputs)
+        return message.step
 
 
 def load_shard(spec: WorkerSpec, group: ParallelGroup) -> tuple[torch.nn.Module, ShardReport]:
@@ -93,6 +142,7 @@ def serve_steps(model: torch.nn.Module, group: ParallelGroup) -> None:
     from qwenstack.engine.runner import ModelRunner
 
     runner: ModelRunner | None = None
+    cache = TokenCache()
     while True:
         message = group.broadcast_object(None, src=0)
         if isinstance(message, Shutdown):
@@ -104,8 +154,9 @@ def serve_steps(model: torch.nn.Module, group: ParallelGroup) -> None:
         elif isinstance(message, Execute):
             if runner is None:
                 raise RuntimeError("the driver sent a step before initialising the runner")
+            step = cache.apply(message)  # before anything can fail: the cache must follow every message
             try:
-                runner.execute(message.step)
+                runner.execute(step)
             except Exception as exc:  # noqa: BLE001
                 # A failure after the collectives (a request's logits processor) happened on the driver too,
                 # which ends that request; the ranks are still in step, so keep serving.
