@@ -97,25 +97,51 @@ def build_omni_checkpoint(out_dir: Path, audio_output: bool = True, seed: int = 
     model = transformers.Qwen3OmniMoeForConditionalGeneration(hf_config(audio_output)).eval()
     _randomise(model, seed)
     if audio_output:
-        with torch.no_grad():
-            # Code2Wav's layer scales start at 0.01 and its ConvNeXt gammas at 1e-6 in training; O(1) values make
-            # the waveform depend on every part of the decoder, so the parity tolerance means something.
-            for name, p in model.code2wav.named_parameters():
-                if name.endswith(("layer_scale.scale", ".gamma")):
-                    p.fill_(0.5)
-                elif name.endswith((".alpha", ".beta")):
-                    p.mul_(0.2)  # log-scale snake parameters
-                elif name.startswith("decoder.") and name.endswith("conv.weight"):
-                    # Each residual stage otherwise doubles the signal: 40x before the clamp, where float32
-                    # reassociation (1e-6) grows to 1e-3; kept O(1), a 1e-5 tolerance checks the decoder.
-                    p.mul_(0.4)
+        _scale_code2wav(model.code2wav)
     model.save_pretrained(out_dir)
+    _write_side_files(out_dir, with_tokenizer)
+    return out_dir
+
+
+def build_native_omni_checkpoint(out_dir: Path, seed: int = 0) -> Path:
+    """The same random Instruct layout built with qwenstack's own modules and saved in the checkpoint layout
+    (qwenstack.weights.save_checkpoint): for tests that need an Omni server, not transformers parity. It skips
+    importing transformers' modeling code, 12 of the 17 s the transformers build takes on 2 shared cores
+    (only its config class runs, for config.json's defaults)."""
+    from qwenstack.models.qwen3_omni_moe import Qwen3OmniMoeArgs, Qwen3OmniMoeForConditionalGeneration
+    from qwenstack.weights import save_checkpoint
+
+    config = hf_config().to_dict()
+    torch.manual_seed(seed)
+    model = Qwen3OmniMoeForConditionalGeneration(Qwen3OmniMoeArgs.from_dict(config)).eval()
+    _randomise(model, seed)
+    _scale_code2wav(model.code2wav)
+    save_checkpoint(model, out_dir, {**config, "architectures": [type(model).__name__]})
+    _write_side_files(out_dir, with_tokenizer=True)
+    return out_dir
+
+
+def _scale_code2wav(code2wav: torch.nn.Module) -> None:
+    with torch.no_grad():
+        # Code2Wav's layer scales start at 0.01 and its ConvNeXt gammas at 1e-6 in training; O(1) values make
+        # the waveform depend on every part of the decoder, so the parity tolerance means something.
+        for name, p in code2wav.named_parameters():
+            if name.endswith(("layer_scale.scale", ".gamma")):
+                p.fill_(0.5)
+            elif name.endswith((".alpha", ".beta")):
+                p.mul_(0.2)  # log-scale snake parameters
+            elif name.startswith("decoder.") and name.endswith("conv.weight"):
+                # Each residual stage otherwise doubles the signal: 40x before the clamp, where float32
+                # reassociation (1e-6) grows to 1e-3; kept O(1), a 1e-5 tolerance checks the decoder.
+                p.mul_(0.4)
+
+
+def _write_side_files(out_dir: Path, with_tokenizer: bool) -> None:
     (out_dir / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR_CONFIG, indent=2))
     if with_tokenizer:
         write_asr_tokenizer(out_dir)
         (out_dir / "tokenizer.json").write_text(omni_tokenizer_json())
         (out_dir / "generation_config.json").write_text(json.dumps({"eos_token_id": [151645, 151643]}))
-    return out_dir
 
 
 def load_hf_omni(model_dir: Path) -> Any:

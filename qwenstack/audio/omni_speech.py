@@ -7,12 +7,18 @@ Decisions:
   trails the text by about two tokens and the first audio comes long before the text ends.
 - Multimodal user turns need the Thinker's hidden states of layer accept_hidden_layer at those positions:
   one uncached pass over the prompt up to that layer (`thinker_states`), run once when the session starts.
+- How long it speaks: transformers and vLLM-Omni stop the Talker only at its codec EOS or after 4096 frames
+  (~5.5 min). A reply should not outlast its text by much, so `SpeechLimits` (optional) also ends it after
+  `frames_per_token` frames per spoken token plus `tail_frames` once the text is complete: the Talker
+  reads one token per frame while the text lasts, then keeps speaking from tts_pad rows, and natural speech
+  needs ~4 frames (0.3 s) per token. A cut answer's `finish_reason` is "length".
 - Frames go to Code2Wav's exact stream in chunks (`first_chunk_frames` for a fast first packet, then
   `chunk_frames`); the samples streamed equal the one-shot decode of all frames.
 - Not thread-safe: one caller feeds it (the server runs it in a worker thread, off the event loop).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -28,6 +34,22 @@ from qwenstack.multimodal.inputs import AudioPlacement, MultimodalBatch, Multimo
 class SpeechChunking:
     first_chunk_frames: int = 1
     chunk_frames: int = 4
+
+
+@dataclass(frozen=True)
+class SpeechLimits:
+    """How many frames (80 ms each) one answer may be spoken for, once its text is complete."""
+
+    frames_per_token: float = 8.0  # 0.64 s a token: twice slow speech, so a real Talker ends first by EOS
+    tail_frames: int = 25  # 2 s on top, for a short answer's closing silence
+
+    def __post_init__(self) -> None:
+        # Below one frame a token the Talker, which reads one token a frame, could already be past the limit.
+        if self.frames_per_token < 1 or self.tail_frames < 0:
+            raise ValueError("SpeechLimits needs frames_per_token >= 1 and tail_frames >= 0")
+
+    def frames(self, spoken_tokens: int) -> int:
+        return math.ceil(spoken_tokens * self.frames_per_token) + self.tail_frames
 
 
 def prompt_states(model: Any, prompt_ids: Sequence[int], plan: MultimodalPlan | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -56,13 +78,15 @@ class AnswerSpeech:
 
     def __init__(self, model: Any, prompt_ids: Sequence[int], plan: MultimodalPlan | None, voice: str,
                  eos_token_ids: Sequence[int], sampling: TalkerSampling | None = None,
-                 chunking: SpeechChunking | None = None) -> None:
+                 chunking: SpeechChunking | None = None, limits: SpeechLimits | None = None) -> None:
+        """limits None: the Talker stops at its EOS or sampling.max_frames only, as in transformers."""
         if not getattr(model, "has_talker", False):
             raise ValueError("this model has no Talker (enable_audio_output is false)")
         self.model, self.prompt_ids, self.plan, self.voice = model, list(prompt_ids), plan, voice
         self.eos = set(eos_token_ids)
         self.sampling = sampling or TalkerSampling()
         self.chunking = chunking or SpeechChunking()
+        self.limits = limits
         # Everything after the last assistant head is spoken: prompt tokens there (an empty think block a
         # template adds) come first, as transformers' assistant part starts at that head.
         args = model.args
@@ -96,6 +120,18 @@ class AnswerSpeech:
         # The answer ended: its last token is never fed to the Thinker, tts_eos takes its place, then tts_pad.
         return self.prompt.tts_eos if nxt == n - 1 else self.prompt.tts_pad
 
+    def _frame_limit(self) -> int:
+        """Frames this answer may still reach: unbounded by the text until the text is complete."""
+        if self.limits is None or not self.thinker_done:
+            return self.sampling.max_frames
+        spoken = sum(t not in self.eos for t in self.tokens)
+        return min(self.sampling.max_frames, self.limits.frames(spoken))
+
+    @property
+    def finish_reason(self) -> str | None:
+        """"stop" (the Talker's EOS), "length" (a limit), None while it speaks."""
+        return self.talker.finish_reason if self.talker is not None else None
+
     @torch.inference_mode()
     def _advance(self) -> torch.Tensor:
         if self.talker is None:
@@ -111,6 +147,9 @@ class AnswerSpeech:
             self.talker = TalkerStream(self.model.talker, self.prompt, self.sampling)
             self.talker.start()
         while not self.talker.finished:
+            if len(self.talker.frames) >= self._frame_limit():
+                self.talker.stop("length")
+                break
             row = self._row(len(self.talker.frames))
             if row is None:
                 break
@@ -145,4 +184,4 @@ class AnswerSpeech:
         return torch.stack(self.frames)
 
 
-__all__ = ["AnswerSpeech", "SpeechChunking", "prompt_states"]
+__all__ = ["AnswerSpeech", "SpeechChunking", "SpeechLimits", "prompt_states"]

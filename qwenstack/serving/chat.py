@@ -494,7 +494,7 @@ async def create_chat_completion(request: Request) -> Response:
     await attach_images(plan, state)
     await audio_inputs.attach_audio(plan, state)
     plan.audio_answer = await asyncio.to_thread(chat_audio.start_audio, served, chat_request, plan.prompt_ids,
-                                                plan.multimodal)
+                                                plan.multimodal, state.config)
     blocked = await moderation.screen_prompt(request, plan)  # a blocked prompt never reaches the engine
     if blocked is not None:
         return blocked
