@@ -194,6 +194,21 @@ def test_speech_limits_end_a_talker_that_never_says_eos(models) -> None:
         SpeechLimits(frames_per_token=0.5)
 
 
+def test_text_prompt_speech_runs_no_thinker_layer(models) -> None:
+    """A text-only prompt's Talker reads only input embeddings: the speech path must not rerun Thinker layers."""
+    ours, _ = models
+    calls = []
+    hook = ours.thinker.model.layers[0].register_forward_hook(lambda *args: calls.append(1))
+    try:
+        speech = AnswerSpeech(ours, chat_prompt([60, 61]), None, "ethan", [IM_END],
+                              sampling=TalkerSampling(temperature=0.0, max_frames=3))
+        speech.feed([70, 71, 72])
+        speech.finish()
+    finally:
+        hook.remove()
+    assert speech.codes.shape[0] == 3 and calls == []
+
+
 def test_thinking_variant_loads_text_only(tmp_path: Path) -> None:
     """enable_audio_output: false (Thinking/Captioner): no Talker, no Code2Wav, only thinker.* tensors."""
     path = build_omni_checkpoint(tmp_path / "thinking", audio_output=False, seed=7, with_tokenizer=False)

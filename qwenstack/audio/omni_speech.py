@@ -7,6 +7,15 @@ Decisions:
   trails the text by about two tokens and the first audio comes long before the text ends.
 - Multimodal user turns need the Thinker's hidden states of layer accept_hidden_layer at those positions:
   one uncached pass over the prompt up to that layer (`thinker_states`), run once when the session starts.
+  Text-only prompts skip it: the Talker reads only input embeddings at text positions.
+- That pass repeats work the engine's prefill already did (the image/audio encoders and accept_hidden_layer
+  of the Thinker's layers, 24 of 48 in the released model). It is not taken from the engine because the
+  engine does not always compute it and never keeps it: prefix caching skips the cached blocks of a prompt
+  (a repeated image or system turn), chunked prefill spreads one prompt over steps mixed with other
+  requests, tensor parallelism keeps activations on the worker ranks, and the decoder returns only its last
+  layer. Taking it needs a per-step "keep rows R of layer k" argument through runner, model and
+  RequestOutput, and spoken requests exempt from prefix-cache hits; the encoders alone could come from the
+  runner's EncoderCache, once that cache is safe to read from the speech thread.
 - How long it speaks: transformers and vLLM-Omni stop the Talker only at its codec EOS or after 4096 frames
   (~5.5 min). A reply should not outlast its text by much, so `SpeechLimits` (optional) also ends it after
   `frames_per_token` frames per spoken token plus `tail_frames` once the text is complete: the Talker
@@ -58,7 +67,8 @@ def prompt_states(model: Any, prompt_ids: Sequence[int], plan: MultimodalPlan | 
     ids = torch.tensor(list(prompt_ids), dtype=torch.long, device=weight.device)
     layer = model.args.talker.accept_hidden_layer
     if plan is None or not plan.placements:
-        return model.thinker_states(ids, torch.arange(len(ids), device=weight.device), None, layer)
+        # No multimodal rows: the Talker reads no hidden state, so layer 0 (the embeddings) is enough.
+        return model.thinker_states(ids, torch.arange(len(ids), device=weight.device), None, 0)
     images = [p.image for p in plan.placements if not isinstance(p, AudioPlacement)]
     audios = [p.audio for p in plan.placements if isinstance(p, AudioPlacement)]
     encoded_images = iter(model.encode_images(images) if images else [])
