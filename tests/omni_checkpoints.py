@@ -54,23 +54,30 @@ CODE2WAV: dict[str, Any] = {
 PREPROCESSOR_CONFIG = {**IMAGE_PRE, **AUDIO_PRE, "processor_class": "Qwen3OmniMoeProcessor"}
 
 
-def hf_config(audio_output: bool = True, accept_hidden_layer: int = 2) -> Any:
+def hf_config(audio_output: bool = True, accept_hidden_layer: int = 2,
+              sizes: dict[str, dict[str, Any]] | None = None) -> Any:
+    """sizes: updates of the "thinker_text", "talker_text", "code_predictor" and "code2wav" sub-configs (the
+    benchmark's larger shape); the widths that must follow the Thinker's hidden_size follow it."""
     import transformers
 
-    thinker = {"text_config": dict(THINKER_TEXT), "vision_config": {**VISION_CONFIG, "out_hidden_size": 64},
-               "audio_config": dict(AUDIO_CONFIG), "audio_token_id": AUDIO_TOKEN_ID,
+    sizes = sizes or {}
+    text = {**THINKER_TEXT, **sizes.get("thinker_text", {})}
+    width = text["hidden_size"]
+    predictor = {**CODE_PREDICTOR, **sizes.get("code_predictor", {})}
+    thinker = {"text_config": text, "vision_config": {**VISION_CONFIG, "out_hidden_size": width},
+               "audio_config": {**AUDIO_CONFIG, "output_dim": width}, "audio_token_id": AUDIO_TOKEN_ID,
                "audio_start_token_id": AUDIO_START_ID, "image_token_id": IMAGE_TOKEN_ID,
                "video_token_id": VIDEO_TOKEN_ID, "vision_start_token_id": VISION_START_ID,
                "position_id_per_seconds": 25}
-    talker = {"text_config": dict(TALKER_TEXT), "code_predictor_config": dict(CODE_PREDICTOR),
-              "num_code_groups": NUM_CODE_GROUPS, "thinker_hidden_size": 64,
+    talker = {"text_config": {**TALKER_TEXT, **sizes.get("talker_text", {})}, "code_predictor_config": predictor,
+              "num_code_groups": predictor["num_code_groups"], "thinker_hidden_size": width,
               "accept_hidden_layer": accept_hidden_layer, "speaker_id": dict(SPEAKERS),
               "audio_token_id": AUDIO_TOKEN_ID, "image_token_id": IMAGE_TOKEN_ID, "video_token_id": VIDEO_TOKEN_ID,
               "vision_start_token_id": VISION_START_ID, "audio_start_token_id": AUDIO_START_ID,
               "spatial_merge_size": 2, **CODEC}
-    return transformers.Qwen3OmniMoeConfig(thinker_config=thinker, talker_config=talker,
-                                           code2wav_config=dict(CODE2WAV), enable_audio_output=audio_output,
-                                           **ROLE_IDS)
+    code2wav = {**CODE2WAV, "num_quantizers": predictor["num_code_groups"], **sizes.get("code2wav", {})}
+    return transformers.Qwen3OmniMoeConfig(thinker_config=thinker, talker_config=talker, code2wav_config=code2wav,
+                                           enable_audio_output=audio_output, **ROLE_IDS)
 
 
 # The tiny BPE spells "user" and "assistant" in several tokens; the Talker finds turns by single role-token
@@ -89,12 +96,12 @@ def omni_tokenizer_json() -> str:
 
 
 def build_omni_checkpoint(out_dir: Path, audio_output: bool = True, seed: int = 0,
-                          with_tokenizer: bool = True) -> Path:
+                          with_tokenizer: bool = True, sizes: dict[str, dict[str, Any]] | None = None) -> Path:
     """A random Qwen3-Omni-MoE saved by transformers; audio_output=False is the Thinking/Captioner layout."""
     import transformers
 
     torch.manual_seed(seed)
-    model = transformers.Qwen3OmniMoeForConditionalGeneration(hf_config(audio_output)).eval()
+    model = transformers.Qwen3OmniMoeForConditionalGeneration(hf_config(audio_output, sizes=sizes)).eval()
     _randomise(model, seed)
     if audio_output:
         _scale_code2wav(model.code2wav)
