@@ -132,7 +132,16 @@ def test_streamed_audio_arrives_with_the_text_and_equals_one_shot(client: openai
     np.testing.assert_allclose(got, one_shot, atol=1.5 / 32767)  # pcm16 rounding
 
 
-def test_audio_and_image_inputs_with_audio_output(client: openai.OpenAI, server: BackgroundServer) -> None:
+def test_audio_and_image_inputs_with_audio_output(client: openai.OpenAI, server: BackgroundServer,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    model = server.served.engine.engine.model  # type: ignore[attr-defined]
+    calls = {"encode_images": 0, "encode_audio": 0}
+    for name in calls:
+        def counted(items, _name=name, _encode=getattr(model, name)):
+            calls[_name] += 1
+            return _encode(items)
+
+        monkeypatch.setattr(model, name, counted)
     clip = base64.b64encode(wav_bytes(speechlike(1.2, seed=3))).decode()
     content = [{"type": "text", "text": "What do you hear and see?"},
                {"type": "input_audio", "input_audio": {"data": clip, "format": "wav"}},
@@ -146,6 +155,8 @@ def test_audio_and_image_inputs_with_audio_output(client: openai.OpenAI, server:
     assert out.usage.prompt_tokens - text_only.usage.prompt_tokens == 16 + 4 + 2 * 2
     pcm = base64.b64decode(out.choices[0].message.audio.data)
     assert _frames(server, len(pcm) // 2) == _spoken_frames(5)
+    # the engine's prefill encoded the clip and the image; the speech path took them from its encoder cache
+    assert calls == {"encode_images": 1, "encode_audio": 1}
 
 
 def test_text_only_request_never_builds_a_talker(client: openai.OpenAI, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -14,8 +14,8 @@ Decisions:
   (a repeated image or system turn), chunked prefill spreads one prompt over steps mixed with other
   requests, tensor parallelism keeps activations on the worker ranks, and the decoder returns only its last
   layer. Taking it needs a per-step "keep rows R of layer k" argument through runner, model and
-  RequestOutput, and spoken requests exempt from prefix-cache hits; the encoders alone could come from the
-  runner's EncoderCache, once that cache is safe to read from the speech thread.
+  RequestOutput, and spoken requests exempt from prefix-cache hits. The encoders' outputs are reused: the
+  server passes the runner's EncoderCache (filled by the prefill, which precedes the Talker's start).
 - How long it speaks: transformers and vLLM-Omni stop the Talker only at its codec EOS or after 4096 frames
   (~5.5 min). A reply should not outlast its text by much, so `SpeechLimits` (optional) also ends it after
   `frames_per_token` frames per spoken token plus `tail_frames` once the text is complete: the Talker
@@ -36,7 +36,7 @@ import torch
 from qwenstack.models.qwen3_omni_moe_talker import (
     TalkerPrompt, TalkerSampling, TalkerStream, build_talker_prompt, talker_text_row,
 )
-from qwenstack.multimodal.inputs import AudioPlacement, MultimodalBatch, MultimodalPlan
+from qwenstack.multimodal.inputs import AudioPlacement, EncoderCache, MultimodalBatch, MultimodalPlan, placed_input
 
 
 @dataclass
@@ -61,21 +61,33 @@ class SpeechLimits:
         return math.ceil(spoken_tokens * self.frames_per_token) + self.tail_frames
 
 
-def prompt_states(model: Any, prompt_ids: Sequence[int], plan: MultimodalPlan | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The prompt's Thinker input embeddings and the hidden states the Talker reads (layer accept_hidden_layer)."""
+def prompt_states(model: Any, prompt_ids: Sequence[int], plan: MultimodalPlan | None,
+                  encoder_cache: EncoderCache | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The prompt's Thinker input embeddings and the hidden states the Talker reads (layer accept_hidden_layer).
+    encoder_cache: the engine runner's; its outputs for this prompt's images and clips are reused (the engine's
+    prefill put them there before the Talker starts), and only what was evicted is encoded again."""
     weight = model.thinker.model.embed_tokens.weight
     ids = torch.tensor(list(prompt_ids), dtype=torch.long, device=weight.device)
     layer = model.args.talker.accept_hidden_layer
     if plan is None or not plan.placements:
         # No multimodal rows: the Talker reads no hidden state, so layer 0 (the embeddings) is enough.
         return model.thinker_states(ids, torch.arange(len(ids), device=weight.device), None, 0)
-    images = [p.image for p in plan.placements if not isinstance(p, AudioPlacement)]
-    audios = [p.audio for p in plan.placements if isinstance(p, AudioPlacement)]
+    cached = {}
+    if encoder_cache is not None:
+        for p in plan.placements:
+            key = placed_input(p).content_hash
+            if (hit := encoder_cache.get(key)) is not None:
+                cached[key] = hit
+    missing = [p for p in plan.placements if placed_input(p).content_hash not in cached]
+    images = [p.image for p in missing if not isinstance(p, AudioPlacement)]
+    audios = [p.audio for p in missing if isinstance(p, AudioPlacement)]
     encoded_images = iter(model.encode_images(images) if images else [])
     encoded_audio = iter(model.encode_audio(audios) if audios else [])
     rows, embeds, deepstack = [], [], []
     for p in plan.placements:
-        out = next(encoded_audio) if isinstance(p, AudioPlacement) else next(encoded_images)
+        out = cached.get(placed_input(p).content_hash)
+        if out is None:
+            out = next(encoded_audio) if isinstance(p, AudioPlacement) else next(encoded_images)
         rows.append(torch.arange(p.offset, p.end))
         embeds.append(out.embeds)
         deepstack.append(out.deepstack)
@@ -88,8 +100,10 @@ class AnswerSpeech:
 
     def __init__(self, model: Any, prompt_ids: Sequence[int], plan: MultimodalPlan | None, voice: str,
                  eos_token_ids: Sequence[int], sampling: TalkerSampling | None = None,
-                 chunking: SpeechChunking | None = None, limits: SpeechLimits | None = None) -> None:
-        """limits None: the Talker stops at its EOS or sampling.max_frames only, as in transformers."""
+                 chunking: SpeechChunking | None = None, limits: SpeechLimits | None = None,
+                 encoder_cache: EncoderCache | None = None) -> None:
+        """limits None: the Talker stops at its EOS or sampling.max_frames only, as in transformers.
+        encoder_cache: the engine's, so images and clips the prefill encoded are not encoded again."""
         if not getattr(model, "has_talker", False):
             raise ValueError("this model has no Talker (enable_audio_output is false)")
         self.model, self.prompt_ids, self.plan, self.voice = model, list(prompt_ids), plan, voice
@@ -97,6 +111,7 @@ class AnswerSpeech:
         self.sampling = sampling or TalkerSampling()
         self.chunking = chunking or SpeechChunking()
         self.limits = limits
+        self.encoder_cache = encoder_cache
         # Everything after the last assistant head is spoken: prompt tokens there (an empty think block a
         # template adds) come first, as transformers' assistant part starts at that head.
         args = model.args
@@ -115,7 +130,7 @@ class AnswerSpeech:
     @torch.inference_mode()
     def _check_prompt(self) -> None:
         if self.states is None:
-            self.states = prompt_states(self.model, self.prompt_ids, self.plan)
+            self.states = prompt_states(self.model, self.prompt_ids, self.plan, self.encoder_cache)
 
     def _row(self, step: int) -> torch.Tensor | None:
         """The text row of Talker step `step`, or None while it is not yet known."""

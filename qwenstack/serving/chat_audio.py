@@ -96,7 +96,10 @@ def start_audio(served: Any, request: Any, plan_ids: list[int], multimodal: Any,
     sampling = TalkerSampling(temperature=0.9 if (request.temperature is None or request.temperature > 0) else 0.0,
                               seed=seed, max_frames=max_frames)
     eos = list(served.engine.engine.eos_token_ids)
-    speech = AnswerSpeech(model, plan_ids, plan, request.audio.voice, eos, sampling=sampling, limits=limits)
+    # The engine runner's encoder outputs, so the speech path does not encode the prompt's media again.
+    step = getattr(getattr(served.engine.engine, "runner", None), "multimodal", None)
+    speech = AnswerSpeech(model, plan_ids, plan, request.audio.voice, eos, sampling=sampling, limits=limits,
+                          encoder_cache=getattr(step, "cache", None))
     return AudioAnswer(speech, request.audio.format, model.code2wav.sample_rate)
 
 
