@@ -160,7 +160,8 @@ class AnswerSpeech:
     @torch.inference_mode()
     def _advance(self) -> torch.Tensor:
         if self.talker is None:
-            # The prompt differs for a one-token answer, so wait for the second token (or the end).
+            # The prompt needs the second token, which tells whether the first is also the last; an answer
+            # of a single token (max_tokens 1) is therefore not spoken.
             if len(self.tokens) < 2:
                 return torch.zeros(0)
             self._check_prompt()
