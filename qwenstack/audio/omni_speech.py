@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 
@@ -157,13 +157,17 @@ class AnswerSpeech:
         """"stop" (the Talker's EOS), "length" (a limit), None while it speaks."""
         return self.talker.finish_reason if self.talker is not None else None
 
-    @torch.inference_mode()
     def _advance(self) -> torch.Tensor:
+        return torch.cat([torch.zeros(0), *self._chunks()])
+
+    @torch.inference_mode()
+    def _chunks(self) -> Iterator[torch.Tensor]:
+        """Steps the Talker as far as the text allows, yielding each chunk of samples as soon as it is decoded."""
         if self.talker is None:
             # The prompt needs the second token, which tells whether the first is also the last; an answer
             # of a single token (max_tokens 1) is therefore not spoken.
             if len(self.tokens) < 2:
-                return torch.zeros(0)
+                return
             self._check_prompt()
             assert self.states is not None
             embeds, hidden = self.states
@@ -182,7 +186,10 @@ class AnswerSpeech:
             frame = self.talker.step(row)
             self.pending.append(frame)
             self.frames.append(frame)
-        return self._decode(final=self.talker.finished)
+            if (out := self._decode(final=False)).numel():
+                yield out
+        if (out := self._decode(final=self.talker.finished)).numel():
+            yield out
 
     def _decode(self, final: bool) -> torch.Tensor:
         want = self.chunking.first_chunk_frames if self.emitted_frames == 0 else self.chunking.chunk_frames
@@ -201,6 +208,12 @@ class AnswerSpeech:
         """The answer is complete: speak the rest. Returns the remaining samples."""
         self.thinker_done = True
         return self._advance()
+
+    def finish_chunks(self) -> Iterator[torch.Tensor]:
+        """finish() chunk by chunk: after the text the Talker still speaks for as long as the limits allow
+        (most of a long answer's audio), and a streaming client should hear it as it is made."""
+        self.thinker_done = True
+        return self._chunks()
 
     @property
     def codes(self) -> torch.Tensor:

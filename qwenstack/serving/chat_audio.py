@@ -13,6 +13,8 @@ Decisions:
   instead of after transformers' 4096 frames (5.5 min).
 - The speech path (audio/omni_speech.py) runs in a worker thread per request, fed the answer's tokens as
   the engine emits them, so audio chunks go out while the text is still being generated.
+  The speech that outlasts the text (most of a long answer's) goes out one decoded chunk per delta,
+  not in one piece when the Talker stops.
 """
 from __future__ import annotations
 
