@@ -1,5 +1,6 @@
 """Qwen3-Omni through the OpenAI-compatible server with the official `openai` SDK: text + audio answers
-(non-streamed and streamed), audio and image inputs, a text-only request that skips the Talker, and the 400s.
+(non-streamed and streamed), audio and image inputs, a text-only request that skips the Talker, and the 400s
+(the no-Talker one called directly: it needs a second checkpoint otherwise).
 The tiny checkpoint is random, so what is checked is the shape and the arithmetic: the pcm decodes, its
 length is what the codes give, and the streamed audio equals the one-shot speech of the same answer.
 
@@ -187,3 +188,22 @@ def test_bad_audio_requests_are_400(client: openai.OpenAI, audio, stream: bool, 
         client.chat.completions.create(model="omni", messages=[{"role": "user", "content": "Hi"}],
                                        modalities=["text", "audio"], max_tokens=2, stream=stream, n=n, **kwargs)
     assert err.value.status_code == 400 and err.value.body["param"] == param  # type: ignore[index]
+
+
+def test_audio_from_a_model_without_talker_is_400() -> None:
+    """A Thinking/Captioner checkpoint (enable_audio_output false) refuses audio output before anything runs."""
+    from types import SimpleNamespace
+
+    from qwenstack.serving.chat_audio import start_audio
+    from qwenstack.serving.errors import APIError
+    from qwenstack.serving.protocol import ChatCompletionRequest
+
+    served = SimpleNamespace(name="thinking", engine=SimpleNamespace(engine=SimpleNamespace(
+        model=SimpleNamespace(has_talker=False))))
+    request = ChatCompletionRequest(model="thinking", messages=[{"role": "user", "content": "Hi"}],
+                                    modalities=["text", "audio"], audio={"voice": "ethan", "format": "wav"})
+    with pytest.raises(APIError) as err:
+        start_audio(served, request, [1, 2], None, ServerConfig())
+    assert err.value.status == 400 and err.value.param == "modalities"
+    text_only = request.model_copy(update={"modalities": ["text"]})
+    assert start_audio(served, text_only, [1, 2], None, ServerConfig()) is None
