@@ -8,14 +8,14 @@ Decisions:
 - Multimodal user turns need the Thinker's hidden states of layer accept_hidden_layer at those positions:
   one uncached pass over the prompt up to that layer (`thinker_states`), run once when the session starts.
   Text-only prompts skip it: the Talker reads only input embeddings at text positions.
-- That pass repeats work the engine's prefill already did (the image/audio encoders and accept_hidden_layer
-  of the Thinker's layers, 24 of 48 in the released model). It is not taken from the engine because the
-  engine does not always compute it and never keeps it: prefix caching skips the cached blocks of a prompt
-  (a repeated image or system turn), chunked prefill spreads one prompt over steps mixed with other
-  requests, tensor parallelism keeps activations on the worker ranks, and the decoder returns only its last
-  layer. Taking it needs a per-step "keep rows R of layer k" argument through runner, model and
-  RequestOutput, and spoken requests exempt from prefix-cache hits. The encoders' outputs are reused: the
-  server passes the runner's EncoderCache (filled by the prefill, which precedes the Talker's start).
+- The image/audio encoders are not run again: the server passes the runner's EncoderCache, which the
+  engine's prefill filled before the Talker starts (after the answer's second token). The pass through the
+  first accept_hidden_layer Thinker layers (24 of 48 in the released model) does repeat the prefill's work.
+  It is not taken from the engine because the engine does not always compute it and never keeps it:
+  prefix caching skips the cached blocks of a prompt (a repeated image or system turn), chunked prefill
+  spreads one prompt over steps mixed with other requests, tensor parallelism keeps activations on the
+  worker ranks, and the decoder returns only its last layer. Taking it needs a per-step "keep rows R of
+  layer k" argument through runner, model and RequestOutput, and spoken requests exempt from prefix hits.
 - How long it speaks: transformers and vLLM-Omni stop the Talker only at its codec EOS or after 4096 frames
   (~5.5 min). A reply should not outlast its text by much, so `SpeechLimits` (optional) also ends it after
   `frames_per_token` frames per spoken token plus `tail_frames` once the text is complete: the Talker
@@ -36,7 +36,9 @@ import torch
 from qwenstack.models.qwen3_omni_moe_talker import (
     TalkerPrompt, TalkerSampling, TalkerStream, build_talker_prompt, talker_text_row,
 )
-from qwenstack.multimodal.inputs import AudioPlacement, EncoderCache, MultimodalBatch, MultimodalPlan, placed_input
+from qwenstack.multimodal.inputs import (
+    AudioPlacement, EncodedImage, EncoderCache, MultimodalBatch, MultimodalPlan, placed_input,
+)
 
 
 @dataclass
@@ -72,7 +74,7 @@ def prompt_states(model: Any, prompt_ids: Sequence[int], plan: MultimodalPlan | 
     if plan is None or not plan.placements:
         # No multimodal rows: the Talker reads no hidden state, so layer 0 (the embeddings) is enough.
         return model.thinker_states(ids, torch.arange(len(ids), device=weight.device), None, 0)
-    cached = {}
+    cached: dict[str, EncodedImage] = {}
     if encoder_cache is not None:
         for p in plan.placements:
             key = placed_input(p).content_hash
