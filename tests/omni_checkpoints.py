@@ -54,23 +54,30 @@ CODE2WAV: dict[str, Any] = {
 PREPROCESSOR_CONFIG = {**IMAGE_PRE, **AUDIO_PRE, "processor_class": "Qwen3OmniMoeProcessor"}
 
 
-def hf_config(audio_output: bool = True, accept_hidden_layer: int = 2) -> Any:
+def hf_config(audio_output: bool = True, accept_hidden_layer: int = 2,
+              sizes: dict[str, dict[str, Any]] | None = None) -> Any:
+    """sizes: updates of the "thinker_text", "talker_text", "code_predictor" and "code2wav" sub-configs (the
+    benchmark's larger shape); the widths that must follow the Thinker's hidden_size follow it."""
     import transformers
 
-    thinker = {"text_config": dict(THINKER_TEXT), "vision_config": {**VISION_CONFIG, "out_hidden_size": 64},
-               "audio_config": dict(AUDIO_CONFIG), "audio_token_id": AUDIO_TOKEN_ID,
+    sizes = sizes or {}
+    text = {**THINKER_TEXT, **sizes.get("thinker_text", {})}
+    width = text["hidden_size"]
+    predictor = {**CODE_PREDICTOR, **sizes.get("code_predictor", {})}
+    thinker = {"text_config": text, "vision_config": {**VISION_CONFIG, "out_hidden_size": width},
+               "audio_config": {**AUDIO_CONFIG, "output_dim": width}, "audio_token_id": AUDIO_TOKEN_ID,
                "audio_start_token_id": AUDIO_START_ID, "image_token_id": IMAGE_TOKEN_ID,
                "video_token_id": VIDEO_TOKEN_ID, "vision_start_token_id": VISION_START_ID,
                "position_id_per_seconds": 25}
-    talker = {"text_config": dict(TALKER_TEXT), "code_predictor_config": dict(CODE_PREDICTOR),
-              "num_code_groups": NUM_CODE_GROUPS, "thinker_hidden_size": 64,
+    talker = {"text_config": {**TALKER_TEXT, **sizes.get("talker_text", {})}, "code_predictor_config": predictor,
+              "num_code_groups": predictor["num_code_groups"], "thinker_hidden_size": width,
               "accept_hidden_layer": accept_hidden_layer, "speaker_id": dict(SPEAKERS),
               "audio_token_id": AUDIO_TOKEN_ID, "image_token_id": IMAGE_TOKEN_ID, "video_token_id": VIDEO_TOKEN_ID,
               "vision_start_token_id": VISION_START_ID, "audio_start_token_id": AUDIO_START_ID,
               "spatial_merge_size": 2, **CODEC}
-    return transformers.Qwen3OmniMoeConfig(thinker_config=thinker, talker_config=talker,
-                                           code2wav_config=dict(CODE2WAV), enable_audio_output=audio_output,
-                                           **ROLE_IDS)
+    code2wav = {**CODE2WAV, "num_quantizers": predictor["num_code_groups"], **sizes.get("code2wav", {})}
+    return transformers.Qwen3OmniMoeConfig(thinker_config=thinker, talker_config=talker, code2wav_config=code2wav,
+                                           enable_audio_output=audio_output, **ROLE_IDS)
 
 
 # The tiny BPE spells "user" and "assistant" in several tokens; the Talker finds turns by single role-token
@@ -89,33 +96,59 @@ def omni_tokenizer_json() -> str:
 
 
 def build_omni_checkpoint(out_dir: Path, audio_output: bool = True, seed: int = 0,
-                          with_tokenizer: bool = True) -> Path:
+                          with_tokenizer: bool = True, sizes: dict[str, dict[str, Any]] | None = None) -> Path:
     """A random Qwen3-Omni-MoE saved by transformers; audio_output=False is the Thinking/Captioner layout."""
     import transformers
 
     torch.manual_seed(seed)
-    model = transformers.Qwen3OmniMoeForConditionalGeneration(hf_config(audio_output)).eval()
+    model = transformers.Qwen3OmniMoeForConditionalGeneration(hf_config(audio_output, sizes=sizes)).eval()
     _randomise(model, seed)
     if audio_output:
-        with torch.no_grad():
-            # Code2Wav's layer scales start at 0.01 and its ConvNeXt gammas at 1e-6 in training; O(1) values make
-            # the waveform depend on every part of the decoder, so the parity tolerance means something.
-            for name, p in model.code2wav.named_parameters():
-                if name.endswith(("layer_scale.scale", ".gamma")):
-                    p.fill_(0.5)
-                elif name.endswith((".alpha", ".beta")):
-                    p.mul_(0.2)  # log-scale snake parameters
-                elif name.startswith("decoder.") and name.endswith("conv.weight"):
-                    # Each residual stage otherwise doubles the signal: 40x before the clamp, where float32
-                    # reassociation (1e-6) grows to 1e-3; kept O(1), a 1e-5 tolerance checks the decoder.
-                    p.mul_(0.4)
+        _scale_code2wav(model.code2wav)
     model.save_pretrained(out_dir)
+    _write_side_files(out_dir, with_tokenizer)
+    return out_dir
+
+
+def build_native_omni_checkpoint(out_dir: Path, seed: int = 0) -> Path:
+    """The same random Instruct layout built with qwenstack's own modules and saved in the checkpoint layout
+    (qwenstack.weights.save_checkpoint): for tests that need an Omni server, not transformers parity. It skips
+    importing transformers' modeling code, 12 of the 17 s the transformers build takes on 2 shared cores
+    (only its config class runs, for config.json's defaults)."""
+    from qwenstack.models.qwen3_omni_moe import Qwen3OmniMoeArgs, Qwen3OmniMoeForConditionalGeneration
+    from qwenstack.weights import save_checkpoint
+
+    config = hf_config().to_dict()
+    torch.manual_seed(seed)
+    model = Qwen3OmniMoeForConditionalGeneration(Qwen3OmniMoeArgs.from_dict(config)).eval()
+    _randomise(model, seed)
+    _scale_code2wav(model.code2wav)
+    save_checkpoint(model, out_dir, {**config, "architectures": [type(model).__name__]})
+    _write_side_files(out_dir, with_tokenizer=True)
+    return out_dir
+
+
+def _scale_code2wav(code2wav: torch.nn.Module) -> None:
+    with torch.no_grad():
+        # Code2Wav's layer scales start at 0.01 and its ConvNeXt gammas at 1e-6 in training; O(1) values make
+        # the waveform depend on every part of the decoder, so the parity tolerance means something.
+        for name, p in code2wav.named_parameters():
+            if name.endswith(("layer_scale.scale", ".gamma")):
+                p.fill_(0.5)
+            elif name.endswith((".alpha", ".beta")):
+                p.mul_(0.2)  # log-scale snake parameters
+            elif name.startswith("decoder.") and name.endswith("conv.weight"):
+                # Each residual stage otherwise doubles the signal: 40x before the clamp, where float32
+                # reassociation (1e-6) grows to 1e-3; kept O(1), a 1e-5 tolerance checks the decoder.
+                p.mul_(0.4)
+
+
+def _write_side_files(out_dir: Path, with_tokenizer: bool) -> None:
     (out_dir / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR_CONFIG, indent=2))
     if with_tokenizer:
         write_asr_tokenizer(out_dir)
         (out_dir / "tokenizer.json").write_text(omni_tokenizer_json())
         (out_dir / "generation_config.json").write_text(json.dumps({"eos_token_id": [151645, 151643]}))
-    return out_dir
 
 
 def load_hf_omni(model_dir: Path) -> Any:

@@ -14,7 +14,7 @@ from asr_checkpoints import AUDIO_END_ID, AUDIO_START_ID, AUDIO_TOKEN_ID, hf_fea
 from omni_checkpoints import NUM_CODE_GROUPS, CODEBOOK, ROLE_IDS, build_omni_checkpoint, load_hf_omni
 from vl_checkpoints import IMAGE_TOKEN_ID, VISION_END_ID, VISION_START_ID
 from qwenstack.audio.features import log_mel
-from qwenstack.audio.omni_speech import AnswerSpeech, SpeechChunking
+from qwenstack.audio.omni_speech import AnswerSpeech, SpeechChunking, SpeechLimits
 from qwenstack.models.attention import AttentionBatch
 from qwenstack.models.qwen3_omni_moe import Qwen3OmniMoeForConditionalGeneration
 from qwenstack.models.qwen3_omni_moe_talker import TalkerSampling
@@ -170,6 +170,43 @@ def test_generate_with_audio_matches_transformers(models, case: str) -> None:
     torch.testing.assert_close(wav, want_wav, atol=1e-5, rtol=0)
     # audio came out before the answer's last token was known
     assert sum(p.numel() for p in parts[:-2]) > 0
+
+
+def test_speech_limits_end_a_talker_that_never_says_eos(models) -> None:
+    """The random Talker never emits its EOS; the limits end it: frames_per_token per spoken token (the end
+    token is not spoken) plus the tail once the text is complete, and max_frames even while it is written."""
+    ours, _ = models
+    ids = chat_prompt([60, 61])
+    greedy = TalkerSampling(temperature=0.0)
+    speech = AnswerSpeech(ours, ids, None, "ethan", [IM_END], sampling=greedy,
+                          limits=SpeechLimits(frames_per_token=2, tail_frames=3))
+    samples = [speech.feed([70, 71]), speech.feed([72, IM_END])]
+    assert speech.finish_reason is None  # the text is complete only once finish() says so
+    samples.append(speech.finish())
+    assert speech.finish_reason == "length" and speech.codes.shape[0] == 2 * 3 + 3
+    c2w = ours.code2wav
+    assert sum(s.numel() for s in samples) == 9 * c2w.samples_per_frame - c2w.tail
+    capped = AnswerSpeech(ours, ids, None, "ethan", [IM_END], sampling=TalkerSampling(temperature=0.0, max_frames=2),
+                          limits=SpeechLimits())
+    capped.feed([70, 71, 72, 73, 74, 75])
+    assert capped.finish_reason == "length" and capped.codes.shape[0] == 2  # cut before the text ended
+    with pytest.raises(ValueError):
+        SpeechLimits(frames_per_token=0.5)
+
+
+def test_text_prompt_speech_runs_no_thinker_layer(models) -> None:
+    """A text-only prompt's Talker reads only input embeddings: the speech path must not rerun Thinker layers."""
+    ours, _ = models
+    calls = []
+    hook = ours.thinker.model.layers[0].register_forward_hook(lambda *args: calls.append(1))
+    try:
+        speech = AnswerSpeech(ours, chat_prompt([60, 61]), None, "ethan", [IM_END],
+                              sampling=TalkerSampling(temperature=0.0, max_frames=3))
+        speech.feed([70, 71, 72])
+        speech.finish()
+    finally:
+        hook.remove()
+    assert speech.codes.shape[0] == 3 and calls == []
 
 
 def test_thinking_variant_loads_text_only(tmp_path: Path) -> None:

@@ -1,13 +1,16 @@
 """Qwen3-Omni through the OpenAI-compatible server with the official `openai` SDK: text + audio answers
-(non-streamed and streamed), audio and image inputs, a text-only request that skips the Talker, and the 400s.
+(non-streamed and streamed), audio and image inputs, a text-only request that skips the Talker, and the 400s
+(the no-Talker one called directly: it needs a second checkpoint otherwise).
 The tiny checkpoint is random, so what is checked is the shape and the arithmetic: the pcm decodes, its
-length is what the codes give, and the streamed audio equals the one-shot speech of the same answer."""
+length is what the codes give, and the streamed audio equals the one-shot speech of the same answer.
+
+Its random Talker never says EOS, so every reply runs into the server's speech limits, which makes their
+arithmetic exact: one frame per spoken token plus a 5-frame tail, and never more than 2 s (25 frames)."""
 from __future__ import annotations
 
 import base64
 import io
 import json
-from pathlib import Path
 from typing import Iterator
 
 import numpy as np
@@ -15,13 +18,15 @@ import openai
 import pytest
 import soundfile
 import torch
+from openai.types.chat import ChatCompletion
 
 from asr_checkpoints import speechlike, wav_bytes
-from omni_checkpoints import build_omni_checkpoint
+from omni_checkpoints import build_native_omni_checkpoint
 from server_utils import BackgroundServer
 from vl_checkpoints import data_url, noise_image
 from qwenstack.audio.omni_speech import AnswerSpeech
 from qwenstack.engine.engine import EngineConfig
+from qwenstack.models.qwen3_omni_moe_talker import TalkerStream
 from qwenstack.models.registry import load_model
 from qwenstack.serving.app import create_app
 from qwenstack.serving.config import ServerConfig
@@ -29,18 +34,22 @@ from qwenstack.serving.served import build_served_model
 from qwenstack.tokenizer import Tokenizer
 
 pytest.importorskip("transformers")
-pytestmark = pytest.mark.slow  # ~90 s on 2 cores: a tiny Omni server and several spoken answers
+FRAME_S = 0.08  # one Talker frame: 1920 samples at 24 kHz
+TAIL_FRAMES = 5
+CAP_FRAMES = 25
 
 AUDIO = {"voice": "Ethan", "format": "pcm16"}
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BackgroundServer]:
-    path = build_omni_checkpoint(tmp_path_factory.mktemp("omni"), seed=5)
+    path = build_native_omni_checkpoint(tmp_path_factory.mktemp("omni"), seed=5)
     served = build_served_model("omni", load_model(path, dtype=torch.float32), Tokenizer.from_dir(path),
                                 EngineConfig(block_size=8, kv_cache_memory=2**24),
                                 hf_config=json.loads((path / "config.json").read_text()), model_dir=path)
-    with BackgroundServer(create_app([served], ServerConfig(enable_ui=False))) as srv:
+    config = ServerConfig(enable_ui=False, speech_seconds_per_token=FRAME_S, speech_tail_seconds=TAIL_FRAMES * FRAME_S,
+                          max_speech_seconds=CAP_FRAMES * FRAME_S)
+    with BackgroundServer(create_app([served], config)) as srv:
         srv.served = served  # type: ignore[attr-defined]
         yield srv
 
@@ -54,29 +63,48 @@ def _samples(pcm: bytes) -> np.ndarray:
     return np.frombuffer(pcm, dtype="<i2").astype(np.float32) / 32767.0
 
 
-def _expected_length(server: BackgroundServer, frames: int) -> int:
+def _frames(server: BackgroundServer, samples: int) -> int:
+    """Talker frames a decoded waveform holds: T frames give T * 1920 - tail samples."""
     c2w = server.served.engine.engine.model.code2wav  # type: ignore[attr-defined]
-    return frames * c2w.samples_per_frame - c2w.tail if frames else 0
+    frames, rest = divmod(samples + c2w.tail, c2w.samples_per_frame)
+    assert rest == 0, f"{samples} samples are not a whole number of frames"
+    return frames
+
+
+def _spoken_frames(completion_tokens: int) -> int:
+    """The limits' arithmetic: one frame per answer token plus the tail, at most the cap (the test template
+    puts nothing after the assistant head, and a random Thinker never ends on EOS within a few tokens)."""
+    return min(completion_tokens + TAIL_FRAMES, CAP_FRAMES)
+
+
+def _ask(client: openai.OpenAI, text: str, **kwargs) -> ChatCompletion:
+    return client.chat.completions.create(model="omni", messages=[{"role": "user", "content": text}],
+                                          modalities=["text", "audio"], temperature=0, **kwargs)
 
 
 def test_non_streamed_text_and_wav_audio(client: openai.OpenAI, server: BackgroundServer) -> None:
-    out = client.chat.completions.create(model="omni", messages=[{"role": "user", "content": "Say hello."}],
-                                         modalities=["text", "audio"], audio={"voice": "ethan", "format": "wav"},
-                                         max_tokens=6, temperature=0)
+    out = _ask(client, "Say hello.", audio={"voice": "ethan", "format": "wav"}, max_tokens=6)
     message = out.choices[0].message
     assert message.content is None and message.audio is not None
     assert message.audio.id.startswith("audio_") and message.audio.expires_at > 0
     assert message.audio.transcript  # the answer's text
     wav, rate = soundfile.read(io.BytesIO(base64.b64decode(message.audio.data)), dtype="float32")
-    tail = server.served.engine.engine.model.code2wav.tail  # type: ignore[attr-defined]
-    assert rate == 24000 and wav.size > 0 and (wav.size + tail) % 1920 == 0  # whole frames, less the fixed tail
+    assert rate == 24000 and np.abs(wav).max() > 0
+    assert out.usage.completion_tokens == 6 and out.choices[0].finish_reason == "length"
+    # the Talker stopped a tail after the text, not at transformers' 4096 frames
+    assert _frames(server, wav.size) == _spoken_frames(6) == 11
+
+
+def test_long_answer_is_cut_at_max_speech_seconds(client: openai.OpenAI, server: BackgroundServer) -> None:
+    out = _ask(client, "Tell me everything.", audio=AUDIO, max_tokens=30)
+    pcm = base64.b64decode(out.choices[0].message.audio.data)
+    assert out.usage.completion_tokens == 30
+    assert _frames(server, len(pcm) // 2) == CAP_FRAMES  # 30 + 5 frames allowed by the text, 25 by the cap
 
 
 def test_streamed_audio_arrives_with_the_text_and_equals_one_shot(client: openai.OpenAI,
                                                                   server: BackgroundServer) -> None:
-    stream = client.chat.completions.create(model="omni", messages=[{"role": "user", "content": "Tell me more."}],
-                                            modalities=["text", "audio"], audio=AUDIO, max_tokens=12,
-                                            temperature=0, stream=True)
+    stream = _ask(client, "Tell me more.", audio=AUDIO, max_tokens=12, stream=True)
     pcm, transcript, order, expiry = b"", "", [], None
     for chunk in stream:
         if not chunk.choices:
@@ -94,52 +122,88 @@ def test_streamed_audio_arrives_with_the_text_and_equals_one_shot(client: openai
             expiry = audio.get("expires_at", expiry)
     assert pcm and expiry is not None
     # audio started before the last text delta: speech streams while the text is written
-    assert "audio" in order and order.index("audio") < len(order) - 1 - order[::-1].index("text")
+    last_text = len(order) - 1 - order[::-1].index("text")
+    assert "audio" in order and order.index("audio") < last_text
+    # what the Talker says after the text (17 frames for 12 tokens, ~10 spoken by then) comes chunk by chunk
+    assert order[last_text + 1:].count("audio") >= 2
+    got = _samples(pcm)
+    assert _frames(server, got.size) == _spoken_frames(12)
     # the same request answered in one piece (greedy Thinker and Talker) gives the same samples
-    whole = client.chat.completions.create(model="omni", messages=[{"role": "user", "content": "Tell me more."}],
-                                           modalities=["text", "audio"], audio=AUDIO, max_tokens=12, temperature=0)
+    whole = _ask(client, "Tell me more.", audio=AUDIO, max_tokens=12)
     assert whole.choices[0].message.audio.transcript == transcript
     one_shot = _samples(base64.b64decode(whole.choices[0].message.audio.data))
-    got = _samples(pcm)
-    tail = server.served.engine.engine.model.code2wav.tail  # type: ignore[attr-defined]
-    assert got.size == one_shot.size and (got.size + tail) % 1920 == 0
+    assert got.size == one_shot.size
     np.testing.assert_allclose(got, one_shot, atol=1.5 / 32767)  # pcm16 rounding
 
 
-def test_audio_and_image_inputs_with_audio_output(client: openai.OpenAI) -> None:
+def test_audio_and_image_inputs_with_audio_output(client: openai.OpenAI, server: BackgroundServer,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    model = server.served.engine.engine.model  # type: ignore[attr-defined]
+    calls = {"encode_images": 0, "encode_audio": 0}
+    for name in calls:
+        def counted(items, _name=name, _encode=getattr(model, name)):
+            calls[_name] += 1
+            return _encode(items)
+
+        monkeypatch.setattr(model, name, counted)
     clip = base64.b64encode(wav_bytes(speechlike(1.2, seed=3))).decode()
     content = [{"type": "text", "text": "What do you hear and see?"},
                {"type": "input_audio", "input_audio": {"data": clip, "format": "wav"}},
                {"type": "image_url", "image_url": {"url": data_url(noise_image(64, 48, seed=2))}}]
+    text_only = client.chat.completions.create(model="omni", messages=[{"role": "user", "content": content[:1]}],
+                                               max_tokens=1)
     out = client.chat.completions.create(model="omni", messages=[{"role": "user", "content": content}],
                                          modalities=["text", "audio"], audio=AUDIO, max_tokens=5, temperature=0)
-    assert out.usage.prompt_tokens > 30  # the audio and image placeholders were expanded
-    assert out.choices[0].message.audio is not None and base64.b64decode(out.choices[0].message.audio.data)
+    # 1.2 s of audio is 16 placeholders; 64x48 pixels resize to 64x64 (multiples of 32), 4x4 patches merged 2x2
+    # into 4; plus each one's start and end token
+    assert out.usage.prompt_tokens - text_only.usage.prompt_tokens == 16 + 4 + 2 * 2
+    pcm = base64.b64decode(out.choices[0].message.audio.data)
+    assert _frames(server, len(pcm) // 2) == _spoken_frames(5)
+    # the engine's prefill encoded the clip and the image; the speech path took them from its encoder cache
+    assert calls == {"encode_images": 1, "encode_audio": 1}
 
 
-def test_text_only_request_skips_the_talker(client: openai.OpenAI, server: BackgroundServer,
-                                            monkeypatch: pytest.MonkeyPatch) -> None:
+def test_text_only_request_never_builds_a_talker(client: openai.OpenAI, monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(*args, **kwargs):
-        raise AssertionError("the Talker ran for a text-only request")
+        raise AssertionError("a speech session was built for a text-only request")
 
-    monkeypatch.setattr(AnswerSpeech, "feed", refuse)
-    out = client.chat.completions.create(model="omni", messages=[{"role": "user", "content": "Hi"}], max_tokens=4,
-                                         temperature=0)
-    assert out.choices[0].message.content is not None and out.choices[0].message.audio is None
-    out = client.chat.completions.create(model="omni", messages=[{"role": "user", "content": "Hi"}], max_tokens=4,
-                                         modalities=["text"], temperature=0)
-    assert out.choices[0].message.audio is None
+    monkeypatch.setattr(AnswerSpeech, "__init__", refuse)
+    monkeypatch.setattr(TalkerStream, "__init__", refuse)
+    for modalities in (openai.NOT_GIVEN, ["text"]):
+        out = client.chat.completions.create(model="omni", messages=[{"role": "user", "content": "Hi"}],
+                                             max_tokens=4, modalities=modalities, temperature=0)
+        assert out.choices[0].message.content and out.choices[0].message.audio is None
 
 
-@pytest.mark.parametrize("audio, stream, param", [
-    ({"voice": "alloy", "format": "pcm16"}, False, "audio.voice"),
-    ({"voice": "ethan", "format": "mp3"}, False, "audio.format"),
-    ({"voice": "ethan", "format": "wav"}, True, "audio.format"),
-    (None, False, "audio"),
+@pytest.mark.parametrize("audio, stream, n, param", [
+    ({"voice": "alloy", "format": "pcm16"}, False, 1, "audio.voice"),
+    ({"voice": "ethan", "format": "mp3"}, False, 1, "audio.format"),
+    ({"voice": "ethan", "format": "wav"}, True, 1, "audio.format"),
+    (None, False, 1, "audio"),
+    ({"voice": "ethan", "format": "pcm16"}, False, 2, "n"),
 ])
-def test_bad_audio_requests_are_400(client: openai.OpenAI, audio, stream: bool, param: str) -> None:
+def test_bad_audio_requests_are_400(client: openai.OpenAI, audio, stream: bool, n: int, param: str) -> None:
     kwargs = {"audio": audio} if audio is not None else {}
     with pytest.raises(openai.BadRequestError) as err:
         client.chat.completions.create(model="omni", messages=[{"role": "user", "content": "Hi"}],
-                                       modalities=["text", "audio"], max_tokens=2, stream=stream, **kwargs)
-    assert err.value.body["param"] == param  # type: ignore[index]
+                                       modalities=["text", "audio"], max_tokens=2, stream=stream, n=n, **kwargs)
+    assert err.value.status_code == 400 and err.value.body["param"] == param  # type: ignore[index]
+
+
+def test_audio_from_a_model_without_talker_is_400() -> None:
+    """A Thinking/Captioner checkpoint (enable_audio_output false) refuses audio output before anything runs."""
+    from types import SimpleNamespace
+
+    from qwenstack.serving.chat_audio import start_audio
+    from qwenstack.serving.errors import APIError
+    from qwenstack.serving.protocol import ChatCompletionRequest
+
+    served = SimpleNamespace(name="thinking", engine=SimpleNamespace(engine=SimpleNamespace(
+        model=SimpleNamespace(has_talker=False))))
+    request = ChatCompletionRequest(model="thinking", messages=[{"role": "user", "content": "Hi"}],
+                                    modalities=["text", "audio"], audio={"voice": "ethan", "format": "wav"})
+    with pytest.raises(APIError) as err:
+        start_audio(served, request, [1, 2], None, ServerConfig())
+    assert err.value.status == 400 and err.value.param == "modalities"
+    text_only = request.model_copy(update={"modalities": ["text"]})
+    assert start_audio(served, text_only, [1, 2], None, ServerConfig()) is None

@@ -7,21 +7,38 @@ Decisions:
   trails the text by about two tokens and the first audio comes long before the text ends.
 - Multimodal user turns need the Thinker's hidden states of layer accept_hidden_layer at those positions:
   one uncached pass over the prompt up to that layer (`thinker_states`), run once when the session starts.
+  Text-only prompts skip it: the Talker reads only input embeddings at text positions.
+- The image/audio encoders are not run again: the server passes the runner's EncoderCache, which the
+  engine's prefill filled before the Talker starts (after the answer's second token). The pass through the
+  first accept_hidden_layer Thinker layers (24 of 48 in the released model) does repeat the prefill's work.
+  It is not taken from the engine because the engine does not always compute it and never keeps it:
+  prefix caching skips the cached blocks of a prompt (a repeated image or system turn), chunked prefill
+  spreads one prompt over steps mixed with other requests, tensor parallelism keeps activations on the
+  worker ranks, and the decoder returns only its last layer. Taking it needs a per-step "keep rows R of
+  layer k" argument through runner, model and RequestOutput, and spoken requests exempt from prefix hits.
+- How long it speaks: transformers and vLLM-Omni stop the Talker only at its codec EOS or after 4096 frames
+  (~5.5 min). A reply should not outlast its text by much, so `SpeechLimits` (optional) also ends it after
+  `frames_per_token` frames per spoken token plus `tail_frames` once the text is complete: the Talker
+  reads one token per frame while the text lasts, then keeps speaking from tts_pad rows, and natural speech
+  needs ~4 frames (0.3 s) per token. A cut answer's `finish_reason` is "length".
 - Frames go to Code2Wav's exact stream in chunks (`first_chunk_frames` for a fast first packet, then
   `chunk_frames`); the samples streamed equal the one-shot decode of all frames.
 - Not thread-safe: one caller feeds it (the server runs it in a worker thread, off the event loop).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 
 from qwenstack.models.qwen3_omni_moe_talker import (
     TalkerPrompt, TalkerSampling, TalkerStream, build_talker_prompt, talker_text_row,
 )
-from qwenstack.multimodal.inputs import AudioPlacement, MultimodalBatch, MultimodalPlan
+from qwenstack.multimodal.inputs import (
+    AudioPlacement, EncodedImage, EncoderCache, MultimodalBatch, MultimodalPlan, placed_input,
+)
 
 
 @dataclass
@@ -30,20 +47,49 @@ class SpeechChunking:
     chunk_frames: int = 4
 
 
-def prompt_states(model: Any, prompt_ids: Sequence[int], plan: MultimodalPlan | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The prompt's Thinker input embeddings and the hidden states the Talker reads (layer accept_hidden_layer)."""
+@dataclass(frozen=True)
+class SpeechLimits:
+    """How many frames (80 ms each) one answer may be spoken for, once its text is complete."""
+
+    frames_per_token: float = 8.0  # 0.64 s a token: twice slow speech, so a real Talker ends first by EOS
+    tail_frames: int = 25  # 2 s on top, for a short answer's closing silence
+
+    def __post_init__(self) -> None:
+        # Below one frame a token the Talker, which reads one token a frame, could already be past the limit.
+        if self.frames_per_token < 1 or self.tail_frames < 0:
+            raise ValueError("SpeechLimits needs frames_per_token >= 1 and tail_frames >= 0")
+
+    def frames(self, spoken_tokens: int) -> int:
+        return math.ceil(spoken_tokens * self.frames_per_token) + self.tail_frames
+
+
+def prompt_states(model: Any, prompt_ids: Sequence[int], plan: MultimodalPlan | None,
+                  encoder_cache: EncoderCache | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The prompt's Thinker input embeddings and the hidden states the Talker reads (layer accept_hidden_layer).
+    encoder_cache: the engine runner's; its outputs for this prompt's images and clips are reused (the engine's
+    prefill put them there before the Talker starts), and only what was evicted is encoded again."""
     weight = model.thinker.model.embed_tokens.weight
     ids = torch.tensor(list(prompt_ids), dtype=torch.long, device=weight.device)
     layer = model.args.talker.accept_hidden_layer
     if plan is None or not plan.placements:
-        return model.thinker_states(ids, torch.arange(len(ids), device=weight.device), None, layer)
-    images = [p.image for p in plan.placements if not isinstance(p, AudioPlacement)]
-    audios = [p.audio for p in plan.placements if isinstance(p, AudioPlacement)]
+        # No multimodal rows: the Talker reads no hidden state, so layer 0 (the embeddings) is enough.
+        return model.thinker_states(ids, torch.arange(len(ids), device=weight.device), None, 0)
+    cached: dict[str, EncodedImage] = {}
+    if encoder_cache is not None:
+        for p in plan.placements:
+            key = placed_input(p).content_hash
+            if (hit := encoder_cache.get(key)) is not None:
+                cached[key] = hit
+    missing = [p for p in plan.placements if placed_input(p).content_hash not in cached]
+    images = [p.image for p in missing if not isinstance(p, AudioPlacement)]
+    audios = [p.audio for p in missing if isinstance(p, AudioPlacement)]
     encoded_images = iter(model.encode_images(images) if images else [])
     encoded_audio = iter(model.encode_audio(audios) if audios else [])
     rows, embeds, deepstack = [], [], []
     for p in plan.placements:
-        out = next(encoded_audio) if isinstance(p, AudioPlacement) else next(encoded_images)
+        out = cached.get(placed_input(p).content_hash)
+        if out is None:
+            out = next(encoded_audio) if isinstance(p, AudioPlacement) else next(encoded_images)
         rows.append(torch.arange(p.offset, p.end))
         embeds.append(out.embeds)
         deepstack.append(out.deepstack)
@@ -56,13 +102,18 @@ class AnswerSpeech:
 
     def __init__(self, model: Any, prompt_ids: Sequence[int], plan: MultimodalPlan | None, voice: str,
                  eos_token_ids: Sequence[int], sampling: TalkerSampling | None = None,
-                 chunking: SpeechChunking | None = None) -> None:
+                 chunking: SpeechChunking | None = None, limits: SpeechLimits | None = None,
+                 encoder_cache: EncoderCache | None = None) -> None:
+        """limits None: the Talker stops at its EOS or sampling.max_frames only, as in transformers.
+        encoder_cache: the engine's, so images and clips the prefill encoded are not encoded again."""
         if not getattr(model, "has_talker", False):
             raise ValueError("this model has no Talker (enable_audio_output is false)")
         self.model, self.prompt_ids, self.plan, self.voice = model, list(prompt_ids), plan, voice
         self.eos = set(eos_token_ids)
         self.sampling = sampling or TalkerSampling()
         self.chunking = chunking or SpeechChunking()
+        self.limits = limits
+        self.encoder_cache = encoder_cache
         # Everything after the last assistant head is spoken: prompt tokens there (an empty think block a
         # template adds) come first, as transformers' assistant part starts at that head.
         args = model.args
@@ -81,7 +132,7 @@ class AnswerSpeech:
     @torch.inference_mode()
     def _check_prompt(self) -> None:
         if self.states is None:
-            self.states = prompt_states(self.model, self.prompt_ids, self.plan)
+            self.states = prompt_states(self.model, self.prompt_ids, self.plan, self.encoder_cache)
 
     def _row(self, step: int) -> torch.Tensor | None:
         """The text row of Talker step `step`, or None while it is not yet known."""
@@ -96,12 +147,29 @@ class AnswerSpeech:
         # The answer ended: its last token is never fed to the Thinker, tts_eos takes its place, then tts_pad.
         return self.prompt.tts_eos if nxt == n - 1 else self.prompt.tts_pad
 
-    @torch.inference_mode()
+    def _frame_limit(self) -> int:
+        """Frames this answer may still reach: unbounded by the text until the text is complete."""
+        if self.limits is None or not self.thinker_done:
+            return self.sampling.max_frames
+        spoken = sum(t not in self.eos for t in self.tokens)
+        return min(self.sampling.max_frames, self.limits.frames(spoken))
+
+    @property
+    def finish_reason(self) -> str | None:
+        """"stop" (the Talker's EOS), "length" (a limit), None while it speaks."""
+        return self.talker.finish_reason if self.talker is not None else None
+
     def _advance(self) -> torch.Tensor:
+        return torch.cat([torch.zeros(0), *self._chunks()])
+
+    @torch.inference_mode()
+    def _chunks(self) -> Iterator[torch.Tensor]:
+        """Steps the Talker as far as the text allows, yielding each chunk of samples as soon as it is decoded."""
         if self.talker is None:
-            # The prompt differs for a one-token answer, so wait for the second token (or the end).
+            # The prompt needs the second token, which tells whether the first is also the last; an answer
+            # of a single token (max_tokens 1) is therefore not spoken.
             if len(self.tokens) < 2:
-                return torch.zeros(0)
+                return
             self._check_prompt()
             assert self.states is not None
             embeds, hidden = self.states
@@ -111,13 +179,19 @@ class AnswerSpeech:
             self.talker = TalkerStream(self.model.talker, self.prompt, self.sampling)
             self.talker.start()
         while not self.talker.finished:
+            if len(self.talker.frames) >= self._frame_limit():
+                self.talker.stop("length")
+                break
             row = self._row(len(self.talker.frames))
             if row is None:
                 break
             frame = self.talker.step(row)
             self.pending.append(frame)
             self.frames.append(frame)
-        return self._decode(final=self.talker.finished)
+            if (out := self._decode(final=False)).numel():
+                yield out
+        if (out := self._decode(final=self.talker.finished)).numel():
+            yield out
 
     def _decode(self, final: bool) -> torch.Tensor:
         want = self.chunking.first_chunk_frames if self.emitted_frames == 0 else self.chunking.chunk_frames
@@ -137,6 +211,12 @@ class AnswerSpeech:
         self.thinker_done = True
         return self._advance()
 
+    def finish_chunks(self) -> Iterator[torch.Tensor]:
+        """finish() chunk by chunk: after the text the Talker still speaks for as long as the limits allow
+        (most of a long answer's audio), and a streaming client should hear it as it is made."""
+        self.thinker_done = True
+        return self._chunks()
+
     @property
     def codes(self) -> torch.Tensor:
         """All frames so far [T, G]."""
@@ -145,4 +225,4 @@ class AnswerSpeech:
         return torch.stack(self.frames)
 
 
-__all__ = ["AnswerSpeech", "SpeechChunking", "prompt_states"]
+__all__ = ["AnswerSpeech", "SpeechChunking", "SpeechLimits", "prompt_states"]

@@ -10,7 +10,7 @@ import argparse
 from typing import TYPE_CHECKING, Any
 
 from qwenstack.commands import Command
-from qwenstack.commands._common import add_model_options, parse_bytes, positive_int
+from qwenstack.commands._common import add_model_options, parse_bytes, positive_float, positive_int
 
 if TYPE_CHECKING:
     from qwenstack.serving.config import ServerConfig
@@ -89,6 +89,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="also serve this Qwen3-TTS checkpoint on /v1/audio/speech (repeatable)")
     app.add_argument("--voices-dir", default=None, metavar="DIR",
                      help="where voices cloned through /v1/audio/voices are kept (default: ~/.cache/qwenstack/voices)")
+    app.add_argument("--max-speech-seconds", type=positive_float, default=None, metavar="S",
+                     help="longest spoken chat answer (Qwen3-Omni, modalities text+audio; default: 300)")
     app.add_argument("--translate", action="append", default=[], metavar="asr=DIR,llm=DIR,tts=DIR[,name=ID][,voice=V]",
                      help="serve a live-translation pipeline on /v1/realtime/translations?model=ID "
                           "(default ID: live-translate; repeatable)")
@@ -165,6 +167,7 @@ def serve_config_from_args(args: argparse.Namespace) -> dict[str, Any]:
                 "image_model_name": args.image_model_name, "image_offload": args.image_offload,
                 "image_max_queued": args.image_max_queued,
                 "speech_models": args.tts or None, "voices_dir": args.voices_dir,
+                "max_speech_seconds": args.max_speech_seconds,
                 "max_request_body_bytes": args.max_request_body}
     config.update({k: v for k, v in optional.items() if v is not None})
     if args.translate:

@@ -288,6 +288,10 @@ class TalkerStream:
             return
         self.codes0.append(code)
 
+    def stop(self, reason: str) -> None:
+        """Ends the stream from outside (a caller's limit); the pending first code is never decoded."""
+        self.finished, self.finish_reason = True, reason
+
     @torch.inference_mode()
     def step(self, text_row: torch.Tensor) -> torch.Tensor:
         """Completes the pending frame (code predictor), feeds it with `text_row` ([H]: the next answer

@@ -18,6 +18,7 @@ Decisions:
 from __future__ import annotations
 
 import hashlib
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Hashable
@@ -233,7 +234,8 @@ class EncoderCache:
     """Encoder outputs by image content hash, least recently used evicted first beyond `capacity_bytes`.
 
     Entries used by the current step are kept by the caller (it holds references), so eviction here never
-    loses work in flight; at worst an evicted image is encoded again by a later chunk.
+    loses work in flight; at worst an evicted image is encoded again by a later chunk. A lock guards the LRU
+    order: Qwen3-Omni's speech thread reads the entries the engine thread wrote (audio/omni_speech.py).
     """
 
     def __init__(self, capacity_bytes: int) -> None:
@@ -241,6 +243,7 @@ class EncoderCache:
         self.entries: OrderedDict[str, EncodedImage] = OrderedDict()
         self.nbytes = 0
         self.stats = EncoderCacheStats()
+        self.lock = threading.Lock()
 
     def __contains__(self, key: str) -> bool:
         return key in self.entries
@@ -249,27 +252,30 @@ class EncoderCache:
         return len(self.entries)
 
     def get(self, key: str) -> EncodedImage | None:
-        entry = self.entries.get(key)
-        if entry is None:
-            return None
-        self.entries.move_to_end(key)
-        return entry
+        with self.lock:
+            entry = self.entries.get(key)
+            if entry is None:
+                return None
+            self.entries.move_to_end(key)
+            return entry
 
     def put(self, key: str, value: EncodedImage) -> None:
-        old = self.entries.pop(key, None)
-        if old is not None:
-            self.nbytes -= old.nbytes
-        if value.nbytes > self.capacity_bytes:
-            return  # larger than the whole cache: used for this step only
-        self.entries[key] = value
-        self.nbytes += value.nbytes
-        while self.nbytes > self.capacity_bytes:
-            _, evicted = self.entries.popitem(last=False)
-            self.nbytes -= evicted.nbytes
+        with self.lock:
+            old = self.entries.pop(key, None)
+            if old is not None:
+                self.nbytes -= old.nbytes
+            if value.nbytes > self.capacity_bytes:
+                return  # larger than the whole cache: used for this step only
+            self.entries[key] = value
+            self.nbytes += value.nbytes
+            while self.nbytes > self.capacity_bytes:
+                _, evicted = self.entries.popitem(last=False)
+                self.nbytes -= evicted.nbytes
 
     def clear(self) -> None:
-        self.entries.clear()
-        self.nbytes = 0
+        with self.lock:
+            self.entries.clear()
+            self.nbytes = 0
 
 
 __all__ = [

@@ -376,15 +376,6 @@ def _speak_all(answer: Any, token_ids: list[int]) -> list[Any]:
     return [answer.speech.feed(token_ids), answer.speech.finish()]
 
 
-def _speak(answer: Any, token_ids: list[int], finished: bool) -> Any:
-    import torch
-
-    parts = [answer.speech.feed(token_ids)] if token_ids else []
-    if finished:
-        parts.append(answer.speech.finish())
-    return torch.cat(parts) if parts else torch.zeros(0)
-
-
 def _delta(parsed: ParsedDelta, call_filter: int | None) -> dict[str, Any]:
     delta: dict[str, Any] = {}
     if parsed.reasoning:
@@ -447,7 +438,7 @@ async def stream_chat(plan: ChatPlan, outputs: AsyncIterator[RequestOutput], tra
                 answer = plan.audio_answer
                 if answer is not None and (comp.delta_token_ids or comp.finished):
                     # The Talker trails the text by a couple of tokens: audio for earlier tokens rides along.
-                    samples = await asyncio.to_thread(_speak, answer, list(comp.delta_token_ids), comp.finished)
+                    samples = await asyncio.to_thread(answer.speech.feed, list(comp.delta_token_ids))
                     audio: dict[str, Any] = {"id": answer.id}
                     if samples.numel():
                         answer.samples.append(samples)
@@ -463,8 +454,15 @@ async def stream_chat(plan: ChatPlan, outputs: AsyncIterator[RequestOutput], tra
                     done.add(i)
                     finish = comp.finish_reason or "abort"
                     finish = "tool_calls" if made_calls[i] and finish == "stop" else finish
-                if finish and answer is not None:  # the last audio delta carries only its expiry
-                    yield chunk(i, delta, lp, None)
+                if finish and answer is not None:
+                    if delta or lp:
+                        yield chunk(i, delta, lp, None)
+                    # The rest of the speech (the Talker outlasts the text), one delta per decoded chunk.
+                    rest = answer.speech.finish_chunks()
+                    while (samples := await asyncio.to_thread(next, rest, None)) is not None:
+                        answer.samples.append(samples)
+                        yield chunk(i, {"audio": {"id": answer.id, "data": chat_audio.pcm16_b64(samples)}})
+                    # the last audio delta carries only its expiry
                     delta, lp = {"audio": {"id": answer.id, "expires_at": answer.expires_at}}, None
                 if delta or lp or finish:
                     yield chunk(i, delta, lp, finish)
@@ -494,7 +492,7 @@ async def create_chat_completion(request: Request) -> Response:
     await attach_images(plan, state)
     await audio_inputs.attach_audio(plan, state)
     plan.audio_answer = await asyncio.to_thread(chat_audio.start_audio, served, chat_request, plan.prompt_ids,
-                                                plan.multimodal)
+                                                plan.multimodal, state.config)
     blocked = await moderation.screen_prompt(request, plan)  # a blocked prompt never reaches the engine
     if blocked is not None:
         return blocked

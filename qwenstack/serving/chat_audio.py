@@ -8,8 +8,13 @@ Decisions:
   as OpenAI answers. Streamed: `delta.audio` chunks carry base64 pcm16 (24 kHz mono) and the transcript
   text as it is written; the last audio delta carries only `expires_at`. Streaming writes pcm16 only
   (OpenAI's advice; a wav header needs the length).
+- A spoken answer is bounded (ServerConfig max_speech_seconds, speech_seconds_per_token, speech_tail_seconds):
+  a Talker that never says EOS - a random or a misbehaving one - stops a couple of seconds after its text
+  instead of after transformers' 4096 frames (5.5 min).
 - The speech path (audio/omni_speech.py) runs in a worker thread per request, fed the answer's tokens as
   the engine emits them, so audio chunks go out while the text is still being generated.
+  The speech that outlasts the text (most of a long answer's) goes out one decoded chunk per delta,
+  not in one piece when the Talker stops.
 """
 from __future__ import annotations
 
@@ -24,6 +29,7 @@ import torch
 from qwenstack.serving.errors import bad_request
 
 EXPIRES_S = 24 * 3600
+TALKER_MAX_FRAMES = 4095  # transformers' talker_max_new_tokens 4096, whose last code is never decoded
 FORMATS = ("wav", "pcm16")
 
 
@@ -46,7 +52,19 @@ def wants_audio(request: Any) -> bool:
     return bool(request.modalities) and "audio" in request.modalities
 
 
-def start_audio(served: Any, request: Any, plan_ids: list[int], multimodal: Any) -> AudioAnswer | None:
+def speech_limits(config: Any, frame_seconds: float) -> tuple[int, Any]:
+    """The server's bounds in frames: (the Talker's max_frames, SpeechLimits)."""
+    from qwenstack.audio.omni_speech import SpeechLimits
+
+    # 1e-9: seconds that are a whole number of frames (2.0 / 0.08) must not lose one to float rounding
+    max_frames = max(1, min(TALKER_MAX_FRAMES, int(config.max_speech_seconds / frame_seconds + 1e-9)))
+    limits = SpeechLimits(frames_per_token=max(1.0, config.speech_seconds_per_token / frame_seconds),
+                          tail_frames=max(0, round(config.speech_tail_seconds / frame_seconds)))
+    return max_frames, limits
+
+
+def start_audio(served: Any, request: Any, plan_ids: list[int], multimodal: Any,
+                config: Any) -> AudioAnswer | None:
     """The speech session of a request that asks for audio (None otherwise); 400s for what cannot be served.
     Blocking (plans the multimodal positions): run it in a thread."""
     if not wants_audio(request):
@@ -75,10 +93,15 @@ def start_audio(served: Any, request: Any, plan_ids: list[int], multimodal: Any)
     if multimodal:
         plan = model.plan_multimodal(plan_ids, multimodal.images, multimodal.audios)
     seed = (request.seed or 0) % 2**63  # any int64 the API accepts, as a generator seed
+    c2w = model.code2wav
+    max_frames, limits = speech_limits(config, c2w.samples_per_frame / c2w.sample_rate)
     sampling = TalkerSampling(temperature=0.9 if (request.temperature is None or request.temperature > 0) else 0.0,
-                              seed=seed)
+                              seed=seed, max_frames=max_frames)
     eos = list(served.engine.engine.eos_token_ids)
-    speech = AnswerSpeech(model, plan_ids, plan, request.audio.voice, eos, sampling=sampling)
+    # The engine runner's encoder outputs, so the speech path does not encode the prompt's media again.
+    step = getattr(getattr(served.engine.engine, "runner", None), "multimodal", None)
+    speech = AnswerSpeech(model, plan_ids, plan, request.audio.voice, eos, sampling=sampling, limits=limits,
+                          encoder_cache=getattr(step, "cache", None))
     return AudioAnswer(speech, request.audio.format, model.code2wav.sample_rate)
 
 

@@ -123,6 +123,11 @@ class ServerConfig:
     max_video_frames: int = 64  # frames sampled from one video (at the model's fps)
     max_audio_bytes: int = 25 * 1024 * 1024  # one encoded audio file or part (OpenAI's upload limit)
     max_audio_seconds: float = 20 * 60.0  # one decoded audio file or part
+    # Spoken chat answers (Qwen3-Omni): at most max_speech_seconds, and once the text is complete at most
+    # speech_seconds_per_token a spoken token plus speech_tail_seconds (audio/omni_speech.py SpeechLimits).
+    max_speech_seconds: float = 300.0
+    speech_seconds_per_token: float = 0.64
+    speech_tail_seconds: float = 2.0
     enable_ui: bool = True  # the chat page at / and its store under /api/
     ui_db_path: str | None = None  # SQLite file of the chat page; None: the store's default
     retry_after_s: int = 1  # what 429/503 answers tell clients to wait

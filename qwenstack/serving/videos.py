@@ -68,7 +68,9 @@ def expand_video_placeholders(prompt_ids: list[int], tokenizer: Any, hf_config: 
                               items: list[ImageInput], merge_size: int) -> list[int]:
     """Each single `<|video_pad|>` -> its video's timestamped groups; `items` are the request's images and
     video groups in prompt order."""
-    video_id = hf_config["video_token_id"]
+    video_id = hf_config.get("video_token_id")
+    if video_id is None:  # served without video (Qwen3-Omni, serving_config): no placeholder to expand
+        return prompt_ids
     start, end = hf_config["vision_start_token_id"], hf_config["vision_end_token_id"]
     videos: list[list[ImageInput]] = []
     for item in items:
