@@ -37,7 +37,7 @@ from qwenstack.models.layers import SwiGLU
 from qwenstack.models.moe import SparseMoE
 from qwenstack.models.qwen3_asr_audio import AudioEncoder, AudioEncoderArgs, AudioProjector, audio_token_count
 from qwenstack.models.qwen3_moe import Qwen3MoeArgs
-from qwenstack.models.qwen3_vl import Qwen3VLTextModel, _MropeValidation, _token_runs
+from qwenstack.models.qwen3_vl import Qwen3VLTextModel, _MropeValidation, _token_runs, encode_with_vision_tower
 from qwenstack.models.qwen3_vl_vision import Qwen3VLVisionModel, VisionArgs
 from qwenstack.multimodal.inputs import (
     AudioInput, AudioPlacement, EncodedImage, ImageInput, ImagePlacement, MultimodalBatch, MultimodalPlan,
@@ -320,14 +320,7 @@ class Qwen3OmniMoeForConditionalGeneration(nn.Module):
     @torch.inference_mode()
     def encode_images(self, images: Sequence[ImageInput]) -> list[EncodedImage]:
         """Runs the vision tower once over several images; per image, embeddings [n, H] and DeepStack [k, n, H]."""
-        visual = self.thinker.visual
-        weight = visual.patch_embed.proj.weight
-        pixel_values = torch.cat([im.pixel_values for im in images]).to(weight.device, weight.dtype)
-        grid = torch.tensor([im.grid_thw for im in images], dtype=torch.long)
-        embeds, deepstack = visual(pixel_values, grid)
-        sizes = [im.num_tokens(self.merge_size) for im in images]
-        stacked = torch.stack(deepstack) if deepstack else embeds.new_zeros(0, embeds.shape[0], embeds.shape[1])
-        return [EncodedImage(e, d) for e, d in zip(embeds.split(sizes), stacked.split(sizes, dim=1))]
+        return encode_with_vision_tower(self.thinker.visual, images, self.merge_size)
 
     @torch.inference_mode()
     def encode_audio(self, audios: Sequence[AudioInput]) -> list[EncodedImage]:

@@ -218,6 +218,18 @@ class Qwen3VLModel(nn.Module):
         self.language_model = Qwen3VLTextModel(args.text, make_mlp)
 
 
+def encode_with_vision_tower(visual: nn.Module, images: Sequence[ImageInput], merge_size: int) -> list[EncodedImage]:
+    """Runs a Qwen3-VL vision tower once over several images; per image, embeddings [n, H] and DeepStack
+    [k, n, H] (Qwen3-VL and Qwen3-Omni's Thinker share the tower)."""
+    weight = visual.patch_embed.proj.weight
+    pixel_values = torch.cat([im.pixel_values for im in images]).to(weight.device, weight.dtype)
+    grid = torch.tensor([im.grid_thw for im in images], dtype=torch.long)
+    embeds, deepstack = visual(pixel_values, grid)
+    sizes = [im.num_tokens(merge_size) for im in images]
+    stacked = torch.stack(deepstack) if deepstack else embeds.new_zeros(0, embeds.shape[0], embeds.shape[1])
+    return [EncodedImage(e, d) for e, d in zip(embeds.split(sizes), stacked.split(sizes, dim=1))]
+
+
 class Qwen3VLForConditionalGeneration(nn.Module):
     args_class: ClassVar[type[Qwen3VLArgs]] = Qwen3VLArgs
 
@@ -312,14 +324,7 @@ class Qwen3VLForConditionalGeneration(nn.Module):
     @torch.inference_mode()
     def encode_images(self, images: Sequence[ImageInput]) -> list[EncodedImage]:
         """Runs the vision tower once over several images; per image, embeddings [n, H] and DeepStack [k, n, H]."""
-        visual = self.model.visual
-        weight = visual.patch_embed.proj.weight
-        pixel_values = torch.cat([im.pixel_values for im in images]).to(weight.device, weight.dtype)
-        grid = torch.tensor([im.grid_thw for im in images], dtype=torch.long)
-        embeds, deepstack = visual(pixel_values, grid)
-        sizes = [im.num_tokens(self.merge_size) for im in images]
-        stacked = torch.stack(deepstack) if deepstack else embeds.new_zeros(0, embeds.shape[0], embeds.shape[1])
-        return [EncodedImage(e, d) for e, d in zip(embeds.split(sizes), stacked.split(sizes, dim=1))]
+        return encode_with_vision_tower(self.model.visual, images, self.merge_size)
 
 
 class Qwen3VLMoeForConditionalGeneration(Qwen3VLForConditionalGeneration):
