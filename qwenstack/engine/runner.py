@@ -15,6 +15,7 @@ Decisions:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -36,6 +37,24 @@ class StepResult:
     prompt_logprobs: dict[int, list[PositionLogprobs]]  # seq_id -> logprobs of prompt tokens computed this step
     # Speculative decoding (engine/speculative.py): seq_id -> accepted draft tokens, emitted before `sampled`.
     accepted: dict[int, list[tuple[int, PositionLogprobs | None]]] = field(default_factory=dict)
+
+
+@dataclass
+class StepInputs:
+    """The flat token batch of one step, as the model takes it."""
+
+    input_ids: torch.Tensor  # [T] long
+    positions: torch.Tensor  # [T] long
+    batch: AttentionBatch
+    row_starts: list[int]  # each sequence's first row in the batch
+    prompt_rows: list[tuple[Sequence, int, int]]  # (seq, row, the prompt token the row predicts)
+
+
+def sample_request(seq: Sequence, extra: list[int] | None = None) -> SampleRequest:
+    """The sampler's view of seq, with `extra` tokens (speculative drafts) counted as already generated."""
+    output = seq.output_token_ids + (extra or [])
+    block = list(seq.eos_token_ids) + seq.params.stop_token_ids if len(output) < seq.params.min_tokens else []
+    return SampleRequest(seq.params, seq.prompt_token_ids, output, sequence_generator(seq), block)
 
 
 def kv_pool_blocks(model: CausalLM, memory_bytes: int, block_size: int, dtype: torch.dtype) -> int:
@@ -83,78 +102,102 @@ class ModelRunner:
         bs, table = self.block_size, seq.block_table
         return [table[p // bs] * bs + p % bs for p in range(start, end)]
 
-    @torch.inference_mode()
-    def execute(self, step: ScheduledBatch) -> StepResult:
+    def attention_batch(self, seqs: list[Sequence], query_lens: list[int], context_lens: list[int],
+                        slots: list[int]) -> AttentionBatch:
+        """The paged-attention view of one pass over `seqs` (block tables padded to the longest)."""
+        width = max(len(s.block_table) for s in seqs)
+        tables = [s.block_table + [0] * (width - len(s.block_table)) for s in seqs]
+        dev = self.device
+        return AttentionBatch(query_lens, context_lens, slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
+                              block_tables=torch.tensor(tables, dtype=torch.long, device=dev),
+                              block_size=self.block_size)
+
+    def prepare(self, step: ScheduledBatch, extra_tokens: list[list[int]] | None = None) -> StepInputs:
+        """The flat batch of one step: each sequence's scheduled tokens, then its `extra_tokens` (tokens
+        not yet emitted, such as speculative drafts to verify), which get positions and KV slots after them
+        in blocks the scheduler reserved (its lookahead)."""
+        extra = extra_tokens or [[] for _ in step.seqs]
+        if self.multimodal is not None and any(extra):
+            raise ValueError("extra tokens per sequence are not supported for models that take images")
         ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
-        query_lens, context_lens = [], []
-        logit_rows: list[int] = []
-        sample_seqs: list[Sequence] = []
-        prompt_rows: list[tuple[Sequence, int, int]] = []  # (seq, row, token the row predicts)
+        query_lens, context_lens, row_starts = [], [], []
+        prompt_rows: list[tuple[Sequence, int, int]] = []
         row = 0
-        for seq, n in zip(step.seqs, step.num_new_tokens):
+        for seq, n, more in zip(step.seqs, step.num_new_tokens, extra):
             start = seq.num_computed_tokens
             end = start + n
             tokens = seq.all_token_ids
-            ids.extend(tokens[start:end])
-            positions.extend(range(start, end))
-            slots.extend(self._slots(seq, start, end))
-            query_lens.append(n)
-            context_lens.append(end)
+            m = n + len(more)
+            ids.extend(tokens[start:end] + more)
+            positions.extend(range(start, start + m))
+            slots.extend(self._slots(seq, start, start + m))
+            query_lens.append(m)
+            context_lens.append(start + m)
+            row_starts.append(row)
             if seq.params.prompt_logprobs is not None:
                 for p in range(start, min(end, seq.num_prompt_tokens - 1)):
                     prompt_rows.append((seq, row + p - start, tokens[p + 1]))
-            if end == seq.num_tokens:
-                sample_seqs.append(seq)
-            row += n
-        width = max(len(s.block_table) for s in step.seqs)
-        tables = [s.block_table + [0] * (width - len(s.block_table)) for s in step.seqs]
+            row += m
+        batch = self.attention_batch(step.seqs, query_lens, context_lens, slots)
+        if self.has_state:
+            batch.state_slots = self.state_slots(step.seqs)
         dev = self.device
-        batch = AttentionBatch(
-            query_lens, context_lens,
-            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
-            block_tables=torch.tensor(tables, dtype=torch.long, device=dev),
-            block_size=self.block_size,
-            state_slots=self.state_slots(step.seqs) if self.has_state else None,
-        )
-        input_ids = torch.tensor(ids, dtype=torch.long, device=dev)
-        mm_positions, mm_batch = (None, None) if self.multimodal is None else \
-            self.multimodal.prepare(step.seqs, step.num_new_tokens, dev)
+        return StepInputs(torch.tensor(ids, dtype=torch.long, device=dev),
+                          torch.tensor(positions, dtype=torch.long, device=dev), batch, row_starts, prompt_rows)
+
+    def forward(self, step: ScheduledBatch, inputs: StepInputs, **model_options: Any) -> torch.Tensor:
+        """Hidden states [T, H] of the step's rows; model_options go to the model (a state journal)."""
+        if self.multimodal is None:
+            return self.model.forward(inputs.input_ids, inputs.positions, inputs.batch, self.layer_caches,
+                                      **model_options)
+        mm_positions, mm_batch = self.multimodal.prepare(step.seqs, step.num_new_tokens, self.device)
         if mm_positions is None:
-            hidden = self.model.forward(input_ids, torch.tensor(positions, dtype=torch.long, device=dev), batch,
-                                        self.layer_caches)
-        else:
-            hidden = self.model.forward(input_ids, mm_positions, batch, self.layer_caches,  # type: ignore[call-arg]
-                                        multimodal=mm_batch)
+            return self.model.forward(inputs.input_ids, inputs.positions, inputs.batch, self.layer_caches,
+                                      **model_options)
+        return self.model.forward(inputs.input_ids, mm_positions, inputs.batch, self.layer_caches,  # type: ignore[call-arg]
+                                  multimodal=mm_batch, **model_options)
+
+    def sample_rows(self, seqs: list[Sequence], logits: torch.Tensor, requests: list[SampleRequest],
+                    result: StepResult) -> list[int]:
+        """Samples one token per row into result.sampled; a failure names its request."""
+        try:
+            tokens, logprobs = sample(logits, requests, self.generator)
+        except SampleError as exc:
+            raise RequestFailed(seqs[exc.row].request_id, exc.cause) from exc.cause
+        for s, t, lp in zip(seqs, tokens, logprobs):
+            result.sampled[s.seq_id] = (t, lp)
+        return tokens
+
+    @staticmethod
+    def add_prompt_logprobs(prompt_rows: list[tuple[Sequence, int, int]], logits: torch.Tensor,
+                            result: StepResult) -> None:
+        """logits: one row per prompt row, in order."""
+        log_probs = torch.log_softmax(logits.float(), dim=-1)
+        for (s, _, target), lp in zip(prompt_rows, log_probs):
+            top = s.params.prompt_logprobs or 0
+            result.prompt_logprobs.setdefault(s.seq_id, []).append(token_logprobs(lp, target, top))
+
+    @torch.inference_mode()
+    def execute(self, step: ScheduledBatch) -> StepResult:
+        inputs = self.prepare(step)
+        hidden = self.forward(step, inputs)
         # Sampling rows: the last token of each sequence that reached its end this step.
-        starts = batch.query_starts
-        index = {id(s): i for i, s in enumerate(step.seqs)}
-        logit_rows = [starts[index[id(s)] + 1] - 1 for s in sample_seqs] + [r for _, r, _ in prompt_rows]
+        sample_seqs = [s for s, n in zip(step.seqs, step.num_new_tokens) if s.num_computed_tokens + n == s.num_tokens]
+        ends = {id(s): inputs.row_starts[i] + inputs.batch.query_lens[i] - 1 for i, s in enumerate(step.seqs)}
+        logit_rows = [ends[id(s)] for s in sample_seqs] + [r for _, r, _ in inputs.prompt_rows]
         result = StepResult({}, {})
         if not logit_rows:
             return result
+        dev = self.device
         # In the model's dtype: the sampler converts the rows that need float32 (a float32 copy of 64 rows of
         # 152K logits cost 14 ms here, more than the greedy argmax over them).
         logits = self.model.compute_logits(hidden[torch.tensor(logit_rows, device=dev)])
         sample_logits = logits[: len(sample_seqs)]
-        requests = [
-            SampleRequest(
-                s.params, s.prompt_token_ids, s.output_token_ids, sequence_generator(s),
-                list(s.eos_token_ids) + s.params.stop_token_ids if len(s.output_token_ids) < s.params.min_tokens else [],
-            )
-            for s in sample_seqs
-        ]
+        requests = [sample_request(s) for s in sample_seqs]
         if sample_seqs:
-            try:
-                tokens, logprobs = sample(sample_logits, requests, self.generator)
-            except SampleError as exc:
-                raise RequestFailed(sample_seqs[exc.row].request_id, exc.cause) from exc.cause
-            for s, t, lp in zip(sample_seqs, tokens, logprobs):
-                result.sampled[s.seq_id] = (t, lp)
-        if prompt_rows:
-            log_probs = torch.log_softmax(logits[len(sample_seqs):].float(), dim=-1)
-            for (s, _, target), lp in zip(prompt_rows, log_probs):
-                top = s.params.prompt_logprobs or 0
-                result.prompt_logprobs.setdefault(s.seq_id, []).append(token_logprobs(lp, target, top))
+            self.sample_rows(sample_seqs, sample_logits, requests, result)
+        if inputs.prompt_rows:
+            self.add_prompt_logprobs(inputs.prompt_rows, logits[len(sample_seqs):], result)
         return result

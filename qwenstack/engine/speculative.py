@@ -42,14 +42,12 @@ from typing import Any
 
 import torch
 
-from qwenstack.engine.runner import ModelRunner, StepResult
+from qwenstack.engine.runner import ModelRunner, StepResult, sample_request
 from qwenstack.engine.sampler import (
-    RequestFailed, SampleError, SampleRequest, apply_penalties, filter_logits, sample, sequence_generator,
-    token_logprobs,
+    SampleRequest, apply_penalties, filter_logits, sequence_generator, token_logprobs,
 )
 from qwenstack.engine.scheduler import ScheduledBatch
 from qwenstack.engine.sequence import PositionLogprobs, Sequence
-from qwenstack.models.attention import AttentionBatch
 from qwenstack.models.base import CausalLM, RecurrentStateJournal
 
 DRAFT_KEY = "spec_draft"  # seq.extras entry holding the pending drafts
@@ -152,39 +150,16 @@ class SpeculativeRunner(ModelRunner):
     @torch.inference_mode()
     def execute(self, step: ScheduledBatch) -> StepResult:
         drafts = self._drafts_to_verify(step)
-        ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        query_lens, context_lens, row_starts = [], [], []
-        prompt_rows: list[tuple[Sequence, int, int]] = []
-        row = 0
-        for seq, n, d in zip(step.seqs, step.num_new_tokens, drafts):
-            start = seq.num_computed_tokens
-            end = start + n
-            tokens = seq.all_token_ids
-            m = n + len(d)
-            ids.extend(tokens[start:end] + d)
-            positions.extend(range(start, start + m))
-            slots.extend(self._slots(seq, start, start + m))
-            query_lens.append(m)
-            context_lens.append(start + m)
-            row_starts.append(row)
-            if seq.params.prompt_logprobs is not None:
-                for p in range(start, min(end, seq.num_prompt_tokens - 1)):
-                    prompt_rows.append((seq, row + p - start, tokens[p + 1]))
-            row += m
-        dev = self.device
-        batch = self._batch(step.seqs, query_lens, context_lens, slots)
-        batch.state_slots = self.state_slots(step.seqs)
+        inputs = self.prepare(step, drafts)
+        query_lens, row_starts, prompt_rows = inputs.batch.query_lens, inputs.row_starts, inputs.prompt_rows
         deferred = [i for i, d in enumerate(drafts) if d]
         journal: RecurrentStateJournal | None = None
         kwargs = {}
         if deferred:
             journal = self.model.make_state_journal(deferred)  # type: ignore[attr-defined]  # has_state: checked
             kwargs["state_journal"] = journal
-        hidden = self.model.forward(torch.tensor(ids, dtype=torch.long, device=dev),
-                                    torch.tensor(positions, dtype=torch.long, device=dev),
-                                    batch, self.layer_caches, **kwargs)
+        hidden = self.forward(step, inputs, **kwargs)
+        dev = self.device
 
         # Logit rows: every verified row of a drafting sequence, the last row of others that reach their end.
         sample_idx = [i for i, (s, n) in enumerate(zip(step.seqs, step.num_new_tokens))
@@ -218,20 +193,13 @@ class SpeculativeRunner(ModelRunner):
             at += len(d) + 1
         if plain:
             seqs = [step.seqs[i] for i, _ in plain]
-            try:
-                tokens, lps = sample(logits[[r for _, r in plain]], [self._request(s, []) for s in seqs],  # type: ignore[index]
-                                     self.generator)
-            except SampleError as exc:
-                raise RequestFailed(seqs[exc.row].request_id, exc.cause) from exc.cause
-            for (i, _), s, t, lp in zip(plain, seqs, tokens, lps):
-                result.sampled[s.seq_id] = (t, lp)
+            tokens = self.sample_rows(seqs, logits[[r for _, r in plain]],  # type: ignore[index]
+                                      [sample_request(s) for s in seqs], result)
+            for (i, _), t in zip(plain, tokens):
                 new_tokens[i] = [t]
         if prompt_rows:
             assert logits is not None
-            log_probs = torch.log_softmax(logits[at:], dim=-1)
-            for (s, _, target), lp in zip(prompt_rows, log_probs):
-                top = s.params.prompt_logprobs or 0
-                result.prompt_logprobs.setdefault(s.seq_id, []).append(token_logprobs(lp, target, top))
+            self.add_prompt_logprobs(prompt_rows, logits[at:], result)
         kept = [n + (len(new_tokens.get(i, [])) - 1 if drafts[i] else 0)
                 for i, n in enumerate(step.num_new_tokens)]
         if journal is not None:
@@ -239,23 +207,7 @@ class SpeculativeRunner(ModelRunner):
         self._propose(step, hidden, row_starts, kept, new_tokens)
         return result
 
-    def _batch(self, seqs: list[Sequence], query_lens: list[int], context_lens: list[int],
-               slots: list[int]) -> AttentionBatch:
-        width = max(len(s.block_table) for s in seqs)
-        tables = [s.block_table + [0] * (width - len(s.block_table)) for s in seqs]
-        dev = self.device
-        return AttentionBatch(query_lens, context_lens, slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
-                              block_tables=torch.tensor(tables, dtype=torch.long, device=dev),
-                              block_size=self.block_size)
-
     # --- acceptance ---------------------------------------------------------------------------------
-
-    @staticmethod
-    def _request(seq: Sequence, extra: list[int]) -> SampleRequest:
-        """The sampler's view of seq with `extra` (drafts) counted as already generated."""
-        output = seq.output_token_ids + extra
-        block = list(seq.eos_token_ids) + seq.params.stop_token_ids if len(output) < seq.params.min_tokens else []
-        return SampleRequest(seq.params, seq.prompt_token_ids, output, sequence_generator(seq), block)
 
     @staticmethod
     def _is_plain(request: SampleRequest) -> bool:
@@ -287,7 +239,7 @@ class SpeculativeRunner(ModelRunner):
         generator = sequence_generator(seq) or self.generator
         chosen: list[int] = []
         for j in range(len(drafts) + 1):
-            request = self._request(seq, drafts[:j])
+            request = sample_request(seq, drafts[:j])
             if greedy:
                 target = self._greedy(logits[j], request, argmax[j])
                 if j < len(drafts) and drafts[j] == target:
@@ -331,7 +283,7 @@ class SpeculativeRunner(ModelRunner):
             qlens.append(kept[i])
             clens.append(start + kept[i])
         seqs = [step.seqs[i] for i in members]
-        batch = self._batch(seqs, qlens, clens, slots)
+        batch = self.attention_batch(seqs, qlens, clens, slots)
         out = self.head(self.model.model.embed_tokens(torch.tensor(ids, dtype=torch.long, device=dev)),  # type: ignore[attr-defined]
                         hidden[torch.tensor(rows, device=dev)], torch.tensor(positions, dtype=torch.long, device=dev),
                         batch, self.mtp_kv)
@@ -359,7 +311,7 @@ class SpeculativeRunner(ModelRunner):
                 active = [active[n] for n in keep]
                 seqs = [drafting[a].seq for a in active]
                 pos = [drafting[a].position + r - 1 for a in active]
-                batch = self._batch(seqs, [1] * len(active), [p + 1 for p in pos],
+                batch = self.attention_batch(seqs, [1] * len(active), [p + 1 for p in pos],
                                     [self._slots(s, p, p + 1)[0] for s, p in zip(seqs, pos)])
                 prev = torch.tensor([drafting[a].tokens[-1] for a in active], dtype=torch.long, device=dev)
                 h = self.head(self.model.model.embed_tokens(prev), h[keep],  # type: ignore[attr-defined]
@@ -367,7 +319,7 @@ class SpeculativeRunner(ModelRunner):
             logits = self.model.compute_logits(h).float()
             for row_logits, a, top in zip(logits, active, logits.argmax(-1).tolist()):
                 d = drafting[a]
-                request = self._request(d.seq, d.new + d.tokens)
+                request = sample_request(d.seq, d.new + d.tokens)
                 if d.seq.params.greedy:
                     d.tokens.append(self._greedy(row_logits, request, top))
                 else:
