@@ -141,7 +141,7 @@ def test_engine_path_matches_padded_reference(monkeypatch: pytest.MonkeyPatch) -
     batch = AttentionBatch([1] * len(LENGTHS), LENGTHS, block_tables=tables.int(), block_size=16)
     assert kernels.use_paged_decode(q, pool)
     out = _decode_attention(q, pool, batch, 128**-0.5, True)
-    monkeypatch.setattr(kernels, "kernels_disabled", lambda: True)
+    monkeypatch.setattr(kernels.build, "kernels_disabled", lambda: True)
     assert not kernels.use_paged_decode(q, pool)
     batch.block_tables = tables  # the gather path indexes with long tables
     expected = _decode_attention(q, pool, batch, 128**-0.5, True)
@@ -198,5 +198,19 @@ def test_greedy_decoding_same_with_and_without_kernel(tiny_qwen3: Path, monkeypa
     monkeypatch.setattr(kernels, "paged_decode_attention", counted)
     with_kernel = greedy_generate(model, prompts, 12, block_size=4)
     assert calls, "the decode steps did not reach the kernel"
-    monkeypatch.setattr(kernels, "kernels_disabled", lambda: True)
+    monkeypatch.setattr(kernels.build, "kernels_disabled", lambda: True)
     assert greedy_generate(model, prompts, 12, block_size=4) == with_kernel
+
+
+def test_a_file_that_fails_to_compile_disables_only_its_own_ops(tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each .cpp is its own extension: a broken one leaves the others' ops running."""
+    broken = tmp_path / "broken_test_cpu.cpp"
+    broken.write_text('STABLE_TORCH_LIBRARY_FRAGMENT(qwenstack, m) { m.def("broken_test_op(Tensor x) -> Tensor"); }\n'
+                      "this is not C++;\n")
+    sources = {**kernels.build.op_sources(), "broken_test_op": broken}
+    monkeypatch.setattr(kernels.build, "op_sources", lambda: sources)
+    assert kernels.native_op("broken_test_op") is None
+    assert kernels.native_op("rms_norm") is not None and kernels.paged_decode_available()
+    assert set(kernels.build.op_sources()) >= {"paged_decode_attention", "paged_prefix_attention", "linear_rows",
+                                                "linear_tiled", "linear_tiled_int8", "rms_norm", "qk_norm_rope"}

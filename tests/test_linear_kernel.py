@@ -231,7 +231,7 @@ if ok:
             got = kernels.linear_tiled_int8(xq, kernels.pack_tiles_int8(q), s).double()
             worst = max(worst, ((got - want).abs().max() / want.abs().max()).item())
 from qwenstack.models.cpu_linear import tiled_max_rows
-print(json.dumps({"isa": kernels._isa(), "ok": ok, "worst": worst, "int8_tiles": kernels.int8_tiles_preferred(),
+print(json.dumps({"isa": kernels.isa_level(), "ok": ok, "worst": worst, "int8_tiles": kernels.int8_tiles_preferred(),
                   "tiled_max_rows": tiled_max_rows()}))
 """
 
@@ -241,7 +241,7 @@ print(json.dumps({"isa": kernels._isa(), "ok": ok, "worst": worst, "int8_tiles":
 @pytest.mark.slow
 def test_every_build_level_this_cpu_runs() -> None:
     """The loops each level compiles (generic vectors, AVX512-BF16/VNNI, AMX) all give the same products."""
-    native = kernels._isa()
+    native = kernels.isa_level()
     if native not in kernels.ISA_LEVELS[1:]:
         pytest.skip("only the generic level exists on this CPU")
     levels = ["generic", *kernels.ISA_LEVELS[1:kernels.ISA_LEVELS.index(native)]]

@@ -19,7 +19,7 @@ def kernel_built() -> None:
 
 def reference(norm: RMSNorm, x: torch.Tensor, monkeypatch: pytest.MonkeyPatch) -> torch.Tensor:
     with monkeypatch.context() as m:
-        m.setattr(kernels, "kernels_disabled", lambda: True)
+        m.setattr(kernels.build, "kernels_disabled", lambda: True)
         return norm(x)
 
 
@@ -124,7 +124,7 @@ def test_attention_layer_fused_path_matches_its_torch_path(monkeypatch: pytest.M
     with torch.inference_mode():
         got = attn.norm_and_rotate(q, k, positions)
         with monkeypatch.context() as m:
-            m.setattr(kernels, "kernels_disabled", lambda: True)
+            m.setattr(kernels.build, "kernels_disabled", lambda: True)
             want = attn.norm_and_rotate(q, k, positions)
     for g, w in zip(got, want):
         assert (g != w).float().mean().item() <= 0.02

@@ -1,0 +1,73 @@
+"""Weight layouts of the tiled linear kernels (linear_tiled_cpu.cpp): packing a matrix into the blocks the
+kernel reads, and back. Pure torch: a packed weight can be made and checked on any machine.
+"""
+from __future__ import annotations
+
+import torch
+
+TILE_N, TILE_K = 16, 32  # the tile-packed layout's block: 16 output rows x 32 columns (linear_tiled_cpu.cpp)
+
+
+def can_tile(weight: torch.Tensor) -> bool:
+    """Whether a weight [N, K] has a tile-packed form: bfloat16, N a multiple of 16 and K of 32."""
+    return weight.dim() == 2 and weight.dtype == torch.bfloat16 and weight.shape[0] % TILE_N == 0 \
+        and weight.shape[1] % TILE_K == 0
+
+
+def pack_tiles(weight: torch.Tensor) -> torch.Tensor:
+    """weight [N, K] -> [N / 16, K / 32, 16, 16, 2]: packed[n / 16][k / 32][(k % 32) / 2][n % 16][k % 2], the
+    same elements in the order linear_tiled reads them (one contiguous 1 KiB block per 16 rows x 32 columns)."""
+    n, k = weight.shape
+    pairs = weight.detach().contiguous().view(torch.int32).view(n // TILE_N, TILE_N, k // TILE_K, TILE_K // 2)
+    return pairs.permute(0, 2, 3, 1).contiguous().view(weight.dtype).view(n // TILE_N, k // TILE_K, TILE_K // 2, TILE_N, 2)
+
+
+def unpack_tiles(packed: torch.Tensor) -> torch.Tensor:
+    """The inverse of pack_tiles: a new [N, K] matrix. (Pairs of columns move as one int32: eight times
+    faster than moving single bfloat16 elements.)"""
+    nb, kb = packed.shape[:2]
+    pairs = packed.view(torch.int32).view(nb, kb, TILE_K // 2, TILE_N)
+    return pairs.permute(0, 3, 1, 2).reshape(nb * TILE_N, kb * TILE_K // 2).contiguous().view(packed.dtype)
+
+
+def tiled_rows(packed: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Rows `ids` of the matrix in pack_tiles' layout, [*ids.shape, K]: an embedding lookup on a tile-packed
+    table (each row's column pairs are one int32 every 16 int32 of its blocks, gathered in one indexing)."""
+    nb, kb = packed.shape[:2]
+    pairs = packed.view(torch.int32).view(nb, kb, TILE_K // 2, TILE_N)
+    flat = ids.reshape(-1)
+    rows = pairs[flat // TILE_N, :, :, flat % TILE_N]  # [T, K / 32, 16]
+    return rows.reshape(flat.numel(), kb * TILE_K // 2).view(packed.dtype).view(*ids.shape, kb * TILE_K)
+
+
+INT8_TILE_MAX_K = 65536
+INT8_TILE_K = 64  # the int8 layout's block: 16 output rows x 64 columns (linear_tiled_cpu.cpp)
+
+
+def can_tile_int8(shape: torch.Size | tuple[int, ...]) -> bool:
+    """Whether int8 matrices of shape [*, N, K] have a tile-packed form: N a multiple of 16, K of 64 and at
+    most INT8_TILE_MAX_K (the kernel's int32 sums)."""
+    return len(shape) >= 2 and shape[-2] % TILE_N == 0 and shape[-1] % INT8_TILE_K == 0 \
+        and shape[-1] <= INT8_TILE_MAX_K
+
+
+def pack_tiles_int8(qweight: torch.Tensor) -> torch.Tensor:
+    """int8 [*, N, K] -> uint8 [*, N / 16, K / 64, 16, 16, 4]: packed[n / 16][k / 64][(k % 64) / 4][n % 16][k % 4]
+    = w[n][k] + 128, the order and offset linear_tiled_int8 reads (one 1 KiB block per 16 rows x 64 columns,
+    a B operand of AMX-INT8; the offset makes the weights the unsigned operand of the byte products)."""
+    *stack, n, k = qweight.shape
+    offset = qweight.detach().contiguous().view(torch.uint8) ^ 0x80  # two's complement w + 128
+    quads = offset.view(torch.int32).view(*stack, n // TILE_N, TILE_N, k // INT8_TILE_K, 16)
+    dims = len(stack)
+    order = (*range(dims), dims, dims + 2, dims + 3, dims + 1)
+    return quads.permute(order).contiguous().view(torch.uint8).view(*stack, n // TILE_N, k // INT8_TILE_K, 16, TILE_N, 4)
+
+
+def unpack_tiles_int8(packed: torch.Tensor) -> torch.Tensor:
+    """The inverse of pack_tiles_int8: a new [*, N, K] matrix (groups of 4 columns move as one int32)."""
+    *stack, nb, kb = packed.shape[:-3]
+    dims = len(stack)
+    quads = packed.contiguous().view(torch.int32).view(*stack, nb, kb, 16, TILE_N)
+    order = (*range(dims), dims, dims + 3, dims + 1, dims + 2)
+    rows = quads.permute(order).reshape(*stack, nb * TILE_N, kb * INT8_TILE_K // 4).contiguous().view(torch.uint8)
+    return (rows ^ 0x80).view(torch.int8)

@@ -1,0 +1,161 @@
+"""The native ops, each a thin wrapper over torch.ops.qwenstack with the torch reference's signature.
+
+One fallback contract: an op that may not apply returns None (rms_norm, qk_norm_rope: the caller runs its
+torch path), and an op a caller chose through its `*_available()` check raises RuntimeError if called
+without it. Availability comes from kernels/build.py, per .cpp file.
+"""
+from __future__ import annotations
+
+import torch
+
+from qwenstack.kernels.build import isa_level, native_op
+
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _required(name: str):  # noqa: ANN202 - the op's callable
+    op = native_op(name)
+    if op is None:
+        raise RuntimeError(f"the native {name} kernel is not available (see the log and QWENSTACK_DISABLE_KERNELS)")
+    return op
+
+
+def paged_decode_available() -> bool:
+    """Whether the native decode kernel can be used (builds it on first call unless disabled)."""
+    return native_op("paged_decode_attention") is not None
+
+
+def use_paged_decode(q: torch.Tensor, kv_cache: torch.Tensor) -> bool:
+    """Whether this decode step can go to the native kernel: CPU tensors of a supported dtype, head_dim a
+    multiple of 16, no autograd (the op has no backward)."""
+    return (
+        q.device.type == "cpu"
+        and kv_cache.device.type == "cpu"
+        and q.dtype in _DTYPES
+        and kv_cache.dtype in _DTYPES
+        and q.shape[-1] % 16 == 0
+        and kv_cache.stride(-1) == 1
+        and not (q.requires_grad and torch.is_grad_enabled())
+        and paged_decode_available()
+    )
+
+
+def paged_decode_attention(
+    q: torch.Tensor,  # [B, q_heads, head_dim]
+    kv_cache: torch.Tensor,  # [2, num_blocks, block_size, kv_heads, head_dim]
+    block_tables: torch.Tensor,  # [B, max_blocks] int32/int64
+    context_lens: torch.Tensor | list[int],  # [B]
+    scale: float,
+) -> torch.Tensor:  # [B, q_heads, head_dim], q's dtype
+    """softmax(q k^T * scale) v for one query token per sequence, reading keys and values from the paged pool
+    in place. Query head h uses kv head h // (q_heads // kv_heads); sums are float32."""
+    op = _required("paged_decode_attention")
+    if not isinstance(context_lens, torch.Tensor):
+        context_lens = torch.tensor(context_lens, dtype=torch.long)
+    return op(q, kv_cache, block_tables, context_lens, float(scale))
+
+
+def paged_prefix_attention(
+    q: torch.Tensor,  # [T, q_heads, head_dim]: the new tokens of every sequence, in order
+    kv_cache: torch.Tensor,  # [2, num_blocks, block_size, kv_heads, head_dim]
+    block_tables: torch.Tensor,  # [B, max_blocks]
+    context_lens: list[int],  # [B], the new tokens included
+    query_lens: list[int],  # [B], new tokens per sequence (sum = T)
+    scale: float,
+) -> torch.Tensor:  # [T, q_heads, head_dim], q's dtype
+    """Causal attention of each sequence's new tokens over its whole cached context, read in place: token
+    j of sequence b sees keys [0, context_lens[b] - query_lens[b] + j]."""
+    op = _required("paged_prefix_attention")
+    return op(q, kv_cache, block_tables, torch.tensor(context_lens, dtype=torch.long),
+              torch.tensor(query_lens, dtype=torch.long), float(scale))
+
+
+LINEAR_WEIGHT_DTYPES = (torch.bfloat16, torch.float16, torch.int8)
+
+
+def linear_rows_available() -> bool:
+    """Whether the native linear kernel can be used (builds it on first call unless disabled)."""
+    return native_op("linear_rows") is not None
+
+
+def linear_rows(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M, K] @ weight[N, K].T, times scales [N] per output column when given (int8 weights), in x's dtype;
+    sums in float32. Reads the weights once whatever M: for a few rows (decoding), not for prefill."""
+    op = _required("linear_rows")
+    return op(x, weight, _NO_SCALES if scales is None else scales)
+
+
+_NO_SCALES = torch.empty(0)
+def linear_tiled(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+    """x [M, K] @ W.T for W in pack_tiles' layout, in x's dtype; sums in float32. Reads the weights once per
+    32 rows of x: for decode batches, not for prefill."""
+    op = _required("linear_tiled")
+    return op(x, packed)
+
+
+def has_amx() -> bool:
+    """Whether the kernels are built with AMX tiles (the linear kernels' batched loops use them)."""
+    return linear_rows_available() and isa_level() == "avx512_amx"
+
+
+def int8_tiles_preferred() -> bool:
+    """Whether int8 weights are best tile-packed on this machine: the kernels are built with AVX512-VNNI, whose
+    byte dot products the tiled int8 loop is written for. Lower levels run that layout in scalar loops, 2.5 to
+    4.5 times slower at one row than the row-major kernel's vectors (AVX2 and plain AVX-512, 3072 x 1024)."""
+    return linear_rows_available() and isa_level() in ("avx512_bf16", "avx512_amx")
+
+
+def linear_tiled_int8(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """x [M, K] @ (W * scales[:, None]).T for int8 W in pack_tiles_int8's layout, in x's dtype (activations as
+    int16 per row, exact int32 sums). Any number of rows: AMX-INT8 tiles from 3 rows where the CPU has them."""
+    op = _required("linear_tiled_int8")
+    return op(x, packed, scales)
+
+
+_NORM_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, zero_centered: bool) -> torch.Tensor | None:
+    """RMSNorm over the last dimension as models/layers.RMSNorm computes it, in one native call; None where
+    the kernel does not apply (not CPU, autograd, mixed dtypes, float32, kernels unavailable): use the torch
+    path. float32 stays on torch: its sum of squares in another order moves float32 logits by ~1e-7 per
+    layer, which the parity tests against transformers would see; in 16-bit dtypes the rounding hides it."""
+    if x.device.type != "cpu" or x.dtype != weight.dtype or x.dtype not in _NORM_DTYPES or x.dim() < 1:
+        return None
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        return None
+    op = native_op("rms_norm")
+    if op is None:
+        return None
+    shape = x.shape
+    if x.dim() == 3:
+        return op(x, weight, float(eps), zero_centered)
+    rows = x.reshape(1, -1, shape[-1])
+    return op(rows, weight, float(eps), zero_centered).view(shape)
+
+
+def qk_norm_rope(
+    q: torch.Tensor,  # [S, heads, D], D contiguous (a view of the fused projection)
+    k: torch.Tensor,  # [S, kv_heads, D]
+    q_weight: torch.Tensor,
+    k_weight: torch.Tensor,
+    cos: torch.Tensor,  # [S, R]
+    sin: torch.Tensor,
+    eps: float,
+    zero_centered: bool,
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """An attention layer's QK-RMSNorm then rotate-half rotary embedding in one native call, rounded as the
+    torch path rounds (bit-identical in bfloat16/float16); None where it does not apply (the rules of
+    rms_norm above): use the torch path."""
+    tensors = (q, k, q_weight, k_weight, cos, sin)
+    if q.device.type != "cpu" or q.dtype not in _NORM_DTYPES or any(t.dtype != q.dtype for t in tensors):
+        return None
+    if q.dim() != 3 or k.dim() != 3 or q.stride(-1) != 1 or k.stride(-1) != 1:
+        return None
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return None
+    op = native_op("qk_norm_rope")
+    if op is None:
+        return None
+    out = op(q, k, q_weight, k_weight, cos, sin, float(eps), zero_centered)
+    return out[:, :q.shape[1]], out[:, q.shape[1]:]
