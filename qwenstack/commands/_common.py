@@ -6,6 +6,8 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from qwenstack.markup import THINK_START
+
 if TYPE_CHECKING:
     from qwenstack.engine.params import SamplingParams
     from qwenstack.llm import LLM
@@ -113,7 +115,7 @@ def load_llm(args: argparse.Namespace) -> "LLM":
 
 def starts_in_reasoning(prompt: str) -> bool:
     """Templates of thinking-only checkpoints open the think block in the prompt itself."""
-    return prompt.rstrip().endswith("<think>")
+    return prompt.rstrip().endswith(THINK_START)
 
 
 def human_size(num_bytes: float) -> str:

@@ -25,6 +25,8 @@ from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import Any
 
+from qwenstack.markup import THINK_END
+
 
 class Safety(str, Enum):
     SAFE = "Safe"
@@ -133,8 +135,8 @@ def parse_verdict(text: str) -> Verdict:
     if not isinstance(text, str):
         return Verdict.unknown(repr(text))
     body = _THINK.sub("", text)
-    if "</think>" in body:  # a think block whose start was in the prompt
-        body = body.split("</think>", 1)[1]
+    if THINK_END in body:  # a think block whose start was in the prompt
+        body = body.split(THINK_END, 1)[1]
     safety = Safety.UNKNOWN
     if (m := _SAFETY.search(body)) is not None:
         safety = Safety.from_label(_first_word(m.group("value")))

@@ -36,7 +36,8 @@ from qwenstack.serving import chat_audio
 from qwenstack.errors import ConfigError
 from qwenstack.serving import images as image_inputs
 from qwenstack.serving import moderation, videos
-from qwenstack.serving.constraints import THINK_END, THINK_START, ThinkingPhase, build_processors
+from qwenstack.markup import THINK_END, THINK_START
+from qwenstack.serving.constraints import ThinkingPhase, build_processors
 from qwenstack.serving.errors import APIError, bad_request, error_frame, from_exception
 from qwenstack.serving.logprobs import TokenTexts, chat_logprobs
 from qwenstack.serving.metrics import RequestTracker

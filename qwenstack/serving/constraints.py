@@ -22,12 +22,11 @@ from typing import Any, Callable
 import torch
 
 from qwenstack.engine.params import LogitsProcessor, ReasoningMarkers
+from qwenstack.markup import THINK_END, THINK_START
 from qwenstack.serving.errors import APIError
 from qwenstack.serving.protocol import ChatCompletionRequest, NamedToolChoice
 from qwenstack.tokenizer import Tokenizer
 
-THINK_START = "<think>"
-THINK_END = "</think>"
 
 
 class ThinkingPhase(enum.Enum):

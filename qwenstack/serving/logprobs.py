@@ -8,25 +8,11 @@ its `bytes` are exact, so a client can join them.
 """
 from __future__ import annotations
 
-from functools import lru_cache
 from typing import Iterable
 
 from qwenstack.engine.sequence import PositionLogprobs
+from qwenstack.markup import byte_level_decoder
 from qwenstack.tokenizer import Tokenizer
-
-
-@lru_cache(maxsize=1)
-def _byte_decoder() -> dict[str, int]:
-    """GPT-2's byte <-> printable-character table, inverted."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    chars = list(printable)
-    n = 0
-    for b in range(256):
-        if b not in printable:
-            printable.append(b)
-            chars.append(256 + n)
-            n += 1
-    return {chr(c): b for b, c in zip(printable, chars)}
 
 
 class TokenTexts:
@@ -52,7 +38,7 @@ class TokenTexts:
         piece = self.tokenizer.id_to_token(token_id)
         if piece is None:
             return b""
-        table = _byte_decoder()
+        table = byte_level_decoder()
         if all(c in table for c in piece):
             return bytes(table[c] for c in piece)
         return self.tokenizer.decode([token_id]).encode("utf-8")  # not byte-level BPE

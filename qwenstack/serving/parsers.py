@@ -41,12 +41,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from qwenstack.markup import THINK_END, THINK_START, TOOL_CALL_END, TOOL_CALL_START
+
 logger = logging.getLogger("qwenstack.parsers")
 
-THINK_START = "<think>"
-THINK_END = "</think>"
-TOOL_CALL_START = "<tool_call>"
-TOOL_CALL_END = "</tool_call>"
 
 
 @dataclass

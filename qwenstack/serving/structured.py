@@ -48,6 +48,7 @@ import torch
 
 from qwenstack.engine.params import LogitsProcessor
 from qwenstack.errors import RequestError
+from qwenstack.markup import THINK_END, THINK_START, byte_level_decoder
 from qwenstack.tokenizer import Tokenizer
 
 log = logging.getLogger("qwenstack.structured")
@@ -55,7 +56,6 @@ log = logging.getLogger("qwenstack.structured")
 TOOL_CALL_PREFIX = '<tool_call>\n{"name": '
 TOOL_CALL_ARGUMENTS = ', "arguments": '
 TOOL_CALL_SUFFIX = "}\n</tool_call>"
-THINK_START, THINK_END = "<think>", "</think>"
 MAX_CACHED_GRAMMARS = 128
 # llguidance's JSON options: oneOf read as anyOf, keywords it cannot enforce ignored rather than refused.
 JSON_OPTIONS = {"coerce_one_of": True, "lenient": True, "json_allow_general_unicode_escapes": True}
@@ -83,16 +83,6 @@ def _clean_message(text: Any) -> str:
     return " ".join(lines) if lines else "unknown error"
 
 
-def _byte_level_chars() -> dict[str, int]:
-    """GPT-2's byte-level alphabet: the character each byte is written as in a byte-level BPE vocabulary."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1),
-                 *range(ord("\xae"), ord("\xff") + 1)]
-    chars = {b: chr(b) for b in printable}
-    for n, b in enumerate(b for b in range(256) if b not in chars):
-        chars[b] = chr(256 + n)
-    return {c: b for b, c in chars.items()}
-
-
 def _piece_decoder(backend: Any) -> Callable[[str], bytes]:
     """Vocabulary entry -> the bytes it stands for, by the tokenizer's decoder (byte-level, byte-fallback, raw)."""
     from tokenizers import decoders
@@ -102,7 +92,7 @@ def _piece_decoder(backend: Any) -> Callable[[str], bytes]:
         spec = json.loads(backend.to_str()).get("decoder") or {}
     text = json.dumps(spec)
     if spec is None or '"ByteLevel"' in text:
-        chars = _byte_level_chars()
+        chars = byte_level_decoder()
 
         def byte_level(piece: str) -> bytes:
             try:

@@ -24,9 +24,9 @@ import torch
 
 from qwenstack.engine.params import LogitsProcessor
 from qwenstack.errors import RequestError
+from qwenstack.markup import THINK_END, THINK_START, TOOL_CALL_START
 from qwenstack.tokenizer import Tokenizer
 
-THINK_START, THINK_END, TOOL_CALL_START = "<think>", "</think>", "<tool_call>"
 FORCED_CLOSE = "\n</think>\n\n"
 
 

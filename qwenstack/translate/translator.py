@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
 
 from qwenstack.engine.params import SamplingParams
+from qwenstack.markup import THINK_END
 from qwenstack.translate.units import UnitPolicy, cut_units, joiner
 
 # ISO-639-1 codes -> names the prompt uses (the languages Qwen3-TTS and Qwen3-ASR both cover, and more).
@@ -88,7 +89,7 @@ class Translator:
 
     def answer(self, token_ids: list[int]) -> str:
         text = self.tokenizer.decode(token_ids, skip_special_tokens=True)
-        text = text.split("</think>")[-1]  # a model that thinks anyway: the answer follows the block
+        text = text.split(THINK_END)[-1]  # a model that thinks anyway: the answer follows the block
         for line in text.splitlines():
             if line.strip():
                 return " ".join(line.split())
