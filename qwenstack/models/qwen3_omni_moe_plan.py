@@ -28,6 +28,7 @@ from typing import Any, Sequence
 import torch
 
 from qwenstack.errors import RequestError
+from qwenstack.models.qwen3_vl import _token_runs, text_tail_positions
 from qwenstack.multimodal.inputs import AudioInput, AudioPlacement, ImageInput, ImagePlacement
 
 Placement = ImagePlacement | AudioPlacement
@@ -85,8 +86,6 @@ def plan_placements(model: Any, ids: Sequence[int], images: Sequence[ImageInput]
                     audios: Sequence[AudioInput]) -> list[Placement]:
     """Places images, clips and videos on their placeholder runs (each kind in prompt order; a video's audio
     track is the next clip when `<|audio_start|>` opens the video). Raises RequestError when they disagree."""
-    from qwenstack.models.qwen3_vl import _token_runs
-
     a = model.args.thinker
     m = model.merge_size
     kinds = {a.image_token_id: "image", a.audio_token_id: "audio", a.video_token_id: "video"}
@@ -191,11 +190,7 @@ def rope_positions(prompt_len: int, placements: Sequence[Placement], merge_size:
         parts.append(part)
         position = int(part.max()) + 1
         index = p.end
-    if prompt_len > index:
-        parts.append((torch.arange(prompt_len - index, dtype=torch.long) + position).expand(3, -1))
-    positions = torch.cat(parts, dim=1) if parts else torch.zeros(3, 0, dtype=torch.long)
-    delta = int(positions.max()) + 1 - prompt_len if prompt_len else 0
-    return positions.contiguous(), delta
+    return text_tail_positions(parts, index, position, prompt_len)
 
 
 __all__ = ["group_time_offsets", "plan_placements", "rope_positions", "split_videos", "video_audio_layout"]
