@@ -26,7 +26,9 @@ SECONDS_PER_GRID = 1.0  # temporal_patch_size 2 / fps 2: transformers' video_sec
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory: pytest.TempPathFactory):
-    path = build_omni_checkpoint(tmp_path_factory.mktemp("omni-video"), seed=4, with_tokenizer=False)
+    # the Thinking layout (no Talker, no Code2Wav): the Thinker is all these tests read, and it builds faster
+    path = build_omni_checkpoint(tmp_path_factory.mktemp("omni-video"), audio_output=False, seed=4,
+                                 with_tokenizer=False)
     return load_model(path, dtype=torch.float32), load_hf_omni(path)
 
 

@@ -214,3 +214,16 @@ def test_omni_sampling_matches_transformers(monkeypatch: pytest.MonkeyPatch) -> 
     assert torch.equal(processor._patchify(video), want[0]) and (t, h, w) == (3, 4, 6)
     processed = processor.process_frames(decoded.frames, decoded.indices, decoded.fps)
     assert processed.grid_thw == (2, 4, 4) and [g.video_frame.seconds for g in processed.groups] == [0.0, 1.0]
+
+
+def test_audio_in_video_needs_a_model_that_hears() -> None:
+    from qwenstack.serving.errors import APIError
+    from qwenstack.serving.videos import wants_audio_in_video
+
+    request = types.SimpleNamespace(mm_processor_kwargs={"use_audio_in_video": True})
+    vl = types.SimpleNamespace(name="vl", hf_config={"model_type": "qwen3_vl"}, asr=None)
+    with pytest.raises(APIError) as err:
+        wants_audio_in_video(request, vl)
+    assert err.value.status == 400 and err.value.param == "mm_processor_kwargs"
+    assert not wants_audio_in_video(types.SimpleNamespace(mm_processor_kwargs={"use_audio_in_video": False}), vl)
+    assert not wants_audio_in_video(types.SimpleNamespace(mm_processor_kwargs=None), vl)
