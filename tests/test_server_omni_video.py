@@ -10,7 +10,6 @@ import base64
 import io
 import json
 import types
-from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np

@@ -1,4 +1,4 @@
-"""OpenAI-style `video_url` content parts (vLLM's and Ollama's extension) -> Qwen3-VL video inputs.
+"""OpenAI-style `video_url` content parts (vLLM's and Ollama's extension) -> Qwen3-VL and Qwen3-Omni video inputs.
 
 Decisions:
 - Sources as for images: `data:video/...;base64` URLs always, `file://` paths only where the server allows
