@@ -90,7 +90,8 @@ class VideoProcessorConfig:
                    bool(merged.get("cap_pixels_per_frame") or False), int(merged["max_video_tokens"]), kind)
 
     @classmethod
-    def from_pretrained(cls, model_dir: str | Path, defaults: dict[str, Any] = VIDEO_DEFAULTS) -> "VideoProcessorConfig":
+    def from_pretrained(cls, model_dir: str | Path,
+                        defaults: dict[str, Any] = VIDEO_DEFAULTS) -> "VideoProcessorConfig":
         """video_preprocessor_config.json over `defaults`; without one, the image preprocessor's patch sizes and
         normalisation with the defaults' budget (OMNI_VIDEO_DEFAULTS for Qwen3-Omni)."""
         from qwenstack.config import read_json_config
@@ -262,7 +263,8 @@ class VideoProcessor:
         gh, gw = resized_h // c.patch_size, resized_w // c.patch_size
         digest = content_hash or hashlib.blake2b(patches.numpy().tobytes(), digest_size=16).hexdigest()
         if self.config.per_frame_budget:  # Qwen3OmniMoeProcessor's video_second_per_grid: T / fps per group
-            times = [g * c.temporal_patch_size / self.config.fps for g in range(video.shape[0] // c.temporal_patch_size)]
+            groups = video.shape[0] // c.temporal_patch_size
+            times = [g * c.temporal_patch_size / self.config.fps for g in range(groups)]
         else:
             times = group_timestamps(indices, fps, c.temporal_patch_size)
         groups = [ImageInput(rows, (1, gh, gw), f"{digest}:{g}", VideoFrame(g, times[g]))
@@ -290,5 +292,6 @@ class VideoProcessor:
         return VideoProcessor(replace(self.config), limits)
 
 
-__all__ = ["OMNI_VIDEO_DEFAULTS", "DecodedVideo", "ProcessedVideo", "VideoError", "VideoLimits", "VideoProcessor", "VideoProcessorConfig",
+__all__ = ["OMNI_VIDEO_DEFAULTS",
+           "DecodedVideo", "ProcessedVideo", "VideoError", "VideoLimits", "VideoProcessor", "VideoProcessorConfig",
            "decode_video", "group_timestamps", "sample_indices", "video_smart_resize"]
