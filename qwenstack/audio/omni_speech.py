@@ -37,7 +37,7 @@ from qwenstack.models.qwen3_omni_moe_talker import (
     TalkerPrompt, TalkerSampling, TalkerStream, build_talker_prompt, talker_text_row,
 )
 from qwenstack.multimodal.inputs import (
-    AudioPlacement, EncodedImage, EncoderCache, MultimodalBatch, MultimodalPlan, placed_input,
+    AudioPlacement, EncodedImage, EncoderCache, MultimodalBatch, MultimodalPlan, first_encoder_row, placed_input,
 )
 
 
@@ -80,19 +80,20 @@ def prompt_states(model: Any, prompt_ids: Sequence[int], plan: MultimodalPlan | 
             key = placed_input(p).content_hash
             if (hit := encoder_cache.get(key)) is not None:
                 cached[key] = hit
-    missing = [p for p in plan.placements if placed_input(p).content_hash not in cached]
-    images = [p.image for p in missing if not isinstance(p, AudioPlacement)]
-    audios = [p.audio for p in missing if isinstance(p, AudioPlacement)]
-    encoded_images = iter(model.encode_images(images) if images else [])
-    encoded_audio = iter(model.encode_audio(audios) if audios else [])
+    # by hash: the pieces of a video's audio track share one clip, encoded once
+    missing = {placed_input(p).content_hash: p for p in plan.placements if placed_input(p).content_hash not in cached}
+    images = {k: p.image for k, p in missing.items() if not isinstance(p, AudioPlacement)}
+    audios = {k: p.audio for k, p in missing.items() if isinstance(p, AudioPlacement)}
+    for batch, encode in ((images, model.encode_images), (audios, model.encode_audio)):
+        if batch:
+            cached.update(zip(batch, encode(list(batch.values()))))
     rows, embeds, deepstack = [], [], []
     for p in plan.placements:
-        out = cached.get(placed_input(p).content_hash)
-        if out is None:
-            out = next(encoded_audio) if isinstance(p, AudioPlacement) else next(encoded_images)
+        out = cached[placed_input(p).content_hash]
         rows.append(torch.arange(p.offset, p.end))
-        embeds.append(out.embeds)
-        deepstack.append(out.deepstack)
+        first = first_encoder_row(p)  # a piece of a video's audio track takes its own rows of the clip
+        embeds.append(out.embeds[first:first + p.length])
+        deepstack.append(out.deepstack[:, first:first + p.length])
     batch = MultimodalBatch(torch.cat(rows).to(weight.device), torch.cat(embeds), torch.cat(deepstack, dim=1))
     return model.thinker_states(ids, plan.positions.to(weight.device), batch, layer)
 

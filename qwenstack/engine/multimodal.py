@@ -16,7 +16,7 @@ import torch
 
 from qwenstack.engine.sequence import Sequence
 from qwenstack.multimodal.inputs import (
-    AudioInput, EncodedImage, EncoderCache, MultimodalBatch, MultimodalPlan, placed_input,
+    AudioInput, EncodedImage, EncoderCache, MultimodalBatch, MultimodalPlan, first_encoder_row, placed_input,
 )
 
 DEFAULT_ENCODER_CACHE_MEMORY = 256 * 1024**2
@@ -50,7 +50,7 @@ class MultimodalStep:
                 for p in plan.placements:
                     lo, hi = max(start, p.offset), min(end, p.end)
                     if lo < hi:
-                        wanted.append((row + lo - start, lo - p.offset, hi - lo, p))
+                        wanted.append((row + lo - start, lo - p.offset + first_encoder_row(p), hi - lo, p))
             row += n
         pos = torch.cat(positions, dim=1).to(device)
         if not wanted:

@@ -15,9 +15,8 @@ Decisions:
   `thinker.lm_head.*`, `talker.*`, `code2wav.*`); `sanitize` renames the two places where our shared modules
   use other names (`proj1/2` -> `audio_projector.linear_1/2`, `merger_list` -> `deepstack_merger_list`,
   the mergers' `ln_q`/`mlp.0`/`mlp.2` -> `norm`/`linear_fc1`/`linear_fc2`); it is idempotent.
-- Positions follow transformers' get_rope_index: text advances by one per token, audio placeholders are
-  text-like (one position each), an image of merged grid (h, w) at running position p gives (p, p + row,
-  p + col) and the next token p + max(h, w). Video is not planned here (a RequestError says so).
+- Positions follow transformers' get_rope_index, for text, images, audio, videos and videos with their audio
+  track interleaved (qwen3_omni_moe_plan.py).
 - Audio rows carry zero DeepStack features so a step that mixes audio and image rows stays one tensor.
 """
 from __future__ import annotations
@@ -30,14 +29,15 @@ import torch
 from torch import nn
 
 from qwenstack.config import ModelArgs
-from qwenstack.errors import ConfigError, RequestError
+from qwenstack.errors import ConfigError
 from qwenstack.models.attention import AttentionBatch
 from qwenstack.models.base import KVCacheSpec, lm_logits
 from qwenstack.models.layers import SwiGLU
 from qwenstack.models.moe import SparseMoE
 from qwenstack.models.qwen3_asr_audio import AudioEncoder, AudioEncoderArgs, AudioProjector, audio_token_count
 from qwenstack.models.qwen3_moe import Qwen3MoeArgs
-from qwenstack.models.qwen3_vl import Qwen3VLTextModel, _MropeValidation, _token_runs, encode_with_vision_tower
+from qwenstack.models.qwen3_omni_moe_plan import plan_placements, rope_positions
+from qwenstack.models.qwen3_vl import Qwen3VLTextModel, _MropeValidation, encode_with_vision_tower
 from qwenstack.models.qwen3_vl_vision import Qwen3VLVisionModel, VisionArgs
 from qwenstack.multimodal.inputs import (
     AudioInput, AudioPlacement, EncodedImage, ImageInput, ImagePlacement, MultimodalBatch, MultimodalPlan,
@@ -261,61 +261,17 @@ class Qwen3OmniMoeForConditionalGeneration(nn.Module):
 
     def plan_multimodal(self, prompt_token_ids: Sequence[int], images: Sequence[ImageInput],
                         audios: Sequence[AudioInput] = ()) -> MultimodalPlan:
-        """Places images and clips on their placeholder runs (each kind in prompt order) and computes the
-        prompt's 3-D positions. Raises RequestError when prompt and inputs disagree."""
-        a = self.args.thinker
-        if _token_runs(prompt_token_ids, a.video_token_id) or any(im.video_frame is not None for im in images):
-            raise RequestError("video input is not supported by this Qwen3-Omni runtime yet; send frames as images")
-        image_runs = _token_runs(prompt_token_ids, a.image_token_id)
-        audio_runs = _token_runs(prompt_token_ids, a.audio_token_id)
-        if len(image_runs) != len(images) or len(audio_runs) != len(audios):
-            raise RequestError(f"the prompt has {len(image_runs)} image and {len(audio_runs)} audio placeholder "
-                               f"run(s) but {len(images)} image(s) and {len(audios)} clip(s) were given")
-        placements: list[ImagePlacement | AudioPlacement] = []
-        for i, ((offset, length), image) in enumerate(zip(image_runs, images)):
-            t, h, w = image.grid_thw
-            if h % self.merge_size or w % self.merge_size:
-                raise RequestError(f"image {i}: grid {image.grid_thw} is not a multiple of the merge size {self.merge_size}")
-            if length != image.num_tokens(self.merge_size):
-                raise RequestError(f"image {i} needs {image.num_tokens(self.merge_size)} placeholder tokens, "
-                                   f"the prompt has {length}")
-            placements.append(ImagePlacement(offset, length, image))
-        for i, ((offset, length), audio) in enumerate(zip(audio_runs, audios)):
-            if length != self.audio_tokens(audio):
-                raise RequestError(f"audio clip {i} needs {self.audio_tokens(audio)} placeholder tokens, "
-                                   f"the prompt has {length}")
-            placements.append(AudioPlacement(offset, length, audio))
-        placements.sort(key=lambda p: p.offset)
+        """Places images, clips and videos (their frame groups among `images`) on their placeholder runs and
+        computes the prompt's 3-D positions (qwen3_omni_moe_plan.py). Raises RequestError when prompt and
+        inputs disagree."""
+        placements = plan_placements(self, prompt_token_ids, images, audios)
         positions, delta = self.rope_positions(len(prompt_token_ids), placements)
         return MultimodalPlan(placements, positions, delta)
 
     def rope_positions(self, prompt_len: int, placements: Sequence[ImagePlacement | AudioPlacement]
                        ) -> tuple[torch.Tensor, int]:
         """[3, prompt_len] positions and the rope delta of generated tokens (transformers' get_rope_index)."""
-        m = self.merge_size
-        per_second = self.args.thinker.position_id_per_seconds
-        parts: list[torch.Tensor] = []
-        index, position = 0, 0  # next prompt index, next free position
-        for p in placements:
-            if p.offset > index:
-                parts.append((torch.arange(p.offset - index, dtype=torch.long) + position).expand(3, -1))
-                position += p.offset - index
-            if isinstance(p, AudioPlacement):
-                parts.append((torch.arange(p.length, dtype=torch.long) + position).expand(3, -1))
-                position += p.length
-            else:
-                t, h, w = p.image.grid_thw
-                tt, hh, ww = torch.meshgrid(torch.arange(t) * per_second, torch.arange(h // m), torch.arange(w // m),
-                                            indexing="ij")
-                grid = torch.stack((tt, hh, ww)).reshape(3, -1) + position
-                parts.append(grid)
-                position = int(grid.max()) + 1
-            index = p.end
-        if prompt_len > index:
-            parts.append((torch.arange(prompt_len - index, dtype=torch.long) + position).expand(3, -1))
-        positions = torch.cat(parts, dim=1) if parts else torch.zeros(3, 0, dtype=torch.long)
-        delta = int(positions.max()) + 1 - prompt_len if prompt_len else 0
-        return positions.contiguous(), delta
+        return rope_positions(prompt_len, placements, self.merge_size, self.args.thinker.position_id_per_seconds)
 
     @torch.inference_mode()
     def encode_images(self, images: Sequence[ImageInput]) -> list[EncodedImage]:

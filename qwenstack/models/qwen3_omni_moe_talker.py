@@ -21,6 +21,7 @@ Decisions:
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Sequence
 
@@ -150,8 +151,6 @@ def build_talker_prompt(model: Any, prompt_ids: Sequence[int], first_token: int,
     e.g. an empty think block, or of the answer). model: Qwen3OmniMoeForConditionalGeneration; thinker_embeds and
     thinker_hidden [S, Hthinker] cover the prompt (the latter is read at multimodal positions only);
     placements: the Thinker plan's image/audio placements (for the Talker's own M-RoPE positions)."""
-    from qwenstack.multimodal.inputs import AudioPlacement, ImagePlacement
-
     a, talker = model.args, model.talker
     ta = talker.args
     voice = speaker.lower()
@@ -191,11 +190,7 @@ def build_talker_prompt(model: Any, prompt_ids: Sequence[int], first_token: int,
 
     # M-RoPE over the Talker's own sequence: the user tokens' placements, shifted to their new indices.
     where = {p: i for i, p in enumerate(user_rows)}
-    moved = []
-    for p in placements:
-        if p.offset in where:
-            kind = AudioPlacement if isinstance(p, AudioPlacement) else ImagePlacement
-            moved.append(kind(where[p.offset], p.length, p.audio if isinstance(p, AudioPlacement) else p.image))
+    moved = [dataclasses.replace(p, offset=where[p.offset]) for p in placements if p.offset in where]
     positions, delta = model.rope_positions(prefill.shape[0], moved)
     return TalkerPrompt(prefill, positions.to(device), delta, tts_eos, tts_pad)
 

@@ -315,11 +315,7 @@ class Qwen3VLForConditionalGeneration(nn.Module):
             parts.append(torch.stack((tt, hh, ww)).reshape(3, -1) + position)
             position += max(gh, gw)  # transformers advances by the larger side only (t is 1 for an image)
             index = p.end
-        if prompt_len > index:
-            parts.append((torch.arange(prompt_len - index, dtype=torch.long) + position).expand(3, -1))
-        positions = torch.cat(parts, dim=1) if parts else torch.zeros(3, 0, dtype=torch.long)
-        delta = int(positions.max()) + 1 - prompt_len if prompt_len else 0
-        return positions.contiguous(), delta
+        return text_tail_positions(parts, index, position, prompt_len)
 
     @torch.inference_mode()
     def encode_images(self, images: Sequence[ImageInput]) -> list[EncodedImage]:
@@ -338,6 +334,17 @@ class Qwen3VLMoeForConditionalGeneration(Qwen3VLForConditionalGeneration):
         moe = SparseMoE(a.hidden_size, a.moe_intermediate_size, a.num_experts, a.num_experts_per_tok, True)
         moe.experts = TransposedFusedExperts(a.num_experts, a.hidden_size, a.moe_intermediate_size)
         return moe
+
+
+def text_tail_positions(parts: list[torch.Tensor], index: int, position: int,
+                        prompt_len: int) -> tuple[torch.Tensor, int]:
+    """The M-RoPE planners' last step: text from prompt index `index` at running `position` to the prompt's
+    end after `parts`; returns the positions [3, prompt_len] and the rope delta of generated tokens."""
+    if prompt_len > index:
+        parts.append((torch.arange(prompt_len - index, dtype=torch.long) + position).expand(3, -1))
+    positions = torch.cat(parts, dim=1) if parts else torch.zeros(3, 0, dtype=torch.long)
+    delta = int(positions.max()) + 1 - prompt_len if prompt_len else 0
+    return positions.contiguous(), delta
 
 
 def _token_runs(token_ids: Sequence[int], token: int) -> list[tuple[int, int]]:

@@ -135,8 +135,12 @@ class ImagePlacement:
 @dataclass(frozen=True)
 class AudioPlacement:
     offset: int  # prompt index of the clip's first placeholder token
-    length: int  # placeholder tokens, which equals the clip's encoder output rows
+    length: int  # placeholder tokens: encoder output rows first_row..first_row+length-1 of the clip
     audio: AudioInput
+    # A video's audio track (Qwen3-Omni's audio in video) sits in pieces between the video's frame groups:
+    # each piece is rows first_row.. of the one clip, positioned from the video's start (in_video).
+    first_row: int = 0
+    in_video: bool = False
 
     @property
     def end(self) -> int:
@@ -146,6 +150,11 @@ class AudioPlacement:
 def placed_input(placement: ImagePlacement | AudioPlacement) -> ImageInput | AudioInput:
     """The image or audio clip a placement puts in the prompt (both carry a content_hash)."""
     return placement.audio if isinstance(placement, AudioPlacement) else placement.image
+
+
+def first_encoder_row(placement: ImagePlacement | AudioPlacement) -> int:
+    """The row of its input's encoder output that the placement's first token takes."""
+    return placement.first_row if isinstance(placement, AudioPlacement) else 0
 
 
 class BlockExtraKeys:
@@ -279,6 +288,6 @@ class EncoderCache:
 
 
 __all__ = [
-    "AudioInput", "AudioPlacement", "features_hash", "placed_input", "BlockExtraKeys", "EncodedImage", "EncoderCache", "ImageInput", "ImagePlacement", "MultimodalBatch",
+    "AudioInput", "AudioPlacement", "features_hash", "first_encoder_row", "placed_input", "BlockExtraKeys", "EncodedImage", "EncoderCache", "ImageInput", "ImagePlacement", "MultimodalBatch",
     "MultimodalInputs", "MultimodalPlan", "images_from_processed", "pixel_hash",
 ]

@@ -19,6 +19,12 @@ Decisions:
   attends within a frame group and positions each group like an image (get_rope_index splits the video
   grid to T=1 groups), so encoding groups separately is the same computation, and the encoder and prefix
   caches work per group.
+- Qwen3-Omni's videos follow transformers' Qwen2VLVideoProcessor instead (processor_type), with the size
+  Qwen3OmniMoeProcessor passes on every call unless video_preprocessor_config.json sets one: frames taken by
+  a float32 stride of total / n from frame 0, n the frames at `fps` floored to whole temporal patches; each
+  frame resized by the image smart_resize (a per-frame budget); no timestamps in the prompt, the group's
+  time being index x temporal_patch_size / fps (the processor's video_second_per_grid, with the fps we
+  sampled at; transformers' processor assumes 1 fps unless one is passed).
 - Videos are untrusted input: the byte size is checked before parsing, the duration and frame count from
   the header before decoding, and decoding stops at the last sampled frame. Failures are VideoErrors.
 """
@@ -36,12 +42,18 @@ import torch
 from PIL import Image
 
 from qwenstack.errors import RequestError
-from qwenstack.multimodal.image_processing import ImageProcessor, ImageProcessorConfig
+from qwenstack.multimodal.image_processing import ImageProcessor, ImageProcessorConfig, smart_resize
 from qwenstack.multimodal.inputs import ImageInput, VideoFrame
 
 # transformers' Qwen3VLVideoProcessor class defaults (a checkpoint's video_preprocessor_config.json overrides).
 VIDEO_DEFAULTS: dict[str, Any] = {"size": {"shortest_edge": 128 * 32 * 32, "longest_edge": 32 * 32 * 768},
                                   "fps": 2, "min_frames": 4, "max_frames": 768, "max_video_tokens": 768}
+# Qwen3-Omni: transformers' Qwen2VLVideoProcessor with the size Qwen3OmniMoeProcessor passes on every call
+# (a per-frame budget), sampling at qwen-omni-utils' 2 fps; max_video_tokens is Qwen2VLVideoProcessor's.
+QWEN2_VL_STYLE = "Qwen2VLVideoProcessor"
+OMNI_VIDEO_DEFAULTS: dict[str, Any] = {"video_processor_type": QWEN2_VL_STYLE,
+                                       "size": {"shortest_edge": 128 * 32 * 32, "longest_edge": 768 * 32 * 32},
+                                       "fps": 2, "min_frames": 4, "max_frames": 768, "max_video_tokens": 128000}
 
 
 class VideoError(RequestError):
@@ -64,24 +76,35 @@ class VideoProcessorConfig:
     max_frames: int = 768
     cap_pixels_per_frame: bool = False  # transformers 5.24's default (qwen-vl-utils caps; opt in via config)
     max_video_tokens: int = 768
+    # Which transformers video processor's rules: Qwen3-VL's (a pixel budget over all frames, linspace
+    # sampling, timestamps in the prompt) or Qwen2-VL's, which Qwen3-Omni uses (a per-frame budget, sampling
+    # by a fixed stride, the group's time from fps alone).
+    processor_type: str = "Qwen3VLVideoProcessor"
 
     @classmethod
-    def from_dict(cls, config: dict[str, Any]) -> "VideoProcessorConfig":
-        merged = {**VIDEO_DEFAULTS, **config}
+    def from_dict(cls, config: dict[str, Any], defaults: dict[str, Any] = VIDEO_DEFAULTS) -> "VideoProcessorConfig":
+        merged = {**defaults, **config}
         image = ImageProcessorConfig.from_dict(merged)
+        kind = QWEN2_VL_STYLE if merged.get("video_processor_type") == QWEN2_VL_STYLE else "Qwen3VLVideoProcessor"
         return cls(image, float(merged["fps"]), int(merged["min_frames"]), int(merged["max_frames"]),
-                   bool(merged.get("cap_pixels_per_frame") or False), int(merged["max_video_tokens"]))
+                   bool(merged.get("cap_pixels_per_frame") or False), int(merged["max_video_tokens"]), kind)
 
     @classmethod
-    def from_pretrained(cls, model_dir: str | Path) -> "VideoProcessorConfig":
-        """video_preprocessor_config.json; without one, the image preprocessor's sizes with video defaults."""
+    def from_pretrained(cls, model_dir: str | Path,
+                        defaults: dict[str, Any] = VIDEO_DEFAULTS) -> "VideoProcessorConfig":
+        """video_preprocessor_config.json over `defaults`; without one, the image preprocessor's patch sizes and
+        normalisation with the defaults' budget (OMNI_VIDEO_DEFAULTS for Qwen3-Omni)."""
         from qwenstack.config import read_json_config
 
         model_dir = Path(model_dir)
         if (model_dir / "video_preprocessor_config.json").is_file():
-            return cls.from_dict(read_json_config(model_dir, "video_preprocessor_config.json"))
+            return cls.from_dict(read_json_config(model_dir, "video_preprocessor_config.json"), defaults)
         base = read_json_config(model_dir, "preprocessor_config.json")
-        return cls.from_dict({k: v for k, v in base.items() if k not in ("size", "min_pixels", "max_pixels")})
+        return cls.from_dict({k: v for k, v in base.items() if k not in ("size", "min_pixels", "max_pixels")}, defaults)
+
+    @property
+    def per_frame_budget(self) -> bool:
+        return self.processor_type == QWEN2_VL_STYLE
 
 
 @dataclass
@@ -129,10 +152,26 @@ def sample_indices(total_frames: int, video_fps: float, config: VideoProcessorCo
     """Which frames the model sees: `config.fps` per second of video, evenly spread (transformers' rule)."""
     if total_frames < 1:
         raise VideoError("the video has no frames")
+    if config.per_frame_budget:
+        return _stride_indices(total_frames, video_fps, config)
     fps = video_fps or 24.0  # transformers' fallback when the container names no rate
     num = int(total_frames / fps * config.fps)
     num = min(max(num, config.min_frames), config.max_frames, total_frames)
     return [int(i) for i in np.linspace(0, total_frames - 1, num).round().astype(int)]
+
+
+def _stride_indices(total_frames: int, video_fps: float, config: VideoProcessorConfig) -> list[int]:
+    """Qwen2VLVideoProcessor.sample_frames with fps: a whole number of temporal patches, taken by a fixed
+    (float32) stride from frame 0."""
+    tp = config.image.temporal_patch_size
+    if not video_fps:
+        raise VideoError("the video names no frame rate, which sampling at a fixed fps needs")
+    max_frames = math.floor(min(config.max_frames, total_frames) / tp) * tp
+    num = min(max(total_frames / video_fps * config.fps, config.min_frames), max_frames, total_frames)
+    num = math.floor(num / tp) * tp
+    if num < tp:
+        raise VideoError(f"the video has {total_frames} frame(s), fewer than the temporal patch of {tp}")
+    return torch.arange(0, total_frames, total_frames / num).int().tolist()
 
 
 def group_timestamps(indices: list[int], video_fps: float, temporal_patch_size: int) -> list[float]:
@@ -194,6 +233,11 @@ class VideoProcessor:
     def resized_size(self, num_frames: int, height: int, width: int) -> tuple[int, int]:
         c = self.config.image
         max_pixels = c.max_pixels
+        if self.config.per_frame_budget:  # Qwen2VLVideoProcessor.resize: each frame as an image
+            if self.config.cap_pixels_per_frame:
+                total = int(self.config.max_video_tokens * c.factor * c.factor * 0.9)
+                max_pixels = max(min(max_pixels, total * c.temporal_patch_size // num_frames), int(c.min_pixels * 1.05))
+            return smart_resize(height, width, c.factor, c.min_pixels, max_pixels)
         if self.config.cap_pixels_per_frame:
             frame_cap = self.config.max_video_tokens * c.factor * c.factor
             max_pixels = max(min(frame_cap, c.max_pixels // num_frames), int(c.min_pixels * 1.05)) * num_frames
@@ -218,7 +262,11 @@ class VideoProcessor:
         t = video.shape[0] // c.temporal_patch_size
         gh, gw = resized_h // c.patch_size, resized_w // c.patch_size
         digest = content_hash or hashlib.blake2b(patches.numpy().tobytes(), digest_size=16).hexdigest()
-        times = group_timestamps(indices, fps, c.temporal_patch_size)
+        if self.config.per_frame_budget:  # Qwen3OmniMoeProcessor's video_second_per_grid: T / fps per group
+            groups = video.shape[0] // c.temporal_patch_size
+            times = [g * c.temporal_patch_size / self.config.fps for g in range(groups)]
+        else:
+            times = group_timestamps(indices, fps, c.temporal_patch_size)
         groups = [ImageInput(rows, (1, gh, gw), f"{digest}:{g}", VideoFrame(g, times[g]))
                   for g, rows in enumerate(patches.split(gh * gw))]
         return ProcessedVideo(groups, times, (t, gh, gw), patches)
@@ -244,5 +292,6 @@ class VideoProcessor:
         return VideoProcessor(replace(self.config), limits)
 
 
-__all__ = ["DecodedVideo", "ProcessedVideo", "VideoError", "VideoLimits", "VideoProcessor", "VideoProcessorConfig",
+__all__ = ["OMNI_VIDEO_DEFAULTS",
+           "DecodedVideo", "ProcessedVideo", "VideoError", "VideoLimits", "VideoProcessor", "VideoProcessorConfig",
            "decode_video", "group_timestamps", "sample_indices", "video_smart_resize"]

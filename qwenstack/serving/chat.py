@@ -80,6 +80,7 @@ class ChatPlan:
     multimodal: Any = None  # MultimodalInputs once the images are loaded (attach_images)
     audio_refs: list[audio_inputs.AudioRef] = field(default_factory=list)  # audio parts, in prompt order
     audio_answer: Any = None  # chat_audio.AudioAnswer when the answer is also spoken
+    video_tracks: list[Any] | None = None  # videos' audio tracks when the request hears them (Qwen3-Omni)
 
     @property
     def starts_in_reasoning(self) -> bool:
@@ -137,8 +138,8 @@ def _content_text(message: ChatMessage, index: int, capabilities: list[str], mod
                 audios.append(audio_inputs.audio_ref(index, j, part))
             continue
         if part.type == "video_url":
-            raise bad_request(f"messages[{index}].content[{j}]: video input is not supported yet; send frames "
-                              "as image_url parts", param=f"messages.{index}.content.{j}", code="unsupported_content")
+            raise bad_request(f"messages[{index}].content[{j}]: the model '{model}' does not accept video input",
+                              param=f"messages.{index}.content.{j}", code="unsupported_content")
         raise APIError(501, f"messages[{index}]: {part.type} input is not supported by this server yet",
                        param=f"messages.{index}.content")
     # Qwen3-VL's template concatenates a message's parts as they are; text-only lists keep one per line.
@@ -283,8 +284,10 @@ async def attach_images(plan: ChatPlan, state: ServerState) -> None:
     if not plan.image_refs:
         return
     served = plan.served
+    if videos.wants_audio_in_video(plan.request, served):
+        plan.video_tracks = []
     plan.multimodal = await image_inputs.load_images(plan.image_refs, served.image_processor, state.config,
-                                                     served.video_processor)
+                                                     served.video_processor, plan.video_tracks)
     plan.prompt_ids = videos.expand_video_placeholders(plan.prompt_ids, served.tokenizer, served.hf_config,
                                                        plan.multimodal.images, served.image_processor.config.merge_size)
     plan.prompt_ids = image_inputs.expand_placeholders(plan.prompt_ids, served.hf_config["image_token_id"],
@@ -492,6 +495,7 @@ async def create_chat_completion(request: Request) -> Response:
     plan = await asyncio.to_thread(plan_chat, served, chat_request, state)
     await attach_images(plan, state)
     await audio_inputs.attach_audio(plan, state)
+    await videos.attach_video_tracks(plan)
     plan.audio_answer = await asyncio.to_thread(chat_audio.start_audio, served, chat_request, plan.prompt_ids,
                                                 plan.multimodal, state.config)
     blocked = await moderation.screen_prompt(request, plan)  # a blocked prompt never reaches the engine

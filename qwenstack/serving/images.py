@@ -185,9 +185,9 @@ def preprocess_image(processor: ImageProcessor, data: bytes) -> ImageInput:
 
 
 async def load_images(refs: list[ImageRef], processor: ImageProcessor, config: Any,
-                      video_processor: Any = None) -> MultimodalInputs:
+                      video_processor: Any = None, audio_tracks: list | None = None) -> MultimodalInputs:
     """Reads, decodes and preprocesses a request's images (and videos' frame groups) in prompt order.
-    Raises APIError 400 naming the part."""
+    Raises APIError 400 naming the part. audio_tracks: collects each video's audio track (serving/videos.py)."""
     videos = [r for r in refs if r.kind == "video"]
     if len(videos) > config.max_videos_per_request:
         raise bad_request(f"the request has {len(videos)} videos, more than this server's limit of "
@@ -203,7 +203,7 @@ async def load_images(refs: list[ImageRef], processor: ImageProcessor, config: A
         if ref.kind == "video":
             from qwenstack.serving.videos import load_video
 
-            images += await load_video(ref, video_processor, config, read_image_bytes)
+            images += await load_video(ref, video_processor, config, read_image_bytes, audio_tracks)
             continue
         try:
             data = await read_image_bytes(ref, config)

@@ -205,6 +205,8 @@ class ChatCompletionRequest(_SamplingFields):
     # Whitespace a structured answer may have around its JSON tokens, as a regex (vLLM's name). Omitted: none
     # beyond json.dumps' ", " and ": " (a small model cannot loop on newlines); "[ \t\n]*" relaxes it.
     guided_whitespace_pattern: str | None = None
+    # Processor options (vLLM's field): {"use_audio_in_video": true} hears each video's audio track (Qwen3-Omni).
+    mm_processor_kwargs: dict[str, Any] | None = None
 
     @property
     def thinking_budget_tokens(self) -> int | None:

@@ -84,11 +84,12 @@ class ServedModel:
 
 def serving_config(hf_config: dict[str, Any], tokenizer: Any) -> dict[str, Any]:
     """Qwen3-Omni nests its multimodal fields under thinker_config; the serving layer reads them at the top
-    (images, audio). Video is left out: the Omni runtime does not plan video yet."""
+    (images, audio, video)."""
     thinker = hf_config.get("thinker_config")
     if hf_config.get("model_type") != "qwen3_omni_moe" or not isinstance(thinker, dict):
         return hf_config
-    keys = ("vision_config", "audio_config", "image_token_id", "audio_token_id", "vision_start_token_id")
+    keys = ("vision_config", "audio_config", "image_token_id", "audio_token_id", "vision_start_token_id",
+            "video_token_id")
     flat = {**hf_config, **{k: thinker[k] for k in keys if k in thinker}}
     if "vision_end_token_id" not in flat:  # absent from transformers' Thinker config: the tokenizer knows it
         flat["vision_end_token_id"] = thinker.get("vision_end_token_id", tokenizer.token_to_id("<|vision_end|>"))
