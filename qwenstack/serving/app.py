@@ -15,7 +15,7 @@ from __future__ import annotations
 import hmac
 import logging
 from contextlib import asynccontextmanager
-from typing import AsyncIterator, Callable
+from typing import Any, AsyncIterator, Callable
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
@@ -23,7 +23,9 @@ from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from qwenstack import __version__
-from qwenstack.serving import chat, completions, introspect, realtime, speech, transcriptions, translations
+from qwenstack.serving import (
+    chat, completions, introspect, moderations, realtime, speech, transcriptions, translations,
+)
 from qwenstack.serving.chat import render_prompt, template_kwargs
 from qwenstack.serving.config import ModelSpec, ServerConfig
 from qwenstack.serving.errors import APIError, install_handlers
@@ -197,7 +199,8 @@ def create_app(
     app.include_router(transcriptions.router)
     app.include_router(realtime.router)
     translation_engines = translations.install_translations(app, config)  # /v1/realtime/translations
-    install_guardrails(app, config)  # /v1/moderations; loads config.guard_model when the app starts
+    app.include_router(moderations.router)  # /v1/moderations
+    install_guardrails(app, config)  # the guard's state; loads config.guard_model when the app starts
     install_responses(app, config)  # /v1/responses, its store and MCP tools
     if config.enable_ui:
         _mount_ui(app, config, body_limits)
