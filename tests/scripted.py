@@ -41,7 +41,7 @@ from tokenizer_training import ADDED_TOKENS, save_tokenizer
 
 MARKERS = tuple(ADDED_TOKENS)  # <think>, </think>, <tool_call>, </tool_call>, <tool_response>, </tool_response>
 THINK_END = "</think>"
-FORCED_CLOSE = "\n</think>\n\n"  # what a thinking budget forces (qwenstack.serving.thinking)
+FORCED_CLOSE = "\n</think>\n\n"  # what a thinking budget forces (qwenstack.engine.thinking_budget)
 
 CASES: dict[str, str] = {
     "think_answer": "<think>\nThe user says hello. A short, friendly greeting fits.\n</think>\n\n"

@@ -1,4 +1,4 @@
-"""Structured output (qwenstack.serving.structured): which token paths the processors allow, and sampling from a
+"""Structured output (qwenstack.engine.grammar): which token paths the processors allow, and sampling from a
 tiny random Qwen3 at temperature 1.0 that still always yields valid JSON and well-formed tool calls."""
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ from checkpoints import write_tokenizer
 from qwenstack.engine.params import SamplingParams
 from qwenstack.errors import RequestError
 from qwenstack.llm import LLM
-from qwenstack.serving import structured
+from qwenstack.engine import grammar as structured
 from qwenstack.serving.parsers import parse_chat_output
-from qwenstack.serving.structured import StructuredOutputError, make_json_processor, make_tool_call_processor
+from qwenstack.engine.grammar import StructuredOutputError, make_json_processor, make_tool_call_processor
 from qwenstack.tokenizer import Tokenizer
 
 PERSON = {"type": "object", "additionalProperties": False, "required": ["name", "age", "color"], "properties": {

@@ -1,4 +1,4 @@
-"""Thinking budget (qwenstack.serving.thinking): counting, forcing "\\n</think>\\n\\n", then the answer; on fake
+"""Thinking budget (qwenstack.engine.thinking_budget): counting, forcing "\\n</think>\\n\\n", then the answer; on fake
 logits rows, on a scripted checkpoint (the answer follows the forced close) and on a random one."""
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from qwenstack.engine.params import SamplingParams
 from qwenstack.errors import RequestError
 from qwenstack.llm import LLM
 from qwenstack.serving.parsers import parse_chat_output
-from qwenstack.serving.structured import make_json_processor
-from qwenstack.serving.thinking import make_thinking_budget_processor
+from qwenstack.engine.grammar import make_json_processor
+from qwenstack.engine.thinking_budget import make_thinking_budget_processor
 from qwenstack.tokenizer import Tokenizer
 
 NEG = float("-inf")

@@ -2,8 +2,8 @@
 or a forced tool call (tool_choice "required" or a named function).
 
 Decisions:
-- The grammars come from `qwenstack.serving.structured` (llguidance) and the budget from
-  `qwenstack.serving.thinking`; both are imported only when a request asks for them, so the server starts
+- The grammars come from `qwenstack.engine.grammar` (llguidance) and the budget from
+  `qwenstack.engine.thinking_budget`; both are imported only when a request asks for them, so the server starts
   without paying for llguidance. Invalid schemas or tool choices raise RequestError there (a 400 here).
 - The grammar applies to the answer, not to the thinking: the processors are told whether the model may
   open a think block (thinking on, Qwen3 templates up to 2507) or starts inside one (the prompt ends with
@@ -66,7 +66,7 @@ class PerSequence:
 
 def _structured() -> Any:
     try:
-        from qwenstack.serving import structured
+        from qwenstack.engine import grammar as structured
     except ImportError as exc:
         raise APIError(501, f"structured output is not available in this installation: {exc}") from None
     return structured
@@ -74,7 +74,7 @@ def _structured() -> Any:
 
 def _thinking() -> Any:
     try:
-        from qwenstack.serving import thinking
+        from qwenstack.engine import thinking_budget as thinking
     except ImportError as exc:
         raise APIError(501, f"a thinking budget is not available in this installation: {exc}") from None
     return thinking

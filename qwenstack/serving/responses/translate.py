@@ -8,7 +8,7 @@ Decisions:
 - `reasoning.effort` maps onto Qwen3's thinking switch and the thinking budget: none/minimal turn thinking
   off, low and medium cap it (EFFORT_BUDGETS), high and xhigh leave it unbounded.
 - `text.format` json_schema/json_object becomes the chat `response_format` (llguidance grammars in
-  structured.py); `max_output_tokens` bounds the whole response, every turn of a tool loop included.
+  engine/grammar.py); `max_output_tokens` bounds the whole response, every turn of a tool loop included.
 """
 from __future__ import annotations
 

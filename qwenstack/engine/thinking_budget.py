@@ -12,7 +12,7 @@ Decisions:
   the newlines are whatever the vocabulary makes of them. When the last thinking token already ends in a newline,
   the leading "\\n" is left out, so the reasoning does not end in a blank line.
 - Forcing masks every other token to -inf (it composes with a grammar processor whose grammar allows the close,
-  see qwenstack.serving.structured). Per sequence, like every logits processor; a list that does not continue
+  see qwenstack.engine.grammar). Per sequence, like every logits processor; a list that does not continue
   what it saw is replayed from the start.
 """
 from __future__ import annotations
