@@ -18,12 +18,13 @@ from typing import Annotated, Any, Callable, Literal
 
 from fastapi import APIRouter, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.responses import FileResponse, Response
 from fastapi.routing import APIRoute
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from .store import ChatStore, NotFound
+from qwenstack.serving.errors import APIError, validation_error
+from qwenstack.serving.store import ChatStore, NotFound
 
 UI_DIR = Path(__file__).parent / "ui"
 
@@ -145,32 +146,6 @@ class Truncate(_Strict):
     keep: int = Field(ge=0, le=MAX_INT64, strict=True, description="how many leading messages to keep")
 
 
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
-
-    def response(self) -> JSONResponse:
-        body = {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-        return JSONResponse(body, status_code=self.status)
-
-
-def _validation_error(exc: RequestValidationError) -> ApiError:
-    errors = exc.errors()
-    first = errors[0] if errors else {}
-    loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path")]
-    param = ".".join(loc) or None
-    message = first.get("msg", "invalid request")
-    if first.get("type") == "json_invalid":
-        message, param = "the request body is not valid JSON", None
-    elif param:
-        message = f"{param}: {message}"
-    if len(errors) > 1:
-        message += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
-    return ApiError(400, message, param=param, code=first.get("type"))
-
-
 class _OpenAIErrorRoute(APIRoute):
     """Answers this router's failures in the OpenAI error shape, independent of the host app's handlers."""
 
@@ -180,19 +155,19 @@ class _OpenAIErrorRoute(APIRoute):
         async def route(request: Request) -> Response:
             length = request.headers.get("content-length", "")
             if length.isdigit() and int(length) > MAX_BODY_BYTES:
-                return ApiError(413, f"the request body has {int(length)} bytes; the limit is {MAX_BODY_BYTES}",
+                return APIError(413, f"the request body has {int(length)} bytes; the limit is {MAX_BODY_BYTES}",
                                 code="body_too_large").response()
             try:
                 return await handler(request)
             except RequestValidationError as exc:
-                return _validation_error(exc).response()
-            except ApiError as exc:
+                return validation_error(exc.errors()).response()
+            except APIError as exc:
                 return exc.response()
             except NotFound as exc:
-                return ApiError(404, f"no such conversation or message: {exc.args[0]}", "not_found_error",
+                return APIError(404, f"no such conversation or message: {exc.args[0]}", type_="not_found_error",
                                 code="not_found").response()
             except sqlite3.Error as exc:
-                return ApiError(500, f"chat store error: {exc}", "server_error").response()
+                return APIError(500, f"chat store error: {exc}").response()
 
         return route
 
