@@ -174,3 +174,44 @@ def test_streamed_request_equals_a_non_streamed_request(checkpoints: dict[str, P
         streamed = torch.cat([c.samples for c in out])
         assert streamed.shape == full.shape
         assert (streamed - full).abs().max() < 1e-5, chunk
+
+
+def test_requests_join_and_leave_a_running_batch(checkpoints: dict[str, Path]) -> None:
+    # Continuous batching: "late" joins after 3 engine steps (its prefill packed with the others' decode
+    # rows), "short" leaves early (max_frames) and "gone" is aborted mid-way; each finished request's
+    # frames and audio equal running it alone with the same seed.
+    tts = load_tts(checkpoints["custom_voice"])
+    ids = fixture("custom_voice")["text_ids"].tolist()
+    frames = {"long": 10, "short": 5, "late": 6, "gone": 10}
+    seeds = {"long": 1, "short": 2, "late": 3, "gone": 4}
+
+    def request(rid: str) -> SpeechRequest:
+        speaker = "eric" if rid == "late" else "vivian"
+        return SpeechRequest(rid, tts.model.build_prompt(ids, "english", speaker),
+                             SpeechParams(seed=seeds[rid], max_frames=frames[rid]))
+
+    def audio(chunks: list) -> tuple[torch.Tensor, torch.Tensor]:
+        return (torch.cat([c.frames for c in chunks if c.frames.numel()]), torch.cat([c.samples for c in chunks]))
+
+    engine = SpeechEngine(tts.model, tts.codec.decoder, kv_blocks=64, block_size=4)
+    out: dict[str, list] = {rid: [] for rid in frames}
+    for rid in ("long", "short", "gone"):
+        engine.add(request(rid))
+    steps = 0
+    while engine.has_work():
+        if steps == 3:
+            engine.add(request("late"))
+            engine.abort("gone")
+        if steps == 4:  # late decodes beside long and short; gone has left
+            assert {r.request_id for r in engine.running} == {"long", "short", "late"}
+        for chunk in engine.step():
+            out[chunk.request_id].append(chunk)
+        steps += 1
+    assert out["short"][-1].finished and out["long"][-1].finished and out["late"][-1].finished
+    assert not any(c.finished for c in out["gone"])
+    for rid in ("long", "short", "late"):
+        alone = SpeechEngine(tts.model, tts.codec.decoder, kv_blocks=64, block_size=4).generate([request(rid)])[rid]
+        got, want = audio(out[rid]), audio(alone)
+        assert got[0].shape[0] == frames[rid]
+        assert torch.equal(got[0], want[0]), rid
+        assert (got[1] - want[1]).abs().max() < 1e-5, rid
