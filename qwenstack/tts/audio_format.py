@@ -18,12 +18,10 @@ from __future__ import annotations
 
 import io
 import struct
-from typing import Iterator
 
 import numpy as np
 import torch
 
-STREAMING_FORMATS = ("wav", "pcm", "mp3", "opus")  # bytes leave as each chunk of samples is made
 SSE_FORMATS = ("wav", "pcm")  # what stream_format "sse" carries
 FORMATS = ("wav", "pcm", "flac", "mp3", "opus")
 MEDIA_TYPES = {"wav": "audio/wav", "pcm": "audio/pcm", "flac": "audio/flac", "mp3": "audio/mpeg",
@@ -146,15 +144,3 @@ class ChunkEncoder:
         if self.fmt in ("wav", "pcm"):
             return head
         return encode_whole(torch.cat(self.held) if self.held else torch.zeros(0), self.sample_rate, self.fmt)
-
-
-def stream_bytes(chunks: Iterator[torch.Tensor], sample_rate: int, fmt: str, speed: float = 1.0) -> Iterator[bytes]:
-    """Audio bytes as the chunks of samples arrive (flac: all at the end)."""
-    encoder = ChunkEncoder(fmt, sample_rate, speed)
-    for samples in chunks:
-        data = encoder.write(samples)
-        if data:
-            yield data
-    data = encoder.close()
-    if data:
-        yield data
