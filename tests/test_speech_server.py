@@ -1,9 +1,16 @@
 """POST /v1/audio/speech through the openai SDK, voices, and the 400s, on tiny Qwen3-TTS checkpoints."""
 from __future__ import annotations
 
+import base64
 import io
+import json
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
+
+import av
 
 import httpx
 import openai
@@ -24,7 +31,7 @@ FRAMES = 6  # the random talker rarely says EOS: every request stops at this man
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BackgroundServer]:
     app = create_app([])
-    for kind in ("custom_voice", "base"):
+    for kind in ("custom_voice", "base", "voice_design"):
         path = tmp_path_factory.mktemp("tts") / f"tiny-{kind}"
         recipe.build_checkpoint(kind, path)
         write_tokenizer(path)
@@ -37,6 +44,30 @@ def client(server: BackgroundServer) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0)
 
 
+@contextmanager
+def held_after_first_audio(server: BackgroundServer, model: str = "tiny-custom_voice") -> Iterator[dict[str, Any]]:
+    """Holds the model's engine before its next step once a step has made audio, until state["release"] is
+    set: whatever the client holds by then left before the synthesis finished."""
+    engine = server.server.config.app.state.qwenstack_speech.models[model].service.engine
+    step = engine.step
+    state: dict[str, Any] = {"release": threading.Event(), "audio_made": False, "finished": False}
+
+    def gated() -> list:
+        if state["audio_made"]:
+            assert state["release"].wait(60)
+        chunks = step()
+        state["audio_made"] = state["audio_made"] or any(c.samples.numel() for c in chunks)
+        state["finished"] = state["finished"] or any(c.finished for c in chunks)
+        return chunks
+
+    engine.step = gated
+    try:
+        yield state
+    finally:
+        state["release"].set()
+        del engine.step
+
+
 @pytest.mark.parametrize("fmt", ["wav", "flac", "mp3", "opus"])
 def test_speech_create_each_format_decodes(server: BackgroundServer, fmt: str) -> None:
     audio = client(server).audio.speech.create(model="tiny-custom_voice", voice="vivian", input="Hello there.",
@@ -46,17 +77,29 @@ def test_speech_create_each_format_decodes(server: BackgroundServer, fmt: str) -
     assert abs(len(data) - FRAMES * 1920) <= (2000 if fmt in ("mp3", "opus") else 0)
 
 
-def test_streaming_response_writes_a_playable_file(server: BackgroundServer, tmp_path: Path) -> None:
-    out = tmp_path / "speech.wav"
-    with client(server).audio.speech.with_streaming_response.create(
-            model="tiny-custom_voice", voice="eric", input="Streaming speech.", response_format="wav") as response:
-        parts = list(response.iter_bytes())
-        out.write_bytes(b"".join(parts))
+@pytest.mark.parametrize("fmt", ["wav", "mp3", "opus"])
+def test_streaming_response_sends_audio_before_the_synthesis_ends(server: BackgroundServer, tmp_path: Path,
+                                                                   fmt: str) -> None:
+    out = tmp_path / f"speech.{fmt}"
+    with held_after_first_audio(server) as state:
+        with client(server).audio.speech.with_streaming_response.create(
+                model="tiny-custom_voice", voice="eric", input="Streaming speech.", response_format=fmt) as response:
+            parts = response.iter_bytes()
+            first = next(parts)  # the engine is held after its first audio chunk, so this is early audio
+            assert first and not state["finished"]
+            state["release"].set()
+            out.write_bytes(first + b"".join(parts))
+    assert state["finished"]
     info = soundfile.info(str(out))
     data, rate = soundfile.read(str(out))
     assert rate == 24000 and info.channels == 1
-    assert len(data) == FRAMES * 1920
-    assert len(parts) >= 2  # the header and the first audio leave before the end
+    if fmt == "wav":
+        assert len(first) > 44  # the header and samples of the first frame
+        assert len(data) == FRAMES * 1920
+    else:  # the encoders' delay and padding, under one 80 ms frame
+        assert abs(len(data) - FRAMES * 1920) < 1920
+    with av.open(str(out)) as container:  # FFmpeg reads the stream too
+        assert sum(f.samples for f in container.decode(audio=0)) > 0
 
 
 def test_pcm_and_sse(server: BackgroundServer) -> None:
@@ -66,8 +109,57 @@ def test_pcm_and_sse(server: BackgroundServer) -> None:
     body = {"model": "tiny-custom_voice", "voice": "vivian", "input": "Hi.", "response_format": "pcm",
             "stream_format": "sse", "seed": 3}
     with httpx.stream("POST", f"{server.url}/v1/audio/speech", json=body, timeout=60) as r:
-        events = [line for line in r.iter_lines() if line.startswith("event: ")]
+        lines = list(r.iter_lines())
+    events = [line for line in lines if line.startswith("event: ")]
+    payloads = [json.loads(line[len("data: "):]) for line in lines if line.startswith("data: ")]
     assert events[0] == "event: speech.audio.delta" and events[-1] == "event: speech.audio.done"
+    assert len(events) >= 3  # the audio leaves in several deltas
+    deltas = [p for p in payloads if p["type"] == "speech.audio.delta"]
+    audio = b"".join(base64.b64decode(p["audio"]) for p in deltas)
+    assert audio == pcm.content  # same seed: the deltas are the non-SSE response, byte for byte
+    done = payloads[-1]
+    assert done["type"] == "speech.audio.done" and done["usage"]["output_tokens"] == FRAMES
+
+
+def test_concurrent_requests_equal_one_at_a_time(server: BackgroundServer) -> None:
+    def speak(i: int) -> bytes:
+        return client(server).audio.speech.create(
+            model="tiny-custom_voice", voice=("vivian", "eric")[i % 2], input=f"Request number {i}.",
+            response_format="pcm", extra_body={"seed": 10 + i}).content
+
+    one_by_one = [speak(i) for i in range(3)]
+    with ThreadPoolExecutor(3) as pool:
+        together = list(pool.map(speak, range(3)))
+    assert together == one_by_one
+    assert len(set(together)) == 3
+
+
+def test_speed_changes_the_length(server: BackgroundServer) -> None:
+    # speed resamples: 1/speed as many samples (and a higher or lower pitch).
+    def length(speed: float) -> int:
+        audio = client(server).audio.speech.create(model="tiny-custom_voice", voice="vivian", input="Hi.",
+                                                   response_format="wav", speed=speed, extra_body={"seed": 4})
+        data, rate = soundfile.read(io.BytesIO(audio.content))
+        assert rate == 24000
+        return len(data)
+
+    assert length(1.0) == FRAMES * 1920
+    assert length(2.0) == FRAMES * 1920 // 2
+    assert length(0.5) == FRAMES * 1920 * 2
+
+
+def test_voice_design_speaks_its_instructions(server: BackgroundServer) -> None:
+    def speak(instructions: str | None) -> bytes:
+        extra = {"instructions": instructions} if instructions else {}
+        return client(server).audio.speech.create(model="tiny-voice_design", voice="default", input="Hello.",
+                                                  response_format="pcm", extra_body={"seed": 6}, **extra).content
+
+    calm, bright = speak("A calm, deep voice."), speak("A bright, fast voice.")
+    assert len(calm) == len(bright) == FRAMES * 1920 * 2
+    assert calm != bright  # the description reaches the talker's prompt
+    assert speak("A calm, deep voice.") == calm
+    with pytest.raises(openai.BadRequestError):
+        client(server).audio.speech.create(model="tiny-voice_design", voice="vivian", input="Hello.")
 
 
 def test_bad_requests_are_400(server: BackgroundServer) -> None:

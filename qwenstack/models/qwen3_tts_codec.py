@@ -10,9 +10,10 @@ Decisions:
     * the conv stack is re-run over a few frames of left context whose count is its receptive field,
       computed from the module sizes (`conv_context_frames`), and the samples of those frames dropped;
     * pre_conv keeps its kernel - 1 frames of codes.
-  A full decode is one push of all frames into a fresh stream: one code path, so streaming equals it up to
-  float reassociation. This is exact for any utterance length, unlike re-decoding a fixed left context of
-  72 frames (vLLM-Omni), which is exact only while the utterance fits in the context.
+  A full decode is one push of all frames into a fresh stream, and every frame is computed on a fixed
+  grid of 4-frame blocks with the same tensor shapes whatever the pushes were (CodecStream says why), so
+  a stream equals the full decode bit for bit in float32 too. This is exact for any utterance length,
+  unlike re-decoding a fixed left context of 72 frames (vLLM-Omni), exact only while the utterance fits.
 - Module names follow the checkpoint (decoder.quantizer..., decoder.pre_transformer..., decoder.upsample...,
   decoder.decoder...). The encoder half of the checkpoint (`encoder.*`, a Mimi encoder) is
   qwen3_tts_codec_encoder.py; the decoder quantizer's input projections, unused at inference, are ignored.
@@ -260,12 +261,13 @@ class CodecAttention(nn.Module):
         ctx = k.shape[0] - n
         rows = torch.arange(ctx, ctx + n, device=x.device)[:, None]
         cols = torch.arange(ctx + n, device=x.device)[None, :]
-        mask = (cols <= rows) & (cols > rows - self.window)
+        # Past rows at negative absolute positions are padding (a stream keeps a fixed-size past).
+        mask = (cols <= rows) & (cols > rows - self.window) & (cols + (positions[0] - ctx) >= 0)
         out = F.scaled_dot_product_attention(
             q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], attn_mask=mask,
             enable_gqa=self.heads != self.kv_heads)
-        keep = self.window - 1
-        return self.o_proj(out[0].transpose(0, 1).reshape(n, -1)), [k[-keep:], v[-keep:]]
+        keep = min(self.window - 1, k.shape[0])
+        return self.o_proj(out[0].transpose(0, 1).reshape(n, -1)), [k[k.shape[0] - keep:], v[v.shape[0] - keep:]]
 
 
 class LayerScale(nn.Module):
@@ -312,6 +314,10 @@ class CodecTransformer(nn.Module):
 
 
 class CodecDecoder(nn.Module):
+    # Frames per block of the exact streaming grid (CodecStream): the serving engine's chunk, so a streamed
+    # chunk costs one conv window of C + 4 frames.
+    block_frames: ClassVar[int] = 4
+
     def __init__(self, args: CodecDecoderArgs) -> None:
         super().__init__()
         self.args = args
@@ -357,33 +363,72 @@ class CodecDecoder(nn.Module):
 
 
 class CodecStream:
-    """Incremental decoding: push frames of codes, get their samples; equals one decode of all frames."""
+    """Incremental decoding: push frames of codes, get their samples; bitwise the same as one decode of all
+    frames, however the frames are split into pushes.
+
+    Frames are decoded on a fixed grid of blocks of `block_frames`. Block k (frames kB..kB+B-1) always runs
+    with the same tensor shapes: the codes of frames kB-2.. for pre_conv, B rows in the transformer over a
+    past of exactly window - 1 keys (zero padding, masked, before frame 0) and a conv-stack window of frames
+    kB-C..kB+B-1 (C = the conv stack's receptive field, fewer at the start). A block that is not complete
+    yet runs with zero codes in place of its missing frames, which every later layer is causal to, and is
+    run again when more frames come; only a complete block moves the state on.
+    Why: CPU kernels pick their algorithm and summation order by tensor shape (oneDNN convolutions switch
+    algorithms with the length, MKL's GEMM with the row count), so the same frame computed in a window of
+    another length differs by float32 rounding, which the codec's gains amplify past 1e-5. Equal shapes
+    per frame make the stream equal the full decode exactly.
+    """
 
     def __init__(self, decoder: CodecDecoder) -> None:
         self.decoder = decoder
         args = decoder.args
-        device = decoder.pre_conv.conv.weight.device
-        self.codes_tail = torch.zeros(0, args.num_quantizers, dtype=torch.long, device=device)
-        self.latent_tail = torch.zeros(1, args.latent_dim, 0, device=device, dtype=decoder.pre_conv.conv.weight.dtype)
-        self.past: list[list[torch.Tensor] | None] = [None] * args.num_hidden_layers
-        self.frames = 0
+        weight = decoder.pre_conv.conv.weight
+        self.block = decoder.block_frames
+        self.codes_tail = torch.zeros(0, args.num_quantizers, dtype=torch.long, device=weight.device)
+        self.block_codes = self.codes_tail
+        self.latent_tail = torch.zeros(1, args.latent_dim, 0, device=weight.device, dtype=weight.dtype)
+        assert args.head_dim is not None
+        keep = args.sliding_window - 1
+        pad = torch.zeros(keep, args.num_key_value_heads, args.head_dim, device=weight.device, dtype=weight.dtype)
+        self.past: list[list[torch.Tensor] | None] = [[pad, pad] for _ in range(args.num_hidden_layers)]
+        self.frames = 0  # frames pushed
+        self.block_start = 0  # first frame of the block in progress
         self.conv_context = decoder.conv_context_frames()
 
     @torch.inference_mode()
     def push(self, codes: torch.Tensor) -> torch.Tensor:
-        d = self.decoder
-        n = codes.shape[0]
-        if n == 0:
-            return torch.zeros(0)
-        codes = torch.cat([self.codes_tail, codes.to(self.codes_tail.device).long()])
-        h = d.pre_conv(d.quantizer.decode(codes))[..., -n:]  # [1, latent, n]
-        h = d.pre_transformer(h[0].T, self.frames, self.past).T[None]
+        """codes [n, num_quantizers] -> the samples of those n frames (float32)."""
+        out = []
+        codes = codes.to(self.codes_tail.device).long()
+        while codes.shape[0]:
+            take = self.block - self.block_codes.shape[0]
+            self.block_codes = torch.cat([self.block_codes, codes[:take]])
+            new, codes = min(take, codes.shape[0]), codes[take:]
+            have = self.block_codes.shape[0]
+            spf = self.decoder.args.samples_per_frame
+            out.append(self._run_block()[(have - new) * spf: have * spf])
+            self.frames += new
+        return torch.cat(out).float() if out else torch.zeros(0)
+
+    def _run_block(self) -> torch.Tensor:
+        """Decodes the block in progress (missing frames as zero codes); returns its B frames' samples and,
+        once the block is complete, moves the state on to the next block."""
+        d, b = self.decoder, self.block
+        have = self.block_codes.shape[0]
+        missing = self.block_codes.new_zeros(b - have, self.block_codes.shape[1])
+        codes = torch.cat([self.codes_tail, self.block_codes, missing])
+        h = d.pre_conv(d.quantizer.decode(codes))[..., -b:]  # [1, latent, B]
+        past = list(self.past)  # the transformer replaces entries; kept only when the block is complete
+        h = d.pre_transformer(h[0].T, self.block_start, past).T[None]
         latent = torch.cat([self.latent_tail, h], dim=-1)
         wave = d.conv_stack(latent)[self.latent_tail.shape[-1] * d.args.samples_per_frame:]
-        self.frames += n
-        self.codes_tail = codes[-(d.pre_conv.left):] if d.pre_conv.left else codes[:0]
-        self.latent_tail = latent[..., -self.conv_context:] if self.conv_context else latent[..., :0]
-        return wave.float()
+        if have == b:
+            self.past = past
+            self.block_start += b
+            left = d.pre_conv.left
+            self.codes_tail = codes[codes.shape[0] - left:] if left else codes[:0]
+            self.latent_tail = latent[..., max(0, latent.shape[-1] - self.conv_context):]
+            self.block_codes = self.block_codes[:0]
+        return wave
 
 
 class Codec12Hz(nn.Module):

@@ -6,8 +6,8 @@ Decisions:
   with its own SpeechService thread (batched talker + streaming codec) and voice directory.
 - The request is validated before anything is queued (input length, voice, language, format), so a bad
   request is a 400 and never reaches the engine. A client that disconnects aborts its request.
-- Raw responses use chunked transfer: wav and pcm bytes leave as each audio chunk is decoded; flac, mp3 and
-  opus are encoded once the audio is complete. `stream_format: "sse"` sends `speech.audio.delta` events
+- Raw responses use chunked transfer: wav, pcm, mp3 and opus bytes leave as each audio chunk is decoded
+  and encoded (tts/audio_format.py); flac is encoded once the audio is complete. `stream_format: "sse"` sends `speech.audio.delta` events
   (base64 pcm16) and a final `speech.audio.done` with usage, as vLLM-Omni does.
 - voice: a named speaker of a CustomVoice model, a voice registered on a Base model (ICL clone when the
   clip came with its transcript, else x-vector), or "default" for a VoiceDesign model, whose voice is
@@ -20,7 +20,7 @@ import base64
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, AsyncIterator, Iterator, Literal
+from typing import Any, AsyncIterator, Literal
 
 import torch
 from fastapi import APIRouter, Request
@@ -31,7 +31,7 @@ from qwenstack.errors import RequestError
 from qwenstack.serving.errors import APIError, bad_request
 from qwenstack.serving.openapi import form_body, request_body
 from qwenstack.serving.state import parse, read_json
-from qwenstack.tts.audio_format import FORMATS, MEDIA_TYPES, STREAMING_FORMATS, stream_bytes
+from qwenstack.tts.audio_format import FORMATS, MEDIA_TYPES, SSE_FORMATS, ChunkEncoder
 from qwenstack.tts.engine import SpeechEngine, SpeechParams, SpeechRequest, SpeechService
 from qwenstack.tts.loader import TTSModel
 from qwenstack.tts.voices import VoiceStore, decode_clip
@@ -113,7 +113,7 @@ def build_request(served: SpeechModel, body: SpeechBody, request_id: str) -> Spe
     if body.response_format not in FORMATS:
         raise bad_request(f"response_format '{body.response_format}' is not supported (use {', '.join(FORMATS)})",
                           param="response_format")
-    if body.stream_format == "sse" and body.response_format not in STREAMING_FORMATS:
+    if body.stream_format == "sse" and body.response_format not in SSE_FORMATS:
         raise bad_request("stream_format 'sse' sends pcm or wav audio", param="response_format")
     voice = _voice_name(body.voice)
     speaker, embedding, ref_ids, ref_codes = None, None, None, None
@@ -170,14 +170,6 @@ async def _chunks(served: SpeechModel, request: SpeechRequest, usage: dict[str, 
             served.service.abort(request.request_id)
 
 
-async def _sync_to_async(gen: Iterator[bytes]) -> AsyncIterator[bytes]:
-    while True:
-        item = await asyncio.to_thread(next, gen, None)
-        if item is None:
-            return
-        yield item
-
-
 @router.post("/v1/audio/speech", response_model=None)
 @request_body(SpeechBody)
 async def create_speech(request: Request) -> StreamingResponse:
@@ -186,37 +178,32 @@ async def create_speech(request: Request) -> StreamingResponse:
     speech = build_request(served, body, served.service.new_request_id())
     usage = {"input_tokens": int(speech.prompt.prefill.shape[0]), "output_tokens": 0}
     rate = served.tts.sample_rate
+    encoder = ChunkEncoder(body.response_format, rate, body.speed)
+    # Encoding a chunk (PyAV for mp3/opus, libsndfile for the whole flac at the end) runs off the event loop.
+    raw = body.response_format in ("wav", "pcm")
+
+    async def encoded() -> AsyncIterator[bytes]:
+        async for samples in _chunks(served, speech, usage):
+            data = encoder.write(samples) if raw else await asyncio.to_thread(encoder.write, samples)
+            if data:
+                yield data
+        data = encoder.close() if raw else await asyncio.to_thread(encoder.close)
+        if data:
+            yield data
+
     if body.stream_format == "sse":
         async def events() -> AsyncIterator[str]:
-            first = True
-            async for samples in _chunks(served, speech, usage):
-                for data in stream_bytes(iter([samples]), rate, body.response_format, body.speed):
-                    if not first and data.startswith(b"RIFF"):
-                        continue
-                    first = False
-                    event = {"type": "speech.audio.delta", "audio": base64.b64encode(data).decode(),
-                             "response_format": body.response_format}
-                    yield f"event: speech.audio.delta\ndata: {json.dumps(event)}\n\n"
+            async for data in encoded():
+                event = {"type": "speech.audio.delta", "audio": base64.b64encode(data).decode(),
+                         "response_format": body.response_format}
+                yield f"event: speech.audio.delta\ndata: {json.dumps(event)}\n\n"
             usage["total_tokens"] = usage["input_tokens"] + usage["output_tokens"]
             done = {"type": "speech.audio.done", "usage": usage}
             yield f"event: speech.audio.done\ndata: {json.dumps(done)}\n\n"
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
-    async def audio() -> AsyncIterator[bytes]:
-        if body.response_format in STREAMING_FORMATS:
-            if body.response_format == "wav":
-                from qwenstack.tts.audio_format import wav_header
-                yield wav_header(rate)
-            async for samples in _chunks(served, speech, usage):
-                for data in stream_bytes(iter([samples]), rate, "pcm", body.speed):
-                    yield data
-            return
-        collected = [s async for s in _chunks(served, speech, usage)]
-        for data in stream_bytes(iter(collected), rate, body.response_format, body.speed):
-            yield data
-
-    return StreamingResponse(audio(), media_type=MEDIA_TYPES[body.response_format])
+    return StreamingResponse(encoded(), media_type=MEDIA_TYPES[body.response_format])
 
 
 @router.get("/v1/audio/voices")

@@ -1,22 +1,28 @@
-"""Audio bytes for the speech API: wav and pcm stream as samples arrive; flac, mp3 and opus are encoded
-by libsndfile (through soundfile, libsndfile >= 1.1 writes MP3 and OGG/Opus) once the audio is complete.
+"""Audio bytes for the speech API, made as the samples arrive: wav and pcm are raw PCM16, mp3 and opus are
+encoded frame by frame by FFmpeg's libmp3lame and libopus (through PyAV) and leave as each chunk is encoded;
+flac is encoded by libsndfile (through soundfile) once the audio is complete.
 
 Decisions:
 - pcm is OpenAI's: 16-bit signed little-endian mono at the model's rate (24 kHz), no header.
 - A streamed wav announces an unknown length (0xFFFFFFFF in the RIFF and data sizes), as streaming
   servers do; players and soundfile read it to the end of the stream.
-- speed (0.25-4) resamples the waveform by linear interpolation: faster speech is also higher.
+- mp3 and opus (Ogg) are streamable containers: the muxer writes to a non-seekable sink and flushes after
+  every packet (Ogg pages of at most 20 ms), so a chunk's bytes leave with it. The encoders hold back
+  their look-ahead (libmp3lame about one 576-sample granule, libopus 6.5 ms) until the next chunk or the end.
+- flac stays whole: a streamed FLAC has to write its STREAMINFO (total samples) before the length is
+  known, and libsndfile (soundfile.read) cannot read a FLAC of unknown length, so it is sent at the end.
+- speed (0.25-4) resamples each chunk by linear interpolation: the audio lasts 1/speed as long and
+  faster speech is also higher.
 """
 from __future__ import annotations
 
 import io
 import struct
-from typing import Iterator
 
 import numpy as np
 import torch
 
-STREAMING_FORMATS = ("wav", "pcm")
+SSE_FORMATS = ("wav", "pcm")  # what stream_format "sse" carries
 FORMATS = ("wav", "pcm", "flac", "mp3", "opus")
 MEDIA_TYPES = {"wav": "audio/wav", "pcm": "audio/pcm", "flac": "audio/flac", "mp3": "audio/mpeg",
                "opus": "audio/ogg"}
@@ -58,15 +64,83 @@ def encode_whole(samples: torch.Tensor, sample_rate: int, fmt: str) -> bytes:
     return buf.getvalue()
 
 
-def stream_bytes(chunks: Iterator[torch.Tensor], sample_rate: int, fmt: str, speed: float = 1.0) -> Iterator[bytes]:
-    """Audio bytes as the chunks of samples arrive (wav, pcm), or all at the end (other formats)."""
-    if fmt in STREAMING_FORMATS:
-        if fmt == "wav":
-            yield wav_header(sample_rate)
-        for samples in chunks:
-            if samples.numel():
-                yield pcm16(change_speed(samples, speed))
-        return
-    whole = [s for s in chunks if s.numel()]
-    samples = torch.cat(whole) if whole else torch.zeros(0)
-    yield encode_whole(change_speed(samples, speed), sample_rate, fmt)
+class _Sink:
+    """A non-seekable file for PyAV's muxer: collects what it writes until taken."""
+
+    def __init__(self) -> None:
+        self.parts: list[bytes] = []
+
+    def write(self, data: bytes) -> int:
+        self.parts.append(bytes(data))
+        return len(data)
+
+    def take(self) -> bytes:
+        out, self.parts = b"".join(self.parts), []
+        return out
+
+
+class _AVEncoder:
+    """Incremental mp3 / Ogg-Opus encoding of mono float samples (PyAV)."""
+
+    _SPEC = {"mp3": ("mp3", "libmp3lame", {}), "opus": ("ogg", "libopus", {"page_duration": "20000"})}
+
+    def __init__(self, fmt: str, sample_rate: int) -> None:
+        import av
+
+        container, codec, options = self._SPEC[fmt]
+        self.sink = _Sink()
+        self.out = av.open(self.sink, mode="w", format=container, options=options,
+                           container_options={"flush_packets": "1"})
+        self.stream = self.out.add_stream(codec, rate=sample_rate, layout="mono")
+        self.sample_rate, self.pts = sample_rate, 0
+
+    def write(self, samples: torch.Tensor) -> bytes:
+        import av
+
+        data = np.clip(samples.detach().float().cpu().numpy(), -1.0, 1.0)
+        # PyAV converts the frame to the encoder's sample format and frame size.
+        frame = av.AudioFrame.from_ndarray(data[None].astype(np.float32), format="flt", layout="mono")
+        frame.sample_rate, frame.pts = self.sample_rate, self.pts
+        self.pts += data.shape[0]
+        for packet in self.stream.encode(frame):
+            self.out.mux(packet)
+        return self.sink.take()
+
+    def close(self) -> bytes:
+        for packet in self.stream.encode(None):
+            self.out.mux(packet)
+        self.out.close()
+        return self.sink.take()
+
+
+class ChunkEncoder:
+    """One response's audio bytes: `write` each chunk of samples as it is made, then `close`."""
+
+    def __init__(self, fmt: str, sample_rate: int, speed: float = 1.0) -> None:
+        self.fmt, self.sample_rate, self.speed = fmt, sample_rate, speed
+        self.av = _AVEncoder(fmt, sample_rate) if fmt in ("mp3", "opus") else None
+        self.held: list[torch.Tensor] = []  # flac: encoded at the end
+        self.started = False
+
+    def write(self, samples: torch.Tensor) -> bytes:
+        head = b""
+        if not self.started:
+            self.started = True
+            head = wav_header(self.sample_rate) if self.fmt == "wav" else b""
+        if not samples.numel():
+            return head
+        samples = change_speed(samples, self.speed)
+        if self.av is not None:
+            return head + self.av.write(samples)
+        if self.fmt in ("wav", "pcm"):
+            return head + pcm16(samples)
+        self.held.append(samples)
+        return head
+
+    def close(self) -> bytes:
+        head = self.write(torch.zeros(0)) if not self.started else b""
+        if self.av is not None:
+            return head + self.av.close()
+        if self.fmt in ("wav", "pcm"):
+            return head
+        return encode_whole(torch.cat(self.held) if self.held else torch.zeros(0), self.sample_rate, self.fmt)

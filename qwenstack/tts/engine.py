@@ -15,8 +15,9 @@ Decisions:
 - Sampling follows qwen-tts: the first code with repetition penalty over the codes so far, the top 1024
   talker ids suppressed except EOS, EOS blocked for the first 2 codes; codes 1..G-1 sampled without
   penalty. temperature 0 is greedy.
-- Audio: each request owns a CodecStream (exact incremental decode); its frames are decoded in chunks
-  of chunk_frames (the first chunk after first_chunk_frames, for a fast first packet).
+- Audio: each request owns a CodecStream (exact incremental decode); its first chunk leaves after
+  first_chunk_frames (a fast first packet), the later ones end on multiples of chunk_frames, so with the
+  default 4 each chunk is one whole block of the codec's grid and is decoded once.
 - One owner thread steps the loop (`SpeechService`); callers submit and read their request's queue.
 """
 from __future__ import annotations
@@ -224,11 +225,14 @@ class SpeechEngine:
         return chunks
 
     def _audio(self, r: SpeechRequest) -> list[AudioChunk]:
-        want = r.params.first_chunk_frames if r.emitted_frames == 0 else r.params.chunk_frames
+        assert r.stream is not None
+        if r.emitted_frames == 0:
+            want = r.params.first_chunk_frames
+        else:  # later chunks end on multiples of chunk_frames (of the codec's frame count: its block grid)
+            want = r.params.chunk_frames - r.stream.frames % r.params.chunk_frames
         out = []
         if r.pending and (len(r.pending) >= want or r.finish_reason is not None):
             frames = torch.stack(r.pending)
-            assert r.stream is not None
             out.append(AudioChunk(r.request_id, r.stream.push(frames), frames))
             r.emitted_frames += len(r.pending)
             r.pending = []
