@@ -9,8 +9,11 @@ Decisions:
   (template, thinking switch and budget, tool grammars, json_schema) -> the engine -> the chat parser.
 - A turn that calls MCP tools runs them (unless they need approval) and loops; one that calls a client
   function ends the response with the `function_call` items. After `mcp_max_steps` tool turns (or once
-  `max_tool_calls` MCP calls ran) the next turn gets no tools, so the model has to answer; a call past
-  `max_tool_calls` in the same turn gets an error result instead of running.
+  `max_tool_calls` MCP calls ran) the next turn is offered no MCP tools, so the model should answer; if it
+  still calls one, the call is an `mcp_call` item with an error saying it was not run, and the response ends
+  `incomplete` with `incomplete_details.reason` "max_tool_steps" (or "max_tool_calls"): a model stuck in a
+  loop never runs the server's tools without bound. A call past `max_tool_calls` within a turn gets an error
+  result instead of running (and the model reads it).
 - `tool_choice` required or named forces the first model turn only (later turns answer the tools' results).
 - Usage adds up every turn: input tokens are each turn's prompt (cached ones counted apart), reasoning tokens
   those of the think blocks.
@@ -25,7 +28,7 @@ from pydantic import TypeAdapter
 
 from qwenstack.serving.chat import attach_images, plan_chat, reasoning_token_count
 from qwenstack.serving.errors import APIError
-from qwenstack.serving.parsers import ParsedDelta
+from qwenstack.serving.parsers import ChatOutputParser, ParsedDelta
 from qwenstack.serving.responses import mcp_tools
 from qwenstack.serving.responses.events import Event, OutputBuilder, new_id
 from qwenstack.serving.responses.protocol import InputItem, ResponsesRequest
@@ -165,14 +168,16 @@ async def execute(run: ResponseRun) -> AsyncIterator[Event]:
     steps = 0
     limit = run.request.max_tool_calls
     while True:
-        last_turn = steps >= run.max_steps or (limit is not None and run.tool_calls_made >= limit)
-        tools = [] if last_turn else client_tools + [mcp_tools.chat_tool(t) for _, t in mcp_map.values()]
+        by_calls = limit is not None and run.tool_calls_made >= limit
+        limited = steps >= run.max_steps or by_calls
+        # Past a limit the MCP tools are no longer offered (client functions end the response, so they stay).
+        tools = client_tools + ([] if limited else [mcp_tools.chat_tool(t) for _, t in mcp_map.values()])
         calls = []
-        async for event in _model_turn(run, tools, calls, first=steps == 0):
+        async for event in _model_turn(run, tools, calls, first=steps == 0, parse_calls=limited):
             yield event
         if run.incomplete_reason is not None or not calls:
             break
-        ran_mcp = asked = client_call = False
+        ran_mcp = asked = client_call = refused = False
         for call in calls:
             name, arguments = call["name"], call["arguments"]
             if name not in mcp_map:
@@ -181,7 +186,7 @@ async def execute(run: ResponseRun) -> AsyncIterator[Event]:
                     yield event
                 continue
             target, _ = mcp_map[name]
-            if target.spec is not None and target.spec.needs_approval(name):
+            if not limited and target.spec is not None and target.spec.needs_approval(name):
                 asked = True
                 index, events = b.add_item({"id": new_id("mcpr"), "type": "mcp_approval_request",
                                             "server_label": target.label, "name": name, "arguments": arguments})
@@ -191,7 +196,10 @@ async def execute(run: ResponseRun) -> AsyncIterator[Event]:
             index, events = b.mcp_call_started(target.label, name, arguments)
             for event in events:
                 yield event
-            if limit is not None and run.tool_calls_made >= limit:
+            if limited:  # the model insists after the limit: the call is shown, not run, and the response stops
+                refused = True
+                output, error = None, mcp_tools.protocol_error(_limit_text(run, by_calls))
+            elif limit is not None and run.tool_calls_made >= limit:
                 output, error = None, mcp_tools.protocol_error(f"not run: this response's max_tool_calls ({limit}) "
                                                                "is reached")
             else:
@@ -199,10 +207,20 @@ async def execute(run: ResponseRun) -> AsyncIterator[Event]:
             for event in b.mcp_call_finished(index, output, error):
                 yield event
             ran_mcp = True
+        if refused:
+            run.incomplete_reason = "max_tool_calls" if by_calls else "max_tool_steps"
+            break
         if client_call or asked or not ran_mcp:
             break
         steps += 1
     run.status = "incomplete" if run.incomplete_reason else "completed"
+
+
+def _limit_text(run: ResponseRun, by_calls: bool) -> str:
+    if by_calls:
+        return f"not run: this response's max_tool_calls ({run.request.max_tool_calls}) is reached"
+    return (f"not run: the server's limit of {run.max_steps} model turns with tool calls per response is reached "
+            "(continue with previous_response_id to go on)")
 
 
 async def _call(run: ResponseRun, target: mcp_tools.McpTarget, name: str,
@@ -216,8 +234,9 @@ async def _call(run: ResponseRun, target: mcp_tools.McpTarget, name: str,
 
 
 async def _model_turn(run: ResponseRun, tools: list[dict[str, Any]], calls: list[dict[str, Any]],
-                      first: bool) -> AsyncIterator[Event]:
-    """One generation: streams reasoning and text events; fills `calls` with the parsed tool calls."""
+                      first: bool, parse_calls: bool = False) -> AsyncIterator[Event]:
+    """One generation: streams reasoning and text events; fills `calls` with the parsed tool calls (with
+    `parse_calls`, also when no tool is offered: a model that still calls one must not leak the markup as text)."""
     state, served, b = run.state, run.served, run.builder
     limit = run.request.max_output_tokens
     remaining = None if limit is None else limit - run.usage.output_tokens
@@ -236,7 +255,8 @@ async def _model_turn(run: ResponseRun, tools: list[dict[str, Any]], calls: list
                                     **({"multimodal": plan.multimodal} if plan.multimodal else {}))
     tracker = state.metrics.track(served.name, time.monotonic())
     outputs = OutputStream(await first_output(stream, state.config.retry_after_s), stream)
-    parser = plan.parser()
+    parser = plan.parser() if plan.tools_enabled or not parse_calls else ChatOutputParser(
+        starts_in_reasoning=plan.starts_in_reasoning, tools_enabled=True)
     found: dict[int, dict[str, Any]] = {}
     final = None
     try:
