@@ -27,6 +27,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BackgroundServe
     models = [tiny_served_model(think.path, "think"), tiny_served_model(agent.path, "agent")]
     app = create_app(models, ServerConfig(ui_db_path=str(root / "chats.db"), enable_ui=False))
     with BackgroundServer(app) as srv:
+        srv.models = {m.name: m for m in models}
         yield srv
 
 
@@ -182,3 +183,70 @@ def test_reasoning_effort_maps_onto_thinking(client: openai.OpenAI) -> None:
     cut = client.responses.create(model="think", input="Hello there", max_output_tokens=3)
     assert cut.status == "incomplete" and cut.incomplete_details.reason == "max_output_tokens"
     assert cut.usage.output_tokens == 3
+
+
+def recorded_params(server: BackgroundServer, model: str, monkeypatch: pytest.MonkeyPatch) -> list:
+    """The sampling parameters of every turn the model runs from now on."""
+    engine = server.models[model].engine
+    generate = engine.generate
+    seen: list = []
+
+    def recording(prompt_ids, params, **kwargs):  # noqa: ANN001, ANN003, ANN202
+        seen.append(params)
+        return generate(prompt_ids, params, **kwargs)
+
+    monkeypatch.setattr(engine, "generate", recording)
+    return seen
+
+
+def test_temperature_top_p_and_seed_reach_sampling(client: openai.OpenAI, server: BackgroundServer,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    seen = recorded_params(server, "think", monkeypatch)
+    r = client.responses.create(model="think", input="Hello there", temperature=0.7, top_p=0.5, extra_body={"seed": 3})
+    assert (seen[0].temperature, seen[0].top_p, seen[0].seed) == (0.7, 0.5, 3)
+    assert (r.temperature, r.top_p) == (0.7, 0.5)
+    client.responses.create(model="think", input="Hello there", temperature=0)
+    assert seen[1].temperature == 0  # greedy when asked
+
+
+def test_low_and_medium_effort_budget_the_thinking(client: openai.OpenAI, monkeypatch: pytest.MonkeyPatch) -> None:
+    from qwenstack.serving.responses import translate
+    from qwenstack.serving.responses.protocol import ResponsesRequest
+
+    def budget(effort: str) -> int | None:
+        body = ResponsesRequest.model_validate({"model": "think", "input": "Hi", "reasoning": {"effort": effort}})
+        return translate.chat_request(body, [{"role": "user", "content": "Hi"}], [], None).thinking_budget_tokens
+
+    assert (budget("low"), budget("medium"), budget("high")) == (1024, 8192, None)
+    full = client.responses.create(model="think", input="Hello there", reasoning={"effort": "medium"})
+    # The scripted thinking is far shorter than 1024 tokens: a small stand-in budget shows that "low" is enforced.
+    monkeypatch.setitem(translate.EFFORT_BUDGETS, "low", 4)
+    low = client.responses.create(model="think", input="Hello there", reasoning={"effort": "low"})
+    thought, cut = full.output[0].content[0].text, low.output[0].content[0].text
+    assert cut and thought.startswith(cut) and len(cut) < len(thought)
+    assert low.usage.output_tokens_details.reasoning_tokens < full.usage.output_tokens_details.reasoning_tokens
+    assert low.output_text == full.output_text == _answer(THINK_ANSWER)  # the answer follows the forced close
+
+
+def test_json_object_text_format(client: openai.OpenAI) -> None:
+    r = client.responses.create(model="think", input="How are you?", max_output_tokens=8, reasoning={"effort": "none"},
+                                text={"format": {"type": "json_object"}})
+    # Without the grammar this model says "Hello! ..." (with it, only the object's start is predictable).
+    assert r.output_text.startswith("{") and r.text.format.type == "json_object", r.output_text
+
+
+def test_input_items_are_paged(client: openai.OpenAI) -> None:
+    notes = [f"note {i}" for i in range(5)]
+    r = client.responses.create(model="think", input=[{"role": "user", "content": n} for n in notes])
+
+    def texts(page) -> list[str]:  # noqa: ANN001
+        return [i.content[0].text for i in page.data]
+
+    first = client.responses.input_items.list(r.id, limit=2, order="asc")
+    assert texts(first) == notes[:2] and first.has_more and first.first_id == first.data[0].id
+    second = client.responses.input_items.list(r.id, limit=2, order="asc", after=first.last_id)
+    assert texts(second) == notes[2:4] and second.has_more
+    last = client.responses.input_items.list(r.id, limit=2, order="asc", after=second.last_id)
+    assert texts(last) == notes[4:] and not last.has_more
+    assert texts(client.responses.input_items.list(r.id, limit=2)) == ["note 4", "note 3"]  # newest first by default
+    assert [i.content[0].text for i in client.responses.input_items.list(r.id, limit=2, order="asc")] == notes
