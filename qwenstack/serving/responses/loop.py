@@ -26,7 +26,7 @@ from typing import Any, AsyncIterator
 
 from pydantic import TypeAdapter
 
-from qwenstack.serving.chat import attach_images, plan_chat, reasoning_token_count
+from qwenstack.serving.chat import attach_media, plan_chat, reasoning_token_count
 from qwenstack.serving.errors import APIError
 from qwenstack.serving.parsers import ChatOutputParser, ParsedDelta
 from qwenstack.serving.responses import mcp_tools
@@ -250,7 +250,7 @@ async def _model_turn(run: ResponseRun, tools: list[dict[str, Any]], calls: list
         request = request.model_copy(update={"tool_choice": None})  # the forced call was the first turn's
     plan = plan_chat(served, chat_request(request, messages, tools, remaining), state)
     plan.params.n = 1
-    await attach_images(plan, state)
+    await attach_media(plan, state)
     stream = served.engine.generate(plan.prompt_ids, plan.params, request_id=new_id(run.id), prompt=plan.prompt,
                                     **({"multimodal": plan.multimodal} if plan.multimodal else {}))
     tracker = state.metrics.track(served.name, time.monotonic())
