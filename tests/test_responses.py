@@ -15,6 +15,12 @@ from qwenstack.serving.config import ServerConfig
 
 WEATHER = {"type": "function", "name": "get_weather", "description": "Current weather in a city",
            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
+NOTE_ARGS = {"title": "Trip", "text": "Pack the blue tent, two maps, a stove, dry socks and enough coffee for four "
+             "cold mornings by the lake."}
+WRITER_SCRIPT = ("<think>\nThe user wants a note saved.\n</think>\n\n"
+                 '<tool_call>\n{"name": "save_note", "arguments": ' + json.dumps(NOTE_ARGS) + "}\n</tool_call>")
+NOTE = {"type": "function", "name": "save_note", "description": "Save a note",
+        "parameters": {"type": "object", "properties": {"title": {"type": "string"}, "text": {"type": "string"}}}}
 TIME = {"type": "function", "name": "get_time", "description": "Local time in a city",
         "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
 
@@ -24,7 +30,9 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BackgroundServe
     root = tmp_path_factory.mktemp("responses")
     think = build_scripted_checkpoint(root / "think", THINK_ANSWER)
     agent = build_agent(root / "agent")
-    models = [tiny_served_model(think.path, "think"), tiny_served_model(agent.path, "agent")]
+    writer = build_scripted_checkpoint(root / "writer", WRITER_SCRIPT)
+    models = [tiny_served_model(think.path, "think"), tiny_served_model(agent.path, "agent"),
+              tiny_served_model(writer.path, "writer")]
     app = create_app(models, ServerConfig(ui_db_path=str(root / "chats.db"), enable_ui=False))
     with BackgroundServer(app) as srv:
         srv.models = {m.name: m for m in models}
@@ -163,11 +171,14 @@ def test_streamed_function_calls_and_openapi(client: openai.OpenAI, server: Back
         final = stream.get_final_response()
     kinds = [e.type for e in events]
     start = kinds.index("response.function_call_arguments.delta")
-    assert kinds[start - 1:start + 3] == ["response.output_item.added", "response.function_call_arguments.delta",
-                                          "response.function_call_arguments.done", "response.output_item.done"]
+    end = kinds.index("response.output_item.done", start)
+    assert kinds[start - 1] == "response.output_item.added" and events[start - 1].item.type == "function_call"
+    assert set(kinds[start:end - 1]) == {"response.function_call_arguments.delta"}
+    assert kinds[end - 1:end + 1] == ["response.function_call_arguments.done", "response.output_item.done"]
     assert kinds.count("response.output_item.added") == 2  # reasoning, then one call (parallel_tool_calls=false)
     call = final.output[-1]
-    assert call.type == "function_call" and call.name == "get_weather" and call.arguments == events[start].delta
+    assert call.type == "function_call" and call.name == "get_weather"
+    assert call.arguments == "".join(e.delta for e in events[start:end - 1]) == events[end - 1].arguments
     spec = httpx.get(server.url + "/openapi.json").json()
     body = spec["paths"]["/v1/responses"]["post"]["requestBody"]["content"]["application/json"]["schema"]
     assert body["$ref"].endswith("/ResponsesRequest")
@@ -250,3 +261,19 @@ def test_input_items_are_paged(client: openai.OpenAI) -> None:
     assert texts(last) == notes[4:] and not last.has_more
     assert texts(client.responses.input_items.list(r.id, limit=2)) == ["note 4", "note 3"]  # newest first by default
     assert [i.content[0].text for i in client.responses.input_items.list(r.id, limit=2, order="asc")] == notes
+
+
+def test_function_call_arguments_stream_as_the_model_writes_them(client: openai.OpenAI) -> None:
+    with client.responses.stream(model="writer", input="Save a note for the trip.", tools=[NOTE]) as stream:
+        events = list(stream)
+        final = stream.get_final_response()
+    kinds = [e.type for e in events]
+    deltas = [e.delta for e in events if e.type == "response.function_call_arguments.delta"]
+    call = final.output[-1]
+    assert call.type == "function_call" and json.loads(call.arguments) == NOTE_ARGS
+    assert len(deltas) > 5 and "".join(deltas) == call.arguments == json.dumps(NOTE_ARGS, ensure_ascii=False)
+    first = kinds.index("response.function_call_arguments.delta")
+    assert kinds[first - 1] == "response.output_item.added" and events[first - 1].item.arguments == ""
+    assert kinds[-3:] == ["response.function_call_arguments.done", "response.output_item.done", "response.completed"]
+    whole = client.responses.create(model="writer", input="Save a note for the trip.", tools=[NOTE])
+    assert whole.output[-1].arguments == call.arguments  # streamed or not, the same call

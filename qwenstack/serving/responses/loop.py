@@ -14,6 +14,10 @@ Decisions:
   `incomplete` with `incomplete_details.reason` "max_tool_steps" (or "max_tool_calls"): a model stuck in a
   loop never runs the server's tools without bound. A call past `max_tool_calls` within a turn gets an error
   result instead of running (and the model reads it).
+- A client function call is streamed while the model writes it (the chat parser's `stream_arguments`): its
+  item is added once the name is known and `function_call_arguments.delta` events follow as the arguments
+  grow. MCP calls are run after the turn, so their items come whole then, and so do client calls the model
+  wrote after an MCP call (output items keep the model's order).
 - `tool_choice` required or named forces the first model turn only (later turns answer the tools' results).
 - Usage adds up every turn: input tokens are each turn's prompt (cached ones counted apart), reasoning tokens
   those of the think blocks.
@@ -22,7 +26,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 from pydantic import TypeAdapter
 
@@ -173,7 +177,8 @@ async def execute(run: ResponseRun) -> AsyncIterator[Event]:
         # Past a limit the MCP tools are no longer offered (client functions end the response, so they stay).
         tools = client_tools + ([] if limited else [mcp_tools.chat_tool(t) for _, t in mcp_map.values()])
         calls = []
-        async for event in _model_turn(run, tools, calls, first=steps == 0, parse_calls=limited):
+        async for event in _model_turn(run, tools, calls, first=steps == 0, parse_calls=limited,
+                                       client_call=lambda name: name not in mcp_map):
             yield event
         if run.incomplete_reason is not None or not calls:
             break
@@ -182,8 +187,9 @@ async def execute(run: ResponseRun) -> AsyncIterator[Event]:
             name, arguments = call["name"], call["arguments"]
             if name not in mcp_map:
                 client_call = True
-                for event in b.function_call(call["id"], name, arguments):
-                    yield event
+                if call["item"] is None:  # not streamed (it followed an MCP call): whole, in the model's order
+                    for event in b.function_call(call["id"], name, arguments):
+                        yield event
                 continue
             target, _ = mcp_map[name]
             if not limited and target.spec is not None and target.spec.needs_approval(name):
@@ -233,10 +239,12 @@ async def _call(run: ResponseRun, target: mcp_tools.McpTarget, name: str,
     return await mcp_tools.call_tool(target, name, args, run.mcp_timeout_s)
 
 
-async def _model_turn(run: ResponseRun, tools: list[dict[str, Any]], calls: list[dict[str, Any]],
-                      first: bool, parse_calls: bool = False) -> AsyncIterator[Event]:
-    """One generation: streams reasoning and text events; fills `calls` with the parsed tool calls (with
-    `parse_calls`, also when no tool is offered: a model that still calls one must not leak the markup as text)."""
+async def _model_turn(run: ResponseRun, tools: list[dict[str, Any]], calls: list[dict[str, Any]], first: bool,
+                      parse_calls: bool, client_call: Callable[[str], bool]) -> AsyncIterator[Event]:
+    """One generation: streams reasoning and text events, and the calls for which `client_call(name)` holds as
+    function_call items with their arguments as the model writes them (up to the first other call, so that items
+    keep the model's order once the other calls run after the turn); fills `calls` with every parsed tool call
+    (with `parse_calls`, also when no tool is offered: a model that still calls one must not leak the markup)."""
     state, served, b = run.state, run.served, run.builder
     limit = run.request.max_output_tokens
     remaining = None if limit is None else limit - run.usage.output_tokens
@@ -255,9 +263,10 @@ async def _model_turn(run: ResponseRun, tools: list[dict[str, Any]], calls: list
                                     **({"multimodal": plan.multimodal} if plan.multimodal else {}))
     tracker = state.metrics.track(served.name, time.monotonic())
     outputs = OutputStream(await first_output(stream, state.config.retry_after_s), stream)
-    parser = plan.parser() if plan.tools_enabled or not parse_calls else ChatOutputParser(
-        starts_in_reasoning=plan.starts_in_reasoning, tools_enabled=True)
+    parser = ChatOutputParser(starts_in_reasoning=plan.starts_in_reasoning, tool_schemas=plan.tool_schemas,
+                              tools_enabled=plan.tools_enabled or parse_calls, stream_arguments=True)
     found: dict[int, dict[str, Any]] = {}
+    streaming = True  # client function calls are streamed until another kind of call comes
     final = None
     try:
         async for out in outputs:
@@ -271,8 +280,20 @@ async def _model_turn(run: ResponseRun, tools: list[dict[str, Any]], calls: list
             for event in b.reasoning(parsed.reasoning) + b.text(parsed.content):
                 yield event
             for delta in parsed.tool_calls:
-                call = found.setdefault(delta.index, {"id": delta.id, "name": delta.name, "arguments": ""})
+                if plan.max_calls is not None and delta.index >= plan.max_calls:
+                    continue  # parallel_tool_calls=false: the first call only
+                call = found.get(delta.index)
+                if call is None:
+                    call = found[delta.index] = {"id": delta.id, "name": delta.name, "arguments": "", "item": None}
+                    streaming = streaming and client_call(delta.name)
+                    if streaming:
+                        call["item"], events = b.function_call_started(delta.id, delta.name)
+                        for event in events:
+                            yield event
                 call["arguments"] += delta.arguments
+                if call["item"] is not None and delta.arguments:
+                    for event in b.function_call_arguments(call["item"], delta.arguments):
+                        yield event
             if out.finished:
                 tracker.on_finished(out)
                 final = out
@@ -281,14 +302,17 @@ async def _model_turn(run: ResponseRun, tools: list[dict[str, Any]], calls: list
         tracker.done()
     for event in b.close_text():
         yield event
+    for call in found.values():
+        if call["item"] is not None:
+            for event in b.function_call_done(call["item"]):
+                yield event
     assert final is not None
     comp = final.outputs[0]
     run.usage.input_tokens += len(plan.prompt_ids)
     run.usage.cached_tokens += final.metrics.num_cached_tokens
     run.usage.output_tokens += len(comp.token_ids)
     run.usage.reasoning_tokens += reasoning_token_count(plan, comp.token_ids)
-    ordered = [found[i] for i in sorted(found)]
-    calls += ordered[: plan.max_calls] if plan.max_calls is not None else ordered
+    calls += [found[i] for i in sorted(found)]
     if comp.finish_reason == "length":
         run.incomplete_reason = "max_output_tokens"
 
