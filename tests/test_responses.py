@@ -277,3 +277,13 @@ def test_function_call_arguments_stream_as_the_model_writes_them(client: openai.
     assert kinds[-3:] == ["response.function_call_arguments.done", "response.output_item.done", "response.completed"]
     whole = client.responses.create(model="writer", input="Save a note for the trip.", tools=[NOTE])
     assert whole.output[-1].arguments == call.arguments  # streamed or not, the same call
+
+
+def test_named_tool_choice_forces_a_call_the_model_would_not_make(client: openai.OpenAI) -> None:
+    r = client.responses.create(model="agent", input="Weather and time in Paris?", tools=[WEATHER, TIME],
+                                tool_choice={"type": "function", "name": "get_time"}, parallel_tool_calls=False,
+                                max_output_tokens=80)
+    calls = [i for i in r.output if i.type == "function_call"]
+    # Left alone this model calls get_weather first; the grammar makes it get_time, with schema-valid arguments.
+    assert [c.name for c in calls] == ["get_time"] and set(json.loads(calls[0].arguments)) == {"city"}
+    assert r.tool_choice.name == "get_time"
