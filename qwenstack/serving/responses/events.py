@@ -117,9 +117,9 @@ class OutputBuilder:
         return [{"type": "response.function_call_arguments.delta", "item_id": item["id"], "output_index": index,
                  "delta": delta}]
 
-    def function_call_done(self, index: int) -> list[Event]:
+    def function_call_done(self, index: int, status: str = "completed") -> list[Event]:
         item = self.output[index]
-        item["status"] = "completed"
+        item["status"] = status
         return [{"type": "response.function_call_arguments.done", "item_id": item["id"], "output_index": index,
                  "name": item["name"], "arguments": item["arguments"]}] + self.done_item(index)
 

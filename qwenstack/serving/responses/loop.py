@@ -302,12 +302,13 @@ async def _model_turn(run: ResponseRun, tools: list[dict[str, Any]], calls: list
         tracker.done()
     for event in b.close_text():
         yield event
-    for call in found.values():
-        if call["item"] is not None:
-            for event in b.function_call_done(call["item"]):
-                yield event
     assert final is not None
     comp = final.outputs[0]
+    for call in found.values():
+        if call["item"] is not None:  # cut off by max_output_tokens: the arguments may be unfinished
+            for event in b.function_call_done(call["item"], "incomplete" if comp.finish_reason == "length"
+                                              else "completed"):
+                yield event
     run.usage.input_tokens += len(plan.prompt_ids)
     run.usage.cached_tokens += final.metrics.num_cached_tokens
     run.usage.output_tokens += len(comp.token_ids)
