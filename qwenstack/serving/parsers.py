@@ -100,7 +100,9 @@ class _State(enum.Enum):
 
 
 # The start of a Hermes JSON call, up to where its arguments value begins.
-_CALL_HEAD = re.compile(r'\s*\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"(?:arguments|parameters)"\s*:')
+_CALL_HEAD = re.compile(
+    r'\s*\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"(?:arguments|parameters)"\s*:'
+)
 
 
 @dataclass
@@ -292,8 +294,9 @@ class ChatOutputParser:
                         ToolCallDelta(index=call.index, arguments=final[len(call.sent) :])
                     )
             else:
-                logger.warning("a streamed tool call ended unlike it began; its arguments stay as sent: "
-                               "%.200r", body)
+                logger.warning(
+                    "a streamed tool call ended unlike it began; its arguments stay as sent: %.200r", body
+                )
             return
         if parsed is None:
             block = TOOL_CALL_START + body + (TOOL_CALL_END if terminated else "")
