@@ -13,6 +13,9 @@ AGENT_SCRIPT = ("<think>\nWeather and time in Paris: two calls.\n</think>\n\n"
                 '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>\n'
                 '<tool_call>\n{"name": "get_time", "arguments": {"city": "Paris, France"}}\n</tool_call>')
 AGENT_ANSWER = "Paris is sunny at 21 C; the clock did not answer."
+# Calls a tool on every turn, whatever the tools said: a model stuck in a loop.
+LOOP_SCRIPT = ("<think>\nStill unsure, so I check again.\n</think>\n\n"
+               '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>')
 THINK_ANSWER = CASES["think_answer"]
 
 
@@ -20,16 +23,24 @@ def build_agent(path: Path) -> ScriptedCheckpoint:
     return build_scripted_checkpoint(path, AGENT_SCRIPT, after_tool=AGENT_ANSWER)
 
 
-def mcp_test_app(token: str | None = None) -> Any:
+def build_looper(path: Path) -> ScriptedCheckpoint:
+    return build_scripted_checkpoint(path, LOOP_SCRIPT)
+
+
+def mcp_test_app(token: str | None = None, weather_hangs_s: float | None = None) -> Any:
     """An MCP server (the `mcp` package's MCPServer) with two tools, get_time always failing; with `token`, HTTP
-    requests without `Authorization: Bearer <token>` get a 401."""
+    requests without `Authorization: Bearer <token>` get a 401; with `weather_hangs_s`, get_weather answers only
+    after that long (a tool call that hangs while the server itself is fine)."""
+    import anyio
     from mcp.server.mcpserver import MCPServer
 
     server = MCPServer("weather-station")
 
     @server.tool()
-    def get_weather(city: str) -> str:
+    async def get_weather(city: str) -> str:
         """Current weather in a city."""
+        if weather_hangs_s is not None:
+            await anyio.sleep(weather_hangs_s)
         return f"{city}: sunny, 21 C"
 
     @server.tool()

@@ -15,6 +15,12 @@ from qwenstack.serving.config import ServerConfig
 
 WEATHER = {"type": "function", "name": "get_weather", "description": "Current weather in a city",
            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
+NOTE_ARGS = {"title": "Trip", "text": "Pack the blue tent, two maps, a stove, dry socks and enough coffee for four "
+             "cold mornings by the lake."}
+WRITER_SCRIPT = ("<think>\nThe user wants a note saved.\n</think>\n\n"
+                 '<tool_call>\n{"name": "save_note", "arguments": ' + json.dumps(NOTE_ARGS) + "}\n</tool_call>")
+NOTE = {"type": "function", "name": "save_note", "description": "Save a note",
+        "parameters": {"type": "object", "properties": {"title": {"type": "string"}, "text": {"type": "string"}}}}
 TIME = {"type": "function", "name": "get_time", "description": "Local time in a city",
         "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
 
@@ -24,9 +30,12 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BackgroundServe
     root = tmp_path_factory.mktemp("responses")
     think = build_scripted_checkpoint(root / "think", THINK_ANSWER)
     agent = build_agent(root / "agent")
-    models = [tiny_served_model(think.path, "think"), tiny_served_model(agent.path, "agent")]
+    writer = build_scripted_checkpoint(root / "writer", WRITER_SCRIPT)
+    models = [tiny_served_model(think.path, "think"), tiny_served_model(agent.path, "agent"),
+              tiny_served_model(writer.path, "writer")]
     app = create_app(models, ServerConfig(ui_db_path=str(root / "chats.db"), enable_ui=False))
     with BackgroundServer(app) as srv:
+        srv.models = {m.name: m for m in models}
         yield srv
 
 
@@ -162,11 +171,14 @@ def test_streamed_function_calls_and_openapi(client: openai.OpenAI, server: Back
         final = stream.get_final_response()
     kinds = [e.type for e in events]
     start = kinds.index("response.function_call_arguments.delta")
-    assert kinds[start - 1:start + 3] == ["response.output_item.added", "response.function_call_arguments.delta",
-                                          "response.function_call_arguments.done", "response.output_item.done"]
+    end = kinds.index("response.output_item.done", start)
+    assert kinds[start - 1] == "response.output_item.added" and events[start - 1].item.type == "function_call"
+    assert set(kinds[start:end - 1]) == {"response.function_call_arguments.delta"}
+    assert kinds[end - 1:end + 1] == ["response.function_call_arguments.done", "response.output_item.done"]
     assert kinds.count("response.output_item.added") == 2  # reasoning, then one call (parallel_tool_calls=false)
     call = final.output[-1]
-    assert call.type == "function_call" and call.name == "get_weather" and call.arguments == events[start].delta
+    assert call.type == "function_call" and call.name == "get_weather"
+    assert call.arguments == "".join(e.delta for e in events[start:end - 1]) == events[end - 1].arguments
     spec = httpx.get(server.url + "/openapi.json").json()
     body = spec["paths"]["/v1/responses"]["post"]["requestBody"]["content"]["application/json"]["schema"]
     assert body["$ref"].endswith("/ResponsesRequest")
@@ -182,3 +194,101 @@ def test_reasoning_effort_maps_onto_thinking(client: openai.OpenAI) -> None:
     cut = client.responses.create(model="think", input="Hello there", max_output_tokens=3)
     assert cut.status == "incomplete" and cut.incomplete_details.reason == "max_output_tokens"
     assert cut.usage.output_tokens == 3
+
+
+def recorded_params(server: BackgroundServer, model: str, monkeypatch: pytest.MonkeyPatch) -> list:
+    """The sampling parameters of every turn the model runs from now on."""
+    engine = server.models[model].engine
+    generate = engine.generate
+    seen: list = []
+
+    def recording(prompt_ids, params, **kwargs):  # noqa: ANN001, ANN003, ANN202
+        seen.append(params)
+        return generate(prompt_ids, params, **kwargs)
+
+    monkeypatch.setattr(engine, "generate", recording)
+    return seen
+
+
+def test_temperature_top_p_and_seed_reach_sampling(client: openai.OpenAI, server: BackgroundServer,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    seen = recorded_params(server, "think", monkeypatch)
+    r = client.responses.create(model="think", input="Hello there", temperature=0.7, top_p=0.5, extra_body={"seed": 3})
+    assert (seen[0].temperature, seen[0].top_p, seen[0].seed) == (0.7, 0.5, 3)
+    assert (r.temperature, r.top_p) == (0.7, 0.5)
+    client.responses.create(model="think", input="Hello there", temperature=0)
+    assert seen[1].temperature == 0  # greedy when asked
+
+
+def test_low_and_medium_effort_budget_the_thinking(client: openai.OpenAI, monkeypatch: pytest.MonkeyPatch) -> None:
+    from qwenstack.serving.responses import translate
+    from qwenstack.serving.responses.protocol import ResponsesRequest
+
+    def budget(effort: str) -> int | None:
+        body = ResponsesRequest.model_validate({"model": "think", "input": "Hi", "reasoning": {"effort": effort}})
+        return translate.chat_request(body, [{"role": "user", "content": "Hi"}], [], None).thinking_budget_tokens
+
+    assert (budget("low"), budget("medium"), budget("high")) == (1024, 8192, None)
+    full = client.responses.create(model="think", input="Hello there", reasoning={"effort": "medium"})
+    # The scripted thinking is far shorter than 1024 tokens: a small stand-in budget shows that "low" is enforced.
+    monkeypatch.setitem(translate.EFFORT_BUDGETS, "low", 4)
+    low = client.responses.create(model="think", input="Hello there", reasoning={"effort": "low"})
+    thought, cut = full.output[0].content[0].text, low.output[0].content[0].text
+    assert cut and thought.startswith(cut) and len(cut) < len(thought)
+    assert low.usage.output_tokens_details.reasoning_tokens < full.usage.output_tokens_details.reasoning_tokens
+    assert low.output_text == full.output_text == _answer(THINK_ANSWER)  # the answer follows the forced close
+
+
+def test_json_object_text_format(client: openai.OpenAI) -> None:
+    r = client.responses.create(model="think", input="How are you?", max_output_tokens=8, reasoning={"effort": "none"},
+                                text={"format": {"type": "json_object"}})
+    # Without the grammar this model says "Hello! ..." (with it, only the object's start is predictable).
+    assert r.output_text.startswith("{") and r.text.format.type == "json_object", r.output_text
+
+
+def test_input_items_are_paged(client: openai.OpenAI) -> None:
+    notes = [f"note {i}" for i in range(5)]
+    r = client.responses.create(model="think", input=[{"role": "user", "content": n} for n in notes])
+
+    def texts(page) -> list[str]:  # noqa: ANN001
+        return [i.content[0].text for i in page.data]
+
+    first = client.responses.input_items.list(r.id, limit=2, order="asc")
+    assert texts(first) == notes[:2] and first.has_more and first.first_id == first.data[0].id
+    second = client.responses.input_items.list(r.id, limit=2, order="asc", after=first.last_id)
+    assert texts(second) == notes[2:4] and second.has_more
+    last = client.responses.input_items.list(r.id, limit=2, order="asc", after=second.last_id)
+    assert texts(last) == notes[4:] and not last.has_more
+    assert texts(client.responses.input_items.list(r.id, limit=2)) == ["note 4", "note 3"]  # newest first by default
+    assert [i.content[0].text for i in client.responses.input_items.list(r.id, limit=2, order="asc")] == notes
+
+
+def test_function_call_arguments_stream_as_the_model_writes_them(client: openai.OpenAI) -> None:
+    with client.responses.stream(model="writer", input="Save a note for the trip.", tools=[NOTE]) as stream:
+        events = list(stream)
+        final = stream.get_final_response()
+    kinds = [e.type for e in events]
+    deltas = [e.delta for e in events if e.type == "response.function_call_arguments.delta"]
+    call = final.output[-1]
+    assert call.type == "function_call" and json.loads(call.arguments) == NOTE_ARGS
+    assert len(deltas) > 5 and "".join(deltas) == call.arguments == json.dumps(NOTE_ARGS, ensure_ascii=False)
+    first = kinds.index("response.function_call_arguments.delta")
+    assert kinds[first - 1] == "response.output_item.added" and events[first - 1].item.arguments == ""
+    assert kinds[-3:] == ["response.function_call_arguments.done", "response.output_item.done", "response.completed"]
+    whole = client.responses.create(model="writer", input="Save a note for the trip.", tools=[NOTE])
+    assert whole.output[-1].arguments == call.arguments  # streamed or not, the same call
+    # Cut off by max_output_tokens within the arguments: the item says so.
+    cut = client.responses.create(model="writer", input="Save a note for the trip.", tools=[NOTE], max_output_tokens=30)
+    assert cut.status == "incomplete" and cut.output[-1].type == "function_call"
+    assert cut.output[-1].status == "incomplete" and call.arguments.startswith(cut.output[-1].arguments)
+
+
+def test_named_tool_choice_forces_a_call_the_model_would_not_make(client: openai.OpenAI) -> None:
+    r = client.responses.create(model="agent", input="Weather and time in Paris?", tools=[WEATHER, TIME],
+                                tool_choice={"type": "function", "name": "get_time"}, parallel_tool_calls=False,
+                                max_output_tokens=80)
+    calls = [i for i in r.output if i.type == "function_call"]
+    # Left alone this model calls get_weather first; the grammar makes it get_time, with arguments that follow its
+    # schema (what the model writes off its script is arbitrary, so only their start is checked).
+    assert [c.name for c in calls] == ["get_time"] and calls[0].arguments.startswith('{"city": "')
+    assert r.tool_choice.name == "get_time"

@@ -10,12 +10,13 @@ from typing import Iterator
 import openai
 import pytest
 
-from responses_fixtures import AGENT_ANSWER, HangingServer, build_agent, mcp_test_app
+from responses_fixtures import AGENT_ANSWER, HangingServer, build_agent, build_looper, mcp_test_app
 from server_utils import BackgroundServer, free_port, tiny_served_model
 from qwenstack.serving.app import create_app
 from qwenstack.serving.config import ServerConfig
 
 TIMEOUT_S = 2.0
+MAX_STEPS = 3  # the server's mcp_max_steps here (8 by default)
 STDIO_SERVER = '''
 from mcp.server.mcpserver import MCPServer
 server = MCPServer("local")
@@ -38,21 +39,38 @@ def mcp_url() -> Iterator[str]:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, mcp_url: str) -> Iterator[BackgroundServer]:
     root = tmp_path_factory.mktemp("mcp")
-    agent = build_agent(root / "agent")
+    agent, looper = build_agent(root / "agent"), build_looper(root / "looper")
     script = root / "stdio_server.py"
     script.write_text(STDIO_SERVER)
     config = ServerConfig(responses_db_path=str(root / "responses.db"), enable_ui=False, mcp_timeout_s=TIMEOUT_S,
                           mcp_servers={"station": mcp_url, "local": f"stdio:{sys.executable} {script}"},
-                          mcp_allow_stdio=True)
+                          mcp_allow_stdio=True, mcp_max_steps=MAX_STEPS)
     served = tiny_served_model(agent.path, "agent")
-    with BackgroundServer(create_app([served], config)) as srv:
+    app = create_app([served, tiny_served_model(looper.path, "looper")], config)
+    with BackgroundServer(app) as srv:
         srv.served = served
+        srv.app = app
         yield srv
 
 
 @pytest.fixture(scope="module")
 def client(server: BackgroundServer) -> openai.OpenAI:
     return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+
+
+@pytest.fixture
+def turns(server: BackgroundServer, monkeypatch: pytest.MonkeyPatch) -> list[dict]:
+    """Every model turn the agent model runs during the test: its rendered prompt and sampling parameters."""
+    engine = server.served.engine
+    generate = engine.generate
+    seen: list[dict] = []
+
+    def recording(prompt_ids, params, **kwargs):  # noqa: ANN001, ANN003, ANN202
+        seen.append({"prompt": kwargs.get("prompt"), "params": params})
+        return generate(prompt_ids, params, **kwargs)
+
+    monkeypatch.setattr(engine, "generate", recording)
+    return seen
 
 
 def mcp(url: str | None = None, approval: str = "never", label: str = "station") -> dict:
@@ -228,3 +246,77 @@ def test_serve_mcp_flags() -> None:
         serve_config_from_args(args("--mcp", "fs=stdio:mcp-fs /srv"))
     with pytest.raises(ValueError, match="NAME=URL"):
         serve_config_from_args(args("--mcp", "nothing"))
+
+
+def test_tool_results_reach_the_next_turns_prompt(client: openai.OpenAI, turns: list[dict]) -> None:
+    r = client.responses.create(model="agent", input="Weather and time in Paris?", tools=[mcp()])
+    assert r.output_text == AGENT_ANSWER and len(turns) == 2
+    first, second = turns[0]["prompt"], turns[1]["prompt"]
+    assert "<tool_response>" not in first and second.startswith(first)  # the same conversation, grown
+    # What the model reads: each tool's result (or its error) in the template's tool-response block.
+    assert "<tool_response>\nParis: sunny, 21 C\n</tool_response>" in second
+    assert "\nError: Error executing tool get_time\n</tool_response>" in second  # the MCP SDK's error text
+
+
+def test_step_limit_stops_a_model_that_keeps_calling_tools(client: openai.OpenAI) -> None:
+    from qwenstack.serving.config import ServerConfig
+
+    assert ServerConfig().mcp_max_steps == 8  # the default; this server runs with MAX_STEPS
+    r = client.responses.create(model="looper", input="Weather in Oslo?", tools=[mcp()])
+    calls = [i for i in r.output if i.type == "mcp_call"]
+    assert len(calls) == MAX_STEPS + 1  # MAX_STEPS turns ran their calls; the next turn's call is shown, not run
+    assert all(c.output == "Oslo: sunny, 21 C" for c in calls[:-1])
+    assert calls[-1].output is None and "limit of 3 model turns" in calls[-1].error.message
+    assert r.status == "incomplete" and r.incomplete_details.reason == "max_tool_steps"
+    assert not any(i.type == "message" for i in r.output)  # no tool-call markup leaked as an answer
+    with client.responses.stream(model="looper", input="Weather in Oslo?", tools=[mcp()]) as stream:
+        kinds = [e.type for e in stream]
+    assert kinds[-1] == "response.incomplete" and kinds.count("response.mcp_call.failed") == 1
+
+
+def test_a_tool_call_that_hangs_is_an_error_result_within_the_timeout(client: openai.OpenAI) -> None:
+    with BackgroundServer(mcp_test_app(weather_hangs_s=TIMEOUT_S + 3)) as slow:
+        start = time.monotonic()
+        r = client.responses.create(model="agent", input="Weather and time in Paris?",
+                                    tools=[mcp(slow.url + "/mcp", label="slow")])
+        elapsed = time.monotonic() - start
+    assert elapsed < 2 * TIMEOUT_S + 3
+    assert r.output[0].error is None  # listing worked: only the call hangs
+    weather = next(i for i in r.output if i.type == "mcp_call" and i.name == "get_weather")
+    assert weather.status == "failed" and weather.output is None and "timed out after 2 s" in weather.error.message
+    assert r.status == "completed" and r.output_text == AGENT_ANSWER  # the model read the error and answered
+
+
+def test_allowed_tools_filters_what_is_listed_offered_and_run(client: openai.OpenAI, turns: list[dict]) -> None:
+    tool = mcp() | {"allowed_tools": {"tool_names": ["get_weather"]}}
+    r = client.responses.create(model="agent", input="Weather and time in Paris?", tools=[tool])
+    assert [t.name for t in r.output[0].tools] == ["get_weather"]
+    assert '"name": "get_weather"' in turns[0]["prompt"] and '"name": "get_time"' not in turns[0]["prompt"]
+    # The model still asks for get_time: not an MCP tool of this request, so it is not run on the MCP server
+    # but handed to the client as a function call (as a call of any tool the client did not declare).
+    assert [(i.type, i.name) for i in r.output if i.type in ("mcp_call", "function_call")] == \
+        [("mcp_call", "get_weather"), ("function_call", "get_time")]
+    assert r.tools[0].allowed_tools.tool_names == ["get_weather"]
+
+
+@pytest.mark.parametrize("choice", ["required", {"type": "function", "name": "get_weather"}])
+def test_forced_tool_choice_binds_the_first_turn_only(client: openai.OpenAI, turns: list[dict], choice) -> None:
+    r = client.responses.create(model="agent", input="Weather and time in Paris?", tools=[mcp()],
+                                tool_choice=choice, parallel_tool_calls=False)
+    assert [i.type for i in r.output] == ["mcp_list_tools", "reasoning", "mcp_call", "message"]
+    assert r.output[2].name == "get_weather" and r.output_text == AGENT_ANSWER
+    first, second = (t["params"].logits_processors for t in turns)
+    assert len(first) == 1 and second == []  # a tool-call grammar on the first turn, none on the answer
+
+
+def test_delete_while_a_background_response_runs(client: openai.OpenAI, server: BackgroundServer) -> None:
+    running = server.app.state.qwenstack_responses.running
+    with HangingServer() as hanging:
+        r = client.responses.create(model="agent", input="Weather?", background=True,
+                                    tools=[mcp(hanging.url, label="slow")])
+        assert r.id in running
+        deleted = client.responses.delete(r.id)
+    assert deleted is None or getattr(deleted, "deleted", True)
+    assert r.id not in running  # its task was cancelled, not left waiting on the MCP server
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(r.id)

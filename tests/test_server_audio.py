@@ -175,3 +175,12 @@ def test_refusals_are_400(client: openai.OpenAI) -> None:
 def test_tone_and_silence_transcribe(client: openai.OpenAI) -> None:
     for samples in (tone(0.3), np.zeros(16000, np.float32)):  # under 0.5 s (padded) and silence
         assert client.audio.transcriptions.create(file=("t.wav", wav_bytes(samples)), model="asr").text == ANSWER
+
+
+def test_input_audio_through_the_responses_api(client: openai.OpenAI) -> None:
+    """/v1/responses: an input_audio part reaches the model as the same part of chat does."""
+    part = {"type": "input_audio", "input_audio": {"data": base64.b64encode(CLIP).decode(), "format": "wav"}}
+    r = client.responses.create(model="asr", input=[{"role": "user", "content": [part]}], temperature=0)
+    assert r.status == "completed" and r.output_text == "language English<asr_text>" + ANSWER
+    chat = client.chat.completions.create(model="asr", messages=[{"role": "user", "content": [part]}], temperature=0)
+    assert r.usage.input_tokens == chat.usage.prompt_tokens > 26  # the clip's 26 audio tokens are counted

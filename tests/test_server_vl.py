@@ -215,3 +215,17 @@ def test_chat_template_from_processor_file(vl_path: Path, tmp_path: Path) -> Non
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
     (tmp_path / "chat_template.json").write_text(json.dumps({"chat_template": template}))
     assert Tokenizer.from_dir(tmp_path).chat_template == template
+
+
+def test_input_image_through_the_responses_api(client: openai.OpenAI) -> None:
+    """/v1/responses: an input_image part reaches the model as the same image part of chat does."""
+    text = {"type": "input_text", "text": "What is in the picture?"}
+    image = {"type": "input_image", "image_url": data_url(IMAGE_A)}
+    args = dict(model="vl", temperature=0, max_output_tokens=8, reasoning={"effort": "none"})
+    seen = client.responses.create(input=[{"role": "user", "content": [text, image]}], **args)
+    blind = client.responses.create(input=[{"role": "user", "content": [text]}], **args)
+    assert seen.output[-1].type == "message"
+    # <|vision_start|>, the image's 4 tokens, <|vision_end|>: the picture is in the prompt.
+    assert seen.usage.input_tokens == blind.usage.input_tokens + 4 + 2
+    chat = ask(client, [{"type": "text", "text": text["text"]}, image_part(image["image_url"])])
+    assert seen.output_text == chat.choices[0].message.content and seen.usage.input_tokens == chat.usage.prompt_tokens

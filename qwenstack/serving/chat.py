@@ -295,6 +295,14 @@ async def attach_images(plan: ChatPlan, state: ServerState) -> None:
                                                        served.image_processor.config.merge_size)
 
 
+async def attach_media(plan: ChatPlan, state: ServerState) -> None:
+    """Loads the plan's images, audio clips and videos' audio tracks and expands their placeholders (every
+    chat-shaped endpoint)."""
+    await attach_images(plan, state)
+    await audio_inputs.attach_audio(plan, state)
+    await videos.attach_video_tracks(plan)
+
+
 # --- engine output -> API objects -----------------------------------------------------------------------
 
 
@@ -493,9 +501,7 @@ async def create_chat_completion(request: Request) -> Response:
     state, chat_request, served = local.state, local.body, local.served
     # Rendering and tokenizing a long conversation takes a while: off the event loop, other requests go on.
     plan = await asyncio.to_thread(plan_chat, served, chat_request, state)
-    await attach_images(plan, state)
-    await audio_inputs.attach_audio(plan, state)
-    await videos.attach_video_tracks(plan)
+    await attach_media(plan, state)
     plan.audio_answer = await asyncio.to_thread(chat_audio.start_audio, served, chat_request, plan.prompt_ids,
                                                 plan.multimodal, state.config)
     blocked = await moderation.screen_prompt(request, plan)  # a blocked prompt never reaches the engine

@@ -2,7 +2,7 @@
 
 One incremental parser (`ChatOutputParser`) serves both streaming and non-streaming
 use; `parse_chat_output` just feeds it the whole text, so the two paths cannot disagree.
-Pure Python: no torch, no other qwenstack imports.
+Pure Python: no torch; from qwenstack only json_stream.py (streamed arguments).
 
 Design decisions:
 - A small state machine over text (CONTENT, REASONING, TOOL_CALL). Only the tags that
@@ -27,6 +27,12 @@ Design decisions:
 - Streamed tool calls are emitted whole once the block is closed: one delta with
   index, id, type and name (arguments ""), then one with the arguments string. A
   client concatenating fragments by index rebuilds exactly the non-streamed call.
+- With `stream_arguments` (the Responses API asks for it), a Hermes JSON call is
+  announced as soon as `{"name": ..., "arguments":` has arrived and its arguments
+  follow as they are generated, rewritten by json_stream.JsonRewriter into the form
+  the whole call would get (so the fragments add up to the same string). An
+  announced call stays a call: if its block then turns out malformed, it keeps the
+  arguments sent so far (a warning is logged) instead of going back to content.
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from qwenstack.markup import THINK_END, THINK_START, TOOL_CALL_END, TOOL_CALL_START
+from qwenstack.serving.json_stream import JsonRewriter
 
 logger = logging.getLogger("qwenstack.parsers")
 
@@ -89,6 +96,20 @@ class _State(enum.Enum):
     TOOL_CALL = "tool_call"
 
 
+# The start of a Hermes JSON call, up to where its arguments value begins.
+_CALL_HEAD = re.compile(
+    r'\s*\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"(?:arguments|parameters)"\s*:'
+)
+
+
+@dataclass
+class _StreamedCall:
+    index: int
+    rewriter: JsonRewriter
+    fed: int  # how much of the call body the rewriter has seen
+    sent: str = ""  # the argument fragments emitted so far
+
+
 def new_tool_call_id() -> str:
     return "call_" + secrets.token_hex(12)  # 24 hex chars
 
@@ -102,8 +123,11 @@ class ChatOutputParser:
         starts_in_reasoning: bool = False,
         tools_enabled: bool = False,
         tool_schemas: Sequence[Mapping[str, Any]] | None = None,
+        stream_arguments: bool = False,
     ) -> None:
         self._tools_enabled = tools_enabled
+        self._stream_arguments = stream_arguments
+        self._streamed: _StreamedCall | None = None  # the call being streamed, once announced
         self._param_types = _param_types_by_tool(tool_schemas)
         self._state = _State.REASONING if starts_in_reasoning else _State.CONTENT
         self._think_allowed = not starts_in_reasoning  # `<think>` may still open a block
@@ -180,6 +204,8 @@ class ChatOutputParser:
             return
         if self._state is _State.TOOL_CALL:
             self._call_body += text
+            if self._stream_arguments:
+                self._stream_call()
         elif self._state is _State.REASONING:
             self._out.reasoning += self._strip_skipped_newlines(text)
         else:
@@ -227,10 +253,48 @@ class ChatOutputParser:
             self._out.content += body
             self._content_emitted = True
 
+    def _stream_call(self) -> None:
+        call = self._streamed
+        if call is None:
+            head = _CALL_HEAD.match(self._call_body)
+            if head is None:
+                return
+            try:
+                name = json.loads('"' + head.group(1) + '"')
+            except ValueError:
+                return
+            if not name:
+                return
+            call = self._streamed = _StreamedCall(self._call_count, JsonRewriter(), head.end())
+            self._call_count += 1
+            self._out.tool_calls.append(
+                ToolCallDelta(index=call.index, id=new_tool_call_id(), name=name, type="function")
+            )
+        fragment = call.rewriter.feed(self._call_body[call.fed :])
+        call.fed = len(self._call_body)
+        if fragment:
+            call.sent += fragment
+            self._out.tool_calls.append(ToolCallDelta(index=call.index, arguments=fragment))
+
     def _close_tool_call(self, terminated: bool) -> None:
         self._state = _State.CONTENT
         body, self._call_body = self._call_body, ""
         parsed = _parse_tool_call_body(body, self._param_types)
+        call, self._streamed = self._streamed, None
+        if call is not None:  # announced already: send what the arguments still lack
+            self._pending_ws = ""
+            self._drop_leading_ws = True
+            final = parsed[1] if parsed is not None else None
+            if final is not None and final.startswith(call.sent):
+                if final[len(call.sent) :]:
+                    self._out.tool_calls.append(
+                        ToolCallDelta(index=call.index, arguments=final[len(call.sent) :])
+                    )
+            else:
+                logger.warning(
+                    "a streamed tool call ended unlike it began; its arguments stay as sent: %.200r", body
+                )
+            return
         if parsed is None:
             block = TOOL_CALL_START + body + (TOOL_CALL_END if terminated else "")
             logger.warning("malformed tool call returned as content: %.200r", block)

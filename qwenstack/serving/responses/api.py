@@ -89,6 +89,9 @@ def _input_items(request: ResponsesRequest) -> list[dict[str, Any]]:
                 "mcp_approval_response": "mcpa", "mcp_call": "mcp", "mcp_list_tools": "mcpl"}
     for item in items:
         item.setdefault("type", "message")
+        if item["type"] == "message" and isinstance(item.get("content"), str):  # stored (and listed) as OpenAI does
+            part = "output_text" if item.get("role") == "assistant" else "input_text"
+            item["content"] = [{"type": part, "text": item["content"]}]
         if not item.get("id"):
             item["id"] = new_id(prefixes.get(item["type"], "item"))
     return items

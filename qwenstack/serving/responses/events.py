@@ -106,16 +106,27 @@ class OutputBuilder:
     def done_item(self, index: int) -> list[Event]:
         return [{"type": "response.output_item.done", "output_index": index, "item": _copy(self.output[index])}]
 
+    def function_call_started(self, call_id: str, name: str) -> tuple[int, list[Event]]:
+        """A client function call the model has begun: its arguments follow (function_call_arguments)."""
+        return self.add_item({"id": new_id("fc"), "type": "function_call", "call_id": call_id, "name": name,
+                              "arguments": "", "status": "in_progress"})
+
+    def function_call_arguments(self, index: int, delta: str) -> list[Event]:
+        item = self.output[index]
+        item["arguments"] += delta
+        return [{"type": "response.function_call_arguments.delta", "item_id": item["id"], "output_index": index,
+                 "delta": delta}]
+
+    def function_call_done(self, index: int, status: str = "completed") -> list[Event]:
+        item = self.output[index]
+        item["status"] = status
+        return [{"type": "response.function_call_arguments.done", "item_id": item["id"], "output_index": index,
+                 "name": item["name"], "arguments": item["arguments"]}] + self.done_item(index)
+
     def function_call(self, call_id: str, name: str, arguments: str) -> list[Event]:
-        item = {"id": new_id("fc"), "type": "function_call", "call_id": call_id, "name": name, "arguments": "",
-                "status": "in_progress"}
-        index, events = self.add_item(item)
-        base = {"item_id": item["id"], "output_index": index}
-        item["arguments"] = arguments
-        item["status"] = "completed"
-        events.append({"type": "response.function_call_arguments.delta", **base, "delta": arguments})
-        events.append({"type": "response.function_call_arguments.done", **base, "name": name, "arguments": arguments})
-        return events + self.done_item(index)
+        """A whole client function call (one arguments delta)."""
+        index, events = self.function_call_started(call_id, name)
+        return events + self.function_call_arguments(index, arguments) + self.function_call_done(index)
 
     def mcp_call_started(self, label: str, name: str, arguments: str,
                          approval_request_id: str | None = None) -> tuple[int, list[Event]]:

@@ -9,8 +9,15 @@ Decisions:
   (template, thinking switch and budget, tool grammars, json_schema) -> the engine -> the chat parser.
 - A turn that calls MCP tools runs them (unless they need approval) and loops; one that calls a client
   function ends the response with the `function_call` items. After `mcp_max_steps` tool turns (or once
-  `max_tool_calls` MCP calls ran) the next turn gets no tools, so the model has to answer; a call past
-  `max_tool_calls` in the same turn gets an error result instead of running.
+  `max_tool_calls` MCP calls ran) the next turn is offered no MCP tools, so the model should answer; if it
+  still calls one, the call is an `mcp_call` item with an error saying it was not run, and the response ends
+  `incomplete` with `incomplete_details.reason` "max_tool_steps" (or "max_tool_calls"): a model stuck in a
+  loop never runs the server's tools without bound. A call past `max_tool_calls` within a turn gets an error
+  result instead of running (and the model reads it).
+- A client function call is streamed while the model writes it (the chat parser's `stream_arguments`): its
+  item is added once the name is known and `function_call_arguments.delta` events follow as the arguments
+  grow. MCP calls are run after the turn, so their items come whole then, and so do client calls the model
+  wrote after an MCP call (output items keep the model's order).
 - `tool_choice` required or named forces the first model turn only (later turns answer the tools' results).
 - Usage adds up every turn: input tokens are each turn's prompt (cached ones counted apart), reasoning tokens
   those of the think blocks.
@@ -19,13 +26,13 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 from pydantic import TypeAdapter
 
-from qwenstack.serving.chat import attach_images, plan_chat, reasoning_token_count
+from qwenstack.serving.chat import attach_media, plan_chat, reasoning_token_count
 from qwenstack.serving.errors import APIError
-from qwenstack.serving.parsers import ParsedDelta
+from qwenstack.serving.parsers import ChatOutputParser, ParsedDelta
 from qwenstack.serving.responses import mcp_tools
 from qwenstack.serving.responses.events import Event, OutputBuilder, new_id
 from qwenstack.serving.responses.protocol import InputItem, ResponsesRequest
@@ -165,23 +172,27 @@ async def execute(run: ResponseRun) -> AsyncIterator[Event]:
     steps = 0
     limit = run.request.max_tool_calls
     while True:
-        last_turn = steps >= run.max_steps or (limit is not None and run.tool_calls_made >= limit)
-        tools = [] if last_turn else client_tools + [mcp_tools.chat_tool(t) for _, t in mcp_map.values()]
+        by_calls = limit is not None and run.tool_calls_made >= limit
+        limited = steps >= run.max_steps or by_calls
+        # Past a limit the MCP tools are no longer offered (client functions end the response, so they stay).
+        tools = client_tools + ([] if limited else [mcp_tools.chat_tool(t) for _, t in mcp_map.values()])
         calls = []
-        async for event in _model_turn(run, tools, calls, first=steps == 0):
+        async for event in _model_turn(run, tools, calls, first=steps == 0, parse_calls=limited,
+                                       client_call=lambda name: name not in mcp_map):
             yield event
         if run.incomplete_reason is not None or not calls:
             break
-        ran_mcp = asked = client_call = False
+        ran_mcp = asked = client_call = refused = False
         for call in calls:
             name, arguments = call["name"], call["arguments"]
             if name not in mcp_map:
                 client_call = True
-                for event in b.function_call(call["id"], name, arguments):
-                    yield event
+                if call["item"] is None:  # not streamed (it followed an MCP call): whole, in the model's order
+                    for event in b.function_call(call["id"], name, arguments):
+                        yield event
                 continue
             target, _ = mcp_map[name]
-            if target.spec is not None and target.spec.needs_approval(name):
+            if not limited and target.spec is not None and target.spec.needs_approval(name):
                 asked = True
                 index, events = b.add_item({"id": new_id("mcpr"), "type": "mcp_approval_request",
                                             "server_label": target.label, "name": name, "arguments": arguments})
@@ -191,7 +202,10 @@ async def execute(run: ResponseRun) -> AsyncIterator[Event]:
             index, events = b.mcp_call_started(target.label, name, arguments)
             for event in events:
                 yield event
-            if limit is not None and run.tool_calls_made >= limit:
+            if limited:  # the model insists after the limit: the call is shown, not run, and the response stops
+                refused = True
+                output, error = None, mcp_tools.protocol_error(_limit_text(run, by_calls))
+            elif limit is not None and run.tool_calls_made >= limit:
                 output, error = None, mcp_tools.protocol_error(f"not run: this response's max_tool_calls ({limit}) "
                                                                "is reached")
             else:
@@ -199,10 +213,20 @@ async def execute(run: ResponseRun) -> AsyncIterator[Event]:
             for event in b.mcp_call_finished(index, output, error):
                 yield event
             ran_mcp = True
+        if refused:
+            run.incomplete_reason = "max_tool_calls" if by_calls else "max_tool_steps"
+            break
         if client_call or asked or not ran_mcp:
             break
         steps += 1
     run.status = "incomplete" if run.incomplete_reason else "completed"
+
+
+def _limit_text(run: ResponseRun, by_calls: bool) -> str:
+    if by_calls:
+        return f"not run: this response's max_tool_calls ({run.request.max_tool_calls}) is reached"
+    return (f"not run: the server's limit of {run.max_steps} model turns with tool calls per response is reached "
+            "(continue with previous_response_id to go on)")
 
 
 async def _call(run: ResponseRun, target: mcp_tools.McpTarget, name: str,
@@ -215,9 +239,12 @@ async def _call(run: ResponseRun, target: mcp_tools.McpTarget, name: str,
     return await mcp_tools.call_tool(target, name, args, run.mcp_timeout_s)
 
 
-async def _model_turn(run: ResponseRun, tools: list[dict[str, Any]], calls: list[dict[str, Any]],
-                      first: bool) -> AsyncIterator[Event]:
-    """One generation: streams reasoning and text events; fills `calls` with the parsed tool calls."""
+async def _model_turn(run: ResponseRun, tools: list[dict[str, Any]], calls: list[dict[str, Any]], first: bool,
+                      parse_calls: bool, client_call: Callable[[str], bool]) -> AsyncIterator[Event]:
+    """One generation: streams reasoning and text events, and the calls for which `client_call(name)` holds as
+    function_call items with their arguments as the model writes them (up to the first other call, so that items
+    keep the model's order once the other calls run after the turn); fills `calls` with every parsed tool call
+    (with `parse_calls`, also when no tool is offered: a model that still calls one must not leak the markup)."""
     state, served, b = run.state, run.served, run.builder
     limit = run.request.max_output_tokens
     remaining = None if limit is None else limit - run.usage.output_tokens
@@ -231,13 +258,15 @@ async def _model_turn(run: ResponseRun, tools: list[dict[str, Any]], calls: list
         request = request.model_copy(update={"tool_choice": None})  # the forced call was the first turn's
     plan = plan_chat(served, chat_request(request, messages, tools, remaining), state)
     plan.params.n = 1
-    await attach_images(plan, state)
+    await attach_media(plan, state)
     stream = served.engine.generate(plan.prompt_ids, plan.params, request_id=new_id(run.id), prompt=plan.prompt,
                                     **({"multimodal": plan.multimodal} if plan.multimodal else {}))
     tracker = state.metrics.track(served.name, time.monotonic())
     outputs = OutputStream(await first_output(stream, state.config.retry_after_s), stream)
-    parser = plan.parser()
+    parser = ChatOutputParser(starts_in_reasoning=plan.starts_in_reasoning, tool_schemas=plan.tool_schemas,
+                              tools_enabled=plan.tools_enabled or parse_calls, stream_arguments=True)
     found: dict[int, dict[str, Any]] = {}
+    streaming = True  # client function calls are streamed until another kind of call comes
     final = None
     try:
         async for out in outputs:
@@ -251,8 +280,20 @@ async def _model_turn(run: ResponseRun, tools: list[dict[str, Any]], calls: list
             for event in b.reasoning(parsed.reasoning) + b.text(parsed.content):
                 yield event
             for delta in parsed.tool_calls:
-                call = found.setdefault(delta.index, {"id": delta.id, "name": delta.name, "arguments": ""})
+                if plan.max_calls is not None and delta.index >= plan.max_calls:
+                    continue  # parallel_tool_calls=false: the first call only
+                call = found.get(delta.index)
+                if call is None:
+                    call = found[delta.index] = {"id": delta.id, "name": delta.name, "arguments": "", "item": None}
+                    streaming = streaming and client_call(delta.name)
+                    if streaming:
+                        call["item"], events = b.function_call_started(delta.id, delta.name)
+                        for event in events:
+                            yield event
                 call["arguments"] += delta.arguments
+                if call["item"] is not None and delta.arguments:
+                    for event in b.function_call_arguments(call["item"], delta.arguments):
+                        yield event
             if out.finished:
                 tracker.on_finished(out)
                 final = out
@@ -263,12 +304,16 @@ async def _model_turn(run: ResponseRun, tools: list[dict[str, Any]], calls: list
         yield event
     assert final is not None
     comp = final.outputs[0]
+    for call in found.values():
+        if call["item"] is not None:  # cut off by max_output_tokens: the arguments may be unfinished
+            for event in b.function_call_done(call["item"], "incomplete" if comp.finish_reason == "length"
+                                              else "completed"):
+                yield event
     run.usage.input_tokens += len(plan.prompt_ids)
     run.usage.cached_tokens += final.metrics.num_cached_tokens
     run.usage.output_tokens += len(comp.token_ids)
     run.usage.reasoning_tokens += reasoning_token_count(plan, comp.token_ids)
-    ordered = [found[i] for i in sorted(found)]
-    calls += ordered[: plan.max_calls] if plan.max_calls is not None else ordered
+    calls += [found[i] for i in sorted(found)]
     if comp.finish_reason == "length":
         run.incomplete_reason = "max_output_tokens"
 
