@@ -42,6 +42,7 @@ class ServedModel:
     image_processor: Any = None  # ImageProcessor of a vision-language model (preprocessor_config.json)
     video_processor: Any = None  # VideoProcessor of a model that takes video (serving/videos.py)
     asr: Any = None  # AsrPrompter of a model with an audio encoder (serving/audio.py)
+    speech_stage: Any = None  # a Qwen3-Omni model's batched Talker loop (audio/omni_speech.py talker_stage)
 
     @cached_property
     def special_token_text(self) -> SpecialTokenText:
@@ -95,6 +96,12 @@ def serving_config(hf_config: dict[str, Any], tokenizer: Any) -> dict[str, Any]:
     return flat
 
 
+# Talker KV positions of a served Omni model: each spoken answer reserves its prompt plus its frame limit
+# (max_speech_seconds / 0.08 s), so 16K holds four 5-minute answers at once, or many short ones; the rest wait.
+# About 320 MB in bf16 for the released Talker (20 layers, 2 KV heads of 128).
+TALKER_KV_POSITIONS = 16384
+
+
 def build_served_model(name: str, model: Any, tokenizer: Tokenizer, engine_config: EngineConfig,
                        hf_config: dict[str, Any] | None = None, model_dir: Path | None = None,
                        replicas: list[LLMEngine] | None = None) -> ServedModel:
@@ -117,8 +124,14 @@ def build_served_model(name: str, model: Any, tokenizer: Tokenizer, engine_confi
         served_engine = ReplicatedEngine([served_engine] + [AsyncEngine(e, name=f"{name}-dp{i}")
                                                             for i, e in enumerate(engines[1:], start=1)],
                                          engine.config.block_size)
+    stage = None
+    if getattr(model, "has_talker", False):
+        from qwenstack.audio.omni_speech import talker_stage
+
+        stage = talker_stage(model, TALKER_KV_POSITIONS)
     return ServedModel(name, served_engine, tokenizer, engine.max_model_len, dict(hf_config or {}),
-                       generation_defaults(model_dir), image_processor=processor, video_processor=video, asr=asr)
+                       generation_defaults(model_dir), image_processor=processor, video_processor=video, asr=asr,
+                       speech_stage=stage)
 
 
 def load_served_model(spec: ModelSpec, kv_cache_memory: int) -> ServedModel:
