@@ -80,7 +80,16 @@ class ServedModel:
             caps.append("vision")
         if "audio_config" in self.hf_config or "audio_config" in thinker:
             caps.append("audio")
+        if self.speech_stage is not None:
+            caps.append("audio_output")  # answers aloud (modalities ["text", "audio"]): the page's voice mode
         return caps
+
+    @property
+    def voices(self) -> list[str] | None:
+        """The voices a spoken answer may ask for (Qwen3-Omni's Talker speakers); None for other models."""
+        if self.speech_stage is None:
+            return None
+        return self.speech_stage.engine.model.args.talker.voices
 
 
 def serving_config(hf_config: dict[str, Any], tokenizer: Any) -> dict[str, Any]:
