@@ -6,14 +6,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
 import pytest
 import soundfile
 import torch
 
 from asr_checkpoints import speechlike
-from browser import BROWSER_TESTS, CHROMIUM, CHROMIUM_ARGS, page_expect, screenshot
+from browser import BROWSER_TESTS, microphone_page, page_expect, screenshot
 from server_utils import BackgroundServer
 from qwenstack.engine.engine import EngineConfig
 from qwenstack.models.registry import load_model
@@ -46,14 +46,7 @@ def test_voice_mode_records_sends_and_plays_the_streamed_answer(server: Backgrou
     wav = tmp_path / "mic.wav"
     soundfile.write(str(wav), speechlike(3.0, seed=4, rate=48000), 48000, subtype="PCM_16")
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS + [
-            "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
-            f"--use-file-for-fake-audio-capture={wav}%noloop", "--autoplay-policy=no-user-gesture-required"])
-        context = browser.new_context()
-        context.grant_permissions(["microphone"], origin=server.url)
-        page = context.new_page()
-        errors: list[Any] = []
-        page.on("pageerror", lambda exc: errors.append(str(exc)))
+        browser, page, errors = microphone_page(p, server.url, wav)
         page.goto(server.url + "/")
         expect(page.locator('[data-testid="app"][data-ready="true"]')).to_be_attached()
         page.get_by_test_id("voice-button").click()

@@ -7,40 +7,9 @@
 import { apiFetch, httpErrorText } from "./api.js";
 import { blobDataURL, startRecording } from "./recorder.js";
 import { errorText, readSSE } from "./sse.js";
+import { pcm16Samples, player } from "./playback.js";
 
 const $ = (testid, root = document) => root.querySelector(`[data-testid="${testid}"]`);
-const RATE = 24000;
-
-function pcm16Samples(b64) {
-  const raw = atob(b64);
-  const out = new Float32Array(raw.length >> 1);
-  for (let i = 0; i < out.length; i++) {
-    const v = raw.charCodeAt(2 * i) | (raw.charCodeAt(2 * i + 1) << 8);
-    out[i] = (v >= 0x8000 ? v - 0x10000 : v) / 32768;
-  }
-  return out;
-}
-
-// Plays chunks back to back from the moment the first arrives.
-function player() {
-  const context = new AudioContext({ sampleRate: RATE });
-  let at = 0;
-  return {
-    context,
-    play(samples) {
-      const buffer = context.createBuffer(1, samples.length, RATE);
-      buffer.copyToChannel(samples, 0);
-      const node = context.createBufferSource();
-      node.buffer = buffer;
-      node.connect(context.destination);
-      at = Math.max(at, context.currentTime);
-      node.start(at);
-      at += buffer.duration;
-      return buffer.duration;
-    },
-    remaining: () => Math.max(0, at - context.currentTime),
-  };
-}
 
 export function setupVoice({ speakingModels }) {
   const panel = $("voice-panel");
@@ -144,7 +113,7 @@ export function setupVoice({ speakingModels }) {
     recording = null;
     talk.textContent = "Talk";
     talk.setAttribute("aria-pressed", "false");
-    turn("user", `🎤 ${seconds.toFixed(1)} s`);
+    turn("user", `You: ${seconds.toFixed(1)} s of audio`);
     say("Thinking…");
     const data = (await blobDataURL(blob)).split(",", 2)[1];
     await answer({ type: "input_audio", input_audio: { data, format: "wav" } }, out);
