@@ -15,4 +15,4 @@ python benchmarks/bench_quant.py "$B/qwen3-30b-a3b-4l" --name qwen3-30b-a3b-4l -
 python benchmarks/bench_agreement.py
 python benchmarks/bench_next.py "$B/qwen3-next-80b-a3b-4l"
 python benchmarks/bench_server.py "$B/qwen3-0.6b"
-python benchmarks/bench_omni.py --tokens 16 --frames 40 --rounds 5
+python benchmarks/bench_omni.py --tokens 64 --frames 80 --rounds 3 --concurrency 4

@@ -113,3 +113,17 @@ class ServerThread:
         self.server.should_exit = True
         self._thread.join(timeout=10)
         self._sock.close()
+
+
+def microphone_page(playwright: Any, origin: str, wav: Path) -> tuple[Any, Any, list[str]]:
+    """Chromium whose microphone plays `wav` once (fake capture, permission granted for `origin`) and may play
+    audio without a gesture: (browser, page, the page's JavaScript errors as they happen)."""
+    browser = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS + [
+        "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
+        f"--use-file-for-fake-audio-capture={wav}%noloop", "--autoplay-policy=no-user-gesture-required"])
+    context = browser.new_context()
+    context.grant_permissions(["microphone"], origin=origin)
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    return browser, page, errors

@@ -26,3 +26,12 @@ def tiny_qwen3(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_qwen3_moe(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_hf_checkpoint(tmp_path_factory.mktemp("qwen3_moe"), "qwen3_moe", moe_config())
+
+
+@pytest.fixture(scope="session")
+def native_omni(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The random Qwen3-Omni Instruct checkpoint of the server, Talker-batch and voice-mode tests (built once:
+    it takes a good part of a minute on shared cores). Its Talker never says EOS on their short prompts."""
+    from omni_checkpoints import build_native_omni_checkpoint
+
+    return build_native_omni_checkpoint(tmp_path_factory.mktemp("omni"), seed=5)

@@ -11,8 +11,12 @@ from __future__ import annotations
 import base64
 import io
 import json
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Iterator
 
+import httpx
 import numpy as np
 import openai
 import pytest
@@ -21,12 +25,11 @@ import torch
 from openai.types.chat import ChatCompletion
 
 from asr_checkpoints import speechlike, wav_bytes
-from omni_checkpoints import build_native_omni_checkpoint
-from server_utils import BackgroundServer
+from server_utils import BackgroundServer, wait_idle
 from vl_checkpoints import data_url, noise_image
 from qwenstack.audio.omni_speech import AnswerSpeech
 from qwenstack.engine.engine import EngineConfig
-from qwenstack.models.qwen3_omni_moe_talker import TalkerStream
+from qwenstack.models.qwen3_omni_moe_talker import SpokenAnswer
 from qwenstack.models.registry import load_model
 from qwenstack.serving.app import create_app
 from qwenstack.serving.config import ServerConfig
@@ -42,8 +45,8 @@ AUDIO = {"voice": "Ethan", "format": "pcm16"}
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BackgroundServer]:
-    path = build_native_omni_checkpoint(tmp_path_factory.mktemp("omni"), seed=5)
+def server(native_omni: Path) -> Iterator[BackgroundServer]:
+    path = native_omni
     served = build_served_model("omni", load_model(path, dtype=torch.float32), Tokenizer.from_dir(path),
                                 EngineConfig(block_size=8, kv_cache_memory=2**24),
                                 hf_config=json.loads((path / "config.json").read_text()), model_dir=path)
@@ -168,7 +171,7 @@ def test_text_only_request_never_builds_a_talker(client: openai.OpenAI, monkeypa
         raise AssertionError("a speech session was built for a text-only request")
 
     monkeypatch.setattr(AnswerSpeech, "__init__", refuse)
-    monkeypatch.setattr(TalkerStream, "__init__", refuse)
+    monkeypatch.setattr(SpokenAnswer, "__init__", refuse)
     for modalities in (openai.NOT_GIVEN, ["text"]):
         out = client.chat.completions.create(model="omni", messages=[{"role": "user", "content": "Hi"}],
                                              max_tokens=4, modalities=modalities, temperature=0)
@@ -207,3 +210,45 @@ def test_audio_from_a_model_without_talker_is_400() -> None:
     assert err.value.status == 400 and err.value.param == "modalities"
     text_only = request.model_copy(update={"modalities": ["text"]})
     assert start_audio(served, text_only, [1, 2], None, ServerConfig()) is None
+
+
+def test_concurrent_spoken_answers_equal_each_alone(client: openai.OpenAI) -> None:
+    """Three spoken replies at once (greedy and seeded) share the model's one batched Talker stage and each
+    gets the audio it gets alone."""
+    asks = [("Say one thing.", {}), ("Say another.", {"temperature": 0.8, "seed": 3}),
+            ("And a third.", {"temperature": 0.8, "seed": 4})]
+
+    def ask(text: str, extra: dict) -> tuple[str, np.ndarray]:
+        kwargs = {"temperature": 0, **extra}
+        out = client.chat.completions.create(model="omni", messages=[{"role": "user", "content": text}],
+                                             modalities=["text", "audio"], audio=AUDIO, max_tokens=8, **kwargs)
+        audio = out.choices[0].message.audio
+        return audio.transcript, _samples(base64.b64decode(audio.data))
+
+    alone = [ask(text, extra) for text, extra in asks]
+    with ThreadPoolExecutor(3) as pool:
+        together = list(pool.map(lambda a: ask(*a), asks))
+    for (t1, s1), (t2, s2) in zip(alone, together):
+        assert t1 == t2 and s1.size == s2.size > 0
+        np.testing.assert_allclose(s2, s1, atol=1.5 / 32767)  # pcm16 rounding
+    assert not np.array_equal(together[1][1], together[2][1])  # the seeds differ
+
+
+def test_cancelled_stream_frees_the_talker(server: BackgroundServer) -> None:
+    """A client that leaves mid-answer: the Thinker request is aborted and the Talker stage drops its answer
+    and frees its KV blocks."""
+    stage = server.served.speech_stage  # type: ignore[attr-defined]
+    talker = stage.engine
+    total = talker.blocks.num_blocks
+    body = {"model": "omni", "messages": [{"role": "user", "content": "Talk for a long time."}], "stream": True,
+            "modalities": ["text", "audio"], "audio": AUDIO, "max_tokens": 30, "temperature": 0}
+    with httpx.Client(timeout=60) as http, http.stream("POST", server.url + "/v1/chat/completions", json=body) as r:
+        for line in r.iter_lines():
+            if '"data"' in line and '"audio"' in line:  # the first audio chunk: the Talker holds blocks now
+                break
+        assert talker.blocks.num_free_blocks < total or talker.running
+    assert wait_idle(server.served.engine.engine)  # type: ignore[attr-defined]
+    deadline = time.monotonic() + 20
+    while (talker.running or talker.waiting or talker.blocks.num_free_blocks < total) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not talker.running and not talker.waiting and talker.blocks.num_free_blocks == total

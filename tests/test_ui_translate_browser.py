@@ -5,14 +5,14 @@ carries it)."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
 import re
 
 import pytest
 import soundfile
 
-from browser import BROWSER_TESTS, CHROMIUM, CHROMIUM_ARGS
+from browser import BROWSER_TESTS, microphone_page
 from server_utils import BackgroundServer
 from translate_fixtures import TRANSCRIPT, build_parts, build_pipeline, spoken_clip
 from qwenstack.serving.app import create_app
@@ -42,14 +42,7 @@ def test_live_translate_view_with_a_wav_as_microphone(server: BackgroundServer, 
     wav = tmp_path / "mic.wav"
     soundfile.write(str(wav), samples, 48000, subtype="PCM_16")
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS + [
-            "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
-            f"--use-file-for-fake-audio-capture={wav}%noloop", "--autoplay-policy=no-user-gesture-required"])
-        context = browser.new_context()
-        context.grant_permissions(["microphone"], origin=server.url)
-        page = context.new_page()
-        errors: list[Any] = []
-        page.on("pageerror", lambda exc: errors.append(str(exc)))
+        browser, page, errors = microphone_page(p, server.url, wav)
         page.add_init_script(f"localStorage.setItem('qwenstack.apiKey', '{KEY}')")
         page.goto(server.url + "/")
         expect(page.locator('[data-testid="app"][data-ready="true"]')).to_be_attached(timeout=30_000)

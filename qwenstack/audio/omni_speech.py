@@ -23,19 +23,27 @@ Decisions:
   needs ~4 frames (0.3 s) per token. A cut answer's `finish_reason` is "length".
 - Frames go to Code2Wav's exact stream in chunks (`first_chunk_frames` for a fast first packet, then
   `chunk_frames`); the samples streamed equal the one-shot decode of all frames.
+- The Talker runs in a speech stage shared by every spoken answer of a model: Qwen3-TTS's batched loop
+  (tts/engine.py SpeechService, one thread; the server makes one per Omni model), so several conversations'
+  Talker steps go in one batched forward, with paged KV freed when an answer ends or is closed. `feed` hands
+  the stage the new tokens and waits until this answer's Talker has gone as far as its text allows (the audio
+  it made rides along with the text delta that caused it); other answers' steps share those forwards. With no
+  stage given, a private one is stepped in the caller's thread (InlineSpeechStage).
 - Not thread-safe: one caller feeds it (the server runs it in a worker thread, off the event loop).
 """
 from __future__ import annotations
 
 import math
+import uuid
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
 import torch
 
 from qwenstack.models.qwen3_omni_moe_talker import (
-    TalkerPrompt, TalkerSampling, TalkerStream, build_talker_prompt, talker_text_row,
+    SpokenAnswer, TalkerSampling, build_talker_prompt, speech_params, talker_text_rows,
 )
+from qwenstack.tts.engine import InlineSpeechStage, SpeechEngine, SpeechRequest, SpeechService
 from qwenstack.multimodal.inputs import (
     AudioPlacement, EncodedImage, EncoderCache, MultimodalBatch, MultimodalPlan, first_encoder_row, placed_input,
 )
@@ -98,23 +106,41 @@ def prompt_states(model: Any, prompt_ids: Sequence[int], plan: MultimodalPlan | 
     return model.thinker_states(ids, plan.positions.to(weight.device), batch, layer)
 
 
+def answer_request(model: Any, request_id: str, prompt_ids: Sequence[int], plan: MultimodalPlan | None, voice: str,
+                   tokens: Sequence[int], eos: Sequence[int], sampling: TalkerSampling, chunking: SpeechChunking,
+                   text_done: bool = False, encoder_cache: EncoderCache | None = None) -> SpeechRequest:
+    """The speech loop's request for one answer whose first two tokens (of `tokens`: the prompt's after its
+    assistant head, then the answer's) are known. Blocking: runs the Talker prompt's Thinker pass."""
+    with torch.inference_mode():
+        embeds, hidden = prompt_states(model, prompt_ids, plan, encoder_cache)
+        placements = plan.placements if plan is not None else ()
+        prompt = build_talker_prompt(model, prompt_ids, tokens[0], voice, embeds, hidden, placements)
+    answer = SpokenAnswer(prompt, tokens, eos, lambda ids: talker_text_rows(model, ids))
+    if text_done:
+        answer.end_text()
+    return SpeechRequest(request_id, answer, speech_params(sampling, chunking.first_chunk_frames, chunking.chunk_frames))
+
+
 class AnswerSpeech:
-    """Feed it the answer's tokens as they come (`feed`), then `finish`; both return new audio samples."""
+    """Feed it the answer's tokens as they come (`feed`), then `finish`; both return new audio samples.
+    `close` withdraws it from the stage (a cancelled request) and frees its Talker KV."""
 
     def __init__(self, model: Any, prompt_ids: Sequence[int], plan: MultimodalPlan | None, voice: str,
                  eos_token_ids: Sequence[int], sampling: TalkerSampling | None = None,
                  chunking: SpeechChunking | None = None, limits: SpeechLimits | None = None,
-                 encoder_cache: EncoderCache | None = None) -> None:
+                 encoder_cache: EncoderCache | None = None, stage: Any = None) -> None:
         """limits None: the Talker stops at its EOS or sampling.max_frames only, as in transformers.
-        encoder_cache: the engine's, so images and clips the prefill encoded are not encoded again."""
+        encoder_cache: the engine's, so images and clips the prefill encoded are not encoded again.
+        stage: a SpeechService over this model's Talker, shared with other answers; None: a private one."""
         if not getattr(model, "has_talker", False):
             raise ValueError("this model has no Talker (enable_audio_output is false)")
         self.model, self.prompt_ids, self.plan, self.voice = model, list(prompt_ids), plan, voice
-        self.eos = set(eos_token_ids)
+        self.eos = list(eos_token_ids)
         self.sampling = sampling or TalkerSampling()
         self.chunking = chunking or SpeechChunking()
         self.limits = limits
         self.encoder_cache = encoder_cache
+        self.stage = stage
         # Everything after the last assistant head is spoken: prompt tokens there (an empty think block a
         # template adds) come first, as transformers' assistant part starts at that head.
         args = model.args
@@ -122,101 +148,82 @@ class AnswerSpeech:
         heads = [i for i in range(len(ids) - 1) if ids[i] == args.im_start_token_id and ids[i + 1] == args.assistant_token_id]
         self.tokens: list[int] = list(ids[heads[-1] + 3:]) if heads else []
         self.thinker_done = False
-        self.talker: TalkerStream | None = None
-        self.prompt: TalkerPrompt | None = None
-        self.states = None
-        self.codec = model.code2wav.stream()
-        self.pending: list[torch.Tensor] = []  # frames not yet decoded
+        self.request_id = f"omni-speech-{uuid.uuid4().hex}"
+        self.sink: Any = None  # the stage's handle of our request, once submitted
         self.frames: list[torch.Tensor] = []
-        self.emitted_frames = 0
+        self.finish_reason: str | None = None  # "stop" (the Talker's EOS), "length" (a limit), None while it speaks
+        self.ended = False
 
-    @torch.inference_mode()
-    def _check_prompt(self) -> None:
-        if self.states is None:
-            self.states = prompt_states(self.model, self.prompt_ids, self.plan, self.encoder_cache)
-
-    def _row(self, step: int) -> torch.Tensor | None:
-        """The text row of Talker step `step`, or None while it is not yet known."""
-        assert self.prompt is not None
-        nxt, n = step + 1, len(self.tokens)  # the answer token this step speaks
-        if nxt < n and self.tokens[nxt] in self.eos:
-            return self.prompt.tts_eos  # an end token is always the last one
-        if nxt < n - 1:
-            return talker_text_row(self.model, self.tokens[nxt])  # another token follows: not the last
-        if not self.thinker_done:
-            return None
-        # The answer ended: its last token is never fed to the Thinker, tts_eos takes its place, then tts_pad.
-        return self.prompt.tts_eos if nxt == n - 1 else self.prompt.tts_pad
+    def _start(self) -> bool:
+        """Submits the Talker prompt once the answer's second token is known; False while it cannot start."""
+        if self.sink is not None:
+            return True
+        # The prompt needs the second token, which tells whether the first is also the last; an answer of a
+        # single token (max_tokens 1) is therefore not spoken.
+        if len(self.tokens) < 2:
+            return False
+        request = answer_request(self.model, self.request_id, self.prompt_ids, self.plan, self.voice, self.tokens,
+                                 self.eos, self.sampling, self.chunking, self.thinker_done, self.encoder_cache)
+        request.params.max_frames = self._frame_limit()
+        request.report_idle = True
+        if self.stage is None:
+            blocks = -(-(request.prompt.prefill.shape[0] + request.params.max_frames + 1) // PRIVATE_BLOCK)
+            self.stage = InlineSpeechStage(SpeechEngine(self.model, self.model.code2wav, kv_blocks=blocks,
+                                                        block_size=PRIVATE_BLOCK, max_batch=1))
+        self.sink = self.stage.submit(request)
+        return True
 
     def _frame_limit(self) -> int:
-        """Frames this answer may still reach: unbounded by the text until the text is complete."""
+        """Frames this answer may reach: unbounded by the text until the text is complete."""
         if self.limits is None or not self.thinker_done:
             return self.sampling.max_frames
         spoken = sum(t not in self.eos for t in self.tokens)
         return min(self.sampling.max_frames, self.limits.frames(spoken))
 
-    @property
-    def finish_reason(self) -> str | None:
-        """"stop" (the Talker's EOS), "length" (a limit), None while it speaks."""
-        return self.talker.finish_reason if self.talker is not None else None
-
-    def _advance(self) -> torch.Tensor:
-        return torch.cat([torch.zeros(0), *self._chunks()])
-
-    @torch.inference_mode()
-    def _chunks(self) -> Iterator[torch.Tensor]:
-        """Steps the Talker as far as the text allows, yielding each chunk of samples as soon as it is decoded."""
-        if self.talker is None:
-            # The prompt needs the second token, which tells whether the first is also the last; an answer
-            # of a single token (max_tokens 1) is therefore not spoken.
-            if len(self.tokens) < 2:
-                return
-            self._check_prompt()
-            assert self.states is not None
-            embeds, hidden = self.states
-            placements = self.plan.placements if self.plan is not None else ()
-            self.prompt = build_talker_prompt(self.model, self.prompt_ids, self.tokens[0], self.voice, embeds,
-                                              hidden, placements)
-            self.talker = TalkerStream(self.model.talker, self.prompt, self.sampling)
-            self.talker.start()
-        while not self.talker.finished:
-            if len(self.talker.frames) >= self._frame_limit():
-                self.talker.stop("length")
-                break
-            row = self._row(len(self.talker.frames))
-            if row is None:
-                break
-            frame = self.talker.step(row)
-            self.pending.append(frame)
-            self.frames.append(frame)
-            if (out := self._decode(final=False)).numel():
-                yield out
-        if (out := self._decode(final=self.talker.finished)).numel():
-            yield out
-
-    def _decode(self, final: bool) -> torch.Tensor:
-        want = self.chunking.first_chunk_frames if self.emitted_frames == 0 else self.chunking.chunk_frames
-        if not self.pending or (len(self.pending) < want and not final):
-            return torch.zeros(0)
-        frames = torch.stack(self.pending)
-        self.pending = []
-        self.emitted_frames += frames.shape[0]
-        return self.codec.push(frames)
+    def _chunks(self, change: Any) -> Iterator[torch.Tensor]:
+        """Applies `change` to our request on the stage's thread, then yields the samples of each chunk the
+        Talker makes until it waits for more text or ends."""
+        if self.ended:
+            return
+        fresh = self.sink is None
+        if not self._start():
+            return
+        if not fresh:
+            self.stage.update(self.request_id, change)
+        for chunk in self.stage.until_idle(self.sink):
+            if chunk.frames.numel():
+                self.frames.extend(chunk.frames.unbind(0))
+            if chunk.finished:
+                self.ended, self.finish_reason = True, chunk.finish_reason
+            if chunk.samples.numel():
+                yield chunk.samples
 
     def feed(self, token_ids: Sequence[int]) -> torch.Tensor:
-        self.tokens.extend(token_ids)
-        return self._advance()
+        new = list(token_ids)
+        self.tokens.extend(new)  # our copy (the limits, the prompt); the stage's SpokenAnswer gets them in `change`
+        return torch.cat([torch.zeros(0), *self._chunks(lambda r: r.prompt.extend(new))])
 
     def finish(self) -> torch.Tensor:
         """The answer is complete: speak the rest. Returns the remaining samples."""
-        self.thinker_done = True
-        return self._advance()
+        return torch.cat([torch.zeros(0), *self.finish_chunks()])
 
     def finish_chunks(self) -> Iterator[torch.Tensor]:
         """finish() chunk by chunk: after the text the Talker still speaks for as long as the limits allow
         (most of a long answer's audio), and a streaming client should hear it as it is made."""
         self.thinker_done = True
-        return self._chunks()
+        limit = self._frame_limit()
+
+        def end(r: Any) -> None:
+            r.prompt.end_text()
+            r.params.max_frames = min(r.params.max_frames, limit)
+
+        return self._chunks(end)
+
+    def close(self) -> None:
+        """Withdraws the answer (its request was cancelled): the stage drops it and frees its KV blocks."""
+        if self.sink is not None and not self.ended:
+            self.stage.abort(self.request_id)
+        self.ended = True
 
     @property
     def codes(self) -> torch.Tensor:
@@ -226,4 +233,14 @@ class AnswerSpeech:
         return torch.stack(self.frames)
 
 
-__all__ = ["AnswerSpeech", "SpeechChunking", "SpeechLimits", "prompt_states"]
+def talker_stage(model: Any, kv_positions: int, block_size: int = 16, max_batch: int = 16) -> Any:
+    """The shared speech stage of a served Omni model: its Talker's batched loop on its own thread, with a
+    paged KV pool of kv_positions Talker positions (each answer reserves its prompt plus its max frames)."""
+    engine = SpeechEngine(model, model.code2wav, kv_blocks=-(-kv_positions // block_size), block_size=block_size,
+                          max_batch=max_batch)
+    return SpeechService(engine, name="omni-talker")
+
+
+PRIVATE_BLOCK = 16
+
+__all__ = ["AnswerSpeech", "SpeechChunking", "SpeechLimits", "answer_request", "prompt_states", "talker_stage"]

@@ -14,10 +14,12 @@ Decisions:
 - Step j adds the projected embedding of answer token j + 1 to the summed codes of the previous frame; the
   token after the last fed answer token is replaced by tts_eos, and past it tts_pad is added. So step j can
   run as soon as the Thinker has produced token j + 2 or finished: this is what lets speech start while
-  the text is still being written (`TalkerStream`).
+  the text is still being written (`SpokenAnswer.step_text` says None until then).
 - Sampling follows transformers: the top 1024 ids suppressed except codec EOS, repetition penalty over the
   codes generated so far; codes 1..G-1 drawn greedily when the first code is, else with top-k 50 / top-p 0.8.
-- Each stream keeps its own KV in a scratch tensor of one block, paged through the shared attention code.
+- The Talker is stepped by Qwen3-TTS's batched speech loop (tts/engine.py SpeechEngine: paged KV, continuous
+  batching, the code predictor once per step for all requests, per-request seeded sampling): `SpokenAnswer`
+  is the prompt that loop reads, `speech_params` its sampling.
 """
 from __future__ import annotations
 
@@ -29,10 +31,9 @@ import torch
 from torch import nn
 
 from qwenstack.config import ModelArgs
-from qwenstack.engine.params import SamplingParams
-from qwenstack.engine.sampler import SampleRequest, sample_row
 from qwenstack.errors import ConfigError, RequestError
 from qwenstack.models.attention import AttentionBatch
+from qwenstack.models.base import KVCacheSpec
 from qwenstack.models.layers import RMSNorm
 from qwenstack.models.qwen3 import DecoderLayer
 from qwenstack.models.qwen3_moe import Qwen3MoeArgs
@@ -132,13 +133,25 @@ class Talker(nn.Module):
             out = out + self.code_predictor.model.codec_embedding[g - 1](codes[:, g])
         return out
 
+    def forward(self, embeds: torch.Tensor, positions: torch.Tensor, batch: AttentionBatch,
+                kv_caches: list[torch.Tensor] | None) -> torch.Tensor:
+        return self.model(embeds, positions, batch, kv_caches)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.codec_head(hidden)
+
+    def kv_cache_spec(self) -> KVCacheSpec:
+        a = self.args.text
+        assert a.num_key_value_heads is not None and a.head_dim is not None
+        return KVCacheSpec(a.num_hidden_layers, a.num_key_value_heads, a.head_dim)
+
 
 @dataclass
 class TalkerPrompt:
     """What one request's Talker starts from."""
 
     prefill: torch.Tensor  # [L, H] input embeddings of the prompt (user turns + assistant head)
-    positions: torch.Tensor  # [3, L]
+    prefill_positions: torch.Tensor  # [3, L]
     rope_delta: int  # decode step j sits at position L + j + rope_delta
     tts_eos: torch.Tensor  # [H]
     tts_pad: torch.Tensor  # [H]
@@ -195,10 +208,6 @@ def build_talker_prompt(model: Any, prompt_ids: Sequence[int], first_token: int,
     return TalkerPrompt(prefill, positions.to(device), delta, tts_eos, tts_pad)
 
 
-# Chooses the first code of a frame from the codec head's logits [V], given the codes chosen so far.
-FirstCodeChooser = Callable[[torch.Tensor, list[int]], int]
-
-
 @dataclass
 class TalkerSampling:
     """transformers' Talker defaults (temperature 0 is greedy for the whole frame)."""
@@ -211,104 +220,69 @@ class TalkerSampling:
     seed: int | None = None
 
 
-class TalkerStream:
-    """One request's Talker, stepped by the caller as answer tokens arrive. `step(text_row)` returns the
-    frame [G] the step completed (None for the prefill) and whether the codec EOS ended the stream."""
+def speech_params(sampling: TalkerSampling, first_chunk_frames: int, chunk_frames: int) -> Any:
+    """The speech loop's SpeechParams for one answer: codes 1..G-1 greedy when the first code is, else top-k
+    50 / top-p 0.8 at temperature 0.9 (transformers' subtalker settings); the Talker may stop at any frame."""
+    from qwenstack.tts.engine import SpeechParams
 
-    def __init__(self, talker: Talker, prompt: TalkerPrompt, sampling: TalkerSampling) -> None:
-        self.talker, self.prompt, self.sampling = talker, prompt, sampling
-        args = talker.args.text
-        assert args.num_key_value_heads is not None and args.head_dim is not None
-        self.capacity = prompt.prefill.shape[0] + sampling.max_frames + 1
-        shape = (2, 1, self.capacity, args.num_key_value_heads, args.head_dim)
-        p = prompt.prefill
-        self.kv = [torch.zeros(shape, dtype=p.dtype, device=p.device) for _ in talker.model.layers]
-        self.table = torch.zeros(1, 1, dtype=torch.long, device=p.device)
-        self.length = 0
-        self.codes0: list[int] = []
-        self.frames: list[torch.Tensor] = []
-        self.last_hidden: torch.Tensor | None = None
-        self.finished = False
-        self.finish_reason: str | None = None
-        suppress = talker.suppressed_codes()
-
-        def mask(_: list[int], logits: torch.Tensor) -> torch.Tensor:
-            logits[suppress] = float("-inf")
-            return logits
-
-        s = sampling
-        self.params = SamplingParams(temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
-                                     repetition_penalty=s.repetition_penalty, max_tokens=None,
-                                     logits_processors=[mask])
-        self.sub_params = SamplingParams(temperature=0.0 if s.temperature == 0 else 0.9, top_k=50, top_p=0.8,
-                                         max_tokens=None)
-        self.generator = torch.Generator(device="cpu").manual_seed(s.seed if s.seed is not None else 0)
-
-    def _run(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        n = x.shape[0]
-        slots = torch.arange(self.length, self.length + n, device=x.device)
-        batch = AttentionBatch([n], [self.length + n], slot_mapping=slots, block_tables=self.table,
-                               block_size=self.capacity)
-        hidden = self.talker.model(x, positions, batch, self.kv)
-        self.length += n
-        return hidden[-1]
-
-    def _choose_first(self, hidden: torch.Tensor) -> int:
-        logits = self.talker.codec_head(hidden).float()
-        request = SampleRequest(self.params, [], self.codes0, self.generator, [])
-        return sample_row(logits, request, self.generator)
-
-    def _choose_rest(self, group: int, logits: torch.Tensor) -> list[int]:
-        out = []
-        for row in logits.float():
-            request = SampleRequest(self.sub_params, [], [], self.generator, [])
-            out.append(sample_row(row, request, self.generator))
-        return out
-
-    @torch.inference_mode()
-    def start(self) -> None:
-        """The prefill: samples the first code of frame 0."""
-        p = self.prompt
-        hidden = self._run(p.prefill, p.positions)
-        self._accept(hidden)
-
-    def _accept(self, hidden: torch.Tensor) -> None:
-        self.last_hidden = hidden
-        code = self._choose_first(hidden)
-        if code == self.talker.args.codec_eos_token_id:
-            self.finished, self.finish_reason = True, "stop"
-            return
-        if len(self.frames) >= self.sampling.max_frames:  # this code would start a frame past the limit
-            self.finished, self.finish_reason = True, "length"
-            return
-        self.codes0.append(code)
-
-    def stop(self, reason: str) -> None:
-        """Ends the stream from outside (a caller's limit); the pending first code is never decoded."""
-        self.finished, self.finish_reason = True, reason
-
-    @torch.inference_mode()
-    def step(self, text_row: torch.Tensor) -> torch.Tensor:
-        """Completes the pending frame (code predictor), feeds it with `text_row` ([H]: the next answer
-        token's projection, tts_eos or tts_pad) and samples the next first code. Returns the frame [G]."""
-        assert not self.finished and self.last_hidden is not None
-        talker = self.talker
-        code0 = torch.tensor([self.codes0[-1]], device=text_row.device)
-        code0_embed = talker.model.codec_embedding(code0)
-        rest = talker.code_predictor.predict(self.last_hidden[None], code0_embed, self._choose_rest)
-        frame = torch.cat([code0, rest[0]])
-        self.frames.append(frame)
-        x = talker.frame_embeds(frame[None]) + text_row
-        position = self.prompt.prefill.shape[0] + len(self.frames) - 1 + self.prompt.rope_delta
-        hidden = self._run(x, torch.full((3, 1), position, dtype=torch.long, device=x.device))
-        self._accept(hidden)
-        return frame
+    s = sampling
+    return SpeechParams(temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
+                        repetition_penalty=s.repetition_penalty,
+                        subtalker_temperature=0.0 if s.temperature == 0 else 0.9, subtalker_top_k=50,
+                        subtalker_top_p=0.8, seed=s.seed if s.seed is not None else 0, max_frames=s.max_frames,
+                        first_chunk_frames=first_chunk_frames, chunk_frames=chunk_frames, eos_blocked_frames=0)
 
 
-def talker_text_row(model: Any, token: int) -> torch.Tensor:
-    """text_projection of one answer token's Thinker embedding [H]."""
-    weight = model.thinker.model.embed_tokens.weight
-    return model.talker.text_projection(model.thinker.model.embed_tokens(torch.tensor([token], device=weight.device)))[0]
+class SpokenAnswer:
+    """One answer as the Talker sees it while the Thinker writes it: the speech loop's prompt
+    (tts/engine.py TalkerInput). `tokens` are the answer's tokens so far (those of the prompt after the
+    assistant head first); `extend` and `end_text` are called on the loop's thread."""
+
+    def __init__(self, prompt: TalkerPrompt, tokens: Sequence[int], eos: Sequence[int],
+                 project: Callable[[list[int]], torch.Tensor]) -> None:
+        """project: answer token ids -> their Talker text rows [n, H] (text_projection of Thinker embeddings)."""
+        self.prompt, self.prefill = prompt, prompt.prefill
+        self.tokens = list(tokens)
+        self.eos = frozenset(eos)
+        self.project = project
+        self.text_done = False
+        self._rows: list[torch.Tensor] = []  # the projections of tokens[:len(_rows)], made in batches
+
+    def extend(self, tokens: Sequence[int]) -> None:
+        self.tokens.extend(tokens)
+
+    def end_text(self) -> None:
+        self.text_done = True
+
+    def positions(self, start: int, n: int) -> torch.Tensor:
+        if start == 0:
+            return self.prompt.prefill_positions[:, :n]
+        # after the prompt, all three M-RoPE rows advance together, shifted by the prompt's rope delta
+        return torch.arange(start, start + n).expand(3, n) + self.prompt.rope_delta
+
+    def _projected(self, index: int) -> torch.Tensor:
+        if index >= len(self._rows):
+            with torch.inference_mode():  # also asked from has_work(), outside the step's inference mode
+                self._rows.extend(self.project(self.tokens[len(self._rows):]).unbind(0))
+        return self._rows[index]
+
+    def step_text(self, step: int) -> torch.Tensor | None:
+        nxt, n = step + 1, len(self.tokens)  # the answer token this step speaks
+        if nxt < n and self.tokens[nxt] in self.eos:
+            return self.prompt.tts_eos  # an end token is always the last one
+        if nxt < n - 1:
+            return self._projected(nxt)  # another token follows: not the last
+        if not self.text_done:
+            return None
+        # The answer ended: its last token is never fed to the Thinker, tts_eos takes its place, then tts_pad.
+        return self.prompt.tts_eos if nxt == n - 1 else self.prompt.tts_pad
 
 
-__all__ = ["Talker", "TalkerArgs", "TalkerPrompt", "TalkerSampling", "TalkerStream", "build_talker_prompt"]
+def talker_text_rows(model: Any, tokens: list[int]) -> torch.Tensor:
+    """text_projection of answer tokens' Thinker embeddings [n, H]."""
+    embed = model.thinker.model.embed_tokens
+    return model.talker.text_projection(embed(torch.tensor(tokens, dtype=torch.long, device=embed.weight.device)))
+
+
+__all__ = ["SpokenAnswer", "Talker", "TalkerArgs", "TalkerPrompt", "TalkerSampling", "build_talker_prompt",
+           "speech_params", "talker_text_rows"]

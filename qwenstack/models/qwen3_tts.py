@@ -225,6 +225,16 @@ class Talker(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.codec_head(hidden)
 
+    def kv_cache_spec(self) -> KVCacheSpec:
+        a = self.args
+        assert a.num_key_value_heads is not None and a.head_dim is not None
+        return KVCacheSpec(a.num_hidden_layers, a.num_key_value_heads, a.head_dim)
+
+    def suppressed_codes(self) -> list[int]:
+        """The talker never emits the top 1024 ids (specials, languages, speakers) except codec EOS."""
+        a = self.args
+        return [i for i in range(a.vocab_size - 1024, a.vocab_size) if i != a.codec_eos_token_id]
+
 
 class Qwen3TTSForConditionalGeneration(nn.Module):
     args_class: ClassVar[type[Qwen3TTSArgs]] = Qwen3TTSArgs
@@ -237,9 +247,7 @@ class Qwen3TTSForConditionalGeneration(nn.Module):
         self.ignored_checkpoint_patterns: tuple[str, ...] = ()
 
     def kv_cache_spec(self) -> KVCacheSpec:
-        t = self.args.talker
-        assert t.num_key_value_heads is not None and t.head_dim is not None
-        return KVCacheSpec(t.num_hidden_layers, t.num_key_value_heads, t.head_dim)
+        return self.talker.kv_cache_spec()
 
     # --- prompts ----------------------------------------------------------------------------------------
 
@@ -324,9 +332,7 @@ class Qwen3TTSForConditionalGeneration(nn.Module):
         return torch.cat([text_embed, pad.expand(n_codec - n_text, -1)]) + codec_embed, pad[None]
 
     def suppressed_codes(self) -> list[int]:
-        """The talker never emits the top 1024 ids (specials, languages, speakers) except codec EOS."""
-        t = self.args.talker
-        return [i for i in range(t.vocab_size - 1024, t.vocab_size) if i != t.codec_eos_token_id]
+        return self.talker.suppressed_codes()
 
 
 @dataclass
@@ -339,3 +345,6 @@ class SpeechPrompt:
 
     def step_text(self, step: int) -> torch.Tensor:
         return self.trailing[step] if step < self.trailing.shape[0] else self.pad
+
+    def positions(self, start: int, n: int) -> torch.Tensor:
+        return torch.arange(start, start + n)

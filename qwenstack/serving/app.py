@@ -96,7 +96,7 @@ def _info_router() -> APIRouter:
     def list_models(request: Request) -> ModelList:
         state = get_state(request)
         cards = [ModelCard(id=m.name, created=m.created, owned_by=m.owned_by, max_model_len=m.max_model_len,
-                           capabilities=m.capabilities) for m in list(state.registry.models.values())]
+                           capabilities=m.capabilities, voices=m.voices) for m in list(state.registry.models.values())]
         cards += [ModelCard(id=r.name, created=0, owned_by=f"remote:{r.base_url}", capabilities=["chat", "completion"])
                   for r in state.remote.routes.values()]
         cards += [ModelCard(**card) for card in request.app.state.qwenstack_images.model_cards()]

@@ -382,6 +382,7 @@ async def complete_chat(plan: ChatPlan, outputs: AsyncIterator[RequestOutput], t
         return Response(body.model_dump_json(), media_type="application/json")
     finally:
         tracker.done()
+        chat_audio.close_audio(plan.audio_answer)  # a cancelled request frees its Talker state too
 
 
 def _speak_all(answer: Any, token_ids: list[int]) -> list[Any]:
@@ -488,6 +489,7 @@ async def stream_chat(plan: ChatPlan, outputs: AsyncIterator[RequestOutput], tra
         yield error_frame(from_exception(exc, retry_after_s))
     finally:
         tracker.done()
+        chat_audio.close_audio(plan.audio_answer)  # a client that left frees the Talker's KV at once
     yield DONE
 
 

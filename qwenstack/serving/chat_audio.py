@@ -11,8 +11,9 @@ Decisions:
 - A spoken answer is bounded (ServerConfig max_speech_seconds, speech_seconds_per_token, speech_tail_seconds):
   a Talker that never says EOS - a random or a misbehaving one - stops a couple of seconds after its text
   instead of after transformers' 4096 frames (5.5 min).
-- The speech path (audio/omni_speech.py) runs in a worker thread per request, fed the answer's tokens as
-  the engine emits them, so audio chunks go out while the text is still being generated.
+- The speech path (audio/omni_speech.py) is fed in a worker thread per request, the answer's tokens as the
+  engine emits them, so audio chunks go out while the text is still being generated; the Talker steps of all
+  spoken answers of a model run batched in its one speech stage (ServedModel.speech_stage).
   The speech that outlasts the text (most of a long answer's) goes out one decoded chunk per delta,
   not in one piece when the Talker stops.
 """
@@ -101,8 +102,14 @@ def start_audio(served: Any, request: Any, plan_ids: list[int], multimodal: Any,
     # The engine runner's encoder outputs, so the speech path does not encode the prompt's media again.
     step = getattr(getattr(served.engine.engine, "runner", None), "multimodal", None)
     speech = AnswerSpeech(model, plan_ids, plan, request.audio.voice, eos, sampling=sampling, limits=limits,
-                          encoder_cache=getattr(step, "cache", None))
+                          encoder_cache=getattr(step, "cache", None), stage=getattr(served, "speech_stage", None))
     return AudioAnswer(speech, request.audio.format, model.code2wav.sample_rate)
+
+
+def close_audio(answer: AudioAnswer | None) -> None:
+    """Ends a request's speech (finished, failed or cancelled): the Talker stage drops it and frees its KV."""
+    if answer is not None:
+        answer.speech.close()
 
 
 def pcm16_b64(samples: torch.Tensor) -> str:

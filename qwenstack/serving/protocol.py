@@ -354,6 +354,7 @@ class ModelCard(_Response):
     owned_by: str
     max_model_len: int | None = None
     capabilities: list[str] = Field(default_factory=list)
+    voices: list[str] | None = None  # a model that answers aloud: the `audio.voice` values it takes
 
 
 class ModelList(_Response):

@@ -42,6 +42,7 @@ class ServedModel:
     image_processor: Any = None  # ImageProcessor of a vision-language model (preprocessor_config.json)
     video_processor: Any = None  # VideoProcessor of a model that takes video (serving/videos.py)
     asr: Any = None  # AsrPrompter of a model with an audio encoder (serving/audio.py)
+    speech_stage: Any = None  # a Qwen3-Omni model's batched Talker loop (audio/omni_speech.py talker_stage)
 
     @cached_property
     def special_token_text(self) -> SpecialTokenText:
@@ -79,7 +80,16 @@ class ServedModel:
             caps.append("vision")
         if "audio_config" in self.hf_config or "audio_config" in thinker:
             caps.append("audio")
+        if self.speech_stage is not None:
+            caps.append("audio_output")  # answers aloud (modalities ["text", "audio"]): the page's voice mode
         return caps
+
+    @property
+    def voices(self) -> list[str] | None:
+        """The voices a spoken answer may ask for (Qwen3-Omni's Talker speakers); None for other models."""
+        if self.speech_stage is None:
+            return None
+        return self.speech_stage.engine.model.args.talker.voices
 
 
 def serving_config(hf_config: dict[str, Any], tokenizer: Any) -> dict[str, Any]:
@@ -94,6 +104,12 @@ def serving_config(hf_config: dict[str, Any], tokenizer: Any) -> dict[str, Any]:
     if "vision_end_token_id" not in flat:  # absent from transformers' Thinker config: the tokenizer knows it
         flat["vision_end_token_id"] = thinker.get("vision_end_token_id", tokenizer.token_to_id("<|vision_end|>"))
     return flat
+
+
+# Talker KV positions of a served Omni model: each spoken answer reserves its prompt plus its frame limit
+# (max_speech_seconds / 0.08 s), so 16K holds four 5-minute answers at once, or many short ones; the rest wait.
+# About 320 MB in bf16 for the released Talker (20 layers, 2 KV heads of 128).
+TALKER_KV_POSITIONS = 16384
 
 
 def build_served_model(name: str, model: Any, tokenizer: Tokenizer, engine_config: EngineConfig,
@@ -118,8 +134,14 @@ def build_served_model(name: str, model: Any, tokenizer: Tokenizer, engine_confi
         served_engine = ReplicatedEngine([served_engine] + [AsyncEngine(e, name=f"{name}-dp{i}")
                                                             for i, e in enumerate(engines[1:], start=1)],
                                          engine.config.block_size)
+    stage = None
+    if getattr(model, "has_talker", False):
+        from qwenstack.audio.omni_speech import talker_stage
+
+        stage = talker_stage(model, TALKER_KV_POSITIONS)
     return ServedModel(name, served_engine, tokenizer, engine.max_model_len, dict(hf_config or {}),
-                       generation_defaults(model_dir), image_processor=processor, video_processor=video, asr=asr)
+                       generation_defaults(model_dir), image_processor=processor, video_processor=video, asr=asr,
+                       speech_stage=stage)
 
 
 def load_served_model(spec: ModelSpec, kv_cache_memory: int) -> ServedModel:

@@ -19,6 +19,11 @@ Decisions:
   first_chunk_frames (a fast first packet), the later ones end on multiples of chunk_frames, so with the
   default 4 each chunk is one whole block of the codec's grid and is decoded once.
 - One owner thread steps the loop (`SpeechService`); callers submit and read their request's queue.
+- The same loop runs Qwen3-Omni's Talker (audio/omni_speech.py), whose text arrives while it speaks: a
+  prompt's `step_text(step)` may be None (the Thinker has not written that token yet), and then the request
+  sits out the step, keeping its KV, until `update` gives it more text. Positions come from the prompt
+  (`positions(start, n)`: plain for Qwen3-TTS, M-RoPE rows for the Omni Talker), and a request's max_frames may
+  be lowered while it runs (the Omni speech limits, known once its text is complete).
 """
 from __future__ import annotations
 
@@ -27,7 +32,7 @@ import logging
 import queue
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, Protocol
 
 import torch
 
@@ -36,8 +41,6 @@ from qwenstack.engine.params import SamplingParams
 from qwenstack.engine.sampler import SampleRequest, sample_row
 from qwenstack.errors import RequestError
 from qwenstack.models.attention import AttentionBatch
-from qwenstack.models.qwen3_tts import Qwen3TTSForConditionalGeneration, SpeechPrompt
-from qwenstack.models.qwen3_tts_codec import CodecDecoder, CodecStream
 
 log = logging.getLogger("qwenstack.tts")
 
@@ -57,6 +60,7 @@ class SpeechParams:
     max_frames: int = 2047  # qwen-tts: max_new_tokens 2048, the last sampled code is never decoded
     first_chunk_frames: int = 1
     chunk_frames: int = 4
+    eos_blocked_frames: int = 2  # qwen-tts never lets the talker stop before its 2nd frame; Omni's Talker may
 
     def talker_sampling(self, suppress: list[int]) -> SamplingParams:
         def mask(_: list[int], logits: torch.Tensor) -> torch.Tensor:
@@ -80,10 +84,22 @@ class AudioChunk:
     finish_reason: str | None = None  # "stop" (codec EOS) or "length"
 
 
+class TalkerInput(Protocol):
+    """What the loop reads of a request's prompt (models/qwen3_tts.py SpeechPrompt, Omni's SpokenAnswer)."""
+
+    prefill: torch.Tensor  # [L, H] talker input rows of the prompt
+
+    def positions(self, start: int, n: int) -> torch.Tensor:
+        """Rotary positions [n] (or [3, n] for M-RoPE) of talker rows start .. start + n - 1."""
+
+    def step_text(self, step: int) -> torch.Tensor | None:
+        """The text row [H] added to frame `step`'s input, None while it is not known yet."""
+
+
 @dataclass
 class SpeechRequest:
     request_id: str
-    prompt: SpeechPrompt
+    prompt: TalkerInput
     params: SpeechParams
     context_codes: torch.Tensor | None = None  # reference codes decoded first and not emitted (ICL clone)
     # --- engine state
@@ -95,19 +111,23 @@ class SpeechRequest:
     emitted_frames: int = 0
     past_hidden: torch.Tensor | None = None
     generator: torch.Generator | None = None
-    stream: CodecStream | None = None
+    stream: Any = None  # the codec's stream (CodecStream, or Code2WavStream for Qwen3-Omni)
     finish_reason: str | None = None
+    report_idle: bool = False  # SpeechService: tell the caller when this request waits for more text
 
 
 class SpeechEngine:
     """Steps every admitted request by one frame per call of `step()`; not thread-safe (one owner)."""
 
-    def __init__(self, model: Qwen3TTSForConditionalGeneration, codec: CodecDecoder, kv_blocks: int = 256,
-                 block_size: int = 16, max_batch: int = 16, seed: int = 0) -> None:
+    def __init__(self, model: Any, codec: Any, kv_blocks: int = 256, block_size: int = 16, max_batch: int = 16,
+                 seed: int = 0) -> None:
+        """model: anything with a `talker` (Qwen3TTSForConditionalGeneration, Qwen3OmniMoeForConditionalGeneration);
+        codec: its decoder, with `stream()` (CodecDecoder, Code2Wav)."""
         self.model, self.codec = model, codec
-        param = next(model.parameters())
+        self.talker = model.talker
+        param = next(self.talker.parameters())
         self.device, self.dtype = param.device, param.dtype
-        spec = model.kv_cache_spec()
+        spec = self.talker.kv_cache_spec()
         self.blocks = BlockManager(kv_blocks, block_size, enable_prefix_caching=False)
         shape = (2, kv_blocks, block_size, spec.num_kv_heads, spec.head_dim)
         self.kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(spec.num_layers)]
@@ -115,8 +135,9 @@ class SpeechEngine:
         self.waiting: list[SpeechRequest] = []
         self.running: list[SpeechRequest] = []
         self.generator = torch.Generator().manual_seed(seed)
-        self.suppress = model.suppressed_codes()
-        self.eos = model.args.talker.codec_eos_token_id
+        self.suppress = self.talker.suppressed_codes()
+        self.eos = self.talker.args.codec_eos_token_id
+        self.largest_batch = 0  # the most requests one step has decoded together (tests and benchmarks)
 
     def check(self, request: SpeechRequest) -> None:
         """Raises RequestError if the request could never fit the KV pool (safe from any thread)."""
@@ -143,7 +164,15 @@ class SpeechEngine:
                     self.blocks.release(r.block_table)
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        """Whether step() would do anything: a request to admit, or a running one with its next text known."""
+        return bool(self.waiting) or any(self._ready(r) for r in self.running)
+
+    def find(self, request_id: str) -> SpeechRequest | None:
+        return next((r for r in self.waiting + self.running if r.request_id == request_id), None)
+
+    @staticmethod
+    def _ready(r: SpeechRequest) -> bool:
+        return len(r.frames) >= r.params.max_frames or r.prompt.step_text(len(r.frames)) is not None
 
     def _admit(self) -> list[SpeechRequest]:
         admitted = []
@@ -161,7 +190,7 @@ class SpeechEngine:
         for row, r in zip(logits, requests):
             if talker:
                 params = r.params.talker_sampling(self.suppress)
-                block = [self.eos] if len(r.codes0) < 2 else []
+                block = [self.eos] if len(r.codes0) < r.params.eos_blocked_frames else []
                 req = SampleRequest(params, [], r.codes0, r.generator, block)
             else:
                 req = SampleRequest(r.params.subtalker_sampling(), [], [], r.generator, [])
@@ -170,12 +199,24 @@ class SpeechEngine:
 
     @torch.inference_mode()
     def step(self) -> list[AudioChunk]:
-        """One talker forward for all running and newly admitted requests; returns the audio it completed."""
-        decoding = list(self.running)
+        """One talker forward for all running requests whose next text is known and the newly admitted ones;
+        returns the audio it completed."""
+        chunks: list[AudioChunk] = []
+        decoding, texts = [], []
+        for r in self.running:
+            if len(r.frames) >= r.params.max_frames:  # a limit lowered while it ran: the pending code is dropped
+                r.finish_reason = "length"
+                chunks.extend(self._audio(r))
+                self.blocks.release(r.block_table)
+            elif (text := r.prompt.step_text(len(r.frames))) is not None:
+                decoding.append(r)
+                texts.append(text)
+        self.running = [r for r in self.running if r.finish_reason is None]
         admitted = self._admit()
         if not decoding and not admitted:
-            return []
-        talker = self.model.talker
+            return chunks
+        self.largest_batch = max(self.largest_batch, len(decoding))
+        talker = self.talker
         rows, positions, slots, query_lens, context_lens = [], [], [], [], []
         if decoding:
             past = torch.stack([r.past_hidden for r in decoding])  # type: ignore[misc]
@@ -187,13 +228,13 @@ class SpeechEngine:
             for i, r in enumerate(decoding):
                 r.frames.append(frames[i].cpu())
                 r.pending.append(frames[i].cpu())
-                rows.append((embeds[i] + r.prompt.step_text(len(r.frames) - 1))[None])
+                rows.append((embeds[i] + texts[i])[None])
         for r in decoding + admitted:
             n = 1 if r in decoding else r.prompt.prefill.shape[0]
             if r in admitted:
                 rows.append(r.prompt.prefill.to(self.dtype))
             start = r.num_tokens
-            positions.extend(range(start, start + n))
+            positions.append(r.prompt.positions(start, n))
             slots.extend(r.block_table[p // self.block_size] * self.block_size + p % self.block_size
                          for p in range(start, start + n))
             query_lens.append(n)
@@ -205,11 +246,10 @@ class SpeechEngine:
                               device=self.device)
         batch = AttentionBatch(query_lens, context_lens, slot_mapping=torch.tensor(slots, device=self.device),
                                block_tables=tables, block_size=self.block_size)
-        hidden = talker(torch.cat(rows).to(self.dtype), torch.tensor(positions, device=self.device), batch,
+        hidden = talker(torch.cat(rows).to(self.dtype), torch.cat(positions, dim=-1).to(self.device), batch,
                         self.kv_caches)
         last = hidden[batch.last_token_indices(self.device)]
         chosen = self._choose(talker.compute_logits(last), batch_reqs, talker=True)
-        chunks: list[AudioChunk] = []
         for r, h, code in zip(batch_reqs, last, chosen):
             r.past_hidden = h
             r.codes0.append(code)
@@ -218,7 +258,8 @@ class SpeechEngine:
             elif len(r.frames) >= r.params.max_frames:
                 r.finish_reason = "length"
             chunks.extend(self._audio(r))
-        self.running = [r for r in batch_reqs if r.finish_reason is None]
+        # Requests waiting for text stay; the order of `running` is the order they were admitted.
+        self.running = [r for r in self.running + admitted if r.finish_reason is None]
         for r in batch_reqs:
             if r.finish_reason is not None:
                 self.blocks.release(r.block_table)
@@ -253,6 +294,7 @@ class SpeechEngine:
 
 
 _END = object()
+_IDLE = object()
 
 
 class SpeechService:
@@ -277,15 +319,35 @@ class SpeechService:
     def abort(self, request_id: str) -> None:
         self._commands.put(("abort", request_id, None))
 
+    def update(self, request_id: str, change: Callable[[SpeechRequest], None]) -> None:
+        """Runs change(request) on the loop's thread (more text for its prompt, a lower max_frames); the
+        request's sink then gets an idle mark once the request has gone as far as its text allows."""
+        self._commands.put(("update", request_id, change))
+
     @staticmethod
     def chunks(sink: "queue.Queue[Any]") -> Iterator[AudioChunk]:
+        yield from SpeechService.until_idle(sink, stop_when_idle=False)
+
+    @staticmethod
+    def until_idle(sink: "queue.Queue[Any]", stop_when_idle: bool = True) -> Iterator[AudioChunk]:
+        """The request's chunks until it waits for more text (a request submitted with report_idle) or ends."""
         while True:
             item = sink.get()
             if item is _END:
                 return
+            if item is _IDLE:
+                if stop_when_idle:
+                    return
+                continue
             if isinstance(item, BaseException):
                 raise item
             yield item
+
+    def _report_idle(self) -> None:
+        for r in self.engine.running:
+            if r.report_idle and not self.engine._ready(r) and (sink := self._sinks.get(r.request_id)) is not None:
+                r.report_idle = False
+                sink.put(_IDLE)
 
     def _loop(self) -> None:
         engine = self.engine
@@ -293,15 +355,23 @@ class SpeechService:
             block = not engine.has_work()
             try:
                 while True:
-                    kind, payload, sink = self._commands.get(block=block)
+                    kind, payload, extra = self._commands.get(block=block)
                     block = False
                     if kind == "add":
+                        sink = extra
                         try:
                             engine.add(payload)
                             self._sinks[payload.request_id] = sink
                         except Exception as exc:  # noqa: BLE001 - the request fails alone
                             sink.put(exc)
                             sink.put(_END)
+                    elif kind == "update":
+                        if (r := engine.find(payload)) is not None:
+                            try:
+                                extra(r)
+                                r.report_idle = True
+                            except Exception as exc:  # noqa: BLE001 - the request fails alone
+                                self._fail(r.request_id, exc)
                     else:
                         engine.abort(payload)
                         gone = self._sinks.pop(payload, None)
@@ -309,16 +379,13 @@ class SpeechService:
                             gone.put(_END)
             except queue.Empty:
                 pass
+            self._report_idle()
             try:
                 chunks = engine.step()
             except Exception as exc:  # noqa: BLE001 - fail this step's requests, keep serving
                 log.exception("speech step failed")
                 for r in engine.running + engine.waiting:
-                    sink = self._sinks.pop(r.request_id, None)
-                    if sink is not None:
-                        sink.put(RequestError(f"speech generation failed: {exc}"))
-                        sink.put(_END)
-                    engine.abort(r.request_id)
+                    self._fail(r.request_id, RequestError(f"speech generation failed: {exc}"))
                 continue
             for chunk in chunks:
                 sink = self._sinks.get(chunk.request_id)
@@ -328,3 +395,34 @@ class SpeechService:
                 if chunk.finished:
                     sink.put(_END)
                     self._sinks.pop(chunk.request_id, None)
+            self._report_idle()
+
+    def _fail(self, request_id: str, exc: Exception) -> None:
+        self.engine.abort(request_id)
+        sink = self._sinks.pop(request_id, None)
+        if sink is not None:
+            sink.put(exc)
+            sink.put(_END)
+
+
+class InlineSpeechStage:
+    """SpeechService's interface stepped in the caller's own thread: one caller, no background thread (offline
+    use and tests). A sink is the request id."""
+
+    def __init__(self, engine: SpeechEngine) -> None:
+        self.engine = engine
+
+    def submit(self, request: SpeechRequest) -> str:
+        self.engine.add(request)
+        return request.request_id
+
+    def update(self, request_id: str, change: Callable[[SpeechRequest], None]) -> None:
+        if (r := self.engine.find(request_id)) is not None:
+            change(r)
+
+    def abort(self, request_id: str) -> None:
+        self.engine.abort(request_id)
+
+    def until_idle(self, sink: str) -> Iterator[AudioChunk]:
+        while self.engine.has_work():
+            yield from (c for c in self.engine.step() if c.request_id == sink)

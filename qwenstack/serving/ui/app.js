@@ -10,6 +10,7 @@ import { loadVoices, speakButton, voicePicker } from "./speak.js";
 import { blobDataURL, startRecording } from "./recorder.js";
 import { setupTranscription } from "./transcribe.js";
 import { setupTranslation } from "./translate.js";
+import { setupVoice } from "./voice.js";
 
 const MAX_FILE_BYTES = 16 * 1024 * 1024;
 const THEMES = ["system", "light", "dark"];
@@ -25,6 +26,7 @@ const ui = {
 };
 let transcription = null;  // the transcription view (transcribe.js), set up in wire()
 let translation = null;  // the live translation view (translate.js), set up in wire()
+let voice = null;  // voice mode for models that answer aloud (voice.js), set up in wire()
 let recording = null;  // the microphone recording in progress for the composer
 
 const state = {
@@ -127,6 +129,7 @@ function updateAttachButton() {
   ui.record.disabled = Boolean(state.streaming);
   transcription?.refresh();
   translation?.refresh();
+  voice?.refresh();
 }
 
 // The composer's microphone: the first click starts recording, the second attaches it as a WAV file.
@@ -693,6 +696,7 @@ function wire() {
   translation = setupTranslation({
     pipelines: () => state.models.map((m) => m.id).filter((id) => capabilities(id).has("translation")),
   });
+  voice = setupVoice({ speakingModels: () => state.models.filter((m) => capabilities(m.id).has("audio_output")) });
   ui.file.addEventListener("change", async () => { await addFiles([...ui.file.files]); ui.file.value = ""; });
   ui.newChat.addEventListener("click", newChat);
   let searchTimer = null;

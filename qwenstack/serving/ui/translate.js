@@ -2,6 +2,7 @@
 // both transcripts scrolling as they are committed (the revisable tails in grey), the translated speech
 // played as it arrives, and the lag the server measured for each translated sentence.
 import { apiSocket } from "./api.js";
+import { pcm16Samples } from "./playback.js";
 
 const $ = (testid, root = document) => root.querySelector(`[data-testid="${testid}"]`);
 const RATE = 24000;  // what translation sessions take and give
@@ -14,16 +15,6 @@ function base64PCM16(samples) {
   let text = "";
   for (let i = 0; i < bytes.length; i += 0x8000) text += String.fromCharCode(...bytes.subarray(i, i + 0x8000));
   return btoa(text);
-}
-
-function pcm16Samples(b64) {
-  const raw = atob(b64);
-  const out = new Float32Array(raw.length / 2);
-  for (let i = 0; i < out.length; i++) {
-    const v = raw.charCodeAt(2 * i) | (raw.charCodeAt(2 * i + 1) << 8);
-    out[i] = (v >= 0x8000 ? v - 0x10000 : v) / 32768;
-  }
-  return out;
 }
 
 export function setupTranslation({ pipelines }) {
