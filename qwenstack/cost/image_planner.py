@@ -3,7 +3,7 @@ one image takes, from the models' known sizes (`qwenstack plan Qwen/Qwen-Image-E
 
 Assumptions (each one a constant below, so a measurement can replace it):
 - Sizes: the parameter counts are those of the diffusers and transformers modules built on the meta device
-  from the published configs (tests/test_image_planner.py rebuilds them): the MMDiT (60 dual-stream
+  from the published configs (tests/cost/test_image_planner.py rebuilds them): the MMDiT (60 dual-stream
   blocks, 24 heads x 128, text dim 3584) 20.43B, the Qwen2.5-VL-7B text encoder 8.29B (0.68B of it the
   vision tower), the VAE 0.127B; all in bfloat16 (2 bytes).
 - Sequence: the output image is 1/16 per side in tokens (VAE 8x, then 2x2 patches); the Edit pipelines

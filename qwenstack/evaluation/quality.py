@@ -18,7 +18,7 @@ For each quantization level, on a held-out text and N prompts cut from it:
   One flipped near-tie changes every later position, so on a small model this is mostly a measure of how
   many near-ties greedy decoding meets: on the demo model the same weights run in float32 agree with the
   bfloat16 baseline on only 84% of tokens this way (benchmarks/bench_agreement.py), less than int8 does.
-  That is why the step-by-step figure is the one we bound (tests/test_quality.py).
+  That is why the step-by-step figure is the one we bound (tests/quantization/test_quality.py).
 
 Decisions:
 - The baseline is the model in the dtype it is served in (bfloat16 by default), not float32: the

@@ -1,6 +1,6 @@
 """The offline pipeline over the same components a live session uses: transcribe the whole clip, cut the
 transcript into the same units, translate them in order, synthesise each. With greedy settings a live
-session's final output equals this (tests/test_translate_session.py), so it is the reference a stream is
+session's final output equals this (tests/translate/test_translate_session.py), so it is the reference a stream is
 checked against and what `qwenstack translate` can compare with."""
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The chat page end to end in headless Chromium, against the REAL qwenstack server (`create_app`).
 
-tests/test_ui_browser.py drives the page against a fake OpenAI app; here the page, /api/ and /v1/ all come
+tests/ui/test_ui_browser.py drives the page against a fake OpenAI app; here the page, /api/ and /v1/ all come
 from `create_app` serving scripted checkpoints (tests/scripted.py): real Qwen3 checkpoints whose greedy output
 is a known thinking block then a known answer, so the test knows what must stream into the bubble. What only
 a real server shows: the wire format the page reads is the one qwenstack really sends, Stop frees the

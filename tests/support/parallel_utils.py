@@ -1,5 +1,5 @@
-"""Running the same prompts through one rank and through tensor/expert-parallel ranks (tests/test_tensor_parallel.py,
-tests/test_ray_executor.py, benchmarks/bench_parallel.py)."""
+"""Running the same prompts through one rank and through tensor/expert-parallel ranks (tests/distributed/test_tensor_parallel.py,
+tests/distributed/test_ray_executor.py, benchmarks/bench_parallel.py)."""
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -177,7 +177,7 @@ def tiny_qwen3_tokenizer(tiny_qwen3: Path) -> Any:
 
 @pytest.mark.slow
 def test_property_tests_with_many_examples() -> None:
-    """tests/test_properties.py again with 1,000 examples per property instead of 150."""
+    """tests/serving/test_properties.py again with 1,000 examples per property instead of 150."""
     run = subprocess.run([sys.executable, "-m", "pytest", str(Path(__file__).parent / "test_properties.py"), "-q",
                           "-p", "no:cacheprovider"], capture_output=True, text=True, timeout=3000,
                          env={**os.environ, "QWENSTACK_THOROUGH": "1"})

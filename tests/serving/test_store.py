@@ -16,7 +16,7 @@ from fastapi.testclient import TestClient
 from qwenstack.serving.store import ChatStore, NotFound, default_db_path
 from qwenstack.serving.store_api import mount_ui
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture

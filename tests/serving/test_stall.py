@@ -18,7 +18,7 @@ from server_utils import BackgroundServer, tiny_served_model
 from qwenstack.serving.app import create_app
 from qwenstack.serving.config import ServerConfig
 
-BENCH = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_stall.py"
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_stall.py"
 
 
 @pytest.fixture(scope="module")

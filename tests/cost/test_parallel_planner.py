@@ -16,7 +16,7 @@ from qwenstack.cost.parallel import (
 )
 from qwenstack.cost.planner import ConfigSource
 from qwenstack.cost.report import format_parallel
-from tests.test_planner import QWEN3_0_6B, QWEN3_235B_A22B, QWEN3_NEXT_80B, V
+from test_planner import QWEN3_0_6B, QWEN3_235B_A22B, QWEN3_NEXT_80B, V
 
 QWEN3_8B = dict(QWEN3_0_6B, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
                 num_key_value_heads=8, tie_word_embeddings=False)

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-FIXTURES = Path(__file__).parent / "fixtures" / "tts"
+FIXTURES = Path(__file__).parents[1] / "fixtures" / "tts"
 KINDS = ("custom_voice", "voice_design", "base")
 
 # Codec sizes of the tiny build (shared/reference/speech-and-images.md §1.3): 4 code groups of 64 codes; the

@@ -21,7 +21,7 @@ import pytest
 from qwenstack.cli import build_parser, discover_commands, main
 from qwenstack.commands._common import parse_bytes
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SMALL_KV = ["--kv-cache-memory", "8MiB", "--dtype", "float32", "--device", "cpu"]
 
 
