@@ -20,6 +20,7 @@ from qwenstack.engine.params import SamplingParams
 from qwenstack.errors import UnsupportedModelError
 from qwenstack.engine.reference import greedy_generate
 from qwenstack.models.base import prompt_logits
+from qwenstack.models.moe import Router
 from qwenstack.models.registry import load_model
 from qwenstack.quantization import QuantExperts, QuantLinear
 from qwenstack.quantization.formats import Int4Weight, Int8Weight, PermutedInput
@@ -33,16 +34,27 @@ SHAPE = dict(hidden_size=128, intermediate_size=256, head_dim=32, moe_intermedia
 # this (mean KL over 40 positions; measured 2e-3 to 1.1e-2 here, the most on MoE, where a near-tie in the
 # router can pick another expert).
 REQUANT_KL_BOUND = 3e-2
+# Requantized to int8, our logits stay within ~0.1 of the exact ones (measured max 0.095 on these models,
+# whose logits have a standard deviation of ~1.1). Where transformers' top two logits are further apart
+# than this, requantization cannot honestly flip the greedy token, and the test demands it does not;
+# nearer ties on a random model are a coin toss for any lossy format and are counted, not compared.
+NEAR_TIE = 0.2
+# On MoE models a router near tie lets the requantized model pick another expert (router logits move by up
+# to ~0.09 here, and the k-th and k+1-th expert are often closer), which moves every later logit by up to
+# ~3: from the first token routed differently on, positions are counted as undecided too.
 
-CASES = {  # name: (architecture, method, writer options, codes kept as they are)
-    "dense-awq": ("qwen3", "awq", {}, True),
-    "dense-gptq4": ("qwen3", "gptq", {}, True),
-    "dense-gptq4-actorder-sym-g64": ("qwen3", "gptq", {"act_order": True, "sym": True, "group": 64}, True),
-    "dense-gptq8": ("qwen3", "gptq", {"bits": 8}, False),
-    "dense-fp8": ("qwen3", "fp8", {}, False),
-    "moe-awq": ("qwen3_moe", "awq", {}, True),
-    "moe-gptq4-actorder-g64": ("qwen3_moe", "gptq", {"act_order": True, "group": 64}, True),
-    "moe-fp8": ("qwen3_moe", "fp8", {}, False),
+CASES = {  # name: (architecture, method, writer options, our format holding the codes as they are, or None)
+    "dense-awq": ("qwen3", "awq", {}, "int4"),
+    "dense-gptq4": ("qwen3", "gptq", {}, "int4"),
+    "dense-gptq4-actorder-sym-g64": ("qwen3", "gptq", {"act_order": True, "sym": True, "group": 64}, "int4"),
+    "dense-gptq8": ("qwen3", "gptq", {"bits": 8}, None),
+    "dense-gptq8-actorder": ("qwen3", "gptq", {"bits": 8, "act_order": True}, None),
+    "dense-gptq8-perchannel-sym": ("qwen3", "gptq", {"bits": 8, "group": -1, "sym": True}, "int8"),
+    "dense-fp8": ("qwen3", "fp8", {}, None),
+    "moe-awq": ("qwen3_moe", "awq", {}, "int4"),
+    "moe-gptq4-actorder-g64": ("qwen3_moe", "gptq", {"act_order": True, "group": 64}, "int4"),
+    "moe-gptq8-actorder": ("qwen3_moe", "gptq", {"bits": 8, "act_order": True}, None),
+    "moe-fp8": ("qwen3_moe", "fp8", {}, None),
 }
 
 
@@ -65,6 +77,18 @@ def written(sources: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) 
     return out
 
 
+def routing(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """The experts each MoE router picks for each position of ids [1, S]: [layers, S, top_k], sorted
+    (empty on a dense model)."""
+    picked: list[torch.Tensor] = []
+    hooks = [m.register_forward_hook(lambda _, __, out: picked.append(out[0].sort(-1).values))
+             for m in model.modules() if isinstance(m, Router)]
+    prompt_logits(model, ids)
+    for hook in hooks:
+        hook.remove()
+    return torch.stack(picked) if picked else torch.empty(0, ids.shape[1], 0, dtype=torch.long)
+
+
 def mean_kl(ref: torch.nn.Module, other: torch.nn.Module) -> float:
     ids = torch.randint(0, 512, (2, 20), generator=torch.Generator().manual_seed(0))
     p = torch.log_softmax(prompt_logits(ref, ids).float(), dim=-1)
@@ -77,7 +101,7 @@ def mean_kl(ref: torch.nn.Module, other: torch.nn.Module) -> float:
 def test_greedy_tokens_match_transformers(name: str, written: dict[str, tuple[Path, Path]],
                                           capsys: pytest.CaptureFixture[str]) -> None:
     quantized, dequantized = written[name]
-    arch, method, _, codes_kept = CASES[name]
+    arch, method, _, kept = CASES[name]
     # transformers reads FP8 itself (dequantizing on CPU); AWQ/GPTQ need gptqmodel: their exact weights.
     ref = load_hf(quantized if method == "fp8" else dequantized)
     want = hf_greedy(ref, PROMPTS, NEW_TOKENS)
@@ -88,21 +112,51 @@ def test_greedy_tokens_match_transformers(name: str, written: dict[str, tuple[Pa
     assert len(layers) == (4 if arch == "qwen3" else 3) * 2  # qkv, o, gate_up + down | experts; lm_head kept
     exact = load_model(quantized, dtype=torch.float32, dequantize=True)
     assert greedy_generate(exact, PROMPTS, NEW_TOKENS) == want
-    if codes_kept:
+    got = greedy_generate(ours, PROMPTS, NEW_TOKENS)
+    if kept == "int4":
         assert "repacked into our int4" in said
         weights = [m.quantized if isinstance(m, QuantLinear) else m.gate_up_proj for m in layers]
         inner = [w.inner if isinstance(w, PermutedInput) else w for w in weights]
         assert all(isinstance(w, Int4Weight) and w.use_kernel for w in inner)
         assert any(isinstance(w, PermutedInput) for w in weights) == ("actorder" in name)
-        assert greedy_generate(ours, PROMPTS, NEW_TOKENS) == want
+    elif kept == "int8":
+        assert "repacked into our int8 per output channel as they are (codes kept, exact)" in said
+        for module_name, module in ours.named_modules():
+            if isinstance(module, QuantLinear):  # the weights are the exact ones, bit for bit
+                assert isinstance(module.quantized, Int8Weight)
+                assert torch.equal(module.quantized.dequantize(), exact.get_submodule(module_name).weight)
+    if kept:
+        assert got == want
+        # int8 kernels round activations to int16 (formats.Int8Weight): 1e-3 rather than 1e-4.
         torch.testing.assert_close(prompt_logits(ours, torch.tensor([PROMPTS[0]])),
-                                   prompt_logits(exact, torch.tensor([PROMPTS[0]])), atol=1e-4, rtol=0)
-    else:
-        assert "requantized to our int8" in said
-        assert isinstance(layers[0].quantized, Int8Weight)
-        kl = mean_kl(exact, ours)
-        print(f"{name}: int8 requantization KL {kl:.1e} nats/position")
-        assert 0 < kl < REQUANT_KL_BOUND
+                                   prompt_logits(exact, torch.tensor([PROMPTS[0]])),
+                                   atol=1e-4 if kept == "int4" else 1e-3, rtol=0)
+        return
+    assert "requantized to our int8" in said
+    assert isinstance(layers[0].quantized, Int8Weight)
+    kl = mean_kl(exact, ours)
+    print(f"{name}: int8 requantization KL {kl:.1e} nats/position")
+    assert 0 < kl < REQUANT_KL_BOUND
+    decided = 0
+    for prompt, ref_tokens, our_tokens in zip(PROMPTS, want, got):
+        ids = torch.tensor([prompt + ref_tokens])
+        ref_logits = ref(ids).logits[0, len(prompt) - 1:-1]
+        top2 = ref_logits.topk(2, dim=-1).values
+        clear = (top2[:, 0] - top2[:, 1]) >= NEAR_TIE  # positions where transformers' choice is not a near tie
+        same_experts = (routing(ours, ids) == routing(exact, ids)).all(-1).all(0)
+        routed = same_experts.cummin(0).values[len(prompt) - 1:-1]
+        clear &= routed
+        # Teacher-forced on transformers' own continuation: every clear choice is ours too.
+        ours_next = prompt_logits(ours, ids)[0, len(prompt) - 1:-1].argmax(-1)
+        assert torch.equal(ours_next[clear], torch.tensor(ref_tokens)[clear]), (prompt, clear.tolist())
+        decided += int(clear.sum())
+        # Decoding freely, our tokens are transformers' ones at least up to its first near tie.
+        first_tie = int((~clear).nonzero()[0]) if not clear.all() else len(ref_tokens)
+        assert our_tokens[:first_tie] == ref_tokens[:first_tie], (prompt, first_tie)
+    print(f"{name}: {decided}/{NEW_TOKENS * len(PROMPTS)} greedy choices clear of a near tie (and routed alike), all equal")
+    # The comparison covers most of a dense continuation (measured 44 to 47 of 72); on MoE, routing
+    # changes leave fewer positions decided (measured 14 to 16 of 72), the KL bound covers the rest.
+    assert decided >= (NEW_TOKENS * len(PROMPTS) // 2 if arch == "qwen3" else 10)
 
 
 @torch.inference_mode()
