@@ -297,7 +297,7 @@ def _decode(read: _Reader, layer: str, scheme: PrequantScheme) -> Decoded:
                        read.get(f"{layer}.g_idx"), scheme)
 
 
-def _assemble(shape: torch.Size, layout: list[Source], parts: list[Decoded]) -> Decoded:
+def assemble_decoded(shape: torch.Size, layout: list[Source], parts: list[Decoded]) -> Decoded:
     """The decoded sources of one parameter (a fused qkv, a stack of experts) in the parameter's shape.
     Codes are kept only when every source has codes with one group size and, per matrix, one order."""
     keep_codes = all(p.codes is not None for p in parts) and len({p.scales.shape[1] for p in parts  # type: ignore[union-attr]
@@ -334,8 +334,9 @@ def _same_order(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
     return torch.equal(a, b)
 
 
-def _to_quantized(decoded: Decoded, dtype: torch.dtype, device: torch.device) -> tuple[QuantizedWeight, bool]:
+def runnable_weight(decoded: Decoded, dtype: torch.dtype, device: torch.device | str) -> tuple[QuantizedWeight, bool]:
     """Our runnable format for one parameter's decoded weights, and whether its codes were kept."""
+    device = torch.device(device)
     if decoded.codes is not None and decoded.scales is not None and decoded.zeros is not None:
         k, groups = decoded.codes.shape[-1], decoded.scales.shape[-1]
         group = k // groups
@@ -394,7 +395,7 @@ def load_prequantized(model: nn.Module, model_dir: str | Path, scheme: PrequantS
     try:
         for name in sorted(quantized):
             layout = plan[name]
-            decoded = _assemble(params[name].shape, layout, [_decode(read, s.name[: -len(".weight")], scheme)
+            decoded = assemble_decoded(params[name].shape, layout, [_decode(read, s.name[: -len(".weight")], scheme)
                                                              for s in layout])
             module_name, _, attr = name.rpartition(".")
             if dequantize:
@@ -402,7 +403,7 @@ def load_prequantized(model: nn.Module, model_dir: str | Path, scheme: PrequantS
                 _set_parameter(model, name, weight.to(device=device, dtype=dtype))
                 report.dequantized.append(module_name)
                 continue
-            qweight, kept = _to_quantized(decoded, dtype, device)
+            qweight, kept = runnable_weight(decoded, dtype, device)
             inner = qweight.inner if isinstance(qweight, PermutedInput) else qweight
             (report.requantized if not kept else report.repacked if isinstance(inner, Int4Weight)
              else report.repacked_int8).append(module_name)
@@ -427,4 +428,4 @@ def load_prequantized(model: nn.Module, model_dir: str | Path, scheme: PrequantS
 
 
 __all__ = ["PrequantScheme", "PrequantReport", "parse_scheme", "load_prequantized", "decode_awq", "decode_gptq",
-           "decode_fp8"]
+           "decode_fp8", "Decoded", "assemble_decoded", "runnable_weight"]
