@@ -24,7 +24,7 @@ from qwenstack.models.base import prompt_logits
 from qwenstack.models.registry import load_model
 from qwenstack.quantization import QuantExperts, QuantLinear
 from qwenstack.quantization.formats import Int4Weight, Int8Weight, PermutedInput
-from qwenstack.quantization.prequantized import parse_scheme
+from qwenstack.quantization.prequantized import Decoded, parse_scheme, runnable_weight
 
 PROMPTS = [[5, 17, 33, 2, 101, 7, 8], [300, 4], [42]]
 NEW_TOKENS = 24
@@ -153,6 +153,19 @@ def test_engine_serves_an_act_order_moe_checkpoint(tmp_path: Path, sources: dict
     got = [o.outputs[0].token_ids for o in engine.generate_all(PROMPTS, [SamplingParams(temperature=0, max_tokens=8,
                                                                              ignore_eos=True)] * len(PROMPTS))]
     assert got == hf_greedy(load_hf(tmp_path / "ref"), PROMPTS, 8)
+
+
+def test_per_channel_codes_become_our_int8_only_when_exact() -> None:
+    codes = torch.tensor([[0, 128, 255, 7], [3, 4, 5, 6]], dtype=torch.uint8)
+    scales = torch.tensor([[0.5], [2.0]])
+    sym = Decoded(codes=codes, scales=scales, zeros=torch.full((2, 1), 128.0))  # q - 128 in -128..127
+    weight, kept = runnable_weight(sym, torch.float32, "cpu")
+    assert kept and isinstance(weight, Int8Weight) and torch.equal(weight.dequantize(), sym.dequantize())
+    for zeros in (torch.full((2, 1), 1.0), torch.full((2, 1), 127.5)):  # 255 - 1 overflows int8; a fractional zero
+        weight, kept = runnable_weight(Decoded(codes=codes, scales=scales, zeros=zeros), torch.float32, "cpu")
+        assert not kept and isinstance(weight, Int8Weight)  # requantized instead
+    grouped = Decoded(codes=codes, scales=torch.tensor([[0.5, 1.0], [2.0, 1.0]]), zeros=torch.full((2, 2), 128.0))
+    assert not runnable_weight(grouped, torch.float32, "cpu")[1]  # two scales per row do not fit a row kernel
 
 
 @pytest.mark.parametrize("change, option", [
