@@ -97,7 +97,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     app.add_argument("--no-ui", action="store_true", help="serve the API only, without the chat page at /")
     app.add_argument("--ui-db", default=None, metavar="PATH", help="SQLite file where the chat page keeps chats")
     app.add_argument("--allow-local-image-paths", action="store_true",
-                     help="let requests name images by file:// path on this machine")
+                     help="let requests name images and videos by file:// path on this machine")
     app.add_argument("--allow-remote-image-urls", action="store_true",
                      help="let requests name images by http(s) URL, which this server then fetches")
     app.add_argument("--mcp", action="append", default=[], metavar="NAME=URL",

@@ -9,11 +9,12 @@ Decisions:
 - Tensors are renamed to the Hugging Face names (blk.N.attn_q -> model.layers.N.self_attn.q_proj; a MoE's
   stacked ffn_*_exps split per expert) and go through the strict loader's checks. Qwen3's Q and K are not
   permuted by llama.cpp's converter (only LLaMA's are), so no un-permutation is needed.
-- Types: F32/F16/BF16 stay full precision in the model's dtype. Quantized types are dequantized exactly
+- Types: F32/F16/BF16 stay full precision in the model's dtype. Q4_0 is our int4-g32 code for code
+  (q4_0.py: its block of 32 is a group with zero point 8). Other quantized types are dequantized exactly
   (gguf's reference dequantizers) and requantized to our nearest format, said once at load: 8-bit-class
-  types (Q8_0, and Q5/Q6 for their precision) to our int8 per output channel, 4-bit-and-below types to our
-  int4 with groups of 32 (their block). Q8_0 cannot be kept code for code: its scales are per 32-element
-  block, ours per row, so its codes are re-rounded to one scale per row.
+  types (Q8_0, and Q5/Q6 for their precision) to our int8 per output channel, other 4-bit-and-below types
+  to our int4 with groups of 32 (their block). Q8_0 cannot be kept code for code: its scales are per
+  32-element block, ours per row, so its codes are re-rounded to one scale per row.
 """
 from __future__ import annotations
 
@@ -123,28 +124,35 @@ def type_class(tensor_type: Any) -> str:
     return "int4" if nbytes * 8 / block < 5 else "int8"
 
 
+def gguf_names(gguf: GgufFile) -> dict[str, tuple[str, int | None]]:
+    """Each Hugging Face tensor name -> the GGUF tensor holding it and, for a MoE's stacked experts, its index."""
+    names: dict[str, tuple[str, int | None]] = {}
+    for name, tensor in gguf.tensors.items():
+        if name in GLOBAL_NAMES:
+            names[GLOBAL_NAMES[name]] = (name, None)
+            continue
+        match = re.fullmatch(r"blk\.(\d+)\.(\w+)\.(weight|bias)", name)
+        if match is None or (match.group(2) not in LAYER_NAMES and match.group(2) not in EXPERT_NAMES):
+            raise CheckpointError(f"{gguf.path.name} has tensor '{name}', which {gguf.arch} does not use")
+        layer, kind, leaf = match.groups()
+        if kind in EXPERT_NAMES:
+            for e in range(int(tensor.shape[2])):
+                names[f"model.layers.{layer}.mlp.experts.{e}.{EXPERT_NAMES[kind]}.{leaf}"] = (name, e)
+        else:
+            names[f"model.layers.{layer}.{LAYER_NAMES[kind]}.{leaf}"] = (name, None)
+    return names
+
+
 def hf_tensors(gguf: GgufFile) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Every tensor dequantized under its Hugging Face name, and each name's GGML type."""
     state: dict[str, torch.Tensor] = {}
     types: dict[str, Any] = {}
-    for name, tensor in gguf.tensors.items():
-        if name in GLOBAL_NAMES:
-            targets = {GLOBAL_NAMES[name]: None}
-        else:
-            match = re.fullmatch(r"blk\.(\d+)\.(\w+)\.(weight|bias)", name)
-            if match is None or (match.group(2) not in LAYER_NAMES and match.group(2) not in EXPERT_NAMES):
-                raise CheckpointError(f"{gguf.path.name} has tensor '{name}', which {gguf.arch} does not use")
-            layer, kind, leaf = match.groups()
-            prefix = f"model.layers.{layer}.mlp.experts" if kind in EXPERT_NAMES else ""
-            if kind in EXPERT_NAMES:
-                experts = int(tensor.shape[2])
-                targets = {f"{prefix}.{e}.{EXPERT_NAMES[kind]}.{leaf}": e for e in range(experts)}
-            else:
-                targets = {f"model.layers.{layer}.{LAYER_NAMES[kind]}.{leaf}": None}
-        data = _dequantized(tensor)
-        for hf_name, expert in targets.items():
-            state[hf_name] = data if expert is None else data[expert]
-            types[hf_name] = tensor.tensor_type
+    dequantized: dict[str, torch.Tensor] = {}
+    for hf_name, (name, expert) in gguf_names(gguf).items():
+        if name not in dequantized:
+            dequantized[name] = _dequantized(gguf.tensors[name])
+        state[hf_name] = dequantized[name] if expert is None else dequantized[name][expert]
+        types[hf_name] = gguf.tensors[name].tensor_type
     return state, types
 
 
@@ -214,8 +222,18 @@ def load_gguf(path: str | Path, dtype: torch.dtype = torch.bfloat16, device: str
     said = [f"GGUF {gguf.path.name} ({stored} tensors)"]
     classes = _module_classes(model, types)
     if quantize and any(c != "float" for c in classes.values()):
-        said += ["dequantized exactly and requantized to our nearest formats (not code for code)"]
-        said += _quantize_as_stored(model, classes)
+        from qwenstack.from_gguf.q4_0 import decode_q4_0_tensors, keep_q4_0_codes
+
+        q4_0 = decode_q4_0_tensors(gguf)
+        kept = keep_q4_0_codes(model, q4_0, dtype, device) if q4_0 else []
+        for name in kept:
+            classes.pop(name)
+        if kept:
+            said.append(f"{len(kept)} Q4_0 layers kept code for code as our int4-g32")
+        if any(c != "float" for c in classes.values()):
+            said.append("others dequantized exactly and requantized to our nearest formats (not code for code)"
+                        if kept else "dequantized exactly and requantized to our nearest formats (not code for code)")
+            said += _quantize_as_stored(model, classes)
     elif any(c != "float" for c in classes.values()):
         said.append(f"dequantized to {str(dtype).replace('torch.', '')}")
     return model, tokenizer, config, ": ".join(said[:2]) + ("; " + "; ".join(said[2:]) if said[2:] else "")

@@ -10,9 +10,16 @@ Each format is mapped at load to our nearest runnable one (formats.py), and the 
 - GPTQ with act-order (desc_act: g_idx scatters a group's input channels): the input channels are stored
   in quantization order, where the groups are contiguous again, and each product gathers the activations
   in that order (formats.PermutedInput): still the original codes.
-- FP8 (e4m3, 128x128 block scales `weight_scale_inv`), GPTQ 8-bit and groups our int4 kernel lacks:
+- GPTQ with one group per row (group_size -1, 4 or 8 bits) whose q - z fits in int8: the codes shifted by
+  their zero point are our int8 per output channel as they are (exact in float32).
+- FP8 (e4m3, 128x128 block scales `weight_scale_inv`), grouped GPTQ 8-bit and groups our int4 kernel lacks:
   dequantized exactly (float32) and requantized to our int8 per output channel (on CUDA, FP8 goes to our
   per-channel fp8). `dequantize=True` keeps the exactly dequantized weights in the model's dtype instead.
+  Why not exact: our int8 kernels hold one scale per output row. Group scales along the input (GPTQ's
+  g128) do not fold into one row scale, and an e4m3 row is not an 8-bit integer grid at all: e4m3 keeps 3
+  mantissa bits at every exponent, so values more than 3 binades apart cannot share one integer step
+  within 127 levels, even with a scale per 128-column block. The cost is measured (`qwenstack
+  eval-quality --quantization as-stored`) and tested (tests/test_prequantized.py).
 - Anything else (other bit widths, AWQ without zero points or with GEMV packing, static FP8 activation
   scales, other GPTQ serialisations, other quant_methods) is refused with an error naming the option.
 
@@ -204,6 +211,7 @@ def decode_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, scheme: PrequantSc
 class PrequantReport:
     scheme: PrequantScheme
     repacked: list[str] = field(default_factory=list)  # int4 codes kept
+    repacked_int8: list[str] = field(default_factory=list)  # per-channel codes kept as our int8
     requantized: list[str] = field(default_factory=list)  # dequantized exactly, then our int8 / fp8
     dequantized: list[str] = field(default_factory=list)  # kept as exact float weights
     target: str = ""  # our format for requantized layers: int8 (CPU) or fp8 (CUDA)
@@ -214,6 +222,10 @@ class PrequantReport:
         if self.repacked:
             exact = "exact" if self.dtype == "float32" else f"scales rounded to {self.dtype}"
             parts.append(f"{len(self.repacked)} layers repacked into our int4 as they are (codes kept, {exact})")
+        if self.repacked_int8:
+            exact = "exact" if self.dtype == "float32" else f"scales rounded to {self.dtype}"
+            parts.append(f"{len(self.repacked_int8)} layers repacked into our int8 per output channel as they are "
+                         f"(codes kept, {exact})")
         if self.requantized:
             parts.append(f"{len(self.requantized)} layers dequantized exactly and requantized to our {self.target} "
                          f"per output channel (not exact)")
@@ -285,7 +297,7 @@ def _decode(read: _Reader, layer: str, scheme: PrequantScheme) -> Decoded:
                        read.get(f"{layer}.g_idx"), scheme)
 
 
-def _assemble(shape: torch.Size, layout: list[Source], parts: list[Decoded]) -> Decoded:
+def assemble_decoded(shape: torch.Size, layout: list[Source], parts: list[Decoded]) -> Decoded:
     """The decoded sources of one parameter (a fused qkv, a stack of experts) in the parameter's shape.
     Codes are kept only when every source has codes with one group size and, per matrix, one order."""
     keep_codes = all(p.codes is not None for p in parts) and len({p.scales.shape[1] for p in parts  # type: ignore[union-attr]
@@ -322,8 +334,9 @@ def _same_order(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
     return torch.equal(a, b)
 
 
-def _to_quantized(decoded: Decoded, dtype: torch.dtype, device: torch.device) -> tuple[QuantizedWeight, bool]:
+def runnable_weight(decoded: Decoded, dtype: torch.dtype, device: torch.device | str) -> tuple[QuantizedWeight, bool]:
     """Our runnable format for one parameter's decoded weights, and whether its codes were kept."""
+    device = torch.device(device)
     if decoded.codes is not None and decoded.scales is not None and decoded.zeros is not None:
         k, groups = decoded.codes.shape[-1], decoded.scales.shape[-1]
         group = k // groups
@@ -333,12 +346,28 @@ def _to_quantized(decoded: Decoded, dtype: torch.dtype, device: torch.device) ->
             if decoded.order is not None:
                 weight = PermutedInput(weight, decoded.order.to(device))
             return weight, True
+        int8 = _int8_codes(decoded)
+        if int8 is not None:
+            return Int8Weight.from_codes(int8.to(device), decoded.scales[..., 0].to(device=device, dtype=dtype)), True
         decoded = Decoded(weight=decoded.dequantize())
     assert decoded.weight is not None
     w = decoded.weight.to(device)
     if device.type == "cuda":
         return Fp8Weight.quantize(w, dtype), False
     return Int8Weight.quantize(w, dtype), False
+
+
+def _int8_codes(decoded: Decoded) -> torch.Tensor | None:
+    """With one group per row (GPTQ's group_size -1), w = (q - z) * s is our int8 per output channel exactly
+    when every z is a whole number and every q - z fits in int8: those codes, else None. (Grouped scales do
+    not fit a per-row kernel, and FP8's e4m3 values span more binades than 8-bit integers hold.)"""
+    assert decoded.codes is not None and decoded.scales is not None and decoded.zeros is not None
+    if decoded.scales.shape[-1] != 1 or decoded.order is not None or not torch.equal(decoded.zeros, decoded.zeros.round()):
+        return None
+    shifted = decoded.codes.to(torch.int16) - decoded.zeros.to(torch.int16)
+    if shifted.min() < -128 or shifted.max() > 127:
+        return None
+    return shifted.to(torch.int8)
 
 
 def load_prequantized(model: nn.Module, model_dir: str | Path, scheme: PrequantScheme, dtype: torch.dtype,
@@ -366,7 +395,7 @@ def load_prequantized(model: nn.Module, model_dir: str | Path, scheme: PrequantS
     try:
         for name in sorted(quantized):
             layout = plan[name]
-            decoded = _assemble(params[name].shape, layout, [_decode(read, s.name[: -len(".weight")], scheme)
+            decoded = assemble_decoded(params[name].shape, layout, [_decode(read, s.name[: -len(".weight")], scheme)
                                                              for s in layout])
             module_name, _, attr = name.rpartition(".")
             if dequantize:
@@ -374,8 +403,10 @@ def load_prequantized(model: nn.Module, model_dir: str | Path, scheme: PrequantS
                 _set_parameter(model, name, weight.to(device=device, dtype=dtype))
                 report.dequantized.append(module_name)
                 continue
-            qweight, kept = _to_quantized(decoded, dtype, device)
-            (report.repacked if kept else report.requantized).append(module_name)
+            qweight, kept = runnable_weight(decoded, dtype, device)
+            inner = qweight.inner if isinstance(qweight, PermutedInput) else qweight
+            (report.requantized if not kept else report.repacked if isinstance(inner, Int4Weight)
+             else report.repacked_int8).append(module_name)
             module = model.get_submodule(module_name)
             if isinstance(module, Experts):
                 experts[module_name][attr] = qweight
@@ -397,4 +428,4 @@ def load_prequantized(model: nn.Module, model_dir: str | Path, scheme: PrequantS
 
 
 __all__ = ["PrequantScheme", "PrequantReport", "parse_scheme", "load_prequantized", "decode_awq", "decode_gptq",
-           "decode_fp8"]
+           "decode_fp8", "Decoded", "assemble_decoded", "runnable_weight"]

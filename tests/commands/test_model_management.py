@@ -96,3 +96,16 @@ def test_ps_reports_loaded_models(tiny_qwen3: Path, capsys: pytest.CaptureFixtur
         assert lines[0].split()[:3] == ["NAME", "DEVICE", "WEIGHTS"] and lines[1].startswith("tiny  cpu (float32)")
         assert main(["ps", "--base-url", srv.url]) == 1  # no key: the server says 401
     assert main(["ps", "--base-url", srv.url]) == 1 and "no answer" in capsys.readouterr().err
+
+
+
+def test_pull_shows_a_progress_bar(hub: FakeHub, capsys: pytest.CaptureFixture[str]) -> None:
+    # qwenstack's own bar (tqdm on stderr, in bytes, named by the repo), shown whatever
+    # HF_HUB_DISABLE_PROGRESS_BARS says (the fixture sets it for huggingface_hub's bars).
+    assert main(["pull", REPO]) == 0
+    captured = capsys.readouterr()
+    frames = [f for f in captured.err.replace("\n", "\r").split("\r") if f.startswith(f"{REPO}:")]
+    assert frames, captured.err
+    assert frames[0].startswith(f"{REPO}:   0%") and "/200k" in frames[0]  # the missing bytes, shown from the start
+    assert frames[-1].startswith(f"{REPO}: 100%") and "200k/200k" in frames[-1] and "B/s" in frames[-1]
+    assert "%|" not in captured.out  # the bar is not mixed into stdout

@@ -245,6 +245,12 @@ def test_whitespace_is_compact_unless_a_pattern_relaxes_it(tokenizer: Tokenizer)
     assert not accepts(make_json_processor(tokenizer, PERSON_FORMAT), tokenizer, compact.replace(", ", ",\n"))
     relaxed = make_json_processor(tokenizer, PERSON_FORMAT, whitespace_pattern="[ \\n]*")
     assert accepts(relaxed, tokenizer, pretty)
+    any_object = {"type": "json_object"}  # json_object: the same compact default, the same relaxing
+    assert accepts(make_json_processor(tokenizer, any_object), tokenizer, '{"a": [1, 2], "b": {"c": null}}')
+    for loose in ('{"a": [1,2]}', '{"a":1}', '{ "a": 1}', '{"a": 1}\n', '{\n"a": 1}', '{"a": [1, 2 ]}'):
+        assert not accepts(make_json_processor(tokenizer, any_object), tokenizer, loose), loose
+    assert accepts(make_json_processor(tokenizer, any_object, whitespace_pattern="[ \\n]*"), tokenizer,
+                   '{\n  "a": [\n    1,\n    2\n  ]\n}')
     # An integer without bounds is bounded to I-JSON's range: no endless digits.
     assert accepts(make_json_processor(tokenizer, PERSON_FORMAT), tokenizer, compact.replace("3", "9007199254740991"))
     assert not accepts(make_json_processor(tokenizer, PERSON_FORMAT), tokenizer, compact.replace("3", "9" * 17))

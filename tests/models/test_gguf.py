@@ -15,6 +15,7 @@ from tokenizers import AddedToken
 from tokenizers import Tokenizer as RustTokenizer
 
 from checkpoints import CORPUS, build_hf_checkpoint, dense_config, hf_greedy, load_hf, moe_config
+from greedy_agreement import assert_greedy_agrees
 from gguf_checkpoints import write_gguf
 from server_utils import BackgroundServer
 from qwenstack.errors import ModelNotFoundError, UnsupportedModelError
@@ -24,13 +25,16 @@ from qwenstack.engine.reference import greedy_generate
 from qwenstack.llm import DEMO_MODEL_DIR, LLM
 from qwenstack.models.base import prompt_logits
 from qwenstack.models.registry import load_model
-from qwenstack.quantization import QuantLinear
-from qwenstack.quantization.formats import Int8Weight
+from qwenstack.quantization import QuantExperts, QuantLinear
+from qwenstack.quantization.formats import Int4Weight, Int8Weight
 from qwenstack.tokenizer import Tokenizer
 from tokenizer_training import ADDED_TOKENS, SPECIAL_TOKENS, save_tokenizer
 
 PROMPTS = [[5, 17, 33, 2, 101, 7, 8], [300, 4], [42]]
 NEW_TOKENS = 24
+# Q4_0 (gguf's quantizer) moves the next-token distribution of these random models by a mean KL of 3.7e-2 to
+# 4.2e-2 nats per position from the original: its own loss, which our int4 keeps exactly, adding none.
+Q4_KL_BOUND = 0.12
 MULTILINGUAL = [
     "The quick brown fox jumps over the lazy dog.", "Où est la bibliothèque ? Ça va très bien, merci !",
     "Größenwahnsinnige Straßenbahn-Fahrer äßen Brötchen.", "你好，世界！今天天气很好。", "こんにちは、世界。カタカナとひらがな。",
@@ -75,16 +79,65 @@ def test_q8_0_runs_as_int8_with_the_same_greedy_tokens(tmp_path: Path) -> None:
     assert greedy_generate(model, prompts, 32) == hf_greedy(load_hf(DEMO_MODEL_DIR), prompts, 32)
 
 
+def mean_kl(ref: torch.nn.Module, other: torch.nn.Module) -> float:
+    ids = torch.randint(0, 512, (2, 20), generator=torch.Generator().manual_seed(0))
+    p, q = (torch.log_softmax(prompt_logits(m, ids), -1) for m in (ref, other))
+    return (p.exp() * (p - q)).sum(-1).mean().item()
+
+
 @torch.inference_mode()
-def test_q8_0_moe_stays_close_to_the_original(sources: dict[str, Path], tmp_path: Path) -> None:
+def test_q8_0_moe_gives_the_original_greedy_tokens(sources: dict[str, Path], tmp_path: Path) -> None:
     path = write_gguf(sources["qwen3_moe"], tmp_path / "moe-Q8_0.gguf", "Q8_0")
     model, *_ = load_gguf(path, dtype=torch.float32)
-    ref = load_model(sources["qwen3_moe"], torch.float32)
-    ids = torch.randint(0, 512, (2, 20), generator=torch.Generator().manual_seed(0))
-    p, q = (torch.log_softmax(prompt_logits(m, ids), -1) for m in (ref, model))
-    kl = (p.exp() * (p - q)).sum(-1).mean().item()
+    exact = load_model(sources["qwen3_moe"], torch.float32)
+    kl = mean_kl(exact, model)
     print(f"Q8_0 MoE: KL {kl:.1e} nats/position")  # the int8 KL bound of test_quantization.py
     assert 0 < kl < 5e-3
+    hf = load_hf(sources["qwen3_moe"])
+    want = hf_greedy(hf, PROMPTS, NEW_TOKENS)
+    got = greedy_generate(model, PROMPTS, NEW_TOKENS)
+    decided = assert_greedy_agrees(lambda ids: hf(ids).logits[0], exact, model, PROMPTS, want, got)
+    print(f"Q8_0 MoE: {decided}/{NEW_TOKENS * len(PROMPTS)} greedy choices clear of a near tie and routed alike")
+    assert decided >= NEW_TOKENS * len(PROMPTS) // 4
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize("arch", ["qwen3", "qwen3_moe"])
+def test_q4_0_runs_as_our_int4_code_for_code(arch: str, sources: dict[str, Path], tmp_path: Path) -> None:
+    path = write_gguf(sources[arch], tmp_path / "tiny-Q4_0.gguf", "Q4_0")  # gguf's own Q4_0 quantizer
+    model, _, _, said = load_gguf(path, dtype=torch.float32)
+    assert "Q4_0 layers kept code for code as our int4-g32" in said and "requantized" not in said
+    as_stored = load_gguf(path, dtype=torch.float32, quantize=False)[0]  # the file's weights, dequantized by gguf
+    layers = dict(m for m in model.named_modules() if isinstance(m[1], (QuantLinear, QuantExperts)))
+    assert len(layers) == (4 if arch == "qwen3" else 3) * 2 + 1  # qkv, o, gate_up, down | experts; lm_head
+    for name, module in layers.items():
+        if name == "lm_head" and arch == "qwen3":  # tied: the embedding's codes
+            pairs = [(module.quantized, as_stored.model.embed_tokens.weight)]
+        elif isinstance(module, QuantLinear):
+            pairs = [(module.quantized, as_stored.get_submodule(name).weight)]
+        else:
+            pairs = [(getattr(module, s), getattr(as_stored.get_submodule(name), s)) for s in ("gate_up_proj", "down_proj")]
+        for weight, want in pairs:
+            assert isinstance(weight, Int4Weight) and weight.use_kernel and weight.group_size == 32
+            got = torch.stack([weight.dequantize(e) for e in range(want.shape[0])]) if want.dim() == 3 else weight.dequantize()
+            assert torch.equal(got, want), name  # the same weights, bit for bit
+    ids = torch.tensor([PROMPTS[0]])
+    torch.testing.assert_close(prompt_logits(model, ids), prompt_logits(as_stored, ids), atol=1e-4, rtol=0)
+    kl = mean_kl(load_model(sources[arch], torch.float32), model)
+    print(f"Q4_0 {arch}: KL {kl:.1e} nats/position from the original (Q4_0's own loss)")
+    assert 0 < kl < Q4_KL_BOUND
+
+
+@torch.inference_mode()
+def test_f16_file_gives_the_original_greedy_tokens(sources: dict[str, Path], tmp_path: Path) -> None:
+    path = write_gguf(sources["qwen3"], tmp_path / "tiny-F16.gguf", "F16")
+    model, _, _, said = load_gguf(path, dtype=torch.float32)
+    assert "F16" in said and "requantized" not in said
+    assert not any(isinstance(m, QuantLinear) for m in model.modules())
+    assert greedy_generate(model, PROMPTS, NEW_TOKENS) == hf_greedy(load_hf(sources["qwen3"]), PROMPTS, NEW_TOKENS)
+    ids = torch.tensor([PROMPTS[0]])  # bfloat16 weights in float16: exact except the few below its normal range
+    torch.testing.assert_close(prompt_logits(model, ids), prompt_logits(load_model(sources["qwen3"], torch.float32), ids),
+                               atol=1e-4, rtol=0)
 
 
 def qwen2_style_checkpoint_tokenizer(out_dir: Path) -> Path:

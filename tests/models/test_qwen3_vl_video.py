@@ -155,13 +155,17 @@ def test_resize_patches_and_prompt_match_transformers(processor: VideoProcessor,
     assert got == tok.encode(template.replace("<|video_pad|>", text))
 
 
-@pytest.mark.slow
+# A longer, larger clip: 30 frames at 8 fps (3.75 s) of 160x96 -> 8 frames sampled, a bigger grid per group.
+LARGER_CLIP = make_video(30, fps=8, width=160, height=96, seed=3)
+
+
 @torch.inference_mode()
-def test_model_matches_transformers_on_video(served: ServedModel, processor: VideoProcessor, vl_path: Path) -> None:
-    """Slow (transformers' Qwen3-VL generate); the default run checks the model through the server test."""
+@pytest.mark.parametrize("clip", [CLIP, pytest.param(LARGER_CLIP, marks=pytest.mark.slow)], ids=["small", "larger"])
+def test_model_matches_transformers_on_video(served: ServedModel, processor: VideoProcessor, vl_path: Path,
+                                             clip: bytes) -> None:
     from qwenstack.serving.videos import expand_video_placeholders
 
-    processed = processor(CLIP)
+    processed = processor(clip)
     tok = served.tokenizer
     prompt = tok.encode("<|im_start|>user\nWhat happens <|vision_start|><|video_pad|><|vision_end|>?<|im_end|>\n"
                         "<|im_start|>assistant\n")
@@ -216,6 +220,30 @@ async def _engine_text(served: ServedModel, ids: list[int], groups: list) -> str
                                             multimodal=MultimodalInputs(groups)):
         final = out
     return final.outputs[0].text
+
+
+def test_local_video_paths_where_the_serve_flag_allows_them(served: ServedModel, tmp_path: Path) -> None:
+    import dataclasses
+
+    from qwenstack.cli import build_parser, discover_commands
+    from qwenstack.commands.serve import serve_config_from_args, server_config
+
+    args = build_parser(discover_commands()[0]).parse_args(["serve", "--allow-local-image-paths", "--no-ui"])
+    config = dataclasses.replace(server_config(serve_config_from_args(args)), max_video_frames=8, max_video_seconds=5,
+                                 max_video_bytes=200_000, max_videos_per_request=1)
+    assert config.allow_local_image_paths
+    clip = tmp_path / "clip.mp4"
+    clip.write_bytes(CLIP)
+    with BackgroundServer(create_app([served], config)) as srv:
+        from_disk = ask(srv, [{"type": "text", "text": "What happens?"}, video_part(clip.as_uri())])
+        inline = ask(srv, [{"type": "text", "text": "What happens?"}, video_part(video_url(CLIP))])
+        assert from_disk.choices[0].message.content == inline.choices[0].message.content
+        assert from_disk.usage.prompt_tokens == inline.usage.prompt_tokens
+        for url, message in [((tmp_path / "missing.mp4").as_uri(), "missing.mp4"),
+                             ("file:relative/clip.mp4", "absolute path")]:
+            with pytest.raises(openai.BadRequestError) as info:
+                ask(srv, [video_part(url)])
+            assert message in info.value.body["message"]
 
 
 @pytest.mark.parametrize("content, message", [

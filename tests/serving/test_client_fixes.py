@@ -200,3 +200,41 @@ def test_demo_model_completes_a_json_schema_answer() -> None:
             continue
         valid += r.choices[0].finish_reason == "stop"
     assert valid >= 9, [r.choices[0].message.content for r in replies]
+
+
+# A model that writes pretty-printed JSON (as small models like to): newlines and indentation.
+PRETTY = '{\n  "city": "Paris",\n  "sunny": true\n}'
+CITY = {"type": "object", "properties": {"city": {"type": "string"}, "sunny": {"type": "boolean"}},
+        "required": ["city", "sunny"]}
+
+
+@pytest.fixture(scope="module")
+def pretty_client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[openai.OpenAI]:
+    ckpt = build_scripted_checkpoint(tmp_path_factory.mktemp("pretty"), "<think>\nJSON.\n</think>\n\n" + PRETTY)
+    app = create_app([tiny_served_model(ckpt.path, "pretty")], ServerConfig(enable_ui=False))
+    with BackgroundServer(app) as srv:
+        yield openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0)
+
+
+@pytest.mark.parametrize("response_format", [
+    {"type": "json_object"}, {"type": "json_schema", "json_schema": {"name": "city", "schema": CITY}}],
+    ids=["json_object", "json_schema"])
+def test_json_whitespace_is_compact_unless_the_request_relaxes_it(pretty_client: openai.OpenAI,
+                                                                  response_format: dict) -> None:
+    def answer(**extra: Any) -> Any:
+        return pretty_client.chat.completions.create(
+            model="pretty", messages=QUESTION, temperature=0, max_tokens=40, response_format=response_format,
+            extra_body={"chat_template_kwargs": {"enable_thinking": False}, **extra}).choices[0]
+
+    free = pretty_client.chat.completions.create(model="pretty", messages=QUESTION, temperature=0, max_tokens=40,
+                                                 extra_body={"chat_template_kwargs": {"enable_thinking": False}})
+    assert free.choices[0].message.content == PRETTY  # what the model writes unconstrained
+    compact = answer()
+    # By default the grammar holds whitespace to json.dumps' separators: the model's newlines and
+    # indentation are masked, whatever it writes instead.
+    assert "\n" not in compact.message.content and "  " not in compact.message.content, compact.message.content
+    # vLLM's guided_whitespace_pattern relaxes it: the model's own pretty JSON passes through.
+    relaxed = answer(guided_whitespace_pattern="[ \\n]*")
+    assert relaxed.message.content == PRETTY and relaxed.finish_reason == "stop"
+    assert json.loads(relaxed.message.content) == {"city": "Paris", "sunny": True}
+

@@ -62,7 +62,7 @@ def write_tokenizer_metadata(writer, hf_dir: Path) -> None:
 
 
 def write_gguf(hf_dir: Path, out: Path, file_type: str = "F32") -> Path:
-    """hf_dir: a qwen3 or qwen3_moe checkpoint with one model.safetensors. file_type: F32, BF16, F16 or Q8_0
+    """hf_dir: a qwen3 or qwen3_moe checkpoint with one model.safetensors. file_type: F32, BF16, F16, Q8_0 or another type gguf.quants can quantize (Q4_0, Q4_1, Q5_0, ...)
     (applied to every 2-D weight, as llama.cpp's --outtype does)."""
     import gguf
 

@@ -81,6 +81,7 @@ def quantize_gptq(w: torch.Tensor, bits: int, group: int, sym: bool, perm: torch
     scales [K/G, N], g_idx [K]) and the exact dequantized weight. perm: act-order (input channels quantized
     in this order; group j holds perm[j*G:(j+1)*G])."""
     n, k = w.shape
+    group = k if group == -1 else group  # -1: one group per row
     perm = torch.arange(k) if perm is None else perm
     g_idx = torch.empty(k, dtype=torch.int32)
     g_idx[perm] = (torch.arange(k) // group).to(torch.int32)
