@@ -13,13 +13,13 @@ export function pcm16Samples(b64) {
 }
 
 // Plays chunks back to back from the moment the first arrives.
-export function player(rate = RATE) {
-  const context = new AudioContext({ sampleRate: rate });
+// Pass `context` to play into one the caller already has (live translation records from it too).
+export function player(rate = RATE, context = new AudioContext({ sampleRate: rate })) {
   let at = 0;
   return {
     context,
-    play(samples) {
-      const buffer = context.createBuffer(1, samples.length, rate);
+    play(samples, sampleRate = rate) {  // returns the chunk's duration in seconds
+      const buffer = context.createBuffer(1, samples.length, sampleRate);
       buffer.copyToChannel(samples, 0);
       const node = context.createBufferSource();
       node.buffer = buffer;

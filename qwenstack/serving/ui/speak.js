@@ -3,6 +3,7 @@
 // plays every chunk as it arrives, scheduled back to back in one AudioContext, so speech starts after the
 // first 80 ms frame rather than after the whole answer. One answer speaks at a time; clicking again stops.
 import { apiFetch } from "./api.js";
+import { player } from "./playback.js";
 import { h } from "./views.js";
 
 const RATE = 24000;
@@ -65,13 +66,13 @@ function pcmDecoder() {
 async function speak(button, text) {
   if (voiceState.playing?.button === button) { stop(); return; }
   stop();
-  const ctx = new AudioContext({ sampleRate: RATE });
+  const speaker = player(RATE);
+  const ctx = speaker.context;
   const abort = new AbortController();
   voiceState.playing = { button, abort, ctx };
   button.textContent = "Stop speaking";
   button.dataset.state = "loading";
   const { model, voice } = chosenVoice();
-  let at = 0;
   try {
     const response = await apiFetch("v1/audio/speech", {
       method: "POST", headers: { "Content-Type": "application/json" }, signal: abort.signal,
@@ -85,19 +86,12 @@ async function speak(button, text) {
       if (done) break;
       const samples = decode(value);
       if (!samples.length) continue;
-      const buffer = ctx.createBuffer(1, samples.length, RATE);
-      buffer.copyToChannel(samples, 0);
-      const source = ctx.createBufferSource();
-      source.buffer = buffer;
-      source.connect(ctx.destination);
-      at = Math.max(at, ctx.currentTime);
-      source.start(at);
-      at += buffer.duration;
+      speaker.play(samples);
       button.dataset.state = "playing";
     }
     // Leave the button in "Stop" until the scheduled audio has played out.
     setTimeout(() => { if (voiceState.playing?.button === button) stop(); },
-      Math.max(0, (at - ctx.currentTime) * 1000) + 50);
+      speaker.remaining() * 1000 + 50);
   } catch (e) {
     if (voiceState.playing?.button === button) {
       stop();

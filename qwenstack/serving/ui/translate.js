@@ -2,7 +2,7 @@
 // both transcripts scrolling as they are committed (the revisable tails in grey), the translated speech
 // played as it arrives, and the lag the server measured for each translated sentence.
 import { apiSocket } from "./api.js";
-import { pcm16Samples } from "./playback.js";
+import { pcm16Samples, player } from "./playback.js";
 
 const $ = (testid, root = document) => root.querySelector(`[data-testid="${testid}"]`);
 const RATE = 24000;  // what translation sessions take and give
@@ -57,7 +57,7 @@ export function setupTranslation({ pipelines }) {
     const ws = apiSocket(`v1/realtime/translations?model=${encodeURIComponent(models.value)}`);
     const heard = transcript(source);
     const said = transcript(output);
-    let playAt = 0;
+    const speaker = player(RATE, context);
     let audioMs = 0;
     panel.dataset.audioMs = "0";
     const mic = context.createMediaStreamSource(stream);
@@ -94,16 +94,7 @@ export function setupTranslation({ pipelines }) {
       if (event.type === "session.input_transcript.delta") heard(event.delta, event.tentative);
       else if (event.type === "session.output_transcript.delta") said(event.delta, event.tentative);
       else if (event.type === "session.output_audio.delta") {
-        const samples = pcm16Samples(event.delta);
-        const buffer = context.createBuffer(1, samples.length, event.sample_rate || RATE);
-        buffer.copyToChannel(samples, 0);
-        const node = context.createBufferSource();
-        node.buffer = buffer;
-        node.connect(context.destination);
-        playAt = Math.max(playAt, context.currentTime);
-        node.start(playAt);
-        playAt += buffer.duration;
-        audioMs += 1000 * buffer.duration;
+        audioMs += 1000 * speaker.play(pcm16Samples(event.delta), event.sample_rate || RATE);
         panel.dataset.audioMs = String(Math.round(audioMs));
         if (event.lag_ms) lag.textContent = `${(event.lag_ms / 1000).toFixed(1)} s`;
       } else if (event.type === "error") say(`Error: ${event.error?.message ?? "unknown"}`);
