@@ -428,7 +428,7 @@ def test_chat_is_answered_while_an_image_job_runs(pipelines: dict[str, ImagePipe
         chat = sdk(server).chat.completions
 
         def ask(i: int) -> Any:
-            return chat.create(model="chat", messages=[{"role": "user", "content": f"hello {i}"}], max_tokens=8,
+            return chat.create(model="chat", messages=[{"role": "user", "content": f"hello {i}"}], max_tokens=32,
                                temperature=0, extra_body={"ignore_eos": True})
 
         ask(0)  # the engine's first request (kernel builds, warm-up) before any image job
@@ -443,6 +443,9 @@ def test_chat_is_answered_while_an_image_job_runs(pipelines: dict[str, ImagePipe
             job = queue.running
             assert job is not None and True not in seen
             answers = [ask(i) for i in range(1, 4)]
+            # A request may fall between two of the worker's looks: a few more until it has seen one, if needed.
+            while True not in seen and len(answers) < 12:
+                answers.append(ask(len(answers) + 1))
             during = job.record.steps_done
             assert queue.running is job and job.record.status == "running"
             deadline = time.monotonic() + 30
@@ -452,5 +455,5 @@ def test_chat_is_answered_while_an_image_job_runs(pipelines: dict[str, ImagePipe
         finally:
             response.close()
             client.close()
-    assert [a.usage.completion_tokens for a in answers] == [8, 8, 8]
+    assert {a.usage.completion_tokens for a in answers} == {32}
     assert True in seen and seen[-1] is False  # the worker saw chat busy, then idle again
