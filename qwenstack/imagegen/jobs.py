@@ -24,6 +24,7 @@ from PIL import Image
 from qwenstack.imagegen.pipelines import ImagePipeline
 
 OUTPUT_FORMATS = {"png": "PNG", "webp": "WEBP", "jpeg": "JPEG"}
+PNG_COMPRESS_LEVEL = 1  # the server's time per job counts more than ~10% of response bytes
 
 
 @dataclass
@@ -131,6 +132,8 @@ def encode_image(image: Image.Image, output_format: str, compression: int | None
     options: dict[str, Any] = {}
     if output_format in ("webp", "jpeg"):
         options["quality"] = 95 if compression is None else compression
+    else:  # zlib level 1: a 1024x1024 image encodes in ~2/3 of the default level 6's time, ~10% larger
+        options["compress_level"] = PNG_COMPRESS_LEVEL
     image.convert("RGB").save(buffer, OUTPUT_FORMATS[output_format], **options)
     return buffer.getvalue()
 

@@ -124,12 +124,39 @@ def choose_offload(model_dir: Path, device: str, offload: str) -> str:
     return mode
 
 
+@dataclass(frozen=True)
+class Placement:
+    """Where a pipeline runs: its device, its weights' dtype and diffusers' offload mode."""
+
+    device: str
+    dtype: Any  # a torch.dtype
+    offload: str  # none, model or sequential
+
+
+def choose_placement(model_dir: Path, device: str | None = None, dtype: str | None = None,
+                     offload: str = "auto") -> Placement:
+    """CUDA (bfloat16) when torch sees a GPU, else CPU (float32); the offload mode from the free GPU memory."""
+    import torch
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    torch_dtype = getattr(torch, dtype) if dtype else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
+    return Placement(device, torch_dtype, choose_offload(model_dir, device, offload))
+
+
+def place(pipe: Any, placement: Placement) -> None:
+    """Moves a loaded pipeline to its device, or hands the moving to diffusers' offload hooks."""
+    if placement.offload == "model":
+        pipe.enable_model_cpu_offload(device=placement.device)
+    elif placement.offload == "sequential":
+        pipe.enable_sequential_cpu_offload(device=placement.device)
+    else:
+        pipe.to(placement.device)
+
+
 def load_image_pipeline(model: str, *, name: str | None = None, device: str | None = None,
                         dtype: str | None = None, offload: str = "auto") -> ImagePipeline:
     """Loads a Qwen-Image pipeline from a local directory or a Hugging Face id."""
     import time
-
-    import torch
 
     from qwenstack.imagegen.compat import image_only_processor, torchvision_available
     from qwenstack.resolve import resolve_model
@@ -137,20 +164,13 @@ def load_image_pipeline(model: str, *, name: str | None = None, device: str | No
     diffusers = import_diffusers()
     model_dir = resolve_model(model)
     kind = KINDS[read_class_name(model_dir)]
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    torch_dtype = getattr(torch, dtype) if dtype else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
+    placement = choose_placement(model_dir, device, dtype, offload)
     extra: dict[str, Any] = {}
     if (model_dir / "processor").is_dir() and not torchvision_available():
         extra["processor"] = image_only_processor(model_dir / "processor")
     pipeline_class = getattr(diffusers, kind.class_name)
-    pipe = pipeline_class.from_pretrained(model_dir, dtype=torch_dtype, **extra)
+    pipe = pipeline_class.from_pretrained(model_dir, dtype=placement.dtype, **extra)
     pipe.set_progress_bar_config(disable=True)  # progress goes to our own events, not to stderr
-    mode = choose_offload(model_dir, device, offload)
-    if mode == "model":
-        pipe.enable_model_cpu_offload(device=device)
-    elif mode == "sequential":
-        pipe.enable_sequential_cpu_offload(device=device)
-    else:
-        pipe.to(device)
+    place(pipe, placement)
     served_name = name or (model if not Path(model).expanduser().is_dir() else Path(model).resolve().name)
-    return ImagePipeline(served_name, pipe, kind, device, created=int(time.time()))
+    return ImagePipeline(served_name, pipe, kind, placement.device, created=int(time.time()))

@@ -21,7 +21,8 @@ def _count(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-@pytest.mark.slow  # ~35 s on two shared cores: building a 29B-parameter pipeline, even on meta, is not free
+# ~8 s under load on two shared cores (building the modules on meta and counting the VAE's FLOPs), plus
+# importing diffusers and transformers, which the other image tests of a run import anyway.
 def test_sizes_are_those_of_the_published_configs() -> None:
     pytest.importorskip("diffusers")
     from diffusers import AutoencoderKLQwenImage, QwenImageTransformer2DModel

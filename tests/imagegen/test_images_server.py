@@ -56,7 +56,8 @@ def direct(pipeline: ImagePipeline, images: list[Image.Image], seed: int, **kwar
     """The diffusers pipeline called the way its documentation shows (true CFG 4 against a blank negative
     prompt, as the server's defaults), with a CPU generator."""
     call = dict(prompt=PROMPT, negative_prompt=" ", true_cfg_scale=4.0, height=32, width=32, num_inference_steps=2,
-                generator=torch.Generator().manual_seed(seed), **kwargs)
+                generator=torch.Generator().manual_seed(seed))
+    call.update(kwargs)
     if images:
         call["image"] = images if len(images) > 1 else images[0]
     return np.asarray(pipeline.pipe(**call).images[0])
@@ -167,6 +168,40 @@ def test_streamed_final_image_equals_the_non_streamed_one(plus_server: Backgroun
     pixels(partials[0]["b64_json"])
     completed = [e for e in events if e["type"] == "image_edit.completed"]
     assert len(completed) == 1 and completed[0]["b64_json"] == plain and completed[0]["size"] == "32x32"
+
+
+@pytest.mark.parametrize("output_format, pil_format", [("webp", "WEBP"), ("jpeg", "JPEG")])
+def test_webp_and_jpeg_outputs_decode_in_their_format(plus_server: BackgroundServer, output_format: str,
+                                                      pil_format: str) -> None:
+    images = [png(IMAGE_A), png(IMAGE_B)]
+    lossless = pixels(edit_form(plus_server, images, seed=6).json()["data"][0]["b64_json"])
+    encoded = {}
+    for quality in (95, 10):
+        response = edit_form(plus_server, images, seed=6, output_format=output_format, output_compression=quality)
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert body["output_format"] == output_format
+        encoded[quality] = base64.b64decode(body["data"][0]["b64_json"])
+        image = Image.open(io.BytesIO(encoded[quality]))
+        assert image.format == pil_format and image.size == (32, 32)
+        # The same image as the PNG, encoded at that quality (PIL's encoders are deterministic).
+        reference = io.BytesIO()
+        Image.fromarray(lossless).save(reference, pil_format, quality=quality)
+        np.testing.assert_array_equal(np.asarray(image.convert("RGB")), np.asarray(Image.open(reference).convert("RGB")))
+    assert len(encoded[10]) < len(encoded[95])  # output_compression reaches the encoder
+
+
+def test_negative_prompt_and_true_cfg_scale_reach_the_pipeline(plus_server: BackgroundServer,
+                                                                pipelines: dict[str, ImagePipeline]) -> None:
+    images, plus = [png(IMAGE_A), png(IMAGE_B)], pipelines["edit_plus"]
+    default = pixels(edit_form(plus_server, images, seed=4).json()["data"][0]["b64_json"])
+    for fields in ({"negative_prompt": "blurry, low quality"}, {"true_cfg_scale": 2.5},
+                   {"negative_prompt": "blurry, low quality", "true_cfg_scale": 7.0}):
+        response = edit_form(plus_server, images, seed=4, **fields)
+        assert response.status_code == 200, response.text
+        served = pixels(response.json()["data"][0]["b64_json"])
+        np.testing.assert_array_equal(served, direct(plus, [IMAGE_A, IMAGE_B], seed=4, **fields))
+        assert not np.array_equal(served, default), f"{fields} made no difference"
 
 
 def test_mask_keeps_the_first_image_outside_the_transparent_area(plus_server: BackgroundServer) -> None:
@@ -348,3 +383,77 @@ def test_loading_refuses_other_pipelines(tmp_path: Path) -> None:
     (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
     with pytest.raises(ConfigError, match="QwenImageEditPlusPipeline"):
         read_class_name(tmp_path)
+
+
+def test_loading_on_a_mocked_gpu_places_the_pipeline(dirs: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The whole loading path with torch.cuda mocked (no GPU here): the tiny checkpoint is loaded in bfloat16
+    and handed to diffusers' model offload (free memory below its weights, above its biggest component's),
+    which is recorded instead of run."""
+    import diffusers
+
+    from test_image_placement import fake_gpu
+
+    directory = dirs["generate"]
+    sizes = [sum(f.stat().st_size for f in d.rglob("*.safetensors")) for d in directory.iterdir() if d.is_dir()]
+    free = int(1.25 * (max(sizes) + sum(sizes)) / 2)  # between the biggest component's and all weights' needs
+    fake_gpu(monkeypatch, free)
+    calls: list[tuple[str, Any]] = []
+    monkeypatch.setattr(diffusers.DiffusionPipeline, "enable_model_cpu_offload",
+                        lambda self, device=None: calls.append(("model_offload", device)))
+    monkeypatch.setattr(diffusers.DiffusionPipeline, "to", lambda self, *a, **k: calls.append(("to", a)))
+    pipeline = load_image_pipeline(str(directory), name="t2i")
+    assert calls == [("model_offload", "cuda")] and pipeline.device == "cuda"
+    assert pipeline.pipe.transformer.dtype == torch.bfloat16
+
+
+def test_chat_is_answered_while_an_image_job_runs(pipelines: dict[str, ImagePipeline], tiny_qwen3: Path) -> None:
+    """A chat model and an image model in one app: chat requests are answered while an image job runs, and
+    the app's wiring tells the image worker that chat is busy (it then waits between denoising steps)."""
+    from server_utils import tiny_served_model
+
+    endless = 100_000  # steps: the job outlives the test, which ends it by going away
+    app = create_app([tiny_served_model(tiny_qwen3, "chat")],
+                     ServerConfig(enable_ui=False, image_limits=ImageRequestLimits(max_steps=endless)),
+                     image_pipeline=pipelines["generate"])
+    queue = app.state.qwenstack_images.queue
+    wired = queue.chat_busy
+    seen: list[bool] = []
+
+    def watched() -> bool:
+        seen.append(wired())
+        return seen[-1]
+
+    queue.chat_busy = watched
+    with BackgroundServer(app) as server:
+        chat = sdk(server).chat.completions
+
+        def ask(i: int) -> Any:
+            return chat.create(model="chat", messages=[{"role": "user", "content": f"hello {i}"}], max_tokens=32,
+                               temperature=0, extra_body={"ignore_eos": True})
+
+        ask(0)  # the engine's first request (kernel builds, warm-up) before any image job
+        assert wired() is False  # chat idle again
+        client = httpx.Client(timeout=60)
+        response = client.send(client.build_request(
+            "POST", f"{server.url}/v1/images/generations",
+            json={"prompt": PROMPT, "size": "32x32", "num_inference_steps": endless, "stream": True}), stream=True)
+        lines = response.iter_lines()  # kept open: closing it would close the stream and cancel the job
+        try:
+            assert json.loads(next(line for line in lines if line.startswith("data: "))[6:])["step"] == 1
+            job = queue.running
+            assert job is not None and True not in seen
+            answers = [ask(i) for i in range(1, 4)]
+            # A request may fall between two of the worker's looks: a few more until it has seen one, if needed.
+            while True not in seen and len(answers) < 12:
+                answers.append(ask(len(answers) + 1))
+            during = job.record.steps_done
+            assert queue.running is job and job.record.status == "running"
+            deadline = time.monotonic() + 30
+            while job.record.steps_done == during and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert job.record.steps_done > during, "the image job did not go on after chat"
+        finally:
+            response.close()
+            client.close()
+    assert {a.usage.completion_tokens for a in answers} == {32}
+    assert True in seen and seen[-1] is False  # the worker saw chat busy, then idle again
