@@ -224,7 +224,7 @@ def load_gguf(path: str | Path, dtype: torch.dtype = torch.bfloat16, device: str
     if quantize and any(c != "float" for c in classes.values()):
         from qwenstack.from_gguf.q4_0 import decode_q4_0_tensors, keep_q4_0_codes
 
-        q4_0 = decode_q4_0_tensors(gguf)
+        q4_0 = decode_q4_0_tensors(gguf, gguf_names(gguf))
         kept = keep_q4_0_codes(model, q4_0, dtype, device) if q4_0 else []
         for name in kept:
             classes.pop(name)

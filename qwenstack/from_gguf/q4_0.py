@@ -32,15 +32,14 @@ def decode_q4_0(tensor: Any) -> Decoded:
     return Decoded(codes=torch.from_numpy(codes), scales=scales_t, zeros=torch.full_like(scales_t, 8.0))
 
 
-def decode_q4_0_tensors(gguf: Any) -> dict[str, Decoded]:
-    """Every Q4_0 tensor of a GgufFile decoded, by Hugging Face name (one expert of a stack each)."""
+def decode_q4_0_tensors(gguf: Any, names: dict[str, tuple[str, int | None]]) -> dict[str, Decoded]:
+    """Every Q4_0 tensor of a GgufFile decoded, by Hugging Face name (one expert of a stack each); `names`:
+    model.gguf_names of the file."""
     from gguf import GGMLQuantizationType
-
-    from qwenstack.from_gguf.model import gguf_names
 
     stacks: dict[str, Decoded] = {}
     out: dict[str, Decoded] = {}
-    for hf_name, (name, expert) in gguf_names(gguf).items():
+    for hf_name, (name, expert) in names.items():
         if gguf.tensors[name].tensor_type != GGMLQuantizationType.Q4_0:
             continue
         if name not in stacks:
