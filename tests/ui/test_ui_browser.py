@@ -347,6 +347,9 @@ def test_reload_search_rename_delete(page, server):
     expect(page.get_by_test_id("conversation-item").filter(has_text="Fruit trees")).to_have_count(1)
     expect(page.get_by_test_id("chat-title")).to_have_text("Fruit trees")
     page.reload()
+    # Ready first: opening the conversation of the URL re-renders the list (to mark it active), which would
+    # drop a delete confirmation shown before it.
+    expect(page.locator('[data-testid="app"][data-ready="true"]')).to_be_attached()
     item = page.get_by_test_id("conversation-item").filter(has_text="Fruit trees")
     expect(item).to_have_count(1)
     cid = item.get_attribute("data-id")
