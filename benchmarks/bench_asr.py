@@ -18,6 +18,7 @@ Qwen3-0.6B decoder 28 layers x 1024, 16/8 heads, tied) with transformers' random
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -149,6 +150,12 @@ def live_lag(llm: LLM, samples: np.ndarray, chunk_s: float = 0.1) -> dict[str, A
             "commit_lag": stats(commit)}
 
 
+def decoder_form(llm: LLM) -> str:
+    """The module type of the decoder's first MLP matrix: nn.Linear (plain), PackedLinear or TiledLinear."""
+    mlp = llm.loaded.model.model.language_model.layers[0].mlp
+    return type(next(m for m in mlp.modules() if m is not mlp)).__name__
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("/tmp/asrbench/qwen3-asr-0.6b"))
@@ -168,8 +175,9 @@ def main() -> None:
     short = [speech_like(4.0, seed=10 + i) for i in range(16)]
     results: dict[str, Any] = {"model": "qwen3-asr-0.6b-shaped (random)", "dtype": args.dtype,
                                "tokens_60s": args.tokens, "tokens_each_16": args.tokens_each,
-                               # the CPU linear form the runner timed as fastest at load (it varies with load)
-                               "decoder_linear_form": type(llm.loaded.model.lm_head).__name__}
+                               # the CPU linear form the runner chose at load for the decoder's matrices
+                               "decoder_linear_form": decoder_form(llm),
+                               "load_average_start": os.getloadavg()[0]}
     hf = extractor = None
     if not args.no_transformers:
         import transformers
@@ -200,6 +208,7 @@ def main() -> None:
     if not args.skip_live:
         results["live"] = live_lag(llm, speech_like(args.live_seconds, seed=3))
         print("live:", results["live"], flush=True)
+    results["load_average_end"] = os.getloadavg()[0]
     print(save("asr-qwen3-asr-0.6b", results))
 
 

@@ -2,7 +2,8 @@
 
 Decoding is bound by reading the weights once per step, and on CPU `F.linear` on bfloat16 reads them well
 below the memory bandwidth for a matrix-vector product. Two faster forms, and the runner picks, on the
-model's own largest matrix and this machine, whichever multiplies one row fastest (measure, then pick):
+model's own largest matrices and this machine, whichever multiplies one row fastest in most of several
+interleaved timing rounds (measure, then pick; see FORM_ROUNDS):
 - native: bfloat16 matrices whose sizes are tile multiples (16 rows, 32 columns: every Qwen3 linear) are
   stored tile-packed and multiplied by qwenstack/kernels/linear_tiled_cpu.cpp up to tiled_max_rows() rows
   (decode and batched decode: 512 with AMX, 16 without), by F.linear on the unpacked matrix above. Other matrices keep
@@ -23,6 +24,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -171,34 +173,106 @@ class PackedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, packed"
 
 
-def _largest_linear(model: nn.Module) -> nn.Linear | None:
-    linears = [m for m in model.modules() if type(m) is nn.Linear]
-    return max(linears, key=lambda m: m.weight.numel(), default=None)
+# The form is chosen by timing matrix-vector products, which on a machine shared with other work can be
+# slowed by a burst of load at any moment: one timing of each form, taken one form after the other, picked
+# plain F.linear for a whole benchmark run (2x slower decode) while another process was busy. So every form
+# is timed in each of several rounds, one after another in a rotated order, and the form that wins the
+# most rounds is taken (the best time per form breaks ties): a burst costs at most the rounds it overlaps.
+# The rounds run on one thread: with two threads on a busy 2-core machine every form waited on its
+# preempted second thread (30-60 ms a pass, no form ahead in the votes), while one thread kept the forms
+# apart in every try (the tiled kernel 7.5-8 ms against 11-18 ms for F.linear and oneDNN, 6 rounds of 7).
+# The forms differ in how they read a matrix, which a single thread shows as well as two.
+FORM_ROUNDS = 7
+# The probe products read this many bytes of the model's largest matrices per pass, more than a last-level
+# cache holds: decode streams its weights from memory, and a form's speed on a matrix that stays in cache
+# between repeats is not its speed there.
+PROBE_BYTES = 64 * 2**20
 
 
-def _best_time(fn: Callable[[], object], repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
+def probe_weights(model: nn.Module, budget: int = PROBE_BYTES) -> list[torch.Tensor]:
+    """The weights of the model's largest nn.Linear modules, largest first, until they hold `budget` bytes."""
+    linears = sorted((m for m in model.modules() if type(m) is nn.Linear), key=lambda m: -m.weight.numel())
+    probes: list[torch.Tensor] = []
+    total = 0
+    for m in linears:
+        if total >= budget:
+            break
+        probes.append(m.weight.detach())
+        total += m.weight.numel() * m.weight.element_size()
+    return probes
 
 
-def fastest_form(weight: torch.Tensor, repeats: int = 5) -> str:
-    """Times one matrix-vector product in each available form on this machine (best of `repeats`):
-    "plain" (F.linear), "packed" (oneDNN) or "native"."""
-    x = torch.randn(1, weight.shape[1], dtype=weight.dtype)
-    candidates: dict[str, Callable[[], object]] = {"plain": lambda: F.linear(x, weight)}
+def _form_passes(weights: list[torch.Tensor]) -> dict[str, Callable[[], object]]:
+    """One pass per available form: a one-row product with every probe weight, in the layout the form
+    would give it (the native form tile-packs what tiles, as prepare_cpu_linears does)."""
+    xs = [torch.randn(1, w.shape[1], dtype=w.dtype) for w in weights]
+
+    def each(products: list[Callable[[], object]]) -> Callable[[], object]:
+        return lambda: [p() for p in products]
+
+    passes = {"plain": each([functools.partial(F.linear, x, w) for x, w in zip(xs, weights)])}
     if packing_supported():
-        packed = pack_weight(weight)
-        candidates["packed"] = lambda: packed_linear(x, packed)
-    if weight.dtype in kernels.LINEAR_WEIGHT_DTYPES and kernels.linear_rows_available():
-        candidates["native"] = lambda: kernels.linear_rows(x, weight)
+        passes["packed"] = each([functools.partial(packed_linear, x, pack_weight(w)) for x, w in zip(xs, weights)])
+    if all(w.dtype in kernels.LINEAR_WEIGHT_DTYPES for w in weights) and kernels.linear_rows_available():
+        passes["native"] = each([
+            functools.partial(tiled_linear, x, kernels.pack_tiles(w)) if kernels.can_tile(w)
+            else functools.partial(kernels.linear_rows, x, w)
+            for x, w in zip(xs, weights)
+        ])
+    return passes
+
+
+@dataclass
+class FormTiming:
+    """What fastest_form measured: per form, the rounds it won and its best pass time (seconds)."""
+
+    wins: dict[str, int]
+    best: dict[str, float]
+
+    @property
+    def chosen(self) -> str:
+        return max(self.wins, key=lambda f: (self.wins[f], -self.best[f]))
+
+
+def time_forms(weights: list[torch.Tensor], rounds: int = FORM_ROUNDS) -> FormTiming:
+    """Times one-row products in each available form over `weights`, all forms once per round."""
+    passes = _form_passes(weights)
+    forms = list(passes)
+    wins = dict.fromkeys(forms, 0)
+    best = dict.fromkeys(forms, float("inf"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _run_rounds(passes, rounds, wins, best)
+    finally:
+        torch.set_num_threads(threads)
+    return FormTiming(wins, best)
+
+
+def _run_rounds(passes: dict[str, Callable[[], object]], rounds: int, wins: dict[str, int],
+                best: dict[str, float]) -> None:
+    forms = list(passes)
     with torch.inference_mode():
-        times = {form: _best_time(fn, repeats) for form, fn in candidates.items()}
-    return min(times, key=times.__getitem__)
+        for fn in passes.values():
+            fn()  # warm-up: first-call allocations, kernel dispatch
+        for r in range(rounds):
+            order = forms[r % len(forms):] + forms[:r % len(forms)]
+            times = {}
+            for form in order:
+                t = time.perf_counter()
+                passes[form]()
+                times[form] = time.perf_counter() - t
+                best[form] = min(best[form], times[form])
+            wins[min(times, key=times.__getitem__)] += 1
+
+
+def fastest_form(weights: list[torch.Tensor], rounds: int = FORM_ROUNDS) -> str:
+    """The CPU linear form ("plain" F.linear, "packed" oneDNN or "native") that multiplies one row fastest
+    on this machine: the winner of most of `rounds` interleaved rounds over `weights`."""
+    timing = time_forms(weights, rounds)
+    log.info("CPU linear forms: rounds won %s, best ms %s", timing.wins,
+             {f: round(t * 1e3, 2) for f, t in timing.best.items()})
+    return timing.chosen
 
 
 def prepare_cpu_linears(model: nn.Module, form: str | None = None) -> int:
@@ -207,10 +281,10 @@ def prepare_cpu_linears(model: nn.Module, form: str | None = None) -> int:
     params = list(model.parameters())
     if not params or params[0].device.type != "cpu" or params[0].dtype not in PACKABLE_DTYPES:
         return 0
-    probe = _largest_linear(model)
-    if probe is None:
+    probes = probe_weights(model)
+    if not probes:
         return 0
-    form = form or fastest_form(probe.weight)
+    form = form or fastest_form(probes)
     if form == "packed" and not packing_supported() or form == "native" and not kernels.linear_rows_available():
         form = "plain"
     if form == "plain":

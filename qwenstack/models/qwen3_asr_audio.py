@@ -167,12 +167,13 @@ class AudioEncoder(nn.Module):
             padded = F.pad(f.to(weight.device, weight.dtype), (0, (-frames) % chunk))
             chunks.append(padded.view(a.num_mel_bins, -1, chunk).transpose(0, 1))
             valid += [min(chunk, frames - s) for s in range(0, frames, chunk)]
-        x = torch.cat(chunks).unsqueeze(1)  # [C, 1, mel, chunk]
-        x = self.act(self.conv2d1(x))
-        x = self.act(self.conv2d2(x))
-        x = self.act(self.conv2d3(x))
+        x = torch.cat(chunks).unsqueeze(1).to(memory_format=torch.channels_last)  # [C, 1, mel, chunk]
+        for conv in (self.conv2d1, self.conv2d2, self.conv2d3):
+            x = self.act(_conv_channels_last(conv, x))
         c, channels, freq, steps = x.shape
-        x = self.conv_out(x.permute(0, 3, 1, 2).reshape(c, steps, channels * freq))
+        # One [C * steps, channels * freq] matrix for conv_out: as a strided 3-D view, matmul would run it
+        # as a batched product with the weight copied once per chunk (60 copies of 14 MB for 60 s of audio).
+        x = self.conv_out(x.permute(0, 3, 1, 2).reshape(c * steps, channels * freq)).view(c, steps, -1)
         if a.scale_embedding:
             x = x * math.sqrt(a.d_model)
         x = x + sinusoids(steps, a.d_model, x.dtype, x.device)
@@ -183,6 +184,15 @@ class AudioEncoder(nn.Module):
         for layer in self.layers:
             x = layer(x, windows)
         return list(self.ln_post(x).split(lengths))
+
+
+def _conv_channels_last(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """conv(x) with input, weight and output in the channels-last layout: oneDNN's convolution in that layout
+    took 1.3-2.1 s against 2.4-2.8 s in the default one for the 60 chunks of 60 s of audio (bfloat16, one
+    thread, equal results). The weight (4 MB) is re-laid out per call so loading stays layout-agnostic;
+    `.to(memory_format=...)` re-strides even a single-channel tensor, which `.contiguous(...)` leaves as is."""
+    weight = conv.weight.to(memory_format=torch.channels_last)
+    return F.conv2d(x, weight, conv.bias, conv.stride, conv.padding)
 
 
 def _window_runs(lengths: list[int], window: int) -> list[tuple[int, int, int]]:

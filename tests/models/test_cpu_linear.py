@@ -9,7 +9,9 @@ import torch
 from qwenstack.engine.engine import EngineConfig, LLMEngine
 from qwenstack.engine.params import SamplingParams
 from qwenstack.models.base import prompt_logits
-from qwenstack.models.cpu_linear import PackedLinear, prepare_cpu_linears, packing_supported
+from qwenstack.models.cpu_linear import (
+    FormTiming, PackedLinear, probe_weights, packing_supported, prepare_cpu_linears, time_forms,
+)
 from qwenstack.models.registry import load_model
 from qwenstack.tokenizer import Tokenizer
 
@@ -47,3 +49,21 @@ def test_engine_output_unchanged_by_packing(tiny_qwen3: Path) -> None:
     prepare_cpu_linears(model, form="packed")
     engine = LLMEngine(model, tok, tok.eos_token_ids, EngineConfig(block_size=4, kv_cache_memory=2**20))
     assert [o.outputs[0].token_ids for o in engine.generate_all(prompts, [params] * 2)] == want
+
+
+def test_form_choice_takes_the_form_that_won_most_rounds() -> None:
+    # Most rounds won decides, not one best time (a burst of load can make any single timing an outlier).
+    assert FormTiming({"plain": 2, "packed": 1, "native": 4}, {"plain": 0.001, "packed": 0.01, "native": 0.002}).chosen == "native"
+    # Equal wins: the best time breaks the tie.
+    assert FormTiming({"plain": 3, "native": 3}, {"plain": 0.002, "native": 0.001}).chosen == "native"
+
+
+def test_form_timing_counts_every_round_and_restores_threads(tiny_qwen3: Path) -> None:
+    model = load_model(tiny_qwen3, dtype=torch.bfloat16)
+    probes = probe_weights(model)
+    assert probes and probes[0].numel() == max(m.weight.numel() for m in model.modules() if type(m) is torch.nn.Linear)
+    threads = torch.get_num_threads()
+    timing = time_forms(probes, rounds=5)
+    assert torch.get_num_threads() == threads
+    assert sum(timing.wins.values()) == 5 and {"plain", "packed"} <= set(timing.wins)
+    assert all(0 < t < float("inf") for t in timing.best.values())
