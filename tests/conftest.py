@@ -1,5 +1,6 @@
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 # Idle OpenMP workers sleep instead of spinning: on 2 shared cores, spinning threads starve the test's
@@ -13,6 +14,8 @@ sys.path.insert(0, str(Path(__file__).parent / "support"))  # fixture builders a
 sys.path.insert(0, str(Path(__file__).parents[1] / "scripts"))  # tokenizer_training: builds fixture tokenizers
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no test may reach a hub
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Servers built without a database path keep their chat and response stores here, not in the user's home.
+os.environ.setdefault("QWENSTACK_HOME", tempfile.mkdtemp(prefix="qwenstack-tests-"))
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 from checkpoints import build_hf_checkpoint, dense_config, moe_config  # noqa: E402
