@@ -149,15 +149,12 @@ class ModelRunner:
 
     def forward(self, step: ScheduledBatch, inputs: StepInputs, **model_options: Any) -> torch.Tensor:
         """Hidden states [T, H] of the step's rows; model_options go to the model (a state journal)."""
-        if self.multimodal is None:
-            return self.model.forward(inputs.input_ids, inputs.positions, inputs.batch, self.layer_caches,
-                                      **model_options)
-        mm_positions, mm_batch = self.multimodal.prepare(step.seqs, step.num_new_tokens, self.device)
-        if mm_positions is None:
-            return self.model.forward(inputs.input_ids, inputs.positions, inputs.batch, self.layer_caches,
-                                      **model_options)
-        return self.model.forward(inputs.input_ids, mm_positions, inputs.batch, self.layer_caches,  # type: ignore[call-arg]
-                                  multimodal=mm_batch, **model_options)
+        positions = inputs.positions
+        if self.multimodal is not None:
+            mm_positions, mm_batch = self.multimodal.prepare(step.seqs, step.num_new_tokens, self.device)
+            if mm_positions is not None:  # 3-D positions and the step's image rows
+                positions, model_options = mm_positions, {**model_options, "multimodal": mm_batch}
+        return self.model.forward(inputs.input_ids, positions, inputs.batch, self.layer_caches, **model_options)
 
     def sample_rows(self, seqs: list[Sequence], logits: torch.Tensor, requests: list[SampleRequest],
                     result: StepResult) -> list[int]:
@@ -184,9 +181,10 @@ class ModelRunner:
         inputs = self.prepare(step)
         hidden = self.forward(step, inputs)
         # Sampling rows: the last token of each sequence that reached its end this step.
-        sample_seqs = [s for s, n in zip(step.seqs, step.num_new_tokens) if s.num_computed_tokens + n == s.num_tokens]
-        ends = {id(s): inputs.row_starts[i] + inputs.batch.query_lens[i] - 1 for i, s in enumerate(step.seqs)}
-        logit_rows = [ends[id(s)] for s in sample_seqs] + [r for _, r, _ in inputs.prompt_rows]
+        done = [i for i, (s, n) in enumerate(zip(step.seqs, step.num_new_tokens))
+                if s.num_computed_tokens + n == s.num_tokens]
+        sample_seqs = [step.seqs[i] for i in done]
+        logit_rows = [inputs.batch.query_starts[i + 1] - 1 for i in done] + [r for _, r, _ in inputs.prompt_rows]
         result = StepResult({}, {})
         if not logit_rows:
             return result
@@ -194,10 +192,8 @@ class ModelRunner:
         # In the model's dtype: the sampler converts the rows that need float32 (a float32 copy of 64 rows of
         # 152K logits cost 14 ms here, more than the greedy argmax over them).
         logits = self.model.compute_logits(hidden[torch.tensor(logit_rows, device=dev)])
-        sample_logits = logits[: len(sample_seqs)]
-        requests = [sample_request(s) for s in sample_seqs]
         if sample_seqs:
-            self.sample_rows(sample_seqs, sample_logits, requests, result)
+            self.sample_rows(sample_seqs, logits[: len(sample_seqs)], [sample_request(s) for s in sample_seqs], result)
         if inputs.prompt_rows:
             self.add_prompt_logprobs(inputs.prompt_rows, logits[len(sample_seqs):], result)
         return result

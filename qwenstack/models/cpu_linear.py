@@ -235,35 +235,28 @@ class FormTiming:
 
 
 def time_forms(weights: list[torch.Tensor], rounds: int = FORM_ROUNDS) -> FormTiming:
-    """Times one-row products in each available form over `weights`, all forms once per round."""
+    """Times one-row products in each available form over `weights`, all forms once per round, each round
+    in a rotated order."""
     passes = _form_passes(weights)
     forms = list(passes)
-    wins = dict.fromkeys(forms, 0)
-    best = dict.fromkeys(forms, float("inf"))
+    timing = FormTiming(dict.fromkeys(forms, 0), dict.fromkeys(forms, float("inf")))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        _run_rounds(passes, rounds, wins, best)
+        with torch.inference_mode():
+            for fn in passes.values():
+                fn()  # warm-up: first-call allocations, kernel dispatch
+            for r in range(rounds):
+                times = {}
+                for form in forms[r % len(forms):] + forms[:r % len(forms)]:
+                    t = time.perf_counter()
+                    passes[form]()
+                    times[form] = time.perf_counter() - t
+                    timing.best[form] = min(timing.best[form], times[form])
+                timing.wins[min(times, key=times.__getitem__)] += 1
     finally:
         torch.set_num_threads(threads)
-    return FormTiming(wins, best)
-
-
-def _run_rounds(passes: dict[str, Callable[[], object]], rounds: int, wins: dict[str, int],
-                best: dict[str, float]) -> None:
-    forms = list(passes)
-    with torch.inference_mode():
-        for fn in passes.values():
-            fn()  # warm-up: first-call allocations, kernel dispatch
-        for r in range(rounds):
-            order = forms[r % len(forms):] + forms[:r % len(forms)]
-            times = {}
-            for form in order:
-                t = time.perf_counter()
-                passes[form]()
-                times[form] = time.perf_counter() - t
-                best[form] = min(best[form], times[form])
-            wins[min(times, key=times.__getitem__)] += 1
+    return timing
 
 
 def fastest_form(weights: list[torch.Tensor], rounds: int = FORM_ROUNDS) -> str:
