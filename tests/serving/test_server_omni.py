@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -234,19 +235,50 @@ def test_concurrent_spoken_answers_equal_each_alone(client: openai.OpenAI) -> No
     assert not np.array_equal(together[1][1], together[2][1])  # the seeds differ
 
 
-def test_cancelled_stream_frees_the_talker(server: BackgroundServer) -> None:
+def test_cancelled_stream_frees_the_talker(server: BackgroundServer, monkeypatch: pytest.MonkeyPatch) -> None:
     """A client that leaves mid-answer: the Thinker request is aborted and the Talker stage drops its answer
-    and frees its KV blocks."""
+    and frees its KV blocks.
+    The Talker is held from the step after its first audio until the server withdraws the answer, so the answer
+    is surely still being spoken when the client leaves (unheld, a fast machine speaks all 25 frames before the
+    client reads the first chunk) and it cannot end by itself before the withdrawal."""
     stage = server.served.speech_stage  # type: ignore[attr-defined]
     talker = stage.engine
     total = talker.blocks.num_blocks
+    spoke, held, release = threading.Event(), threading.Event(), threading.Event()
+    step = talker.step
+
+    def held_step() -> list:
+        if spoke.is_set() and not release.is_set():
+            held.set()
+            release.wait(30)
+        chunks = step()
+        if any(c.samples.numel() for c in chunks):
+            spoke.set()
+        return chunks
+
+    abort = stage.abort
+    aborted: list[str] = []
+
+    def abort_and_release(request_id: str) -> None:  # the server withdraws the answer: let the Talker go on
+        aborted.append(request_id)
+        abort(request_id)
+        release.set()
+
+    monkeypatch.setattr(talker, "step", held_step)
+    monkeypatch.setattr(stage, "abort", abort_and_release)
     body = {"model": "omni", "messages": [{"role": "user", "content": "Talk for a long time."}], "stream": True,
             "modalities": ["text", "audio"], "audio": AUDIO, "max_tokens": 30, "temperature": 0}
-    with httpx.Client(timeout=60) as http, http.stream("POST", server.url + "/v1/chat/completions", json=body) as r:
-        for line in r.iter_lines():
-            if '"data"' in line and '"audio"' in line:  # the first audio chunk: the Talker holds blocks now
-                break
-        assert talker.blocks.num_free_blocks < total or talker.running
+    try:
+        with httpx.Client(timeout=60) as http, http.stream("POST", server.url + "/v1/chat/completions", json=body) as r:
+            for line in r.iter_lines():
+                if '"data"' in line and '"audio"' in line:  # the first audio chunk
+                    assert held.wait(30)
+                    assert talker.running and talker.blocks.num_free_blocks < total  # mid-answer, holding KV
+                    break  # leaving the loop closes the connection: the client has gone
+    except BaseException:
+        release.set()
+        raise
+    assert release.wait(20) and len(aborted) == 1  # the server withdrew the answer from the Talker
     assert wait_idle(server.served.engine.engine)  # type: ignore[attr-defined]
     deadline = time.monotonic() + 20
     while (talker.running or talker.waiting or talker.blocks.num_free_blocks < total) and time.monotonic() < deadline:
