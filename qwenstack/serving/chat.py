@@ -38,7 +38,7 @@ from qwenstack.serving import images as image_inputs
 from qwenstack.serving import moderation, videos
 from qwenstack.markup import THINK_END, THINK_START
 from qwenstack.serving.constraints import ThinkingPhase, build_processors
-from qwenstack.serving.errors import APIError, bad_request, error_frame, from_exception
+from qwenstack.serving.errors import APIError, bad_request
 from qwenstack.serving.logprobs import TokenTexts, chat_logprobs
 from qwenstack.serving.metrics import RequestTracker
 from qwenstack.serving.openapi import chat_responses, request_body
@@ -50,9 +50,7 @@ from qwenstack.serving.protocol import (
 from qwenstack.serving.sampling import sampling_params
 from qwenstack.serving.served import ServedModel
 from qwenstack.serving.state import ServerState, local_or_forwarded
-from qwenstack.serving.streaming import (
-    DONE, ClientDisconnected, ClosingStreamingResponse, first_output, OutputStream, sse, unless_disconnected,
-)
+from qwenstack.serving.streaming import CLIENT_LEFT, admit, event_stream, reply, sse
 
 router = APIRouter()
 
@@ -381,8 +379,14 @@ async def complete_chat(plan: ChatPlan, outputs: AsyncIterator[RequestOutput], t
         body = await moderation.review_answer(plan, body)
         return Response(body.model_dump_json(), media_type="application/json")
     finally:
-        tracker.done()
-        chat_audio.close_audio(plan.audio_answer)  # a cancelled request frees its Talker state too
+        _ended(plan, tracker)
+
+
+def _ended(plan: ChatPlan, tracker: RequestTracker) -> None:
+    """However a request ends (answered, failed, the client gone): its metrics close, and its Talker state
+    and KV blocks are freed at once."""
+    tracker.done()
+    chat_audio.close_audio(plan.audio_answer)
 
 
 def _speak_all(answer: Any, token_ids: list[int]) -> list[Any]:
@@ -414,8 +418,9 @@ def _delta(parsed: ParsedDelta, call_filter: int | None) -> dict[str, Any]:
     return delta
 
 
-async def stream_chat(plan: ChatPlan, outputs: AsyncIterator[RequestOutput], tracker: RequestTracker,
-                      retry_after_s: int) -> AsyncIterator[str]:
+async def stream_chat(plan: ChatPlan, outputs: AsyncIterator[RequestOutput],
+                      tracker: RequestTracker) -> AsyncIterator[str]:
+    """The chunks of a streamed chat answer (streaming.event_stream adds the error frame and [DONE])."""
     include_usage = bool(plan.request.stream_options and plan.request.stream_options.include_usage)
     base = {"id": plan.request_id, "object": "chat.completion.chunk", "created": plan.created,
             "model": plan.served.name}
@@ -431,66 +436,59 @@ async def stream_chat(plan: ChatPlan, outputs: AsyncIterator[RequestOutput], tra
     parsers = [plan.parser() for _ in range(n)]
     made_calls = [False] * n
     done: set[int] = set()
-    try:
-        for i in range(n):
-            yield chunk(i, {"role": "assistant", "content": ""})
-        final = None
-        async for out in outputs:
-            tracker.on_output(out)
-            final = out
-            for comp in out.outputs:
-                i = comp.index
-                if i in done:
-                    continue
-                parsed = parsers[i].feed(comp.delta_text) if comp.delta_text else ParsedDelta()
-                if comp.finished:
-                    rest = parsers[i].finish()
-                    parsed = ParsedDelta(parsed.reasoning + rest.reasoning, parsed.content + rest.content,
-                                         parsed.tool_calls + rest.tool_calls)
-                delta = _delta(parsed, plan.max_calls)
-                answer = plan.audio_answer
-                if answer is not None and (comp.delta_token_ids or comp.finished):
-                    # The Talker trails the text by a couple of tokens: audio for earlier tokens rides along.
-                    samples = await asyncio.to_thread(answer.speech.feed, list(comp.delta_token_ids))
-                    audio: dict[str, Any] = {"id": answer.id}
-                    if samples.numel():
-                        answer.samples.append(samples)
-                        audio["data"] = chat_audio.pcm16_b64(samples)
-                    if parsed.content:
-                        audio["transcript"] = parsed.content
-                    if len(audio) > 1:
-                        delta["audio"] = audio
-                made_calls[i] = made_calls[i] or "tool_calls" in delta
-                lp = _logprobs(texts, plan, comp.delta_token_ids, comp.delta_logprobs) if comp.delta_token_ids else None
-                finish = None
-                if comp.finished:
-                    done.add(i)
-                    finish = comp.finish_reason or "abort"
-                    finish = "tool_calls" if made_calls[i] and finish == "stop" else finish
-                if finish and answer is not None:
-                    if delta or lp:
-                        yield chunk(i, delta, lp, None)
-                    # The rest of the speech (the Talker outlasts the text), one delta per decoded chunk.
-                    rest = answer.speech.finish_chunks()
-                    while (samples := await asyncio.to_thread(next, rest, None)) is not None:
-                        answer.samples.append(samples)
-                        yield chunk(i, {"audio": {"id": answer.id, "data": chat_audio.pcm16_b64(samples)}})
-                    # the last audio delta carries only its expiry
-                    delta, lp = {"audio": {"id": answer.id, "expires_at": answer.expires_at}}, None
-                if delta or lp or finish:
-                    yield chunk(i, delta, lp, finish)
-            if out.finished:
-                tracker.on_finished(out)
-        if (verdict := moderation.guard_chunk(plan, base)) is not None:
-            yield verdict
-        if include_usage and final is not None:
-            yield sse({**base, "choices": [], "usage": usage(plan, final).model_dump()})
-    except Exception as exc:  # after the 200: tell the client in-band, then end the stream
-        yield error_frame(from_exception(exc, retry_after_s))
-    finally:
-        tracker.done()
-        chat_audio.close_audio(plan.audio_answer)  # a client that left frees the Talker's KV at once
-    yield DONE
+    for i in range(n):
+        yield chunk(i, {"role": "assistant", "content": ""})
+    final = None
+    async for out in outputs:
+        tracker.on_output(out)
+        final = out
+        for comp in out.outputs:
+            i = comp.index
+            if i in done:
+                continue
+            parsed = parsers[i].feed(comp.delta_text) if comp.delta_text else ParsedDelta()
+            if comp.finished:
+                rest = parsers[i].finish()
+                parsed = ParsedDelta(parsed.reasoning + rest.reasoning, parsed.content + rest.content,
+                                     parsed.tool_calls + rest.tool_calls)
+            delta = _delta(parsed, plan.max_calls)
+            answer = plan.audio_answer
+            if answer is not None and (comp.delta_token_ids or comp.finished):
+                # The Talker trails the text by a couple of tokens: audio for earlier tokens rides along.
+                samples = await asyncio.to_thread(answer.speech.feed, list(comp.delta_token_ids))
+                audio: dict[str, Any] = {"id": answer.id}
+                if samples.numel():
+                    answer.samples.append(samples)
+                    audio["data"] = chat_audio.pcm16_b64(samples)
+                if parsed.content:
+                    audio["transcript"] = parsed.content
+                if len(audio) > 1:
+                    delta["audio"] = audio
+            made_calls[i] = made_calls[i] or "tool_calls" in delta
+            lp = _logprobs(texts, plan, comp.delta_token_ids, comp.delta_logprobs) if comp.delta_token_ids else None
+            finish = None
+            if comp.finished:
+                done.add(i)
+                finish = comp.finish_reason or "abort"
+                finish = "tool_calls" if made_calls[i] and finish == "stop" else finish
+            if finish and answer is not None:
+                if delta or lp:
+                    yield chunk(i, delta, lp, None)
+                # The rest of the speech (the Talker outlasts the text), one delta per decoded chunk.
+                rest = answer.speech.finish_chunks()
+                while (samples := await asyncio.to_thread(next, rest, None)) is not None:
+                    answer.samples.append(samples)
+                    yield chunk(i, {"audio": {"id": answer.id, "data": chat_audio.pcm16_b64(samples)}})
+                # the last audio delta carries only its expiry
+                delta, lp = {"audio": {"id": answer.id, "expires_at": answer.expires_at}}, None
+            if delta or lp or finish:
+                yield chunk(i, delta, lp, finish)
+        if out.finished:
+            tracker.on_finished(out)
+    if (verdict := moderation.guard_chunk(plan, base)) is not None:
+        yield verdict
+    if include_usage and final is not None:
+        yield sse({**base, "choices": [], "usage": usage(plan, final).model_dump()})
 
 
 @router.post("/v1/chat/completions", responses=chat_responses(ChatCompletionResponse))
@@ -512,16 +510,14 @@ async def create_chat_completion(request: Request) -> Response:
     retry = state.config.retry_after_s
     stream = served.engine.generate(plan.prompt_ids, plan.params, request_id=plan.request_id, prompt=plan.prompt,
                                     **({"multimodal": plan.multimodal} if plan.multimodal else {}))
-    try:  # a client that leaves while its request waits in the queue withdraws it
-        first = await unless_disconnected(request, first_output(stream, retry))
-    except ClientDisconnected:
-        return Response(status_code=499)
+    admitted = await admit(request, [stream], retry)
+    if admitted is None:
+        chat_audio.close_audio(plan.audio_answer)
+        return Response(status_code=CLIENT_LEFT)
     tracker = state.metrics.track(served.name, arrival)
-    outputs = OutputStream(first, stream)
-    if chat_request.stream:
-        moderated = moderation.moderate_outputs(plan, outputs)
-        return ClosingStreamingResponse(stream_chat(plan, moderated, tracker, retry), sources=[moderated, outputs])
-    try:
-        return await unless_disconnected(request, complete_chat(plan, outputs, tracker))
-    except ClientDisconnected:
-        return Response(status_code=499)
+    outputs = admitted[0]
+    moderated = moderation.moderate_outputs(plan, outputs) if chat_request.stream else outputs
+    return await reply(request, chat_request.stream,
+                       lambda: event_stream(stream_chat(plan, moderated, tracker), retry,
+                                            on_end=lambda: _ended(plan, tracker)),
+                       lambda: complete_chat(plan, outputs, tracker), sources=[moderated, outputs])

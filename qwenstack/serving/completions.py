@@ -21,7 +21,7 @@ from fastapi.responses import Response
 
 from qwenstack.engine.outputs import CompletionOutput, RequestOutput
 from qwenstack.engine.params import SamplingParams
-from qwenstack.serving.errors import bad_request, error_frame, from_exception
+from qwenstack.serving.errors import bad_request
 from qwenstack.serving.logprobs import LegacyLogprobsBuilder, TokenTexts
 from qwenstack.serving.metrics import RequestTracker
 from qwenstack.serving.openapi import chat_responses, request_body
@@ -31,9 +31,7 @@ from qwenstack.serving.protocol import (
 from qwenstack.serving.sampling import sampling_params
 from qwenstack.serving.served import ServedModel
 from qwenstack.serving.state import local_or_forwarded
-from qwenstack.serving.streaming import (
-    DONE, ClientDisconnected, ClosingStreamingResponse, first_output, merge, OutputStream, sse, unless_disconnected,
-)
+from qwenstack.serving.streaming import CLIENT_LEFT, admit, event_stream, merge, reply, sse
 
 router = APIRouter()
 
@@ -166,7 +164,8 @@ async def complete(plan: CompletionPlan, streams: list[AsyncIterator[RequestOutp
 
 
 async def stream_completion(plan: CompletionPlan, streams: list[AsyncIterator[RequestOutput]],
-                            tracker: RequestTracker, retry_after_s: int) -> AsyncIterator[str]:
+                            tracker: RequestTracker) -> AsyncIterator[str]:
+    """The chunks of streamed completions (streaming.event_stream adds the error frame and [DONE])."""
     include_usage = bool(plan.request.stream_options and plan.request.stream_options.include_usage)
     base: dict[str, Any] = {"id": plan.request_id, "object": "text_completion", "created": plan.created,
                             "model": plan.served.name}
@@ -176,36 +175,30 @@ async def stream_completion(plan: CompletionPlan, streams: list[AsyncIterator[Re
     builders: dict[int, LegacyLogprobsBuilder | None] = {}
     finished: set[int] = set()
     finals: list[RequestOutput] = []
-    try:
-        async for i, out in merge(streams):
-            tracker.on_output(out)
-            for comp in out.outputs:
-                index = i * plan.n + comp.index
-                if index in finished:
-                    continue
-                text, lp = "", None
-                if index not in builders:  # this choice's first chunk carries the echoed prompt
-                    builders[index] = plan.builder(texts)
-                    text, lp = _prompt_part(plan, plan.prompts[i], out, builders[index])
-                if not plan.drop_output:
-                    text += comp.delta_text
-                    lp = _join(lp, _generated_part(plan, comp, comp.delta_token_ids, comp.delta_logprobs,
-                                                   builders[index]))
-                if comp.finished:
-                    finished.add(index)
-                if text or lp or comp.finished:
-                    choice = {"index": index, "text": text, "logprobs": lp, "finish_reason": comp.finish_reason}
-                    yield sse({**base, "choices": [choice]})
-            if out.finished:
-                tracker.on_finished(out)
-                finals.append(out)
-        if include_usage:
-            yield sse({**base, "choices": [], "usage": usage(plan, finals).model_dump()})
-    except Exception as exc:  # after the 200: an error frame, then the end of the stream
-        yield error_frame(from_exception(exc, retry_after_s))
-    finally:
-        tracker.done(len(streams))
-    yield DONE
+    async for i, out in merge(streams):
+        tracker.on_output(out)
+        for comp in out.outputs:
+            index = i * plan.n + comp.index
+            if index in finished:
+                continue
+            text, lp = "", None
+            if index not in builders:  # this choice's first chunk carries the echoed prompt
+                builders[index] = plan.builder(texts)
+                text, lp = _prompt_part(plan, plan.prompts[i], out, builders[index])
+            if not plan.drop_output:
+                text += comp.delta_text
+                lp = _join(lp, _generated_part(plan, comp, comp.delta_token_ids, comp.delta_logprobs,
+                                               builders[index]))
+            if comp.finished:
+                finished.add(index)
+            if text or lp or comp.finished:
+                choice = {"index": index, "text": text, "logprobs": lp, "finish_reason": comp.finish_reason}
+                yield sse({**base, "choices": [choice]})
+        if out.finished:
+            tracker.on_finished(out)
+            finals.append(out)
+    if include_usage:
+        yield sse({**base, "choices": [], "usage": usage(plan, finals).model_dump()})
 
 
 @router.post("/v1/completions", responses=chat_responses(CompletionResponse))
@@ -220,24 +213,11 @@ async def create_completion(request: Request) -> Response:
     retry = state.config.retry_after_s
     engine_streams = [served.engine.generate(p.ids, plan.params, request_id=f"{plan.request_id}-{i}", prompt=p.text)
                       for i, p in enumerate(plan.prompts)]
-    # All prompts are submitted together (one batch), then each one's first output is awaited.
-    try:  # a client that leaves while its prompts wait in the queue withdraws them
-        firsts = await unless_disconnected(request, asyncio.gather(
-            *(first_output(s, retry) for s in engine_streams), return_exceptions=True))
-    except ClientDisconnected:
-        for stream in engine_streams:
-            await stream.aclose()  # type: ignore[attr-defined]
-        return Response(status_code=499)
-    streams = [OutputStream(f, s) for f, s in zip(firsts, engine_streams) if isinstance(f, RequestOutput)]
-    refused = next((f for f in firsts if isinstance(f, BaseException)), None)
-    if refused is not None:
-        for stream in streams:  # one prompt refused: abort the ones already admitted
-            await stream.aclose()
-        raise refused
+    streams = await admit(request, engine_streams, retry)
+    if streams is None:
+        return Response(status_code=CLIENT_LEFT)
     tracker = state.metrics.track(served.name, arrival)
-    if completion_request.stream:
-        return ClosingStreamingResponse(stream_completion(plan, streams, tracker, retry), sources=streams)
-    try:
-        return await unless_disconnected(request, complete(plan, streams, tracker))
-    except ClientDisconnected:
-        return Response(status_code=499)
+    return await reply(request, bool(completion_request.stream),
+                       lambda: event_stream(stream_completion(plan, streams, tracker), retry,
+                                            on_end=lambda: tracker.done(len(streams))),
+                       lambda: complete(plan, streams, tracker), sources=streams)

@@ -7,19 +7,24 @@ Decisions:
 - A client that goes away must abort its request: Starlette cancels the streaming task on disconnect but
   leaves the body iterator suspended, so `ClosingStreamingResponse` closes it, which closes the engine
   stream, which aborts the request and frees its KV blocks. Non-streaming requests poll for disconnect.
+
+The generating endpoints (chat, completions) share one path through here after their own planning:
+`admit` (submit, await the first outputs, 499 if the client left meanwhile), then `reply` (an event
+stream ended by `event_stream`, or one body computed while watching for the client leaving).
 """
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
-from typing import Any, AsyncIterator, Awaitable, TypeVar
+from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
 
 from fastapi import Request
-from fastapi.responses import StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from qwenstack.engine.outputs import RequestOutput
-from qwenstack.serving.errors import APIError, from_exception
+from qwenstack.serving.errors import APIError, error_frame, from_exception
 
 T = TypeVar("T")
 
@@ -139,3 +144,55 @@ async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
         if not task.done():
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
+
+
+CLIENT_LEFT = 499  # nginx's code for a client that closed the request: nobody reads it, logs and metrics do
+
+
+async def admit(request: Request, streams: list[AsyncIterator[RequestOutput]],
+                retry_after_s: int) -> list[OutputStream] | None:
+    """Engine streams submitted together (one batch) -> each with its first output. None when the client
+    left while they waited in the queue (all withdrawn). One refused: the others are withdrawn and the
+    refusal is raised as an APIError (400, 429), before any status line is sent."""
+    try:
+        firsts = await unless_disconnected(request, asyncio.gather(
+            *(first_output(s, retry_after_s) for s in streams), return_exceptions=True))
+    except ClientDisconnected:
+        for stream in streams:
+            await _close(stream)
+        return None
+    admitted = [OutputStream(f, s) for f, s in zip(firsts, streams) if isinstance(f, RequestOutput)]
+    refused = next((f for f in firsts if isinstance(f, BaseException)), None)
+    if refused is not None:
+        for stream in admitted:
+            await stream.aclose()
+        raise refused
+    return admitted
+
+
+async def event_stream(events: AsyncIterator[str], retry_after_s: int,
+                       on_end: Callable[[], None]) -> AsyncIterator[str]:
+    """The ending every generating stream shares: a failure after the 200 becomes an error frame, then
+    `[DONE]`; on_end runs however the stream ends, the client leaving included."""
+    try:
+        async with contextlib.aclosing(events):  # a client that leaves closes `events` at once too
+            async for event in events:
+                yield event
+    except Exception as exc:  # noqa: BLE001 - the status line is sent: the client learns it in-band
+        yield error_frame(from_exception(exc, retry_after_s))
+    finally:
+        on_end()
+    yield DONE
+
+
+async def reply(request: Request, stream: bool, events: Callable[[], AsyncIterator[str]],
+                whole: Callable[[], Awaitable[Response]], sources: list[Any]) -> Response:
+    """The response of admitted requests: the event stream, or the whole body computed while watching for
+    the client leaving (then its requests are aborted and nobody reads the 499). sources: what feeds
+    the events, closed with the response even if the stream never started."""
+    if stream:
+        return ClosingStreamingResponse(events(), sources=sources)
+    try:
+        return await unless_disconnected(request, whole())
+    except ClientDisconnected:
+        return Response(status_code=CLIENT_LEFT)

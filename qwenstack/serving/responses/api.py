@@ -31,7 +31,7 @@ from qwenstack.serving.responses.protocol import McpTool, ResponsesRequest
 from qwenstack.serving.responses.store import ResponseStore
 from qwenstack.serving.responses.translate import chat_request, function_tools, items_to_messages
 from qwenstack.serving.state import get_state
-from qwenstack.serving.streaming import ClientDisconnected, ClosingStreamingResponse, unless_disconnected
+from qwenstack.serving.streaming import reply
 
 log = logging.getLogger("qwenstack.responses")
 router = APIRouter()
@@ -187,12 +187,11 @@ async def create_response(request: Request, body: ResponsesRequest) -> Response:
         svc.store.save(run.body(), run.inputs)
         svc.running[run.id] = (run, asyncio.ensure_future(_background(run, svc)))
         return JSONResponse(run.body())
-    if body.stream:
-        return ClosingStreamingResponse(_stream(run, svc))
-    try:
-        return JSONResponse(await unless_disconnected(request, _drain(run, svc)))
-    except ClientDisconnected:
-        return Response(status_code=499)
+
+    async def whole() -> Response:
+        return JSONResponse(await _drain(run, svc))
+
+    return await reply(request, bool(body.stream), lambda: _stream(run, svc), whole, sources=[])
 
 
 def _stored(svc: ResponsesService, response_id: str) -> dict[str, Any]:
