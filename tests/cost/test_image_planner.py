@@ -24,7 +24,6 @@ def _count(module: torch.nn.Module) -> int:
 # ~8 s under load on two shared cores (building the modules on meta and counting the VAE's FLOPs), plus
 # importing diffusers and transformers, which the other image tests of a run import anyway.
 def test_sizes_are_those_of_the_published_configs() -> None:
-    pytest.importorskip("diffusers")
     from diffusers import AutoencoderKLQwenImage, QwenImageTransformer2DModel
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 

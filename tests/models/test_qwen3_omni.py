@@ -21,7 +21,6 @@ from qwenstack.models.qwen3_omni_moe_talker import TalkerSampling
 from qwenstack.models.registry import load_model
 from qwenstack.multimodal.inputs import AudioInput, ImageInput, MultimodalBatch
 
-pytest.importorskip("transformers")
 
 IM_START, IM_END, NL = 151644, 151645, 198
 USER, ASSISTANT = ROLE_IDS["user_token_id"], ROLE_IDS["assistant_token_id"]
@@ -71,8 +70,6 @@ def omni_inputs(ours: Qwen3OmniMoeForConditionalGeneration, audio: tuple[np.ndar
 def multimodal_batch(ours, plan) -> MultimodalBatch | None:
     if not plan.placements:
         return None
-    from qwenstack.audio.omni_speech import prompt_states  # noqa: F401  (same assembly as the speech path)
-
     images = [p.image for p in plan.placements if hasattr(p, "image")]
     audios = [p.audio for p in plan.placements if hasattr(p, "audio")]
     enc_i, enc_a = iter(ours.encode_images(images) if images else []), iter(ours.encode_audio(audios) if audios else [])

@@ -19,7 +19,6 @@ from qwenstack.models.qwen3_omni_moe_plan import group_time_offsets, video_audio
 from qwenstack.models.registry import load_model
 from qwenstack.multimodal.inputs import AudioPlacement, ImageInput, MultimodalBatch, VideoFrame, first_encoder_row
 
-pytest.importorskip("transformers")
 
 SECONDS_PER_GRID = 1.0  # temporal_patch_size 2 / fps 2: transformers' video_second_per_grid
 

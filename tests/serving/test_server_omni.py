@@ -37,7 +37,6 @@ from qwenstack.serving.config import ServerConfig
 from qwenstack.serving.served import build_served_model
 from qwenstack.tokenizer import Tokenizer
 
-pytest.importorskip("transformers")
 FRAME_S = 0.08  # one Talker frame: 1920 samples at 24 kHz
 TAIL_FRAMES = 5
 CAP_FRAMES = 25

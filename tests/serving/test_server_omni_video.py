@@ -35,7 +35,6 @@ from qwenstack.serving.served import ServedModel, build_served_model
 from qwenstack.serving.videos import expand_video_placeholders, interleave_video_audio
 from qwenstack.tokenizer import Tokenizer
 
-pytest.importorskip("transformers")
 
 # A small per-frame budget keeps the tiny model's prompts short (Qwen3-Omni's own is 128..768 merged patches).
 VIDEO_CONFIG = {"video_processor_type": "Qwen2VLVideoProcessor", "size": {"shortest_edge": 2048, "longest_edge": 6144},
