@@ -160,17 +160,23 @@ def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | No
 
 
 class PackedLinear(nn.Module):
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+    """F.linear on a oneDNN-packed weight; `activation` ("gelu" with algorithm "tanh" or "none", "relu", ...)
+    is fused into the GEMM as a oneDNN post-op, applied to the float32 sums before the output is rounded."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, *, activation: str = "none",
+                 algorithm: str = "") -> None:
         super().__init__()
         self.out_features, self.in_features = weight.shape
         self.packed = pack_weight(weight)  # opaque oneDNN tensor: a plain attribute, not a parameter
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+        self.activation, self.algorithm = activation, algorithm
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return packed_linear(x, self.packed, self.bias)
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, self.activation, [], self.algorithm)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, packed"
+        fused = "" if self.activation == "none" else f", then {self.activation} {self.algorithm}".rstrip()
+        return f"in_features={self.in_features}, out_features={self.out_features}, packed{fused}"
 
 
 # The form is chosen by timing matrix-vector products, which on a machine shared with other work can be

@@ -11,11 +11,20 @@ Decisions:
 - Patches arrive in spatial-merge-block order (each merge x merge block of neighbouring patches is
   contiguous), so the merger's reshape to [N / merge^2, merge^2 * D] groups exactly one block per row. The
   learned position embeddings and rotary positions are generated in the same order.
-- Per-image metadata (interpolated position embeddings, rotary cos/sin, attention segment lengths) is
-  built once per forward from grid_thw and shared by every block.
+- Per-image metadata (interpolated position embeddings, rotary cos/sin, attention segments) is built once
+  per forward from grid_thw and shared by every block.
 - Attention is bidirectional within each frame of each image and never crosses frames or images (the
-  `cu_seqlens` of transformers). We call SDPA once per segment instead of building a block-diagonal mask,
-  whose memory would grow with the square of all patches in the batch.
+  `cu_seqlens` of transformers). Consecutive segments of equal length (the frames of a video, images of one
+  size) go to SDPA as one batch [B, H, L, hd], so a video is one call per block rather than one per frame;
+  there is no block-diagonal mask, whose memory would grow with the square of all patches in the batch.
+  4-D inputs keep CPU SDPA on its fused flash kernel (3-D ones take the unfused math path).
+- Rotary runs on q and k together, in float32 like transformers, on the half-width tables (cos and sin
+  repeat over the two halves of rotate_half): four passes over q and k instead of about fourteen.
+- CPU, bfloat16 (the runner's prepare_cpu_linears calls prepare_for_cpu): the tower's products always have
+  thousands of rows, so its linears go to oneDNN-packed weights with the bias and the MLPs' GELU fused
+  into the GEMM (PackedLinear), not to the decode-oriented tile-packed form of the text decoder, which
+  would unpack every matrix on every call. The float32 path, the one the parity tests check against
+  transformers, keeps nn.Linear.
 - Numerics follow transformers 5.24: position interpolation and rotary in float32, LayerNorm eps 1e-6
   (hard-coded there, absent from config.json), tanh-GELU in the block MLPs but exact GELU in the mergers.
 """
@@ -30,6 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qwenstack.errors import ConfigError
+from qwenstack.models.cpu_linear import PackedLinear, packing_supported
 
 # transformers hard-codes these; they are not in config.json.
 LAYER_NORM_EPS = 1e-6
@@ -148,12 +158,29 @@ class VisionPatchEmbed(nn.Module):
 
 
 def apply_vision_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate-half RoPE over the whole head dim. x: [N, H, hd]; cos, sin: [N, hd] float32."""
+    """Rotate-half RoPE over the whole head dim. x: [N, G, hd] (any strides); cos, sin: [N, hd / 2] float32,
+    the angles of each half (rotate_half's two halves share them). Returns a new [N, G, hd] tensor of x's dtype."""
     # float32 like transformers: in bf16 the rotation would round every product.
     xf = x.float()
-    x1, x2 = xf.chunk(2, dim=-1)
-    rotated = torch.cat((-x2, x1), dim=-1)
-    return (xf * cos[:, None, :] + rotated * sin[:, None, :]).to(x.dtype)
+    half = xf.shape[-1] // 2
+    x1, x2 = xf[..., :half], xf[..., half:]
+    c, s = cos[:, None, :], sin[:, None, :]
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    # x * cos + rotate_half(x) * sin, rotate_half(x) = (-x2, x1); out= rounds to x's dtype in the same pass
+    torch.addcmul(x1 * c, x2, s, value=-1, out=out[..., :half])
+    torch.addcmul(x2 * c, x1, s, out=out[..., half:])
+    return out
+
+
+def equal_length_runs(lengths: list[int]) -> list[tuple[int, int]]:
+    """(length, count) of each run of consecutive equal segment lengths: [4, 4, 4, 9] -> [(4, 3), (9, 1)]."""
+    runs: list[tuple[int, int]] = []
+    for length in lengths:
+        if runs and runs[-1][0] == length:
+            runs[-1] = (length, runs[-1][1] + 1)
+        else:
+            runs.append((length, 1))
+    return runs
 
 
 class VisionAttention(nn.Module):
@@ -165,21 +192,26 @@ class VisionAttention(nn.Module):
         self.proj = nn.Linear(args.hidden_size, args.hidden_size, bias=True)
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, segment_lengths: list[int]
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, segments: list[tuple[int, int]]
     ) -> torch.Tensor:
-        # x: [N, D]; segment_lengths: patches per frame, summing to N.
-        n = x.shape[0]
-        q, k, v = self.qkv(x).view(n, 3, self.num_heads, self.head_dim).unbind(1)  # each [N, H, hd]
-        q = apply_vision_rotary(q, cos, sin)
-        k = apply_vision_rotary(k, cos, sin)
+        # x: [N, D]; segments: (length, count) runs of attention segments (equal_length_runs), covering N.
+        n, heads, hd = x.shape[0], self.num_heads, self.head_dim
+        qkv = self.qkv(x).view(n, 3, heads, hd)
+        qk = apply_vision_rotary(qkv[:, :2].flatten(1, 2), cos, sin).view(n, 2, heads, hd)  # q and k in one pass
+        q, k, v = qk[:, 0], qk[:, 1], qkv[:, 2]  # each [N, H, hd]
         outputs = []
-        for qs, ks, vs in zip(q.split(segment_lengths), k.split(segment_lengths), v.split(segment_lengths)):
-            # SDPA wants [1, H, L, hd] (3-D inputs take CPU SDPA's unfused math path); no mask: every patch of
-            # a frame sees every other patch of it.
-            out = F.scaled_dot_product_attention(qs.transpose(0, 1)[None], ks.transpose(0, 1)[None],
-                                                 vs.transpose(0, 1)[None])[0]
-            outputs.append(out.transpose(0, 1).reshape(-1, self.num_heads * self.head_dim))  # [L, D]
-        return self.proj(torch.cat(outputs, dim=0))
+        start = 0
+        for length, count in segments:
+            end = start + length * count
+
+            def batched(t: torch.Tensor) -> torch.Tensor:  # [count * L, H, hd] -> [count, H, L, hd], a view
+                return t[start:end].unflatten(0, (count, length)).transpose(1, 2)
+
+            # No mask: every patch of a frame sees every other patch of it.
+            out = F.scaled_dot_product_attention(batched(q), batched(k), batched(v))  # [count, H, L, hd]
+            outputs.append(out.transpose(1, 2).reshape(length * count, heads * hd))  # [count * L, D]
+            start = end
+        return self.proj(outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=0))
 
 
 class VisionMLP(nn.Module):
@@ -188,9 +220,17 @@ class VisionMLP(nn.Module):
         self.linear_fc1 = nn.Linear(args.hidden_size, args.intermediate_size, bias=True)
         self.linear_fc2 = nn.Linear(args.intermediate_size, args.hidden_size, bias=True)
         self.approximate = _GELU_APPROXIMATIONS[args.hidden_act]
+        self.fc1_applies_gelu = False  # set by pack_for_cpu when the GELU is fused into linear_fc1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear_fc2(F.gelu(self.linear_fc1(x), approximate=self.approximate))
+        h = self.linear_fc1(x)
+        return self.linear_fc2(h if self.fc1_applies_gelu else F.gelu(h, approximate=self.approximate))
+
+    def pack_for_cpu(self) -> int:
+        self.linear_fc1 = packed_with_gelu(self.linear_fc1, self.approximate)
+        self.linear_fc2 = packed(self.linear_fc2)
+        self.fc1_applies_gelu = True
+        return 2
 
 
 class VisionBlock(nn.Module):
@@ -202,9 +242,9 @@ class VisionBlock(nn.Module):
         self.mlp = VisionMLP(args)
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, segment_lengths: list[int]
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, segments: list[tuple[int, int]]
     ) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), cos, sin, segment_lengths)
+        x = x + self.attn(self.norm1(x), cos, sin, segments)
         return x + self.mlp(self.norm2(x))
 
 
@@ -223,6 +263,7 @@ class VisionPatchMerger(nn.Module):
         self.norm = nn.LayerNorm(norm_dim, eps=LAYER_NORM_EPS)
         self.linear_fc1 = nn.Linear(args.merged_hidden_size, args.merged_hidden_size, bias=True)
         self.linear_fc2 = nn.Linear(args.merged_hidden_size, args.out_hidden_size, bias=True)
+        self.fc1_applies_gelu = False  # set by pack_for_cpu when the GELU is fused into linear_fc1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [N, D] in merge-block order -> [N / merge^2, out_hidden]
@@ -230,7 +271,23 @@ class VisionPatchMerger(nn.Module):
             x = self.norm(x.reshape(-1, self.merged_hidden_size))
         else:
             x = self.norm(x).reshape(-1, self.merged_hidden_size)
-        return self.linear_fc2(F.gelu(self.linear_fc1(x)))  # exact GELU here (nn.GELU() in transformers)
+        h = self.linear_fc1(x)
+        return self.linear_fc2(h if self.fc1_applies_gelu else F.gelu(h))  # exact GELU (nn.GELU() in transformers)
+
+    def pack_for_cpu(self) -> int:
+        self.linear_fc1 = packed_with_gelu(self.linear_fc1, "none")
+        self.linear_fc2 = packed(self.linear_fc2)
+        self.fc1_applies_gelu = True
+        return 2
+
+
+def packed(linear: nn.Linear) -> PackedLinear:
+    return PackedLinear(linear.weight, linear.bias)
+
+
+def packed_with_gelu(linear: nn.Linear, approximate: str) -> PackedLinear:
+    """The linear with F.gelu(..., approximate=approximate) fused after it (a oneDNN post-op)."""
+    return PackedLinear(linear.weight, linear.bias, activation="gelu", algorithm=approximate)
 
 
 def _corner_aligned_taps(size: int, side: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -310,7 +367,8 @@ class Qwen3VLVisionModel(nn.Module):
         return torch.cat(per_image, dim=0)
 
     def rotary_cos_sin(self, grids: list[tuple[int, int, int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """2-D axial rotary: [N, hd] float32 cos and sin laid out as [h-angles, w-angles, h-angles, w-angles]."""
+        """2-D axial rotary: [N, hd / 2] float32 cos and sin of the angles [h-angles, w-angles], the angles of
+        each half of the head dim (rotate_half's halves repeat them)."""
         quarter = self.args.head_dim // 2  # frequencies are spread over half the head dim, shared by h and w
         exponents = torch.arange(0, quarter, 2, dtype=torch.float32, device=device) / quarter
         inv_freq = 1.0 / (self.args.rope_theta**exponents)  # [hd / 4]
@@ -323,8 +381,23 @@ class Qwen3VLVisionModel(nn.Module):
             positions.append(_merge_block_order(hw, merge).repeat(t, 1))
         pos = torch.cat(positions, dim=0).float()  # [N, 2]
         angles = (pos[:, :, None] * inv_freq).flatten(1)  # [N, hd/2]: h-angles then w-angles
-        angles = torch.cat((angles, angles), dim=-1)  # [N, hd], matching rotate_half's two halves
         return angles.cos(), angles.sin()
+
+    def prepare_for_cpu(self, form: str) -> int:
+        """The runner's CPU preparation (models/cpu_linear.py): the linears of the blocks and mergers in the
+        oneDNN-packed form with the MLPs' GELU fused, whatever `form` the text decoder takes (that choice
+        is made on one-row products; the tower multiplies thousands of rows). Returns how many matrices
+        changed; none where oneDNN packing is missing or the weights are not bfloat16/float16 (float32
+        keeps nn.Linear, so the parity checks see the plain path)."""
+        if not packing_supported() or self.patch_embed.proj.weight.dtype not in (torch.bfloat16, torch.float16):
+            return 0
+        count = 0
+        for block in self.blocks:
+            block.attn.qkv, block.attn.proj = packed(block.attn.qkv), packed(block.attn.proj)
+            count += 2 + block.mlp.pack_for_cpu()
+        for merger in (self.merger, *self.deepstack_merger_list):
+            count += merger.pack_for_cpu()
+        return count
 
     def forward(
         self, pixel_values: torch.Tensor, grid_thw: torch.Tensor
@@ -336,7 +409,7 @@ class Qwen3VLVisionModel(nn.Module):
             )
         grids = self.parse_grid_thw(grid_thw, pixel_values.shape[0])
         device = pixel_values.device
-        segment_lengths = [h * w for t, h, w in grids for _ in range(t)]  # one attention segment per frame
+        segments = equal_length_runs([h * w for t, h, w in grids for _ in range(t)])  # a segment per frame
 
         x = self.patch_embed(pixel_values)  # [N, D]
         x = x + self.position_embeddings(grids, device).to(x.dtype)
@@ -344,11 +417,11 @@ class Qwen3VLVisionModel(nn.Module):
 
         deepstack: list[torch.Tensor] = []
         for index, block in enumerate(self.blocks):
-            x = block(x, cos, sin, segment_lengths)
+            x = block(x, cos, sin, segments)
             merger = self._deepstack_merger_of_block.get(index)
             if merger is not None:
                 deepstack.append(self.deepstack_merger_list[merger](x))  # [N/m^2, out]
         return self.merger(x), deepstack
 
 
-__all__ = ["VisionArgs", "Qwen3VLVisionModel", "apply_vision_rotary"]
+__all__ = ["VisionArgs", "Qwen3VLVisionModel", "apply_vision_rotary", "equal_length_runs"]
