@@ -5,7 +5,7 @@ import asyncio
 import codecs
 from functools import lru_cache
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import Any, Callable, Generic, TypeVar
 
 from fastapi import Request
 from fastapi.responses import Response
@@ -131,13 +131,21 @@ class LocalRequest(Generic[M]):
     served: ServedModel
 
 
-async def local_or_forwarded(request: Request, model: type[M], remote_path: str) -> LocalRequest[M] | Response:
+async def local_or_forwarded(request: Request, model: type[M], remote_path: str,
+                             precheck: Callable[[dict[str, Any], ServedModel], None] | None = None,
+                             ) -> LocalRequest[M] | Response:
     """The start every OpenAI-shaped generation route shares: read the JSON body, forward it verbatim when it
-    names a remote model (the remote's answer is returned), else parse it and look the model up here."""
+    names a remote model (the remote's answer is returned), else parse it and look the model up here.
+    `precheck` sees the raw body and the model it names before parsing: refusals certain from the raw body
+    (a prompt too long for the context) cost nothing there, where validating it item by item would."""
     state = get_state(request)
     raw = await read_json(request)
     remote = state.remote.get(raw.get("model"))
     if remote is not None:
         return await state.remote.forward(remote, remote_path, raw)
+    named = raw.get("model")
+    served = state.registry.models.get(named) if precheck is not None and isinstance(named, str) else None
+    if served is not None:
+        precheck(raw, served)  # type: ignore[misc]
     body = await parse_off_loop(model, raw, request)
     return LocalRequest(state, body, state.registry.get(body.model))  # type: ignore[attr-defined]

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import Iterator
 
+import httpx
 import pytest
 
 from server_utils import BackgroundServer, tiny_served_model
@@ -36,3 +37,13 @@ def test_heavy_requests_do_not_stall_the_others(server: BackgroundServer) -> Non
     assert heavy["heavy_status"] == {"chat_10mb": 400, "ids_1m": 400, "text_1m_tokens": 400}, heavy
     assert heavy["health_max_s"] < 1.5, heavy
     assert heavy["gap_mean_s"] < 3 * idle["gap_mean_s"] + 0.05, (idle, heavy)
+
+
+def test_a_token_id_prompt_too_long_is_refused_before_its_items_are_checked(server: BackgroundServer) -> None:
+    # The last item is no token id: item by item validation would find it; the length check comes first.
+    prompt: list = [17] * 100_000 + ["x"]
+    r = httpx.post(server.url + "/v1/completions", json={"model": "tiny", "prompt": prompt}, timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded", r.text
+    assert "100001 tokens" in r.json()["error"]["message"]
+    r = httpx.post(server.url + "/v1/completions", json={"model": "tiny", "prompt": [17, "x"]}, timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt", r.text
