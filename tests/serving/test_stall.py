@@ -47,3 +47,20 @@ def test_a_token_id_prompt_too_long_is_refused_before_its_items_are_checked(serv
     assert "100001 tokens" in r.json()["error"]["message"]
     r = httpx.post(server.url + "/v1/completions", json={"model": "tiny", "prompt": [17, "x"]}, timeout=60)
     assert r.status_code == 400 and r.json()["error"]["param"] == "prompt", r.text
+
+
+def test_models_are_served_warm(tiny_qwen3: Path) -> None:
+    """What the first chat request used to build while the others waited (the compiled chat template, the
+    special tokens' plain spellings, the longest token) is built when the model is loaded."""
+    from qwenstack.chat_template import compile_template
+
+    served = tiny_served_model(tiny_qwen3)
+    try:
+        assert {"special_token_text", "max_token_chars"} <= served.__dict__.keys()
+        hits = compile_template.cache_info().hits
+        compile_template(served.tokenizer.chat_template)
+        assert compile_template.cache_info().hits == hits + 1
+        served.tokenizer.chat_template = "{% if %}"  # a template that does not compile: each request says so
+        served.warm_up()
+    finally:
+        served.engine.shutdown()
