@@ -74,9 +74,7 @@ def prompts_of(request: CompletionRequest, served: ServedModel) -> list[Prompt]:
     if not texts:
         raise bad_request("prompt is empty", param="prompt")
     if isinstance(texts[0], str):
-        for text in texts:
-            served.check_text_fits(text, "prompt")  # type: ignore[arg-type]
-        return [Prompt(p, tok.encode(p)) for p in texts]  # type: ignore[arg-type]
+        return [Prompt(p, served.encode_prompt(p, "prompt")) for p in texts]  # type: ignore[arg-type]
     lists = [raw] if isinstance(raw[0], int) else raw
     for ids in lists:  # checked before decoding: the tokenizer cannot decode what is not in the vocabulary
         if not ids:

@@ -26,7 +26,7 @@ from qwenstack.generation_config import generation_defaults
 from qwenstack.serving.config import ModelSpec, ServerConfig
 from qwenstack.serving.errors import APIError
 from qwenstack.serving.markers import SpecialTokenText
-from qwenstack.tokenizer import Tokenizer
+from qwenstack.tokenizer import Tokenizer, TooManyTokens
 
 log = logging.getLogger("qwenstack.server")
 
@@ -76,6 +76,23 @@ class ServedModel:
             least = len(text) // (self.max_token_chars * 4)
             raise APIError(400, f"the prompt has at least {least} tokens, but this model's maximum context length "
                                 f"is {self.max_model_len} tokens", param=param, code="context_length_exceeded")
+
+    @property
+    def prompt_token_limit(self) -> int:
+        return self.max_model_len - 1  # the engine needs room for one generated token
+
+    def too_long(self, tokens: int, param: str) -> APIError:
+        return APIError(400, f"the prompt has {tokens} tokens, but this model's maximum context length is "
+                             f"{self.max_model_len} tokens", param=param, code="context_length_exceeded")
+
+    def encode_prompt(self, text: str, param: str) -> list[int]:
+        """The prompt's token ids, or 400 for a prompt that cannot fit: from its length when that is certain
+        (no tokenizing), else from the tokenizer's count, before the ids become a Python list."""
+        self.check_text_fits(text, param)
+        try:
+            return self.tokenizer.encode(text, max_tokens=self.prompt_token_limit)
+        except TooManyTokens as exc:
+            raise self.too_long(exc.count, param) from None
 
     def check_token_ids(self, ids: list[int], param: str) -> None:
         """400 unless every id is in the vocabulary (before anything decodes them)."""

@@ -64,3 +64,16 @@ def test_models_are_served_warm(tiny_qwen3: Path) -> None:
         served.warm_up()
     finally:
         served.engine.shutdown()
+
+
+@pytest.mark.parametrize("words", [50, 10_000])  # short texts and long ones (tokenized without the GIL)
+def test_a_text_over_the_token_limit_is_counted_not_listed(tiny_qwen3: Path, words: int) -> None:
+    from qwenstack.tokenizer import Tokenizer, TooManyTokens
+
+    tok = Tokenizer.from_dir(tiny_qwen3)
+    text = "word " * words
+    ids = tok.encode(text)
+    assert tok.encode(text, max_tokens=len(ids)) == ids
+    with pytest.raises(TooManyTokens) as info:
+        tok.encode(text, max_tokens=len(ids) - 1)
+    assert info.value.count == len(ids)
