@@ -87,9 +87,8 @@ def prompts_of(request: CompletionRequest, served: ServedModel) -> list[Prompt]:
 def check_ids_fit(ids: list[Any], served: ServedModel) -> None:
     """400 for a prompt of more token ids than the context holds (the engine says so too, but only after
     decoding them)."""
-    if len(ids) >= served.max_model_len:
-        raise bad_request(f"the prompt has {len(ids)} tokens, but this model's maximum context length is "
-                          f"{served.max_model_len} tokens", param="prompt", code="context_length_exceeded")
+    if len(ids) > served.prompt_token_limit:
+        raise served.too_long(len(ids), "prompt")
 
 
 def refuse_long_id_prompt(raw: dict[str, Any], served: ServedModel) -> None:
