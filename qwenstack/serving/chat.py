@@ -48,6 +48,7 @@ from qwenstack.serving.protocol import (
     CompletionTokensDetails, FunctionCallOut, ImagePart, PromptTokensDetails, TextPart, ToolCallOut, Usage,
 )
 from qwenstack.serving.sampling import sampling_params
+from qwenstack.tokenizer import TooManyTokens
 from qwenstack.serving.served import ServedModel
 from qwenstack.serving.state import ServerState, local_or_forwarded
 from qwenstack.serving.streaming import CLIENT_LEFT, admit, event_stream, reply, sse
@@ -207,10 +208,13 @@ def render_prompt(served: ServedModel, messages: list[ChatMessage], state: Serve
         where = f"messages[{index}]: " if index is not None else ""
         raise bad_request(f"{where}the chat template could not render this conversation: {type(exc).__name__}: "
                           f"{exc}", param=f"messages.{index}" if index is not None else "messages") from None
-    served.check_text_fits(rendered, "messages")
     if escaper is None:
-        return rendered, tok.encode(rendered)
-    return escaper.finish(rendered)
+        return rendered, served.encode_prompt(rendered, "messages")
+    served.check_text_fits(rendered, "messages")
+    try:
+        return escaper.finish(rendered, max_tokens=served.prompt_token_limit)
+    except TooManyTokens as exc:
+        raise served.too_long(exc.count, "messages") from None
 
 
 def _failing_message(tok: Any, dicts: list[dict[str, Any]], tools: Any, kwargs: dict[str, Any],

@@ -72,18 +72,29 @@ def prompts_of(request: CompletionRequest, served: ServedModel) -> list[Prompt]:
     if not texts:
         raise bad_request("prompt is empty", param="prompt")
     if isinstance(texts[0], str):
-        for text in texts:
-            served.check_text_fits(text, "prompt")  # type: ignore[arg-type]
-        return [Prompt(p, tok.encode(p)) for p in texts]  # type: ignore[arg-type]
+        return [Prompt(p, served.encode_prompt(p, "prompt")) for p in texts]  # type: ignore[arg-type]
     lists = [raw] if isinstance(raw[0], int) else raw
     for ids in lists:  # checked before decoding: the tokenizer cannot decode what is not in the vocabulary
         if not ids:
             raise bad_request("prompt has an empty list of token ids", param="prompt")
-        if len(ids) >= served.max_model_len:  # the engine says so too, but only after decoding
-            raise bad_request(f"the prompt has {len(ids)} tokens, but this model's maximum context length is "
-                              f"{served.max_model_len} tokens", param="prompt", code="context_length_exceeded")
+        check_ids_fit(ids, served)  # type: ignore[arg-type]
         served.check_token_ids(ids, "prompt")  # type: ignore[arg-type]
     return [Prompt(tok.decode(ids), list(ids)) for ids in lists]  # type: ignore[arg-type]
+
+
+def check_ids_fit(ids: list[Any], served: ServedModel) -> None:
+    """400 for a prompt of more token ids than the context holds (the engine says so too, but only after
+    decoding them)."""
+    if len(ids) > served.prompt_token_limit:
+        raise served.too_long(len(ids), "prompt")
+
+
+def refuse_long_id_prompt(raw: dict[str, Any], served: ServedModel) -> None:
+    """The raw body's prompt of token ids, refused if it cannot fit before its million items are validated:
+    a list whose first item is an int is a prompt of token ids or no valid prompt at all (400 either way)."""
+    prompt = raw.get("prompt")
+    if isinstance(prompt, list) and prompt and type(prompt[0]) is int:
+        check_ids_fit(prompt, served)
 
 
 def plan_completion(served: ServedModel, request: CompletionRequest) -> CompletionPlan:
@@ -205,7 +216,7 @@ async def stream_completion(plan: CompletionPlan, streams: list[AsyncIterator[Re
 @request_body(CompletionRequest)
 async def create_completion(request: Request) -> Response:
     arrival = time.monotonic()
-    local = await local_or_forwarded(request, CompletionRequest, "/completions")
+    local = await local_or_forwarded(request, CompletionRequest, "/completions", refuse_long_id_prompt)
     if isinstance(local, Response):
         return local
     state, completion_request, served = local.state, local.body, local.served

@@ -16,7 +16,7 @@ from typing import Any, Iterator
 from tokenizers import Tokenizer as RustTokenizer
 
 from qwenstack.serving.errors import bad_request
-from qwenstack.tokenizer import Tokenizer
+from qwenstack.tokenizer import Tokenizer, TooManyTokens
 
 _SENTINEL_CANDIDATES = [chr(c) for c in range(0xF8FF, 0xF800, -1)]  # BMP private use area, rarely typed
 _INDEX_BASE = 0xF0000  # plane 15 private use: the special token's index
@@ -85,11 +85,12 @@ class MarkerEscaper:
     def _sentinel_for(self, match: re.Match[str]) -> str:
         return f"{self.sentinel}{chr(_INDEX_BASE + self._index[match.group(0)])}{self.sentinel}"
 
-    def finish(self, rendered: str) -> tuple[str, list[int]]:
-        """(the prompt as text, with the client's special-token text restored; its token ids)."""
+    def finish(self, rendered: str, max_tokens: int | None = None) -> tuple[str, list[int]]:
+        """(the prompt as text, with the client's special-token text restored; its token ids). TooManyTokens
+        beyond max_tokens."""
         tok = self.owner.tokenizer
         if not self.used:
-            return rendered, tok.encode(rendered)
+            return rendered, tok.encode(rendered, max_tokens=max_tokens)
         pieces = self._split.split(rendered)  # text, index, text, index, ..., text
         ids: list[int] = []
         text_parts = []
@@ -101,4 +102,6 @@ class MarkerEscaper:
                 k = ord(piece) - _INDEX_BASE
                 ids += self.owner.plain_ids[k]
                 text_parts.append(self.owner.specials[k])
+        if max_tokens is not None and len(ids) > max_tokens:
+            raise TooManyTokens(len(ids))
         return "".join(text_parts), ids

@@ -48,13 +48,26 @@ def json_hazard(body: bytes) -> str | None:
         body.decode("utf-8")
     except UnicodeDecodeError as exc:  # also catches surrogates encoded as UTF-8 bytes (ED A0 80)
         return f"the request body is not valid UTF-8 (byte {exc.start})"
-    if b"\\u" in body and lone_surrogate(body):
+    if _has_u_escape(body) and lone_surrogate(body):
         return "the request body contains a lone UTF-16 surrogate escape (\\ud800-\\udfff without its pair)"
-    # Bodies over a megabyte skip this scan (it holds the GIL); their parsers' RecursionError is answered 400.
+    # Bodies over a megabyte skip this scan (it holds the GIL): the /v1 routes' parser refuses nesting past 200
+    # levels itself, and the others' RecursionError is answered 400.
     if len(body) <= 1 << 20 and body.count(b"[") + body.count(b"{") > MAX_JSON_DEPTH \
             and json_depth(body) > MAX_JSON_DEPTH:
         return f"the request body is nested deeper than {MAX_JSON_DEPTH} levels"
     return None
+
+
+def _has_u_escape(body: bytes) -> bool:
+    """Whether the bytes `\\u` occur. `b"\\u" in body` takes ~15 ms for 10 MB (a two-byte needle is searched
+    slowly); a memchr for the backslash and numpy on the backslashes it finds take a few."""
+    if b"\\" not in body:
+        return False
+    if len(body) < 1 << 16:
+        return b"\\u" in body
+    data = np.frombuffer(body, dtype=np.uint8)
+    backslashes = np.flatnonzero(data[:-1] == ord("\\"))
+    return bool(np.any(data[backslashes + 1] == ord("u")))
 
 
 def lone_surrogate(body: bytes) -> bool:

@@ -17,13 +17,16 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable
 
+import jinja2
+
+from qwenstack.chat_template import compile_template
 from qwenstack.engine.async_engine import AsyncEngine
 from qwenstack.engine.engine import EngineConfig, LLMEngine
 from qwenstack.generation_config import generation_defaults
 from qwenstack.serving.config import ModelSpec, ServerConfig
 from qwenstack.serving.errors import APIError
 from qwenstack.serving.markers import SpecialTokenText
-from qwenstack.tokenizer import Tokenizer
+from qwenstack.tokenizer import Tokenizer, TooManyTokens
 
 log = logging.getLogger("qwenstack.server")
 
@@ -54,6 +57,17 @@ class ServedModel:
         character, so this bounds the decoded text too)."""
         return max((len(t) for t in self.tokenizer.backend.get_vocab(with_added_tokens=True)), default=1)
 
+    def warm_up(self) -> None:
+        """Builds what the first chat request would otherwise build while every other request waits on the
+        GIL: the chat template's compiled form, the special tokens' plain spellings (a copy of the tokenizer)
+        and the longest token (~70 ms for the demo model's 4k vocabulary, far more for Qwen3's 151k)."""
+        _ = self.special_token_text, self.max_token_chars
+        if self.tokenizer.chat_template is not None:
+            try:
+                compile_template(self.tokenizer.chat_template)
+            except jinja2.TemplateError:  # each chat request reports it (a 400), as it would have anyway
+                pass
+
     def check_text_fits(self, text: str, param: str) -> None:
         """400 for a text that cannot fit the context whatever its tokens, without tokenizing it: a megabyte
         prompt is refused at the cost of len(), not of seconds of tokenizer time. (The factor 4 leaves room
@@ -62,6 +76,23 @@ class ServedModel:
             least = len(text) // (self.max_token_chars * 4)
             raise APIError(400, f"the prompt has at least {least} tokens, but this model's maximum context length "
                                 f"is {self.max_model_len} tokens", param=param, code="context_length_exceeded")
+
+    @property
+    def prompt_token_limit(self) -> int:
+        return self.max_model_len - 1  # the engine needs room for one generated token
+
+    def too_long(self, tokens: int, param: str) -> APIError:
+        return APIError(400, f"the prompt has {tokens} tokens, but this model's maximum context length is "
+                             f"{self.max_model_len} tokens", param=param, code="context_length_exceeded")
+
+    def encode_prompt(self, text: str, param: str) -> list[int]:
+        """The prompt's token ids, or 400 for a prompt that cannot fit: from its length when that is certain
+        (no tokenizing), else from the tokenizer's count, before the ids become a Python list."""
+        self.check_text_fits(text, param)
+        try:
+            return self.tokenizer.encode(text, max_tokens=self.prompt_token_limit)
+        except TooManyTokens as exc:
+            raise self.too_long(exc.count, param) from None
 
     def check_token_ids(self, ids: list[int], param: str) -> None:
         """400 unless every id is in the vocabulary (before anything decodes them)."""
@@ -139,9 +170,11 @@ def build_served_model(name: str, model: Any, tokenizer: Tokenizer, engine_confi
         from qwenstack.audio.omni_speech import talker_stage
 
         stage = talker_stage(model, TALKER_KV_POSITIONS)
-    return ServedModel(name, served_engine, tokenizer, engine.max_model_len, dict(hf_config or {}),
-                       generation_defaults(model_dir), image_processor=processor, video_processor=video, asr=asr,
-                       speech_stage=stage)
+    served = ServedModel(name, served_engine, tokenizer, engine.max_model_len, dict(hf_config or {}),
+                         generation_defaults(model_dir), image_processor=processor, video_processor=video, asr=asr,
+                         speech_stage=stage)
+    served.warm_up()
+    return served
 
 
 def load_served_model(spec: ModelSpec, kv_cache_memory: int) -> ServedModel:

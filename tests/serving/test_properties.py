@@ -18,7 +18,7 @@ from qwenstack.serving.errors import APIError
 from qwenstack.serving.middleware import json_depth, json_hazard, lone_surrogate
 from qwenstack.serving.parsers import ChatOutputParser, MessageAccumulator, parse_chat_output
 from qwenstack.serving.protocol import INT64_MAX, INT64_MIN, ChatCompletionRequest, CompletionRequest
-from qwenstack.serving.state import parse
+from qwenstack.serving.state import _loads, parse
 
 EXAMPLES = 1000 if os.environ.get("QWENSTACK_THOROUGH") else 150
 settings.register_profile("props", max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
@@ -123,9 +123,10 @@ def test_long_lists_validated_in_chunks_as_a_whole(prompt: list[Any], bad_at: in
 
 
 @PROPS
-@given(text=st.text(alphabet=st.characters(codec=None, exclude_categories=()), max_size=30))
-def test_lone_surrogate_scan_agrees_with_python(text: str) -> None:
-    raw = json.dumps({"content": text}).encode()  # ensure_ascii: every surrogate travels as an escape
+@given(text=st.text(alphabet=st.characters(codec=None, exclude_categories=()), max_size=30), large=st.booleans())
+def test_lone_surrogate_scan_agrees_with_python(text: str, large: bool) -> None:
+    pad = "\\n" * 40_000 if large else ""  # large bodies are scanned with numpy
+    raw = json.dumps({"pad": pad, "content": text}).encode()  # ensure_ascii: every surrogate travels as an escape
     try:
         text.encode("utf-8")
         lone = False
@@ -145,6 +146,39 @@ def test_json_depth_agrees_with_the_value(value: Any) -> None:
         return 0
 
     assert json_depth(json.dumps(value).encode()) == depth(value)
+
+
+utf8_text = st.text(alphabet=st.characters(codec="utf-8"), max_size=12)
+any_json = st.recursive(st.none() | st.booleans() | st.integers(min_value=-(2**80), max_value=2**80) | st.floats()
+                        | utf8_text, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(utf8_text, inner,
+                                                                                                 max_size=4),
+                        max_leaves=20)
+
+
+@PROPS
+@given(value=any_json, ensure_ascii=st.booleans(), repeat_key=st.booleans())
+def test_body_parser_agrees_with_json_loads(value: Any, ensure_ascii: bool, repeat_key: bool) -> None:
+    """The native parser the /v1 routes use reads every body as json.loads does: NaN and Infinity, integers
+    of any size, escapes, the last of repeated keys."""
+    raw = json.dumps(value, ensure_ascii=ensure_ascii)
+    if repeat_key:
+        raw = '{"k": 1, "k": ' + raw + "}"
+    expected, got = json.loads(raw), _loads(raw.encode())
+    assert json.dumps(got) == json.dumps(expected)  # dumps: NaN compares unequal to itself, "NaN" does not
+
+
+@pytest.mark.parametrize("raw, words", [
+    (b"[1,]", "not valid JSON"), (b"", "not valid JSON"), (b"[" * 300 + b"]" * 300, "nested too deeply"),
+    (b'"a\\ud800b"', "surrogate"), (b'{"a": "\xff"}', "UTF-8"),
+])
+def test_body_parser_refusals_are_400(raw: bytes, words: str) -> None:
+    with pytest.raises(APIError) as info:
+        _loads(raw)
+    assert info.value.status == 400 and words in info.value.message, info.value.message
+
+
+def test_body_parser_skips_a_byte_order_mark() -> None:
+    assert _loads(b"\xef\xbb\xbf{\"a\": 1}") == {"a": 1}
 
 
 @settings(max_examples=60, deadline=None, derandomize=True, database=None,

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import Iterator
 
+import httpx
 import pytest
 
 from server_utils import BackgroundServer, tiny_served_model
@@ -36,3 +37,43 @@ def test_heavy_requests_do_not_stall_the_others(server: BackgroundServer) -> Non
     assert heavy["heavy_status"] == {"chat_10mb": 400, "ids_1m": 400, "text_1m_tokens": 400}, heavy
     assert heavy["health_max_s"] < 1.5, heavy
     assert heavy["gap_mean_s"] < 3 * idle["gap_mean_s"] + 0.05, (idle, heavy)
+
+
+def test_a_token_id_prompt_too_long_is_refused_before_its_items_are_checked(server: BackgroundServer) -> None:
+    # The last item is no token id: item by item validation would find it; the length check comes first.
+    prompt: list = [17] * 100_000 + ["x"]
+    r = httpx.post(server.url + "/v1/completions", json={"model": "tiny", "prompt": prompt}, timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded", r.text
+    assert "100001 tokens" in r.json()["error"]["message"]
+    r = httpx.post(server.url + "/v1/completions", json={"model": "tiny", "prompt": [17, "x"]}, timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt", r.text
+
+
+def test_models_are_served_warm(tiny_qwen3: Path) -> None:
+    """What the first chat request used to build while the others waited (the compiled chat template, the
+    special tokens' plain spellings, the longest token) is built when the model is loaded."""
+    from qwenstack.chat_template import compile_template
+
+    served = tiny_served_model(tiny_qwen3)
+    try:
+        assert {"special_token_text", "max_token_chars"} <= served.__dict__.keys()
+        hits = compile_template.cache_info().hits
+        compile_template(served.tokenizer.chat_template)
+        assert compile_template.cache_info().hits == hits + 1
+        served.tokenizer.chat_template = "{% if %}"  # a template that does not compile: each request says so
+        served.warm_up()
+    finally:
+        served.engine.shutdown()
+
+
+@pytest.mark.parametrize("words", [50, 10_000])  # short texts and long ones (tokenized without the GIL)
+def test_a_text_over_the_token_limit_is_counted_not_listed(tiny_qwen3: Path, words: int) -> None:
+    from qwenstack.tokenizer import Tokenizer, TooManyTokens
+
+    tok = Tokenizer.from_dir(tiny_qwen3)
+    text = "word " * words
+    ids = tok.encode(text)
+    assert tok.encode(text, max_tokens=len(ids)) == ids
+    with pytest.raises(TooManyTokens) as info:
+        tok.encode(text, max_tokens=len(ids) - 1)
+    assert info.value.count == len(ids)
