@@ -20,7 +20,9 @@ from qwenstack.engine.reference import greedy_generate
 from qwenstack.models.attention import AttentionBatch, _decode_attention, gather_kv
 from qwenstack.models.registry import load_model
 
-LENGTHS = [1, 15, 16, 17, 300]
+# Decode splits a context into chunks of 128 tokens (merged after): lengths on both sides of a chunk, of a
+# block, and several chunks with a ragged last one.
+LENGTHS = [1, 15, 16, 17, 128, 129, 300, 527]
 TOLERANCE = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
 
 
@@ -60,8 +62,8 @@ def reference(
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("group", [1, 2, 8])
-@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("group", [1, 2, 4, 8])
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
 def test_matches_reference(dtype: torch.dtype, group: int, head_dim: int) -> None:
     kv_heads = 2
     pool, tables = make_pool(LENGTHS, kv_heads, head_dim, 16, dtype)
@@ -168,6 +170,23 @@ def test_strided_pool_int32_and_threads() -> None:
     multi = kernels.paged_decode_attention(q, pool, tables, lengths, 0.125)
     torch.testing.assert_close(single.double(), expected, atol=2e-2, rtol=0)
     assert torch.equal(single, multi)
+
+
+def test_same_result_alone_in_any_batch_and_with_any_threads() -> None:
+    """A sequence's output does not depend on what else is in the batch or on the thread count (its
+    context chunks depend on its length alone), bit for bit."""
+    lengths = [700, 3, 129, 40]
+    pool, tables = make_pool(lengths, 4, 128, 16, torch.bfloat16, seed=11)
+    q = torch.randn(len(lengths), 8, 128, dtype=torch.bfloat16)
+    batched = kernels.paged_decode_attention(q, pool, tables, lengths, 0.088)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        for i, n in enumerate(lengths):
+            alone = kernels.paged_decode_attention(q[i:i + 1], pool, tables[i:i + 1], [n], 0.088)
+            assert torch.equal(alone[0], batched[i])
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_empty_context_and_bad_tables() -> None:
