@@ -233,3 +233,40 @@ def test_a_file_that_fails_to_compile_disables_only_its_own_ops(tmp_path: Path,
     assert kernels.native_op("rms_norm") is not None and kernels.paged_decode_available()
     assert set(kernels.build.op_sources()) >= {"paged_decode_attention", "paged_prefix_attention", "linear_rows",
                                                 "linear_tiled", "linear_tiled_int8", "rms_norm", "qk_norm_rope"}
+
+
+ATTENTION_LEVEL_CHECK = """
+import json, sys, torch
+sys.path[:0] = sys.argv[1:]
+from test_kernels import LENGTHS, make_pool, reference
+from qwenstack import kernels
+worst = 0.0
+for dtype in (torch.float32, torch.bfloat16):
+    for group, head_dim in ((1, 64), (2, 128), (4, 48), (8, 128)):  # generic vectors stop at 128
+        pool, tables = make_pool(LENGTHS, 2, head_dim, 16, dtype, seed=group)
+        q = torch.randn(len(LENGTHS), 2 * group, head_dim).to(dtype)
+        out = kernels.paged_decode_attention(q, pool, tables, LENGTHS, head_dim**-0.5).double()
+        worst = max(worst, (out - reference(q, pool, tables, LENGTHS, head_dim**-0.5)).abs().max().item())
+print(json.dumps({"isa": kernels.isa_level(), "worst": worst}))
+"""
+
+
+# One build per ISA level in fresh processes (about a minute each on 2 cores): -m slow. The vector width
+# changes the decode loops (the fold of W partial vectors, registers per row), so each level is checked.
+@pytest.mark.slow
+def test_decode_attention_at_every_build_level_this_cpu_runs() -> None:
+    import json
+    import os
+    import subprocess
+    import sys
+
+    native = kernels.isa_level()
+    if native not in kernels.ISA_LEVELS[1:]:
+        pytest.skip("only the generic level exists on this CPU")
+    here = Path(__file__).parent
+    for level in ["generic", *kernels.ISA_LEVELS[1:kernels.ISA_LEVELS.index(native)]]:
+        env = {**os.environ, "QWENSTACK_KERNEL_ISA": level}
+        out = subprocess.run([sys.executable, "-c", ATTENTION_LEVEL_CHECK, str(here), str(here.parent / "support")],
+                             env=env, capture_output=True, text=True, timeout=600, check=True)
+        result = json.loads(out.stdout.strip().splitlines()[-1])
+        assert result["isa"] == level and result["worst"] < 2e-2, (level, result)
