@@ -13,8 +13,16 @@
 // of one kv head shares every key and value row loaded. Scores and sums are float32, with an online
 // softmax rescaled once per block.
 //
-// Work items are (sequence, range of kv heads). With many sequences an item is a whole sequence, so its
-// blocks stream from memory front to back; with few, the kv heads are split to give every thread work.
+// Decode (one new token per sequence): work items are chunks of a sequence's context (CHUNK_TOKENS,
+// whole blocks), each over all kv heads, so every item streams whole blocks front to back. A sequence of
+// several chunks gets each chunk's softmax state (max, sum, weighted sum of values) and merges them after
+// (flash-decoding): one long sequence keeps every thread busy. The chunks depend on the length alone, so
+// a sequence's result is the same whatever the batch and the thread count. Per block and kv head, each
+// key row is dotted with the group's query heads as vertical multiply-adds and the block's W partial
+// vectors per head are folded into one vector of W scores (no horizontal sum per token); the weighted sum
+// of values runs with the head's accumulators in registers for the whole block.
+// Several new tokens per sequence: work items are (sequence, range of kv heads); with few sequences the kv
+// heads are split to give every thread work.
 // Threads come from torch's parallel_for (torch.set_num_threads applies) and take items longest-first from
 // a shared counter, so sequences of different lengths balance.
 //
@@ -36,8 +44,10 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <numeric>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -128,32 +138,68 @@ inline vf exp_nonpositive(vf x) {
   return p * (vf)((n + 127) << 23);
 }
 
+// Lane i of the result = the sum of the lanes of p[i], for W vectors p (overwritten): log2(W) rounds,
+// each adding the two halves of every block of lanes of two vectors side by side (two shuffles and an
+// add per pair), in place of W horizontal sums.
+constexpr int fold_index(int k, int half, bool upper) {
+  const int base = k / (2 * half) * (2 * half), i = k % (2 * half);
+  return (i < half ? base + i : int(W) + base + i - half) + (upper ? half : 0);
+}
+
+template <int Half, int... K>
+inline vf fold_pair(vf a, vf b, std::integer_sequence<int, K...>) {
+  return __builtin_shufflevector(a, b, fold_index(K, Half, false)...) +
+         __builtin_shufflevector(a, b, fold_index(K, Half, true)...);
+}
+
+template <int Half>
+inline void fold_round(vf* p, int n) {
+  for (int i = 0; i < n / 2; ++i) p[i] = fold_pair<Half>(p[i], p[i + n / 2], std::make_integer_sequence<int, int(W)>{});
+  if constexpr (Half > 1) fold_round<Half / 2>(p, n / 2);
+}
+
+inline vf sums_of_lanes(vf* p) {
+  fold_round<int(W) / 2>(p, int(W));
+  return p[0];
+}
+
+// The largest lane, in log2(W) rotate-and-max steps.
+template <int Shift, int... K>
+inline vf max_rotated(vf v, std::integer_sequence<int, K...> lanes) {
+  const vf rotated = __builtin_shufflevector(v, v, ((K + Shift) % int(W))...);
+  v = v > rotated ? v : rotated;
+  if constexpr (Shift > 1) return max_rotated<Shift / 2>(v, lanes);
+  else return v;
+}
+
+inline float hmax(vf v) { return max_rotated<int(W) / 2>(v, std::make_integer_sequence<int, int(W)>{})[0]; }
+
+constexpr int64_t MAX_C = 32;  // head_dim up to 512 with AVX-512 (W = 16), 128 with SSE/NEON (W = 4)
+constexpr int64_t MAX_PV = 4;  // blocks up to 64 tokens with AVX-512, 16 with SSE/NEON (the engine uses 16)
+
 struct Geometry {
   int64_t group, head_dim, block_size, padded_block;  // padded_block: block_size rounded up to W
   int64_t block_stride, token_stride, head_stride;    // kv_cache strides of dims 1, 2, 3 (elements)
 };
 
-// Per-thread state for one item: for each of its query heads, the running max, sum and weighted sum of
-// values, and the scores of the current block.
-struct Scratch {
-  std::vector<vf> acc, key;  // [heads * group * C], [C]
-  std::vector<float> scores;  // [heads * group * padded_block]
-  std::vector<float> m, l;    // [heads * group]
-  Scratch(const Geometry& g, int64_t heads)
-      : acc(heads * g.group * (g.head_dim / W)), key(g.head_dim / W), scores(heads * g.group * g.padded_block, 0.f),
-        m(heads * g.group), l(heads * g.group) {}
-};
+// Decode items cover this many tokens of context (whole blocks): short enough that one sequence splits
+// over the threads evenly, long enough that the merge (one weighted sum per chunk and head) stays small.
+constexpr int64_t CHUNK_TOKENS = 128;
 
-// Per-thread state of attend_many: running max, sum and weighted sum per query row (tokens x heads of one
-// item), the transposed keys and converted values of one block, and one row's block of scores.
-constexpr int64_t MAX_C = 32;  // head_dim up to 512 with AVX-512 (W = 16), 128 with SSE/NEON (W = 4)
-constexpr int64_t MAX_PV = 4;  // blocks up to 64 tokens with AVX-512, 16 with SSE/NEON (the engine uses 16)
-struct ManyScratch {
-  std::vector<vf> acc, scores;
-  std::vector<float> m, l, kt, vals;
-  ManyScratch(const Geometry& g, int64_t rows)
-      : acc(rows * (g.head_dim / W)), scores(g.padded_block / W), m(rows), l(rows),
-        kt(g.head_dim * g.padded_block), vals(g.block_size * g.head_dim) {}
+inline int64_t chunk_tokens(int64_t block_size) {
+  return std::max<int64_t>(1, CHUNK_TOKENS / block_size) * block_size;
+}
+
+// Per-thread state of a decode item: the running max, sum and weighted sum of values of every query head
+// (in load_pair's lane order), and for the current block: each head's partial dot vectors (one per
+// token), and for the current kv head the group's weights and rescaling of the sums so far.
+struct DecodeScratch {
+  std::vector<vf> acc, partial;     // [q_heads * C], [q_heads * padded_block]
+  std::vector<float> m, l, probs;   // [q_heads], [q_heads], [group * padded_block]
+  std::vector<float> alpha;         // [group]
+  DecodeScratch(const Geometry& g, int64_t q_heads)
+      : acc(q_heads * (g.head_dim / W)), partial(q_heads * g.padded_block), m(q_heads), l(q_heads),
+        probs(g.group * g.padded_block), alpha(g.group) {}
 };
 
 template <typename T>
@@ -161,89 +207,155 @@ inline void prefetch_row(const T* p, int64_t n) {
   for (int64_t o = 0; o < n * int64_t(sizeof(T)); o += 64) __builtin_prefetch(reinterpret_cast<const char*>(p) + o);
 }
 
-// Attention of query heads [kv_begin * group, kv_end * group) of one sequence over its `len` tokens.
-// q is the sequence's queries, already scaled; k and v point at block 0 of the pool. Rows are visited in
-// address order (token, then kv head) and the same rows of the next block are prefetched meanwhile:
-// blocks are scattered over the pool, so the hardware prefetcher alone stalls at every block boundary.
+// acc[r][c0 .. c0 + CC) of RT query heads, rescaled by alpha[r], plus the block's n value rows times the
+// heads' weights probs[r * P + t]: the RT x CC accumulators stay in registers over the block, and each
+// value row's slice is loaded and converted once for the RT heads.
+template <int RT, int CC, typename T>
+inline void add_weighted_values(const T* rows, int64_t token_stride, int64_t n, const float* probs, int64_t P,
+                                const float* alpha, vf* acc, int64_t C, int64_t c0) {
+  vf a[RT][CC];
+  for (int r = 0; r < RT; ++r) {
+    for (int c = 0; c < CC; ++c) a[r][c] = acc[r * C + c0 + c] * alpha[r];
+  }
+  for (int64_t t = 0; t < n; ++t) {
+    vf x[CC];
+    load_row(rows + t * token_stride + c0 * W, x, CC);
+    for (int r = 0; r < RT; ++r) {
+      const float p = probs[r * P + t];
+      for (int c = 0; c < CC; ++c) a[r][c] += p * x[c];
+    }
+  }
+  for (int r = 0; r < RT; ++r) {
+    for (int c = 0; c < CC; ++c) acc[r * C + c0 + c] = a[r][c];
+  }
+}
+
+// The same for any head_dim (row length known at run time): one head at a time.
 template <typename T>
-void attend(const vf* q, const T* k, const T* v, const int64_t* table, int64_t len, int64_t kv_begin,
-            int64_t kv_end, const Geometry& g, float* out, Scratch& s) {
-  const int64_t G = g.group, C = g.head_dim / W, BS = g.block_size, P = g.padded_block;
-  const int64_t rows = (kv_end - kv_begin) * G;  // query heads of this item
+inline void add_weighted_values_any(const T* rows, int64_t token_stride, int64_t n, const float* probs,
+                                    int64_t P, const float* alpha, vf* acc, int64_t C, int64_t G) {
+  vf x[MAX_C];
+  for (int64_t r = 0; r < G; ++r) {
+    for (int64_t c = 0; c < C; ++c) acc[r * C + c] *= alpha[r];
+  }
+  for (int64_t t = 0; t < n; ++t) {
+    load_row(rows + t * token_stride, x, C);
+    for (int64_t r = 0; r < G; ++r) {
+      const float p = probs[r * P + t];
+      for (int64_t c = 0; c < C; ++c) acc[r * C + c] += p * x[c];
+    }
+  }
+}
+
+// Attention of every query head of one sequence over its tokens [begin, end) (begin on a block boundary),
+// leaving the unnormalised state in s.acc, s.m, s.l; k and v point at block 0 of the pool. CT: head_dim / W
+// when known at compile time (the loops over a row unroll, and a key row and the accumulators stay in
+// registers), 0 otherwise. q: the sequence's queries in load_pair's lane order, already scaled. While a block is read,
+// the same rows of the chunk's next block are prefetched: blocks are scattered over the pool, so the
+// hardware prefetcher alone stalls at every block boundary.
+template <int CT, typename T>
+void attend_chunk(const vf* q, const T* k, const T* v, const int64_t* table, int64_t begin, int64_t end,
+                  int64_t kv_heads, const Geometry& g, DecodeScratch& s) {
+  const int64_t G = g.group, C = CT ? CT : g.head_dim / W, BS = g.block_size, P = g.padded_block, D = g.head_dim;
+  const int64_t rows = kv_heads * G;
   std::fill(s.m.begin(), s.m.begin() + rows, -std::numeric_limits<float>::infinity());
   std::fill(s.l.begin(), s.l.begin() + rows, 0.f);
   std::fill(s.acc.begin(), s.acc.begin() + rows * C, vf{});
-  vf* key = s.key.data();
-  vf* acc = s.acc.data();
-  float* scores = s.scores.data();
-  const vf* q_item = q + kv_begin * G * C;
-  for (int64_t start = 0; start < len; start += BS) {
-    const int64_t n = std::min(BS, len - start);
+  vf* partial = s.partial.data();
+  float* probs = s.probs.data();
+  vi lane;
+  for (int64_t i = 0; i < W; ++i) lane[i] = int32_t(i);
+  const vf neg_inf = vf{} - std::numeric_limits<float>::infinity();
+  for (int64_t start = begin; start < end; start += BS) {
+    const int64_t n = std::min(BS, end - start), padded = (n + W - 1) / W * W;
     const int64_t base = table[start / BS] * g.block_stride;
-    const int64_t next = start + BS < len ? table[start / BS + 1] * g.block_stride : -1;
+    const int64_t next = start + BS < end ? table[start / BS + 1] * g.block_stride : -1;
+    // Scores of every head, the key rows read in address order (token, then kv head): the hardware
+    // prefetcher streams the block.
     for (int64_t t = 0; t < n; ++t) {
-      for (int64_t kvh = kv_begin; kvh < kv_end; ++kvh) {
+      for (int64_t kvh = 0; kvh < kv_heads; ++kvh) {
         const int64_t offset = t * g.token_stride + kvh * g.head_stride;
-        if (next >= 0) prefetch_row(k + next + offset, g.head_dim);
+        if (next >= 0) prefetch_row(k + next + offset, D);
+        vf key[CT ? CT : MAX_C];
         load_row(k + base + offset, key, C);
-        const int64_t r0 = (kvh - kv_begin) * G;
-        for (int64_t r = r0; r < r0 + G; ++r) {
-          const vf* qv = q_item + r * C;
-          vf a{}, b{};  // two chains: half the FMA latency
+        for (int64_t r = kvh * G; r < (kvh + 1) * G; ++r) {
+          const vf* qv = q + r * C;
+          vf a{}, b{};  // two chains: half the multiply-add latency
           int64_t c = 0;
           for (; c + 1 < C; c += 2) {
             a += qv[c] * key[c];
             b += qv[c + 1] * key[c + 1];
           }
           if (c < C) a += qv[c] * key[c];
-          scores[r * P + t] = hsum(a + b);
+          partial[r * P + t] = a + b;
         }
       }
     }
-    for (int64_t r = 0; r < rows; ++r) {
-      float* sr = scores + r * P;
-      const float new_m = std::max(s.m[r], *std::max_element(sr, sr + n));
-      const float alpha = std::exp(s.m[r] - new_m);  // 0 on the first block, where m = -inf
-      for (int64_t t = 0; t < n; t += W) {
-        const vf e = exp_nonpositive(load_vec(sr + t) - new_m);
-        std::memcpy(sr + t, &e, sizeof e);  // lanes past n are never read
+    for (int64_t kvh = 0; kvh < kv_heads; ++kvh) {
+      const int64_t head_offset = kvh * g.head_stride;
+      for (int64_t r = 0; r < G; ++r) {
+        const int64_t row = kvh * G + r;
+        for (int64_t t = n; t < padded; ++t) partial[row * P + t] = vf{};
+        float* pr = probs + r * P;
+        vf vmax = neg_inf;
+        for (int64_t j = 0; j < padded; j += W) {
+          vf sc = sums_of_lanes(partial + row * P + j);
+          if (n - j < W) sc = lane < int32_t(n - j) ? sc : neg_inf;  // lanes past the block's last token
+          std::memcpy(pr + j, &sc, sizeof sc);
+          vmax = vmax > sc ? vmax : sc;
+        }
+        const float new_m = std::max(s.m[row], hmax(vmax));
+        s.alpha[r] = new_m == s.m[row] ? 1.f : std::exp(s.m[row] - new_m);  // 0 on the first block (m = -inf)
+        vf vsum{};
+        for (int64_t j = 0; j < padded; j += W) {
+          vf e = exp_nonpositive(load_vec(pr + j) - new_m);
+          if (n - j < W) e = lane < int32_t(n - j) ? e : vf{};
+          std::memcpy(pr + j, &e, sizeof e);
+          vsum += e;
+        }
+        s.l[row] = s.l[row] * s.alpha[r] + hsum(vsum);
+        s.m[row] = new_m;
       }
-      float sum = 0.f;
-      for (int64_t t = 0; t < n; ++t) sum += sr[t];
-      s.l[r] = s.l[r] * alpha + sum;
-      s.m[r] = new_m;
-      if (alpha != 1.f) {
-        for (int64_t c = 0; c < C; ++c) acc[r * C + c] *= alpha;
+      const T* vrows = v + base + head_offset;
+      vf* acc = s.acc.data() + kvh * G * C;
+      if (next >= 0) {
+        for (int64_t t = 0; t < n; ++t) prefetch_row(v + next + t * g.token_stride + head_offset, D);
       }
-    }
-    for (int64_t t = 0; t < n; ++t) {
-      for (int64_t kvh = kv_begin; kvh < kv_end; ++kvh) {
-        const int64_t offset = t * g.token_stride + kvh * g.head_stride;
-        if (next >= 0) prefetch_row(v + next + offset, g.head_dim);
-        const int64_t r0 = (kvh - kv_begin) * G;
-        const T* row = v + base + offset;
-        int64_t c = 0;
-        for (; c + 1 < C; c += 2) {
-          vf va, vb;
-          load_pair(row + c * W, va, vb);
-          for (int64_t r = r0; r < r0 + G; ++r) {
-            const float p = scores[r * P + t];
-            acc[r * C + c] += p * va;
-            acc[r * C + c + 1] += p * vb;
+      if constexpr (CT != 0) {
+        // Tiles of 4 or 2 heads by CC4 or CC2 vectors, then single heads by CC1 (at most 16 accumulators).
+        constexpr int CC4 = std::min(CT, 4), CC2 = std::min(CT, 8), CC1 = std::min(CT, 16);
+        int64_t r = 0;
+        for (; G % 4 == 0 && r + 4 <= G; r += 4) {
+          for (int64_t c0 = 0; c0 < C; c0 += CC4) {
+            add_weighted_values<4, CC4>(vrows, g.token_stride, n, probs + r * P, P, &s.alpha[r], acc + r * C, C, c0);
           }
         }
-        if (c < C) {
-          const vf va = load_vec(row + c * W);
-          for (int64_t r = r0; r < r0 + G; ++r) acc[r * C + c] += scores[r * P + t] * va;
+        for (; r + 2 <= G; r += 2) {
+          for (int64_t c0 = 0; c0 < C; c0 += CC2) {
+            add_weighted_values<2, CC2>(vrows, g.token_stride, n, probs + r * P, P, &s.alpha[r], acc + r * C, C, c0);
+          }
         }
+        for (; r < G; ++r) {
+          for (int64_t c0 = 0; c0 < C; c0 += CC1) {
+            add_weighted_values<1, CC1>(vrows, g.token_stride, n, probs + r * P, P, &s.alpha[r], acc + r * C, C, c0);
+          }
+        }
+      } else {
+        add_weighted_values_any(vrows, g.token_stride, n, probs, P, s.alpha.data(), acc, C, G);
       }
     }
   }
-  for (int64_t r = 0; r < rows; ++r) {
-    const float inv = s.l[r] > 0.f ? 1.f / s.l[r] : 0.f;  // an empty context gives zeros
-    output_row<T>(acc + r * C, inv, out + (kv_begin * G + r) * g.head_dim, C);
-  }
 }
+
+// Per-thread state of attend_many: running max, sum and weighted sum per query row (tokens x heads of one
+// item), the transposed keys and converted values of one block, and one row's block of scores.
+struct ManyScratch {
+  std::vector<vf> acc, scores;
+  std::vector<float> m, l, kt, vals;
+  ManyScratch(const Geometry& g, int64_t rows)
+      : acc(rows * (g.head_dim / W)), scores(g.padded_block / W), m(rows), l(rows),
+        kt(g.head_dim * g.padded_block), vals(g.block_size * g.head_dim) {}
+};
 
 // Attention of query heads [kv_begin * group, kv_end * group) of the n_q > 1 new tokens of one sequence
 // over its `len` cached tokens; token j sees keys [0, len - n_q + 1 + j) (causal). q is [n_q, q_heads,
@@ -332,63 +444,181 @@ void attend_many(const float* q, int64_t n_q, const T* k, const T* v, const int6
   }
 }
 
-// q [T, Hq, D] float32: the new tokens of sequence b are rows starts[b] .. starts[b + 1].
+// One work item: chunk `chunk` of a decoding sequence (all kv heads), or kv heads [kv_begin, kv_end) of a
+// sequence with several new tokens (its whole context).
+struct Item {
+  int64_t b, chunk, kv_begin, kv_end, work;
+};
+
+// count float32 values as the output's dtype (float32, bfloat16 or float16).
+inline void write_floats(ScalarType dtype, const float* src, int64_t count, void* dst) {
+  switch (dtype) {
+    case ScalarType::Float: std::memcpy(dst, src, count * sizeof(float)); break;
+    case ScalarType::BFloat16: for (int64_t i = 0; i < count; ++i) store(src[i], static_cast<Bf16*>(dst) + i); break;
+    default: for (int64_t i = 0; i < count; ++i) store(src[i], static_cast<Fp16*>(dst) + i); break;
+  }
+}
+
+// The merged state of a sequence's chunks (flash-decoding's final step) for query head h:
+// sum_i acc_i e^(m_i - M) / sum_i l_i e^(m_i - M), M the largest m_i; returns that sum of l.
+inline float merge_chunks(const vf* acc, const float* m, const float* l, int64_t chunks, int64_t q_heads,
+                          int64_t C, int64_t h, vf* sum) {
+  float top = -std::numeric_limits<float>::infinity();
+  for (int64_t i = 0; i < chunks; ++i) top = std::max(top, m[i * q_heads + h]);
+  for (int64_t c = 0; c < C; ++c) sum[c] = vf{};
+  float total = 0.f;
+  for (int64_t i = 0; i < chunks; ++i) {
+    const float mi = m[i * q_heads + h];
+    const float w = mi == -std::numeric_limits<float>::infinity() ? 0.f : std::exp(mi - top);
+    total += l[i * q_heads + h] * w;
+    for (int64_t c = 0; c < C; ++c) sum[c] += w * acc[(i * q_heads + h) * C + c];
+  }
+  return total;
+}
+
+// The decode item's chunk of sequence b over all kv heads, dispatched on the row length.
 template <typename T>
-void run(const Tensor& q, const Tensor& kv_cache, const int64_t* tables, int64_t table_width, const int64_t* lens,
-         const int64_t* starts, int64_t B, double scale, Tensor& out) {
-  const int64_t Hq = q.size(1), D = q.size(2), Hkv = kv_cache.size(3);
+void attend_any(const vf* q, const T* k, const T* v, const int64_t* table, int64_t begin, int64_t end,
+                int64_t kv_heads, const Geometry& g, DecodeScratch& s) {
+  switch (g.head_dim % W == 0 ? g.head_dim / W : 0) {  // the row lengths the unrolled loops are built for
+    case 4: attend_chunk<4, T>(q, k, v, table, begin, end, kv_heads, g, s); break;
+    case 8: attend_chunk<8, T>(q, k, v, table, begin, end, kv_heads, g, s); break;
+    case 16: attend_chunk<16, T>(q, k, v, table, begin, end, kv_heads, g, s); break;
+    default: attend_chunk<0, T>(q, k, v, table, begin, end, kv_heads, g, s);
+  }
+}
+
+// The new tokens of sequence b are rows starts[b] .. starts[b + 1] of q and out ([T, Hq, D], contiguous,
+// dtype q_dtype).
+template <typename T>
+void run(const void* q_ptr, void* out_ptr, ScalarType q_dtype, int64_t Hq, const Tensor& kv_cache,
+         const int64_t* tables, int64_t table_width, const int64_t* lens, const int64_t* starts, int64_t B,
+         double scale) {
+  const int64_t D = kv_cache.size(4), Hkv = kv_cache.size(3), C = D / W;
   const int64_t block_size = kv_cache.size(2);
   const Geometry g{Hq / Hkv, D, block_size, (block_size + W - 1) / W * W,
                    kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3)};
   const T* k_pool = static_cast<const T*>(kv_cache.const_data_ptr());
   const T* v_pool = k_pool + kv_cache.stride(0);
-  const float* q_ptr = static_cast<const float*>(q.const_data_ptr());
-  float* out_ptr = static_cast<float*>(out.mutable_data_ptr());
+  const int64_t q_size = q_dtype == ScalarType::Float ? 4 : 2;
+  auto q_row = [&](int64_t row) { return static_cast<const char*>(q_ptr) + row * Hq * D * q_size; };
+  auto out_row = [&](int64_t row) { return static_cast<char*>(out_ptr) + row * Hq * D * q_size; };
   const int64_t threads = torch::stable::get_num_threads();
+  const int64_t chunk = chunk_tokens(block_size);
   int64_t max_q = 1;
   for (int64_t b = 0; b < B; ++b) max_q = std::max(max_q, starts[b + 1] - starts[b]);
-  // Split each sequence's kv heads into `parts` ranges when there are too few sequences for the threads.
+  // Sequences with several new tokens split their kv heads into `parts` ranges when there are too few
+  // sequences for the threads.
   int64_t parts = 1;
   while (parts < Hkv && B * parts < 4 * threads) parts *= 2;
   while (Hkv % parts != 0) --parts;
-  const int64_t per_part = Hkv / parts, items = B * parts;
-  auto work = [&](int64_t b) { return lens[b] * (starts[b + 1] - starts[b]); };
-  std::vector<int64_t> order(items);
-  std::iota(order.begin(), order.end(), 0);
-  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return work(a / parts) > work(b / parts); });
+  const int64_t per_part = Hkv / parts;
+  // Decoding sequences of several chunks keep each chunk's state in slots first[b] .. first[b] + chunks.
+  std::vector<Item> items;
+  std::vector<int64_t> first(B, -1), chunks(B, 1);
+  int64_t slots = 0;
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t n_q = starts[b + 1] - starts[b];
+    if (n_q == 1) {
+      chunks[b] = std::max<int64_t>(1, (lens[b] + chunk - 1) / chunk);
+      if (chunks[b] > 1) first[b] = slots, slots += chunks[b];
+      for (int64_t i = 0; i < chunks[b]; ++i) items.push_back({b, i, 0, Hkv, std::min(chunk, lens[b] - i * chunk)});
+    } else {
+      for (int64_t p = 0; p < parts; ++p) items.push_back({b, 0, p * per_part, (p + 1) * per_part, lens[b] * n_q});
+    }
+  }
+  std::stable_sort(items.begin(), items.end(), [](const Item& a, const Item& b) { return a.work > b.work; });
+  std::vector<vf> slot_acc(slots * Hq * C);
+  std::vector<float> slot_m(slots * Hq), slot_l(slots * Hq);
   std::atomic<int64_t> next{0};
-  torch::stable::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
-    Scratch s(g, per_part);
-    ManyScratch many(g, max_q * per_part * g.group);
-    std::vector<vf> scaled_q(Hq * (D / W));
-    std::vector<float> scaled_many(max_q * Hq * D);
+  const int64_t count = int64_t(items.size());
+  torch::stable::parallel_for(0, std::min(threads, count), 1, [&](int64_t, int64_t) {
+    DecodeScratch s(g, Hq);
+    std::vector<float> row(max_q * Hq * D);  // float32 queries of a sequence, then an output row
+    std::vector<vf> scaled_q(Hq * C);
+    std::unique_ptr<ManyScratch> many;
+    std::vector<float> many_q, many_out;
     int64_t loaded = -1;
-    for (int64_t i = next.fetch_add(1); i < items; i = next.fetch_add(1)) {
-      const int64_t b = order[i] / parts, kv_begin = (order[i] % parts) * per_part;
-      const int64_t n_q = starts[b + 1] - starts[b];
-      const float* qb = q_ptr + starts[b] * Hq * D;
-      float* ob = out_ptr + starts[b] * Hq * D;
+    for (int64_t i = next.fetch_add(1); i < count; i = next.fetch_add(1)) {
+      const Item& it = items[i];
+      const int64_t b = it.b, n_q = starts[b + 1] - starts[b];
+      const int64_t* table = tables + b * table_width;
       if (n_q == 1) {
         if (b != loaded) {
-          for (int64_t h = 0; h < Hq; ++h) query_row<T>(qb + h * D, (float)scale, &scaled_q[h * (D / W)], D / W);
+          read_floats(q_dtype, q_row(starts[b]), Hq * D, row.data());
+          for (int64_t h = 0; h < Hq; ++h) query_row<T>(&row[h * D], (float)scale, &scaled_q[h * C], C);
           loaded = b;
         }
-        attend<T>(scaled_q.data(), k_pool, v_pool, tables + b * table_width, lens[b], kv_begin, kv_begin + per_part,
-                  g, ob, s);
+        const int64_t begin = it.chunk * chunk, end = std::min(lens[b], begin + chunk);
+        attend_any<T>(scaled_q.data(), k_pool, v_pool, table, begin, end, Hkv, g, s);
+        if (first[b] < 0) {
+          for (int64_t h = 0; h < Hq; ++h) {
+            output_row<T>(&s.acc[h * C], s.l[h] > 0.f ? 1.f / s.l[h] : 0.f, row.data(), C);  // empty: zeros
+            write_floats(q_dtype, row.data(), D, out_row(starts[b]) + h * D * q_size);
+          }
+        } else {
+          const int64_t slot = first[b] + it.chunk;
+          std::copy(s.acc.begin(), s.acc.begin() + Hq * C, slot_acc.begin() + slot * Hq * C);
+          std::copy(s.m.begin(), s.m.begin() + Hq, slot_m.begin() + slot * Hq);
+          std::copy(s.l.begin(), s.l.begin() + Hq, slot_l.begin() + slot * Hq);
+        }
       } else {
+        if (!many) {
+          many = std::make_unique<ManyScratch>(g, max_q * per_part * g.group);
+          many_q.resize(max_q * Hq * D);
+          many_out.resize(max_q * Hq * D);
+        }
         if (b != loaded) {
-          for (int64_t e = 0; e < n_q * Hq * D; ++e) scaled_many[e] = qb[e] * (float)scale;
+          read_floats(q_dtype, q_row(starts[b]), n_q * Hq * D, many_q.data());
+          for (int64_t e = 0; e < n_q * Hq * D; ++e) many_q[e] *= (float)scale;
           loaded = b;
         }
-        attend_many<T>(scaled_many.data(), n_q, k_pool, v_pool, tables + b * table_width, lens[b], kv_begin,
-                       kv_begin + per_part, g, Hq, ob, many);
+        attend_many<T>(many_q.data(), n_q, k_pool, v_pool, table, lens[b], it.kv_begin, it.kv_end, g, Hq,
+                       many_out.data(), *many);
+        const int64_t h0 = it.kv_begin * g.group, heads = (it.kv_end - it.kv_begin) * g.group;
+        for (int64_t j = 0; j < n_q; ++j) {
+          write_floats(q_dtype, &many_out[(j * Hq + h0) * D], heads * D, out_row(starts[b] + j) + h0 * D * q_size);
+        }
+      }
+    }
+  });
+  if (slots == 0) return;
+  torch::stable::parallel_for(0, B, 4, [&](int64_t lo, int64_t hi) {
+    std::vector<vf> sum(C);
+    std::vector<float> row(D);
+    for (int64_t b = lo; b < hi; ++b) {
+      if (first[b] < 0) continue;
+      const int64_t f = first[b];
+      for (int64_t h = 0; h < Hq; ++h) {
+        const float total = merge_chunks(&slot_acc[f * Hq * C], &slot_m[f * Hq], &slot_l[f * Hq], chunks[b], Hq, C, h,
+                                         sum.data());
+        output_row<T>(sum.data(), total > 0.f ? 1.f / total : 0.f, row.data(), C);
+        write_floats(q_dtype, row.data(), D, out_row(starts[b]) + h * D * q_size);
       }
     }
   });
 }
 
-// The checks and conversions shared by both ops; query_lens_in empty means one token per sequence.
-Tensor paged_attention_impl(Tensor q_in, Tensor kv_cache, Tensor tables_in, Tensor lens_in, Tensor query_lens_in,
+// A 1-D or 2-D int32/int64 tensor's values as int64, row-major.
+std::vector<int64_t> read_longs(const Tensor& t) {
+  STD_TORCH_CHECK(t.scalar_type() == ScalarType::Long || t.scalar_type() == ScalarType::Int,
+                  "block tables and lengths must be int32 or int64");
+  const int64_t rows = t.dim() == 2 ? t.size(0) : 1, cols = t.dim() == 2 ? t.size(1) : t.size(0);
+  const int64_t row_stride = t.dim() == 2 ? t.stride(0) : 0, col_stride = t.dim() == 2 ? t.stride(1) : t.stride(0);
+  std::vector<int64_t> out(rows * cols);
+  const bool wide = t.scalar_type() == ScalarType::Long;
+  const void* p = t.const_data_ptr();
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t c = 0; c < cols; ++c) {
+      const int64_t at = r * row_stride + c * col_stride;
+      out[r * cols + c] = wide ? static_cast<const int64_t*>(p)[at] : static_cast<const int32_t*>(p)[at];
+    }
+  }
+  return out;
+}
+
+// The checks and conversions shared by both ops; query_lens_in null means one token per sequence.
+Tensor paged_attention_impl(Tensor q_in, Tensor kv_cache, Tensor tables_in, Tensor lens_in, const Tensor* query_lens_in,
                             double scale) {
   STD_TORCH_CHECK(q_in.is_cpu() && kv_cache.is_cpu() && tables_in.is_cpu() && lens_in.is_cpu(),
                   "paged attention: CPU tensors only");
@@ -406,19 +636,16 @@ Tensor paged_attention_impl(Tensor q_in, Tensor kv_cache, Tensor tables_in, Tens
   const ScalarType q_dtype = q_in.scalar_type();
   STD_TORCH_CHECK(q_dtype == ScalarType::Float || q_dtype == ScalarType::BFloat16 || q_dtype == ScalarType::Half,
                   "q must be float32, bfloat16 or float16");
-  Tensor q = torch::stable::contiguous(torch::stable::to(q_in, ScalarType::Float));
-  Tensor tables = torch::stable::contiguous(torch::stable::to(tables_in, ScalarType::Long));
-  Tensor lens = torch::stable::contiguous(torch::stable::to(lens_in, ScalarType::Long));
-  const int64_t* t = static_cast<const int64_t*>(tables.const_data_ptr());
-  const int64_t* l = static_cast<const int64_t*>(lens.const_data_ptr());
+  const bool q_packed = q_in.stride(2) == 1 && q_in.stride(1) == D && (T <= 1 || q_in.stride(0) == Hq * D);
+  Tensor q = q_packed ? q_in : torch::stable::contiguous(q_in);
+  const std::vector<int64_t> t = read_longs(tables_in), l = read_longs(lens_in);
   std::vector<int64_t> starts(B + 1, 0);
-  if (query_lens_in.numel() == 0) {
+  if (query_lens_in == nullptr) {
     STD_TORCH_CHECK(T == B, "q must have one row per sequence");
     for (int64_t b = 0; b < B; ++b) starts[b + 1] = b + 1;
   } else {
-    STD_TORCH_CHECK(query_lens_in.dim() == 1 && query_lens_in.numel() == B, "query_lens must be [batch]");
-    Tensor qlens = torch::stable::contiguous(torch::stable::to(query_lens_in, ScalarType::Long));
-    const int64_t* ql = static_cast<const int64_t*>(qlens.const_data_ptr());
+    STD_TORCH_CHECK(query_lens_in->dim() == 1 && query_lens_in->numel() == B, "query_lens must be [batch]");
+    const std::vector<int64_t> ql = read_longs(*query_lens_in);
     for (int64_t b = 0; b < B; ++b) {
       STD_TORCH_CHECK(ql[b] >= 1 && ql[b] <= l[b], "query_lens[", b, "] = ", ql[b], " must be in [1, context_lens[",
                       b, "] = ", l[b], "]");
@@ -427,7 +654,7 @@ Tensor paged_attention_impl(Tensor q_in, Tensor kv_cache, Tensor tables_in, Tens
     STD_TORCH_CHECK(starts[B] == T, "q has ", T, " rows but query_lens add up to ", starts[B]);
   }
   // Every block a sequence reads must be in the pool: a bad table would read outside it.
-  const int64_t width = tables.size(1);
+  const int64_t width = tables_in.size(1);
   for (int64_t b = 0; b < B; ++b) {
     const int64_t used = (l[b] + block_size - 1) / block_size;
     STD_TORCH_CHECK(l[b] >= 0 && used <= width, "context_lens[", b, "] = ", l[b], " does not fit its block table");
@@ -436,26 +663,33 @@ Tensor paged_attention_impl(Tensor q_in, Tensor kv_cache, Tensor tables_in, Tens
                       "] = ", t[b * width + i], " is not a block of the pool");
     }
   }
-  Tensor out = torch::stable::empty({T, Hq, D}, ScalarType::Float, std::nullopt, q.device());
+  Tensor out = torch::stable::empty({T, Hq, D}, q_dtype, std::nullopt, q.device());
+  const void* q_ptr = q.const_data_ptr();
+  void* out_ptr = out.mutable_data_ptr();
   switch (kv_cache.scalar_type()) {
-    case ScalarType::Float: run<float>(q, kv_cache, t, width, l, starts.data(), B, scale, out); break;
-    case ScalarType::BFloat16: run<Bf16>(q, kv_cache, t, width, l, starts.data(), B, scale, out); break;
-    case ScalarType::Half: run<Fp16>(q, kv_cache, t, width, l, starts.data(), B, scale, out); break;
+    case ScalarType::Float:
+      run<float>(q_ptr, out_ptr, q_dtype, Hq, kv_cache, t.data(), width, l.data(), starts.data(), B, scale);
+      break;
+    case ScalarType::BFloat16:
+      run<Bf16>(q_ptr, out_ptr, q_dtype, Hq, kv_cache, t.data(), width, l.data(), starts.data(), B, scale);
+      break;
+    case ScalarType::Half:
+      run<Fp16>(q_ptr, out_ptr, q_dtype, Hq, kv_cache, t.data(), width, l.data(), starts.data(), B, scale);
+      break;
     default: STD_TORCH_CHECK(false, "kv_cache must be float32, bfloat16 or float16");
   }
-  return q_dtype == ScalarType::Float ? out : torch::stable::to(out, q_dtype);
+  return out;
 }
 
 Tensor paged_decode_attention(Tensor q, Tensor kv_cache, Tensor tables, Tensor lens, double scale) {
   STD_TORCH_CHECK(lens.dim() == 1 && lens.numel() == q.size(0), "context_lens must be [batch]");
-  return paged_attention_impl(q, kv_cache, tables, lens, torch::stable::empty({0}, ScalarType::Long, std::nullopt,
-                              q.device()), scale);
+  return paged_attention_impl(q, kv_cache, tables, lens, nullptr, scale);
 }
 
 Tensor paged_prefix_attention(Tensor q, Tensor kv_cache, Tensor tables, Tensor lens, Tensor query_lens, double scale) {
   STD_TORCH_CHECK(kv_cache.dim() == 5 && (kv_cache.size(2) + W - 1) / W <= MAX_PV, "paged_prefix_attention: blocks of ",
                   kv_cache.dim() == 5 ? kv_cache.size(2) : 0, " tokens are more than ", MAX_PV * W, " (use the SDPA path)");
-  return paged_attention_impl(q, kv_cache, tables, lens, query_lens, scale);
+  return paged_attention_impl(q, kv_cache, tables, lens, &query_lens, scale);
 }
 
 }  // namespace

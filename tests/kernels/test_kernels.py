@@ -20,7 +20,9 @@ from qwenstack.engine.reference import greedy_generate
 from qwenstack.models.attention import AttentionBatch, _decode_attention, gather_kv
 from qwenstack.models.registry import load_model
 
-LENGTHS = [1, 15, 16, 17, 300]
+# Decode splits a context into chunks of 128 tokens (merged after): lengths on both sides of a chunk, of a
+# block, and several chunks with a ragged last one.
+LENGTHS = [1, 15, 16, 17, 128, 129, 300, 527]
 TOLERANCE = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
 
 
@@ -60,8 +62,8 @@ def reference(
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("group", [1, 2, 8])
-@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("group", [1, 2, 4, 8])
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
 def test_matches_reference(dtype: torch.dtype, group: int, head_dim: int) -> None:
     kv_heads = 2
     pool, tables = make_pool(LENGTHS, kv_heads, head_dim, 16, dtype)
@@ -170,6 +172,23 @@ def test_strided_pool_int32_and_threads() -> None:
     assert torch.equal(single, multi)
 
 
+def test_same_result_alone_in_any_batch_and_with_any_threads() -> None:
+    """A sequence's output does not depend on what else is in the batch or on the thread count (its
+    context chunks depend on its length alone), bit for bit."""
+    lengths = [700, 3, 129, 40]
+    pool, tables = make_pool(lengths, 4, 128, 16, torch.bfloat16, seed=11)
+    q = torch.randn(len(lengths), 8, 128, dtype=torch.bfloat16)
+    batched = kernels.paged_decode_attention(q, pool, tables, lengths, 0.088)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        for i, n in enumerate(lengths):
+            alone = kernels.paged_decode_attention(q[i:i + 1], pool, tables[i:i + 1], [n], 0.088)
+            assert torch.equal(alone[0], batched[i])
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_empty_context_and_bad_tables() -> None:
     pool, tables = make_pool([20, 20], 2, 32, 16, torch.float32)
     q = torch.randn(2, 4, 32)
@@ -214,3 +233,40 @@ def test_a_file_that_fails_to_compile_disables_only_its_own_ops(tmp_path: Path,
     assert kernels.native_op("rms_norm") is not None and kernels.paged_decode_available()
     assert set(kernels.build.op_sources()) >= {"paged_decode_attention", "paged_prefix_attention", "linear_rows",
                                                 "linear_tiled", "linear_tiled_int8", "rms_norm", "qk_norm_rope"}
+
+
+ATTENTION_LEVEL_CHECK = """
+import json, sys, torch
+sys.path[:0] = sys.argv[1:]
+from test_kernels import LENGTHS, make_pool, reference
+from qwenstack import kernels
+worst = 0.0
+for dtype in (torch.float32, torch.bfloat16):
+    for group, head_dim in ((1, 64), (2, 128), (4, 48), (8, 128)):  # generic vectors stop at 128
+        pool, tables = make_pool(LENGTHS, 2, head_dim, 16, dtype, seed=group)
+        q = torch.randn(len(LENGTHS), 2 * group, head_dim).to(dtype)
+        out = kernels.paged_decode_attention(q, pool, tables, LENGTHS, head_dim**-0.5).double()
+        worst = max(worst, (out - reference(q, pool, tables, LENGTHS, head_dim**-0.5)).abs().max().item())
+print(json.dumps({"isa": kernels.isa_level(), "worst": worst}))
+"""
+
+
+# One build per ISA level in fresh processes (about a minute each on 2 cores): -m slow. The vector width
+# changes the decode loops (the fold of W partial vectors, registers per row), so each level is checked.
+@pytest.mark.slow
+def test_decode_attention_at_every_build_level_this_cpu_runs() -> None:
+    import json
+    import os
+    import subprocess
+    import sys
+
+    native = kernels.isa_level()
+    if native not in kernels.ISA_LEVELS[1:]:
+        pytest.skip("only the generic level exists on this CPU")
+    here = Path(__file__).parent
+    for level in ["generic", *kernels.ISA_LEVELS[1:kernels.ISA_LEVELS.index(native)]]:
+        env = {**os.environ, "QWENSTACK_KERNEL_ISA": level}
+        out = subprocess.run([sys.executable, "-c", ATTENTION_LEVEL_CHECK, str(here), str(here.parent / "support")],
+                             env=env, capture_output=True, text=True, timeout=600, check=True)
+        result = json.loads(out.stdout.strip().splitlines()[-1])
+        assert result["isa"] == level and result["worst"] < 2e-2, (level, result)
