@@ -10,6 +10,12 @@ Measures, each as a ratio against transformers 5.x generate on the same weights:
 - prefill tokens/s for a 256-token prompt;
 - offline throughput: 64 requests, prompts 32-512 tokens, outputs 32-256 (fixed seed), against
   transformers generate in padded batches of 16;
+- short-output throughput (`short`): 32 requests, prompts 32-256 tokens, outputs 16-64 (seed 0), against
+  transformers in padded batches of 16: a mix where prefill and admission weigh as much as decode;
+- batched decode (`batched`): 16, 32, 64 and 128 sequences of 128-token prompts decoding together, tokens/s
+  from the median decode-only step, against the weight-read roof (read bandwidth / weight bytes per step x
+  sequences: every step reads the weights once whatever the batch), and against the roof with the KV
+  cache read as well; plus 64 sequences sampled at temperature 1;
 - shared prefix: 16 requests sharing a 1,024-token system prompt, time to first token of the later
   requests against the first's (ours only: it is a property of the prefix cache).
 """
@@ -55,6 +61,10 @@ def weight_bytes_per_token(model: torch.nn.Module) -> int:
     return total
 
 
+def kv_bytes_per_token(model: torch.nn.Module) -> int:
+    return model.kv_cache_spec().bytes_per_token(next(model.parameters()).dtype)
+
+
 KV_CACHE_MEMORY = 3 * 2**30  # bytes; --kv-cache-gib
 
 
@@ -90,6 +100,31 @@ def ours_throughput(model: torch.nn.Module, prompts: list[list[int]], outputs: l
     params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in outputs]
     results, seconds = timed(lambda: engine.generate_all(prompts, params))
     return sum(len(r.outputs[0].token_ids) for r in results) / seconds
+
+
+def ours_batched_decode(model: torch.nn.Module, prompts: list[list[int]], steps: int,
+                        temperature: float = 0.0) -> dict[str, float]:
+    """Tokens/s of decode-only steps with every prompt decoding together (prefill steps are not timed)."""
+    batch = len(prompts)
+    engine = make_engine(model, max_num_seqs=batch, max_num_batched_tokens=4096)
+    params = SamplingParams(temperature=temperature, max_tokens=steps + 3, ignore_eos=True)
+    for i, prompt in enumerate(prompts):
+        engine.add_request(str(i), prompt, params)
+    while engine.counters.generation_tokens < batch:  # prefill everyone (the first token comes with it)
+        engine.step()
+    times, cpu_times = [], []
+    for _ in range(steps):
+        t, c = time.perf_counter(), time.process_time()
+        engine.step()
+        times.append(time.perf_counter() - t)
+        cpu_times.append(time.process_time() - c)
+    engine.close()
+    step = statistics.median(times)
+    # CPU seconds over the threads: what the step costs when the cores are ours alone (a shared VM's wall
+    # clock counts other work's time slices too).
+    cpu_step = statistics.median(cpu_times) / torch.get_num_threads()
+    return {"sequences": batch, "step_ms": step * 1e3, "ours_tok_s": batch / step,
+            "cpu_step_ms": cpu_step * 1e3, "ours_cpu_tok_s": batch / cpu_step}
 
 
 def ours_shared_prefix(model: torch.nn.Module, system: list[int], questions: list[list[int]]) -> dict[str, float]:
@@ -139,7 +174,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description="engine vs transformers")
     parser.add_argument("model_dir", type=Path)
     parser.add_argument("--name", required=True)
-    parser.add_argument("--only", default="decode,prefill,throughput,prefix")
+    parser.add_argument("--only", default="decode,prefill,throughput,prefix",
+                        help="comma-separated: decode, prefill, throughput, short, batched, prefix")
+    parser.add_argument("--batched-sizes", default="16,32,64,128")
+    parser.add_argument("--batched-steps", type=int, default=8, help="decode steps timed per batch size")
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--decode-tokens", type=int, default=48)
     parser.add_argument("--decode-rounds", type=int, default=3, help="decode timed in this many rounds, medians")
@@ -198,6 +236,42 @@ def main() -> None:
             theirs = hf_throughput(hf, prompts, outputs)
             results["throughput"].update(transformers_tok_s=theirs, ratio=results["throughput"]["ours_tok_s"] / theirs)
         print("throughput", results["throughput"], flush=True)
+    if "short" in only:  # its own seed: the mix does not depend on which other parts ran
+        short_rng = random.Random(0)
+        prompts = [random_prompt(short_rng, short_rng.randint(32, 256), vocab) for _ in range(32)]
+        outputs = [short_rng.randint(16, 64) for _ in range(32)]
+        results["short_throughput"] = {"requests": 32, "output_tokens": sum(outputs),
+                                       "ours_tok_s": ours_throughput(model, prompts, outputs)}
+        if hf is not None:
+            theirs = hf_throughput(hf, prompts, outputs)
+            results["short_throughput"].update(transformers_tok_s=theirs,
+                                               ratio=results["short_throughput"]["ours_tok_s"] / theirs)
+        print("short_throughput", results["short_throughput"], flush=True)
+    if "batched" in only:
+        bandwidth = read_bandwidth()
+        per_step = results["weight_bytes_per_token"]
+        batched_rng = random.Random(0)
+        ours_batched_decode(model, [random_prompt(batched_rng, 32, vocab) for _ in range(4)], 2)  # warm up
+        rows = []
+        for batch in (int(b) for b in args.batched_sizes.split(",")):
+            row = ours_batched_decode(model, [random_prompt(batched_rng, 128, vocab) for _ in range(batch)],
+                                      args.batched_steps)
+            roof = bandwidth / per_step * batch
+            # What the step must also read: every sequence's KV cache (128-token prompts, a few new tokens).
+            # At 64 sequences it is as many bytes as the weights, so the weight-read roof is not reachable.
+            kv_read = batch * (128 + args.batched_steps // 2) * kv_bytes_per_token(model)
+            roof_kv = bandwidth / (per_step + kv_read) * batch
+            row.update(roof_tok_s=roof, fraction_of_roof=row["ours_tok_s"] / roof,
+                       fraction_of_roof_cpu=row["ours_cpu_tok_s"] / roof, roof_with_kv_tok_s=roof_kv,
+                       fraction_of_roof_with_kv=row["ours_tok_s"] / roof_kv)
+            rows.append(row)
+            print("batched_decode", row, flush=True)
+        # The same at 64 sequences sampling at temperature 1 (the OpenAI API's default): 152K-wide rows
+        # to draw from, where greedy takes an argmax.
+        sampled = ours_batched_decode(model, [random_prompt(batched_rng, 128, vocab) for _ in range(64)],
+                                      args.batched_steps, temperature=1.0)
+        print("batched_decode sampled", sampled, flush=True)
+        results["batched_decode"] = {"read_bandwidth_gb_s": bandwidth / 1e9, "rows": rows, "sampled_64": sampled}
     if "prefix" in only:
         system = random_prompt(rng, 1024, vocab)
         questions = [random_prompt(rng, rng.randint(8, 32), vocab) for _ in range(16)]

@@ -63,3 +63,38 @@ def test_top_k_draws_follow_the_filtered_distribution() -> None:
     p = want[want > 0]
     freq = counts[want > 0] / draws
     assert ((freq - p).abs() <= 4 * (p * (1 - p) / draws).sqrt() + 1e-3).all()
+
+
+def test_top_p_over_a_large_vocabulary_draws_from_the_same_nucleus() -> None:
+    """Top-p without top-k looks at the NUCLEUS_CANDIDATES most likely tokens instead of sorting the whole
+    vocabulary when they hold the mass; the distribution drawn from is filter_logits' (min-p too), and a
+    flat distribution whose nucleus reaches further falls back to the full sort."""
+    from qwenstack.engine.sampler import NUCLEUS_CANDIDATES, nucleus
+
+    gen = torch.Generator().manual_seed(4)
+    for scale, params in ((6.0, SamplingParams(temperature=0.7, top_p=0.8)),
+                          (6.0, SamplingParams(temperature=1.0, top_p=0.95, min_p=0.05)),
+                          (0.1, SamplingParams(temperature=1.0, top_p=0.9))):  # flat: the fallback
+        logits = torch.randn(20 * NUCLEUS_CANDIDATES, generator=gen) * scale
+        want = filter_logits(logits.clone(), params).softmax(-1)
+        probs, ids = nucleus(logits, params)
+        got = torch.zeros_like(want)
+        if ids is None:
+            got = probs
+        else:
+            got[ids] = probs / probs.sum()
+            assert want.count_nonzero() < NUCLEUS_CANDIDATES
+        assert (got > 0).equal(want > 0)
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-4)
+
+
+def test_a_seeded_row_draws_the_same_token_alone_or_in_a_batch() -> None:
+    logits = torch.randn(6, 3 * ARGMAX_CHUNK, generator=torch.Generator().manual_seed(5)) * 3
+    for params in (SamplingParams(temperature=0.8, seed=7), SamplingParams(temperature=0.8, top_p=0.9, seed=7),
+                   SamplingParams(temperature=0.8, top_k=20, seed=7)):
+        alone = [sample(logits[2:3], [request(params, torch.Generator().manual_seed(7))], torch.Generator())[0][0]
+                 for _ in range(2)]
+        others = [request(SamplingParams(temperature=1.0)) for _ in range(6)]
+        others[2] = request(params, torch.Generator().manual_seed(7))
+        batched = sample(logits, others, torch.Generator().manual_seed(1))[0][2]
+        assert alone == [batched, batched]
