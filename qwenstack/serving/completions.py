@@ -77,16 +77,9 @@ def prompts_of(request: CompletionRequest, served: ServedModel) -> list[Prompt]:
     for ids in lists:  # checked before decoding: the tokenizer cannot decode what is not in the vocabulary
         if not ids:
             raise bad_request("prompt has an empty list of token ids", param="prompt")
-        check_ids_fit(ids, served)  # type: ignore[arg-type]
+        served.check_ids_fit(ids, "prompt")  # type: ignore[arg-type]
         served.check_token_ids(ids, "prompt")  # type: ignore[arg-type]
     return [Prompt(tok.decode(ids), list(ids)) for ids in lists]  # type: ignore[arg-type]
-
-
-def check_ids_fit(ids: list[Any], served: ServedModel) -> None:
-    """400 for a prompt of more token ids than the context holds (the engine says so too, but only after
-    decoding them)."""
-    if len(ids) > served.prompt_token_limit:
-        raise served.too_long(len(ids), "prompt")
 
 
 def refuse_long_id_prompt(raw: dict[str, Any], served: ServedModel) -> None:
@@ -94,7 +87,7 @@ def refuse_long_id_prompt(raw: dict[str, Any], served: ServedModel) -> None:
     a list whose first item is an int is a prompt of token ids or no valid prompt at all (400 either way)."""
     prompt = raw.get("prompt")
     if isinstance(prompt, list) and prompt and type(prompt[0]) is int:
-        check_ids_fit(prompt, served)
+        served.check_ids_fit(prompt, "prompt")
 
 
 def plan_completion(served: ServedModel, request: CompletionRequest) -> CompletionPlan:

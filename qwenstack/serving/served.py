@@ -94,6 +94,12 @@ class ServedModel:
         except TooManyTokens as exc:
             raise self.too_long(exc.count, param) from None
 
+    def check_ids_fit(self, ids: list[Any], param: str) -> None:
+        """400 for a prompt of more token ids than the context holds (the engine says so too, but only after
+        decoding them)."""
+        if len(ids) > self.prompt_token_limit:
+            raise self.too_long(len(ids), param)
+
     def check_token_ids(self, ids: list[int], param: str) -> None:
         """400 unless every id is in the vocabulary (before anything decodes them)."""
         vocab = self.engine.engine.vocab_size

@@ -140,10 +140,10 @@ async def local_or_forwarded(request: Request, model: type[M], remote_path: str,
     (a prompt too long for the context) cost nothing there, where validating it item by item would."""
     state = get_state(request)
     raw = await read_json(request)
-    remote = state.remote.get(raw.get("model"))
+    named = raw.get("model")
+    remote = state.remote.get(named)
     if remote is not None:
         return await state.remote.forward(remote, remote_path, raw)
-    named = raw.get("model")
     served = state.registry.models.get(named) if precheck is not None and isinstance(named, str) else None
     if served is not None:
         precheck(raw, served)  # type: ignore[misc]
