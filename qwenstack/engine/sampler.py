@@ -112,11 +112,11 @@ def sample_row(logits: torch.Tensor, request: SampleRequest, default_generator: 
     return choice if candidates is None else int(candidates[choice])
 
 
-def race_noise(shape: torch.Size, generator: torch.Generator) -> torch.Tensor:
-    """E ~ Exp(1) for the exponential race (Gumbel-max): argmax(p / E) samples from p. Drawn as -log(U):
-    torch's exponential_ took 7 ms per 152K-token row here, five times uniform draws and a log, and a
-    64-row sampled decode step paid it 64 times."""
-    return torch.rand(shape, generator=generator).log_().neg_()
+def race(probs: torch.Tensor, generator: torch.Generator) -> int:
+    """The exponential race (Gumbel-max): argmax(p / E) with E ~ Exp(1) samples from p. E is drawn as
+    -log(U): torch's exponential_ took 7 ms per 152K-token row here, five times uniform draws and a log,
+    and a 64-row sampled decode step paid it 64 times."""
+    return int((probs / torch.rand(probs.shape, generator=generator).log_().neg_()).argmax())
 
 
 # Top-p without top-k: how many of the most likely tokens are taken before the whole vocabulary is sorted.
@@ -215,8 +215,7 @@ def sample_drawn_rows(logits: torch.Tensor, requests: list[SampleRequest], rows:
             request = requests[rows[j]]
             k = request.params.top_k
             probs = filter_logits(best[n, :k], request.params).softmax(-1)
-            choice = int((probs / race_noise(probs.shape, request.generator or default_generator)).argmax())
-            chosen[rows[j]] = int(ids[n, choice])
+            chosen[rows[j]] = int(ids[n, race(probs, request.generator or default_generator)])
     if other and vocab > NUCLEUS_CANDIDATES:
         temperature = torch.tensor([requests[rows[j]].params.temperature for j in other], dtype=torch.float32)
         scaled = values[other] / temperature[:, None]
@@ -225,9 +224,11 @@ def sample_drawn_rows(logits: torch.Tensor, requests: list[SampleRequest], rows:
         del scaled
     for n, j in enumerate(other):
         request = requests[rows[j]]
-        probs, candidates = nucleus_of(values[j], request.params, best[n], ids[n], log_totals[n]) \
-            if vocab > NUCLEUS_CANDIDATES else (filter_logits(values[j], request.params).softmax(-1), None)
-        choice = int((probs / race_noise(probs.shape, request.generator or default_generator)).argmax())
+        if vocab > NUCLEUS_CANDIDATES:
+            probs, candidates = nucleus_of(values[j], request.params, best[n], ids[n], log_totals[n])
+        else:
+            probs, candidates = filter_logits(values[j], request.params).softmax(-1), None
+        choice = race(probs, request.generator or default_generator)
         chosen[rows[j]] = choice if candidates is None else int(candidates[choice])
     return chosen
 
