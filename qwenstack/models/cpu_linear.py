@@ -155,8 +155,9 @@ def pack_weight(weight: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
 
 
-def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None,
+                  activation: str = "none", algorithm: str = "") -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, activation, [], algorithm)
 
 
 class PackedLinear(nn.Module):
@@ -172,7 +173,7 @@ class PackedLinear(nn.Module):
         self.activation, self.algorithm = activation, algorithm
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, self.activation, [], self.algorithm)
+        return packed_linear(x, self.packed, self.bias, self.activation, self.algorithm)
 
     def extra_repr(self) -> str:
         fused = "" if self.activation == "none" else f", then {self.activation} {self.algorithm}".rstrip()
