@@ -7,7 +7,8 @@ goes, so growth in memory or latency shows as a difference between the first and
 Starts `qwenstack serve` (the bundled demo model unless --model) on 127.0.0.1 as a subprocess and sends
 requests at `--rate` per second: chat and completions, streamed and not (valid); malformed bodies, values
 out of range, wrong content types, lone surrogates, deep nesting (invalid: each must get a 4xx); streams
-the client abandons after a few chunks (aborted). Every `--sample` seconds it records the server's resident
+the client abandons after a few chunks (aborted). The schedule repeats every `--window` seconds, so the
+first and the last window send the same requests. Every `--sample` seconds it records the server's resident
 memory (/proc/PID/status VmRSS), KV-cache use and running requests (/metrics), and the latency of the
 valid requests finished since the last sample. After `--duration` it stops sending, waits for the answers
 in flight, checks that the KV pool is back to idle, prints first-window vs last-window figures and exits
@@ -88,6 +89,7 @@ async def valid(client: httpx.AsyncClient, model: str, rng: random.Random, stats
     else:
         path, body = "/v1/completions", {"model": model, "prompt": "Once upon a time", "max_tokens": max_tokens}
     body["stream"] = kind.endswith("stream")
+    body["seed"] = rng.randrange(2**31)  # the same answer (and length) when the schedule replays this request
     start = time.monotonic()
     if body["stream"]:
         async with client.stream("POST", path, json=body) as r:
@@ -159,8 +161,16 @@ def _pct(values: list[float], q: float) -> float:
     return round(sorted(values)[min(len(values) - 1, int(len(values) * q / 100))], 4)
 
 
+def schedule_rng(args: argparse.Namespace, index: int) -> random.Random:
+    """The draws of the index-th request sent. The schedule repeats every window (counted from the end of the
+    warm-up), so the first and the last window replay the same requests in the same order and at the same
+    times: their latencies compare the server with itself on the same work, not two random mixes."""
+    period = max(1, round(args.window * args.rate))
+    slot = (index - round(args.warmup * args.rate)) % period
+    return random.Random(args.seed * 1_000_003 + slot)
+
+
 async def drive(base: str, model: str, pid: int, args: argparse.Namespace) -> Stats:
-    rng = random.Random(args.seed)
     stats = Stats(started=time.monotonic())
     stop = asyncio.Event()
     # Idle connections are dropped by the client after 2 s, before the server's 5 s keep-alive timeout: a
@@ -171,8 +181,10 @@ async def drive(base: str, model: str, pid: int, args: argparse.Namespace) -> St
         tasks: set[asyncio.Task] = set()
         next_at = time.monotonic()
         end = stats.started + args.warmup + args.duration
+        sent = 0
         while time.monotonic() < end:
-            task = asyncio.ensure_future(one(client, model, rng, stats))
+            task = asyncio.ensure_future(one(client, model, schedule_rng(args, sent), stats))
+            sent += 1
             tasks.add(task)
             task.add_done_callback(tasks.discard)
             next_at += 1 / args.rate
