@@ -18,7 +18,6 @@ import argparse
 import sys
 import time
 from pathlib import Path
-from unittest import mock
 from typing import Any, Callable
 
 import torch
@@ -27,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import read_bandwidth, save, threads  # noqa: E402
 
 from qwenstack import kernels  # noqa: E402
-from qwenstack.models.attention import AttentionBatch, _decode_attention  # noqa: E402
+from qwenstack.models.attention import AttentionBatch, gathered_decode_attention  # noqa: E402
 
 Q_HEADS, KV_HEADS, HEAD_DIM, BLOCK_SIZE = 16, 8, 128, 16
 
@@ -82,9 +81,8 @@ def main() -> None:
         for ctx in args.contexts:
             c = make_case(b, ctx, dtype)
             kv_bytes = 2 * b * ctx * KV_HEADS * HEAD_DIM * c["kv_cache"].element_size()
-            with mock.patch.object(kernels, "use_paged_decode", return_value=False):  # the gather path
-                ref = best_time(lambda: _decode_attention(c["q"], c["kv_cache"], c["batch"], scale, True),
-                                args.repeats, clock)
+            ref = best_time(lambda: gathered_decode_attention(c["q"], c["kv_cache"], c["batch"], scale, True),
+                            args.repeats, clock)
             ker = best_time(
                 lambda: kernels.paged_decode_attention(c["q"], c["kv_cache"], c["tables"], c["lens"], scale),
                 args.repeats, clock,

@@ -25,9 +25,8 @@ from qwenstack.engine.sampler import (
 )
 from qwenstack.engine.scheduler import ScheduledBatch
 from qwenstack.engine.sequence import PositionLogprobs, Sequence
-from qwenstack.kernels import paged_decode_available
 from qwenstack.models.attention import AttentionBatch
-from qwenstack.models.cpu_linear import prepare_cpu_linears
+from qwenstack.models.fast_paths import prepare_for_cpu
 from qwenstack.models.base import CausalLM, MultimodalModel, RecurrentStateModel, layer_caches
 
 
@@ -79,11 +78,7 @@ class ModelRunner:
             self.layer_caches = layer_caches(self.kv_caches, states)
         self.generator = torch.Generator().manual_seed(seed)
         self.multimodal = MultimodalStep(model, encoder_cache_memory) if isinstance(model, MultimodalModel) else None
-        if self.device.type == "cpu":
-            # Pick the fastest CPU linears (prepacked oneDNN weights when they win here), and build the native
-            # decode kernel now rather than stalling the first request on it.
-            prepare_cpu_linears(model)  # type: ignore[arg-type]
-            paged_decode_available()
+        prepare_for_cpu(model)  # type: ignore[arg-type]
 
     def close(self) -> None:
         """Releases what the runner holds outside this process (worker ranks: distributed.executor)."""

@@ -10,20 +10,19 @@ Decisions:
   fresh prompt of the same length (training, equal prefills), one batched call over gathered blocks when
   every sequence decodes one token, and a per-sequence call otherwise (mixed prefill, chunked prefill,
   prefix-cache hits).
-- On CPU the decode step runs the native kernel of qwenstack.kernels, which reads the blocks in place instead
-  of gathering them (the gather copies more bytes per step than the weights); the gather path is its
-  reference and its fallback (kernel build failed, QWENSTACK_DISABLE_KERNELS=1, autograd, other devices).
-  In mixed batches the same kernel takes every sequence with few new tokens (the decodes beside a
-  prefill chunk, a prompt whose prefix came from the cache), one query row per new token.
+- This file is the reference and knows no kernel. A kernel that reads the blocks in place (instead of
+  gathering them: the gather copies more bytes per step than the weights) comes in as `in_place`, an
+  InPlaceAttention the load-time preparation chose (models/fast_paths.py: the native CPU kernels); it takes
+  a whole decode step, or in a mixed batch the sequences with few new tokens (the decodes beside a prefill
+  chunk, a prompt whose prefix came from the cache), and answers None / no rows where it does not apply.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
-
-from qwenstack import kernels
 
 
 @dataclass
@@ -80,6 +79,18 @@ def gather_kv(kv_cache: torch.Tensor, block_table: torch.Tensor, length: int) ->
     return k, v
 
 
+class InPlaceAttention(Protocol):
+    """A kernel that attends over the paged cache where it lies (no gather)."""
+
+    def decode(self, q: torch.Tensor, kv_cache: torch.Tensor, batch: AttentionBatch,
+               scale: float) -> torch.Tensor | None:
+        """One new token per sequence: the output [B, q_heads, head_dim], or None where it does not apply."""
+
+    def few_new_tokens(self, q: torch.Tensor, kv_cache: torch.Tensor, batch: AttentionBatch, scale: float,
+                       out: torch.Tensor) -> set[int]:
+        """Writes the rows of `out` of the sequences it takes in a mixed batch; returns their indices."""
+
+
 def paged_attention(
     q: torch.Tensor,  # [T, q_heads, head_dim]
     k: torch.Tensor,  # [T, kv_heads, head_dim]
@@ -87,6 +98,7 @@ def paged_attention(
     kv_cache: torch.Tensor | None,
     batch: AttentionBatch,
     scale: float,
+    in_place: InPlaceAttention | None = None,
 ) -> torch.Tensor:  # [T, q_heads, head_dim]
     if kv_cache is not None and batch.slot_mapping is not None:
         write_kv(kv_cache, k, v, batch.slot_mapping)
@@ -99,9 +111,11 @@ def paged_attention(
         out = F.scaled_dot_product_attention(qb, kb, vb, is_causal=True, scale=scale, enable_gqa=gqa)
         return out.transpose(1, 2).reshape(q.shape)
     if batch.is_decode and kv_cache is not None:
-        return _decode_attention(q, kv_cache, batch, scale, gqa)
+        out = in_place.decode(q, kv_cache, batch, scale) if in_place is not None else None
+        return out if out is not None else gathered_decode_attention(q, kv_cache, batch, scale, gqa)
     out = torch.empty_like(q)
-    done = _short_queries_in_place(q, kv_cache, batch, scale, out)
+    done = in_place.few_new_tokens(q, kv_cache, batch, scale, out) \
+        if in_place is not None and kv_cache is not None and batch.block_tables is not None else set()
     for i, (q_len, ctx_len) in enumerate(zip(batch.query_lens, batch.context_lens)):
         if i in done:
             continue
@@ -128,41 +142,11 @@ def paged_attention(
     return out
 
 
-def _short_queries_in_place(
-    q: torch.Tensor, kv_cache: torch.Tensor | None, batch: AttentionBatch, scale: float, out: torch.Tensor
-) -> set[int]:
-    """In a mixed batch, the sequences with at most KERNEL_MAX_QUERY new tokens (decodes beside a prefill
-    chunk, a prompt whose prefix came from the cache, short chunks) go to the native kernel in one call,
-    reading their keys and values in place: no gather per sequence. Writes their rows of `out` and returns
-    their indices (empty when the kernel does not apply)."""
-    if kv_cache is None or batch.block_tables is None or not kernels.use_paged_decode(q, kv_cache):
-        return set()
-    if kv_cache.shape[2] > KERNEL_MAX_BLOCK:
-        return set()
-    seqs = [i for i, n in enumerate(batch.query_lens) if n <= KERNEL_MAX_QUERY]
-    if not seqs:
-        return set()
-    starts = batch.query_starts
-    rows = torch.cat([torch.arange(starts[i], starts[i + 1]) for i in seqs]).to(q.device)
-    tables = batch.block_tables[torch.tensor(seqs, dtype=torch.long, device=q.device)]
-    out[rows] = kernels.paged_prefix_attention(q[rows], kv_cache, tables, [batch.context_lens[i] for i in seqs],
-                                               [batch.query_lens[i] for i in seqs], scale)
-    return set(seqs)
-
-
-# Up to this many new tokens, a sequence's attention runs in the native kernel (every key row loaded once
-# for all its tokens, no gather); longer prompts and chunks go to SDPA's blocked products.
-KERNEL_MAX_QUERY = 64
-KERNEL_MAX_BLOCK = 16  # the multi-token kernel holds one block of scores in registers (the engine's default)
-
-
-def _decode_attention(
+def gathered_decode_attention(
     q: torch.Tensor, kv_cache: torch.Tensor, batch: AttentionBatch, scale: float, gqa: bool
 ) -> torch.Tensor:
     """One new token per sequence: gather every sequence's blocks into one padded batch, mask the padding."""
     assert batch.block_tables is not None
-    if kernels.use_paged_decode(q, kv_cache):
-        return kernels.paged_decode_attention(q, kv_cache, batch.block_tables, batch.context_lens, scale)
     block_size = kv_cache.shape[2]
     max_blocks = (batch.max_context_len + block_size - 1) // block_size
     tables = batch.block_tables[:, :max_blocks]

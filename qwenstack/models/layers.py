@@ -18,7 +18,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qwenstack import kernels
 from qwenstack.config import RopeConfig
 from qwenstack.models.attention import AttentionBatch, paged_attention
 
@@ -35,9 +34,6 @@ class RMSNorm(nn.Module):
         self.zero_centered = zero_centered
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        native = kernels.rms_norm(x, self.weight, self.eps, self.zero_centered)
-        if native is not None:
-            return native
         dtype = x.dtype
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -163,8 +159,24 @@ class SwiGLU(nn.Module):
         return fused_rows(prefix, "gate_up_proj", [("gate_proj", i), ("up_proj", i)])
 
 
+class AttentionOps:
+    """What an attention layer does between its projections - QK-RMSNorm and rotary, then attention over the
+    paged cache - as torch's reference math. The load-time preparation (models/fast_paths.py) gives each
+    layer the native subclass where it applies; the layers call these and never ask which they have."""
+
+    def norm_and_rotate(self, q_norm: RMSNorm, k_norm: RMSNorm, q: torch.Tensor, k: torch.Tensor,
+                        cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return apply_rotary(q_norm(q), cos, sin), apply_rotary(k_norm(k), cos, sin)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor | None,
+               batch: AttentionBatch, scale: float) -> torch.Tensor:
+        return paged_attention(q, k, v, kv_cache, batch, scale)
+
+
 class Attention(nn.Module):
     """Grouped-query attention with per-head QK RMSNorm (Qwen3), q/k/v fused into one projection."""
+
+    ops = AttentionOps()  # stateless; the preparation sets an instance's own
 
     def __init__(
         self,
@@ -198,21 +210,15 @@ class Attention(nn.Module):
         q, k = self.norm_and_rotate(q.view(-1, self.num_heads, self.head_dim),
                                     k.view(-1, self.num_kv_heads, self.head_dim), positions)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        out = paged_attention(q, k, v, kv_cache, batch, self.scale)
+        out = self.ops.attend(q, k, v, kv_cache, batch, self.scale)
         return self.o_proj(out.reshape(-1, self.q_size))
 
     def norm_and_rotate(
         self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """QK-RMSNorm then the rotary embedding of q [T, heads, D] and k [T, kv_heads, D]: one native call on
-        CPU in 16-bit dtypes (the same bits as the torch path), the torch modules elsewhere."""
+        """QK-RMSNorm then the rotary embedding of q [T, heads, D] and k [T, kv_heads, D]."""
         cos, sin = self.rotary.cos_sin(positions, q.dtype)
-        qn, kn = self.q_norm, self.k_norm
-        if qn.eps == kn.eps and qn.zero_centered == kn.zero_centered:
-            fused = kernels.qk_norm_rope(q, k, qn.weight, kn.weight, cos, sin, qn.eps, qn.zero_centered)
-            if fused is not None:
-                return fused
-        return apply_rotary(qn(q), cos, sin), apply_rotary(kn(k), cos, sin)
+        return self.ops.norm_and_rotate(self.q_norm, self.k_norm, q, k, cos, sin)
 
     def checkpoint_sources(self, prefix: str) -> dict[str, list[list["Source"]]]:
         parts = [("q_proj", self.q_size), ("k_proj", self.kv_size), ("v_proj", self.kv_size)]

@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qwenstack.errors import ConfigError
-from qwenstack.models.attention import AttentionBatch, paged_attention
+from qwenstack.models.attention import AttentionBatch
 from qwenstack.models.base import KVCacheSpec, lm_logits
 from qwenstack.models.layers import Attention, RMSNorm, SwiGLU, fused_rows
 from qwenstack.models.linear_attention import (
@@ -132,7 +132,7 @@ class GatedAttention(Attention):
         q, gate = q_gate.view(-1, self.num_heads, 2 * self.head_dim).chunk(2, dim=-1)
         q, k = self.norm_and_rotate(q, k.view(-1, self.num_kv_heads, self.head_dim), positions)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        out = paged_attention(q, k, v, kv_cache, batch, self.scale).reshape(-1, self.q_size)
+        out = self.ops.attend(q, k, v, kv_cache, batch, self.scale).reshape(-1, self.q_size)
         return self.o_proj(out * torch.sigmoid(gate.reshape(-1, self.q_size)))
 
     def checkpoint_sources(self, prefix: str) -> dict[str, list[list["Source"]]]:

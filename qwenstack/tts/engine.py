@@ -35,12 +35,14 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Protocol
 
 import torch
+from torch import nn
 
 from qwenstack.engine.block_manager import BlockManager
 from qwenstack.engine.params import SamplingParams
 from qwenstack.engine.sampler import SampleRequest, sample_row
 from qwenstack.errors import RequestError
 from qwenstack.models.attention import AttentionBatch
+from qwenstack.models.fast_paths import prepare_for_cpu
 
 log = logging.getLogger("qwenstack.tts")
 
@@ -125,6 +127,11 @@ class SpeechEngine:
         codec: its decoder, with `stream()` (CodecDecoder, Code2Wav)."""
         self.model, self.codec = model, codec
         self.talker = model.talker
+        # The native norms and attention on CPU; the linears stay F.linear (the speech loop's codes are
+        # checked token for token against the reference's sums).
+        for module in (model, codec):
+            if isinstance(module, nn.Module):
+                prepare_for_cpu(module, linears=False)
         param = next(self.talker.parameters())
         self.device, self.dtype = param.device, param.dtype
         spec = self.talker.kv_cache_spec()

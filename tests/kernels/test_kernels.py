@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from kernel_utils import require_native_kernels
 from qwenstack import kernels
 from qwenstack.engine.reference import greedy_generate
-from qwenstack.models.attention import AttentionBatch, _decode_attention, gather_kv
+from qwenstack.models.attention import AttentionBatch, gathered_decode_attention, gather_kv
+from qwenstack.models.fast_paths import NativePagedAttention, prepare_for_cpu
 from qwenstack.models.registry import load_model
 
 # Decode splits a context into chunks of 128 tokens (merged after): lengths on both sides of a chunk, of a
@@ -136,17 +137,17 @@ def test_block_sizes(block_size: int) -> None:
 
 
 def test_engine_path_matches_padded_reference(monkeypatch: pytest.MonkeyPatch) -> None:
-    """_decode_attention with the kernel (int32 tables, bf16 cache, float32 queries, Qwen3-0.6B's head
-    shape) against the same call forced onto the gather path."""
+    """The prepared layers' decode (int32 tables, bf16 cache, float32 queries, Qwen3-0.6B's head shape)
+    against the reference's gather path; with the kernels disabled it declines and the reference runs."""
     pool, tables = make_pool(LENGTHS, 8, 128, 16, torch.bfloat16, seed=3)
     q = torch.randn(len(LENGTHS), 16, 128)
     batch = AttentionBatch([1] * len(LENGTHS), LENGTHS, block_tables=tables.int(), block_size=16)
-    assert kernels.use_paged_decode(q, pool)
-    out = _decode_attention(q, pool, batch, 128**-0.5, True)
+    out = NativePagedAttention().decode(q, pool, batch, 128**-0.5)
+    assert out is not None
     monkeypatch.setattr(kernels.build, "kernels_disabled", lambda: True)
-    assert not kernels.use_paged_decode(q, pool)
+    assert NativePagedAttention().decode(q, pool, batch, 128**-0.5) is None
     batch.block_tables = tables  # the gather path indexes with long tables
-    expected = _decode_attention(q, pool, batch, 128**-0.5, True)
+    expected = gathered_decode_attention(q, pool, batch, 128**-0.5, True)
     torch.testing.assert_close(out, expected, atol=2e-5, rtol=1e-5)
     with pytest.raises(RuntimeError, match="not available"):
         kernels.paged_decode_attention(q, pool, tables, LENGTHS, 1.0)
@@ -205,8 +206,11 @@ def test_empty_context_and_bad_tables() -> None:
 
 
 def test_greedy_decoding_same_with_and_without_kernel(tiny_qwen3: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    model = load_model(tiny_qwen3, dtype=torch.float32)
+    """The model as built (torch), prepared (the kernels), and prepared with the kernels disabled."""
     prompts = [[5, 9, 13], list(range(3, 40)), [7] * 17]
+    expected = greedy_generate(load_model(tiny_qwen3, dtype=torch.float32), prompts, 12, block_size=4)
+    model = load_model(tiny_qwen3, dtype=torch.float32)
+    prepare_for_cpu(model, linears=False)
     calls = []
 
     def counted(*args, **kwargs):
@@ -215,10 +219,10 @@ def test_greedy_decoding_same_with_and_without_kernel(tiny_qwen3: Path, monkeypa
 
     kernel = kernels.paged_decode_attention
     monkeypatch.setattr(kernels, "paged_decode_attention", counted)
-    with_kernel = greedy_generate(model, prompts, 12, block_size=4)
+    assert greedy_generate(model, prompts, 12, block_size=4) == expected
     assert calls, "the decode steps did not reach the kernel"
     monkeypatch.setattr(kernels.build, "kernels_disabled", lambda: True)
-    assert greedy_generate(model, prompts, 12, block_size=4) == with_kernel
+    assert greedy_generate(model, prompts, 12, block_size=4) == expected
 
 
 def test_a_file_that_fails_to_compile_disables_only_its_own_ops(tmp_path: Path,

@@ -9,18 +9,13 @@ import torch
 
 from kernel_utils import require_native_kernels
 from qwenstack import kernels
+from qwenstack.models.fast_paths import NativeRMSNorm, prepare_for_cpu
 from qwenstack.models.layers import RMSNorm
 
 
 @pytest.fixture(scope="module", autouse=True)
 def kernel_built() -> None:
     require_native_kernels()
-
-
-def reference(norm: RMSNorm, x: torch.Tensor, monkeypatch: pytest.MonkeyPatch) -> torch.Tensor:
-    with monkeypatch.context() as m:
-        m.setattr(kernels.build, "kernels_disabled", lambda: True)
-        return norm(x)
 
 
 def make_norm(dim: int, dtype: torch.dtype, zero_centered: bool) -> RMSNorm:
@@ -33,29 +28,30 @@ def make_norm(dim: int, dtype: torch.dtype, zero_centered: bool) -> RMSNorm:
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("zero_centered", [False, True])
 @pytest.mark.parametrize("shape", [(1, 128), (7, 128), (3, 4, 128), (2, 3, 5, 128), (5, 36)])
-def test_matches_reference(dtype: torch.dtype, zero_centered: bool, shape: tuple[int, ...],
-                           monkeypatch: pytest.MonkeyPatch) -> None:
+def test_matches_reference(dtype: torch.dtype, zero_centered: bool, shape: tuple[int, ...]) -> None:
     torch.manual_seed(len(shape) * 100 + shape[-1])
     norm = make_norm(shape[-1], dtype, zero_centered)
     x = (torch.randn(shape) * 3).to(dtype)
     with torch.inference_mode():
         got = kernels.rms_norm(x, norm.weight, norm.eps, zero_centered)
-        want = reference(norm, x, monkeypatch)
+        want = norm(x)  # models/layers.RMSNorm is the torch reference
     assert got is not None and got.shape == x.shape and got.dtype == dtype
     # The float32 sums differ only in order; after rounding to 8 or 11 bits that almost never shows.
     assert (got != want).float().mean().item() <= 0.01
     torch.testing.assert_close(got.float(), want.float(), rtol=1e-2, atol=1e-2)
 
 
-def test_strided_head_view(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_strided_head_view() -> None:
     """q_norm/k_norm see [T, heads, head_dim] views into the fused qkv output."""
     qkv = torch.randn(5, 3 * 2 * 64).to(torch.bfloat16)
     q = qkv[:, 128:256].view(5, 2, 64)
     assert not q.is_contiguous()
     norm = make_norm(64, torch.bfloat16, False)
+    native = NativeRMSNorm(64, norm.eps)
+    native.weight = norm.weight
     with torch.inference_mode():
-        got = norm(q)
-        want = reference(norm, q, monkeypatch)
+        got = native(q)
+        want = norm(q)
     assert torch.equal(got, want)
 
 
@@ -108,8 +104,8 @@ def test_qk_norm_rope_is_the_norm_then_the_rotation(dtype: torch.dtype, zero_cen
 
 
 def test_attention_layer_fused_path_matches_its_torch_path(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The attention layer's norm_and_rotate, native against QWENSTACK_DISABLE_KERNELS (the float32 norm sums
-    differ only in order)."""
+    """The attention layer's norm_and_rotate once the preparation swapped its ops, against the layer as built
+    (torch) and against QWENSTACK_DISABLE_KERNELS (the float32 norm sums differ only in order)."""
     from qwenstack.config import RopeConfig
     from qwenstack.models.layers import Attention
 
@@ -122,13 +118,16 @@ def test_attention_layer_fused_path_matches_its_torch_path(monkeypatch: pytest.M
     k = (torch.randn(9, 2, 64) * 2).to(torch.bfloat16)
     positions = torch.arange(100, 109)
     with torch.inference_mode():
+        want = attn.norm_and_rotate(q, k, positions)
+        assert prepare_for_cpu(attn, linears=False).attention_layers == 1
         got = attn.norm_and_rotate(q, k, positions)
         with monkeypatch.context() as m:
             m.setattr(kernels.build, "kernels_disabled", lambda: True)
-            want = attn.norm_and_rotate(q, k, positions)
-    for g, w in zip(got, want):
+            disabled = attn.norm_and_rotate(q, k, positions)
+    for g, w, d in zip(got, want, disabled):
         assert (g != w).float().mean().item() <= 0.02
         torch.testing.assert_close(g.float(), w.float(), rtol=2e-2, atol=2e-2)
+        assert torch.equal(d, w)
 
 
 def test_qk_norm_rope_leaves_float32_and_autograd_to_torch() -> None:

@@ -1,0 +1,73 @@
+"""The one preparation pass (models/fast_paths.py): a model as built runs torch's reference math and reaches no
+kernel; prepare_for_cpu swaps every norm and attention layer (and the linears) once, the prepared model reaches
+the native ops, decodes the same greedy tokens, and preparing again changes nothing."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+import torch
+
+from kernel_utils import require_native_kernels
+from qwenstack import kernels
+from qwenstack.engine.reference import greedy_generate
+from qwenstack.models.fast_paths import NATIVE_ATTENTION_OPS, NativeRMSNorm, prepare_for_cpu
+from qwenstack.models.layers import Attention, RMSNorm
+from qwenstack.models.registry import load_model
+
+ENTRY_POINTS = ("rms_norm", "qk_norm_rope", "use_paged_decode", "paged_decode_attention", "paged_prefix_attention",
+                "linear_tiled", "linear_rows")
+PROMPTS = [[5, 9, 13], list(range(3, 40)), [7] * 17]
+
+
+def watch(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    """Counts the calls into each kernel entry point (the calls still run)."""
+    calls = dict.fromkeys(ENTRY_POINTS, 0)
+
+    def counted(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            calls[name] += 1
+            return fn(*args, **kwargs)
+        return call
+
+    for name in ENTRY_POINTS:
+        monkeypatch.setattr(kernels, name, counted(name, getattr(kernels, name)))
+    return calls
+
+
+def test_a_model_as_built_reaches_no_kernel(tiny_qwen3: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    model = load_model(tiny_qwen3, dtype=torch.bfloat16)
+    calls = watch(monkeypatch)
+    greedy_generate(model, PROMPTS, 6, block_size=4)
+    assert not any(calls.values()), calls
+
+
+def test_preparation_swaps_every_norm_and_attention_layer_once(tiny_qwen3: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    require_native_kernels()
+    model = load_model(tiny_qwen3, dtype=torch.bfloat16)
+    names = set(model.state_dict())
+    norms = sum(type(m) is RMSNorm for m in model.modules())
+    layers = sum(isinstance(m, Attention) for m in model.modules())
+    done = prepare_for_cpu(model, linears=False)
+    assert (done.norms, done.attention_layers) == (norms, layers) and norms > layers > 0
+    assert not any(type(m) is RMSNorm for m in model.modules())
+    assert all(m.ops is NATIVE_ATTENTION_OPS for m in model.modules() if isinstance(m, Attention))
+    assert set(model.state_dict()) == names  # the same parameters under the same names
+    again = prepare_for_cpu(model, linears=False)
+    assert (again.norms, again.attention_layers) == (0, layers)
+    calls = watch(monkeypatch)
+    greedy_generate(model, PROMPTS, 8, block_size=4)
+    assert calls["rms_norm"] and calls["qk_norm_rope"] and calls["paged_decode_attention"] \
+        and calls["paged_prefix_attention"], calls
+    # The same greedy tokens as the model as built: tests/kernels/test_kernels.py, in float32 (in bfloat16 this
+    # tiny model's top two logits tie, and any other summation order picks the other one).
+
+
+def test_preparation_leaves_other_devices_and_float32_norms_alone(tiny_qwen3: Path) -> None:
+    model = load_model(tiny_qwen3, dtype=torch.float32).to("meta")
+    assert prepare_for_cpu(model).norms == 0  # not on CPU: nothing to swap
+    norm = NativeRMSNorm(32, 1e-6)
+    x = torch.randn(3, 32)
+    assert torch.equal(norm(x), RMSNorm.forward(norm, x))  # float32 stays on torch's sums
