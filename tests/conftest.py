@@ -16,7 +16,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no test may reach a hub
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Servers built without a database path keep their chat and response stores here, not in the user's home.
 os.environ.setdefault("QWENSTACK_HOME", tempfile.mkdtemp(prefix="qwenstack-tests-"))
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# Under scripts/test.sh's workers (pytest-xdist) each worker is one of two processes on the two cores, so its
+# torch runs one thread; a test that needs more sets its own.
+WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+torch.set_num_threads(1 if WORKER else max(1, min(2, os.cpu_count() or 1)))
 
 from checkpoints import build_hf_checkpoint, dense_config, moe_config  # noqa: E402
 
@@ -38,3 +41,15 @@ def native_omni(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from omni_checkpoints import build_native_omni_checkpoint
 
     return build_native_omni_checkpoint(tmp_path_factory.mktemp("omni"), seed=5)
+
+
+# Files that take longest go first: the workers take whole files in collection order, and a long file taken
+# last leaves the other worker idle at the end (the browser tests and these are the suite's longest files).
+FIRST = ("tests/ui/", "tests/serving/test_fuzz_api.py", "tests/translate/test_translate_session.py",
+         "tests/serving/test_faults.py", "tests/audio/test_live_transcription.py")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if WORKER is not None:
+        items.sort(key=lambda item: not item.nodeid.startswith(FIRST))  # stable: the order within stays
+

@@ -108,6 +108,7 @@ def test_expert_parallel_needs_tensor_parallel_ranks() -> None:
         ParallelConfig(expert_parallel=True)
 
 
+@pytest.mark.slow  # two rank processes behind a server; the dense TP=2 parity test stays in the default run
 def test_serve_flags_drive_a_tensor_parallel_model(tiny_qwen3: Path) -> None:
     """`serve MODEL --tensor-parallel-size 2` end to end: the flags become a ModelSpec, load_served_model
     (create_app's loader) starts a worker rank, and the API answers with the tokens one rank gives."""

@@ -97,6 +97,7 @@ def test_greedy_tokens_match_transformers(model: torch.nn.Module, tokenizer: Tok
         assert len(got) > 1 and got[0] not in eos, f"{message!r}: the demo model gave an empty reply"
 
 
+@pytest.mark.slow  # the model card figure, recomputed over the whole held-out split
 def test_heldout_perplexity_matches_model_card(model: torch.nn.Module, tokenizer: Tokenizer) -> None:
     card = (DEMO / "README.md").read_text(encoding="utf-8")
     match = re.search(r"Held-out perplexity: ([0-9.]+)", card)

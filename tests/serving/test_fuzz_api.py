@@ -26,7 +26,7 @@ from qwenstack.serving.config import ServerConfig  # noqa: E402
 
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance,
           negative_data_rejection]
-FAST = settings(max_examples=6, deadline=None, derandomize=True, database=None,
+FAST = settings(max_examples=4, deadline=None, derandomize=True, database=None,
                 suppress_health_check=list(HealthCheck))
 THOROUGH = settings(max_examples=150, deadline=None, database=None, suppress_health_check=list(HealthCheck))
 

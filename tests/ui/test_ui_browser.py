@@ -535,6 +535,7 @@ def showcase(tmp_path):
     store.close()
 
 
+@pytest.mark.slow  # writes the README screenshots; its dark-scheme and phone-width checks run only under -m slow
 def test_screenshots_in_light_and_dark_and_on_a_phone(browser, showcase):
     server = showcase
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
