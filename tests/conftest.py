@@ -49,6 +49,13 @@ FIRST = ("tests/ui/", "tests/serving/test_fuzz_api.py", "tests/translate/test_tr
          "tests/serving/test_faults.py", "tests/audio/test_live_transcription.py")
 
 
+def pytest_sessionstart(session: pytest.Session) -> None:
+    # On a fresh machine the native kernels compile first, all files at once (two workers share the builds).
+    from qwenstack.kernels import build_all
+
+    build_all()
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if WORKER is not None:
         items.sort(key=lambda item: not item.nodeid.startswith(FIRST))  # stable: the order within stays

@@ -9,7 +9,7 @@ attention for decode and prefix prefill (paged_attention_cpu.cpp), linear layers
 - layouts.py: the tile-packed weight layouts the linear kernels read.
 """
 from qwenstack.kernels import build
-from qwenstack.kernels.build import ISA_LEVELS, isa_level, kernels_disabled, native_op
+from qwenstack.kernels.build import ISA_LEVELS, build_all, isa_level, kernels_disabled, native_op
 from qwenstack.kernels.layouts import (
     INT8_TILE_K, INT8_TILE_MAX_K, TILE_K, TILE_N, can_tile, can_tile_int8, pack_tiles, pack_tiles_int8, tiled_rows,
     unpack_tiles, unpack_tiles_int8,
@@ -21,7 +21,7 @@ from qwenstack.kernels.ops import (
 )
 
 __all__ = [
-    "build", "ISA_LEVELS", "isa_level", "kernels_disabled", "native_op",
+    "build", "build_all", "ISA_LEVELS", "isa_level", "kernels_disabled", "native_op",
     "INT8_TILE_K", "INT8_TILE_MAX_K", "TILE_K", "TILE_N", "can_tile", "can_tile_int8", "pack_tiles",
     "pack_tiles_int8", "tiled_rows", "unpack_tiles", "unpack_tiles_int8",
     "LINEAR_WEIGHT_DTYPES", "has_amx", "int8_tiles_preferred", "linear_rows", "linear_rows_available",

@@ -104,6 +104,8 @@ def prepare_for_cpu(model: nn.Module, linears: bool = True) -> Prepared:
     param = next(model.parameters(), None)
     if param is None or param.device.type != "cpu":
         return Prepared()
+    # Every native op built now (all files at once) rather than one by one as the first request needs them.
+    kernels.build_all()
     done = Prepared(linears=prepare_cpu_linears(model) if linears else 0)
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
@@ -115,7 +117,5 @@ def prepare_for_cpu(model: nn.Module, linears: bool = True) -> Prepared:
         if isinstance(getattr(module, "ops", None), AttentionOps):
             module.ops = NATIVE_ATTENTION_OPS
             done.attention_layers += 1
-    # Build the native ops now rather than stalling the first request on their compilation.
-    kernels.paged_decode_available()
     log.info("CPU fast paths: %s", done)
     return done

@@ -239,6 +239,16 @@ def test_a_file_that_fails_to_compile_disables_only_its_own_ops(tmp_path: Path,
                                                 "linear_tiled", "linear_tiled_int8", "rms_norm", "qk_norm_rope"}
 
 
+def test_build_all_builds_every_file_at_once_and_reports_each(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    broken = tmp_path / "broken_all_cpu.cpp"
+    broken.write_text("this is not C++;\n")
+    monkeypatch.setattr(kernels.build, "SOURCES", (*kernels.build.SOURCES, broken))
+    built = kernels.build_all()
+    assert built == {**{source.name: True for source in kernels.build.SOURCES[:-1]}, "broken_all_cpu.cpp": False}
+    monkeypatch.setattr(kernels.build, "kernels_disabled", lambda: True)
+    assert kernels.build_all() == {}
+
+
 ATTENTION_LEVEL_CHECK = """
 import json, sys, torch
 sys.path[:0] = sys.argv[1:]
