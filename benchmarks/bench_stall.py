@@ -18,6 +18,7 @@ import statistics
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -40,13 +41,15 @@ def _stream_gaps(base: str, model: str, tokens: int, out: dict[str, Any], starte
     body = {"model": model, "prompt": "Once upon a time", "max_tokens": tokens, "ignore_eos": True, "stream": True,
             "temperature": 0}
     times = []
-    with httpx.Client(timeout=120) as client, client.stream("POST", base + "/v1/completions", json=body) as r:
-        for line in r.iter_lines():
-            if line.startswith("data: {"):
-                times.append(time.perf_counter())
-                if len(times) == 3:
-                    started.set()
-    started.set()
+    try:
+        with httpx.Client(timeout=120) as client, client.stream("POST", base + "/v1/completions", json=body) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: {"):
+                    times.append(time.perf_counter())
+                    if len(times) == 3:
+                        started.set()
+    finally:
+        started.set()  # a stream that failed must not leave the caller waiting for it
     gaps = [b - a for a, b in zip(times[2:], times[3:])]  # from the third token on: past the prefill
     out["gaps"] = gaps
 
@@ -55,9 +58,6 @@ def measure(base: str, model: str, heavy: dict[str, bytes] | None, tokens: int =
     """Stream `tokens` tokens while polling /health (and sending the heavy bodies one after another)."""
     result: dict[str, Any] = {}
     started = threading.Event()
-    streamer = threading.Thread(target=_stream_gaps, args=(base, model, tokens, result, started))
-    streamer.start()
-    started.wait(60)
     statuses: dict[str, int] = {}
 
     def send_heavy() -> None:
@@ -69,17 +69,19 @@ def measure(base: str, model: str, heavy: dict[str, bytes] | None, tokens: int =
                 statuses[name] = r.status_code
                 result.setdefault("heavy_s", {})[name] = round(time.perf_counter() - t0, 3)
 
-    sender = threading.Thread(target=send_heavy)
-    sender.start()
     health = []
-    with httpx.Client(timeout=60) as client:
-        while streamer.is_alive() or sender.is_alive():
+    # Futures, not bare threads: a stream or a heavy request that fails raises its own error here.
+    with ThreadPoolExecutor(max_workers=2) as pool, httpx.Client(timeout=60) as client:
+        streaming = pool.submit(_stream_gaps, base, model, tokens, result, started)
+        started.wait(60)
+        sending = pool.submit(send_heavy)
+        while not (streaming.done() and sending.done()):
             t0 = time.perf_counter()
             assert client.get(base + "/health").status_code == 200
             health.append(time.perf_counter() - t0)
             time.sleep(0.02)
-    streamer.join()
-    sender.join()
+        streaming.result()
+        sending.result()
     gaps = result["gaps"]
     result.update(health_max_s=max(health), health_p50_s=statistics.median(health), health_n=len(health),
                   gap_mean_s=statistics.mean(gaps), gap_p50_s=statistics.median(gaps), gap_max_s=max(gaps),
