@@ -59,4 +59,3 @@ def pytest_sessionstart(session: pytest.Session) -> None:
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if WORKER is not None:
         items.sort(key=lambda item: not item.nodeid.startswith(FIRST))  # stable: the order within stays
-

@@ -170,9 +170,9 @@ def run_worker(rank: int, spec: WorkerSpec) -> None:
     if spec.num_threads:
         torch.set_num_threads(spec.num_threads)
     logging.basicConfig(level=os.environ.get("QWENSTACK_LOG_LEVEL", "WARNING"))
-    from qwenstack.kernels import paged_decode_available
+    from qwenstack.kernels import build_all
 
-    paged_decode_available()  # build (or load) the native kernels before the ranks start waiting on each other
+    build_all()  # build (or load) the native kernels before the ranks start waiting on each other
     r = spec.rendezvous
     group = ParallelGroup.connect(r.host, r.port, rank, spec.parallel.tensor_parallel_size, backend=r.backend,
                                   timeout_s=spec.parallel.collective_timeout_s)

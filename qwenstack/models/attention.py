@@ -80,7 +80,8 @@ def gather_kv(kv_cache: torch.Tensor, block_table: torch.Tensor, length: int) ->
 
 
 class InPlaceAttention(Protocol):
-    """A kernel that attends over the paged cache where it lies (no gather)."""
+    """A kernel that attends over the paged cache where it lies (no gather). paged_attention calls it only
+    with a KV cache and block tables."""
 
     def decode(self, q: torch.Tensor, kv_cache: torch.Tensor, batch: AttentionBatch,
                scale: float) -> torch.Tensor | None:

@@ -45,15 +45,14 @@ class NativePagedAttention:
 
     def decode(self, q: torch.Tensor, kv_cache: torch.Tensor, batch: AttentionBatch,
                scale: float) -> torch.Tensor | None:
-        if batch.block_tables is None or not kernels.use_paged_decode(q, kv_cache):
+        if not kernels.use_paged_decode(q, kv_cache):
             return None
         return kernels.paged_decode_attention(q, kv_cache, batch.block_tables, batch.context_lens, scale)
 
     def few_new_tokens(self, q: torch.Tensor, kv_cache: torch.Tensor, batch: AttentionBatch, scale: float,
                        out: torch.Tensor) -> set[int]:
         """The sequences with at most KERNEL_MAX_QUERY new tokens in one call, one query row per new token."""
-        if batch.block_tables is None or kv_cache.shape[2] > KERNEL_MAX_BLOCK \
-                or not kernels.use_paged_decode(q, kv_cache):
+        if kv_cache.shape[2] > KERNEL_MAX_BLOCK or not kernels.use_paged_decode(q, kv_cache):
             return set()
         seqs = [i for i, n in enumerate(batch.query_lens) if n <= KERNEL_MAX_QUERY]
         if not seqs:
