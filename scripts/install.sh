@@ -22,3 +22,18 @@ if [ -n "$extras" ]; then
 else
   python -m pip install -q -e .
 fi
+# The native CPU kernels compile here, once per machine and torch version (~25 s on two cores), as a package
+# with C extensions builds at install: the first server start and the test run then only load them. A file
+# that fails to compile is reported and its ops keep the torch path (qwenstack/kernels/build.py).
+python - <<'PY'
+from qwenstack.kernels import build_all
+
+built = build_all()
+failed = [name for name, ok in built.items() if not ok]
+if not built:
+    print("native CPU kernels: disabled (QWENSTACK_DISABLE_KERNELS)")
+elif failed:
+    print(f"native CPU kernels: {', '.join(failed)} did not build; the torch path serves their ops")
+else:
+    print("native CPU kernels: ready")
+PY

@@ -50,7 +50,8 @@ FIRST = ("tests/ui/", "tests/serving/test_fuzz_api.py", "tests/translate/test_tr
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
-    # On a fresh machine the native kernels compile first, all files at once (two workers share the builds).
+    # scripts/install.sh has compiled the native kernels, so they only load here; a pytest run without it
+    # compiles them first, all files at once (two workers share the builds).
     from qwenstack.kernels import build_all
 
     build_all()
