@@ -16,9 +16,11 @@ if ! command -v espeak-ng >/dev/null 2>&1 && [ "$(id -u)" = "0" ] && command -v 
     >/dev/null) || echo "warning: could not install espeak-ng/sox; the tests that need them will be skipped"
 fi
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-# Two workers (QWENSTACK_TEST_WORKERS to change; 0 runs in this process), each taking whole files, so a file's
-# module fixtures (servers, checkpoints, a browser) are built once: much of the suite waits on servers,
-# browsers and subprocesses, so two workers on two cores take a little over half the time of one.
+# One pytest-xdist worker more than the cores (at most 8; QWENSTACK_TEST_WORKERS to change, 0 runs in this
+# process), each taking whole files, so a file's module fixtures (servers, checkpoints, a browser) are built
+# once. Much of the suite waits on servers, browsers, subprocesses and real-time audio; the extra worker uses
+# the cores meanwhile (two cores: three workers 232-245 s, two 248-249 s, one ~9 minutes).
 # Each worker's torch runs one thread (tests/conftest.py), and so do the servers the tests start.
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
-python -m pytest -n "${QWENSTACK_TEST_WORKERS:-2}" --dist loadfile "$@"
+workers="${QWENSTACK_TEST_WORKERS:-$(python -c 'import os; print(min(8, len(os.sched_getaffinity(0)) + 1))')}"
+python -m pytest -n "$workers" --dist loadfile "$@"

@@ -16,8 +16,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no test may reach a hub
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Servers built without a database path keep their chat and response stores here, not in the user's home.
 os.environ.setdefault("QWENSTACK_HOME", tempfile.mkdtemp(prefix="qwenstack-tests-"))
-# Under scripts/test.sh's workers (pytest-xdist) each worker is one of two processes on the two cores, so its
-# torch runs one thread; a test that needs more sets its own.
+# Under scripts/test.sh's workers (pytest-xdist, one more than the cores) each worker's torch runs one
+# thread; a test that needs more sets its own.
 WORKER = os.environ.get("PYTEST_XDIST_WORKER")
 torch.set_num_threads(1 if WORKER else max(1, min(2, os.cpu_count() or 1)))
 
