@@ -101,6 +101,7 @@ def _info_router() -> APIRouter:
                   for r in state.remote.routes.values()]
         cards += [ModelCard(**card) for card in request.app.state.qwenstack_images.model_cards()]
         cards += [ModelCard(**card) for card in translations.registry_of(request.app).model_cards()]
+        cards += [ModelCard(**card) for card in speech.registry_of(request.app).model_cards()]
         return ModelList(data=cards)
 
     @router.get("/v1/models/{model_id:path}")

@@ -3,7 +3,9 @@ POST /v1/audio/voices (register a cloned voice from a reference clip, multipart)
 
 Decisions:
 - Speech models live beside the text models, on `app.state.qwenstack_speech` (a SpeechRegistry), each
-  with its own SpeechService thread (batched talker + streaming codec) and voice directory.
+  with its own SpeechService thread (batched talker + streaming codec) and voice directory. GET /v1/models
+  lists them with the capability "speech" and the voices a request can name (the chat page leaves them
+  out of its chat models).
 - The request is validated before anything is queued (input length, voice, language, format), so a bad
   request is a 400 and never reaches the engine. A client that disconnects aborts its request.
 - Raw responses use chunked transfer: wav, pcm, mp3 and opus bytes leave as each audio chunk is decoded
@@ -73,12 +75,23 @@ class SpeechRegistry:
                            param="model", code="model_not_found")
         return self.models[name]
 
+    def model_cards(self) -> list[dict[str, Any]]:
+        """The speech models' entries in GET /v1/models (OpenAI lists its speech models there too), with the
+        voices a request can name without registering one: a CustomVoice model's speakers, a VoiceDesign
+        model's "default"; a Base model's voices are the clones registered on it (GET /v1/audio/voices)."""
+        cards = []
+        for name in sorted(self.models):
+            tts = self.models[name].tts
+            voices = tts.speakers if tts.kind == "custom_voice" else ["default"] if tts.kind == "voice_design" else None
+            cards.append({"id": name, "created": 0, "owned_by": "qwenstack", "capabilities": ["speech"],
+                          "voices": voices})
+        return cards
+
 
 def add_speech_model(app: Any, tts: TTSModel, voices_dir: Path, max_frames: int = 2047,
                      kv_blocks: int = 512) -> SpeechModel:
     """Serves a loaded TTS model under its name; its engine thread starts now."""
-    registry: SpeechRegistry = getattr(app.state, "qwenstack_speech", None) or SpeechRegistry()
-    app.state.qwenstack_speech = registry
+    registry = registry_of(app)
     engine = SpeechEngine(tts.model, tts.codec.decoder, kv_blocks=kv_blocks)
     served = SpeechModel(tts, SpeechService(engine), VoiceStore(voices_dir), max_frames)
     registry.models[tts.name] = served
@@ -96,8 +109,13 @@ def load_speech_models(app: Any, config: Any) -> None:
         add_speech_model(app, load_tts(path), voices)
 
 
-def _registry(request: Request) -> SpeechRegistry:
-    return getattr(request.app.state, "qwenstack_speech", None) or SpeechRegistry()
+def registry_of(app: Any) -> SpeechRegistry:
+    """The app's speech models (an empty registry is attached on first use)."""
+    registry = getattr(app.state, "qwenstack_speech", None)
+    if registry is None:
+        registry = SpeechRegistry()
+        app.state.qwenstack_speech = registry
+    return registry
 
 
 def _voice_name(voice: str | dict[str, str] | None) -> str | None:
@@ -174,7 +192,7 @@ async def _chunks(served: SpeechModel, request: SpeechRequest, usage: dict[str, 
 @request_body(SpeechBody)
 async def create_speech(request: Request) -> StreamingResponse:
     body = parse(SpeechBody, await read_json(request))
-    served = _registry(request).get(body.model)
+    served = registry_of(request.app).get(body.model)
     speech = build_request(served, body, served.service.new_request_id())
     usage = {"input_tokens": int(speech.prompt.prefill.shape[0]), "output_tokens": 0}
     rate = served.tts.sample_rate
@@ -208,7 +226,7 @@ async def create_speech(request: Request) -> StreamingResponse:
 
 @router.get("/v1/audio/voices")
 def list_voices(request: Request, model: str | None = None) -> dict[str, Any]:
-    registry = _registry(request)
+    registry = registry_of(request.app)
     names = [model] if model else sorted(registry.models)
     data = []
     for name in names:
@@ -233,7 +251,7 @@ async def register_voice(request: Request) -> dict[str, Any]:
     model, name, upload = form.get("model"), form.get("name"), form.get("file")
     if not isinstance(model, str) or not isinstance(name, str) or upload is None or isinstance(upload, str):
         raise bad_request("multipart fields 'model', 'name' and 'file' (the reference clip) are required")
-    served = _registry(request).get(model)
+    served = registry_of(request.app).get(model)
     encoder = served.tts.model.speaker_encoder
     if encoder is None:
         raise bad_request(f"'{model}' is a {served.tts.kind} model; only Base models clone voices", param="model")

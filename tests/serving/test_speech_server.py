@@ -173,6 +173,17 @@ def test_bad_requests_are_400(server: BackgroundServer) -> None:
             c.audio.speech.create(response_format="wav", **case)
 
 
+def test_models_list_the_speech_models_with_their_voices(server: BackgroundServer) -> None:
+    c = client(server)
+    cards = {m.id: m.model_dump() for m in c.models.list()}
+    assert set(cards) == {"tiny-custom_voice", "tiny-base", "tiny-voice_design"}
+    assert all(card["capabilities"] == ["speech"] for card in cards.values())
+    assert sorted(cards["tiny-custom_voice"]["voices"]) == ["eric", "vivian"]
+    assert cards["tiny-voice_design"]["voices"] == ["default"]
+    assert cards["tiny-base"]["voices"] is None  # its voices are the clones registered on it
+    assert c.models.retrieve("tiny-custom_voice").id == "tiny-custom_voice"
+
+
 def test_register_a_voice_and_speak_with_it(server: BackgroundServer) -> None:
     clip = encode_whole(__import__("torch").from_numpy(recipe.reference_clip()), 24000, "wav")
     r = httpx.post(f"{server.url}/v1/audio/voices", data={"model": "tiny-base", "name": "alice"},

@@ -56,13 +56,15 @@ def _prompt_text(body: dict) -> str:
     return ""
 
 
-def make_fake_server(store: ChatStore) -> FastAPI:
+def make_fake_server(store: ChatStore, extra_models: tuple[dict, ...] = ()) -> FastAPI:
+    """extra_models: more entries of GET /v1/models (a speech model, say)."""
     app = FastAPI()
     app.state.requests = []
     app.state.disconnects = []
     models = [
         {"id": THINK_MODEL, "object": "model", "owned_by": "test", "capabilities": ["text"]},
         {"id": VISION_MODEL, "object": "model", "owned_by": "test", "capabilities": ["text", "vision"]},
+        *extra_models,
     ]
 
     @app.get("/v1/models")

@@ -23,7 +23,9 @@ CHUNKS = 6
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     store = ChatStore(tmp_path_factory.mktemp("ui") / "chats.db")
-    app = make_fake_server(store)
+    # the server lists its speech model in /v1/models, as qwenstack's does: the page must not offer it for chat
+    app = make_fake_server(store, extra_models=({"id": "tts", "object": "model", "owned_by": "test",
+                                                 "capabilities": ["speech"], "voices": ["vivian", "eric"]},))
     app.state.speech = []
     app.state.speech_chunks_sent = 0
 
@@ -61,6 +63,8 @@ def test_speaker_button_streams_the_answer(server):
         page.goto(server.url + "/")
         expect(page.locator('[data-testid="app"][data-ready="true"]')).to_be_attached(timeout=15_000)
         expect(page.get_by_test_id("voice-select")).to_be_visible()
+        expect(page.get_by_test_id("model-select").locator("option")).to_have_count(2)  # the chat models only
+        expect(page.get_by_test_id("model-select").locator("option[value=tts]")).to_have_count(0)
         page.get_by_test_id("voice-select").select_option(label="🔊 eric")
         send(page, "Say something short.")
         answer = assistants(page).last

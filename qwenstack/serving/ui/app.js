@@ -103,11 +103,12 @@ async function loadModels() {
     showBanner(`Could not list the models (GET /v1/models): ${e.message}`, { sticky: true });
   }
   const wanted = state.conv?.model || localStorage.getItem("qwenstack.model");
-  // translation pipelines are not chat models: they have their own view
-  const chatModels = state.models.filter((m) => !capabilities(m.id).has("translation"));
+  // translation pipelines and speech models are not chat models: the translate view and the speaker button
+  // use them
+  const chatModels = state.models.filter((m) => !["translation", "speech"].some((c) => capabilities(m.id).has(c)));
   ui.models.replaceChildren(...chatModels.map((m) => h("option", { value: m.id }, m.id)));
-  if (!state.models.length) ui.models.append(h("option", { value: "" }, "no models"));
-  if (wanted && state.models.some((m) => m.id === wanted)) ui.models.value = wanted;
+  if (!chatModels.length) ui.models.append(h("option", { value: "" }, "no models"));
+  if (wanted && chatModels.some((m) => m.id === wanted)) ui.models.value = wanted;
   updateAttachButton();
 }
 
