@@ -234,7 +234,7 @@ class CompletionRequest(_SamplingFields):
 class TokenizeRequest(_Request):
     model: str | None = None  # may be left out when one model is served
     prompt: str | None = None
-    messages: list[ChatMessage] | None = None
+    messages: list[ChatMessage] | None = Field(None, min_length=1)  # as a chat request's
     add_special_tokens: bool = False
     add_generation_prompt: bool = True
     chat_template_kwargs: dict[str, Any] | None = None

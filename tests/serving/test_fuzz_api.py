@@ -39,6 +39,16 @@ def fuzz_server(tiny_qwen3: Path, tmp_path_factory: pytest.TempPathFactory) -> I
         yield srv
 
 
+def nothing_to_invalidate(operation: Any) -> bool:
+    """Whether every input of the operation is a free-form path string: any value is then valid, and negative
+    generation only ends Unsatisfiable, after about a second of draws per operation."""
+    if list(operation.body) or list(operation.query) or list(operation.headers) or list(operation.cookies):
+        return False
+    free_form = {"type": "string"}
+    return all({k: v for k, v in p.definition.get("schema", {}).items() if k not in ("title", "description")}
+               == free_form for p in operation.path_parameters)
+
+
 def fuzz(server: BackgroundServer, examples: settings) -> list[str]:
     """Runs every operation of the server's document in both generation modes; the failures, one line each."""
     api = schemathesis.openapi.from_url(server.url + "/openapi.json")
@@ -46,7 +56,8 @@ def fuzz(server: BackgroundServer, examples: settings) -> list[str]:
     operations = [result.ok() for result in api.get_all_operations()]
     assert len(operations) >= 15
     for operation in operations:
-        for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
+        modes = [GenerationMode.POSITIVE] + ([] if nothing_to_invalidate(operation) else [GenerationMode.NEGATIVE])
+        for mode in modes:
             @examples
             @given(case=operation.as_strategy(generation_mode=mode))
             def run(case: Any) -> None:

@@ -133,6 +133,12 @@ def test_detokenize_huge_id_is_400(server: BackgroundServer) -> None:
     assert_error(r, 400)
 
 
+def test_tokenize_empty_messages_is_400(server: BackgroundServer) -> None:
+    # found by the thorough fuzz run: the chat request built from them refused [] inside the handler (a 500)
+    r = httpx.post(server.url + "/tokenize", json={"model": "tiny", "messages": []})
+    assert assert_error(r, 400)["param"] == "messages"
+
+
 # --- 6. chat store integers -------------------------------------------------------------------------------
 
 
