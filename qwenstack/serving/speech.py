@@ -32,7 +32,7 @@ from pydantic import BaseModel, Field
 from qwenstack.errors import RequestError
 from qwenstack.serving.errors import APIError, bad_request
 from qwenstack.serving.openapi import form_body, request_body
-from qwenstack.serving.state import parse, read_json
+from qwenstack.serving.state import app_registry, parse, read_json
 from qwenstack.tts.audio_format import FORMATS, MEDIA_TYPES, SSE_FORMATS, ChunkEncoder
 from qwenstack.tts.engine import SpeechEngine, SpeechParams, SpeechRequest, SpeechService
 from qwenstack.tts.loader import TTSModel
@@ -110,12 +110,8 @@ def load_speech_models(app: Any, config: Any) -> None:
 
 
 def registry_of(app: Any) -> SpeechRegistry:
-    """The app's speech models (an empty registry is attached on first use)."""
-    registry = getattr(app.state, "qwenstack_speech", None)
-    if registry is None:
-        registry = SpeechRegistry()
-        app.state.qwenstack_speech = registry
-    return registry
+    """The app's speech models."""
+    return app_registry(app, "qwenstack_speech", SpeechRegistry)
 
 
 def _voice_name(voice: str | dict[str, str] | None) -> str | None:

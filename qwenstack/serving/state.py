@@ -34,6 +34,19 @@ def get_state(request: Request) -> ServerState:
     return request.app.state.qwenstack
 
 
+T = TypeVar("T")
+
+
+def app_registry(app: Any, name: str, factory: Callable[[], T]) -> T:
+    """The app's object stored as app.state.<name>, made by factory() and stored on first use (the speech
+    models' and translation pipelines' registries, which routes and loaders reach from the app alone)."""
+    value = getattr(app.state, name, None)
+    if value is None:
+        value = factory()
+        setattr(app.state, name, value)
+    return value
+
+
 LARGE_BODY = 1 << 20  # bytes; larger bodies are parsed and validated in a worker thread
 CHUNK = 1024  # items of a long list validated per call
 

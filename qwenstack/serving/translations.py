@@ -38,6 +38,7 @@ from fastapi import APIRouter, WebSocket
 from qwenstack.audio.decode import AudioError, pcm16_to_float
 from qwenstack.serving.config import ServerConfig, TranslationSpec
 from qwenstack.serving.realtime import websocket_authorized
+from qwenstack.serving.state import app_registry
 from qwenstack.tts.audio_format import pcm16
 from qwenstack.translate.events import Closed, Event, InputTranscript, OutputAudio, OutputTranscript, SessionFailed
 from qwenstack.translate.pipeline import TranslationPipeline
@@ -67,11 +68,8 @@ class TranslationRegistry:
 
 
 def registry_of(app: Any) -> TranslationRegistry:
-    registry = getattr(app.state, "qwenstack_translations", None)
-    if registry is None:
-        registry = TranslationRegistry()
-        app.state.qwenstack_translations = registry
-    return registry
+    """The app's translation pipelines."""
+    return app_registry(app, "qwenstack_translations", TranslationRegistry)
 
 
 def load_pipeline(spec: TranslationSpec) -> tuple[TranslationPipeline, list[Any]]:
