@@ -22,7 +22,7 @@ if [ -n "$extras" ]; then
 else
   python -m pip install -q -e .
 fi
-# The native CPU kernels compile here, once per machine and torch version (~25 s on two cores), as a package
+# The native CPU kernels compile here, once per machine and torch version, as a package
 # with C extensions builds at install: the first server start and the test run then only load them. A file
 # that fails to compile is reported and its ops keep the torch path (qwenstack/kernels/build.py).
 python - <<'PY'

@@ -19,8 +19,7 @@ export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 # One pytest-xdist worker more than the cores (at most 8; QWENSTACK_TEST_WORKERS to change, 0 runs in this
 # process), each taking whole files, so a file's module fixtures (servers, checkpoints, a browser) are built
 # once. Much of the suite waits on servers, browsers, subprocesses and real-time audio; the extra worker uses
-# the cores meanwhile (two cores of a shared VM: three workers 200-279 s over seven runs, the fastest of all;
-# two 248-249 s; one ~9 minutes).
+# the cores meanwhile (the measured run times: benchmarks/RESULTS.md, "The test suite's time").
 # Each worker's torch runs one thread (tests/conftest.py), and so do the servers the tests start.
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 workers="${QWENSTACK_TEST_WORKERS:-$(python -c 'import os; print(min(8, len(os.sched_getaffinity(0)) + 1))')}"

@@ -4,7 +4,7 @@ import tempfile
 from pathlib import Path
 
 # Idle OpenMP workers sleep instead of spinning: on 2 shared cores, spinning threads starve the test's
-# own work (measured 3x slower under load); results are unchanged. Must be set before torch loads.
+# own work; results are unchanged. Must be set before torch loads.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import pytest  # noqa: E402

@@ -140,7 +140,7 @@ def library_loaded(source: Path) -> bool:
 def build_all() -> dict[str, bool]:
     """Builds (where not cached) and loads every .cpp file's extension at once, one thread per file: each
     compile is its own compiler process, so on a fresh machine they share the cores instead of queueing
-    behind the first op that needs them (~37 s one after another here, ~20 s together on two cores).
+    behind the first op that needs them.
     Each file's name -> whether its ops are available; {} with the kernels disabled."""
     if kernels_disabled():
         return {}
