@@ -22,5 +22,5 @@ export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 # the cores meanwhile (the measured run times: benchmarks/RESULTS.md, "The test suite's time").
 # Each worker's torch runs one thread (tests/conftest.py), and so do the servers the tests start.
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
-workers="${QWENSTACK_TEST_WORKERS:-$(python -c 'import os; print(min(8, len(os.sched_getaffinity(0)) + 1))')}"
+workers="${QWENSTACK_TEST_WORKERS:-$(( $(nproc) < 8 ? $(nproc) + 1 : 8 ))}"
 python -m pytest -n "$workers" --dist loadfile "$@"

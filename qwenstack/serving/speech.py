@@ -63,6 +63,13 @@ class SpeechModel:
     voices: VoiceStore
     max_frames: int = 2047
 
+    def named_voices(self) -> list[str] | None:
+        """The voices a request names without registering one: a CustomVoice model's speakers, "default" for
+        a VoiceDesign model (described by `instructions`); None for a Base model, whose voices are the clones
+        registered on it."""
+        kind = self.tts.kind
+        return self.tts.speakers if kind == "custom_voice" else ["default"] if kind == "voice_design" else None
+
 
 @dataclass
 class SpeechRegistry:
@@ -77,15 +84,9 @@ class SpeechRegistry:
 
     def model_cards(self) -> list[dict[str, Any]]:
         """The speech models' entries in GET /v1/models (OpenAI lists its speech models there too), with the
-        voices a request can name without registering one: a CustomVoice model's speakers, a VoiceDesign
-        model's "default"; a Base model's voices are the clones registered on it (GET /v1/audio/voices)."""
-        cards = []
-        for name in sorted(self.models):
-            tts = self.models[name].tts
-            voices = tts.speakers if tts.kind == "custom_voice" else ["default"] if tts.kind == "voice_design" else None
-            cards.append({"id": name, "created": 0, "owned_by": "qwenstack", "capabilities": ["speech"],
-                          "voices": voices})
-        return cards
+        voices a request can name without registering one (a Base model's: GET /v1/audio/voices)."""
+        return [{"id": name, "created": 0, "owned_by": "qwenstack", "capabilities": ["speech"],
+                 "voices": self.models[name].named_voices()} for name in sorted(self.models)]
 
 
 def add_speech_model(app: Any, tts: TTSModel, voices_dir: Path, max_frames: int = 2047,
@@ -227,12 +228,12 @@ def list_voices(request: Request, model: str | None = None) -> dict[str, Any]:
     data = []
     for name in names:
         served = registry.get(name)
-        if served.tts.kind == "custom_voice":
-            data += [{"id": s, "model": name, "type": "builtin"} for s in served.tts.speakers]
-        elif served.tts.kind == "voice_design":
-            data.append({"id": "default", "model": name, "type": "designed"})
-        else:
+        named = served.named_voices()
+        if named is None:
             data += served.voices.list(name)
+        else:
+            kind = "builtin" if served.tts.kind == "custom_voice" else "designed"
+            data += [{"id": voice, "model": name, "type": kind} for voice in named]
     return {"object": "list", "data": data}
 
 
