@@ -22,6 +22,9 @@ if [ -n "$extras" ]; then
 else
   python -m pip install -q -e .
 fi
+# Byte-compiled once here, as pip does for a package it installs (an editable install does not): each process
+# that imports qwenstack (every server a test starts, every worker) then loads it instead of compiling it.
+python -m compileall -q -j 0 qwenstack tests/support >/dev/null
 # The native CPU kernels compile here, once per machine and torch version, as a package
 # with C extensions builds at install: the first server start and the test run then only load them. A file
 # that fails to compile is reported and its ops keep the torch path (qwenstack/kernels/build.py).

@@ -18,9 +18,13 @@ fi
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 # One pytest-xdist worker more than the cores (at most 8; QWENSTACK_TEST_WORKERS to change, 0 runs in this
 # process), each taking whole files, so a file's module fixtures (servers, checkpoints, a browser) are built
-# once. Much of the suite waits on servers, browsers, subprocesses and real-time audio; the extra worker uses
-# the cores meanwhile (the measured run times: benchmarks/RESULTS.md, "The test suite's time").
-# Each worker's torch runs one thread (tests/conftest.py), and so do the servers the tests start.
+# once. Files go out in the order tests/conftest.py gives, longest first (xdist would otherwise reorder them
+# by test count and leave a long file for the end). Much of the suite waits on servers, browsers,
+# subprocesses and real-time audio; the extra worker uses the cores meanwhile (the measured run times:
+# benchmarks/RESULTS.md, "The test suite's time").
+# Each worker's torch runs one thread (tests/conftest.py), and so do the servers the tests start. The cores
+# are counted first: nproc answers with OMP_NUM_THREADS when that is set.
+cores="$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)"
+workers="${QWENSTACK_TEST_WORKERS:-$(( cores < 8 ? cores + 1 : 8 ))}"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
-workers="${QWENSTACK_TEST_WORKERS:-$(( $(nproc) < 8 ? $(nproc) + 1 : 8 ))}"
-python -m pytest -n "$workers" --dist loadfile "$@"
+python -m pytest -n "$workers" --dist loadfile --no-loadscope-reorder "$@"

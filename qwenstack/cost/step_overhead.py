@@ -17,7 +17,6 @@ overhead is of the same order; the planner says so). A few seconds, cached with 
 """
 from __future__ import annotations
 
-import statistics
 import time
 from typing import Any
 
@@ -62,7 +61,8 @@ def decode_step_times(model: torch.nn.Module, prompt: list[int], new_tokens: int
 
 
 def _step_seconds(config: dict[str, Any], steps: int, dtype: torch.dtype) -> float:
-    """Median seconds of a one-sequence decode step of a tiny random model built from `config`."""
+    """Seconds of the quickest one-sequence decode step of a tiny random model built from `config` (a busy
+    machine only ever adds time to a step, so the quickest is the closest to what the step itself costs)."""
     from qwenstack.models.registry import build_model
 
     torch.manual_seed(0)
@@ -71,17 +71,19 @@ def _step_seconds(config: dict[str, Any], steps: int, dtype: torch.dtype) -> flo
         for p in model.parameters():
             p.normal_(0.0, 0.02)
     model = model.to(dtype)
-    return statistics.median(decode_step_times(model, list(range(3, 19)), steps + 1, 16 * 2**20))
+    return min(decode_step_times(model, list(range(3, 19)), steps + 1, 16 * 2**20))
 
 
 def measure_step_overhead(steps: int = 24, dtype: torch.dtype = torch.bfloat16) -> dict[str, float]:
-    """{"step", "layer", "moe_layer", "expert"} in seconds. step, layer and expert are at least 0 (timing
-    noise can invert a tiny difference)."""
+    """{"step", "layer", "moe_layer", "expert"} in seconds. step, layer and expert are at least 0, and so is a
+    sparse layer's whole cost (layer + moe_layer + top-k x expert): timing noise can invert a tiny
+    difference, and the planner must never take time off a step for a layer."""
     shallow, deep = (_step_seconds(_tiny_config(n), steps, dtype) for n in DENSE_DEPTHS)
     layer = max(0.0, (deep - shallow) / (DENSE_DEPTHS[1] - DENSE_DEPTHS[0]))
     step = max(0.0, shallow - DENSE_DEPTHS[0] * layer)
     few, many = (_step_seconds(_tiny_config(MOE_DEPTH, num_experts=8, num_experts_per_tok=k), steps, dtype)
                  for k in MOE_TOP_K)
     expert = max(0.0, (many - few) / (MOE_DEPTH * (MOE_TOP_K[1] - MOE_TOP_K[0])))
-    moe_layer = (few - step) / MOE_DEPTH - layer - MOE_TOP_K[0] * expert
+    sparse_layer = max(0.0, (few - step) / MOE_DEPTH)  # one sparse layer running MOE_TOP_K[0] experts
+    moe_layer = sparse_layer - layer - MOE_TOP_K[0] * expert
     return {"step": step, "layer": layer, "moe_layer": moe_layer, "expert": expert}
