@@ -9,18 +9,25 @@ if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi
 . .venv/bin/activate
-python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
-if ! python -c "import torch" >/dev/null 2>&1; then
-  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
-    python -m pip install -q torch
-  else
-    python -m pip install -q "torch==2.13.0"
+# The pip steps run again only when what they depend on changed (the extras, pyproject.toml, this script):
+# the install is editable, so code changes need none of them, and a repeated test run skips ~15 s of pip.
+stamp=".venv/.qwenstack-installed${extras:+-$extras}"
+want="$(cat pyproject.toml scripts/install.sh | sha256sum | cut -d' ' -f1)"
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
+  if ! python -c "import torch" >/dev/null 2>&1; then
+    if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+      python -m pip install -q torch
+    else
+      python -m pip install -q "torch==2.13.0"
+    fi
   fi
-fi
-if [ -n "$extras" ]; then
-  python -m pip install -q -e ".[$extras]"
-else
-  python -m pip install -q -e .
+  if [ -n "$extras" ]; then
+    python -m pip install -q -e ".[$extras]"
+  else
+    python -m pip install -q -e .
+  fi
+  echo "$want" > "$stamp"
 fi
 # Byte-compiled once here, as pip does for a package it installs (an editable install does not): each process
 # that imports qwenstack (every server a test starts, every worker) then loads it instead of compiling it.
