@@ -156,7 +156,7 @@ def test_error_after_stream_started_is_an_error_frame(client: openai.OpenAI, mon
     assert ok.choices[0].finish_reason in ("stop", "length")
 
 
-def test_disconnect_aborts_and_frees_blocks(server: BackgroundServer) -> None:
+def test_disconnect_aborts_and_frees_blocks(server: BackgroundServer, monkeypatch: pytest.MonkeyPatch) -> None:
     engine = engine_of(server)
     assert wait_idle(engine)
     body = {"model": "tiny", "messages": MESSAGES, "stream": True, **LONG}
@@ -166,9 +166,14 @@ def test_disconnect_aborts_and_frees_blocks(server: BackgroundServer) -> None:
             next(lines)
         assert engine.block_manager.num_free_blocks < engine.block_manager.num_blocks
     assert wait_idle(engine), "the disconnected stream still holds KV blocks"
-    # The same for a non-streaming request whose client gives up.
+    # The same for a non-streaming request whose client gives up. Its steps wait until the client has gone,
+    # so the request cannot finish first on a quick machine.
+    gate = threading.Event()
+    real_step = engine.step
+    monkeypatch.setattr(engine, "step", lambda: (gate.wait(30), real_step())[1])
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(server.url + "/v1/completions", json={"model": "tiny", "prompt": "Hi", **LONG}, timeout=0.5)
+    gate.set()
     assert wait_idle(engine), "the abandoned non-streaming request still holds KV blocks"
     metrics = httpx.get(server.url + "/metrics").text
     assert 'request_success_total{finished_reason="abort",model_name="tiny"}' in metrics

@@ -77,8 +77,10 @@ def browser():
         yield b
 
 
-def _open(browser, url: str, scheme: str = "light", ready: bool = True):
+def _open(browser, url: str, scheme: str = "light", ready: bool = True, routes: dict | None = None):
     context = browser.new_context(viewport={"width": 1280, "height": 820}, color_scheme=scheme)
+    for pattern, handler in (routes or {}).items():
+        context.route(pattern, handler)
     page = context.new_page()
     page.errors = []
     page.outside = []
@@ -264,4 +266,37 @@ def test_page_asks_for_the_api_key_and_sends_it(browser, keyed_server):
     expect(assistants(page).last.get_by_test_id("message-content")).to_have_text(ANSWER)
     api_calls = [(url, auth) for url, auth in seen if "/v1/" in url or "/api/" in url]
     assert api_calls and all(auth == f"Bearer {API_KEY}" for _, auth in api_calls), api_calls
+    _close(context, page)
+
+
+def test_a_refusal_that_arrives_after_the_right_key_does_not_ask_again(browser, keyed_server):
+    """The page's first calls go out together; one of them, sent with a wrong key, is answered only after
+    the user has saved the right one. It must retry with that key, not reopen the dialog (a slow 401 used to
+    ask again, and the page never became ready)."""
+    held = []  # the MCP listing sent with the wrong key, answered later by hand
+
+    def hold_wrong_key(route) -> None:
+        if route.request.headers.get("authorization") == "Bearer wrong-key":
+            held.append(route)
+        else:
+            route.continue_()
+
+    context, page = _open(browser, keyed_server.url, ready=False, routes={"**/v1/mcp/servers": hold_wrong_key})
+    dialog = page.get_by_test_id("api-key-dialog")
+    expect(dialog).to_be_visible()
+    page.get_by_test_id("api-key-input").fill("wrong-key")
+    page.get_by_test_id("api-key-save").click()
+    expect(page.get_by_test_id("api-key-error")).to_contain_text("invalid or missing API key")
+    for _ in range(200):
+        if held:
+            break
+        page.wait_for_timeout(25)
+    assert len(held) == 1, "the MCP listing was not retried with the wrong key"
+    page.get_by_test_id("api-key-input").fill(API_KEY)
+    page.get_by_test_id("api-key-input").press("Enter")
+    expect(dialog).to_be_hidden()
+    held[0].fulfill(response=held[0].fetch())  # the wrong key's 401, late
+    expect(page.locator('[data-testid="app"][data-ready="true"]')).to_be_attached(timeout=10_000)
+    expect(dialog).to_be_hidden()
+    expect(page.get_by_test_id("model-select")).to_have_value(CHAT_MODEL)
     _close(context, page)

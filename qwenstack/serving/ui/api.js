@@ -7,8 +7,7 @@ const $ = (testid, root = document) => root.querySelector(`[data-testid="${testi
 const API_KEY_ITEM = "qwenstack.apiKey";
 let keyPrompt = null;  // one prompt shared by the calls that got a 401 together
 
-function authHeaders(headers = {}) {
-  const key = localStorage.getItem(API_KEY_ITEM);
+function authHeaders(key, headers = {}) {
   return key ? { ...headers, Authorization: `Bearer ${key}` } : headers;
 }
 
@@ -49,11 +48,14 @@ function askForApiKey(message) {
 // fetch with the key; on a 401 asks for a key and tries again (until the server takes it).
 export async function apiFetch(path, init = {}) {
   for (;;) {
-    const res = await fetch(path, { ...init, headers: authHeaders(init.headers) });
+    const sent = localStorage.getItem(API_KEY_ITEM);
+    const res = await fetch(path, { ...init, headers: authHeaders(sent, init.headers) });
     if (res.status !== 401) return res;
     const data = await res.json().catch(() => null);
-    const had = localStorage.getItem(API_KEY_ITEM);
-    await askForApiKey(had ? `The server refused the key: ${httpErrorText(res, data)}` : "");
+    // A key saved while this call was on its way (the prompt another call opened) is tried before asking:
+    // asking again would reopen the dialog the user has just closed with the right key.
+    if (localStorage.getItem(API_KEY_ITEM) !== sent) continue;
+    await askForApiKey(sent ? `The server refused the key: ${httpErrorText(res, data)}` : "");
     if (init.signal?.aborted) throw new DOMException("aborted", "AbortError");
   }
 }
