@@ -220,9 +220,14 @@ def _cut_point(main_model: ScriptedCheckpoint) -> int:
 
 @pytest.mark.parametrize("window", [0, 3])
 def test_stream_cut_within_window(server: BackgroundServer, stream_guard: GuardStream,
-                                  main_model: ScriptedCheckpoint, window: int) -> None:
+                                  main_model: ScriptedCheckpoint, window: int,
+                                  monkeypatch: pytest.MonkeyPatch) -> None:
     guard_with(server, stream=stream_guard, stream_window=window)
     engine = engine_of(server)
+    # Decode steps paced at 20 ms, so the cut's abort reaches the engine long before the scripted answer
+    # could end (on a quick machine the tiny model used to finish all of it first).
+    real_step = engine.step
+    monkeypatch.setattr(engine, "step", lambda: (time.sleep(0.02), real_step())[1])
     generated = engine.stats()["generation_tokens"]
     chunks = chat_stream(server, stream_options={"include_usage": True})
     tok = Tokenizer.from_dir(main_model.path)
