@@ -15,7 +15,7 @@ import torch
 
 from guard_checkpoints import GARBAGE, SAFE_PROMPT, UNSAFE_VIOLENT, build_flagging_stream, build_gen_guard
 from scripted import ScriptedCheckpoint, build_scripted_checkpoint
-from server_utils import BackgroundServer, tiny_served_model
+from server_utils import BackgroundServer, before_each_step, tiny_served_model
 from qwenstack.engine.async_engine import AsyncEngine
 from qwenstack.engine.engine import EngineConfig, LLMEngine
 from qwenstack.guard.gen import GenGuard
@@ -226,8 +226,7 @@ def test_stream_cut_within_window(server: BackgroundServer, stream_guard: GuardS
     engine = engine_of(server)
     # Decode steps paced at 20 ms, so the cut's abort reaches the engine long before the scripted answer
     # could end (on a quick machine the tiny model used to finish all of it first).
-    real_step = engine.step
-    monkeypatch.setattr(engine, "step", lambda: (time.sleep(0.02), real_step())[1])
+    before_each_step(monkeypatch, engine, lambda: time.sleep(0.02))
     generated = engine.stats()["generation_tokens"]
     chunks = chat_stream(server, stream_options={"include_usage": True})
     tok = Tokenizer.from_dir(main_model.path)

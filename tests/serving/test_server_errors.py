@@ -14,7 +14,7 @@ import httpx
 import openai
 import pytest
 
-from server_utils import BackgroundServer, tiny_served_model, wait_idle
+from server_utils import BackgroundServer, before_each_step, tiny_served_model, wait_idle
 from qwenstack.serving import chat as chat_module
 from qwenstack.serving.app import create_app
 from qwenstack.serving.config import ModelSpec, ServerConfig
@@ -109,8 +109,7 @@ def test_queue_full_is_429_with_retry_after(server: BackgroundServer, monkeypatc
     engine = engine_of(server, "busy")
     async_engine = server.models["busy"].engine  # type: ignore[attr-defined]
     gate = threading.Event()
-    real_step = engine.step
-    monkeypatch.setattr(engine, "step", lambda: (gate.wait(30), real_step())[1])
+    before_each_step(monkeypatch, engine, lambda: gate.wait(30))
 
     async def run() -> list[Any]:
         async with openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0) as aclient:
@@ -169,8 +168,7 @@ def test_disconnect_aborts_and_frees_blocks(server: BackgroundServer, monkeypatc
     # The same for a non-streaming request whose client gives up. Its steps wait until the client has gone,
     # so the request cannot finish first on a quick machine.
     gate = threading.Event()
-    real_step = engine.step
-    monkeypatch.setattr(engine, "step", lambda: (gate.wait(30), real_step())[1])
+    before_each_step(monkeypatch, engine, lambda: gate.wait(30))
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(server.url + "/v1/completions", json={"model": "tiny", "prompt": "Hi", **LONG}, timeout=0.5)
     gate.set()
@@ -184,8 +182,7 @@ def test_disconnect_while_queued_withdraws_the_request(server: BackgroundServer,
     engine = engine_of(server, "busy")
     assert wait_idle(engine)
     gate = threading.Event()
-    real_step = engine.step
-    monkeypatch.setattr(engine, "step", lambda: (gate.wait(30), real_step())[1])
+    before_each_step(monkeypatch, engine, lambda: gate.wait(30))
     before = engine.counters.generation_tokens
     for path, body in (("/v1/chat/completions", {"messages": MESSAGES, "stream": True}),
                        ("/v1/completions", {"prompt": "Hi"})):

@@ -5,7 +5,7 @@ import socket
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import uvicorn
@@ -52,6 +52,14 @@ def tiny_served_model(path: Path, name: str = "tiny", **engine_options: Any) -> 
     tok = Tokenizer.from_dir(path)
     config = EngineConfig(**{"block_size": 4, "kv_cache_memory": 2**22, **engine_options})
     return build_served_model(name, model, tok, config, hf_config={"model_type": "qwen3"}, model_dir=path)
+
+
+def before_each_step(monkeypatch: Any, engine: Any, wait: Callable[[], object]) -> None:
+    """Runs `wait()` in the engine's thread before each of its steps, for the rest of the test: an Event's
+    wait holds the engine until the test lets it go, a sleep paces it, so a request cannot finish before the
+    test has done what it must do mid-request."""
+    real_step = engine.step
+    monkeypatch.setattr(engine, "step", lambda: (wait(), real_step())[1])
 
 
 def wait_idle(engine: Any, timeout: float = 20.0) -> bool:
