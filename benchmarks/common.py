@@ -11,6 +11,8 @@ from typing import Any, Callable
 
 import torch
 
+from qwenstack.cost.bandwidth import read_rate
+
 OUT_DIR = Path(__file__).resolve().parent / "out"
 
 
@@ -25,15 +27,10 @@ def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
 
 
 def read_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
-    """Bytes per second for streaming reads of a buffer far larger than the caches (best of `repeats`)."""
-    buf = torch.ones(int(gib * 2**30) // 4, dtype=torch.float32)
-    buf.sum()
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        buf.sum()
-        best = min(best, time.perf_counter() - t)
-    return buf.numel() * 4 / best
+    """Bytes per second for streaming reads of a buffer far larger than the caches (best of `repeats`; the
+    planner's probe, qwenstack.cost.bandwidth.read_rate: torch's sum() and several streams per core)."""
+    # Random contents: pages of equal contents may be merged by the hypervisor and then read from cache.
+    return read_rate(torch.empty(int(gib * 2**30) // 4, dtype=torch.float32).uniform_(), repeats)
 
 
 def machine() -> dict[str, Any]:

@@ -2,11 +2,12 @@
 
 Single-stream decode reads every active weight once per token, so its speed is bytes per second divided
 by bytes per token. Two figures per device:
-- stream: the plain read bandwidth (a sum over a buffer far larger than the caches); divided into the
-  bytes per token it gives the bound no implementation can beat;
+- stream: the plain read bandwidth (a sum over a buffer far larger than the caches, the best of torch's
+  sum() and the same sum read as several streams per core, `read_rate`); divided into the bytes per token
+  it gives the bound no implementation can beat;
 - kernels: the rate at which the decode matrix-vector product of each weight format actually consumes
-  weight bytes, in the form the runtime uses (bfloat16: the faster of F.linear and qwenstack's native
-  kernel, the usual pick of models/cpu_linear.py; int8: the native kernel where it builds, else
+  weight bytes, in the form the runtime uses (bfloat16: the fastest of F.linear and qwenstack's native
+  kernels, row-major and tile-packed, the usual pick of models/cpu_linear.py; int8: the native kernel where it builds, else
   torch's; int4: torch's; float32: F.linear), over matrices cycled so they never stay in cache. A kernel
   that computes more per byte (int4 unpacking) or uses the cores less well reads slower than the stream.
   The rate also depends on the row length (a matrix-vector product over short rows pays more per row):
@@ -33,6 +34,7 @@ moves towards what the machine can do.
 from __future__ import annotations
 
 import datetime
+import functools
 import json
 import math
 import os
@@ -50,14 +52,14 @@ OVERRIDE_ENV = "QWENSTACK_BANDWIDTH_GBS"
 KERNEL_FORMATS = ("bfloat16", "float32", "int8", "int4")
 OVERHEAD_KEYS = ("step", "layer", "moe_layer", "expert")
 # Part of the cache key: a change in what is measured (or in the kernels measured) invalidates old records.
-MEASUREMENT_VERSION = 5
+MEASUREMENT_VERSION = 6
 # Row lengths the main formats are also measured at ("bfloat16@1024"); the plain key is the default shape's.
 SHORT_ROWS = 1024
 ROW_DEPENDENT_FORMATS = ("bfloat16", "int8")
 # Passes that disagree by more than this (relative to the best) mark a measurement as taken on a busy machine.
 SPREAD_WARN = 0.2
-# A kernel may beat a one-thread-per-core sum() a little (prefetch, wider loads); by more than this, the
-# stream figure was taken in a slow moment and the record is measured again.
+# A kernel may beat the stream probe a little (prefetch, wider loads); by more than this, the stream figure
+# was taken in a slow moment and the record is measured again.
 KERNEL_ABOVE_STREAM = 0.25
 MAX_MEASUREMENTS = 3
 
@@ -163,6 +165,22 @@ def _best_time(fn: Callable[[], Any], repeats: int) -> float:
     return best
 
 
+# Streams per core the read-rate probe tries beside torch's sum() (kernels/memory_cpu.cpp).
+PROBE_STREAMS = (4, 8, 16)
+
+
+def read_rate(buf: torch.Tensor, repeats: int = 3) -> float:
+    """Bytes per second for reading the 1-D float32 `buf` (far larger than the caches): the best of torch's
+    sum(), one forward stream per thread, and, where the native kernels build, the same sum read as several
+    streams per core, which is how the linear kernels read their weights and a core reads faster."""
+    from qwenstack import kernels
+
+    readers: list[Callable[[], Any]] = [buf.sum]
+    if buf.device.type == "cpu" and kernels.stream_sum(buf[:1024], 1) is not None:
+        readers += [functools.partial(kernels.stream_sum, buf, streams) for streams in PROBE_STREAMS]
+    return buf.numel() * buf.element_size() / min(_best_time(read, repeats) for read in readers)
+
+
 def measure_cpu(buffer_mib: int = 512, repeats: int = 3, shape: tuple[int, int] = (4096, 4096),
                 overhead: bool = True, passes: int = 2) -> Bandwidth:
     """Measures now (a few seconds a pass): the stream rate, each format's decode GEMV read rate and (unless
@@ -175,14 +193,15 @@ def measure_cpu(buffer_mib: int = 512, repeats: int = 3, shape: tuple[int, int] 
     samples: dict[str, list[float]] = {}
     for _ in range(max(passes, 1)):
         buf = torch.empty(buffer_mib * 2**20 // 4, dtype=torch.float32).uniform_()  # distinct pages (see _distinct)
-        samples.setdefault("stream", []).append(buf.numel() * 4 / _best_time(buf.sum, repeats))
+        samples.setdefault("stream", []).append(read_rate(buf, repeats))
         del buf
         for fmt, rows, columns, key in shapes:
-            weights, matmuls = _kernel_weights(fmt, rows, columns, buffer_mib)
-            total = sum(w.numel() * w.element_size() for w in weights)
-            samples.setdefault(key, []).append(max(total / _best_time(lambda: [matmul(w) for w in weights], repeats)
-                                                   for matmul in matmuls))
-            del weights
+            rates = []
+            for weights, matmul in _kernel_forms(fmt, rows, columns, buffer_mib):
+                total = sum(w.numel() * w.element_size() for w in weights)
+                rates.append(total / _best_time(lambda: [matmul(w) for w in weights], repeats))
+                del weights
+            samples.setdefault(key, []).append(max(rates))
     best = {key: max(values) for key, values in samples.items()}
     spread = max(1.0 - min(values) / max(values) for values in samples.values())
     # Passes that were all slowed alike agree with each other; but no kernel reads memory faster than the
@@ -203,36 +222,45 @@ def measure_cpu(buffer_mib: int = 512, repeats: int = 3, shape: tuple[int, int] 
                      datetime.datetime.now().isoformat(timespec="seconds"), "measured", step_overhead, spread)
 
 
-def _kernel_weights(fmt: str, n: int, k: int, buffer_mib: int) -> tuple[list[torch.Tensor], list[Callable[[torch.Tensor], Any]]]:
-    """Distinct weight matrices of one format totalling buffer_mib, and the decode products the runtime
-    may use on them (the fastest one counts). Every matrix has its own random contents: copies of one
-    matrix can share physical pages (a hypervisor merging identical pages) and then read from cache."""
+WeightForm = tuple[list[torch.Tensor], Callable[[torch.Tensor], Any]]
+
+
+def _kernel_forms(fmt: str, n: int, k: int, buffer_mib: int) -> list[WeightForm]:
+    """The forms the runtime may give [n, k] weights of one format: distinct matrices totalling buffer_mib
+    in that form's layout, and its decode product (the fastest form counts). Every matrix has its own
+    random contents: copies of one matrix can share physical pages (a hypervisor merging identical pages)
+    and then read from cache."""
     from qwenstack import kernels
 
     native = kernels.linear_rows_available()
     if fmt in ("bfloat16", "float32"):
         dtype = getattr(torch, fmt)
         x = torch.randn(1, k, dtype=dtype)
-        products: list[Callable[[torch.Tensor], Any]] = [lambda w: F.linear(x, w)]
+        plain = _distinct(lambda: torch.empty(n, k, dtype=dtype).uniform_(-1, 1), buffer_mib)
+        forms: list[WeightForm] = [(plain, lambda w: F.linear(x, w))]
         if fmt == "bfloat16" and native:
-            products.append(lambda w: kernels.linear_rows(x, w))
-        return _distinct(lambda: torch.empty(n, k, dtype=dtype).uniform_(-1, 1), buffer_mib), products
+            forms.append((plain, lambda w: kernels.linear_rows(x, w)))
+            if kernels.can_tile(plain[0]):  # models/cpu_linear.py's native form stores these tile-packed
+                packed = _distinct(lambda: kernels.pack_tiles(torch.empty(n, k, dtype=dtype).uniform_(-1, 1)),
+                                   buffer_mib)
+                forms.append((packed, lambda w: kernels.linear_tiled(x, w)))
+        return forms
     x = torch.randn(1, k, dtype=torch.bfloat16)
     if fmt == "int8":
         scales = torch.rand(n, dtype=torch.bfloat16)
         if kernels.int8_tiles_preferred() and kernels.can_tile_int8((n, k)):  # what formats.py runs here
             packed = _distinct(lambda: kernels.pack_tiles_int8(torch.randint(-128, 128, (n, k), dtype=torch.int8)),
                                buffer_mib)
-            return packed, [lambda w: kernels.linear_tiled_int8(x, w, scales)]
+            return [(packed, lambda w: kernels.linear_tiled_int8(x, w, scales))]
         weights = _distinct(lambda: torch.randint(-128, 128, (n, k), dtype=torch.int8), buffer_mib)
         if native:
-            return weights, [lambda w: kernels.linear_rows(x, w, scales)]
-        return weights, [lambda w: torch._weight_int8pack_mm(x, w, scales)]
+            return [(weights, lambda w: kernels.linear_rows(x, w, scales))]
+        return [(weights, lambda w: torch._weight_int8pack_mm(x, w, scales))]
     group = 128
     sz = torch.rand(k // group, n, 2, dtype=torch.bfloat16)
     packed = _distinct(lambda: torch._convert_weight_to_int4pack_for_cpu(
         torch.randint(0, 16, (n, k), dtype=torch.int32), 2), buffer_mib)
-    return packed, [lambda w: torch._weight_int4pack_mm_for_cpu(x, w, group, sz)]
+    return [(packed, lambda w: torch._weight_int4pack_mm_for_cpu(x, w, group, sz))]
 
 
 def _distinct(make: Callable[[], torch.Tensor], buffer_mib: int) -> list[torch.Tensor]:

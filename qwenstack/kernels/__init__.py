@@ -1,7 +1,8 @@
 """Native CPU kernels, compiled from the C++ next to this package the first time they are needed: paged
 attention for decode and prefix prefill (paged_attention_cpu.cpp), linear layers for a few activation rows
 (linear_cpu.cpp) and for tile-packed weights (linear_tiled_cpu.cpp), RMSNorm and QK-norm + rotary
-(rms_norm_cpu.cpp). Every op has a torch reference that the callers fall back on.
+(rms_norm_cpu.cpp), and a probe of the machine's read rate (memory_cpu.cpp). Every op has a torch reference
+that the callers fall back on.
 
 - build.py: the CPU's instruction-set level and one extension per .cpp file (a file that fails to compile
   disables only its own ops); `kernels_disabled` (QWENSTACK_DISABLE_KERNELS=1) forces the torch path.
@@ -17,7 +18,7 @@ from qwenstack.kernels.layouts import (
 from qwenstack.kernels.ops import (
     LINEAR_WEIGHT_DTYPES, has_amx, int8_tiles_preferred, linear_rows, linear_rows_available, linear_tiled,
     linear_tiled_int8, paged_decode_attention, paged_decode_available, paged_prefix_attention, qk_norm_rope,
-    rms_norm, use_paged_decode,
+    rms_norm, stream_sum, use_paged_decode,
 )
 
 __all__ = [
@@ -26,5 +27,5 @@ __all__ = [
     "pack_tiles_int8", "tiled_rows", "unpack_tiles", "unpack_tiles_int8",
     "LINEAR_WEIGHT_DTYPES", "has_amx", "int8_tiles_preferred", "linear_rows", "linear_rows_available",
     "linear_tiled", "linear_tiled_int8", "paged_decode_attention", "paged_decode_available",
-    "paged_prefix_attention", "qk_norm_rope", "rms_norm", "use_paged_decode",
+    "paged_prefix_attention", "qk_norm_rope", "rms_norm", "stream_sum", "use_paged_decode",
 ]

@@ -9,8 +9,9 @@
 // Each 16 output rows x 32 columns of w is one contiguous 1 KiB block that is exactly AMX's B operand (16
 // rows of 32 bfloat16: a pair of consecutive k for each of the 16 n), and each 64-byte row of it is the
 // operand of one vdpbf16ps against that pair of x broadcast to every lane: sixteen outputs accumulate in the
-// sixteen lanes, with no horizontal sums. A thread's weights are one forward stream.
-// - 1-2 rows (or no AMX): the vector loop, four accumulators per row (two per k pair parity) in flight.
+// sixteen lanes, with no horizontal sums. A thread's weights are one contiguous share of the columns.
+// - 1-2 rows (or no AMX): the vector loop, two accumulators per row and column (one per k pair parity), over
+//   several weight streams side by side (VEC_ACCUMULATORS).
 // - 3 or more rows with AMX: activations are the A tiles (x copied once per call into the same 1 KiB tile
 //   blocks), two weight blocks the B tiles, four accumulators: 32 rows x 32 outputs per pass, in chunks of
 //   up to 128 rows. The caller sends long prefill chunks to F.linear on the unpacked matrix.
@@ -46,7 +47,13 @@ using torch::stable::Tensor;
 
 constexpr int64_t TILE_N = 16, TILE_K = 32, BLOCK = TILE_N * TILE_K;  // a block: 512 bfloat16, 1 KiB
 constexpr int64_t PAIRS = TILE_K / 2;                                  // k pairs per block
-constexpr int64_t VEC_ROWS = 4;  // activation rows per pass of the vector loop over one column of blocks
+constexpr int64_t VEC_ROWS = 2;  // activation rows per pass of the vector loops over their columns of blocks
+// The vector loops read several weight streams side by side: each thread's share of the block columns cut
+// into contiguous runs, one column of each run at a time. One forward stream per core read Qwen3-0.6B's
+// 1.19 GB of packed linears at 16-18 GB/s on two Sapphire Rapids cores, eight streams at ~22: a core keeps
+// more reads in flight over several streams than its prefetchers give a single one. As many streams as
+// keep VEC_ACCUMULATORS vector sums in registers.
+constexpr int64_t VEC_ACCUMULATORS = 16;
 constexpr int64_t PREFETCH_BLOCKS = 2;  // how far ahead the vector loop prefetches its weight stream
 // AMX from this many rows on; rows in chunks of at most AMX_CHUNK_ROWS and AMX_CHUNK_BYTES of activations.
 constexpr int64_t AMX_MIN_ROWS = 3;
@@ -72,37 +79,45 @@ inline void store16(const float* src, Fp16* dst) {
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), _mm512_cvtps_ph(_mm512_loadu_ps(src), _MM_FROUND_TO_NEAREST_INT));
 }
 
-// MT rows [m0, m0 + MT) times the 16 outputs of block column nb.
-template <int64_t MT, typename O>
-inline void vec_block(const Rows& a, int64_t m0, const uint16_t* col, int64_t nb, O* out, int64_t N) {
+// MT rows [m0, m0 + MT) times the 16 outputs of each of the S block columns nb[0..S), read side by side.
+template <int64_t S, int64_t MT, typename O>
+inline void vec_block(const Rows& a, int64_t m0, const uint16_t* const* packed_cols, const int64_t* nb, O* out,
+                      int64_t N) {
   const int64_t K = a.K, kblocks = K / TILE_K;
-  __m512 acc[MT][2];
-  for (int64_t m = 0; m < MT; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
+  __m512 acc[S][MT][2];
+  for (int64_t s = 0; s < S; ++s)
+    for (int64_t m = 0; m < MT; ++m) acc[s][m][0] = acc[s][m][1] = _mm512_setzero_ps();
   for (int64_t kb = 0; kb < kblocks; ++kb) {
-    const uint16_t* blk = col + kb * BLOCK;
     for (int64_t p = 0; p < PAIRS; ++p) {
-      // Each 64-byte row PREFETCH_BLOCKS blocks ahead (past the column's end it reads into the next one,
-      // which the thread usually takes next).
-      __builtin_prefetch(blk + PREFETCH_BLOCKS * BLOCK + p * 2 * TILE_N);
-      const __m512bh w = (__m512bh)_mm512_loadu_si512(blk + p * 2 * TILE_N);
+      __m512bh xv[MT];
       for (int64_t m = 0; m < MT; ++m) {
         int32_t pair;
         std::memcpy(&pair, a.bf16.data() + (m0 + m) * K + kb * TILE_K + 2 * p, sizeof pair);
-        acc[m][p & 1] = _mm512_dpbf16_ps(acc[m][p & 1], w, (__m512bh)_mm512_set1_epi32(pair));
+        xv[m] = (__m512bh)_mm512_set1_epi32(pair);
+      }
+      for (int64_t s = 0; s < S; ++s) {
+        const uint16_t* blk = packed_cols[s] + kb * BLOCK;
+        // Each 64-byte row PREFETCH_BLOCKS blocks ahead (past the column's end it reads into the next one,
+        // which this stream takes next).
+        __builtin_prefetch(blk + PREFETCH_BLOCKS * BLOCK + p * 2 * TILE_N);
+        const __m512bh w = (__m512bh)_mm512_loadu_si512(blk + p * 2 * TILE_N);
+        for (int64_t m = 0; m < MT; ++m) acc[s][m][p & 1] = _mm512_dpbf16_ps(acc[s][m][p & 1], w, xv[m]);
       }
     }
   }
-  for (int64_t m = 0; m < MT; ++m) {
-    alignas(64) float s[TILE_N];
-    _mm512_store_ps(s, _mm512_add_ps(acc[m][0], acc[m][1]));
-    store16(s, out + (m0 + m) * N + nb * TILE_N);
+  for (int64_t s = 0; s < S; ++s) {
+    for (int64_t m = 0; m < MT; ++m) {
+      alignas(64) float sums[TILE_N];
+      _mm512_store_ps(sums, _mm512_add_ps(acc[s][m][0], acc[s][m][1]));
+      store16(sums, out + (m0 + m) * N + nb[s] * TILE_N);
+    }
   }
 }
 #else
 // The generic loop: per 64-byte row of a block, the even elements (k even) and the odd ones of each of the
 // 16 outputs, as float32 vectors of W lanes, times the pair of x.
 template <int64_t MT, typename O>
-inline void vec_block(const Rows& a, int64_t m0, const uint16_t* col, int64_t nb, O* out, int64_t N) {
+inline void vec_column(const Rows& a, int64_t m0, const uint16_t* col, int64_t nb, O* out, int64_t N) {
   constexpr int64_t V = TILE_N / W;  // vectors per 16 outputs
   const int64_t K = a.K, kblocks = K / TILE_K;
   vf acc[MT][V];
@@ -126,26 +141,53 @@ inline void vec_block(const Rows& a, int64_t m0, const uint16_t* col, int64_t nb
     for (int64_t j = 0; j < V; ++j)
       for (int64_t i = 0; i < W; ++i) store(acc[m][j][i], out + (m0 + m) * N + nb * TILE_N + j * W + i);
 }
+
+// Without AVX512-BF16 the columns go one after the other: the generic loop is bound by its conversions,
+// not by the weight stream.
+template <int64_t S, int64_t MT, typename O>
+inline void vec_block(const Rows& a, int64_t m0, const uint16_t* const* packed_cols, const int64_t* nb, O* out,
+                      int64_t N) {
+  for (int64_t s = 0; s < S; ++s) vec_column<MT>(a, m0, packed_cols[s], nb[s], out, N);
+}
 #endif
+
+// Block columns [0, cols) over torch's threads, each thread's share read as S contiguous runs side by side:
+// columns(std::integral_constant<int64_t, S>{}, nb) takes the S columns nb[0..S); the columns left over when
+// the share does not divide by S go one by one (as S = 1).
+template <int64_t S, typename Columns>
+void parallel_column_streams(int64_t cols, const Columns& columns) {
+  // Enough block columns per task that a thread streams long contiguous runs of the weights.
+  const int64_t grain = std::max<int64_t>(1, std::min<int64_t>(16, cols / 8));
+  torch::stable::parallel_for(0, cols, grain, [&](int64_t begin, int64_t end) {
+    const int64_t run = (end - begin) / S;
+    for (int64_t i = 0; i < run; ++i) {
+      int64_t nb[S];
+      for (int64_t s = 0; s < S; ++s) nb[s] = begin + s * run + i;
+      columns(std::integral_constant<int64_t, S>{}, nb);
+    }
+    for (int64_t nb = begin + S * run; nb < end; ++nb) columns(std::integral_constant<int64_t, 1>{}, &nb);
+  });
+}
+
+// Block columns nb[0..S) for every row, VEC_ROWS rows a pass.
+template <int64_t S, typename O>
+inline void vec_columns(const Rows& a, const uint16_t* packed, const int64_t* nb, O* out, int64_t N) {
+  const int64_t col_size = a.K / TILE_K * BLOCK;
+  const uint16_t* packed_cols[S];
+  for (int64_t s = 0; s < S; ++s) packed_cols[s] = packed + nb[s] * col_size;
+  int64_t m = 0;
+  for (; m + VEC_ROWS <= a.M; m += VEC_ROWS) vec_block<S, VEC_ROWS>(a, m, packed_cols, nb, out, N);
+  if (a.M - m == 1) vec_block<S, 1>(a, m, packed_cols, nb, out, N);
+}
 
 template <typename O>
 void run_vec(const Rows& a, const uint16_t* packed, O* out, int64_t N) {
-  const int64_t M = a.M, cols = N / TILE_N, col_size = a.K / TILE_K * BLOCK;
-  // Enough block columns per task that a thread streams a long contiguous run of the weights.
-  const int64_t grain = std::max<int64_t>(1, std::min<int64_t>(16, cols / 8));
-  torch::stable::parallel_for(0, cols, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t nb = begin; nb < end; ++nb) {
-      const uint16_t* col = packed + nb * col_size;
-      int64_t m = 0;
-      for (; m + VEC_ROWS <= M; m += VEC_ROWS) vec_block<VEC_ROWS>(a, m, col, nb, out, N);
-      switch (M - m) {
-        case 1: vec_block<1>(a, m, col, nb, out, N); break;
-        case 2: vec_block<2>(a, m, col, nb, out, N); break;
-        case 3: vec_block<3>(a, m, col, nb, out, N); break;
-        default: break;
-      }
-    }
-  });
+  const auto columns = [&](auto streams, const int64_t* nb) {
+    vec_columns<decltype(streams)::value>(a, packed, nb, out, N);
+  };
+  // Two float32 sums per row and column (the two k-pair chains).
+  if (a.M == 1) parallel_column_streams<VEC_ACCUMULATORS / 2>(N / TILE_N, columns);
+  else parallel_column_streams<VEC_ACCUMULATORS / (2 * VEC_ROWS)>(N / TILE_N, columns);
 }
 
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__)
@@ -302,7 +344,7 @@ Tensor linear_tiled(Tensor x_in, Tensor packed_in) {
 // TDPBSUD: signed x unsigned). Unsigned weights let both activation bytes be signed, and the correction is
 // one sum per activation row. Widening the weights to int16 for vpdpwssd instead cost three shuffles per
 // 64 bytes and ran at two thirds of this speed with the weights in cache.
-// - 1-2 rows (or no AMX): the vector loop, one forward weight stream per thread.
+// - 1-2 rows (or no AMX): the vector loop, over several weight streams side by side as for bfloat16.
 // - 3 or more rows with AMX: hi and lo copied into tile blocks, two tile products per weight block.
 // - Builds without AVX512-VNNI: the same arithmetic in scalar loops.
 // Layout: x [M, K] float32 / bfloat16 / float16, packed [N / 16, K / 64, 16, 16, 4] uint8, scales [N] float,
@@ -391,35 +433,42 @@ inline __attribute__((always_inline)) void i8_group(const uint8_t* row, const By
   }
 }
 
-template <int64_t MT, typename O>
-inline void i8_vec_block(const ByteRows& a, int64_t m0, const uint8_t* col, int64_t nb, const float* scales, O* out,
-                         int64_t N) {
+// MT rows [m0, m0 + MT) times the 16 outputs of each of the S block columns nb[0..S), read side by side.
+template <int64_t S, int64_t MT, typename O>
+inline void i8_vec_block(const ByteRows& a, int64_t m0, const uint8_t* const* packed_cols, const int64_t* nb,
+                         const float* scales, O* out, int64_t N) {
   const int64_t kblocks = a.K / I8_TILE_K;
-  __m512i acc[MT][2][2];  // [row][group parity][hi, lo]: two chains per sum keep the adds in flight
-  for (int64_t m = 0; m < MT; ++m)
-    for (int64_t p = 0; p < 2; ++p) acc[m][p][0] = acc[m][p][1] = _mm512_setzero_si512();
+  __m512i acc[S][MT][2][2];  // [column][row][group parity][hi, lo]: two chains per sum keep the adds in flight
+  for (int64_t s = 0; s < S; ++s)
+    for (int64_t m = 0; m < MT; ++m)
+      for (int64_t p = 0; p < 2; ++p) acc[s][m][p][0] = acc[s][m][p][1] = _mm512_setzero_si512();
   for (int64_t kb = 0; kb < kblocks; ++kb) {
-    const uint8_t* blk = col + kb * I8_BLOCK_BYTES;
     // Groups in pairs, so each accumulator is named at compile time (an index computed at run time kept
     // them in memory).
     for (int64_t g = 0; g < I8_GROUPS; g += 2) {
-      __builtin_prefetch(blk + PREFETCH_BLOCKS * I8_BLOCK_BYTES + g * 64);
-      __builtin_prefetch(blk + PREFETCH_BLOCKS * I8_BLOCK_BYTES + g * 64 + 64);
-      i8_group<MT>(blk + g * 64, a, m0, kb * I8_TILE_K + 4 * g, acc, 0);
-      i8_group<MT>(blk + g * 64 + 64, a, m0, kb * I8_TILE_K + 4 * g + 4, acc, 1);
+      for (int64_t s = 0; s < S; ++s) {
+        const uint8_t* blk = packed_cols[s] + kb * I8_BLOCK_BYTES;
+        __builtin_prefetch(blk + PREFETCH_BLOCKS * I8_BLOCK_BYTES + g * 64);
+        __builtin_prefetch(blk + PREFETCH_BLOCKS * I8_BLOCK_BYTES + g * 64 + 64);
+        i8_group<MT>(blk + g * 64, a, m0, kb * I8_TILE_K + 4 * g, acc[s], 0);
+        i8_group<MT>(blk + g * 64 + 64, a, m0, kb * I8_TILE_K + 4 * g + 4, acc[s], 1);
+      }
     }
   }
-  for (int64_t m = 0; m < MT; ++m) {
-    alignas(64) int32_t hi[TILE_N], lo[TILE_N];
-    _mm512_store_si512(hi, _mm512_add_epi32(acc[m][0][0], acc[m][1][0]));
-    _mm512_store_si512(lo, _mm512_add_epi32(acc[m][0][1], acc[m][1][1]));
-    i8_finish(hi, lo, a.sum[m0 + m], a.scale[m0 + m], scales + nb * TILE_N, out + (m0 + m) * N + nb * TILE_N);
+  for (int64_t s = 0; s < S; ++s) {
+    for (int64_t m = 0; m < MT; ++m) {
+      alignas(64) int32_t hi[TILE_N], lo[TILE_N];
+      _mm512_store_si512(hi, _mm512_add_epi32(acc[s][m][0][0], acc[s][m][1][0]));
+      _mm512_store_si512(lo, _mm512_add_epi32(acc[s][m][0][1], acc[s][m][1][1]));
+      i8_finish(hi, lo, a.sum[m0 + m], a.scale[m0 + m], scales + nb[s] * TILE_N,
+                out + (m0 + m) * N + nb[s] * TILE_N);
+    }
   }
 }
 #else
 template <int64_t MT, typename O>
-inline void i8_vec_block(const ByteRows& a, int64_t m0, const uint8_t* col, int64_t nb, const float* scales, O* out,
-                         int64_t N) {
+inline void i8_vec_column(const ByteRows& a, int64_t m0, const uint8_t* col, int64_t nb, const float* scales, O* out,
+                          int64_t N) {
   const int64_t K = a.K, kblocks = K / I8_TILE_K;
   int32_t hi[MT][TILE_N] = {}, lo[MT][TILE_N] = {};
   for (int64_t kb = 0; kb < kblocks; ++kb) {
@@ -441,25 +490,35 @@ inline void i8_vec_block(const ByteRows& a, int64_t m0, const uint8_t* col, int6
   for (int64_t m = 0; m < MT; ++m)
     i8_finish(hi[m], lo[m], a.sum[m0 + m], a.scale[m0 + m], scales + nb * TILE_N, out + (m0 + m) * N + nb * TILE_N);
 }
+
+// Without AVX512-VNNI the columns go one after the other: the scalar loop is bound by its arithmetic.
+template <int64_t S, int64_t MT, typename O>
+inline void i8_vec_block(const ByteRows& a, int64_t m0, const uint8_t* const* packed_cols, const int64_t* nb,
+                         const float* scales, O* out, int64_t N) {
+  for (int64_t s = 0; s < S; ++s) i8_vec_column<MT>(a, m0, packed_cols[s], nb[s], scales, out, N);
+}
 #endif
+
+// Block columns nb[0..S) for every row, VEC_ROWS rows a pass.
+template <int64_t S, typename O>
+inline void i8_vec_columns(const ByteRows& a, const uint8_t* packed, const int64_t* nb, const float* scales, O* out,
+                           int64_t N) {
+  const int64_t col_size = a.K / I8_TILE_K * I8_BLOCK_BYTES;
+  const uint8_t* packed_cols[S];
+  for (int64_t s = 0; s < S; ++s) packed_cols[s] = packed + nb[s] * col_size;
+  int64_t m = 0;
+  for (; m + VEC_ROWS <= a.M; m += VEC_ROWS) i8_vec_block<S, VEC_ROWS>(a, m, packed_cols, nb, scales, out, N);
+  if (a.M - m == 1) i8_vec_block<S, 1>(a, m, packed_cols, nb, scales, out, N);
+}
 
 template <typename O>
 void i8_run_vec(const ByteRows& a, const uint8_t* packed, const float* scales, O* out, int64_t N) {
-  const int64_t M = a.M, cols = N / TILE_N, col_size = a.K / I8_TILE_K * I8_BLOCK_BYTES;
-  const int64_t grain = std::max<int64_t>(1, std::min<int64_t>(16, cols / 8));
-  torch::stable::parallel_for(0, cols, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t nb = begin; nb < end; ++nb) {
-      const uint8_t* col = packed + nb * col_size;
-      int64_t m = 0;
-      for (; m + VEC_ROWS <= M; m += VEC_ROWS) i8_vec_block<VEC_ROWS>(a, m, col, nb, scales, out, N);
-      switch (M - m) {
-        case 1: i8_vec_block<1>(a, m, col, nb, scales, out, N); break;
-        case 2: i8_vec_block<2>(a, m, col, nb, scales, out, N); break;
-        case 3: i8_vec_block<3>(a, m, col, nb, scales, out, N); break;
-        default: break;
-      }
-    }
-  });
+  const auto columns = [&](auto streams, const int64_t* nb) {
+    i8_vec_columns<decltype(streams)::value>(a, packed, nb, scales, out, N);
+  };
+  // Four int32 sums per row and column (hi and lo, two group chains each).
+  if (a.M == 1) parallel_column_streams<VEC_ACCUMULATORS / 4>(N / TILE_N, columns);
+  else parallel_column_streams<VEC_ACCUMULATORS / (4 * VEC_ROWS)>(N / TILE_N, columns);
 }
 
 #if defined(__AMX_TILE__) && defined(__AMX_INT8__)

@@ -112,6 +112,13 @@ def linear_tiled_int8(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tenso
     return op(x, packed, scales)
 
 
+def stream_sum(x: torch.Tensor, streams: int) -> torch.Tensor | None:
+    """x.sum() of a 1-D float32 CPU tensor as [1], each thread's share read as `streams` (1, 2, 4, 8 or 16)
+    runs side by side: a probe of the machine's read rate (memory_cpu.cpp). None where it does not build."""
+    op = native_op("stream_sum")
+    return None if op is None else op(x, streams)
+
+
 _NORM_DTYPES = (torch.bfloat16, torch.float16)
 
 

@@ -98,7 +98,9 @@ def test_strided_expert_slice_and_threads() -> None:
 
 
 TILED_ROWS = [1, 2, 3, 4, 5, 16, 17, 31, 33, 64, 70, 129, 300]  # vector rows, AMX 16/32-row edges, row chunks
-TILED_SHAPES = [(16, 32), (48, 64), (64, 96), (80, 1024), (256, 4096)]  # odd and even 16-row block counts
+# Odd and even 16-row block counts; 37 blocks: each thread's share in whole runs of the side-by-side weight streams
+# plus leftovers.
+TILED_SHAPES = [(16, 32), (48, 64), (64, 96), (80, 1024), (256, 4096), (592, 64)]
 
 
 @pytest.mark.parametrize("rows", TILED_ROWS)
@@ -117,7 +119,7 @@ def test_tiled_kernel(rows: int, x_dtype: torch.dtype) -> None:
         assert (got.double() - want).abs().max().item() <= tol
 
 
-INT8_TILED_SHAPES = [(16, 64), (48, 128), (80, 1024), (256, 3072)]
+INT8_TILED_SHAPES = [(16, 64), (48, 128), (80, 1024), (256, 3072), (592, 128)]
 
 
 @pytest.mark.parametrize("rows", TILED_ROWS)
@@ -160,6 +162,34 @@ def test_tiled_int8_stacks_and_threads() -> None:
         finally:
             torch.set_num_threads(threads)
         assert torch.equal(one, kernels.linear_tiled_int8(x, packed[2], scales))
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3])
+def test_tiled_sums_follow_neither_threads_nor_streams(rows: int) -> None:
+    """The vector loops read several block columns side by side, grouped by the thread's share: every block
+    column's sums are the same bits whether it was read in a group, as a leftover, alone or on one thread."""
+    gen = torch.Generator().manual_seed(rows)
+    n, k = 37 * kernels.TILE_N, 128
+    x = torch.randn(rows, k, generator=gen).to(torch.bfloat16)
+    w = torch.randn(n, k, generator=gen).to(torch.bfloat16)
+    q = torch.randint(-128, 128, (n, k), generator=gen, dtype=torch.int8)
+    scales = torch.rand(n, generator=gen)
+    products = {
+        "bfloat16": lambda rows_of_w: kernels.linear_tiled(x, kernels.pack_tiles(w[rows_of_w])),
+        "int8": lambda rows_of_w: kernels.linear_tiled_int8(x, kernels.pack_tiles_int8(q[rows_of_w]),
+                                                            scales[rows_of_w]),
+    }
+    threads = torch.get_num_threads()
+    try:
+        for name, product in products.items():
+            torch.set_num_threads(2)  # the test run's workers have one thread each
+            whole = product(slice(None))
+            alone = torch.cat([product(slice(i, i + kernels.TILE_N)) for i in range(0, n, kernels.TILE_N)], dim=1)
+            torch.set_num_threads(1)
+            one = product(slice(None))
+            assert torch.equal(whole, alone) and torch.equal(whole, one), name
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_tiled_linear_module() -> None:
