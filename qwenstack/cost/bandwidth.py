@@ -7,8 +7,9 @@ by bytes per token. Two figures per device:
   it gives the bound no implementation can beat;
 - kernels: the rate at which the decode matrix-vector product of each weight format actually consumes
   weight bytes, in the form the runtime uses (bfloat16: the fastest of F.linear and qwenstack's native
-  kernels, row-major and tile-packed, the usual pick of models/cpu_linear.py; int8: the native kernel where it builds, else
-  torch's; int4: torch's; float32: F.linear), over matrices cycled so they never stay in cache. A kernel
+  kernels, row-major and tile-packed, the usual pick of models/cpu_linear.py; int8: the native kernel
+  where it builds, else torch's; int4: torch's; float32: F.linear), over matrices cycled so they never stay
+  in cache. A kernel
   that computes more per byte (int4 unpacking) or uses the cores less well reads slower than the stream.
   The rate also depends on the row length (a matrix-vector product over short rows pays more per row):
   bfloat16 and int8 are measured at 1024 and 4096 columns and `rate(fmt, columns)` interpolates (in
@@ -42,7 +43,7 @@ import platform
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -225,10 +226,11 @@ def measure_cpu(buffer_mib: int = 512, repeats: int = 3, shape: tuple[int, int] 
 WeightForm = tuple[list[torch.Tensor], Callable[[torch.Tensor], Any]]
 
 
-def _kernel_forms(fmt: str, n: int, k: int, buffer_mib: int) -> list[WeightForm]:
-    """The forms the runtime may give [n, k] weights of one format: distinct matrices totalling buffer_mib
-    in that form's layout, and its decode product (the fastest form counts). Every matrix has its own
-    random contents: copies of one matrix can share physical pages (a hypervisor merging identical pages)
+def _kernel_forms(fmt: str, n: int, k: int, buffer_mib: int) -> Iterator[WeightForm]:
+    """The forms the runtime may give [n, k] weights of one format, one at a time (the caller drops each
+    form's weights before the next is made, so at most buffer_mib is held): distinct matrices totalling
+    buffer_mib in that form's layout, and its decode product (the fastest form counts). Every matrix has its
+    own random contents: copies of one matrix can share physical pages (a hypervisor merging identical pages)
     and then read from cache."""
     from qwenstack import kernels
 
@@ -237,30 +239,35 @@ def _kernel_forms(fmt: str, n: int, k: int, buffer_mib: int) -> list[WeightForm]
         dtype = getattr(torch, fmt)
         x = torch.randn(1, k, dtype=dtype)
         plain = _distinct(lambda: torch.empty(n, k, dtype=dtype).uniform_(-1, 1), buffer_mib)
-        forms: list[WeightForm] = [(plain, lambda w: F.linear(x, w))]
+        yield plain, lambda w: F.linear(x, w)
         if fmt == "bfloat16" and native:
-            forms.append((plain, lambda w: kernels.linear_rows(x, w)))
-            if kernels.can_tile(plain[0]):  # models/cpu_linear.py's native form stores these tile-packed
+            yield plain, lambda w: kernels.linear_rows(x, w)
+            tiles = kernels.can_tile(plain[0])  # models/cpu_linear.py's native form stores these tile-packed
+            del plain
+            if tiles:
                 packed = _distinct(lambda: kernels.pack_tiles(torch.empty(n, k, dtype=dtype).uniform_(-1, 1)),
                                    buffer_mib)
-                forms.append((packed, lambda w: kernels.linear_tiled(x, w)))
-        return forms
+                yield packed, lambda w: kernels.linear_tiled(x, w)
+        return
     x = torch.randn(1, k, dtype=torch.bfloat16)
     if fmt == "int8":
         scales = torch.rand(n, dtype=torch.bfloat16)
         if kernels.int8_tiles_preferred() and kernels.can_tile_int8((n, k)):  # what formats.py runs here
             packed = _distinct(lambda: kernels.pack_tiles_int8(torch.randint(-128, 128, (n, k), dtype=torch.int8)),
                                buffer_mib)
-            return [(packed, lambda w: kernels.linear_tiled_int8(x, w, scales))]
+            yield packed, lambda w: kernels.linear_tiled_int8(x, w, scales)
+            return
         weights = _distinct(lambda: torch.randint(-128, 128, (n, k), dtype=torch.int8), buffer_mib)
         if native:
-            return [(weights, lambda w: kernels.linear_rows(x, w, scales))]
-        return [(weights, lambda w: torch._weight_int8pack_mm(x, w, scales))]
+            yield weights, lambda w: kernels.linear_rows(x, w, scales)
+        else:
+            yield weights, lambda w: torch._weight_int8pack_mm(x, w, scales)
+        return
     group = 128
     sz = torch.rand(k // group, n, 2, dtype=torch.bfloat16)
     packed = _distinct(lambda: torch._convert_weight_to_int4pack_for_cpu(
         torch.randint(0, 16, (n, k), dtype=torch.int32), 2), buffer_mib)
-    return [(packed, lambda w: torch._weight_int4pack_mm_for_cpu(x, w, group, sz))]
+    yield packed, lambda w: torch._weight_int4pack_mm_for_cpu(x, w, group, sz)
 
 
 def _distinct(make: Callable[[], torch.Tensor], buffer_mib: int) -> list[torch.Tensor]:
