@@ -16,9 +16,9 @@ from qwenstack.kernels.layouts import (
     unpack_tiles, unpack_tiles_int8,
 )
 from qwenstack.kernels.ops import (
-    LINEAR_WEIGHT_DTYPES, has_amx, int8_tiles_preferred, linear_rows, linear_rows_available, linear_tiled,
-    linear_tiled_int8, paged_decode_attention, paged_decode_available, paged_prefix_attention, qk_norm_rope,
-    rms_norm, stream_sum, use_paged_decode,
+    LINEAR_WEIGHT_DTYPES, add_rms_norm, has_amx, int8_tiles_preferred, linear_rows, linear_rows_available,
+    linear_tiled, linear_tiled_int8, paged_decode_attention, paged_decode_available, paged_prefix_attention,
+    qk_norm_rope, rms_norm, silu_mul, stream_sum, use_paged_decode, write_kv,
 )
 
 __all__ = [
@@ -27,5 +27,6 @@ __all__ = [
     "pack_tiles_int8", "tiled_rows", "unpack_tiles", "unpack_tiles_int8",
     "LINEAR_WEIGHT_DTYPES", "has_amx", "int8_tiles_preferred", "linear_rows", "linear_rows_available",
     "linear_tiled", "linear_tiled_int8", "paged_decode_attention", "paged_decode_available",
-    "paged_prefix_attention", "qk_norm_rope", "rms_norm", "stream_sum", "use_paged_decode",
+    "paged_prefix_attention", "qk_norm_rope", "rms_norm", "stream_sum", "use_paged_decode", "add_rms_norm",
+    "silu_mul", "write_kv",
 ]

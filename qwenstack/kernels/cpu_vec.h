@@ -12,6 +12,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #if defined(__F16C__) || defined(__AVX512F__)
 #include <immintrin.h>
@@ -80,6 +81,68 @@ inline vf load_vec(const Fp16* p) {
   for (int64_t i = 0; i < W; ++i) v[i] = c10::detail::fp16_ieee_to_fp32_value(p[i].bits);
 #endif
   return v;
+}
+
+// v rounded to T's precision (round to nearest even, NaN stays NaN), still as float32: what storing to T and
+// loading back gives, on W lanes.
+template <typename T>
+inline vf round_to(vf v) {
+  if constexpr (std::is_same_v<T, float>) {
+    return v;
+  } else if constexpr (std::is_same_v<T, Bf16>) {
+    vu u;
+    std::memcpy(&u, &v, sizeof u);
+    const vu nan = (vu)((u & 0x7FFFFFFFu) > 0x7F800000u);
+    const vu rounded = ((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16) << 16;
+    const vu quiet = ((u >> 16) | 0x40u) << 16;
+    const vu bits = (nan & quiet) | (~nan & rounded);
+    vf out;
+    std::memcpy(&out, &bits, sizeof out);
+    return out;
+  } else {
+    for (int64_t i = 0; i < W; ++i) {
+      T t;
+      store(v[i], &t);
+      v[i] = to_float(t);
+    }
+    return v;
+  }
+}
+
+// W lanes stored as T at p (each already representable in T, e.g. from round_to<T>: no further rounding).
+template <typename T>
+inline void store_exact(vf v, T* p) {
+  if constexpr (std::is_same_v<T, float>) {
+    std::memcpy(p, &v, sizeof v);
+  } else if constexpr (std::is_same_v<T, Bf16>) {
+    vu u;
+    std::memcpy(&u, &v, sizeof u);
+    const vh h = __builtin_convertvector(u >> 16, vh);
+    std::memcpy(p, &h, sizeof h);
+  } else {
+    for (int64_t i = 0; i < W; ++i) store(v[i], p + i);
+  }
+}
+
+// exp(x) on W lanes, ~2 ulp: Cephes' expf polynomial. Below -87 it answers exp(-87) (float32's smallest
+// normal magnitude; callers add it to 1 or weigh values by it), above ~88.72 infinity as expf does. 2^n is
+// applied in two halves so that n = 128 (x up to 88.72, just under FLT_MAX) stays finite.
+inline vf exp_vec(vf x) {
+  x = x < -87.0f ? vf{} - 87.0f : x;
+  x = x > 89.0f ? vf{} + 89.0f : x;
+  const vf t = x * 1.44269504088896341f;
+  const vi n = __builtin_convertvector(t + (t < 0.0f ? vf{} - 0.5f : vf{} + 0.5f), vi);  // to nearest
+  const vf nf = __builtin_convertvector(n, vf);
+  const vf r = (x - nf * 0.693359375f) + nf * 2.12194440e-4f;
+  vf p = vf{} + 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = (p * r) * r + r + 1.0f;
+  const vi half = n / 2;
+  return p * (vf)((half + 127) << 23) * (vf)((n - half + 127) << 23);
 }
 
 // count elements of type T at src as float32 at dst.

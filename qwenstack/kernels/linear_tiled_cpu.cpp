@@ -27,6 +27,7 @@
 #include "cpu_vec.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <memory>
@@ -55,6 +56,8 @@ constexpr int64_t VEC_ROWS = 2;  // activation rows per pass of the vector loops
 // keep VEC_ACCUMULATORS vector sums in registers.
 constexpr int64_t VEC_ACCUMULATORS = 16;
 constexpr int64_t PREFETCH_BLOCKS = 2;  // how far ahead the vector loop prefetches its weight stream
+// The vector loops hand out each product's block columns in about this many pieces per thread.
+constexpr int64_t PIECES_PER_THREAD = 8;
 // AMX from this many rows on; rows in chunks of at most AMX_CHUNK_ROWS and AMX_CHUNK_BYTES of activations.
 constexpr int64_t AMX_MIN_ROWS = 3;
 constexpr int64_t AMX_CHUNK_ROWS = 128, AMX_CHUNK_BYTES = 512 * 1024;
@@ -151,22 +154,38 @@ inline void vec_block(const Rows& a, int64_t m0, const uint16_t* const* packed_c
 }
 #endif
 
-// Block columns [0, cols) over torch's threads, each thread's share read as S contiguous runs side by side:
-// columns(std::integral_constant<int64_t, S>{}, nb) takes the S columns nb[0..S); the columns left over when
-// the share does not divide by S go one by one (as S = 1).
+// Block columns [0, cols) over torch's threads in pieces of S contiguous runs of `run` columns, read side
+// by side: columns(std::integral_constant<int64_t, S>{}, nb) takes the S columns nb[0..S). Threads take
+// pieces from a shared counter rather than one fixed share each: on a shared machine one core is often
+// slower for a while (another tenant, an interrupt), and with fixed shares every product waited for it; the
+// columns left over when cols does not divide into pieces go one by one (as S = 1), as the last pieces.
+// Each output column is summed by one thread in one order, so results do not depend on who took what.
 template <int64_t S, typename Columns>
 void parallel_column_streams(int64_t cols, const Columns& columns) {
-  // Enough block columns per task that a thread streams long contiguous runs of the weights.
-  const int64_t grain = std::max<int64_t>(1, std::min<int64_t>(16, cols / 8));
-  torch::stable::parallel_for(0, cols, grain, [&](int64_t begin, int64_t end) {
-    const int64_t run = (end - begin) / S;
-    for (int64_t i = 0; i < run; ++i) {
-      int64_t nb[S];
-      for (int64_t s = 0; s < S; ++s) nb[s] = begin + s * run + i;
-      columns(std::integral_constant<int64_t, S>{}, nb);
+  const int64_t threads = std::max<int64_t>(1, torch::stable::get_num_threads());
+  const int64_t run = std::max<int64_t>(1, cols / (S * threads * PIECES_PER_THREAD));
+  const int64_t pieces = cols / (S * run), tail_begin = pieces * S * run, count = pieces + (cols - tail_begin);
+  std::atomic<int64_t> next{0};
+  const auto work = [&](int64_t, int64_t) {
+    for (int64_t piece = next.fetch_add(1); piece < count; piece = next.fetch_add(1)) {
+      if (piece >= pieces) {
+        const int64_t nb = tail_begin + (piece - pieces);
+        columns(std::integral_constant<int64_t, 1>{}, &nb);
+        continue;
+      }
+      const int64_t begin = piece * S * run;
+      for (int64_t i = 0; i < run; ++i) {
+        int64_t nb[S];
+        for (int64_t s = 0; s < S; ++s) nb[s] = begin + s * run + i;
+        columns(std::integral_constant<int64_t, S>{}, nb);
+      }
     }
-    for (int64_t nb = begin + S * run; nb < end; ++nb) columns(std::integral_constant<int64_t, 1>{}, &nb);
-  });
+  };
+  if (threads == 1 || count == 1) {
+    work(0, 1);
+  } else {
+    torch::stable::parallel_for(0, std::min(threads, count), 1, work);
+  }
 }
 
 // Block columns nb[0..S) for every row, VEC_ROWS rows a pass.

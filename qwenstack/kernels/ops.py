@@ -166,3 +166,56 @@ def qk_norm_rope(
         return None
     out = op(q, k, q_weight, k_weight, cos, sin, float(eps), zero_centered)
     return out[:, :q.shape[1]], out[:, q.shape[1]:]
+
+
+def _norm_applies(tensors: tuple[torch.Tensor, ...]) -> bool:
+    """The rules of the 16-bit elementwise kernels (rms_norm above): CPU, bfloat16/float16, one dtype, no
+    autograd."""
+    first = tensors[0]
+    if first.device.type != "cpu" or first.dtype not in _NORM_DTYPES or any(t.dtype != first.dtype for t in tensors):
+        return False
+    return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+
+
+def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float,
+                 zero_centered: bool) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(x + delta, RMSNorm(x + delta)) in one native call, the sum rounded to x's dtype as torch's add rounds
+    it; None where it does not apply (the rules of rms_norm): use the torch path."""
+    if x.shape != delta.shape or x.dim() < 1 or not _norm_applies((x, delta, weight)):
+        return None
+    op = native_op("add_rms_norm")
+    if op is None:
+        return None
+    shape = x.shape
+    total, normed = op(x.reshape(-1, shape[-1]), delta.reshape(-1, shape[-1]), weight, float(eps), zero_centered)
+    return total.view(shape), normed.view(shape)
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor | None:
+    """silu(gate) * up for gate_up = [gate | up] along the last dimension, in one native call (within one
+    unit of the 16-bit dtype of torch's ops); None where it does not apply (the rules of rms_norm)."""
+    if gate_up.dim() < 1 or gate_up.shape[-1] % 2 or gate_up.stride(-1) != 1 or not _norm_applies((gate_up,)):
+        return None
+    op = native_op("silu_mul")
+    if op is None:
+        return None
+    shape = gate_up.shape
+    return op(gate_up.reshape(-1, shape[-1])).view(*shape[:-1], shape[-1] // 2)
+
+
+def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> bool:
+    """Stores k and v [T, kv_heads, head_dim] at their slots of the paged pool in one native call, as
+    models/attention.py's write_kv; False (nothing written) where it does not apply: CPU tensors of the
+    pool's dtype, head_dim contiguous, no autograd."""
+    tensors = (kv_cache, k, v)
+    if any(t.device.type != "cpu" or t.dtype != kv_cache.dtype or t.stride(-1) != 1 for t in tensors):
+        return False
+    if kv_cache.dtype not in _DTYPES or slot_mapping.dtype not in (torch.int32, torch.long):
+        return False
+    if torch.is_grad_enabled() and (k.requires_grad or v.requires_grad):
+        return False
+    op = native_op("write_kv")
+    if op is None:
+        return False
+    op(kv_cache, k, v, slot_mapping)
+    return True

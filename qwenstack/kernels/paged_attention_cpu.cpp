@@ -121,23 +121,6 @@ inline float hsum(vf v) {
   return (s[0] + s[1]) + (s[2] + s[3]);
 }
 
-// exp(x) for x <= 0 (scores minus their running max), ~2 ulp: Cephes' expf polynomial on W lanes.
-inline vf exp_nonpositive(vf x) {
-  x = x < -87.0f ? vf{} - 87.0f : x;  // below that exp underflows; -87 keeps 2^n a normal float
-  const vf t = x * 1.44269504088896341f;
-  const vi n = __builtin_convertvector(t - 0.5f, vi);  // round to nearest (t <= 0)
-  const vf nf = __builtin_convertvector(n, vf);
-  const vf r = (x - nf * 0.693359375f) + nf * 2.12194440e-4f;
-  vf p = vf{} + 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = (p * r) * r + r + 1.0f;
-  return p * (vf)((n + 127) << 23);
-}
-
 // Lane i of the result = the sum of the lanes of p[i], for W vectors p (overwritten): log2(W) rounds,
 // each adding the two halves of every block of lanes of two vectors side by side (two shuffles and an
 // add per pair), in place of W horizontal sums.
@@ -308,7 +291,7 @@ void attend_chunk(const vf* q, const T* k, const T* v, const int64_t* table, int
         s.alpha[r] = new_m == s.m[row] ? 1.f : std::exp(s.m[row] - new_m);  // 0 on the first block (m = -inf)
         vf vsum{};
         for (int64_t j = 0; j < padded; j += W) {
-          vf e = exp_nonpositive(load_vec(pr + j) - new_m);
+          vf e = exp_vec(load_vec(pr + j) - new_m);
           if (n - j < W) e = lane < int32_t(n - j) ? e : vf{};
           std::memcpy(pr + j, &e, sizeof e);
           vsum += e;
@@ -415,7 +398,7 @@ void attend_many(const float* q, int64_t n_q, const T* k, const T* v, const int6
           const int64_t r = row_of(j, h);
           const float new_m = std::max(s.m[r], *std::max_element(scf, scf + valid));
           const float alpha = std::exp(s.m[r] - new_m);  // 0 on the first block, where m = -inf
-          for (int64_t p = 0; p < PV; ++p) sc[p] = exp_nonpositive(sc[p] - new_m);
+          for (int64_t p = 0; p < PV; ++p) sc[p] = exp_vec(sc[p] - new_m);
           std::fill(scf + valid, scf + P, 0.f);
           float sum = 0.f;
           for (int64_t t = 0; t < valid; ++t) sum += scf[t];
@@ -692,6 +675,41 @@ Tensor paged_prefix_attention(Tensor q, Tensor kv_cache, Tensor tables, Tensor l
   return paged_attention_impl(q, kv_cache, tables, lens, &query_lens, scale);
 }
 
+// New keys and values [T, kv_heads, head_dim] stored at their slots (block * block_size + offset) of the
+// pool, as models/attention.py's write_kv does with two index_copy_ calls; k, v and the pool share a dtype.
+void write_kv(Tensor kv_cache, Tensor k, Tensor v, Tensor slots_in) {
+  STD_TORCH_CHECK(kv_cache.is_cpu() && k.is_cpu() && v.is_cpu() && slots_in.is_cpu(), "write_kv: CPU tensors only");
+  STD_TORCH_CHECK(kv_cache.dim() == 5 && kv_cache.size(0) == 2,
+                  "write_kv: kv_cache must be [2, num_blocks, block_size, kv_heads, head_dim]");
+  const int64_t T = k.size(0), Hkv = kv_cache.size(3), D = kv_cache.size(4), block_size = kv_cache.size(2);
+  STD_TORCH_CHECK(k.dim() == 3 && v.dim() == 3 && k.size(1) == Hkv && k.size(2) == D && v.size(0) == T &&
+                      v.size(1) == Hkv && v.size(2) == D,
+                  "write_kv: k and v must be [T, kv_heads, head_dim] of the pool");
+  STD_TORCH_CHECK(k.scalar_type() == kv_cache.scalar_type() && v.scalar_type() == kv_cache.scalar_type(),
+                  "write_kv: k, v and kv_cache must share a dtype");
+  STD_TORCH_CHECK(kv_cache.stride(4) == 1 && k.stride(2) == 1 && v.stride(2) == 1,
+                  "write_kv: head_dim must be contiguous");
+  STD_TORCH_CHECK(slots_in.dim() == 1 && slots_in.numel() == T, "write_kv: slots must be [T]");
+  const std::vector<int64_t> slots = read_longs(slots_in);
+  const int64_t pool_slots = kv_cache.size(1) * block_size;
+  const int64_t bytes = D * (kv_cache.scalar_type() == ScalarType::Float ? 4 : 2);
+  const int64_t elem = bytes / D;
+  char* pool = static_cast<char*>(kv_cache.mutable_data_ptr());
+  const Tensor* src[2] = {&k, &v};
+  for (int64_t t = 0; t < T; ++t) {
+    STD_TORCH_CHECK(slots[t] >= 0 && slots[t] < pool_slots, "write_kv: slot ", slots[t], " is not in the pool");
+    const int64_t block = slots[t] / block_size, offset = slots[t] % block_size;
+    for (int64_t kv = 0; kv < 2; ++kv) {
+      const Tensor& x = *src[kv];
+      const char* from = static_cast<const char*>(x.const_data_ptr()) + t * x.stride(0) * elem;
+      char* to = pool + (kv * kv_cache.stride(0) + block * kv_cache.stride(1) + offset * kv_cache.stride(2)) * elem;
+      for (int64_t h = 0; h < Hkv; ++h) {
+        std::memcpy(to + h * kv_cache.stride(3) * elem, from + h * x.stride(1) * elem, bytes);
+      }
+    }
+  }
+}
+
 }  // namespace
 
 STABLE_TORCH_LIBRARY_FRAGMENT(qwenstack, m) {
@@ -699,9 +717,11 @@ STABLE_TORCH_LIBRARY_FRAGMENT(qwenstack, m) {
         " -> Tensor");
   m.def("paged_prefix_attention(Tensor q, Tensor kv_cache, Tensor block_tables, Tensor context_lens, "
         "Tensor query_lens, float scale) -> Tensor");
+  m.def("write_kv(Tensor(a!) kv_cache, Tensor k, Tensor v, Tensor slots) -> ()");
 }
 
 STABLE_TORCH_LIBRARY_IMPL(qwenstack, CPU, m) {
   m.impl("paged_decode_attention", TORCH_BOX(&paged_decode_attention));
   m.impl("paged_prefix_attention", TORCH_BOX(&paged_prefix_attention));
+  m.impl("write_kv", TORCH_BOX(&write_kv));
 }

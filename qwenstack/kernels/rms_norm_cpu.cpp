@@ -18,6 +18,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <tuple>
 #include <vector>
 
 namespace {
@@ -115,6 +116,54 @@ Tensor rms_norm(Tensor x, Tensor weight_in, double eps, bool zero_centered) {
   return out;
 }
 
+// A decoder layer's residual add and the norm after it in one pass over each row:
+//   sum = T(x + delta)   (the reference's `x + delta` in x's dtype)
+//   out = rms_norm(sum)  (as above)
+// Layout: x and delta [R, D] with D contiguous and any row strides; returns new contiguous [R, D] sum and out.
+template <typename T>
+void run_add(const Tensor& x, const Tensor& delta, const float* weight, double eps, bool zero_centered,
+             Tensor& sum, Tensor& out) {
+  const int64_t R = x.size(0), D = x.size(1);
+  const T* xp = static_cast<const T*>(x.const_data_ptr());
+  const T* dp = static_cast<const T*>(delta.const_data_ptr());
+  T* sp = static_cast<T*>(sum.mutable_data_ptr());
+  T* op = static_cast<T*>(out.mutable_data_ptr());
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(D, 1));
+  torch::stable::parallel_for(0, R, grain, [&](int64_t begin, int64_t end) {
+    std::vector<float> h(D), y(D);
+    for (int64_t r = begin; r < end; ++r) {
+      const T* a = xp + r * x.stride(0);
+      const T* b = dp + r * delta.stride(0);
+      T* s = sp + r * D;
+      for (int64_t i = 0; i < D; ++i) store(to_float(a[i]) + to_float(b[i]), s + i);
+      norm_row(s, weight, D, eps, zero_centered, h.data(), y.data());
+      T* dst = op + r * D;
+      for (int64_t i = 0; i < D; ++i) store(y[i], dst + i);
+    }
+  });
+}
+
+std::tuple<Tensor, Tensor> add_rms_norm(Tensor x, Tensor delta, Tensor weight_in, double eps, bool zero_centered) {
+  STD_TORCH_CHECK(x.is_cpu() && delta.is_cpu() && weight_in.is_cpu(), "add_rms_norm: CPU tensors only");
+  STD_TORCH_CHECK(x.dim() == 2 && delta.dim() == 2 && x.size(0) == delta.size(0) && x.size(1) == delta.size(1),
+                  "add_rms_norm: x and delta must be [R, D] of one shape");
+  STD_TORCH_CHECK(x.scalar_type() == delta.scalar_type(), "add_rms_norm: x and delta must share a dtype");
+  const int64_t D = x.size(1);
+  STD_TORCH_CHECK((x.stride(1) == 1 && delta.stride(1) == 1) || D <= 1,
+                  "add_rms_norm: x and delta must be contiguous along their last dimension");
+  const std::vector<float> w = weight_floats(weight_in, D, "add_rms_norm: weight");
+  Tensor sum = torch::stable::empty({x.size(0), D}, x.scalar_type(), std::nullopt, x.device());
+  Tensor out = torch::stable::empty({x.size(0), D}, x.scalar_type(), std::nullopt, x.device());
+  if (x.numel() == 0) return {sum, out};
+  switch (x.scalar_type()) {
+    case ScalarType::Float: run_add<float>(x, delta, w.data(), eps, zero_centered, sum, out); break;
+    case ScalarType::BFloat16: run_add<Bf16>(x, delta, w.data(), eps, zero_centered, sum, out); break;
+    case ScalarType::Half: run_add<Fp16>(x, delta, w.data(), eps, zero_centered, sum, out); break;
+    default: STD_TORCH_CHECK(false, "add_rms_norm: x must be float32, bfloat16 or float16");
+  }
+  return {sum, out};
+}
+
 // QK-norm then rotary embedding of one attention layer, in one call (models/layers.py Attention): each q
 // head is normalised with q_weight and each k head with k_weight (norm_row above), then rotated over its
 // first R channels (rotate-half) with the reference's rounding after every operation,
@@ -183,11 +232,13 @@ Tensor qk_norm_rope(Tensor q, Tensor k, Tensor q_weight, Tensor k_weight, Tensor
 
 STABLE_TORCH_LIBRARY_FRAGMENT(qwenstack, m) {
   m.def("rms_norm(Tensor x, Tensor weight, float eps, bool zero_centered) -> Tensor");
+  m.def("add_rms_norm(Tensor x, Tensor delta, Tensor weight, float eps, bool zero_centered) -> (Tensor, Tensor)");
   m.def("qk_norm_rope(Tensor q, Tensor k, Tensor q_weight, Tensor k_weight, Tensor cos, Tensor sin, float eps, "
         "bool zero_centered) -> Tensor");
 }
 
 STABLE_TORCH_LIBRARY_IMPL(qwenstack, CPU, m) {
   m.impl("rms_norm", TORCH_BOX(&rms_norm));
+  m.impl("add_rms_norm", TORCH_BOX(&add_rms_norm));
   m.impl("qk_norm_rope", TORCH_BOX(&qk_norm_rope));
 }

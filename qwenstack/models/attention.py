@@ -83,6 +83,9 @@ class InPlaceAttention(Protocol):
     """A kernel that attends over the paged cache where it lies (no gather). paged_attention calls it only
     with a KV cache and block tables."""
 
+    def write(self, kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> bool:
+        """Stores the new keys and values as write_kv does; False (nothing written) where it does not apply."""
+
     def decode(self, q: torch.Tensor, kv_cache: torch.Tensor, batch: AttentionBatch,
                scale: float) -> torch.Tensor | None:
         """One new token per sequence: the output [B, q_heads, head_dim], or None where it does not apply."""
@@ -102,7 +105,8 @@ def paged_attention(
     in_place: InPlaceAttention | None = None,
 ) -> torch.Tensor:  # [T, q_heads, head_dim]
     if kv_cache is not None and batch.slot_mapping is not None:
-        write_kv(kv_cache, k, v, batch.slot_mapping)
+        if in_place is None or not in_place.write(kv_cache, k, v, batch.slot_mapping):
+            write_kv(kv_cache, k, v, batch.slot_mapping)
     gqa = q.shape[1] != k.shape[1]
     if batch.is_uniform_fresh_prefill:
         b, s = batch.num_seqs, batch.query_lens[0]

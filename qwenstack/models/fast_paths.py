@@ -3,9 +3,12 @@
 Model files (layers.py, attention.py, qwen3*.py) are the reference math and never ask which kernel they got.
 `prepare_for_cpu` walks the model once, where it runs on CPU, and swaps in:
 - linears and the tied embedding: the fastest CPU form here (models/cpu_linear.py measures and picks);
-- RMSNorm: NativeRMSNorm, the same weight read by one native call (qwenstack/kernels/rms_norm_cpu.cpp);
-- attention layers: NativeAttentionOps, QK-RMSNorm and rotary in one native call, and attention over the
-  paged cache read where it lies (qwenstack/kernels/paged_attention_cpu.cpp) instead of gathered.
+- RMSNorm: NativeRMSNorm, the same weight read by one native call (qwenstack/kernels/rms_norm_cpu.cpp), the
+  residual add before a norm in the same call;
+- SwiGLU: its activation (silu(gate) * up) in one native call (qwenstack/kernels/swiglu_cpu.cpp);
+- attention layers: NativeAttentionOps, QK-RMSNorm and rotary in one native call, new keys and values
+  written to the paged cache in one, and attention over the paged cache read where it lies
+  (qwenstack/kernels/paged_attention_cpu.cpp) instead of gathered.
 Each native path keeps its torch reference as the fallback for a call it cannot take (autograd, float32
 norms, a dtype or block size the kernel does not handle, kernels unavailable or disabled), so a prepared
 model computes what the reference computes (bit-identical for the rotary and attention kernels, within
@@ -22,7 +25,7 @@ from torch import nn
 from qwenstack import kernels
 from qwenstack.models.attention import AttentionBatch, paged_attention
 from qwenstack.models.cpu_linear import prepare_cpu_linears
-from qwenstack.models.layers import AttentionOps, RMSNorm
+from qwenstack.models.layers import AttentionOps, RMSNorm, SwiGLU, silu_and_mul
 
 log = logging.getLogger("qwenstack.models")
 
@@ -39,9 +42,22 @@ class NativeRMSNorm(RMSNorm):
         native = kernels.rms_norm(x, self.weight, self.eps, self.zero_centered)
         return native if native is not None else super().forward(x)
 
+    def add_and_norm(self, x: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        native = kernels.add_rms_norm(x, delta, self.weight, self.eps, self.zero_centered)
+        return native if native is not None else super().add_and_norm(x, delta)
+
+
+def native_silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """SwiGLU's activation in one native call where the kernel applies, the reference elsewhere."""
+    native = kernels.silu_mul(gate_up)
+    return native if native is not None else silu_and_mul(gate_up)
+
 
 class NativePagedAttention:
     """The paged-attention kernels as models/attention.py's InPlaceAttention."""
+
+    def write(self, kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> bool:
+        return kernels.write_kv(kv_cache, k, v, slot_mapping)
 
     def decode(self, q: torch.Tensor, kv_cache: torch.Tensor, batch: AttentionBatch,
                scale: float) -> torch.Tensor | None:
@@ -93,6 +109,7 @@ class Prepared:
 
     linears: int = 0
     norms: int = 0
+    activations: int = 0
     attention_layers: int = 0
 
 
@@ -113,6 +130,9 @@ def prepare_for_cpu(model: nn.Module, linears: bool = True) -> Prepared:
                 native.weight = child.weight  # the same Parameter: names and storage unchanged
                 setattr(module, name, native)
                 done.norms += 1
+        if isinstance(module, SwiGLU):
+            module.activation = native_silu_and_mul
+            done.activations += 1
         if isinstance(getattr(module, "ops", None), AttentionOps):
             module.ops = NATIVE_ATTENTION_OPS
             done.attention_layers += 1

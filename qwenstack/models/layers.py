@@ -41,6 +41,12 @@ class RMSNorm(nn.Module):
             return (h * (1.0 + self.weight.float())).to(dtype)
         return self.weight * h.to(dtype)
 
+    def add_and_norm(self, x: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x + delta, this norm of it): a residual add and the norm that follows it (the preparation's
+        native norm does both in one pass)."""
+        total = x + delta
+        return total, self(total)
+
 
 def rope_inverse_frequencies(rope: RopeConfig, head_dim: int) -> tuple[torch.Tensor, float]:
     """Inverse frequencies [rotary_dim / 2] and the cos/sin scale, as transformers computes them."""
@@ -141,8 +147,16 @@ def fused_rows(prefix: str, fused: str, parts: list[tuple[str, int]], suffix: st
     return {f"{prefix}{fused}.{suffix}": [sources]}
 
 
+def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up for gate_up = [gate | up] along the last dimension."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
 class SwiGLU(nn.Module):
     """down(silu(gate(x)) * up(x)), with gate and up fused into one matrix product."""
+
+    activation = staticmethod(silu_and_mul)  # the preparation (models/fast_paths.py) sets a native one
 
     def __init__(self, hidden_size: int, intermediate_size: int) -> None:
         super().__init__()
@@ -151,8 +165,7 @@ class SwiGLU(nn.Module):
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(self.activation(self.gate_up_proj(x)))
 
     def checkpoint_sources(self, prefix: str) -> dict[str, list[list["Source"]]]:
         i = self.intermediate_size

@@ -66,8 +66,9 @@ class DecoderLayer(nn.Module):
     def forward(
         self, x: torch.Tensor, positions: torch.Tensor, batch: AttentionBatch, kv_cache: torch.Tensor | None
     ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), positions, batch, kv_cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        x, h = self.post_attention_layernorm.add_and_norm(
+            x, self.self_attn(self.input_layernorm(x), positions, batch, kv_cache))
+        return x + self.mlp(h)
 
 
 class Qwen3Model(nn.Module):

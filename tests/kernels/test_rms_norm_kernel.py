@@ -137,3 +137,46 @@ def test_qk_norm_rope_leaves_float32_and_autograd_to_torch() -> None:
     q16, k16, w16 = q.to(torch.bfloat16), k.to(torch.bfloat16), w.to(torch.bfloat16).requires_grad_()
     c16, s16 = cos.to(torch.bfloat16), sin.to(torch.bfloat16)
     assert kernels.qk_norm_rope(q16, k16, w16, w16, c16, s16, 1e-6, False) is None
+
+
+# --- residual add and norm in one call (add_rms_norm) ------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("zero_centered", [False, True])
+@pytest.mark.parametrize("shape", [(1, 1024), (5, 64), (2, 3, 36)])
+def test_add_and_norm_matches_the_add_then_the_norm(dtype: torch.dtype, zero_centered: bool,
+                                                    shape: tuple[int, ...]) -> None:
+    torch.manual_seed(shape[-1] + len(shape))
+    norm = make_norm(shape[-1], dtype, zero_centered)
+    x, delta = (torch.randn(shape) * 2).to(dtype), torch.randn(shape).to(dtype)
+    with torch.inference_mode():
+        got = kernels.add_rms_norm(x, delta, norm.weight, norm.eps, zero_centered)
+        total, normed = norm.add_and_norm(x, delta)  # the reference: torch's add, then the norm
+    assert got is not None
+    assert torch.equal(got[0], total)  # one rounding of the same float32 sum
+    assert got[1].shape == normed.shape and (got[1] != normed).float().mean().item() <= 0.01
+    torch.testing.assert_close(got[1].float(), normed.float(), rtol=1e-2, atol=1e-2)
+
+
+def test_prepared_norm_adds_and_normalises_strided_rows() -> None:
+    """The residual stream may be a strided view (a row slice of a larger buffer)."""
+    norm = make_norm(64, torch.bfloat16, False)
+    native = NativeRMSNorm(64, norm.eps)
+    native.weight = norm.weight
+    buffer = torch.randn(4, 128).to(torch.bfloat16)
+    x, delta = buffer[:, :64], buffer[:, 64:]
+    assert not x.is_contiguous()
+    with torch.inference_mode():
+        got = native.add_and_norm(x, delta)
+        want = norm.add_and_norm(x, delta)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def test_add_and_norm_leaves_float32_mismatches_and_autograd_to_torch() -> None:
+    norm = make_norm(32, torch.bfloat16, False)
+    x16 = torch.randn(3, 32).to(torch.bfloat16)
+    assert kernels.add_rms_norm(x16.float(), x16.float(), norm.weight.float(), 1e-6, False) is None  # float32
+    assert kernels.add_rms_norm(x16, x16[:2], norm.weight, 1e-6, False) is None  # shapes differ
+    assert kernels.add_rms_norm(x16, x16.half(), norm.weight, 1e-6, False) is None  # dtypes differ
+    x = torch.randn(3, 32, requires_grad=True)
+    assert kernels.add_rms_norm(x, x, norm.weight.float(), 1e-6, False) is None

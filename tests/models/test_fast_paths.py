@@ -13,11 +13,11 @@ from kernel_utils import require_native_kernels
 from qwenstack import kernels
 from qwenstack.engine.reference import greedy_generate
 from qwenstack.models.fast_paths import NATIVE_ATTENTION_OPS, NativeRMSNorm, prepare_for_cpu
-from qwenstack.models.layers import Attention, RMSNorm
+from qwenstack.models.layers import Attention, RMSNorm, SwiGLU
 from qwenstack.models.registry import load_model
 
-ENTRY_POINTS = ("rms_norm", "qk_norm_rope", "use_paged_decode", "paged_decode_attention", "paged_prefix_attention",
-                "linear_tiled", "linear_rows")
+ENTRY_POINTS = ("rms_norm", "add_rms_norm", "silu_mul", "write_kv", "qk_norm_rope", "use_paged_decode",
+                "paged_decode_attention", "paged_prefix_attention", "linear_tiled", "linear_rows")
 PROMPTS = [[5, 9, 13], list(range(3, 40)), [7] * 17]
 
 
@@ -50,8 +50,10 @@ def test_preparation_swaps_every_norm_and_attention_layer_once(tiny_qwen3: Path,
     names = set(model.state_dict())
     norms = sum(type(m) is RMSNorm for m in model.modules())
     layers = sum(isinstance(m, Attention) for m in model.modules())
+    mlps = sum(isinstance(m, SwiGLU) for m in model.modules())
     done = prepare_for_cpu(model, linears=False)
-    assert (done.norms, done.attention_layers) == (norms, layers) and norms > layers > 0
+    assert (done.norms, done.attention_layers, done.activations) == (norms, layers, mlps) and norms > layers > 0
+    assert mlps == layers
     assert not any(type(m) is RMSNorm for m in model.modules())
     assert all(m.ops is NATIVE_ATTENTION_OPS for m in model.modules() if isinstance(m, Attention))
     assert set(model.state_dict()) == names  # the same parameters under the same names
@@ -59,8 +61,7 @@ def test_preparation_swaps_every_norm_and_attention_layer_once(tiny_qwen3: Path,
     assert (again.norms, again.attention_layers) == (0, layers)
     calls = watch(monkeypatch)
     greedy_generate(model, PROMPTS, 8, block_size=4)
-    assert calls["rms_norm"] and calls["qk_norm_rope"] and calls["paged_decode_attention"] \
-        and calls["paged_prefix_attention"], calls
+    assert all(calls[name] for name in ENTRY_POINTS if not name.startswith("linear_")), calls
     # The same greedy tokens as the model as built: tests/kernels/test_kernels.py, in float32 (in bfloat16 this
     # tiny model's top two logits tie, and any other summation order picks the other one).
 
