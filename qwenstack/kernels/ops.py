@@ -127,18 +127,32 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, zero_centered: b
     the kernel does not apply (not CPU, autograd, mixed dtypes, float32, kernels unavailable): use the torch
     path. float32 stays on torch: its sum of squares in another order moves float32 logits by ~1e-7 per
     layer, which the parity tests against transformers would see; in 16-bit dtypes the rounding hides it."""
-    if x.device.type != "cpu" or x.dtype != weight.dtype or x.dtype not in _NORM_DTYPES or x.dim() < 1:
-        return None
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+    if x.dim() < 1 or not _elementwise_applies(x, weight):
         return None
     op = native_op("rms_norm")
     if op is None:
         return None
-    shape = x.shape
-    if x.dim() == 3:
+    if x.dim() in (2, 3):
         return op(x, weight, float(eps), zero_centered)
-    rows = x.reshape(1, -1, shape[-1])
-    return op(rows, weight, float(eps), zero_centered).view(shape)
+    return op(x.reshape(-1, x.shape[-1]), weight, float(eps), zero_centered).view(x.shape)
+
+
+def _elementwise_applies(*tensors: torch.Tensor) -> bool:
+    """The rules of the 16-bit elementwise kernels (the norms, rotary, SwiGLU's activation): CPU tensors of
+    one dtype, bfloat16 or float16, and no autograd. Plain loops: a decode step asks about five times per
+    layer, and generator expressions made these checks cost as much as the kernels' own calls."""
+    first = tensors[0]
+    dtype = first.dtype
+    if first.device.type != "cpu" or dtype not in _NORM_DTYPES:
+        return False
+    for t in tensors:
+        if t.dtype != dtype:
+            return False
+    if torch.is_grad_enabled():
+        for t in tensors:
+            if t.requires_grad:
+                return False
+    return True
 
 
 def qk_norm_rope(
@@ -154,38 +168,27 @@ def qk_norm_rope(
     """An attention layer's QK-RMSNorm then rotate-half rotary embedding in one native call, rounded as the
     torch path rounds (bit-identical in bfloat16/float16); None where it does not apply (the rules of
     rms_norm above): use the torch path."""
-    tensors = (q, k, q_weight, k_weight, cos, sin)
-    if q.device.type != "cpu" or q.dtype not in _NORM_DTYPES or any(t.dtype != q.dtype for t in tensors):
-        return None
     if q.dim() != 3 or k.dim() != 3 or q.stride(-1) != 1 or k.stride(-1) != 1:
         return None
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+    if not _elementwise_applies(q, k, q_weight, k_weight, cos, sin):
         return None
     op = native_op("qk_norm_rope")
     if op is None:
         return None
-    out = op(q, k, q_weight, k_weight, cos, sin, float(eps), zero_centered)
-    return out[:, :q.shape[1]], out[:, q.shape[1]:]
-
-
-def _norm_applies(tensors: tuple[torch.Tensor, ...]) -> bool:
-    """The rules of the 16-bit elementwise kernels (rms_norm above): CPU, bfloat16/float16, one dtype, no
-    autograd."""
-    first = tensors[0]
-    if first.device.type != "cpu" or first.dtype not in _NORM_DTYPES or any(t.dtype != first.dtype for t in tensors):
-        return False
-    return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+    return op(q, k, q_weight, k_weight, cos, sin, float(eps), zero_centered)
 
 
 def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float,
                  zero_centered: bool) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(x + delta, RMSNorm(x + delta)) in one native call, the sum rounded to x's dtype as torch's add rounds
     it; None where it does not apply (the rules of rms_norm): use the torch path."""
-    if x.shape != delta.shape or x.dim() < 1 or not _norm_applies((x, delta, weight)):
+    if x.shape != delta.shape or x.dim() < 1 or not _elementwise_applies(x, delta, weight):
         return None
     op = native_op("add_rms_norm")
     if op is None:
         return None
+    if x.dim() == 2:
+        return op(x, delta, weight, float(eps), zero_centered)
     shape = x.shape
     total, normed = op(x.reshape(-1, shape[-1]), delta.reshape(-1, shape[-1]), weight, float(eps), zero_centered)
     return total.view(shape), normed.view(shape)
@@ -194,11 +197,13 @@ def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor | None:
     """silu(gate) * up for gate_up = [gate | up] along the last dimension, in one native call (within one
     unit of the 16-bit dtype of torch's ops); None where it does not apply (the rules of rms_norm)."""
-    if gate_up.dim() < 1 or gate_up.shape[-1] % 2 or gate_up.stride(-1) != 1 or not _norm_applies((gate_up,)):
+    if gate_up.dim() < 1 or gate_up.shape[-1] % 2 or gate_up.stride(-1) != 1 or not _elementwise_applies(gate_up):
         return None
     op = native_op("silu_mul")
     if op is None:
         return None
+    if gate_up.dim() == 2:
+        return op(gate_up)
     shape = gate_up.shape
     return op(gate_up.reshape(-1, shape[-1])).view(*shape[:-1], shape[-1] // 2)
 
@@ -207,10 +212,12 @@ def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapp
     """Stores k and v [T, kv_heads, head_dim] at their slots of the paged pool in one native call, as
     models/attention.py's write_kv; False (nothing written) where it does not apply: CPU tensors of the
     pool's dtype, head_dim contiguous, no autograd."""
-    tensors = (kv_cache, k, v)
-    if any(t.device.type != "cpu" or t.dtype != kv_cache.dtype or t.stride(-1) != 1 for t in tensors):
+    dtype = kv_cache.dtype
+    if kv_cache.device.type != "cpu" or dtype not in _DTYPES or k.dtype != dtype or v.dtype != dtype:
         return False
-    if kv_cache.dtype not in _DTYPES or slot_mapping.dtype not in (torch.int32, torch.long):
+    if k.device.type != "cpu" or v.device.type != "cpu" or slot_mapping.dtype not in (torch.int32, torch.long):
+        return False
+    if kv_cache.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
         return False
     if torch.is_grad_enabled() and (k.requires_grad or v.requires_grad):
         return False

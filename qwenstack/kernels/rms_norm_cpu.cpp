@@ -5,8 +5,8 @@
 // Only the order of the float32 sum of squares differs from torch's. A decode step runs four norms per layer
 // on single rows, where the eight small torch ops of the reference cost more than the arithmetic.
 //
-// Layout: x [A, B, D] with D contiguous and any strides on A and B (q and k heads are strided views of the
-// fused qkv output), weight [D]; out is a new contiguous [A, B, D] in x's dtype.
+// Layout: x [A, B, D] or [B, D] with D contiguous and any other strides (q and k heads are strided views of
+// the fused qkv output), weight [D]; out is a new contiguous tensor of x's shape and dtype.
 #include <torch/csrc/stable/library.h>
 #include <torch/csrc/stable/ops.h>
 #include <torch/csrc/stable/tensor.h>
@@ -64,8 +64,9 @@ inline void norm_row(const T* row, const float* weight, int64_t D, double eps, b
 
 template <typename T>
 void run(const Tensor& x, const float* weight, double eps, bool zero_centered, Tensor& out) {
-  const int64_t A = x.size(0), B = x.size(1), D = x.size(2);
-  const int64_t sa = x.stride(0), sb = x.stride(1);
+  const bool flat = x.dim() == 2;  // [B, D]: one A
+  const int64_t A = flat ? 1 : x.size(0), B = x.size(flat ? 0 : 1), D = x.size(flat ? 1 : 2);
+  const int64_t sa = flat ? 0 : x.stride(0), sb = x.stride(flat ? 0 : 1);
   const T* xp = static_cast<const T*>(x.const_data_ptr());
   T* op = static_cast<T*>(out.mutable_data_ptr());
   const int64_t rows = A * B;
@@ -101,11 +102,12 @@ std::vector<float> weight_floats(const Tensor& weight_in, int64_t D, const char*
 
 Tensor rms_norm(Tensor x, Tensor weight_in, double eps, bool zero_centered) {
   STD_TORCH_CHECK(x.is_cpu() && weight_in.is_cpu(), "rms_norm: CPU tensors only");
-  STD_TORCH_CHECK(x.dim() == 3, "rms_norm: x must be [A, B, D]");
-  const int64_t D = x.size(2);
-  STD_TORCH_CHECK(x.stride(2) == 1 || D <= 1, "rms_norm: x must be contiguous along its last dimension");
+  STD_TORCH_CHECK(x.dim() == 3 || x.dim() == 2, "rms_norm: x must be [A, B, D] or [B, D]");
+  const int64_t D = x.size(x.dim() - 1);
+  STD_TORCH_CHECK(x.stride(x.dim() - 1) == 1 || D <= 1, "rms_norm: x must be contiguous along its last dimension");
   const std::vector<float> w = weight_floats(weight_in, D, "rms_norm: weight");
-  Tensor out = torch::stable::empty({x.size(0), x.size(1), D}, x.scalar_type(), std::nullopt, x.device());
+  Tensor out = x.dim() == 3 ? torch::stable::empty({x.size(0), x.size(1), D}, x.scalar_type(), std::nullopt, x.device())
+                            : torch::stable::empty({x.size(0), D}, x.scalar_type(), std::nullopt, x.device());
   if (x.numel() == 0) return out;
   switch (x.scalar_type()) {
     case ScalarType::Float: run<float>(x, w.data(), eps, zero_centered, out); break;
@@ -171,16 +173,17 @@ std::tuple<Tensor, Tensor> add_rms_norm(Tensor x, Tensor delta, Tensor weight_in
 // and channels from R on pass through. A decode step otherwise spends about fourteen small torch ops per
 // layer here (two norms, two rotations of six ops each).
 // Layout: q [S, H, D] and k [S, KV, D] with D contiguous and any other strides (views of the fused
-// projection), cos and sin [S, R] in q's dtype; out is a new [S, H + KV, D]: the q heads, then the k heads.
+// projection), cos and sin [S, R] in q's dtype; returns new contiguous [S, H, D] and [S, KV, D].
 template <typename T>
 void run_qk(const Tensor& q, const Tensor& k, const float* qw, const float* kw, const Tensor& cos,
-            const Tensor& sin, double eps, bool zero_centered, Tensor& out) {
+            const Tensor& sin, double eps, bool zero_centered, Tensor& q_out, Tensor& k_out) {
   const int64_t S = q.size(0), H = q.size(1), KV = k.size(1), D = q.size(2), R = cos.size(1), half = R / 2;
   const T* qp = static_cast<const T*>(q.const_data_ptr());
   const T* kp = static_cast<const T*>(k.const_data_ptr());
   const T* cp = static_cast<const T*>(cos.const_data_ptr());
   const T* sp = static_cast<const T*>(sin.const_data_ptr());
-  T* op = static_cast<T*>(out.mutable_data_ptr());
+  T* qo = static_cast<T*>(q_out.mutable_data_ptr());
+  T* ko = static_cast<T*>(k_out.mutable_data_ptr());
   const int64_t heads = H + KV;
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(D, 1));
   torch::stable::parallel_for(0, S * heads, grain, [&](int64_t begin, int64_t end) {
@@ -191,7 +194,7 @@ void run_qk(const Tensor& q, const Tensor& k, const float* qw, const float* kw, 
       norm_row(src, head < H ? qw : kw, D, eps, zero_centered, h.data(), n.data());
       const T* c = cp + t * cos.stride(0);
       const T* s = sp + t * sin.stride(0);
-      T* dst = op + r * D;
+      T* dst = head < H ? qo + (t * H + head) * D : ko + (t * KV + head - H) * D;
       for (int64_t i = 0; i < half; ++i)
         store(round_trip<T>(n[i] * to_float(c[i])) + round_trip<T>(-n[i + half] * to_float(s[i])), dst + i);
       for (int64_t i = half; i < R; ++i)
@@ -201,8 +204,8 @@ void run_qk(const Tensor& q, const Tensor& k, const float* qw, const float* kw, 
   });
 }
 
-Tensor qk_norm_rope(Tensor q, Tensor k, Tensor q_weight, Tensor k_weight, Tensor cos_in, Tensor sin_in, double eps,
-                    bool zero_centered) {
+std::tuple<Tensor, Tensor> qk_norm_rope(Tensor q, Tensor k, Tensor q_weight, Tensor k_weight, Tensor cos_in,
+                                        Tensor sin_in, double eps, bool zero_centered) {
   STD_TORCH_CHECK(q.is_cpu() && k.is_cpu() && cos_in.is_cpu() && sin_in.is_cpu(), "qk_norm_rope: CPU tensors only");
   STD_TORCH_CHECK(q.dim() == 3 && k.dim() == 3, "qk_norm_rope: q and k must be [S, heads, D]");
   const int64_t S = q.size(0), D = q.size(2);
@@ -217,15 +220,19 @@ Tensor qk_norm_rope(Tensor q, Tensor k, Tensor q_weight, Tensor k_weight, Tensor
                   "qk_norm_rope: cos and sin must be [S, R] with R even and at most D");
   const std::vector<float> qw = weight_floats(q_weight, D, "qk_norm_rope: q_weight");
   const std::vector<float> kw = weight_floats(k_weight, D, "qk_norm_rope: k_weight");
-  Tensor out = torch::stable::empty({S, q.size(1) + k.size(1), D}, q.scalar_type(), std::nullopt, q.device());
-  if (out.numel() == 0) return out;
+  Tensor q_out = torch::stable::empty({S, q.size(1), D}, q.scalar_type(), std::nullopt, q.device());
+  Tensor k_out = torch::stable::empty({S, k.size(1), D}, q.scalar_type(), std::nullopt, q.device());
+  if (S == 0 || D == 0) return {q_out, k_out};
   switch (q.scalar_type()) {
-    case ScalarType::Float: run_qk<float>(q, k, qw.data(), kw.data(), cos, sin, eps, zero_centered, out); break;
-    case ScalarType::BFloat16: run_qk<Bf16>(q, k, qw.data(), kw.data(), cos, sin, eps, zero_centered, out); break;
-    case ScalarType::Half: run_qk<Fp16>(q, k, qw.data(), kw.data(), cos, sin, eps, zero_centered, out); break;
+    case ScalarType::Float: run_qk<float>(q, k, qw.data(), kw.data(), cos, sin, eps, zero_centered, q_out, k_out);
+      break;
+    case ScalarType::BFloat16: run_qk<Bf16>(q, k, qw.data(), kw.data(), cos, sin, eps, zero_centered, q_out, k_out);
+      break;
+    case ScalarType::Half: run_qk<Fp16>(q, k, qw.data(), kw.data(), cos, sin, eps, zero_centered, q_out, k_out);
+      break;
     default: STD_TORCH_CHECK(false, "qk_norm_rope: q must be float32, bfloat16 or float16");
   }
-  return out;
+  return {q_out, k_out};
 }
 
 }  // namespace
@@ -234,7 +241,7 @@ STABLE_TORCH_LIBRARY_FRAGMENT(qwenstack, m) {
   m.def("rms_norm(Tensor x, Tensor weight, float eps, bool zero_centered) -> Tensor");
   m.def("add_rms_norm(Tensor x, Tensor delta, Tensor weight, float eps, bool zero_centered) -> (Tensor, Tensor)");
   m.def("qk_norm_rope(Tensor q, Tensor k, Tensor q_weight, Tensor k_weight, Tensor cos, Tensor sin, float eps, "
-        "bool zero_centered) -> Tensor");
+        "bool zero_centered) -> (Tensor, Tensor)");
 }
 
 STABLE_TORCH_LIBRARY_IMPL(qwenstack, CPU, m) {

@@ -18,6 +18,7 @@ Decisions:
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -50,6 +51,11 @@ class AttentionBatch:
         self.is_decode = all(q == 1 for q in self.query_lens) and self.block_tables is not None
         self.is_fresh_prefill = all(q == c for q, c in zip(self.query_lens, self.context_lens))
         self.is_uniform_fresh_prefill = self.is_fresh_prefill and len(set(self.query_lens)) == 1
+
+    @functools.cached_property
+    def context_lens_tensor(self) -> torch.Tensor:
+        """context_lens as a CPU long tensor: made once per step for every layer's kernel call."""
+        return torch.tensor(self.context_lens, dtype=torch.long)
 
     @classmethod
     def for_prompts(cls, lengths: list[int]) -> "AttentionBatch":

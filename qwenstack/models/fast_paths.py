@@ -63,7 +63,7 @@ class NativePagedAttention:
                scale: float) -> torch.Tensor | None:
         if not kernels.use_paged_decode(q, kv_cache):
             return None
-        return kernels.paged_decode_attention(q, kv_cache, batch.block_tables, batch.context_lens, scale)
+        return kernels.paged_decode_attention(q, kv_cache, batch.block_tables, batch.context_lens_tensor, scale)
 
     def few_new_tokens(self, q: torch.Tensor, kv_cache: torch.Tensor, batch: AttentionBatch, scale: float,
                        out: torch.Tensor) -> set[int]:
