@@ -2,8 +2,8 @@
 
 Decoding is bound by reading the weights once per step, and on CPU `F.linear` on bfloat16 reads them well
 below the memory bandwidth for a matrix-vector product. Two faster forms, and the runner picks, on the
-model's own largest matrices and this machine, whichever multiplies one row fastest in most of several
-interleaved timing rounds (measure, then pick; see FORM_ROUNDS):
+model's own largest matrices and this machine, whichever multiplies one row and a batch of BATCH_ROWS rows
+fastest in most of several interleaved timing rounds (measure, then pick; see FORM_ROUNDS):
 - native: bfloat16 matrices whose sizes are tile multiples (16 rows, 32 columns: every Qwen3 linear) are
   stored tile-packed and multiplied by qwenstack/kernels/linear_tiled_cpu.cpp up to tiled_max_rows() rows
   (decode and batched decode: 512 with AMX, 16 without), by F.linear on the unpacked matrix above. Other matrices keep
@@ -209,22 +209,33 @@ def probe_weights(model: nn.Module, budget: int = PROBE_BYTES) -> list[torch.Ten
     return probes
 
 
+# Each pass multiplies every probe weight by one row (a single stream's decode step) and by this many (a
+# batch): the forms rank differently by rows. On 2 AVX512-BF16 cores without AMX, four 0.6B matrices took
+# 0.79 ms in the tiled kernel against 0.98 in oneDNN's packed form at one row, and 3.79 against 1.49 at 16
+# (the tiled kernel has no tile unit there, and its vector loop takes two rows a pass); one-row passes alone
+# let the tiled kernel win the votes on that machine and lose 1.5-2.5x on every batch.
+BATCH_ROWS = 16
+
+
 def _form_passes(weights: list[torch.Tensor]) -> dict[str, Callable[[], object]]:
-    """One pass per available form: a one-row product with every probe weight, in the layout the form
-    would give it (the native form tile-packs what tiles, as prepare_cpu_linears does)."""
-    xs = [torch.randn(1, w.shape[1], dtype=w.dtype) for w in weights]
+    """One pass per available form: a one-row and a BATCH_ROWS-row product with every probe weight, in the
+    layout the form would give it (the native form tile-packs what tiles, as prepare_cpu_linears does)."""
+    xs = [torch.randn(rows, w.shape[1], dtype=w.dtype) for w in weights for rows in (1, BATCH_ROWS)]
+    ws = [w for w in weights for _ in (1, BATCH_ROWS)]
 
     def each(products: list[Callable[[], object]]) -> Callable[[], object]:
         return lambda: [p() for p in products]
 
-    passes = {"plain": each([functools.partial(F.linear, x, w) for x, w in zip(xs, weights)])}
+    passes = {"plain": each([functools.partial(F.linear, x, w) for x, w in zip(xs, ws)])}
     if packing_supported():
-        passes["packed"] = each([functools.partial(packed_linear, x, pack_weight(w)) for x, w in zip(xs, weights)])
+        packed = {id(w): pack_weight(w) for w in weights}
+        passes["packed"] = each([functools.partial(packed_linear, x, packed[id(w)]) for x, w in zip(xs, ws)])
     if all(w.dtype in kernels.LINEAR_WEIGHT_DTYPES for w in weights) and kernels.linear_rows_available():
+        tiled = {id(w): kernels.pack_tiles(w) for w in weights if kernels.can_tile(w)}
         passes["native"] = each([
-            functools.partial(tiled_linear, x, kernels.pack_tiles(w)) if kernels.can_tile(w)
-            else functools.partial(kernels.linear_rows, x, w)
-            for x, w in zip(xs, weights)
+            functools.partial(tiled_linear, x, tiled[id(w)]) if id(w) in tiled
+            else functools.partial(native_linear, x, w)
+            for x, w in zip(xs, ws)
         ])
     return passes
 
@@ -242,8 +253,8 @@ class FormTiming:
 
 
 def time_forms(weights: list[torch.Tensor], rounds: int = FORM_ROUNDS) -> FormTiming:
-    """Times one-row products in each available form over `weights`, all forms once per round, each round
-    in a rotated order."""
+    """Times one-row and BATCH_ROWS-row products in each available form over `weights`, all forms once per
+    round, each round in a rotated order."""
     passes = _form_passes(weights)
     forms = list(passes)
     timing = FormTiming(dict.fromkeys(forms, 0), dict.fromkeys(forms, float("inf")))
@@ -267,8 +278,8 @@ def time_forms(weights: list[torch.Tensor], rounds: int = FORM_ROUNDS) -> FormTi
 
 
 def fastest_form(weights: list[torch.Tensor], rounds: int = FORM_ROUNDS) -> str:
-    """The CPU linear form ("plain" F.linear, "packed" oneDNN or "native") that multiplies one row fastest
-    on this machine: the winner of most of `rounds` interleaved rounds over `weights`."""
+    """The CPU linear form ("plain" F.linear, "packed" oneDNN or "native") that multiplies one row and a
+    batch of rows fastest on this machine: the winner of most of `rounds` interleaved rounds over `weights`."""
     timing = time_forms(weights, rounds)
     log.info("CPU linear forms: rounds won %s, best ms %s", timing.wins,
              {f: round(t * 1e3, 2) for f, t in timing.best.items()})

@@ -67,3 +67,34 @@ def test_form_timing_counts_every_round_and_restores_threads(tiny_qwen3: Path) -
     assert torch.get_num_threads() == threads
     assert sum(timing.wins.values()) == 5 and {"plain", "packed"} <= set(timing.wins)
     assert all(0 < t < float("inf") for t in timing.best.values())
+
+
+def test_every_form_is_timed_on_one_row_and_on_a_batch(tiny_qwen3: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The forms rank differently by rows (without AMX the tiled kernel wins one row and loses a batch by
+    1.5-2.5x), so each timing pass multiplies every probe weight by one row and by BATCH_ROWS."""
+    from qwenstack import kernels
+    from qwenstack.models import cpu_linear
+
+    model = load_model(tiny_qwen3, dtype=torch.bfloat16)
+    probes = probe_weights(model)
+    seen: dict[str, list[tuple[int, int]]] = {"plain": [], "packed": [], "native": []}
+
+    def recorder(form: str, fn):  # noqa: ANN001, ANN202 - wraps a product, records (rows, out_features)
+        def call(x: torch.Tensor, w: torch.Tensor, *rest):  # noqa: ANN002, ANN202
+            out = fn(x, w, *rest)
+            seen[form].append((x.shape[0], out.shape[-1]))
+            return out
+        return call
+
+    monkeypatch.setattr(cpu_linear.F, "linear", recorder("plain", torch.nn.functional.linear))
+    monkeypatch.setattr(cpu_linear, "packed_linear", recorder("packed", cpu_linear.packed_linear))
+    monkeypatch.setattr(cpu_linear, "tiled_linear", recorder("native", cpu_linear.tiled_linear))
+    monkeypatch.setattr(cpu_linear, "native_linear", recorder("native", cpu_linear.native_linear))
+    passes = cpu_linear._form_passes(probes)
+    want = sorted((rows, w.shape[0]) for w in probes for rows in (1, cpu_linear.BATCH_ROWS))
+    for form, run in passes.items():
+        seen[form].clear()
+        run()
+        # (F.linear also serves the others' fallbacks: count each form's own entry point only.)
+        assert sorted(seen[form]) == want, form
+    assert "packed" in passes and ("native" in passes) == kernels.linear_rows_available()
