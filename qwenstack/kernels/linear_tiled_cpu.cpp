@@ -540,26 +540,39 @@ inline void i8_vec_block(const ByteRows& a, int64_t m0, const uint8_t* const* pa
 }
 #endif
 
-// Block columns nb[0..S) for every row, VEC_ROWS rows a pass.
-template <int64_t S, typename O>
+// Block columns nb[0..S) for every row, MT rows a pass (the last rows in passes of 2 and 1).
+template <int64_t S, int64_t MT, typename O>
 inline void i8_vec_columns(const ByteRows& a, const uint8_t* packed, const int64_t* nb, const float* scales, O* out,
                            int64_t N) {
   const int64_t col_size = a.K / I8_TILE_K * I8_BLOCK_BYTES;
   const uint8_t* packed_cols[S];
   for (int64_t s = 0; s < S; ++s) packed_cols[s] = packed + nb[s] * col_size;
   int64_t m = 0;
-  for (; m + VEC_ROWS <= a.M; m += VEC_ROWS) i8_vec_block<S, VEC_ROWS>(a, m, packed_cols, nb, scales, out, N);
+  for (; m + MT <= a.M; m += MT) i8_vec_block<S, MT>(a, m, packed_cols, nb, scales, out, N);
+  if constexpr (MT > 2) {
+    if (m + 2 <= a.M) i8_vec_block<S, 2>(a, m, packed_cols, nb, scales, out, N), m += 2;
+  }
   if (a.M - m == 1) i8_vec_block<S, 1>(a, m, packed_cols, nb, scales, out, N);
 }
 
 template <typename O>
 void i8_run_vec(const ByteRows& a, const uint8_t* packed, const float* scales, O* out, int64_t N) {
-  const auto columns = [&](auto streams, const int64_t* nb) {
-    i8_vec_columns<decltype(streams)::value>(a, packed, nb, scales, out, N);
+  // Four int32 sums per row and column (hi and lo, two group chains each): S streams x MT rows x 4. Without
+  // AMX, batches take 4 rows a pass over one stream, as the bfloat16 loop does.
+  const auto columns_of = [&](auto rows) {
+    return [&, rows](auto streams, const int64_t* nb) {
+      i8_vec_columns<decltype(streams)::value, decltype(rows)::value>(a, packed, nb, scales, out, N);
+    };
   };
-  // Four int32 sums per row and column (hi and lo, two group chains each).
-  if (a.M == 1) parallel_column_streams<VEC_ACCUMULATORS / 4>(N / TILE_N, columns);
-  else parallel_column_streams<VEC_ACCUMULATORS / (4 * VEC_ROWS)>(N / TILE_N, columns);
+  if (a.M == 1) {
+    parallel_column_streams<VEC_ACCUMULATORS / 4>(N / TILE_N, columns_of(std::integral_constant<int64_t, 1>{}));
+  } else if (a.M < VEC_MID_ROWS) {
+    parallel_column_streams<VEC_ACCUMULATORS / (4 * VEC_ROWS)>(
+        N / TILE_N, columns_of(std::integral_constant<int64_t, VEC_ROWS>{}));
+  } else {
+    parallel_column_streams<VEC_ACCUMULATORS / (4 * VEC_MID_ROWS)>(
+        N / TILE_N, columns_of(std::integral_constant<int64_t, VEC_MID_ROWS>{}));
+  }
 }
 
 #if defined(__AMX_TILE__) && defined(__AMX_INT8__)
