@@ -1,8 +1,8 @@
 """Native CPU kernels, compiled from the C++ next to this package the first time they are needed: paged
-attention for decode and prefix prefill (paged_attention_cpu.cpp), linear layers for a few activation rows
-(linear_cpu.cpp) and for tile-packed weights (linear_tiled_cpu.cpp), RMSNorm and QK-norm + rotary
-(rms_norm_cpu.cpp), and a probe of the machine's read rate (memory_cpu.cpp). Every op has a torch reference
-that the callers fall back on.
+attention for decode and prefix prefill and the KV write (paged_attention_cpu.cpp), linear layers for a few
+activation rows (linear_cpu.cpp) and for tile-packed weights (linear_tiled_cpu.cpp), RMSNorm, residual add +
+RMSNorm and QK-norm + rotary (rms_norm_cpu.cpp), SwiGLU's activation (swiglu_cpu.cpp), and a probe of the
+machine's read rate (memory_cpu.cpp). Every op has a torch reference that the callers fall back on.
 
 - build.py: the CPU's instruction-set level and one extension per .cpp file (a file that fails to compile
   disables only its own ops); `kernels_disabled` (QWENSTACK_DISABLE_KERNELS=1) forces the torch path.
