@@ -185,50 +185,66 @@ void parallel_column_streams(int64_t cols, const Columns& columns) {
       }
     }
   };
-  if (threads == 1 || count == 1) {
-    work(0, 1);
-  } else {
-    torch::stable::parallel_for(0, std::min(threads, count), 1, work);
+  torch::stable::parallel_for(0, std::min(threads, count), 1, work);  // one task runs inline
+}
+
+// Rows [0, M) in passes of MT rows, the rest in passes of 4, 2 and 1 (those under MT):
+// pass(std::integral_constant<int64_t, rows>{}, m0) takes rows [m0, m0 + rows).
+template <int64_t MT, typename Pass>
+inline void row_passes(int64_t M, const Pass& pass) {
+  int64_t m = 0;
+  for (; m + MT <= M; m += MT) pass(std::integral_constant<int64_t, MT>{}, m);
+  if constexpr (MT > 4) {
+    if (m + 4 <= M) pass(std::integral_constant<int64_t, 4>{}, m), m += 4;
+  }
+  if constexpr (MT > 2) {
+    if (m + 2 <= M) pass(std::integral_constant<int64_t, 2>{}, m), m += 2;
+  }
+  if constexpr (MT > 1) {
+    if (m < M) pass(std::integral_constant<int64_t, 1>{}, m);
   }
 }
 
-// Block columns nb[0..S) for every row, MT rows a pass (the last rows in passes of 2 and 1).
+// The vector loops' block columns over the threads, with the most rows a pass that M allows (1, VEC_ROWS,
+// VEC_MID_ROWS, then VEC_BATCH_ROWS where MAX_ROWS reaches it) and as many weight streams as keep
+// VEC_ACCUMULATORS sums in registers at SUMS per row and column. columns_of(rows) is the columns callback
+// of parallel_column_streams for that many rows a pass.
+template <int64_t SUMS, int64_t MAX_ROWS, typename ColumnsOf>
+void parallel_row_passes(int64_t M, int64_t cols, const ColumnsOf& columns_of) {
+  using std::integral_constant;
+  if (M == 1) {
+    parallel_column_streams<VEC_ACCUMULATORS / SUMS>(cols, columns_of(integral_constant<int64_t, 1>{}));
+  } else if (M < VEC_MID_ROWS) {
+    parallel_column_streams<VEC_ACCUMULATORS / (SUMS * VEC_ROWS)>(
+        cols, columns_of(integral_constant<int64_t, VEC_ROWS>{}));
+  } else if (MAX_ROWS < VEC_BATCH_ROWS || M < VEC_BATCH_ROWS) {
+    parallel_column_streams<VEC_ACCUMULATORS / (SUMS * VEC_MID_ROWS)>(
+        cols, columns_of(integral_constant<int64_t, VEC_MID_ROWS>{}));
+  } else if constexpr (MAX_ROWS >= VEC_BATCH_ROWS) {  // (compiled only where the registers allow it)
+    parallel_column_streams<VEC_ACCUMULATORS / (SUMS * VEC_BATCH_ROWS)>(
+        cols, columns_of(integral_constant<int64_t, VEC_BATCH_ROWS>{}));
+  }
+}
+
+// Block columns nb[0..S) for every row, MT rows a pass (row_passes).
 template <int64_t S, int64_t MT, typename O>
 inline void vec_columns(const Rows& a, const uint16_t* packed, const int64_t* nb, O* out, int64_t N) {
   const int64_t col_size = a.K / TILE_K * BLOCK;
   const uint16_t* packed_cols[S];
   for (int64_t s = 0; s < S; ++s) packed_cols[s] = packed + nb[s] * col_size;
-  int64_t m = 0;
-  for (; m + MT <= a.M; m += MT) vec_block<S, MT>(a, m, packed_cols, nb, out, N);
-  if constexpr (MT > 4) {
-    if (m + 4 <= a.M) vec_block<S, 4>(a, m, packed_cols, nb, out, N), m += 4;
-  }
-  if constexpr (MT > 2) {
-    if (m + 2 <= a.M) vec_block<S, 2>(a, m, packed_cols, nb, out, N), m += 2;
-  }
-  if (a.M - m == 1) vec_block<S, 1>(a, m, packed_cols, nb, out, N);
+  row_passes<MT>(a.M, [&](auto rows, int64_t m) {
+    vec_block<S, decltype(rows)::value>(a, m, packed_cols, nb, out, N);
+  });
 }
 
 template <typename O>
 void run_vec(const Rows& a, const uint16_t* packed, O* out, int64_t N) {
-  // Two float32 sums per row and column (the two k-pair chains): S streams x MT rows x 2 accumulators.
-  const auto columns_of = [&](auto rows) {
+  // Two float32 sums per row and column (the two k-pair chains).
+  parallel_row_passes<2, VEC_BATCH_ROWS>(a.M, N / TILE_N, [&](auto rows) {
     return [&, rows](auto streams, const int64_t* nb) {
       vec_columns<decltype(streams)::value, decltype(rows)::value>(a, packed, nb, out, N);
     };
-  };
-  if (a.M == 1) {
-    parallel_column_streams<VEC_ACCUMULATORS / 2>(N / TILE_N, columns_of(std::integral_constant<int64_t, 1>{}));
-  } else if (a.M < VEC_MID_ROWS) {
-    parallel_column_streams<VEC_ACCUMULATORS / (2 * VEC_ROWS)>(
-        N / TILE_N, columns_of(std::integral_constant<int64_t, VEC_ROWS>{}));
-  } else if (a.M < VEC_BATCH_ROWS) {
-    parallel_column_streams<VEC_ACCUMULATORS / (2 * VEC_MID_ROWS)>(
-        N / TILE_N, columns_of(std::integral_constant<int64_t, VEC_MID_ROWS>{}));
-  } else {
-    parallel_column_streams<VEC_ACCUMULATORS / (2 * VEC_BATCH_ROWS)>(
-        N / TILE_N, columns_of(std::integral_constant<int64_t, VEC_BATCH_ROWS>{}));
-  }
+  });
 }
 
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__)
@@ -540,39 +556,26 @@ inline void i8_vec_block(const ByteRows& a, int64_t m0, const uint8_t* const* pa
 }
 #endif
 
-// Block columns nb[0..S) for every row, MT rows a pass (the last rows in passes of 2 and 1).
+// Block columns nb[0..S) for every row, MT rows a pass (row_passes).
 template <int64_t S, int64_t MT, typename O>
 inline void i8_vec_columns(const ByteRows& a, const uint8_t* packed, const int64_t* nb, const float* scales, O* out,
                            int64_t N) {
   const int64_t col_size = a.K / I8_TILE_K * I8_BLOCK_BYTES;
   const uint8_t* packed_cols[S];
   for (int64_t s = 0; s < S; ++s) packed_cols[s] = packed + nb[s] * col_size;
-  int64_t m = 0;
-  for (; m + MT <= a.M; m += MT) i8_vec_block<S, MT>(a, m, packed_cols, nb, scales, out, N);
-  if constexpr (MT > 2) {
-    if (m + 2 <= a.M) i8_vec_block<S, 2>(a, m, packed_cols, nb, scales, out, N), m += 2;
-  }
-  if (a.M - m == 1) i8_vec_block<S, 1>(a, m, packed_cols, nb, scales, out, N);
+  row_passes<MT>(a.M, [&](auto rows, int64_t m) {
+    i8_vec_block<S, decltype(rows)::value>(a, m, packed_cols, nb, scales, out, N);
+  });
 }
 
 template <typename O>
 void i8_run_vec(const ByteRows& a, const uint8_t* packed, const float* scales, O* out, int64_t N) {
-  // Four int32 sums per row and column (hi and lo, two group chains each): S streams x MT rows x 4. Without
-  // AMX, batches take 4 rows a pass over one stream, as the bfloat16 loop does.
-  const auto columns_of = [&](auto rows) {
+  // Four int32 sums per row and column (hi and lo, two group chains each), so batches stop at VEC_MID_ROWS.
+  parallel_row_passes<4, VEC_MID_ROWS>(a.M, N / TILE_N, [&](auto rows) {
     return [&, rows](auto streams, const int64_t* nb) {
       i8_vec_columns<decltype(streams)::value, decltype(rows)::value>(a, packed, nb, scales, out, N);
     };
-  };
-  if (a.M == 1) {
-    parallel_column_streams<VEC_ACCUMULATORS / 4>(N / TILE_N, columns_of(std::integral_constant<int64_t, 1>{}));
-  } else if (a.M < VEC_MID_ROWS) {
-    parallel_column_streams<VEC_ACCUMULATORS / (4 * VEC_ROWS)>(
-        N / TILE_N, columns_of(std::integral_constant<int64_t, VEC_ROWS>{}));
-  } else {
-    parallel_column_streams<VEC_ACCUMULATORS / (4 * VEC_MID_ROWS)>(
-        N / TILE_N, columns_of(std::integral_constant<int64_t, VEC_MID_ROWS>{}));
-  }
+  });
 }
 
 #if defined(__AMX_TILE__) && defined(__AMX_INT8__)

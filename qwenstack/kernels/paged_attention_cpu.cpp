@@ -692,20 +692,21 @@ void write_kv(Tensor kv_cache, Tensor k, Tensor v, Tensor slots_in) {
   STD_TORCH_CHECK(slots_in.dim() == 1 && slots_in.numel() == T, "write_kv: slots must be [T]");
   const std::vector<int64_t> slots = read_longs(slots_in);
   const int64_t pool_slots = kv_cache.size(1) * block_size;
-  const int64_t bytes = D * (kv_cache.scalar_type() == ScalarType::Float ? 4 : 2);
-  const int64_t elem = bytes / D;
+  const int64_t elem = kv_cache.scalar_type() == ScalarType::Float ? 4 : 2, row_bytes = D * elem;
+  // Strides in bytes, read once (each is a call through the stable ABI).
+  const int64_t pool_strides[4] = {kv_cache.stride(0) * elem, kv_cache.stride(1) * elem, kv_cache.stride(2) * elem,
+                                   kv_cache.stride(3) * elem};
   char* pool = static_cast<char*>(kv_cache.mutable_data_ptr());
-  const Tensor* src[2] = {&k, &v};
+  const char* src[2] = {static_cast<const char*>(k.const_data_ptr()), static_cast<const char*>(v.const_data_ptr())};
+  const int64_t token_strides[2] = {k.stride(0) * elem, v.stride(0) * elem};
+  const int64_t head_strides[2] = {k.stride(1) * elem, v.stride(1) * elem};
   for (int64_t t = 0; t < T; ++t) {
     STD_TORCH_CHECK(slots[t] >= 0 && slots[t] < pool_slots, "write_kv: slot ", slots[t], " is not in the pool");
     const int64_t block = slots[t] / block_size, offset = slots[t] % block_size;
     for (int64_t kv = 0; kv < 2; ++kv) {
-      const Tensor& x = *src[kv];
-      const char* from = static_cast<const char*>(x.const_data_ptr()) + t * x.stride(0) * elem;
-      char* to = pool + (kv * kv_cache.stride(0) + block * kv_cache.stride(1) + offset * kv_cache.stride(2)) * elem;
-      for (int64_t h = 0; h < Hkv; ++h) {
-        std::memcpy(to + h * kv_cache.stride(3) * elem, from + h * x.stride(1) * elem, bytes);
-      }
+      const char* from = src[kv] + t * token_strides[kv];
+      char* to = pool + kv * pool_strides[0] + block * pool_strides[1] + offset * pool_strides[2];
+      for (int64_t h = 0; h < Hkv; ++h) std::memcpy(to + h * pool_strides[3], from + h * head_strides[kv], row_bytes);
     }
   }
 }

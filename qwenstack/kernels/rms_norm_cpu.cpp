@@ -62,6 +62,14 @@ inline void norm_row(const T* row, const float* weight, int64_t D, double eps, b
   }
 }
 
+// norm_row, stored to dst as T.
+template <typename T>
+inline void norm_row_to(const T* row, const float* weight, int64_t D, double eps, bool zero_centered, float* h,
+                        float* y, T* dst) {
+  norm_row(row, weight, D, eps, zero_centered, h, y);
+  for (int64_t i = 0; i < D; ++i) store(y[i], dst + i);
+}
+
 template <typename T>
 void run(const Tensor& x, const float* weight, double eps, bool zero_centered, Tensor& out) {
   const bool flat = x.dim() == 2;  // [B, D]: one A
@@ -74,9 +82,7 @@ void run(const Tensor& x, const float* weight, double eps, bool zero_centered, T
   torch::stable::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
     std::vector<float> h(D), y(D);
     for (int64_t r = begin; r < end; ++r) {
-      norm_row(xp + (r / B) * sa + (r % B) * sb, weight, D, eps, zero_centered, h.data(), y.data());
-      T* dst = op + r * D;
-      for (int64_t i = 0; i < D; ++i) store(y[i], dst + i);
+      norm_row_to(xp + (r / B) * sa + (r % B) * sb, weight, D, eps, zero_centered, h.data(), y.data(), op + r * D);
     }
   });
 }
@@ -125,7 +131,7 @@ Tensor rms_norm(Tensor x, Tensor weight_in, double eps, bool zero_centered) {
 template <typename T>
 void run_add(const Tensor& x, const Tensor& delta, const float* weight, double eps, bool zero_centered,
              Tensor& sum, Tensor& out) {
-  const int64_t R = x.size(0), D = x.size(1);
+  const int64_t R = x.size(0), D = x.size(1), sx = x.stride(0), sd = delta.stride(0);
   const T* xp = static_cast<const T*>(x.const_data_ptr());
   const T* dp = static_cast<const T*>(delta.const_data_ptr());
   T* sp = static_cast<T*>(sum.mutable_data_ptr());
@@ -134,13 +140,11 @@ void run_add(const Tensor& x, const Tensor& delta, const float* weight, double e
   torch::stable::parallel_for(0, R, grain, [&](int64_t begin, int64_t end) {
     std::vector<float> h(D), y(D);
     for (int64_t r = begin; r < end; ++r) {
-      const T* a = xp + r * x.stride(0);
-      const T* b = dp + r * delta.stride(0);
+      const T* a = xp + r * sx;
+      const T* b = dp + r * sd;
       T* s = sp + r * D;
       for (int64_t i = 0; i < D; ++i) store(to_float(a[i]) + to_float(b[i]), s + i);
-      norm_row(s, weight, D, eps, zero_centered, h.data(), y.data());
-      T* dst = op + r * D;
-      for (int64_t i = 0; i < D; ++i) store(y[i], dst + i);
+      norm_row_to(s, weight, D, eps, zero_centered, h.data(), y.data(), op + r * D);
     }
   });
 }
