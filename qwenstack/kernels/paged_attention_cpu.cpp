@@ -700,8 +700,10 @@ void write_kv(Tensor kv_cache, Tensor k, Tensor v, Tensor slots_in) {
   const char* src[2] = {static_cast<const char*>(k.const_data_ptr()), static_cast<const char*>(v.const_data_ptr())};
   const int64_t token_strides[2] = {k.stride(0) * elem, v.stride(0) * elem};
   const int64_t head_strides[2] = {k.stride(1) * elem, v.stride(1) * elem};
-  for (int64_t t = 0; t < T; ++t) {
+  for (int64_t t = 0; t < T; ++t) {  // every slot checked before any is written: a bad one changes nothing
     STD_TORCH_CHECK(slots[t] >= 0 && slots[t] < pool_slots, "write_kv: slot ", slots[t], " is not in the pool");
+  }
+  for (int64_t t = 0; t < T; ++t) {
     const int64_t block = slots[t] / block_size, offset = slots[t] % block_size;
     for (int64_t kv = 0; kv < 2; ++kv) {
       const char* from = src[kv] + t * token_strides[kv];

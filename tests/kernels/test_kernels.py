@@ -284,3 +284,26 @@ def test_decode_attention_at_every_build_level_this_cpu_runs() -> None:
                              env=env, capture_output=True, text=True, timeout=600, check=True)
         result = json.loads(out.stdout.strip().splitlines()[-1])
         assert result["isa"] == level and result["worst"] < 2e-2, (level, result)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_write_kv_stores_what_the_torch_path_stores(dtype: torch.dtype) -> None:
+    """The native KV write against models/attention.py's write_kv (two index_copy_): strided k/v views of a
+    fused projection, int32 and int64 slots, and a slot outside the pool refused with nothing written."""
+    from qwenstack.models.attention import write_kv
+
+    gen = torch.Generator().manual_seed(3)
+    pool = torch.randn(2, 6, 4, 2, 16, generator=gen).to(dtype)
+    qkv = torch.randn(5, 3 * 2 * 16, generator=gen).to(dtype)
+    k, v = qkv[:, 32:64].view(5, 2, 16), qkv[:, 64:].view(5, 2, 16)
+    assert not k.is_contiguous()
+    for slots in (torch.tensor([0, 7, 22, 5, 13]), torch.tensor([23, 1, 2, 3, 4], dtype=torch.int32)):
+        want, got = pool.clone(), pool.clone()
+        write_kv(want, k, v, slots.long())
+        assert kernels.write_kv(got, k, v, slots)
+        assert torch.equal(got, want)
+    before = pool.clone()
+    with pytest.raises(RuntimeError, match="not in the pool"):
+        kernels.write_kv(pool, k[:2], v[:2], torch.tensor([3, 24]))
+    assert torch.equal(pool, before)
+    assert not kernels.write_kv(pool, k.float() if dtype != torch.float32 else k.half(), v, torch.tensor([0] * 5))
