@@ -464,6 +464,36 @@ def test_thinking_switch_and_settings_are_sent(page, server):
     expect(panel.get_by_test_id("settings-temperature")).to_have_value("0.3")
 
 
+def test_thinking_switch_applies_before_the_server_has_saved_it(page, server):
+    """A message sent straight after the switch must use it, even while its save is still on the way."""
+    new_chat(page)
+    send(page, "First turn")
+    held = []
+    page.route("**/api/conversations/*/settings", lambda route: held.append(route))
+    page.get_by_test_id("thinking-switch").uncheck(force=True)
+    _wait_for(page, lambda: held)
+    send(page, "No thinking, sent at once")
+    assert server.app.state.requests[-1]["chat_template_kwargs"] == {"enable_thinking": False}
+    held.pop().continue_()
+
+    # A save the server refuses puts the switch back and says so.
+    page.unroute("**/api/conversations/*/settings")
+    page.route("**/api/conversations/*/settings", lambda route: route.abort())
+    page.get_by_test_id("thinking-switch").check(force=True)
+    expect(page.get_by_test_id("banner")).to_contain_text("Could not save the thinking switch")
+    expect(page.get_by_test_id("thinking-switch")).not_to_be_checked()
+    send(page, "Still without thinking")
+    assert server.app.state.requests[-1]["chat_template_kwargs"] == {"enable_thinking": False}
+
+
+def _wait_for(page, condition, timeout: float = 5.0) -> None:
+    # Playwright's sync API runs route handlers only inside its own calls, so the wait is one of them.
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "the page never sent the request"
+        page.wait_for_timeout(20)
+
+
 def test_regenerate_and_edit_and_resend(page, server):
     new_chat(page)
     send(page, "Tell me something")

@@ -300,7 +300,16 @@ async function ensureConversation(firstText) {
 
 async function saveSettings(settings) {
   if (!state.conv) { state.draftSettings = settings; return; }
-  state.conv.settings = await api("PUT", `api/conversations/${state.conv.id}/settings`, settings);
+  // Held here before the server answers, so a message sent at once already uses them; put back if refused.
+  const conv = state.conv;
+  const before = conv.settings;
+  conv.settings = settings;
+  try {
+    conv.settings = await api("PUT", `api/conversations/${conv.id}/settings`, settings);
+  } catch (e) {
+    conv.settings = before;
+    throw e;
+  }
 }
 
 // ---------------------------------------------------------------------------------------------- messages
@@ -720,6 +729,7 @@ function wire() {
   });
   ui.thinking.addEventListener("change", async () => {
     try { await saveSettings({ ...settingsOf(), enable_thinking: ui.thinking.checked }); } catch (e) {
+      ui.thinking.checked = settingsOf().enable_thinking !== false;
       showBanner(`Could not save the thinking switch: ${e.message}`);
     }
   });
