@@ -64,6 +64,7 @@ def main() -> None:
     parser.add_argument("model_dir", type=Path)
     parser.add_argument("--new-tokens", type=int, default=24)
     parser.add_argument("--no-transformers", action="store_true")
+    parser.add_argument("--name", default="qwen3-next-80b-a3b-4l", help="benchmarks/out/next-NAME.json")
     args = parser.parse_args()
     torch.set_num_threads(threads())
     rng = random.Random(0)
@@ -94,7 +95,7 @@ def main() -> None:
             theirs = hf_decode_rate(hf, prompts, args.new_tokens)
             results[key].update(transformers_tok_s=theirs, ratio=results[key]["ours_tok_s"] / theirs)
     print(results, flush=True)
-    print(save("next-qwen3-next-80b-a3b-4l", results))
+    print(save(f"next-{args.name}", results))
 
 
 if __name__ == "__main__":

@@ -226,3 +226,35 @@ def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapp
         return False
     op(kv_cache, k, v, slot_mapping)
     return True
+
+
+_NO_ROWS = torch.empty(0, dtype=torch.bool)  # gated_delta_decode's "no sequence is fresh"
+
+
+def gated_delta_decode(
+    q: torch.Tensor,  # [B, Hk, Dk]
+    k: torch.Tensor,  # [B, Hk, Dk]
+    v: torch.Tensor,  # [B, Hv, Dv]
+    g: torch.Tensor,  # [B, Hv] float32
+    beta: torch.Tensor,  # [B, Hv]
+    state: torch.Tensor,  # [S, Hv, Dk, Dv] float32, updated in place at `slots`
+    slots: torch.Tensor,  # [B] long, distinct
+    fresh: torch.Tensor | None,  # [B] bool: start from a zero state; None: none does
+) -> torch.Tensor | None:  # [B, Hv, Dv] in q's dtype
+    """One token of the gated delta rule per sequence on the states where they lie (models/linear_attention.py's
+    recurrent_decode_in_place, in one native call); None (nothing touched) where it does not apply: CPU
+    tensors, q/k/v of one dtype with their last dimension contiguous, a contiguous float32 state, no autograd."""
+    if q.device.type != "cpu" or state.device.type != "cpu" or q.dtype not in _DTYPES or beta.dtype not in _DTYPES:
+        return None
+    if k.dtype != q.dtype or v.dtype != q.dtype or g.dtype != torch.float32 or state.dtype != torch.float32:
+        return None
+    if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1 or not state.is_contiguous():
+        return None
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad or state.requires_grad):
+        return None
+    op = native_op("gated_delta_decode")
+    if op is None:
+        return None
+    no_fresh = _NO_ROWS if fresh is None else fresh
+    return op(q, k, v, g, beta, state, slots.long().contiguous(), no_fresh)
+

@@ -8,7 +8,9 @@ Model files (layers.py, attention.py, qwen3*.py) are the reference math and neve
 - SwiGLU: its activation (silu(gate) * up) in one native call (qwenstack/kernels/swiglu_cpu.cpp);
 - attention layers: NativeAttentionOps, QK-RMSNorm and rotary in one native call, new keys and values
   written to the paged cache in one, and attention over the paged cache read where it lies
-  (qwenstack/kernels/paged_attention_cpu.cpp) instead of gathered.
+  (qwenstack/kernels/paged_attention_cpu.cpp) instead of gathered;
+- Gated DeltaNet layers (Qwen3-Next): a decode step's recurrence on the state slots where they lie, in one
+  native call (qwenstack/kernels/gated_delta_cpu.cpp).
 Each native path keeps its torch reference as the fallback for a call it cannot take (autograd, float32
 norms, a dtype or block size the kernel does not handle, kernels unavailable or disabled), so a prepared
 model computes what the reference computes (bit-identical for the rotary and attention kernels, within
@@ -26,6 +28,7 @@ from qwenstack import kernels
 from qwenstack.models.attention import AttentionBatch, paged_attention
 from qwenstack.models.cpu_linear import prepare_cpu_linears
 from qwenstack.models.layers import AttentionOps, RMSNorm, SwiGLU, silu_and_mul
+from qwenstack.models.linear_attention import recurrent_decode_in_place
 
 log = logging.getLogger("qwenstack.models")
 
@@ -45,6 +48,13 @@ class NativeRMSNorm(RMSNorm):
     def add_and_norm(self, x: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         native = kernels.add_rms_norm(x, delta, self.weight, self.eps, self.zero_centered)
         return native if native is not None else super().add_and_norm(x, delta)
+
+
+def native_decode_in_place(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
+                           state: torch.Tensor, slots: torch.Tensor, fresh: torch.Tensor | None) -> torch.Tensor:
+    """A Gated DeltaNet decode step in one native call where the kernel applies, the reference elsewhere."""
+    native = kernels.gated_delta_decode(q, k, v, g, beta, state, slots, fresh)
+    return native if native is not None else recurrent_decode_in_place(q, k, v, g, beta, state, slots, fresh)
 
 
 def native_silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
@@ -111,6 +121,7 @@ class Prepared:
     norms: int = 0
     activations: int = 0
     attention_layers: int = 0
+    recurrent_layers: int = 0
 
 
 def prepare_for_cpu(model: nn.Module, linears: bool = True) -> Prepared:
@@ -133,6 +144,9 @@ def prepare_for_cpu(model: nn.Module, linears: bool = True) -> Prepared:
         if isinstance(module, SwiGLU):
             module.activation = native_silu_and_mul
             done.activations += 1
+        if getattr(module, "decode_step", None) is recurrent_decode_in_place:  # Gated DeltaNet (Qwen3-Next)
+            module.decode_step = native_decode_in_place
+            done.recurrent_layers += 1
         if isinstance(getattr(module, "ops", None), AttentionOps):
             module.ops = NATIVE_ATTENTION_OPS
             done.attention_layers += 1

@@ -1,7 +1,8 @@
 """Gated DeltaNet kernels for Qwen3-Next's linear-attention layers, in plain PyTorch.
 
-Stateless functions only: the caller (model layer, engine) owns the recurrent and conv states and
-passes them in; every function returns the new state rather than writing into its argument.
+The caller (model layer, engine) owns the recurrent and conv states and passes them in; every function
+returns the new state rather than writing into its argument, except recurrent_decode_in_place, which
+updates the slots of the engine's state pool it names (a decode step then reads and writes each state once).
 
 Decisions:
 - Shapes follow transformers' `torch_chunk_gated_delta_rule` (token-major, batch first):
@@ -177,6 +178,31 @@ def recurrent_gated_delta_rule(
         state = state + k_t * delta.unsqueeze(-2)
         out[:, :, t] = (state * q[:, :, t].unsqueeze(-1)).sum(dim=-2)
     return out.transpose(1, 2).contiguous().to(out_dtype), state
+
+
+def recurrent_decode_in_place(
+    q: torch.Tensor,  # [B, Hk, Dk]: one new token per sequence
+    k: torch.Tensor,  # [B, Hk, Dk]
+    v: torch.Tensor,  # [B, Hv, Dv]
+    g: torch.Tensor,  # [B, Hv]
+    beta: torch.Tensor,  # [B, Hv]
+    state: torch.Tensor,  # [S, Hv, Dk, Dv]: every slot's state
+    slots: torch.Tensor,  # [B] long, distinct: sequence b's state is state[slots[b]]
+    fresh: torch.Tensor | None,  # [B] bool: sequences whose state starts at zero (a reused slot is not read)
+) -> torch.Tensor:
+    """One decode step of every sequence, its slot updated in place; returns out [B, Hv, Dv] in q's dtype.
+
+    The reference form (gather, recurrent_gated_delta_rule, scatter); models/fast_paths.py swaps in one native
+    call that reads and writes each state once.
+    """
+    initial = state.index_select(0, slots)
+    if fresh is not None:  # masked_fill, not a product: a reused slot may hold inf/nan
+        initial = initial.masked_fill(fresh[:, None, None, None], 0)
+    out, final = recurrent_gated_delta_rule(
+        q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1), g.unsqueeze(1), beta.unsqueeze(1), initial
+    )
+    state.index_copy_(0, slots, final.to(state.dtype))
+    return out.squeeze(1)
 
 
 def causal_conv1d(

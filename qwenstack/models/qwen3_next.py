@@ -58,6 +58,7 @@ from qwenstack.models.linear_attention import (
     causal_conv1d,
     causal_conv1d_varlen,
     chunk_gated_delta_rule_varlen,
+    recurrent_decode_in_place,
     recurrent_gated_delta_rule,
 )
 from qwenstack.models.moe import SparseMoE
@@ -206,6 +207,8 @@ class _StateIndex:
 class GatedDeltaNet(nn.Module):
     """Linear attention with a gated delta rule; names follow the checkpoint (linear_attn.*)."""
 
+    decode_step = staticmethod(recurrent_decode_in_place)  # the preparation (models/fast_paths.py) sets a native one
+
     def __init__(self, args: Qwen3NextArgs) -> None:
         super().__init__()
         self.num_k_heads, self.num_v_heads = args.linear_num_key_heads, args.linear_num_value_heads
@@ -249,7 +252,9 @@ class GatedDeltaNet(nn.Module):
     ) -> torch.Tensor:
         t = x.shape[0]
         mixed, z, b, a = self.split_projections(self.in_proj_qkvz(x), self.in_proj_ba(x))
-        conv_in, rec_in = self._read_state(state, index)
+        # A plain decode step updates the recurrent state where it lies; the other forms gather and scatter it.
+        in_place = index.decode and state is not None and index.journal is None and not index.all_fresh
+        conv_in, rec_in = self._read_state(state, index, recurrent=not in_place)
         weight = self.conv1d.weight
         if index.decode:
             y, conv_out = causal_conv1d(mixed.unsqueeze(-1), weight, conv_in)  # [B, C, 1]
@@ -270,7 +275,11 @@ class GatedDeltaNet(nn.Module):
         v = v.view(t, self.num_v_heads, self.head_v_dim)
         beta = b.sigmoid()
         g = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias)  # fp32: exp(A_log) overflows fp16
-        if index.decode:  # token i is sequence i: the batch is the sequences
+        if in_place:
+            assert state is not None and index.slots is not None
+            out = self.decode_step(q, k, v, g, beta, state.recurrent_state, index.slots, index.fresh)
+            rec_out = None  # already in its slots
+        elif index.decode:  # token i is sequence i: the batch is the sequences
             out, rec_out = recurrent_gated_delta_rule(
                 q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1), g.unsqueeze(1), beta.unsqueeze(1), rec_in
             )
@@ -290,23 +299,24 @@ class GatedDeltaNet(nn.Module):
                 index.journal.record(state, batch, slots, mixed, k, v, g, beta)
                 slots, conv_out, rec_out = slots[rows], conv_out[rows], rec_out[rows]
             state.conv_state.index_copy_(0, slots, conv_out.to(state.conv_state.dtype))
-            state.recurrent_state.index_copy_(0, slots, rec_out.to(state.recurrent_state.dtype))
+            if rec_out is not None:
+                state.recurrent_state.index_copy_(0, slots, rec_out.to(state.recurrent_state.dtype))
         out = self.norm(out, z)  # [T, Hv, Dv]
         return self.out_proj(out.reshape(t, self.value_dim))
 
     @staticmethod
     def _read_state(
-        state: LinearAttentionState | None, index: _StateIndex
+        state: LinearAttentionState | None, index: _StateIndex, recurrent: bool = True
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """Each sequence's starting conv and recurrent state; None means zeros for all."""
+        """Each sequence's starting conv and (if `recurrent`) recurrent state; None means zeros for all."""
         if state is None or index.all_fresh:
             return None, None
         assert index.slots is not None
         conv = state.conv_state.index_select(0, index.slots)
-        rec = state.recurrent_state.index_select(0, index.slots)
+        rec = state.recurrent_state.index_select(0, index.slots) if recurrent else None
         if index.fresh is not None:  # masked_fill, not a product: a reused slot may hold inf/nan
             conv = conv.masked_fill(index.fresh[:, None, None], 0)
-            rec = rec.masked_fill(index.fresh[:, None, None, None], 0)
+            rec = None if rec is None else rec.masked_fill(index.fresh[:, None, None, None], 0)
         return conv, rec
 
 
