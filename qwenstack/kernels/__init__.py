@@ -1,8 +1,8 @@
 """Native CPU kernels, compiled from the C++ next to this package the first time they are needed: paged
 attention for decode and prefix prefill and the KV write (paged_attention_cpu.cpp), linear layers for a few
 activation rows (linear_cpu.cpp) and for tile-packed weights (linear_tiled_cpu.cpp), RMSNorm, residual add +
-RMSNorm and QK-norm + rotary (rms_norm_cpu.cpp), SwiGLU's activation (swiglu_cpu.cpp), the gated delta
-rule's decode step (gated_delta_cpu.cpp), and a probe of the machine's read rate (memory_cpu.cpp). Every op has a torch reference that the callers fall back on.
+RMSNorm and QK-norm + rotary (rms_norm_cpu.cpp), SwiGLU's activation (swiglu_cpu.cpp), Gated DeltaNet's
+decode step, conv and recurrence (gated_delta_cpu.cpp), and a probe of the machine's read rate (memory_cpu.cpp). Every op has a torch reference that the callers fall back on.
 
 - build.py: the CPU's instruction-set level and one extension per .cpp file (a file that fails to compile
   disables only its own ops); `kernels_disabled` (QWENSTACK_DISABLE_KERNELS=1) forces the torch path.
@@ -16,7 +16,8 @@ from qwenstack.kernels.layouts import (
     unpack_tiles, unpack_tiles_int8,
 )
 from qwenstack.kernels.ops import (
-    LINEAR_WEIGHT_DTYPES, add_rms_norm, gated_delta_decode, has_amx, int8_tiles_preferred, linear_rows, linear_rows_available,
+    LINEAR_WEIGHT_DTYPES, add_rms_norm, conv_decode, gated_delta_decode, has_amx, int8_tiles_preferred,
+    linear_rows, linear_rows_available,
     linear_tiled, linear_tiled_int8, paged_decode_attention, paged_decode_available, paged_prefix_attention,
     qk_norm_rope, rms_norm, silu_mul, stream_sum, use_paged_decode, write_kv,
 )
@@ -28,5 +29,5 @@ __all__ = [
     "LINEAR_WEIGHT_DTYPES", "has_amx", "int8_tiles_preferred", "linear_rows", "linear_rows_available",
     "linear_tiled", "linear_tiled_int8", "paged_decode_attention", "paged_decode_available",
     "paged_prefix_attention", "qk_norm_rope", "rms_norm", "stream_sum", "use_paged_decode", "add_rms_norm",
-    "silu_mul", "write_kv", "gated_delta_decode",
+    "silu_mul", "write_kv", "conv_decode", "gated_delta_decode",
 ]

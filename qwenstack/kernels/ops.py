@@ -228,7 +228,34 @@ def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapp
     return True
 
 
-_NO_ROWS = torch.empty(0, dtype=torch.bool)  # gated_delta_decode's "no sequence is fresh"
+_NO_ROWS = torch.empty(0, dtype=torch.bool)  # the decode ops' "no sequence is fresh"
+
+
+def conv_decode(
+    x: torch.Tensor,  # [B, C]
+    weight: torch.Tensor,  # [C, 1, K]
+    conv_state: torch.Tensor,  # [S, C, K-1] in x's dtype, updated in place at `slots`
+    slots: torch.Tensor,  # [B] long, distinct
+    fresh: torch.Tensor | None,  # [B] bool: a zero window; None: none
+) -> torch.Tensor | None:  # [B, C] in x's dtype
+    """One token of the depthwise causal conv1d + SiLU per sequence on the conv states where they lie
+    (models/linear_attention.py's conv_decode_in_place, in one native call); None (nothing touched) where it
+    does not apply: CPU tensors of the float dtypes, x's channels contiguous, contiguous state and weight, the
+    state in x's dtype, no autograd."""
+    if x.device.type != "cpu" or conv_state.device.type != "cpu" or weight.device.type != "cpu":
+        return None
+    if x.dtype not in _DTYPES or weight.dtype not in _DTYPES or conv_state.dtype != x.dtype or weight.dim() != 3:
+        return None
+    if x.dim() != 2 or x.stride(-1) != 1 or not conv_state.is_contiguous() or not weight.is_contiguous():
+        return None
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or conv_state.requires_grad):
+        return None
+    op = native_op("conv_decode")
+    if op is None:
+        return None
+    no_fresh = _NO_ROWS if fresh is None else fresh
+    weight_rows = weight.view(weight.shape[0], weight.shape[-1])
+    return op(x, weight_rows, conv_state, slots.long().contiguous(), no_fresh)
 
 
 def gated_delta_decode(
@@ -242,8 +269,9 @@ def gated_delta_decode(
     fresh: torch.Tensor | None,  # [B] bool: start from a zero state; None: none does
 ) -> torch.Tensor | None:  # [B, Hv, Dv] in q's dtype
     """One token of the gated delta rule per sequence on the states where they lie (models/linear_attention.py's
-    recurrent_decode_in_place, in one native call); None (nothing touched) where it does not apply: CPU
-    tensors, q/k/v of one dtype with their last dimension contiguous, a contiguous float32 state, no autograd."""
+    recurrent_decode_in_place, in one native call: qwenstack/kernels/gated_delta_cpu.cpp); None (nothing
+    touched) where it does not apply: CPU tensors, q/k/v of one dtype with their last dimension contiguous, a
+    contiguous float32 state, no autograd."""
     if q.device.type != "cpu" or state.device.type != "cpu" or q.dtype not in _DTYPES or beta.dtype not in _DTYPES:
         return None
     if k.dtype != q.dtype or v.dtype != q.dtype or g.dtype != torch.float32 or state.dtype != torch.float32:

@@ -9,8 +9,8 @@ Model files (layers.py, attention.py, qwen3*.py) are the reference math and neve
 - attention layers: NativeAttentionOps, QK-RMSNorm and rotary in one native call, new keys and values
   written to the paged cache in one, and attention over the paged cache read where it lies
   (qwenstack/kernels/paged_attention_cpu.cpp) instead of gathered;
-- Gated DeltaNet layers (Qwen3-Next): a decode step's recurrence on the state slots where they lie, in one
-  native call (qwenstack/kernels/gated_delta_cpu.cpp).
+- Gated DeltaNet layers (Qwen3-Next): a decode step's conv and recurrence on the state slots where they lie,
+  one native call each (qwenstack/kernels/gated_delta_cpu.cpp).
 Each native path keeps its torch reference as the fallback for a call it cannot take (autograd, float32
 norms, a dtype or block size the kernel does not handle, kernels unavailable or disabled), so a prepared
 model computes what the reference computes (bit-identical for the rotary and attention kernels, within
@@ -28,7 +28,7 @@ from qwenstack import kernels
 from qwenstack.models.attention import AttentionBatch, paged_attention
 from qwenstack.models.cpu_linear import prepare_cpu_linears
 from qwenstack.models.layers import AttentionOps, RMSNorm, SwiGLU, silu_and_mul
-from qwenstack.models.linear_attention import recurrent_decode_in_place
+from qwenstack.models.linear_attention import conv_decode_in_place, recurrent_decode_in_place
 
 log = logging.getLogger("qwenstack.models")
 
@@ -48,6 +48,13 @@ class NativeRMSNorm(RMSNorm):
     def add_and_norm(self, x: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         native = kernels.add_rms_norm(x, delta, self.weight, self.eps, self.zero_centered)
         return native if native is not None else super().add_and_norm(x, delta)
+
+
+def native_conv_in_place(x: torch.Tensor, weight: torch.Tensor, conv_state: torch.Tensor, slots: torch.Tensor,
+                         fresh: torch.Tensor | None) -> torch.Tensor:
+    """A Gated DeltaNet decode step's conv in one native call where the kernel applies, the reference elsewhere."""
+    native = kernels.conv_decode(x, weight, conv_state, slots, fresh)
+    return native if native is not None else conv_decode_in_place(x, weight, conv_state, slots, fresh)
 
 
 def native_decode_in_place(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
@@ -145,6 +152,7 @@ def prepare_for_cpu(model: nn.Module, linears: bool = True) -> Prepared:
             module.activation = native_silu_and_mul
             done.activations += 1
         if getattr(module, "decode_step", None) is recurrent_decode_in_place:  # Gated DeltaNet (Qwen3-Next)
+            module.conv_step = native_conv_in_place
             module.decode_step = native_decode_in_place
             done.recurrent_layers += 1
         if isinstance(getattr(module, "ops", None), AttentionOps):

@@ -1,8 +1,8 @@
 """Gated DeltaNet kernels for Qwen3-Next's linear-attention layers, in plain PyTorch.
 
 The caller (model layer, engine) owns the recurrent and conv states and passes them in; every function
-returns the new state rather than writing into its argument, except recurrent_decode_in_place, which
-updates the slots of the engine's state pool it names (a decode step then reads and writes each state once).
+returns the new state rather than writing into its argument, except the two *_decode_in_place forms, which
+update the slots of the engine's state pools they name (a decode step then reads and writes each state once).
 
 Decisions:
 - Shapes follow transformers' `torch_chunk_gated_delta_rule` (token-major, batch first):
@@ -178,6 +178,25 @@ def recurrent_gated_delta_rule(
         state = state + k_t * delta.unsqueeze(-2)
         out[:, :, t] = (state * q[:, :, t].unsqueeze(-1)).sum(dim=-2)
     return out.transpose(1, 2).contiguous().to(out_dtype), state
+
+
+def conv_decode_in_place(
+    x: torch.Tensor,  # [B, C]: one new input per sequence
+    weight: torch.Tensor,  # [C, 1, K]
+    conv_state: torch.Tensor,  # [S, C, K-1]: every slot's last K-1 inputs
+    slots: torch.Tensor,  # [B] long, distinct
+    fresh: torch.Tensor | None,  # [B] bool: sequences whose window starts at zero
+) -> torch.Tensor:
+    """causal_conv1d for one token of every sequence, its slot updated in place; returns y [B, C] in x's dtype.
+
+    The reference form (gather, causal_conv1d, scatter); models/fast_paths.py swaps in one native call.
+    """
+    window = conv_state.index_select(0, slots)
+    if fresh is not None:
+        window = window.masked_fill(fresh[:, None, None], 0)
+    y, new_state = causal_conv1d(x.unsqueeze(-1), weight, window)
+    conv_state.index_copy_(0, slots, new_state.to(conv_state.dtype))
+    return y.squeeze(-1)
 
 
 def recurrent_decode_in_place(

@@ -58,6 +58,7 @@ from qwenstack.models.linear_attention import (
     causal_conv1d,
     causal_conv1d_varlen,
     chunk_gated_delta_rule_varlen,
+    conv_decode_in_place,
     recurrent_decode_in_place,
     recurrent_gated_delta_rule,
 )
@@ -207,7 +208,9 @@ class _StateIndex:
 class GatedDeltaNet(nn.Module):
     """Linear attention with a gated delta rule; names follow the checkpoint (linear_attn.*)."""
 
-    decode_step = staticmethod(recurrent_decode_in_place)  # the preparation (models/fast_paths.py) sets a native one
+    # A plain decode step's two halves on the state slots; the preparation (models/fast_paths.py) sets native ones.
+    conv_step = staticmethod(conv_decode_in_place)
+    decode_step = staticmethod(recurrent_decode_in_place)
 
     def __init__(self, args: Qwen3NextArgs) -> None:
         super().__init__()
@@ -252,9 +255,35 @@ class GatedDeltaNet(nn.Module):
     ) -> torch.Tensor:
         t = x.shape[0]
         mixed, z, b, a = self.split_projections(self.in_proj_qkvz(x), self.in_proj_ba(x))
-        # A plain decode step updates the recurrent state where it lies; the other forms gather and scatter it.
-        in_place = index.decode and state is not None and index.journal is None and not index.all_fresh
-        conv_in, rec_in = self._read_state(state, index, recurrent=not in_place)
+        beta = b.sigmoid()
+        g = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias)  # fp32: exp(A_log) overflows fp16
+        if index.decode and state is not None and index.journal is None and not index.all_fresh:
+            out = self._decode_in_place(mixed, g, beta, state, index)
+        else:
+            out = self._gather_and_scatter(mixed, g, beta, batch, state, index)
+        out = self.norm(out, z)  # [T, Hv, Dv]
+        return self.out_proj(out.reshape(t, self.value_dim))
+
+    def _heads(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The conv's output [T, conv_dim] -> q, k [T, Hk, Dk] and v [T, Hv, Dv] (views)."""
+        q, k, v = y.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
+        t = y.shape[0]
+        return (q.view(t, self.num_k_heads, self.head_k_dim), k.view(t, self.num_k_heads, self.head_k_dim),
+                v.view(t, self.num_v_heads, self.head_v_dim))
+
+    def _decode_in_place(self, mixed: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
+                         state: LinearAttentionState, index: _StateIndex) -> torch.Tensor:
+        """A plain decode step: each sequence's conv and recurrent state updated in its slot, where it lies."""
+        assert index.slots is not None
+        y = self.conv_step(mixed, self.conv1d.weight, state.conv_state, index.slots, index.fresh)
+        q, k, v = self._heads(y)
+        return self.decode_step(q, k, v, g, beta, state.recurrent_state, index.slots, index.fresh)
+
+    def _gather_and_scatter(self, mixed: torch.Tensor, g: torch.Tensor, beta: torch.Tensor, batch: AttentionBatch,
+                            state: LinearAttentionState | None, index: _StateIndex) -> torch.Tensor:
+        """Any pass: the states gathered from their slots, the chunked, padded or recurrent form, the new states
+        scattered back (or recorded in the journal for deferred sequences)."""
+        conv_in, rec_in = self._read_state(state, index)
         weight = self.conv1d.weight
         if index.decode:
             y, conv_out = causal_conv1d(mixed.unsqueeze(-1), weight, conv_in)  # [B, C, 1]
@@ -269,17 +298,8 @@ class GatedDeltaNet(nn.Module):
             y = y.transpose(1, 2)[live]
         else:
             y, conv_out = causal_conv1d_varlen(mixed, weight, batch.query_starts, conv_in)
-        q, k, v = y.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
-        q = q.view(t, self.num_k_heads, self.head_k_dim)
-        k = k.view(t, self.num_k_heads, self.head_k_dim)
-        v = v.view(t, self.num_v_heads, self.head_v_dim)
-        beta = b.sigmoid()
-        g = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias)  # fp32: exp(A_log) overflows fp16
-        if in_place:
-            assert state is not None and index.slots is not None
-            out = self.decode_step(q, k, v, g, beta, state.recurrent_state, index.slots, index.fresh)
-            rec_out = None  # already in its slots
-        elif index.decode:  # token i is sequence i: the batch is the sequences
+        q, k, v = self._heads(y)
+        if index.decode:  # token i is sequence i: the batch is the sequences
             out, rec_out = recurrent_gated_delta_rule(
                 q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1), g.unsqueeze(1), beta.unsqueeze(1), rec_in
             )
@@ -299,24 +319,22 @@ class GatedDeltaNet(nn.Module):
                 index.journal.record(state, batch, slots, mixed, k, v, g, beta)
                 slots, conv_out, rec_out = slots[rows], conv_out[rows], rec_out[rows]
             state.conv_state.index_copy_(0, slots, conv_out.to(state.conv_state.dtype))
-            if rec_out is not None:
-                state.recurrent_state.index_copy_(0, slots, rec_out.to(state.recurrent_state.dtype))
-        out = self.norm(out, z)  # [T, Hv, Dv]
-        return self.out_proj(out.reshape(t, self.value_dim))
+            state.recurrent_state.index_copy_(0, slots, rec_out.to(state.recurrent_state.dtype))
+        return out
 
     @staticmethod
     def _read_state(
-        state: LinearAttentionState | None, index: _StateIndex, recurrent: bool = True
+        state: LinearAttentionState | None, index: _StateIndex
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """Each sequence's starting conv and (if `recurrent`) recurrent state; None means zeros for all."""
+        """Each sequence's starting conv and recurrent state; None means zeros for all."""
         if state is None or index.all_fresh:
             return None, None
         assert index.slots is not None
         conv = state.conv_state.index_select(0, index.slots)
-        rec = state.recurrent_state.index_select(0, index.slots) if recurrent else None
+        rec = state.recurrent_state.index_select(0, index.slots)
         if index.fresh is not None:  # masked_fill, not a product: a reused slot may hold inf/nan
             conv = conv.masked_fill(index.fresh[:, None, None], 0)
-            rec = None if rec is None else rec.masked_fill(index.fresh[:, None, None, None], 0)
+            rec = rec.masked_fill(index.fresh[:, None, None, None], 0)
         return conv, rec
 
 

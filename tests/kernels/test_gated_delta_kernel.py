@@ -1,8 +1,8 @@
-"""The native Gated DeltaNet decode step (qwenstack/kernels/gated_delta_cpu.cpp) against its torch reference,
-models/linear_attention.recurrent_decode_in_place: the same outputs and the same states (float32 sums in
-another order, so within rounding), only the named slots written, a fresh sequence's old state never read
-(even NaN), grouped value heads, strided views of the projection, sizes that leave a scalar tail; and the
-cases that stay on torch."""
+"""The native Gated DeltaNet decode step (qwenstack/kernels/gated_delta_cpu.cpp) against its torch references,
+models/linear_attention's conv_decode_in_place and recurrent_decode_in_place: the same outputs and the same
+states (float32 sums in another order, so within rounding), only the named slots written, a fresh sequence's
+old state never read (even NaN), grouped value heads, strided views of the projection, sizes that leave a
+scalar tail; and the cases that stay on torch."""
 from __future__ import annotations
 
 import pytest
@@ -11,8 +11,8 @@ import torch
 from checkpoints import next_config
 from kernel_utils import require_native_kernels
 from qwenstack import kernels
-from qwenstack.models.fast_paths import native_decode_in_place, prepare_for_cpu
-from qwenstack.models.linear_attention import recurrent_decode_in_place
+from qwenstack.models.fast_paths import native_conv_in_place, native_decode_in_place, prepare_for_cpu
+from qwenstack.models.linear_attention import conv_decode_in_place, recurrent_decode_in_place
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -56,6 +56,28 @@ def test_matches_the_reference_and_writes_only_its_slots(dtype: torch.dtype, sha
     assert torch.isfinite(got_pool[slots]).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("kernel_size", [4, 1])
+def test_conv_matches_the_reference_and_writes_only_its_slots(dtype: torch.dtype, kernel_size: int) -> None:
+    B, C, S = 5, 40, 9
+    gen = torch.Generator().manual_seed(kernel_size)
+    x = torch.randn(B, 2 * C, generator=gen).to(dtype)[:, :C]  # a strided row, as a view of the projection
+    weight = torch.randn(C, 1, kernel_size, generator=gen).to(dtype)
+    pool = torch.randn(S, C, kernel_size - 1, generator=gen).to(dtype)
+    slots = torch.tensor([7, 0, 3, 8, 5])
+    fresh = torch.tensor([False, True, False, False, True])
+    pool[0] = float("nan")  # fresh: never read
+    want_pool, got_pool = pool.clone(), pool.clone()
+    with torch.inference_mode():
+        want = conv_decode_in_place(x, weight, want_pool, slots, fresh)
+        got = kernels.conv_decode(x, weight, got_pool, slots, fresh)
+    assert got is not None and got.shape == (B, C) and got.dtype == dtype
+    # conv1d's four products in another order, and another exp: at most a unit of the 16-bit dtype apart
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1 / 64, atol=1e-3)
+    torch.testing.assert_close(got, want, **tol)
+    assert torch.equal(got_pool, want_pool)  # the raw inputs, moved along: exact, NaN slot overwritten
+
+
 def test_steps_in_a_row_stay_with_the_reference() -> None:
     """Thirty decode steps from the same state: the rounding of one step does not grow over the next ones."""
     B, Hk, Hv, Dk, Dv = 2, 2, 4, 32, 32
@@ -77,6 +99,10 @@ def test_a_slot_outside_the_pool_is_refused_before_any_write() -> None:
     with pytest.raises(RuntimeError, match="outside the state's 2 slots"):
         kernels.gated_delta_decode(**inputs, state=pool, slots=torch.tensor([0, 2]), fresh=None)
     assert torch.equal(pool, torch.zeros(2, 1, 16, 16))
+    conv_pool = torch.zeros(2, 16, 3)
+    with pytest.raises(RuntimeError, match="outside the state's 2 slots"):
+        kernels.conv_decode(torch.ones(2, 16), torch.ones(16, 1, 4), conv_pool, torch.tensor([-1, 0]), None)
+    assert torch.equal(conv_pool, torch.zeros(2, 16, 3))
 
 
 def test_cases_that_stay_on_torch() -> None:
@@ -95,6 +121,6 @@ def test_the_preparation_swaps_it_into_qwen3_next_layers() -> None:
 
     args = Qwen3NextArgs.from_dict({**next_config(), "model_type": "qwen3_next"})
     layer = GatedDeltaNet(args)
-    assert layer.decode_step is recurrent_decode_in_place
+    assert (layer.conv_step, layer.decode_step) == (conv_decode_in_place, recurrent_decode_in_place)
     assert prepare_for_cpu(layer, linears=False).recurrent_layers == 1
-    assert layer.decode_step is native_decode_in_place
+    assert (layer.conv_step, layer.decode_step) == (native_conv_in_place, native_decode_in_place)
