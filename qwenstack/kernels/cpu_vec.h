@@ -145,6 +145,26 @@ inline vf exp_vec(vf x) {
   return p * (vf)((half + 127) << 23) * (vf)((n - half + 127) << 23);
 }
 
+// SwiGLU's activation for one row [gate | up] of I + I values: out = T(T(silu(gate)) * up), silu(g) =
+// g / (1 + exp(-g)) in float32, the rounding of the reference (models/layers.py's silu_and_mul). exp is
+// exp_vec (~2 ulp), so a value can differ from torch's by one unit of T on a rounding boundary of T.
+template <typename T>
+inline void silu_mul_row(const T* gate, int64_t I, T* out) {
+  const T* up = gate + I;
+  int64_t i = 0;
+  for (; i + W <= I; i += W) {
+    const vf g = load_vec(gate + i);
+    const vf s = round_to<T>(g / (1.f + exp_vec(vf{} - g)));
+    store_exact(round_to<T>(s * load_vec(up + i)), out + i);
+  }
+  for (; i < I; ++i) {
+    const float g = to_float(gate[i]);
+    T s;
+    store(g / (1.f + std::exp(-g)), &s);
+    store(to_float(s) * to_float(up[i]), out + i);
+  }
+}
+
 // count elements of type T at src as float32 at dst.
 template <typename T>
 void read_floats(const void* src, int64_t count, float* dst) {

@@ -158,34 +158,48 @@ inline void vec_block(const Rows& a, int64_t m0, const uint16_t* const* packed_c
 }
 #endif
 
-// Block columns [0, cols) over torch's threads in pieces of S contiguous runs of `run` columns, read side
-// by side: columns(std::integral_constant<int64_t, S>{}, nb) takes the S columns nb[0..S). Threads take
-// pieces from a shared counter rather than one fixed share each: on a shared machine one core is often
-// slower for a while (another tenant, an interrupt), and with fixed shares every product waited for it; the
-// columns left over when cols does not divide into pieces go one by one (as S = 1), as the last pieces.
+// Pieces [0, count) of work over torch's threads, taken from a shared counter rather than one fixed share
+// each: on a shared machine one core is often slower for a while (another tenant, an interrupt), and with
+// fixed shares every product waited for it.
+//
+// parallel_column_streams: block columns [0, cols) over the threads in pieces of S contiguous runs of `run`
+// columns, read side by side: columns(std::integral_constant<int64_t, S>{}, nb) takes the S columns nb[0..S).
+// The columns left over when cols does not divide into pieces go one by one (as S = 1), as the last pieces.
 // Each output column is summed by one thread in one order, so results do not depend on who took what.
+template <typename Piece>
+void parallel_pieces(int64_t count, const Piece& piece) {
+  const int64_t threads = std::max<int64_t>(1, torch::stable::get_num_threads());
+  std::atomic<int64_t> next{0};
+  const auto work = [&](int64_t, int64_t) {
+    for (int64_t p = next.fetch_add(1); p < count; p = next.fetch_add(1)) piece(p);
+  };
+  torch::stable::parallel_for(0, std::min(threads, count), 1, work);  // one task runs inline
+}
+
+// Block columns [begin, begin + S * run) as S runs of `run` columns, read side by side, one column of each
+// run at a time.
+template <int64_t S, typename Columns>
+inline void column_streams(int64_t begin, int64_t run, const Columns& columns) {
+  for (int64_t i = 0; i < run; ++i) {
+    int64_t nb[S];
+    for (int64_t s = 0; s < S; ++s) nb[s] = begin + s * run + i;
+    columns(std::integral_constant<int64_t, S>{}, nb);
+  }
+}
+
 template <int64_t S, typename Columns>
 void parallel_column_streams(int64_t cols, const Columns& columns) {
   const int64_t threads = std::max<int64_t>(1, torch::stable::get_num_threads());
   const int64_t run = std::max<int64_t>(1, cols / (S * threads * PIECES_PER_THREAD));
   const int64_t pieces = cols / (S * run), tail_begin = pieces * S * run, count = pieces + (cols - tail_begin);
-  std::atomic<int64_t> next{0};
-  const auto work = [&](int64_t, int64_t) {
-    for (int64_t piece = next.fetch_add(1); piece < count; piece = next.fetch_add(1)) {
-      if (piece >= pieces) {
-        const int64_t nb = tail_begin + (piece - pieces);
-        columns(std::integral_constant<int64_t, 1>{}, &nb);
-        continue;
-      }
-      const int64_t begin = piece * S * run;
-      for (int64_t i = 0; i < run; ++i) {
-        int64_t nb[S];
-        for (int64_t s = 0; s < S; ++s) nb[s] = begin + s * run + i;
-        columns(std::integral_constant<int64_t, S>{}, nb);
-      }
+  parallel_pieces(count, [&](int64_t piece) {
+    if (piece >= pieces) {
+      const int64_t nb = tail_begin + (piece - pieces);
+      columns(std::integral_constant<int64_t, 1>{}, &nb);
+    } else {
+      column_streams<S>(piece * S * run, run, columns);
     }
-  };
-  torch::stable::parallel_for(0, std::min(threads, count), 1, work);  // one task runs inline
+  });
 }
 
 // Rows [0, M) in passes of MT rows, the rest in passes of 4, 2 and 1 (those under MT):
@@ -205,25 +219,33 @@ inline void row_passes(int64_t M, const Pass& pass) {
   }
 }
 
-// The vector loops' block columns over the threads, with the most rows a pass that M allows (1, VEC_ROWS,
-// VEC_MID_ROWS, then VEC_BATCH_ROWS where MAX_ROWS reaches it) and as many weight streams as keep
-// VEC_ACCUMULATORS sums in registers at SUMS per row and column. columns_of(rows) is the columns callback
-// of parallel_column_streams for that many rows a pass.
-template <int64_t SUMS, int64_t MAX_ROWS, typename ColumnsOf>
-void parallel_row_passes(int64_t M, int64_t cols, const ColumnsOf& columns_of) {
+// The vector loops' tier for M rows: the most rows a pass that M allows (1, VEC_ROWS, VEC_MID_ROWS, then
+// VEC_BATCH_ROWS where MAX_ROWS reaches it) and as many weight streams as keep VEC_ACCUMULATORS sums in
+// registers at SUMS per row and column: tier(streams, rows) with both as integral constants.
+template <int64_t SUMS, int64_t MAX_ROWS, typename Tier>
+void with_row_tier(int64_t M, const Tier& tier) {
   using std::integral_constant;
   if (M == 1) {
-    parallel_column_streams<VEC_ACCUMULATORS / SUMS>(cols, columns_of(integral_constant<int64_t, 1>{}));
+    tier(integral_constant<int64_t, VEC_ACCUMULATORS / SUMS>{}, integral_constant<int64_t, 1>{});
   } else if (M < VEC_MID_ROWS) {
-    parallel_column_streams<VEC_ACCUMULATORS / (SUMS * VEC_ROWS)>(
-        cols, columns_of(integral_constant<int64_t, VEC_ROWS>{}));
+    tier(integral_constant<int64_t, VEC_ACCUMULATORS / (SUMS * VEC_ROWS)>{},
+         integral_constant<int64_t, VEC_ROWS>{});
   } else if (MAX_ROWS < VEC_BATCH_ROWS || M < VEC_BATCH_ROWS) {
-    parallel_column_streams<VEC_ACCUMULATORS / (SUMS * VEC_MID_ROWS)>(
-        cols, columns_of(integral_constant<int64_t, VEC_MID_ROWS>{}));
+    tier(integral_constant<int64_t, VEC_ACCUMULATORS / (SUMS * VEC_MID_ROWS)>{},
+         integral_constant<int64_t, VEC_MID_ROWS>{});
   } else if constexpr (MAX_ROWS >= VEC_BATCH_ROWS) {  // (compiled only where the registers allow it)
-    parallel_column_streams<VEC_ACCUMULATORS / (SUMS * VEC_BATCH_ROWS)>(
-        cols, columns_of(integral_constant<int64_t, VEC_BATCH_ROWS>{}));
+    tier(integral_constant<int64_t, VEC_ACCUMULATORS / (SUMS * VEC_BATCH_ROWS)>{},
+         integral_constant<int64_t, VEC_BATCH_ROWS>{});
   }
+}
+
+// The vector loops' block columns [0, cols) over the threads at M rows' tier. columns_of(rows) is the
+// columns callback of parallel_column_streams for that many rows a pass.
+template <int64_t SUMS, int64_t MAX_ROWS, typename ColumnsOf>
+void parallel_row_passes(int64_t M, int64_t cols, const ColumnsOf& columns_of) {
+  with_row_tier<SUMS, MAX_ROWS>(M, [&](auto streams, auto rows) {
+    parallel_column_streams<decltype(streams)::value>(cols, columns_of(rows));
+  });
 }
 
 // Block columns nb[0..S) for every row, MT rows a pass (row_passes).
@@ -694,14 +716,106 @@ Tensor linear_tiled_int8(Tensor x_in, Tensor packed_in, Tensor scales_in) {
   return out;
 }
 
+
+// ---------------------------------------------------------------------------------------------------------
+// Stacked MoE experts (models/moe.py's Experts) in one call, for the few rows a decode step gives each:
+//   for each expert e with rows [o_e, o_e + counts[e]) of x (x sorted by expert):
+//     h = x_e W_gate_up[e]^T, a = silu_mul(h) (cpu_vec.h, the rounding of models/layers.py), out_e = a W_down[e]^T
+// every product rounded to bfloat16 as linear_tiled's are, so out is bit for bit what the loop over experts
+// with linear_tiled and silu_mul gives. Why: a decode step of 32 sequences over the top 10 of 128 experts
+// runs ~118 experts a layer at ~2.5 rows each, 236 products of 2-4 MB, and as separate calls each one woke
+// the threads, split its few columns among them and waited for the slower one, with Python's slicing and
+// SiLU between. Here the block columns of every expert are one queue of pieces for the threads, one queue
+// for the gate/up products and one for the down products. Vector loops only: at most MOE_MAX_ROWS rows an
+// expert (larger groups, prefill, go expert by expert through linear_tiled and its AMX loop).
+// Layout: x [R, H] bfloat16; counts [E] int64 (sum R); gate_up [E, 2I / 16, H / 32, 16, 16, 2] and down
+// [E, H / 16, I / 32, 16, 16, 2] bfloat16 (pack_tiles of each expert); out [R, H] bfloat16.
+constexpr int64_t MOE_MAX_ROWS = 16;
+constexpr int64_t MOE_PIECE_COLUMNS = 16;  // block columns a piece (256 outputs): 1 MiB of weights at K = 2048
+
+// One phase: for every expert with rows, its rows' product with its matrix (packed + e * expert_size), block
+// columns in pieces of at most MOE_PIECE_COLUMNS, read in the tier of streams that its row count takes.
+void moe_phase(const std::vector<Rows>& rows, const std::vector<int64_t>& experts, const uint16_t* packed,
+               int64_t expert_size, int64_t N, Bf16* out, const std::vector<int64_t>& first_row) {
+  const int64_t cols = N / TILE_N, per_expert = (cols + MOE_PIECE_COLUMNS - 1) / MOE_PIECE_COLUMNS;
+  parallel_pieces(int64_t(experts.size()) * per_expert, [&](int64_t piece) {
+    const int64_t i = piece / per_expert, begin = piece % per_expert * MOE_PIECE_COLUMNS;
+    const int64_t end = std::min(cols, begin + MOE_PIECE_COLUMNS);
+    const Rows& a = rows[i];
+    const uint16_t* w = packed + experts[i] * expert_size;
+    Bf16* o = out + first_row[i] * N;
+    with_row_tier<2, VEC_BATCH_ROWS>(a.M, [&](auto streams, auto tier_rows) {
+      constexpr int64_t S = decltype(streams)::value, MT = decltype(tier_rows)::value;
+      const int64_t run = (end - begin) / S;
+      column_streams<S>(begin, run, [&](auto, const int64_t* nb) { vec_columns<S, MT>(a, w, nb, o, N); });
+      for (int64_t nb = begin + S * run; nb < end; ++nb) vec_columns<1, MT>(a, w, &nb, o, N);
+    });
+  });
+}
+
+Tensor moe_tiled(Tensor x_in, Tensor counts_in, Tensor gate_up_in, Tensor down_in) {
+  STD_TORCH_CHECK(x_in.is_cpu() && counts_in.is_cpu() && gate_up_in.is_cpu() && down_in.is_cpu(),
+                  "moe_tiled: CPU tensors only");
+  STD_TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == ScalarType::BFloat16,
+                  "moe_tiled: x must be bfloat16 [R, H]");
+  STD_TORCH_CHECK(gate_up_in.dim() == 6 && down_in.dim() == 6 && gate_up_in.scalar_type() == ScalarType::BFloat16 &&
+                      down_in.scalar_type() == ScalarType::BFloat16,
+                  "moe_tiled: gate_up and down must be bfloat16 [E, N / 16, K / 32, 16, 16, 2]");
+  const int64_t R = x_in.size(0), H = x_in.size(1), E = gate_up_in.size(0);
+  const int64_t I2 = gate_up_in.size(1) * TILE_N, I = I2 / 2;
+  STD_TORCH_CHECK(gate_up_in.size(2) * TILE_K == H && down_in.size(0) == E && down_in.size(1) * TILE_N == H &&
+                      down_in.size(2) * TILE_K == I && I % TILE_N == 0,
+                  "moe_tiled: the stacks do not match x's ", H, " columns or each other");
+  STD_TORCH_CHECK(counts_in.dim() == 1 && counts_in.size(0) == E && counts_in.scalar_type() == ScalarType::Long,
+                  "moe_tiled: counts must be int64 [E]");
+  Tensor x = torch::stable::contiguous(x_in);
+  Tensor counts_t = torch::stable::contiguous(counts_in);
+  Tensor gate_up = torch::stable::contiguous(gate_up_in);
+  Tensor down = torch::stable::contiguous(down_in);
+  const int64_t* counts = static_cast<const int64_t*>(counts_t.const_data_ptr());
+  std::vector<int64_t> experts, first_row;
+  int64_t total = 0;
+  for (int64_t e = 0; e < E; ++e) {
+    STD_TORCH_CHECK(counts[e] >= 0 && counts[e] <= MOE_MAX_ROWS, "moe_tiled: expert ", e, " has ", counts[e],
+                    " rows; at most ", MOE_MAX_ROWS);
+    if (counts[e] == 0) continue;
+    experts.push_back(e);
+    first_row.push_back(total);
+    total += counts[e];
+  }
+  STD_TORCH_CHECK(total == R, "moe_tiled: counts add up to ", total, ", x has ", R, " rows");
+  Tensor out = torch::stable::empty({R, H}, ScalarType::BFloat16, std::nullopt, x.device());
+  if (R == 0) return out;
+  const Bf16* xp = static_cast<const Bf16*>(x.const_data_ptr());
+  std::vector<Rows> rows(experts.size());
+  for (size_t i = 0; i < experts.size(); ++i) {
+    rows[i].M = counts[experts[i]];
+    rows[i].K = H;
+    read_rows<Bf16>(xp + first_row[i] * H, rows[i]);
+  }
+  std::unique_ptr<Bf16[]> h = uninitialized<Bf16>(R * I2);
+  moe_phase(rows, experts, static_cast<const uint16_t*>(gate_up.const_data_ptr()), I2 * H, I2, h.get(), first_row);
+  std::unique_ptr<Bf16[]> act = uninitialized<Bf16>(R * I);
+  for (int64_t r = 0; r < R; ++r) silu_mul_row(h.get() + r * I2, I, act.get() + r * I);
+  for (size_t i = 0; i < experts.size(); ++i) {
+    rows[i].K = I;
+    read_rows<Bf16>(act.get() + first_row[i] * I, rows[i]);
+  }
+  moe_phase(rows, experts, static_cast<const uint16_t*>(down.const_data_ptr()), H * I, H,
+            static_cast<Bf16*>(out.mutable_data_ptr()), first_row);
+  return out;
+}
+
 }  // namespace
 
 STABLE_TORCH_LIBRARY_FRAGMENT(qwenstack, m) {
   m.def("linear_tiled(Tensor x, Tensor packed) -> Tensor");
   m.def("linear_tiled_int8(Tensor x, Tensor packed, Tensor scales) -> Tensor");
+  m.def("moe_tiled(Tensor x, Tensor counts, Tensor gate_up, Tensor down) -> Tensor");
 }
 
 STABLE_TORCH_LIBRARY_IMPL(qwenstack, CPU, m) {
   m.impl("linear_tiled", TORCH_BOX(&linear_tiled));
   m.impl("linear_tiled_int8", TORCH_BOX(&linear_tiled_int8));
+  m.impl("moe_tiled", TORCH_BOX(&moe_tiled));
 }

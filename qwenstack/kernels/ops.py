@@ -286,3 +286,28 @@ def gated_delta_decode(
     no_fresh = _NO_ROWS if fresh is None else fresh
     return op(q, k, v, g, beta, state, slots.long().contiguous(), no_fresh)
 
+
+
+MOE_MAX_ROWS = 16  # linear_tiled_cpu.cpp's: more rows an expert go expert by expert (AMX where there is one)
+
+
+def moe_tiled(
+    x: torch.Tensor,  # [R, H] bfloat16, rows sorted by expert
+    counts: torch.Tensor,  # [E] int64: rows of each expert, in order
+    gate_up: torch.Tensor,  # [E, 2I / 16, H / 32, 16, 16, 2] bfloat16, tile-packed per expert
+    down: torch.Tensor,  # [E, H / 16, I / 32, 16, 16, 2] bfloat16
+) -> torch.Tensor | None:  # [R, H] bfloat16
+    """Every expert's SwiGLU over its rows in one native call (qwenstack/kernels/linear_tiled_cpu.cpp), bit for
+    bit the loop of linear_tiled and silu_mul over the experts; None where it does not apply: CPU bfloat16,
+    at most MOE_MAX_ROWS rows an expert, no autograd."""
+    if x.device.type != "cpu" or x.dtype != torch.bfloat16 or gate_up.dtype != torch.bfloat16 or x.dim() != 2:
+        return None
+    if torch.is_grad_enabled() and x.requires_grad:
+        return None
+    if counts.numel() and int(counts.max()) > MOE_MAX_ROWS:
+        return None
+    op = native_op("moe_tiled")
+    if op is None:
+        return None
+    return op(x, counts, gate_up, down)
+

@@ -22,32 +22,13 @@ using torch::headeronly::ScalarType;
 using torch::stable::Tensor;
 
 template <typename T>
-inline float silu_times(float g, float u) {
-  T s, out;
-  store(g / (1.f + std::exp(-g)), &s);
-  store(to_float(s) * u, &out);
-  return to_float(out);
-}
-
-template <typename T>
 void run(const Tensor& gate_up, int64_t I, Tensor& out) {
   const int64_t R = gate_up.size(0), stride = gate_up.stride(0);
   const T* src = static_cast<const T*>(gate_up.const_data_ptr());
   T* dst = static_cast<T*>(out.mutable_data_ptr());
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(I, 1));
   torch::stable::parallel_for(0, R, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const T* g = src + r * stride;
-      const T* u = g + I;
-      T* o = dst + r * I;
-      int64_t i = 0;
-      for (; i + W <= I; i += W) {
-        const vf gv = load_vec(g + i);
-        const vf s = round_to<T>(gv / (1.f + exp_vec(vf{} - gv)));
-        store_exact(round_to<T>(s * load_vec(u + i)), o + i);
-      }
-      for (; i < I; ++i) store(silu_times<T>(to_float(g[i]), to_float(u[i])), o + i);
-    }
+    for (int64_t r = begin; r < end; ++r) silu_mul_row(src + r * stride, I, dst + r * I);
   });
 }
 

@@ -3,7 +3,8 @@
 Decoding is bound by reading the weights once per step, and on CPU `F.linear` on bfloat16 reads them well
 below the memory bandwidth for a matrix-vector product. Two faster forms, and the runner picks, on the
 model's own largest matrices and this machine, whichever multiplies one row and a batch of BATCH_ROWS rows
-fastest in most of several interleaved timing rounds (measure, then pick; see FORM_ROUNDS):
+fastest in most of several interleaved timing rounds (measure, then pick; see FORM_ROUNDS); stacked MoE
+experts, which see a few rows each, are voted on apart (EXPERT_ROWS):
 - native: bfloat16 matrices whose sizes are tile multiples (16 rows, 32 columns: every Qwen3 linear) are
   stored tile-packed and multiplied by qwenstack/kernels/linear_tiled_cpu.cpp up to tiled_max_rows() rows
   (decode and batched decode: 512 with AMX, 16 without), by F.linear on the unpacked matrix above. Other matrices keep
@@ -32,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qwenstack import kernels
+from qwenstack.models.moe import Experts
 
 log = logging.getLogger("qwenstack.models")
 PACKABLE_DTYPES = (torch.bfloat16, torch.float16)
@@ -215,6 +217,39 @@ def probe_weights(model: nn.Module, budget: int = PROBE_BYTES) -> list[torch.Ten
 # (the tiled kernel has no tile unit there, and its vector loop takes two rows a pass); one-row passes alone
 # let the tiled kernel win the votes on that machine and lose 1.5-2.5x on every batch.
 BATCH_ROWS = 16
+# Stacked MoE experts see few rows in a decode step: B sequences give each expert about B x top_k / E of
+# them (32 sequences of a 128-expert, top-10 model: 2.5; the released 512-expert Qwen3-Next: 0.6). Their
+# form is voted on apart, by running their grouped SwiGLU as the model would (models/moe.py: in the native
+# form, every expert in one call) on one row and on this many an expert. With the dense linears' vote they
+# took oneDNN's packed form on a CPU without AMX, where the one call runs a 32-sequence Qwen3-Next step 1.19x
+# faster.
+EXPERT_ROWS = 4
+
+
+def _expert_passes(model: nn.Module, budget: int = PROBE_BYTES) -> dict[str, Callable[[], object]]:
+    """One pass per available form over copies of the first experts of the model's first expert stack (as
+    many as hold `budget` bytes): their grouped SwiGLU on one row and on EXPERT_ROWS rows each; none when the
+    model has no (unquantized, 16-bit) stacked experts."""
+    stack = next((m for m in model.modules() if type(m) is Experts and m.gate_up_proj.dim() == 3), None)
+    if stack is None or stack.gate_up_proj.dtype not in PACKABLE_DTYPES:
+        return {}
+    per_expert = (stack.gate_up_proj[0].numel() + stack.down_proj[0].numel()) * stack.gate_up_proj.element_size()
+    n = max(1, min(stack.num_experts, -(-budget // per_expert)))
+    forms = ["plain"] + ["packed"] * packing_supported() + ["native"] * kernels.linear_rows_available()
+    passes = {}
+    for form in forms:
+        probe = Experts(n, stack.hidden_size, stack.intermediate_size).to(stack.gate_up_proj.dtype)
+        with torch.no_grad():
+            probe.gate_up_proj.copy_(stack.gate_up_proj[:n])
+            probe.down_proj.copy_(stack.down_proj[:n])
+        if form != "plain":
+            probe.prepare_for_cpu(form)
+        calls = []
+        for rows in (1, EXPERT_ROWS):
+            x = torch.randn(n * rows, stack.hidden_size, dtype=stack.gate_up_proj.dtype)
+            calls.append(functools.partial(probe.grouped_swiglu, x, torch.full((n,), rows, dtype=torch.long)))
+        passes[form] = functools.partial(lambda calls: [c() for c in calls], calls)
+    return passes
 
 
 def _form_passes(weights: list[torch.Tensor]) -> dict[str, Callable[[], object]]:
@@ -255,7 +290,11 @@ class FormTiming:
 def time_forms(weights: list[torch.Tensor], rounds: int = FORM_ROUNDS) -> FormTiming:
     """Times one-row and BATCH_ROWS-row products in each available form over `weights`, all forms once per
     round, each round in a rotated order."""
-    passes = _form_passes(weights)
+    return time_passes(_form_passes(weights), rounds)
+
+
+def time_passes(passes: dict[str, Callable[[], object]], rounds: int = FORM_ROUNDS) -> FormTiming:
+    """Times each form's pass once per round, each round in a rotated order, on one thread."""
     forms = list(passes)
     timing = FormTiming(dict.fromkeys(forms, 0), dict.fromkeys(forms, float("inf")))
     threads = torch.get_num_threads()
@@ -280,10 +319,26 @@ def time_forms(weights: list[torch.Tensor], rounds: int = FORM_ROUNDS) -> FormTi
 def fastest_form(weights: list[torch.Tensor], rounds: int = FORM_ROUNDS) -> str:
     """The CPU linear form ("plain" F.linear, "packed" oneDNN or "native") that multiplies one row and a
     batch of rows fastest on this machine: the winner of most of `rounds` interleaved rounds over `weights`."""
-    timing = time_forms(weights, rounds)
-    log.info("CPU linear forms: rounds won %s, best ms %s", timing.wins,
-             {f: round(t * 1e3, 2) for f, t in timing.best.items()})
+    return _chosen("CPU linear forms", time_forms(weights, rounds))
+
+
+def fastest_expert_form(model: nn.Module, rounds: int = FORM_ROUNDS) -> str | None:
+    """The form in which the model's stacked experts run their decode rows fastest here (see EXPERT_ROWS);
+    None when it has none."""
+    passes = _expert_passes(model)
+    return _chosen("CPU forms of the experts", time_passes(passes, rounds)) if passes else None
+
+
+def _chosen(what: str, timing: FormTiming) -> str:
+    log.info("%s: rounds won %s, best ms %s", what, timing.wins, {f: round(t * 1e3, 2) for f, t in timing.best.items()})
     return timing.chosen
+
+
+def _runnable(form: str) -> str:
+    """`form`, or "plain" where this machine cannot run it."""
+    if form == "packed" and not packing_supported() or form == "native" and not kernels.linear_rows_available():
+        return "plain"
+    return form
 
 
 def prepare_cpu_linears(model: nn.Module, form: str | None = None) -> int:
@@ -295,27 +350,31 @@ def prepare_cpu_linears(model: nn.Module, form: str | None = None) -> int:
     probes = probe_weights(model)
     if not probes:
         return 0
-    form = form or fastest_form(probes)
-    if form == "packed" and not packing_supported() or form == "native" and not kernels.linear_rows_available():
-        form = "plain"
-    if form == "plain":
+    expert_form = form
+    if form is None:
+        form = fastest_form(probes)
+        expert_form = fastest_expert_form(model) or form
+    form, expert_form = _runnable(form), _runnable(expert_form)
+    if form == "plain" and expert_form == "plain":
         log.info("F.linear is the fastest CPU linear on this machine; keeping it")
         return 0
     wrap = PackedLinear if form == "packed" else NativeLinear
     count = 0
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
-            if type(child) is nn.Linear:
+            if type(child) is nn.Linear and form != "plain":
                 # Native form: a bfloat16 matrix of tile multiples is stored tile-packed (freeing the
                 # row-major one); others keep their weight for the row-major kernel.
                 tiled = form == "native" and kernels.can_tile(child.weight)
                 setattr(module, child_name, (TiledLinear if tiled else wrap)(child.weight, child.bias))
                 count += 1
-            elif hasattr(child, "prepare_for_cpu"):  # stacked MoE experts (models/moe.py) pick their own layout
+            elif isinstance(child, Experts):  # stacked MoE experts (models/moe.py) pick their own layout
+                count += child.prepare_for_cpu(expert_form) if expert_form != "plain" else 0
+            elif hasattr(child, "prepare_for_cpu") and form != "plain":  # e.g. the vision tower's blocks
                 count += child.prepare_for_cpu(form)
     inner = getattr(model, "model", None)
     embed = getattr(inner, "embed_tokens", None)
-    if getattr(model, "lm_head", 0) is None and isinstance(embed, nn.Embedding):
+    if getattr(model, "lm_head", 0) is None and isinstance(embed, nn.Embedding) and form != "plain":
         if form == "native" and kernels.can_tile(embed.weight):
             table = TiledEmbedding(embed.weight)
             inner.embed_tokens = table  # type: ignore[union-attr]
@@ -323,5 +382,5 @@ def prepare_cpu_linears(model: nn.Module, form: str | None = None) -> int:
         else:
             model.lm_head = wrap(embed.weight)  # type: ignore[assignment]
         count += 1
-    log.info("%d CPU linears in the %s form", count, form)
+    log.info("%d CPU linears in the %s form (stacked experts: %s)", count, form, expert_form)
     return count

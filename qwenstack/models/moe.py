@@ -17,20 +17,24 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qwenstack import kernels
+
 if TYPE_CHECKING:
     from qwenstack.weights import Source
 
 
 class Experts(nn.Module):
+    # The CPU form prepare_for_cpu chose (class defaults: quantized subclasses skip __init__).
+    packed: dict[str, list[torch.Tensor]] | None = None  # per-expert prepacked CPU weights
+    native = False  # few-row products through the native CPU kernel (models/cpu_linear.py)
+    # Both stacks hold each expert tile-packed, in place: [E, N / 16, K / 32, 16, 16, 2] (cpu_linear.py).
+    tiled = False
+
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int) -> None:
         super().__init__()
         self.num_experts, self.hidden_size, self.intermediate_size = num_experts, hidden_size, intermediate_size
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
-        self.packed: dict[str, list[torch.Tensor]] | None = None  # per-expert prepacked CPU weights
-        self.native = False  # few-row products through the native CPU kernel (models/cpu_linear.py)
-        # Both stacks hold each expert tile-packed, in place: [E, N / 16, K / 32, 16, 16, 2] (cpu_linear.py).
-        self.tiled = False
 
     def forward(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x [T, H]; expert_ids, weights [T, k] -> [T, H]."""
@@ -38,13 +42,23 @@ class Experts(nn.Module):
         flat_ids = expert_ids.flatten()
         order = torch.argsort(flat_ids, stable=True)
         token_of = order // top_k  # which token each sorted (token, slot) pair belongs to
-        counts = torch.bincount(flat_ids, minlength=self.num_experts).tolist()
-        # One gather of the inputs in expert order and one weighted scatter-add at the end; the loop over
-        # the experts that received tokens only slices, multiplies and writes its rows.
+        counts = torch.bincount(flat_ids, minlength=self.num_experts)
+        # One gather of the inputs in expert order and one weighted scatter-add at the end.
         inputs = x[token_of]
+        results = self.grouped_swiglu(inputs, counts)
+        results *= weights.flatten()[order, None].to(results.dtype)
+        return torch.zeros_like(x).index_add_(0, token_of, results)
+
+    def grouped_swiglu(self, inputs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """Each expert's SwiGLU over its rows: inputs [R, H] sorted by expert, counts [E] rows per expert."""
+        if self.tiled:  # every expert in one native call where it applies (a decode step's few rows each)
+            fused = kernels.moe_tiled(inputs, counts, self.gate_up_proj, self.down_proj)
+            if fused is not None:
+                return fused
+        # The loop over the experts that received rows only slices, multiplies and writes its rows.
         results = torch.empty_like(inputs)
         start = 0
-        for expert, count in enumerate(counts):
+        for expert, count in enumerate(counts.tolist()):
             if count == 0:
                 continue
             end = start + count
@@ -52,8 +66,7 @@ class Experts(nn.Module):
             gate, up = h.split(self.intermediate_size, dim=-1)
             results[start:end] = self.expert_linear("down_proj", expert, F.silu(gate) * up)
             start = end
-        results *= weights.flatten()[order, None].to(results.dtype)
-        return torch.zeros_like(x).index_add_(0, token_of, results)
+        return results
 
     def expert_linear(self, name: str, expert: int, x: torch.Tensor) -> torch.Tensor:
         """x [T, in] @ W[expert].T for W = gate_up_proj or down_proj. Quantized experts
@@ -77,8 +90,6 @@ class Experts(nn.Module):
         tile-packed in place where their sizes allow) or "packed" (prepacked copies; the originals are freed).
         Returns how many matrices changed form."""
         if form == "native":
-            from qwenstack import kernels
-
             stacks = {name: getattr(self, name) for name in ("gate_up_proj", "down_proj")}
             if not all(kernels.can_tile(stack[0]) for stack in stacks.values()):
                 self.native = True

@@ -1,0 +1,108 @@
+"""Stacked MoE experts in one native call (qwenstack/kernels/linear_tiled_cpu.cpp's moe_tiled) against the loop
+over experts it replaces: bit for bit the same products and activation (linear_tiled and silu_mul expert by
+expert), experts with no rows, one row, and the most rows it takes; the cases it leaves to the loop; and the
+form choice that puts the experts in the tile-packed form apart from the dense linears."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernel_utils import require_native_kernels
+from qwenstack import kernels
+from qwenstack.models import cpu_linear
+from qwenstack.models.moe import Experts
+
+H, I = 64, 32  # tile multiples: gate_up [2I, H] and down [H, I] both tile
+
+
+@pytest.fixture(scope="module", autouse=True)
+def kernel_built() -> None:
+    require_native_kernels()
+
+
+def _tiled_experts(num_experts: int, seed: int = 0) -> Experts:
+    torch.manual_seed(seed)
+    experts = Experts(num_experts, H, I).to(torch.bfloat16)
+    with torch.no_grad():
+        experts.gate_up_proj.normal_(0, 0.2)
+        experts.down_proj.normal_(0, 0.2)
+    assert experts.prepare_for_cpu("native") == 2 * num_experts and experts.tiled
+    return experts
+
+
+def _loop(experts: Experts, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """The products expert by expert, as the loop of Experts.grouped_swiglu runs them in the tiled form."""
+    out, start = [], 0
+    for e, n in enumerate(counts):
+        if n:
+            h = kernels.linear_tiled(x[start:start + n], experts.gate_up_proj[e])
+            out.append(kernels.linear_tiled(kernels.silu_mul(h), experts.down_proj[e]))
+            start += n
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize("counts", [[1, 0, 2, 3, 0, 1], [0, 0, 0, 0, 0, 5], [16, 1, 0, 7, 4, 9], [1] * 6])
+def test_one_call_equals_the_loop_over_experts(counts: list[int]) -> None:
+    experts = _tiled_experts(len(counts))
+    x = torch.randn(sum(counts), H).to(torch.bfloat16)
+    with torch.inference_mode():
+        got = kernels.moe_tiled(x, torch.tensor(counts), experts.gate_up_proj, experts.down_proj)
+        want = _loop(experts, x, counts)
+    assert got is not None and got.dtype == torch.bfloat16
+    assert torch.equal(got, want)
+
+
+def test_the_module_takes_it_and_stays_with_its_reference() -> None:
+    """Experts.forward in the tiled form (routing, weights and the scatter-add around the one call) against the
+    same experts unprepared, F.linear and torch's SiLU: bfloat16 rounding apart, no more."""
+    torch.manual_seed(1)
+    reference = Experts(8, H, I).to(torch.bfloat16)
+    with torch.no_grad():
+        reference.gate_up_proj.normal_(0, 0.2)
+        reference.down_proj.normal_(0, 0.2)
+    prepared = Experts(8, H, I).to(torch.bfloat16)
+    prepared.load_state_dict(reference.state_dict())
+    prepared.prepare_for_cpu("native")
+    x = torch.randn(5, H).to(torch.bfloat16)
+    expert_ids = torch.stack([torch.randperm(8)[:3] for _ in range(5)])
+    weights = torch.softmax(torch.randn(5, 3), -1).to(torch.bfloat16)
+    calls = []
+    original = kernels.moe_tiled
+    with torch.inference_mode(), pytest.MonkeyPatch.context() as patch:
+        patch.setattr(kernels, "moe_tiled", lambda *a: calls.append(a) or original(*a))
+        got = prepared(x, expert_ids, weights)
+        want = reference(x, expert_ids, weights)
+    assert len(calls) == 1
+    torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
+
+
+def test_what_it_leaves_to_the_loop_and_what_it_refuses() -> None:
+    experts = _tiled_experts(2)
+    many = torch.randn(kernels.ops.MOE_MAX_ROWS + 1, H).to(torch.bfloat16)
+    counts = torch.tensor([kernels.ops.MOE_MAX_ROWS + 1, 0])
+    assert kernels.moe_tiled(many, counts, experts.gate_up_proj, experts.down_proj) is None  # prefill-sized
+    assert kernels.moe_tiled(many.float(), counts, experts.gate_up_proj, experts.down_proj) is None
+    with torch.inference_mode():  # the module then runs the loop, with the same result
+        looped = experts.grouped_swiglu(many, counts)
+    assert torch.equal(looped, _loop(experts, many, counts.tolist()))
+    with pytest.raises(RuntimeError, match="counts add up to 3, x has 2 rows"):
+        kernels.moe_tiled(many[:2], torch.tensor([2, 1]), experts.gate_up_proj, experts.down_proj)
+
+
+def test_experts_get_their_own_form(tiny_qwen3_moe, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The dense linears' vote and the experts' vote are apart: here packed for the first, native for the
+    second, as on a CPU without AMX."""
+    from qwenstack.models.registry import load_model
+
+    model = load_model(tiny_qwen3_moe, dtype=torch.bfloat16)
+    stacks = [m for m in model.modules() if type(m) is Experts]
+    assert stacks
+    timed = cpu_linear._expert_passes(model)
+    assert set(timed) >= {"plain", "native"}  # the probe runs the grouped SwiGLU in each form
+    for run in timed.values():
+        run()
+    monkeypatch.setattr(cpu_linear, "fastest_form", lambda probes, rounds=cpu_linear.FORM_ROUNDS: "packed")
+    monkeypatch.setattr(cpu_linear, "fastest_expert_form", lambda model, rounds=cpu_linear.FORM_ROUNDS: "native")
+    cpu_linear.prepare_cpu_linears(model)
+    assert any(isinstance(m, cpu_linear.PackedLinear) for m in model.modules())
+    assert all(m.tiled or m.native for m in stacks)
