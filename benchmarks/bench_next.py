@@ -3,7 +3,8 @@
     python benchmarks/make_checkpoint.py qwen3-next-80b-a3b-4l /tmp/bench/qwen3-next-80b-a3b-4l
     python benchmarks/bench_next.py /tmp/bench/qwen3-next-80b-a3b-4l
 
-- decode tokens/s, single stream and 32 concurrent requests (transformers: one batch of 32);
+- decode tokens/s, single stream and 32 concurrent requests (transformers: one batch of 32), both models
+  loaded and the cases interleaved round by round, medians of --rounds;
 - memory held per sequence at 4K and 32K tokens of context: paged KV of the full-attention layers plus
   the fixed recurrent state of the linear layers, against a Qwen3-MoE of the same width whose layers are
   all full attention (Qwen3-30B-A3B's attention shape, same layer count). Computed from the sizes the
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import random
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -63,6 +65,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description="Qwen3-Next vs transformers")
     parser.add_argument("model_dir", type=Path)
     parser.add_argument("--new-tokens", type=int, default=24)
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of both sides (medians)")
     parser.add_argument("--no-transformers", action="store_true")
     parser.add_argument("--name", default="qwen3-next-80b-a3b-4l", help="benchmarks/out/next-NAME.json")
     args = parser.parse_args()
@@ -79,21 +82,30 @@ def main() -> None:
     print("memory", results["memory_per_sequence"], flush=True)
     model = load_model(args.model_dir, dtype=torch.bfloat16)
     vocab = model.args.vocab_size
-    single = [random_prompt(rng, 32, vocab)]
-    batch = [random_prompt(rng, 32, vocab) for _ in range(32)]
-    ours_decode_rate(model, single, 3)  # warm-up
-    results["single_stream"] = {"ours_tok_s": ours_decode_rate(model, single, args.new_tokens)}
-    results["concurrent_32"] = {"ours_tok_s": ours_decode_rate(model, batch, args.new_tokens)}
-    print("ours", results, flush=True)
-    del model
+    cases = {"single_stream": [random_prompt(rng, 32, vocab)],
+             "concurrent_32": [random_prompt(rng, 32, vocab) for _ in range(32)]}
+    ours_decode_rate(model, cases["single_stream"], 3)  # warm-up
+    hf = None
     if not args.no_transformers:
         import transformers
 
         hf = transformers.AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.bfloat16).eval()
-        hf_generate(hf, single, 2)
-        for key, prompts in (("single_stream", single), ("concurrent_32", batch)):
-            theirs = hf_decode_rate(hf, prompts, args.new_tokens)
-            results[key].update(transformers_tok_s=theirs, ratio=results[key]["ours_tok_s"] / theirs)
+        hf_generate(hf, cases["single_stream"], 2)
+    # Both models stay loaded and the cases alternate, round by round, so a slow minute of a shared machine
+    # falls on both sides alike; medians of the rounds.
+    rounds: dict[str, dict[str, list[float]]] = {key: {"ours": [], "transformers": []} for key in cases}
+    for r in range(args.rounds):
+        for key, prompts in cases.items():
+            rounds[key]["ours"].append(ours_decode_rate(model, prompts, args.new_tokens))
+            if hf is not None:
+                rounds[key]["transformers"].append(hf_decode_rate(hf, prompts, args.new_tokens))
+            print(r, key, {side: round(v[-1], 2) for side, v in rounds[key].items() if v}, flush=True)
+    for key, sides in rounds.items():
+        entry: dict[str, Any] = {"ours_tok_s": statistics.median(sides["ours"]), "rounds": sides}
+        if sides["transformers"]:
+            entry["transformers_tok_s"] = statistics.median(sides["transformers"])
+            entry["ratio"] = entry["ours_tok_s"] / entry["transformers_tok_s"]
+        results[key] = entry
     print(results, flush=True)
     print(save(f"next-{args.name}", results))
 
