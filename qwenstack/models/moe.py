@@ -5,7 +5,8 @@ Decisions:
   and down_proj [E, H, I]. Checkpoints store them per expert (Qwen3-MoE, Qwen3-Next) or fused and
   transposed (Qwen3-VL-MoE); `checkpoint_sources` declares both layouts and the loader picks the one on disk.
 - Tokens are grouped by expert (one sort), and only the experts that received tokens run: no Python loop
-  over every expert for every token.
+  over every expert for every token. In the tile-packed CPU form a decode step's experts (a few rows each)
+  run in one native call (kernels.moe_tiled) instead of a loop of products.
 - Routing follows transformers exactly: softmax in float32, top-k, optional renormalisation, weights cast to
   the activation dtype before mixing.
 """
@@ -89,6 +90,8 @@ class Experts(nn.Module):
         """Switches the experts to a CPU linear form of models/cpu_linear.py: "native" (the same weights,
         tile-packed in place where their sizes allow) or "packed" (prepacked copies; the originals are freed).
         Returns how many matrices changed form."""
+        if self.tiled or self.native or self.packed is not None:  # prepared already
+            return 0
         if form == "native":
             stacks = {name: getattr(self, name) for name in ("gate_up_proj", "down_proj")}
             if not all(kernels.can_tile(stack[0]) for stack in stacks.values()):

@@ -27,6 +27,7 @@ def _tiled_experts(num_experts: int, seed: int = 0) -> Experts:
         experts.gate_up_proj.normal_(0, 0.2)
         experts.down_proj.normal_(0, 0.2)
     assert experts.prepare_for_cpu("native") == 2 * num_experts and experts.tiled
+    assert experts.prepare_for_cpu("native") == 0 and experts.prepare_for_cpu("packed") == 0  # prepared once
     return experts
 
 
