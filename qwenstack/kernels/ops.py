@@ -287,8 +287,14 @@ def gated_delta_decode(
     return op(q, k, v, g, beta, state, slots.long().contiguous(), no_fresh)
 
 
-
-MOE_MAX_ROWS = 16  # linear_tiled_cpu.cpp's: more rows an expert go expert by expert (AMX where there is one)
+# Rows up to which the tiled kernel's vector loops (builds without AMX) beat F.linear on the matrix unpacked
+# for the call: since their two sum chains stay in registers, 0.4-0.8x of its time at 16-128 rows and even
+# at 256 (2 AVX512-BF16 cores, Qwen3 expert and MLP matrices). models/cpu_linear.py's TiledLinear and
+# moe_tiled below share it.
+VECTOR_LOOP_MAX_ROWS = 256
+# With AMX, moe_tiled (vector loops only) takes an expert up to this many rows; more go expert by expert
+# through linear_tiled's tile loop.
+MOE_MAX_ROWS_WITH_AMX = 16
 
 
 def moe_tiled(
@@ -299,15 +305,20 @@ def moe_tiled(
 ) -> torch.Tensor | None:  # [R, H] bfloat16
     """Every expert's SwiGLU over its rows in one native call (qwenstack/kernels/linear_tiled_cpu.cpp), bit for
     bit the loop of linear_tiled and silu_mul over the experts; None where it does not apply: CPU bfloat16,
-    at most MOE_MAX_ROWS rows an expert, no autograd."""
+    at most moe_max_rows() rows an expert, no autograd."""
     if x.device.type != "cpu" or x.dtype != torch.bfloat16 or gate_up.dtype != torch.bfloat16 or x.dim() != 2:
         return None
     if torch.is_grad_enabled() and x.requires_grad:
         return None
-    if counts.numel() and int(counts.max()) > MOE_MAX_ROWS:
+    if counts.numel() and int(counts.max()) > moe_max_rows():
         return None
     op = native_op("moe_tiled")
     if op is None:
         return None
     return op(x, counts, gate_up, down)
+
+
+def moe_max_rows() -> int:
+    """Up to how many rows an expert moe_tiled takes in this build."""
+    return MOE_MAX_ROWS_WITH_AMX if has_amx() else VECTOR_LOOP_MAX_ROWS
 

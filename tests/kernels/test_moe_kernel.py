@@ -42,7 +42,8 @@ def _loop(experts: Experts, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
     return torch.cat(out)
 
 
-@pytest.mark.parametrize("counts", [[1, 0, 2, 3, 0, 1], [0, 0, 0, 0, 0, 5], [16, 1, 0, 7, 4, 9], [1] * 6])
+@pytest.mark.parametrize("counts", [[1, 0, 2, 3, 0, 1], [0, 0, 0, 0, 0, 5], [16, 1, 0, 7, 4, 9], [1] * 6,
+                                    [40, 0, 3, 0, 0, 13]])
 def test_one_call_equals_the_loop_over_experts(counts: list[int]) -> None:
     experts = _tiled_experts(len(counts))
     x = torch.randn(sum(counts), H).to(torch.bfloat16)
@@ -79,8 +80,8 @@ def test_the_module_takes_it_and_stays_with_its_reference() -> None:
 
 def test_what_it_leaves_to_the_loop_and_what_it_refuses() -> None:
     experts = _tiled_experts(2)
-    many = torch.randn(kernels.ops.MOE_MAX_ROWS + 1, H).to(torch.bfloat16)
-    counts = torch.tensor([kernels.ops.MOE_MAX_ROWS + 1, 0])
+    many = torch.randn(kernels.moe_max_rows() + 1, H).to(torch.bfloat16)
+    counts = torch.tensor([kernels.moe_max_rows() + 1, 0])
     assert kernels.moe_tiled(many, counts, experts.gate_up_proj, experts.down_proj) is None  # prefill-sized
     assert kernels.moe_tiled(many.float(), counts, experts.gate_up_proj, experts.down_proj) is None
     with torch.inference_mode():  # the module then runs the loop, with the same result
