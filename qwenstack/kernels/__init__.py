@@ -17,7 +17,7 @@ from qwenstack.kernels.layouts import (
 )
 from qwenstack.kernels.ops import (
     LINEAR_WEIGHT_DTYPES, add_rms_norm, conv_decode, gated_delta_decode, has_amx, int8_tiles_preferred,
-    VECTOR_LOOP_MAX_ROWS, linear_rows, linear_rows_available, moe_max_rows, moe_tiled,
+    linear_rows, linear_rows_available, moe_max_rows, moe_tiled, vector_loop_max_rows,
     linear_tiled, linear_tiled_int8, paged_decode_attention, paged_decode_available, paged_prefix_attention,
     qk_norm_rope, rms_norm, silu_mul, stream_sum, use_paged_decode, write_kv,
 )
@@ -30,5 +30,5 @@ __all__ = [
     "linear_tiled", "linear_tiled_int8", "paged_decode_attention", "paged_decode_available",
     "paged_prefix_attention", "qk_norm_rope", "rms_norm", "stream_sum", "use_paged_decode", "add_rms_norm",
     "silu_mul", "write_kv", "conv_decode", "gated_delta_decode", "moe_tiled",
-    "moe_max_rows", "VECTOR_LOOP_MAX_ROWS",
+    "moe_max_rows", "vector_loop_max_rows",
 ]

@@ -292,9 +292,10 @@ def gated_delta_decode(
 # at 256 (2 AVX512-BF16 cores, Qwen3 expert and MLP matrices). models/cpu_linear.py's TiledLinear and
 # moe_tiled below share it.
 VECTOR_LOOP_MAX_ROWS = 256
-# With AMX, moe_tiled (vector loops only) takes an expert up to this many rows; more go expert by expert
+# The same where the loops have no bfloat16 dot products (AVX2, plain AVX-512: bound by their conversions),
+# and, with AMX, the most rows an expert moe_tiled (vector loops only) takes: more go expert by expert
 # through linear_tiled's tile loop.
-MOE_MAX_ROWS_WITH_AMX = 16
+SLOW_LOOP_MAX_ROWS = 16
 
 
 def moe_tiled(
@@ -318,7 +319,12 @@ def moe_tiled(
     return op(x, counts, gate_up, down)
 
 
+def vector_loop_max_rows() -> int:
+    """Up to how many rows the tiled kernel's vector loops beat F.linear on the unpacked matrix in this build."""
+    return VECTOR_LOOP_MAX_ROWS if isa_level() == "avx512_bf16" else SLOW_LOOP_MAX_ROWS
+
+
 def moe_max_rows() -> int:
     """Up to how many rows an expert moe_tiled takes in this build."""
-    return MOE_MAX_ROWS_WITH_AMX if has_amx() else VECTOR_LOOP_MAX_ROWS
+    return SLOW_LOOP_MAX_ROWS if has_amx() else vector_loop_max_rows()
 

@@ -7,7 +7,7 @@ fastest in most of several interleaved timing rounds (measure, then pick; see FO
 experts, which see a few rows each, are voted on apart (EXPERT_ROWS):
 - native: bfloat16 matrices whose sizes are tile multiples (16 rows, 32 columns: every Qwen3 linear) are
   stored tile-packed and multiplied by qwenstack/kernels/linear_tiled_cpu.cpp up to tiled_max_rows() rows
-  (decode and batched decode: 512 with AMX, 256 without), by F.linear on the unpacked matrix above. Other matrices keep
+  (decode and batched decode: 512 with AMX, 256 with AVX512-BF16), by F.linear on the unpacked matrix above. Other matrices keep
   their plain weights (qwenstack/kernels/linear_cpu.cpp up to NATIVE_MAX_ROWS rows: AVX512-BF16 dot
   products for one or two rows, AMX tiles above, weight rows prefetched: 19 to 21 GB/s here on the 0.6B
   shape, the bandwidth a streaming sum reaches; F.linear's GEMM above). Nothing is copied: a tied lm_head
@@ -80,15 +80,14 @@ class NativeLinear(nn.Module):
 # is better tuned for large products), where unpacking (int32 moves at ~7 GB/s) costs F.linear as much.
 # Unpacking is no option for short prompts: it reads and writes every matrix once per forward.
 TILED_MAX_ROWS = 512
-# The same limit for builds without AMX, whose vector loops pay for every activation row: kernels'
-# VECTOR_LOOP_MAX_ROWS (it was 16 while their accumulators spilled to the stack, at half today's speed).
-TILED_MAX_ROWS_WITHOUT_AMX = kernels.VECTOR_LOOP_MAX_ROWS
 
 
 @functools.cache
 def tiled_max_rows() -> int:
     """Up to how many rows TiledLinear runs the tiled kernel in this build (AMX or vector loops only)."""
-    return TILED_MAX_ROWS if kernels.has_amx() else TILED_MAX_ROWS_WITHOUT_AMX
+    # Without AMX, the vector loops' limit (kernels.vector_loop_max_rows: 256 with AVX512-BF16, 16 below it;
+    # it was 16 for all while the loops' accumulators spilled to the stack, at half today's speed).
+    return TILED_MAX_ROWS if kernels.has_amx() else kernels.vector_loop_max_rows()
 
 
 def tiled_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
