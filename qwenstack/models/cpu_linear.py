@@ -7,8 +7,8 @@ fastest in most of several interleaved timing rounds (measure, then pick; see FO
 experts, which see a few rows each, are voted on apart (EXPERT_ROWS):
 - native: bfloat16 matrices whose sizes are tile multiples (16 rows, 32 columns: every Qwen3 linear) are
   stored tile-packed and multiplied by qwenstack/kernels/linear_tiled_cpu.cpp up to tiled_max_rows() rows
-  (decode and batched decode: 512 with AMX, 256 with AVX512-BF16), by F.linear on the unpacked matrix above. Other matrices keep
-  their plain weights (qwenstack/kernels/linear_cpu.cpp up to NATIVE_MAX_ROWS rows: AVX512-BF16 dot
+  (decode and batched decode: 512 with AMX, 256 with AVX512-BF16), by F.linear on the unpacked matrix
+  above. Other matrices keep their plain weights (qwenstack/kernels/linear_cpu.cpp up to NATIVE_MAX_ROWS rows: AVX512-BF16 dot
   products for one or two rows, AMX tiles above, weight rows prefetched: 19 to 21 GB/s here on the 0.6B
   shape, the bandwidth a streaming sum reaches; F.linear's GEMM above). Nothing is copied: a tied lm_head
   and the embedding share one tile-packed table (TiledEmbedding gathers lookups from its blocks), or the
@@ -33,7 +33,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from qwenstack import kernels
-from qwenstack.models.moe import Experts
 
 log = logging.getLogger("qwenstack.models")
 PACKABLE_DTYPES = (torch.bfloat16, torch.float16)
@@ -223,11 +222,23 @@ BATCH_ROWS = 16
 EXPERT_ROWS = 4
 
 
+def _is_experts(module: nn.Module) -> bool:
+    """Stacked MoE experts (models/moe.py's Experts and its quantized kind), known by their grouped SwiGLU:
+    not imported, since models/moe.py builds on this module."""
+    return callable(getattr(module, "grouped_swiglu", None))
+
+
+def _expert_stacks(model: nn.Module) -> list[nn.Module]:
+    """The model's stacked experts whose weights are plain [E, N, K] stacks (not quantized, not prepared)."""
+    return [m for m in model.modules() if _is_experts(m)
+            and isinstance(getattr(m, "gate_up_proj", None), torch.Tensor) and m.gate_up_proj.dim() == 3]
+
+
 def _expert_passes(model: nn.Module, budget: int = PROBE_BYTES) -> dict[str, Callable[[], object]]:
     """One pass per available form over copies of the first experts of the model's first expert stack (as
     many as hold `budget` bytes): their grouped SwiGLU on one row and on EXPERT_ROWS rows each; none when the
     model has no (unquantized, 16-bit) stacked experts."""
-    stack = next((m for m in model.modules() if type(m) is Experts and m.gate_up_proj.dim() == 3), None)
+    stack = next(iter(_expert_stacks(model)), None)
     if stack is None or stack.gate_up_proj.dtype not in PACKABLE_DTYPES:
         return {}
     per_expert = (stack.gate_up_proj[0].numel() + stack.down_proj[0].numel()) * stack.gate_up_proj.element_size()
@@ -235,7 +246,7 @@ def _expert_passes(model: nn.Module, budget: int = PROBE_BYTES) -> dict[str, Cal
     forms = ["plain"] + ["packed"] * packing_supported() + ["native"] * kernels.linear_rows_available()
     passes = {}
     for form in forms:
-        probe = Experts(n, stack.hidden_size, stack.intermediate_size).to(stack.gate_up_proj.dtype)
+        probe = type(stack)(n, stack.hidden_size, stack.intermediate_size).to(stack.gate_up_proj.dtype)
         with torch.no_grad():
             probe.gate_up_proj.copy_(stack.gate_up_proj[:n])
             probe.down_proj.copy_(stack.down_proj[:n])
@@ -365,7 +376,7 @@ def prepare_cpu_linears(model: nn.Module, form: str | None = None) -> int:
                 tiled = form == "native" and kernels.can_tile(child.weight)
                 setattr(module, child_name, (TiledLinear if tiled else wrap)(child.weight, child.bias))
                 count += 1
-            elif isinstance(child, Experts):  # stacked MoE experts (models/moe.py) pick their own layout
+            elif _is_experts(child):  # stacked MoE experts (models/moe.py) pick their own layout
                 count += child.prepare_for_cpu(expert_form) if expert_form != "plain" else 0
             elif hasattr(child, "prepare_for_cpu") and form != "plain":  # e.g. the vision tower's blocks
                 count += child.prepare_for_cpu(form)
