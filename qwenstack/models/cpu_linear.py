@@ -8,9 +8,9 @@ experts, which see a few rows each, are voted on apart (EXPERT_ROWS):
 - native: bfloat16 matrices whose sizes are tile multiples (16 rows, 32 columns: every Qwen3 linear) are
   stored tile-packed and multiplied by qwenstack/kernels/linear_tiled_cpu.cpp up to tiled_max_rows() rows
   (decode and batched decode: 512 with AMX, 256 with AVX512-BF16), by F.linear on the unpacked matrix
-  above. Other matrices keep their plain weights (qwenstack/kernels/linear_cpu.cpp up to NATIVE_MAX_ROWS rows: AVX512-BF16 dot
-  products for one or two rows, AMX tiles above, weight rows prefetched: 19 to 21 GB/s here on the 0.6B
-  shape, the bandwidth a streaming sum reaches; F.linear's GEMM above). Nothing is copied: a tied lm_head
+  above. Other matrices keep their plain weights (qwenstack/kernels/linear_cpu.cpp up to NATIVE_MAX_ROWS
+  rows: AVX512-BF16 dot products for one or two rows, AMX tiles above, weight rows prefetched: 19 to 21
+  GB/s here on the 0.6B shape, the bandwidth a streaming sum reaches; F.linear's GEMM above). Nothing is copied: a tied lm_head
   and the embedding share one tile-packed table (TiledEmbedding gathers lookups from its blocks), or the
   row-major embedding matrix where the table does not tile.
 - packed: each matrix reordered once by oneDNN (`mkldnn._reorder_linear_weight`, what torch.compile's CPU
