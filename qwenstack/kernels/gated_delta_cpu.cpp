@@ -69,14 +69,9 @@ void step_head(float* S, int64_t Dk, int64_t Dv, bool fresh, float decay, float 
       const vf ki = vf{} + k[i];
       int64_t j = 0;
       for (; j < vec_end; j += W) {
-        vf s;
-        std::memcpy(&s, row + j, sizeof s);
-        s *= d;
-        std::memcpy(row + j, &s, sizeof s);
-        vf p;
-        std::memcpy(&p, pred + j, sizeof p);
-        p += s * ki;
-        std::memcpy(pred + j, &p, sizeof p);
+        const vf s = load_vec(row + j) * d;
+        store_exact(s, row + j);
+        store_exact(load_vec(pred + j) + s * ki, pred + j);
       }
       for (; j < Dv; ++j) {
         row[j] *= decay;
@@ -93,14 +88,9 @@ void step_head(float* S, int64_t Dk, int64_t Dv, bool fresh, float decay, float 
     const vf ki = vf{} + k[i], qi = vf{} + q[i];
     int64_t j = 0;
     for (; j < vec_end; j += W) {
-      vf s, dl, o;
-      std::memcpy(&s, row + j, sizeof s);
-      std::memcpy(&dl, pred + j, sizeof dl);
-      s += ki * dl;
-      std::memcpy(row + j, &s, sizeof s);
-      std::memcpy(&o, out + j, sizeof o);
-      o += s * qi;
-      std::memcpy(out + j, &o, sizeof o);
+      const vf s = load_vec(row + j) + ki * load_vec(pred + j);
+      store_exact(s, row + j);
+      store_exact(load_vec(out + j) + s * qi, out + j);
     }
     for (; j < Dv; ++j) {
       row[j] += k[i] * pred[j];

@@ -729,7 +729,7 @@ Tensor linear_tiled_int8(Tensor x_in, Tensor packed_in, Tensor scales_in) {
 
 
 // ---------------------------------------------------------------------------------------------------------
-// Stacked MoE experts (models/moe.py's Experts) in one call, for the few rows a decode step gives each:
+// Stacked MoE experts (models/moe.py's Experts) in one call, above all for the few rows a decode step gives each:
 //   for each expert e with rows [o_e, o_e + counts[e]) of x (x sorted by expert):
 //     h = x_e W_gate_up[e]^T, a = silu_mul(h) (cpu_vec.h, the rounding of models/layers.py), out_e = a W_down[e]^T
 // every product rounded to bfloat16 as linear_tiled's are, so out is bit for bit what the loop over experts
@@ -805,7 +805,8 @@ Tensor moe_tiled(Tensor x_in, Tensor counts_in, Tensor gate_up_in, Tensor down_i
   std::unique_ptr<Bf16[]> h = uninitialized<Bf16>(R * I2);
   moe_phase(rows, experts, static_cast<const uint16_t*>(gate_up.const_data_ptr()), I2 * H, I2, h.get(), first_row);
   std::unique_ptr<Bf16[]> act = uninitialized<Bf16>(R * I);
-  for (int64_t r = 0; r < R; ++r) silu_mul_row(h.get() + r * I2, I, act.get() + r * I);
+  // Prefill-sized groups (no AMX) bring thousands of rows: the activation over the threads too.
+  parallel_pieces(R, [&](int64_t r) { silu_mul_row(h.get() + r * I2, I, act.get() + r * I); });
   for (size_t i = 0; i < experts.size(); ++i) {
     rows[i].K = I;
     read_rows<Bf16>(act.get() + first_row[i] * I, rows[i]);

@@ -180,6 +180,15 @@ def recurrent_gated_delta_rule(
     return out.transpose(1, 2).contiguous().to(out_dtype), state
 
 
+def slot_states(pool: torch.Tensor, slots: torch.Tensor, fresh: torch.Tensor | None) -> torch.Tensor:
+    """pool[slots] (a copy), zero for the fresh sequences: masked_fill, not a product, since a reused slot may
+    hold inf/nan."""
+    states = pool.index_select(0, slots)
+    if fresh is None:
+        return states
+    return states.masked_fill(fresh.view(-1, *([1] * (pool.dim() - 1))), 0)
+
+
 def conv_decode_in_place(
     x: torch.Tensor,  # [B, C]: one new input per sequence
     weight: torch.Tensor,  # [C, 1, K]
@@ -191,10 +200,7 @@ def conv_decode_in_place(
 
     The reference form (gather, causal_conv1d, scatter); models/fast_paths.py swaps in one native call.
     """
-    window = conv_state.index_select(0, slots)
-    if fresh is not None:
-        window = window.masked_fill(fresh[:, None, None], 0)
-    y, new_state = causal_conv1d(x.unsqueeze(-1), weight, window)
+    y, new_state = causal_conv1d(x.unsqueeze(-1), weight, slot_states(conv_state, slots, fresh))
     conv_state.index_copy_(0, slots, new_state.to(conv_state.dtype))
     return y.squeeze(-1)
 
@@ -214,9 +220,7 @@ def recurrent_decode_in_place(
     The reference form (gather, recurrent_gated_delta_rule, scatter); models/fast_paths.py swaps in one native
     call that reads and writes each state once.
     """
-    initial = state.index_select(0, slots)
-    if fresh is not None:  # masked_fill, not a product: a reused slot may hold inf/nan
-        initial = initial.masked_fill(fresh[:, None, None, None], 0)
+    initial = slot_states(state, slots, fresh)
     out, final = recurrent_gated_delta_rule(
         q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1), g.unsqueeze(1), beta.unsqueeze(1), initial
     )

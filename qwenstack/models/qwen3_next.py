@@ -61,6 +61,7 @@ from qwenstack.models.linear_attention import (
     conv_decode_in_place,
     recurrent_decode_in_place,
     recurrent_gated_delta_rule,
+    slot_states,
 )
 from qwenstack.models.moe import SparseMoE
 from qwenstack.models.state_journal import (
@@ -172,6 +173,9 @@ class _StateIndex:
     all_fresh: bool
     decode: bool  # one new token per sequence: the recurrent form
     journal: StateJournal | None = None
+    # A plain decode step on the state cache, no journal, not every sequence fresh: the states are updated
+    # where they lie (GatedDeltaNet.conv_step / decode_step) instead of gathered and scattered.
+    in_place: bool = False
     write_rows: torch.Tensor | None = None  # [B'] batch positions that write their state now; None = all
     # Short verification passes: (rows [B, W], live [B, W]) to run every sequence padded and batched
     padded: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -202,6 +206,7 @@ class _StateIndex:
                                             dtype=torch.long, device=slots.device)
             if not index.decode and max(batch.query_lens) <= SHORT_PASS_TOKENS:
                 index.padded = padded_rows(batch, list(range(batch.num_seqs)), slots.device)
+        index.in_place = index.decode and index.journal is None and not all_fresh
         return index
 
 
@@ -257,7 +262,7 @@ class GatedDeltaNet(nn.Module):
         mixed, z, b, a = self.split_projections(self.in_proj_qkvz(x), self.in_proj_ba(x))
         beta = b.sigmoid()
         g = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias)  # fp32: exp(A_log) overflows fp16
-        if index.decode and state is not None and index.journal is None and not index.all_fresh:
+        if index.in_place and state is not None:
             out = self._decode_in_place(mixed, g, beta, state, index)
         else:
             out = self._gather_and_scatter(mixed, g, beta, batch, state, index)
@@ -330,12 +335,8 @@ class GatedDeltaNet(nn.Module):
         if state is None or index.all_fresh:
             return None, None
         assert index.slots is not None
-        conv = state.conv_state.index_select(0, index.slots)
-        rec = state.recurrent_state.index_select(0, index.slots)
-        if index.fresh is not None:  # masked_fill, not a product: a reused slot may hold inf/nan
-            conv = conv.masked_fill(index.fresh[:, None, None], 0)
-            rec = rec.masked_fill(index.fresh[:, None, None, None], 0)
-        return conv, rec
+        return (slot_states(state.conv_state, index.slots, index.fresh),
+                slot_states(state.recurrent_state, index.slots, index.fresh))
 
 
 class SharedExpertMoE(SparseMoE):
