@@ -32,19 +32,27 @@ def _tiled_experts(num_experts: int, seed: int = 0) -> Experts:
 
 
 def _loop(experts: Experts, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
-    """The products expert by expert, as the loop of Experts.grouped_swiglu runs them in the tiled form."""
+    """The products expert by expert and row by row: one-row products take the vector loops on every build
+    (with AMX, linear_tiled sends 3+ rows to the tiles, another summation order), and the vector loops sum
+    each row alike whatever the rows a pass, so this is moe_tiled's result bit for bit."""
     out, start = [], 0
     for e, n in enumerate(counts):
-        if n:
-            h = kernels.linear_tiled(x[start:start + n], experts.gate_up_proj[e])
+        for row in x[start:start + n].split(1):
+            h = kernels.linear_tiled(row, experts.gate_up_proj[e])
             out.append(kernels.linear_tiled(kernels.silu_mul(h), experts.down_proj[e]))
-            start += n
+        start += n
     return torch.cat(out)
 
 
+@pytest.fixture
+def any_rows(monkeypatch: pytest.MonkeyPatch) -> None:
+    """moe_tiled with no row limit, whatever this build's policy (the kernel itself has none)."""
+    monkeypatch.setattr(kernels.ops, "moe_max_rows", lambda: None)
+
+
 @pytest.mark.parametrize("counts", [[1, 0, 2, 3, 0, 1], [0, 0, 0, 0, 0, 5], [16, 1, 0, 7, 4, 9], [1] * 6,
-                                    [40, 0, 3, 0, 0, 13]])
-def test_one_call_equals_the_loop_over_experts(counts: list[int]) -> None:
+                                    [40, 0, 3, 0, 0, 13], [300, 0, 17, 1, 0, 2]])
+def test_one_call_equals_the_loop_over_experts(counts: list[int], any_rows: None) -> None:
     experts = _tiled_experts(len(counts))
     x = torch.randn(sum(counts), H).to(torch.bfloat16)
     with torch.inference_mode():
@@ -78,17 +86,33 @@ def test_the_module_takes_it_and_stays_with_its_reference() -> None:
     torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
 
 
-def test_what_it_leaves_to_the_loop_and_what_it_refuses() -> None:
+def test_what_it_leaves_to_the_loop_and_what_it_refuses(monkeypatch: pytest.MonkeyPatch) -> None:
     experts = _tiled_experts(2)
-    many = torch.randn(kernels.moe_max_rows() + 1, H).to(torch.bfloat16)
-    counts = torch.tensor([kernels.moe_max_rows() + 1, 0])
-    assert kernels.moe_tiled(many, counts, experts.gate_up_proj, experts.down_proj) is None  # prefill-sized
+    limit = 8  # a build with a limit (AMX: 16; vector loops without bfloat16 dot products: 16)
+    monkeypatch.setattr(kernels.ops, "moe_max_rows", lambda: limit)
+    many = torch.randn(limit + 1, H).to(torch.bfloat16)
+    counts = torch.tensor([limit + 1, 0])
+    assert kernels.moe_tiled(many, counts, experts.gate_up_proj, experts.down_proj) is None
+    assert kernels.moe_tiled(many[:limit], torch.tensor([limit, 0]), experts.gate_up_proj, experts.down_proj) \
+        is not None
     assert kernels.moe_tiled(many.float(), counts, experts.gate_up_proj, experts.down_proj) is None
-    with torch.inference_mode():  # the module then runs the loop, with the same result
+    with torch.inference_mode():  # the module then runs the loop over experts, with the same result
         looped = experts.grouped_swiglu(many, counts)
-    assert torch.equal(looped, _loop(experts, many, counts.tolist()))
+    torch.testing.assert_close(looped, _loop(experts, many, counts.tolist()), rtol=2e-2, atol=2e-2)
     with pytest.raises(RuntimeError, match="counts add up to 3, x has 2 rows"):
         kernels.moe_tiled(many[:2], torch.tensor([2, 1]), experts.gate_up_proj, experts.down_proj)
+
+
+def test_the_row_limit_follows_the_build(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Prefill-sized groups stay in the one call where the vector loops are the fast form (AVX512-BF16
+    without AMX); with AMX the tile loop expert by expert takes them from 17 rows, and slower loops stop at 16."""
+    from qwenstack.kernels import ops
+
+    for amx, isa, limit in ((True, "avx512_amx", 16), (False, "avx512_bf16", None), (False, "avx512", 16),
+                            (False, "avx2", 16)):
+        monkeypatch.setattr(ops, "has_amx", lambda amx=amx: amx)
+        monkeypatch.setattr(ops, "isa_level", lambda isa=isa: isa)
+        assert ops.moe_max_rows() == limit, isa
 
 
 def test_experts_get_their_own_form(tiny_qwen3_moe, monkeypatch: pytest.MonkeyPatch) -> None:
