@@ -11,7 +11,8 @@ Measures, each as a ratio against transformers 5.x generate on the same weights:
 - offline throughput: 64 requests, prompts 32-512 tokens, outputs 32-256 (fixed seed), against
   transformers generate in padded batches of 16;
 - short-output throughput (`short`): 32 requests, prompts 32-256 tokens, outputs 16-64 (seed 0), against
-  transformers in padded batches of 16: a mix where prefill and admission weigh as much as decode;
+  transformers in padded batches of 16: a mix where prefill and admission weigh as much as decode; both
+  mixes run --mix-rounds rounds of ours then transformers (medians, and each round's ratio);
 - batched decode (`batched`): 16, 32, 64 and 128 sequences of 128-token prompts decoding together, tokens/s
   from the median decode-only step, against the weight-read roof (read bandwidth / weight bytes per step x
   sequences: every step reads the weights once whatever the batch), and against the roof with the KV
@@ -170,6 +171,24 @@ def hf_throughput(hf: Any, prompts: list[list[int]], outputs: list[int], batch_s
     return useful / (time.perf_counter() - start)
 
 
+def mix_rounds(model: torch.nn.Module, hf: Any, prompts: list[list[int]], outputs: list[int],
+               rounds: int) -> dict[str, Any]:
+    """Offline throughput of one request mix: `rounds` rounds of ours then transformers (this VM's speed
+    drifts within minutes, so each round's pair shares its minute), medians, and each round's ratio."""
+    ours_runs, their_runs = [], []
+    for _ in range(rounds):
+        ours_runs.append(ours_throughput(model, prompts, outputs))
+        if hf is not None:
+            their_runs.append(hf_throughput(hf, prompts, outputs))
+    mix: dict[str, Any] = {"requests": len(prompts), "output_tokens": sum(outputs),
+                           "ours_tok_s": statistics.median(ours_runs), "ours_runs_tok_s": ours_runs}
+    if hf is not None:
+        theirs = statistics.median(their_runs)
+        mix.update(transformers_tok_s=theirs, transformers_runs_tok_s=their_runs, ratio=mix["ours_tok_s"] / theirs,
+                   round_ratios=[o / t for o, t in zip(ours_runs, their_runs)])
+    return mix
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="engine vs transformers")
     parser.add_argument("model_dir", type=Path)
@@ -181,6 +200,8 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--decode-tokens", type=int, default=48)
     parser.add_argument("--decode-rounds", type=int, default=3, help="decode timed in this many rounds, medians")
+    parser.add_argument("--mix-rounds", type=int, default=1,
+                        help="each throughput mix run in this many rounds of ours then transformers, medians")
     parser.add_argument("--no-transformers", action="store_true")
     parser.add_argument("--kv-cache-gib", type=float, default=3.0)
     args = parser.parse_args()
@@ -230,22 +251,13 @@ def main() -> None:
         n = args.requests
         prompts = [random_prompt(rng, rng.randint(32, 512), vocab) for _ in range(n)]
         outputs = [rng.randint(32, 256) for _ in range(n)]
-        results["throughput"] = {"requests": n, "output_tokens": sum(outputs),
-                                 "ours_tok_s": ours_throughput(model, prompts, outputs)}
-        if hf is not None:
-            theirs = hf_throughput(hf, prompts, outputs)
-            results["throughput"].update(transformers_tok_s=theirs, ratio=results["throughput"]["ours_tok_s"] / theirs)
+        results["throughput"] = mix_rounds(model, hf, prompts, outputs, args.mix_rounds)
         print("throughput", results["throughput"], flush=True)
     if "short" in only:  # its own seed: the mix does not depend on which other parts ran
         short_rng = random.Random(0)
         prompts = [random_prompt(short_rng, short_rng.randint(32, 256), vocab) for _ in range(32)]
         outputs = [short_rng.randint(16, 64) for _ in range(32)]
-        results["short_throughput"] = {"requests": 32, "output_tokens": sum(outputs),
-                                       "ours_tok_s": ours_throughput(model, prompts, outputs)}
-        if hf is not None:
-            theirs = hf_throughput(hf, prompts, outputs)
-            results["short_throughput"].update(transformers_tok_s=theirs,
-                                               ratio=results["short_throughput"]["ours_tok_s"] / theirs)
+        results["short_throughput"] = mix_rounds(model, hf, prompts, outputs, args.mix_rounds)
         print("short_throughput", results["short_throughput"], flush=True)
     if "batched" in only:
         bandwidth = read_bandwidth()
