@@ -331,7 +331,6 @@ def moe_max_rows() -> int | None:
     past VECTOR_LOOP_MAX_ROWS is F.linear on its matrices unpacked for the call, and a prefill chunk sends a few
     such experts per layer, so the whole layer left the one call: its experts in one call instead took 0.75x
     the time (30B-A3B shape, 4 layers, ~2,000-row prefill chunks, 2 cores without AMX)."""
-    if has_amx():
-        return SLOW_LOOP_MAX_ROWS
+    # AMX builds (level avx512_amx) take more rows expert by expert through the tile loop.
     return None if isa_level() == "avx512_bf16" else SLOW_LOOP_MAX_ROWS
 

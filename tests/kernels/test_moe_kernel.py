@@ -106,8 +106,7 @@ def test_what_it_leaves_to_the_loop_and_what_it_refuses(monkeypatch: pytest.Monk
 def test_the_row_limit_follows_the_build(monkeypatch: pytest.MonkeyPatch) -> None:
     """Prefill-sized groups stay in the one call where the vector loops are the fast form (AVX512-BF16
     without AMX); with AMX the tile loop expert by expert takes them from 17 rows, and slower loops stop at 16."""
-    from qwenstack.kernels import ops
-
+    ops = kernels.ops
     for amx, isa, limit in ((True, "avx512_amx", 16), (False, "avx512_bf16", None), (False, "avx512", 16),
                             (False, "avx2", 16)):
         monkeypatch.setattr(ops, "has_amx", lambda amx=amx: amx)
