@@ -7,7 +7,7 @@ lm_head.weight is expected on disk.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Sequence
 
 import torch
 from torch import nn
@@ -71,7 +71,19 @@ class DecoderLayer(nn.Module):
         return x + self.mlp(h)
 
 
+def run_decoder_layers(layers: Sequence[nn.Module], x: torch.Tensor, positions: torch.Tensor, batch: AttentionBatch,
+                       kv_caches: list[torch.Tensor] | None) -> torch.Tensor:
+    """The hidden states through each layer in turn (before the final norm)."""
+    for i, layer in enumerate(layers):
+        x = layer(x, positions, batch, None if kv_caches is None else kv_caches[i])
+    return x
+
+
 class Qwen3Model(nn.Module):
+    # The preparation (models/fast_paths.py) may give an instance its own: decode steps as one flat loop of
+    # native ops, everything else through this reference.
+    run_layers = staticmethod(run_decoder_layers)
+
     def __init__(self, args: Qwen3Args, make_mlp: Any) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
@@ -89,9 +101,7 @@ class Qwen3Model(nn.Module):
         inputs_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
-        for i, layer in enumerate(self.layers):
-            x = layer(x, positions, batch, None if kv_caches is None else kv_caches[i])
-        return self.norm(x)
+        return self.norm(self.run_layers(self.layers, x, positions, batch, kv_caches))
 
 
 class Qwen3ForCausalLM(nn.Module):

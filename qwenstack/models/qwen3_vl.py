@@ -190,6 +190,8 @@ class Qwen3VLTextModel(Qwen3Model):
         if multimodal is not None:
             x = x.index_copy(0, multimodal.rows, multimodal.embeds.to(x.dtype))
         num_deepstack = 0 if multimodal is None else multimodal.deepstack.shape[0]
+        if num_deepstack == 0:  # text and decode steps: the plain stack (a native loop where prepared)
+            return self.norm(self.run_layers(self.layers, x, positions, batch, kv_caches))
         for i, layer in enumerate(self.layers):
             x = layer(x, positions, batch, None if kv_caches is None else kv_caches[i])
             if i < num_deepstack:

@@ -14,6 +14,7 @@ from qwenstack import kernels
 from qwenstack.engine.reference import greedy_generate
 from qwenstack.models.fast_paths import NATIVE_ATTENTION_OPS, NativeRMSNorm, prepare_for_cpu
 from qwenstack.models.layers import Attention, RMSNorm, SwiGLU
+from qwenstack.models.qwen3 import run_decoder_layers
 from qwenstack.models.registry import load_model
 
 ENTRY_POINTS = ("rms_norm", "add_rms_norm", "silu_mul", "write_kv", "qk_norm_rope", "use_paged_decode",
@@ -59,6 +60,9 @@ def test_preparation_swaps_every_norm_and_attention_layer_once(tiny_qwen3: Path,
     assert set(model.state_dict()) == names  # the same parameters under the same names
     again = prepare_for_cpu(model, linears=False)
     assert (again.norms, again.attention_layers) == (0, layers)
+    assert (done.decode_loops, again.decode_loops) == (1, 0)  # the stack's decode loop, built once
+    # The layers as prepared (decode steps otherwise take the flat loop: tests/models/test_flat_decode.py).
+    model.model.run_layers = run_decoder_layers
     calls = watch(monkeypatch)
     greedy_generate(model, PROMPTS, 8, block_size=4)
     assert all(calls[name] for name in ENTRY_POINTS if not name.startswith("linear_")), calls

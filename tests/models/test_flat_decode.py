@@ -1,0 +1,89 @@
+"""FlatDecodeLoop (models/fast_paths.py): a prepared dense Qwen3 stack runs its decode steps as one flat loop of
+native ops. It must give the bits the prepared layers give, step after step, for every linear form the
+preparation can pick, and leave every step it does not take (prefill, float32, autograd, MoE) to them."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from kernel_utils import require_native_kernels
+from qwenstack.engine.reference import greedy_generate
+from qwenstack.models.attention import AttentionBatch
+from qwenstack.models.cpu_linear import packing_supported, prepare_cpu_linears
+from qwenstack.models.fast_paths import FlatDecodeLoop, prepare_for_cpu
+from qwenstack.models.qwen3 import run_decoder_layers
+from qwenstack.models.registry import load_model
+from qwenstack.quantization import quantize_model
+
+PROMPTS = [[5, 9, 13], list(range(3, 40)), [7] * 17]
+
+
+def prepared(path: Path, form: str, quantization: str | None = None) -> torch.nn.Module:
+    model = load_model(path, dtype=torch.bfloat16)
+    if quantization:
+        quantize_model(model, quantization)
+    prepare_cpu_linears(model, form=form)
+    prepare_for_cpu(model, linears=False)
+    return model
+
+
+def stack_outputs(model: torch.nn.Module, monkeypatch: pytest.MonkeyPatch) -> tuple[list[torch.Tensor], list[bool]]:
+    """Every forward's hidden states in a greedy run of PROMPTS, and for each whether the flat loop took it."""
+    outputs, taken = [], []
+    run_layers = model.model.run_layers
+
+    def recorded(layers, x, positions, batch: AttentionBatch, kv_caches):  # noqa: ANN001, ANN202
+        taken.append(isinstance(run_layers, FlatDecodeLoop) and run_layers.applies(x, batch, kv_caches))
+        out = run_layers(layers, x, positions, batch, kv_caches)
+        outputs.append(out.clone())
+        return out
+
+    monkeypatch.setattr(model.model, "run_layers", recorded)
+    greedy_generate(model, PROMPTS, 6, block_size=4)
+    monkeypatch.undo()
+    return outputs, taken
+
+
+@pytest.mark.parametrize("form,quantization", [("native", None), ("packed", None), ("native", "int8"),
+                                               ("native", "int4")])
+def test_the_flat_loop_gives_the_layers_bits_at_every_decode_step(tiny_qwen3: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                    form: str, quantization: str | None) -> None:
+    require_native_kernels()
+    if form == "packed" and not packing_supported():
+        pytest.skip("no oneDNN packing in this torch build")
+    model = prepared(tiny_qwen3, form, quantization)
+    assert isinstance(model.model.run_layers, FlatDecodeLoop)
+    flat, taken = stack_outputs(model, monkeypatch)
+    model.model.run_layers = run_decoder_layers  # the prepared layers, one module call after another
+    layered, _ = stack_outputs(model, monkeypatch)
+    assert taken == [False] + [True] * 5  # the prefill went through the layers, every decode step through the loop
+    assert len(flat) == len(layered) == 6
+    for step, (a, b) in enumerate(zip(flat, layered)):
+        assert torch.equal(a, b), f"step {step}: {(a.float() - b.float()).abs().max()}"
+
+
+def test_steps_the_loop_does_not_take_go_through_the_layers(tiny_qwen3: Path, tiny_qwen3_moe: Path) -> None:
+    require_native_kernels()
+    model = prepared(tiny_qwen3, "native")
+    loop = model.model.run_layers
+    x = torch.zeros(2, 64, dtype=torch.bfloat16)
+    caches = [torch.zeros(2, 4, 4, 2, 16, dtype=torch.bfloat16) for _ in range(2)]
+    decode = AttentionBatch([1, 1], [3, 5], torch.tensor([2, 8]), torch.tensor([[0, 0], [1, 2]]), 4)
+    prefill = AttentionBatch([3, 5], [3, 5], torch.arange(8), torch.tensor([[0, 0], [1, 2]]), 4)
+    with torch.inference_mode():
+        assert loop.applies(x, decode, caches)
+        assert not loop.applies(x, prefill, caches)
+        assert not loop.applies(x.float(), decode, caches)  # another dtype than the layers'
+        assert not loop.applies(x, decode, None)  # no KV cache
+        assert not loop.applies(x, decode, [c.float() for c in caches])  # a cache of another dtype
+    with torch.no_grad():
+        assert loop.applies(x, decode, caches)
+    assert not loop.applies(x, decode, caches)  # autograd on: the native ops have no backward
+    # Models whose layers the loop does not know keep the reference stack.
+    float32 = load_model(tiny_qwen3, dtype=torch.float32)
+    prepare_for_cpu(float32)
+    assert float32.model.run_layers is run_decoder_layers
+    moe = load_model(tiny_qwen3_moe, dtype=torch.bfloat16)
+    assert prepare_for_cpu(moe).decode_loops == 0 and moe.model.run_layers is run_decoder_layers
