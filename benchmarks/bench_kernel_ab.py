@@ -7,9 +7,11 @@ round on the same weights:
 - the 113 one-row products of a Qwen3-0.6B-shaped decode step (28 layers' qkv, o, gate_up, down and the
   tied 151936-row head), as GB/s of weights read;
 - with --model, single-stream decode of that checkpoint through the engine, each round switching the op
-  the tiled linears call.
+  the tiled linears call;
+- with --int8, the same for int8 weights (linear_tiled_int8; decode of the checkpoint quantized to int8).
 
     python benchmarks/bench_kernel_ab.py --base HEAD~1 --rows 1,2 --rounds 12
+    python benchmarks/bench_kernel_ab.py --base HEAD~1 --rows 1,4 --rounds 12 --int8
     python benchmarks/bench_kernel_ab.py --base HEAD~1 --model /tmp/bench/qwen3-0.6b --rounds 8
 """
 from __future__ import annotations
@@ -37,29 +39,29 @@ KERNEL_DIR = "qwenstack/kernels"
 SHAPES = [(4096, 1024), (1024, 2048), (6144, 1024), (1024, 3072)]  # qkv, o, gate_up, down
 LAYERS, HEAD_ROWS = 28, 151936
 
-Op = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Op = Callable[..., torch.Tensor]  # linear_tiled(x, packed) or linear_tiled_int8(x, packed, scales)
 
 
-def build_base(revision: str) -> Op:
-    """The revision's linear_tiled as torch.ops.qwenstack_base.linear_tiled (its headers from the same
-    revision)."""
+def build_base(revision: str, name: str) -> Op:
+    """The revision's linear_tiled (or linear_tiled_int8: `name`) as torch.ops.qwenstack_base.<name> (its
+    headers from the same revision)."""
     work = Path(tempfile.mkdtemp(prefix="kernel-ab-"))
-    for name in ("linear_tiled_cpu.cpp", "cpu_vec.h", "cpu_amx.h"):
-        text = subprocess.run(["git", "show", f"{revision}:{KERNEL_DIR}/{name}"], cwd=REPO, check=True,
+    for file in ("linear_tiled_cpu.cpp", "cpu_vec.h", "cpu_amx.h"):
+        text = subprocess.run(["git", "show", f"{revision}:{KERNEL_DIR}/{file}"], cwd=REPO, check=True,
                               capture_output=True, text=True).stdout
-        if name.endswith(".cpp"):
+        if file.endswith(".cpp"):
             text = text.replace("STABLE_TORCH_LIBRARY_FRAGMENT(qwenstack, m)",
                                 "STABLE_TORCH_LIBRARY(qwenstack_base, m)")
             text = text.replace("STABLE_TORCH_LIBRARY_IMPL(qwenstack, CPU, m)",
                                 "STABLE_TORCH_LIBRARY_IMPL(qwenstack_base, CPU, m)")
-        (work / name).write_text(text)
+        (work / file).write_text(text)
     from torch.utils import cpp_extension
 
     commit = subprocess.run(["git", "rev-parse", "--short", revision], cwd=REPO, check=True, capture_output=True,
                             text=True).stdout.strip()
     cpp_extension.load(name=f"qwenstack_ab_{commit}_{isa_level()}", sources=[str(work / "linear_tiled_cpu.cpp")],
                        extra_cflags=["-O3", *_ISA_FLAGS.get(isa_level(), [])], is_python_module=False)
-    return torch.ops.qwenstack_base.linear_tiled
+    return getattr(torch.ops.qwenstack_base, name)
 
 
 def alternate(ops: dict[str, Op], rounds: int, measure: Callable[[Op], float]) -> dict[str, list[float]]:
@@ -79,21 +81,29 @@ def report(what: str, unit: str, results: dict[str, list[float]]) -> None:
     print(f"{what}: this tree / base = {medians['this'] / medians['base']:.2f}")
 
 
-def sweep_rates(ops: dict[str, Op], rows: int, rounds: int) -> dict[str, list[float]]:
+def packed_matrices(int8: bool) -> list[tuple[torch.Tensor, ...]]:
+    """The 0.6B shape's 113 decode matrices in the kernel's layout: (packed,), or (packed, scales) for int8."""
     torch.manual_seed(0)
-    mats = [kernels.pack_tiles(torch.randn(n, k, dtype=torch.bfloat16) * 0.02)
-            for _ in range(LAYERS) for n, k in SHAPES]
-    mats.append(kernels.pack_tiles(torch.randn(HEAD_ROWS, 1024, dtype=torch.bfloat16) * 0.02))
-    nbytes = sum(m.numel() * m.element_size() for m in mats)
-    xs = {k: torch.randn(rows, k, dtype=torch.bfloat16) for _, k in SHAPES}
+    shapes = [shape for _ in range(LAYERS) for shape in SHAPES] + [(HEAD_ROWS, 1024)]
+    if not int8:
+        return [(kernels.pack_tiles(torch.randn(n, k, dtype=torch.bfloat16) * 0.02),) for n, k in shapes]
+    return [(kernels.pack_tiles_int8(torch.randint(-127, 128, (n, k), dtype=torch.int8)),
+             torch.rand(n, dtype=torch.bfloat16) * 0.01) for n, k in shapes]
+
+
+def sweep_rates(ops: dict[str, Op], rows: int, rounds: int, int8: bool) -> dict[str, list[float]]:
+    mats = packed_matrices(int8)
+    nbytes = sum(t.numel() * t.element_size() for m in mats for t in m)
+    columns = {m[0]: n * kernels.TILE_K for m in mats for n in [m[0].shape[1] * (2 if int8 else 1)]}
+    xs = {k: torch.randn(rows, k, dtype=torch.bfloat16) for k in set(columns.values())}
     for m in mats[:4]:
-        x = xs[m.shape[1] * kernels.TILE_K]
-        assert torch.equal(ops["base"](x, m), ops["this"](x, m)), "the two kernels disagree"
+        x = xs[columns[m[0]]]
+        assert torch.equal(ops["base"](x, *m), ops["this"](x, *m)), "the two kernels disagree"
 
     def rate(op: Op) -> float:
         start = time.perf_counter()
         for m in mats:
-            op(xs[m.shape[1] * kernels.TILE_K], m)
+            op(xs[columns[m[0]]], *m)
         return nbytes / (time.perf_counter() - start) / 1e9
 
     for op in ops.values():
@@ -101,22 +111,35 @@ def sweep_rates(ops: dict[str, Op], rows: int, rounds: int) -> dict[str, list[fl
     return alternate(ops, rounds, rate)
 
 
-def decode_rates(ops: dict[str, Op], model_dir: Path, rounds: int, tokens: int) -> dict[str, list[float]]:
+def decode_rates(ops: dict[str, Op], model_dir: Path, rounds: int, tokens: int, int8: bool) -> dict[str, list[float]]:
     import bench_engine
 
     from qwenstack.loading import load_model
+    from qwenstack.models import fast_paths
+    from qwenstack.quantization import quantize_model
 
     model = load_model(model_dir, dtype=torch.bfloat16)
+    if int8:
+        quantize_model(model, "int8")
     prompt = bench_engine.random_prompt(random.Random(0), 16, model.args.vocab_size)
-    bench_engine.ours_decode(model, prompt, 4)  # warm up; prepares the tiled form
-    original = kernels.linear_tiled
+    bench_engine.ours_decode(model, prompt, 4)  # warm up; prepares the tiled form and the flat decode loop
+    name = "linear_tiled_int8" if int8 else "linear_tiled"
+    stack, native_op = model.model, fast_paths.kernels.native_op
+    prepared_loop, original = stack.run_layers, getattr(kernels, name)
 
     def rate(op: Op) -> float:
-        kernels.linear_tiled = op  # what models/cpu_linear.py calls
+        # What the layers call (models/cpu_linear.py, quantization/formats.py) and what the flat decode loop
+        # bound when it was built: both switched to `op`.
+        setattr(kernels, name, op)
+        fast_paths.kernels.native_op = lambda op_name: op if op_name == name else native_op(op_name)
         try:
+            if isinstance(prepared_loop, fast_paths.FlatDecodeLoop):
+                stack.run_layers = fast_paths.FlatDecodeLoop.build(stack.layers)
             return bench_engine.ours_decode(model, prompt, tokens)
         finally:
-            kernels.linear_tiled = original
+            setattr(kernels, name, original)
+            fast_paths.kernels.native_op = native_op
+            stack.run_layers = prepared_loop
 
     return alternate(ops, rounds, rate)
 
@@ -128,16 +151,18 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=12)
     parser.add_argument("--model", type=Path, help="also A/B single-stream decode of this checkpoint")
     parser.add_argument("--decode-tokens", type=int, default=24)
+    parser.add_argument("--int8", action="store_true", help="the int8 kernel (linear_tiled_int8) instead")
     args = parser.parse_args()
     torch.set_num_threads(threads())
-    if kernels.native_op("linear_tiled") is None:
+    name = "linear_tiled_int8" if args.int8 else "linear_tiled"
+    if kernels.native_op(name) is None:
         raise SystemExit("the native kernels do not build here")
-    ops = {"base": build_base(args.base), "this": kernels.linear_tiled}
-    print(f"{threads()} threads, ISA level {isa_level()}, base {args.base}")
+    ops = {"base": build_base(args.base, name), "this": kernels.native_op(name)}
+    print(f"{threads()} threads, ISA level {isa_level()}, base {args.base}, {name}")
     for rows in [int(r) for r in args.rows.split(",") if r]:
-        report(f"{rows}-row products", "GB/s", sweep_rates(ops, rows, args.rounds))
+        report(f"{rows}-row products", "GB/s", sweep_rates(ops, rows, args.rounds, args.int8))
     if args.model:
-        report("single-stream decode", "tok/s", decode_rates(ops, args.model, args.rounds, args.decode_tokens))
+        report("single-stream decode", "tok/s", decode_rates(ops, args.model, args.rounds, args.decode_tokens, args.int8))
 
 
 if __name__ == "__main__":

@@ -11,9 +11,12 @@ table (perplexity, KL, greedy agreement) of the demo model.
 Writes benchmarks/out/quant-NAME.json and quant-NAME.md. Definitions:
 - decode tok/s: greedy tokens after the first, per second of engine steps, one sequence, 16-token prompt;
   the median of --repeats runs, the formats (and transformers) timed in turn in each round;
-- bound: the stream read bandwidth measured in this run / weight bytes one decode step reads in that
-  format (qwenstack.quantization.decode_weight_bytes: every tensor but the embedding lookup, experts at
-  top_k/num_experts); "fraction of bound" = decode / bound;
+- bound: the stream read bandwidth / weight bytes one decode step reads in that format
+  (qwenstack.quantization.decode_weight_bytes: every tensor but the embedding lookup, experts at
+  top_k/num_experts). The bandwidth is probed at the start of every round, just before that round's
+  decodes: "fraction of bound" is the median over rounds of each round's decode / that round's bound (one
+  probe per run let a burst of the host's bandwidth, 53 against ~33 GB/s a minute later, set the bound of
+  every round), and bound_tok_s the median probe's;
 - planner expected: `qwenstack plan`'s estimate for the same config, format and context (bytes at the
   decode-kernel rates measured once per thread count and cached in ~/.cache/qwenstack/bandwidth.json;
   `qwenstack plan MODEL --refresh-bandwidth` measures again);
@@ -109,9 +112,8 @@ def main() -> None:
     torch.set_num_threads(threads())
     levels = [level.strip() for level in args.levels.split(",") if level.strip()]
     prompt = random_prompt(random.Random(0), 16, 100000)
-    bandwidth = read_bandwidth()
-    results: dict[str, Any] = {"kind": "quant", "model": args.name, "read_bandwidth_gb_s": bandwidth / 1e9,
-                               "decode_tokens": args.decode_tokens, "prompt_tokens": len(prompt), "decode": []}
+    results: dict[str, Any] = {"kind": "quant", "model": args.name, "decode_tokens": args.decode_tokens,
+                               "prompt_tokens": len(prompt), "decode": []}
     # Every format is loaded first, then each is timed `--repeats` times in turn (transformers too), and the
     # medians are reported: the shared VM's bandwidth drifts by 20-30% within minutes, and interleaving
     # spreads that drift over every format instead of charging it to whichever ran at a bad moment.
@@ -133,17 +135,21 @@ def main() -> None:
     for model in models.values():
         decode_tok_s(model, prompt, 4)  # warm up
     runs: dict[str, list[float]] = {level: [] for level in [*levels, "transformers-bf16"]}
+    bandwidths: list[float] = []
     for _ in range(args.repeats):
+        bandwidths.append(read_bandwidth(repeats=3))
         for level, model in models.items():
             runs[level].append(decode_tok_s(model, prompt, args.decode_tokens))
         if hf is not None:
             runs["transformers-bf16"].append(hf_decode(hf, prompt, args.decode_tokens))
+    bandwidth = statistics.median(bandwidths)
+    results |= {"read_bandwidth_gb_s": bandwidth / 1e9, "read_bandwidth_runs_gb_s": [b / 1e9 for b in bandwidths]}
     for level in models:
         tok_s = statistics.median(runs[level])
-        bound = bandwidth / weight_bytes[level]
+        fractions = [t * weight_bytes[level] / b for t, b in zip(runs[level], bandwidths)]
         row = {"level": level, "tok_s": tok_s, "runs_tok_s": runs[level], "weight_bytes_per_token": weight_bytes[level],
-               "weight_mib_per_token": weight_bytes[level] / 2**20, "bound_tok_s": bound,
-               "fraction_of_bound": tok_s / bound,
+               "weight_mib_per_token": weight_bytes[level] / 2**20, "bound_tok_s": bandwidth / weight_bytes[level],
+               "fraction_of_bound": statistics.median(fractions), "runs_fraction_of_bound": fractions,
                "planner_expected_tok_s": planner_expected(args.model_dir, level, len(prompt) + args.decode_tokens),
                "quantization": summaries[level]}
         if row["planner_expected_tok_s"]:
