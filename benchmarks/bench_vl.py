@@ -9,6 +9,9 @@ includes decoding and preprocessing the image, the vision tower and the prefill:
 - ours, cold: a fresh engine (no encoder cache, no prefix cache);
 - ours, encoder cache warm: the same image in a new conversation (another system prompt, so the prefix cache
   cannot help): the vision tower is skipped, the prefill is not;
+- ours, new question: the same image after the same system prompt with another question, as a new chat with
+  the default system prompt asks it (the prefix cache holds the system prompt's and the image's KV, keyed by
+  the image's content; only the question is prefilled);
 - ours, next turn: the same conversation continued (the prefix cache holds the image's KV too);
 - transformers: its Pillow image processor plus `generate(max_new_tokens=1)` on the same weights.
 Both models stay loaded and the cases run in interleaved rounds after one warm-up of each; each figure is the
@@ -177,6 +180,7 @@ def main() -> None:
     engine = ours.engine()  # the engine of the warm cases; the first one also prepares the CPU linears
     conversation = next(systems)
     turns = iter(range(args.repeats + 2))
+    questions = iter([[2500 + 13 * i + j for j in range(10)] for i in range(args.repeats + 2)])
     parts: dict[str, dict] = {}
 
     def cold() -> None:
@@ -185,13 +189,16 @@ def main() -> None:
     def warm() -> None:  # same image, new conversation: the encoder cache holds the image, the prefix cache not
         parts["encoder_cache_warm"] = ours.ttft(engine, png, next(systems), question)[1]
 
+    def new_question() -> None:  # the prefix cache holds the system prompt's and the image's KV
+        parts["new_question"] = ours.ttft(engine, png, conversation, next(questions))[1]
+
     def next_turn_of_conversation() -> None:  # the prefix cache holds the image's KV too
         parts["next_turn"] = ours.ttft(engine, png, conversation, question, next_turn(next(turns)))[1]
 
     cases: dict[str, Callable[[], Any]] = {"cold": cold}
     if hf_run is not None:
         cases["transformers"] = hf_run
-    cases |= {"encoder_cache_warm": warm, "next_turn": next_turn_of_conversation}
+    cases |= {"encoder_cache_warm": warm, "new_question": new_question, "next_turn": next_turn_of_conversation}
     # Warm-up: one of each (first-call allocations, kernel builds, the CPU-linear choice); the conversation's
     # first turn fills both caches.
     ours.ttft(engine, png, conversation, question)
@@ -213,6 +220,7 @@ def main() -> None:
         hf_cold = results["transformers_ttft_s"]
         results["cold_vs_transformers"] = results["cold_ttft_s"] / hf_cold
         results["encoder_cache_warm_vs_transformers"] = results["encoder_cache_warm_ttft_s"] / hf_cold
+        results["new_question_vs_transformers"] = results["new_question_ttft_s"] / hf_cold
         results["cold_cpu_vs_transformers"] = results["cold_cpu_s"] / results["transformers_cpu_s"]
         results["encoder_cache_warm_cpu_vs_transformers"] = results["encoder_cache_warm_cpu_s"] / results["transformers_cpu_s"]
     results["encoder_cache_warm_vs_cold"] = results["encoder_cache_warm_ttft_s"] / results["cold_ttft_s"]
