@@ -172,9 +172,10 @@ class FlatDecodeLoop:
     add does). Called as models/qwen3.py's run_layers; any other step (prefill, a mixed batch, autograd, a
     dtype or batch the ops do not take) goes through the reference loop.
 
-    Why: on the 0.6B shape a single-stream step spends ~5 ms of ~45 between the products, in the modules'
+    Why: on the 0.6B shape a single-stream step spent ~5 ms of ~45 between the products, in the modules'
     calls and the ops' Python wrappers (their per-call checks hold for the whole step); this loop checks once
-    per step and took 29.4 against 32.1 ms a forward (bf16; int8 19.9 against 23.2), in-process medians."""
+    per step, and decodes 1.09x (bf16) and 1.15x (int8) as fast as the layers (benchmarks/bench_decode_loop.py,
+    benchmarks/RESULTS.md). The weights are bound when the loop is built, at the end of the preparation."""
 
     def __init__(self, layers: list[DecodeLayerOps], rotary: nn.Module, dtype: torch.dtype, max_rows: int) -> None:
         self.layers, self.rotary, self.dtype, self.max_rows = layers, rotary, dtype, max_rows
@@ -229,7 +230,7 @@ class FlatDecodeLoop:
 
     def __call__(self, layers: Sequence[nn.Module], x: torch.Tensor, positions: torch.Tensor, batch: AttentionBatch,
                  kv_caches: list[torch.Tensor] | None) -> torch.Tensor:
-        if not self.applies(x, batch, kv_caches):
+        if len(layers) != len(self.layers) or not self.applies(x, batch, kv_caches):
             return run_decoder_layers(layers, x, positions, batch, kv_caches)
         assert kv_caches is not None and batch.slot_mapping is not None
         ops = self.ops
