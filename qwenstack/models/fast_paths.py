@@ -11,7 +11,7 @@ Model files (layers.py, attention.py, qwen3*.py) are the reference math and neve
   (qwenstack/kernels/paged_attention_cpu.cpp) instead of gathered;
 - Gated DeltaNet layers (Qwen3-Next): a decode step's conv and recurrence on the state slots where they lie,
   one native call each (qwenstack/kernels/gated_delta_cpu.cpp);
-- a stack of dense Qwen3 decoder layers (models/qwen3.py run_layers): decode steps as FlatDecodeLoop, the same
+- a stack of Qwen3 decoder layers (models/qwen3.py run_layers): decode steps as FlatDecodeLoop, the same
   native ops called straight from one loop, without the modules and wrappers between them.
 Each native path keeps its torch reference as the fallback for a call it cannot take (autograd, float32
 norms, a dtype or block size the kernel does not handle, kernels unavailable or disabled), so a prepared
@@ -150,8 +150,7 @@ class DecodeLayerOps:
 
     qkv: RowsProduct
     o: RowsProduct
-    gate_up: RowsProduct
-    down: RowsProduct
+    mlp: RowsProduct  # a SwiGLU's two products around the native activation, or the MLP module's forward (MoE)
     heads: list[int]  # the fused projection's split per head: [q_heads, kv_heads, kv_heads]
     head_dim: int
     scale: float
@@ -166,8 +165,8 @@ FLAT_DECODE_OPS = ("rms_norm", "add_rms_norm", "qk_norm_rope", "write_kv", "page
 
 
 class FlatDecodeLoop:
-    """A decode step through a stack of dense Qwen3 decoder layers as one flat loop of the native ops that the
-    prepared layers would call, in the same order on the same tensors, so the result is bit-identical; the
+    """A decode step through a stack of Qwen3 decoder layers (dense or MoE) as one flat loop of the native ops
+    that the prepared layers would call, in the same order on the same tensors, so the result is bit-identical; the
     residual add after each MLP goes into the next layer's norm call (add_rms_norm rounds the sum as torch's
     add does). Called as models/qwen3.py's run_layers; any other step (prefill, a mixed batch, autograd, a
     dtype or batch the ops do not take) goes through the reference loop.
@@ -183,8 +182,8 @@ class FlatDecodeLoop:
 
     @classmethod
     def build(cls, layers: Sequence[nn.Module]) -> "FlatDecodeLoop | None":
-        """The loop for prepared `layers`, or None where some layer is not a dense decoder layer in the native
-        fast paths (MoE, float32, a norm or activation left to torch) or an op is unavailable."""
+        """The loop for prepared `layers`, or None where some layer is not a Qwen3 decoder layer in the native
+        fast paths (float32, a norm or the attention left to torch, a hybrid layer) or an op is unavailable."""
         if not layers or any(kernels.native_op(name) is None for name in FLAT_DECODE_OPS):
             return None
         plan, max_rows = [], sys.maxsize
@@ -203,19 +202,30 @@ class FlatDecodeLoop:
 
     @staticmethod
     def _layer_ops(layer: nn.Module, rotary: nn.Module | None) -> tuple[DecodeLayerOps, int] | None:
-        if type(layer) is not DecoderLayer or type(layer.mlp) is not SwiGLU:
+        if type(layer) is not DecoderLayer:
             return None
-        attn, mlp = layer.self_attn, layer.mlp
+        attn = layer.self_attn
         norms = (layer.input_layernorm, layer.post_attention_layernorm, attn.q_norm, attn.k_norm)
         if (attn.ops is not NATIVE_ATTENTION_OPS or attn.rotary is not rotary or attn.head_dim % 16
-                or mlp.activation is not native_silu_and_mul or any(type(n) is not NativeRMSNorm for n in norms)
+                or any(type(n) is not NativeRMSNorm for n in norms)
                 or (attn.q_norm.eps, attn.q_norm.zero_centered) != (attn.k_norm.eps, attn.k_norm.zero_centered)):
             return None  # (the fused QK-norm-rotary op takes one eps for both, as NativeAttentionOps asks)
-        products = [rows_product(m) for m in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)]
-        ops = DecodeLayerOps(*(p for p, _ in products), heads=[attn.num_heads, attn.num_kv_heads, attn.num_kv_heads],
+        (qkv, qkv_rows), (o, o_rows) = rows_product(attn.qkv_proj), rows_product(attn.o_proj)
+        mlp, mlp_rows = FlatDecodeLoop._mlp_call(layer.mlp)
+        ops = DecodeLayerOps(qkv, o, mlp, heads=[attn.num_heads, attn.num_kv_heads, attn.num_kv_heads],
                              head_dim=attn.head_dim, scale=attn.scale, input_norm=norms[0], post_norm=norms[1],
                              q_norm=norms[2], k_norm=norms[3])
-        return ops, min(rows for _, rows in products)
+        return ops, min(qkv_rows, o_rows, mlp_rows)
+
+    @staticmethod
+    def _mlp_call(mlp: nn.Module) -> tuple[RowsProduct, int]:
+        """A prepared SwiGLU as its two products around the native activation; any other MLP (the sparse MoE
+        blocks) as its forward, the call the layer makes."""
+        if type(mlp) is not SwiGLU or mlp.activation is not native_silu_and_mul:
+            return mlp.forward, sys.maxsize
+        (gate_up, gate_up_rows), (down, down_rows) = rows_product(mlp.gate_up_proj), rows_product(mlp.down_proj)
+        silu_mul = kernels.native_op("silu_mul")
+        return (lambda h: down(silu_mul(gate_up(h)))), min(gate_up_rows, down_rows)
 
     def applies(self, x: torch.Tensor, batch: AttentionBatch, kv_caches: list[torch.Tensor] | None) -> bool:
         """Whether this step is one the loop takes: decode rows of the layers' dtype into a paged cache of it."""
@@ -235,7 +245,7 @@ class FlatDecodeLoop:
         assert kv_caches is not None and batch.slot_mapping is not None
         ops = self.ops
         rms_norm, add_rms_norm, qk_norm_rope = ops["rms_norm"], ops["add_rms_norm"], ops["qk_norm_rope"]
-        write_kv, attention, silu_mul = ops["write_kv"], ops["paged_decode_attention"], ops["silu_mul"]
+        write_kv, attention = ops["write_kv"], ops["paged_decode_attention"]
         rows = x.shape[0]
         cos, sin = self.rotary.cos_sin(positions, x.dtype)
         lens, slots, tables = batch.context_lens_tensor, batch.slot_mapping, batch.block_tables
@@ -253,7 +263,7 @@ class FlatDecodeLoop:
             out = attention(q, cache, tables, lens, layer.scale)
             norm = layer.post_norm
             x, h = add_rms_norm(x, layer.o(out.view(rows, -1)), norm.weight, float(norm.eps), norm.zero_centered)
-            mlp_out = layer.down(silu_mul(layer.gate_up(h)))
+            mlp_out = layer.mlp(h)
         return x + mlp_out
 
 

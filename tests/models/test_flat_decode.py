@@ -1,6 +1,6 @@
-"""FlatDecodeLoop (models/fast_paths.py): a prepared dense Qwen3 stack runs its decode steps as one flat loop of
-native ops. It must give the bits the prepared layers give, step after step, for every linear form the
-preparation can pick, and leave every step it does not take (prefill, float32, autograd, MoE) to them."""
+"""FlatDecodeLoop (models/fast_paths.py): a prepared Qwen3 stack (dense or MoE) runs its decode steps as one flat
+loop of native ops. It must give the bits the prepared layers give, step after step, for every linear form the
+preparation can pick, and leave every step it does not take (prefill, float32, autograd) to them."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -46,14 +46,17 @@ def stack_outputs(model: torch.nn.Module, monkeypatch: pytest.MonkeyPatch) -> tu
     return outputs, taken
 
 
-@pytest.mark.parametrize("form,quantization", [("native", None), ("packed", None), ("native", "int8"),
-                                               ("native", "int4")])
-def test_the_flat_loop_gives_the_layers_bits_at_every_decode_step(tiny_qwen3: Path, monkeypatch: pytest.MonkeyPatch,
+@pytest.mark.parametrize("checkpoint,form,quantization", [
+    ("tiny_qwen3", "native", None), ("tiny_qwen3", "packed", None), ("tiny_qwen3", "native", "int8"),
+    ("tiny_qwen3", "native", "int4"), ("tiny_qwen3_moe", "native", None), ("tiny_qwen3_moe", "native", "int8"),
+])
+def test_the_flat_loop_gives_the_layers_bits_at_every_decode_step(request: pytest.FixtureRequest,
+                                                                    monkeypatch: pytest.MonkeyPatch, checkpoint: str,
                                                                     form: str, quantization: str | None) -> None:
     require_native_kernels()
     if form == "packed" and not packing_supported():
         pytest.skip("no oneDNN packing in this torch build")
-    model = prepared(tiny_qwen3, form, quantization)
+    model = prepared(request.getfixturevalue(checkpoint), form, quantization)
     assert isinstance(model.model.run_layers, FlatDecodeLoop)
     flat, taken = stack_outputs(model, monkeypatch)
     model.model.run_layers = run_decoder_layers  # the prepared layers, one module call after another
@@ -64,7 +67,7 @@ def test_the_flat_loop_gives_the_layers_bits_at_every_decode_step(tiny_qwen3: Pa
         assert torch.equal(a, b), f"step {step}: {(a.float() - b.float()).abs().max()}"
 
 
-def test_steps_the_loop_does_not_take_go_through_the_layers(tiny_qwen3: Path, tiny_qwen3_moe: Path) -> None:
+def test_steps_the_loop_does_not_take_go_through_the_layers(tiny_qwen3: Path) -> None:
     require_native_kernels()
     model = prepared(tiny_qwen3, "native")
     loop = model.model.run_layers
@@ -81,9 +84,6 @@ def test_steps_the_loop_does_not_take_go_through_the_layers(tiny_qwen3: Path, ti
     with torch.no_grad():
         assert loop.applies(x, decode, caches)
     assert not loop.applies(x, decode, caches)  # autograd on: the native ops have no backward
-    # Models whose layers the loop does not know keep the reference stack.
+    # A model whose norms stay on torch (float32) keeps the reference stack.
     float32 = load_model(tiny_qwen3, dtype=torch.float32)
-    prepare_for_cpu(float32)
-    assert float32.model.run_layers is run_decoder_layers
-    moe = load_model(tiny_qwen3_moe, dtype=torch.bfloat16)
-    assert prepare_for_cpu(moe).decode_loops == 0 and moe.model.run_layers is run_decoder_layers
+    assert prepare_for_cpu(float32).decode_loops == 0 and float32.model.run_layers is run_decoder_layers
