@@ -15,13 +15,13 @@ import random
 import statistics
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_engine import ours_decode, random_prompt  # noqa: E402
-from common import save, threads  # noqa: E402
+from common import alternate, save, threads  # noqa: E402
 
 from qwenstack.loading import load_model  # noqa: E402
 from qwenstack.models.fast_paths import FlatDecodeLoop  # noqa: E402
@@ -41,12 +41,11 @@ def alternate_paths(model: torch.nn.Module, prompt: list[int], tokens: int, roun
         # puts a flat loop where it finds the reference function.
         return run_decoder_layers(*args)
 
-    paths = {"flat loop": loop, "layers": layers}
-    runs: dict[str, list[float]] = {name: [] for name in paths}
-    for r in range(rounds):
-        for name in list(paths) if r % 2 == 0 else list(paths)[::-1]:
-            stack.run_layers = paths[name]
-            runs[name].append(ours_decode(model, prompt, tokens))
+    def decode_with(path: Callable[..., torch.Tensor]) -> float:
+        stack.run_layers = path
+        return ours_decode(model, prompt, tokens)
+
+    runs = alternate({"flat loop": loop, "layers": layers}, rounds, decode_with)
     stack.run_layers = loop
     return runs
 

@@ -29,7 +29,7 @@ from typing import Callable
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import threads  # noqa: E402
+from common import alternate, threads  # noqa: E402
 
 from qwenstack import kernels  # noqa: E402
 from qwenstack.kernels.build import _ISA_FLAGS, isa_level  # noqa: E402
@@ -62,16 +62,6 @@ def build_base(revision: str, name: str) -> Op:
     cpp_extension.load(name=f"qwenstack_ab_{commit}_{isa_level()}", sources=[str(work / "linear_tiled_cpu.cpp")],
                        extra_cflags=["-O3", *_ISA_FLAGS.get(isa_level(), [])], is_python_module=False)
     return getattr(torch.ops.qwenstack_base, name)
-
-
-def alternate(ops: dict[str, Op], rounds: int, measure: Callable[[Op], float]) -> dict[str, list[float]]:
-    """measure(op) for each op in every round, the order flipped every other round."""
-    results: dict[str, list[float]] = {name: [] for name in ops}
-    names = list(ops)
-    for r in range(rounds):
-        for name in names if r % 2 == 0 else names[::-1]:
-            results[name].append(measure(ops[name]))
-    return results
 
 
 def report(what: str, unit: str, results: dict[str, list[float]]) -> None:

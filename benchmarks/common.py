@@ -7,7 +7,7 @@ import os
 import platform
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, TypeVar
 
 import torch
 
@@ -24,6 +24,20 @@ def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
     t = time.perf_counter()
     result = fn()
     return result, time.perf_counter() - t
+
+
+T = TypeVar("T")
+
+
+def alternate(variants: dict[str, T], rounds: int, measure: Callable[[T], float]) -> dict[str, list[float]]:
+    """measure(variant) for each variant in every round, the order flipped every other round: on a VM whose
+    speed drifts within minutes, each round's figures share their minute."""
+    results: dict[str, list[float]] = {name: [] for name in variants}
+    names = list(variants)
+    for r in range(rounds):
+        for name in names if r % 2 == 0 else names[::-1]:
+            results[name].append(measure(variants[name]))
+    return results
 
 
 def read_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
