@@ -2,7 +2,8 @@
 attention for decode and prefix prefill and the KV write (paged_attention_cpu.cpp), linear layers for a few
 activation rows (linear_cpu.cpp) and for tile-packed weights (linear_tiled_cpu.cpp), RMSNorm, residual add +
 RMSNorm and QK-norm + rotary (rms_norm_cpu.cpp), SwiGLU's activation (swiglu_cpu.cpp), Gated DeltaNet's
-decode step, conv and recurrence (gated_delta_cpu.cpp), and a probe of the machine's read rate (memory_cpu.cpp). Every op has a torch reference that the callers fall back on.
+decode step, conv and recurrence (gated_delta_cpu.cpp), attention within whole segments of tokens
+(dense_attention_cpu.cpp: a vision tower's frames), and a probe of the machine's read rate (memory_cpu.cpp). Every op has a torch reference that the callers fall back on.
 
 - build.py: the CPU's instruction-set level and one extension per .cpp file (a file that fails to compile
   disables only its own ops); `kernels_disabled` (QWENSTACK_DISABLE_KERNELS=1) forces the torch path.
@@ -19,7 +20,7 @@ from qwenstack.kernels.ops import (
     LINEAR_WEIGHT_DTYPES, add_rms_norm, conv_decode, gated_delta_decode, has_amx, int8_tiles_preferred,
     linear_rows, linear_rows_available, moe_max_rows, moe_tiled, vector_loop_max_rows,
     linear_tiled, linear_tiled_int8, paged_decode_attention, paged_decode_available, paged_prefix_attention,
-    qk_norm_rope, rms_norm, silu_mul, stream_sum, use_paged_decode, write_kv,
+    qk_norm_rope, rms_norm, segment_attention, silu_mul, stream_sum, use_paged_decode, write_kv,
 )
 
 __all__ = [
@@ -29,6 +30,6 @@ __all__ = [
     "LINEAR_WEIGHT_DTYPES", "has_amx", "int8_tiles_preferred", "linear_rows", "linear_rows_available",
     "linear_tiled", "linear_tiled_int8", "paged_decode_attention", "paged_decode_available",
     "paged_prefix_attention", "qk_norm_rope", "rms_norm", "stream_sum", "use_paged_decode", "add_rms_norm",
-    "silu_mul", "write_kv", "conv_decode", "gated_delta_decode", "moe_tiled",
+    "segment_attention", "silu_mul", "write_kv", "conv_decode", "gated_delta_decode", "moe_tiled",
     "moe_max_rows", "vector_loop_max_rows",
 ]

@@ -70,6 +70,33 @@ def paged_prefix_attention(
               torch.tensor(query_lens, dtype=torch.long), float(scale))
 
 
+def segment_attention(
+    q: torch.Tensor,  # [N, q_heads, head_dim]
+    k: torch.Tensor,  # [N, kv_heads, head_dim]
+    v: torch.Tensor,  # [N, kv_heads, head_dim]
+    segment_starts: list[int],  # [segments + 1]: 0, ..., N
+    causal: bool,
+    scale: float,
+) -> torch.Tensor | None:  # [N, q_heads, head_dim] bfloat16, contiguous
+    """softmax(q k^T * scale) v within each segment of tokens [starts[s], starts[s + 1]) (causal: each token up
+    to its own position; head_dim a multiple of 16, at most 256), in one native call on bfloat16 dot products (dense_attention_cpu.cpp); None where it
+    does not apply (not bfloat16 CPU tensors, autograd, a head_dim it lacks, a CPU without AVX512-BF16,
+    kernels unavailable): use SDPA."""
+    if not (
+        q.device.type == "cpu"
+        and len(segment_starts) > 1 and q.shape[0] > 0
+        and q.dtype == k.dtype == v.dtype == torch.bfloat16
+        and q.shape[-1] % 16 == 0 and q.shape[-1] <= 256
+        and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
+        and isa_level() in ("avx512_bf16", "avx512_amx")
+    ):
+        return None
+    op = native_op("segment_attention")
+    if op is None:
+        return None
+    return op(q, k, v, torch.tensor(segment_starts, dtype=torch.long), causal, float(scale))
+
+
 LINEAR_WEIGHT_DTYPES = (torch.bfloat16, torch.float16, torch.int8)
 
 

@@ -14,7 +14,8 @@ Decisions:
   gathering them: the gather copies more bytes per step than the weights) comes in as `in_place`, an
   InPlaceAttention the load-time preparation chose (models/fast_paths.py: the native CPU kernels); it takes
   a whole decode step, or in a mixed batch the sequences with few new tokens (the decodes beside a prefill
-  chunk, a prompt whose prefix came from the cache), and answers None / no rows where it does not apply.
+  chunk, a prompt whose prefix came from the cache), and fresh prompts over their own keys, and answers
+  None / no rows where it does not apply.
 """
 from __future__ import annotations
 
@@ -100,6 +101,11 @@ class InPlaceAttention(Protocol):
                        out: torch.Tensor) -> set[int]:
         """Writes the rows of `out` of the sequences it takes in a mixed batch; returns their indices."""
 
+    def fresh_prompts(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, starts: list[int],
+                      scale: float) -> torch.Tensor | None:
+        """Causal attention of whole prompts over their own new keys (no cached context), sequence b being
+        rows [starts[b], starts[b + 1]): the output [T, q_heads, head_dim], or None where it does not apply."""
+
 
 def paged_attention(
     q: torch.Tensor,  # [T, q_heads, head_dim]
@@ -114,6 +120,10 @@ def paged_attention(
         if in_place is None or not in_place.write(kv_cache, k, v, batch.slot_mapping):
             write_kv(kv_cache, k, v, batch.slot_mapping)
     gqa = q.shape[1] != k.shape[1]
+    if batch.is_fresh_prefill and in_place is not None:
+        out = in_place.fresh_prompts(q, k, v, batch.query_starts, scale)
+        if out is not None:
+            return out
     if batch.is_uniform_fresh_prefill:
         b, s = batch.num_seqs, batch.query_lens[0]
         qb = q.view(b, s, *q.shape[1:]).transpose(1, 2)
@@ -133,6 +143,11 @@ def paged_attention(
         start, end = batch.query_starts[i], batch.query_starts[i + 1]
         qi = q[start:end].transpose(0, 1)  # [heads, q_len, head_dim]
         if q_len == ctx_len:
+            fresh = in_place.fresh_prompts(q[start:end], k[start:end], v[start:end], [0, q_len], scale) \
+                if in_place is not None else None
+            if fresh is not None:
+                out[start:end] = fresh
+                continue
             ki, vi = k[start:end], v[start:end]
             mask, causal = None, True
         else:
@@ -151,6 +166,30 @@ def paged_attention(
         )
         out[start:end] = oi[0].transpose(0, 1)
     return out
+
+
+def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     windows: list[tuple[int, int, int]]) -> torch.Tensor:
+    """Bidirectional attention within windows of tokens and no KV cache (a vision tower's frames, an audio
+    encoder's windows): windows are (start, length, count) runs of `count` consecutive windows of `length`
+    tokens from `start`, covering the N tokens in order. q, k, v [N, heads, head_dim] -> [N, heads, head_dim],
+    contiguous; scale 1/sqrt(head_dim). One SDPA call per run, its windows batched."""
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    for start, length, count in windows:
+        span = slice(start, start + length * count)
+        qs, ks, vs = (t[span].unflatten(0, (count, length)).transpose(1, 2) for t in (q, k, v))
+        out[span] = F.scaled_dot_product_attention(qs, ks, vs).transpose(1, 2).flatten(0, 1)
+    return out
+
+
+def window_starts(windows: list[tuple[int, int, int]], total: int) -> list[int] | None:
+    """The first token of every window and then `total`, or None where the windows do not tile [0, total)."""
+    starts = [0]
+    for start, length, count in windows:
+        if start != starts[-1] or length < 1 or count < 1:
+            return None
+        starts.extend(start + length * (i + 1) for i in range(count))
+    return starts if starts[-1] == total and len(starts) > 1 else None
 
 
 def gathered_decode_attention(

@@ -9,6 +9,8 @@ Model files (layers.py, attention.py, qwen3*.py) are the reference math and neve
 - attention layers: NativeAttentionOps, QK-RMSNorm and rotary in one native call, new keys and values
   written to the paged cache in one, and attention over the paged cache read where it lies
   (qwenstack/kernels/paged_attention_cpu.cpp) instead of gathered;
+- attention within windows and no cache (the vision tower's frames, the audio encoder's windows): one native
+  call on bfloat16 dot products (qwenstack/kernels/dense_attention_cpu.cpp) instead of SDPA's flash loop;
 - Gated DeltaNet layers (Qwen3-Next): a decode step's conv and recurrence on the state slots where they lie,
   one native call each (qwenstack/kernels/gated_delta_cpu.cpp);
 - a stack of Qwen3 decoder layers (models/qwen3.py run_layers): decode steps as FlatDecodeLoop, the same
@@ -29,7 +31,7 @@ import torch
 from torch import nn
 
 from qwenstack import kernels
-from qwenstack.models.attention import AttentionBatch, paged_attention
+from qwenstack.models.attention import AttentionBatch, paged_attention, window_attention, window_starts
 from qwenstack.models.cpu_linear import TiledLinear, prepare_cpu_linears, tiled_max_rows
 from qwenstack.models.layers import AttentionOps, RMSNorm, SwiGLU, silu_and_mul
 from qwenstack.models.linear_attention import conv_decode_in_place, recurrent_decode_in_place
@@ -70,6 +72,15 @@ def native_decode_in_place(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g:
     return native if native is not None else recurrent_decode_in_place(q, k, v, g, beta, state, slots, fresh)
 
 
+def native_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                            windows: list[tuple[int, int, int]]) -> torch.Tensor:
+    """Attention within windows (a vision tower's frames, an audio encoder's windows) in one native call
+    where the kernel applies (bfloat16, AVX512-BF16), the reference elsewhere."""
+    starts = window_starts(windows, q.shape[0])
+    native = None if starts is None else kernels.segment_attention(q, k, v, starts, False, q.shape[-1] ** -0.5)
+    return native if native is not None else window_attention(q, k, v, windows)
+
+
 def native_silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """SwiGLU's activation in one native call where the kernel applies, the reference elsewhere."""
     native = kernels.silu_mul(gate_up)
@@ -102,6 +113,12 @@ class NativePagedAttention:
         out[rows] = kernels.paged_prefix_attention(q[rows], kv_cache, tables, [batch.context_lens[i] for i in seqs],
                                                    [batch.query_lens[i] for i in seqs], scale)
         return set(seqs)
+
+
+    def fresh_prompts(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, starts: list[int],
+                      scale: float) -> torch.Tensor | None:
+        """Whole prompts in one call on bfloat16 dot products (dense_attention_cpu.cpp), causal within each."""
+        return kernels.segment_attention(q, k, v, starts, True, scale)
 
 
 class NativeAttentionOps(AttentionOps):
@@ -276,6 +293,7 @@ class Prepared:
     activations: int = 0
     attention_layers: int = 0
     recurrent_layers: int = 0
+    window_attention_layers: int = 0
     decode_loops: int = 0
 
 
@@ -303,6 +321,9 @@ def prepare_for_cpu(model: nn.Module, linears: bool = True) -> Prepared:
             module.conv_step = native_conv_in_place
             module.decode_step = native_decode_in_place
             done.recurrent_layers += 1
+        if getattr(module, "attend_windows", None) is window_attention:  # vision tower, audio encoder
+            module.attend_windows = native_window_attention
+            done.window_attention_layers += 1
         if isinstance(getattr(module, "ops", None), AttentionOps):
             module.ops = NATIVE_ATTENTION_OPS
             done.attention_layers += 1

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qwenstack.errors import ConfigError
+from qwenstack.models.attention import window_attention
 
 _ACTIVATIONS = {"gelu": lambda x: F.gelu(x), "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
                 "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"), "relu": F.relu, "silu": F.silu}
@@ -111,18 +112,14 @@ class AudioAttention(nn.Module):
         self.k_proj = RowsLinear(dim, dim)
         self.v_proj = RowsLinear(dim, dim)
         self.out_proj = RowsLinear(dim, dim)
+        # The load-time preparation may swap in a native kernel (models/fast_paths.py).
+        self.attend_windows = window_attention
 
     def forward(self, x: torch.Tensor, windows: list[tuple[int, int, int]]) -> torch.Tensor:
         """x [N, D]; windows: (start, length, count) runs of `count` consecutive windows of equal length."""
         n, d = x.shape
         q, k, v = (p(x).view(n, self.heads, d // self.heads) for p in (self.q_proj, self.k_proj, self.v_proj))
-        out = torch.empty_like(q)
-        for start, length, count in windows:
-            span = slice(start, start + length * count)
-            qs, ks, vs = (t[span].view(count, length, self.heads, -1).transpose(1, 2) for t in (q, k, v))
-            o = F.scaled_dot_product_attention(qs, ks, vs)
-            out[span] = o.transpose(1, 2).reshape(count * length, self.heads, -1)
-        return self.out_proj(out.view(n, d))
+        return self.out_proj(self.attend_windows(q, k, v, windows).view(n, d))
 
 
 class AudioEncoderLayer(nn.Module):

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qwenstack.errors import ConfigError
+from qwenstack.models.attention import window_attention
 from qwenstack.models.cpu_linear import PackedLinear, packing_supported
 
 # transformers hard-codes these; they are not in config.json.
@@ -172,14 +173,17 @@ def apply_vision_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -
     return out
 
 
-def equal_length_runs(lengths: list[int]) -> list[tuple[int, int]]:
-    """(length, count) of each run of consecutive equal segment lengths: [4, 4, 4, 9] -> [(4, 3), (9, 1)]."""
-    runs: list[tuple[int, int]] = []
+def equal_length_runs(lengths: list[int]) -> list[tuple[int, int, int]]:
+    """(start, length, count) of each run of consecutive equal segment lengths:
+    [4, 4, 4, 9] -> [(0, 4, 3), (12, 9, 1)] (models/attention.py window_attention's windows)."""
+    runs: list[tuple[int, int, int]] = []
+    start = 0
     for length in lengths:
-        if runs and runs[-1][0] == length:
-            runs[-1] = (length, runs[-1][1] + 1)
+        if runs and runs[-1][1] == length:
+            runs[-1] = (runs[-1][0], length, runs[-1][2] + 1)
         else:
-            runs.append((length, 1))
+            runs.append((start, length, 1))
+        start += length
     return runs
 
 
@@ -190,28 +194,19 @@ class VisionAttention(nn.Module):
         self.head_dim = args.head_dim
         self.qkv = nn.Linear(args.hidden_size, 3 * args.hidden_size, bias=True)
         self.proj = nn.Linear(args.hidden_size, args.hidden_size, bias=True)
+        # The load-time preparation may swap in a native kernel (models/fast_paths.py).
+        self.attend_windows = window_attention
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, segments: list[tuple[int, int]]
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, segments: list[tuple[int, int, int]]
     ) -> torch.Tensor:
-        # x: [N, D]; segments: (length, count) runs of attention segments (equal_length_runs), covering N.
+        # x: [N, D]; segments: (start, length, count) runs of attention segments (equal_length_runs), covering N.
         n, heads, hd = x.shape[0], self.num_heads, self.head_dim
         qkv = self.qkv(x).view(n, 3, heads, hd)
         qk = apply_vision_rotary(qkv[:, :2].flatten(1, 2), cos, sin).view(n, 2, heads, hd)  # q and k in one pass
-        q, k, v = qk[:, 0], qk[:, 1], qkv[:, 2]  # each [N, H, hd]
-        outputs = []
-        start = 0
-        for length, count in segments:
-            end = start + length * count
-
-            def batched(t: torch.Tensor) -> torch.Tensor:  # [count * L, H, hd] -> [count, H, L, hd], a view
-                return t[start:end].unflatten(0, (count, length)).transpose(1, 2)
-
-            # No mask: every patch of a frame sees every other patch of it.
-            out = F.scaled_dot_product_attention(batched(q), batched(k), batched(v))  # [count, H, L, hd]
-            outputs.append(out.transpose(1, 2).reshape(length * count, heads * hd))  # [count * L, D]
-            start = end
-        return self.proj(outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=0))
+        # No mask: every patch of a frame sees every other patch of it.
+        out = self.attend_windows(qk[:, 0], qk[:, 1], qkv[:, 2], segments)  # [N, H, hd]
+        return self.proj(out.view(n, heads * hd))
 
 
 class VisionMLP(nn.Module):

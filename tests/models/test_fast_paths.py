@@ -12,13 +12,15 @@ import torch
 from kernel_utils import require_native_kernels
 from qwenstack import kernels
 from qwenstack.engine.reference import greedy_generate
+from qwenstack.models.attention import AttentionBatch, paged_attention
 from qwenstack.models.fast_paths import NATIVE_ATTENTION_OPS, NativeRMSNorm, prepare_for_cpu
 from qwenstack.models.layers import Attention, RMSNorm, SwiGLU
 from qwenstack.models.qwen3 import run_decoder_layers
 from qwenstack.models.registry import load_model
 
 ENTRY_POINTS = ("rms_norm", "add_rms_norm", "silu_mul", "write_kv", "qk_norm_rope", "use_paged_decode",
-                "paged_decode_attention", "paged_prefix_attention", "linear_tiled", "linear_rows")
+                "paged_decode_attention", "paged_prefix_attention", "segment_attention", "linear_tiled",
+                "linear_rows")
 PROMPTS = [[5, 9, 13], list(range(3, 40)), [7] * 17]
 
 
@@ -65,7 +67,10 @@ def test_preparation_swaps_every_norm_and_attention_layer_once(tiny_qwen3: Path,
     model.model.run_layers = run_decoder_layers
     calls = watch(monkeypatch)
     greedy_generate(model, PROMPTS, 8, block_size=4)
-    assert all(calls[name] for name in ENTRY_POINTS if not name.startswith("linear_")), calls
+    # A batch of fresh prompts takes segment_attention; paged_prefix_attention serves the sequences with a
+    # cached context (test_attention_routes_each_sequence_to_its_kernel below).
+    assert all(calls[name] for name in ENTRY_POINTS if not name.startswith("linear_")
+               and name != "paged_prefix_attention"), calls
     # The same greedy tokens as the model as built: tests/kernels/test_kernels.py, in float32 (in bfloat16 this
     # tiny model's top two logits tie, and any other summation order picks the other one).
 
@@ -76,3 +81,38 @@ def test_preparation_leaves_other_devices_and_float32_norms_alone(tiny_qwen3: Pa
     norm = NativeRMSNorm(32, 1e-6)
     x = torch.randn(3, 32)
     assert torch.equal(norm(x), RMSNorm.forward(norm, x))  # float32 stays on torch's sums
+
+
+@torch.inference_mode()
+def test_attention_routes_each_sequence_to_its_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One mixed batch through the native ops: a fresh prompt of 70 tokens (over the few-token kernel's 64)
+    takes the whole-prompt kernel, a 5-token chunk after 11 cached tokens the prefix kernel; a batch of fresh
+    prompts alone goes to the whole-prompt kernel in one call. Each output matches the reference path's."""
+    require_native_kernels()
+    if kernels.isa_level() not in ("avx512_bf16", "avx512_amx"):
+        pytest.skip("the whole-prompt kernel needs AVX512-BF16")
+    g = torch.Generator().manual_seed(0)
+    heads, kv_heads, head_dim, block = 4, 2, 64, 16
+    lens, cached = [70, 16], [0, 11]
+    q, k, v = (torch.randn(sum(lens) - sum(cached), h, head_dim, generator=g).to(torch.bfloat16)
+               for h in (heads, kv_heads, kv_heads))
+    kv_cache = torch.zeros(2, 8, block, kv_heads, head_dim, dtype=torch.bfloat16)
+    tables = torch.tensor([[0, 1, 2, 3, 4], [5, 0, 0, 0, 0]])
+    old_keys = torch.randn(2, 11, kv_heads, head_dim, generator=g).to(torch.bfloat16)
+    kv_cache[:, 5, :11] = old_keys
+    slots = torch.cat([torch.arange(70), 5 * block + torch.arange(11, 16)])
+
+    def batch() -> AttentionBatch:
+        return AttentionBatch([70, 5], lens, slot_mapping=slots, block_tables=tables, block_size=block)
+
+    calls = watch(monkeypatch)
+    got = NATIVE_ATTENTION_OPS.attend(q, k, v, kv_cache.clone(), batch(), head_dim ** -0.5)
+    assert (calls["segment_attention"], calls["paged_prefix_attention"]) == (1, 1), calls
+    want = paged_attention(q, k, v, kv_cache.clone(), batch(), head_dim ** -0.5)
+    assert (got.float() - want.float()).abs().max().item() < 0.02  # bfloat16 rounding of the outputs
+    fresh = AttentionBatch([70, 20], [70, 20])
+    q2, k2, v2 = (torch.cat([t[:70], t[:20]]) for t in (q, k, v))
+    got = NATIVE_ATTENTION_OPS.attend(q2, k2, v2, None, fresh, head_dim ** -0.5)
+    assert calls["segment_attention"] == 2  # both prompts in one call
+    want = paged_attention(q2, k2, v2, None, fresh, head_dim ** -0.5)
+    assert (got.float() - want.float()).abs().max().item() < 0.02

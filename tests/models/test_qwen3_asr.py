@@ -18,7 +18,7 @@ from qwenstack.audio.features import log_mel
 from qwenstack.engine.engine import EngineConfig, LLMEngine
 from qwenstack.engine.params import SamplingParams
 from qwenstack.errors import CheckpointError, ConfigError, RequestError
-from qwenstack.models.attention import AttentionBatch
+from qwenstack.models.attention import AttentionBatch, window_attention
 from qwenstack.models.qwen3_asr import Qwen3ASRArgs, Qwen3ASRForConditionalGeneration
 from qwenstack.models.qwen3_asr_audio import audio_token_count
 from qwenstack.models.registry import load_model
@@ -169,3 +169,33 @@ def test_config_checks_and_layouts(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match="audio_tower.layers.1.fc2.weight"):
         load_model(tmp_path)
+
+
+@torch.inference_mode()
+def test_prepared_bfloat16_encoder_takes_the_window_kernel(models, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CPU preparation swaps the encoder's window attention for the native kernel (where it builds with
+    AVX512-BF16); in bfloat16 the prepared encoder is as close to the float32 one as the plain bfloat16 one."""
+    import copy
+
+    from qwenstack import kernels
+    from qwenstack.models import fast_paths
+
+    ours, _ = models  # an engine test before may have prepared it: the plain copy gets the reference back
+    plain = copy.deepcopy(ours).to(torch.bfloat16)
+    for layer in plain.model.audio_tower.layers:
+        layer.self_attn.attend_windows = window_attention
+    prepared = copy.deepcopy(plain)
+    layers = len(prepared.model.audio_tower.layers)
+    assert fast_paths.prepare_for_cpu(prepared, linears=False).window_attention_layers == layers
+    _, audio = clip(CLIPS["6.1s-3-windows"], seed=3)
+    want = ours.encode_audio([audio])[0].embeds
+    slow = plain.encode_audio([audio])[0].embeds.float()
+    calls = []
+    real = kernels.segment_attention
+    monkeypatch.setattr(fast_paths.kernels, "segment_attention", lambda *a: calls.append(a[3]) or real(*a))
+    fast = prepared.encode_audio([audio])[0].embeds.float()
+    assert calls == [[0, 26, 52, 78, 80]] * layers  # 80 positions in windows of 26 (2 s), one call a layer
+    if kernels.isa_level() in ("avx512_bf16", "avx512_amx"):  # elsewhere the kernel answers None: SDPA
+        plain_error = ((slow - want).norm() / want.norm()).item()
+        assert 0 < plain_error < 0.05
+        assert ((fast - want).norm() / want.norm()).item() < 1.5 * plain_error

@@ -7,6 +7,8 @@ import pytest
 import torch
 
 from vl_checkpoints import IMAGE_TOKEN_ID, TEXT_CONFIG, VISION_CONFIG, VISION_END_ID, VISION_START_ID
+from qwenstack import kernels
+from qwenstack.models import fast_paths
 from qwenstack.models.cpu_linear import PackedLinear, packing_supported, prepare_cpu_linears
 from qwenstack.models.qwen3_vl_vision import Qwen3VLVisionModel, VisionArgs, apply_vision_rotary, equal_length_runs
 from qwenstack.models.qwen3_vl import Qwen3VLArgs, Qwen3VLForConditionalGeneration
@@ -41,7 +43,7 @@ def test_rotary_matches_rotate_half(dtype: torch.dtype) -> None:
 
 
 def test_equal_length_runs() -> None:
-    assert equal_length_runs([4, 4, 4, 9, 4]) == [(4, 3), (9, 1), (4, 1)]
+    assert equal_length_runs([4, 4, 4, 9, 4]) == [(0, 4, 3), (12, 9, 1), (21, 4, 1)]
     assert equal_length_runs([]) == []
 
 
@@ -88,6 +90,27 @@ def test_prepared_bfloat16_tower_is_as_close_to_float32_as_the_plain_one() -> No
         assert 0 < plain_error < 0.05  # bfloat16 rounding, not a wrong result
         # The fused GELU rounds once where the plain path rounds twice: no worse than the plain path.
         assert relative_error(f, w) < 1.5 * plain_error
+
+
+@torch.inference_mode()
+def test_prepared_tower_attention_takes_the_window_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    """fast_paths.prepare_for_cpu swaps every block's window attention for the native kernel (one call a block,
+    the frames as segments); in bfloat16 the outputs stay as close to float32 as the plain path's."""
+    reference = random_tower()
+    plain = random_tower().to(torch.bfloat16)
+    prepared = random_tower().to(torch.bfloat16)
+    assert fast_paths.prepare_for_cpu(prepared, linears=False).window_attention_layers == len(prepared.blocks)
+    calls = []
+    real = kernels.segment_attention
+    monkeypatch.setattr(fast_paths.kernels, "segment_attention", lambda *a: calls.append(a[3]) or real(*a))
+    grid = torch.tensor(GRIDS)
+    pixels = torch.randn(int(grid.prod(-1).sum()), PATCH_DIM, generator=torch.Generator().manual_seed(1))
+    want, _ = reference(pixels, grid)
+    fast, _ = prepared(pixels, grid)
+    slow, _ = plain(pixels, grid)
+    assert calls == [[0, 24, 48, 72, 76]] * len(prepared.blocks)  # one segment per frame
+    if kernels.isa_level() in ("avx512_bf16", "avx512_amx"):  # elsewhere the kernel answers None: SDPA
+        assert relative_error(fast, want) < 1.5 * relative_error(slow, want)
 
 
 @torch.inference_mode()

@@ -1,0 +1,348 @@
+// Attention over whole segments of tokens held in plain tensors (no KV cache): a vision tower's frames, whose
+// patches all see each other, or fresh prompts (causal). One op:
+// - segment_attention(q, k, v, segment_starts, causal, scale): q [N, q_heads, D], k and v [N, kv_heads, D],
+//   bfloat16, the last dim contiguous (any token and head strides: q, k and v may be views of one qkv
+//   projection). Segment s is tokens [starts[s], starts[s + 1]); its tokens see only its own keys, all of them
+//   or (causal) those up to their own position. Query head h reads kv head h / (q_heads / kv_heads).
+//   Out: [N, q_heads, D] bfloat16, contiguous, so [N, q_heads * D] is a view.
+//
+// Why: torch's CPU flash attention read ~158 GFLOPS on this project's 2-core AVX512-BF16 VM, while its
+// oneDNN GEMMs read 340-360, and attention was ~45% of Qwen3-VL's cold time to first token for a 1024x1024
+// image (4,096 patches a frame). Here both products are vdpbf16ps loops with the sums in registers:
+// - keys are packed once per (segment, kv head) into blocks of 16 keys laid out [D/2][16][2], so one vector
+//   holds a pair of dims for 16 keys, dotted with a query's pair of dims broadcast: 8 query rows x 32 keys of
+//   float32 scores in 16 registers;
+// - values are packed [keys/2][D][2], so a pair of probabilities broadcast against one vector adds 2 keys into
+//   16 dims of the output: rows x D/16 sums in registers.
+// Work items are (segment, query head, block of ROW_BLOCK query rows), taken from a shared counter (the
+// causal ones longest first). Each walks its keys in chunks of KEY_CHUNK with an online softmax: the chunk's
+// scores in float32 (scaled), the row maximum, the exponentials (as powers of 2), the row sums in float32,
+// the probabilities rounded to bfloat16 for the second product (as torch's flash attention does), the output
+// rows rescaled when the maximum moves. The result is SDPA's within bfloat16 rounding (tests/kernels).
+//
+// Built at every ISA level; the loops need AVX512-BF16, and elsewhere the op refuses and the caller keeps
+// SDPA (kernels/ops.py segment_attention checks the level first).
+#include <torch/csrc/stable/library.h>
+#include <torch/csrc/stable/ops.h>
+#include <torch/csrc/stable/tensor.h>
+
+#include "cpu_vec.h"
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <utility>
+#include <vector>
+
+#if defined(__AVX512BF16__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+using torch::headeronly::ScalarType;
+using torch::stable::Tensor;
+
+constexpr int64_t KEY_BLOCK = 16;   // keys per packed key block (one vector of scores)
+constexpr int64_t ROW_BLOCK = 32;   // query rows per work item: each key chunk loaded serves all of them
+constexpr int64_t KEY_CHUNK = 256;  // keys per softmax step: 32 rows x 256 float32 scores = 32 KiB
+constexpr int64_t SCORE_ROWS = 8;   // query rows per pass of the score loop (x 2 key blocks = 16 sums)
+constexpr int64_t MAX_D = 256;
+
+#if defined(__AVX512BF16__)
+
+inline uint32_t pair_at(const uint16_t* p) {
+  uint32_t v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+// 2^t on 16 lanes for t <= 0 (scores minus their row maximum, in the log2 domain): 2^round(t) by vscalefps
+// (exact, and 0 far below float32's range) times a degree-6 Taylor polynomial of 2^r on |r| <= 1/2 (relative
+// error < 2e-7, well under the bfloat16 rounding the probabilities get). Half the instructions of cpu_vec.h's
+// exp_vec, whose clamps and 2^n by integer shifts this range does not need: the exponentials were ~40% of the
+// loop's time with it.
+inline __m512 exp2_nonpositive(__m512 t) {
+  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 r = _mm512_sub_ps(t, n);
+  __m512 p = _mm512_set1_ps(1.5403530393381606e-4f);                // ln2^6 / 720
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3333558146428443e-3f));  // ln2^5 / 120
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(9.6181291076284772e-3f));  // ln2^4 / 24
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.5504108664821580e-2f));  // ln2^3 / 6
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(2.4022650695910071e-1f));  // ln2^2 / 2
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(6.9314718055994531e-1f));  // ln2
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  return _mm512_scalef_ps(p, n);
+}
+
+// Scores of SCORE_ROWS query rows (q: [rows][D] bfloat16, contiguous) against NB packed key blocks, times
+// scale (the softmax scale times log2(e): the exponentials are powers of 2), into s (row stride KEY_CHUNK).
+template <int64_t NB>
+inline void score_pass(const uint16_t* q, const uint16_t* kblocks, int64_t D, float scale, float* s) {
+  __m512 acc[SCORE_ROWS][NB];
+#pragma GCC unroll 8
+  for (int64_t r = 0; r < SCORE_ROWS; ++r)
+#pragma GCC unroll 2
+    for (int64_t b = 0; b < NB; ++b) acc[r][b] = _mm512_setzero_ps();
+  for (int64_t p = 0; p < D / 2; ++p) {
+    __m512bh kv[NB];
+#pragma GCC unroll 2
+    for (int64_t b = 0; b < NB; ++b) {
+      kv[b] = (__m512bh)_mm512_loadu_si512(kblocks + b * KEY_BLOCK * D + p * 2 * KEY_BLOCK);
+    }
+#pragma GCC unroll 8
+    for (int64_t r = 0; r < SCORE_ROWS; ++r) {
+      const __m512bh qv = (__m512bh)_mm512_set1_epi32(int32_t(pair_at(q + r * D + 2 * p)));
+#pragma GCC unroll 2
+      for (int64_t b = 0; b < NB; ++b) acc[r][b] = _mm512_dpbf16_ps(acc[r][b], kv[b], qv);
+    }
+  }
+  const __m512 vs = _mm512_set1_ps(scale);
+#pragma GCC unroll 8
+  for (int64_t r = 0; r < SCORE_ROWS; ++r)
+#pragma GCC unroll 2
+    for (int64_t b = 0; b < NB; ++b) _mm512_storeu_ps(s + r * KEY_CHUNK + b * KEY_BLOCK, _mm512_mul_ps(acc[r][b], vs));
+}
+
+// o[r][:] += sum over `pairs` key pairs of p[r][2j..2j+1] . v: R rows of C vectors of 16 dims each, sums in
+// registers for the chunk. p: bfloat16 rows (stride KEY_CHUNK); v: packed [pairs][D][2]; o: float32 [R][D].
+template <int64_t C, int64_t R>
+inline void value_pass(const uint16_t* p, const uint16_t* v, int64_t pairs, float* o) {
+  constexpr int64_t D = C * 16;
+  __m512 acc[R][C];
+#pragma GCC unroll 8
+  for (int64_t r = 0; r < R; ++r)
+#pragma GCC unroll 16
+    for (int64_t c = 0; c < C; ++c) acc[r][c] = _mm512_loadu_ps(o + r * D + c * 16);
+  for (int64_t j = 0; j < pairs; ++j) {
+    __m512bh vv[C];
+#pragma GCC unroll 16
+    for (int64_t c = 0; c < C; ++c) vv[c] = (__m512bh)_mm512_loadu_si512(v + (j * D + c * 16) * 2);
+#pragma GCC unroll 8
+    for (int64_t r = 0; r < R; ++r) {
+      const __m512bh pv = (__m512bh)_mm512_set1_epi32(int32_t(pair_at(p + r * KEY_CHUNK + 2 * j)));
+#pragma GCC unroll 16
+      for (int64_t c = 0; c < C; ++c) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], vv[c], pv);
+    }
+  }
+#pragma GCC unroll 8
+  for (int64_t r = 0; r < R; ++r)
+#pragma GCC unroll 16
+    for (int64_t c = 0; c < C; ++c) _mm512_storeu_ps(o + r * D + c * 16, acc[r][c]);
+}
+
+// All ROW_BLOCK rows' value pass, R rows at a time (as many as keep 16 sums in registers).
+template <int64_t C>
+void value_rows(const uint16_t* p, const uint16_t* v, int64_t pairs, float* o) {
+  constexpr int64_t R = C >= 16 ? 1 : 16 / C;
+  int64_t r = 0;
+  for (; r + R <= ROW_BLOCK; r += R) value_pass<C, R>(p + r * KEY_CHUNK, v, pairs, o + r * C * 16);
+  for (; r < ROW_BLOCK; ++r) value_pass<C, 1>(p + r * KEY_CHUNK, v, pairs, o + r * C * 16);
+}
+
+using ValueRows = void (*)(const uint16_t*, const uint16_t*, int64_t, float*);
+
+template <int64_t... C>
+ValueRows value_rows_table(int64_t c, std::integer_sequence<int64_t, C...>) {
+  constexpr ValueRows table[] = {value_rows<C + 1>...};
+  return c >= 1 && c <= int64_t(sizeof...(C)) ? table[c - 1] : nullptr;
+}
+
+// head_dim 16 to MAX_D, a multiple of 16; nullptr otherwise.
+ValueRows value_rows_for(int64_t D) {
+  if (D % 16 != 0) return nullptr;
+  return value_rows_table(D / 16, std::make_integer_sequence<int64_t, MAX_D / 16>{});
+}
+
+// Keys [L, D] (row stride ks) into blocks of 16 keys [D/2][16][2], zeros past L; values into [Lp/2][D][2].
+void pack_keys_values(const uint16_t* k, int64_t ks, const uint16_t* v, int64_t vs, int64_t L, int64_t Lp,
+                      int64_t D, uint16_t* kp, uint16_t* vp) {
+  for (int64_t j = 0; j < Lp; ++j) {
+    const uint16_t* krow = j < L ? k + j * ks : nullptr;
+    const uint16_t* vrow = j < L ? v + j * vs : nullptr;
+    uint16_t* kblock = kp + (j / KEY_BLOCK) * KEY_BLOCK * D + (j % KEY_BLOCK) * 2;
+    uint16_t* vpair = vp + (j / 2) * D * 2 + (j % 2);
+    for (int64_t d = 0; d < D; ++d) {
+      kblock[(d / 2) * 2 * KEY_BLOCK + (d % 2)] = krow ? krow[d] : 0;
+      vpair[d * 2] = vrow ? vrow[d] : 0;
+    }
+  }
+}
+
+struct Item {
+  int64_t segment, head, row0;
+};
+
+struct Layout {
+  int64_t N, Hq, Hkv, D;
+  int64_t qs0, qs1, ks0, ks1, vs0, vs1;  // token and head strides of q, k, v (elements)
+  bool causal;
+  float scale;  // the softmax scale times log2(e)
+};
+
+// One work item: rows [row0, row0 + ROW_BLOCK) of a segment, one query head, over that segment's packed keys.
+void attend_rows(const Layout& g, const uint16_t* q, const uint16_t* kp, const uint16_t* vp, int64_t seg_start,
+                 int64_t L, int64_t head, int64_t row0, ValueRows value_rows_fn, uint16_t* out, uint16_t* qbuf,
+                 float* s, uint16_t* p, float* o, float* m, float* l) {
+  const int64_t D = g.D, rows = std::min(ROW_BLOCK, L - row0);
+  std::fill(qbuf, qbuf + ROW_BLOCK * D, uint16_t(0));
+  for (int64_t r = 0; r < rows; ++r) {
+    std::memcpy(qbuf + r * D, q + (seg_start + row0 + r) * g.qs0 + head * g.qs1, D * sizeof(uint16_t));
+  }
+  std::fill(o, o + ROW_BLOCK * D, 0.f);
+  std::fill(m, m + ROW_BLOCK, -std::numeric_limits<float>::infinity());
+  std::fill(l, l + ROW_BLOCK, 0.f);
+  // Keys each row sees: all L, or (causal) up to its own position.
+  auto limit = [&](int64_t r) { return g.causal ? std::min(row0 + std::min(r, rows - 1) + 1, L) : L; };
+  const int64_t end = limit(ROW_BLOCK - 1);
+  for (int64_t c0 = 0; c0 < end; c0 += KEY_CHUNK) {
+    const int64_t n = std::min(KEY_CHUNK, end - c0), blocks = (n + KEY_BLOCK - 1) / KEY_BLOCK;
+    const uint16_t* kchunk = kp + c0 * D;
+    for (int64_t r = 0; r < ROW_BLOCK; r += SCORE_ROWS) {
+      int64_t b = 0;
+      for (; b + 2 <= blocks; b += 2) {
+        score_pass<2>(qbuf + r * D, kchunk + b * KEY_BLOCK * D, D, g.scale, s + r * KEY_CHUNK + b * KEY_BLOCK);
+      }
+      if (b < blocks) score_pass<1>(qbuf + r * D, kchunk + b * KEY_BLOCK * D, D, g.scale, s + r * KEY_CHUNK + b * KEY_BLOCK);
+    }
+    const int64_t padded = blocks * KEY_BLOCK;
+    for (int64_t r = 0; r < ROW_BLOCK; ++r) {
+      float* srow = s + r * KEY_CHUNK;
+      uint16_t* prow = p + r * KEY_CHUNK;
+      const int64_t valid = std::clamp<int64_t>(limit(r) - c0, 0, n);
+      if (valid == 0) {  // a causal row that ends before this chunk: nothing to add
+        std::fill(prow, prow + padded, uint16_t(0));
+        continue;
+      }
+      __m512 vmax = _mm512_set1_ps(m[r]);
+      int64_t j = 0;
+      for (; j + 16 <= valid; j += 16) vmax = _mm512_max_ps(vmax, _mm512_loadu_ps(srow + j));
+      float mx = _mm512_reduce_max_ps(vmax);
+      for (; j < valid; ++j) mx = std::max(mx, srow[j]);
+      const float alpha = std::exp2(m[r] - mx);  // 0 on the first chunk (m = -inf)
+      m[r] = mx;
+      __m512 sum = _mm512_setzero_ps();
+      const __m512 vmx = _mm512_set1_ps(mx);
+      for (j = 0; j < valid; j += 16) {  // the last vector masked to the valid keys, the rest of it 0
+        const __mmask16 live = valid - j >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (valid - j)) - 1);
+        const __m512 e = _mm512_maskz_mov_ps(live, exp2_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(srow + j), vmx)));
+        sum = _mm512_add_ps(sum, e);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(prow + j), (__m256i)_mm512_cvtneps_pbh(e));
+      }
+      std::fill(prow + j, prow + padded, uint16_t(0));
+      l[r] = l[r] * alpha + _mm512_reduce_add_ps(sum);
+      if (alpha != 1.f) {  // D is a multiple of 16
+        const __m512 va = _mm512_set1_ps(alpha);
+        for (int64_t d = 0; d < D; d += 16) _mm512_storeu_ps(o + r * D + d, _mm512_mul_ps(_mm512_loadu_ps(o + r * D + d), va));
+      }
+    }
+    value_rows_fn(p, vp + c0 * D, padded / 2, o);
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    const float inv = 1.f / l[r];
+    uint16_t* dst = out + ((seg_start + row0 + r) * g.Hq + head) * D;
+    for (int64_t d = 0; d < D; ++d) {
+      Bf16 b;
+      store(o[r * D + d] * inv, &b);
+      dst[d] = b.bits;
+    }
+  }
+}
+
+void run(const Layout& g, const uint16_t* q, const uint16_t* k, const uint16_t* v, const std::vector<int64_t>& starts,
+         uint16_t* out) {
+  const int64_t S = int64_t(starts.size()) - 1, D = g.D, group = g.Hq / g.Hkv;
+  std::vector<int64_t> padded_start(S + 1, 0);  // each segment's keys padded to a whole key block
+  for (int64_t s = 0; s < S; ++s) {
+    const int64_t L = starts[s + 1] - starts[s];
+    padded_start[s + 1] = padded_start[s] + (L + KEY_BLOCK - 1) / KEY_BLOCK * KEY_BLOCK;
+  }
+  const int64_t total = padded_start[S];
+  std::vector<uint16_t> kp(g.Hkv * total * D), vp(g.Hkv * total * D);
+  auto packed = [&](std::vector<uint16_t>& buf, int64_t s, int64_t h) {
+    return buf.data() + (h * total + padded_start[s]) * D;
+  };
+  const int64_t threads = torch::stable::get_num_threads();
+  torch::stable::parallel_for(0, S * g.Hkv, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t i = lo; i < hi; ++i) {
+      const int64_t s = i / g.Hkv, h = i % g.Hkv, L = starts[s + 1] - starts[s];
+      pack_keys_values(k + starts[s] * g.ks0 + h * g.ks1, g.ks0, v + starts[s] * g.vs0 + h * g.vs1, g.vs0, L,
+                       padded_start[s + 1] - padded_start[s], D, packed(kp, s, h), packed(vp, s, h));
+    }
+  });
+  std::vector<Item> items;
+  for (int64_t s = 0; s < S; ++s) {
+    for (int64_t r = 0; r < starts[s + 1] - starts[s]; r += ROW_BLOCK) {
+      for (int64_t h = 0; h < g.Hq; ++h) items.push_back({s, h, r});
+    }
+  }
+  if (g.causal) {  // later rows see more keys: longest first, so the threads end together
+    std::stable_sort(items.begin(), items.end(), [](const Item& a, const Item& b) { return a.row0 > b.row0; });
+  }
+  const ValueRows value_rows_fn = value_rows_for(D);
+  std::atomic<int64_t> next{0};
+  const int64_t count = int64_t(items.size());
+  torch::stable::parallel_for(0, std::min(threads, count), 1, [&](int64_t, int64_t) {
+    std::vector<uint16_t> qbuf(ROW_BLOCK * D), p(ROW_BLOCK * KEY_CHUNK);
+    std::vector<float> s(ROW_BLOCK * KEY_CHUNK), o(ROW_BLOCK * D), m(ROW_BLOCK), l(ROW_BLOCK);
+    for (int64_t i = next.fetch_add(1); i < count; i = next.fetch_add(1)) {
+      const Item& it = items[i];
+      const int64_t h = it.head / group;
+      attend_rows(g, q, packed(kp, it.segment, h), packed(vp, it.segment, h), starts[it.segment],
+                  starts[it.segment + 1] - starts[it.segment], it.head, it.row0, value_rows_fn, out, qbuf.data(),
+                  s.data(), p.data(), o.data(), m.data(), l.data());
+    }
+  });
+}
+
+#endif  // __AVX512BF16__
+
+Tensor segment_attention(Tensor q, Tensor k, Tensor v, Tensor segment_starts, bool causal, double scale) {
+#if defined(__AVX512BF16__)
+  STD_TORCH_CHECK(q.is_cpu() && k.is_cpu() && v.is_cpu() && segment_starts.is_cpu(), "segment_attention: CPU tensors only");
+  STD_TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.dim() == 3, "q, k, v must be [tokens, heads, head_dim]");
+  STD_TORCH_CHECK(q.scalar_type() == ScalarType::BFloat16 && k.scalar_type() == ScalarType::BFloat16 &&
+                      v.scalar_type() == ScalarType::BFloat16,
+                  "segment_attention: bfloat16 q, k and v only");
+  const int64_t N = q.size(0), Hq = q.size(1), D = q.size(2), Hkv = k.size(1);
+  STD_TORCH_CHECK(k.size(0) == N && v.size(0) == N && v.size(1) == Hkv && k.size(2) == D && v.size(2) == D,
+                  "k and v must be [tokens, kv_heads, head_dim] like q");
+  STD_TORCH_CHECK(Hkv > 0 && Hq % Hkv == 0, "q_heads must be a multiple of kv_heads");
+  STD_TORCH_CHECK(value_rows_for(D) != nullptr, "head_dim ", D, " must be a multiple of 16, at most ", MAX_D);
+  Tensor qc = q.stride(2) == 1 ? q : torch::stable::contiguous(q);
+  Tensor kc = k.stride(2) == 1 ? k : torch::stable::contiguous(k);
+  Tensor vc = v.stride(2) == 1 ? v : torch::stable::contiguous(v);
+  STD_TORCH_CHECK(segment_starts.scalar_type() == ScalarType::Long && segment_starts.dim() == 1 &&
+                      segment_starts.numel() >= 2,
+                  "segment_starts must be a 1-D int64 tensor [segments + 1]");
+  Tensor sc = torch::stable::contiguous(segment_starts);
+  const int64_t* sp = static_cast<const int64_t*>(sc.const_data_ptr());
+  std::vector<int64_t> starts(sp, sp + sc.numel());
+  STD_TORCH_CHECK(starts.front() == 0 && starts.back() == N, "segment_starts must run from 0 to the token count ", N);
+  for (size_t i = 1; i < starts.size(); ++i) {
+    STD_TORCH_CHECK(starts[i] > starts[i - 1], "segment_starts must be increasing (no empty segment)");
+  }
+  const Layout g{N, Hq, Hkv, D, qc.stride(0), qc.stride(1), kc.stride(0), kc.stride(1), vc.stride(0), vc.stride(1),
+                 causal, float(scale * M_LOG2E)};
+  Tensor out = torch::stable::empty({N, Hq, D}, ScalarType::BFloat16, std::nullopt, q.device());
+  run(g, static_cast<const uint16_t*>(qc.const_data_ptr()), static_cast<const uint16_t*>(kc.const_data_ptr()),
+      static_cast<const uint16_t*>(vc.const_data_ptr()), starts, static_cast<uint16_t*>(out.mutable_data_ptr()));
+  return out;
+#else
+  (void)q, (void)k, (void)v, (void)segment_starts, (void)causal, (void)scale;
+  STD_TORCH_CHECK(false, "segment_attention needs AVX512-BF16 (this build's level has none; use SDPA)");
+  return q;
+#endif
+}
+
+}  // namespace
+
+STABLE_TORCH_LIBRARY_FRAGMENT(qwenstack, m) {
+  m.def("segment_attention(Tensor q, Tensor k, Tensor v, Tensor segment_starts, bool causal, float scale) -> Tensor");
+}
+
+STABLE_TORCH_LIBRARY_IMPL(qwenstack, CPU, m) {
+  m.impl("segment_attention", TORCH_BOX(&segment_attention));
+}
