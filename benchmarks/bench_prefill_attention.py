@@ -70,7 +70,7 @@ def measure(case: Case, rounds: int) -> dict[str, Any]:
     repeats = max(1, int(2e10 / case.flops))  # ~0.1 s a measurement
 
     def native() -> torch.Tensor:
-        out = kernels.segment_attention(q, k, v, [0, case.tokens], case.causal, scale)
+        out = kernels.segment_attention(q, k, v, [0, case.tokens], None, case.causal, scale)
         if out is None:
             raise SystemExit(f"segment_attention does not run here (kernel level {kernels.isa_level()})")
         return out

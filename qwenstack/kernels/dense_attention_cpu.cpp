@@ -1,10 +1,11 @@
-// Attention over whole segments of tokens held in plain tensors (no KV cache): a vision tower's frames, whose
-// patches all see each other, or fresh prompts (causal). One op:
-// - segment_attention(q, k, v, segment_starts, causal, scale): q [N, q_heads, D], k and v [N, kv_heads, D],
-//   bfloat16, the last dim contiguous (any token and head strides: q, k and v may be views of one qkv
-//   projection). Segment s is tokens [starts[s], starts[s + 1]); its tokens see only its own keys, all of them
-//   or (causal) those up to their own position. Query head h reads kv head h / (q_heads / kv_heads).
-//   Out: [N, q_heads, D] bfloat16, contiguous, so [N, q_heads * D] is a view.
+// Attention over segments of tokens whose keys lie in plain tensors: a vision tower's frames, whose patches all
+// see each other, or prompts (causal), fresh or with their cached context gathered. One op:
+// - segment_attention(q, k, v, q_starts, kv_starts, causal, scale): q [Nq, q_heads, D], k and v
+//   [Nk, kv_heads, D], bfloat16, the last dim contiguous (any token and head strides: q, k and v may be views
+//   of one qkv projection). Segment s is query rows [q_starts[s], q_starts[s + 1]) over key rows
+//   [kv_starts[s], kv_starts[s + 1]): all of them, or (causal) query i of a segment of q_len queries and
+//   kv_len keys sees keys up to kv_len - q_len + i (its last query, the last key). Query head h reads kv head
+//   h / (q_heads / kv_heads). Out: [Nq, q_heads, D] bfloat16, contiguous, so [Nq, q_heads * D] is a view.
 //
 // Why: torch's CPU flash attention read ~158 GFLOPS on this project's 2-core AVX512-BF16 VM, while its
 // oneDNN GEMMs read 340-360, and attention was ~45% of Qwen3-VL's cold time to first token for a 1024x1024
@@ -14,8 +15,8 @@
 //   float32 scores in 16 registers;
 // - values are packed [keys/2][D][2], so a pair of probabilities broadcast against one vector adds 2 keys into
 //   16 dims of the output: rows x D/16 sums in registers.
-// Work items are (segment, query head, block of ROW_BLOCK query rows), taken from a shared counter (the
-// causal ones longest first). Each walks its keys in chunks of KEY_CHUNK with an online softmax: the chunk's
+// Work items are (segment, query head, block of ROW_BLOCK query rows), taken from a shared counter (those
+// that see the most keys first). Each walks its keys in chunks of KEY_CHUNK with an online softmax: the chunk's
 // scores in float32 (scaled), the row maximum, the exponentials (as powers of 2), the row sums in float32,
 // the probabilities rounded to bfloat16 for the second product (as torch's flash attention does), the output
 // rows rescaled when the maximum moves. The result is SDPA's within bfloat16 rounding (tests/kernels).
@@ -171,22 +172,19 @@ void pack_keys_values(const uint16_t* k, int64_t ks, const uint16_t* v, int64_t 
   }
 }
 
-struct Item {
-  int64_t segment, head, row0;
-};
-
 struct Layout {
-  int64_t N, Hq, Hkv, D;
+  int64_t Hq, Hkv, D;
   int64_t qs0, qs1, ks0, ks1, vs0, vs1;  // token and head strides of q, k, v (elements)
   bool causal;
   float scale;  // the softmax scale times log2(e)
 };
 
-// One work item: rows [row0, row0 + ROW_BLOCK) of a segment, one query head, over that segment's packed keys.
+// One work item: query rows [row0, row0 + ROW_BLOCK) of a segment of q_len rows from q_start, one query head,
+// over that segment's kv_len packed keys.
 void attend_rows(const Layout& g, const uint16_t* q, const uint16_t* kp, const uint16_t* vp, int64_t seg_start,
-                 int64_t L, int64_t head, int64_t row0, ValueRows value_rows_fn, uint16_t* out, uint16_t* qbuf,
-                 float* s, uint16_t* p, float* o, float* m, float* l) {
-  const int64_t D = g.D, rows = std::min(ROW_BLOCK, L - row0);
+                 int64_t q_len, int64_t kv_len, int64_t head, int64_t row0, ValueRows value_rows_fn, uint16_t* out,
+                 uint16_t* qbuf, float* s, uint16_t* p, float* o, float* m, float* l) {
+  const int64_t D = g.D, rows = std::min(ROW_BLOCK, q_len - row0);
   std::fill(qbuf, qbuf + ROW_BLOCK * D, uint16_t(0));
   for (int64_t r = 0; r < rows; ++r) {
     std::memcpy(qbuf + r * D, q + (seg_start + row0 + r) * g.qs0 + head * g.qs1, D * sizeof(uint16_t));
@@ -194,8 +192,9 @@ void attend_rows(const Layout& g, const uint16_t* q, const uint16_t* kp, const u
   std::fill(o, o + ROW_BLOCK * D, 0.f);
   std::fill(m, m + ROW_BLOCK, -std::numeric_limits<float>::infinity());
   std::fill(l, l + ROW_BLOCK, 0.f);
-  // Keys each row sees: all L, or (causal) up to its own position.
-  auto limit = [&](int64_t r) { return g.causal ? std::min(row0 + std::min(r, rows - 1) + 1, L) : L; };
+  // Keys each row sees: all of them, or (causal) up to its own position, the last query row at the last key.
+  const int64_t offset = kv_len - q_len;
+  auto limit = [&](int64_t r) { return g.causal ? offset + row0 + std::min(r, rows - 1) + 1 : kv_len; };
   const int64_t end = limit(ROW_BLOCK - 1);
   for (int64_t c0 = 0; c0 < end; c0 += KEY_CHUNK) {
     const int64_t n = std::min(KEY_CHUNK, end - c0), blocks = (n + KEY_BLOCK - 1) / KEY_BLOCK;
@@ -251,12 +250,16 @@ void attend_rows(const Layout& g, const uint16_t* q, const uint16_t* kp, const u
   }
 }
 
-void run(const Layout& g, const uint16_t* q, const uint16_t* k, const uint16_t* v, const std::vector<int64_t>& starts,
-         uint16_t* out) {
-  const int64_t S = int64_t(starts.size()) - 1, D = g.D, group = g.Hq / g.Hkv;
+struct Item {
+  int64_t segment, head, row0, work;
+};
+
+void run(const Layout& g, const uint16_t* q, const uint16_t* k, const uint16_t* v, const std::vector<int64_t>& q_starts,
+         const std::vector<int64_t>& kv_starts, uint16_t* out) {
+  const int64_t S = int64_t(q_starts.size()) - 1, D = g.D, group = g.Hq / g.Hkv;
   std::vector<int64_t> padded_start(S + 1, 0);  // each segment's keys padded to a whole key block
   for (int64_t s = 0; s < S; ++s) {
-    const int64_t L = starts[s + 1] - starts[s];
+    const int64_t L = kv_starts[s + 1] - kv_starts[s];
     padded_start[s + 1] = padded_start[s] + (L + KEY_BLOCK - 1) / KEY_BLOCK * KEY_BLOCK;
   }
   const int64_t total = padded_start[S];
@@ -267,20 +270,21 @@ void run(const Layout& g, const uint16_t* q, const uint16_t* k, const uint16_t* 
   const int64_t threads = torch::stable::get_num_threads();
   torch::stable::parallel_for(0, S * g.Hkv, 1, [&](int64_t lo, int64_t hi) {
     for (int64_t i = lo; i < hi; ++i) {
-      const int64_t s = i / g.Hkv, h = i % g.Hkv, L = starts[s + 1] - starts[s];
-      pack_keys_values(k + starts[s] * g.ks0 + h * g.ks1, g.ks0, v + starts[s] * g.vs0 + h * g.vs1, g.vs0, L,
+      const int64_t s = i / g.Hkv, h = i % g.Hkv, L = kv_starts[s + 1] - kv_starts[s];
+      pack_keys_values(k + kv_starts[s] * g.ks0 + h * g.ks1, g.ks0, v + kv_starts[s] * g.vs0 + h * g.vs1, g.vs0, L,
                        padded_start[s + 1] - padded_start[s], D, packed(kp, s, h), packed(vp, s, h));
     }
   });
   std::vector<Item> items;
   for (int64_t s = 0; s < S; ++s) {
-    for (int64_t r = 0; r < starts[s + 1] - starts[s]; r += ROW_BLOCK) {
-      for (int64_t h = 0; h < g.Hq; ++h) items.push_back({s, h, r});
+    const int64_t q_len = q_starts[s + 1] - q_starts[s], kv_len = kv_starts[s + 1] - kv_starts[s];
+    for (int64_t r = 0; r < q_len; r += ROW_BLOCK) {
+      const int64_t keys = g.causal ? kv_len - q_len + std::min(r + ROW_BLOCK, q_len) : kv_len;
+      for (int64_t h = 0; h < g.Hq; ++h) items.push_back({s, h, r, keys * std::min(ROW_BLOCK, q_len - r)});
     }
   }
-  if (g.causal) {  // later rows see more keys: longest first, so the threads end together
-    std::stable_sort(items.begin(), items.end(), [](const Item& a, const Item& b) { return a.row0 > b.row0; });
-  }
+  // The items that see the most keys first, so the threads end together.
+  std::stable_sort(items.begin(), items.end(), [](const Item& a, const Item& b) { return a.work > b.work; });
   const ValueRows value_rows_fn = value_rows_for(D);
   std::atomic<int64_t> next{0};
   const int64_t count = int64_t(items.size());
@@ -290,48 +294,63 @@ void run(const Layout& g, const uint16_t* q, const uint16_t* k, const uint16_t* 
     for (int64_t i = next.fetch_add(1); i < count; i = next.fetch_add(1)) {
       const Item& it = items[i];
       const int64_t h = it.head / group;
-      attend_rows(g, q, packed(kp, it.segment, h), packed(vp, it.segment, h), starts[it.segment],
-                  starts[it.segment + 1] - starts[it.segment], it.head, it.row0, value_rows_fn, out, qbuf.data(),
-                  s.data(), p.data(), o.data(), m.data(), l.data());
+      const int64_t seg = it.segment;
+      attend_rows(g, q, packed(kp, seg, h), packed(vp, seg, h), q_starts[seg], q_starts[seg + 1] - q_starts[seg],
+                  kv_starts[seg + 1] - kv_starts[seg], it.head, it.row0, value_rows_fn, out, qbuf.data(), s.data(),
+                  p.data(), o.data(), m.data(), l.data());
     }
   });
 }
 
+// A 1-D int64 tensor of segment bounds: from 0 to `total`, increasing (no empty segment).
+std::vector<int64_t> read_starts(const Tensor& t, int64_t total, const char* name) {
+  STD_TORCH_CHECK(t.scalar_type() == ScalarType::Long && t.dim() == 1 && t.numel() >= 2, name,
+                  " must be a 1-D int64 tensor [segments + 1]");
+  Tensor c = torch::stable::contiguous(t);
+  const int64_t* p = static_cast<const int64_t*>(c.const_data_ptr());
+  std::vector<int64_t> starts(p, p + c.numel());
+  STD_TORCH_CHECK(starts.front() == 0 && starts.back() == total, name, " must run from 0 to the row count ", total);
+  for (size_t i = 1; i < starts.size(); ++i) {
+    STD_TORCH_CHECK(starts[i] > starts[i - 1], name, " must be increasing (no empty segment)");
+  }
+  return starts;
+}
+
 #endif  // __AVX512BF16__
 
-Tensor segment_attention(Tensor q, Tensor k, Tensor v, Tensor segment_starts, bool causal, double scale) {
+Tensor segment_attention(Tensor q, Tensor k, Tensor v, Tensor q_starts_in, Tensor kv_starts_in, bool causal,
+                         double scale) {
 #if defined(__AVX512BF16__)
-  STD_TORCH_CHECK(q.is_cpu() && k.is_cpu() && v.is_cpu() && segment_starts.is_cpu(), "segment_attention: CPU tensors only");
+  STD_TORCH_CHECK(q.is_cpu() && k.is_cpu() && v.is_cpu() && q_starts_in.is_cpu() && kv_starts_in.is_cpu(),
+                  "segment_attention: CPU tensors only");
   STD_TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.dim() == 3, "q, k, v must be [tokens, heads, head_dim]");
   STD_TORCH_CHECK(q.scalar_type() == ScalarType::BFloat16 && k.scalar_type() == ScalarType::BFloat16 &&
                       v.scalar_type() == ScalarType::BFloat16,
                   "segment_attention: bfloat16 q, k and v only");
-  const int64_t N = q.size(0), Hq = q.size(1), D = q.size(2), Hkv = k.size(1);
-  STD_TORCH_CHECK(k.size(0) == N && v.size(0) == N && v.size(1) == Hkv && k.size(2) == D && v.size(2) == D,
-                  "k and v must be [tokens, kv_heads, head_dim] like q");
+  const int64_t Nq = q.size(0), Hq = q.size(1), D = q.size(2), Nk = k.size(0), Hkv = k.size(1);
+  STD_TORCH_CHECK(v.size(0) == Nk && v.size(1) == Hkv && k.size(2) == D && v.size(2) == D,
+                  "k and v must be [keys, kv_heads, head_dim], head_dim as q's");
   STD_TORCH_CHECK(Hkv > 0 && Hq % Hkv == 0, "q_heads must be a multiple of kv_heads");
   STD_TORCH_CHECK(value_rows_for(D) != nullptr, "head_dim ", D, " must be a multiple of 16, at most ", MAX_D);
+  const std::vector<int64_t> q_starts = read_starts(q_starts_in, Nq, "q_starts");
+  const std::vector<int64_t> kv_starts = read_starts(kv_starts_in, Nk, "kv_starts");
+  STD_TORCH_CHECK(q_starts.size() == kv_starts.size(), "q_starts and kv_starts must have one entry per segment");
+  for (size_t s = 0; s + 1 < q_starts.size(); ++s) {
+    STD_TORCH_CHECK(!causal || q_starts[s + 1] - q_starts[s] <= kv_starts[s + 1] - kv_starts[s], "segment ", s,
+                    " has more queries than keys (causal: the last query sees every key)");
+  }
   Tensor qc = q.stride(2) == 1 ? q : torch::stable::contiguous(q);
   Tensor kc = k.stride(2) == 1 ? k : torch::stable::contiguous(k);
   Tensor vc = v.stride(2) == 1 ? v : torch::stable::contiguous(v);
-  STD_TORCH_CHECK(segment_starts.scalar_type() == ScalarType::Long && segment_starts.dim() == 1 &&
-                      segment_starts.numel() >= 2,
-                  "segment_starts must be a 1-D int64 tensor [segments + 1]");
-  Tensor sc = torch::stable::contiguous(segment_starts);
-  const int64_t* sp = static_cast<const int64_t*>(sc.const_data_ptr());
-  std::vector<int64_t> starts(sp, sp + sc.numel());
-  STD_TORCH_CHECK(starts.front() == 0 && starts.back() == N, "segment_starts must run from 0 to the token count ", N);
-  for (size_t i = 1; i < starts.size(); ++i) {
-    STD_TORCH_CHECK(starts[i] > starts[i - 1], "segment_starts must be increasing (no empty segment)");
-  }
-  const Layout g{N, Hq, Hkv, D, qc.stride(0), qc.stride(1), kc.stride(0), kc.stride(1), vc.stride(0), vc.stride(1),
+  const Layout g{Hq, Hkv, D, qc.stride(0), qc.stride(1), kc.stride(0), kc.stride(1), vc.stride(0), vc.stride(1),
                  causal, float(scale * M_LOG2E)};
-  Tensor out = torch::stable::empty({N, Hq, D}, ScalarType::BFloat16, std::nullopt, q.device());
+  Tensor out = torch::stable::empty({Nq, Hq, D}, ScalarType::BFloat16, std::nullopt, q.device());
   run(g, static_cast<const uint16_t*>(qc.const_data_ptr()), static_cast<const uint16_t*>(kc.const_data_ptr()),
-      static_cast<const uint16_t*>(vc.const_data_ptr()), starts, static_cast<uint16_t*>(out.mutable_data_ptr()));
+      static_cast<const uint16_t*>(vc.const_data_ptr()), q_starts, kv_starts,
+      static_cast<uint16_t*>(out.mutable_data_ptr()));
   return out;
 #else
-  (void)q, (void)k, (void)v, (void)segment_starts, (void)causal, (void)scale;
+  (void)q, (void)k, (void)v, (void)q_starts_in, (void)kv_starts_in, (void)causal, (void)scale;
   STD_TORCH_CHECK(false, "segment_attention needs AVX512-BF16 (this build's level has none; use SDPA)");
   return q;
 #endif
@@ -340,7 +359,8 @@ Tensor segment_attention(Tensor q, Tensor k, Tensor v, Tensor segment_starts, bo
 }  // namespace
 
 STABLE_TORCH_LIBRARY_FRAGMENT(qwenstack, m) {
-  m.def("segment_attention(Tensor q, Tensor k, Tensor v, Tensor segment_starts, bool causal, float scale) -> Tensor");
+  m.def("segment_attention(Tensor q, Tensor k, Tensor v, Tensor q_starts, Tensor kv_starts, bool causal, "
+        "float scale) -> Tensor");
 }
 
 STABLE_TORCH_LIBRARY_IMPL(qwenstack, CPU, m) {

@@ -71,20 +71,22 @@ def paged_prefix_attention(
 
 
 def segment_attention(
-    q: torch.Tensor,  # [N, q_heads, head_dim]
-    k: torch.Tensor,  # [N, kv_heads, head_dim]
-    v: torch.Tensor,  # [N, kv_heads, head_dim]
-    segment_starts: list[int],  # [segments + 1]: 0, ..., N
+    q: torch.Tensor,  # [Nq, q_heads, head_dim]
+    k: torch.Tensor,  # [Nk, kv_heads, head_dim]
+    v: torch.Tensor,  # [Nk, kv_heads, head_dim]
+    q_starts: list[int],  # [segments + 1]: 0, ..., Nq
+    kv_starts: list[int] | None,  # [segments + 1]: 0, ..., Nk; None: the same as q_starts
     causal: bool,
     scale: float,
-) -> torch.Tensor | None:  # [N, q_heads, head_dim] bfloat16, contiguous
-    """softmax(q k^T * scale) v within each segment of tokens [starts[s], starts[s + 1]) (causal: each token up
-    to its own position; head_dim a multiple of 16, at most 256), in one native call on bfloat16 dot products (dense_attention_cpu.cpp); None where it
-    does not apply (not bfloat16 CPU tensors, autograd, a head_dim it lacks, a CPU without AVX512-BF16,
-    kernels unavailable): use SDPA."""
+) -> torch.Tensor | None:  # [Nq, q_heads, head_dim] bfloat16, contiguous
+    """softmax(q k^T * scale) v of each segment's query rows over its key rows, in one native call on bfloat16
+    dot products (dense_attention_cpu.cpp). Causal: query i of a segment sees its keys up to
+    kv_len - q_len + i (the last query, every key). None where it does not apply (not bfloat16 CPU tensors,
+    autograd, head_dim not a multiple of 16 up to 256, a CPU without AVX512-BF16, kernels unavailable,
+    nothing to attend): use SDPA."""
     if not (
         q.device.type == "cpu"
-        and len(segment_starts) > 1 and q.shape[0] > 0
+        and len(q_starts) > 1 and q.shape[0] > 0
         and q.dtype == k.dtype == v.dtype == torch.bfloat16
         and q.shape[-1] % 16 == 0 and q.shape[-1] <= 256
         and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
@@ -94,7 +96,9 @@ def segment_attention(
     op = native_op("segment_attention")
     if op is None:
         return None
-    return op(q, k, v, torch.tensor(segment_starts, dtype=torch.long), causal, float(scale))
+    q_bounds = torch.tensor(q_starts, dtype=torch.long)
+    kv_bounds = q_bounds if kv_starts is None else torch.tensor(kv_starts, dtype=torch.long)
+    return op(q, k, v, q_bounds, kv_bounds, causal, float(scale))
 
 
 LINEAR_WEIGHT_DTYPES = (torch.bfloat16, torch.float16, torch.int8)

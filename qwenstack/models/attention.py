@@ -14,7 +14,8 @@ Decisions:
   gathering them: the gather copies more bytes per step than the weights) comes in as `in_place`, an
   InPlaceAttention the load-time preparation chose (models/fast_paths.py: the native CPU kernels); it takes
   a whole decode step, or in a mixed batch the sequences with few new tokens (the decodes beside a prefill
-  chunk, a prompt whose prefix came from the cache), and fresh prompts over their own keys, and answers
+  chunk, a prompt whose prefix came from the cache), and causal prompts over their keys (fresh, or gathered
+  from the cache), and answers
   None / no rows where it does not apply.
 """
 from __future__ import annotations
@@ -101,10 +102,11 @@ class InPlaceAttention(Protocol):
                        out: torch.Tensor) -> set[int]:
         """Writes the rows of `out` of the sequences it takes in a mixed batch; returns their indices."""
 
-    def fresh_prompts(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, starts: list[int],
-                      scale: float) -> torch.Tensor | None:
-        """Causal attention of whole prompts over their own new keys (no cached context), sequence b being
-        rows [starts[b], starts[b + 1]): the output [T, q_heads, head_dim], or None where it does not apply."""
+    def causal(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_starts: list[int], kv_starts: list[int],
+               scale: float) -> torch.Tensor | None:
+        """Causal attention of sequence b's new tokens, q rows [q_starts[b], q_starts[b + 1]), over its keys and
+        values, rows [kv_starts[b], kv_starts[b + 1]) of k and v (its last new token sees them all): the
+        output [T, q_heads, head_dim], or None where it does not apply."""
 
 
 def paged_attention(
@@ -121,7 +123,7 @@ def paged_attention(
             write_kv(kv_cache, k, v, batch.slot_mapping)
     gqa = q.shape[1] != k.shape[1]
     if batch.is_fresh_prefill and in_place is not None:
-        out = in_place.fresh_prompts(q, k, v, batch.query_starts, scale)
+        out = in_place.causal(q, k, v, batch.query_starts, batch.query_starts, scale)
         if out is not None:
             return out
     if batch.is_uniform_fresh_prefill:
@@ -141,31 +143,31 @@ def paged_attention(
         if i in done:
             continue
         start, end = batch.query_starts[i], batch.query_starts[i + 1]
-        qi = q[start:end].transpose(0, 1)  # [heads, q_len, head_dim]
+        qi = q[start:end]
         if q_len == ctx_len:
-            fresh = in_place.fresh_prompts(q[start:end], k[start:end], v[start:end], [0, q_len], scale) \
-                if in_place is not None else None
-            if fresh is not None:
-                out[start:end] = fresh
-                continue
             ki, vi = k[start:end], v[start:end]
-            mask, causal = None, True
         else:
             if kv_cache is None or batch.block_tables is None:
                 raise ValueError("a sequence with cached context needs a KV cache and a block table")
             ki, vi = gather_kv(kv_cache, batch.block_tables[i], ctx_len)
-            # Query j sits at position ctx_len - q_len + j and sees keys up to that position.
-            rows = torch.arange(ctx_len - q_len, ctx_len, device=q.device)[:, None]
-            mask = torch.arange(ctx_len, device=q.device)[None, :] <= rows
-            causal = False
-        # With a batch dimension: 3-D inputs send CPU SDPA to its unfused math path (5-8x slower here on
-        # 256-512 tokens, and the bulk of a mixed prefill step's time).
-        oi = F.scaled_dot_product_attention(
-            qi[None], ki.transpose(0, 1).to(q.dtype)[None], vi.transpose(0, 1).to(q.dtype)[None],
-            attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=gqa,
-        )
-        out[start:end] = oi[0].transpose(0, 1)
+        oi = in_place.causal(qi, ki, vi, [0, q_len], [0, ctx_len], scale) if in_place is not None else None
+        out[start:end] = oi if oi is not None else causal_sdpa(qi, ki.to(q.dtype), vi.to(q.dtype), scale, gqa)
     return out
+
+
+def causal_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, gqa: bool) -> torch.Tensor:
+    """One sequence's new tokens q [q_len, heads, head_dim] over its keys and values [ctx_len, kv_heads,
+    head_dim], the last new token seeing every key; [q_len, heads, head_dim]."""
+    q_len, ctx_len = q.shape[0], k.shape[0]
+    mask = None
+    if q_len != ctx_len:  # query j sits at position ctx_len - q_len + j and sees keys up to that position
+        rows = torch.arange(ctx_len - q_len, ctx_len, device=q.device)[:, None]
+        mask = torch.arange(ctx_len, device=q.device)[None, :] <= rows
+    # With a batch dimension: 3-D inputs send CPU SDPA to its unfused math path (5-8x slower here on 256-512
+    # tokens).
+    out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+                                         attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=gqa)
+    return out[0].transpose(0, 1)
 
 
 def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

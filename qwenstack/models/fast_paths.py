@@ -77,7 +77,7 @@ def native_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """Attention within windows (a vision tower's frames, an audio encoder's windows) in one native call
     where the kernel applies (bfloat16, AVX512-BF16), the reference elsewhere."""
     starts = window_starts(windows, q.shape[0])
-    native = None if starts is None else kernels.segment_attention(q, k, v, starts, False, q.shape[-1] ** -0.5)
+    native = None if starts is None else kernels.segment_attention(q, k, v, starts, None, False, q.shape[-1] ** -0.5)
     return native if native is not None else window_attention(q, k, v, windows)
 
 
@@ -115,10 +115,10 @@ class NativePagedAttention:
         return set(seqs)
 
 
-    def fresh_prompts(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, starts: list[int],
-                      scale: float) -> torch.Tensor | None:
-        """Whole prompts in one call on bfloat16 dot products (dense_attention_cpu.cpp), causal within each."""
-        return kernels.segment_attention(q, k, v, starts, True, scale)
+    def causal(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_starts: list[int], kv_starts: list[int],
+               scale: float) -> torch.Tensor | None:
+        """Prompts in one call on bfloat16 dot products (dense_attention_cpu.cpp), causal within each."""
+        return kernels.segment_attention(q, k, v, q_starts, kv_starts, True, scale)
 
 
 class NativeAttentionOps(AttentionOps):

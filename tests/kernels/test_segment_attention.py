@@ -53,7 +53,7 @@ def test_matches_sdpa_within_bfloat16_rounding(starts: list[int], q_heads: int, 
     # One projection's output, as a layer produces it: q, k and v are strided views.
     qkv = (torch.randn(n, q_heads + 2 * kv_heads, head_dim, generator=g) * 2).to(torch.bfloat16)
     q, k, v = qkv[:, :q_heads], qkv[:, q_heads:q_heads + kv_heads], qkv[:, q_heads + kv_heads:]
-    got = kernels.segment_attention(q, k, v, starts, causal, head_dim ** -0.5)
+    got = kernels.segment_attention(q, k, v, starts, None, causal, head_dim ** -0.5)
     assert got is not None and got.dtype == torch.bfloat16 and got.shape == q.shape and got.is_contiguous()
     exact = _sdpa(q.float(), k.float(), v.float(), starts, causal)
     sdpa_error = (_sdpa(q, k, v, starts, causal).float() - exact).abs().max().item()
@@ -61,20 +61,55 @@ def test_matches_sdpa_within_bfloat16_rounding(starts: list[int], q_heads: int, 
     assert error <= 1.5 * sdpa_error + 1e-3, (error, sdpa_error)
 
 
+def _sdpa_bottom_right(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_starts: list[int],
+                       kv_starts: list[int], causal: bool) -> torch.Tensor:
+    """SDPA per segment, query i of q_len seeing keys up to kv_len - q_len + i when causal."""
+    out = []
+    for s in range(len(q_starts) - 1):
+        qs = q[q_starts[s]:q_starts[s + 1]].transpose(0, 1)[None]
+        ks, vs = (t[kv_starts[s]:kv_starts[s + 1]].transpose(0, 1)[None] for t in (k, v))
+        q_len, kv_len = qs.shape[2], ks.shape[2]
+        mask = None
+        if causal:
+            mask = torch.arange(kv_len)[None, :] <= torch.arange(kv_len - q_len, kv_len)[:, None]
+        out.append(F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, enable_gqa=True)[0].transpose(0, 1))
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_queries_over_longer_keys(causal: bool) -> None:
+    """New tokens after a cached context: each segment's queries are its last positions (causal), or see all
+    its keys; segments of 1 to 300 queries over 1 to 600 keys."""
+    if not _bf16_level():
+        pytest.skip(f"the kernel needs AVX512-BF16; this CPU builds at {kernels.isa_level()}")
+    g = torch.Generator().manual_seed(7)
+    q_starts, kv_starts = [0, 1, 40, 340, 345], [0, 9, 48, 648, 653]
+    q = (torch.randn(q_starts[-1], 4, 128, generator=g) * 2).to(torch.bfloat16)
+    k, v = ((torch.randn(kv_starts[-1], 2, 128, generator=g) * 2).to(torch.bfloat16) for _ in range(2))
+    got = kernels.segment_attention(q, k, v, q_starts, kv_starts, causal, 128 ** -0.5)
+    exact = _sdpa_bottom_right(q.float(), k.float(), v.float(), q_starts, kv_starts, causal)
+    sdpa_error = (_sdpa_bottom_right(q, k, v, q_starts, kv_starts, causal).float() - exact).abs().max().item()
+    assert (got.float() - exact).abs().max().item() <= 1.5 * sdpa_error + 1e-3
+
+
 def test_refuses_what_it_does_not_handle() -> None:
     q = torch.randn(20, 2, 64, dtype=torch.bfloat16)
-    assert kernels.segment_attention(q.float(), q.float(), q.float(), [0, 20], False, 0.125) is None
+    assert kernels.segment_attention(q.float(), q.float(), q.float(), [0, 20], None, False, 0.125) is None
     odd = torch.randn(20, 2, 72, dtype=torch.bfloat16)
-    assert kernels.segment_attention(odd, odd, odd, [0, 20], False, 0.1) is None
+    assert kernels.segment_attention(odd, odd, odd, [0, 20], None, False, 0.1) is None
     with torch.enable_grad():
         leaf = q.clone().requires_grad_()
-        assert kernels.segment_attention(leaf, q, q, [0, 20], False, 0.125) is None
+        assert kernels.segment_attention(leaf, q, q, [0, 20], None, False, 0.125) is None
     if not _bf16_level():
-        assert kernels.segment_attention(q, q, q, [0, 20], False, 0.125) is None
+        assert kernels.segment_attention(q, q, q, [0, 20], None, False, 0.125) is None
         return
     for bad in ([0, 19], [0, 10, 10, 20], [1, 20]):  # not covering the tokens, an empty segment
-        with pytest.raises(RuntimeError, match="segment_starts"):
-            kernels.segment_attention(q, q, q, bad, False, 0.125)
+        with pytest.raises(RuntimeError, match="q_starts"):
+            kernels.segment_attention(q, q, q, bad, None, False, 0.125)
+    with pytest.raises(RuntimeError, match="one entry per segment"):
+        kernels.segment_attention(q, q, q, [0, 20], [0, 10, 20], False, 0.125)
+    with pytest.raises(RuntimeError, match="more queries than keys"):  # causal: the last query sees every key
+        kernels.segment_attention(q, q[:10], q[:10], [0, 20], [0, 10], True, 0.125)
 
 
 def test_window_starts() -> None:

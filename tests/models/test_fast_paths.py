@@ -85,34 +85,36 @@ def test_preparation_leaves_other_devices_and_float32_norms_alone(tiny_qwen3: Pa
 
 @torch.inference_mode()
 def test_attention_routes_each_sequence_to_its_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
-    """One mixed batch through the native ops: a fresh prompt of 70 tokens (over the few-token kernel's 64)
-    takes the whole-prompt kernel, a 5-token chunk after 11 cached tokens the prefix kernel; a batch of fresh
-    prompts alone goes to the whole-prompt kernel in one call. Each output matches the reference path's."""
+    """One mixed batch through the native ops: a fresh prompt of 70 tokens (over the few-token kernel's 64) and
+    a 70-token chunk after 10 cached tokens take the causal segment kernel (the second over its gathered
+    keys), a 5-token chunk after 11 cached tokens the prefix kernel; a batch of fresh prompts alone goes to the
+    segment kernel in one call. Each output matches the reference path's."""
     require_native_kernels()
     if kernels.isa_level() not in ("avx512_bf16", "avx512_amx"):
-        pytest.skip("the whole-prompt kernel needs AVX512-BF16")
+        pytest.skip("the segment kernel needs AVX512-BF16")
     g = torch.Generator().manual_seed(0)
     heads, kv_heads, head_dim, block = 4, 2, 64, 16
-    lens, cached = [70, 16], [0, 11]
-    q, k, v = (torch.randn(sum(lens) - sum(cached), h, head_dim, generator=g).to(torch.bfloat16)
+    query_lens, lens, cached = [70, 5, 70], [70, 16, 80], [0, 11, 10]
+    q, k, v = (torch.randn(sum(query_lens), h, head_dim, generator=g).to(torch.bfloat16)
                for h in (heads, kv_heads, kv_heads))
-    kv_cache = torch.zeros(2, 8, block, kv_heads, head_dim, dtype=torch.bfloat16)
-    tables = torch.tensor([[0, 1, 2, 3, 4], [5, 0, 0, 0, 0]])
-    old_keys = torch.randn(2, 11, kv_heads, head_dim, generator=g).to(torch.bfloat16)
-    kv_cache[:, 5, :11] = old_keys
-    slots = torch.cat([torch.arange(70), 5 * block + torch.arange(11, 16)])
+    kv_cache = torch.zeros(2, 12, block, kv_heads, head_dim, dtype=torch.bfloat16)
+    tables = torch.tensor([[0, 1, 2, 3, 4], [5, 0, 0, 0, 0], [6, 7, 8, 9, 10]])
+    kv_cache[:, 5, :11] = torch.randn(2, 11, kv_heads, head_dim, generator=g).to(torch.bfloat16)
+    kv_cache[:, 6, :10] = torch.randn(2, 10, kv_heads, head_dim, generator=g).to(torch.bfloat16)
+    slots = torch.cat([torch.arange(70), 5 * block + torch.arange(11, 16),
+                       torch.tensor([tables[2, p // block] * block + p % block for p in range(10, 80)])])
 
     def batch() -> AttentionBatch:
-        return AttentionBatch([70, 5], lens, slot_mapping=slots, block_tables=tables, block_size=block)
+        return AttentionBatch(query_lens, lens, slot_mapping=slots, block_tables=tables, block_size=block)
 
     calls = watch(monkeypatch)
     got = NATIVE_ATTENTION_OPS.attend(q, k, v, kv_cache.clone(), batch(), head_dim ** -0.5)
-    assert (calls["segment_attention"], calls["paged_prefix_attention"]) == (1, 1), calls
+    assert (calls["segment_attention"], calls["paged_prefix_attention"]) == (2, 1), calls
     want = paged_attention(q, k, v, kv_cache.clone(), batch(), head_dim ** -0.5)
     assert (got.float() - want.float()).abs().max().item() < 0.02  # bfloat16 rounding of the outputs
     fresh = AttentionBatch([70, 20], [70, 20])
     q2, k2, v2 = (torch.cat([t[:70], t[:20]]) for t in (q, k, v))
     got = NATIVE_ATTENTION_OPS.attend(q2, k2, v2, None, fresh, head_dim ** -0.5)
-    assert calls["segment_attention"] == 2  # both prompts in one call
+    assert calls["segment_attention"] == 3  # both prompts in one call
     want = paged_attention(q2, k2, v2, None, fresh, head_dim ** -0.5)
     assert (got.float() - want.float()).abs().max().item() < 0.02
