@@ -14,9 +14,8 @@ Decisions:
   gathering them: the gather copies more bytes per step than the weights) comes in as `in_place`, an
   InPlaceAttention the load-time preparation chose (models/fast_paths.py: the native CPU kernels); it takes
   a whole decode step, or in a mixed batch the sequences with few new tokens (the decodes beside a prefill
-  chunk, a prompt whose prefix came from the cache), and causal prompts over their keys (fresh, or gathered
-  from the cache), and answers
-  None / no rows where it does not apply.
+  chunk, a prompt whose prefix came from the cache) and the longer prompts and chunks over their keys (a
+  fresh prompt's own, or gathered from the cache), and answers None / no rows where it does not apply.
 """
 from __future__ import annotations
 

@@ -8,7 +8,8 @@ Model files (layers.py, attention.py, qwen3*.py) are the reference math and neve
 - SwiGLU: its activation (silu(gate) * up) in one native call (qwenstack/kernels/swiglu_cpu.cpp);
 - attention layers: NativeAttentionOps, QK-RMSNorm and rotary in one native call, new keys and values
   written to the paged cache in one, and attention over the paged cache read where it lies
-  (qwenstack/kernels/paged_attention_cpu.cpp) instead of gathered;
+  (qwenstack/kernels/paged_attention_cpu.cpp) instead of gathered; prompts and long chunks on bfloat16 dot
+  products (qwenstack/kernels/dense_attention_cpu.cpp);
 - attention within windows and no cache (the vision tower's frames, the audio encoder's windows): one native
   call on bfloat16 dot products (qwenstack/kernels/dense_attention_cpu.cpp) instead of SDPA's flash loop;
 - Gated DeltaNet layers (Qwen3-Next): a decode step's conv and recurrence on the state slots where they lie,
@@ -113,7 +114,6 @@ class NativePagedAttention:
         out[rows] = kernels.paged_prefix_attention(q[rows], kv_cache, tables, [batch.context_lens[i] for i in seqs],
                                                    [batch.query_lens[i] for i in seqs], scale)
         return set(seqs)
-
 
     def causal(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_starts: list[int], kv_starts: list[int],
                scale: float) -> torch.Tensor | None:
