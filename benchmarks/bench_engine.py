@@ -7,7 +7,8 @@ Measures, each as a ratio against transformers 5.x generate on the same weights:
 - single-stream decode tokens/s (and the fraction of the memory-bandwidth bound: weight bytes read per
   token against the read bandwidth measured in the same run), the median of --decode-rounds rounds of
   ours then transformers;
-- prefill tokens/s for a 256-token prompt;
+- prefill tokens/s for one prompt (--prefill-tokens, 256 by default), ours and transformers alternated in
+  --prefill-rounds rounds, medians;
 - offline throughput: 64 requests, prompts 32-512 tokens, outputs 32-256 (fixed seed), against
   transformers generate in padded batches of 16;
 - short-output throughput (`short`): 32 requests, prompts 32-256 tokens, outputs 16-64 (seed 0), against
@@ -33,7 +34,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import read_bandwidth, save, threads, timed  # noqa: E402
+from common import alternate, read_bandwidth, save, threads, timed  # noqa: E402
 
 from qwenstack.engine.engine import EngineConfig, LLMEngine  # noqa: E402
 from qwenstack.engine.params import SamplingParams  # noqa: E402
@@ -90,8 +91,9 @@ def ours_decode(model: torch.nn.Module, prompt: list[int], new_tokens: int) -> f
     return (len(times) - 1) / (times[-1] - times[0])  # tokens/s after the first
 
 
-def ours_prefill(model: torch.nn.Module, prompt: list[int]) -> float:
-    engine = make_engine(model, enable_prefix_caching=False)
+def ours_prefill(engine: LLMEngine, prompt: list[int]) -> float:
+    """Prompt tokens/s of one prompt and its first token, on an engine that has served before (a server's
+    steady state: a fresh engine's first prefill also pays the first touch of its cache pages)."""
     _, seconds = timed(lambda: engine.generate_all([prompt], [SamplingParams(temperature=0, max_tokens=1)]))
     return len(prompt) / seconds
 
@@ -202,6 +204,9 @@ def main() -> None:
     parser.add_argument("--decode-rounds", type=int, default=3, help="decode timed in this many rounds, medians")
     parser.add_argument("--mix-rounds", type=int, default=1,
                         help="each throughput mix run in this many rounds of ours then transformers, medians")
+    parser.add_argument("--prefill-tokens", type=int, default=256, help="prompt length of the prefill case")
+    parser.add_argument("--prefill-rounds", type=int, default=3,
+                        help="prefill timed in this many rounds, ours and transformers alternated, medians")
     parser.add_argument("--no-transformers", action="store_true")
     parser.add_argument("--kv-cache-gib", type=float, default=3.0)
     args = parser.parse_args()
@@ -239,13 +244,21 @@ def main() -> None:
             results["decode"].update(transformers_tok_s=theirs, transformers_runs_tok_s=their_runs, ratio=ours / theirs)
         print("decode", results["decode"], flush=True)
     if "prefill" in only:
-        prompt = random_prompt(rng, 256, vocab)
-        ours_prefill(model, prompt[:32])
-        results["prefill"] = {"ours_tok_s": ours_prefill(model, prompt)}
+        prompt = random_prompt(rng, args.prefill_tokens, vocab)
+        engine = make_engine(model, enable_prefix_caching=False)  # nothing of the prompt is cached between rounds
+        sides = {"ours": lambda: ours_prefill(engine, prompt)}
+        ours_prefill(engine, prompt)
         if hf is not None:
-            hf_prefill(hf, prompt[:32])
-            theirs = hf_prefill(hf, prompt)
-            results["prefill"].update(transformers_tok_s=theirs, ratio=results["prefill"]["ours_tok_s"] / theirs)
+            hf_prefill(hf, prompt)  # both sides warmed up on the full prompt
+            sides["transformers"] = lambda: hf_prefill(hf, prompt)
+        runs = alternate(sides, args.prefill_rounds, lambda side: side())
+        results["prefill"] = {"prompt_tokens": args.prefill_tokens, "ours_tok_s": statistics.median(runs["ours"]),
+                              "ours_runs_tok_s": runs["ours"]}
+        if hf is not None:
+            theirs = statistics.median(runs["transformers"])
+            results["prefill"].update(transformers_tok_s=theirs, transformers_runs_tok_s=runs["transformers"],
+                                      ratio=results["prefill"]["ours_tok_s"] / theirs,
+                                      round_ratios=[o / t for o, t in zip(runs["ours"], runs["transformers"])])
         print("prefill", results["prefill"], flush=True)
     if "throughput" in only:
         n = args.requests
