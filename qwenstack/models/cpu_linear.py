@@ -73,8 +73,8 @@ class NativeLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, native"
 
 
-# Up to this many rows the tile-packed kernel runs; above (long prefill chunks), F.linear on the matrix
-# unpacked for the call. Four 0.6B layers' matrices, 2 threads, medians: the kernel takes 0.75-0.8 of
+# Up to this many rows the tile-packed kernel runs in one call (and up to twice as many in pieces); above
+# (long prefill chunks), F.linear on the matrix unpacked for the call. Four 0.6B layers' matrices, 2 threads, medians: the kernel takes 0.75-0.8 of
 # F.linear's time at 32-64 rows, 0.85-0.95 at 128, about the same at 256, 1.1-1.2 from 512 (oneDNN's GEMM
 # is better tuned for large products), where unpacking (int32 moves at ~7 GB/s) costs F.linear as much.
 # Unpacking is no option for short prompts: it reads and writes every matrix once per forward.
@@ -90,14 +90,27 @@ def tiled_max_rows() -> int:
 
 
 def tiled_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear(x, W, bias) for W in the tile-packed layout: the tiled kernel up to tiled_max_rows() rows,
-    F.linear on the matrix unpacked for the call above."""
-    if x.dim() == 2 and 0 < x.shape[0] <= tiled_max_rows():  # what the model's layers pass: no reshapes
+    """F.linear(x, W, bias) for W in the tile-packed layout: the tiled kernel up to tiled_max_rows() rows, in
+    pieces of that many up to twice as many, and F.linear on the matrix unpacked for the call above.
+    The pieces: a 293-token prompt (Qwen3-VL-2B's text and one 512x512 image) unpacked every matrix for
+    each call, which cost more than the products (2048 x 6144 at 293 rows, 2 AVX512-BF16 threads: 26.4 ms
+    against 18.2 in two kernel calls; oneDNN's packed form 16.5). From 1,024 rows the two ways take the
+    same time here."""
+    max_rows = tiled_max_rows()
+    if x.dim() == 2 and 0 < x.shape[0] <= max_rows:  # what the model's layers pass: no reshapes
         y = kernels.linear_tiled(x, packed)
         return y if bias is None else y + bias
     out_features = packed.shape[0] * kernels.TILE_N
-    y = _rows_through(lambda rows: kernels.linear_tiled(rows, packed), x, out_features, bias, tiled_max_rows())
+    y = _rows_through(lambda rows: _tiled_pieces(rows, packed, max_rows), x, out_features, bias, 2 * max_rows)
     return F.linear(x, kernels.unpack_tiles(packed), bias) if y is None else y
+
+
+def _tiled_pieces(x: torch.Tensor, packed: torch.Tensor, max_rows: int) -> torch.Tensor:
+    """kernels.linear_tiled on x [rows, in] in pieces of at most max_rows rows (each row's sums are the same
+    whatever the rows beside it)."""
+    if x.shape[0] <= max_rows:
+        return kernels.linear_tiled(x, packed)
+    return torch.cat([kernels.linear_tiled(piece, packed) for piece in x.split(max_rows)])
 
 
 class TiledLinear(nn.Module):

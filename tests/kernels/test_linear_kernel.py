@@ -198,12 +198,19 @@ def test_tiled_sums_follow_neither_threads_nor_streams(rows: int) -> None:
 
 
 def test_tiled_linear_module() -> None:
-    """Up to tiled_max_rows() rows the kernel; above, F.linear on the unpacked weight, bit for bit."""
+    """Up to tiled_max_rows() rows the kernel; up to twice as many, the kernel in pieces (each row as the
+    kernel computes it alone); above, F.linear on the unpacked weight, bit for bit."""
     w, bias = torch.randn(48, 64).to(torch.bfloat16), torch.randn(48).to(torch.bfloat16)
     layer = TiledLinear(w, bias)
     assert kernels.can_tile(w) and not kernels.can_tile(w[:, :40]) and not kernels.can_tile(w.float())
-    x = torch.randn(2, tiled_max_rows() + 1, 64).to(torch.bfloat16)
-    assert torch.equal(layer(x), F.linear(x, w, bias))
+    most = tiled_max_rows()
+    x = torch.randn(1, most + 5, 64).to(torch.bfloat16)  # as a 3-D input, the rows flattened
+    rows = x[0]
+    want = torch.cat([kernels.linear_tiled(rows[:most], layer.packed), kernels.linear_tiled(rows[most:], layer.packed)])
+    assert torch.equal(layer(x), (want + bias)[None])
+    assert torch.equal(layer(rows), want + bias)
+    longer = torch.randn(2 * most + 1, 64).to(torch.bfloat16)
+    assert torch.equal(layer(longer), F.linear(longer, w, bias))
     few = x[0, :5]
     assert torch.equal(layer(few), kernels.linear_tiled(few, layer.packed) + bias)
     assert sum(p.numel() for p in layer.parameters()) == w.numel() + bias.numel()  # no second copy
