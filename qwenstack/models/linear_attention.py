@@ -37,9 +37,16 @@ import torch.nn.functional as F
 L2NORM_EPS = 1e-6
 
 
+def scale_rows(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """x [..., D] * s[..., None] as one [rows, D] by [rows, 1] multiply, the same products: on the chunked
+    rule's 5-D tensors ([B, H, N, C, D]) the broadcast form ran its inner loop across rows, 4.6 ms a call
+    against ~0.7 for [1, 32, 16, 64, 128] on 2 threads."""
+    return (x.reshape(-1, x.shape[-1]) * s.reshape(-1, 1)).view(x.shape)
+
+
 def l2norm(x: torch.Tensor, eps: float = L2NORM_EPS) -> torch.Tensor:
     # eps goes inside the rsqrt to match FLA/transformers bit for bit
-    return x * torch.rsqrt((x * x).sum(dim=-1, keepdim=True) + eps)
+    return scale_rows(x, torch.rsqrt((x * x).sum(dim=-1) + eps))
 
 
 def _check_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor) -> None:
@@ -125,15 +132,18 @@ def chunk_gated_delta_rule(
     # Within a chunk starting from state S0 the written values u_i = beta_i (v_i - S_{i-1}^T k_i) satisfy
     # (I + L) u = beta v - (beta exp(log_decay) k) S0, with L_ij = beta_i decay_ij k_i.k_j for j < i.
     # Solving once for both right-hand sides gives u = u_local - w S0 for any S0.
-    k_beta = k * beta.unsqueeze(-1)
+    k_beta = scale_rows(k, beta)
     lower = (k_beta @ k.transpose(-1, -2)) * decay  # diagonal ignored: the solve takes it as 1
-    rhs = torch.cat([v * beta.unsqueeze(-1), k_beta * log_decay.exp().unsqueeze(-1)], dim=-1)
-    solved = torch.linalg.solve_triangular(lower, rhs, upper=False, unitriangular=True)
-    u_local, w = solved.split([Dv, Dk], dim=-1)  # [B, H, N, C, Dv], [B, H, N, C, Dk]
+    # (I + L)^-1 from a solve against the identity (C right-hand sides), then two products: transformers'
+    # form (it inverts by forward substitution), and a quarter of the solve on the Dv + Dk columns.
+    eye = torch.eye(C, dtype=lower.dtype, device=lower.device).expand_as(lower)
+    inverse = torch.linalg.solve_triangular(lower, eye, upper=False, unitriangular=True)
+    u_local = inverse @ scale_rows(v, beta)  # [B, H, N, C, Dv]
+    w = inverse @ scale_rows(k_beta, log_decay.exp())  # [B, H, N, C, Dk]
 
     attn = (q @ k.transpose(-1, -2)) * decay  # [B, H, N, C, C], causal including the diagonal
-    q_from_start = q * log_decay.exp().unsqueeze(-1)  # reads S0, decayed up to token i
-    k_to_end = k * (log_decay[..., -1:] - log_decay).exp().unsqueeze(-1)  # writes, decayed to the chunk end
+    q_from_start = scale_rows(q, log_decay.exp())  # reads S0, decayed up to token i
+    k_to_end = scale_rows(k, (log_decay[..., -1:] - log_decay).exp())  # writes, decayed to the chunk end
     chunk_decay = log_decay[..., -1].exp()[..., None, None]  # [B, H, N, 1, 1]
 
     out = torch.empty_like(v)  # [B, H, N, C, Dv]
