@@ -68,8 +68,8 @@ def main() -> None:
         runs = alternate_paths(model, prompt, args.decode_tokens, args.rounds)
         medians = {name: statistics.median(values) for name, values in runs.items()}
         ratios = [a / b for a, b in zip(runs["flat loop"], runs["layers"])]
-        results["levels"][level] = {"tok_s": medians, "runs_tok_s": runs, "ratio": medians["flat loop"] / medians["layers"],
-                                    "round_ratios": ratios}
+        results["levels"][level] = {"tok_s": medians, "runs_tok_s": runs,
+                                    "ratio": medians["flat loop"] / medians["layers"], "round_ratios": ratios}
         print(f"{level}: flat loop {medians['flat loop']:.2f} tok/s, layers {medians['layers']:.2f} tok/s, "
               f"ratio {medians['flat loop'] / medians['layers']:.3f} (rounds {' '.join(f'{r:.2f}' for r in ratios)})",
               flush=True)

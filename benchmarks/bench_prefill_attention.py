@@ -106,7 +106,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
     torch.set_num_threads(threads())
-    results: dict[str, Any] = {"kind": "prefill_attention", "rounds": args.rounds, "isa": kernels.isa_level(), "cases": []}
+    results: dict[str, Any] = {"kind": "prefill_attention", "rounds": args.rounds, "isa": kernels.isa_level(),
+                               "cases": []}
     for case in CASES:
         r = measure(case, args.rounds)
         results["cases"].append(r)

@@ -74,10 +74,11 @@ class NativeLinear(nn.Module):
 
 
 # Up to this many rows the tile-packed kernel runs in one call (and up to twice as many in pieces); above
-# (long prefill chunks), F.linear on the matrix unpacked for the call. Four 0.6B layers' matrices, 2 threads, medians: the kernel takes 0.75-0.8 of
-# F.linear's time at 32-64 rows, 0.85-0.95 at 128, about the same at 256, 1.1-1.2 from 512 (oneDNN's GEMM
-# is better tuned for large products), where unpacking (int32 moves at ~7 GB/s) costs F.linear as much.
-# Unpacking is no option for short prompts: it reads and writes every matrix once per forward.
+# (long prefill chunks), F.linear on the matrix unpacked for the call. Four 0.6B layers' matrices, 2 threads,
+# medians: the kernel takes 0.75-0.8 of F.linear's time at 32-64 rows, 0.85-0.95 at 128, about the same at
+# 256, 1.1-1.2 from 512 (oneDNN's GEMM is better tuned for large products), where unpacking (int32 moves at
+# ~7 GB/s) costs F.linear as much. Unpacking is no option for short prompts: it reads and writes every matrix
+# once per forward.
 TILED_MAX_ROWS = 512
 
 

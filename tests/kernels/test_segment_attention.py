@@ -9,10 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernel_utils import require_native_kernels
+from kernel_utils import count_segment_attention, require_native_kernels
 from qwenstack import kernels
 from qwenstack.models import fast_paths
-from qwenstack.models.attention import window_attention, window_starts
+from qwenstack.models.attention import causal_sdpa, window_attention, window_starts
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -24,12 +24,19 @@ def _bf16_level() -> bool:
     return kernels.isa_level() in ("avx512_bf16", "avx512_amx")
 
 
-def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, starts: list[int], causal: bool) -> torch.Tensor:
-    """SDPA per segment in q's dtype (float32 math for float32 inputs), [N, heads, head_dim]."""
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_starts: list[int], kv_starts: list[int],
+          causal: bool) -> torch.Tensor:
+    """SDPA per segment in q's dtype (float32 math for float32 inputs), [Nq, heads, head_dim]; causal as the
+    engine's reference (attention.causal_sdpa): query i of q_len sees keys up to kv_len - q_len + i."""
     out = []
-    for a, b in zip(starts[:-1], starts[1:]):
-        qs, ks, vs = (t[a:b].transpose(0, 1)[None] for t in (q, k, v))
-        out.append(F.scaled_dot_product_attention(qs, ks, vs, is_causal=causal, enable_gqa=True)[0].transpose(0, 1))
+    for s in range(len(q_starts) - 1):
+        qs = q[q_starts[s]:q_starts[s + 1]]
+        ks, vs = (t[kv_starts[s]:kv_starts[s + 1]] for t in (k, v))
+        if causal:
+            out.append(causal_sdpa(qs, ks, vs, qs.shape[-1] ** -0.5, gqa=True))
+        else:
+            qb, kb, vb = (t.transpose(0, 1)[None] for t in (qs, ks, vs))
+            out.append(F.scaled_dot_product_attention(qb, kb, vb, enable_gqa=True)[0].transpose(0, 1))
     return torch.cat(out)
 
 
@@ -55,25 +62,10 @@ def test_matches_sdpa_within_bfloat16_rounding(starts: list[int], q_heads: int, 
     q, k, v = qkv[:, :q_heads], qkv[:, q_heads:q_heads + kv_heads], qkv[:, q_heads + kv_heads:]
     got = kernels.segment_attention(q, k, v, starts, None, causal, head_dim ** -0.5)
     assert got is not None and got.dtype == torch.bfloat16 and got.shape == q.shape and got.is_contiguous()
-    exact = _sdpa(q.float(), k.float(), v.float(), starts, causal)
-    sdpa_error = (_sdpa(q, k, v, starts, causal).float() - exact).abs().max().item()
+    exact = _sdpa(q.float(), k.float(), v.float(), starts, starts, causal)
+    sdpa_error = (_sdpa(q, k, v, starts, starts, causal).float() - exact).abs().max().item()
     error = (got.float() - exact).abs().max().item()
     assert error <= 1.5 * sdpa_error + 1e-3, (error, sdpa_error)
-
-
-def _sdpa_bottom_right(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_starts: list[int],
-                       kv_starts: list[int], causal: bool) -> torch.Tensor:
-    """SDPA per segment, query i of q_len seeing keys up to kv_len - q_len + i when causal."""
-    out = []
-    for s in range(len(q_starts) - 1):
-        qs = q[q_starts[s]:q_starts[s + 1]].transpose(0, 1)[None]
-        ks, vs = (t[kv_starts[s]:kv_starts[s + 1]].transpose(0, 1)[None] for t in (k, v))
-        q_len, kv_len = qs.shape[2], ks.shape[2]
-        mask = None
-        if causal:
-            mask = torch.arange(kv_len)[None, :] <= torch.arange(kv_len - q_len, kv_len)[:, None]
-        out.append(F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, enable_gqa=True)[0].transpose(0, 1))
-    return torch.cat(out)
 
 
 @pytest.mark.parametrize("causal", [True, False])
@@ -87,8 +79,8 @@ def test_queries_over_longer_keys(causal: bool) -> None:
     q = (torch.randn(q_starts[-1], 4, 128, generator=g) * 2).to(torch.bfloat16)
     k, v = ((torch.randn(kv_starts[-1], 2, 128, generator=g) * 2).to(torch.bfloat16) for _ in range(2))
     got = kernels.segment_attention(q, k, v, q_starts, kv_starts, causal, 128 ** -0.5)
-    exact = _sdpa_bottom_right(q.float(), k.float(), v.float(), q_starts, kv_starts, causal)
-    sdpa_error = (_sdpa_bottom_right(q, k, v, q_starts, kv_starts, causal).float() - exact).abs().max().item()
+    exact = _sdpa(q.float(), k.float(), v.float(), q_starts, kv_starts, causal)
+    sdpa_error = (_sdpa(q, k, v, q_starts, kv_starts, causal).float() - exact).abs().max().item()
     assert (got.float() - exact).abs().max().item() <= 1.5 * sdpa_error + 1e-3
 
 
@@ -123,16 +115,15 @@ def test_window_attention_reference_is_sdpa_per_window() -> None:
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(21, 2, 16, generator=g) for _ in range(3))
     windows = [(0, 4, 3), (12, 9, 1)]
-    torch.testing.assert_close(window_attention(q, k, v, windows), _sdpa(q, k, v, [0, 4, 8, 12, 21], False))
+    starts = [0, 4, 8, 12, 21]
+    torch.testing.assert_close(window_attention(q, k, v, windows), _sdpa(q, k, v, starts, starts, False))
 
 
 def test_native_window_attention_takes_the_kernel_and_falls_back(monkeypatch: pytest.MonkeyPatch) -> None:
     g = torch.Generator().manual_seed(1)
     q, k, v = (torch.randn(21, 2, 64, generator=g).to(torch.bfloat16) for _ in range(3))
     windows = [(0, 4, 3), (12, 9, 1)]
-    calls = []
-    real = kernels.segment_attention
-    monkeypatch.setattr(fast_paths.kernels, "segment_attention", lambda *a: calls.append(a[3]) or real(*a))
+    calls = count_segment_attention(monkeypatch)
     got = fast_paths.native_window_attention(q, k, v, windows)
     assert calls == [[0, 4, 8, 12, 21]]
     want = window_attention(q, k, v, windows)

@@ -3,6 +3,7 @@ audio-encoder outputs, logits and greedy tokens for clips of 0.5 s to 40 s (seve
 tiny config's window is 2 s), audio and text requests batched together in the engine, and the checks."""
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -11,13 +12,16 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from kernel_utils import count_segment_attention
 from asr_checkpoints import (
     AUDIO_END_ID, AUDIO_START_ID, AUDIO_TOKEN_ID, build_asr_checkpoint, hf_features, load_hf_asr, speechlike,
 )
+from qwenstack import kernels
 from qwenstack.audio.features import log_mel
 from qwenstack.engine.engine import EngineConfig, LLMEngine
 from qwenstack.engine.params import SamplingParams
 from qwenstack.errors import CheckpointError, ConfigError, RequestError
+from qwenstack.models import fast_paths
 from qwenstack.models.attention import AttentionBatch, window_attention
 from qwenstack.models.qwen3_asr import Qwen3ASRArgs, Qwen3ASRForConditionalGeneration
 from qwenstack.models.qwen3_asr_audio import audio_token_count
@@ -175,11 +179,6 @@ def test_config_checks_and_layouts(tmp_path: Path) -> None:
 def test_prepared_bfloat16_encoder_takes_the_window_kernel(models, monkeypatch: pytest.MonkeyPatch) -> None:
     """The CPU preparation swaps the encoder's window attention for the native kernel (where it builds with
     AVX512-BF16); in bfloat16 the prepared encoder is as close to the float32 one as the plain bfloat16 one."""
-    import copy
-
-    from qwenstack import kernels
-    from qwenstack.models import fast_paths
-
     ours, _ = models  # an engine test before may have prepared it: the plain copy gets the reference back
     plain = copy.deepcopy(ours).to(torch.bfloat16)
     for layer in plain.model.audio_tower.layers:
@@ -190,9 +189,7 @@ def test_prepared_bfloat16_encoder_takes_the_window_kernel(models, monkeypatch: 
     _, audio = clip(CLIPS["6.1s-3-windows"], seed=3)
     want = ours.encode_audio([audio])[0].embeds
     slow = plain.encode_audio([audio])[0].embeds.float()
-    calls = []
-    real = kernels.segment_attention
-    monkeypatch.setattr(fast_paths.kernels, "segment_attention", lambda *a: calls.append(a[3]) or real(*a))
+    calls = count_segment_attention(monkeypatch)
     fast = prepared.encode_audio([audio])[0].embeds.float()
     assert calls == [[0, 26, 52, 78, 80]] * layers  # 80 positions in windows of 26 (2 s), one call a layer
     if kernels.isa_level() in ("avx512_bf16", "avx512_amx"):  # elsewhere the kernel answers None: SDPA

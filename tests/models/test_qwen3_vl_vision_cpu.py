@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from kernel_utils import count_segment_attention
 from vl_checkpoints import IMAGE_TOKEN_ID, TEXT_CONFIG, VISION_CONFIG, VISION_END_ID, VISION_START_ID
 from qwenstack import kernels
 from qwenstack.models import fast_paths
@@ -100,9 +101,7 @@ def test_prepared_tower_attention_takes_the_window_kernel(monkeypatch: pytest.Mo
     plain = random_tower().to(torch.bfloat16)
     prepared = random_tower().to(torch.bfloat16)
     assert fast_paths.prepare_for_cpu(prepared, linears=False).window_attention_layers == len(prepared.blocks)
-    calls = []
-    real = kernels.segment_attention
-    monkeypatch.setattr(fast_paths.kernels, "segment_attention", lambda *a: calls.append(a[3]) or real(*a))
+    calls = count_segment_attention(monkeypatch)
     grid = torch.tensor(GRIDS)
     pixels = torch.randn(int(grid.prod(-1).sum()), PATCH_DIM, generator=torch.Generator().manual_seed(1))
     want, _ = reference(pixels, grid)

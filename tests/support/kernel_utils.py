@@ -9,6 +9,14 @@ import pytest
 from qwenstack import kernels
 
 
+def count_segment_attention(monkeypatch: pytest.MonkeyPatch) -> list[list[int]]:
+    """The q_starts of every call into kernels.segment_attention from now on (the calls still run)."""
+    calls: list[list[int]] = []
+    real = kernels.segment_attention
+    monkeypatch.setattr(kernels, "segment_attention", lambda *args: calls.append(args[3]) or real(*args))
+    return calls
+
+
 def require_native_kernels() -> None:
     """Skips when kernels are switched off or the platform has none; on Linux x86-64, where they must build,
     a failed build fails the tests instead of skipping them, so CI notices."""
