@@ -11,10 +11,19 @@ every context token divided by the time, against a streaming read of the same ma
 
 On a shared machine, `--threads 1 --clock cpu` times by the process's CPU time, which leaves out the time
 other tenants hold the core (not their effect on caches and memory bandwidth).
+
+With --layers N each call reads the next of N layers' caches, as a model's step does, so the KV comes from
+memory rather than from the caches the previous call left warm. --base REV compares this tree's kernel
+with revision REV's (built under another op namespace, bench_kernel_ab.build_base) in one process,
+alternated round by round, as medians of --rounds passes over the layers:
+
+    python benchmarks/bench_attention.py --base HEAD~1 --batches 64 --contexts 150 --layers 28
+    python benchmarks/bench_attention.py --base HEAD~1 --batches 40 --contexts 300 --layers 4 --q-heads 32 --kv-heads 4
 """
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -23,23 +32,57 @@ from typing import Any, Callable
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import read_bandwidth, save, threads  # noqa: E402
+from common import alternate, read_bandwidth, save, threads  # noqa: E402
 
 from qwenstack import kernels  # noqa: E402
 from qwenstack.models.attention import AttentionBatch, gathered_decode_attention  # noqa: E402
 
-Q_HEADS, KV_HEADS, HEAD_DIM, BLOCK_SIZE = 16, 8, 128, 16
+HEAD_DIM, BLOCK_SIZE = 128, 16
 
 
-def make_case(batch: int, context: int, dtype: torch.dtype, seed: int = 0) -> dict[str, Any]:
+def make_case(batch: int, context: int, dtype: torch.dtype, q_heads: int = 16, kv_heads: int = 8, layers: int = 1,
+              seed: int = 0) -> dict[str, Any]:
     g = torch.Generator().manual_seed(seed)
     per_seq = (context + BLOCK_SIZE - 1) // BLOCK_SIZE
     num_blocks = batch * per_seq + 64
-    kv_cache = torch.randn(2, num_blocks, BLOCK_SIZE, KV_HEADS, HEAD_DIM, generator=g).to(dtype)
+    caches = [torch.randn(2, num_blocks, BLOCK_SIZE, kv_heads, HEAD_DIM, generator=g).to(dtype) for _ in range(layers)]
     tables = torch.randperm(num_blocks, generator=g)[: batch * per_seq].view(batch, per_seq)
-    q = torch.randn(batch, Q_HEADS, HEAD_DIM, generator=g).to(dtype)
+    q = torch.randn(batch, q_heads, HEAD_DIM, generator=g).to(dtype)
     attn = AttentionBatch([1] * batch, [context] * batch, block_tables=tables, block_size=BLOCK_SIZE)
-    return {"q": q, "kv_cache": kv_cache, "tables": tables, "lens": torch.full((batch,), context), "batch": attn}
+    return {"q": q, "kv_cache": caches[0], "caches": caches, "tables": tables, "lens": torch.full((batch,), context),
+            "batch": attn, "kv_bytes": 2 * batch * context * kv_heads * HEAD_DIM * caches[0].element_size()}
+
+
+def compare_with_base(args: argparse.Namespace, dtype: torch.dtype) -> None:
+    """This tree's paged_decode_attention against revision args.base's, alternated, as GB/s of KV read."""
+    from bench_kernel_ab import build_base
+
+    ops = {"base": build_base(args.base, "paged_decode_attention", "paged_attention_cpu.cpp"),
+           "this": kernels.native_op("paged_decode_attention")}
+    scale = HEAD_DIM**-0.5
+    rows = []
+    for b in args.batches:
+        for ctx in args.contexts:
+            c = make_case(b, ctx, dtype, args.q_heads, args.kv_heads, args.layers)
+
+            def rate(op: Callable[..., torch.Tensor]) -> float:
+                start = time.perf_counter()
+                for cache in c["caches"]:
+                    op(c["q"], cache, c["tables"], c["lens"], scale)
+                return c["kv_bytes"] * len(c["caches"]) / (time.perf_counter() - start) / 1e9
+
+            for op in ops.values():
+                rate(op)  # warm up
+            runs = alternate(ops, args.rounds, rate)
+            medians = {name: statistics.median(values) for name, values in runs.items()}
+            rows.append({"batch": b, "context": ctx, "runs_gbps": runs, "median_gbps": medians,
+                         "ratio": medians["this"] / medians["base"]})
+            print(f"{b:>3} {ctx:>5}: base {medians['base']:.1f} GB/s, this {medians['this']:.1f} GB/s, "
+                  f"{medians['this'] / medians['base']:.2f}x  (this: {' '.join(f'{v:.1f}' for v in runs['this'])})")
+    if args.save:
+        name = f"attention-decode-ab-{args.q_heads}q{args.kv_heads}kv-{args.layers}l"
+        print("wrote", save(name, {"base": args.base, "dtype": args.dtype, "threads": args.threads, "layers": args.layers,
+                                   "q_heads": args.q_heads, "kv_heads": args.kv_heads, "rows": rows}))
 
 
 def best_time(fn: Callable[[], Any], repeats: int, clock: Callable[[], float] = time.perf_counter) -> float:
@@ -61,7 +104,12 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--clock", default="wall", choices=["wall", "cpu"],
                         help="cpu: process CPU time, meaningful with --threads 1 on a shared machine")
-    parser.add_argument("--save", action="store_true", help="write benchmarks/out/attention-decode.json")
+    parser.add_argument("--q-heads", type=int, default=16)
+    parser.add_argument("--kv-heads", type=int, default=8)
+    parser.add_argument("--layers", type=int, default=1, help="layers' caches read in turn (see above)")
+    parser.add_argument("--base", help="git revision whose kernel to compare with, alternated in one process")
+    parser.add_argument("--rounds", type=int, default=7, help="rounds of the --base comparison")
+    parser.add_argument("--save", action="store_true", help="write benchmarks/out/attention-decode*.json")
     args = parser.parse_args()
     if args.clock == "cpu" and args.threads != 1:
         parser.error("--clock cpu sums the time of all threads: use it with --threads 1")
@@ -70,6 +118,9 @@ def main() -> None:
     dtype = getattr(torch, args.dtype)
     if not kernels.paged_decode_available():
         sys.exit("the native kernel is not available (see the log above, or QWENSTACK_DISABLE_KERNELS)")
+    if args.base:
+        compare_with_base(args, dtype)
+        return
     bandwidth = read_bandwidth()
     print(f"threads {args.threads}, {args.dtype}, {args.clock} clock, best of {args.repeats}, "
           f"streaming read {bandwidth / 1e9:.1f} GB/s")
@@ -79,8 +130,8 @@ def main() -> None:
     scale = HEAD_DIM**-0.5
     for b in args.batches:
         for ctx in args.contexts:
-            c = make_case(b, ctx, dtype)
-            kv_bytes = 2 * b * ctx * KV_HEADS * HEAD_DIM * c["kv_cache"].element_size()
+            c = make_case(b, ctx, dtype, args.q_heads, args.kv_heads)
+            kv_bytes = c["kv_bytes"]
             ref = best_time(lambda: gathered_decode_attention(c["q"], c["kv_cache"], c["batch"], scale, True),
                             args.repeats, clock)
             ker = best_time(

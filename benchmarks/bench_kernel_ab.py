@@ -42,11 +42,11 @@ LAYERS, HEAD_ROWS = 28, 151936
 Op = Callable[..., torch.Tensor]  # linear_tiled(x, packed) or linear_tiled_int8(x, packed, scales)
 
 
-def build_base(revision: str, name: str) -> Op:
-    """The revision's linear_tiled (or linear_tiled_int8: `name`) as torch.ops.qwenstack_base.<name> (its
-    headers from the same revision)."""
+def build_base(revision: str, name: str, source: str = "linear_tiled_cpu.cpp") -> Op:
+    """The revision's op `name` from its kernel file `source` (its headers from the same revision), built as
+    torch.ops.qwenstack_base.<name>. Also used by bench_attention.py --base."""
     work = Path(tempfile.mkdtemp(prefix="kernel-ab-"))
-    for file in ("linear_tiled_cpu.cpp", "cpu_vec.h", "cpu_amx.h"):
+    for file in (source, "cpu_vec.h", "cpu_amx.h"):
         text = subprocess.run(["git", "show", f"{revision}:{KERNEL_DIR}/{file}"], cwd=REPO, check=True,
                               capture_output=True, text=True).stdout
         if file.endswith(".cpp"):
@@ -59,7 +59,7 @@ def build_base(revision: str, name: str) -> Op:
 
     commit = subprocess.run(["git", "rev-parse", "--short", revision], cwd=REPO, check=True, capture_output=True,
                             text=True).stdout.strip()
-    cpp_extension.load(name=f"qwenstack_ab_{commit}_{isa_level()}", sources=[str(work / "linear_tiled_cpu.cpp")],
+    cpp_extension.load(name=f"qwenstack_ab_{Path(source).stem}_{commit}_{isa_level()}", sources=[str(work / source)],
                        extra_cflags=["-O3", *_ISA_FLAGS.get(isa_level(), [])], is_python_module=False)
     return getattr(torch.ops.qwenstack_base, name)
 
