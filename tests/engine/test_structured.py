@@ -98,6 +98,11 @@ def test_thinking_block_before_json(tokenizer: Tokenizer) -> None:
     assert accepts(make_json_processor(tokenizer, {"type": "json_object"}, thinking=True), tokenizer, '{"a": 1}')
     prefilled = make_json_processor(tokenizer, {"type": "json_object"}, starts_in_reasoning=True)
     assert accepts(prefilled, tokenizer, 'Let me see.\n</think>\n\n{"a": 1}')
+    # Qwen3's "\n\n" after </think> and no more: a small model otherwise pads every answer with newlines.
+    assert accepts(make_json_processor(tokenizer, {"type": "json_object"}, thinking=True), tokenizer,
+                   '<think>\n</think>\n{"a": 1}')
+    assert not accepts(make_json_processor(tokenizer, {"type": "json_object"}, thinking=True), tokenizer,
+                       '<think>\n</think>\n\n\n{"a": 1}')
 
 
 def test_tool_call_paths(tokenizer: Tokenizer) -> None:
