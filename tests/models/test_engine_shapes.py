@@ -4,8 +4,9 @@ head_dim 64 to 256 and one the kernels refuse (80), one kv head or as many as qu
 powers of two. Per generated token, the log-probability the engine reports is compared with transformers' in
 float32 on the same tokens; it may be no further from it than the model as built, in bfloat16 without any fast
 path, is (with some slack for another summation order). Thirty random shapes of this kind, tried once with
-prompts up to 700 tokens and chunks of 64 to 2,048, all held; these five are kept. The tiny random models have near ties, and MoE routers
-that flip in bfloat16, so an exact greedy match is not the bar here: test_model_parity.py holds that in float32.
+prompts up to 700 tokens and chunks of 64 to 2,048, all held; these five are kept. The tiny random models have
+near ties, and MoE routers that flip in bfloat16, so an exact greedy match is not the bar here:
+test_model_parity.py holds that in float32.
 """
 from __future__ import annotations
 
