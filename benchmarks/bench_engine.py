@@ -19,7 +19,10 @@ Measures, each as a ratio against transformers 5.x generate on the same weights:
   sequences: every step reads the weights once whatever the batch), and against the roof with the KV
   cache read as well; plus 64 sequences sampled at temperature 1;
 - shared prefix: 16 requests sharing a 1,024-token system prompt, time to first token of the later
-  requests against the first's (ours only: it is a property of the prefix cache).
+  requests against the first's (ours only: it is a property of the prefix cache);
+- a conversation's next turn (`turn`): time to first token of --turn-new new tokens after a --turn-history
+  token history served before, ours from the prefix cache against transformers keeping the history's KV
+  cache (a DynamicCache, filled outside the clock), alternated in --turn-rounds rounds, medians.
 """
 from __future__ import annotations
 
@@ -29,7 +32,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -141,6 +144,14 @@ def ours_shared_prefix(model: torch.nn.Module, system: list[int], questions: lis
     return {"first_ttft_s": ttft[0], "later_ttft_median_s": later, "later_over_first": later / ttft[0]}
 
 
+def ours_turn(engine: LLMEngine, history: list[int], new: list[int]) -> float:
+    """Seconds to the first token of a conversation's next turn: the history was served before (so the prefix
+    cache holds it) and the turn adds `new` tokens. The history is served outside the clock."""
+    engine.generate_all([history], [SamplingParams(temperature=0, max_tokens=1)])
+    _, seconds = timed(lambda: engine.generate_all([history + new], [SamplingParams(temperature=0, max_tokens=1)]))
+    return seconds
+
+
 # --- transformers ---------------------------------------------------------------------------------
 
 def hf_generate(hf: Any, batch: list[list[int]], new_tokens: int) -> Any:
@@ -161,6 +172,20 @@ def hf_decode(hf: Any, prompt: list[int], new_tokens: int) -> float:
 def hf_prefill(hf: Any, prompt: list[int]) -> float:
     _, seconds = timed(lambda: hf_generate(hf, [prompt], 1))
     return len(prompt) / seconds
+
+
+def hf_turn(hf: Any, history: list[int], new: list[int]) -> float:
+    """The same next turn for transformers keeping the conversation's KV cache (a DynamicCache filled by the
+    history outside the clock): one forward of the new tokens over it and the argmax of the last logits."""
+    with torch.inference_mode():
+        cache = hf(input_ids=torch.tensor([history]), use_cache=True).past_key_values
+
+        def turn() -> int:
+            logits = hf(input_ids=torch.tensor([new]), past_key_values=cache, use_cache=True).logits
+            return int(logits[0, -1].argmax())
+
+        _, seconds = timed(turn)
+    return seconds
 
 
 def hf_throughput(hf: Any, prompts: list[list[int]], outputs: list[int], batch_size: int = 16) -> float:
@@ -196,7 +221,7 @@ def main() -> None:
     parser.add_argument("model_dir", type=Path)
     parser.add_argument("--name", required=True)
     parser.add_argument("--only", default="decode,prefill,throughput,prefix",
-                        help="comma-separated: decode, prefill, throughput, short, batched, prefix")
+                        help="comma-separated: decode, prefill, throughput, short, batched, prefix, turn")
     parser.add_argument("--batched-sizes", default="16,32,64,128")
     parser.add_argument("--batched-steps", type=int, default=8, help="decode steps timed per batch size")
     parser.add_argument("--requests", type=int, default=64)
@@ -207,6 +232,9 @@ def main() -> None:
     parser.add_argument("--prefill-tokens", type=int, default=256, help="prompt length of the prefill case")
     parser.add_argument("--prefill-rounds", type=int, default=3,
                         help="prefill timed in this many rounds, ours and transformers alternated, medians")
+    parser.add_argument("--turn-history", type=int, default=2000, help="tokens of history before the next turn")
+    parser.add_argument("--turn-new", default="30,64", help="new tokens of the next turn (comma-separated cases)")
+    parser.add_argument("--turn-rounds", type=int, default=3)
     parser.add_argument("--no-transformers", action="store_true")
     parser.add_argument("--kv-cache-gib", type=float, default=3.0)
     args = parser.parse_args()
@@ -260,6 +288,28 @@ def main() -> None:
                                       ratio=results["prefill"]["ours_tok_s"] / theirs,
                                       round_ratios=[o / t for o, t in zip(runs["ours"], runs["transformers"])])
         print("prefill", results["prefill"], flush=True)
+    if "turn" in only:  # a conversation's next turn: TTFT with the history in the prefix cache / kept KV cache
+        engine = make_engine(model)
+        results["turn"] = []
+        for new_tokens in [int(n) for n in args.turn_new.split(",")]:
+            def case(side: Callable[[list[int], list[int]], float]) -> float:
+                history = random_prompt(rng, args.turn_history, vocab)  # a new conversation each round
+                return side(history, random_prompt(rng, new_tokens, vocab))
+
+            sides: dict[str, Callable[[list[int], list[int]], float]] = {"ours": lambda h, n: ours_turn(engine, h, n)}
+            if hf is not None:
+                sides["transformers"] = lambda h, n: hf_turn(hf, h, n)
+            for side in sides.values():
+                case(side)  # warm up
+            runs = alternate(sides, args.turn_rounds, case)
+            row: dict[str, Any] = {"history_tokens": args.turn_history, "new_tokens": new_tokens,
+                                   "ours_ttft_s": statistics.median(runs["ours"]), "ours_runs_s": runs["ours"]}
+            if hf is not None:
+                theirs = statistics.median(runs["transformers"])
+                row.update(transformers_ttft_s=theirs, transformers_runs_s=runs["transformers"],
+                           ours_over_transformers=row["ours_ttft_s"] / theirs)
+            results["turn"].append(row)
+            print("turn", row, flush=True)
     if "throughput" in only:
         n = args.requests
         prompts = [random_prompt(rng, rng.randint(32, 512), vocab) for _ in range(n)]
