@@ -391,7 +391,28 @@ struct ManyScratch {
       : acc(rows * (g.head_dim / W)), scores(g.padded_block / W), m(rows), l(rows),
         kt(g.head_dim * g.padded_block), vals(g.block_size * g.head_dim),
         key_pairs(g.head_dim / 2 * g.padded_block), value_pairs(g.padded_block / 2 * g.head_dim) {}
+  void reset(int64_t rows, int64_t C) {
+    std::fill(m.begin(), m.begin() + rows, -std::numeric_limits<float>::infinity());
+    std::fill(l.begin(), l.begin() + rows, 0.f);
+    std::fill(acc.begin(), acc.begin() + rows * C, vf{});
+  }
 };
+
+// The finished rows of an attend_many item, normalised: query heads [h_begin, h_end) of n_q tokens, row
+// (j, h) at j * (h_end - h_begin) + h - h_begin of the scratch, into out [n_q, q_heads, C * W] float32.
+inline void write_rows(const ManyScratch& s, int64_t n_q, int64_t h_begin, int64_t h_end, int64_t q_heads, int64_t C,
+                       float* out) {
+  for (int64_t j = 0; j < n_q; ++j) {
+    for (int64_t h = h_begin; h < h_end; ++h) {
+      const int64_t r = j * (h_end - h_begin) + h - h_begin;
+      const float inv = s.l[r] > 0.f ? 1.f / s.l[r] : 0.f;
+      for (int64_t c = 0; c < C; ++c) {
+        const vf o = s.acc[r * C + c] * inv;
+        std::memcpy(out + (j * q_heads + h) * C * W + c * W, &o, sizeof o);
+      }
+    }
+  }
+}
 
 // Attention of query heads [kv_begin * group, kv_end * group) of the n_q > 1 new tokens of one sequence
 // over its `len` cached tokens; token j sees keys [0, len - n_q + 1 + j) (causal). q is [n_q, q_heads,
@@ -407,9 +428,7 @@ void attend_many(const float* q, int64_t n_q, const T* k, const T* v, const int6
   const int64_t first_limit = len - n_q + 1;
   const int64_t rows = n_q * (kv_end - kv_begin) * G;
   auto row_of = [&](int64_t j, int64_t h) { return j * (kv_end - kv_begin) * G + (h - kv_begin * G); };
-  std::fill(s.m.begin(), s.m.begin() + rows, -std::numeric_limits<float>::infinity());
-  std::fill(s.l.begin(), s.l.begin() + rows, 0.f);
-  std::fill(s.acc.begin(), s.acc.begin() + rows * C, vf{});
+  s.reset(rows, C);
   float* kt = s.kt.data();     // [D][P]
   float* vals = s.vals.data();  // [BS][D]
   vf* sc = s.scores.data();     // [PV]
@@ -468,16 +487,7 @@ void attend_many(const float* q, int64_t n_q, const T* k, const T* v, const int6
       }
     }
   }
-  for (int64_t j = 0; j < n_q; ++j) {
-    for (int64_t h = kv_begin * G; h < kv_end * G; ++h) {
-      const int64_t r = row_of(j, h);
-      const float inv = s.l[r] > 0.f ? 1.f / s.l[r] : 0.f;
-      for (int64_t c = 0; c < C; ++c) {
-        const vf o = s.acc[r * C + c] * inv;
-        std::memcpy(out + (j * q_heads + h) * D + c * W, &o, sizeof o);
-      }
-    }
-  }
+  write_rows(s, n_q, kv_begin * G, kv_end * G, q_heads, C, out);
 }
 
 #if defined(__AVX512BF16__)
@@ -500,9 +510,7 @@ void attend_many_pairs(const Bf16* q, float scale, int64_t n_q, const Bf16* k, c
   const int64_t first_limit = len - n_q + 1;
   const int64_t rows = n_q * (kv_end - kv_begin) * G;
   auto row_of = [&](int64_t j, int64_t h) { return j * (kv_end - kv_begin) * G + (h - kv_begin * G); };
-  std::fill(s.m.begin(), s.m.begin() + rows, -std::numeric_limits<float>::infinity());
-  std::fill(s.l.begin(), s.l.begin() + rows, 0.f);
-  std::fill(s.acc.begin(), s.acc.begin() + rows * C, vf{});
+  s.reset(rows, C);
   uint32_t* kp = s.key_pairs.data();    // [D / 2][P]
   uint32_t* vp = s.value_pairs.data();  // [P / 2][D]
   vi lane;
@@ -580,16 +588,7 @@ void attend_many_pairs(const Bf16* q, float scale, int64_t n_q, const Bf16* k, c
       }
     }
   }
-  for (int64_t j = 0; j < n_q; ++j) {
-    for (int64_t h = kv_begin * G; h < kv_end * G; ++h) {
-      const int64_t r = row_of(j, h);
-      const float inv = s.l[r] > 0.f ? 1.f / s.l[r] : 0.f;
-      for (int64_t c = 0; c < C; ++c) {
-        const vf o = s.acc[r * C + c] * inv;
-        std::memcpy(out + (j * q_heads + h) * D + c * W, &o, sizeof o);
-      }
-    }
-  }
+  write_rows(s, n_q, kv_begin * G, kv_end * G, q_heads, C, out);
 }
 #endif
 
