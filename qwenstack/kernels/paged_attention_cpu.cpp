@@ -287,6 +287,7 @@ void attend_chunk(const vf* q, const Bf16* qb, float score_scale, const T* k, co
   const int64_t rows = kv_heads * G;
   constexpr bool dot_pairs = kDotPairs && std::is_same_v<T, Bf16> && CT != 0 && CT % 2 == 0;
   const bool pairs_path = dot_pairs && qb != nullptr;
+  const float sums_scale = pairs_path ? score_scale : 1.f;  // q is already scaled on the float32 path
   std::fill(s.m.begin(), s.m.begin() + rows, -std::numeric_limits<float>::infinity());
   std::fill(s.l.begin(), s.l.begin() + rows, 0.f);
   std::fill(s.acc.begin(), s.acc.begin() + rows * C, vf{});
@@ -333,7 +334,7 @@ void attend_chunk(const vf* q, const Bf16* qb, float score_scale, const T* k, co
         float* pr = probs + r * P;
         vf vmax = neg_inf;
         for (int64_t j = 0; j < padded; j += W) {
-          vf sc = sums_of_lanes(partial + row * P + j) * score_scale;
+          vf sc = sums_of_lanes(partial + row * P + j) * sums_scale;
           if (n - j < W) sc = lane < int32_t(n - j) ? sc : neg_inf;  // lanes past the block's last token
           std::memcpy(pr + j, &sc, sizeof sc);
           vmax = vmax > sc ? vmax : sc;
