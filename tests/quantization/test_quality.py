@@ -17,6 +17,7 @@ from qwenstack.models.base import prompt_logits
 from qwenstack.models.registry import load_model
 from qwenstack.evaluation.quality import (evaluate_quality, greedy_agreement, prompts_from_stream, step_agreement,
                                teacher_forced_scores)
+from qwenstack.quantization import quantize_model
 from qwenstack.tokenizer import Tokenizer
 
 DEMO = Path(qwenstack.__file__).parent / "assets" / "demo-model"
@@ -121,9 +122,24 @@ def test_demo_model_int8_next_token_distribution_barely_moves(demo_int8_report) 
 
 @pytest.mark.slow  # the same measurement
 def test_demo_model_int8_agrees_on_95_percent_of_greedy_tokens(demo_int8_report) -> None:  # type: ignore[no-untyped-def]
-    # Issue 10's bound, on the 16 prompts x 64 greedy tokens, step by step: measured 99.7% (the same weights in
-    # float32: 99.5%). Free-running, one flipped near-tie changes all later tokens: int8 91.0%, but float32
-    # only 83.9% (benchmarks/bench_agreement.py), so there we only check int8 stays above that noise floor.
+    # Issue 10's bound, on the 16 prompts x 64 greedy tokens, step by step: measured 99.4-99.7% (the same
+    # weights in float32: 99.5-99.6%).
     int8 = demo_int8_report.levels[1]
     assert int8.step_agreement >= 0.95, demo_int8_report.table()
-    assert int8.token_agreement >= 0.84, demo_int8_report.table()
+
+
+@pytest.mark.slow
+def test_demo_model_int8_free_running_agreement_is_within_float32s_noise() -> None:
+    # Free-running, one flipped near-tie changes every later token, so the figure is mostly noise: the same
+    # weights in float32 agree with bfloat16 on 83.9% to 89.8% of 16 prompts' tokens depending on the
+    # summation order of the day (benchmarks/bench_agreement.py), and int8 read 91.0% once and 83.5% later.
+    # So the floor is measured in the same run, over 64 prompts (84.9% int8 against 86.1% float32 when the
+    # fixed 0.84 of 16 prompts failed at 83.5%), and int8 may not fall clearly below it.
+    ids = Tokenizer.from_dir(DEMO).encode((DEMO / "heldout.txt").read_text(encoding="utf-8"))
+    prompts = prompts_from_stream(ids, 64, 32)
+    baseline = greedy_generate(load_model(DEMO, dtype=torch.bfloat16), prompts, 64)
+    int8_model = load_model(DEMO, dtype=torch.bfloat16)
+    quantize_model(int8_model, "int8")
+    float32, _, _ = greedy_agreement(baseline, greedy_generate(load_model(DEMO, dtype=torch.float32), prompts, 64))
+    int8, _, _ = greedy_agreement(baseline, greedy_generate(int8_model, prompts, 64))
+    assert int8 >= float32 - 0.05, (int8, float32)
