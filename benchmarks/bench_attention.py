@@ -81,8 +81,9 @@ def compare_with_base(args: argparse.Namespace, dtype: torch.dtype) -> None:
                   f"{medians['this'] / medians['base']:.2f}x  (this: {' '.join(f'{v:.1f}' for v in runs['this'])})")
     if args.save:
         name = f"attention-decode-ab-{args.q_heads}q{args.kv_heads}kv-{args.layers}l"
-        print("wrote", save(name, {"base": args.base, "dtype": args.dtype, "threads": args.threads, "layers": args.layers,
-                                   "q_heads": args.q_heads, "kv_heads": args.kv_heads, "rows": rows}))
+        record = {"base": args.base, "dtype": args.dtype, "threads": args.threads, "layers": args.layers,
+                  "q_heads": args.q_heads, "kv_heads": args.kv_heads, "rows": rows}
+        print("wrote", save(name, record))
 
 
 def best_time(fn: Callable[[], Any], repeats: int, clock: Callable[[], float] = time.perf_counter) -> float:
