@@ -9,7 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernel_utils import count_segment_attention, require_native_kernels
+from kernel_utils import (bf16_kernel_level, count_segment_attention, require_native_kernels,
+                          requires_bf16_kernels)
 from qwenstack import kernels
 from qwenstack.models import fast_paths
 from qwenstack.models.attention import causal_sdpa, window_attention, window_starts
@@ -18,10 +19,6 @@ from qwenstack.models.attention import causal_sdpa, window_attention, window_sta
 @pytest.fixture(scope="module", autouse=True)
 def kernel_built() -> None:
     require_native_kernels()
-
-
-def _bf16_level() -> bool:
-    return kernels.isa_level() in ("avx512_bf16", "avx512_amx")
 
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_starts: list[int], kv_starts: list[int],
@@ -50,11 +47,10 @@ CASES = [  # (starts, q_heads, kv_heads, head_dim, causal)
 ]
 
 
+@requires_bf16_kernels
 @pytest.mark.parametrize("starts,q_heads,kv_heads,head_dim,causal", CASES)
 def test_matches_sdpa_within_bfloat16_rounding(starts: list[int], q_heads: int, kv_heads: int, head_dim: int,
                                                causal: bool) -> None:
-    if not _bf16_level():
-        pytest.skip(f"the kernel needs AVX512-BF16; this CPU builds at {kernels.isa_level()}")
     g = torch.Generator().manual_seed(len(starts) + head_dim)
     n = starts[-1]
     # One projection's output, as a layer produces it: q, k and v are strided views.
@@ -68,12 +64,11 @@ def test_matches_sdpa_within_bfloat16_rounding(starts: list[int], q_heads: int, 
     assert error <= 1.5 * sdpa_error + 1e-3, (error, sdpa_error)
 
 
+@requires_bf16_kernels
 @pytest.mark.parametrize("causal", [True, False])
 def test_queries_over_longer_keys(causal: bool) -> None:
     """New tokens after a cached context: each segment's queries are its last positions (causal), or see all
     its keys; segments of 1 to 300 queries over 1 to 600 keys."""
-    if not _bf16_level():
-        pytest.skip(f"the kernel needs AVX512-BF16; this CPU builds at {kernels.isa_level()}")
     g = torch.Generator().manual_seed(7)
     q_starts, kv_starts = [0, 1, 40, 340, 345], [0, 9, 48, 648, 653]
     q = (torch.randn(q_starts[-1], 4, 128, generator=g) * 2).to(torch.bfloat16)
@@ -92,7 +87,7 @@ def test_refuses_what_it_does_not_handle() -> None:
     with torch.enable_grad():
         leaf = q.clone().requires_grad_()
         assert kernels.segment_attention(leaf, q, q, [0, 20], None, False, 0.125) is None
-    if not _bf16_level():
+    if not bf16_kernel_level():
         assert kernels.segment_attention(q, q, q, [0, 20], None, False, 0.125) is None
         return
     for bad in ([0, 19], [0, 10, 10, 20], [1, 20]):  # not covering the tokens, an empty segment

@@ -9,7 +9,7 @@ from typing import Any, Callable
 import pytest
 import torch
 
-from kernel_utils import require_native_kernels
+from kernel_utils import require_native_kernels, requires_bf16_kernels
 from qwenstack import kernels
 from qwenstack.engine.reference import greedy_generate
 from qwenstack.models.attention import AttentionBatch, paged_attention
@@ -83,6 +83,7 @@ def test_preparation_leaves_other_devices_and_float32_norms_alone(tiny_qwen3: Pa
     assert torch.equal(norm(x), RMSNorm.forward(norm, x))  # float32 stays on torch's sums
 
 
+@requires_bf16_kernels  # the causal segment kernel's route
 @torch.inference_mode()
 def test_attention_routes_each_sequence_to_its_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
     """One mixed batch through the native ops: a fresh prompt of 70 tokens (over the few-token kernel's 64) and
@@ -90,8 +91,6 @@ def test_attention_routes_each_sequence_to_its_kernel(monkeypatch: pytest.Monkey
     keys), a 5-token chunk after 11 cached tokens the prefix kernel; a batch of fresh prompts alone goes to the
     segment kernel in one call. Each output matches the reference path's."""
     require_native_kernels()
-    if kernels.isa_level() not in ("avx512_bf16", "avx512_amx"):
-        pytest.skip("the segment kernel needs AVX512-BF16")
     g = torch.Generator().manual_seed(0)
     heads, kv_heads, head_dim, block = 4, 2, 64, 16
     query_lens, lens, cached = [70, 5, 70], [70, 16, 80], [0, 11, 10]

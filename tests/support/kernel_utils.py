@@ -9,6 +9,16 @@ import pytest
 from qwenstack import kernels
 
 
+def bf16_kernel_level() -> bool:
+    """Whether this CPU's kernel build has the AVX512-BF16 loops (segment_attention answers None elsewhere,
+    and the callers keep SDPA: tests of that refusal run everywhere)."""
+    return kernels.isa_level() in ("avx512_bf16", "avx512_amx")
+
+
+# For tests of what the AVX512-BF16 kernels compute: there is nothing to run on a CPU without them.
+requires_bf16_kernels = pytest.mark.skipif(not bf16_kernel_level(), reason="the kernel needs AVX512-BF16")
+
+
 def count_segment_attention(monkeypatch: pytest.MonkeyPatch) -> list[list[int]]:
     """The q_starts of every call into kernels.segment_attention from now on (the calls still run)."""
     calls: list[list[int]] = []
