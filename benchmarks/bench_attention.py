@@ -107,7 +107,7 @@ def main() -> None:
                         help="cpu: process CPU time, meaningful with --threads 1 on a shared machine")
     parser.add_argument("--q-heads", type=int, default=16)
     parser.add_argument("--kv-heads", type=int, default=8)
-    parser.add_argument("--layers", type=int, default=1, help="layers' caches read in turn (see above)")
+    parser.add_argument("--layers", type=int, default=1, help="with --base: layers' caches read in turn (see above)")
     parser.add_argument("--base", help="git revision whose kernel to compare with, alternated in one process")
     parser.add_argument("--rounds", type=int, default=7, help="rounds of the --base comparison")
     parser.add_argument("--save", action="store_true", help="write benchmarks/out/attention-decode*.json")
