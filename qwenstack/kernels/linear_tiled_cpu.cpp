@@ -50,9 +50,14 @@ constexpr int64_t TILE_N = 16, TILE_K = 32, BLOCK = TILE_N * TILE_K;  // a block
 constexpr int64_t PAIRS = TILE_K / 2;                                  // k pairs per block
 constexpr int64_t VEC_ROWS = 2;  // activation rows per pass of the vector loops over their columns of blocks
 // Without AMX, batches go through the vector loop too, with more rows a pass for each weight vector loaded:
-// 4 rows x 2 streams from 4 rows, 8 rows x 1 stream from 8. Against 2 rows a pass (in-process A/B, four
-// 0.6B matrices, 2 AVX512-BF16 cores): 1.25x at 4 rows, 1.33x at 8, 1.25x at 16.
-constexpr int64_t VEC_MID_ROWS = 4, VEC_BATCH_ROWS = 8;
+// 4 rows x 2 streams from 4 rows, 6 rows x 2 streams from 6. Against 2 rows a pass (in-process A/B, four
+// 0.6B matrices, 2 AVX512-BF16 cores): 1.25x at 4 rows, 1.33x at 8, 1.25x at 16 (then with 8 rows x 1 stream).
+constexpr int64_t VEC_MID_ROWS = 4, VEC_BATCH_ROWS = 6;
+// The batch tier keeps 24 sums in registers (6 rows x 2 streams x 2 chains), not VEC_ACCUMULATORS: each weight
+// vector loaded serves 6 rows and each pair of x broadcast serves 2 columns, where 8 rows x 1 stream loaded a
+// broadcast for every product. In-process A/B over six Qwen3 matrices (K 1,024 to 6,144), 2 AVX512-BF16 cores:
+// 1.05-1.14x at 16-64 rows, 1.03-1.11x at 256-2,048, with the chunks below.
+constexpr int64_t VEC_BATCH_ACCUMULATORS = 24;
 // The vector loops read several weight streams side by side: each thread's share of the block columns cut
 // into contiguous runs, one column of each run at a time. One forward stream per core read Qwen3-0.6B's
 // 1.19 GB of packed linears at 16-18 GB/s on two Sapphire Rapids cores, eight streams at ~22: a core keeps
@@ -62,6 +67,11 @@ constexpr int64_t VEC_ACCUMULATORS = 16;
 constexpr int64_t PREFETCH_BLOCKS = 2;  // how far ahead the vector loop prefetches its weight stream
 // The vector loops hand out each product's block columns in about this many pieces per thread.
 constexpr int64_t PIECES_PER_THREAD = 8;
+// Batches (prefill chunks, many sequences) go over their rows in chunks whose activations stay in L2 while the
+// columns of a piece pass over them, and a piece's columns are few enough to stay in L2 while the chunks pass:
+// with every row at once, each 16 outputs re-read the whole activation matrix from L3 (2 MiB at 1,024 rows
+// of 1,024 columns), and products of many rows and long rows ran 10-25% under oneDNN's.
+constexpr int64_t CHUNK_BYTES = 192 * 1024, PIECE_BYTES = 384 * 1024;
 // AMX from this many rows on; rows in chunks of at most AMX_CHUNK_ROWS and AMX_CHUNK_BYTES of activations.
 constexpr int64_t AMX_MIN_ROWS = 3;
 constexpr int64_t AMX_CHUNK_ROWS = 128, AMX_CHUNK_BYTES = 512 * 1024;
@@ -187,37 +197,52 @@ void parallel_pieces(int64_t count, const Piece& piece) {
   torch::stable::parallel_for(0, std::min(threads, count), 1, work);  // one task runs inline
 }
 
+// How a product's rows and block columns are cut: rows [0, M) in chunks of `chunk` rows, pieces of at most
+// `max_run` columns a stream.
+struct Blocking {
+  int64_t M, chunk, max_run;
+};
+
+// The blocking for M rows of row_bytes each against block columns of column_bytes each; chunks of whole
+// passes of pass_rows rows.
+inline Blocking blocking_for(int64_t M, int64_t row_bytes, int64_t column_bytes, int64_t pass_rows) {
+  const int64_t chunk = std::max<int64_t>(pass_rows, CHUNK_BYTES / row_bytes / pass_rows * pass_rows);
+  return {M, chunk, std::max<int64_t>(1, PIECE_BYTES / column_bytes)};
+}
+
 // Block columns [begin, begin + S * run) as S runs of `run` columns, read side by side, one column of each
-// run at a time.
+// run at a time, for each chunk of rows in turn: columns(std::integral_constant<int64_t, S>{}, nb, m_begin,
+// m_end) takes the S columns nb[0..S) for rows [m_begin, m_end).
 template <int64_t S, typename Columns>
-inline void column_streams(int64_t begin, int64_t run, const Columns& columns) {
-  for (int64_t i = 0; i < run; ++i) {
-    int64_t nb[S];
-    for (int64_t s = 0; s < S; ++s) nb[s] = begin + s * run + i;
-    columns(std::integral_constant<int64_t, S>{}, nb);
+inline void column_streams(int64_t begin, int64_t run, const Blocking& blocking, const Columns& columns) {
+  for (int64_t m = 0; m < blocking.M; m += blocking.chunk) {
+    const int64_t m_end = std::min(blocking.M, m + blocking.chunk);
+    for (int64_t i = 0; i < run; ++i) {
+      int64_t nb[S];
+      for (int64_t s = 0; s < S; ++s) nb[s] = begin + s * run + i;
+      columns(std::integral_constant<int64_t, S>{}, nb, m, m_end);
+    }
   }
 }
 
 template <int64_t S, typename Columns>
-void parallel_column_streams(int64_t cols, const Columns& columns) {
+void parallel_column_streams(int64_t cols, const Blocking& blocking, const Columns& columns) {
   const int64_t threads = std::max<int64_t>(1, torch::stable::get_num_threads());
-  const int64_t run = std::max<int64_t>(1, cols / (S * threads * PIECES_PER_THREAD));
+  const int64_t run = std::clamp<int64_t>(cols / (S * threads * PIECES_PER_THREAD), 1, blocking.max_run);
   const int64_t pieces = cols / (S * run), tail_begin = pieces * S * run, count = pieces + (cols - tail_begin);
   parallel_pieces(count, [&](int64_t piece) {
     if (piece >= pieces) {
-      const int64_t nb = tail_begin + (piece - pieces);
-      columns(std::integral_constant<int64_t, 1>{}, &nb);
+      column_streams<1>(tail_begin + (piece - pieces), 1, blocking, columns);
     } else {
-      column_streams<S>(piece * S * run, run, columns);
+      column_streams<S>(piece * S * run, run, blocking, columns);
     }
   });
 }
 
-// Rows [0, M) in passes of MT rows, the rest in passes of 4, 2 and 1 (those under MT):
+// Rows [m, M) in passes of MT rows, the rest in passes of 4, 2 and 1 (those under MT):
 // pass(std::integral_constant<int64_t, rows>{}, m0) takes rows [m0, m0 + rows).
 template <int64_t MT, typename Pass>
-inline void row_passes(int64_t M, const Pass& pass) {
-  int64_t m = 0;
+inline void row_passes(int64_t m, int64_t M, const Pass& pass) {
   for (; m + MT <= M; m += MT) pass(std::integral_constant<int64_t, MT>{}, m);
   if constexpr (MT > 4) {
     if (m + 4 <= M) pass(std::integral_constant<int64_t, 4>{}, m), m += 4;
@@ -231,8 +256,9 @@ inline void row_passes(int64_t M, const Pass& pass) {
 }
 
 // The vector loops' tier for M rows: the most rows a pass that M allows (1, VEC_ROWS, VEC_MID_ROWS, then
-// VEC_BATCH_ROWS where MAX_ROWS reaches it) and as many weight streams as keep VEC_ACCUMULATORS sums in
-// registers at SUMS per row and column: tier(streams, rows) with both as integral constants.
+// VEC_BATCH_ROWS where MAX_ROWS reaches it) and as many weight streams as keep VEC_ACCUMULATORS sums
+// (VEC_BATCH_ACCUMULATORS in the batch tier) in registers at SUMS per row and column: tier(streams, rows)
+// with both as integral constants.
 template <int64_t SUMS, int64_t MAX_ROWS, typename Tier>
 void with_row_tier(int64_t M, const Tier& tier) {
   using std::integral_constant;
@@ -245,7 +271,7 @@ void with_row_tier(int64_t M, const Tier& tier) {
     tier(integral_constant<int64_t, VEC_ACCUMULATORS / (SUMS * VEC_MID_ROWS)>{},
          integral_constant<int64_t, VEC_MID_ROWS>{});
   } else if constexpr (MAX_ROWS >= VEC_BATCH_ROWS) {  // (compiled only where the registers allow it)
-    tier(integral_constant<int64_t, VEC_ACCUMULATORS / (SUMS * VEC_BATCH_ROWS)>{},
+    tier(integral_constant<int64_t, VEC_BATCH_ACCUMULATORS / (SUMS * VEC_BATCH_ROWS)>{},
          integral_constant<int64_t, VEC_BATCH_ROWS>{});
   }
 }
@@ -253,19 +279,20 @@ void with_row_tier(int64_t M, const Tier& tier) {
 // The vector loops' block columns [0, cols) over the threads at M rows' tier. columns_of(rows) is the
 // columns callback of parallel_column_streams for that many rows a pass.
 template <int64_t SUMS, int64_t MAX_ROWS, typename ColumnsOf>
-void parallel_row_passes(int64_t M, int64_t cols, const ColumnsOf& columns_of) {
-  with_row_tier<SUMS, MAX_ROWS>(M, [&](auto streams, auto rows) {
-    parallel_column_streams<decltype(streams)::value>(cols, columns_of(rows));
+void parallel_row_passes(const Blocking& blocking, int64_t cols, const ColumnsOf& columns_of) {
+  with_row_tier<SUMS, MAX_ROWS>(blocking.M, [&](auto streams, auto rows) {
+    parallel_column_streams<decltype(streams)::value>(cols, blocking, columns_of(rows));
   });
 }
 
-// Block columns nb[0..S) for every row, MT rows a pass (row_passes).
+// Block columns nb[0..S) for rows [m_begin, m_end), MT rows a pass (row_passes).
 template <int64_t S, int64_t MT, typename O>
-inline void vec_columns(const Rows& a, const uint16_t* packed, const int64_t* nb, O* out, int64_t N) {
+inline void vec_columns(const Rows& a, const uint16_t* packed, const int64_t* nb, O* out, int64_t N,
+                        int64_t m_begin, int64_t m_end) {
   const int64_t col_size = a.K / TILE_K * BLOCK;
   const uint16_t* packed_cols[S];
   for (int64_t s = 0; s < S; ++s) packed_cols[s] = packed + nb[s] * col_size;
-  row_passes<MT>(a.M, [&](auto rows, int64_t m) {
+  row_passes<MT>(m_begin, m_end, [&](auto rows, int64_t m) {
     vec_block<S, decltype(rows)::value>(a, m, packed_cols, nb, out, N);
   });
 }
@@ -273,9 +300,10 @@ inline void vec_columns(const Rows& a, const uint16_t* packed, const int64_t* nb
 template <typename O>
 void run_vec(const Rows& a, const uint16_t* packed, O* out, int64_t N) {
   // Two float32 sums per row and column (the two k-pair chains).
-  parallel_row_passes<2, VEC_BATCH_ROWS>(a.M, N / TILE_N, [&](auto rows) {
-    return [&, rows](auto streams, const int64_t* nb) {
-      vec_columns<decltype(streams)::value, decltype(rows)::value>(a, packed, nb, out, N);
+  const Blocking blocking = blocking_for(a.M, a.K * 2, a.K * TILE_N * 2, VEC_BATCH_ROWS);
+  parallel_row_passes<2, VEC_BATCH_ROWS>(blocking, N / TILE_N, [&](auto rows) {
+    return [&, rows](auto streams, const int64_t* nb, int64_t m_begin, int64_t m_end) {
+      vec_columns<decltype(streams)::value, decltype(rows)::value>(a, packed, nb, out, N, m_begin, m_end);
     };
   });
 }
@@ -589,14 +617,14 @@ inline void i8_vec_block(const ByteRows& a, int64_t m0, const uint8_t* const* pa
 }
 #endif
 
-// Block columns nb[0..S) for every row, MT rows a pass (row_passes).
+// Block columns nb[0..S) for rows [m_begin, m_end), MT rows a pass (row_passes).
 template <int64_t S, int64_t MT, typename O>
 inline void i8_vec_columns(const ByteRows& a, const uint8_t* packed, const int64_t* nb, const float* scales, O* out,
-                           int64_t N) {
+                           int64_t N, int64_t m_begin, int64_t m_end) {
   const int64_t col_size = a.K / I8_TILE_K * I8_BLOCK_BYTES;
   const uint8_t* packed_cols[S];
   for (int64_t s = 0; s < S; ++s) packed_cols[s] = packed + nb[s] * col_size;
-  row_passes<MT>(a.M, [&](auto rows, int64_t m) {
+  row_passes<MT>(m_begin, m_end, [&](auto rows, int64_t m) {
     i8_vec_block<S, decltype(rows)::value>(a, m, packed_cols, nb, scales, out, N);
   });
 }
@@ -604,9 +632,11 @@ inline void i8_vec_columns(const ByteRows& a, const uint8_t* packed, const int64
 template <typename O>
 void i8_run_vec(const ByteRows& a, const uint8_t* packed, const float* scales, O* out, int64_t N) {
   // Four int32 sums per row and column (hi and lo, two group chains each), so batches stop at VEC_MID_ROWS.
-  parallel_row_passes<4, VEC_MID_ROWS>(a.M, N / TILE_N, [&](auto rows) {
-    return [&, rows](auto streams, const int64_t* nb) {
-      i8_vec_columns<decltype(streams)::value, decltype(rows)::value>(a, packed, nb, scales, out, N);
+  // (Two activation bytes a column: hi and lo.)
+  const Blocking blocking = blocking_for(a.M, a.K * 2, a.K * TILE_N, VEC_MID_ROWS);
+  parallel_row_passes<4, VEC_MID_ROWS>(blocking, N / TILE_N, [&](auto rows) {
+    return [&, rows](auto streams, const int64_t* nb, int64_t m_begin, int64_t m_end) {
+      i8_vec_columns<decltype(streams)::value, decltype(rows)::value>(a, packed, nb, scales, out, N, m_begin, m_end);
     };
   });
 }
@@ -754,11 +784,15 @@ void moe_phase(const std::vector<Rows>& rows, const std::vector<int64_t>& expert
     const Rows& a = rows[i];
     const uint16_t* w = packed + experts[i] * expert_size;
     Bf16* o = out + first_row[i] * N;
+    const Blocking blocking = blocking_for(a.M, a.K * 2, a.K * TILE_N * 2, VEC_BATCH_ROWS);
     with_row_tier<2, VEC_BATCH_ROWS>(a.M, [&](auto streams, auto tier_rows) {
       constexpr int64_t S = decltype(streams)::value, MT = decltype(tier_rows)::value;
       const int64_t run = (end - begin) / S;
-      column_streams<S>(begin, run, [&](auto, const int64_t* nb) { vec_columns<S, MT>(a, w, nb, o, N); });
-      for (int64_t nb = begin + S * run; nb < end; ++nb) vec_columns<1, MT>(a, w, &nb, o, N);
+      const auto columns = [&](auto width, const int64_t* nb, int64_t m_begin, int64_t m_end) {
+        vec_columns<decltype(width)::value, MT>(a, w, nb, o, N, m_begin, m_end);
+      };
+      column_streams<S>(begin, run, blocking, columns);
+      for (int64_t nb = begin + S * run; nb < end; ++nb) column_streams<1>(nb, 1, blocking, columns);
     });
   });
 }

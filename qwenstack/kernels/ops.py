@@ -318,11 +318,12 @@ def gated_delta_decode(
     return op(q, k, v, g, beta, state, slots.long().contiguous(), no_fresh)
 
 
-# Rows up to which the tiled kernel's vector loops (builds without AMX) beat F.linear on the matrix unpacked
-# for the call: since their two sum chains stay in registers, 0.4-0.8x of its time at 16-128 rows and even
-# at 256 (2 AVX512-BF16 cores, Qwen3 expert and MLP matrices). models/cpu_linear.py's TiledLinear and
-# moe_tiled below share it.
-VECTOR_LOOP_MAX_ROWS = 256
+# Rows up to which the tiled kernel's vector loops (builds without AMX) take a product in one call. Since
+# their batch passes take rows in chunks that stay in L2 (linear_tiled_cpu.cpp), they run as fast as
+# oneDNN's packed GEMM at 256 to 2,048 rows (~420 GFLOPS on 2 AVX512-BF16 cores, six Qwen3 matrices), where
+# F.linear on the matrix unpacked for the call lost 5-20% to the unpacking. So prefill chunks (2,048 tokens
+# by default) go to the kernel too. models/cpu_linear.py's TiledLinear and moe_tiled below share it.
+VECTOR_LOOP_MAX_ROWS = 4096
 # The same where the loops have no bfloat16 dot products (AVX2, plain AVX-512: bound by their conversions),
 # and, with AMX, the most rows an expert moe_tiled (vector loops only) takes: more go expert by expert
 # through linear_tiled's tile loop.
