@@ -318,12 +318,14 @@ def gated_delta_decode(
     return op(q, k, v, g, beta, state, slots.long().contiguous(), no_fresh)
 
 
-# Rows up to which the tiled kernel's vector loops (builds without AMX) take a product in one call. Since
-# their batch passes take rows in chunks that stay in L2 (linear_tiled_cpu.cpp), they run as fast as
-# oneDNN's packed GEMM at 256 to 2,048 rows (~420 GFLOPS on 2 AVX512-BF16 cores, six Qwen3 matrices), where
-# F.linear on the matrix unpacked for the call lost 5-20% to the unpacking. So prefill chunks (2,048 tokens
-# by default) go to the kernel too. models/cpu_linear.py's TiledLinear and moe_tiled below share it.
-VECTOR_LOOP_MAX_ROWS = 4096
+# Rows up to which the tiled kernel's vector loops (builds without AMX) take a product in one call (models/
+# cpu_linear.py's TiledLinear: in pieces up to twice as many, then F.linear on the matrix unpacked for the
+# call). Since their batch passes take rows in chunks that stay in L2 (linear_tiled_cpu.cpp), they run about
+# as fast as oneDNN's GEMM from 256 to 2,048 rows (~400-420 GFLOPS on 2 AVX512-BF16 cores). Qwen3-0.6B's
+# prefill in the engine, processes of each limit alternated: 512 tokens in one call 1.04x two calls of 256;
+# 1,061 tokens in one call 0.95-1.0x F.linear unpacked; 2,048 in one call 0.96x, where oneDNN's GEMM is a
+# few percent ahead and the unpacking costs a few percent of the product.
+VECTOR_LOOP_MAX_ROWS = 512
 # The same where the loops have no bfloat16 dot products (AVX2, plain AVX-512: bound by their conversions),
 # and, with AMX, the most rows an expert moe_tiled (vector loops only) takes: more go expert by expert
 # through linear_tiled's tile loop.

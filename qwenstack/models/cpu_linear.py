@@ -7,7 +7,7 @@ fastest in most of several interleaved timing rounds (measure, then pick; see FO
 experts, which see a few rows each, are voted on apart (EXPERT_ROWS):
 - native: bfloat16 matrices whose sizes are tile multiples (16 rows, 32 columns: every Qwen3 linear) are
   stored tile-packed and multiplied by qwenstack/kernels/linear_tiled_cpu.cpp up to tiled_max_rows() rows
-  (512 with AMX, 4,096 with AVX512-BF16: prefill chunks too), by F.linear on the unpacked matrix
+  (decode and batched decode: 512 with AMX or AVX512-BF16), by F.linear on the unpacked matrix
   above. Other matrices keep their plain weights (qwenstack/kernels/linear_cpu.cpp up to NATIVE_MAX_ROWS
   rows: AVX512-BF16 dot products for one or two rows, AMX tiles above, weight rows prefetched: 19 to 21
   GB/s here on the 0.6B shape, the bandwidth a streaming sum reaches; F.linear's GEMM above). Nothing is copied: a tied lm_head
@@ -85,7 +85,7 @@ TILED_MAX_ROWS = 512
 @functools.cache
 def tiled_max_rows() -> int:
     """Up to how many rows TiledLinear runs the tiled kernel in this build (AMX or vector loops only)."""
-    # Without AMX, the vector loops' limit (kernels.vector_loop_max_rows: 4,096 with AVX512-BF16, 16 below it;
+    # Without AMX, the vector loops' limit (kernels.vector_loop_max_rows: 512 with AVX512-BF16, 16 below it;
     # it was 16 for all while the loops' accumulators spilled to the stack, at half today's speed).
     return TILED_MAX_ROWS if kernels.has_amx() else kernels.vector_loop_max_rows()
 
@@ -95,8 +95,8 @@ def tiled_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | Non
     pieces of that many up to twice as many, and F.linear on the matrix unpacked for the call above.
     The pieces: a 293-token prompt (Qwen3-VL-2B's text and one 512x512 image) unpacked every matrix for
     each call, which cost more than the products (2048 x 6144 at 293 rows, 2 AVX512-BF16 threads: 26.4 ms
-    against 18.2 in two kernel calls; oneDNN's packed form 16.5). Without AMX the limit is above a default
-    prefill chunk (kernels.VECTOR_LOOP_MAX_ROWS)."""
+    against 18.2 in two kernel calls; oneDNN's packed form 16.5). From 1,024 rows the two ways take the
+    same time here."""
     max_rows = tiled_max_rows()
     if x.dim() == 2 and 0 < x.shape[0] <= max_rows:  # what the model's layers pass: no reshapes
         y = kernels.linear_tiled(x, packed)
