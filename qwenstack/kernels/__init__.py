@@ -17,7 +17,7 @@ from qwenstack.kernels.layouts import (
     unpack_tiles, unpack_tiles_int8,
 )
 from qwenstack.kernels.ops import (
-    LINEAR_WEIGHT_DTYPES, add_rms_norm, conv_decode, gated_delta_decode, has_amx, int8_tiles_preferred,
+    LINEAR_WEIGHT_DTYPES, add_rms_norm, conv_decode, gated_delta_chunked, gated_delta_decode, has_amx, int8_tiles_preferred,
     linear_rows, linear_rows_available, moe_max_rows, moe_tiled, vector_loop_max_rows,
     linear_tiled, linear_tiled_int8, paged_decode_attention, paged_decode_available, paged_prefix_attention,
     qk_norm_rope, rms_norm, segment_attention, silu_mul, stream_sum, use_paged_decode, write_kv,
@@ -30,6 +30,6 @@ __all__ = [
     "LINEAR_WEIGHT_DTYPES", "has_amx", "int8_tiles_preferred", "linear_rows", "linear_rows_available",
     "linear_tiled", "linear_tiled_int8", "paged_decode_attention", "paged_decode_available",
     "paged_prefix_attention", "qk_norm_rope", "rms_norm", "stream_sum", "use_paged_decode", "add_rms_norm",
-    "segment_attention", "silu_mul", "write_kv", "conv_decode", "gated_delta_decode", "moe_tiled",
+    "segment_attention", "silu_mul", "write_kv", "conv_decode", "gated_delta_chunked", "gated_delta_decode", "moe_tiled",
     "moe_max_rows", "vector_loop_max_rows",
 ]

@@ -318,6 +318,34 @@ def gated_delta_decode(
     return op(q, k, v, g, beta, state, slots.long().contiguous(), no_fresh)
 
 
+
+def gated_delta_chunked(
+    q: torch.Tensor,  # [T, Hk, Dk]
+    k: torch.Tensor,  # [T, Hk, Dk]
+    v: torch.Tensor,  # [T, Hv, Dv]
+    g: torch.Tensor,  # [T, Hv] float32
+    beta: torch.Tensor,  # [T, Hv]
+    starts: list[int],  # [B + 1] offsets into T
+    state: torch.Tensor,  # [B, Hv, Dk, Dv] float32 contiguous: the starting states, updated in place
+    chunk_size: int,
+) -> torch.Tensor | None:  # [T, Hv, Dv] in q's dtype
+    """The gated delta rule over whole pieces of sequences, chunk by chunk (models/linear_attention.py's
+    chunk_gated_delta_rule_varlen, in one native call: qwenstack/kernels/gated_delta_cpu.cpp), each sequence's
+    state updated in place to its final one; None (nothing touched) where it does not apply: the rules of
+    gated_delta_decode."""
+    if q.device.type != "cpu" or state.device.type != "cpu" or q.dtype not in _DTYPES or beta.dtype not in _DTYPES:
+        return None
+    if k.dtype != q.dtype or v.dtype != q.dtype or g.dtype != torch.float32 or state.dtype != torch.float32:
+        return None
+    if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1 or not state.is_contiguous():
+        return None
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad or state.requires_grad):
+        return None
+    op = native_op("gated_delta_chunked")
+    if op is None:
+        return None
+    return op(q, k, v, g, beta, torch.tensor(starts, dtype=torch.long), state, chunk_size)
+
 # Rows up to which the tiled kernel's vector loops (builds without AMX) take a product in one call (models/
 # cpu_linear.py's TiledLinear: in pieces up to twice as many, then F.linear on the matrix unpacked for the
 # call). Since their batch passes take rows in chunks that stay in L2 (linear_tiled_cpu.cpp), they run about

@@ -35,7 +35,9 @@ from qwenstack import kernels
 from qwenstack.models.attention import AttentionBatch, paged_attention, window_attention, window_starts
 from qwenstack.models.cpu_linear import TiledLinear, prepare_cpu_linears, tiled_max_rows
 from qwenstack.models.layers import AttentionOps, RMSNorm, SwiGLU, silu_and_mul
-from qwenstack.models.linear_attention import conv_decode_in_place, recurrent_decode_in_place
+from qwenstack.models.linear_attention import (
+    chunk_gated_delta_rule_varlen, conv_decode_in_place, recurrent_decode_in_place, sequence_offsets,
+)
 from qwenstack.models.qwen3 import DecoderLayer, run_decoder_layers
 from qwenstack.quantization.formats import Int8Weight
 
@@ -71,6 +73,22 @@ def native_decode_in_place(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g:
     """A Gated DeltaNet decode step in one native call where the kernel applies, the reference elsewhere."""
     native = kernels.gated_delta_decode(q, k, v, g, beta, state, slots, fresh)
     return native if native is not None else recurrent_decode_in_place(q, k, v, g, beta, state, slots, fresh)
+
+
+def native_chunked_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
+                          cu_seqlens: torch.Tensor | list[int], initial_state: torch.Tensor | None = None,
+                          chunk_size: int = 64, use_qk_l2norm: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """The chunked gated delta rule over packed sequences (prefill) in one native call where the kernel applies,
+    the reference elsewhere: (out [T, Hv, Dv], final states [B, Hv, Dk, Dv] float32)."""
+    offsets = sequence_offsets(cu_seqlens, q.shape[0])
+    if use_qk_l2norm:  # (the kernel always normalises q and k)
+        B, Hv, Dk, Dv = len(offsets) - 1, v.shape[1], k.shape[-1], v.shape[-1]
+        state = (torch.zeros(B, Hv, Dk, Dv) if initial_state is None
+                 else initial_state.to(torch.float32, copy=True).contiguous())  # the caller's stays as it was
+        native = kernels.gated_delta_chunked(q, k, v, g, beta, offsets, state, chunk_size)
+        if native is not None:
+            return native, state
+    return chunk_gated_delta_rule_varlen(q, k, v, g, beta, offsets, initial_state, chunk_size, use_qk_l2norm)
 
 
 def native_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -320,6 +338,7 @@ def prepare_for_cpu(model: nn.Module, linears: bool = True) -> Prepared:
         if getattr(module, "decode_step", None) is recurrent_decode_in_place:  # Gated DeltaNet (Qwen3-Next)
             module.conv_step = native_conv_in_place
             module.decode_step = native_decode_in_place
+            module.chunk_step = native_chunked_varlen
             done.recurrent_layers += 1
         if getattr(module, "attend_windows", None) is window_attention:  # vision tower, audio encoder
             module.attend_windows = native_window_attention

@@ -275,7 +275,8 @@ def causal_conv1d(
     return y, new_state
 
 
-def _offsets(cu_seqlens: torch.Tensor | list[int], total: int) -> list[int]:
+def sequence_offsets(cu_seqlens: torch.Tensor | list[int], total: int) -> list[int]:
+    """cu_seqlens as a list, checked: rising from 0 to `total` tokens."""
     offsets = cu_seqlens.tolist() if isinstance(cu_seqlens, torch.Tensor) else list(cu_seqlens)
     if len(offsets) < 2 or offsets[0] != 0 or offsets[-1] != total or any(a > b for a, b in zip(offsets, offsets[1:])):
         raise ValueError(f"cu_seqlens must rise from 0 to {total} (total tokens), got {offsets}")
@@ -298,7 +299,7 @@ def chunk_gated_delta_rule_varlen(
     Returns (out [T, Hv, Dv] in q's dtype, final_state [B, Hv, Dk, Dv] fp32). A zero-length
     sequence keeps its initial state.
     """
-    offsets = _offsets(cu_seqlens, q.shape[0])
+    offsets = sequence_offsets(cu_seqlens, q.shape[0])
     B, Hv, Dk, Dv = len(offsets) - 1, v.shape[1], k.shape[-1], v.shape[-1]
     states = _initial_state(initial_state, B, Hv, Dk, Dv, v.device)
     out = v.new_empty(v.shape[0], Hv, Dv, dtype=q.dtype)
@@ -322,7 +323,7 @@ def causal_conv1d_varlen(
 
     Returns (y [T, C], new_conv_state [B, C, K-1]).
     """
-    offsets = _offsets(cu_seqlens, x.shape[0])
+    offsets = sequence_offsets(cu_seqlens, x.shape[0])
     B, C, K = len(offsets) - 1, x.shape[1], weight.shape[-1]
     if conv_state is None:
         conv_state = x.new_zeros(B, C, K - 1)

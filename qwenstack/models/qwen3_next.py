@@ -213,9 +213,11 @@ class _StateIndex:
 class GatedDeltaNet(nn.Module):
     """Linear attention with a gated delta rule; names follow the checkpoint (linear_attn.*)."""
 
-    # A plain decode step's two halves on the state slots; the preparation (models/fast_paths.py) sets native ones.
+    # A plain decode step's two halves on the state slots, and the chunked rule of prefill; the preparation
+    # (models/fast_paths.py) sets native ones.
     conv_step = staticmethod(conv_decode_in_place)
     decode_step = staticmethod(recurrent_decode_in_place)
+    chunk_step = staticmethod(chunk_gated_delta_rule_varlen)
 
     def __init__(self, args: Qwen3NextArgs) -> None:
         super().__init__()
@@ -315,7 +317,7 @@ class GatedDeltaNet(nn.Module):
             out, rec_out = recurrent_gated_delta_rule(q[rows], kp, v[rows], gp, bp, rec_in)
             out = out[live]
         else:
-            out, rec_out = chunk_gated_delta_rule_varlen(q, k, v, g, beta, batch.query_starts, rec_in)
+            out, rec_out = self.chunk_step(q, k, v, g, beta, batch.query_starts, rec_in)
         if state is not None:
             assert index.slots is not None
             slots, rows = index.slots, index.write_rows

@@ -1,8 +1,9 @@
-"""The native Gated DeltaNet decode step (qwenstack/kernels/gated_delta_cpu.cpp) against its torch references,
-models/linear_attention's conv_decode_in_place and recurrent_decode_in_place: the same outputs and the same
-states (float32 sums in another order, so within rounding), only the named slots written, a fresh sequence's
-old state never read (even NaN), grouped value heads, strided views of the projection, sizes that leave a
-scalar tail; and the cases that stay on torch."""
+"""The native Gated DeltaNet decode step and chunked prefill (qwenstack/kernels/gated_delta_cpu.cpp) against
+their torch references, models/linear_attention's conv_decode_in_place, recurrent_decode_in_place and
+chunk_gated_delta_rule_varlen: the same outputs and the same states (float32 sums in another order, so within
+rounding), only the named slots written, a fresh sequence's old state never read (even NaN), grouped value
+heads, strided views of the projection, sizes that leave a scalar tail, sequences of any length packed side
+by side; and the cases that stay on torch."""
 from __future__ import annotations
 
 import pytest
@@ -11,8 +12,12 @@ import torch
 from checkpoints import next_config
 from kernel_utils import require_native_kernels
 from qwenstack import kernels
-from qwenstack.models.fast_paths import native_conv_in_place, native_decode_in_place, prepare_for_cpu
-from qwenstack.models.linear_attention import conv_decode_in_place, recurrent_decode_in_place
+from qwenstack.models.fast_paths import (
+    native_chunked_varlen, native_conv_in_place, native_decode_in_place, prepare_for_cpu,
+)
+from qwenstack.models.linear_attention import (
+    chunk_gated_delta_rule_varlen, conv_decode_in_place, recurrent_decode_in_place,
+)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -121,6 +126,78 @@ def test_the_preparation_swaps_it_into_qwen3_next_layers() -> None:
 
     args = Qwen3NextArgs.from_dict({**next_config(), "model_type": "qwen3_next"})
     layer = GatedDeltaNet(args)
-    assert (layer.conv_step, layer.decode_step) == (conv_decode_in_place, recurrent_decode_in_place)
+    assert (layer.conv_step, layer.decode_step, layer.chunk_step) == (
+        conv_decode_in_place, recurrent_decode_in_place, chunk_gated_delta_rule_varlen)
     assert prepare_for_cpu(layer, linears=False).recurrent_layers == 1
-    assert (layer.conv_step, layer.decode_step) == (native_conv_in_place, native_decode_in_place)
+    assert (layer.conv_step, layer.decode_step, layer.chunk_step) == (
+        native_conv_in_place, native_decode_in_place, native_chunked_varlen)
+
+
+def _packed(lengths: list[int], Hk: int, Hv: int, Dk: int, Dv: int, dtype: torch.dtype, seed: int) -> dict:
+    """Sequences of `lengths` tokens packed token-major, q | k | v as strided views of one projection."""
+    T = sum(lengths)
+    inputs = _inputs(T, Hk, Hv, Dk, Dv, dtype, seed)
+    inputs["g"] = inputs["g"] / 4  # decays over tens of tokens, as a trained model's
+    inputs["cu_seqlens"] = torch.tensor([0, *lengths]).cumsum(0).tolist()
+    return inputs
+
+
+# Lengths around the 64-token chunk (1, 63, 64, 65, several chunks), an empty piece between others; grouped
+# and ungrouped value heads, head sizes that leave a vector tail (40, 24) and Qwen3-Next's 128.
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize(("lengths", "shape"), [
+    ([200], (2, 4, 32, 40)),
+    ([1, 63, 0, 64, 65], (1, 2, 24, 16)),
+    ([130, 7], (2, 2, 128, 128)),
+])
+def test_chunked_prefill_matches_the_reference(dtype: torch.dtype, lengths: list[int], shape: tuple[int, ...]) -> None:
+    Hk, Hv, Dk, Dv = shape
+    inputs = _packed(lengths, Hk, Hv, Dk, Dv, dtype, seed=sum(lengths))
+    initial = torch.randn(len(lengths), Hv, Dk, Dv, generator=torch.Generator().manual_seed(5)) * 0.1
+    before = initial.clone()
+    with torch.inference_mode():
+        want, want_state = chunk_gated_delta_rule_varlen(**inputs, initial_state=initial)
+        got, got_state = native_chunked_varlen(**inputs, initial_state=initial)
+        fresh_want, fresh_state_want = chunk_gated_delta_rule_varlen(**inputs)
+        fresh_got, fresh_state_got = native_chunked_varlen(**inputs)
+    assert got.shape == want.shape and got.dtype == dtype and got_state.dtype == torch.float32
+    assert torch.equal(initial, before)  # the caller's states are not written
+    # float32 sums in another order (a substitution for the torch form's inverse): ~1e-6 of the largest value;
+    # in bfloat16 the output's own rounding
+    tol = dict(rtol=1e-2, atol=1e-2) if dtype == torch.bfloat16 else dict(rtol=1e-4, atol=1e-5)
+    for a, b in ((got, want), (fresh_got, fresh_want)):
+        torch.testing.assert_close(a, b, **tol)
+    torch.testing.assert_close(got_state, want_state, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(fresh_state_got, fresh_state_want, rtol=1e-4, atol=1e-5)
+    empty = lengths.index(0) if 0 in lengths else None
+    if empty is not None:  # an empty piece keeps its starting state, bit for bit
+        assert torch.equal(got_state[empty], initial[empty])
+
+
+def test_chunked_prefill_in_pieces_equals_at_once() -> None:
+    """A prompt prefilled in two pieces (the engine's chunked prefill), the state carried between, against the
+    whole prompt at once: the chunks start at other tokens, and the results still agree within rounding."""
+    inputs = _packed([150], 2, 4, 32, 32, torch.float32, seed=9)
+    with torch.inference_mode():
+        whole, whole_state = native_chunked_varlen(**inputs)
+        first = {name: (x[:70] if isinstance(x, torch.Tensor) else [0, 70]) for name, x in inputs.items()}
+        second = {name: (x[70:] if isinstance(x, torch.Tensor) else [0, 80]) for name, x in inputs.items()}
+        a, state = native_chunked_varlen(**first)
+        b, final = native_chunked_varlen(**second, initial_state=state)
+    torch.testing.assert_close(torch.cat([a, b]), whole, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(final, whole_state, rtol=1e-4, atol=1e-5)
+
+
+def test_chunked_prefill_cases_that_stay_on_torch_or_are_refused() -> None:
+    inputs = _packed([10], 1, 1, 16, 16, torch.float32, seed=0)
+    offsets = inputs.pop("cu_seqlens")
+    state = torch.zeros(1, 1, 16, 16)
+    assert kernels.gated_delta_chunked(**inputs, starts=offsets, state=state.double(), chunk_size=64) is None
+    leaf = dict(inputs, q=inputs["q"].clone().requires_grad_())
+    assert kernels.gated_delta_chunked(**leaf, starts=offsets, state=state, chunk_size=64) is None
+    with pytest.raises(RuntimeError, match="starts must rise from 0 to T = 10"):
+        kernels.gated_delta_chunked(**inputs, starts=[0, 11], state=state, chunk_size=64)
+    with pytest.raises(RuntimeError, match=r"state must be contiguous float32 \[B, Hv, Dk, Dv\]"):
+        kernels.gated_delta_chunked(**inputs, starts=offsets, state=torch.zeros(2, 1, 16, 16), chunk_size=64)
+    with pytest.raises(ValueError, match="cu_seqlens must rise"):  # the wrapper checks as the torch form does
+        native_chunked_varlen(**inputs, cu_seqlens=[0, 4])
