@@ -4,7 +4,11 @@
     python benchmarks/bench_next.py /tmp/bench/qwen3-next-80b-a3b-4l
 
 - decode tokens/s, single stream and 32 concurrent requests (transformers: one batch of 32), both models
-  loaded and the cases interleaved round by round, medians of --rounds;
+  loaded and the cases interleaved round by round, medians of --rounds (prefill against transformers:
+  bench_engine.py --only prefill on the same checkpoint);
+- the chunked gated delta rule of one linear-attention layer over --prefill-tokens tokens at the
+  checkpoint's head shape: the native kernel, our torch form and transformers' torch_chunk_gated_delta_rule
+  (what it runs on CPU without flash-linear-attention), alternated, medians, with GFLOPS;
 - memory held per sequence at 4K and 32K tokens of context: paged KV of the full-attention layers plus
   the fixed recurrent state of the linear layers, against a Qwen3-MoE of the same width whose layers are
   all full attention (Qwen3-30B-A3B's attention shape, same layer count). Computed from the sizes the
@@ -54,6 +58,48 @@ def hf_decode_rate(hf: Any, prompts: list[list[int]], new_tokens: int) -> float:
     return len(prompts) * (new_tokens - 1) / (total - first)
 
 
+def chunked_rule_rates(config: dict, tokens: int, rounds: int, with_transformers: bool) -> dict[str, Any]:
+    """Milliseconds of one layer's chunked rule over `tokens` tokens, each form alternated over `rounds`."""
+    from qwenstack.models.fast_paths import native_chunked_varlen
+    from qwenstack.models.linear_attention import chunk_gated_delta_rule_varlen
+
+    hk, hv = config["linear_num_key_heads"], config["linear_num_value_heads"]
+    dk, dv = config["linear_key_head_dim"], config["linear_value_head_dim"]
+    gen = torch.Generator().manual_seed(0)
+    q, k = (torch.randn(tokens, hk, dk, generator=gen).bfloat16() for _ in range(2))
+    v = torch.randn(tokens, hv, dv, generator=gen).bfloat16()
+    g, beta = -torch.rand(tokens, hv, generator=gen) / 4, torch.rand(tokens, hv, generator=gen).bfloat16()
+    forms = {"native": lambda: native_chunked_varlen(q, k, v, g, beta, [0, tokens]),
+             "torch_form": lambda: chunk_gated_delta_rule_varlen(q, k, v, g, beta, [0, tokens])}
+    if with_transformers:
+        from transformers.models.qwen3_next import modeling_qwen3_next as hf_next
+
+        group = hv // hk  # transformers repeats the key heads before the call
+        hq, hkk = (x.repeat_interleave(group, dim=1)[None] for x in (q, k))
+        forms["transformers"] = lambda: hf_next.torch_chunk_gated_delta_rule(
+            hq, hkk, v[None], g=g[None], beta=beta[None], chunk_size=64, initial_state=None,
+            output_final_state=True, use_qk_l2norm_in_kernel=True)
+    times: dict[str, list[float]] = {name: [] for name in forms}
+    with torch.inference_mode():
+        for _ in range(rounds):
+            for name, form in forms.items():
+                start = time.perf_counter()
+                form()
+                times[name].append((time.perf_counter() - start) * 1e3)
+    # Per chunk of C = 64 and head, the products (k k^T, q k^T, the substitution, w S, q S, p u, k^T u): about
+    # C^2 (Dk + (Dv + Dk) / 2 + Dv / 2) + 3 C Dk Dv multiply-adds.
+    c = 64
+    flop = 2 * hv * (tokens / c) * (c * c * (dk + (dv + dk) / 2 + dv / 2) + 3 * c * dk * dv)
+    result: dict[str, Any] = {"tokens": tokens, "heads": [hk, hv], "head_dims": [dk, dv]}
+    for name, values in times.items():
+        ms = statistics.median(values)
+        result[name] = {"ms": ms, "rounds_ms": values, "gflops": flop / ms / 1e6}
+    for name in ("torch_form", "transformers"):
+        if name in result:
+            result[f"native_speedup_over_{name}"] = result[name]["ms"] / result["native"]["ms"]
+    return result
+
+
 def memory_per_sequence(config: dict, dtype: torch.dtype, context: int) -> dict[str, int]:
     model = build_model(config, "meta")
     kv = model.kv_cache_spec().bytes_per_token(dtype) * context
@@ -66,6 +112,7 @@ def main() -> None:
     parser.add_argument("model_dir", type=Path)
     parser.add_argument("--new-tokens", type=int, default=24)
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of both sides (medians)")
+    parser.add_argument("--prefill-tokens", type=int, default=1024, help="tokens of the chunked-rule case")
     parser.add_argument("--no-transformers", action="store_true")
     parser.add_argument("--name", default="qwen3-next-80b-a3b-4l", help="benchmarks/out/next-NAME.json")
     args = parser.parse_args()
@@ -80,6 +127,9 @@ def main() -> None:
             "qwen3_moe_same_width": memory_per_sequence(moe_cfg, torch.bfloat16, ctx),
         }
     print("memory", results["memory_per_sequence"], flush=True)
+    results["chunked_rule"] = chunked_rule_rates(next_cfg, args.prefill_tokens, max(args.rounds, 5),
+                                                 not args.no_transformers)
+    print("chunked_rule", results["chunked_rule"], flush=True)
     model = load_model(args.model_dir, dtype=torch.bfloat16)
     vocab = model.args.vocab_size
     cases = {"single_stream": [random_prompt(rng, 32, vocab)],

@@ -59,15 +59,39 @@ using torch::stable::Tensor;
 constexpr float L2NORM_EPS = 1e-6f;  // models/linear_attention.py's, inside the rsqrt
 constexpr int64_t CONV_CHANNELS = 1024;  // conv_decode's work item: this many channels of one sequence
 
+// src[0..n) as float32 in dst, times `scale` / its L2 norm (eps inside the root).
 template <typename T>
-void load_normalised(const T* src, int64_t n, float* dst) {
+void load_normalised(const T* src, int64_t n, float* dst, float scale = 1.f) {
+  const int64_t vec_end = n - n % W;
+  vf sums{};
+  for (int64_t i = 0; i < vec_end; i += W) {
+    const vf x = load_vec(src + i);
+    store_exact(x, dst + i);
+    sums += x * x;
+  }
   float sum = 0.f;
-  for (int64_t i = 0; i < n; ++i) {
+  for (int64_t i = 0; i < W; ++i) sum += sums[i];
+  for (int64_t i = vec_end; i < n; ++i) {
     dst[i] = to_float(src[i]);
     sum += dst[i] * dst[i];
   }
-  const float inv = 1.f / std::sqrt(sum + L2NORM_EPS);
+  const float inv = scale / std::sqrt(sum + L2NORM_EPS);
   for (int64_t i = 0; i < n; ++i) dst[i] *= inv;
+}
+
+// n values of src as float32 times `scale` into dst, and the reverse: float32 values rounded to T.
+template <typename T>
+void load_scaled(const T* src, int64_t n, float scale, float* dst) {
+  int64_t i = 0;
+  for (; i + W <= n; i += W) store_exact(load_vec(src + i) * scale, dst + i);
+  for (; i < n; ++i) dst[i] = to_float(src[i]) * scale;
+}
+
+template <typename T>
+void store_rounded(const float* src, int64_t n, T* dst) {
+  int64_t i = 0;
+  for (; i + W <= n; i += W) store_exact(round_to<T>(load_vec(src + i)), dst + i);
+  for (; i < n; ++i) store(src[i], dst + i);
 }
 
 // S [Dk, Dv] row-major: two passes, the first decays S and reads S^T k, the second writes k delta^T and
@@ -307,11 +331,18 @@ Tensor gated_delta_decode(Tensor q, Tensor k, Tensor v, Tensor g, Tensor beta, T
   return out;
 }
 
-// C[M][N] += A[M][K] B[K][N], float32, rows at strides lda, ldb, ldc (B's and C's rows contiguous): R rows and
-// NV vectors of C a pass, so that each vector of B loaded serves R rows and each element of A NV vectors.
+// C[M][N] += A[M][K] B[K][N], float32: A[i][k] at A[i * lda + k * ka] (ka = 1 row-major; lda = 1 reads A's
+// transpose as it lies), B's and C's rows at strides ldb, ldc and contiguous. R rows and NV vectors of C a pass,
+// so that each vector of B loaded serves R rows and each element of A NV vectors.
+struct MatA {
+  const float* p;
+  int64_t lda, ka = 1;
+  float at(int64_t i, int64_t k) const { return p[i * lda + k * ka]; }
+};
+
 template <int64_t R, int64_t NV>
-inline void gemm_block(int64_t i, int64_t n, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb,
-                       float* C, int64_t ldc) {
+inline void gemm_block(int64_t i, int64_t n, int64_t K, const MatA& A, const float* B, int64_t ldb, float* C,
+                       int64_t ldc) {
   vf acc[R][NV];
   for (int64_t r = 0; r < R; ++r)
     for (int64_t x = 0; x < NV; ++x) acc[r][x] = load_vec(C + (i + r) * ldc + n + x * W);
@@ -319,7 +350,7 @@ inline void gemm_block(int64_t i, int64_t n, int64_t K, const float* A, int64_t 
     vf b[NV];
     for (int64_t x = 0; x < NV; ++x) b[x] = load_vec(B + k * ldb + n + x * W);
     for (int64_t r = 0; r < R; ++r) {
-      const float a = A[(i + r) * lda + k];
+      const float a = A.at(i + r, k);
       for (int64_t x = 0; x < NV; ++x) acc[r][x] += a * b[x];
     }
   }
@@ -328,41 +359,45 @@ inline void gemm_block(int64_t i, int64_t n, int64_t K, const float* A, int64_t 
 }
 
 template <int64_t R>
-inline void gemm_rows(int64_t i, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb,
-                      float* C, int64_t ldc) {
+inline void gemm_rows(int64_t i, int64_t N, int64_t K, const MatA& A, const float* B, int64_t ldb, float* C,
+                      int64_t ldc) {
   constexpr int64_t NV = 4;
   int64_t n = 0;
-  for (; n + NV * W <= N; n += NV * W) gemm_block<R, NV>(i, n, K, A, lda, B, ldb, C, ldc);
-  for (; n + W <= N; n += W) gemm_block<R, 1>(i, n, K, A, lda, B, ldb, C, ldc);
+  for (; n + NV * W <= N; n += NV * W) gemm_block<R, NV>(i, n, K, A, B, ldb, C, ldc);
+  for (; n + W <= N; n += W) gemm_block<R, 1>(i, n, K, A, B, ldb, C, ldc);
   for (; n < N; ++n) {
     for (int64_t r = 0; r < R; ++r) {
       float sum = C[(i + r) * ldc + n];
-      for (int64_t k = 0; k < K; ++k) sum += A[(i + r) * lda + k] * B[k * ldb + n];
+      for (int64_t k = 0; k < K; ++k) sum += A.at(i + r, k) * B[k * ldb + n];
       C[(i + r) * ldc + n] = sum;
     }
   }
 }
 
-void gemm_acc(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
-              int64_t ldc) {
+void gemm_acc(int64_t M, int64_t N, int64_t K, const MatA& A, const float* B, int64_t ldb, float* C, int64_t ldc) {
   int64_t i = 0;
-  for (; i + 4 <= M; i += 4) gemm_rows<4>(i, N, K, A, lda, B, ldb, C, ldc);
-  for (; i < M; ++i) gemm_rows<1>(i, N, K, A, lda, B, ldb, C, ldc);
+  for (; i + 4 <= M; i += 4) gemm_rows<4>(i, N, K, A, B, ldb, C, ldc);
+  for (; i < M; ++i) gemm_rows<1>(i, N, K, A, B, ldb, C, ldc);
 }
+
+// The forward substitution's blocks: rows solved one by one within a block, earlier blocks as one product.
+constexpr int64_t SOLVE_ROWS = 16;
 
 // One head's buffers for a chunk of up to C tokens (rows of Dk or Dv floats, or of C).
 struct ChunkScratch {
   int64_t C, Dk, Dv;
   std::vector<float> data;
-  float *q, *k, *w, *u, *out, *kt, *kdt, *a, *p, *ld, *beta;
+  float *q, *k, *w, *u, *out, *kt, *a, *p, *ld, *beta, *decay;
+  // (ld and decay padded to whole vectors: the decays are taken W at a time)
   ChunkScratch(int64_t C_, int64_t Dk_, int64_t Dv_) : C(C_), Dk(Dk_), Dv(Dv_) {
-    data.resize(3 * C * Dk + 2 * C * Dv + 2 * Dk * C + 2 * C * C + 2 * C);
+    const int64_t padded = (C + W - 1) / W * W;
+    data.assign(3 * C * Dk + 2 * C * Dv + Dk * C + 2 * C * C + 3 * padded, 0.f);
     float* at = data.data();
     for (float** part : {&q, &k, &w}) *part = at, at += C * Dk;
     for (float** part : {&u, &out}) *part = at, at += C * Dv;
-    for (float** part : {&kt, &kdt}) *part = at, at += Dk * C;
+    kt = at, at += Dk * C;
     for (float** part : {&a, &p}) *part = at, at += C * C;
-    ld = at, beta = at + C;
+    for (float** part : {&ld, &beta, &decay}) *part = at, at += padded;
   }
 };
 
@@ -384,57 +419,64 @@ void chunk_head(ChunkScratch& s, int64_t L, const ChunkRows<T, B>& in, float* S)
   const float q_scale = 1.f / std::sqrt(float(Dk));  // multiplied, as the chunked torch form does
   float log_decay = 0.f;
   for (int64_t i = 0; i < L; ++i) {
-    load_normalised(in.q + i * in.q_t, Dk, s.q + i * Dk);
-    for (int64_t d = 0; d < Dk; ++d) s.q[i * Dk + d] *= q_scale;
+    load_normalised(in.q + i * in.q_t, Dk, s.q + i * Dk, q_scale);
     load_normalised(in.k + i * in.k_t, Dk, s.k + i * Dk);
     log_decay += in.g[i * in.g_t];
     s.ld[i] = log_decay;
     s.beta[i] = to_float(in.beta[i * in.beta_t]);
   }
   const float last = s.ld[L - 1];
-  for (int64_t i = 0; i < L; ++i) {
-    const float write = std::exp(last - s.ld[i]);
-    for (int64_t d = 0; d < Dk; ++d) {
-      s.kt[d * C + i] = s.k[i * Dk + d];
-      s.kdt[d * C + i] = write * s.k[i * Dk + d];
-    }
-  }
+  for (int64_t d = 0; d < Dk; ++d)  // (written in order, read across rows: the reads are the cheaper side)
+    for (int64_t i = 0; i < L; ++i) s.kt[d * C + i] = s.k[i * Dk + d];
   // a = k k^T and p = q k^T (rows of C), then their decays: a strictly below the diagonal, negated and times
   // beta_i (the substitution subtracts), p on and below it.
   std::fill(s.a, s.a + L * C, 0.f);
   std::fill(s.p, s.p + L * C, 0.f);
-  gemm_acc(L, L, Dk, s.k, Dk, s.kt, C, s.a, C);
-  gemm_acc(L, L, Dk, s.q, Dk, s.kt, C, s.p, C);
+  gemm_acc(L, L, Dk, {s.k, Dk}, s.kt, C, s.a, C);
+  gemm_acc(L, L, Dk, {s.q, Dk}, s.kt, C, s.p, C);
+  // (exp on vectors: one scalar exp per pair took a third of the kernel's time)
   for (int64_t i = 0; i < L; ++i) {
+    for (int64_t j = 0; j <= i; j += W) store_exact(exp_vec(s.ld[i] - load_vec(s.ld + j)), s.decay + j);
     for (int64_t j = 0; j < L; ++j) {
-      const float decay = j <= i ? std::exp(s.ld[i] - s.ld[j]) : 0.f;
+      const float decay = j <= i ? s.decay[j] : 0.f;
       s.a[i * C + j] = j < i ? -s.beta[i] * decay * s.a[i * C + j] : 0.f;
       s.p[i * C + j] *= decay;
     }
   }
-  // Right-hand sides: u = beta v, w = -beta exp(ld) k; then row by row u_i += a_i u, w_i += a_i w (rows < i).
+  // Right-hand sides: u = beta v, w = -beta exp(ld) k; then u_i += a_i u, w_i += a_i w over the rows before i:
+  // SOLVE_ROWS rows at a time, the rows of earlier blocks as one product, then row by row within the block.
   for (int64_t i = 0; i < L; ++i) {
     const float b = s.beta[i], wk = -b * std::exp(s.ld[i]);
-    for (int64_t e = 0; e < Dv; ++e) s.u[i * Dv + e] = b * to_float(in.v[i * in.v_t + e]);
+    load_scaled(in.v + i * in.v_t, Dv, b, s.u + i * Dv);
     for (int64_t d = 0; d < Dk; ++d) s.w[i * Dk + d] = wk * s.k[i * Dk + d];
-    gemm_acc(1, Dv, i, s.a + i * C, C, s.u, Dv, s.u + i * Dv, Dv);
-    gemm_acc(1, Dk, i, s.a + i * C, C, s.w, Dk, s.w + i * Dk, Dk);
   }
-  gemm_acc(L, Dv, Dk, s.w, Dk, S, Dv, s.u, Dv);  // u = u_local - w_local S
+  for (int64_t i0 = 0; i0 < L; i0 += SOLVE_ROWS) {
+    const int64_t rows = std::min(SOLVE_ROWS, L - i0);
+    gemm_acc(rows, Dv, i0, {s.a + i0 * C, C}, s.u, Dv, s.u + i0 * Dv, Dv);
+    gemm_acc(rows, Dk, i0, {s.a + i0 * C, C}, s.w, Dk, s.w + i0 * Dk, Dk);
+    for (int64_t i = i0 + 1; i < i0 + rows; ++i) {
+      gemm_acc(1, Dv, i - i0, {s.a + i * C + i0, C}, s.u + i0 * Dv, Dv, s.u + i * Dv, Dv);
+      gemm_acc(1, Dk, i - i0, {s.a + i * C + i0, C}, s.w + i0 * Dk, Dk, s.w + i * Dk, Dk);
+    }
+  }
+  gemm_acc(L, Dv, Dk, {s.w, Dk}, S, Dv, s.u, Dv);  // u = u_local - w_local S
   // out = exp(ld) q S + p u: q's rows decayed in place (q is not needed after).
   for (int64_t i = 0; i < L; ++i) {
     const float decay = std::exp(s.ld[i]);
     for (int64_t d = 0; d < Dk; ++d) s.q[i * Dk + d] *= decay;
   }
   std::fill(s.out, s.out + L * Dv, 0.f);
-  gemm_acc(L, Dv, Dk, s.q, Dk, S, Dv, s.out, Dv);
-  gemm_acc(L, Dv, L, s.p, C, s.u, Dv, s.out, Dv);
-  for (int64_t i = 0; i < L; ++i)
-    for (int64_t e = 0; e < Dv; ++e) store(s.out[i * Dv + e], in.out + i * in.out_t + e);
-  // S = exp(ld_last) S + kd^T u.
+  gemm_acc(L, Dv, Dk, {s.q, Dk}, S, Dv, s.out, Dv);
+  gemm_acc(L, Dv, L, {s.p, C}, s.u, Dv, s.out, Dv);
+  for (int64_t i = 0; i < L; ++i) store_rounded(s.out + i * Dv, Dv, in.out + i * in.out_t);
+  // S = exp(ld_last) S + kd^T u, kd_j = exp(ld_last - ld_j) k_j (into w, free now), read as its transpose.
+  for (int64_t j = 0; j < L; ++j) {
+    const float write = std::exp(last - s.ld[j]);
+    for (int64_t d = 0; d < Dk; ++d) s.w[j * Dk + d] = write * s.k[j * Dk + d];
+  }
   const float chunk_decay = std::exp(last);
   for (int64_t x = 0; x < Dk * Dv; ++x) S[x] *= chunk_decay;
-  gemm_acc(Dk, Dv, L, s.kdt, C, s.u, Dv, S, Dv);
+  gemm_acc(Dk, Dv, L, {s.w, 1, Dk}, s.u, Dv, S, Dv);
 }
 
 template <typename T, typename B>
