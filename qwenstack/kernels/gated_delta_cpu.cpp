@@ -32,7 +32,7 @@
 //   S = exp(ld_{L-1}) S + sum_j exp(ld_{L-1} - ld_j) k_j U_j^T
 // with q, k l2-normalised and q multiplied by Dk^-0.5, all in float32. The same algebra as the torch form, which
 // inverts (I + A) against the identity and runs each step over all heads and chunks of the batch as separate
-// tensor passes (~30% of a Qwen3-Next prefill); here one head's chunk lives in L2 (~200 KiB at C = 64,
+// tensor passes (~30% of a Qwen3-Next prefill); here one head's chunk lives in L2 (~220 KiB at C = 64,
 // D = 128) from its inputs to its outputs, and the products are register-blocked loops.
 // Layout (gated_delta_chunked): q, k [T, Hk, Dk] and v [T, Hv, Dv], last dimension contiguous; g [T, Hv] float32;
 // beta [T, Hv]; starts [B + 1] long (sequence offsets into T, rising from 0 to T); state [B, Hv, Dk, Dv] float32
@@ -434,7 +434,7 @@ void chunk_head(ChunkScratch& s, int64_t L, const ChunkRows<T, B>& in, float* S)
   std::fill(s.p, s.p + L * C, 0.f);
   gemm_acc(L, L, Dk, {s.k, Dk}, s.kt, C, s.a, C);
   gemm_acc(L, L, Dk, {s.q, Dk}, s.kt, C, s.p, C);
-  // (exp on vectors: one scalar exp per pair took a third of the kernel's time)
+  // (the decays of row i as vectors: exp_vec over W pairs at a time)
   for (int64_t i = 0; i < L; ++i) {
     for (int64_t j = 0; j <= i; j += W) store_exact(exp_vec(s.ld[i] - load_vec(s.ld + j)), s.decay + j);
     for (int64_t j = 0; j < L; ++j) {

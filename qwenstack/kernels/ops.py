@@ -6,6 +6,8 @@ without it. Availability comes from kernels/build.py, per .cpp file.
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from qwenstack.kernels.build import isa_level, native_op
@@ -303,20 +305,11 @@ def gated_delta_decode(
     recurrent_decode_in_place, in one native call: qwenstack/kernels/gated_delta_cpu.cpp); None (nothing
     touched) where it does not apply: CPU tensors, q/k/v of one dtype with their last dimension contiguous, a
     contiguous float32 state, no autograd."""
-    if q.device.type != "cpu" or state.device.type != "cpu" or q.dtype not in _DTYPES or beta.dtype not in _DTYPES:
-        return None
-    if k.dtype != q.dtype or v.dtype != q.dtype or g.dtype != torch.float32 or state.dtype != torch.float32:
-        return None
-    if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1 or not state.is_contiguous():
-        return None
-    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad or state.requires_grad):
-        return None
-    op = native_op("gated_delta_decode")
+    op = _gated_delta_op("gated_delta_decode", q, k, v, g, beta, state)
     if op is None:
         return None
     no_fresh = _NO_ROWS if fresh is None else fresh
     return op(q, k, v, g, beta, state, slots.long().contiguous(), no_fresh)
-
 
 
 def gated_delta_chunked(
@@ -333,6 +326,15 @@ def gated_delta_chunked(
     chunk_gated_delta_rule_varlen, in one native call: qwenstack/kernels/gated_delta_cpu.cpp), each sequence's
     state updated in place to its final one; None (nothing touched) where it does not apply: the rules of
     gated_delta_decode."""
+    op = _gated_delta_op("gated_delta_chunked", q, k, v, g, beta, state)
+    if op is None:
+        return None
+    return op(q, k, v, g, beta, torch.tensor(starts, dtype=torch.long), state, chunk_size)
+
+
+def _gated_delta_op(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
+                    beta: torch.Tensor, state: torch.Tensor) -> Callable[..., torch.Tensor] | None:
+    """The native op `name` if the gated delta kernels' rules hold for these tensors, else None."""
     if q.device.type != "cpu" or state.device.type != "cpu" or q.dtype not in _DTYPES or beta.dtype not in _DTYPES:
         return None
     if k.dtype != q.dtype or v.dtype != q.dtype or g.dtype != torch.float32 or state.dtype != torch.float32:
@@ -341,10 +343,8 @@ def gated_delta_chunked(
         return None
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad or state.requires_grad):
         return None
-    op = native_op("gated_delta_chunked")
-    if op is None:
-        return None
-    return op(q, k, v, g, beta, torch.tensor(starts, dtype=torch.long), state, chunk_size)
+    return native_op(name)
+
 
 # Rows up to which the tiled kernel's vector loops (builds without AMX) take a product in one call (models/
 # cpu_linear.py's TiledLinear: in pieces up to twice as many, then F.linear on the matrix unpacked for the
