@@ -60,7 +60,7 @@ def hf_decode_rate(hf: Any, prompts: list[list[int]], new_tokens: int) -> float:
 
 def chunked_rule_rates(config: dict, tokens: int, rounds: int, with_transformers: bool) -> dict[str, Any]:
     """Milliseconds of one layer's chunked rule over `tokens` tokens, each form alternated over `rounds`."""
-    from qwenstack.models.fast_paths import native_chunked_varlen
+    from qwenstack.models.fast_paths import NATIVE_CHUNK_TOKENS, native_chunked_varlen
     from qwenstack.models.linear_attention import chunk_gated_delta_rule_varlen
 
     hk, hv = config["linear_num_key_heads"], config["linear_num_value_heads"]
@@ -86,13 +86,13 @@ def chunked_rule_rates(config: dict, tokens: int, rounds: int, with_transformers
                 start = time.perf_counter()
                 form()
                 times[name].append((time.perf_counter() - start) * 1e3)
-    # Per chunk of C = 64 and head, the products (k k^T, q k^T, the substitution, w S, q S, p u, k^T u): about
-    # C^2 (Dk + (Dv + Dk) / 2 + Dv / 2) + 3 C Dk Dv multiply-adds.
-    c = 64
-    flop = 2 * hv * (tokens / c) * (c * c * (dk + (dv + dk) / 2 + dv / 2) + 3 * c * dk * dv)
-    result: dict[str, Any] = {"tokens": tokens, "heads": [hk, hv], "head_dims": [dk, dv]}
+    # Per chunk of C tokens and head, the products (k k^T, q k^T, the substitution, w S, q S, p u, k^T u): about
+    # C^2 (Dk + (Dv + Dk) / 2 + Dv / 2) + 3 C Dk Dv multiply-adds; the torch forms' chunks are 64 tokens.
+    chunks = {"native": NATIVE_CHUNK_TOKENS, "torch_form": 64, "transformers": 64}
+    result: dict[str, Any] = {"tokens": tokens, "heads": [hk, hv], "head_dims": [dk, dv], "chunk_tokens": chunks}
     for name, values in times.items():
-        ms = statistics.median(values)
+        c, ms = chunks[name], statistics.median(values)
+        flop = 2 * hv * (tokens / c) * (c * c * (dk + (dv + dk) / 2 + dv / 2) + 3 * c * dk * dv)
         result[name] = {"ms": ms, "rounds_ms": values, "gflops": flop / ms / 1e6}
     for name in ("torch_form", "transformers"):
         if name in result:

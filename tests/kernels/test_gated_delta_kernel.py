@@ -201,3 +201,18 @@ def test_chunked_prefill_cases_that_stay_on_torch_or_are_refused() -> None:
         kernels.gated_delta_chunked(**inputs, starts=offsets, state=torch.zeros(2, 1, 16, 16), chunk_size=64)
     with pytest.raises(ValueError, match="cu_seqlens must rise"):  # the wrapper checks as the torch form does
         native_chunked_varlen(**inputs, cu_seqlens=[0, 4])
+
+
+def test_chunk_lengths_only_regroup_the_sums() -> None:
+    """The kernel's chunk length (whole vectors or not, shorter or longer than the sequence) gives the same rule."""
+    inputs = _packed([100, 37], 2, 4, 32, 40, torch.float32, seed=4)
+    offsets = inputs.pop("cu_seqlens")
+    results = []
+    for chunk in (1, 24, 32, 64, 200):
+        state = torch.zeros(2, 4, 32, 40)
+        with torch.inference_mode():
+            out = kernels.gated_delta_chunked(**inputs, starts=offsets, state=state, chunk_size=chunk)
+        results.append((out, state))
+    for out, state in results[1:]:
+        torch.testing.assert_close(out, results[0][0], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(state, results[0][1], rtol=1e-4, atol=1e-5)
