@@ -88,7 +88,7 @@ def native_chunked_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: 
     (in chunks of NATIVE_CHUNK_TOKENS), the reference elsewhere (in chunks of chunk_size): (out [T, Hv, Dv],
     final states [B, Hv, Dk, Dv] float32)."""
     offsets = sequence_offsets(cu_seqlens, q.shape[0])
-    if use_qk_l2norm:  # (the kernel always normalises q and k)
+    if use_qk_l2norm and q.device.type == "cpu":  # (the kernel always normalises q and k)
         B, Hv, Dk, Dv = len(offsets) - 1, v.shape[1], k.shape[-1], v.shape[-1]
         state = (torch.zeros(B, Hv, Dk, Dv) if initial_state is None
                  else initial_state.to(torch.float32, copy=True).contiguous())  # the caller's stays as it was
