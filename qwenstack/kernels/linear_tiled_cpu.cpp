@@ -11,7 +11,7 @@
 // operand of one vdpbf16ps against that pair of x broadcast to every lane: sixteen outputs accumulate in the
 // sixteen lanes, with no horizontal sums. A thread's weights are one contiguous share of the columns.
 // - 1-2 rows (or no AMX): the vector loop, two accumulators per row and column (one per k pair parity), over
-//   several weight streams side by side (VEC_ACCUMULATORS); without AMX, batches take 4 or 8 rows a pass.
+//   several weight streams side by side (VEC_ACCUMULATORS); without AMX, batches take 4 or 6 rows a pass.
 // - 3 or more rows with AMX: activations are the A tiles (x copied once per call into the same 1 KiB tile
 //   blocks), two weight blocks the B tiles, four accumulators: 32 rows x 32 outputs per pass, in chunks of
 //   up to 128 rows. The caller sends long prefill chunks to F.linear on the unpacked matrix.
@@ -64,6 +64,16 @@ constexpr int64_t VEC_BATCH_ACCUMULATORS = 24;
 // more reads in flight over several streams than its prefetchers give a single one. As many streams as
 // keep VEC_ACCUMULATORS vector sums in registers.
 constexpr int64_t VEC_ACCUMULATORS = 16;
+// One activation row (single-stream decode) reads its weights in half as many streams where there is no AMX:
+// on two Zen 4 cores (AVX512-BF16) the 113 one-row products of a Qwen3-0.6B-shaped decode step read 1.08x
+// (bfloat16, 4 streams a thread against 8) and 1.06x (int8, 2 against 4) as fast, alternated over 12 rounds,
+// and 2 / 1 streams no faster than 4 / 2. Builds with AMX (Sapphire Rapids, where the 8 streams above were
+// measured) keep VEC_ACCUMULATORS.
+#if defined(__AMX_TILE__)
+constexpr int64_t VEC_ONE_ROW_ACCUMULATORS = VEC_ACCUMULATORS;
+#else
+constexpr int64_t VEC_ONE_ROW_ACCUMULATORS = VEC_ACCUMULATORS / 2;
+#endif
 constexpr int64_t PREFETCH_BLOCKS = 2;  // how far ahead the vector loop prefetches its weight stream
 // The vector loops hand out each product's block columns in about this many pieces per thread.
 constexpr int64_t PIECES_PER_THREAD = 8;
@@ -257,13 +267,13 @@ inline void row_passes(int64_t m, int64_t M, const Pass& pass) {
 
 // The vector loops' tier for M rows: the most rows a pass that M allows (1, VEC_ROWS, VEC_MID_ROWS, then
 // VEC_BATCH_ROWS where MAX_ROWS reaches it) and as many weight streams as keep VEC_ACCUMULATORS sums
-// (VEC_BATCH_ACCUMULATORS in the batch tier) in registers at SUMS per row and column: tier(streams, rows)
+// (VEC_ONE_ROW_ACCUMULATORS for one row, VEC_BATCH_ACCUMULATORS in the batch tier) in registers at SUMS per row and column: tier(streams, rows)
 // with both as integral constants.
 template <int64_t SUMS, int64_t MAX_ROWS, typename Tier>
 void with_row_tier(int64_t M, const Tier& tier) {
   using std::integral_constant;
   if (M == 1) {
-    tier(integral_constant<int64_t, VEC_ACCUMULATORS / SUMS>{}, integral_constant<int64_t, 1>{});
+    tier(integral_constant<int64_t, VEC_ONE_ROW_ACCUMULATORS / SUMS>{}, integral_constant<int64_t, 1>{});
   } else if (M < VEC_MID_ROWS) {
     tier(integral_constant<int64_t, VEC_ACCUMULATORS / (SUMS * VEC_ROWS)>{},
          integral_constant<int64_t, VEC_ROWS>{});
