@@ -65,10 +65,10 @@ constexpr int64_t VEC_BATCH_ACCUMULATORS = 24;
 // keep VEC_ACCUMULATORS vector sums in registers.
 constexpr int64_t VEC_ACCUMULATORS = 16;
 // One activation row (single-stream decode) reads its weights in half as many streams where there is no AMX:
-// on two Zen 4 cores (AVX512-BF16) the 113 one-row products of a Qwen3-0.6B-shaped decode step read 1.08x
-// (bfloat16, 4 streams a thread against 8) and 1.06x (int8, 2 against 4) as fast, alternated over 12 rounds,
-// and 2 / 1 streams no faster than 4 / 2. Builds with AMX (Sapphire Rapids, where the 8 streams above were
-// measured) keep VEC_ACCUMULATORS.
+// on two Zen 4 cores (AVX512-BF16) the 113 one-row products of a Qwen3-0.6B-shaped decode step read 1.08-1.33x
+// (bfloat16, 4 streams a thread against 8) and 1.06-1.16x (int8, 2 against 4) as fast, alternated over 10-14
+// rounds, and 2 / 1 streams no faster than 4 / 2 (benchmarks/RESULTS.md). Builds with AMX (Sapphire Rapids,
+// where the 8 streams above were measured) keep VEC_ACCUMULATORS.
 #if defined(__AMX_TILE__)
 constexpr int64_t VEC_ONE_ROW_ACCUMULATORS = VEC_ACCUMULATORS;
 #else
@@ -267,8 +267,8 @@ inline void row_passes(int64_t m, int64_t M, const Pass& pass) {
 
 // The vector loops' tier for M rows: the most rows a pass that M allows (1, VEC_ROWS, VEC_MID_ROWS, then
 // VEC_BATCH_ROWS where MAX_ROWS reaches it) and as many weight streams as keep VEC_ACCUMULATORS sums
-// (VEC_ONE_ROW_ACCUMULATORS for one row, VEC_BATCH_ACCUMULATORS in the batch tier) in registers at SUMS per row and column: tier(streams, rows)
-// with both as integral constants.
+// (VEC_ONE_ROW_ACCUMULATORS for one row, VEC_BATCH_ACCUMULATORS in the batch tier) in registers at SUMS per
+// row and column: tier(streams, rows) with both as integral constants.
 template <int64_t SUMS, int64_t MAX_ROWS, typename Tier>
 void with_row_tier(int64_t M, const Tier& tier) {
   using std::integral_constant;
