@@ -126,10 +126,13 @@ def make_fake_server(store: ChatStore, extra_models: tuple[dict, ...] = ()) -> F
                     text = ANSWER.format(model=model)
                     if "LONG ANSWER" in prompt:
                         text = "This answer goes on and on. " * 400
-                    for word in _words(text):
+                    for i, word in enumerate(_words(text)):
                         tokens += 1
                         yield chunk({"content": word})
-                        await asyncio.sleep(0.03)
+                        # A pause after the answer's first two words: a test that checks the answer while it
+                        # still streams polls at up to 1 s intervals, and on a loaded 2-core runner the rest
+                        # of this ~0.5 s answer could end the stream between two polls.
+                        await asyncio.sleep(0.5 if i == 1 else 0.03)
                     yield chunk({}, "stop")
                 usage = {"prompt_tokens": 12, "completion_tokens": tokens, "total_tokens": 12 + tokens}
                 yield f"data: {json.dumps({'id': 'chatcmpl-fake', 'object': 'chat.completion.chunk', 'model': model, 'choices': [], 'usage': usage})}\n\n"  # noqa: E501
