@@ -1,5 +1,7 @@
 """Single-stream decode with the flat decode loop (models/fast_paths.py FlatDecodeLoop) against the same prepared
-layers called one module after another, in one process, round by round, per weight format.
+layers called one module after another, in one process, round by round, per weight format. Where the loop makes
+one native call per layer (kernels/decode_layer_cpu.cpp: every product tile-packed bfloat16 or int8), the same
+loop calling the layer's ops one by one runs as a third path.
 
 On a VM shared with other work the read bandwidth moves by 2x within minutes, so the two paths alternate in
 every round on the same loaded model (the order flipped every other round) and medians are reported, with
@@ -11,6 +13,7 @@ each round's ratio. Both paths compute the same bits (tests/models/test_flat_dec
 from __future__ import annotations
 
 import argparse
+import copy
 import random
 import statistics
 import sys
@@ -30,7 +33,8 @@ from qwenstack.quantization import quantize_model  # noqa: E402
 
 
 def alternate_paths(model: torch.nn.Module, prompt: list[int], tokens: int, rounds: int) -> dict[str, list[float]]:
-    """Decode tok/s with the flat loop and with the layers, each once per round."""
+    """Decode tok/s with the flat loop, with the loop of ops where the flat loop is one call per layer, and with the
+    layers, each once per round."""
     stack = model.model
     ours_decode(model, prompt, 4)  # warm up: prepares the CPU forms and builds the loop
     loop = stack.run_layers
@@ -45,7 +49,12 @@ def alternate_paths(model: torch.nn.Module, prompt: list[int], tokens: int, roun
         stack.run_layers = path
         return ours_decode(model, prompt, tokens)
 
-    runs = alternate({"flat loop": loop, "layers": layers}, rounds, decode_with)
+    paths: dict[str, Callable[..., torch.Tensor]] = {"flat loop": loop, "layers": layers}
+    if loop.decode_layer is not None:
+        ops_loop = copy.copy(loop)
+        ops_loop.decode_layer = None
+        paths["loop of ops"] = ops_loop
+    runs = alternate(paths, rounds, decode_with)
     stack.run_layers = loop
     return runs
 
@@ -73,6 +82,13 @@ def main() -> None:
         print(f"{level}: flat loop {medians['flat loop']:.2f} tok/s, layers {medians['layers']:.2f} tok/s, "
               f"ratio {medians['flat loop'] / medians['layers']:.3f} (rounds {' '.join(f'{r:.2f}' for r in ratios)})",
               flush=True)
+        if "loop of ops" in runs:
+            one_call = [a / b for a, b in zip(runs["flat loop"], runs["loop of ops"])]
+            results["levels"][level]["one_call_ratio"] = medians["flat loop"] / medians["loop of ops"]
+            results["levels"][level]["one_call_round_ratios"] = one_call
+            print(f"{level}: one call per layer against the loop of ops ({medians['loop of ops']:.2f} tok/s): "
+                  f"{medians['flat loop'] / medians['loop of ops']:.3f} (rounds {' '.join(f'{r:.2f}' for r in one_call)})",
+                  flush=True)
         del model
     print(save(f"decode-loop-{args.name}", results))
 

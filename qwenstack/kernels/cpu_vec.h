@@ -5,6 +5,8 @@
 // this once, inside nothing: the definitions live in an unnamed namespace, one copy per file.
 #pragma once
 
+#include <torch/csrc/stable/ops.h>
+#include <torch/csrc/stable/tensor.h>
 #include <torch/headeronly/core/ScalarType.h>
 #include <torch/headeronly/util/Half.h>
 
@@ -19,6 +21,14 @@
 #endif
 
 namespace {
+
+// t itself where it is already contiguous, else a contiguous copy. torch::stable::contiguous goes through the
+// dispatcher with boxed arguments even when it returns its input: ~0.25 us a call (one-row calls of
+// linear_tiled_int8 3.52 against 4.22 us, qk_norm_rope 9.1 against 10.1), and a Qwen3-0.6B decode step's ops
+// made ~300 such calls on tensors that were already contiguous.
+inline torch::stable::Tensor as_contiguous(const torch::stable::Tensor& t) {
+  return t.is_contiguous() ? t : torch::stable::contiguous(t);
+}
 
 #if defined(__AVX512F__)
 constexpr int64_t W = 16;  // floats per vector

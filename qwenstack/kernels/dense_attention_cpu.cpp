@@ -309,7 +309,7 @@ void run(const Layout& g, const uint16_t* q, const uint16_t* k, const uint16_t* 
 std::vector<int64_t> read_starts(const Tensor& t, int64_t total, const char* name) {
   STD_TORCH_CHECK(t.scalar_type() == ScalarType::Long && t.dim() == 1 && t.numel() >= 2, name,
                   " must be a 1-D int64 tensor [segments + 1]");
-  Tensor c = torch::stable::contiguous(t);
+  Tensor c = as_contiguous(t);
   const int64_t* p = static_cast<const int64_t*>(c.const_data_ptr());
   std::vector<int64_t> starts(p, p + c.numel());
   STD_TORCH_CHECK(starts.front() == 0 && starts.back() == total, name, " must run from 0 to the row count ", total);
@@ -342,9 +342,9 @@ Tensor segment_attention(Tensor q, Tensor k, Tensor v, Tensor q_starts_in, Tenso
     STD_TORCH_CHECK(!causal || q_starts[s + 1] - q_starts[s] <= kv_starts[s + 1] - kv_starts[s], "segment ", s,
                     " has more queries than keys (causal: the last query sees every key)");
   }
-  Tensor qc = q.stride(2) == 1 ? q : torch::stable::contiguous(q);
-  Tensor kc = k.stride(2) == 1 ? k : torch::stable::contiguous(k);
-  Tensor vc = v.stride(2) == 1 ? v : torch::stable::contiguous(v);
+  Tensor qc = q.stride(2) == 1 ? q : as_contiguous(q);
+  Tensor kc = k.stride(2) == 1 ? k : as_contiguous(k);
+  Tensor vc = v.stride(2) == 1 ? v : as_contiguous(v);
   const Layout g{Hq, Hkv, D, qc.stride(0), qc.stride(1), kc.stride(0), kc.stride(1), vc.stride(0), vc.stride(1),
                  causal, float(scale * M_LOG2E)};
   Tensor out = torch::stable::empty({Nq, Hq, D}, ScalarType::BFloat16, std::nullopt, q.device());

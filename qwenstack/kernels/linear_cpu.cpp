@@ -445,7 +445,7 @@ Tensor linear_rows(Tensor x_in, Tensor w, Tensor scales_in) {
   STD_TORCH_CHECK(w.size(1) == K, "linear_rows: x has ", K, " columns but w has ", w.size(1));
   STD_TORCH_CHECK(w.stride(1) == 1 || K <= 1, "linear_rows: w must be contiguous along K");
   const ScalarType x_dtype = x_in.scalar_type();
-  Tensor x = torch::stable::contiguous(x_in);
+  Tensor x = as_contiguous(x_in);
   Activations a;
   a.M = M;
   a.K = K;
@@ -457,7 +457,7 @@ Tensor linear_rows(Tensor x_in, Tensor w, Tensor scales_in) {
   std::vector<float> scale_values;
   if (scales_in.numel() > 0) {
     STD_TORCH_CHECK(scales_in.dim() == 1 && scales_in.size(0) == N, "linear_rows: scales must be [N]");
-    Tensor sc = torch::stable::contiguous(scales_in);
+    Tensor sc = as_contiguous(scales_in);
     scale_values.resize(N);
     STD_TORCH_CHECK(read_floats(sc.scalar_type(), sc.const_data_ptr(), N, scale_values.data()),
                     "linear_rows: scales must be float32, bfloat16 or float16");

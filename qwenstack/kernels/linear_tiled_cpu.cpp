@@ -436,8 +436,8 @@ Tensor linear_tiled(Tensor x_in, Tensor packed_in) {
   const int64_t M = x_in.size(0), K = x_in.size(1), N = packed_in.size(0) * TILE_N;
   STD_TORCH_CHECK(packed_in.size(1) * TILE_K == K, "linear_tiled: x has ", K, " columns but the weights ",
                   packed_in.size(1) * TILE_K);
-  Tensor x = torch::stable::contiguous(x_in);
-  Tensor packed = torch::stable::contiguous(packed_in);
+  Tensor x = as_contiguous(x_in);
+  Tensor packed = as_contiguous(packed_in);
   Rows a;
   a.M = M;
   a.K = K;
@@ -740,9 +740,9 @@ Tensor linear_tiled_int8(Tensor x_in, Tensor packed_in, Tensor scales_in) {
                   packed_in.size(1) * I8_TILE_K);
   STD_TORCH_CHECK(K <= I8_MAX_K, "linear_tiled_int8: at most ", I8_MAX_K, " columns");
   STD_TORCH_CHECK(scales_in.dim() == 1 && scales_in.size(0) == N, "linear_tiled_int8: scales must be [N]");
-  Tensor x = torch::stable::contiguous(x_in);
-  Tensor packed = torch::stable::contiguous(packed_in);
-  Tensor sc = torch::stable::contiguous(scales_in);
+  Tensor x = as_contiguous(x_in);
+  Tensor packed = as_contiguous(packed_in);
+  Tensor sc = as_contiguous(scales_in);
   std::unique_ptr<float[]> xf = uninitialized<float>(M * K);
   std::vector<float> scales(N);
   STD_TORCH_CHECK(read_floats(x.scalar_type(), x.const_data_ptr(), M * K, xf.get()),
@@ -822,10 +822,10 @@ Tensor moe_tiled(Tensor x_in, Tensor counts_in, Tensor gate_up_in, Tensor down_i
                   "moe_tiled: the stacks do not match x's ", H, " columns or each other");
   STD_TORCH_CHECK(counts_in.dim() == 1 && counts_in.size(0) == E && counts_in.scalar_type() == ScalarType::Long,
                   "moe_tiled: counts must be int64 [E]");
-  Tensor x = torch::stable::contiguous(x_in);
-  Tensor counts_t = torch::stable::contiguous(counts_in);
-  Tensor gate_up = torch::stable::contiguous(gate_up_in);
-  Tensor down = torch::stable::contiguous(down_in);
+  Tensor x = as_contiguous(x_in);
+  Tensor counts_t = as_contiguous(counts_in);
+  Tensor gate_up = as_contiguous(gate_up_in);
+  Tensor down = as_contiguous(down_in);
   const int64_t* counts = static_cast<const int64_t*>(counts_t.const_data_ptr());
   std::vector<int64_t> experts, first_row;
   int64_t total = 0;
@@ -862,6 +862,7 @@ Tensor moe_tiled(Tensor x_in, Tensor counts_in, Tensor gate_up_in, Tensor down_i
 
 }  // namespace
 
+#ifndef QWENSTACK_KERNEL_FUNCTIONS_ONLY  // decode_layer_cpu.cpp includes this file for its functions
 STABLE_TORCH_LIBRARY_FRAGMENT(qwenstack, m) {
   m.def("linear_tiled(Tensor x, Tensor packed) -> Tensor");
   m.def("linear_tiled_int8(Tensor x, Tensor packed, Tensor scales) -> Tensor");
@@ -873,3 +874,4 @@ STABLE_TORCH_LIBRARY_IMPL(qwenstack, CPU, m) {
   m.impl("linear_tiled_int8", TORCH_BOX(&linear_tiled_int8));
   m.impl("moe_tiled", TORCH_BOX(&moe_tiled));
 }
+#endif

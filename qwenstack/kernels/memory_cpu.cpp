@@ -67,7 +67,7 @@ Tensor stream_sum(Tensor x_in, int64_t streams) {
                   "stream_sum: x must be a 1-D float32 CPU tensor");
   STD_TORCH_CHECK(streams == 1 || streams == 2 || streams == 4 || streams == 8 || streams == MAX_STREAMS,
                   "stream_sum: streams must be 1, 2, 4, 8 or 16, not ", streams);
-  Tensor x = torch::stable::contiguous(x_in);
+  Tensor x = as_contiguous(x_in);
   const float* p = static_cast<const float*>(x.const_data_ptr());
   const int64_t n = x.numel(), vectors = n / W;
   float total = 0.f;

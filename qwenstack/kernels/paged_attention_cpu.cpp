@@ -812,7 +812,7 @@ Tensor paged_attention_impl(Tensor q_in, Tensor kv_cache, Tensor tables_in, Tens
   STD_TORCH_CHECK(q_dtype == ScalarType::Float || q_dtype == ScalarType::BFloat16 || q_dtype == ScalarType::Half,
                   "q must be float32, bfloat16 or float16");
   const bool q_packed = q_in.stride(2) == 1 && q_in.stride(1) == D && (T <= 1 || q_in.stride(0) == Hq * D);
-  Tensor q = q_packed ? q_in : torch::stable::contiguous(q_in);
+  Tensor q = q_packed ? q_in : as_contiguous(q_in);
   const std::vector<int64_t> t = read_longs(tables_in), l = read_longs(lens_in);
   std::vector<int64_t> starts(B + 1, 0);
   if (query_lens_in == nullptr) {
@@ -907,6 +907,7 @@ void write_kv(Tensor kv_cache, Tensor k, Tensor v, Tensor slots_in) {
 
 }  // namespace
 
+#ifndef QWENSTACK_KERNEL_FUNCTIONS_ONLY  // decode_layer_cpu.cpp includes this file for its functions
 STABLE_TORCH_LIBRARY_FRAGMENT(qwenstack, m) {
   m.def("paged_decode_attention(Tensor q, Tensor kv_cache, Tensor block_tables, Tensor context_lens, float scale)"
         " -> Tensor");
@@ -920,3 +921,4 @@ STABLE_TORCH_LIBRARY_IMPL(qwenstack, CPU, m) {
   m.impl("paged_prefix_attention", TORCH_BOX(&paged_prefix_attention));
   m.impl("write_kv", TORCH_BOX(&write_kv));
 }
+#endif

@@ -95,7 +95,7 @@ void weight_to_float(const Tensor& w, std::vector<float>& out) {
 
 std::vector<float> weight_floats(const Tensor& weight_in, int64_t D, const char* what) {
   STD_TORCH_CHECK(weight_in.dim() == 1 && weight_in.size(0) == D, what, " must be [D]");
-  Tensor weight = torch::stable::contiguous(weight_in);
+  Tensor weight = as_contiguous(weight_in);
   std::vector<float> w(D);
   switch (weight.scalar_type()) {
     case ScalarType::Float: weight_to_float<float>(weight, w); break;
@@ -218,7 +218,7 @@ std::tuple<Tensor, Tensor> qk_norm_rope(Tensor q, Tensor k, Tensor q_weight, Ten
                   "qk_norm_rope: q and k must be contiguous along their last dimension");
   STD_TORCH_CHECK(k.scalar_type() == q.scalar_type() && cos_in.scalar_type() == q.scalar_type() &&
                       sin_in.scalar_type() == q.scalar_type(), "qk_norm_rope: q, k, cos and sin must share a dtype");
-  Tensor cos = torch::stable::contiguous(cos_in), sin = torch::stable::contiguous(sin_in);
+  Tensor cos = as_contiguous(cos_in), sin = as_contiguous(sin_in);
   STD_TORCH_CHECK(cos.dim() == 2 && cos.size(0) == S && sin.dim() == 2 && sin.size(0) == S &&
                       sin.size(1) == cos.size(1) && cos.size(1) % 2 == 0 && cos.size(1) <= D,
                   "qk_norm_rope: cos and sin must be [S, R] with R even and at most D");
@@ -241,6 +241,7 @@ std::tuple<Tensor, Tensor> qk_norm_rope(Tensor q, Tensor k, Tensor q_weight, Ten
 
 }  // namespace
 
+#ifndef QWENSTACK_KERNEL_FUNCTIONS_ONLY  // decode_layer_cpu.cpp includes this file for its functions
 STABLE_TORCH_LIBRARY_FRAGMENT(qwenstack, m) {
   m.def("rms_norm(Tensor x, Tensor weight, float eps, bool zero_centered) -> Tensor");
   m.def("add_rms_norm(Tensor x, Tensor delta, Tensor weight, float eps, bool zero_centered) -> (Tensor, Tensor)");
@@ -253,3 +254,4 @@ STABLE_TORCH_LIBRARY_IMPL(qwenstack, CPU, m) {
   m.impl("add_rms_norm", TORCH_BOX(&add_rms_norm));
   m.impl("qk_norm_rope", TORCH_BOX(&qk_norm_rope));
 }
+#endif

@@ -51,6 +51,7 @@ Tensor silu_mul(Tensor gate_up) {
 
 }  // namespace
 
+#ifndef QWENSTACK_KERNEL_FUNCTIONS_ONLY  // decode_layer_cpu.cpp includes this file for its functions
 STABLE_TORCH_LIBRARY_FRAGMENT(qwenstack, m) {
   m.def("silu_mul(Tensor gate_up) -> Tensor");
 }
@@ -58,3 +59,4 @@ STABLE_TORCH_LIBRARY_FRAGMENT(qwenstack, m) {
 STABLE_TORCH_LIBRARY_IMPL(qwenstack, CPU, m) {
   m.impl("silu_mul", TORCH_BOX(&silu_mul));
 }
+#endif

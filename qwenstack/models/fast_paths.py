@@ -15,7 +15,9 @@ Model files (layers.py, attention.py, qwen3*.py) are the reference math and neve
 - Gated DeltaNet layers (Qwen3-Next): a decode step's conv and recurrence on the state slots where they lie,
   one native call each (qwenstack/kernels/gated_delta_cpu.cpp);
 - a stack of Qwen3 decoder layers (models/qwen3.py run_layers): decode steps as FlatDecodeLoop, the same
-  native ops called straight from one loop, without the modules and wrappers between them.
+  native ops called straight from one loop, without the modules and wrappers between them, and where every
+  product is a tile-packed bfloat16 or int8 matrix, one native call per layer
+  (qwenstack/kernels/decode_layer_cpu.cpp).
 Each native path keeps its torch reference as the fallback for a call it cannot take (autograd, float32
 norms, a dtype or block size the kernel does not handle, kernels unavailable or disabled), so a prepared
 model computes what the reference computes (bit-identical for the rotary and attention kernels, within
@@ -186,6 +188,17 @@ def rows_product(linear: nn.Module) -> tuple[RowsProduct, int]:
     return linear.forward, sys.maxsize
 
 
+def tiled_weights(linear: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """A bias-free tile-packed linear's weights as the native decode layer takes them: (packed bfloat16, an
+    empty scales tensor) or (packed int8, its scales); None for any other form."""
+    if type(linear) is TiledLinear and linear.bias is None:
+        return linear.packed, torch.empty(0)
+    quantized = getattr(linear, "quantized", None)
+    if type(quantized) is Int8Weight and quantized.tiled and getattr(linear, "bias", None) is None:
+        return quantized.qweight, quantized.scales
+    return None
+
+
 @dataclass
 class DecodeLayerOps:
     """One dense decoder layer as FlatDecodeLoop calls it: its products and the weights of its native ops."""
@@ -200,6 +213,8 @@ class DecodeLayerOps:
     post_norm: NativeRMSNorm
     q_norm: NativeRMSNorm
     k_norm: NativeRMSNorm
+    # decode_layer's arguments from input_norm to kv_heads, where the whole layer is one native call; else None
+    native: tuple | None = None
 
 
 # The native ops a flat decode step calls, resolved once when the loop is built.
@@ -221,6 +236,10 @@ class FlatDecodeLoop:
     def __init__(self, layers: list[DecodeLayerOps], rotary: nn.Module, dtype: torch.dtype, max_rows: int) -> None:
         self.layers, self.rotary, self.dtype, self.max_rows = layers, rotary, dtype, max_rows
         self.ops = {name: kernels.native_op(name) for name in FLAT_DECODE_OPS}
+        # One native call per layer where every layer takes it (the others keep the loop of ops below).
+        self.decode_layer = kernels.native_op("decode_layer")
+        if any(layer.native is None for layer in layers):
+            self.decode_layer = None
 
     @classmethod
     def build(cls, layers: Sequence[nn.Module]) -> "FlatDecodeLoop | None":
@@ -256,8 +275,24 @@ class FlatDecodeLoop:
         mlp, mlp_rows = FlatDecodeLoop._mlp_call(layer.mlp)
         ops = DecodeLayerOps(qkv, o, mlp, heads=[attn.num_heads, attn.num_kv_heads, attn.num_kv_heads],
                              head_dim=attn.head_dim, scale=attn.scale, input_norm=norms[0], post_norm=norms[1],
-                             q_norm=norms[2], k_norm=norms[3])
+                             q_norm=norms[2], k_norm=norms[3], native=FlatDecodeLoop._native_layer(layer))
         return ops, min(qkv_rows, o_rows, mlp_rows)
+
+    @staticmethod
+    def _native_layer(layer: DecoderLayer) -> tuple | None:
+        """decode_layer's weight arguments for `layer`, or None where it is not one native call: a product in
+        another form (oneDNN-packed, int4, a shard), an MLP that is not a SwiGLU (MoE), or norms that disagree
+        on the one eps and zero-centring the op takes for the two layer norms."""
+        attn, mlp = layer.self_attn, layer.mlp
+        if type(mlp) is not SwiGLU or mlp.activation is not native_silu_and_mul:
+            return None
+        products = [tiled_weights(m) for m in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)]
+        norm, post, qn = layer.input_layernorm, layer.post_attention_layernorm, attn.q_norm
+        if any(p is None for p in products) or norm.eps != post.eps or not (
+                norm.zero_centered == post.zero_centered == qn.zero_centered):
+            return None
+        return (norm.weight, post.weight, qn.weight, attn.k_norm.weight, float(norm.eps), float(qn.eps),
+                norm.zero_centered, *(t for p in products for t in p), attn.num_heads, attn.num_kv_heads)
 
     @staticmethod
     def _mlp_call(mlp: nn.Module) -> tuple[RowsProduct, int]:
@@ -291,6 +326,11 @@ class FlatDecodeLoop:
         rows = x.shape[0]
         cos, sin = self.rotary.cos_sin(positions, x.dtype)
         lens, slots, tables = batch.context_lens_tensor, batch.slot_mapping, batch.block_tables
+        if self.decode_layer is not None:
+            decode_layer, delta = self.decode_layer, x.new_empty(0)
+            for layer, cache in zip(self.layers, kv_caches):
+                x, delta = decode_layer(x, delta, *layer.native, cos, sin, cache, slots, tables, lens, layer.scale)
+            return x + delta
         first = self.layers[0].input_norm
         h = rms_norm(x, first.weight, float(first.eps), first.zero_centered)
         mlp_out = None

@@ -46,18 +46,23 @@ def stack_outputs(model: torch.nn.Module, monkeypatch: pytest.MonkeyPatch) -> tu
     return outputs, taken
 
 
-@pytest.mark.parametrize("checkpoint,form,quantization", [
-    ("tiny_qwen3", "native", None), ("tiny_qwen3", "packed", None), ("tiny_qwen3", "native", "int8"),
-    ("tiny_qwen3", "native", "int4"), ("tiny_qwen3_moe", "native", None), ("tiny_qwen3_moe", "native", "int8"),
+# The last field: whether each layer is one native call (decode_layer_cpu.cpp), which needs every product
+# tile-packed in bfloat16 or int8 and a dense SwiGLU; the other stacks run the loop of ops.
+@pytest.mark.parametrize("checkpoint,form,quantization,one_call_per_layer", [
+    ("tiny_qwen3", "native", None, True), ("tiny_qwen3", "packed", None, False),
+    ("tiny_qwen3", "native", "int8", True), ("tiny_qwen3", "native", "int4", False),
+    ("tiny_qwen3_moe", "native", None, False), ("tiny_qwen3_moe", "native", "int8", False),
 ])
 def test_the_flat_loop_gives_the_layers_bits_at_every_decode_step(request: pytest.FixtureRequest,
                                                                     monkeypatch: pytest.MonkeyPatch, checkpoint: str,
-                                                                    form: str, quantization: str | None) -> None:
+                                                                    form: str, quantization: str | None,
+                                                                    one_call_per_layer: bool) -> None:
     require_native_kernels()
     if form == "packed" and not packing_supported():
         pytest.skip("no oneDNN packing in this torch build")
     model = prepared(request.getfixturevalue(checkpoint), form, quantization)
     assert isinstance(model.model.run_layers, FlatDecodeLoop)
+    assert (model.model.run_layers.decode_layer is not None) == one_call_per_layer
     flat, taken = stack_outputs(model, monkeypatch)
     model.model.run_layers = run_decoder_layers  # the prepared layers, one module call after another
     layered, _ = stack_outputs(model, monkeypatch)
@@ -87,3 +92,28 @@ def test_steps_the_loop_does_not_take_go_through_the_layers(tiny_qwen3: Path) ->
     # A model whose norms stay on torch (float32) keeps the reference stack.
     float32 = load_model(tiny_qwen3, dtype=torch.float32)
     assert prepare_for_cpu(float32).decode_loops == 0 and float32.model.run_layers is run_decoder_layers
+
+
+def test_one_native_call_per_layer_refuses_a_layer_whose_heads_do_not_fit_its_qkv(tiny_qwen3: Path) -> None:
+    """decode_layer takes the heads as arguments: a count that disagrees with the fused qkv product is a clear
+    error before the cache is written, not a read past the product's end."""
+    require_native_kernels()
+    model = prepared(tiny_qwen3, "native")
+    loop = model.model.run_layers
+    assert loop.decode_layer is not None
+    layer = loop.layers[0]
+    *weights, q_heads, kv_heads = layer.native
+    x = torch.randn(1, model.args.hidden_size, dtype=torch.bfloat16)
+    cos, sin = loop.rotary.cos_sin(torch.tensor([2]), x.dtype)
+    cache = torch.zeros(2, 4, 4, kv_heads, layer.head_dim, dtype=torch.bfloat16)
+    tables, lens, slots = torch.tensor([[0, 1]]), torch.tensor([3]), torch.tensor([2])
+    with torch.inference_mode():
+        x_out, mlp_out = loop.decode_layer(x, x.new_empty(0), *weights, q_heads, kv_heads, cos, sin, cache, slots,
+                                           tables, lens, layer.scale)
+        assert x_out.shape == mlp_out.shape == x.shape  # (their bits: the test above, through the loop)
+        assert cache[0, 0, 2].abs().sum() > 0  # the new key went to slot 2
+        cache.zero_()
+        with pytest.raises(RuntimeError, match="qkv product has"):
+            loop.decode_layer(x, x.new_empty(0), *weights, q_heads + 1, kv_heads, cos, sin, cache, slots, tables,
+                              lens, layer.scale)
+    assert cache.abs().sum() == 0

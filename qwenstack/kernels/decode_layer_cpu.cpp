@@ -1,0 +1,124 @@
+// One dense Qwen3 decoder layer's decode step in one native call: the ops models/fast_paths.py's FlatDecodeLoop
+// calls for the layer, in the same order on the same tensors, so the result is bit-identical to that loop's (and
+// to the layers'). Why: at one row, most of a small op's time was its call (Python, the dispatcher, boxed
+// arguments): 28 layers of 10 calls each cost a few milliseconds of a Qwen3-0.6B step, where int8's weights
+// read in ~15 (benchmarks/RESULTS.md, "One native call per decode layer").
+//
+//   decode_layer(x, delta, input_norm, post_norm, q_norm, k_norm, norm_eps, qk_eps, zero_centered,
+//                qkv, qkv_scales, o, o_scales, gate_up, gate_up_scales, down, down_scales,
+//                q_heads, kv_heads, cos, sin, kv_cache, slots, block_tables, context_lens, scale)
+//     -> (x, mlp_out)
+// - x [R, hidden]: the residual stream before the layer; delta: the previous layer's MLP output, added to x
+//   first (add_rms_norm), or an empty tensor for the first layer (rms_norm of x alone);
+// - each product's weights tile-packed: bfloat16 (linear_tiled's layout) with empty scales, or int8
+//   (linear_tiled_int8's) with their scales [N];
+// - the attention reads and writes the paged cache as paged_decode_attention and write_kv do.
+// Returns the residual stream after the attention block and the MLP's output; the caller adds the last layer's.
+//
+// The functions are the op files' own: each file is compiled here a second time, inside its own namespace, with
+// its op registrations left out (QWENSTACK_KERNEL_FUNCTIONS_ONLY), so there is one copy of each kernel's source.
+// Everything those files include is included first, outside the namespaces, so their own includes add nothing.
+#include <torch/csrc/stable/library.h>
+#include <torch/csrc/stable/ops.h>
+#include <torch/csrc/stable/tensor.h>
+#include <torch/headeronly/util/Half.h>
+
+#include "cpu_vec.h"
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <memory>
+#include <numeric>
+#include <tuple>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#if defined(__AVX512BF16__)
+#include <immintrin.h>
+#endif
+#if defined(__AMX_TILE__)
+#include "cpu_amx.h"
+#endif
+
+#define QWENSTACK_KERNEL_FUNCTIONS_ONLY
+namespace norm_ops {
+#include "rms_norm_cpu.cpp"
+}
+namespace linear_ops {
+#include "linear_tiled_cpu.cpp"
+}
+namespace attention_ops {
+#include "paged_attention_cpu.cpp"
+}
+namespace swiglu_ops {
+#include "swiglu_cpu.cpp"
+}
+#undef QWENSTACK_KERNEL_FUNCTIONS_ONLY
+
+namespace {
+
+using torch::headeronly::ScalarType;
+using torch::stable::Tensor;
+
+// x [R, K] times one tile-packed matrix: bfloat16 where scales is empty, int8 with its scales otherwise.
+Tensor product(const Tensor& x, const Tensor& packed, const Tensor& scales) {
+  return scales.numel() == 0 ? linear_ops::linear_tiled(x, packed) : linear_ops::linear_tiled_int8(x, packed, scales);
+}
+
+// A view of `base`'s memory (which must outlive it) with these sizes and strides, from element `offset`.
+// from_blob is one call into torch, where narrow or view go through the dispatcher with boxed arguments.
+Tensor view_of(const Tensor& base, std::initializer_list<int64_t> sizes, std::initializer_list<int64_t> strides,
+               int64_t offset) {
+  char* data = static_cast<char*>(base.mutable_data_ptr()) + offset * base.element_size();
+  return torch::stable::from_blob(data, sizes, strides, base.device(), base.scalar_type());
+}
+
+std::tuple<Tensor, Tensor> decode_layer(Tensor x, Tensor delta, Tensor input_norm, Tensor post_norm, Tensor q_norm,
+                                        Tensor k_norm, double norm_eps, double qk_eps, bool zero_centered, Tensor qkv,
+                                        Tensor qkv_scales, Tensor o, Tensor o_scales, Tensor gate_up,
+                                        Tensor gate_up_scales, Tensor down, Tensor down_scales, int64_t q_heads,
+                                        int64_t kv_heads, Tensor cos, Tensor sin, Tensor kv_cache, Tensor slots,
+                                        Tensor block_tables, Tensor context_lens, double scale) {
+  STD_TORCH_CHECK(x.dim() == 2, "decode_layer: x must be [rows, hidden]");
+  STD_TORCH_CHECK(kv_cache.dim() == 5 && q_heads > 0 && kv_heads > 0,
+                  "decode_layer: kv_cache must be [2, num_blocks, block_size, kv_heads, head_dim]");
+  const int64_t R = x.size(0), D = kv_cache.size(4), width = (q_heads + 2 * kv_heads) * D;
+  Tensor h;
+  if (delta.numel() == 0) {
+    h = norm_ops::rms_norm(x, input_norm, norm_eps, zero_centered);
+  } else {
+    std::tie(x, h) = norm_ops::add_rms_norm(x, delta, input_norm, norm_eps, zero_centered);
+  }
+  const Tensor fused = product(h, qkv, qkv_scales);
+  STD_TORCH_CHECK(fused.size(1) == width, "decode_layer: the qkv product has ", fused.size(1),
+                  " outputs, not (q_heads + 2 * kv_heads) * head_dim = ", width);
+  const Tensor q_in = view_of(fused, {R, q_heads, D}, {width, D, 1}, 0);
+  const Tensor k_in = view_of(fused, {R, kv_heads, D}, {width, D, 1}, q_heads * D);
+  const Tensor v = view_of(fused, {R, kv_heads, D}, {width, D, 1}, (q_heads + kv_heads) * D);
+  auto [q, k] = norm_ops::qk_norm_rope(q_in, k_in, q_norm, k_norm, cos, sin, qk_eps, zero_centered);
+  attention_ops::write_kv(kv_cache, k, v, slots);
+  const Tensor attended = attention_ops::paged_decode_attention(q, kv_cache, block_tables, context_lens, scale);
+  const Tensor heads = view_of(attended, {R, q_heads * D}, {q_heads * D, 1}, 0);
+  auto [residual, h2] = norm_ops::add_rms_norm(x, product(heads, o, o_scales), post_norm, norm_eps, zero_centered);
+  const Tensor mlp_out = product(swiglu_ops::silu_mul(product(h2, gate_up, gate_up_scales)), down, down_scales);
+  return {residual, mlp_out};
+}
+
+}  // namespace
+
+STABLE_TORCH_LIBRARY_FRAGMENT(qwenstack, m) {
+  m.def("decode_layer(Tensor x, Tensor delta, Tensor input_norm, Tensor post_norm, Tensor q_norm, Tensor k_norm, "
+        "float norm_eps, float qk_eps, bool zero_centered, Tensor qkv, Tensor qkv_scales, Tensor o, Tensor o_scales, "
+        "Tensor gate_up, Tensor gate_up_scales, Tensor down, Tensor down_scales, int q_heads, int kv_heads, "
+        "Tensor cos, Tensor sin, Tensor(a!) kv_cache, Tensor slots, Tensor block_tables, Tensor context_lens, "
+        "float scale) -> (Tensor, Tensor)");
+}
+
+STABLE_TORCH_LIBRARY_IMPL(qwenstack, CPU, m) {
+  m.impl("decode_layer", TORCH_BOX(&decode_layer));
+}
