@@ -8,6 +8,10 @@ Decisions:
   (torch >= 2.10) and registers its ops under torch.ops.qwenstack without pybind11.
 - Each .cpp file is its own extension, and the ops a file defines are read from its `m.def("name(...")`
   lines: a file that fails to compile disables only its own ops, and adding an op needs no table here.
+  (decode_layer_cpu.cpp compiles four other op files into its own extension, for their functions.)
+- torch rebuilds an extension when its listed source changes, not its includes; every build gets a digest of
+  all the kernel files as a define, so a change to a header or to a file another one includes rebuilds
+  what uses it (an upgrade with torch's extension cache kept included).
 - SIMD is written with GCC/Clang generic vectors, so the flags pick the instructions. They follow torch's
   own dispatch level (torch.backends.cpu.get_cpu_capability()): AVX512 builds with the AVX-512 F/BW/VL/DQ
   set torch's AVX512 kernels use, AVX2 with AVX2/FMA/F16C, anything else (other x86, ARM) with plain -O3.
@@ -22,6 +26,7 @@ Decisions:
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import os
 import platform
@@ -37,7 +42,8 @@ import torch
 
 log = logging.getLogger("qwenstack.kernels")
 
-SOURCES = tuple(sorted(Path(__file__).parent.glob("*.cpp")))
+KERNEL_DIR = Path(__file__).parent
+SOURCES = tuple(sorted(KERNEL_DIR.glob("*.cpp")))
 _ISA_FLAGS = {
     "avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mf16c"],
     "avx512_bf16": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mf16c",
@@ -93,6 +99,22 @@ def _has_cpu_features(*names: str) -> bool:
     return all(bool(capabilities.get(name)) for name in names)
 
 
+def sources_digest(directory: Path) -> str:
+    """A digest of every .cpp and .h file in `directory`, names and contents."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in directory.iterdir() if p.suffix in (".cpp", ".h")):
+        digest.update(path.name.encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+@functools.cache
+def kernel_sources_digest() -> str:
+    """The kernel files' digest, part of each build's flags: torch's extension cache hashes the listed source
+    alone, and this makes it rebuild when anything a file includes changes."""
+    return sources_digest(KERNEL_DIR)
+
+
 _OP_DEF = re.compile(r'm\.def\(\s*"(\w+)\(')
 
 
@@ -117,7 +139,7 @@ def _build(source: Path) -> None:
     cpp_extension.load(
         name=name,
         sources=[str(source)],
-        extra_cflags=["-O3", *_ISA_FLAGS.get(isa, [])],
+        extra_cflags=["-O3", *_ISA_FLAGS.get(isa, []), f"-DQWENSTACK_KERNEL_SOURCES={kernel_sources_digest()}"],
         is_python_module=False,
         verbose=False,
     )

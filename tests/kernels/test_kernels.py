@@ -254,6 +254,26 @@ def test_build_all_builds_every_file_at_once_and_reports_each(tmp_path: Path, mo
     assert kernels.build_all() == {}
 
 
+def test_every_build_carries_a_digest_of_all_kernel_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch rebuilds an extension when its listed source changes, not its includes: the flags carry a digest of
+    every kernel file, so a changed header, or an op file that decode_layer_cpu.cpp compiles in, rebuilds."""
+    import shutil
+
+    calls = []
+    monkeypatch.setattr("torch.utils.cpp_extension.load", lambda **kwargs: calls.append(kwargs))
+    kernels.build._build(kernels.build.KERNEL_DIR / "decode_layer_cpu.cpp")
+    assert f"-DQWENSTACK_KERNEL_SOURCES={kernels.build.kernel_sources_digest()}" in calls[0]["extra_cflags"]
+    copy = tmp_path / "kernels"
+    shutil.copytree(kernels.build.KERNEL_DIR, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    digest = kernels.build.sources_digest(copy)
+    assert digest == kernels.build.kernel_sources_digest()
+    (copy / "notes.txt").write_text("not a kernel file")
+    assert kernels.build.sources_digest(copy) == digest
+    with (copy / "cpu_vec.h").open("a") as header:
+        header.write("// a comment\n")
+    assert kernels.build.sources_digest(copy) != digest
+
+
 ATTENTION_LEVEL_CHECK = """
 import json, sys, torch
 sys.path[:0] = sys.argv[1:]

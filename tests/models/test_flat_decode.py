@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from kernel_utils import require_native_kernels
+from qwenstack import kernels
 from qwenstack.engine.reference import greedy_generate
 from qwenstack.models.attention import AttentionBatch
 from qwenstack.models.cpu_linear import packing_supported, prepare_cpu_linears
@@ -47,7 +48,8 @@ def stack_outputs(model: torch.nn.Module, monkeypatch: pytest.MonkeyPatch) -> tu
 
 
 # The last field: whether each layer is one native call (decode_layer_cpu.cpp), which needs every product
-# tile-packed in bfloat16 or int8 and a dense SwiGLU; the other stacks run the loop of ops.
+# tile-packed in bfloat16 or int8 (int8 is tile-packed where the CPU has VNNI) and a dense SwiGLU; the other
+# stacks run the loop of ops.
 @pytest.mark.parametrize("checkpoint,form,quantization,one_call_per_layer", [
     ("tiny_qwen3", "native", None, True), ("tiny_qwen3", "packed", None, False),
     ("tiny_qwen3", "native", "int8", True), ("tiny_qwen3", "native", "int4", False),
@@ -62,6 +64,8 @@ def test_the_flat_loop_gives_the_layers_bits_at_every_decode_step(request: pytes
         pytest.skip("no oneDNN packing in this torch build")
     model = prepared(request.getfixturevalue(checkpoint), form, quantization)
     assert isinstance(model.model.run_layers, FlatDecodeLoop)
+    if quantization == "int8":
+        one_call_per_layer = one_call_per_layer and kernels.int8_tiles_preferred()
     assert (model.model.run_layers.decode_layer is not None) == one_call_per_layer
     flat, taken = stack_outputs(model, monkeypatch)
     model.model.run_layers = run_decoder_layers  # the prepared layers, one module call after another
