@@ -14,9 +14,10 @@
 // softmax rescaled once per block.
 //
 // Decode (one new token per sequence): work items are chunks of a sequence's context (CHUNK_TOKENS,
-// whole blocks), each over all kv heads, so every item streams whole blocks front to back. A sequence of
-// several chunks gets each chunk's softmax state (max, sum, weighted sum of values) and merges them after
-// (flash-decoding): one long sequence keeps every thread busy. The chunks depend on the length alone, so
+// whole blocks), each over all kv heads (or, with fewer chunks than threads, over a share of them), so
+// every item streams whole blocks front to back. A sequence of several chunks gets each chunk's softmax
+// state (max, sum, weighted sum of values) and merges them after (flash-decoding): one long sequence
+// keeps every thread busy. The chunks depend on the length alone, and heads never share sums, so
 // a sequence's result is the same whatever the batch and the thread count. Per block and kv head, each
 // key row is dotted with the group's query heads as vertical multiply-adds and the block's W partial
 // vectors per head are folded into one vector of W scores (no horizontal sum per token); the weighted sum
@@ -170,6 +171,12 @@ struct Geometry {
 // Decode items cover this many tokens of context (whole blocks): short enough that one sequence splits
 // over the threads evenly, long enough that the merge (one weighted sum per chunk and head) stays small.
 constexpr int64_t CHUNK_TOKENS = 128;
+
+// Below this much context in all, decode items keep every kv head: a second thread cost more than it saved.
+// Qwen3-0.6B's shape (16 query heads, 8 kv heads of 128), one sequence, 2 Zen 4 threads: 16 tokens 8.0-8.5 us
+// split against 7.7 on one thread, 32 tokens even (10.0), 64 tokens 11.1-12.7 against 14.6, 128 tokens 16.5-17.1
+// against 25.4.
+constexpr int64_t SPLIT_HEADS_MIN_TOKENS = 48;
 
 inline int64_t chunk_tokens(int64_t block_size) {
   return std::max<int64_t>(1, CHUNK_TOKENS / block_size) * block_size;
@@ -669,12 +676,29 @@ void run(const void* q_ptr, void* out_ptr, ScalarType q_dtype, int64_t Hq, const
   std::vector<Item> items;
   std::vector<int64_t> first(B, -1), chunks(B, 1);
   int64_t slots = 0;
+  // One-token sequences with fewer chunks in all than the threads (a single stream's short context) split
+  // each chunk's kv heads over them as well: heads are independent, so the sums are the same whatever the split.
+  int64_t decode_items = 0, decode_tokens = 0;
+  for (int64_t b = 0; b < B; ++b) {
+    if (starts[b + 1] - starts[b] != 1) continue;
+    decode_items += std::max<int64_t>(1, (lens[b] + chunk - 1) / chunk);
+    decode_tokens += lens[b];
+  }
+  int64_t decode_parts = 1;
+  while (decode_tokens >= SPLIT_HEADS_MIN_TOKENS && decode_parts < Hkv && decode_items * decode_parts < threads)
+    decode_parts *= 2;
+  while (Hkv % decode_parts != 0) --decode_parts;
+  const int64_t per_decode_part = Hkv / decode_parts;
   for (int64_t b = 0; b < B; ++b) {
     const int64_t n_q = starts[b + 1] - starts[b];
     if (n_q == 1) {
       chunks[b] = std::max<int64_t>(1, (lens[b] + chunk - 1) / chunk);
       if (chunks[b] > 1) first[b] = slots, slots += chunks[b];
-      for (int64_t i = 0; i < chunks[b]; ++i) items.push_back({b, i, 0, Hkv, std::min(chunk, lens[b] - i * chunk)});
+      for (int64_t i = 0; i < chunks[b]; ++i) {
+        for (int64_t p = 0; p < decode_parts; ++p) {
+          items.push_back({b, i, p * per_decode_part, (p + 1) * per_decode_part, std::min(chunk, lens[b] - i * chunk)});
+        }
+      }
     } else {
       for (int64_t p = 0; p < parts; ++p) items.push_back({b, 0, p * per_part, (p + 1) * per_part, lens[b] * n_q});
     }
@@ -702,20 +726,25 @@ void run(const void* q_ptr, void* out_ptr, ScalarType q_dtype, int64_t Hq, const
           loaded = b;
         }
         const int64_t begin = it.chunk * chunk, end = std::min(lens[b], begin + chunk);
+        // Query heads [h0, h0 + heads) of kv heads [kv_begin, kv_end): the pool, the queries and the state
+        // offset to the first of them.
+        const int64_t h0 = it.kv_begin * g.group, heads = (it.kv_end - it.kv_begin) * g.group;
+        const int64_t pool_offset = it.kv_begin * g.head_stride;
         // bfloat16 queries over a bfloat16 cache also go in as they are, for the dot-product scores.
         const bool bf16_q = std::is_same_v<T, Bf16> && q_dtype == ScalarType::BFloat16;
-        attend_any<T>(scaled_q.data(), bf16_q ? reinterpret_cast<const Bf16*>(q_row(starts[b])) : nullptr,
-                      bf16_q ? float(scale) : 1.f, k_pool, v_pool, table, begin, end, Hkv, g, s);
+        const Bf16* qb = bf16_q ? reinterpret_cast<const Bf16*>(q_row(starts[b])) + h0 * D : nullptr;
+        attend_any<T>(scaled_q.data() + h0 * C, qb, bf16_q ? float(scale) : 1.f, k_pool + pool_offset,
+                      v_pool + pool_offset, table, begin, end, it.kv_end - it.kv_begin, g, s);
         if (first[b] < 0) {
-          for (int64_t h = 0; h < Hq; ++h) {
+          for (int64_t h = 0; h < heads; ++h) {
             output_row<T>(&s.acc[h * C], s.l[h] > 0.f ? 1.f / s.l[h] : 0.f, row.data(), C);  // empty: zeros
-            write_floats(q_dtype, row.data(), D, out_row(starts[b]) + h * D * q_size);
+            write_floats(q_dtype, row.data(), D, out_row(starts[b]) + (h0 + h) * D * q_size);
           }
         } else {
           const int64_t slot = first[b] + it.chunk;
-          std::copy(s.acc.begin(), s.acc.begin() + Hq * C, slot_acc.begin() + slot * Hq * C);
-          std::copy(s.m.begin(), s.m.begin() + Hq, slot_m.begin() + slot * Hq);
-          std::copy(s.l.begin(), s.l.begin() + Hq, slot_l.begin() + slot * Hq);
+          std::copy(s.acc.begin(), s.acc.begin() + heads * C, slot_acc.begin() + (slot * Hq + h0) * C);
+          std::copy(s.m.begin(), s.m.begin() + heads, slot_m.begin() + slot * Hq + h0);
+          std::copy(s.l.begin(), s.l.begin() + heads, slot_l.begin() + slot * Hq + h0);
         }
       } else {
         if (!many) {

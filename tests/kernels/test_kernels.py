@@ -178,19 +178,22 @@ def test_strided_pool_int32_and_threads() -> None:
     assert torch.equal(single, multi)
 
 
-def test_same_result_alone_in_any_batch_and_with_any_threads() -> None:
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_same_result_alone_in_any_batch_and_with_any_threads(dtype: torch.dtype) -> None:
     """A sequence's output does not depend on what else is in the batch or on the thread count (its
-    context chunks depend on its length alone), bit for bit."""
-    lengths = [700, 3, 129, 40]
-    pool, tables = make_pool(lengths, 4, 128, 16, torch.bfloat16, seed=11)
-    q = torch.randn(len(lengths), 8, 128, dtype=torch.bfloat16)
+    context chunks depend on its length alone; a sequence alone with spare threads splits its kv heads, and
+    heads share no sums), bit for bit."""
+    lengths = [700, 3, 129, 40, 100]
+    pool, tables = make_pool(lengths, 4, 128, 16, dtype, seed=11)
+    q = torch.randn(len(lengths), 8, 128).to(dtype)
     batched = kernels.paged_decode_attention(q, pool, tables, lengths, 0.088)
     threads = torch.get_num_threads()
     try:
-        torch.set_num_threads(1)
-        for i, n in enumerate(lengths):
-            alone = kernels.paged_decode_attention(q[i:i + 1], pool, tables[i:i + 1], [n], 0.088)
-            assert torch.equal(alone[0], batched[i])
+        for alone_threads in (1, 2, 4):
+            torch.set_num_threads(alone_threads)
+            for i, n in enumerate(lengths):
+                alone = kernels.paged_decode_attention(q[i:i + 1], pool, tables[i:i + 1], [n], 0.088)
+                assert torch.equal(alone[0], batched[i]), (alone_threads, n)
     finally:
         torch.set_num_threads(threads)
 
