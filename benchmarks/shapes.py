@@ -11,6 +11,11 @@ QWEN3_COMMON = dict(vocab_size=151936, rms_norm_eps=1e-6, max_position_embedding
 SHAPES: dict[str, dict[str, Any]] = {
     "qwen3-0.6b": dict(QWEN3_COMMON, model_type="qwen3", hidden_size=1024, intermediate_size=3072,
                        num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8, tie_word_embeddings=True),
+    # Qwen3-0.6B's 28 layers and attention heads with the hidden size cut to 64: a decode step calls every op a
+    # 0.6B step calls but reads 44 MB of weights (the attention projections keep their head widths, the head its
+    # vocabulary), so its time is mostly what a step costs besides its weights (bench_decode_loop).
+    "qwen3-0.6b-h64": dict(QWEN3_COMMON, model_type="qwen3", hidden_size=64, intermediate_size=192,
+                           num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8, tie_word_embeddings=True),
     # Qwen3-30B-A3B with 4 of its 48 layers: per-layer cost and expert routing as released.
     "qwen3-30b-a3b-4l": dict(QWEN3_COMMON, model_type="qwen3_moe", hidden_size=2048, intermediate_size=6144,
                              num_hidden_layers=4, num_attention_heads=32, num_key_value_heads=4,
