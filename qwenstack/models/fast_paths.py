@@ -172,31 +172,33 @@ NATIVE_ATTENTION_OPS = NativeAttentionOps()  # stateless, shared by every prepar
 RowsProduct = Callable[[torch.Tensor], torch.Tensor]
 
 
-def rows_product(linear: nn.Module) -> tuple[RowsProduct, int]:
-    """The most direct call for `linear` on [rows, in] rows, and up to how many rows it takes: the native op
-    itself for a tile-packed bfloat16 or int8 matrix without bias, the module's forward for any other form
-    (oneDNN-packed, int4, a tensor-parallel shard with its all-reduce)."""
-    if type(linear) is TiledLinear and linear.bias is None:
-        op, packed = kernels.native_op("linear_tiled"), linear.packed
-        if op is not None:
-            return (lambda x: op(x, packed)), tiled_max_rows()
-    quantized = getattr(linear, "quantized", None)
-    if type(quantized) is Int8Weight and quantized.tiled and getattr(linear, "bias", None) is None:
-        op, qweight, scales = kernels.native_op("linear_tiled_int8"), quantized.qweight, quantized.scales
-        if op is not None:
-            return (lambda x: op(x, qweight, scales)), sys.maxsize
-    return linear.forward, sys.maxsize
-
-
 def tiled_weights(linear: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """A bias-free tile-packed linear's weights as the native decode layer takes them: (packed bfloat16, an
-    empty scales tensor) or (packed int8, its scales); None for any other form."""
+    """A bias-free tile-packed linear's weights as the native ops take them: (packed bfloat16, an empty scales
+    tensor) or (packed int8, its scales); None for any other form (oneDNN-packed, int4, a tensor-parallel shard
+    with its all-reduce)."""
     if type(linear) is TiledLinear and linear.bias is None:
         return linear.packed, torch.empty(0)
     quantized = getattr(linear, "quantized", None)
     if type(quantized) is Int8Weight and quantized.tiled and getattr(linear, "bias", None) is None:
         return quantized.qweight, quantized.scales
     return None
+
+
+def rows_product(linear: nn.Module) -> tuple[RowsProduct, int]:
+    """The most direct call for `linear` on [rows, in] rows, and up to how many rows it takes: the native op
+    itself for a tile-packed bfloat16 or int8 matrix (tiled_weights), the module's forward for any other form."""
+    weights = tiled_weights(linear)
+    if weights is not None:
+        packed, scales = weights
+        if scales.numel() == 0:
+            op = kernels.native_op("linear_tiled")
+            if op is not None:
+                return (lambda x: op(x, packed)), tiled_max_rows()
+        else:
+            op = kernels.native_op("linear_tiled_int8")
+            if op is not None:
+                return (lambda x: op(x, packed, scales)), sys.maxsize
+    return linear.forward, sys.maxsize
 
 
 @dataclass
@@ -237,9 +239,7 @@ class FlatDecodeLoop:
         self.layers, self.rotary, self.dtype, self.max_rows = layers, rotary, dtype, max_rows
         self.ops = {name: kernels.native_op(name) for name in FLAT_DECODE_OPS}
         # One native call per layer where every layer takes it (the others keep the loop of ops below).
-        self.decode_layer = kernels.native_op("decode_layer")
-        if any(layer.native is None for layer in layers):
-            self.decode_layer = None
+        self.decode_layer = None if any(layer.native is None for layer in layers) else kernels.native_op("decode_layer")
 
     @classmethod
     def build(cls, layers: Sequence[nn.Module]) -> "FlatDecodeLoop | None":
