@@ -3,7 +3,9 @@ attention for decode and prefix prefill and the KV write (paged_attention_cpu.cp
 activation rows (linear_cpu.cpp) and for tile-packed weights (linear_tiled_cpu.cpp), RMSNorm, residual add +
 RMSNorm and QK-norm + rotary (rms_norm_cpu.cpp), SwiGLU's activation (swiglu_cpu.cpp), Gated DeltaNet's
 decode step, conv and recurrence (gated_delta_cpu.cpp), attention within whole segments of tokens
-(dense_attention_cpu.cpp: a vision tower's frames), and a probe of the machine's read rate (memory_cpu.cpp). Every op has a torch reference that the callers fall back on.
+(dense_attention_cpu.cpp: a vision tower's frames), a dense decoder layer's decode step in one call, from the
+other files' functions (decode_layer_cpu.cpp), and a probe of the machine's read rate (memory_cpu.cpp). Every op
+has a torch reference that the callers fall back on.
 
 - build.py: the CPU's instruction-set level and one extension per .cpp file (a file that fails to compile
   disables only its own ops); `kernels_disabled` (QWENSTACK_DISABLE_KERNELS=1) forces the torch path.
