@@ -10,8 +10,9 @@
 //     -> (x, mlp_out)
 // - x [R, hidden]: the residual stream before the layer; delta: the previous layer's MLP output, added to x
 //   first (add_rms_norm), or an empty tensor for the first layer (rms_norm of x alone);
-// - each product's weights tile-packed: bfloat16 (linear_tiled's layout) with empty scales, or int8
-//   (linear_tiled_int8's) with their scales [N];
+// - each product's weights: tile-packed bfloat16 (linear_tiled's layout) with empty scales, tile-packed int8
+//   (linear_tiled_int8's) with their scales [N], or int4 in torch's CPU packing with its scales and zero points
+//   [K / group, N, 2] (torch's _weight_int4pack_mm_for_cpu, the op qwenstack's int4 linears call);
 // - the attention reads and writes the paged cache as paged_decode_attention and write_kv do.
 // Returns the residual stream after the attention block and the MLP's output; the caller adds the last layer's.
 //
@@ -26,6 +27,7 @@
 #include "cpu_vec.h"
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <cmath>
 #include <cstdint>
@@ -65,9 +67,25 @@ namespace {
 using torch::headeronly::ScalarType;
 using torch::stable::Tensor;
 
-// x [R, K] times one tile-packed matrix: bfloat16 where scales is empty, int8 with its scales otherwise.
+// x [R, K] times int4 weights in torch's CPU packing, through the dispatcher (x already in the scales' dtype,
+// as the caller checked when it built the layer's arguments).
+Tensor int4_product(const Tensor& x, const Tensor& packed, const Tensor& scale_zeros) {
+  STD_TORCH_CHECK(scale_zeros.dim() == 3 && scale_zeros.size(0) > 0 && x.size(1) % scale_zeros.size(0) == 0,
+                  "decode_layer: int4 scales and zero points must be [K / group, N, 2]");
+  const int64_t group = x.size(1) / scale_zeros.size(0);
+  std::array<StableIValue, 4> stack{torch::stable::detail::from(as_contiguous(x)), torch::stable::detail::from(packed),
+                                    torch::stable::detail::from(group), torch::stable::detail::from(scale_zeros)};
+  STABLE_TORCH_ERROR_CODE_CHECK(
+      torch_call_dispatcher("aten::_weight_int4pack_mm_for_cpu", "", stack.data(), TORCH_ABI_VERSION));
+  return torch::stable::detail::to<Tensor>(stack[0]);
+}
+
+// x [R, K] times one linear's weights: tile-packed bfloat16 where scales is empty, tile-packed int8 with its
+// scales [N], int4 with its scales and zero points [K / group, N, 2].
 Tensor product(const Tensor& x, const Tensor& packed, const Tensor& scales) {
-  return scales.numel() == 0 ? linear_ops::linear_tiled(x, packed) : linear_ops::linear_tiled_int8(x, packed, scales);
+  if (scales.numel() == 0) return linear_ops::linear_tiled(x, packed);
+  if (scales.dim() == 1) return linear_ops::linear_tiled_int8(x, packed, scales);
+  return int4_product(x, packed, scales);
 }
 
 // A view of `base`'s memory (which must outlive it) with these sizes and strides, from element `offset`.

@@ -16,7 +16,7 @@ Model files (layers.py, attention.py, qwen3*.py) are the reference math and neve
   one native call each (qwenstack/kernels/gated_delta_cpu.cpp);
 - a stack of Qwen3 decoder layers (models/qwen3.py run_layers): decode steps as FlatDecodeLoop, the same
   native ops called straight from one loop, without the modules and wrappers between them, and where every
-  product is a tile-packed bfloat16 or int8 matrix, one native call per layer
+  product is a tile-packed bfloat16 or int8 matrix or int4 on torch's kernel, one native call per layer
   (qwenstack/kernels/decode_layer_cpu.cpp).
 Each native path keeps its torch reference as the fallback for a call it cannot take (autograd, float32
 norms, a dtype or block size the kernel does not handle, kernels unavailable or disabled), so a prepared
@@ -41,7 +41,7 @@ from qwenstack.models.linear_attention import (
     chunk_gated_delta_rule_varlen, conv_decode_in_place, recurrent_decode_in_place, sequence_offsets,
 )
 from qwenstack.models.qwen3 import DecoderLayer, run_decoder_layers
-from qwenstack.quantization.formats import Int8Weight
+from qwenstack.quantization.formats import Int4Weight, Int8Weight
 
 log = logging.getLogger("qwenstack.models")
 
@@ -184,6 +184,20 @@ def tiled_weights(linear: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None
     return None
 
 
+def decode_layer_weights(linear: nn.Module, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """A bias-free linear's weights as decode_layer takes them: the tile-packed forms (tiled_weights), or int4 in
+    torch's CPU packing (packed, scales and zero points) where its scales are in the layer's dtype, as the op
+    takes its activations; None for any other form."""
+    weights = tiled_weights(linear)
+    if weights is not None:
+        return weights
+    quantized = getattr(linear, "quantized", None)
+    if (type(quantized) is Int4Weight and quantized.use_kernel and getattr(linear, "bias", None) is None
+            and quantized.packed.dim() == 2 and quantized.scale_zeros.dtype == dtype):
+        return quantized.packed, quantized.scale_zeros
+    return None
+
+
 def rows_product(linear: nn.Module) -> tuple[RowsProduct, int]:
     """The most direct call for `linear` on [rows, in] rows, and up to how many rows it takes: the native op
     itself for a tile-packed bfloat16 or int8 matrix (tiled_weights), the module's forward for any other form."""
@@ -281,13 +295,14 @@ class FlatDecodeLoop:
     @staticmethod
     def _native_layer(layer: DecoderLayer) -> tuple | None:
         """decode_layer's weight arguments for `layer`, or None where it is not one native call: a product in
-        another form (oneDNN-packed, int4, a shard), an MLP that is not a SwiGLU (MoE), or norms that disagree
-        on the one eps and zero-centring the op takes for the two layer norms."""
+        another form (oneDNN-packed, int4 off its kernel or with act-order, a shard), an MLP that is not a SwiGLU
+        (MoE), or norms that disagree on the one eps and zero-centring the op takes for the two layer norms."""
         attn, mlp = layer.self_attn, layer.mlp
         if type(mlp) is not SwiGLU or mlp.activation is not native_silu_and_mul:
             return None
-        products = [tiled_weights(m) for m in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)]
         norm, post, qn = layer.input_layernorm, layer.post_attention_layernorm, attn.q_norm
+        products = [decode_layer_weights(m, norm.weight.dtype)
+                    for m in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)]
         if any(p is None for p in products) or norm.eps != post.eps or not (
                 norm.zero_centered == post.zero_centered == qn.zero_centered):
             return None
