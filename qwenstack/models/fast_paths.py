@@ -215,6 +215,18 @@ def rows_product(linear: nn.Module) -> tuple[RowsProduct, int]:
     return linear.forward, sys.maxsize
 
 
+def _has_hooks(module: nn.Module) -> bool:
+    """Whether calling the module runs more than its forward (forward or pre-forward hooks)."""
+    return bool(module._forward_hooks or module._forward_pre_hooks)
+
+
+def _global_hooks() -> bool:
+    """Whether hooks registered for every module are set (torch.nn.modules.module.register_module_forward_hook)."""
+    from torch.nn.modules import module as torch_module
+
+    return bool(torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks)
+
+
 @dataclass
 class DecodeLayerOps:
     """One dense decoder layer as FlatDecodeLoop calls it: its products and the weights of its native ops."""
@@ -258,8 +270,10 @@ class FlatDecodeLoop:
     @classmethod
     def build(cls, layers: Sequence[nn.Module]) -> "FlatDecodeLoop | None":
         """The loop for prepared `layers`, or None where some layer is not a Qwen3 decoder layer in the native
-        fast paths (float32, a norm or the attention left to torch, a hybrid layer) or an op is unavailable."""
-        if not layers or any(kernels.native_op(name) is None for name in FLAT_DECODE_OPS):
+        fast paths (float32, a norm or the attention left to torch, a hybrid layer), some module of a layer has
+        hooks (a tensor-parallel shard's all-reduce; hooks added after the preparation are not seen), or an op
+        is unavailable."""
+        if not layers or any(kernels.native_op(name) is None for name in FLAT_DECODE_OPS) or _global_hooks():
             return None
         plan, max_rows = [], sys.maxsize
         rotary = layers[0].self_attn.rotary if type(layers[0]) is DecoderLayer else None
@@ -277,7 +291,8 @@ class FlatDecodeLoop:
 
     @staticmethod
     def _layer_ops(layer: nn.Module, rotary: nn.Module | None) -> tuple[DecodeLayerOps, int] | None:
-        if type(layer) is not DecoderLayer:
+        # The loop calls no module of the layer, so a hook on one (tensor parallelism's all-reduce) would not run.
+        if type(layer) is not DecoderLayer or any(_has_hooks(m) for m in layer.modules()):
             return None
         attn = layer.self_attn
         norms = (layer.input_layernorm, layer.post_attention_layernorm, attn.q_norm, attn.k_norm)

@@ -3,7 +3,8 @@
 Each run sends prompts sharing a 40-token prefix in two waves (the second wave hits the prefix cache), in
 one batch per wave, with a KV pool small enough that sequences are preempted and recomputed. The KV budget
 is per rank: a TP=2 rank holds half the KV heads, so it gets half the bytes for the same number of blocks
-(and the same preemptions). One dense TP=2 run stays in the default suite; the other architectures are slow.
+(and the same preemptions). One dense TP=2 run stays in the default suite, and one in bfloat16 (the dtype in
+which the CPU fast paths run); the other architectures are slow.
 """
 from __future__ import annotations
 
@@ -14,11 +15,13 @@ from pathlib import Path
 import pytest
 import torch
 from checkpoints import build_hf_checkpoint, moe_config, next_config
-from parallel_utils import greedy_run, shared_prefix_prompts
+from parallel_utils import greedy_run, make_engine, shared_prefix_prompts
 
 from qwenstack.distributed.config import ParallelConfig
 from qwenstack.distributed.group import ParallelGroup
 from qwenstack.distributed.shard import shard_model
+from qwenstack.engine.engine import EngineConfig
+from qwenstack.engine.params import SamplingParams
 from qwenstack.errors import UnsupportedModelError
 from qwenstack.models.registry import load_model
 
@@ -45,6 +48,24 @@ DENSE_KV = 7 * 8192
 def test_dense_tp2_matches_one_rank(tiny_qwen3: Path) -> None:
     # Fewer prompts and tokens than the slow tests: this one runs in the default suite.
     check_identical(tiny_qwen3, TP2, 5 * 8192, 5 * 4096, prompts=shared_prefix_prompts(4), max_tokens=8)
+
+
+def test_dense_tp2_bfloat16_decodes_as_one_rank(tiny_qwen3: Path) -> None:
+    """In bfloat16 the CPU fast paths are on (float32 keeps the reference stack), and they must still run the
+    shard's all-reduce hooks: a flat decode loop that skipped them diverged at the second token. bfloat16 sums
+    in another order on two ranks, so only the first tokens of each prompt are held to one rank's."""
+    config = EngineConfig(kv_cache_memory=1 << 22, block_size=16)
+    prompts = shared_prefix_prompts(4)
+    tokens = []
+    for parallel in (TP1, TP2):
+        engine = make_engine(tiny_qwen3, parallel, config, dtype="bfloat16")
+        try:
+            outputs = engine.generate_all(prompts, [SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)]
+                                          * len(prompts))
+            tokens.append([o.outputs[0].token_ids[:4] for o in outputs])
+        finally:
+            engine.close()
+    assert tokens[1] == tokens[0]
 
 
 @pytest.mark.slow

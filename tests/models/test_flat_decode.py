@@ -124,3 +124,16 @@ def test_one_native_call_per_layer_refuses_a_layer_whose_heads_do_not_fit_its_qk
             loop.decode_layer(x, x.new_empty(0), *weights, q_heads + 1, kv_heads, cos, sin, cache, slots, tables,
                               lens, layer.scale)
     assert cache.abs().sum() == 0
+
+
+def test_a_stack_with_hooks_keeps_the_layers(tiny_qwen3: Path) -> None:
+    """The flat loop calls no module of a layer, so a hook on one would not run: tensor parallelism sums each
+    rank's attention and MLP outputs in forward hooks, and a bfloat16 TP=2 decode that skipped them diverged
+    from one rank at its second token. A stack with hooks keeps the layers (and their hooks)."""
+    require_native_kernels()
+    model = load_model(tiny_qwen3, dtype=torch.bfloat16)
+    calls = []
+    model.model.layers[1].mlp.register_forward_hook(lambda module, inputs, output: calls.append(1))
+    assert prepare_for_cpu(model).decode_loops == 0 and model.model.run_layers is run_decoder_layers
+    greedy_generate(model, PROMPTS, 3, block_size=4)
+    assert len(calls) == 3  # the prefill and both decode steps ran the hooked module
