@@ -182,6 +182,18 @@ inline int64_t chunk_tokens(int64_t block_size) {
   return std::max<int64_t>(1, CHUNK_TOKENS / block_size) * block_size;
 }
 
+// The decode items of a sequence of `len` tokens of context, in chunks of `chunk` tokens (one when empty).
+inline int64_t decode_chunks(int64_t len, int64_t chunk) { return std::max<int64_t>(1, (len + chunk - 1) / chunk); }
+
+// How many ranges of kv heads `items` work items are cut into so that there are at least `wanted`: doubling
+// while that is short, then down to a divisor of Hkv (every range the same size).
+inline int64_t head_parts(int64_t Hkv, int64_t items, int64_t wanted) {
+  int64_t parts = 1;
+  while (parts < Hkv && items * parts < wanted) parts *= 2;
+  while (Hkv % parts != 0) --parts;
+  return parts;
+}
+
 // Per-thread state of a decode item: the running max, sum and weighted sum of values of every query head
 // (in load_pair's lane order), and for the current block: each head's partial dot vectors (one per
 // token), and for the current kv head the group's weights and rescaling of the sums so far.
@@ -668,31 +680,25 @@ void run(const void* q_ptr, void* out_ptr, ScalarType q_dtype, int64_t Hq, const
   for (int64_t b = 0; b < B; ++b) max_q = std::max(max_q, starts[b + 1] - starts[b]);
   // Sequences with several new tokens split their kv heads into `parts` ranges when there are too few
   // sequences for the threads.
-  int64_t parts = 1;
-  while (parts < Hkv && B * parts < 4 * threads) parts *= 2;
-  while (Hkv % parts != 0) --parts;
-  const int64_t per_part = Hkv / parts;
-  // Decoding sequences of several chunks keep each chunk's state in slots first[b] .. first[b] + chunks.
-  std::vector<Item> items;
-  std::vector<int64_t> first(B, -1), chunks(B, 1);
-  int64_t slots = 0;
+  const int64_t parts = head_parts(Hkv, B, 4 * threads), per_part = Hkv / parts;
   // One-token sequences with fewer chunks in all than the threads (a single stream's short context) split
   // each chunk's kv heads over them as well: heads are independent, so the sums are the same whatever the split.
   int64_t decode_items = 0, decode_tokens = 0;
   for (int64_t b = 0; b < B; ++b) {
     if (starts[b + 1] - starts[b] != 1) continue;
-    decode_items += std::max<int64_t>(1, (lens[b] + chunk - 1) / chunk);
+    decode_items += decode_chunks(lens[b], chunk);
     decode_tokens += lens[b];
   }
-  int64_t decode_parts = 1;
-  while (decode_tokens >= SPLIT_HEADS_MIN_TOKENS && decode_parts < Hkv && decode_items * decode_parts < threads)
-    decode_parts *= 2;
-  while (Hkv % decode_parts != 0) --decode_parts;
+  const int64_t decode_parts = decode_tokens >= SPLIT_HEADS_MIN_TOKENS ? head_parts(Hkv, decode_items, threads) : 1;
   const int64_t per_decode_part = Hkv / decode_parts;
+  // Decoding sequences of several chunks keep each chunk's state in slots first[b] .. first[b] + chunks.
+  std::vector<Item> items;
+  std::vector<int64_t> first(B, -1), chunks(B, 1);
+  int64_t slots = 0;
   for (int64_t b = 0; b < B; ++b) {
     const int64_t n_q = starts[b + 1] - starts[b];
     if (n_q == 1) {
-      chunks[b] = std::max<int64_t>(1, (lens[b] + chunk - 1) / chunk);
+      chunks[b] = decode_chunks(lens[b], chunk);
       if (chunks[b] > 1) first[b] = slots, slots += chunks[b];
       for (int64_t i = 0; i < chunks[b]; ++i) {
         for (int64_t p = 0; p < decode_parts; ++p) {
