@@ -52,7 +52,7 @@ def slice_experts_quantized(weight: QuantizedWeight, start: int, end: int) -> Qu
                           tiled=weight.tiled)
     if isinstance(weight, Int4Weight):
         return Int4Weight(weight.packed[start:end].clone(), weight.scale_zeros[start:end].clone(), weight.group_size,
-                          weight.in_features, weight.use_kernel)
+                          weight.in_features, weight.use_kernel, tiled=weight.tiled)
     raise UnsupportedModelError(f"{type(weight).__name__} experts cannot be split for expert parallelism yet")
 
 

@@ -15,22 +15,24 @@ has a torch reference that the callers fall back on.
 from qwenstack.kernels import build
 from qwenstack.kernels.build import ISA_LEVELS, build_all, isa_level, kernels_disabled, native_op
 from qwenstack.kernels.layouts import (
-    INT8_TILE_K, INT8_TILE_MAX_K, TILE_K, TILE_N, can_tile, can_tile_int8, pack_tiles, pack_tiles_int8, tiled_rows,
-    unpack_tiles, unpack_tiles_int8,
+    INT4_COLUMNS, INT8_TILE_K, INT8_TILE_MAX_K, TILE_K, TILE_N, can_tile, can_tile_int4, can_tile_int8, pack_tiles,
+    pack_tiles_int4, pack_tiles_int8, tiled_rows, unpack_tiles, unpack_tiles_int4, unpack_tiles_int8,
 )
 from qwenstack.kernels.ops import (
-    LINEAR_WEIGHT_DTYPES, add_rms_norm, conv_decode, gated_delta_chunked, gated_delta_decode, has_amx, int8_tiles_preferred,
-    linear_rows, linear_rows_available, moe_max_rows, moe_tiled, vector_loop_max_rows,
-    linear_tiled, linear_tiled_int8, paged_decode_attention, paged_decode_available, paged_prefix_attention,
-    qk_norm_rope, rms_norm, segment_attention, silu_mul, stream_sum, use_paged_decode, write_kv,
+    LINEAR_WEIGHT_DTYPES, add_rms_norm, conv_decode, gated_delta_chunked, gated_delta_decode, has_amx,
+    int4_tiles_preferred, int8_tiles_preferred, linear_rows, linear_rows_available, linear_tiled, linear_tiled_int4,
+    linear_tiled_int8, moe_max_rows, moe_tiled, paged_decode_attention, paged_decode_available, paged_prefix_attention,
+    qk_norm_rope, rms_norm, segment_attention, silu_mul, stream_sum, use_paged_decode, vector_loop_max_rows, write_kv,
 )
 
 __all__ = [
     "build", "build_all", "ISA_LEVELS", "isa_level", "kernels_disabled", "native_op",
-    "INT8_TILE_K", "INT8_TILE_MAX_K", "TILE_K", "TILE_N", "can_tile", "can_tile_int8", "pack_tiles",
-    "pack_tiles_int8", "tiled_rows", "unpack_tiles", "unpack_tiles_int8",
-    "LINEAR_WEIGHT_DTYPES", "has_amx", "int8_tiles_preferred", "linear_rows", "linear_rows_available",
-    "linear_tiled", "linear_tiled_int8", "paged_decode_attention", "paged_decode_available",
+    "INT4_COLUMNS", "INT8_TILE_K", "INT8_TILE_MAX_K", "TILE_K", "TILE_N", "can_tile", "can_tile_int4", "can_tile_int8",
+    "pack_tiles", "pack_tiles_int4", "pack_tiles_int8", "tiled_rows", "unpack_tiles", "unpack_tiles_int4",
+    "unpack_tiles_int8",
+    "LINEAR_WEIGHT_DTYPES", "has_amx", "int4_tiles_preferred", "int8_tiles_preferred", "linear_rows",
+    "linear_rows_available",
+    "linear_tiled", "linear_tiled_int4", "linear_tiled_int8", "paged_decode_attention", "paged_decode_available",
     "paged_prefix_attention", "qk_norm_rope", "rms_norm", "stream_sum", "use_paged_decode", "add_rms_norm",
     "segment_attention", "silu_mul", "write_kv", "conv_decode", "gated_delta_chunked", "gated_delta_decode", "moe_tiled",
     "moe_max_rows", "vector_loop_max_rows",

@@ -11,8 +11,9 @@
 // - x [R, hidden]: the residual stream before the layer; delta: the previous layer's MLP output, added to x
 //   first (add_rms_norm), or an empty tensor for the first layer (rms_norm of x alone);
 // - each product's weights: tile-packed bfloat16 (linear_tiled's layout) with empty scales, tile-packed int8
-//   (linear_tiled_int8's) with their scales [N], or int4 in torch's CPU packing with its scales and zero points
-//   [K / group, N, 2] (torch's _weight_int4pack_mm_for_cpu, the op qwenstack's int4 linears call);
+//   (linear_tiled_int8's) with their scales [N], or int4 with its scales and zero points [K / group, N, 2],
+//   tile-packed (linear_tiled_int4's) or in torch's CPU packing (torch's _weight_int4pack_mm_for_cpu, the op
+//   qwenstack's int4 linears call where the tiled int4 loop is not built);
 // - the attention reads and writes the paged cache as paged_decode_attention and write_kv do.
 // Returns the residual stream after the attention block and the MLP's output; the caller adds the last layer's.
 //
@@ -81,10 +82,11 @@ Tensor int4_product(const Tensor& x, const Tensor& packed, const Tensor& scale_z
 }
 
 // x [R, K] times one linear's weights: tile-packed bfloat16 where scales is empty, tile-packed int8 with its
-// scales [N], int4 with its scales and zero points [K / group, N, 2].
+// scales [N], int4 (tile-packed, or in torch's packing) with its scales and zero points [K / group, N, 2].
 Tensor product(const Tensor& x, const Tensor& packed, const Tensor& scales) {
   if (scales.numel() == 0) return linear_ops::linear_tiled(x, packed);
   if (scales.dim() == 1) return linear_ops::linear_tiled_int8(x, packed, scales);
+  if (packed.dim() == 4) return linear_ops::linear_tiled_int4(x, packed, scales);
   return int4_product(x, packed, scales);
 }
 

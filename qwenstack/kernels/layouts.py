@@ -71,3 +71,37 @@ def unpack_tiles_int8(packed: torch.Tensor) -> torch.Tensor:
     order = (*range(dims), dims, dims + 3, dims + 1, dims + 2)
     rows = quads.permute(order).reshape(*stack, nb * TILE_N, kb * INT8_TILE_K // 4).contiguous().view(torch.uint8)
     return (rows ^ 0x80).view(torch.int8)
+
+
+INT4_COLUMNS = 8  # the int4 layout's unit: 16 output rows x 8 columns in one 64-byte line (linear_tiled_cpu.cpp)
+
+
+def can_tile_int4(shape: torch.Size | tuple[int, ...], group_size: int) -> bool:
+    """Whether int4 codes of shape [*, N, K] in groups of `group_size` columns have a tile-packed form: N a
+    multiple of 16, K of the group, the group of 8."""
+    return len(shape) >= 2 and shape[-2] % TILE_N == 0 and group_size % INT4_COLUMNS == 0 \
+        and shape[-1] % group_size == 0
+
+
+def pack_tiles_int4(codes: torch.Tensor) -> torch.Tensor:
+    """Codes uint8 [*, N, K] in 0..15 -> int16 [*, N / 16, K / 8, 16, 2]: packed[n / 16][k / 8][n % 16][e] = sum
+    over t in 0..3 of q[n][k0 + 2t + e] << 4t (k0 = k / 8 * 8), the order linear_tiled_int4 reads (one 64-byte
+    line per 16 rows x 8 columns; nibble t of its words is the column pair k0 + 2t of a bfloat16 dot product)."""
+    *stack, n, k = codes.shape
+    octets = codes.detach().contiguous().to(torch.int32).view(*stack, n // TILE_N, TILE_N, k // INT4_COLUMNS, 4, 2)
+    shifts = torch.arange(0, 16, 4, dtype=torch.int32, device=codes.device).view(4, 1)
+    words = (octets << shifts).sum(dim=-2)  # [*, N / 16, 16, K / 8, 2], each below 2^16
+    dims = len(stack)
+    order = (*range(dims), dims, dims + 2, dims + 1, dims + 3)
+    return words.permute(order).contiguous().to(torch.uint16).view(torch.int16)
+
+
+def unpack_tiles_int4(packed: torch.Tensor) -> torch.Tensor:
+    """The inverse of pack_tiles_int4: the codes uint8 [*, N, K]."""
+    *stack, nb, octets = packed.shape[:-2]
+    dims = len(stack)
+    order = (*range(dims), dims, dims + 2, dims + 1, dims + 3)
+    words = packed.view(torch.uint16).to(torch.int32).permute(order)  # [*, N / 16, 16, K / 8, 2]
+    shifts = torch.arange(0, 16, 4, dtype=torch.int32, device=packed.device).view(4, 1)
+    codes = (words.unsqueeze(-2) >> shifts) & 0xF  # [*, N / 16, 16, K / 8, 4, 2]
+    return codes.to(torch.uint8).reshape(*stack, nb * TILE_N, octets * INT4_COLUMNS)

@@ -769,6 +769,219 @@ Tensor linear_tiled_int8(Tensor x_in, Tensor packed_in, Tensor scales_in) {
 
 
 // ---------------------------------------------------------------------------------------------------------
+// int4 weights (weight-only, asymmetric in groups of G input columns: formats.Int4Weight's w = (q - 8) * scale
+// + zero, q in 0..15, scale and zero [K / G, N, 2] bfloat16), tile-packed for the bfloat16 dot products:
+//   packed[n / 16][k / 8][n % 16][e] = sum over t in 0..3 of q[n][k0 + 2t + e] << 4t   (16-bit words; k0 = k / 8 * 8)
+// Each 64 bytes are 16 outputs x 8 columns: nibble t of the words is a vdpbf16ps operand, the pair of columns
+// (k0 + 2t, k0 + 2t + 1) of each of the 16 outputs, in its lane order. A shift and one ternary logic op turn
+// nibble t of every word into the bfloat16 of 128 + q (0x4300 | q: 128 to 143 are bfloat16's integers with
+// exponent 7), so per group and output:
+//   sum_k x[k] w[k] = scale * sum_k x[k] (128 + q[k]) + (zero - 136 * scale) * sum_k x[k]
+// with the first sum in float32 over exact products (a bfloat16 times an integer of 8 bits) and the second
+// computed once per row and group. Activations stay bfloat16, as torch's int4 kernel and the reference take
+// them: no activation quantization, unlike int8. (Looking the codes up as q - 8 with vpermw read at half the
+// rate on Zen 4: the permute, not memory, set the pace.)
+// Why: torch's _weight_int4pack_mm_for_cpu is bound by its unpacking, so int4 decoded no faster than int8 while
+// reading half the bytes (benchmarks/RESULTS.md, "int4 in the tiled layout").
+// - Any row count goes through the vector loop (with AMX too: no tile loop for int4). A prefill chunk of many
+//   rows is sent by the caller to F.linear on the dequantized matrix.
+// - Builds without AVX512-BF16: the same sums in scalar loops.
+// Layout: x [M, K] float32 / bfloat16 / float16 (rounded to bfloat16), packed [N / 16, K / 8, 16, 2] int16,
+// scale_zeros [K / G, N, 2] bfloat16, out [M, N] in x's dtype.
+constexpr int64_t I4_COLUMNS = 8;                  // columns a 64-byte line of a block column holds
+constexpr int64_t I4_LINE_WORDS = TILE_N * 2;      // 16 outputs x 2 words (4 nibbles each)
+constexpr int64_t I4_PREFETCH_WORDS = 512;         // how far ahead the loop prefetches each weight stream (1 KiB)
+constexpr float I4_CODE_OFFSET = 128.f + 8.f;      // the bfloat16 codes are 128 + q; w is (q - 8) * scale + zero
+
+// Activation rows for the int4 loops: bfloat16 bits (and float32 for the generic loop), and each row's sum of
+// each group of G columns.
+struct GroupRows {
+  Rows rows;
+  int64_t G = 0;
+  std::vector<float> sums;  // [M, K / G]
+};
+
+inline void group_sums(GroupRows& a) {
+  const int64_t M = a.rows.M, K = a.rows.K, groups = K / a.G;
+  a.sums.assign(M * groups, 0.f);
+  const Bf16* x = reinterpret_cast<const Bf16*>(a.rows.bf16.data());
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t g = 0; g < groups; ++g) {
+      float sum = 0.f;
+      for (int64_t k = g * a.G; k < (g + 1) * a.G; ++k) sum += to_float(x[m * K + k]);
+      a.sums[m * groups + g] = sum;
+    }
+}
+
+#if defined(__AVX512BF16__)
+// MT rows [m0, m0 + MT) times the 16 outputs of each of the S block columns nb[0..S), read side by side.
+template <int64_t S, int64_t MT, typename O>
+inline void i4_vec_block(const GroupRows& a, int64_t m0, const uint16_t* const* packed_cols, const int64_t* nb,
+                         const uint16_t* scale_zeros, O* out, int64_t N) {
+  const int64_t K = a.rows.K, G = a.G, groups = K / G;
+  const __m512i nibble = _mm512_set1_epi16(0xF), exponent = _mm512_set1_epi16(0x4300);
+  const uint16_t* x = a.rows.bf16.data();
+  __m512 total[S][MT];
+  for (int64_t s = 0; s < S; ++s)
+    for (int64_t m = 0; m < MT; ++m) total[s][m] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < groups; ++g) {
+    __m512 acc[S][MT][2];  // [column][row][even, odd pair of columns]: two chains keep the adds in flight
+    for (int64_t s = 0; s < S; ++s)
+      for (int64_t m = 0; m < MT; ++m) acc[s][m][0] = acc[s][m][1] = _mm512_setzero_ps();
+    for (int64_t k = g * G; k < (g + 1) * G; k += I4_COLUMNS) {
+      __m512bh xv[MT][4];
+      for (int64_t m = 0; m < MT; ++m)
+        for (int64_t t = 0; t < 4; ++t) {
+          int32_t pair;
+          std::memcpy(&pair, x + (m0 + m) * K + k + 2 * t, sizeof pair);
+          xv[m][t] = (__m512bh)_mm512_set1_epi32(pair);
+        }
+      for (int64_t s = 0; s < S; ++s) {
+        const uint16_t* src = packed_cols[s] + k / I4_COLUMNS * I4_LINE_WORDS;
+        __builtin_prefetch(src + I4_PREFETCH_WORDS);
+        const __m512i words = _mm512_loadu_si512(src);
+        // 0xEA: (a & b) | c, nibble t of each word as the bfloat16 of 128 + q
+        const __m512bh w0 = (__m512bh)_mm512_ternarylogic_epi32(words, nibble, exponent, 0xEA);
+        const __m512bh w1 = (__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi16(words, 4), nibble, exponent, 0xEA);
+        const __m512bh w2 = (__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi16(words, 8), nibble, exponent, 0xEA);
+        const __m512bh w3 = (__m512bh)_mm512_or_si512(_mm512_srli_epi16(words, 12), exponent);
+        for (int64_t m = 0; m < MT; ++m) {
+          acc[s][m][0] = _mm512_dpbf16_ps(acc[s][m][0], w0, xv[m][0]);
+          acc[s][m][1] = _mm512_dpbf16_ps(acc[s][m][1], w1, xv[m][1]);
+          acc[s][m][0] = _mm512_dpbf16_ps(acc[s][m][0], w2, xv[m][2]);
+          acc[s][m][1] = _mm512_dpbf16_ps(acc[s][m][1], w3, xv[m][3]);
+        }
+      }
+    }
+    for (int64_t s = 0; s < S; ++s) {
+      // The 16 outputs' (scale, zero) pairs are one 64-byte line: the scale in the low half of each 32-bit
+      // lane, the zero in the high half, so each widens to float32 in one instruction.
+      const __m512i line = _mm512_loadu_si512(scale_zeros + 2 * (g * N + nb[s] * TILE_N));
+      const __m512 scale = _mm512_castsi512_ps(_mm512_slli_epi32(line, 16));
+      const __m512 zero = _mm512_castsi512_ps(_mm512_and_si512(line, _mm512_set1_epi32(int32_t(0xFFFF0000u))));
+      const __m512 offset_zero = _mm512_fnmadd_ps(_mm512_set1_ps(I4_CODE_OFFSET), scale, zero);
+      for (int64_t m = 0; m < MT; ++m) {
+        const __m512 sum = _mm512_add_ps(acc[s][m][0], acc[s][m][1]);
+        total[s][m] = _mm512_fmadd_ps(scale, sum, total[s][m]);
+        total[s][m] = _mm512_fmadd_ps(offset_zero, _mm512_set1_ps(a.sums[(m0 + m) * groups + g]), total[s][m]);
+      }
+    }
+  }
+  for (int64_t s = 0; s < S; ++s) {
+    for (int64_t m = 0; m < MT; ++m) {
+      alignas(64) float sums[TILE_N];
+      _mm512_store_ps(sums, total[s][m]);
+      store16(sums, out + (m0 + m) * N + nb[s] * TILE_N);
+    }
+  }
+}
+#else
+template <int64_t MT, typename O>
+inline void i4_vec_column(const GroupRows& a, int64_t m0, const uint16_t* col, int64_t nb,
+                          const uint16_t* scale_zeros, O* out, int64_t N) {
+  const int64_t K = a.rows.K, G = a.G, groups = K / G;
+  float total[MT][TILE_N] = {};
+  for (int64_t g = 0; g < groups; ++g) {
+    float acc[MT][TILE_N] = {};
+    for (int64_t k = g * G; k < (g + 1) * G; k += I4_COLUMNS) {
+      const uint16_t* src = col + k / I4_COLUMNS * I4_LINE_WORDS;
+      for (int64_t m = 0; m < MT; ++m) {
+        const float* xr = a.rows.f32.data() + (m0 + m) * K + k;
+        for (int64_t n = 0; n < TILE_N; ++n)
+          for (int64_t e = 0; e < 2; ++e)
+            for (int64_t t = 0; t < 4; ++t) acc[m][n] += xr[2 * t + e] * float((src[2 * n + e] >> (4 * t)) & 0xF);
+      }
+    }
+    for (int64_t n = 0; n < TILE_N; ++n) {
+      const uint16_t* sz = scale_zeros + 2 * (g * N + nb * TILE_N + n);
+      const float scale = to_float(Bf16{sz[0]}), zero = to_float(Bf16{sz[1]});
+      for (int64_t m = 0; m < MT; ++m)
+        total[m][n] += scale * acc[m][n] + (zero - 8.f * scale) * a.sums[(m0 + m) * groups + g];
+    }
+  }
+  for (int64_t m = 0; m < MT; ++m)
+    for (int64_t n = 0; n < TILE_N; ++n) store(total[m][n], out + (m0 + m) * N + nb * TILE_N + n);
+}
+
+// Without AVX512-BF16 the columns go one after the other: the scalar loop is bound by its arithmetic.
+template <int64_t S, int64_t MT, typename O>
+inline void i4_vec_block(const GroupRows& a, int64_t m0, const uint16_t* const* packed_cols, const int64_t* nb,
+                         const uint16_t* scale_zeros, O* out, int64_t N) {
+  for (int64_t s = 0; s < S; ++s) i4_vec_column<MT>(a, m0, packed_cols[s], nb[s], scale_zeros, out, N);
+}
+#endif
+
+// The int4 loop keeps three float32 sums per row and column (the low and high nibbles' chains of the current
+// group, and the total): 4 streams at one row, 2 streams of 2 rows, then 1 stream of 4 rows a pass, 12 of the
+// 32 vector registers, with the rows' activation pairs and the decoded weights beside them.
+template <typename O>
+void i4_run(const GroupRows& a, const uint16_t* packed, const uint16_t* scale_zeros, O* out, int64_t N) {
+  const int64_t col_size = a.rows.K / I4_COLUMNS * I4_LINE_WORDS, cols = N / TILE_N;
+  const Blocking blocking = blocking_for(a.rows.M, a.rows.K * 2, col_size * 2, VEC_MID_ROWS);
+  const auto go = [&](auto streams, auto rows) {
+    constexpr int64_t S = decltype(streams)::value, MT = decltype(rows)::value;
+    parallel_column_streams<S>(cols, blocking, [&](auto width, const int64_t* nb, int64_t m_begin, int64_t m_end) {
+      constexpr int64_t W = decltype(width)::value;
+      const uint16_t* packed_cols[W];
+      for (int64_t s = 0; s < W; ++s) packed_cols[s] = packed + nb[s] * col_size;
+      row_passes<MT>(m_begin, m_end, [&](auto pass_rows, int64_t m) {
+        i4_vec_block<W, decltype(pass_rows)::value>(a, m, packed_cols, nb, scale_zeros, out, N);
+      });
+    });
+  };
+  using std::integral_constant;
+  if (a.rows.M == 1) {
+    go(integral_constant<int64_t, 4>{}, integral_constant<int64_t, 1>{});
+  } else if (a.rows.M < VEC_MID_ROWS) {
+    go(integral_constant<int64_t, 2>{}, integral_constant<int64_t, VEC_ROWS>{});
+  } else {
+    go(integral_constant<int64_t, 1>{}, integral_constant<int64_t, VEC_MID_ROWS>{});
+  }
+}
+
+Tensor linear_tiled_int4(Tensor x_in, Tensor packed_in, Tensor scale_zeros_in) {
+  STD_TORCH_CHECK(x_in.is_cpu() && packed_in.is_cpu() && scale_zeros_in.is_cpu(),
+                  "linear_tiled_int4: CPU tensors only");
+  STD_TORCH_CHECK(x_in.dim() == 2, "linear_tiled_int4: x must be [M, K]");
+  STD_TORCH_CHECK(packed_in.dim() == 4 && packed_in.size(2) == TILE_N && packed_in.size(3) == 2 &&
+                      packed_in.scalar_type() == ScalarType::Short,
+                  "linear_tiled_int4: packed must be int16 [N / 16, K / 8, 16, 2]");
+  const int64_t M = x_in.size(0), K = x_in.size(1), N = packed_in.size(0) * TILE_N;
+  STD_TORCH_CHECK(packed_in.size(1) * I4_COLUMNS == K, "linear_tiled_int4: x has ", K, " columns but the weights ",
+                  packed_in.size(1) * I4_COLUMNS);
+  STD_TORCH_CHECK(scale_zeros_in.dim() == 3 && scale_zeros_in.size(1) == N && scale_zeros_in.size(2) == 2 &&
+                      scale_zeros_in.scalar_type() == ScalarType::BFloat16,
+                  "linear_tiled_int4: scale_zeros must be bfloat16 [K / group, N, 2]");
+  const int64_t groups = scale_zeros_in.size(0);
+  STD_TORCH_CHECK(groups > 0 && K % groups == 0 && (K / groups) % I4_COLUMNS == 0,
+                  "linear_tiled_int4: ", groups, " groups do not cut ", K, " columns into multiples of 8");
+  Tensor x = as_contiguous(x_in);
+  Tensor packed = as_contiguous(packed_in);
+  Tensor sz = as_contiguous(scale_zeros_in);
+  GroupRows a;
+  a.rows.M = M;
+  a.rows.K = K;
+  a.G = K / groups;
+  switch (x.scalar_type()) {
+    case ScalarType::Float: read_rows<float>(x.const_data_ptr(), a.rows); break;
+    case ScalarType::BFloat16: read_rows<Bf16>(x.const_data_ptr(), a.rows); break;
+    case ScalarType::Half: read_rows<Fp16>(x.const_data_ptr(), a.rows); break;
+    default: STD_TORCH_CHECK(false, "linear_tiled_int4: x must be float32, bfloat16 or float16");
+  }
+  Tensor out = torch::stable::empty({M, N}, x.scalar_type(), std::nullopt, x.device());
+  if (M == 0 || N == 0) return out;
+  group_sums(a);
+  const uint16_t* w = static_cast<const uint16_t*>(packed.const_data_ptr());
+  const uint16_t* s = static_cast<const uint16_t*>(sz.const_data_ptr());
+  switch (x.scalar_type()) {
+    case ScalarType::Float: i4_run(a, w, s, static_cast<float*>(out.mutable_data_ptr()), N); break;
+    case ScalarType::BFloat16: i4_run(a, w, s, static_cast<Bf16*>(out.mutable_data_ptr()), N); break;
+    default: i4_run(a, w, s, static_cast<Fp16*>(out.mutable_data_ptr()), N); break;
+  }
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------------------
 // Stacked MoE experts (models/moe.py's Experts) in one call, above all for the few rows a decode step gives each:
 //   for each expert e with rows [o_e, o_e + counts[e]) of x (x sorted by expert):
 //     h = x_e W_gate_up[e]^T, a = silu_mul(h) (cpu_vec.h, the rounding of models/layers.py), out_e = a W_down[e]^T
@@ -866,12 +1079,14 @@ Tensor moe_tiled(Tensor x_in, Tensor counts_in, Tensor gate_up_in, Tensor down_i
 STABLE_TORCH_LIBRARY_FRAGMENT(qwenstack, m) {
   m.def("linear_tiled(Tensor x, Tensor packed) -> Tensor");
   m.def("linear_tiled_int8(Tensor x, Tensor packed, Tensor scales) -> Tensor");
+  m.def("linear_tiled_int4(Tensor x, Tensor packed, Tensor scale_zeros) -> Tensor");
   m.def("moe_tiled(Tensor x, Tensor counts, Tensor gate_up, Tensor down) -> Tensor");
 }
 
 STABLE_TORCH_LIBRARY_IMPL(qwenstack, CPU, m) {
   m.impl("linear_tiled", TORCH_BOX(&linear_tiled));
   m.impl("linear_tiled_int8", TORCH_BOX(&linear_tiled_int8));
+  m.impl("linear_tiled_int4", TORCH_BOX(&linear_tiled_int4));
   m.impl("moe_tiled", TORCH_BOX(&moe_tiled));
 }
 #endif

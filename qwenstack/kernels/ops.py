@@ -131,6 +131,13 @@ def has_amx() -> bool:
     return linear_rows_available() and isa_level() == "avx512_amx"
 
 
+def int4_tiles_preferred() -> bool:
+    """Whether int4 weights are best tile-packed on this machine: the kernels are built with AVX512-BF16, whose
+    dot products (and AVX512-BW's word permutes) the tiled int4 loop is written for. Lower levels run that
+    layout in scalar loops; torch's int4 kernel is faster there."""
+    return linear_rows_available() and isa_level() in ("avx512_bf16", "avx512_amx")
+
+
 def int8_tiles_preferred() -> bool:
     """Whether int8 weights are best tile-packed on this machine: the kernels are built with AVX512-VNNI, whose
     byte dot products the tiled int8 loop is written for. Lower levels run that layout in scalar loops, 2.5 to
@@ -143,6 +150,14 @@ def linear_tiled_int8(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tenso
     int16 per row, exact int32 sums). Any number of rows: AMX-INT8 tiles from 3 rows where the CPU has them."""
     op = _required("linear_tiled_int8")
     return op(x, packed, scales)
+
+
+def linear_tiled_int4(x: torch.Tensor, packed: torch.Tensor, scale_zeros: torch.Tensor) -> torch.Tensor:
+    """x [M, K] @ W.T for int4 W = (q - 8) * scale + zero per group (formats.Int4Weight), q in
+    pack_tiles_int4's layout and scale_zeros bfloat16 [K / group, N, 2], in x's dtype; bfloat16 activations,
+    float32 sums. Any number of rows, one vector loop: for decode batches, not for prefill."""
+    op = _required("linear_tiled_int4")
+    return op(x, packed, scale_zeros)
 
 
 def stream_sum(x: torch.Tensor, streams: int) -> torch.Tensor | None:

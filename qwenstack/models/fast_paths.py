@@ -16,7 +16,7 @@ Model files (layers.py, attention.py, qwen3*.py) are the reference math and neve
   one native call each (qwenstack/kernels/gated_delta_cpu.cpp);
 - a stack of Qwen3 decoder layers (models/qwen3.py run_layers): decode steps as FlatDecodeLoop, the same
   native ops called straight from one loop, without the modules and wrappers between them, and where every
-  product is a tile-packed bfloat16 or int8 matrix or int4 on torch's kernel, one native call per layer
+  product is a tile-packed bfloat16, int8 or int4 matrix or int4 on torch's kernel, one native call per layer
   (qwenstack/kernels/decode_layer_cpu.cpp).
 Each native path keeps its torch reference as the fallback for a call it cannot take (autograd, float32
 norms, a dtype or block size the kernel does not handle, kernels unavailable or disabled), so a prepared
@@ -174,13 +174,17 @@ RowsProduct = Callable[[torch.Tensor], torch.Tensor]
 
 def tiled_weights(linear: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
     """A bias-free tile-packed linear's weights as the native ops take them: (packed bfloat16, an empty scales
-    tensor) or (packed int8, its scales); None for any other form (oneDNN-packed, int4, a tensor-parallel shard
-    with its all-reduce)."""
+    tensor), (packed int8, its scales [N]) or (packed int4, its scales and zero points [K / group, N, 2]); None
+    for any other form (oneDNN-packed, int4 in torch's packing, a tensor-parallel shard with its all-reduce)."""
     if type(linear) is TiledLinear and linear.bias is None:
         return linear.packed, torch.empty(0)
     quantized = getattr(linear, "quantized", None)
-    if type(quantized) is Int8Weight and quantized.tiled and getattr(linear, "bias", None) is None:
+    if getattr(linear, "bias", None) is not None or not getattr(quantized, "tiled", False):
+        return None
+    if type(quantized) is Int8Weight:
         return quantized.qweight, quantized.scales
+    if type(quantized) is Int4Weight and quantized.packed.dim() == 4:
+        return quantized.packed, quantized.scale_zeros
     return None
 
 
@@ -192,8 +196,9 @@ def decode_layer_weights(linear: nn.Module, dtype: torch.dtype) -> tuple[torch.T
     if weights is not None:
         return weights
     quantized = getattr(linear, "quantized", None)
-    if (type(quantized) is Int4Weight and quantized.use_kernel and getattr(linear, "bias", None) is None
-            and quantized.packed.dim() == 2 and quantized.scale_zeros.dtype == dtype):
+    if (type(quantized) is Int4Weight and quantized.use_kernel and not quantized.tiled
+            and getattr(linear, "bias", None) is None and quantized.packed.dim() == 2
+            and quantized.scale_zeros.dtype == dtype):
         return quantized.packed, quantized.scale_zeros
     return None
 
@@ -209,7 +214,7 @@ def rows_product(linear: nn.Module) -> tuple[RowsProduct, int]:
             if op is not None:
                 return (lambda x: op(x, packed)), tiled_max_rows()
         else:
-            op = kernels.native_op("linear_tiled_int8")
+            op = kernels.native_op("linear_tiled_int8" if scales.dim() == 1 else "linear_tiled_int4")
             if op is not None:
                 return (lambda x: op(x, packed, scales)), sys.maxsize
     return linear.forward, sys.maxsize

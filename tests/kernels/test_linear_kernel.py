@@ -1,7 +1,7 @@
 """The native CPU linear kernels against float64 references: the row-major one (linear_cpu.cpp) for every
 weight dtype, row counts on both sides of each loop's boundaries (1-2 vector rows, 3+ AMX tiles, 16/32-row
 tile edges), shapes off the 4-row, 16-column and 32-column grids, strided weight slices, thread counts; the
-tile-packed ones (linear_tiled_cpu.cpp, bfloat16 and int8) on both sides of their boundaries; every build
+tile-packed ones (linear_tiled_cpu.cpp, bfloat16, int8 and int4) on both sides of their boundaries; every build
 level this CPU can run;
 and models in the native CPU linear form against the plain form."""
 from __future__ import annotations
@@ -164,6 +164,71 @@ def test_tiled_int8_stacks_and_threads() -> None:
         assert torch.equal(one, kernels.linear_tiled_int8(x, packed[2], scales))
 
 
+# (N, K, group): one 16-row block, odd block counts, 37 blocks (runs of streams plus leftovers), every group size
+INT4_TILED_SHAPES = [(16, 32, 32), (48, 128, 32), (80, 1024, 128), (256, 3072, 128), (592, 256, 64), (32, 512, 256),
+                     (16, 64, 8)]
+
+
+def int4_case(gen: torch.Generator, n: int, k: int, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Random codes [N, K] (with both extremes), bfloat16 scale_zeros [K / group, N, 2], and W as float64."""
+    codes = torch.randint(0, 16, (n, k), generator=gen, dtype=torch.uint8)
+    codes[0], codes[-1] = 0, 15
+    scale = (torch.rand(k // group, n, generator=gen) * 0.02 + 1e-3).to(torch.bfloat16)
+    zero = (torch.randn(k // group, n, generator=gen) * 0.05).to(torch.bfloat16)
+    scale_zeros = torch.stack([scale, zero], dim=-1)
+    w = ((codes.double().view(n, k // group, group) - 8) * scale.double().t()[..., None]
+         + zero.double().t()[..., None]).view(n, k)
+    return codes, scale_zeros, w
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 9, 17, 70])
+@pytest.mark.parametrize("x_dtype", [torch.bfloat16, torch.float32, torch.float16])
+def test_tiled_int4_kernel(rows: int, x_dtype: torch.dtype) -> None:
+    """Every row tier of the vector loop (1 row a pass, 2, 4 and the leftovers), every group size."""
+    gen = torch.Generator().manual_seed(rows)
+    for n, k, group in INT4_TILED_SHAPES:
+        codes, scale_zeros, w = int4_case(gen, n, k, group)
+        packed = kernels.pack_tiles_int4(codes)
+        assert packed.dtype == torch.int16 and packed.shape == (n // 16, k // 8, 16, 2)
+        assert torch.equal(kernels.unpack_tiles_int4(packed), codes)
+        x = torch.randn(rows, k, generator=gen).to(x_dtype)
+        got = kernels.linear_tiled_int4(x, packed, scale_zeros)
+        assert got.dtype == x_dtype and got.shape == (rows, n)
+        want = x.to(torch.bfloat16).double() @ w.T  # activations are rounded to bfloat16 first
+        # float32 sums over codes offset by 128 (the bfloat16 of 128 + q), the offset taken back per group: ~1e-6
+        # of the largest output here, under float32's tolerance; a float16 or bfloat16 output is rounded once.
+        tol = TOLERANCE[x_dtype] * want.abs().max().item()
+        assert (got.double() - want).abs().max().item() <= tol
+
+
+def test_tiled_int4_stacks_threads_and_columns() -> None:
+    """A stack of expert matrices packs per matrix; each output's sums are the same bits whether its column
+    was read in a group of streams, alone, or on one thread."""
+    gen = torch.Generator().manual_seed(4)
+    stack = torch.randint(0, 16, (3, 32, 128), generator=gen, dtype=torch.uint8)
+    packed = kernels.pack_tiles_int4(stack)
+    assert packed.shape == (3, 2, 16, 16, 2) and torch.equal(packed[1], kernels.pack_tiles_int4(stack[1]))
+    assert torch.equal(kernels.unpack_tiles_int4(packed), stack)
+    assert kernels.can_tile_int4(stack.shape, 32) and not kernels.can_tile_int4((40, 128), 32) \
+        and not kernels.can_tile_int4((32, 96), 64) and not kernels.can_tile_int4((32, 96), 12)
+    n, k = 37 * kernels.TILE_N, 256
+    codes, scale_zeros, _ = int4_case(gen, n, k, 64)
+    threads = torch.get_num_threads()
+    try:
+        for rows in (1, 2, 3, 13):
+            x = torch.randn(rows, k, generator=gen).to(torch.bfloat16)
+            torch.set_num_threads(2)
+            whole = kernels.linear_tiled_int4(x, kernels.pack_tiles_int4(codes), scale_zeros)
+            alone = torch.cat([kernels.linear_tiled_int4(x, kernels.pack_tiles_int4(codes[i:i + 16]),
+                                                         scale_zeros[:, i:i + 16].contiguous())
+                               for i in range(0, n, 16)], dim=1)
+            torch.set_num_threads(1)
+            one = kernels.linear_tiled_int4(x, kernels.pack_tiles_int4(codes), scale_zeros)
+            assert torch.equal(whole, alone) and torch.equal(whole, one), rows
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize(("rows", "k"), [(1, 128), (2, 128), (3, 128), (7, 128), (13, 128), (61, 4096)])
 def test_tiled_sums_follow_neither_threads_nor_streams(rows: int, k: int) -> None:
     """The vector loops read several block columns side by side, grouped by the thread's share, and (without
@@ -243,6 +308,18 @@ def test_bad_arguments_are_errors_not_crashes() -> None:
         kernels.linear_tiled_int8(torch.randn(2, 128), packed8, torch.ones(15))
     with pytest.raises(RuntimeError, match="uint8"):
         kernels.linear_tiled_int8(torch.randn(2, 128), packed8.view(torch.int8), torch.ones(16))
+    packed4 = kernels.pack_tiles_int4(torch.zeros(16, 128, dtype=torch.uint8))
+    sz = torch.ones(4, 16, 2, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="columns"):
+        kernels.linear_tiled_int4(torch.randn(2, 64), packed4, sz)
+    with pytest.raises(RuntimeError, match="scale_zeros"):
+        kernels.linear_tiled_int4(torch.randn(2, 128), packed4, sz.float())
+    with pytest.raises(RuntimeError, match="scale_zeros"):
+        kernels.linear_tiled_int4(torch.randn(2, 128), packed4, sz[:, :15])
+    with pytest.raises(RuntimeError, match="multiples of 8"):
+        kernels.linear_tiled_int4(torch.randn(2, 128), packed4, torch.ones(32, 16, 2, dtype=torch.bfloat16))
+    with pytest.raises(RuntimeError, match="int16"):
+        kernels.linear_tiled_int4(torch.randn(2, 128), packed4.view(torch.uint8), sz)
 
 
 LEVEL_CHECK = """
@@ -273,9 +350,17 @@ if ok:
             want = xq.double() @ q.double().T * s.double()
             got = kernels.linear_tiled_int8(xq, kernels.pack_tiles_int8(q), s).double()
             worst = max(worst, ((got - want).abs().max() / want.abs().max()).item())
+            codes = torch.randint(0, 16, (n, 2 * k), generator=gen, dtype=torch.uint8)  # int4, groups of 32
+            sz = torch.stack([torch.rand(2 * k // 32, n) * 0.01, torch.randn(2 * k // 32, n) * 0.01], -1)
+            sz = sz.to(torch.bfloat16)
+            w4 = (codes.double().view(n, -1, 32) - 8) * sz[..., 0].double().t()[..., None] \
+                + sz[..., 1].double().t()[..., None]
+            want = xq.double() @ w4.view(n, 2 * k).T
+            got = kernels.linear_tiled_int4(xq, kernels.pack_tiles_int4(codes), sz).double()
+            worst = max(worst, ((got - want).abs().max() / want.abs().max()).item())
 from qwenstack.models.cpu_linear import tiled_max_rows
 print(json.dumps({"isa": kernels.isa_level(), "ok": ok, "worst": worst, "int8_tiles": kernels.int8_tiles_preferred(),
-                  "tiled_max_rows": tiled_max_rows()}))
+                  "int4_tiles": kernels.int4_tiles_preferred(), "tiled_max_rows": tiled_max_rows()}))
 """
 
 
@@ -297,6 +382,7 @@ def test_every_build_level_this_cpu_runs() -> None:
         assert result["worst"] < 1e-2, (level, result)
         # Below AVX512-VNNI the tiled int8 layout only has scalar loops: int8 weights stay row-major there.
         assert result["int8_tiles"] == (level in ("avx512_bf16", "avx512_amx")), (level, result)
+        assert result["int4_tiles"] == (level in ("avx512_bf16", "avx512_amx")), (level, result)
         # Without bfloat16 dot products the vector loops pay per row: batches above 16 rows go to F.linear.
         want_rows = {"avx512_amx": 512, "avx512_bf16": 512}.get(level, 16)
         assert result["tiled_max_rows"] == want_rows, (level, result)

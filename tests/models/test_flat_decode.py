@@ -48,12 +48,15 @@ def stack_outputs(model: torch.nn.Module, monkeypatch: pytest.MonkeyPatch) -> tu
 
 
 # The last field: whether each layer is one native call (decode_layer_cpu.cpp), which needs every product
-# tile-packed in bfloat16 or int8 (int8 is tile-packed where the CPU has VNNI) or int4 on torch's kernel, and a
-# dense SwiGLU; the other stacks run the loop of ops.
+# tile-packed in bfloat16, int8 or int4 (int8 is tile-packed where the CPU has VNNI, int4 where it has AVX512-BF16)
+# or int4 on torch's kernel, and a dense SwiGLU; the other stacks run the loop of ops. "int4-torch": int4 kept in
+# torch's kernel's packing on any CPU.
 @pytest.mark.parametrize("checkpoint,form,quantization,one_call_per_layer", [
     ("tiny_qwen3", "native", None, True), ("tiny_qwen3", "packed", None, False),
     ("tiny_qwen3", "native", "int8", True), ("tiny_qwen3", "native", "int4", True),
+    ("tiny_qwen3", "native", "int4-torch", True),
     ("tiny_qwen3_moe", "native", None, False), ("tiny_qwen3_moe", "native", "int8", False),
+    ("tiny_qwen3_moe", "native", "int4", False),
 ])
 def test_the_flat_loop_gives_the_layers_bits_at_every_decode_step(request: pytest.FixtureRequest,
                                                                     monkeypatch: pytest.MonkeyPatch, checkpoint: str,
@@ -62,13 +65,19 @@ def test_the_flat_loop_gives_the_layers_bits_at_every_decode_step(request: pytes
     require_native_kernels()
     if form == "packed" and not packing_supported():
         pytest.skip("no oneDNN packing in this torch build")
+    if quantization == "int4-torch":
+        monkeypatch.setattr(kernels, "int4_tiles_preferred", lambda: False)
+        quantization = "int4"
     model = prepared(request.getfixturevalue(checkpoint), form, quantization)
+    monkeypatch.undo()
     assert isinstance(model.model.run_layers, FlatDecodeLoop)
+    quantized = [m.quantized for m in model.model.layers.modules() if hasattr(m, "quantized")]
     if quantization == "int8":
         one_call_per_layer = one_call_per_layer and kernels.int8_tiles_preferred()
-    if quantization == "int4":  # torch's int4 kernel takes some shapes only
-        one_call_per_layer = one_call_per_layer and all(
-            m.quantized.use_kernel for m in model.model.layers.modules() if hasattr(m, "quantized"))
+    if quantization == "int4":  # tile-packed, or on torch's int4 kernel, which takes some shapes only
+        one_call_per_layer = one_call_per_layer and all(q.use_kernel for q in quantized)
+        assert all(q.tiled == (kernels.int4_tiles_preferred() and request.node.callspec.params["quantization"]
+                               == "int4") for q in quantized)
     assert (model.model.run_layers.decode_layer is not None) == one_call_per_layer
     flat, taken = stack_outputs(model, monkeypatch)
     model.model.run_layers = run_decoder_layers  # the prepared layers, one module call after another
