@@ -89,8 +89,8 @@ def pack_tiles_int4(codes: torch.Tensor) -> torch.Tensor:
     line per 16 rows x 8 columns; nibble t of its words is the column pair k0 + 2t of a bfloat16 dot product)."""
     *stack, n, k = codes.shape
     octets = codes.detach().contiguous().to(torch.int32).view(*stack, n // TILE_N, TILE_N, k // INT4_COLUMNS, 4, 2)
-    shifts = torch.arange(0, 16, 4, dtype=torch.int32, device=codes.device).view(4, 1)
-    words = (octets << shifts).sum(dim=-2)  # [*, N / 16, 16, K / 8, 2], each below 2^16
+    nibbles = octets.unbind(dim=-2)  # nibble t: columns k0 + 2t, k0 + 2t + 1
+    words = nibbles[0] | (nibbles[1] << 4) | (nibbles[2] << 8) | (nibbles[3] << 12)  # [*, N / 16, 16, K / 8, 2]
     dims = len(stack)
     order = (*range(dims), dims, dims + 2, dims + 1, dims + 3)
     return words.permute(order).contiguous().to(torch.uint16).view(torch.int16)

@@ -171,15 +171,15 @@ class Int4Weight(QuantizedWeight):
         *stack_shape, n, k = weight.shape
         if k % group_size or k % 2:
             raise ValueError(f"int4 needs in_features ({k}) divisible by the group size ({group_size}) and by 2")
-        codes = torch.empty(weight.shape, dtype=torch.uint8, device=weight.device)
-        sz_list = []
-        # One matrix at a time: the float32 working copy stays one expert's size.
-        for w, q in zip(weight.reshape(-1, n, k), codes.view(-1, n, k)):
-            q_w, sz = _int4_codes(w.float(), group_size, dtype)
-            q.copy_(q_w)
+        tiled, use_kernel = _int4_form(weight.shape, group_size, dtype, weight.device, use_kernel)
+        packed_list, sz_list = [], []
+        for w in weight.reshape(-1, n, k):  # one matrix at a time: the working copies stay one expert's size
+            q, sz = _int4_codes(w.float(), group_size, dtype)
+            packed_list.append(kernels.pack_tiles_int4(q) if tiled else _pack_int4(q, use_kernel))
             sz_list.append(sz)
+        packed = torch.stack(packed_list).reshape(*stack_shape, *packed_list[0].shape)
         scale_zeros = torch.stack(sz_list).reshape(*stack_shape, *sz_list[0].shape)
-        return cls.from_scale_zeros(codes, scale_zeros, group_size, use_kernel)
+        return cls(packed, scale_zeros, group_size, k, use_kernel, tiled=tiled)
 
     @classmethod
     def from_codes(cls, codes: torch.Tensor, scales: torch.Tensor, zero_points: torch.Tensor, group_size: int,
@@ -207,17 +207,11 @@ class Int4Weight(QuantizedWeight):
         (kernels.int4_tiles_preferred) and the scales are bfloat16; torch's int4 kernel's packing where that
         takes the shape; two codes a byte for the reference path elsewhere."""
         *stack_shape, n, k = codes.shape
-        scale_zeros = scale_zeros.contiguous()
-        if (codes.device.type == "cpu" and use_kernel is not False and scale_zeros.dtype == torch.bfloat16
-                and kernels.can_tile_int4(codes.shape, group_size) and kernels.int4_tiles_preferred()):
-            packed = [kernels.pack_tiles_int4(q) for q in codes.reshape(-1, n, k)]
-            return cls(torch.stack(packed).reshape(*stack_shape, *packed[0].shape), scale_zeros, group_size, k, True,
-                       tiled=True)
-        if use_kernel is None:
-            use_kernel = int4_kernel_applies(n, k, group_size, scale_zeros.dtype, codes.device)
-        packed = [_pack_int4(q.contiguous(), use_kernel) for q in codes.reshape(-1, n, k)]
+        tiled, use_kernel = _int4_form(codes.shape, group_size, scale_zeros.dtype, codes.device, use_kernel)
+        packed = [kernels.pack_tiles_int4(q) if tiled else _pack_int4(q.contiguous(), use_kernel)
+                  for q in codes.reshape(-1, n, k)]
         packed_stack = torch.stack(packed).reshape(*stack_shape, *packed[0].shape)
-        return cls(packed_stack, scale_zeros, group_size, k, use_kernel)
+        return cls(packed_stack, scale_zeros.contiguous(), group_size, k, use_kernel, tiled=tiled)
 
     def codes(self) -> torch.Tensor:
         """The codes uint8 [*, N, K] in 0..15. From torch's kernel's opaque packing they are read back through
@@ -275,6 +269,19 @@ def int4_kernel_applies(out_features: int, in_features: int, group_size: int, dt
                         device: torch.device) -> bool:
     return (device.type == "cpu" and dtype in (torch.float32, torch.bfloat16, torch.float16)
             and out_features % 16 == 0 and group_size in INT4_KERNEL_GROUPS and in_features % group_size == 0)
+
+
+def _int4_form(shape: torch.Size, group_size: int, dtype: torch.dtype, device: torch.device,
+               use_kernel: bool | None) -> tuple[bool, bool]:
+    """(tiled, use_kernel) for int4 matrices [*, N, K] with scales in `dtype`: tile-packed where the native
+    kernels are built for it (kernels.int4_tiles_preferred) and the scales are bfloat16, else torch's int4
+    kernel where it takes the shape (unless use_kernel is False), else the reference path."""
+    if (device.type == "cpu" and use_kernel is not False and dtype == torch.bfloat16
+            and kernels.can_tile_int4(shape, group_size) and kernels.int4_tiles_preferred()):
+        return True, True
+    if use_kernel is None:
+        use_kernel = int4_kernel_applies(shape[-2], shape[-1], group_size, dtype, device)
+    return False, use_kernel
 
 
 def _pack_int4(q: torch.Tensor, use_kernel: bool) -> torch.Tensor:
