@@ -138,19 +138,23 @@ def quantize_model(model: nn.Module, method: str | QuantizationSpec, keep: Seque
     keep = list(keep)
     used_patterns: set[str] = set()
     report = QuantizationReport(spec.name)
-    targets: list[tuple[str, nn.Module]] = [(n, m) for n, m in model.named_modules()
-                                            if isinstance(m, (nn.Linear, Experts)) and not isinstance(m, QuantExperts)]
+    # Names, not modules: a list of the modules would keep every replaced full-precision weight alive to the
+    # end, so the peak would be the whole model twice over instead of the model and one layer's copy.
+    targets = [n for n, m in model.named_modules()
+               if isinstance(m, (nn.Linear, Experts)) and not isinstance(m, QuantExperts)]
     tied = getattr(model, "lm_head", 0) is None and hasattr(getattr(model, "model", None), "embed_tokens")
-    for name, module in targets:
+    for name in targets:
         hits = [p for p in keep if _matches(name, [p])]
         if hits:
             used_patterns.update(hits)
             report.kept.append(name)
             continue
+        module = model.get_submodule(name)
         if isinstance(module, Experts):
             new = _quantize_experts(module, spec, name, report)
         else:
             new = _quantize_linear(module.weight, module.bias, spec, name, report)
+        del module
         if new is not None:
             _replace(model, name, new)
     if tied:

@@ -4,6 +4,7 @@ keep patterns are honoured, the engine serves a quantized model, fp8 is refused 
 from __future__ import annotations
 
 import copy
+import weakref
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ from qwenstack.engine.params import SamplingParams
 from qwenstack.errors import UnsupportedModelError
 from qwenstack.engine.reference import greedy_generate
 from qwenstack.models.base import prompt_logits
+from qwenstack.models.moe import Experts
 from qwenstack.models.registry import load_model
 from qwenstack.quantization import QuantExperts, QuantLinear, decode_weight_bytes, parse_method, quantize_model
 from qwenstack.quantization.formats import Fp8Weight, Int4Weight, Int8Weight
@@ -95,6 +97,33 @@ def test_keep_patterns_leave_layers_in_full_precision(tiny_qwen3_moe: Path) -> N
     assert report.quantized == ["model.layers.0.self_attn.qkv_proj", "model.layers.0.mlp.experts"]
     with pytest.raises(ValueError, match="match no linear layer"):
         quantize_model(load_model(tiny_qwen3_moe, dtype=torch.float32), "int8", keep=["lm_haed"])
+
+
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_each_full_precision_layer_is_freed_once_replaced(tiny_qwen3_moe: Path, monkeypatch: pytest.MonkeyPatch,
+                                                          method: str) -> None:
+    """The peak while quantizing is the model and one layer's copy, not the model twice over: by the time a layer
+    is quantized, every layer replaced before it has let its full-precision weights go."""
+    import qwenstack.quantization as quantization
+
+    model = load_model(tiny_qwen3_moe, dtype=torch.bfloat16)
+    originals = [weakref.ref(t) for m in model.modules() if isinstance(m, (torch.nn.Linear, Experts))
+                 for t in m.parameters(recurse=False)]
+    alive_at_each_layer = []
+    replace = quantization._replace
+
+    def counting(model: torch.nn.Module, name: str, new: torch.nn.Module) -> None:
+        replace(model, name, new)
+        alive_at_each_layer.append(sum(ref() is not None for ref in originals))
+
+    monkeypatch.setattr(quantization, "_replace", counting)
+    quantize_model(model, method)
+    total = len(originals)
+    replaced = len(alive_at_each_layer)
+    assert replaced >= 4
+    # After the i-th replacement at most the tensors of layers not yet reached are alive.
+    assert alive_at_each_layer == sorted(alive_at_each_layer, reverse=True)
+    assert alive_at_each_layer[-1] == 0 and alive_at_each_layer[0] < total
 
 
 def test_tied_lm_head_gets_a_quantized_copy_unless_kept(tiny_qwen3: Path) -> None:
