@@ -17,6 +17,8 @@
 // - the attention reads and writes the paged cache as paged_decode_attention and write_kv do.
 // Returns the residual stream after the attention block and the MLP's output; the caller adds the last layer's.
 //
+// experts_swiglu (below): a MoE layer's quantized experts over their rows with the same products, one call.
+//
 // The functions are the op files' own: each file is compiled here a second time, inside its own namespace, with
 // its op registrations left out (QWENSTACK_KERNEL_FUNCTIONS_ONLY), so there is one copy of each kernel's source.
 // Everything those files include is included first, outside the namespaces, so their own includes add nothing.
@@ -129,6 +131,60 @@ std::tuple<Tensor, Tensor> decode_layer(Tensor x, Tensor delta, Tensor input_nor
   return {residual, mlp_out};
 }
 
+// stack[e] as a view of stack's memory (which must outlive it).
+Tensor expert_view(const Tensor& stack, int64_t e) {
+  const auto sizes = stack.sizes(), strides = stack.strides();
+  const std::vector<int64_t> inner_sizes(sizes.begin() + 1, sizes.end());
+  const std::vector<int64_t> inner_strides(strides.begin() + 1, strides.end());
+  char* data = static_cast<char*>(stack.mutable_data_ptr()) + e * strides[0] * stack.element_size();
+  return torch::stable::from_blob(data, inner_sizes, inner_strides, stack.device(), stack.scalar_type());
+}
+
+// Stacked quantized MoE experts (qwenstack.quantization.QuantExperts with tile-packed int8 or int4 stacks) over
+// their rows in one call:
+//   for each expert e with rows [o_e, o_e + counts[e]) of x (x sorted by expert):
+//     out_e = product(silu_mul(product(x_e, gate_up[e])), down[e])
+// with decode_layer's products and SwiGLU's activation, so each expert's rows are bit for bit what the loop over
+// the experts with those ops gives. Why: each expert was four Python calls (two products, the split and the
+// activation) beside products of 1-2 MB; over Qwen3-30B-A3B's 48 layers x 8 experts a token, the calls took
+// about as long as the weight reads.
+// Layout: x [R, H] bfloat16; counts [E] int64 (sum R); gate_up and down: stacks [E, ...] of one tile-packed form
+// (decode_layer's), with their scales [E, N] (int8) or scales and zero points [E, K / group, N, 2] (int4).
+Tensor experts_swiglu(Tensor x_in, Tensor counts_in, Tensor gate_up, Tensor gate_up_scales, Tensor down,
+                      Tensor down_scales) {
+  STD_TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == ScalarType::BFloat16,
+                  "experts_swiglu: x must be bfloat16 [R, H]");
+  STD_TORCH_CHECK(counts_in.dim() == 1 && counts_in.scalar_type() == ScalarType::Long,
+                  "experts_swiglu: counts must be int64 [E]");
+  const int64_t E = counts_in.size(0), R = x_in.size(0), H = x_in.size(1);
+  STD_TORCH_CHECK(gate_up.dim() >= 2 && down.dim() >= 2 && gate_up.size(0) == E && down.size(0) == E &&
+                      gate_up_scales.dim() >= 2 && down_scales.dim() >= 2 && gate_up_scales.size(0) == E &&
+                      down_scales.size(0) == E,
+                  "experts_swiglu: gate_up, down and their scales must be stacks of ", E, " experts");
+  const Tensor x = as_contiguous(x_in);
+  const Tensor counts_t = as_contiguous(counts_in);
+  const int64_t* counts = static_cast<const int64_t*>(counts_t.const_data_ptr());
+  int64_t total = 0;
+  for (int64_t e = 0; e < E; ++e) {
+    STD_TORCH_CHECK(counts[e] >= 0, "experts_swiglu: expert ", e, " has ", counts[e], " rows");
+    total += counts[e];
+  }
+  STD_TORCH_CHECK(total == R, "experts_swiglu: counts add up to ", total, ", x has ", R, " rows");
+  Tensor out = torch::stable::empty({R, H}, ScalarType::BFloat16, std::nullopt, x.device());
+  const int64_t row_bytes = H * out.element_size();
+  for (int64_t e = 0, first = 0; e < E; first += counts[e], ++e) {
+    if (counts[e] == 0) continue;
+    const Tensor rows = view_of(x, {counts[e], H}, {H, 1}, first * H);
+    const Tensor h = product(rows, expert_view(gate_up, e), expert_view(gate_up_scales, e));
+    const Tensor y = product(swiglu_ops::silu_mul(h), expert_view(down, e), expert_view(down_scales, e));
+    STD_TORCH_CHECK(y.size(1) == H, "experts_swiglu: the down products have ", y.size(1), " outputs, x has ", H,
+                    " columns");
+    std::memcpy(static_cast<char*>(out.mutable_data_ptr()) + first * row_bytes, y.const_data_ptr(),
+                counts[e] * row_bytes);
+  }
+  return out;
+}
+
 }  // namespace
 
 STABLE_TORCH_LIBRARY_FRAGMENT(qwenstack, m) {
@@ -137,8 +193,11 @@ STABLE_TORCH_LIBRARY_FRAGMENT(qwenstack, m) {
         "Tensor gate_up, Tensor gate_up_scales, Tensor down, Tensor down_scales, int q_heads, int kv_heads, "
         "Tensor cos, Tensor sin, Tensor(a!) kv_cache, Tensor slots, Tensor block_tables, Tensor context_lens, "
         "float scale) -> (Tensor, Tensor)");
+  m.def("experts_swiglu(Tensor x, Tensor counts, Tensor gate_up, Tensor gate_up_scales, Tensor down, "
+        "Tensor down_scales) -> Tensor");
 }
 
 STABLE_TORCH_LIBRARY_IMPL(qwenstack, CPU, m) {
   m.impl("decode_layer", TORCH_BOX(&decode_layer));
+  m.impl("experts_swiglu", TORCH_BOX(&experts_swiglu));
 }

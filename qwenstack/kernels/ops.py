@@ -397,6 +397,26 @@ def moe_tiled(
     return op(x, counts, gate_up, down)
 
 
+def experts_swiglu(
+    x: torch.Tensor,  # [R, H] bfloat16, rows sorted by expert
+    counts: torch.Tensor,  # [E] int64: rows of each expert, in order
+    gate_up: tuple[torch.Tensor, torch.Tensor],  # the stack's tile-packed codes and scales (see below)
+    down: tuple[torch.Tensor, torch.Tensor],
+) -> torch.Tensor | None:  # [R, H] bfloat16
+    """Every expert's SwiGLU over its rows in one native call (qwenstack/kernels/decode_layer_cpu.cpp), for
+    quantized stacks tile-packed as int8 (codes, scales [E, N]) or int4 (codes, scales and zero points
+    [E, K / group, N, 2]): bit for bit the loop over the experts of their products and silu_mul. None where it
+    does not apply: CPU bfloat16 rows, no autograd, the op built."""
+    if x.device.type != "cpu" or x.dtype != torch.bfloat16 or x.dim() != 2:
+        return None
+    if torch.is_grad_enabled() and x.requires_grad:
+        return None
+    op = native_op("experts_swiglu")
+    if op is None:
+        return None
+    return op(x, counts, gate_up[0], gate_up[1], down[0], down[1])
+
+
 def vector_loop_max_rows() -> int:
     """Up to how many rows the tiled kernel's vector loops beat F.linear on the unpacked matrix in this build."""
     return VECTOR_LOOP_MAX_ROWS if isa_level() == "avx512_bf16" else SLOW_LOOP_MAX_ROWS

@@ -41,7 +41,7 @@ from qwenstack.models.linear_attention import (
     chunk_gated_delta_rule_varlen, conv_decode_in_place, recurrent_decode_in_place, sequence_offsets,
 )
 from qwenstack.models.qwen3 import DecoderLayer, run_decoder_layers
-from qwenstack.quantization.formats import Int4Weight, Int8Weight
+from qwenstack.quantization.formats import Int4Weight, QuantizedWeight
 
 log = logging.getLogger("qwenstack.models")
 
@@ -179,13 +179,9 @@ def tiled_weights(linear: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None
     if type(linear) is TiledLinear and linear.bias is None:
         return linear.packed, torch.empty(0)
     quantized = getattr(linear, "quantized", None)
-    if getattr(linear, "bias", None) is not None or not getattr(quantized, "tiled", False):
+    if not isinstance(quantized, QuantizedWeight) or getattr(linear, "bias", None) is not None:
         return None
-    if type(quantized) is Int8Weight:
-        return quantized.qweight, quantized.scales
-    if type(quantized) is Int4Weight and quantized.packed.dim() == 4:
-        return quantized.packed, quantized.scale_zeros
-    return None
+    return quantized.tiled_operands()
 
 
 def decode_layer_weights(linear: nn.Module, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor] | None:

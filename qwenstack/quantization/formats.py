@@ -74,6 +74,11 @@ class QuantizedWeight(nn.Module):
     def nbytes(self) -> int:
         return sum(b.numel() * b.element_size() for b in self.buffers())
 
+    def tiled_operands(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The codes and scales as the native tile-packed ops take them (decode_layer, experts_swiglu), where
+        this weight is tile-packed; None otherwise."""
+        return None
+
     def extra_repr(self) -> str:
         return f"{self.method}, out={self.out_features}, in={self.in_features}, kernel={self.use_kernel}"
 
@@ -117,6 +122,9 @@ class Int8Weight(QuantizedWeight):
         if use_kernel is None:
             use_kernel = int8_kernel_applies(qweight.shape[-1], scales.dtype, qweight.device)
         return cls(qweight.contiguous(), scales.contiguous(), use_kernel)
+
+    def tiled_operands(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        return (self.qweight, self.scales) if self.tiled else None
 
     def codes(self) -> torch.Tensor:
         """The int8 codes [*, N, K], row-major whatever the stored form."""
@@ -212,6 +220,9 @@ class Int4Weight(QuantizedWeight):
                   for q in codes.reshape(-1, n, k)]
         packed_stack = torch.stack(packed).reshape(*stack_shape, *packed[0].shape)
         return cls(packed_stack, scale_zeros.contiguous(), group_size, k, use_kernel, tiled=tiled)
+
+    def tiled_operands(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        return (self.packed, self.scale_zeros) if self.tiled else None
 
     def codes(self) -> torch.Tensor:
         """The codes uint8 [*, N, K] in 0..15. From torch's kernel's opaque packing they are read back through

@@ -6,6 +6,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from qwenstack import kernels
 from qwenstack.models.moe import Experts
 from qwenstack.quantization.formats import QuantizedWeight
 
@@ -55,6 +56,17 @@ class QuantExperts(Experts):
         """Experts whose stacks were quantized elsewhere (a pre-quantized checkpoint)."""
         return cls(experts, lambda _: gate_up_proj, lambda _: down_proj)
 
+    def grouped_swiglu(self, inputs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """Every expert in one native call where both stacks are tile-packed (kernels.experts_swiglu), else the
+        loop of Experts over the experts that received rows."""
+        stacks = [w.tiled_operands() for w in (self.gate_up_proj, self.down_proj)]
+        if stacks[0] is not None and stacks[1] is not None:
+            fused = kernels.experts_swiglu(inputs, counts, stacks[0], stacks[1])
+            if fused is not None:
+                return fused
+        return super().grouped_swiglu(inputs, counts)
+
     def expert_linear(self, name: str, expert: int, x: torch.Tensor) -> torch.Tensor:
         weight: QuantizedWeight = getattr(self, name)
         return weight.matmul(x, expert)
+

@@ -1,7 +1,8 @@
 """Stacked MoE experts in one native call (qwenstack/kernels/linear_tiled_cpu.cpp's moe_tiled) against the loop
 over experts it replaces: bit for bit the same products and activation (linear_tiled and silu_mul expert by
 expert), experts with no rows, one row, and the most rows it takes; the cases it leaves to the loop; and the
-form choice that puts the experts in the tile-packed form apart from the dense linears."""
+form choice that puts the experts in the tile-packed form apart from the dense linears. Quantized experts
+(int8, int4) in one call (decode_layer_cpu.cpp's experts_swiglu) against their loop."""
 from __future__ import annotations
 
 import pytest
@@ -11,6 +12,8 @@ from kernel_utils import require_native_kernels
 from qwenstack import kernels
 from qwenstack.models import cpu_linear
 from qwenstack.models.moe import Experts
+from qwenstack.quantization import QuantExperts
+from qwenstack.quantization.formats import Int4Weight, Int8Weight
 
 H, I = 64, 32  # tile multiples: gate_up [2I, H] and down [H, I] both tile
 
@@ -131,3 +134,50 @@ def test_experts_get_their_own_form(tiny_qwen3_moe, monkeypatch: pytest.MonkeyPa
     cpu_linear.prepare_cpu_linears(model)
     assert any(isinstance(m, cpu_linear.PackedLinear) for m in model.modules())
     assert all(m.tiled or m.native for m in stacks)
+
+
+def _quantized_experts(method: str, num_experts: int, seed: int = 0) -> QuantExperts:
+    torch.manual_seed(seed)
+    experts = Experts(num_experts, H, 2 * I).to(torch.bfloat16)  # int8 tiles take K in multiples of 64
+    with torch.no_grad():
+        experts.gate_up_proj.normal_(0, 0.2)
+        experts.down_proj.normal_(0, 0.2)
+    if method == "int8":
+        return QuantExperts(experts, Int8Weight.quantize, Int8Weight.quantize)
+    return QuantExperts(experts, lambda w: Int4Weight.quantize(w, 32), lambda w: Int4Weight.quantize(w, 32))
+
+
+@pytest.mark.parametrize("method", ["int8", "int4"])
+@pytest.mark.parametrize("counts", [[1, 0, 2, 3, 0, 1], [0, 0, 0, 0, 0, 5], [40, 0, 3, 0, 0, 13]])
+def test_quantized_experts_in_one_call_equal_their_loop(method: str, counts: list[int]) -> None:
+    """Tile-packed int8 or int4 experts (experts_swiglu, decode_layer_cpu.cpp): bit for bit each expert's two
+    products and silu_mul; the module takes the one call, and stays with its torch loop (F.silu) up to
+    bfloat16 rounding."""
+    experts = _quantized_experts(method, len(counts))
+    operands = [w.tiled_operands() for w in (experts.gate_up_proj, experts.down_proj)]
+    preferred = kernels.int8_tiles_preferred() if method == "int8" else kernels.int4_tiles_preferred()
+    assert (None not in operands) == preferred
+    if not preferred:
+        pytest.skip(f"{method} is not tile-packed on this build ({kernels.isa_level()})")
+    x = torch.randn(sum(counts), H).to(torch.bfloat16)
+    counts_t = torch.tensor(counts)
+    with torch.inference_mode():
+        got = kernels.experts_swiglu(x, counts_t, operands[0], operands[1])
+        want, start = [], 0
+        for e, n in enumerate(counts):
+            if n:
+                h = experts.gate_up_proj.matmul(x[start:start + n], e)
+                want.append(experts.down_proj.matmul(kernels.silu_mul(h), e))
+            start += n
+        assert got is not None and torch.equal(got, torch.cat(want))
+        calls = []
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(kernels, "experts_swiglu", lambda *a: calls.append(a) or kernels.ops.experts_swiglu(*a))
+            module = experts.grouped_swiglu(x, counts_t)
+        looped = Experts.grouped_swiglu(experts, x, counts_t)  # the loop over experts, F.silu(gate) * up
+    assert len(calls) == 1 and torch.equal(module, got)
+    torch.testing.assert_close(looped, got, rtol=2e-2, atol=2e-2)
+    with pytest.raises(RuntimeError, match="counts add up to"):
+        kernels.experts_swiglu(x[:2], torch.tensor([2] + [0] * (len(counts) - 2) + [1]), operands[0], operands[1])
+    with pytest.raises(RuntimeError, match="stacks of"):
+        kernels.experts_swiglu(x, counts_t[:-1], operands[0], operands[1])
