@@ -30,7 +30,7 @@ def slice_quantized(weight: QuantizedWeight, rows: torch.Tensor | None = None,
             codes = codes[..., cols[0]:cols[1]]
         return Int8Weight.from_codes(codes, scales, None if weight.use_kernel else False)
     if isinstance(weight, Int4Weight):
-        codes, sz, g = weight.codes(), weight.scale_zeros, weight.group_size  # sz [*, K/G, N, 2]
+        codes, sz, g = weight.codes(), weight.group_scale_zeros(), weight.group_size  # sz [*, K/G, N, 2]
         if rows is not None:
             codes, sz = codes.index_select(-2, rows), sz.index_select(-2, rows)
         if cols is not None:

@@ -16,7 +16,8 @@ from qwenstack.kernels import build
 from qwenstack.kernels.build import ISA_LEVELS, build_all, isa_level, kernels_disabled, native_op
 from qwenstack.kernels.layouts import (
     INT4_COLUMNS, INT8_TILE_K, INT8_TILE_MAX_K, TILE_K, TILE_N, can_tile, can_tile_int4, can_tile_int8, pack_tiles,
-    pack_tiles_int4, pack_tiles_int8, tiled_rows, unpack_tiles, unpack_tiles_int4, unpack_tiles_int8,
+    pack_scale_zeros_int4, pack_tiles_int4, pack_tiles_int8, tiled_rows, unpack_scale_zeros_int4, unpack_tiles,
+    unpack_tiles_int4, unpack_tiles_int8,
 )
 from qwenstack.kernels.ops import (
     LINEAR_WEIGHT_DTYPES, add_rms_norm, conv_decode, experts_swiglu, gated_delta_chunked, gated_delta_decode, has_amx,
@@ -28,8 +29,8 @@ from qwenstack.kernels.ops import (
 __all__ = [
     "build", "build_all", "ISA_LEVELS", "isa_level", "kernels_disabled", "native_op",
     "INT4_COLUMNS", "INT8_TILE_K", "INT8_TILE_MAX_K", "TILE_K", "TILE_N", "can_tile", "can_tile_int4", "can_tile_int8",
-    "pack_tiles", "pack_tiles_int4", "pack_tiles_int8", "tiled_rows", "unpack_tiles", "unpack_tiles_int4",
-    "unpack_tiles_int8",
+    "pack_scale_zeros_int4", "pack_tiles", "pack_tiles_int4", "pack_tiles_int8", "tiled_rows",
+    "unpack_scale_zeros_int4", "unpack_tiles", "unpack_tiles_int4", "unpack_tiles_int8",
     "LINEAR_WEIGHT_DTYPES", "has_amx", "int4_tiles_preferred", "int8_tiles_preferred", "linear_rows",
     "linear_rows_available",
     "linear_tiled", "linear_tiled_int4", "linear_tiled_int8", "paged_decode_attention", "paged_decode_available",

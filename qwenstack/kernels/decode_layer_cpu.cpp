@@ -11,9 +11,9 @@
 // - x [R, hidden]: the residual stream before the layer; delta: the previous layer's MLP output, added to x
 //   first (add_rms_norm), or an empty tensor for the first layer (rms_norm of x alone);
 // - each product's weights: tile-packed bfloat16 (linear_tiled's layout) with empty scales, tile-packed int8
-//   (linear_tiled_int8's) with their scales [N], or int4 with its scales and zero points [K / group, N, 2],
-//   tile-packed (linear_tiled_int4's) or in torch's CPU packing (torch's _weight_int4pack_mm_for_cpu, the op
-//   qwenstack's int4 linears call where the tiled int4 loop is not built);
+//   (linear_tiled_int8's) with their scales [N], or int4 with its scales and zero points, tile-packed
+//   (linear_tiled_int4's, [N / 16, K / group, 16, 2]) or in torch's CPU packing ([K / group, N, 2], for torch's
+//   _weight_int4pack_mm_for_cpu, the op qwenstack's int4 linears call where the tiled int4 loop is not built);
 // - the attention reads and writes the paged cache as paged_decode_attention and write_kv do.
 // Returns the residual stream after the attention block and the MLP's output; the caller adds the last layer's.
 //
@@ -84,7 +84,7 @@ Tensor int4_product(const Tensor& x, const Tensor& packed, const Tensor& scale_z
 }
 
 // x [R, K] times one linear's weights: tile-packed bfloat16 where scales is empty, tile-packed int8 with its
-// scales [N], int4 (tile-packed, or in torch's packing) with its scales and zero points [K / group, N, 2].
+// scales [N], int4 (tile-packed, or in torch's packing) with its scales and zero points.
 Tensor product(const Tensor& x, const Tensor& packed, const Tensor& scales) {
   if (scales.numel() == 0) return linear_ops::linear_tiled(x, packed);
   if (scales.dim() == 1) return linear_ops::linear_tiled_int8(x, packed, scales);
@@ -149,7 +149,7 @@ Tensor expert_view(const Tensor& stack, int64_t e) {
 // activation) beside products of 1-2 MB; over Qwen3-30B-A3B's 48 layers x 8 experts a token, the calls took
 // about as long as the weight reads.
 // Layout: x [R, H] bfloat16; counts [E] int64 (sum R); gate_up and down: stacks [E, ...] of one tile-packed form
-// (decode_layer's), with their scales [E, N] (int8) or scales and zero points [E, K / group, N, 2] (int4).
+// (decode_layer's), with their scales [E, N] (int8) or scales and zero points [E, N / 16, K / group, 16, 2] (int4).
 Tensor experts_swiglu(Tensor x_in, Tensor counts_in, Tensor gate_up, Tensor gate_up_scales, Tensor down,
                       Tensor down_scales) {
   STD_TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == ScalarType::BFloat16,

@@ -770,7 +770,7 @@ Tensor linear_tiled_int8(Tensor x_in, Tensor packed_in, Tensor scales_in) {
 
 // ---------------------------------------------------------------------------------------------------------
 // int4 weights (weight-only, asymmetric in groups of G input columns: formats.Int4Weight's w = (q - 8) * scale
-// + zero, q in 0..15, scale and zero [K / G, N, 2] bfloat16), tile-packed for the bfloat16 dot products:
+// + zero, q in 0..15, scale and zero bfloat16), tile-packed for the bfloat16 dot products:
 //   packed[n / 16][k / 8][n % 16][e] = sum over t in 0..3 of q[n][k0 + 2t + e] << 4t   (16-bit words; k0 = k / 8 * 8)
 // Each 64 bytes are 16 outputs x 8 columns: nibble t of the words is a vdpbf16ps operand, the pair of columns
 // (k0 + 2t, k0 + 2t + 1) of each of the 16 outputs, in its lane order. A shift and one ternary logic op turn
@@ -787,7 +787,8 @@ Tensor linear_tiled_int8(Tensor x_in, Tensor packed_in, Tensor scales_in) {
 //   rows is sent by the caller to F.linear on the dequantized matrix.
 // - Builds without AVX512-BF16: the same sums in scalar loops.
 // Layout: x [M, K] float32 / bfloat16 / float16 (rounded to bfloat16), packed [N / 16, K / 8, 16, 2] int16,
-// scale_zeros [K / G, N, 2] bfloat16, out [M, N] in x's dtype.
+// scale_zeros [N / 16, K / G, 16, 2] bfloat16 (layouts.pack_scale_zeros_int4: each block column's groups in one
+// run), out [M, N] in x's dtype.
 constexpr int64_t I4_COLUMNS = 8;                  // columns a 64-byte line of a block column holds
 constexpr int64_t I4_LINE_WORDS = TILE_N * 2;      // 16 outputs x 2 words (4 nibbles each)
 constexpr int64_t I4_PREFETCH_WORDS = 512;         // how far ahead the loop prefetches each weight stream (1 KiB)
@@ -854,9 +855,10 @@ inline void i4_vec_block(const GroupRows& a, int64_t m0, const uint16_t* const* 
       }
     }
     for (int64_t s = 0; s < S; ++s) {
-      // The 16 outputs' (scale, zero) pairs are one 64-byte line: the scale in the low half of each 32-bit
-      // lane, the zero in the high half, so each widens to float32 in one instruction.
-      const __m512i line = _mm512_loadu_si512(scale_zeros + 2 * (g * N + nb[s] * TILE_N));
+      // The 16 outputs' (scale, zero) pairs of the group are one 64-byte line, next to the column's other groups:
+      // the scale in the low half of each 32-bit lane, the zero in the high half, so each widens to float32 in
+      // one instruction.
+      const __m512i line = _mm512_loadu_si512(scale_zeros + 2 * (nb[s] * groups + g) * TILE_N);
       const __m512 scale = _mm512_castsi512_ps(_mm512_slli_epi32(line, 16));
       const __m512 zero = _mm512_castsi512_ps(_mm512_and_si512(line, _mm512_set1_epi32(int32_t(0xFFFF0000u))));
       const __m512 offset_zero = _mm512_fnmadd_ps(_mm512_set1_ps(I4_CODE_OFFSET), scale, zero);
@@ -893,7 +895,7 @@ inline void i4_vec_column(const GroupRows& a, int64_t m0, const uint16_t* col, i
       }
     }
     for (int64_t n = 0; n < TILE_N; ++n) {
-      const uint16_t* sz = scale_zeros + 2 * (g * N + nb * TILE_N + n);
+      const uint16_t* sz = scale_zeros + 2 * ((nb * groups + g) * TILE_N + n);
       const float scale = to_float(Bf16{sz[0]}), zero = to_float(Bf16{sz[1]});
       for (int64_t m = 0; m < MT; ++m)
         total[m][n] += scale * acc[m][n] + (zero - 8.f * scale) * a.sums[(m0 + m) * groups + g];
@@ -949,10 +951,11 @@ Tensor linear_tiled_int4(Tensor x_in, Tensor packed_in, Tensor scale_zeros_in) {
   const int64_t M = x_in.size(0), K = x_in.size(1), N = packed_in.size(0) * TILE_N;
   STD_TORCH_CHECK(packed_in.size(1) * I4_COLUMNS == K, "linear_tiled_int4: x has ", K, " columns but the weights ",
                   packed_in.size(1) * I4_COLUMNS);
-  STD_TORCH_CHECK(scale_zeros_in.dim() == 3 && scale_zeros_in.size(1) == N && scale_zeros_in.size(2) == 2 &&
+  STD_TORCH_CHECK(scale_zeros_in.dim() == 4 && scale_zeros_in.size(0) * TILE_N == N &&
+                      scale_zeros_in.size(2) == TILE_N && scale_zeros_in.size(3) == 2 &&
                       scale_zeros_in.scalar_type() == ScalarType::BFloat16,
-                  "linear_tiled_int4: scale_zeros must be bfloat16 [K / group, N, 2]");
-  const int64_t groups = scale_zeros_in.size(0);
+                  "linear_tiled_int4: scale_zeros must be bfloat16 [N / 16, K / group, 16, 2]");
+  const int64_t groups = scale_zeros_in.size(1);
   STD_TORCH_CHECK(groups > 0 && K % groups == 0 && (K / groups) % I4_COLUMNS == 0,
                   "linear_tiled_int4: ", groups, " groups do not cut ", K, " columns into multiples of 8");
   Tensor x = as_contiguous(x_in);

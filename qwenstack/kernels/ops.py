@@ -154,8 +154,8 @@ def linear_tiled_int8(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tenso
 
 def linear_tiled_int4(x: torch.Tensor, packed: torch.Tensor, scale_zeros: torch.Tensor) -> torch.Tensor:
     """x [M, K] @ W.T for int4 W = (q - 8) * scale + zero per group (formats.Int4Weight), q in
-    pack_tiles_int4's layout and scale_zeros bfloat16 [K / group, N, 2], in x's dtype; bfloat16 activations,
-    float32 sums. Any number of rows, one vector loop: for decode batches, not for prefill."""
+    pack_tiles_int4's layout and scale_zeros bfloat16 in pack_scale_zeros_int4's ([N / 16, K / group, 16, 2]),
+    in x's dtype; bfloat16 activations, float32 sums. Any number of rows, one vector loop."""
     op = _required("linear_tiled_int4")
     return op(x, packed, scale_zeros)
 
@@ -405,7 +405,7 @@ def experts_swiglu(
 ) -> torch.Tensor | None:  # [R, H] bfloat16
     """Every expert's SwiGLU over its rows in one native call (qwenstack/kernels/decode_layer_cpu.cpp), for
     quantized stacks tile-packed as int8 (codes, scales [E, N]) or int4 (codes, scales and zero points
-    [E, K / group, N, 2]): bit for bit the loop over the experts of their products and silu_mul. None where it
+    [E, N / 16, K / group, 16, 2]): bit for bit the loop over the experts of their products and silu_mul. None where it
     does not apply: CPU bfloat16 rows, no autograd, the op built."""
     if x.device.type != "cpu" or x.dtype != torch.bfloat16 or x.dim() != 2:
         return None

@@ -174,7 +174,7 @@ RowsProduct = Callable[[torch.Tensor], torch.Tensor]
 
 def tiled_weights(linear: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
     """A bias-free tile-packed linear's weights as the native ops take them: (packed bfloat16, an empty scales
-    tensor), (packed int8, its scales [N]) or (packed int4, its scales and zero points [K / group, N, 2]); None
+    tensor), (packed int8, its scales [N]) or (packed int4, its scales and zero points, tile-packed too); None
     for any other form (oneDNN-packed, int4 in torch's packing, a tensor-parallel shard with its all-reduce)."""
     if type(linear) is TiledLinear and linear.bias is None:
         return linear.packed, torch.empty(0)

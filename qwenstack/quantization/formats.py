@@ -170,7 +170,9 @@ class Int4Weight(QuantizedWeight):
         # tiled: int16 [*, N / 16, K / 8, 16, 2] (kernels.pack_tiles_int4); kernel: torch's CPU kernel's packing;
         # reference: uint8 [*, N, K/2], even k in the low nibble.
         self.register_buffer("packed", packed)
-        self.register_buffer("scale_zeros", scale_zeros)  # [*, K/G, N, 2]: scale, zero; activation dtype
+        # scale, zero in the activation dtype: [*, K/G, N, 2]; tiled: [*, N / 16, K/G, 16, 2]
+        # (kernels.pack_scale_zeros_int4; group_scale_zeros() gives them in [*, K/G, N, 2] whatever the form)
+        self.register_buffer("scale_zeros", scale_zeros)
 
     @classmethod
     def quantize(cls, weight: torch.Tensor, group_size: int, dtype: torch.dtype | None = None,
@@ -184,7 +186,7 @@ class Int4Weight(QuantizedWeight):
         for w in weight.reshape(-1, n, k):  # one matrix at a time: the working copies stay one expert's size
             q, sz = _int4_codes(w.float(), group_size, dtype)
             packed_list.append(kernels.pack_tiles_int4(q) if tiled else _pack_int4(q, use_kernel))
-            sz_list.append(sz)
+            sz_list.append(kernels.pack_scale_zeros_int4(sz) if tiled else sz)
         packed = torch.stack(packed_list).reshape(*stack_shape, *packed_list[0].shape)
         scale_zeros = torch.stack(sz_list).reshape(*stack_shape, *sz_list[0].shape)
         return cls(packed, scale_zeros, group_size, k, use_kernel, tiled=tiled)
@@ -219,10 +221,15 @@ class Int4Weight(QuantizedWeight):
         packed = [kernels.pack_tiles_int4(q) if tiled else _pack_int4(q.contiguous(), use_kernel)
                   for q in codes.reshape(-1, n, k)]
         packed_stack = torch.stack(packed).reshape(*stack_shape, *packed[0].shape)
-        return cls(packed_stack, scale_zeros.contiguous(), group_size, k, use_kernel, tiled=tiled)
+        scale_zeros = kernels.pack_scale_zeros_int4(scale_zeros) if tiled else scale_zeros.contiguous()
+        return cls(packed_stack, scale_zeros, group_size, k, use_kernel, tiled=tiled)
 
     def tiled_operands(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         return (self.packed, self.scale_zeros) if self.tiled else None
+
+    def group_scale_zeros(self) -> torch.Tensor:
+        """The scales and zero points [*, K/G, N, 2], whatever the stored form."""
+        return kernels.unpack_scale_zeros_int4(self.scale_zeros) if self.tiled else self.scale_zeros
 
     def codes(self) -> torch.Tensor:
         """The codes uint8 [*, N, K] in 0..15. From torch's kernel's opaque packing they are read back through
@@ -265,7 +272,7 @@ class Int4Weight(QuantizedWeight):
     def dequantize(self, index: int | None = None) -> torch.Tensor:
         packed, sz = _index(self.packed, index), _index(self.scale_zeros, index)
         if self.tiled:
-            return self._dequantized(kernels.unpack_tiles_int4(packed), sz).float()
+            return self._dequantized(kernels.unpack_tiles_int4(packed), kernels.unpack_scale_zeros_int4(sz)).float()
         if not self.use_kernel:
             return self._dequantized(_unpack_int4(packed), sz).float()
         # The kernel's packing is opaque; multiplying the identity reads every column back out.

@@ -192,7 +192,10 @@ def test_tiled_int4_kernel(rows: int, x_dtype: torch.dtype) -> None:
         assert packed.dtype == torch.int16 and packed.shape == (n // 16, k // 8, 16, 2)
         assert torch.equal(kernels.unpack_tiles_int4(packed), codes)
         x = torch.randn(rows, k, generator=gen).to(x_dtype)
-        got = kernels.linear_tiled_int4(x, packed, scale_zeros)
+        tiled_sz = kernels.pack_scale_zeros_int4(scale_zeros)
+        assert tiled_sz.shape == (n // 16, k // group, 16, 2)
+        assert torch.equal(kernels.unpack_scale_zeros_int4(tiled_sz), scale_zeros)
+        got = kernels.linear_tiled_int4(x, packed, tiled_sz)
         assert got.dtype == x_dtype and got.shape == (rows, n)
         want = x.to(torch.bfloat16).double() @ w.T  # activations are rounded to bfloat16 first
         # float32 sums over codes offset by 128 (the bfloat16 of 128 + q), the offset taken back per group: ~1e-6
@@ -218,12 +221,13 @@ def test_tiled_int4_stacks_threads_and_columns() -> None:
         for rows in (1, 2, 3, 13):
             x = torch.randn(rows, k, generator=gen).to(torch.bfloat16)
             torch.set_num_threads(2)
-            whole = kernels.linear_tiled_int4(x, kernels.pack_tiles_int4(codes), scale_zeros)
+            tiled_sz = kernels.pack_scale_zeros_int4(scale_zeros)
+            whole = kernels.linear_tiled_int4(x, kernels.pack_tiles_int4(codes), tiled_sz)
             alone = torch.cat([kernels.linear_tiled_int4(x, kernels.pack_tiles_int4(codes[i:i + 16]),
-                                                         scale_zeros[:, i:i + 16].contiguous())
+                                                         kernels.pack_scale_zeros_int4(scale_zeros[:, i:i + 16]))
                                for i in range(0, n, 16)], dim=1)
             torch.set_num_threads(1)
-            one = kernels.linear_tiled_int4(x, kernels.pack_tiles_int4(codes), scale_zeros)
+            one = kernels.linear_tiled_int4(x, kernels.pack_tiles_int4(codes), tiled_sz)
             assert torch.equal(whole, alone) and torch.equal(whole, one), rows
     finally:
         torch.set_num_threads(threads)
@@ -309,15 +313,15 @@ def test_bad_arguments_are_errors_not_crashes() -> None:
     with pytest.raises(RuntimeError, match="uint8"):
         kernels.linear_tiled_int8(torch.randn(2, 128), packed8.view(torch.int8), torch.ones(16))
     packed4 = kernels.pack_tiles_int4(torch.zeros(16, 128, dtype=torch.uint8))
-    sz = torch.ones(4, 16, 2, dtype=torch.bfloat16)
+    sz = torch.ones(1, 4, 16, 2, dtype=torch.bfloat16)
     with pytest.raises(RuntimeError, match="columns"):
         kernels.linear_tiled_int4(torch.randn(2, 64), packed4, sz)
     with pytest.raises(RuntimeError, match="scale_zeros"):
         kernels.linear_tiled_int4(torch.randn(2, 128), packed4, sz.float())
     with pytest.raises(RuntimeError, match="scale_zeros"):
-        kernels.linear_tiled_int4(torch.randn(2, 128), packed4, sz[:, :15])
+        kernels.linear_tiled_int4(torch.randn(2, 128), packed4, sz[0])  # the [K / group, N, 2] order
     with pytest.raises(RuntimeError, match="multiples of 8"):
-        kernels.linear_tiled_int4(torch.randn(2, 128), packed4, torch.ones(32, 16, 2, dtype=torch.bfloat16))
+        kernels.linear_tiled_int4(torch.randn(2, 128), packed4, torch.ones(1, 32, 16, 2, dtype=torch.bfloat16))
     with pytest.raises(RuntimeError, match="int16"):
         kernels.linear_tiled_int4(torch.randn(2, 128), packed4.view(torch.uint8), sz)
 
@@ -356,7 +360,8 @@ if ok:
             w4 = (codes.double().view(n, -1, 32) - 8) * sz[..., 0].double().t()[..., None] \
                 + sz[..., 1].double().t()[..., None]
             want = xq.double() @ w4.view(n, 2 * k).T
-            got = kernels.linear_tiled_int4(xq, kernels.pack_tiles_int4(codes), sz).double()
+            got = kernels.linear_tiled_int4(xq, kernels.pack_tiles_int4(codes), kernels.pack_scale_zeros_int4(sz))
+            got = got.double()
             worst = max(worst, ((got - want).abs().max() / want.abs().max()).item())
 from qwenstack.models.cpu_linear import tiled_max_rows
 print(json.dumps({"isa": kernels.isa_level(), "ok": ok, "worst": worst, "int8_tiles": kernels.int8_tiles_preferred(),
