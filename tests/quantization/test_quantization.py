@@ -159,6 +159,31 @@ def test_fused_kernels_agree_with_the_reference_path(dtype: torch.dtype) -> None
             torch.testing.assert_close(slow.matmul(x, e).float(), expected, atol=tol * 4, rtol=tol)
 
 
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_shards_of_each_form_dequantize_to_the_slices_of_the_matrix(method: str) -> None:
+    """Tensor- and expert-parallel slicing (distributed/slicing.py) reads every stored form back (tile-packed
+    codes, int4's tile-packed scales) and keeps the fastest form for the shard."""
+    from qwenstack.distributed.slicing import slice_experts_quantized, slice_quantized
+
+    g = torch.Generator().manual_seed(5)
+    stack = (torch.randn(3, 64, 256, generator=g) * 0.05).to(torch.bfloat16)
+    weight = Int8Weight.quantize(stack) if method == "int8" else Int4Weight.quantize(stack, 64)
+    tiled = kernels.int8_tiles_preferred() if method == "int8" else kernels.int4_tiles_preferred()
+    assert weight.tiled == tiled
+    full = torch.stack([weight.dequantize(e) for e in range(3)])
+    rows = torch.cat([torch.arange(0, 16), torch.arange(32, 48)])
+    shard = slice_quantized(weight, rows=rows, cols=(64, 192))
+    assert shard.tiled == tiled and (shard.out_features, shard.in_features) == (32, 128)
+    for e in range(3):
+        assert torch.equal(shard.dequantize(e), full[e][rows][:, 64:192])
+    experts = slice_experts_quantized(weight, 1, 3)
+    assert experts.tiled == tiled
+    for e in range(2):
+        assert torch.equal(experts.dequantize(e), full[e + 1])
+    x = torch.randn(3, 256, generator=g).to(torch.bfloat16)
+    assert torch.equal(experts.matmul(x, 1), weight.matmul(x, 2))
+
+
 def test_quantization_error_is_what_the_format_promises() -> None:
     g = torch.Generator().manual_seed(1)
     w = torch.randn(32, 256, generator=g)
