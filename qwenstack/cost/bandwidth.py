@@ -53,7 +53,7 @@ OVERRIDE_ENV = "QWENSTACK_BANDWIDTH_GBS"
 KERNEL_FORMATS = ("bfloat16", "float32", "int8", "int4")
 OVERHEAD_KEYS = ("step", "layer", "moe_layer", "expert")
 # Part of the cache key: a change in what is measured (or in the kernels measured) invalidates old records.
-MEASUREMENT_VERSION = 6
+MEASUREMENT_VERSION = 7  # 7: int4 measured in its tile-packed form where that is what runs
 # Row lengths the main formats are also measured at ("bfloat16@1024"); the plain key is the default shape's.
 SHORT_ROWS = 1024
 ROW_DEPENDENT_FORMATS = ("bfloat16", "int8")
@@ -265,6 +265,12 @@ def _kernel_forms(fmt: str, n: int, k: int, buffer_mib: int) -> Iterator[WeightF
         return
     group = 128
     sz = torch.rand(k // group, n, 2, dtype=torch.bfloat16)
+    if kernels.int4_tiles_preferred() and kernels.can_tile_int4((n, k), group):  # what formats.py runs here
+        tiled_sz = kernels.pack_scale_zeros_int4(sz)
+        packed = _distinct(lambda: kernels.pack_tiles_int4(torch.randint(0, 16, (n, k), dtype=torch.uint8)),
+                           buffer_mib)
+        yield packed, lambda w: kernels.linear_tiled_int4(x, w, tiled_sz)
+        return
     packed = _distinct(lambda: torch._convert_weight_to_int4pack_for_cpu(
         torch.randint(0, 16, (n, k), dtype=torch.int32), 2), buffer_mib)
     yield packed, lambda w: torch._weight_int4pack_mm_for_cpu(x, w, group, sz)

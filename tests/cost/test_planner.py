@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from qwenstack.cost import bandwidth as bw
 from qwenstack.cli import main
@@ -228,6 +229,17 @@ def test_measure_cpu_runs_every_kernel_small() -> None:
     assert 0.0 <= result.spread < 1.0
     assert all(v > 0 for v in result.kernels.values())
     assert result.overhead == {}
+
+
+def test_the_quantized_kernels_timed_are_the_forms_the_runtime_stores() -> None:
+    """The planner's int8 and int4 rates come from the layout quantize_model gives weights on this machine
+    (tile-packed where the kernels are built for it, else torch's packing), not from another kernel's."""
+    from qwenstack.quantization.formats import Int4Weight, Int8Weight
+
+    w = torch.randn(256, 256).to(torch.bfloat16)
+    for fmt, stored in (("int8", Int8Weight.quantize(w).qweight), ("int4", Int4Weight.quantize(w, 128).packed)):
+        timed = [weights[0] for weights, _ in bw._kernel_forms(fmt, 256, 256, 1)]
+        assert any(t.dtype == stored.dtype and t.shape == stored.shape for t in timed), fmt
 
 
 def test_step_overhead_is_measured_with_tiny_models() -> None:
