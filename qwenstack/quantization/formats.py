@@ -185,7 +185,7 @@ class Int4Weight(QuantizedWeight):
         packed_list, sz_list = [], []
         for w in weight.reshape(-1, n, k):  # one matrix at a time: the working copies stay one expert's size
             q, sz = _int4_codes(w.float(), group_size, dtype)
-            packed_list.append(kernels.pack_tiles_int4(q) if tiled else _pack_int4(q, use_kernel))
+            packed_list.append(_pack_int4(q, tiled, use_kernel))
             sz_list.append(kernels.pack_scale_zeros_int4(sz) if tiled else sz)
         packed = torch.stack(packed_list).reshape(*stack_shape, *packed_list[0].shape)
         scale_zeros = torch.stack(sz_list).reshape(*stack_shape, *sz_list[0].shape)
@@ -218,8 +218,7 @@ class Int4Weight(QuantizedWeight):
         takes the shape; two codes a byte for the reference path elsewhere."""
         *stack_shape, n, k = codes.shape
         tiled, use_kernel = _int4_form(codes.shape, group_size, scale_zeros.dtype, codes.device, use_kernel)
-        packed = [kernels.pack_tiles_int4(q) if tiled else _pack_int4(q.contiguous(), use_kernel)
-                  for q in codes.reshape(-1, n, k)]
+        packed = [_pack_int4(q.contiguous(), tiled, use_kernel) for q in codes.reshape(-1, n, k)]
         packed_stack = torch.stack(packed).reshape(*stack_shape, *packed[0].shape)
         scale_zeros = kernels.pack_scale_zeros_int4(scale_zeros) if tiled else scale_zeros.contiguous()
         return cls(packed_stack, scale_zeros, group_size, k, use_kernel, tiled=tiled)
@@ -302,8 +301,11 @@ def _int4_form(shape: torch.Size, group_size: int, dtype: torch.dtype, device: t
     return False, use_kernel
 
 
-def _pack_int4(q: torch.Tensor, use_kernel: bool) -> torch.Tensor:
-    """codes [N, K] uint8 in 0..15 -> the kernel's packing, or two nibbles per byte (even k low)."""
+def _pack_int4(q: torch.Tensor, tiled: bool, use_kernel: bool) -> torch.Tensor:
+    """codes [N, K] uint8 in 0..15 -> tile-packed (kernels.pack_tiles_int4), torch's kernel's packing, or two
+    nibbles per byte (even k low) for the reference path."""
+    if tiled:
+        return kernels.pack_tiles_int4(q)
     if use_kernel:
         return torch._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), 2)
     return (q[:, 0::2] | (q[:, 1::2] << 4)).to(torch.uint8)
