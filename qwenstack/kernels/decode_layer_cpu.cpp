@@ -146,8 +146,8 @@ Tensor expert_view(const Tensor& stack, int64_t e) {
 //     out_e = product(silu_mul(product(x_e, gate_up[e])), down[e])
 // with decode_layer's products and SwiGLU's activation, so each expert's rows are bit for bit what the loop over
 // the experts with those ops gives. Why: each expert was four Python calls (two products, the split and the
-// activation) beside products of 1-2 MB; over Qwen3-30B-A3B's 48 layers x 8 experts a token, the calls took
-// about as long as the weight reads.
+// activation) beside products of 1-2 MB, ~0.4 ms a layer a token on the 30B-A3B shape: single-stream int4
+// decode of its 4-layer cut ran 1.07-1.10x as fast in one call (benchmarks/RESULTS.md, "int4 in a tiled layout").
 // Layout: x [R, H] bfloat16; counts [E] int64 (sum R); gate_up and down: stacks [E, ...] of one tile-packed form
 // (decode_layer's), with their scales [E, N] (int8) or scales and zero points [E, N / 16, K / group, 16, 2] (int4).
 Tensor experts_swiglu(Tensor x_in, Tensor counts_in, Tensor gate_up, Tensor gate_up_scales, Tensor down,
