@@ -124,6 +124,55 @@ def op_sources() -> dict[str, Path]:
     return {name: source for source in SOURCES for name in _OP_DEF.findall(source.read_text())}
 
 
+# torch's extension build holds a lock file in its build folder while it compiles, and a process stopped
+# mid-build without its cleanup (SIGTERM, SIGKILL, a container stopped) leaves the lock behind: every later
+# start then waited on it forever, the server saying "loading model(s)". Each qwenstack build marks the folder
+# with its PID first (lock.owner.PID), so a lock none of whose markers is a live process is known stale.
+# A lock with no marker can only be an older qwenstack's (this one marks before it locks); stale after:
+UNMARKED_LOCK_SECONDS = 300
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def clear_stale_lock(build_dir: Path) -> bool:
+    """Removes the build folder's lock (and its markers) where no live process holds it; whether it did."""
+    lock = build_dir / "lock"
+    if not lock.exists():
+        return False
+    owners = [path for path in build_dir.glob("lock.owner.*") if path.suffix[1:].isdigit()]
+    if any(_pid_alive(int(path.suffix[1:])) for path in owners):
+        return False
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except FileNotFoundError:  # released meanwhile
+        return False
+    if not owners and age < UNMARKED_LOCK_SECONDS:
+        return False
+    log.warning("removing the kernel build lock %s: the process that took it stopped mid-build", lock)
+    for path in (lock, *owners):
+        path.unlink(missing_ok=True)
+    return True
+
+
+def wait_for_build_lock(build_dir: Path, poll_seconds: float = 0.2) -> None:
+    """Returns once the build folder has no lock, clearing it where it is stale: torch's own wait on a lock
+    never ends when its holder is gone."""
+    said = False
+    while (build_dir / "lock").exists() and not clear_stale_lock(build_dir):
+        if not said:
+            log.info("waiting for another process's kernel build in %s", build_dir)
+            said = True
+        time.sleep(poll_seconds)
+
+
 def _build(source: Path) -> None:
     from torch.utils import cpp_extension
 
@@ -136,13 +185,20 @@ def _build(source: Path) -> None:
         raise RuntimeError(f"needs torch >= 2.10 (stable C++ API), this is {torch.__version__}")
     isa = isa_level()
     name = re.sub(r"\W", "_", f"qwenstack_{source.stem}_{isa}_torch{torch.__version__}")
-    cpp_extension.load(
-        name=name,
-        sources=[str(source)],
-        extra_cflags=["-O3", *_ISA_FLAGS.get(isa, []), f"-DQWENSTACK_KERNEL_SOURCES={kernel_sources_digest()}"],
-        is_python_module=False,
-        verbose=False,
-    )
+    build_dir = Path(cpp_extension._get_build_directory(name, verbose=False))
+    wait_for_build_lock(build_dir)
+    owner = build_dir / f"lock.owner.{os.getpid()}"
+    owner.touch()
+    try:
+        cpp_extension.load(
+            name=name,
+            sources=[str(source)],
+            extra_cflags=["-O3", *_ISA_FLAGS.get(isa, []), f"-DQWENSTACK_KERNEL_SOURCES={kernel_sources_digest()}"],
+            is_python_module=False,
+            verbose=False,
+        )
+    finally:
+        owner.unlink(missing_ok=True)
 
 
 @functools.cache

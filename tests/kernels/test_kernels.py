@@ -277,6 +277,57 @@ def test_every_build_carries_a_digest_of_all_kernel_files(tmp_path: Path, monkey
     assert kernels.build.sources_digest(copy) != digest
 
 
+def test_a_build_lock_left_by_a_stopped_process_is_cleared(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A process stopped mid-build leaves torch's lock file, and every later start waited on it forever: a lock
+    none of whose markers is a live process is removed; one held by a live process, or unmarked and recent, is
+    kept; each build marks the folder while it runs and unmarks it after."""
+    import os
+    import subprocess
+    import sys
+
+    build = kernels.build
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)
+    lock = tmp_path / "lock"
+    lock.touch()
+    (tmp_path / f"lock.owner.{os.getpid()}").touch()
+    assert not build.clear_stale_lock(tmp_path) and lock.exists()  # a live builder: wait for it
+    (tmp_path / f"lock.owner.{os.getpid()}").unlink()
+    assert not build.clear_stale_lock(tmp_path) and lock.exists()  # unmarked and recent: maybe another program
+    (tmp_path / f"lock.owner.{dead_pid}").touch()
+    assert build.clear_stale_lock(tmp_path)
+    assert not lock.exists() and not list(tmp_path.glob("lock.owner.*"))
+    lock.touch()
+    old = lock.stat().st_mtime - build.UNMARKED_LOCK_SECONDS - 1
+    os.utime(lock, (old, old))
+    assert build.clear_stale_lock(tmp_path) and not lock.exists()  # unmarked and old
+    assert not build.clear_stale_lock(tmp_path)  # no lock at all
+
+    # Waiting: a live builder's lock is waited for until it goes; then the build marks, loads and unmarks.
+    lock.touch()
+    (tmp_path / f"lock.owner.{os.getpid()}").touch()
+    polls = []
+
+    def builder_finishes(seconds: float) -> None:
+        polls.append(seconds)
+        if len(polls) == 3:
+            lock.unlink()
+            (tmp_path / f"lock.owner.{os.getpid()}").unlink()
+
+    monkeypatch.setattr(build.time, "sleep", builder_finishes)
+    build.wait_for_build_lock(tmp_path)
+    assert len(polls) == 3 and not lock.exists()
+    marked = []
+    monkeypatch.setattr("torch.utils.cpp_extension._get_build_directory", lambda name, verbose: str(tmp_path))
+    monkeypatch.setattr("torch.utils.cpp_extension.load",
+                        lambda **kwargs: marked.extend(p.name for p in tmp_path.glob("lock.owner.*")))
+    lock.touch()
+    (tmp_path / f"lock.owner.{dead_pid}").touch()  # a build killed before this one
+    build._build(build.KERNEL_DIR / "rms_norm_cpu.cpp")
+    assert marked == [f"lock.owner.{os.getpid()}"] and not lock.exists()
+    assert not list(tmp_path.glob("lock.owner.*"))
+
+
 ATTENTION_LEVEL_CHECK = """
 import json, sys, torch
 sys.path[:0] = sys.argv[1:]
