@@ -201,7 +201,8 @@ def decode_layer_weights(linear: nn.Module, dtype: torch.dtype) -> tuple[torch.T
 
 def rows_product(linear: nn.Module) -> tuple[RowsProduct, int]:
     """The most direct call for `linear` on [rows, in] rows, and up to how many rows it takes: the native op
-    itself for a tile-packed bfloat16 or int8 matrix (tiled_weights), the module's forward for any other form."""
+    itself for a tile-packed bfloat16, int8 or int4 matrix (tiled_weights), the module's forward for any other
+    form."""
     weights = tiled_weights(linear)
     if weights is not None:
         packed, scales = weights

@@ -69,4 +69,3 @@ class QuantExperts(Experts):
     def expert_linear(self, name: str, expert: int, x: torch.Tensor) -> torch.Tensor:
         weight: QuantizedWeight = getattr(self, name)
         return weight.matmul(x, expert)
-
