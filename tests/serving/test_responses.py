@@ -186,6 +186,26 @@ def test_streamed_function_calls_and_openapi(client: openai.OpenAI, server: Back
             "/v1/responses/{response_id}/input_items"} <= set(spec["paths"])
 
 
+def test_parallel_streamed_calls_are_items_one_after_another(client: openai.OpenAI) -> None:
+    # OpenAI closes an output item (function_call_arguments.done, output_item.done) before it adds the next;
+    # clients that keep "the current item" used to see the second call added while the first was still open.
+    with client.responses.stream(model="agent", input="Weather and time in Paris?", tools=[WEATHER, TIME]) as stream:
+        events = list(stream)
+        final = stream.get_final_response()
+    assert [i.type for i in final.output] == ["reasoning", "function_call", "function_call"]
+    open_items: set[int] = set()
+    for e in events:
+        if e.type == "response.output_item.added":
+            assert not open_items, f"item {e.output_index} added while {open_items} still open"
+            open_items.add(e.output_index)
+        elif e.type == "response.output_item.done":
+            open_items.remove(e.output_index)
+        elif hasattr(e, "output_index"):
+            assert open_items == {e.output_index}, e.type
+    assert not open_items
+    assert [c.arguments for c in final.output[1:]] == ['{"city": "Paris"}', '{"city": "Paris, France"}']
+
+
 def test_reasoning_effort_maps_onto_thinking(client: openai.OpenAI) -> None:
     off = client.responses.create(model="think", input="Hello there", reasoning={"effort": "minimal"})
     assert [i.type for i in off.output] == ["message"] and off.output_text == _answer(THINK_ANSWER)

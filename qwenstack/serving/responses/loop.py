@@ -267,6 +267,7 @@ async def _model_turn(run: ResponseRun, tools: list[dict[str, Any]], calls: list
                               tools_enabled=plan.tools_enabled or parse_calls, stream_arguments=True)
     found: dict[int, dict[str, Any]] = {}
     streaming = True  # client function calls are streamed until another kind of call comes
+    open_call: dict[str, Any] | None = None  # the streamed call whose item is not done yet
     final = None
     try:
         async for out in outputs:
@@ -287,7 +288,11 @@ async def _model_turn(run: ResponseRun, tools: list[dict[str, Any]], calls: list
                     call = found[delta.index] = {"id": delta.id, "name": delta.name, "arguments": "", "item": None}
                     streaming = streaming and client_call(delta.name)
                     if streaming:
+                        if open_call is not None:  # the last call is whole: items follow one another, as in OpenAI
+                            for event in b.function_call_done(open_call["item"], "completed"):
+                                yield event
                         call["item"], events = b.function_call_started(delta.id, delta.name)
+                        open_call = call
                         for event in events:
                             yield event
                 call["arguments"] += delta.arguments
@@ -304,11 +309,10 @@ async def _model_turn(run: ResponseRun, tools: list[dict[str, Any]], calls: list
         yield event
     assert final is not None
     comp = final.outputs[0]
-    for call in found.values():
-        if call["item"] is not None:  # cut off by max_output_tokens: the arguments may be unfinished
-            for event in b.function_call_done(call["item"], "incomplete" if comp.finish_reason == "length"
-                                              else "completed"):
-                yield event
+    if open_call is not None:  # cut off by max_output_tokens: the arguments may be unfinished
+        status = "incomplete" if comp.finish_reason == "length" else "completed"
+        for event in b.function_call_done(open_call["item"], status):
+            yield event
     run.usage.input_tokens += len(plan.prompt_ids)
     run.usage.cached_tokens += final.metrics.num_cached_tokens
     run.usage.output_tokens += len(comp.token_ids)
