@@ -127,13 +127,18 @@ class Session:
         if self.decoding is None and self.live.due():
             self.start_decode()
 
-    async def update(self, session: dict[str, Any]) -> None:
+    async def update(self, session: Any) -> None:
         if self.live.samples:
             raise SessionError("session_busy", "update the session before sending audio (or after a commit)")
-        audio_in = (session.get("audio") or {}).get("input") or {}
-        transcription = audio_in.get("transcription") or session.get("input_audio_transcription") or {}
+        session = _object(session, "session")
+        audio_in = _object(_object(session.get("audio"), "session.audio").get("input"), "session.audio.input")
+        transcription = _object(audio_in.get("transcription") or session.get("input_audio_transcription"),
+                                "session.audio.input.transcription")
         fmt = audio_in.get("format") or {}
-        rate = int(fmt.get("rate", self.rate)) if isinstance(fmt, dict) else self.rate
+        try:
+            rate = int(fmt.get("rate") or self.rate) if isinstance(fmt, dict) else self.rate
+        except (TypeError, ValueError):
+            raise SessionError("invalid_value", f"audio rate must be a number, got {fmt.get('rate')!r}") from None
         if rate not in RATES:
             raise SessionError("invalid_value", f"audio rate {rate} is not supported ({', '.join(map(str, RATES))})")
         if isinstance(fmt, dict) and fmt.get("type", "audio/pcm") != "audio/pcm":
@@ -141,8 +146,8 @@ class Session:
         if transcription.get("model"):
             self.served = _audio_model(self.state, transcription["model"])
         try:
-            language = language_name(transcription.get("language")) if "language" in transcription \
-                else self.settings.language
+            language = language_name(_text(transcription.get("language"), "language")) \
+                if "language" in transcription else self.settings.language
         except QwenstackError as exc:
             raise SessionError("invalid_value", str(exc)) from None
         self.rate = rate
@@ -205,6 +210,21 @@ class Session:
                              "content_index": 0, "delta": delta, "tentative": tentative})
 
 
+def _object(value: Any, name: str) -> dict[str, Any]:
+    """A JSON object field of an event ({} when absent or null); any other type is the client's error."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise SessionError("invalid_value", f"{name} must be an object, got {type(value).__name__}")
+    return value
+
+
+def _text(value: Any, name: str) -> str | None:
+    if value is not None and not isinstance(value, str):
+        raise SessionError("invalid_value", f"{name} must be a string, got {type(value).__name__}")
+    return value
+
+
 def _item_id() -> str:
     return f"item_{uuid.uuid4().hex[:20]}"
 
@@ -244,7 +264,13 @@ async def realtime(ws: WebSocket) -> None:
     await session.send({"type": "session.created", "session": session.description()})
     try:
         while True:
-            raw = await ws.receive_text()
+            message = await ws.receive()
+            if message["type"] == "websocket.disconnect":
+                break
+            raw = message.get("text")
+            if raw is None:
+                await session.error("invalid_json", "events are JSON text frames, not binary ones")
+                continue
             try:
                 event = json.loads(raw)
                 if not isinstance(event, dict):

@@ -169,3 +169,37 @@ def test_websocket_refusals(server: BackgroundServer) -> None:
     codes = [e["error"]["code"] for e in events[1:5]]
     assert codes == ["invalid_audio", "input_audio_buffer_commit_empty", "unknown_event", "invalid_json"]
     assert events[-1]["transcript"] == TRANSCRIPT  # the session survived every bad event
+
+
+def test_websocket_malformed_session_update_and_binary_frames(server: BackgroundServer) -> None:
+    """Each malformed session.update (wrong JSON types where objects or numbers belong) and a binary frame get
+    an `error` event; the socket stays open and the session still transcribes afterwards."""
+    bad = [{"type": "session.update", "session": "x"}, {"type": "session.update", "session": [1]},
+           {"type": "session.update", "session": {"audio": "x"}},
+           {"type": "session.update", "session": {"audio": {"input": "x"}}},
+           {"type": "session.update", "session": {"audio": {"input": {"transcription": "x"}}}},
+           {"type": "session.update", "session": {"audio": {"input": {"format": {"rate": "abc"}}}}},
+           {"type": "session.update", "session": {"audio": {"input": {"format": {"rate": [16000]}}}}},
+           {"type": "session.update", "session": {"audio": {"input": {"transcription": {"language": 5}}}}}]
+
+    async def run() -> list[dict]:
+        out = []
+        async with websockets.connect(server.url.replace("http", "ws") + "/v1/realtime?intent=transcription") as ws:
+            out.append(json.loads(await ws.recv()))
+            for event in bad:
+                await ws.send(json.dumps(event))
+                out.append(json.loads(await ws.recv()))
+            await ws.send(b"\x00\x01")
+            out.append(json.loads(await ws.recv()))
+            await ws.send(json.dumps({"type": "input_audio_buffer.append",
+                                      "audio": base64.b64encode(b"\0\0" * 4800).decode()}))
+            await ws.send(json.dumps({"type": "input_audio_buffer.commit"}))
+            while out[-1]["type"] != "conversation.item.input_audio_transcription.completed":
+                out.append(json.loads(await asyncio.wait_for(ws.recv(), 30)))
+        return out
+
+    events = asyncio.run(run())
+    errors = events[1:len(bad) + 2]
+    assert [e["type"] for e in errors] == ["error"] * (len(bad) + 1)
+    assert {e["error"]["code"] for e in errors} <= {"invalid_value", "invalid_json"}
+    assert events[-1]["transcript"] == TRANSCRIPT
