@@ -2,7 +2,8 @@
 
 Decisions:
 - Unknown fields are ignored (clients send vendor extras freely; vLLM does the same), but the fields we
-  know are strict: a string where a number belongs is a 400, never silently coerced.
+  know are strict: a string where a number belongs is a 400, never silently coerced. An explicit null
+  for an optional field means its default (OpenAI's spec makes most of them nullable).
 - Names follow OpenAI, plus the extras self-hosted servers share (top_k, min_p, repetition_penalty,
   chat_template_kwargs, a thinking budget), so clients written for vLLM work unchanged.
 - Streaming chunks are built as plain dicts in the handlers (the hot path, with exact control over which
@@ -10,7 +11,9 @@ Decisions:
 """
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, Union
+import types
+from functools import lru_cache
+from typing import Annotated, Any, Literal, Union, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
@@ -20,8 +23,44 @@ INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1  # a seed is a signed 64-bit integer 
 MAX_COUNT = 2**31 - 1  # token counts and budgets: far beyond any context, still a machine integer
 
 
+@lru_cache(maxsize=None)
+def _defaulted_not_nullable(model: type[BaseModel]) -> frozenset[str]:
+    """Names and aliases of the fields that have a default but do not take null."""
+    names: set[str] = set()
+    for name, info in model.model_fields.items():
+        if not info.is_required() and info.annotation is not Any and types.NoneType not in get_args(info.annotation):
+            names.update(n for n in (name, info.alias) if n)
+    return frozenset(names)
+
+
+def null_means_default(model: type[BaseModel], data: Any) -> Any:
+    """An explicit null for an optional field is its default: OpenAI's spec makes n, stream, logprobs, echo,
+    store... nullable, and SDKs send null for an argument passed as None. A required field stays required."""
+    if not isinstance(data, dict):
+        return data
+    fields = _defaulted_not_nullable(model)
+    if not any(data[k] is None for k in fields.intersection(data)):
+        return data
+    return {k: v for k, v in data.items() if v is not None or k not in fields}
+
+
+def nullable_in_schema(schema: dict[str, Any], model: type[BaseModel]) -> None:
+    """The JSON schema (so the OpenAPI document) says what `null_means_default` accepts."""
+    properties = schema.get("properties", {})
+    for name in _defaulted_not_nullable(model).intersection(properties):
+        prop = properties[name]
+        meta = {k: prop[k] for k in ("title", "description", "default") if k in prop}
+        inner = {k: v for k, v in prop.items() if k not in meta}
+        properties[name] = {"anyOf": [inner, {"type": "null"}], **meta}
+
+
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore", strict=True, populate_by_name=True)
+    model_config = ConfigDict(extra="ignore", strict=True, populate_by_name=True, json_schema_extra=nullable_in_schema)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_means_default(cls, data: Any) -> Any:
+        return null_means_default(cls, data)
 
 
 class _Response(BaseModel):

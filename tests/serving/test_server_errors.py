@@ -87,6 +87,25 @@ def test_unknown_fields_are_ignored_and_bad_json_is_400(server: BackgroundServer
     assert tok.status_code == 400 and assert_openai_shape(tok.json())["param"] == "model"
 
 
+def test_null_means_the_default(server: BackgroundServer, client: openai.OpenAI) -> None:
+    # OpenAI's spec marks n, stream, logprobs, echo, store... nullable, and the SDK sends null for a keyword
+    # passed as None: those used to be 400s ("n: Input should be a valid integer").
+    r = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=2, n=None, stream=None,
+                                       logprobs=None, extra_body={"min_tokens": None, "ignore_eos": None})
+    assert len(r.choices) == 1 and r.choices[0].logprobs is None
+    stream = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=2, stream=True,
+                                            stream_options={"include_usage": None})  # type: ignore[typeddict-item]
+    assert [c for c in stream if c.usage is not None] == []
+    r = client.completions.create(model="tiny", prompt="Hi", max_tokens=2, n=None, echo=None, stream=None)
+    assert len(r.choices) == 1
+    r = client.responses.create(model="tiny", input="Hi", max_output_tokens=2, store=None, stream=None,
+                                extra_body={"background": None})
+    assert r.status in ("completed", "incomplete") and r.store is True
+    # A required field is still required, null or not.
+    bad = httpx.post(server.url + "/v1/chat/completions", json={"model": None, "messages": MESSAGES})
+    assert bad.status_code == 400 and assert_openai_shape(bad.json())["param"] == "model"
+
+
 def test_image_input_refused_for_text_only_model(client: openai.OpenAI) -> None:
     image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}
     with pytest.raises(openai.BadRequestError, match="does not accept image_url"):

@@ -13,9 +13,16 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
 
+from qwenstack.serving.protocol import null_means_default, nullable_in_schema
+
 
 class _In(BaseModel):
-    model_config = ConfigDict(extra="ignore", strict=True, populate_by_name=True)
+    model_config = ConfigDict(extra="ignore", strict=True, populate_by_name=True, json_schema_extra=nullable_in_schema)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_means_default(cls, data: Any) -> Any:
+        return null_means_default(cls, data)
 
 
 # --- input content parts --------------------------------------------------------------------------------
