@@ -216,7 +216,7 @@ class Connection:
             raise SessionError("invalid_value", "session.audio.input and .output must be objects")
         fmt = audio_in.get("format")
         if isinstance(fmt, dict) and (fmt.get("type", "audio/pcm") != "audio/pcm"
-                                      or int(fmt.get("rate", INPUT_RATE)) != INPUT_RATE):
+                                      or fmt.get("rate", INPUT_RATE) not in (None, INPUT_RATE)):
             raise SessionError("invalid_value", "translation input is audio/pcm (PCM16 mono) at 24000 Hz")
         self.session.update(output.get("language"), output.get("voice"))
         if "transcription" in audio_in:

@@ -165,6 +165,7 @@ def test_refusals_never_end_a_good_session(server: tuple[BackgroundServer, Any])
                           {"type": "session.update", "session": {"audio": {"output": {"voice": "nobody"}}}},
                           {"type": "session.update", "session": {"audio": {"input": {"format": {"type": "audio/pcm",
                                                                                                 "rate": 8000}}}}},
+                          {"type": "session.update", "session": {"audio": {"input": {"format": {"rate": "abc"}}}}},
                           {"type": "session.update", "session": "x"},
                           {"type": "response.create"}, [1, 2]):
                 await ws.send(json.dumps(event))
@@ -184,10 +185,11 @@ def test_refusals_never_end_a_good_session(server: tuple[BackgroundServer, Any])
     unknown, events = asyncio.run(run())
     assert unknown["type"] == "error" and unknown["error"]["code"] == "model_not_found"
     assert events[0]["type"] == "session.created"
-    codes = [e["error"]["code"] for e in events[1:11]]
+    codes = [e["error"]["code"] for e in events[1:12]]
     assert codes == ["invalid_audio", "invalid_audio", "invalid_value", "invalid_value", "invalid_value",
-                     "invalid_value", "unknown_event", "invalid_json", "invalid_json", "invalid_json"]
-    assert all(e["error"]["type"] == "invalid_request_error" and e["error"]["message"] for e in events[1:11])
+                     "invalid_value", "invalid_value", "unknown_event", "invalid_json", "invalid_json",
+                     "invalid_json"]
+    assert all(e["error"]["type"] == "invalid_request_error" and e["error"]["message"] for e in events[1:12])
     assert events[-1]["type"] == "session.closed"
     source = "".join(e["delta"] for e in events if e["type"] == "session.input_transcript.delta")
     assert source == TRANSCRIPT and any(e["type"] == "session.output_audio.delta" for e in events)
