@@ -32,7 +32,7 @@ from pydantic import BaseModel, Field
 from qwenstack.errors import RequestError
 from qwenstack.serving.errors import APIError, bad_request
 from qwenstack.serving.openapi import form_body, request_body
-from qwenstack.serving.state import app_registry, parse, read_json
+from qwenstack.serving.state import app_registry, get_state, parse, read_json
 from qwenstack.tts.audio_format import FORMATS, MEDIA_TYPES, SSE_FORMATS, ChunkEncoder
 from qwenstack.tts.engine import SpeechEngine, SpeechParams, SpeechRequest, SpeechService
 from qwenstack.tts.loader import TTSModel
@@ -252,7 +252,10 @@ async def register_voice(request: Request) -> dict[str, Any]:
     encoder = served.tts.model.speaker_encoder
     if encoder is None:
         raise bad_request(f"'{model}' is a {served.tts.kind} model; only Base models clone voices", param="model")
-    data = await upload.read()
+    limit = get_state(request).config.max_audio_bytes
+    data = await upload.read(limit + 1)
+    if len(data) > limit:
+        raise bad_request(f"the reference clip is over the limit of {limit} bytes", param="file")
     transcript = form.get("transcript")
 
     text = transcript.strip() if isinstance(transcript, str) and transcript.strip() else None
@@ -264,6 +267,10 @@ async def register_voice(request: Request) -> dict[str, Any]:
         codes = codec.encode(wave) if text and codec.encoder is not None else None
         return encoder.embed(wave), codes
 
+    try:
+        served.voices.check_name(name)
+    except RequestError as exc:
+        raise bad_request(str(exc), param="name") from None
     try:
         embedding, codes = await asyncio.to_thread(embed)
         return served.voices.save(name, model, embedding, text, codes)

@@ -21,7 +21,7 @@ import torch
 
 from qwenstack.errors import RequestError
 
-NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}\Z")
 MAX_CLIP_SECONDS = 60.0
 
 
@@ -34,6 +34,8 @@ def decode_clip(data: bytes, sample_rate: int) -> torch.Tensor:
     except Exception as exc:  # noqa: BLE001 - libsndfile raises several types for bad input
         raise RequestError(f"the reference clip could not be decoded as audio: {exc}") from None
     mono = torch.from_numpy(np.ascontiguousarray(samples.mean(axis=1)))
+    if not torch.isfinite(mono).all():
+        raise RequestError("the reference clip holds samples that are not finite numbers")
     if mono.numel() < rate * 0.2:
         raise RequestError("the reference clip is shorter than 0.2 s")
     if mono.numel() > rate * MAX_CLIP_SECONDS:
@@ -56,9 +58,13 @@ class VoiceStore:
     def __init__(self, directory: Path) -> None:
         self.directory = directory
 
-    def _paths(self, name: str) -> tuple[Path, Path]:
+    @staticmethod
+    def check_name(name: str) -> None:
         if not NAME.match(name):
             raise RequestError("a voice name is 1-64 letters, digits, '-' or '_', starting with a letter or digit")
+
+    def _paths(self, name: str) -> tuple[Path, Path]:
+        self.check_name(name)
         return self.directory / f"{name}.json", self.directory / f"{name}.pt"
 
     def save(self, name: str, model: str, embedding: torch.Tensor, transcript: str | None,

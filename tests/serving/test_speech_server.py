@@ -219,3 +219,22 @@ def test_serve_tts_option_loads_the_model(tmp_path: Path) -> None:
     assert config.speech_models == [str(path)]
     app = create_app([], config)
     assert list(app.state.qwenstack_speech.models) == ["tiny-voice-design"]
+
+
+def test_voice_registration_refusals(server: BackgroundServer) -> None:
+    """A clip of NaN samples, an over-limit upload and a bad name are 400s naming the field; nothing is saved."""
+    url = f"{server.url}/v1/audio/voices"
+    nan = io.BytesIO()
+    soundfile.write(nan, [float("nan")] * 24000, 24000, format="WAV", subtype="FLOAT")
+    r = httpx.post(url, data={"model": "tiny-base", "name": "nan"}, files={"file": ("nan.wav", nan.getvalue())},
+                   timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "file", r.text
+    huge = b"RIFF" + b"\0" * (server.server.config.app.state.qwenstack.config.max_audio_bytes + 1)
+    r = httpx.post(url, data={"model": "tiny-base", "name": "huge"}, files={"file": ("huge.wav", huge)}, timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "file", r.text
+    clip = encode_whole(__import__("torch").from_numpy(recipe.reference_clip()), 24000, "wav")
+    for name in ("../evil", "eve\n"):
+        r = httpx.post(url, data={"model": "tiny-base", "name": name}, files={"file": ("ref.wav", clip)}, timeout=60)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "name", r.text
+    ids = {v["id"] for v in httpx.get(url, params={"model": "tiny-base"}).json()["data"]}
+    assert not ids & {"nan", "huge"}
