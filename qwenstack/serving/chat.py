@@ -267,6 +267,8 @@ def plan_chat(served: ServedModel, request: ChatCompletionRequest, state: Server
     tool_dicts = [t.model_dump(exclude_none=True) for t in request.tools] if tools_enabled and request.tools else None
     if request.tool_choice not in (None, "none", "auto") and not request.tools:
         raise bad_request("tool_choice requires tools", param="tool_choice")
+    if request.top_logprobs and not request.logprobs:
+        raise bad_request("top_logprobs requires logprobs: true", param="top_logprobs")
     image_refs: list[image_inputs.ImageRef] = []
     audio_refs: list[audio_inputs.AudioRef] = []
     prompt, prompt_ids = render_prompt(served, request.messages, state, tools=tool_dicts, images=image_refs,

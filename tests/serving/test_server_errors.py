@@ -65,6 +65,7 @@ def test_prompt_too_long_names_both_numbers(client: openai.OpenAI) -> None:
     ({"messages": "hello"}, "messages"),
     ({"max_tokens": 0}, "max_tokens"),
     ({"top_logprobs": 50, "logprobs": True}, "top_logprobs"),
+    ({"top_logprobs": 3}, "top_logprobs"),  # without logprobs: a 400 in OpenAI and vLLM, not silently nothing
     ({"response_format": {"type": "json_schema"}}, "response_format"),
     ({"tool_choice": "required"}, "tool_choice"),
 ])
