@@ -8,9 +8,10 @@ Decisions:
   out of its chat models).
 - The request is validated before anything is queued (input length, voice, language, format), so a bad
   request is a 400 and never reaches the engine. A client that disconnects aborts its request.
-- Raw responses use chunked transfer: wav, pcm, mp3 and opus bytes leave as each audio chunk is decoded
-  and encoded (tts/audio_format.py); flac is encoded once the audio is complete. `stream_format: "sse"` sends `speech.audio.delta` events
-  (base64 pcm16) and a final `speech.audio.done` with usage, as vLLM-Omni does.
+- Raw responses use chunked transfer: wav, pcm, mp3, opus and aac bytes leave as each audio chunk is
+  decoded and encoded (tts/audio_format.py); flac is encoded once the audio is complete.
+  `stream_format: "sse"` sends `speech.audio.delta` events (base64 pcm16) and a final `speech.audio.done`
+  with usage, as vLLM-Omni does.
 - voice: a named speaker of a CustomVoice model, a voice registered on a Base model (ICL clone when the
   clip came with its transcript, else x-vector), or "default" for a VoiceDesign model, whose voice is
   described by `instructions`.

@@ -1,12 +1,12 @@
-"""Audio bytes for the speech API, made as the samples arrive: wav and pcm are raw PCM16, mp3 and opus are
-encoded frame by frame by FFmpeg's libmp3lame and libopus (through PyAV) and leave as each chunk is encoded;
-flac is encoded by libsndfile (through soundfile) once the audio is complete.
+"""Audio bytes for the speech API, made as the samples arrive: wav and pcm are raw PCM16, mp3, opus and aac
+are encoded frame by frame by FFmpeg's libmp3lame, libopus and native aac encoders (through PyAV) and leave
+as each chunk is encoded; flac is encoded by libsndfile (through soundfile) once the audio is complete.
 
 Decisions:
 - pcm is OpenAI's: 16-bit signed little-endian mono at the model's rate (24 kHz), no header.
 - A streamed wav announces an unknown length (0xFFFFFFFF in the RIFF and data sizes), as streaming
   servers do; players and soundfile read it to the end of the stream.
-- mp3 and opus (Ogg) are streamable containers: the muxer writes to a non-seekable sink and flushes after
+- mp3, opus (Ogg) and aac (ADTS) are streamable containers: the muxer writes to a non-seekable sink and flushes after
   every packet (Ogg pages of at most 20 ms), so a chunk's bytes leave with it. The encoders hold back
   their look-ahead (libmp3lame about one 576-sample granule, libopus 6.5 ms) until the next chunk or the end.
 - flac stays whole: a streamed FLAC has to write its STREAMINFO (total samples) before the length is
@@ -23,9 +23,9 @@ import numpy as np
 import torch
 
 SSE_FORMATS = ("wav", "pcm")  # what stream_format "sse" carries
-FORMATS = ("wav", "pcm", "flac", "mp3", "opus")
+FORMATS = ("wav", "pcm", "flac", "mp3", "opus", "aac")
 MEDIA_TYPES = {"wav": "audio/wav", "pcm": "audio/pcm", "flac": "audio/flac", "mp3": "audio/mpeg",
-               "opus": "audio/ogg"}
+               "opus": "audio/ogg", "aac": "audio/aac"}
 _SOUNDFILE = {"flac": ("FLAC", "PCM_16"), "mp3": ("MP3", "MPEG_LAYER_III"), "opus": ("OGG", "OPUS")}
 
 
@@ -80,9 +80,10 @@ class _Sink:
 
 
 class _AVEncoder:
-    """Incremental mp3 / Ogg-Opus encoding of mono float samples (PyAV)."""
+    """Incremental mp3 / Ogg-Opus / ADTS-AAC encoding of mono float samples (PyAV)."""
 
-    _SPEC = {"mp3": ("mp3", "libmp3lame", {}), "opus": ("ogg", "libopus", {"page_duration": "20000"})}
+    _SPEC = {"mp3": ("mp3", "libmp3lame", {}), "opus": ("ogg", "libopus", {"page_duration": "20000"}),
+             "aac": ("adts", "aac", {})}
 
     def __init__(self, fmt: str, sample_rate: int) -> None:
         import av
@@ -118,7 +119,7 @@ class ChunkEncoder:
 
     def __init__(self, fmt: str, sample_rate: int, speed: float = 1.0) -> None:
         self.fmt, self.sample_rate, self.speed = fmt, sample_rate, speed
-        self.av = _AVEncoder(fmt, sample_rate) if fmt in ("mp3", "opus") else None
+        self.av = _AVEncoder(fmt, sample_rate) if fmt in _AVEncoder._SPEC else None
         self.held: list[torch.Tensor] = []  # flac: encoded at the end
         self.started = False
 

@@ -77,6 +77,18 @@ def test_speech_create_each_format_decodes(server: BackgroundServer, fmt: str) -
     assert abs(len(data) - FRAMES * 1920) <= (2000 if fmt in ("mp3", "opus") else 0)
 
 
+def test_speech_aac_decodes(server: BackgroundServer) -> None:
+    """aac, one of OpenAI's formats (the SDK offers it): an ADTS stream of mono 24 kHz audio."""
+    audio = client(server).audio.speech.create(model="tiny-custom_voice", voice="vivian", input="Hello there.",
+                                               response_format="aac")
+    assert audio.response.headers["content-type"] == "audio/aac"
+    with av.open(io.BytesIO(audio.content)) as container:
+        stream = container.streams.audio[0]
+        samples = sum(frame.samples for frame in container.decode(stream))
+        assert (container.format.name, stream.rate, stream.channels) == ("aac", 24000, 1)
+    assert abs(samples - FRAMES * 1920) <= 2048  # the encoder's priming and last-frame padding
+
+
 @pytest.mark.parametrize("fmt", ["wav", "mp3", "opus"])
 def test_streaming_response_sends_audio_before_the_synthesis_ends(server: BackgroundServer, tmp_path: Path,
                                                                    fmt: str) -> None:
