@@ -31,7 +31,7 @@ from typing import Any, AsyncIterator, Callable, Literal
 
 from fastapi import APIRouter, FastAPI, File, Form, Request, UploadFile
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from qwenstack.imagegen.jobs import FinishedImage, ImageJob, JobCancelled, PartialImage, Progress
 from qwenstack.imagegen.limits import ImageRequestLimits, parse_size
@@ -66,6 +66,12 @@ class ImageOptions(BaseModel):
     num_inference_steps: int | None = Field(None, ge=1)
     true_cfg_scale: float | None = Field(None, ge=0)
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_default(cls, data: Any) -> Any:
+        """OpenAI's optional fields are nullable (the SDK sends null for an argument given as None)."""
+        return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
 
 
 @dataclass

@@ -140,6 +140,21 @@ def test_generate_with_the_sdk_equals_diffusers(pipelines: dict[str, ImagePipeli
     assert edit.status_code == 400 and "/v1/images/generations" in edit.json()["error"]["message"]
 
 
+def test_generate_takes_null_for_optional_fields(pipelines: dict[str, ImagePipeline]) -> None:
+    """OpenAI's optional image fields are nullable (the SDK sends null for an argument given as None):
+    null means the default."""
+    nulls = {"n": None, "size": None, "response_format": None, "output_format": None, "output_compression": None,
+             "stream": None, "partial_images": None, "quality": None, "style": None, "user": None}
+    with serve(pipelines["generate"]) as server:
+        result = sdk(server).images.generate(prompt=PROMPT, n=None, size=None, response_format=None,
+                                             extra_body={**nulls, "size": "32x32", "num_inference_steps": 1})
+        raw = httpx.post(f"{server.url}/v1/images/generations", timeout=60,
+                         json={"prompt": PROMPT, **nulls, "num_inference_steps": 1, "seed": 3})
+    assert len(result.data) == 1 and pixels(result.data[0].b64_json).shape == (32, 32, 3)
+    assert raw.status_code == 200, raw.text
+    assert len(raw.json()["data"]) == 1 and raw.json()["output_format"] == "png"
+
+
 def test_sdk_edit_with_two_images_and_streaming(plus_server: BackgroundServer) -> None:
     client = sdk(plus_server)
     result = client.images.edit(image=[("a.png", png(IMAGE_A), "image/png"), ("b.png", png(IMAGE_B), "image/png")],
