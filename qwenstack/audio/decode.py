@@ -80,7 +80,8 @@ def decode_audio(data: bytes, limits: AudioLimits = AudioLimits(), target_rate: 
     except AudioError:
         raise
     except (RuntimeError, soundfile.LibsndfileError, TypeError, ValueError) as exc:
-        raise AudioError(f"the file is not audio in a supported format (WAV, FLAC, OGG, Opus, MP3): {exc}") from None
+        reason = getattr(exc, "error_string", None) or exc  # libsndfile's reason, without the buffer's repr
+        raise AudioError(f"the file is not audio in a supported format (WAV, FLAC, OGG, Opus, MP3): {reason}") from None
     return _finish(samples, rate, channels, limits, target_rate)
 
 

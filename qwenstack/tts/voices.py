@@ -32,7 +32,8 @@ def decode_clip(data: bytes, sample_rate: int) -> torch.Tensor:
     try:
         samples, rate = soundfile.read(io.BytesIO(data), dtype="float32", always_2d=True)
     except Exception as exc:  # noqa: BLE001 - libsndfile raises several types for bad input
-        raise RequestError(f"the reference clip could not be decoded as audio: {exc}") from None
+        reason = getattr(exc, "error_string", None) or exc  # libsndfile's reason, without the buffer's repr
+        raise RequestError(f"the reference clip could not be decoded as audio: {reason}") from None
     mono = torch.from_numpy(np.ascontiguousarray(samples.mean(axis=1)))
     if not torch.isfinite(mono).all():
         raise RequestError("the reference clip holds samples that are not finite numbers")

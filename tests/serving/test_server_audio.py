@@ -149,6 +149,9 @@ def test_refusals_are_400(client: openai.OpenAI) -> None:
     _bad(lambda: t(file=("x.wav", b"RIFF....not really a wav file at all" * 4), model="asr"), "invalid_audio",
          "not audio")
     _bad(lambda: t(file=("x.txt", b"hello"), model="asr"), "invalid_audio", "not audio")
+    with pytest.raises(openai.BadRequestError) as info:  # libsndfile's reason, not the repr of a buffer
+        t(file=("x.mp3", b"\x89PNG\r\n\x1a\n" + b"0" * 500), model="asr")
+    assert "Format not recognised" in info.value.message and "BytesIO" not in info.value.message
     _bad(lambda: t(file=("x.wav", b""), model="asr"), "invalid_audio", "empty")
     _bad(lambda: t(file=("x.wav", b"\0" * (MAX_BYTES + 1)), model="asr"), "invalid_audio", "over the limit")
     _bad(lambda: t(file=("x.wav", wav_bytes(np.zeros(int(101 * 8000), np.float32), 8000)), model="asr"),

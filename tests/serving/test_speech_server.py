@@ -204,6 +204,7 @@ def test_register_a_voice_and_speak_with_it(server: BackgroundServer) -> None:
     bad = httpx.post(f"{server.url}/v1/audio/voices", data={"model": "tiny-base", "name": "bob"},
                      files={"file": ("ref.wav", b"not audio at all", "audio/wav")}, timeout=60)
     assert bad.status_code == 400 and "decoded" in bad.json()["error"]["message"]
+    assert "BytesIO" not in bad.json()["error"]["message"]
     with_text = httpx.post(f"{server.url}/v1/audio/voices",
                            data={"model": "tiny-base", "name": "carol", "transcript": "A chirp for the test."},
                            files={"file": ("ref.wav", clip, "audio/wav")}, timeout=60)
