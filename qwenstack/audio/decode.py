@@ -1,11 +1,13 @@
-"""Encoded audio (WAV, FLAC, OGG/Vorbis, OGG/Opus, MP3, ...) -> mono float32 samples at 16 kHz.
+"""Encoded audio (WAV, FLAC, OGG/Vorbis, OGG/Opus, MP3, M4A, WebM, ...) -> mono float32 samples at 16 kHz.
 
 Decisions:
 - Decoding is libsndfile through `soundfile` (its wheels bundle libsndfile >= 1.1, which reads MP3 and
   Opus); resampling is libsoxr through `soxr` at its high-quality setting. torchaudio is not an option: no
   release loads against the torch we pin.
+- What libsndfile cannot read (M4A/MP4 and AAC from phones, WebM/Opus from browsers' MediaRecorder: formats
+  OpenAI's transcription API takes) goes through FFmpeg (PyAV), as a video's audio track does.
 - Channels are averaged to mono (what the reference pipelines do before the feature extractor).
-- Anything libsndfile cannot read, an empty stream, or samples that are not finite raise AudioError, which
+- Anything neither can read, an empty stream, or samples that are not finite raise AudioError, which
   the server turns into a 400: a corrupt upload must never become a 500.
 - Limits (encoded bytes, decoded seconds) are checked before the expensive step: bytes before decoding,
   duration from the header before reading the samples.
@@ -22,6 +24,10 @@ SAMPLE_RATE = 16000
 
 class AudioError(ValueError):
     """Audio that cannot be used: unreadable, empty, or beyond a limit. The message names the reason."""
+
+
+class AudioTooLong(AudioError):
+    """Audio over the seconds limit, found while decoding."""
 
 
 @dataclass(frozen=True)
@@ -81,8 +87,21 @@ def decode_audio(data: bytes, limits: AudioLimits = AudioLimits(), target_rate: 
         raise
     except (RuntimeError, soundfile.LibsndfileError, TypeError, ValueError) as exc:
         reason = getattr(exc, "error_string", None) or exc  # libsndfile's reason, without the buffer's repr
-        raise AudioError(f"the file is not audio in a supported format (WAV, FLAC, OGG, Opus, MP3): {reason}") from None
-    return _finish(samples, rate, channels, limits, target_rate)
+        failed = AudioError(f"the file is not audio in a supported format (WAV, FLAC, OGG, Opus, MP3, M4A, WebM): "
+                            f"{reason}")
+    else:
+        return _finish(samples, rate, channels, limits, target_rate)
+    from qwenstack.audio.video_track import decode_audio_track
+
+    try:
+        decoded = decode_audio_track(data, limits, target_rate, what="the audio")
+    except AudioTooLong:
+        raise
+    except AudioError:
+        raise failed from None
+    if decoded is None:
+        raise failed
+    return decoded
 
 
 def pcm16_to_float(data: bytes) -> np.ndarray:
@@ -113,5 +132,5 @@ def _finish(samples: np.ndarray, rate: int, channels: int, limits: AudioLimits, 
     return DecodedAudio(resample(mono, rate, target_rate), target_rate, rate, channels)
 
 
-__all__ = ["AudioError", "AudioLimits", "DecodedAudio", "SAMPLE_RATE", "decode_audio", "from_samples",
+__all__ = ["AudioError", "AudioLimits", "AudioTooLong", "DecodedAudio", "SAMPLE_RATE", "decode_audio", "from_samples",
            "pcm16_to_float", "resample", "to_mono"]

@@ -14,11 +14,13 @@ import io
 
 import numpy as np
 
-from qwenstack.audio.decode import AudioError, AudioLimits, DecodedAudio, from_samples
+from qwenstack.audio.decode import SAMPLE_RATE, AudioError, AudioLimits, AudioTooLong, DecodedAudio, from_samples
 
 
-def decode_audio_track(data: bytes, limits: AudioLimits = AudioLimits()) -> DecodedAudio | None:
-    """The first audio stream of an encoded video, decoded to 16 kHz mono; None when it has none."""
+def decode_audio_track(data: bytes, limits: AudioLimits = AudioLimits(), target_rate: int = SAMPLE_RATE,
+                       what: str = "the video's audio track") -> DecodedAudio | None:
+    """The first audio stream of an encoded video (or audio) file, decoded to mono at target_rate; None when it
+    has none. `what` names the track in the messages of AudioError."""
     import av
 
     try:
@@ -33,18 +35,17 @@ def decode_audio_track(data: bytes, limits: AudioLimits = AudioLimits()) -> Deco
                     chunks.append(out.to_ndarray())
                     rate = out.sample_rate
                     if sum(c.shape[1] for c in chunks) > limits.max_seconds * rate:
-                        raise AudioError(f"the video's audio track is over the limit of {limits.max_seconds:g} s")
+                        raise AudioTooLong(f"{what} is over the limit of {limits.max_seconds:g} s")
             for out in resampler.resample(None):
                 chunks.append(out.to_ndarray())
     except AudioError:
         raise
     except Exception as exc:  # PyAV's errors for a corrupt or unsupported track
-        raise AudioError(f"the video's audio track could not be decoded: {getattr(exc, 'strerror', None) or exc}"
-                         ) from None
+        raise AudioError(f"{what} could not be decoded: {getattr(exc, 'strerror', None) or exc}") from None
     if not chunks or not rate:
-        raise AudioError("the video's audio track holds no samples")
+        raise AudioError(f"{what} holds no samples")
     samples = np.concatenate(chunks, axis=1).T  # [frames, channels]
-    return from_samples(samples, rate, limits)
+    return from_samples(samples, rate, limits, target_rate)
 
 
 __all__ = ["decode_audio_track"]

@@ -236,7 +236,7 @@ async def _handle(request: Request, task: str) -> Response:
 
 
 TRANSCRIPTION_FORM = form_body({
-    "file": "the audio file (WAV, FLAC, OGG/Vorbis, OGG/Opus, MP3)", "model": "an audio model served here",
+    "file": "the audio file (WAV, FLAC, OGG, Opus, MP3, M4A, WebM, ...)", "model": "an audio model served here",
     "language": "the spoken language (name or ISO code); omitted: detected", "prompt": "context text",
     "temperature": "0 (greedy) to 2", "response_format": "json, text, verbose_json, srt or vtt",
     "stream": "true: transcript.text.delta events"}, required=("file", "model"))

@@ -5,6 +5,7 @@ long, bad fields, a text-only model, translation)."""
 from __future__ import annotations
 
 import base64
+import io
 import json
 from pathlib import Path
 from typing import Iterator
@@ -173,6 +174,35 @@ def test_refusals_are_400(client: openai.OpenAI) -> None:
          "invalid_audio", "data: URL")
     # the server still answers after all of that
     assert client.audio.transcriptions.create(file=("clip.wav", CLIP), model="asr").text == ANSWER
+
+
+def _encoded(container: str, codec: str, rate: int, samples: np.ndarray) -> bytes:
+    import av
+
+    buffer = io.BytesIO()
+    with av.open(buffer, "w", format=container) as out:
+        stream = out.add_stream(codec, rate=rate, layout="mono")
+        frame = av.AudioFrame.from_ndarray(samples[None].astype(np.float32), format="flt", layout="mono")
+        frame.sample_rate = rate
+        for packet in [*stream.encode(frame), *stream.encode(None)]:
+            out.mux(packet)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("name, container, codec, rate", [("voice.m4a", "ipod", "aac", 44100),
+                                                          ("mic.webm", "webm", "libopus", 48000),
+                                                          ("clip.aac", "adts", "aac", 24000)])
+def test_phone_and_browser_recordings_transcribe(client: openai.OpenAI, name: str, container: str, codec: str,
+                                                 rate: int) -> None:
+    """Formats OpenAI's transcription API takes that libsndfile does not read: an iPhone's M4A, a browser
+    MediaRecorder's WebM/Opus, and the ADTS AAC that /v1/audio/speech itself returns."""
+    data = _encoded(container, codec, rate, speechlike(2.0, seed=1, rate=rate))
+    out = client.audio.transcriptions.create(file=(name, data), model="asr")
+    assert out.text == ANSWER and abs(out.usage.seconds - 2.0) < 0.1  # type: ignore[union-attr]
+    with pytest.raises(openai.BadRequestError) as info:  # still bounded by the seconds limit
+        client.audio.transcriptions.create(file=(name, _encoded(container, codec, rate, np.zeros(int(101 * rate)))),
+                                           model="asr")
+    assert "over the limit of 100 s" in info.value.message
 
 
 def test_tone_and_silence_transcribe(client: openai.OpenAI) -> None:
