@@ -131,6 +131,8 @@ class ParallelExecutor:
 class DistributedRunner(ModelRunner):
     """Rank 0's ModelRunner: broadcasts each step to the workers, then runs its own share."""
 
+    can_embed = False  # the workers run only what a step broadcasts: a pass of rank 0 alone would hang
+
     def __init__(self, executor: ParallelExecutor, model: Any, num_blocks: int, block_size: int, seed: int = 0,
                  num_state_slots: int = 0, **kwargs: Any) -> None:
         from qwenstack.engine.multimodal import DEFAULT_ENCODER_CACHE_MEMORY

@@ -10,6 +10,8 @@ Decisions:
 - A consumer that stops reading (client disconnected, task cancelled) aborts its request, which frees its
   KV blocks at the next step boundary.
 - If a forward pass raises, the requests of that step receive the error and the loop keeps serving.
+- Embeddings (engine/embed.py) are one more command: the owner thread runs their passes between two steps,
+  so they never race a step for the model, and a failed pass fails that embedding request alone.
 """
 from __future__ import annotations
 
@@ -43,6 +45,12 @@ class _Add:
 @dataclass
 class _Abort:
     request_id: str
+
+
+@dataclass
+class _Embed:
+    prompts: list[list[int]]
+    sink: Callable[[Any], None]  # gets the states tensor, or the exception
 
 
 class AsyncEngine:
@@ -94,6 +102,30 @@ class AsyncEngine:
             if not finished:
                 self.abort(request_id)
 
+    async def embed(self, prompts: list[list[int]]) -> Any:
+        """Last-token hidden states [N, hidden] (a float32 tensor) of whole prompts, computed in the engine thread
+        between steps. Raises RequestError up front for a prompt that cannot run."""
+        self.engine.check_embedding_prompts(prompts)
+        loop = asyncio.get_running_loop()
+        result: asyncio.Future[Any] = loop.create_future()
+
+        def settle(item: Any) -> None:
+            if result.done():  # the caller was cancelled (client gone): nobody wants the states
+                return
+            if isinstance(item, BaseException):
+                result.set_exception(item)
+            else:
+                result.set_result(item)
+
+        def sink(item: Any) -> None:
+            try:
+                loop.call_soon_threadsafe(settle, item)
+            except RuntimeError:  # the caller's event loop has closed
+                pass
+
+        self._commands.put(_Embed([list(p) for p in prompts], sink))
+        return await result
+
     def abort(self, request_id: str) -> None:
         self._commands.put(_Abort(request_id))
 
@@ -116,6 +148,14 @@ class AsyncEngine:
         elif isinstance(command, _Abort):
             self.engine.abort(command.request_id)
             self._sinks.pop(command.request_id, None)
+        elif isinstance(command, _Embed):
+            try:
+                states = self.engine.embed(command.prompts)
+            except Exception as exc:  # a failed pass fails this request, never the engine thread
+                log.exception("embedding pass failed")
+                command.sink(exc)
+                return
+            command.sink(states)
 
     def _loop(self) -> None:
         while not self._stopped.is_set():

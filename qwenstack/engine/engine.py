@@ -18,9 +18,11 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Callable
 
+import torch
 
 from qwenstack.engine.block_manager import BlockManager
 from qwenstack.engine.detokenizer import Decoder, IncrementalDetokenizer
+from qwenstack.engine.embed import last_token_states
 from qwenstack.engine.multimodal import DEFAULT_ENCODER_CACHE_MEMORY, PLAN_KEY, sequence_plan
 from qwenstack.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from qwenstack.engine.params import SamplingParams
@@ -95,6 +97,10 @@ class LLMEngine:
             raise ValueError(f"speculative_tokens must be >= 0, got {spec_k}")
         pool_blocks = speculative_pool_blocks if spec_k else kv_pool_blocks  # the MTP layer's KV shares each block
         num_blocks = pool_blocks(model, self.config.kv_cache_memory, self.config.block_size, param.dtype)
+        # An embedding model generates nothing, and its passes (embed.py) use no KV cache: the smallest pool.
+        self.embedding_only = bool(getattr(model, "is_embedding_model", False))
+        if self.embedding_only:
+            num_blocks = 2
         if num_blocks < 2:
             raise ValueError(f"kv_cache_memory={self.config.kv_cache_memory} bytes holds fewer than 2 KV blocks")
         if spec_k and runner_factory is not None:
@@ -120,7 +126,8 @@ class LLMEngine:
                                    state_slots=self.state_slots)
         pool_tokens = num_blocks * self.config.block_size
         model_len = context_len or getattr(model.args, "max_position_embeddings", pool_tokens)
-        self.max_model_len = min(self.config.max_model_len or model_len, model_len, pool_tokens)
+        self.max_model_len = min(self.config.max_model_len or model_len, model_len,
+                                 model_len if self.embedding_only else pool_tokens)
         self.vocab_size = model.args.vocab_size  # type: ignore[attr-defined]
         self.requests: dict[str, _Request] = {}
         self.counters = EngineCounters()
@@ -130,6 +137,9 @@ class LLMEngine:
 
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> int:
         """Checks a request against the limits; returns its resolved max_tokens. Raises RequestError."""
+        if self.embedding_only:
+            raise RequestError("this is an embedding model: it computes embeddings (POST /v1/embeddings), "
+                               "it cannot generate text")
         params.validate()
         n = len(prompt_token_ids)
         if n == 0:
@@ -191,6 +201,26 @@ class LLMEngine:
         self.scheduler.add(seqs[:1])
         self.requests[request_id] = request
         self.counters.prompt_tokens += len(prompt_token_ids)
+
+    def check_embedding_prompts(self, prompts: list[list[int]]) -> None:
+        """Each prompt non-empty, within the context and the vocabulary. Raises RequestError."""
+        if not self.runner.can_embed:
+            raise RequestError("embeddings are not supported with tensor parallelism yet")
+        for i, prompt in enumerate(prompts):
+            if not prompt:
+                raise RequestError(f"input {i} is empty")
+            if len(prompt) > self.max_model_len:
+                raise RequestError(f"input {i} has {len(prompt)} tokens, but this model's maximum context length "
+                                   f"is {self.max_model_len} tokens")
+            if min(prompt) < 0 or max(prompt) >= self.vocab_size:
+                bad = next(t for t in prompt if not 0 <= t < self.vocab_size)
+                raise RequestError(f"token id {bad} is outside the vocabulary (0..{self.vocab_size - 1})")
+
+    def embed(self, prompts: list[list[int]]) -> torch.Tensor:
+        """Last-token hidden states [N, hidden] (float32, not normalized) of whole prompts, in passes of at
+        most a step's token budget. Call it between steps (from the thread that steps the engine)."""
+        self.check_embedding_prompts(prompts)
+        return last_token_states(self.model, prompts, self.config.max_num_batched_tokens)
 
     def abort(self, request_id: str) -> bool:
         request = self.requests.pop(request_id, None)

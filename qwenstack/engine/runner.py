@@ -15,7 +15,7 @@ Decisions:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -62,6 +62,9 @@ def kv_pool_blocks(model: CausalLM, memory_bytes: int, block_size: int, dtype: t
 
 
 class ModelRunner:
+    # Whether the model may run a pass outside a step (engine/embed.py): not where other ranks must join each pass.
+    can_embed: ClassVar[bool] = True
+
     def __init__(self, model: CausalLM, num_blocks: int, block_size: int, seed: int = 0, num_state_slots: int = 0,
                  encoder_cache_memory: int = DEFAULT_ENCODER_CACHE_MEMORY) -> None:
         self.model = model

@@ -11,7 +11,8 @@ from torch import nn
 
 from qwenstack.config import read_config
 from qwenstack.errors import UnsupportedModelError
-from qwenstack.weights import load_weights
+from qwenstack.pooling_config import is_embedding_checkpoint
+from qwenstack.weights import checkpoint_tensors, load_weights
 
 # model_type: (module, class)
 ARCHITECTURES: dict[str, tuple[str, str]] = {
@@ -23,10 +24,20 @@ ARCHITECTURES: dict[str, tuple[str, str]] = {
     "qwen3_asr": ("qwenstack.models.qwen3_asr", "Qwen3ASRForConditionalGeneration"),
     "qwen3_omni_moe": ("qwenstack.models.qwen3_omni_moe", "Qwen3OmniMoeForConditionalGeneration"),
 }
+# model_type: (module, class) of its embedding-only form (a backbone with no lm_head, pooling_config.py)
+EMBEDDING_ARCHITECTURES: dict[str, tuple[str, str]] = {
+    "qwen3": ("qwenstack.models.qwen3_embedding", "Qwen3EmbeddingModel"),
+}
 
 
-def model_class(config: dict[str, Any]) -> Any:
+def model_class(config: dict[str, Any], embedding: bool = False) -> Any:
     model_type = config.get("model_type")
+    if embedding:
+        if model_type not in EMBEDDING_ARCHITECTURES:
+            raise UnsupportedModelError(f"embedding checkpoints of model_type '{model_type}' are not supported "
+                                        f"(supported: {', '.join(sorted(EMBEDDING_ARCHITECTURES))})")
+        module, name = EMBEDDING_ARCHITECTURES[model_type]
+        return getattr(importlib.import_module(module), name)
     if model_type not in ARCHITECTURES:
         supported = ", ".join(sorted(ARCHITECTURES))
         raise UnsupportedModelError(f"model_type '{model_type}' is not supported (supported: {supported})")
@@ -34,9 +45,10 @@ def model_class(config: dict[str, Any]) -> Any:
     return getattr(importlib.import_module(module), name)
 
 
-def build_model(config: dict[str, Any], device: str | torch.device = "meta") -> nn.Module:
-    """The model for a config, with parameters on `device` (meta: shapes only, to be filled by the loader)."""
-    cls = model_class(config)
+def build_model(config: dict[str, Any], device: str | torch.device = "meta", embedding: bool = False) -> nn.Module:
+    """The model for a config, with parameters on `device` (meta: shapes only, to be filled by the loader);
+    embedding: its embedding-only form."""
+    cls = model_class(config, embedding)
     args = cls.args_class.from_dict(config)
     with torch.device(device):
         model = cls(args)
@@ -54,9 +66,12 @@ def load_model(
     dequantize=True keeps its exactly dequantized weights in `dtype` instead."""
     config = read_config(model_dir)
     dtype = parse_dtype(dtype) if dtype is not None else default_dtype(config)
-    model = build_model(config, "meta")
+    tensors = checkpoint_tensors(model_dir)  # headers only: the layout says whether this is an embedding model
+    embedding = (config.get("model_type") in EMBEDDING_ARCHITECTURES
+                 and is_embedding_checkpoint(Path(model_dir), tensors))
+    model = build_model(config, "meta", embedding)
     if not config.get("quantization_config"):
-        load_weights(model, model_dir, dtype, device)
+        load_weights(model, model_dir, dtype, device, tensors=tensors)
         return model
     from qwenstack.quantization.prequantized import load_prequantized, parse_scheme
 

@@ -148,6 +148,11 @@ class ReplicatedEngine:
             self._placement.pop(request_id, None)
             self.router.finished(index)
 
+    async def embed(self, prompts: list[list[int]]) -> Any:
+        """Embedding passes on the replicas in turn (they keep no prefix, so none is better placed)."""
+        self._next_id += 1
+        return await self.replicas[self._next_id % len(self.replicas)].embed(prompts)
+
     def abort(self, request_id: str) -> None:
         index = self._placement.get(request_id)
         if index is not None:

@@ -1,0 +1,53 @@
+"""Embeddings from the engine's model: the final hidden state at each prompt's last token.
+
+Decisions:
+- Whole prompts in passes with no KV cache (AttentionBatch.for_prompts): an embedding needs no decode, so it
+  takes no KV blocks from generating requests and leaves the prefix cache alone.
+- Several prompts share one packed pass up to `max_tokens_per_pass` tokens (the engine's step budget), so a
+  batch of short texts costs about one forward; a prompt longer than that runs alone.
+- The states come back raw, in float32 on the CPU: truncating to `dimensions` and normalizing are the caller's
+  (done in that order: a truncated vector is renormalized, as Matryoshka embeddings are used).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from qwenstack.models.attention import AttentionBatch
+
+
+def pass_groups(lengths: list[int], max_tokens_per_pass: int) -> list[list[int]]:
+    """Prompt indices grouped into passes, in order, each within the token budget (or one prompt alone)."""
+    groups: list[list[int]] = []
+    used = 0
+    for i, n in enumerate(lengths):
+        if groups and used + n <= max_tokens_per_pass:
+            groups[-1].append(i)
+            used += n
+        else:
+            groups.append([i])
+            used = n
+    return groups
+
+
+@torch.inference_mode()
+def last_token_states(model: Any, prompts: list[list[int]], max_tokens_per_pass: int) -> torch.Tensor:
+    """[len(prompts), hidden] float32: the model's final (normed) hidden state at each prompt's last token."""
+    device = next(model.parameters()).device
+    rows: list[torch.Tensor] = []
+    for group in pass_groups([len(p) for p in prompts], max_tokens_per_pass):
+        lengths = [len(prompts[i]) for i in group]
+        ids = torch.tensor([t for i in group for t in prompts[i]], dtype=torch.long, device=device)
+        positions = torch.cat([torch.arange(n, device=device) for n in lengths])
+        batch = AttentionBatch.for_prompts(lengths)
+        hidden = model.forward(ids, positions, batch, None)
+        rows.append(hidden[batch.last_token_indices(device)].float().cpu())
+    return torch.cat(rows)
+
+
+def matryoshka(states: torch.Tensor, dimensions: int | None, normalize: bool) -> torch.Tensor:
+    """The embeddings of last-token states: the first `dimensions` values (all when None), then L2-normalized
+    when the model normalizes, so a truncated vector has unit length again."""
+    vectors = states if dimensions is None else states[:, :dimensions]
+    return torch.nn.functional.normalize(vectors, dim=-1) if normalize else vectors
