@@ -24,7 +24,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from qwenstack import __version__
 from qwenstack.serving import (
-    chat, completions, introspect, moderations, realtime, speech, transcriptions, translations,
+    chat, completions, embeddings, introspect, moderations, realtime, speech, transcriptions, translations,
 )
 from qwenstack.serving.chat import render_prompt, template_kwargs
 from qwenstack.serving.config import ModelSpec, ServerConfig
@@ -192,6 +192,7 @@ def create_app(
     app.include_router(introspect.router())
     app.include_router(chat.router)
     app.include_router(completions.router)
+    app.include_router(embeddings.router)  # /v1/embeddings, from embedding and chat models alike
     images = install_image_api(app, config, image_pipeline,  # /v1/images/*; image jobs yield to chat
                                chat_busy=lambda: any(m.engine.engine.has_unfinished_requests()
                                                      for m in list(registry.models.values())))

@@ -23,6 +23,7 @@ from qwenstack.chat_template import compile_template
 from qwenstack.engine.async_engine import AsyncEngine
 from qwenstack.engine.engine import EngineConfig, LLMEngine
 from qwenstack.generation_config import generation_defaults
+from qwenstack.pooling_config import PoolingConfig
 from qwenstack.serving.config import ModelSpec, ServerConfig
 from qwenstack.serving.errors import APIError
 from qwenstack.serving.markers import SpecialTokenText
@@ -46,6 +47,14 @@ class ServedModel:
     video_processor: Any = None  # VideoProcessor of a model that takes video (serving/videos.py)
     asr: Any = None  # AsrPrompter of a model with an audio encoder (serving/audio.py)
     speech_stage: Any = None  # a Qwen3-Omni model's batched Talker loop (audio/omni_speech.py talker_stage)
+    pooling: PoolingConfig = field(default_factory=PoolingConfig)  # how /v1/embeddings pools (pooling_config.py)
+    embedding_only: bool = False  # an embedding model (Qwen3-Embedding): /v1/embeddings only, no generation
+
+    def check_generates(self) -> None:
+        """400 for a generation request (chat, completions) to an embedding model, naming what it does answer."""
+        if self.embedding_only:
+            raise APIError(400, f"'{self.name}' is an embedding model: it answers POST /v1/embeddings, not chat or "
+                                f"completions", param="model", code="model_not_generative")
 
     @cached_property
     def special_token_text(self) -> SpecialTokenText:
@@ -111,6 +120,8 @@ class ServedModel:
 
     @property
     def capabilities(self) -> list[str]:
+        if self.embedding_only:
+            return ["embedding"]
         caps = ["chat", "completion"]
         thinker = self.hf_config.get("thinker_config") or {}
         if "vision_config" in self.hf_config or "vision_config" in thinker:
@@ -178,7 +189,9 @@ def build_served_model(name: str, model: Any, tokenizer: Tokenizer, engine_confi
         stage = talker_stage(model, TALKER_KV_POSITIONS)
     served = ServedModel(name, served_engine, tokenizer, engine.max_model_len, dict(hf_config or {}),
                          generation_defaults(model_dir), image_processor=processor, video_processor=video, asr=asr,
-                         speech_stage=stage)
+                         speech_stage=stage, embedding_only=engine.embedding_only,
+                         pooling=PoolingConfig.for_embedding_checkpoint(model_dir) if engine.embedding_only
+                         else PoolingConfig())
     served.warm_up()
     return served
 

@@ -146,11 +146,12 @@ class LocalRequest(Generic[M]):
 
 async def local_or_forwarded(request: Request, model: type[M], remote_path: str,
                              precheck: Callable[[dict[str, Any], ServedModel], None] | None = None,
-                             ) -> LocalRequest[M] | Response:
+                             generates: bool = True) -> LocalRequest[M] | Response:
     """The start every OpenAI-shaped generation route shares: read the JSON body, forward it verbatim when it
     names a remote model (the remote's answer is returned), else parse it and look the model up here.
     `precheck` sees the raw body and the model it names before parsing: refusals certain from the raw body
-    (a prompt too long for the context) cost nothing there, where validating it item by item would."""
+    (a prompt too long for the context) cost nothing there, where validating it item by item would.
+    generates: the route generates text, which an embedding model refuses (400)."""
     state = get_state(request)
     raw = await read_json(request)
     named = raw.get("model")
@@ -161,4 +162,7 @@ async def local_or_forwarded(request: Request, model: type[M], remote_path: str,
     if served is not None:
         precheck(raw, served)  # type: ignore[misc]
     body = await parse_off_loop(model, raw, request)
-    return LocalRequest(state, body, state.registry.get(body.model))  # type: ignore[attr-defined]
+    named_model = state.registry.get(body.model)  # type: ignore[attr-defined]
+    if generates:
+        named_model.check_generates()
+    return LocalRequest(state, body, named_model)

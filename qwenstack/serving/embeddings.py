@@ -1,0 +1,165 @@
+"""POST /v1/embeddings in OpenAI's shape: what RAG clients (the openai SDK's embeddings.create, LangChain's
+OpenAIEmbeddings, LlamaIndex) call on any OpenAI-compatible base URL.
+
+Decisions:
+- Any served model answers: an embedding model (Qwen3-Embedding) as it was trained, a chat model as Ollama does
+  (the last token's final hidden state, normalized); see qwenstack/pooling_config.py for what is appended.
+- `input` takes OpenAI's four forms: a string, a list of strings, a list of token ids, a list of token-id lists.
+  Token ids are used as given. An input longer than the context is a 400 (context_length_exceeded), never
+  silently truncated; empty inputs and ids outside the vocabulary are 400s too.
+- `dimensions` (Matryoshka): the first d values, renormalized when the model normalizes (engine/embed.py).
+- `encoding_format: "base64"`: the float32 values little-endian, base64, as OpenAI sends them (the openai SDK
+  asks for base64 by default and decodes it with numpy).
+- A request's inputs go to the engine as one command: its owner thread runs them in packed passes between
+  two steps (engine/async_engine.py), so they never race generation for the model.
+- `prompt_name` (sentence-transformers' word, an extra field) puts one of the checkpoint's named instructions
+  before each text, e.g. Qwen3-Embedding's "query".
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+from typing import Any, Literal
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, Field, ValidationError, ValidatorFunctionWrapHandler, field_validator
+from pydantic_core import PydanticCustomError
+
+from qwenstack.engine.embed import matryoshka
+from qwenstack.serving.errors import bad_request
+from qwenstack.serving.openapi import request_body
+from qwenstack.serving.protocol import MAX_COUNT, _Request
+from qwenstack.serving.served import ServedModel
+from qwenstack.serving.state import local_or_forwarded
+from qwenstack.tokenizer import TooManyTokens
+
+MAX_INPUTS = 2048  # inputs per request, OpenAI's limit
+
+router = APIRouter()
+
+
+class EmbeddingRequest(_Request):
+    model: str
+    # Token-id lists first: a union member that fails reports every element (see CompletionRequest.prompt).
+    input: str | list[int] | list[list[int]] | list[str]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(None, ge=1, le=MAX_COUNT)  # at most the model's hidden size (checked later)
+    user: str | None = None
+    prompt_name: str | None = None  # a named instruction of the checkpoint's config_sentence_transformers.json
+
+    @field_validator("input", mode="wrap")
+    @classmethod
+    def _one_of_four_forms(cls, value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+        # One sentence naming the forms, instead of each union member's complaint about each element.
+        try:
+            return handler(value)
+        except ValidationError:
+            raise PydanticCustomError("invalid_input", "must be a string, a list of strings, a list of token "
+                                      "ids (integers) or a list of token-id lists") from None
+
+
+class EmbeddingData(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str  # floats, or base64 of little-endian float32
+
+
+class EmbeddingUsage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingResponse(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[EmbeddingData]
+    model: str
+    usage: EmbeddingUsage
+
+
+def input_items(value: str | list[Any]) -> list[str] | list[list[int]]:
+    """The request's inputs as a list of texts or a list of token-id prompts; 400 for an empty one."""
+    if isinstance(value, str):
+        items: list[Any] = [value]
+    elif not value:
+        raise bad_request("input must not be empty", param="input")
+    elif isinstance(value[0], int):
+        items = [value]  # one prompt of token ids
+    else:
+        items = value
+    if len(items) > MAX_INPUTS:
+        raise bad_request(f"at most {MAX_INPUTS} inputs per request, got {len(items)}", param="input")
+    empty = next((i for i, item in enumerate(items) if len(item) == 0), None)
+    if empty is not None:
+        where = "input" if len(items) == 1 else f"input {empty}"
+        raise bad_request(f"{where} is empty: an embedding needs at least one token", param="input")
+    return items
+
+
+def encode_text(served: ServedModel, text: str) -> list[int]:
+    """A text's ids as the model was trained to embed it: the tokenizer's special tokens, then the pooling's end
+    token unless the post-processor added it. 400 for a text that cannot fit the context."""
+    served.check_text_fits(text, "input")
+    limit = served.max_model_len
+    try:
+        ids = served.tokenizer.encode(text, add_special_tokens=True, max_tokens=limit)
+    except TooManyTokens as exc:
+        raise served.too_long(exc.count, "input") from None
+    end = served.pooling.end_token
+    end_id = served.tokenizer.token_to_id(end) if end is not None else None
+    if end_id is not None and (not ids or ids[-1] != end_id):
+        ids = [*ids, end_id]
+    if len(ids) > limit:
+        raise served.too_long(len(ids), "input")
+    return ids
+
+
+def prompt_ids(served: ServedModel, body: EmbeddingRequest) -> list[list[int]]:
+    """Each input's token ids, checked against the context and the vocabulary."""
+    items = input_items(body.input)
+    if isinstance(items[0], str):
+        prefix = ""
+        if body.prompt_name is not None:
+            prompts = served.pooling.prompts
+            if body.prompt_name not in prompts:
+                known = ", ".join(sorted(prompts)) or "none"
+                raise bad_request(f"prompt_name '{body.prompt_name}' is not one of this model's prompts ({known})",
+                                  param="prompt_name")
+            prefix = prompts[body.prompt_name]
+        return [encode_text(served, prefix + text) for text in items]  # type: ignore[operator]
+    if body.prompt_name is not None:
+        raise bad_request("prompt_name applies to text inputs, not token ids", param="prompt_name")
+    for ids in items:
+        if len(ids) > served.max_model_len:
+            raise served.too_long(len(ids), "input")
+        served.check_token_ids(ids, "input")  # type: ignore[arg-type]
+    return items  # type: ignore[return-value]
+
+
+def embedding_response(served: ServedModel, body: EmbeddingRequest, states: Any, tokens: int) -> JSONResponse:
+    vectors = matryoshka(states, body.dimensions, served.pooling.normalize)
+    if body.encoding_format == "base64":
+        little_endian = vectors.numpy().astype("<f4")
+        values: list[Any] = [base64.b64encode(row.tobytes()).decode("ascii") for row in little_endian]
+    else:
+        values = vectors.tolist()
+    data = [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(values)]
+    return JSONResponse({"object": "list", "data": data, "model": served.name,
+                         "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
+
+
+@router.post("/v1/embeddings", responses={200: {"model": EmbeddingResponse}})
+@request_body(EmbeddingRequest)
+async def create_embeddings(request: Request) -> Response:
+    local = await local_or_forwarded(request, EmbeddingRequest, "/embeddings", generates=False)
+    if isinstance(local, Response):
+        return local
+    body, served = local.body, local.served
+    # Tokenizing 2048 texts, or encoding 2048 vectors, takes a while: off the event loop, other requests go on.
+    prompts = await asyncio.to_thread(prompt_ids, served, body)
+    states = await served.engine.embed(prompts)
+    size = states.shape[-1]  # the model's hidden size, whatever the architecture calls it
+    if body.dimensions is not None and body.dimensions > size:
+        raise bad_request(f"dimensions must be between 1 and {size} (this model's embedding size), "
+                          f"got {body.dimensions}", param="dimensions")
+    return await asyncio.to_thread(embedding_response, served, body, states, sum(map(len, prompts)))
