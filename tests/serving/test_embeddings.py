@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import struct
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -219,3 +220,36 @@ def test_an_embedding_model_refuses_chat_and_completions(client: openai.OpenAI, 
     cards = {m.id: m.model_dump() for m in client.models.list().data}
     assert cards[EMB]["capabilities"] == ["embedding"] and cards[EMB]["max_model_len"] == CONTEXT
     assert "embedding" not in cards[CHAT]["capabilities"] or "chat" in cards[CHAT]["capabilities"]
+
+
+def test_the_bundled_demo_model_answers_a_rag_client() -> None:
+    """What `qwenstack serve` with no model serves: a chat model, so Ollama-style embeddings."""
+    from qwenstack.loading import DEMO_MODEL_DIR
+
+    demo = tiny_served_model(DEMO_MODEL_DIR, "demo")
+    with BackgroundServer(create_app([demo], ServerConfig(ui_db_path=":memory:"))) as srv:
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0)
+        response = client.embeddings.create(model="demo", input=["To be, or not to be", "Friends, Romans"])
+    got = vectors(response)
+    assert got.shape == (2, demo.engine.engine.model.args.hidden_size)
+    torch.testing.assert_close(got.norm(dim=-1), torch.ones(2))
+    assert not torch.allclose(got[0], got[1])
+
+
+def test_serving_an_embedding_checkpoint_by_path(embedding_dir: Path) -> None:
+    """`qwenstack serve ./Qwen3-Embedding-0.6B`'s path: loaded in the background like any model (bfloat16 by
+    default), detected as an embedding model, its KV pool the smallest one."""
+    from qwenstack.serving.config import ModelSpec
+
+    config = ServerConfig(ui_db_path=":memory:", models=[ModelSpec(str(embedding_dir), name=EMB)])
+    with BackgroundServer(create_app([], config)) as srv:
+        for _ in range(600):
+            if httpx.get(srv.url + "/health").status_code == 200:
+                break
+            time.sleep(0.05)
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0)
+        got = vectors(client.embeddings.create(model=EMB, input=TEXTS))
+        ps = httpx.get(srv.url + "/api/ps").json()["models"][0]
+    want = hf_embeddings(embedding_dir, [embedding_ids(embedding_dir, t) for t in TEXTS])
+    torch.testing.assert_close(got, want, atol=2e-2, rtol=0)  # bfloat16 weights against float32
+    assert ps["capabilities"] == ["embedding"] and ps["kv_blocks"] == 2

@@ -103,9 +103,10 @@ async function loadModels() {
     showBanner(`Could not list the models (GET /v1/models): ${e.message}`, { sticky: true });
   }
   const wanted = state.conv?.model || localStorage.getItem("qwenstack.model");
-  // translation pipelines and speech models are not chat models: the translate view and the speaker button
-  // use them
-  const chatModels = state.models.filter((m) => !["translation", "speech"].some((c) => capabilities(m.id).has(c)));
+  // translation pipelines, speech and embedding models are not chat models: the translate view and the speaker
+  // button use the first two, /v1/embeddings the last
+  const notChat = ["translation", "speech", "embedding"];
+  const chatModels = state.models.filter((m) => !notChat.some((c) => capabilities(m.id).has(c)));
   ui.models.replaceChildren(...chatModels.map((m) => h("option", { value: m.id }, m.id)));
   if (!chatModels.length) ui.models.append(h("option", { value: "" }, "no models"));
   if (wanted && chatModels.some((m) => m.id === wanted)) ui.models.value = wanted;
