@@ -140,3 +140,35 @@ def test_matryoshka_truncates_then_renormalizes() -> None:
     states = torch.tensor([[3.0, 4.0, 12.0]])
     torch.testing.assert_close(matryoshka(states, 2, True), torch.tensor([[0.6, 0.8]]))
     torch.testing.assert_close(matryoshka(states, None, False), states)
+
+
+def test_embedding_needs_a_runner_that_runs_alone(embedding_dir: Path) -> None:
+    """Tensor-parallel ranks run only what a step broadcasts: an embedding pass there is refused, not hung."""
+    model = load_model(embedding_dir, dtype=torch.float32)
+    tok = Tokenizer.from_dir(embedding_dir)
+    engine = LLMEngine(model, tok, tok.eos_token_ids, EngineConfig(block_size=4))
+    engine.runner.can_embed = False  # type: ignore[misc]  # as DistributedRunner says
+    with pytest.raises(RequestError, match="tensor parallelism"):
+        engine.embed(PROMPTS)
+
+
+def test_data_parallel_replicas_embed_in_turn(embedding_dir: Path) -> None:
+    import asyncio
+
+    from qwenstack.engine.async_engine import AsyncEngine
+    from qwenstack.serving.replicas import ReplicatedEngine
+
+    tok = Tokenizer.from_dir(embedding_dir)
+    replicas = [AsyncEngine(LLMEngine(load_model(embedding_dir, dtype=torch.float32), tok, tok.eos_token_ids,
+                                      EngineConfig(block_size=4)), name=f"dp{i}") for i in range(2)]
+    replicated = ReplicatedEngine(replicas, block_size=4)
+    try:
+        async def twice() -> list[torch.Tensor]:
+            return list(await asyncio.gather(replicated.embed(PROMPTS), replicated.embed(PROMPTS)))
+
+        results = asyncio.run(twice())
+    finally:
+        replicated.shutdown()
+    want = hf_embeddings(embedding_dir, PROMPTS)
+    for states in results:
+        torch.testing.assert_close(matryoshka(states, None, True), want, atol=1e-4, rtol=0)
