@@ -5,7 +5,11 @@ Decisions:
   Opus); resampling is libsoxr through `soxr` at its high-quality setting. torchaudio is not an option: no
   release loads against the torch we pin.
 - What libsndfile cannot read (M4A/MP4 and AAC from phones, WebM/Opus from browsers' MediaRecorder: formats
-  OpenAI's transcription API takes) goes through FFmpeg (PyAV), as a video's audio track does.
+  OpenAI's transcription API takes) goes through FFmpeg (PyAV, decode_audio_track), as a video's audio track
+  does (Qwen3-Omni's audio in video; transformers reads the track with torchcodec). Its frames are converted to
+  planar float at the source rate and layout, then take the same downmix, limits and resampling as uploads, so
+  a track and the same sound sent as `input_audio` give equal features. A file without an audio stream gives
+  None (a silent video: the caller falls back to its frames, as transformers' processor does).
 - Channels are averaged to mono (what the reference pipelines do before the feature extractor).
 - Anything neither can read, an empty stream, or samples that are not finite raise AudioError, which
   the server turns into a 400: a corrupt upload must never become a 500.
@@ -91,8 +95,6 @@ def decode_audio(data: bytes, limits: AudioLimits = AudioLimits(), target_rate: 
                             f"{reason}")
     else:
         return _finish(samples, rate, channels, limits, target_rate)
-    from qwenstack.audio.video_track import decode_audio_track
-
     try:
         decoded = decode_audio_track(data, limits, target_rate, what="the audio")
     except AudioTooLong:
@@ -102,6 +104,37 @@ def decode_audio(data: bytes, limits: AudioLimits = AudioLimits(), target_rate: 
     if decoded is None:
         raise failed
     return decoded
+
+
+def decode_audio_track(data: bytes, limits: AudioLimits = AudioLimits(), target_rate: int = SAMPLE_RATE,
+                       what: str = "the video's audio track") -> DecodedAudio | None:
+    """The first audio stream of an encoded video (or audio) file, decoded to mono at target_rate; None when it
+    has none. `what` names the track in the messages of AudioError."""
+    import av
+
+    try:
+        with av.open(io.BytesIO(data), mode="r") as container:
+            if not container.streams.audio:
+                return None
+            stream = container.streams.audio[0]
+            resampler = av.AudioResampler(format="fltp")  # planar float, source layout and rate
+            chunks, rate = [], 0
+            for frame in container.decode(stream):
+                for out in resampler.resample(frame):
+                    chunks.append(out.to_ndarray())
+                    rate = out.sample_rate
+                    if sum(c.shape[1] for c in chunks) > limits.max_seconds * rate:
+                        raise AudioTooLong(f"{what} is over the limit of {limits.max_seconds:g} s")
+            for out in resampler.resample(None):
+                chunks.append(out.to_ndarray())
+    except AudioError:
+        raise
+    except Exception as exc:  # PyAV's errors for a corrupt or unsupported track
+        raise AudioError(f"{what} could not be decoded: {getattr(exc, 'strerror', None) or exc}") from None
+    if not chunks or not rate:
+        raise AudioError(f"{what} holds no samples")
+    samples = np.concatenate(chunks, axis=1).T  # [frames, channels]
+    return from_samples(samples, rate, limits, target_rate)
 
 
 def pcm16_to_float(data: bytes) -> np.ndarray:

@@ -88,7 +88,7 @@ async def load_video(ref: Any, processor: VideoProcessor, config: Any,
                              + (" or a file:// path" if config.allow_local_image_paths else ""))
         processed = await asyncio.to_thread(processor.with_limits(limits), data)
         if audio_tracks is not None:
-            from qwenstack.audio.video_track import decode_audio_track
+            from qwenstack.audio.decode import decode_audio_track
             from qwenstack.serving.audio import audio_limits
 
             audio_tracks.append(await asyncio.to_thread(decode_audio_track, data, audio_limits(config)))

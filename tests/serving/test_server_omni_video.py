@@ -21,7 +21,7 @@ from omni_checkpoints import build_native_omni_checkpoint
 from server_utils import BackgroundServer
 from vl_checkpoints import VIDEO_TOKEN_ID
 from asr_checkpoints import AUDIO_TOKEN_ID, speechlike
-from qwenstack.audio.video_track import decode_audio_track
+from qwenstack.audio.decode import decode_audio_track
 from qwenstack.engine.engine import EngineConfig
 from qwenstack.engine.params import SamplingParams
 from qwenstack.models.registry import load_model
