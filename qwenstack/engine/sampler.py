@@ -5,8 +5,10 @@ Decisions:
   sequence's distribution; with top-k, only its k candidates are filtered and drawn from; with top-p alone,
   only the most likely tokens when they hold the mass); greedy rows skip all of it, and greedy rows with
   nothing to apply (no penalty, processor or min_tokens mask) share one batched argmax. Sampled rows
-  without logits processors share their softmax, top-k and argmax across the batch (sample_drawn_rows):
-  the vocabulary is 152K wide, and a 64-row step paid each of them 64 times.
+  without logits processors share their softmax and top-k across the batch (sample_drawn_rows): the
+  vocabulary is 152K wide, and a 64-row step paid each of them 64 times.
+- A sampled row draws one uniform and takes the token at that point of its distribution's running sum
+  (inverse transform, draw_rows), where an exponential race drew one uniform per token of the vocabulary.
 - A seeded sequence draws from its own torch.Generator, so the same seed gives the same tokens whatever
   else is in the batch. Unseeded rows draw from the engine's generator.
 - Logprobs are those of the model's distribution (log-softmax of the raw logits), as vLLM reports by
@@ -104,47 +106,51 @@ def sample_row(logits: torch.Tensor, request: SampleRequest, default_generator: 
         # sorting and normalising the whole vocabulary (Qwen3's recommended top_k is 20 of 151,936).
         logits, candidates = torch.topk(logits, params.top_k)
     probs = filter_logits(logits, params).softmax(-1)
-    generator = request.generator or default_generator
-    # Exponential race (Gumbel-max): argmax(p / E) with E ~ Exp(1) samples from p. (Rows with logits
-    # processors come here, one at a time; the others take sample_drawn_rows' batched path.)
-    noise = torch.empty_like(probs).exponential_(1.0, generator=generator)
-    choice = int((probs / noise).argmax())
+    # The draw sample_drawn_rows makes for a row (rows with logits processors come here, one at a time).
+    uniform = row_uniforms([request.generator], default_generator)
+    choice = int(draw_rows(probs[None], uniform)[0])
     return choice if candidates is None else int(candidates[choice])
 
 
-def race(probs: torch.Tensor, generator: torch.Generator) -> int:
-    """The exponential race (Gumbel-max): argmax(p / E) with E ~ Exp(1) samples from p. E is drawn as
-    -log(U): torch's exponential_ took 7 ms per 152K-token row here, five times uniform draws and a log,
-    and a 64-row sampled decode step paid it 64 times."""
-    return int((probs / torch.rand(probs.shape, generator=generator).log_().neg_()).argmax())
+def draw_rows(weights: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """One index per row of `weights` [R, V] (unnormalised probabilities, >= 0, each row with some mass), drawn
+    by inverse transform: the first index whose running sum exceeds u x the row's total, u ~ U[0, 1) from
+    `uniforms` [R] (float64). One uniform a row, where the exponential race drew one per token: 152K uniforms
+    from one serial generator were most of a sampled row's cost. The sums are float64, so a token's share of
+    the total is exact to ~1e-16, far below any probability that can be seen in a draw."""
+    cdf = weights.cumsum(-1, dtype=torch.float64)
+    target = (uniforms * cdf[:, -1])[:, None]
+    return torch.searchsorted(cdf, target, right=True)[:, 0].clamp_max_(weights.shape[1] - 1)
+
+
+def row_uniforms(generators: list[torch.Generator | None], default_generator: torch.Generator) -> torch.Tensor:
+    """One U[0, 1) float64 per row: a seeded row's from its own generator (so its draw does not depend on the
+    batch), the unseeded rows' in one draw from the engine's generator."""
+    uniforms = torch.empty(len(generators), dtype=torch.float64)
+    unseeded = [n for n, g in enumerate(generators) if g is None]
+    if unseeded:
+        uniforms[unseeded] = torch.rand(len(unseeded), generator=default_generator, dtype=torch.float64)
+    for n, generator in enumerate(generators):
+        if generator is not None:
+            uniforms[n] = torch.rand(1, generator=generator, dtype=torch.float64)
+    return uniforms
 
 
 # Top-p without top-k: how many of the most likely tokens are taken before the whole vocabulary is sorted.
 NUCLEUS_CANDIDATES = 1024
 
 
-def nucleus(logits: torch.Tensor, params: SamplingParams) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(probabilities to race over, their token ids or None for the whole row) under temperature, top-p and
-    min-p, as filter_logits computes them. Sorting 152K logits for top-p took 50 ms a row: when the
-    NUCLEUS_CANDIDATES most likely tokens already hold the top_p mass, every token after them is dropped
-    (the mass before it reaches top_p), so only they are sorted (topk returns them in order)."""
-    scaled = logits / params.temperature
-    values, ids = torch.topk(scaled, NUCLEUS_CANDIDATES)
-    return nucleus_of(logits, params, values, ids, scaled.logsumexp(-1))
-
-
-def nucleus_of(logits: torch.Tensor, params: SamplingParams, values: torch.Tensor, ids: torch.Tensor,
-               log_total: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """nucleus() from the row's NUCLEUS_CANDIDATES largest scaled logits (in order) and the logsumexp of
-    the whole scaled row, which the batch computes for all its rows at once."""
-    probs = (values - log_total).exp()  # the full distribution's probabilities, in order
-    before = probs.cumsum(-1) - probs
-    if float(before[-1] + probs[-1]) < params.top_p + 1e-4:  # the nucleus may reach further: sort it all
-        return filter_logits(logits, params).softmax(-1), None
-    keep = before < params.top_p
-    if params.min_p > 0.0:
-        keep &= probs >= params.min_p * probs[0]
-    return torch.where(keep, probs, 0.0), ids
+def nucleus(scaled: torch.Tensor, params: list[SamplingParams]) -> tuple[torch.Tensor, torch.Tensor, list[bool]]:
+    """Top-p and min-p (filter_logits') for rows of temperature-scaled logits [R, V], without sorting 152K
+    values a row (50 ms): the weights of each row's NUCLEUS_CANDIDATES most likely tokens (its probabilities,
+    zero outside the nucleus), their ids, and whether those candidates hold the row's top_p mass. When they
+    do, every token after them is dropped (the mass before it reaches top_p); when not, the row must be
+    filtered whole (filter_logits)."""
+    best, ids = torch.topk(scaled, NUCLEUS_CANDIDATES)  # in order
+    probs = (best - scaled.logsumexp(-1, keepdim=True)).exp()  # the full distribution's probabilities
+    top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32)
+    held = (probs.sum(-1) >= top_p + 1e-4).tolist()
+    return _nucleus_weights(probs, params), ids, held
 
 
 ARGMAX_CHUNK = 8192
@@ -169,14 +175,22 @@ def argmax_rows(logits: torch.Tensor) -> list[int]:
     return tokens
 
 
+# Sampled rows are taken this many at a time. Each float32 temporary of a batch (the copy, the softmax, the
+# uniforms) is rows x 152K x 4 bytes: at 64 rows 39 MB, above glibc's largest mmap threshold (32 MB), so each
+# was a fresh mapping whose ~9,500 pages faulted in on first touch: a 64-row float32 copy took 12.7 ms, one of
+# 48 rows 1.4 ms (same minute, 2 cores). 16 rows (9.7 MB) stay in reused heap memory.
+DRAWN_CHUNK_ROWS = 16
+
+
 def sample_drawn_rows(logits: torch.Tensor, requests: list[SampleRequest], rows: list[int],
                       default_generator: torch.Generator) -> dict[int, int]:
-    """Tokens of the sampled rows without logits processors, the work shared across rows where it can be:
-    a row's draw is the one sample_row makes (its own generator when seeded, so batch-independent), but a
-    64-row step no longer pays 64 softmaxes, top-ks and argmaxes over 152K logits one after another.
-    Rows drawing from the whole vocabulary race in one batch; top-k rows share one topk; top-p and min-p
-    rows without top-k take sample_row's path (their nucleus)."""
-    values = logits[rows].to(torch.float32, copy=True)
+    """Tokens of the sampled rows without logits processors, drawn from the distribution sample_row's filters
+    give (temperature, top-k, top-p, min-p over the masked and penalised logits), with the work shared across
+    the rows: one softmax, top-k and draw for the batch where 64 rows had paid 64 over 152K logits. Each row
+    draws one uniform (row_uniforms: its own generator when seeded, so its token does not depend on the batch)
+    and takes the token at that point of its distribution (draw_rows). Top-k rows draw among their k
+    candidates, top-p and min-p rows among the most likely NUCLEUS_CANDIDATES where those hold the nucleus."""
+    values = (logits if len(rows) == logits.shape[0] else logits[rows]).to(torch.float32, copy=True)
     vocab = values.shape[1]
     for j, i in enumerate(rows):  # masks and penalties write into the row, as sample_row's do
         request = requests[i]
@@ -184,52 +198,71 @@ def sample_drawn_rows(logits: torch.Tensor, requests: list[SampleRequest], rows:
             values[j, request.block_eos] = float("-inf")
         if request.params.needs_penalties:
             apply_penalties(values[j], request.params, request.prompt_token_ids, request.output_token_ids)
+    params = [requests[i].params for i in rows]
+    uniforms = row_uniforms([requests[i].generator for i in rows], default_generator)
     whole, top_k, other = [], [], []
-    for j, i in enumerate(rows):
-        params = requests[i].params
-        if 0 < params.top_k < vocab:
+    for j, p in enumerate(params):
+        if 0 < p.top_k < vocab:
             top_k.append(j)
-        elif params.top_p >= 1.0 and params.min_p <= 0.0:
+        elif p.top_p >= 1.0 and p.min_p <= 0.0:
             whole.append(j)
         else:
             other.append(j)
     chosen: dict[int, int] = {}
     if whole:
-        temperature = torch.tensor([requests[rows[j]].params.temperature for j in whole], dtype=torch.float32)
-        probs = (values[whole] / temperature[:, None]).softmax(-1)
-        # Each row's uniforms from its own generator (the unseeded ones in one draw from the engine's), then
-        # one log over them all: a log per row was not spread over the threads and cost 2 ms a row.
-        uniform = torch.empty_like(probs)
-        unseeded = [n for n, j in enumerate(whole) if requests[rows[j]].generator is None]
-        if unseeded:
-            uniform[unseeded] = torch.rand(len(unseeded), vocab, generator=default_generator)
-        for n, j in enumerate(whole):
-            generator = requests[rows[j]].generator
-            if generator is not None:
-                torch.rand(vocab, generator=generator, out=uniform[n])
-        chosen.update(zip((rows[j] for j in whole), argmax_rows(probs.div_(uniform.log_().neg_()))))
+        scaled = _scaled(values, whole, params)
+        weights = scaled.sub_(scaled.amax(-1, keepdim=True)).exp_()
+        chosen.update(zip((rows[j] for j in whole), draw_rows(weights, uniforms[whole]).tolist()))
     if top_k:
-        most = max(requests[rows[j]].params.top_k for j in top_k)
-        best, ids = torch.topk(values[top_k], most)
-        for n, j in enumerate(top_k):
-            request = requests[rows[j]]
-            k = request.params.top_k
-            probs = filter_logits(best[n, :k], request.params).softmax(-1)
-            chosen[rows[j]] = int(ids[n, race(probs, request.generator or default_generator)])
-    if other and vocab > NUCLEUS_CANDIDATES:
-        temperature = torch.tensor([requests[rows[j]].params.temperature for j in other], dtype=torch.float32)
-        scaled = values[other] / temperature[:, None]
-        best, ids = torch.topk(scaled, NUCLEUS_CANDIDATES)
-        log_totals = scaled.logsumexp(-1)
-        del scaled
-    for n, j in enumerate(other):
-        request = requests[rows[j]]
-        if vocab > NUCLEUS_CANDIDATES:
-            probs, candidates = nucleus_of(values[j], request.params, best[n], ids[n], log_totals[n])
-        else:
-            probs, candidates = filter_logits(values[j], request.params).softmax(-1), None
-        choice = race(probs, request.generator or default_generator)
-        chosen[rows[j]] = choice if candidates is None else int(candidates[choice])
+        best, ids = torch.topk(values[top_k], max(params[j].top_k for j in top_k))  # each row's in order
+        k = torch.tensor([params[j].top_k for j in top_k])
+        scaled = (best / _temperatures(top_k, params)).masked_fill_(torch.arange(best.shape[1]) >= k[:, None],
+                                                                    float("-inf"))
+        weights = _nucleus_weights(scaled.softmax(-1), [params[j] for j in top_k])
+        picks = ids.gather(1, draw_rows(weights, uniforms[top_k])[:, None])[:, 0]
+        chosen.update(zip((rows[j] for j in top_k), picks.tolist()))
+    if other:
+        chosen.update(_draw_nucleus_rows(values, other, rows, params, uniforms))
+    return chosen
+
+
+def _temperatures(group: list[int], params: list[SamplingParams]) -> torch.Tensor:
+    return torch.tensor([params[j].temperature for j in group], dtype=torch.float32)[:, None]
+
+
+def _scaled(values: torch.Tensor, group: list[int], params: list[SamplingParams]) -> torch.Tensor:
+    """The group's rows of values over their temperatures, as a new tensor."""
+    rows = values if len(group) == values.shape[0] else values[group]
+    return rows / _temperatures(group, params)
+
+
+def _nucleus_weights(probs: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """filter_logits' top-p and min-p over rows of probabilities sorted in descending order, zero outside:
+    top-p drops a token once the mass before it reaches top_p (the first token always stays), min-p a token
+    under min_p x the first one's probability (a ratio, so the same before or after top-p renormalises)."""
+    top_p = torch.tensor([p.top_p for p in params], dtype=probs.dtype)[:, None]
+    drop = ((probs.cumsum(-1) - probs) >= top_p) & (top_p < 1.0)
+    if any(p.min_p > 0.0 for p in params):
+        min_p = torch.tensor([p.min_p for p in params], dtype=probs.dtype)[:, None]
+        drop |= probs < min_p * probs[:, :1]
+    return probs.masked_fill(drop, 0.0)
+
+
+def _draw_nucleus_rows(values: torch.Tensor, group: list[int], rows: list[int], params: list[SamplingParams],
+                       uniforms: torch.Tensor) -> dict[int, int]:
+    """Top-p / min-p rows without top-k: among their NUCLEUS_CANDIDATES most likely tokens where those hold the
+    row's nucleus (nucleus()), else over the whole row (filter_logits)."""
+    chosen: dict[int, int] = {}
+    if values.shape[1] > NUCLEUS_CANDIDATES:
+        weights, ids, held = nucleus(_scaled(values, group, params), [params[j] for j in group])
+        fits = [n for n in range(len(group)) if held[n]]
+        if fits:
+            picks = ids[fits].gather(1, draw_rows(weights[fits], uniforms[[group[n] for n in fits]])[:, None])
+            chosen.update(zip((rows[group[n]] for n in fits), picks[:, 0].tolist()))
+        group = [j for n, j in enumerate(group) if not held[n]]
+    for j in group:
+        weights = filter_logits(values[j], params[j]).softmax(-1)[None]
+        chosen[rows[j]] = int(draw_rows(weights, uniforms[j:j + 1])[0])
     return chosen
 
 
@@ -263,8 +296,8 @@ def sample(
         rows = logits if len(plain) == len(requests) else logits[plain]
         chosen = dict(zip(plain, argmax_rows(rows)))
     drawn = [i for i, r in enumerate(requests) if not r.params.greedy and not r.params.logits_processors]
-    if drawn:
-        chosen.update(sample_drawn_rows(logits, requests, drawn, default_generator))
+    for start in range(0, len(drawn), DRAWN_CHUNK_ROWS):
+        chosen.update(sample_drawn_rows(logits, requests, drawn[start:start + DRAWN_CHUNK_ROWS], default_generator))
     tokens, logprobs = [], []
     for i, (row, request) in enumerate(zip(logits, requests)):
         if i in chosen:

@@ -68,24 +68,51 @@ def test_top_k_draws_follow_the_filtered_distribution() -> None:
 def test_top_p_over_a_large_vocabulary_draws_from_the_same_nucleus() -> None:
     """Top-p without top-k looks at the NUCLEUS_CANDIDATES most likely tokens instead of sorting the whole
     vocabulary when they hold the mass; the distribution drawn from is filter_logits' (min-p too), and a
-    flat distribution whose nucleus reaches further falls back to the full sort."""
+    flat distribution whose nucleus reaches further is said not to be held (the sampler sorts it whole)."""
     from qwenstack.engine.sampler import NUCLEUS_CANDIDATES, nucleus
 
     gen = torch.Generator().manual_seed(4)
-    for scale, params in ((6.0, SamplingParams(temperature=0.7, top_p=0.8)),
-                          (6.0, SamplingParams(temperature=1.0, top_p=0.95, min_p=0.05)),
-                          (0.1, SamplingParams(temperature=1.0, top_p=0.9))):  # flat: the fallback
+    cases = ((6.0, SamplingParams(temperature=0.7, top_p=0.8), True),
+             (6.0, SamplingParams(temperature=1.0, top_p=0.95, min_p=0.05), True),
+             (0.1, SamplingParams(temperature=1.0, top_p=0.9), False))  # flat: the nucleus reaches further
+    for scale, params, held in cases:
         logits = torch.randn(20 * NUCLEUS_CANDIDATES, generator=gen) * scale
         want = filter_logits(logits.clone(), params).softmax(-1)
-        probs, ids = nucleus(logits, params)
-        got = torch.zeros_like(want)
-        if ids is None:
-            got = probs
-        else:
-            got[ids] = probs / probs.sum()
+        weights, ids, fits = nucleus((logits / params.temperature)[None], [params])
+        assert fits == [held]
+        if held:
+            got = torch.zeros_like(want)
+            got[ids[0]] = weights[0] / weights[0].sum()
             assert want.count_nonzero() < NUCLEUS_CANDIDATES
-        assert (got > 0).equal(want > 0)
-        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-4)
+            assert (got > 0).equal(want > 0)
+            torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-4)
+
+
+def test_draws_follow_each_rows_distribution() -> None:
+    """Every batched path (whole vocabulary, top-k with top-p and min-p, top-p alone over a large vocabulary,
+    the full-sort fallback) and the per-row path of a row with a logits processor draw from filter_logits'
+    distribution: each token's frequency over many draws within 4 standard deviations of its probability."""
+    from qwenstack.engine.sampler import NUCLEUS_CANDIDATES
+
+    gen = torch.Generator().manual_seed(8)
+    vocab = 3 * NUCLEUS_CANDIDATES
+    logits = torch.randn(vocab, generator=gen) * 4
+    flat = torch.randn(vocab, generator=gen) * 0.05
+    cases = [(logits, SamplingParams(temperature=1.3)),
+             (logits, SamplingParams(temperature=0.6, top_k=20, top_p=0.95)),
+             (logits, SamplingParams(temperature=0.9, top_k=30, min_p=0.1)),
+             (logits, SamplingParams(temperature=0.8, top_p=0.7)),
+             (flat, SamplingParams(temperature=1.0, top_p=0.5)),
+             (logits, SamplingParams(temperature=0.8, top_p=0.9, logits_processors=[lambda _, row: row]))]
+    draws = 4000
+    for row_logits, params in cases:
+        want = filter_logits(row_logits.clone(), params).softmax(-1)
+        rows = [request(params) for _ in range(draws)]
+        tokens, _ = sample(row_logits.expand(draws, vocab).contiguous(), rows, torch.Generator().manual_seed(9))
+        counts = torch.bincount(torch.tensor(tokens), minlength=vocab).float()
+        assert set(counts.nonzero().flatten().tolist()) <= set(want.nonzero().flatten().tolist()), params
+        freq = counts / draws
+        assert ((freq - want).abs() <= 4 * (want * (1 - want) / draws).sqrt() + 2e-3).all(), params
 
 
 def test_a_seeded_row_draws_the_same_token_alone_or_in_a_batch() -> None:

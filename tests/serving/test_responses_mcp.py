@@ -301,8 +301,11 @@ def test_allowed_tools_filters_what_is_listed_offered_and_run(client: openai.Ope
 
 @pytest.mark.parametrize("choice", ["required", {"type": "function", "name": "get_weather"}])
 def test_forced_tool_choice_binds_the_first_turn_only(client: openai.OpenAI, turns: list[dict], choice) -> None:
+    # Seeded: where the grammar masks the scripted model's token, it meets ties (e.g. ' ' / ' "' /
+    # ' "get_weather",' after '":') and the call's tokens are a draw; seeds 0-7 gave the scripted call in 15
+    # of 16 draws. Unseeded, the draw depended on every request the module's other tests made before.
     r = client.responses.create(model="agent", input="Weather and time in Paris?", tools=[mcp()],
-                                tool_choice=choice, parallel_tool_calls=False)
+                                tool_choice=choice, parallel_tool_calls=False, extra_body={"seed": 0})
     assert [i.type for i in r.output] == ["mcp_list_tools", "reasoning", "mcp_call", "message"]
     assert r.output[2].name == "get_weather" and r.output_text == AGENT_ANSWER
     first, second = (t["params"].logits_processors for t in turns)
