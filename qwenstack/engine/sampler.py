@@ -112,15 +112,43 @@ def sample_row(logits: torch.Tensor, request: SampleRequest, default_generator: 
     return choice if candidates is None else int(candidates[choice])
 
 
+# draw_rows finds a row's block of this many tokens first, then the token inside it.
+DRAW_BLOCK = 1024
+
+
 def draw_rows(weights: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     """One index per row of `weights` [R, V] (unnormalised probabilities, >= 0, each row with some mass), drawn
     by inverse transform: the first index whose running sum exceeds u x the row's total, u ~ U[0, 1) from
     `uniforms` [R] (float64). One uniform a row, where the exponential race drew one per token: 152K uniforms
-    from one serial generator were most of a sampled row's cost. The sums are float64, so a token's share of
-    the total is exact to ~1e-16, far below any probability that can be seen in a draw."""
-    cdf = weights.cumsum(-1, dtype=torch.float64)
-    target = (uniforms * cdf[:, -1])[:, None]
-    return torch.searchsorted(cdf, target, right=True)[:, 0].clamp_max_(weights.shape[1] - 1)
+    from one serial generator were most of a sampled row's cost. Over a wide row the running sum is taken over
+    blocks of DRAW_BLOCK tokens, then inside the chosen block (in float64): a float64 cumsum of 152K values a
+    row had cost more than the softmax."""
+    rows, width = weights.shape
+    if width <= DRAW_BLOCK:
+        cdf = weights.cumsum(-1, dtype=torch.float64)
+        return torch.searchsorted(cdf, (uniforms * cdf[:, -1])[:, None], right=True)[:, 0].clamp_max_(width - 1)
+    full = width // DRAW_BLOCK * DRAW_BLOCK
+    # The blocks' sums in the weights' own precision (a float64 sum of 152K float32 values first converted them
+    # all): off by ~1e-7 of a block's mass, the precision of the weights themselves.
+    sums = weights[:, :full].reshape(rows, -1, DRAW_BLOCK).sum(-1)
+    if full < width:
+        sums = torch.cat([sums, weights[:, full:].sum(-1, keepdim=True)], dim=1)
+    sums = sums.to(torch.float64)
+    cdf = sums.cumsum(-1)
+    targets = uniforms * cdf[:, -1]
+    blocks = torch.searchsorted(cdf, targets[:, None], right=True)[:, 0].clamp_max_(sums.shape[1] - 1)
+    remaining = (targets - cdf.gather(1, blocks[:, None])[:, 0] + sums.gather(1, blocks[:, None])[:, 0]).tolist()
+    tokens = []
+    for row, (block, left) in enumerate(zip(blocks.tolist(), remaining)):
+        start = block * DRAW_BLOCK
+        inside = weights[row, start:start + DRAW_BLOCK].cumsum(0, dtype=torch.float64)
+        # Rounding can put `left` a hair outside the block's own sum: 0 takes its first token with weight, past
+        # the end its last one.
+        index = int(torch.searchsorted(inside, torch.tensor([max(left, 0.0)], dtype=torch.float64), right=True))
+        if index >= inside.numel():
+            index = int(inside.searchsorted(inside[-1:], right=False))
+        tokens.append(start + index)
+    return torch.tensor(tokens)
 
 
 def row_uniforms(generators: list[torch.Generator | None], default_generator: torch.Generator) -> torch.Tensor:
@@ -136,20 +164,26 @@ def row_uniforms(generators: list[torch.Generator | None], default_generator: to
     return uniforms
 
 
-# Top-p without top-k: how many of the most likely tokens are taken before the whole vocabulary is sorted.
-NUCLEUS_CANDIDATES = 1024
+# Top-p without top-k: how many of the most likely tokens are taken before the whole vocabulary is sorted, in
+# two tries: most nuclei of a trained model are a few dozen tokens, and torch.topk of 64 of 152K took 1.6 ms
+# for 16 rows where 1,024 took 5.5.
+NUCLEUS_TRIES = (64, 1024)
+NUCLEUS_CANDIDATES = NUCLEUS_TRIES[-1]
 
 
-def nucleus(scaled: torch.Tensor, params: list[SamplingParams]) -> tuple[torch.Tensor, torch.Tensor, list[bool]]:
+def nucleus(scaled: torch.Tensor, params: list[SamplingParams],
+            candidates: int = NUCLEUS_CANDIDATES) -> tuple[torch.Tensor, torch.Tensor, list[bool]]:
     """Top-p and min-p (filter_logits') for rows of temperature-scaled logits [R, V], without sorting 152K
-    values a row (50 ms): the weights of each row's NUCLEUS_CANDIDATES most likely tokens (its probabilities,
-    zero outside the nucleus), their ids, and whether those candidates hold the row's top_p mass. When they
-    do, every token after them is dropped (the mass before it reaches top_p); when not, the row must be
-    filtered whole (filter_logits)."""
-    best, ids = torch.topk(scaled, NUCLEUS_CANDIDATES)  # in order
+    values a row (50 ms): the weights of each row's `candidates` most likely tokens (its probabilities,
+    zero outside the nucleus), their ids, and whether those candidates hold the row's nucleus: every token
+    after them is dropped when the candidates' mass reaches top_p (the mass before it does) or when the last
+    candidate is already under min_p x the first (so is every later one). When not, the row needs more
+    candidates, or to be filtered whole (filter_logits)."""
+    best, ids = torch.topk(scaled, candidates)  # in order
     probs = (best - scaled.logsumexp(-1, keepdim=True)).exp()  # the full distribution's probabilities
     top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32)
-    held = (probs.sum(-1) >= top_p + 1e-4).tolist()
+    min_p = torch.tensor([p.min_p for p in params], dtype=torch.float32)
+    held = ((probs.sum(-1) >= top_p + 1e-4) | (probs[:, -1] < min_p * probs[:, 0])).tolist()
     return _nucleus_weights(probs, params), ids, held
 
 
@@ -189,7 +223,7 @@ def sample_drawn_rows(logits: torch.Tensor, requests: list[SampleRequest], rows:
     the rows: one softmax, top-k and draw for the batch where 64 rows had paid 64 over 152K logits. Each row
     draws one uniform (row_uniforms: its own generator when seeded, so its token does not depend on the batch)
     and takes the token at that point of its distribution (draw_rows). Top-k rows draw among their k
-    candidates, top-p and min-p rows among the most likely NUCLEUS_CANDIDATES where those hold the nucleus."""
+    candidates, top-p and min-p rows among their most likely tokens where those hold the nucleus."""
     values = (logits if len(rows) == logits.shape[0] else logits[rows]).to(torch.float32, copy=True)
     vocab = values.shape[1]
     for j, i in enumerate(rows):  # masks and penalties write into the row, as sample_row's do
@@ -210,11 +244,13 @@ def sample_drawn_rows(logits: torch.Tensor, requests: list[SampleRequest], rows:
             other.append(j)
     chosen: dict[int, int] = {}
     if whole:
-        scaled = _scaled(values, whole, params)
+        # In place: values itself where these are all the rows (no other group reads it after them), else the
+        # copy that indexing makes.
+        scaled = _rows(values, whole).div_(_temperatures(whole, params))
         weights = scaled.sub_(scaled.amax(-1, keepdim=True)).exp_()
         chosen.update(zip((rows[j] for j in whole), draw_rows(weights, uniforms[whole]).tolist()))
     if top_k:
-        best, ids = torch.topk(values[top_k], max(params[j].top_k for j in top_k))  # each row's in order
+        best, ids = torch.topk(_rows(values, top_k), max(params[j].top_k for j in top_k))  # each row's in order
         k = torch.tensor([params[j].top_k for j in top_k])
         scaled = (best / _temperatures(top_k, params)).masked_fill_(torch.arange(best.shape[1]) >= k[:, None],
                                                                     float("-inf"))
@@ -230,10 +266,14 @@ def _temperatures(group: list[int], params: list[SamplingParams]) -> torch.Tenso
     return torch.tensor([params[j].temperature for j in group], dtype=torch.float32)[:, None]
 
 
+def _rows(values: torch.Tensor, group: list[int]) -> torch.Tensor:
+    """The group's rows of values: values itself when the group is every row (indexing would copy 9.7 MB)."""
+    return values if len(group) == values.shape[0] else values[group]
+
+
 def _scaled(values: torch.Tensor, group: list[int], params: list[SamplingParams]) -> torch.Tensor:
     """The group's rows of values over their temperatures, as a new tensor."""
-    rows = values if len(group) == values.shape[0] else values[group]
-    return rows / _temperatures(group, params)
+    return _rows(values, group) / _temperatures(group, params)
 
 
 def _nucleus_weights(probs: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
@@ -250,11 +290,13 @@ def _nucleus_weights(probs: torch.Tensor, params: list[SamplingParams]) -> torch
 
 def _draw_nucleus_rows(values: torch.Tensor, group: list[int], rows: list[int], params: list[SamplingParams],
                        uniforms: torch.Tensor) -> dict[int, int]:
-    """Top-p / min-p rows without top-k: among their NUCLEUS_CANDIDATES most likely tokens where those hold the
-    row's nucleus (nucleus()), else over the whole row (filter_logits)."""
+    """Top-p / min-p rows without top-k: among their most likely tokens where those hold the row's nucleus
+    (nucleus(), with each of NUCLEUS_TRIES in turn), else over the whole row (filter_logits)."""
     chosen: dict[int, int] = {}
-    if values.shape[1] > NUCLEUS_CANDIDATES:
-        weights, ids, held = nucleus(_scaled(values, group, params), [params[j] for j in group])
+    for candidates in NUCLEUS_TRIES:
+        if not group or values.shape[1] <= candidates:
+            break
+        weights, ids, held = nucleus(_scaled(values, group, params), [params[j] for j in group], candidates)
         fits = [n for n in range(len(group)) if held[n]]
         if fits:
             picks = ids[fits].gather(1, draw_rows(weights[fits], uniforms[[group[n] for n in fits]])[:, None])

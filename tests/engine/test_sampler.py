@@ -69,17 +69,22 @@ def test_top_p_over_a_large_vocabulary_draws_from_the_same_nucleus() -> None:
     """Top-p without top-k looks at the NUCLEUS_CANDIDATES most likely tokens instead of sorting the whole
     vocabulary when they hold the mass; the distribution drawn from is filter_logits' (min-p too), and a
     flat distribution whose nucleus reaches further is said not to be held (the sampler sorts it whole)."""
-    from qwenstack.engine.sampler import NUCLEUS_CANDIDATES, nucleus
+    from qwenstack.engine.sampler import NUCLEUS_CANDIDATES, NUCLEUS_TRIES, nucleus
 
     gen = torch.Generator().manual_seed(4)
     cases = ((6.0, SamplingParams(temperature=0.7, top_p=0.8), True),
+             (2.0, SamplingParams(temperature=0.8, top_p=0.7), True),  # held by 1,024 candidates, not by 64
              (6.0, SamplingParams(temperature=1.0, top_p=0.95, min_p=0.05), True),
+             (6.0, SamplingParams(temperature=1.0, min_p=0.02), True),  # min-p alone
+             (0.1, SamplingParams(temperature=1.0, min_p=0.02), False),  # flat: min-p keeps thousands
              (0.1, SamplingParams(temperature=1.0, top_p=0.9), False))  # flat: the nucleus reaches further
     for scale, params, held in cases:
         logits = torch.randn(20 * NUCLEUS_CANDIDATES, generator=gen) * scale
         want = filter_logits(logits.clone(), params).softmax(-1)
         weights, ids, fits = nucleus((logits / params.temperature)[None], [params])
         assert fits == [held]
+        if scale == 2.0:
+            assert nucleus((logits / params.temperature)[None], [params], NUCLEUS_TRIES[0])[2] == [False]
         if held:
             got = torch.zeros_like(want)
             got[ids[0]] = weights[0] / weights[0].sum()
@@ -89,19 +94,23 @@ def test_top_p_over_a_large_vocabulary_draws_from_the_same_nucleus() -> None:
 
 
 def test_draws_follow_each_rows_distribution() -> None:
-    """Every batched path (whole vocabulary, top-k with top-p and min-p, top-p alone over a large vocabulary,
-    the full-sort fallback) and the per-row path of a row with a logits processor draw from filter_logits'
-    distribution: each token's frequency over many draws within 4 standard deviations of its probability."""
+    """Every batched path (whole vocabulary, top-k with top-p and min-p, top-p alone over a large vocabulary
+    with 64 and with 1,024 candidates, min-p alone, the full-sort fallback) and the per-row path of a row with
+    a logits processor draw from filter_logits' distribution: each token's frequency over many draws within 4
+    standard deviations of its probability."""
     from qwenstack.engine.sampler import NUCLEUS_CANDIDATES
 
     gen = torch.Generator().manual_seed(8)
     vocab = 3 * NUCLEUS_CANDIDATES
     logits = torch.randn(vocab, generator=gen) * 4
     flat = torch.randn(vocab, generator=gen) * 0.05
+    wider = torch.randn(vocab, generator=torch.Generator().manual_seed(10))  # a nucleus of 64 to 1,024 tokens
     cases = [(logits, SamplingParams(temperature=1.3)),
              (logits, SamplingParams(temperature=0.6, top_k=20, top_p=0.95)),
              (logits, SamplingParams(temperature=0.9, top_k=30, min_p=0.1)),
              (logits, SamplingParams(temperature=0.8, top_p=0.7)),
+             (wider, SamplingParams(temperature=0.8, top_p=0.7)),
+             (logits, SamplingParams(temperature=1.0, min_p=0.05)),
              (flat, SamplingParams(temperature=1.0, top_p=0.5)),
              (logits, SamplingParams(temperature=0.8, top_p=0.9, logits_processors=[lambda _, row: row]))]
     draws = 4000
@@ -125,3 +134,26 @@ def test_a_seeded_row_draws_the_same_token_alone_or_in_a_batch() -> None:
         others[2] = request(params, torch.Generator().manual_seed(7))
         batched = sample(logits, others, torch.Generator().manual_seed(1))[0][2]
         assert alone == [batched, batched]
+
+
+def test_draw_rows_is_the_inverse_transform_and_never_takes_a_zero_weight() -> None:
+    """Blocked draws (rows wider than DRAW_BLOCK) give the index a whole-row float64 running sum gives, and at
+    the extremes of u (0, just under 1) and beside zero-weight blocks they still take a token with weight."""
+    from qwenstack.engine.sampler import DRAW_BLOCK, draw_rows
+
+    gen = torch.Generator().manual_seed(3)
+    width = 5 * DRAW_BLOCK + 123
+    weights = torch.rand(12, width, generator=gen) ** 8
+    weights[weights < 0.2] = 0.0  # most tokens without weight
+    weights[:, :DRAW_BLOCK] = 0.0  # a whole first block without weight
+    weights[:, -300:] = 0.0  # and the end of the row
+    weights[3] = 0.0
+    weights[3, 2 * DRAW_BLOCK + 5] = 1e-30  # one token holds the whole mass
+    uniforms = torch.rand(12, generator=gen, dtype=torch.float64)
+    uniforms[0], uniforms[1] = 0.0, 1.0 - 2**-53
+    tokens = draw_rows(weights, uniforms)
+    cdf = weights.cumsum(-1, dtype=torch.float64)
+    want = torch.searchsorted(cdf, (uniforms * cdf[:, -1])[:, None], right=True)[:, 0]
+    assert tokens.tolist()[2:] == want.tolist()[2:]
+    assert tokens[3] == 2 * DRAW_BLOCK + 5
+    assert (weights[torch.arange(12), tokens] > 0).all()
