@@ -48,6 +48,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     net.add_argument("--port", type=port_number, default=8000, help="port (default: 8000)")
     net.add_argument("--api-key", default=None,
                      help="require this bearer key on API requests (default: $QWENSTACK_API_KEY, else none)")
+    net.add_argument("--allowed-origins", nargs="+", default=None, metavar="ORIGIN",
+                     help="web pages allowed to call the API from a browser (CORS), e.g. https://chat.example.com, "
+                          "or '*' for any; pages on localhost / 127.0.0.1 are always allowed")
     net.add_argument("--remote", action="append", default=[], metavar="NAME=BASE_URL[#UPSTREAM_MODEL]",
                      help="route requests for model NAME to another OpenAI-compatible API (repeatable)")
     net.add_argument("--remote-timeout", type=float, default=None, metavar="SECONDS",
@@ -160,7 +163,8 @@ def serve_config_from_args(args: argparse.Namespace) -> dict[str, Any]:
                               "allow_private_image_urls": args.allow_private_image_urls,
                               "special_tokens_in_content": args.special_tokens_in_content,
                               "log_level": args.log_level}
-    optional = {"api_key": args.api_key, "kv_cache_memory": args.kv_cache_memory, "ui_db_path": args.ui_db,
+    optional = {"api_key": args.api_key, "allowed_origins": args.allowed_origins,
+                "kv_cache_memory": args.kv_cache_memory, "ui_db_path": args.ui_db,
                 "remote_timeout_s": args.remote_timeout, "guard_model": args.guard,
                 "guard_stream_model": args.guard_stream, "guard_policy": args.guard_policy,
                 "guard_stream_window": args.guard_stream_window, "image_model": args.image_model,

@@ -20,6 +20,7 @@ from typing import Any, AsyncIterator, Callable
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.datastructures import Headers
+from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from qwenstack import __version__
@@ -31,7 +32,7 @@ from qwenstack.serving.config import ModelSpec, ServerConfig
 from qwenstack.serving.errors import APIError, install_handlers
 from qwenstack.serving.image_api import install_image_api
 from qwenstack.serving.metrics import ServerMetrics
-from qwenstack.serving.middleware import BodyRulesMiddleware, UnexpectedErrorMiddleware
+from qwenstack.serving.middleware import LOCAL_ORIGINS, BodyRulesMiddleware, UnexpectedErrorMiddleware
 from qwenstack.serving.moderation import install_guardrails
 from qwenstack.serving.openapi import install_openapi
 from qwenstack.serving.protocol import (
@@ -181,13 +182,16 @@ def create_app(
     app = FastAPI(title="qwenstack", version=__version__, lifespan=lifespan)
     app.state.qwenstack = state
     install_handlers(app, config.retry_after_s)
-    # Outermost last: unexpected errors -> 500 on the same connection; the key; then the body rules.
+    # Outermost last: CORS; unexpected errors -> 500 on the same connection; the key; then the body rules.
     body_limits: dict[str, int] = {}
     app.add_middleware(BodyRulesMiddleware, routes=lambda: app.routes, default_limit=config.max_request_body_bytes,
                        limits=body_limits)
     if config.api_key:
         app.add_middleware(APIKeyMiddleware, api_key=config.api_key)
     app.add_middleware(UnexpectedErrorMiddleware)
+    # A browser's preflight (OPTIONS, without the key) is answered before the key is asked for.
+    app.add_middleware(CORSMiddleware, allow_origins=config.allowed_origins, allow_origin_regex=LOCAL_ORIGINS,
+                       allow_methods=["*"], allow_headers=["*"], expose_headers=["*"])
     app.include_router(_info_router())
     app.include_router(introspect.router())
     app.include_router(chat.router)

@@ -107,6 +107,9 @@ class ServerConfig:
     host: str = "127.0.0.1"  # loopback unless asked: the API runs models on the owner's hardware
     port: int = 8000
     api_key: str | None = field(default_factory=_env_api_key)
+    # Web pages that may call the API from a browser (CORS), besides those served from this machine's own
+    # loopback names (serving/middleware.py LOCAL_ORIGINS, always allowed); "*" allows every origin.
+    allowed_origins: list[str] = field(default_factory=list)
     models: list[ModelSpec] = field(default_factory=list)
     remote: list[RemoteSpec] = field(default_factory=list)
     kv_cache_memory: int = DEFAULT_KV_CACHE_MEMORY  # bytes for all local models together, split equally

@@ -6,6 +6,12 @@
     UnexpectedErrorMiddleware: an exception that escaped every handler becomes a 500 in OpenAI's shape,
         answered on the same keep-alive connection (Starlette's own handler re-raises, which makes the
         server drop the connection without saying so, and the client's next request on it fails).
+    LOCAL_ORIGINS: the web pages whose browser calls CORS lets through by default (Starlette's CORSMiddleware,
+        installed by serving/app.py): pages served from this machine's loopback names, on any port, as
+        Ollama allows by default. A browser UI on localhost (Open WebUI in direct mode, a notebook, a dev
+        server) can call the API; any other site only where `--allowed-origins` names it. vLLM allows every
+        origin by default; here that would let any page the owner visits read the models' answers and the
+        chat page's stored conversations.
 
 Decisions:
 - Both are pure ASGI middlewares: streaming responses pass untouched, and the body is read here once,
@@ -108,6 +114,9 @@ def form_media_types(route: Any) -> tuple[str, ...]:
     if field is not None and isinstance(field.field_info, (params.Form, params.File)):
         return FORM_TYPES
     return ()
+
+
+LOCAL_ORIGINS = r"^(https?://(localhost|127\.0\.0\.1|\[::1\])(:\d+)?)$"
 
 
 class BodyRulesMiddleware:

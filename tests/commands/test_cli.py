@@ -115,7 +115,8 @@ def test_serve_maps_every_option(monkeypatch: pytest.MonkeyPatch) -> None:
                       "--max-num-batched-tokens", "512", "--max-waiting", "9", "--no-prefix-caching", "--seed", "5",
                       "--no-think", "--no-ui", "--ui-db", "/tmp/ui.db", "--allow-local-image-paths",
                       "--allow-remote-image-urls", "--allow-private-image-urls", "--max-request-body", "16MiB",
-                      "--special-tokens-in-content", "--log-level", "debug", "--max-speech-seconds", "12.5")
+                      "--special-tokens-in-content", "--log-level", "debug", "--max-speech-seconds", "12.5",
+                      "--allowed-origins", "https://a.example", "https://b.example")
     values = serve_config_from_args(args)
     config = server_config(values)
     assert (config.host, config.port, config.api_key, config.kv_cache_memory) == ("0.0.0.0", 9001, "sk-x", 3 * 1024**3)
@@ -123,6 +124,8 @@ def test_serve_maps_every_option(monkeypatch: pytest.MonkeyPatch) -> None:
     assert (config.enable_ui, config.ui_db_path, config.allow_local_image_paths) == (False, "/tmp/ui.db", True)
     assert config.allow_remote_image_urls and not server_config(serve_config_from_args(serve_args())).allow_remote_image_urls
     assert config.allow_private_image_urls and config.special_tokens_in_content
+    assert config.allowed_origins == ["https://a.example", "https://b.example"]
+    assert server_config(serve_config_from_args(serve_args())).allowed_origins == []
     assert config.max_request_body_bytes == 16 * 1024**2 and config.max_speech_seconds == 12.5
     default = server_config(serve_config_from_args(serve_args()))
     assert default.max_speech_seconds == 300.0

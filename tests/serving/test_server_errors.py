@@ -261,6 +261,36 @@ def test_api_key(tiny_qwen3: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         assert good.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=2).choices
 
 
+def test_browser_pages_on_this_machine_may_call_the_api_others_only_when_allowed(tiny_qwen3: Path) -> None:
+    """CORS: a page on localhost / 127.0.0.1 (any port) gets its preflight and its answers, with the API key
+    asked for on the call itself, not on the preflight; another site only when --allowed-origins names it."""
+    preflight = {"Access-Control-Request-Method": "POST",
+                 "Access-Control-Request-Headers": "authorization, content-type"}
+    config = ServerConfig(api_key="sekrit", ui_db_path=":memory:", allowed_origins=["https://chat.example.com"])
+    with BackgroundServer(create_app([tiny_served_model(tiny_qwen3)], config)) as srv:
+        url = srv.url + "/v1/chat/completions"
+        for origin in ("http://localhost:3000", "http://127.0.0.1:8080", "http://[::1]:5173",
+                       "https://chat.example.com"):
+            r = httpx.options(url, headers={"Origin": origin, **preflight})
+            assert r.status_code == 200 and r.headers["access-control-allow-origin"] == origin, origin
+            assert "authorization" in r.headers["access-control-allow-headers"].lower()
+        for origin in ("https://evil.example", "http://localhost.evil.example", "https://chat.example.com.evil"):
+            r = httpx.options(url, headers={"Origin": origin, **preflight})
+            assert "access-control-allow-origin" not in r.headers, origin
+        body = {"model": "tiny", "messages": MESSAGES, "max_tokens": 2}
+        local = {"Origin": "http://localhost:3000"}
+        r = httpx.post(url, json=body, headers=local)
+        assert r.status_code == 401 and r.headers["access-control-allow-origin"] == "http://localhost:3000"
+        r = httpx.post(url, json=body, headers={**local, "Authorization": "Bearer sekrit"})
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "http://localhost:3000"
+        r = httpx.post(url, json=body, headers={"Origin": "https://evil.example", "Authorization": "Bearer sekrit"})
+        assert "access-control-allow-origin" not in r.headers  # the browser keeps the answer from the page
+    with BackgroundServer(create_app([tiny_served_model(tiny_qwen3)],
+                                     ServerConfig(ui_db_path=":memory:", allowed_origins=["*"]))) as srv:
+        r = httpx.options(srv.url + "/v1/models", headers={"Origin": "https://anywhere.example", **preflight})
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] in ("*", "https://anywhere.example")
+
+
 def test_health_is_503_while_loading(tiny_qwen3: Path) -> None:
     release = threading.Event()
 
