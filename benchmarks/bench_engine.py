@@ -17,7 +17,8 @@ Measures, each as a ratio against transformers 5.x generate on the same weights:
 - batched decode (`batched`): 16, 32, 64 and 128 sequences of 128-token prompts decoding together, tokens/s
   from the median decode-only step, against the weight-read roof (read bandwidth / weight bytes per step x
   sequences: every step reads the weights once whatever the batch), and against the roof with the KV
-  cache read as well; plus 64 sequences sampled at temperature 1;
+  cache read as well; plus 64 sequences sampled at temperature 1 and at Qwen3's defaults (t 0.6, top-k 20,
+  top-p 0.95);
 - shared prefix: 16 requests sharing a 1,024-token system prompt, time to first token of the later
   requests against the first's (ours only: it is a property of the prefix cache);
 - a conversation's next turn (`turn`): time to first token of --turn-new new tokens after a --turn-history
@@ -108,12 +109,18 @@ def ours_throughput(model: torch.nn.Module, prompts: list[list[int]], outputs: l
     return sum(len(r.outputs[0].token_ids) for r in results) / seconds
 
 
+# Sampling settings of the batched cases: greedy, and two that clients send.
+GREEDY: dict[str, float] = {"temperature": 0.0}
+SAMPLED = {"temperature 1": {"temperature": 1.0},  # the OpenAI API's default
+           "qwen3 defaults": {"temperature": 0.6, "top_k": 20, "top_p": 0.95}}  # Qwen3's generation_config
+
+
 def ours_batched_decode(model: torch.nn.Module, prompts: list[list[int]], steps: int,
-                        temperature: float = 0.0) -> dict[str, float]:
+                        sampling: dict[str, float] = GREEDY) -> dict[str, float]:
     """Tokens/s of decode-only steps with every prompt decoding together (prefill steps are not timed)."""
     batch = len(prompts)
     engine = make_engine(model, max_num_seqs=batch, max_num_batched_tokens=4096)
-    params = SamplingParams(temperature=temperature, max_tokens=steps + 3, ignore_eos=True)
+    params = SamplingParams(max_tokens=steps + 3, ignore_eos=True, **sampling)
     for i, prompt in enumerate(prompts):
         engine.add_request(str(i), prompt, params)
     while engine.counters.generation_tokens < batch:  # prefill everyone (the first token comes with it)
@@ -341,11 +348,12 @@ def main() -> None:
                        fraction_of_roof_with_kv=row["ours_tok_s"] / roof_kv)
             rows.append(row)
             print("batched_decode", row, flush=True)
-        # The same at 64 sequences sampling at temperature 1 (the OpenAI API's default): 152K-wide rows
-        # to draw from, where greedy takes an argmax.
-        sampled = ours_batched_decode(model, [random_prompt(batched_rng, 128, vocab) for _ in range(64)],
-                                      args.batched_steps, temperature=1.0)
-        print("batched_decode sampled", sampled, flush=True)
+        # The same at 64 sequences sampling (SAMPLED): 152K-wide rows to draw from, where greedy takes an argmax.
+        sampled = {}
+        for name, sampling in SAMPLED.items():
+            sampled[name] = ours_batched_decode(model, [random_prompt(batched_rng, 128, vocab) for _ in range(64)],
+                                                args.batched_steps, sampling)
+            print("batched_decode sampled", name, sampled[name], flush=True)
         results["batched_decode"] = {"read_bandwidth_gb_s": bandwidth / 1e9, "rows": rows, "sampled_64": sampled}
     if "prefix" in only:
         system = random_prompt(rng, 1024, vocab)
