@@ -16,6 +16,7 @@ python benchmarks/bench_decode_loop.py "$B/qwen3-0.6b-h64" --name qwen3-0.6b-h64
 python benchmarks/bench_int4.py --name qwen3-0.6b --model "$B/qwen3-0.6b" --rounds 7
 python benchmarks/bench_quant.py "$B/qwen3-30b-a3b-4l" --name qwen3-30b-a3b-4l --levels bfloat16,int8 --decode-tokens 24 --repeats 3
 python benchmarks/bench_experts.py "$B/qwen3-30b-a3b-4l" --name qwen3-30b-a3b-4l --rounds 8
+python benchmarks/bench_sampler.py --base HEAD --rows 16,64 --rounds 9 --name qwen3-vocab
 python benchmarks/bench_agreement.py
 python benchmarks/bench_next.py "$B/qwen3-next-80b-a3b-4l"
 python benchmarks/bench_server.py "$B/qwen3-0.6b"
