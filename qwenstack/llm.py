@@ -3,6 +3,7 @@
     llm = LLM("Qwen/Qwen3-0.6B")            # or a local directory; no argument: the bundled demo model
     llm.generate(["The capital of France is"], SamplingParams(temperature=0, max_tokens=16))
     llm.chat([{"role": "user", "content": "Hi"}], SamplingParams(max_tokens=64), enable_thinking=False)
+    LLM("Qwen/Qwen3-Embedding-0.6B").embed(["What is the capital of China?"], prompt_name="query")
 """
 from __future__ import annotations
 
@@ -12,11 +13,13 @@ from typing import Any, Sequence
 
 import torch
 
+from qwenstack.engine.embed import matryoshka
 from qwenstack.engine.engine import EngineConfig, LLMEngine
 from qwenstack.engine.outputs import RequestOutput
 from qwenstack.engine.params import SamplingParams
 from qwenstack.generation_config import generation_defaults
 from qwenstack.loading import DEMO_MODEL_DIR, DEMO_NOTICE, LoadedModel, default_device, load  # noqa: F401 (re-exported)
+from qwenstack.pooling_config import PoolingConfig
 
 
 class LLM:
@@ -42,6 +45,9 @@ class LLM:
         # (do_sample false is greedy, as in transformers), as vLLM's get_default_sampling_params.
         self.default_sampling_params = SamplingParams(**generation_defaults(self.loaded.path))
         self.engine = LLMEngine(self.loaded.model, self.tokenizer, self.tokenizer.eos_token_ids, config)
+        # How embed() pools: an embedding checkpoint's own files, else last token normalized (as the server).
+        self.pooling = (PoolingConfig.for_embedding_checkpoint(self.loaded.path) if self.engine.embedding_only
+                        else PoolingConfig())
 
     def generate(
         self,
@@ -101,3 +107,26 @@ class LLM:
         for out, p in zip(outputs, prompts):
             out.prompt = p
         return outputs
+
+    def embed(self, inputs: str | Sequence[str] | Sequence[list[int]] | list[int], *, dimensions: int | None = None,
+              prompt_name: str | None = None) -> torch.Tensor:
+        """Embeddings [len(inputs), dimensions or hidden] (float32) of texts or token-id lists, as POST
+        /v1/embeddings computes them: the last token's final hidden state (texts encoded with the tokenizer's
+        special tokens and the model's end token), the first `dimensions` values, L2-normalized where the model
+        normalizes. `prompt_name` puts one of the checkpoint's named instructions (e.g. "query") before each
+        text. Raises RequestError for an empty input, one longer than the context, or an unknown prompt_name."""
+        from qwenstack.errors import RequestError
+
+        if isinstance(inputs, str) or (isinstance(inputs, list) and inputs and isinstance(inputs[0], int)):
+            inputs = [inputs]  # type: ignore[list-item]
+        prefix = ""
+        if prompt_name is not None:
+            if prompt_name not in self.pooling.prompts:
+                known = ", ".join(sorted(self.pooling.prompts)) or "none"
+                raise RequestError(f"prompt_name '{prompt_name}' is not one of this model's prompts ({known})")
+            prefix = self.pooling.prompts[prompt_name]
+        prompts = [self.pooling.with_end_token(self.tokenizer.encode(prefix + p, add_special_tokens=True),
+                                               self.tokenizer) if isinstance(p, str) else list(p) for p in inputs]
+        if dimensions is not None and not 0 < dimensions <= self.loaded.model.args.hidden_size:
+            raise RequestError(f"dimensions must be 1..{self.loaded.model.args.hidden_size}, got {dimensions}")
+        return matryoshka(self.engine.embed(prompts), dimensions, self.pooling.normalize)

@@ -61,6 +61,12 @@ class PoolingConfig:
     end_token: str | None = None  # appended to each text when the tokenizer's post-processor did not add it
     prompts: dict[str, str] = field(default_factory=dict)  # named instructions put before a text (prompt_name)
 
+    def with_end_token(self, ids: list[int], tokenizer: Any) -> list[int]:
+        """A text's ids (encoded with the tokenizer's special tokens) with end_token appended, unless the
+        tokenizer's post-processor already did (Qwen3-Embedding's current tokenizer does, its first one not)."""
+        end_id = tokenizer.token_to_id(self.end_token) if self.end_token is not None else None
+        return [*ids, end_id] if end_id is not None and (not ids or ids[-1] != end_id) else ids
+
     @classmethod
     def for_embedding_checkpoint(cls, model_dir: Path | None) -> "PoolingConfig":
         """An embedding checkpoint's pooling, from its sentence-transformers files; Qwen3-Embedding's when it

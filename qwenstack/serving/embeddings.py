@@ -105,10 +105,7 @@ def encode_text(served: ServedModel, text: str) -> list[int]:
         ids = served.tokenizer.encode(text, add_special_tokens=True, max_tokens=limit)
     except TooManyTokens as exc:
         raise served.too_long(exc.count, "input") from None
-    end = served.pooling.end_token
-    end_id = served.tokenizer.token_to_id(end) if end is not None else None
-    if end_id is not None and (not ids or ids[-1] != end_id):
-        ids = [*ids, end_id]
+    ids = served.pooling.with_end_token(ids, served.tokenizer)
     if len(ids) > limit:
         raise served.too_long(len(ids), "input")
     return ids

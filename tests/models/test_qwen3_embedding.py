@@ -172,3 +172,27 @@ def test_data_parallel_replicas_embed_in_turn(embedding_dir: Path) -> None:
     want = hf_embeddings(embedding_dir, PROMPTS)
     for states in results:
         torch.testing.assert_close(matryoshka(states, None, True), want, atol=1e-4, rtol=0)
+
+
+def test_the_offline_api_embeds_as_the_server_does(embedding_dir: Path) -> None:
+    """LLM.embed: texts with the tokenizer's end token and the checkpoint's named prompt, token ids as given,
+    Matryoshka dimensions; the vectors are transformers' (last token, normalized)."""
+    from qwenstack.llm import LLM
+
+    llm = LLM(embedding_dir, dtype="float32")
+    tokenizer = Tokenizer.from_dir(embedding_dir)
+    texts = ["hello world", "the capital of France"]
+    want = hf_embeddings(embedding_dir, [tokenizer.encode(t, add_special_tokens=True) for t in texts])
+    torch.testing.assert_close(llm.embed(texts), want, atol=1e-4, rtol=0)
+    torch.testing.assert_close(llm.embed(PROMPTS[1]), hf_embeddings(embedding_dir, PROMPTS[1:2]), atol=1e-4, rtol=0)
+    query = llm.pooling.prompts["query"]
+    torch.testing.assert_close(llm.embed(texts[0], prompt_name="query"),
+                               hf_embeddings(embedding_dir, [tokenizer.encode(query + texts[0], True)]),
+                               atol=1e-4, rtol=0)
+    short = llm.embed(texts, dimensions=8)
+    torch.testing.assert_close(short, torch.nn.functional.normalize(want[:, :8], dim=-1), atol=1e-4, rtol=0)
+    for bad in (dict(dimensions=0), dict(prompt_name="nope")):
+        with pytest.raises(RequestError):
+            llm.embed(texts, **bad)
+    with pytest.raises(RequestError):
+        llm.embed([[]])
