@@ -133,12 +133,15 @@ def build_request(served: SpeechModel, body: SpeechBody, request_id: str) -> Spe
         raise bad_request("stream_format 'sse' sends pcm or wav audio", param="response_format")
     voice = _voice_name(body.voice)
     speaker, embedding, ref_ids, ref_codes = None, None, None, None
+    if not voice and tts.kind != "voice_design":  # a VoiceDesign model's one voice is described, not named
+        known = f" (voices: {', '.join(tts.speakers)})" if tts.kind == "custom_voice" else ""
+        raise bad_request(f"voice is required{known}", param="voice")
     if tts.kind == "custom_voice":
-        if not voice or voice.lower() not in model.args.talker.spk_id:
+        if voice.lower() not in model.args.talker.spk_id:
             raise bad_request(f"unknown voice '{voice}' (voices: {', '.join(tts.speakers)})", param="voice")
         speaker = voice
     elif tts.kind == "base":
-        cloned = served.voices.load(voice or "", tts.name)
+        cloned = served.voices.load(voice, tts.name)
         if cloned is None:
             raise bad_request(f"unknown voice '{voice}': register one with POST /v1/audio/voices", param="voice")
         embedding = cloned.embedding

@@ -187,6 +187,10 @@ def test_bad_requests_are_400(server: BackgroundServer) -> None:
     for case in cases:
         with pytest.raises(openai.BadRequestError):
             c.audio.speech.create(response_format="wav", **case)
+    for model in ("tiny-custom_voice", "tiny-base"):  # no voice: said so, not "unknown voice 'None'"
+        r = httpx.post(f"{server.url}/v1/audio/speech", json={"model": model, "input": "Hi."})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "voice", r.text
+        assert r.json()["error"]["message"].startswith("voice is required"), r.text
 
 
 def test_models_list_the_speech_models_with_their_voices(server: BackgroundServer) -> None:
