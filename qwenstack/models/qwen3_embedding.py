@@ -16,7 +16,6 @@ from typing import ClassVar
 import torch
 
 from qwenstack.errors import UnsupportedModelError
-from qwenstack.models.attention import AttentionBatch
 from qwenstack.models.base import KVCacheSpec
 from qwenstack.models.layers import SwiGLU
 from qwenstack.models.qwen3 import Qwen3Args, Qwen3Model
@@ -36,15 +35,6 @@ class Qwen3EmbeddingModel(Qwen3Model):
     def sanitize(name: str) -> str:
         """A checkpoint name in the CausalLM layout (model.layers.0...) -> the backbone's (layers.0...)."""
         return name.removeprefix("model.")
-
-    def forward(  # type: ignore[override]
-        self,
-        input_ids: torch.Tensor,
-        positions: torch.Tensor,
-        batch: AttentionBatch,
-        kv_caches: list[torch.Tensor] | None,
-    ) -> torch.Tensor:
-        return super().forward(input_ids, positions, batch, kv_caches)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         raise UnsupportedModelError("an embedding model has no language-model head: it cannot generate text")
