@@ -21,7 +21,7 @@ import torch
 
 from qwenstack.engine.multimodal import DEFAULT_ENCODER_CACHE_MEMORY, MultimodalStep
 from qwenstack.engine.sampler import (
-    RequestFailed, SampleError, SampleRequest, sample, sequence_generator, token_logprobs,
+    RequestFailed, SampleError, SampleRequest, rows_logprobs, sample, sequence_generator,
 )
 from qwenstack.engine.scheduler import ScheduledBatch
 from qwenstack.engine.sequence import PositionLogprobs, Sequence
@@ -169,10 +169,10 @@ class ModelRunner:
     def add_prompt_logprobs(prompt_rows: list[tuple[Sequence, int, int]], logits: torch.Tensor,
                             result: StepResult) -> None:
         """logits: one row per prompt row, in order."""
-        log_probs = torch.log_softmax(logits.float(), dim=-1)
-        for (s, _, target), lp in zip(prompt_rows, log_probs):
-            top = s.params.prompt_logprobs or 0
-            result.prompt_logprobs.setdefault(s.seq_id, []).append(token_logprobs(lp, target, top))
+        found = rows_logprobs(logits, [target for _, _, target in prompt_rows],
+                              [s.params.prompt_logprobs or 0 for s, _, _ in prompt_rows])
+        for (s, _, _), entry in zip(prompt_rows, found):
+            result.prompt_logprobs.setdefault(s.seq_id, []).append(entry)
 
     @torch.inference_mode()
     def execute(self, step: ScheduledBatch) -> StepResult:

@@ -157,3 +157,24 @@ def test_draw_rows_is_the_inverse_transform_and_never_takes_a_zero_weight() -> N
     assert tokens.tolist()[2:] == want.tolist()[2:]
     assert tokens[3] == 2 * DRAW_BLOCK + 5
     assert (weights[torch.arange(12), tokens] > 0).all()
+
+
+def test_logprobs_of_many_rows_are_each_rows_own() -> None:
+    """rows_logprobs (a chunk of rows at a time) gives what token_logprobs gives row by row: the chosen
+    token's logprob and rank and each row's own number of top entries, across chunks and for bfloat16 rows."""
+    from qwenstack.engine.sampler import DRAWN_CHUNK_ROWS, rows_logprobs, token_logprobs
+
+    gen = torch.Generator().manual_seed(6)
+    rows = DRAWN_CHUNK_ROWS + 5
+    logits = (torch.randn(rows, 3000, generator=gen) * 3).to(torch.bfloat16)
+    tokens = torch.randint(3000, (rows,), generator=gen).tolist()
+    tokens[0] = int(logits[0].float().argmax())  # rank 1
+    tops = [n % 4 for n in range(rows)]  # 0 (the chosen token only) to 3
+    got = rows_logprobs(logits, tokens, tops)
+    for n in range(rows):
+        want = token_logprobs(torch.log_softmax(logits[n].float(), -1), tokens[n], tops[n])
+        assert got[n].keys() == want.keys()
+        for token, entry in want.items():
+            assert got[n][token].rank == entry.rank
+            assert abs(got[n][token].logprob - entry.logprob) < 1e-5
+    assert got[0][tokens[0]].rank == 1
