@@ -171,16 +171,18 @@ NUCLEUS_TRIES = (64, 1024)
 NUCLEUS_CANDIDATES = NUCLEUS_TRIES[-1]
 
 
-def nucleus(scaled: torch.Tensor, params: list[SamplingParams],
-            candidates: int = NUCLEUS_CANDIDATES) -> tuple[torch.Tensor, torch.Tensor, list[bool]]:
+def nucleus(scaled: torch.Tensor, params: list[SamplingParams], candidates: int = NUCLEUS_CANDIDATES,
+            log_total: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, list[bool]]:
     """Top-p and min-p (filter_logits') for rows of temperature-scaled logits [R, V], without sorting 152K
     values a row (50 ms): the weights of each row's `candidates` most likely tokens (its probabilities,
     zero outside the nucleus), their ids, and whether those candidates hold the row's nucleus: every token
     after them is dropped when the candidates' mass reaches top_p (the mass before it does) or when the last
     candidate is already under min_p x the first (so is every later one). When not, the row needs more
-    candidates, or to be filtered whole (filter_logits)."""
+    candidates, or to be filtered whole (filter_logits). log_total: the rows' logsumexp [R, 1], when known."""
     best, ids = torch.topk(scaled, candidates)  # in order
-    probs = (best - scaled.logsumexp(-1, keepdim=True)).exp()  # the full distribution's probabilities
+    if log_total is None:
+        log_total = scaled.logsumexp(-1, keepdim=True)
+    probs = (best - log_total).exp()  # the full distribution's probabilities
     top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32)
     min_p = torch.tensor([p.min_p for p in params], dtype=torch.float32)
     held = ((probs.sum(-1) >= top_p + 1e-4) | (probs[:, -1] < min_p * probs[:, 0])).tolist()
@@ -293,15 +295,20 @@ def _draw_nucleus_rows(values: torch.Tensor, group: list[int], rows: list[int], 
     """Top-p / min-p rows without top-k: among their most likely tokens where those hold the row's nucleus
     (nucleus(), with each of NUCLEUS_TRIES in turn), else over the whole row (filter_logits)."""
     chosen: dict[int, int] = {}
-    for candidates in NUCLEUS_TRIES:
-        if not group or values.shape[1] <= candidates:
-            break
-        weights, ids, held = nucleus(_scaled(values, group, params), [params[j] for j in group], candidates)
-        fits = [n for n in range(len(group)) if held[n]]
-        if fits:
-            picks = ids[fits].gather(1, draw_rows(weights[fits], uniforms[[group[n] for n in fits]])[:, None])
-            chosen.update(zip((rows[group[n]] for n in fits), picks[:, 0].tolist()))
-        group = [j for n, j in enumerate(group) if not held[n]]
+    if values.shape[1] > NUCLEUS_TRIES[0]:
+        scaled = _scaled(values, group, params)  # it and its logsumexp once, for every try
+        log_total = scaled.logsumexp(-1, keepdim=True)
+        position = {j: n for n, j in enumerate(group)}  # each row's row in scaled
+        for candidates in NUCLEUS_TRIES:
+            if not group or values.shape[1] <= candidates:
+                break
+            at = [position[j] for j in group]
+            weights, ids, held = nucleus(_rows(scaled, at), [params[j] for j in group], candidates, log_total[at])
+            fits = [m for m in range(len(group)) if held[m]]
+            if fits:
+                picks = ids[fits].gather(1, draw_rows(weights[fits], uniforms[[group[m] for m in fits]])[:, None])
+                chosen.update(zip((rows[group[m]] for m in fits), picks[:, 0].tolist()))
+            group = [j for m, j in enumerate(group) if not held[m]]
     for j in group:
         weights = filter_logits(values[j], params[j]).softmax(-1)[None]
         chosen[rows[j]] = int(draw_rows(weights, uniforms[j:j + 1])[0])
@@ -313,21 +320,10 @@ def is_plain_greedy(request: SampleRequest) -> bool:
     return params.greedy and not request.block_eos and not params.needs_penalties and not params.logits_processors
 
 
-def token_logprobs(log_probs: torch.Tensor, token: int, top: int) -> PositionLogprobs:
-    """The chosen token's logprob and rank, plus the `top` most likely tokens, for one position."""
-    chosen = float(log_probs[token])
-    rank = int((log_probs > log_probs[token]).sum()) + 1
-    out: PositionLogprobs = {token: Logprob(chosen, rank)}
-    if top > 0:
-        values, ids = torch.topk(log_probs, top)
-        for r, (v, i) in enumerate(zip(values.tolist(), ids.tolist()), start=1):
-            out.setdefault(i, Logprob(v, r))
-    return out
-
-
 def rows_logprobs(logits: torch.Tensor, tokens: list[int], tops: list[int]) -> list[PositionLogprobs]:
-    """token_logprobs for each row of logits [R, V] and its token, DRAWN_CHUNK_ROWS rows at a time: one
-    log-softmax, rank count and topk a chunk, where each row had paid its own over 152K values (32 ms of a
+    """Each row's chosen token's logprob and rank (1 = most likely), plus its `top` most likely tokens, for rows
+    of logits [R, V] and their tokens, DRAWN_CHUNK_ROWS rows at a time: one log-softmax, rank count and topk a
+    chunk, where each row had paid its own over 152K values (32 ms of a
     64-row step asking for logprobs), and a long prompt's prompt logprobs a float32 copy of every row at once."""
     out: list[PositionLogprobs] = []
     for start in range(0, len(tokens), DRAWN_CHUNK_ROWS):

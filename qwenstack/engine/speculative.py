@@ -44,7 +44,7 @@ import torch
 
 from qwenstack.engine.runner import ModelRunner, StepResult, sample_request
 from qwenstack.engine.sampler import (
-    SampleRequest, apply_penalties, filter_logits, sequence_generator, token_logprobs,
+    SampleRequest, apply_penalties, filter_logits, rows_logprobs, sequence_generator,
 )
 from qwenstack.engine.scheduler import ScheduledBatch
 from qwenstack.engine.sequence import PositionLogprobs, Sequence
@@ -260,8 +260,9 @@ class SpeculativeRunner(ModelRunner):
             chosen.append(_draw(residual if float(residual.sum()) > 0 else p, generator))
             break
         top = seq.params.logprobs
-        return [(t, None if top is None else token_logprobs(torch.log_softmax(logits[j], -1), t, top))
-                for j, t in enumerate(chosen)]
+        if top is None:
+            return [(t, None) for t in chosen]
+        return list(zip(chosen, rows_logprobs(logits[:len(chosen)], chosen, [top] * len(chosen))))
 
     # --- drafting -----------------------------------------------------------------------------------
 

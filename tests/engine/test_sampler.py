@@ -160,9 +160,16 @@ def test_draw_rows_is_the_inverse_transform_and_never_takes_a_zero_weight() -> N
 
 
 def test_logprobs_of_many_rows_are_each_rows_own() -> None:
-    """rows_logprobs (a chunk of rows at a time) gives what token_logprobs gives row by row: the chosen
+    """rows_logprobs (a chunk of rows at a time) gives what each row's own log-softmax gives: the chosen
     token's logprob and rank and each row's own number of top entries, across chunks and for bfloat16 rows."""
-    from qwenstack.engine.sampler import DRAWN_CHUNK_ROWS, rows_logprobs, token_logprobs
+    from qwenstack.engine.sampler import DRAWN_CHUNK_ROWS, Logprob, rows_logprobs
+
+    def token_logprobs(log_probs: torch.Tensor, token: int, top: int) -> dict[int, Logprob]:
+        out = {token: Logprob(float(log_probs[token]), int((log_probs > log_probs[token]).sum()) + 1)}
+        values, ids = torch.topk(log_probs, top)
+        for r, (v, i) in enumerate(zip(values.tolist(), ids.tolist()), start=1):
+            out.setdefault(i, Logprob(v, r))
+        return out
 
     gen = torch.Generator().manual_seed(6)
     rows = DRAWN_CHUNK_ROWS + 5
