@@ -45,9 +45,7 @@ class LLM:
         # (do_sample false is greedy, as in transformers), as vLLM's get_default_sampling_params.
         self.default_sampling_params = SamplingParams(**generation_defaults(self.loaded.path))
         self.engine = LLMEngine(self.loaded.model, self.tokenizer, self.tokenizer.eos_token_ids, config)
-        # How embed() pools: an embedding checkpoint's own files, else last token normalized (as the server).
-        self.pooling = (PoolingConfig.for_embedding_checkpoint(self.loaded.path) if self.engine.embedding_only
-                        else PoolingConfig())
+        self.pooling = PoolingConfig.for_model(self.loaded.path, self.engine.embedding_only)  # as the server
 
     def generate(
         self,
@@ -119,12 +117,7 @@ class LLM:
 
         if isinstance(inputs, str) or (isinstance(inputs, list) and inputs and isinstance(inputs[0], int)):
             inputs = [inputs]  # type: ignore[list-item]
-        prefix = ""
-        if prompt_name is not None:
-            if prompt_name not in self.pooling.prompts:
-                known = ", ".join(sorted(self.pooling.prompts)) or "none"
-                raise RequestError(f"prompt_name '{prompt_name}' is not one of this model's prompts ({known})")
-            prefix = self.pooling.prompts[prompt_name]
+        prefix = self.pooling.instruction(prompt_name)
         prompts = [self.pooling.with_end_token(self.tokenizer.encode(prefix + p, add_special_tokens=True),
                                                self.tokenizer) if isinstance(p, str) else list(p) for p in inputs]
         if dimensions is not None and not 0 < dimensions <= self.loaded.model.args.hidden_size:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Collection
 
-from qwenstack.errors import ConfigError, UnsupportedModelError
+from qwenstack.errors import ConfigError, RequestError, UnsupportedModelError
 
 ST_POOLING = "sentence_transformers.models.Pooling"
 ST_NORMALIZE = "sentence_transformers.models.Normalize"
@@ -61,11 +61,26 @@ class PoolingConfig:
     end_token: str | None = None  # appended to each text when the tokenizer's post-processor did not add it
     prompts: dict[str, str] = field(default_factory=dict)  # named instructions put before a text (prompt_name)
 
+    def instruction(self, prompt_name: str | None) -> str:
+        """The named instruction put before each text (prompt_name, e.g. "query"); "" for None. RequestError
+        for a name the checkpoint does not have."""
+        if prompt_name is None:
+            return ""
+        if prompt_name not in self.prompts:
+            known = ", ".join(sorted(self.prompts)) or "none"
+            raise RequestError(f"prompt_name '{prompt_name}' is not one of this model's prompts ({known})")
+        return self.prompts[prompt_name]
+
     def with_end_token(self, ids: list[int], tokenizer: Any) -> list[int]:
         """A text's ids (encoded with the tokenizer's special tokens) with end_token appended, unless the
         tokenizer's post-processor already did (Qwen3-Embedding's current tokenizer does, its first one not)."""
         end_id = tokenizer.token_to_id(self.end_token) if self.end_token is not None else None
         return [*ids, end_id] if end_id is not None and (not ids or ids[-1] != end_id) else ids
+
+    @classmethod
+    def for_model(cls, model_dir: Path | None, embedding_only: bool) -> "PoolingConfig":
+        """An embedding checkpoint's own pooling; a generative model's embeddings are its last token, normalized."""
+        return cls.for_embedding_checkpoint(model_dir) if embedding_only else cls()
 
     @classmethod
     def for_embedding_checkpoint(cls, model_dir: Path | None) -> "PoolingConfig":

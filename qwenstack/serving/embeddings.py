@@ -27,6 +27,7 @@ from pydantic import BaseModel, Field, ValidationError, ValidatorFunctionWrapHan
 from pydantic_core import PydanticCustomError
 
 from qwenstack.engine.embed import matryoshka
+from qwenstack.errors import RequestError
 from qwenstack.serving.errors import bad_request
 from qwenstack.serving.openapi import request_body
 from qwenstack.serving.protocol import MAX_COUNT, _Request
@@ -115,14 +116,10 @@ def prompt_ids(served: ServedModel, body: EmbeddingRequest) -> list[list[int]]:
     """Each input's token ids, checked against the context and the vocabulary."""
     items = input_items(body.input)
     if isinstance(items[0], str):
-        prefix = ""
-        if body.prompt_name is not None:
-            prompts = served.pooling.prompts
-            if body.prompt_name not in prompts:
-                known = ", ".join(sorted(prompts)) or "none"
-                raise bad_request(f"prompt_name '{body.prompt_name}' is not one of this model's prompts ({known})",
-                                  param="prompt_name")
-            prefix = prompts[body.prompt_name]
+        try:
+            prefix = served.pooling.instruction(body.prompt_name)
+        except RequestError as exc:
+            raise bad_request(str(exc), param="prompt_name") from None
         return [encode_text(served, prefix + text) for text in items]  # type: ignore[operator]
     if body.prompt_name is not None:
         raise bad_request("prompt_name applies to text inputs, not token ids", param="prompt_name")

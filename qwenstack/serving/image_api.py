@@ -40,6 +40,7 @@ from qwenstack.imagegen.queue import ImageJobQueue, JobHandle, QueueFull
 from qwenstack.multimodal.image_processing import ImageError, ImageLimits, _to_rgb, load_image
 from qwenstack.serving.config import ServerConfig
 from qwenstack.serving.errors import APIError, bad_request, error_frame, from_exception, queue_full
+from qwenstack.serving.protocol import null_means_default
 from qwenstack.serving.state import parse
 from qwenstack.serving.streaming import DONE, ClientDisconnected, ClosingStreamingResponse, sse, unless_disconnected
 
@@ -69,9 +70,8 @@ class ImageOptions(BaseModel):
 
     @model_validator(mode="before")
     @classmethod
-    def _null_is_default(cls, data: Any) -> Any:
-        """OpenAI's optional fields are nullable (the SDK sends null for an argument given as None)."""
-        return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
+    def _null_means_default(cls, data: Any) -> Any:
+        return null_means_default(cls, data)  # as for chat (serving/protocol.py)
 
 
 @dataclass

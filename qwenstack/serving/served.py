@@ -190,8 +190,7 @@ def build_served_model(name: str, model: Any, tokenizer: Tokenizer, engine_confi
     served = ServedModel(name, served_engine, tokenizer, engine.max_model_len, dict(hf_config or {}),
                          generation_defaults(model_dir), image_processor=processor, video_processor=video, asr=asr,
                          speech_stage=stage, embedding_only=engine.embedding_only,
-                         pooling=PoolingConfig.for_embedding_checkpoint(model_dir) if engine.embedding_only
-                         else PoolingConfig())
+                         pooling=PoolingConfig.for_model(model_dir, engine.embedding_only))
     served.warm_up()
     return served
 
