@@ -68,13 +68,19 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--input-len", type=int, default=128)
     parser.add_argument("--output-len", type=int, default=64)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=None,
+                        help="the server's step token budget (default: qwenstack serve's own)")
+    parser.add_argument("--name", default="server-qwen3-0.6b", help="output file stem under benchmarks/out")
     args = parser.parse_args()
     requests = random_requests(args.num_prompts, args.input_len, args.output_len, seed=0)
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     env = dict(os.environ, OMP_NUM_THREADS=str(threads()))
-    proc = subprocess.Popen([sys.executable, "-m", "qwenstack", "serve", str(args.model_dir), "--port", str(port),
-                             "--dtype", "bfloat16", "--max-num-seqs", str(args.concurrency), "--no-ui"], env=env)
+    command = [sys.executable, "-m", "qwenstack", "serve", str(args.model_dir), "--port", str(port),
+               "--dtype", "bfloat16", "--max-num-seqs", str(args.concurrency), "--no-ui"]
+    if args.max_num_batched_tokens is not None:
+        command += ["--max-num-batched-tokens", str(args.max_num_batched_tokens)]
+    proc = subprocess.Popen(command, env=env)
     try:
         wait_healthy(base, proc)
         # Greedy, as the offline run below: the same workload on both sides (the server default samples).
@@ -91,7 +97,7 @@ def main() -> None:
     out = {"workload": vars(args) | {"model_dir": str(args.model_dir)}, "server": metrics,
            "offline_output_tok_s": offline, "server_output_tok_s": served, "server_over_offline": served / offline}
     print(f"server {served:.1f} tok/s, offline {offline:.1f} tok/s, ratio {served / offline:.2f}")
-    print(save("server-qwen3-0.6b", out))
+    print(save(args.name, out))
 
 
 if __name__ == "__main__":

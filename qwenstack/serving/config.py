@@ -31,7 +31,7 @@ class ModelSpec:
     kv_cache_memory: int | None = None  # bytes; None: this model's equal share of ServerConfig.kv_cache_memory
     block_size: int = 16
     max_num_seqs: int = 64
-    max_num_batched_tokens: int = 2048
+    max_num_batched_tokens: int | None = None  # None: engine.server_step_tokens of the model's device
     max_waiting: int = 1024  # beyond this, requests get 429 with Retry-After
     enable_prefix_caching: bool = True
     seed: int = 0

@@ -21,7 +21,7 @@ import jinja2
 
 from qwenstack.chat_template import compile_template
 from qwenstack.engine.async_engine import AsyncEngine
-from qwenstack.engine.engine import EngineConfig, LLMEngine
+from qwenstack.engine.engine import EngineConfig, LLMEngine, server_step_tokens
 from qwenstack.generation_config import generation_defaults
 from qwenstack.pooling_config import PoolingConfig
 from qwenstack.serving.config import ModelSpec, ServerConfig
@@ -197,13 +197,14 @@ def build_served_model(name: str, model: Any, tokenizer: Tokenizer, engine_confi
 
 def load_served_model(spec: ModelSpec, kv_cache_memory: int) -> ServedModel:
     from qwenstack.distributed.config import ParallelConfig
-    from qwenstack.loading import load
+    from qwenstack.loading import default_device, load
 
     parallel = ParallelConfig(spec.tensor_parallel_size, spec.expert_parallel, spec.data_parallel_size,
                               spec.distributed_executor_backend)
     config = EngineConfig(
         block_size=spec.block_size, kv_cache_memory=kv_cache_memory, max_model_len=spec.max_model_len,
-        max_num_seqs=spec.max_num_seqs, max_num_batched_tokens=spec.max_num_batched_tokens,
+        max_num_seqs=spec.max_num_seqs,
+        max_num_batched_tokens=spec.max_num_batched_tokens or server_step_tokens(spec.device or default_device()),
         max_waiting=spec.max_waiting, enable_prefix_caching=spec.enable_prefix_caching, seed=spec.seed,
         speculative_tokens=spec.speculative_tokens,
     )

@@ -77,3 +77,22 @@ def test_a_text_over_the_token_limit_is_counted_not_listed(tiny_qwen3: Path, wor
     with pytest.raises(TooManyTokens) as info:
         tok.encode(text, max_tokens=len(ids) - 1)
     assert info.value.count == len(ids)
+
+
+def test_a_cpu_server_takes_prompts_in_512_token_steps_unless_told(tiny_qwen3: Path) -> None:
+    """A step's prompt chunks hold every running stream until they are computed: on a CPU a 2048-token step
+    froze the streams for seconds, so a served model there defaults to 512 tokens a step (offline engines and
+    accelerators keep 2048); an operator's --max-num-batched-tokens wins either way."""
+    from qwenstack.engine.engine import EngineConfig, server_step_tokens
+    from qwenstack.serving.config import ModelSpec
+    from qwenstack.serving.served import load_served_model
+
+    assert (server_step_tokens("cpu"), server_step_tokens("cuda"), server_step_tokens("cuda:1")) == (512, 2048, 2048)
+    assert EngineConfig().max_num_batched_tokens == 2048
+    for told, expected in [(None, 512), (96, 96)]:
+        served = load_served_model(ModelSpec(str(tiny_qwen3), dtype="float32", device="cpu", block_size=4,
+                                             max_num_batched_tokens=told), 2**22)
+        try:
+            assert served.engine.engine.scheduler.config.max_num_batched_tokens == expected
+        finally:
+            served.engine.shutdown()
