@@ -2,7 +2,8 @@
 
 Decisions:
 - Thinking is on by default, as in Qwen3; `chat_template_kwargs.enable_thinking=false` or
-  `reasoning_effort: "none"` turns it off. `/think` and `/no_think` are just text for the template.
+  `reasoning_effort` "none"/"minimal" turns it off, "low"/"medium" cap it at a thinking budget (protocol.py's
+  EFFORT_BUDGETS, as /v1/responses does). `/think` and `/no_think` are just text for the template.
 - The output goes through the same incremental parser streamed or not, so the streamed deltas always
   reassemble to the non-streamed message. The thinking text is sent as `reasoning_content` and, with the
   same value, as `reasoning` (vLLM's and Ollama's name); never in `content`.
@@ -244,7 +245,7 @@ def template_kwargs(request: ChatCompletionRequest, defaults: dict[str, Any]) ->
     kwargs = {**defaults, **(request.chat_template_kwargs or {})}
     for key in RESERVED_TEMPLATE_KWARGS & kwargs.keys():
         raise bad_request(f"chat_template_kwargs may not set '{key}'", param="chat_template_kwargs")
-    if request.reasoning_effort is not None and request.reasoning_effort.lower() == "none":
+    if request.thinking_off:
         kwargs["enable_thinking"] = False
     kwargs.setdefault("enable_thinking", True)
     return kwargs

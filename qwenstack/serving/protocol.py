@@ -216,6 +216,13 @@ class _SamplingFields(_Request):
         return seed
 
 
+# OpenAI's reasoning efforts on Qwen3's thinking switch and budget, the same in chat and /v1/responses: none and
+# minimal turn thinking off, low and medium cap it at a budget, high and xhigh leave it unbounded.
+ReasoningEffort = Literal["none", "minimal", "low", "medium", "high", "xhigh"]
+THINKING_OFF = frozenset({"none", "minimal"})
+EFFORT_BUDGETS = {"low": 1024, "medium": 8192}
+
+
 class ChatAudioParams(_Request):
     """OpenAI's `audio` request parameter: both fields required."""
 
@@ -236,7 +243,7 @@ class ChatCompletionRequest(_SamplingFields):
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
     chat_template_kwargs: dict[str, Any] | None = None
-    reasoning_effort: str | None = None  # "none" turns thinking off; other values think
+    reasoning_effort: ReasoningEffort | None = None  # see EFFORT_BUDGETS; an explicit budget below wins
     # A thinking budget: three spellings in use (ours, Qwen docs, vLLM).
     max_thinking_tokens: int | None = Field(None, ge=0, le=MAX_COUNT)
     thinking_budget: int | None = Field(None, ge=0, le=MAX_COUNT)
@@ -247,12 +254,21 @@ class ChatCompletionRequest(_SamplingFields):
     # Processor options (vLLM's field): {"use_audio_in_video": true} hears each video's audio track (Qwen3-Omni).
     mm_processor_kwargs: dict[str, Any] | None = None
 
+    @field_validator("reasoning_effort", mode="before")
+    @classmethod
+    def _effort_in_any_case(cls, effort: Any) -> Any:
+        return effort.lower() if isinstance(effort, str) else effort
+
     @property
     def thinking_budget_tokens(self) -> int | None:
         for value in (self.max_thinking_tokens, self.thinking_budget, self.thinking_token_budget):
             if value is not None:
                 return value
-        return None
+        return EFFORT_BUDGETS.get(self.reasoning_effort or "")
+
+    @property
+    def thinking_off(self) -> bool:
+        return self.reasoning_effort in THINKING_OFF
 
     @property
     def max_new_tokens(self) -> int | None:

@@ -241,6 +241,7 @@ def test_temperature_top_p_and_seed_reach_sampling(client: openai.OpenAI, server
 
 
 def test_low_and_medium_effort_budget_the_thinking(client: openai.OpenAI, monkeypatch: pytest.MonkeyPatch) -> None:
+    from qwenstack.serving import protocol
     from qwenstack.serving.responses import translate
     from qwenstack.serving.responses.protocol import ResponsesRequest
 
@@ -251,7 +252,7 @@ def test_low_and_medium_effort_budget_the_thinking(client: openai.OpenAI, monkey
     assert (budget("low"), budget("medium"), budget("high")) == (1024, 8192, None)
     full = client.responses.create(model="think", input="Hello there", reasoning={"effort": "medium"})
     # The scripted thinking is far shorter than 1024 tokens: a small stand-in budget shows that "low" is enforced.
-    monkeypatch.setitem(translate.EFFORT_BUDGETS, "low", 4)
+    monkeypatch.setitem(protocol.EFFORT_BUDGETS, "low", 4)
     low = client.responses.create(model="think", input="Hello there", reasoning={"effort": "low"})
     thought, cut = full.output[0].content[0].text, low.output[0].content[0].text
     assert cut and thought.startswith(cut) and len(cut) < len(thought)

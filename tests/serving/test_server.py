@@ -117,7 +117,8 @@ def test_async_client_stream_and_not(server: BackgroundServer) -> None:
 def test_thinking_switches_change_the_prompt(client: openai.OpenAI, tok: Tokenizer) -> None:
     off = prompt_len(tok, MESSAGES, enable_thinking=False)
     assert off != prompt_len(tok, MESSAGES)
-    for extra in ({"chat_template_kwargs": {"enable_thinking": False}}, {"reasoning_effort": "none"}):
+    for extra in ({"chat_template_kwargs": {"enable_thinking": False}}, {"reasoning_effort": "none"},
+                  {"reasoning_effort": "minimal"}, {"reasoning_effort": "None"}):
         r = client.chat.completions.create(model="tiny", messages=MESSAGES, extra_body=extra, **GREEDY)
         assert r.usage.prompt_tokens == off
         assert r.usage.completion_tokens_details.reasoning_tokens == 0
@@ -125,6 +126,24 @@ def test_thinking_switches_change_the_prompt(client: openai.OpenAI, tok: Tokeniz
     soft = [{"role": "user", "content": "Hi /no_think"}]  # a soft switch is just text for the template
     r = client.chat.completions.create(model="tiny", messages=soft, **GREEDY)
     assert r.usage.prompt_tokens == prompt_len(tok, soft)
+
+
+def test_reasoning_effort_means_what_it_means_in_responses() -> None:
+    """low and medium cap the thinking (an explicit budget wins), high and xhigh leave it unbounded, and an
+    effort OpenAI does not have is a 400 naming the field."""
+    from pydantic import ValidationError
+
+    from qwenstack.serving.protocol import ChatCompletionRequest
+
+    def request(**fields: object) -> ChatCompletionRequest:
+        return ChatCompletionRequest.model_validate({"model": "m", "messages": MESSAGES, **fields})
+
+    budgets = [request(reasoning_effort=e).thinking_budget_tokens for e in ("low", "medium", "high", "xhigh")]
+    assert budgets == [1024, 8192, None, None]
+    assert request(reasoning_effort="low", thinking_budget=7).thinking_budget_tokens == 7
+    assert [request(reasoning_effort=e).thinking_off for e in ("none", "minimal", "low")] == [True, True, False]
+    with pytest.raises(ValidationError, match="reasoning_effort"):
+        request(reasoning_effort="extreme")
 
 
 def test_history_with_reasoning_and_tools(client: openai.OpenAI, tok: Tokenizer) -> None:

@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
 
-from qwenstack.serving.protocol import null_means_default, nullable_in_schema
+from qwenstack.serving.protocol import ReasoningEffort, null_means_default, nullable_in_schema
 
 
 class _In(BaseModel):
@@ -223,7 +223,7 @@ class AllowedToolsChoice(_In):
 
 
 class ReasoningConfig(_In):
-    effort: Literal["none", "minimal", "low", "medium", "high", "xhigh"] | None = None
+    effort: ReasoningEffort | None = None
     summary: Literal["auto", "concise", "detailed"] | None = None
 
 

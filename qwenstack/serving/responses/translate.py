@@ -5,8 +5,8 @@ Decisions:
   becomes the `reasoning_content` of the assistant turn that follows it, consecutive `function_call` items one
   assistant turn with several tool calls, a `function_call_output` a `tool` message (the template wraps it in
   `<tool_response>` inside a user turn). An `mcp_call` is both: the call and its output (or its error).
-- `reasoning.effort` maps onto Qwen3's thinking switch and the thinking budget: none/minimal turn thinking
-  off, low and medium cap it (EFFORT_BUDGETS), high and xhigh leave it unbounded.
+- `reasoning.effort` becomes the chat `reasoning_effort`: Qwen3's thinking switch and budget (none/minimal turn
+  thinking off, low and medium cap it, high and xhigh leave it unbounded; protocol.py's EFFORT_BUDGETS).
 - `text.format` json_schema/json_object becomes the chat `response_format` (llguidance grammars in
   engine/grammar.py); `max_output_tokens` bounds the whole response, every turn of a tool loop included.
 """
@@ -24,8 +24,6 @@ from qwenstack.serving.responses.protocol import (
 )
 from qwenstack.serving.state import parse
 
-EFFORT_BUDGETS = {"low": 1024, "medium": 8192}
-THINKING_OFF = {"none", "minimal"}
 
 
 def _parts(content: str | list[Any], where: str) -> str | list[dict[str, Any]]:
@@ -130,11 +128,8 @@ def chat_request(request: ResponsesRequest, messages: list[dict[str, Any]], tool
         body["tool_choice"] = choice
     if body.get("tool_choice") not in (None, "none", "auto") and not tools:
         raise bad_request("tool_choice requires tools", param="tool_choice")
-    effort = request.reasoning.effort if request.reasoning else None
-    if effort in THINKING_OFF:
-        body["chat_template_kwargs"] = {"enable_thinking": False}
-    elif effort in EFFORT_BUDGETS:
-        body["thinking_budget"] = EFFORT_BUDGETS[effort]
+    if request.reasoning and request.reasoning.effort is not None:
+        body["reasoning_effort"] = request.reasoning.effort  # chat reads it as Responses does (protocol.py)
     fmt = request.text.format if request.text else None
     if fmt is not None and fmt.type == "json_schema":
         body["response_format"] = {"type": "json_schema", "json_schema": {
