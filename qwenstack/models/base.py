@@ -48,7 +48,9 @@ class CausalLM(Protocol):
         kv_caches: list[torch.Tensor] | None,
     ) -> torch.Tensor: ...
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor: ...
+    def compute_logits(self, hidden: torch.Tensor, token_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits of hidden rows [T, H] -> [T, V], or [T, len(token_ids)] for those vocabulary entries only."""
+        ...
 
     def kv_cache_spec(self) -> KVCacheSpec: ...
 
@@ -95,12 +97,35 @@ def output_head(hidden_size: int, vocab_size: int, tied: bool) -> tuple[torch.nn
     return torch.nn.Linear(hidden_size, vocab_size, bias=False), ()
 
 
-def lm_logits(hidden: torch.Tensor, lm_head: Any, embed_tokens: torch.nn.Embedding) -> torch.Tensor:
+def lm_logits(hidden: torch.Tensor, lm_head: Any, embed_tokens: torch.nn.Embedding,
+              token_ids: torch.Tensor | None = None) -> torch.Tensor:
     """Vocabulary logits through the lm_head, or through the embedding matrix when the two are tied
-    (lm_head is None)."""
+    (lm_head is None). token_ids: only those entries' logits [T, len(token_ids)] (a reranker's "yes" and
+    "no"), from their rows of the output matrix where the head's storage gives rows, else cut from the full
+    logits (oneDNN-packed and quantized heads can only multiply)."""
+    if token_ids is not None:
+        rows = output_rows(lm_head, embed_tokens, token_ids)
+        if rows is None:
+            return lm_logits(hidden, lm_head, embed_tokens)[..., token_ids]
+        bias = getattr(lm_head, "bias", None)
+        return torch.nn.functional.linear(hidden, rows.to(hidden.dtype), None if bias is None else bias[token_ids])
     if lm_head is None:
         return torch.nn.functional.linear(hidden, embed_tokens.weight)
     return lm_head(hidden)
+
+
+def output_rows(lm_head: Any, embed_tokens: torch.nn.Module, token_ids: torch.Tensor) -> torch.Tensor | None:
+    """The output matrix's rows for token_ids [k, H]: the embedding's when tied (a lookup, plain or
+    tile-packed), the head's own when it keeps a plain or tile-packed weight; None for any other head."""
+    from qwenstack.kernels import tiled_rows
+    from qwenstack.models.cpu_linear import TiledLinear
+
+    if lm_head is None:
+        return embed_tokens(token_ids)
+    if isinstance(lm_head, TiledLinear):
+        return tiled_rows(lm_head.packed, token_ids)
+    weight = getattr(lm_head, "weight", None)
+    return weight[token_ids] if isinstance(weight, torch.Tensor) else None
 
 
 def prompt_logits(model: CausalLM, input_ids: torch.Tensor) -> torch.Tensor:

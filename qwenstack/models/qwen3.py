@@ -126,8 +126,8 @@ class Qwen3ForCausalLM(nn.Module):
     ) -> torch.Tensor:
         return self.model(input_ids, positions, batch, kv_caches)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return lm_logits(hidden, self.lm_head, self.model.embed_tokens)
+    def compute_logits(self, hidden: torch.Tensor, token_ids: torch.Tensor | None = None) -> torch.Tensor:
+        return lm_logits(hidden, self.lm_head, self.model.embed_tokens, token_ids)
 
     def kv_cache_spec(self) -> KVCacheSpec:
         return KVCacheSpec.of_decoder(self.args)

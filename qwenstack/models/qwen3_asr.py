@@ -163,8 +163,8 @@ class Qwen3ASRForConditionalGeneration(nn.Module):
             positions = positions[0]
         return lm(input_ids, positions, batch, kv_caches, inputs_embeds=x)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return lm_logits(hidden, self.lm_head, self.model.language_model.embed_tokens)
+    def compute_logits(self, hidden: torch.Tensor, token_ids: torch.Tensor | None = None) -> torch.Tensor:
+        return lm_logits(hidden, self.lm_head, self.model.language_model.embed_tokens, token_ids)
 
     def kv_cache_spec(self) -> KVCacheSpec:
         return KVCacheSpec.of_decoder(self.args.text)

@@ -445,8 +445,8 @@ class Qwen3NextForCausalLM(nn.Module):
     ) -> torch.Tensor:
         return self.model(input_ids, positions, batch, kv_caches, state_journal=state_journal)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return lm_logits(hidden, self.lm_head, self.model.embed_tokens)
+    def compute_logits(self, hidden: torch.Tensor, token_ids: torch.Tensor | None = None) -> torch.Tensor:
+        return lm_logits(hidden, self.lm_head, self.model.embed_tokens, token_ids)
 
     def kv_cache_spec(self) -> KVCacheSpec:
         """Paged KV for the full-attention layers only; linear layers use make_state_cache."""

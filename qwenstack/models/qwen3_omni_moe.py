@@ -221,8 +221,8 @@ class Qwen3OmniMoeForConditionalGeneration(nn.Module):
     ) -> torch.Tensor:
         return self.thinker.model(input_ids, positions, batch, kv_caches, multimodal=multimodal)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return lm_logits(hidden, self.thinker.lm_head, self.thinker.model.embed_tokens)
+    def compute_logits(self, hidden: torch.Tensor, token_ids: torch.Tensor | None = None) -> torch.Tensor:
+        return lm_logits(hidden, self.thinker.lm_head, self.thinker.model.embed_tokens, token_ids)
 
     def kv_cache_spec(self) -> KVCacheSpec:
         text = self.args.thinker.text
