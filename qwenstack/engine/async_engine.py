@@ -11,7 +11,8 @@ Decisions:
   KV blocks at the next step boundary.
 - If a forward pass raises, the requests of that step receive the error and the loop keeps serving.
 - Embeddings (engine/embed.py) are one more command: the owner thread runs their passes between two steps,
-  so they never race a step for the model, and a failed pass fails that embedding request alone.
+  so they never race a step for the model, and a failed pass fails that embedding request alone. Reranking's
+  scoring passes (last_token_logits) are the same command with the token ids to score.
 """
 from __future__ import annotations
 
@@ -51,6 +52,7 @@ class _Abort:
 class _Embed:
     prompts: list[list[int]]
     sink: Callable[[Any], None]  # gets the states tensor, or the exception
+    token_ids: list[int] | None = None  # the logits of these vocabulary entries instead of the states
 
 
 class AsyncEngine:
@@ -106,6 +108,16 @@ class AsyncEngine:
         """Last-token hidden states [N, hidden] (a float32 tensor) of whole prompts, computed in the engine thread
         between steps. Raises RequestError up front for a prompt that cannot run."""
         self.engine.check_embedding_prompts(prompts)
+        return await self._pass(prompts, None)
+
+    async def last_token_logits(self, prompts: list[list[int]], token_ids: list[int]) -> Any:
+        """Each whole prompt's next-token logits of `token_ids` [N, len(token_ids)] (float32), from the same
+        passes as embed (LLMEngine.last_token_logits): one command, run between two steps."""
+        self.engine.check_scoring(prompts, token_ids)
+        return await self._pass(prompts, list(token_ids))
+
+    async def _pass(self, prompts: list[list[int]], token_ids: list[int] | None) -> Any:
+        """Queues one embedding (token_ids None) or scoring command and awaits what the engine thread gives."""
         loop = asyncio.get_running_loop()
         result: asyncio.Future[Any] = loop.create_future()
 
@@ -123,7 +135,7 @@ class AsyncEngine:
             except RuntimeError:  # the caller's event loop has closed
                 pass
 
-        self._commands.put(_Embed([list(p) for p in prompts], sink))
+        self._commands.put(_Embed([list(p) for p in prompts], sink, token_ids))
         return await result
 
     def abort(self, request_id: str) -> None:
@@ -150,9 +162,10 @@ class AsyncEngine:
             self._sinks.pop(command.request_id, None)
         elif isinstance(command, _Embed):
             try:
-                states = self.engine.embed(command.prompts)
+                states = (self.engine.embed(command.prompts) if command.token_ids is None
+                          else self.engine.last_token_logits(command.prompts, command.token_ids))
             except Exception as exc:  # a failed pass fails this request, never the engine thread
-                log.exception("embedding pass failed")
+                log.exception("embedding or scoring pass failed")
                 command.sink(exc)
                 return
             command.sink(states)

@@ -7,10 +7,12 @@ Decisions:
   batch of short texts costs about one forward; a prompt longer than that runs alone.
 - The states come back raw, in float32 on the CPU: truncating to `dimensions` and normalizing are the caller's
   (done in that order: a truncated vector is renormalized, as Matryoshka embeddings are used).
+- The same passes score reranking prompts (serving/rerank.py): a `head` maps each pass's last-token states to
+  the logits of two vocabulary entries, through the model's own compute_logits on those two rows only.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -32,8 +34,11 @@ def pass_groups(lengths: list[int], max_tokens_per_pass: int) -> list[list[int]]
 
 
 @torch.inference_mode()
-def last_token_states(model: Any, prompts: list[list[int]], max_tokens_per_pass: int) -> torch.Tensor:
-    """[len(prompts), hidden] float32: the model's final (normed) hidden state at each prompt's last token."""
+def last_token_states(model: Any, prompts: list[list[int]], max_tokens_per_pass: int,
+                      head: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """[len(prompts), hidden] float32: the model's final (normed) hidden state at each prompt's last token.
+    head: maps each pass's states (the model's dtype and device) before they come back, e.g. to the logits of
+    a few vocabulary entries (a reranker's "yes" and "no"); [len(prompts), head's width] then."""
     device = next(model.parameters()).device
     rows: list[torch.Tensor] = []
     for group in pass_groups([len(p) for p in prompts], max_tokens_per_pass):
@@ -42,7 +47,8 @@ def last_token_states(model: Any, prompts: list[list[int]], max_tokens_per_pass:
         positions = torch.cat([torch.arange(n, device=device) for n in lengths])
         batch = AttentionBatch.for_prompts(lengths)
         hidden = model.forward(ids, positions, batch, None)
-        rows.append(hidden[batch.last_token_indices(device)].float().cpu())
+        states = hidden[batch.last_token_indices(device)]
+        rows.append((states if head is None else head(states)).float().cpu())
     return torch.cat(rows)
 
 

@@ -237,6 +237,24 @@ class LLMEngine:
         self.check_embedding_prompts(prompts)
         return last_token_states(self.model, prompts, self.config.max_num_batched_tokens)
 
+    def check_scoring(self, prompts: list[list[int]], token_ids: list[int]) -> None:
+        """What last_token_logits needs: a language-model head, prompts as embed's, ids in the vocabulary.
+        Raises RequestError."""
+        if self.embedding_only:
+            raise RequestError("this is an embedding model: it has no language-model head to score tokens with")
+        self.check_embedding_prompts(prompts)
+        if not token_ids or not all(0 <= t < self.vocab_size for t in token_ids):
+            raise RequestError(f"token ids {token_ids} are not in the vocabulary (0..{self.vocab_size - 1})")
+
+    def last_token_logits(self, prompts: list[list[int]], token_ids: list[int]) -> torch.Tensor:
+        """[N, len(token_ids)] float32: each whole prompt's next-token logits of those vocabulary entries only
+        (a reranker's "no" and "yes"), in the embedding passes. Call it between steps, as embed."""
+        self.check_scoring(prompts, token_ids)
+        device = next(self.model.parameters()).device  # type: ignore[attr-defined]
+        ids = torch.tensor(token_ids, dtype=torch.long, device=device)
+        return last_token_states(self.model, prompts, self.config.max_num_batched_tokens,
+                                 head=lambda states: self.model.compute_logits(states, ids))
+
     def abort(self, request_id: str) -> bool:
         request = self.requests.pop(request_id, None)
         if request is None:

@@ -150,8 +150,15 @@ class ReplicatedEngine:
 
     async def embed(self, prompts: list[list[int]]) -> Any:
         """Embedding passes on the replicas in turn (they keep no prefix, so none is better placed)."""
+        return await self._in_turn().embed(prompts)
+
+    async def last_token_logits(self, prompts: list[list[int]], token_ids: list[int]) -> Any:
+        """Scoring passes (reranking), on the replicas in turn as embeddings are."""
+        return await self._in_turn().last_token_logits(prompts, token_ids)
+
+    def _in_turn(self) -> AsyncEngine:
         self._next_id += 1
-        return await self.replicas[self._next_id % len(self.replicas)].embed(prompts)
+        return self.replicas[self._next_id % len(self.replicas)]
 
     def abort(self, request_id: str) -> None:
         index = self._placement.get(request_id)
