@@ -23,14 +23,13 @@ from typing import Any, Literal
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, Field, ValidationError, ValidatorFunctionWrapHandler, field_validator
-from pydantic_core import PydanticCustomError
+from pydantic import BaseModel, Field
 
 from qwenstack.engine.embed import matryoshka
 from qwenstack.errors import RequestError
 from qwenstack.serving.errors import bad_request
 from qwenstack.serving.openapi import request_body
-from qwenstack.serving.protocol import MAX_COUNT, _Request
+from qwenstack.serving.protocol import MAX_COUNT, _Request, one_sentence_error
 from qwenstack.serving.served import ServedModel
 from qwenstack.serving.state import local_or_forwarded
 from qwenstack.tokenizer import TooManyTokens
@@ -49,15 +48,8 @@ class EmbeddingRequest(_Request):
     user: str | None = None
     prompt_name: str | None = None  # a named instruction of the checkpoint's config_sentence_transformers.json
 
-    @field_validator("input", mode="wrap")
-    @classmethod
-    def _one_of_four_forms(cls, value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
-        # One sentence naming the forms, instead of each union member's complaint about each element.
-        try:
-            return handler(value)
-        except ValidationError:
-            raise PydanticCustomError("invalid_input", "must be a string, a list of strings, a list of token "
-                                      "ids (integers) or a list of token-id lists") from None
+    _one_of_four_forms = one_sentence_error("input", "invalid_input", "must be a string, a list of strings, a list "
+                                            "of token ids (integers) or a list of token-id lists")
 
 
 class EmbeddingData(BaseModel):

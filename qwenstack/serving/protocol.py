@@ -15,7 +15,11 @@ import types
 from functools import lru_cache
 from typing import Annotated, Any, Literal, Union, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, ValidatorFunctionWrapHandler, field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
 MAX_N = 64
 MAX_TOP_LOGPROBS = 20
@@ -52,6 +56,19 @@ def nullable_in_schema(schema: dict[str, Any], model: type[BaseModel]) -> None:
         meta = {k: prop[k] for k in ("title", "description", "default") if k in prop}
         inner = {k: v for k, v in prop.items() if k not in meta}
         properties[name] = {"anyOf": [inner, {"type": "null"}], **meta}
+
+
+def one_sentence_error(field: str, code: str, message: str) -> Any:
+    """A validator for a union-typed field whose failure is one sentence naming the forms it takes, instead of
+    each union member's complaint about each element. In a model: `_forms = one_sentence_error("input", ...)`."""
+
+    def validate(cls: type, value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+        try:
+            return handler(value)
+        except ValidationError:
+            raise PydanticCustomError(code, message) from None
+
+    return field_validator(field, mode="wrap")(classmethod(validate))
 
 
 class _Request(BaseModel):
