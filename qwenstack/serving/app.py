@@ -27,6 +27,7 @@ from qwenstack import __version__
 from qwenstack.serving import (
     chat, completions, embeddings, introspect, moderations, realtime, speech, transcriptions, translations,
 )
+from qwenstack.serving import rerank
 from qwenstack.serving.chat import render_prompt, template_kwargs
 from qwenstack.serving.config import ModelSpec, ServerConfig
 from qwenstack.serving.errors import APIError, install_handlers
@@ -197,6 +198,7 @@ def create_app(
     app.include_router(chat.router)
     app.include_router(completions.router)
     app.include_router(embeddings.router)  # /v1/embeddings, from embedding and chat models alike
+    app.include_router(rerank.router)  # /v1/rerank, /rerank, /v2/rerank, /score (Qwen3-Reranker's method)
     images = install_image_api(app, config, image_pipeline,  # /v1/images/*; image jobs yield to chat
                                chat_busy=lambda: any(m.engine.engine.has_unfinished_requests()
                                                      for m in list(registry.models.values())))
