@@ -86,9 +86,11 @@ class ChatPlan:
     def starts_in_reasoning(self) -> bool:
         return self.phase is ThinkingPhase.THINKING
 
-    def parser(self) -> ChatOutputParser:
-        return ChatOutputParser(starts_in_reasoning=self.starts_in_reasoning, tools_enabled=self.tools_enabled,
-                                tool_schemas=self.tool_schemas)
+    def parser(self, stream_arguments: bool = False, parse_calls: bool = False) -> ChatOutputParser:
+        """parse_calls: tool calls are parsed even when no tool is offered (their markup never leaks)."""
+        return ChatOutputParser(starts_in_reasoning=self.starts_in_reasoning,
+                                tools_enabled=self.tools_enabled or parse_calls, tool_schemas=self.tool_schemas,
+                                stream_arguments=stream_arguments)
 
     @property
     def max_calls(self) -> int | None:
@@ -325,6 +327,21 @@ def reasoning_token_count(plan: ChatPlan, token_ids: list[int]) -> int:
     return end - start
 
 
+async def turn_deltas(plan: ChatPlan, outputs: AsyncIterator[RequestOutput], tracker: RequestTracker,
+                      parser: ChatOutputParser) -> AsyncIterator[tuple[RequestOutput, ParsedDelta]]:
+    """Each output of a one-sample turn with its parsed delta (tool calls past plan.max_calls left out), as
+    /v1/responses and /v1/messages turn them into events; the tracker follows the outputs."""
+    async for out in outputs:
+        tracker.on_output(out)
+        comp = out.outputs[0]
+        parsed = parser.feed_output(comp.delta_text, comp.finished)
+        if plan.max_calls is not None:
+            parsed.tool_calls = [c for c in parsed.tool_calls if c.index < plan.max_calls]
+        if out.finished:
+            tracker.on_finished(out)
+        yield out, parsed
+
+
 def usage(plan: ChatPlan, final: RequestOutput) -> Usage:
     completion = sum(len(c.token_ids) for c in final.outputs)
     return Usage(
@@ -453,11 +470,7 @@ async def stream_chat(plan: ChatPlan, outputs: AsyncIterator[RequestOutput],
             i = comp.index
             if i in done:
                 continue
-            parsed = parsers[i].feed(comp.delta_text) if comp.delta_text else ParsedDelta()
-            if comp.finished:
-                rest = parsers[i].finish()
-                parsed = ParsedDelta(parsed.reasoning + rest.reasoning, parsed.content + rest.content,
-                                     parsed.tool_calls + rest.tool_calls)
+            parsed = parsers[i].feed_output(comp.delta_text, comp.finished)
             delta = _delta(parsed, plan.max_calls)
             answer = plan.audio_answer
             if answer is not None and (comp.delta_token_ids or comp.finished):

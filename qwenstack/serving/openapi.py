@@ -4,7 +4,8 @@
 Decisions:
 - Handlers that read their JSON body by hand (to forward it verbatim to a remote, or to word their own
   errors) name their model with `@request_body(Model)`; the document then declares it as FastAPI would.
-- Errors are documented as answered: OpenAI's shape (`ErrorResponse`), 400 for any invalid request (never
+- Errors are documented as answered: OpenAI's shape (`ErrorResponse`; a route marked `@error_model(Model)`
+  answers another, as /v1/messages answers Anthropic's), 400 for any invalid request (never
   FastAPI's 422), 413/415 for bodies, 401 only when an API key is set, 404/429/503 where a model is looked up.
   A route added later gets the same documentation by the same rules (its path decides, see `_error_codes`).
 """
@@ -22,6 +23,7 @@ from qwenstack.serving.routes import route_contexts
 F = TypeVar("F", bound=Callable[..., Any])
 
 ATTRIBUTE = "__qwenstack_request_model__"
+ERROR_ATTRIBUTE = "__qwenstack_error_model__"
 MODEL_PATHS = ("/v1/", "/tokenize", "/detokenize")  # requests that name a model: 404, 429, 503 possible
 ERROR_TEXT = {400: "Invalid request", 401: "Missing or wrong API key", 404: "Unknown model, route or object",
               413: "Request body too large", 415: "The request body is not JSON (or a form the route accepts)",
@@ -43,14 +45,22 @@ class ErrorResponse(BaseModel):
     error: ErrorDetail
 
 
-def request_body(model: type[BaseModel]) -> Callable[[F], F]:
-    """Documents `model` as the JSON body of a handler that parses its body itself."""
-
+def _marker(attribute: str, model: type[BaseModel]) -> Callable[[F], F]:
     def mark(endpoint: F) -> F:
-        setattr(endpoint, ATTRIBUTE, model)
+        setattr(endpoint, attribute, model)
         return endpoint
 
     return mark
+
+
+def request_body(model: type[BaseModel]) -> Callable[[F], F]:
+    """Documents `model` as the JSON body of a handler that parses its body itself."""
+    return _marker(ATTRIBUTE, model)
+
+
+def error_model(model: type[BaseModel]) -> Callable[[F], F]:
+    """Documents `model` as the error body of a handler that answers errors in another shape than OpenAI's."""
+    return _marker(ERROR_ATTRIBUTE, model)
 
 
 def form_body(fields: dict[str, str], required: tuple[str, ...] = (), files: tuple[str, ...] = ("file",)
@@ -77,7 +87,7 @@ def _error_codes(path: str, method: str, has_body: bool, api_key: bool) -> list[
         codes += [413, 415]
     if path.startswith(MODEL_PATHS):
         codes += [429, 503]
-    if path.startswith(("/v1/chat/", "/v1/completions")):
+    if path.startswith(("/v1/chat/", "/v1/completions", "/v1/messages")):
         codes += [501, 502]  # unsupported content kinds; remote routes
     if api_key:
         codes.append(401)
@@ -95,6 +105,9 @@ def build_openapi(app: FastAPI, api_key: bool) -> dict[str, Any]:
         if not isinstance(getattr(route, "original_route", route), APIRoute) or not route.include_in_schema:
             continue
         model = getattr(route.endpoint, ATTRIBUTE, None)
+        errors = getattr(route.endpoint, ERROR_ATTRIBUTE, ErrorResponse)
+        _add_schema(schemas, errors)
+        route_error_ref = {"$ref": f"#/components/schemas/{errors.__name__}"}
         for method in route.methods or ():
             op = doc["paths"].get(route.path_format, {}).get(method.lower())
             if op is None:
@@ -107,7 +120,7 @@ def build_openapi(app: FastAPI, api_key: bool) -> dict[str, Any]:
             responses.pop("422", None)
             for code in _error_codes(route.path_format, method, "requestBody" in op, api_key):
                 responses.setdefault(str(code), {"description": ERROR_TEXT.get(code, "Error"),
-                                                 "content": {"application/json": {"schema": error_ref}}})
+                                                 "content": {"application/json": {"schema": route_error_ref}}})
     if "/health" in doc["paths"]:
         doc["paths"]["/health"]["get"]["responses"]["503"] = {
             "description": "Loading, or a model failed to load",

@@ -149,6 +149,15 @@ class ChatOutputParser:
         self._process(final=False)
         return self._take()
 
+    def feed_output(self, text: str, finished: bool) -> ParsedDelta:
+        """One engine output's delta: its new text, and with `finished` everything held back too."""
+        parsed = self.feed(text) if text else ParsedDelta()
+        if finished:
+            rest = self.finish()
+            parsed = ParsedDelta(parsed.reasoning + rest.reasoning, parsed.content + rest.content,
+                                 parsed.tool_calls + rest.tool_calls)
+        return parsed
+
     def finish(self) -> ParsedDelta:
         """Flush everything held back; an open think block or tool call ends here."""
         if self._finished:

@@ -36,6 +36,11 @@ def sse(obj: Any) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
+def typed_sse(event: dict[str, Any]) -> str:
+    """An event with an `event:` line naming its type, as the Responses and Messages APIs stream them."""
+    return f"event: {event['type']}\n{sse(event)}"
+
+
 class ClosingStreamingResponse(StreamingResponse):
     def __init__(self, content: AsyncIterator[Any], *, sources: list[Any] = (), **kwargs: Any) -> None:
         headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **(kwargs.pop("headers", None) or {})}
@@ -170,19 +175,22 @@ async def admit(request: Request, streams: list[AsyncIterator[RequestOutput]],
     return admitted
 
 
-async def event_stream(events: AsyncIterator[str], retry_after_s: int,
-                       on_end: Callable[[], None]) -> AsyncIterator[str]:
-    """The ending every generating stream shares: a failure after the 200 becomes an error frame, then
-    `[DONE]`; on_end runs however the stream ends, the client leaving included."""
+async def event_stream(events: AsyncIterator[str], retry_after_s: int, on_end: Callable[[], None],
+                       frame_error: Callable[[APIError], str] = error_frame,
+                       done: str | None = DONE) -> AsyncIterator[str]:
+    """The ending every generating stream shares: a failure after the 200 becomes an error frame (OpenAI's by
+    default; /v1/messages sends Anthropic's `error` event), then `done` (`[DONE]`, which Anthropic's streams do
+    not have); on_end runs however the stream ends, the client leaving included."""
     try:
         async with contextlib.aclosing(events):  # a client that leaves closes `events` at once too
             async for event in events:
                 yield event
     except Exception as exc:  # noqa: BLE001 - the status line is sent: the client learns it in-band
-        yield error_frame(from_exception(exc, retry_after_s))
+        yield frame_error(from_exception(exc, retry_after_s))
     finally:
         on_end()
-    yield DONE
+    if done is not None:
+        yield done
 
 
 async def reply(request: Request, stream: bool, events: Callable[[], AsyncIterator[str]],

@@ -13,7 +13,6 @@ Decisions:
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -31,7 +30,7 @@ from qwenstack.serving.responses.protocol import McpTool, ResponsesRequest
 from qwenstack.serving.responses.store import ResponseStore
 from qwenstack.serving.responses.translate import chat_request, function_tools, items_to_messages
 from qwenstack.serving.state import get_state
-from qwenstack.serving.streaming import reply
+from qwenstack.serving.streaming import reply, typed_sse
 
 log = logging.getLogger("qwenstack.responses")
 router = APIRouter()
@@ -138,21 +137,17 @@ def _fail(run: ResponseRun, exc: BaseException) -> dict[str, Any]:
     return {"type": "error", "code": run.error["code"], "message": error.message, "param": error.param}
 
 
-def _sse(event: dict[str, Any]) -> str:
-    return f"event: {event['type']}\ndata: {json.dumps(event, ensure_ascii=False)}\n\n"
-
-
 async def _stream(run: ResponseRun, svc: ResponsesService) -> AsyncIterator[str]:
     log_ = EventLog()
     try:
         async for event in execute(run):
-            yield _sse(log_.number(event))
+            yield typed_sse(log_.number(event))
     except Exception as exc:  # after the 200: tell the client in-band
-        yield _sse(log_.number(_fail(run, exc)))
-        yield _sse(log_.number({"type": "response.failed", "response": _finish(run, svc)}))
+        yield typed_sse(log_.number(_fail(run, exc)))
+        yield typed_sse(log_.number({"type": "response.failed", "response": _finish(run, svc)}))
         return
     kind = "response.completed" if run.status == "completed" else "response.incomplete"
-    yield _sse(log_.number({"type": kind, "response": _finish(run, svc)}))
+    yield typed_sse(log_.number({"type": kind, "response": _finish(run, svc)}))
 
 
 async def _drain(run: ResponseRun, svc: ResponsesService) -> dict[str, Any]:

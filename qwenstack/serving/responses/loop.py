@@ -30,9 +30,8 @@ from typing import Any, AsyncIterator, Callable
 
 from pydantic import TypeAdapter
 
-from qwenstack.serving.chat import attach_media, plan_chat, reasoning_token_count
+from qwenstack.serving.chat import attach_media, plan_chat, reasoning_token_count, turn_deltas
 from qwenstack.serving.errors import APIError
-from qwenstack.serving.parsers import ChatOutputParser, ParsedDelta
 from qwenstack.serving.responses import mcp_tools
 from qwenstack.serving.responses.events import Event, OutputBuilder, new_id
 from qwenstack.serving.responses.protocol import InputItem, ResponsesRequest
@@ -263,26 +262,16 @@ async def _model_turn(run: ResponseRun, tools: list[dict[str, Any]], calls: list
                                     **({"multimodal": plan.multimodal} if plan.multimodal else {}))
     tracker = state.metrics.track(served.name, time.monotonic())
     outputs = OutputStream(await first_output(stream, state.config.retry_after_s), stream)
-    parser = ChatOutputParser(starts_in_reasoning=plan.starts_in_reasoning, tool_schemas=plan.tool_schemas,
-                              tools_enabled=plan.tools_enabled or parse_calls, stream_arguments=True)
+    parser = plan.parser(stream_arguments=True, parse_calls=parse_calls)
     found: dict[int, dict[str, Any]] = {}
     streaming = True  # client function calls are streamed until another kind of call comes
     open_call: dict[str, Any] | None = None  # the streamed call whose item is not done yet
     final = None
     try:
-        async for out in outputs:
-            tracker.on_output(out)
-            comp = out.outputs[0]
-            parsed = parser.feed(comp.delta_text) if comp.delta_text else ParsedDelta()
-            if comp.finished:
-                rest = parser.finish()
-                parsed = ParsedDelta(parsed.reasoning + rest.reasoning, parsed.content + rest.content,
-                                     parsed.tool_calls + rest.tool_calls)
+        async for out, parsed in turn_deltas(plan, outputs, tracker, parser):
             for event in b.reasoning(parsed.reasoning) + b.text(parsed.content):
                 yield event
-            for delta in parsed.tool_calls:
-                if plan.max_calls is not None and delta.index >= plan.max_calls:
-                    continue  # parallel_tool_calls=false: the first call only
+            for delta in parsed.tool_calls:  # (parallel_tool_calls=false: the first call only)
                 call = found.get(delta.index)
                 if call is None:
                     call = found[delta.index] = {"id": delta.id, "name": delta.name, "arguments": "", "item": None}
@@ -300,7 +289,6 @@ async def _model_turn(run: ResponseRun, tools: list[dict[str, Any]], calls: list
                     for event in b.function_call_arguments(call["item"], delta.arguments):
                         yield event
             if out.finished:
-                tracker.on_finished(out)
                 final = out
     finally:
         await outputs.aclose()
