@@ -52,11 +52,13 @@ OPEN_PREFIXES = ("/ui/",)
 
 
 class APIKeyMiddleware:
-    """Bearer-token check in OpenAI's error shape (a pure ASGI middleware: streaming passes untouched)."""
+    """Bearer-token check in OpenAI's error shape (a pure ASGI middleware: streaming passes untouched). The key
+    may also come as `x-api-key`, as Anthropic's clients send it."""
 
     def __init__(self, app: ASGIApp, api_key: str) -> None:
         self.app = app
         self.expected = f"Bearer {api_key}".encode()
+        self.key = api_key.encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope.get("path", "")
@@ -64,9 +66,10 @@ class APIKeyMiddleware:
                 or path.startswith(OPEN_PREFIXES):
             await self.app(scope, receive, send)
             return
-        given = Headers(scope=scope).get("authorization", "").encode()
-        if not hmac.compare_digest(given, self.expected):
-            error = APIError(401, "invalid or missing API key (send Authorization: Bearer <key>)",
+        headers = Headers(scope=scope)
+        given, key = headers.get("authorization", "").encode(), headers.get("x-api-key", "").encode()
+        if not (hmac.compare_digest(given, self.expected) or hmac.compare_digest(key, self.key)):
+            error = APIError(401, "invalid or missing API key (send Authorization: Bearer <key>, or x-api-key: <key>)",
                              code="invalid_api_key")
             await error.response()(scope, receive, send)
             return
