@@ -32,6 +32,7 @@ from qwenstack.serving.chat import render_prompt, template_kwargs
 from qwenstack.serving.config import ModelSpec, ServerConfig
 from qwenstack.serving.errors import APIError, install_handlers
 from qwenstack.serving.image_api import install_image_api
+from qwenstack.serving.messages.api import install_messages
 from qwenstack.serving.metrics import ServerMetrics
 from qwenstack.serving.middleware import LOCAL_ORIGINS, BodyRulesMiddleware, UnexpectedErrorMiddleware
 from qwenstack.serving.moderation import install_guardrails
@@ -213,6 +214,7 @@ def create_app(
     app.include_router(moderations.router)  # /v1/moderations
     install_guardrails(app, config)  # the guard's state; loads config.guard_model when the app starts
     install_responses(app, config)  # /v1/responses, its store and MCP tools
+    install_messages(app)  # Anthropic's /v1/messages (its errors in Anthropic's shape)
     if config.enable_ui:
         _mount_ui(app, config, body_limits)
     install_openapi(app, api_key=bool(config.api_key))

@@ -226,7 +226,8 @@ def test_openapi_describes_the_api(server: BackgroundServer) -> None:
             assert "422" not in op["responses"], (method, path)
             if "400" in op["responses"]:
                 schema = op["responses"]["400"]["content"]["application/json"]["schema"]
-                assert schema["$ref"].endswith("/ErrorResponse")
+                shape = "/AnthropicErrorResponse" if path.startswith("/v1/messages") else "/ErrorResponse"
+                assert schema["$ref"].endswith(shape), path
     metrics = doc["paths"]["/metrics"]["get"]["responses"]["200"]["content"]
     assert list(metrics) == ["text/plain"]
     assert "text/event-stream" in doc["paths"]["/v1/chat/completions"]["post"]["responses"]["200"]["content"]
