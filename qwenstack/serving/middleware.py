@@ -6,6 +6,8 @@
     UnexpectedErrorMiddleware: an exception that escaped every handler becomes a 500 in OpenAI's shape,
         answered on the same keep-alive connection (Starlette's own handler re-raises, which makes the
         server drop the connection without saying so, and the client's next request on it fails).
+    ErrorShape: the errors of some paths in another API's shape (Anthropic's under /v1/messages, Ollama's
+        under its /api/ routes), whoever answered them.
     LOCAL_ORIGINS: the web pages whose browser calls CORS lets through by default (Starlette's CORSMiddleware,
         installed by serving/app.py): pages served from this machine's loopback names, on any port, as
         Ollama allows by default. A browser UI on localhost (Open WebUI in direct mode, a notebook, a dev
@@ -24,6 +26,7 @@ Decisions:
 """
 from __future__ import annotations
 
+import json
 import logging
 import re
 from typing import Any, Callable, Iterable
@@ -240,3 +243,52 @@ class UnexpectedErrorMiddleware:
                 return
             error = APIError(500, f"internal error: {type(exc).__name__}: {exc}", code="internal_error")
             await error.response()(scope, receive, send)
+
+
+class ErrorShape:
+    """Error responses on the paths `applies` accepts in another API's shape, whoever answered them (a handler,
+    the app's exception handlers, or the middlewares inside this one: API key, body rules, unexpected 500s).
+    A pure ASGI middleware: streams and successes pass untouched; a JSON error body in OpenAI's shape is held
+    until whole, then rewritten as `shape(status, message)`."""
+
+    def __init__(self, app: ASGIApp, applies: Callable[[str], bool],
+                 shape: Callable[[int, str], dict[str, Any]]) -> None:
+        self.app = app
+        self.applies = applies
+        self.shape = shape
+
+    def reshaped(self, status: int, body: bytes) -> bytes:
+        """An error body in OpenAI's shape -> this API's (anything else unchanged)."""
+        try:
+            parsed = json.loads(body)
+        except ValueError:
+            return body
+        if not isinstance(parsed, dict) or set(parsed) != {"error"} or not isinstance(parsed["error"], dict):
+            return body
+        return json.dumps(self.shape(status, str(parsed["error"].get("message", "")))).encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not self.applies(scope.get("path", "")):
+            await self.app(scope, receive, send)
+            return
+        held: Message | None = None
+        chunks: list[bytes] = []
+
+        async def reshaping_send(message: Message) -> None:
+            nonlocal held
+            if message["type"] == "http.response.start" and message["status"] >= 400 and any(
+                    k.lower() == b"content-type" and v.startswith(b"application/json") for k, v in message["headers"]):
+                held = message
+                return
+            if held is None or message["type"] != "http.response.body":
+                await send(message)
+                return
+            chunks.append(message.get("body", b""))
+            if message.get("more_body", False):
+                return
+            body = self.reshaped(held["status"], b"".join(chunks))
+            headers = [(k, v) for k, v in held["headers"] if k.lower() != b"content-length"]
+            await send({**held, "headers": headers + [(b"content-length", str(len(body)).encode())]})
+            await send({"type": "http.response.body", "body": body})
+
+        await self.app(scope, receive, reshaping_send)

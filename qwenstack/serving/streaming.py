@@ -29,6 +29,7 @@ from qwenstack.serving.errors import APIError, error_frame, from_exception
 T = TypeVar("T")
 
 DONE = "data: [DONE]\n\n"
+EVENT_STREAM = "text/event-stream"
 DISCONNECT_POLL_S = 0.5
 
 
@@ -42,9 +43,10 @@ def typed_sse(event: dict[str, Any]) -> str:
 
 
 class ClosingStreamingResponse(StreamingResponse):
-    def __init__(self, content: AsyncIterator[Any], *, sources: list[Any] = (), **kwargs: Any) -> None:
+    def __init__(self, content: AsyncIterator[Any], *, sources: list[Any] = (), media_type: str = EVENT_STREAM,
+                 **kwargs: Any) -> None:
         headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **(kwargs.pop("headers", None) or {})}
-        super().__init__(content, media_type="text/event-stream", headers=headers, **kwargs)
+        super().__init__(content, media_type=media_type, headers=headers, **kwargs)
         self.sources = list(sources)  # what feeds `content`: closed too, even if `content` never started
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -179,8 +181,9 @@ async def event_stream(events: AsyncIterator[str], retry_after_s: int, on_end: C
                        frame_error: Callable[[APIError], str] = error_frame,
                        done: str | None = DONE) -> AsyncIterator[str]:
     """The ending every generating stream shares: a failure after the 200 becomes an error frame (OpenAI's by
-    default; /v1/messages sends Anthropic's `error` event), then `done` (`[DONE]`, which Anthropic's streams do
-    not have); on_end runs however the stream ends, the client leaving included."""
+    default; /v1/messages sends Anthropic's `error` event, Ollama's routes an `{"error"}` line), then `done`
+    (`[DONE]`, which Anthropic's and Ollama's streams do not have); on_end runs however the stream ends, the
+    client leaving included."""
     try:
         async with contextlib.aclosing(events):  # a client that leaves closes `events` at once too
             async for event in events:
@@ -194,12 +197,14 @@ async def event_stream(events: AsyncIterator[str], retry_after_s: int, on_end: C
 
 
 async def reply(request: Request, stream: bool, events: Callable[[], AsyncIterator[str]],
-                whole: Callable[[], Awaitable[Response]], sources: list[Any]) -> Response:
-    """The response of admitted requests: the event stream, or the whole body computed while watching for
-    the client leaving (then its requests are aborted and nobody reads the 499). sources: what feeds
-    the events, closed with the response even if the stream never started."""
+                whole: Callable[[], Awaitable[Response]], sources: list[Any],
+                media_type: str = EVENT_STREAM) -> Response:
+    """The response of admitted requests: the event stream (or another streamed media type: Ollama's NDJSON
+    lines), or the whole body computed while watching for the client leaving (then its requests are aborted
+    and nobody reads the 499). sources: what feeds the events, closed with the response even if the stream
+    never started."""
     if stream:
-        return ClosingStreamingResponse(events(), sources=sources)
+        return ClosingStreamingResponse(events(), sources=sources, media_type=media_type)
     try:
         return await unless_disconnected(request, whole())
     except ClientDisconnected:

@@ -14,7 +14,7 @@ Decisions:
 - usage.input_tokens is the whole prompt (what count_tokens counts; no cache fields), output_tokens every
   generated token, thinking included.
 - Errors under /v1/messages are answered in Anthropic's shape, `{"type": "error", "error": {"type", "message"}}`,
-  with the same status codes as elsewhere: `AnthropicErrorShape` rewrites every JSON error the app or its
+  with the same status codes as elsewhere: middleware.ErrorShape rewrites every JSON error the app or its
   middlewares (API key, body rules, unexpected 500s) answer on these paths. After the 200 of a stream, a
   failure is an `error` event and the stream ends.
 - A model name routed to a remote server is forwarded verbatim to its base URL + /messages (for upstreams that
@@ -24,14 +24,12 @@ Decisions:
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from qwenstack.serving.chat import ChatPlan, attach_media, plan_chat, turn_deltas
 from qwenstack.serving.errors import APIError
@@ -40,6 +38,7 @@ from qwenstack.serving.messages.protocol import (
     AnthropicErrorResponse, CountTokensRequest, MessageResponse, MessagesRequest, MessageTokenCount,
 )
 from qwenstack.serving.metrics import RequestTracker
+from qwenstack.serving.middleware import ErrorShape
 from qwenstack.serving.openapi import chat_responses, error_model, request_body
 from qwenstack.serving.responses.events import Event, new_id
 from qwenstack.serving.state import ServerState, local_or_forwarded
@@ -55,7 +54,11 @@ router = APIRouter()
 
 def install_messages(app: FastAPI) -> None:
     app.include_router(router)
-    app.add_middleware(AnthropicErrorShape)
+    app.add_middleware(ErrorShape, applies=_under_prefix, shape=error_body)
+
+
+def _under_prefix(path: str) -> bool:
+    return path == PREFIX or path.startswith(PREFIX + "/")
 
 
 # --- errors ---------------------------------------------------------------------------------------------
@@ -68,52 +71,6 @@ def error_body(status: int, message: str) -> dict[str, Any]:
 
 def _error_event(error: APIError) -> str:
     return typed_sse(error_body(error.status, error.message))
-
-
-def _reshaped(status: int, body: bytes) -> bytes:
-    """An error body in OpenAI's shape -> Anthropic's (anything else unchanged)."""
-    try:
-        parsed = json.loads(body)
-    except ValueError:
-        return body
-    if not isinstance(parsed, dict) or parsed.get("type") == "error" or not isinstance(parsed.get("error"), dict):
-        return body
-    return json.dumps(error_body(status, str(parsed["error"].get("message", "")))).encode()
-
-
-class AnthropicErrorShape:
-    """Error responses under /v1/messages in Anthropic's shape, whoever answered them (a pure ASGI middleware:
-    streams and successes pass untouched; an error body is held until whole, then rewritten)."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        path = scope.get("path", "")
-        if scope["type"] != "http" or not (path == PREFIX or path.startswith(PREFIX + "/")):
-            await self.app(scope, receive, send)
-            return
-        held: Message | None = None
-        chunks: list[bytes] = []
-
-        async def reshaping_send(message: Message) -> None:
-            nonlocal held
-            if message["type"] == "http.response.start" and message["status"] >= 400 and any(
-                    k.lower() == b"content-type" and v.startswith(b"application/json") for k, v in message["headers"]):
-                held = message
-                return
-            if held is None or message["type"] != "http.response.body":
-                await send(message)
-                return
-            chunks.append(message.get("body", b""))
-            if message.get("more_body", False):
-                return
-            body = _reshaped(held["status"], b"".join(chunks))
-            headers = [(k, v) for k, v in held["headers"] if k.lower() != b"content-length"]
-            await send({**held, "headers": headers + [(b"content-length", str(len(body)).encode())]})
-            await send({"type": "http.response.body", "body": body})
-
-        await self.app(scope, receive, reshaping_send)
 
 
 # --- one turn -------------------------------------------------------------------------------------------
