@@ -89,30 +89,37 @@ def input_items(value: str | list[Any]) -> list[str] | list[list[int]]:
     return items
 
 
-def encode_text(served: ServedModel, text: str) -> list[int]:
+def encode_text(served: ServedModel, text: str, truncate: bool = False) -> list[int]:
     """A text's ids as the model was trained to embed it: the tokenizer's special tokens, then the pooling's end
-    token unless the post-processor added it. 400 for a text that cannot fit the context."""
-    served.check_text_fits(text, "input")
+    token unless the post-processor added it. 400 for a text that cannot fit the context, or with `truncate`
+    (Ollama's /api/embed) its first tokens that fit, the end token still last."""
     limit = served.max_model_len
+    if truncate:  # what lies past this many characters is past the context's end whatever its tokens
+        text = text[: limit * served.max_token_chars * 4]
+    else:
+        served.check_text_fits(text, "input")
     try:
-        ids = served.tokenizer.encode(text, add_special_tokens=True, max_tokens=limit)
+        ids = served.tokenizer.encode(text, add_special_tokens=True, max_tokens=None if truncate else limit)
     except TooManyTokens as exc:
         raise served.too_long(exc.count, "input") from None
     ids = served.pooling.with_end_token(ids, served.tokenizer)
     if len(ids) > limit:
-        raise served.too_long(len(ids), "input")
+        if not truncate:
+            raise served.too_long(len(ids), "input")
+        keep = limit - (served.pooling.end_token is not None)  # room for the end token
+        ids = served.pooling.with_end_token(ids[:keep], served.tokenizer)
     return ids
 
 
-def prompt_ids(served: ServedModel, body: EmbeddingRequest) -> list[list[int]]:
-    """Each input's token ids, checked against the context and the vocabulary."""
+def prompt_ids(served: ServedModel, body: EmbeddingRequest, truncate: bool = False) -> list[list[int]]:
+    """Each input's token ids, checked against the context (or cut to it: `truncate`) and the vocabulary."""
     items = input_items(body.input)
     if isinstance(items[0], str):
         try:
             prefix = served.pooling.instruction(body.prompt_name)
         except RequestError as exc:
             raise bad_request(str(exc), param="prompt_name") from None
-        return [encode_text(served, prefix + text) for text in items]  # type: ignore[operator]
+        return [encode_text(served, prefix + text, truncate) for text in items]  # type: ignore[operator]
     if body.prompt_name is not None:
         raise bad_request("prompt_name applies to text inputs, not token ids", param="prompt_name")
     for ids in items:
@@ -122,8 +129,20 @@ def prompt_ids(served: ServedModel, body: EmbeddingRequest) -> list[list[int]]:
     return items  # type: ignore[return-value]
 
 
-def embedding_response(served: ServedModel, body: EmbeddingRequest, states: Any, tokens: int) -> JSONResponse:
-    vectors = matryoshka(states, body.dimensions, served.pooling.normalize)
+async def embed(served: ServedModel, body: EmbeddingRequest, truncate: bool = False) -> tuple[Any, int]:
+    """(the inputs' vectors, their token count): tokenized off the event loop, embedded by the engine in one
+    command, cut to `dimensions` (renormalized where the model normalizes)."""
+    # Tokenizing 2048 texts takes a while: off the event loop, other requests go on.
+    prompts = await asyncio.to_thread(prompt_ids, served, body, truncate)
+    states = await served.engine.embed(prompts)
+    size = states.shape[-1]  # the model's hidden size, whatever the architecture calls it
+    if body.dimensions is not None and body.dimensions > size:
+        raise bad_request(f"dimensions must be between 1 and {size} (this model's embedding size), "
+                          f"got {body.dimensions}", param="dimensions")
+    return matryoshka(states, body.dimensions, served.pooling.normalize), sum(map(len, prompts))
+
+
+def embedding_response(served: ServedModel, body: EmbeddingRequest, vectors: Any, tokens: int) -> JSONResponse:
     if body.encoding_format == "base64":
         little_endian = vectors.numpy().astype("<f4")
         values: list[Any] = [base64.b64encode(row.tobytes()).decode("ascii") for row in little_endian]
@@ -141,11 +160,6 @@ async def create_embeddings(request: Request) -> Response:
     if isinstance(local, Response):
         return local
     body, served = local.body, local.served
-    # Tokenizing 2048 texts, or encoding 2048 vectors, takes a while: off the event loop, other requests go on.
-    prompts = await asyncio.to_thread(prompt_ids, served, body)
-    states = await served.engine.embed(prompts)
-    size = states.shape[-1]  # the model's hidden size, whatever the architecture calls it
-    if body.dimensions is not None and body.dimensions > size:
-        raise bad_request(f"dimensions must be between 1 and {size} (this model's embedding size), "
-                          f"got {body.dimensions}", param="dimensions")
-    return await asyncio.to_thread(embedding_response, served, body, states, sum(map(len, prompts)))
+    vectors, tokens = await embed(served, body)
+    # Encoding 2048 vectors takes a while too: off the event loop.
+    return await asyncio.to_thread(embedding_response, served, body, vectors, tokens)
