@@ -36,6 +36,7 @@ from qwenstack.serving.messages.api import install_messages
 from qwenstack.serving.metrics import ServerMetrics
 from qwenstack.serving.middleware import LOCAL_ORIGINS, BodyRulesMiddleware, UnexpectedErrorMiddleware
 from qwenstack.serving.moderation import install_guardrails
+from qwenstack.serving.ollama.api import install_ollama
 from qwenstack.serving.openapi import install_openapi
 from qwenstack.serving.protocol import (
     ChatCompletionRequest, DetokenizeRequest, DetokenizeResponse, HealthResponse, ModelCard, ModelList,
@@ -148,7 +149,7 @@ def _mount_ui(app: FastAPI, config: ServerConfig, body_limits: dict[str, int]) -
         log.warning("chat page not available (%s); serving the API only", exc)
         return
     mount_ui(app, ChatStore(config.ui_db_path) if config.ui_db_path else None)
-    body_limits["/api/"] = MAX_BODY_BYTES
+    body_limits["/api/conversations"] = MAX_BODY_BYTES
 
 
 def create_app(
@@ -215,6 +216,7 @@ def create_app(
     install_guardrails(app, config)  # the guard's state; loads config.guard_model when the app starts
     install_responses(app, config)  # /v1/responses, its store and MCP tools
     install_messages(app)  # Anthropic's /v1/messages (its errors in Anthropic's shape)
+    install_ollama(app)  # Ollama's /api/chat, /api/generate, /api/embed... (its errors in Ollama's shape)
     if config.enable_ui:
         _mount_ui(app, config, body_limits)
     install_openapi(app, api_key=bool(config.api_key))

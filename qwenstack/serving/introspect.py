@@ -4,6 +4,9 @@
   template and the context length of the served model (`?model=` picks one when several are served).
 - GET /api/ps (Ollama's path; `qwenstack ps` reads it): each loaded model with its device, weight and KV
   memory, KV use and queue, plus the process's resident memory. Read without locks: a snapshot for people.
+  Each entry also carries Ollama's fields (model, size, size_vram, digest, details, expires_at,
+  context_length: ollama/models.py), so `ollama ps` and Ollama's clients read it too; `name` stays the served
+  name.
 """
 from __future__ import annotations
 
@@ -12,6 +15,9 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 
+from qwenstack.serving.ollama import models as ollama_models
+from qwenstack.serving.ollama.protocol import OllamaErrorResponse
+from qwenstack.serving.openapi import error_model
 from qwenstack.serving.state import get_state
 
 
@@ -50,6 +56,7 @@ def model_status(served: Any) -> dict[str, Any]:
         "dtype": str(first.dtype).removeprefix("torch.") if first is not None else None,
         "quantization": quant.get("quant_method"),
         "weights_bytes": sum(t.numel() * t.element_size() for t in tensors),
+        "parameters": sum(t.numel() for t in engine.model.parameters()),
         "kv_cache_bytes": kv_bytes,
         "kv_cache_used_bytes": int(kv_bytes * stats["kv_usage"]),
         "kv_usage": stats["kv_usage"],
@@ -62,6 +69,11 @@ def model_status(served: Any) -> dict[str, Any]:
     }
 
 
+def ps_entry(served: Any) -> dict[str, Any]:
+    status = model_status(served)
+    return {**ollama_models.running(served, status), **status}
+
+
 def router() -> APIRouter:
     api = APIRouter()
 
@@ -70,9 +82,10 @@ def router() -> APIRouter:
         return tokenizer_info(get_state(request).registry.resolve(model))
 
     @api.get("/api/ps")
+    @error_model(OllamaErrorResponse)  # Ollama's path: its errors in Ollama's shape (ollama/api.py)
     def ps(request: Request) -> dict[str, Any]:
         registry = get_state(request).registry
-        return {"models": [model_status(m) for m in list(registry.models.values())],
+        return {"models": [ps_entry(m) for m in list(registry.models.values())],
                 "loading": list(registry.loading), "process_resident_bytes": _resident_bytes()}
 
     return api

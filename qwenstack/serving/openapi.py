@@ -24,7 +24,8 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 ATTRIBUTE = "__qwenstack_request_model__"
 ERROR_ATTRIBUTE = "__qwenstack_error_model__"
-MODEL_PATHS = ("/v1/", "/tokenize", "/detokenize")  # requests that name a model: 404, 429, 503 possible
+# Requests that name a model: 404, 429, 503 possible (Ollama's /api/embed covers /api/embeddings too).
+MODEL_PATHS = ("/v1/", "/tokenize", "/detokenize", "/api/chat", "/api/generate", "/api/embed", "/api/show")
 ERROR_TEXT = {400: "Invalid request", 401: "Missing or wrong API key", 404: "Unknown model, route or object",
               413: "Request body too large", 415: "The request body is not JSON (or a form the route accepts)",
               429: "Queue full: retry after the Retry-After header's seconds",

@@ -19,6 +19,7 @@ import pytest
 from server_utils import BackgroundServer, tiny_served_model
 from qwenstack.serving.app import create_app
 from qwenstack.serving.config import ServerConfig
+from qwenstack.serving.ollama.api import is_ollama_path
 
 MESSAGES = [{"role": "user", "content": "Hello there"}]
 INT64_MAX = 2**63 - 1
@@ -226,7 +227,8 @@ def test_openapi_describes_the_api(server: BackgroundServer) -> None:
             assert "422" not in op["responses"], (method, path)
             if "400" in op["responses"]:
                 schema = op["responses"]["400"]["content"]["application/json"]["schema"]
-                shape = "/AnthropicErrorResponse" if path.startswith("/v1/messages") else "/ErrorResponse"
+                shape = ("/AnthropicErrorResponse" if path.startswith("/v1/messages") else "/OllamaErrorResponse"
+                         if is_ollama_path(path) else "/ErrorResponse")
                 assert schema["$ref"].endswith(shape), path
     metrics = doc["paths"]["/metrics"]["get"]["responses"]["200"]["content"]
     assert list(metrics) == ["text/plain"]
