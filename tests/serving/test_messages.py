@@ -13,7 +13,7 @@ import pytest
 
 from responses_fixtures import AGENT_ANSWER, THINK_ANSWER, build_agent
 from scripted import _answer, build_scripted_checkpoint
-from server_utils import BackgroundServer, tiny_served_model
+from server_utils import BackgroundServer, fail_after_first_output, tiny_served_model
 from qwenstack.serving.app import create_app
 from qwenstack.serving.config import RemoteSpec, ServerConfig
 from qwenstack.serving.messages import translate
@@ -283,16 +283,7 @@ def test_api_key_as_x_api_key_or_bearer(server: BackgroundServer) -> None:
 
 def test_error_after_the_stream_started_is_an_error_event(client: anthropic.Anthropic, server: BackgroundServer,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    engine = server.models["think"].engine
-    generate = engine.generate
-
-    async def failing(*args: Any, **kwargs: Any) -> Any:
-        stream = generate(*args, **kwargs)
-        yield await stream.__anext__()
-        await stream.aclose()
-        raise RuntimeError("the engine broke")
-
-    monkeypatch.setattr(engine, "generate", failing)
+    fail_after_first_output(monkeypatch, server.models["think"].engine)
     with pytest.raises(anthropic.APIStatusError) as err:
         stream_events(client, model="think", max_tokens=200, messages=HELLO)
     assert error_body(err.value) == {"type": "api_error", "message": "internal error: RuntimeError: the engine broke"}

@@ -12,7 +12,7 @@ import pytest
 
 from responses_fixtures import AGENT_ANSWER, THINK_ANSWER, build_agent
 from scripted import _answer, build_scripted_checkpoint
-from server_utils import BackgroundServer, tiny_served_model
+from server_utils import BackgroundServer, fail_after_first_output, tiny_served_model
 from qwenstack.serving.app import create_app
 from qwenstack.serving.config import ServerConfig
 from qwenstack.serving.ollama import translate
@@ -277,16 +277,7 @@ def test_errors_are_ollama_shaped(client: ollama.Client, server: BackgroundServe
 
 def test_error_after_the_stream_started_is_an_error_line(client: ollama.Client, server: BackgroundServer,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    engine = server.models["think"].engine
-    generate = engine.generate
-
-    async def failing(*args: Any, **kwargs: Any) -> Any:
-        stream = generate(*args, **kwargs)
-        yield await stream.__anext__()
-        await stream.aclose()
-        raise RuntimeError("the engine broke")
-
-    monkeypatch.setattr(engine, "generate", failing)
+    fail_after_first_output(monkeypatch, server.models["think"].engine)
     with pytest.raises(ollama.ResponseError) as err:
         list(chat(client, stream=True))
     assert err.value.error == "internal error: RuntimeError: the engine broke"

@@ -62,6 +62,20 @@ def before_each_step(monkeypatch: Any, engine: Any, wait: Callable[[], object]) 
     monkeypatch.setattr(engine, "step", lambda: (wait(), real_step())[1])
 
 
+def fail_after_first_output(monkeypatch: Any, engine: Any, message: str = "the engine broke") -> None:
+    """For the rest of the test, each request's engine stream hands over its first output and then fails with
+    RuntimeError(message): a failure after a stream's 200."""
+    generate = engine.generate
+
+    async def failing(*args: Any, **kwargs: Any) -> Any:
+        stream = generate(*args, **kwargs)
+        yield await stream.__anext__()
+        await stream.aclose()
+        raise RuntimeError(message)
+
+    monkeypatch.setattr(engine, "generate", failing)
+
+
 def wait_idle(engine: Any, timeout: float = 20.0) -> bool:
     """Whether the engine gets back to no requests and every KV block free within `timeout` seconds."""
     deadline = time.monotonic() + timeout

@@ -119,6 +119,17 @@ async def _parsed(request: Request, model: type[R]) -> R:
     return await parse_off_loop(model, await read_json(request), request)
 
 
+G = TypeVar("G", bound=_Generating)
+
+
+async def _generating(request: Request, model: type[G]) -> tuple[float, ServerState, G, ServedModel]:
+    """(arrival, state, body, model) of a generating request."""
+    arrival = time.monotonic()
+    state = get_state(request)
+    body = await _parsed(request, model)
+    return arrival, state, body, served_model(state, body.model)
+
+
 # --- one turn -------------------------------------------------------------------------------------------
 
 
@@ -252,10 +263,7 @@ def ndjson_responses(model: type[Any]) -> dict[int | str, dict[str, Any]]:
 @request_body(OllamaChatRequest)
 @error_model(OllamaErrorResponse)
 async def chat(request: Request) -> Response:
-    arrival = time.monotonic()
-    state = get_state(request)
-    body = await _parsed(request, OllamaChatRequest)
-    served = served_model(state, body.model)
+    arrival, state, body, served = await _generating(request, OllamaChatRequest)
     if not body.messages:
         return _loaded(body, chat=True)
     plan = await asyncio.to_thread(plan_chat, served, translate.chat_request(body), state)
@@ -267,10 +275,7 @@ async def chat(request: Request) -> Response:
 @request_body(OllamaGenerateRequest)
 @error_model(OllamaErrorResponse)
 async def generate(request: Request) -> Response:
-    arrival = time.monotonic()
-    state = get_state(request)
-    body = await _parsed(request, OllamaGenerateRequest)
-    served = served_model(state, body.model)
+    arrival, state, body, served = await _generating(request, OllamaGenerateRequest)
     if not body.prompt:
         return _loaded(body, chat=False)
     chat_request = translate.generate_request(body)
