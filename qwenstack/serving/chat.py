@@ -286,6 +286,15 @@ def plan_chat(served: ServedModel, request: ChatCompletionRequest, state: Server
                     phase, tools_enabled, tool_dicts, image_refs=image_refs, audio_refs=audio_refs)
 
 
+def cap_max_tokens(plan: ChatPlan) -> None:
+    """max_tokens cut to the room the prompt leaves in the context, for APIs whose clients ask for more than fits
+    and expect the turn to stop at the context's end (Anthropic's, Ollama's); chat's own answers a 400, as OpenAI's
+    does. A prompt that fills the context alone is still refused by the engine. After attach_media (images count)."""
+    room = plan.served.max_model_len - len(plan.prompt_ids)
+    if room > 0 and plan.params.max_tokens is not None:
+        plan.params.max_tokens = min(plan.params.max_tokens, room)
+
+
 async def attach_images(plan: ChatPlan, state: ServerState) -> None:
     """Loads the plan's images and expands their placeholders in prompt_ids (usage counts image tokens)."""
     if not plan.image_refs:

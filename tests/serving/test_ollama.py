@@ -182,6 +182,10 @@ def test_options_reach_sampling(client: ollama.Client, server: BackgroundServer,
     assert (cut.done_reason, cut.eval_count) == ("length", 3) and ANSWER.startswith(cut.message.content)
     chat(client, options={"num_predict": -1, "seed": -1})  # Ollama's "no limit" and "random seed"
     assert (seen[-1].max_tokens, seen[-1].seed) == (None, None)
+    # More than the context holds (clients send num_predict whatever the prompt): the turn stops at its end.
+    full = chat(client, model="short", think=False, options={"num_predict": 4096})
+    assert full.done_reason == "length" and full.prompt_eval_count + full.eval_count == 30
+    assert ANSWER.startswith(full.message.content)
     stopped = chat(client, think=False, options={"stop": ["help"]})
     assert stopped.message.content == ANSWER[:ANSWER.index("help")] and stopped.done_reason == "stop"
 

@@ -31,7 +31,7 @@ from typing import Any, AsyncIterator
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
-from qwenstack.serving.chat import ChatPlan, attach_media, plan_chat, turn_deltas
+from qwenstack.serving.chat import ChatPlan, attach_media, cap_max_tokens, plan_chat, turn_deltas
 from qwenstack.serving.errors import APIError
 from qwenstack.serving.messages import translate
 from qwenstack.serving.messages.protocol import (
@@ -202,9 +202,7 @@ async def create_message(request: Request) -> Response:
     chat = translate.chat_request(body, _default_thinking(state))
     plan = await asyncio.to_thread(plan_chat, served, chat, state)
     await attach_media(plan, state)
-    room = served.max_model_len - len(plan.prompt_ids)
-    if room > 0:  # (none: the engine refuses the prompt as too long)
-        plan.params.max_tokens = min(body.max_tokens, room)
+    cap_max_tokens(plan)
     turn = Turn(plan, body.max_tokens)
     retry = state.config.retry_after_s
     stream = served.engine.generate(plan.prompt_ids, plan.params, request_id=turn.id, prompt=plan.prompt,

@@ -40,7 +40,7 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
 from qwenstack import __version__
-from qwenstack.serving.chat import ChatPlan, attach_media, plan_chat, turn_deltas
+from qwenstack.serving.chat import ChatPlan, attach_media, cap_max_tokens, plan_chat, turn_deltas
 from qwenstack.serving.constraints import ThinkingPhase, build_processors
 from qwenstack.serving.embeddings import EmbeddingRequest, embed
 from qwenstack.serving.errors import APIError
@@ -207,6 +207,7 @@ async def _ndjson(lines: AsyncIterator[dict]) -> AsyncIterator[str]:
 
 async def _answer(request: Request, state: ServerState, turn: Turn, stream: bool, parser: Any) -> Response:
     plan, served = turn.plan, turn.plan.served
+    cap_max_tokens(plan)  # Ollama stops at the context's end ("length") whatever num_predict asked
     retry = state.config.retry_after_s
     engine_stream = served.engine.generate(plan.prompt_ids, plan.params, request_id=plan.request_id,
                                            prompt=plan.prompt,
