@@ -13,6 +13,10 @@ Decisions:
   as in chat; `raw: true` sends the prompt as it is and returns the text as generated (`think` has no effect:
   nothing is parsed, as /v1/completions). An empty prompt (or /api/chat without messages) only "loads" the model,
   as Ollama answers it: `done_reason: "load"`, nothing generated.
+- num_predict (or no limit) is capped at the room the prompt leaves, so a turn stops at the context's end with
+  done_reason "length", as Ollama's do; a prompt longer than the context is a 400 (Ollama would drop the oldest
+  messages to fit: not done here).
+- Bodies must be JSON (the server's rule against cross-site form posts): `curl -d` alone sends a form (415).
 - Counters, in nanoseconds: total_duration from the request's arrival; load_duration until the engine had it
   (rendering the prompt: models are never loaded per request); prompt_eval_duration from scheduling to the first
   token; eval_duration from the first token to the last. prompt_eval_count is the whole prompt (cached tokens
