@@ -12,6 +12,15 @@ Chat handler hooks (qwenstack.serving.chat), each a no-op when no guard is confi
 - `moderate_outputs(plan, outputs)` around a streamed generation, and `guard_chunk(plan, base)` for the
   chunk that carries the verdict at the end of the stream (choices: [], like the usage chunk).
 
+Hooks of the routes that shape a chat turn their own way (/v1/messages, Ollama's /api/chat and /api/generate,
+each model turn of /v1/responses):
+- `guarded_turn(rails, plan, generate)` in place of the engine call: the prompt is screened as above, and a
+  blocked one gets `refusal_outputs(plan)` (one finished output: the refusal, finish_reason "content_filter",
+  no tokens) instead of `generate()`, so the route turns the refusal into its own shape.
+- `moderate_outputs(plan, outputs)` around the admitted outputs, streamed or not (not the refusal's): a
+  blocked answer ends with finish_reason "content_filter", which each route names in its own words.
+  These routes carry no `qwenstack_guard` annotation.
+
 Decisions:
 - `qwenstack_guard` is one object {direction, safety, categories, refusal, action}: the most severe
   decision of the request (blocked over flagged over allowed; the prompt's first among equals). A
@@ -23,16 +32,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, AsyncIterator, Protocol
+from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Protocol
 
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from prometheus_client import Counter, Histogram
 
+from qwenstack.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from qwenstack.guard.rails import CONTENT_FILTER, SEVERITY, Guardrails, StreamReport
 from qwenstack.guard.verdict import Action, Decision, GuardPolicy
+from qwenstack.markup import THINK_END
 from qwenstack.serving.errors import APIError
 from qwenstack.serving.state import get_state
 from qwenstack.serving.streaming import DONE, sse
@@ -223,6 +235,7 @@ class GuardedChat(Protocol):
     prompt_ids: list[int]
     params: Any  # SamplingParams
     guard: Any
+    starts_in_reasoning: bool
 
 
 def chat_messages(plan: "GuardedChat") -> list[dict[str, Any]]:
@@ -238,18 +251,45 @@ def chat_messages(plan: "GuardedChat") -> list[dict[str, Any]]:
     return out
 
 
+async def _prompt_blocked(rails: Guardrails, plan: "GuardedChat") -> bool:
+    """Judges the prompt; the guard's context is left on `plan.guard`."""
+    context = GuardContext(rails, chat_messages(plan))
+    plan.guard = context
+    context.prompt = await rails.check_prompt(context.messages)
+    return context.prompt.blocked
+
+
 async def screen_prompt(request: Request, plan: "GuardedChat") -> Response | None:
     """Runs the prompt past the guard (if any). Returns the response to send instead of running the main
     model when the prompt is blocked; otherwise None, with the guard's context on `plan.guard`."""
     rails = guardrails_of(request)
-    if rails is None:
+    if rails is None or not await _prompt_blocked(rails, plan):
         return None
-    context = GuardContext(rails, chat_messages(plan))
-    plan.guard = context
-    context.prompt = await rails.check_prompt(context.messages)
-    if not context.prompt.blocked:
-        return None
-    return blocked_response(plan, context)
+    return blocked_response(plan, plan.guard)
+
+
+async def guarded_turn(rails: Guardrails | None, plan: "GuardedChat",
+                       generate: Callable[[], AsyncIterator[RequestOutput]]) -> AsyncIterator[RequestOutput]:
+    """`generate()`, the engine stream of a chat turn, once the guard (if any) let its prompt through; a blocked
+    prompt gets refusal_outputs instead, so that the route formats the refusal as it formats any answer.
+    `rails` is guardrails_of(request), taken before the 200 (a /v1/responses run may outlive its request)."""
+    if rails is None or not await _prompt_blocked(rails, plan):
+        return generate()
+    return refusal_outputs(plan)
+
+
+async def refusal_outputs(plan: "GuardedChat") -> AsyncIterator[RequestOutput]:
+    """The engine stream of a refused turn: one finished output, each choice the refusal with finish_reason
+    "content_filter" and no tokens. A plan whose template opened the think block closes it first, so that the
+    chat parser reads the refusal as the answer."""
+    text = (THINK_END + "\n\n" if plan.starts_in_reasoning else "") + REFUSAL_MESSAGE
+    now = time.monotonic()
+    yield RequestOutput(
+        request_id=plan.request_id, prompt_token_ids=list(plan.prompt_ids), finished=True,
+        outputs=[CompletionOutput(index=i, text=text, token_ids=[], finish_reason=CONTENT_FILTER, delta_text=text)
+                 for i in range(plan.params.n)],
+        metrics=RequestMetrics(arrival_time=now, first_scheduled_time=None, first_token_time=None,
+                               last_token_time=None, finished_time=now, num_cached_tokens=0))
 
 
 def blocked_response(plan: "GuardedChat", context: GuardContext) -> Response:
@@ -325,7 +365,7 @@ def moderate_outputs(plan: "GuardedChat", outputs: Any) -> Any:
     """The engine outputs of a streamed answer under stream moderation (unchanged without a guard).
     A cut closes `outputs`, which aborts the engine request."""
     context: GuardContext | None = getattr(plan, "guard", None)
-    if context is None:
+    if context is None or (context.prompt is not None and context.prompt.blocked):  # the refusal is not judged
         return outputs
 
     async def abort() -> None:

@@ -53,8 +53,7 @@ class ClosingStreamingResponse(StreamingResponse):
         try:
             await super().__call__(scope, receive, send)
         finally:
-            for item in [self.body_iterator, *self.sources]:
-                await _close(item)
+            await close_all([self.body_iterator, *self.sources])
 
 
 async def first_output(stream: AsyncIterator[RequestOutput], retry_after_s: int) -> RequestOutput:
@@ -72,6 +71,13 @@ async def _close(stream: AsyncIterator[Any]) -> None:
     close = getattr(stream, "aclose", None)
     if close is not None:
         await close()
+
+
+async def close_all(streams: list[Any]) -> None:
+    """Closes each stream in turn: a guard's moderated stream, then the engine's it reads (closing the first does
+    not close the second)."""
+    for stream in streams:
+        await _close(stream)
 
 
 class OutputStream:

@@ -19,7 +19,9 @@ Decisions:
   failure is an `error` event and the stream ends.
 - A model name routed to a remote server is forwarded verbatim to its base URL + /messages (for upstreams that
   serve the Messages API, e.g. another qwenstack or vLLM).
-- Guardrails (--guard-model) are not applied here, as on /v1/responses.
+- Guardrails (--guard-model) apply as on /v1/chat/completions (serving/moderation.py's guarded_turn and
+  moderate_outputs): a blocked prompt never reaches the model and is answered with the refusal as the text, a
+  blocked answer ends there; both stop with stop_reason "refusal". No `qwenstack_guard` annotation here.
 """
 from __future__ import annotations
 
@@ -31,6 +33,8 @@ from typing import Any, AsyncIterator
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
+from qwenstack.engine.outputs import RequestOutput
+from qwenstack.serving import moderation
 from qwenstack.serving.chat import ChatPlan, attach_media, cap_max_tokens, plan_chat, turn_deltas
 from qwenstack.serving.errors import APIError
 from qwenstack.serving.messages import translate
@@ -42,7 +46,7 @@ from qwenstack.serving.middleware import ErrorShape
 from qwenstack.serving.openapi import chat_responses, error_model, request_body
 from qwenstack.serving.responses.events import Event, new_id
 from qwenstack.serving.state import ServerState, local_or_forwarded
-from qwenstack.serving.streaming import CLIENT_LEFT, OutputStream, admit, event_stream, reply, typed_sse
+from qwenstack.serving.streaming import CLIENT_LEFT, admit, close_all, event_stream, reply, typed_sse
 
 PREFIX = "/v1/messages"
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
@@ -152,7 +156,7 @@ class Turn:
                 "content": self.blocks.content, "stop_reason": self.stop_reason, "stop_sequence": self.stop_sequence,
                 "usage": {"input_tokens": len(self.plan.prompt_ids), "output_tokens": self.output_tokens}}
 
-    async def events(self, outputs: OutputStream, tracker: RequestTracker) -> AsyncIterator[Event]:
+    async def events(self, outputs: AsyncIterator[RequestOutput], tracker: RequestTracker) -> AsyncIterator[Event]:
         """The turn's stream events; the message (body()) is complete once they are."""
         plan, b = self.plan, self.blocks
         yield {"type": "message_start", "message": {**self.body(), "content": []}}
@@ -205,27 +209,30 @@ async def create_message(request: Request) -> Response:
     cap_max_tokens(plan)
     turn = Turn(plan, body.max_tokens)
     retry = state.config.retry_after_s
-    stream = served.engine.generate(plan.prompt_ids, plan.params, request_id=turn.id, prompt=plan.prompt,
-                                    **({"multimodal": plan.multimodal} if plan.multimodal else {}))
+    stream = await moderation.guarded_turn(  # a blocked prompt never reaches the engine: the refusal comes instead
+        moderation.guardrails_of(request), plan,
+        lambda: served.engine.generate(plan.prompt_ids, plan.params, request_id=turn.id, prompt=plan.prompt,
+                                       **({"multimodal": plan.multimodal} if plan.multimodal else {})))
     admitted = await admit(request, [stream], retry)
     if admitted is None:
         return Response(status_code=CLIENT_LEFT)
     tracker = state.metrics.track(served.name, arrival)
     outputs = admitted[0]
+    moderated = moderation.moderate_outputs(plan, outputs)
 
     async def whole() -> Response:
         try:
-            async for _ in turn.events(outputs, tracker):
+            async for _ in turn.events(moderated, tracker):
                 pass
         finally:
-            await outputs.aclose()
+            await close_all([moderated, outputs])
             tracker.done()
         return JSONResponse(turn.body())
 
     return await reply(request, body.stream,
-                       lambda: event_stream(_frames(turn.events(outputs, tracker)), retry, on_end=tracker.done,
+                       lambda: event_stream(_frames(turn.events(moderated, tracker)), retry, on_end=tracker.done,
                                             frame_error=_error_event, done=None),
-                       whole, sources=[outputs])
+                       whole, sources=[moderated, outputs])
 
 
 @router.post(PREFIX + "/count_tokens", responses={200: {"model": MessageTokenCount}})

@@ -30,6 +30,7 @@ from typing import Any
 
 from pydantic_core import from_json
 
+from qwenstack.guard.rails import CONTENT_FILTER
 from qwenstack.serving.errors import bad_request
 from qwenstack.serving.messages.protocol import (
     Base64Source, CountTokensRequest, FileSource, ImageBlock, MessagesRequest, RedactedThinkingBlock, TextBlock,
@@ -226,7 +227,9 @@ def stop_reason(finish_reason: str | None, stop: int | str | None, made_calls: b
                 max_tokens: int) -> tuple[str, str | None]:
     """(stop_reason, stop_sequence) of a finished turn. A turn that hit the context's end before max_tokens
     (max_tokens is capped at the room the context leaves) is "model_context_window_exceeded", as Anthropic
-    answers it."""
+    answers it. A turn the guard stopped (finish_reason "content_filter") is a "refusal"."""
+    if finish_reason == CONTENT_FILTER:
+        return "refusal", None
     if finish_reason == "length":
         return ("max_tokens" if output_tokens >= max_tokens else "model_context_window_exceeded"), None
     if made_calls:

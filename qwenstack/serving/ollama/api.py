@@ -29,7 +29,10 @@ Decisions:
   the remote speaks OpenAI's API, not Ollama's.
 - /api/version reports OLLAMA_VERSION, the Ollama release whose API shapes these routes follow (clients gate
   features such as `think` on it), and qwenstack's own version beside it.
-- Guardrails (--guard-model) are not applied here, as on /v1/messages and /v1/responses.
+- Guardrails (--guard-model) apply as on /v1/chat/completions (serving/moderation.py's guarded_turn and
+  moderate_outputs): a blocked prompt never reaches the model and is answered with the refusal as the message
+  (or response), a blocked answer ends there; both with done_reason "stop" (Ollama has no content filter). No
+  `qwenstack_guard` annotation here.
 """
 from __future__ import annotations
 
@@ -44,6 +47,8 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
 from qwenstack import __version__
+from qwenstack.engine.outputs import RequestOutput
+from qwenstack.serving import moderation
 from qwenstack.serving.chat import ChatPlan, attach_media, cap_max_tokens, plan_chat, turn_deltas
 from qwenstack.serving.constraints import ThinkingPhase, build_processors
 from qwenstack.serving.embeddings import EmbeddingRequest, embed
@@ -63,7 +68,7 @@ from qwenstack.serving.protocol import ChatCompletionRequest, _Request
 from qwenstack.serving.sampling import sampling_params
 from qwenstack.serving.served import ServedModel
 from qwenstack.serving.state import ServerState, get_state, parse_off_loop, read_json
-from qwenstack.serving.streaming import CLIENT_LEFT, OutputStream, admit, event_stream, reply
+from qwenstack.serving.streaming import CLIENT_LEFT, admit, close_all, event_stream, reply
 
 OLLAMA_VERSION = "0.12.0"
 NDJSON = "application/x-ndjson"
@@ -173,7 +178,8 @@ class Turn:
         line["done"] = done
         return line
 
-    async def lines(self, outputs: OutputStream, tracker: RequestTracker, parser: Any) -> AsyncIterator[dict]:
+    async def lines(self, outputs: AsyncIterator[RequestOutput], tracker: RequestTracker,
+                    parser: Any) -> AsyncIterator[dict]:
         """The answer's lines; the whole answer (body()) is complete once they are."""
         last = None
         async for out, parsed in turn_deltas(self.plan, outputs, tracker, parser):
@@ -213,28 +219,30 @@ async def _answer(request: Request, state: ServerState, turn: Turn, stream: bool
     plan, served = turn.plan, turn.plan.served
     cap_max_tokens(plan)  # Ollama stops at the context's end ("length") whatever num_predict asked
     retry = state.config.retry_after_s
-    engine_stream = served.engine.generate(plan.prompt_ids, plan.params, request_id=plan.request_id,
-                                           prompt=plan.prompt,
-                                           **({"multimodal": plan.multimodal} if plan.multimodal else {}))
+    engine_stream = await moderation.guarded_turn(  # a blocked prompt never reaches the engine: the refusal instead
+        moderation.guardrails_of(request), plan,
+        lambda: served.engine.generate(plan.prompt_ids, plan.params, request_id=plan.request_id, prompt=plan.prompt,
+                                       **({"multimodal": plan.multimodal} if plan.multimodal else {})))
     admitted = await admit(request, [engine_stream], retry)
     if admitted is None:
         return Response(status_code=CLIENT_LEFT)
     tracker = state.metrics.track(served.name, turn.arrival)
     outputs = admitted[0]
+    moderated = moderation.moderate_outputs(plan, outputs)
 
     async def whole() -> Response:
         try:
-            async for _ in turn.lines(outputs, tracker, parser):
+            async for _ in turn.lines(moderated, tracker, parser):
                 pass
         finally:
-            await outputs.aclose()
+            await close_all([moderated, outputs])
             tracker.done()
         return JSONResponse(turn.body())
 
     return await reply(request, stream,
-                       lambda: event_stream(_ndjson(turn.lines(outputs, tracker, parser)), retry, on_end=tracker.done,
-                                            frame_error=_error_line, done=None),
-                       whole, sources=[outputs], media_type=NDJSON)
+                       lambda: event_stream(_ndjson(turn.lines(moderated, tracker, parser)), retry,
+                                            on_end=tracker.done, frame_error=_error_line, done=None),
+                       whole, sources=[moderated, outputs], media_type=NDJSON)
 
 
 def _loaded(body: _Generating, chat: bool) -> JSONResponse:

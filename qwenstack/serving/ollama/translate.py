@@ -18,7 +18,8 @@ Decisions:
   generation_config.json values, as chat's are (not Ollama's Modelfile defaults).
 - Tool calls come out in Ollama's shape: `{id, function: {index, name, arguments}}` with the arguments an object
   (read as /v1/messages reads them: anything but an object is {}). A turn that made calls ends with
-  done_reason "stop", as Ollama's do; one cut by num_predict or the context ends "length".
+  done_reason "stop", as Ollama's do; one cut by num_predict or the context ends "length"; one the guard stopped
+  (finish_reason "content_filter") ends "stop", Ollama having no content filter.
 """
 from __future__ import annotations
 

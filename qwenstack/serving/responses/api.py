@@ -21,6 +21,7 @@ from typing import Any, AsyncIterator, Literal
 from fastapi import APIRouter, FastAPI, Query, Request
 from fastapi.responses import JSONResponse, Response
 
+from qwenstack.serving import moderation
 from qwenstack.serving.chat import plan_chat
 from qwenstack.serving.errors import APIError, from_exception
 from qwenstack.serving.responses import mcp_tools
@@ -113,7 +114,8 @@ def _prepare(request: Request, body: ResponsesRequest) -> ResponseRun:
     labels = [t.label for t in targets]
     if len(set(labels)) != len(labels):
         raise APIError(400, "two mcp tools share a server_label", param="tools")
-    run = ResponseRun(state, served, body, history, inputs, targets, config.mcp_timeout_s, config.mcp_max_steps)
+    run = ResponseRun(state, served, body, history, inputs, targets, config.mcp_timeout_s, config.mcp_max_steps,
+                      rails=moderation.guardrails_of(request))  # 503 now, not after the 200, while it loads
     # The first turn's prompt, planned now so that template and tool errors are a 400 before the 200 (MCP tools
     # are listed later: with them, a forced tool_choice is checked then).
     messages = items_to_messages(ITEMS.validate_python(history + inputs), body.instructions)

@@ -19,6 +19,11 @@ Decisions:
   grow. MCP calls are run after the turn, so their items come whole then, and so do client calls the model
   wrote after an MCP call (output items keep the model's order).
 - `tool_choice` required or named forces the first model turn only (later turns answer the tools' results).
+- Guardrails (--guard-model) screen each model turn's prompt and moderate its answer, as on
+  /v1/chat/completions (serving/moderation.py's guarded_turn and moderate_outputs): a blocked prompt never
+  reaches the model and the refusal is the turn's text; a blocked answer ends there. Either way the response
+  ends `incomplete` with `incomplete_details.reason` "content_filter" (OpenAI's) and no tool the turn called
+  runs. No `qwenstack_guard` annotation here.
 - Usage adds up every turn: input tokens are each turn's prompt (cached ones counted apart), reasoning tokens
   those of the think blocks.
 """
@@ -30,6 +35,8 @@ from typing import Any, AsyncIterator, Callable
 
 from pydantic import TypeAdapter
 
+from qwenstack.guard.rails import CONTENT_FILTER
+from qwenstack.serving import moderation
 from qwenstack.serving.chat import attach_media, plan_chat, reasoning_token_count, turn_deltas
 from qwenstack.serving.errors import APIError
 from qwenstack.serving.responses import mcp_tools
@@ -38,7 +45,7 @@ from qwenstack.serving.responses.protocol import InputItem, ResponsesRequest
 from qwenstack.serving.responses.translate import arguments_object, chat_request, function_tools, items_to_messages
 from qwenstack.serving.served import ServedModel
 from qwenstack.serving.state import ServerState
-from qwenstack.serving.streaming import OutputStream, first_output
+from qwenstack.serving.streaming import OutputStream, close_all, first_output
 
 ITEMS = TypeAdapter(list[InputItem])
 DENIED = "the user denied this tool call"
@@ -75,6 +82,7 @@ class ResponseRun:
     usage: Usage = field(default_factory=Usage)
     error: dict[str, Any] | None = None
     incomplete_reason: str | None = None
+    rails: Any = None  # the guard's Guardrails (moderation.guardrails_of, taken with the request); None: unguarded
     tool_calls_made: int = 0
 
     def body(self) -> dict[str, Any]:
@@ -258,17 +266,20 @@ async def _model_turn(run: ResponseRun, tools: list[dict[str, Any]], calls: list
     plan = plan_chat(served, chat_request(request, messages, tools, remaining), state)
     plan.params.n = 1
     await attach_media(plan, state)
-    stream = served.engine.generate(plan.prompt_ids, plan.params, request_id=new_id(run.id), prompt=plan.prompt,
-                                    **({"multimodal": plan.multimodal} if plan.multimodal else {}))
+    stream = await moderation.guarded_turn(  # a blocked prompt never reaches the engine: the refusal instead
+        run.rails, plan,
+        lambda: served.engine.generate(plan.prompt_ids, plan.params, request_id=new_id(run.id), prompt=plan.prompt,
+                                       **({"multimodal": plan.multimodal} if plan.multimodal else {})))
     tracker = state.metrics.track(served.name, time.monotonic())
     outputs = OutputStream(await first_output(stream, state.config.retry_after_s), stream)
+    moderated = moderation.moderate_outputs(plan, outputs)
     parser = plan.parser(stream_arguments=True, parse_calls=parse_calls)
     found: dict[int, dict[str, Any]] = {}
     streaming = True  # client function calls are streamed until another kind of call comes
     open_call: dict[str, Any] | None = None  # the streamed call whose item is not done yet
     final = None
     try:
-        async for out, parsed in turn_deltas(plan, outputs, tracker, parser):
+        async for out, parsed in turn_deltas(plan, moderated, tracker, parser):
             for event in b.reasoning(parsed.reasoning) + b.text(parsed.content):
                 yield event
             for delta in parsed.tool_calls:  # (parallel_tool_calls=false: the first call only)
@@ -291,14 +302,14 @@ async def _model_turn(run: ResponseRun, tools: list[dict[str, Any]], calls: list
             if out.finished:
                 final = out
     finally:
-        await outputs.aclose()
+        await close_all([moderated, outputs])
         tracker.done()
     for event in b.close_text():
         yield event
     assert final is not None
     comp = final.outputs[0]
-    if open_call is not None:  # cut off by max_output_tokens: the arguments may be unfinished
-        status = "incomplete" if comp.finish_reason == "length" else "completed"
+    if open_call is not None:  # cut off by max_output_tokens or the guard: the arguments may be unfinished
+        status = "incomplete" if comp.finish_reason in ("length", CONTENT_FILTER) else "completed"
         for event in b.function_call_done(open_call["item"], status):
             yield event
     run.usage.input_tokens += len(plan.prompt_ids)
@@ -308,6 +319,8 @@ async def _model_turn(run: ResponseRun, tools: list[dict[str, Any]], calls: list
     calls += [found[i] for i in sorted(found)]
     if comp.finish_reason == "length":
         run.incomplete_reason = "max_output_tokens"
+    elif comp.finish_reason == CONTENT_FILTER:  # the guard stopped the prompt or the answer: no more turns
+        run.incomplete_reason = CONTENT_FILTER
 
 
 def check_approvals(inputs: list[dict[str, Any]], history: list[dict[str, Any]]) -> None:
