@@ -20,7 +20,9 @@ Decisions:
   incrementally, then replayed to the app, so no route (present or added later) can skip the rules.
 - JSON is required on every body-carrying request to a route unless that route declares a form body
   (FastAPI's Form/File parameters, or an `openapi_extra` requestBody naming its media types): a browser
-  can send text/plain and form posts cross-site without a preflight, JSON it cannot.
+  can send text/plain and form posts cross-site without a preflight, JSON it cannot. A body with no
+  Content-Type or application/octet-stream is read as JSON when the request has no Origin header: a browser
+  sends one with every cross-site POST, and non-browser clients (LiteLLM's ollama providers) send JSON so.
 - The checks scan raw bytes at C speed (bytes.count, re, numpy) so a large body costs little on the event
   loop; the rare body that needs a closer look is examined in a worker thread.
 """
@@ -43,6 +45,7 @@ log = logging.getLogger("qwenstack.server")
 BODY_METHODS = {"POST", "PUT", "PATCH", "DELETE"}
 JSON_TYPES = ("application/json",)
 FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
+UNTYPED = ("", "application/octet-stream")  # bodies some non-browser clients send JSON as
 MAX_JSON_DEPTH = 128  # far beyond any real request (a tool schema nests a dozen levels), far below recursion limits
 
 # A \uD800-\uDFFF escape with the backslashes before it: an odd count means a real escape.
@@ -150,6 +153,8 @@ class BodyRulesMiddleware:
         media = headers.get("content-type", "").split(";", 1)[0].strip().lower()
         forms = form_media_types(route)
         is_json = media in JSON_TYPES or (media.startswith("application/") and media.endswith("+json"))
+        # Read as JSON, as Ollama does: no browser sends these without an Origin (LiteLLM's ollama providers do).
+        is_json = is_json or (media in UNTYPED and not forms and "origin" not in headers)
         if not is_json and media not in forms:
             accepted = " or ".join(("application/json",) + forms)
             await _refuse(APIError(415, f"the request body must be sent as {accepted} (Content-Type: "

@@ -303,3 +303,14 @@ def test_openapi_documents_ollama_errors(server: BackgroundServer) -> None:
     assert "application/x-ndjson" in op["responses"]["200"]["content"]
     ps = doc["paths"]["/api/ps"]["get"]["responses"]["500"]["content"]["application/json"]["schema"]
     assert ps["$ref"].endswith("/OllamaErrorResponse")
+
+
+def test_a_body_without_a_content_type_is_read_as_json(server: BackgroundServer) -> None:
+    # Ollama reads any body as JSON, and LiteLLM's ollama providers send theirs with no Content-Type (sync) or as
+    # application/octet-stream (async). Neither is a cross-site form post: a browser sends an Origin with those.
+    body = json.dumps({"model": "think", "messages": HELLO, "stream": False, "options": GREEDY}).encode()
+    for headers in ({}, {"Content-Type": "application/octet-stream"}):
+        r = httpx.post(server.url + "/api/chat", content=body, headers={**AUTH, **headers}, timeout=30)
+        assert r.status_code == 200 and r.json()["message"]["content"] == ANSWER, headers
+    r = httpx.post(server.url + "/api/chat", content=body, headers={**AUTH, "Origin": "https://evil.example"})
+    assert r.status_code == 415 and set(r.json()) == {"error"}

@@ -16,7 +16,8 @@ Decisions:
 - num_predict (or no limit) is capped at the room the prompt leaves, so a turn stops at the context's end with
   done_reason "length", as Ollama's do; a prompt longer than the context is a 400 (Ollama would drop the oldest
   messages to fit: not done here).
-- Bodies must be JSON (the server's rule against cross-site form posts): `curl -d` alone sends a form (415).
+- Bodies must be JSON (the server's rule against cross-site form posts): `curl -d` alone sends a form (415); a
+  body with no Content-Type (LiteLLM's ollama providers) is read as JSON unless a browser sent it.
 - Counters, in nanoseconds: total_duration from the request's arrival; load_duration until the engine had it
   (rendering the prompt: models are never loaded per request); prompt_eval_duration from scheduling to the first
   token; eval_duration from the first token to the last. prompt_eval_count is the whole prompt (cached tokens
