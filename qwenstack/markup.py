@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 
+TURN_START = "<|im_start|>"  # ChatML: a turn's first token (its role follows)
 THINK_START = "<think>"
 THINK_END = "</think>"
 TOOL_CALL_START = "<tool_call>"

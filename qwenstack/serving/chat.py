@@ -37,7 +37,7 @@ from qwenstack.serving import chat_audio
 from qwenstack.errors import ConfigError
 from qwenstack.serving import images as image_inputs
 from qwenstack.serving import moderation, videos
-from qwenstack.markup import THINK_END, THINK_START
+from qwenstack.markup import THINK_END, THINK_START, TURN_START
 from qwenstack.serving.constraints import ThinkingPhase, build_processors
 from qwenstack.serving.errors import APIError, bad_request
 from qwenstack.serving.logprobs import TokenTexts, chat_logprobs
@@ -188,10 +188,11 @@ def template_messages(messages: list[ChatMessage], served: ServedModel,
 def render_prompt(served: ServedModel, messages: list[ChatMessage], state: ServerState, *,
                   tools: list[dict[str, Any]] | None = None, add_generation_prompt: bool = True,
                   images: list[image_inputs.ImageRef] | None = None, audios: list[audio_inputs.AudioRef] | None = None,
-                  **kwargs: Any) -> tuple[str, list[int]]:
+                  continue_final: bool = False, **kwargs: Any) -> tuple[str, list[int]]:
     """(prompt text, prompt token ids) of a conversation. Special tokens the client typed stay text unless
     the server allows them (ServerConfig.special_tokens_in_content). Any failure to render is a 400 naming
-    the message that caused it. Blocking work: run it in a worker thread."""
+    the message that caused it. continue_final: the prompt ends with the last message's text (the template's
+    end of turn after it cut off), so the model goes on writing it. Blocking work: run it in a worker thread."""
     tok = served.tokenizer
     if state.config.special_tokens_in_content:
         escaper = None
@@ -211,6 +212,8 @@ def render_prompt(served: ServedModel, messages: list[ChatMessage], state: Serve
         where = f"messages[{index}]: " if index is not None else ""
         raise bad_request(f"{where}the chat template could not render this conversation: {type(exc).__name__}: "
                           f"{exc}", param=f"messages.{index}" if index is not None else "messages") from None
+    if continue_final:
+        rendered = _open_final_message(rendered, dicts[-1].get("content"), len(dicts) - 1)
     if escaper is None:
         return rendered, served.encode_prompt(rendered, "messages")
     served.check_text_fits(rendered, "messages")
@@ -218,6 +221,18 @@ def render_prompt(served: ServedModel, messages: list[ChatMessage], state: Serve
         return escaper.finish(rendered, max_tokens=served.prompt_token_limit)
     except TooManyTokens as exc:
         raise served.too_long(exc.count, "messages") from None
+
+
+def _open_final_message(rendered: str, content: Any, index: int) -> str:
+    """The rendered conversation cut right after the last message's text (vLLM's continue_final_message): the
+    template's end of turn and anything after it go. The template may have stripped the text's ends."""
+    text = content if isinstance(content, str) else ""
+    for candidate in (text, text.strip()):
+        at = rendered.rfind(candidate) if candidate else -1
+        if at >= 0:
+            return rendered[:at + len(candidate)]
+    raise bad_request(f"messages[{index}]: continue_final_message needs the last message to have text to continue",
+                      param=f"messages.{index}.content")
 
 
 def _failing_message(tok: Any, dicts: list[dict[str, Any]], tools: Any, kwargs: dict[str, Any],
@@ -253,7 +268,11 @@ def template_kwargs(request: ChatCompletionRequest, defaults: dict[str, Any]) ->
     return kwargs
 
 
-def thinking_phase(prompt: str, enable_thinking: Any) -> ThinkingPhase:
+def thinking_phase(prompt: str, enable_thinking: Any, continues_final: bool = False) -> ThinkingPhase:
+    if continues_final:  # inside the continued message: thinking only when it opened a think block left open
+        turn = prompt[prompt.rfind(TURN_START):]
+        opened, closed = turn.rfind(THINK_START), turn.rfind(THINK_END)
+        return ThinkingPhase.THINKING if opened > closed else ThinkingPhase.ANSWER
     tail = prompt.rstrip(" ")
     if tail.endswith(THINK_START + "\n") or tail.endswith(THINK_START):
         return ThinkingPhase.THINKING  # the template opened the block (Qwen3.5-style)
@@ -275,8 +294,9 @@ def plan_chat(served: ServedModel, request: ChatCompletionRequest, state: Server
     image_refs: list[image_inputs.ImageRef] = []
     audio_refs: list[audio_inputs.AudioRef] = []
     prompt, prompt_ids = render_prompt(served, request.messages, state, tools=tool_dicts, images=image_refs,
-                                       audios=audio_refs, **kwargs)
-    phase = thinking_phase(prompt, kwargs.get("enable_thinking"))
+                                       audios=audio_refs, add_generation_prompt=request.add_generation_prompt,
+                                       continue_final=request.continue_final_message, **kwargs)
+    phase = thinking_phase(prompt, kwargs.get("enable_thinking"), request.continue_final_message)
     processors = build_processors(tok, request, phase, tool_dicts)
     top = request.top_logprobs if request.top_logprobs is not None else 0
     params = sampling_params(request, served, max_tokens=request.max_new_tokens,

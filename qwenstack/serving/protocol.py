@@ -270,6 +270,22 @@ class ChatCompletionRequest(_SamplingFields):
     guided_whitespace_pattern: str | None = None
     # Processor options (vLLM's field): {"use_audio_in_video": true} hears each video's audio track (Qwen3-Omni).
     mm_processor_kwargs: dict[str, Any] | None = None
+    # vLLM's prefill fields: continue_final_message goes on writing the last (assistant) message instead of
+    # starting a new turn, the answer being only what follows it; it implies add_generation_prompt false.
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+
+    @model_validator(mode="after")
+    def _continues_an_assistant_message(self) -> "ChatCompletionRequest":
+        if not self.continue_final_message:
+            return self
+        if self.messages[-1].role != "assistant":
+            raise ValueError("continue_final_message needs the last message to be the assistant's, to continue it")
+        if "add_generation_prompt" in self.model_fields_set and self.add_generation_prompt:
+            raise ValueError("continue_final_message continues the last message; it cannot be combined with "
+                             "add_generation_prompt true, which starts a new one")
+        self.add_generation_prompt = False
+        return self
 
     @field_validator("reasoning_effort", mode="before")
     @classmethod

@@ -128,6 +128,27 @@ def test_thinking_switches_change_the_prompt(client: openai.OpenAI, tok: Tokeniz
     assert r.usage.prompt_tokens == prompt_len(tok, soft)
 
 
+def test_continue_final_message_goes_on_writing_the_prefill(server: BackgroundServer, client: openai.OpenAI,
+                                                             tok: Tokenizer) -> None:
+    """vLLM's continue_final_message: the prompt ends with the last (assistant) message's text, not with its
+    end of turn, and the answer is only what follows it: the same tokens as a plain completion of that text."""
+    prefill = "Hello, Paris"
+    messages = MESSAGES + [{"role": "assistant", "content": prefill}]
+    rendered = tok.apply_chat_template(messages, add_generation_prompt=False, enable_thinking=True)
+    prompt = rendered[:rendered.rfind(prefill) + len(prefill)]
+    assert not prompt.endswith("<|im_end|>\n") and prompt.endswith(prefill)
+    chat = client.chat.completions.create(model="tiny", messages=messages, **GREEDY,
+                                          extra_body={"continue_final_message": True})
+    plain = client.completions.create(model="tiny", prompt=prompt, **GREEDY)
+    assert chat.choices[0].message.content == plain.choices[0].text and not chat.choices[0].message.content.startswith(
+        prefill)
+    assert chat.usage.prompt_tokens == len(tok.encode(prompt))
+    for extra, last in [({"continue_final_message": True}, MESSAGES),  # nothing of the assistant's to continue
+                        ({"continue_final_message": True, "add_generation_prompt": True}, messages)]:
+        r = httpx.post(server.url + "/v1/chat/completions", json={"model": "tiny", "messages": last, **extra})
+        assert r.status_code == 400 and "continue_final_message" in r.json()["error"]["message"], r.text
+
+
 def test_reasoning_effort_means_what_it_means_in_responses() -> None:
     """low and medium cap the thinking (an explicit budget wins), high and xhigh leave it unbounded, and an
     effort OpenAI does not have is a 400 naming the field."""
