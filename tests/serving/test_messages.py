@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+from pathlib import Path
 from typing import Any, Iterator
 
 import anthropic
@@ -38,14 +39,15 @@ GREEDY = {"temperature": 0}  # this SDK has no sampling arguments any more; olde
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BackgroundServer]:
+def server(tmp_path_factory: pytest.TempPathFactory, tiny_qwen3: Path) -> Iterator[BackgroundServer]:
     root = tmp_path_factory.mktemp("messages")
     think = build_scripted_checkpoint(root / "think", THINK_ANSWER)
     agent = build_agent(root / "agent")
     writer = build_scripted_checkpoint(root / "writer", WRITER_SCRIPT)
     models = [tiny_served_model(think.path, "think"), tiny_served_model(agent.path, "agent"),
               tiny_served_model(writer.path, "writer"),
-              tiny_served_model(think.path, "short", max_model_len=30)]  # the context ends within the answer
+              tiny_served_model(think.path, "short", max_model_len=30),  # the context ends within the answer
+              tiny_served_model(tiny_qwen3, "tiny")]  # random weights: it goes on from any text
     app = create_app(models, ServerConfig(api_key=KEY, enable_ui=False))
     with BackgroundServer(app) as srv:
         srv.models = {m.name: m for m in models}
@@ -86,6 +88,22 @@ def test_system_prompt_as_string_or_blocks(client: anthropic.Anthropic) -> None:
     assert text == parts > bare  # text blocks join one per line; the billing line (a per-request hash) is dropped
     m = create(client, system=[{"type": "text", "text": "Be brief."}])
     assert m.content[0].text == ANSWER and m.usage.input_tokens > bare
+
+
+def test_a_last_assistant_message_is_a_prefill_the_answer_continues(server: BackgroundServer,
+                                                                   client: anthropic.Anthropic) -> None:
+    """Anthropic's prefill: the model goes on from the assistant's text (chat's continue_final_message), and the
+    response holds only what follows it."""
+    prefill = [*HELLO, {"role": "assistant", "content": "Hello, Paris"}]
+    m = create(client, model="tiny", max_tokens=12, messages=prefill)
+    chat = httpx.post(server.url + "/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"}, json={
+        "model": "tiny", "messages": prefill, "max_tokens": 12, "temperature": 0, "continue_final_message": True,
+        "chat_template_kwargs": {"enable_thinking": False}}).json()
+    assert m.content[0].text == chat["choices"][0]["message"]["content"]
+    assert m.usage.input_tokens == chat["usage"]["prompt_tokens"] == client.messages.count_tokens(
+        model="tiny", messages=prefill).input_tokens
+    assert m.usage.input_tokens < create(client, model="tiny", max_tokens=1, messages=[
+        *prefill, {"role": "user", "content": "And?"}]).usage.input_tokens
 
 
 def test_count_tokens_equals_usage(client: anthropic.Anthropic) -> None:

@@ -19,6 +19,8 @@ Decisions:
   (titles, summaries, command checks) come without it and with small max_tokens that a think block would use
   up, leaving no answer.
   `output_config.effort` caps the budget as chat's reasoning_effort does (max = xhigh: unbounded).
+- A last message from the assistant is a prefill (Anthropic's "putting words in Claude's mouth"): the model goes
+  on writing it (chat's continue_final_message), and the response holds only what follows it.
 - `tool_choice` any -> required, tool -> a named function (both forced by a grammar), none -> no tools in the
   prompt; `disable_parallel_tool_use` -> parallel_tool_calls false. Server tools (a `type` other than
   "custom") are not run here and are left out of the prompt.
@@ -158,8 +160,12 @@ def thinking_on(request: CountTokensRequest, default: bool) -> bool:
 def chat_request(request: CountTokensRequest, default_thinking: bool, counting: bool = False) -> ChatCompletionRequest:
     """The chat request this message request runs as. `counting`: for count_tokens (the prompt only: a forced
     tool choice renders as "auto" does, without building its grammar)."""
-    body: dict[str, Any] = {"model": request.model, "messages": chat_messages(request),
+    messages = chat_messages(request)
+    body: dict[str, Any] = {"model": request.model, "messages": messages,
                             "chat_template_kwargs": {"enable_thinking": thinking_on(request, default_thinking)}}
+    last = messages[-1]
+    if last["role"] == "assistant" and last.get("content") and not last.get("tool_calls"):
+        body["continue_final_message"] = True  # a prefill: the answer goes on from its text
     if isinstance(request, MessagesRequest):
         body["max_completion_tokens"] = request.max_tokens
         for name in ("temperature", "top_p", "top_k"):
