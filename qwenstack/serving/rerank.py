@@ -35,6 +35,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 
+from qwenstack.markup import TURN_START
 from qwenstack.serving.errors import APIError, bad_request
 from qwenstack.serving.openapi import request_body
 from qwenstack.serving.protocol import MAX_COUNT, _Request, one_sentence_error
@@ -48,7 +49,6 @@ SYSTEM = ('Judge whether the Document meets the requirements based on the Query 
           'Note that the answer can only be "yes" or "no".')
 PREFIX = f"<|im_start|>system\n{SYSTEM}<|im_end|>\n<|im_start|>user\n"
 SUFFIX = "<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
-FORMATTED = "<|im_start|>"  # a query starting so was formatted by the client
 
 router = APIRouter()
 
@@ -141,7 +141,7 @@ def pair_prompts(served: ServedModel, pairs: list[tuple[str, str]], instruction:
     prefix, suffix = tok.encode(PREFIX), tok.encode(SUFFIX)
 
     def prompt(query: str, document: str) -> list[int]:  # raises _TooLong
-        formatted = query.startswith(FORMATTED)
+        formatted = query.startswith(TURN_START)  # formatted by the client
         text = query + document if formatted else pair_text(instruction, query, document)
         if len(text) > limit * served.max_token_chars * 4:  # certain without tokenizing (as check_text_fits)
             raise _TooLong(f"at least {len(text) // (served.max_token_chars * 4)}")
