@@ -240,6 +240,13 @@ THINKING_OFF = frozenset({"none", "minimal"})
 EFFORT_BUDGETS = {"low": 1024, "medium": 8192}
 
 
+def ends_in_prefill(messages: list[dict[str, Any]]) -> bool:
+    """A conversation (chat message dicts) whose last message is the assistant's text without tool calls: a
+    prefill, which Anthropic's and Ollama's APIs continue (chat's continue_final_message)."""
+    last = messages[-1] if messages else {}
+    return last.get("role") == "assistant" and bool(last.get("content")) and not last.get("tool_calls")
+
+
 class ChatAudioParams(_Request):
     """OpenAI's `audio` request parameter: both fields required."""
 

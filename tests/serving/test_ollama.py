@@ -3,6 +3,7 @@ the official `ollama` package, against scripted checkpoints served by the real e
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any, Iterator
 
 import httpx
@@ -35,12 +36,13 @@ QUESTION = [{"role": "user", "content": "Weather and time in Paris?"}]
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BackgroundServer]:
+def server(tmp_path_factory: pytest.TempPathFactory, tiny_qwen3: Path) -> Iterator[BackgroundServer]:
     root = tmp_path_factory.mktemp("ollama")
     think = build_scripted_checkpoint(root / "think", THINK_ANSWER)
     agent = build_agent(root / "agent")
     models = [tiny_served_model(think.path, "think"), tiny_served_model(agent.path, "agent"),
-              tiny_served_model(think.path, "short", max_model_len=30)]
+              tiny_served_model(think.path, "short", max_model_len=30),
+              tiny_served_model(tiny_qwen3, "tiny")]  # random weights: it goes on from any text
     app = create_app(models, ServerConfig(api_key=KEY, enable_ui=False))
     with BackgroundServer(app) as srv:
         srv.models = {m.name: m for m in models}
@@ -57,6 +59,18 @@ def chat(client: ollama.Client, **kwargs: Any) -> Any:
     kwargs.setdefault("messages", HELLO)
     kwargs["options"] = {**GREEDY, **kwargs.get("options", {})}
     return client.chat(**kwargs)
+
+
+def test_a_last_assistant_message_is_continued(server: BackgroundServer, client: ollama.Client) -> None:
+    """As Ollama answers it: the model goes on from the assistant's text (chat's continue_final_message), and the
+    message holds only what follows it."""
+    prefill = [*HELLO, {"role": "assistant", "content": "Hello, Paris"}]
+    r = chat(client, model="tiny", messages=prefill, options={"num_predict": 12})
+    plain = httpx.post(server.url + "/v1/chat/completions", headers=AUTH, json={
+        "model": "tiny", "messages": prefill, "max_tokens": 12, "temperature": 0,
+        "continue_final_message": True}).json()
+    assert r.message.content == plain["choices"][0]["message"]["content"]
+    assert r.prompt_eval_count == plain["usage"]["prompt_tokens"]
 
 
 def reassembled(parts: list[Any]) -> dict[str, Any]:

@@ -38,7 +38,7 @@ from qwenstack.serving.messages.protocol import (
     Base64Source, CountTokensRequest, FileSource, ImageBlock, MessagesRequest, RedactedThinkingBlock, TextBlock,
     ThinkingBlock, ToolResultBlock, ToolUseBlock,
 )
-from qwenstack.serving.protocol import ChatCompletionRequest
+from qwenstack.serving.protocol import ChatCompletionRequest, ends_in_prefill
 from qwenstack.serving.state import parse
 
 BILLING_HEADER = "x-anthropic-billing-header"  # a system block Claude Code adds for Anthropic's billing
@@ -163,9 +163,8 @@ def chat_request(request: CountTokensRequest, default_thinking: bool, counting: 
     messages = chat_messages(request)
     body: dict[str, Any] = {"model": request.model, "messages": messages,
                             "chat_template_kwargs": {"enable_thinking": thinking_on(request, default_thinking)}}
-    last = messages[-1]
-    if last["role"] == "assistant" and last.get("content") and not last.get("tool_calls"):
-        body["continue_final_message"] = True  # a prefill: the answer goes on from its text
+    if ends_in_prefill(messages):
+        body["continue_final_message"] = True  # the answer goes on from the assistant's text
     if isinstance(request, MessagesRequest):
         body["max_completion_tokens"] = request.max_tokens
         for name in ("temperature", "top_p", "top_k"):

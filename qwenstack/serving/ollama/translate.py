@@ -1,6 +1,8 @@
 """An Ollama request -> the chat request serving/chat.py plans, and the chat parser's output -> Ollama's message.
 
 Decisions:
+- A last assistant message is continued, as Ollama does (chat's continue_final_message): the answer is what
+  follows its text.
 - Messages map one to one: `images` (base64, no data: prefix) become image parts before the text, as Qwen's
   vision examples order them (vision models only: a 400 otherwise); an assistant turn's `thinking` becomes its
   `reasoning_content` and its `tool_calls` (arguments an object) its tool calls; a `tool` message's
@@ -31,7 +33,7 @@ from qwenstack.serving.ollama.protocol import (
     OllamaChatRequest, OllamaGenerateRequest, OllamaMessage, OllamaOptions, _Generating,
 )
 from qwenstack.serving.parsers import ToolCallDelta
-from qwenstack.serving.protocol import ChatCompletionRequest
+from qwenstack.serving.protocol import ChatCompletionRequest, ends_in_prefill
 from qwenstack.serving.state import parse
 
 EFFORTS = {"low": "low", "medium": "medium", "high": "high", "max": "xhigh"}
@@ -106,7 +108,10 @@ def _chat_body(request: _Generating, messages: list[dict[str, Any]]) -> dict[str
 
 
 def chat_request(request: OllamaChatRequest) -> ChatCompletionRequest:
-    body = _chat_body(request, [chat_message(m) for m in request.messages])
+    messages = [chat_message(m) for m in request.messages]
+    body = _chat_body(request, messages)
+    if ends_in_prefill(messages):
+        body["continue_final_message"] = True  # Ollama continues a last assistant message
     if request.tools:
         body["tools"] = [t.model_dump(exclude_none=True) for t in request.tools]
     return parse(ChatCompletionRequest, body)
