@@ -248,7 +248,7 @@ def test_embed_equals_v1_embeddings(client: ollama.Client, server: BackgroundSer
 
 def test_model_listing_show_ps_and_version(client: ollama.Client, server: BackgroundServer) -> None:
     listed = {m.model: m for m in client.list().models}
-    assert set(listed) == {"think:latest", "agent:latest", "short:latest"}
+    assert set(listed) == {"think:latest", "agent:latest", "short:latest", "tiny:latest"}
     think = listed["think:latest"]
     assert think.size > 0 and len(think.digest) == 64 and think.details.family == "qwen3"
     assert think.details.quantization_level == "F32" and think.details.parameter_size.endswith("K")
