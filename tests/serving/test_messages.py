@@ -12,7 +12,7 @@ import httpx
 import jsonschema
 import pytest
 
-from responses_fixtures import AGENT_ANSWER, THINK_ANSWER, build_agent
+from responses_fixtures import AGENT_ANSWER, THINK_ANSWER, chat_api_models
 from scripted import _answer, build_scripted_checkpoint
 from server_utils import BackgroundServer, fail_after_first_output, tiny_served_model
 from qwenstack.serving.app import create_app
@@ -41,13 +41,8 @@ GREEDY = {"temperature": 0}  # this SDK has no sampling arguments any more; olde
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, tiny_qwen3: Path) -> Iterator[BackgroundServer]:
     root = tmp_path_factory.mktemp("messages")
-    think = build_scripted_checkpoint(root / "think", THINK_ANSWER)
-    agent = build_agent(root / "agent")
     writer = build_scripted_checkpoint(root / "writer", WRITER_SCRIPT)
-    models = [tiny_served_model(think.path, "think"), tiny_served_model(agent.path, "agent"),
-              tiny_served_model(writer.path, "writer"),
-              tiny_served_model(think.path, "short", max_model_len=30),  # the context ends within the answer
-              tiny_served_model(tiny_qwen3, "tiny")]  # random weights: it goes on from any text
+    models = [*chat_api_models(root, tiny_qwen3), tiny_served_model(writer.path, "writer")]
     app = create_app(models, ServerConfig(api_key=KEY, enable_ui=False))
     with BackgroundServer(app) as srv:
         srv.models = {m.name: m for m in models}

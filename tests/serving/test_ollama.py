@@ -11,9 +11,9 @@ import jsonschema
 import ollama
 import pytest
 
-from responses_fixtures import AGENT_ANSWER, THINK_ANSWER, build_agent
-from scripted import _answer, build_scripted_checkpoint
-from server_utils import BackgroundServer, fail_after_first_output, tiny_served_model
+from responses_fixtures import AGENT_ANSWER, THINK_ANSWER, chat_api_models
+from scripted import _answer
+from server_utils import BackgroundServer, fail_after_first_output
 from qwenstack.serving.app import create_app
 from qwenstack.serving.config import ServerConfig
 from qwenstack.serving.ollama import translate
@@ -37,12 +37,7 @@ QUESTION = [{"role": "user", "content": "Weather and time in Paris?"}]
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, tiny_qwen3: Path) -> Iterator[BackgroundServer]:
-    root = tmp_path_factory.mktemp("ollama")
-    think = build_scripted_checkpoint(root / "think", THINK_ANSWER)
-    agent = build_agent(root / "agent")
-    models = [tiny_served_model(think.path, "think"), tiny_served_model(agent.path, "agent"),
-              tiny_served_model(think.path, "short", max_model_len=30),
-              tiny_served_model(tiny_qwen3, "tiny")]  # random weights: it goes on from any text
+    models = chat_api_models(tmp_path_factory.mktemp("ollama"), tiny_qwen3)
     app = create_app(models, ServerConfig(api_key=KEY, enable_ui=False))
     with BackgroundServer(app) as srv:
         srv.models = {m.name: m for m in models}

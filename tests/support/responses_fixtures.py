@@ -27,6 +27,16 @@ def build_looper(path: Path) -> ScriptedCheckpoint:
     return build_scripted_checkpoint(path, LOOP_SCRIPT)
 
 
+def chat_api_models(root: Path, tiny: Path) -> list[Any]:
+    """The served models the Anthropic and Ollama API tests share: scripted "think" and "agent", "short" (think
+    with a context that ends within its answer) and "tiny" (random weights: it goes on from any text)."""
+    from server_utils import tiny_served_model
+
+    think = build_scripted_checkpoint(root / "think", THINK_ANSWER)
+    return [tiny_served_model(think.path, "think"), tiny_served_model(build_agent(root / "agent").path, "agent"),
+            tiny_served_model(think.path, "short", max_model_len=30), tiny_served_model(tiny, "tiny")]
+
+
 def mcp_test_app(token: str | None = None, weather_hangs_s: float | None = None) -> Any:
     """An MCP server (the `mcp` package's MCPServer) with two tools, get_time always failing; with `token`, HTTP
     requests without `Authorization: Bearer <token>` get a 401; with `weather_hangs_s`, get_weather answers only
