@@ -257,7 +257,9 @@ def test_stream_guard_judges_whole_prompts_and_answers(server: BackgroundServer,
     assert r["qwenstack_guard"]["direction"] == "prompt" and r["choices"][0]["finish_reason"] == "content_filter"
 
 
-def test_guard_metrics(server: BackgroundServer, gens: dict[str, GenGuard]) -> None:
+def test_guard_metrics(server: BackgroundServer, gens: dict[str, GenGuard], stream_guard: GuardStream) -> None:
+    guard_with(server, stream=stream_guard)
+    chat_stream(server)  # the stream guard's latency, per checked chunk
     guard_with(server, gen=gens["safe"])
     chat(server)
     text = httpx.get(server.url + "/metrics").text
@@ -265,7 +267,7 @@ def test_guard_metrics(server: BackgroundServer, gens: dict[str, GenGuard]) -> N
     assert 'qwenstack:guard_latency_seconds_count{direction="answer",guard="gen",model_name="scripted-guard"}' in text
     assert ('qwenstack:guard_decisions_total{action="allow",direction="prompt",model_name="scripted-guard",'
             'safety="Safe"}') in text
-    assert 'guard="stream"' in text  # from the streamed test above (per checked chunk)
+    assert 'guard="stream"' in text
 
 
 def test_guard_models_from_server_config(main_model: ScriptedCheckpoint, stream_guard: GuardStream,
