@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable
 
 from fastapi import APIRouter, Request
-from fastapi.responses import Response
+from fastapi.responses import JSONResponse, Response
 
 from qwenstack.chat_template import ChatTemplateError
 from qwenstack.engine.outputs import CompletionOutput, RequestOutput
@@ -52,7 +52,7 @@ from qwenstack.serving.sampling import sampling_params
 from qwenstack.tokenizer import TooManyTokens
 from qwenstack.serving.served import ServedModel
 from qwenstack.serving.state import ServerState, local_or_forwarded
-from qwenstack.serving.streaming import CLIENT_LEFT, admit, event_stream, reply, sse
+from qwenstack.serving.streaming import CLIENT_LEFT, EVENT_STREAM, admit, close_all, event_stream, reply, sse
 
 router = APIRouter()
 
@@ -369,6 +369,44 @@ async def turn_deltas(plan: ChatPlan, outputs: AsyncIterator[RequestOutput], tra
         if out.finished:
             tracker.on_finished(out)
         yield out, parsed
+
+
+TurnEvents = Callable[[AsyncIterator[RequestOutput], RequestTracker], AsyncIterator[Any]]
+
+
+async def answer_turn(request: Request, state: ServerState, plan: ChatPlan, arrival: float, request_id: str,
+                      stream: bool, events: TurnEvents,
+                      frames: Callable[[AsyncIterator[Any]], AsyncIterator[str]], body: Callable[[], dict[str, Any]],
+                      frame_error: Callable[[APIError], str], media_type: str = EVENT_STREAM) -> Response:
+    """One model turn of a route that shapes chat's answer its own way (/v1/messages, Ollama's /api/chat and
+    /api/generate): the prompt past the guard (a blocked one gets the refusal as its answer, moderation.py), the
+    engine's outputs under the guard, then `events(outputs, tracker)` streamed through `frames` (a failure after
+    the 200 is `frame_error`'s last frame), or consumed and answered whole with `body()`."""
+    served, retry = plan.served, state.config.retry_after_s
+    engine_stream = await moderation.guarded_turn(
+        moderation.guardrails_of(request), plan,
+        lambda: served.engine.generate(plan.prompt_ids, plan.params, request_id=request_id, prompt=plan.prompt,
+                                       **({"multimodal": plan.multimodal} if plan.multimodal else {})))
+    admitted = await admit(request, [engine_stream], retry)
+    if admitted is None:
+        return Response(status_code=CLIENT_LEFT)
+    tracker = state.metrics.track(served.name, arrival)
+    outputs = admitted[0]
+    moderated = moderation.moderate_outputs(plan, outputs)
+
+    async def whole() -> Response:
+        try:
+            async for _ in events(moderated, tracker):
+                pass
+        finally:
+            await close_all([moderated, outputs])
+            tracker.done()
+        return JSONResponse(body())
+
+    return await reply(request, stream,
+                       lambda: event_stream(frames(events(moderated, tracker)), retry, on_end=tracker.done,
+                                            frame_error=frame_error, done=None),
+                       whole, sources=[moderated, outputs], media_type=media_type)
 
 
 def usage(plan: ChatPlan, final: RequestOutput) -> Usage:

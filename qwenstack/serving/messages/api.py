@@ -34,8 +34,9 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
 from qwenstack.engine.outputs import RequestOutput
-from qwenstack.serving import moderation
-from qwenstack.serving.chat import ChatPlan, attach_media, cap_max_tokens, plan_chat, turn_deltas
+from qwenstack.serving.chat import (
+    ChatPlan, answer_turn, attach_media, cap_max_tokens, plan_chat, turn_deltas,
+)
 from qwenstack.serving.errors import APIError
 from qwenstack.serving.messages import translate
 from qwenstack.serving.messages.protocol import (
@@ -46,7 +47,7 @@ from qwenstack.serving.middleware import ErrorShape
 from qwenstack.serving.openapi import chat_responses, error_model, request_body
 from qwenstack.serving.responses.events import Event, new_id
 from qwenstack.serving.state import ServerState, local_or_forwarded
-from qwenstack.serving.streaming import CLIENT_LEFT, admit, close_all, event_stream, reply, typed_sse
+from qwenstack.serving.streaming import typed_sse
 
 PREFIX = "/v1/messages"
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
@@ -208,31 +209,8 @@ async def create_message(request: Request) -> Response:
     await attach_media(plan, state)
     cap_max_tokens(plan)
     turn = Turn(plan, body.max_tokens)
-    retry = state.config.retry_after_s
-    stream = await moderation.guarded_turn(  # a blocked prompt never reaches the engine: the refusal comes instead
-        moderation.guardrails_of(request), plan,
-        lambda: served.engine.generate(plan.prompt_ids, plan.params, request_id=turn.id, prompt=plan.prompt,
-                                       **({"multimodal": plan.multimodal} if plan.multimodal else {})))
-    admitted = await admit(request, [stream], retry)
-    if admitted is None:
-        return Response(status_code=CLIENT_LEFT)
-    tracker = state.metrics.track(served.name, arrival)
-    outputs = admitted[0]
-    moderated = moderation.moderate_outputs(plan, outputs)
-
-    async def whole() -> Response:
-        try:
-            async for _ in turn.events(moderated, tracker):
-                pass
-        finally:
-            await close_all([moderated, outputs])
-            tracker.done()
-        return JSONResponse(turn.body())
-
-    return await reply(request, body.stream,
-                       lambda: event_stream(_frames(turn.events(moderated, tracker)), retry, on_end=tracker.done,
-                                            frame_error=_error_event, done=None),
-                       whole, sources=[moderated, outputs])
+    return await answer_turn(request, state, plan, arrival, turn.id, body.stream, turn.events, _frames, turn.body,
+                             _error_event)
 
 
 @router.post(PREFIX + "/count_tokens", responses={200: {"model": MessageTokenCount}})

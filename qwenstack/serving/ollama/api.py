@@ -49,8 +49,9 @@ from fastapi.responses import JSONResponse, Response
 
 from qwenstack import __version__
 from qwenstack.engine.outputs import RequestOutput
-from qwenstack.serving import moderation
-from qwenstack.serving.chat import ChatPlan, attach_media, cap_max_tokens, plan_chat, turn_deltas
+from qwenstack.serving.chat import (
+    ChatPlan, answer_turn, attach_media, cap_max_tokens, plan_chat, turn_deltas,
+)
 from qwenstack.serving.constraints import ThinkingPhase, build_processors
 from qwenstack.serving.embeddings import EmbeddingRequest, embed
 from qwenstack.serving.errors import APIError
@@ -69,7 +70,6 @@ from qwenstack.serving.protocol import ChatCompletionRequest, _Request
 from qwenstack.serving.sampling import sampling_params
 from qwenstack.serving.served import ServedModel
 from qwenstack.serving.state import ServerState, get_state, parse_off_loop, read_json
-from qwenstack.serving.streaming import CLIENT_LEFT, admit, close_all, event_stream, reply
 
 OLLAMA_VERSION = "0.12.0"
 NDJSON = "application/x-ndjson"
@@ -217,33 +217,10 @@ async def _ndjson(lines: AsyncIterator[dict]) -> AsyncIterator[str]:
 
 
 async def _answer(request: Request, state: ServerState, turn: Turn, stream: bool, parser: Any) -> Response:
-    plan, served = turn.plan, turn.plan.served
-    cap_max_tokens(plan)  # Ollama stops at the context's end ("length") whatever num_predict asked
-    retry = state.config.retry_after_s
-    engine_stream = await moderation.guarded_turn(  # a blocked prompt never reaches the engine: the refusal instead
-        moderation.guardrails_of(request), plan,
-        lambda: served.engine.generate(plan.prompt_ids, plan.params, request_id=plan.request_id, prompt=plan.prompt,
-                                       **({"multimodal": plan.multimodal} if plan.multimodal else {})))
-    admitted = await admit(request, [engine_stream], retry)
-    if admitted is None:
-        return Response(status_code=CLIENT_LEFT)
-    tracker = state.metrics.track(served.name, turn.arrival)
-    outputs = admitted[0]
-    moderated = moderation.moderate_outputs(plan, outputs)
-
-    async def whole() -> Response:
-        try:
-            async for _ in turn.lines(moderated, tracker, parser):
-                pass
-        finally:
-            await close_all([moderated, outputs])
-            tracker.done()
-        return JSONResponse(turn.body())
-
-    return await reply(request, stream,
-                       lambda: event_stream(_ndjson(turn.lines(moderated, tracker, parser)), retry,
-                                            on_end=tracker.done, frame_error=_error_line, done=None),
-                       whole, sources=[moderated, outputs], media_type=NDJSON)
+    cap_max_tokens(turn.plan)  # Ollama stops at the context's end ("length") whatever num_predict asked
+    return await answer_turn(request, state, turn.plan, turn.arrival, turn.plan.request_id, stream,
+                             lambda outputs, tracker: turn.lines(outputs, tracker, parser), _ndjson, turn.body,
+                             _error_line, media_type=NDJSON)
 
 
 def _loaded(body: _Generating, chat: bool) -> JSONResponse:
