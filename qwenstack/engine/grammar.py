@@ -1,6 +1,8 @@
-"""Structured output: OpenAI `response_format` and forced tool calls, enforced token by token with llguidance.
+"""Structured output: OpenAI `response_format`, vLLM's regex, choice and grammar constraints, and forced tool
+calls, enforced token by token with llguidance.
 
     processor = make_json_processor(tokenizer, {"type": "json_schema", "json_schema": {"name": "x", "schema": {...}}})
+    processor = make_answer_processor(tokenizer, AnswerFormat("regex", "[0-9]{3}"))
     SamplingParams(..., logits_processors=[processor])        # one processor per generated sequence
 
 Decisions:
@@ -18,13 +20,14 @@ Decisions:
   unless the schema says otherwise; a bare {"type": "object"} stays any object. Whitespace is compact by
   default: exactly json.dumps' separators (", " and ": ") and none elsewhere, so a small model cannot write
   newlines until max_tokens (the demo model did); `whitespace_pattern` (a regex, vLLM's
-  guided_whitespace_pattern) allows that whitespace between tokens instead. None around the JSON; properties come in schema order; oneOf is read as anyOf and keywords
-  llguidance cannot enforce are ignored (lenient), as xgrammar ignored them.
-- A grammar is a Lark grammar (the think block, the tool-call frame) that references each JSON schema as a named
-  sub-grammar (`@answer`, `@arguments_0`, ...); each schema is first checked on its own so that an invalid one
-  is reported without Lark positions. Compiled grammars (a matcher in its start state) are cached per
-  tokenizer and per (kind, schema, options); a processor holds a deep copy of one, so creating one per request
-  is cheap after the first.
+  guided_whitespace_pattern) allows that whitespace between tokens instead. None around the JSON; properties
+  come in schema order; oneOf is read as anyOf and keywords llguidance cannot enforce are ignored (lenient), as
+  xgrammar ignored them.
+- A grammar is a Lark grammar (the think block, the tool-call frame) that references the answer's grammar and
+  each JSON schema as a named sub-grammar (`@answer`, `@arguments_0`, ...); each schema is first checked on its
+  own so that an invalid one is reported without Lark positions. Compiled grammars (a matcher in its start
+  state) are cached per tokenizer and per (kind, schema, options); a processor holds a deep copy of one, so
+  creating one per request is cheap after the first.
 - A processor is per sequence. It receives the full output each call and feeds the matcher only the tokens added
   since its last call; if the list is not a continuation of what it saw (a reused processor, a recomputed
   sequence), it replays from the start. A token the grammar rejects (another processor forced it) turns the
@@ -34,7 +37,11 @@ Decisions:
   writes "</think>\\n\\n"; with up to 8 allowed, the tiny demo model took all 8 before every tool call), then the
   constrained part. This is how vLLM applies grammars after reasoning, and it lets a thinking budget force
   "\\n</think>\\n\\n" through the grammar.
-- Invalid schemas, tools or tool choices raise StructuredOutputError (a RequestError, so a ValueError: HTTP 400).
+- A regex must match the whole answer (vLLM's guided_regex; `^` and `$` around it change nothing); a choice is
+  one of its strings exactly; a grammar is Lark (llguidance's dialect) or GBNF (llama.cpp's), told apart by
+  llguidance's converter, with `start` (Lark) or `root` (GBNF) the answer.
+- Invalid schemas, patterns, grammars, tools or tool choices raise StructuredOutputError (a RequestError, so a
+  ValueError: HTTP 400).
 """
 from __future__ import annotations
 
@@ -43,7 +50,8 @@ import logging
 import threading
 import weakref
 from collections import OrderedDict
-from typing import Any, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Literal, Mapping, Sequence
 
 import torch
 
@@ -162,21 +170,34 @@ class _GrammarCache:
         self.compiled: OrderedDict[str, Any] = OrderedDict()
         self.lock = threading.Lock()
 
-    def get(self, key: str, grammar_fn: Callable[[], str]) -> Any:
+    def get(self, key: str, grammar_fn: Callable[[], str], what: str = "schema") -> Any:
+        """The compiled grammar for `key`, built by `grammar_fn` on a miss; `what` names it in errors."""
         with self.lock:
             if key in self.compiled:
                 self.compiled.move_to_end(key)
                 return self.compiled[key]
-        llg = _llg()
-        matcher = llg.LLMatcher(self.tokenizer, grammar_fn(), log_level=0)
-        if matcher.is_error():
-            raise StructuredOutputError(f"invalid schema: {_clean_message(matcher.get_error())}")
-        for warning in matcher.get_grammar_warnings():
-            log.info("structured output grammar: %s", warning)
+        matcher = self.compile(grammar_fn(), what)
         with self.lock:
             self.compiled[key] = matcher
             while len(self.compiled) > MAX_CACHED_GRAMMARS:
                 self.compiled.popitem(last=False)
+        return matcher
+
+    def compile(self, grammar: str, what: str) -> Any:
+        """A matcher for llguidance's grammar JSON, or StructuredOutputError. A grammar can compile and still
+        fail at its first token (a rule that only refers to itself, a parser limit): that is refused here too,
+        before a request runs unconstrained (see GrammarLogitsProcessor)."""
+        matcher = _llg().LLMatcher(self.tokenizer, grammar, log_level=0)
+        if matcher.is_error():
+            raise StructuredOutputError(f"invalid {what}: {_clean_message(matcher.get_error())}")
+        for warning in matcher.get_grammar_warnings():
+            log.info("structured output grammar: %s", warning)
+        probe = matcher.deep_copy()
+        bitmask = torch.zeros((self.vocab_size + 31) // 32, dtype=torch.int32)
+        probe.unsafe_compute_mask_ptr(bitmask.data_ptr(), bitmask.numel() * 4)
+        if probe.is_error():
+            reason = (probe.get_error().strip().splitlines() or ["unknown error"])[0]
+            raise StructuredOutputError(f"invalid {what}: no output can match it ({reason})")
         return matcher
 
 
@@ -278,10 +299,11 @@ def _think_rules(thinking: bool, starts_in_reasoning: bool) -> tuple[str, str]:
     return ("THINK AFTER_THINK? " if starts_in_reasoning else "(THINK AFTER_THINK?)? "), rules
 
 
-def _top_level(lark: str, schemas: Mapping[str, Any]) -> str:
-    """llguidance's grammar JSON: the Lark grammar first, then the schemas it references by name."""
+def _top_level(lark: str, subgrammars: Mapping[str, Mapping[str, Any]]) -> str:
+    """llguidance's grammar JSON: the Lark grammar first, then the grammars it references by name (each
+    {"json_schema": ...} or {"lark_grammar": ...})."""
     grammars: list[dict[str, Any]] = [{"lark_grammar": lark}]
-    grammars += [{"name": name, "json_schema": schema} for name, schema in schemas.items()]
+    grammars += [{"name": name, **grammar} for name, grammar in subgrammars.items()]
     return json.dumps({"grammars": grammars})
 
 
@@ -355,8 +377,21 @@ def _strict_schema(node: Any, in_all_of: bool = False) -> Any:
     return out
 
 
-def _schema_of(response_format: Mapping[str, Any]) -> tuple[str, Any]:
-    """('object', None) for any JSON object, ('schema', schema) for a schema."""
+AnswerKind = Literal["json_object", "json_schema", "regex", "choice", "grammar"]
+
+
+@dataclass(frozen=True)
+class AnswerFormat:
+    """What the answer must be: any JSON object (spec None), an instance of a JSON schema (spec: the schema), a
+    full match of a regex (spec: the pattern), one of some strings (spec: the list) or a sentence of a Lark or
+    GBNF grammar (spec: its text)."""
+
+    kind: AnswerKind
+    spec: Any = None
+
+
+def answer_format_of(response_format: Mapping[str, Any]) -> AnswerFormat:
+    """An OpenAI response_format (json_object, or json_schema with its schema) as an AnswerFormat."""
     if not isinstance(response_format, Mapping):
         raise StructuredOutputError("response_format must be an object")
     kind = response_format.get("type")
@@ -369,7 +404,7 @@ def _schema_of(response_format: Mapping[str, Any]) -> tuple[str, Any]:
     elif spec is not None and not isinstance(spec, Mapping):
         raise StructuredOutputError("response_format.json_schema must be an object with a 'schema'")
     if kind == "json_object" and schema is None:
-        return "object", None
+        return AnswerFormat("json_object")
     if kind not in ("json_schema", "json_object"):
         raise StructuredOutputError(
             f"response_format type {kind!r} cannot be enforced; use 'json_object' or 'json_schema' ('text' needs none)")
@@ -382,26 +417,72 @@ def _schema_of(response_format: Mapping[str, Any]) -> tuple[str, Any]:
             raise StructuredOutputError(f"json_schema.schema is not valid JSON: {exc}") from None
     if not isinstance(schema, (Mapping, bool)):
         raise StructuredOutputError("json_schema.schema must be a JSON Schema object")
-    return "schema", schema
+    return AnswerFormat("json_schema", schema)
+
+
+def _check_regex(pattern: str) -> None:
+    """A regex checked on its own, its error told by the regex parser's own line (no Lark positions)."""
+    llg = _llg()
+    error = llg.LLMatcher.validate_grammar(llg.grammar_from("regex", pattern))
+    if error:
+        reasons = [line.strip()[len("error:"):].strip() for line in error.splitlines()
+                   if line.strip().startswith("error:")]
+        raise StructuredOutputError(f"invalid regex {pattern!r}: {reasons[0] if reasons else _clean_message(error)}")
+
+
+def _answer_grammar(fmt: AnswerFormat, whitespace_pattern: str | None) -> dict[str, Any]:
+    """The `answer` sub-grammar of a format: a JSON schema or a Lark grammar."""
+    if fmt.kind in ("json_object", "json_schema"):
+        body = {"type": "object"} if fmt.kind == "json_object" else _strict_schema(fmt.spec)
+        return {"json_schema": _checked_schema(body, whitespace_pattern)}
+    if fmt.kind == "regex":
+        if not isinstance(fmt.spec, str) or not fmt.spec:
+            raise StructuredOutputError("a regex constraint must be a non-empty string")
+        _check_regex(fmt.spec)
+        return {"lark_grammar": f"start: /{_llg().regex_to_lark(fmt.spec)}/"}
+    if fmt.kind == "choice":
+        if not isinstance(fmt.spec, list) or not fmt.spec or not all(isinstance(c, str) and c for c in fmt.spec):
+            raise StructuredOutputError("a choice constraint must be a non-empty list of non-empty strings")
+        return {"lark_grammar": "start: " + " | ".join(_lark_string(c) for c in fmt.spec)}
+    if fmt.kind == "grammar":
+        if not isinstance(fmt.spec, str) or not fmt.spec.strip():
+            raise StructuredOutputError("a grammar constraint must be a non-empty Lark or GBNF grammar")
+        from llguidance.gbnf_to_lark import any_to_lark
+
+        try:
+            lark = any_to_lark(fmt.spec)
+        except Exception as exc:  # the converter raises its own error types, and IndexError on some inputs
+            raise StructuredOutputError(f"invalid grammar: {_clean_message(exc)}") from None
+        return {"lark_grammar": lark}
+    raise StructuredOutputError(f"unknown structured output kind {fmt.kind!r}")
+
+
+def make_answer_processor(tokenizer: Tokenizer, fmt: AnswerFormat, *, thinking: bool = False,
+                          starts_in_reasoning: bool = False, whitespace_pattern: str | None = None) -> LogitsProcessor:
+    """A per-sequence processor that makes the output an answer of `fmt`, then eos. With thinking, a leading
+    think block is allowed first (see the module notes)."""
+    cache = _cache_for(tokenizer)
+    what = "schema" if fmt.kind.startswith("json") else fmt.kind
+    key = json.dumps([fmt.kind, fmt.spec, thinking, starts_in_reasoning, whitespace_pattern], sort_keys=True)
+
+    def grammar_fn() -> str:
+        answer = _answer_grammar(fmt, whitespace_pattern)
+        if "lark_grammar" in answer:  # checked on its own, where a think block cannot hide its first token
+            cache.compile(json.dumps({"grammars": [answer]}), what)
+        opening, rules = _think_rules(thinking, starts_in_reasoning)
+        return _top_level(f"start: {opening}@answer\n{rules}", {"answer": answer})
+
+    description = "response_format" if what == "schema" else f"{fmt.kind} constraint"
+    return GrammarLogitsProcessor(cache.get(key, grammar_fn, what), cache, description)
 
 
 def make_json_processor(tokenizer: Tokenizer, response_format: Mapping[str, Any], *, thinking: bool = False,
                         starts_in_reasoning: bool = False, whitespace_pattern: str | None = None) -> LogitsProcessor:
-    """A per-sequence processor that makes the output a JSON object ({"type": "json_object"}) or an instance of
-    a schema ({"type": "json_schema", "json_schema": {"name", "schema", "strict"}}, or a bare "schema" key).
-    With thinking, a leading think block is allowed first (see the module notes)."""
-    kind, schema = _schema_of(response_format)
-    cache = _cache_for(tokenizer)
-    # json_object: any object, extra keys allowed; a schema: strict (no undeclared keys, see _strict_schema).
-    body = {"type": "object"} if kind == "object" else _strict_schema(schema)
-    key = json.dumps(["json", body, thinking, starts_in_reasoning, whitespace_pattern], sort_keys=True)
-
-    def grammar_fn() -> str:
-        checked = _checked_schema(body, whitespace_pattern)
-        opening, rules = _think_rules(thinking, starts_in_reasoning)
-        return _top_level(f"start: {opening}@answer\n{rules}", {"answer": checked})
-
-    return GrammarLogitsProcessor(cache.get(key, grammar_fn), cache, "response_format")
+    """make_answer_processor for an OpenAI response_format: a JSON object ({"type": "json_object"}) or an
+    instance of a schema ({"type": "json_schema", "json_schema": {"name", "schema", "strict"}}, or a bare
+    "schema" key). json_object admits extra keys; a schema is strict (no undeclared keys, see _strict_schema)."""
+    return make_answer_processor(tokenizer, answer_format_of(response_format), thinking=thinking,
+                                 starts_in_reasoning=starts_in_reasoning, whitespace_pattern=whitespace_pattern)
 
 
 def _tool_functions(tools: Sequence[Mapping[str, Any]] | None) -> dict[str, Any]:
@@ -440,7 +521,8 @@ def _chosen_names(functions: Mapping[str, Any], tool_choice: Any) -> list[str]:
 
 def make_tool_call_processor(tokenizer: Tokenizer, tools: Sequence[Mapping[str, Any]], tool_choice: Any, *,
                              parallel_tool_calls: bool = False, thinking: bool = False,
-                             starts_in_reasoning: bool = False, whitespace_pattern: str | None = None) -> LogitsProcessor:
+                             starts_in_reasoning: bool = False,
+                             whitespace_pattern: str | None = None) -> LogitsProcessor:
     """A per-sequence processor that makes the output Qwen3 tool calls, then eos:
     `<tool_call>\\n{"name": NAME, "arguments": ARGS}\\n</tool_call>` with NAME one of the tools ("required") or the
     named one, and ARGS an instance of that tool's parameters schema. With parallel_tool_calls, one or more
@@ -452,8 +534,8 @@ def make_tool_call_processor(tokenizer: Tokenizer, tools: Sequence[Mapping[str, 
                       starts_in_reasoning, whitespace_pattern], sort_keys=True)
 
     def grammar_fn() -> str:
-        schemas = {f"arguments_{i}": _checked_schema(_strict_schema(functions[name]), whitespace_pattern)
-                   for i, name in enumerate(names)}
+        schemas = {f"arguments_{i}": {"json_schema": _checked_schema(_strict_schema(functions[n]), whitespace_pattern)}
+                   for i, n in enumerate(names)}
         opening, rules = _think_rules(thinking, starts_in_reasoning)
         calls = "call (\"\\n\" call)*" if parallel_tool_calls else "call"
         lark = [f"start: {opening}{calls}", "call: " + " | ".join(f"call_{i}" for i in range(len(names)))]

@@ -7,6 +7,8 @@ Decisions:
 - `echo` with `logprobs` returns the prompt's tokens with their logprobs (the first is null: nothing
   predicts it) followed by the completion's, in the legacy shape lm-evaluation-harness reads. With
   `max_tokens: 0` (scoring only) one token is generated and dropped, since the engine always samples.
+- Structured output applies to the text generated, as in vLLM: response_format, structured_outputs, the
+  guided_* fields, llama.cpp's grammar and json_schema (constraints.answer_processors).
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from fastapi.responses import Response
 
 from qwenstack.engine.outputs import CompletionOutput, RequestOutput
 from qwenstack.engine.params import SamplingParams
+from qwenstack.serving.constraints import ThinkingPhase, answer_processors
 from qwenstack.serving.errors import bad_request
 from qwenstack.serving.logprobs import LegacyLogprobsBuilder, TokenTexts
 from qwenstack.serving.metrics import RequestTracker
@@ -100,8 +103,10 @@ def plan_completion(served: ServedModel, request: CompletionRequest) -> Completi
     if drop_output and not request.echo:
         raise bad_request("max_tokens must be at least 1 (0 is only meaningful with echo)", param="max_tokens")
     want_prompt_lp = request.echo and request.logprobs is not None
+    processors = answer_processors(served.tokenizer, request, ThinkingPhase.ANSWER)  # the prompt is raw text
     params = sampling_params(request, served, max_tokens=1 if drop_output else request.max_tokens,
-                             logprobs=request.logprobs, prompt_logprobs=request.logprobs if want_prompt_lp else None)
+                             logprobs=request.logprobs, prompt_logprobs=request.logprobs if want_prompt_lp else None,
+                             processors=processors)
     return CompletionPlan(f"cmpl-{uuid.uuid4().hex}", int(time.time()), served, request,
                           prompts_of(request, served), params, drop_output)
 

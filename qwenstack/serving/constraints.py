@@ -1,5 +1,5 @@
-"""The logits processors a chat request needs: the thinking budget, then structured output (response_format)
-or a forced tool call (tool_choice "required" or a named function).
+"""The logits processors a request needs: the thinking budget, then structured output (the answer's format) or
+a forced tool call (tool_choice "required" or a named function).
 
 Decisions:
 - The grammars come from `qwenstack.engine.grammar` (llguidance) and the budget from
@@ -8,6 +8,10 @@ Decisions:
 - The grammar applies to the answer, not to the thinking: the processors are told whether the model may
   open a think block (thinking on, Qwen3 templates up to 2507) or starts inside one (the prompt ends with
   `<think>\\n`), as vLLM applies grammars after the reasoning.
+- The answer's format comes in any of the spellings clients send (protocol._SamplingFields): OpenAI's
+  response_format, vLLM's structured_outputs and guided_* fields, llama.cpp's grammar and json_schema. A
+  request names one; two (even equal ones) are a 400, as in vLLM, rather than a silent pick. A forced tool call
+  wins over the answer's format, which then applies to nothing (the output is the call).
 - Order matters: the budget first (it may force `</think>`), the grammar second (its grammar allows the
   forced close).
 - The engine gives each of a request's n samples the same processor objects, and these processors keep
@@ -23,8 +27,8 @@ import torch
 
 from qwenstack.engine.params import LogitsProcessor, ReasoningMarkers
 from qwenstack.markup import THINK_END, THINK_START
-from qwenstack.serving.errors import APIError
-from qwenstack.serving.protocol import ChatCompletionRequest, NamedToolChoice
+from qwenstack.serving.errors import APIError, bad_request
+from qwenstack.serving.protocol import ChatCompletionRequest, NamedToolChoice, _SamplingFields
 from qwenstack.tokenizer import Tokenizer
 
 
@@ -84,6 +88,64 @@ def forces_tool_call(request: ChatCompletionRequest) -> bool:
     return request.tool_choice == "required" or isinstance(request.tool_choice, NamedToolChoice)
 
 
+def _answer_constraint(request: _SamplingFields) -> tuple[str, Any] | None:
+    """(the field as the client wrote it, its grammar.AnswerFormat), or None for free text. Two constraints
+    are a 400."""
+    given: list[tuple[str, str, Any]] = []  # (field, kind, spec)
+    if request.response_format is not None and request.response_format.type != "text":
+        given.append(("response_format", "response_format", request.response_format))
+    options = request.structured_outputs
+    if options is not None:
+        for name, kind, value in (("json", "json_schema", options.json_), ("regex", "regex", options.regex),
+                                  ("choice", "choice", options.choice), ("grammar", "grammar", options.grammar),
+                                  ("json_object", "json_object", options.json_object or None)):
+            if value is not None:
+                given.append((f"structured_outputs.{name}", kind, value))
+    for name, kind in (("guided_json", "json_schema"), ("guided_regex", "regex"), ("guided_choice", "choice"),
+                       ("guided_grammar", "grammar"), ("grammar", "grammar"), ("json_schema", "json_schema")):
+        if getattr(request, name) is not None:
+            given.append((name, kind, getattr(request, name)))
+    if not given:
+        return None
+    if len(given) > 1:
+        names = ", ".join(name for name, _, _ in given)
+        raise bad_request(f"a request takes one structured output constraint; this one has {names}",
+                          param=given[1][0])
+    name, kind, spec = given[0]
+    structured = _structured()
+    try:
+        if kind == "response_format":
+            return name, structured.answer_format_of(spec.model_dump(by_alias=True, exclude_none=True))
+        if kind == "json_schema":
+            return name, structured.answer_format_of({"type": "json_schema", "json_schema": {"schema": spec}})
+        return name, structured.AnswerFormat(kind, spec)
+    except structured.StructuredOutputError as exc:
+        raise bad_request(f"{name}: {exc}", param=name) from None
+
+
+def _whitespace_pattern(request: _SamplingFields) -> str | None:
+    options = request.structured_outputs
+    if options is not None and options.whitespace_pattern is not None:
+        return options.whitespace_pattern
+    return request.guided_whitespace_pattern
+
+
+def answer_processors(tokenizer: Tokenizer, request: _SamplingFields, phase: ThinkingPhase) -> list[LogitsProcessor]:
+    """The processor that holds the answer to the request's format ([] for free text): /v1/completions' and
+    raw generation's processors, and the grammar half of a chat request's."""
+    constraint = _answer_constraint(request)
+    if constraint is None:
+        return []
+    name, fmt = constraint
+    structured = _structured()
+    options = {"thinking": phase.thinking, "starts_in_reasoning": phase.starts_in_reasoning,
+               "whitespace_pattern": _whitespace_pattern(request)}
+    try:
+        return [PerSequence(lambda: structured.make_answer_processor(tokenizer, fmt, **options))]
+    except structured.StructuredOutputError as exc:
+        raise bad_request(f"{name}: {exc}", param=name) from None
+
+
 def build_processors(tokenizer: Tokenizer, request: ChatCompletionRequest, phase: ThinkingPhase,
                      tools: list[dict[str, Any]] | None) -> list[LogitsProcessor]:
     """`tools` are the rendered tools (None when tool_choice is "none" or there are none)."""
@@ -93,17 +155,15 @@ def build_processors(tokenizer: Tokenizer, request: ChatCompletionRequest, phase
         thinking = _thinking()
         processors.append(PerSequence(lambda: thinking.make_thinking_budget_processor(
             tokenizer, budget, phase.starts_in_reasoning)))
-    grammar_options = {"thinking": phase.thinking, "starts_in_reasoning": phase.starts_in_reasoning,
-                       "whitespace_pattern": request.guided_whitespace_pattern}
+    answer = answer_processors(tokenizer, request, phase)  # validated even when a forced tool call wins
     if tools and forces_tool_call(request):
         structured = _structured()
         choice = request.tool_choice
         choice_value = choice.model_dump() if isinstance(choice, NamedToolChoice) else choice
         parallel = request.parallel_tool_calls is not False  # OpenAI's default is true
         processors.append(PerSequence(lambda: structured.make_tool_call_processor(
-            tokenizer, tools, choice_value, parallel_tool_calls=parallel, **grammar_options)))
-    elif request.response_format is not None and request.response_format.type != "text":
-        structured = _structured()
-        fmt = request.response_format.model_dump(by_alias=True, exclude_none=True)
-        processors.append(PerSequence(lambda: structured.make_json_processor(tokenizer, fmt, **grammar_options)))
+            tokenizer, tools, choice_value, parallel_tool_calls=parallel, thinking=phase.thinking,
+            starts_in_reasoning=phase.starts_in_reasoning, whitespace_pattern=_whitespace_pattern(request))))
+    else:
+        processors += answer
     return processors

@@ -187,12 +187,24 @@ class JsonSchemaSpec(_Request):
 class ResponseFormat(_Request):
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JsonSchemaSpec | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")  # llama.cpp's json_object + schema
 
     @model_validator(mode="after")
     def _schema_given(self) -> "ResponseFormat":
         if self.type == "json_schema" and (self.json_schema is None or self.json_schema.schema_ is None):
             raise ValueError("response_format of type json_schema needs json_schema.schema")
         return self
+
+
+class StructuredOutputs(_Request):
+    """vLLM's `structured_outputs`: one of json (a schema), regex, choice, grammar (Lark or GBNF), json_object."""
+
+    json_: dict[str, Any] | str | bool | None = Field(None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    whitespace_pattern: str | None = None
 
 
 class StreamOptions(_Request):
@@ -223,6 +235,20 @@ class _SamplingFields(_Request):
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     user: str | None = None
+    # Structured output, in every spelling clients send (constraints.answer_processors reads them; one at a time):
+    # OpenAI's response_format, vLLM's structured_outputs and its older guided_* fields, llama.cpp's grammar
+    # (GBNF) and json_schema. vLLM takes response_format on /v1/completions too.
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
+    guided_json: dict[str, Any] | str | bool | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    grammar: str | None = None
+    json_schema: dict[str, Any] | bool | None = None
+    # Whitespace a structured answer may have around its JSON tokens, as a regex (vLLM's name). Omitted: none
+    # beyond json.dumps' ", " and ": " (a small model cannot loop on newlines); "[ \t\n]*" relaxes it.
+    guided_whitespace_pattern: str | None = None
 
     @field_validator("seed")
     @classmethod
@@ -262,7 +288,6 @@ class ChatCompletionRequest(_SamplingFields):
     max_completion_tokens: int | None = Field(None, ge=1, le=MAX_COUNT)  # wins over max_tokens, as in OpenAI
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
-    response_format: ResponseFormat | None = None
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
@@ -272,9 +297,6 @@ class ChatCompletionRequest(_SamplingFields):
     max_thinking_tokens: int | None = Field(None, ge=0, le=MAX_COUNT)
     thinking_budget: int | None = Field(None, ge=0, le=MAX_COUNT)
     thinking_token_budget: int | None = Field(None, ge=0, le=MAX_COUNT)
-    # Whitespace a structured answer may have around its JSON tokens, as a regex (vLLM's name). Omitted: none
-    # beyond json.dumps' ", " and ": " (a small model cannot loop on newlines); "[ \t\n]*" relaxes it.
-    guided_whitespace_pattern: str | None = None
     # Processor options (vLLM's field): {"use_audio_in_video": true} hears each video's audio track (Qwen3-Omni).
     mm_processor_kwargs: dict[str, Any] | None = None
     # vLLM's prefill fields: continue_final_message goes on writing the last (assistant) message instead of

@@ -15,7 +15,9 @@ from qwenstack.errors import RequestError
 from qwenstack.llm import LLM
 from qwenstack.engine import grammar as structured
 from qwenstack.serving.parsers import parse_chat_output
-from qwenstack.engine.grammar import StructuredOutputError, make_json_processor, make_tool_call_processor
+from qwenstack.engine.grammar import (
+    AnswerFormat, StructuredOutputError, make_answer_processor, make_json_processor, make_tool_call_processor,
+)
 from qwenstack.tokenizer import Tokenizer
 
 PERSON = {"type": "object", "additionalProperties": False, "required": ["name", "age", "color"], "properties": {
@@ -263,3 +265,59 @@ def test_whitespace_is_compact_unless_a_pattern_relaxes_it(tokenizer: Tokenizer)
     assert accepts(tool, tokenizer, '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>')
     tool = make_tool_call_processor(tokenizer, TOOLS[:1], "required")
     assert not accepts(tool, tokenizer, '<tool_call>\n{"name": "get_weather", "arguments": {\n"city": "Paris"}}\n</tool_call>')
+
+
+def answer(tokenizer: Tokenizer, kind: str, spec: Any, **options: Any) -> Any:
+    return make_answer_processor(tokenizer, AnswerFormat(kind, spec), **options)  # type: ignore[arg-type]
+
+
+def test_regex_choice_and_grammar_paths(tokenizer: Tokenizer) -> None:
+    # A regex must match the whole answer; anchors change nothing.
+    for pattern in ("[0-9]{3}-[a-z]{2}", "^[0-9]{3}-[a-z]{2}$"):
+        assert accepts(answer(tokenizer, "regex", pattern), tokenizer, "123-ab")
+        for bad in ("123-a", "123-abc", "12-ab", " 123-ab", "123-ab\n"):
+            assert not accepts(answer(tokenizer, "regex", pattern), tokenizer, bad), (pattern, bad)
+    # A choice is one of its strings exactly (any characters: they are literals, not patterns).
+    choices = ["yes", "no", "a.b*", "été"]
+    for text in choices:
+        assert accepts(answer(tokenizer, "choice", choices), tokenizer, text)
+    for bad in ("ye", "yes!", "axb", "No"):
+        assert not accepts(answer(tokenizer, "choice", choices), tokenizer, bad), bad
+    # A grammar in GBNF (llama.cpp's, root) or Lark (start): the same language.
+    gbnf = 'root ::= "ab" | "cd" digit+\ndigit ::= [0-9]'
+    lark = 'start: "ab" | "cd" DIGITS\nDIGITS: /[0-9]+/'
+    for grammar in (gbnf, lark):
+        for text in ("ab", "cd1", "cd42"):
+            assert accepts(answer(tokenizer, "grammar", grammar), tokenizer, text), (grammar, text)
+        for bad in ("abcd", "cd", "cdx", "ab1"):
+            assert not accepts(answer(tokenizer, "grammar", grammar), tokenizer, bad), (grammar, bad)
+    # With thinking, a leading think block first, as for JSON.
+    assert accepts(answer(tokenizer, "choice", choices, thinking=True), tokenizer, "<think>\nhm\n</think>\n\nno")
+    assert not accepts(answer(tokenizer, "choice", choices), tokenizer, "<think>\nhm\n</think>\n\nno")
+
+
+@pytest.mark.parametrize("kind, spec, message", [
+    ("regex", "(", "invalid regex '\\(': unclosed group"),
+    ("regex", "(?=a)b", "look-around"),
+    ("regex", "", "non-empty string"),
+    ("choice", [], "non-empty list"),
+    ("choice", ["a", ""], "non-empty list"),
+    ("choice", "yes", "non-empty list"),
+    ("grammar", "root ::= (", "invalid grammar"),
+    ("grammar", "start: undefined_rule", "unknown name"),
+    ("grammar", "root ::= root", "no output can match it"),  # compiles, then fails at its first token
+    ("grammar", "  ", "non-empty"),
+])
+def test_invalid_answer_formats_are_request_errors(tokenizer: Tokenizer, kind: str, spec: Any, message: str) -> None:
+    with pytest.raises(StructuredOutputError, match=message) as info:
+        answer(tokenizer, kind, spec)
+    assert isinstance(info.value, RequestError) and "\n" not in str(info.value)
+
+
+def test_random_model_holds_to_a_regex_and_a_choice(llm: LLM) -> None:
+    import re
+
+    outs = sample(llm, lambda: [answer(llm.tokenizer, "regex", "[a-f]{2,4}-[0-9]{1,3}")], range(4))
+    assert all(re.fullmatch("[a-f]{2,4}-[0-9]{1,3}", o.text) for o in outs), [o.text for o in outs]
+    outs = sample(llm, lambda: [answer(llm.tokenizer, "choice", ["north", "south", "east"])], range(4))
+    assert all(o.text in ("north", "south", "east") for o in outs), [o.text for o in outs]

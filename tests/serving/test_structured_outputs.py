@@ -1,0 +1,117 @@
+"""Structured output in every spelling clients send, on /v1/chat/completions and /v1/completions: OpenAI's
+response_format, vLLM's structured_outputs and guided_* fields, llama.cpp's grammar and json_schema. Each is
+driven through the official `openai` SDK's extra_body (as vLLM's docs show), against the bundled demo model, which
+writes Shakespeare unconstrained: every answer below holds only because the grammar held it.
+"""
+from __future__ import annotations
+
+import json
+import re
+from typing import Any, Iterator
+
+import jsonschema
+import openai
+import pytest
+
+from server_utils import BackgroundServer, tiny_served_model
+from qwenstack.llm import DEMO_MODEL_DIR
+from qwenstack.serving.app import create_app
+from qwenstack.serving.config import ServerConfig
+
+SCHEMA = {"type": "object", "properties": {"word": {"enum": ["ay", "nay"]}, "n": {"type": "integer", "minimum": 0,
+                                                                                 "maximum": 99}},
+          "required": ["word", "n"]}
+REGEX = "[0-9]{3}-[a-z]{2}"
+CHOICES = ["Verona", "Mantua", "Padua"]
+GBNF = 'root ::= "To " verb " or not to " verb\nverb ::= "be" | "sing"'
+LARK = 'start: "To " VERB " or not to " VERB\nVERB: "be" | "sing"'
+NO_THINKING = {"chat_template_kwargs": {"enable_thinking": False}}
+
+
+def is_valid(kind: str, text: str) -> bool:
+    if kind == "json":
+        try:
+            jsonschema.validate(json.loads(text), SCHEMA)
+        except (ValueError, jsonschema.ValidationError):
+            return False
+        return True
+    if kind == "regex":
+        return re.fullmatch(REGEX, text) is not None
+    if kind == "choice":
+        return text in CHOICES
+    return re.fullmatch("To (be|sing) or not to (be|sing)", text) is not None
+
+
+SPELLINGS = [  # (what the request adds, which check its answer passes)
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "v", "schema": SCHEMA}}}, "json"),
+    ({"response_format": {"type": "json_object", "schema": SCHEMA}}, "json"),  # llama.cpp's shorthand
+    ({"structured_outputs": {"json": SCHEMA}}, "json"),
+    ({"structured_outputs": {"regex": REGEX}}, "regex"),
+    ({"structured_outputs": {"choice": CHOICES}}, "choice"),
+    ({"structured_outputs": {"grammar": GBNF}}, "grammar"),
+    ({"guided_json": SCHEMA}, "json"),
+    ({"guided_json": json.dumps(SCHEMA)}, "json"),  # vLLM also takes the schema as a JSON string
+    ({"guided_regex": REGEX}, "regex"),
+    ({"guided_choice": CHOICES}, "choice"),
+    ({"guided_grammar": LARK}, "grammar"),
+    ({"grammar": GBNF}, "grammar"),  # llama.cpp
+    ({"json_schema": SCHEMA}, "json"),  # llama.cpp
+]
+
+
+@pytest.fixture(scope="module")
+def client() -> Iterator[openai.OpenAI]:
+    app = create_app([tiny_served_model(DEMO_MODEL_DIR, "demo")], ServerConfig(enable_ui=False))
+    with BackgroundServer(app) as srv:
+        yield openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0)
+
+
+@pytest.mark.parametrize("extra, kind", SPELLINGS, ids=[next(iter(e)) + "-" + k for e, k in SPELLINGS])
+def test_every_spelling_holds_the_answer_on_both_routes(client: openai.OpenAI, extra: dict, kind: str) -> None:
+    chat = client.chat.completions.create(model="demo", messages=[{"role": "user", "content": "Speak."}],
+                                          max_tokens=60, seed=1, extra_body={**NO_THINKING, **extra})
+    text = client.completions.create(model="demo", prompt="ROMEO:", max_tokens=60, seed=1, n=2,
+                                     extra_body=extra)
+    answers = [chat.choices[0].message.content] + [c.text for c in text.choices]
+    assert all(is_valid(kind, a) for a in answers), answers
+    assert chat.choices[0].finish_reason == "stop" and all(c.finish_reason == "stop" for c in text.choices)
+
+
+def test_free_text_is_not_held(client: openai.OpenAI) -> None:
+    """The control: without a constraint the demo model's answers pass none of the checks."""
+    text = client.completions.create(model="demo", prompt="ROMEO:", max_tokens=30, seed=1).choices[0].text
+    assert not any(is_valid(kind, text) for kind in ("json", "regex", "choice", "grammar")), text
+
+
+def test_the_answer_is_held_after_the_thinking(client: openai.OpenAI) -> None:
+    reply = client.chat.completions.create(model="demo", messages=[{"role": "user", "content": "Where?"}],
+                                           max_tokens=120, seed=3, extra_body={"guided_choice": CHOICES})
+    assert reply.choices[0].message.content in CHOICES, reply.choices[0].message
+
+
+def test_a_streamed_answer_is_held(client: openai.OpenAI) -> None:
+    stream = client.chat.completions.create(model="demo", messages=[{"role": "user", "content": "Code?"}],
+                                            max_tokens=30, stream=True, extra_body={**NO_THINKING, "guided_regex": REGEX})
+    assert re.fullmatch(REGEX, "".join(c.choices[0].delta.content or "" for c in stream if c.choices))
+
+
+@pytest.mark.parametrize("extra, param, message", [
+    ({"guided_regex": "[0-9]", "guided_choice": ["a"]}, "guided_choice", "one structured output constraint"),
+    ({"response_format": {"type": "json_object"}, "structured_outputs": {"regex": "a"}}, "structured_outputs.regex",
+     "response_format, structured_outputs.regex"),
+    ({"guided_regex": "("}, "guided_regex", "invalid regex '\\(': unclosed group"),
+    ({"guided_grammar": "root ::= ("}, "guided_grammar", "invalid grammar"),
+    ({"guided_grammar": "root ::= root"}, "guided_grammar", "no output can match it"),
+    ({"guided_choice": []}, "guided_choice", "non-empty list"),
+    ({"guided_json": "{not json"}, "guided_json", "not valid JSON"),
+    ({"json_schema": {"type": "bogus"}}, "json_schema", "bogus"),
+])
+def test_bad_constraints_are_400s_that_name_the_field(client: openai.OpenAI, extra: dict, param: str,
+                                                       message: str) -> None:
+    for call in (lambda: client.completions.create(model="demo", prompt="x", max_tokens=5, extra_body=extra),
+                 lambda: client.chat.completions.create(model="demo", messages=[{"role": "user", "content": "x"}],
+                                                        max_tokens=5, extra_body=extra)):
+        with pytest.raises(openai.BadRequestError) as info:
+            call()
+        error: Any = info.value.body
+        assert error["param"] == param and re.search(message, error["message"]), error
