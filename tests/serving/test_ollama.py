@@ -288,6 +288,33 @@ def test_errors_are_ollama_shaped(client: ollama.Client, server: BackgroundServe
     assert r.status_code == 404 and isinstance(r.json()["error"], dict)  # OpenAI's routes keep OpenAI's shape
 
 
+def test_a_long_conversation_loses_its_oldest_messages(client: ollama.Client, server: BackgroundServer) -> None:
+    """As Ollama's chat: system messages and the last message stay, the fewest older ones go ("tiny" has a
+    512-token context, its tokenizer about a token a character)."""
+    history = [{"role": role, "content": f"message {i}: " + "words " * 20} for i, role in
+               enumerate(["user", "assistant"] * 3)]
+    system, last = {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Why?"}
+
+    def fits(messages: list[dict[str, str]]) -> int | None:  # prompt tokens on /v1, None for a 400
+        r = httpx.post(server.url + "/v1/chat/completions", headers=AUTH, json={
+            "model": "tiny", "messages": messages, "max_tokens": 1, "chat_template_kwargs": {"enable_thinking": False}})
+        assert r.status_code in (200, 400), r.text
+        return r.json()["usage"]["prompt_tokens"] if r.status_code == 200 else None
+
+    whole = [system, *history, last]
+    assert fits(whole) is None  # too long as it stands
+    kept = next(k for k in range(len(history)) if fits([system, *history[k:], last]) is not None)
+    assert 0 < kept < len(history)  # some dropped, some kept: the test means something
+    r = chat(client, model="tiny", messages=whole, think=False, options={"num_predict": 1})
+    assert r.prompt_eval_count == fits([system, *history[kept:], last])
+    refused = httpx.post(server.url + "/api/chat", headers=AUTH, json={
+        "model": "tiny", "messages": whole, "think": False, "stream": False, "truncate": False})
+    assert refused.status_code == 400 and "context length" in refused.json()["error"]
+    with pytest.raises(ollama.ResponseError) as err:  # the last message alone is too long: nothing to drop
+        chat(client, model="tiny", messages=[system, *history, {"role": "user", "content": "why " * 400}])
+    assert err.value.status_code == 400
+
+
 def test_error_after_the_stream_started_is_an_error_line(client: ollama.Client, server: BackgroundServer,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     fail_after_first_output(monkeypatch, server.models["think"].engine)

@@ -14,8 +14,11 @@ Decisions:
   nothing is parsed, as /v1/completions). An empty prompt (or /api/chat without messages) only "loads" the model,
   as Ollama answers it: `done_reason: "load"`, nothing generated.
 - num_predict (or no limit) is capped at the room the prompt leaves, so a turn stops at the context's end with
-  done_reason "length", as Ollama's do; a prompt longer than the context is a 400 (Ollama would drop the oldest
-  messages to fit: not done here).
+  done_reason "length", as Ollama's do.
+- A conversation longer than the context loses its oldest messages, as Ollama's chat does (clients such as Open
+  WebUI send the whole history every turn): system messages and the last message are always kept, and the
+  fewest older messages are dropped (a binary search over how many, each try rendered and counted). With
+  `truncate: false`, or when even the kept ones do not fit, it is a 400. /api/generate's one turn is not cut.
 - Bodies must be JSON (the server's rule against cross-site form posts): `curl -d` alone sends a form (415); a
   body with no Content-Type (LiteLLM's ollama providers) is read as JSON unless a browser sent it.
 - Counters, in nanoseconds: total_duration from the request's arrival; load_duration until the engine had it
@@ -240,6 +243,40 @@ def plan_raw(served: ServedModel, request: ChatCompletionRequest, prompt: str) -
                     ThinkingPhase.ANSWER, False, None)
 
 
+def plan_in_context(served: ServedModel, body: OllamaChatRequest, state: ServerState) -> ChatPlan:
+    """plan_chat for the conversation, or for its most recent part that fits the context (see the module notes).
+    Blocking: run it in a thread."""
+    try:
+        return plan_chat(served, translate.chat_request(body), state)
+    except APIError as exc:
+        if exc.code != "context_length_exceeded" or not body.truncate:
+            raise
+        too_long = exc
+    droppable = [i for i, m in enumerate(body.messages[:-1]) if m.role != "system"]
+
+    def dropping(count: int) -> ChatPlan | None:
+        gone = set(droppable[:count])
+        kept = [m for i, m in enumerate(body.messages) if i not in gone]
+        try:
+            return plan_chat(served, translate.chat_request(body.model_copy(update={"messages": kept})), state)
+        except APIError as exc:
+            if exc.code != "context_length_exceeded":
+                raise
+            return None
+
+    best, low, high = None, 1, len(droppable)  # the fewest dropped messages that fit lie in [low, high]
+    while low <= high:
+        middle = (low + high) // 2
+        plan = dropping(middle)
+        if plan is None:
+            low = middle + 1
+        else:
+            best, high = plan, middle - 1
+    if best is None:
+        raise too_long
+    return best
+
+
 def ndjson_responses(model: type[Any]) -> dict[int | str, dict[str, Any]]:
     """The 200 of a route that answers NDJSON lines unless the request says `stream: false`."""
     return {200: {"model": model, "description": "NDJSON lines (application/x-ndjson), the last one with done: true; "
@@ -257,7 +294,7 @@ async def chat(request: Request) -> Response:
     arrival, state, body, served = await _generating(request, OllamaChatRequest)
     if not body.messages:
         return _loaded(body, chat=True)
-    plan = await asyncio.to_thread(plan_chat, served, translate.chat_request(body), state)
+    plan = await asyncio.to_thread(plan_in_context, served, body, state)
     await attach_media(plan, state)
     return await _answer(request, state, Turn(plan, body.model, arrival, chat=True), body.stream, plan.parser())
 

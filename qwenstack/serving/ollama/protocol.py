@@ -4,7 +4,7 @@ OpenAPI document describes both.
 
 Decisions:
 - As for chat (serving/protocol.py's `_Request`): known fields strict, unknown ones ignored (`keep_alive`,
-  `truncate` on chat, `shift`, `logprobs`... change nothing here), an explicit null means the default.
+  `shift`, `logprobs`... change nothing here), an explicit null means the default.
 - `options` takes Ollama's runtime options; the numeric ranges are the chat API's (a temperature of 3 is a 400
   here where Ollama would take it). Load-time options (`num_ctx`, `num_gpu`, `num_thread`, ...) and the sampler
   options this engine does not have (`mirostat*`, `typical_p`, `repeat_last_n`, `penalize_newline`, ...) are
@@ -70,6 +70,7 @@ class _Generating(_Request):
 class OllamaChatRequest(_Generating):
     messages: list[OllamaMessage] = Field(default_factory=list)  # none: only "load the model" (done_reason "load")
     tools: list[Tool] | None = None
+    truncate: bool = True  # drop the oldest messages of a conversation too long for the context; false: a 400
 
 
 class OllamaGenerateRequest(_Generating):
