@@ -1,3 +1,5 @@
+import sys
+
 from qwenstack.cli import main
 
-main()
+sys.exit(main())

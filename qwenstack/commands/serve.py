@@ -38,11 +38,7 @@ def port_number(text: str) -> int:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = EPILOG
-    parser.add_argument("models", nargs="*", metavar="MODEL",
-                        help="model ids, directories, .gguf files or Ollama names (qwen3:0.6b) to serve "
-                             "(default: the bundled demo model)")
-    parser.add_argument("--served-model-name", action="append", default=[], metavar="NAME",
-                        help="the name clients use for the i-th MODEL (repeatable; default: its id or directory name)")
+    add_model_arguments(parser, "serve")
     net = parser.add_argument_group("network")
     net.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1; 0.0.0.0 for all)")
     net.add_argument("--port", type=port_number, default=8000, help="port (default: 8000)")
@@ -55,6 +51,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="route requests for model NAME to another OpenAI-compatible API (repeatable)")
     net.add_argument("--remote-timeout", type=float, default=None, metavar="SECONDS",
                      help="timeout of requests to remotes (default: 600)")
+    add_behaviour_arguments(parser)
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
+    """The models and how they run: what `serve` and `run-batch` share (`verb` says which, in the help)."""
+    parser.add_argument("models", nargs="*", metavar="MODEL",
+                        help=f"model ids, directories, .gguf files or Ollama names (qwen3:0.6b) to {verb} "
+                             "(default: the bundled demo model)")
+    parser.add_argument("--served-model-name", action="append", default=[], metavar="NAME",
+                        help="the name clients use for the i-th MODEL (repeatable; default: its id or directory name)")
     add_model_options(parser)
     eng = parser.add_argument_group("engine")
     eng.add_argument("--max-num-seqs", type=positive_int, default=None, help="most requests running at once, per model")
@@ -74,6 +80,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="serve N replicas of each model behind one name, routed by prompt prefix")
     par.add_argument("--distributed-executor-backend", choices=("mp", "ray"), default=None,
                      help="start tensor-parallel workers on this machine (mp, default) or in a Ray cluster (ray)")
+
+
+def add_behaviour_arguments(parser: argparse.ArgumentParser) -> None:
     app = parser.add_argument_group("behaviour")
     app.add_argument("--no-think", action="store_true",
                      help="thinking off unless a request turns it on (default: on, as Qwen3 does)")
