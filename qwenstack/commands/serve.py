@@ -64,7 +64,8 @@ def add_model_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
     add_model_options(parser)
     eng = parser.add_argument_group("engine")
     eng.add_argument("--max-num-seqs", type=positive_int, default=None, help="most requests running at once, per model")
-    eng.add_argument("--max-num-batched-tokens", type=positive_int, default=None, help="most tokens in one step (default: 512 on CPU, 2048 on GPU)")
+    eng.add_argument("--max-num-batched-tokens", type=positive_int, default=None,
+                     help="most tokens in one step (default: 512 on CPU, 2048 on GPU; run-batch: 2048)")
     eng.add_argument("--max-waiting", type=positive_int, default=None,
                      help="most requests waiting per model; beyond it requests are refused with Retry-After")
     eng.add_argument("--no-prefix-caching", action="store_true", help="turn the prefix cache off")

@@ -25,7 +25,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from qwenstack import __version__
 from qwenstack.serving import (
-    chat, completions, embeddings, introspect, moderations, realtime, speech, transcriptions, translations,
+    chat, completions, embeddings, introspect, llamacpp, moderations, realtime, speech, transcriptions, translations,
 )
 from qwenstack.serving import rerank
 from qwenstack.serving.chat import render_prompt, template_kwargs
@@ -136,7 +136,8 @@ def _info_router() -> APIRouter:
     def detokenize(request: Request, body: DetokenizeRequest) -> DetokenizeResponse:
         served = get_state(request).registry.resolve(body.model)
         served.check_token_ids(body.tokens, "tokens")
-        return DetokenizeResponse(prompt=served.tokenizer.decode(body.tokens))
+        text = served.tokenizer.decode(body.tokens)
+        return DetokenizeResponse(prompt=text, content=text)
 
     return router
 
@@ -202,6 +203,7 @@ def create_app(
     app.include_router(introspect.router())
     app.include_router(chat.router)
     app.include_router(completions.router)
+    app.include_router(llamacpp.router)  # llama-server's /completion and /props
     app.include_router(embeddings.router)  # /v1/embeddings, from embedding and chat models alike
     app.include_router(rerank.router)  # /v1/rerank, /rerank, /v2/rerank, /score (Qwen3-Reranker's method)
     images = install_image_api(app, config, image_pipeline,  # /v1/images/*; image jobs yield to chat

@@ -351,15 +351,21 @@ class CompletionRequest(_SamplingFields):
 class TokenizeRequest(_Request):
     model: str | None = None  # may be left out when one model is served
     prompt: str | None = None
+    content: str | None = None  # llama.cpp's name for prompt
     messages: list[ChatMessage] | None = Field(None, min_length=1)  # as a chat request's
     add_special_tokens: bool = False
+    add_special: bool | None = None  # llama.cpp's name for add_special_tokens
     add_generation_prompt: bool = True
     chat_template_kwargs: dict[str, Any] | None = None
 
     @model_validator(mode="after")
     def _one_input(self) -> "TokenizeRequest":
-        if (self.prompt is None) == (self.messages is None):
-            raise ValueError("give exactly one of prompt or messages")
+        if sum(x is not None for x in (self.prompt, self.content, self.messages)) != 1:
+            raise ValueError("give exactly one of prompt (or llama.cpp's content) or messages")
+        if self.content is not None:
+            self.prompt = self.content
+        if self.add_special is not None:
+            self.add_special_tokens = self.add_special
         return self
 
 
@@ -487,6 +493,7 @@ class TokenizeResponse(_Response):
 
 class DetokenizeResponse(_Response):
     prompt: str
+    content: str  # the same text under llama.cpp's name
 
 
 class HealthResponse(_Response):

@@ -1,0 +1,149 @@
+"""llama.cpp server's native routes, for the clients written against `llama-server` (SillyTavern, Continue's
+llama.cpp provider, scripts): POST /completion and GET /props. (Its /tokenize `content` and /detokenize reply's
+`content` are app.py's /tokenize and /detokenize, which take both spellings.)
+
+Decisions:
+- /completion is /v1/completions underneath: the body becomes a CompletionRequest (n_predict -> max_tokens, -1
+  or absent: up to the context's end; repeat_penalty -> repetition_penalty; a negative seed: random; grammar
+  (GBNF) and json_schema as on /v1/completions), planned by completions.py, so sampling, structured output,
+  stops and errors are the same. Options this engine has no counterpart for (mirostat, typical_p, samplers,
+  cache_prompt, id_slot, n_probs...) are accepted and ignored; the prefix cache is always on.
+- The answer is llama.cpp's: {"content", "stop": true, "stop_type" ("eos", "word" or "limit"),
+  "stopping_word", "tokens_predicted", "tokens_evaluated", "tokens_cached", "truncated", "model", "prompt",
+  "timings"}. Streamed, each SSE `data:` line is {"content", "stop": false}, and the last one carries the
+  whole answer's fields with stop: true and no content; no [DONE] line, as llama.cpp sends none. Errors keep
+  this server's OpenAI shape.
+- `model` may be left out when one model is served (llama-server serves one).
+- /props tells what clients read from it: default_generation_settings.n_ctx, total_slots (the engine's
+  max_num_seqs), model_path (the served name), chat_template and build_info.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from typing import Any, AsyncIterator
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+from pydantic import Field
+
+from qwenstack import __version__
+from qwenstack.engine.outputs import RequestOutput
+from qwenstack.serving.completions import plan_completion, refuse_long_id_prompt
+from qwenstack.serving.openapi import request_body
+from qwenstack.serving.protocol import INT64_MAX, INT64_MIN, MAX_COUNT, CompletionRequest, _Request
+from qwenstack.serving.state import get_state, parse_off_loop, read_json
+from qwenstack.serving.streaming import CLIENT_LEFT, admit, event_stream, reply, sse
+
+router = APIRouter()
+
+
+class LlamaCompletionRequest(_Request):
+    prompt: str | list[int]
+    model: str | None = None
+    n_predict: int = Field(-1, ge=-2, le=MAX_COUNT)  # -1 (and -2): until the context's end
+    stream: bool = False
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_k: int | None = Field(None, ge=-1, le=MAX_COUNT)  # 0: off, as in llama.cpp
+    top_p: float | None = Field(None, gt=0, le=1)
+    min_p: float | None = Field(None, ge=0, le=1)
+    seed: int | None = Field(None, ge=INT64_MIN, le=INT64_MAX)  # negative (llama.cpp's -1): random
+    stop: list[str] | None = None
+    repeat_penalty: float | None = Field(None, gt=0)
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    ignore_eos: bool = False
+    grammar: str | None = None
+    json_schema: dict[str, Any] | None = None
+
+
+def completion_request(body: LlamaCompletionRequest, model: str) -> CompletionRequest:
+    fields: dict[str, Any] = {
+        "model": model, "prompt": body.prompt, "max_tokens": body.n_predict if body.n_predict > 0 else None,
+        "temperature": body.temperature, "top_k": body.top_k or None, "top_p": body.top_p, "min_p": body.min_p,
+        "seed": body.seed if body.seed is not None and body.seed >= 0 else None, "stop": body.stop,
+        "repetition_penalty": body.repeat_penalty, "presence_penalty": body.presence_penalty,
+        "frequency_penalty": body.frequency_penalty, "ignore_eos": body.ignore_eos, "grammar": body.grammar,
+        "json_schema": body.json_schema}
+    return CompletionRequest.model_validate({k: v for k, v in fields.items() if v is not None})
+
+
+def _ms(seconds: float) -> float:
+    return round(max(0.0, seconds) * 1000, 3)
+
+
+def final_fields(out: RequestOutput, model: str, prompt: str, prompt_tokens: int) -> dict[str, Any]:
+    """The fields of llama.cpp's last answer (whole or streamed): why it stopped, the counts, the timings."""
+    comp, m, now = out.outputs[0], out.metrics, time.monotonic()
+    first = m.first_token_time or now
+    started = m.first_scheduled_time or m.arrival_time
+    predicted_ms, prompt_ms = _ms((m.last_token_time or now) - first), _ms(first - started)
+    predicted = len(comp.token_ids)
+    word = comp.stop_reason if isinstance(comp.stop_reason, str) else ""
+    return {"stop": True, "model": model, "prompt": prompt,
+            "stop_type": "limit" if comp.finish_reason == "length" else ("word" if word else "eos"),
+            "stopping_word": word, "tokens_predicted": predicted, "tokens_evaluated": prompt_tokens,
+            "tokens_cached": m.num_cached_tokens, "truncated": False,
+            "timings": {"prompt_n": prompt_tokens - m.num_cached_tokens, "prompt_ms": prompt_ms,
+                        "predicted_n": predicted, "predicted_ms": predicted_ms,
+                        "predicted_per_second": predicted / predicted_ms * 1000 if predicted_ms else None}}
+
+
+@router.post("/completion")
+@request_body(LlamaCompletionRequest)
+async def completion(request: Request) -> Response:
+    state = get_state(request)
+    raw = await read_json(request)
+    body = await parse_off_loop(LlamaCompletionRequest, raw, request)
+    served = state.registry.resolve(body.model)
+    served.check_generates()
+    refuse_long_id_prompt(raw, served)
+    plan = await asyncio.to_thread(plan_completion, served, completion_request(body, served.name))
+    prompt = plan.prompts[0]
+    tracker = state.metrics.track(served.name, time.monotonic())
+    engine_stream = served.engine.generate(prompt.ids, plan.params, request_id=plan.request_id, prompt=prompt.text)
+    streams = await admit(request, [engine_stream], state.config.retry_after_s)
+    if streams is None:
+        return Response(status_code=CLIENT_LEFT)
+
+    async def outputs() -> AsyncIterator[RequestOutput]:
+        async for out in streams[0]:
+            tracker.on_output(out)
+            if out.finished:
+                tracker.on_finished(out)
+            yield out
+
+    async def events() -> AsyncIterator[str]:
+        async for out in outputs():
+            if out.outputs[0].delta_text:
+                yield sse({"content": out.outputs[0].delta_text, "stop": False})
+            if out.finished:
+                yield sse({"content": "", **final_fields(out, served.name, prompt.text, len(prompt.ids))})
+
+    async def whole() -> Response:
+        try:
+            final = None
+            async for out in outputs():
+                final = out
+            assert final is not None and final.finished
+            answer = {"content": final.outputs[0].text, **final_fields(final, served.name, prompt.text,
+                                                                           len(prompt.ids))}
+            return Response(json.dumps(answer, ensure_ascii=False), media_type="application/json")
+        finally:
+            tracker.done(1)
+
+    return await reply(request, body.stream, lambda: event_stream(events(), state.config.retry_after_s,
+                                                                   on_end=lambda: tracker.done(1), done=None),
+                       whole, sources=streams)
+
+
+@router.get("/props")
+def props(request: Request, model: str | None = None) -> JSONResponse:
+    served = get_state(request).registry.resolve(model)
+    engine_config = served.engine.engine.config
+    return JSONResponse({
+        "default_generation_settings": {"n_ctx": served.max_model_len, "model": served.name,
+                                        "params": dict(served.generation_defaults)},
+        "total_slots": engine_config.max_num_seqs, "model_path": served.name,
+        "chat_template": served.tokenizer.chat_template or "", "build_info": f"qwenstack {__version__}"})
