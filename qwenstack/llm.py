@@ -4,6 +4,7 @@
     llm.generate(["The capital of France is"], SamplingParams(temperature=0, max_tokens=16))
     llm.chat([{"role": "user", "content": "Hi"}], SamplingParams(max_tokens=64), enable_thinking=False)
     LLM("Qwen/Qwen3-Embedding-0.6B").embed(["What is the capital of China?"], prompt_name="query")
+    LLM("Qwen/Qwen3-Reranker-0.6B").score("What is the capital of China?", ["Beijing is ...", "Gravity ..."])
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import torch
 
 from qwenstack.engine.embed import matryoshka
 from qwenstack.engine.engine import EngineConfig, LLMEngine
-from qwenstack.engine.outputs import RequestOutput
+from qwenstack.engine.outputs import RequestOutput, ScoringOutput, ScoringRequestOutput
 from qwenstack.engine.params import SamplingParams
 from qwenstack.generation_config import generation_defaults
 from qwenstack.loading import DEMO_MODEL_DIR, DEMO_NOTICE, LoadedModel, default_device, load  # noqa: F401 (re-exported)
@@ -123,3 +124,33 @@ class LLM:
         if dimensions is not None and not 0 < dimensions <= self.loaded.model.args.hidden_size:
             raise RequestError(f"dimensions must be 1..{self.loaded.model.args.hidden_size}, got {dimensions}")
         return matryoshka(self.engine.embed(prompts), dimensions, self.pooling.normalize)
+
+    def score(self, queries: str | Sequence[str], documents: str | Sequence[str], *,
+              instruction: str | None = None) -> list[ScoringRequestOutput]:
+        """Qwen3-Reranker relevance, as POST /score computes it (qwenstack/reranking.py): P(yes) of each
+        (query, document) pair, one query against every document or queries and documents one to one (vLLM's
+        LLM.score pairing and output shape: `[o.outputs.score for o in llm.score(q, docs)]`). `instruction`
+        replaces the default task line. Raises RequestError for lists of different lengths, a pair longer than
+        the context, or a model that cannot judge (an embedding model, a vocabulary without "yes"/"no")."""
+        from qwenstack.errors import RequestError
+        from qwenstack.reranking import PairPrompts, PromptTooLong, no_yes_ids, pairs_of
+
+        try:
+            pairs = pairs_of(queries if isinstance(queries, str) else list(queries),
+                             documents if isinstance(documents, str) else list(documents))
+        except ValueError as exc:
+            raise RequestError(str(exc)) from None
+        token_ids = no_yes_ids(self.tokenizer)
+        if token_ids is None:
+            raise RequestError("this model cannot rerank: its vocabulary has no 'yes' and 'no' tokens to judge with")
+        builder = PairPrompts(self.tokenizer, self.engine.max_model_len, instruction)
+        prompts = []
+        for i, (query, document) in enumerate(pairs):
+            try:
+                prompts.append(builder.ids(query, document))
+            except PromptTooLong as exc:
+                raise RequestError(f"pair {i}'s reranking prompt has {exc} tokens, but this model's maximum "
+                                   f"context length is {builder.limit} tokens") from None
+        scores = self.engine.last_token_logits(prompts, token_ids).softmax(dim=-1)[:, 1].tolist() if prompts else []
+        return [ScoringRequestOutput(f"score-{i}", ids, ScoringOutput(value))
+                for i, (ids, value) in enumerate(zip(prompts, scores))]

@@ -38,6 +38,13 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
+def longest_token_chars(tokenizer: "Tokenizer") -> int:
+    """The most characters one vocabulary entry spells (a byte-level entry spells one byte per character, so
+    this bounds the decoded text too): a text longer than a context times this (times 4, for any decoding)
+    cannot fit it, known without tokenizing."""
+    return max((len(t) for t in tokenizer.backend.get_vocab(with_added_tokens=True)), default=1)
+
+
 @dataclass
 class Tokenizer:
     backend: RustTokenizer

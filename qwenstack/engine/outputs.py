@@ -43,3 +43,18 @@ class RequestOutput:
     metrics: RequestMetrics
     prompt_logprobs: list[PositionLogprobs | None] | None = None
     prompt: str | None = None
+
+
+@dataclass
+class ScoringOutput:
+    score: float  # a reranker's P(yes) for the pair
+
+
+@dataclass
+class ScoringRequestOutput:
+    """One pair's score, in vLLM's shape (LLM.score): `out.outputs.score`."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    outputs: ScoringOutput
+    finished: bool = True

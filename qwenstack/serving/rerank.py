@@ -3,18 +3,12 @@ POST /score: what RAG clients call to order retrieved passages (LangChain's and 
 rerankers, Dify, RAGFlow, Open WebUI).
 
 Decisions:
-- Scoring is Qwen3-Reranker's own method (the Qwen3-Reranker model card, "Transformers Usage", and vLLM's
-  examples/offline_inference/qwen3_reranker.py): each (query, document) pair becomes one chat prompt, system
-  "Judge whether the Document meets ...", user `<Instruct>: {instruction}\\n<Query>: {query}\\n<Document>: {doc}`,
-  then the assistant turn opened with an empty think block; the score is softmax([logit "no", logit "yes"])
-  at the prompt's last position, i.e. P(yes). The pair text is tokenized apart from the fixed prefix and
-  suffix, as the card's process_inputs does. `instruction` (an extra field) replaces the default one.
+- Scoring is Qwen3-Reranker's own method, in qwenstack/reranking.py (shared with the offline LLM.score): each
+  (query, document) pair becomes one chat prompt and the score is P(yes) at its last position. `instruction`
+  (an extra field) replaces the default one; a query that starts with `<|im_start|>` is taken as formatted.
 - Any served chat model answers the same way (as chat models answer /v1/embeddings): it reranks with the
   Qwen3-Reranker prompt, which is useful only for a real Qwen3-Reranker checkpoint (a plain Qwen3ForCausalLM;
   nothing marks it as a reranker, so nothing is refused). An embedding model has no language-model head: 400.
-- A query that already starts with `<|im_start|>` is taken as formatted by the client, as vLLM's own Qwen3
-  rerank client sends it (examples/online_serving/qwen3_rerank_client.py): the prompt is then the query's
-  tokens and the document's, nothing added, instead of the template wrapped around it twice.
 - The pairs run as one command in the engine's embedding passes (engine/embed.py): no KV cache, packed up to
   the step budget, between two generation steps; only the two head rows of "no" and "yes" are multiplied
   (lm_logits with token_ids), never the whole vocabulary. One command holds the engine until it is done, so
@@ -35,27 +29,16 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 
-from qwenstack.markup import TURN_START
 from qwenstack.serving.errors import APIError, bad_request
 from qwenstack.serving.openapi import request_body
 from qwenstack.serving.protocol import MAX_COUNT, _Request, one_sentence_error
 from qwenstack.serving.served import ServedModel
 from qwenstack.serving.state import local_or_forwarded
-from qwenstack.tokenizer import TooManyTokens
+from qwenstack.reranking import PairPrompts, PromptTooLong, no_yes_ids, pairs_of
 
 MAX_DOCUMENTS = 1000  # pairs per request: one command holds the engine for all of them
-DEFAULT_INSTRUCTION = "Given a web search query, retrieve relevant passages that answer the query"
-SYSTEM = ('Judge whether the Document meets the requirements based on the Query and the Instruct provided. '
-          'Note that the answer can only be "yes" or "no".')
-PREFIX = f"<|im_start|>system\n{SYSTEM}<|im_end|>\n<|im_start|>user\n"
-SUFFIX = "<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
 
 router = APIRouter()
-
-
-def pair_text(instruction: str, query: str, document: str) -> str:
-    """The user turn's text of one pair (the card's format_instruction)."""
-    return f"<Instruct>: {instruction}\n<Query>: {query}\n<Document>: {document}"
 
 
 class RerankDocument(_Request):
@@ -119,63 +102,42 @@ class ScoreResponse(BaseModel):
     usage: ScoreUsage
 
 
-def no_yes_ids(served: ServedModel) -> list[int]:
-    """The ids of the tokens "no" and "yes" (the card's convert_tokens_to_ids); 400 for a model that cannot
-    judge with them: an embedding model (no head), a vocabulary without them."""
+def judging_ids(served: ServedModel) -> list[int]:
+    """The ids of "no" and "yes"; 400 for a model that cannot judge with them: an embedding model (no head), a
+    vocabulary without them."""
     if served.embedding_only:
         raise APIError(400, f"'{served.name}' is an embedding model: it has no language-model head to judge "
                             f"yes or no with; rerank with a Qwen3-Reranker checkpoint", param="model",
                        code="model_cannot_rerank")
-    ids = [served.tokenizer.token_to_id("no"), served.tokenizer.token_to_id("yes")]
-    if None in ids:
+    ids = no_yes_ids(served.tokenizer)
+    if ids is None:
         raise APIError(400, f"'{served.name}' cannot rerank: its vocabulary has no 'yes' and 'no' tokens to judge "
                             f"with", param="model", code="model_cannot_rerank")
-    return ids  # type: ignore[return-value]
+    return ids
 
 
-def pair_prompts(served: ServedModel, pairs: list[tuple[str, str]], instruction: str,
+def pair_prompts(served: ServedModel, pairs: list[tuple[str, str]], instruction: str | None,
                  params: tuple[str, str]) -> list[list[int]]:
     """Each pair's prompt ids; 400 for one that cannot fit the context, naming the query (params[0]) when it
     alone is too long, else the document (params[1], "document i")."""
-    tok, limit = served.tokenizer, served.max_model_len
-    prefix, suffix = tok.encode(PREFIX), tok.encode(SUFFIX)
-
-    def prompt(query: str, document: str) -> list[int]:  # raises _TooLong
-        formatted = query.startswith(TURN_START)  # formatted by the client
-        text = query + document if formatted else pair_text(instruction, query, document)
-        if len(text) > limit * served.max_token_chars * 4:  # certain without tokenizing (as check_text_fits)
-            raise _TooLong(f"at least {len(text) // (served.max_token_chars * 4)}")
-        room = limit if formatted else limit - len(prefix) - len(suffix)
-        try:
-            ids = (tok.encode(query, max_tokens=room) + tok.encode(document, max_tokens=room) if formatted
-                   else prefix + tok.encode(text, max_tokens=room) + suffix)
-        except TooManyTokens as exc:
-            raise _TooLong(f"at least {exc.count}") from None
-        if len(ids) > limit:
-            raise _TooLong(str(len(ids)))
-        return ids
-
+    prompts = PairPrompts(served.tokenizer, served.max_model_len, instruction, served.max_token_chars)
     for query in dict.fromkeys(q for q, _ in pairs):
         try:
-            prompt(query, "")
-        except _TooLong as exc:
+            prompts.ids(query, "")
+        except PromptTooLong as exc:
             raise _too_long(served, "the query's reranking prompt (instruction and query, no document)", exc,
                             params[0]) from None
-    prompts = []
+    out = []
     for i, (query, document) in enumerate(pairs):
         try:
-            prompts.append(prompt(query, document))
-        except _TooLong as exc:
+            out.append(prompts.ids(query, document))
+        except PromptTooLong as exc:
             raise _too_long(served, f"document {i}: its reranking prompt (instruction, query and document)", exc,
                             params[1]) from None
-    return prompts
+    return out
 
 
-class _TooLong(Exception):
-    """A prompt over the context; its message: how many tokens it has (or at least has)."""
-
-
-def _too_long(served: ServedModel, what: str, tokens: _TooLong, param: str) -> APIError:
+def _too_long(served: ServedModel, what: str, tokens: PromptTooLong, param: str) -> APIError:
     return APIError(400, f"{what} has {tokens} tokens, but this model's maximum context length is "
                          f"{served.max_model_len} tokens", param=param, code="context_length_exceeded")
 
@@ -190,8 +152,7 @@ async def relevance_scores(served: ServedModel, pairs: list[tuple[str, str]], in
     if len(pairs) > MAX_DOCUMENTS:
         raise bad_request(f"at most {MAX_DOCUMENTS} documents per request, got {len(pairs)}: split the list "
                           f"(scores do not depend on the other documents)", param=param)
-    token_ids = no_yes_ids(served)
-    instruction = DEFAULT_INSTRUCTION if instruction is None else instruction
+    token_ids = judging_ids(served)
     prompts = await asyncio.to_thread(pair_prompts, served, pairs, instruction, params)  # 1,000 encodes: off the loop
     logits = await served.engine.last_token_logits(prompts, token_ids)  # [N, 2]: "no", "yes"
     return logits.softmax(dim=-1)[:, 1].tolist(), sum(map(len, prompts))
@@ -224,15 +185,13 @@ async def score(request: Request) -> Response:
     if isinstance(local, Response):
         return local
     body, served = local.body, local.served
-    queries = [body.text_1] if isinstance(body.text_1, str) else body.text_1
-    documents = [body.text_2] if isinstance(body.text_2, str) else body.text_2
-    if len(queries) == 1:
-        queries = queries * len(documents)
-    if len(queries) != len(documents):
-        raise bad_request(f"text_1 has {len(queries)} texts and text_2 {len(documents)}: give one text_1 for all, "
-                          f"or one per text_2", param="text_1")
-    scores, tokens = await relevance_scores(served, list(zip(queries, documents)), body.instruction,
-                                            ("text_1", "text_2"))
+    try:
+        pairs = pairs_of(body.text_1, body.text_2)
+    except ValueError:
+        counts = [1 if isinstance(t, str) else len(t) for t in (body.text_1, body.text_2)]
+        raise bad_request(f"text_1 has {counts[0]} texts and text_2 {counts[1]}: give one text_1 for all, or one "
+                          f"per text_2", param="text_1") from None
+    scores, tokens = await relevance_scores(served, pairs, body.instruction, ("text_1", "text_2"))
     return JSONResponse({"id": f"score-{uuid.uuid4().hex}", "object": "list", "created": int(time.time()),
                          "model": served.name, "data": [{"index": i, "object": "score", "score": s}
                                                         for i, s in enumerate(scores)],

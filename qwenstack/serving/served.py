@@ -27,7 +27,7 @@ from qwenstack.pooling_config import PoolingConfig
 from qwenstack.serving.config import ModelSpec, ServerConfig
 from qwenstack.serving.errors import APIError
 from qwenstack.serving.markers import SpecialTokenText
-from qwenstack.tokenizer import Tokenizer, TooManyTokens
+from qwenstack.tokenizer import Tokenizer, TooManyTokens, longest_token_chars
 
 log = logging.getLogger("qwenstack.server")
 
@@ -62,9 +62,8 @@ class ServedModel:
 
     @cached_property
     def max_token_chars(self) -> int:
-        """The most characters one token stands for (a byte-level vocabulary entry spells one byte per
-        character, so this bounds the decoded text too)."""
-        return max((len(t) for t in self.tokenizer.backend.get_vocab(with_added_tokens=True)), default=1)
+        """The most characters one token stands for (tokenizer.longest_token_chars), computed once."""
+        return longest_token_chars(self.tokenizer)
 
     def warm_up(self) -> None:
         """Builds what the first chat request would otherwise build while every other request waits on the

@@ -236,3 +236,24 @@ def test_two_head_rows_give_the_full_logits_columns(reranker_dir: Path, untied_d
         full = model.compute_logits(h)[:, ids]
         torch.testing.assert_close(model.compute_logits(h, ids), full, atol=1e-5 if dtype == torch.float32 else 2e-2,
                                    rtol=1e-3 if dtype == torch.float32 else 2e-2, msg=name)
+
+
+def test_offline_llm_score_matches_the_card_and_the_server(server: BackgroundServer, reranker_dir: Path) -> None:
+    """vLLM's offline LLM.score: the same pairs, prompts and scores as POST /score and the card's recipe."""
+    from qwenstack.errors import RequestError
+    from qwenstack.llm import LLM
+
+    llm = LLM(reranker_dir, dtype="float32", device="cpu", kv_cache_memory=2**22)
+    outputs = llm.score(QUERY, DOCS)
+    want, lengths = hf_rerank(reranker_dir, QUERY, DOCS)
+    assert [o.outputs.score for o in outputs] == pytest.approx(want, abs=1e-5)
+    assert [len(o.prompt_token_ids) for o in outputs] == lengths
+    served = httpx.post(server.url + "/score", json={"model": RR, "text_1": QUERY, "text_2": DOCS}).json()
+    assert [o.outputs.score for o in outputs] == pytest.approx([d["score"] for d in served["data"]], abs=1e-6)
+    one_to_one = llm.score([QUERY, "a fox"], DOCS[:2], instruction="Find animals")
+    assert [o.outputs.score for o in one_to_one] == pytest.approx(
+        [hf_rerank(reranker_dir, q, [d], "Find animals")[0][0] for q, d in zip([QUERY, "a fox"], DOCS[:2])], abs=1e-5)
+    with pytest.raises(RequestError, match="2 queries and 3 documents"):
+        llm.score([QUERY, QUERY], DOCS[:3])
+    with pytest.raises(RequestError, match="maximum context length"):
+        llm.score(QUERY, "word " * 5000)

@@ -1,0 +1,82 @@
+"""Qwen3-Reranker's prompts: one (query, document) pair -> the token ids whose next-token "yes" / "no" logits
+judge it. Shared by the server's /v1/rerank and /score (serving/rerank.py) and the offline LLM.score.
+
+    prompts = PairPrompts(tokenizer, max_model_len, instruction=None)
+    ids = prompts.ids(query, document)            # raises PromptTooLong
+    yes_no = no_yes_ids(tokenizer)                # ["no", "yes"] ids, or None
+
+The method is the Qwen3-Reranker model card's ("Transformers Usage") and vLLM's
+examples/offline_inference/qwen3_reranker.py: system "Judge whether the Document meets ...", user
+`<Instruct>: {instruction}\\n<Query>: {query}\\n<Document>: {doc}`, then the assistant turn opened with an empty
+think block; the score is softmax([logit "no", logit "yes"]) at the last position, i.e. P(yes). The pair text is
+tokenized apart from the fixed prefix and suffix, as the card's process_inputs does. A query that already starts
+with `<|im_start|>` was formatted by the client (vLLM's own Qwen3 rerank client sends it so): the prompt is then
+the query's tokens and the document's, nothing added.
+"""
+from __future__ import annotations
+
+from qwenstack.markup import TURN_START
+from qwenstack.tokenizer import Tokenizer, TooManyTokens, longest_token_chars
+
+DEFAULT_INSTRUCTION = "Given a web search query, retrieve relevant passages that answer the query"
+SYSTEM = ('Judge whether the Document meets the requirements based on the Query and the Instruct provided. '
+          'Note that the answer can only be "yes" or "no".')
+PREFIX = f"<|im_start|>system\n{SYSTEM}<|im_end|>\n<|im_start|>user\n"
+SUFFIX = "<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
+
+
+class PromptTooLong(Exception):
+    """A pair's prompt over the context; its message: how many tokens it has (or at least has)."""
+
+
+def pair_text(instruction: str, query: str, document: str) -> str:
+    """The user turn's text of one pair (the card's format_instruction)."""
+    return f"<Instruct>: {instruction}\n<Query>: {query}\n<Document>: {document}"
+
+
+def no_yes_ids(tokenizer: Tokenizer) -> list[int] | None:
+    """The ids of the tokens "no" and "yes" (the card's convert_tokens_to_ids), or None when the vocabulary
+    lacks one."""
+    ids = [tokenizer.token_to_id("no"), tokenizer.token_to_id("yes")]
+    return None if None in ids else ids  # type: ignore[return-value]
+
+
+class PairPrompts:
+    """Builds pairs' prompt ids for one tokenizer, context and instruction."""
+
+    def __init__(self, tokenizer: Tokenizer, max_model_len: int, instruction: str | None = None,
+                 max_token_chars: int | None = None) -> None:
+        self.tokenizer, self.limit = tokenizer, max_model_len
+        self.instruction = DEFAULT_INSTRUCTION if instruction is None else instruction
+        self.max_token_chars = max_token_chars or longest_token_chars(tokenizer)
+        self.prefix, self.suffix = tokenizer.encode(PREFIX), tokenizer.encode(SUFFIX)
+
+    def ids(self, query: str, document: str) -> list[int]:
+        """The pair's prompt; PromptTooLong when it cannot fit the context."""
+        tok, limit = self.tokenizer, self.limit
+        formatted = query.startswith(TURN_START)
+        text = query + document if formatted else pair_text(self.instruction, query, document)
+        if len(text) > limit * self.max_token_chars * 4:  # certain without tokenizing
+            raise PromptTooLong(f"at least {len(text) // (self.max_token_chars * 4)}")
+        room = limit if formatted else limit - len(self.prefix) - len(self.suffix)
+        try:
+            ids = (tok.encode(query, max_tokens=room) + tok.encode(document, max_tokens=room) if formatted
+                   else self.prefix + tok.encode(text, max_tokens=room) + self.suffix)
+        except TooManyTokens as exc:
+            raise PromptTooLong(f"at least {exc.count}") from None
+        if len(ids) > limit:
+            raise PromptTooLong(str(len(ids)))
+        return ids
+
+
+def pairs_of(queries: str | list[str], documents: str | list[str]) -> list[tuple[str, str]]:
+    """vLLM's score pairing: one query against each document, or queries and documents one to one. Raises
+    ValueError for lists of different lengths."""
+    query_list = [queries] if isinstance(queries, str) else list(queries)
+    document_list = [documents] if isinstance(documents, str) else list(documents)
+    if len(query_list) == 1:
+        query_list = query_list * len(document_list)
+    if len(query_list) != len(document_list):
+        raise ValueError(f"{len(query_list)} queries and {len(document_list)} documents: give one query for all, "
+                         f"or one per document")
+    return list(zip(query_list, document_list))
