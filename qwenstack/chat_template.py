@@ -35,6 +35,30 @@ def _strftime_now(fmt: str) -> str:
     return datetime.now().strftime(fmt)
 
 
+def read_chat_template(value: str) -> str:
+    """A --chat-template value (vLLM's and llama.cpp's option): a file holding the template, or the template
+    itself; checked by compiling it. Raises ChatTemplateError (a ValueError: the CLI prints it on one line)."""
+    from pathlib import Path
+
+    path = Path(value).expanduser()
+    looks_like_template = "{{" in value or "{%" in value
+    try:
+        is_file = not looks_like_template and path.is_file()
+    except OSError:  # a name too long for the file system: it is not a file
+        is_file = False
+    if is_file:
+        source = path.read_text(encoding="utf-8")
+    elif looks_like_template:
+        source = value
+    else:
+        raise ChatTemplateError(f"--chat-template {value!r}: no such file, and not a Jinja template either")
+    try:
+        compile_template(source)
+    except jinja2.TemplateError as exc:
+        raise ChatTemplateError(f"--chat-template: the template does not compile: {exc}") from None
+    return source
+
+
 @lru_cache(maxsize=16)
 def compile_template(source: str) -> jinja2.Template:
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])

@@ -71,6 +71,20 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--quantization", default=None, metavar="METHOD", help="quantize the weights at load time")
 
 
+def add_chat_template_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--chat-template", default=None, metavar="FILE_OR_TEMPLATE",
+                        help="a Jinja chat template used instead of the checkpoint's (a file, or the template "
+                             "itself), as vLLM's and llama.cpp's --chat-template")
+
+
+def chat_template_of(args: argparse.Namespace) -> str | None:
+    """The --chat-template's text (None: the checkpoint's own), read and checked now, before any loading."""
+    from qwenstack.chat_template import read_chat_template
+
+    value = getattr(args, "chat_template", None)
+    return None if value is None else read_chat_template(value)
+
+
 def add_sampling_options(parser: argparse.ArgumentParser, max_tokens: int | None) -> None:
     group = parser.add_argument_group("sampling (defaults: the model's generation_config.json, else Qwen3's)")
     group.add_argument("--temperature", type=float, default=None, help="0 is greedy")
@@ -108,9 +122,13 @@ def load_llm(args: argparse.Namespace) -> "LLM":
     options: dict[str, Any] = {}
     if getattr(args, "seed", None) is not None:
         options["seed"] = args.seed
-    return LLM(args.model, dtype=None if args.dtype == "auto" else args.dtype, device=args.device,
-               max_model_len=args.max_model_len, kv_cache_memory=args.kv_cache_memory,
-               quantization=args.quantization, **options)
+    template = chat_template_of(args)
+    llm = LLM(args.model, dtype=None if args.dtype == "auto" else args.dtype, device=args.device,
+              max_model_len=args.max_model_len, kv_cache_memory=args.kv_cache_memory,
+              quantization=args.quantization, **options)
+    if template is not None:
+        llm.tokenizer.chat_template = template
+    return llm
 
 
 def starts_in_reasoning(prompt: str) -> bool:

@@ -14,7 +14,7 @@ import sys
 from typing import Any, Iterator, TextIO
 
 from qwenstack.commands import Command
-from qwenstack.commands._common import add_model_options, add_sampling_options
+from qwenstack.commands._common import add_chat_template_option, add_model_options, add_sampling_options
 
 HELP = """commands:
   /think      turn thinking on for the next replies
@@ -36,6 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="keep the thinking on screen instead of folding it")
     add_sampling_options(parser, max_tokens=None)
     add_model_options(parser)
+    add_chat_template_option(parser)
 
 
 class ChatSession:

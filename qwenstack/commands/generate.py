@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from qwenstack.commands import Command
-from qwenstack.commands._common import add_model_options, add_sampling_options, sampling_params, starts_in_reasoning
+from qwenstack.commands._common import add_chat_template_option, add_model_options, add_sampling_options, sampling_params, starts_in_reasoning
 
 EPILOG = """examples:
   qwenstack generate "The capital of France is"
@@ -31,6 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the outputs as a JSON list")
     add_sampling_options(parser, max_tokens=256)
     add_model_options(parser)
+    add_chat_template_option(parser)
 
 
 def _model_and_prompts(args: argparse.Namespace, parser_error: Any) -> tuple[str | None, list[str]]:

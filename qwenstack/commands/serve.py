@@ -10,7 +10,9 @@ import argparse
 from typing import TYPE_CHECKING, Any
 
 from qwenstack.commands import Command
-from qwenstack.commands._common import add_model_options, parse_bytes, positive_float, positive_int
+from qwenstack.commands._common import (
+    add_chat_template_option, add_model_options, chat_template_of, parse_bytes, positive_float, positive_int,
+)
 
 if TYPE_CHECKING:
     from qwenstack.serving.config import ServerConfig
@@ -62,6 +64,7 @@ def add_model_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
     parser.add_argument("--served-model-name", action="append", default=[], metavar="NAME",
                         help="the name clients use for the i-th MODEL (repeatable; default: its id or directory name)")
     add_model_options(parser)
+    add_chat_template_option(parser)
     eng = parser.add_argument_group("engine")
     eng.add_argument("--max-num-seqs", type=positive_int, default=None, help="most requests running at once, per model")
     eng.add_argument("--max-num-batched-tokens", type=positive_int, default=None,
@@ -157,6 +160,8 @@ def serve_config_from_args(args: argparse.Namespace) -> dict[str, Any]:
                 "tensor_parallel_size": args.tensor_parallel_size, "data_parallel_size": args.data_parallel_size,
                 "distributed_executor_backend": args.distributed_executor_backend}
     per_model.update({k: v for k, v in optional.items() if v is not None})
+    if args.chat_template is not None:
+        per_model["chat_template"] = chat_template_of(args)
     if args.no_prefix_caching:
         per_model["enable_prefix_caching"] = False
     if args.expert_parallel:

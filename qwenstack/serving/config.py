@@ -40,6 +40,7 @@ class ModelSpec:
     expert_parallel: bool = False  # MoE experts spread over those ranks
     data_parallel_size: int = 1  # replicas behind the one name, routed by prefix (serving/replicas.py)
     distributed_executor_backend: str = "mp"  # mp (this machine) or ray (a Ray cluster)
+    chat_template: str | None = None  # --chat-template's text, used instead of the checkpoint's template
 
 
 @dataclass

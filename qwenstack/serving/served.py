@@ -210,6 +210,8 @@ def load_served_model(spec: ModelSpec, kv_cache_memory: int) -> ServedModel:
     if not parallel.is_distributed and parallel.data_parallel_size == 1:
         loaded = load(spec.model, dtype=spec.dtype, device=spec.device, quantization=spec.quantization,
                       speculative=spec.speculative_tokens > 0)
+        if spec.chat_template is not None:
+            loaded.tokenizer.chat_template = spec.chat_template
         return build_served_model(expected_name(spec), loaded.model, loaded.tokenizer, config, loaded.config,
                                   loaded.path)
     engines, loaded = [], None
@@ -217,6 +219,8 @@ def load_served_model(spec: ModelSpec, kv_cache_memory: int) -> ServedModel:
         loaded, engine = _parallel_engine(spec, parallel, config)
         engines.append(engine)
     assert loaded is not None
+    if spec.chat_template is not None:
+        loaded.tokenizer.chat_template = spec.chat_template
     return build_served_model(expected_name(spec), loaded.model, loaded.tokenizer, config, loaded.config,
                               loaded.path, replicas=engines)
 
