@@ -15,7 +15,7 @@ from typing import IO
 from qwenstack.commands import Command
 from qwenstack.commands._common import positive_int
 from qwenstack.commands.serve import add_arguments as add_serve_arguments
-from qwenstack.commands.serve import add_model_arguments
+from qwenstack.commands.serve import add_model_arguments, add_vllm_arguments
 
 EPILOG = """examples:
   qwenstack run-batch -i requests.jsonl -o results.jsonl Qwen/Qwen3-0.6B
@@ -38,6 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-think", action="store_true",
                         help="thinking off unless a request turns it on (default: on, as Qwen3 does)")
     add_model_arguments(parser, "answer with")
+    add_vllm_arguments(parser)
     # The server's other options keep their defaults: serve_config_from_args reads them all.
     serve = argparse.ArgumentParser(add_help=False)
     add_serve_arguments(serve)
@@ -54,12 +55,14 @@ def _open(path: str, mode: str) -> IO[str]:
 def run(args: argparse.Namespace) -> int:
     import asyncio
 
-    from qwenstack.commands.serve import serve_config_from_args, server_config
+    from qwenstack.commands.serve import serve_config_from_args, server_config, vllm_notes
     from qwenstack.engine.engine import DEFAULT_STEP_TOKENS
     from qwenstack.serving.app import create_app
     from qwenstack.serving.batch import run_batch
     from qwenstack.serving.config import ModelSpec
 
+    for note in vllm_notes(args):
+        print(f"note: {note}", file=sys.stderr)
     values = serve_config_from_args(args)
     values.update(enable_ui=False)
     values.pop("api_key", None)  # in-process: no key to present

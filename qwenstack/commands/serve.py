@@ -7,6 +7,7 @@ values, so it can be tested and printed without importing torch's side of the se
 from __future__ import annotations
 
 import argparse
+import logging
 from typing import TYPE_CHECKING, Any
 
 from qwenstack.commands import Command
@@ -16,6 +17,8 @@ from qwenstack.commands._common import (
 
 if TYPE_CHECKING:
     from qwenstack.serving.config import ServerConfig
+
+log = logging.getLogger("qwenstack.serve")
 
 EPILOG = """examples:
   qwenstack serve                                   # the bundled demo model on http://127.0.0.1:8000
@@ -54,6 +57,44 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     net.add_argument("--remote-timeout", type=float, default=None, metavar="SECONDS",
                      help="timeout of requests to remotes (default: 600)")
     add_behaviour_arguments(parser)
+    add_vllm_arguments(parser)
+
+
+# vLLM's serve flags that a copied vLLM command carries and that qwenstack does by itself: accepted, so the command
+# runs, with a line saying what qwenstack does instead (vllm_notes).
+TOOL_CALL_PARSERS = ("hermes", "qwen3_coder", "qwen3_xml")
+REASONING_PARSERS = ("qwen3", "deepseek_r1")
+
+
+def add_vllm_arguments(parser: argparse.ArgumentParser) -> None:
+    vllm = parser.add_argument_group("accepted from vLLM commands (qwenstack does these by itself)")
+    vllm.add_argument("--enable-auto-tool-choice", action="store_true",
+                      help="tool calls are always parsed for Qwen3 (Hermes JSON and Qwen3-Coder XML)")
+    vllm.add_argument("--tool-call-parser", choices=TOOL_CALL_PARSERS, default=None,
+                      help="the parser is picked from the model's output itself")
+    vllm.add_argument("--reasoning-parser", choices=REASONING_PARSERS, default=None,
+                      help="<think> blocks are always parsed into reasoning_content")
+    vllm.add_argument("--enable-reasoning", action="store_true", help="(vLLM's older flag) the same")
+    vllm.add_argument("--trust-remote-code", action="store_true", help="no checkpoint code is ever run")
+    vllm.add_argument("--gpu-memory-utilization", type=positive_float, default=None, metavar="FRACTION",
+                      help="the KV cache is sized by --kv-cache-memory instead")
+
+
+def vllm_notes(args: argparse.Namespace) -> list[str]:
+    """One line for each vLLM flag given, saying what qwenstack does instead."""
+    notes = []
+    if args.enable_auto_tool_choice or args.tool_call_parser:
+        notes.append("--enable-auto-tool-choice/--tool-call-parser: qwenstack parses Qwen3's tool calls (Hermes "
+                     "JSON and Qwen3-Coder XML) for every request with tools; nothing to turn on")
+    if args.reasoning_parser or args.enable_reasoning:
+        notes.append("--reasoning-parser: qwenstack always parses <think> blocks into reasoning_content")
+    if args.trust_remote_code:
+        notes.append("--trust-remote-code: qwenstack implements each architecture natively and never runs "
+                     "checkpoint code")
+    if args.gpu_memory_utilization is not None:
+        notes.append(f"--gpu-memory-utilization {args.gpu_memory_utilization}: ignored; the KV cache takes "
+                     f"--kv-cache-memory (default 2GiB)")
+    return notes
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
@@ -240,6 +281,8 @@ def run(args: argparse.Namespace) -> int:
     config = server_config(serve_config_from_args(args))
     from qwenstack.serving.app import run_server
 
+    for note in vllm_notes(args):
+        log.warning(note)
     run_server(config)
     return 0
 

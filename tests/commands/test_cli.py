@@ -177,6 +177,24 @@ def test_serve_runs_the_server(monkeypatch: pytest.MonkeyPatch) -> None:
     assert seen[0].port == 8123 and seen[0].models[0].model == "some/model"
 
 
+def test_a_copied_vllm_command_runs_and_says_what_its_flags_become(monkeypatch: pytest.MonkeyPatch,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    from qwenstack.serving import app
+
+    seen = []
+    monkeypatch.setattr(app, "run_server", seen.append)
+    vllm = ["--enable-auto-tool-choice", "--tool-call-parser", "hermes", "--reasoning-parser", "qwen3",
+            "--trust-remote-code", "--gpu-memory-utilization", "0.9"]
+    with caplog.at_level("WARNING", logger="qwenstack.serve"):
+        assert main(["serve", "Qwen/Qwen3-8B", "--max-model-len", "8192", *vllm]) == 0
+    assert seen[0].models[0].model == "Qwen/Qwen3-8B" and seen[0].models[0].max_model_len == 8192
+    said = caplog.text
+    for flag in ("--tool-call-parser", "--reasoning-parser", "--trust-remote-code", "--gpu-memory-utilization"):
+        assert flag in said
+    with pytest.raises(SystemExit):  # a parser for another model family: argparse's usage error
+        main(["serve", "m", "--tool-call-parser", "mistral"])
+
+
 # --- generate ------------------------------------------------------------------------------------------------
 
 
