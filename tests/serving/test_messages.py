@@ -337,3 +337,28 @@ def test_translation_of_images_and_system_messages() -> None:
                                                                        "https://x.test/a.png"]
     assert chat.chat_template_kwargs == {"enable_thinking": False} and chat.max_completion_tokens == 5
     assert translate.chat_request(body, True).chat_template_kwargs == {"enable_thinking": True}  # operator default
+
+
+def test_documents_become_the_users_text(client: anthropic.Anthropic) -> None:
+    """A text document (text source, inline content, base64 text/plain) is the user's text, wrapped with its
+    title and context: count_tokens sees exactly that text; PDFs and URLs are 400s naming the block."""
+    wrapped = '<document title="Notes">\nFrom the meeting\n\nParis is sunny.\n</document>'
+    sources = [{"type": "text", "media_type": "text/plain", "data": "Paris is sunny."},
+               {"type": "content", "content": [{"type": "text", "text": "Paris is sunny."}]},
+               {"type": "base64", "media_type": "text/plain", "data": base64.b64encode(b"Paris is sunny.").decode()}]
+    plain = client.messages.count_tokens(model="think", messages=[{"role": "user", "content": [
+        {"type": "text", "text": wrapped}, {"type": "text", "text": "Weather?"}]}]).input_tokens
+    for source in sources:
+        doc = {"type": "document", "source": source, "title": "Notes", "context": "From the meeting"}
+        counted = client.messages.count_tokens(model="think", messages=[{"role": "user", "content": [
+            doc, {"type": "text", "text": "Weather?"}]}])
+        assert counted.input_tokens == plain, source
+    reply = client.messages.create(model="think", max_tokens=64, messages=[{"role": "user", "content": [
+        {"type": "document", "source": sources[0]}, {"type": "text", "text": "Weather?"}]}])
+    assert reply.content[-1].type == "text"
+    for source in ({"type": "base64", "media_type": "application/pdf", "data": "JVBERi0="},
+                   {"type": "url", "url": "https://x.test/a.pdf"}):
+        with pytest.raises(anthropic.BadRequestError) as err:
+            client.messages.create(model="think", max_tokens=8, messages=[{"role": "user", "content": [
+                {"type": "document", "source": source}]}])
+        assert "messages.0.content.0" in str(err.value) and "text source" in str(err.value)

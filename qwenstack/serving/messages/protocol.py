@@ -4,8 +4,8 @@ models: the requests are validated with them, and the OpenAPI document describes
 Decisions:
 - As for chat (serving/protocol.py's `_Request`): known fields strict, unknown ones ignored (`cache_control`,
   `metadata`, `service_tier`, `citations`... change nothing here), an explicit null means the default.
-- Content blocks are a union told apart by `type`: an unknown block type (`document`, `search_result`,
-  `server_tool_use`...) is a 400 naming the block, never silently dropped.
+- Content blocks are a union told apart by `type`: an unknown block type (`search_result`, `server_tool_use`...)
+  is a 400 naming the block, never silently dropped.
 - Numeric ranges are Anthropic's (temperature 0..1); `max_tokens` is required and at least 1 (Anthropic's 0,
   "warm the prompt cache only", is not offered).
 - Responses and stream events are built as plain dicts (api.py); the response models below document them.
@@ -52,6 +52,31 @@ class ImageBlock(_Request):
     source: ImageSource
 
 
+class TextSource(_Request):
+    type: Literal["text"]
+    media_type: str = "text/plain"
+    data: str
+
+
+class ContentSource(_Request):
+    type: Literal["content"]
+    content: list[Annotated[Union[TextBlock, ImageBlock], Field(discriminator="type")]] | str
+
+
+DocumentSource = Annotated[Union[TextSource, ContentSource, Base64Source, URLSource, FileSource],
+                           Field(discriminator="type")]
+
+
+class DocumentBlock(_Request):
+    """A document: its text (a text source, inline content, or base64 of a text/* media type) goes to the model
+    with its title and context; PDFs, URLs and Files API sources are refused (translate.py)."""
+
+    type: Literal["document"]
+    source: DocumentSource
+    title: str | None = None
+    context: str | None = None
+
+
 class ToolUseBlock(_Request):
     type: Literal["tool_use"]
     id: str
@@ -59,7 +84,7 @@ class ToolUseBlock(_Request):
     input: dict[str, Any]
 
 
-ToolResultPart = Annotated[Union[TextBlock, ImageBlock], Field(discriminator="type")]
+ToolResultPart = Annotated[Union[TextBlock, ImageBlock, DocumentBlock], Field(discriminator="type")]
 
 
 class ToolResultBlock(_Request):
@@ -81,7 +106,7 @@ class RedactedThinkingBlock(_Request):
 
 
 ContentBlock = Annotated[
-    Union[TextBlock, ImageBlock, ToolUseBlock, ToolResultBlock, ThinkingBlock, RedactedThinkingBlock],
+    Union[TextBlock, ImageBlock, DocumentBlock, ToolUseBlock, ToolResultBlock, ThinkingBlock, RedactedThinkingBlock],
     Field(discriminator="type"),
 ]
 

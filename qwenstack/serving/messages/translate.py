@@ -12,6 +12,10 @@ Decisions:
 - Images: a base64 source becomes a data URL, a url source is passed on as it is (fetched only where the
   server allows remote image URLs, `--allow-remote-image-urls`); both only for vision models (400 otherwise).
   File sources need the Files API, which this server does not have (400).
+- Documents: a text source, inline content (text and image blocks) or base64 of a text/* media type becomes
+  the user's text as `<document title="...">` context, text, `</document>` (the title and context only when
+  given), images beside it; citations are not produced. PDFs, URL and file sources are a 400 naming the block:
+  reading them needs a PDF parser and fetches this server does not do.
 - Thinking: `{type: "enabled", budget_tokens}` is Qwen3's thinking with that budget, `adaptive` thinking
   without a budget, `disabled` no thinking. Omitted, thinking is off (Anthropic's default) unless the server's
   default_chat_template_kwargs (ServerConfig) sets enable_thinking: an Anthropic client that wants thinking
@@ -27,6 +31,7 @@ Decisions:
 """
 from __future__ import annotations
 
+import base64
 import hashlib
 from typing import Any
 
@@ -35,8 +40,8 @@ from pydantic_core import from_json
 from qwenstack.guard.rails import CONTENT_FILTER
 from qwenstack.serving.errors import bad_request
 from qwenstack.serving.messages.protocol import (
-    Base64Source, CountTokensRequest, FileSource, ImageBlock, MessagesRequest, RedactedThinkingBlock, TextBlock,
-    ThinkingBlock, ToolResultBlock, ToolUseBlock,
+    Base64Source, ContentSource, CountTokensRequest, DocumentBlock, FileSource, ImageBlock, MessagesRequest,
+    RedactedThinkingBlock, TextBlock, TextSource, ThinkingBlock, ToolResultBlock, ToolUseBlock,
 )
 from qwenstack.serving.protocol import ChatCompletionRequest, ends_in_prefill
 from qwenstack.serving.state import parse
@@ -54,17 +59,47 @@ def _image_part(block: ImageBlock, where: str) -> dict[str, Any]:
     return {"type": "image_url", "image_url": {"url": url}}
 
 
+def _document_parts(block: DocumentBlock, where: str) -> list[dict[str, Any]]:
+    """A document as chat parts: its text wrapped with its title and context, any images of inline content."""
+    source, images, texts = block.source, [], []
+    if isinstance(source, TextSource):
+        texts.append(source.data)
+    elif isinstance(source, ContentSource):
+        blocks = [TextBlock(type="text", text=source.content)] if isinstance(source.content, str) else source.content
+        texts += [b.text for b in blocks if isinstance(b, TextBlock)]
+        images += [_image_part(b, f"{where}.source.content.{j}") for j, b in enumerate(blocks)
+                   if isinstance(b, ImageBlock)]
+    elif isinstance(source, Base64Source) and source.media_type.startswith("text/"):
+        try:
+            texts.append(base64.b64decode(source.data, validate=True).decode("utf-8"))
+        except (ValueError, UnicodeDecodeError):
+            raise bad_request(f"{where}: the document's base64 data is not UTF-8 text",
+                              param=f"{where}.source") from None
+    else:
+        kind = source.media_type if isinstance(source, Base64Source) else f"a {source.type} source"
+        raise bad_request(f"{where}: documents of {kind} are not supported here (no PDF reading, fetching or Files "
+                          f"API): send the document's text as a text source", param=f"{where}.source")
+    title = f' title="{block.title}"' if block.title else ""
+    head = f"<document{title}>\n" + (f"{block.context}\n\n" if block.context else "")
+    return [{"type": "text", "text": head + "\n".join(texts) + "\n</document>"}, *images]
+
+
 def _part(block: Any, where: str) -> dict[str, Any]:
     if isinstance(block, TextBlock):
         return {"type": "text", "text": block.text}
     return _image_part(block, where)
 
 
+def _parts(block: Any, where: str) -> list[dict[str, Any]]:
+    """A user-side block as chat parts (a document may give several)."""
+    return _document_parts(block, where) if isinstance(block, DocumentBlock) else [_part(block, where)]
+
+
 def _tool_output(block: ToolResultBlock, where: str) -> str | list[dict[str, Any]]:
     content = block.content
     if isinstance(content, str):
         return f"Error: {content}" if block.is_error else content
-    parts = [_part(p, f"{where}.content.{j}") for j, p in enumerate(content)]
+    parts = [part for j, p in enumerate(content) for part in _parts(p, f"{where}.content.{j}")]
     if block.is_error:
         if parts and parts[0]["type"] == "text":
             parts[0] = {"type": "text", "text": f"Error: {parts[0]['text']}"}
@@ -106,11 +141,11 @@ def _user(blocks: list[Any], where: str) -> list[dict[str, Any]]:
                 out.append({"role": "user", "content": parts})
                 parts = []
             out.append({"role": "tool", "tool_call_id": block.tool_use_id, "content": _tool_output(block, at)})
-        elif isinstance(block, (TextBlock, ImageBlock)):
-            parts.append(_part(block, at))
+        elif isinstance(block, (TextBlock, ImageBlock, DocumentBlock)):
+            parts += _parts(block, at)
         else:
-            raise bad_request(f"{at}: a user message carries text, image and tool_result blocks, not {block.type}",
-                              param=at)
+            raise bad_request(f"{at}: a user message carries text, image, document and tool_result blocks, not "
+                              f"{block.type}", param=at)
     if parts or not out:
         out.append({"role": "user", "content": parts})
     return out
