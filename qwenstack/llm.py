@@ -37,7 +37,8 @@ class LLM:
         **engine_options: Any,
     ) -> None:
         self.loaded = load(model, dtype=dtype, device=device, quantization=quantization,
-                           speculative=engine_options.get("speculative_tokens", 0) > 0)
+                           speculative=engine_options.get("speculative_tokens", 0) > 0
+                           and engine_options.get("speculative_method", "mtp") == "mtp")
         config = EngineConfig(max_model_len=max_model_len, enable_prefix_caching=enable_prefix_caching, **engine_options)
         if kv_cache_memory is not None:
             config.kv_cache_memory = kv_cache_memory

@@ -115,7 +115,10 @@ def add_model_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
     eng.add_argument("--no-prefix-caching", action="store_true", help="turn the prefix cache off")
     eng.add_argument("--seed", type=int, default=None, help="seed of the engines' samplers")
     eng.add_argument("--speculative-tokens", type=positive_int, default=None, metavar="K",
-                     help="draft K tokens per step (speculative decoding, where the model supports it)")
+                     help="draft K tokens per step (speculative decoding)")
+    eng.add_argument("--speculative-method", choices=("mtp", "ngram"), default=None,
+                     help="where drafts come from: mtp, Qwen3-Next's own head (the default), or ngram, prompt "
+                          "lookup in the sequence's own tokens (any model; pays off where answers quote the prompt)")
     par = parser.add_argument_group("parallelism")
     par.add_argument("--tensor-parallel-size", "-tp", type=positive_int, default=None, metavar="N",
                      help="split each model over N worker processes (attention heads, MLP, vocabulary)")
@@ -198,6 +201,7 @@ def serve_config_from_args(args: argparse.Namespace) -> dict[str, Any]:
     }
     optional = {"max_num_seqs": args.max_num_seqs, "max_num_batched_tokens": args.max_num_batched_tokens,
                 "max_waiting": args.max_waiting, "seed": args.seed, "speculative_tokens": args.speculative_tokens,
+                "speculative_method": args.speculative_method,
                 "tensor_parallel_size": args.tensor_parallel_size, "data_parallel_size": args.data_parallel_size,
                 "distributed_executor_backend": args.distributed_executor_backend}
     per_model.update({k: v for k, v in optional.items() if v is not None})

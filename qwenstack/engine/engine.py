@@ -72,7 +72,11 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
     seed: int = 0
-    speculative_tokens: int = 0  # k > 0: draft k tokens per step with the model's MTP head (engine/speculative.py)
+    speculative_tokens: int = 0  # k > 0: draft k tokens per step (engine/speculative.py)
+    speculative_method: str = "mtp"  # "mtp": the model's MTP head (Qwen3-Next); "ngram": prompt lookup, any model
+    prompt_lookup_min: int = 2  # ngram: the shortest suffix looked up
+    prompt_lookup_max: int = 4  # ngram: the longest
+    prompt_lookup_max_batch: int | None = 8  # ngram: no drafts in steps of more sequences (None: always draft)
     encoder_cache_memory: int = DEFAULT_ENCODER_CACHE_MEMORY  # bytes of cached image encodings (vision models)
 
 
@@ -110,7 +114,8 @@ class LLMEngine:
         spec_k = self.config.speculative_tokens
         if spec_k < 0:
             raise ValueError(f"speculative_tokens must be >= 0, got {spec_k}")
-        pool_blocks = speculative_pool_blocks if spec_k else kv_pool_blocks  # the MTP layer's KV shares each block
+        mtp = spec_k and self.config.speculative_method == "mtp"
+        pool_blocks = speculative_pool_blocks if mtp else kv_pool_blocks  # the MTP layer's KV shares each block
         num_blocks = pool_blocks(model, self.config.kv_cache_memory, self.config.block_size, param.dtype)
         # An embedding model generates nothing, and its passes (embed.py) use no KV cache: the smallest pool.
         self.embedding_only = bool(getattr(model, "is_embedding_model", False))
@@ -120,7 +125,12 @@ class LLMEngine:
             raise ValueError(f"kv_cache_memory={self.config.kv_cache_memory} bytes holds fewer than 2 KV blocks")
         if spec_k and runner_factory is not None:
             raise ValueError("speculative decoding is not supported with tensor parallelism yet")
-        runner_cls: Any = partial(SpeculativeRunner, speculative_tokens=spec_k) if spec_k else (runner_factory or ModelRunner)
+        runner_cls: Any = runner_factory or ModelRunner
+        if spec_k:
+            runner_cls = partial(SpeculativeRunner, speculative_tokens=spec_k, method=self.config.speculative_method,
+                                 prompt_lookup_min=self.config.prompt_lookup_min,
+                                 prompt_lookup_max=self.config.prompt_lookup_max,
+                                 prompt_lookup_max_batch=self.config.prompt_lookup_max_batch)
         self.runner = runner_cls(model, num_blocks, self.config.block_size, seed=self.config.seed,
                                   num_state_slots=self.config.max_num_seqs,
                                   encoder_cache_memory=self.config.encoder_cache_memory)

@@ -110,10 +110,14 @@ class ModelRunner:
                               block_tables=torch.tensor(tables, dtype=torch.long, device=dev),
                               block_size=self.block_size)
 
-    def prepare(self, step: ScheduledBatch, extra_tokens: list[list[int]] | None = None) -> StepInputs:
+    def prepare(self, step: ScheduledBatch, extra_tokens: list[list[int]] | None = None,
+                rows_as_decodes: bool = False) -> StepInputs:
         """The flat batch of one step: each sequence's scheduled tokens, then its `extra_tokens` (tokens
         not yet emitted, such as speculative drafts to verify), which get positions and KV slots after them
-        in blocks the scheduler reserved (its lookahead)."""
+        in blocks the scheduler reserved (its lookahead). With `rows_as_decodes` (a decode step, a model
+        without recurrent state) each token is its own attention row over the sequence's blocks up to its
+        position: the same causal attention, as a batch of one-token decodes, which takes the decode fast
+        paths (all rows' keys and values are written before any row attends)."""
         extra = extra_tokens or [[] for _ in step.seqs]
         if self.multimodal is not None and any(extra):
             raise ValueError("extra tokens per sequence are not supported for models that take images")
@@ -121,6 +125,7 @@ class ModelRunner:
         positions: list[int] = []
         slots: list[int] = []
         query_lens, context_lens, row_starts = [], [], []
+        row_seqs: list[Sequence] = []
         prompt_rows: list[tuple[Sequence, int, int]] = []
         row = 0
         for seq, n, more in zip(step.seqs, step.num_new_tokens, extra):
@@ -131,14 +136,20 @@ class ModelRunner:
             ids.extend(tokens[start:end] + more)
             positions.extend(range(start, start + m))
             slots.extend(self._slots(seq, start, start + m))
-            query_lens.append(m)
-            context_lens.append(start + m)
+            if rows_as_decodes:
+                query_lens += [1] * m
+                context_lens.extend(range(start + 1, start + m + 1))
+                row_seqs += [seq] * m
+            else:
+                query_lens.append(m)
+                context_lens.append(start + m)
+                row_seqs.append(seq)
             row_starts.append(row)
             if seq.params.prompt_logprobs is not None:
                 for p in range(start, min(end, seq.num_prompt_tokens - 1)):
                     prompt_rows.append((seq, row + p - start, tokens[p + 1]))
             row += m
-        batch = self.attention_batch(step.seqs, query_lens, context_lens, slots)
+        batch = self.attention_batch(row_seqs, query_lens, context_lens, slots)
         if self.has_state:
             batch.state_slots = self.state_slots(step.seqs)
         dev = self.device

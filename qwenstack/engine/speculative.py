@@ -1,4 +1,5 @@
-"""Speculative decoding with Qwen3-Next's multi-token-prediction head (EngineConfig.speculative_tokens = k > 0).
+"""Speculative decoding (EngineConfig.speculative_tokens = k > 0): drafts from Qwen3-Next's multi-token-prediction
+head (speculative_method "mtp"), or from the sequence's own tokens (prompt lookup, "ngram", any model).
 
 One engine step for a decoding sequence whose last token t_L is not yet in the cache, with drafts d_1..d_k
 from the previous step:
@@ -30,6 +31,18 @@ from the previous step:
            how many drafts it may verify (ScheduledBatch.num_lookahead_tokens). This runner never allocates;
            it drafts only as far as the sequence's blocks reach.
 
+Prompt lookup ("ngram", vLLM's method of that name, llama.cpp's lookup decoding): the drafts are the k tokens
+that followed the most recent earlier occurrence of the sequence's last n tokens (n from prompt_lookup_max down
+to prompt_lookup_min), in its prompt or its output: free to make, and right wherever the answer quotes what
+came before (code edits, extraction, summaries that cite). A draft is a point mass, q = one-hot(d), so the rule
+above accepts d with probability p(d) and draws a rejection from p without d. Nothing is drafted when no n-gram
+matches, or when the step ran more than prompt_lookup_max_batch sequences: on two CPU cores, 0.6B bf16, lookup
+gained 1.1x at 4 sequences decoding together and lost 0.97x at 16, where the verify rows of every sequence
+make the step compute-bound. A model without recurrent state verifies as one-token decode rows (ModelRunner.prepare's
+rows_as_decodes), on the decode fast paths, where each weight is read once for all rows: on the 0.6B shape in
+bfloat16 a verify of 5 tokens cost 1.4 decode steps (benchmarks/bench_lookup.py), so each accepted draft is
+most of a free token.
+
 Sequences with logits processors (structured output, thinking budgets) keep their processors' state in
 step with the emitted tokens, so they decode without drafts. Drafts are capped by the step's token budget
 (max_num_batched_tokens, through the scheduler's grant) and by max_tokens. With a seed, a run is
@@ -37,6 +50,7 @@ reproducible, but its tokens differ from a run without speculation (the same dis
 """
 from __future__ import annotations
 
+from array import array
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,13 +65,14 @@ from qwenstack.engine.sequence import PositionLogprobs, Sequence
 from qwenstack.models.base import CausalLM, RecurrentStateJournal
 
 DRAFT_KEY = "spec_draft"  # seq.extras entry holding the pending drafts
+SPECULATIVE_METHODS = ("mtp", "ngram")
 
 
 @dataclass
 class Draft:
     at: int  # seq.num_tokens the drafts continue from: they are tokens at, at + 1, ...
     tokens: list[int]
-    probs: list[torch.Tensor] | None  # q rows [V] each token was sampled from; None for greedy sequences
+    probs: list[torch.Tensor] | None  # q rows [V] each token was sampled from; None: greedy, or point masses
 
 
 @dataclass
@@ -99,6 +114,26 @@ def speculative_pool_blocks(model: CausalLM, memory_bytes: int, block_size: int,
     return max(0, memory_bytes // max(per_token * block_size, 1))
 
 
+def prompt_lookup(tokens: list[int], k: int, min_n: int, max_n: int) -> list[int]:
+    """Up to k tokens that followed the most recent earlier occurrence of the last n tokens of `tokens`, for the
+    longest n from max_n down to min_n that occurs; [] when none does. The search is bytes.rfind over the ids
+    as 4-byte integers (C speed; a hit off a 4-byte boundary is skipped)."""
+    length = len(tokens)
+    data = array("i", tokens).tobytes()
+    for n in range(min(max_n, length - 1), min_n - 1, -1):
+        needle = data[-4 * n:]
+        end = 4 * (length - 1)  # the occurrence must end before the last token: something follows it
+        while True:
+            at = data.rfind(needle, 0, end)
+            if at < 0:
+                break
+            if at % 4 == 0:
+                start = at // 4 + n
+                return tokens[start: start + k]
+            end = at + len(needle) - 1  # misaligned: look further left
+    return []
+
+
 def _uniform(generator: torch.Generator) -> float:
     return float(torch.rand((), generator=generator))
 
@@ -113,21 +148,32 @@ class SpeculativeRunner(ModelRunner):
     """ModelRunner.execute plus drafts: verify, accept, roll the state back, draft the next ones."""
 
     def __init__(self, model: CausalLM, num_blocks: int, block_size: int, *, speculative_tokens: int,
-                 **options: Any) -> None:
+                 method: str = "mtp", prompt_lookup_min: int = 2, prompt_lookup_max: int = 4,
+                 prompt_lookup_max_batch: int | None = None, **options: Any) -> None:
         if speculative_tokens < 1:
             raise ValueError(f"speculative_tokens must be >= 1 for a SpeculativeRunner, got {speculative_tokens}")
-        self.head = mtp_head(model)
+        if method not in SPECULATIVE_METHODS:
+            raise ValueError(f"speculative method must be one of {', '.join(SPECULATIVE_METHODS)}, got {method!r}")
+        if not 1 <= prompt_lookup_min <= prompt_lookup_max:
+            raise ValueError(f"prompt lookup needs 1 <= min <= max, got {prompt_lookup_min} and {prompt_lookup_max}")
+        self.method = method
+        self.head = mtp_head(model) if method == "mtp" else None
         super().__init__(model, num_blocks, block_size, **options)  # seed, num_state_slots, ...
-        if not self.has_state:
-            raise ValueError("MTP speculation is implemented for Qwen3-Next (a model with recurrent state)")
-        spec = self.head.kv_cache_spec()
-        shape = (2, num_blocks, block_size, spec.num_kv_heads, spec.head_dim)
-        self.mtp_kv = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.mtp_kv: torch.Tensor | None = None
+        if self.head is not None:
+            if not self.has_state:
+                raise ValueError("MTP speculation is implemented for Qwen3-Next (a model with recurrent state)")
+            spec = self.head.kv_cache_spec()
+            shape = (2, num_blocks, block_size, spec.num_kv_heads, spec.head_dim)
+            self.mtp_kv = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.k = speculative_tokens
+        self.lookup = (prompt_lookup_min, prompt_lookup_max)
+        self.lookup_max_batch = prompt_lookup_max_batch
         self.stats = SpeculativeStats()
 
     def kv_cache_bytes(self) -> int:
-        return super().kv_cache_bytes() + self.mtp_kv.numel() * self.mtp_kv.element_size()
+        extra = 0 if self.mtp_kv is None else self.mtp_kv.numel() * self.mtp_kv.element_size()
+        return super().kv_cache_bytes() + extra
 
     # --- one step -----------------------------------------------------------------------------------
 
@@ -150,12 +196,16 @@ class SpeculativeRunner(ModelRunner):
     @torch.inference_mode()
     def execute(self, step: ScheduledBatch) -> StepResult:
         drafts = self._drafts_to_verify(step)
-        inputs = self.prepare(step, drafts)
-        query_lens, row_starts, prompt_rows = inputs.batch.query_lens, inputs.row_starts, inputs.prompt_rows
+        # A decode step of a model without recurrent state verifies its drafts as one-token rows: the decode
+        # fast paths instead of a prefill pass (a verify of 5 tokens cost 1.47 decode steps that way, 0.6B bf16).
+        as_decodes = any(drafts) and not self.has_state and all(n == 1 for n in step.num_new_tokens)
+        inputs = self.prepare(step, drafts, rows_as_decodes=as_decodes)
+        row_starts, prompt_rows = inputs.row_starts, inputs.prompt_rows
+        query_lens = [n + len(d) for n, d in zip(step.num_new_tokens, drafts)]
         deferred = [i for i, d in enumerate(drafts) if d]
         journal: RecurrentStateJournal | None = None
         kwargs = {}
-        if deferred:
+        if deferred and self.has_state:  # recurrent state must end at the accepted length; KV needs nothing
             journal = self.model.make_state_journal(deferred)  # type: ignore[attr-defined]  # has_state: checked
             kwargs["state_journal"] = journal
         hidden = self.forward(step, inputs, **kwargs)
@@ -204,7 +254,10 @@ class SpeculativeRunner(ModelRunner):
                 for i, n in enumerate(step.num_new_tokens)]
         if journal is not None:
             journal.commit([kept[i] for i in deferred])
-        self._propose(step, hidden, row_starts, kept, new_tokens)
+        if self.head is None:
+            self._propose_lookup(step, new_tokens)
+        else:
+            self._propose(step, hidden, row_starts, kept, new_tokens)
         return result
 
     # --- acceptance ---------------------------------------------------------------------------------
@@ -251,12 +304,16 @@ class SpeculativeRunner(ModelRunner):
             if j == len(drafts):  # every draft accepted: the bonus token
                 chosen.append(_draw(p, generator))
                 break
-            assert draft.probs is not None
-            q, d = draft.probs[j].to(p.device), drafts[j]
-            if _uniform(generator) * float(q[d]) < float(p[d]):
+            d = drafts[j]
+            if draft.probs is None:  # a point mass (prompt lookup): q(d) = 1, and p - q is p without d
+                q_d, residual = 1.0, p.clone()
+                residual[d] = 0
+            else:
+                q = draft.probs[j].to(p.device)
+                q_d, residual = float(q[d]), (p - q).clamp_min(0)
+            if _uniform(generator) * q_d < float(p[d]):
                 chosen.append(d)
                 continue
-            residual = (p - q).clamp_min(0)
             chosen.append(_draw(residual if float(residual.sum()) > 0 else p, generator))
             break
         top = seq.params.logprobs
@@ -265,6 +322,24 @@ class SpeculativeRunner(ModelRunner):
         return list(zip(chosen, rows_logprobs(logits[:len(chosen)], chosen, [top] * len(chosen))))
 
     # --- drafting -----------------------------------------------------------------------------------
+
+    def _wanted(self, seq: Sequence, new: list[int]) -> int:
+        """Drafts worth making after `new`: k, or fewer where max_tokens ends sooner (the last token is sampled)."""
+        return min(self.k, seq.max_tokens - len(seq.output_token_ids) - len(new) - 1)
+
+    def _propose_lookup(self, step: ScheduledBatch, new_tokens: dict[int, list[int]]) -> None:
+        """Prompt-lookup drafts for each sequence that sampled, unless the step ran more sequences than
+        lookup_max_batch (then their verify rows would make the steps compute-bound: no drafts)."""
+        if self.lookup_max_batch is not None and len(step.seqs) > self.lookup_max_batch:
+            return
+        for i, new in new_tokens.items():
+            seq = step.seqs[i]
+            if seq.params.logits_processors:
+                continue
+            want = self._wanted(seq, new)  # the next step verifies what its blocks hold (_drafts_to_verify)
+            tokens = prompt_lookup(seq.all_token_ids + new, want, *self.lookup) if want > 0 else []
+            if tokens:
+                seq.extras[DRAFT_KEY] = Draft(seq.num_tokens + len(new), tokens, None)
 
     def _propose(self, step: ScheduledBatch, hidden: torch.Tensor, row_starts: list[int], kept: list[int],
                  new_tokens: dict[int, list[int]]) -> None:
@@ -298,8 +373,8 @@ class SpeculativeRunner(ModelRunner):
             if i not in new_tokens:
                 continue
             new = new_tokens[i]
-            room = len(seq.block_table) * self.block_size - (seq.num_tokens + len(new)) + 2
-            want = min(self.k, seq.max_tokens - len(seq.output_token_ids) - len(new) - 1, room)
+            room = len(seq.block_table) * self.block_size - (seq.num_tokens + len(new)) + 2  # the head's KV
+            want = min(self._wanted(seq, new), room)
             if want > 0:
                 drafting.append(_Drafting(seq, new, want, clens[j], last_row - 1))
         if not drafting:
@@ -332,4 +407,4 @@ class SpeculativeRunner(ModelRunner):
                                             None if d.seq.params.greedy else d.probs)
 
 
-__all__ = ["SpeculativeRunner", "SpeculativeStats", "speculative_pool_blocks", "Draft"]
+__all__ = ["SpeculativeRunner", "SpeculativeStats", "speculative_pool_blocks", "prompt_lookup", "Draft"]

@@ -87,7 +87,8 @@ def load_mtp_head(model: nn.Module, model_dir: str | Path, dtype: torch.dtype,
 
     if not isinstance(model, Qwen3NextForCausalLM):
         raise CheckpointError(f"speculative decoding uses a multi-token-prediction head, which only Qwen3-Next "
-                              f"checkpoints carry; this model is {type(model).__name__}")
+                              f"checkpoints carry; this model is {type(model).__name__} (prompt lookup drafts "
+                              f"for any model: speculative method ngram)")
     if not any(name.startswith(MTP_PREFIX) for name in checkpoint_tensors(model_dir)):
         raise CheckpointError(f"speculative decoding needs the checkpoint's multi-token-prediction head (mtp.* "
                               f"tensors), and {model_dir} has none")

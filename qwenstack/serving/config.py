@@ -35,7 +35,8 @@ class ModelSpec:
     max_waiting: int = 1024  # beyond this, requests get 429 with Retry-After
     enable_prefix_caching: bool = True
     seed: int = 0
-    speculative_tokens: int = 0  # --speculative-tokens K: MTP drafts per step (Qwen3-Next checkpoints with mtp.*)
+    speculative_tokens: int = 0  # --speculative-tokens K: drafts per step
+    speculative_method: str = "mtp"  # mtp: Qwen3-Next's head (checkpoints with mtp.*); ngram: prompt lookup, any model
     tensor_parallel_size: int = 1  # ranks one engine's model is split over (qwenstack.distributed)
     expert_parallel: bool = False  # MoE experts spread over those ranks
     data_parallel_size: int = 1  # replicas behind the one name, routed by prefix (serving/replicas.py)

@@ -205,11 +205,11 @@ def load_served_model(spec: ModelSpec, kv_cache_memory: int) -> ServedModel:
         max_num_seqs=spec.max_num_seqs,
         max_num_batched_tokens=spec.max_num_batched_tokens or server_step_tokens(spec.device or default_device()),
         max_waiting=spec.max_waiting, enable_prefix_caching=spec.enable_prefix_caching, seed=spec.seed,
-        speculative_tokens=spec.speculative_tokens,
+        speculative_tokens=spec.speculative_tokens, speculative_method=spec.speculative_method,
     )
     if not parallel.is_distributed and parallel.data_parallel_size == 1:
         loaded = load(spec.model, dtype=spec.dtype, device=spec.device, quantization=spec.quantization,
-                      speculative=spec.speculative_tokens > 0)
+                      speculative=spec.speculative_tokens > 0 and spec.speculative_method == "mtp")
         if spec.chat_template is not None:
             loaded.tokenizer.chat_template = spec.chat_template
         return build_served_model(expected_name(spec), loaded.model, loaded.tokenizer, config, loaded.config,

@@ -29,17 +29,18 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import sampling_stats
 from checkpoints import build_hf_checkpoint, next_config
+from sampling_stats import chi_square_p_value
 from qwenstack.config import read_config
 from qwenstack.engine import speculative
 from qwenstack.engine.engine import EngineConfig, LLMEngine
 from qwenstack.engine.params import SamplingParams
-from qwenstack.engine.sampler import filter_logits
 from qwenstack.engine.speculative import SpeculativeRunner
 from qwenstack.errors import CheckpointError
 from qwenstack.engine.reference import allocate_kv_caches, greedy_generate
 from qwenstack.models.attention import AttentionBatch
-from qwenstack.models.base import layer_caches, prompt_logits
+from qwenstack.models.base import layer_caches
 from qwenstack.models.qwen3_next import Qwen3NextArgs, StateJournal
 from qwenstack.models.qwen3_next_mtp import MTPHead, load_mtp_head, mtp_checkpoint_tensors
 from qwenstack.models.registry import load_model
@@ -304,36 +305,7 @@ NUM_SAMPLES = 600
 
 
 def exact_distribution(path: Path) -> dict[tuple[int, ...], float]:
-    """P(t1, t2, t3) under the sampler's own distribution, from full no-cache passes."""
-    model = load_model(path, dtype=torch.float32)
-    dist: dict[tuple[int, ...], float] = {(): 1.0}
-    for _ in range(SAMPLE.max_tokens or 0):
-        grown = {}
-        for prefix, prob in dist.items():
-            with torch.inference_mode():
-                logits = prompt_logits(model, torch.tensor([SAMPLE_PROMPT + list(prefix)]))[0, -1].float()
-            p = filter_logits(logits, SAMPLE).softmax(-1)
-            for t in torch.nonzero(p).flatten().tolist():
-                grown[prefix + (t,)] = prob * float(p[t])
-        dist = grown
-    return dist
-
-
-def chi_square_p_value(counts: collections.Counter, expected: dict[tuple[int, ...], float], n: int) -> float:
-    """Pearson's test; cells expecting fewer than 5 samples are pooled into one."""
-    observed, wanted, rest_o, rest_e = [], [], 0, 0.0
-    for cell, p in expected.items():
-        if p * n >= 5:
-            observed.append(counts.get(cell, 0))
-            wanted.append(p * n)
-        else:
-            rest_o, rest_e = rest_o + counts.get(cell, 0), rest_e + p * n
-    if rest_e:
-        observed.append(rest_o)
-        wanted.append(rest_e)
-    stat = sum((o - e) ** 2 / e for o, e in zip(observed, wanted))
-    df = torch.tensor((len(observed) - 1) / 2, dtype=torch.float64)
-    return float(torch.special.gammaincc(df, torch.tensor(stat / 2, dtype=torch.float64)))
+    return sampling_stats.exact_distribution(load_model(path, dtype=torch.float32), SAMPLE_PROMPT, SAMPLE)
 
 
 def sample_counts(path: Path, k: int) -> tuple[collections.Counter, LLMEngine]:
