@@ -37,11 +37,11 @@ to prompt_lookup_min), in its prompt or its output: free to make, and right wher
 came before (code edits, extraction, summaries that cite). A draft is a point mass, q = one-hot(d), so the rule
 above accepts d with probability p(d) and draws a rejection from p without d. Nothing is drafted when no n-gram
 matches, or when the step ran more than prompt_lookup_max_batch sequences: on two CPU cores, 0.6B bf16, lookup
-gained 1.1x at 4 sequences decoding together and lost 0.97x at 16, where the verify rows of every sequence
-make the step compute-bound. A model without recurrent state verifies as one-token decode rows (ModelRunner.prepare's
-rows_as_decodes), on the decode fast paths, where each weight is read once for all rows: on the 0.6B shape in
-bfloat16 a verify of 5 tokens cost 1.4 decode steps (benchmarks/bench_lookup.py), so each accepted draft is
-most of a free token.
+gained 1.06-1.15x at 4 sequences decoding together and cost 0.91-0.99x at 16, where the verify rows of every
+sequence make the step compute-bound. A model without recurrent state verifies as one-token decode rows
+(ModelRunner.prepare's rows_as_decodes), on the decode fast paths, where each weight is read once for all rows:
+on the 0.6B shape in bfloat16 a verify of 5 tokens cost 1.1-1.4 decode steps (benchmarks/bench_lookup.py), so
+each accepted draft is most of a free token.
 
 Sequences with logits processors (structured output, thinking budgets) keep their processors' state in
 step with the emitted tokens, so they decode without drafts. Drafts are capped by the step's token budget

@@ -199,3 +199,15 @@ def test_no_drafts_in_steps_of_many_sequences(copier: tuple[Path, list[int], lis
     many = engine_for(path, 4, prompt_lookup_max_batch=2)
     assert greedy(few, batch) == greedy(many, batch)
     assert few.stats()["spec_draft_tokens"] > 0 and many.stats()["spec_draft_tokens"] == 0
+
+
+def test_greedy_identical_under_preemption(copier: tuple[Path, list[int], list[int]]) -> None:
+    """32 blocks of 4 tokens hold one request (45 + 40 tokens) and its drafts' lookahead, not four: requests are
+    preempted and recomputed mid-draft, and the tokens and blocks come out as without drafts."""
+    path, chat, script = copier
+    batch = [script + chat] * 4
+    want = greedy(engine_for(path, 0), batch)
+    engine = engine_for(path, 4, kv_cache_memory=32 * 4 * 512, enable_prefix_caching=False)  # 512 bytes a token
+    assert greedy(engine, batch) == want
+    assert engine.counters.preemptions > 0 and engine.stats()["spec_accepted_tokens"] > 0
+    assert_clean(engine)
