@@ -315,6 +315,23 @@ def test_a_long_conversation_loses_its_oldest_messages(client: ollama.Client, se
     assert err.value.status_code == 400
 
 
+def test_logprobs_as_ollama_returns_them(client: ollama.Client) -> None:
+    """One entry per generated token (thinking included), with top_logprobs alternatives; streamed lines carry
+    the tokens they bring, and together they are the whole answer's."""
+    whole = chat(client, logprobs=True, top_logprobs=2)
+    assert len(whole.logprobs) == whole.eval_count > 0
+    assert all(len(e.top_logprobs) == 2 and e.logprob <= 0 for e in whole.logprobs)
+    assert "".join(e.token for e in whole.logprobs) == (  # the end-of-turn token too, as eval_count counts it
+        f"<think>\n{whole.message.thinking}\n</think>\n\n{whole.message.content}<|im_end|>")
+    parts = list(chat(client, logprobs=True, top_logprobs=2, stream=True))
+    streamed = [e for p in parts for e in (p.logprobs or [])]
+    assert [(e.token, e.logprob) for e in streamed] == [(e.token, e.logprob) for e in whole.logprobs]
+    raw = client.generate(model="tiny", prompt="The weather", raw=True, logprobs=True,
+                          options={**GREEDY, "num_predict": 5})
+    assert [e.token for e in raw.logprobs] and "".join(e.token for e in raw.logprobs) == raw.response
+    assert chat(client).logprobs is None  # not asked for: not sent
+
+
 def test_error_after_the_stream_started_is_an_error_line(client: ollama.Client, server: BackgroundServer,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     fail_after_first_output(monkeypatch, server.models["think"].engine)

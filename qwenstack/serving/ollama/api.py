@@ -21,6 +21,9 @@ Decisions:
   `truncate: false`, or when even the kept ones do not fit, it is a 400. /api/generate's one turn is not cut.
 - Bodies must be JSON (the server's rule against cross-site form posts): `curl -d` alone sends a form (415); a
   body with no Content-Type (LiteLLM's ollama providers) is read as JSON unless a browser sent it.
+- `logprobs` (and `top_logprobs` alternatives) as Ollama 0.12.11 returns them: a list of {token, logprob,
+  bytes, top_logprobs} on each line for the tokens that line brings (tokens of a step that showed no text yet
+  ride on the next line), all of them on an unstreamed answer; every generated token counts, thinking included.
 - Counters, in nanoseconds: total_duration from the request's arrival; load_duration until the engine had it
   (rendering the prompt: models are never loaded per request); prompt_eval_duration from scheduling to the first
   token; eval_duration from the first token to the last. prompt_eval_count is the whole prompt (cached tokens
@@ -59,6 +62,7 @@ from qwenstack.serving.constraints import ThinkingPhase, build_processors
 from qwenstack.serving.embeddings import EmbeddingRequest, embed
 from qwenstack.serving.errors import APIError
 from qwenstack.serving.introspect import model_status
+from qwenstack.serving.logprobs import TokenTexts, chat_logprobs
 from qwenstack.serving.metrics import RequestTracker
 from qwenstack.serving.middleware import ErrorShape
 from qwenstack.serving.ollama import models, translate
@@ -74,7 +78,7 @@ from qwenstack.serving.sampling import sampling_params
 from qwenstack.serving.served import ServedModel
 from qwenstack.serving.state import ServerState, get_state, parse_off_loop, read_json
 
-OLLAMA_VERSION = "0.12.0"
+OLLAMA_VERSION = "0.12.11"
 NDJSON = "application/x-ndjson"
 # Ollama's API paths: errors on them are answered in Ollama's shape.
 PATHS = ("/api/chat", "/api/generate", "/api/embed", "/api/embeddings", "/api/show", "/api/tags", "/api/ps",
@@ -164,6 +168,7 @@ class Turn:
     content: list[str] = field(default_factory=list)
     thinking: list[str] = field(default_factory=list)
     calls: list[dict[str, Any]] = field(default_factory=list)
+    logprobs: list[dict[str, Any]] = field(default_factory=list)  # every token's, when the request asked
     final: dict[str, Any] | None = None
 
     def _line(self, content: str, thinking: str, calls: list[dict[str, Any]], done: bool) -> dict[str, Any]:
@@ -186,17 +191,28 @@ class Turn:
                     parser: Any) -> AsyncIterator[dict]:
         """The answer's lines; the whole answer (body()) is complete once they are."""
         last = None
+        texts = TokenTexts(self.plan.served.tokenizer) if self.plan.request.logprobs else None
+        unsent = 0  # logprobs not yet on a line
         async for out, parsed in turn_deltas(self.plan, outputs, tracker, parser):
             calls = translate.tool_calls(parsed.tool_calls) if parsed.tool_calls else []
             self.content.append(parsed.content)
             self.thinking.append(parsed.reasoning)
             self.calls += calls
+            comp = out.outputs[0]
+            if texts is not None and comp.delta_logprobs:
+                self.logprobs += chat_logprobs(texts, comp.delta_token_ids, comp.delta_logprobs,
+                                               self.plan.request.top_logprobs or 0)
             if parsed.content or parsed.reasoning or calls:
-                yield self._line(parsed.content, parsed.reasoning, calls, False)
+                line = self._line(parsed.content, parsed.reasoning, calls, False)
+                if texts is not None:
+                    line["logprobs"], unsent = self.logprobs[unsent:], len(self.logprobs)
+                yield line
             if out.finished:
                 last = out
         assert last is not None
         self.final = {**self._line("", "", [], True), **self.counters(last)}
+        if texts is not None:
+            self.final["logprobs"] = self.logprobs[unsent:]
         yield self.final
 
     def counters(self, last: Any) -> dict[str, Any]:
@@ -211,7 +227,10 @@ class Turn:
     def body(self) -> dict[str, Any]:
         assert self.final is not None
         whole = self._line("".join(self.content), "".join(self.thinking), self.calls, True)
-        return {**self.final, **{k: whole[k] for k in ("message", "response", "thinking") if k in whole}}
+        answer = {**self.final, **{k: whole[k] for k in ("message", "response", "thinking") if k in whole}}
+        if "logprobs" in answer:
+            answer["logprobs"] = self.logprobs
+        return answer
 
 
 async def _ndjson(lines: AsyncIterator[dict]) -> AsyncIterator[str]:
@@ -238,7 +257,8 @@ def plan_raw(served: ServedModel, request: ChatCompletionRequest, prompt: str) -
     phase: nothing was rendered). Blocking: run it in a thread."""
     ids = served.encode_prompt(prompt, "prompt")
     processors = build_processors(served.tokenizer, request, ThinkingPhase.ANSWER, None)
-    params = sampling_params(request, served, max_tokens=request.max_new_tokens, processors=processors)
+    top = (request.top_logprobs or 0) if request.logprobs else None
+    params = sampling_params(request, served, max_tokens=request.max_new_tokens, logprobs=top, processors=processors)
     return ChatPlan(f"gen-{uuid.uuid4().hex}", int(time.time()), served, request, prompt, ids, params,
                     ThinkingPhase.ANSWER, False, None)
 

@@ -4,7 +4,7 @@ OpenAPI document describes both.
 
 Decisions:
 - As for chat (serving/protocol.py's `_Request`): known fields strict, unknown ones ignored (`keep_alive`,
-  `shift`, `logprobs`... change nothing here), an explicit null means the default.
+  `shift`... change nothing here), an explicit null means the default.
 - `options` takes Ollama's runtime options; the numeric ranges are the chat API's (a temperature of 3 is a 400
   here where Ollama would take it). Load-time options (`num_ctx`, `num_gpu`, `num_thread`, ...) and the sampler
   options this engine does not have (`mirostat*`, `typical_p`, `repeat_last_n`, `penalize_newline`, ...) are
@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from qwenstack.serving.protocol import INT64_MAX, INT64_MIN, MAX_COUNT, Tool, _Request
+from qwenstack.serving.protocol import INT64_MAX, INT64_MIN, MAX_COUNT, MAX_TOP_LOGPROBS, Tool, _Request
 
 ThinkLevel = Literal["low", "medium", "high", "max"]
 Format = Literal["", "json"] | dict[str, Any]
@@ -65,6 +65,8 @@ class _Generating(_Request):
     options: OllamaOptions | None = None
     think: bool | ThinkLevel | None = None  # None: as the server's default (Qwen3: thinking on)
     keep_alive: str | float | None = None  # models stay loaded here: ignored
+    logprobs: bool = False  # Ollama 0.12.11's: each generated token's log probability, in `logprobs`
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)  # and this many alternatives (implies logprobs)
 
 
 class OllamaChatRequest(_Generating):
@@ -143,6 +145,7 @@ class _Final(_Response):
     prompt_eval_duration: int | None = None
     eval_count: int | None = None
     eval_duration: int | None = None
+    logprobs: list[dict[str, Any]] | None = None  # [{token, logprob, bytes, top_logprobs}], when asked for
 
 
 class OllamaChatResponse(_Final):

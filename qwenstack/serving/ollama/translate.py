@@ -104,6 +104,8 @@ def _chat_body(request: _Generating, messages: list[dict[str, Any]]) -> dict[str
     response_format = _format(request.format)
     if response_format is not None:
         body["response_format"] = response_format
+    if request.logprobs or request.top_logprobs:
+        body.update(logprobs=True, top_logprobs=request.top_logprobs or 0)
     return body
 
 
