@@ -78,6 +78,41 @@ def add_vllm_arguments(parser: argparse.ArgumentParser) -> None:
     vllm.add_argument("--trust-remote-code", action="store_true", help="no checkpoint code is ever run")
     vllm.add_argument("--gpu-memory-utilization", type=positive_float, default=None, metavar="FRACTION",
                       help="the KV cache is sized by --kv-cache-memory instead")
+    vllm.add_argument("--speculative-config", type=speculative_config, default=None, metavar="JSON",
+                      help='vLLM\'s speculative settings, e.g. {"method": "ngram", "num_speculative_tokens": 4}: '
+                           "method ngram or mtp (qwen3_next_mtp), num_speculative_tokens, prompt_lookup_min/max")
+
+
+SPECULATIVE_METHOD_NAMES = {"ngram": "ngram", "mtp": "mtp", "qwen3_next_mtp": "mtp"}
+
+
+def speculative_config(text: str) -> dict[str, Any]:
+    """vLLM's --speculative-config JSON as ModelSpec fields (speculative_tokens, speculative_method,
+    prompt_lookup_min/max); other methods (a draft model, EAGLE, Medusa) are refused by name."""
+    import json
+
+    try:
+        config = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"--speculative-config is not JSON: {exc}") from None
+    if not isinstance(config, dict):
+        raise argparse.ArgumentTypeError("--speculative-config must be a JSON object")
+    method = config.get("method", "ngram" if "prompt_lookup_max" in config else "mtp")
+    if method not in SPECULATIVE_METHOD_NAMES:
+        raise argparse.ArgumentTypeError(f"--speculative-config method {method!r} is not offered here (ngram, or "
+                                         f"mtp / qwen3_next_mtp for Qwen3-Next's own head)")
+    fields: dict[str, Any] = {"speculative_method": SPECULATIVE_METHOD_NAMES[method]}
+    names = {"num_speculative_tokens": "speculative_tokens", "prompt_lookup_min": "prompt_lookup_min",
+             "prompt_lookup_max": "prompt_lookup_max"}
+    for key, field_name in names.items():
+        value = config.get(key)
+        if value is not None:
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise argparse.ArgumentTypeError(f"--speculative-config {key} must be a positive integer")
+            fields[field_name] = value
+    if "speculative_tokens" not in fields:
+        raise argparse.ArgumentTypeError("--speculative-config needs num_speculative_tokens")
+    return fields
 
 
 def vllm_notes(args: argparse.Namespace) -> list[str]:
@@ -202,6 +237,7 @@ def serve_config_from_args(args: argparse.Namespace) -> dict[str, Any]:
     optional = {"max_num_seqs": args.max_num_seqs, "max_num_batched_tokens": args.max_num_batched_tokens,
                 "max_waiting": args.max_waiting, "seed": args.seed, "speculative_tokens": args.speculative_tokens,
                 "speculative_method": args.speculative_method,
+                **(args.speculative_config or {}),
                 "tensor_parallel_size": args.tensor_parallel_size, "data_parallel_size": args.data_parallel_size,
                 "distributed_executor_backend": args.distributed_executor_backend}
     per_model.update({k: v for k, v in optional.items() if v is not None})

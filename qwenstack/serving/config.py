@@ -37,6 +37,8 @@ class ModelSpec:
     seed: int = 0
     speculative_tokens: int = 0  # --speculative-tokens K: drafts per step
     speculative_method: str = "mtp"  # mtp: Qwen3-Next's head (checkpoints with mtp.*); ngram: prompt lookup, any model
+    prompt_lookup_min: int = 2  # ngram: the shortest and longest suffixes looked up
+    prompt_lookup_max: int = 4
     tensor_parallel_size: int = 1  # ranks one engine's model is split over (qwenstack.distributed)
     expert_parallel: bool = False  # MoE experts spread over those ranks
     data_parallel_size: int = 1  # replicas behind the one name, routed by prefix (serving/replicas.py)

@@ -206,6 +206,7 @@ def load_served_model(spec: ModelSpec, kv_cache_memory: int) -> ServedModel:
         max_num_batched_tokens=spec.max_num_batched_tokens or server_step_tokens(spec.device or default_device()),
         max_waiting=spec.max_waiting, enable_prefix_caching=spec.enable_prefix_caching, seed=spec.seed,
         speculative_tokens=spec.speculative_tokens, speculative_method=spec.speculative_method,
+        prompt_lookup_min=spec.prompt_lookup_min, prompt_lookup_max=spec.prompt_lookup_max,
     )
     if not parallel.is_distributed and parallel.data_parallel_size == 1:
         loaded = load(spec.model, dtype=spec.dtype, device=spec.device, quantization=spec.quantization,

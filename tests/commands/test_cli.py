@@ -195,6 +195,23 @@ def test_a_copied_vllm_command_runs_and_says_what_its_flags_become(monkeypatch: 
         main(["serve", "m", "--tool-call-parser", "mistral"])
 
 
+def test_vllms_speculative_config_maps_to_ours() -> None:
+    from qwenstack.commands.serve import serve_config_from_args, server_config
+
+    def spec(config: str) -> Any:
+        return server_config(serve_config_from_args(serve_args("m", "--speculative-config", config))).models[0]
+
+    ngram = spec('{"method": "ngram", "num_speculative_tokens": 5, "prompt_lookup_max": 3, "prompt_lookup_min": 1}')
+    assert (ngram.speculative_method, ngram.speculative_tokens, ngram.prompt_lookup_min, ngram.prompt_lookup_max) \
+        == ("ngram", 5, 1, 3)
+    mtp = spec('{"method": "qwen3_next_mtp", "num_speculative_tokens": 2}')
+    assert (mtp.speculative_method, mtp.speculative_tokens) == ("mtp", 2)
+    for bad in ('{"method": "eagle", "num_speculative_tokens": 2}', '{"method": "ngram"}', "[1]", "{nope",
+                '{"method": "ngram", "num_speculative_tokens": 0}'):
+        with pytest.raises(SystemExit):
+            serve_args("m", "--speculative-config", bad)
+
+
 # --- generate ------------------------------------------------------------------------------------------------
 
 
