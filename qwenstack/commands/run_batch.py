@@ -64,8 +64,7 @@ def run(args: argparse.Namespace) -> int:
     for note in vllm_notes(args):
         print(f"note: {note}", file=sys.stderr)
     values = serve_config_from_args(args)
-    values.update(enable_ui=False)
-    values.pop("api_key", None)  # in-process: no key to present
+    values.update(enable_ui=False, api_key=None)  # in-process: no key to present ($QWENSTACK_API_KEY included)
     for spec in values["models"]:
         spec.setdefault("max_num_batched_tokens", DEFAULT_STEP_TOKENS)
     config = server_config(values)

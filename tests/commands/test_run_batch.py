@@ -75,7 +75,9 @@ def test_many_lines_run_together_and_come_out_in_order(tiny_qwen3: Path) -> None
     assert [o["response"]["body"]["usage"]["completion_tokens"] for o in out] == [1 + i % 5 for i in range(24)]
 
 
-def test_the_command(tiny_qwen3: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_the_command(tiny_qwen3: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("QWENSTACK_API_KEY", "sk-server")  # a server's key in the environment: not asked for here
     requests, results = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     requests.write_text("\n".join(LINES[:3]) + "\n")
     argv = ["run-batch", "-i", str(requests), "-o", str(results), str(tiny_qwen3), "--served-model-name", "tiny",
