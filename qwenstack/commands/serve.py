@@ -84,6 +84,9 @@ def add_vllm_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 SPECULATIVE_METHOD_NAMES = {"ngram": "ngram", "mtp": "mtp", "qwen3_next_mtp": "mtp"}
+# Drafts a step when a method is named without --speculative-tokens: vLLM's Qwen3-Next recipe uses 2 MTP drafts;
+# lookup drafts cost nothing to make (bench_lookup.py measured k = 4).
+DEFAULT_DRAFTS = {"ngram": 4, "mtp": 2}
 
 
 def speculative_config(text: str) -> dict[str, Any]:
@@ -150,7 +153,8 @@ def add_model_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
     eng.add_argument("--no-prefix-caching", action="store_true", help="turn the prefix cache off")
     eng.add_argument("--seed", type=int, default=None, help="seed of the engines' samplers")
     eng.add_argument("--speculative-tokens", type=positive_int, default=None, metavar="K",
-                     help="draft K tokens per step (speculative decoding)")
+                     help="draft K tokens per step (speculative decoding; with only --speculative-method: 4 for "
+                          "ngram, 2 for mtp)")
     eng.add_argument("--speculative-method", choices=("mtp", "ngram"), default=None,
                      help="where drafts come from: mtp, Qwen3-Next's own head (the default), or ngram, prompt "
                           "lookup in the sequence's own tokens (any model; pays off where answers quote the prompt)")
@@ -241,6 +245,8 @@ def serve_config_from_args(args: argparse.Namespace) -> dict[str, Any]:
                 "tensor_parallel_size": args.tensor_parallel_size, "data_parallel_size": args.data_parallel_size,
                 "distributed_executor_backend": args.distributed_executor_backend}
     per_model.update({k: v for k, v in optional.items() if v is not None})
+    if "speculative_method" in per_model and "speculative_tokens" not in per_model:
+        per_model["speculative_tokens"] = DEFAULT_DRAFTS[per_model["speculative_method"]]
     if args.chat_template is not None:
         per_model["chat_template"] = chat_template_of(args)
     if args.no_prefix_caching:

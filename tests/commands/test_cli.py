@@ -206,6 +206,8 @@ def test_vllms_speculative_config_maps_to_ours() -> None:
         == ("ngram", 5, 1, 3)
     mtp = spec('{"method": "qwen3_next_mtp", "num_speculative_tokens": 2}')
     assert (mtp.speculative_method, mtp.speculative_tokens) == ("mtp", 2)
+    named = server_config(serve_config_from_args(serve_args("m", "--speculative-method", "ngram"))).models[0]
+    assert (named.speculative_method, named.speculative_tokens) == ("ngram", 4)  # a method alone drafts
     for bad in ('{"method": "eagle", "num_speculative_tokens": 2}', '{"method": "ngram"}', "[1]", "{nope",
                 '{"method": "ngram", "num_speculative_tokens": 0}'):
         with pytest.raises(SystemExit):
