@@ -26,12 +26,12 @@ from typing import Any, AsyncIterator
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
-from pydantic import Field
+from pydantic import BaseModel, Field
 
 from qwenstack import __version__
 from qwenstack.engine.outputs import RequestOutput
 from qwenstack.serving.completions import plan_completion, refuse_long_id_prompt
-from qwenstack.serving.openapi import request_body
+from qwenstack.serving.openapi import chat_responses, request_body
 from qwenstack.serving.protocol import INT64_MAX, INT64_MIN, MAX_COUNT, CompletionRequest, _Request
 from qwenstack.serving.state import get_state, parse_off_loop, read_json
 from qwenstack.serving.streaming import CLIENT_LEFT, admit, event_stream, reply, sse
@@ -56,6 +56,30 @@ class LlamaCompletionRequest(_Request):
     ignore_eos: bool = False
     grammar: str | None = None
     json_schema: dict[str, Any] | None = None
+
+
+class LlamaTimings(BaseModel):
+    prompt_n: int
+    prompt_ms: float
+    predicted_n: int
+    predicted_ms: float
+    predicted_per_second: float | None
+
+
+class LlamaCompletionResponse(BaseModel):
+    """The whole answer (the last streamed line has these fields too, with empty content)."""
+
+    content: str
+    stop: bool
+    model: str
+    prompt: str
+    stop_type: str  # "eos", "word" or "limit"
+    stopping_word: str
+    tokens_predicted: int
+    tokens_evaluated: int
+    tokens_cached: int
+    truncated: bool
+    timings: LlamaTimings
 
 
 def completion_request(body: LlamaCompletionRequest, model: str) -> CompletionRequest:
@@ -90,7 +114,7 @@ def final_fields(out: RequestOutput, model: str, prompt: str, prompt_tokens: int
                         "predicted_per_second": predicted / predicted_ms * 1000 if predicted_ms else None}}
 
 
-@router.post("/completion")
+@router.post("/completion", responses=chat_responses(LlamaCompletionResponse))
 @request_body(LlamaCompletionRequest)
 async def completion(request: Request) -> Response:
     state = get_state(request)

@@ -75,10 +75,16 @@ def form_body(fields: dict[str, str], required: tuple[str, ...] = (), files: tup
     return {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": schema}}}}
 
 
+# One server-sent event, as a client parses the stream (the schema of text/event-stream content is each event's).
+SSE_EVENT = {"type": "object", "required": ["data"], "description": "one server-sent event; data holds its JSON",
+             "properties": {"event": {"type": "string"}, "data": {"type": "string"}, "id": {"type": "string"},
+                            "retry": {"type": "integer"}}}
+
+
 def chat_responses(model: type[BaseModel]) -> dict[int | str, dict[str, Any]]:
     """The 200 of a route that answers JSON, or server-sent events when the request says `stream`."""
     return {200: {"model": model, "description": "The answer as JSON, or as server-sent events with stream=true",
-                  "content": {"text/event-stream": {"schema": {"type": "string"}}}}}
+                  "content": {"text/event-stream": {"schema": SSE_EVENT}}}}
 
 
 def _error_codes(path: str, method: str, has_body: bool, api_key: bool) -> list[int]:
