@@ -38,8 +38,9 @@ came before (code edits, extraction, summaries that cite). A draft is a point ma
 above accepts d with probability p(d) and draws a rejection from p without d. Nothing is drafted when no n-gram
 matches, or when the step ran more than prompt_lookup_max_batch sequences: on two CPU cores, 0.6B bf16, lookup
 gained 1.06-1.15x at 4 sequences decoding together and cost 0.91-0.99x at 16, where the verify rows of every
-sequence make the step compute-bound. A model without recurrent state verifies as one-token decode rows
-(ModelRunner.prepare's rows_as_decodes), on the decode fast paths, where each weight is read once for all rows:
+sequence make the step compute-bound. A sequence whose lookups keep missing backs off (_note_lookup). A model
+without recurrent state verifies as one-token decode rows (ModelRunner.prepare's rows_as_decodes), on the
+decode fast paths, where each weight is read once for all rows:
 on the 0.6B shape in bfloat16 a verify of 5 tokens cost 1.1-1.4 decode steps (benchmarks/bench_lookup.py), so
 each accepted draft is most of a free token.
 
@@ -65,6 +66,8 @@ from qwenstack.engine.sequence import PositionLogprobs, Sequence
 from qwenstack.models.base import CausalLM, RecurrentStateJournal
 
 DRAFT_KEY = "spec_draft"  # seq.extras entry holding the pending drafts
+LOOKUP_BACKOFF_KEY = "spec_lookup_backoff"  # seq.extras: (verifies in a row that accepted nothing, steps to skip)
+MAX_LOOKUP_SKIP = 32  # steps a sequence whose lookups keep missing goes without drafting, at most
 SPECULATIVE_METHODS = ("mtp", "ngram")
 
 
@@ -234,6 +237,8 @@ class SpeculativeRunner(ModelRunner):
                 *accepted, last = emitted
                 result.accepted[seq.seq_id] = accepted
                 result.sampled[seq.seq_id] = last
+                if self.head is None:
+                    self._note_lookup(seq, len(accepted))
                 new_tokens[i] = [t for t, _ in emitted]
                 self.stats.drafted += len(d)
                 self.stats.accepted += len(accepted)
@@ -327,6 +332,14 @@ class SpeculativeRunner(ModelRunner):
         """Drafts worth making after `new`: k, or fewer where max_tokens ends sooner (the last token is sampled)."""
         return min(self.k, seq.max_tokens - len(seq.output_token_ids) - len(new) - 1)
 
+    @staticmethod
+    def _note_lookup(seq: Sequence, accepted: int) -> None:
+        """Back-off: after two verifies in a row that accept nothing, skip drafting 4, 8, ... (at most
+        MAX_LOOKUP_SKIP) steps, so a sequence whose text repeats without being repeated pays for few verifies."""
+        misses, _ = seq.extras.get(LOOKUP_BACKOFF_KEY, (0, 0))
+        misses = 0 if accepted else misses + 1
+        seq.extras[LOOKUP_BACKOFF_KEY] = (misses, min(2 ** misses, MAX_LOOKUP_SKIP) if misses >= 2 else 0)
+
     def _propose_lookup(self, step: ScheduledBatch, new_tokens: dict[int, list[int]]) -> None:
         """Prompt-lookup drafts for each sequence that sampled, unless the step ran more sequences than
         lookup_max_batch (then their verify rows would make the steps compute-bound: no drafts)."""
@@ -335,6 +348,10 @@ class SpeculativeRunner(ModelRunner):
         for i, new in new_tokens.items():
             seq = step.seqs[i]
             if seq.params.logits_processors:
+                continue
+            misses, skip = seq.extras.get(LOOKUP_BACKOFF_KEY, (0, 0))
+            if skip:
+                seq.extras[LOOKUP_BACKOFF_KEY] = (misses, skip - 1)
                 continue
             want = self._wanted(seq, new)  # the next step verifies what its blocks hold (_drafts_to_verify)
             tokens = prompt_lookup(seq.all_token_ids + new, want, *self.lookup) if want > 0 else []

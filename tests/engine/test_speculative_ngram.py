@@ -211,3 +211,15 @@ def test_greedy_identical_under_preemption(copier: tuple[Path, list[int], list[i
     assert greedy(engine, batch) == want
     assert engine.counters.preemptions > 0 and engine.stats()["spec_accepted_tokens"] > 0
     assert_clean(engine)
+
+
+def test_a_sequence_whose_lookups_keep_missing_backs_off(dense: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Drafts that are never right (a token the model does not write): after two empty verifies a sequence
+    skips 4, 8, 16, then 32 steps of drafting, so 40 tokens cost a handful of verifies, not 40."""
+    prompt = [5, 9, 14, 200, 31]
+    want = greedy(engine_for(dense, 0), [prompt])
+    never = [t for t in range(3, 512) if t not in want[0]][0]
+    monkeypatch.setattr(speculative, "prompt_lookup", lambda tokens, k, lo, hi: [never] * k)
+    engine = engine_for(dense, 3)
+    assert greedy(engine, [prompt]) == want
+    assert engine.stats()["spec_accepted_tokens"] == 0 and 3 <= engine.runner.stats.verify_passes <= 7
