@@ -223,3 +223,22 @@ def test_a_sequence_whose_lookups_keep_missing_backs_off(dense: Path, monkeypatc
     engine = engine_for(dense, 3)
     assert greedy(engine, [prompt]) == want
     assert engine.stats()["spec_accepted_tokens"] == 0 and 3 <= engine.runner.stats.verify_passes <= 7
+
+
+def test_accepted_drafts_carry_the_logprobs_of_plain_decoding(copier: tuple[Path, list[int], list[int]]) -> None:
+    path, chat, script = copier
+    params = SamplingParams(temperature=0, max_tokens=30, logprobs=2, ignore_eos=True)
+
+    def run(k: int) -> tuple[list[int], list[list[tuple[int, float]]]]:
+        engine = engine_for(path, k)
+        out = engine.generate_all([script + chat], [params])[0].outputs[0]
+        assert k == 0 or engine.stats()["spec_accepted_tokens"] > 0
+        ranked = [sorted(((t, lp.logprob) for t, lp in entry.items()), key=lambda x: -x[1]) for entry in out.logprobs]
+        return out.token_ids, ranked
+
+    plain_tokens, plain_lp = run(0)
+    tokens, lp = run(4)
+    assert tokens == plain_tokens and len(lp) == len(plain_lp) == 30
+    for got, want in zip(lp, plain_lp):
+        assert [t for t, _ in got] == [t for t, _ in want]
+        assert [v for _, v in got] == pytest.approx([v for _, v in want], abs=1e-4)
