@@ -66,8 +66,9 @@ def hybrid(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def engine_for(path: Path, k: int, **options: object) -> LLMEngine:
     tok = Tokenizer.from_dir(path)
-    config = EngineConfig(**{"block_size": 4, "kv_cache_memory": 2**21, "speculative_tokens": k,
-                             "speculative_method": "ngram", "prompt_lookup_min": 1, **options})  # type: ignore[arg-type]
+    fields = {"block_size": 4, "kv_cache_memory": 2**21, "speculative_tokens": k, "speculative_method": "ngram",
+              "prompt_lookup_min": 1, **options}
+    config = EngineConfig(**fields)  # type: ignore[arg-type]
     return LLMEngine(load_model(path, dtype=torch.float32), tok, tok.eos_token_ids, config)
 
 
