@@ -4,9 +4,9 @@ llama.cpp provider, scripts): POST /completion and GET /props. (Its /tokenize `c
 
 Decisions:
 - /completion is /v1/completions underneath: the body becomes a CompletionRequest (n_predict -> max_tokens, -1
-  or absent: up to the context's end; repeat_penalty -> repetition_penalty; a negative seed: random; grammar
-  (GBNF) and json_schema as on /v1/completions), planned by completions.py, so sampling, structured output,
-  stops and errors are the same. Options this engine has no counterpart for (mirostat, typical_p, samplers,
+  or absent: up to the context's end, 0: the prompt evaluated and nothing returned, as llama.cpp primes its
+  cache; repeat_penalty -> repetition_penalty; a negative seed: random; grammar (GBNF) and json_schema as on
+  /v1/completions), planned by completions.py, so sampling, structured output, stops and errors are the same. Options this engine has no counterpart for (mirostat, typical_p, samplers,
   cache_prompt, id_slot, n_probs...) are accepted and ignored; the prefix cache is always on.
 - The answer is llama.cpp's: {"content", "stop": true, "stop_type" ("eos", "word" or "limit"),
   "stopping_word", "tokens_predicted", "tokens_evaluated", "tokens_cached", "truncated", "model", "prompt",
@@ -42,7 +42,7 @@ router = APIRouter()
 class LlamaCompletionRequest(_Request):
     prompt: str | list[int]
     model: str | None = None
-    n_predict: int = Field(-1, ge=-2, le=MAX_COUNT)  # -1 (and -2): until the context's end
+    n_predict: int = Field(-1, ge=-2, le=MAX_COUNT)  # -1 (and -2): until the context's end; 0: prompt only
     stream: bool = False
     temperature: float | None = Field(None, ge=0, le=2)
     top_k: int | None = Field(None, ge=-1, le=MAX_COUNT)  # 0: off, as in llama.cpp
@@ -84,7 +84,9 @@ class LlamaCompletionResponse(BaseModel):
 
 def completion_request(body: LlamaCompletionRequest, model: str) -> CompletionRequest:
     fields: dict[str, Any] = {
-        "model": model, "prompt": body.prompt, "max_tokens": body.n_predict if body.n_predict > 0 else None,
+        "model": model, "prompt": body.prompt,
+        # 0: one token is generated (the engine always samples) and dropped
+        "max_tokens": 1 if body.n_predict == 0 else (body.n_predict if body.n_predict > 0 else None),
         "temperature": body.temperature, "top_k": body.top_k or None, "top_p": body.top_p, "min_p": body.min_p,
         "seed": body.seed if body.seed is not None and body.seed >= 0 else None, "stop": body.stop,
         "repetition_penalty": body.repeat_penalty, "presence_penalty": body.presence_penalty,
@@ -97,16 +99,19 @@ def _ms(seconds: float) -> float:
     return round(max(0.0, seconds) * 1000, 3)
 
 
-def final_fields(out: RequestOutput, model: str, prompt: str, prompt_tokens: int) -> dict[str, Any]:
-    """The fields of llama.cpp's last answer (whole or streamed): why it stopped, the counts, the timings."""
+def final_fields(out: RequestOutput, model: str, prompt: str, prompt_tokens: int,
+                 prompt_only: bool = False) -> dict[str, Any]:
+    """The fields of llama.cpp's last answer (whole or streamed): why it stopped, the counts, the timings.
+    prompt_only (n_predict 0): the one generated token does not count."""
     comp, m, now = out.outputs[0], out.metrics, time.monotonic()
     first = m.first_token_time or now
     started = m.first_scheduled_time or m.arrival_time
     predicted_ms, prompt_ms = _ms((m.last_token_time or now) - first), _ms(first - started)
-    predicted = len(comp.token_ids)
-    word = comp.stop_reason if isinstance(comp.stop_reason, str) else ""
+    predicted = 0 if prompt_only else len(comp.token_ids)
+    word = "" if prompt_only or not isinstance(comp.stop_reason, str) else comp.stop_reason
+    limited = prompt_only or comp.finish_reason == "length"
     return {"stop": True, "model": model, "prompt": prompt,
-            "stop_type": "limit" if comp.finish_reason == "length" else ("word" if word else "eos"),
+            "stop_type": "limit" if limited else ("word" if word else "eos"),
             "stopping_word": word, "tokens_predicted": predicted, "tokens_evaluated": prompt_tokens,
             "tokens_cached": m.num_cached_tokens, "truncated": False,
             "timings": {"prompt_n": prompt_tokens - m.num_cached_tokens, "prompt_ms": prompt_ms,
@@ -124,7 +129,7 @@ async def completion(request: Request) -> Response:
     served.check_generates()
     refuse_long_id_prompt(raw, served)
     plan = await asyncio.to_thread(plan_completion, served, completion_request(body, served.name))
-    prompt = plan.prompts[0]
+    prompt, prompt_only = plan.prompts[0], body.n_predict == 0
     tracker = state.metrics.track(served.name, time.monotonic())
     engine_stream = served.engine.generate(prompt.ids, plan.params, request_id=plan.request_id, prompt=prompt.text)
     streams = await admit(request, [engine_stream], state.config.retry_after_s)
@@ -140,10 +145,11 @@ async def completion(request: Request) -> Response:
 
     async def events() -> AsyncIterator[str]:
         async for out in outputs():
-            if out.outputs[0].delta_text:
+            if out.outputs[0].delta_text and not prompt_only:
                 yield sse({"content": out.outputs[0].delta_text, "stop": False})
             if out.finished:
-                yield sse({"content": "", **final_fields(out, served.name, prompt.text, len(prompt.ids))})
+                yield sse({"content": "", **final_fields(out, served.name, prompt.text, len(prompt.ids),
+                                                         prompt_only)})
 
     async def whole() -> Response:
         try:
@@ -151,8 +157,8 @@ async def completion(request: Request) -> Response:
             async for out in outputs():
                 final = out
             assert final is not None and final.finished
-            answer = {"content": final.outputs[0].text, **final_fields(final, served.name, prompt.text,
-                                                                           len(prompt.ids))}
+            answer = {"content": "" if prompt_only else final.outputs[0].text,
+                      **final_fields(final, served.name, prompt.text, len(prompt.ids), prompt_only)}
             return Response(json.dumps(answer, ensure_ascii=False), media_type="application/json")
         finally:
             tracker.done(1)

@@ -54,6 +54,15 @@ def test_completion_matches_v1_completions_and_says_why_it_stopped(url: str) -> 
     assert stopped["content"] == whole["content"][: whole["content"].index(word)]
 
 
+def test_n_predict_zero_evaluates_the_prompt_only(url: str) -> None:
+    """llama.cpp's way to prime its cache: nothing generated comes back (it was once "until the context's end")."""
+    whole = complete(url, n_predict=0)
+    assert (whole["content"], whole["tokens_predicted"], whole["stop_type"]) == ("", 0, "limit")
+    assert whole["tokens_evaluated"] > 0
+    lines = streamed(url, n_predict=0)
+    assert [line["content"] for line in lines] == [""] and lines[-1]["tokens_predicted"] == 0
+
+
 def test_stream_reassembles_to_the_whole_answer(url: str) -> None:
     lines = streamed(url, n_predict=10)
     assert all(not line["stop"] for line in lines[:-1]) and lines[-1]["stop"] and lines[-1]["content"] == ""
