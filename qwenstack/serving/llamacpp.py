@@ -6,8 +6,9 @@ Decisions:
 - /completion is /v1/completions underneath: the body becomes a CompletionRequest (n_predict -> max_tokens, -1
   or absent: up to the context's end, 0: the prompt evaluated and nothing returned, as llama.cpp primes its
   cache; repeat_penalty -> repetition_penalty; a negative seed: random; grammar (GBNF) and json_schema as on
-  /v1/completions), planned by completions.py, so sampling, structured output, stops and errors are the same. Options this engine has no counterpart for (mirostat, typical_p, samplers,
-  cache_prompt, id_slot, n_probs...) are accepted and ignored; the prefix cache is always on.
+  /v1/completions), planned by completions.py, so sampling, structured output, stops and errors are the same.
+  Options this engine has no counterpart for (mirostat, typical_p, samplers, cache_prompt, id_slot, n_probs...)
+  are accepted and ignored; the prefix cache is always on.
 - The answer is llama.cpp's: {"content", "stop": true, "stop_type" ("eos", "word" or "limit"),
   "stopping_word", "tokens_predicted", "tokens_evaluated", "tokens_cached", "truncated", "model", "prompt",
   "timings"}. Streamed, each SSE `data:` line is {"content", "stop": false}, and the last one carries the
