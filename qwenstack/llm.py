@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -21,6 +22,7 @@ from qwenstack.engine.params import SamplingParams
 from qwenstack.generation_config import generation_defaults
 from qwenstack.loading import DEMO_MODEL_DIR, DEMO_NOTICE, LoadedModel, default_device, load  # noqa: F401 (re-exported)
 from qwenstack.pooling_config import PoolingConfig
+from qwenstack.tokenizer import longest_token_chars
 
 
 class LLM:
@@ -126,6 +128,10 @@ class LLM:
             raise RequestError(f"dimensions must be 1..{self.loaded.model.args.hidden_size}, got {dimensions}")
         return matryoshka(self.engine.embed(prompts), dimensions, self.pooling.normalize)
 
+    @functools.cached_property
+    def _longest_token_chars(self) -> int:  # a scan of the whole vocabulary: once, not per score() call
+        return longest_token_chars(self.tokenizer)
+
     def score(self, queries: str | Sequence[str], documents: str | Sequence[str], *,
               instruction: str | None = None) -> list[ScoringRequestOutput]:
         """Qwen3-Reranker relevance, as POST /score computes it (qwenstack/reranking.py): P(yes) of each
@@ -144,14 +150,13 @@ class LLM:
         token_ids = no_yes_ids(self.tokenizer)
         if token_ids is None:
             raise RequestError("this model cannot rerank: its vocabulary has no 'yes' and 'no' tokens to judge with")
-        builder = PairPrompts(self.tokenizer, self.engine.max_model_len, instruction)
-        prompts = []
-        for i, (query, document) in enumerate(pairs):
-            try:
-                prompts.append(builder.ids(query, document))
-            except PromptTooLong as exc:
-                raise RequestError(f"pair {i}'s reranking prompt has {exc} tokens, but this model's maximum "
-                                   f"context length is {builder.limit} tokens") from None
+        try:
+            prompts = PairPrompts(self.tokenizer, self.engine.max_model_len, instruction,
+                                  self._longest_token_chars).all(pairs)
+        except PromptTooLong as exc:
+            which = "a query's" if exc.pair is None else f"pair {exc.pair}'s"
+            raise RequestError(f"{which} reranking prompt has {exc} tokens, but this model's maximum context "
+                               f"length is {self.engine.max_model_len} tokens") from None
         scores = self.engine.last_token_logits(prompts, token_ids).softmax(dim=-1)[:, 1].tolist() if prompts else []
         return [ScoringRequestOutput(f"score-{i}", ids, ScoringOutput(value))
                 for i, (ids, value) in enumerate(zip(prompts, scores))]

@@ -1,8 +1,9 @@
 """Qwen3-Reranker's prompts: one (query, document) pair -> the token ids whose next-token "yes" / "no" logits
 judge it. Shared by the server's /v1/rerank and /score (serving/rerank.py) and the offline LLM.score.
 
-    prompts = PairPrompts(tokenizer, max_model_len, instruction=None)
+    prompts = PairPrompts(tokenizer, max_model_len, instruction=None, max_token_chars=longest_token_chars(tokenizer))
     ids = prompts.ids(query, document)            # raises PromptTooLong
+    all_ids = prompts.all(pairs)                  # raises PromptTooLong naming the pair, or the query alone
     yes_no = no_yes_ids(tokenizer)                # ["no", "yes"] ids, or None
 
 The method is the Qwen3-Reranker model card's ("Transformers Usage") and vLLM's
@@ -16,7 +17,7 @@ the query's tokens and the document's, nothing added.
 from __future__ import annotations
 
 from qwenstack.markup import TURN_START
-from qwenstack.tokenizer import Tokenizer, TooManyTokens, longest_token_chars
+from qwenstack.tokenizer import Tokenizer, TooManyTokens
 
 DEFAULT_INSTRUCTION = "Given a web search query, retrieve relevant passages that answer the query"
 SYSTEM = ('Judge whether the Document meets the requirements based on the Query and the Instruct provided. '
@@ -26,7 +27,12 @@ SUFFIX = "<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
 
 
 class PromptTooLong(Exception):
-    """A pair's prompt over the context; its message: how many tokens it has (or at least has)."""
+    """A pair's prompt over the context; its message: how many tokens it has (or at least has). `pair`: which
+    pair of a list (PairPrompts.all), None when a query alone, without any document, is too long."""
+
+    def __init__(self, tokens: str, pair: int | None = None) -> None:
+        super().__init__(tokens)
+        self.pair = pair
 
 
 def pair_text(instruction: str, query: str, document: str) -> str:
@@ -44,11 +50,12 @@ def no_yes_ids(tokenizer: Tokenizer) -> list[int] | None:
 class PairPrompts:
     """Builds pairs' prompt ids for one tokenizer, context and instruction."""
 
-    def __init__(self, tokenizer: Tokenizer, max_model_len: int, instruction: str | None = None,
-                 max_token_chars: int | None = None) -> None:
+    def __init__(self, tokenizer: Tokenizer, max_model_len: int, instruction: str | None,
+                 max_token_chars: int) -> None:
+        """max_token_chars: tokenizer.longest_token_chars(tokenizer), which callers compute once and keep."""
         self.tokenizer, self.limit = tokenizer, max_model_len
         self.instruction = DEFAULT_INSTRUCTION if instruction is None else instruction
-        self.max_token_chars = max_token_chars or longest_token_chars(tokenizer)
+        self.max_token_chars = max_token_chars
         self.prefix, self.suffix = tokenizer.encode(PREFIX), tokenizer.encode(SUFFIX)
 
     def ids(self, query: str, document: str) -> list[int]:
@@ -67,6 +74,22 @@ class PairPrompts:
         if len(ids) > limit:
             raise PromptTooLong(str(len(ids)))
         return ids
+
+    def all(self, pairs: list[tuple[str, str]]) -> list[list[int]]:
+        """Each pair's prompt ids. PromptTooLong names the pair, or (pair None) a query that is too long with no
+        document at all, checked first so the query is blamed rather than its first document."""
+        for query in dict.fromkeys(q for q, _ in pairs):
+            try:
+                self.ids(query, "")
+            except PromptTooLong as exc:
+                raise PromptTooLong(str(exc), None) from None
+        out = []
+        for i, (query, document) in enumerate(pairs):
+            try:
+                out.append(self.ids(query, document))
+            except PromptTooLong as exc:
+                raise PromptTooLong(str(exc), i) from None
+        return out
 
 
 def pairs_of(queries: str | list[str], documents: str | list[str]) -> list[tuple[str, str]]:

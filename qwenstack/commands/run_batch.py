@@ -15,7 +15,7 @@ from typing import IO
 from qwenstack.commands import Command
 from qwenstack.commands._common import positive_int
 from qwenstack.commands.serve import add_arguments as add_serve_arguments
-from qwenstack.commands.serve import add_model_arguments, add_vllm_arguments
+from qwenstack.commands.serve import add_model_arguments, add_no_think_option, add_vllm_arguments
 
 EPILOG = """examples:
   qwenstack run-batch -i requests.jsonl -o results.jsonl Qwen/Qwen3-0.6B
@@ -35,8 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="where the results go, one JSON object a line (- for standard output)")
     parser.add_argument("--max-concurrency", type=positive_int, default=256, metavar="N",
                         help="requests in flight at once (default: 256; the engine batches them)")
-    parser.add_argument("--no-think", action="store_true",
-                        help="thinking off unless a request turns it on (default: on, as Qwen3 does)")
+    add_no_think_option(parser)
     add_model_arguments(parser, "answer with")
     add_vllm_arguments(parser)
     # The server's other options keep their defaults: serve_config_from_args reads them all.
@@ -59,7 +58,6 @@ def run(args: argparse.Namespace) -> int:
     from qwenstack.engine.engine import DEFAULT_STEP_TOKENS
     from qwenstack.serving.app import create_app
     from qwenstack.serving.batch import run_batch
-    from qwenstack.serving.config import ModelSpec
 
     for note in vllm_notes(args):
         print(f"note: {note}", file=sys.stderr)
@@ -67,9 +65,7 @@ def run(args: argparse.Namespace) -> int:
     values.update(enable_ui=False, api_key=None)  # in-process: no key to present ($QWENSTACK_API_KEY included)
     for spec in values["models"]:
         spec.setdefault("max_num_batched_tokens", DEFAULT_STEP_TOKENS)
-    config = server_config(values)
-    if not config.models:
-        config.models = [ModelSpec(model=None)]
+    config = server_config(values)  # no MODEL: serve_config_from_args gives the demo model
     source = _open(args.input_file, "r")
     sink = _open(args.output_file, "w")
 

@@ -169,10 +169,14 @@ def add_model_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
                      help="start tensor-parallel workers on this machine (mp, default) or in a Ray cluster (ray)")
 
 
+def add_no_think_option(parser: Any) -> None:
+    parser.add_argument("--no-think", action="store_true",
+                        help="thinking off unless a request turns it on (default: on, as Qwen3 does)")
+
+
 def add_behaviour_arguments(parser: argparse.ArgumentParser) -> None:
     app = parser.add_argument_group("behaviour")
-    app.add_argument("--no-think", action="store_true",
-                     help="thinking off unless a request turns it on (default: on, as Qwen3 does)")
+    add_no_think_option(app)
     app.add_argument("--guard", default=None, metavar="GUARD_MODEL",
                      help="moderate requests and replies with this Qwen3Guard model (Gen or Stream)")
     app.add_argument("--guard-stream", default=None, metavar="GUARD_STREAM_MODEL",

@@ -298,9 +298,8 @@ def plan_chat(served: ServedModel, request: ChatCompletionRequest, state: Server
                                        continue_final=request.continue_final_message, **kwargs)
     phase = thinking_phase(prompt, kwargs.get("enable_thinking"), request.continue_final_message)
     processors = build_processors(tok, request, phase, tool_dicts)
-    top = request.top_logprobs if request.top_logprobs is not None else 0
     params = sampling_params(request, served, max_tokens=request.max_new_tokens,
-                             logprobs=top if request.logprobs else None, processors=processors)
+                             logprobs=request.sampled_logprobs, processors=processors)
     params.reasoning = phase.markers()  # stop strings act on the answer, not the thinking
     return ChatPlan(f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), served, request, prompt, prompt_ids, params,
                     phase, tools_enabled, tool_dicts, image_refs=image_refs, audio_refs=audio_refs)

@@ -333,6 +333,11 @@ class ChatCompletionRequest(_SamplingFields):
         return self.reasoning_effort in THINKING_OFF
 
     @property
+    def sampled_logprobs(self) -> int | None:
+        """The top-logprobs count the engine samples with (0: the chosen token's only), None when not asked."""
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+    @property
     def max_new_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 

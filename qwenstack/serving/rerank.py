@@ -120,21 +120,14 @@ def pair_prompts(served: ServedModel, pairs: list[tuple[str, str]], instruction:
                  params: tuple[str, str]) -> list[list[int]]:
     """Each pair's prompt ids; 400 for one that cannot fit the context, naming the query (params[0]) when it
     alone is too long, else the document (params[1], "document i")."""
-    prompts = PairPrompts(served.tokenizer, served.max_model_len, instruction, served.max_token_chars)
-    for query in dict.fromkeys(q for q, _ in pairs):
-        try:
-            prompts.ids(query, "")
-        except PromptTooLong as exc:
+    try:
+        return PairPrompts(served.tokenizer, served.max_model_len, instruction, served.max_token_chars).all(pairs)
+    except PromptTooLong as exc:
+        if exc.pair is None:
             raise _too_long(served, "the query's reranking prompt (instruction and query, no document)", exc,
                             params[0]) from None
-    out = []
-    for i, (query, document) in enumerate(pairs):
-        try:
-            out.append(prompts.ids(query, document))
-        except PromptTooLong as exc:
-            raise _too_long(served, f"document {i}: its reranking prompt (instruction, query and document)", exc,
-                            params[1]) from None
-    return out
+        raise _too_long(served, f"document {exc.pair}: its reranking prompt (instruction, query and document)",
+                        exc, params[1]) from None
 
 
 def _too_long(served: ServedModel, what: str, tokens: PromptTooLong, param: str) -> APIError:

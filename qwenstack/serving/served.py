@@ -208,22 +208,19 @@ def load_served_model(spec: ModelSpec, kv_cache_memory: int) -> ServedModel:
         speculative_tokens=spec.speculative_tokens, speculative_method=spec.speculative_method,
         prompt_lookup_min=spec.prompt_lookup_min, prompt_lookup_max=spec.prompt_lookup_max,
     )
+    replicas: list[LLMEngine] | None = None
     if not parallel.is_distributed and parallel.data_parallel_size == 1:
         loaded = load(spec.model, dtype=spec.dtype, device=spec.device, quantization=spec.quantization,
                       speculative=spec.speculative_tokens > 0 and spec.speculative_method == "mtp")
-        if spec.chat_template is not None:
-            loaded.tokenizer.chat_template = spec.chat_template
-        return build_served_model(expected_name(spec), loaded.model, loaded.tokenizer, config, loaded.config,
-                                  loaded.path)
-    engines, loaded = [], None
-    for _ in range(parallel.data_parallel_size):  # each replica: its own weights, KV pool and (TP) workers
-        loaded, engine = _parallel_engine(spec, parallel, config)
-        engines.append(engine)
-    assert loaded is not None
+    else:
+        replicas = []
+        for _ in range(parallel.data_parallel_size):  # each replica: its own weights, KV pool and (TP) workers
+            loaded, engine = _parallel_engine(spec, parallel, config)
+            replicas.append(engine)
     if spec.chat_template is not None:
         loaded.tokenizer.chat_template = spec.chat_template
     return build_served_model(expected_name(spec), loaded.model, loaded.tokenizer, config, loaded.config,
-                              loaded.path, replicas=engines)
+                              loaded.path, replicas=replicas)
 
 
 def _parallel_engine(spec: ModelSpec, parallel: Any, config: EngineConfig) -> tuple[Any, LLMEngine]:

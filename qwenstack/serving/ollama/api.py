@@ -257,8 +257,8 @@ def plan_raw(served: ServedModel, request: ChatCompletionRequest, prompt: str) -
     phase: nothing was rendered). Blocking: run it in a thread."""
     ids = served.encode_prompt(prompt, "prompt")
     processors = build_processors(served.tokenizer, request, ThinkingPhase.ANSWER, None)
-    top = (request.top_logprobs or 0) if request.logprobs else None
-    params = sampling_params(request, served, max_tokens=request.max_new_tokens, logprobs=top, processors=processors)
+    params = sampling_params(request, served, max_tokens=request.max_new_tokens, logprobs=request.sampled_logprobs,
+                             processors=processors)
     return ChatPlan(f"gen-{uuid.uuid4().hex}", int(time.time()), served, request, prompt, ids, params,
                     ThinkingPhase.ANSWER, False, None)
 
@@ -266,15 +266,10 @@ def plan_raw(served: ServedModel, request: ChatCompletionRequest, prompt: str) -
 def plan_in_context(served: ServedModel, body: OllamaChatRequest, state: ServerState) -> ChatPlan:
     """plan_chat for the conversation, or for its most recent part that fits the context (see the module notes).
     Blocking: run it in a thread."""
-    try:
-        return plan_chat(served, translate.chat_request(body), state)
-    except APIError as exc:
-        if exc.code != "context_length_exceeded" or not body.truncate:
-            raise
-        too_long = exc
     droppable = [i for i, m in enumerate(body.messages[:-1]) if m.role != "system"]
 
-    def dropping(count: int) -> ChatPlan | None:
+    def dropping(count: int) -> ChatPlan | APIError:
+        """The plan without the `count` oldest droppable messages, or the 400 saying it does not fit."""
         gone = set(droppable[:count])
         kept = [m for i, m in enumerate(body.messages) if i not in gone]
         try:
@@ -282,19 +277,26 @@ def plan_in_context(served: ServedModel, body: OllamaChatRequest, state: ServerS
         except APIError as exc:
             if exc.code != "context_length_exceeded":
                 raise
-            return None
+            return exc
 
-    best, low, high = None, 1, len(droppable)  # the fewest dropped messages that fit lie in [low, high]
+    whole = dropping(0)
+    if isinstance(whole, ChatPlan) or not body.truncate:
+        return _plan_or_raise(whole)
+    best, low, high = whole, 1, len(droppable)  # the fewest dropped messages that fit lie in [low, high]
     while low <= high:
         middle = (low + high) // 2
         plan = dropping(middle)
-        if plan is None:
+        if isinstance(plan, APIError):
             low = middle + 1
         else:
             best, high = plan, middle - 1
-    if best is None:
-        raise too_long
-    return best
+    return _plan_or_raise(best)
+
+
+def _plan_or_raise(plan: ChatPlan | APIError) -> ChatPlan:
+    if isinstance(plan, APIError):
+        raise plan
+    return plan
 
 
 def ndjson_responses(model: type[Any]) -> dict[int | str, dict[str, Any]]:
