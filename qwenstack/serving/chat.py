@@ -53,6 +53,7 @@ from qwenstack.tokenizer import TooManyTokens
 from qwenstack.serving.served import ServedModel
 from qwenstack.serving.state import ServerState, local_or_forwarded
 from qwenstack.serving.streaming import CLIENT_LEFT, EVENT_STREAM, admit, close_all, event_stream, reply, sse
+from qwenstack.serving.vllm_extras import prompt_logprobs_out
 
 router = APIRouter()
 
@@ -444,7 +445,8 @@ def _choice(plan: ChatPlan, texts: TokenTexts | None, comp: CompletionOutput) ->
     return ChatChoice(index=comp.index, message=message,
                       logprobs=ChatLogprobs(content=lp) if lp is not None else None,
                       finish_reason=finish_reason_for(parsed, comp.finish_reason or "abort"),
-                      stop_reason=comp.stop_reason)
+                      stop_reason=comp.stop_reason,
+                      token_ids=list(comp.token_ids) if plan.request.return_token_ids else None)
 
 
 async def complete_chat(plan: ChatPlan, outputs: AsyncIterator[RequestOutput], tracker: RequestTracker) -> Response:
@@ -466,6 +468,11 @@ async def complete_chat(plan: ChatPlan, outputs: AsyncIterator[RequestOutput], t
             message.content = None
         body = ChatCompletionResponse(id=plan.request_id, created=plan.created, model=plan.served.name,
                                       choices=choices, usage=usage(plan, final))
+        if plan.request.prompt_logprobs is not None:
+            body.prompt_logprobs = prompt_logprobs_out(TokenTexts(plan.served.tokenizer), plan.prompt_ids,
+                                                       final.prompt_logprobs, plan.request.prompt_logprobs)
+        if plan.request.return_token_ids:
+            body.prompt_token_ids = list(plan.prompt_ids)
         body = await moderation.review_answer(plan, body)
         return Response(body.model_dump_json(), media_type="application/json")
     finally:
@@ -517,17 +524,22 @@ async def stream_chat(plan: ChatPlan, outputs: AsyncIterator[RequestOutput],
     if include_usage:
         base["usage"] = None  # every chunk but the last carries usage: null (OpenAI's rule)
 
-    def chunk(index: int, delta: dict[str, Any], logprobs: Any = None, finish: str | None = None) -> str:
+    def chunk(index: int, delta: dict[str, Any], logprobs: Any = None, finish: str | None = None,
+              token_ids: Any = None, **top: Any) -> str:
         lp = {"content": logprobs} if logprobs is not None else None
-        return sse({**base, "choices": [{"index": index, "delta": delta, "logprobs": lp, "finish_reason": finish}]})
+        choice = {"index": index, "delta": delta, "logprobs": lp, "finish_reason": finish}
+        if plan.request.return_token_ids:
+            choice["token_ids"] = list(token_ids or [])
+        return sse({**base, **top, "choices": [choice]})
 
     texts = _token_texts(plan)
     n = plan.params.n
     parsers = [plan.parser() for _ in range(n)]
     made_calls = [False] * n
     done: set[int] = set()
+    prompt_ids = {"prompt_token_ids": list(plan.prompt_ids)} if plan.request.return_token_ids else {}
     for i in range(n):
-        yield chunk(i, {"role": "assistant", "content": ""})
+        yield chunk(i, {"role": "assistant", "content": ""}, **prompt_ids)
     final = None
     async for out in outputs:
         tracker.on_output(out)
@@ -557,9 +569,11 @@ async def stream_chat(plan: ChatPlan, outputs: AsyncIterator[RequestOutput],
                 done.add(i)
                 finish = comp.finish_reason or "abort"
                 finish = "tool_calls" if made_calls[i] and finish == "stop" else finish
+            ids = comp.delta_token_ids
             if finish and answer is not None:
                 if delta or lp:
-                    yield chunk(i, delta, lp, None)
+                    yield chunk(i, delta, lp, None, ids)
+                    ids = None
                 # The rest of the speech (the Talker outlasts the text), one delta per decoded chunk.
                 rest = answer.speech.finish_chunks()
                 while (samples := await asyncio.to_thread(next, rest, None)) is not None:
@@ -567,8 +581,8 @@ async def stream_chat(plan: ChatPlan, outputs: AsyncIterator[RequestOutput],
                     yield chunk(i, {"audio": {"id": answer.id, "data": chat_audio.pcm16_b64(samples)}})
                 # the last audio delta carries only its expiry
                 delta, lp = {"audio": {"id": answer.id, "expires_at": answer.expires_at}}, None
-            if delta or lp or finish:
-                yield chunk(i, delta, lp, finish)
+            if delta or lp or finish or (ids and plan.request.return_token_ids):
+                yield chunk(i, delta, lp, finish, ids)
         if out.finished:
             tracker.on_finished(out)
     if (verdict := moderation.guard_chunk(plan, base)) is not None:

@@ -35,6 +35,7 @@ from qwenstack.serving.sampling import sampling_params
 from qwenstack.serving.served import ServedModel
 from qwenstack.serving.state import local_or_forwarded
 from qwenstack.serving.streaming import CLIENT_LEFT, admit, event_stream, merge, reply, sse
+from qwenstack.serving.vllm_extras import last_tokens, prompt_logprobs_out, truncation_length
 
 router = APIRouter()
 
@@ -74,9 +75,15 @@ def prompts_of(request: CompletionRequest, served: ServedModel) -> list[Prompt]:
     texts = [raw] if isinstance(raw, str) else raw
     if not texts:
         raise bad_request("prompt is empty", param="prompt")
+    keep = truncation_length(request.truncate_prompt_tokens, served.prompt_token_limit)
     if isinstance(texts[0], str):
-        return [Prompt(p, served.encode_prompt(p, "prompt")) for p in texts]  # type: ignore[arg-type]
+        if keep is None:
+            return [Prompt(p, served.encode_prompt(p, "prompt")) for p in texts]  # type: ignore[arg-type]
+        kept = [last_tokens(tok, p, keep, served.max_token_chars) for p in texts]  # type: ignore[arg-type]
+        return [Prompt(tok.decode(ids), ids) for ids in kept]
     lists = [raw] if isinstance(raw[0], int) else raw
+    if keep is not None:
+        lists = [ids[-keep:] for ids in lists]  # type: ignore[index]
     for ids in lists:  # checked before decoding: the tokenizer cannot decode what is not in the vocabulary
         if not ids:
             raise bad_request("prompt has an empty list of token ids", param="prompt")
@@ -89,6 +96,8 @@ def refuse_long_id_prompt(raw: dict[str, Any], served: ServedModel) -> None:
     """The raw body's prompt of token ids, refused if it cannot fit before its million items are validated:
     a list whose first item is an int is a prompt of token ids or no valid prompt at all (400 either way)."""
     prompt = raw.get("prompt")
+    if raw.get("truncate_prompt_tokens") is not None:
+        return  # cut to fit, not refused
     if isinstance(prompt, list) and prompt and type(prompt[0]) is int:
         served.check_ids_fit(prompt, "prompt")
 
@@ -130,6 +139,21 @@ def _generated_part(plan: CompletionPlan, comp: CompletionOutput, token_ids: lis
     return builder.add(token_ids, entries or [None] * len(token_ids))
 
 
+def _vllm_fields(plan: CompletionPlan, prompt: Prompt, out: RequestOutput | None,
+                 token_ids: list[int] | None) -> dict[str, Any]:
+    """A choice's vLLM extras: the prompt's logprobs (with `out`, its first chunk or whole answer) and ids."""
+    fields: dict[str, Any] = {}
+    request = plan.request
+    if request.prompt_logprobs is not None and out is not None:
+        fields["prompt_logprobs"] = prompt_logprobs_out(TokenTexts(plan.served.tokenizer), prompt.ids,
+                                                        out.prompt_logprobs, request.prompt_logprobs)
+    if request.return_token_ids:
+        if out is not None:
+            fields["prompt_token_ids"] = list(prompt.ids)
+        fields["token_ids"] = [] if plan.drop_output else list(token_ids or [])
+    return fields
+
+
 def _join(a: dict | None, b: dict | None) -> dict | None:
     if a is None or b is None:
         return a or b
@@ -164,7 +188,8 @@ async def complete(plan: CompletionPlan, streams: list[AsyncIterator[RequestOutp
                 lp = _join(head_lp, _generated_part(plan, comp, comp.token_ids, comp.logprobs, builder))
                 choices.append(CompletionChoice(index=i * plan.n + comp.index, text=text,
                                                 logprobs=LegacyLogprobs(**lp) if lp is not None else None,
-                                                finish_reason=comp.finish_reason, stop_reason=comp.stop_reason))
+                                                finish_reason=comp.finish_reason, stop_reason=comp.stop_reason,
+                                                **_vllm_fields(plan, prompt, final, comp.token_ids)))
         body = CompletionResponse(id=plan.request_id, created=plan.created, model=plan.served.name,
                                   choices=choices, usage=usage(plan, [f for f in finals if f is not None]))
         return Response(body.model_dump_json(), media_type="application/json")
@@ -190,8 +215,8 @@ async def stream_completion(plan: CompletionPlan, streams: list[AsyncIterator[Re
             index = i * plan.n + comp.index
             if index in finished:
                 continue
-            text, lp = "", None
-            if index not in builders:  # this choice's first chunk carries the echoed prompt
+            text, lp, first = "", None, index not in builders
+            if first:  # this choice's first chunk carries the echoed prompt
                 builders[index] = plan.builder(texts)
                 text, lp = _prompt_part(plan, plan.prompts[i], out, builders[index])
             if not plan.drop_output:
@@ -200,8 +225,9 @@ async def stream_completion(plan: CompletionPlan, streams: list[AsyncIterator[Re
                                                builders[index]))
             if comp.finished:
                 finished.add(index)
-            if text or lp or comp.finished:
-                choice = {"index": index, "text": text, "logprobs": lp, "finish_reason": comp.finish_reason}
+            extras = _vllm_fields(plan, plan.prompts[i], out if first else None, comp.delta_token_ids)
+            if text or lp or comp.finished or extras.get("token_ids") or "prompt_token_ids" in extras:
+                choice = {"index": index, "text": text, "logprobs": lp, "finish_reason": comp.finish_reason, **extras}
                 yield sse({**base, "choices": [choice]})
         if out.finished:
             tracker.on_finished(out)

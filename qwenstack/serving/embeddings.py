@@ -32,6 +32,7 @@ from qwenstack.serving.openapi import request_body
 from qwenstack.serving.protocol import MAX_COUNT, _Request, one_sentence_error
 from qwenstack.serving.served import ServedModel
 from qwenstack.serving.state import local_or_forwarded
+from qwenstack.serving.vllm_extras import last_tokens, truncation_length
 from qwenstack.tokenizer import TooManyTokens
 
 MAX_INPUTS = 2048  # inputs per request, OpenAI's limit
@@ -47,6 +48,7 @@ class EmbeddingRequest(_Request):
     dimensions: int | None = Field(None, ge=1, le=MAX_COUNT)  # at most the model's hidden size (checked later)
     user: str | None = None
     prompt_name: str | None = None  # a named instruction of the checkpoint's config_sentence_transformers.json
+    truncate_prompt_tokens: int | None = Field(None, ge=-1)  # vLLM's: keep each input's last k (-1: the context)
 
     _one_of_four_forms = one_sentence_error("input", "invalid_input", "must be a string, a list of strings, a list "
                                             "of token ids (integers) or a list of token-id lists")
@@ -89,11 +91,15 @@ def input_items(value: str | list[Any]) -> list[str] | list[list[int]]:
     return items
 
 
-def encode_text(served: ServedModel, text: str, truncate: bool = False) -> list[int]:
+def encode_text(served: ServedModel, text: str, truncate: bool = False, keep: int | None = None) -> list[int]:
     """A text's ids as the model was trained to embed it: the tokenizer's special tokens, then the pooling's end
     token unless the post-processor added it. 400 for a text that cannot fit the context, or with `truncate`
-    (Ollama's /api/embed) its first tokens that fit, the end token still last."""
+    (Ollama's /api/embed) its first tokens that fit, the end token still last; with `keep` (vLLM's
+    truncate_prompt_tokens) its last `keep` tokens, the end token among them."""
     limit = served.max_model_len
+    if keep is not None:
+        ids = last_tokens(served.tokenizer, text, keep, served.max_token_chars, add_special_tokens=True)
+        return served.pooling.with_end_token(ids, served.tokenizer)[-keep:]
     if truncate:  # what lies past this many characters is past the context's end whatever its tokens
         text = text[: limit * served.max_token_chars * 4]
     else:
@@ -114,14 +120,17 @@ def encode_text(served: ServedModel, text: str, truncate: bool = False) -> list[
 def prompt_ids(served: ServedModel, body: EmbeddingRequest, truncate: bool = False) -> list[list[int]]:
     """Each input's token ids, checked against the context (or cut to it: `truncate`) and the vocabulary."""
     items = input_items(body.input)
+    keep = truncation_length(body.truncate_prompt_tokens, served.max_model_len)
     if isinstance(items[0], str):
         try:
             prefix = served.pooling.instruction(body.prompt_name)
         except RequestError as exc:
             raise bad_request(str(exc), param="prompt_name") from None
-        return [encode_text(served, prefix + text, truncate) for text in items]  # type: ignore[operator]
+        return [encode_text(served, prefix + text, truncate, keep) for text in items]  # type: ignore[operator]
     if body.prompt_name is not None:
         raise bad_request("prompt_name applies to text inputs, not token ids", param="prompt_name")
+    if keep is not None:
+        items = [ids[-keep:] for ids in items]  # type: ignore[index]
     for ids in items:
         if len(ids) > served.max_model_len:
             raise served.too_long(len(ids), "input")

@@ -249,6 +249,24 @@ class _SamplingFields(_Request):
     # Whitespace a structured answer may have around its JSON tokens, as a regex (vLLM's name). Omitted: none
     # beyond json.dumps' ", " and ": " (a small model cannot loop on newlines); "[ \t\n]*" relaxes it.
     guided_whitespace_pattern: str | None = None
+    # vLLM's extras, read by RL and evaluation frameworks: the prompt's logprobs and the token ids back, and two
+    # restrictions on what may be sampled (serving/vllm_extras.py).
+    prompt_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    return_token_ids: bool = False
+    allowed_token_ids: list[int] | None = Field(None, min_length=1)
+    bad_words: list[str] | None = None
+
+    @field_validator("prompt_logprobs", mode="before")
+    @classmethod
+    def _flag_means_one(cls, value: Any) -> Any:
+        return int(value) if isinstance(value, bool) else value  # vLLM's lax parsing reads true as 1
+
+    @field_validator("prompt_logprobs")
+    @classmethod
+    def _not_streamed(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value and info.data.get("stream"):
+            raise ValueError("prompt_logprobs are not available when stream is true")
+        return value
 
     @field_validator("seed")
     @classmethod
@@ -351,6 +369,7 @@ class CompletionRequest(_SamplingFields):
     echo: bool = False
     best_of: int | None = Field(None, ge=1, le=MAX_COUNT)
     suffix: str | None = None
+    truncate_prompt_tokens: int | None = Field(None, ge=-1)  # vLLM's: keep the last k (-1: what the context holds)
 
 
 class TokenizeRequest(_Request):
@@ -438,6 +457,11 @@ class ChatChoice(_Response):
     logprobs: ChatLogprobs | None = None
     finish_reason: str | None
     stop_reason: int | str | None = None
+    token_ids: list[int] | None = None  # with return_token_ids (vLLM)
+
+
+# vLLM's prompt logprobs: per prompt token, null for the first, else {token id: {logprob, rank, decoded_token}}.
+PromptLogprobs = list[dict[str, dict[str, Any]] | None]
 
 
 class ChatCompletionResponse(_Response):
@@ -448,6 +472,8 @@ class ChatCompletionResponse(_Response):
     choices: list[ChatChoice]
     usage: Usage
     system_fingerprint: str | None = None
+    prompt_logprobs: PromptLogprobs | None = None  # with prompt_logprobs (vLLM)
+    prompt_token_ids: list[int] | None = None  # with return_token_ids (vLLM)
 
 
 class LegacyLogprobs(_Response):
@@ -463,6 +489,9 @@ class CompletionChoice(_Response):
     logprobs: LegacyLogprobs | None = None
     finish_reason: str | None
     stop_reason: int | str | None = None
+    prompt_logprobs: PromptLogprobs | None = None  # with prompt_logprobs (vLLM)
+    prompt_token_ids: list[int] | None = None  # with return_token_ids (vLLM)
+    token_ids: list[int] | None = None
 
 
 class CompletionResponse(_Response):

@@ -13,6 +13,7 @@ from qwenstack.engine.params import LogitsProcessor, SamplingParams
 from qwenstack.serving.errors import bad_request
 from qwenstack.serving.protocol import _SamplingFields
 from qwenstack.serving.served import ServedModel
+from qwenstack.serving.vllm_extras import restriction_processors
 
 
 class LogitBias:
@@ -67,9 +68,13 @@ def sampling_params(
         return value if value is not None else defaults.get(name, fallback)
 
     procs = list(processors or [])
-    bias = logit_bias_processor(request.logit_bias, served.engine.engine.vocab_size)
+    vocab_size = served.engine.engine.vocab_size
+    bias = logit_bias_processor(request.logit_bias, vocab_size)
     if bias is not None:
         procs.append(bias)
+    procs += restriction_processors(request, served.tokenizer, vocab_size)
+    if request.prompt_logprobs is not None:  # vLLM's field, beside what the route asks for (echo's)
+        prompt_logprobs = max(prompt_logprobs or 0, request.prompt_logprobs)
     return SamplingParams(
         n=request.n,
         temperature=float(pick("temperature", 1.0)),

@@ -108,6 +108,25 @@ def test_token_id_inputs_are_embedded_as_given(client: openai.OpenAI, embedding_
     assert many.usage.prompt_tokens == sum(map(len, ids))
 
 
+def test_truncate_prompt_tokens_embeds_each_inputs_last_tokens(client: openai.OpenAI, embedding_dir: Path) -> None:
+    """vLLM's truncate_prompt_tokens: a text past the context is cut to its last k tokens (the end token among them)
+    instead of refused, and token-id inputs the same way."""
+    long_text = "Paris is the capital of France. " * 60  # several times the 128-token context
+    full = embedding_ids(embedding_dir, long_text)
+    assert len(full) > CONTEXT
+    got = client.embeddings.create(model=EMB, input=[long_text, TEXTS[2]], encoding_format="float",
+                                   extra_body={"truncate_prompt_tokens": 20})
+    short = embedding_ids(embedding_dir, TEXTS[2])
+    want = hf_embeddings(embedding_dir, [full[-20:], short[-20:]])
+    torch.testing.assert_close(vectors(got), want, atol=1e-4, rtol=0)
+    assert got.usage.prompt_tokens == 20 + min(20, len(short))
+    ids = client.embeddings.create(model=EMB, input=full, encoding_format="float",
+                                   extra_body={"truncate_prompt_tokens": -1})
+    torch.testing.assert_close(vectors(ids), hf_embeddings(embedding_dir, [full[-CONTEXT:]]), atol=1e-4, rtol=0)
+    with pytest.raises(openai.BadRequestError):  # not cut without it
+        client.embeddings.create(model=EMB, input=long_text)
+
+
 def test_prompt_name_puts_the_checkpoints_instruction_first(client: openai.OpenAI, embedding_dir: Path) -> None:
     query = "capital of France"
     got = vectors(client.embeddings.create(model=EMB, input=query, encoding_format="float",
