@@ -497,9 +497,12 @@ def _delta(parsed: ParsedDelta, call_filter: int | None) -> dict[str, Any]:
         delta["reasoning"] = parsed.reasoning
     if parsed.content:
         delta["content"] = parsed.content
-    calls = []
+    calls: list[dict[str, Any]] = []
     for c in parsed.tool_calls:
         if call_filter is not None and c.index >= call_filter:
+            continue
+        if calls and calls[-1]["index"] == c.index and c.id is None:  # one entry per call and chunk, as OpenAI's
+            calls[-1]["function"]["arguments"] += c.arguments
             continue
         entry: dict[str, Any] = {"index": c.index}
         if c.id is not None:

@@ -18,9 +18,11 @@ Design decisions:
   `starts_in_reasoning` rather than something to hide.
 - Tool calls (only with `tools_enabled`): a block is buffered whole until
   `</tool_call>` (or `finish()`), then parsed; the format is chosen per block (body
-  starting with `<function=` is Qwen3-Coder XML, otherwise Hermes JSON). A block that
-  does not parse goes back to content verbatim, tags included, with a warning logged on
-  "qwenstack.parsers"; nothing raises on model output.
+  starting with `<function=` is Qwen3-Coder XML, otherwise Hermes JSON). A closed block
+  that does not parse goes back to content verbatim, tags included, with a warning logged
+  on "qwenstack.parsers"; nothing raises on model output. A block the output ended inside
+  (max_tokens) is a call as far as it got once its name is whole (its arguments cut, as
+  OpenAI reports a call cut by the limit), and dropped before that: it is only markup.
 - Whitespace: trailing content whitespace is held back until we know what follows, so
   whitespace next to a tool call (before, between, after) is dropped, as is
   whitespace-only text before `<think>`. Other whitespace is kept.
@@ -97,6 +99,7 @@ class _State(enum.Enum):
 
 
 # The start of a Hermes JSON call, up to where its arguments value begins.
+_NAME_HEAD = re.compile(r'\s*\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"')
 _CALL_HEAD = re.compile(
     r'\s*\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"(?:arguments|parameters)"\s*:'
 )
@@ -304,8 +307,16 @@ class ChatOutputParser:
                     "a streamed tool call ended unlike it began; its arguments stay as sent: %.200r", body
                 )
             return
+        if parsed is None and not terminated:
+            # The output ended inside the call (max_tokens): OpenAI's shape for it is the call as far as it
+            # got, its arguments cut, and before the name is whole there is nothing to report but markup.
+            parsed = _cut_json_call(body)
+            logger.warning("a tool call cut off %s: %.200r", "kept as far as it got" if parsed else "dropped", body)
+            if parsed is None:
+                self._pending_ws = ""
+                return
         if parsed is None:
-            block = TOOL_CALL_START + body + (TOOL_CALL_END if terminated else "")
+            block = TOOL_CALL_START + body + TOOL_CALL_END
             logger.warning("malformed tool call returned as content: %.200r", block)
             self._emit_content(block)
             return
@@ -373,6 +384,19 @@ def _parse_json_call(body: str) -> tuple[str, str] | None:
     if isinstance(args, str):
         return name, args
     return name, json.dumps(args, ensure_ascii=False)
+
+
+def _cut_json_call(body: str) -> tuple[str, str] | None:
+    """(name, the arguments as far as they got) of a Hermes JSON call cut off after its name, else None."""
+    head = _NAME_HEAD.match(body)
+    if head is None:
+        return None
+    try:
+        name = json.loads('"' + head.group(1) + '"')
+    except ValueError:
+        return None
+    arguments = _CALL_HEAD.match(body)
+    return (name, body[arguments.end():].strip() if arguments else "") if name else None
 
 
 def _parse_xml_call(

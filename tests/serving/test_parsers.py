@@ -156,10 +156,22 @@ CASES = [
         ParsedMessage(None, None, [ToolCall("", "get_weather", '{"city": "Paris"}', 0)]),
     ),
     (
-        "unterminated_call_that_does_not_parse",
+        "call_cut_before_its_name_is_whole",  # only markup so far: dropped
         'Text <tool_call>\n{"name": "get_wea',
         {"tools_enabled": True},
-        ParsedMessage(None, 'Text <tool_call>\n{"name": "get_wea', []),
+        ParsedMessage(None, "Text", []),
+    ),
+    (
+        "call_cut_in_its_arguments",  # OpenAI's shape for a call cut by max_tokens: the arguments so far
+        'Text <tool_call>\n{"name": "get_weather", "arguments": {"city": "Par',
+        {"tools_enabled": True},
+        ParsedMessage(None, "Text", [ToolCall("", "get_weather", '{"city": "Par', 0)]),
+    ),
+    (
+        "call_cut_after_its_name",
+        '<tool_call>\n{"name": "get_weather", "argu',
+        {"tools_enabled": True},
+        ParsedMessage(None, None, [ToolCall("", "get_weather", "", 0)]),
     ),
     (
         "mixed_formats_text_between_calls_and_malformed_after",

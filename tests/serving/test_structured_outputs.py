@@ -115,3 +115,31 @@ def test_bad_constraints_are_400s_that_name_the_field(client: openai.OpenAI, ext
             call()
         error: Any = info.value.body
         assert error["param"] == param and re.search(message, error["message"]), error
+
+
+ADD = {"type": "function", "function": {"name": "add", "parameters": {
+    "type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}}, "required": ["a", "b"]}}}
+
+
+@pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "add"}}])
+def test_a_forced_call_cut_by_max_tokens_is_still_a_call(client: openai.OpenAI, choice: Any) -> None:
+    """OpenAI's shape for a call the limit cut (what pydantic-ai and the SDK's helpers expect): the call as far as it
+    got in tool_calls and finish_reason "length", never its markup in content; streamed, one entry per call a
+    chunk, and the fragments join to the same arguments."""
+    kwargs: dict[str, Any] = dict(model="demo", messages=[{"role": "user", "content": "Add."}], tools=[ADD],
+                                  tool_choice=choice, max_tokens=24, extra_body=NO_THINKING)
+    whole = client.chat.completions.create(**kwargs).choices[0]
+    assert whole.finish_reason == "length" and not whole.message.content
+    (call,) = whole.message.tool_calls
+    assert call.function.name == "add" and call.function.arguments and call.function.arguments.startswith("{")
+    with pytest.raises(ValueError):
+        json.loads(call.function.arguments)  # cut: not whole JSON
+    arguments, finish = "", None
+    for chunk in client.chat.completions.create(stream=True, **kwargs):
+        delta = chunk.choices[0].delta
+        assert not delta.content
+        calls = delta.tool_calls or []
+        assert len({c.index for c in calls}) == len(calls)
+        arguments += "".join(c.function.arguments or "" for c in calls)
+        finish = chunk.choices[0].finish_reason or finish
+    assert (arguments, finish) == (call.function.arguments, "length")
