@@ -214,6 +214,16 @@ def test_reasoning_effort_maps_onto_thinking(client: openai.OpenAI) -> None:
     cut = client.responses.create(model="think", input="Hello there", max_output_tokens=3)
     assert cut.status == "incomplete" and cut.incomplete_details.reason == "max_output_tokens"
     assert cut.usage.output_tokens == 3
+    # The item the limit cut is incomplete too (OpenAI's shape), streamed or not; whole items stay completed.
+    for reasoning in ({"effort": "minimal"}, None):
+        kwargs = {"reasoning": reasoning} if reasoning else {}
+        cut = client.responses.create(model="think", input="Hello there", max_output_tokens=4, **kwargs)
+        assert [i.status for i in cut.output] == ["incomplete"], cut.output
+        events = list(client.responses.create(model="think", input="Hello there", max_output_tokens=4, stream=True,
+                                              **kwargs))
+        done = [e.item.status for e in events if e.type == "response.output_item.done"]
+        assert done == ["incomplete"] and events[-1].response.output[0].status == "incomplete"
+    assert all(i.status == "completed" for i in on.output)
 
 
 def recorded_params(server: BackgroundServer, model: str, monkeypatch: pytest.MonkeyPatch) -> list:

@@ -79,12 +79,13 @@ class OutputBuilder:
     def text(self, delta: str) -> list[Event]:
         return self._append("message", delta) if delta else []
 
-    def close_text(self) -> list[Event]:
+    def close_text(self, status: str = "completed") -> list[Event]:
+        """The open text item's done events; `status` "incomplete" for a text cut off (max_output_tokens, the guard)."""
         if self._open is None:
             return []
         item, index, part = self._open["item"], self._open["index"], self._open["part"]
         self._open = None
-        item["status"] = "completed"
+        item["status"] = status
         base = {"item_id": item["id"], "output_index": index, "content_index": 0}
         if item["type"] == "reasoning":
             done: Event = {"type": "response.reasoning_text.done", **base, "text": part["text"]}

@@ -304,12 +304,13 @@ async def _model_turn(run: ResponseRun, tools: list[dict[str, Any]], calls: list
     finally:
         await close_all([moderated, outputs])
         tracker.done()
-    for event in b.close_text():
-        yield event
     assert final is not None
     comp = final.outputs[0]
-    if open_call is not None:  # cut off by max_output_tokens or the guard: the arguments may be unfinished
-        status = "incomplete" if comp.finish_reason in ("length", CONTENT_FILTER) else "completed"
+    # Cut off by max_output_tokens or the guard: the open item (text or a call's arguments) may be unfinished.
+    status = "incomplete" if comp.finish_reason in ("length", CONTENT_FILTER) else "completed"
+    for event in b.close_text(status):
+        yield event
+    if open_call is not None:
         for event in b.function_call_done(open_call["item"], status):
             yield event
     run.usage.input_tokens += len(plan.prompt_ids)
