@@ -32,9 +32,9 @@ from qwenstack.serving.chat import render_prompt, template_kwargs
 from qwenstack.serving.config import ModelSpec, ServerConfig
 from qwenstack.serving.errors import APIError, install_handlers
 from qwenstack.serving.image_api import install_image_api
-from qwenstack.serving.messages.api import install_messages
+from qwenstack.serving.messages.api import anthropic_model, anthropic_model_list, install_messages, is_anthropic_client
 from qwenstack.serving.metrics import ServerMetrics
-from qwenstack.serving.middleware import LOCAL_ORIGINS, BodyRulesMiddleware, UnexpectedErrorMiddleware
+from qwenstack.serving.middleware import LOCAL_ORIGINS, BodyRulesMiddleware, HeadAsGet, UnexpectedErrorMiddleware
 from qwenstack.serving.moderation import install_guardrails
 from qwenstack.serving.ollama.api import install_ollama
 from qwenstack.serving.openapi import install_openapi
@@ -99,8 +99,21 @@ def _info_router() -> APIRouter:
     def metrics(request: Request) -> Response:
         return Response(get_state(request).metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    @router.get("/v1/models")
+    @router.get("/v1/models", responses={200: {"model": ModelList}})
+    def models(request: Request) -> Any:
+        cards = list_models(request).data
+        return anthropic_model_list(cards) if is_anthropic_client(request.headers) else ModelList(data=cards)
+
+    @router.get("/v1/models/{model_id:path}", responses={200: {"model": ModelCard}})
+    def get_model(request: Request, model_id: str) -> Any:
+        cards = {card.id: card for card in list_models(request).data}
+        if model_id not in cards:
+            get_state(request).registry.get(model_id)  # 503 while loading, else 404 naming what is served
+        card = cards[model_id]
+        return anthropic_model(card) if is_anthropic_client(request.headers) else card
+
     def list_models(request: Request) -> ModelList:
+        """Every model served (an Anthropic client, which sends anthropic-version, gets them in its API's shape)."""
         state = get_state(request)
         cards = [ModelCard(id=m.name, created=m.created, owned_by=m.owned_by, max_model_len=m.max_model_len,
                            capabilities=m.capabilities, voices=m.voices) for m in list(state.registry.models.values())]
@@ -110,13 +123,6 @@ def _info_router() -> APIRouter:
         cards += [ModelCard(**card) for card in translations.registry_of(request.app).model_cards()]
         cards += [ModelCard(**card) for card in speech.registry_of(request.app).model_cards()]
         return ModelList(data=cards)
-
-    @router.get("/v1/models/{model_id:path}")
-    def get_model(request: Request, model_id: str) -> ModelCard:
-        cards = {card.id: card for card in list_models(request).data}
-        if model_id not in cards:
-            get_state(request).registry.get(model_id)  # 503 while loading, else 404 naming what is served
-        return cards[model_id]
 
     @router.post("/tokenize")
     def tokenize(request: Request, body: TokenizeRequest) -> TokenizeResponse:
@@ -199,6 +205,7 @@ def create_app(
     # A browser's preflight (OPTIONS, without the key) is answered before the key is asked for.
     app.add_middleware(CORSMiddleware, allow_origins=config.allowed_origins, allow_origin_regex=LOCAL_ORIGINS,
                        allow_methods=["*"], allow_headers=["*"], expose_headers=["*"])
+    app.add_middleware(HeadAsGet)
     app.include_router(_info_router())
     app.include_router(introspect.router())
     app.include_router(chat.router)
@@ -221,6 +228,8 @@ def create_app(
     install_ollama(app)  # Ollama's /api/chat, /api/generate, /api/embed... (its errors in Ollama's shape)
     if config.enable_ui:
         _mount_ui(app, config, body_limits)
+    else:  # the root still says the server is up (Ollama's clients check it)
+        app.add_api_route("/", lambda: PlainTextResponse("qwenstack is running"), include_in_schema=False)
     install_openapi(app, api_key=bool(config.api_key))
     return app
 

@@ -6,6 +6,7 @@
     UnexpectedErrorMiddleware: an exception that escaped every handler becomes a 500 in OpenAI's shape,
         answered on the same keep-alive connection (Starlette's own handler re-raises, which makes the
         server drop the connection without saying so, and the client's next request on it fails).
+    HeadAsGet: HEAD on any GET route, answered with the GET's status and headers and no body.
     ErrorShape: the errors of some paths in another API's shape (Anthropic's under /v1/messages, Ollama's
         under its /api/ routes), whoever answered them.
     LOCAL_ORIGINS: the web pages whose browser calls CORS lets through by default (Starlette's CORSMiddleware,
@@ -250,13 +251,38 @@ class UnexpectedErrorMiddleware:
             await error.response()(scope, receive, send)
 
 
+class HeadAsGet:
+    """HEAD answered as GET without the body, on every GET route: Ollama's CLI checks the server with `HEAD /`
+    (any status >= 400 is fatal to it), and HTTP monitors probe with HEAD; FastAPI registers GET alone."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "HEAD":
+            await self.app(scope, receive, send)
+            return
+        ended = False
+
+        async def headers_only(message: Message) -> None:
+            nonlocal ended
+            if message["type"] == "http.response.start":
+                await send(message)
+            elif not ended:  # the first body message ends the response; the rest is never sent
+                ended = True
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+        await self.app({**scope, "method": "GET"}, receive, headers_only)
+
+
 class ErrorShape:
-    """Error responses on the paths `applies` accepts in another API's shape, whoever answered them (a handler,
+    """Error responses of the requests `applies` accepts (it reads the ASGI scope: path, headers) in another API's
+    shape, whoever answered them (a handler,
     the app's exception handlers, or the middlewares inside this one: API key, body rules, unexpected 500s).
     A pure ASGI middleware: streams and successes pass untouched; a JSON error body in OpenAI's shape is held
     until whole, then rewritten as `shape(status, message)`."""
 
-    def __init__(self, app: ASGIApp, applies: Callable[[str], bool],
+    def __init__(self, app: ASGIApp, applies: Callable[[Scope], bool],
                  shape: Callable[[int, str], dict[str, Any]]) -> None:
         self.app = app
         self.applies = applies
@@ -273,7 +299,7 @@ class ErrorShape:
         return json.dumps(self.shape(status, str(parsed["error"].get("message", "")))).encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not self.applies(scope.get("path", "")):
+        if scope["type"] != "http" or not self.applies(scope):
             await self.app(scope, receive, send)
             return
         held: Message | None = None

@@ -65,6 +65,23 @@ def blocks(message: Any) -> list[dict[str, Any]]:
     return [b.model_dump(exclude_none=True) for b in message.content]
 
 
+def test_models_in_anthropics_shape_for_its_clients(client: anthropic.Anthropic, server: BackgroundServer) -> None:
+    """The SDK sends anthropic-version on every call: /v1/models answers it in the Models API's shape (and its
+    errors in Anthropic's), an OpenAI client still gets OpenAI's list."""
+    page = client.models.list()
+    ids = [m.id for m in page.data]
+    assert set(ids) == set(server.models) and page.has_more is False
+    assert (page.first_id, page.last_id) == (ids[0], ids[-1])
+    think = client.models.retrieve("think")
+    assert (think.type, think.id, think.display_name) == ("model", "think", "think")
+    assert think.created_at.year >= 2024
+    with pytest.raises(anthropic.NotFoundError) as info:
+        client.models.retrieve("nobody")
+    assert info.value.body["type"] == "error" and info.value.body["error"]["type"] == "not_found_error"
+    openai_shape = httpx.get(server.url + "/v1/models", headers={"Authorization": f"Bearer {KEY}"}).json()
+    assert openai_shape["object"] == "list" and {m["id"] for m in openai_shape["data"]} == set(ids)
+
+
 def test_plain_text(client: anthropic.Anthropic) -> None:
     m = create(client)
     assert (m.type, m.role, m.model, m.stop_reason, m.stop_sequence) == ("message", "assistant", "think", "end_turn",

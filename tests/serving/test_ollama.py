@@ -220,6 +220,23 @@ def test_load_only_requests(client: ollama.Client) -> None:
     loaded = client.chat(model="think", messages=[])
     assert (loaded.done, loaded.done_reason, loaded.message.content) == (True, "load", "")
     assert client.generate(model="think:latest").done_reason == "load"
+    # `ollama stop` sends keep_alive 0: Ollama says "unload" (models stay loaded here, the answer is Ollama's)
+    for keep_alive in (0, "0", "0s", 0.0):
+        assert client.generate(model="think", keep_alive=keep_alive).done_reason == "unload", keep_alive
+    assert client.chat(model="think", messages=[], keep_alive="0m").done_reason == "unload"
+    assert client.generate(model="think", keep_alive="5m").done_reason == "load"
+
+
+def test_head_is_answered_like_get(server: BackgroundServer) -> None:
+    """Ollama's CLI checks the server with `HEAD /` before every command (a 405 was fatal to it); HEAD on any GET
+    route answers the GET's status and headers without the body. With the chat page off, / still answers."""
+    for path, headers in (("/", {}), ("/api/version", AUTH), ("/api/tags", AUTH), ("/health", {})):
+        got, head = httpx.get(server.url + path, headers=headers), httpx.head(server.url + path, headers=headers)
+        assert got.status_code == head.status_code == 200 and got.content and head.content == b"", path
+        assert head.headers["content-type"] == got.headers["content-type"]
+    assert httpx.get(server.url + "/").text == "qwenstack is running"
+    assert httpx.head(server.url + "/api/tags").status_code == 401  # the key is still asked for
+    assert httpx.head(server.url + "/nowhere", headers=AUTH).status_code == 404
 
 
 def test_embed_equals_v1_embeddings(client: ollama.Client, server: BackgroundServer) -> None:

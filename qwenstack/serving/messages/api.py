@@ -28,10 +28,13 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from typing import Any, AsyncIterator
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
+from starlette.datastructures import Headers
+from starlette.types import Scope
 
 from qwenstack.engine.outputs import RequestOutput
 from qwenstack.serving.chat import (
@@ -45,6 +48,7 @@ from qwenstack.serving.messages.protocol import (
 from qwenstack.serving.metrics import RequestTracker
 from qwenstack.serving.middleware import ErrorShape
 from qwenstack.serving.openapi import chat_responses, error_model, request_body
+from qwenstack.serving.protocol import ModelCard
 from qwenstack.serving.responses.events import Event, new_id
 from qwenstack.serving.state import ServerState, local_or_forwarded
 from qwenstack.serving.streaming import typed_sse
@@ -59,11 +63,31 @@ router = APIRouter()
 
 def install_messages(app: FastAPI) -> None:
     app.include_router(router)
-    app.add_middleware(ErrorShape, applies=_under_prefix, shape=error_body)
+    app.add_middleware(ErrorShape, applies=_anthropic_request, shape=error_body)
 
 
-def _under_prefix(path: str) -> bool:
-    return path == PREFIX or path.startswith(PREFIX + "/")
+def _anthropic_request(scope: Scope) -> bool:
+    """Under /v1/messages, or an Anthropic client's /v1/models (its SDK sends anthropic-version on every call)."""
+    path = scope.get("path", "")
+    return path == PREFIX or path.startswith(PREFIX + "/") or (
+        path.startswith("/v1/models") and is_anthropic_client(Headers(scope=scope)))
+
+
+def is_anthropic_client(headers: Headers) -> bool:
+    return "anthropic-version" in headers
+
+
+def anthropic_model(card: ModelCard) -> dict[str, Any]:
+    """A model card in the shape of Anthropic's Models API."""
+    created = datetime.fromtimestamp(card.created, timezone.utc).isoformat().replace("+00:00", "Z")
+    return {"type": "model", "id": card.id, "display_name": card.id, "created_at": created}
+
+
+def anthropic_model_list(cards: list[ModelCard]) -> dict[str, Any]:
+    """GET /v1/models for an Anthropic client: every model on one page."""
+    data = [anthropic_model(card) for card in cards]
+    return {"data": data, "has_more": False, "first_id": data[0]["id"] if data else None,
+            "last_id": data[-1]["id"] if data else None}
 
 
 # --- errors ---------------------------------------------------------------------------------------------

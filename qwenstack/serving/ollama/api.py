@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -90,7 +91,7 @@ R = TypeVar("R", bound=_Request)
 
 def install_ollama(app: FastAPI) -> None:
     app.include_router(router)
-    app.add_middleware(ErrorShape, applies=is_ollama_path, shape=error_body)
+    app.add_middleware(ErrorShape, applies=lambda scope: is_ollama_path(scope.get("path", "")), shape=error_body)
 
 
 def is_ollama_path(path: str) -> bool:
@@ -246,10 +247,18 @@ async def _answer(request: Request, state: ServerState, turn: Turn, stream: bool
 
 
 def _loaded(body: _Generating, chat: bool) -> JSONResponse:
-    """Ollama's answer to a request with nothing to generate: the model is (here: already) loaded."""
+    """Ollama's answer to a request with nothing to generate: the model is (here: already) loaded, or with a
+    keep_alive of zero (`ollama stop`) unloaded; models stay loaded here, but the reason is Ollama's."""
     line: dict[str, Any] = {"model": body.model, "created_at": models.timestamp()}
     line.update({"message": {"role": "assistant", "content": ""}} if chat else {"response": ""})
-    return JSONResponse({**line, "done": True, "done_reason": "load"})
+    return JSONResponse({**line, "done": True, "done_reason": "unload" if _is_zero(body.keep_alive) else "load"})
+
+
+def _is_zero(keep_alive: str | float | None) -> bool:
+    """A keep_alive of zero: a number (seconds) or a Go duration ("0", "0s", "0m")."""
+    if isinstance(keep_alive, (int, float)):
+        return keep_alive == 0
+    return keep_alive is not None and re.fullmatch(r"\s*0*\.?0+\s*(ns|us|µs|ms|s|m|h)?\s*", keep_alive) is not None
 
 
 def plan_raw(served: ServedModel, request: ChatCompletionRequest, prompt: str) -> ChatPlan:

@@ -64,7 +64,7 @@ class _Generating(_Request):
     format: Format = ""
     options: OllamaOptions | None = None
     think: bool | ThinkLevel | None = None  # None: as the server's default (Qwen3: thinking on)
-    keep_alive: str | float | None = None  # models stay loaded here: ignored
+    keep_alive: str | float | None = None  # models stay loaded here: only zero's empty request says unload
     logprobs: bool = False  # Ollama 0.12.11's: each generated token's log probability, in `logprobs`
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)  # and this many alternatives (implies logprobs)
 
