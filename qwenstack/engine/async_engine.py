@@ -28,7 +28,7 @@ from qwenstack.engine.engine import LLMEngine
 from qwenstack.engine.outputs import RequestOutput
 from qwenstack.engine.params import SamplingParams
 from qwenstack.engine.sampler import RequestFailed
-from qwenstack.errors import EngineUnavailableError
+from qwenstack.errors import EngineUnavailableError, RequestError
 
 log = logging.getLogger("qwenstack.engine")
 
@@ -211,8 +211,9 @@ class AsyncEngine:
     def _fail_request(self, request_id: str, exc: Exception) -> None:
         self.engine.abort(request_id)
         sink = self._sinks.pop(request_id, None)
-        if sink is not None:
-            sink(RuntimeError(f"the engine failed while running this request: {exc}"))
+        if sink is not None:  # the request's own fault is said as it is (a 400), anything else as the engine's
+            sink(exc if isinstance(exc, RequestError) else
+                 RuntimeError(f"the engine failed while running this request: {exc}"))
 
     def _fail_running(self, exc: Exception) -> None:
         if isinstance(exc, EngineUnavailableError):

@@ -22,6 +22,7 @@ import torch
 
 from qwenstack.engine.params import SamplingParams
 from qwenstack.engine.sequence import Logprob, PositionLogprobs, Sequence
+from qwenstack.errors import RequestError
 
 
 def sequence_generator(seq: Sequence) -> torch.Generator | None:
@@ -94,8 +95,16 @@ def sample_row(logits: torch.Tensor, request: SampleRequest, default_generator: 
     params = request.params
     for processor in params.logits_processors:
         logits = processor(request.output_token_ids, logits)
+    if params.logits_processors and logits.max() == float("-inf"):
+        # The request's own constraints exclude every token (allowed_token_ids against a grammar, say): its
+        # error to hear, where a draw from no mass would have been an arbitrary token or a crash.
+        raise RequestError("no token can be generated: the request's constraints (allowed_token_ids, bad_words, "
+                           "logit_bias, its grammar or tool choice) together exclude every token here")
     if request.block_eos:
+        kept = logits[request.block_eos].clone()
         logits[request.block_eos] = float("-inf")
+        if logits.max() == float("-inf"):  # a grammar that can only end now outranks min_tokens
+            logits[request.block_eos] = kept
     if params.needs_penalties:
         logits = apply_penalties(logits, params, request.prompt_token_ids, request.output_token_ids)
     if params.greedy:
@@ -146,7 +155,7 @@ def draw_rows(weights: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
         # the end its last one.
         index = int(torch.searchsorted(inside, torch.tensor([max(left, 0.0)], dtype=torch.float64), right=True))
         if index >= inside.numel():
-            index = int(inside.searchsorted(inside[-1:], right=False))
+            index = int(torch.searchsorted(inside, inside[-1:], right=False))
         tokens.append(start + index)
     return torch.tensor(tokens)
 

@@ -2,6 +2,8 @@
 rows, and top-k sampling (drawn among the k candidates only) follows the filtered distribution."""
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from qwenstack.engine.params import SamplingParams
@@ -185,3 +187,46 @@ def test_logprobs_of_many_rows_are_each_rows_own() -> None:
             assert got[n][token].rank == entry.rank
             assert abs(got[n][token].logprob - entry.logprob) < 1e-5
     assert got[0][tokens[0]].rank == 1
+
+
+def test_a_block_summed_past_its_own_running_sum_takes_its_last_token_with_weight() -> None:
+    """A block's float32 sum can exceed the float64 running sum inside it (1,024 x 0.1 does): a u near 1 then
+    points past the block's end, and the draw takes the block's last token with weight (this path had called a
+    Tensor method torch does not have)."""
+    from qwenstack.engine.sampler import DRAW_BLOCK, draw_rows
+
+    weights = torch.full((1, 2 * DRAW_BLOCK), 0.1)
+    assert weights[0, DRAW_BLOCK:].sum().item() > weights[0, DRAW_BLOCK:].double().sum().item()
+    weights[0, -1] = 0.0
+    assert draw_rows(weights, torch.tensor([1.0 - 2**-52], dtype=torch.float64)).tolist() == [2 * DRAW_BLOCK - 2]
+
+
+def test_constraints_that_exclude_every_token_are_the_requests_error() -> None:
+    """A request whose processors leave no token (allowed_token_ids against a grammar) fails with a RequestError
+    naming why, greedy or sampled, instead of drawing from no mass; min_tokens yields to a grammar that can only
+    end here (eos stays open when it is the one token left)."""
+    import pytest
+
+    from qwenstack.engine.sampler import SampleError
+    from qwenstack.errors import RequestError
+
+    def only(ids: list[int]) -> Any:
+        def allow(output: list[int], logits: torch.Tensor) -> torch.Tensor:
+            kept = logits[ids].clone()
+            logits.fill_(float("-inf"))
+            logits[ids] = kept
+            return logits
+        return allow
+
+    logits = torch.randn(2, 50)
+    for temperature in (0.0, 0.8):
+        params = SamplingParams(temperature=temperature, logits_processors=[only([3]), only([4])])
+        with pytest.raises(SampleError) as info:
+            sample(logits, [request(SamplingParams()), request(params)], torch.Generator().manual_seed(0))
+        assert info.value.row == 1 and isinstance(info.value.cause, RequestError)
+        eos_only = SamplingParams(temperature=temperature, logits_processors=[only([7])])
+        blocked = SampleRequest(eos_only, [1], [2], None, block_eos=[7])
+        assert sample(logits[:1], [blocked], torch.Generator().manual_seed(0))[0] == [7]
+        both = SampleRequest(SamplingParams(temperature=temperature, logits_processors=[only([7, 9])]), [1], [2],
+                             None, block_eos=[7])
+        assert sample(logits[:1], [both], torch.Generator().manual_seed(0))[0] == [9]  # eos still blocked

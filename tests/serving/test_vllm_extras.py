@@ -181,3 +181,16 @@ def test_fields_left_out_change_nothing(server: BackgroundServer) -> None:
     choice = reply["choices"][0]
     assert choice["prompt_logprobs"] is None and choice["token_ids"] is None and choice["prompt_token_ids"] is None
     assert json.dumps(reply)  # still plain JSON
+
+
+def test_constraints_that_leave_no_token_are_a_400(client: openai.OpenAI) -> None:
+    """allowed_token_ids that the grammar never allows: the request's own error, said as a 400 (an error event
+    once streamed), where a draw from no mass had been a 500; the server answers the next request as before."""
+    extra = {"allowed_token_ids": [11, 12], "guided_choice": ["Verona", "Mantua"]}
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(model="demo", prompt="ROMEO:", max_tokens=5, extra_body=extra)
+    assert "no token can be generated" in info.value.body["message"]
+    with pytest.raises(openai.APIError) as streamed:
+        list(client.completions.create(model="demo", prompt="ROMEO:", max_tokens=5, stream=True, extra_body=extra))
+    assert "no token can be generated" in str(streamed.value)
+    assert client.completions.create(model="demo", prompt="ROMEO:", max_tokens=3).choices[0].text
