@@ -9,6 +9,9 @@ Decisions:
   `max_tokens: 0` (scoring only) one token is generated and dropped, since the engine always samples.
 - Structured output applies to the text generated, as in vLLM: response_format, structured_outputs, the
   guided_* fields, llama.cpp's grammar and json_schema (constraints.answer_processors).
+- `suffix` asks a Coder model to fill in the middle (infill.py): each text prompt is the text before the cursor.
+- vLLM's extras (prompt_logprobs, return_token_ids, allowed_token_ids, bad_words, truncate_prompt_tokens) as
+  vllm_extras.py describes them.
 """
 from __future__ import annotations
 
@@ -25,6 +28,7 @@ from qwenstack.engine.outputs import CompletionOutput, RequestOutput
 from qwenstack.engine.params import SamplingParams
 from qwenstack.serving.constraints import ThinkingPhase, answer_processors
 from qwenstack.serving.errors import bad_request
+from qwenstack.serving.infill import infill_ids, infill_stop_ids
 from qwenstack.serving.logprobs import LegacyLogprobsBuilder, TokenTexts
 from qwenstack.serving.metrics import RequestTracker
 from qwenstack.serving.openapi import chat_responses, request_body
@@ -76,6 +80,8 @@ def prompts_of(request: CompletionRequest, served: ServedModel) -> list[Prompt]:
     if not texts:
         raise bad_request("prompt is empty", param="prompt")
     keep = truncation_length(request.truncate_prompt_tokens, served.prompt_token_limit)
+    if request.suffix:
+        return [infill_prompt(served, request, p) for p in texts]
     if isinstance(texts[0], str):
         if keep is None:
             return [Prompt(p, served.encode_prompt(p, "prompt")) for p in texts]  # type: ignore[arg-type]
@@ -92,6 +98,16 @@ def prompts_of(request: CompletionRequest, served: ServedModel) -> list[Prompt]:
     return [Prompt(tok.decode(ids), list(ids)) for ids in lists]  # type: ignore[arg-type]
 
 
+def infill_prompt(served: ServedModel, request: CompletionRequest, prefix: Any) -> Prompt:
+    """A fill-in-the-middle prompt (infill.py): the text prompt before the cursor, `suffix` after it."""
+    if not isinstance(prefix, str):
+        raise bad_request("suffix (fill-in-the-middle) takes text prompts, not token ids", param="prompt")
+    if request.truncate_prompt_tokens is not None:
+        raise bad_request("truncate_prompt_tokens is not supported with suffix: it would cut the prefix's markers",
+                          param="truncate_prompt_tokens")
+    return Prompt(prefix, infill_ids(served, prefix, request.suffix or ""))
+
+
 def refuse_long_id_prompt(raw: dict[str, Any], served: ServedModel) -> None:
     """The raw body's prompt of token ids, refused if it cannot fit before its million items are validated:
     a list whose first item is an int is a prompt of token ids or no valid prompt at all (400 either way)."""
@@ -104,8 +120,8 @@ def refuse_long_id_prompt(raw: dict[str, Any], served: ServedModel) -> None:
 
 def plan_completion(served: ServedModel, request: CompletionRequest) -> CompletionPlan:
     """Tokenizes (or decodes) the prompts and builds the sampling parameters: blocking, run in a thread."""
-    if request.suffix:
-        raise bad_request("suffix is not supported", param="suffix")
+    if request.suffix and request.echo:
+        raise bad_request("echo is not supported with suffix (fill-in-the-middle)", param="echo")
     if request.best_of is not None and request.best_of != request.n:
         raise bad_request("best_of is not supported (leave it out or set it equal to n)", param="best_of")
     drop_output = request.max_tokens == 0
@@ -116,6 +132,8 @@ def plan_completion(served: ServedModel, request: CompletionRequest) -> Completi
     params = sampling_params(request, served, max_tokens=1 if drop_output else request.max_tokens,
                              logprobs=request.logprobs, prompt_logprobs=request.logprobs if want_prompt_lp else None,
                              processors=processors)
+    if request.suffix:  # a middle ends where the model starts another section
+        params.stop_token_ids += infill_stop_ids(served.tokenizer)
     return CompletionPlan(f"cmpl-{uuid.uuid4().hex}", int(time.time()), served, request,
                           prompts_of(request, served), params, drop_output)
 

@@ -1,5 +1,6 @@
 """llama.cpp server's native routes, for the clients written against `llama-server` (SillyTavern, Continue's
-llama.cpp provider, scripts): POST /completion and GET /props. (Its /tokenize `content` and /detokenize reply's
+llama.cpp provider, llama.vim and llama.vscode, scripts): POST /completion, POST /infill (fill-in-the-middle,
+serving/infill.py) and GET /props. (Its /tokenize `content` and /detokenize reply's
 `content` are app.py's /tokenize and /detokenize, which take both spellings.)
 
 Decisions:
@@ -31,7 +32,8 @@ from pydantic import BaseModel, Field
 
 from qwenstack import __version__
 from qwenstack.engine.outputs import RequestOutput
-from qwenstack.serving.completions import plan_completion, refuse_long_id_prompt
+from qwenstack.serving.completions import CompletionPlan, plan_completion, refuse_long_id_prompt
+from qwenstack.serving.infill import infill_ids, infill_stop_ids
 from qwenstack.serving.openapi import chat_responses, request_body
 from qwenstack.serving.protocol import INT64_MAX, INT64_MIN, MAX_COUNT, CompletionRequest, _Request
 from qwenstack.serving.state import get_state, parse_off_loop, read_json
@@ -57,6 +59,18 @@ class LlamaCompletionRequest(_Request):
     ignore_eos: bool = False
     grammar: str | None = None
     json_schema: dict[str, Any] | None = None
+
+
+class InfillFile(_Request):
+    filename: str = ""
+    text: str
+
+
+class LlamaInfillRequest(LlamaCompletionRequest):
+    prompt: str = ""  # the middle's beginning, written after <|fim_middle|>
+    input_prefix: str = ""
+    input_suffix: str = ""
+    input_extra: list[InfillFile] = Field(default_factory=list)  # the repository's other files
 
 
 class LlamaTimings(BaseModel):
@@ -130,6 +144,33 @@ async def completion(request: Request) -> Response:
     served.check_generates()
     refuse_long_id_prompt(raw, served)
     plan = await asyncio.to_thread(plan_completion, served, completion_request(body, served.name))
+    return await answer(request, body, plan)
+
+
+@router.post("/infill", responses=chat_responses(LlamaCompletionResponse))
+@request_body(LlamaInfillRequest)
+async def infill(request: Request) -> Response:
+    """llama.cpp's fill-in-the-middle: input_prefix and input_suffix around the cursor, input_extra the
+    repository's other files, prompt the middle's beginning (infill.py builds the prompt)."""
+    state = get_state(request)
+    body = await parse_off_loop(LlamaInfillRequest, await read_json(request), request)
+    served = state.registry.resolve(body.model)
+    served.check_generates()
+
+    def plan_infill() -> CompletionPlan:
+        files = [(f.filename, f.text) for f in body.input_extra]
+        ids = infill_ids(served, body.input_prefix, body.input_suffix, middle=body.prompt, files=files,
+                         param="input_suffix")
+        plan = plan_completion(served, completion_request(body.model_copy(update={"prompt": ids}), served.name))
+        plan.params.stop_token_ids += infill_stop_ids(served.tokenizer)
+        return plan
+
+    return await answer(request, body, await asyncio.to_thread(plan_infill))
+
+
+async def answer(request: Request, body: LlamaCompletionRequest, plan: CompletionPlan) -> Response:
+    """A planned /completion or /infill, answered in llama.cpp's shape (streamed as its SSE lines)."""
+    state, served = get_state(request), plan.served
     prompt, prompt_only = plan.prompts[0], body.n_predict == 0
     tracker = state.metrics.track(served.name, time.monotonic())
     engine_stream = served.engine.generate(prompt.ids, plan.params, request_id=plan.request_id, prompt=prompt.text)

@@ -25,8 +25,9 @@ F = TypeVar("F", bound=Callable[..., Any])
 ATTRIBUTE = "__qwenstack_request_model__"
 ERROR_ATTRIBUTE = "__qwenstack_error_model__"
 # Requests that name a model: 404, 429, 503 possible (Ollama's /api/embed covers /api/embeddings too).
-MODEL_PATHS = ("/v1/", "/tokenize", "/detokenize", "/completion", "/props", "/api/chat", "/api/generate", "/api/embed",
-               "/api/show")
+MODEL_PATHS = ("/v1/", "/tokenize", "/detokenize", "/completion", "/infill", "/props", "/api/chat", "/api/generate",
+               "/api/embed", "/api/show")
+API_PATHS = ("/v1/", "/api/", "/tokenize", "/detokenize", "/completion", "/infill", "/props")  # answer API errors
 ERROR_TEXT = {400: "Invalid request", 401: "Missing or wrong API key", 404: "Unknown model, route or object",
               413: "Request body too large", 415: "The request body is not JSON (or a form the route accepts)",
               429: "Queue full: retry after the Retry-After header's seconds",
@@ -88,7 +89,7 @@ def chat_responses(model: type[BaseModel]) -> dict[int | str, dict[str, Any]]:
 
 
 def _error_codes(path: str, method: str, has_body: bool, api_key: bool) -> list[int]:
-    if not path.startswith(("/v1/", "/api/", "/tokenize", "/detokenize", "/completion", "/props")):
+    if not path.startswith(API_PATHS):
         return [500]
     codes = [400, 404, 500]
     if has_body:

@@ -62,6 +62,7 @@ from qwenstack.serving.chat import (
 from qwenstack.serving.constraints import ThinkingPhase, build_processors
 from qwenstack.serving.embeddings import EmbeddingRequest, embed
 from qwenstack.serving.errors import APIError
+from qwenstack.serving.infill import infill_ids, infill_stop_ids
 from qwenstack.serving.introspect import model_status
 from qwenstack.serving.logprobs import TokenTexts, chat_logprobs
 from qwenstack.serving.metrics import RequestTracker
@@ -261,13 +262,16 @@ def _is_zero(keep_alive: str | float | None) -> bool:
     return keep_alive is not None and re.fullmatch(r"\s*0*\.?0+\s*(ns|us|µs|ms|s|m|h)?\s*", keep_alive) is not None
 
 
-def plan_raw(served: ServedModel, request: ChatCompletionRequest, prompt: str) -> ChatPlan:
-    """A raw /api/generate: the prompt's tokens as they are, chat's sampling and `format` grammar (no thinking
-    phase: nothing was rendered). Blocking: run it in a thread."""
-    ids = served.encode_prompt(prompt, "prompt")
+def plan_raw(served: ServedModel, request: ChatCompletionRequest, prompt: str, suffix: str = "") -> ChatPlan:
+    """A raw /api/generate: the prompt's tokens as they are (with a suffix, the fill-in-the-middle prompt of
+    infill.py, as Ollama's Coder templates render it, system left out), chat's sampling and `format` grammar (no
+    thinking phase: nothing was rendered). Blocking: run it in a thread."""
+    ids = infill_ids(served, prompt, suffix) if suffix else served.encode_prompt(prompt, "prompt")
     processors = build_processors(served.tokenizer, request, ThinkingPhase.ANSWER, None)
     params = sampling_params(request, served, max_tokens=request.max_new_tokens, logprobs=request.sampled_logprobs,
                              processors=processors)
+    if suffix:
+        params.stop_token_ids += infill_stop_ids(served.tokenizer)
     return ChatPlan(f"gen-{uuid.uuid4().hex}", int(time.time()), served, request, prompt, ids, params,
                     ThinkingPhase.ANSWER, False, None)
 
@@ -338,8 +342,8 @@ async def generate(request: Request) -> Response:
     if not body.prompt:
         return _loaded(body, chat=False)
     chat_request = translate.generate_request(body)
-    if body.raw:
-        plan = await asyncio.to_thread(plan_raw, served, chat_request, body.prompt)
+    if body.raw or body.suffix:
+        plan = await asyncio.to_thread(plan_raw, served, chat_request, body.prompt, body.suffix)
         parser: Any = Verbatim()
     else:
         plan = await asyncio.to_thread(plan_chat, served, chat_request, state)

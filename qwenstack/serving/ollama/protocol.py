@@ -78,7 +78,7 @@ class OllamaChatRequest(_Generating):
 class OllamaGenerateRequest(_Generating):
     prompt: str = ""  # empty: only "load the model" (done_reason "load")
     system: str = ""
-    suffix: str = ""  # fill-in-the-middle: Qwen3's templates have none (a 400 when given)
+    suffix: str = ""  # fill-in-the-middle (serving/infill.py): Coder models only, a 400 for the others
     template: str = ""  # a Go template in Ollama: not supported (a 400 when given)
     context: list[int] | None = None  # Ollama's deprecated memory: not supported (a 400 when given)
     raw: bool = False

@@ -121,9 +121,8 @@ def chat_request(request: OllamaChatRequest) -> ChatCompletionRequest:
 
 def generate_request(request: OllamaGenerateRequest) -> ChatCompletionRequest:
     """The chat request of /api/generate: its prompt as one user turn (raw: as a stand-in, never rendered)."""
-    if request.suffix:
-        raise bad_request(f"'{request.model}' does not support insert: Qwen3's chat templates have no "
-                          "fill-in-the-middle form", param="suffix")
+    if request.suffix and request.images:
+        raise bad_request("suffix (fill-in-the-middle) does not take images", param="images")
     if request.template:
         raise bad_request("a custom template is not supported: the model's own chat template is used (or raw: "
                           "true with a prompt already templated)", param="template")
