@@ -120,8 +120,10 @@ def _content_text(message: ChatMessage, index: int, capabilities: list[str], mod
             continue
         kind = MEDIA_KINDS[part.type]
         if kind not in capabilities:
-            raise bad_request(f"messages[{index}]: the model '{model}' does not accept {part.type} input "
-                              f"(it is text-only)", param=f"messages.{index}.content", code="unsupported_content")
+            takes = [t for t, k in MEDIA_KINDS.items() if k in capabilities]
+            what = f"it takes text and {', '.join(takes)}" if takes else "it is text-only"
+            raise bad_request(f"messages[{index}]: the model '{model}' does not accept {part.type} input ({what})",
+                              param=f"messages.{index}.content", code="unsupported_content")
         if isinstance(part, ImagePart) and image_placeholder is not None:
             texts.append(image_placeholder)
             has_media = True
@@ -561,8 +563,8 @@ async def stream_chat(plan: ChatPlan, outputs: AsyncIterator[RequestOutput],
                 if samples.numel():
                     answer.samples.append(samples)
                     audio["data"] = chat_audio.pcm16_b64(samples)
-                if parsed.content:
-                    audio["transcript"] = parsed.content
+                if parsed.content:  # a spoken answer's text is its transcript only, as unstreamed and in OpenAI's
+                    audio["transcript"] = delta.pop("content")
                 if len(audio) > 1:
                     delta["audio"] = audio
             made_calls[i] = made_calls[i] or "tool_calls" in delta

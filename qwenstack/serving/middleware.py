@@ -156,9 +156,13 @@ class BodyRulesMiddleware:
         is_json = media in JSON_TYPES or (media.startswith("application/") and media.endswith("+json"))
         # Read as JSON, as Ollama does: no browser sends these without an Origin (LiteLLM's ollama providers do).
         is_json = is_json or (media in UNTYPED and not forms and "origin" not in headers)
-        if not is_json and media not in forms:
-            accepted = " or ".join(("application/json",) + forms)
-            await _refuse(APIError(415, f"the request body must be sent as {accepted} (Content-Type: "
+        if forms and media not in forms:  # a form route (uploads): JSON cannot carry its files
+            await _refuse(APIError(415, f"this route takes a form with its files, sent as {' or '.join(forms)} "
+                                        f"(Content-Type: {media or 'none'})", code="unsupported_media_type"),
+                          scope, receive, send)
+            return
+        if not is_json and not forms:
+            await _refuse(APIError(415, f"the request body must be sent as application/json (Content-Type: "
                                         f"{media or 'none'})", code="unsupported_media_type"), scope, receive, send)
             return
         limit = self.limit_for(scope.get("path", ""))

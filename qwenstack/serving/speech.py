@@ -28,7 +28,7 @@ from typing import Any, AsyncIterator, Literal
 import torch
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
 from qwenstack.errors import RequestError
 from qwenstack.serving.errors import APIError, bad_request
@@ -48,9 +48,16 @@ class SpeechBody(BaseModel):
     input: str = Field(max_length=MAX_INPUT_CHARS)
     voice: str | dict[str, str] | None = None
     instructions: str | None = None
-    response_format: Literal["wav", "pcm", "flac", "mp3", "opus", "aac"] = "mp3"
+    response_format: Literal["wav", "pcm", "flac", "mp3", "opus", "aac"] | None = None
     speed: float = Field(1.0, ge=0.25, le=4.0)
     stream_format: Literal["audio", "sse"] = "audio"
+
+    @model_validator(mode="after")
+    def _default_format(self) -> "SpeechBody":
+        """OpenAI's default is mp3; events carry raw samples, so with stream_format "sse" it is pcm."""
+        if self.response_format is None:
+            self.response_format = "pcm" if self.stream_format == "sse" else "mp3"
+        return self
     language: str = "auto"
     seed: int | None = None
     temperature: float | None = Field(None, ge=0.0, le=2.0)

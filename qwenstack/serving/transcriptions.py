@@ -9,6 +9,7 @@ Decisions:
 - `stream=true` answers Server-Sent Events `transcript.text.delta {delta}` and one
   `transcript.text.done {text, usage}`; the language header never reaches the client. Segments stream in
   order (later ones finish in the background meanwhile). A failure after the 200 is an in-band error frame.
+- `timestamp_granularities` ["segment"] is verbose_json's segments; ["word"] is a 400 (no word times exist).
 - usage counts tokens (OpenAI's `tokens` variant, audio and text input tokens apart) and adds `seconds`,
   the decoded duration.
 - A transcript is bounded by max_transcript_tokens(segment seconds): a model that never stops cannot run to
@@ -68,6 +69,24 @@ def _field(form: Any, name: str, default: str | None = None) -> str | None:
     return str(value)
 
 
+def _check_granularities(form: Any, response_format: str) -> None:
+    """OpenAI's timestamp_granularities (the SDK sends `timestamp_granularities[]`): segment times are what
+    verbose_json gives; word times Qwen3-ASR does not produce, so asking for them is a 400, not a silent omission."""
+    asked = [str(v) for name in ("timestamp_granularities[]", "timestamp_granularities") for v in form.getlist(name)]
+    if not asked:
+        return
+    unknown = [g for g in asked if g not in ("word", "segment")]
+    if unknown:
+        raise bad_request(f"timestamp_granularities takes 'word' and 'segment', got '{unknown[0]}'",
+                          param="timestamp_granularities")
+    if response_format != "verbose_json":
+        raise bad_request("timestamp_granularities needs response_format verbose_json",
+                          param="timestamp_granularities")
+    if "word" in asked:
+        raise bad_request("word timestamps are not available: Qwen3-ASR gives segment times only (ask for "
+                          "timestamp_granularities ['segment'])", param="timestamp_granularities")
+
+
 def _flag(value: str | None, name: str) -> bool:
     if value is None or value.strip().lower() in ("", "false", "0", "no"):
         return False
@@ -110,6 +129,7 @@ async def _read_request(request: Request) -> TranscriptionRequest:
         raise bad_request(f"response_format must be one of {', '.join(RESPONSE_FORMATS)}, got '{response_format}'",
                           param="response_format")
     stream = _flag(_field(form, "stream"), "stream")
+    _check_granularities(form, response_format)
     if stream and response_format not in ("json", "text"):
         raise bad_request("stream=true gives text events; use response_format json or text", param="stream")
     try:

@@ -297,6 +297,9 @@ def test_multipart_is_allowed_where_a_route_declares_it(tiny_qwen3: Path) -> Non
         r = httpx.post(srv.url + "/v1/echo-form", files={"text": (None, "hello")})
         assert r.status_code == 200 and r.json() == {"text": "hello"}
         assert_error(post_raw(srv.url + "/v1/echo-form", "text=hello", "text/plain"), 415)
+        # JSON cannot carry a form route's files: said so, not "prompt: Field required" for a body that has one
+        error = assert_error(post_raw(srv.url + "/v1/echo-form", '{"text": "hello"}', "application/json"), 415)
+        assert "takes a form" in error["message"]
 
 
 def test_chat_database_is_private(server: BackgroundServer) -> None:

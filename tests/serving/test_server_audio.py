@@ -8,7 +8,7 @@ import base64
 import io
 import json
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
 import openai
@@ -77,6 +77,17 @@ def test_transcription_verbose_srt_vtt(client: openai.OpenAI) -> None:
     assert srt == f"1\n00:00:00,000 --> 00:00:02,000\n{ANSWER}\n"
     vtt = client.audio.transcriptions.create(file=("clip.wav", CLIP), model="asr", response_format="vtt")
     assert vtt == f"WEBVTT\n\n00:00:00.000 --> 00:00:02.000\n{ANSWER}\n"
+    # OpenAI's timestamp_granularities: segments are what verbose_json has; word times do not exist, said so
+    timed = client.audio.transcriptions.create(file=("clip.wav", CLIP), model="asr", response_format="verbose_json",
+                                               timestamp_granularities=["segment"])
+    assert [(s.start, s.end) for s in timed.segments] == [(0.0, 2.0)]
+    for granularities, fmt, message in ((["word"], "verbose_json", "word timestamps are not available"),
+                                        (["segment"], "json", "needs response_format verbose_json")):
+        with pytest.raises(openai.BadRequestError) as info:
+            client.audio.transcriptions.create(file=("clip.wav", CLIP), model="asr", response_format=fmt,
+                                               timestamp_granularities=granularities)
+        body: Any = info.value.body
+        assert body["param"] == "timestamp_granularities" and message in body["message"]
 
 
 def test_long_file_is_cut_at_silences_into_timed_segments(client: openai.OpenAI) -> None:

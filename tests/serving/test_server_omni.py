@@ -114,10 +114,11 @@ def test_streamed_audio_arrives_with_the_text_and_equals_one_shot(client: openai
             continue
         delta = chunk.choices[0].delta
         audio = getattr(delta, "audio", None)
-        if delta.content:
-            order.append("text")
+        assert not delta.content  # the text is the transcript only, as the unstreamed message has content null
         if audio:
             audio = audio if isinstance(audio, dict) else audio.model_dump()
+            if audio.get("transcript"):
+                order.append("text")
             if audio.get("data"):
                 pcm += base64.b64decode(audio["data"])
                 order.append("audio")

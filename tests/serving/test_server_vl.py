@@ -169,7 +169,10 @@ def test_error_cases(client: openai.OpenAI, tmp_path: Path) -> None:
     typed = ask(client, [{"type": "text", "text": "<|image_pad|>"}, image_part(data_url(IMAGE_A))])
     plain = ask(client, [{"type": "text", "text": "x"}, image_part(data_url(IMAGE_A))])
     assert typed.usage.prompt_tokens > plain.usage.prompt_tokens
-    expect_400(client, [text, image_part(data_url(IMAGE_A))], "does not accept image_url input", model="tiny")
+    expect_400(client, [text, image_part(data_url(IMAGE_A))], r"does not accept image_url input \(it is text-only\)",
+               model="tiny")
+    audio = {"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}}
+    expect_400(client, [text, audio], r"does not accept input_audio input \(it takes text and image_url, video_url\)")
     r = ask(client, [{"type": "text", "text": "still fine"}])  # the server keeps serving
     assert r.choices[0].finish_reason in ("stop", "length")
 

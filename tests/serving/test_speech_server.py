@@ -135,6 +135,12 @@ def test_pcm_and_sse(server: BackgroundServer) -> None:
     assert audio == pcm.content  # same seed: the deltas are the non-SSE response, byte for byte
     done = payloads[-1]
     assert done["type"] == "speech.audio.done" and done["usage"]["output_tokens"] == FRAMES
+    # The SDK sends no response_format with stream_format "sse" unless told: the events then carry pcm.
+    with client(server).audio.speech.with_streaming_response.create(
+            model="tiny-custom_voice", voice="vivian", input="Hi.", stream_format="sse", extra_body={"seed": 3}) as r:
+        sdk_lines = list(r.iter_lines())
+    sdk = [json.loads(line[len("data: "):]) for line in sdk_lines if line.startswith("data: ")]
+    assert b"".join(base64.b64decode(p["audio"]) for p in sdk if p["type"] == "speech.audio.delta") == pcm.content
 
 
 def test_concurrent_requests_equal_one_at_a_time(server: BackgroundServer) -> None:
