@@ -92,14 +92,25 @@ class TextPart(_Request):
     text: str
 
 
+def _url_alone(cls: type, value: Any) -> Any:
+    """A media part's URL given as a plain string (vLLM takes it so) -> OpenAI's {"url": ...}."""
+    return {"url": value} if isinstance(value, str) else value
+
+
 class ImageURL(_Request):
     url: str
-    detail: str | None = None
+    detail: str | None = None  # accepted and not used: the model's processor sizes every image by its own rules
 
 
 class ImagePart(_Request):
     type: Literal["image_url"]
     image_url: ImageURL
+
+    _plain_url = field_validator("image_url", mode="before")(classmethod(_url_alone))
+
+
+class MediaURL(_Request):
+    url: str
 
 
 class InputAudio(_Request):
@@ -112,18 +123,18 @@ class AudioPart(_Request):
     input_audio: InputAudio
 
 
-class MediaURL(_Request):
-    url: str
-
-
 class AudioURLPart(_Request):
     type: Literal["audio_url"]
     audio_url: MediaURL
+
+    _plain_url = field_validator("audio_url", mode="before")(classmethod(_url_alone))
 
 
 class VideoURLPart(_Request):
     type: Literal["video_url"]
     video_url: MediaURL
+
+    _plain_url = field_validator("video_url", mode="before")(classmethod(_url_alone))
 
 
 ContentPart = Annotated[

@@ -115,6 +115,10 @@ def test_base64_images_answer_as_the_engine_does(server: BackgroundServer, clien
     assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == want_text
     again = ask(client, content)
     assert again.choices[0].message.content == message.content
+    # vLLM's spelling of the part, the URL as a plain string (and `detail`, accepted): the same answer
+    plain = [content[0], {"type": "image_url", "image_url": data_url(IMAGE_A)},
+             {"type": "image_url", "image_url": {"url": data_url(IMAGE_B), "detail": "low"}}, content[3]]
+    assert ask(client, plain).choices[0].message.content == message.content
     assert again.usage.prompt_tokens_details.cached_tokens > 8  # blocks holding the images came from the cache
     # Same prompt tokens, other pixels: another answer, and the cache shares only what precedes the images.
     swapped = ask(client, [content[0], image_part(data_url(noise_image(70, 50, seed=9))), content[2], content[3]])
