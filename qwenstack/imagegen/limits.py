@@ -8,7 +8,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-SIZE_RE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
+SIZE_RE = re.compile(r"^(\d{1,9})x(\d{1,9})$")  # any size a client means; the limits below judge it
 
 
 @dataclass(frozen=True)
