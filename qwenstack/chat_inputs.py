@@ -68,7 +68,7 @@ def _local_urls(conversation: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def render_media_chat(view: ChatModelView, conversation: list[dict[str, Any]], *,
-                      tools: list[dict[str, Any]] | None = None,
+                      tools: list[dict[str, Any]] | None = None, add_generation_prompt: bool = True,
                       **template_kwargs: Any) -> tuple[str, list[int], MultimodalInputs | None]:
     """(rendered prompt, prompt ids with each image's placeholder expanded, the preprocessed images)."""
     from pydantic import ValidationError
@@ -89,7 +89,7 @@ def render_media_chat(view: ChatModelView, conversation: list[dict[str, Any]], *
         messages = [ChatMessage.model_validate(m) for m in _local_urls(conversation)]
         refs: list[image_inputs.ImageRef] = []
         prompt = view.tokenizer.apply_chat_template(template_messages(messages, served, refs), tools=tools,
-                                                    add_generation_prompt=True, **template_kwargs)
+                                                    add_generation_prompt=add_generation_prompt, **template_kwargs)
         prompt_ids = view.tokenizer.encode(prompt)
         if not refs:
             return prompt, prompt_ids, None

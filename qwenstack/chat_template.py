@@ -35,6 +35,18 @@ def _strftime_now(fmt: str) -> str:
     return datetime.now().strftime(fmt)
 
 
+def cut_after_final_message(rendered: str, content: Any) -> str | None:
+    """The rendered conversation cut right after the last message's text (vLLM's continue_final_message): the
+    template's end of turn and anything after it go. The template may have stripped the text's ends. None when
+    the text is not found (no text to continue)."""
+    text = content if isinstance(content, str) else ""
+    for candidate in (text, text.strip()):
+        at = rendered.rfind(candidate) if candidate else -1
+        if at >= 0:
+            return rendered[:at + len(candidate)]
+    return None
+
+
 def read_chat_template(value: str) -> str:
     """A --chat-template value (vLLM's and llama.cpp's option): a file holding the template, or the template
     itself; checked by compiling it. Raises ChatTemplateError (a ValueError: the CLI prints it on one line)."""

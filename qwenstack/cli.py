@@ -53,7 +53,7 @@ def _add_command(subparsers: argparse._SubParsersAction, command: Command) -> No
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     command.add_arguments(parser)
-    parser.set_defaults(_command=command)
+    parser.set_defaults(_command=command, _command_parser=parser)
 
 
 def build_parser(commands: list[Command]) -> argparse.ArgumentParser:
@@ -83,7 +83,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     commands, errors = discover_commands()
     parser = build_parser(commands)
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # said by the subcommand's parser: its usage, not the top level's, under the mistake
+        getattr(args, "_command_parser", parser).error(f"unrecognized arguments: {' '.join(unknown)}")
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     for error in errors:

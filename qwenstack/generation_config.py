@@ -26,6 +26,8 @@ def generation_defaults(model_dir: Path | None) -> dict[str, Any]:
         return {}
     defaults = {k: data[k] for k in GENERATION_DEFAULT_KEYS
                 if isinstance(data.get(k), (int, float)) and not isinstance(data.get(k), bool)}
+    if isinstance(defaults.get("top_k"), float):  # a count, whatever the file wrote (20.0)
+        defaults["top_k"] = int(defaults["top_k"])
     if data.get("do_sample") is False:
         defaults["temperature"] = 0.0
     return defaults

@@ -22,7 +22,35 @@ from qwenstack.engine.params import SamplingParams
 from qwenstack.generation_config import generation_defaults
 from qwenstack.loading import DEMO_MODEL_DIR, DEMO_NOTICE, LoadedModel, default_device, load  # noqa: F401 (re-exported)
 from qwenstack.pooling_config import PoolingConfig
-from qwenstack.tokenizer import longest_token_chars
+from qwenstack.tokenizer import Tokenizer, longest_token_chars
+
+
+PromptInput = str | list[int] | dict[str, Any]
+
+
+def prompt_items(prompts: PromptInput | Sequence[PromptInput]) -> list[str | list[int]]:
+    """The prompts as texts and token-id lists: one prompt or a list of them, each a string, a list of token ids,
+    or vLLM's TextPrompt / TokensPrompt dicts ({"prompt": text} / {"prompt_token_ids": ids})."""
+    from qwenstack.errors import RequestError
+
+    if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+        prompts = [prompts]  # type: ignore[list-item]
+    items: list[str | list[int]] = []
+    for i, p in enumerate(prompts):  # type: ignore[union-attr]
+        if isinstance(p, dict):
+            unknown = set(p) - {"prompt", "prompt_token_ids"}
+            if unknown or len(p) != 1:
+                raise RequestError(f"prompt {i}: a prompt dict has one key, 'prompt' (text) or 'prompt_token_ids' "
+                                   f"(vLLM's TextPrompt / TokensPrompt), got {sorted(p)}")
+            p = p.get("prompt", p.get("prompt_token_ids"))
+        if isinstance(p, str):
+            items.append(p)
+        elif isinstance(p, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in p):
+            items.append(list(p))
+        else:
+            raise RequestError(f"prompt {i} must be a string, a list of token ids or a prompt dict, got "
+                               f"{type(p).__name__}")
+    return items
 
 
 class LLM:
@@ -36,12 +64,29 @@ class LLM:
         kv_cache_memory: int | None = None,
         enable_prefix_caching: bool = True,
         quantization: str | None = None,
+        tokenizer: str | Path | None = None,
+        tensor_parallel_size: int = 1,
+        gpu_memory_utilization: float | None = None,
+        trust_remote_code: bool = False,
+        enforce_eager: bool = False,
         **engine_options: Any,
     ) -> None:
+        """vLLM's constructor options are taken: dtype "auto" is bfloat16; gpu_memory_utilization,
+        trust_remote_code and enforce_eager change nothing here (the KV cache takes kv_cache_memory bytes, every
+        architecture is native code, nothing is captured); tensor_parallel_size above 1 and a tokenizer other
+        than the checkpoint's are refused, since this API runs one process on the checkpoint's own tokenizer."""
+        if tensor_parallel_size != 1:
+            raise ValueError("the offline LLM runs in one process: for tensor parallelism serve the model with "
+                             f"`qwenstack serve MODEL -tp {tensor_parallel_size}`")
+        if tokenizer is not None and str(tokenizer) != str(model):
+            raise ValueError("a tokenizer apart from the checkpoint's is not supported: its own is used")
+        if max_model_len is not None and max_model_len < 1:
+            raise ValueError(f"max_model_len must be at least 1, got {max_model_len}")
         self.loaded = load(model, dtype=dtype, device=device, quantization=quantization,
                            speculative=engine_options.get("speculative_tokens", 0) > 0
                            and engine_options.get("speculative_method", "mtp") == "mtp")
-        config = EngineConfig(max_model_len=max_model_len, enable_prefix_caching=enable_prefix_caching, **engine_options)
+        config = EngineConfig(max_model_len=max_model_len, enable_prefix_caching=enable_prefix_caching,
+                              **engine_options)
         if kv_cache_memory is not None:
             config.kv_cache_memory = kv_cache_memory
         self.tokenizer = self.loaded.tokenizer
@@ -51,67 +96,126 @@ class LLM:
         self.engine = LLMEngine(self.loaded.model, self.tokenizer, self.tokenizer.eos_token_ids, config)
         self.pooling = PoolingConfig.for_model(self.loaded.path, self.engine.embedding_only)  # as the server
 
+    def get_tokenizer(self) -> Tokenizer:
+        return self.tokenizer
+
+    def get_default_sampling_params(self) -> SamplingParams:
+        """The checkpoint's generation_config.json as SamplingParams (what generate() and chat() use without)."""
+        return dataclasses.replace(self.default_sampling_params)
+
     def generate(
         self,
-        prompts: str | Sequence[str] | Sequence[list[int]] | list[int],
+        prompts: PromptInput | Sequence[PromptInput],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,  # vLLM's; accepted, no progress bar is drawn
     ) -> list[RequestOutput]:
-        """Prompts as strings or token-id lists; one SamplingParams for all or one per prompt."""
-        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]  # type: ignore[list-item]
-        token_prompts = [self.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
-        if sampling_params is None:
-            params: list[SamplingParams] = [self.default_sampling_params for _ in token_prompts]
-        elif isinstance(sampling_params, SamplingParams):
-            params = [sampling_params] * len(token_prompts)
-        else:
-            params = list(sampling_params)
-            if len(params) != len(token_prompts):
-                raise ValueError("give one SamplingParams for all prompts or exactly one per prompt")
+        """Prompts as strings, token-id lists or vLLM's dicts ({"prompt": text} or {"prompt_token_ids": ids});
+        one SamplingParams for all or one per prompt."""
+        items = prompt_items(prompts)
+        token_prompts = [self.tokenizer.encode(p) if isinstance(p, str) else p for p in items]
+        params = self._within_context(token_prompts, self._params_for(sampling_params, len(token_prompts)))
         outputs = self.engine.generate_all(token_prompts, params)
-        for out, p in zip(outputs, prompts):
-            out.prompt = p if isinstance(p, str) else None
+        for out, p in zip(outputs, items):
+            out.prompt = p if isinstance(p, str) else self.tokenizer.decode(p)
         return outputs
+
+    def _within_context(self, prompts: list[list[int]], params: list[SamplingParams]) -> list[SamplingParams]:
+        """max_tokens cut to the room each prompt leaves in the context, as vLLM's offline LLM stops a sequence
+        at max_model_len ("length"); the server answers a 400 instead, as OpenAI's API does. A prompt that fills
+        the context alone is still refused by the engine."""
+        out = []
+        for prompt, p in zip(prompts, params):
+            room = self.engine.max_model_len - len(prompt)
+            fits = p.max_tokens is None or room < 1 or p.max_tokens <= room
+            out.append(p if fits else dataclasses.replace(p, max_tokens=room, min_tokens=min(p.min_tokens, room),
+                                                          logits_processors=list(p.logits_processors)))
+        return out
+
+    def _params_for(self, sampling_params: SamplingParams | Sequence[SamplingParams] | None,
+                    count: int) -> list[SamplingParams]:
+        """One SamplingParams per prompt: the checkpoint's defaults, one for all, or one each."""
+        from qwenstack.errors import RequestError
+
+        if sampling_params is None:
+            return [self.default_sampling_params] * count
+        if isinstance(sampling_params, SamplingParams):
+            return [sampling_params] * count
+        params = list(sampling_params)
+        if len(params) != count or not all(isinstance(p, SamplingParams) for p in params):
+            raise RequestError("give one SamplingParams for all prompts or exactly one per prompt")
+        return params
 
     def chat(
         self,
         messages: list[dict[str, Any]] | list[list[dict[str, Any]]],
-        sampling_params: SamplingParams | None = None,
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,  # vLLM's; accepted, no progress bar is drawn
         *,
         tools: list[dict[str, Any]] | None = None,
-        enable_thinking: bool = True,
+        enable_thinking: bool | None = None,
+        chat_template: str | None = None,
+        chat_template_kwargs: dict[str, Any] | None = None,
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
         **template_kwargs: Any,
     ) -> list[RequestOutput]:
-        """Messages as the server takes them: content a string or a list of parts, including images
-        ({"type": "image_url", "image_url": {"url": "data:image/png;base64,..." or a local path}}) for a
-        vision-language model. Stop strings act on the answer, not on the think block."""
+        """One conversation or a list of them, messages as the server takes them: content a string or a list of
+        parts, including images ({"type": "image_url", "image_url": {"url": "data:image/png;base64,..." or a
+        local path}}) for a vision-language model. vLLM's keywords: chat_template (a template's source),
+        chat_template_kwargs (e.g. {"enable_thinking": False}; `enable_thinking=` says the same),
+        add_generation_prompt, continue_final_message (go on writing the last assistant message). Stop strings
+        act on the answer, not on the think block."""
         from qwenstack.chat_inputs import ChatModelView, has_media, render_media_chat
+        from qwenstack.chat_template import cut_after_final_message
+        from qwenstack.errors import RequestError
         from qwenstack.serving.chat import thinking_phase
 
+        if isinstance(messages, (str, dict)) or not all(isinstance(c, (list, dict)) for c in messages):
+            raise RequestError("messages must be a conversation (a list of {'role', 'content'} dicts) or a list of "
+                               "conversations")
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        kwargs = {**(chat_template_kwargs or {}), **template_kwargs}
+        if enable_thinking is not None:
+            kwargs["enable_thinking"] = enable_thinking
+        kwargs.setdefault("enable_thinking", True)
+        if chat_template is not None:
+            kwargs["chat_template"] = chat_template
+        add_generation_prompt = add_generation_prompt and not continue_final_message
         prompts, token_prompts, inputs = [], [], []
         view = ChatModelView(self.loaded.name, self.tokenizer, self.loaded.config, self.loaded.path)
         for c in conversations:
-            kwargs = {"enable_thinking": enable_thinking, **template_kwargs}
             if has_media(c):  # type: ignore[arg-type]
-                prompt, ids, mm = render_media_chat(view, c, tools=tools, **kwargs)  # type: ignore[arg-type]
+                if continue_final_message:
+                    raise RequestError("continue_final_message is not supported with images or video")
+                prompt, ids, mm = render_media_chat(view, c, tools=tools,  # type: ignore[arg-type]
+                                                    add_generation_prompt=add_generation_prompt, **kwargs)
             else:
-                prompt = self.tokenizer.apply_chat_template(c, tools=tools, add_generation_prompt=True,  # type: ignore[arg-type]
-                                                            **kwargs)
+                prompt = self.tokenizer.apply_chat_template(c, tools=tools,  # type: ignore[arg-type]
+                                                            add_generation_prompt=add_generation_prompt, **kwargs)
+                if continue_final_message:
+                    last = c[-1] if c else {}  # type: ignore[index]
+                    cut = cut_after_final_message(prompt, last.get("content")) if last.get("role") == "assistant" \
+                        else None
+                    if cut is None:
+                        raise RequestError("continue_final_message needs the last message to be the assistant's, "
+                                           "with text to continue")
+                    prompt = cut
                 ids, mm = self.tokenizer.encode(prompt), None
             prompts.append(prompt)
             token_prompts.append(ids)
             inputs.append(mm)
-        base = sampling_params or self.default_sampling_params
+        bases = self._params_for(sampling_params, len(prompts))
         params = [dataclasses.replace(base, logits_processors=list(base.logits_processors),
-                                      reasoning=thinking_phase(p, enable_thinking).markers()) for p in prompts]
-        outputs = self.engine.generate_all(token_prompts, params, inputs)
+                                      reasoning=thinking_phase(p, kwargs["enable_thinking"],
+                                                               continue_final_message).markers())
+                  for base, p in zip(bases, prompts)]
+        outputs = self.engine.generate_all(token_prompts, self._within_context(token_prompts, params), inputs)
         for out, p in zip(outputs, prompts):
             out.prompt = p
         return outputs
 
-    def embed(self, inputs: str | Sequence[str] | Sequence[list[int]] | list[int], *, dimensions: int | None = None,
-              prompt_name: str | None = None) -> torch.Tensor:
+    def embed(self, inputs: PromptInput | Sequence[PromptInput], use_tqdm: bool = True, *,
+              dimensions: int | None = None, prompt_name: str | None = None) -> torch.Tensor:
         """Embeddings [len(inputs), dimensions or hidden] (float32) of texts or token-id lists, as POST
         /v1/embeddings computes them: the last token's final hidden state (texts encoded with the tokenizer's
         special tokens and the model's end token), the first `dimensions` values, L2-normalized where the model
@@ -119,20 +223,22 @@ class LLM:
         text. Raises RequestError for an empty input, one longer than the context, or an unknown prompt_name."""
         from qwenstack.errors import RequestError
 
-        if isinstance(inputs, str) or (isinstance(inputs, list) and inputs and isinstance(inputs[0], int)):
-            inputs = [inputs]  # type: ignore[list-item]
         prefix = self.pooling.instruction(prompt_name)
         prompts = [self.pooling.with_end_token(self.tokenizer.encode(prefix + p, add_special_tokens=True),
-                                               self.tokenizer) if isinstance(p, str) else list(p) for p in inputs]
-        if dimensions is not None and not 0 < dimensions <= self.loaded.model.args.hidden_size:
-            raise RequestError(f"dimensions must be 1..{self.loaded.model.args.hidden_size}, got {dimensions}")
+                                               self.tokenizer) if isinstance(p, str) else p
+                   for p in prompt_items(inputs)]
+        hidden = self.loaded.model.args.hidden_size
+        if dimensions is not None and not 0 < dimensions <= hidden:
+            raise RequestError(f"dimensions must be 1..{hidden}, got {dimensions}")
+        if not prompts:
+            return torch.empty(0, dimensions or hidden)
         return matryoshka(self.engine.embed(prompts), dimensions, self.pooling.normalize)
 
     @functools.cached_property
     def _longest_token_chars(self) -> int:  # a scan of the whole vocabulary: once, not per score() call
         return longest_token_chars(self.tokenizer)
 
-    def score(self, queries: str | Sequence[str], documents: str | Sequence[str], *,
+    def score(self, queries: str | Sequence[str], documents: str | Sequence[str], use_tqdm: bool = True, *,
               instruction: str | None = None) -> list[ScoringRequestOutput]:
         """Qwen3-Reranker relevance, as POST /score computes it (qwenstack/reranking.py): P(yes) of each
         (query, document) pair, one query against every document or queries and documents one to one (vLLM's

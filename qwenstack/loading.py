@@ -10,17 +10,29 @@ from typing import Any
 import torch
 
 from qwenstack.config import read_config
+from qwenstack.errors import ConfigError
 from qwenstack.models.registry import load_model, parse_dtype
-from qwenstack.resolve import resolve_model
+from qwenstack.resolve import DEMO_MODEL_DIR, resolve_model
 from qwenstack.tokenizer import Tokenizer
 
-DEMO_MODEL_DIR = Path(__file__).parent / "assets" / "demo-model"
 DEMO_NOTICE = ("Using the bundled demo model (a tiny Shakespeare-trained Qwen3, not a useful assistant). "
                "To run a real Qwen3, name one, e.g. `qwenstack serve Qwen/Qwen3-0.6B`.")
 
 
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def check_device(device: str) -> str:
+    """The device, or ConfigError in one sentence for one torch does not know or this machine lacks."""
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise ConfigError(f"unknown device '{device}' (use cpu, or cuda on a machine with an NVIDIA GPU)") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device '{device}' asked for, but torch sees no CUDA GPU here (a CPU build of torch, "
+                          "or no GPU): leave --device out to run on the CPU")
+    return device
 
 
 @dataclass
@@ -38,6 +50,8 @@ def load(model: str | Path | None = None, *, dtype: str | torch.dtype | None = N
          quantization: str | None = None, speculative: bool = False) -> LoadedModel:
     """speculative: also load the multi-token-prediction head (Qwen3-Next's mtp.*) that drafts for
     EngineConfig.speculative_tokens; a checkpoint without one is then an error."""
+    if dtype == "auto":  # vLLM's default: here bfloat16, the dtype Qwen3 checkpoints ship in
+        dtype = None
     if model is None:
         print(DEMO_NOTICE, flush=True)
         model = DEMO_MODEL_DIR
@@ -45,9 +59,10 @@ def load(model: str | Path | None = None, *, dtype: str | torch.dtype | None = N
 
     gguf_file = gguf_source(model)
     if gguf_file is not None:
-        return _load_gguf(model, gguf_file, dtype=dtype, device=device or default_device(), quantization=quantization)
+        return _load_gguf(model, gguf_file, dtype=dtype, device=check_device(device or default_device()),
+                          quantization=quantization)
     path = resolve_model(model)
-    device = device or default_device()
+    device = check_device(device or default_device())
     config = read_config(path)
     torch_dtype = parse_dtype(dtype) if dtype is not None else torch.bfloat16
     prequantized = bool(config.get("quantization_config"))

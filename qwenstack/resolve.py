@@ -25,11 +25,17 @@ def hub_cache_dir() -> str | None:
     return None
 
 
+DEMO_MODEL_DIR = Path(__file__).parent / "assets" / "demo-model"
+DEMO_NAMES = ("qwenstack-demo", "demo-model")  # the bundled demo model, by name
+
+
 def resolve_model(name_or_path: str | os.PathLike, allow_download: bool = True) -> Path:
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         return path
     name = str(name_or_path)
+    if name in DEMO_NAMES:  # what `qwenstack models` lists and the server calls the bundled model
+        return DEMO_MODEL_DIR
     if path.exists() or name.startswith((".", "/", "~")) or name.count("/") != 1:
         raise ModelNotFoundError(f"'{name}' is neither a local model directory nor a Hugging Face model id (org/name)")
     from huggingface_hub import snapshot_download

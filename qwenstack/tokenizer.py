@@ -118,11 +118,14 @@ class Tokenizer:
         *,
         tools: list[dict[str, Any]] | None = None,
         add_generation_prompt: bool = True,
+        chat_template: str | None = None,
         **kwargs: Any,
     ) -> str:
-        if self.chat_template is None:
+        """The conversation rendered by the checkpoint's template, or by `chat_template` (a template's source)."""
+        template = chat_template if chat_template is not None else self.chat_template
+        if template is None:
             raise ConfigError("this checkpoint has no chat template (tokenizer_config.json chat_template)")
         return render_chat(
-            self.chat_template, messages, tools=tools, add_generation_prompt=add_generation_prompt,
+            template, messages, tools=tools, add_generation_prompt=add_generation_prompt,
             special_tokens=self.special_tokens, **kwargs,
         )

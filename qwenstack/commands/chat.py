@@ -191,6 +191,8 @@ def run(args: argparse.Namespace) -> int:
         except ImportError:
             pass
     llm = load_llm(args)
+    if llm.engine.embedding_only:  # said before the prompt opens, not at the first message
+        raise ConfigError(f"{llm.loaded.name} is an embedding model: it computes embeddings, it cannot chat")
     if llm.tokenizer.chat_template is None:
         raise ConfigError(f"{llm.loaded.path} has no chat template; use `qwenstack generate` for plain text")
     session = ChatSession(llm, args, out, live=live, color=color)

@@ -10,8 +10,9 @@ from pathlib import Path
 
 from qwenstack.commands import Command
 from qwenstack.commands._common import human_size
+from qwenstack.resolve import DEMO_NAMES
 
-DEMO_NAME = "qwenstack-demo"
+DEMO_NAME = DEMO_NAMES[0]
 
 
 @dataclass

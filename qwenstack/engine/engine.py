@@ -402,12 +402,18 @@ class LLMEngine:
         """Runs a batch to completion (the offline path). Outputs in input order."""
         ids = [f"batch-{self._next_seq_id}-{i}" for i in range(len(prompts))]
         inputs = multimodal or [None] * len(prompts)
-        for rid, prompt, p, mm in zip(ids, prompts, params, inputs):
-            self.add_request(rid, prompt, p, multimodal=mm)
         final: dict[str, RequestOutput] = {}
-        while self.has_unfinished_requests():
-            for out in self.step():
-                if out.finished:
-                    final[out.request_id] = out
+        try:
+            for rid, prompt, p, mm in zip(ids, prompts, params, inputs):
+                self.add_request(rid, prompt, p, multimodal=mm)
+            while self.has_unfinished_requests():
+                for out in self.step():
+                    if out.finished:
+                        final[out.request_id] = out
+        except BaseException:  # a bad request (or ^C) must not stay in the engine and fail every later call
+            for rid in ids:
+                if rid not in final:
+                    self.abort(rid)
+            raise
         return [final[rid] for rid in ids]
 

@@ -2,6 +2,8 @@
 names the field and the allowed range, never an assert deep in the engine)."""
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
@@ -61,6 +63,9 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
+        for name in ("stop", "stop_token_ids"):
+            if not isinstance(getattr(self, name) or [], (list, tuple)):
+                raise RequestError(f"{name} must be a list, got {getattr(self, name)!r}")
         self.stop = [s for s in (self.stop or []) if s]
         self.stop_token_ids = list(self.stop_token_ids or [])
         if self.top_k == -1:
@@ -71,7 +76,21 @@ class SamplingParams:
         def bad(name: str, rule: str) -> RequestError:
             return RequestError(f"{name} must be {rule}, got {getattr(self, name)!r}")
 
-        if not isinstance(self.n, int) or self.n < 1:
+        # Types first (the offline API takes values as given): a wrong one would fail deep in a step instead.
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+                raise bad(name, "a finite number")
+        for name in ("n", "top_k", "min_tokens", "max_tokens", "seed", "logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if (value is not None or name in ("n", "top_k", "min_tokens")) and (
+                    isinstance(value, bool) or not isinstance(value, numbers.Integral)):
+                raise bad(name, "an integer")
+        if not all(isinstance(s, str) for s in self.stop):
+            raise bad("stop", "a string or a list of strings")
+        if not all(isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in self.stop_token_ids):
+            raise bad("stop_token_ids", "a list of token ids (integers)")
+        if self.n < 1:
             raise bad("n", "an integer >= 1")
         if self.temperature < 0:
             raise bad("temperature", ">= 0")

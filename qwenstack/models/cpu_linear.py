@@ -35,7 +35,6 @@ from torch import nn
 from qwenstack import kernels
 
 log = logging.getLogger("qwenstack.models")
-PACKABLE_DTYPES = (torch.bfloat16, torch.float16)
 # Above this many rows, F.linear's GEMM beats the native kernel here (bfloat16, 0.6B shape: the kernel is
 # 25% faster than prepacked oneDNN at 1 row, equal at 16, slower from 24).
 NATIVE_MAX_ROWS = 16
@@ -163,6 +162,25 @@ def packing_supported() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
+@functools.cache
+def packs(dtype: torch.dtype) -> bool:
+    """Whether oneDNN packs weights of this dtype here: bfloat16 wherever packing exists, float16 only on CPUs
+    with AVX512-FP16 (elsewhere the reorder raises), found by packing a small matrix once."""
+    if dtype not in (torch.bfloat16, torch.float16) or not packing_supported():
+        return False
+    try:
+        pack_weight(torch.zeros(16, 32, dtype=dtype))
+    except RuntimeError:
+        return False
+    return True
+
+
+def prepares(dtype: torch.dtype) -> bool:
+    """Whether a model of this dtype gets a CPU form other than plain F.linear: bfloat16 (the native kernel or
+    packing), float16 where oneDNN packs it; float32 keeps nn.Linear."""
+    return dtype == torch.bfloat16 or packs(dtype)
+
+
 def pack_weight(weight: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
 
@@ -253,7 +271,7 @@ def _expert_passes(model: nn.Module, budget: int = PROBE_BYTES) -> dict[str, Cal
     many as hold `budget` bytes): their grouped SwiGLU on one row and on EXPERT_ROWS rows each; none when the
     model has no (unquantized, 16-bit) stacked experts."""
     stack = next(iter(_expert_stacks(model)), None)
-    if stack is None or stack.gate_up_proj.dtype not in PACKABLE_DTYPES:
+    if stack is None or not prepares(stack.gate_up_proj.dtype):
         return {}
     per_expert = (stack.gate_up_proj[0].numel() + stack.down_proj[0].numel()) * stack.gate_up_proj.element_size()
     n = max(1, min(stack.num_experts, -(-budget // per_expert)))
@@ -367,7 +385,7 @@ def prepare_cpu_linears(model: nn.Module, form: str | None = None) -> int:
     """Puts the model's linears in the fastest CPU form here ("native", "packed" or "plain"; `form` forces
     one); returns how many matrices changed form."""
     params = list(model.parameters())
-    if not params or params[0].device.type != "cpu" or params[0].dtype not in PACKABLE_DTYPES:
+    if not params or params[0].device.type != "cpu" or not prepares(params[0].dtype):
         return 0
     probes = probe_weights(model)
     if not probes:

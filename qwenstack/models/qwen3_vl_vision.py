@@ -40,7 +40,7 @@ from torch import nn
 
 from qwenstack.errors import ConfigError
 from qwenstack.models.attention import window_attention
-from qwenstack.models.cpu_linear import PackedLinear, packing_supported
+from qwenstack.models.cpu_linear import PackedLinear, packs
 
 # transformers hard-codes these; they are not in config.json.
 LAYER_NORM_EPS = 1e-6
@@ -382,9 +382,9 @@ class Qwen3VLVisionModel(nn.Module):
         """The runner's CPU preparation (models/cpu_linear.py): the linears of the blocks and mergers in the
         oneDNN-packed form with the MLPs' GELU fused, whatever `form` the text decoder takes (that choice
         is made on one-row products; the tower multiplies thousands of rows). Returns how many matrices
-        changed; none where oneDNN packing is missing or the weights are not bfloat16/float16 (float32
-        keeps nn.Linear, so the parity checks see the plain path)."""
-        if not packing_supported() or self.patch_embed.proj.weight.dtype not in (torch.bfloat16, torch.float16):
+        changed; none where oneDNN cannot pack the weights' dtype (float32 keeps nn.Linear, so the parity
+        checks see the plain path; float16 packs on CPUs with AVX512-FP16 only)."""
+        if not packs(self.patch_embed.proj.weight.dtype):
             return 0
         count = 0
         for block in self.blocks:

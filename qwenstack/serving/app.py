@@ -12,8 +12,10 @@ Decisions:
 """
 from __future__ import annotations
 
+import errno
 import hmac
 import logging
+import socket
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator, Callable
 
@@ -234,6 +236,20 @@ def create_app(
     return app
 
 
+def listening_socket(host: str, port: int) -> socket.socket:
+    """A socket bound to host:port, or SystemExit with one sentence (a taken port, a host that is not this
+    machine's), before anything starts: uvicorn would exit mid-start with the model loading under it."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+    except OSError as exc:
+        hint = " (another server holds it: choose another with --port)" if exc.errno == errno.EADDRINUSE else ""
+        raise SystemExit(f"qwenstack serve: cannot listen on {host}:{port}: {exc.strerror or exc}{hint}") from None
+    return sock
+
+
 def run_server(config: ServerConfig, models: list[ServedModel] | None = None) -> None:
     """Serves until interrupted. With no model and no remote route, serves the bundled demo model. Exits
     with an error if a model fails to load (rather than answering 503 forever)."""
@@ -250,6 +266,7 @@ def run_server(config: ServerConfig, models: list[ServedModel] | None = None) ->
         if server is not None:
             server.should_exit = True
 
+    sock = listening_socket(config.host, config.port)  # before any model loads: a taken port is one line
     app = create_app(models, config, on_load_error=on_load_error)
     server = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port, log_level=config.log_level,
                                            timeout_graceful_shutdown=5))
@@ -257,6 +274,6 @@ def run_server(config: ServerConfig, models: list[ServedModel] | None = None) ->
     url = f"http://{config.host}:{config.port}"
     log.info("serving the OpenAI-compatible API at %s/v1%s", url,
              " (API key required)" if config.api_key else "")
-    server.run()
+    server.run(sockets=[sock])
     if failure:
         raise SystemExit(f"qwenstack serve: {failure[0]}")

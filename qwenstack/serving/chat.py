@@ -29,7 +29,7 @@ from typing import Any, AsyncIterator, Callable
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from qwenstack.chat_template import ChatTemplateError
+from qwenstack.chat_template import ChatTemplateError, cut_after_final_message
 from qwenstack.engine.outputs import CompletionOutput, RequestOutput
 from qwenstack.engine.params import SamplingParams
 from qwenstack.serving import audio as audio_inputs
@@ -227,13 +227,9 @@ def render_prompt(served: ServedModel, messages: list[ChatMessage], state: Serve
 
 
 def _open_final_message(rendered: str, content: Any, index: int) -> str:
-    """The rendered conversation cut right after the last message's text (vLLM's continue_final_message): the
-    template's end of turn and anything after it go. The template may have stripped the text's ends."""
-    text = content if isinstance(content, str) else ""
-    for candidate in (text, text.strip()):
-        at = rendered.rfind(candidate) if candidate else -1
-        if at >= 0:
-            return rendered[:at + len(candidate)]
+    cut = cut_after_final_message(rendered, content)
+    if cut is not None:
+        return cut
     raise bad_request(f"messages[{index}]: continue_final_message needs the last message to have text to continue",
                       param=f"messages.{index}.content")
 

@@ -319,7 +319,8 @@ class ModelRegistry:
                         self.loading.remove(label)
                     log.info("model '%s' ready (max_model_len=%d)", model.name, model.max_model_len)
                 except BaseException as exc:  # report it on /health and to the runner; never kill the app
-                    log.exception("loading model %s failed", label)
+                    # the traceback only with --debug: the message names the problem (a missing tensor, say)
+                    log.error("loading model %s failed: %s", label, exc, exc_info=log.isEnabledFor(logging.DEBUG))
                     self.failed = f"loading model {label} failed: {exc}"
                     if on_error is not None:
                         on_error(exc)

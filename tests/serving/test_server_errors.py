@@ -335,3 +335,24 @@ def test_run_server_exits_when_a_model_cannot_load(tmp_path: Path) -> None:
                           log_level="warning")
     with pytest.raises(SystemExit, match="missing"):
         run_server(config)
+
+
+def test_run_server_says_in_one_line_when_it_cannot_listen(tmp_path: Path) -> None:
+    """A port another server holds, or a host that is not this machine's: one sentence before any model loads
+    (uvicorn had exited mid-start, once with the model loading under it: SIGABRT)."""
+    import socket
+
+    from qwenstack.serving.app import run_server
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    try:
+        for host, port, reason in (("127.0.0.1", taken.getsockname()[1], "choose another with --port"),
+                                   ("999.1.1.1", 8000, "cannot listen on 999.1.1.1:8000")):
+            config = ServerConfig(host=host, port=port, models=[ModelSpec(model=str(tmp_path / "never-loaded"))],
+                                  enable_ui=False, log_level="warning")
+            with pytest.raises(SystemExit, match=reason):
+                run_server(config)
+    finally:
+        taken.close()
