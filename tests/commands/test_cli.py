@@ -88,6 +88,30 @@ def test_bad_argument_is_one_line_not_a_traceback(capsys: pytest.CaptureFixture[
     assert "'lots' is not a size" in capsys.readouterr().err
 
 
+def test_a_mistyped_flag_shows_the_subcommands_usage(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["generate", "--max-tokns", "5", "hi"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "usage: qwenstack generate" in err and "--max-tokns" in err
+
+
+def test_the_demo_model_answers_to_the_names_it_is_listed_under() -> None:
+    from qwenstack.resolve import DEMO_MODEL_DIR, DEMO_NAMES, resolve_model
+
+    assert DEMO_NAMES == ("qwenstack-demo", "demo-model")  # `qwenstack models` lists the first, the server the second
+    assert all(resolve_model(name) == DEMO_MODEL_DIR for name in DEMO_NAMES)
+
+
+def test_chat_refuses_an_embedding_model_before_its_prompt(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    from embedding_checkpoints import build_embedding_checkpoint
+
+    path = build_embedding_checkpoint(tmp_path / "emb", seed=1)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hello\n"))
+    assert main(["chat", str(path)]) == 1
+    assert "is an embedding model" in capsys.readouterr().err
+
+
 # --- serve ---------------------------------------------------------------------------------------------------
 
 

@@ -101,3 +101,10 @@ def test_constructor_options_that_cannot_hold_are_refused() -> None:
 
     with pytest.raises(ConfigError, match="unknown device 'bogus'"):
         LLM(device="bogus")
+
+
+def test_float16_runs_where_onednn_cannot_pack_it() -> None:
+    """float16 weights on a CPU without AVX512-FP16 (oneDNN's reorder raises there) stay unpacked, as float32's
+    do, instead of failing at load."""
+    fp16 = LLM(dtype="float16")
+    assert fp16.generate("ROMEO:", GREEDY)[0].outputs[0].token_ids

@@ -5,6 +5,7 @@ concurrent streams with one bad request among them all end correctly."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 from pathlib import Path
@@ -327,14 +328,16 @@ def test_failed_load_is_reported(tiny_qwen3: Path) -> None:
         assert failures and r.status_code == 503 and "broken" in r.json()["error"]["message"]
 
 
-def test_run_server_exits_when_a_model_cannot_load(tmp_path: Path) -> None:
+def test_run_server_exits_when_a_model_cannot_load(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     from qwenstack.serving.app import run_server
     from server_utils import free_port
 
     config = ServerConfig(port=free_port(), models=[ModelSpec(model=str(tmp_path / "missing"))], enable_ui=False,
                           log_level="warning")
-    with pytest.raises(SystemExit, match="missing"):
+    with caplog.at_level(logging.INFO, logger="qwenstack.server"), pytest.raises(SystemExit, match="missing"):
         run_server(config)
+    (failed,) = [r for r in caplog.records if "loading model" in r.getMessage()]
+    assert "missing" in failed.getMessage() and not failed.exc_info  # the traceback only with --debug
 
 
 def test_run_server_says_in_one_line_when_it_cannot_listen(tmp_path: Path) -> None:
