@@ -24,11 +24,12 @@ from fastapi.responses import JSONResponse, Response
 from qwenstack.serving import moderation
 from qwenstack.serving.chat import plan_chat
 from qwenstack.serving.errors import APIError, from_exception
-from qwenstack.serving.responses import mcp_tools
-from qwenstack.serving.responses.events import EventLog, new_id
+from qwenstack.serving.responses import conversations, mcp_tools
+from qwenstack.serving.responses.conversations import conversation_items
+from qwenstack.serving.responses.events import EventLog
 from qwenstack.serving.responses.loop import ITEMS, ResponseRun, check_approvals, execute
 from qwenstack.serving.responses.protocol import McpTool, ResponsesRequest
-from qwenstack.serving.responses.store import ResponseStore
+from qwenstack.serving.responses.store import ResponseStore, item_page, stored_items
 from qwenstack.serving.responses.translate import chat_request, function_tools, items_to_messages
 from qwenstack.serving.state import get_state
 from qwenstack.serving.streaming import reply, typed_sse
@@ -58,6 +59,7 @@ def install_responses(app: FastAPI, config: Any) -> ResponsesService:
     svc = ResponsesService(ResponseStore(path), config)
     app.state.qwenstack_responses = svc
     app.include_router(router)
+    app.include_router(conversations.router)
     inner = app.router.lifespan_context
 
     @asynccontextmanager
@@ -82,19 +84,9 @@ def _not_found(response_id: str) -> APIError:
 
 def _input_items(request: ResponsesRequest) -> list[dict[str, Any]]:
     if isinstance(request.input, str):
-        items = [{"type": "message", "role": "user", "content": [{"type": "input_text", "text": request.input}]}]
-    else:
-        items = [item.model_dump(exclude_none=True, by_alias=True) for item in request.input]
-    prefixes = {"message": "msg", "function_call": "fc", "function_call_output": "fco", "reasoning": "rs",
-                "mcp_approval_response": "mcpa", "mcp_call": "mcp", "mcp_list_tools": "mcpl"}
-    for item in items:
-        item.setdefault("type", "message")
-        if item["type"] == "message" and isinstance(item.get("content"), str):  # stored (and listed) as OpenAI does
-            part = "output_text" if item.get("role") == "assistant" else "input_text"
-            item["content"] = [{"type": part, "text": item["content"]}]
-        if not item.get("id"):
-            item["id"] = new_id(prefixes.get(item["type"], "item"))
-    return items
+        return stored_items([{"type": "message", "role": "user",
+                              "content": [{"type": "input_text", "text": request.input}]}])
+    return stored_items([item.model_dump(exclude_none=True, by_alias=True) for item in request.input])
 
 
 def _prepare(request: Request, body: ResponsesRequest) -> ResponseRun:
@@ -106,6 +98,8 @@ def _prepare(request: Request, body: ResponsesRequest) -> ResponseRun:
         if found is None:
             raise _not_found(body.previous_response_id)
         history = found
+    if body.conversation_id is not None:
+        history = conversation_items(svc.store, body.conversation_id)
     inputs = _input_items(body)
     check_approvals(inputs, history)
     config = svc.config
@@ -128,6 +122,9 @@ def _finish(run: ResponseRun, svc: ResponsesService) -> dict[str, Any]:
     body = run.body()
     if run.request.store:
         svc.store.save(body, run.inputs)
+    conversation = run.request.conversation_id
+    if conversation is not None and run.status in ("completed", "incomplete"):  # a failed turn adds nothing
+        svc.store.add_items(conversation, run.inputs + body["output"])
     return body
 
 
@@ -238,14 +235,7 @@ async def list_input_items(request: Request, response_id: str, limit: int = Quer
     items = service(request).store.input_items(response_id)
     if items is None:
         raise _not_found(response_id)
-    if order == "desc":
-        items = items[::-1]
-    if after is not None:
-        ids = [i["id"] for i in items]
-        items = items[ids.index(after) + 1:] if after in ids else []
-    page = items[:limit]
-    return JSONResponse({"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
-                         "last_id": page[-1]["id"] if page else None, "has_more": len(items) > limit})
+    return JSONResponse(item_page(items, limit, order, after))
 
 
 @router.get("/v1/mcp/servers")

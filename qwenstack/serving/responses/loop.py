@@ -90,7 +90,8 @@ class ResponseRun:
         # MCP headers often carry credentials: never echoed or stored (as OpenAI does).
         tools = [t.model_dump(exclude_none=True, by_alias=True, exclude={"headers"}) for t in r.tools or []]
         choice = r.tool_choice
-        fmt = r.text.format.model_dump(exclude_none=True, by_alias=True) if r.text and r.text.format else {"type": "text"}
+        fmt = (r.text.format.model_dump(exclude_none=True, by_alias=True) if r.text and r.text.format
+               else {"type": "text"})
         return {
             "id": self.id, "object": "response", "created_at": self.created_at, "status": self.status,
             "background": r.background, "error": self.error,
@@ -99,6 +100,7 @@ class ResponseRun:
             "max_tool_calls": r.max_tool_calls, "model": self.served.name, "output": list(self.builder.output),
             "parallel_tool_calls": r.parallel_tool_calls is not False,
             "previous_response_id": r.previous_response_id,
+            "conversation": {"id": r.conversation_id} if r.conversation_id else None,
             "reasoning": {"effort": r.reasoning.effort if r.reasoning else None,
                           "summary": r.reasoning.summary if r.reasoning else None},
             "store": r.store, "temperature": r.temperature, "top_p": r.top_p, "text": {"format": fmt},

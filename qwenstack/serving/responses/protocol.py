@@ -246,6 +246,10 @@ class TextConfig(_In):
     verbosity: str | None = None
 
 
+class ConversationRef(_In):
+    id: str
+
+
 class ResponsesRequest(_In):
     model: str
     input: str | list[InputItem] = Field(default_factory=list)
@@ -263,6 +267,7 @@ class ResponsesRequest(_In):
     stream: bool = False
     background: bool = False
     previous_response_id: str | None = None
+    conversation: str | ConversationRef | None = None  # the Conversations API's (conversations.py)
     metadata: dict[str, str] | None = None
     user: str | None = None
     seed: int | None = None  # a qwenstack extra: reproducible sampling
@@ -271,4 +276,11 @@ class ResponsesRequest(_In):
     def _background_is_stored(self) -> "ResponsesRequest":
         if self.background and not self.store:
             raise ValueError("background responses must be stored (store=true)")
+        if self.conversation is not None and self.previous_response_id is not None:
+            raise ValueError("conversation and previous_response_id cannot both be set: a response continues one "
+                             "or the other")
         return self
+
+    @property
+    def conversation_id(self) -> str | None:
+        return self.conversation.id if isinstance(self.conversation, ConversationRef) else self.conversation
