@@ -94,15 +94,18 @@ class ChatSession:
         from qwenstack.serving.parsers import ChatOutputParser
 
         tokenizer, engine = self.llm.tokenizer, self.llm.engine
-        messages = self.messages + [{"role": "user", "content": user_text}]
-        prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True,
-                                               enable_thinking=self.enable_thinking)
         seed = None if self.args.seed is None else self.args.seed + self.turns
         params = sampling_params(self.args, self.llm.loaded.path, thinking=self.enable_thinking, seed=seed)
+        messages, prompt, ids, dropped = self._fitting(user_text, params.max_tokens)
+        if dropped:
+            self.say(f"(the {dropped} oldest messages no longer fit the context: dropped, as Ollama does)")
+        room = getattr(engine, "max_model_len", None)
+        if room is not None and params.max_tokens is not None and 0 < room - len(ids) < params.max_tokens:
+            params.max_tokens = room - len(ids)  # the reply stops at the context's end ("length")
         request_id = f"chat-{self.turns}"
         self.turns += 1
         try:
-            engine.add_request(request_id, tokenizer.encode(prompt), params)
+            engine.add_request(request_id, ids, params)
         except RequestError as exc:
             self.say(f"error: {exc}. /clear starts a new conversation.")
             return
@@ -130,6 +133,26 @@ class ChatSession:
         if view.reasoning:
             assistant["reasoning_content"] = view.reasoning
         self.messages = messages + [assistant]
+
+    def _fitting(self, user_text: str, max_tokens: int | None) -> tuple[list[dict[str, Any]], str, list[int], int]:
+        """(messages, prompt, its ids, how many old messages were dropped): the conversation with the new message,
+        its oldest turns dropped (system messages kept) until the prompt leaves room for the reply, max_tokens or a
+        quarter of the context. The new message alone may still not fit: the engine says so."""
+        tokenizer = self.llm.tokenizer
+        limit = getattr(self.llm.engine, "max_model_len", None)
+        wanted = max_tokens if max_tokens is not None else (limit or 0) // 4
+        system = [m for m in self.messages if m["role"] == "system"]
+        turns = [m for m in self.messages if m["role"] != "system"]
+        dropped = 0
+        while True:
+            messages = system + turns + [{"role": "user", "content": user_text}]
+            prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                                   enable_thinking=self.enable_thinking)
+            ids = tokenizer.encode(prompt)
+            if limit is None or not turns or len(ids) + min(wanted, limit // 2) <= limit:
+                return messages, prompt, ids, dropped
+            cut = next((i for i in range(1, len(turns)) if turns[i]["role"] == "user"), len(turns))  # a whole turn
+            turns, dropped = turns[cut:], dropped + cut
 
     @staticmethod
     def _show(view: Any, delta: Any) -> None:

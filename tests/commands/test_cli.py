@@ -283,6 +283,19 @@ def test_chat_through_a_pipe(tiny_qwen3: Path) -> None:
     assert "\x1b[" not in out  # no terminal escapes into a pipe
 
 
+def test_chat_drops_the_oldest_turns_that_no_longer_fit() -> None:
+    """A conversation past the context loses its oldest turns, as Ollama's does, instead of an error per message."""
+    script = "".join(f"Tell me, good friend, the {n} thing you saw in fair Verona today.\n"
+                     for n in ("first", "second", "third", "fourth", "fifth"))
+    env = {**os.environ, "PYTHONPATH": str(REPO), "NO_COLOR": "1"}
+    proc = subprocess.run([sys.executable, "-m", "qwenstack.cli", "chat", "--max-model-len", "128", "--max-tokens",
+                           "40", "--seed", "0"], input=script, capture_output=True, text=True, timeout=120, env=env,
+                          cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    assert "oldest messages no longer fit the context" in proc.stdout and "error:" not in proc.stdout
+    assert proc.stdout.count(">>> ") == 5
+
+
 class FakeEngine:
     """Streams a scripted reply, a few characters per step, and records the prompts it was given."""
 
