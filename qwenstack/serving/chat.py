@@ -304,6 +304,32 @@ def plan_chat(served: ServedModel, request: ChatCompletionRequest, state: Server
                     phase, tools_enabled, tool_dicts, image_refs=image_refs, audio_refs=audio_refs)
 
 
+def fewest_dropped(attempt: Callable[[int], ChatPlan], most: int) -> ChatPlan:
+    """The plan of attempt(k) for the smallest k in 0..most (messages or turns dropped, oldest first) whose prompt
+    fits the context: a binary search, each try rendered and counted. When none fits, the 400 of the try with
+    everything droppable dropped (most 0: the whole conversation's 400)."""
+    def tried(count: int) -> ChatPlan | APIError:
+        try:
+            return attempt(count)
+        except APIError as exc:
+            if exc.code != "context_length_exceeded":
+                raise
+            return exc
+
+    best = tried(0)
+    low, high = 1, most if isinstance(best, APIError) else 0
+    while low <= high:  # the fewest dropped that fit lie in [low, high]
+        middle = (low + high) // 2
+        plan = tried(middle)
+        if isinstance(plan, APIError):
+            low = middle + 1
+        else:
+            best, high = plan, middle - 1
+    if isinstance(best, APIError):
+        raise best
+    return best
+
+
 def cap_max_tokens(plan: ChatPlan) -> None:
     """max_tokens cut to the room the prompt leaves in the context, for APIs whose clients ask for more than fits
     and expect the turn to stop at the context's end (Anthropic's, Ollama's); chat's own answers a 400, as OpenAI's

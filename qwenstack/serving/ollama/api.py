@@ -57,7 +57,7 @@ from fastapi.responses import JSONResponse, Response
 from qwenstack import __version__
 from qwenstack.engine.outputs import RequestOutput
 from qwenstack.serving.chat import (
-    ChatPlan, answer_turn, attach_media, cap_max_tokens, plan_chat, turn_deltas,
+    ChatPlan, answer_turn, attach_media, cap_max_tokens, fewest_dropped, plan_chat, turn_deltas,
 )
 from qwenstack.serving.constraints import ThinkingPhase, build_processors
 from qwenstack.serving.embeddings import EmbeddingRequest, embed
@@ -281,35 +281,13 @@ def plan_in_context(served: ServedModel, body: OllamaChatRequest, state: ServerS
     Blocking: run it in a thread."""
     droppable = [i for i, m in enumerate(body.messages[:-1]) if m.role != "system"]
 
-    def dropping(count: int) -> ChatPlan | APIError:
-        """The plan without the `count` oldest droppable messages, or the 400 saying it does not fit."""
+    def dropping(count: int) -> ChatPlan:
+        """The plan without the `count` oldest droppable messages (a 400 when it does not fit)."""
         gone = set(droppable[:count])
         kept = [m for i, m in enumerate(body.messages) if i not in gone]
-        try:
-            return plan_chat(served, translate.chat_request(body.model_copy(update={"messages": kept})), state)
-        except APIError as exc:
-            if exc.code != "context_length_exceeded":
-                raise
-            return exc
+        return plan_chat(served, translate.chat_request(body.model_copy(update={"messages": kept})), state)
 
-    whole = dropping(0)
-    if isinstance(whole, ChatPlan) or not body.truncate:
-        return _plan_or_raise(whole)
-    best, low, high = whole, 1, len(droppable)  # the fewest dropped messages that fit lie in [low, high]
-    while low <= high:
-        middle = (low + high) // 2
-        plan = dropping(middle)
-        if isinstance(plan, APIError):
-            low = middle + 1
-        else:
-            best, high = plan, middle - 1
-    return _plan_or_raise(best)
-
-
-def _plan_or_raise(plan: ChatPlan | APIError) -> ChatPlan:
-    if isinstance(plan, APIError):
-        raise plan
-    return plan
+    return fewest_dropped(dropping, len(droppable) if body.truncate else 0)
 
 
 def ndjson_responses(model: type[Any]) -> dict[int | str, dict[str, Any]]:

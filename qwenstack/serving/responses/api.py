@@ -22,15 +22,15 @@ from fastapi import APIRouter, FastAPI, Query, Request
 from fastapi.responses import JSONResponse, Response
 
 from qwenstack.serving import moderation
-from qwenstack.serving.chat import plan_chat
+from qwenstack.serving.chat import attach_media
 from qwenstack.serving.errors import APIError, from_exception
 from qwenstack.serving.responses import conversations, mcp_tools
 from qwenstack.serving.responses.conversations import conversation_items
 from qwenstack.serving.responses.events import EventLog
-from qwenstack.serving.responses.loop import ITEMS, ResponseRun, check_approvals, execute
+from qwenstack.serving.responses.loop import ITEMS, ResponseRun, check_approvals, execute, plan_turn
 from qwenstack.serving.responses.protocol import McpTool, ResponsesRequest
 from qwenstack.serving.responses.store import ResponseStore, item_page, stored_items
-from qwenstack.serving.responses.translate import chat_request, function_tools, items_to_messages
+from qwenstack.serving.responses.translate import function_tools, items_to_messages
 from qwenstack.serving.state import get_state
 from qwenstack.serving.streaming import reply, typed_sse
 
@@ -45,6 +45,7 @@ class ResponsesService:
         self.store = store
         self.config = config
         self.running: dict[str, tuple[ResponseRun, asyncio.Task[None]]] = {}
+        self.streaming: dict[str, ResponseRun] = {}  # streamed responses still being written (retrievable)
 
 
 def service(request: Request) -> ResponsesService:
@@ -94,6 +95,9 @@ def _prepare(request: Request, body: ResponsesRequest) -> ResponseRun:
     served = state.registry.get(body.model)
     history: list[dict[str, Any]] = []
     if body.previous_response_id is not None:
+        if body.previous_response_id in svc.running:
+            raise APIError(400, f"the previous response '{body.previous_response_id}' is still in progress: wait "
+                                "for it to end", param="previous_response_id")
         found = svc.store.conversation(body.previous_response_id)
         if found is None:
             raise _not_found(body.previous_response_id)
@@ -102,6 +106,7 @@ def _prepare(request: Request, body: ResponsesRequest) -> ResponseRun:
         history = conversation_items(svc.store, body.conversation_id)
     inputs = _input_items(body)
     check_approvals(inputs, history)
+    _check_call_outputs(inputs, history)
     config = svc.config
     targets = [mcp_tools.resolve(t, config.mcp_servers, config.mcp_allow_stdio, i)
                for i, t in enumerate(body.tools or []) if isinstance(t, McpTool)]
@@ -114,8 +119,22 @@ def _prepare(request: Request, body: ResponsesRequest) -> ResponseRun:
     # are listed later: with them, a forced tool_choice is checked then).
     messages = items_to_messages(ITEMS.validate_python(history + inputs), body.instructions)
     check = body.model_copy(update={"tool_choice": None}) if targets else body
-    plan_chat(served, chat_request(check, messages, function_tools(body), body.max_output_tokens), state)
+    try:
+        plan_turn(served, check, messages, function_tools(body), body.max_output_tokens, state)
+    except APIError as exc:  # the chat layer names its messages; here they are the input items
+        if exc.param and exc.param.startswith("messages"):
+            exc.param = "input"
+        raise
     return run
+
+
+def _check_call_outputs(inputs: list[dict[str, Any]], history: list[dict[str, Any]]) -> None:
+    """Every function_call_output answers a function_call of the conversation (OpenAI's 400 otherwise)."""
+    calls = {i.get("call_id") for i in history + inputs if i.get("type") == "function_call"}
+    for item in inputs:
+        if item.get("type") == "function_call_output" and item.get("call_id") not in calls:
+            raise APIError(400, f"no tool call found for function call output with call_id '{item.get('call_id')}'",
+                           param="input")
 
 
 def _finish(run: ResponseRun, svc: ResponsesService) -> dict[str, Any]:
@@ -137,16 +156,28 @@ def _fail(run: ResponseRun, exc: BaseException) -> dict[str, Any]:
 
 
 async def _stream(run: ResponseRun, svc: ResponsesService) -> AsyncIterator[str]:
+    """The events of a streamed response; while it runs its id answers GET as in_progress, and a client that
+    leaves mid-way leaves it stored as cancelled (with the output so far) rather than unknown."""
     log_ = EventLog()
+    svc.streaming[run.id] = run
+    ended = False
     try:
         async for event in execute(run):
             yield typed_sse(log_.number(event))
     except Exception as exc:  # after the 200: tell the client in-band
+        ended = True
         yield typed_sse(log_.number(_fail(run, exc)))
         yield typed_sse(log_.number({"type": "response.failed", "response": _finish(run, svc)}))
         return
-    kind = "response.completed" if run.status == "completed" else "response.incomplete"
-    yield typed_sse(log_.number({"type": kind, "response": _finish(run, svc)}))
+    else:
+        ended = True
+        kind = "response.completed" if run.status == "completed" else "response.incomplete"
+        yield typed_sse(log_.number({"type": kind, "response": _finish(run, svc)}))
+    finally:
+        svc.streaming.pop(run.id, None)
+        if not ended:  # the client went away (the generator was closed): what was written stays retrievable
+            run.status = "cancelled"
+            _finish(run, svc)
 
 
 async def _drain(run: ResponseRun, svc: ResponsesService) -> dict[str, Any]:
@@ -192,14 +223,32 @@ def _stored(svc: ResponsesService, response_id: str) -> dict[str, Any]:
     running = svc.running.get(response_id)
     if running is not None:
         return running[0].body()
+    if response_id in svc.streaming:
+        return svc.streaming[response_id].body()
     body = svc.store.get(response_id)
     if body is None:
         raise _not_found(response_id)
     return body
 
 
+@router.post("/v1/responses/input_tokens")
+async def count_input_tokens(request: Request, body: ResponsesRequest) -> JSONResponse:
+    """What a response with this body would read, in tokens (OpenAI's input token count): its first turn's
+    prompt, the conversation and instructions included, as the engine would be given it."""
+    run = _prepare(request, body)
+    messages = items_to_messages(ITEMS.validate_python(run.history + run.inputs), body.instructions)
+    state = get_state(request)
+    plan = plan_turn(run.served, body.model_copy(update={"tool_choice": None}), messages, function_tools(body),
+                     None, state)
+    await attach_media(plan, state)  # images and audio count as the tokens they expand to
+    return JSONResponse({"object": "response.input_tokens", "input_tokens": len(plan.prompt_ids)})
+
+
 @router.get("/v1/responses/{response_id}")
-async def retrieve_response(request: Request, response_id: str) -> JSONResponse:
+async def retrieve_response(request: Request, response_id: str, stream: bool = False) -> JSONResponse:
+    if stream:  # the events are not kept: a replay cannot be given, and an empty one would look like success
+        raise APIError(400, "streaming a stored response again is not supported here: retrieve it without stream",
+                       param="stream")
     return JSONResponse(_stored(service(request), response_id))
 
 

@@ -37,7 +37,9 @@ from pydantic import TypeAdapter
 
 from qwenstack.guard.rails import CONTENT_FILTER
 from qwenstack.serving import moderation
-from qwenstack.serving.chat import attach_media, plan_chat, reasoning_token_count, turn_deltas
+from qwenstack.serving.chat import (
+    ChatPlan, attach_media, cap_max_tokens, fewest_dropped, plan_chat, reasoning_token_count, turn_deltas,
+)
 from qwenstack.serving.errors import APIError
 from qwenstack.serving.responses import mcp_tools
 from qwenstack.serving.responses.events import Event, OutputBuilder, new_id
@@ -84,6 +86,7 @@ class ResponseRun:
     incomplete_reason: str | None = None
     rails: Any = None  # the guard's Guardrails (moderation.guardrails_of, taken with the request); None: unguarded
     tool_calls_made: int = 0
+    completed_at: int | None = None  # when it ended completed or incomplete
 
     def body(self) -> dict[str, Any]:
         r = self.request
@@ -105,8 +108,9 @@ class ResponseRun:
                           "summary": r.reasoning.summary if r.reasoning else None},
             "store": r.store, "temperature": r.temperature, "top_p": r.top_p, "text": {"format": fmt},
             "tool_choice": "auto" if choice is None else choice if isinstance(choice, str) else choice.model_dump(),
-            "tools": tools, "truncation": "disabled",
-            "usage": self.usage.as_dict() if self.status != "queued" else None,
+            "tools": tools, "truncation": r.truncation,
+            "usage": self.usage.as_dict() if self.status not in ("queued", "in_progress") else None,
+            "completed_at": self.completed_at,
             "user": r.user, "metadata": r.metadata or {},
         }
 
@@ -229,6 +233,25 @@ async def execute(run: ResponseRun) -> AsyncIterator[Event]:
             break
         steps += 1
     run.status = "incomplete" if run.incomplete_reason else "completed"
+    run.completed_at = int(time.time())
+
+
+def plan_turn(served: ServedModel, request: ResponsesRequest, messages: list[dict[str, Any]],
+              tools: list[dict[str, Any]], max_tokens: int | None, state: ServerState) -> ChatPlan:
+    """A model turn's chat plan. With truncation "auto" the oldest whole turns (from a user message to the next)
+    are dropped until the prompt fits, the instructions and the last turn kept; max_tokens (what is left of
+    max_output_tokens, a budget) is cut to the room the prompt leaves, so the turn ends "incomplete" at the
+    context's end instead of failing."""
+    head = 1 if messages and messages[0]["role"] == "system" else 0
+    starts = [i for i in range(head, len(messages)) if messages[i]["role"] == "user"]
+
+    def dropping(count: int) -> ChatPlan:
+        kept = messages[:head] + messages[starts[count] if count else head:]
+        return plan_chat(served, chat_request(request, kept, tools, max_tokens), state)
+
+    plan = fewest_dropped(dropping, max(len(starts) - 1, 0) if request.truncation == "auto" else 0)
+    cap_max_tokens(plan)
+    return plan
 
 
 def _limit_text(run: ResponseRun, by_calls: bool) -> str:
@@ -265,7 +288,7 @@ async def _model_turn(run: ResponseRun, tools: list[dict[str, Any]], calls: list
     request = run.request
     if not tools or (not first and request.tool_choice not in (None, "none", "auto")):
         request = request.model_copy(update={"tool_choice": None})  # the forced call was the first turn's
-    plan = plan_chat(served, chat_request(request, messages, tools, remaining), state)
+    plan = plan_turn(served, request, messages, tools, remaining, state)
     plan.params.n = 1
     await attach_media(plan, state)
     stream = await moderation.guarded_turn(  # a blocked prompt never reaches the engine: the refusal instead

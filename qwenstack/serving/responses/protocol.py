@@ -268,6 +268,7 @@ class ResponsesRequest(_In):
     background: bool = False
     previous_response_id: str | None = None
     conversation: str | ConversationRef | None = None  # the Conversations API's (conversations.py)
+    truncation: Literal["auto", "disabled"] = "disabled"  # auto: the oldest turns dropped to fit the context
     metadata: dict[str, str] | None = None
     user: str | None = None
     seed: int | None = None  # a qwenstack extra: reproducible sampling
