@@ -66,7 +66,7 @@ def validation_error(errors: list[Any]) -> APIError:
     loc = [p for p in loc if not any(c in p for c in "[]-") and p not in scalar_tags]
     param = ".".join(loc) or None
     message = first.get("msg", "invalid request")
-    if param:
+    if param and not message.startswith(param):  # a validator's own message may already name it (input[0]...)
         message = f"{param}: {message}"
     if len(errors) > 1:
         message += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"

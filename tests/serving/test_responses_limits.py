@@ -114,3 +114,16 @@ def test_what_openai_refuses(client: openai.OpenAI) -> None:
     with pytest.raises(openai.BadRequestError) as info:  # no events are kept to replay: said, not an empty stream
         list(client.responses.retrieve(done.id, stream=True))
     assert info.value.body["param"] == "stream"
+
+
+@pytest.mark.parametrize("items, message", [
+    ([{"type": "item_reference", "id": "msg_1"}], "input[0]: type 'item_reference' is not supported here"),
+    ([{"role": "user", "content": [{"type": "input_file", "file_id": "file_1"}]}],
+     "input[0].content[0]: type 'input_file' is not supported here"),
+    ([{"type": "function_call", "call_id": "c1", "arguments": "{}"}], "input[0].name: Field required"),
+])
+def test_an_unusable_input_item_is_named(client: openai.OpenAI, items: list, message: str) -> None:
+    """The 400 names the item and what is wrong with it, not that the input is no string."""
+    with pytest.raises(openai.BadRequestError) as info:
+        client.responses.create(model="roomy", input=items)
+    assert info.value.body["param"] == "input" and info.value.body["message"].startswith(message)

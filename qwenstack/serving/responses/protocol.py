@@ -11,7 +11,11 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
+from pydantic import (
+    BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, ValidatorFunctionWrapHandler, field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
 from qwenstack.serving.protocol import ReasoningEffort, null_means_default, nullable_in_schema
 
@@ -281,6 +285,31 @@ class ResponsesRequest(_In):
             raise ValueError("conversation and previous_response_id cannot both be set: a response continues one "
                              "or the other")
         return self
+
+    @field_validator("input", mode="wrap")
+    @classmethod
+    def _name_the_item(cls, value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+        """A list input's first problem, naming its item (not the text form's complaint that it is no string)."""
+        try:
+            return handler(value)
+        except ValidationError as exc:
+            if not isinstance(value, list):
+                raise
+            problems = [e for e in exc.errors() if len(e["loc"]) > 1 and isinstance(e["loc"][1], int)]
+            if not problems:
+                raise
+            # A field that also takes a string (a message's content) reports that branch first: skip it.
+            first = next((e for e in problems if "str" not in e["loc"]), problems[0])
+            loc = first["loc"][1:]  # after the list branch's name: indices, union tags (after an index), fields
+            where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for n, p in enumerate(loc)
+                            if isinstance(p, int) or not isinstance(loc[n - 1], int) and "[" not in p and p != "str")
+            if first["type"] == "union_tag_invalid":
+                message = (f"type '{first['ctx'].get('tag')}' is not supported here (supported: "
+                           f"{first['ctx'].get('expected_tags')})")
+            else:
+                message = first["msg"]
+            raise PydanticCustomError("invalid_input_item", "input{where}: {message}",
+                                      {"where": where, "message": message}) from None
 
     @property
     def conversation_id(self) -> str | None:
