@@ -7,6 +7,9 @@ Decisions:
   1.0 for a named category and 0.0 otherwise; a Stream guard's score is its probability.
 - A string (or a list of strings) is moderated as a user prompt; a conversation (`messages`, or `input` as
   a list of chat messages) is judged in the direction of its last turn (assistant: response moderation).
+- `model` may be left out, name the guard (its name or its directory's), or be one of OpenAI's moderation
+  models (omni-moderation-latest, ...: clients send those by default); any other name is a 404 naming the guard.
+- `category_applied_input_types` says, per category, which input kinds it was flagged for: ["text"] or [].
 """
 from __future__ import annotations
 
@@ -39,11 +42,22 @@ class ModerationRequest(BaseModel):
     model: str | None = None
 
 
-def _conversation_direction(messages: list[dict[str, Any]]) -> Direction:
+def _conversation_direction(messages: list[dict[str, Any]], param: str) -> Direction:
+    for i, m in enumerate(messages):
+        if not isinstance(m.get("content"), str):
+            raise bad_request(f"{param}[{i}]: a message to moderate needs its content as text", param=param)
     roles = [m.get("role") for m in messages if m.get("role") in ("user", "assistant")]
     if not roles:
-        raise bad_request("a conversation to moderate needs a user or assistant message", param="messages")
+        raise bad_request("a conversation to moderate needs a user or assistant message", param=param)
     return Direction.ANSWER if roles[-1] == "assistant" else Direction.PROMPT
+
+
+def check_model(model: str | None, guard: str) -> None:
+    """404 for a model that is neither the guard nor one of OpenAI's moderation models (see the notes)."""
+    if model is None or model in (guard, guard.rstrip("/").rsplit("/", 1)[-1]) or "moderation" in model:
+        return
+    raise APIError(404, f"the model '{model}' does not moderate here: this server's moderation model is '{guard}'",
+                   param="model", code="model_not_found")
 
 
 def moderation_items(body: ModerationRequest) -> list[tuple[list[dict[str, Any]], Direction]]:
@@ -51,7 +65,7 @@ def moderation_items(body: ModerationRequest) -> list[tuple[list[dict[str, Any]]
     if body.messages is not None:
         if not all(isinstance(m, dict) for m in body.messages):
             raise bad_request("messages must be a list of chat messages", param="messages")
-        return [(body.messages, _conversation_direction(body.messages))]
+        return [(body.messages, _conversation_direction(body.messages, "messages"))]
     value = body.input
     if value is None:
         raise bad_request("give `input` (a string or a list of strings) or `messages`", param="input")
@@ -64,11 +78,13 @@ def moderation_items(body: ModerationRequest) -> list[tuple[list[dict[str, Any]]
             raise bad_request(f"at most {MAX_INPUTS} inputs per request, got {len(value)}", param="input")
         return [([{"role": "user", "content": v}], Direction.PROMPT) for v in value]
     if all(isinstance(v, dict) and "role" in v for v in value):  # a chat conversation
-        return [(value, _conversation_direction(value))]
+        return [(value, _conversation_direction(value, "input"))]
     if all(isinstance(v, dict) and "type" in v for v in value):  # OpenAI's multimodal input: one input
         if any(v.get("type") != "text" for v in value):
             raise bad_request("only text inputs can be moderated here", param="input", code="unsupported_content")
-        text = "\n".join(str(v.get("text", "")) for v in value)
+        if not all(isinstance(v.get("text"), str) for v in value):
+            raise bad_request("a text input part needs its text as a string", param="input")
+        text = "\n".join(v["text"] for v in value)
         return [([{"role": "user", "content": text}], Direction.PROMPT)]
     raise bad_request("input must be a string, a list of strings, a list of {type: text} parts or a list of chat "
                       "messages", param="input")
@@ -83,6 +99,7 @@ def moderation_result(decision: Decision) -> dict[str, Any]:
         "flagged": decision.flagged,
         "categories": {c: c in named for c in names},
         "category_scores": {c: (score if c in named else 0.0) for c in names},
+        "category_applied_input_types": {c: ["text"] if c in named else [] for c in names},
         "safety": verdict.safety.value,
         "category_names": list(verdict.categories),
         "refusal": None if verdict.refusal is None else verdict.refusal.value,
@@ -99,6 +116,7 @@ async def create_moderation(request: Request) -> dict[str, Any]:
         raise APIError(404, "this server has no guard model (start it with --guard GUARD_MODEL)",
                        code="guard_not_configured")
     body = parse(ModerationRequest, await read_json(request))
+    check_model(body.model, rails.name)
     items = moderation_items(body)
     start = time.monotonic()
     decisions = await asyncio.gather(*(rails.check(messages, direction) for messages, direction in items))

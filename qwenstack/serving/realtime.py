@@ -25,6 +25,7 @@ import base64
 import binascii
 import hmac
 import json
+import logging
 import uuid
 from typing import Any
 
@@ -38,6 +39,7 @@ from qwenstack.serving.errors import APIError
 from qwenstack.serving.state import ServerState
 
 router = APIRouter()
+log = logging.getLogger("qwenstack.server")
 
 DEFAULT_RATE = 24000
 RATES = (8000, 16000, 24000, 44100, 48000)
@@ -141,10 +143,12 @@ class Session:
             raise SessionError("invalid_value", f"audio rate must be a number, got {fmt.get('rate')!r}") from None
         if rate not in RATES:
             raise SessionError("invalid_value", f"audio rate {rate} is not supported ({', '.join(map(str, RATES))})")
-        if isinstance(fmt, dict) and fmt.get("type", "audio/pcm") != "audio/pcm":
+        if isinstance(fmt, dict) and fmt.get("type", "audio/pcm") != "audio/pcm" or \
+                session.get("input_audio_format") not in (None, "pcm16"):  # the beta's spelling of the format
             raise SessionError("invalid_value", "only audio/pcm (PCM16 mono) input is supported")
         if transcription.get("model"):
-            self.served = _audio_model(self.state, transcription["model"])
+            self.served = _audio_model(self.state, _text(transcription["model"], "transcription.model"))
+        _no_turn_detection(session, audio_in)
         try:
             language = language_name(_text(transcription.get("language"), "language")) \
                 if "language" in transcription else self.settings.language
@@ -165,7 +169,14 @@ class Session:
                          "previous_item_id": self.previous_item})
         request = self.live.next_request(final=True)
         assert request is not None
-        await self.run_decode(request)
+        try:
+            await self.run_decode(request)
+        except Exception as exc:  # too long for the model, a failed decode: said in-band, the buffer dropped
+            await self.error("transcription_failed", f"{type(exc).__name__}: {exc}")
+            self.previous_item, self.item_id = item, _item_id()
+            self.live.reset()
+            self.sent = ""
+            return
         committed, _ = self.live.texts()
         await self.send({"type": "conversation.item.input_audio_transcription.completed", "item_id": item,
                          "content_index": 0, "transcript": committed})
@@ -225,6 +236,14 @@ def _text(value: Any, name: str) -> str | None:
     return value
 
 
+def _no_turn_detection(session: dict[str, Any], audio_in: dict[str, Any]) -> None:
+    """Turns end when the client commits: a server VAD asked for would be waited on forever, so it is refused."""
+    for where in (audio_in.get("turn_detection"), session.get("turn_detection")):
+        if where is not None:
+            raise SessionError("invalid_value", "turn_detection is not supported here: set it to null and commit "
+                                                "each turn with input_audio_buffer.commit")
+
+
 def _item_id() -> str:
     return f"item_{uuid.uuid4().hex[:20]}"
 
@@ -239,7 +258,11 @@ async def websocket_authorized(ws: WebSocket, key: str | None) -> bool:
             if protocol.startswith("openai-insecure-api-key."):
                 given = f"Bearer {protocol[len('openai-insecure-api-key.'):]}".encode()
         if not hmac.compare_digest(given, f"Bearer {key}".encode()):
-            await ws.close(code=1008, reason="invalid or missing API key")
+            if "websocket.http.response" in ws.scope.get("extensions", {}):  # a 401 to the handshake, as OpenAI's
+                await ws.send_denial_response(APIError(401, "invalid or missing API key", code="invalid_api_key")
+                                              .response())
+            else:  # a server without the denial extension: refused at the handshake (uvicorn says 403)
+                await ws.close(code=1008, reason="invalid or missing API key")
             return False
     return True
 
@@ -282,6 +305,9 @@ async def realtime(ws: WebSocket) -> None:
                 await session.handle(event)
             except SessionError as exc:
                 await session.error(exc.code, str(exc), event.get("event_id"))
+            except Exception as exc:  # our bug, not the client's: said in-band, and the session goes on
+                log.exception("realtime event %r failed", event.get("type"))
+                await session.error("server_error", f"{type(exc).__name__}: {exc}", event.get("event_id"))
     except WebSocketDisconnect:
         pass
     finally:

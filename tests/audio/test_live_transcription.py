@@ -180,7 +180,11 @@ def test_websocket_malformed_session_update_and_binary_frames(server: Background
            {"type": "session.update", "session": {"audio": {"input": {"transcription": "x"}}}},
            {"type": "session.update", "session": {"audio": {"input": {"format": {"rate": "abc"}}}}},
            {"type": "session.update", "session": {"audio": {"input": {"format": {"rate": [16000]}}}}},
-           {"type": "session.update", "session": {"audio": {"input": {"transcription": {"language": 5}}}}}]
+           {"type": "session.update", "session": {"audio": {"input": {"transcription": {"language": 5}}}}},
+           # a model given as a list had crashed the socket; a VAD and the beta's mu-law were silently ignored
+           {"type": "session.update", "session": {"audio": {"input": {"transcription": {"model": ["asr"]}}}}},
+           {"type": "session.update", "session": {"audio": {"input": {"turn_detection": {"type": "server_vad"}}}}},
+           {"type": "session.update", "session": {"input_audio_format": "g711_ulaw"}}]
 
     async def run() -> list[dict]:
         out = []
@@ -203,3 +207,50 @@ def test_websocket_malformed_session_update_and_binary_frames(server: Background
     assert [e["type"] for e in errors] == ["error"] * (len(bad) + 1)
     assert {e["error"]["code"] for e in errors} <= {"invalid_value", "invalid_json"}
     assert events[-1]["transcript"] == TRANSCRIPT
+
+
+def test_a_commit_too_long_for_the_model_is_an_error_event(scripted: Path) -> None:
+    """A committed buffer whose prompt the model's context cannot hold: an error event, and the session goes on
+    (it had left the socket without a close frame)."""
+    served = build_served_model("asr", load_model(scripted, dtype=torch.float32), Tokenizer.from_dir(scripted),
+                                EngineConfig(block_size=8, kv_cache_memory=2**24, max_model_len=48),
+                                hf_config=json.loads((scripted / "config.json").read_text()), model_dir=scripted)
+
+    async def run(url: str) -> list[dict]:
+        out = []
+        async with websockets.connect(url.replace("http", "ws") + "/v1/realtime?intent=transcription") as ws:
+            out.append(json.loads(await ws.recv()))
+            await ws.send(json.dumps({"type": "input_audio_buffer.append",
+                                      "audio": base64.b64encode(b"\0\1" * 24000 * 4).decode()}))
+            await ws.send(json.dumps({"type": "input_audio_buffer.commit"}))
+            while not (out[-1]["type"] == "error" and out[-1]["error"]["code"] == "transcription_failed"):
+                out.append(json.loads(await asyncio.wait_for(ws.recv(), 30)))
+            await ws.send(json.dumps({"type": "input_audio_buffer.clear"}))
+            while out[-1]["type"] != "input_audio_buffer.cleared":
+                out.append(json.loads(await asyncio.wait_for(ws.recv(), 30)))
+        return out
+
+    with BackgroundServer(create_app([served], ServerConfig(enable_ui=False))) as srv:
+        events = asyncio.run(run(srv.url))
+    failed = [e for e in events if e["type"] == "error"]
+    assert failed and "context length" in failed[-1]["error"]["message"]
+    assert events[-1]["type"] == "input_audio_buffer.cleared"  # the same socket still answers
+
+
+def test_a_socket_without_the_key_is_refused_with_401(scripted: Path) -> None:
+    """With --api-key, a handshake without it is answered 401 (OpenAI's status), one with it opens the session."""
+    served = build_served_model("asr", load_model(scripted, dtype=torch.float32), Tokenizer.from_dir(scripted),
+                                EngineConfig(block_size=8, kv_cache_memory=2**24),
+                                hf_config=json.loads((scripted / "config.json").read_text()), model_dir=scripted)
+
+    async def run(url: str) -> tuple[int, str]:
+        endpoint = url.replace("http", "ws") + "/v1/realtime?intent=transcription"
+        with pytest.raises(websockets.exceptions.InvalidStatus) as refused:
+            async with websockets.connect(endpoint):
+                pass
+        async with websockets.connect(endpoint, additional_headers={"Authorization": "Bearer sekret"}) as ws:
+            first = json.loads(await ws.recv())
+        return refused.value.response.status_code, first["type"]
+
+    with BackgroundServer(create_app([served], ServerConfig(enable_ui=False, api_key="sekret"))) as srv:
+        assert asyncio.run(run(srv.url)) == (401, "session.created")

@@ -143,6 +143,11 @@ def test_moderations_unsafe_and_safe(server: BackgroundServer, gens: dict[str, G
     assert result["categories"]["Violent"] is True and result["category_scores"]["Violent"] == 1.0
     assert not any(v for k, v in result["categories"].items() if k != "Violent")
     assert set(result["categories"]) == set(result["category_scores"]) and "Jailbreak" in result["categories"]
+    applied = result["category_applied_input_types"]  # OpenAI's field: which input kinds each was flagged for
+    assert set(applied) == set(result["categories"]) and applied["Violent"] == ["text"] and applied["Jailbreak"] == []
+    assert moderate(server, {"model": "scripted-guard", "input": "x"}).status_code == 200  # the guard by name
+    wrong = moderate(server, {"model": "main", "input": "x"})  # the chat model does not moderate
+    assert wrong.status_code == 404 and "scripted-guard" in wrong.json()["error"]["message"]
 
     guard_with(server, gen=gens["safe"])
     results = moderate(server, {"input": ["Hello there", "What is 2 + 2?"]}).json()["results"]
@@ -156,7 +161,8 @@ def test_moderations_unsafe_and_safe(server: BackgroundServer, gens: dict[str, G
     [result] = moderate(server, {"input": [{"type": "text", "text": "Hi"}]}).json()["results"]
     assert result["direction"] == "prompt"
     for bad in ({}, {"input": []}, {"input": [{"type": "image_url", "image_url": {"url": "x"}}]}, {"input": 3},
-                {"input": ["x"] * 65}):
+                {"input": ["x"] * 65}, {"input": [{"type": "text"}]}, {"input": [{"type": "text", "text": 5}]},
+                {"messages": [{"role": "user"}]}):
         r = moderate(server, bad)
         assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error", bad
 
