@@ -12,7 +12,7 @@ import torch
 from qwenstack.config import read_config
 from qwenstack.errors import ConfigError
 from qwenstack.models.registry import load_model, parse_dtype
-from qwenstack.resolve import DEMO_MODEL_DIR, resolve_model
+from qwenstack.resolve import DEMO_MODEL_DIR, resolve_model, served_name
 from qwenstack.tokenizer import Tokenizer
 
 DEMO_NOTICE = ("Using the bundled demo model (a tiny Shakespeare-trained Qwen3, not a useful assistant). "
@@ -80,7 +80,7 @@ def load(model: str | Path | None = None, *, dtype: str | torch.dtype | None = N
         from qwenstack.quantization import quantize_model
 
         quantize_model(weights, quantization)
-    name = str(model) if not Path(str(model)).is_dir() else Path(str(model)).resolve().name
+    name = served_name(model)
     return LoadedModel(name, path, config, weights, Tokenizer.from_dir(path))
 
 

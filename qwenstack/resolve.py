@@ -29,6 +29,12 @@ DEMO_MODEL_DIR = Path(__file__).parent / "assets" / "demo-model"
 DEMO_NAMES = ("qwenstack-demo", "demo-model")  # the bundled demo model, by name
 
 
+def served_name(model: str | os.PathLike) -> str:
+    """The name a model is served and listed under: a local directory's own name, else the id as given."""
+    path = Path(model).expanduser()
+    return path.resolve().name if path.is_dir() else str(model)
+
+
 def resolve_model(name_or_path: str | os.PathLike, allow_download: bool = True) -> Path:
     path = Path(name_or_path).expanduser()
     if path.is_dir():

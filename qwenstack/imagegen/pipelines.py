@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from qwenstack.errors import ConfigError, QwenstackError
+from qwenstack.resolve import served_name
 
 log = logging.getLogger("qwenstack.imagegen")
 
@@ -172,5 +173,4 @@ def load_image_pipeline(model: str, *, name: str | None = None, device: str | No
     pipe = pipeline_class.from_pretrained(model_dir, dtype=placement.dtype, **extra)
     pipe.set_progress_bar_config(disable=True)  # progress goes to our own events, not to stderr
     place(pipe, placement)
-    served_name = name or (model if not Path(model).expanduser().is_dir() else Path(model).resolve().name)
-    return ImagePipeline(served_name, pipe, kind, placement.device, created=int(time.time()))
+    return ImagePipeline(name or served_name(model), pipe, kind, placement.device, created=int(time.time()))

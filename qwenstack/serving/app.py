@@ -37,7 +37,7 @@ from qwenstack.serving.image_api import install_image_api
 from qwenstack.serving.messages.api import anthropic_model, anthropic_model_list, install_messages, is_anthropic_client
 from qwenstack.serving.metrics import ServerMetrics
 from qwenstack.serving.middleware import LOCAL_ORIGINS, BodyRulesMiddleware, HeadAsGet, UnexpectedErrorMiddleware
-from qwenstack.serving.moderation import install_guardrails
+from qwenstack.serving.moderation import guard_card, install_guardrails
 from qwenstack.serving.ollama.api import install_ollama
 from qwenstack.serving.openapi import install_openapi
 from qwenstack.serving.protocol import (
@@ -124,6 +124,9 @@ def _info_router() -> APIRouter:
         cards += [ModelCard(**card) for card in request.app.state.qwenstack_images.model_cards()]
         cards += [ModelCard(**card) for card in translations.registry_of(request.app).model_cards()]
         cards += [ModelCard(**card) for card in speech.registry_of(request.app).model_cards()]
+        guard = guard_card(request)
+        if guard is not None and guard["id"] not in {c.id for c in cards}:
+            cards.append(ModelCard(**guard))
         return ModelList(data=cards)
 
     @router.post("/tokenize")

@@ -103,7 +103,7 @@ class GuardState:
         from qwenstack.guard.gen import GenGuard
         from qwenstack.loading import default_device
         from qwenstack.models.qwen3_guard_stream import GuardStream, is_stream_guard_config
-        from qwenstack.resolve import resolve_model
+        from qwenstack.resolve import resolve_model, served_name
 
         config = self.config
         gen, stream = None, None
@@ -114,7 +114,7 @@ class GuardState:
             else:
                 gen = GenGuard.load(path, asynchronous=True, kv_cache_memory=GUARD_KV_CACHE_MEMORY)
         return Guardrails(self.policy, gen=gen, stream=stream, stream_window=getattr(config, "guard_stream_window", 0),
-                          name=self.models[0])
+                          name=served_name(self.models[0]))
 
     def start_loading(self, registry: Any) -> threading.Thread | None:
         """Loads in a thread; until it is done /health says the guard is loading (through the model
@@ -191,6 +191,15 @@ def set_guardrails(app: FastAPI, rails: Guardrails | None) -> None:
 
 def get_state_of(app: FastAPI) -> Any:
     return getattr(app.state, "qwenstack", None)
+
+
+def guard_card(request: Request) -> dict[str, Any] | None:
+    """The guard as /v1/models lists it (the `model` /v1/moderations answers with), once it is loaded."""
+    guard: GuardState | None = getattr(request.app.state, "qwenstack_guard", None)
+    rails = guard.rails if guard is not None else None
+    if rails is None:
+        return None
+    return {"id": rails.name, "created": 0, "owned_by": "qwenstack", "capabilities": ["moderation"]}
 
 
 def guardrails_of(request: Request) -> Guardrails | None:

@@ -24,6 +24,7 @@ from qwenstack.engine.async_engine import AsyncEngine
 from qwenstack.engine.engine import EngineConfig, LLMEngine, server_step_tokens
 from qwenstack.generation_config import generation_defaults
 from qwenstack.pooling_config import PoolingConfig
+from qwenstack.resolve import served_name
 from qwenstack.serving.config import ModelSpec, ServerConfig
 from qwenstack.serving.errors import APIError
 from qwenstack.serving.markers import SpecialTokenText
@@ -259,7 +260,7 @@ def expected_name(spec: ModelSpec) -> str:
     path = Path(spec.model).expanduser()
     if path.is_file() and path.suffix.lower() == ".gguf":
         return path.stem  # as qwenstack.from_gguf.served_name
-    return path.resolve().name if path.is_dir() else spec.model
+    return served_name(spec.model)
 
 
 class ModelRegistry:

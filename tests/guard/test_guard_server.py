@@ -146,6 +146,8 @@ def test_moderations_unsafe_and_safe(server: BackgroundServer, gens: dict[str, G
     applied = result["category_applied_input_types"]  # OpenAI's field: which input kinds each was flagged for
     assert set(applied) == set(result["categories"]) and applied["Violent"] == ["text"] and applied["Jailbreak"] == []
     assert moderate(server, {"model": "scripted-guard", "input": "x"}).status_code == 200  # the guard by name
+    listed = {m["id"]: m for m in httpx.get(server.url + "/v1/models", timeout=10).json()["data"]}
+    assert listed["scripted-guard"]["capabilities"] == ["moderation"]  # where a client finds that name
     wrong = moderate(server, {"model": "main", "input": "x"})  # the chat model does not moderate
     assert wrong.status_code == 404 and "scripted-guard" in wrong.json()["error"]["message"]
 
