@@ -68,7 +68,7 @@ class Tokenizer:
             named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
             template = named.get("default") or next(iter(named.values()), None)
         jinja_file = model_dir / "chat_template.jinja"
-        if template is None and jinja_file.is_file():
+        if jinja_file.is_file():  # as in transformers: the template's own file wins over tokenizer_config.json's
             template = jinja_file.read_text(encoding="utf-8")
         if template is None:  # vision-language checkpoints (Qwen3-VL) keep it in the processor's file
             template = _read_json(model_dir / "chat_template.json").get("chat_template")

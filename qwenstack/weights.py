@@ -167,9 +167,20 @@ def plan_load(model: nn.Module, tensors: dict[str, TensorInfo]) -> dict[str, lis
     return plan
 
 
+def _backbone_prefixed(model: nn.Module, tensors: dict[str, TensorInfo]) -> dict[str, TensorInfo]:
+    """A causal LM saved from its bare backbone (`embed_tokens.weight`, `layers.0...`, beside `lm_head.weight`)
+    under the names the model has (`model.embed_tokens.weight`), as transformers' loader adds its base prefix."""
+    names = {n for n, _ in model.named_parameters()}
+    if not any(n.startswith("model.") for n in names) or any(t.startswith("model.") for t in tensors):
+        return tensors
+    prefixed = {(t if t.startswith("lm_head.") else f"model.{t}"): info for t, info in tensors.items()}
+    return prefixed if "model.embed_tokens.weight" in prefixed and "model.embed_tokens.weight" in names else tensors
+
+
 def sanitize_names(model: nn.Module, tensors: dict[str, TensorInfo]) -> dict[str, TensorInfo]:
     """Checkpoint names under the model's own names, through its `sanitize(name)` step when it has one
     (for checkpoints published in more than one layout). Two tensors landing on one name is an error."""
+    tensors = _backbone_prefixed(model, tensors)
     sanitize = getattr(model, "sanitize", None)
     if sanitize is None:
         return tensors

@@ -134,3 +134,51 @@ def test_uncached_model_id_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPat
 
 def test_local_directory_resolves(tiny_qwen3: Path) -> None:
     assert resolve_model(str(tiny_qwen3)) == tiny_qwen3
+
+
+def test_a_sliding_window_switch_no_layer_uses_loads(tmp_path: Path, tiny_qwen3: Path) -> None:
+    """Qwen3 configs carry use_sliding_window with max_window_layers at the layer count: no layer slides in
+    transformers, so the model is the same (logits equal the plain config's); one where layers do slide is refused."""
+    from qwenstack.errors import UnsupportedModelError
+
+    plain = load_model(tiny_qwen3, dtype=torch.float32)
+    switch = copy_checkpoint(tiny_qwen3, tmp_path / "switch")
+    config = json.loads((switch / "config.json").read_text())
+    layers = config["num_hidden_layers"]
+    (switch / "config.json").write_text(json.dumps({**config, "use_sliding_window": True, "sliding_window": 64,
+                                                    "max_window_layers": layers}))
+    with torch.no_grad():
+        torch.testing.assert_close(prompt_logits(load_model(switch, dtype=torch.float32), IDS),
+                                   prompt_logits(plain, IDS))
+    sliding = {k: v for k, v in config.items() if k != "layer_types"}  # transformers' explicit list would win
+    last_slides = ["full_attention"] * (layers - 1) + ["sliding_attention"]
+    for slides in ({"max_window_layers": 1}, {"layer_types": last_slides}):
+        (switch / "config.json").write_text(json.dumps({**sliding, "use_sliding_window": True, "sliding_window": 64,
+                                                        **slides}))
+        with pytest.raises(UnsupportedModelError, match="use_sliding_window"):
+            load_model(switch)
+
+
+def test_the_template_file_wins_over_tokenizer_config(tmp_path: Path, tiny_qwen3: Path) -> None:
+    """As transformers reads them: chat_template.jinja beside a tokenizer_config.json that still holds an older
+    template (a re-saved Qwen3-2507 checkpoint) is the template."""
+    from qwenstack.tokenizer import Tokenizer
+
+    saved = copy_checkpoint(tiny_qwen3, tmp_path / "resaved")
+    newer = "{% for m in messages %}{{ m['content'] }}{% endfor %}<think>\n"
+    (saved / "chat_template.jinja").write_text(newer)
+    assert json.loads((saved / "tokenizer_config.json").read_text())["chat_template"] != newer
+    assert Tokenizer.from_dir(saved).chat_template == newer
+
+
+def test_a_causal_lm_saved_from_its_bare_backbone_loads(tmp_path: Path) -> None:
+    """`embed_tokens.weight`, `layers.0...` beside `lm_head.weight` (no `model.` prefix), which transformers loads:
+    the same model as the prefixed checkpoint."""
+    source = build_hf_checkpoint(tmp_path / "untied", "qwen3", dense_config(tie_word_embeddings=False))
+    bare = copy_checkpoint(source, tmp_path / "bare")
+    rewrite_weights(bare, lambda state: state.update(
+        {k.removeprefix("model."): state.pop(k) for k in [k for k in state if k.startswith("model.")]}))
+    assert "embed_tokens.weight" in load_file(str(bare / "model.safetensors"))
+    with torch.no_grad():
+        torch.testing.assert_close(prompt_logits(load_model(bare, dtype=torch.float32), IDS),
+                                   prompt_logits(load_model(source, dtype=torch.float32), IDS))
