@@ -12,9 +12,10 @@ Decisions:
 - Types: F32/F16/BF16 stay full precision in the model's dtype. Q4_0 is our int4-g32 code for code
   (q4_0.py: its block of 32 is a group with zero point 8). Other quantized types are dequantized exactly
   (gguf's reference dequantizers) and requantized to our nearest format, said once at load: 8-bit-class
-  types (Q8_0, and Q5/Q6 for their precision) to our int8 per output channel, other 4-bit-and-below types
-  to our int4 with groups of 32 (their block). Q8_0 cannot be kept code for code: its scales are per
-  32-element block, ours per row, so its codes are re-rounded to one scale per row.
+  types (Q8_0, and Q5/Q6 for their precision) to our int8 per output channel; Q4_1, Q4_K and Q2_K (values
+  on a linear grid per block) to our int4 with groups of 32; the other low-bit types (Q3_K, the IQ codebooks,
+  TQ, MXFP4), which that grid rounds far off, to int8 (type_class). Q8_0 cannot be kept code for code: its
+  scales are per 32-element block, ours per row, so its codes are re-rounded to one scale per row.
 """
 from __future__ import annotations
 
@@ -115,13 +116,15 @@ def _dequantized(tensor: Any) -> torch.Tensor:
 
 
 def type_class(tensor_type: Any) -> str:
-    """float | int8 | int4: our nearest format for a GGML tensor type, by its bits per weight."""
-    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+    """float | int8 | int4: our nearest format for a GGML tensor type. int4 (groups of 32 on a linear grid) only
+    for the types whose values lie on such a grid: Q4_0, Q4_1, Q4_K and Q2_K lose little re-rounded to it. The
+    other types under 5 bits (Q3_K's 16-value sub-blocks, the IQ codebooks, ternary TQ and MXFP4's float codes)
+    lose 7-15% of their weights' accuracy there (KL 0.02-1 on a tiny model), so they go to int8 with the rest."""
+    from gguf import GGMLQuantizationType as T
 
-    if tensor_type in (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16):
+    if tensor_type in (T.F32, T.F16, T.BF16):
         return "float"
-    block, nbytes = GGML_QUANT_SIZES[tensor_type]
-    return "int4" if nbytes * 8 / block < 5 else "int8"
+    return "int4" if tensor_type in (T.Q4_0, T.Q4_1, T.Q4_K, T.Q2_K) else "int8"
 
 
 def gguf_names(gguf: GgufFile) -> dict[str, tuple[str, int | None]]:

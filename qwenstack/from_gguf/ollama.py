@@ -26,9 +26,9 @@ def ollama_store() -> Path:
 
 
 def looks_like_ollama_name(name: str) -> bool:
-    """`qwen3:0.6b`, `library/qwen3:8b`: a tag, or a name whose manifest exists (Hugging Face ids, which
+    """`qwen3:0.6b`, `library/qwen3:8b`: a tag, or a name the store has under some tag (Hugging Face ids, which
     are `org/name` without a tag, are tried as those first)."""
-    return bool(NAME.match(name)) and (":" in name or manifest_path(name).is_file())
+    return bool(NAME.match(name)) and (":" in name or manifest_path(name).parent.is_dir())
 
 
 def manifest_path(name: str) -> Path:
@@ -44,7 +44,10 @@ def find_ollama_model(name: str) -> Path:
     """The GGUF blob of an Ollama model, or ModelNotFoundError saying where it looked."""
     path = manifest_path(name)
     if not path.is_file():
-        raise ModelNotFoundError(f"Ollama model '{name}' is not in the local store (no {path}); "
+        tags = sorted(p.name for p in path.parent.iterdir() if p.is_file()) if path.parent.is_dir() else []
+        base = name.split(":")[0]
+        have = f"; the store has it as {', '.join(base + ':' + t for t in tags)}" if tags else f" (no {path})"
+        raise ModelNotFoundError(f"Ollama model '{name}' (tag {path.name}) is not in the local store{have}; "
                                  f"pull it with `ollama pull {name}` or pass a .gguf file")
     try:
         layers = json.loads(path.read_text(encoding="utf-8")).get("layers", [])

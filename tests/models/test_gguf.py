@@ -227,6 +227,9 @@ def test_serve_a_gguf_file_and_an_ollama_model(sources: dict[str, Path], tmp_pat
     assert sorted((p.relative_to(store), p.stat().st_mtime_ns) for p in store.rglob("*")) == before  # read-only
     with pytest.raises(ModelNotFoundError, match="ollama pull tinyqwen:missing"):
         LLM("tinyqwen:missing")
+    # A name without its tag is latest, as in Ollama; the store not having that tag says which it has.
+    with pytest.raises(ModelNotFoundError, match=r"'tinyqwen' \(tag latest\) .* the store has it as tinyqwen:q8"):
+        LLM("tinyqwen")
 
 
 def test_unsupported_files_are_refused_by_name(tmp_path: Path, sources: dict[str, Path]) -> None:
@@ -245,3 +248,16 @@ def test_unsupported_files_are_refused_by_name(tmp_path: Path, sources: dict[str
     (tmp_path / "not.gguf").write_bytes(b"nope")
     with pytest.raises(ModelNotFoundError, match="not a GGUF file"):
         LLM(str(tmp_path / "not.gguf"))
+
+
+def test_low_bit_types_off_a_linear_grid_go_to_int8() -> None:
+    """int4-g32 only for the types whose values it holds closely; Q3_K, the IQ codebooks, ternary and MXFP4 lost
+    7-15% of their weights' accuracy re-rounded to it (0/36 to 20/36 greedy tokens against the file's own weights
+    on a tiny model), so they become int8 as the 5-to-8-bit types do."""
+    from gguf import GGMLQuantizationType as T
+
+    from qwenstack.from_gguf.model import type_class
+
+    assert [type_class(t) for t in (T.Q4_0, T.Q4_1, T.Q4_K, T.Q2_K)] == ["int4"] * 4
+    assert {type_class(t) for t in (T.Q3_K, T.IQ4_NL, T.IQ4_XS, T.MXFP4, T.TQ2_0, T.Q5_K, T.Q6_K, T.Q8_0)} == {"int8"}
+    assert {type_class(t) for t in (T.F32, T.F16, T.BF16)} == {"float"}
