@@ -19,6 +19,7 @@ from qwenstack.engine.embed import matryoshka
 from qwenstack.engine.engine import EngineConfig, LLMEngine
 from qwenstack.engine.outputs import RequestOutput, ScoringOutput, ScoringRequestOutput
 from qwenstack.engine.params import SamplingParams
+from qwenstack.errors import RequestError
 from qwenstack.generation_config import generation_defaults
 from qwenstack.loading import DEMO_MODEL_DIR, DEMO_NOTICE, LoadedModel, default_device, load  # noqa: F401 (re-exported)
 from qwenstack.pooling_config import PoolingConfig
@@ -31,8 +32,6 @@ PromptInput = str | list[int] | dict[str, Any]
 def prompt_items(prompts: PromptInput | Sequence[PromptInput]) -> list[str | list[int]]:
     """The prompts as texts and token-id lists: one prompt or a list of them, each a string, a list of token ids,
     or vLLM's TextPrompt / TokensPrompt dicts ({"prompt": text} / {"prompt_token_ids": ids})."""
-    from qwenstack.errors import RequestError
-
     if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
         prompts = [prompts]  # type: ignore[list-item]
     items: list[str | list[int]] = []
@@ -134,8 +133,6 @@ class LLM:
     def _params_for(self, sampling_params: SamplingParams | Sequence[SamplingParams] | None,
                     count: int) -> list[SamplingParams]:
         """One SamplingParams per prompt: the checkpoint's defaults, one for all, or one each."""
-        from qwenstack.errors import RequestError
-
         if sampling_params is None:
             return [self.default_sampling_params] * count
         if isinstance(sampling_params, SamplingParams):
@@ -167,7 +164,6 @@ class LLM:
         act on the answer, not on the think block."""
         from qwenstack.chat_inputs import ChatModelView, has_media, render_media_chat
         from qwenstack.chat_template import cut_after_final_message
-        from qwenstack.errors import RequestError
         from qwenstack.serving.chat import thinking_phase
 
         if isinstance(messages, (str, dict)) or not all(isinstance(c, (list, dict)) for c in messages):
@@ -221,8 +217,6 @@ class LLM:
         special tokens and the model's end token), the first `dimensions` values, L2-normalized where the model
         normalizes. `prompt_name` puts one of the checkpoint's named instructions (e.g. "query") before each
         text. Raises RequestError for an empty input, one longer than the context, or an unknown prompt_name."""
-        from qwenstack.errors import RequestError
-
         prefix = self.pooling.instruction(prompt_name)
         prompts = [self.pooling.with_end_token(self.tokenizer.encode(prefix + p, add_special_tokens=True),
                                                self.tokenizer) if isinstance(p, str) else p
@@ -245,7 +239,6 @@ class LLM:
         LLM.score pairing and output shape: `[o.outputs.score for o in llm.score(q, docs)]`). `instruction`
         replaces the default task line. Raises RequestError for lists of different lengths, a pair longer than
         the context, or a model that cannot judge (an embedding model, a vocabulary without "yes"/"no")."""
-        from qwenstack.errors import RequestError
         from qwenstack.reranking import PairPrompts, PromptTooLong, no_yes_ids, pairs_of
 
         try:

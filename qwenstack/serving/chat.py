@@ -40,7 +40,7 @@ from qwenstack.serving import moderation, videos
 from qwenstack.markup import THINK_END, THINK_START, TURN_START
 from qwenstack.serving.constraints import ThinkingPhase, build_processors
 from qwenstack.serving.errors import APIError, bad_request
-from qwenstack.serving.logprobs import TokenTexts, chat_logprobs
+from qwenstack.serving.logprobs import TokenTexts, chat_logprobs, prompt_logprobs_out
 from qwenstack.serving.metrics import RequestTracker
 from qwenstack.serving.openapi import chat_responses, request_body
 from qwenstack.serving.parsers import ChatOutputParser, ParsedDelta, finish_reason_for, parse_chat_output
@@ -53,7 +53,6 @@ from qwenstack.tokenizer import TooManyTokens
 from qwenstack.serving.served import ServedModel
 from qwenstack.serving.state import ServerState, local_or_forwarded
 from qwenstack.serving.streaming import CLIENT_LEFT, EVENT_STREAM, admit, close_all, event_stream, reply, sse
-from qwenstack.serving.vllm_extras import prompt_logprobs_out
 
 router = APIRouter()
 

@@ -29,7 +29,7 @@ from qwenstack.engine.params import SamplingParams
 from qwenstack.serving.constraints import ThinkingPhase, answer_processors
 from qwenstack.serving.errors import bad_request
 from qwenstack.serving.infill import infill_ids, infill_stop_ids
-from qwenstack.serving.logprobs import LegacyLogprobsBuilder, TokenTexts
+from qwenstack.serving.logprobs import LegacyLogprobsBuilder, TokenTexts, prompt_logprobs_out
 from qwenstack.serving.metrics import RequestTracker
 from qwenstack.serving.openapi import chat_responses, request_body
 from qwenstack.serving.protocol import (
@@ -39,7 +39,7 @@ from qwenstack.serving.sampling import sampling_params
 from qwenstack.serving.served import ServedModel
 from qwenstack.serving.state import local_or_forwarded
 from qwenstack.serving.streaming import CLIENT_LEFT, admit, event_stream, merge, reply, sse
-from qwenstack.serving.vllm_extras import last_tokens, prompt_logprobs_out, truncation_length
+from qwenstack.serving.vllm_extras import last_tokens, truncation_length
 
 router = APIRouter()
 
@@ -157,19 +157,23 @@ def _generated_part(plan: CompletionPlan, comp: CompletionOutput, token_ids: lis
     return builder.add(token_ids, entries or [None] * len(token_ids))
 
 
-def _vllm_fields(plan: CompletionPlan, prompt: Prompt, out: RequestOutput | None,
-                 token_ids: list[int] | None) -> dict[str, Any]:
-    """A choice's vLLM extras: the prompt's logprobs (with `out`, its first chunk or whole answer) and ids."""
+def _prompt_extras(plan: CompletionPlan, prompt: Prompt, out: RequestOutput) -> dict[str, Any]:
+    """A prompt's vLLM extras, on each of its choices (the whole answer's, or each choice's first chunk): its
+    logprobs and ids. Made once a prompt: its n choices share them."""
     fields: dict[str, Any] = {}
-    request = plan.request
-    if request.prompt_logprobs is not None and out is not None:
+    if plan.request.prompt_logprobs is not None:
         fields["prompt_logprobs"] = prompt_logprobs_out(TokenTexts(plan.served.tokenizer), prompt.ids,
-                                                        out.prompt_logprobs, request.prompt_logprobs)
-    if request.return_token_ids:
-        if out is not None:
-            fields["prompt_token_ids"] = list(prompt.ids)
-        fields["token_ids"] = [] if plan.drop_output else list(token_ids or [])
+                                                        out.prompt_logprobs, plan.request.prompt_logprobs)
+    if plan.request.return_token_ids:
+        fields["prompt_token_ids"] = list(prompt.ids)
     return fields
+
+
+def _token_ids(plan: CompletionPlan, token_ids: list[int]) -> dict[str, Any]:
+    """A choice's generated ids, with return_token_ids (vLLM's)."""
+    if not plan.request.return_token_ids:
+        return {}
+    return {"token_ids": [] if plan.drop_output else list(token_ids)}
 
 
 def _join(a: dict | None, b: dict | None) -> dict | None:
@@ -199,6 +203,7 @@ async def complete(plan: CompletionPlan, streams: list[AsyncIterator[RequestOutp
         choices = []
         for i, (prompt, final) in enumerate(zip(plan.prompts, finals)):
             assert final is not None
+            prompt_extras = _prompt_extras(plan, prompt, final)
             for comp in final.outputs:
                 builder = plan.builder(texts)
                 head, head_lp = _prompt_part(plan, prompt, final, builder)
@@ -207,7 +212,7 @@ async def complete(plan: CompletionPlan, streams: list[AsyncIterator[RequestOutp
                 choices.append(CompletionChoice(index=i * plan.n + comp.index, text=text,
                                                 logprobs=LegacyLogprobs(**lp) if lp is not None else None,
                                                 finish_reason=comp.finish_reason, stop_reason=comp.stop_reason,
-                                                **_vllm_fields(plan, prompt, final, comp.token_ids)))
+                                                **prompt_extras, **_token_ids(plan, comp.token_ids)))
         body = CompletionResponse(id=plan.request_id, created=plan.created, model=plan.served.name,
                                   choices=choices, usage=usage(plan, [f for f in finals if f is not None]))
         return Response(body.model_dump_json(), media_type="application/json")
@@ -225,6 +230,7 @@ async def stream_completion(plan: CompletionPlan, streams: list[AsyncIterator[Re
         base["usage"] = None
     texts = plan.token_texts()
     builders: dict[int, LegacyLogprobsBuilder | None] = {}
+    heads: dict[int, dict[str, Any]] = {}  # each prompt's vLLM extras, for its choices' first chunks
     finished: set[int] = set()
     finals: list[RequestOutput] = []
     async for i, out in merge(streams):
@@ -243,7 +249,9 @@ async def stream_completion(plan: CompletionPlan, streams: list[AsyncIterator[Re
                                                builders[index]))
             if comp.finished:
                 finished.add(index)
-            extras = _vllm_fields(plan, plan.prompts[i], out if first else None, comp.delta_token_ids)
+            if first and i not in heads:
+                heads[i] = _prompt_extras(plan, plan.prompts[i], out)
+            extras = {**(heads[i] if first else {}), **_token_ids(plan, comp.delta_token_ids)}
             if text or lp or comp.finished or extras.get("token_ids") or "prompt_token_ids" in extras:
                 choice = {"index": index, "text": text, "logprobs": lp, "finish_reason": comp.finish_reason, **extras}
                 yield sse({**base, "choices": [choice]})

@@ -1,6 +1,7 @@
 """Logprobs in the two OpenAI shapes: chat (`content: [{token, logprob, bytes, top_logprobs}]`) and the
 legacy completions one (`tokens, token_logprobs, top_logprobs: [{token: logprob}], text_offset`) that
-lm-evaluation-harness reads to score prompts.
+lm-evaluation-harness reads to score prompts; and vLLM's prompt_logprobs (`{token id: {logprob, rank,
+decoded_token}}` a position).
 
 A token's text is its exact bytes (byte-level BPE maps each byte to one printable character; added tokens
 are their literal text), decoded leniently: a token holding half of a UTF-8 character shows U+FFFD, but
@@ -8,9 +9,9 @@ its `bytes` are exact, so a client can join them.
 """
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Any, Iterable
 
-from qwenstack.engine.sequence import PositionLogprobs
+from qwenstack.engine.sequence import Logprob, PositionLogprobs
 from qwenstack.markup import byte_level_decoder
 from qwenstack.tokenizer import Tokenizer
 
@@ -47,9 +48,10 @@ class TokenTexts:
         return self.get(token_id)[0]
 
 
-def _ranked(entry: PositionLogprobs, top: int) -> list[tuple[int, float]]:
+def _ranked(entry: PositionLogprobs, top: int) -> list[tuple[int, Logprob]]:
+    """The position's `top` most likely tokens, most likely first."""
     items = sorted(entry.items(), key=lambda kv: kv[1].rank)
-    return [(tid, lp.logprob) for tid, lp in items if lp.rank <= top][:top]
+    return [(tid, lp) for tid, lp in items if lp.rank <= top][:top]
 
 
 def chat_logprobs(texts: TokenTexts, token_ids: Iterable[int], entries: Iterable[PositionLogprobs],
@@ -60,7 +62,7 @@ def chat_logprobs(texts: TokenTexts, token_ids: Iterable[int], entries: Iterable
         tops = []
         for tid, lp in _ranked(entry, top):
             t_text, t_raw = texts.get(tid)
-            tops.append({"token": t_text, "logprob": lp, "bytes": list(t_raw)})
+            tops.append({"token": t_text, "logprob": lp.logprob, "bytes": list(t_raw)})
         out.append({"token": text, "logprob": entry[token].logprob, "bytes": list(raw), "top_logprobs": tops})
     return out
 
@@ -94,12 +96,30 @@ class LegacyLogprobsBuilder:
             token_logprobs.append(entry[token].logprob)
             tops: dict[str, float] = {}
             # The chosen token is listed too (as vLLM does), so a harness can test greediness.
-            for tid, lp in _ranked(entry, self.top) + [(token, entry[token].logprob)]:
+            for tid, lp in _ranked(entry, self.top) + [(token, entry[token])]:
                 key = self.texts.text(tid)
-                tops[key] = max(lp, tops.get(key, float("-inf")))
+                tops[key] = max(lp.logprob, tops.get(key, float("-inf")))
             top_logprobs.append(tops)
         return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs,
                 "text_offset": offsets}
+
+
+def prompt_logprobs_out(texts: TokenTexts, token_ids: list[int], entries: Iterable[PositionLogprobs | None] | None,
+                        top: int) -> list[dict[str, dict[str, Any]] | None]:
+    """vLLM's prompt_logprobs of these prompt tokens: the token's own entry, then the `top` most likely (the first
+    token has nothing before it to be predicted from: null)."""
+    out: list[dict[str, dict[str, Any]] | None] = []
+    listed = list(entries or [])
+    listed += [None] * (len(token_ids) - len(listed))
+    for token, entry in zip(token_ids, listed):
+        if entry is None:
+            out.append(None)
+            continue
+        position: dict[str, dict[str, Any]] = {}
+        for tid, lp in [(token, entry[token])] + _ranked(entry, top):
+            position.setdefault(str(tid), {"logprob": lp.logprob, "rank": lp.rank, "decoded_token": texts.text(tid)})
+        out.append(position)
+    return out
 
 
 def merge_legacy(parts: list[dict]) -> dict:

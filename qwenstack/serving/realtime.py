@@ -173,13 +173,10 @@ class Session:
             await self.run_decode(request)
         except Exception as exc:  # too long for the model, a failed decode: said in-band, the buffer dropped
             await self.error("transcription_failed", f"{type(exc).__name__}: {exc}")
-            self.previous_item, self.item_id = item, _item_id()
-            self.live.reset()
-            self.sent = ""
-            return
-        committed, _ = self.live.texts()
-        await self.send({"type": "conversation.item.input_audio_transcription.completed", "item_id": item,
-                         "content_index": 0, "transcript": committed})
+        else:
+            committed, _ = self.live.texts()
+            await self.send({"type": "conversation.item.input_audio_transcription.completed", "item_id": item,
+                             "content_index": 0, "transcript": committed})
         self.previous_item, self.item_id = item, _item_id()
         self.live.reset()
         self.sent = ""

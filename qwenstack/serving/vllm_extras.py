@@ -4,8 +4,8 @@
 - `bad_words`: words never generated. As vLLM does, each word is tokenized alone and after a space; a one-token
   word is banned outright, a longer one has its last token banned wherever the output already ends with the rest.
 - `prompt_logprobs`: per prompt token, `{token id: {logprob, rank, decoded_token}}` for the token itself and the
-  k most likely there (the first token has nothing before it: null). Chat answers it at the top level, completions
-  per choice, as vLLM does; a streamed request cannot ask for it (a 400, vLLM's rule).
+  k most likely there (logprobs.prompt_logprobs_out). Chat answers it at the top level, completions per choice,
+  as vLLM does; a streamed request cannot ask for it (a 400, vLLM's rule).
 - `return_token_ids`: the prompt's ids (`prompt_token_ids`) and each choice's generated ids (`token_ids`), streamed
   as each chunk's new ids.
 - `truncate_prompt_tokens` (completions and embeddings): keep the prompt's last k tokens (-1: as many as the
@@ -13,14 +13,12 @@
 """
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 
 from qwenstack.engine.params import LogitsProcessor
-from qwenstack.engine.sequence import PositionLogprobs
 from qwenstack.serving.errors import bad_request
-from qwenstack.serving.logprobs import TokenTexts
 from qwenstack.tokenizer import Tokenizer
 
 
@@ -75,25 +73,6 @@ def restriction_processors(request: Any, tokenizer: Tokenizer, vocab_size: int) 
         if sequences:
             procs.append(BadWords(sequences))
     return procs
-
-
-def prompt_logprobs_out(texts: TokenTexts, token_ids: list[int], entries: Iterable[PositionLogprobs | None] | None,
-                        top: int) -> list[dict[str, dict[str, Any]] | None]:
-    """vLLM's prompt_logprobs for these prompt tokens: the token's own entry, then the `top` most likely."""
-    out: list[dict[str, dict[str, Any]] | None] = []
-    listed = list(entries or [])
-    listed += [None] * (len(token_ids) - len(listed))
-    for token, entry in zip(token_ids, listed):
-        if entry is None:
-            out.append(None)
-            continue
-        ranked = [(token, entry[token])] + sorted(((t, lp) for t, lp in entry.items() if lp.rank <= top),
-                                                  key=lambda kv: kv[1].rank)
-        position: dict[str, dict[str, Any]] = {}
-        for tid, lp in ranked:
-            position.setdefault(str(tid), {"logprob": lp.logprob, "rank": lp.rank, "decoded_token": texts.text(tid)})
-        out.append(position)
-    return out
 
 
 def truncation_length(value: int | None, limit: int) -> int | None:

@@ -22,7 +22,7 @@ from fastapi import APIRouter, FastAPI, Query, Request
 from fastapi.responses import JSONResponse, Response
 
 from qwenstack.serving import moderation
-from qwenstack.serving.chat import attach_media
+from qwenstack.serving.chat import ChatPlan, attach_media
 from qwenstack.serving.errors import APIError, from_exception
 from qwenstack.serving.responses import conversations, mcp_tools
 from qwenstack.serving.responses.conversations import conversation_items
@@ -90,7 +90,7 @@ def _input_items(request: ResponsesRequest) -> list[dict[str, Any]]:
     return stored_items([item.model_dump(exclude_none=True, by_alias=True) for item in request.input])
 
 
-def _prepare(request: Request, body: ResponsesRequest) -> ResponseRun:
+def _prepare(request: Request, body: ResponsesRequest) -> tuple[ResponseRun, ChatPlan]:
     state, svc = get_state(request), service(request)
     served = state.registry.get(body.model)
     history: list[dict[str, Any]] = []
@@ -120,12 +120,12 @@ def _prepare(request: Request, body: ResponsesRequest) -> ResponseRun:
     messages = items_to_messages(ITEMS.validate_python(history + inputs), body.instructions)
     check = body.model_copy(update={"tool_choice": None}) if targets else body
     try:
-        plan_turn(served, check, messages, function_tools(body), body.max_output_tokens, state)
+        plan = plan_turn(served, check, messages, function_tools(body), body.max_output_tokens, state)
     except APIError as exc:  # the chat layer names its messages; here they are the input items
         if exc.param and exc.param.startswith("messages"):
             exc.param = "input"
         raise
-    return run
+    return run, plan
 
 
 def _check_call_outputs(inputs: list[dict[str, Any]], history: list[dict[str, Any]]) -> None:
@@ -160,22 +160,19 @@ async def _stream(run: ResponseRun, svc: ResponsesService) -> AsyncIterator[str]
     leaves mid-way leaves it stored as cancelled (with the output so far) rather than unknown."""
     log_ = EventLog()
     svc.streaming[run.id] = run
-    ended = False
     try:
         async for event in execute(run):
             yield typed_sse(log_.number(event))
     except Exception as exc:  # after the 200: tell the client in-band
-        ended = True
         yield typed_sse(log_.number(_fail(run, exc)))
         yield typed_sse(log_.number({"type": "response.failed", "response": _finish(run, svc)}))
         return
     else:
-        ended = True
         kind = "response.completed" if run.status == "completed" else "response.incomplete"
         yield typed_sse(log_.number({"type": kind, "response": _finish(run, svc)}))
     finally:
         svc.streaming.pop(run.id, None)
-        if not ended:  # the client went away (the generator was closed): what was written stays retrievable
+        if run.status == "in_progress":  # the client went away mid-way: what was written stays retrievable
             run.status = "cancelled"
             _finish(run, svc)
 
@@ -203,7 +200,7 @@ async def _background(run: ResponseRun, svc: ResponsesService) -> None:
 @router.post("/v1/responses")
 async def create_response(request: Request, body: ResponsesRequest) -> Response:
     svc = service(request)
-    run = _prepare(request, body)
+    run, _ = _prepare(request, body)
     if body.background:
         if body.stream:
             raise APIError(400, "streaming a background response is not supported here: create it with "
@@ -235,12 +232,8 @@ def _stored(svc: ResponsesService, response_id: str) -> dict[str, Any]:
 async def count_input_tokens(request: Request, body: ResponsesRequest) -> JSONResponse:
     """What a response with this body would read, in tokens (OpenAI's input token count): its first turn's
     prompt, the conversation and instructions included, as the engine would be given it."""
-    run = _prepare(request, body)
-    messages = items_to_messages(ITEMS.validate_python(run.history + run.inputs), body.instructions)
-    state = get_state(request)
-    plan = plan_turn(run.served, body.model_copy(update={"tool_choice": None}), messages, function_tools(body),
-                     None, state)
-    await attach_media(plan, state)  # images and audio count as the tokens they expand to
+    _, plan = _prepare(request, body)  # the first turn's plan, as the response would run it
+    await attach_media(plan, get_state(request))  # images and audio count as the tokens they expand to
     return JSONResponse({"object": "response.input_tokens", "input_tokens": len(plan.prompt_ids)})
 
 

@@ -139,7 +139,7 @@ class ResponseStore:
     def add_items(self, conversation_id: str, items: list[dict[str, Any]]) -> bool:
         """Appends the items (each with its id) in order; False for an unknown conversation."""
         with self._lock:
-            if self._conn.execute("SELECT 1 FROM conversations WHERE id = ?", (conversation_id,)).fetchone() is None:
+            if not self._has_conversation(conversation_id):
                 return False
             last = self._conn.execute("SELECT COALESCE(MAX(position), -1) FROM conversation_items "
                                       "WHERE conversation_id = ?", (conversation_id,)).fetchone()[0]
@@ -151,11 +151,14 @@ class ResponseStore:
     def items(self, conversation_id: str) -> list[dict[str, Any]] | None:
         """The conversation's items, oldest first (None for an unknown conversation)."""
         with self._lock:
-            if self._conn.execute("SELECT 1 FROM conversations WHERE id = ?", (conversation_id,)).fetchone() is None:
+            if not self._has_conversation(conversation_id):
                 return None
             rows = self._conn.execute("SELECT item FROM conversation_items WHERE conversation_id = ? "
                                       "ORDER BY position", (conversation_id,)).fetchall()
         return [json.loads(r[0]) for r in rows]
+
+    def _has_conversation(self, conversation_id: str) -> bool:  # under the lock
+        return self._conn.execute("SELECT 1 FROM conversations WHERE id = ?", (conversation_id,)).fetchone() is not None
 
     def delete_item(self, conversation_id: str, item_id: str) -> bool:
         with self._lock:
