@@ -323,3 +323,30 @@ def test_named_tool_choice_forces_a_call_the_model_would_not_make(client: openai
     # schema (what the model writes off its script is arbitrary, so only their start is checked).
     assert [c.name for c in calls] == ["get_time"] and calls[0].arguments.startswith('{"city": "')
     assert r.tool_choice.name == "get_time"
+
+
+def test_output_text_logprobs_when_included(client: openai.OpenAI) -> None:
+    """include "message.output_text.logprobs": the answer's tokens (not the thinking's, nor the markup between)
+    with their logprobs, joining to the text; streamed per delta, the same in the final item; absent otherwise."""
+    answer = _answer(THINK_ANSWER).encode()
+    r = client.responses.create(model="think", input="Hello there", include=["message.output_text.logprobs"],
+                                top_logprobs=2)
+    part = r.output[1].content[0]
+    assert part.logprobs and b"".join(bytes(lp.bytes) for lp in part.logprobs) == answer
+    assert all(lp.logprob <= 0 and len(lp.top_logprobs) == 2 for lp in part.logprobs)
+    assert r.top_logprobs == 2
+    # The scripted model is sure of every token: its own token is the most likely.
+    assert all(lp.top_logprobs[0].token == lp.token for lp in part.logprobs)
+
+    with client.responses.stream(model="think", input="Hello there",
+                                 include=["message.output_text.logprobs"]) as stream:
+        events = list(stream)
+        final = stream.get_final_response()
+    streamed = [lp for e in events if e.type == "response.output_text.delta" for lp in e.logprobs]
+    done = next(e for e in events if e.type == "response.output_text.done")
+    assert [lp.token for lp in streamed] == [lp.token for lp in part.logprobs] == [lp.token for lp in done.logprobs]
+    assert [lp.token for lp in final.output[1].content[0].logprobs] == [lp.token for lp in streamed]
+    assert all(lp.top_logprobs == [] for lp in streamed)
+
+    plain = client.responses.create(model="think", input="Hello there", top_logprobs=3)  # OpenAI's: not included
+    assert plain.output[1].content[0].logprobs == []

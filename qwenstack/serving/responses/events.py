@@ -59,25 +59,33 @@ class OutputBuilder:
         item["content"].append(part)
         return events
 
-    def _append(self, kind: str, delta: str) -> list[Event]:
+    def _append(self, kind: str, delta: str, logprobs: list[dict[str, Any]]) -> list[Event]:
         events: list[Event] = []
         if self._open is None or self._open["item"]["type"] != kind:
             events += self._start_text_item(kind)
         assert self._open is not None
-        self._open["part"]["text"] += delta
+        part = self._open["part"]
+        part["text"] += delta
         event = {"type": "response.reasoning_text.delta" if kind == "reasoning" else "response.output_text.delta",
                  "item_id": self._open["item"]["id"], "output_index": self._open["index"], "content_index": 0,
                  "delta": delta}
         if kind == "message":
-            event["logprobs"] = []
+            event["logprobs"] = logprobs
+            part["logprobs"] = part["logprobs"] + logprobs  # a new list: events already made keep theirs
         events.append(event)
         return events
 
-    def reasoning(self, delta: str) -> list[Event]:
-        return self._append("reasoning", delta) if delta else []
+    @property
+    def answering(self) -> bool:
+        """Whether an answer (message) item is open and receiving text."""
+        return self._open is not None and self._open["item"]["type"] == "message"
 
-    def text(self, delta: str) -> list[Event]:
-        return self._append("message", delta) if delta else []
+    def reasoning(self, delta: str) -> list[Event]:
+        return self._append("reasoning", delta, []) if delta else []
+
+    def text(self, delta: str, logprobs: list[dict[str, Any]] | None = None) -> list[Event]:
+        """Answer text; `logprobs` (chat's shape, serving/logprobs.py) of the tokens that wrote it."""
+        return self._append("message", delta, logprobs or []) if delta else []
 
     def close_text(self, status: str = "completed") -> list[Event]:
         """The open text item's done events; `status` "incomplete" for a text cut off (max_output_tokens, the guard)."""
@@ -90,7 +98,7 @@ class OutputBuilder:
         if item["type"] == "reasoning":
             done: Event = {"type": "response.reasoning_text.done", **base, "text": part["text"]}
         else:
-            done = {"type": "response.output_text.done", **base, "text": part["text"], "logprobs": []}
+            done = {"type": "response.output_text.done", **base, "text": part["text"], "logprobs": part["logprobs"]}
         return [done, {"type": "response.content_part.done", **base, "part": dict(part)},
                 {"type": "response.output_item.done", "output_index": index, "item": _copy(item)}]
 

@@ -41,6 +41,7 @@ from qwenstack.serving.chat import (
     ChatPlan, attach_media, cap_max_tokens, fewest_dropped, plan_chat, reasoning_token_count, turn_deltas,
 )
 from qwenstack.serving.errors import APIError
+from qwenstack.serving.logprobs import TokenTexts, chat_logprobs
 from qwenstack.serving.responses import mcp_tools
 from qwenstack.serving.responses.events import Event, OutputBuilder, new_id
 from qwenstack.serving.responses.protocol import InputItem, ResponsesRequest
@@ -108,7 +109,7 @@ class ResponseRun:
                           "summary": r.reasoning.summary if r.reasoning else None},
             "store": r.store, "temperature": r.temperature, "top_p": r.top_p, "text": {"format": fmt},
             "tool_choice": "auto" if choice is None else choice if isinstance(choice, str) else choice.model_dump(),
-            "tools": tools, "truncation": r.truncation,
+            "tools": tools, "truncation": r.truncation, "top_logprobs": r.top_logprobs,
             "usage": self.usage.as_dict() if self.status not in ("queued", "in_progress") else None,
             "completed_at": self.completed_at,
             "user": r.user, "metadata": r.metadata or {},
@@ -303,9 +304,19 @@ async def _model_turn(run: ResponseRun, tools: list[dict[str, Any]], calls: list
     streaming = True  # client function calls are streamed until another kind of call comes
     open_call: dict[str, Any] | None = None  # the streamed call whose item is not done yet
     final = None
+    texts = TokenTexts(served.tokenizer) if request.wants_logprobs else None
+    unshown: list[dict[str, Any]] = []  # logprobs of tokens whose text the parser holds back (a possible tag)
     try:
         async for out, parsed in turn_deltas(plan, moderated, tracker, parser):
-            for event in b.reasoning(parsed.reasoning) + b.text(parsed.content):
+            if texts is not None and out.outputs[0].delta_token_ids:
+                step = out.outputs[0]
+                unshown += chat_logprobs(texts, step.delta_token_ids, step.delta_logprobs, request.top_logprobs or 0)
+            # The answer's logprobs are those of the tokens that wrote its text: a token the parser held back
+            # joins the next text shown, unless it was markup (the end of thinking, a call's tags).
+            shown, unshown = (unshown, []) if parsed.content else ([], unshown)
+            if parsed.reasoning or parsed.tool_calls or not (parsed.content or b.answering):
+                unshown = []
+            for event in b.reasoning(parsed.reasoning) + b.text(parsed.content, shown):
                 yield event
             for delta in parsed.tool_calls:  # (parallel_tool_calls=false: the first call only)
                 call = found.get(delta.index)

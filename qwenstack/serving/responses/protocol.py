@@ -3,8 +3,8 @@
 Decisions:
 - Input items are a union told apart by `type`; an item without `type` but with `role` is a message (OpenAI's
   "easy input message"). Unknown item types are a 400 naming the item, never silently dropped.
-- Known fields are strict, unknown ones ignored (as for chat): clients send `include`, `prompt_cache_key`,
-  `truncation` and such, which change nothing here.
+- Known fields are strict, unknown ones ignored (as for chat): clients send `prompt_cache_key`, `safety_
+  identifier` and such, which change nothing here. `include` acts only for "message.output_text.logprobs".
 - Output items and events are plain dicts built in events.py (exact control over nulls, as the chat stream does).
 """
 from __future__ import annotations
@@ -17,7 +17,11 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from qwenstack.serving.protocol import ReasoningEffort, null_means_default, nullable_in_schema
+from qwenstack.serving.protocol import MAX_TOP_LOGPROBS, ReasoningEffort, null_means_default, nullable_in_schema
+
+# The `include` value that asks for the answer's token logprobs; the others OpenAI lists (encrypted reasoning,
+# search results, image URLs of inputs) have nothing to add here and are accepted and ignored.
+OUTPUT_TEXT_LOGPROBS = "message.output_text.logprobs"
 
 
 class _In(BaseModel):
@@ -276,6 +280,8 @@ class ResponsesRequest(_In):
     metadata: dict[str, str] | None = None
     user: str | None = None
     seed: int | None = None  # a qwenstack extra: reproducible sampling
+    include: list[str] | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
 
     @model_validator(mode="after")
     def _background_is_stored(self) -> "ResponsesRequest":
@@ -310,6 +316,12 @@ class ResponsesRequest(_In):
                 message = first["msg"]
             raise PydanticCustomError("invalid_input_item", "input{where}: {message}",
                                       {"where": where, "message": message}) from None
+
+    @property
+    def wants_logprobs(self) -> bool:
+        """The answer's logprobs come with include "message.output_text.logprobs" only; top_logprobs alone
+        leaves them empty, as OpenAI's does."""
+        return OUTPUT_TEXT_LOGPROBS in (self.include or [])
 
     @property
     def conversation_id(self) -> str | None:

@@ -117,6 +117,8 @@ def chat_request(request: ResponsesRequest, messages: list[dict[str, Any]], tool
             body[name] = value
     if max_tokens is not None:
         body["max_completion_tokens"] = max_tokens
+    if request.wants_logprobs:
+        body.update(logprobs=True, top_logprobs=request.top_logprobs or 0)
     if tools:
         body["tools"] = tools
     choice = request.tool_choice
