@@ -1,0 +1,92 @@
+"""What the JavaScript clients send, replayed as their exact HTTP exchanges (the suite stays Python): the Vercel AI
+SDK (`ai` with @ai-sdk/openai and @ai-sdk/openai-compatible), openai-node, ollama-js and @anthropic-ai/sdk were
+run against a server on scripted checkpoints, and what broke is pinned here.
+
+- @ai-sdk/openai's default model (the Responses API, store on) sends the reasoning item of a tool-calling step
+  back as `{"type": "item_reference", "id": "rs_..."}` in the next step's input: a multi-step `generateText` /
+  `streamText` with tools failed on its second step with a 400.
+"""
+from __future__ import annotations
+
+import json
+from typing import Any, Iterator
+
+import httpx
+import pytest
+
+from responses_fixtures import AGENT_ANSWER, build_agent
+from server_utils import BackgroundServer, tiny_served_model
+from qwenstack.serving.app import create_app
+from qwenstack.serving.config import ServerConfig
+
+# The AI SDK's tool definitions: zod-to-JSON-schema output, $schema and additionalProperties included.
+AI_SDK_TOOLS = [
+    {"type": "function", "name": name, "description": description,
+     "parameters": {"$schema": "http://json-schema.org/draft-07/schema#", "type": "object",
+                    "properties": {"city": {"type": "string"}}, "required": ["city"], "additionalProperties": False}}
+    for name, description in (("get_weather", "Current weather"), ("get_time", "Local time"))]
+USER = {"role": "user", "content": [{"type": "input_text", "text": "Weather?"}]}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BackgroundServer]:
+    root = tmp_path_factory.mktemp("js-clients")
+    models = [tiny_served_model(build_agent(root / "agent").path, "agent")]
+    app = create_app(models, ServerConfig(ui_db_path=":memory:", enable_ui=False))
+    with BackgroundServer(app) as srv:
+        yield srv
+
+
+def post(server: BackgroundServer, path: str, body: dict[str, Any]) -> httpx.Response:
+    return httpx.post(server.url + path, json=body, timeout=60)
+
+
+def ai_sdk_second_step(first: dict[str, Any], reference: dict[str, Any]) -> dict[str, Any]:
+    """The AI SDK's second request: the user turn, the reasoning item by reference, the calls with their results
+    (its own call items carry no id; the arguments re-serialised compactly)."""
+    calls = [i for i in first["output"] if i["type"] == "function_call"]
+    items = [USER, reference]
+    items += [{"type": "function_call", "call_id": c["call_id"], "name": c["name"],
+               "arguments": json.dumps(json.loads(c["arguments"]), separators=(",", ":"))} for c in calls]
+    items += [{"type": "function_call_output", "call_id": c["call_id"], "output": '{"w":"sunny"}'} for c in calls]
+    return {"model": "agent", "input": items, "tools": AI_SDK_TOOLS, "tool_choice": "auto"}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_ai_sdk_responses_tool_loop_sends_reasoning_by_reference(server: BackgroundServer, stream: bool) -> None:
+    """generateText/streamText({model: openai('m'), tools, stopWhen: stepCountIs(3)}): step two references the
+    stored reasoning item; the server reads it from the store (it used to answer 400 "type 'item_reference' is not
+    supported here")."""
+    first = post(server, "/v1/responses", {"model": "agent", "input": [USER], "tools": AI_SDK_TOOLS,
+                                           "tool_choice": "auto"}).json()
+    reasoning = first["output"][0]
+    assert reasoning["type"] == "reasoning" and reasoning["id"].startswith("rs_")
+    body = ai_sdk_second_step(first, {"type": "item_reference", "id": reasoning["id"]})
+    if not stream:
+        second = post(server, "/v1/responses", body)
+        assert second.status_code == 200, second.text
+        assert second.json()["output"][-1]["content"][0]["text"] == AGENT_ANSWER
+        listed = httpx.get(f"{server.url}/v1/responses/{second.json()['id']}/input_items?order=asc").json()["data"]
+        assert listed[1] == reasoning  # stored as the item it names
+        return
+    with httpx.stream("POST", server.url + "/v1/responses", json={**body, "stream": True}, timeout=60) as r:
+        assert r.status_code == 200
+        events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: ")]
+    assert events[-1]["type"] == "response.completed"
+    assert "".join(e["delta"] for e in events if e["type"] == "response.output_text.delta") == AGENT_ANSWER
+
+
+def test_an_item_reference_without_type_and_an_unknown_one(server: BackgroundServer) -> None:
+    """OpenAI's reference type is optional ({"id": ...} alone); an id nothing stored holds is OpenAI's 404."""
+    first = post(server, "/v1/responses", {"model": "agent", "input": [USER], "tools": AI_SDK_TOOLS}).json()
+    second = post(server, "/v1/responses", ai_sdk_second_step(first, {"id": first["output"][0]["id"]}))
+    assert second.status_code == 200 and second.json()["output"][-1]["content"][0]["text"] == AGENT_ANSWER
+    missing = post(server, "/v1/responses", ai_sdk_second_step(first, {"type": "item_reference", "id": "rs_gone"}))
+    assert missing.status_code == 404
+    error = missing.json()["error"]
+    assert error["param"] == "input" and error["message"].startswith("Item with id 'rs_gone' not found")
+    unstored = post(server, "/v1/responses", {"model": "agent", "input": [USER], "tools": AI_SDK_TOOLS,
+                                              "store": False}).json()
+    again = post(server, "/v1/responses", ai_sdk_second_step(unstored, {"type": "item_reference",
+                                                                       "id": unstored["output"][0]["id"]}))
+    assert again.status_code == 404  # store=false keeps nothing to reference, as at OpenAI
