@@ -5,6 +5,8 @@ run against a server on scripted checkpoints, and what broke is pinned here.
 - @ai-sdk/openai's default model (the Responses API, store on) sends the reasoning item of a tool-calling step
   back as `{"type": "item_reference", "id": "rs_..."}` in the next step's input: a multi-step `generateText` /
   `streamText` with tools failed on its second step with a 400.
+- @ai-sdk/openai-compatible sends a PDF as a chat content part {"type": "file", "file": {...}}: its 400 said
+  "messages.0.content: Input should be a valid string", about the string form the client did not send.
 """
 from __future__ import annotations
 
@@ -90,3 +92,20 @@ def test_an_item_reference_without_type_and_an_unknown_one(server: BackgroundSer
     again = post(server, "/v1/responses", ai_sdk_second_step(unstored, {"type": "item_reference",
                                                                        "id": unstored["output"][0]["id"]}))
     assert again.status_code == 404  # store=false keeps nothing to reference, as at OpenAI
+
+
+@pytest.mark.parametrize("part, message", [
+    ({"type": "file", "file": {"filename": "document.pdf", "file_data": "data:application/pdf;base64,JVBERi0="}},
+     "messages.0.content.1: type 'file' is not supported here (supported: 'text', 'image_url', 'input_audio', "),
+    ({"type": "text"}, "messages.0.content.1.text: Field required"),
+])
+def test_a_content_part_the_server_cannot_take_is_named(server: BackgroundServer, part: dict, message: str) -> None:
+    """generateText({model: compat.chatModel(m), messages: [{role: "user", content: [{type: "text", ...},
+    {type: "file", mediaType: "application/pdf", data}]}]}): the 400 names the part and its type."""
+    content = [{"type": "text", "text": "Summarize this"}, part]
+    r = post(server, "/v1/chat/completions", {"model": "agent", "messages": [{"role": "user", "content": content}]})
+    assert r.status_code == 400
+    error = r.json()["error"]
+    assert error["message"].startswith(message) and error["param"] == message.split(":")[0]
+    whole = post(server, "/v1/chat/completions", {"model": "agent", "messages": [{"role": "user", "content": 5}]})
+    assert whole.json()["error"]["message"].startswith("messages.0.content: Input should be a valid string")
