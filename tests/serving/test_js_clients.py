@@ -5,6 +5,9 @@ run against a server on scripted checkpoints, and what broke is pinned here.
 - @ai-sdk/openai's default model (the Responses API, store on) sends the reasoning item of a tool-calling step
   back as `{"type": "item_reference", "id": "rs_..."}` in the next step's input: a multi-step `generateText` /
   `streamText` with tools failed on its second step with a 400.
+- @ai-sdk/openai reads a Responses reasoning item's `summary` only (never its `content`): asked for one
+  (providerOptions.openai.reasoningSummary, with forceReasoning for a model id it does not know), it got an
+  empty summary and showed no reasoning.
 - @ai-sdk/openai-compatible sends a PDF as a chat content part {"type": "file", "file": {...}}: its 400 said
   "messages.0.content: Input should be a valid string", about the string form the client did not send.
 """
@@ -16,7 +19,7 @@ from typing import Any, Iterator
 import httpx
 import pytest
 
-from responses_fixtures import AGENT_ANSWER, build_agent
+from responses_fixtures import AGENT_ANSWER, AGENT_SCRIPT, build_agent
 from server_utils import BackgroundServer, tiny_served_model
 from qwenstack.serving.app import create_app
 from qwenstack.serving.config import ServerConfig
@@ -109,3 +112,31 @@ def test_a_content_part_the_server_cannot_take_is_named(server: BackgroundServer
     assert error["message"].startswith(message) and error["param"] == message.split(":")[0]
     whole = post(server, "/v1/chat/completions", {"model": "agent", "messages": [{"role": "user", "content": 5}]})
     assert whole.json()["error"]["message"].startswith("messages.0.content: Input should be a valid string")
+
+
+def test_reasoning_summary_when_asked(server: BackgroundServer) -> None:
+    """generateText/streamText({model: openai('m'), providerOptions: {openai: {forceReasoning: true,
+    reasoningSummary: 'auto'}}}): the thinking comes as the reasoning item's summary too, with OpenAI's
+    reasoning_summary_* events; without `reasoning.summary` the summary stays empty."""
+    thought = AGENT_SCRIPT.split("<think>\n")[1].split("\n</think>")[0]
+    body = {"model": "agent", "input": [USER], "tools": AI_SDK_TOOLS, "reasoning": {"summary": "auto"}}
+    item = post(server, "/v1/responses", body).json()["output"][0]
+    assert item["summary"] == [{"type": "summary_text", "text": thought}]
+    assert item["content"] == [{"type": "reasoning_text", "text": thought}]  # vLLM's field, as before
+    plain = post(server, "/v1/responses", {**body, "reasoning": {"effort": "high"}}).json()["output"][0]
+    assert plain["summary"] == [] and plain["content"][0]["text"] == thought
+    with httpx.stream("POST", server.url + "/v1/responses", json={**body, "stream": True}, timeout=60) as r:
+        events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: ")]
+    kinds = [e["type"] for e in events]
+    added = kinds.index("response.reasoning_summary_part.added")
+    assert kinds.index("response.output_item.added") < added < kinds.index("response.reasoning_summary_text.delta")
+    deltas = [e for e in events if e["type"] == "response.reasoning_summary_text.delta"]
+    assert "".join(e["delta"] for e in deltas) == thought
+    assert all((e["item_id"], e["summary_index"]) == (events[added]["item_id"], 0) for e in deltas)
+    done = next(e for e in events if e["type"] == "response.reasoning_summary_part.done")
+    assert done["part"] == {"type": "summary_text", "text": thought}
+    assert kinds.index("response.reasoning_summary_part.done") < kinds.index("response.output_item.done")
+    streamed = next(e for e in events if e["type"] == "response.output_item.done")["item"]
+    assert streamed["summary"] == item["summary"]
+    first_added = next(e for e in events if e["type"] == "response.output_item.added")["item"]
+    assert first_added["summary"] == []  # the snapshot at `added`, as OpenAI sends it

@@ -89,6 +89,10 @@ class ResponseRun:
     tool_calls_made: int = 0
     completed_at: int | None = None  # when it ended completed or incomplete
 
+    def __post_init__(self) -> None:
+        reasoning = self.request.reasoning
+        self.builder.summary = reasoning is not None and reasoning.summary is not None
+
     def body(self) -> dict[str, Any]:
         r = self.request
         # MCP headers often carry credentials: never echoed or stored (as OpenAI does).
