@@ -8,6 +8,8 @@ run against a server on scripted checkpoints, and what broke is pinned here.
 - @ai-sdk/openai reads a Responses reasoning item's `summary` only (never its `content`): asked for one
   (providerOptions.openai.reasoningSummary, with forceReasoning for a model id it does not know), it got an
   empty summary and showed no reasoning.
+- @ai-sdk/openai's allowedTools option sends tool_choice {"type": "allowed_tools", "mode", "tools"}: only its
+  mode was read, so the model was offered (and with "required" forced to call) tools outside the list.
 - @ai-sdk/openai-compatible sends a PDF as a chat content part {"type": "file", "file": {...}}: its 400 said
   "messages.0.content: Input should be a valid string", about the string form the client did not send.
 """
@@ -140,3 +142,19 @@ def test_reasoning_summary_when_asked(server: BackgroundServer) -> None:
     assert streamed["summary"] == item["summary"]
     first_added = next(e for e in events if e["type"] == "response.output_item.added")["item"]
     assert first_added["summary"] == []  # the snapshot at `added`, as OpenAI sends it
+
+
+def test_allowed_tools_offers_only_the_listed_tools(server: BackgroundServer) -> None:
+    """generateText({model: openai('m'), tools: {get_weather, get_time}, providerOptions: {openai: {allowedTools:
+    {toolNames: ['get_time'], mode: 'required'}}}}): the agent model would call get_weather first; only get_time may
+    be called (the forced call used to be get_weather)."""
+    choice = {"type": "allowed_tools", "mode": "required", "tools": [{"type": "function", "name": "get_time"}]}
+    r = post(server, "/v1/responses", {"model": "agent", "input": [USER], "tools": AI_SDK_TOOLS, "tool_choice": choice})
+    assert r.status_code == 200, r.text
+    calls = [i for i in r.json()["output"] if i["type"] == "function_call"]
+    assert calls and {c["name"] for c in calls} == {"get_time"}
+    assert r.json()["tool_choice"] == choice and len(r.json()["tools"]) == 2  # echoed as sent
+    nothing = {**choice, "tools": [{"type": "function", "name": "get_nothing"}]}
+    refused = post(server, "/v1/responses", {"model": "agent", "input": [USER], "tools": AI_SDK_TOOLS,
+                                             "tool_choice": nothing})
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "tool_choice"
