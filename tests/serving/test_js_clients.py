@@ -10,6 +10,7 @@ run against a server on scripted checkpoints, and what broke is pinned here.
   empty summary and showed no reasoning.
 - @ai-sdk/openai's allowedTools option sends tool_choice {"type": "allowed_tools", "mode", "tools"}: only its
   mode was read, so the model was offered (and with "required" forced to call) tools outside the list.
+- openai-node's chat tool_choice {"type": "allowed_tools", "allowed_tools": {"mode", "tools"}} was a 400.
 - @ai-sdk/openai-compatible sends a PDF as a chat content part {"type": "file", "file": {...}}: its 400 said
   "messages.0.content: Input should be a valid string", about the string form the client did not send.
 """
@@ -158,3 +159,20 @@ def test_allowed_tools_offers_only_the_listed_tools(server: BackgroundServer) ->
     refused = post(server, "/v1/responses", {"model": "agent", "input": [USER], "tools": AI_SDK_TOOLS,
                                              "tool_choice": nothing})
     assert refused.status_code == 400 and refused.json()["error"]["param"] == "tool_choice"
+
+
+def test_chat_allowed_tools(server: BackgroundServer) -> None:
+    """openai.chat.completions.create({tools, tool_choice: {type: 'allowed_tools', allowed_tools: {mode:
+    'required', tools: [{type: 'function', function: {name: 'get_time'}}]}}}) calls get_time only (it was a 400)."""
+    tools = [{"type": "function", "function": {k: v for k, v in t.items() if k != "type"}} for t in AI_SDK_TOOLS]
+    choice = {"type": "allowed_tools",
+              "allowed_tools": {"mode": "required", "tools": [{"type": "function", "function": {"name": "get_time"}}]}}
+    body = {"model": "agent", "messages": [{"role": "user", "content": "Weather?"}], "tools": tools,
+            "tool_choice": choice}
+    r = post(server, "/v1/chat/completions", body)
+    assert r.status_code == 200, r.text
+    calls = r.json()["choices"][0]["message"]["tool_calls"]
+    assert calls and {c["function"]["name"] for c in calls} == {"get_time"}
+    auto = {**choice, "allowed_tools": {**choice["allowed_tools"], "mode": "auto"}}
+    free = post(server, "/v1/chat/completions", {**body, "tool_choice": auto}).json()["choices"][0]["message"]
+    assert free["tool_calls"]  # the scripted model calls on its own; auto forces nothing
