@@ -55,17 +55,52 @@ def bad_request(message: str, param: str | None = None, code: str | None = None)
     return APIError(400, message, param=param, code=code)
 
 
+_SCALAR_TAGS = ("str", "int", "float", "bool", "list", "dict")  # pydantic's names of a union's plain branches
+
+
+def _most_specific(errors: list[Any]) -> dict[str, Any]:
+    """The error to report. A field that takes a string or a list (a message's content) reports its string branch
+    first; when the value was a list, the list branch's deeper error says what is wrong (a part of a type this
+    server does not take: the AI SDK sends PDFs as "file" parts)."""
+    first = errors[0] if errors else {}
+    loc = tuple(first.get("loc", ()))
+    if not loc or loc[-1] not in _SCALAR_TAGS:
+        return first
+    deeper = (e for e in errors[1:] if tuple(e.get("loc", ()))[:len(loc) - 1] == loc[:-1] and len(e["loc"]) > len(loc))
+    return next(deeper, first)
+
+
+def _message(error: dict[str, Any]) -> str:
+    if error.get("type") == "union_tag_invalid":  # an unknown `type` of a part or item
+        ctx = error.get("ctx") or {}
+        return f"type '{ctx.get('tag')}' is not supported here (supported: {ctx.get('expected_tags')})"
+    return error.get("msg", "invalid request")
+
+
+def _field_path(loc: Any) -> list[str]:
+    """pydantic's error location as the request's own path: FastAPI's prefix ("body"), union branches ("str",
+    "list[int]", "function-after") and the tag a tagged union adds after a list index ("text" in
+    messages.0.content.1.text.text) dropped."""
+    path: list[str] = []
+    union = tag_next = False
+    for p in loc:
+        if tag_next:
+            tag_next = False
+            if isinstance(p, str):
+                continue
+        tag_next, union = union and isinstance(p, int), "tagged-union" in str(p)
+        if p not in ("body", "query", "path") and not any(c in str(p) for c in "[]-") and p not in _SCALAR_TAGS:
+            path.append(str(p))
+    return path
+
+
 def validation_error(errors: list[Any]) -> APIError:
     """pydantic's error list -> one readable 400 naming the field (FastAPI would answer 422)."""
-    first = errors[0] if errors else {}
+    first = _most_specific(errors)
     if first.get("type") == "json_invalid":
         return bad_request("the request body is not valid JSON", code="invalid_json")
-    # Drop FastAPI's location prefix and pydantic's union-branch tags ("str", "list[int]", "function-after").
-    loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path")]
-    scalar_tags = ("str", "int", "float", "bool", "list", "dict")
-    loc = [p for p in loc if not any(c in p for c in "[]-") and p not in scalar_tags]
-    param = ".".join(loc) or None
-    message = first.get("msg", "invalid request")
+    param = ".".join(_field_path(first.get("loc", ()))) or None
+    message = _message(first)
     if param and not message.startswith(param):  # a validator's own message may already name it (input[0]...)
         message = f"{param}: {message}"
     if len(errors) > 1:

@@ -188,6 +188,17 @@ class NamedToolChoice(_Request):
     function: NamedFunction
 
 
+class AllowedTools(_Request):
+    mode: Literal["auto", "required"]
+    tools: list[dict[str, Any]]  # {"type": "function", "function": {"name": ...}}
+
+
+class AllowedToolChoice(_Request):
+    """OpenAI's: only the listed tools may be called (ChatCompletionRequest narrows `tools` to them)."""
+    type: Literal["allowed_tools"]
+    allowed_tools: AllowedTools
+
+
 class JsonSchemaSpec(_Request):
     name: str = "response"
     description: str | None = None
@@ -318,7 +329,7 @@ class ChatCompletionRequest(_SamplingFields):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     tools: list[Tool] | None = None
-    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | AllowedToolChoice | None = None
     parallel_tool_calls: bool | None = None
     chat_template_kwargs: dict[str, Any] | None = None
     reasoning_effort: ReasoningEffort | None = None  # see EFFORT_BUDGETS; an explicit budget below wins
@@ -343,6 +354,17 @@ class ChatCompletionRequest(_SamplingFields):
             raise ValueError("continue_final_message continues the last message; it cannot be combined with "
                              "add_generation_prompt true, which starts a new one")
         self.add_generation_prompt = False
+        return self
+
+    @model_validator(mode="after")
+    def _allowed_tools_narrow_the_tools(self) -> "ChatCompletionRequest":
+        """tool_choice allowed_tools -> the listed tools alone, offered with its mode (auto or required)."""
+        choice = self.tool_choice
+        if isinstance(choice, AllowedToolChoice):
+            names = {(t.get("function") or {}).get("name") for t in choice.allowed_tools.tools
+                     if t.get("type", "function") == "function"}
+            self.tools = [t for t in self.tools or [] if t.function.name in names]
+            self.tool_choice = choice.allowed_tools.mode
         return self
 
     @field_validator("reasoning_effort", mode="before")

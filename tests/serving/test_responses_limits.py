@@ -117,7 +117,7 @@ def test_what_openai_refuses(client: openai.OpenAI) -> None:
 
 
 @pytest.mark.parametrize("items, message", [
-    ([{"type": "item_reference", "id": "msg_1"}], "input[0]: type 'item_reference' is not supported here"),
+    ([{"type": "web_search_call", "id": "ws_1"}], "input[0]: type 'web_search_call' is not supported here"),
     ([{"role": "user", "content": [{"type": "input_file", "file_id": "file_1"}]}],
      "input[0].content[0]: type 'input_file' is not supported here"),
     ([{"type": "function_call", "call_id": "c1", "arguments": "{}"}], "input[0].name: Field required"),

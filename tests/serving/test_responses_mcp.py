@@ -299,6 +299,18 @@ def test_allowed_tools_filters_what_is_listed_offered_and_run(client: openai.Ope
     assert r.tools[0].allowed_tools.tool_names == ["get_weather"]
 
 
+
+def test_tool_choice_allowed_tools_offers_only_the_listed_mcp_tool(client: openai.OpenAI, turns: list[dict]) -> None:
+    """tool_choice allowed_tools (the AI SDK's allowedTools option) narrows what the model is offered as the MCP
+    tool's own allowed_tools does; the listing still names both tools."""
+    choice = {"type": "allowed_tools", "mode": "auto",
+              "tools": [{"type": "mcp", "server_label": "station", "name": "get_weather"}]}
+    r = client.responses.create(model="agent", input="Weather and time in Paris?", tools=[mcp()], tool_choice=choice)
+    assert [t.name for t in r.output[0].tools] == ["get_weather", "get_time"]
+    assert '"name": "get_weather"' in turns[0]["prompt"] and '"name": "get_time"' not in turns[0]["prompt"]
+    assert [(i.type, i.name) for i in r.output if i.type in ("mcp_call", "function_call")] == \
+        [("mcp_call", "get_weather"), ("function_call", "get_time")]
+
 @pytest.mark.parametrize("choice", ["required", {"type": "function", "name": "get_weather"}])
 def test_forced_tool_choice_binds_the_first_turn_only(client: openai.OpenAI, turns: list[dict], choice) -> None:
     # Seeded: where the grammar masks the scripted model's token, it meets ties (e.g. ' ' / ' "' /

@@ -83,11 +83,25 @@ def _not_found(response_id: str) -> APIError:
                     code="not_found")
 
 
-def _input_items(request: ResponsesRequest) -> list[dict[str, Any]]:
+def _input_items(request: ResponsesRequest, history: list[dict[str, Any]],
+                 store: ResponseStore) -> list[dict[str, Any]]:
     if isinstance(request.input, str):
         return stored_items([{"type": "message", "role": "user",
                               "content": [{"type": "input_text", "text": request.input}]}])
-    return stored_items([item.model_dump(exclude_none=True, by_alias=True) for item in request.input])
+    items = [item.model_dump(exclude_none=True, by_alias=True) for item in request.input]
+    return stored_items([_referenced(item, history, store) if item["type"] == "item_reference" else item
+                         for item in items])
+
+
+def _referenced(reference: dict[str, Any], history: list[dict[str, Any]], store: ResponseStore) -> dict[str, Any]:
+    """The item an item_reference names, from this conversation or any stored response (OpenAI's 404 if none)."""
+    item_id = reference["id"]
+    found = next((i for i in history if i.get("id") == item_id), None) or store.find_item(item_id)
+    if found is None or found.get("type") == "item_reference":
+        raise APIError(404, f"Item with id '{item_id}' not found. Items are not persisted when `store` is set to "
+                            "false. Try again with `store` set to true, or remove this item from your input.",
+                       param="input")
+    return dict(found)
 
 
 def _prepare(request: Request, body: ResponsesRequest) -> tuple[ResponseRun, ChatPlan]:
@@ -104,7 +118,7 @@ def _prepare(request: Request, body: ResponsesRequest) -> tuple[ResponseRun, Cha
         history = found
     if body.conversation_id is not None:
         history = conversation_items(svc.store, body.conversation_id)
-    inputs = _input_items(body)
+    inputs = _input_items(body, history, svc.store)
     check_approvals(inputs, history)
     _check_call_outputs(inputs, history)
     config = svc.config

@@ -5,6 +5,9 @@
     builder.text("Hello")               -> [reasoning_text.done, content_part.done, output_item.done, ...added]
     builder.close_text()                -> the open item's done events
 
+With `summary` (the request's reasoning.summary) a reasoning item also carries its text as a summary part, with
+the reasoning_summary_part / reasoning_summary_text events beside the reasoning_text ones.
+
 Every event is a dict with `type`; `EventLog` numbers them (`sequence_number`) in the order the client gets
 them. Items get their final shape at `output_item.done` and are what the response's `output` holds, so the
 streamed events always reassemble to the non-streamed response.
@@ -34,9 +37,12 @@ class EventLog:
 class OutputBuilder:
     """Output items of one response, across all its model turns."""
 
-    def __init__(self, output: list[dict[str, Any]] | None = None) -> None:
+    def __init__(self, output: list[dict[str, Any]] | None = None, summary: bool = False) -> None:
         self.output: list[dict[str, Any]] = output if output is not None else []
         self._open: dict[str, Any] | None = None  # the reasoning or message item receiving text
+        # reasoning.summary asked for: the thinking is also the reasoning item's summary, with OpenAI's summary
+        # events (there is no summariser; clients such as the AI SDK read reasoning from summaries only).
+        self.summary = summary
 
     # --- items with text -------------------------------------------------------------------------------
 
@@ -57,6 +63,12 @@ class OutputBuilder:
         events.append({"type": "response.content_part.added", "item_id": item["id"], "output_index": index,
                        "content_index": 0, "part": dict(part)})
         item["content"].append(part)
+        if kind == "reasoning" and self.summary:
+            summary = {"type": "summary_text", "text": ""}
+            events.append({"type": "response.reasoning_summary_part.added", "item_id": item["id"],
+                           "output_index": index, "summary_index": 0, "part": dict(summary)})
+            item["summary"].append(summary)
+            self._open["summary"] = summary
         return events
 
     def _append(self, kind: str, delta: str, logprobs: list[dict[str, Any]]) -> list[Event]:
@@ -73,6 +85,11 @@ class OutputBuilder:
             event["logprobs"] = logprobs
             part["logprobs"] = part["logprobs"] + logprobs  # a new list: events already made keep theirs
         events.append(event)
+        summary = self._open.get("summary")
+        if summary is not None:
+            summary["text"] += delta
+            events.append({"type": "response.reasoning_summary_text.delta", "item_id": event["item_id"],
+                           "output_index": event["output_index"], "summary_index": 0, "delta": delta})
         return events
 
     @property
@@ -91,16 +108,21 @@ class OutputBuilder:
         """The open text item's done events; `status` "incomplete" for a text cut off (max_output_tokens, the guard)."""
         if self._open is None:
             return []
-        item, index, part = self._open["item"], self._open["index"], self._open["part"]
+        item, index, part, summary = (self._open["item"], self._open["index"], self._open["part"],
+                                      self._open.get("summary"))
         self._open = None
         item["status"] = status
         base = {"item_id": item["id"], "output_index": index, "content_index": 0}
         if item["type"] == "reasoning":
-            done: Event = {"type": "response.reasoning_text.done", **base, "text": part["text"]}
+            done: list[Event] = [{"type": "response.reasoning_text.done", **base, "text": part["text"]}]
         else:
-            done = {"type": "response.output_text.done", **base, "text": part["text"], "logprobs": part["logprobs"]}
-        return [done, {"type": "response.content_part.done", **base, "part": dict(part)},
-                {"type": "response.output_item.done", "output_index": index, "item": _copy(item)}]
+            done = [{"type": "response.output_text.done", **base, "text": part["text"], "logprobs": part["logprobs"]}]
+        if summary is not None:
+            at = {"item_id": item["id"], "output_index": index, "summary_index": 0}
+            done += [{"type": "response.reasoning_summary_text.done", **at, "text": summary["text"]},
+                     {"type": "response.reasoning_summary_part.done", **at, "part": dict(summary)}]
+        return done + [{"type": "response.content_part.done", **base, "part": dict(part)},
+                       {"type": "response.output_item.done", "output_index": index, "item": _copy(item)}]
 
     # --- tool calls --------------------------------------------------------------------------------------
 
@@ -161,6 +183,7 @@ class OutputBuilder:
 def _copy(item: dict[str, Any]) -> dict[str, Any]:
     """A snapshot of an item as it is now (later changes must not alter an event already made)."""
     out = dict(item)
-    if isinstance(out.get("content"), list):
-        out["content"] = [dict(p) for p in out["content"]]
+    for key in ("content", "summary"):
+        if isinstance(out.get(key), list):
+            out[key] = [dict(p) for p in out[key]]
     return out

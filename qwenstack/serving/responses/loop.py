@@ -45,7 +45,9 @@ from qwenstack.serving.logprobs import TokenTexts, chat_logprobs
 from qwenstack.serving.responses import mcp_tools
 from qwenstack.serving.responses.events import Event, OutputBuilder, new_id
 from qwenstack.serving.responses.protocol import InputItem, ResponsesRequest
-from qwenstack.serving.responses.translate import arguments_object, chat_request, function_tools, items_to_messages
+from qwenstack.serving.responses.translate import (
+    arguments_object, chat_request, function_tools, items_to_messages, offered,
+)
 from qwenstack.serving.served import ServedModel
 from qwenstack.serving.state import ServerState
 from qwenstack.serving.streaming import OutputStream, close_all, first_output
@@ -88,6 +90,10 @@ class ResponseRun:
     rails: Any = None  # the guard's Guardrails (moderation.guardrails_of, taken with the request); None: unguarded
     tool_calls_made: int = 0
     completed_at: int | None = None  # when it ended completed or incomplete
+
+    def __post_init__(self) -> None:
+        reasoning = self.request.reasoning
+        self.builder.summary = reasoning is not None and reasoning.summary is not None
 
     def body(self) -> dict[str, Any]:
         r = self.request
@@ -181,8 +187,9 @@ async def execute(run: ResponseRun) -> AsyncIterator[Event]:
             mcp_map.setdefault(tool["name"], (target, tool))
 
     client_tools = function_tools(run.request)
-    client_names = {t["function"]["name"] for t in client_tools}
-    mcp_map = {name: v for name, v in mcp_map.items() if name not in client_names}
+    client_names = {t.name for t in run.request.tools or [] if t.type == "function"}  # offered or not
+    mcp_map = {name: (target, tool) for name, (target, tool) in mcp_map.items()
+               if name not in client_names and offered(run.request.tool_choice, name, target.label)}
     steps = 0
     limit = run.request.max_tool_calls
     while True:

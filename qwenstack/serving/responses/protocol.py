@@ -2,7 +2,8 @@
 
 Decisions:
 - Input items are a union told apart by `type`; an item without `type` but with `role` is a message (OpenAI's
-  "easy input message"). Unknown item types are a 400 naming the item, never silently dropped.
+  "easy input message"), one with only an `id` an item_reference (resolved from the store in api.py before
+  anything reads the input). Unknown item types are a 400 naming the item, never silently dropped.
 - Known fields are strict, unknown ones ignored (as for chat): clients send `prompt_cache_key`, `safety_
   identifier` and such, which change nothing here. `include` acts only for "message.output_text.logprobs".
 - Output items and events are plain dicts built in events.py (exact control over nulls, as the chat stream does).
@@ -144,9 +145,16 @@ class McpApprovalResponseItem(_In):
     reason: str | None = None
 
 
+class ItemReference(_In):
+    """An item of a stored response or conversation, by id (api.py swaps in the item before anything reads it):
+    the AI SDK's Responses provider sends its reasoning items back this way."""
+    type: Literal["item_reference"] = "item_reference"
+    id: str
+
+
 def _item_kind(value: Any) -> str | None:
-    if isinstance(value, dict):
-        return value.get("type") or ("message" if "role" in value else None)
+    if isinstance(value, dict):  # OpenAI's: no type and a role is a message, no type and only an id a reference
+        return value.get("type") or ("message" if "role" in value else "item_reference" if "id" in value else None)
     return getattr(value, "type", None)
 
 
@@ -158,6 +166,7 @@ InputItem = Annotated[
         Annotated[McpListToolsItem, Tag("mcp_list_tools")], Annotated[McpCallItem, Tag("mcp_call")],
         Annotated[McpApprovalRequestItem, Tag("mcp_approval_request")],
         Annotated[McpApprovalResponseItem, Tag("mcp_approval_response")],
+        Annotated[ItemReference, Tag("item_reference")],
     ],
     Discriminator(_item_kind),
 ]

@@ -111,6 +111,23 @@ class ResponseStore:
             items += inputs + outputs
         return items
 
+    def find_item(self, item_id: str) -> dict[str, Any] | None:
+        """A stored item by id: an output or input item of a stored response, or a conversation's item (None if
+        none has it). Responses are matched on their JSON text first, newest first, then their items compared."""
+        with self._lock:
+            row = self._conn.execute("SELECT item FROM conversation_items WHERE item_id = ? LIMIT 1",
+                                     (item_id,)).fetchone()
+            if row is not None:
+                return json.loads(row[0])
+            needle = "%" + json.dumps(item_id) + "%"
+            rows = self._conn.execute("SELECT body, input_items FROM responses WHERE body LIKE ? OR input_items "
+                                      "LIKE ? ORDER BY created_at DESC", (needle, needle)).fetchall()
+        for body, inputs in rows:
+            for item in (json.loads(body).get("output") or []) + json.loads(inputs):
+                if item.get("id") == item_id:
+                    return item
+        return None
+
     # --- conversations ----------------------------------------------------------------------------------
 
     def create_conversation(self, conversation_id: str, metadata: dict[str, str]) -> dict[str, Any]:

@@ -7,6 +7,8 @@ Decisions:
   `<tool_response>` inside a user turn). An `mcp_call` is both: the call and its output (or its error).
 - `reasoning.effort` becomes the chat `reasoning_effort`: Qwen3's thinking switch and budget (none/minimal turn
   thinking off, low and medium cap it, high and xhigh leave it unbounded; protocol.py's EFFORT_BUDGETS).
+- `tool_choice` allowed_tools offers the model only the tools it lists (OpenAI: only those may be called), with
+  its mode as the chat tool_choice; the other tools are left out of the prompt.
 - `text.format` json_schema/json_object becomes the chat `response_format` (llguidance grammars in
   engine/grammar.py); `max_output_tokens` bounds the whole response, every turn of a tool loop included.
 """
@@ -19,8 +21,8 @@ from qwenstack.serving.errors import bad_request
 from qwenstack.serving.responses.mcp_tools import error_text
 from qwenstack.serving.protocol import ChatCompletionRequest
 from qwenstack.serving.responses.protocol import (
-    FunctionCallItem, FunctionCallOutputItem, InputAudio, InputImage, InputText, McpCallItem, MessageItem,
-    NamedFunctionChoice, ReasoningItem, Refusal, ResponsesRequest,
+    AllowedToolsChoice, FunctionCallItem, FunctionCallOutputItem, InputAudio, InputImage, InputText, McpCallItem,
+    MessageItem, NamedFunctionChoice, ReasoningItem, Refusal, ResponsesRequest,
 )
 from qwenstack.serving.state import parse
 
@@ -141,11 +143,26 @@ def chat_request(request: ResponsesRequest, messages: list[dict[str, Any]], tool
     return parse(ChatCompletionRequest, body)
 
 
+def offered(choice: Any, name: str, server_label: str | None = None) -> bool:
+    """Whether the model is offered this function tool (or this MCP server's tool): a tool_choice of type
+    allowed_tools offers only what it lists ({"type": "function", "name"}, {"type": "mcp", "server_label"} with an
+    optional "name"); any other tool_choice offers every tool."""
+    if not isinstance(choice, AllowedToolsChoice):
+        return True
+    for entry in choice.tools:
+        if server_label is None and entry.get("type") == "function" and entry.get("name") == name:
+            return True
+        if (server_label is not None and entry.get("type") == "mcp" and entry.get("server_label") == server_label
+                and entry.get("name") in (None, name)):
+            return True
+    return False
+
+
 def function_tools(request: ResponsesRequest) -> list[dict[str, Any]]:
-    """The client's function tools in the chat shape."""
+    """The client's function tools in the chat shape (those tool_choice offers)."""
     out = []
     for tool in request.tools or []:
-        if tool.type == "function":
+        if tool.type == "function" and offered(request.tool_choice, tool.name):
             fn: dict[str, Any] = {"name": tool.name, "parameters": tool.parameters or {"type": "object", "properties": {}}}
             if tool.description:
                 fn["description"] = tool.description
