@@ -159,6 +159,18 @@ def test_a_sliding_window_switch_no_layer_uses_loads(tmp_path: Path, tiny_qwen3:
             load_model(switch)
 
 
+def test_rope_scaling_that_drops_a_rope_parameters_theta_is_refused(tmp_path: Path, tiny_qwen3: Path) -> None:
+    """rope_scaling added to a rope_parameters config, naming no rope_theta: transformers drops rope_parameters'
+    1e6 and runs its default 10000. Refused, naming the field, rather than silently running either."""
+    edited = copy_checkpoint(tiny_qwen3, tmp_path / "edited")
+    config = json.loads((edited / "config.json").read_text())
+    config["rope_parameters"] = {"rope_type": "default", "rope_theta": 1e6}
+    config["rope_scaling"] = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}
+    (edited / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match="rope_parameters.rope_theta=1e"):
+        load_model(edited)
+
+
 def test_the_template_file_wins_over_tokenizer_config(tmp_path: Path, tiny_qwen3: Path) -> None:
     """As transformers reads them: chat_template.jinja beside a tokenizer_config.json that still holds an older
     template (a re-saved Qwen3-2507 checkpoint) is the template."""

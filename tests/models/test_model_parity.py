@@ -2,6 +2,7 @@
 prompts of different lengths, and greedy decoding through the paged KV cache."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -80,3 +81,25 @@ def test_bfloat16_close_to_transformers(tiny_qwen3: Path) -> None:
     got = packed_logits(ours, [prompt])[0].float()
     want = ref(torch.tensor([prompt])).logits[0].float()
     assert (got - want).abs().max().item() < 0.1
+
+
+YARN_ADDED = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}
+
+
+@pytest.mark.parametrize("theta", [None, 1e6], ids=["theta-from-default", "theta-in-rope-scaling"])
+@torch.inference_mode()
+def test_rope_scaling_added_to_a_rope_parameters_config(tmp_path: Path, theta: float | None) -> None:
+    """A transformers-5 config.json (rope_parameters) to which rope_scaling was added for YaRN, as Qwen's model cards
+    say: transformers runs rope_scaling (it replaces rope_parameters whole); we ran the plain rope."""
+    config = dense_config(max_position_embeddings=256)
+    path = build_hf_checkpoint(tmp_path, "qwen3", config, seed=3)
+    on_disk = json.loads((path / "config.json").read_text())
+    if theta is not None:
+        on_disk["rope_parameters"]["rope_theta"] = theta
+    on_disk["rope_scaling"] = {**YARN_ADDED, **({} if theta is None else {"rope_theta": theta})}
+    (path / "config.json").write_text(json.dumps(on_disk))
+    ours, ref = load_model(path, dtype=torch.float32), load_hf(path)
+    assert ref.config.rope_parameters["rope_type"] == "yarn"
+    prompt = [(7 * i) % 500 + 3 for i in range(200)]
+    torch.testing.assert_close(packed_logits(ours, [prompt])[0], ref(torch.tensor([prompt])).logits[0],
+                               atol=1e-4, rtol=0)
