@@ -109,6 +109,9 @@ class Qwen3NextArgs(Qwen3MoeArgs):
                 f"linear_num_key_heads ({self.linear_num_key_heads})"
             )
 
+    def sliding_layers(self, config: dict[str, Any]) -> list[int]:
+        return []  # transformers' Qwen3-Next has no sliding window: use_sliding_window is not read
+
     def is_linear_layer(self, layer_idx: int) -> bool:
         assert self.layer_types is not None
         return self.layer_types[layer_idx] == "linear_attention"

@@ -159,6 +159,21 @@ def test_a_sliding_window_switch_no_layer_uses_loads(tmp_path: Path, tiny_qwen3:
             load_model(switch)
 
 
+def test_a_moe_sliding_window_is_refused(tmp_path: Path, tiny_qwen3_moe: Path) -> None:
+    """transformers' Qwen3-MoE slides every layer when use_sliding_window is on (it has no max_window_layers):
+    we ran full attention, silently different past the window."""
+    from qwenstack.errors import UnsupportedModelError
+
+    switch = copy_checkpoint(tiny_qwen3_moe, tmp_path / "switch")
+    config = json.loads((switch / "config.json").read_text())
+    (switch / "config.json").write_text(json.dumps({**config, "use_sliding_window": True, "sliding_window": 64,
+                                                    "max_window_layers": config["num_hidden_layers"]}))
+    with pytest.raises(UnsupportedModelError, match="use_sliding_window"):
+        load_model(switch)
+    (switch / "config.json").write_text(json.dumps({**config, "use_sliding_window": True, "sliding_window": None}))
+    load_model(switch)  # the switch with no window slides nothing
+
+
 def test_rope_scaling_that_drops_a_rope_parameters_theta_is_refused(tmp_path: Path, tiny_qwen3: Path) -> None:
     """rope_scaling added to a rope_parameters config, naming no rope_theta: transformers drops rope_parameters'
     1e6 and runs its default 10000. Refused, naming the field, rather than silently running either."""
