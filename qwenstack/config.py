@@ -88,6 +88,16 @@ class RopeConfig:
         )
 
 
+def rope_context_length(max_position_embeddings: int, rope: RopeConfig | None) -> int:
+    """The context a model runs: max_position_embeddings, or more where its rope scaling stretches it, as vLLM
+    derives max_model_len (YaRN: original_max_position_embeddings x factor; linear: x factor). A YaRN rope_scaling
+    added to a Qwen3 config (40,960 positions) is there for 131,072."""
+    if rope is None or rope.factor is None or rope.rope_type not in ("linear", "yarn"):
+        return max_position_embeddings
+    base = rope.original_max_position_embeddings if rope.rope_type == "yarn" else None
+    return max(max_position_embeddings, int((base or max_position_embeddings) * rope.factor))
+
+
 def _replaced_rope_theta(rope_parameters: dict[str, Any]) -> float:
     """The rope_theta transformers runs when rope_scaling replaced rope_parameters and names none itself: its
     class default, 10000. Taken only where rope_parameters agrees, refused where it names another (which
@@ -174,4 +184,4 @@ def eos_token_ids(config: dict[str, Any]) -> list[int]:
     return [int(e) for e in eos] if isinstance(eos, list) else [int(eos)]
 
 
-__all__ = ["ModelArgs", "RopeConfig", "read_config", "eos_token_ids", "field"]
+__all__ = ["ModelArgs", "RopeConfig", "read_config", "eos_token_ids", "field", "rope_context_length"]

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from checkpoints import build_hf_checkpoint, dense_config, load_hf, moe_config
+from checkpoints import build_hf_checkpoint, dense_config, hf_greedy, load_hf, moe_config
 from qwenstack.engine.reference import greedy_generate
 from qwenstack.models.attention import AttentionBatch
 from qwenstack.models.registry import load_model
@@ -103,3 +103,18 @@ def test_rope_scaling_added_to_a_rope_parameters_config(tmp_path: Path, theta: f
     prompt = [(7 * i) % 500 + 3 for i in range(200)]
     torch.testing.assert_close(packed_logits(ours, [prompt])[0], ref(torch.tensor([prompt])).logits[0],
                                atol=1e-4, rtol=0)
+
+
+def test_yarn_context_past_max_position_embeddings(tmp_path: Path) -> None:
+    """YaRN stretches the context to original_max_position_embeddings x factor (vLLM's max_model_len for it; a
+    Qwen3 config with YaRN added is run at 131,072 of its 40,960 positions): a prompt past max_position_embeddings
+    runs, and greedily as transformers does. We refused it."""
+    from qwenstack import LLM, SamplingParams
+
+    config = dense_config(rope_parameters=YARN, max_position_embeddings=96)
+    path = build_hf_checkpoint(tmp_path, "qwen3", config, seed=3)
+    llm = LLM(str(path), dtype="float32", kv_cache_memory=4 << 20)
+    assert llm.engine.max_model_len == 256
+    prompt = [(7 * i) % 500 + 3 for i in range(150)]
+    out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))[0]
+    assert out.outputs[0].token_ids == hf_greedy(load_hf(path), [prompt], 6)[0]
