@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from checkpoints import build_hf_checkpoint, dense_config, moe_config
+from checkpoints import build_hf_checkpoint, dense_config, moe_config, next_config
 from qwenstack.errors import CheckpointError, ConfigError, ModelNotFoundError
 from qwenstack.models.base import prompt_logits
 from qwenstack.models.registry import load_model
@@ -209,3 +209,28 @@ def test_a_causal_lm_saved_from_its_bare_backbone_loads(tmp_path: Path) -> None:
     with torch.no_grad():
         torch.testing.assert_close(prompt_logits(load_model(bare, dtype=torch.float32), IDS),
                                    prompt_logits(load_model(source, dtype=torch.float32), IDS))
+
+
+@pytest.mark.parametrize("model_type, config", [("qwen3_moe", moe_config()), ("qwen3_next", next_config())],
+                         ids=["qwen3_moe", "qwen3_next"])
+def test_experts_in_transformers_own_fused_layout(tmp_path: Path, model_type: str, config: dict) -> None:
+    """save_pretrained(save_original_format=False) stores experts as transformers holds them: gate_up_proj [E, 2I, H].
+    With hidden_size == 2 * moe_intermediate_size that stack is square and was read as the transposed Qwen3-VL-MoE
+    layout (logits 3.5 off); down_proj [E, H, I], not square, says which layout the module has."""
+    import transformers
+
+    from checkpoints import _randomise_norms, _recentre_zero_centred_norms, load_hf
+
+    assert config["hidden_size"] == 2 * config["moe_intermediate_size"]
+    cls = {"qwen3_moe": transformers.Qwen3MoeForCausalLM, "qwen3_next": transformers.Qwen3NextForCausalLM}[model_type]
+    cfg_cls = {"qwen3_moe": transformers.Qwen3MoeConfig, "qwen3_next": transformers.Qwen3NextConfig}[model_type]
+    torch.manual_seed(0)
+    model = cls(cfg_cls(**config))
+    _randomise_norms(model, 0)
+    if model_type == "qwen3_next":
+        _recentre_zero_centred_norms(model)
+    model.save_pretrained(tmp_path, save_original_format=False)
+    assert any(k.endswith("mlp.experts.gate_up_proj") for k in load_file(str(tmp_path / "model.safetensors")))
+    with torch.no_grad():
+        torch.testing.assert_close(prompt_logits(load_model(tmp_path, dtype=torch.float32), IDS),
+                                   load_hf(tmp_path)(IDS).logits, atol=1e-4, rtol=0)
