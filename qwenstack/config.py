@@ -22,6 +22,7 @@ from qwenstack.errors import ConfigError
 T = TypeVar("T", bound="ModelArgs")
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "yarn")
+TRANSFORMERS_ROPE_THETA = 10000.0  # transformers' rope_theta when a config.json names none
 
 
 @dataclass(frozen=True)
@@ -42,14 +43,16 @@ class RopeConfig:
 
     @classmethod
     def from_config(cls, config: dict[str, Any], model_type: str) -> "RopeConfig":
-        params = dict(config.get("rope_parameters") or {})
-        legacy = config.get("rope_scaling") or {}
-        for key, value in legacy.items():
-            params.setdefault(key, value)
+        # As transformers reads it: a non-empty rope_scaling replaces rope_parameters whole (a 5.x config.json
+        # where a user added rope_scaling for YaRN, as Qwen's model cards say, runs YaRN).
+        params = dict(config.get("rope_scaling") or config.get("rope_parameters") or {})
         if "rope_theta" not in params:
-            if "rope_theta" not in config:
+            if "rope_theta" in config:
+                params["rope_theta"] = config["rope_theta"]
+            elif config.get("rope_scaling") and config.get("rope_parameters"):
+                params["rope_theta"] = _replaced_rope_theta(config["rope_parameters"])
+            else:
                 raise ConfigError(f"config.json for {model_type} has no 'rope_theta' (nor rope_parameters.rope_theta)")
-            params["rope_theta"] = config["rope_theta"]
         if "partial_rotary_factor" not in params and "partial_rotary_factor" in config:
             params["partial_rotary_factor"] = config["partial_rotary_factor"]
         rope_type = params.get("rope_type", params.get("type", "default"))
@@ -83,6 +86,29 @@ class RopeConfig:
             mrope_section=None if mrope is None else tuple(int(s) for s in mrope),
             mrope_interleaved=bool(params.get("mrope_interleaved", False)),
         )
+
+
+def rope_context_length(max_position_embeddings: int, rope: RopeConfig | None) -> int:
+    """The context a model runs: max_position_embeddings, or more where its rope scaling stretches it, as vLLM
+    derives max_model_len (YaRN: original_max_position_embeddings x factor; linear: x factor). A YaRN rope_scaling
+    added to a Qwen3 config (40,960 positions) is there for 131,072."""
+    if rope is None or rope.factor is None or rope.rope_type not in ("linear", "yarn"):
+        return max_position_embeddings
+    base = rope.original_max_position_embeddings if rope.rope_type == "yarn" else None
+    return max(max_position_embeddings, int((base or max_position_embeddings) * rope.factor))
+
+
+def _replaced_rope_theta(rope_parameters: dict[str, Any]) -> float:
+    """The rope_theta transformers runs when rope_scaling replaced rope_parameters and names none itself: its
+    class default, 10000. Taken only where rope_parameters agrees, refused where it names another (which
+    transformers silently drops)."""
+    theta = float(rope_parameters.get("rope_theta", TRANSFORMERS_ROPE_THETA))
+    if theta != TRANSFORMERS_ROPE_THETA:
+        raise ConfigError(
+            f"config.json has both rope_scaling and rope_parameters: rope_scaling replaces rope_parameters (as "
+            f"transformers reads it), so rope_parameters.rope_theta={theta:g} is dropped and transformers runs "
+            f"rope_theta={TRANSFORMERS_ROPE_THETA:g}; give rope_theta in rope_scaling or at the top level")
+    return theta
 
 
 def _is_optional(tp: Any) -> bool:
@@ -158,4 +184,4 @@ def eos_token_ids(config: dict[str, Any]) -> list[int]:
     return [int(e) for e in eos] if isinstance(eos, list) else [int(eos)]
 
 
-__all__ = ["ModelArgs", "RopeConfig", "read_config", "eos_token_ids", "field"]
+__all__ = ["ModelArgs", "RopeConfig", "read_config", "eos_token_ids", "field", "rope_context_length"]

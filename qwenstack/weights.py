@@ -131,14 +131,21 @@ def plan_load(model: nn.Module, tensors: dict[str, TensorInfo]) -> dict[str, lis
     params = dict(model.named_parameters())
     plan: dict[str, list[Source]] = {}
     missing: list[str] = []
-    for name, layouts in parameter_sources(model).items():
+    sources = parameter_sources(model)
+    fitting = {name: [i for i, layout in enumerate(layouts) if _fits(layout, params[name].shape, tensors)]
+               for name, layouts in sources.items()}
+    # Layouts may share tensor names and differ only in orientation (fused experts stored transposed or not).
+    # A square stack fits both ways (gate_up_proj [E, 2I, H] with H == 2I); a sibling in the same module that
+    # fits one way only (down_proj [E, H, I] is then not square) says how the module was stored.
+    settled = {name.rpartition(".")[0]: _transposed(sources[name][f[0]])
+               for name, f in fitting.items() if len(f) == 1 and len(sources[name]) > 1}
+    for name, layouts in sources.items():
         present = [sum(s.name in tensors for s in layout) for layout in layouts]
-        # Layouts may share tensor names and differ only in orientation (fused experts stored transposed or
-        # not): among complete ones, the first whose shapes fit wins.
-        fits = [present[i] == len(layouts[i]) and all(
-                    tuple(tensors[s.name].shape) == _target_shape(params[name].shape, s) for s in layouts[i])
-                for i in range(len(layouts))]
-        best = max(range(len(layouts)), key=lambda i: (present[i] == len(layouts[i]), fits[i], present[i], -i))
+        orientation = settled.get(name.rpartition(".")[0])
+        agrees = [orientation is None or _transposed(layout) == orientation for layout in layouts]
+        # Among complete layouts, the first whose shapes fit (and agree with the module's siblings) wins.
+        best = max(range(len(layouts)), key=lambda i: (present[i] == len(layouts[i]), i in fitting[name],
+                                                       agrees[i], present[i], -i))
         layout = layouts[best]
         lacking = [s.name for s in layout if s.name not in tensors]
         if lacking:
@@ -165,6 +172,15 @@ def plan_load(model: nn.Module, tensors: dict[str, TensorInfo]) -> dict[str, lis
                     f"(check config.json against the weights)"
                 )
     return plan
+
+
+def _fits(layout: list[Source], param_shape: torch.Size, tensors: dict[str, TensorInfo]) -> bool:
+    """Whether every tensor of a layout is on disk with the shape the parameter needs from it."""
+    return all(s.name in tensors and tuple(tensors[s.name].shape) == _target_shape(param_shape, s) for s in layout)
+
+
+def _transposed(layout: list[Source]) -> bool:
+    return any(s.transpose for s in layout)
 
 
 def _backbone_prefixed(model: nn.Module, tensors: dict[str, TensorInfo]) -> dict[str, TensorInfo]:

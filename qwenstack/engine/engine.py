@@ -31,6 +31,7 @@ from qwenstack.engine.scheduler import Scheduler, SchedulerConfig
 from qwenstack.engine.speculative import SpeculativeRunner, speculative_pool_blocks
 from qwenstack.engine.sequence import PositionLogprobs, Sequence, SequenceStatus
 from qwenstack.engine.slot_pool import SlotPool
+from qwenstack.config import rope_context_length
 from qwenstack.errors import RequestError
 from qwenstack.models.base import CausalLM, MultimodalModel
 from qwenstack.multimodal.inputs import MultimodalInputs, MultimodalPlan
@@ -46,6 +47,13 @@ log = logging.getLogger("qwenstack.engine")
 # tokens in tens of milliseconds, where bigger steps are the better use of them.
 SERVER_STEP_TOKENS = {"cpu": 512}
 DEFAULT_STEP_TOKENS = 2048
+
+
+def model_context_length(args: Any, default: int) -> int:
+    """The model's own context: max_position_embeddings as its rope scaling stretches it; `default` for a model
+    with no such field."""
+    positions = getattr(args, "max_position_embeddings", None)
+    return default if positions is None else rope_context_length(positions, getattr(args, "rope", None))
 
 
 def server_step_tokens(device: str) -> int:
@@ -150,7 +158,7 @@ class LLMEngine:
         self.scheduler = Scheduler(sched, self.block_manager, extra_keys=self._block_extra_keys,
                                    state_slots=self.state_slots)
         pool_tokens = num_blocks * self.config.block_size
-        model_len = context_len or getattr(model.args, "max_position_embeddings", pool_tokens)
+        model_len = context_len or model_context_length(model.args, pool_tokens)
         self.max_model_len = min(self.config.max_model_len or model_len, model_len,
                                  model_len if self.embedding_only else pool_tokens)
         self.vocab_size = model.args.vocab_size  # type: ignore[attr-defined]

@@ -44,21 +44,23 @@ class Qwen3Args(ModelArgs):
             self.head_dim = self.hidden_size // self.num_attention_heads
         if self.hidden_act != "silu":
             raise ConfigError(f"hidden_act '{self.hidden_act}' is not supported (Qwen3 uses silu)")
-        if self.use_sliding_window and _sliding_layers(config):
-            raise UnsupportedModelError("use_sliding_window=true is not supported (no released Qwen3 enables it)")
+        if self.use_sliding_window and self.sliding_layers(config):
+            raise UnsupportedModelError(
+                f"use_sliding_window=true with sliding_window={config.get('sliding_window')} is not supported "
+                f"for {self.model_type} (no released Qwen3 enables it)")
         self.rope = RopeConfig.from_config(config, self.model_type)
 
-
-def _sliding_layers(config: dict[str, Any]) -> list[int]:
-    """The layers transformers would give a sliding window: with use_sliding_window, those from max_window_layers
-    on (or as layer_types says). Configs carry the switch with max_window_layers at the layer count: none slides."""
-    layers = config.get("num_hidden_layers", 0)
-    kinds = config.get("layer_types")
-    if isinstance(kinds, list):
-        return [i for i, kind in enumerate(kinds) if kind == "sliding_attention"]
-    if config.get("sliding_window") is None:
-        return []
-    return list(range(min(config.get("max_window_layers", layers), layers), layers))
+    def sliding_layers(self, config: dict[str, Any]) -> list[int]:
+        """The layers transformers would give a sliding window: with use_sliding_window, those from
+        max_window_layers on (or as layer_types says). Configs carry the switch with max_window_layers at the
+        layer count: none slides."""
+        layers = config.get("num_hidden_layers", 0)
+        kinds = config.get("layer_types")
+        if isinstance(kinds, list):
+            return [i for i, kind in enumerate(kinds) if kind == "sliding_attention"]
+        if config.get("sliding_window") is None:
+            return []
+        return list(range(min(config.get("max_window_layers", layers), layers), layers))
 
 
 class DecoderLayer(nn.Module):

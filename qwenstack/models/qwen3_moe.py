@@ -6,7 +6,7 @@ A layer is sparse when it is not in `mlp_only_layers` and (layer + 1) is a multi
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from torch import nn
 
@@ -25,6 +25,11 @@ class Qwen3MoeArgs(Qwen3Args):
     norm_topk_prob: bool  # required: transformers defaults it to False, the released models use true
     decoder_sparse_step: int = 1
     mlp_only_layers: list[int] = field(default_factory=list)
+
+    def sliding_layers(self, config: dict[str, Any]) -> list[int]:
+        # transformers' Qwen3-MoE has no max_window_layers nor layer_types: with use_sliding_window and a
+        # sliding_window, every layer slides.
+        return list(range(self.num_hidden_layers)) if config.get("sliding_window") is not None else []
 
     def is_sparse_layer(self, layer_idx: int) -> bool:
         return (

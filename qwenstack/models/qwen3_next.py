@@ -88,7 +88,8 @@ class Qwen3NextArgs(Qwen3MoeArgs):
     full_attention_interval: int | None = None  # released config.json files carry this instead
 
     def validate(self, config: dict[str, Any]) -> None:
-        rope_fields = {**(config.get("rope_scaling") or {}), **(config.get("rope_parameters") or {}), **config}
+        # The rope dict as RopeConfig reads it: rope_scaling, when given, replaces rope_parameters.
+        rope_fields = {**(config.get("rope_scaling") or config.get("rope_parameters") or {}), **config}
         if "partial_rotary_factor" not in rope_fields:
             raise ConfigError("config.json for qwen3_next has no 'partial_rotary_factor' (released models use 0.25)")
         super().validate(config)
@@ -107,6 +108,9 @@ class Qwen3NextArgs(Qwen3MoeArgs):
                 f"linear_num_value_heads ({self.linear_num_value_heads}) must be a multiple of "
                 f"linear_num_key_heads ({self.linear_num_key_heads})"
             )
+
+    def sliding_layers(self, config: dict[str, Any]) -> list[int]:
+        return []  # transformers' Qwen3-Next has no sliding window: use_sliding_window is not read
 
     def is_linear_layer(self, layer_idx: int) -> bool:
         assert self.layer_types is not None

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from checkpoints import build_hf_checkpoint, dense_config, moe_config
+from checkpoints import build_hf_checkpoint, dense_config, moe_config, next_config
 from qwenstack.errors import CheckpointError, ConfigError, ModelNotFoundError
 from qwenstack.models.base import prompt_logits
 from qwenstack.models.registry import load_model
@@ -159,6 +159,33 @@ def test_a_sliding_window_switch_no_layer_uses_loads(tmp_path: Path, tiny_qwen3:
             load_model(switch)
 
 
+def test_a_moe_sliding_window_is_refused(tmp_path: Path, tiny_qwen3_moe: Path) -> None:
+    """transformers' Qwen3-MoE slides every layer when use_sliding_window is on (it has no max_window_layers):
+    we ran full attention, silently different past the window."""
+    from qwenstack.errors import UnsupportedModelError
+
+    switch = copy_checkpoint(tiny_qwen3_moe, tmp_path / "switch")
+    config = json.loads((switch / "config.json").read_text())
+    (switch / "config.json").write_text(json.dumps({**config, "use_sliding_window": True, "sliding_window": 64,
+                                                    "max_window_layers": config["num_hidden_layers"]}))
+    with pytest.raises(UnsupportedModelError, match="use_sliding_window"):
+        load_model(switch)
+    (switch / "config.json").write_text(json.dumps({**config, "use_sliding_window": True, "sliding_window": None}))
+    load_model(switch)  # the switch with no window slides nothing
+
+
+def test_rope_scaling_that_drops_a_rope_parameters_theta_is_refused(tmp_path: Path, tiny_qwen3: Path) -> None:
+    """rope_scaling added to a rope_parameters config, naming no rope_theta: transformers drops rope_parameters'
+    1e6 and runs its default 10000. Refused, naming the field, rather than silently running either."""
+    edited = copy_checkpoint(tiny_qwen3, tmp_path / "edited")
+    config = json.loads((edited / "config.json").read_text())
+    config["rope_parameters"] = {"rope_type": "default", "rope_theta": 1e6}
+    config["rope_scaling"] = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}
+    (edited / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match="rope_parameters.rope_theta=1e"):
+        load_model(edited)
+
+
 def test_the_template_file_wins_over_tokenizer_config(tmp_path: Path, tiny_qwen3: Path) -> None:
     """As transformers reads them: chat_template.jinja beside a tokenizer_config.json that still holds an older
     template (a re-saved Qwen3-2507 checkpoint) is the template."""
@@ -182,3 +209,28 @@ def test_a_causal_lm_saved_from_its_bare_backbone_loads(tmp_path: Path) -> None:
     with torch.no_grad():
         torch.testing.assert_close(prompt_logits(load_model(bare, dtype=torch.float32), IDS),
                                    prompt_logits(load_model(source, dtype=torch.float32), IDS))
+
+
+@pytest.mark.parametrize("model_type, config", [("qwen3_moe", moe_config()), ("qwen3_next", next_config())],
+                         ids=["qwen3_moe", "qwen3_next"])
+def test_experts_in_transformers_own_fused_layout(tmp_path: Path, model_type: str, config: dict) -> None:
+    """save_pretrained(save_original_format=False) stores experts as transformers holds them: gate_up_proj [E, 2I, H].
+    With hidden_size == 2 * moe_intermediate_size that stack is square and was read as the transposed Qwen3-VL-MoE
+    layout (logits 3.5 off); down_proj [E, H, I], not square, says which layout the module has."""
+    import transformers
+
+    from checkpoints import _randomise_norms, _recentre_zero_centred_norms, load_hf
+
+    assert config["hidden_size"] == 2 * config["moe_intermediate_size"]
+    cls = {"qwen3_moe": transformers.Qwen3MoeForCausalLM, "qwen3_next": transformers.Qwen3NextForCausalLM}[model_type]
+    cfg_cls = {"qwen3_moe": transformers.Qwen3MoeConfig, "qwen3_next": transformers.Qwen3NextConfig}[model_type]
+    torch.manual_seed(0)
+    model = cls(cfg_cls(**config))
+    _randomise_norms(model, 0)
+    if model_type == "qwen3_next":
+        _recentre_zero_centred_norms(model)
+    model.save_pretrained(tmp_path, save_original_format=False)
+    assert any(k.endswith("mlp.experts.gate_up_proj") for k in load_file(str(tmp_path / "model.safetensors")))
+    with torch.no_grad():
+        torch.testing.assert_close(prompt_logits(load_model(tmp_path, dtype=torch.float32), IDS),
+                                   load_hf(tmp_path)(IDS).logits, atol=1e-4, rtol=0)

@@ -2,12 +2,13 @@
 prompts of different lengths, and greedy decoding through the paged KV cache."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 import torch
 
-from checkpoints import build_hf_checkpoint, dense_config, load_hf, moe_config
+from checkpoints import build_hf_checkpoint, dense_config, hf_greedy, load_hf, moe_config
 from qwenstack.engine.reference import greedy_generate
 from qwenstack.models.attention import AttentionBatch
 from qwenstack.models.registry import load_model
@@ -80,3 +81,40 @@ def test_bfloat16_close_to_transformers(tiny_qwen3: Path) -> None:
     got = packed_logits(ours, [prompt])[0].float()
     want = ref(torch.tensor([prompt])).logits[0].float()
     assert (got - want).abs().max().item() < 0.1
+
+
+YARN_ADDED = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}
+
+
+@pytest.mark.parametrize("theta", [None, 1e6], ids=["theta-from-default", "theta-in-rope-scaling"])
+@torch.inference_mode()
+def test_rope_scaling_added_to_a_rope_parameters_config(tmp_path: Path, theta: float | None) -> None:
+    """A transformers-5 config.json (rope_parameters) to which rope_scaling was added for YaRN, as Qwen's model cards
+    say: transformers runs rope_scaling (it replaces rope_parameters whole); we ran the plain rope."""
+    config = dense_config(max_position_embeddings=256)
+    path = build_hf_checkpoint(tmp_path, "qwen3", config, seed=3)
+    on_disk = json.loads((path / "config.json").read_text())
+    if theta is not None:
+        on_disk["rope_parameters"]["rope_theta"] = theta
+    on_disk["rope_scaling"] = {**YARN_ADDED, **({} if theta is None else {"rope_theta": theta})}
+    (path / "config.json").write_text(json.dumps(on_disk))
+    ours, ref = load_model(path, dtype=torch.float32), load_hf(path)
+    assert ref.config.rope_parameters["rope_type"] == "yarn"
+    prompt = [(7 * i) % 500 + 3 for i in range(200)]
+    torch.testing.assert_close(packed_logits(ours, [prompt])[0], ref(torch.tensor([prompt])).logits[0],
+                               atol=1e-4, rtol=0)
+
+
+def test_yarn_context_past_max_position_embeddings(tmp_path: Path) -> None:
+    """YaRN stretches the context to original_max_position_embeddings x factor (vLLM's max_model_len for it; a
+    Qwen3 config with YaRN added is run at 131,072 of its 40,960 positions): a prompt past max_position_embeddings
+    runs, and greedily as transformers does. We refused it."""
+    from qwenstack import LLM, SamplingParams
+
+    config = dense_config(rope_parameters=YARN, max_position_embeddings=96)
+    path = build_hf_checkpoint(tmp_path, "qwen3", config, seed=3)
+    llm = LLM(str(path), dtype="float32", kv_cache_memory=4 << 20)
+    assert llm.engine.max_model_len == 256
+    prompt = [(7 * i) % 500 + 3 for i in range(150)]
+    out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))[0]
+    assert out.outputs[0].token_ids == hf_greedy(load_hf(path), [prompt], 6)[0]
