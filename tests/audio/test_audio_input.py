@@ -12,7 +12,7 @@ import torch
 
 from asr_checkpoints import hf_features, speechlike, tone, wav_bytes
 from qwenstack.audio.decode import AudioError, AudioLimits, decode_audio, from_samples, pcm16_to_float
-from qwenstack.audio.features import log_mel, num_frames
+from qwenstack.audio.features import MelSettings, log_mel, num_frames
 
 
 def _features_match(samples: np.ndarray) -> None:
@@ -28,6 +28,35 @@ def _features_match(samples: np.ndarray) -> None:
 @pytest.mark.parametrize("n", [1, 159, 7999, 8000, 8001, 16161, 48007, 160 * 333 + 17])
 def test_log_mel_equals_transformers_odd_lengths(n: int) -> None:
     _features_match(speechlike(n / 16000, seed=n)[:n] if n > 16 else np.full(n, 0.1, np.float32))
+
+
+# Qwen3-Omni's preprocessor_config.json as released: Whisper's extractor, no min_length.
+OMNI_PREPROCESSOR = {"feature_extractor_type": "WhisperFeatureExtractor", "feature_size": 128, "sampling_rate": 16000,
+                     "hop_length": 160, "n_fft": 400, "chunk_length": 300, "n_samples": 4800000,
+                     "nb_max_frames": 30000, "padding_value": 0.0, "dither": 0.0, "return_attention_mask": True}
+
+
+@pytest.mark.parametrize("n", [201, 3201, 7999, 8001])
+def test_omni_short_clip_features_equal_whisper_extractor(n: int) -> None:
+    """Qwen3-Omni's processor runs WhisperFeatureExtractor (padding=True): a clip under 0.5 s is not padded to
+    0.5 s as Qwen3-ASR's is, so it has fewer frames (and audio tokens) than a padded one."""
+    from transformers import WhisperFeatureExtractor
+
+    samples = speechlike(n / 16000, seed=n)[:n]
+    extractor = WhisperFeatureExtractor(**OMNI_PREPROCESSOR)
+    want = extractor([samples], sampling_rate=16000, padding=True, truncation=False, return_attention_mask=True,
+                     return_tensors="pt")
+    settings = MelSettings.from_config(OMNI_PREPROCESSOR)
+    got = log_mel(samples, settings)
+    assert got.shape[1] == num_frames(n, settings) == int(want["attention_mask"].sum()) == n // 160
+    torch.testing.assert_close(got, want["input_features"][0], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("n", [1, 159, 200])
+def test_omni_clip_too_short_for_the_stft_still_has_a_frame(n: int) -> None:
+    """Under n_fft // 2 samples transformers' extractor raises (reflect padding); we pad to one frame."""
+    settings = MelSettings.from_config(OMNI_PREPROCESSOR)
+    assert log_mel(np.full(n, 0.1, np.float32), settings).shape == (128, 1) and num_frames(n, settings) == 1
 
 
 def test_log_mel_silence_clipping_and_loud() -> None:
