@@ -2,6 +2,7 @@
 features equal to transformers' Qwen3ASRFeatureExtractor; corrupt input gives a clear AudioError."""
 from __future__ import annotations
 
+import io
 import shutil
 import subprocess
 from pathlib import Path
@@ -109,3 +110,24 @@ def test_corrupt_and_limits() -> None:
     with pytest.raises(AudioError, match="even number"):
         pcm16_to_float(b"\x00\x01\x02")
     assert np.allclose(pcm16_to_float(np.array([16384, -32768], "<i2").tobytes()), [0.5, -1.0])
+
+
+def test_many_frame_webm_decodes_in_linear_time() -> None:
+    """A browser recording goes through PyAV frame by frame. The seconds limit summed every chunk so far at each
+    frame: quadratic, so a 10-minute WebM/Opus (30000 frames of 20 ms) took minutes, holding a worker thread.
+    Here 30 s of 2.5 ms Opus frames (12000 of them): well under a second now, over 10 s before."""
+    import time
+
+    import av
+
+    buffer = io.BytesIO()
+    with av.open(buffer, "w", format="webm") as out:
+        stream = out.add_stream("libopus", rate=48000, layout="mono", options={"frame_duration": "2.5"})
+        samples = tone(30.0, rate=48000)
+        frame = av.AudioFrame.from_ndarray(samples[None], format="flt", layout="mono")
+        frame.sample_rate = 48000
+        for packet in [*stream.encode(frame), *stream.encode(None)]:
+            out.mux(packet)
+    start = time.monotonic()
+    audio = decode_audio(buffer.getvalue())
+    assert abs(audio.seconds - 30.0) < 0.1 and time.monotonic() - start < 5.0
