@@ -11,6 +11,8 @@ Decisions:
   a track and the same sound sent as `input_audio` give equal features. A file without an audio stream gives
   None (a silent video: the caller falls back to its frames, as transformers' processor does).
 - Channels are averaged to mono (what the reference pipelines do before the feature extractor).
+- A file libsndfile opens but finds no samples in (a WAV whose header still says 0 bytes of data, as a
+  streaming writer leaves it) is read again by FFmpeg, which reads to the end of the file.
 - Anything neither can read, an empty stream, or samples that are not finite raise AudioError, which
   the server turns into a 400: a corrupt upload must never become a 500.
 - Limits (encoded bytes, decoded seconds) are checked before the expensive step: bytes before decoding,
@@ -94,7 +96,11 @@ def decode_audio(data: bytes, limits: AudioLimits = AudioLimits(), target_rate: 
         failed = AudioError(f"the file is not audio in a supported format (WAV, FLAC, OGG, Opus, MP3, M4A, WebM): "
                             f"{reason}")
     else:
-        return _finish(samples, rate, channels, limits, target_rate)
+        if len(samples):
+            return _finish(samples, rate, channels, limits, target_rate)
+        # libsndfile reads no frames from a WAV whose header was never finished (sizes 0, as a streaming writer
+        # leaves them); FFmpeg reads such a file to its end, as OpenAI's API and transformers' pipeline do.
+        failed = AudioError("the audio holds no samples")
     try:
         decoded = decode_audio_track(data, limits, target_rate, what="the audio")
     except AudioTooLong:

@@ -131,3 +131,18 @@ def test_many_frame_webm_decodes_in_linear_time() -> None:
     start = time.monotonic()
     audio = decode_audio(buffer.getvalue())
     assert abs(audio.seconds - 30.0) < 0.1 and time.monotonic() - start < 5.0
+
+
+def test_wav_whose_header_was_never_finished_decodes_to_its_end() -> None:
+    """A streaming WAV writer (a recorder piping to a socket) leaves the RIFF and data sizes at 0. libsndfile
+    reads no frames from it and the upload was refused as empty; FFmpeg (OpenAI's decoder) reads to the end."""
+    import struct
+
+    data = bytearray(wav_bytes(tone(1.5)))
+    at = data.find(b"data")
+    data[4:8] = data[at + 4:at + 8] = struct.pack("<I", 0)
+    audio = decode_audio(bytes(data))
+    assert audio.seconds == 1.5
+    np.testing.assert_allclose(audio.samples, decode_audio(wav_bytes(tone(1.5))).samples, atol=1e-4)
+    with pytest.raises(AudioError, match="no samples"):  # a header and nothing else is still empty
+        decode_audio(bytes(data[:at + 8]))
