@@ -204,7 +204,7 @@ def _respond(req: TranscriptionRequest, finals: list[RequestOutput], task: str) 
     if fmt == "json":
         return JSONResponse({"text": text, "usage": usage})
     detected = next((p.language for p in parsed if p.language), None)
-    segments = [{"id": i, "seek": int(s.start * 100), "start": round(s.start, 3), "end": round(s.end, 3),
+    segments = [{"id": i, "seek": round(s.start * 100), "start": round(s.start, 3), "end": round(s.end, 3),
                  "text": p.text, "tokens": f.outputs[0].token_ids, "temperature": p_.temperature,
                  "avg_logprob": 0.0, "compression_ratio": 0.0, "no_speech_prob": 0.0}
                 for i, (s, p, f, p_) in enumerate(zip(req.segments, parsed, finals, req.params))]

@@ -103,6 +103,14 @@ def test_long_file_is_cut_at_silences_into_timed_segments(client: openai.OpenAI)
     assert verbose.text == " ".join([ANSWER] * 3)
 
 
+def test_verbose_segments_seek_is_the_start_in_hundredths(client: openai.OpenAI) -> None:
+    """seek was int(start * 100): a cut at 80.35 s (8034.999...) said 8034."""
+    verbose = client.audio.transcriptions.create(file=("long.wav", wav_bytes(speechlike(95.0, seed=3))),
+                                                 model="asr", response_format="verbose_json")
+    assert 80.35 in [s.start for s in verbose.segments]
+    assert [s.seek for s in verbose.segments] == [round(s.start * 100) for s in verbose.segments]
+
+
 def test_transcription_stream(client: openai.OpenAI) -> None:
     events = list(client.audio.transcriptions.create(file=("clip.wav", CLIP), model="asr", stream=True))
     deltas = [e.delta for e in events if e.type == "transcript.text.delta"]
