@@ -117,6 +117,9 @@ async def _read_request(request: Request) -> TranscriptionRequest:
     form, served = await _form_and_model(request)
     prompter = served.asr
     upload = form.get("file")
+    if isinstance(upload, str):  # a part without a filename: multipart parsers read it as text
+        raise bad_request("'file' came as a text field: send it as a file part with a filename "
+                          "(curl -F file=@clip.wav)", param="file")
     if not isinstance(upload, UploadFile):
         raise bad_request("'file' is required: the audio file to transcribe", param="file")
     limit = state.config.max_audio_bytes

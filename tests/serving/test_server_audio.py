@@ -173,6 +173,8 @@ def test_refusals_are_400(client: openai.OpenAI) -> None:
         t(file=("x.mp3", b"\x89PNG\r\n\x1a\n" + b"0" * 500), model="asr")
     assert "Format not recognised" in info.value.message and "BytesIO" not in info.value.message
     _bad(lambda: t(file=("x.wav", b""), model="asr"), "invalid_audio", "empty")
+    # a file part without a filename reaches the form as text: said so, not "'file' is required"
+    _bad(lambda: t(file=("", CLIP), model="asr"), None, "file part with a filename")
     _bad(lambda: t(file=("x.wav", b"\0" * (MAX_BYTES + 1)), model="asr"), "invalid_audio", "over the limit")
     _bad(lambda: t(file=("x.wav", wav_bytes(np.zeros(int(101 * 8000), np.float32), 8000)), model="asr"),
          "invalid_audio", "over the limit of 100 s")
