@@ -181,6 +181,13 @@ def test_refusals_are_400(client: openai.OpenAI) -> None:
     _bad(lambda: t(file=("x.wav", CLIP), model="tiny"), "unsupported_content", "does not accept audio")
     _bad(lambda: t(file=("x.wav", CLIP), model="asr", response_format="xml"), None, "response_format")  # type: ignore[arg-type]
     _bad(lambda: t(file=("x.wav", CLIP), model="asr", language="klingon"), None, "klingon")
+    # a prompt too long for the context, or holding the audio placeholder, is the prompt's fault, not the file's
+    with pytest.raises(openai.BadRequestError) as info:
+        t(file=("x.wav", CLIP), model="asr", prompt="word " * 5000)
+    assert info.value.param == "prompt" and "the audio and the prompt need" in info.value.message  # type: ignore
+    with pytest.raises(openai.BadRequestError) as info:
+        t(file=("x.wav", CLIP), model="asr", prompt="<|audio_pad|>")
+    assert info.value.param == "prompt" and "prompt: " in info.value.message  # type: ignore
     _bad(lambda: t(file=("x.wav", CLIP), model="asr", response_format="srt", stream=True), None, "stream")
     _bad(lambda: client.audio.translations.create(file=("x.wav", CLIP), model="asr"), "unsupported_task",
          "cannot translate")
