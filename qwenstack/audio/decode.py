@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -125,7 +126,7 @@ def decode_audio_track(data: bytes, limits: AudioLimits = AudioLimits(), target_
             stream = container.streams.audio[0]
             resampler = av.AudioResampler(format="fltp")  # planar float, source layout and rate
             chunks, rate, frames = [], 0, 0
-            for frame in container.decode(stream):
+            for frame in _frames(container, stream):
                 for out in resampler.resample(frame):
                     chunks.append(out.to_ndarray())
                     rate = out.sample_rate
@@ -144,6 +145,18 @@ def decode_audio_track(data: bytes, limits: AudioLimits = AudioLimits(), target_
         raise AudioError(f"{what} holds no samples")
     samples = np.concatenate(chunks, axis=1).T  # [frames, channels]
     return from_samples(samples, rate, limits, target_rate)
+
+
+def _frames(container: Any, stream: Any) -> Iterator[Any]:
+    """The stream's decoded frames; a packet the decoder rejects (the cut-off last frame of an interrupted
+    upload or recording) is skipped, as the ffmpeg command line does, instead of failing the whole file."""
+    import av
+
+    for packet in container.demux(stream):
+        try:
+            yield from packet.decode()
+        except av.error.InvalidDataError:
+            continue
 
 
 def pcm16_to_float(data: bytes) -> np.ndarray:

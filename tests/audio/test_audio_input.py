@@ -146,3 +146,14 @@ def test_wav_whose_header_was_never_finished_decodes_to_its_end() -> None:
     np.testing.assert_allclose(audio.samples, decode_audio(wav_bytes(tone(1.5))).samples, atol=1e-4)
     with pytest.raises(AudioError, match="no samples"):  # a header and nothing else is still empty
         decode_audio(bytes(data[:at + 8]))
+
+
+def test_cut_off_flac_decodes_up_to_the_cut() -> None:
+    """An upload cut short ends in half a FLAC frame: libsndfile and FFmpeg's decoder reject that frame, and the
+    whole file was a 400; the ffmpeg command line (OpenAI's decoder) skips it and keeps what came before."""
+    data = wav_bytes(tone(2.0, rate=44100) * 0.5 + 0.01 * np.random.default_rng(0).standard_normal(88200),
+                     44100, "FLAC")
+    audio = decode_audio(data[:len(data) // 2])
+    assert 0.5 < audio.seconds < 1.5 and audio.source_rate == 44100
+    with pytest.raises(AudioError, match="not audio"):  # a file with nothing decodable is still refused
+        decode_audio(data[:200])
