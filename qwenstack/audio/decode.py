@@ -11,6 +11,8 @@ Decisions:
   a track and the same sound sent as `input_audio` give equal features. A file without an audio stream gives
   None (a silent video: the caller falls back to its frames, as transformers' processor does).
 - Channels are averaged to mono (what the reference pipelines do before the feature extractor).
+- A file libsndfile opens but finds no samples in (a WAV whose header still says 0 bytes of data, as a
+  streaming writer leaves it) is read again by FFmpeg, which reads to the end of the file.
 - Anything neither can read, an empty stream, or samples that are not finite raise AudioError, which
   the server turns into a 400: a corrupt upload must never become a 500.
 - Limits (encoded bytes, decoded seconds) are checked before the expensive step: bytes before decoding,
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -94,7 +97,11 @@ def decode_audio(data: bytes, limits: AudioLimits = AudioLimits(), target_rate: 
         failed = AudioError(f"the file is not audio in a supported format (WAV, FLAC, OGG, Opus, MP3, M4A, WebM): "
                             f"{reason}")
     else:
-        return _finish(samples, rate, channels, limits, target_rate)
+        if len(samples):
+            return _finish(samples, rate, channels, limits, target_rate)
+        # libsndfile reads no frames from a WAV whose header was never finished (sizes 0, as a streaming writer
+        # leaves them); FFmpeg reads such a file to its end, as OpenAI's API and transformers' pipeline do.
+        failed = AudioError("the audio holds no samples")
     try:
         decoded = decode_audio_track(data, limits, target_rate, what="the audio")
     except AudioTooLong:
@@ -118,12 +125,15 @@ def decode_audio_track(data: bytes, limits: AudioLimits = AudioLimits(), target_
                 return None
             stream = container.streams.audio[0]
             resampler = av.AudioResampler(format="fltp")  # planar float, source layout and rate
-            chunks, rate = [], 0
-            for frame in container.decode(stream):
+            chunks, rate, frames = [], 0, 0
+            for frame in _frames(container, stream):
                 for out in resampler.resample(frame):
                     chunks.append(out.to_ndarray())
                     rate = out.sample_rate
-                    if sum(c.shape[1] for c in chunks) > limits.max_seconds * rate:
+                    # A running count: summing the chunks at every frame was quadratic (a 10-minute WebM/Opus
+                    # recording, 30000 frames of 20 ms, took minutes to decode).
+                    frames += chunks[-1].shape[1]
+                    if frames > limits.max_seconds * rate:
                         raise AudioTooLong(f"{what} is over the limit of {limits.max_seconds:g} s")
             for out in resampler.resample(None):
                 chunks.append(out.to_ndarray())
@@ -135,6 +145,18 @@ def decode_audio_track(data: bytes, limits: AudioLimits = AudioLimits(), target_
         raise AudioError(f"{what} holds no samples")
     samples = np.concatenate(chunks, axis=1).T  # [frames, channels]
     return from_samples(samples, rate, limits, target_rate)
+
+
+def _frames(container: Any, stream: Any) -> Iterator[Any]:
+    """The stream's decoded frames; a packet the decoder rejects (the cut-off last frame of an interrupted
+    upload or recording) is skipped, as the ffmpeg command line does, instead of failing the whole file."""
+    import av
+
+    for packet in container.demux(stream):
+        try:
+            yield from packet.decode()
+        except av.error.InvalidDataError:
+            continue
 
 
 def pcm16_to_float(data: bytes) -> np.ndarray:

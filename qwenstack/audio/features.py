@@ -1,7 +1,8 @@
 """Log-mel features for Qwen3-ASR's audio encoder, computed in torch (Whisper-style, 128 bins).
 
 Equal to transformers' `Qwen3ASRFeatureExtractor` on one clip (what its processor does per request with
-`padding=True`): clips shorter than `min_samples` are zero-padded first; a centred STFT with a periodic Hann
+`padding=True`), and to the `WhisperFeatureExtractor` Qwen3-Omni's processor uses: clips shorter than
+`min_length` are zero-padded first (Qwen3-ASR's extractor only: 0.5 s; Whisper's pads nothing); a centred STFT with a periodic Hann
 window (n_fft 400, hop 160) whose last frame is dropped; power spectrum through Slaney-normalised mel
 filters (0-8 kHz, Slaney mel scale); log10 clamped at 1e-10; floored at the clip's maximum minus 8; then
 (x + 4) / 4. Every frame of a single clip is valid, so the mask is all ones; the encoder pads to whole
@@ -35,7 +36,17 @@ class MelSettings:
     def from_config(cls, config: dict) -> "MelSettings":
         fields = {k: int(config[k]) for k in ("feature_size", "sampling_rate", "n_fft", "hop_length", "min_length")
                   if config.get(k) is not None}
+        # Qwen3-Omni's checkpoints name WhisperFeatureExtractor, which has no min_length and never pads a short
+        # clip: the 0.5 s default is Qwen3ASRFeatureExtractor's own.
+        if config.get("feature_extractor_type") == "WhisperFeatureExtractor":
+            fields.setdefault("min_length", 0)
         return cls(**fields)
+
+    @property
+    def min_samples(self) -> int:
+        """The padded length: min_length, and at least one frame past the STFT's reflect padding (n_fft // 2),
+        which transformers' extractors cannot compute on a shorter clip (they raise)."""
+        return max(self.min_length, self.n_fft // 2 + 1)
 
 
 def _hz_to_mel_slaney(freq: np.ndarray) -> np.ndarray:
@@ -72,8 +83,8 @@ def log_mel(samples: np.ndarray | torch.Tensor, settings: MelSettings = MelSetti
     """[feature_size, frames] float32 log-mel features of one mono clip at settings.sampling_rate."""
     wave = torch.as_tensor(np.asarray(samples, dtype=np.float32) if not isinstance(samples, torch.Tensor) else samples,
                            dtype=torch.float32).flatten()
-    if wave.numel() < settings.min_length:
-        wave = torch.nn.functional.pad(wave, (0, settings.min_length - wave.numel()))
+    if wave.numel() < settings.min_samples:
+        wave = torch.nn.functional.pad(wave, (0, settings.min_samples - wave.numel()))
     window = torch.hann_window(settings.n_fft)
     stft = torch.stft(wave, settings.n_fft, settings.hop_length, window=window, return_complex=True)
     power = stft[..., :-1].abs() ** 2
@@ -86,7 +97,7 @@ def log_mel(samples: np.ndarray | torch.Tensor, settings: MelSettings = MelSetti
 
 def num_frames(num_samples: int, settings: MelSettings = MelSettings()) -> int:
     """Feature frames of a clip of `num_samples` samples (after the short-clip padding)."""
-    return max(num_samples, settings.min_length) // settings.hop_length
+    return max(num_samples, settings.min_samples) // settings.hop_length
 
 
 __all__ = ["MelSettings", "log_mel", "mel_filters", "num_frames"]

@@ -35,6 +35,7 @@ from qwenstack.audio.asr import (
 from qwenstack.audio.subtitles import to_srt, to_vtt
 from qwenstack.engine.outputs import RequestOutput
 from qwenstack.engine.params import SamplingParams
+from qwenstack.errors import RequestError
 from qwenstack.multimodal.inputs import MultimodalInputs
 from qwenstack.serving.audio import decode_upload, require_audio_model
 from qwenstack.serving.errors import APIError, bad_request, error_frame, from_exception
@@ -117,6 +118,9 @@ async def _read_request(request: Request) -> TranscriptionRequest:
     form, served = await _form_and_model(request)
     prompter = served.asr
     upload = form.get("file")
+    if isinstance(upload, str):  # a part without a filename: multipart parsers read it as text
+        raise bad_request("'file' came as a text field: send it as a file part with a filename "
+                          "(curl -F file=@clip.wav)", param="file")
     if not isinstance(upload, UploadFile):
         raise bad_request("'file' is required: the audio file to transcribe", param="file")
     limit = state.config.max_audio_bytes
@@ -141,13 +145,19 @@ async def _read_request(request: Request) -> TranscriptionRequest:
     language = language_name(_field(form, "language"))
     context = _field(form, "prompt", "") or ""
     decoded = await decode_upload(data, state.config)
-    segments = await asyncio.to_thread(segment_prompts, prompter, decoded.samples, context, language, SEGMENT_SECONDS)
+    try:
+        segments = await asyncio.to_thread(segment_prompts, prompter, decoded.samples, context, language,
+                                           SEGMENT_SECONDS)
+    except RequestError as exc:  # the prompt text holds the audio placeholder token
+        raise bad_request(f"prompt: {exc}", param="prompt") from None
     params = []
     for seg in segments:
         room = served.max_model_len - len(seg.prompt_ids)
         if room < 1:
-            raise bad_request(f"the audio needs {len(seg.prompt_ids)} prompt tokens, more than the model's context "
-                              f"of {served.max_model_len}", param="file", code="context_length_exceeded")
+            needs = "the audio and the prompt need" if context else "the audio needs"
+            raise bad_request(f"{needs} {len(seg.prompt_ids)} prompt tokens, more than the model's context "
+                              f"of {served.max_model_len}", param="prompt" if context else "file",
+                              code="context_length_exceeded")
         params.append(SamplingParams(temperature=temperature, max_tokens=min(room, max_transcript_tokens(
             seg.end - seg.start))))
     return TranscriptionRequest(served, segments, decoded.seconds, language, response_format, stream, params)
@@ -204,7 +214,7 @@ def _respond(req: TranscriptionRequest, finals: list[RequestOutput], task: str) 
     if fmt == "json":
         return JSONResponse({"text": text, "usage": usage})
     detected = next((p.language for p in parsed if p.language), None)
-    segments = [{"id": i, "seek": int(s.start * 100), "start": round(s.start, 3), "end": round(s.end, 3),
+    segments = [{"id": i, "seek": round(s.start * 100), "start": round(s.start, 3), "end": round(s.end, 3),
                  "text": p.text, "tokens": f.outputs[0].token_ids, "temperature": p_.temperature,
                  "avg_logprob": 0.0, "compression_ratio": 0.0, "no_speech_prob": 0.0}
                 for i, (s, p, f, p_) in enumerate(zip(req.segments, parsed, finals, req.params))]

@@ -2,6 +2,7 @@
 features equal to transformers' Qwen3ASRFeatureExtractor; corrupt input gives a clear AudioError."""
 from __future__ import annotations
 
+import io
 import shutil
 import subprocess
 from pathlib import Path
@@ -12,7 +13,7 @@ import torch
 
 from asr_checkpoints import hf_features, speechlike, tone, wav_bytes
 from qwenstack.audio.decode import AudioError, AudioLimits, decode_audio, from_samples, pcm16_to_float
-from qwenstack.audio.features import log_mel, num_frames
+from qwenstack.audio.features import MelSettings, log_mel, num_frames
 
 
 def _features_match(samples: np.ndarray) -> None:
@@ -28,6 +29,35 @@ def _features_match(samples: np.ndarray) -> None:
 @pytest.mark.parametrize("n", [1, 159, 7999, 8000, 8001, 16161, 48007, 160 * 333 + 17])
 def test_log_mel_equals_transformers_odd_lengths(n: int) -> None:
     _features_match(speechlike(n / 16000, seed=n)[:n] if n > 16 else np.full(n, 0.1, np.float32))
+
+
+# Qwen3-Omni's preprocessor_config.json as released: Whisper's extractor, no min_length.
+OMNI_PREPROCESSOR = {"feature_extractor_type": "WhisperFeatureExtractor", "feature_size": 128, "sampling_rate": 16000,
+                     "hop_length": 160, "n_fft": 400, "chunk_length": 300, "n_samples": 4800000,
+                     "nb_max_frames": 30000, "padding_value": 0.0, "dither": 0.0, "return_attention_mask": True}
+
+
+@pytest.mark.parametrize("n", [201, 3201, 7999, 8001])
+def test_omni_short_clip_features_equal_whisper_extractor(n: int) -> None:
+    """Qwen3-Omni's processor runs WhisperFeatureExtractor (padding=True): a clip under 0.5 s is not padded to
+    0.5 s as Qwen3-ASR's is, so it has fewer frames (and audio tokens) than a padded one."""
+    from transformers import WhisperFeatureExtractor
+
+    samples = speechlike(n / 16000, seed=n)[:n]
+    extractor = WhisperFeatureExtractor(**OMNI_PREPROCESSOR)
+    want = extractor([samples], sampling_rate=16000, padding=True, truncation=False, return_attention_mask=True,
+                     return_tensors="pt")
+    settings = MelSettings.from_config(OMNI_PREPROCESSOR)
+    got = log_mel(samples, settings)
+    assert got.shape[1] == num_frames(n, settings) == int(want["attention_mask"].sum()) == n // 160
+    torch.testing.assert_close(got, want["input_features"][0], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("n", [1, 159, 200])
+def test_omni_clip_too_short_for_the_stft_still_has_a_frame(n: int) -> None:
+    """Under n_fft // 2 samples transformers' extractor raises (reflect padding); we pad to one frame."""
+    settings = MelSettings.from_config(OMNI_PREPROCESSOR)
+    assert log_mel(np.full(n, 0.1, np.float32), settings).shape == (128, 1) and num_frames(n, settings) == 1
 
 
 def test_log_mel_silence_clipping_and_loud() -> None:
@@ -80,3 +110,50 @@ def test_corrupt_and_limits() -> None:
     with pytest.raises(AudioError, match="even number"):
         pcm16_to_float(b"\x00\x01\x02")
     assert np.allclose(pcm16_to_float(np.array([16384, -32768], "<i2").tobytes()), [0.5, -1.0])
+
+
+def test_many_frame_webm_decodes_in_linear_time() -> None:
+    """A browser recording goes through PyAV frame by frame. The seconds limit summed every chunk so far at each
+    frame: quadratic, so a 10-minute WebM/Opus (30000 frames of 20 ms) took minutes, holding a worker thread.
+    Here 30 s of 2.5 ms Opus frames (12000 of them): well under a second now, over 10 s before."""
+    import time
+
+    import av
+
+    buffer = io.BytesIO()
+    with av.open(buffer, "w", format="webm") as out:
+        stream = out.add_stream("libopus", rate=48000, layout="mono", options={"frame_duration": "2.5"})
+        samples = tone(30.0, rate=48000)
+        frame = av.AudioFrame.from_ndarray(samples[None], format="flt", layout="mono")
+        frame.sample_rate = 48000
+        for packet in [*stream.encode(frame), *stream.encode(None)]:
+            out.mux(packet)
+    start = time.monotonic()
+    audio = decode_audio(buffer.getvalue())
+    assert abs(audio.seconds - 30.0) < 0.1 and time.monotonic() - start < 5.0
+
+
+def test_wav_whose_header_was_never_finished_decodes_to_its_end() -> None:
+    """A streaming WAV writer (a recorder piping to a socket) leaves the RIFF and data sizes at 0. libsndfile
+    reads no frames from it and the upload was refused as empty; FFmpeg (OpenAI's decoder) reads to the end."""
+    import struct
+
+    data = bytearray(wav_bytes(tone(1.5)))
+    at = data.find(b"data")
+    data[4:8] = data[at + 4:at + 8] = struct.pack("<I", 0)
+    audio = decode_audio(bytes(data))
+    assert audio.seconds == 1.5
+    np.testing.assert_allclose(audio.samples, decode_audio(wav_bytes(tone(1.5))).samples, atol=1e-4)
+    with pytest.raises(AudioError, match="no samples"):  # a header and nothing else is still empty
+        decode_audio(bytes(data[:at + 8]))
+
+
+def test_cut_off_flac_decodes_up_to_the_cut() -> None:
+    """An upload cut short ends in half a FLAC frame: libsndfile and FFmpeg's decoder reject that frame, and the
+    whole file was a 400; the ffmpeg command line (OpenAI's decoder) skips it and keeps what came before."""
+    data = wav_bytes(tone(2.0, rate=44100) * 0.5 + 0.01 * np.random.default_rng(0).standard_normal(88200),
+                     44100, "FLAC")
+    audio = decode_audio(data[:len(data) // 2])
+    assert 0.5 < audio.seconds < 1.5 and audio.source_rate == 44100
+    with pytest.raises(AudioError, match="not audio"):  # a file with nothing decodable is still refused
+        decode_audio(data[:200])

@@ -103,6 +103,14 @@ def test_long_file_is_cut_at_silences_into_timed_segments(client: openai.OpenAI)
     assert verbose.text == " ".join([ANSWER] * 3)
 
 
+def test_verbose_segments_seek_is_the_start_in_hundredths(client: openai.OpenAI) -> None:
+    """seek was int(start * 100): a cut at 80.35 s (8034.999...) said 8034."""
+    verbose = client.audio.transcriptions.create(file=("long.wav", wav_bytes(speechlike(95.0, seed=3))),
+                                                 model="asr", response_format="verbose_json")
+    assert 80.35 in [s.start for s in verbose.segments]
+    assert [s.seek for s in verbose.segments] == [round(s.start * 100) for s in verbose.segments]
+
+
 def test_transcription_stream(client: openai.OpenAI) -> None:
     events = list(client.audio.transcriptions.create(file=("clip.wav", CLIP), model="asr", stream=True))
     deltas = [e.delta for e in events if e.type == "transcript.text.delta"]
@@ -165,12 +173,21 @@ def test_refusals_are_400(client: openai.OpenAI) -> None:
         t(file=("x.mp3", b"\x89PNG\r\n\x1a\n" + b"0" * 500), model="asr")
     assert "Format not recognised" in info.value.message and "BytesIO" not in info.value.message
     _bad(lambda: t(file=("x.wav", b""), model="asr"), "invalid_audio", "empty")
+    # a file part without a filename reaches the form as text: said so, not "'file' is required"
+    _bad(lambda: t(file=("", CLIP), model="asr"), None, "file part with a filename")
     _bad(lambda: t(file=("x.wav", b"\0" * (MAX_BYTES + 1)), model="asr"), "invalid_audio", "over the limit")
     _bad(lambda: t(file=("x.wav", wav_bytes(np.zeros(int(101 * 8000), np.float32), 8000)), model="asr"),
          "invalid_audio", "over the limit of 100 s")
     _bad(lambda: t(file=("x.wav", CLIP), model="tiny"), "unsupported_content", "does not accept audio")
     _bad(lambda: t(file=("x.wav", CLIP), model="asr", response_format="xml"), None, "response_format")  # type: ignore[arg-type]
     _bad(lambda: t(file=("x.wav", CLIP), model="asr", language="klingon"), None, "klingon")
+    # a prompt too long for the context, or holding the audio placeholder, is the prompt's fault, not the file's
+    with pytest.raises(openai.BadRequestError) as info:
+        t(file=("x.wav", CLIP), model="asr", prompt="word " * 5000)
+    assert info.value.param == "prompt" and "the audio and the prompt need" in info.value.message  # type: ignore
+    with pytest.raises(openai.BadRequestError) as info:
+        t(file=("x.wav", CLIP), model="asr", prompt="<|audio_pad|>")
+    assert info.value.param == "prompt" and "prompt: " in info.value.message  # type: ignore
     _bad(lambda: t(file=("x.wav", CLIP), model="asr", response_format="srt", stream=True), None, "stream")
     _bad(lambda: client.audio.translations.create(file=("x.wav", CLIP), model="asr"), "unsupported_task",
          "cannot translate")
