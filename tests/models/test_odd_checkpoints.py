@@ -77,6 +77,64 @@ def test_an_integral_float_count_loads(tmp_path: Path, tiny_qwen3: Path) -> None
     assert len(load_model(odd).model.layers) == 2
 
 
+@pytest.mark.parametrize("content, message", [
+    (safetensors_bytes([1, 2]), r"not a safetensors file \(its header is not a JSON object\)"),
+    (safetensors_bytes({"a": "x"}), r"tensor 'a' in .* malformed header entry"),
+    (safetensors_bytes({"a": {"dtype": "F32", "shape": [1]}}), r"tensor 'a' in .* malformed header entry"),
+    (safetensors_bytes({"a": {"dtype": "F32", "shape": None, "data_offsets": [0, 4]}}, b"\0" * 4),
+     r"tensor 'a' in .* malformed header entry \(shape None"),
+    (safetensors_bytes({"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 4]}}, b"\0" * 4),
+     r"tensor 'a' .* data_offsets \[0, 4\] for 16 bytes of F32 \[4\]: the file is damaged"),
+    (safetensors_bytes({"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, b"\0" * 8),
+     r"model.safetensors is truncated: tensor 'a' ends at byte"),
+])
+def test_a_malformed_safetensors_header_is_named(tmp_path: Path, tiny_qwen3: Path, content: bytes,
+                                                 message: str) -> None:
+    broken = copy_of(tiny_qwen3, tmp_path / "broken")
+    (broken / "model.safetensors").write_bytes(content)
+    with pytest.raises(CheckpointError, match=message):
+        load_model(broken)
+
+
+@pytest.mark.parametrize("index", ["[]", '{"weight_map": []}', '{"weight_map": {"model.norm.weight": 1}}'])
+def test_a_malformed_index_is_named(tmp_path: Path, tiny_qwen3: Path, index: str) -> None:
+    broken = copy_of(tiny_qwen3, tmp_path / "broken")
+    (broken / "model.safetensors.index.json").write_text(index)
+    with pytest.raises(CheckpointError, match=r"model.safetensors.index.json is not a valid safetensors index"):
+        load_model(broken)
+
+
+@pytest.mark.parametrize("dtype, message", [
+    (torch.int64, r"'model.norm.weight' in model.safetensors is stored as int64, but the model expects floating"),
+    (torch.bool, r"'model.norm.weight' in model.safetensors is stored as bool"),
+    (torch.float8_e4m3fn, r"'model.norm.weight' .* float8_e4m3fn with no scale: .* quantization_config"),
+])
+def test_weights_that_are_not_plain_floats_are_refused(tmp_path: Path, tiny_qwen3: Path, dtype: torch.dtype,
+                                                       message: str) -> None:
+    """Integer or FP8 data read into a float weight loaded as garbage (a quantized checkpoint without its config)."""
+    broken = copy_of(tiny_qwen3, tmp_path / "broken")
+    edit_weights(broken, lambda s: s.__setitem__("model.norm.weight", s["model.norm.weight"].to(dtype)))
+    with pytest.raises(CheckpointError, match=message):
+        load_model(broken)
+
+
+def test_float64_weights_load_converted(tmp_path: Path, tiny_qwen3: Path) -> None:
+    wide = copy_of(tiny_qwen3, tmp_path / "f64")
+    edit_weights(wide, lambda s: s.__setitem__("model.norm.weight", s["model.norm.weight"].double()))
+    with torch.no_grad():
+        torch.testing.assert_close(prompt_logits(load_model(wide, torch.float32), IDS),
+                                   prompt_logits(load_model(tiny_qwen3, torch.float32), IDS))
+
+
+def test_pickle_only_weights_say_how_to_convert(tmp_path: Path, tiny_qwen3: Path) -> None:
+    """pytorch_model.bin alone: not unpickled (it can run code); the error says so and how to convert."""
+    pickled = copy_of(tiny_qwen3, tmp_path / "bin")
+    torch.save(load_file(str(pickled / "model.safetensors")), pickled / "pytorch_model.bin")
+    (pickled / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match=r"only PyTorch pickle weights \(pytorch_model.bin\).*save_pretrained"):
+        load_model(pickled)
+
+
 def test_a_lora_adapter_directory_is_named_as_one(tmp_path: Path) -> None:
     from qwenstack.llm import LLM
 
@@ -88,3 +146,29 @@ def test_a_lora_adapter_directory_is_named_as_one(tmp_path: Path) -> None:
               str(adapter / "adapter_model.safetensors"))
     with pytest.raises(ConfigError, match=r"is a LoRA adapter for Qwen/Qwen3-0.6B .*merge"):
         LLM(str(adapter), device="cpu")
+
+
+def test_a_directory_holding_a_gguf_points_at_the_file(tmp_path: Path, tiny_qwen3: Path) -> None:
+    folder = copy_of(tiny_qwen3, tmp_path / "gguf-dir")
+    (folder / "model.safetensors").unlink()
+    (folder / "Qwen3-0.6B-Q8_0.gguf").write_bytes(b"GGUF")
+    with pytest.raises(CheckpointError, match=r"a GGUF file: pass the file itself .*Qwen3-0.6B-Q8_0.gguf"):
+        load_model(folder)
+
+
+def test_a_peft_wrapped_state_dict_loads(tmp_path: Path, tiny_qwen3: Path) -> None:
+    """Saved off PEFT's wrapper (base_model.model.model.layers...): the prefix goes, as transformers strips a
+    base-model prefix; before, the wrapped names made it look like a bare embedding backbone."""
+    wrapped = copy_of(tiny_qwen3, tmp_path / "peft")
+    edit_weights(wrapped, lambda s: s.update({f"base_model.model.{k}": s.pop(k) for k in list(s)}))
+    model = load_model(wrapped, torch.float32)
+    with torch.no_grad():
+        torch.testing.assert_close(prompt_logits(model, IDS), prompt_logits(load_model(tiny_qwen3, torch.float32), IDS))
+
+
+def test_renamed_tensors_show_what_the_checkpoint_has_instead(tmp_path: Path, tiny_qwen3: Path) -> None:
+    renamed = copy_of(tiny_qwen3, tmp_path / "renamed")
+    edit_weights(renamed, lambda s: s.update({k.replace("model.", "model.language_model.", 1): s.pop(k) for k in list(s)}))
+    with pytest.raises(CheckpointError, match=r"missing tensor 'model.embed_tokens.weight'.*; it has instead "
+                                              r"'model.language_model.embed_tokens.weight'"):
+        load_model(renamed)
