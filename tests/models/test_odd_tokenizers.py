@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from qwenstack.chat_template import render_chat
 from qwenstack.errors import ConfigError
 from qwenstack.tokenizer import Tokenizer
 
@@ -79,3 +80,14 @@ def test_named_templates_pick_tool_use_for_tools(tmp_path: Path, tiny_qwen3: Pat
     assert tok.apply_chat_template(messages, tools=tools) == "T1"
     tok.chat_template = "X"  # --chat-template
     assert tok.apply_chat_template(messages, tools=tools) == "X"
+
+
+def test_generation_blocks_render_as_in_transformers() -> None:
+    """`{% generation %}` (transformers' assistant-mask marker) failed to compile: every chat request was a 400."""
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    template = ("{% for m in messages %}{% if m.role == 'assistant' %}{% generation %}{{ m.content }}"
+                "{% endgeneration %}{% else %}<{{ m.content }}>{% endif %}{% endfor %}")
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+    expected = render_jinja_template(conversations=[messages], chat_template=template)[0][0]
+    assert render_chat(template, messages) == expected == "<hi>yo"
