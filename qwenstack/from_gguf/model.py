@@ -61,7 +61,7 @@ def read_gguf(path: str | Path) -> GgufFile:
     try:
         reader = GGUFReader(str(path))
     except Exception as exc:  # the reader raises ValueError/struct errors on a damaged or foreign file
-        raise CheckpointError(f"{path} is not a readable GGUF file: {exc}") from None
+        raise CheckpointError(f"{path} is not a readable GGUF file (damaged or truncated?): {exc}") from None
     meta = {name: field.contents() for name, field in reader.fields.items() if not name.startswith("GGUF.")}
     return GgufFile(Path(path), meta, {t.name: t for t in reader.tensors})
 
@@ -106,11 +106,18 @@ def config_from_metadata(gguf: GgufFile) -> dict[str, Any]:
     return config
 
 
-def _dequantized(tensor: Any) -> torch.Tensor:
-    from gguf import GGMLQuantizationType
+def _dequantized(tensor: Any, path: Path) -> torch.Tensor:
+    from gguf import GGMLQuantizationType as T
     from gguf.quants import dequantize
 
-    data = tensor.data if tensor.tensor_type == GGMLQuantizationType.F32 else dequantize(tensor.data, tensor.tensor_type)
+    if tensor.tensor_type in (T.F32, T.F64):  # the reader gives these as float arrays already
+        data = tensor.data
+    else:
+        try:
+            data = dequantize(tensor.data, tensor.tensor_type)
+        except NotImplementedError:  # types llama.cpp uses for activations (Q8_1, Q8_K) or integers, not weights
+            raise UnsupportedModelError(f"{path.name}: tensor '{tensor.name}' is stored as {tensor.tensor_type.name}, "
+                                        f"a GGML type qwenstack cannot read as weights") from None
     shape = tuple(int(d) for d in reversed(tensor.shape))  # GGUF lists dimensions innermost first
     return torch.from_numpy(np.array(data, dtype=np.float32).reshape(shape))  # a copy: the file stays read-only
 
@@ -122,7 +129,7 @@ def type_class(tensor_type: Any) -> str:
     lose 7-15% of their weights' accuracy there (KL 0.02-1 on a tiny model), so they go to int8 with the rest."""
     from gguf import GGMLQuantizationType as T
 
-    if tensor_type in (T.F32, T.F16, T.BF16):
+    if tensor_type in (T.F32, T.F64, T.F16, T.BF16):
         return "float"
     return "int4" if tensor_type in (T.Q4_0, T.Q4_1, T.Q4_K, T.Q2_K) else "int8"
 
@@ -153,7 +160,7 @@ def hf_tensors(gguf: GgufFile) -> tuple[dict[str, torch.Tensor], dict[str, Any]]
     dequantized: dict[str, torch.Tensor] = {}
     for hf_name, (name, expert) in gguf_names(gguf).items():
         if name not in dequantized:
-            dequantized[name] = _dequantized(gguf.tensors[name])
+            dequantized[name] = _dequantized(gguf.tensors[name], gguf.path)
         state[hf_name] = dequantized[name] if expert is None else dequantized[name][expert]
         types[hf_name] = gguf.tensors[name].tensor_type
     return state, types
