@@ -60,8 +60,8 @@ class RopeConfig:
             rope_type = "default"
         if rope_type not in SUPPORTED_ROPE_TYPES:
             raise ConfigError(f"rope_type '{rope_type}' is not supported (supported: {', '.join(SUPPORTED_ROPE_TYPES)})")
-        if rope_type in ("linear", "yarn") and params.get("factor") is None and rope_type == "linear":
-            raise ConfigError("rope_type 'linear' needs rope_parameters.factor")
+        if rope_type in ("linear", "yarn") and params.get("factor") is None:
+            raise ConfigError(f"config.json's rope_type '{rope_type}' needs a factor (rope_parameters.factor)")
         original = params.get("original_max_position_embeddings")
         if rope_type == "yarn":
             # transformers gives a top-level original_max_position_embeddings priority, else max_position_embeddings.

@@ -56,6 +56,7 @@ def safetensors_bytes(header: Any, data: bytes = b"") -> bytes:
     ({"tie_word_embeddings": "false"}, r"field 'tie_word_embeddings' must be true or false, found \"false\""),
     ({"rope_parameters": [10000.0]}, r"field 'rope_parameters' must be an object"),
     ({"rope_parameters": {"rope_type": "default", "rope_theta": "abc"}}, r"rope settings .* wrong type"),
+    ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4}}, r"rope_type 'yarn' needs a factor"),
     ({"num_key_value_heads": 3}, r"num_attention_heads \(4\) must be a multiple of num_key_value_heads \(3\)"),
     ({"head_dim": ..., "num_attention_heads": 6, "num_key_value_heads": 2},
      r"no head_dim, and hidden_size \(64\) is not a multiple of num_attention_heads \(6\)"),
@@ -172,3 +173,21 @@ def test_renamed_tensors_show_what_the_checkpoint_has_instead(tmp_path: Path, ti
     with pytest.raises(CheckpointError, match=r"missing tensor 'model.embed_tokens.weight'.*; it has instead "
                                               r"'model.language_model.embed_tokens.weight'"):
         load_model(renamed)
+
+
+@pytest.mark.parametrize("defaults, message", [
+    ({"temperature": -1}, r"temperature must be >= 0, got -1"),
+    ({"top_p": 2.0}, r"top_p must be in \(0, 1\], got 2.0"),
+    ({"top_k": -5}, r"top_k must be >= 0"),
+])
+def test_a_sampling_default_no_request_can_use_names_generation_config(tmp_path: Path, tiny_qwen3: Path,
+                                                                       defaults: dict, message: str) -> None:
+    """Was a RequestError naming only the parameter (offline), and a 400 for every request that left it out
+    (served): the value comes from generation_config.json, so the error names that file, at load."""
+    from qwenstack.llm import LLM
+
+    odd = copy_of(tiny_qwen3, tmp_path / "gen")
+    (odd / "generation_config.json").write_text(json.dumps({"eos_token_id": 2, **defaults}))
+    with pytest.raises(ConfigError, match=r"generation_config.json sets a sampling default no request can use: "
+                                          + message):
+        LLM(str(odd), device="cpu")
