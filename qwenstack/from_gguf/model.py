@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from qwenstack.errors import CheckpointError, UnsupportedModelError
+from qwenstack.errors import CheckpointError, ConfigError, UnsupportedModelError
 from qwenstack.from_gguf.tokenizer import tokenizer_from_metadata
 from qwenstack.tokenizer import Tokenizer
 
@@ -71,6 +71,13 @@ def config_from_metadata(gguf: GgufFile) -> dict[str, Any]:
     if gguf.arch not in ARCHITECTURES:
         raise UnsupportedModelError(f"GGUF architecture '{gguf.arch}' is not supported "
                                     f"(supported: {', '.join(ARCHITECTURES)})")
+    try:
+        return _config(gguf)
+    except (TypeError, ValueError, KeyError, ZeroDivisionError) as exc:  # a value of the wrong type, a zero count
+        raise CheckpointError(f"{gguf.path.name} has malformed '{gguf.arch}.*' metadata: {exc!s}") from None
+
+
+def _config(gguf: GgufFile) -> dict[str, Any]:
     m, a = gguf.meta, gguf.arch
 
     def need(key: str) -> Any:
@@ -220,8 +227,11 @@ def load_gguf(path: str | Path, dtype: torch.dtype = torch.bfloat16, device: str
 
     gguf = read_gguf(path)
     config = config_from_metadata(gguf)
-    tokenizer = tokenizer_from_metadata(gguf.meta)
-    model = build_model(config, "meta")
+    tokenizer = tokenizer_from_metadata(gguf.meta, gguf.path.name)
+    try:
+        model = build_model(config, "meta")
+    except ConfigError as exc:  # its words are config.json's: here the values came from the file's metadata
+        raise CheckpointError(f"{gguf.path.name}: its metadata does not make a model: {exc}") from None
     state, types = hf_tensors(gguf)
     load_tensors(model, state, dtype, device)
     del state

@@ -297,3 +297,23 @@ def test_f64_tensors_load_and_unreadable_types_are_named(sources: dict[str, Path
     q8_1 = write_gguf_with(sources["qwen3"], tmp_path / "q8_1.gguf", monkeypatch, "blk.0.ffn_up.weight", "Q8_1")
     with pytest.raises(UnsupportedModelError, match=r"q8_1.gguf: tensor 'blk.0.ffn_up.weight' is stored as Q8_1"):
         LLM(str(q8_1), device="cpu")
+
+
+def test_broken_metadata_is_named(sources: dict[str, Path], tmp_path: Path) -> None:
+    """A tokenizer without merges loaded and spelled every word letter by letter (llama.cpp refuses the file); no
+    token list was a KeyError; a count of the wrong type or a zero head count was a ValueError/ZeroDivisionError."""
+    from qwenstack.errors import CheckpointError
+    from qwenstack.from_gguf.model import config_from_metadata
+
+    gguf = read_gguf(write_gguf(sources["qwen3"], tmp_path / "m.gguf"))
+    for key in ("tokenizer.ggml.merges", "tokenizer.ggml.tokens"):
+        meta = {k: v for k, v in gguf.meta.items() if k != key}
+        with pytest.raises(CheckpointError, match=f"m.gguf has no '{key}'"):
+            tokenizer_from_metadata(meta, "m.gguf")
+    with pytest.raises(CheckpointError, match="m.gguf has no tokenizer"):
+        tokenizer_from_metadata({k: v for k, v in gguf.meta.items() if not k.startswith("tokenizer.")}, "m.gguf")
+    for key, value in (("qwen3.block_count", "two"), ("qwen3.attention.head_count", 0)):
+        gguf.meta[key], original = value, gguf.meta[key]
+        with pytest.raises(CheckpointError, match=r"m.gguf has malformed 'qwen3.\*' metadata"):
+            config_from_metadata(gguf)
+        gguf.meta[key] = original
