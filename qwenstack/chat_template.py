@@ -126,7 +126,12 @@ def render_chat(
     context = dict(special_tokens or {})
     context.update(kwargs)
     try:
-        return compile_template(template).render(
+        compiled = compile_template(template)
+    except jinja2.exceptions.TemplateSyntaxError as exc:  # the template's fault, whatever the conversation
+        raise ChatTemplateError(f"the chat template does not compile (line {exc.lineno}: {exc.message}); "
+                                f"give the server a working one with --chat-template") from None
+    try:
+        return compiled.render(
             messages=[_alias_reasoning(m) for m in messages],
             tools=None if tools is None else [_normalise_tool(t) for t in tools],
             documents=None,

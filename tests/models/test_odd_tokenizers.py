@@ -91,3 +91,13 @@ def test_generation_blocks_render_as_in_transformers() -> None:
     messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
     expected = render_jinja_template(conversations=[messages], chat_template=template)[0][0]
     assert render_chat(template, messages) == expected == "<hi>yo"
+
+
+def test_a_template_that_does_not_compile_says_so() -> None:
+    """Was "could not render this conversation", as if the request were at fault."""
+    from qwenstack.chat_template import ChatTemplateError
+
+    with pytest.raises(ChatTemplateError, match=r"the chat template does not compile \(line 1: .*--chat-template"):
+        render_chat("{% for m in messages %}{{ m.content }}{% if %}", [{"role": "user", "content": "hi"}])
+    with pytest.raises(ChatTemplateError, match=r"could not render this conversation: needs a system message"):
+        render_chat("{{ raise_exception('needs a system message') }}", [{"role": "user", "content": "hi"}])
