@@ -2,8 +2,9 @@
 
 transformers renders templates in an immutable sandbox with trim_blocks and lstrip_blocks, the
 loopcontrols extension and `{% generation %}` blocks, a `tojson` that does not escape HTML, `raise_exception`
-and `strftime_now`, and passes the tokenizer's special tokens as variables. Reasoning given as `reasoning` or `thinking` is also
-exposed as `reasoning_content`. We do the same so a checkpoint's own template renders byte-identically.
+and `strftime_now`, and passes the tokenizer's special tokens as variables. Reasoning given as `reasoning` or
+`thinking` is also exposed as `reasoning_content`. We do the same so a checkpoint's own template renders
+byte-identically.
 """
 from __future__ import annotations
 

@@ -317,7 +317,8 @@ def load_weights(
     return plan
 
 
-def _check_dtypes(plan: dict[str, list[Source]], tensors: dict[str, TensorInfo], params: dict[str, nn.Parameter]) -> None:
+def _check_dtypes(plan: dict[str, list[Source]], tensors: dict[str, TensorInfo],
+                  params: dict[str, nn.Parameter]) -> None:
     """Float weights are converted to the model's dtype whatever their width; integer, bool or FP8 data in a
     float weight is a quantized checkpoint read as a plain one (its scales missing, or config.json's
     quantization_config lost), which would load as garbage."""

@@ -169,7 +169,8 @@ def test_a_peft_wrapped_state_dict_loads(tmp_path: Path, tiny_qwen3: Path) -> No
 
 def test_renamed_tensors_show_what_the_checkpoint_has_instead(tmp_path: Path, tiny_qwen3: Path) -> None:
     renamed = copy_of(tiny_qwen3, tmp_path / "renamed")
-    edit_weights(renamed, lambda s: s.update({k.replace("model.", "model.language_model.", 1): s.pop(k) for k in list(s)}))
+    edit_weights(renamed, lambda s: s.update({k.replace("model.", "model.language_model.", 1): s.pop(k)
+                                              for k in list(s)}))
     with pytest.raises(CheckpointError, match=r"missing tensor 'model.embed_tokens.weight'.*; it has instead "
                                               r"'model.language_model.embed_tokens.weight'"):
         load_model(renamed)
