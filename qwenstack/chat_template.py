@@ -1,9 +1,10 @@
 """Chat templates rendered with jinja2 under Hugging Face semantics.
 
 transformers renders templates in an immutable sandbox with trim_blocks and lstrip_blocks, the
-loopcontrols extension, a `tojson` that does not escape HTML, `raise_exception` and `strftime_now`, and
-passes the tokenizer's special tokens as variables. Reasoning given as `reasoning` or `thinking` is also
-exposed as `reasoning_content`. We do the same so a checkpoint's own template renders byte-identically.
+loopcontrols extension and `{% generation %}` blocks, a `tojson` that does not escape HTML, `raise_exception`
+and `strftime_now`, and passes the tokenizer's special tokens as variables. Reasoning given as `reasoning` or
+`thinking` is also exposed as `reasoning_content`. We do the same so a checkpoint's own template renders
+byte-identically.
 """
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ from functools import lru_cache
 from typing import Any
 
 import jinja2
+from jinja2 import nodes
+from jinja2.ext import Extension
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
@@ -71,9 +74,26 @@ def read_chat_template(value: str) -> str:
     return source
 
 
+class GenerationBlocks(Extension):
+    """`{% generation %}...{% endgeneration %}`, transformers' marker of assistant text (for training masks):
+    rendered as its body alone, as transformers renders it when no mask is asked for."""
+
+    tags = {"generation"}
+
+    def parse(self, parser: Any) -> nodes.Node:
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+    @staticmethod
+    def _body(caller: Any) -> str:
+        return caller()
+
+
 @lru_cache(maxsize=16)
 def compile_template(source: str) -> jinja2.Template:
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=["jinja2.ext.loopcontrols", GenerationBlocks])
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now
@@ -107,7 +127,12 @@ def render_chat(
     context = dict(special_tokens or {})
     context.update(kwargs)
     try:
-        return compile_template(template).render(
+        compiled = compile_template(template)
+    except jinja2.exceptions.TemplateSyntaxError as exc:  # the template's fault, whatever the conversation
+        raise ChatTemplateError(f"the chat template does not compile (line {exc.lineno}: {exc.message}); "
+                                f"give the server a working one with --chat-template") from None
+    try:
+        return compiled.render(
             messages=[_alias_reasoning(m) for m in messages],
             tools=None if tools is None else [_normalise_tool(t) for t in tools],
             documents=None,

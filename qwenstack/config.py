@@ -43,6 +43,9 @@ class RopeConfig:
 
     @classmethod
     def from_config(cls, config: dict[str, Any], model_type: str) -> "RopeConfig":
+        for key in ("rope_parameters", "rope_scaling"):
+            if config.get(key) is not None and not isinstance(config[key], dict):
+                raise ConfigError(f"config.json field '{key}' must be an object, found {json.dumps(config[key])}")
         # As transformers reads it: a non-empty rope_scaling replaces rope_parameters whole (a 5.x config.json
         # where a user added rope_scaling for YaRN, as Qwen's model cards say, runs YaRN).
         params = dict(config.get("rope_scaling") or config.get("rope_parameters") or {})
@@ -60,8 +63,8 @@ class RopeConfig:
             rope_type = "default"
         if rope_type not in SUPPORTED_ROPE_TYPES:
             raise ConfigError(f"rope_type '{rope_type}' is not supported (supported: {', '.join(SUPPORTED_ROPE_TYPES)})")
-        if rope_type in ("linear", "yarn") and params.get("factor") is None and rope_type == "linear":
-            raise ConfigError("rope_type 'linear' needs rope_parameters.factor")
+        if rope_type in ("linear", "yarn") and params.get("factor") is None:
+            raise ConfigError(f"config.json's rope_type '{rope_type}' needs a factor (rope_parameters.factor)")
         original = params.get("original_max_position_embeddings")
         if rope_type == "yarn":
             # transformers gives a top-level original_max_position_embeddings priority, else max_position_embeddings.
@@ -70,6 +73,14 @@ class RopeConfig:
                 original = config.get("max_position_embeddings")
             if original is None:
                 raise ConfigError("yarn rope needs original_max_position_embeddings or max_position_embeddings")
+        try:
+            return cls._parsed(params, rope_type, original)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"config.json's rope settings (rope_theta, rope_parameters, rope_scaling) hold a value "
+                              f"of the wrong type: {exc}") from None
+
+    @classmethod
+    def _parsed(cls, params: dict[str, Any], rope_type: str, original: Any) -> "RopeConfig":
         mrope = params.get("mrope_section")
         return cls(
             rope_type=rope_type,
@@ -111,6 +122,40 @@ def _replaced_rope_theta(rope_parameters: dict[str, Any]) -> float:
     return theta
 
 
+# Sizes and counts that no checkpoint has at zero or below: such a value is a typo, said before anything is built.
+POSITIVE_FIELDS = frozenset((
+    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "head_dim", "max_position_embeddings", "moe_intermediate_size", "num_experts",
+    "num_experts_per_tok",
+))
+
+
+def _checked_value(name: str, value: Any, hint: Any) -> Any:
+    """A config.json value as its field's type says, or ConfigError naming the field: a count written as a string
+    ("2") or a size at 0 would otherwise fail deep in model construction, or (a bool as "false") load wrongly.
+    Integral floats (2.0) pass as ints; other types (lists, dicts, str) are each architecture's own to check."""
+    base = next((t for t in typing.get_args(hint) if t is not type(None)), hint) if _is_optional(hint) else hint
+    wrong = None
+    if base is int:
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if not isinstance(value, int) or isinstance(value, bool):
+            wrong = "an integer"
+        elif name in POSITIVE_FIELDS and value < 1:
+            wrong = "at least 1"
+    elif base is float and (not isinstance(value, (int, float)) or isinstance(value, bool)):
+        wrong = "a number"
+    elif base is bool and value in (0, 1) and not isinstance(value, float):
+        value = bool(value)
+    elif base is bool:
+        wrong = "true or false"
+    elif base is str and not isinstance(value, str):
+        wrong = "a string"
+    if wrong:
+        raise ConfigError(f"config.json field '{name}' must be {wrong}, found {json.dumps(value)}")
+    return value
+
+
 def _is_optional(tp: Any) -> bool:
     origin = typing.get_origin(tp)
     return origin in (typing.Union, types.UnionType) and type(None) in typing.get_args(tp)
@@ -138,13 +183,14 @@ class ModelArgs:
             if not f.init or f.name in cls.derived_fields:
                 continue
             if f.name in config and config[f.name] is not None:
-                values[f.name] = config[f.name]
+                values[f.name] = _checked_value(f.name, config[f.name], hints[f.name])
             elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                if f.name in config or _is_optional(hints[f.name]):
+                if _is_optional(hints[f.name]) or (f.name in config and hints[f.name] not in (int, float)):
                     values[f.name] = None
                 else:
+                    said = "has null for" if f.name in config else "is missing"
                     raise ConfigError(
-                        f"config.json is missing the field '{f.name}', required by the {cls.model_type} architecture"
+                        f"config.json {said} the field '{f.name}', required by the {cls.model_type} architecture"
                     )
         args = cls(**values)
         args.validate(config)
@@ -168,7 +214,24 @@ def read_json_config(model_dir: str | Path, name: str) -> dict[str, Any]:
     return config
 
 
+def adapter_message(model_dir: str | Path) -> str | None:
+    """The error for a LoRA adapter directory (adapter_config.json, no model of its own) given as a model."""
+    path = Path(model_dir) / "adapter_config.json"
+    if not path.is_file():
+        return None
+    try:
+        base = json.loads(path.read_text(encoding="utf-8")).get("base_model_name_or_path")
+    except (OSError, ValueError, AttributeError):
+        base = None
+    on = f" for {base}" if base else ""
+    return (f"{model_dir} is a LoRA adapter{on} (adapter_config.json), not a full model, and qwenstack does not "
+            f"apply adapters: merge it into its base model with peft (merge_and_unload, then save_pretrained) "
+            f"and serve the merged directory")
+
+
 def read_config(model_dir: str | Path) -> dict[str, Any]:
+    if not (Path(model_dir) / "config.json").is_file() and adapter_message(model_dir):
+        raise ConfigError(adapter_message(model_dir))
     config = read_json_config(model_dir, "config.json")
     path = Path(model_dir) / "config.json"
     if "model_type" not in config:

@@ -11,6 +11,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from qwenstack.errors import ConfigError, RequestError
+
 GENERATION_DEFAULT_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty",
                            "presence_penalty", "frequency_penalty")
 
@@ -30,4 +32,16 @@ def generation_defaults(model_dir: Path | None) -> dict[str, Any]:
         defaults["top_k"] = int(defaults["top_k"])
     if data.get("do_sample") is False:
         defaults["temperature"] = 0.0
+    _check_defaults(Path(model_dir) / "generation_config.json", defaults)
     return defaults
+
+
+def _check_defaults(path: Path, defaults: dict[str, Any]) -> None:
+    """A default no request could use (temperature -1, top_p 2) is the file's error, said once at load; unchecked,
+    every request that leaves the value out was refused with a 400 naming a parameter it never sent."""
+    from qwenstack.engine.params import SamplingParams
+
+    try:
+        SamplingParams(**defaults)
+    except RequestError as exc:
+        raise ConfigError(f"{path} sets a sampling default no request can use: {exc}") from None

@@ -14,6 +14,7 @@ Decisions:
 from __future__ import annotations
 
 import json
+import math
 import re
 import struct
 from collections import defaultdict
@@ -60,20 +61,43 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
             if header_len > 100_000_000:
                 raise CheckpointError(f"{path} is not a safetensors file (header length {header_len})")
             header = json.loads(f.read(header_len))
+            size = f.seek(0, 2)
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"cannot read the safetensors header of {path}: {exc}") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path} is not a safetensors file (its header is not a JSON object)")
     tensors = {}
     data_start = 8 + header_len
     for name, meta in header.items():
         if name == "__metadata__":
             continue
-        if meta.get("dtype") not in SAFETENSORS_DTYPES:
-            raise CheckpointError(f"tensor '{name}' in {path} has unsupported dtype {meta.get('dtype')}")
-        begin, end = meta["data_offsets"]
-        tensors[name] = TensorInfo(
-            name, path, SAFETENSORS_DTYPES[meta["dtype"]], tuple(meta["shape"]), data_start + begin, data_start + end
-        )
+        info = _tensor_info(path, name, meta, data_start)
+        if info.end > size:
+            raise CheckpointError(f"{path} is truncated: tensor '{name}' ends at byte {info.end}, the file has "
+                                  f"{size} (an interrupted download or copy? fetch the file again)")
+        tensors[name] = info
     return tensors
+
+
+def _tensor_info(path: Path, name: str, meta: Any, data_start: int) -> TensorInfo:
+    """One header entry, checked as the safetensors library checks it: a known dtype, a shape of sizes, and
+    data offsets spanning exactly shape x dtype bytes."""
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"tensor '{name}' in {path} has a malformed header entry: {meta!r}")
+    dtype = SAFETENSORS_DTYPES.get(meta.get("dtype"))  # type: ignore[arg-type]
+    if dtype is None:
+        raise CheckpointError(f"tensor '{name}' in {path} has unsupported dtype {meta.get('dtype')}")
+    shape, offsets = meta.get("shape"), meta.get("data_offsets")
+    if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)
+            and isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
+        raise CheckpointError(f"tensor '{name}' in {path} has a malformed header entry "
+                              f"(shape {shape!r}, data_offsets {offsets!r})")
+    begin, end = offsets
+    nbytes = math.prod(shape) * dtype.itemsize
+    if begin < 0 or end - begin != nbytes:
+        raise CheckpointError(f"tensor '{name}' in {path} has data_offsets {offsets} for {nbytes} bytes of "
+                              f"{meta['dtype']} {shape}: the file is damaged")
+    return TensorInfo(name, path, dtype, tuple(shape), data_start + begin, data_start + end)
 
 
 def checkpoint_tensors(model_dir: str | Path) -> dict[str, TensorInfo]:
@@ -81,10 +105,7 @@ def checkpoint_tensors(model_dir: str | Path) -> dict[str, TensorInfo]:
     model_dir = Path(model_dir)
     index = model_dir / "model.safetensors.index.json"
     if index.is_file():
-        try:
-            weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as exc:
-            raise CheckpointError(f"{index} is not a valid safetensors index: {exc}") from None
+        weight_map = _index_weight_map(index)
         files = sorted(set(weight_map.values()))
         missing = [f for f in files if not (model_dir / f).is_file()]
         if missing:
@@ -92,8 +113,10 @@ def checkpoint_tensors(model_dir: str | Path) -> dict[str, TensorInfo]:
     else:
         files = sorted(p.name for p in model_dir.glob("*.safetensors"))
         weight_map = {}
+        if files and all(f.startswith("adapter_model") for f in files):
+            files = []  # a LoRA adapter's weights are no model: said by _no_weights_message
     if not files:
-        raise CheckpointError(f"no safetensors weights in {model_dir} (expected model.safetensors or shards)")
+        raise CheckpointError(_no_weights_message(model_dir))
     tensors: dict[str, TensorInfo] = {}
     for file in files:
         for name, info in read_safetensors_header(model_dir / file).items():
@@ -103,7 +126,51 @@ def checkpoint_tensors(model_dir: str | Path) -> dict[str, TensorInfo]:
     for name, file in weight_map.items():
         if name not in tensors:
             raise CheckpointError(f"the index maps tensor '{name}' to {file}, but that shard does not contain it")
+    return _unwrapped(tensors)
+
+
+# A state dict saved from a wrapper rather than the model: PEFT's PeftModel (a merged LoRA saved off the wrapper).
+WRAPPER_PREFIXES = ("base_model.model.",)
+
+
+def _unwrapped(tensors: dict[str, TensorInfo]) -> dict[str, TensorInfo]:
+    """The tensors under the model's own names when every one carries a wrapper's prefix (as transformers'
+    loader strips a base-model prefix); leftover adapter tensors (lora_A...) then fail as unexpected."""
+    for prefix in WRAPPER_PREFIXES:
+        if tensors and all(name.startswith(prefix) for name in tensors):
+            return {name[len(prefix):]: info for name, info in tensors.items()}
     return tensors
+
+
+def _no_weights_message(model_dir: Path) -> str:
+    """Why a directory has no weights we read, and what to do: PyTorch pickles, a GGUF, a LoRA adapter."""
+    from qwenstack.config import adapter_message
+
+    found = sorted(p.name for p in model_dir.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".gguf"))
+    if any(name.endswith(".gguf") for name in found):
+        gguf = next(name for name in found if name.endswith(".gguf"))
+        return f"{model_dir} has no safetensors weights but a GGUF file: pass the file itself ({model_dir / gguf})"
+    adapter = adapter_message(model_dir)
+    if adapter:
+        return adapter
+    if found:
+        return (f"{model_dir} has only PyTorch pickle weights ({', '.join(found[:3])}), which qwenstack does not load "
+                f"(unpickling can run code); convert them to safetensors once, e.g. with transformers: "
+                f"AutoModelForCausalLM.from_pretrained(dir).save_pretrained(out_dir)")
+    return f"no safetensors weights in {model_dir} (expected model.safetensors or model-*-of-*.safetensors shards)"
+
+
+def _index_weight_map(index: Path) -> dict[str, str]:
+    """model.safetensors.index.json's weight_map (tensor name -> shard file), or CheckpointError saying what is off."""
+    try:
+        data = json.loads(index.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{index} is not a valid safetensors index: {exc}") from None
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+        raise CheckpointError(f"{index} is not a valid safetensors index: it needs a 'weight_map' object "
+                              "of tensor name -> shard file name")
+    return weight_map
 
 
 def parameter_sources(model: nn.Module) -> dict[str, list[list[Source]]]:
@@ -151,17 +218,16 @@ def plan_load(model: nn.Module, tensors: dict[str, TensorInfo]) -> dict[str, lis
         if lacking:
             missing.extend(lacking)
         plan[name] = layout
-    if missing:
-        shown = ", ".join(f"'{m}'" for m in missing[:5])
-        more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
-        raise CheckpointError(f"the checkpoint is missing tensor {shown}{more}")
     used = {s.name for layout in plan.values() for s in layout}
     ignored = [re.compile(p) for p in getattr(model, "ignored_checkpoint_patterns", ())]
-    unexpected = [n for n in tensors if n not in used and not any(p.fullmatch(n) for p in ignored)]
+    unexpected = sorted(n for n in tensors if n not in used and not any(p.fullmatch(n) for p in ignored))
+    if missing:
+        # Names the architecture does not use beside missing ones are most often the same tensors renamed.
+        instead = f"; it has instead {_listed(unexpected)}" if unexpected else ""
+        raise CheckpointError(f"the checkpoint is missing tensor {_listed(missing)}{instead}")
     if unexpected:
-        shown = ", ".join(f"'{u}'" for u in sorted(unexpected)[:5])
-        more = f" (and {len(unexpected) - 5} more)" if len(unexpected) > 5 else ""
-        raise CheckpointError(f"the checkpoint has unexpected tensor {shown}{more}, which this architecture does not use")
+        raise CheckpointError(f"the checkpoint has unexpected tensor {_listed(unexpected)}, "
+                              f"which this architecture does not use")
     for name, layout in plan.items():
         for source in layout:
             want = _target_shape(params[name].shape, source)
@@ -181,6 +247,11 @@ def _fits(layout: list[Source], param_shape: torch.Size, tensors: dict[str, Tens
 
 def _transposed(layout: list[Source]) -> bool:
     return any(s.transpose for s in layout)
+
+
+def _listed(names: list[str], shown: int = 5) -> str:
+    more = f" (and {len(names) - shown} more)" if len(names) > shown else ""
+    return ", ".join(f"'{n}'" for n in names[:shown]) + more
 
 
 def _backbone_prefixed(model: nn.Module, tensors: dict[str, TensorInfo]) -> dict[str, TensorInfo]:
@@ -233,6 +304,7 @@ def load_weights(
     plan = plan_load(model, tensors)
     params = {name: p for name, p in model.named_parameters() if name not in skip}
     plan_to_read = {name: layout for name, layout in plan.items() if name not in skip}
+    _check_dtypes(plan_to_read, tensors, params)
     device = torch.device(device)
     storage = {name: torch.empty(p.shape, dtype=dtype if p.dtype.is_floating_point else p.dtype, device=device)
                for name, p in params.items()}
@@ -259,6 +331,26 @@ def load_weights(
         _set_parameter(model, name, tensor)
     _check_materialised(model)
     return plan
+
+
+def _check_dtypes(plan: dict[str, list[Source]], tensors: dict[str, TensorInfo],
+                  params: dict[str, nn.Parameter]) -> None:
+    """Float weights are converted to the model's dtype whatever their width; integer, bool or FP8 data in a
+    float weight is a quantized checkpoint read as a plain one (its scales missing, or config.json's
+    quantization_config lost), which would load as garbage."""
+    for name, layout in plan.items():
+        if not params[name].dtype.is_floating_point:
+            continue
+        for source in layout:
+            info = tensors[source.name]
+            stored = str(info.dtype).replace("torch.", "")
+            if not info.dtype.is_floating_point:
+                raise CheckpointError(f"tensor '{source.name}' in {info.file.name} is stored as {stored}, but "
+                                      f"the model expects floating-point weights there")
+            if info.dtype.itemsize == 1:
+                raise CheckpointError(f"tensor '{source.name}' in {info.file.name} is stored as {stored} with no "
+                                      f"scale: an FP8 checkpoint needs config.json's quantization_config "
+                                      f"(quant_method fp8) and a weight_scale_inv beside each FP8 weight")
 
 
 def load_tensors(model: nn.Module, state: dict[str, torch.Tensor], dtype: torch.dtype,

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from qwenstack.errors import CheckpointError, UnsupportedModelError
+from qwenstack.errors import CheckpointError, ConfigError, UnsupportedModelError
 from qwenstack.from_gguf.tokenizer import tokenizer_from_metadata
 from qwenstack.tokenizer import Tokenizer
 
@@ -61,7 +61,7 @@ def read_gguf(path: str | Path) -> GgufFile:
     try:
         reader = GGUFReader(str(path))
     except Exception as exc:  # the reader raises ValueError/struct errors on a damaged or foreign file
-        raise CheckpointError(f"{path} is not a readable GGUF file: {exc}") from None
+        raise CheckpointError(f"{path} is not a readable GGUF file (damaged or truncated?): {exc}") from None
     meta = {name: field.contents() for name, field in reader.fields.items() if not name.startswith("GGUF.")}
     return GgufFile(Path(path), meta, {t.name: t for t in reader.tensors})
 
@@ -71,6 +71,13 @@ def config_from_metadata(gguf: GgufFile) -> dict[str, Any]:
     if gguf.arch not in ARCHITECTURES:
         raise UnsupportedModelError(f"GGUF architecture '{gguf.arch}' is not supported "
                                     f"(supported: {', '.join(ARCHITECTURES)})")
+    try:
+        return _config(gguf)
+    except (TypeError, ValueError, KeyError, ZeroDivisionError) as exc:  # a value of the wrong type, a zero count
+        raise CheckpointError(f"{gguf.path.name} has malformed '{gguf.arch}.*' metadata: {exc!s}") from None
+
+
+def _config(gguf: GgufFile) -> dict[str, Any]:
     m, a = gguf.meta, gguf.arch
 
     def need(key: str) -> Any:
@@ -106,11 +113,18 @@ def config_from_metadata(gguf: GgufFile) -> dict[str, Any]:
     return config
 
 
-def _dequantized(tensor: Any) -> torch.Tensor:
-    from gguf import GGMLQuantizationType
+def _dequantized(tensor: Any, path: Path) -> torch.Tensor:
+    from gguf import GGMLQuantizationType as T
     from gguf.quants import dequantize
 
-    data = tensor.data if tensor.tensor_type == GGMLQuantizationType.F32 else dequantize(tensor.data, tensor.tensor_type)
+    if tensor.tensor_type in (T.F32, T.F64):  # the reader gives these as float arrays already
+        data = tensor.data
+    else:
+        try:
+            data = dequantize(tensor.data, tensor.tensor_type)
+        except NotImplementedError:  # types llama.cpp uses for activations (Q8_1, Q8_K) or integers, not weights
+            raise UnsupportedModelError(f"{path.name}: tensor '{tensor.name}' is stored as {tensor.tensor_type.name}, "
+                                        f"a GGML type qwenstack cannot read as weights") from None
     shape = tuple(int(d) for d in reversed(tensor.shape))  # GGUF lists dimensions innermost first
     return torch.from_numpy(np.array(data, dtype=np.float32).reshape(shape))  # a copy: the file stays read-only
 
@@ -122,7 +136,7 @@ def type_class(tensor_type: Any) -> str:
     lose 7-15% of their weights' accuracy there (KL 0.02-1 on a tiny model), so they go to int8 with the rest."""
     from gguf import GGMLQuantizationType as T
 
-    if tensor_type in (T.F32, T.F16, T.BF16):
+    if tensor_type in (T.F32, T.F64, T.F16, T.BF16):
         return "float"
     return "int4" if tensor_type in (T.Q4_0, T.Q4_1, T.Q4_K, T.Q2_K) else "int8"
 
@@ -153,7 +167,7 @@ def hf_tensors(gguf: GgufFile) -> tuple[dict[str, torch.Tensor], dict[str, Any]]
     dequantized: dict[str, torch.Tensor] = {}
     for hf_name, (name, expert) in gguf_names(gguf).items():
         if name not in dequantized:
-            dequantized[name] = _dequantized(gguf.tensors[name])
+            dequantized[name] = _dequantized(gguf.tensors[name], gguf.path)
         state[hf_name] = dequantized[name] if expert is None else dequantized[name][expert]
         types[hf_name] = gguf.tensors[name].tensor_type
     return state, types
@@ -213,8 +227,11 @@ def load_gguf(path: str | Path, dtype: torch.dtype = torch.bfloat16, device: str
 
     gguf = read_gguf(path)
     config = config_from_metadata(gguf)
-    tokenizer = tokenizer_from_metadata(gguf.meta)
-    model = build_model(config, "meta")
+    tokenizer = tokenizer_from_metadata(gguf.meta, gguf.path.name)
+    try:
+        model = build_model(config, "meta")
+    except ConfigError as exc:  # its words are config.json's: here the values came from the file's metadata
+        raise CheckpointError(f"{gguf.path.name}: its metadata does not make a model: {exc}") from None
     state, types = hf_tensors(gguf)
     load_tensors(model, state, dtype, device)
     del state

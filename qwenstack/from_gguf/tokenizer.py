@@ -13,7 +13,7 @@ from typing import Any
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
 from tokenizers import Tokenizer as RustTokenizer
 
-from qwenstack.errors import UnsupportedModelError
+from qwenstack.errors import CheckpointError, UnsupportedModelError
 from qwenstack.tokenizer import Tokenizer
 
 # Qwen2's pre-tokenizer split (tokenizer.json of every Qwen2/2.5/3 model).
@@ -32,14 +32,19 @@ def _pre_tokenizer(name: str) -> tuple[Any, Any]:
     return None, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
 
 
-def tokenizer_from_metadata(meta: dict[str, Any]) -> Tokenizer:
-    """meta: the file's key-value metadata (strings, numbers, lists)."""
+def tokenizer_from_metadata(meta: dict[str, Any], source: str = "the GGUF file") -> Tokenizer:
+    """meta: the file's key-value metadata (strings, numbers, lists); source: the file, for errors."""
     model = meta.get("tokenizer.ggml.model")
+    if model is None:
+        raise CheckpointError(f"{source} has no tokenizer (no 'tokenizer.ggml.model' metadata)")
     if model != "gpt2":
         raise UnsupportedModelError(f"tokenizer.ggml.model '{model}' is not supported (Qwen GGUF files use 'gpt2' BPE)")
     pre = str(meta.get("tokenizer.ggml.pre", "default"))
     if pre not in PRE_TOKENIZERS:
         raise UnsupportedModelError(f"tokenizer.ggml.pre '{pre}' is not supported (supported: {', '.join(PRE_TOKENIZERS)})")
+    for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges"):  # without merges BPE spells letter by letter
+        if not isinstance(meta.get(key), list) or not meta[key]:
+            raise CheckpointError(f"{source} has no '{key}' (llama.cpp refuses such a file too)")
     tokens: list[str] = list(meta["tokenizer.ggml.tokens"])
     types: list[int] = list(meta.get("tokenizer.ggml.token_type") or [1] * len(tokens))
     merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges", [])]

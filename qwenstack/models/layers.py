@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qwenstack.config import RopeConfig
+from qwenstack.errors import ConfigError
 from qwenstack.models.attention import AttentionBatch, paged_attention
 
 if TYPE_CHECKING:
@@ -204,7 +205,8 @@ class Attention(nn.Module):
     ) -> None:
         super().__init__()
         if num_heads % num_kv_heads:
-            raise ValueError(f"num_attention_heads ({num_heads}) must be a multiple of num_key_value_heads ({num_kv_heads})")
+            raise ConfigError(f"config.json's num_attention_heads ({num_heads}) must be a multiple of "
+                              f"num_key_value_heads ({num_kv_heads})")
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.q_size, self.kv_size = num_heads * head_dim, num_kv_heads * head_dim
         self.bias = bias

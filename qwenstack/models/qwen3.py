@@ -41,6 +41,9 @@ class Qwen3Args(ModelArgs):
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         if self.head_dim is None:
+            if self.hidden_size % self.num_attention_heads:
+                raise ConfigError(f"config.json has no head_dim, and hidden_size ({self.hidden_size}) is not a "
+                                  f"multiple of num_attention_heads ({self.num_attention_heads}) to derive it from")
             self.head_dim = self.hidden_size // self.num_attention_heads
         if self.hidden_act != "silu":
             raise ConfigError(f"hidden_act '{self.hidden_act}' is not supported (Qwen3 uses silu)")

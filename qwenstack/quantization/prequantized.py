@@ -271,6 +271,7 @@ def _stand_ins(tensors: dict[str, TensorInfo], scheme: PrequantScheme) -> tuple[
         lacking = [parts[p] for p in required if parts[p] not in tensors]
         if lacking:
             raise CheckpointError(f"the {scheme.method} checkpoint is missing tensor '{lacking[0]}'")
+        _check_part_dtypes(tensors, parts, scheme.method)
         if scheme.method == "fp8":
             shape = tensors[parts["weight"]].shape
             if tensors[parts["weight"]].dtype != torch.float8_e4m3fn:
@@ -288,7 +289,38 @@ def _stand_ins(tensors: dict[str, TensorInfo], scheme: PrequantScheme) -> tuple[
     return edited, stand_ins
 
 
+def _check_part_dtypes(tensors: dict[str, TensorInfo], parts: dict[str, str], method: str) -> None:
+    """Packed codes and indices are integers, scales floats: anything else decoded into garbage (an int scale)
+    or failed deep in the unpacking (NotImplementedError: "rshift_cpu" not implemented for 'Float')."""
+    for part, name in parts.items():
+        if name not in tensors or part == "weight":
+            continue
+        dtype = tensors[name].dtype
+        want_float = part in ("scales", "weight_scale_inv")
+        if dtype.is_floating_point != want_float or dtype == torch.bool:
+            kind = "floating-point" if want_float else "integer"
+            raise CheckpointError(f"the {method} checkpoint's tensor '{name}' is {str(dtype).replace('torch.', '')}, "
+                                  f"not {kind}")
+
+
+def _plain_beside_quantized(stored: dict[str, TensorInfo], name: str, plain: str, method: str) -> CheckpointError:
+    """The error for a parameter fused from quantized tensors and a plain one: most often the plain one's
+    quantization parts (its FP8 scale) are what is missing."""
+    info = stored.get(plain)
+    if method == "fp8" and info is not None and info.dtype.itemsize == 1:
+        return CheckpointError(f"the fp8 checkpoint is missing tensor '{plain}_scale_inv'")
+    return CheckpointError(f"'{name}' is filled from quantized and unquantized tensors ({plain}); "
+                           f"mixed layouts are not read")
+
+
 def _decode(read: _Reader, layer: str, scheme: PrequantScheme) -> Decoded:
+    try:
+        return _decode_parts(read, layer, scheme)
+    except CheckpointError as exc:  # the decoders check shapes without knowing the layer: name it
+        raise CheckpointError(f"{layer}: {exc}") from None
+
+
+def _decode_parts(read: _Reader, layer: str, scheme: PrequantScheme) -> Decoded:
     if scheme.method == "fp8":
         return decode_fp8(read(f"{layer}.weight"), read(f"{layer}.weight_scale_inv"), scheme)
     if scheme.method == "awq":
@@ -383,8 +415,7 @@ def load_prequantized(model: nn.Module, model_dir: str | Path, scheme: PrequantS
     for name in quantized:
         plain = [s.name for s in plan[name] if s.name not in stand_ins]
         if plain:
-            raise CheckpointError(f"'{name}' is filled from quantized and unquantized tensors ({plain[0]}); "
-                                  f"mixed layouts are not read")
+            raise _plain_beside_quantized(stored, name, plain[0], scheme.method)
         if any(s.transpose for s in plan[name]):
             raise CheckpointError(f"'{name}' would need its quantized tensors transposed, which is not supported")
     load_weights(model, model_dir, dtype, device, tensors=tensors, skip=frozenset(quantized))

@@ -74,8 +74,9 @@ class ServedModel:
         if self.tokenizer.chat_template is not None:
             try:
                 compile_template(self.tokenizer.chat_template)
-            except jinja2.TemplateError:  # each chat request reports it (a 400), as it would have anyway
-                pass
+            except jinja2.TemplateError as exc:  # each chat request reports it (a 400); said once here too
+                log.warning("the chat template of %s does not compile (%s): chat requests will be refused; "
+                            "give a working one with --chat-template", self.name, exc)
 
     def check_text_fits(self, text: str, param: str) -> None:
         """400 for a text that cannot fit the context whatever its tokens, without tokenizing it: a megabyte

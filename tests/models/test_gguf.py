@@ -261,3 +261,59 @@ def test_low_bit_types_off_a_linear_grid_go_to_int8() -> None:
     assert [type_class(t) for t in (T.Q4_0, T.Q4_1, T.Q4_K, T.Q2_K)] == ["int4"] * 4
     assert {type_class(t) for t in (T.Q3_K, T.IQ4_NL, T.IQ4_XS, T.MXFP4, T.TQ2_0, T.Q5_K, T.Q6_K, T.Q8_0)} == {"int8"}
     assert {type_class(t) for t in (T.F32, T.F16, T.BF16)} == {"float"}
+
+
+def write_gguf_with(hf_dir: Path, out: Path, monkeypatch: pytest.MonkeyPatch, name: str, type_name: str) -> Path:
+    """A GGUF with one tensor stored as `type_name` (F64 as values; other types as zero blocks)."""
+    import gguf
+    import numpy as np
+
+    original = gguf.GGUFWriter.add_tensor
+
+    def add_tensor(self, tensor_name, array, raw_shape=None, raw_dtype=None):  # noqa: ANN001
+        if tensor_name == name:
+            raw_dtype = gguf.GGMLQuantizationType[type_name]
+            if type_name == "F64":
+                array = array.astype(np.float64)
+            else:
+                block, size = gguf.GGML_QUANT_SIZES[raw_dtype]
+                array = np.zeros((array.shape[0], array.shape[1] // block * size), dtype=np.uint8)
+        return original(self, tensor_name, array, raw_shape=raw_shape, raw_dtype=raw_dtype)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(gguf.GGUFWriter, "add_tensor", add_tensor)
+        return write_gguf(hf_dir, out)
+
+
+@torch.inference_mode()
+def test_f64_tensors_load_and_unreadable_types_are_named(sources: dict[str, Path], tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """F64 (llama.cpp reads it) loads; a type gguf cannot dequantize (Q8_1, an activation type) was a
+    NotImplementedError traceback, and is now the tensor and its type by name."""
+    f64 = write_gguf_with(sources["qwen3"], tmp_path / "f64.gguf", monkeypatch, "output_norm.weight", "F64")
+    reference = load_gguf(write_gguf(sources["qwen3"], tmp_path / "f32.gguf"), torch.float32)[0]
+    torch.testing.assert_close(prompt_logits(load_gguf(f64, torch.float32)[0], torch.tensor([PROMPTS[0]])),
+                               prompt_logits(reference, torch.tensor([PROMPTS[0]])))
+    q8_1 = write_gguf_with(sources["qwen3"], tmp_path / "q8_1.gguf", monkeypatch, "blk.0.ffn_up.weight", "Q8_1")
+    with pytest.raises(UnsupportedModelError, match=r"q8_1.gguf: tensor 'blk.0.ffn_up.weight' is stored as Q8_1"):
+        LLM(str(q8_1), device="cpu")
+
+
+def test_broken_metadata_is_named(sources: dict[str, Path], tmp_path: Path) -> None:
+    """A tokenizer without merges loaded and spelled every word letter by letter (llama.cpp refuses the file); no
+    token list was a KeyError; a count of the wrong type or a zero head count was a ValueError/ZeroDivisionError."""
+    from qwenstack.errors import CheckpointError
+    from qwenstack.from_gguf.model import config_from_metadata
+
+    gguf = read_gguf(write_gguf(sources["qwen3"], tmp_path / "m.gguf"))
+    for key in ("tokenizer.ggml.merges", "tokenizer.ggml.tokens"):
+        meta = {k: v for k, v in gguf.meta.items() if k != key}
+        with pytest.raises(CheckpointError, match=f"m.gguf has no '{key}'"):
+            tokenizer_from_metadata(meta, "m.gguf")
+    with pytest.raises(CheckpointError, match="m.gguf has no tokenizer"):
+        tokenizer_from_metadata({k: v for k, v in gguf.meta.items() if not k.startswith("tokenizer.")}, "m.gguf")
+    for key, value in (("qwen3.block_count", "two"), ("qwen3.attention.head_count", 0)):
+        gguf.meta[key], original = value, gguf.meta[key]
+        with pytest.raises(CheckpointError, match=r"m.gguf has malformed 'qwen3.\*' metadata"):
+            config_from_metadata(gguf)
+        gguf.meta[key] = original

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -207,3 +208,29 @@ def test_eval_quality_measures_the_stored_format_against_the_dequantized_weights
     rows = json.loads(out.read_text())["levels"]
     assert [r["level"] for r in rows] == ["bfloat16", "as-stored"]
     assert 0 < rows[1]["mean_kl"] < REQUANT_KL_BOUND and "requantized to our int8" in rows[1]["summary"]
+
+
+@pytest.mark.parametrize("method, edit, message", [
+    ("fp8", lambda s, L: s.pop(f"{L}.weight_scale_inv"),
+     r"the fp8 checkpoint is missing tensor 'model.layers.0.mlp.up_proj.weight_scale_inv'"),
+    ("fp8", lambda s, L: s.__setitem__(f"{L}.weight_scale_inv", s[f"{L}.weight_scale_inv"].to(torch.int32)),
+     r"tensor 'model.layers.0.mlp.up_proj.weight_scale_inv' is int32, not floating-point"),
+    ("awq", lambda s, L: s.__setitem__(f"{L}.qweight", s[f"{L}.qweight"].float()),
+     r"tensor 'model.layers.0.mlp.up_proj.qweight' is float32, not integer"),
+    ("awq", lambda s, L: s.__setitem__(f"{L}.qzeros", s[f"{L}.qzeros"][:, :1].clone()),
+     r"model.layers.0.mlp.up_proj: AWQ tensors disagree"),
+])
+def test_broken_quantized_tensors_are_named(tmp_path: Path, sources: dict[str, Path], method: str, edit: Any,
+                                            message: str) -> None:
+    """A missing FP8 scale was reported against our fused gate_up_proj as 'mixed layouts'; an int scale decoded
+    into garbage; float codes failed in the unpacking (NotImplementedError); a shape mismatch named no layer."""
+    from safetensors.torch import load_file, save_file
+
+    from qwenstack.errors import CheckpointError
+
+    out = write_quantized(sources["qwen3"], tmp_path / "q", method)
+    state = load_file(str(out / "model.safetensors"))
+    edit(state, "model.layers.0.mlp.up_proj")
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=message):
+        load_model(out)
