@@ -38,7 +38,7 @@ from qwenstack.serving.messages.api import anthropic_model, anthropic_model_list
 from qwenstack.serving.metrics import ServerMetrics
 from qwenstack.serving.middleware import LOCAL_ORIGINS, BodyRulesMiddleware, HeadAsGet, UnexpectedErrorMiddleware
 from qwenstack.serving.moderation import guard_card, install_guardrails
-from qwenstack.serving.ollama.api import install_ollama
+from qwenstack.serving.ollama.api import install_ollama, is_ollama_path
 from qwenstack.serving.openapi import install_openapi
 from qwenstack.serving.protocol import (
     ChatCompletionRequest, DetokenizeRequest, DetokenizeResponse, HealthResponse, ModelCard, ModelList,
@@ -203,7 +203,7 @@ def create_app(
     # Outermost last: CORS; unexpected errors -> 500 on the same connection; the key; then the body rules.
     body_limits: dict[str, int] = {}
     app.add_middleware(BodyRulesMiddleware, routes=lambda: app.routes, default_limit=config.max_request_body_bytes,
-                       limits=body_limits)
+                       limits=body_limits, curl_json=is_ollama_path)
     if config.api_key:
         app.add_middleware(APIKeyMiddleware, api_key=config.api_key)
     app.add_middleware(UnexpectedErrorMiddleware)

@@ -24,6 +24,8 @@ Decisions:
   can send text/plain and form posts cross-site without a preflight, JSON it cannot. A body with no
   Content-Type or application/octet-stream is read as JSON when the request has no Origin header: a browser
   sends one with every cross-site POST, and non-browser clients (LiteLLM's ollama providers) send JSON so.
+  On Ollama's routes curl -d's form type is read so too (Ollama's documented `curl URL -d '{...}'`). The
+  handler then sees the body as application/json.
 - The checks scan raw bytes at C speed (bytes.count, re, numpy) so a large body costs little on the event
   loop; the rare body that needs a closer look is examined in a worker thread.
 """
@@ -47,6 +49,9 @@ BODY_METHODS = {"POST", "PUT", "PATCH", "DELETE"}
 JSON_TYPES = ("application/json",)
 FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
 UNTYPED = ("", "application/octet-stream")  # bodies some non-browser clients send JSON as
+# What `curl URL -d '{...}'` sends, as Ollama's documentation writes every example: read as JSON on the routes
+# `curl_json` names (Ollama's, which reads any body as JSON), refused elsewhere (a /v1 route wants JSON).
+CURL_TYPES = ("application/x-www-form-urlencoded", "text/plain")
 MAX_JSON_DEPTH = 128  # far beyond any real request (a tool schema nests a dozen levels), far below recursion limits
 
 # A \uD800-\uDFFF escape with the backslashes before it: an odd count means a real escape.
@@ -128,8 +133,9 @@ LOCAL_ORIGINS = r"^(https?://(localhost|127\.0\.0\.1|\[::1\])(:\d+)?)$"
 
 class BodyRulesMiddleware:
     def __init__(self, app: ASGIApp, routes: Callable[[], Iterable[Any]], default_limit: int,
-                 limits: dict[str, int] | None = None) -> None:
+                 limits: dict[str, int] | None = None, curl_json: Callable[[str], bool] = lambda path: False) -> None:
         self.app = app
+        self.curl_json = curl_json  # path -> whether curl -d's form-typed bodies are read as JSON there
         self.routes = routes  # the app's routes, looked up per request: routes added later are covered too
         self.default_limit = default_limit
         self.limits = limits if limits is not None else {}  # path prefix -> byte limit (e.g. the chat store)
@@ -155,7 +161,10 @@ class BodyRulesMiddleware:
         forms = form_media_types(route)
         is_json = media in JSON_TYPES or (media.startswith("application/") and media.endswith("+json"))
         # Read as JSON, as Ollama does: no browser sends these without an Origin (LiteLLM's ollama providers do).
-        is_json = is_json or (media in UNTYPED and not forms and "origin" not in headers)
+        untyped = UNTYPED + CURL_TYPES if self.curl_json(scope.get("path", "")) else UNTYPED
+        untyped_json = not is_json and media in untyped and not forms and "origin" not in headers
+        if untyped_json:
+            is_json, scope = True, _as_json(scope)
         if forms and media not in forms:  # a form route (uploads): JSON cannot carry its files
             await _refuse(APIError(415, f"this route takes a form with its files, sent as {' or '.join(forms)} "
                                         f"(Content-Type: {media or 'none'})", code="unsupported_media_type"),
@@ -182,6 +191,13 @@ class BodyRulesMiddleware:
                 await APIError(400, hazard, code="invalid_json").response()(scope, receive, send)
                 return
         await self.app(scope, _replay(body, receive), send)
+
+
+def _as_json(scope: Scope) -> Scope:
+    """The request as the app should parse it: Content-Type application/json (FastAPI parses a body model only
+    from a JSON media type)."""
+    headers = [(k, v) for k, v in scope["headers"] if k.lower() != b"content-type"]
+    return {**scope, "headers": [*headers, (b"content-type", b"application/json")]}
 
 
 def _too_large(limit: int) -> APIError:

@@ -379,7 +379,9 @@ def test_a_body_without_a_content_type_is_read_as_json(server: BackgroundServer)
     # Ollama reads any body as JSON, and LiteLLM's ollama providers send theirs with no Content-Type (sync) or as
     # application/octet-stream (async). Neither is a cross-site form post: a browser sends an Origin with those.
     body = json.dumps({"model": "think", "messages": HELLO, "stream": False, "options": GREEDY}).encode()
-    for headers in ({}, {"Content-Type": "application/octet-stream"}):
+    # curl -d, as every example of Ollama's documentation is written, sends form-urlencoded.
+    for headers in ({}, {"Content-Type": "application/octet-stream"},
+                    {"Content-Type": "application/x-www-form-urlencoded"}):
         r = httpx.post(server.url + "/api/chat", content=body, headers={**AUTH, **headers}, timeout=30)
         assert r.status_code == 200 and r.json()["message"]["content"] == ANSWER, headers
     r = httpx.post(server.url + "/api/chat", content=body, headers={**AUTH, "Origin": "https://evil.example"})
