@@ -159,8 +159,9 @@ def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixe
 
 
 def decode_data_url(url: str, max_bytes: int | None = None, kind: str = "image") -> bytes:
-    """The bytes of a `data:image/<type>;base64,<payload>` URL (`kind="video"`: data:video/...)."""
-    if not url.startswith("data:"):
+    """The bytes of a `data:image/<type>;base64,<payload>` URL (`kind="video"`: data:video/...); the scheme
+    in any case (RFC 3986), as the server's routing reads it."""
+    if url[:5].lower() != "data:":
         raise ImageError("expected a data: URL")
     header, comma, payload = url[len("data:") :].partition(",")
     if not comma:

@@ -263,6 +263,14 @@ def test_data_url_round_trip(processors) -> None:
     assert torch.equal(ours([_png_bytes(image)]).pixel_values, ours([image]).pixel_values)
 
 
+def test_data_url_scheme_in_any_case() -> None:
+    """RFC 3986 schemes are case-insensitive: the server routed `DATA:` as a data URL, then refused it."""
+    png = _png_bytes(TEST_IMAGES["rgb-37x53"])
+    payload = base64.b64encode(png).decode()
+    assert decode_data_url("DATA:IMAGE/PNG;BASE64," + payload) == png
+    assert decode_data_url("Data:video/mp4;base64," + payload, kind="video") == png
+
+
 @pytest.mark.parametrize(
     "url, message",
     [
