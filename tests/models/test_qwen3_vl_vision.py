@@ -271,6 +271,18 @@ def test_data_url_scheme_in_any_case() -> None:
     assert decode_data_url("Data:video/mp4;base64," + payload, kind="video") == png
 
 
+def test_data_url_in_the_url_safe_alphabet() -> None:
+    """base64url (`-_` for `+/`, padding often stripped), as JavaScript and JWT-style encoders write it."""
+    data = bytes(range(256)) * 2  # every 6-bit value, so both alphabets' last two characters occur
+    urlsafe = base64.urlsafe_b64encode(data).decode()
+    assert "-" in urlsafe and "_" in urlsafe
+    assert decode_data_url("data:image/png;base64," + urlsafe) == data
+    assert decode_data_url("data:image/png;base64," + urlsafe.rstrip("=")) == data
+    mixed = base64.b64encode(data).decode().replace("/", "_", 1)  # one character of each alphabet
+    with pytest.raises(ImageError, match="not valid base64"):
+        decode_data_url("data:image/png;base64," + mixed)
+
+
 @pytest.mark.parametrize(
     "url, message",
     [
