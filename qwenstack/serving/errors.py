@@ -55,15 +55,31 @@ def bad_request(message: str, param: str | None = None, code: str | None = None)
     return APIError(400, message, param=param, code=code)
 
 
+SCALAR_TAGS = ("str", "int", "float", "bool", "list", "dict")
+
+
+def _branches_taken(errors: list[Any]) -> list[Any]:
+    """pydantic reports a failed union once per branch. Where the input went deeper into one branch (content
+    given as a list of parts, one part wrong), the scalar branches' errors ("Input should be a valid string")
+    only hide the real problem, so they are dropped."""
+    def not_taken(error: Any) -> bool:
+        loc = tuple(error.get("loc", ()))
+        return bool(loc) and loc[-1] in SCALAR_TAGS and any(
+            len(other.get("loc", ())) > len(loc) and tuple(other["loc"][: len(loc) - 1]) == loc[:-1]
+            for other in errors)
+
+    return [e for e in errors if not not_taken(e)] or errors
+
+
 def validation_error(errors: list[Any]) -> APIError:
     """pydantic's error list -> one readable 400 naming the field (FastAPI would answer 422)."""
+    errors = _branches_taken(errors)
     first = errors[0] if errors else {}
     if first.get("type") == "json_invalid":
         return bad_request("the request body is not valid JSON", code="invalid_json")
     # Drop FastAPI's location prefix and pydantic's union-branch tags ("str", "list[int]", "function-after").
     loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path")]
-    scalar_tags = ("str", "int", "float", "bool", "list", "dict")
-    loc = [p for p in loc if not any(c in p for c in "[]-") and p not in scalar_tags]
+    loc = [p for p in loc if not any(c in p for c in "[]-") and p not in SCALAR_TAGS]
     param = ".".join(loc) or None
     message = first.get("msg", "invalid request")
     if param and not message.startswith(param):  # a validator's own message may already name it (input[0]...)
