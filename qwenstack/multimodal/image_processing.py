@@ -102,9 +102,10 @@ class ImageProcessorConfig:
 
     @classmethod
     def from_pretrained(cls, model_dir: str | Path) -> "ImageProcessorConfig":
-        from qwenstack.config import read_json_config
+        """preprocessor_config.json, or the image_processor of processor_config.json (transformers 5 saves it so)."""
+        from qwenstack.config import read_processor_config
 
-        return cls.from_dict(read_json_config(model_dir, "preprocessor_config.json"))
+        return cls.from_dict(read_processor_config(model_dir, "image_processor", "preprocessor_config.json"))
 
     def validate(self) -> None:
         for name in ("patch_size", "temporal_patch_size", "merge_size", "min_pixels", "max_pixels"):

@@ -92,14 +92,18 @@ class VideoProcessorConfig:
     @classmethod
     def from_pretrained(cls, model_dir: str | Path,
                         defaults: dict[str, Any] = VIDEO_DEFAULTS) -> "VideoProcessorConfig":
-        """video_preprocessor_config.json over `defaults`; without one, the image preprocessor's patch sizes and
-        normalisation with the defaults' budget (OMNI_VIDEO_DEFAULTS for Qwen3-Omni)."""
-        from qwenstack.config import read_json_config
+        """video_preprocessor_config.json (or processor_config.json's video_processor, as transformers 5 saves it)
+        over `defaults`; without one, the image preprocessor's patch sizes and normalisation with the defaults'
+        budget (OMNI_VIDEO_DEFAULTS for Qwen3-Omni)."""
+        from qwenstack.config import nested_processor_config, read_json_config, read_processor_config
 
         model_dir = Path(model_dir)
+        nested = nested_processor_config(model_dir, "video_processor")
+        if nested is not None:
+            return cls.from_dict(nested, defaults)
         if (model_dir / "video_preprocessor_config.json").is_file():
             return cls.from_dict(read_json_config(model_dir, "video_preprocessor_config.json"), defaults)
-        base = read_json_config(model_dir, "preprocessor_config.json")
+        base = read_processor_config(model_dir, "image_processor", "preprocessor_config.json")
         return cls.from_dict({k: v for k, v in base.items() if k not in ("size", "min_pixels", "max_pixels")}, defaults)
 
     @property

@@ -322,3 +322,30 @@ def test_preprocessor_config_missing_field() -> None:
     legacy = {**config, "patch_size": 14, "min_pixels": 3136, "max_pixels": 12845056}  # Qwen2-VL style keys
     parsed = ImageProcessorConfig.from_dict(legacy)
     assert (parsed.min_pixels, parsed.max_pixels, parsed.factor) == (3136, 12845056, 28)
+
+
+def test_processor_config_as_transformers_5_saves_it(tmp_path) -> None:
+    """transformers 5's processor.save_pretrained writes every sub-processor into processor_config.json and no
+    preprocessor_config.json (a fine-tune saved so could not be served), and reads that file first."""
+    import json
+
+    from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
+
+    from qwenstack.multimodal.video_processing import VideoProcessorConfig
+
+    image = transformers.Qwen2VLImageProcessorPil(min_pixels=3136, max_pixels=200_000, patch_size=14)
+    video = Qwen3VLVideoProcessor(fps=1, max_frames=32, size={"shortest_edge": 4096, "longest_edge": 300_000})
+    saved = {"image_processor": image.to_dict(), "video_processor": video.to_dict(), "processor_class": "Qwen3VLProcessor"}
+    (tmp_path / "processor_config.json").write_text(json.dumps(saved))
+    parsed = ImageProcessorConfig.from_pretrained(tmp_path)
+    assert (parsed.min_pixels, parsed.max_pixels, parsed.patch_size) == (3136, 200_000, 14)
+    frames = VideoProcessorConfig.from_pretrained(tmp_path)
+    assert (frames.fps, frames.max_frames, frames.image.max_pixels, frames.image.patch_size) == (1, 32, 300_000, 16)
+    # transformers reads the nested settings before a stale file of the older layout
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR_CONFIG))
+    assert ImageProcessorConfig.from_pretrained(tmp_path) == parsed
+    (tmp_path / "processor_config.json").write_text(json.dumps({"processor_class": "Qwen3VLProcessor"}))
+    assert ImageProcessorConfig.from_pretrained(tmp_path) == ImageProcessorConfig.from_dict(PREPROCESSOR_CONFIG)
+    (tmp_path / "preprocessor_config.json").unlink()
+    with pytest.raises(ConfigError, match="no preprocessor_config.json .*nor 'image_processor' in a processor_config"):
+        ImageProcessorConfig.from_pretrained(tmp_path)
