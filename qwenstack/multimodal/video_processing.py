@@ -211,10 +211,13 @@ def decode_video(data: bytes, config: VideoProcessorConfig, limits: VideoLimits 
             if indices[-1] >= limits.max_decoded_frames:
                 raise VideoError(f"reaching the last sampled frame needs {indices[-1] + 1} decoded frames, over "
                                  f"the limit of {limits.max_decoded_frames}")
-            wanted, frames = set(indices), {}
+            wanted, frames, size = set(indices), {}, None
             for i, frame in enumerate(container.decode(stream)):
                 if i in wanted:
-                    frames[i] = frame.to_ndarray(format="rgb24")
+                    # A stream may change frame size midway (WebRTC and MediaRecorder recordings, joined clips):
+                    # later frames are scaled to the first sampled one's size, which the model's grid is made for.
+                    size = size or (frame.width, frame.height)
+                    frames[i] = frame.to_ndarray(format="rgb24", width=size[0], height=size[1])
                 if i >= indices[-1]:
                     break
     except VideoError:

@@ -265,6 +265,35 @@ def test_text_only_model_refuses_video(server: BackgroundServer) -> None:
         ask(server, [video_part(video_url(CLIP))], model="tiny")
 
 
+def joined_clips(sizes: list[tuple[int, int]], frames_each: int = 6) -> bytes:
+    """MPEG-TS segments of different frame sizes, byte-joined: one stream whose frame size changes midway, as
+    WebRTC / MediaRecorder recordings and concatenated clips are."""
+    import av
+
+    out = b""
+    for k, (width, height) in enumerate(sizes):
+        rng, buffer = np.random.default_rng(k), io.BytesIO()
+        with av.open(buffer, "w", format="mpegts") as container:
+            stream = container.add_stream("mpeg4", rate=4)
+            stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+            for _ in range(frames_each):
+                pixels = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+                container.mux(stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")))
+            container.mux(stream.encode())
+        out += buffer.getvalue()
+    return out
+
+
+def test_a_stream_that_changes_frame_size_is_read(server: BackgroundServer, processor: VideoProcessor) -> None:
+    """Stacking frames of two sizes raised a bare ValueError: the server answered 500."""
+    data = joined_clips([(80, 48), (64, 32)])
+    decoded = decode_video(data, processor.config)
+    assert decoded.frames.shape[1:] == (48, 80, 3) and len(decoded.indices) == 6
+    assert processor(data).grid_thw == (3, 4, 4)
+    r = ask(server, [{"type": "text", "text": "What happens?"}, video_part(video_url(data))])
+    assert r.choices[0].finish_reason in ("stop", "length")
+
+
 def test_decoder_limits_directly(processor: VideoProcessor) -> None:
     with pytest.raises(VideoError, match="byte limit"):
         decode_video(CLIP, processor.config, VideoLimits(max_bytes=100))
