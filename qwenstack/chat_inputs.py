@@ -74,7 +74,7 @@ def render_media_chat(view: ChatModelView, conversation: list[dict[str, Any]], *
     from pydantic import ValidationError
 
     from qwenstack.serving import images as image_inputs
-    from qwenstack.serving.chat import template_messages
+    from qwenstack.serving.chat import VisionIds, template_messages
     from qwenstack.serving.config import ServerConfig
     from qwenstack.serving.errors import APIError
     from qwenstack.serving.protocol import ChatMessage
@@ -88,8 +88,11 @@ def render_media_chat(view: ChatModelView, conversation: list[dict[str, Any]], *
     try:
         messages = [ChatMessage.model_validate(m) for m in _local_urls(conversation)]
         refs: list[image_inputs.ImageRef] = []
-        prompt = view.tokenizer.apply_chat_template(template_messages(messages, served, refs), tools=tools,
-                                                    add_generation_prompt=add_generation_prompt, **template_kwargs)
+        vision_ids = VisionIds.for_render(template_kwargs.get("chat_template") or view.tokenizer.chat_template,
+                                          template_kwargs)
+        prompt = view.tokenizer.apply_chat_template(template_messages(messages, served, refs, vision_ids=vision_ids),
+                                                    tools=tools, add_generation_prompt=add_generation_prompt,
+                                                    **template_kwargs)
         prompt_ids = view.tokenizer.encode(prompt)
         if not refs:
             return prompt, prompt_ids, None

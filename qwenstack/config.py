@@ -229,6 +229,32 @@ def adapter_message(model_dir: str | Path) -> str | None:
             f"and serve the merged directory")
 
 
+PROCESSOR_CONFIG = "processor_config.json"
+
+
+def nested_processor_config(model_dir: str | Path, part: str) -> dict[str, Any] | None:
+    """The `part` object ("image_processor", "video_processor", "feature_extractor") of processor_config.json,
+    where transformers 5's processor.save_pretrained writes every sub-processor's settings (and no
+    preprocessor_config.json); None where the checkpoint has none (the older one-file-each layout)."""
+    if not (Path(model_dir) / PROCESSOR_CONFIG).is_file():
+        return None
+    nested = read_json_config(model_dir, PROCESSOR_CONFIG).get(part)
+    if nested is not None and not isinstance(nested, dict):
+        raise ConfigError(f"{PROCESSOR_CONFIG}: '{part}' must be a JSON object")
+    return nested
+
+
+def read_processor_config(model_dir: str | Path, part: str, legacy_name: str) -> dict[str, Any]:
+    """A sub-processor's settings as transformers 5 finds them: processor_config.json's `part` object first, then
+    its own file (`legacy_name`: preprocessor_config.json, video_preprocessor_config.json)."""
+    nested = nested_processor_config(model_dir, part)
+    if nested is not None:
+        return nested
+    if not (Path(model_dir) / legacy_name).is_file():
+        raise ConfigError(f"no {legacy_name} in {model_dir} (nor '{part}' in a {PROCESSOR_CONFIG})")
+    return read_json_config(model_dir, legacy_name)
+
+
 def read_config(model_dir: str | Path) -> dict[str, Any]:
     if not (Path(model_dir) / "config.json").is_file() and adapter_message(model_dir):
         raise ConfigError(adapter_message(model_dir))

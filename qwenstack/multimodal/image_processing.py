@@ -102,9 +102,10 @@ class ImageProcessorConfig:
 
     @classmethod
     def from_pretrained(cls, model_dir: str | Path) -> "ImageProcessorConfig":
-        from qwenstack.config import read_json_config
+        """preprocessor_config.json, or the image_processor of processor_config.json (transformers 5 saves it so)."""
+        from qwenstack.config import read_processor_config
 
-        return cls.from_dict(read_json_config(model_dir, "preprocessor_config.json"))
+        return cls.from_dict(read_processor_config(model_dir, "image_processor", "preprocessor_config.json"))
 
     def validate(self) -> None:
         for name in ("patch_size", "temporal_patch_size", "merge_size", "min_pixels", "max_pixels"):
@@ -159,8 +160,11 @@ def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixe
 
 
 def decode_data_url(url: str, max_bytes: int | None = None, kind: str = "image") -> bytes:
-    """The bytes of a `data:image/<type>;base64,<payload>` URL (`kind="video"`: data:video/...)."""
-    if not url.startswith("data:"):
+    """The bytes of a `data:image/<type>;base64,<payload>` URL (`kind="video"`: data:video/...).
+
+    Lenient where the meaning is clear: the scheme in any case (RFC 3986), whitespace in the payload, stripped
+    padding, and the URL-safe alphabet (`-_`; no payload mixes it with `+/`)."""
+    if url[:5].lower() != "data:":
         raise ImageError("expected a data: URL")
     header, comma, payload = url[len("data:") :].partition(",")
     if not comma:
@@ -174,11 +178,19 @@ def decode_data_url(url: str, max_bytes: int | None = None, kind: str = "image")
     # Reject oversized payloads before allocating the decoded copy.
     if max_bytes is not None and len(payload) // 4 * 3 - 2 > max_bytes:
         raise ImageError(f"{kind} is larger than the {max_bytes}-byte limit")
-    payload += "=" * (-len(payload) % 4)  # tolerate stripped padding
     try:
-        return base64.b64decode(payload, validate=True)
+        return _b64decode(payload + "=" * (-len(payload) % 4))  # tolerate stripped padding
     except (binascii.Error, ValueError):
         raise ImageError("data URL payload is not valid base64") from None
+
+
+def _b64decode(payload: str) -> bytes:
+    """Standard or URL-safe base64, strictly one alphabet or the other."""
+    if not any(c in payload for c in "-_"):
+        return base64.b64decode(payload, validate=True)
+    if any(c in payload for c in "+/"):
+        raise ValueError("mixed base64 alphabets")
+    return base64.b64decode(payload, altchars=b"-_", validate=True)
 
 
 def load_image(data: bytes, limits: ImageLimits = ImageLimits()) -> Image.Image:

@@ -66,6 +66,9 @@ class VideoLimits:
     max_seconds: float = 600.0  # duration from the header
     max_frames: int = 64  # frames sampled (the model sees max_frames / temporal_patch_size groups)
     max_decoded_frames: int = 36_000  # frames decoded to reach the last sample (bounds CPU time)
+    # RGB pixels of all sampled frames before resizing (bounds memory: 64 frames of 4K, 1.6 GB). A video of
+    # black frames compresses to almost nothing, so the byte limit alone let 22 KB of 4096x2304 use 5 GB.
+    max_pixels: int = 64 * 3840 * 2160
 
 
 @dataclass(frozen=True)
@@ -92,14 +95,18 @@ class VideoProcessorConfig:
     @classmethod
     def from_pretrained(cls, model_dir: str | Path,
                         defaults: dict[str, Any] = VIDEO_DEFAULTS) -> "VideoProcessorConfig":
-        """video_preprocessor_config.json over `defaults`; without one, the image preprocessor's patch sizes and
-        normalisation with the defaults' budget (OMNI_VIDEO_DEFAULTS for Qwen3-Omni)."""
-        from qwenstack.config import read_json_config
+        """video_preprocessor_config.json (or processor_config.json's video_processor, as transformers 5 saves it)
+        over `defaults`; without one, the image preprocessor's patch sizes and normalisation with the defaults'
+        budget (OMNI_VIDEO_DEFAULTS for Qwen3-Omni)."""
+        from qwenstack.config import nested_processor_config, read_json_config, read_processor_config
 
         model_dir = Path(model_dir)
+        nested = nested_processor_config(model_dir, "video_processor")
+        if nested is not None:
+            return cls.from_dict(nested, defaults)
         if (model_dir / "video_preprocessor_config.json").is_file():
             return cls.from_dict(read_json_config(model_dir, "video_preprocessor_config.json"), defaults)
-        base = read_json_config(model_dir, "preprocessor_config.json")
+        base = read_processor_config(model_dir, "image_processor", "preprocessor_config.json")
         return cls.from_dict({k: v for k, v in base.items() if k not in ("size", "min_pixels", "max_pixels")}, defaults)
 
     @property
@@ -207,10 +214,16 @@ def decode_video(data: bytes, config: VideoProcessorConfig, limits: VideoLimits 
             if indices[-1] >= limits.max_decoded_frames:
                 raise VideoError(f"reaching the last sampled frame needs {indices[-1] + 1} decoded frames, over "
                                  f"the limit of {limits.max_decoded_frames}")
-            wanted, frames = set(indices), {}
+            _check_pixels(stream.codec_context.width, stream.codec_context.height, len(indices), limits)
+            wanted, frames, size = set(indices), {}, None
             for i, frame in enumerate(container.decode(stream)):
                 if i in wanted:
-                    frames[i] = frame.to_ndarray(format="rgb24")
+                    # A stream may change frame size midway (WebRTC and MediaRecorder recordings, joined clips):
+                    # later frames are scaled to the first sampled one's size, which the model's grid is made for.
+                    if size is None:
+                        size = (frame.width, frame.height)
+                        _check_pixels(*size, len(indices), limits)  # the header may understate it
+                    frames[i] = frame.to_ndarray(format="rgb24", width=size[0], height=size[1])
                 if i >= indices[-1]:
                     break
     except VideoError:
@@ -222,6 +235,12 @@ def decode_video(data: bytes, config: VideoProcessorConfig, limits: VideoLimits 
             raise VideoError("the video stream holds no decodable frames")
         indices = [i for i in indices if i in frames]
     return DecodedVideo(np.stack([frames[i] for i in indices]), indices, fps, total)
+
+
+def _check_pixels(width: int, height: int, frames: int, limits: VideoLimits) -> None:
+    if width * height * frames > limits.max_pixels:
+        raise VideoError(f"{frames} sampled frames of {width}x{height} are {width * height * frames} pixels, over "
+                         f"the limit of {limits.max_pixels}")
 
 
 class VideoProcessor:

@@ -104,10 +104,35 @@ def _same(value: Any) -> Any:
     return value
 
 
+@dataclass
+class VisionIds:
+    """Qwen-VL templates' `add_vision_id`: "Picture 1: " / "Video 1: " before each image or video, numbered over
+    the conversation. The template only sees our rendered text (no parts to count), so the labels are written
+    here, and only where the template reads the flag."""
+
+    enabled: bool = False
+    images: int = 0
+    videos: int = 0
+
+    @classmethod
+    def for_render(cls, template: str | None, kwargs: dict[str, Any]) -> "VisionIds":
+        return cls(bool(kwargs.get("add_vision_id")) and "add_vision_id" in (template or ""))
+
+    def label(self, video: bool) -> str:
+        if not self.enabled:
+            return ""
+        if video:
+            self.videos += 1
+            return f"Video {self.videos}: "
+        self.images += 1
+        return f"Picture {self.images}: "
+
+
 def _content_text(message: ChatMessage, index: int, capabilities: list[str], model: str,
                   images: list[image_inputs.ImageRef] | None = None, image_placeholder: str | None = None,
                   video_placeholder: str | None = None, audios: list[audio_inputs.AudioRef] | None = None,
-                  audio_placeholder: str | None = None, escape: Callable[[Any], Any] = _same) -> str | None:
+                  audio_placeholder: str | None = None, escape: Callable[[Any], Any] = _same,
+                  vision_ids: VisionIds | None = None) -> str | None:
     content = message.content
     if content is None or isinstance(content, str):
         return escape(content)
@@ -124,13 +149,13 @@ def _content_text(message: ChatMessage, index: int, capabilities: list[str], mod
             raise bad_request(f"messages[{index}]: the model '{model}' does not accept {part.type} input ({what})",
                               param=f"messages.{index}.content", code="unsupported_content")
         if isinstance(part, ImagePart) and image_placeholder is not None:
-            texts.append(image_placeholder)
+            texts.append((vision_ids.label(video=False) if vision_ids else "") + image_placeholder)
             has_media = True
             if images is not None:
                 images.append(image_inputs.ImageRef(index, j, part.image_url.url))
             continue
         if part.type == "video_url" and video_placeholder is not None:
-            texts.append(video_placeholder)
+            texts.append((vision_ids.label(video=True) if vision_ids else "") + video_placeholder)
             has_media = True
             if images is not None:
                 images.append(image_inputs.ImageRef(index, j, part.video_url.url, kind="video"))
@@ -153,9 +178,10 @@ def _content_text(message: ChatMessage, index: int, capabilities: list[str], mod
 def template_messages(messages: list[ChatMessage], served: ServedModel,
                       images: list[image_inputs.ImageRef] | None = None,
                       audios: list[audio_inputs.AudioRef] | None = None,
-                      escape: Callable[[Any], Any] = _same) -> list[dict[str, Any]]:
+                      escape: Callable[[Any], Any] = _same,
+                      vision_ids: VisionIds | None = None) -> list[dict[str, Any]]:
     """The messages as the chat template reads them; `escape` is applied to every string the client wrote
-    (markers.MarkerEscaper), never to what the server adds (image placeholders)."""
+    (markers.MarkerEscaper), never to what the server adds (image placeholders, their `vision_ids` labels)."""
     placeholder = video = None
     if served.image_processor is not None:
         placeholder = image_inputs.placeholder_text(served.tokenizer, served.hf_config)
@@ -169,7 +195,7 @@ def template_messages(messages: list[ChatMessage], served: ServedModel,
                               param=f"messages.{i}.content")
         msg: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role,
                                "content": _content_text(m, i, served.capabilities, served.name, images, placeholder,
-                                                        video, audios, audio_placeholder, escape)}
+                                                        video, audios, audio_placeholder, escape, vision_ids)}
         if m.name is not None:
             msg["name"] = escape(m.name)
         if m.tool_call_id is not None:
@@ -202,7 +228,8 @@ def render_prompt(served: ServedModel, messages: list[ChatMessage], state: Serve
         escaper = served.special_token_text.escaper(
             [m.model_dump(include=CLIENT_TEXT_FIELDS) for m in messages] + [tools or []])
     escape = escaper.escape if escaper is not None else _same
-    dicts = template_messages(messages, served, images, audios, escape)
+    vision_ids = VisionIds.for_render(kwargs.get("chat_template") or tok.chat_template, kwargs)
+    dicts = template_messages(messages, served, images, audios, escape, vision_ids)
     tool_dicts = escape(tools) if tools is not None else None
     try:
         rendered = tok.apply_chat_template(dicts, tools=tool_dicts, add_generation_prompt=add_generation_prompt,

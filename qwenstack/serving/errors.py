@@ -55,19 +55,20 @@ def bad_request(message: str, param: str | None = None, code: str | None = None)
     return APIError(400, message, param=param, code=code)
 
 
-_SCALAR_TAGS = ("str", "int", "float", "bool", "list", "dict")  # pydantic's names of a union's plain branches
+SCALAR_TAGS = ("str", "int", "float", "bool", "list", "dict")  # pydantic's names of a union's plain branches
 
 
-def _most_specific(errors: list[Any]) -> dict[str, Any]:
-    """The error to report. A field that takes a string or a list (a message's content) reports its string branch
-    first; when the value was a list, the list branch's deeper error says what is wrong (a part of a type this
-    server does not take: the AI SDK sends PDFs as "file" parts)."""
-    first = errors[0] if errors else {}
-    loc = tuple(first.get("loc", ()))
-    if not loc or loc[-1] not in _SCALAR_TAGS:
-        return first
-    deeper = (e for e in errors[1:] if tuple(e.get("loc", ()))[:len(loc) - 1] == loc[:-1] and len(e["loc"]) > len(loc))
-    return next(deeper, first)
+def _branches_taken(errors: list[Any]) -> list[Any]:
+    """pydantic reports a failed union once per branch. Where the input went deeper into one branch (content
+    given as a list of parts, one part wrong: the AI SDK sends PDFs as "file" parts), the scalar branches'
+    errors ("Input should be a valid string") only hide the real problem, so they are dropped."""
+    def not_taken(error: Any) -> bool:
+        loc = tuple(error.get("loc", ()))
+        return bool(loc) and loc[-1] in SCALAR_TAGS and any(
+            len(other.get("loc", ())) > len(loc) and tuple(other["loc"][: len(loc) - 1]) == loc[:-1]
+            for other in errors)
+
+    return [e for e in errors if not not_taken(e)] or errors
 
 
 def _message(error: dict[str, Any]) -> str:
@@ -89,14 +90,15 @@ def _field_path(loc: Any) -> list[str]:
             if isinstance(p, str):
                 continue
         tag_next, union = union and isinstance(p, int), "tagged-union" in str(p)
-        if p not in ("body", "query", "path") and not any(c in str(p) for c in "[]-") and p not in _SCALAR_TAGS:
+        if p not in ("body", "query", "path") and not any(c in str(p) for c in "[]-") and p not in SCALAR_TAGS:
             path.append(str(p))
     return path
 
 
 def validation_error(errors: list[Any]) -> APIError:
     """pydantic's error list -> one readable 400 naming the field (FastAPI would answer 422)."""
-    first = _most_specific(errors)
+    errors = _branches_taken(errors)
+    first = errors[0] if errors else {}
     if first.get("type") == "json_invalid":
         return bad_request("the request body is not valid JSON", code="invalid_json")
     param = ".".join(_field_path(first.get("loc", ()))) or None

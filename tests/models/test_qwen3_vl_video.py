@@ -222,6 +222,35 @@ async def _engine_text(served: ServedModel, ids: list[int], groups: list) -> str
     return final.outputs[0].text
 
 
+def joined_clips(sizes: list[tuple[int, int]], frames_each: int = 6) -> bytes:
+    """MPEG-TS segments of different frame sizes, byte-joined: one stream whose frame size changes midway, as
+    WebRTC / MediaRecorder recordings and concatenated clips are."""
+    import av
+
+    out = b""
+    for k, (width, height) in enumerate(sizes):
+        rng, buffer = np.random.default_rng(k), io.BytesIO()
+        with av.open(buffer, "w", format="mpegts") as container:
+            stream = container.add_stream("mpeg4", rate=4)
+            stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+            for _ in range(frames_each):
+                pixels = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+                container.mux(stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")))
+            container.mux(stream.encode())
+        out += buffer.getvalue()
+    return out
+
+
+def test_a_stream_that_changes_frame_size_is_read(server: BackgroundServer, processor: VideoProcessor) -> None:
+    """Stacking frames of two sizes raised a bare ValueError: the server answered 500."""
+    data = joined_clips([(80, 48), (64, 32)])
+    decoded = decode_video(data, processor.config)
+    assert decoded.frames.shape[1:] == (48, 80, 3) and len(decoded.indices) == 6
+    assert processor(data).grid_thw == (3, 4, 4)
+    r = ask(server, [{"type": "text", "text": "What happens?"}, video_part(video_url(data))])
+    assert r.choices[0].finish_reason in ("stop", "length")
+
+
 def test_local_video_paths_where_the_serve_flag_allows_them(served: ServedModel, tmp_path: Path) -> None:
     import dataclasses
 
@@ -268,6 +297,10 @@ def test_text_only_model_refuses_video(server: BackgroundServer) -> None:
 def test_decoder_limits_directly(processor: VideoProcessor) -> None:
     with pytest.raises(VideoError, match="byte limit"):
         decode_video(CLIP, processor.config, VideoLimits(max_bytes=100))
+    # decoded pixels: a clip of black 4K frames is a few KB but decodes to gigabytes (7 frames of 80x48 here)
+    assert len(decode_video(CLIP, processor.config, VideoLimits(max_pixels=7 * 80 * 48)).indices) == 7
+    with pytest.raises(VideoError, match="7 sampled frames of 80x48 are 26880 pixels, over the limit of 26879"):
+        decode_video(CLIP, processor.config, VideoLimits(max_pixels=7 * 80 * 48 - 1))
     with pytest.raises(VideoError, match="no video stream|could not be decoded"):
         decode_video(b"\x00" * 64, processor.config)
 

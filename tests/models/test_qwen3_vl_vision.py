@@ -263,6 +263,26 @@ def test_data_url_round_trip(processors) -> None:
     assert torch.equal(ours([_png_bytes(image)]).pixel_values, ours([image]).pixel_values)
 
 
+def test_data_url_scheme_in_any_case() -> None:
+    """RFC 3986 schemes are case-insensitive: the server routed `DATA:` as a data URL, then refused it."""
+    png = _png_bytes(TEST_IMAGES["rgb-37x53"])
+    payload = base64.b64encode(png).decode()
+    assert decode_data_url("DATA:IMAGE/PNG;BASE64," + payload) == png
+    assert decode_data_url("Data:video/mp4;base64," + payload, kind="video") == png
+
+
+def test_data_url_in_the_url_safe_alphabet() -> None:
+    """base64url (`-_` for `+/`, padding often stripped), as JavaScript and JWT-style encoders write it."""
+    data = bytes(range(256)) * 2  # every 6-bit value, so both alphabets' last two characters occur
+    urlsafe = base64.urlsafe_b64encode(data).decode()
+    assert "-" in urlsafe and "_" in urlsafe
+    assert decode_data_url("data:image/png;base64," + urlsafe) == data
+    assert decode_data_url("data:image/png;base64," + urlsafe.rstrip("=")) == data
+    mixed = base64.b64encode(data).decode().replace("/", "_", 1)  # one character of each alphabet
+    with pytest.raises(ImageError, match="not valid base64"):
+        decode_data_url("data:image/png;base64," + mixed)
+
+
 @pytest.mark.parametrize(
     "url, message",
     [
@@ -302,3 +322,30 @@ def test_preprocessor_config_missing_field() -> None:
     legacy = {**config, "patch_size": 14, "min_pixels": 3136, "max_pixels": 12845056}  # Qwen2-VL style keys
     parsed = ImageProcessorConfig.from_dict(legacy)
     assert (parsed.min_pixels, parsed.max_pixels, parsed.factor) == (3136, 12845056, 28)
+
+
+def test_processor_config_as_transformers_5_saves_it(tmp_path) -> None:
+    """transformers 5's processor.save_pretrained writes every sub-processor into processor_config.json and no
+    preprocessor_config.json (a fine-tune saved so could not be served), and reads that file first."""
+    import json
+
+    from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
+
+    from qwenstack.multimodal.video_processing import VideoProcessorConfig
+
+    image = transformers.Qwen2VLImageProcessorPil(min_pixels=3136, max_pixels=200_000, patch_size=14)
+    video = Qwen3VLVideoProcessor(fps=1, max_frames=32, size={"shortest_edge": 4096, "longest_edge": 300_000})
+    saved = {"image_processor": image.to_dict(), "video_processor": video.to_dict(), "processor_class": "Qwen3VLProcessor"}
+    (tmp_path / "processor_config.json").write_text(json.dumps(saved))
+    parsed = ImageProcessorConfig.from_pretrained(tmp_path)
+    assert (parsed.min_pixels, parsed.max_pixels, parsed.patch_size) == (3136, 200_000, 14)
+    frames = VideoProcessorConfig.from_pretrained(tmp_path)
+    assert (frames.fps, frames.max_frames, frames.image.max_pixels, frames.image.patch_size) == (1, 32, 300_000, 16)
+    # transformers reads the nested settings before a stale file of the older layout
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR_CONFIG))
+    assert ImageProcessorConfig.from_pretrained(tmp_path) == parsed
+    (tmp_path / "processor_config.json").write_text(json.dumps({"processor_class": "Qwen3VLProcessor"}))
+    assert ImageProcessorConfig.from_pretrained(tmp_path) == ImageProcessorConfig.from_dict(PREPROCESSOR_CONFIG)
+    (tmp_path / "preprocessor_config.json").unlink()
+    with pytest.raises(ConfigError, match="no preprocessor_config.json .*nor 'image_processor' in a processor_config"):
+        ImageProcessorConfig.from_pretrained(tmp_path)

@@ -78,6 +78,22 @@ def test_wrong_types_and_values_are_400(server: BackgroundServer, body: dict, pa
     assert error["type"] == "invalid_request_error" and param in (error["param"] or error["message"])
 
 
+@pytest.mark.parametrize("part, says", [
+    ({"type": "image_url", "image_url": {}}, "messages.0.content.1.image_url.url: Field required"),
+    ({"type": "image", "image": "data:image/png;base64,AAAA"}, "messages.0.content.1: type 'image' is not supported here"),
+    ({"image_url": {"url": "data:image/png;base64,AAAA"}}, "messages.0.content.1: Unable to extract tag"),
+])
+def test_a_malformed_content_part_is_named(server: BackgroundServer, part: dict, says: str) -> None:
+    """content is a string or a list of parts: a bad part used to be reported as the string branch's
+    "messages.0.content: Input should be a valid string", which hides which part was wrong and why."""
+    content = [{"type": "text", "text": "What is this?"}, part]
+    r = httpx.post(server.url + "/v1/chat/completions",
+                   json={"model": "tiny", "messages": [{"role": "user", "content": content}]})
+    assert r.status_code == 400
+    message = assert_openai_shape(r.json())["message"]
+    assert message.startswith(says) and "valid string" not in message, message
+
+
 def test_unknown_fields_are_ignored_and_bad_json_is_400(server: BackgroundServer, client: openai.OpenAI) -> None:
     r = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=2,
                                        extra_body={"some_vendor_extra": {"x": 1}, "user": "u1"})

@@ -236,3 +236,44 @@ def test_input_image_through_the_responses_api(client: openai.OpenAI) -> None:
     assert seen.usage.input_tokens == blind.usage.input_tokens + 4 + 2
     chat = ask(client, [{"type": "text", "text": text["text"]}, image_part(image["image_url"])])
     assert seen.output_text == chat.choices[0].message.content and seen.usage.input_tokens == chat.usage.prompt_tokens
+
+
+# Qwen2-VL's chat template (Qwen2.5-VL's and Qwen3-VL's number pictures the same way under add_vision_id).
+QWEN_VL_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}<|im_start|>system\n"
+    "You are a helpful assistant.<|im_end|>\n{% endif %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n{% else %}"
+    "{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}Picture {{ image_count.value }}: "
+    "{% endif %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}{% set video_count.value = video_count.value + 1 %}"
+    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+@pytest.mark.parametrize("add_vision_id", [True, False])
+def test_add_vision_id_numbers_pictures_as_the_template_does(server: BackgroundServer, add_vision_id: bool) -> None:
+    """chat_template_kwargs.add_vision_id: the server hands the template text, not parts, so the template could
+    not write its "Picture N: " labels (they were silently missing); the prompt must be the template's own
+    rendering of the parts, numbered over the whole conversation."""
+    import httpx
+
+    from qwenstack.chat_template import render_chat
+
+    url = data_url(IMAGE_A)
+    turns = [[{"type": "text", "text": "Compare "}, image_part(url), image_part(url)], "Two pictures.",
+             [image_part(url), {"type": "text", "text": "and this?"}]]
+    messages = [{"role": "user" if i % 2 == 0 else "assistant", "content": c} for i, c in enumerate(turns)]
+    kwargs = {"chat_template": QWEN_VL_TEMPLATE, "add_vision_id": add_vision_id}
+    r = httpx.post(server.url + "/tokenize", json={"model": "vl", "messages": messages, "chat_template_kwargs": kwargs})
+    tok = server.vl.tokenizer  # type: ignore[attr-defined]
+    parts = [{"role": m["role"], "content": m["content"] if isinstance(m["content"], str) else
+              [{"type": "image"} if p["type"] == "image_url" else p for p in m["content"]]} for m in messages]
+    want = render_chat(QWEN_VL_TEMPLATE, parts, add_generation_prompt=True, special_tokens=tok.special_tokens,
+                       add_vision_id=add_vision_id)
+    assert ("Picture 3: " in want) == add_vision_id
+    assert r.status_code == 200 and r.json()["tokens"] == tok.encode(want)
