@@ -179,13 +179,16 @@ def decode_data_url(url: str, max_bytes: int | None = None, kind: str = "image")
     if max_bytes is not None and len(payload) // 4 * 3 - 2 > max_bytes:
         raise ImageError(f"{kind} is larger than the {max_bytes}-byte limit")
     try:
-        return _b64decode(payload + "=" * (-len(payload) % 4))  # tolerate stripped padding
+        return lenient_b64decode(payload)
     except (binascii.Error, ValueError):
         raise ImageError("data URL payload is not valid base64") from None
 
 
-def _b64decode(payload: str) -> bytes:
-    """Standard or URL-safe base64, strictly one alphabet or the other."""
+def lenient_b64decode(payload: str) -> bytes:
+    """Base64 as clients send it (images, videos, audio): whitespace inside (wrapped lines), padding stripped,
+    standard or URL-safe alphabet (strictly one or the other). binascii.Error/ValueError for anything else."""
+    payload = "".join(payload.split())
+    payload += "=" * (-len(payload) % 4)
     if not any(c in payload for c in "-_"):
         return base64.b64decode(payload, validate=True)
     if any(c in payload for c in "+/"):

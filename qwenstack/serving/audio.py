@@ -14,7 +14,6 @@ Decisions:
 from __future__ import annotations
 
 import asyncio
-import base64
 import binascii
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ from typing import Any
 
 from qwenstack.audio.asr import AsrPrompter
 from qwenstack.audio.decode import AudioError, AudioLimits, DecodedAudio, decode_audio
+from qwenstack.multimodal.image_processing import lenient_b64decode
 from qwenstack.multimodal.inputs import AudioInput, MultimodalInputs
 from qwenstack.serving.errors import bad_request
 
@@ -89,7 +89,7 @@ def _part_bytes(ref: AudioRef, max_bytes: int) -> bytes:
     if len(payload) * 3 // 4 > max_bytes + 3:
         raise AudioError(f"the audio is over the limit of {max_bytes} bytes")
     try:
-        return base64.b64decode(payload, validate=True)
+        return lenient_b64decode(payload)
     except (binascii.Error, ValueError):
         raise AudioError("the audio data is not valid base64") from None
 

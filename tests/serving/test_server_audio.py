@@ -144,7 +144,12 @@ def test_random_model_transcript_equals_transformers(client: openai.OpenAI, serv
 
 def test_chat_with_input_audio_and_audio_url(client: openai.OpenAI) -> None:
     b64 = base64.b64encode(CLIP).decode()
+    # Base64 as clients write it, accepted as for images: wrapped lines, padding stripped, the URL-safe alphabet.
+    wrapped = "\n".join(b64[i:i + 76] for i in range(0, len(b64), 76)).rstrip("=")
+    url_safe = base64.urlsafe_b64encode(CLIP).decode().rstrip("=")
     for part in ({"type": "input_audio", "input_audio": {"data": b64, "format": "wav"}},
+                 {"type": "input_audio", "input_audio": {"data": wrapped, "format": "wav"}},
+                 {"type": "audio_url", "audio_url": {"url": "data:audio/wav;base64," + url_safe}},
                  {"type": "audio_url", "audio_url": {"url": "data:audio/wav;base64," + b64}}):
         out = client.chat.completions.create(model="asr", messages=[{"role": "user", "content": [part]}],
                                              temperature=0)
