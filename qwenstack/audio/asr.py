@@ -14,9 +14,7 @@ Decisions:
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -125,14 +123,10 @@ class AsrPrompter:
     @classmethod
     def for_model(cls, model: Any, tokenizer: Any, model_dir: Any = None) -> "AsrPrompter | None":
         """The prompter of a model with an audio encoder (None for others); mel settings from the checkpoint's
-        preprocessor_config.json when it has one."""
+        feature extractor's settings when it has them (MelSettings.from_dir)."""
         if not hasattr(model, "encode_audio"):
             return None
-        mel = MelSettings()
-        path = None if model_dir is None else Path(model_dir) / "preprocessor_config.json"
-        if path is not None and path.is_file():
-            mel = MelSettings.from_config(json.loads(path.read_text()))
-        return cls(tokenizer, model, mel)
+        return cls(tokenizer, model, MelSettings() if model_dir is None else MelSettings.from_dir(model_dir))
 
     def clip(self, samples: np.ndarray, content_hash: str | None = None) -> AudioInput:
         """16 kHz mono samples -> the clip the engine carries (features and hash)."""

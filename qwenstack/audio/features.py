@@ -15,11 +15,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from qwenstack.audio.decode import SAMPLE_RATE
+from qwenstack.config import nested_processor_config, read_json_config
 
 
 @dataclass(frozen=True)
@@ -41,6 +43,17 @@ class MelSettings:
         if config.get("feature_extractor_type") == "WhisperFeatureExtractor":
             fields.setdefault("min_length", 0)
         return cls(**fields)
+
+    @classmethod
+    def from_dir(cls, model_dir: str | Path) -> "MelSettings":
+        """A checkpoint's extractor settings: processor_config.json's feature_extractor (where transformers 5's
+        processor.save_pretrained writes them), else preprocessor_config.json, else the defaults."""
+        nested = nested_processor_config(model_dir, "feature_extractor")
+        if nested is not None:
+            return cls.from_config(nested)
+        if (Path(model_dir) / "preprocessor_config.json").is_file():
+            return cls.from_config(read_json_config(model_dir, "preprocessor_config.json"))
+        return cls()
 
     @property
     def min_samples(self) -> int:

@@ -157,3 +157,16 @@ def test_cut_off_flac_decodes_up_to_the_cut() -> None:
     assert 0.5 < audio.seconds < 1.5 and audio.source_rate == 44100
     with pytest.raises(AudioError, match="not audio"):  # a file with nothing decodable is still refused
         decode_audio(data[:200])
+
+
+@pytest.mark.parametrize("layout", ["preprocessor_config.json", "processor_config.json"])
+def test_feature_extractor_settings_in_either_file(tmp_path: Path, layout: str) -> None:
+    """transformers 5's processor.save_pretrained writes the extractor's settings nested in processor_config.json
+    (and no preprocessor_config.json): both layouts configure the features alike."""
+    import json
+
+    body = OMNI_PREPROCESSOR if layout == "preprocessor_config.json" else {"feature_extractor": OMNI_PREPROCESSOR}
+    (tmp_path / layout).write_text(json.dumps(body))
+    settings = MelSettings.from_dir(tmp_path)
+    assert settings == MelSettings.from_config(OMNI_PREPROCESSOR) and settings.min_length == 0
+    assert MelSettings.from_dir(tmp_path / "elsewhere") == MelSettings()  # none: Qwen3-ASR's defaults
