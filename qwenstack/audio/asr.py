@@ -8,6 +8,9 @@ Decisions:
 - The answer is `language <Name><asr_text><transcript>` (`language None` for no speech). TranscriptText
   turns a growing answer into transcript deltas: nothing is emitted until `<asr_text>` has appeared, so a
   stream never shows the language header; an answer without the marker is all transcript.
+- Qwen3-Omni hears too but was not trained on that format: its prompt asks in words ("Transcribe the audio
+  into text.", naming the language when the caller does) and its answer is the transcript alone, with no
+  header. The prompter knows which format its model speaks (`headed`), so callers parse through it.
 - Languages are accepted as ISO-639-1 codes (OpenAI's `language` field) or as Qwen's names.
 - A clip's prompt is made of token ids with the placeholder already expanded to the clip's encoder rows;
   the clip's content hash covers its decoded samples' features, so equal audio shares the encoder cache.
@@ -79,8 +82,8 @@ def parse_asr_output(raw: str, forced_language: str | None = None) -> AsrOutput:
 class TranscriptText:
     """Incremental form of parse_asr_output: feed answer text, get transcript text as it becomes certain."""
 
-    def __init__(self, forced_language: str | None = None) -> None:
-        self.in_text = forced_language is not None
+    def __init__(self, forced_language: str | None = None, headed: bool | None = None) -> None:
+        self.in_text = not headed if headed is not None else forced_language is not None
         self.pending = ""  # answer text held back while the header may still be running
         self.emitted = ""
 
@@ -113,6 +116,8 @@ class AsrPrompter:
         self.model = model
         self.mel = mel
         args = model.args
+        # Qwen3-ASR's answer format, or a chat model that hears (Qwen3-Omni) asked in words (module notes).
+        self.instructed = str(getattr(args, "model_type", "")).startswith("qwen3_omni")
         self.audio_token_id = int(args.audio_token_id)
         pad = tokenizer.id_to_token(self.audio_token_id)
         if pad is None or tokenizer.token_to_id(AUDIO_START) is None or tokenizer.token_to_id(AUDIO_END) is None:
@@ -134,9 +139,29 @@ class AsrPrompter:
                                         content_hash)
 
     def prompt_text(self, context: str = "", language: str | None = None, prefix: str = "") -> str:
+        if self.instructed:
+            system = f"<|im_start|>system\n{context}<|im_end|>\n" if context else ""
+            spoken = f"{language} audio" if language else "audio"
+            return (f"{system}<|im_start|>user\n{self.placeholder}Transcribe the {spoken} into text.<|im_end|>\n"
+                    f"<|im_start|>assistant\n{prefix}")
         head = f"language {language}{ASR_TEXT}" if language else ""
         return (f"<|im_start|>system\n{context}<|im_end|>\n<|im_start|>user\n{self.placeholder}<|im_end|>\n"
                 f"<|im_start|>assistant\n{head}{prefix}")
+
+    def headed(self, language: str | None) -> bool:
+        """Whether the answer starts with the `language X<asr_text>` header (Qwen3-ASR detecting the language);
+        otherwise it is the transcript alone."""
+        return language is None and not self.instructed
+
+    def parse(self, raw: str, language: str | None) -> AsrOutput:
+        """An answer to prompt_text(language=...) -> its language and transcript."""
+        if self.headed(language):
+            return parse_asr_output(raw)
+        return AsrOutput(language, raw.strip())
+
+    def transcript_text(self, language: str | None) -> "TranscriptText":
+        """parse's incremental form, for a streamed answer."""
+        return TranscriptText(language, headed=self.headed(language))
 
     def prompt_ids(self, clip: AudioInput, context: str = "", language: str | None = None,
                    prefix: str = "") -> list[int]:

@@ -134,10 +134,11 @@ class LiveTranscription:
         return committed, tentative
 
     def transcript(self, tokens: list[int]) -> str:
-        """The transcript part of answer tokens (after `<asr_text>`, or all of it when the language was
-        forced in the prompt); leading spaces dropped, so a longer prefix only ever appends."""
+        """The transcript part of answer tokens (after `<asr_text>`, or all of it when the answer has no header:
+        the language forced in the prompt, or a model asked in words); leading spaces dropped, so a longer prefix
+        only ever appends."""
         text = self._decode(tokens)
-        if self.settings.language is None:
+        if self.prompter.headed(self.settings.language):
             head, marker, rest = text.partition(ASR_TEXT)
             text = rest if marker else ""
         return text.lstrip()

@@ -8,7 +8,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from qwenstack.audio.asr import AsrPrompter, max_transcript_tokens, parse_asr_output, segment_prompts
+from qwenstack.audio.asr import AsrPrompter, max_transcript_tokens, segment_prompts
 from qwenstack.engine.params import SamplingParams
 from qwenstack.multimodal.inputs import MultimodalInputs
 
@@ -59,7 +59,7 @@ def transcribe_samples(llm: Any, samples: np.ndarray, *, language: str | None = 
                 finals[out.request_id] = out
                 if on_segment is not None:
                     on_segment(len(finals), len(ids))
-    parsed = [parse_asr_output(finals[rid].outputs[0].text, language) for rid in ids]
+    parsed = [prompter.parse(finals[rid].outputs[0].text, language) for rid in ids]
     segments = [TimedText(p.start, p.end, a.text) for p, a in zip(pieces, parsed)]
     detected = next((a.language for a in parsed if a.language), language)
     return Transcript(" ".join(s.text for s in segments if s.text), detected, segments, len(samples) / 16000)

@@ -29,7 +29,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.datastructures import UploadFile
 
 from qwenstack.audio.asr import (
-    SegmentPrompt, TranscriptText, language_code, language_name, max_transcript_tokens, parse_asr_output,
+    SegmentPrompt, language_code, language_name, max_transcript_tokens,
     segment_prompts,
 )
 from qwenstack.audio.subtitles import to_srt, to_vtt
@@ -200,7 +200,7 @@ async def _finish_all(streams: list[OutputStream]) -> list[RequestOutput]:
 
 
 def _respond(req: TranscriptionRequest, finals: list[RequestOutput], task: str) -> Response:
-    parsed = [parse_asr_output(f.outputs[0].text, req.language) for f in finals]
+    parsed = [req.served.asr.parse(f.outputs[0].text, req.language) for f in finals]
     text = " ".join(p.text for p in parsed if p.text)
     fmt = req.response_format
     if fmt == "text":
@@ -228,7 +228,7 @@ async def _stream(req: TranscriptionRequest, streams: list[OutputStream], retry_
     finals: list[RequestOutput] = []
     try:
         for stream in streams:
-            parser = TranscriptText(req.language)
+            parser = req.served.asr.transcript_text(req.language)
             segment: list[str] = []
             final = None
             async for out in stream:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from qwenstack.audio.asr import max_transcript_tokens, parse_asr_output, segment_prompts
+from qwenstack.audio.asr import max_transcript_tokens, segment_prompts
 from qwenstack.engine.params import SamplingParams
 from qwenstack.multimodal.inputs import MultimodalInputs
 from qwenstack.translate.pipeline import TranslationPipeline
@@ -40,7 +40,8 @@ async def transcribe(pipeline: TranslationPipeline, samples: np.ndarray, languag
     outs = await asyncio.gather(*(asr(p.prompt_ids, SamplingParams(temperature=0, max_tokens=max(
         1, min(max_transcript_tokens(p.end - p.start), room - len(p.prompt_ids)))), MultimodalInputs(audios=[p.clip]))
         for p in pieces))
-    texts = [parse_asr_output(pipeline.asr.tokenizer.decode(o, skip_special_tokens=True), language).text for o in outs]
+    texts = [pipeline.prompter.parse(pipeline.asr.tokenizer.decode(o, skip_special_tokens=True), language).text
+             for o in outs]
     return " ".join(t for t in texts if t)
 
 

@@ -284,3 +284,25 @@ def test_cancelled_stream_frees_the_talker(server: BackgroundServer, monkeypatch
     while (talker.running or talker.waiting or talker.blocks.num_free_blocks < total) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not talker.running and not talker.waiting and talker.blocks.num_free_blocks == total
+
+
+def test_transcription_asks_omni_in_words(client: openai.OpenAI, server: BackgroundServer) -> None:
+    """/v1/audio/transcriptions on Qwen3-Omni: Qwen3-ASR's bare prompt (no instruction, a `language X<asr_text>`
+    header) made Omni answer the audio instead of transcribing it; it is asked as a user would ask it in chat,
+    and its whole answer is the transcript, streamed as it comes."""
+    prompter = server.served.asr  # type: ignore[attr-defined]
+    assert "Transcribe the English audio into text." in prompter.prompt_text("", "English")
+    assert "<asr_text>" not in prompter.prompt_text("", "English")
+    clip = wav_bytes(speechlike(1.0, seed=3))
+    seconds = 1.0
+    text = client.audio.transcriptions.create(file=("clip.wav", clip), model="omni", temperature=0).text
+    b64 = base64.b64encode(clip).decode()
+    chat = client.chat.completions.create(
+        model="omni", temperature=0, max_tokens=32 + int(20 * seconds),
+        messages=[{"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": b64, "format": "wav"}},
+                                               {"type": "text", "text": "Transcribe the audio into text."}]}])
+    assert text == (chat.choices[0].message.content or "").strip()
+    stream = client.audio.transcriptions.create(file=("clip.wav", clip), model="omni", temperature=0, stream=True)
+    events = list(stream)
+    deltas = [e.delta for e in events if e.type == "transcript.text.delta"]
+    assert "".join(deltas).strip() == text and (len(deltas) > 1 or len(text.split()) < 2)
