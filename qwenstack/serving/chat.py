@@ -137,7 +137,6 @@ def _content_text(message: ChatMessage, index: int, capabilities: list[str], mod
     if content is None or isinstance(content, str):
         return escape(content)
     texts = []
-    has_media = False  # media parts join without separators, as Qwen's templates render them
     for j, part in enumerate(content):
         if isinstance(part, TextPart):
             texts.append(escape(part.text))
@@ -150,19 +149,16 @@ def _content_text(message: ChatMessage, index: int, capabilities: list[str], mod
                               param=f"messages.{index}.content", code="unsupported_content")
         if isinstance(part, ImagePart) and image_placeholder is not None:
             texts.append((vision_ids.label(video=False) if vision_ids else "") + image_placeholder)
-            has_media = True
             if images is not None:
                 images.append(image_inputs.ImageRef(index, j, part.image_url.url))
             continue
         if part.type == "video_url" and video_placeholder is not None:
             texts.append((vision_ids.label(video=True) if vision_ids else "") + video_placeholder)
-            has_media = True
             if images is not None:
                 images.append(image_inputs.ImageRef(index, j, part.video_url.url, kind="video"))
             continue
         if part.type in ("input_audio", "audio_url") and audio_placeholder is not None:
             texts.append(audio_placeholder)
-            has_media = True
             if audios is not None:
                 audios.append(audio_inputs.audio_ref(index, j, part))
             continue
@@ -171,8 +167,10 @@ def _content_text(message: ChatMessage, index: int, capabilities: list[str], mod
                               param=f"messages.{index}.content.{j}", code="unsupported_content")
         raise APIError(501, f"messages[{index}]: {part.type} input is not supported by this server yet",
                        param=f"messages.{index}.content")
-    # Qwen3-VL's template concatenates a message's parts as they are; text-only lists keep one per line.
-    return ("" if has_media else "\n").join(texts)
+    # Qwen3-VL's and Omni's templates concatenate a message's parts as they are (text parts too, as vLLM renders
+    # them for such models); a text model's template takes a string, for which vLLM joins the parts by lines.
+    takes_media = any(p is not None for p in (image_placeholder, video_placeholder, audio_placeholder))
+    return ("" if takes_media else "\n").join(texts)
 
 
 def template_messages(messages: list[ChatMessage], served: ServedModel,

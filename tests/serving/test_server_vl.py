@@ -277,3 +277,20 @@ def test_add_vision_id_numbers_pictures_as_the_template_does(server: BackgroundS
                        add_vision_id=add_vision_id)
     assert ("Picture 3: " in want) == add_vision_id
     assert r.status_code == 200 and r.json()["tokens"] == tok.encode(want)
+
+
+def test_text_parts_concatenate_as_the_vl_template_renders_them(server: BackgroundServer) -> None:
+    """A VL model's template concatenates a message's text parts ("a" + "b"), images or not, and vLLM renders
+    them so for such models; they were joined by a newline (what vLLM does for a text model's string template)."""
+    import httpx
+
+    from qwenstack.chat_template import render_chat
+
+    parts = [{"type": "text", "text": "Describe"}, {"type": "text", "text": " the sky."}]
+    messages = [{"role": "user", "content": parts}]
+    r = httpx.post(server.url + "/tokenize", json={"model": "vl", "messages": messages,
+                                                   "chat_template_kwargs": {"chat_template": QWEN_VL_TEMPLATE}})
+    tok = server.vl.tokenizer  # type: ignore[attr-defined]
+    want = render_chat(QWEN_VL_TEMPLATE, messages, add_generation_prompt=True, special_tokens=tok.special_tokens)
+    assert "Describe the sky." in want
+    assert r.status_code == 200 and r.json()["tokens"] == tok.encode(want)
