@@ -66,9 +66,16 @@ def _branches_taken(errors: list[Any]) -> list[Any]:
         loc = tuple(error.get("loc", ()))
         return bool(loc) and loc[-1] in SCALAR_TAGS and any(
             len(other.get("loc", ())) > len(loc) and tuple(other["loc"][: len(loc) - 1]) == loc[:-1]
-            for other in errors)
+            and _structured(other["loc"][len(loc) - 1]) for other in errors)
 
     return [e for e in errors if not not_taken(e)] or errors
+
+
+def _structured(branch: Any) -> bool:
+    """A union branch of objects (parts, items: "list[tagged-union[...]]", "list[ChatMessage]"), which an input
+    that went into it took; not one of plain values ("list[int]"), where the field as a whole is the problem
+    (a prompt of token ids with a string among them fits no branch)."""
+    return isinstance(branch, str) and ("union" in branch or any(c.isupper() for c in branch))
 
 
 def _message(error: dict[str, Any]) -> str:
