@@ -62,11 +62,14 @@ def _branches_taken(errors: list[Any]) -> list[Any]:
     """pydantic reports a failed union once per branch. Where the input went deeper into one branch (content
     given as a list of parts, one part wrong: the AI SDK sends PDFs as "file" parts), the scalar branches'
     errors ("Input should be a valid string") only hide the real problem, so they are dropped."""
+    # The fields through which some error went into a branch of objects: one pass, as a body can carry many
+    # thousands of errors (pairing them would be quadratic).
+    entered = {loc[:i] for loc in (tuple(e.get("loc", ())) for e in errors)
+               for i in range(len(loc) - 1) if _structured(loc[i])}
+
     def not_taken(error: Any) -> bool:
         loc = tuple(error.get("loc", ()))
-        return bool(loc) and loc[-1] in SCALAR_TAGS and any(
-            len(other.get("loc", ())) > len(loc) and tuple(other["loc"][: len(loc) - 1]) == loc[:-1]
-            and _structured(other["loc"][len(loc) - 1]) for other in errors)
+        return bool(loc) and loc[-1] in SCALAR_TAGS and loc[:-1] in entered
 
     return [e for e in errors if not not_taken(e)] or errors
 
