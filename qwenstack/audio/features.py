@@ -2,11 +2,11 @@
 
 Equal to transformers' `Qwen3ASRFeatureExtractor` on one clip (what its processor does per request with
 `padding=True`), and to the `WhisperFeatureExtractor` Qwen3-Omni's processor uses: clips shorter than
-`min_length` are zero-padded first (Qwen3-ASR's extractor only: 0.5 s; Whisper's pads nothing); a centred STFT with a periodic Hann
-window (n_fft 400, hop 160) whose last frame is dropped; power spectrum through Slaney-normalised mel
-filters (0-8 kHz, Slaney mel scale); log10 clamped at 1e-10; floored at the clip's maximum minus 8; then
-(x + 4) / 4. Every frame of a single clip is valid, so the mask is all ones; the encoder pads to whole
-100-frame chunks itself (with zeros, as the extractor does).
+`min_length` are zero-padded first (Qwen3-ASR's extractor only: 0.5 s; Whisper's pads nothing); a centred
+STFT with a periodic Hann window (n_fft 400, hop 160) whose last frame is dropped; power spectrum through
+Slaney-normalised mel filters (0-8 kHz, Slaney mel scale); log10 clamped at 1e-10; floored at the clip's
+maximum minus 8; then (x + 4) / 4. Every frame of a single clip is valid, so the mask is all ones; the
+encoder pads to whole 100-frame chunks itself (with zeros, as the extractor does).
 
 The filter bank is computed in float64 and used in float32, as transformers does, so the two agree to
 float32 rounding.
