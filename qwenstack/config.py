@@ -244,20 +244,24 @@ def nested_processor_config(model_dir: str | Path, part: str) -> dict[str, Any] 
     return nested
 
 
-def read_processor_config(model_dir: str | Path, part: str, legacy_name: str) -> dict[str, Any]:
+def read_processor_config(model_dir: str | Path, part: str, legacy_name: str,
+                          required: bool = True) -> dict[str, Any]:
     """A sub-processor's settings as transformers 5 finds them: processor_config.json's `part` object first, then
-    its own file (`legacy_name`: preprocessor_config.json, video_preprocessor_config.json)."""
+    its own file (`legacy_name`: preprocessor_config.json, video_preprocessor_config.json); with neither, a
+    ConfigError, or {} (the class defaults) when not `required`."""
     nested = nested_processor_config(model_dir, part)
     if nested is not None:
         return nested
     if not (Path(model_dir) / legacy_name).is_file():
+        if not required:
+            return {}
         raise ConfigError(f"no {legacy_name} in {model_dir} (nor '{part}' in a {PROCESSOR_CONFIG})")
     return read_json_config(model_dir, legacy_name)
 
 
 def read_config(model_dir: str | Path) -> dict[str, Any]:
-    if not (Path(model_dir) / "config.json").is_file() and adapter_message(model_dir):
-        raise ConfigError(adapter_message(model_dir))
+    if not (Path(model_dir) / "config.json").is_file() and (adapter := adapter_message(model_dir)):
+        raise ConfigError(adapter)
     config = read_json_config(model_dir, "config.json")
     path = Path(model_dir) / "config.json"
     if "model_type" not in config:

@@ -147,8 +147,8 @@ def _no_weights_message(model_dir: Path) -> str:
     from qwenstack.config import adapter_message
 
     found = sorted(p.name for p in model_dir.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".gguf"))
-    if any(name.endswith(".gguf") for name in found):
-        gguf = next(name for name in found if name.endswith(".gguf"))
+    gguf = next((name for name in found if name.endswith(".gguf")), None)
+    if gguf is not None:
         return f"{model_dir} has no safetensors weights but a GGUF file: pass the file itself ({model_dir / gguf})"
     adapter = adapter_message(model_dir)
     if adapter:

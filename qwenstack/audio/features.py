@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from qwenstack.audio.decode import SAMPLE_RATE
-from qwenstack.config import nested_processor_config, read_json_config
+from qwenstack.config import read_processor_config
 
 
 @dataclass(frozen=True)
@@ -48,12 +48,8 @@ class MelSettings:
     def from_dir(cls, model_dir: str | Path) -> "MelSettings":
         """A checkpoint's extractor settings: processor_config.json's feature_extractor (where transformers 5's
         processor.save_pretrained writes them), else preprocessor_config.json, else the defaults."""
-        nested = nested_processor_config(model_dir, "feature_extractor")
-        if nested is not None:
-            return cls.from_config(nested)
-        if (Path(model_dir) / "preprocessor_config.json").is_file():
-            return cls.from_config(read_json_config(model_dir, "preprocessor_config.json"))
-        return cls()
+        return cls.from_config(read_processor_config(model_dir, "feature_extractor", "preprocessor_config.json",
+                                                     required=False))
 
     @property
     def min_samples(self) -> int:

@@ -82,11 +82,6 @@ def server(scripted_dir: Path) -> Iterator[BackgroundServer]:
         yield srv
 
 
-@pytest.fixture(scope="module")
-def client(server: BackgroundServer) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
-
-
 def test_stop_newline_with_thinking_returns_the_answer(client: openai.OpenAI) -> None:
     r = client.chat.completions.create(model="scripted", messages=QUESTION, temperature=0, max_tokens=80,
                                        stop=["\n"])

@@ -31,11 +31,6 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BackgroundServe
         yield srv
 
 
-@pytest.fixture(scope="module")
-def client(server: BackgroundServer) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
-
-
 def test_a_conversations_items_and_metadata(client: openai.OpenAI) -> None:
     conv = client.conversations.create(items=[{"type": "message", "role": "user", "content": "Hello"},
                                               {"type": "message", "role": "assistant", "content": "Hi there"}],

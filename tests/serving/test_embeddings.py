@@ -41,11 +41,6 @@ def server(embedding_dir: Path, tiny_qwen3: Path) -> Iterator[BackgroundServer]:
         yield srv
 
 
-@pytest.fixture(scope="module")
-def client(server: BackgroundServer) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
-
-
 def embedding_ids(model_dir: Path, text: str) -> list[int]:
     """The ids the reference embeds: the tokenizer's post-processor has appended <|endoftext|>."""
     tok = Tokenizer.from_dir(model_dir)

@@ -42,11 +42,6 @@ def server(coder_dir: Path) -> Iterator[BackgroundServer]:
         yield srv
 
 
-@pytest.fixture(scope="module")
-def client(server: BackgroundServer) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
-
-
 def marker(tok: Tokenizer, text: str) -> int:
     token = tok.token_to_id(text)
     assert token is not None

@@ -39,11 +39,6 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BackgroundServe
         yield srv
 
 
-@pytest.fixture(scope="module")
-def client(server: BackgroundServer) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
-
-
 def test_plain_response_has_reasoning_and_message_items(client: openai.OpenAI) -> None:
     r = client.responses.create(model="think", input="Hello there")
     assert r.status == "completed" and r.object == "response"

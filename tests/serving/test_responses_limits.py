@@ -32,11 +32,6 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BackgroundServe
         yield srv
 
 
-@pytest.fixture(scope="module")
-def client(server: BackgroundServer) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
-
-
 def long_input(client: openai.OpenAI, tokens: int) -> str:
     """A text whose prompt is about `tokens` long (counted by the server's own input token count)."""
     def count(text: str) -> int:

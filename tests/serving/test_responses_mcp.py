@@ -53,11 +53,6 @@ def server(tmp_path_factory: pytest.TempPathFactory, mcp_url: str) -> Iterator[B
         yield srv
 
 
-@pytest.fixture(scope="module")
-def client(server: BackgroundServer) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
-
-
 @pytest.fixture
 def turns(server: BackgroundServer, monkeypatch: pytest.MonkeyPatch) -> list[dict]:
     """Every model turn the agent model runs during the test: its rendered prompt and sampling parameters."""
@@ -297,7 +292,6 @@ def test_allowed_tools_filters_what_is_listed_offered_and_run(client: openai.Ope
     assert [(i.type, i.name) for i in r.output if i.type in ("mcp_call", "function_call")] == \
         [("mcp_call", "get_weather"), ("function_call", "get_time")]
     assert r.tools[0].allowed_tools.tool_names == ["get_weather"]
-
 
 
 def test_tool_choice_allowed_tools_offers_only_the_listed_mcp_tool(client: openai.OpenAI, turns: list[dict]) -> None:

@@ -34,11 +34,6 @@ def server(tiny_qwen3: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
 
 
 @pytest.fixture(scope="module")
-def client(server: BackgroundServer) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
-
-
-@pytest.fixture(scope="module")
 def tok(tiny_qwen3: Path) -> Tokenizer:
     return Tokenizer.from_dir(tiny_qwen3)
 

@@ -35,11 +35,6 @@ def server(tiny_qwen3: Path) -> Iterator[BackgroundServer]:
         yield srv
 
 
-@pytest.fixture(scope="module")
-def client(server: BackgroundServer) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
-
-
 def engine_of(server: BackgroundServer, name: str = "tiny") -> Any:
     return server.models[name].engine.engine  # type: ignore[attr-defined]
 
