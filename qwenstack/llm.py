@@ -17,7 +17,8 @@ import torch
 
 from qwenstack.engine.embed import matryoshka
 from qwenstack.engine.engine import EngineConfig, LLMEngine
-from qwenstack.engine.outputs import RequestOutput, ScoringOutput, ScoringRequestOutput
+from qwenstack.engine.outputs import (ClassificationOutput, ClassificationRequestOutput, RequestOutput,
+                                      ScoringOutput, ScoringRequestOutput)
 from qwenstack.engine.params import SamplingParams
 from qwenstack.errors import RequestError
 from qwenstack.generation_config import generation_defaults
@@ -93,7 +94,9 @@ class LLM:
         # (do_sample false is greedy, as in transformers), as vLLM's get_default_sampling_params.
         self.default_sampling_params = SamplingParams(**generation_defaults(self.loaded.path))
         self.engine = LLMEngine(self.loaded.model, self.tokenizer, self.tokenizer.eos_token_ids, config)
-        self.pooling = PoolingConfig.for_model(self.loaded.path, self.engine.embedding_only)  # as the server
+        # As the server: a classifier's embeddings are its backbone's last token, like a chat model's.
+        embedding_checkpoint = self.engine.embedding_only and self.engine.labels is None
+        self.pooling = PoolingConfig.for_model(self.loaded.path, embedding_checkpoint)
 
     def get_tokenizer(self) -> Tokenizer:
         return self.tokenizer
@@ -238,17 +241,20 @@ class LLM:
         (query, document) pair, one query against every document or queries and documents one to one (vLLM's
         LLM.score pairing and output shape: `[o.outputs.score for o in llm.score(q, docs)]`). `instruction`
         replaces the default task line. Raises RequestError for lists of different lengths, a pair longer than
-        the context, or a model that cannot judge (an embedding model, a vocabulary without "yes"/"no")."""
-        from qwenstack.reranking import PairPrompts, PromptTooLong, no_yes_ids, pairs_of
+        the context, or a model that cannot judge (an embedding model, a vocabulary without "yes"/"no", a
+        classifier of more than one label). A one-label classifier (a Qwen3-Reranker as
+        Qwen3ForSequenceClassification) scores the same prompts by sigmoid of its label."""
+        from qwenstack.reranking import CannotRerank, PairPrompts, PromptTooLong, pairs_of, relevance, scoring_head
 
         try:
             pairs = pairs_of(queries if isinstance(queries, str) else list(queries),
                              documents if isinstance(documents, str) else list(documents))
         except ValueError as exc:
             raise RequestError(str(exc)) from None
-        token_ids = no_yes_ids(self.tokenizer)
-        if token_ids is None:
-            raise RequestError("this model cannot rerank: its vocabulary has no 'yes' and 'no' tokens to judge with")
+        try:
+            token_ids = scoring_head(self.engine.labels, self.engine.embedding_only, self.tokenizer)
+        except CannotRerank as exc:
+            raise RequestError(f"this model {exc}") from None
         try:
             prompts = PairPrompts(self.tokenizer, self.engine.max_model_len, instruction,
                                   self._longest_token_chars).all(pairs)
@@ -256,6 +262,29 @@ class LLM:
             which = "a query's" if exc.pair is None else f"pair {exc.pair}'s"
             raise RequestError(f"{which} reranking prompt has {exc} tokens, but this model's maximum context "
                                f"length is {self.engine.max_model_len} tokens") from None
-        scores = self.engine.last_token_logits(prompts, token_ids).softmax(dim=-1)[:, 1].tolist() if prompts else []
+        if not prompts:
+            return []
+        scores = relevance(self.engine.classify(prompts) if token_ids is None
+                           else self.engine.last_token_logits(prompts, token_ids))
         return [ScoringRequestOutput(f"score-{i}", ids, ScoringOutput(value))
                 for i, (ids, value) in enumerate(zip(prompts, scores))]
+
+    def classify(self, inputs: PromptInput | Sequence[PromptInput], use_tqdm: bool = True
+                 ) -> list[ClassificationRequestOutput]:
+        """A sequence classifier's label probabilities of texts or token-id lists, as POST /classify computes
+        them (vLLM's LLM.classify shape: `out.outputs.probs`, in the order of `self.labels`). Texts are encoded
+        with the tokenizer's special tokens and nothing appended. Raises RequestError for a model without a
+        classification head, an empty input or one longer than the context."""
+        from qwenstack.reranking import label_probabilities
+
+        prompts = [self.tokenizer.encode(p, add_special_tokens=True) if isinstance(p, str) else list(p)
+                   for p in prompt_items(inputs)]
+        self.engine.check_classifying(prompts)
+        probs = label_probabilities(self.engine.classify(prompts)).tolist() if prompts else []
+        return [ClassificationRequestOutput(f"classify-{i}", ids, ClassificationOutput(row))
+                for i, (ids, row) in enumerate(zip(prompts, probs))]
+
+    @property
+    def labels(self) -> tuple[str, ...] | None:
+        """A sequence classifier's label names, in the order of classify's probabilities; None for other models."""
+        return self.engine.labels

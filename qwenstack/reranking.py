@@ -5,16 +5,23 @@ judge it. Shared by the server's /v1/rerank and /score (serving/rerank.py) and t
     ids = prompts.ids(query, document)            # raises PromptTooLong
     all_ids = prompts.all(pairs)                  # raises PromptTooLong naming the pair, or the query alone
     yes_no = no_yes_ids(tokenizer)                # ["no", "yes"] ids, or None
+    head = scoring_head(labels, embedding_only, tokenizer)   # those ids, or None for a one-label classifier
+    scores = relevance(logits)                    # P(yes) of each pair from its pass's logits
 
 The method is the Qwen3-Reranker model card's ("Transformers Usage") and vLLM's
 examples/offline_inference/qwen3_reranker.py: system "Judge whether the Document meets ...", user
 `<Instruct>: {instruction}\\n<Query>: {query}\\n<Document>: {doc}`, then the assistant turn opened with an empty
-think block; the score is softmax([logit "no", logit "yes"]) at the last position, i.e. P(yes). The pair text is
+think block; the score is softmax([logit "no", logit "yes"]) at the last position, i.e. P(yes). A Qwen3-Reranker
+converted to Qwen3ForSequenceClassification (one label, its row lm_head["yes"] - lm_head["no"]: vLLM's "seq-cls"
+checkpoints) gets the same prompts, and sigmoid of its label's logit is the same P(yes); a one-label classifier
+is taken as such a reranker, the only kind published. The pair text is
 tokenized apart from the fixed prefix and suffix, as the card's process_inputs does. A query that already starts
 with `<|im_start|>` was formatted by the client (vLLM's own Qwen3 rerank client sends it so): the prompt is then
 the query's tokens and the document's, nothing added.
 """
 from __future__ import annotations
+
+import torch
 
 from qwenstack.markup import TURN_START
 from qwenstack.tokenizer import Tokenizer, TooManyTokens
@@ -33,6 +40,43 @@ class PromptTooLong(Exception):
     def __init__(self, tokens: str, pair: int | None = None) -> None:
         super().__init__(tokens)
         self.pair = pair
+
+
+class CannotRerank(Exception):
+    """Why a model cannot score pairs; the message reads after the model's name ("'m' is an embedding ...")."""
+
+
+def scoring_head(labels: tuple[str, ...] | None, embedding_only: bool, tokenizer: Tokenizer) -> list[int] | None:
+    """What scores a pair's prompt: None for a one-label sequence classifier (its label's logit), else the
+    ids of "no" and "yes" in the language-model head. CannotRerank for another classifier, an embedding
+    model (no head) or a vocabulary without "yes" and "no"."""
+    if labels is not None:
+        if len(labels) == 1:
+            return None
+        raise CannotRerank(f"is a classifier of {len(labels)} labels ({', '.join(labels[:4])}): reranking needs "
+                           f"one relevance label (a Qwen3-Reranker as Qwen3ForSequenceClassification); POST "
+                           f"/classify gives its labels' probabilities")
+    if embedding_only:
+        raise CannotRerank("is an embedding model: it has no language-model head to judge yes or no with; "
+                           "rerank with a Qwen3-Reranker checkpoint")
+    ids = no_yes_ids(tokenizer)
+    if ids is None:
+        raise CannotRerank("cannot rerank: its vocabulary has no 'yes' and 'no' tokens to judge with")
+    return ids
+
+
+def relevance(logits: torch.Tensor) -> list[float]:
+    """Each pair's P(yes) from its pass: [N, 2] logits of "no" and "yes" by softmax, [N, 1] a one-label
+    classifier's logit by sigmoid (the same number: softmax([n, y])[1] = sigmoid(y - n))."""
+    if logits.shape[-1] == 1:
+        return logits[:, 0].sigmoid().tolist()
+    return logits.softmax(dim=-1)[:, 1].tolist()
+
+
+def label_probabilities(logits: torch.Tensor) -> torch.Tensor:
+    """A classifier's label probabilities [N, labels] from its logits, as vLLM's /classify and transformers'
+    text-classification pipeline give them: softmax over the labels, sigmoid for a lone label."""
+    return logits.sigmoid() if logits.shape[-1] == 1 else logits.softmax(dim=-1)
 
 
 def pair_text(instruction: str, query: str, document: str) -> str:

@@ -214,7 +214,10 @@ def run(args: argparse.Namespace) -> int:
         except ImportError:
             pass
     llm = load_llm(args)
-    if llm.engine.embedding_only:  # said before the prompt opens, not at the first message
+    if llm.engine.labels is not None:  # said before the prompt opens, not at the first message
+        raise ConfigError(f"{llm.loaded.name} is a sequence-classification model: it classifies texts "
+                          f"(POST /classify, LLM.classify), it cannot chat")
+    if llm.engine.embedding_only:
         raise ConfigError(f"{llm.loaded.name} is an embedding model: it computes embeddings, it cannot chat")
     if llm.tokenizer.chat_template is None:
         raise ConfigError(f"{llm.loaded.path} has no chat template; use `qwenstack generate` for plain text")

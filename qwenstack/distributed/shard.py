@@ -57,6 +57,9 @@ def shard_model(model: nn.Module, group: ParallelGroup, expert_parallel: bool = 
     report = ShardReport(group.rank, group.world_size, expert_parallel=expert_parallel)
     if group.world_size == 1:
         return report
+    if getattr(model, "is_embedding_model", False):  # its passes run in one process (LLMEngine.embed)
+        raise UnsupportedModelError("embedding and classification models are not supported with tensor "
+                                    "parallelism: serve them without --tensor-parallel-size")
     if getattr(model, "mtp", None) is not None:
         raise UnsupportedModelError("speculative decoding (the MTP head) is not supported with tensor parallelism yet")
     text = _text_model(model)

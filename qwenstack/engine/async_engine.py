@@ -12,7 +12,7 @@ Decisions:
 - If a forward pass raises, the requests of that step receive the error and the loop keeps serving.
 - Embeddings (engine/embed.py) are one more command: the owner thread runs their passes between two steps,
   so they never race a step for the model, and a failed pass fails that embedding request alone. Reranking's
-  scoring passes (last_token_logits) are the same command with the token ids to score.
+  scoring passes (last_token_logits) and a classifier's (classify) are the same command.
 """
 from __future__ import annotations
 
@@ -49,10 +49,9 @@ class _Abort:
 
 
 @dataclass
-class _Embed:
-    prompts: list[list[int]]
-    sink: Callable[[Any], None]  # gets the states tensor, or the exception
-    token_ids: list[int] | None = None  # the logits of these vocabulary entries instead of the states
+class _Pass:
+    compute: Callable[[], Any]  # the engine's pass over the prompts (embed, last_token_logits, classify)
+    sink: Callable[[Any], None]  # gets the tensor, or the exception
 
 
 class AsyncEngine:
@@ -108,16 +107,26 @@ class AsyncEngine:
         """Last-token hidden states [N, hidden] (a float32 tensor) of whole prompts, computed in the engine thread
         between steps. Raises RequestError up front for a prompt that cannot run."""
         self.engine.check_embedding_prompts(prompts)
-        return await self._pass(prompts, None)
+        prompts = [list(p) for p in prompts]
+        return await self._pass(lambda: self.engine.embed(prompts))
 
     async def last_token_logits(self, prompts: list[list[int]], token_ids: list[int]) -> Any:
         """Each whole prompt's next-token logits of `token_ids` [N, len(token_ids)] (float32), from the same
         passes as embed (LLMEngine.last_token_logits): one command, run between two steps."""
         self.engine.check_scoring(prompts, token_ids)
-        return await self._pass(prompts, list(token_ids))
+        prompts, token_ids = [list(p) for p in prompts], list(token_ids)
+        return await self._pass(lambda: self.engine.last_token_logits(prompts, token_ids))
 
-    async def _pass(self, prompts: list[list[int]], token_ids: list[int] | None) -> Any:
-        """Queues one embedding (token_ids None) or scoring command and awaits what the engine thread gives."""
+    async def classify(self, prompts: list[list[int]]) -> Any:
+        """A sequence classifier's label logits [N, labels] (float32) of whole prompts (LLMEngine.classify), from
+        the same passes as embed. Raises RequestError up front for a model without labels or a bad prompt."""
+        self.engine.check_classifying(prompts)
+        prompts = [list(p) for p in prompts]
+        return await self._pass(lambda: self.engine.classify(prompts))
+
+    async def _pass(self, compute: Callable[[], Any]) -> Any:
+        """Queues one pass (an embedding, scoring or classifying command) and awaits what the engine thread
+        gives."""
         loop = asyncio.get_running_loop()
         result: asyncio.Future[Any] = loop.create_future()
 
@@ -135,7 +144,7 @@ class AsyncEngine:
             except RuntimeError:  # the caller's event loop has closed
                 pass
 
-        self._commands.put(_Embed([list(p) for p in prompts], sink, token_ids))
+        self._commands.put(_Pass(compute, sink))
         return await result
 
     def abort(self, request_id: str) -> None:
@@ -160,12 +169,11 @@ class AsyncEngine:
         elif isinstance(command, _Abort):
             self.engine.abort(command.request_id)
             self._sinks.pop(command.request_id, None)
-        elif isinstance(command, _Embed):
+        elif isinstance(command, _Pass):
             try:
-                states = (self.engine.embed(command.prompts) if command.token_ids is None
-                          else self.engine.last_token_logits(command.prompts, command.token_ids))
+                states = command.compute()
             except Exception as exc:  # a failed pass fails this request, never the engine thread
-                log.exception("embedding or scoring pass failed")
+                log.exception("embedding, scoring or classifying pass failed")
                 command.sink(exc)
                 return
             command.sink(states)

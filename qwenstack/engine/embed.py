@@ -8,7 +8,8 @@ Decisions:
 - The states come back raw, in float32 on the CPU: truncating to `dimensions` and normalizing are the caller's
   (done in that order: a truncated vector is renormalized, as Matryoshka embeddings are used).
 - The same passes score reranking prompts (serving/rerank.py): a `head` maps each pass's last-token states to
-  the logits of two vocabulary entries, through the model's own compute_logits on those two rows only.
+  the logits of two vocabulary entries, through the model's own compute_logits on those two rows only, or to a
+  sequence classifier's label logits (LLMEngine.classify).
 """
 from __future__ import annotations
 
@@ -50,6 +51,15 @@ def last_token_states(model: Any, prompts: list[list[int]], max_tokens_per_pass:
         states = hidden[batch.last_token_indices(device)]
         rows.append((states if head is None else head(states)).float().cpu())
     return torch.cat(rows)
+
+
+def without_trailing(prompt: list[int], token: int | None) -> list[int]:
+    """The prompt without the copies of `token` at its end (a classifier's pads), its first token kept always:
+    transformers pools a sequence classifier at the last non-pad token, position 0 when all are pads."""
+    end = len(prompt)
+    while token is not None and end > 1 and prompt[end - 1] == token:
+        end -= 1
+    return prompt[:end]
 
 
 def matryoshka(states: torch.Tensor, dimensions: int | None, normalize: bool) -> torch.Tensor:

@@ -22,7 +22,7 @@ import torch
 
 from qwenstack.engine.block_manager import BlockManager
 from qwenstack.engine.detokenizer import Decoder, IncrementalDetokenizer
-from qwenstack.engine.embed import last_token_states
+from qwenstack.engine.embed import last_token_states, without_trailing
 from qwenstack.engine.multimodal import DEFAULT_ENCODER_CACHE_MEMORY, PLAN_KEY, sequence_plan
 from qwenstack.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from qwenstack.engine.params import SamplingParams
@@ -127,6 +127,8 @@ class LLMEngine:
         num_blocks = pool_blocks(model, self.config.kv_cache_memory, self.config.block_size, param.dtype)
         # An embedding model generates nothing, and its passes (embed.py) use no KV cache: the smallest pool.
         self.embedding_only = bool(getattr(model, "is_embedding_model", False))
+        # A sequence classifier's label names (models/qwen3_classifier.py); None for any other model.
+        self.labels: tuple[str, ...] | None = getattr(model, "labels", None)
         if self.embedding_only:
             num_blocks = 2
         if num_blocks < 2:
@@ -170,6 +172,9 @@ class LLMEngine:
 
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> int:
         """Checks a request against the limits; returns its resolved max_tokens. Raises RequestError."""
+        if self.labels is not None:
+            raise RequestError("this is a sequence-classification model: it classifies texts (POST /classify), "
+                               "it cannot generate text")
         if self.embedding_only:
             raise RequestError("this is an embedding model: it computes embeddings (POST /v1/embeddings), "
                                "it cannot generate text")
@@ -259,7 +264,8 @@ class LLMEngine:
         """What last_token_logits needs: a language-model head, prompts as embed's, ids in the vocabulary.
         Raises RequestError."""
         if self.embedding_only:
-            raise RequestError("this is an embedding model: it has no language-model head to score tokens with")
+            what = "a sequence-classification" if self.labels is not None else "an embedding"
+            raise RequestError(f"this is {what} model: it has no language-model head to score tokens with")
         self.check_embedding_prompts(prompts)
         if not token_ids or not all(0 <= t < self.vocab_size for t in token_ids):
             raise RequestError(f"token ids {token_ids} are not in the vocabulary (0..{self.vocab_size - 1})")
@@ -272,6 +278,23 @@ class LLMEngine:
         ids = torch.tensor(token_ids, dtype=torch.long, device=device)
         return last_token_states(self.model, prompts, self.config.max_num_batched_tokens,
                                  head=lambda states: self.model.compute_logits(states, ids))
+
+    def check_classifying(self, prompts: list[list[int]]) -> None:
+        """What classify needs: a classification head, prompts as embed's. Raises RequestError."""
+        if self.labels is None:
+            raise RequestError("this model has no classification head: classify with a sequence-classification "
+                               "checkpoint (Qwen3ForSequenceClassification)")
+        self.check_embedding_prompts(prompts)
+
+    def classify(self, prompts: list[list[int]]) -> torch.Tensor:
+        """[N, len(labels)] float32: a sequence classifier's label logits at each whole prompt's last token that
+        is not the pad token (transformers' pooling; trailing pads change nothing before them, so they are cut
+        off), in the embedding passes. Call it between steps, as embed. Raises RequestError."""
+        self.check_classifying(prompts)
+        pad = getattr(self.model, "pad_token_id", None)
+        pooled = [without_trailing(p, pad) for p in prompts]
+        return last_token_states(self.model, pooled, self.config.max_num_batched_tokens,
+                                 head=self.model.compute_logits)  # type: ignore[attr-defined]
 
     def abort(self, request_id: str) -> bool:
         request = self.requests.pop(request_id, None)

@@ -36,6 +36,9 @@ class Qwen3Args(ModelArgs):
     attention_bias: bool = False
     use_sliding_window: bool = False
     rope: RopeConfig = field(init=False)
+    # What a Qwen3ForSequenceClassification checkpoint's head needs (transformers keeps them on every config):
+    labels: tuple[str, ...] = field(init=False, default=())  # id2label in id order
+    pad_token_id: int | None = field(init=False, default=None)  # pooling skips trailing pads, as transformers
 
     def validate(self, config: dict[str, Any]) -> None:
         if self.num_key_value_heads is None:
@@ -52,6 +55,9 @@ class Qwen3Args(ModelArgs):
                 f"use_sliding_window=true with sliding_window={config.get('sliding_window')} is not supported "
                 f"for {self.model_type} (no released Qwen3 enables it)")
         self.rope = RopeConfig.from_config(config, self.model_type)
+        self.labels = classifier_labels(config)
+        pad = config.get("pad_token_id")
+        self.pad_token_id = pad if isinstance(pad, int) and not isinstance(pad, bool) else None
 
     def sliding_layers(self, config: dict[str, Any]) -> list[int]:
         """The layers transformers would give a sliding window: with use_sliding_window, those from
@@ -64,6 +70,21 @@ class Qwen3Args(ModelArgs):
         if config.get("sliding_window") is None:
             return []
         return list(range(min(config.get("max_window_layers", layers), layers), layers))
+
+
+def classifier_labels(config: dict[str, Any]) -> tuple[str, ...]:
+    """A sequence classifier's label names in id order, as transformers reads them: id2label when given (its
+    keys are the ids, as strings), else num_labels (default 2) named LABEL_0, LABEL_1, ... Lenient: every
+    Qwen3 config carries these, and only a classifier uses them (its score.weight's rows must then match)."""
+    id2label = config.get("id2label")
+    if isinstance(id2label, dict) and id2label:
+        keys = list(id2label)
+        if all(isinstance(k, str) and k.lstrip("-").isdigit() for k in keys):
+            keys.sort(key=int)
+        return tuple(str(id2label[k]) for k in keys)
+    count = config.get("num_labels")
+    count = count if isinstance(count, int) and not isinstance(count, bool) and count > 0 else 2
+    return tuple(f"LABEL_{i}" for i in range(count))
 
 
 class DecoderLayer(nn.Module):

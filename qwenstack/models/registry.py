@@ -4,7 +4,7 @@ from __future__ import annotations
 import importlib
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Collection
 
 import torch
 from torch import nn
@@ -28,27 +28,45 @@ ARCHITECTURES: dict[str, tuple[str, str]] = {
 EMBEDDING_ARCHITECTURES: dict[str, tuple[str, str]] = {
     "qwen3": ("qwenstack.models.qwen3_embedding", "Qwen3EmbeddingModel"),
 }
+# model_type: (module, class) of its sequence-classification form (a `score` head instead of the lm_head)
+CLASSIFIER_ARCHITECTURES: dict[str, tuple[str, str]] = {
+    "qwen3": ("qwenstack.models.qwen3_classifier", "Qwen3ForSequenceClassification"),
+    "qwen3_moe": ("qwenstack.models.qwen3_classifier", "Qwen3MoeForSequenceClassification"),
+}
+# What a checkpoint's model does: "generate" (a causal LM), "embed" (a bare backbone), "classify" (a score head)
+TASK_ARCHITECTURES: dict[str, tuple[str, dict[str, tuple[str, str]]]] = {
+    "generate": ("", ARCHITECTURES), "embed": ("embedding ", EMBEDDING_ARCHITECTURES),
+    "classify": ("sequence-classification ", CLASSIFIER_ARCHITECTURES),
+}
 
 
-def model_class(config: dict[str, Any], embedding: bool = False) -> Any:
+def model_class(config: dict[str, Any], task: str = "generate") -> Any:
     model_type = config.get("model_type")
-    if embedding:
-        if model_type not in EMBEDDING_ARCHITECTURES:
-            raise UnsupportedModelError(f"embedding checkpoints of model_type '{model_type}' are not supported "
-                                        f"(supported: {', '.join(sorted(EMBEDDING_ARCHITECTURES))})")
-        module, name = EMBEDDING_ARCHITECTURES[model_type]
-        return getattr(importlib.import_module(module), name)
-    if model_type not in ARCHITECTURES:
-        supported = ", ".join(sorted(ARCHITECTURES))
-        raise UnsupportedModelError(f"model_type '{model_type}' is not supported (supported: {supported})")
-    module, name = ARCHITECTURES[model_type]
+    kind, table = TASK_ARCHITECTURES[task]
+    if model_type not in table:
+        what = f"{kind}checkpoints of model_type '{model_type}' are" if kind else f"model_type '{model_type}' is"
+        raise UnsupportedModelError(f"{what} not supported (supported: {', '.join(sorted(table))})")
+    module, name = table[model_type]
     return getattr(importlib.import_module(module), name)
 
 
-def build_model(config: dict[str, Any], device: str | torch.device = "meta", embedding: bool = False) -> nn.Module:
+def checkpoint_task(model_dir: str | Path, config: dict[str, Any], tensor_names: Collection[str]) -> str:
+    """What the checkpoint's model does: "classify" when config.json's architectures names a
+    ...ForSequenceClassification or a `score.weight` replaces the lm_head, "embed" for an embedding backbone
+    (pooling_config.is_embedding_checkpoint), else "generate"."""
+    architectures = config.get("architectures")
+    named = [a for a in architectures if isinstance(a, str)] if isinstance(architectures, list) else []
+    if any(a.endswith("ForSequenceClassification") for a in named) or "score.weight" in tensor_names:
+        return "classify"
+    if config.get("model_type") in EMBEDDING_ARCHITECTURES and is_embedding_checkpoint(Path(model_dir), tensor_names):
+        return "embed"
+    return "generate"
+
+
+def build_model(config: dict[str, Any], device: str | torch.device = "meta", task: str = "generate") -> nn.Module:
     """The model for a config, with parameters on `device` (meta: shapes only, to be filled by the loader);
-    embedding: its embedding-only form."""
-    cls = model_class(config, embedding)
+    task (checkpoint_task): its generating, embedding-only or classifying form."""
+    cls = model_class(config, task)
     args = cls.args_class.from_dict(config)
     with torch.device(device):
         model = cls(args)
@@ -66,10 +84,8 @@ def load_model(
     dequantize=True keeps its exactly dequantized weights in `dtype` instead."""
     config = read_config(model_dir)
     dtype = parse_dtype(dtype) if dtype is not None else default_dtype(config)
-    tensors = checkpoint_tensors(model_dir)  # headers only: the layout says whether this is an embedding model
-    embedding = (config.get("model_type") in EMBEDDING_ARCHITECTURES
-                 and is_embedding_checkpoint(Path(model_dir), tensors))
-    model = build_model(config, "meta", embedding)
+    tensors = checkpoint_tensors(model_dir)  # headers only: the layout says what the model does (the task)
+    model = build_model(config, "meta", checkpoint_task(model_dir, config, tensors))
     if not config.get("quantization_config"):
         load_weights(model, model_dir, dtype, device, tensors=tensors)
         return model

@@ -143,9 +143,11 @@ def quantize_model(model: nn.Module, method: str | QuantizationSpec, keep: Seque
     targets = [n for n, m in model.named_modules()
                if isinstance(m, (nn.Linear, Experts)) and not isinstance(m, QuantExperts)]
     tied = getattr(model, "lm_head", 0) is None and hasattr(getattr(model, "model", None), "embed_tokens")
+    # What the model keeps whole: a classifier's score head, a few rows whose quantization saves nothing.
+    whole = set(getattr(model, "full_precision_modules", ()))
     for name in targets:
         hits = [p for p in keep if _matches(name, [p])]
-        if hits:
+        if hits or name in whole:
             used_patterns.update(hits)
             report.kept.append(name)
             continue

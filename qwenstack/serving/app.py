@@ -29,7 +29,7 @@ from qwenstack import __version__
 from qwenstack.serving import (
     chat, completions, embeddings, introspect, llamacpp, moderations, realtime, speech, transcriptions, translations,
 )
-from qwenstack.serving import rerank
+from qwenstack.serving import classify, rerank
 from qwenstack.serving.chat import render_prompt, template_kwargs
 from qwenstack.serving.config import ModelSpec, ServerConfig
 from qwenstack.serving.errors import APIError, install_handlers
@@ -218,6 +218,7 @@ def create_app(
     app.include_router(llamacpp.router)  # llama-server's /completion and /props
     app.include_router(embeddings.router)  # /v1/embeddings, from embedding and chat models alike
     app.include_router(rerank.router)  # /v1/rerank, /rerank, /v2/rerank, /score (Qwen3-Reranker's method)
+    app.include_router(classify.router)  # /classify: a sequence classifier's labels (vLLM's)
     images = install_image_api(app, config, image_pipeline,  # /v1/images/*; image jobs yield to chat
                                chat_busy=lambda: any(m.engine.engine.has_unfinished_requests()
                                                      for m in list(registry.models.values())))

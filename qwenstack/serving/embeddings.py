@@ -40,18 +40,23 @@ MAX_INPUTS = 2048  # inputs per request, OpenAI's limit
 router = APIRouter()
 
 
-class EmbeddingRequest(_Request):
+class PoolingRequest(_Request):
+    """What /v1/embeddings and /classify (serving/classify.py) share: the inputs, and how to cut them."""
+
     model: str
     # Token-id lists first: a union member that fails reports every element (see CompletionRequest.prompt).
     input: str | list[int] | list[list[int]] | list[str]
-    encoding_format: Literal["float", "base64"] = "float"
-    dimensions: int | None = Field(None, ge=1, le=MAX_COUNT)  # at most the model's hidden size (checked later)
     user: str | None = None
-    prompt_name: str | None = None  # a named instruction of the checkpoint's config_sentence_transformers.json
     truncate_prompt_tokens: int | None = Field(None, ge=-1)  # vLLM's: keep each input's last k (-1: the context)
 
     _one_of_four_forms = one_sentence_error("input", "invalid_input", "must be a string, a list of strings, a list "
                                             "of token ids (integers) or a list of token-id lists")
+
+
+class EmbeddingRequest(PoolingRequest):
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(None, ge=1, le=MAX_COUNT)  # at most the model's hidden size (checked later)
+    prompt_name: str | None = None  # a named instruction of the checkpoint's config_sentence_transformers.json
 
 
 class EmbeddingData(BaseModel):
@@ -87,7 +92,7 @@ def input_items(value: str | list[Any]) -> list[str] | list[list[int]]:
     empty = next((i for i, item in enumerate(items) if len(item) == 0), None)
     if empty is not None:
         where = "input" if len(items) == 1 else f"input {empty}"
-        raise bad_request(f"{where} is empty: an embedding needs at least one token", param="input")
+        raise bad_request(f"{where} is empty: it has no token to read", param="input")
     return items
 
 
@@ -117,17 +122,19 @@ def encode_text(served: ServedModel, text: str, truncate: bool = False, keep: in
     return ids
 
 
-def prompt_ids(served: ServedModel, body: EmbeddingRequest, truncate: bool = False) -> list[list[int]]:
-    """Each input's token ids, checked against the context (or cut to it: `truncate`) and the vocabulary."""
+def prompt_ids(served: ServedModel, body: PoolingRequest, truncate: bool = False,
+               prompt_name: str | None = None) -> list[list[int]]:
+    """Each input's token ids, checked against the context (or cut to it: `truncate`) and the vocabulary;
+    prompt_name: an embedding request's named instruction, put before each text."""
     items = input_items(body.input)
     keep = truncation_length(body.truncate_prompt_tokens, served.max_model_len)
     if isinstance(items[0], str):
         try:
-            prefix = served.pooling.instruction(body.prompt_name)
+            prefix = served.pooling.instruction(prompt_name)
         except RequestError as exc:
             raise bad_request(str(exc), param="prompt_name") from None
         return [encode_text(served, prefix + text, truncate, keep) for text in items]  # type: ignore[operator]
-    if body.prompt_name is not None:
+    if prompt_name is not None:
         raise bad_request("prompt_name applies to text inputs, not token ids", param="prompt_name")
     if keep is not None:
         items = [ids[-keep:] for ids in items]  # type: ignore[index]
@@ -142,7 +149,7 @@ async def embed(served: ServedModel, body: EmbeddingRequest, truncate: bool = Fa
     """(the inputs' vectors, their token count): tokenized off the event loop, embedded by the engine in one
     command, cut to `dimensions` (renormalized where the model normalizes)."""
     # Tokenizing 2048 texts takes a while: off the event loop, other requests go on.
-    prompts = await asyncio.to_thread(prompt_ids, served, body, truncate)
+    prompts = await asyncio.to_thread(prompt_ids, served, body, truncate, body.prompt_name)
     states = await served.engine.embed(prompts)
     size = states.shape[-1]  # the model's hidden size, whatever the architecture calls it
     if body.dimensions is not None and body.dimensions > size:

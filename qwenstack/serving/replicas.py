@@ -156,6 +156,10 @@ class ReplicatedEngine:
         """Scoring passes (reranking), on the replicas in turn as embeddings are."""
         return await self._in_turn().last_token_logits(prompts, token_ids)
 
+    async def classify(self, prompts: list[list[int]]) -> Any:
+        """A classifier's passes, on the replicas in turn as embeddings are."""
+        return await self._in_turn().classify(prompts)
+
     def _in_turn(self) -> AsyncEngine:
         self._next_id += 1
         return self.replicas[self._next_id % len(self.replicas)]

@@ -9,6 +9,8 @@ Decisions:
 - Any served chat model answers the same way (as chat models answer /v1/embeddings): it reranks with the
   Qwen3-Reranker prompt, which is useful only for a real Qwen3-Reranker checkpoint (a plain Qwen3ForCausalLM;
   nothing marks it as a reranker, so nothing is refused). An embedding model has no language-model head: 400.
+  A one-label sequence classifier (Qwen3-Reranker converted to Qwen3ForSequenceClassification, vLLM's
+  "seq-cls" form) scores the same prompts by sigmoid of its label; a classifier of more labels: 400.
 - The pairs run as one command in the engine's embedding passes (engine/embed.py): no KV cache, packed up to
   the step budget, between two generation steps; only the two head rows of "no" and "yes" are multiplied
   (lm_logits with token_ids), never the whole vocabulary. One command holds the engine until it is done, so
@@ -34,7 +36,7 @@ from qwenstack.serving.openapi import request_body
 from qwenstack.serving.protocol import MAX_COUNT, _Request, one_sentence_error
 from qwenstack.serving.served import ServedModel
 from qwenstack.serving.state import local_or_forwarded
-from qwenstack.reranking import PairPrompts, PromptTooLong, no_yes_ids, pairs_of
+from qwenstack.reranking import CannotRerank, PairPrompts, PromptTooLong, pairs_of, relevance, scoring_head
 
 MAX_DOCUMENTS = 1000  # pairs per request: one command holds the engine for all of them
 
@@ -102,18 +104,13 @@ class ScoreResponse(BaseModel):
     usage: ScoreUsage
 
 
-def judging_ids(served: ServedModel) -> list[int]:
-    """The ids of "no" and "yes"; 400 for a model that cannot judge with them: an embedding model (no head), a
-    vocabulary without them."""
-    if served.embedding_only:
-        raise APIError(400, f"'{served.name}' is an embedding model: it has no language-model head to judge "
-                            f"yes or no with; rerank with a Qwen3-Reranker checkpoint", param="model",
-                       code="model_cannot_rerank")
-    ids = no_yes_ids(served.tokenizer)
-    if ids is None:
-        raise APIError(400, f"'{served.name}' cannot rerank: its vocabulary has no 'yes' and 'no' tokens to judge "
-                            f"with", param="model", code="model_cannot_rerank")
-    return ids
+def scoring_ids(served: ServedModel) -> list[int] | None:
+    """The ids of "no" and "yes", or None for a one-label classifier (reranking.scoring_head); 400 for a model
+    that cannot score pairs."""
+    try:
+        return scoring_head(served.labels, served.embedding_only, served.tokenizer)
+    except CannotRerank as exc:
+        raise APIError(400, f"'{served.name}' {exc}", param="model", code="model_cannot_rerank") from None
 
 
 def pair_prompts(served: ServedModel, pairs: list[tuple[str, str]], instruction: str | None,
@@ -145,10 +142,11 @@ async def relevance_scores(served: ServedModel, pairs: list[tuple[str, str]], in
     if len(pairs) > MAX_DOCUMENTS:
         raise bad_request(f"at most {MAX_DOCUMENTS} documents per request, got {len(pairs)}: split the list "
                           f"(scores do not depend on the other documents)", param=param)
-    token_ids = judging_ids(served)
+    token_ids = scoring_ids(served)
     prompts = await asyncio.to_thread(pair_prompts, served, pairs, instruction, params)  # 1,000 encodes: off the loop
-    logits = await served.engine.last_token_logits(prompts, token_ids)  # [N, 2]: "no", "yes"
-    return logits.softmax(dim=-1)[:, 1].tolist(), sum(map(len, prompts))
+    logits = await (served.engine.classify(prompts) if token_ids is None  # [N, 1]: the classifier's label
+                    else served.engine.last_token_logits(prompts, token_ids))  # [N, 2]: "no", "yes"
+    return relevance(logits), sum(map(len, prompts))
 
 
 @router.post("/v1/rerank", responses={200: {"model": RerankResponse}})

@@ -49,10 +49,17 @@ class ServedModel:
     asr: Any = None  # AsrPrompter of a model with an audio encoder (serving/audio.py)
     speech_stage: Any = None  # a Qwen3-Omni model's batched Talker loop (audio/omni_speech.py talker_stage)
     pooling: PoolingConfig = field(default_factory=PoolingConfig)  # how /v1/embeddings pools (pooling_config.py)
-    embedding_only: bool = False  # an embedding model (Qwen3-Embedding): /v1/embeddings only, no generation
+    embedding_only: bool = False  # an embedding model (Qwen3-Embedding) or a classifier: no generation
+    labels: tuple[str, ...] | None = None  # a sequence classifier's (POST /classify); None for other models
 
     def check_generates(self) -> None:
-        """400 for a generation request (chat, completions) to an embedding model, naming what it does answer."""
+        """400 for a generation request (chat, completions) to an embedding model or a classifier, naming what
+        it does answer."""
+        if self.labels is not None:
+            rerank = ", POST /v1/rerank and /score" if len(self.labels) == 1 else ""
+            raise APIError(400, f"'{self.name}' is a sequence-classification model: it answers POST /classify"
+                                f"{rerank} and /v1/embeddings, not chat or completions", param="model",
+                           code="model_not_generative")
         if self.embedding_only:
             raise APIError(400, f"'{self.name}' is an embedding model: it answers POST /v1/embeddings, not chat or "
                                 f"completions", param="model", code="model_not_generative")
@@ -121,6 +128,8 @@ class ServedModel:
 
     @property
     def capabilities(self) -> list[str]:
+        if self.labels is not None:
+            return ["classification", "embedding"]
         if self.embedding_only:
             return ["embedding"]
         caps = ["chat", "completion"]
@@ -190,8 +199,8 @@ def build_served_model(name: str, model: Any, tokenizer: Tokenizer, engine_confi
         stage = talker_stage(model, TALKER_KV_POSITIONS)
     served = ServedModel(name, served_engine, tokenizer, engine.max_model_len, dict(hf_config or {}),
                          generation_defaults(model_dir), image_processor=processor, video_processor=video, asr=asr,
-                         speech_stage=stage, embedding_only=engine.embedding_only,
-                         pooling=PoolingConfig.for_model(model_dir, engine.embedding_only))
+                         speech_stage=stage, embedding_only=engine.embedding_only, labels=engine.labels,
+                         pooling=PoolingConfig.for_model(model_dir, engine.embedding_only and engine.labels is None))
     served.warm_up()
     return served
 

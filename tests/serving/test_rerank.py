@@ -101,7 +101,9 @@ def test_vllm_paths_and_score_give_the_same_scores(server: BackgroundServer) -> 
     assert [d["score"] for d in scored["data"]] == by_index(full["results"])
     assert scored["object"] == "list" and scored["usage"]["prompt_tokens"] == full["usage"]["total_tokens"]
     pairwise = httpx.post(server.url + "/v1/score", json={"model": RR, "text_1": [QUERY, QUERY], "text_2": DOCS[:2]})
-    assert [d["score"] for d in pairwise.json()["data"]] == by_index(full["results"])[:2]
+    # Two pairs in a pass against five: a float32 GEMM may sum in another order for another row count (Intel's
+    # MKL does), so equal to rounding, not bit for bit.
+    assert [d["score"] for d in pairwise.json()["data"]] == pytest.approx(by_index(full["results"])[:2], abs=1e-6)
 
 
 def test_a_query_formatted_as_vllms_client_does_is_not_wrapped_again(server: BackgroundServer) -> None:
