@@ -159,6 +159,22 @@ class AsrPrompter:
             return parse_asr_output(raw)
         return AsrOutput(language, raw.strip())
 
+    def transcript_start(self, token_ids: list[int], language: str | None) -> int:
+        """Where the transcript begins among an answer's tokens: after the `<asr_text>` that ends the language
+        header, or 0 (no header asked for, or an answer that never wrote the marker: all transcript, as parse
+        reads it). The marker is looked for in the tokens' text, so a vocabulary that spells it in pieces works as
+        well as the released one, where it is one token; a token that runs on past the marker carries transcript
+        text, so the transcript starts with it."""
+        if not self.headed(language):
+            return 0
+        text = ""
+        for i, token in enumerate(token_ids):
+            text += self.tokenizer.decode([token])
+            at = text.find(ASR_TEXT)
+            if at >= 0:
+                return i + 1 if at + len(ASR_TEXT) == len(text) else i
+        return 0
+
     def transcript_text(self, language: str | None) -> "TranscriptText":
         """parse's incremental form, for a streamed answer."""
         return TranscriptText(language, headed=self.headed(language))

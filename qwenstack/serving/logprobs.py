@@ -54,16 +54,24 @@ def _ranked(entry: PositionLogprobs, top: int) -> list[tuple[int, Logprob]]:
     return [(tid, lp) for tid, lp in items if lp.rank <= top][:top]
 
 
+def token_logprob(texts: TokenTexts, token_id: int, logprob: float) -> dict:
+    """One token as OpenAI writes it: `{token, logprob, bytes}` (chat's entries and its alternatives, and the
+    logprobs of a transcription)."""
+    text, raw = texts.get(token_id)
+    return {"token": text, "logprob": logprob, "bytes": list(raw)}
+
+
+def token_logprobs(texts: TokenTexts, token_ids: Iterable[int], entries: Iterable[PositionLogprobs]) -> list[dict]:
+    """The chosen tokens' logprobs without alternatives (a transcription's `logprobs`)."""
+    return [token_logprob(texts, token, entry[token].logprob) for token, entry in zip(token_ids, entries)]
+
+
 def chat_logprobs(texts: TokenTexts, token_ids: Iterable[int], entries: Iterable[PositionLogprobs],
                   top: int) -> list[dict]:
     out = []
     for token, entry in zip(token_ids, entries):
-        text, raw = texts.get(token)
-        tops = []
-        for tid, lp in _ranked(entry, top):
-            t_text, t_raw = texts.get(tid)
-            tops.append({"token": t_text, "logprob": lp.logprob, "bytes": list(t_raw)})
-        out.append({"token": text, "logprob": entry[token].logprob, "bytes": list(raw), "top_logprobs": tops})
+        tops = [token_logprob(texts, tid, lp.logprob) for tid, lp in _ranked(entry, top)]
+        out.append({**token_logprob(texts, token, entry[token].logprob), "top_logprobs": tops})
     return out
 
 

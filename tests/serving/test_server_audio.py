@@ -142,6 +142,137 @@ def test_random_model_transcript_equals_transformers(client: openai.OpenAI, serv
         assert got == expected
 
 
+def _hf_greedy(paths, prompter, samples: np.ndarray, ids: list[int], seconds: float) -> tuple[list[int], list[float]]:
+    """transformers' greedy tokens for the prompt and each one's logprob, in float32 (the eos included)."""
+    from asr_checkpoints import hf_features
+
+    features, mask = hf_features(samples)
+    out = load_hf_asr(paths["random"]).generate(
+        input_ids=torch.tensor([ids]), input_features=features, input_features_mask=mask,
+        max_new_tokens=max_transcript_tokens(seconds), do_sample=False, eos_token_id=[151645, 151643], pad_token_id=0,
+        output_logits=True, return_dict_in_generate=True)
+    tokens = out.sequences[0, len(ids):].tolist()
+    return tokens, [torch.log_softmax(step[0].float(), -1)[t].item() for step, t in zip(out.logits, tokens)]
+
+
+def test_logprobs_and_segment_scores_are_the_sampled_tokens(client: openai.OpenAI, server, paths) -> None:
+    """include[]=logprobs gives the transcript tokens' logprobs, and verbose_json's avg_logprob their mean (the end
+    token counted, as whisper counts its EOT): both equal transformers' float32 logprobs of the same greedy tokens.
+    The values were placeholders (no logprobs, avg_logprob 0.0, compression_ratio 0.0)."""
+    import zlib
+
+    samples = speechlike(3.1, seed=9)
+    prompter = server.served["asr-random"].asr
+    ids = prompter.prompt_ids(prompter.clip(samples), "names: Qwen", "English")
+    tokens, logprobs = _hf_greedy(paths, prompter, samples, ids, 3.1)
+    text_tokens = [t for t in tokens if t not in (151645, 151643)]
+    ask = dict(file=("x.wav", wav_bytes(samples)), model="asr-random", language="en", prompt="names: Qwen")
+    out = client.audio.transcriptions.create(**ask, include=["logprobs"])
+    assert out.logprobs is not None and len(out.logprobs) == len(text_tokens)
+    assert [lp.logprob for lp in out.logprobs] == pytest.approx(logprobs[:len(text_tokens)], abs=1e-3)
+    assert [lp.token for lp in out.logprobs] == [prompter.tokenizer.decode([t]) for t in text_tokens]
+    assert bytes(int(b) for lp in out.logprobs for b in lp.bytes).decode("utf-8", "replace").strip() == out.text
+    verbose = client.audio.transcriptions.create(**ask, response_format="verbose_json")
+    segment = verbose.segments[0]
+    assert segment.tokens == text_tokens and segment.text == out.text
+    assert segment.avg_logprob == pytest.approx(sum(logprobs) / len(logprobs), abs=1e-3) and segment.avg_logprob < 0
+    raw = segment.text.encode()
+    assert segment.compression_ratio == pytest.approx(len(raw) / len(zlib.compress(raw))) and raw
+    assert segment.no_speech_prob == 0.0
+    # streamed: each delta carries its tokens' logprobs, the done event all of them
+    events = list(client.audio.transcriptions.create(**ask, include=["logprobs"], stream=True))
+    done = events[-1]
+    assert done.type == "transcript.text.done" and done.text == out.text
+    assert [lp.logprob for lp in done.logprobs] == pytest.approx([lp.logprob for lp in out.logprobs], abs=1e-5)
+    streamed = [lp for e in events if e.type == "transcript.text.delta" for lp in e.logprobs]
+    assert [lp.token for lp in streamed] == [lp.token for lp in done.logprobs]
+
+
+def test_transcript_start_is_after_the_language_header(server) -> None:
+    """The released vocabulary has `<asr_text>` as one token: the transcript starts after it. The scripted model's
+    vocabulary has a token that runs on past it (` English<asr_text>hello`): that token carries transcript text."""
+    random_asr, scripted = server.served["asr-random"].asr, server.served["asr"].asr
+    ids = random_asr.tokenizer.encode("language English<asr_text>hello there")
+    start = ids.index(random_asr.tokenizer.token_to_id("<asr_text>")) + 1
+    assert random_asr.transcript_start(ids, None) == start
+    assert random_asr.tokenizer.decode(ids[start:]) == "hello there"
+    assert random_asr.transcript_start(ids, "English") == 0  # the header was in the prompt: all answer is transcript
+    assert random_asr.transcript_start(ids[:start - 1], None) == 0  # no marker: all transcript, as parse reads it
+    piece = [t for t in range(scripted.tokenizer.backend.get_vocab_size())
+             if scripted.tokenizer.decode([t]).endswith("<asr_text>hello")]
+    assert len(piece) == 1 and scripted.transcript_start([5, piece[0], 7], None) == 1
+
+
+def test_segment_scores_count_the_end_token_but_not_the_header(server) -> None:
+    """whisper's avg_logprob averages the sampled tokens with the EOT that ended them (its language token is in the
+    prompt): here the header's tokens are left out and the eos counted, while `tokens` and include[]'s logprobs are
+    the transcript's alone. An answer cut by max_tokens has no end token to count."""
+    from qwenstack.audio.asr import SegmentPrompt
+    from qwenstack.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
+    from qwenstack.engine.params import SamplingParams
+    from qwenstack.engine.sequence import Logprob
+    from qwenstack.serving.logprobs import TokenTexts
+    from qwenstack.serving.transcriptions import TranscriptionRequest, _segment, _transcript_logprobs
+
+    served = server.served["asr-random"]
+    tok = served.tokenizer
+    header, text = tok.encode("language English<asr_text>"), tok.encode("hi there")
+    req = TranscriptionRequest(served, [SegmentPrompt(0.0, 2.0, None, [])], 2.0, None,  # type: ignore[arg-type]
+                               "verbose_json", False, [SamplingParams(temperature=0.0)], logprobs=True)
+    for ids, reason in ((header + text + [151645], "stop"), (header + text, "length")):
+        values = [-0.5 * (i + 1) for i in range(len(ids))]
+        comp = CompletionOutput(0, "", ids, finish_reason=reason,
+                                logprobs=[{t: Logprob(v, 1)} for t, v in zip(ids, values)])
+        final = RequestOutput("r", [], [comp], True, RequestMetrics(0.0, None, None, None, None, 0))
+        segment = _segment(req, 0, parse_asr_output("language English<asr_text>hi there"), final)
+        assert segment["tokens"] == text and segment["text"] == "hi there"
+        assert segment["avg_logprob"] == pytest.approx(sum(values[len(header):]) / len(values[len(header):]))
+        got = _transcript_logprobs(req, TokenTexts(tok), [final])
+        assert [lp["logprob"] for lp in got] == values[len(header):len(header) + len(text)]
+
+
+def test_logprobs_leave_out_the_language_header(client: openai.OpenAI, server) -> None:
+    """The detected language's header (`language English<asr_text>`) is sampled but is no transcript: its tokens are
+    in neither the logprobs nor a segment's tokens (but for the scripted vocabulary's token that runs on into the
+    transcript); `include=logprobs` without brackets is read too."""
+    import httpx
+
+    header_end = " English<asr_text>"  # the head of the one token that straddles the marker (test above)
+
+    def joined(logprobs) -> str:
+        return bytes(int(b) for lp in logprobs for b in lp["bytes"]).decode()
+
+    out = client.audio.transcriptions.create(file=("clip.wav", CLIP), model="asr", include=["logprobs"])
+    assert joined([lp.model_dump() for lp in out.logprobs]) == header_end + ANSWER
+    plain = httpx.post(f"{server.url}/v1/audio/transcriptions", files={"file": ("clip.wav", CLIP)},
+                       data={"model": "asr", "include": "logprobs"}).json()
+    assert plain["logprobs"] == [lp.model_dump() for lp in out.logprobs]
+    events = list(client.audio.transcriptions.create(file=("clip.wav", CLIP), model="asr", include=["logprobs"],
+                                                     stream=True))
+    deltas = [e for e in events if e.type == "transcript.text.delta"]
+    assert joined([lp.model_dump() for lp in deltas[0].logprobs]) == header_end + deltas[0].delta
+    assert all(joined([lp.model_dump() for lp in e.logprobs]) == e.delta for e in deltas[1:])
+    assert [lp.model_dump() for lp in events[-1].logprobs] == [lp.model_dump() for lp in out.logprobs]
+    verbose = client.audio.transcriptions.create(file=("clip.wav", CLIP), model="asr", response_format="verbose_json")
+    assert server.served["asr"].tokenizer.decode(verbose.segments[0].tokens) == header_end + ANSWER
+    assert verbose.segments[0].avg_logprob <= 0
+    plain_answer = client.audio.transcriptions.create(file=("clip.wav", CLIP), model="asr")
+    assert plain_answer.logprobs is None  # not asked for, not sent
+
+
+def test_include_refusals_name_the_param(client: openai.OpenAI) -> None:
+    """An unknown include value, or logprobs with a format that has no place for them (OpenAI: json only)."""
+    t = client.audio.transcriptions.create
+    for kwargs, message in (({"include": ["words"]}, "include takes 'logprobs'"),
+                            ({"response_format": "verbose_json"}, "needs response_format json"),
+                            ({"response_format": "text"}, "needs response_format json"),
+                            ({"response_format": "text", "stream": True}, "needs response_format json")):
+        with pytest.raises(openai.BadRequestError) as info:
+            t(file=("x.wav", CLIP), model="asr", **{"include": ["logprobs"], **kwargs})
+        body: Any = info.value.body
+        assert body["param"] == "include" and message in body["message"]
+
+
 def test_chat_with_input_audio_and_audio_url(client: openai.OpenAI) -> None:
     b64 = base64.b64encode(CLIP).decode()
     # Base64 as clients write it, accepted as for images: wrapped lines, padding stripped, the URL-safe alphabet.

@@ -306,3 +306,22 @@ def test_transcription_asks_omni_in_words(client: openai.OpenAI, server: Backgro
     events = list(stream)
     deltas = [e.delta for e in events if e.type == "transcript.text.delta"]
     assert "".join(deltas).strip() == text and (len(deltas) > 1 or len(text.split()) < 2)
+
+
+def test_transcription_logprobs_equal_chats_for_the_same_prompt(client: openai.OpenAI) -> None:
+    """include[]=logprobs on Omni (no language header: its whole answer is transcript) gives the logprobs chat gives
+    for the same words, bar chat's end token (no transcript text)."""
+    clip = wav_bytes(speechlike(1.0, seed=3))
+    out = client.audio.transcriptions.create(file=("clip.wav", clip), model="omni", temperature=0,
+                                             include=["logprobs"])
+    b64 = base64.b64encode(clip).decode()
+    chat = client.chat.completions.create(
+        model="omni", temperature=0, max_tokens=32 + 20, logprobs=True,
+        messages=[{"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": b64, "format": "wav"}},
+                                               {"type": "text", "text": "Transcribe the audio into text."}]}])
+    content = chat.choices[0].logprobs.content  # type: ignore[union-attr]
+    ended = chat.choices[0].finish_reason == "stop"
+    assert out.logprobs is not None and len(out.logprobs) == len(content) - ended > 0
+    assert [lp.token for lp in out.logprobs] == [c.token for c in content[:len(out.logprobs)]]
+    assert [lp.logprob for lp in out.logprobs] == pytest.approx([c.logprob for c in content[:len(out.logprobs)]],
+                                                                abs=1e-5)
