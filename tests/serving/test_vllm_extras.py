@@ -1,8 +1,10 @@
 """vLLM's request extras that RL and evaluation frameworks send through the `openai` SDK's extra_body:
 prompt_logprobs (checked against transformers' own log-softmax of the demo model), return_token_ids (streamed and
-not), allowed_token_ids, bad_words and truncate_prompt_tokens, on /v1/chat/completions and /v1/completions."""
+not), allowed_token_ids, bad_words and truncate_prompt_tokens, on /v1/chat/completions and /v1/completions; and
+lm-evaluation-harness's scoring request (echo with logprobs), whose scores are checked against the same reference."""
 from __future__ import annotations
 
+import functools
 import json
 from typing import Any, Iterator
 
@@ -33,13 +35,17 @@ def tokenizer() -> Tokenizer:
     return Tokenizer.from_dir(DEMO_MODEL_DIR)
 
 
-def reference_log_probs(ids: list[int]) -> torch.Tensor:
-    """transformers' log-softmax of the demo model's logits at each prompt position [T, V] (float32)."""
+@functools.cache
+def reference_model() -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(DEMO_MODEL_DIR, dtype=torch.float32)
+    return AutoModelForCausalLM.from_pretrained(DEMO_MODEL_DIR, dtype=torch.float32).eval()
+
+
+def reference_log_probs(ids: list[int]) -> torch.Tensor:
+    """transformers' log-softmax of the demo model's logits at each prompt position [T, V] (float32)."""
     with torch.no_grad():
-        logits = model(torch.tensor([ids])).logits[0]
+        logits = reference_model()(torch.tensor([ids])).logits[0]
     return torch.log_softmax(logits.float(), -1)
 
 
@@ -64,6 +70,47 @@ def test_completions_prompt_logprobs_match_transformers(client: openai.OpenAI, t
                                       extra_body={"prompt_logprobs": 3})
     choice = reply.model_dump()["choices"][0]
     check_against_reference(choice["prompt_logprobs"], tokenizer.encode(PROMPT), 3)
+
+
+def harness_scores(choices: list[dict[str, Any]], ctxlens: list[int], generated: int) -> list[tuple[float, bool]]:
+    """What lm-evaluation-harness (0.4.x, LocalCompletionsAPI.parse_logprobs) makes of a reply: the choices in index
+    order, each continuation's summed logprob past its context, and whether every token was the most likely one
+    (its logprob is the largest of top_logprobs); the `generated` tokens after the prompt are left out."""
+    scores = []
+    for choice, ctxlen in zip(sorted(choices, key=lambda c: c["index"]), ctxlens):
+        end = len(choice["logprobs"]["token_logprobs"]) - generated
+        lps, tops = (choice["logprobs"][k][ctxlen:end] for k in ("token_logprobs", "top_logprobs"))
+        scores.append((sum(lps), all(lp == max(top.values()) for lp, top in zip(lps, tops))))
+    return scores
+
+
+def reference_scores(ids: list[int], ctxlen: int) -> tuple[float, bool]:
+    rows = reference_log_probs(ids)
+    picked = [(rows[p - 1], ids[p]) for p in range(ctxlen, len(ids))]
+    return sum(row[t].item() for row, t in picked), all(int(row.argmax()) == t for row, t in picked)
+
+
+def test_lm_eval_loglikelihood_requests_score_as_transformers(client: openai.OpenAI, tokenizer: Tokenizer) -> None:
+    """The body lm-eval's local-completions sends for loglikelihood tasks with --batch_size 3 (token-id prompts,
+    echo, logprobs 1, max_tokens 1, seed), and max_tokens 0 (older harnesses, OpenAI's legacy scoring): each
+    continuation's score and greediness equal transformers' float32 ones, and the choices come in prompt order."""
+    context = tokenizer.encode("ROMEO: But soft, what light")
+    greedy = list(context)
+    for _ in range(4):  # the model's own continuation: greedy by construction
+        greedy.append(int(reference_log_probs(greedy)[-1].argmax()))
+    rolling = [tokenizer.token_to_id("<|im_end|>")] + tokenizer.encode("JULIET: O Romeo! wherefore — café")
+    prompts = [context + tokenizer.encode(" through yonder window breaks?"), rolling, greedy]
+    ctxlens = [len(context), 1, len(context)]  # a loglikelihood_rolling window scores all but its prefix token
+    expected = [reference_scores(ids, n) for ids, n in zip(prompts, ctxlens)]
+    assert [g for _, g in expected] == [False, False, True]
+    for max_tokens in (1, 0):
+        reply = client.completions.create(model="demo", prompt=prompts, temperature=0, max_tokens=max_tokens,
+                                          logprobs=1, seed=1234, echo=True).model_dump()
+        assert [c["index"] for c in reply["choices"]] == [0, 1, 2]
+        assert [len(c["logprobs"]["tokens"]) for c in reply["choices"]] == [len(p) + max_tokens for p in prompts]
+        got = harness_scores(reply["choices"], ctxlens, max_tokens)
+        assert [g for _, g in got] == [g for _, g in expected]
+        assert [s for s, _ in got] == pytest.approx([s for s, _ in expected], abs=1e-3)
 
 
 def test_chat_prompt_logprobs_are_the_rendered_prompts(client: openai.OpenAI) -> None:
