@@ -38,8 +38,8 @@ Decisions:
   constrained part. This is how vLLM applies grammars after reasoning, and it lets a thinking budget force
   "\\n</think>\\n\\n" through the grammar.
 - A regex must match the whole answer (vLLM's guided_regex; `^` and `$` around it change nothing); a choice is
-  one of its strings exactly; a grammar is Lark (llguidance's dialect) or GBNF (llama.cpp's), told apart by
-  llguidance's converter, with `start` (Lark) or `root` (GBNF) the answer.
+  one of its strings exactly; a grammar is Lark (llguidance's dialect) or GBNF (llama.cpp's), GBNF when a rule
+  is defined with `::=` (vLLM's test), with `start` (Lark) or `root` (GBNF) the answer.
 - Invalid schemas, patterns, grammars, tools or tool choices raise StructuredOutputError (a RequestError, so a
   ValueError: HTTP 400).
 """
@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import threading
 import weakref
 from collections import OrderedDict
@@ -430,6 +431,28 @@ def _check_regex(pattern: str) -> None:
         raise StructuredOutputError(f"invalid regex {pattern!r}: {reasons[0] if reasons else _clean_message(error)}")
 
 
+def _is_gbnf(grammar: str) -> bool:
+    """Whether a grammar is GBNF (llama.cpp's) rather than Lark: a rule defined with `::=`, as vLLM tells them
+    apart. llguidance's own test looks for a `start:` line only, so Lark's `?start:` (an inlined start rule, as
+    outlines' CFG examples write it) went to the GBNF converter and came back a 400."""
+    from llguidance.gbnf_to_lark import is_lark_syntax
+
+    rules = (re.sub(r"(#|//).*$", "", line) for line in grammar.splitlines())
+    return not is_lark_syntax(grammar) and any("::=" in rule for rule in rules)
+
+
+def _as_lark(grammar: str) -> str:
+    """A Lark or GBNF grammar as Lark, or StructuredOutputError."""
+    if not _is_gbnf(grammar):
+        return grammar
+    from llguidance.gbnf_to_lark import gbnf_to_lark
+
+    try:
+        return gbnf_to_lark(grammar)
+    except Exception as exc:  # the converter raises its own error types, and IndexError on some inputs
+        raise StructuredOutputError(f"invalid grammar: {_clean_message(exc)}") from None
+
+
 def _answer_grammar(fmt: AnswerFormat, whitespace_pattern: str | None) -> dict[str, Any]:
     """The `answer` sub-grammar of a format: a JSON schema or a Lark grammar."""
     if fmt.kind in ("json_object", "json_schema"):
@@ -447,13 +470,7 @@ def _answer_grammar(fmt: AnswerFormat, whitespace_pattern: str | None) -> dict[s
     if fmt.kind == "grammar":
         if not isinstance(fmt.spec, str) or not fmt.spec.strip():
             raise StructuredOutputError("a grammar constraint must be a non-empty Lark or GBNF grammar")
-        from llguidance.gbnf_to_lark import any_to_lark
-
-        try:
-            lark = any_to_lark(fmt.spec)
-        except Exception as exc:  # the converter raises its own error types, and IndexError on some inputs
-            raise StructuredOutputError(f"invalid grammar: {_clean_message(exc)}") from None
-        return {"lark_grammar": lark}
+        return {"lark_grammar": _as_lark(fmt.spec)}
     raise StructuredOutputError(f"unknown structured output kind {fmt.kind!r}")
 
 

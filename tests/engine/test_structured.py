@@ -286,7 +286,8 @@ def test_regex_choice_and_grammar_paths(tokenizer: Tokenizer) -> None:
     # A grammar in GBNF (llama.cpp's, root) or Lark (start): the same language.
     gbnf = 'root ::= "ab" | "cd" digit+\ndigit ::= [0-9]'
     lark = 'start: "ab" | "cd" DIGITS\nDIGITS: /[0-9]+/'
-    for grammar in (gbnf, lark):
+    inlined = '?start: pair\n?pair: "ab" | "cd" DIGITS  // Lark\'s inlined rules, no `start:` line\nDIGITS: /[0-9]+/'
+    for grammar in (gbnf, lark, inlined):
         for text in ("ab", "cd1", "cd42"):
             assert accepts(answer(tokenizer, "grammar", grammar), tokenizer, text), (grammar, text)
         for bad in ("abcd", "cd", "cdx", "ab1"):

@@ -25,6 +25,9 @@ REGEX = "[0-9]{3}-[a-z]{2}"
 CHOICES = ["Verona", "Mantua", "Padua"]
 GBNF = 'root ::= "To " verb " or not to " verb\nverb ::= "be" | "sing"'
 LARK = 'start: "To " VERB " or not to " VERB\nVERB: "be" | "sing"'
+# Lark as outlines' CFG type sends it (vLLM server backend, structured_outputs.grammar): `?start` inlines the start
+# rule, with a common terminal imported; no `start:` line for a test that looks for one to find.
+LARK_INLINED = '\n?start: sentence\n?sentence: "To " verb " or not to " verb\nverb: "be" | "sing"\n%import common.WS\n'
 NO_THINKING = {"chat_template_kwargs": {"enable_thinking": False}}
 
 
@@ -54,6 +57,7 @@ SPELLINGS = [  # (what the request adds, which check its answer passes)
     ({"guided_regex": REGEX}, "regex"),
     ({"guided_choice": CHOICES}, "choice"),
     ({"guided_grammar": LARK}, "grammar"),
+    ({"structured_outputs": {"grammar": LARK_INLINED}}, "grammar"),
     ({"grammar": GBNF}, "grammar"),  # llama.cpp
     ({"json_schema": SCHEMA}, "json"),  # llama.cpp
 ]
