@@ -474,19 +474,30 @@ def _answer_grammar(fmt: AnswerFormat, whitespace_pattern: str | None) -> dict[s
     raise StructuredOutputError(f"unknown structured output kind {fmt.kind!r}")
 
 
+def _checked_answer(cache: _GrammarCache, fmt: AnswerFormat, whitespace_pattern: str | None) -> dict[str, Any]:
+    """_answer_grammar, a Lark one first compiled on its own, where a think block cannot hide its first token."""
+    answer = _answer_grammar(fmt, whitespace_pattern)
+    if "lark_grammar" in answer:
+        cache.compile(json.dumps({"grammars": [answer]}), _what(fmt))
+    return answer
+
+
+def _what(fmt: AnswerFormat) -> str:
+    """How errors name a format's grammar."""
+    return "schema" if fmt.kind.startswith("json") else fmt.kind
+
+
 def make_answer_processor(tokenizer: Tokenizer, fmt: AnswerFormat, *, thinking: bool = False,
                           starts_in_reasoning: bool = False, whitespace_pattern: str | None = None) -> LogitsProcessor:
     """A per-sequence processor that makes the output an answer of `fmt`, then eos. With thinking, a leading
     think block is allowed first (see the module notes)."""
     cache = _cache_for(tokenizer)
-    what = "schema" if fmt.kind.startswith("json") else fmt.kind
+    what = _what(fmt)
     key = json.dumps([fmt.kind, fmt.spec, thinking, starts_in_reasoning, whitespace_pattern], sort_keys=True)
 
     def grammar_fn() -> str:
-        answer = _answer_grammar(fmt, whitespace_pattern)
-        if "lark_grammar" in answer:  # checked on its own, where a think block cannot hide its first token
-            cache.compile(json.dumps({"grammars": [answer]}), what)
         opening, rules = _think_rules(thinking, starts_in_reasoning)
+        answer = _checked_answer(cache, fmt, whitespace_pattern)
         return _top_level(f"start: {opening}@answer\n{rules}", {"answer": answer})
 
     description = "response_format" if what == "schema" else f"{fmt.kind} constraint"
@@ -551,14 +562,47 @@ def make_tool_call_processor(tokenizer: Tokenizer, tools: Sequence[Mapping[str, 
                       starts_in_reasoning, whitespace_pattern], sort_keys=True)
 
     def grammar_fn() -> str:
-        schemas = {f"arguments_{i}": {"json_schema": _checked_schema(_strict_schema(functions[n]), whitespace_pattern)}
-                   for i, n in enumerate(names)}
+        lark, schemas = _call_rules(functions, names, parallel_tool_calls, whitespace_pattern)
         opening, rules = _think_rules(thinking, starts_in_reasoning)
-        calls = "call (\"\\n\" call)*" if parallel_tool_calls else "call"
-        lark = [f"start: {opening}{calls}", "call: " + " | ".join(f"call_{i}" for i in range(len(names)))]
-        for i, name in enumerate(names):
-            begin = TOOL_CALL_PREFIX + json.dumps(name, ensure_ascii=False) + TOOL_CALL_ARGUMENTS
-            lark.append(f"call_{i}: {_lark_string(begin)} @arguments_{i} {_lark_string(TOOL_CALL_SUFFIX)}")
-        return _top_level("\n".join(lark) + "\n" + rules, schemas)
+        return _top_level(f"start: {opening}calls\n{lark}{rules}", schemas)
 
     return GrammarLogitsProcessor(cache.get(key, grammar_fn), cache, "tool call")
+
+
+def make_tool_call_or_answer_processor(tokenizer: Tokenizer, tools: Sequence[Mapping[str, Any]], fmt: AnswerFormat,
+                                       *, parallel_tool_calls: bool = False, thinking: bool = False,
+                                       starts_in_reasoning: bool = False,
+                                       whitespace_pattern: str | None = None) -> LogitsProcessor:
+    """tool_choice "auto" with an answer format (response_format and tools in one request): the output is either
+    tool calls of any of the tools (as make_tool_call_processor) or an answer of `fmt` (as make_answer_processor),
+    as OpenAI's API lets the model choose; the format binds the answer, not whether there is one. The format alone
+    would rule every call out (vLLM's behaviour, its issue 39929: DSPy's JSONAdapter with tools and the Agents
+    SDK's output_type with tools send both). Arguments are held to their tool's schema, as in a forced call."""
+    functions = _tool_functions(tools)
+    names = list(functions)
+    cache = _cache_for(tokenizer)
+    key = json.dumps(["tools|answer", [[n, functions[n]] for n in names], fmt.kind, fmt.spec, parallel_tool_calls,
+                      thinking, starts_in_reasoning, whitespace_pattern], sort_keys=True)
+
+    def grammar_fn() -> str:
+        lark, schemas = _call_rules(functions, names, parallel_tool_calls, whitespace_pattern)
+        schemas["answer"] = _checked_answer(cache, fmt, whitespace_pattern)
+        opening, rules = _think_rules(thinking, starts_in_reasoning)
+        return _top_level(f"start: {opening}(calls | @answer)\n{lark}{rules}", schemas)
+
+    return GrammarLogitsProcessor(cache.get(key, grammar_fn, _what(fmt)), cache, "tool call or answer")
+
+
+def _call_rules(functions: Mapping[str, Any], names: Sequence[str], parallel_tool_calls: bool,
+                whitespace_pattern: str | None) -> tuple[str, dict[str, Any]]:
+    """The Lark rules of `calls` (one Qwen3 tool call of one of `names`, or with parallel_tool_calls one or more
+    separated by a newline), and the arguments' schemas they reference."""
+    schemas: dict[str, Any] = {
+        f"arguments_{i}": {"json_schema": _checked_schema(_strict_schema(functions[n]), whitespace_pattern)}
+        for i, n in enumerate(names)}
+    calls = "call (\"\\n\" call)*" if parallel_tool_calls else "call"
+    lark = [f"calls: {calls}", "call: " + " | ".join(f"call_{i}" for i in range(len(names)))]
+    for i, name in enumerate(names):
+        begin = TOOL_CALL_PREFIX + json.dumps(name, ensure_ascii=False) + TOOL_CALL_ARGUMENTS
+        lark.append(f"call_{i}: {_lark_string(begin)} @arguments_{i} {_lark_string(TOOL_CALL_SUFFIX)}")
+    return "\n".join(lark) + "\n", schemas

@@ -17,6 +17,7 @@ from qwenstack.engine import grammar as structured
 from qwenstack.serving.parsers import parse_chat_output
 from qwenstack.engine.grammar import (
     AnswerFormat, StructuredOutputError, make_answer_processor, make_json_processor, make_tool_call_processor,
+    make_tool_call_or_answer_processor,
 )
 from qwenstack.tokenizer import Tokenizer
 
@@ -122,6 +123,25 @@ def test_tool_call_paths(tokenizer: Tokenizer) -> None:
     assert accepts(make_tool_call_processor(tokenizer, TOOLS, "required", parallel_tool_calls=True), tokenizer, both)
     assert accepts(make_tool_call_processor(tokenizer, TOOLS, named, thinking=True), tokenizer,
                    "<think>\nweather\n</think>\n\n" + weather)
+
+
+def test_tool_calls_or_an_answer_in_the_format(tokenizer: Tokenizer) -> None:
+    """tool_choice auto with a response_format (OpenAI lets the model choose): calls to any tool, or the answer."""
+    weather = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+    time_call = '<tool_call>\n{"name": "get_time", "arguments": {}}\n</tool_call>'
+    answer = '{"name": "Ada", "age": 36, "color": "green"}'
+
+    def either(**options: Any) -> Any:
+        return make_tool_call_or_answer_processor(tokenizer, TOOLS, AnswerFormat("json_schema", PERSON), **options)
+
+    for text in (weather, time_call, answer):
+        assert accepts(either(), tokenizer, text), text
+    for bad in ("Hello", weather.replace('"Paris"', "3"), '{"name": "Ada"}', weather + "\n" + answer,
+                weather + "\n" + time_call):
+        assert not accepts(either(), tokenizer, bad), bad
+    assert accepts(either(parallel_tool_calls=True), tokenizer, weather + "\n" + time_call)
+    assert accepts(either(thinking=True), tokenizer, "<think>\nhm\n</think>\n\n" + answer)
+    assert accepts(either(thinking=True), tokenizer, "<think>\nhm\n</think>\n\n" + weather)
 
 
 def test_schema_strictness_and_strings(tokenizer: Tokenizer) -> None:
