@@ -523,12 +523,26 @@ def _tool_functions(tools: Sequence[Mapping[str, Any]] | None) -> dict[str, Any]
         if not isinstance(fn, Mapping) or not isinstance(fn.get("name"), str) or not fn["name"]:
             raise StructuredOutputError(f"tools[{i}] must be {{'type': 'function', 'function': {{'name': ...}}}}")
         params = fn.get("parameters")
-        if params is None:
+        if params is None or params is True:
             params = {"type": "object"}
         if not isinstance(params, (Mapping, bool)):
             raise StructuredOutputError(f"tools[{i}].function.parameters must be a JSON Schema object")
-        functions[fn["name"]] = params
+        functions[fn["name"]] = _object_schema(params, f"tools[{i}].function.parameters")
     return functions
+
+
+def _object_schema(params: Any, where: str) -> Any:
+    """A tool's arguments are a JSON object (OpenAI's `arguments`, Qwen3's "arguments"), whatever the schema
+    leaves open: `{}` admitted any value, and a forced call's arguments came back a JSON string, which clients
+    cannot splat into a function. A schema typed otherwise is a 400, as OpenAI's API answers it."""
+    if not isinstance(params, Mapping):
+        return params
+    kind = params.get("type")
+    if kind is None:
+        return {"type": "object", **params}
+    if kind == "object" or (isinstance(kind, list) and "object" in kind):
+        return params
+    raise StructuredOutputError(f"{where} must be a schema of type 'object', got type {kind!r}")
 
 
 def _chosen_names(functions: Mapping[str, Any], tool_choice: Any) -> list[str]:
@@ -597,9 +611,13 @@ def _call_rules(functions: Mapping[str, Any], names: Sequence[str], parallel_too
                 whitespace_pattern: str | None) -> tuple[str, dict[str, Any]]:
     """The Lark rules of `calls` (one Qwen3 tool call of one of `names`, or with parallel_tool_calls one or more
     separated by a newline), and the arguments' schemas they reference."""
-    schemas: dict[str, Any] = {
-        f"arguments_{i}": {"json_schema": _checked_schema(_strict_schema(functions[n]), whitespace_pattern)}
-        for i, n in enumerate(names)}
+    schemas: dict[str, Any] = {}
+    for i, name in enumerate(names):
+        try:
+            schemas[f"arguments_{i}"] = {"json_schema": _checked_schema(_strict_schema(functions[name]),
+                                                                        whitespace_pattern)}
+        except StructuredOutputError as exc:  # say which tool's: the request may have many
+            raise StructuredOutputError(f"function {name!r}: {exc}") from None
     calls = "call (\"\\n\" call)*" if parallel_tool_calls else "call"
     lark = [f"calls: {calls}", "call: " + " | ".join(f"call_{i}" for i in range(len(names)))]
     for i, name in enumerate(names):

@@ -123,6 +123,14 @@ def test_tool_call_paths(tokenizer: Tokenizer) -> None:
     assert accepts(make_tool_call_processor(tokenizer, TOOLS, "required", parallel_tool_calls=True), tokenizer, both)
     assert accepts(make_tool_call_processor(tokenizer, TOOLS, named, thinking=True), tokenizer,
                    "<think>\nweather\n</think>\n\n" + weather)
+    # Arguments are an object even where the schema says nothing (`{}`, `true`): a forced call's arguments
+    # were any JSON value, a string among them.
+    for params in ({}, True, {"description": "no arguments"}):
+        open_tool = [{"type": "function", "function": {"name": "ping", "parameters": params}}]
+        call = '<tool_call>\n{"name": "ping", "arguments": %s}\n</tool_call>'
+        assert accepts(make_tool_call_processor(tokenizer, open_tool, "required"), tokenizer, call % '{"a": 1}')
+        for bad in ('"hello"', "[1]", "3"):
+            assert not accepts(make_tool_call_processor(tokenizer, open_tool, "required"), tokenizer, call % bad)
 
 
 def test_tool_calls_or_an_answer_in_the_format(tokenizer: Tokenizer) -> None:
@@ -198,6 +206,10 @@ def test_invalid_response_formats_are_request_errors(tokenizer: Tokenizer, respo
     ([], "required", "non-empty tools"),
     ([{"type": "function"}], "required", r"tools\[0\]"),
     ([{"type": "function", "function": {"name": "f", "parameters": {"type": "bogus"}}}], "required", "bogus"),
+    ([{"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}], "required",
+     r"tools\[0\]\.function\.parameters must be a schema of type 'object', got type 'string'"),
+    ([{"type": "function", "function": {"name": "f", "parameters": {"properties": {"x": {"type": "any"}}}}}],
+     "required", "function 'f': invalid schema: .*any"),  # which of the tools
 ])
 def test_invalid_tool_choices_are_request_errors(tokenizer: Tokenizer, tools: list, tool_choice: Any,
                                                  message: str) -> None:

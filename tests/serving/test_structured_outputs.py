@@ -193,3 +193,26 @@ def test_auto_tools_with_a_format_may_call_or_answer(client: openai.OpenAI, stre
     assert all(json.loads(a)["city"] in ("Paris", "Rome") for a in calls), calls
     content, calls, finish = _call_or_answer(client, stream, **kwargs)
     assert not calls and finish == "stop" and json.loads(content)["answer"] in ("four", "five"), content
+
+
+@pytest.mark.parametrize("parameters", [{}, {"description": "no arguments"}])
+def test_a_forced_call_to_a_tool_with_an_open_schema_has_object_arguments(client: openai.OpenAI,
+                                                                          parameters: dict) -> None:
+    """A parameters schema that leaves the type open admitted any JSON value: the demo model's forced call came
+    back with a string for arguments, which a client cannot splat into its function."""
+    tool = {"type": "function", "function": {"name": "ping", "parameters": parameters}}
+    for seed in range(3):
+        choice = client.chat.completions.create(
+            model="demo", messages=[{"role": "user", "content": "Ping."}], tools=[tool], tool_choice="required",
+            parallel_tool_calls=False, max_tokens=60, seed=seed, extra_body=NO_THINKING).choices[0]
+        (call,) = choice.message.tool_calls
+        assert call.function.arguments.startswith("{"), call.function.arguments
+        if choice.finish_reason == "tool_calls":
+            assert isinstance(json.loads(call.function.arguments), dict)
+
+
+def test_a_tool_schema_of_another_type_is_a_400_naming_it(client: openai.OpenAI) -> None:
+    tool = {"type": "function", "function": {"name": "ping", "parameters": {"type": "string"}}}
+    with pytest.raises(openai.BadRequestError, match="must be a schema of type 'object'"):
+        client.chat.completions.create(model="demo", messages=[{"role": "user", "content": "Ping."}], tools=[tool],
+                                       tool_choice="required", max_tokens=5)
