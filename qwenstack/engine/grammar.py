@@ -38,8 +38,8 @@ Decisions:
   constrained part. This is how vLLM applies grammars after reasoning, and it lets a thinking budget force
   "\\n</think>\\n\\n" through the grammar.
 - A regex must match the whole answer (vLLM's guided_regex; `^` and `$` around it change nothing); a choice is
-  one of its strings exactly; a grammar is Lark (llguidance's dialect) or GBNF (llama.cpp's), told apart by
-  llguidance's converter, with `start` (Lark) or `root` (GBNF) the answer.
+  one of its strings exactly; a grammar is Lark (llguidance's dialect) or GBNF (llama.cpp's), GBNF when a rule
+  is defined with `::=` (vLLM's test), with `start` (Lark) or `root` (GBNF) the answer.
 - Invalid schemas, patterns, grammars, tools or tool choices raise StructuredOutputError (a RequestError, so a
   ValueError: HTTP 400).
 """
@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import threading
 import weakref
 from collections import OrderedDict
@@ -430,6 +431,28 @@ def _check_regex(pattern: str) -> None:
         raise StructuredOutputError(f"invalid regex {pattern!r}: {reasons[0] if reasons else _clean_message(error)}")
 
 
+def _is_gbnf(grammar: str) -> bool:
+    """Whether a grammar is GBNF (llama.cpp's) rather than Lark: a rule defined with `::=`, as vLLM tells them
+    apart. llguidance's own test looks for a `start:` line only, so Lark's `?start:` (an inlined start rule, as
+    outlines' CFG examples write it) went to the GBNF converter and came back a 400."""
+    from llguidance.gbnf_to_lark import is_lark_syntax
+
+    rules = (re.sub(r"(#|//).*$", "", line) for line in grammar.splitlines())
+    return not is_lark_syntax(grammar) and any("::=" in rule for rule in rules)
+
+
+def _as_lark(grammar: str) -> str:
+    """A Lark or GBNF grammar as Lark, or StructuredOutputError."""
+    if not _is_gbnf(grammar):
+        return grammar
+    from llguidance.gbnf_to_lark import gbnf_to_lark
+
+    try:
+        return gbnf_to_lark(grammar)
+    except Exception as exc:  # the converter raises its own error types, and IndexError on some inputs
+        raise StructuredOutputError(f"invalid grammar: {_clean_message(exc)}") from None
+
+
 def _answer_grammar(fmt: AnswerFormat, whitespace_pattern: str | None) -> dict[str, Any]:
     """The `answer` sub-grammar of a format: a JSON schema or a Lark grammar."""
     if fmt.kind in ("json_object", "json_schema"):
@@ -447,14 +470,21 @@ def _answer_grammar(fmt: AnswerFormat, whitespace_pattern: str | None) -> dict[s
     if fmt.kind == "grammar":
         if not isinstance(fmt.spec, str) or not fmt.spec.strip():
             raise StructuredOutputError("a grammar constraint must be a non-empty Lark or GBNF grammar")
-        from llguidance.gbnf_to_lark import any_to_lark
-
-        try:
-            lark = any_to_lark(fmt.spec)
-        except Exception as exc:  # the converter raises its own error types, and IndexError on some inputs
-            raise StructuredOutputError(f"invalid grammar: {_clean_message(exc)}") from None
-        return {"lark_grammar": lark}
+        return {"lark_grammar": _as_lark(fmt.spec)}
     raise StructuredOutputError(f"unknown structured output kind {fmt.kind!r}")
+
+
+def _checked_answer(cache: _GrammarCache, fmt: AnswerFormat, whitespace_pattern: str | None) -> dict[str, Any]:
+    """_answer_grammar, a Lark one first compiled on its own, where a think block cannot hide its first token."""
+    answer = _answer_grammar(fmt, whitespace_pattern)
+    if "lark_grammar" in answer:
+        cache.compile(json.dumps({"grammars": [answer]}), _what(fmt))
+    return answer
+
+
+def _what(fmt: AnswerFormat) -> str:
+    """How errors name a format's grammar."""
+    return "schema" if fmt.kind.startswith("json") else fmt.kind
 
 
 def make_answer_processor(tokenizer: Tokenizer, fmt: AnswerFormat, *, thinking: bool = False,
@@ -462,14 +492,12 @@ def make_answer_processor(tokenizer: Tokenizer, fmt: AnswerFormat, *, thinking: 
     """A per-sequence processor that makes the output an answer of `fmt`, then eos. With thinking, a leading
     think block is allowed first (see the module notes)."""
     cache = _cache_for(tokenizer)
-    what = "schema" if fmt.kind.startswith("json") else fmt.kind
+    what = _what(fmt)
     key = json.dumps([fmt.kind, fmt.spec, thinking, starts_in_reasoning, whitespace_pattern], sort_keys=True)
 
     def grammar_fn() -> str:
-        answer = _answer_grammar(fmt, whitespace_pattern)
-        if "lark_grammar" in answer:  # checked on its own, where a think block cannot hide its first token
-            cache.compile(json.dumps({"grammars": [answer]}), what)
         opening, rules = _think_rules(thinking, starts_in_reasoning)
+        answer = _checked_answer(cache, fmt, whitespace_pattern)
         return _top_level(f"start: {opening}@answer\n{rules}", {"answer": answer})
 
     description = "response_format" if what == "schema" else f"{fmt.kind} constraint"
@@ -495,12 +523,26 @@ def _tool_functions(tools: Sequence[Mapping[str, Any]] | None) -> dict[str, Any]
         if not isinstance(fn, Mapping) or not isinstance(fn.get("name"), str) or not fn["name"]:
             raise StructuredOutputError(f"tools[{i}] must be {{'type': 'function', 'function': {{'name': ...}}}}")
         params = fn.get("parameters")
-        if params is None:
+        if params is None or params is True:
             params = {"type": "object"}
         if not isinstance(params, (Mapping, bool)):
             raise StructuredOutputError(f"tools[{i}].function.parameters must be a JSON Schema object")
-        functions[fn["name"]] = params
+        functions[fn["name"]] = _object_schema(params, f"tools[{i}].function.parameters")
     return functions
+
+
+def _object_schema(params: Any, where: str) -> Any:
+    """A tool's arguments are a JSON object (OpenAI's `arguments`, Qwen3's "arguments"), whatever the schema
+    leaves open: `{}` admitted any value, and a forced call's arguments came back a JSON string, which clients
+    cannot splat into a function. A schema typed otherwise is a 400, as OpenAI's API answers it."""
+    if not isinstance(params, Mapping):
+        return params
+    kind = params.get("type")
+    if kind is None:
+        return {"type": "object", **params}
+    if kind == "object" or (isinstance(kind, list) and "object" in kind):
+        return params
+    raise StructuredOutputError(f"{where} must be a schema of type 'object', got type {kind!r}")
 
 
 def _chosen_names(functions: Mapping[str, Any], tool_choice: Any) -> list[str]:
@@ -534,14 +576,51 @@ def make_tool_call_processor(tokenizer: Tokenizer, tools: Sequence[Mapping[str, 
                       starts_in_reasoning, whitespace_pattern], sort_keys=True)
 
     def grammar_fn() -> str:
-        schemas = {f"arguments_{i}": {"json_schema": _checked_schema(_strict_schema(functions[n]), whitespace_pattern)}
-                   for i, n in enumerate(names)}
+        lark, schemas = _call_rules(functions, names, parallel_tool_calls, whitespace_pattern)
         opening, rules = _think_rules(thinking, starts_in_reasoning)
-        calls = "call (\"\\n\" call)*" if parallel_tool_calls else "call"
-        lark = [f"start: {opening}{calls}", "call: " + " | ".join(f"call_{i}" for i in range(len(names)))]
-        for i, name in enumerate(names):
-            begin = TOOL_CALL_PREFIX + json.dumps(name, ensure_ascii=False) + TOOL_CALL_ARGUMENTS
-            lark.append(f"call_{i}: {_lark_string(begin)} @arguments_{i} {_lark_string(TOOL_CALL_SUFFIX)}")
-        return _top_level("\n".join(lark) + "\n" + rules, schemas)
+        return _top_level(f"start: {opening}calls\n{lark}{rules}", schemas)
 
     return GrammarLogitsProcessor(cache.get(key, grammar_fn), cache, "tool call")
+
+
+def make_tool_call_or_answer_processor(tokenizer: Tokenizer, tools: Sequence[Mapping[str, Any]], fmt: AnswerFormat,
+                                       *, parallel_tool_calls: bool = False, thinking: bool = False,
+                                       starts_in_reasoning: bool = False,
+                                       whitespace_pattern: str | None = None) -> LogitsProcessor:
+    """tool_choice "auto" with an answer format (response_format and tools in one request): the output is either
+    tool calls of any of the tools (as make_tool_call_processor) or an answer of `fmt` (as make_answer_processor),
+    as OpenAI's API lets the model choose; the format binds the answer, not whether there is one. The format alone
+    would rule every call out (vLLM's behaviour, its issue 39929: DSPy's JSONAdapter with tools and the Agents
+    SDK's output_type with tools send both). Arguments are held to their tool's schema, as in a forced call."""
+    functions = _tool_functions(tools)
+    names = list(functions)
+    cache = _cache_for(tokenizer)
+    key = json.dumps(["tools|answer", [[n, functions[n]] for n in names], fmt.kind, fmt.spec, parallel_tool_calls,
+                      thinking, starts_in_reasoning, whitespace_pattern], sort_keys=True)
+
+    def grammar_fn() -> str:
+        lark, schemas = _call_rules(functions, names, parallel_tool_calls, whitespace_pattern)
+        schemas["answer"] = _checked_answer(cache, fmt, whitespace_pattern)
+        opening, rules = _think_rules(thinking, starts_in_reasoning)
+        return _top_level(f"start: {opening}(calls | @answer)\n{lark}{rules}", schemas)
+
+    return GrammarLogitsProcessor(cache.get(key, grammar_fn, _what(fmt)), cache, "tool call or answer")
+
+
+def _call_rules(functions: Mapping[str, Any], names: Sequence[str], parallel_tool_calls: bool,
+                whitespace_pattern: str | None) -> tuple[str, dict[str, Any]]:
+    """The Lark rules of `calls` (one Qwen3 tool call of one of `names`, or with parallel_tool_calls one or more
+    separated by a newline), and the arguments' schemas they reference."""
+    schemas: dict[str, Any] = {}
+    for i, name in enumerate(names):
+        try:
+            schemas[f"arguments_{i}"] = {"json_schema": _checked_schema(_strict_schema(functions[name]),
+                                                                        whitespace_pattern)}
+        except StructuredOutputError as exc:  # say which tool's: the request may have many
+            raise StructuredOutputError(f"function {name!r}: {exc}") from None
+    calls = "call (\"\\n\" call)*" if parallel_tool_calls else "call"
+    lark = [f"calls: {calls}", "call: " + " | ".join(f"call_{i}" for i in range(len(names)))]
+    for i, name in enumerate(names):
+        begin = TOOL_CALL_PREFIX + json.dumps(name, ensure_ascii=False) + TOOL_CALL_ARGUMENTS
+        lark.append(f"call_{i}: {_lark_string(begin)} @arguments_{i} {_lark_string(TOOL_CALL_SUFFIX)}")
+    return "\n".join(lark) + "\n", schemas

@@ -11,7 +11,9 @@ Decisions:
 - The answer's format comes in any of the spellings clients send (protocol._SamplingFields): OpenAI's
   response_format, vLLM's structured_outputs and guided_* fields, llama.cpp's grammar and json_schema. A
   request names one; two (even equal ones) are a 400, as in vLLM, rather than a silent pick. A forced tool call
-  wins over the answer's format, which then applies to nothing (the output is the call).
+  wins over the answer's format, which then applies to nothing (the output is the call). With tool_choice auto
+  and a format, the output is tool calls or an answer in the format, as OpenAI's API lets the model choose
+  (vLLM's format rules the calls out).
 - Order matters: the budget first (it may force `</think>`), the grammar second (its grammar allows the
   forced close).
 - The engine gives each of a request's n samples the same processor objects, and these processors keep
@@ -156,14 +158,21 @@ def build_processors(tokenizer: Tokenizer, request: ChatCompletionRequest, phase
         processors.append(PerSequence(lambda: thinking.make_thinking_budget_processor(
             tokenizer, budget, phase.starts_in_reasoning)))
     answer = answer_processors(tokenizer, request, phase)  # validated even when a forced tool call wins
-    if tools and forces_tool_call(request):
-        structured = _structured()
+    structured = _structured() if tools and (answer or forces_tool_call(request)) else None
+    options = {"parallel_tool_calls": request.parallel_tool_calls is not False,  # OpenAI's default is true
+               "thinking": phase.thinking, "starts_in_reasoning": phase.starts_in_reasoning,
+               "whitespace_pattern": _whitespace_pattern(request)}
+    if structured is not None and forces_tool_call(request):
         choice = request.tool_choice
         choice_value = choice.model_dump() if isinstance(choice, NamedToolChoice) else choice
-        parallel = request.parallel_tool_calls is not False  # OpenAI's default is true
         processors.append(PerSequence(lambda: structured.make_tool_call_processor(
-            tokenizer, tools, choice_value, parallel_tool_calls=parallel, thinking=phase.thinking,
-            starts_in_reasoning=phase.starts_in_reasoning, whitespace_pattern=_whitespace_pattern(request))))
+            tokenizer, tools, choice_value, **options)))
+    elif structured is not None:  # tool_choice auto with a format: calls, or an answer in the format
+        constraint = _answer_constraint(request)
+        assert constraint is not None  # `answer` holds its processor
+        fmt = constraint[1]
+        processors.append(PerSequence(lambda: structured.make_tool_call_or_answer_processor(
+            tokenizer, tools, fmt, **options)))
     else:
         processors += answer
     return processors

@@ -17,6 +17,7 @@ from qwenstack.engine import grammar as structured
 from qwenstack.serving.parsers import parse_chat_output
 from qwenstack.engine.grammar import (
     AnswerFormat, StructuredOutputError, make_answer_processor, make_json_processor, make_tool_call_processor,
+    make_tool_call_or_answer_processor,
 )
 from qwenstack.tokenizer import Tokenizer
 
@@ -122,6 +123,33 @@ def test_tool_call_paths(tokenizer: Tokenizer) -> None:
     assert accepts(make_tool_call_processor(tokenizer, TOOLS, "required", parallel_tool_calls=True), tokenizer, both)
     assert accepts(make_tool_call_processor(tokenizer, TOOLS, named, thinking=True), tokenizer,
                    "<think>\nweather\n</think>\n\n" + weather)
+    # Arguments are an object even where the schema says nothing (`{}`, `true`): a forced call's arguments
+    # were any JSON value, a string among them.
+    for params in ({}, True, {"description": "no arguments"}):
+        open_tool = [{"type": "function", "function": {"name": "ping", "parameters": params}}]
+        call = '<tool_call>\n{"name": "ping", "arguments": %s}\n</tool_call>'
+        assert accepts(make_tool_call_processor(tokenizer, open_tool, "required"), tokenizer, call % '{"a": 1}')
+        for bad in ('"hello"', "[1]", "3"):
+            assert not accepts(make_tool_call_processor(tokenizer, open_tool, "required"), tokenizer, call % bad)
+
+
+def test_tool_calls_or_an_answer_in_the_format(tokenizer: Tokenizer) -> None:
+    """tool_choice auto with a response_format (OpenAI lets the model choose): calls to any tool, or the answer."""
+    weather = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+    time_call = '<tool_call>\n{"name": "get_time", "arguments": {}}\n</tool_call>'
+    answer = '{"name": "Ada", "age": 36, "color": "green"}'
+
+    def either(**options: Any) -> Any:
+        return make_tool_call_or_answer_processor(tokenizer, TOOLS, AnswerFormat("json_schema", PERSON), **options)
+
+    for text in (weather, time_call, answer):
+        assert accepts(either(), tokenizer, text), text
+    for bad in ("Hello", weather.replace('"Paris"', "3"), '{"name": "Ada"}', weather + "\n" + answer,
+                weather + "\n" + time_call):
+        assert not accepts(either(), tokenizer, bad), bad
+    assert accepts(either(parallel_tool_calls=True), tokenizer, weather + "\n" + time_call)
+    assert accepts(either(thinking=True), tokenizer, "<think>\nhm\n</think>\n\n" + answer)
+    assert accepts(either(thinking=True), tokenizer, "<think>\nhm\n</think>\n\n" + weather)
 
 
 def test_schema_strictness_and_strings(tokenizer: Tokenizer) -> None:
@@ -178,6 +206,10 @@ def test_invalid_response_formats_are_request_errors(tokenizer: Tokenizer, respo
     ([], "required", "non-empty tools"),
     ([{"type": "function"}], "required", r"tools\[0\]"),
     ([{"type": "function", "function": {"name": "f", "parameters": {"type": "bogus"}}}], "required", "bogus"),
+    ([{"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}], "required",
+     r"tools\[0\]\.function\.parameters must be a schema of type 'object', got type 'string'"),
+    ([{"type": "function", "function": {"name": "f", "parameters": {"properties": {"x": {"type": "any"}}}}}],
+     "required", "function 'f': invalid schema: .*any"),  # which of the tools
 ])
 def test_invalid_tool_choices_are_request_errors(tokenizer: Tokenizer, tools: list, tool_choice: Any,
                                                  message: str) -> None:
@@ -286,7 +318,8 @@ def test_regex_choice_and_grammar_paths(tokenizer: Tokenizer) -> None:
     # A grammar in GBNF (llama.cpp's, root) or Lark (start): the same language.
     gbnf = 'root ::= "ab" | "cd" digit+\ndigit ::= [0-9]'
     lark = 'start: "ab" | "cd" DIGITS\nDIGITS: /[0-9]+/'
-    for grammar in (gbnf, lark):
+    inlined = '?start: pair\n?pair: "ab" | "cd" DIGITS  // Lark\'s inlined rules, no `start:` line\nDIGITS: /[0-9]+/'
+    for grammar in (gbnf, lark, inlined):
         for text in ("ab", "cd1", "cd42"):
             assert accepts(answer(tokenizer, "grammar", grammar), tokenizer, text), (grammar, text)
         for bad in ("abcd", "cd", "cdx", "ab1"):

@@ -17,6 +17,7 @@ from server_utils import BackgroundServer, tiny_served_model
 from qwenstack.llm import DEMO_MODEL_DIR
 from qwenstack.serving.app import create_app
 from qwenstack.serving.config import ServerConfig
+from qwenstack.tokenizer import Tokenizer
 
 SCHEMA = {"type": "object", "properties": {"word": {"enum": ["ay", "nay"]}, "n": {"type": "integer", "minimum": 0,
                                                                                  "maximum": 99}},
@@ -25,6 +26,9 @@ REGEX = "[0-9]{3}-[a-z]{2}"
 CHOICES = ["Verona", "Mantua", "Padua"]
 GBNF = 'root ::= "To " verb " or not to " verb\nverb ::= "be" | "sing"'
 LARK = 'start: "To " VERB " or not to " VERB\nVERB: "be" | "sing"'
+# Lark as outlines' CFG type sends it (vLLM server backend, structured_outputs.grammar): `?start` inlines the start
+# rule, with a common terminal imported; no `start:` line for a test that looks for one to find.
+LARK_INLINED = '\n?start: sentence\n?sentence: "To " verb " or not to " verb\nverb: "be" | "sing"\n%import common.WS\n'
 NO_THINKING = {"chat_template_kwargs": {"enable_thinking": False}}
 
 
@@ -54,6 +58,7 @@ SPELLINGS = [  # (what the request adds, which check its answer passes)
     ({"guided_regex": REGEX}, "regex"),
     ({"guided_choice": CHOICES}, "choice"),
     ({"guided_grammar": LARK}, "grammar"),
+    ({"structured_outputs": {"grammar": LARK_INLINED}}, "grammar"),
     ({"grammar": GBNF}, "grammar"),  # llama.cpp
     ({"json_schema": SCHEMA}, "json"),  # llama.cpp
 ]
@@ -143,3 +148,71 @@ def test_a_forced_call_cut_by_max_tokens_is_still_a_call(client: openai.OpenAI, 
         arguments += "".join(c.function.arguments or "" for c in calls)
         finish = chunk.choices[0].finish_reason or finish
     assert (arguments, finish) == (call.function.arguments, "length")
+
+
+CITY = {"type": "function", "function": {"name": "get_weather", "description": "Get the weather in a city.",
+                                         "parameters": {"type": "object", "properties": {
+                                             "city": {"enum": ["Paris", "Rome"], "type": "string"}},
+                                             "required": ["city"]}}}
+OUTPUTS = {"type": "json_schema", "json_schema": {"name": "DSPyProgramOutputs", "strict": True, "schema": {
+    "type": "object", "additionalProperties": False, "title": "DSPyProgramOutputs", "required": ["answer"],
+    "properties": {"answer": {"enum": ["four", "five"], "title": "Answer", "type": "string"}}}}}
+
+
+def _call_or_answer(client: openai.OpenAI, stream: bool, **kwargs: Any) -> tuple[str, list[str], str | None]:
+    """(content, each call's arguments, finish_reason) of one chat request, streamed or not."""
+    if not stream:
+        choice = client.chat.completions.create(**kwargs).choices[0]
+        calls = [c.function.arguments for c in choice.message.tool_calls or []]
+        return choice.message.content or "", calls, choice.finish_reason
+    content, arguments, finish = "", {}, None
+    for chunk in client.chat.completions.create(stream=True, **kwargs):
+        delta = chunk.choices[0].delta
+        content += delta.content or ""
+        for call in delta.tool_calls or []:
+            arguments[call.index] = arguments.get(call.index, "") + (call.function.arguments or "")
+        finish = chunk.choices[0].finish_reason or finish
+    return content, list(arguments.values()), finish
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_auto_tools_with_a_format_may_call_or_answer(client: openai.OpenAI, stream: bool) -> None:
+    """DSPy's JSONAdapter with tools in the signature sends tools (tool_choice left auto) and a strict
+    response_format together, as the Agents SDK does for an agent with tools and an output_type. OpenAI lets the
+    model call a tool or answer in the format; the format alone had ruled every call out (the demo model, pushed
+    toward `<tool_call>` by logit_bias, still answered JSON). Both ways out now hold to their schemas."""
+    tool_call = Tokenizer.from_dir(DEMO_MODEL_DIR).encode("<tool_call>")
+    assert len(tool_call) == 1
+    kwargs: dict[str, Any] = dict(model="demo", messages=[{"role": "user", "content": "What is 2+2, in Paris?"}],
+                                  tools=[CITY], response_format=OUTPUTS, max_tokens=80, seed=5,
+                                  extra_body=NO_THINKING)
+    # One call: the bias would otherwise open another after each, until max_tokens.
+    content, calls, finish = _call_or_answer(client, stream, logit_bias={str(tool_call[0]): 10},
+                                             parallel_tool_calls=False, **kwargs)
+    assert len(calls) == 1 and not content and finish == "tool_calls", (content, calls, finish)
+    assert all(json.loads(a)["city"] in ("Paris", "Rome") for a in calls), calls
+    content, calls, finish = _call_or_answer(client, stream, **kwargs)
+    assert not calls and finish == "stop" and json.loads(content)["answer"] in ("four", "five"), content
+
+
+@pytest.mark.parametrize("parameters", [{}, {"description": "no arguments"}])
+def test_a_forced_call_to_a_tool_with_an_open_schema_has_object_arguments(client: openai.OpenAI,
+                                                                          parameters: dict) -> None:
+    """A parameters schema that leaves the type open admitted any JSON value: the demo model's forced call came
+    back with a string for arguments, which a client cannot splat into its function."""
+    tool = {"type": "function", "function": {"name": "ping", "parameters": parameters}}
+    for seed in range(3):
+        choice = client.chat.completions.create(
+            model="demo", messages=[{"role": "user", "content": "Ping."}], tools=[tool], tool_choice="required",
+            parallel_tool_calls=False, max_tokens=60, seed=seed, extra_body=NO_THINKING).choices[0]
+        (call,) = choice.message.tool_calls
+        assert call.function.arguments.startswith("{"), call.function.arguments
+        if choice.finish_reason == "tool_calls":
+            assert isinstance(json.loads(call.function.arguments), dict)
+
+
+def test_a_tool_schema_of_another_type_is_a_400_naming_it(client: openai.OpenAI) -> None:
+    tool = {"type": "function", "function": {"name": "ping", "parameters": {"type": "string"}}}
+    with pytest.raises(openai.BadRequestError, match="must be a schema of type 'object'"):
+        client.chat.completions.create(model="demo", messages=[{"role": "user", "content": "Ping."}], tools=[tool],
+                                       tool_choice="required", max_tokens=5)
