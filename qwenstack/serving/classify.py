@@ -1,4 +1,4 @@
-"""POST /classify (also /v1/classify): a sequence classifier's labels for texts, in vLLM's shape, for checkpoints
+"""POST /classify (vLLM's name; also /v1/classify): a sequence classifier's labels for texts, in vLLM's shape, for checkpoints
 saved as Qwen3ForSequenceClassification (fine-tuned sentiment, intent or safety classifiers; a Qwen3-Reranker
 converted to one label, which /v1/rerank and /score serve too).
 
@@ -60,8 +60,8 @@ class ClassificationResponse(BaseModel):
     usage: ClassificationUsage
 
 
-@router.post("/classify", responses={200: {"model": ClassificationResponse}})
-@router.post("/v1/classify", include_in_schema=False)
+@router.post("/v1/classify", responses={200: {"model": ClassificationResponse}})
+@router.post("/classify", include_in_schema=False)  # vLLM's name
 @request_body(ClassificationRequest)
 async def classify(request: Request) -> Response:
     local = await local_or_forwarded(request, ClassificationRequest, "/classify", generates=False)
