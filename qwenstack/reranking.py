@@ -68,9 +68,7 @@ def scoring_head(labels: tuple[str, ...] | None, embedding_only: bool, tokenizer
 def relevance(logits: torch.Tensor) -> list[float]:
     """Each pair's P(yes) from its pass: [N, 2] logits of "no" and "yes" by softmax, [N, 1] a one-label
     classifier's logit by sigmoid (the same number: softmax([n, y])[1] = sigmoid(y - n))."""
-    if logits.shape[-1] == 1:
-        return logits[:, 0].sigmoid().tolist()
-    return logits.softmax(dim=-1)[:, 1].tolist()
+    return label_probabilities(logits)[:, -1].tolist()
 
 
 def label_probabilities(logits: torch.Tensor) -> torch.Tensor:

@@ -1,6 +1,6 @@
-"""POST /classify (vLLM's name; also /v1/classify): a sequence classifier's labels for texts, in vLLM's shape, for checkpoints
-saved as Qwen3ForSequenceClassification (fine-tuned sentiment, intent or safety classifiers; a Qwen3-Reranker
-converted to one label, which /v1/rerank and /score serve too).
+"""POST /classify (vLLM's name; also /v1/classify): a sequence classifier's labels for texts, in vLLM's shape,
+for checkpoints saved as Qwen3ForSequenceClassification (fine-tuned sentiment, intent or safety classifiers; a
+Qwen3-Reranker converted to one label, which /v1/rerank and /score serve too).
 
 Decisions:
 - `input` takes the four forms /v1/embeddings takes (serving/embeddings.py: a string, a list of strings, token
@@ -18,17 +18,16 @@ Decisions:
 from __future__ import annotations
 
 import asyncio
-import time
-import uuid
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 from pydantic import BaseModel
 
 from qwenstack.reranking import label_probabilities
 from qwenstack.serving.embeddings import PoolingRequest, prompt_ids
 from qwenstack.serving.errors import APIError
 from qwenstack.serving.openapi import request_body
+from qwenstack.serving.rerank import pooling_list
 from qwenstack.serving.state import local_or_forwarded
 
 router = APIRouter()
@@ -78,7 +77,4 @@ async def classify(request: Request) -> Response:
     best = probs.argmax(dim=-1).tolist()
     data = [{"index": i, "label": labels[b], "probs": row, "num_classes": len(labels)}
             for i, (b, row) in enumerate(zip(best, probs.tolist()))]
-    tokens = sum(map(len, prompts))
-    return JSONResponse({"id": f"classify-{uuid.uuid4().hex}", "object": "list", "created": int(time.time()),
-                         "model": served.name, "data": data,
-                         "usage": {"prompt_tokens": tokens, "total_tokens": tokens, "completion_tokens": 0}})
+    return pooling_list("classify", served, data, sum(map(len, prompts)))

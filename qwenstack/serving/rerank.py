@@ -183,7 +183,12 @@ async def score(request: Request) -> Response:
         raise bad_request(f"text_1 has {counts[0]} texts and text_2 {counts[1]}: give one text_1 for all, or one "
                           f"per text_2", param="text_1") from None
     scores, tokens = await relevance_scores(served, pairs, body.instruction, ("text_1", "text_2"))
-    return JSONResponse({"id": f"score-{uuid.uuid4().hex}", "object": "list", "created": int(time.time()),
-                         "model": served.name, "data": [{"index": i, "object": "score", "score": s}
-                                                        for i, s in enumerate(scores)],
+    return pooling_list("score", served, [{"index": i, "object": "score", "score": s} for i, s in enumerate(scores)],
+                        tokens)
+
+
+def pooling_list(kind: str, served: ServedModel, data: list[dict], tokens: int) -> JSONResponse:
+    """vLLM's envelope of /score and /classify answers: an id, object "list", the data, prompt-only usage."""
+    return JSONResponse({"id": f"{kind}-{uuid.uuid4().hex}", "object": "list", "created": int(time.time()),
+                         "model": served.name, "data": data,
                          "usage": {"prompt_tokens": tokens, "total_tokens": tokens, "completion_tokens": 0}})
