@@ -339,6 +339,7 @@ void run_amx(const Rows& a, int64_t m_begin, int64_t M, const uint16_t* packed, 
       std::memcpy(xp.data() + a_tile(m / 16, kb, kblocks) + (m % 16) * TILE_K,
                   a.bf16.data() + (m_begin + m) * K + kb * TILE_K, TILE_K * sizeof(uint16_t));
   const int64_t cols = N / TILE_N, pairs = (cols + 1) / 2, col_size = kblocks * BLOCK;
+  const int64_t passes = (Mp + 31) / 32;
   const int64_t grain = std::max<int64_t>(1, std::min<int64_t>(8, pairs / 8));
   torch::stable::parallel_for(0, pairs, grain, [&](int64_t begin, int64_t end) {
     alignas(64) float c[4][16][16];
@@ -348,6 +349,9 @@ void run_amx(const Rows& a, int64_t m_begin, int64_t M, const uint16_t* packed, 
       const bool both = nb + 1 < cols;  // an odd number of block columns leaves one alone at the end
       const uint16_t* w0 = packed + nb * col_size;
       const uint16_t* w1 = w0 + col_size;
+      // The next pair's blocks are fetched into L2 while the tile unit works on these, spread over every pass
+      // (the tile loads alone left batched decode waiting on memory; prefetch_share says why spread).
+      const int64_t next_bytes = pr + 1 < end ? std::min<int64_t>(2, cols - nb - 2) * col_size * 2 : 0;
       // The 32 outputs' weights (2 x K / 32 KiB) stay in L2 while every block of 32 rows passes over them.
       for (int64_t mb = 0; mb < Mp; mb += 32) {
         const bool two = mb + 16 < Mp;
@@ -356,17 +360,7 @@ void run_amx(const Rows& a, int64_t m_begin, int64_t M, const uint16_t* packed, 
         if (two) _tile_zero(2);
         if (two && both) _tile_zero(3);
         for (int64_t kb = 0; kb < kblocks; ++kb) {
-          // On the first pass over the rows, the next pair's blocks are fetched into L2 while the tile unit
-          // works (the tile loads alone left batched decode waiting on memory: all 28 0.6B layers at 64
-          // rows took 81-105 ms with this against 120).
-          if (mb == 0 && pr + 1 < end) {
-            const char* n0 = reinterpret_cast<const char*>(w0 + 2 * col_size + kb * BLOCK);
-            const char* n1 = reinterpret_cast<const char*>(w0 + 3 * col_size + kb * BLOCK);
-            for (int64_t line = 0; line < BLOCK * 2; line += 64) {
-              _mm_prefetch(n0 + line, _MM_HINT_T1);
-              _mm_prefetch(n1 + line, _MM_HINT_T1);
-            }
-          }
+          prefetch_share(w0 + 2 * col_size, next_bytes, mb / 32 * kblocks + kb, passes * kblocks);
           _tile_loadd(6, w0 + kb * BLOCK, 64);
           _tile_loadd(4, xp.data() + a_tile(mb / 16, kb, kblocks), 64);
           _tile_dpbf16ps(0, 4, 6);
@@ -683,11 +677,15 @@ void i8_run_amx(const ByteRows& a, int64_t m_begin, int64_t M, const uint8_t* pa
       const bool both = nb + 1 < cols;
       const uint8_t* w0 = packed + nb * col_size;
       const uint8_t* w1 = w0 + col_size;
+      // The next pair's blocks stream into L2 over every pass, as in run_amx (there was no prefetch here: 28
+      // 0.6B layers' int8 products took 1.06-1.12x as long at 16-128 rows, in-process A/B on an AMX Xeon).
+      const int64_t next_bytes = pr + 1 < end ? std::min<int64_t>(2, cols - nb - 2) * col_size : 0;
       for (int64_t mb = 0; mb < Mp; mb += 16) {
         _tile_zero(0); _tile_zero(1);
         if (both) { _tile_zero(2); _tile_zero(3); }
         const int64_t a0 = mb / 16 * kblocks * I8_BLOCK_BYTES;
         for (int64_t kb = 0; kb < kblocks; ++kb) {
+          prefetch_share(w0 + 2 * col_size, next_bytes, mb / 16 * kblocks + kb, Mp / 16 * kblocks);
           _tile_loadd(4, xhi.get() + a0 + kb * I8_BLOCK_BYTES, 64);
           _tile_loadd(5, xlo.get() + a0 + kb * I8_BLOCK_BYTES, 64);
           _tile_loadd(6, w0 + kb * I8_BLOCK_BYTES, 64);
