@@ -38,7 +38,7 @@ from typing import Any, Callable
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import alternate, read_bandwidth, save, threads, timed  # noqa: E402
+from common import alternate, product_rate, read_bandwidth, save, threads, timed  # noqa: E402
 
 from qwenstack.engine.engine import EngineConfig, LLMEngine  # noqa: E402
 from qwenstack.engine.params import SamplingParams  # noqa: E402
@@ -330,7 +330,7 @@ def main() -> None:
         results["short_throughput"] = mix_rounds(model, hf, prompts, outputs, args.mix_rounds)
         print("short_throughput", results["short_throughput"], flush=True)
     if "batched" in only:
-        bandwidth = read_bandwidth()
+        bandwidth, rate = read_bandwidth(), product_rate()
         per_step = results["weight_bytes_per_token"]
         batched_rng = random.Random(0)
         ours_batched_decode(model, [random_prompt(batched_rng, 32, vocab) for _ in range(4)], 2)  # warm up
@@ -343,9 +343,14 @@ def main() -> None:
             # At 64 sequences it is as many bytes as the weights, so the weight-read roof is not reachable.
             kv_read = batch * (128 + args.batched_steps // 2) * kv_bytes_per_token(model)
             roof_kv = bandwidth / (per_step + kv_read) * batch
+            # And what the products cost at the matrix units' best rate (2 FLOP per weight and row; bf16 weights
+            # are 2 bytes each), when that exceeds their read: the step's floor from compute plus the KV read.
+            products_s = max(per_step / bandwidth, per_step * batch / rate)
+            compute_roof = batch / (products_s + kv_read / bandwidth)
             row.update(roof_tok_s=roof, fraction_of_roof=row["ours_tok_s"] / roof,
                        fraction_of_roof_cpu=row["ours_cpu_tok_s"] / roof, roof_with_kv_tok_s=roof_kv,
-                       fraction_of_roof_with_kv=row["ours_tok_s"] / roof_kv)
+                       fraction_of_roof_with_kv=row["ours_tok_s"] / roof_kv,
+                       roof_with_compute_tok_s=compute_roof, fraction_of_roof_with_compute=row["ours_tok_s"] / compute_roof)
             rows.append(row)
             print("batched_decode", row, flush=True)
         # The same at 64 sequences sampling (SAMPLED): 152K-wide rows to draw from, where greedy takes an argmax.
@@ -354,7 +359,8 @@ def main() -> None:
             sampled[name] = ours_batched_decode(model, [random_prompt(batched_rng, 128, vocab) for _ in range(64)],
                                                 args.batched_steps, sampling)
             print("batched_decode sampled", name, sampled[name], flush=True)
-        results["batched_decode"] = {"read_bandwidth_gb_s": bandwidth / 1e9, "rows": rows, "sampled_64": sampled}
+        results["batched_decode"] = {"read_bandwidth_gb_s": bandwidth / 1e9, "product_tflop_s": rate / 1e12,
+                                     "rows": rows, "sampled_64": sampled}
     if "prefix" in only:
         system = random_prompt(rng, 1024, vocab)
         questions = [random_prompt(rng, rng.randint(8, 32), vocab) for _ in range(16)]

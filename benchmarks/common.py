@@ -47,6 +47,26 @@ def read_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
     return read_rate(torch.empty(int(gib * 2**30) // 4, dtype=torch.float32).uniform_(), repeats)
 
 
+def product_rate(rows: int = 128, repeats: int = 30) -> float:
+    """Multiply-add FLOP/s of the engine's bfloat16 product at its best: `rows` activation rows (128, where the
+    tile loop does the most work per weight block) times a 4,096 x 1,024 matrix (8 MiB, in cache after the
+    first call), four calls a timing, best of `repeats`. What the matrix units give when memory is not waited
+    on: a batched decode step cannot run its products faster, whatever the bandwidth. (Best of many, because
+    a shared VM's rate moves by 1.5x within minutes; the best is the bound that flatters us least.)"""
+    from qwenstack import kernels
+
+    weight = torch.randn(4096, 1024, dtype=torch.bfloat16)
+    x = torch.randn(rows, 1024, dtype=torch.bfloat16)
+    if kernels.native_op("linear_tiled") is not None:
+        packed = kernels.pack_tiles(weight)
+        product = lambda: kernels.linear_tiled(x, packed)  # noqa: E731
+    else:
+        product = lambda: torch.nn.functional.linear(x, weight)  # noqa: E731
+    product()
+    best = min(timed(lambda: [product() for _ in range(4)])[1] for _ in range(repeats))
+    return 4 * 2 * rows * weight.numel() / best
+
+
 def machine() -> dict[str, Any]:
     return {"cpu": platform.processor() or platform.machine(), "threads": threads(), "torch": torch.__version__,
             "cores": os.cpu_count()}
