@@ -4,8 +4,9 @@ activation rows (linear_cpu.cpp) and for tile-packed weights (linear_tiled_cpu.c
 RMSNorm and QK-norm + rotary (rms_norm_cpu.cpp), SwiGLU's activation (swiglu_cpu.cpp), Gated DeltaNet's
 decode step, conv and recurrence (gated_delta_cpu.cpp), attention within whole segments of tokens
 (dense_attention_cpu.cpp: a vision tower's frames), a dense decoder layer's decode step in one call, from the
-other files' functions (decode_layer_cpu.cpp), and a probe of the machine's read rate (memory_cpu.cpp). Every op
-has a torch reference that the callers fall back on.
+other files' functions (decode_layer_cpu.cpp), each row's k largest logits for the sampler (sampling_cpu.cpp),
+and a probe of the machine's read rate (memory_cpu.cpp). Every op has a torch reference that the callers fall
+back on.
 
 - build.py: the CPU's instruction-set level and one extension per .cpp file (a file that fails to compile
   disables only its own ops); `kernels_disabled` (QWENSTACK_DISABLE_KERNELS=1) forces the torch path.
@@ -23,7 +24,8 @@ from qwenstack.kernels.ops import (
     LINEAR_WEIGHT_DTYPES, add_rms_norm, conv_decode, experts_swiglu, gated_delta_chunked, gated_delta_decode, has_amx,
     int4_tiles_preferred, int8_tiles_preferred, linear_rows, linear_rows_available, linear_tiled, linear_tiled_int4,
     linear_tiled_int8, moe_max_rows, moe_tiled, paged_decode_attention, paged_decode_available, paged_prefix_attention,
-    qk_norm_rope, rms_norm, segment_attention, silu_mul, stream_sum, use_paged_decode, vector_loop_max_rows, write_kv,
+    qk_norm_rope, rms_norm, segment_attention, silu_mul, stream_sum, top_k_rows, use_paged_decode, vector_loop_max_rows,
+    write_kv,
 )
 
 __all__ = [
@@ -36,6 +38,6 @@ __all__ = [
     "linear_tiled", "linear_tiled_int4", "linear_tiled_int8", "paged_decode_attention", "paged_decode_available",
     "paged_prefix_attention", "qk_norm_rope", "rms_norm", "stream_sum", "use_paged_decode", "add_rms_norm",
     "segment_attention", "silu_mul", "write_kv", "conv_decode", "experts_swiglu", "gated_delta_chunked",
-    "gated_delta_decode", "moe_tiled",
+    "gated_delta_decode", "moe_tiled", "top_k_rows",
     "moe_max_rows", "vector_loop_max_rows",
 ]

@@ -256,6 +256,17 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor | None:
     return op(gate_up.reshape(-1, shape[-1])).view(*shape[:-1], shape[-1] // 2)
 
 
+def top_k_rows(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k largest values of each row of logits [R, V] as float32 [R, k], descending, and their ids [R, k]:
+    the native one-pass selection (equal values by ascending id), or torch.topk where it does not apply (a
+    device or dtype the op does not take; ties then in torch's order)."""
+    op = native_op("top_k_rows") if logits.device.type == "cpu" and logits.dtype in _DTYPES else None
+    if op is None or logits.dim() != 2:
+        values, ids = torch.topk(logits, k)
+        return values.float(), ids
+    return op(logits, k)
+
+
 def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> bool:
     """Stores k and v [T, kv_heads, head_dim] at their slots of the paged pool in one native call, as
     models/attention.py's write_kv; False (nothing written) where it does not apply: CPU tensors of the

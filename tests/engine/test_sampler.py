@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 import torch
 
 from qwenstack.engine.params import SamplingParams
@@ -27,9 +28,17 @@ def test_greedy_rows_batched_beside_other_rows() -> None:
     assert 0 <= tokens[1] < 300 and 0 <= tokens[3] < 300
 
 
-def test_two_stage_argmax_is_torch_argmax() -> None:
-    """Chunked argmax: vocabularies with and without a partial last chunk, ties across and inside chunks
-    (the first index wins, as in torch), bfloat16 rows (as the runner now passes them) and NaN rows."""
+@pytest.mark.parametrize("native", [True, False])
+def test_argmax_rows_is_torch_argmax(native: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The native one-pass argmax (top_k_rows with k 1) and the chunked one it falls back on: vocabularies with
+    and without a partial last chunk, ties across and inside chunks (the first index wins, as in torch),
+    bfloat16 rows (as the runner now passes them) and NaN rows."""
+    from qwenstack import kernels
+
+    if native and kernels.native_op("top_k_rows") is None:
+        pytest.skip("the native kernels are not built here")
+    if not native:
+        monkeypatch.setattr(kernels, "native_op", lambda name: None)
     gen = torch.Generator().manual_seed(0)
     for vocab in (151936, 5 * ARGMAX_CHUNK, 3 * ARGMAX_CHUNK + 17):
         logits = torch.randn(6, vocab, generator=gen)
@@ -205,7 +214,6 @@ def test_constraints_that_exclude_every_token_are_the_requests_error() -> None:
     """A request whose processors leave no token (allowed_token_ids against a grammar) fails with a RequestError
     naming why, greedy or sampled, instead of drawing from no mass; min_tokens yields to a grammar that can only
     end here (eos stays open when it is the one token left)."""
-    import pytest
 
     from qwenstack.engine.sampler import SampleError
     from qwenstack.errors import RequestError
