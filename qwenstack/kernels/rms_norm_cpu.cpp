@@ -55,10 +55,17 @@ inline void norm_row(const T* row, const float* weight, int64_t D, double eps, b
   }
   for (int j = 0; j < 8; ++j) sum += partial[j];
   const float inv = 1.f / std::sqrt(sum / float(D) + float(eps));
+  // W lanes at a time with round_to (the same rounding as round_trip's scalar store, lane by lane: the scalar
+  // loops, whose NaN branch kept the compiler from vectorising them, ran prefill's norms at ~1.2 G values/s).
+  int64_t i = 0;
   if (zero_centered) {
-    for (int64_t i = 0; i < D; ++i) dst[i] = round_trip<T>(h[i] * inv * (1.f + weight[i]));
+    for (; i + W <= D; i += W)
+      store_exact(round_to<T>(load_vec(h + i) * inv * (1.f + load_vec(weight + i))), dst + i);
+    for (; i < D; ++i) dst[i] = round_trip<T>(h[i] * inv * (1.f + weight[i]));
   } else {
-    for (int64_t i = 0; i < D; ++i) dst[i] = round_trip<T>(weight[i] * round_trip<T>(h[i] * inv));
+    for (; i + W <= D; i += W)
+      store_exact(round_to<T>(load_vec(weight + i) * round_to<T>(load_vec(h + i) * inv)), dst + i);
+    for (; i < D; ++i) dst[i] = round_trip<T>(weight[i] * round_trip<T>(h[i] * inv));
   }
 }
 
@@ -67,7 +74,9 @@ template <typename T>
 inline void norm_row_to(const T* row, const float* weight, int64_t D, double eps, bool zero_centered, float* h,
                         float* y, T* dst) {
   norm_row(row, weight, D, eps, zero_centered, h, y);
-  for (int64_t i = 0; i < D; ++i) store(y[i], dst + i);
+  int64_t i = 0;
+  for (; i + W <= D; i += W) store_exact(load_vec(y + i), dst + i);  // already rounded to T
+  for (; i < D; ++i) store(y[i], dst + i);
 }
 
 template <typename T>
@@ -143,7 +152,9 @@ void run_add(const Tensor& x, const Tensor& delta, const float* weight, double e
       const T* a = xp + r * sx;
       const T* b = dp + r * sd;
       T* s = sp + r * D;
-      for (int64_t i = 0; i < D; ++i) store(to_float(a[i]) + to_float(b[i]), s + i);
+      int64_t i = 0;
+      for (; i + W <= D; i += W) store_exact(round_to<T>(load_vec(a + i) + load_vec(b + i)), s + i);
+      for (; i < D; ++i) store(to_float(a[i]) + to_float(b[i]), s + i);
       norm_row_to(s, weight, D, eps, zero_centered, h.data(), y.data(), op + r * D);
     }
   });
@@ -199,11 +210,20 @@ void run_qk(const Tensor& q, const Tensor& k, const float* qw, const float* kw, 
       const T* c = cp + t * cos.stride(0);
       const T* s = sp + t * sin.stride(0);
       T* dst = head < H ? qo + (t * H + head) * D : ko + (t * KV + head - H) * D;
-      for (int64_t i = 0; i < half; ++i)
+      // W lanes of each half at a time where the half is whole vectors (Qwen3: 64 of 128), as the scalar loops
+      // round them.
+      int64_t i = 0;
+      for (; half % W == 0 && i < half; i += W) {
+        const vf a = load_vec(n.data() + i), b = load_vec(n.data() + i + half);
+        store_exact(round_to<T>(round_to<T>(a * load_vec(c + i)) + round_to<T>(-b * load_vec(s + i))), dst + i);
+        store_exact(round_to<T>(round_to<T>(b * load_vec(c + i + half)) + round_to<T>(a * load_vec(s + i + half))),
+                    dst + i + half);
+      }
+      for (; i < half; ++i)
         store(round_trip<T>(n[i] * to_float(c[i])) + round_trip<T>(-n[i + half] * to_float(s[i])), dst + i);
-      for (int64_t i = half; i < R; ++i)
+      for (i = half + (half % W == 0 ? half : 0); i < R; ++i)
         store(round_trip<T>(n[i] * to_float(c[i])) + round_trip<T>(n[i - half] * to_float(s[i])), dst + i);
-      for (int64_t i = R; i < D; ++i) store(n[i], dst + i);
+      for (i = R; i < D; ++i) store(n[i], dst + i);
     }
   });
 }
