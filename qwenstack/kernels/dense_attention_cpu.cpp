@@ -24,6 +24,9 @@
 // prompts; by perf, its two products issue about one vdpbf16ps a cycle per core (the peak), and the
 // softmax's passes over the scores are most of the rest.
 //
+// With AMX (and head_dim a multiple of 32) both products run on the tile unit instead (scores_amx, values_amx),
+// over the same packed keys and values; the softmax between them is the same code.
+//
 // Built at every ISA level; the loops need AVX512-BF16, and elsewhere the op refuses and the caller keeps
 // SDPA (kernels/ops.py segment_attention checks the level first).
 #include <torch/csrc/stable/library.h>
@@ -43,6 +46,9 @@
 #if defined(__AVX512BF16__)
 #include <immintrin.h>
 #endif
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#include "cpu_amx.h"
+#endif
 
 namespace {
 
@@ -54,6 +60,9 @@ constexpr int64_t ROW_BLOCK = 32;   // query rows per work item: each key chunk 
 constexpr int64_t KEY_CHUNK = 256;  // keys per softmax step: 32 rows x 256 float32 scores = 32 KiB
 constexpr int64_t SCORE_ROWS = 8;   // query rows per pass of the score loop (x 2 key blocks = 16 sums)
 constexpr int64_t MAX_D = 256;
+// Each segment's keys are packed padded with zero keys to a multiple of this: two key blocks, what the tile
+// loops below take at a time (a zero key's score is masked and its value weighs 0).
+constexpr int64_t KEY_PAD = 2 * KEY_BLOCK;
 
 #if defined(__AVX512BF16__)
 
@@ -160,6 +169,76 @@ ValueRows value_rows_for(int64_t D) {
   return value_rows_table(D / 16, std::make_integer_sequence<int64_t, MAX_D / 16>{});
 }
 
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+// The two products on AMX tiles (head_dim a multiple of 32), with the packed layouts above as they are: a key
+// block's 16 dim pairs [16][16 keys][2] are a tile's B operand, and so are 16 value pairs' 16 dims [16][16][2]
+// (rows 4 D bytes apart); query rows and probability rows are A operands straight from their buffers. Tiles 0-3
+// hold 32 rows x 32 keys (scores) or 32 rows x 32 dims (outputs), 4-5 the two 16-row A tiles, 6-7 two B tiles.
+// The vector loops issue one vdpbf16ps a cycle at best (16 x 2 products); a tile product is 16 x 16 x 32.
+
+// Scores of the ROW_BLOCK query rows against `blocks` key blocks (an even count), times scale, into s (row
+// stride KEY_CHUNK).
+void scores_amx(const uint16_t* qbuf, const uint16_t* kchunk, int64_t blocks, int64_t D, float scale, float* s) {
+  for (int64_t b = 0; b < blocks; b += 2) {
+    const uint16_t* k0 = kchunk + b * KEY_BLOCK * D;
+    const uint16_t* k1 = k0 + KEY_BLOCK * D;
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+    for (int64_t c = 0; c < D / 32; ++c) {  // 32 dims: 16 pairs of each key block, 1 KiB
+      _tile_loadd(4, qbuf + c * 32, D * 2);
+      _tile_loadd(5, qbuf + 16 * D + c * 32, D * 2);
+      _tile_loadd(6, k0 + c * 16 * 2 * KEY_BLOCK, 64);
+      _tile_loadd(7, k1 + c * 16 * 2 * KEY_BLOCK, 64);
+      _tile_dpbf16ps(0, 4, 6);
+      _tile_dpbf16ps(1, 4, 7);
+      _tile_dpbf16ps(2, 5, 6);
+      _tile_dpbf16ps(3, 5, 7);
+    }
+    _tile_stored(0, s + b * KEY_BLOCK, KEY_CHUNK * 4);
+    _tile_stored(1, s + (b + 1) * KEY_BLOCK, KEY_CHUNK * 4);
+    _tile_stored(2, s + 16 * KEY_CHUNK + b * KEY_BLOCK, KEY_CHUNK * 4);
+    _tile_stored(3, s + 16 * KEY_CHUNK + (b + 1) * KEY_BLOCK, KEY_CHUNK * 4);
+  }
+  const __m512 vs = _mm512_set1_ps(scale);
+  for (int64_t r = 0; r < ROW_BLOCK; ++r) {
+    for (int64_t j = 0; j < blocks * KEY_BLOCK; j += 16) {
+      float* at = s + r * KEY_CHUNK + j;
+      _mm512_storeu_ps(at, _mm512_mul_ps(_mm512_loadu_ps(at), vs));
+    }
+  }
+}
+
+// o [ROW_BLOCK][D] += p [ROW_BLOCK][keys] (bfloat16, row stride KEY_CHUNK) times the values packed [keys/2][D][2],
+// keys a multiple of 32, 32 dims of the output at a time.
+void values_amx(const uint16_t* p, const uint16_t* v, int64_t keys, int64_t D, float* o) {
+  for (int64_t d = 0; d < D; d += 32) {
+    _tile_loadd(0, o + d, D * 4);
+    _tile_loadd(1, o + d + 16, D * 4);
+    _tile_loadd(2, o + 16 * D + d, D * 4);
+    _tile_loadd(3, o + 16 * D + d + 16, D * 4);
+    for (int64_t t = 0; t < keys; t += 32) {  // 16 key pairs
+      _tile_loadd(4, p + t, KEY_CHUNK * 2);
+      _tile_loadd(5, p + 16 * KEY_CHUNK + t, KEY_CHUNK * 2);
+      _tile_loadd(6, v + t * D + d * 2, D * 4);
+      _tile_loadd(7, v + t * D + (d + 16) * 2, D * 4);
+      _tile_dpbf16ps(0, 4, 6);
+      _tile_dpbf16ps(1, 4, 7);
+      _tile_dpbf16ps(2, 5, 6);
+      _tile_dpbf16ps(3, 5, 7);
+    }
+    _tile_stored(0, o + d, D * 4);
+    _tile_stored(1, o + d + 16, D * 4);
+    _tile_stored(2, o + 16 * D + d, D * 4);
+    _tile_stored(3, o + 16 * D + d + 16, D * 4);
+  }
+}
+constexpr bool kTiles = true;
+#else
+constexpr bool kTiles = false;
+#endif
+
 // Keys [L, D] (row stride ks) into blocks of 16 keys [D/2][16][2], zeros past L; values into [Lp/2][D][2].
 void pack_keys_values(const uint16_t* k, int64_t ks, const uint16_t* v, int64_t vs, int64_t L, int64_t Lp,
                       int64_t D, uint16_t* kp, uint16_t* vp) {
@@ -185,8 +264,8 @@ struct Layout {
 // One work item: query rows [row0, row0 + ROW_BLOCK) of a segment of q_len rows from q_start, one query head,
 // over that segment's kv_len packed keys.
 void attend_rows(const Layout& g, const uint16_t* q, const uint16_t* kp, const uint16_t* vp, int64_t seg_start,
-                 int64_t q_len, int64_t kv_len, int64_t head, int64_t row0, ValueRows value_rows_fn, uint16_t* out,
-                 uint16_t* qbuf, float* s, uint16_t* p, float* o, float* m, float* l) {
+                 int64_t q_len, int64_t kv_len, int64_t head, int64_t row0, ValueRows value_rows_fn, bool tiles,
+                 uint16_t* out, uint16_t* qbuf, float* s, uint16_t* p, float* o, float* m, float* l) {
   const int64_t D = g.D, rows = std::min(ROW_BLOCK, q_len - row0);
   std::fill(qbuf, qbuf + ROW_BLOCK * D, uint16_t(0));
   for (int64_t r = 0; r < rows; ++r) {
@@ -200,14 +279,24 @@ void attend_rows(const Layout& g, const uint16_t* q, const uint16_t* kp, const u
   auto limit = [&](int64_t r) { return g.causal ? offset + row0 + std::min(r, rows - 1) + 1 : kv_len; };
   const int64_t end = limit(ROW_BLOCK - 1);
   for (int64_t c0 = 0; c0 < end; c0 += KEY_CHUNK) {
-    const int64_t n = std::min(KEY_CHUNK, end - c0), blocks = (n + KEY_BLOCK - 1) / KEY_BLOCK;
+    const int64_t n = std::min(KEY_CHUNK, end - c0);
+    // Key blocks of the chunk: an even count for the tiles (the segment's keys are padded to KEY_PAD).
+    const int64_t blocks = tiles ? (n + KEY_PAD - 1) / KEY_PAD * 2 : (n + KEY_BLOCK - 1) / KEY_BLOCK;
     const uint16_t* kchunk = kp + c0 * D;
-    for (int64_t r = 0; r < ROW_BLOCK; r += SCORE_ROWS) {
-      int64_t b = 0;
-      for (; b + 2 <= blocks; b += 2) {
-        score_pass<2>(qbuf + r * D, kchunk + b * KEY_BLOCK * D, D, g.scale, s + r * KEY_CHUNK + b * KEY_BLOCK);
+    if (tiles) {
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+      scores_amx(qbuf, kchunk, blocks, D, g.scale, s);
+#endif
+    } else {
+      for (int64_t r = 0; r < ROW_BLOCK; r += SCORE_ROWS) {
+        int64_t b = 0;
+        for (; b + 2 <= blocks; b += 2) {
+          score_pass<2>(qbuf + r * D, kchunk + b * KEY_BLOCK * D, D, g.scale, s + r * KEY_CHUNK + b * KEY_BLOCK);
+        }
+        if (b < blocks) {
+          score_pass<1>(qbuf + r * D, kchunk + b * KEY_BLOCK * D, D, g.scale, s + r * KEY_CHUNK + b * KEY_BLOCK);
+        }
       }
-      if (b < blocks) score_pass<1>(qbuf + r * D, kchunk + b * KEY_BLOCK * D, D, g.scale, s + r * KEY_CHUNK + b * KEY_BLOCK);
     }
     const int64_t padded = blocks * KEY_BLOCK;
     for (int64_t r = 0; r < ROW_BLOCK; ++r) {
@@ -240,7 +329,13 @@ void attend_rows(const Layout& g, const uint16_t* q, const uint16_t* kp, const u
         for (int64_t d = 0; d < D; d += 16) _mm512_storeu_ps(o + r * D + d, _mm512_mul_ps(_mm512_loadu_ps(o + r * D + d), va));
       }
     }
-    value_rows_fn(p, vp + c0 * D, padded / 2, o);
+    if (tiles) {
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+      values_amx(p, vp + c0 * D, padded, D, o);
+#endif
+    } else {
+      value_rows_fn(p, vp + c0 * D, padded / 2, o);
+    }
   }
   for (int64_t r = 0; r < rows; ++r) {
     const float inv = 1.f / l[r];
@@ -260,10 +355,10 @@ struct Item {
 void run(const Layout& g, const uint16_t* q, const uint16_t* k, const uint16_t* v, const std::vector<int64_t>& q_starts,
          const std::vector<int64_t>& kv_starts, uint16_t* out) {
   const int64_t S = int64_t(q_starts.size()) - 1, D = g.D, group = g.Hq / g.Hkv;
-  std::vector<int64_t> padded_start(S + 1, 0);  // each segment's keys padded to a whole key block
+  std::vector<int64_t> padded_start(S + 1, 0);  // each segment's keys padded to KEY_PAD
   for (int64_t s = 0; s < S; ++s) {
     const int64_t L = kv_starts[s + 1] - kv_starts[s];
-    padded_start[s + 1] = padded_start[s] + (L + KEY_BLOCK - 1) / KEY_BLOCK * KEY_BLOCK;
+    padded_start[s + 1] = padded_start[s] + (L + KEY_PAD - 1) / KEY_PAD * KEY_PAD;
   }
   const int64_t total = padded_start[S];
   std::vector<uint16_t> kp(g.Hkv * total * D), vp(g.Hkv * total * D);
@@ -289,19 +384,26 @@ void run(const Layout& g, const uint16_t* q, const uint16_t* k, const uint16_t* 
   // The items that see the most keys first, so the threads end together.
   std::stable_sort(items.begin(), items.end(), [](const Item& a, const Item& b) { return a.work > b.work; });
   const ValueRows value_rows_fn = value_rows_for(D);
+  const bool tiles = kTiles && D % 32 == 0;  // the tile loops take 32 dims at a time
   std::atomic<int64_t> next{0};
   const int64_t count = int64_t(items.size());
   torch::stable::parallel_for(0, std::min(threads, count), 1, [&](int64_t, int64_t) {
     std::vector<uint16_t> qbuf(ROW_BLOCK * D), p(ROW_BLOCK * KEY_CHUNK);
     std::vector<float> s(ROW_BLOCK * KEY_CHUNK), o(ROW_BLOCK * D), m(ROW_BLOCK), l(ROW_BLOCK);
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+    if (tiles) configure_tiles();
+#endif
     for (int64_t i = next.fetch_add(1); i < count; i = next.fetch_add(1)) {
       const Item& it = items[i];
       const int64_t h = it.head / group;
       const int64_t seg = it.segment;
       attend_rows(g, q, packed(kp, seg, h), packed(vp, seg, h), q_starts[seg], q_starts[seg + 1] - q_starts[seg],
-                  kv_starts[seg + 1] - kv_starts[seg], it.head, it.row0, value_rows_fn, out, qbuf.data(), s.data(),
-                  p.data(), o.data(), m.data(), l.data());
+                  kv_starts[seg + 1] - kv_starts[seg], it.head, it.row0, value_rows_fn, tiles, out, qbuf.data(),
+                  s.data(), p.data(), o.data(), m.data(), l.data());
     }
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+    if (tiles) _tile_release();
+#endif
   });
 }
 
