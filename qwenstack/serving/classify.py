@@ -5,7 +5,8 @@ Qwen3-Reranker converted to one label, which /v1/rerank and /score serve too).
 Decisions:
 - `input` takes the four forms /v1/embeddings takes (serving/embeddings.py: a string, a list of strings, token
   ids, token-id lists), encoded with the tokenizer's special tokens and nothing appended, as transformers'
-  text-classification pipeline encodes; vLLM's truncate_prompt_tokens keeps each input's last k tokens. An input
+  text-classification pipeline encodes; or vLLM's chat form, `messages`: one conversation rendered by the chat
+  template as a chat request's prompt (no generation prompt unless add_generation_prompt). vLLM's truncate_prompt_tokens keeps each input's last k tokens. An input
   over the context is a 400, never cut silently.
 - Each result is vLLM's: `label` (id2label of the most probable), `probs` (softmax over the labels in id order,
   sigmoid for a lone label, as vLLM's classify activation), `num_classes`. The logits are the classifier's at
@@ -28,7 +29,7 @@ from qwenstack.serving.embeddings import PoolingRequest, prompt_ids
 from qwenstack.serving.errors import APIError
 from qwenstack.serving.openapi import request_body
 from qwenstack.serving.rerank import pooling_list
-from qwenstack.serving.state import local_or_forwarded
+from qwenstack.serving.state import get_state, local_or_forwarded
 
 router = APIRouter()
 
@@ -72,7 +73,8 @@ async def classify(request: Request) -> Response:
         raise APIError(400, f"'{served.name}' has no classification head: POST /classify needs a "
                             f"sequence-classification checkpoint (Qwen3ForSequenceClassification)", param="model",
                        code="model_cannot_classify")
-    prompts = await asyncio.to_thread(prompt_ids, served, body)  # 2,048 texts to encode: off the event loop
+    # 2,048 texts to encode: off the event loop
+    prompts = await asyncio.to_thread(prompt_ids, served, body, False, None, get_state(request))
     probs = label_probabilities(await served.engine.classify(prompts))
     best = probs.argmax(dim=-1).tolist()
     data = [{"index": i, "label": labels[b], "probs": row, "num_classes": len(labels)}

@@ -23,15 +23,18 @@ from typing import Any, Literal
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
 from qwenstack.engine.embed import matryoshka
 from qwenstack.errors import RequestError
 from qwenstack.serving.errors import bad_request
 from qwenstack.serving.openapi import request_body
-from qwenstack.serving.protocol import MAX_COUNT, _Request, one_sentence_error
+from qwenstack.serving.chat import render_prompt, template_kwargs
+from qwenstack.serving.protocol import (
+    MAX_COUNT, ChatCompletionRequest, ChatMessage, _Request, one_sentence_error,
+)
 from qwenstack.serving.served import ServedModel
-from qwenstack.serving.state import local_or_forwarded
+from qwenstack.serving.state import ServerState, get_state, local_or_forwarded
 from qwenstack.serving.vllm_extras import last_tokens, truncation_length
 from qwenstack.tokenizer import TooManyTokens
 
@@ -41,16 +44,27 @@ router = APIRouter()
 
 
 class PoolingRequest(_Request):
-    """What /v1/embeddings and /classify (serving/classify.py) share: the inputs, and how to cut them."""
+    """What /v1/embeddings and /classify (serving/classify.py) share: the inputs, and how to cut them. The inputs
+    are `input`, or vLLM's chat form: `messages`, one conversation rendered by the chat template as a chat
+    request's prompt is (without the generation prompt unless asked, vLLM's default for pooling)."""
 
     model: str
     # Token-id lists first: a union member that fails reports every element (see CompletionRequest.prompt).
-    input: str | list[int] | list[list[int]] | list[str]
+    input: str | list[int] | list[list[int]] | list[str] | None = None
+    messages: list[ChatMessage] | None = Field(None, min_length=1)
+    add_generation_prompt: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None
     user: str | None = None
     truncate_prompt_tokens: int | None = Field(None, ge=-1)  # vLLM's: keep each input's last k (-1: the context)
 
     _one_of_four_forms = one_sentence_error("input", "invalid_input", "must be a string, a list of strings, a list "
                                             "of token ids (integers) or a list of token-id lists")
+
+    @model_validator(mode="after")
+    def _input_or_messages(self) -> "PoolingRequest":
+        if (self.input is None) == (self.messages is None):
+            raise ValueError("give exactly one of input or messages")
+        return self
 
 
 class EmbeddingRequest(PoolingRequest):
@@ -123,11 +137,17 @@ def encode_text(served: ServedModel, text: str, truncate: bool = False, keep: in
 
 
 def prompt_ids(served: ServedModel, body: PoolingRequest, truncate: bool = False,
-               prompt_name: str | None = None) -> list[list[int]]:
+               prompt_name: str | None = None, state: ServerState | None = None) -> list[list[int]]:
     """Each input's token ids, checked against the context (or cut to it: `truncate`) and the vocabulary;
-    prompt_name: an embedding request's named instruction, put before each text."""
-    items = input_items(body.input)
+    prompt_name: an embedding request's named instruction, put before each text. A chat-form request (messages;
+    `state`: the server's, whose chat settings render it) is one prompt."""
     keep = truncation_length(body.truncate_prompt_tokens, served.max_model_len)
+    if body.messages is not None:
+        if prompt_name is not None:
+            raise bad_request("prompt_name applies to text inputs, not messages", param="prompt_name")
+        assert state is not None, "a chat-form pooling request is rendered with the server's chat settings"
+        return [conversation_ids(served, body, state, keep)]
+    items = input_items(body.input)  # type: ignore[arg-type]
     if isinstance(items[0], str):
         try:
             prefix = served.pooling.instruction(prompt_name)
@@ -145,11 +165,29 @@ def prompt_ids(served: ServedModel, body: PoolingRequest, truncate: bool = False
     return items  # type: ignore[return-value]
 
 
-async def embed(served: ServedModel, body: EmbeddingRequest, truncate: bool = False) -> tuple[Any, int]:
+def conversation_ids(served: ServedModel, body: PoolingRequest, state: ServerState, keep: int | None) -> list[int]:
+    """The token ids of a chat-form request's conversation: the chat template's rendering (as /tokenize and chat
+    requests render it: the server's template settings, special tokens typed by the client kept as text), then
+    the pooling's end token; its last `keep` (truncate_prompt_tokens), or a 400 past the context."""
+    assert body.messages is not None
+    as_chat = ChatCompletionRequest(model=served.name, messages=body.messages,
+                                    chat_template_kwargs=body.chat_template_kwargs)
+    kwargs = template_kwargs(as_chat, state.config.default_chat_template_kwargs)
+    _, ids = render_prompt(served, body.messages, state, add_generation_prompt=body.add_generation_prompt, **kwargs)
+    ids = served.pooling.with_end_token(ids, served.tokenizer)
+    if keep is not None:
+        ids = ids[-keep:]
+    if len(ids) > served.max_model_len:
+        raise served.too_long(len(ids), "messages")
+    return ids
+
+
+async def embed(served: ServedModel, body: EmbeddingRequest, truncate: bool = False,
+                state: ServerState | None = None) -> tuple[Any, int]:
     """(the inputs' vectors, their token count): tokenized off the event loop, embedded by the engine in one
     command, cut to `dimensions` (renormalized where the model normalizes)."""
     # Tokenizing 2048 texts takes a while: off the event loop, other requests go on.
-    prompts = await asyncio.to_thread(prompt_ids, served, body, truncate, body.prompt_name)
+    prompts = await asyncio.to_thread(prompt_ids, served, body, truncate, body.prompt_name, state)
     states = await served.engine.embed(prompts)
     size = states.shape[-1]  # the model's hidden size, whatever the architecture calls it
     if body.dimensions is not None and body.dimensions > size:
@@ -176,6 +214,6 @@ async def create_embeddings(request: Request) -> Response:
     if isinstance(local, Response):
         return local
     body, served = local.body, local.served
-    vectors, tokens = await embed(served, body)
+    vectors, tokens = await embed(served, body, state=get_state(request))
     # Encoding 2048 vectors takes a while too: off the event loop.
     return await asyncio.to_thread(embedding_response, served, body, vectors, tokens)

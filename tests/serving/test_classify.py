@@ -65,6 +65,28 @@ def test_classify_takes_token_ids_and_one_string(server: BackgroundServer) -> No
     assert last_two["usage"]["prompt_tokens"] == 2
 
 
+def test_classify_and_embeddings_take_vllms_chat_form(server: BackgroundServer) -> None:
+    """`messages` in place of `input` (vLLM's chat form of the pooling requests): the conversation rendered as
+    /tokenize renders it (no generation prompt unless asked), then pooled as those token ids would be."""
+    messages = [{"role": "system", "content": "Rate the review."}, {"role": "user", "content": TEXTS[0]}]
+    for add_generation_prompt in (False, True):
+        ids = post(server, "/tokenize", {"model": CLS, "messages": messages,
+                                         "add_generation_prompt": add_generation_prompt})["tokens"]
+        got = post(server, "/classify", {"model": CLS, "messages": messages,
+                                         "add_generation_prompt": add_generation_prompt})
+        want = post(server, "/classify", {"model": CLS, "input": ids})
+        assert got["data"][0]["probs"] == pytest.approx(want["data"][0]["probs"], abs=1e-6)
+        assert got["usage"]["prompt_tokens"] == len(ids)
+    ids = post(server, "/tokenize", {"model": CHAT, "messages": messages, "add_generation_prompt": False})["tokens"]
+    served = server.models[CHAT]  # type: ignore[attr-defined]
+    pooled = served.pooling.with_end_token(ids, served.tokenizer)  # what a text gets appended, as /v1/embeddings does
+    got = post(server, "/v1/embeddings", {"model": CHAT, "messages": messages})["data"][0]["embedding"]
+    want = post(server, "/v1/embeddings", {"model": CHAT, "input": pooled})["data"][0]["embedding"]
+    assert got == pytest.approx(want, abs=1e-6)
+    last = post(server, "/classify", {"model": CLS, "messages": messages, "truncate_prompt_tokens": 3})
+    assert last["usage"]["prompt_tokens"] == 3
+
+
 def test_a_converted_reranker_reranks_as_the_original(server: BackgroundServer, dirs: dict[str, Path]) -> None:
     docs = ["Paris is the capital of France.", "2 + 2 = 4", "Berlin is the capital of Germany."]
     want, _ = hf_rerank(dirs[RR], "capital of France", docs)
@@ -85,6 +107,11 @@ def test_a_converted_reranker_reranks_as_the_original(server: BackgroundServer, 
     ("/v1/rerank", {"model": CLS, "query": "q", "documents": ["d"]}, "model_cannot_rerank"),
     ("/v1/chat/completions", {"model": CLS, "messages": [{"role": "user", "content": "hi"}]}, "model_not_generative"),
     ("/v1/completions", {"model": SEQ_CLS, "prompt": "hi"}, "model_not_generative"),
+    ("/classify", {"model": CLS, "input": "hi", "messages": [{"role": "user", "content": "hi"}]}, None),
+    ("/classify", {"model": CLS}, None),
+    ("/classify", {"model": CLS, "messages": []}, None),
+    ("/classify", {"model": CLS, "messages": [{"role": "user", "content": "word " * 5000}]}, "context_length_exceeded"),
+    ("/v1/embeddings", {"model": CHAT, "messages": [{"role": "user", "content": "hi"}], "prompt_name": "query"}, None),
 ])
 def test_refusals_are_400s_in_openais_shape(server: BackgroundServer, path: str, body: dict[str, Any],
                                             code: str | None) -> None:
