@@ -9,7 +9,7 @@ Decisions:
   vocabulary is 152K wide, and a 64-row step paid each of them 64 times.
 - Top-k rows (Qwen3's generation_config: top_k 20) take their candidates in one native pass over the logits
   as the model gave them (kernels.top_k_rows; no float32 copy when nothing writes into the rows), greedy rows
-  the same pass with k 1: 64 rows of 152K bfloat16 logits in 4.3 ms against 23 (Qwen3's defaults) and 1.2
+  the same op with k 1: 64 rows of 152K bfloat16 logits in 5.0 ms against 23 (Qwen3's defaults) and 2.1
   against 5.1 (greedy).
 - A sampled row draws one uniform and takes the token at that point of its distribution's running sum
   (inverse transform, draw_rows), where an exponential race drew one uniform per token of the vocabulary.
@@ -208,13 +208,13 @@ ARGMAX_CHUNK = 8192
 
 def argmax_rows(logits: torch.Tensor) -> list[int]:
     """The index of each row's maximum (the first, on ties: torch's argmax). On CPU the native top-k with k 1
-    (one pass a row: 64 rows of 152K bfloat16 logits in ~1.5 ms against 5 for the two stages below); else in
+    (64 rows of 152K bfloat16 logits in ~2 ms against 5 for the two stages below); else in
     two stages: the maximum of each chunk of ARGMAX_CHUNK columns, then an argmax inside the first chunk holding
     the row's maximum. On CPU torch's argmax over whole 152K-column rows runs about ten times slower than its
     max (12 ms for 64 rows here, against 1 ms), a cost every greedy decode step of a large batch paid."""
     b, v = logits.shape
     if logits.device.type == "cpu" and kernels.native_op("top_k_rows") is not None:
-        return kernels.top_k_rows(logits, 1)[1][:, 0].tolist()  # one pass a row, the first maximum on ties
+        return kernels.top_k_rows(logits, 1)[1][:, 0].tolist()  # the first maximum on ties
     if v <= 2 * ARGMAX_CHUNK:
         return logits.argmax(-1).tolist()
     full = v // ARGMAX_CHUNK * ARGMAX_CHUNK

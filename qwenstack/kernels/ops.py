@@ -258,7 +258,7 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor | None:
 
 def top_k_rows(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The k largest values of each row of logits [R, V] as float32 [R, k], descending, and their ids [R, k]:
-    the native one-pass selection (equal values by ascending id), or torch.topk where it does not apply (a
+    the native selection (equal values by ascending id), or torch.topk where it does not apply (a
     device or dtype the op does not take; ties then in torch's order)."""
     op = native_op("top_k_rows") if logits.device.type == "cpu" and logits.dtype in _DTYPES else None
     if op is None or logits.dim() != 2:

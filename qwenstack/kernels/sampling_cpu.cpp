@@ -8,10 +8,8 @@
 // takes this path; torch.topk over 16 rows of 152K float32 logits took 3.5 ms (14 ms of a 64-row decode step,
 // whose greedy form takes ~140), after a float32 copy of the logits it does not need here.
 //
-// One pass per row: a sorted list of the best k seen so far, and a vector compare of every 16 logits against its
-// smallest; the few that beat it are inserted. On a row of V logits in random order about k ln(V / k) of them are
-// inserted (~180 for k = 20 of 152K), so the pass is the compares, bound by reading the row. Rows are spread over
-// torch's threads.
+// Two vector passes per row (top_k_row: a floor from the chunks' maxima, then the logits above it), whatever the
+// order of the row; rows are spread over torch's threads.
 #include <torch/csrc/stable/library.h>
 #include <torch/csrc/stable/ops.h>
 #include <torch/csrc/stable/tensor.h>
@@ -22,8 +20,10 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <functional>
 #include <limits>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #if defined(__AVX512F__)
@@ -35,37 +35,15 @@ namespace {
 using torch::headeronly::ScalarType;
 using torch::stable::Tensor;
 
-// NaN above everything, as torch.topk orders it; a key that sorts floats with NaN largest.
-inline float order_key(float v) { return std::isnan(v) ? std::numeric_limits<float>::infinity() : v; }
+using Candidate = std::pair<float, int64_t>;  // (order key: NaN as +inf, id)
 
-// The best k so far, kept sorted: values descending, ties by ascending id. `floor` is the k-th value once k
-// are held (-inf before), the one a candidate must reach: ids arrive in ascending order, so a later id equal
-// to the floor loses the tie and is skipped.
-struct Best {
-  std::vector<float> value;  // order keys (NaN as +inf); the true values are read back by id at the end
-  std::vector<int64_t> id;
-  int64_t k;
-  float floor = -std::numeric_limits<float>::infinity();
+// Higher first; equal values by the smaller id.
+inline bool better(const Candidate& a, const Candidate& b) {
+  return a.first > b.first || (a.first == b.first && a.second < b.second);
+}
 
-  explicit Best(int64_t k_) : k(k_) {
-    value.reserve(k + 1);
-    id.reserve(k + 1);
-  }
-
-  void offer(float key, int64_t i) {
-    if (int64_t(value.size()) == k && !(key > floor)) return;
-    // After every held value >= key (ties keep the earlier id first).
-    const auto at = std::upper_bound(value.begin(), value.end(), key, [](float a, float b) { return a > b; });
-    const auto pos = at - value.begin();
-    value.insert(at, key);
-    id.insert(id.begin() + pos, i);
-    if (int64_t(value.size()) > k) {
-      value.pop_back();
-      id.pop_back();
-    }
-    if (int64_t(value.size()) == k) floor = value.back();
-  }
-};
+// Logits as order keys, W lanes: NaN as +inf.
+inline vf keys_of(vf x) { return x == x ? x : vf{} + std::numeric_limits<float>::infinity(); }
 
 // Whether any lane of a comparison's result is set.
 inline bool any_lane(vi m) {
@@ -80,37 +58,60 @@ inline bool any_lane(vi m) {
 #endif
 }
 
-// Lanes of x that may enter: above the floor, or NaN (a comparison with NaN is false both ways).
-inline vi entering(vf x, float floor) { return (x > floor) | (x != x); }
+constexpr int64_t CHUNK = 4 * W;  // logits per chunk maximum (64 with AVX-512)
 
+// Two passes over the row. The maximum of each chunk of CHUNK logits, and the k-th largest of those maxima: k
+// distinct logits are at least that large, so it is a floor under the k-th largest logit. Then every logit at or
+// above the floor is a candidate, read only from the chunks whose maximum reaches the floor, and the candidates
+// are ordered. Whatever the order of the row, the first pass is a vector max and the second reads about k chunks
+// (a random row, or one in ascending order); a running list of the best k had cost O(k) for every new best, which
+// a row in ascending order makes every logit.
 template <typename T>
-void top_k_row(const T* row, int64_t V, int64_t k, float* values, int64_t* ids) {
-  Best best(k);
-  int64_t i = 0;
-  for (; i < std::min(V, k); ++i) best.offer(order_key(to_float(row[i])), i);
-  auto offer_vector = [&](vf x, int64_t at) {
-    const vi enter = entering(x, best.floor);
-    if (!any_lane(enter)) return;
-    for (int64_t j = 0; j < W; ++j) {
-      if (enter[j]) best.offer(order_key(x[j]), at + j);  // the floor may rise after each: offer checks again
+void top_k_row(const T* row, int64_t V, int64_t k, float* values, int64_t* ids, std::vector<float>& maxima,
+               std::vector<float>& ordered, std::vector<Candidate>& candidates) {
+  const int64_t chunks = V / CHUNK;
+  maxima.resize(chunks);
+  for (int64_t c = 0; c < chunks; ++c) {
+    const T* at = row + c * CHUNK;
+    vf m = keys_of(load_vec(at));
+    for (int64_t v = 1; v < CHUNK / W; ++v) {
+      const vf x = keys_of(load_vec(at + v * W));
+      m = m > x ? m : x;
     }
-  };
-  // Four vectors a check: once the floor has risen, almost none of them holds a candidate.
-  for (; i + 4 * W <= V; i += 4 * W) {
-    const vf a = load_vec(row + i), b = load_vec(row + i + W), c = load_vec(row + i + 2 * W),
-             d = load_vec(row + i + 3 * W);
-    const float floor = best.floor;
-    if (!any_lane(entering(a, floor) | entering(b, floor) | entering(c, floor) | entering(d, floor))) continue;
-    offer_vector(a, i);
-    offer_vector(b, i + W);
-    offer_vector(c, i + 2 * W);
-    offer_vector(d, i + 3 * W);
+    float top = m[0];
+    for (int64_t j = 1; j < W; ++j) top = std::max(top, m[j]);
+    maxima[c] = top;
   }
-  for (; i + W <= V; i += W) offer_vector(load_vec(row + i), i);
-  for (; i < V; ++i) best.offer(order_key(to_float(row[i])), i);
+  float floor = -std::numeric_limits<float>::infinity();  // every logit is a candidate when chunks < k
+  if (k == 1 && chunks > 0) {  // greedy rows: the largest maximum, no selection among them
+    floor = *std::max_element(maxima.begin(), maxima.end());
+  } else if (chunks >= k) {
+    ordered.assign(maxima.begin(), maxima.end());
+    std::nth_element(ordered.begin(), ordered.begin() + (k - 1), ordered.end(), std::greater<float>());
+    floor = ordered[k - 1];
+  }
+  candidates.clear();
+  for (int64_t c = 0; c < chunks; ++c) {
+    if (maxima[c] < floor) continue;
+    for (int64_t i = c * CHUNK; i < (c + 1) * CHUNK; i += W) {
+      const vf x = keys_of(load_vec(row + i));
+      const vi taken = x >= floor;
+      if (!any_lane(taken)) continue;
+      for (int64_t j = 0; j < W; ++j) {
+        if (taken[j]) candidates.emplace_back(x[j], i + j);
+      }
+    }
+  }
+  for (int64_t i = chunks * CHUNK; i < V; ++i) {
+    const float x = to_float(row[i]);
+    const float key = std::isnan(x) ? std::numeric_limits<float>::infinity() : x;
+    if (key >= floor) candidates.emplace_back(key, i);
+  }
+  std::nth_element(candidates.begin(), candidates.begin() + (k - 1), candidates.end(), better);
+  std::sort(candidates.begin(), candidates.begin() + k, better);
   for (int64_t j = 0; j < k; ++j) {
-    ids[j] = best.id[j];
-    values[j] = to_float(row[best.id[j]]);
+    ids[j] = candidates[j].second;
+    values[j] = to_float(row[ids[j]]);
   }
 }
 
@@ -121,7 +122,11 @@ void run(const Tensor& logits, int64_t k, Tensor& values, Tensor& ids) {
   float* out_values = static_cast<float*>(values.mutable_data_ptr());
   int64_t* out_ids = static_cast<int64_t*>(ids.mutable_data_ptr());
   torch::stable::parallel_for(0, R, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) top_k_row(src + r * stride, V, k, out_values + r * k, out_ids + r * k);
+    std::vector<float> maxima, ordered;
+    std::vector<Candidate> candidates;
+    for (int64_t r = begin; r < end; ++r) {
+      top_k_row(src + r * stride, V, k, out_values + r * k, out_ids + r * k, maxima, ordered, candidates);
+    }
   });
 }
 
