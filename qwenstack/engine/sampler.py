@@ -180,7 +180,7 @@ def row_uniforms(generators: list[torch.Generator | None], default_generator: to
 
 # Top-p without top-k: how many of the most likely tokens are taken before the whole vocabulary is sorted, in
 # two tries: most nuclei of a trained model are a few dozen tokens, and torch.topk of 64 of 152K took 1.6 ms
-# for 16 rows where 1,024 took 5.5.
+# for 16 rows where 1,024 took 5.5 (kernels.top_k_rows, which takes them now: ~0.5 and ~1.7 ms).
 NUCLEUS_TRIES = (64, 1024)
 NUCLEUS_CANDIDATES = NUCLEUS_TRIES[-1]
 
@@ -193,7 +193,7 @@ def nucleus(scaled: torch.Tensor, params: list[SamplingParams], candidates: int 
     after them is dropped when the candidates' mass reaches top_p (the mass before it does) or when the last
     candidate is already under min_p x the first (so is every later one). When not, the row needs more
     candidates, or to be filtered whole (filter_logits). log_total: the rows' logsumexp [R, 1], when known."""
-    best, ids = torch.topk(scaled, candidates)  # in order
+    best, ids = kernels.top_k_rows(scaled, candidates)  # in order
     if log_total is None:
         log_total = scaled.logsumexp(-1, keepdim=True)
     probs = (best - log_total).exp()  # the full distribution's probabilities
