@@ -15,6 +15,7 @@
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
+#include <utility>
 
 #if defined(__F16C__) || defined(__AVX512F__)
 #include <immintrin.h>
@@ -225,5 +226,16 @@ inline void quantize_rows_int16(const float* x, int64_t M, int64_t K, int16_t* q
     for (; k < K; ++k) out[k] = int16_t(std::lrintf(row[k] * inv));
   }
 }
+
+// The largest lane, in log2(W) rotate-and-max steps.
+template <int Shift, int... K>
+inline vf max_rotated(vf v, std::integer_sequence<int, K...> lanes) {
+  const vf rotated = __builtin_shufflevector(v, v, ((K + Shift) % int(W))...);
+  v = v > rotated ? v : rotated;
+  if constexpr (Shift > 1) return max_rotated<Shift / 2>(v, lanes);
+  else return v;
+}
+
+inline float hmax(vf v) { return max_rotated<int(W) / 2>(v, std::make_integer_sequence<int, int(W)>{})[0]; }
 
 }  // namespace

@@ -149,17 +149,6 @@ inline vf sums_of_lanes(vf* p) {
   return p[0];
 }
 
-// The largest lane, in log2(W) rotate-and-max steps.
-template <int Shift, int... K>
-inline vf max_rotated(vf v, std::integer_sequence<int, K...> lanes) {
-  const vf rotated = __builtin_shufflevector(v, v, ((K + Shift) % int(W))...);
-  v = v > rotated ? v : rotated;
-  if constexpr (Shift > 1) return max_rotated<Shift / 2>(v, lanes);
-  else return v;
-}
-
-inline float hmax(vf v) { return max_rotated<int(W) / 2>(v, std::make_integer_sequence<int, int(W)>{})[0]; }
-
 constexpr int64_t MAX_C = 32;  // head_dim up to 512 with AVX-512 (W = 16), 128 with SSE/NEON (W = 4)
 constexpr int64_t MAX_PV = 4;  // blocks up to 64 tokens with AVX-512, 16 with SSE/NEON (the engine uses 16)
 

@@ -78,9 +78,7 @@ void top_k_row(const T* row, int64_t V, int64_t k, float* values, int64_t* ids, 
       const vf x = keys_of(load_vec(at + v * W));
       m = m > x ? m : x;
     }
-    float top = m[0];
-    for (int64_t j = 1; j < W; ++j) top = std::max(top, m[j]);
-    maxima[c] = top;
+    maxima[c] = hmax(m);
   }
   float floor = -std::numeric_limits<float>::infinity();  // every logit is a candidate when chunks < k
   if (k == 1 && chunks > 0) {  // greedy rows: the largest maximum, no selection among them

@@ -30,7 +30,7 @@ from qwenstack.serving import (
     chat, completions, embeddings, introspect, llamacpp, moderations, realtime, speech, transcriptions, translations,
 )
 from qwenstack.serving import classify, rerank
-from qwenstack.serving.chat import render_prompt, template_kwargs
+from qwenstack.serving.chat import conversation_ids
 from qwenstack.serving.config import ModelSpec, ServerConfig
 from qwenstack.serving.errors import APIError, install_handlers
 from qwenstack.serving.image_api import install_image_api
@@ -41,7 +41,7 @@ from qwenstack.serving.moderation import guard_card, install_guardrails
 from qwenstack.serving.ollama.api import install_ollama, is_ollama_path
 from qwenstack.serving.openapi import install_openapi
 from qwenstack.serving.protocol import (
-    ChatCompletionRequest, DetokenizeRequest, DetokenizeResponse, HealthResponse, ModelCard, ModelList,
+    DetokenizeRequest, DetokenizeResponse, HealthResponse, ModelCard, ModelList,
     TokenizeRequest, TokenizeResponse, VersionResponse,
 )
 from qwenstack.serving.remote import RemoteRouter
@@ -134,11 +134,8 @@ def _info_router() -> APIRouter:
         state = get_state(request)
         served = state.registry.resolve(body.model)
         if body.messages is not None:  # exactly the tokens a chat request with these messages would get
-            chat_like = ChatCompletionRequest(model=served.name, messages=body.messages,
-                                              chat_template_kwargs=body.chat_template_kwargs)
-            kwargs = template_kwargs(chat_like, state.config.default_chat_template_kwargs)
-            _, ids = render_prompt(served, body.messages, state, add_generation_prompt=body.add_generation_prompt,
-                                   **kwargs)
+            ids = conversation_ids(served, body.messages, state, body.chat_template_kwargs,
+                                   body.add_generation_prompt)
         else:
             ids = served.tokenizer.encode(body.prompt or "", add_special_tokens=body.add_special_tokens)
         return TokenizeResponse(count=len(ids), max_model_len=served.max_model_len, tokens=ids)

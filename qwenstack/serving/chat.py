@@ -291,6 +291,16 @@ def template_kwargs(request: ChatCompletionRequest, defaults: dict[str, Any]) ->
     return kwargs
 
 
+def conversation_ids(served: ServedModel, messages: list[ChatMessage], state: ServerState,
+                     chat_template_kwargs: dict[str, Any] | None, add_generation_prompt: bool) -> list[int]:
+    """Exactly the token ids a chat request with these messages would get as its prompt (the server's template
+    defaults, then the request's chat_template_kwargs), for /tokenize and the pooling routes' chat form.
+    Blocking work: run it in a worker thread."""
+    as_chat = ChatCompletionRequest(model=served.name, messages=messages, chat_template_kwargs=chat_template_kwargs)
+    kwargs = template_kwargs(as_chat, state.config.default_chat_template_kwargs)
+    return render_prompt(served, messages, state, add_generation_prompt=add_generation_prompt, **kwargs)[1]
+
+
 def thinking_phase(prompt: str, enable_thinking: Any, continues_final: bool = False) -> ThinkingPhase:
     if continues_final:  # inside the continued message: thinking only when it opened a think block left open
         turn = prompt[prompt.rfind(TURN_START):]

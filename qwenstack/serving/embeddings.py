@@ -29,10 +29,8 @@ from qwenstack.engine.embed import matryoshka
 from qwenstack.errors import RequestError
 from qwenstack.serving.errors import bad_request
 from qwenstack.serving.openapi import request_body
-from qwenstack.serving.chat import render_prompt, template_kwargs
-from qwenstack.serving.protocol import (
-    MAX_COUNT, ChatCompletionRequest, ChatMessage, _Request, one_sentence_error,
-)
+from qwenstack.serving.chat import conversation_ids
+from qwenstack.serving.protocol import MAX_COUNT, ChatMessage, _Request, one_sentence_error
 from qwenstack.serving.served import ServedModel
 from qwenstack.serving.state import ServerState, get_state, local_or_forwarded
 from qwenstack.serving.vllm_extras import last_tokens, truncation_length
@@ -146,7 +144,7 @@ def prompt_ids(served: ServedModel, body: PoolingRequest, truncate: bool = False
         if prompt_name is not None:
             raise bad_request("prompt_name applies to text inputs, not messages", param="prompt_name")
         assert state is not None, "a chat-form pooling request is rendered with the server's chat settings"
-        return [conversation_ids(served, body, state, keep)]
+        return [pooled_conversation(served, body, state, keep)]
     items = input_items(body.input)  # type: ignore[arg-type]
     if isinstance(items[0], str):
         try:
@@ -165,15 +163,12 @@ def prompt_ids(served: ServedModel, body: PoolingRequest, truncate: bool = False
     return items  # type: ignore[return-value]
 
 
-def conversation_ids(served: ServedModel, body: PoolingRequest, state: ServerState, keep: int | None) -> list[int]:
+def pooled_conversation(served: ServedModel, body: PoolingRequest, state: ServerState, keep: int | None) -> list[int]:
     """The token ids of a chat-form request's conversation: the chat template's rendering (as /tokenize and chat
     requests render it: the server's template settings, special tokens typed by the client kept as text), then
     the pooling's end token; its last `keep` (truncate_prompt_tokens), or a 400 past the context."""
     assert body.messages is not None
-    as_chat = ChatCompletionRequest(model=served.name, messages=body.messages,
-                                    chat_template_kwargs=body.chat_template_kwargs)
-    kwargs = template_kwargs(as_chat, state.config.default_chat_template_kwargs)
-    _, ids = render_prompt(served, body.messages, state, add_generation_prompt=body.add_generation_prompt, **kwargs)
+    ids = conversation_ids(served, body.messages, state, body.chat_template_kwargs, body.add_generation_prompt)
     ids = served.pooling.with_end_token(ids, served.tokenizer)
     if keep is not None:
         ids = ids[-keep:]
