@@ -17,8 +17,8 @@ import torch
 
 from qwenstack.engine.embed import matryoshka
 from qwenstack.engine.engine import EngineConfig, LLMEngine
-from qwenstack.engine.outputs import (ClassificationOutput, ClassificationRequestOutput, RequestOutput,
-                                      ScoringOutput, ScoringRequestOutput)
+from qwenstack.engine.outputs import (ClassificationOutput, ClassificationRequestOutput, EmbeddingOutput,
+                                      EmbeddingRequestOutput, RequestOutput, ScoringOutput, ScoringRequestOutput)
 from qwenstack.engine.params import SamplingParams
 from qwenstack.errors import RequestError
 from qwenstack.generation_config import generation_defaults
@@ -214,12 +214,13 @@ class LLM:
         return outputs
 
     def embed(self, inputs: PromptInput | Sequence[PromptInput], use_tqdm: bool = True, *,
-              dimensions: int | None = None, prompt_name: str | None = None) -> torch.Tensor:
-        """Embeddings [len(inputs), dimensions or hidden] (float32) of texts or token-id lists, as POST
-        /v1/embeddings computes them: the last token's final hidden state (texts encoded with the tokenizer's
-        special tokens and the model's end token), the first `dimensions` values, L2-normalized where the model
-        normalizes. `prompt_name` puts one of the checkpoint's named instructions (e.g. "query") before each
-        text. Raises RequestError for an empty input, one longer than the context, or an unknown prompt_name."""
+              dimensions: int | None = None, prompt_name: str | None = None) -> list[EmbeddingRequestOutput]:
+        """Embeddings of texts or token-id lists as POST /v1/embeddings computes them, in vLLM's shape
+        (`[o.outputs.embedding for o in llm.embed(texts)]`, float32 values as lists): the last token's final
+        hidden state (texts encoded with the tokenizer's special tokens and the model's end token), the first
+        `dimensions` values, L2-normalized where the model normalizes. `prompt_name` puts one of the
+        checkpoint's named instructions (e.g. "query") before each text. Raises RequestError for an empty
+        input, one longer than the context, or an unknown prompt_name."""
         prefix = self.pooling.instruction(prompt_name)
         prompts = [self.pooling.with_end_token(self.tokenizer.encode(prefix + p, add_special_tokens=True),
                                                self.tokenizer) if isinstance(p, str) else p
@@ -228,8 +229,10 @@ class LLM:
         if dimensions is not None and not 0 < dimensions <= hidden:
             raise RequestError(f"dimensions must be 1..{hidden}, got {dimensions}")
         if not prompts:
-            return torch.empty(0, dimensions or hidden)
-        return matryoshka(self.engine.embed(prompts), dimensions, self.pooling.normalize)
+            return []
+        vectors = matryoshka(self.engine.embed(prompts), dimensions, self.pooling.normalize).tolist()
+        return [EmbeddingRequestOutput(f"embed-{i}", ids, EmbeddingOutput(row))
+                for i, (ids, row) in enumerate(zip(prompts, vectors))]
 
     @functools.cached_property
     def _longest_token_chars(self) -> int:  # a scan of the whole vocabulary: once, not per score() call

@@ -61,6 +61,25 @@ class ScoringRequestOutput:
 
 
 @dataclass
+class EmbeddingOutput:
+    embedding: list[float]  # float32 values, L2-normalized where the model normalizes
+
+    @property
+    def hidden_size(self) -> int:
+        return len(self.embedding)
+
+
+@dataclass
+class EmbeddingRequestOutput:
+    """One input's embedding, in vLLM's shape (LLM.embed): `out.outputs.embedding`."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    outputs: EmbeddingOutput
+    finished: bool = True
+
+
+@dataclass
 class ClassificationOutput:
     probs: list[float]  # softmax over the labels (sigmoid of the one logit for a one-label classifier)
 

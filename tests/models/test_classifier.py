@@ -69,7 +69,7 @@ def test_a_classifier_of_several_labels_cannot_rerank_nor_generate(classifier: P
         llm.score("q", ["d"])
     with pytest.raises(RequestError, match="sequence-classification model"):
         llm.generate("hello")
-    assert llm.embed("hello").shape == (1, 64)  # the backbone's last token, as a chat model's
+    assert llm.embed("hello")[0].outputs.hidden_size == 64  # the backbone's last token, as a chat model's
 
 
 def test_a_causal_model_cannot_classify(tiny_qwen3: Path) -> None:

@@ -176,21 +176,33 @@ def test_data_parallel_replicas_embed_in_turn(embedding_dir: Path) -> None:
 
 def test_the_offline_api_embeds_as_the_server_does(embedding_dir: Path) -> None:
     """LLM.embed: texts with the tokenizer's end token and the checkpoint's named prompt, token ids as given,
-    Matryoshka dimensions; the vectors are transformers' (last token, normalized)."""
+    Matryoshka dimensions; the vectors are transformers' (last token, normalized), in vLLM's output shape."""
     from qwenstack.llm import LLM
 
     llm = LLM(embedding_dir, dtype="float32")
     tokenizer = Tokenizer.from_dir(embedding_dir)
+
+    def vectors(outputs: list) -> torch.Tensor:
+        return torch.tensor([o.outputs.embedding for o in outputs])
+
     texts = ["hello world", "the capital of France"]
     want = hf_embeddings(embedding_dir, [tokenizer.encode(t, add_special_tokens=True) for t in texts])
-    torch.testing.assert_close(llm.embed(texts), want, atol=1e-4, rtol=0)
-    torch.testing.assert_close(llm.embed(PROMPTS[1]), hf_embeddings(embedding_dir, PROMPTS[1:2]), atol=1e-4, rtol=0)
+    outputs = llm.embed(texts)
+    torch.testing.assert_close(vectors(outputs), want, atol=1e-4, rtol=0)
+    assert [o.request_id for o in outputs] == ["embed-0", "embed-1"] and all(o.finished for o in outputs)
+    assert outputs[1].prompt_token_ids == llm.pooling.with_end_token(tokenizer.encode(texts[1], True), tokenizer)
+    assert outputs[0].outputs.hidden_size == want.shape[1]
+    torch.testing.assert_close(vectors(llm.embed(PROMPTS[1])), hf_embeddings(embedding_dir, PROMPTS[1:2]),
+                               atol=1e-4, rtol=0)
+    assert llm.embed(PROMPTS[1])[0].prompt_token_ids == PROMPTS[1]  # token ids go in as given
     query = llm.pooling.prompts["query"]
-    torch.testing.assert_close(llm.embed(texts[0], prompt_name="query"),
+    torch.testing.assert_close(vectors(llm.embed(texts[0], prompt_name="query")),
                                hf_embeddings(embedding_dir, [tokenizer.encode(query + texts[0], True)]),
                                atol=1e-4, rtol=0)
     short = llm.embed(texts, dimensions=8)
-    torch.testing.assert_close(short, torch.nn.functional.normalize(want[:, :8], dim=-1), atol=1e-4, rtol=0)
+    assert {o.outputs.hidden_size for o in short} == {8}
+    torch.testing.assert_close(vectors(short), torch.nn.functional.normalize(want[:, :8], dim=-1), atol=1e-4, rtol=0)
+    assert llm.embed([]) == []
     for bad in (dict(dimensions=0), dict(prompt_name="nope")):
         with pytest.raises(RequestError):
             llm.embed(texts, **bad)
