@@ -10,12 +10,11 @@
 //   block_tables [B, max_blocks] int32 / int64, context_lens [B] (new tokens included), query_lens [B]
 //   out          [T, q_heads, head_dim] in q's dtype
 // Query head h reads kv head h / (q_heads / kv_heads) (grouped-query attention): the group of query heads
-// of one kv head shares every key and value row loaded. Scores and sums are float32, with an online
-// softmax rescaled once per block.
+// of one kv head shares every key and value row loaded. Scores and sums are float32.
 //
 // Decode (one new token per sequence): work items are chunks of a sequence's context (CHUNK_TOKENS,
 // whole blocks), each over all kv heads (or, with fewer chunks than threads, over a share of them), so
-// every item streams whole blocks front to back. A sequence of several chunks gets each chunk's softmax
+// every item streams whole blocks front to back: the keys, one softmax over the chunk, then the values. A sequence of several chunks gets each chunk's softmax
 // state (max, sum, weighted sum of values) and merges them after (flash-decoding): one long sequence
 // keeps every thread busy. The chunks depend on the length alone, and heads never share sums, so
 // a sequence's result is the same whatever the batch and the thread count. Per block and kv head, each
@@ -23,7 +22,7 @@
 // vectors per head are folded into one vector of W scores (no horizontal sum per token); the weighted sum
 // of values runs with the head's accumulators in registers for the whole block.
 // Several new tokens per sequence: work items are (sequence, range of kv heads); with few sequences the kv
-// heads are split to give every thread work.
+// heads are split to give every thread work. Their softmax is online, rescaled once per block.
 // Threads come from torch's parallel_for (torch.set_num_threads applies) and take items longest-first from
 // a shared counter, so sequences of different lengths balance.
 //
@@ -183,16 +182,19 @@ inline int64_t head_parts(int64_t Hkv, int64_t items, int64_t wanted) {
   return parts;
 }
 
-// Per-thread state of a decode item: the running max, sum and weighted sum of values of every query head
-// (in load_pair's lane order), and for the current block: each head's partial dot vectors (one per
-// token), and for the current kv head the group's weights and rescaling of the sums so far.
+// Per-thread state of a decode item: the max, sum and weighted sum of values of every query head (in
+// load_pair's lane order); the current block's partial dot vectors of each head (one per token); the whole
+// chunk's scores of each head, then its weights; and the weights' rescaling (all ones: a chunk starts fresh).
 struct DecodeScratch {
   std::vector<vf> acc, partial;     // [q_heads * C], [q_heads * padded_block]
-  std::vector<float> m, l, probs;   // [q_heads], [q_heads], [group * padded_block]
-  std::vector<float> alpha;         // [group]
-  DecodeScratch(const Geometry& g, int64_t q_heads)
+  std::vector<float> m, l, scores;  // [q_heads], [q_heads], [q_heads * chunk_stride]
+  std::vector<float> ones;          // [group]
+  int64_t chunk_stride;             // a head's scores: the chunk's blocks, each padded to W
+  DecodeScratch(const Geometry& g, int64_t q_heads, int64_t chunk)
       : acc(q_heads * (g.head_dim / W)), partial(q_heads * g.padded_block), m(q_heads), l(q_heads),
-        probs(g.group * g.padded_block), alpha(g.group) {}
+        ones(g.group, 1.f), chunk_stride((chunk + g.block_size - 1) / g.block_size * g.padded_block) {
+    scores.resize(q_heads * chunk_stride);
+  }
 };
 
 // An offset into the pool that names no block (offsets relative to an item's kv heads may be negative).
@@ -257,13 +259,13 @@ constexpr bool kDotPairs = true;
 // The block's scores: for key row t, one vector per query head r of kv head kvh's group whose lanes add up
 // to q_r . k_t (q unscaled, in memory order; the caller scales the sums).
 template <int CT>
-inline void score_block_pairs(const Bf16* qb, const Bf16* k, int64_t next, int64_t base, int64_t n, int64_t kv_heads,
-                              const Geometry& g, vf* partial) {
+inline void score_block_pairs(const Bf16* qb, const Bf16* k, const Bf16* ahead, int64_t next, int64_t base, int64_t n,
+                              int64_t kv_heads, const Geometry& g, vf* partial) {
   const int64_t G = g.group, P = g.padded_block, D = g.head_dim;
   for (int64_t t = 0; t < n; ++t) {
     for (int64_t kvh = 0; kvh < kv_heads; ++kvh) {
       const int64_t offset = t * g.token_stride + kvh * g.head_stride;
-      if (next != NO_BLOCK) prefetch_row(k + next + offset, D);
+      if (next != NO_BLOCK) prefetch_row(ahead + next + offset, D);
       __m512bh key[CT / 2];
       for (int c = 0; c < CT / 2; ++c) key[c] = (__m512bh)_mm512_loadu_si512(k + base + offset + c * 32);
       for (int64_t r = kvh * G; r < (kvh + 1) * G; ++r) {
@@ -285,46 +287,58 @@ inline void score_block_pairs(const Bf16* qb, const Bf16* k, int64_t next, int64
 constexpr bool kDotPairs = false;
 #endif
 
-// Attention of every query head of one sequence over its tokens [begin, end) (begin on a block boundary),
-// leaving the unnormalised state in s.acc, s.m, s.l; k and v point at block 0 of the pool. CT: head_dim / W
-// when known at compile time (the loops over a row unroll, and a key row and the accumulators stay in
-// registers), 0 otherwise. q: the sequence's queries in load_pair's lane order, already scaled; qb: the same
-// queries as bfloat16 in memory order, unscaled, or null (qb set: the scores are bfloat16 dot products,
-// times score_scale). While a block is read, the same rows of the chunk's next block are prefetched:
-// blocks are scattered over the pool, so the hardware prefetcher alone stalls at every block boundary.
-// During the last block, the rows at `after` (relative to k and v; NO_BLOCK for none) are: the first block
-// of the item the thread takes next.
+// Attention of every query head of one sequence over its tokens [begin, end) (begin on a block boundary, at
+// most one chunk), leaving the unnormalised state in s.acc, s.m, s.l; k and v point at block 0 of the pool.
+// CT: head_dim / W when known at compile time (the loops over a row unroll, and a key row and the accumulators
+// stay in registers), 0 otherwise. q: the sequence's queries in load_pair's lane order, already scaled; qb: the
+// same queries as bfloat16 in memory order, unscaled, or null (qb set: the scores are bfloat16 dot products,
+// times score_scale).
+// Two passes over the chunk, not an online softmax per block: every block's scores first (the keys streamed
+// block after block), one softmax per head over the chunk, then the weighted sum of values (the values
+// streamed block after block). Per block, the online form rescaled the sums and took a scalar exp per head
+// between the blocks' reads. 28 layers of 64 sequences of 136 tokens (AMX Xeon, 2 threads, interleaved): with
+// keys and values in cache 30.2 -> 22.5 ms; read from the pool 1.02-1.08x as fast at 1-128 sequences of 64 to
+// 1,024 tokens (bench_attention.py --base). What is left is the keys' pass: it reads at ~15 GB/s where the
+// values' pass reads at ~26.
+// While a block is read, the same rows of the next block to read are prefetched (blocks are scattered over the
+// pool, so the hardware prefetcher alone stalls at every block boundary): the last key block fetches the first
+// value block, and the last value block the rows at `after` (relative to k and v; NO_BLOCK for none), the
+// first block of the item the thread takes next.
 template <int CT, typename T>
 void attend_chunk(const vf* q, const Bf16* qb, float score_scale, const T* k, const T* v, const int64_t* table,
                   int64_t begin, int64_t end, int64_t kv_heads, const Geometry& g, DecodeScratch& s, int64_t after) {
   const int64_t G = g.group, C = CT ? CT : g.head_dim / W, BS = g.block_size, P = g.padded_block, D = g.head_dim;
-  const int64_t rows = kv_heads * G;
+  const int64_t rows = kv_heads * G, SP = s.chunk_stride;
   constexpr bool dot_pairs = kDotPairs && std::is_same_v<T, Bf16> && CT != 0 && CT % 2 == 0;
   const bool pairs_path = dot_pairs && qb != nullptr;
   const float sums_scale = pairs_path ? score_scale : 1.f;  // q is already scaled on the float32 path
   std::fill(s.m.begin(), s.m.begin() + rows, -std::numeric_limits<float>::infinity());
   std::fill(s.l.begin(), s.l.begin() + rows, 0.f);
   std::fill(s.acc.begin(), s.acc.begin() + rows * C, vf{});
+  if (end <= begin) return;
   vf* partial = s.partial.data();
-  float* probs = s.probs.data();
+  float* scores = s.scores.data();
   vi lane;
   for (int64_t i = 0; i < W; ++i) lane[i] = int32_t(i);
   const vf neg_inf = vf{} - std::numeric_limits<float>::infinity();
+  const int64_t first = table[begin / BS] * g.block_stride;
+  // Pass 1: the scores of every head for every block, into scores[row * SP + block * P + t].
   for (int64_t start = begin; start < end; start += BS) {
-    const int64_t n = std::min(BS, end - start), padded = (n + W - 1) / W * W;
+    const int64_t n = std::min(BS, end - start), padded = (n + W - 1) / W * W, at = (start - begin) / BS * P;
     const int64_t base = table[start / BS] * g.block_stride;
-    const int64_t next = start + BS < end ? table[start / BS + 1] * g.block_stride : after;
-    // Scores of every head, the key rows read in address order (token, then kv head): the hardware
-    // prefetcher streams the block.
+    const bool last = start + BS >= end;
+    const T* ahead = last ? v : k;
+    const int64_t next = last ? first : table[start / BS + 1] * g.block_stride;
+    // Key rows in address order (token, then kv head): the hardware prefetcher streams the block.
 #if defined(__AVX512BF16__)
     if constexpr (dot_pairs) {
-      if (pairs_path) score_block_pairs<CT>(qb, k, next, base, n, kv_heads, g, partial);
+      if (pairs_path) score_block_pairs<CT>(qb, k, ahead, next, base, n, kv_heads, g, partial);
     }
 #endif
     for (int64_t t = 0; !pairs_path && t < n; ++t) {
       for (int64_t kvh = 0; kvh < kv_heads; ++kvh) {
         const int64_t offset = t * g.token_stride + kvh * g.head_stride;
-        if (next != NO_BLOCK) prefetch_row(k + next + offset, D);
+        prefetch_row(ahead + next + offset, D);
         vf key[CT ? CT : MAX_C];
         load_row(k + base + offset, key, C);
         for (int64_t r = kvh * G; r < (kvh + 1) * G; ++r) {
@@ -340,35 +354,46 @@ void attend_chunk(const vf* q, const Bf16* qb, float score_scale, const T* k, co
         }
       }
     }
+    for (int64_t row = 0; row < rows; ++row) {
+      for (int64_t t = n; t < padded; ++t) partial[row * P + t] = vf{};
+      for (int64_t j = 0; j < padded; j += W) {
+        vf sc = sums_of_lanes(partial + row * P + j) * sums_scale;
+        if (n - j < W) sc = lane < int32_t(n - j) ? sc : neg_inf;  // lanes past the block's last token
+        std::memcpy(scores + row * SP + at + j, &sc, sizeof sc);
+      }
+    }
+  }
+  // The softmax of each head over the chunk (unnormalised: the caller divides by l, or merges chunks).
+  const int64_t filled = ((end - begin + BS - 1) / BS - 1) * P + ((end - begin - 1) % BS + 1 + W - 1) / W * W;
+  for (int64_t row = 0; row < rows; ++row) {
+    float* sr = scores + row * SP;
+    vf vmax = neg_inf;
+    for (int64_t j = 0; j < filled; j += W) vmax = vmax > load_vec(sr + j) ? vmax : load_vec(sr + j);
+    const float m = hmax(vmax);
+    vf vsum{};
+    for (int64_t j = 0; j < filled; j += W) {
+      const vf e = exp_vec(load_vec(sr + j) - m);  // the -inf padding lanes give 0
+      std::memcpy(sr + j, &e, sizeof e);
+      vsum += e;
+    }
+    s.m[row] = m;
+    s.l[row] = hsum(vsum);
+  }
+  // Pass 2: the weighted sums of values, block by block.
+  for (int64_t start = begin; start < end; start += BS) {
+    const int64_t n = std::min(BS, end - start), at = (start - begin) / BS * P;
+    const int64_t base = table[start / BS] * g.block_stride;
+    const bool last = start + BS >= end;
+    const T* ahead = last ? k : v;
+    const int64_t next = last ? after : table[start / BS + 1] * g.block_stride;
     for (int64_t kvh = 0; kvh < kv_heads; ++kvh) {
       const int64_t head_offset = kvh * g.head_stride;
-      for (int64_t r = 0; r < G; ++r) {
-        const int64_t row = kvh * G + r;
-        for (int64_t t = n; t < padded; ++t) partial[row * P + t] = vf{};
-        float* pr = probs + r * P;
-        vf vmax = neg_inf;
-        for (int64_t j = 0; j < padded; j += W) {
-          vf sc = sums_of_lanes(partial + row * P + j) * sums_scale;
-          if (n - j < W) sc = lane < int32_t(n - j) ? sc : neg_inf;  // lanes past the block's last token
-          std::memcpy(pr + j, &sc, sizeof sc);
-          vmax = vmax > sc ? vmax : sc;
-        }
-        const float new_m = std::max(s.m[row], hmax(vmax));
-        s.alpha[r] = new_m == s.m[row] ? 1.f : std::exp(s.m[row] - new_m);  // 0 on the first block (m = -inf)
-        vf vsum{};
-        for (int64_t j = 0; j < padded; j += W) {
-          vf e = exp_vec(load_vec(pr + j) - new_m);
-          if (n - j < W) e = lane < int32_t(n - j) ? e : vf{};
-          std::memcpy(pr + j, &e, sizeof e);
-          vsum += e;
-        }
-        s.l[row] = s.l[row] * s.alpha[r] + hsum(vsum);
-        s.m[row] = new_m;
-      }
       const T* vrows = v + base + head_offset;
       vf* acc = s.acc.data() + kvh * G * C;
+      const float* probs = scores + kvh * G * SP + at;
+      const float* ones = s.ones.data();
       if (next != NO_BLOCK) {
-        for (int64_t t = 0; t < n; ++t) prefetch_row(v + next + t * g.token_stride + head_offset, D);
+        for (int64_t t = 0; t < n; ++t) prefetch_row(ahead + next + t * g.token_stride + head_offset, D);
       }
       if constexpr (CT != 0) {
         // Tiles of 4 or 2 heads by CC4 or CC2 vectors, then single heads by CC1 (at most 16 accumulators).
@@ -376,21 +401,21 @@ void attend_chunk(const vf* q, const Bf16* qb, float score_scale, const T* k, co
         int64_t r = 0;
         for (; G % 4 == 0 && r + 4 <= G; r += 4) {
           for (int64_t c0 = 0; c0 < C; c0 += CC4) {
-            add_weighted_values<4, CC4>(vrows, g.token_stride, n, probs + r * P, P, &s.alpha[r], acc + r * C, C, c0);
+            add_weighted_values<4, CC4>(vrows, g.token_stride, n, probs + r * SP, SP, ones, acc + r * C, C, c0);
           }
         }
         for (; r + 2 <= G; r += 2) {
           for (int64_t c0 = 0; c0 < C; c0 += CC2) {
-            add_weighted_values<2, CC2>(vrows, g.token_stride, n, probs + r * P, P, &s.alpha[r], acc + r * C, C, c0);
+            add_weighted_values<2, CC2>(vrows, g.token_stride, n, probs + r * SP, SP, ones, acc + r * C, C, c0);
           }
         }
         for (; r < G; ++r) {
           for (int64_t c0 = 0; c0 < C; c0 += CC1) {
-            add_weighted_values<1, CC1>(vrows, g.token_stride, n, probs + r * P, P, &s.alpha[r], acc + r * C, C, c0);
+            add_weighted_values<1, CC1>(vrows, g.token_stride, n, probs + r * SP, SP, ones, acc + r * C, C, c0);
           }
         }
       } else {
-        add_weighted_values_any(vrows, g.token_stride, n, probs, P, s.alpha.data(), acc, C, G);
+        add_weighted_values_any(vrows, g.token_stride, n, probs, SP, ones, acc, C, G);
       }
     }
   }
@@ -709,7 +734,7 @@ void run(const void* q_ptr, void* out_ptr, ScalarType q_dtype, int64_t Hq, const
   std::atomic<int64_t> next{0};
   const int64_t count = int64_t(items.size());
   torch::stable::parallel_for(0, std::min(threads, count), 1, [&](int64_t, int64_t) {
-    DecodeScratch s(g, Hq);
+    DecodeScratch s(g, Hq, chunk);
     std::vector<float> row(max_q * Hq * D);  // float32 queries of a sequence, then an output row
     std::vector<vf> scaled_q(Hq * C);
     std::unique_ptr<ManyScratch> many;
