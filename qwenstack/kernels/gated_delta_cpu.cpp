@@ -90,7 +90,7 @@ void load_scaled(const T* src, int64_t n, float scale, float* dst) {
 template <typename T>
 void store_rounded(const float* src, int64_t n, T* dst) {
   int64_t i = 0;
-  for (; i + W <= n; i += W) store_exact(round_to<T>(load_vec(src + i)), dst + i);
+  for (; i + W <= n; i += W) store_rounded(load_vec(src + i), dst + i);
   for (; i < n; ++i) store(src[i], dst + i);
 }
 

@@ -86,12 +86,6 @@ inline vf load_vec(const int8_t* p) {
   return v;
 }
 
-inline float hsum(vf v) {
-  float s = 0.f;
-  for (int64_t i = 0; i < W; ++i) s += v[i];
-  return s;
-}
-
 
 // The activation rows in the forms the loops read: float32 always; bfloat16 for the bfloat16 dot-product
 // instruction; int16 with one scale per row for the int8 one.

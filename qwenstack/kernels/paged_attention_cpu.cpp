@@ -57,7 +57,6 @@ namespace {
 using torch::headeronly::ScalarType;
 using torch::stable::Tensor;
 
-typedef float vf4 __attribute__((vector_size(4 * sizeof(float))));
 
 // 2W consecutive elements of a cache row as two float32 vectors. The lane order may differ from memory
 // order (bfloat16 splits even and odd elements: a shift and a mask, no shuffles); queries are loaded with
@@ -111,16 +110,6 @@ inline void output_row(const vf* acc, float inv, float* p, int64_t C) {
       for (int64_t i = 0; i < W; ++i) p[c * W + 2 * i] = acc[c][i] * inv, p[c * W + 2 * i + 1] = acc[c + 1][i] * inv;
     }
   }
-}
-
-inline float hsum(vf v) {
-  vf4 s{};
-  for (int64_t i = 0; i < W / 4; ++i) {
-    vf4 quarter;
-    std::memcpy(&quarter, reinterpret_cast<const char*>(&v) + i * sizeof quarter, sizeof quarter);
-    s += quarter;
-  }
-  return (s[0] + s[1]) + (s[2] + s[3]);
 }
 
 // Lane i of the result = the sum of the lanes of p[i], for W vectors p (overwritten): log2(W) rounds,

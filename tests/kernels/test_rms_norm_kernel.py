@@ -158,6 +158,26 @@ def test_add_and_norm_matches_the_add_then_the_norm(dtype: torch.dtype, zero_cen
     torch.testing.assert_close(got[1].float(), normed.float(), rtol=1e-2, atol=1e-2)
 
 
+def test_add_rounds_denormal_sums_as_torch_does() -> None:
+    """The residual sum is rounded to bfloat16 in one conversion instruction where the CPU has it; that
+    instruction reads float32 denormals as zero, so vectors holding one must round as torch does (kept, not
+    flushed), next to vectors of ordinary values in the same row."""
+    tiny = torch.finfo(torch.float32).tiny
+    x = torch.randn(3, 64).to(torch.bfloat16)
+    delta = torch.randn(3, 64).to(torch.bfloat16)
+    x[0, :16] = torch.tensor([tiny * f for f in torch.linspace(-0.9, 0.9, 16).tolist()]).to(torch.bfloat16)
+    delta[0, :16] = torch.tensor([tiny * 0.03 * (i % 5) for i in range(16)]).to(torch.bfloat16)
+    x[1, 20] = tiny / 4  # one denormal lane among normal ones
+    assert (x[0, :16].float().abs() < tiny).all() and x[0, :16].ne(0).any()
+    norm = make_norm(64, torch.bfloat16, False)
+    with torch.inference_mode():
+        got = kernels.add_rms_norm(x, delta, norm.weight, norm.eps, False)
+    assert got is not None
+    want = x + delta
+    assert torch.equal(got[0].view(torch.int16), want.view(torch.int16))  # bit for bit, denormals and signs
+    assert got[0][0, :16].ne(0).any()  # not flushed to zero
+
+
 def test_prepared_norm_adds_and_normalises_strided_rows() -> None:
     """The residual stream may be a strided view (a row slice of a larger buffer)."""
     norm = make_norm(64, torch.bfloat16, False)

@@ -41,6 +41,20 @@ def test_matches_reference_within_one_unit(dtype: torch.dtype, shape: tuple[int,
     assert apart.max().item() <= 1 and (apart > 0).float().mean().item() <= 0.01
 
 
+def test_denormal_products_are_kept_as_torch_keeps_them() -> None:
+    """silu(gate) * up where up is a bfloat16 denormal: the products are denormals too, which the one-instruction
+    rounding would read as zero; they must come out as the reference's."""
+    tiny = torch.finfo(torch.float32).tiny
+    gate_up = torch.randn(2, 2 * 48).to(torch.bfloat16)
+    gate_up[0, :48] = 20.0  # silu(20) rounds to 20 in bfloat16
+    gate_up[0, 48:] = torch.tensor([tiny * f / 40 for f in torch.linspace(-1, 1, 48).tolist()]).to(torch.bfloat16)
+    with torch.inference_mode():
+        got = kernels.silu_mul(gate_up)
+        want = silu_and_mul(gate_up)
+    assert got is not None and got[0].ne(0).any()
+    assert torch.equal(got.view(torch.int16), want.view(torch.int16))
+
+
 def test_strided_rows_and_the_prepared_module() -> None:
     mlp = SwiGLU(32, 48).to(torch.bfloat16)
     x = torch.randn(5, 32).to(torch.bfloat16)
