@@ -13,6 +13,9 @@ Decisions:
   against 5.1 (greedy).
 - A sampled row draws one uniform and takes the token at that point of its distribution's running sum
   (inverse transform, draw_rows), where an exponential race drew one uniform per token of the vocabulary.
+  Temperature-only rows do it in one native call over the logits as they are (kernels.softmax_draw_rows), and
+  top-p / min-p rows take their log mass the same way (kernels.logsumexp_rows): no float32 copy or scaled
+  temporaries of 152K values a row unless masks or penalties write into the rows (64 rows: 1.6x and 1.3-1.7x).
 - A seeded sequence draws from its own torch.Generator, so the same seed gives the same tokens whatever
   else is in the batch. Unseeded rows draw from the engine's generator.
 - Logprobs are those of the model's distribution (log-softmax of the raw logits), as vLLM reports by
@@ -185,17 +188,22 @@ NUCLEUS_TRIES = (64, 1024)
 NUCLEUS_CANDIDATES = NUCLEUS_TRIES[-1]
 
 
-def nucleus(scaled: torch.Tensor, params: list[SamplingParams], candidates: int = NUCLEUS_CANDIDATES,
-            log_total: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, list[bool]]:
-    """Top-p and min-p (filter_logits') for rows of temperature-scaled logits [R, V], without sorting 152K
-    values a row (50 ms): the weights of each row's `candidates` most likely tokens (its probabilities,
-    zero outside the nucleus), their ids, and whether those candidates hold the row's nucleus: every token
-    after them is dropped when the candidates' mass reaches top_p (the mass before it does) or when the last
-    candidate is already under min_p x the first (so is every later one). When not, the row needs more
-    candidates, or to be filtered whole (filter_logits). log_total: the rows' logsumexp [R, 1], when known."""
-    best, ids = kernels.top_k_rows(scaled, candidates)  # in order
+def nucleus(logits: torch.Tensor, params: list[SamplingParams], candidates: int = NUCLEUS_CANDIDATES,
+            log_total: torch.Tensor | None = None, temperatures: torch.Tensor | None = None
+            ) -> tuple[torch.Tensor, torch.Tensor, list[bool]]:
+    """Top-p and min-p (filter_logits') for rows of logits [R, V] over their temperatures [R, 1] (None: the
+    logits are already scaled), without sorting 152K values a row (50 ms): the weights of each row's
+    `candidates` most likely tokens (its probabilities, zero outside the nucleus), their ids, and whether those
+    candidates hold the row's nucleus: every token after them is dropped when the candidates' mass reaches
+    top_p (the mass before it does) or when the last candidate is already under min_p x the first (so is every
+    later one). When not, the row needs more candidates, or to be filtered whole (filter_logits). log_total:
+    the rows' logsumexp of the scaled logits [R, 1], when known."""
+    best, ids = kernels.top_k_rows(logits, candidates)  # in order (the same over any positive temperature)
+    if temperatures is not None:
+        best = best / temperatures
     if log_total is None:
-        log_total = scaled.logsumexp(-1, keepdim=True)
+        t = torch.ones(logits.shape[0]) if temperatures is None else temperatures[:, 0]
+        log_total = kernels.logsumexp_rows(logits, t)[:, None]
     probs = (best - log_total).exp()  # the full distribution's probabilities
     top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32)
     min_p = torch.tensor([p.min_p for p in params], dtype=torch.float32)
@@ -255,29 +263,42 @@ def sample_drawn_rows(logits: torch.Tensor, requests: list[SampleRequest], rows:
         else:
             other.append(j)
     rewritten = any(requests[i].block_eos or requests[i].params.needs_penalties for i in rows)
-    if top_k and not whole and not other and not rewritten:
-        # Top-k rows alone (Qwen3's defaults), nothing written into their logits: their candidates straight from
-        # the logits, without the float32 copy of 152K values a row.
-        return _draw_top_k_rows(_logit_rows(logits, rows), top_k, rows, params, uniforms)
-    values = _logit_rows(logits, rows).to(torch.float32, copy=True)
-    for j, i in enumerate(rows):  # masks and penalties write into the row, as sample_row's do
-        request = requests[i]
-        if request.block_eos:
-            values[j, request.block_eos] = float("-inf")
-        if request.params.needs_penalties:
-            apply_penalties(values[j], request.params, request.prompt_token_ids, request.output_token_ids)
+    # The rows as the model gave them (a view where they are consecutive: no float32 copy of 152K values a row),
+    # or a float32 copy where masks and penalties write into some of them, as sample_row's do.
+    values = _logit_rows(logits, rows)
+    if rewritten:
+        values = values.to(torch.float32, copy=True)
+        for j, i in enumerate(rows):
+            request = requests[i]
+            if request.block_eos:
+                values[j, request.block_eos] = float("-inf")
+            if request.params.needs_penalties:
+                apply_penalties(values[j], request.params, request.prompt_token_ids, request.output_token_ids)
     chosen: dict[int, int] = {}
     if whole:
-        # In place: values itself where these are all the rows (no other group reads it after them), else the
-        # copy that indexing makes.
-        scaled = _rows(values, whole).div_(_temperatures(whole, params))
-        weights = scaled.sub_(scaled.amax(-1, keepdim=True)).exp_()
-        chosen.update(zip((rows[j] for j in whole), draw_rows(weights, uniforms[whole]).tolist()))
+        chosen.update(_draw_whole_rows(values, whole, rows, params, uniforms))
     if top_k:
         chosen.update(_draw_top_k_rows(values, top_k, rows, params, uniforms))
     if other:
         chosen.update(_draw_nucleus_rows(values, other, rows, params, uniforms))
     return chosen
+
+
+def _draw_whole_rows(values: torch.Tensor, group: list[int], rows: list[int], params: list[SamplingParams],
+                     uniforms: torch.Tensor) -> dict[int, int]:
+    """Temperature-only rows: one draw each from the softmax of the whole row, in the native pass
+    (kernels.softmax_draw_rows: no float32 copy, no temporaries of 152K values a row); the torch path where it
+    does not apply, or for a row it declines (a NaN, no finite logit)."""
+    temperatures = _temperatures(group, params)
+    drawn = kernels.softmax_draw_rows(_rows(values, group), temperatures[:, 0], uniforms[group])
+    picks = [-1] * len(group) if drawn is None else drawn.tolist()
+    left = [n for n, token in enumerate(picks) if token < 0]
+    if left:
+        scaled = _rows(values, [group[n] for n in left]).float() / temperatures[left]
+        weights = scaled.sub_(scaled.amax(-1, keepdim=True)).exp_()
+        for n, token in zip(left, draw_rows(weights, uniforms[[group[n] for n in left]]).tolist()):
+            picks[n] = token
+    return dict(zip((rows[j] for j in group), picks))
 
 
 def _draw_top_k_rows(values: torch.Tensor, group: list[int], rows: list[int], params: list[SamplingParams],
@@ -309,11 +330,6 @@ def _rows(values: torch.Tensor, group: list[int]) -> torch.Tensor:
     return values if len(group) == values.shape[0] else values[group]
 
 
-def _scaled(values: torch.Tensor, group: list[int], params: list[SamplingParams]) -> torch.Tensor:
-    """The group's rows of values over their temperatures, as a new tensor."""
-    return _rows(values, group) / _temperatures(group, params)
-
-
 def _nucleus_weights(probs: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
     """filter_logits' top-p and min-p over rows of probabilities sorted in descending order, zero outside:
     top-p drops a token once the mass before it reaches top_p (the first token always stays), min-p a token
@@ -329,24 +345,28 @@ def _nucleus_weights(probs: torch.Tensor, params: list[SamplingParams]) -> torch
 def _draw_nucleus_rows(values: torch.Tensor, group: list[int], rows: list[int], params: list[SamplingParams],
                        uniforms: torch.Tensor) -> dict[int, int]:
     """Top-p / min-p rows without top-k: among their most likely tokens where those hold the row's nucleus
-    (nucleus(), with each of NUCLEUS_TRIES in turn), else over the whole row (filter_logits)."""
+    (nucleus(), with each of NUCLEUS_TRIES in turn), else over the whole row (filter_logits). The candidates come
+    from the logits as they are, and the rows' log mass from one native pass (kernels.logsumexp_rows): no scaled
+    float32 copy of the rows."""
     chosen: dict[int, int] = {}
     if values.shape[1] > NUCLEUS_TRIES[0]:
-        scaled = _scaled(values, group, params)  # it and its logsumexp once, for every try
-        log_total = scaled.logsumexp(-1, keepdim=True)
-        position = {j: n for n, j in enumerate(group)}  # each row's row in scaled
+        source = _rows(values, group)
+        temperatures = _temperatures(group, params)
+        log_total = kernels.logsumexp_rows(source, temperatures[:, 0])[:, None]  # once, for every try
+        position = {j: n for n, j in enumerate(group)}  # each row's row in source
         for candidates in NUCLEUS_TRIES:
             if not group or values.shape[1] <= candidates:
                 break
             at = [position[j] for j in group]
-            weights, ids, held = nucleus(_rows(scaled, at), [params[j] for j in group], candidates, log_total[at])
+            weights, ids, held = nucleus(_rows(source, at), [params[j] for j in group], candidates, log_total[at],
+                                         temperatures[at])
             fits = [m for m in range(len(group)) if held[m]]
             if fits:
                 picks = ids[fits].gather(1, draw_rows(weights[fits], uniforms[[group[m] for m in fits]])[:, None])
                 chosen.update(zip((rows[group[m]] for m in fits), picks[:, 0].tolist()))
             group = [j for m, j in enumerate(group) if not held[m]]
     for j in group:
-        weights = filter_logits(values[j], params[j]).softmax(-1)[None]
+        weights = filter_logits(values[j].float(), params[j]).softmax(-1)[None]
         chosen[rows[j]] = int(draw_rows(weights, uniforms[j:j + 1])[0])
     return chosen
 

@@ -23,9 +23,9 @@ from qwenstack.kernels.layouts import (
 from qwenstack.kernels.ops import (
     LINEAR_WEIGHT_DTYPES, add_rms_norm, conv_decode, experts_swiglu, gated_delta_chunked, gated_delta_decode, has_amx,
     int4_tiles_preferred, int8_tiles_preferred, linear_rows, linear_rows_available, linear_tiled, linear_tiled_int4,
-    linear_tiled_int8, moe_max_rows, moe_tiled, paged_decode_attention, paged_decode_available, paged_prefix_attention,
-    qk_norm_rope, rms_norm, segment_attention, silu_mul, stream_sum, top_k_rows, use_paged_decode, vector_loop_max_rows,
-    write_kv,
+    linear_tiled_int8, logsumexp_rows, moe_max_rows, moe_tiled, paged_decode_attention, paged_decode_available,
+    paged_prefix_attention, qk_norm_rope, rms_norm, segment_attention, silu_mul, softmax_draw_rows, stream_sum,
+    top_k_rows, use_paged_decode, vector_loop_max_rows, write_kv,
 )
 
 __all__ = [
@@ -38,6 +38,6 @@ __all__ = [
     "linear_tiled", "linear_tiled_int4", "linear_tiled_int8", "paged_decode_attention", "paged_decode_available",
     "paged_prefix_attention", "qk_norm_rope", "rms_norm", "stream_sum", "use_paged_decode", "add_rms_norm",
     "segment_attention", "silu_mul", "write_kv", "conv_decode", "experts_swiglu", "gated_delta_chunked",
-    "gated_delta_decode", "moe_tiled", "top_k_rows",
+    "gated_delta_decode", "moe_tiled", "top_k_rows", "softmax_draw_rows", "logsumexp_rows",
     "moe_max_rows", "vector_loop_max_rows",
 ]

@@ -263,7 +263,7 @@ inline void quantize_rows_int16(const float* x, int64_t M, int64_t K, int16_t* q
 }
 
 // The sum of the lanes: the quarters added as 4-lane vectors, then a pair of pairs (a serial sum of W lanes is a
-// chain of W dependent adds: it was a fifth of qk_norm_rope's time, once per head of 128).
+// chain of W dependent adds, and the norms take one per head of 128 values).
 typedef float vf4 __attribute__((vector_size(4 * sizeof(float))));
 inline float hsum(vf v) {
   vf4 s{};

@@ -267,6 +267,27 @@ def top_k_rows(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor
     return op(logits, k)
 
 
+def softmax_draw_rows(logits: torch.Tensor, temperatures: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor | None:
+    """One token per row of logits [R, V] drawn from softmax(logits / temperatures) [R] float32 at the points
+    uniforms [R] float64 of the rows' running sums (engine/sampler.py draw_rows' rule), in one native pass
+    structure without a float32 copy; -1 for a row without a finite maximum or with a NaN. None where the op
+    does not apply (no native kernel, a device or dtype it does not take): the caller's torch path then."""
+    op = native_op("softmax_draw_rows") if logits.device.type == "cpu" and logits.dtype in _DTYPES else None
+    if op is None or logits.dim() != 2:
+        return None
+    return op(logits, temperatures.to(torch.float32).contiguous(), uniforms.to(torch.float64).contiguous())
+
+
+def logsumexp_rows(logits: torch.Tensor, temperatures: torch.Tensor) -> torch.Tensor:
+    """log sum exp(logits / temperatures) of each row of logits [R, V] (temperatures [R]) as float32 [R]: the
+    native pass over the logits as they are, or torch's logsumexp on a float32 copy where it does not apply."""
+    temperatures = temperatures.to(torch.float32).contiguous()
+    op = native_op("logsumexp_rows") if logits.device.type == "cpu" and logits.dtype in _DTYPES else None
+    if op is None or logits.dim() != 2:
+        return (logits.float() / temperatures[:, None]).logsumexp(-1)
+    return op(logits, temperatures)
+
+
 def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> bool:
     """Stores k and v [T, kv_heads, head_dim] at their slots of the paged pool in one native call, as
     models/attention.py's write_kv; False (nothing written) where it does not apply: CPU tensors of the

@@ -14,8 +14,9 @@
 //
 // Decode (one new token per sequence): work items are chunks of a sequence's context (CHUNK_TOKENS,
 // whole blocks), each over all kv heads (or, with fewer chunks than threads, over a share of them), so
-// every item streams whole blocks front to back: the keys, one softmax over the chunk, then the values. A sequence of several chunks gets each chunk's softmax
-// state (max, sum, weighted sum of values) and merges them after (flash-decoding): one long sequence
+// every item streams whole blocks front to back: the keys, one softmax over the chunk, then the values. A
+// sequence of several chunks gets each chunk's softmax state (max, sum, weighted sum of values) and merges
+// them after (flash-decoding): one long sequence
 // keeps every thread busy. The chunks depend on the length alone, and heads never share sums, so
 // a sequence's result is the same whatever the batch and the thread count. Per block and kv head, each
 // key row is dotted with the group's query heads as vertical multiply-adds and the block's W partial
@@ -56,7 +57,6 @@ namespace {
 
 using torch::headeronly::ScalarType;
 using torch::stable::Tensor;
-
 
 // 2W consecutive elements of a cache row as two float32 vectors. The lane order may differ from memory
 // order (bfloat16 splits even and odd elements: a shift and a mask, no shuffles); queries are loaded with

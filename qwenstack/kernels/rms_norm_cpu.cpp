@@ -218,7 +218,8 @@ void run_qk(const Tensor& q, const Tensor& k, const float* qw, const float* kw, 
       for (; half % W == 0 && i < half; i += W) {
         const vf a = load_vec(n.data() + i), b = load_vec(n.data() + i + half);
         store_rounded(round_to<T>(a * load_vec(c + i)) + round_to<T>(-b * load_vec(s + i)), dst + i);
-        store_rounded(round_to<T>(b * load_vec(c + i + half)) + round_to<T>(a * load_vec(s + i + half)), dst + i + half);
+        store_rounded(round_to<T>(b * load_vec(c + i + half)) + round_to<T>(a * load_vec(s + i + half)),
+                      dst + i + half);
       }
       for (; i < half; ++i)
         store(round_trip<T>(n[i] * to_float(c[i])) + round_trip<T>(-n[i + half] * to_float(s[i])), dst + i);

@@ -10,6 +10,20 @@
 //
 // Two vector passes per row (top_k_row: a floor from the chunks' maxima, then the logits above it), whatever the
 // order of the row; rows are spread over torch's threads.
+//
+// And the whole-row softmax of the rows without top-k, from the logits as the model gave them (no float32 copy
+// of 152K values a row, no temporaries):
+//   softmax_draw_rows(logits [R, V], temperatures [R] float32, uniforms [R] float64) -> ids [R] int64
+//     each row's token drawn from softmax(logits / t) by inverse transform, draw_rows' rule (engine/sampler.py):
+//     the first index whose running sum of the weights exceeds u x the row's total, over blocks of DRAW_BLOCK
+//     tokens and then inside the chosen one, sums in float64 across blocks; a zero weight is never taken. -1
+//     for a row without a finite maximum or with a NaN (the caller takes the torch path for it).
+//   logsumexp_rows(logits [R, V], temperatures [R] float32) -> [R] float32: log sum exp(x / t) (NaN or -inf as
+//     torch's logsumexp gives them, for the same rows).
+// A weight is exp(x / t - max) by cpu_vec.h's exp_vec (~2 ulp), zero below exp(-87) (torch's float32 exp gives
+// denormals or zero there: under 1e-38 of the most likely token's weight). Three passes over a drawn row (the
+// maximum, the blocks' sums, the chosen block), two for a log mass. 64 rows of 152K bfloat16 logits at
+// temperature 1: see benchmarks/RESULTS.md (s26).
 #include <torch/csrc/stable/library.h>
 #include <torch/csrc/stable/ops.h>
 #include <torch/csrc/stable/tensor.h>
@@ -145,12 +159,175 @@ std::tuple<Tensor, Tensor> top_k_rows(Tensor logits, int64_t k) {
   return {values, ids};
 }
 
+// ---------------------------------------------------------------------------------------------------------
+// Whole-row softmax: draws and log masses.
+
+constexpr int64_t DRAW_BLOCK = 1024;  // engine/sampler.py's DRAW_BLOCK
+
+// The row's largest logit; nan set where one is NaN.
+template <typename T>
+float row_max(const T* row, int64_t V, bool& nan) {
+  vf m = vf{} - std::numeric_limits<float>::infinity();
+  vi bad{};
+  int64_t i = 0;
+  for (; i + W <= V; i += W) {
+    const vf x = load_vec(row + i);
+    bad |= x != x;
+    m = m > x ? m : x;
+  }
+  float best = hmax(m);
+  nan = any_lane(bad);
+  for (; i < V; ++i) {
+    const float x = to_float(row[i]);
+    nan |= std::isnan(x);
+    best = std::max(best, x);
+  }
+  return best;
+}
+
+// Weights exp(x / t - m) of W logits, zero below exp(-87).
+inline vf weights_of(vf x, float t, float m) {
+  const vf d = x / t - m;
+  const vf e = exp_vec(d);
+  return d < -87.0f ? vf{} : e;
+}
+
+inline float weight_of(float x, float t, float m) {
+  const float d = x / t - m;
+  return d < -87.0f ? 0.f : std::exp(d);
+}
+
+// The sum of the weights of row[begin, end) (begin a multiple of W).
+template <typename T>
+float weight_sum(const T* row, int64_t begin, int64_t end, float t, float m) {
+  vf acc0{}, acc1{};
+  int64_t i = begin;
+  for (; i + 2 * W <= end; i += 2 * W) {
+    acc0 += weights_of(load_vec(row + i), t, m);
+    acc1 += weights_of(load_vec(row + i + W), t, m);
+  }
+  float sum = hsum(acc0 + acc1);
+  for (; i < end; ++i) sum += weight_of(to_float(row[i]), t, m);
+  return sum;
+}
+
+template <typename T>
+int64_t draw_row(const T* row, int64_t V, float t, double u, std::vector<double>& sums) {
+  bool nan = false;
+  const float top = row_max(row, V, nan);
+  if (nan || !std::isfinite(top)) return -1;
+  const float m = top / t;  // the largest of the scaled logits: x / t rounds monotonically for t > 0
+  const int64_t blocks = (V + DRAW_BLOCK - 1) / DRAW_BLOCK;
+  sums.resize(blocks);
+  double total = 0.0;
+  for (int64_t b = 0; b < blocks; ++b) {
+    sums[b] = weight_sum(row, b * DRAW_BLOCK, std::min(V, (b + 1) * DRAW_BLOCK), t, m);
+    total += sums[b];
+  }
+  const double target = u * total;
+  double before = 0.0;
+  int64_t b = 0;
+  for (; b + 1 < blocks && before + sums[b] <= target; ++b) before += sums[b];
+  const double left = std::max(target - before, 0.0);
+  double running = 0.0;
+  int64_t last = -1;  // the block's last token with weight, for a `left` rounding put past the block's sum
+  for (int64_t i = b * DRAW_BLOCK; i < std::min(V, (b + 1) * DRAW_BLOCK); ++i) {
+    const float w = weight_of(to_float(row[i]), t, m);
+    if (w <= 0.f) continue;
+    running += w;
+    last = i;
+    if (running > left) return i;
+  }
+  return last;
+}
+
+template <typename T>
+float logsumexp_row(const T* row, int64_t V, float t) {
+  bool nan = false;
+  const float top = row_max(row, V, nan);
+  if (nan) return std::numeric_limits<float>::quiet_NaN();
+  if (!std::isfinite(top)) return top / t;  // -inf for a row of -inf (+inf for one holding +inf), as torch
+  const float m = top / t;
+  double total = 0.0;
+  for (int64_t b = 0; b < V; b += DRAW_BLOCK) total += weight_sum(row, b, std::min(V, b + DRAW_BLOCK), t, m);
+  return m + float(std::log(total));
+}
+
+Tensor checked_rows(const Tensor& logits, const Tensor& temperatures, const char* what) {
+  STD_TORCH_CHECK(logits.is_cpu() && temperatures.is_cpu(), what, ": CPU tensors only");
+  STD_TORCH_CHECK(logits.dim() == 2, what, ": logits must be [rows, vocab]");
+  STD_TORCH_CHECK(temperatures.dim() == 1 && temperatures.size(0) == logits.size(0) &&
+                      temperatures.scalar_type() == ScalarType::Float,
+                  what, ": temperatures must be float32 [rows]");
+  return logits.stride(1) == 1 ? logits : as_contiguous(logits);
+}
+
+template <typename T>
+void run_draw(const Tensor& x, const float* t, const double* u, int64_t* ids) {
+  const int64_t R = x.size(0), V = x.size(1), stride = x.stride(0);
+  const T* src = static_cast<const T*>(x.const_data_ptr());
+  torch::stable::parallel_for(0, R, 1, [&](int64_t begin, int64_t end) {
+    std::vector<double> sums;
+    for (int64_t r = begin; r < end; ++r) ids[r] = draw_row(src + r * stride, V, t[r], u[r], sums);
+  });
+}
+
+Tensor softmax_draw_rows(Tensor logits, Tensor temperatures_in, Tensor uniforms_in) {
+  Tensor x = checked_rows(logits, temperatures_in, "softmax_draw_rows");
+  STD_TORCH_CHECK(uniforms_in.is_cpu() && uniforms_in.dim() == 1 && uniforms_in.size(0) == x.size(0) &&
+                      uniforms_in.scalar_type() == ScalarType::Double,
+                  "softmax_draw_rows: uniforms must be float64 [rows]");
+  Tensor temperatures = as_contiguous(temperatures_in), uniforms = as_contiguous(uniforms_in);
+  Tensor ids = torch::stable::empty({x.size(0)}, ScalarType::Long, std::nullopt, x.device());
+  if (x.size(0) == 0) return ids;
+  STD_TORCH_CHECK(x.size(1) > 0, "softmax_draw_rows: rows must not be empty");
+  const float* t = static_cast<const float*>(temperatures.const_data_ptr());
+  const double* u = static_cast<const double*>(uniforms.const_data_ptr());
+  int64_t* out = static_cast<int64_t*>(ids.mutable_data_ptr());
+  switch (x.scalar_type()) {
+    case ScalarType::Float: run_draw<float>(x, t, u, out); break;
+    case ScalarType::BFloat16: run_draw<Bf16>(x, t, u, out); break;
+    case ScalarType::Half: run_draw<Fp16>(x, t, u, out); break;
+    default: STD_TORCH_CHECK(false, "softmax_draw_rows: logits must be float32, bfloat16 or float16");
+  }
+  return ids;
+}
+
+template <typename T>
+void run_logsumexp(const Tensor& x, const float* t, float* out) {
+  const int64_t R = x.size(0), V = x.size(1), stride = x.stride(0);
+  const T* src = static_cast<const T*>(x.const_data_ptr());
+  torch::stable::parallel_for(0, R, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) out[r] = logsumexp_row(src + r * stride, V, t[r]);
+  });
+}
+
+Tensor logsumexp_rows(Tensor logits, Tensor temperatures_in) {
+  Tensor x = checked_rows(logits, temperatures_in, "logsumexp_rows");
+  Tensor temperatures = as_contiguous(temperatures_in);
+  Tensor out = torch::stable::empty({x.size(0)}, ScalarType::Float, std::nullopt, x.device());
+  if (x.size(0) == 0) return out;
+  const float* t = static_cast<const float*>(temperatures.const_data_ptr());
+  float* o = static_cast<float*>(out.mutable_data_ptr());
+  switch (x.scalar_type()) {
+    case ScalarType::Float: run_logsumexp<float>(x, t, o); break;
+    case ScalarType::BFloat16: run_logsumexp<Bf16>(x, t, o); break;
+    case ScalarType::Half: run_logsumexp<Fp16>(x, t, o); break;
+    default: STD_TORCH_CHECK(false, "logsumexp_rows: logits must be float32, bfloat16 or float16");
+  }
+  return out;
+}
+
 }  // namespace
 
 STABLE_TORCH_LIBRARY_FRAGMENT(qwenstack, m) {
   m.def("top_k_rows(Tensor logits, int k) -> (Tensor, Tensor)");
+  m.def("softmax_draw_rows(Tensor logits, Tensor temperatures, Tensor uniforms) -> Tensor");
+  m.def("logsumexp_rows(Tensor logits, Tensor temperatures) -> Tensor");
 }
 
 STABLE_TORCH_LIBRARY_IMPL(qwenstack, CPU, m) {
   m.impl("top_k_rows", TORCH_BOX(&top_k_rows));
+  m.impl("softmax_draw_rows", TORCH_BOX(&softmax_draw_rows));
+  m.impl("logsumexp_rows", TORCH_BOX(&logsumexp_rows));
 }

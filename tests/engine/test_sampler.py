@@ -105,12 +105,22 @@ def test_top_p_over_a_large_vocabulary_draws_from_the_same_nucleus() -> None:
             torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-4)
 
 
-def test_draws_follow_each_rows_distribution() -> None:
+@pytest.mark.parametrize("native", [True, False])
+def test_draws_follow_each_rows_distribution(native: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     """Every batched path (whole vocabulary, top-k with top-p and min-p, top-p alone over a large vocabulary
     with 64 and with 1,024 candidates, min-p alone, the full-sort fallback) and the per-row path of a row with
     a logits processor draw from filter_logits' distribution: each token's frequency over many draws within 4
-    standard deviations of its probability."""
+    standard deviations of its probability. With the native kernels (top-k, the whole-row draw, the rows' log
+    mass) and with their torch fallbacks."""
+    from kernel_utils import require_native_kernels
+    from qwenstack import kernels
     from qwenstack.engine.sampler import NUCLEUS_CANDIDATES
+
+    if native:
+        require_native_kernels()
+    else:
+        monkeypatch.setattr(kernels, "native_op", lambda name: None)
+        monkeypatch.setattr(kernels.ops, "native_op", lambda name: None)
 
     gen = torch.Generator().manual_seed(8)
     vocab = 3 * NUCLEUS_CANDIDATES
