@@ -294,9 +294,10 @@ def _draw_whole_rows(values: torch.Tensor, group: list[int], rows: list[int], pa
     picks = [-1] * len(group) if drawn is None else drawn.tolist()
     left = [n for n, token in enumerate(picks) if token < 0]
     if left:
-        scaled = _rows(values, [group[n] for n in left]).float() / temperatures[left]
+        declined = [group[n] for n in left]
+        scaled = _rows(values, declined).float() / temperatures[left]
         weights = scaled.sub_(scaled.amax(-1, keepdim=True)).exp_()
-        for n, token in zip(left, draw_rows(weights, uniforms[[group[n] for n in left]]).tolist()):
+        for n, token in zip(left, draw_rows(weights, uniforms[declined]).tolist()):
             picks[n] = token
     return dict(zip((rows[j] for j in group), picks))
 

@@ -95,8 +95,16 @@ inline vf load_vec(const Fp16* p) {
 }
 
 #if defined(__AVX512BF16__) && defined(__AVX512DQ__)
-// Whether a lane of x is a float32 denormal (vfpclassps class 0x20).
-inline bool has_denormal(__m512 x) { return _mm512_fpclass_ps_mask(x, 0x20) != 0; }
+// v's lanes as bfloat16 in `out` by one vcvtneps2bf16 (round to nearest even, NaN made quiet as round_to does),
+// where no lane is a float32 denormal (vfpclassps class 0x20): the instruction reads those as zero, so for
+// such a vector it returns false and converts nothing (the caller takes the exact integer path).
+inline bool to_bf16_fast(vf v, __m256i& out) {
+  __m512 x;
+  std::memcpy(&x, &v, sizeof x);
+  if (_mm512_fpclass_ps_mask(x, 0x20) != 0) return false;
+  out = (__m256i)_mm512_cvtneps_pbh(x);
+  return true;
+}
 #endif
 
 // v rounded to T's precision (round to nearest even, NaN stays NaN), still as float32: what storing to T and
@@ -107,13 +115,11 @@ inline vf round_to(vf v) {
     return v;
   } else if constexpr (std::is_same_v<T, Bf16>) {
 #if defined(__AVX512BF16__) && defined(__AVX512DQ__)
-    // One vcvtneps2bf16 (round to nearest even, NaN made quiet as below) where no lane is a float32 denormal:
-    // the instruction reads those as zero, so such vectors take the generic path. The generic path's integer
-    // operations were a large part of silu_mul's and the norms' time (store_rounded below).
-    __m512 x;
-    std::memcpy(&x, &v, sizeof x);
-    if (!has_denormal(x)) {
-      const __m512i wide = _mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(x)), 16);
+    // One conversion instruction where it is exact (to_bf16_fast): the integer operations below were a large
+    // part of silu_mul's and the norms' time (store_rounded below).
+    __m256i h;
+    if (to_bf16_fast(v, h)) {
+      const __m512i wide = _mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16);
       vf out;
       std::memcpy(&out, &wide, sizeof out);
       return out;
@@ -159,10 +165,9 @@ template <typename T>
 inline void store_rounded(vf v, T* p) {
 #if defined(__AVX512BF16__) && defined(__AVX512DQ__)
   if constexpr (std::is_same_v<T, Bf16>) {
-    __m512 x;
-    std::memcpy(&x, &v, sizeof x);
-    if (!has_denormal(x)) {
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), (__m256i)_mm512_cvtneps_pbh(x));
+    __m256i h;
+    if (to_bf16_fast(v, h)) {
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), h);
       return;
     }
   }

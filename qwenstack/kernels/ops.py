@@ -256,12 +256,19 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor | None:
     return op(gate_up.reshape(-1, shape[-1])).view(*shape[:-1], shape[-1] // 2)
 
 
+def _rows_op(name: str, logits: torch.Tensor):  # noqa: ANN202 - the op's callable, or None
+    """The sampling op `name` where it takes these logits (CPU rows [R, V] of a dtype it reads), else None."""
+    if logits.device.type != "cpu" or logits.dtype not in _DTYPES or logits.dim() != 2:
+        return None
+    return native_op(name)
+
+
 def top_k_rows(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The k largest values of each row of logits [R, V] as float32 [R, k], descending, and their ids [R, k]:
     the native selection (equal values by ascending id), or torch.topk where it does not apply (a
     device or dtype the op does not take; ties then in torch's order)."""
-    op = native_op("top_k_rows") if logits.device.type == "cpu" and logits.dtype in _DTYPES else None
-    if op is None or logits.dim() != 2:
+    op = _rows_op("top_k_rows", logits)
+    if op is None:
         values, ids = torch.topk(logits, k)
         return values.float(), ids
     return op(logits, k)
@@ -272,8 +279,8 @@ def softmax_draw_rows(logits: torch.Tensor, temperatures: torch.Tensor, uniforms
     uniforms [R] float64 of the rows' running sums (engine/sampler.py draw_rows' rule), in one native pass
     structure without a float32 copy; -1 for a row without a finite maximum or with a NaN. None where the op
     does not apply (no native kernel, a device or dtype it does not take): the caller's torch path then."""
-    op = native_op("softmax_draw_rows") if logits.device.type == "cpu" and logits.dtype in _DTYPES else None
-    if op is None or logits.dim() != 2:
+    op = _rows_op("softmax_draw_rows", logits)
+    if op is None:
         return None
     return op(logits, temperatures.to(torch.float32).contiguous(), uniforms.to(torch.float64).contiguous())
 
@@ -282,8 +289,8 @@ def logsumexp_rows(logits: torch.Tensor, temperatures: torch.Tensor) -> torch.Te
     """log sum exp(logits / temperatures) of each row of logits [R, V] (temperatures [R]) as float32 [R]: the
     native pass over the logits as they are, or torch's logsumexp on a float32 copy where it does not apply."""
     temperatures = temperatures.to(torch.float32).contiguous()
-    op = native_op("logsumexp_rows") if logits.device.type == "cpu" and logits.dtype in _DTYPES else None
-    if op is None or logits.dim() != 2:
+    op = _rows_op("logsumexp_rows", logits)
+    if op is None:
         return (logits.float() / temperatures[:, None]).logsumexp(-1)
     return op(logits, temperatures)
 

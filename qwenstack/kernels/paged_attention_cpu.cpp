@@ -173,15 +173,14 @@ inline int64_t head_parts(int64_t Hkv, int64_t items, int64_t wanted) {
 
 // Per-thread state of a decode item: the max, sum and weighted sum of values of every query head (in
 // load_pair's lane order); the current block's partial dot vectors of each head (one per token); the whole
-// chunk's scores of each head, then its weights; and the weights' rescaling (all ones: a chunk starts fresh).
+// chunk's scores of each head, then its weights.
 struct DecodeScratch {
   std::vector<vf> acc, partial;     // [q_heads * C], [q_heads * padded_block]
   std::vector<float> m, l, scores;  // [q_heads], [q_heads], [q_heads * chunk_stride]
-  std::vector<float> ones;          // [group]
   int64_t chunk_stride;             // a head's scores: the chunk's blocks, each padded to W
   DecodeScratch(const Geometry& g, int64_t q_heads, int64_t chunk)
       : acc(q_heads * (g.head_dim / W)), partial(q_heads * g.padded_block), m(q_heads), l(q_heads),
-        ones(g.group, 1.f), chunk_stride((chunk + g.block_size - 1) / g.block_size * g.padded_block) {
+        chunk_stride((chunk + g.block_size - 1) / g.block_size * g.padded_block) {
     scores.resize(q_heads * chunk_stride);
   }
 };
@@ -198,15 +197,15 @@ inline void prefetch_row(const T* p, int64_t n) {
   for (int64_t o = 0; o < n * int64_t(sizeof(T)); o += 64) __builtin_prefetch(bytes + o, 0, 2);
 }
 
-// acc[r][c0 .. c0 + CC) of RT query heads, rescaled by alpha[r], plus the block's n value rows times the
-// heads' weights probs[r * P + t]: the RT x CC accumulators stay in registers over the block, and each
+// acc[r][c0 .. c0 + CC) of RT query heads plus the block's n value rows times the heads' weights
+// probs[r * P + t]: the RT x CC accumulators stay in registers over the block, and each
 // value row's slice is loaded and converted once for the RT heads.
 template <int RT, int CC, typename T>
 inline void add_weighted_values(const T* rows, int64_t token_stride, int64_t n, const float* probs, int64_t P,
-                                const float* alpha, vf* acc, int64_t C, int64_t c0) {
+                                vf* acc, int64_t C, int64_t c0) {
   vf a[RT][CC];
   for (int r = 0; r < RT; ++r) {
-    for (int c = 0; c < CC; ++c) a[r][c] = acc[r * C + c0 + c] * alpha[r];
+    for (int c = 0; c < CC; ++c) a[r][c] = acc[r * C + c0 + c];
   }
   for (int64_t t = 0; t < n; ++t) {
     vf x[CC];
@@ -224,11 +223,8 @@ inline void add_weighted_values(const T* rows, int64_t token_stride, int64_t n, 
 // The same for any head_dim (row length known at run time): one head at a time.
 template <typename T>
 inline void add_weighted_values_any(const T* rows, int64_t token_stride, int64_t n, const float* probs,
-                                    int64_t P, const float* alpha, vf* acc, int64_t C, int64_t G) {
+                                    int64_t P, vf* acc, int64_t C, int64_t G) {
   vf x[MAX_C];
-  for (int64_t r = 0; r < G; ++r) {
-    for (int64_t c = 0; c < C; ++c) acc[r * C + c] *= alpha[r];
-  }
   for (int64_t t = 0; t < n; ++t) {
     load_row(rows + t * token_stride, x, C);
     for (int64_t r = 0; r < G; ++r) {
@@ -380,7 +376,6 @@ void attend_chunk(const vf* q, const Bf16* qb, float score_scale, const T* k, co
       const T* vrows = v + base + head_offset;
       vf* acc = s.acc.data() + kvh * G * C;
       const float* probs = scores + kvh * G * SP + at;
-      const float* ones = s.ones.data();
       if (next != NO_BLOCK) {
         for (int64_t t = 0; t < n; ++t) prefetch_row(ahead + next + t * g.token_stride + head_offset, D);
       }
@@ -390,21 +385,21 @@ void attend_chunk(const vf* q, const Bf16* qb, float score_scale, const T* k, co
         int64_t r = 0;
         for (; G % 4 == 0 && r + 4 <= G; r += 4) {
           for (int64_t c0 = 0; c0 < C; c0 += CC4) {
-            add_weighted_values<4, CC4>(vrows, g.token_stride, n, probs + r * SP, SP, ones, acc + r * C, C, c0);
+            add_weighted_values<4, CC4>(vrows, g.token_stride, n, probs + r * SP, SP, acc + r * C, C, c0);
           }
         }
         for (; r + 2 <= G; r += 2) {
           for (int64_t c0 = 0; c0 < C; c0 += CC2) {
-            add_weighted_values<2, CC2>(vrows, g.token_stride, n, probs + r * SP, SP, ones, acc + r * C, C, c0);
+            add_weighted_values<2, CC2>(vrows, g.token_stride, n, probs + r * SP, SP, acc + r * C, C, c0);
           }
         }
         for (; r < G; ++r) {
           for (int64_t c0 = 0; c0 < C; c0 += CC1) {
-            add_weighted_values<1, CC1>(vrows, g.token_stride, n, probs + r * SP, SP, ones, acc + r * C, C, c0);
+            add_weighted_values<1, CC1>(vrows, g.token_stride, n, probs + r * SP, SP, acc + r * C, C, c0);
           }
         }
       } else {
-        add_weighted_values_any(vrows, g.token_stride, n, probs, SP, ones, acc, C, G);
+        add_weighted_values_any(vrows, g.token_stride, n, probs, SP, acc, C, G);
       }
     }
   }

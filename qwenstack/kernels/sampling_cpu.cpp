@@ -197,7 +197,7 @@ inline float weight_of(float x, float t, float m) {
   return d < -87.0f ? 0.f : std::exp(d);
 }
 
-// The sum of the weights of row[begin, end) (begin a multiple of W).
+// The sum of the weights of row[begin, end).
 template <typename T>
 float weight_sum(const T* row, int64_t begin, int64_t end, float t, float m) {
   vf acc0{}, acc1{};
@@ -211,12 +211,9 @@ float weight_sum(const T* row, int64_t begin, int64_t end, float t, float m) {
   return sum;
 }
 
+// Each DRAW_BLOCK block's sum of weights into sums (float64), and their total.
 template <typename T>
-int64_t draw_row(const T* row, int64_t V, float t, double u, std::vector<double>& sums) {
-  bool nan = false;
-  const float top = row_max(row, V, nan);
-  if (nan || !std::isfinite(top)) return -1;
-  const float m = top / t;  // the largest of the scaled logits: x / t rounds monotonically for t > 0
+double block_masses(const T* row, int64_t V, float t, float m, std::vector<double>& sums) {
   const int64_t blocks = (V + DRAW_BLOCK - 1) / DRAW_BLOCK;
   sums.resize(blocks);
   double total = 0.0;
@@ -224,7 +221,17 @@ int64_t draw_row(const T* row, int64_t V, float t, double u, std::vector<double>
     sums[b] = weight_sum(row, b * DRAW_BLOCK, std::min(V, (b + 1) * DRAW_BLOCK), t, m);
     total += sums[b];
   }
-  const double target = u * total;
+  return total;
+}
+
+template <typename T>
+int64_t draw_row(const T* row, int64_t V, float t, double u, std::vector<double>& sums) {
+  bool nan = false;
+  const float top = row_max(row, V, nan);
+  if (nan || !std::isfinite(top)) return -1;
+  const float m = top / t;  // the largest of the scaled logits: x / t rounds monotonically for t > 0
+  const double target = u * block_masses(row, V, t, m, sums);
+  const int64_t blocks = int64_t(sums.size());
   double before = 0.0;
   int64_t b = 0;
   for (; b + 1 < blocks && before + sums[b] <= target; ++b) before += sums[b];
@@ -242,15 +249,13 @@ int64_t draw_row(const T* row, int64_t V, float t, double u, std::vector<double>
 }
 
 template <typename T>
-float logsumexp_row(const T* row, int64_t V, float t) {
+float logsumexp_row(const T* row, int64_t V, float t, std::vector<double>& sums) {
   bool nan = false;
   const float top = row_max(row, V, nan);
   if (nan) return std::numeric_limits<float>::quiet_NaN();
   if (!std::isfinite(top)) return top / t;  // -inf for a row of -inf (+inf for one holding +inf), as torch
   const float m = top / t;
-  double total = 0.0;
-  for (int64_t b = 0; b < V; b += DRAW_BLOCK) total += weight_sum(row, b, std::min(V, b + DRAW_BLOCK), t, m);
-  return m + float(std::log(total));
+  return m + float(std::log(block_masses(row, V, t, m, sums)));
 }
 
 Tensor checked_rows(const Tensor& logits, const Tensor& temperatures, const char* what) {
@@ -298,7 +303,8 @@ void run_logsumexp(const Tensor& x, const float* t, float* out) {
   const int64_t R = x.size(0), V = x.size(1), stride = x.stride(0);
   const T* src = static_cast<const T*>(x.const_data_ptr());
   torch::stable::parallel_for(0, R, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) out[r] = logsumexp_row(src + r * stride, V, t[r]);
+    std::vector<double> sums;
+    for (int64_t r = begin; r < end; ++r) out[r] = logsumexp_row(src + r * stride, V, t[r], sums);
   });
 }
 
