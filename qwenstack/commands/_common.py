@@ -6,6 +6,7 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from qwenstack.engine.params import KV_CACHE_DTYPES
 from qwenstack.markup import THINK_START
 
 if TYPE_CHECKING:
@@ -68,6 +69,9 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
                        help="context length limit (default: the model's, capped by the KV cache)")
     group.add_argument("--kv-cache-memory", type=parse_bytes, default=None, metavar="SIZE",
                        help="memory for the paged KV cache, e.g. 2GiB or 512MiB (default: 2GiB)")
+    group.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default="auto",
+                       help="the KV cache's element type: auto (the model's dtype) or fp8 (= fp8_e5m2, float8 e5m2: "
+                            "twice the tokens in the same memory, at some precision)")
     group.add_argument("--quantization", default=None, metavar="METHOD", help="quantize the weights at load time")
 
 
@@ -125,6 +129,7 @@ def load_llm(args: argparse.Namespace) -> "LLM":
     template = chat_template_of(args)
     llm = LLM(args.model, dtype=None if args.dtype == "auto" else args.dtype, device=args.device,
               max_model_len=args.max_model_len, kv_cache_memory=args.kv_cache_memory,
+              kv_cache_dtype=args.kv_cache_dtype,
               quantization=args.quantization, **options)
     if template is not None:
         llm.tokenizer.chat_template = template

@@ -122,7 +122,8 @@ def judge(args: argparse.Namespace, items: list[list[dict[str, Any]]]) -> tuple[
             verdicts.append(rails.stream_verdict(messages, answer))
     else:
         guard = GenGuard.load(path, dtype=dtype, device=args.device, max_model_len=args.max_model_len,
-                              kv_cache_memory=args.kv_cache_memory or 256 * 1024**2)
+                              kv_cache_memory=args.kv_cache_memory or 256 * 1024**2,
+                              kv_cache_dtype=args.kv_cache_dtype)
         start = time.monotonic()
         verdicts = guard.moderate_many(list(zip(items, directions)))
     return [decide(policy, d, v) for d, v in zip(directions, verdicts)], time.monotonic() - start

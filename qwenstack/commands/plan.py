@@ -8,6 +8,7 @@ from pathlib import Path
 
 from qwenstack.commands import Command
 from qwenstack.commands._common import positive_int
+from qwenstack.engine.params import KV_CACHE_DTYPES
 
 EPILOG = """examples:
   qwenstack plan Qwen/Qwen3-235B-A22B --context 262144 --quantization int4
@@ -34,6 +35,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="weight format to plan for: int8, int4, int4-g32, fp8, float32 (default: bfloat16)")
     parser.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16",
                         help="activation and KV cache dtype (default: bfloat16)")
+    parser.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default="auto",
+                        help="the KV cache's element type as the server takes it: auto (--dtype) or fp8 (half the "
+                             "bytes)")
     parser.add_argument("--no-measure", action="store_true",
                         help="do not run a short decode even when the weights are present")
     parser.add_argument("--no-bandwidth", action="store_true", help="skip the bandwidth figures and speed estimates")
@@ -113,7 +117,8 @@ def run(args: argparse.Namespace) -> int:
     if not args.no_bandwidth:
         bandwidth = cpu_bandwidth(refresh=args.refresh_bandwidth)
         gpu = gpu_bandwidth(refresh=args.refresh_bandwidth)
-    plan = make_plan(source, args.context, args.concurrency, args.quantization, args.dtype, bandwidth, gpu)
+    plan = make_plan(source, args.context, args.concurrency, args.quantization, args.dtype, bandwidth, gpu,
+                     kv_cache_dtype=args.kv_cache_dtype)
     measurable = source.has_weights and plan.weights[plan.quantization].memory * 1.3 < plan.memory.ram_available
     if measurable and not args.no_measure:
         assert source.model_dir is not None
@@ -122,7 +127,8 @@ def run(args: argparse.Namespace) -> int:
         plan.measured_tok_s, plan.measured_context = measure_decode(source.model_dir, quantization, args.dtype)
         if bandwidth is not None:  # an estimate at the context the measurement ran at, to set beside it
             at_measured = make_plan(source, plan.measured_context, 1, args.quantization, args.dtype, bandwidth,
-                                    memory=plan.memory, short_context=plan.measured_context).speeds
+                                    memory=plan.memory, short_context=plan.measured_context,
+                                    kv_cache_dtype=args.kv_cache_dtype).speeds
             plan.speeds = sorted({s.context: s for s in plan.speeds + at_measured}.values(), key=lambda s: s.context)
     print(format_plan(plan))
     if args.json is not None:

@@ -241,6 +241,7 @@ def serve_config_from_args(args: argparse.Namespace) -> dict[str, Any]:
         "device": args.device,
         "quantization": args.quantization,
         "max_model_len": args.max_model_len,
+        "kv_cache_dtype": args.kv_cache_dtype,
     }
     optional = {"max_num_seqs": args.max_num_seqs, "max_num_batched_tokens": args.max_num_batched_tokens,
                 "max_waiting": args.max_waiting, "seed": args.seed, "speculative_tokens": args.speculative_tokens,

@@ -276,6 +276,7 @@ class Plan:
     gpu_speeds: list[SpeedEstimate] = field(default_factory=list)
     measured_tok_s: float | None = None
     measured_context: int | None = None
+    kv_dtype: str = "bfloat16"  # the KV cache's element type
 
     @property
     def kv_bytes(self) -> int:
@@ -314,7 +315,9 @@ def _speeds(weights: WeightBytes, fmt: str, act_dtype: str, kv_per_token: int, s
 
 def make_plan(source: ConfigSource, context: int | None = None, concurrency: int = 1, quantization: str | None = None,
               act_dtype: str = "bfloat16", bandwidth: Bandwidth | None = None, gpu: Bandwidth | None = None,
-              memory: MachineMemory | None = None, short_context: int = 16) -> Plan:
+              memory: MachineMemory | None = None, short_context: int = 16, kv_cache_dtype: str = "auto") -> Plan:
+    """kv_cache_dtype: --kv-cache-dtype's name (engine/runner.py's kv_cache_dtype): fp8 halves the KV cache."""
+    from qwenstack.engine.runner import kv_cache_dtype as kv_dtype_of
     from qwenstack.models.registry import build_model
 
     config = source.config
@@ -324,13 +327,15 @@ def make_plan(source: ConfigSource, context: int | None = None, concurrency: int
     weights = {f: weight_bytes(matrices, f, act_dtype) for f in formats}
     model = build_model(config, "meta")
     dtype = getattr(torch, act_dtype)
-    kv_per_token = model.kv_cache_spec().bytes_per_token(dtype)
+    kv_dtype = kv_dtype_of(kv_cache_dtype, dtype)
+    kv_per_token = model.kv_cache_spec().bytes_per_token(kv_dtype)
     state = model.state_bytes_per_slot(dtype) if hasattr(model, "state_bytes_per_slot") else 0
     max_pos = int(config.get("max_position_embeddings") or 0)
     context = context or max_pos
     contexts = sorted({min(short_context, context), context})
     plan = Plan(source.name, config["model_type"], source.origin, source.note, count_parameters(config), act_dtype, fmt,
-                weights, kv_per_token, state, context, concurrency, max_pos, memory or machine_memory(), bandwidth, gpu)
+                weights, kv_per_token, state, context, concurrency, max_pos, memory or machine_memory(), bandwidth, gpu,
+                kv_dtype=str(kv_dtype).removeprefix("torch."))
     if bandwidth is not None:
         layers = int(config.get("num_hidden_layers") or 0)
         sparse = [m for m in model.modules() if isinstance(m, Experts)]

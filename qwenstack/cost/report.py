@@ -53,7 +53,7 @@ def format_plan(plan: "Plan") -> str:
         mark = "  <- planned" if fmt == plan.quantization else ""
         lines.append(f"  {fmt:<34}{size(w.memory):>12}  {size(w.read_per_token):>15}{mark}")
     lines.append("")
-    lines.append(f"KV cache: {size(plan.kv_bytes_per_token)} per token ({plan.act_dtype}, full-attention layers); "
+    lines.append(f"KV cache: {size(plan.kv_bytes_per_token)} per token ({plan.kv_dtype}, full-attention layers); "
                  f"{plan.context:,} tokens x {plan.concurrency} sequence{'s' if plan.concurrency > 1 else ''} "
                  f"= {size(plan.kv_bytes)}")
     if plan.state_bytes_per_sequence:

@@ -138,7 +138,8 @@ class DistributedRunner(ModelRunner):
         from qwenstack.engine.multimodal import DEFAULT_ENCODER_CACHE_MEMORY
 
         executor.send(InitRunner(num_blocks, block_size, seed, num_state_slots,
-                                 kwargs.get("encoder_cache_memory", DEFAULT_ENCODER_CACHE_MEMORY)))
+                                 kwargs.get("encoder_cache_memory", DEFAULT_ENCODER_CACHE_MEMORY),
+                                 kwargs.get("kv_dtype")))
         super().__init__(model, num_blocks, block_size, seed=seed, num_state_slots=num_state_slots, **kwargs)
         self.executor = executor
         self.sender = TokenSender()

@@ -60,6 +60,7 @@ class InitRunner:
     seed: int
     num_state_slots: int
     encoder_cache_memory: int
+    kv_dtype: torch.dtype | None = None  # the KV pool's (engine.runner.kv_cache_dtype); None: the model's
 
 
 @dataclass(frozen=True)
@@ -150,7 +151,7 @@ def serve_steps(model: torch.nn.Module, group: ParallelGroup) -> None:
         if isinstance(message, InitRunner):
             runner = ModelRunner(model, message.num_blocks, message.block_size, seed=message.seed,  # type: ignore[arg-type]
                                  num_state_slots=message.num_state_slots,
-                                 encoder_cache_memory=message.encoder_cache_memory)
+                                 encoder_cache_memory=message.encoder_cache_memory, kv_dtype=message.kv_dtype)
         elif isinstance(message, Execute):
             if runner is None:
                 raise RuntimeError("the driver sent a step before initialising the runner")

@@ -26,7 +26,7 @@ from qwenstack.engine.embed import last_token_states, without_trailing
 from qwenstack.engine.multimodal import DEFAULT_ENCODER_CACHE_MEMORY, PLAN_KEY, sequence_plan
 from qwenstack.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from qwenstack.engine.params import SamplingParams
-from qwenstack.engine.runner import ModelRunner, kv_pool_blocks
+from qwenstack.engine.runner import ModelRunner, kv_cache_dtype, kv_pool_blocks
 from qwenstack.engine.scheduler import Scheduler, SchedulerConfig
 from qwenstack.engine.speculative import SpeculativeRunner, speculative_pool_blocks
 from qwenstack.engine.sequence import PositionLogprobs, Sequence, SequenceStatus
@@ -86,6 +86,7 @@ class EngineConfig:
     prompt_lookup_max: int = 4  # ngram: the longest
     prompt_lookup_max_batch: int | None = 8  # ngram: no drafts in steps of more sequences (None: always draft)
     encoder_cache_memory: int = DEFAULT_ENCODER_CACHE_MEMORY  # bytes of cached image encodings (vision models)
+    kv_cache_dtype: str = "auto"  # auto: the model's dtype; fp8 (= fp8_e5m2): float8_e5m2, half the bytes a token
 
 
 @dataclass
@@ -124,7 +125,8 @@ class LLMEngine:
             raise ValueError(f"speculative_tokens must be >= 0, got {spec_k}")
         mtp = spec_k and self.config.speculative_method == "mtp"
         pool_blocks = speculative_pool_blocks if mtp else kv_pool_blocks  # the MTP layer's KV shares each block
-        num_blocks = pool_blocks(model, self.config.kv_cache_memory, self.config.block_size, param.dtype)
+        kv_dtype = kv_cache_dtype(self.config.kv_cache_dtype, param.dtype)
+        num_blocks = pool_blocks(model, self.config.kv_cache_memory, self.config.block_size, kv_dtype)
         # An embedding model generates nothing, and its passes (embed.py) use no KV cache: the smallest pool.
         self.embedding_only = bool(getattr(model, "is_embedding_model", False))
         # A sequence classifier's label names (models/qwen3_classifier.py); None for any other model.
@@ -143,7 +145,8 @@ class LLMEngine:
                                  prompt_lookup_max_batch=self.config.prompt_lookup_max_batch)
         self.runner = runner_cls(model, num_blocks, self.config.block_size, seed=self.config.seed,
                                   num_state_slots=self.config.max_num_seqs,
-                                  encoder_cache_memory=self.config.encoder_cache_memory)
+                                  encoder_cache_memory=self.config.encoder_cache_memory,
+                                  kv_dtype=kv_dtype)
         prefix_caching = self.config.enable_prefix_caching
         if self.runner.has_state and prefix_caching:
             # A prefix-cache hit would resume a sequence whose recurrent state never saw the prefix.

@@ -7,7 +7,7 @@ recurrent-state slot per prompt (`make_state_cache`, `AttentionBatch.state_slots
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -31,8 +31,14 @@ def greedy_generate(
     *,
     block_size: int = 16,
     eos_token_ids: tuple[int, ...] = (),
+    kv_dtype: torch.dtype | None = None,
+    forced: list[list[int]] | None = None,
+    on_logits: Callable[[list[int], torch.Tensor], None] | None = None,
 ) -> list[list[int]]:
-    """New token ids for each prompt (stops early at an eos id, which is included)."""
+    """New token ids for each prompt (stops early at an eos id, which is included). kv_dtype: the KV cache's
+    (None: the model's). forced: teacher forcing, prompt i continues with forced[i] (at least max_new_tokens
+    tokens) whatever its logits; on_logits(sequences, logits) sees each step's logits [len(sequences), vocab] of
+    the prompts still running (e.g. to compare two models' next-token distributions over the same text)."""
     param = next(model.parameters())  # type: ignore[attr-defined]
     device, dtype = param.device, param.dtype
     blocks_per_seq = [(len(p) + max_new_tokens + block_size - 1) // block_size for p in prompts]
@@ -42,7 +48,7 @@ def greedy_generate(
         start += n
     width = max(blocks_per_seq)
     block_tables = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.long, device=device)
-    kv_caches: list[Any] = allocate_kv_caches(model, start, block_size, dtype, device)
+    kv_caches: list[Any] = allocate_kv_caches(model, start, block_size, kv_dtype or dtype, device)
     state_slots = None
     if isinstance(model, RecurrentStateModel):  # slot i holds prompt i's recurrent state
         kv_caches = layer_caches(kv_caches, model.make_state_cache(len(prompts), dtype, device))
@@ -62,7 +68,9 @@ def greedy_generate(
     for _ in range(max_new_tokens):
         hidden = model.forward(ids, positions, batch, kv_caches)
         logits = model.compute_logits(hidden[batch.last_token_indices(device)])
-        next_ids = logits.argmax(dim=-1).tolist()
+        if on_logits is not None:
+            on_logits(active, logits)
+        next_ids = logits.argmax(dim=-1).tolist() if forced is None else [forced[s][len(outputs[s])] for s in active]
         still = []
         for seq, token in zip(active, next_ids):
             outputs[seq].append(token)

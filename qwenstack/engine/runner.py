@@ -3,7 +3,10 @@ logits that sampling and prompt logprobs need. Device-agnostic (CPU or CUDA).
 
 Decisions:
 - The KV pool is allocated once from a byte budget: one [2, blocks, block_size, kv_heads, head_dim]
-  tensor per attention layer. The engine (through this runner) is the only owner of KV memory.
+  tensor per attention layer. The engine (through this runner) is the only owner of KV memory. Its dtype is the
+  model's, or float8_e5m2 for --kv-cache-dtype fp8 (vLLM's name; e5m2 as vLLM's CPU backend, since it needs no
+  scale: float16's range, two mantissa bits): twice the tokens in the same bytes, and half the bytes a decode
+  step reads from it.
 - Models with linear-attention layers (Qwen3-Next) also get a fixed-size recurrent state per slot, for
   num_state_slots slots. Which sequence holds which slot is the scheduler's decision (engine/slot_pool.py):
   the runner only reads `seq.state_slot`.
@@ -20,6 +23,7 @@ from typing import Any, ClassVar
 import torch
 
 from qwenstack.engine.multimodal import DEFAULT_ENCODER_CACHE_MEMORY, MultimodalStep
+from qwenstack.engine.params import KV_CACHE_DTYPES
 from qwenstack.engine.sampler import (
     RequestFailed, SampleError, SampleRequest, rows_logprobs, sample, sequence_generator,
 )
@@ -56,6 +60,18 @@ def sample_request(seq: Sequence, extra: list[int] | None = None) -> SampleReque
     return SampleRequest(seq.params, seq.prompt_token_ids, output, sequence_generator(seq), block)
 
 
+def kv_cache_dtype(name: str, model_dtype: torch.dtype) -> torch.dtype:
+    """The pool's dtype for --kv-cache-dtype `name`: auto (the model's) or fp8 / fp8_e5m2 (float8_e5m2)."""
+    if name == "auto":
+        return model_dtype
+    if name in ("fp8", "fp8_e5m2"):
+        return torch.float8_e5m2
+    if name.startswith("fp8"):
+        raise ValueError(f"kv_cache_dtype {name!r} is not supported: e4m3 needs per-tensor scales from a calibrated "
+                         f"checkpoint; use 'fp8' (e5m2, no scale)")
+    raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {name!r}")
+
+
 def kv_pool_blocks(model: CausalLM, memory_bytes: int, block_size: int, dtype: torch.dtype) -> int:
     per_block = model.kv_cache_spec().bytes_per_token(dtype) * block_size
     return max(0, memory_bytes // max(per_block, 1))
@@ -66,14 +82,16 @@ class ModelRunner:
     can_embed: ClassVar[bool] = True
 
     def __init__(self, model: CausalLM, num_blocks: int, block_size: int, seed: int = 0, num_state_slots: int = 0,
-                 encoder_cache_memory: int = DEFAULT_ENCODER_CACHE_MEMORY) -> None:
+                 encoder_cache_memory: int = DEFAULT_ENCODER_CACHE_MEMORY, kv_dtype: torch.dtype | None = None) -> None:
+        """kv_dtype: the KV pool's dtype (kv_cache_dtype()); None: the model's."""
         self.model = model
         param = next(model.parameters())  # type: ignore[attr-defined]
         self.device, self.dtype = param.device, param.dtype
+        self.kv_dtype = kv_dtype or self.dtype
         self.block_size = block_size
         spec = model.kv_cache_spec()
         shape = (2, num_blocks, block_size, spec.num_kv_heads, spec.head_dim)
-        self.kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(spec.num_layers)]
+        self.kv_caches = [torch.zeros(shape, dtype=self.kv_dtype, device=self.device) for _ in range(spec.num_layers)]
         self.layer_caches: list = list(self.kv_caches)
         self.has_state = isinstance(model, RecurrentStateModel)
         if self.has_state:

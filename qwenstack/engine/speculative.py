@@ -168,7 +168,7 @@ class SpeculativeRunner(ModelRunner):
                 raise ValueError("MTP speculation is implemented for Qwen3-Next (a model with recurrent state)")
             spec = self.head.kv_cache_spec()
             shape = (2, num_blocks, block_size, spec.num_kv_heads, spec.head_dim)
-            self.mtp_kv = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            self.mtp_kv = torch.zeros(shape, dtype=self.kv_dtype, device=self.device)
         self.k = speculative_tokens
         self.lookup = (prompt_lookup_min, prompt_lookup_max)
         self.lookup_max_batch = prompt_lookup_max_batch

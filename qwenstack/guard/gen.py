@@ -114,12 +114,13 @@ class GenGuard:
     @classmethod
     def load(cls, model: str | Path, *, dtype: str | None = None, device: str | None = None,
              kv_cache_memory: int = 256 * 1024**2, max_model_len: int | None = None,
-             asynchronous: bool = False, **options: Any) -> "GenGuard":
+             asynchronous: bool = False, kv_cache_dtype: str = "auto", **options: Any) -> "GenGuard":
         """Loads a Gen checkpoint (directory or hub id) onto its own engine."""
         from qwenstack.loading import load
 
         loaded = load(model, dtype=dtype, device=device)
-        config = EngineConfig(kv_cache_memory=kv_cache_memory, max_model_len=max_model_len)
+        config = EngineConfig(kv_cache_memory=kv_cache_memory, max_model_len=max_model_len,
+                              kv_cache_dtype=kv_cache_dtype)
         engine: LLMEngine | AsyncEngine = LLMEngine(loaded.model, loaded.tokenizer,
                                                     loaded.tokenizer.eos_token_ids, config)
         if asynchronous:

@@ -8,6 +8,7 @@
 #include <torch/csrc/stable/ops.h>
 #include <torch/csrc/stable/tensor.h>
 #include <torch/headeronly/core/ScalarType.h>
+#include <torch/headeronly/util/Float8_e5m2.h>
 #include <torch/headeronly/util/Half.h>
 
 #include <algorithm>
@@ -45,6 +46,9 @@ typedef uint16_t vh __attribute__((vector_size(W * sizeof(uint16_t))));
 
 struct Bf16 { uint16_t bits; };
 struct Fp16 { uint16_t bits; };
+// float8 e5m2 (OCP): float16's sign, five exponent bits and its top two mantissa bits, so byte b is the float16
+// b << 8, exactly (subnormals, infinities and NaN included). The KV cache's 8-bit form (--kv-cache-dtype fp8).
+struct Fp8e5m2 { uint8_t bits; };
 
 inline float to_float(float v) { return v; }
 inline float to_float(Bf16 v) {
@@ -54,6 +58,7 @@ inline float to_float(Bf16 v) {
   return f;
 }
 inline float to_float(Fp16 v) { return c10::detail::fp16_ieee_to_fp32_value(v.bits); }
+inline float to_float(Fp8e5m2 v) { return c10::detail::fp16_ieee_to_fp32_value(uint16_t(v.bits << 8)); }
 
 inline void store(float v, float* p) { *p = v; }
 inline void store(float v, Bf16* p) {  // round to nearest even; NaN stays NaN
@@ -66,6 +71,7 @@ inline void store(float v, Bf16* p) {  // round to nearest even; NaN stays NaN
   p->bits = uint16_t((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
 }
 inline void store(float v, Fp16* p) { p->bits = c10::detail::fp16_ieee_from_fp32_value(v); }
+inline void store(float v, Fp8e5m2* p) { p->bits = c10::detail::fp8e5m2_from_fp32_value(v); }
 
 // W consecutive elements as float32, in memory order.
 inline vf load_vec(const float* p) {
@@ -92,6 +98,44 @@ inline vf load_vec(const Fp16* p) {
   for (int64_t i = 0; i < W; ++i) v[i] = c10::detail::fp16_ieee_to_fp32_value(p[i].bits);
 #endif
   return v;
+}
+
+inline vf load_vec(const Fp8e5m2* p) {
+  vf v;
+#if defined(__AVX512F__)
+  const __m256i h = _mm256_slli_epi16(_mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 8);
+  const __m512 x = _mm512_cvtph_ps(h);
+  std::memcpy(&v, &x, sizeof v);
+#elif defined(__AVX2__) && defined(__F16C__)
+  const __m128i h = _mm_slli_epi16(_mm_cvtepu8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))), 8);
+  const __m256 x = _mm256_cvtph_ps(h);
+  std::memcpy(&v, &x, sizeof v);
+#else
+  for (int64_t i = 0; i < W; ++i) v[i] = to_float(p[i]);
+#endif
+  return v;
+}
+
+// W lanes rounded to float8 e5m2 and stored at p: torch's conversion (fp8e5m2_from_fp32_value: round to nearest
+// even, 65,536 and above to infinity, NaN to 0x7F) on vectors, its branches as selects.
+inline void store_rounded(vf v, Fp8e5m2* p) {
+  typedef uint8_t vb __attribute__((vector_size(W)));
+  vu f;
+  std::memcpy(&f, &v, sizeof f);
+  const vu sign = f & 0x80000000u;
+  f ^= sign;
+  const vu special = f > (255u << 23) ? vu{} + 0x7Fu : vu{} + 0x7Cu;  // NaN, or past the range: infinity
+  vf magnitude;
+  std::memcpy(&magnitude, &f, sizeof magnitude);
+  vf shifted = magnitude + 128.f;  // 2^7: below e5m2's normals, this addition rounds to a multiple of 2^-16
+  vu subnormal;
+  std::memcpy(&subnormal, &shifted, sizeof subnormal);
+  subnormal -= 134u << 23;
+  const vu normal = (f + (uint32_t(15 - 127) << 23) + 0xFFFFFu + ((f >> 21) & 1u)) >> 21;
+  vu bits = f >= (143u << 23) ? special : (f < (113u << 23) ? subnormal : normal);
+  bits = (bits & 0xFFu) | (sign >> 24);
+  const vb bytes = __builtin_convertvector(bits, vb);
+  std::memcpy(p, &bytes, sizeof bytes);
 }
 
 #if defined(__AVX512BF16__) && defined(__AVX512DQ__)

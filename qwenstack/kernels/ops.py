@@ -13,6 +13,8 @@ import torch
 from qwenstack.kernels.build import isa_level, native_op
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# A KV pool may also hold float8_e5m2 (--kv-cache-dtype fp8): the attention ops read it as float32.
+_KV_DTYPES = (*_DTYPES, torch.float8_e5m2)
 
 
 def _required(name: str):  # noqa: ANN202 - the op's callable
@@ -34,7 +36,7 @@ def use_paged_decode(q: torch.Tensor, kv_cache: torch.Tensor) -> bool:
         q.device.type == "cpu"
         and kv_cache.device.type == "cpu"
         and q.dtype in _DTYPES
-        and kv_cache.dtype in _DTYPES
+        and kv_cache.dtype in _KV_DTYPES
         and q.shape[-1] % 16 == 0
         and kv_cache.stride(-1) == 1
         and not (q.requires_grad and torch.is_grad_enabled())
@@ -298,9 +300,12 @@ def logsumexp_rows(logits: torch.Tensor, temperatures: torch.Tensor) -> torch.Te
 def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> bool:
     """Stores k and v [T, kv_heads, head_dim] at their slots of the paged pool in one native call, as
     models/attention.py's write_kv; False (nothing written) where it does not apply: CPU tensors of the
-    pool's dtype, head_dim contiguous, no autograd."""
+    pool's dtype (or 16/32-bit floats into a float8_e5m2 pool, rounded as .to() does), head_dim contiguous, no
+    autograd."""
     dtype = kv_cache.dtype
-    if kv_cache.device.type != "cpu" or dtype not in _DTYPES or k.dtype != dtype or v.dtype != dtype:
+    if kv_cache.device.type != "cpu" or dtype not in _KV_DTYPES or k.dtype != v.dtype:
+        return False
+    if k.dtype != dtype and not (dtype == torch.float8_e5m2 and k.dtype in _DTYPES):
         return False
     if k.device.type != "cpu" or v.device.type != "cpu" or slot_mapping.dtype not in (torch.int32, torch.long):
         return False

@@ -6,7 +6,9 @@
 //
 // Layout (same as qwenstack/models/attention.py):
 //   q            [T, q_heads, head_dim] (T = B, or the sum of query_lens)  float32 / bfloat16 / float16
-//   kv_cache     [2, num_blocks, block_size, kv_heads, head_dim]  float32 / bfloat16 / float16, head_dim contiguous
+//   kv_cache     [2, num_blocks, block_size, kv_heads, head_dim]  float32 / bfloat16 / float16 / float8_e5m2,
+//                head_dim contiguous (float8_e5m2: --kv-cache-dtype fp8, half the bytes of a 16-bit cache; its rows
+//                are read as float32, never as bfloat16 dot products)
 //   block_tables [B, max_blocks] int32 / int64, context_lens [B] (new tokens included), query_lens [B]
 //   out          [T, q_heads, head_dim] in q's dtype
 // Query head h reads kv head h / (q_heads / kv_heads) (grouped-query attention): the group of query heads
@@ -75,6 +77,11 @@ inline void load_pair(const Bf16* p, vf& a, vf& b) {
 }
 
 inline void load_pair(const Fp16* p, vf& a, vf& b) {
+  a = load_vec(p);
+  b = load_vec(p + W);
+}
+
+inline void load_pair(const Fp8e5m2* p, vf& a, vf& b) {
   a = load_vec(p);
   b = load_vec(p + W);
 }
@@ -901,7 +908,10 @@ Tensor paged_attention_impl(Tensor q_in, Tensor kv_cache, Tensor tables_in, Tens
     case ScalarType::Half:
       run<Fp16>(q_ptr, out_ptr, q_dtype, Hq, kv_cache, t.data(), width, l.data(), starts.data(), B, scale);
       break;
-    default: STD_TORCH_CHECK(false, "kv_cache must be float32, bfloat16 or float16");
+    case ScalarType::Float8_e5m2:
+      run<Fp8e5m2>(q_ptr, out_ptr, q_dtype, Hq, kv_cache, t.data(), width, l.data(), starts.data(), B, scale);
+      break;
+    default: STD_TORCH_CHECK(false, "kv_cache must be float32, bfloat16, float16 or float8_e5m2");
   }
   return out;
 }
@@ -917,8 +927,36 @@ Tensor paged_prefix_attention(Tensor q, Tensor kv_cache, Tensor tables, Tensor l
   return paged_attention_impl(q, kv_cache, tables, lens, &query_lens, scale);
 }
 
+// One row of n values of type S, rounded to the pool's type P at `to` (a plain copy when the types are the same).
+template <typename S, typename P>
+inline void store_row(const S* from, int64_t n, P* to) {
+  if constexpr (std::is_same_v<S, P>) {
+    std::memcpy(to, from, n * sizeof(P));
+  } else {
+    int64_t i = 0;
+    for (; i + W <= n; i += W) store_rounded(load_vec(from + i), to + i);
+    for (; i < n; ++i) store(to_float(from[i]), to + i);
+  }
+}
+
+// write_kv's loop for source type S and pool type P (strides in elements).
+template <typename S, typename P>
+void store_kv_rows(P* pool, const int64_t* pool_strides, const S* const* src, const int64_t* token_strides,
+                const int64_t* head_strides, const std::vector<int64_t>& slots, int64_t block_size, int64_t Hkv,
+                int64_t D) {
+  for (int64_t t = 0; t < int64_t(slots.size()); ++t) {
+    const int64_t block = slots[t] / block_size, offset = slots[t] % block_size;
+    for (int64_t kv = 0; kv < 2; ++kv) {
+      const S* from = src[kv] + t * token_strides[kv];
+      P* to = pool + kv * pool_strides[0] + block * pool_strides[1] + offset * pool_strides[2];
+      for (int64_t h = 0; h < Hkv; ++h) store_row(from + h * head_strides[kv], D, to + h * pool_strides[3]);
+    }
+  }
+}
+
 // New keys and values [T, kv_heads, head_dim] stored at their slots (block * block_size + offset) of the
-// pool, as models/attention.py's write_kv does with two index_copy_ calls; k, v and the pool share a dtype.
+// pool, as models/attention.py's write_kv does with two index_copy_ calls. k and v share the pool's dtype, or the
+// pool is float8_e5m2 and they are float32, bfloat16 or float16 (rounded as torch's .to(torch.float8_e5m2)).
 void write_kv(Tensor kv_cache, Tensor k, Tensor v, Tensor slots_in) {
   STD_TORCH_CHECK(kv_cache.is_cpu() && k.is_cpu() && v.is_cpu() && slots_in.is_cpu(), "write_kv: CPU tensors only");
   STD_TORCH_CHECK(kv_cache.dim() == 5 && kv_cache.size(0) == 2,
@@ -927,31 +965,47 @@ void write_kv(Tensor kv_cache, Tensor k, Tensor v, Tensor slots_in) {
   STD_TORCH_CHECK(k.dim() == 3 && v.dim() == 3 && k.size(1) == Hkv && k.size(2) == D && v.size(0) == T &&
                       v.size(1) == Hkv && v.size(2) == D,
                   "write_kv: k and v must be [T, kv_heads, head_dim] of the pool");
-  STD_TORCH_CHECK(k.scalar_type() == kv_cache.scalar_type() && v.scalar_type() == kv_cache.scalar_type(),
-                  "write_kv: k, v and kv_cache must share a dtype");
+  const ScalarType pool_dtype = kv_cache.scalar_type(), src_dtype = k.scalar_type();
+  const bool float_source =
+      src_dtype == ScalarType::Float || src_dtype == ScalarType::BFloat16 || src_dtype == ScalarType::Half;
+  const bool to_fp8 = pool_dtype == ScalarType::Float8_e5m2 && float_source;
+  STD_TORCH_CHECK(v.scalar_type() == src_dtype && (src_dtype == pool_dtype || to_fp8),
+                  "write_kv: k and v must share kv_cache's dtype (or be 16/32-bit floats for a float8_e5m2 cache)");
   STD_TORCH_CHECK(kv_cache.stride(4) == 1 && k.stride(2) == 1 && v.stride(2) == 1,
                   "write_kv: head_dim must be contiguous");
   STD_TORCH_CHECK(slots_in.dim() == 1 && slots_in.numel() == T, "write_kv: slots must be [T]");
   const std::vector<int64_t> slots = read_longs(slots_in);
   const int64_t pool_slots = kv_cache.size(1) * block_size;
-  const int64_t elem = kv_cache.scalar_type() == ScalarType::Float ? 4 : 2, row_bytes = D * elem;
-  // Strides in bytes, read once (each is a call through the stable ABI).
-  const int64_t pool_strides[4] = {kv_cache.stride(0) * elem, kv_cache.stride(1) * elem, kv_cache.stride(2) * elem,
-                                   kv_cache.stride(3) * elem};
-  char* pool = static_cast<char*>(kv_cache.mutable_data_ptr());
-  const char* src[2] = {static_cast<const char*>(k.const_data_ptr()), static_cast<const char*>(v.const_data_ptr())};
-  const int64_t token_strides[2] = {k.stride(0) * elem, v.stride(0) * elem};
-  const int64_t head_strides[2] = {k.stride(1) * elem, v.stride(1) * elem};
   for (int64_t t = 0; t < T; ++t) {  // every slot checked before any is written: a bad one changes nothing
     STD_TORCH_CHECK(slots[t] >= 0 && slots[t] < pool_slots, "write_kv: slot ", slots[t], " is not in the pool");
   }
-  for (int64_t t = 0; t < T; ++t) {
-    const int64_t block = slots[t] / block_size, offset = slots[t] % block_size;
-    for (int64_t kv = 0; kv < 2; ++kv) {
-      const char* from = src[kv] + t * token_strides[kv];
-      char* to = pool + kv * pool_strides[0] + block * pool_strides[1] + offset * pool_strides[2];
-      for (int64_t h = 0; h < Hkv; ++h) std::memcpy(to + h * pool_strides[3], from + h * head_strides[kv], row_bytes);
+  // Strides read once (each is a call through the stable ABI).
+  const int64_t pool_strides[4] = {kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3)};
+  const int64_t token_strides[2] = {k.stride(0), v.stride(0)}, head_strides[2] = {k.stride(1), v.stride(1)};
+  const void* src[2] = {k.const_data_ptr(), v.const_data_ptr()};
+  void* pool = kv_cache.mutable_data_ptr();
+  auto rows = [&](auto* typed_pool, auto* typed_src) {
+    using S = std::remove_pointer_t<decltype(typed_src)>;
+    const S* sources[2] = {static_cast<const S*>(src[0]), static_cast<const S*>(src[1])};
+    store_kv_rows(typed_pool, pool_strides, sources, token_strides, head_strides, slots, block_size, Hkv, D);
+  };
+  auto from = [&](auto* typed_pool) {
+    switch (src_dtype) {
+      case ScalarType::Float: rows(typed_pool, static_cast<const float*>(nullptr)); break;
+      case ScalarType::BFloat16: rows(typed_pool, static_cast<const Bf16*>(nullptr)); break;
+      case ScalarType::Half: rows(typed_pool, static_cast<const Fp16*>(nullptr)); break;
+      default: STD_TORCH_CHECK(false, "write_kv: unsupported dtype");
     }
+  };
+  switch (pool_dtype) {
+    case ScalarType::Float: rows(static_cast<float*>(pool), static_cast<const float*>(nullptr)); break;
+    case ScalarType::BFloat16: rows(static_cast<Bf16*>(pool), static_cast<const Bf16*>(nullptr)); break;
+    case ScalarType::Half: rows(static_cast<Fp16*>(pool), static_cast<const Fp16*>(nullptr)); break;
+    case ScalarType::Float8_e5m2:
+      if (src_dtype == pool_dtype) rows(static_cast<Fp8e5m2*>(pool), static_cast<const Fp8e5m2*>(nullptr));
+      else from(static_cast<Fp8e5m2*>(pool));
+      break;
+    default: STD_TORCH_CHECK(false, "write_kv: kv_cache must be float32, bfloat16, float16 or float8_e5m2");
   }
 }
 

@@ -5,7 +5,9 @@ Decisions:
   AttentionBatch says where each sequence starts, how long its context is, and where its KV lives. It is an
   explicit argument (no global forward context), so two engines can share a process.
 - The KV cache of one layer is one tensor [2, num_blocks, block_size, kv_heads, head_dim] owned by the
-  engine. New keys and values are written at `slot_mapping` (block * block_size + offset).
+  engine. New keys and values are written at `slot_mapping` (block * block_size + offset). Its dtype is the
+  model's, or float8_e5m2 (--kv-cache-dtype fp8: half the bytes, rounded as .to() rounds); keys and values read
+  back from it are converted to the queries' dtype, and a fresh prompt attends over its own keys unrounded.
 - The reference path is torch's scaled_dot_product_attention: one batched call when every sequence is a
   fresh prompt of the same length (training, equal prefills), one batched call over gathered blocks when
   every sequence decodes one token, and a per-sequence call otherwise (mixed prefill, chunked prefill,
@@ -72,8 +74,11 @@ def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapp
     """Stores new keys/values [T, kv_heads, head_dim] at their slots in the paged cache."""
     _, num_blocks, block_size, kv_heads, head_dim = kv_cache.shape
     flat = kv_cache.view(2, num_blocks * block_size, kv_heads, head_dim)
-    flat[0].index_copy_(0, slot_mapping, k.to(kv_cache.dtype))
-    flat[1].index_copy_(0, slot_mapping, v.to(kv_cache.dtype))
+    k, v = k.to(kv_cache.dtype), v.to(kv_cache.dtype)
+    if kv_cache.dtype.itemsize == 1:  # index_copy_ has no float8 kernel: copy the bytes
+        flat, k, v = flat.view(torch.uint8), k.view(torch.uint8), v.view(torch.uint8)
+    flat[0].index_copy_(0, slot_mapping, k)
+    flat[1].index_copy_(0, slot_mapping, v)
 
 
 def gather_kv(kv_cache: torch.Tensor, block_table: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -149,8 +154,9 @@ def paged_attention(
             if kv_cache is None or batch.block_tables is None:
                 raise ValueError("a sequence with cached context needs a KV cache and a block table")
             ki, vi = gather_kv(kv_cache, batch.block_tables[i], ctx_len)
+            ki, vi = ki.to(q.dtype), vi.to(q.dtype)
         oi = in_place.causal(qi, ki, vi, [0, q_len], [0, ctx_len], scale) if in_place is not None else None
-        out[start:end] = oi if oi is not None else causal_sdpa(qi, ki.to(q.dtype), vi.to(q.dtype), scale, gqa)
+        out[start:end] = oi if oi is not None else causal_sdpa(qi, ki, vi, scale, gqa)
     return out
 
 

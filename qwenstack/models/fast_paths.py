@@ -129,10 +129,13 @@ class NativePagedAttention:
 
     def few_new_tokens(self, q: torch.Tensor, kv_cache: torch.Tensor, batch: AttentionBatch, scale: float,
                        out: torch.Tensor) -> set[int]:
-        """The sequences with at most KERNEL_MAX_QUERY new tokens in one call, one query row per new token."""
+        """The sequences with at most KERNEL_MAX_QUERY new tokens in one call, one query row per new token. Over a
+        float8 cache, not a fresh prompt: it attends over its own keys unrounded, as it does alone in a step."""
         if kv_cache.shape[2] > KERNEL_MAX_BLOCK or not kernels.use_paged_decode(q, kv_cache):
             return set()
-        seqs = [i for i, n in enumerate(batch.query_lens) if n <= KERNEL_MAX_QUERY]
+        rounded = kv_cache.dtype != q.dtype
+        seqs = [i for i, (n, length) in enumerate(zip(batch.query_lens, batch.context_lens))
+                if n <= KERNEL_MAX_QUERY and not (rounded and n == length)]
         if not seqs:
             return set()
         starts = batch.query_starts
@@ -337,14 +340,16 @@ class FlatDecodeLoop:
         return (lambda h: down(silu_mul(gate_up(h)))), min(gate_up_rows, down_rows)
 
     def applies(self, x: torch.Tensor, batch: AttentionBatch, kv_caches: list[torch.Tensor] | None) -> bool:
-        """Whether this step is one the loop takes: decode rows of the layers' dtype into a paged cache of it."""
+        """Whether this step is one the loop takes: decode rows of the layers' dtype into a paged cache of it (or of
+        float8_e5m2, which the native write_kv rounds to)."""
         if (not batch.is_decode or batch.is_fresh_prefill or kv_caches is None or batch.slot_mapping is None
                 or torch.is_grad_enabled()):
             return False
         if x.dim() != 2 or x.dtype != self.dtype or x.device.type != "cpu" or not 0 < x.shape[0] <= self.max_rows:
             return False
         cache = kv_caches[0]
-        return (len(kv_caches) == len(self.layers) and cache.dtype == self.dtype and cache.device.type == "cpu"
+        return (len(kv_caches) == len(self.layers) and cache.dtype in (self.dtype, torch.float8_e5m2)
+                and cache.device.type == "cpu"
                 and cache.stride(-1) == 1 and batch.slot_mapping.dtype in (torch.int32, torch.long))
 
     def __call__(self, layers: Sequence[nn.Module], x: torch.Tensor, positions: torch.Tensor, batch: AttentionBatch,

@@ -29,6 +29,7 @@ class ModelSpec:
     quantization: str | None = None
     max_model_len: int | None = None
     kv_cache_memory: int | None = None  # bytes; None: this model's equal share of ServerConfig.kv_cache_memory
+    kv_cache_dtype: str = "auto"  # auto: the model's dtype; fp8 (= fp8_e5m2): float8 e5m2 (engine/runner.py)
     block_size: int = 16
     max_num_seqs: int = 64
     max_num_batched_tokens: int | None = None  # None: engine.server_step_tokens of the model's device

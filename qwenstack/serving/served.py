@@ -212,8 +212,8 @@ def load_served_model(spec: ModelSpec, kv_cache_memory: int) -> ServedModel:
     parallel = ParallelConfig(spec.tensor_parallel_size, spec.expert_parallel, spec.data_parallel_size,
                               spec.distributed_executor_backend)
     config = EngineConfig(
-        block_size=spec.block_size, kv_cache_memory=kv_cache_memory, max_model_len=spec.max_model_len,
-        max_num_seqs=spec.max_num_seqs,
+        block_size=spec.block_size, kv_cache_memory=kv_cache_memory, kv_cache_dtype=spec.kv_cache_dtype,
+        max_model_len=spec.max_model_len, max_num_seqs=spec.max_num_seqs,
         max_num_batched_tokens=spec.max_num_batched_tokens or server_step_tokens(spec.device or default_device()),
         max_waiting=spec.max_waiting, enable_prefix_caching=spec.enable_prefix_caching, seed=spec.seed,
         speculative_tokens=spec.speculative_tokens, speculative_method=spec.speculative_method,

@@ -71,6 +71,16 @@ def test_qwen3_0_6b_by_hand() -> None:
     assert full.expected_tok_s == pytest.approx(1 / (int8.read_per_token / 16e9 + plan.kv_bytes_per_token * 4096 / 20e9))
 
 
+def test_an_fp8_kv_cache_halves_the_kv_bytes_and_their_reads() -> None:
+    auto = plan_of(QWEN3_0_6B, context=32768)
+    fp8 = plan_of(QWEN3_0_6B, context=32768, kv_cache_dtype="fp8")
+    assert fp8.kv_bytes_per_token == 2 * 28 * 8 * 128 == auto.kv_bytes_per_token // 2
+    assert fp8.kv_dtype == "float8_e5m2" and auto.kv_dtype == "bfloat16"
+    assert fp8.speeds[-1].bytes_per_token == auto.speeds[-1].bytes_per_token - 32768 * fp8.kv_bytes_per_token
+    with pytest.raises(ValueError, match="e4m3"):
+        plan_of(QWEN3_0_6B, kv_cache_dtype="fp8_e4m3")
+
+
 def test_qwen3_30b_a3b_by_hand() -> None:
     h, q, kv, e, k, mi = 2048, 32 * 128, 4 * 128, 128, 8, 768
     attention = h * q + 2 * h * kv + q * h + 2 * 128

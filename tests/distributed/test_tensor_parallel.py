@@ -50,6 +50,13 @@ def test_dense_tp2_matches_one_rank(tiny_qwen3: Path) -> None:
     check_identical(tiny_qwen3, TP2, 5 * 8192, 5 * 4096, prompts=shared_prefix_prompts(4), max_tokens=8)
 
 
+def test_dense_tp2_over_an_fp8_cache_matches_one_rank(tiny_qwen3: Path) -> None:
+    """--kv-cache-dtype fp8 reaches every rank's pool (InitRunner carries it): one rank's float8 tokens, in a
+    quarter of the float32 pool's bytes for as many blocks (still small enough to preempt)."""
+    check_identical(tiny_qwen3, TP2, 5 * 2048, 5 * 1024, prompts=shared_prefix_prompts(4), max_tokens=8,
+                    kv_cache_dtype="fp8")
+
+
 def test_dense_tp2_bfloat16_decodes_as_one_rank(tiny_qwen3: Path) -> None:
     """In bfloat16 the CPU fast paths are on (float32 keeps the reference stack), and they must still run the
     shard's all-reduce hooks: a flat decode loop that skipped them diverged at the second token. bfloat16 sums

@@ -393,3 +393,48 @@ def test_write_kv_stores_what_the_torch_path_stores(dtype: torch.dtype) -> None:
         kernels.write_kv(pool, k[:2], v[:2], torch.tensor([3, 24]))
     assert torch.equal(pool, before)
     assert not kernels.write_kv(pool, k.float() if dtype != torch.float32 else k.half(), v, torch.tensor([0] * 5))
+
+
+FP8 = torch.float8_e5m2
+
+
+@pytest.mark.parametrize("q_dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("head_dim", [48, 128])
+def test_fp8_pool_decode_and_prefix_attention_match_the_reference(q_dtype: torch.dtype, head_dim: int) -> None:
+    """A float8_e5m2 pool (--kv-cache-dtype fp8) read in place: the same attention as SDPA over its values."""
+    pool, tables = make_pool(LENGTHS, 2, head_dim, 16, FP8, seed=head_dim)
+    q = torch.randn(len(LENGTHS), 4, head_dim).to(q_dtype)
+    out = kernels.paged_decode_attention(q, pool, tables, LENGTHS, head_dim**-0.5)
+    assert out.dtype == q_dtype
+    tolerance = TOLERANCE[q_dtype]
+    torch.testing.assert_close(out.double(), reference(q, pool, tables, LENGTHS, head_dim**-0.5), atol=tolerance,
+                               rtol=0)
+    lengths, query_lens = [1, 17, 40, 300], [1, 5, 1, 37]
+    pool, tables = make_pool(lengths, 2, head_dim, 16, FP8, seed=1)
+    q = torch.randn(sum(query_lens), 4, head_dim).to(q_dtype)
+    out = kernels.paged_prefix_attention(q, pool, tables, lengths, query_lens, head_dim**-0.5)
+    expected = prefix_reference(q, pool, tables, lengths, query_lens, head_dim**-0.5)
+    torch.testing.assert_close(out.double(), expected, atol=tolerance, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_write_kv_rounds_into_an_fp8_pool_as_torch_does(dtype: torch.dtype) -> None:
+    """Keys and values rounded to float8_e5m2 bit for bit as .to(torch.float8_e5m2): ties to even, e5m2's
+    subnormals, the largest finite value, overflow to infinity, NaN, signed zeros; the torch write_kv the same."""
+    from qwenstack.models.attention import write_kv
+
+    special = torch.tensor([0.0, -0.0, 1.125, 1.375, 1.0625, -2.5, 3e-5, 1.52587890625e-05, 2.2e-5, -7.6e-6, 5e-8,
+                            57344.0, 61440.0, 65000.0, -1e9, float("inf"), float("nan"), 0.3, -0.7, 100.0])
+    gen = torch.Generator().manual_seed(5)
+    values = torch.cat([special, torch.randn(5 * 2 * 16 * 2 - special.numel(), generator=gen) * 4])
+    k, v = values.to(dtype).view(2, 5, 2, 16).unbind(0)
+    pool = torch.zeros(2, 6, 4, 2, 16, dtype=FP8)
+    slots = torch.tensor([0, 7, 22, 5, 13])
+    want, got = pool.clone(), pool.clone()
+    write_kv(want, k, v, slots)
+    assert kernels.write_kv(got, k, v, slots)
+    assert torch.equal(got.view(torch.uint8), want.view(torch.uint8))
+    expected = torch.stack([k, v]).to(FP8).view(torch.uint8)
+    flat = got.view(2, 24, 2, 16).view(torch.uint8)
+    assert torch.equal(flat[:, slots], expected)
+    assert (flat[:, slots] == 0x7C).any() and (flat[:, slots] & 0x7C == 0).logical_and(flat[:, slots] & 3 != 0).any()

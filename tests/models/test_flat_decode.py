@@ -30,7 +30,8 @@ def prepared(path: Path, form: str, quantization: str | None = None) -> torch.nn
     return model
 
 
-def stack_outputs(model: torch.nn.Module, monkeypatch: pytest.MonkeyPatch) -> tuple[list[torch.Tensor], list[bool]]:
+def stack_outputs(model: torch.nn.Module, monkeypatch: pytest.MonkeyPatch,
+                  kv_dtype: torch.dtype | None = None) -> tuple[list[torch.Tensor], list[bool]]:
     """Every forward's hidden states in a greedy run of PROMPTS, and for each whether the flat loop took it."""
     outputs, taken = [], []
     run_layers = model.model.run_layers
@@ -42,7 +43,7 @@ def stack_outputs(model: torch.nn.Module, monkeypatch: pytest.MonkeyPatch) -> tu
         return out
 
     monkeypatch.setattr(model.model, "run_layers", recorded)
-    greedy_generate(model, PROMPTS, 6, block_size=4)
+    greedy_generate(model, PROMPTS, 6, block_size=4, kv_dtype=kv_dtype)
     monkeypatch.undo()
     return outputs, taken
 
@@ -88,6 +89,22 @@ def test_the_flat_loop_gives_the_layers_bits_at_every_decode_step(request: pytes
         assert torch.equal(a, b), f"step {step}: {(a.float() - b.float()).abs().max()}"
 
 
+def test_over_an_fp8_cache_too(tiny_qwen3: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--kv-cache-dtype fp8: one native call per layer rounds the new keys and values into the float8 pool and
+    reads it as the prepared layers do (kernels.write_kv, paged_decode_attention), bit for bit."""
+    require_native_kernels()
+    model = prepared(tiny_qwen3, "native")
+    assert model.model.run_layers.decode_layer is not None
+    flat, taken = stack_outputs(model, monkeypatch, torch.float8_e5m2)
+    model.model.run_layers = run_decoder_layers
+    layered, _ = stack_outputs(model, monkeypatch, torch.float8_e5m2)
+    unrounded, _ = stack_outputs(model, monkeypatch)
+    assert taken == [False] + [True] * 5
+    for step, (a, b) in enumerate(zip(flat, layered)):
+        assert torch.equal(a, b), f"step {step}: {(a.float() - b.float()).abs().max()}"
+    assert torch.equal(flat[0], unrounded[0]) and not torch.equal(flat[1], unrounded[1])  # prompts attend unrounded
+
+
 def test_steps_the_loop_does_not_take_go_through_the_layers(tiny_qwen3: Path) -> None:
     require_native_kernels()
     model = prepared(tiny_qwen3, "native")
@@ -102,6 +119,7 @@ def test_steps_the_loop_does_not_take_go_through_the_layers(tiny_qwen3: Path) ->
         assert not loop.applies(x.float(), decode, caches)  # another dtype than the layers'
         assert not loop.applies(x, decode, None)  # no KV cache
         assert not loop.applies(x, decode, [c.float() for c in caches])  # a cache of another dtype
+        assert loop.applies(x, decode, [c.to(torch.float8_e5m2) for c in caches])  # but float8 (--kv-cache-dtype)
     with torch.no_grad():
         assert loop.applies(x, decode, caches)
     assert not loop.applies(x, decode, caches)  # autograd on: the native ops have no backward

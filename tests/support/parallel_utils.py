@@ -41,11 +41,11 @@ def make_engine(path: Path, parallel: ParallelConfig, config: EngineConfig, quan
 
 def greedy_run(path: Path, parallel: ParallelConfig, prompts: list[list[int]], max_tokens: int = 12,
                kv_cache_memory: int = 1 << 20, quantization: str | None = None, max_num_seqs: int = 64,
-               block_size: int = 16, multimodal: list | None = None) -> RunResult:
+               block_size: int = 16, multimodal: list | None = None, kv_cache_dtype: str = "auto") -> RunResult:
     """Greedy tokens, ignoring EOS so every prompt decodes max_tokens. Prompts go in two waves: the second
     wave finds the first's prefix in the cache."""
     config = EngineConfig(kv_cache_memory=kv_cache_memory, max_num_seqs=max_num_seqs, block_size=block_size,
-                          max_num_batched_tokens=256)
+                          max_num_batched_tokens=256, kv_cache_dtype=kv_cache_dtype)
     engine = make_engine(path, parallel, config, quantization)
     try:
         params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
