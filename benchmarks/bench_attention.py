@@ -19,6 +19,12 @@ alternated round by round, as medians of --rounds passes over the layers:
 
     python benchmarks/bench_attention.py --base HEAD~1 --batches 64 --contexts 150 --layers 28
     python benchmarks/bench_attention.py --base HEAD~1 --batches 40 --contexts 300 --layers 4 --q-heads 32 --kv-heads 4
+
+--fp8 compares the kernel over a float8_e5m2 pool (--kv-cache-dtype fp8: the same values rounded, half the
+bytes) with the same call over the --dtype pool, alternated in one process, as milliseconds per pass over the
+layers:
+
+    python benchmarks/bench_attention.py --fp8 --batches 1 16 64 128 --contexts 136 300 1024 --layers 28
 """
 from __future__ import annotations
 
@@ -86,6 +92,42 @@ def compare_with_base(args: argparse.Namespace, dtype: torch.dtype) -> None:
         print("wrote", save(name, record))
 
 
+def compare_with_fp8_pool(args: argparse.Namespace, dtype: torch.dtype) -> None:
+    """The kernel over each case's pool in `dtype` against the same pool rounded to float8_e5m2, alternated."""
+    op = kernels.native_op("paged_decode_attention")
+    scale = HEAD_DIM**-0.5
+    rows = []
+    for b in args.batches:
+        for ctx in args.contexts:
+            c = make_case(b, ctx, dtype, args.q_heads, args.kv_heads, args.layers)
+            pools = {dtype_name(dtype): c["caches"], "fp8": [cache.to(torch.float8_e5m2) for cache in c["caches"]]}
+
+            def ms(caches: list[torch.Tensor]) -> float:
+                start = time.perf_counter()
+                for cache in caches:
+                    op(c["q"], cache, c["tables"], c["lens"], scale)
+                return (time.perf_counter() - start) * 1e3
+
+            for caches in pools.values():
+                ms(caches)  # warm up
+            runs = alternate(pools, args.rounds, ms)
+            medians = {name: statistics.median(values) for name, values in runs.items()}
+            base = medians[dtype_name(dtype)]
+            rows.append({"batch": b, "context": ctx, "runs_ms": runs, "median_ms": medians,
+                         "speedup": base / medians["fp8"]})
+            print(f"{b:>3} {ctx:>5}: {dtype_name(dtype)} {base:.2f} ms, fp8 {medians['fp8']:.2f} ms, "
+                  f"{base / medians['fp8']:.2f}x as fast ({args.layers} layers)")
+    if args.save:
+        name = f"attention-decode-fp8-{args.q_heads}q{args.kv_heads}kv-{args.layers}l"
+        record = {"dtype": args.dtype, "threads": args.threads, "layers": args.layers, "q_heads": args.q_heads,
+                  "kv_heads": args.kv_heads, "rows": rows}
+        print("wrote", save(name, record))
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
 def best_time(fn: Callable[[], Any], repeats: int, clock: Callable[[], float] = time.perf_counter) -> float:
     fn()
     best = float("inf")
@@ -109,7 +151,9 @@ def main() -> None:
     parser.add_argument("--kv-heads", type=int, default=8)
     parser.add_argument("--layers", type=int, default=1, help="with --base: layers' caches read in turn (see above)")
     parser.add_argument("--base", help="git revision whose kernel to compare with, alternated in one process")
-    parser.add_argument("--rounds", type=int, default=7, help="rounds of the --base comparison")
+    parser.add_argument("--fp8", action="store_true",
+                        help="the kernel over a float8_e5m2 pool against the --dtype pool, alternated")
+    parser.add_argument("--rounds", type=int, default=7, help="rounds of the --base or --fp8 comparison")
     parser.add_argument("--save", action="store_true", help="write benchmarks/out/attention-decode*.json")
     args = parser.parse_args()
     if args.clock == "cpu" and args.threads != 1:
@@ -121,6 +165,9 @@ def main() -> None:
         sys.exit("the native kernel is not available (see the log above, or QWENSTACK_DISABLE_KERNELS)")
     if args.base:
         compare_with_base(args, dtype)
+        return
+    if args.fp8:
+        compare_with_fp8_pool(args, dtype)
         return
     bandwidth = read_bandwidth()
     print(f"threads {args.threads}, {args.dtype}, {args.clock} clock, best of {args.repeats}, "

@@ -41,7 +41,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import alternate, product_rate, read_bandwidth, save, threads, timed  # noqa: E402
 
 from qwenstack.engine.engine import EngineConfig, LLMEngine  # noqa: E402
-from qwenstack.engine.params import SamplingParams  # noqa: E402
+from qwenstack.engine.params import KV_CACHE_DTYPES, SamplingParams  # noqa: E402
+from qwenstack.engine.runner import kv_cache_dtype  # noqa: E402
 from qwenstack.models.registry import load_model  # noqa: E402
 
 
@@ -68,14 +69,16 @@ def weight_bytes_per_token(model: torch.nn.Module) -> int:
 
 
 def kv_bytes_per_token(model: torch.nn.Module) -> int:
-    return model.kv_cache_spec().bytes_per_token(next(model.parameters()).dtype)
+    return model.kv_cache_spec().bytes_per_token(kv_cache_dtype(KV_CACHE_DTYPE, next(model.parameters()).dtype))
 
 
 KV_CACHE_MEMORY = 3 * 2**30  # bytes; --kv-cache-gib
+KV_CACHE_DTYPE = "auto"  # --kv-cache-dtype: our engines' (transformers keeps its own cache)
 
 
 def make_engine(model: torch.nn.Module, **options: Any) -> LLMEngine:
-    config = EngineConfig(kv_cache_memory=options.pop("kv_cache_memory", KV_CACHE_MEMORY), **options)
+    config = EngineConfig(kv_cache_memory=options.pop("kv_cache_memory", KV_CACHE_MEMORY),
+                          kv_cache_dtype=KV_CACHE_DTYPE, **options)
     return LLMEngine(model, IdDecoder(), [], config)
 
 
@@ -244,12 +247,15 @@ def main() -> None:
     parser.add_argument("--turn-rounds", type=int, default=3)
     parser.add_argument("--no-transformers", action="store_true")
     parser.add_argument("--kv-cache-gib", type=float, default=3.0)
+    parser.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES,
+                        help="our engines' KV cache (fp8: float8_e5m2); the roofs count its bytes")
     args = parser.parse_args()
     torch.set_num_threads(threads())
     only = set(args.only.split(","))
     model = load_model(args.model_dir, dtype=torch.bfloat16)
-    global KV_CACHE_MEMORY
+    global KV_CACHE_MEMORY, KV_CACHE_DTYPE
     KV_CACHE_MEMORY = int(args.kv_cache_gib * 2**30)
+    KV_CACHE_DTYPE = args.kv_cache_dtype
     hf = None
     if not args.no_transformers:
         import transformers
