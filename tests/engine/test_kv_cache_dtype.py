@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from checkpoints import build_hf_checkpoint, next_config
 from qwenstack.cli import main
 from qwenstack.engine.engine import EngineConfig, LLMEngine
 from qwenstack.engine.params import SamplingParams
@@ -18,6 +19,11 @@ from qwenstack.tokenizer import Tokenizer
 
 PROMPTS = [[5, 9, 13], list(range(3, 40)), [7] * 17, list(range(100, 160))]
 GREEDY = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def tiny_next(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_hf_checkpoint(tmp_path_factory.mktemp("next"), "qwen3_next", next_config(), seed=2)
 
 
 def engine(path: Path, dtype: torch.dtype, **options) -> LLMEngine:
@@ -33,22 +39,25 @@ def test_an_fp8_pool_holds_twice_the_tokens_in_the_same_memory(tiny_qwen3: Path)
     assert fp8.runner.kv_cache_bytes() == auto.runner.kv_cache_bytes() <= 2**21
 
 
-def test_the_engine_decodes_as_the_reference_over_the_same_fp8_cache(tiny_qwen3: Path) -> None:
+@pytest.mark.parametrize("checkpoint", ["tiny_qwen3", "tiny_qwen3_moe", "tiny_next"])
+def test_the_engine_decodes_as_the_reference_over_the_same_fp8_cache(request: pytest.FixtureRequest,
+                                                                      checkpoint: str) -> None:
     """Prompts in one step (the short ones beside the long ones, which the prefix kernel would read from the
     rounded cache: a prompt attends over its own keys unrounded, alone or not), decode steps and a prefix-cache
     hit (the last prompt again) over the float8 pool; the reference is the model as built (torch only) with a
     float8 cache. The float8 cache changes some answer against the unrounded one, so it is really in use. In float32,
     where the native and torch paths give the same tokens; bfloat16's one native call per layer is held to the
-    prepared layers' bits over a float8 cache in tests/models/test_flat_decode.py."""
-    dtype = torch.float32
-    expected = greedy_generate(load_model(tiny_qwen3, dtype=dtype), PROMPTS, 16, block_size=4,
-                               kv_dtype=torch.float8_e5m2)
-    eng = engine(tiny_qwen3, dtype, kv_cache_dtype="fp8")
+    prepared layers' bits over a float8 cache in tests/models/test_flat_decode.py. Qwen3-Next keeps its recurrent
+    state in the model's dtype (and no prefix cache); only its full-attention layers' KV is rounded."""
+    dtype, path = torch.float32, request.getfixturevalue(checkpoint)
+    expected = greedy_generate(load_model(path, dtype=dtype), PROMPTS, 16, block_size=4, kv_dtype=torch.float8_e5m2)
+    eng = engine(path, dtype, kv_cache_dtype="fp8")
     outs = eng.generate_all(PROMPTS, [GREEDY] * len(PROMPTS))
     assert [o.outputs[0].token_ids for o in outs] == expected
-    again = eng.generate_all(PROMPTS[-1:], [GREEDY])[0]
-    assert again.metrics.num_cached_tokens > 0 and again.outputs[0].token_ids == expected[-1]
-    assert greedy_generate(load_model(tiny_qwen3, dtype=dtype), PROMPTS, 16, block_size=4) != expected
+    if not eng.runner.has_state:
+        again = eng.generate_all(PROMPTS[-1:], [GREEDY])[0]
+        assert again.metrics.num_cached_tokens > 0 and again.outputs[0].token_ids == expected[-1]
+    assert greedy_generate(load_model(path, dtype=dtype), PROMPTS, 16, block_size=4) != expected
 
 
 def test_other_names_are_refused_with_what_to_use(tiny_qwen3: Path, capsys: pytest.CaptureFixture[str]) -> None:
