@@ -27,6 +27,13 @@ def fetch_status(base_url: str, api_key: str | None) -> dict:
     return response.json()
 
 
+def kv_kind(model: dict) -> str:
+    """", float8_e5m2" where the KV cache is not in the weights' dtype (--kv-cache-dtype fp8); "" otherwise (or from
+    a server that does not say)."""
+    dtype = model.get("kv_cache_dtype")
+    return f", {dtype}" if dtype and dtype != model["dtype"] else ""
+
+
 def run(args: argparse.Namespace) -> int:
     import httpx
 
@@ -45,7 +52,8 @@ def run(args: argparse.Namespace) -> int:
         kind = m["dtype"] + (f", {m['quantization']}" if m.get("quantization") else "")
         rows.append((m["name"], f"{m['device']} ({kind})", human_size(m["weights_bytes"]),
                      f"{human_size(m['kv_cache_used_bytes'])} / {human_size(m['kv_cache_bytes'])} "
-                     f"({100 * m['kv_usage']:.0f}%)", str(m["max_model_len"]), str(m["running"]), str(m["waiting"])))
+                     f"({100 * m['kv_usage']:.0f}%{kv_kind(m)})", str(m["max_model_len"]), str(m["running"]),
+                     str(m["waiting"])))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())

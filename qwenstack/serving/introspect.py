@@ -58,6 +58,7 @@ def model_status(served: Any) -> dict[str, Any]:
         "weights_bytes": sum(t.numel() * t.element_size() for t in tensors),
         "parameters": sum(t.numel() for t in engine.model.parameters()),
         "kv_cache_bytes": kv_bytes,
+        "kv_cache_dtype": str(engine.runner.kv_dtype).removeprefix("torch."),
         "kv_cache_used_bytes": int(kv_bytes * stats["kv_usage"]),
         "kv_usage": stats["kv_usage"],
         "kv_blocks": engine.block_manager.num_blocks,

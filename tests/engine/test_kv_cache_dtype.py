@@ -77,9 +77,11 @@ def test_other_names_are_refused_with_what_to_use(tiny_qwen3: Path, capsys: pyte
 def test_server_wiring(tiny_qwen3: Path) -> None:
     """`qwenstack serve --kv-cache-dtype fp8` reaches the served model's engine, and LLM takes vLLM's keyword."""
     from qwenstack.cli import build_parser, discover_commands
+    from qwenstack.commands.ps import kv_kind
     from qwenstack.commands.serve import serve_config_from_args
     from qwenstack.llm import LLM
     from qwenstack.serving.config import ModelSpec
+    from qwenstack.serving.introspect import model_status
     from qwenstack.serving.served import load_served_model
 
     args = build_parser(discover_commands()[0]).parse_args(["serve", "m", "--kv-cache-dtype", "fp8"])
@@ -88,6 +90,9 @@ def test_server_wiring(tiny_qwen3: Path) -> None:
                                2**21)
     try:
         assert served.engine.engine.runner.kv_caches[0].dtype == torch.float8_e5m2
+        status = model_status(served)  # /api/ps, which `qwenstack ps` prints
+        assert (status["dtype"], status["kv_cache_dtype"]) == ("float32", "float8_e5m2")
+        assert kv_kind(status) == ", float8_e5m2" and kv_kind({**status, "kv_cache_dtype": "float32"}) == ""
     finally:
         served.engine.shutdown()
     llm = LLM(tiny_qwen3, dtype="float32", kv_cache_memory=2**21, kv_cache_dtype="fp8")
