@@ -89,7 +89,8 @@ def run_parallel_plan(args: argparse.Namespace, source: object) -> int:
         cluster = gpu_cluster(args.gpus)
     else:
         cluster = cpu_cluster(args.cpus, cpu_bandwidth(refresh=args.refresh_bandwidth), args.network)
-    plan = plan_parallel(source, cluster, args.context, args.concurrency, args.quantization, args.dtype)
+    plan = plan_parallel(source, cluster, args.context, args.concurrency, args.quantization, args.dtype,
+                         kv_cache_dtype=args.kv_cache_dtype)
     print(format_parallel(plan))
     if args.json is not None:
         record = asdict(plan)

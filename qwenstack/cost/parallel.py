@@ -286,6 +286,7 @@ class ParallelPlan:
     concurrency: int
     options: list[LayoutOption]
     note: str | None = None
+    kv_dtype: str = "bfloat16"  # the KV cache's element type
 
     @property
     def smallest(self) -> LayoutOption | None:
@@ -305,7 +306,9 @@ class ParallelPlan:
 
 def plan_parallel(source: ConfigSource, cluster: Cluster, context: int | None = None, concurrency: int = 1,
                   quantization: str | None = None, act_dtype: str = "bfloat16",
-                  short_context: int = 16) -> ParallelPlan:
+                  short_context: int = 16, kv_cache_dtype: str = "auto") -> ParallelPlan:
+    """kv_cache_dtype: --kv-cache-dtype's name (engine/runner.py's kv_cache_dtype): fp8 halves the KV cache."""
+    from qwenstack.engine.runner import kv_cache_dtype as kv_dtype_of
     from qwenstack.models.moe import Experts
     from qwenstack.models.registry import build_model
 
@@ -315,7 +318,8 @@ def plan_parallel(source: ConfigSource, cluster: Cluster, context: int | None = 
     model = build_model(config, "meta")
     shape = Shape.of(config, model)
     dtype = getattr(torch, act_dtype)
-    kv_per_token = model.kv_cache_spec().bytes_per_token(dtype)
+    kv_dtype = kv_dtype_of(kv_cache_dtype, dtype)
+    kv_per_token = model.kv_cache_spec().bytes_per_token(kv_dtype)
     state = model.state_bytes_per_slot(dtype) if hasattr(model, "state_bytes_per_slot") else 0
     moe_layers = sum(1 for m in model.modules() if isinstance(m, Experts))
     context = context or int(config.get("max_position_embeddings") or 0)
@@ -344,4 +348,5 @@ def plan_parallel(source: ConfigSource, cluster: Cluster, context: int | None = 
             rate_fmt = fmt if cluster.kind == "cpu" else "stream"
             option.speeds = _speeds(option.weights, rate_fmt, act_dtype, int(kv_rank), int(state_rank), contexts,
                                     cluster.bandwidth, overhead + option.comm.seconds, shape.hidden)
-    return ParallelPlan(source.name, cluster, fmt, act_dtype, context, concurrency, options, source.note)
+    return ParallelPlan(source.name, cluster, fmt, act_dtype, context, concurrency, options, source.note,
+                        kv_dtype=str(kv_dtype).removeprefix("torch."))

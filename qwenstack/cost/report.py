@@ -101,7 +101,7 @@ def format_parallel(plan: "ParallelPlan") -> str:
     """The layout table `qwenstack plan MODEL --gpus 8xH200` (or --cpus N) prints."""
     c = plan.cluster
     link = c.link
-    lines = [f"{plan.name} on {c.describe()}: {plan.quantization} weights, {plan.act_dtype} KV, "
+    lines = [f"{plan.name} on {c.describe()}: {plan.quantization} weights, {plan.kv_dtype} KV, "
              f"{plan.context:,} tokens x {plan.concurrency} sequence{'s' if plan.concurrency > 1 else ''}"]
     if plan.note:
         lines.append(f"NOTE: {plan.note}")

@@ -91,6 +91,8 @@ def test_qwen3_8b_on_one_gpu() -> None:
     params = 8_190_735_360  # Qwen3-8B's published total (embedding and untied lm_head included)
     assert best.weights.memory == 2 * params
     assert best.kv_bytes == 36 * 2 * 8 * 128 * 2 * 32768
+    fp8 = plan_parallel(source(QWEN3_8B), gpu_cluster("1xH100"), context=32768, kv_cache_dtype="fp8")
+    assert fp8.smallest is not None and fp8.smallest.kv_bytes == best.kv_bytes // 2 and fp8.kv_dtype == "float8_e5m2"
 
 
 def test_a_model_that_fits_at_no_tensor_parallel_size() -> None:
