@@ -9,12 +9,12 @@ from typing import TYPE_CHECKING, Protocol
 
 from qwenstack.errors import RequestError
 
+if TYPE_CHECKING:  # the scheduling layer (params, sequence, scheduler, block manager) imports no torch
+    import torch
+
 # --kv-cache-dtype's values (vLLM's names; engine/runner.py's kv_cache_dtype maps them to the pool's dtype). Here,
 # away from torch, so that the command line can list them without importing it.
 KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e5m2")
-
-if TYPE_CHECKING:  # the scheduling layer (params, sequence, scheduler, block manager) imports no torch
-    import torch
 
 
 @dataclass(frozen=True)
