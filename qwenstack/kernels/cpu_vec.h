@@ -127,7 +127,7 @@ inline void store_rounded(vf v, Fp8e5m2* p) {
   const vu special = f > (255u << 23) ? vu{} + 0x7Fu : vu{} + 0x7Cu;  // NaN, or past the range: infinity
   vf magnitude;
   std::memcpy(&magnitude, &f, sizeof magnitude);
-  vf shifted = magnitude + 128.f;  // 2^7: below e5m2's normals, this addition rounds to a multiple of 2^-16
+  const vf shifted = magnitude + 128.f;  // 2^7: below e5m2's normals, this addition rounds to a multiple of 2^-16
   vu subnormal;
   std::memcpy(&subnormal, &shifted, sizeof subnormal);
   subnormal -= 134u << 23;

@@ -942,8 +942,8 @@ inline void store_row(const S* from, int64_t n, P* to) {
 // write_kv's loop for source type S and pool type P (strides in elements).
 template <typename S, typename P>
 void store_kv_rows(P* pool, const int64_t* pool_strides, const S* const* src, const int64_t* token_strides,
-                const int64_t* head_strides, const std::vector<int64_t>& slots, int64_t block_size, int64_t Hkv,
-                int64_t D) {
+                   const int64_t* head_strides, const std::vector<int64_t>& slots, int64_t block_size, int64_t Hkv,
+                   int64_t D) {
   for (int64_t t = 0; t < int64_t(slots.size()); ++t) {
     const int64_t block = slots[t] / block_size, offset = slots[t] % block_size;
     for (int64_t kv = 0; kv < 2; ++kv) {
