@@ -20,11 +20,13 @@ alternated round by round, as medians of --rounds passes over the layers:
     python benchmarks/bench_attention.py --base HEAD~1 --batches 64 --contexts 150 --layers 28
     python benchmarks/bench_attention.py --base HEAD~1 --batches 40 --contexts 300 --layers 4 --q-heads 32 --kv-heads 4
 
---fp8 compares the kernel over a float8_e5m2 pool (--kv-cache-dtype fp8: the same values rounded, half the
+--fp8 alone compares the kernel over a float8_e5m2 pool (--kv-cache-dtype fp8: the same values rounded, half the
 bytes) with the same call over the --dtype pool, alternated in one process, as milliseconds per pass over the
 layers:
 
     python benchmarks/bench_attention.py --fp8 --batches 1 16 64 128 --contexts 136 300 1024 --layers 28
+
+With --base, --fp8 runs both revisions over float8 pools instead.
 """
 from __future__ import annotations
 
@@ -47,11 +49,13 @@ HEAD_DIM, BLOCK_SIZE = 128, 16
 
 
 def make_case(batch: int, context: int, dtype: torch.dtype, q_heads: int = 16, kv_heads: int = 8, layers: int = 1,
-              seed: int = 0) -> dict[str, Any]:
+              seed: int = 0, cache_dtype: torch.dtype | None = None) -> dict[str, Any]:
+    """cache_dtype: the pool's (default: dtype, the queries')."""
     g = torch.Generator().manual_seed(seed)
     per_seq = (context + BLOCK_SIZE - 1) // BLOCK_SIZE
     num_blocks = batch * per_seq + 64
-    caches = [torch.randn(2, num_blocks, BLOCK_SIZE, kv_heads, HEAD_DIM, generator=g).to(dtype) for _ in range(layers)]
+    caches = [torch.randn(2, num_blocks, BLOCK_SIZE, kv_heads, HEAD_DIM, generator=g).to(cache_dtype or dtype)
+              for _ in range(layers)]
     tables = torch.randperm(num_blocks, generator=g)[: batch * per_seq].view(batch, per_seq)
     q = torch.randn(batch, q_heads, HEAD_DIM, generator=g).to(dtype)
     attn = AttentionBatch([1] * batch, [context] * batch, block_tables=tables, block_size=BLOCK_SIZE)
@@ -60,7 +64,8 @@ def make_case(batch: int, context: int, dtype: torch.dtype, q_heads: int = 16, k
 
 
 def compare_with_base(args: argparse.Namespace, dtype: torch.dtype) -> None:
-    """This tree's paged_decode_attention against revision args.base's, alternated, as GB/s of KV read."""
+    """This tree's paged_decode_attention against revision args.base's, alternated, as GB/s of KV read (with
+    --fp8, over a float8_e5m2 pool)."""
     from bench_kernel_ab import build_base
 
     ops = {"base": build_base(args.base, "paged_decode_attention", "paged_attention_cpu.cpp"),
@@ -69,7 +74,8 @@ def compare_with_base(args: argparse.Namespace, dtype: torch.dtype) -> None:
     rows = []
     for b in args.batches:
         for ctx in args.contexts:
-            c = make_case(b, ctx, dtype, args.q_heads, args.kv_heads, args.layers)
+            c = make_case(b, ctx, dtype, args.q_heads, args.kv_heads, args.layers,
+                          cache_dtype=torch.float8_e5m2 if args.fp8 else None)
 
             def rate(op: Callable[..., torch.Tensor]) -> float:
                 start = time.perf_counter()
@@ -163,7 +169,7 @@ def main() -> None:
     dtype = getattr(torch, args.dtype)
     if not kernels.paged_decode_available():
         sys.exit("the native kernel is not available (see the log above, or QWENSTACK_DISABLE_KERNELS)")
-    if args.base:
+    if args.base:  # before --fp8 alone: with --base it picks the pools' dtype
         compare_with_base(args, dtype)
         return
     if args.fp8:

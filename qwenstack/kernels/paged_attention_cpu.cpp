@@ -8,7 +8,7 @@
 //   q            [T, q_heads, head_dim] (T = B, or the sum of query_lens)  float32 / bfloat16 / float16
 //   kv_cache     [2, num_blocks, block_size, kv_heads, head_dim]  float32 / bfloat16 / float16 / float8_e5m2,
 //                head_dim contiguous (float8_e5m2: --kv-cache-dtype fp8, half the bytes of a 16-bit cache; its rows
-//                are read as float32, never as bfloat16 dot products)
+//                are converted as they are read: to bfloat16 for decode's dot-product scores, else to float32)
 //   block_tables [B, max_blocks] int32 / int64, context_lens [B] (new tokens included), query_lens [B]
 //   out          [T, q_heads, head_dim] in q's dtype
 // Query head h reads kv head h / (q_heads / kv_heads) (grouped-query attention): the group of query heads
@@ -241,17 +241,39 @@ inline void add_weighted_values_any(const T* rows, int64_t token_stride, int64_t
   }
 }
 
+// The cache types whose decode scores may run on bfloat16 dot products (below) when the queries are bfloat16.
+template <typename T>
+constexpr bool has_dot_pairs = std::is_same_v<T, Bf16> || std::is_same_v<T, Fp8e5m2>;
+
+// Float8 key rows take the dot products from this many query heads a kv head. In-process A/B against the float32
+// loop (bench_attention.py --base --fp8, 12 layers' caches, 1-128 sequences of 136-1,024 tokens, Zen 4): 8 heads
+// 1.10-1.14x, 4 heads 1.07-1.09x, 2 heads 0.96-1.02x.
+constexpr int64_t FP8_DOT_PAIRS_MIN_GROUP = 4;
+
 #if defined(__AVX512BF16__)
 // Scores on bfloat16 dot products (AVX512-BF16's vdpbf16ps multiplies pairs of bfloat16 and adds both
-// products to a float32 lane), for a bfloat16 cache and bfloat16 queries: the key row needs no conversion
-// and the products are exact in float32, as in the float32 loop below; only the order of the sums differs.
+// products to a float32 lane), for a bfloat16 (or float8_e5m2) cache and bfloat16 queries: the products are
+// exact in float32, as in the float32 loop below; only the order of the sums differs.
 // Without it, the score loop converts each key row to float32 and runs two multiply-adds per element.
 constexpr bool kDotPairs = true;
 
+// Elements [32c, 32c + 32) of a key row as 32 bfloat16 in memory order: loaded as they are from a bfloat16 cache;
+// from a float8_e5m2 one converted, exactly (e5m2's values are all bfloat16 values, its subnormals normal there).
+// Over float8 rows the float32 loop below spends two multiply-adds per element and query head on the converted
+// row: with FP8_DOT_PAIRS_MIN_GROUP or more query heads a kv head the conversion to bfloat16 pays for itself.
+inline __m512bh key_pair(const Bf16* row, int c) { return (__m512bh)_mm512_loadu_si512(row + c * 32); }
+inline __m512bh key_pair(const Fp8e5m2* row, int c) {
+  vf lo = load_vec(row + c * 32), hi = load_vec(row + c * 32 + 16);
+  __m512 a, b;
+  std::memcpy(&a, &lo, sizeof a);
+  std::memcpy(&b, &hi, sizeof b);
+  return _mm512_cvtne2ps_pbh(b, a);  // b into the upper half
+}
+
 // The block's scores: for key row t, one vector per query head r of kv head kvh's group whose lanes add up
 // to q_r . k_t (q unscaled, in memory order; the caller scales the sums).
-template <int CT>
-inline void score_block_pairs(const Bf16* qb, const Bf16* k, const Bf16* ahead, int64_t next, int64_t base, int64_t n,
+template <int CT, typename T>
+inline void score_block_pairs(const Bf16* qb, const T* k, const T* ahead, int64_t next, int64_t base, int64_t n,
                               int64_t kv_heads, const Geometry& g, vf* partial) {
   const int64_t G = g.group, P = g.padded_block, D = g.head_dim;
   for (int64_t t = 0; t < n; ++t) {
@@ -259,7 +281,7 @@ inline void score_block_pairs(const Bf16* qb, const Bf16* k, const Bf16* ahead, 
       const int64_t offset = t * g.token_stride + kvh * g.head_stride;
       if (next != NO_BLOCK) prefetch_row(ahead + next + offset, D);
       __m512bh key[CT / 2];
-      for (int c = 0; c < CT / 2; ++c) key[c] = (__m512bh)_mm512_loadu_si512(k + base + offset + c * 32);
+      for (int c = 0; c < CT / 2; ++c) key[c] = key_pair(k + base + offset, c);
       for (int64_t r = kvh * G; r < (kvh + 1) * G; ++r) {
         const Bf16* qr = qb + r * D;
         __m512 a = _mm512_setzero_ps(), b = _mm512_setzero_ps();  // two chains
@@ -301,8 +323,8 @@ void attend_chunk(const vf* q, const Bf16* qb, float score_scale, const T* k, co
                   int64_t begin, int64_t end, int64_t kv_heads, const Geometry& g, DecodeScratch& s, int64_t after) {
   const int64_t G = g.group, C = CT ? CT : g.head_dim / W, BS = g.block_size, P = g.padded_block, D = g.head_dim;
   const int64_t rows = kv_heads * G, SP = s.chunk_stride;
-  constexpr bool dot_pairs = kDotPairs && std::is_same_v<T, Bf16> && CT != 0 && CT % 2 == 0;
-  const bool pairs_path = dot_pairs && qb != nullptr;
+  constexpr bool dot_pairs = kDotPairs && has_dot_pairs<T> && CT != 0 && CT % 2 == 0;
+  const bool pairs_path = dot_pairs && qb != nullptr && (std::is_same_v<T, Bf16> || G >= FP8_DOT_PAIRS_MIN_GROUP);
   const float sums_scale = pairs_path ? score_scale : 1.f;  // q is already scaled on the float32 path
   std::fill(s.m.begin(), s.m.begin() + rows, -std::numeric_limits<float>::infinity());
   std::fill(s.l.begin(), s.l.begin() + rows, 0.f);
@@ -324,7 +346,7 @@ void attend_chunk(const vf* q, const Bf16* qb, float score_scale, const T* k, co
     // Key rows in address order (token, then kv head): the hardware prefetcher streams the block.
 #if defined(__AVX512BF16__)
     if constexpr (dot_pairs) {
-      if (pairs_path) score_block_pairs<CT>(qb, k, ahead, next, base, n, kv_heads, g, partial);
+      if (pairs_path) score_block_pairs<CT, T>(qb, k, ahead, next, base, n, kv_heads, g, partial);
     }
 #endif
     for (int64_t t = 0; !pairs_path && t < n; ++t) {
@@ -752,7 +774,7 @@ void run(const void* q_ptr, void* out_ptr, ScalarType q_dtype, int64_t Hq, const
         const int64_t h0 = it.kv_begin * g.group, heads = (it.kv_end - it.kv_begin) * g.group;
         const int64_t pool_offset = it.kv_begin * g.head_stride;
         // bfloat16 queries over a bfloat16 cache also go in as they are, for the dot-product scores.
-        const bool bf16_q = std::is_same_v<T, Bf16> && q_dtype == ScalarType::BFloat16;
+        const bool bf16_q = has_dot_pairs<T> && q_dtype == ScalarType::BFloat16;
         const Bf16* qb = bf16_q ? reinterpret_cast<const Bf16*>(q_row(starts[b])) + h0 * D : nullptr;
         int64_t after = NO_BLOCK;  // the following item's first block, relative to this item's kv heads
         if (following < count && items[following].work > 0 &&

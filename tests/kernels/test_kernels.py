@@ -400,10 +400,14 @@ FP8 = torch.float8_e5m2
 
 @pytest.mark.parametrize("q_dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("head_dim", [48, 128])
-def test_fp8_pool_decode_and_prefix_attention_match_the_reference(q_dtype: torch.dtype, head_dim: int) -> None:
-    """A float8_e5m2 pool (--kv-cache-dtype fp8) read in place: the same attention as SDPA over its values."""
+@pytest.mark.parametrize("group", [2, 4])
+def test_fp8_pool_decode_and_prefix_attention_match_the_reference(q_dtype: torch.dtype, head_dim: int,
+                                                                  group: int) -> None:
+    """A float8_e5m2 pool (--kv-cache-dtype fp8) read in place: the same attention as SDPA over its values. With
+    bfloat16 queries, 4 query heads a kv head and head_dim 128, decode's scores are bfloat16 dot products of the
+    converted key rows (on AVX512-BF16); the other cases convert to float32."""
     pool, tables = make_pool(LENGTHS, 2, head_dim, 16, FP8, seed=head_dim)
-    q = torch.randn(len(LENGTHS), 4, head_dim).to(q_dtype)
+    q = torch.randn(len(LENGTHS), 2 * group, head_dim).to(q_dtype)
     out = kernels.paged_decode_attention(q, pool, tables, LENGTHS, head_dim**-0.5)
     assert out.dtype == q_dtype
     tolerance = TOLERANCE[q_dtype]
@@ -411,7 +415,7 @@ def test_fp8_pool_decode_and_prefix_attention_match_the_reference(q_dtype: torch
                                rtol=0)
     lengths, query_lens = [1, 17, 40, 300], [1, 5, 1, 37]
     pool, tables = make_pool(lengths, 2, head_dim, 16, FP8, seed=1)
-    q = torch.randn(sum(query_lens), 4, head_dim).to(q_dtype)
+    q = torch.randn(sum(query_lens), 2 * group, head_dim).to(q_dtype)
     out = kernels.paged_prefix_attention(q, pool, tables, lengths, query_lens, head_dim**-0.5)
     expected = prefix_reference(q, pool, tables, lengths, query_lens, head_dim**-0.5)
     torch.testing.assert_close(out.double(), expected, atol=tolerance, rtol=0)
