@@ -28,9 +28,17 @@ def test_guard_text_table(gen_guard: Path, capsys: pytest.CaptureFixture[str]) -
     assert out.strip().splitlines()[-1].startswith("2 item(s): 2 Unsafe; 2 block (judged in ")
 
 
-def test_guard_answer_and_policy(gen_guard: Path, capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize("kv_cache_dtype", ["auto", "fp8"])
+def test_guard_answer_and_policy(gen_guard: Path, capsys: pytest.CaptureFixture[str], kv_cache_dtype: str,
+                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    from qwenstack.guard import gen
+
+    configs = []
+    real_config = gen.EngineConfig
+    monkeypatch.setattr(gen, "EngineConfig", lambda **kw: configs.append(real_config(**kw)) or configs[-1])
     argv = ["guard", "-m", str(gen_guard), "Hi", "--answer", "Here is how.", "--policy", "answer.unsafe=flag", "--json"]
-    assert main([*argv, *SMALL]) == 0
+    assert main([*argv, *SMALL, "--kv-cache-dtype", kv_cache_dtype]) == 0
+    assert [c.kv_cache_dtype for c in configs] == [kv_cache_dtype]  # the guard's own engine
     [row] = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert (row["direction"], row["safety"], row["action"], row["refusal"]) == ("answer", "Unsafe", "flag", "No")
     assert row["raw"] == UNSAFE_ANSWER and row["messages"][-1] == {"role": "assistant", "content": "Here is how."}
