@@ -259,6 +259,17 @@ def _parallel_engine(spec: ModelSpec, parallel: Any, config: EngineConfig) -> tu
 Loader = Callable[[ModelSpec, int], ServedModel]
 
 
+def kv_capacity(served: ServedModel) -> str:
+    """The KV pool as vLLM's start-up log gives it: the tokens it holds, in which dtype, and how many sequences of
+    max_model_len that makes ("" for an embedding model, which keeps no cache)."""
+    if served.embedding_only:
+        return ""
+    engine = served.engine.engine
+    tokens = engine.block_manager.num_blocks * engine.block_manager.block_size
+    dtype = str(engine.runner.kv_dtype).removeprefix("torch.")
+    return f"KV cache: {tokens:,} tokens in {dtype}, {tokens / max(served.max_model_len, 1):.1f}x max_model_len"
+
+
 def expected_name(spec: ModelSpec) -> str:
     """The name a spec will be served under, known before loading (what `llm.load` will call it)."""
     if spec.name:
@@ -328,7 +339,9 @@ class ModelRegistry:
                     with self._lock:
                         self._add(model)
                         self.loading.remove(label)
-                    log.info("model '%s' ready (max_model_len=%d)", model.name, model.max_model_len)
+                    capacity = kv_capacity(model)
+                    log.info("model '%s' ready (max_model_len=%d%s)", model.name, model.max_model_len,
+                             f"; {capacity}" if capacity else "")
                 except BaseException as exc:  # report it on /health and to the runner; never kill the app
                     # the traceback only with --debug: the message names the problem (a missing tensor, say)
                     log.error("loading model %s failed: %s", label, exc, exc_info=log.isEnabledFor(logging.DEBUG))

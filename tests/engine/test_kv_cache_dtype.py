@@ -82,6 +82,7 @@ def test_server_wiring(tiny_qwen3: Path) -> None:
     from qwenstack.llm import LLM
     from qwenstack.serving.config import ModelSpec
     from qwenstack.serving.introspect import model_status
+    from qwenstack.serving.served import kv_capacity
     from qwenstack.serving.served import load_served_model
 
     args = build_parser(discover_commands()[0]).parse_args(["serve", "m", "--kv-cache-dtype", "fp8"])
@@ -93,6 +94,8 @@ def test_server_wiring(tiny_qwen3: Path) -> None:
         status = model_status(served)  # /api/ps, which `qwenstack ps` prints
         assert (status["dtype"], status["kv_cache_dtype"]) == ("float32", "float8_e5m2")
         assert kv_kind(status) == ", float8_e5m2" and kv_kind({**status, "kv_cache_dtype": "float32"}) == ""
+        tokens = status["kv_blocks"] * status["block_size"]  # the start-up log's line
+        assert kv_capacity(served).startswith(f"KV cache: {tokens:,} tokens in float8_e5m2, ")
     finally:
         served.engine.shutdown()
     llm = LLM(tiny_qwen3, dtype="float32", kv_cache_memory=2**21, kv_cache_dtype="fp8")
