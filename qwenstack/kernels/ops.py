@@ -13,7 +13,7 @@ import torch
 from qwenstack.kernels.build import isa_level, native_op
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-# A KV pool may also hold float8_e5m2 (--kv-cache-dtype fp8): the attention ops read it as float32.
+# A KV pool may also hold float8_e5m2 (--kv-cache-dtype fp8): the attention ops convert its rows as they read them.
 _KV_DTYPES = (*_DTYPES, torch.float8_e5m2)
 
 
@@ -278,8 +278,8 @@ def top_k_rows(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor
 
 def softmax_draw_rows(logits: torch.Tensor, temperatures: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor | None:
     """One token per row of logits [R, V] drawn from softmax(logits / temperatures) [R] float32 at the points
-    uniforms [R] float64 of the rows' running sums (engine/sampler.py draw_rows' rule), in one native pass
-    structure without a float32 copy; -1 for a row without a finite maximum or with a NaN. None where the op
+    uniforms [R] float64 of the rows' running sums (engine/sampler.py draw_rows' rule), in one native call over
+    the logits as they are (no float32 copy); -1 for a row without a finite maximum or with a NaN. None where the op
     does not apply (no native kernel, a device or dtype it does not take): the caller's torch path then."""
     op = _rows_op("softmax_draw_rows", logits)
     if op is None:

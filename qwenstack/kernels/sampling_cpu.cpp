@@ -127,19 +127,20 @@ void top_k_row(const T* row, int64_t V, int64_t k, float* values, int64_t* ids, 
   }
 }
 
-template <typename T>
-void run(const Tensor& logits, int64_t k, Tensor& values, Tensor& ids) {
-  const int64_t R = logits.size(0), V = logits.size(1), stride = logits.stride(0);
-  const T* src = static_cast<const T*>(logits.const_data_ptr());
-  float* out_values = static_cast<float*>(values.mutable_data_ptr());
-  int64_t* out_ids = static_cast<int64_t*>(ids.mutable_data_ptr());
-  torch::stable::parallel_for(0, R, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> maxima, ordered;
-    std::vector<Candidate> candidates;
-    for (int64_t r = begin; r < end; ++r) {
-      top_k_row(src + r * stride, V, k, out_values + r * k, out_ids + r * k, maxima, ordered, candidates);
-    }
-  });
+// body(row 0 of x as float, Bf16 or Fp16 by x's dtype, the row stride, begin, end) over ranges of x's rows spread
+// over torch's threads (each range's body keeps its own scratch).
+template <typename Body>
+void over_rows(const Tensor& x, const char* what, Body body) {
+  const int64_t R = x.size(0), stride = x.stride(0);
+  auto spread = [&](const auto* src) {
+    torch::stable::parallel_for(0, R, 1, [&](int64_t begin, int64_t end) { body(src, stride, begin, end); });
+  };
+  switch (x.scalar_type()) {
+    case ScalarType::Float: spread(static_cast<const float*>(x.const_data_ptr())); break;
+    case ScalarType::BFloat16: spread(static_cast<const Bf16*>(x.const_data_ptr())); break;
+    case ScalarType::Half: spread(static_cast<const Fp16*>(x.const_data_ptr())); break;
+    default: STD_TORCH_CHECK(false, what, ": logits must be float32, bfloat16 or float16");
+  }
 }
 
 std::tuple<Tensor, Tensor> top_k_rows(Tensor logits, int64_t k) {
@@ -150,12 +151,16 @@ std::tuple<Tensor, Tensor> top_k_rows(Tensor logits, int64_t k) {
   Tensor values = torch::stable::empty({x.size(0), k}, ScalarType::Float, std::nullopt, x.device());
   Tensor ids = torch::stable::empty({x.size(0), k}, ScalarType::Long, std::nullopt, x.device());
   if (x.size(0) == 0) return {values, ids};
-  switch (x.scalar_type()) {
-    case ScalarType::Float: run<float>(x, k, values, ids); break;
-    case ScalarType::BFloat16: run<Bf16>(x, k, values, ids); break;
-    case ScalarType::Half: run<Fp16>(x, k, values, ids); break;
-    default: STD_TORCH_CHECK(false, "top_k_rows: logits must be float32, bfloat16 or float16");
-  }
+  const int64_t V = x.size(1);
+  float* out_values = static_cast<float*>(values.mutable_data_ptr());
+  int64_t* out_ids = static_cast<int64_t*>(ids.mutable_data_ptr());
+  over_rows(x, "top_k_rows", [&](const auto* src, int64_t stride, int64_t begin, int64_t end) {
+    std::vector<float> maxima, ordered;
+    std::vector<Candidate> candidates;
+    for (int64_t r = begin; r < end; ++r) {
+      top_k_row(src + r * stride, V, k, out_values + r * k, out_ids + r * k, maxima, ordered, candidates);
+    }
+  });
   return {values, ids};
 }
 
@@ -267,16 +272,6 @@ Tensor checked_rows(const Tensor& logits, const Tensor& temperatures, const char
   return logits.stride(1) == 1 ? logits : as_contiguous(logits);
 }
 
-template <typename T>
-void run_draw(const Tensor& x, const float* t, const double* u, int64_t* ids) {
-  const int64_t R = x.size(0), V = x.size(1), stride = x.stride(0);
-  const T* src = static_cast<const T*>(x.const_data_ptr());
-  torch::stable::parallel_for(0, R, 1, [&](int64_t begin, int64_t end) {
-    std::vector<double> sums;
-    for (int64_t r = begin; r < end; ++r) ids[r] = draw_row(src + r * stride, V, t[r], u[r], sums);
-  });
-}
-
 Tensor softmax_draw_rows(Tensor logits, Tensor temperatures_in, Tensor uniforms_in) {
   Tensor x = checked_rows(logits, temperatures_in, "softmax_draw_rows");
   STD_TORCH_CHECK(uniforms_in.is_cpu() && uniforms_in.dim() == 1 && uniforms_in.size(0) == x.size(0) &&
@@ -289,23 +284,12 @@ Tensor softmax_draw_rows(Tensor logits, Tensor temperatures_in, Tensor uniforms_
   const float* t = static_cast<const float*>(temperatures.const_data_ptr());
   const double* u = static_cast<const double*>(uniforms.const_data_ptr());
   int64_t* out = static_cast<int64_t*>(ids.mutable_data_ptr());
-  switch (x.scalar_type()) {
-    case ScalarType::Float: run_draw<float>(x, t, u, out); break;
-    case ScalarType::BFloat16: run_draw<Bf16>(x, t, u, out); break;
-    case ScalarType::Half: run_draw<Fp16>(x, t, u, out); break;
-    default: STD_TORCH_CHECK(false, "softmax_draw_rows: logits must be float32, bfloat16 or float16");
-  }
-  return ids;
-}
-
-template <typename T>
-void run_logsumexp(const Tensor& x, const float* t, float* out) {
-  const int64_t R = x.size(0), V = x.size(1), stride = x.stride(0);
-  const T* src = static_cast<const T*>(x.const_data_ptr());
-  torch::stable::parallel_for(0, R, 1, [&](int64_t begin, int64_t end) {
+  const int64_t V = x.size(1);
+  over_rows(x, "softmax_draw_rows", [&](const auto* src, int64_t stride, int64_t begin, int64_t end) {
     std::vector<double> sums;
-    for (int64_t r = begin; r < end; ++r) out[r] = logsumexp_row(src + r * stride, V, t[r], sums);
+    for (int64_t r = begin; r < end; ++r) out[r] = draw_row(src + r * stride, V, t[r], u[r], sums);
   });
+  return ids;
 }
 
 Tensor logsumexp_rows(Tensor logits, Tensor temperatures_in) {
@@ -315,12 +299,11 @@ Tensor logsumexp_rows(Tensor logits, Tensor temperatures_in) {
   if (x.size(0) == 0) return out;
   const float* t = static_cast<const float*>(temperatures.const_data_ptr());
   float* o = static_cast<float*>(out.mutable_data_ptr());
-  switch (x.scalar_type()) {
-    case ScalarType::Float: run_logsumexp<float>(x, t, o); break;
-    case ScalarType::BFloat16: run_logsumexp<Bf16>(x, t, o); break;
-    case ScalarType::Half: run_logsumexp<Fp16>(x, t, o); break;
-    default: STD_TORCH_CHECK(false, "logsumexp_rows: logits must be float32, bfloat16 or float16");
-  }
+  const int64_t V = x.size(1);
+  over_rows(x, "logsumexp_rows", [&](const auto* src, int64_t stride, int64_t begin, int64_t end) {
+    std::vector<double> sums;
+    for (int64_t r = begin; r < end; ++r) o[r] = logsumexp_row(src + r * stride, V, t[r], sums);
+  });
   return out;
 }
 
