@@ -405,6 +405,17 @@ void run(const Rows& a, const uint16_t* packed, O* out, int64_t N) {
   run_vec(a, packed, out, N);
 }
 
+// The float32 copy of a's rows that the generic loop reads (builds without AVX512-BF16).
+void fill_floats(Rows& a) {
+#if !defined(__AVX512BF16__)
+  const int64_t count = a.M * a.K;
+  a.f32.resize(count);
+  for (int64_t i = 0; i < count; ++i) a.f32[i] = to_float(reinterpret_cast<const Bf16*>(a.bf16.data())[i]);
+#else
+  (void)a;
+#endif
+}
+
 template <typename T>
 void read_rows(const void* src, Rows& a) {
   const T* p = static_cast<const T*>(src);
@@ -415,10 +426,15 @@ void read_rows(const void* src, Rows& a) {
   } else {
     for (int64_t i = 0; i < count; ++i) store(to_float(p[i]), reinterpret_cast<Bf16*>(&a.bf16[i]));
   }
-#if !defined(__AVX512BF16__)
-  a.f32.resize(count);
-  for (int64_t i = 0; i < count; ++i) a.f32[i] = to_float(reinterpret_cast<const Bf16*>(a.bf16.data())[i]);
-#endif
+  fill_floats(a);
+}
+
+// a.M rows of x [?, a.K], row m being x's row index[m].
+void gather_rows(const Bf16* x, const int64_t* index, Rows& a) {
+  a.bf16.resize(a.M * a.K);
+  for (int64_t m = 0; m < a.M; ++m)
+    std::memcpy(a.bf16.data() + m * a.K, x + index[m] * a.K, a.K * sizeof(uint16_t));
+  fill_floats(a);
 }
 
 Tensor linear_tiled(Tensor x_in, Tensor packed_in) {
@@ -984,19 +1000,29 @@ Tensor linear_tiled_int4(Tensor x_in, Tensor packed_in, Tensor scale_zeros_in) {
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// Stacked MoE experts (models/moe.py's Experts) in one call, above all for the few rows a decode step gives each:
-//   for each expert e with rows [o_e, o_e + counts[e]) of x (x sorted by expert):
-//     h = x_e W_gate_up[e]^T, a = silu_mul(h) (cpu_vec.h, the rounding of models/layers.py), out_e = a W_down[e]^T
-// every product rounded to bfloat16 as linear_tiled's are, so out is bit for bit what the loop over experts
-// with linear_tiled and silu_mul gives. Why: a decode step of 32 sequences over the top 10 of 128 experts
-// runs ~118 experts a layer at ~2.5 rows each, 236 products of 2-4 MB, and as separate calls each one woke
-// the threads, split its few columns among them and waited for the slower one, with Python's slicing and
-// SiLU between. Here the block columns of every expert are one queue of pieces for the threads, one queue
-// for the gate/up products and one for the down products. Vector loops only (any row count; with AMX the
-// caller sends groups of more than a few rows expert by expert through linear_tiled's tile loop).
-// Layout: x [R, H] bfloat16; counts [E] int64 (sum R); gate_up [E, 2I / 16, H / 32, 16, 16, 2] and down
-// [E, H / 16, I / 32, 16, 16, 2] bfloat16 (pack_tiles of each expert); out [R, H] bfloat16.
+// A MoE layer's experts (models/moe.py's Experts) in one call, from the routed tokens to their weighted sum:
+//   pairs r = 0..R sorted by expert (o_e, o_e + counts[e]) are expert e's; pair r is token token_of[r] at weight w[r]
+//   for each expert e: h = x[token_of[pairs]] W_gate_up[e]^T, a = silu_mul(h) (cpu_vec.h, the rounding of
+//     models/layers.py), y = a W_down[e]^T
+//   out[t] = the float32 sum over t's pairs, in pair order, of bf16(y[r] * w[r]), rounded to bfloat16 once
+// every product rounded to bfloat16 as linear_tiled's are, so out is bit for bit Experts' torch path around the
+// loop of linear_tiled and silu_mul: x[token_of], the loop, `*= w` and index_add_ into zeros (which sums a
+// bfloat16 tensor's slices in float32 and rounds once).
+// Why one call: a decode step of 32 sequences over the top 10 of 128 experts runs ~118 experts a layer at ~2.5
+// rows each, 236 products of 2-4 MB, and as separate calls each one woke the threads, split its few columns
+// among them and waited for the slower one, with Python's slicing and SiLU between: here the block columns of
+// every expert are one queue of pieces for the threads, one queue for the gate/up products and one for the down
+// products. Why the gather and the sum inside: a 2,048-token prefill chunk of 8 experts a token has 16,384 pairs,
+// and its [R, H] and [R, 2I] intermediates (~300 MB a layer at H = 2,048) were fresh allocations that the C
+// allocator maps from the kernel and unmaps on free, page by page: ~300K page faults a chunk, 0.4-0.7 s of a
+// ~3 s step. Experts go in groups of at most MOE_GROUP_ROWS pairs through buffers of that size instead.
+// Vector loops only (any row count; with AMX the caller sends groups of more than a few rows expert by expert
+// through linear_tiled's tile loop).
+// Layout: x [T, H] bfloat16; token_of [R] int64; weights [R] bfloat16; counts [E] int64 (sum R); gate_up
+// [E, 2I / 16, H / 32, 16, 16, 2] and down [E, H / 16, I / 32, 16, 16, 2] bfloat16 (pack_tiles of each expert);
+// out [T, H] bfloat16.
 constexpr int64_t MOE_PIECE_COLUMNS = 16;  // block columns a piece (256 outputs): 1 MiB of weights at K = 2048
+constexpr int64_t MOE_GROUP_ROWS = 4096;   // pairs a group of experts (one expert may bring more)
 
 // One phase: for every expert with rows, its rows' product with its matrix (packed + e * expert_size), block
 // columns in pieces of at most MOE_PIECE_COLUMNS, read in the tier of streams that its row count takes.
@@ -1022,27 +1048,75 @@ void moe_phase(const std::vector<Rows>& rows, const std::vector<int64_t>& expert
   });
 }
 
-Tensor moe_tiled(Tensor x_in, Tensor counts_in, Tensor gate_up_in, Tensor down_in) {
-  STD_TORCH_CHECK(x_in.is_cpu() && counts_in.is_cpu() && gate_up_in.is_cpu() && down_in.is_cpu(),
-                  "moe_tiled: CPU tensors only");
+// Each token's pairs in pair order: pairs_of[first[t], first[t + 1]) (a counting sort of token_of, stable).
+struct TokenPairs {
+  std::vector<int64_t> first, pairs_of;
+
+  TokenPairs(const int64_t* token_of, int64_t R, int64_t T) : first(T + 1, 0), pairs_of(R) {
+    for (int64_t r = 0; r < R; ++r) {
+      STD_TORCH_CHECK(token_of[r] >= 0 && token_of[r] < T, "moe_tiled: pair ", r, " names token ", token_of[r],
+                      " of ", T);
+      ++first[token_of[r] + 1];
+    }
+    for (int64_t t = 0; t < T; ++t) first[t + 1] += first[t];
+    std::vector<int64_t> next(first.begin(), first.end() - 1);
+    for (int64_t r = 0; r < R; ++r) pairs_of[next[token_of[r]]++] = r;
+  }
+};
+
+// sums[t] += bf16(y[r - r0] * w[r]) in float32 for each of t's pairs r in [r0, r1), in pair order; cursor[t] is
+// t's next pair.
+void add_weighted(const TokenPairs& tp, std::vector<int64_t>& cursor, const Bf16* y, const Bf16* w, int64_t r0,
+                  int64_t r1, int64_t H, float* sums) {
+  constexpr int64_t TOKENS_A_PIECE = 16;
+  const int64_t T = int64_t(cursor.size());
+  parallel_pieces((T + TOKENS_A_PIECE - 1) / TOKENS_A_PIECE, [&](int64_t piece) {
+    for (int64_t t = piece * TOKENS_A_PIECE; t < std::min(T, (piece + 1) * TOKENS_A_PIECE); ++t) {
+      for (int64_t& c = cursor[t]; c < tp.first[t + 1] && tp.pairs_of[c] < r1; ++c) {
+        const int64_t r = tp.pairs_of[c];
+        const Bf16* src = y + (r - r0) * H;
+        float* dst = sums + t * H;
+        const float weight = to_float(w[r]);
+        int64_t j = 0;
+        for (; j + W <= H; j += W) store_exact(load_vec(dst + j) + round_to<Bf16>(load_vec(src + j) * weight), dst + j);
+        for (; j < H; ++j) {
+          Bf16 product;
+          store(to_float(src[j]) * weight, &product);
+          dst[j] += to_float(product);
+        }
+      }
+    }
+  });
+}
+
+Tensor moe_tiled(Tensor x_in, Tensor token_of_in, Tensor weights_in, Tensor counts_in, Tensor gate_up_in,
+                 Tensor down_in) {
+  STD_TORCH_CHECK(x_in.is_cpu() && token_of_in.is_cpu() && weights_in.is_cpu() && counts_in.is_cpu() &&
+                      gate_up_in.is_cpu() && down_in.is_cpu(), "moe_tiled: CPU tensors only");
   STD_TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == ScalarType::BFloat16,
-                  "moe_tiled: x must be bfloat16 [R, H]");
+                  "moe_tiled: x must be bfloat16 [T, H]");
   STD_TORCH_CHECK(gate_up_in.dim() == 6 && down_in.dim() == 6 && gate_up_in.scalar_type() == ScalarType::BFloat16 &&
                       down_in.scalar_type() == ScalarType::BFloat16,
                   "moe_tiled: gate_up and down must be bfloat16 [E, N / 16, K / 32, 16, 16, 2]");
-  const int64_t R = x_in.size(0), H = x_in.size(1), E = gate_up_in.size(0);
+  const int64_t T = x_in.size(0), H = x_in.size(1), E = gate_up_in.size(0);
   const int64_t I2 = gate_up_in.size(1) * TILE_N, I = I2 / 2;
   STD_TORCH_CHECK(gate_up_in.size(2) * TILE_K == H && down_in.size(0) == E && down_in.size(1) * TILE_N == H &&
                       down_in.size(2) * TILE_K == I && I % TILE_N == 0,
                   "moe_tiled: the stacks do not match x's ", H, " columns or each other");
   STD_TORCH_CHECK(counts_in.dim() == 1 && counts_in.size(0) == E && counts_in.scalar_type() == ScalarType::Long,
                   "moe_tiled: counts must be int64 [E]");
+  const int64_t R = token_of_in.dim() == 1 ? token_of_in.size(0) : -1;
+  STD_TORCH_CHECK(R >= 0 && token_of_in.scalar_type() == ScalarType::Long, "moe_tiled: token_of must be int64 [R]");
+  STD_TORCH_CHECK(weights_in.dim() == 1 && weights_in.size(0) == R && weights_in.scalar_type() == ScalarType::BFloat16,
+                  "moe_tiled: weights must be bfloat16 [R], one per pair");
   Tensor x = as_contiguous(x_in);
+  Tensor token_of_t = as_contiguous(token_of_in);
+  Tensor weights = as_contiguous(weights_in);
   Tensor counts_t = as_contiguous(counts_in);
   Tensor gate_up = as_contiguous(gate_up_in);
   Tensor down = as_contiguous(down_in);
   const int64_t* counts = static_cast<const int64_t*>(counts_t.const_data_ptr());
-  std::vector<int64_t> experts, first_row;
+  std::vector<int64_t> experts, first_row;  // experts with pairs, and the first pair of each
   int64_t total = 0;
   for (int64_t e = 0; e < E; ++e) {
     STD_TORCH_CHECK(counts[e] >= 0, "moe_tiled: expert ", e, " has ", counts[e], " rows");
@@ -1051,27 +1125,57 @@ Tensor moe_tiled(Tensor x_in, Tensor counts_in, Tensor gate_up_in, Tensor down_i
     first_row.push_back(total);
     total += counts[e];
   }
-  STD_TORCH_CHECK(total == R, "moe_tiled: counts add up to ", total, ", x has ", R, " rows");
-  Tensor out = torch::stable::empty({R, H}, ScalarType::BFloat16, std::nullopt, x.device());
-  if (R == 0) return out;
+  STD_TORCH_CHECK(total == R, "moe_tiled: counts add up to ", total, ", token_of has ", R, " pairs");
+  const int64_t* token_of = static_cast<const int64_t*>(token_of_t.const_data_ptr());
+  const TokenPairs tp(token_of, R, T);
+  Tensor out = torch::stable::empty({T, H}, ScalarType::BFloat16, std::nullopt, x.device());
+  Bf16* o = static_cast<Bf16*>(out.mutable_data_ptr());
+  std::vector<float> sums(T * H, 0.f);  // each token's weighted sum, rounded once at the end
   const Bf16* xp = static_cast<const Bf16*>(x.const_data_ptr());
-  std::vector<Rows> rows(experts.size());
-  for (size_t i = 0; i < experts.size(); ++i) {
-    rows[i].M = counts[experts[i]];
-    rows[i].K = H;
-    read_rows<Bf16>(xp + first_row[i] * H, rows[i]);
+  const Bf16* w = static_cast<const Bf16*>(weights.const_data_ptr());
+  // Groups of consecutive experts of at most MOE_GROUP_ROWS pairs (or one expert), through buffers sized once.
+  std::vector<size_t> group_end;
+  int64_t widest = 0;
+  for (size_t i = 0, begin = 0; i < experts.size(); ++i) {
+    const int64_t rows_through_i = first_row[i] + counts[experts[i]] - first_row[begin];
+    if (i + 1 == experts.size() || first_row[i + 1] + counts[experts[i + 1]] - first_row[begin] > MOE_GROUP_ROWS) {
+      group_end.push_back(i + 1);
+      widest = std::max(widest, rows_through_i);
+      begin = i + 1;
+    }
   }
-  std::unique_ptr<Bf16[]> h = uninitialized<Bf16>(R * I2);
-  moe_phase(rows, experts, static_cast<const uint16_t*>(gate_up.const_data_ptr()), I2 * H, I2, h.get(), first_row);
-  std::unique_ptr<Bf16[]> act = uninitialized<Bf16>(R * I);
-  // Prefill-sized groups (no AMX) bring thousands of rows: the activation over the threads too.
-  parallel_pieces(R, [&](int64_t r) { silu_mul_row(h.get() + r * I2, I, act.get() + r * I); });
-  for (size_t i = 0; i < experts.size(); ++i) {
-    rows[i].K = I;
-    read_rows<Bf16>(act.get() + first_row[i] * I, rows[i]);
+  std::unique_ptr<Bf16[]> h = uninitialized<Bf16>(widest * I2), act = uninitialized<Bf16>(widest * I);
+  std::unique_ptr<Bf16[]> y = uninitialized<Bf16>(widest * H);
+  std::vector<int64_t> cursor(tp.first.begin(), tp.first.end() - 1);
+  std::vector<Rows> rows;
+  size_t begin = 0;
+  for (const size_t end : group_end) {
+    const std::vector<int64_t> group(experts.begin() + begin, experts.begin() + end);
+    std::vector<int64_t> first(end - begin);
+    const int64_t r0 = first_row[begin], r1 = first_row[end - 1] + counts[experts[end - 1]];
+    rows.resize(group.size());
+    for (size_t i = 0; i < group.size(); ++i) {
+      first[i] = first_row[begin + i] - r0;
+      rows[i].M = counts[group[i]];
+      rows[i].K = H;
+      gather_rows(xp, token_of + first_row[begin + i], rows[i]);
+    }
+    moe_phase(rows, group, static_cast<const uint16_t*>(gate_up.const_data_ptr()), I2 * H, I2, h.get(), first);
+    // Prefill-sized groups bring a thousand rows: the activation over the threads too.
+    parallel_pieces(r1 - r0, [&](int64_t r) { silu_mul_row(h.get() + r * I2, I, act.get() + r * I); });
+    for (size_t i = 0; i < group.size(); ++i) {
+      rows[i].K = I;
+      read_rows<Bf16>(act.get() + first[i] * I, rows[i]);
+    }
+    moe_phase(rows, group, static_cast<const uint16_t*>(down.const_data_ptr()), H * I, H, y.get(), first);
+    add_weighted(tp, cursor, y.get(), w, r0, r1, H, sums.data());
+    begin = end;
   }
-  moe_phase(rows, experts, static_cast<const uint16_t*>(down.const_data_ptr()), H * I, H,
-            static_cast<Bf16*>(out.mutable_data_ptr()), first_row);
+  parallel_pieces(T, [&](int64_t t) {
+    int64_t j = 0;
+    for (; j + W <= H; j += W) store_rounded(load_vec(sums.data() + t * H + j), o + t * H + j);
+    for (; j < H; ++j) store(sums[t * H + j], o + t * H + j);
+  });
   return out;
 }
 
@@ -1082,7 +1186,7 @@ STABLE_TORCH_LIBRARY_FRAGMENT(qwenstack, m) {
   m.def("linear_tiled(Tensor x, Tensor packed) -> Tensor");
   m.def("linear_tiled_int8(Tensor x, Tensor packed, Tensor scales) -> Tensor");
   m.def("linear_tiled_int4(Tensor x, Tensor packed, Tensor scale_zeros) -> Tensor");
-  m.def("moe_tiled(Tensor x, Tensor counts, Tensor gate_up, Tensor down) -> Tensor");
+  m.def("moe_tiled(Tensor x, Tensor token_of, Tensor weights, Tensor counts, Tensor gate_up, Tensor down) -> Tensor");
 }
 
 STABLE_TORCH_LIBRARY_IMPL(qwenstack, CPU, m) {

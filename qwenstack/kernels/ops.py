@@ -420,14 +420,17 @@ SLOW_LOOP_MAX_ROWS = 16
 
 
 def moe_tiled(
-    x: torch.Tensor,  # [R, H] bfloat16, rows sorted by expert
-    counts: torch.Tensor,  # [E] int64: rows of each expert, in order
+    x: torch.Tensor,  # [T, H] bfloat16: the layer's tokens
+    token_of: torch.Tensor,  # [R] int64: the token of each (token, expert) pair, pairs sorted by expert
+    weights: torch.Tensor,  # [R] bfloat16: each pair's routing weight
+    counts: torch.Tensor,  # [E] int64: pairs of each expert, in order
     gate_up: torch.Tensor,  # [E, 2I / 16, H / 32, 16, 16, 2] bfloat16, tile-packed per expert
     down: torch.Tensor,  # [E, H / 16, I / 32, 16, 16, 2] bfloat16
-) -> torch.Tensor | None:  # [R, H] bfloat16
-    """Every expert's SwiGLU over its rows in one native call (qwenstack/kernels/linear_tiled_cpu.cpp), bit for
-    bit the loop of linear_tiled and silu_mul over the experts; None where it does not apply: CPU bfloat16,
-    at most moe_max_rows() rows an expert, no autograd."""
+) -> torch.Tensor | None:  # [T, H] bfloat16
+    """A MoE layer's experts in one native call (qwenstack/kernels/linear_tiled_cpu.cpp): each token's weighted
+    sum of its experts' SwiGLU, bit for bit x[token_of], the loop of linear_tiled and silu_mul over the experts,
+    `*= weights` and index_add_ into zeros. None where it does not apply: CPU bfloat16, at most moe_max_rows()
+    pairs an expert, no autograd."""
     if x.device.type != "cpu" or x.dtype != torch.bfloat16 or gate_up.dtype != torch.bfloat16 or x.dim() != 2:
         return None
     if torch.is_grad_enabled() and x.requires_grad:
@@ -438,7 +441,7 @@ def moe_tiled(
     op = native_op("moe_tiled")
     if op is None:
         return None
-    return op(x, counts, gate_up, down)
+    return op(x, token_of, weights, counts, gate_up, down)
 
 
 def experts_swiglu(

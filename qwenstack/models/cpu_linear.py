@@ -247,8 +247,8 @@ def probe_weights(model: nn.Module, budget: int = PROBE_BYTES) -> list[torch.Ten
 BATCH_ROWS = 16
 # Stacked MoE experts see few rows in a decode step: B sequences give each expert about B x top_k / E of
 # them (32 sequences of a 128-expert, top-10 model: 2.5; the released 512-expert Qwen3-Next: 0.6). Their
-# form is voted on apart, by running their grouped SwiGLU as the model would (models/moe.py: in the native
-# form, every expert in one call) on one row and on this many an expert. With the dense linears' vote they
+# form is voted on apart, by running their mix as the model would (models/moe.py: in the native form, every
+# expert in one call) on one row and on this many an expert. With the dense linears' vote they
 # took oneDNN's packed form on a CPU without AMX, where the one call runs a 32-sequence Qwen3-Next step 1.19x
 # faster.
 EXPERT_ROWS = 4
@@ -268,7 +268,7 @@ def _expert_stacks(model: nn.Module) -> list[nn.Module]:
 
 def _expert_passes(model: nn.Module, budget: int = PROBE_BYTES) -> dict[str, Callable[[], object]]:
     """One pass per available form over copies of the first experts of the model's first expert stack (as
-    many as hold `budget` bytes): their grouped SwiGLU on one row and on EXPERT_ROWS rows each; none when the
+    many as hold `budget` bytes): their mix on one row and on EXPERT_ROWS rows each; none when the
     model has no (unquantized, 16-bit) stacked experts."""
     stack = next(iter(_expert_stacks(model)), None)
     if stack is None or not prepares(stack.gate_up_proj.dtype):
@@ -285,9 +285,10 @@ def _expert_passes(model: nn.Module, budget: int = PROBE_BYTES) -> dict[str, Cal
         if form != "plain":
             probe.prepare_for_cpu(form)
         calls = []
-        for rows in (1, EXPERT_ROWS):
+        for rows in (1, EXPERT_ROWS):  # n * rows tokens, each routed to one expert at weight 1
             x = torch.randn(n * rows, stack.hidden_size, dtype=stack.gate_up_proj.dtype)
-            calls.append(functools.partial(probe.grouped_swiglu, x, torch.full((n,), rows, dtype=torch.long)))
+            calls.append(functools.partial(probe.mix, x, torch.arange(n * rows), torch.ones(n * rows, dtype=x.dtype),
+                                           torch.full((n,), rows, dtype=torch.long)))
         passes[form] = functools.partial(lambda calls: [c() for c in calls], calls)
     return passes
 

@@ -5,8 +5,8 @@ Decisions:
   and down_proj [E, H, I]. Checkpoints store them per expert (Qwen3-MoE, Qwen3-Next) or fused and
   transposed (Qwen3-VL-MoE); `checkpoint_sources` declares both layouts and the loader picks the one on disk.
 - Tokens are grouped by expert (one sort), and only the experts that received tokens run: no Python loop
-  over every expert for every token. In the tile-packed CPU form a decode step's experts (a few rows each)
-  run in one native call (kernels.moe_tiled) instead of a loop of products.
+  over every expert for every token. In the tile-packed CPU form the layer's experts run in one native call
+  (kernels.moe_tiled: the gather, the products and the weighted sum) instead of a loop of products.
 - Routing follows transformers exactly: softmax in float32, top-k, optional renormalisation, weights cast to
   the activation dtype before mixing.
 """
@@ -44,19 +44,24 @@ class Experts(nn.Module):
         order = torch.argsort(flat_ids, stable=True)
         token_of = order // top_k  # which token each sorted (token, slot) pair belongs to
         counts = torch.bincount(flat_ids, minlength=self.num_experts)
+        return self.mix(x, token_of, weights.flatten()[order].to(x.dtype), counts)
+
+    def mix(self, x: torch.Tensor, token_of: torch.Tensor, pair_weights: torch.Tensor,
+            counts: torch.Tensor) -> torch.Tensor:
+        """Each token's weighted sum of its experts' SwiGLU: x [T, H]; pairs sorted by expert, token_of and
+        pair_weights [R] (x's dtype), counts [E] pairs an expert -> [T, H]."""
+        if self.tiled:  # the gather, every expert and the weighted sum in one native call where it applies
+            mixed = kernels.moe_tiled(x, token_of, pair_weights, counts, self.gate_up_proj, self.down_proj)
+            if mixed is not None:
+                return mixed
         # One gather of the inputs in expert order and one weighted scatter-add at the end.
-        inputs = x[token_of]
-        results = self.grouped_swiglu(inputs, counts)
-        results *= weights.flatten()[order, None].to(results.dtype)
+        results = self.grouped_swiglu(x[token_of], counts)
+        results *= pair_weights[:, None]
         return torch.zeros_like(x).index_add_(0, token_of, results)
 
     def grouped_swiglu(self, inputs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """Each expert's SwiGLU over its rows: inputs [R, H] sorted by expert, counts [E] rows per expert."""
-        if self.tiled:  # every expert in one native call where it applies (a decode step's few rows each)
-            fused = kernels.moe_tiled(inputs, counts, self.gate_up_proj, self.down_proj)
-            if fused is not None:
-                return fused
-        # The loop over the experts that received rows only slices, multiplies and writes its rows.
+        """Each expert's SwiGLU over its rows: inputs [R, H] sorted by expert, counts [E] rows per expert.
+        The loop over the experts that received rows only slices, multiplies and writes its rows."""
         results = torch.empty_like(inputs)
         start = 0
         for expert, count in enumerate(counts.tolist()):

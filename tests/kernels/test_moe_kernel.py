@@ -53,16 +53,48 @@ def any_rows(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(kernels.ops, "moe_max_rows", lambda: None)
 
 
+def _mixed_by_torch(experts: Experts, x: torch.Tensor, token_of: torch.Tensor, weights: torch.Tensor,
+                    counts: list[int]) -> torch.Tensor:
+    """Experts.mix's torch path around the loop: the gather, the products, `*= weights`, index_add_."""
+    results = _loop(experts, x[token_of], counts)
+    results *= weights[:, None]
+    return torch.zeros_like(x).index_add_(0, token_of, results)
+
+
+def _pairs(counts: list[int], tokens: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random tokens and bfloat16 weights for sum(counts) pairs: some tokens get many pairs, some none."""
+    generator = torch.Generator().manual_seed(seed)
+    token_of = torch.randint(0, tokens, (sum(counts),), generator=generator)
+    return token_of, torch.rand(sum(counts), generator=generator).to(torch.bfloat16)
+
+
+# MOE_GROUP_ROWS (linear_tiled_cpu.cpp) is 4,096: the last case takes three groups of experts, a token's pairs in
+# more than one of them, and one expert alone past the group size.
 @pytest.mark.parametrize("counts", [[1, 0, 2, 3, 0, 1], [0, 0, 0, 0, 0, 5], [16, 1, 0, 7, 4, 9], [1] * 6,
-                                    [40, 0, 3, 0, 0, 13], [300, 0, 17, 1, 0, 2]])
+                                    [40, 0, 3, 0, 0, 13], [300, 0, 17, 1, 0, 2], [1500, 2000, 0, 4500, 5, 2]])
 def test_one_call_equals_the_loop_over_experts(counts: list[int], any_rows: None) -> None:
     experts = _tiled_experts(len(counts))
-    x = torch.randn(sum(counts), H).to(torch.bfloat16)
+    tokens = max(1, sum(counts) // 3)
+    x = torch.randn(tokens, H).to(torch.bfloat16)
+    token_of, weights = _pairs(counts, tokens)
     with torch.inference_mode():
-        got = kernels.moe_tiled(x, torch.tensor(counts), experts.gate_up_proj, experts.down_proj)
-        want = _loop(experts, x, counts)
-    assert got is not None and got.dtype == torch.bfloat16
+        got = kernels.moe_tiled(x, token_of, weights, torch.tensor(counts), experts.gate_up_proj, experts.down_proj)
+        want = _mixed_by_torch(experts, x, token_of, weights, counts)
+    assert got is not None and got.dtype == torch.bfloat16 and got.shape == x.shape
     assert torch.equal(got, want)
+
+
+def test_tokens_routed_nowhere_are_zero(any_rows: None) -> None:
+    experts = _tiled_experts(2)
+    x = torch.randn(4, H).to(torch.bfloat16)
+    token_of, weights = torch.tensor([2, 0, 2]), torch.tensor([0.5, 1.0, 0.25]).to(torch.bfloat16)
+    with torch.inference_mode():
+        got = kernels.moe_tiled(x, token_of, weights, torch.tensor([2, 1]), experts.gate_up_proj, experts.down_proj)
+        assert torch.equal(got, _mixed_by_torch(experts, x, token_of, weights, [2, 1]))
+        empty = kernels.moe_tiled(x, token_of[:0], weights[:0], torch.tensor([0, 0]), experts.gate_up_proj,
+                                  experts.down_proj)
+    assert not got[1].any() and not got[3].any() and got[0].any() and got[2].any()
+    assert empty is not None and not empty.any()
 
 
 def test_the_module_takes_it_and_stays_with_its_reference() -> None:
@@ -93,17 +125,23 @@ def test_what_it_leaves_to_the_loop_and_what_it_refuses(monkeypatch: pytest.Monk
     experts = _tiled_experts(2)
     limit = 8  # a build with a limit (AMX: 16; vector loops without bfloat16 dot products: 16)
     monkeypatch.setattr(kernels.ops, "moe_max_rows", lambda: limit)
-    many = torch.randn(limit + 1, H).to(torch.bfloat16)
+    x = torch.randn(limit + 1, H).to(torch.bfloat16)
+    token_of, weights = _pairs([limit + 1, 0], limit + 1)
+    stacks = (experts.gate_up_proj, experts.down_proj)
     counts = torch.tensor([limit + 1, 0])
-    assert kernels.moe_tiled(many, counts, experts.gate_up_proj, experts.down_proj) is None
-    assert kernels.moe_tiled(many[:limit], torch.tensor([limit, 0]), experts.gate_up_proj, experts.down_proj) \
-        is not None
-    assert kernels.moe_tiled(many.float(), counts, experts.gate_up_proj, experts.down_proj) is None
+    assert kernels.moe_tiled(x, token_of, weights, counts, *stacks) is None
+    assert kernels.moe_tiled(x, token_of[:limit], weights[:limit], torch.tensor([limit, 0]), *stacks) is not None
+    assert kernels.moe_tiled(x.float(), token_of, weights, counts, *stacks) is None
     with torch.inference_mode():  # the module then runs the loop over experts, with the same result
-        looped = experts.grouped_swiglu(many, counts)
-    torch.testing.assert_close(looped, _loop(experts, many, counts.tolist()), rtol=2e-2, atol=2e-2)
-    with pytest.raises(RuntimeError, match="counts add up to 3, x has 2 rows"):
-        kernels.moe_tiled(many[:2], torch.tensor([2, 1]), experts.gate_up_proj, experts.down_proj)
+        looped = experts.mix(x, token_of, weights, counts)
+    torch.testing.assert_close(looped, _mixed_by_torch(experts, x, token_of, weights, counts.tolist()), rtol=2e-2,
+                               atol=2e-2)
+    with pytest.raises(RuntimeError, match="counts add up to 3, token_of has 2 pairs"):
+        kernels.moe_tiled(x, token_of[:2], weights[:2], torch.tensor([2, 1]), *stacks)
+    with pytest.raises(RuntimeError, match="pair 1 names token 9 of 9"):
+        kernels.moe_tiled(x, torch.tensor([0, limit + 1]), weights[:2], torch.tensor([2, 0]), *stacks)
+    with pytest.raises(RuntimeError, match="weights must be bfloat16 \\[R\\]"):
+        kernels.moe_tiled(x, token_of[:2], weights[:2].float(), torch.tensor([2, 0]), *stacks)
 
 
 def test_the_row_limit_follows_the_build(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -126,7 +164,7 @@ def test_experts_get_their_own_form(tiny_qwen3_moe, monkeypatch: pytest.MonkeyPa
     stacks = [m for m in model.modules() if type(m) is Experts]
     assert stacks
     timed = cpu_linear._expert_passes(model)
-    assert set(timed) >= {"plain", "native"}  # the probe runs the grouped SwiGLU in each form
+    assert set(timed) >= {"plain", "native"}  # the probe runs the experts' mix in each form
     for run in timed.values():
         run()
     monkeypatch.setattr(cpu_linear, "fastest_form", lambda probes, rounds=cpu_linear.FORM_ROUNDS: "packed")
