@@ -88,6 +88,21 @@ def random_prompt(rng: random.Random, n: int, vocab: int) -> list[int]:
 
 # --- ours ---------------------------------------------------------------------------------------------
 
+def engine_mix(rng: random.Random, vocab: int, requests: int = 64) -> tuple[list[list[int]], list[int]]:
+    """The throughput mix: prompts of 32-512 tokens, outputs of 32-256 (from `rng`, which earlier parts of a run
+    also draw from)."""
+    prompts = [random_prompt(rng, rng.randint(32, 512), vocab) for _ in range(requests)]
+    return prompts, [rng.randint(32, 256) for _ in range(requests)]
+
+
+def short_mix(vocab: int) -> tuple[list[list[int]], list[int]]:
+    """The short-output mix: 32 requests, prompts of 32-256 tokens, outputs of 16-64, from its own seed (the
+    mix does not depend on which other parts ran)."""
+    rng = random.Random(0)
+    prompts = [random_prompt(rng, rng.randint(32, 256), vocab) for _ in range(32)]
+    return prompts, [rng.randint(16, 64) for _ in range(32)]
+
+
 def ours_decode(model: torch.nn.Module, prompt: list[int], new_tokens: int) -> float:
     engine = make_engine(model)
     engine.add_request("d", prompt, SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True))
@@ -324,15 +339,11 @@ def main() -> None:
             results["turn"].append(row)
             print("turn", row, flush=True)
     if "throughput" in only:
-        n = args.requests
-        prompts = [random_prompt(rng, rng.randint(32, 512), vocab) for _ in range(n)]
-        outputs = [rng.randint(32, 256) for _ in range(n)]
+        prompts, outputs = engine_mix(rng, vocab, args.requests)
         results["throughput"] = mix_rounds(model, hf, prompts, outputs, args.mix_rounds)
         print("throughput", results["throughput"], flush=True)
-    if "short" in only:  # its own seed: the mix does not depend on which other parts ran
-        short_rng = random.Random(0)
-        prompts = [random_prompt(short_rng, short_rng.randint(32, 256), vocab) for _ in range(32)]
-        outputs = [short_rng.randint(16, 64) for _ in range(32)]
+    if "short" in only:
+        prompts, outputs = short_mix(vocab)
         results["short_throughput"] = mix_rounds(model, hf, prompts, outputs, args.mix_rounds)
         print("short_throughput", results["short_throughput"], flush=True)
     if "batched" in only:
