@@ -240,6 +240,18 @@ inline vf exp_vec(vf x) {
   return p * (vf)((half + 127) << 23) * (vf)((n - half + 127) << 23);
 }
 
+// One row of n values of type S, rounded to type P at `to` (a plain copy when the types are the same).
+template <typename S, typename P>
+inline void store_row(const S* from, int64_t n, P* to) {
+  if constexpr (std::is_same_v<S, P>) {
+    std::memcpy(to, from, n * sizeof(P));
+  } else {
+    int64_t i = 0;
+    for (; i + W <= n; i += W) store_rounded(load_vec(from + i), to + i);
+    for (; i < n; ++i) store(to_float(from[i]), to + i);
+  }
+}
+
 // SwiGLU's activation for one row [gate | up] of I + I values: out = T(T(silu(gate)) * up), silu(g) =
 // g / (1 + exp(-g)) in float32, the rounding of the reference (models/layers.py's silu_and_mul). exp is
 // exp_vec (~2 ulp), so a value can differ from torch's by one unit of T on a rounding boundary of T.

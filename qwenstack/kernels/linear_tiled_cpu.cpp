@@ -1065,7 +1065,7 @@ struct TokenPairs {
 };
 
 // sums[t] += bf16(y[r - r0] * w[r]) in float32 for each of t's pairs r in [r0, r1), in pair order; cursor[t] is
-// t's next pair.
+// t's next pair. H is a multiple of TILE_K (moe_tiled checks it), so of W.
 void add_weighted(const TokenPairs& tp, std::vector<int64_t>& cursor, const Bf16* y, const Bf16* w, int64_t r0,
                   int64_t r1, int64_t H, float* sums) {
   constexpr int64_t TOKENS_A_PIECE = 16;
@@ -1077,13 +1077,8 @@ void add_weighted(const TokenPairs& tp, std::vector<int64_t>& cursor, const Bf16
         const Bf16* src = y + (r - r0) * H;
         float* dst = sums + t * H;
         const float weight = to_float(w[r]);
-        int64_t j = 0;
-        for (; j + W <= H; j += W) store_exact(load_vec(dst + j) + round_to<Bf16>(load_vec(src + j) * weight), dst + j);
-        for (; j < H; ++j) {
-          Bf16 product;
-          store(to_float(src[j]) * weight, &product);
-          dst[j] += to_float(product);
-        }
+        for (int64_t j = 0; j < H; j += W)
+          store_exact(load_vec(dst + j) + round_to<Bf16>(load_vec(src + j) * weight), dst + j);
       }
     }
   });
@@ -1134,13 +1129,13 @@ Tensor moe_tiled(Tensor x_in, Tensor token_of_in, Tensor weights_in, Tensor coun
   const Bf16* xp = static_cast<const Bf16*>(x.const_data_ptr());
   const Bf16* w = static_cast<const Bf16*>(weights.const_data_ptr());
   // Groups of consecutive experts of at most MOE_GROUP_ROWS pairs (or one expert), through buffers sized once.
+  const auto pairs_end = [&](size_t i) { return first_row[i] + counts[experts[i]]; };  // past expert i's pairs
   std::vector<size_t> group_end;
   int64_t widest = 0;
   for (size_t i = 0, begin = 0; i < experts.size(); ++i) {
-    const int64_t rows_through_i = first_row[i] + counts[experts[i]] - first_row[begin];
-    if (i + 1 == experts.size() || first_row[i + 1] + counts[experts[i + 1]] - first_row[begin] > MOE_GROUP_ROWS) {
+    if (i + 1 == experts.size() || pairs_end(i + 1) - first_row[begin] > MOE_GROUP_ROWS) {
       group_end.push_back(i + 1);
-      widest = std::max(widest, rows_through_i);
+      widest = std::max(widest, pairs_end(i) - first_row[begin]);
       begin = i + 1;
     }
   }
@@ -1152,7 +1147,7 @@ Tensor moe_tiled(Tensor x_in, Tensor token_of_in, Tensor weights_in, Tensor coun
   for (const size_t end : group_end) {
     const std::vector<int64_t> group(experts.begin() + begin, experts.begin() + end);
     std::vector<int64_t> first(end - begin);
-    const int64_t r0 = first_row[begin], r1 = first_row[end - 1] + counts[experts[end - 1]];
+    const int64_t r0 = first_row[begin], r1 = pairs_end(end - 1);
     rows.resize(group.size());
     for (size_t i = 0; i < group.size(); ++i) {
       first[i] = first_row[begin + i] - r0;
@@ -1171,11 +1166,7 @@ Tensor moe_tiled(Tensor x_in, Tensor token_of_in, Tensor weights_in, Tensor coun
     add_weighted(tp, cursor, y.get(), w, r0, r1, H, sums.data());
     begin = end;
   }
-  parallel_pieces(T, [&](int64_t t) {
-    int64_t j = 0;
-    for (; j + W <= H; j += W) store_rounded(load_vec(sums.data() + t * H + j), o + t * H + j);
-    for (; j < H; ++j) store(sums[t * H + j], o + t * H + j);
-  });
+  parallel_pieces(T, [&](int64_t t) { store_row(sums.data() + t * H, H, o + t * H); });
   return out;
 }
 

@@ -949,18 +949,6 @@ Tensor paged_prefix_attention(Tensor q, Tensor kv_cache, Tensor tables, Tensor l
   return paged_attention_impl(q, kv_cache, tables, lens, &query_lens, scale);
 }
 
-// One row of n values of type S, rounded to the pool's type P at `to` (a plain copy when the types are the same).
-template <typename S, typename P>
-inline void store_row(const S* from, int64_t n, P* to) {
-  if constexpr (std::is_same_v<S, P>) {
-    std::memcpy(to, from, n * sizeof(P));
-  } else {
-    int64_t i = 0;
-    for (; i + W <= n; i += W) store_rounded(load_vec(from + i), to + i);
-    for (; i < n; ++i) store(to_float(from[i]), to + i);
-  }
-}
-
 // write_kv's loop for source type S and pool type P (strides in elements).
 template <typename S, typename P>
 void store_kv_rows(P* pool, const int64_t* pool_strides, const S* const* src, const int64_t* token_strides,
