@@ -567,10 +567,13 @@ def make_tool_call_processor(tokenizer: Tokenizer, tools: Sequence[Mapping[str, 
                              whitespace_pattern: str | None = None) -> LogitsProcessor:
     """A per-sequence processor that makes the output Qwen3 tool calls, then eos:
     `<tool_call>\\n{"name": NAME, "arguments": ARGS}\\n</tool_call>` with NAME one of the tools ("required") or the
-    named one, and ARGS an instance of that tool's parameters schema. With parallel_tool_calls, one or more
-    calls separated by a newline. With thinking, a leading think block is allowed first."""
+    named one, and ARGS an instance of that tool's parameters schema. With parallel_tool_calls and "required",
+    one or more calls separated by a newline; a named function is called once. With thinking, a leading think
+    block is allowed first."""
     functions = _tool_functions(tools)
     names = _chosen_names(functions, tool_choice)
+    if tool_choice != "required":  # a named function is called exactly once (OpenAI's and vLLM's forced call)
+        parallel_tool_calls = False
     cache = _cache_for(tokenizer)
     key = json.dumps(["tools", [[n, functions[n]] for n in names], parallel_tool_calls, thinking,
                       starts_in_reasoning, whitespace_pattern], sort_keys=True)

@@ -88,7 +88,7 @@ class ChatPlan:
 
     def parser(self, stream_arguments: bool = False, parse_calls: bool = False) -> ChatOutputParser:
         """parse_calls: tool calls are parsed even when no tool is offered (their markup never leaks)."""
-        return ChatOutputParser(starts_in_reasoning=self.starts_in_reasoning,
+        return ChatOutputParser(starts_in_reasoning=self.starts_in_reasoning, thinking=self.phase.thinking,
                                 tools_enabled=self.tools_enabled or parse_calls, tool_schemas=self.tool_schemas,
                                 stream_arguments=stream_arguments)
 
@@ -490,7 +490,7 @@ def _token_texts(plan: ChatPlan) -> TokenTexts | None:
 
 
 def _choice(plan: ChatPlan, texts: TokenTexts | None, comp: CompletionOutput) -> ChatChoice:
-    parsed = parse_chat_output(comp.text, starts_in_reasoning=plan.starts_in_reasoning,
+    parsed = parse_chat_output(comp.text, starts_in_reasoning=plan.starts_in_reasoning, thinking=plan.phase.thinking,
                                tools_enabled=plan.tools_enabled, tool_schemas=plan.tool_schemas)
     if plan.max_calls is not None:
         parsed.tool_calls = parsed.tool_calls[: plan.max_calls]

@@ -13,12 +13,16 @@ Design decisions:
   and before any tool call; `starts_in_reasoning` covers templates that pre-fill
   `<think>\\n`. One newline after `<think>` and one before `</think>` are dropped, as
   are up to two newlines after `</think>`. A `<tool_call>` inside reasoning is text.
+  With thinking off (`thinking=False`: the template closed an empty block, or the
+  client disabled it) `<think>` is text: an answer that writes one stays an answer.
   An unclosed `<think>` makes the rest reasoning. A `</think>` seen while not
   reasoning is left in content: it is visible evidence of a misconfigured
   `starts_in_reasoning` rather than something to hide.
 - Tool calls (only with `tools_enabled`): a block is buffered whole until
-  `</tool_call>` (or `finish()`), then parsed; the format is chosen per block (body
-  starting with `<function=` is Qwen3-Coder XML, otherwise Hermes JSON). A closed block
+  `</tool_call>` (or `finish()`; a `</tool_call>` inside one of a JSON body's strings
+  is part of that string, as a grammar-forced call may write it), then parsed; the
+  format is chosen per block (body starting with `<function=` is Qwen3-Coder XML,
+  otherwise Hermes JSON). A closed block
   that does not parse goes back to content verbatim, tags included, with a warning logged
   on "qwenstack.parsers"; nothing raises on model output. A block the output ended inside
   (max_tokens) is a call as far as it got once its name is whole (its arguments cut, as
@@ -124,6 +128,7 @@ class ChatOutputParser:
         self,
         *,
         starts_in_reasoning: bool = False,
+        thinking: bool = True,
         tools_enabled: bool = False,
         tool_schemas: Sequence[Mapping[str, Any]] | None = None,
         stream_arguments: bool = False,
@@ -133,7 +138,8 @@ class ChatOutputParser:
         self._streamed: _StreamedCall | None = None  # the call being streamed, once announced
         self._param_types = _param_types_by_tool(tool_schemas)
         self._state = _State.REASONING if starts_in_reasoning else _State.CONTENT
-        self._think_allowed = not starts_in_reasoning  # `<think>` may still open a block
+        # `<think>` may still open a block: not once one was opened, nor when thinking is off (then it is text).
+        self._think_allowed = thinking and not starts_in_reasoning
         self._buf = ""  # received but not yet processed (a possible tag prefix)
         self._call_body = ""
         self._call_count = 0
@@ -194,6 +200,9 @@ class ChatOutputParser:
             if found:
                 pos, tag = min(found)
                 before, self._buf = self._buf[:pos], self._buf[pos + len(tag) :]
+                if tag == TOOL_CALL_END and _inside_json_string(self._call_body + before):
+                    self._on_text(before + tag)  # an argument's text, not the call's end
+                    continue
                 if tag == THINK_END and before.endswith("\n"):
                     before = before[:-1]  # the newline before `</think>` is template
                 self._on_text(before)
@@ -334,6 +343,22 @@ class ChatOutputParser:
     def _take(self) -> ParsedDelta:
         out, self._out = self._out, ParsedDelta()
         return out
+
+
+def _inside_json_string(body: str) -> bool:
+    """Whether a Hermes JSON call body ends inside one of its strings (where `</tool_call>` is text: a grammar-forced
+    call may write it in an argument, and the JSON around it is whole only with it)."""
+    if not body.lstrip().startswith("{"):
+        return False
+    inside = escaped = False
+    for char in body:
+        if escaped:
+            escaped = False
+        elif char == "\\" and inside:
+            escaped = True
+        elif char == '"':
+            inside = not inside
+    return inside
 
 
 def _partial_tag_len(buf: str, tags: list[str]) -> int:
@@ -511,12 +536,14 @@ def parse_chat_output(
     text: str,
     *,
     starts_in_reasoning: bool = False,
+    thinking: bool = True,
     tools_enabled: bool = False,
     tool_schemas: Sequence[Mapping[str, Any]] | None = None,
 ) -> ParsedMessage:
     """Non-streaming parse, through the streaming parser so both always agree."""
     parser = ChatOutputParser(
         starts_in_reasoning=starts_in_reasoning,
+        thinking=thinking,
         tools_enabled=tools_enabled,
         tool_schemas=tool_schemas,
     )

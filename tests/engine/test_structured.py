@@ -121,6 +121,9 @@ def test_tool_call_paths(tokenizer: Tokenizer) -> None:
     both = weather + "\n" + time_call
     assert not accepts(make_tool_call_processor(tokenizer, TOOLS, "required"), tokenizer, both)
     assert accepts(make_tool_call_processor(tokenizer, TOOLS, "required", parallel_tool_calls=True), tokenizer, both)
+    # A named function is called once, as OpenAI's forced call, whatever parallel_tool_calls says.
+    assert not accepts(make_tool_call_processor(tokenizer, TOOLS, named, parallel_tool_calls=True), tokenizer,
+                       weather + "\n" + weather)
     assert accepts(make_tool_call_processor(tokenizer, TOOLS, named, thinking=True), tokenizer,
                    "<think>\nweather\n</think>\n\n" + weather)
     # Arguments are an object even where the schema says nothing (`{}`, `true`): a forced call's arguments

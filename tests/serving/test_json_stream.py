@@ -58,7 +58,7 @@ def _stream(text: str, step: int) -> tuple[dict[int, list[str]], str]:
 def test_the_parser_streams_arguments_that_add_up_to_the_parsed_call() -> None:
     from qwenstack.serving.parsers import parse_chat_output
 
-    text = ('Sure.<tool_call>\n{"name": "save", "arguments": {"text": "a long note, written slowly", "n": 1.50}}'
+    text = ('Sure.<tool_call>\n{"name": "save", "arguments": {"text": "a note, </tool_call> written", "n": 1.50}}'
             '\n</tool_call>\n<tool_call>\n{"name": "ping", "arguments": null}\n</tool_call>'
             '\n<tool_call>\n<function=add>\n<parameter=a>\n1\n</parameter>\n</function>\n</tool_call>')
     whole = parse_chat_output(text, tools_enabled=True)

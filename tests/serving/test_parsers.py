@@ -200,6 +200,20 @@ CASES = [
         ParsedMessage(None, "thoughts\n</think>\n\nanswer", []),
     ),
     (
+        # A grammar-forced call may write `</tool_call>` inside an argument: the JSON is whole only with it.
+        "close_tag_inside_an_argument_string",
+        '<tool_call>\n{"name": "get_weather", "arguments": {"city": "a</tool_call>\\"b"}}\n</tool_call>',
+        {"tools_enabled": True},
+        ParsedMessage(None, None, [ToolCall("", "get_weather", '{"city": "a</tool_call>\\"b"}', 0)]),
+    ),
+    (
+        # Thinking off (the template closed an empty block): a `<think>` the answer writes is text.
+        "think_tag_is_text_when_thinking_is_off",
+        'Hello <think> there\n{"a": "<think>"}',
+        {"thinking": False},
+        ParsedMessage(None, 'Hello <think> there\n{"a": "<think>"}', []),
+    ),
+    (
         "stray_partial_tags_are_text",
         "a <thin b </tool_ c <",
         {"tools_enabled": True},
