@@ -226,7 +226,8 @@ class LLMEngine:
         plan = self.plan_multimodal(prompt_token_ids, multimodal)
         seqs, detoks = [], []
         for i in range(params.n):
-            p = params if params.n == 1 else params.clone_for_sample(i)
+            # Each sequence its own seed and processors (their state is per sequence: LogitsProcessor).
+            p = params if params.n == 1 and not params.logits_processors else params.clone_for_sample(i)
             seq = Sequence(self._next_seq_id, request_id, i, list(prompt_token_ids), p, max_tokens,
                            () if p.ignore_eos else self.eos_token_ids)
             if plan is not None:

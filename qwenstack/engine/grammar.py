@@ -3,7 +3,7 @@ calls, enforced token by token with llguidance.
 
     processor = make_json_processor(tokenizer, {"type": "json_schema", "json_schema": {"name": "x", "schema": {...}}})
     processor = make_answer_processor(tokenizer, AnswerFormat("regex", "[0-9]{3}"))
-    SamplingParams(..., logits_processors=[processor])        # one processor per generated sequence
+    SamplingParams(..., logits_processors=[processor])        # the engine forks it for each sequence
 
 Decisions:
 - llguidance (a Rust core with no Python dependencies) rather than xgrammar, which needs transformers and triton
@@ -227,6 +227,7 @@ class GrammarLogitsProcessor:
         self.compiled = compiled  # the cached matcher in its start state; never advanced itself
         self.matcher = compiled.deep_copy()
         self.description = description
+        self._cache = cache
         self._vocab_size = cache.vocab_size
         self._eos = cache.eos_ids
         self._bitmask = torch.zeros((cache.vocab_size + 31) // 32, dtype=torch.int32)
@@ -234,6 +235,10 @@ class GrammarLogitsProcessor:
         self._last: int | None = None
         self._terminated = False  # the matcher took an eos
         self.disabled = False
+
+    def fork(self) -> "GrammarLogitsProcessor":
+        """Another sequence's processor: the same grammar from its start (see LogitsProcessor)."""
+        return GrammarLogitsProcessor(self.compiled, self._cache, self.description)
 
     def _advance(self, output_token_ids: Sequence[int]) -> None:
         n = len(output_token_ids)

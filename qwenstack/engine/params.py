@@ -34,9 +34,18 @@ class LogitsProcessor(Protocol):
     """Per-sequence hook run before sampling (structured output, thinking budget).
 
     Receives the tokens generated so far and the logits row [V] (float32), returns the logits to sample from.
+    A processor that keeps state from call to call (a grammar's matcher, a thinking budget's count) also
+    defines `fork()`, a copy in its start state: the engine forks each sequence its own when it adds the
+    request, so a request's n samples, or prompts given one SamplingParams, never share that state.
     """
 
     def __call__(self, output_token_ids: list[int], logits: "torch.Tensor") -> "torch.Tensor": ...
+
+
+def fork_processor(processor: LogitsProcessor) -> LogitsProcessor:
+    """The processor one sequence runs: its own fork where it keeps state (see LogitsProcessor), else itself."""
+    fork = getattr(processor, "fork", None)
+    return fork() if callable(fork) else processor
 
 
 @dataclass
@@ -128,8 +137,10 @@ class SamplingParams:
         return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 
     def clone_for_sample(self, index: int) -> "SamplingParams":
-        """Parameters of the index-th of n samples: distinct seeds so seeded n>1 gives n different samples."""
+        """Parameters of the index-th of n samples: distinct seeds so seeded n>1 gives n different samples, and
+        each its own processors (fork_processor)."""
         import dataclasses
 
         seed = None if self.seed is None else self.seed + index
-        return dataclasses.replace(self, n=1, seed=seed, logits_processors=list(self.logits_processors))
+        return dataclasses.replace(self, n=1, seed=seed,
+                                   logits_processors=[fork_processor(p) for p in self.logits_processors])

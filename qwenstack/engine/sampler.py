@@ -413,6 +413,11 @@ def sample(
         rows = logits if len(plain) == len(requests) else logits[plain]
         chosen = dict(zip(plain, argmax_rows(rows)))
     drawn = [i for i, r in enumerate(requests) if not r.params.greedy and not r.params.logits_processors]
+    # A row sampled alone may fail (its request's logits processor); the step is then run again without that
+    # request, and the others' seeded draws must be the same then: their generators are put back.
+    alone = len(plain) + len(drawn) < len(requests)
+    seeded = [r.generator for r in requests if r.generator is not None] if alone else []
+    states = [g.get_state() for g in seeded]
     for start in range(0, len(drawn), DRAWN_CHUNK_ROWS):
         chosen.update(sample_drawn_rows(logits, requests, drawn[start:start + DRAWN_CHUNK_ROWS], default_generator))
     tokens = []
@@ -423,6 +428,8 @@ def sample(
             try:
                 token = sample_row(row.to(torch.float32, copy=True), request, default_generator)
             except Exception as exc:  # a request's own logits processor failed: name the row, not the batch
+                for generator, state in zip(seeded, states):
+                    generator.set_state(state)
                 raise SampleError(i, exc) from exc
         tokens.append(token)
     logprobs: list[PositionLogprobs | None] = [None] * len(requests)

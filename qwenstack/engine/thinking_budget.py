@@ -48,6 +48,11 @@ class ThinkingBudgetProcessor:
         self._forced_no_newline = tokenizer.encode(FORCED_CLOSE.lstrip("\n"))
         self._reset()
 
+    def fork(self) -> "ThinkingBudgetProcessor":
+        """Another sequence's processor, at the start of its budget (see LogitsProcessor)."""
+        return ThinkingBudgetProcessor(self.tokenizer, self.budget, self.starts_in_reasoning, self.think_end,
+                                       self.think_start, self.tool_call_start)
+
     def _reset(self) -> None:
         self.phase = _Phase.THINKING if self.starts_in_reasoning else _Phase.BEFORE
         self.thinking_tokens = 0

@@ -16,16 +16,13 @@ Decisions:
   (vLLM's format rules the calls out).
 - Order matters: the budget first (it may force `</think>`), the grammar second (its grammar allows the
   forced close).
-- The engine gives each of a request's n samples the same processor objects, and these processors keep
-  per-sequence state; `PerSequence` keeps one instance per sequence, keyed by the sequence's own output
-  list (which lives as long as the sequence).
+- The processors are built here, so that a bad schema or tool choice is a 400 before the request runs; they
+  keep per-sequence state, and the engine forks each sequence its own (LogitsProcessor.fork).
 """
 from __future__ import annotations
 
 import enum
-from typing import Any, Callable
-
-import torch
+from typing import Any
 
 from qwenstack.engine.params import LogitsProcessor, ReasoningMarkers
 from qwenstack.markup import THINK_END, THINK_START
@@ -51,23 +48,6 @@ class ThinkingPhase(enum.Enum):
     def markers(self) -> ReasoningMarkers | None:
         """What the engine needs to keep stop strings out of the think block (None: no block)."""
         return ReasoningMarkers(THINK_START, THINK_END, opened=self.starts_in_reasoning) if self.thinking else None
-
-
-class PerSequence:
-    """One processor instance per sequence of a request (the n samples share the request's list)."""
-
-    def __init__(self, factory: Callable[[], LogitsProcessor]) -> None:
-        self._factory = factory
-        self._first: LogitsProcessor | None = factory()  # built now, so a bad request fails before it runs
-        self._by_seq: dict[int, LogitsProcessor] = {}
-
-    def __call__(self, output_token_ids: list[int], logits: torch.Tensor) -> torch.Tensor:
-        key = id(output_token_ids)
-        processor = self._by_seq.get(key)
-        if processor is None:
-            processor, self._first = (self._first or self._factory()), None
-            self._by_seq[key] = processor
-        return processor(output_token_ids, logits)
 
 
 def _structured() -> Any:
@@ -143,7 +123,7 @@ def answer_processors(tokenizer: Tokenizer, request: _SamplingFields, phase: Thi
     options = {"thinking": phase.thinking, "starts_in_reasoning": phase.starts_in_reasoning,
                "whitespace_pattern": _whitespace_pattern(request)}
     try:
-        return [PerSequence(lambda: structured.make_answer_processor(tokenizer, fmt, **options))]
+        return [structured.make_answer_processor(tokenizer, fmt, **options)]
     except structured.StructuredOutputError as exc:
         raise bad_request(f"{name}: {exc}", param=name) from None
 
@@ -155,8 +135,7 @@ def build_processors(tokenizer: Tokenizer, request: ChatCompletionRequest, phase
     budget = request.thinking_budget_tokens
     if budget is not None and phase.thinking:
         thinking = _thinking()
-        processors.append(PerSequence(lambda: thinking.make_thinking_budget_processor(
-            tokenizer, budget, phase.starts_in_reasoning)))
+        processors.append(thinking.make_thinking_budget_processor(tokenizer, budget, phase.starts_in_reasoning))
     answer = answer_processors(tokenizer, request, phase)  # validated even when a forced tool call wins
     structured = _structured() if tools and (answer or forces_tool_call(request)) else None
     options = {"parallel_tool_calls": request.parallel_tool_calls is not False,  # OpenAI's default is true
@@ -165,14 +144,16 @@ def build_processors(tokenizer: Tokenizer, request: ChatCompletionRequest, phase
     if structured is not None and forces_tool_call(request):
         choice = request.tool_choice
         choice_value = choice.model_dump() if isinstance(choice, NamedToolChoice) else choice
-        processors.append(PerSequence(lambda: structured.make_tool_call_processor(
-            tokenizer, tools, choice_value, **options)))
+        try:
+            processors.append(structured.make_tool_call_processor(tokenizer, tools, choice_value, **options))
+        except structured.StructuredOutputError as exc:  # name the field at fault: the choice or a tool
+            raise bad_request(str(exc), param="tool_choice" if str(exc).startswith("tool_choice") else "tools") \
+                from None
     elif structured is not None:  # tool_choice auto with a format: calls, or an answer in the format
         constraint = _answer_constraint(request)
         assert constraint is not None  # `answer` holds its processor
         fmt = constraint[1]
-        processors.append(PerSequence(lambda: structured.make_tool_call_or_answer_processor(
-            tokenizer, tools, fmt, **options)))
+        processors.append(structured.make_tool_call_or_answer_processor(tokenizer, tools, fmt, **options))
     else:
         processors += answer
     return processors

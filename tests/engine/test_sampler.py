@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from qwenstack.engine.params import SamplingParams
-from qwenstack.engine.sampler import ARGMAX_CHUNK, SampleRequest, argmax_rows, filter_logits, sample
+from qwenstack.engine.sampler import ARGMAX_CHUNK, SampleError, SampleRequest, argmax_rows, filter_logits, sample
 
 
 def request(params: SamplingParams, generator: torch.Generator | None = None) -> SampleRequest:
@@ -156,6 +156,29 @@ def test_a_seeded_row_draws_the_same_token_alone_or_in_a_batch() -> None:
         others[2] = request(params, torch.Generator().manual_seed(7))
         batched = sample(logits, others, torch.Generator().manual_seed(1))[0][2]
         assert alone == [batched, batched]
+
+
+def test_a_row_that_fails_leaves_the_seeded_rows_draws_as_they_were() -> None:
+    """A request's processor failing ends that request and the step is sampled again without it: the seeded rows
+    beside it (drawn in a batch, or alone with a processor of their own) then draw what they would have."""
+    def refuse(output: list[int], logits: torch.Tensor) -> torch.Tensor:
+        raise ValueError("no token can be generated")
+
+    def keep(output: list[int], logits: torch.Tensor) -> torch.Tensor:
+        return logits
+
+    logits = torch.randn(3, 500, generator=torch.Generator().manual_seed(2))
+    batched, alone = SamplingParams(temperature=1.0, seed=3), SamplingParams(temperature=1.0, seed=4,
+                                                                             logits_processors=[keep])
+    generators = [torch.Generator().manual_seed(3), torch.Generator().manual_seed(4)]
+    rows = [request(batched, generators[0]), request(alone, generators[1]),
+            request(SamplingParams(temperature=1.0, logits_processors=[refuse]))]
+    with pytest.raises(SampleError):
+        sample(logits, rows, torch.Generator())
+    again = sample(logits[:2], rows[:2], torch.Generator())[0]
+    fresh = sample(logits[:2], [request(batched, torch.Generator().manual_seed(3)),
+                                request(alone, torch.Generator().manual_seed(4))], torch.Generator())[0]
+    assert again == fresh
 
 
 def test_draw_rows_is_the_inverse_transform_and_never_takes_a_zero_weight() -> None:

@@ -3,6 +3,7 @@ tiny random Qwen3 at temperature 1.0 that still always yields valid JSON and wel
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -246,6 +247,43 @@ def test_random_model_always_matches_the_schema(llm: LLM) -> None:
     for out in outs:
         assert valid_person(json.loads(out.text)), out.text
     assert len({o.text for o in outs}) == len(outs)  # really sampled
+
+
+def test_one_processor_serves_n_samples_and_many_prompts(llm: LLM, caplog: pytest.LogCaptureFixture) -> None:
+    """One processor object in one SamplingParams, for n = 3 samples of each of 2 prompts: the engine forks each
+    sequence its own, so every sample holds to the schema and draws what it draws alone (seed + i)."""
+    tok = llm.tokenizer
+    prompt = tok.encode(tok.apply_chat_template([{"role": "user", "content": "JSON, please."}], enable_thinking=False))
+    shared = SamplingParams(temperature=1.0, seed=10, n=3, max_tokens=160,
+                            logits_processors=[make_json_processor(tok, PERSON_FORMAT)])
+    with caplog.at_level(logging.WARNING, logger="qwenstack.structured"):
+        outs = llm.generate([prompt, prompt], shared)
+    assert not [r for r in caplog.records if "breaks" in r.getMessage()]
+    texts = [[o.text for o in out.outputs] for out in outs]
+    assert texts[0] == texts[1] and len(set(texts[0])) == 3
+    for text in texts[0]:
+        assert valid_person(json.loads(text)), text
+    assert texts[0] == [o.text for o in sample(llm, lambda: [make_json_processor(tok, PERSON_FORMAT)], range(10, 13))]
+
+    class Recorder:
+        """A stateful processor: each fork must see one sequence's output grow a token a call."""
+        forks: list["Recorder"] = []
+
+        def __init__(self) -> None:
+            self.seen: list[int] = []
+
+        def fork(self) -> "Recorder":
+            Recorder.forks.append(Recorder())
+            return Recorder.forks[-1]
+
+        def __call__(self, output: list[int], logits: torch.Tensor) -> torch.Tensor:
+            assert output[:len(self.seen)] == self.seen and len(output) == len(self.seen) + 1 or not self.seen
+            self.seen = list(output)
+            return logits
+
+    llm.generate([prompt, prompt], SamplingParams(temperature=1.0, n=3, max_tokens=8, ignore_eos=True,
+                                                  logits_processors=[Recorder()]))
+    assert len(Recorder.forks) == 6 and all(len(r.seen) == 7 for r in Recorder.forks)
 
 
 def closer_bias(llm: LLM) -> Any:
