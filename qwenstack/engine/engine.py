@@ -360,11 +360,14 @@ class LLMEngine:
             seq.logprobs.append(logprobs)
             seq.cumulative_logprob += logprobs[token].logprob
         detok = request.detokenizers[seq.index]
-        detok.add_token(token)
+        eos = token in seq.eos_token_ids and len(seq.output_token_ids) > seq.params.min_tokens - 1
+        stop_token = token in seq.params.stop_token_ids and len(seq.output_token_ids) >= seq.params.min_tokens
+        if not (eos or stop_token) or seq.params.include_stop_str_in_output:
+            detok.add_token(token)  # the token that stops a sequence is not its text (vLLM's), unless asked for
         reason, stop_reason = None, None
-        if token in seq.eos_token_ids and len(seq.output_token_ids) > seq.params.min_tokens - 1:
+        if eos:
             reason = "stop"
-        elif token in seq.params.stop_token_ids and len(seq.output_token_ids) >= seq.params.min_tokens:
+        elif stop_token:
             reason, stop_reason = "stop", token
         elif detok.stopped_on is not None:
             reason, stop_reason = "stop", detok.stopped_on

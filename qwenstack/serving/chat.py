@@ -586,9 +586,11 @@ async def stream_chat(plan: ChatPlan, outputs: AsyncIterator[RequestOutput],
         base["usage"] = None  # every chunk but the last carries usage: null (OpenAI's rule)
 
     def chunk(index: int, delta: dict[str, Any], logprobs: Any = None, finish: str | None = None,
-              token_ids: Any = None, **top: Any) -> str:
+              token_ids: Any = None, stop_reason: int | str | None = None, **top: Any) -> str:
         lp = {"content": logprobs} if logprobs is not None else None
         choice = {"index": index, "delta": delta, "logprobs": lp, "finish_reason": finish}
+        if finish:
+            choice["stop_reason"] = stop_reason  # vLLM's: the stop string or token id that ended the choice
         if plan.request.return_token_ids:
             choice["token_ids"] = list(token_ids or [])
         return sse({**base, **top, "choices": [choice]})
@@ -643,7 +645,7 @@ async def stream_chat(plan: ChatPlan, outputs: AsyncIterator[RequestOutput],
                 # the last audio delta carries only its expiry
                 delta, lp = {"audio": {"id": answer.id, "expires_at": answer.expires_at}}, None
             if delta or lp or finish or (ids and plan.request.return_token_ids):
-                yield chunk(i, delta, lp, finish, ids)
+                yield chunk(i, delta, lp, finish, ids, comp.stop_reason)
         if out.finished:
             tracker.on_finished(out)
     if (verdict := moderation.guard_chunk(plan, base)) is not None:

@@ -254,6 +254,8 @@ async def stream_completion(plan: CompletionPlan, streams: list[AsyncIterator[Re
             extras = {**(heads[i] if first else {}), **_token_ids(plan, comp.delta_token_ids)}
             if text or lp or comp.finished or extras.get("token_ids") or "prompt_token_ids" in extras:
                 choice = {"index": index, "text": text, "logprobs": lp, "finish_reason": comp.finish_reason, **extras}
+                if comp.finished:
+                    choice["stop_reason"] = comp.stop_reason  # vLLM's, as in the whole response
                 yield sse({**base, "choices": [choice]})
         if out.finished:
             tracker.on_finished(out)

@@ -290,6 +290,13 @@ class _SamplingFields(_Request):
             raise ValueError("prompt_logprobs are not available when stream is true")
         return value
 
+    @field_validator("stream_options")
+    @classmethod
+    def _only_streamed(cls, value: StreamOptions | None, info: ValidationInfo) -> StreamOptions | None:
+        if value is not None and not info.data.get("stream"):  # OpenAI's and vLLM's 400
+            raise ValueError("stream_options is only allowed when stream is true")
+        return value
+
     @field_validator("seed")
     @classmethod
     def _seeds_fit(cls, seed: int | None, info: ValidationInfo) -> int | None:

@@ -107,9 +107,18 @@ def test_stop_token_and_eos(tiny_qwen3: Path) -> None:
     stop_at = free[5]
     out = engine.generate_all([prompt], [SamplingParams(temperature=0, max_tokens=24, stop_token_ids=[stop_at], ignore_eos=True)])[0].outputs[0]
     assert out.token_ids == free[: free.index(stop_at) + 1] and out.finish_reason == "stop" and out.stop_reason == stop_at
+    # The stopping token is in token_ids, not in the text (vLLM's), unless include_stop_str_in_output asks for it.
+    before = engine.decoder.decode(out.token_ids[:-1])
+    assert out.text == before
+    kept = engine.generate_all([prompt], [SamplingParams(temperature=0, max_tokens=24, stop_token_ids=[stop_at],
+                                                         ignore_eos=True, include_stop_str_in_output=True)])[0]
+    assert kept.outputs[0].text == engine.decoder.decode(out.token_ids)
     engine.eos_token_ids = (stop_at,)
     out = engine.generate_all([prompt], [SamplingParams(temperature=0, max_tokens=24)])[0].outputs[0]
     assert out.finish_reason == "stop" and out.token_ids[-1] == stop_at
+    # The same for eos kept as text (skip_special_tokens=false): an <|im_end|> is not the answer's.
+    shown = engine.generate_all([prompt], [SamplingParams(temperature=0, max_tokens=24, skip_special_tokens=False)])
+    assert shown[0].outputs[0].text == before
     out = engine.generate_all([prompt], [SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)])[0].outputs[0]
     assert out.finish_reason == "length" and len(out.token_ids) == 24
 

@@ -221,9 +221,15 @@ def test_stop_string(client: openai.OpenAI) -> None:
                 if full[i:i + 2].strip() and "\ufffd" not in full[i:i + 2] and full[i:i + 2] not in full[:i + 1])
     cut = client.completions.create(stop=[stop], **args).choices[0]
     assert cut.text == full[: full.index(stop)] and cut.finish_reason == "stop"
-    streamed = "".join(c.choices[0].text for c in client.completions.create(stop=stop, stream=True, **args)
-                       if c.choices)
-    assert streamed == cut.text
+    chunks = [c for c in client.completions.create(stop=stop, stream=True, **args) if c.choices]
+    assert "".join(c.choices[0].text for c in chunks) == cut.text
+    # vLLM's stop_reason (the stop string that ended it) in the whole response and in the stream's last choice
+    assert cut.stop_reason == stop and chunks[-1].choices[0].stop_reason == stop  # type: ignore[attr-defined]
+    messages = [{"role": "user", "content": "The quick brown fox"}]
+    whole = client.chat.completions.create(model="tiny", messages=messages, stop=[stop], **GREEDY).choices[0]
+    last = [c for c in client.chat.completions.create(model="tiny", messages=messages, stop=[stop], stream=True,
+                                                      **GREEDY) if c.choices][-1].choices[0]
+    assert last.finish_reason == whole.finish_reason and last.stop_reason == whole.stop_reason  # type: ignore
 
 
 def test_completion_prompt_forms(client: openai.OpenAI, tok: Tokenizer) -> None:
