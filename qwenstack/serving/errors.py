@@ -88,30 +88,42 @@ def _message(error: dict[str, Any]) -> str:
     return error.get("msg", "invalid request")
 
 
-def _field_path(loc: Any) -> list[str]:
+def _field_path(loc: Any, body: Any = None) -> list[str]:
     """pydantic's error location as the request's own path: FastAPI's prefix ("body"), union branches ("str",
     "list[int]", "function-after") and the tag a tagged union adds after a list index ("text" in
-    messages.0.content.1.text.text) dropped."""
+    messages.0.content.1.text.text) dropped; with the request `body`, so is a discriminated union's tag (the
+    item's "type": "function" in tools.0.function.parameters of a Responses tool, which has no such field)."""
     path: list[str] = []
     union = tag_next = False
+    node, tag_dropped = body, False  # the body's part at the path so far; whether its tag was dropped
     for p in loc:
         if tag_next:
             tag_next = False
             if isinstance(p, str):
+                tag_dropped = True
                 continue
         tag_next, union = union and isinstance(p, int), "tagged-union" in str(p)
-        if p not in ("body", "query", "path") and not any(c in str(p) for c in "[]-") and p not in SCALAR_TAGS:
-            path.append(str(p))
+        if p in ("body", "query", "path") or any(c in str(p) for c in "[]-") or p in SCALAR_TAGS:
+            continue
+        if not tag_dropped and isinstance(node, dict) and isinstance(p, str) and p not in node \
+                and node.get("type") == p:
+            tag_dropped = True
+            continue
+        path.append(str(p))
+        tag_dropped = False
+        node = node.get(p) if isinstance(node, dict) else \
+            node[p] if isinstance(node, list) and isinstance(p, int) and -len(node) <= p < len(node) else None
     return path
 
 
-def validation_error(errors: list[Any]) -> APIError:
-    """pydantic's error list -> one readable 400 naming the field (FastAPI would answer 422)."""
+def validation_error(errors: list[Any], body: Any = None) -> APIError:
+    """pydantic's error list -> one readable 400 naming the field (FastAPI would answer 422); `body`, the request
+    as sent, tells a field from a union's tag."""
     errors = _branches_taken(errors)
     first = errors[0] if errors else {}
     if first.get("type") == "json_invalid":
         return bad_request("the request body is not valid JSON", code="invalid_json")
-    param = ".".join(_field_path(first.get("loc", ()))) or None
+    param = ".".join(_field_path(first.get("loc", ()), body)) or None
     message = _message(first)
     if param and not message.startswith(param):  # a validator's own message may already name it (input[0]...)
         message = f"{param}: {message}"
@@ -157,7 +169,7 @@ def install_handlers(app: FastAPI, retry_after_s: int) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return validation_error(list(exc.errors())).response()
+        return validation_error(list(exc.errors()), exc.body).response()
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:

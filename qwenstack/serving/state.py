@@ -84,7 +84,7 @@ def parse(model: type[M], body: dict[str, Any]) -> M:
     try:
         parsed = model.model_validate({**body, **stand_ins})
     except ValidationError as exc:
-        raise validation_error(exc.errors()) from None
+        raise validation_error(exc.errors(), body) from None
     for name, items in long_lists.items():
         setattr(parsed, name, items)
     return parsed

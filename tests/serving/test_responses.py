@@ -4,8 +4,11 @@ from __future__ import annotations
 import json
 from typing import Iterator
 
+import httpx
 import openai
 import pytest
+from openai.types.responses import Response, ResponseStreamEvent
+from pydantic import TypeAdapter
 
 from responses_fixtures import AGENT_ANSWER, THINK_ANSWER, build_agent
 from scripted import _answer, build_scripted_checkpoint
@@ -21,6 +24,9 @@ WRITER_SCRIPT = ("<think>\nThe user wants a note saved.\n</think>\n\n"
                  '<tool_call>\n{"name": "save_note", "arguments": ' + json.dumps(NOTE_ARGS) + "}\n</tool_call>")
 NOTE = {"type": "function", "name": "save_note", "description": "Save a note",
         "parameters": {"type": "object", "properties": {"title": {"type": "string"}, "text": {"type": "string"}}}}
+# A call, then text after it: the message item must open only once the call's item is done.
+CALL_THEN_TEXT = ('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>\n'
+                  "I will tell you once it answers.")
 TIME = {"type": "function", "name": "get_time", "description": "Local time in a city",
         "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
 
@@ -31,8 +37,9 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BackgroundServe
     think = build_scripted_checkpoint(root / "think", THINK_ANSWER)
     agent = build_agent(root / "agent")
     writer = build_scripted_checkpoint(root / "writer", WRITER_SCRIPT)
+    chatty = build_scripted_checkpoint(root / "chatty", CALL_THEN_TEXT)
     models = [tiny_served_model(think.path, "think"), tiny_served_model(agent.path, "agent"),
-              tiny_served_model(writer.path, "writer")]
+              tiny_served_model(writer.path, "writer"), tiny_served_model(chatty.path, "chatty")]
     app = create_app(models, ServerConfig(ui_db_path=str(root / "chats.db"), enable_ui=False))
     with BackgroundServer(app) as srv:
         srv.models = {m.name: m for m in models}
@@ -181,13 +188,8 @@ def test_streamed_function_calls_and_openapi(client: openai.OpenAI, server: Back
             "/v1/responses/{response_id}/input_items"} <= set(spec["paths"])
 
 
-def test_parallel_streamed_calls_are_items_one_after_another(client: openai.OpenAI) -> None:
-    # OpenAI closes an output item (function_call_arguments.done, output_item.done) before it adds the next;
-    # clients that keep "the current item" used to see the second call added while the first was still open.
-    with client.responses.stream(model="agent", input="Weather and time in Paris?", tools=[WEATHER, TIME]) as stream:
-        events = list(stream)
-        final = stream.get_final_response()
-    assert [i.type for i in final.output] == ["reasoning", "function_call", "function_call"]
+def assert_items_one_after_another(events: list) -> None:
+    """OpenAI closes an output item (function_call_arguments.done, output_item.done) before it adds the next."""
     open_items: set[int] = set()
     for e in events:
         if e.type == "response.output_item.added":
@@ -198,7 +200,49 @@ def test_parallel_streamed_calls_are_items_one_after_another(client: openai.Open
         elif hasattr(e, "output_index"):
             assert open_items == {e.output_index}, e.type
     assert not open_items
+
+
+def test_parallel_streamed_calls_are_items_one_after_another(client: openai.OpenAI) -> None:
+    # Clients that keep "the current item" used to see the second call added while the first was still open.
+    with client.responses.stream(model="agent", input="Weather and time in Paris?", tools=[WEATHER, TIME]) as stream:
+        events = list(stream)
+        final = stream.get_final_response()
+    assert [i.type for i in final.output] == ["reasoning", "function_call", "function_call"]
+    assert_items_one_after_another(events)
     assert [c.arguments for c in final.output[1:]] == ['{"city": "Paris"}', '{"city": "Paris, France"}']
+
+
+def test_text_after_a_call_opens_its_message_once_the_call_is_done(client: openai.OpenAI,
+                                                                   server: BackgroundServer) -> None:
+    """The message used to be added while the call's item was open (its done events came after the message's).
+    Every event and the final body also pass the SDK's own types strictly (usage.input_tokens_details's
+    cache_write_tokens, required since openai 3.x, was missing)."""
+    with client.responses.stream(model="chatty", input="Weather in Paris?", tools=[WEATHER]) as stream:
+        events = list(stream)
+        final = stream.get_final_response()
+    assert [i.type for i in final.output] == ["function_call", "message"]
+    assert final.output[1].content[0].text == "I will tell you once it answers."
+    assert_items_one_after_another(events)
+    with httpx.stream("POST", server.url + "/v1/responses", timeout=60, json={
+            "model": "chatty", "input": "Weather in Paris?", "tools": [WEATHER], "stream": True}) as raw:
+        frames = [json.loads(line[6:]) for line in raw.iter_lines() if line.startswith("data: ")]
+    for frame in frames:
+        TypeAdapter(ResponseStreamEvent).validate_python(frame, strict=True)
+    Response.model_validate(frames[-1]["response"])
+    assert frames[-1]["response"]["usage"]["input_tokens_details"]["cache_write_tokens"] == 0
+
+
+def test_errors_name_the_responses_fields(client: openai.OpenAI) -> None:
+    """Errors raised by the chat layer the request is translated into name the Responses API's own fields."""
+    bad_format = {"format": {"type": "json_schema", "name": "x", "schema": {"type": "object", "minProperties": "x"}}}
+    bad_tool = {**WEATHER, "parameters": [1]}
+    for kwargs, param in ((dict(text=bad_format), "text.format"), (dict(tools=[bad_tool]), "tools.0.parameters"),
+                          (dict(tools=[WEATHER], tool_choice={"type": "function", "name": "nope"}), "tool_choice")):
+        with pytest.raises(openai.BadRequestError) as err:
+            client.responses.create(model="think", input="Hi", **kwargs)
+        body = err.value.body
+        assert isinstance(body, dict) and body["param"] == param, body
+        assert "response_format" not in body["message"] and ".function." not in body["message"], body
 
 
 def test_reasoning_effort_maps_onto_thinking(client: openai.OpenAI) -> None:

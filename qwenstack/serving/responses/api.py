@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, AsyncIterator, Literal
@@ -135,11 +136,24 @@ def _prepare(request: Request, body: ResponsesRequest) -> tuple[ResponseRun, Cha
     check = body.model_copy(update={"tool_choice": None}) if targets else body
     try:
         plan = plan_turn(served, check, messages, function_tools(body), body.max_output_tokens, state)
-    except APIError as exc:  # the chat layer names its messages; here they are the input items
-        if exc.param and exc.param.startswith("messages"):
-            exc.param = "input"
+    except APIError as exc:  # the chat layer names its own fields; say the Responses API's
+        exc.message = responses_names(exc.message)
+        exc.param = responses_names(exc.param) if exc.param else exc.param
         raise
     return run, plan
+
+
+# Chat Completions' names of the fields a Responses request fills: its messages come from `input`, its
+# response_format from `text.format`, and its tools lose the `function` wrapper.
+_CHAT_NAMES = ((re.compile(r"^messages\b[.\[\]\w]*"), "input"), (re.compile(r"\bresponse_format\b"), "text.format"),
+               (re.compile(r"\b(tools[.\[]\d+\]?)\.function\b"), r"\1"))
+
+
+def responses_names(text: str) -> str:
+    """A chat-layer error's param or message, in the Responses API's field names."""
+    for pattern, name in _CHAT_NAMES:
+        text = pattern.sub(name, text)
+    return text
 
 
 def _check_call_outputs(inputs: list[dict[str, Any]], history: list[dict[str, Any]]) -> None:

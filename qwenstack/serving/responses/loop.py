@@ -64,7 +64,10 @@ class Usage:
     reasoning_tokens: int = 0
 
     def as_dict(self) -> dict[str, Any]:
-        return {"input_tokens": self.input_tokens, "input_tokens_details": {"cached_tokens": self.cached_tokens},
+        # cache_write_tokens (required by the SDK's types since openai 3.x) counts prompt-caching writes billed
+        # apart; the prefix cache here keeps every prompt it computes at no charge, so there are none to report.
+        return {"input_tokens": self.input_tokens,
+                "input_tokens_details": {"cached_tokens": self.cached_tokens, "cache_write_tokens": 0},
                 "output_tokens": self.output_tokens,
                 "output_tokens_details": {"reasoning_tokens": self.reasoning_tokens},
                 "total_tokens": self.input_tokens + self.output_tokens}
@@ -323,9 +326,22 @@ async def _model_turn(run: ResponseRun, tools: list[dict[str, Any]], calls: list
             shown, unshown = (unshown, []) if parsed.content else ([], unshown)
             if parsed.reasoning or parsed.tool_calls or not (parsed.content or b.answering):
                 unshown = []
+            # A delta holds, in this order: the open call's last arguments, text after it, new calls. Text
+            # closes the call first: two items are never open at once, as in OpenAI.
+            known = set(found)
+            for delta in parsed.tool_calls:
+                if delta.index in known:
+                    for event in _call_arguments(b, found[delta.index], delta.arguments):
+                        yield event
+            if open_call is not None and (parsed.reasoning or parsed.content):
+                for event in b.function_call_done(open_call["item"], "completed"):
+                    yield event
+                open_call = None
             for event in b.reasoning(parsed.reasoning) + b.text(parsed.content, shown):
                 yield event
             for delta in parsed.tool_calls:  # (parallel_tool_calls=false: the first call only)
+                if delta.index in known:
+                    continue
                 call = found.get(delta.index)
                 if call is None:
                     call = found[delta.index] = {"id": delta.id, "name": delta.name, "arguments": "", "item": None}
@@ -338,10 +354,8 @@ async def _model_turn(run: ResponseRun, tools: list[dict[str, Any]], calls: list
                         open_call = call
                         for event in events:
                             yield event
-                call["arguments"] += delta.arguments
-                if call["item"] is not None and delta.arguments:
-                    for event in b.function_call_arguments(call["item"], delta.arguments):
-                        yield event
+                for event in _call_arguments(b, call, delta.arguments):
+                    yield event
             if out.finished:
                 final = out
     finally:
@@ -365,6 +379,12 @@ async def _model_turn(run: ResponseRun, tools: list[dict[str, Any]], calls: list
         run.incomplete_reason = "max_output_tokens"
     elif comp.finish_reason == CONTENT_FILTER:  # the guard stopped the prompt or the answer: no more turns
         run.incomplete_reason = CONTENT_FILTER
+
+
+def _call_arguments(b: OutputBuilder, call: dict[str, Any], fragment: str) -> list[Event]:
+    """A fragment of a call's arguments: kept, and streamed when the call has an item."""
+    call["arguments"] += fragment
+    return b.function_call_arguments(call["item"], fragment) if call["item"] is not None and fragment else []
 
 
 def check_approvals(inputs: list[dict[str, Any]], history: list[dict[str, Any]]) -> None:
