@@ -27,6 +27,9 @@ from typing import Any, Iterator
 import numpy as np
 
 SAMPLE_RATE = 16000
+# The loudest sample taken. Decoded audio lies within [-1, 1]; a float file may hold more (an int16 or int32
+# range written as float), but past ~1e15 the log-mel power spectrum overflows float32 into NaN features.
+MAX_PEAK = 1e6
 
 
 class AudioError(ValueError):
@@ -184,6 +187,10 @@ def _finish(samples: np.ndarray, rate: int, channels: int, limits: AudioLimits, 
         raise AudioError(f"the audio is {len(mono) / rate:.1f} s long, over the limit of {limits.max_seconds:g} s")
     if not np.isfinite(mono).all():
         raise AudioError("the audio holds samples that are not finite numbers")
+    peak = float(np.abs(mono).max())
+    if peak > MAX_PEAK:
+        raise AudioError(f"the audio's samples reach {peak:.3g}: too loud to analyse (decoded audio lies within "
+                         f"[-1, 1]; samples up to {MAX_PEAK:g} are taken)")
     return DecodedAudio(resample(mono, rate, target_rate), target_rate, rate, channels)
 
 

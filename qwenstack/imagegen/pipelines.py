@@ -63,6 +63,18 @@ class ImagePipeline:
     def size_multiple(self) -> int:
         return self.pipe.vae_scale_factor * 2  # latents are 2x2-patched after the VAE's downsampling
 
+    def token_usage(self, prompt: str, images: list[Any], width: int, height: int, n: int) -> dict[str, Any]:
+        """OpenAI's image `usage`: the prompt's text tokens (the text encoder's tokenizer), the condition images'
+        latent patches at the size the pipeline takes each in, and the patches of the `n` images made (the
+        transformer's image tokens)."""
+        tokenizer = getattr(self.pipe, "tokenizer", None)
+        text = len(tokenizer(prompt).input_ids) if tokenizer is not None else 0
+        m = self.size_multiple
+        image = sum(w // m * (h // m) for w, h in (self.auto_size([picture]) for picture in images))
+        made = n * (width // m) * (height // m)
+        return {"input_tokens": text + image, "input_tokens_details": {"text_tokens": text, "image_tokens": image},
+                "output_tokens": made, "total_tokens": text + image + made}
+
     def auto_size(self, images: list[Any]) -> tuple[int, int]:
         """(width, height) the pipeline would choose with no size given."""
         if self.kind.task == "generate":

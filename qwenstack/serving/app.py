@@ -103,31 +103,16 @@ def _info_router() -> APIRouter:
 
     @router.get("/v1/models", responses={200: {"model": ModelList}})
     def models(request: Request) -> Any:
-        cards = list_models(request).data
+        cards = model_cards(request.app)  # an Anthropic client (it sends anthropic-version) gets its API's shape
         return anthropic_model_list(cards) if is_anthropic_client(request.headers) else ModelList(data=cards)
 
     @router.get("/v1/models/{model_id:path}", responses={200: {"model": ModelCard}})
     def get_model(request: Request, model_id: str) -> Any:
-        cards = {card.id: card for card in list_models(request).data}
+        cards = {card.id: card for card in model_cards(request.app)}
         if model_id not in cards:
             get_state(request).registry.get(model_id)  # 503 while loading, else 404 naming what is served
         card = cards[model_id]
         return anthropic_model(card) if is_anthropic_client(request.headers) else card
-
-    def list_models(request: Request) -> ModelList:
-        """Every model served (an Anthropic client, which sends anthropic-version, gets them in its API's shape)."""
-        state = get_state(request)
-        cards = [ModelCard(id=m.name, created=m.created, owned_by=m.owned_by, max_model_len=m.max_model_len,
-                           capabilities=m.capabilities, voices=m.voices) for m in list(state.registry.models.values())]
-        cards += [ModelCard(id=r.name, created=0, owned_by=f"remote:{r.base_url}", capabilities=["chat", "completion"])
-                  for r in state.remote.routes.values()]
-        cards += [ModelCard(**card) for card in request.app.state.qwenstack_images.model_cards()]
-        cards += [ModelCard(**card) for card in translations.registry_of(request.app).model_cards()]
-        cards += [ModelCard(**card) for card in speech.registry_of(request.app).model_cards()]
-        guard = guard_card(request)
-        if guard is not None and guard["id"] not in {c.id for c in cards}:
-            cards.append(ModelCard(**guard))
-        return ModelList(data=cards)
 
     @router.post("/tokenize")
     def tokenize(request: Request, body: TokenizeRequest) -> TokenizeResponse:
@@ -159,6 +144,23 @@ def _mount_ui(app: FastAPI, config: ServerConfig, body_limits: dict[str, int]) -
         return
     mount_ui(app, ChatStore(config.ui_db_path) if config.ui_db_path else None)
     body_limits["/api/conversations"] = MAX_BODY_BYTES
+
+
+def model_cards(app: FastAPI) -> list[ModelCard]:
+    """Every model the app serves: language models, remote routes, the image, translation, speech and guard
+    models."""
+    state: ServerState = app.state.qwenstack
+    cards = [ModelCard(id=m.name, created=m.created, owned_by=m.owned_by, max_model_len=m.max_model_len,
+                       capabilities=m.capabilities, voices=m.voices) for m in list(state.registry.models.values())]
+    cards += [ModelCard(id=r.name, created=0, owned_by=f"remote:{r.base_url}", capabilities=["chat", "completion"])
+              for r in state.remote.routes.values()]
+    cards += [ModelCard(**card) for card in app.state.qwenstack_images.model_cards()]
+    cards += [ModelCard(**card) for card in translations.registry_of(app).model_cards()]
+    cards += [ModelCard(**card) for card in speech.registry_of(app).model_cards()]
+    guard = guard_card(app)
+    if guard is not None and guard["id"] not in {c.id for c in cards}:
+        cards.append(ModelCard(**guard))
+    return cards
 
 
 def create_app(
@@ -234,6 +236,9 @@ def create_app(
     else:  # the root still says the server is up (Ollama's clients check it)
         app.add_api_route("/", lambda: PlainTextResponse("qwenstack is running"), include_in_schema=False)
     install_openapi(app, api_key=bool(config.api_key))
+    # A request naming a model of another kind (a speech model asked to transcribe) hears what that model is.
+    registry.other_models = lambda: {card.id: card.capabilities or [] for card in model_cards(app)
+                                     if card.id not in registry.models}
     return app
 
 

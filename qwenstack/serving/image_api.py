@@ -243,11 +243,12 @@ def _submit(service: ImageService, job: ImageJob) -> JobHandle:
         raise queue_full(exc.retry_after_s, str(exc)) from None
 
 
-async def respond(request: Request, service: ImageService, job: ImageJob, options: ImageOptions,
-                  prefix: str) -> Any:
+async def respond(request: Request, service: ImageService, pipeline: ImagePipeline, job: ImageJob,
+                  options: ImageOptions, prefix: str) -> Any:
     handle = _submit(service, job)
     size = f"{job.width}x{job.height}"
     common = {"size": size, "output_format": job.output_format, "quality": "auto", "background": "opaque"}
+    usage = pipeline.token_usage(job.prompt, job.images, job.width, job.height, job.n)
     if not options.stream:
         try:
             finished = await unless_disconnected(request, _collect(handle))
@@ -261,7 +262,7 @@ async def respond(request: Request, service: ImageService, job: ImageJob, option
         finally:
             handle.cancel()  # a no-op once finished; stops the job if this handler was cancelled
         data = [{"b64_json": _b64(f.data), "revised_prompt": None, "seed": f.seed} for f in finished]
-        return JSONResponse({"created": int(time.time()), "data": data, **common})
+        return JSONResponse({"created": int(time.time()), "data": data, **common, "usage": usage})
 
     async def events() -> AsyncIterator[str]:
         try:
@@ -277,7 +278,8 @@ async def respond(request: Request, service: ImageService, job: ImageJob, option
                                **common})
                 elif isinstance(event, FinishedImage):
                     yield sse({"type": f"{prefix}.completed", "b64_json": _b64(event.data), "created_at": now,
-                               "image_index": event.image_index, "seed": event.seed, **common})
+                               "image_index": event.image_index, "seed": event.seed, **common,
+                               "usage": _one_image(usage, job.n)})
             yield DONE
         except Exception as exc:  # the status line is sent: the failure becomes an error frame
             yield error_frame(from_exception(exc, service.config.retry_after_s))
@@ -286,6 +288,12 @@ async def respond(request: Request, service: ImageService, job: ImageJob, option
             handle.cancel()  # the client went away (the generator is closed) or the job ended
 
     return ClosingStreamingResponse(events())
+
+
+def _one_image(usage: dict[str, Any], n: int) -> dict[str, Any]:
+    """A completed event's usage: the request's input, and the output of that one image (of `n`)."""
+    made = usage["output_tokens"] // n
+    return {**usage, "output_tokens": made, "total_tokens": usage["input_tokens"] + made}
 
 
 # ------------------------------------------------------------------------------------------ routes
@@ -327,14 +335,14 @@ def _router() -> APIRouter:
         pipeline = service.ready_pipeline("edit", options.model)
         pictures, mask_image = await read_images(images + image, mask, pipeline, service.config)
         job = build_job(options, pipeline, pictures, mask_image, service.limits)
-        return await respond(request, service, job, options, "image_edit")
+        return await respond(request, service, pipeline, job, options, "image_edit")
 
     @router.post("/v1/images/generations")
     async def generate_images(request: Request, body: ImageOptions) -> Any:
         service = get_service(request)
         pipeline = service.ready_pipeline("generate", body.model)
         job = build_job(body, pipeline, [], None, service.limits)
-        return await respond(request, service, job, body, "image_generation")
+        return await respond(request, service, pipeline, job, body, "image_generation")
 
     return router
 

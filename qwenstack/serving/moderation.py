@@ -193,9 +193,9 @@ def get_state_of(app: FastAPI) -> Any:
     return getattr(app.state, "qwenstack", None)
 
 
-def guard_card(request: Request) -> dict[str, Any] | None:
+def guard_card(app: FastAPI) -> dict[str, Any] | None:
     """The guard as /v1/models lists it (the `model` /v1/moderations answers with), once it is loaded."""
-    guard: GuardState | None = getattr(request.app.state, "qwenstack_guard", None)
+    guard: GuardState | None = getattr(app.state, "qwenstack_guard", None)
     rails = guard.rails if guard is not None else None
     if rails is None:
         return None

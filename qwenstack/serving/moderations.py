@@ -2,9 +2,15 @@
 
 Decisions:
 - /v1/moderations answers in OpenAI's shape: per input `flagged` (the policy's action is not allow),
-  `categories` and `category_scores` keyed by Qwen3Guard's published category names; plus `safety`,
-  `category_names`, `refusal`, `action`, `direction`. A Gen guard gives no probabilities, so a score is
-  1.0 for a named category and 0.0 otherwise; a Stream guard's score is its probability.
+  `categories` and `category_scores` keyed by OpenAI's 13 category names (the SDK's types require them, and
+  clients read `categories.violence`) and by Qwen3Guard's published names; plus `safety`, `category_names`,
+  `refusal`, `action`, `direction`. A Gen guard gives no probabilities, so a score is 1.0 for a named category
+  and 0.0 otherwise; a Stream guard's score is its probability.
+- OpenAI's categories from Qwen3Guard's: violence <- Violent, illicit <- Non-violent Illegal Acts, sexual <-
+  Sexual Content or Sexual Acts, self-harm <- Suicide & Self-Harm, harassment and hate <- Unethical Acts (whose
+  definition covers hate speech, harassment, insults and threats). Qwen3Guard has no finer categories, so
+  OpenAI's subcategories (violence/graphic, sexual/minors, ...) stay false, and PII, political topics, copyright
+  and jailbreak exist only under their Qwen3Guard names.
 - A string (or a list of strings) is moderated as a user prompt; a conversation (`messages`, or `input` as
   a list of chat messages) is judged in the direction of its last turn (assistant: response moderation).
 - `model` may be left out, name the guard (its name or its directory's), or be one of OpenAI's moderation
@@ -90,11 +96,22 @@ def moderation_items(body: ModerationRequest) -> list[tuple[list[dict[str, Any]]
                       "messages", param="input")
 
 
+# OpenAI's moderation categories, each with the Qwen3Guard categories it is flagged by (see the notes).
+OPENAI_CATEGORIES: dict[str, tuple[str, ...]] = {
+    "harassment": ("Unethical Acts",), "harassment/threatening": (), "hate": ("Unethical Acts",),
+    "hate/threatening": (), "illicit": ("Non-violent Illegal Acts",), "illicit/violent": (),
+    "self-harm": ("Suicide & Self-Harm",), "self-harm/intent": (), "self-harm/instructions": (),
+    "sexual": ("Sexual Content or Sexual Acts",), "sexual/minors": (), "violence": ("Violent",),
+    "violence/graphic": (),
+}
+
+
 def moderation_result(decision: Decision) -> dict[str, Any]:
     verdict = decision.verdict
     named = set(verdict.categories) if verdict.safety is not Safety.SAFE else set()
+    named |= {openai for openai, ours in OPENAI_CATEGORIES.items() if named & set(ours)}
     score = verdict.score if verdict.score is not None else 1.0
-    names = list(CATEGORIES) + [c for c in verdict.categories if c not in CATEGORIES]
+    names = list(OPENAI_CATEGORIES) + list(CATEGORIES) + [c for c in verdict.categories if c not in CATEGORIES]
     return {
         "flagged": decision.flagged,
         "categories": {c: c in named for c in names},

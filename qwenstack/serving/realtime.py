@@ -139,13 +139,14 @@ class Session:
         fmt = audio_in.get("format") or {}
         try:
             rate = int(fmt.get("rate") or self.rate) if isinstance(fmt, dict) else self.rate
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):  # OverflowError: an infinite rate (1e400 in JSON)
             raise SessionError("invalid_value", f"audio rate must be a number, got {fmt.get('rate')!r}") from None
         if rate not in RATES:
             raise SessionError("invalid_value", f"audio rate {rate} is not supported ({', '.join(map(str, RATES))})")
         if isinstance(fmt, dict) and fmt.get("type", "audio/pcm") != "audio/pcm" or \
                 session.get("input_audio_format") not in (None, "pcm16"):  # the beta's spelling of the format
             raise SessionError("invalid_value", "only audio/pcm (PCM16 mono) input is supported")
+        context = _text(transcription.get("prompt"), "transcription.prompt") or self.settings.context
         if transcription.get("model"):
             self.served = _audio_model(self.state, _text(transcription["model"], "transcription.model"))
         _no_turn_detection(session, audio_in)
@@ -155,8 +156,7 @@ class Session:
         except QwenstackError as exc:
             raise SessionError("invalid_value", str(exc)) from None
         self.rate = rate
-        self.settings = LiveSettings(context=str(transcription.get("prompt") or self.settings.context),
-                                     language=language)
+        self.settings = LiveSettings(context=context, language=language)
         self.live = self._new_live()
         await self.send({"type": "session.updated", "session": self.description()})
 
@@ -167,6 +167,7 @@ class Session:
         item = self.item_id
         await self.send({"type": "input_audio_buffer.committed", "item_id": item,
                          "previous_item_id": self.previous_item})
+        seconds = self.live.seconds  # the audio this item transcribes (OpenAI's duration usage)
         request = self.live.next_request(final=True)
         assert request is not None
         try:
@@ -176,7 +177,8 @@ class Session:
         else:
             committed, _ = self.live.texts()
             await self.send({"type": "conversation.item.input_audio_transcription.completed", "item_id": item,
-                             "content_index": 0, "transcript": committed})
+                             "content_index": 0, "transcript": committed,
+                             "usage": {"type": "duration", "seconds": round(seconds, 3)}})
         self.previous_item, self.item_id = item, _item_id()
         self.live.reset()
         self.sent = ""

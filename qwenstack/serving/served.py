@@ -292,6 +292,8 @@ class ModelRegistry:
         self.loading: list[str] = []  # names (or model ids) still being loaded
         self.failed: str | None = None
         self.retry_after_s = retry_after_s
+        # name -> capabilities of the app's models held elsewhere (speech, images, guard): set by the app
+        self.other_models: Callable[[], dict[str, list[str]]] = dict
         self._lock = threading.Lock()
         for m in models:
             self._add(m)
@@ -322,6 +324,11 @@ class ModelRegistry:
             raise APIError(503, f"model '{name}' is still loading", code="model_loading",
                            headers={"Retry-After": str(self.retry_after_s)})
         known = ", ".join(sorted(self.models)) or "none loaded yet"
+        kind = self.other_models().get(name)
+        if kind is not None:  # OpenAI's 404 for a model of the wrong kind says what it is
+            raise APIError(404, f"the model '{name}' is a {'/'.join(kind) or 'different'} model: it does not serve "
+                           f"this request (the language models served here: {known})", param="model",
+                           code="model_not_found")
         raise APIError(404, f"the model '{name}' does not exist (served here: {known})", param="model",
                        code="model_not_found")
 

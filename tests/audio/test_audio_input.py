@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import soundfile
 import torch
 
 from asr_checkpoints import hf_features, speechlike, tone, wav_bytes
@@ -107,6 +108,16 @@ def test_corrupt_and_limits() -> None:
         from_samples(np.zeros(0, np.float32), 16000)
     with pytest.raises(AudioError, match="not finite"):
         from_samples(np.array([0.0, np.nan], np.float32), 16000)
+    # A float file may hold any float: an int16 range written as float is taken (its features are finite), but
+    # samples loud enough to overflow the power spectrum are refused rather than turned into NaN features.
+    loud = from_samples(tone(0.5) * 30000, 16000)
+    assert torch.isfinite(log_mel(loud.samples)).all()
+    with pytest.raises(AudioError, match="samples reach 5e\\+19: too loud"):
+        from_samples(tone(0.5) * 1e20, 16000)
+    float_wav = io.BytesIO()
+    soundfile.write(float_wav, tone(0.5) * 1e20, 16000, format="WAV", subtype="FLOAT")
+    with pytest.raises(AudioError, match="samples reach 5e\\+19: too loud"):
+        decode_audio(float_wav.getvalue())
     with pytest.raises(AudioError, match="even number"):
         pcm16_to_float(b"\x00\x01\x02")
     assert np.allclose(pcm16_to_float(np.array([16384, -32768], "<i2").tobytes()), [0.5, -1.0])

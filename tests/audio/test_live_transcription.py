@@ -13,6 +13,7 @@ from typing import Iterator
 
 import numpy as np
 import openai
+from openai.types.realtime import ConversationItemInputAudioTranscriptionCompletedEvent
 import pytest
 import websockets
 import torch
@@ -139,6 +140,9 @@ def test_websocket_realtime_transcription(server: BackgroundServer) -> None:
         history.append((committed, d["tentative"]))
     final = completed[0]["transcript"]
     assert final == committed  # the completed transcript is the deltas joined: nothing was ever retracted
+    # Every field the SDK's type requires, the usage (OpenAI's duration form) among them.
+    usage = ConversationItemInputAudioTranscriptionCompletedEvent.model_validate(completed[0]).usage
+    assert usage.type == "duration" and usage.seconds == pytest.approx(len(samples) / rate, abs=0.01)
     _check_stream(history[:-1], final)
     # the offline transcript of the whole clip, through the server's own transcription route
     wav = wav_bytes(samples.astype(np.float32), rate)
@@ -181,6 +185,8 @@ def test_websocket_malformed_session_update_and_binary_frames(server: Background
            {"type": "session.update", "session": {"audio": {"input": {"format": {"rate": "abc"}}}}},
            {"type": "session.update", "session": {"audio": {"input": {"format": {"rate": [16000]}}}}},
            {"type": "session.update", "session": {"audio": {"input": {"transcription": {"language": 5}}}}},
+           {"type": "session.update", "session": {"audio": {"input": {"format": {"rate": float("inf")}}}}},
+           {"type": "session.update", "session": {"audio": {"input": {"transcription": {"prompt": {"a": 1}}}}}},
            # a model given as a list had crashed the socket; a VAD and the beta's mu-law were silently ignored
            {"type": "session.update", "session": {"audio": {"input": {"transcription": {"model": ["asr"]}}}}},
            {"type": "session.update", "session": {"audio": {"input": {"turn_detection": {"type": "server_vad"}}}}},

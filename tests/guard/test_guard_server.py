@@ -12,6 +12,7 @@ from typing import Any, Iterator
 import httpx
 import pytest
 import torch
+from openai.types import ModerationCreateResponse
 
 from guard_checkpoints import GARBAGE, SAFE_PROMPT, UNSAFE_VIOLENT, build_flagging_stream, build_gen_guard
 from scripted import ScriptedCheckpoint, build_scripted_checkpoint
@@ -141,7 +142,11 @@ def test_moderations_unsafe_and_safe(server: BackgroundServer, gens: dict[str, G
     assert result["flagged"] is True and result["safety"] == "Unsafe" and result["action"] == "block"
     assert result["category_names"] == ["Violent"] and result["direction"] == "prompt"
     assert result["categories"]["Violent"] is True and result["category_scores"]["Violent"] == 1.0
-    assert not any(v for k, v in result["categories"].items() if k != "Violent")
+    # OpenAI's names too, which the SDK's types require and clients read: Violent is OpenAI's violence.
+    assert result["categories"]["violence"] is True and result["category_scores"]["violence"] == 1.0
+    assert not any(v for k, v in result["categories"].items() if k not in ("Violent", "violence"))
+    parsed = ModerationCreateResponse.model_validate(body)  # every field the SDK requires
+    assert parsed.results[0].categories.violence and not parsed.results[0].categories.harassment
     assert set(result["categories"]) == set(result["category_scores"]) and "Jailbreak" in result["categories"]
     applied = result["category_applied_input_types"]  # OpenAI's field: which input kinds each was flagged for
     assert set(applied) == set(result["categories"]) and applied["Violent"] == ["text"] and applied["Jailbreak"] == []

@@ -17,6 +17,7 @@ from typing import Any, Iterator
 import httpx
 import numpy as np
 import openai
+from openai.types import ImageEditCompletedEvent
 import pytest
 import torch
 from PIL import Image
@@ -138,6 +139,11 @@ def test_generate_with_the_sdk_equals_diffusers(pipelines: dict[str, ImagePipeli
     np.testing.assert_array_equal(images[1], direct(pipelines["generate"], [], seed=12))
     assert models["tiny-generate"].capabilities == ["image_generation"]  # type: ignore[attr-defined]
     assert edit.status_code == 400 and "/v1/images/generations" in edit.json()["error"]["message"]
+    # OpenAI's usage: the prompt's tokens, and the latent patches of each image made (one a size_multiple square
+    # of pixels: 2x2 latents of the VAE's downsampling).
+    usage, patches = result.usage, (32 // pipelines["generate"].size_multiple) ** 2
+    assert usage is not None and usage.input_tokens == usage.input_tokens_details.text_tokens > 0
+    assert usage.output_tokens == 2 * patches and usage.total_tokens == usage.input_tokens + 2 * patches
 
 
 def test_generate_takes_null_for_optional_fields(pipelines: dict[str, ImagePipeline],
@@ -168,8 +174,12 @@ def test_sdk_edit_with_two_images_and_streaming(plus_server: BackgroundServer) -
     stream = client.images.edit(image=[("a.png", png(IMAGE_A), "image/png"), ("b.png", png(IMAGE_B), "image/png")],
                                 prompt=PROMPT, size="32x32", stream=True, partial_images=1,
                                 extra_body={"seed": 5, "num_inference_steps": 3})
-    types = [event.type for event in stream]
+    events = list(stream)
+    types = [event.type for event in events]
     assert types[-1] == "image_edit.completed" and "image_edit.partial_image" in types
+    # Every field the SDK's types require, usage among them (the two images' patches are input tokens).
+    completed = ImageEditCompletedEvent.model_validate(events[-1].model_dump())
+    assert completed.usage.input_tokens_details.image_tokens > 0 and completed.usage.output_tokens > 0
 
 
 def test_streamed_final_image_equals_the_non_streamed_one(plus_server: BackgroundServer) -> None:

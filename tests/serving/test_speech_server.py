@@ -265,3 +265,15 @@ def test_voice_registration_refusals(server: BackgroundServer) -> None:
         assert r.status_code == 400 and r.json()["error"]["param"] == "name", r.text
     ids = {v["id"] for v in httpx.get(url, params={"model": "tiny-base"}).json()["data"]}
     assert not ids & {"nan", "huge"}
+
+
+def test_a_speech_model_named_where_a_language_model_is_wanted_says_what_it_is(server: BackgroundServer) -> None:
+    """It is listed in /v1/models, so "does not exist" (what this said) sent users looking for a typo."""
+    sdk = client(server)
+    assert "tiny-custom_voice" in {m.id for m in sdk.models.list().data}
+    with pytest.raises(openai.NotFoundError, match="'tiny-custom_voice' is a speech model: it does not serve"):
+        sdk.chat.completions.create(model="tiny-custom_voice", messages=[{"role": "user", "content": "Hi"}])
+    with pytest.raises(openai.NotFoundError, match="is a speech model"):
+        sdk.audio.transcriptions.create(model="tiny-custom_voice", file=("a.wav", b"RIFF"))
+    with pytest.raises(openai.NotFoundError, match="'nope' does not exist"):
+        sdk.chat.completions.create(model="nope", messages=[{"role": "user", "content": "Hi"}])
