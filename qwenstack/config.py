@@ -126,7 +126,7 @@ def _replaced_rope_theta(rope_parameters: dict[str, Any]) -> float:
 POSITIVE_FIELDS = frozenset((
     "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
     "num_key_value_heads", "head_dim", "max_position_embeddings", "moe_intermediate_size", "num_experts",
-    "num_experts_per_tok",
+    "num_experts_per_tok", "decoder_sparse_step",
 ))
 
 

@@ -14,6 +14,7 @@ Decisions:
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
 import struct
@@ -27,6 +28,10 @@ from torch import nn
 
 from qwenstack.errors import CheckpointError
 
+logger = logging.getLogger("qwenstack.loading")
+
+# Buffers some exporters save beside the weights, which the model derives from its config (as vLLM skips them).
+DERIVED_BUFFERS = (r".*rotary_emb\.(inv_freq|cos_cached|sin_cached)",)
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
@@ -219,7 +224,7 @@ def plan_load(model: nn.Module, tensors: dict[str, TensorInfo]) -> dict[str, lis
             missing.extend(lacking)
         plan[name] = layout
     used = {s.name for layout in plan.values() for s in layout}
-    ignored = [re.compile(p) for p in getattr(model, "ignored_checkpoint_patterns", ())]
+    ignored = [re.compile(p) for p in (*getattr(model, "ignored_checkpoint_patterns", ()), *DERIVED_BUFFERS)]
     unexpected = sorted(n for n in tensors if n not in used and not any(p.fullmatch(n) for p in ignored))
     if missing:
         # Names the architecture does not use beside missing ones are most often the same tensors renamed.
@@ -301,6 +306,11 @@ def load_weights(
     planned and checked like the others but left on the meta device for the caller to fill (pre-quantized
     weights, see qwenstack.quantization.prequantized). Returns the plan (parameter -> its sources)."""
     tensors = sanitize_names(model, checkpoint_tensors(model_dir) if tensors is None else tensors)
+    head = _differing_head(model, tensors)
+    if head is not None:  # the checkpoint's own head, as transformers uses it: untie before planning
+        owner, embedding = head
+        owner.lm_head = nn.Linear(embedding.embedding_dim, embedding.num_embeddings, bias=False, device="meta")
+        owner.args.tie_word_embeddings = False
     plan = plan_load(model, tensors)
     params = {name: p for name, p in model.named_parameters() if name not in skip}
     plan_to_read = {name: layout for name, layout in plan.items() if name not in skip}
@@ -331,6 +341,34 @@ def load_weights(
         _set_parameter(model, name, tensor)
     _check_materialised(model)
     return plan
+
+
+def _differing_head(model: nn.Module, tensors: dict[str, TensorInfo]) -> tuple[nn.Module, nn.Embedding] | None:
+    """(the module, its embedding) where a tied model's checkpoint carries an lm_head.weight that is not its
+    embedding: a fine-tune that trained its head and kept its base's tied config. transformers 5 then uses the
+    stored head (and says so); tying would silently run another head. A copy equal to the embedding (some tied
+    checkpoints carry one) changes nothing."""
+    for prefix, owner in model.named_modules():
+        if getattr(owner, "lm_head", True) is not None or \
+                not getattr(getattr(owner, "args", None), "tie_word_embeddings", False):
+            continue  # not a tied head's owner
+        base = f"{prefix}." if prefix else ""
+        found = next(((name, m) for name, m in owner.named_modules()
+                      if name.endswith("embed_tokens") and isinstance(m, nn.Embedding)), None)
+        head = tensors.get(f"{base}lm_head.weight")
+        embedding = tensors.get(f"{base}{found[0]}.weight") if found is not None else None
+        if found is None or head is None or embedding is None or head.shape != embedding.shape:
+            return None
+        with open(head.file, "rb") as f:
+            stored_head = _read_tensor(f, head)
+        with open(embedding.file, "rb") as f:
+            stored_embedding = _read_tensor(f, embedding)
+        if torch.equal(stored_head.to(stored_embedding.dtype), stored_embedding):
+            return None
+        logger.warning("config.json ties %s's lm_head to its embedding, but the checkpoint's %s differs from it: "
+                       "using the stored head, as transformers does", type(owner).__name__, head.name)
+        return owner, found[1]
+    return None
 
 
 def _check_dtypes(plan: dict[str, list[Source]], tensors: dict[str, TensorInfo],

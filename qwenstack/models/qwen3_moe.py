@@ -5,11 +5,13 @@ A layer is sparse when it is not in `mlp_only_layers` and (layer + 1) is a multi
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from torch import nn
 
+from qwenstack.errors import ConfigError
 from qwenstack.models.layers import SwiGLU
 from qwenstack.models.moe import SparseMoE
 from qwenstack.models.qwen3 import Qwen3Args, Qwen3ForCausalLM
@@ -25,6 +27,16 @@ class Qwen3MoeArgs(Qwen3Args):
     norm_topk_prob: bool  # required: transformers defaults it to False, the released models use true
     decoder_sparse_step: int = 1
     mlp_only_layers: list[int] = field(default_factory=list)
+
+    def validate(self, config: dict[str, Any]) -> None:
+        super().validate(config)
+        if not isinstance(self.mlp_only_layers, list) or not all(
+                isinstance(i, int) and not isinstance(i, bool) for i in self.mlp_only_layers):
+            raise ConfigError(f"field 'mlp_only_layers' must be a list of layer numbers, found "
+                              f"{json.dumps(self.mlp_only_layers)}")
+        if self.num_experts_per_tok > self.num_experts:
+            raise ConfigError(f"num_experts_per_tok ({self.num_experts_per_tok}) is more than num_experts "
+                              f"({self.num_experts}): a token cannot be routed to more experts than there are")
 
     def sliding_layers(self, config: dict[str, Any]) -> list[int]:
         # transformers' Qwen3-MoE has no max_window_layers nor layer_types: with use_sliding_window and a

@@ -71,6 +71,49 @@ def test_a_config_value_of_the_wrong_type_or_range_is_named(tmp_path: Path, tiny
         load_model(broken)
 
 
+@pytest.mark.parametrize("changes, message", [
+    ({"decoder_sparse_step": 0}, r"field 'decoder_sparse_step' must be at least 1, found 0"),
+    ({"mlp_only_layers": "0"}, r"field 'mlp_only_layers' must be a list of layer numbers, found \"0\""),
+    ({"num_experts_per_tok": 10}, r"num_experts_per_tok \(10\) is more than num_experts \(8\)"),
+])
+def test_a_moe_config_value_out_of_its_range_is_named(tmp_path: Path, tiny_qwen3_moe: Path, changes: dict,
+                                                      message: str) -> None:
+    """These failed with a ZeroDivisionError or a TypeError at load, or (too many experts a token) loaded and
+    failed every request."""
+    broken = copy_of(tiny_qwen3_moe, tmp_path / "broken")
+    edit_config(broken, **changes)
+    with pytest.raises(ConfigError, match=message):
+        load_model(broken)
+
+
+def test_a_tied_config_with_a_trained_head_of_its_own_runs_that_head(tmp_path: Path, tiny_qwen3: Path) -> None:
+    """A fine-tune that trained its lm_head but kept its base's tie_word_embeddings: transformers 5 runs the stored
+    head, and so does qwenstack now (it ran the embedding, every logit off); a stored copy of the embedding keeps
+    the model tied."""
+    assert json.loads((tiny_qwen3 / "config.json").read_text())["tie_word_embeddings"] is True
+    trained = copy_of(tiny_qwen3, tmp_path / "trained")
+    edit_weights(trained, lambda s: s.update({"lm_head.weight": torch.randn_like(s["model.embed_tokens.weight"])}))
+    untied = copy_of(trained, tmp_path / "untied")
+    edit_config(untied, tie_word_embeddings=False)
+    model = load_model(trained, torch.float32)
+    assert model.lm_head is not None and not model.args.tie_word_embeddings
+    with torch.no_grad():
+        torch.testing.assert_close(prompt_logits(model, IDS), prompt_logits(load_model(untied, torch.float32), IDS))
+    copied = copy_of(tiny_qwen3, tmp_path / "copied")
+    edit_weights(copied, lambda s: s.update({"lm_head.weight": s["model.embed_tokens.weight"].clone()}))
+    assert load_model(copied, torch.float32).lm_head is None
+
+
+def test_saved_rotary_buffers_are_skipped(tmp_path: Path, tiny_qwen3: Path) -> None:
+    """Older exporters save rotary_emb.inv_freq beside the weights; the model derives it from its config."""
+    buffers = copy_of(tiny_qwen3, tmp_path / "buffers")
+    edit_weights(buffers, lambda s: s.update({f"model.layers.{i}.self_attn.rotary_emb.inv_freq": torch.ones(8)
+                                             for i in range(2)}))
+    with torch.no_grad():
+        torch.testing.assert_close(prompt_logits(load_model(buffers, torch.float32), IDS),
+                                   prompt_logits(load_model(tiny_qwen3, torch.float32), IDS))
+
+
 def test_an_integral_float_count_loads(tmp_path: Path, tiny_qwen3: Path) -> None:
     """A count written 2.0 (some converters' json) is the count 2."""
     odd = copy_of(tiny_qwen3, tmp_path / "float")
