@@ -38,7 +38,7 @@ from qwenstack.errors import ConfigError
 from qwenstack.serving import images as image_inputs
 from qwenstack.serving import moderation, videos
 from qwenstack.markup import THINK_END, THINK_START, TURN_START
-from qwenstack.serving.constraints import ThinkingPhase, build_processors
+from qwenstack.serving.constraints import ThinkingPhase, binds_answer, build_processors
 from qwenstack.serving.errors import APIError, bad_request
 from qwenstack.serving.logprobs import TokenTexts, chat_logprobs, prompt_logprobs_out
 from qwenstack.serving.metrics import RequestTracker
@@ -90,7 +90,7 @@ class ChatPlan:
         """parse_calls: tool calls are parsed even when no tool is offered (their markup never leaks)."""
         return ChatOutputParser(starts_in_reasoning=self.starts_in_reasoning, thinking=self.phase.thinking,
                                 tools_enabled=self.tools_enabled or parse_calls, tool_schemas=self.tool_schemas,
-                                stream_arguments=stream_arguments)
+                                stream_arguments=stream_arguments, bound_answer=binds_answer(self.request))
 
     @property
     def max_calls(self) -> int | None:
@@ -491,7 +491,8 @@ def _token_texts(plan: ChatPlan) -> TokenTexts | None:
 
 def _choice(plan: ChatPlan, texts: TokenTexts | None, comp: CompletionOutput) -> ChatChoice:
     parsed = parse_chat_output(comp.text, starts_in_reasoning=plan.starts_in_reasoning, thinking=plan.phase.thinking,
-                               tools_enabled=plan.tools_enabled, tool_schemas=plan.tool_schemas)
+                               tools_enabled=plan.tools_enabled, tool_schemas=plan.tool_schemas,
+                               bound_answer=binds_answer(plan.request))
     if plan.max_calls is not None:
         parsed.tool_calls = parsed.tool_calls[: plan.max_calls]
     calls = [ToolCallOut(id=c.id, function=FunctionCallOut(name=c.name, arguments=c.arguments))

@@ -70,6 +70,12 @@ def forces_tool_call(request: ChatCompletionRequest) -> bool:
     return request.tool_choice == "required" or isinstance(request.tool_choice, NamedToolChoice)
 
 
+def binds_answer(request: _SamplingFields) -> bool:
+    """Whether a format (response_format, a guided_* field...) binds the answer: then tool calls, if any, come
+    before it (the grammar's `calls | @answer`), never inside it."""
+    return _answer_constraint(request) is not None
+
+
 def _answer_constraint(request: _SamplingFields) -> tuple[str, Any] | None:
     """(the field as the client wrote it, its grammar.AnswerFormat), or None for free text. Two constraints
     are a 400."""

@@ -9,8 +9,9 @@ Design decisions:
   mean something in the current state are searched for; any buffer suffix that could
   be the start of one of them is held back until the next feed disambiguates it, so a
   tag split across deltas (`<thi` + `nk>`) is never emitted as text.
-- Reasoning: `<think>` opens it at most once, and only before the think block closed
-  and before any tool call; `starts_in_reasoning` covers templates that pre-fill
+- Reasoning: `<think>` opens it at most once, and only before the think block closed,
+  before any tool call and before any answer text (a grammar lets a JSON answer's
+  strings hold the tag); `starts_in_reasoning` covers templates that pre-fill
   `<think>\\n`. One newline after `<think>` and one before `</think>` are dropped, as
   are up to two newlines after `</think>`. A `<tool_call>` inside reasoning is text.
   With thinking off (`thinking=False`: the template closed an empty block, or the
@@ -18,13 +19,14 @@ Design decisions:
   An unclosed `<think>` makes the rest reasoning. A `</think>` seen while not
   reasoning is left in content: it is visible evidence of a misconfigured
   `starts_in_reasoning` rather than something to hide.
-- Tool calls (only with `tools_enabled`): a block is buffered whole until
+- Tool calls (only with `tools_enabled`; with `bound_answer`, a format binding the
+  answer, only before its text, as its grammar allows): a block is buffered whole until
   `</tool_call>` (or `finish()`; a `</tool_call>` inside one of a JSON body's strings
   is part of that string, as a grammar-forced call may write it), then parsed; the
   format is chosen per block (body starting with `<function=` is Qwen3-Coder XML,
-  otherwise Hermes JSON). A closed block
-  that does not parse goes back to content verbatim, tags included, with a warning logged
-  on "qwenstack.parsers"; nothing raises on model output. A block the output ended inside
+  otherwise Hermes JSON). A closed block that does not parse goes back to content
+  verbatim, tags included, with a warning logged on "qwenstack.parsers"; nothing raises
+  on model output. A block the output ended inside
   (max_tokens) is a call as far as it got once its name is whole (its arguments cut, as
   OpenAI reports a call cut by the limit), and dropped before that: it is only markup.
 - Whitespace: trailing content whitespace is held back until we know what follows, so
@@ -132,8 +134,10 @@ class ChatOutputParser:
         tools_enabled: bool = False,
         tool_schemas: Sequence[Mapping[str, Any]] | None = None,
         stream_arguments: bool = False,
+        bound_answer: bool = False,
     ) -> None:
         self._tools_enabled = tools_enabled
+        self._bound_answer = bound_answer  # a format binds the answer: a call never follows its text
         self._stream_arguments = stream_arguments
         self._streamed: _StreamedCall | None = None  # the call being streamed, once announced
         self._param_types = _param_types_by_tool(tool_schemas)
@@ -187,8 +191,9 @@ class ChatOutputParser:
             return [THINK_END]
         if self._state is _State.TOOL_CALL:
             return [TOOL_CALL_END]
-        tags = [THINK_START] if self._think_allowed else []
-        if self._tools_enabled:
+        # Thinking comes first (Qwen3 thinks before it answers): once answer text is out, `<think>` is text.
+        tags = [THINK_START] if self._think_allowed and not self._content_emitted else []
+        if self._tools_enabled and not (self._bound_answer and self._content_emitted):
             tags.append(TOOL_CALL_START)
         return tags
 
@@ -206,7 +211,10 @@ class ChatOutputParser:
                 if tag == THINK_END and before.endswith("\n"):
                     before = before[:-1]  # the newline before `</think>` is template
                 self._on_text(before)
-                self._on_tag(tag)
+                if tag in self._active_tags():
+                    self._on_tag(tag)
+                else:  # the answer text just before it made it text (see _active_tags)
+                    self._on_text(tag)
                 continue
             if final:
                 text, self._buf = self._buf, ""
@@ -539,11 +547,13 @@ def parse_chat_output(
     thinking: bool = True,
     tools_enabled: bool = False,
     tool_schemas: Sequence[Mapping[str, Any]] | None = None,
+    bound_answer: bool = False,
 ) -> ParsedMessage:
     """Non-streaming parse, through the streaming parser so both always agree."""
     parser = ChatOutputParser(
         starts_in_reasoning=starts_in_reasoning,
         thinking=thinking,
+        bound_answer=bound_answer,
         tools_enabled=tools_enabled,
         tool_schemas=tool_schemas,
     )

@@ -214,6 +214,26 @@ CASES = [
         ParsedMessage(None, 'Hello <think> there\n{"a": "<think>"}', []),
     ),
     (
+        # Thinking comes first: a JSON answer's string may hold `<think>` (a grammar allows it); it is text.
+        "think_tag_after_answer_text_is_text",
+        '{"a": "x<think>y"}',
+        {},
+        ParsedMessage(None, '{"a": "x<think>y"}', []),
+    ),
+    (
+        # A format binds the answer: calls come before it, so a `<tool_call>` inside it is text.
+        "call_tag_inside_a_bound_answer_is_text",
+        '{"a": "x<tool_call>y", "b": "</tool_call>"}',
+        {"tools_enabled": True, "bound_answer": True},
+        ParsedMessage(None, '{"a": "x<tool_call>y", "b": "</tool_call>"}', []),
+    ),
+    (
+        "bound_answer_still_takes_calls_first",
+        CALL_PARIS,
+        {"tools_enabled": True, "bound_answer": True},
+        ParsedMessage(None, None, [ToolCall("", "get_weather", '{"city": "Paris"}', 0)]),
+    ),
+    (
         "stray_partial_tags_are_text",
         "a <thin b </tool_ c <",
         {"tools_enabled": True},
