@@ -82,14 +82,18 @@ async def read_image_bytes(ref: ImageRef, config: Any) -> bytes:
     """The encoded image a part points to, within the server's rules and its byte limit."""
     url = ref.url.strip()
     max_bytes = config.max_image_bytes
-    scheme = urlparse(url).scheme.lower() if ":" in url else ""
+    try:
+        parsed = urlparse(url)
+    except ValueError as exc:  # an unbalanced '[' or a bad IPv6 literal: urlparse refuses the URL itself
+        raise ImageError(f"image_url.url is not a valid URL: {exc}") from None
+    scheme = parsed.scheme.lower() if ":" in url else ""
     if scheme == "data":
         return decode_data_url(url, max_bytes)
     if scheme == "file":
         if not config.allow_local_image_paths:
             raise ImageError("file:// image URLs are not allowed on this server (start it with "
                              "--allow-local-image-paths to read images from its disk)")
-        return _read_local(Path(unquote(urlparse(url).path)), max_bytes)
+        return _read_local(Path(unquote(parsed.path)), max_bytes)
     if scheme in ("http", "https"):
         if not config.allow_remote_image_urls:
             raise ImageError("this server does not fetch remote image URLs; send the image inline as a "
@@ -112,6 +116,8 @@ def _read_local(path: Path, max_bytes: int) -> bytes:
         return path.read_bytes()
     except OSError as exc:
         raise ImageError(f"cannot read {path}: {exc.strerror or exc}") from None
+    except ValueError:  # a NUL byte in the path
+        raise ImageError("file:// image URLs cannot hold a NUL character") from None
 
 
 REFUSED = "the image URL is not allowed or could not be fetched"  # one answer for every refusal: no probing
@@ -122,7 +128,16 @@ async def fetch_image(url: str, max_bytes: int, *, allow_private: bool = False,
     """An image over http(s). Unless `allow_private`, every hop's host must resolve to public addresses only
     (no loopback, private, link-local, ...), so a request cannot make the server reach its own network;
     redirects are followed by hand, each one checked, at most `max_redirects`. Every refusal and failure
-    raises the same ImageError, so the answers reveal nothing about what is behind the server."""
+    raises the same ImageError, so the answers reveal nothing about what is behind the server. The whole fetch
+    has REMOTE_TIMEOUT_S (httpx's timeout is per read: a host sending a byte every few seconds would hold the
+    request for ever)."""
+    try:
+        return await asyncio.wait_for(_fetch(url, max_bytes, allow_private, max_redirects), REMOTE_TIMEOUT_S)
+    except asyncio.TimeoutError:
+        raise ImageError(REFUSED) from None
+
+
+async def _fetch(url: str, max_bytes: int, allow_private: bool, max_redirects: int) -> bytes:
     import httpx
 
     try:
@@ -140,7 +155,10 @@ async def fetch_image(url: str, max_bytes: int, *, allow_private: bool = False,
                         raise ImageError(REFUSED)
                     return await _read_limited(response, max_bytes)
             raise ImageError(REFUSED)  # too many redirects
-    except httpx.HTTPError:
+    except ImageError:
+        raise
+    except Exception:  # noqa: BLE001 - httpx's errors, and a bad port ('notaport', 99999): InvalidURL, or an
+        # OverflowError inside the connection's task group. Every failure is the same refusal (no probing).
         raise ImageError(REFUSED) from None
 
 

@@ -9,6 +9,7 @@ import json
 import os
 import stat
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 from typing import Any, Iterator
@@ -309,6 +310,18 @@ def test_chat_database_is_private(server: BackgroundServer) -> None:
 
 class _ImageHandler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+        if self.path.startswith("/drip"):  # a byte now and then: each read is quick, the whole never ends
+            self.send_response(200)
+            self.send_header("Content-Length", "1000")
+            self.end_headers()
+            for _ in range(1000):
+                try:
+                    self.wfile.write(b"x")
+                    self.wfile.flush()
+                except OSError:
+                    return
+                time.sleep(0.2)
+            return
         if self.path.startswith("/redirect"):
             self.send_response(302)
             self.send_header("Location", self.path.split("to=", 1)[1])
@@ -344,6 +357,35 @@ def test_remote_images_refuse_private_addresses(local_http: str, url: str) -> No
     with pytest.raises(ImageError) as info:
         asyncio.run(read_image_bytes(ImageRef(0, 0, url.format(port=port)), config))
     assert str(info.value) == "the image URL is not allowed or could not be fetched"
+
+
+def test_a_remote_image_fetch_has_one_deadline(local_http: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """httpx's timeout is per read: a host sending a byte every 0.2 s held the request for ever."""
+    from qwenstack.multimodal.image_processing import ImageError
+    from qwenstack.serving import images
+
+    monkeypatch.setattr(images, "REMOTE_TIMEOUT_S", 1.0)
+    start = time.monotonic()
+    with pytest.raises(ImageError, match="could not be fetched"):
+        asyncio.run(images.fetch_image(f"{local_http}/drip", 10_000, allow_private=True))
+    assert time.monotonic() - start < 5
+
+
+@pytest.mark.parametrize("url, allow, says", [
+    ("http://[::1", {}, "not a valid URL"), ("https://[x]/a.png", {}, "not a valid URL"),
+    ("file://[::1/x.png", {"allow_local_image_paths": True}, "not a valid URL"),
+    ("file:///tmp/%00x.png", {"allow_local_image_paths": True}, "NUL"),
+    ("https://8.8.8.8:notaport/x.png", {"allow_remote_image_urls": True}, "could not be fetched"),
+    ("http://127.0.0.1:99999/x.png", {"allow_remote_image_urls": True, "allow_private_image_urls": True},
+     "could not be fetched"),
+])
+def test_a_malformed_image_url_is_an_image_error(url: str, allow: dict, says: str) -> None:
+    """These were 500s: urlparse's ValueError, stat's on a NUL, httpx's InvalidURL and a task group's error."""
+    from qwenstack.multimodal.image_processing import ImageError
+    from qwenstack.serving.images import ImageRef, read_image_bytes
+
+    with pytest.raises(ImageError, match=says):
+        asyncio.run(read_image_bytes(ImageRef(0, 0, url), ServerConfig(**allow)))
 
 
 def test_remote_images_refuse_redirects_to_private(local_http: str) -> None:
