@@ -196,10 +196,11 @@ class AsyncEngine:
                 continue
             try:
                 outputs = self.engine.step()
-            except RequestFailed as exc:  # one request's logits processor: end it, step again for the others
-                log.warning("request %s failed: %s", exc.request_id, exc.cause)
-                self._fail_request(exc.request_id, exc.cause)
-                continue
+            except RequestFailed as exc:  # requests' own logits processors: they end, the others' step stands
+                for request_id, cause in exc.failures.items():
+                    log.warning("request %s failed: %s", request_id, cause)
+                    self._fail_request(request_id, cause)
+                outputs = exc.outputs
             except Exception as exc:  # a failed forward ends the requests it carried, not the server
                 log.exception("engine step failed")
                 self._fail_running(exc)

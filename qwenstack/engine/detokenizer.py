@@ -47,6 +47,9 @@ class IncrementalDetokenizer:
     _answer_at: int | None = None  # where the answer (the text stop strings apply to) begins, once known
     _searched: int = 0  # the text before this was searched for stop strings
     _hold_from: int | None = None  # while the answer's start is unknown: text from here may still be answer
+    min_tokens: int = 0  # stop strings apply after this many tokens (vLLM's): the text they wrote is not searched
+    _added: int = 0  # output tokens added
+    _min_text_end: int = 0  # the end of the text of the first min_tokens tokens
 
     def __post_init__(self) -> None:
         tail = self.prompt_token_ids[-CONTEXT_TOKENS:]
@@ -56,6 +59,7 @@ class IncrementalDetokenizer:
 
     def add_token(self, token_id: int) -> None:
         self._tokens.append(token_id)
+        self._added += 1
         prefix = self.decoder.decode(self._tokens[self._prefix_offset : self._read_offset], self.skip_special_tokens)
         full = self.decoder.decode(self._tokens[self._prefix_offset :], self.skip_special_tokens)
         if len(full) > len(prefix) and not full.endswith("\ufffd"):
@@ -97,10 +101,12 @@ class IncrementalDetokenizer:
         if self.stopped_on is not None:
             return
         self.text += new_text
+        if self._added <= self.min_tokens:
+            self._min_text_end = len(self.text)
         begin = self._locate_answer() if self.stop else None
         if begin is None:
             return
-        start = max(begin, self._searched - max(len(s) for s in self.stop) + 1)
+        start = max(begin, self._min_text_end, self._searched - max(len(s) for s in self.stop) + 1)
         self._searched = len(self.text)
         for stop in self.stop:
             at = self.text.find(stop, start)
@@ -119,7 +125,7 @@ class IncrementalDetokenizer:
             return len(self.text) - self._hold_from if self._hold_from is not None else 0
         longest = 0
         for stop in self.stop:
-            for k in range(min(len(stop) - 1, len(self.text) - begin), 0, -1):
+            for k in range(min(len(stop) - 1, len(self.text) - max(begin, self._min_text_end)), 0, -1):
                 if self.text.endswith(stop[:k]):
                     longest = max(longest, k)
                     break

@@ -27,6 +27,7 @@ from qwenstack.engine.multimodal import DEFAULT_ENCODER_CACHE_MEMORY, PLAN_KEY, 
 from qwenstack.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from qwenstack.engine.params import SamplingParams
 from qwenstack.engine.runner import ModelRunner, kv_cache_dtype, kv_pool_blocks
+from qwenstack.engine.sampler import RequestFailed
 from qwenstack.engine.scheduler import Scheduler, SchedulerConfig
 from qwenstack.engine.speculative import SpeculativeRunner, speculative_pool_blocks
 from qwenstack.engine.sequence import PositionLogprobs, Sequence, SequenceStatus
@@ -194,14 +195,21 @@ class LLMEngine:
         if bad:
             raise RequestError(f"token id {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1})")
         room = self.max_model_len - n
-        if params.max_tokens is None:
-            return room
-        if params.max_tokens > room:
+        if params.max_tokens is not None and params.max_tokens > room:
             raise RequestError(
                 f"max_tokens={params.max_tokens} is too large: the prompt has {n} tokens and the maximum context "
                 f"length is {self.max_model_len}, so at most {room} tokens can be generated"
             )
-        return params.max_tokens
+        max_tokens = room if params.max_tokens is None else params.max_tokens
+        budget = self.config.max_num_batched_tokens
+        if not self.config.enable_chunked_prefill and n + max_tokens > budget:
+            # Unchunked, a step must hold the whole sequence (a preemption recomputes the prompt and the output
+            # so far): one that never fits would wait for ever.
+            raise RequestError(
+                f"with chunked prefill off, a step computes a whole sequence, and this one may reach {n + max_tokens} "
+                f"tokens (a prompt of {n} and max_tokens={max_tokens}), over max_num_batched_tokens={budget}: lower "
+                f"max_tokens, raise max_num_batched_tokens or enable chunked prefill")
+        return max_tokens
 
     def plan_multimodal(self, prompt_token_ids: list[int], multimodal: MultimodalInputs | None) -> MultimodalPlan | None:
         """The model's plan for a request's images (None for a text-only request). Raises RequestError."""
@@ -235,12 +243,13 @@ class LLMEngine:
             self._next_seq_id += 1
             seqs.append(seq)
             detoks.append(IncrementalDetokenizer(self.decoder, seq.prompt_token_ids, p.skip_special_tokens, p.stop,
-                                                 p.include_stop_str_in_output, reasoning=p.reasoning))
+                                                 p.include_stop_str_in_output, reasoning=p.reasoning,
+                                                 min_tokens=p.min_tokens))
         request = _Request(request_id, list(prompt_token_ids), params, seqs, detoks, pending=seqs[1:], prompt=prompt,
                            emitted_logprobs=[0] * params.n)
         if params.prompt_logprobs is not None:
             request.prompt_logprobs = [None]
-        self.scheduler.add(seqs[:1])
+        self.scheduler.add(seqs[:1], counted=len(seqs))
         self.requests[request_id] = request
         self.counters.prompt_tokens += len(prompt_token_ids)
 
@@ -323,7 +332,7 @@ class LLMEngine:
         now = time.monotonic()
         for seq, n in zip(step.seqs, step.num_new_tokens):
             request = self.requests.get(seq.request_id)
-            if request is None:
+            if request is None or seq.request_id in result.failed:
                 continue
             seq.num_computed_tokens += n
             seq.num_registered_blocks = self.block_manager.register_full_blocks(
@@ -345,9 +354,14 @@ class LLMEngine:
                 self._append_token(request, seq, token, logprobs, now)
                 touched[request.request_id] = request
             if request.pending and (seq.index == 0 and seq.num_computed_tokens >= seq.num_prompt_tokens):
-                self.scheduler.add(request.pending)
+                self.scheduler.add(request.pending, counted=0)  # admitted with their request
                 request.pending = []
-        return [self._make_output(r) for r in touched.values()]
+        outputs = [self._make_output(r) for r in touched.values()]
+        if result.failed:  # those requests end; the step stands for the others (see RequestFailed)
+            for request_id in result.failed:
+                self.abort(request_id)
+            raise RequestFailed(result.failed, outputs)
+        return outputs
 
     def _append_token(self, request: _Request, seq: Sequence, token: int, logprobs: PositionLogprobs | None,
                       now: float) -> None:

@@ -24,9 +24,7 @@ import torch
 
 from qwenstack.engine.multimodal import DEFAULT_ENCODER_CACHE_MEMORY, MultimodalStep
 from qwenstack.engine.params import KV_CACHE_DTYPES
-from qwenstack.engine.sampler import (
-    RequestFailed, SampleError, SampleRequest, rows_logprobs, sample, sequence_generator,
-)
+from qwenstack.engine.sampler import SampleRequest, rows_logprobs, sample, sequence_generator
 from qwenstack.engine.scheduler import ScheduledBatch
 from qwenstack.engine.sequence import PositionLogprobs, Sequence
 from qwenstack.models.attention import AttentionBatch
@@ -40,6 +38,7 @@ class StepResult:
     prompt_logprobs: dict[int, list[PositionLogprobs]]  # seq_id -> logprobs of prompt tokens computed this step
     # Speculative decoding (engine/speculative.py): seq_id -> accepted draft tokens, emitted before `sampled`.
     accepted: dict[int, list[tuple[int, PositionLogprobs | None]]] = field(default_factory=dict)
+    failed: dict[str, Exception] = field(default_factory=dict)  # request_id -> why its sampling failed
 
 
 @dataclass
@@ -185,13 +184,14 @@ class ModelRunner:
 
     def sample_rows(self, seqs: list[Sequence], logits: torch.Tensor, requests: list[SampleRequest],
                     result: StepResult) -> list[int]:
-        """Samples one token per row into result.sampled; a failure names its request."""
-        try:
-            tokens, logprobs = sample(logits, requests, self.generator)
-        except SampleError as exc:
-            raise RequestFailed(seqs[exc.row].request_id, exc.cause) from exc.cause
-        for s, t, lp in zip(seqs, tokens, logprobs):
-            result.sampled[s.seq_id] = (t, lp)
+        """Samples one token per row into result.sampled; a row that fails goes to result.failed instead."""
+        failures: dict[int, Exception] = {}
+        tokens, logprobs = sample(logits, requests, self.generator, failures)
+        for row, (s, t, lp) in enumerate(zip(seqs, tokens, logprobs)):
+            if row in failures:
+                result.failed[s.request_id] = failures[row]
+            else:
+                result.sampled[s.seq_id] = (t, lp)
         return tokens
 
     @staticmethod

@@ -24,6 +24,7 @@ Decisions:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -60,13 +61,14 @@ class SampleError(Exception):
 
 
 class RequestFailed(Exception):
-    """One request's sampling failed: the engine step is abandoned (no state was advanced) so it can be run
-    again without that request; the others lose nothing but the time of the step."""
+    """Some requests' sampling failed (request id -> cause): they are ended, and the step is kept for the others,
+    whose tokens are `outputs`. The step is never run again: a hybrid model's forward has already advanced
+    every sequence's recurrent state in place, and a second pass would feed it the step's tokens twice."""
 
-    def __init__(self, request_id: str, cause: Exception) -> None:
-        super().__init__(f"request {request_id} failed: {cause}")
-        self.request_id = request_id
-        self.cause = cause
+    def __init__(self, failures: dict[str, Exception], outputs: list[Any]) -> None:
+        super().__init__("; ".join(f"request {rid} failed: {cause}" for rid, cause in failures.items()))
+        self.failures = failures
+        self.outputs = outputs
 
 
 def apply_penalties(logits: torch.Tensor, params: SamplingParams, prompt: list[int], output: list[int]) -> torch.Tensor:
@@ -401,9 +403,12 @@ def rows_logprobs(logits: torch.Tensor, tokens: list[int], tops: list[int]) -> l
 
 
 def sample(
-    logits: torch.Tensor, requests: list[SampleRequest], default_generator: torch.Generator
+    logits: torch.Tensor, requests: list[SampleRequest], default_generator: torch.Generator,
+    failures: dict[int, Exception] | None = None,
 ) -> tuple[list[int], list[PositionLogprobs | None]]:
-    """logits [B, V], in the model's dtype or float32 -> one token per row, and its logprobs where asked."""
+    """logits [B, V], in the model's dtype or float32 -> one token per row, and its logprobs where asked. A row
+    whose request's processor fails raises SampleError, or with `failures` is recorded there (row -> cause)
+    with token -1 and no logprobs, the other rows sampled as they would be."""
     # Plain greedy rows (nothing rewrites their logits) take one batched argmax in the logits' own dtype
     # (converting to float32 changes no order); the others are sampled row by row on a float32 copy, since
     # masks and penalties write into it.
@@ -413,11 +418,6 @@ def sample(
         rows = logits if len(plain) == len(requests) else logits[plain]
         chosen = dict(zip(plain, argmax_rows(rows)))
     drawn = [i for i, r in enumerate(requests) if not r.params.greedy and not r.params.logits_processors]
-    # A row sampled alone may fail (its request's logits processor); the step is then run again without that
-    # request, and the others' seeded draws must be the same then: their generators are put back.
-    alone = len(plain) + len(drawn) < len(requests)
-    seeded = [r.generator for r in requests if r.generator is not None] if alone else []
-    states = [g.get_state() for g in seeded]
     for start in range(0, len(drawn), DRAWN_CHUNK_ROWS):
         chosen.update(sample_drawn_rows(logits, requests, drawn[start:start + DRAWN_CHUNK_ROWS], default_generator))
     tokens = []
@@ -428,12 +428,12 @@ def sample(
             try:
                 token = sample_row(row.to(torch.float32, copy=True), request, default_generator)
             except Exception as exc:  # a request's own logits processor failed: name the row, not the batch
-                for generator, state in zip(seeded, states):
-                    generator.set_state(state)
-                raise SampleError(i, exc) from exc
+                if failures is None:
+                    raise SampleError(i, exc) from exc
+                failures[i], token = exc, -1
         tokens.append(token)
     logprobs: list[PositionLogprobs | None] = [None] * len(requests)
-    asked = [i for i, r in enumerate(requests) if r.params.logprobs is not None]
+    asked = [i for i, r in enumerate(requests) if r.params.logprobs is not None and i not in (failures or {})]
     if asked:
         rows = logits if len(asked) == len(requests) else logits[asked]
         found = rows_logprobs(rows, [tokens[i] for i in asked], [requests[i].params.logprobs for i in asked])

@@ -73,8 +73,11 @@ class Scheduler:
         # Per-block prefix-cache keys beyond the tokens (images), for architectures that need them.
         self.extra_keys = extra_keys or (lambda seq: None)
 
-    def add(self, seqs: list[Sequence]) -> None:
-        if len(self.waiting) + len(seqs) > self.config.max_waiting:
+    def add(self, seqs: list[Sequence], counted: int | None = None) -> None:
+        """Queues `seqs`. `counted`: how many sequences the bound counts for them (default all). A request's n
+        samples are admitted together: its first queued with counted=n, the others later (once its prompt is
+        cached) with counted=0, so that they never meet a queue filled meanwhile."""
+        if len(self.waiting) + (len(seqs) if counted is None else counted) > self.config.max_waiting:
             raise QueueFullError(f"the waiting queue is full ({self.config.max_waiting} sequences)")
         self.waiting.extend(seqs)
 

@@ -140,6 +140,22 @@ def test_stop_string_never_leaks(tiny_qwen3: Path) -> None:
     assert final.outputs[0].finish_reason == "stop" and final.outputs[0].stop_reason == stop
 
 
+def test_min_tokens_defers_stop_strings(tiny_qwen3: Path) -> None:
+    """As vLLM: the text of the first min_tokens tokens is not searched for stop strings (they stopped it)."""
+    engine = make_engine(tiny_qwen3)
+    prompt = [11, 12, 13]
+    out = engine.generate_all([prompt], [GREEDY])[0].outputs[0]
+    first = engine.decoder.decode(out.token_ids[:1])
+    stop = next(c for c in first if c.strip())  # a character of the very first token's text
+    later = len(engine.decoder.decode(out.token_ids[:5]))
+    want = out.text[: out.text.find(stop, later)] if stop in out.text[later:] else out.text
+    params = SamplingParams(temperature=0, max_tokens=len(out.token_ids), stop=[stop], min_tokens=5, ignore_eos=True)
+    got = engine.generate_all([prompt], [params])[0].outputs[0]
+    assert len(got.token_ids) >= 5 and got.text == want
+    stopped = engine.generate_all([prompt], [SamplingParams(temperature=0, max_tokens=20, stop=[stop])])[0]
+    assert stopped.outputs[0].text == out.text[: out.text.index(stop)] and len(stopped.outputs[0].token_ids) == 1
+
+
 def test_logprobs_and_prompt_logprobs(tiny_qwen3: Path) -> None:
     engine = make_engine(tiny_qwen3)
     model = engine.model
@@ -270,3 +286,33 @@ def test_detokenizer_never_emits_broken_utf8(tiny_qwen3: Path) -> None:
         pieces.append(detok.take_delta())
     assert all("\ufffd" not in p for p in pieces)
     assert "".join(pieces) == text
+
+
+def test_a_request_s_n_samples_are_admitted_together(tiny_qwen3: Path) -> None:
+    """The queue bound counted only a request's first sample; the others, queued once its prompt was cached,
+    overflowed it inside step() and failed every running request."""
+    from qwenstack.engine.scheduler import QueueFullError
+
+    engine = make_engine(tiny_qwen3, max_waiting=4)
+    with pytest.raises(QueueFullError):
+        engine.add_request("many", [5, 6, 7], SamplingParams(n=5, temperature=1.0, max_tokens=4))
+    assert not engine.has_unfinished_requests()
+    engine.add_request("four", [5, 6, 7], SamplingParams(n=4, temperature=1.0, max_tokens=4))
+    for i in range(3):  # the queue fills up while the siblings wait for the prompt
+        engine.add_request(str(i), [8 + i, 9], SamplingParams(temperature=0, max_tokens=4))
+    finished = set()
+    while engine.has_unfinished_requests():
+        finished |= {o.request_id for o in engine.step() if o.finished}  # the siblings join it: never an error
+    assert finished == {"four", "0", "1", "2"}
+
+
+def test_unchunked_prefill_refuses_a_sequence_no_step_can_hold(tiny_qwen3: Path) -> None:
+    """With chunked prefill off and a step budget under the sequence, generate() waited for ever (vLLM refuses
+    such a configuration); the request is refused, and one that fits runs."""
+    engine = make_engine(tiny_qwen3, enable_chunked_prefill=False, max_num_batched_tokens=64)
+    with pytest.raises(RequestError, match="over max_num_batched_tokens=64"):
+        engine.generate_all([list(range(3, 103))], [SamplingParams(temperature=0, max_tokens=4)])
+    with pytest.raises(RequestError, match="may reach 70 tokens"):  # the output counts: a preemption recomputes it
+        engine.generate_all([list(range(3, 53))], [SamplingParams(temperature=0, max_tokens=20)])
+    out = engine.generate_all([list(range(3, 53))], [SamplingParams(temperature=0, max_tokens=10)])[0]
+    assert len(out.outputs[0].token_ids) <= 10

@@ -77,3 +77,35 @@ def test_abort_returns_the_state_slot(tiny_next: Path) -> None:
     engine.abort("a")
     assert len(engine.state_slots.free) == engine.config.max_num_seqs
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
+def test_a_request_that_fails_to_sample_leaves_the_others_tokens(tiny_next: Path, prompts_and_reference) -> None:
+    """A request whose processor leaves no token fails mid-decode beside others. The step used to be run again
+    without it, and the others' recurrent states took that step's tokens twice (every later token off); now
+    the step stands for them, and the failure comes with their outputs."""
+    from qwenstack.engine.sampler import RequestFailed
+
+    def refuse(output: list[int], logits: torch.Tensor) -> torch.Tensor:
+        if len(output) == 3:
+            raise ValueError("no token can be generated")
+        return logits
+
+    prompts, reference = prompts_and_reference
+    engine = make_engine(tiny_next)
+    for i, prompt in enumerate(prompts[:4]):
+        engine.add_request(str(i), prompt, GREEDY)
+    engine.add_request("bad", prompts[5], SamplingParams(temperature=0, max_tokens=20, ignore_eos=True,
+                                                         logits_processors=[refuse]))
+    tokens: dict[str, list[int]] = {}
+    failed = []
+    while engine.has_unfinished_requests():
+        try:
+            outputs = engine.step()
+        except RequestFailed as exc:
+            failed += list(exc.failures)
+            outputs = exc.outputs
+        for out in outputs:
+            tokens[out.request_id] = out.outputs[0].token_ids
+    assert failed == ["bad"] and "bad" not in engine.requests
+    assert [tokens[str(i)] for i in range(4)] == reference[:4]
+    assert sorted(engine.state_slots.free) == list(range(engine.config.max_num_seqs))

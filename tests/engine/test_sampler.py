@@ -158,9 +158,9 @@ def test_a_seeded_row_draws_the_same_token_alone_or_in_a_batch() -> None:
         assert alone == [batched, batched]
 
 
-def test_a_row_that_fails_leaves_the_seeded_rows_draws_as_they_were() -> None:
-    """A request's processor failing ends that request and the step is sampled again without it: the seeded rows
-    beside it (drawn in a batch, or alone with a processor of their own) then draw what they would have."""
+def test_a_row_that_fails_is_recorded_and_the_others_draw_as_without_it() -> None:
+    """With `failures`, a row whose request's processor raises gets -1 and its cause; the seeded rows beside it
+    (drawn in a batch, or alone with a processor of their own) draw what they draw without it."""
     def refuse(output: list[int], logits: torch.Tensor) -> torch.Tensor:
         raise ValueError("no token can be generated")
 
@@ -170,15 +170,16 @@ def test_a_row_that_fails_leaves_the_seeded_rows_draws_as_they_were() -> None:
     logits = torch.randn(3, 500, generator=torch.Generator().manual_seed(2))
     batched, alone = SamplingParams(temperature=1.0, seed=3), SamplingParams(temperature=1.0, seed=4,
                                                                              logits_processors=[keep])
-    generators = [torch.Generator().manual_seed(3), torch.Generator().manual_seed(4)]
-    rows = [request(batched, generators[0]), request(alone, generators[1]),
-            request(SamplingParams(temperature=1.0, logits_processors=[refuse]))]
-    with pytest.raises(SampleError):
-        sample(logits, rows, torch.Generator())
-    again = sample(logits[:2], rows[:2], torch.Generator())[0]
+    rows = [request(batched, torch.Generator().manual_seed(3)), request(alone, torch.Generator().manual_seed(4)),
+            request(SamplingParams(temperature=1.0, logprobs=2, logits_processors=[refuse]))]
+    failures: dict[int, Exception] = {}
+    tokens, logprobs = sample(logits, rows, torch.Generator(), failures)
+    assert list(failures) == [2] and tokens[2] == -1 and logprobs[2] is None
     fresh = sample(logits[:2], [request(batched, torch.Generator().manual_seed(3)),
                                 request(alone, torch.Generator().manual_seed(4))], torch.Generator())[0]
-    assert again == fresh
+    assert tokens[:2] == fresh
+    with pytest.raises(SampleError):  # without `failures`, the first failing row raises
+        sample(logits, rows, torch.Generator())
 
 
 def test_draw_rows_is_the_inverse_transform_and_never_takes_a_zero_weight() -> None:
