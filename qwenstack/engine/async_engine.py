@@ -57,6 +57,7 @@ class _Pass:
 class AsyncEngine:
     def __init__(self, engine: LLMEngine, name: str = "engine") -> None:
         self.engine = engine
+        self.name = name
         self._commands: queue.Queue[Any] = queue.Queue()
         self._sinks: dict[str, Callable[[RequestOutput | BaseException], None]] = {}
         self._ids = itertools.count()
@@ -75,6 +76,7 @@ class AsyncEngine:
         prompt: str | None = None, multimodal: Any = None,
     ) -> AsyncIterator[RequestOutput]:
         """Yields RequestOutputs (with deltas) until the request finishes. Raises RequestError up front."""
+        self._check_running()
         self.engine.validate(prompt_token_ids, params)
         self.engine.plan_multimodal(prompt_token_ids, multimodal)
         request_id = request_id or self.new_request_id()
@@ -127,6 +129,7 @@ class AsyncEngine:
     async def _pass(self, compute: Callable[[], Any]) -> Any:
         """Queues one pass (an embedding, scoring or classifying command) and awaits what the engine thread
         gives."""
+        self._check_running()
         loop = asyncio.get_running_loop()
         result: asyncio.Future[Any] = loop.create_future()
 
@@ -149,6 +152,11 @@ class AsyncEngine:
 
     def abort(self, request_id: str) -> None:
         self._commands.put(_Abort(request_id))
+
+    def _check_running(self) -> None:
+        """A request to an engine that was shut down would wait for ever on a queue nobody reads."""
+        if self._stopped.is_set():
+            raise EngineUnavailableError(f"the engine {self.name} has shut down")
 
     def shutdown(self) -> None:
         self._stopped.set()

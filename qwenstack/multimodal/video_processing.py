@@ -207,10 +207,10 @@ def decode_video(data: bytes, config: VideoProcessorConfig, limits: VideoLimits 
             seconds = total / fps if fps else 0.0
             if seconds > limits.max_seconds:
                 raise VideoError(f"video is {seconds:.1f} s long, over the {limits.max_seconds:g}-second limit")
-            indices = sample_indices(total, fps, config)
-            if len(indices) > limits.max_frames:
-                raise VideoError(f"the video would be sampled at {len(indices)} frames, over this server's limit of "
-                                 f"{limits.max_frames}")
+            # The server's frame limit caps the sampling as the model's own max_frames does (frames spread over
+            # the whole video; transformers' rule): a long video is seen more sparsely, not refused.
+            capped = replace(config, max_frames=min(config.max_frames, limits.max_frames))
+            indices = sample_indices(total, fps, capped)
             if indices[-1] >= limits.max_decoded_frames:
                 raise VideoError(f"reaching the last sampled frame needs {indices[-1] + 1} decoded frames, over "
                                  f"the limit of {limits.max_decoded_frames}")

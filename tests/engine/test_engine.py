@@ -316,3 +316,21 @@ def test_unchunked_prefill_refuses_a_sequence_no_step_can_hold(tiny_qwen3: Path)
         engine.generate_all([list(range(3, 53))], [SamplingParams(temperature=0, max_tokens=20)])
     out = engine.generate_all([list(range(3, 53))], [SamplingParams(temperature=0, max_tokens=10)])[0]
     assert len(out.outputs[0].token_ids) <= 10
+
+
+def test_a_shut_down_engine_refuses_at_once(tiny_qwen3: Path) -> None:
+    """A request to an engine that was shut down (its app stopped) waited for ever on a queue nobody reads."""
+    import asyncio
+
+    from qwenstack.engine.async_engine import AsyncEngine
+    from qwenstack.errors import EngineUnavailableError
+
+    async_engine = AsyncEngine(make_engine(tiny_qwen3), "tiny")
+    async_engine.shutdown()
+
+    async def ask() -> None:
+        async for _ in async_engine.generate([5, 6, 7], GREEDY):
+            pass
+
+    with pytest.raises(EngineUnavailableError, match="the engine tiny has shut down"):
+        asyncio.run(asyncio.wait_for(ask(), 10))
