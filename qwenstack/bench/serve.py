@@ -213,6 +213,11 @@ async def first_model(base_url: str, api_key: str | None = None) -> str:
             response = await client.get(spec.api_root + "/models", headers=headers)
             response.raise_for_status()
             data = response.json().get("data") or []
+    except httpx.HTTPStatusError as exc:
+        if exc.response.status_code == 401:
+            raise QwenstackError(f"the server at {spec.api_root} refused the API key: pass --api-key or set "
+                                 f"QWENSTACK_API_KEY") from None
+        raise QwenstackError(f"could not list the models at {spec.api_root}/models ({exc}); pass --model") from None
     except (httpx.HTTPError, ValueError) as exc:
         raise QwenstackError(f"could not list the models at {spec.api_root}/models ({exc}); "
                              f"is the server running? (or pass --model)") from None

@@ -40,6 +40,12 @@ def run(args: argparse.Namespace) -> int:
     api_key = args.api_key or os.environ.get("QWENSTACK_API_KEY")
     try:
         status = fetch_status(args.base_url, api_key)
+    except httpx.HTTPStatusError as exc:  # it answered: say what it said, not that nothing is there
+        refused = exc.response.status_code == 401
+        print(f"qwenstack ps: the server at {args.base_url} " + (
+            "refused the API key: pass --api-key or set QWENSTACK_API_KEY" if refused else f"answered {exc}"),
+            file=sys.stderr)
+        return 1
     except httpx.HTTPError as exc:
         print(f"qwenstack ps: no answer from a qwenstack server at {args.base_url} ({exc}); "
               "start one with `qwenstack serve`", file=sys.stderr)

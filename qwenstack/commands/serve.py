@@ -334,6 +334,9 @@ def run(args: argparse.Namespace) -> int:
 
     for note in vllm_notes(args):
         log.warning(note)
+    # Where it listens and when each model is ready: said on the terminal as vLLM and Ollama say them.
+    server_log = logging.getLogger("qwenstack.server")
+    server_log.setLevel(min(server_log.getEffectiveLevel(), logging.INFO))
     run_server(config)
     return 0
 

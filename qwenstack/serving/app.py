@@ -15,7 +15,9 @@ from __future__ import annotations
 import errno
 import hmac
 import logging
+import os
 import socket
+import sys
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator, Callable
 
@@ -256,6 +258,9 @@ def listening_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+LOADER_GRACE_S = 2.0  # how long a stopped server waits for a model load to end before it exits at once
+
+
 def run_server(config: ServerConfig, models: list[ServedModel] | None = None) -> None:
     """Serves until interrupted. With no model and no remote route, serves the bundled demo model. Exits
     with an error if a model fails to load (rather than answering 503 forever)."""
@@ -278,8 +283,26 @@ def run_server(config: ServerConfig, models: list[ServedModel] | None = None) ->
                                            timeout_graceful_shutdown=5))
     holder["server"] = server
     url = f"http://{config.host}:{config.port}"
-    log.info("serving the OpenAI-compatible API at %s/v1%s", url,
-             " (API key required)" if config.api_key else "")
-    server.run(sockets=[sock])
+    log.info("serving the OpenAI-compatible API at %s/v1%s%s", url,
+             " (API key required)" if config.api_key else "", f", the chat page at {url}/" if config.enable_ui else "")
+    interrupted = False
+    try:
+        server.run(sockets=[sock])
+    except KeyboardInterrupt:  # uvicorn raises the Ctrl-C it caught again once the app has shut down
+        interrupted = True
     if failure:
         raise SystemExit(f"qwenstack serve: {failure[0]}")
+    # Stopped (Ctrl-C) while a model loads: the loader thread is inside torch, and an interpreter finalising
+    # around it, or around what a load that ended after the app stopped left running, aborts the process
+    # ("terminate called without an active exception", exit 134). A load about to end is waited for and its
+    # engine stopped; then the process exits at once, as the app has already shut down.
+    registry = app.state.qwenstack.registry
+    if registry.loading:
+        print(f"qwenstack serve: stopped while loading {', '.join(registry.loading)}", file=sys.stderr, flush=True)
+        if registry.loader is not None:
+            registry.loader.join(timeout=LOADER_GRACE_S)
+        registry.shutdown()
+        sys.stdout.flush()
+        os._exit(130)
+    if interrupted:
+        raise KeyboardInterrupt

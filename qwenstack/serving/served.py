@@ -294,6 +294,8 @@ class ModelRegistry:
         self.retry_after_s = retry_after_s
         # name -> capabilities of the app's models held elsewhere (speech, images, guard): set by the app
         self.other_models: Callable[[], dict[str, list[str]]] = dict
+        self.loader: threading.Thread | None = None  # the background load, while config.models load
+        self._shut_down: set[str] = set()
         self._lock = threading.Lock()
         for m in models:
             self._add(m)
@@ -359,8 +361,12 @@ class ModelRegistry:
 
         thread = threading.Thread(target=run, name="qwenstack-model-loader", daemon=True)
         thread.start()
+        self.loader = thread
         return thread
 
     def shutdown(self) -> None:
-        for model in self.models.values():
-            model.engine.shutdown()
+        """Stops the engines of the models loaded so far (again after a late load: each engine once)."""
+        for name, model in list(self.models.items()):
+            if name not in self._shut_down:
+                self._shut_down.add(name)
+                model.engine.shutdown()

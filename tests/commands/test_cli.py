@@ -7,6 +7,7 @@ import asyncio
 import io
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -16,8 +17,10 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, AsyncIterator, Iterator
 
+import httpx
 import pytest
 
+from server_utils import free_port
 from qwenstack.cli import build_parser, discover_commands, main
 from qwenstack.commands._common import parse_bytes
 
@@ -555,3 +558,34 @@ def test_bench_random_workload_is_seeded() -> None:
     assert a == b and a != random_requests(3, 50, 10, seed=2)
     assert all(len(r.prompt.split()) == 50 for r in a) and len({r.prompt for r in a}) == 3
     assert percentile([1, 2, 3, 4], 50) == 2.5 and percentile([5], 99) == 5 and percentile([], 50) is None
+
+
+def test_serve_says_where_it_listens_and_stops_cleanly_on_ctrl_c_while_loading(tiny_qwen3: Path) -> None:
+    """`qwenstack serve` printed no address and no ready line (both were INFO logs under a WARNING root), and a
+    Ctrl-C while the model loaded aborted the process (exit 134: the loader thread was inside torch while the
+    interpreter finalised). SIGINT is sent at the first 503 of /health, while the model loads."""
+    import signal
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "qwenstack.cli", "serve", str(tiny_qwen3), "--port", str(port),
+                             "--no-ui"], stderr=subprocess.PIPE, text=True)
+    loading = False
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                status = httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code
+            except httpx.HTTPError:
+                time.sleep(0.02)
+                continue
+            loading = status == 503
+            if loading or status == 200:
+                break
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert f"serving the OpenAI-compatible API at http://127.0.0.1:{port}/v1" in stderr
+    assert proc.returncode == 130, stderr  # Ctrl-C's status, never an abort (-6, 134)
+    if not (loading and "stopped while loading" in stderr):  # the model was ready first: after its ready line
+        assert re.search(r"model '[^']+' ready", stderr), stderr

@@ -4,6 +4,7 @@
 running server what it has loaded."""
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import pytest
 from fake_hub import FakeHub
 from server_utils import BackgroundServer, tiny_served_model
 from qwenstack.cli import main
+from qwenstack.errors import QwenstackError
 from qwenstack.serving.app import create_app
 from qwenstack.serving.config import ServerConfig
 
@@ -94,7 +96,12 @@ def test_ps_reports_loaded_models(tiny_qwen3: Path, capsys: pytest.CaptureFixtur
         assert main(["ps", "--base-url", srv.url, "--api-key", "k"]) == 0
         lines = capsys.readouterr().out.splitlines()
         assert lines[0].split()[:3] == ["NAME", "DEVICE", "WEIGHTS"] and lines[1].startswith("tiny  cpu (float32)")
-        assert main(["ps", "--base-url", srv.url]) == 1  # no key: the server says 401
+        assert main(["ps", "--base-url", srv.url]) == 1  # no key: the server says 401, and ps says so
+        assert "refused the API key: pass --api-key" in capsys.readouterr().err
+        from qwenstack.bench.serve import first_model  # bench serve's first request says the same
+
+        with pytest.raises(QwenstackError, match="refused the API key"):
+            asyncio.run(first_model(srv.url))
     assert main(["ps", "--base-url", srv.url]) == 1 and "no answer" in capsys.readouterr().err
 
 
