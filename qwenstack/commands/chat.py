@@ -97,8 +97,6 @@ class ChatSession:
         seed = None if self.args.seed is None else self.args.seed + self.turns
         params = sampling_params(self.args, self.llm.loaded.path, thinking=self.enable_thinking, seed=seed)
         messages, prompt, ids, dropped = self._fitting(user_text, params.max_tokens)
-        if dropped:
-            self.say(f"(the {dropped} oldest messages no longer fit the context: dropped, as Ollama does)")
         room = getattr(engine, "max_model_len", None)
         if room is not None and params.max_tokens is not None and 0 < room - len(ids) < params.max_tokens:
             params.max_tokens = room - len(ids)  # the reply stops at the context's end ("length")
@@ -106,9 +104,11 @@ class ChatSession:
         self.turns += 1
         try:
             engine.add_request(request_id, ids, params)
-        except RequestError as exc:
-            self.say(f"error: {exc}. /clear starts a new conversation.")
+        except RequestError as exc:  # nothing was dropped (the history is kept); /clear helps only with one
+            self.say(f"error: {exc}." + (" /clear starts a new conversation." if self.messages else ""))
             return
+        if dropped:
+            self.say(f"(the {dropped} oldest messages no longer fit the context: dropped, as Ollama does)")
         parser = ChatOutputParser(starts_in_reasoning=starts_in_reasoning(prompt))
         view = ReplyView(self.out, live=self.live, color=self.color, show_thinking=self.args.show_thinking,
                          count_tokens=lambda text: len(tokenizer.encode(text)))

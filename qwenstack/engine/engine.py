@@ -167,6 +167,9 @@ class LLMEngine:
         model_len = context_len or model_context_length(model.args, pool_tokens)
         self.max_model_len = min(self.config.max_model_len or model_len, model_len,
                                  model_len if self.embedding_only else pool_tokens)
+        if (self.config.max_model_len or 0) > model_len:  # vLLM refuses it; said, as several models may share it
+            log.warning("max_model_len=%d is over this model's context length of %d (its config.json): serving %d",
+                        self.config.max_model_len, model_len, self.max_model_len)
         self.vocab_size = model.args.vocab_size  # type: ignore[attr-defined]
         self.requests: dict[str, _Request] = {}
         self.counters = EngineCounters()

@@ -297,6 +297,12 @@ def test_chat_drops_the_oldest_turns_that_no_longer_fit() -> None:
     assert proc.returncode == 0, proc.stderr
     assert "oldest messages no longer fit the context" in proc.stdout and "error:" not in proc.stdout
     assert proc.stdout.count(">>> ") == 5
+    # A message longer than the context alone is an error, and nothing is said to be dropped (nothing was).
+    proc = subprocess.run([sys.executable, "-m", "qwenstack.cli", "chat", "--max-model-len", "128", "--max-tokens",
+                           "8", "--seed", "0"], input="Hello there.\n" + "Verona " * 300 + "\n", capture_output=True,
+                          text=True, timeout=120, env=env, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    assert "error: the prompt has" in proc.stdout and "no longer fit" not in proc.stdout
 
 
 class FakeEngine:

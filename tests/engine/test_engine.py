@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import logging
 import random
 import weakref
 from pathlib import Path
@@ -206,6 +207,15 @@ def test_limits_are_named_and_engine_keeps_serving(tiny_qwen3: Path) -> None:
     with pytest.raises(RequestError, match="outside the vocabulary"):
         engine.add_request("oov", [1, 2, 99999], GREEDY)
     assert engine.generate_all([[5, 6, 7]], [GREEDY])[0].outputs[0].finish_reason == "length"
+
+
+def test_a_max_model_len_over_the_model_s_is_said(tiny_qwen3: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """It was lowered to the model's context length without a word (vLLM refuses it)."""
+    with caplog.at_level(logging.WARNING, logger="qwenstack.engine"):
+        engine = make_engine(tiny_qwen3, max_model_len=100_000)
+    assert engine.max_model_len == 512
+    said = "max_model_len=100000 is over this model's context length of 512 (its config.json): serving 512"
+    assert said in caplog.text
 
 
 def test_abort_frees_blocks(tiny_qwen3: Path) -> None:

@@ -300,3 +300,33 @@ def test_a_refusal_that_arrives_after_the_right_key_does_not_ask_again(browser, 
     expect(dialog).to_be_hidden()
     expect(page.get_by_test_id("model-select")).to_have_value(CHAT_MODEL)
     _close(context, page)
+
+
+def test_a_page_opened_while_the_model_loads_lists_it_once_ready(browser, tmp_path):
+    """Opened right after `qwenstack serve`, the page said "No model is loaded" for good (the list was asked for
+    once); it says the model is loading, and lists it once ready, without a reload."""
+    import threading
+
+    from qwenstack.serving.config import ModelSpec
+
+    ready = threading.Event()
+    case = build_case(tmp_path / "chat", "think_answer")
+
+    def slow_loader(spec, kv_memory):
+        ready.wait(60)
+        return tiny_served_model(case.path, CHAT_MODEL)
+
+    config = ServerConfig(api_key=None, ui_db_path=str(tmp_path / "chats.db"), models=[ModelSpec(model=str(case.path))])
+    with BackgroundServer(create_app([], config, loader=slow_loader)) as running:
+        context, page = _open(browser, running.url)
+        try:
+            expect(page.get_by_test_id("empty-state")).to_contain_text("The model is loading")
+            expect(page.get_by_test_id("model-select")).to_contain_text("loading")
+            ready.set()
+            expect(page.get_by_test_id("model-select")).to_have_value(CHAT_MODEL, timeout=15_000)
+            expect(page.get_by_test_id("empty-state")).to_contain_text(f"Answers come from {CHAT_MODEL}")
+            send(page, "Hello there")
+            expect(assistants(page).last.get_by_test_id("message-content")).to_have_text(ANSWER)
+        finally:
+            ready.set()
+            _close(context, page)

@@ -39,6 +39,7 @@ const state = {
   mcpServers: [],        // MCP servers the operator registered (GET /v1/mcp/servers)
   editing: null,         // id of the user message being edited
   sending: false,        // a message is being saved; generation has not started yet
+  loading: false,        // the server is still loading its models (/health answers 503)
 };
 
 // ---------------------------------------------------------------------------------------------- helpers
@@ -94,6 +95,13 @@ function accepts(modelId, kind) {
 
 function selectedModel() { return ui.models.value || null; }
 
+// While the server loads its models (/health answers 503), the list is asked for again this often.
+const LOADING_RETRY_MS = 2000;
+
+async function serverLoading() {
+  try { return (await fetch(new URL("health", document.baseURI))).status === 503; } catch { return false; }
+}
+
 async function loadModels() {
   try {
     const data = await api("GET", "v1/models");
@@ -102,15 +110,21 @@ async function loadModels() {
     state.models = [];
     showBanner(`Could not list the models (GET /v1/models): ${e.message}`, { sticky: true });
   }
+  // A page opened right after `qwenstack serve` meets a server still loading: it says so, and lists the models
+  // once they are ready (it used to say "No model is loaded" until reloaded).
+  const wasLoading = state.loading;
+  state.loading = !state.models.length && await serverLoading();
+  if (state.loading) setTimeout(loadModels, LOADING_RETRY_MS);
   const wanted = state.conv?.model || localStorage.getItem("qwenstack.model");
   // translation pipelines, speech and embedding models are not chat models: the translate view and the speaker
   // button use the first two, /v1/embeddings the last
   const notChat = ["translation", "speech", "embedding"];
   const chatModels = state.models.filter((m) => !notChat.some((c) => capabilities(m.id).has(c)));
   ui.models.replaceChildren(...chatModels.map((m) => h("option", { value: m.id }, m.id)));
-  if (!chatModels.length) ui.models.append(h("option", { value: "" }, "no models"));
+  if (!chatModels.length) ui.models.append(h("option", { value: "" }, state.loading ? "loading…" : "no models"));
   if (wanted && chatModels.some((m) => m.id === wanted)) ui.models.value = wanted;
   updateAttachButton();
+  if (wasLoading !== state.loading) renderMessages();
 }
 
 function updateAttachButton() {
@@ -339,7 +353,8 @@ function renderMessages() {
     const model = selectedModel();
     ui.messages.replaceChildren(h("div", { class: "empty-state", testid: "empty-state" },
       h("h2", {}, "What can I help with?"),
-      h("p", {}, model ? `Answers come from ${model}, running on this machine.` : "No model is loaded.")));
+      h("p", {}, model ? `Answers come from ${model}, running on this machine.`
+        : state.loading ? "The model is loading…" : "No model is loaded.")));
     return;
   }
   const answered = new Set(conv.messages.filter((m) => m.role === "tool").map((m) => m.tool_call_id));
@@ -502,7 +517,11 @@ async function sendNow() {
   const attachments = state.pending.slice();
   if (!text.trim() && !attachments.length) return;
   const model = selectedModel();
-  if (!model) { showBanner("There is no model to answer: the server lists none in /v1/models."); return; }
+  if (!model) {
+    showBanner(state.loading ? "The model is still loading; send again in a moment."
+      : "There is no model to answer: the server lists none in /v1/models.");
+    return;
+  }
   const refused = attachments.find((a) => !accepts(model, a.kind));
   if (refused) {
     showBanner(`The model “${model}” does not accept ${refused.kind === "image" ? "images" : "audio"}; remove ${refused.name}.`);
