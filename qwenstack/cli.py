@@ -50,7 +50,7 @@ def discover_commands() -> tuple[list[Command], list[str]]:
 def _add_command(subparsers: argparse._SubParsersAction, command: Command) -> None:
     parser = subparsers.add_parser(
         command.name, help=command.help, description=command.description or command.help,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=argparse.RawDescriptionHelpFormatter, aliases=list(command.aliases),
     )
     command.add_arguments(parser)
     parser.set_defaults(_command=command, _command_parser=parser)
@@ -84,6 +84,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands, errors = discover_commands()
     parser = build_parser(commands)
     args, unknown = parser.parse_known_args(argv)
+    rest = getattr(getattr(args, "_command", None), "rest", None)
+    if unknown and rest and all(u == "-" or not u.startswith("-") for u in unknown):
+        setattr(args, rest, list(getattr(args, rest)) + unknown)
+        unknown = []
     if unknown:  # said by the subcommand's parser: its usage, not the top level's, under the mistake
         getattr(args, "_command_parser", parser).error(f"unrecognized arguments: {' '.join(unknown)}")
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,

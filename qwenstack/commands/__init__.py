@@ -39,3 +39,7 @@ class Command:
     group: str | None = None  # e.g. "bench" for `qwenstack bench serve`
     description: str | None = None  # longer text for `qwenstack NAME --help`; defaults to `help`
     order: int = 50  # position in the help listing (lower first), then by name
+    aliases: tuple[str, ...] = ()  # other names it answers to (`run`, what Ollama calls chat)
+    # The nargs="*" positional that also takes positionals given after options (`generate MODEL --max-tokens 3
+    # PROMPT`: argparse fills such a positional once, from the words before the first option).
+    rest: str | None = None

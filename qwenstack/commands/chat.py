@@ -238,4 +238,4 @@ def run(args: argparse.Namespace) -> int:
 
 
 COMMANDS = [Command("chat", "Chat with a model in the terminal (streaming, thinking folded)", add_arguments, run,
-                    order=20)]
+                    order=20, aliases=("run",))]  # `run`: what an Ollama user types first

@@ -103,4 +103,4 @@ def run(args: argparse.Namespace) -> int:
 
 
 COMMANDS = [Command("generate", "Generate text for a prompt or a file of prompts (offline, batched)",
-                    add_arguments, run, order=30)]
+                    add_arguments, run, order=30, rest="inputs")]

@@ -99,7 +99,9 @@ def _url_alone(cls: type, value: Any) -> Any:
 
 class ImageURL(_Request):
     url: str
-    detail: str | None = None  # accepted and not used: the model's processor sizes every image by its own rules
+    # Accepted and not used (the model's processor sizes every image by its own rules), but one of OpenAI's values:
+    # anything else is its 400 (and vLLM's, which validates with the openai types).
+    detail: Literal["auto", "low", "high"] | None = None
 
 
 class ImagePart(_Request):

@@ -69,6 +69,8 @@ def test_registry_builds_groups_from_commands() -> None:
     assert args._command.name == "fake-summary" and args.x == "1" and args._command.run(args) == 7
     assert parser.parse_args(["fake-estimate"])._command.name == "fake-estimate"
     assert parser.parse_args(["bench", "serve"])._command.group == "bench"
+    # `qwenstack run MODEL`, what an Ollama user types first, is chat (it was "invalid choice")
+    assert parser.parse_args(["run", "some-model"])._command.name == "chat"
 
 
 @pytest.mark.parametrize("text, expected", [("2GiB", 2 * 1024**3), ("512MiB", 512 * 1024**2),
@@ -249,6 +251,12 @@ def test_generate_prints_output(tiny_qwen3: Path, capsys: pytest.CaptureFixture[
                  *SMALL_KV]) == 0
     text = capsys.readouterr().out
     assert text.strip()
+    # Options between the model and the prompt, as llama.cpp's and vLLM's CLIs take them ("unrecognized arguments")
+    assert main(["generate", str(tiny_qwen3), "--max-tokens", "5", "--temperature", "0", *SMALL_KV,
+                 "The capital of France is"]) == 0
+    assert capsys.readouterr().out == text
+    with pytest.raises(SystemExit):  # an unknown option is still one
+        main(["generate", str(tiny_qwen3), "--max-tokenz", "5", "hi"])
 
 
 def test_generate_file_chat_json(tiny_qwen3: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -78,6 +78,8 @@ def test_wrong_types_and_values_are_400(server: BackgroundServer, body: dict, pa
     ({"type": "image_url", "image_url": {}}, "messages.0.content.1.image_url.url: Field required"),
     ({"type": "image", "image": "data:image/png;base64,AAAA"}, "messages.0.content.1: type 'image' is not supported here"),
     ({"image_url": {"url": "data:image/png;base64,AAAA"}}, "messages.0.content.1: Unable to extract tag"),
+    ({"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA", "detail": "bogus"}},
+     "messages.0.content.1.image_url.detail: Input should be 'auto', 'low' or 'high'"),  # OpenAI's 400
 ])
 def test_a_malformed_content_part_is_named(server: BackgroundServer, part: dict, says: str) -> None:
     """content is a string or a list of parts: a bad part used to be reported as the string branch's
