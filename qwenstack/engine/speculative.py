@@ -251,7 +251,8 @@ class SpeculativeRunner(ModelRunner):
             tokens = self.sample_rows(seqs, logits[[r for _, r in plain]],  # type: ignore[index]
                                       [sample_request(s) for s in seqs], result)
             for (i, _), t in zip(plain, tokens):
-                new_tokens[i] = [t]
+                if step.seqs[i].request_id not in result.failed:  # a failed row's -1 is no token to draft from
+                    new_tokens[i] = [t]
         if prompt_rows:
             assert logits is not None
             self.add_prompt_logprobs(prompt_rows, logits[at:], result)
