@@ -7,6 +7,10 @@ mixes against transformers.
 
 Page faults are the process's minor faults (getrusage) during each step: fresh memory that the kernel maps and
 zeroes on first touch, which large temporaries freed back to it pay again every step.
+
+`--profile-ops` also runs torch's profiler over the first step that carries a full prompt chunk and the first
+decode-only step of at least 56 sequences, and prints each one's heaviest operators (self CPU time): which
+products take the step, to hold against the machine's GEMM rate and read bandwidth.
 """
 from __future__ import annotations
 
@@ -34,6 +38,7 @@ def main() -> None:
     parser.add_argument("model_dir", type=Path)
     parser.add_argument("--mix", choices=["engine", "short"], default="engine")
     parser.add_argument("--kv-cache-gib", type=float, default=3.0)
+    parser.add_argument("--profile-ops", action="store_true", help="profile one prefill and one full decode step")
     args = parser.parse_args()
     torch.set_num_threads(threads())
     model = load_model(args.model_dir, dtype=torch.bfloat16)
@@ -46,9 +51,24 @@ def main() -> None:
     steps: list[tuple[float, int, int, int]] = []  # seconds, decoding sequences, prompt tokens, page faults
     execute = engine.runner.execute
 
+    profiled: set[str] = set()
+
+    def run_step(step):  # type: ignore[no-untyped-def]
+        new = list(step.num_new_tokens)
+        kind = "prefill" if sum(new) >= engine.config.max_num_batched_tokens else \
+            "decode" if max(new) == 1 and len(new) >= 56 else None
+        if not args.profile_ops or kind is None or kind in profiled:
+            return execute(step)
+        profiled.add(kind)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            result = execute(step)
+        print(f"{kind} step of {len(new)} sequences, {sum(new)} tokens:")
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=8, max_name_column_width=40))
+        return result
+
     def timed_execute(step):  # type: ignore[no-untyped-def]
         faults, start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.perf_counter()
-        result = execute(step)
+        result = run_step(step)
         seconds = time.perf_counter() - start
         new = list(step.num_new_tokens)
         steps.append((seconds, sum(n == 1 for n in new), sum(n for n in new if n > 1),
