@@ -73,13 +73,12 @@ def forces_tool_call(request: ChatCompletionRequest) -> bool:
 def binds_answer(request: _SamplingFields) -> bool:
     """Whether a format (response_format, a guided_* field...) binds the answer: then tool calls, if any, come
     before it (the grammar's `calls | @answer`), never inside it."""
-    return _answer_constraint(request) is not None
+    return bool(_given_formats(request))
 
 
-def _answer_constraint(request: _SamplingFields) -> tuple[str, Any] | None:
-    """(the field as the client wrote it, its grammar.AnswerFormat), or None for free text. Two constraints
-    are a 400."""
-    given: list[tuple[str, str, Any]] = []  # (field, kind, spec)
+def _given_formats(request: _SamplingFields) -> list[tuple[str, str, Any]]:
+    """(field, kind, spec) of each answer format the request gives, as written (not yet checked)."""
+    given: list[tuple[str, str, Any]] = []
     if request.response_format is not None and request.response_format.type != "text":
         given.append(("response_format", "response_format", request.response_format))
     options = request.structured_outputs
@@ -93,6 +92,13 @@ def _answer_constraint(request: _SamplingFields) -> tuple[str, Any] | None:
                        ("guided_grammar", "grammar"), ("grammar", "grammar"), ("json_schema", "json_schema")):
         if getattr(request, name) is not None:
             given.append((name, kind, getattr(request, name)))
+    return given
+
+
+def _answer_constraint(request: _SamplingFields) -> tuple[str, Any] | None:
+    """(the field as the client wrote it, its grammar.AnswerFormat), or None for free text. Two constraints
+    are a 400."""
+    given = _given_formats(request)
     if not given:
         return None
     if len(given) > 1:

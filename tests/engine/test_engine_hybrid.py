@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from checkpoints import build_hf_checkpoint, load_hf, next_config
+from failing_requests import refuse_after, run_through_failures
 from qwenstack.engine.engine import EngineConfig, LLMEngine
 from qwenstack.engine.params import SamplingParams
 from qwenstack.engine.reference import greedy_generate
@@ -83,29 +84,13 @@ def test_a_request_that_fails_to_sample_leaves_the_others_tokens(tiny_next: Path
     """A request whose processor leaves no token fails mid-decode beside others. The step used to be run again
     without it, and the others' recurrent states took that step's tokens twice (every later token off); now
     the step stands for them, and the failure comes with their outputs."""
-    from qwenstack.engine.sampler import RequestFailed
-
-    def refuse(output: list[int], logits: torch.Tensor) -> torch.Tensor:
-        if len(output) == 3:
-            raise ValueError("no token can be generated")
-        return logits
-
     prompts, reference = prompts_and_reference
     engine = make_engine(tiny_next)
     for i, prompt in enumerate(prompts[:4]):
         engine.add_request(str(i), prompt, GREEDY)
     engine.add_request("bad", prompts[5], SamplingParams(temperature=0, max_tokens=20, ignore_eos=True,
-                                                         logits_processors=[refuse]))
-    tokens: dict[str, list[int]] = {}
-    failed = []
-    while engine.has_unfinished_requests():
-        try:
-            outputs = engine.step()
-        except RequestFailed as exc:
-            failed += list(exc.failures)
-            outputs = exc.outputs
-        for out in outputs:
-            tokens[out.request_id] = out.outputs[0].token_ids
+                                                         logits_processors=[refuse_after(3)]))
+    tokens, failed = run_through_failures(engine)
     assert failed == ["bad"] and "bad" not in engine.requests
     assert [tokens[str(i)] for i in range(4)] == reference[:4]
     assert sorted(engine.state_slots.free) == list(range(engine.config.max_num_seqs))

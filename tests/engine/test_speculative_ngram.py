@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from checkpoints import build_hf_checkpoint, dense_config, next_config
+from failing_requests import refuse_after, run_through_failures
 from sampling_stats import chi_square_p_value, exact_distribution
 from scripted import build_scripted_checkpoint
 from qwenstack.engine import speculative
@@ -249,30 +250,14 @@ def test_a_request_failing_beside_drafting_ones_leaves_them_as_they_were(
         copier: tuple[Path, list[int], list[int]]) -> None:
     """A request whose processor leaves no token ends in a step where others draft: their tokens are those of
     plain decoding, and its failed row (token -1) is never drafted from."""
-    from qwenstack.engine.sampler import RequestFailed
-
-    def refuse(output: list[int], logits: torch.Tensor) -> torch.Tensor:
-        if len(output) == 2:
-            raise ValueError("no token can be generated")
-        return logits
-
     path, chat, script = copier
     batch = [script + chat, chat]
     want = greedy(engine_for(path, 0), batch)
     engine = engine_for(path, 4)
     for i, prompt in enumerate(batch):
         engine.add_request(str(i), prompt, GREEDY)
-    engine.add_request("bad", chat, dataclasses.replace(GREEDY, logits_processors=[refuse]))
-    tokens: dict[str, list[int]] = {}
-    failed: list[str] = []
-    while engine.has_unfinished_requests():
-        try:
-            outputs = engine.step()
-        except RequestFailed as exc:
-            failed += list(exc.failures)
-            outputs = exc.outputs
-        for out in outputs:
-            tokens[out.request_id] = out.outputs[0].token_ids
+    engine.add_request("bad", chat, dataclasses.replace(GREEDY, logits_processors=[refuse_after(2)]))
+    tokens, failed = run_through_failures(engine)
     assert failed == ["bad"] and [tokens["0"], tokens["1"]] == want
     assert engine.stats()["spec_accepted_tokens"] > 0
     assert_clean(engine)
